@@ -1,0 +1,39 @@
+# vtunnel developer entry points. Every target sets itself up through `setup`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+
+.PHONY: setup run test test-fast lint bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(PLUGINS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@for p in $(dir $(PLUGINS)); do $(BIN)/pip install -q -e $$p || exit 1; done
+	@touch $(STAMP)
+
+## run: a server and an agent on loopback; then
+##   curl --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:PORT/
+run: setup
+	$(BIN)/vtunnel demo
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check vtunnel tests bench plugins
+	$(BIN)/ruff format --check vtunnel tests bench plugins
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python -m bench run
+
+bench-quick: setup
+	$(BIN)/python -m bench run --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
