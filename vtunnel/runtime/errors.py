@@ -1,0 +1,21 @@
+"""Errors the runtime raises to the applications above it."""
+
+from __future__ import annotations
+
+__all__ = ["StreamRefused", "TunnelUnavailable"]
+
+
+class TunnelUnavailable(Exception):
+    """No tunnel to the server could be used (not connected, reconnecting, or shut down)."""
+
+
+class StreamRefused(Exception):
+    """The server answered a stream's SYN with an RST.
+
+    ``error`` is the server's reason when the peer sends one (``"refused"``, ``"unreachable"``, ``"forbidden"``,
+    ``"timeout"``, ``"failed"``), or ``None`` for a plain vproxy RST.
+    """
+
+    def __init__(self, error: str | None = None) -> None:
+        super().__init__(f"stream refused by the server: {error or 'reset'}")
+        self.error = error
