@@ -1,0 +1,1 @@
+"""Tests of the proxy fronts and the exit side."""

@@ -1,0 +1,233 @@
+"""The exit side's outgoing TCP connections: authority parsing, policy-checked resolution, happy eyeballs.
+
+``Dialer.dial("host:port")``:
+
+1. parses the authority (``host:port`` or ``[v6]:port``);
+2. checks the host against the exit policy before resolving it;
+3. resolves it with ``anyio.getaddrinfo`` and checks *every* resolved address, keeping only the allowed
+   ones (so a name resolving to 127.0.0.1 is refused unless private addresses are allowed);
+4. races the allowed addresses RFC 8305 style: families interleaved starting with the resolver's first
+   answer, a new attempt every 250 ms or as soon as the previous one failed, the first connection wins;
+5. returns an anyio socket stream with ``TCP_NODELAY`` set.
+
+Failures raise ``DialError`` with ``error`` one of ``"refused"``, ``"unreachable"``, ``"forbidden"``,
+``"timeout"`` or ``"failed"`` (the reasons a stream's RST carries back to the agent).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Sequence
+from typing import Final, Literal
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, SocketStream
+
+from vtunnel.apps.policy import ExitPolicy, IPAddress, PolicyDenied, normalize_address
+
+__all__ = [
+    "HAPPY_EYEBALLS_DELAY",
+    "DialError",
+    "DialErrorCode",
+    "Dialer",
+    "format_authority",
+    "interleave_families",
+    "parse_authority",
+]
+
+log = structlog.get_logger(__name__)
+
+DialErrorCode = Literal["refused", "unreachable", "forbidden", "timeout", "failed"]
+DIAL_ERRORS: Final = ("refused", "unreachable", "forbidden", "timeout", "failed")
+
+#: Delay between the starts of two connection attempts (RFC 8305 "Connection Attempt Delay").
+HAPPY_EYEBALLS_DELAY: Final = 0.25
+
+_UNREACHABLE_ERRNOS = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
+)
+
+
+class DialError(Exception):
+    """An outgoing connection could not be made; ``error`` says why (one of ``DIAL_ERRORS``)."""
+
+    def __init__(self, error: DialErrorCode, detail: str = "") -> None:
+        super().__init__(f"dial failed: {error}" + (f" ({detail})" if detail else ""))
+        self.error: DialErrorCode = error
+        self.detail = detail
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port`` into ``(host, port)``; an IPv6 host comes back without brackets.
+
+    Raises ``ValueError`` for anything else: a missing or out-of-range port (1-65535), an unbracketed IPv6
+    address, an invalid bracketed address, an empty host, or a host containing whitespace, control
+    characters, ``/``, ``@``, ``[``, ``]`` or ``%``.
+    """
+    if authority.startswith("["):
+        close = authority.find("]")
+        if close < 0 or authority[close + 1 : close + 2] != ":":
+            raise ValueError(f"invalid authority {authority!r}: expected [v6]:port")
+        host = authority[1:close]
+        port_text = authority[close + 2 :]
+        try:
+            addr = ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ValueError(f"invalid IPv6 address in authority {authority!r}") from exc
+        if addr.scope_id is not None:
+            raise ValueError(f"scoped IPv6 address in authority {authority!r}")
+        host = str(addr)
+    else:
+        host, sep, port_text = authority.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid authority {authority!r}: missing port")
+        if ":" in host:
+            raise ValueError(f"invalid authority {authority!r}: IPv6 addresses need brackets")
+        if not host:
+            raise ValueError(f"invalid authority {authority!r}: empty host")
+        if len(host) > 253 or any(c.isspace() or not c.isprintable() or c in "/@[]%\\" for c in host):
+            raise ValueError(f"invalid host in authority {authority!r}")
+    if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ValueError(f"invalid port in authority {authority!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range in authority {authority!r}")
+    return host, port
+
+
+def format_authority(host: str, port: int) -> str:
+    """The inverse of ``parse_authority``: brackets an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _error_of(exc: BaseException) -> DialErrorCode:
+    """Map a connect failure (an ``OSError``, possibly wrapping the real one) to a dial error code."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "refused"
+        if isinstance(seen, TimeoutError):
+            return "timeout"
+        if isinstance(seen, OSError) and seen.errno in _UNREACHABLE_ERRNOS:
+            return "unreachable"
+        if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
+            return _error_of(seen.exceptions[0])
+        seen = seen.__cause__
+    return "failed"
+
+
+def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    """Order addresses RFC 8305 style: alternate families, starting with the family of the first one."""
+    if not addresses:
+        return []
+    first = addresses[0].version
+    same = [a for a in addresses if a.version == first]
+    other = [a for a in addresses if a.version != first]
+    ordered: list[IPAddress] = []
+    for i in range(max(len(same), len(other))):
+        ordered.extend(group[i] for group in (same, other) if i < len(group))
+    return ordered
+
+
+class Dialer:
+    """Connects to ``host:port`` for the exit side, honouring ``policy``."""
+
+    def __init__(self, policy: ExitPolicy, *, connect_timeout: float = 10.0) -> None:
+        if connect_timeout <= 0:
+            raise ValueError("connect_timeout must be positive")
+        self.policy = policy
+        self.connect_timeout = connect_timeout
+
+    async def resolve(self, host: str, port: int, *, udp: bool = False) -> list[IPAddress]:
+        """Resolve ``host`` and return its policy-allowed addresses in connection-attempt order.
+
+        Raises ``DialError("forbidden")`` when the host or every address is refused by the policy and
+        ``DialError("unreachable")`` when the name does not resolve.
+        """
+        try:
+            self.policy.check_host(host)
+        except PolicyDenied as exc:
+            raise DialError("forbidden", exc.reason) from None
+        try:
+            literal: IPAddress | None = normalize_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            return [literal]
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=kind)
+        except (OSError, UnicodeError) as exc:
+            raise DialError("unreachable", f"cannot resolve {host!r}") from exc
+        allowed: list[IPAddress] = []
+        denied = 0
+        for family, *_, sockaddr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                addr = normalize_address(str(sockaddr[0]))
+                self.policy.check_address(addr, host=host)
+            except (PolicyDenied, ValueError):
+                denied += 1
+                continue
+            if addr not in allowed:
+                allowed.append(addr)
+        if not allowed:
+            if denied:
+                raise DialError("forbidden", f"{host!r} resolves only to refused addresses")
+            raise DialError("unreachable", f"no address for {host!r}")
+        return interleave_families(allowed)
+
+    async def dial(self, authority: str) -> ByteStream:
+        """Connect to ``authority`` (``host:port`` or ``[v6]:port``); raise ``DialError`` on failure."""
+        try:
+            host, port = parse_authority(authority)
+        except ValueError as exc:
+            raise DialError("failed", str(exc)) from None
+        with anyio.move_on_after(self.connect_timeout):
+            addresses = await self.resolve(host, port)
+            stream = await self._race(addresses, port)
+            log.debug("dial.connected", authority=authority)
+            return stream
+        raise DialError("timeout", f"no connection to {authority!r} within {self.connect_timeout} s")
+
+    async def _race(self, addresses: Sequence[IPAddress], port: int) -> SocketStream:
+        winner: SocketStream | None = None
+        errors: list[OSError] = []
+
+        async def attempt(addr: IPAddress, failed: anyio.Event) -> None:
+            nonlocal winner
+            try:
+                stream = await anyio.connect_tcp(str(addr), port)
+            except OSError as exc:
+                errors.append(exc)
+                failed.set()
+                return
+            if winner is None:
+                winner = stream
+                tg.cancel_scope.cancel()
+            else:
+                await anyio.aclose_forcefully(stream)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for addr in addresses:
+                    failed = anyio.Event()
+                    tg.start_soon(attempt, addr, failed)
+                    with anyio.move_on_after(HAPPY_EYEBALLS_DELAY):
+                        await failed.wait()
+        except BaseException:
+            if winner is not None:
+                await anyio.aclose_forcefully(winner)
+            raise
+        if winner is None:
+            codes = {_error_of(e) for e in errors}
+            preferred: tuple[DialErrorCode, ...] = ("refused", "unreachable", "timeout")
+            for code in preferred:
+                if code in codes:
+                    raise DialError(code)
+            raise DialError("failed")
+        return winner
