@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import anyio
+
 __all__ = ["StreamRefused", "TunnelUnavailable"]
 
 
@@ -9,8 +11,8 @@ class TunnelUnavailable(Exception):
     """No tunnel to the server could be used (not connected, reconnecting, or shut down)."""
 
 
-class StreamRefused(Exception):
-    """The server answered a stream's SYN with an RST.
+class StreamRefused(anyio.BrokenResourceError):
+    """The server answered a stream's SYN with an RST (a kind of broken stream, so relays treat it as one).
 
     ``error`` is the server's reason when the peer sends one (``"refused"``, ``"unreachable"``, ``"forbidden"``,
     ``"timeout"``, ``"failed"``), or ``None`` for a plain vproxy RST.

@@ -1,0 +1,170 @@
+"""``vtunnel agent``: the user's local end. SOCKS5 and HTTP proxy fronts, and plain port forwards.
+
+Every accepted local connection becomes one stream in a pooled tunnel to the server:
+
+* ``--forward LISTEN`` sends the bytes to the server's ``--target`` (no metadata: vproxy KcpTun / kcptun style);
+* ``--forward LISTEN=HOST:PORT`` asks the server for that destination in the SYN, and the first bytes follow the
+  SYN without waiting (0-RTT);
+* ``--socks`` and ``--http`` speak SOCKS5 (RFC 1928/1929) and HTTP proxy (CONNECT and absolute URIs) to local
+  clients and put the requested destination in the SYN; the name is resolved by the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+
+from vtunnel.apps.pipe import pipe
+from vtunnel.protocol import StreamMetadata, TunnelConfig
+from vtunnel.runtime.errors import TunnelUnavailable
+from vtunnel.runtime.session import TunnelPool
+from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.tcp import tune_socket
+
+__all__ = ["AgentSettings", "Forward", "Agent", "parse_hostport"]
+
+log = structlog.get_logger("vtunnel.agent")
+
+
+def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or (with ``default_host``) a bare port."""
+    text = text.strip()
+    if text.isdigit() and default_host is not None:
+        host, port_text = default_host, text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Forward:
+    listen: tuple[str, int]
+    destination: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Forward:
+        listen, sep, dest = spec.partition("=")
+        if sep and dest:
+            parse_hostport(dest)
+        return cls(listen=parse_hostport(listen, default_host="127.0.0.1"), destination=dest or None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentSettings:
+    server: Endpoint
+    security: SecurityConfig
+    forwards: Sequence[Forward] = ()
+    socks: tuple[str, int] | None = None
+    http: tuple[str, int] | None = None
+    socks_users: Mapping[str, str] = field(default_factory=dict)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    connections: int = 1
+    drain_timeout: float = 10.0
+    open_timeout: float = 10.0
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        if not (settings.forwards or settings.socks or settings.http):
+            raise ValueError("the agent needs something to serve: --socks, --http or --forward")
+        self.settings = settings
+        self.pool = TunnelPool(
+            settings.server, security=settings.security, config=settings.tunnel, size=settings.connections
+        )
+        self.local_addresses: dict[str, str] = {}
+        self._stopping = anyio.Event()
+        self._active = 0
+
+    async def open(self, metadata: StreamMetadata | None, *, wait_accepted: bool = True) -> ByteStream:
+        return await self.pool.open_stream(
+            metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout
+        )
+
+    async def _opener(self, metadata: StreamMetadata) -> ByteStream:
+        return await self.open(metadata)
+
+    async def serve(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        fronts: list[tuple[str, tuple[str, int], Callable[[ByteStream], Awaitable[None]]]] = []
+        for fwd in s.forwards:
+            fronts.append((f"forward {fwd.destination or 'target'}", fwd.listen, self._forward_handler(fwd)))
+        if s.socks:
+            fronts.append(("socks", s.socks, self._socks_handler))
+        if s.http:
+            fronts.append(("http", s.http, self._http_handler))
+        listeners = []
+        for name, (host, port), handler in fronts:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            addr = listener.extra(SocketAttribute.local_address)
+            shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+            self.local_addresses[name] = shown
+            listeners.append((listener, handler))
+            log.info("listening", front=name, address=shown, server=str(s.server))
+        async with anyio.create_task_group() as tg:
+            await self.pool.run(tg)
+            for listener, handler in listeners:
+                tg.start_soon(listener.serve, self._tracked(handler), tg)
+            task_status.started(self.local_addresses)
+            await self._stopping.wait()
+            for listener, _ in listeners:
+                await listener.aclose()
+            with anyio.move_on_after(s.drain_timeout):
+                while self._active:
+                    await anyio.sleep(0.05)
+            self.pool.shutdown()
+            await anyio.sleep(0.1)  # let GOAWAY leave
+            tg.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+
+    def _tracked(self, handler: Callable[[ByteStream], Awaitable[None]]) -> Callable[[ByteStream], Awaitable[None]]:
+        async def run(client: ByteStream) -> None:
+            self._active += 1
+            tune_socket(client)
+            try:
+                await handler(client)
+            except Exception as exc:
+                log.info("local connection ended with an error", error=str(exc) or repr(exc))
+            finally:
+                self._active -= 1
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(client)
+
+        return run
+
+    def _forward_handler(self, fwd: Forward) -> Callable[[ByteStream], Awaitable[None]]:
+        metadata = StreamMetadata(authority=fwd.destination, kind="tcp") if fwd.destination else None
+
+        async def handle(client: ByteStream) -> None:
+            try:
+                remote = await self.open(metadata, wait_accepted=False)
+            except TunnelUnavailable as exc:
+                log.warning("no tunnel for a forwarded connection", error=str(exc))
+                return
+            await pipe(client, remote)
+
+        return handle
+
+    async def _socks_handler(self, client: ByteStream) -> None:
+        from vtunnel.apps.socks5 import serve_socks5
+
+        await serve_socks5(client, self._opener, users=self.settings.socks_users or None)
+
+    async def _http_handler(self, client: ByteStream) -> None:
+        from vtunnel.apps.httpproxy import serve_http_proxy
+
+        await serve_http_proxy(client, self._opener)

@@ -1,0 +1,162 @@
+"""``vtunnel server``: accept tunnels on one or more transports and carry their streams to the destinations.
+
+Per stream, by what the SYN says:
+
+* metadata with a destination (``:authority``): kind ``tcp``/``lite-tls`` is dialed through the exit policy, kind
+  ``udp`` becomes a UDP relay; the SYN-ACK (or an RST with the reason) reports whether the destination was reached;
+* no metadata and a ``--target``: every stream goes to that one destination (vproxy's KcpTun, kcptun);
+* no metadata and no target: the stream is served as WebSocks (vproxy's agent protocol inside the stream) when its
+  first bytes are a WebSocks upgrade, otherwise reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, Listener, TaskStatus
+
+from vtunnel.apps.dialer import DialError, Dialer
+from vtunnel.apps.pipe import pipe
+from vtunnel.apps.policy import ExitPolicy
+from vtunnel.protocol import Role, TunnelConfig
+from vtunnel.runtime.pump import TunnelConnection
+from vtunnel.runtime.stream import TunnelStream
+from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
+
+__all__ = ["Server", "ServerSettings"]
+
+log = structlog.get_logger("vtunnel.server")
+
+FIRST_BYTES_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    listen: Sequence[Endpoint]
+    security: SecurityConfig
+    target: str | None = None
+    policy: ExitPolicy = field(default_factory=ExitPolicy)
+    websocks_users: Mapping[str, str] = field(default_factory=dict)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    connect_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    idle_timeout: float | None = None
+
+
+class Server:
+    def __init__(self, settings: ServerSettings) -> None:
+        if not settings.listen:
+            raise ValueError("the server needs at least one --listen URL")
+        self.settings = settings
+        self.dialer = Dialer(settings.policy, connect_timeout=settings.connect_timeout)
+        # the operator's own --target is trusted: the exit policy governs what clients ask for, not it
+        self.target_dialer = Dialer(ExitPolicy(allow_private=True), connect_timeout=settings.connect_timeout)
+        self.tunnels: set[TunnelConnection] = set()
+        self.listeners: list[Listener[ByteStream]] = []
+        self.local_addresses: list[str] = []
+        self._serial = 0
+        self._stopping = anyio.Event()
+
+    async def serve(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until :meth:`shutdown` finishes draining."""
+        for endpoint in self.settings.listen:
+            transport = get_transport(endpoint.scheme)
+            listener = await transport.listen(endpoint, security=self.settings.security)
+            self.listeners.append(listener)
+            local = getattr(listener, "local_address", str(endpoint))
+            self.local_addresses.append(f"{endpoint.scheme}://{local}")
+            log.info(
+                "listening",
+                url=f"{endpoint.scheme}://{local}",
+                target=self.settings.target,
+                secure=not self.settings.security.insecure,
+            )
+        async with anyio.create_task_group() as tg:
+            for listener in self.listeners:
+                tg.start_soon(listener.serve, self._handle_tunnel, tg)
+            task_status.started(self.local_addresses)
+            await self._stopping.wait()
+            for listener in self.listeners:
+                await listener.aclose()
+            for conn in list(self.tunnels):
+                conn.shutdown("server shutting down", graceful=True)
+            with anyio.move_on_after(self.settings.drain_timeout):
+                while self.tunnels:
+                    await anyio.sleep(0.05)
+            if self.tunnels:
+                log.warning("drain timeout: closing remaining tunnels", tunnels=len(self.tunnels))
+            tg.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        """Stop accepting, send GOAWAY on every tunnel and let open streams finish (bounded by drain_timeout)."""
+        self._stopping.set()
+
+    async def _handle_tunnel(self, stream: ByteStream) -> None:
+        self._serial += 1
+        conn = TunnelConnection(
+            stream,
+            role=Role.SERVER,
+            config=self.settings.tunnel,
+            handler=self._handle_stream,
+            name=f"t{self._serial}",
+        )
+        self.tunnels.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.tunnels.discard(conn)
+
+    async def _handle_stream(self, stream: TunnelStream) -> None:
+        md = stream.metadata
+        slog = log.bind(tunnel=stream._conn.name, stream=stream.stream_id)
+        if md is not None and md.authority:
+            if md.kind == "udp":
+                from vtunnel.apps.udprelay import serve_udp_stream
+
+                stream.accept()
+                await serve_udp_stream(stream, self.dialer)
+                return
+            await self._connect_and_pipe(stream, md.authority, self.dialer, slog)
+            return
+        if self.settings.target:
+            await self._connect_and_pipe(stream, self.settings.target, self.target_dialer, slog)
+            return
+        await self._serve_websocks(stream, slog)
+
+    async def _connect_and_pipe(
+        self, stream: TunnelStream, authority: str, dialer: Dialer, slog: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        try:
+            remote = await dialer.dial(authority)
+        except DialError as exc:
+            slog.info("destination refused", destination=authority, error=exc.error)
+            stream.refuse(exc.error)
+            return
+        stream.accept()
+        slog.debug("relaying", destination=authority)
+        await pipe(stream, remote, idle_timeout=self.settings.idle_timeout)
+
+    async def _serve_websocks(self, stream: TunnelStream, slog: structlog.typing.FilteringBoundLogger) -> None:
+        from vtunnel.apps.websocks import classify_websocks, serve_websocks
+
+        stream.accept()
+        first = b""
+        with anyio.move_on_after(FIRST_BYTES_TIMEOUT):
+            while True:
+                try:
+                    first += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return
+                verdict = classify_websocks(first)
+                if verdict is None and len(first) < 16384:
+                    continue
+                if verdict:
+                    await serve_websocks(stream, first, users=self.settings.websocks_users, dialer=self.dialer)
+                else:
+                    slog.info("stream has no destination and is not WebSocks: reset")
+                    stream.refuse("failed")
+                return
+        stream.refuse("timeout")

@@ -1,0 +1,284 @@
+"""The ``vtunnel`` command."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import click
+import structlog
+
+from vtunnel import __version__
+from vtunnel.config import ConfigError, load_config, resolve_psk, tunnel_config
+from vtunnel.logging import configure_logging
+from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
+
+log = structlog.get_logger("vtunnel")
+
+URL_HELP = (
+    "Transport URLs: tcp://HOST:PORT, tls://HOST:PORT?cert=F&key=F, "
+    "kcp://HOST:PORT?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350 (see `vtunnel transports`)."
+)
+
+
+def run_async(main: Callable[[], Awaitable[None]]) -> None:
+    """Run on asyncio, with uvloop when it is installed."""
+    try:
+        import uvloop  # noqa: F401
+
+        options: dict[str, Any] = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    anyio.run(main, backend="asyncio", backend_options=options)
+
+
+async def serve_until_signal(start: Callable[..., Awaitable[None]], stop: Callable[[], None]) -> None:
+    """Run ``start`` until SIGINT/SIGTERM, then ``stop()`` (graceful drain) and wait for it to finish."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("signal received: draining", signal=signal.Signals(signum).name)
+                    stop()
+                    return
+
+        tg.start_soon(watch)
+        await start()
+        tg.cancel_scope.cancel()
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--log-format", type=click.Choice(["console", "json"]), default=None, help="Log line format.")(f)
+    f = click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default=None,
+        help="Least severe level logged (default info).",
+    )(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")(f)
+    f = click.option("--insecure", is_flag=True, help="Run without a key: plaintext, vproxy-compatible.")(f)
+    f = click.option(
+        "--psk-file",
+        type=click.Path(dir_okay=False),
+        help="File holding the pre-shared key (`vtunnel keygen`). VTUNNEL_PSK in the environment works too.",
+    )(f)
+    return f
+
+
+def _setup(config_path: str | None, section: str, log_level: str | None, log_format: str | None) -> dict[str, Any]:
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    log_cfg = cfg.get("log", {})
+    configure_logging(level=log_level or log_cfg.get("level", "info"), fmt=log_format or log_cfg.get("format", "console"))  # type: ignore[arg-type]
+    return cfg
+
+
+def _endpoint(url: str, what: str) -> Endpoint:
+    try:
+        return Endpoint.parse(url)
+    except TransportError as exc:
+        raise click.BadParameter(str(exc), param_hint=what) from None
+
+
+def _security(psk_file: str | None, insecure: bool, section: dict[str, Any]) -> SecurityConfig:
+    try:
+        psk = resolve_psk(psk_file=psk_file, insecure=insecure, section=section)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if psk is None:
+        log.warning("running without a key: the tunnel is plaintext and unauthenticated (--insecure)")
+    return SecurityConfig(psk=psk)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="vtunnel")
+def main() -> None:
+    """vtunnel: a multiplexed ARQ tunnel.
+
+    Run `vtunnel server` at the exit and `vtunnel agent` next to your applications; they carry many TCP (and UDP)
+    streams over one tunnel on KCP/UDP, TCP, TLS or a plugin transport, speaking vproxy's KCP tunnel protocol.
+
+    \b
+    Quick start on two machines:
+      exit$   vtunnel keygen > key
+      exit$   vtunnel server --listen kcp://0.0.0.0:4000 --psk-file key
+      laptop$ vtunnel agent --server kcp://EXIT:4000 --psk-file key --socks 127.0.0.1:1080
+      laptop$ curl --socks5-hostname 127.0.0.1:1080 https://example.com/
+    """
+
+
+@main.command()
+@click.option("--listen", "listen", multiple=True, metavar="URL", help="Where tunnels arrive (repeatable).")
+@click.option("--target", metavar="HOST:PORT", help="Send every stream without a destination here (kcptun style).")
+@click.option("--allow-private", is_flag=True, help="Let clients reach loopback/private/link-local addresses.")
+@click.option("--websocks-user", multiple=True, metavar="USER:PASS", help="A WebSocks user (repeatable).")
+@_common
+def server(
+    listen: tuple[str, ...],
+    target: str | None,
+    allow_private: bool,
+    websocks_user: tuple[str, ...],
+    psk_file: str | None,
+    insecure: bool,
+    config_path: str | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
+    """Accept tunnels and carry their streams to the destinations they ask for (or to --target).
+
+    By default clients may not reach loopback, private, link-local or multicast addresses (checked after DNS
+    resolution); --allow-private lifts that. Without a key the server refuses to start unless --insecure is given.
+    SIGINT/SIGTERM send GOAWAY and let open streams finish (up to drain_timeout) before exiting.
+    """
+    from vtunnel.apps.policy import ExitPolicy
+    from vtunnel.apps.server import Server, ServerSettings
+
+    cfg = _setup(config_path, "server", log_level, log_format)
+    sec = cfg.get("server", {})
+    urls = list(listen) or list(sec.get("listen", []))
+    if not urls:
+        raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
+    endpoints = [_endpoint(u, "--listen") for u in urls]
+    users = dict(sec.get("websocks_users", {}))
+    for spec in websocks_user:
+        user, sep, password = spec.partition(":")
+        if not sep or not user:
+            raise click.BadParameter("expected USER:PASS", param_hint="--websocks-user")
+        users[user] = password
+    try:
+        policy = ExitPolicy(
+            allow_private=allow_private or bool(sec.get("allow_private", False)),
+            allow=tuple(sec.get("allow", ())),
+            deny=tuple(sec.get("deny", ())),
+        )
+        settings = ServerSettings(
+            listen=endpoints,
+            security=_security(psk_file, insecure, sec),
+            target=target or sec.get("target"),
+            policy=policy,
+            websocks_users=users,
+            tunnel=tunnel_config(cfg.get("tunnel", {})),
+            connect_timeout=float(sec.get("connect_timeout", 10.0)),
+            drain_timeout=float(sec.get("drain_timeout", 10.0)),
+            idle_timeout=sec.get("idle_timeout"),
+        )
+        srv = Server(settings)
+    except (ValueError, ConfigError, TransportError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+    async def go() -> None:
+        await serve_until_signal(srv.serve, srv.shutdown)
+
+    _run_or_exit(go)
+
+
+@main.command()
+@click.option("--server", "server_url", metavar="URL", help="The server's transport URL.")
+@click.option("--forward", multiple=True, metavar="LISTEN[=DEST]", help="Forward a local port (repeatable).")
+@click.option("--socks", metavar="HOST:PORT", help="SOCKS5 proxy front, e.g. 127.0.0.1:1080.")
+@click.option("--http", metavar="HOST:PORT", help="HTTP proxy front (CONNECT and plain), e.g. 127.0.0.1:8118.")
+@click.option("--conn", "connections", type=click.IntRange(1, 64), default=None, help="Tunnels to keep (default 1).")
+@_common
+def agent(
+    server_url: str | None,
+    forward: tuple[str, ...],
+    socks: str | None,
+    http: str | None,
+    connections: int | None,
+    psk_file: str | None,
+    insecure: bool,
+    config_path: str | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
+    """The local end: SOCKS5/HTTP proxy fronts and port forwards, carried to the server in one tunnel.
+
+    \b
+    --forward 127.0.0.1:9000             every connection goes to the server's --target
+    --forward 127.0.0.1:9000=host:port   the server connects to host:port (resolved at the server)
+    The agent keeps its tunnels up and reconnects with backoff when the server restarts.
+    """
+    from vtunnel.apps.agent import Agent, AgentSettings, Forward, parse_hostport
+
+    cfg = _setup(config_path, "agent", log_level, log_format)
+    sec = cfg.get("agent", {})
+    url = server_url or sec.get("server")
+    if not url:
+        raise click.UsageError(f"give --server URL. {URL_HELP}")
+    try:
+        forwards = [Forward.parse(f) for f in (forward or tuple(sec.get("forward", ())))]
+        socks_addr = socks or sec.get("socks")
+        http_addr = http or sec.get("http")
+        settings = AgentSettings(
+            server=_endpoint(url, "--server"),
+            security=_security(psk_file, insecure, sec),
+            forwards=forwards,
+            socks=parse_hostport(socks_addr, default_host="127.0.0.1") if socks_addr else None,
+            http=parse_hostport(http_addr, default_host="127.0.0.1") if http_addr else None,
+            socks_users=dict(sec.get("socks_users", {})),
+            tunnel=tunnel_config(cfg.get("tunnel", {})),
+            connections=connections or int(sec.get("connections", 1)),
+            drain_timeout=float(sec.get("drain_timeout", 10.0)),
+            open_timeout=float(sec.get("open_timeout", 10.0)),
+        )
+        ag = Agent(settings)
+    except (ValueError, ConfigError, TransportError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+    async def go() -> None:
+        await serve_until_signal(ag.serve, ag.shutdown)
+
+    _run_or_exit(go)
+
+
+def _run_or_exit(go: Callable[[], Awaitable[None]]) -> None:
+    try:
+        run_async(go)
+    except KeyboardInterrupt:
+        pass
+    except (OSError, TransportError) as exc:
+        log.error("cannot start", error=str(exc))
+        sys.exit(1)
+
+
+@main.command()
+def keygen() -> None:
+    """Print a fresh random pre-shared key (give the same one to the server and the agent)."""
+    from vtunnel.security.keys import generate_key
+
+    click.echo(generate_key())
+
+
+@main.command()
+def transports() -> None:
+    """List the installed transports (built-in and plugins from the `vtunnel.transports` entry points)."""
+    for scheme, found in available_transports().items():
+        if isinstance(found, Exception):
+            click.echo(f"{scheme:8} BROKEN: {found!r}")
+        else:
+            click.echo(f"{scheme:8} {found.__module__}.{found.__qualname__}  {found.description}")
+
+
+@main.command()
+@click.option("--transport", type=click.Choice(["kcp", "tcp"]), default="kcp", help="Transport between the pair.")
+@click.option("--socks", default="127.0.0.1:1080", show_default=True, help="The agent's SOCKS5 address.")
+@click.option("--http", default="127.0.0.1:8118", show_default=True, help="The agent's HTTP proxy address.")
+@click.option("--tunnel-port", default=4000, show_default=True, help="Loopback port of the tunnel server.")
+@click.option("--page-port", default=8080, show_default=True, help="Port of the demo page (0: no page).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def demo(transport: str, socks: str, http: str, tunnel_port: int, page_port: int, log_level: str) -> None:
+    """Start a server and an agent on loopback (what `make run` does), with a fresh key and a demo page."""
+    from vtunnel.demo import run_demo
+
+    configure_logging(level=log_level, fmt="console")
+    run_async(lambda: run_demo(transport=transport, socks=socks, http=http, tunnel_port=tunnel_port, page_port=page_port))
+
+
+if __name__ == "__main__":
+    main()

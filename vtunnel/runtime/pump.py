@@ -1,0 +1,376 @@
+"""The anyio pump: one tunnel over one transport byte stream, its streams exposed as anyio byte streams.
+
+A :class:`TunnelConnection` owns a sans-IO :class:`~vtunnel.protocol.Tunnel` and the transport stream that carries
+it. Three tasks move everything:
+
+* the reader feeds transport bytes to the tunnel and turns its events into stream buffers and wake-ups;
+* the writer drains the tunnel's output to the transport, so no caller ever blocks the reader;
+* the timer calls ``handle_timer`` at the tunnel's next deadline (keepalive, handshake and drain timeouts).
+
+Back-pressure: a stream's ``send`` waits for flow-control credit (when the peer negotiated it) and while more than
+``OUTBOUND_HIGH_WATER`` bytes wait for the transport. Receive buffers are bounded by the stream windows; with a
+vproxy peer (no flow control) the reader stops reading the transport while any stream buffer is over its limit,
+which is exactly vproxy's own behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState, events
+from vtunnel.protocol.errors import VTunnelError
+from vtunnel.runtime.errors import TunnelUnavailable
+from vtunnel.runtime.stream import TunnelStream
+
+__all__ = ["OUTBOUND_HIGH_WATER", "StreamHandler", "TunnelConnection"]
+
+log = structlog.get_logger("vtunnel.runtime")
+
+#: bytes queued for the transport above which stream senders wait
+OUTBOUND_HIGH_WATER = 1024 * 1024
+#: per-stream receive buffer limit used when the peer has no flow control (vproxy)
+UNCONTROLLED_BUFFER_LIMIT = 1024 * 1024
+READ_SIZE = 256 * 1024
+
+StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class TunnelConnection:
+    """One tunnel. Use :meth:`run` inside a task group; open streams with :meth:`open_stream` (client role)."""
+
+    def __init__(
+        self,
+        transport: ByteStream,
+        *,
+        role: Role,
+        config: TunnelConfig | None = None,
+        handler: StreamHandler | None = None,
+        name: str = "",
+    ) -> None:
+        self.transport = transport
+        self.role = role
+        self.tunnel = Tunnel(role=role, config=config or TunnelConfig())
+        self.handler = handler
+        self.name = name
+        self.log = log.bind(tunnel=name, role=role.name.lower())
+        self.streams: dict[int, TunnelStream] = {}
+        self._outbound: deque[bytes] = deque()
+        self._outbound_bytes = 0
+        self._writer_wakeup = anyio.Event()
+        self._outbound_drained = anyio.Event()
+        self._timer_wakeup = anyio.Event()
+        self._reader_resume = anyio.Event()
+        self._ready = anyio.Event()
+        self._closed = anyio.Event()
+        self._close_reason = ""
+        self._task_group: TaskGroup | None = None
+        self._handler_send: MemoryObjectSendStream[TunnelStream] | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._closed.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    @property
+    def accepting_streams(self) -> bool:
+        return self.ready and self.tunnel.state is TunnelState.READY
+
+    async def wait_ready(self) -> None:
+        """Wait for the handshake; raise :class:`TunnelUnavailable` if the tunnel closes first."""
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_close() -> None:
+                    await self._closed.wait()
+                    scope.cancel()
+
+                tg.start_soon(watch_close)
+                await self._ready.wait()
+                tg.cancel_scope.cancel()
+        if not self._ready.is_set() or self._closed.is_set():
+            raise TunnelUnavailable(f"tunnel closed before it was ready: {self._close_reason}")
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # ------------------------------------------------------------------ output
+    def flush(self) -> None:
+        """Move whatever the tunnel wants to send to the writer (never blocks)."""
+        data = self.tunnel.data_to_send()
+        if data:
+            self._outbound.append(data)
+            self._outbound_bytes += len(data)
+            self._writer_wakeup.set()
+        self._timer_wakeup.set()
+
+    async def wait_outbound_room(self) -> None:
+        while self._outbound_bytes > OUTBOUND_HIGH_WATER and not self._closed.is_set():
+            if self._outbound_drained.is_set():
+                self._outbound_drained = anyio.Event()
+            await self._outbound_drained.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            if not self._outbound:
+                if self._closed.is_set():
+                    return
+                await self._writer_wakeup.wait()
+                self._writer_wakeup = anyio.Event()
+                continue
+            if len(self._outbound) == 1:
+                chunk = self._outbound.popleft()
+            else:
+                chunk = b"".join(self._outbound)
+                self._outbound.clear()
+            await self.transport.send(chunk)
+            self._outbound_bytes -= len(chunk)
+            if self._outbound_bytes <= OUTBOUND_HIGH_WATER:
+                self._outbound_drained.set()
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> None:
+        """Run the tunnel until it closes. Closes the transport and every stream at the end."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                if self.role is Role.CLIENT:
+                    self.tunnel.initiate(_now())
+                    self.flush()
+                tg.start_soon(self._writer_task)
+                tg.start_soon(self._timer)
+                if self.handler is not None:
+                    send, receive = anyio.create_memory_object_stream[TunnelStream](math.inf)
+                    self._handler_send = send
+                    tg.start_soon(self._dispatch_handlers, receive, tg)
+                tg.start_soon(self._reader_task)
+                await self._closed.wait()
+                # closed: give the writer a bounded moment to flush the last frames (GOAWAY, RST)
+                with anyio.move_on_after(2):
+                    while self._outbound:
+                        self._writer_wakeup.set()
+                        await anyio.sleep(0.005)
+                tg.cancel_scope.cancel()
+        finally:
+            self._mark_closed(self._close_reason or "tunnel ended")
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(self.transport)
+
+    async def _writer_task(self) -> None:
+        try:
+            await self._writer()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._mark_closed(f"transport write failed: {exc!r}")
+            if self._task_group is not None:
+                self._task_group.cancel_scope.cancel()
+
+    async def _dispatch_handlers(self, receive: Any, tg: TaskGroup) -> None:
+        async with receive:
+            async for stream in receive:
+                tg.start_soon(self._run_handler, stream)
+
+    async def _run_handler(self, stream: TunnelStream) -> None:
+        assert self.handler is not None
+        try:
+            await self.handler(stream)
+        except Exception as exc:
+            self.log.warning("stream handler failed", stream=stream.stream_id, error=repr(exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _reader_task(self) -> None:
+        try:
+            await self._reader()
+        finally:
+            if not self._closed.is_set():
+                self._mark_closed("reader stopped")
+
+    async def _reader(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = await self.transport.receive(READ_SIZE)
+            except anyio.EndOfStream:
+                self._fail("transport closed by peer")
+                return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._fail(f"transport failed: {exc!r}")
+                return
+            try:
+                evs = self.tunnel.receive_data(data, _now())
+            except VTunnelError as exc:
+                self.flush()
+                self.log.warning("peer protocol error", error=str(exc))
+                self._fail(f"protocol error: {exc}")
+                return
+            self._handle_events(evs)
+            self.flush()
+            if self._closed.is_set():
+                return
+            await self._maybe_pause_reading()
+
+    async def _maybe_pause_reading(self) -> None:
+        if self.tunnel.extensions.flow_control:
+            return
+        while not self._closed.is_set():
+            if all(s.buffered <= UNCONTROLLED_BUFFER_LIMIT for s in self.streams.values()):
+                return
+            self._reader_resume = anyio.Event()
+            await self._reader_resume.wait()
+
+    def resume_reading(self) -> None:
+        self._reader_resume.set()
+
+    async def _timer(self) -> None:
+        while not self._closed.is_set():
+            deadline = self.tunnel.next_deadline()
+            delay = math.inf if deadline is None else max(0.0, deadline - _now())
+            self._timer_wakeup = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._timer_wakeup.wait()
+                continue
+            try:
+                evs = self.tunnel.handle_timer(_now())
+            except VTunnelError as exc:
+                self.flush()
+                self._fail(f"protocol error: {exc}")
+                return
+            self._handle_events(evs)
+            self.flush()
+
+    def _fail(self, reason: str) -> None:
+        self._mark_closed(reason)
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        self._close_reason = reason
+        self.log.info("tunnel closed", reason=reason, streams=len(self.streams))
+        self._closed.set()
+        for stream in list(self.streams.values()):
+            stream._on_tunnel_closed()
+        self._writer_wakeup.set()
+        self._outbound_drained.set()
+        self._reader_resume.set()
+        self._timer_wakeup.set()
+        if self._handler_send is not None:
+            self._handler_send.close()
+
+    # ------------------------------------------------------------------ events
+    def _handle_events(self, evs: list[events.Event]) -> None:
+        streams = self.streams
+        for ev in evs:
+            if isinstance(ev, events.DataReceived):
+                s = streams.get(ev.stream_id)
+                if s is not None:
+                    s._on_data(ev.data)
+                else:  # a stream we already closed: give the credit back
+                    self.tunnel.acknowledge_received_data(ev.stream_id, len(ev.data))
+            elif isinstance(ev, events.WindowUpdated):
+                if ev.stream_id == 0:
+                    for s in streams.values():
+                        s._on_window()
+                else:
+                    s2 = streams.get(ev.stream_id)
+                    if s2 is not None:
+                        s2._on_window()
+            elif isinstance(ev, events.StreamOpened):
+                self._on_stream_opened(ev)
+            elif isinstance(ev, events.StreamAccepted):
+                s3 = streams.get(ev.stream_id)
+                if s3 is not None:
+                    s3._on_accepted()
+            elif isinstance(ev, events.StreamEnded):
+                s4 = streams.get(ev.stream_id)
+                if s4 is not None:
+                    s4._on_eof()
+            elif isinstance(ev, events.StreamReset):
+                s5 = streams.get(ev.stream_id)
+                if s5 is not None:
+                    s5._on_reset(ev.error)
+            elif isinstance(ev, events.HandshakeCompleted):
+                self.log.debug("tunnel ready", extensions=str(ev.extensions))
+                self._ready.set()
+            elif isinstance(ev, events.GoAwayReceived):
+                self.log.info("peer is shutting down", reason=ev.reason, last_stream_id=ev.last_stream_id)
+                for sid, s6 in list(streams.items()):
+                    if sid > ev.last_stream_id:
+                        s6._on_reset("refused")
+            elif isinstance(ev, events.TunnelClosed):
+                self._mark_closed(ev.reason)
+
+    def _on_stream_opened(self, ev: events.StreamOpened) -> None:
+        if self._handler_send is None:
+            self.tunnel.reset_stream(ev.stream_id, error="refused")
+            return
+        stream = TunnelStream(self, ev.stream_id, ev.metadata, accepted=False)
+        self.streams[ev.stream_id] = stream
+        try:
+            self._handler_send.send_nowait(stream)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.tunnel.reset_stream(ev.stream_id, error="refused")
+            del self.streams[ev.stream_id]
+
+    def _forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        self._reader_resume.set()
+
+    # ------------------------------------------------------------------ API
+    async def open_stream(self, metadata: StreamMetadata | None = None, *, wait_accepted: bool = True) -> TunnelStream:
+        """Open a stream (client role).
+
+        With ``wait_accepted`` the call returns once the server's SYN-ACK arrived and raises
+        :class:`StreamRefused` if it answered with an RST; without it the stream is returned at once and the first
+        bytes follow the SYN (0-RTT), a refusal then surfacing on the stream's first receive.
+        """
+        if not self.accepting_streams:
+            raise TunnelUnavailable(f"tunnel not ready ({self._close_reason or self.tunnel.state.name.lower()})")
+        try:
+            sid = self.tunnel.open_stream(metadata=metadata)
+        except VTunnelError as exc:
+            raise TunnelUnavailable(str(exc)) from exc
+        stream = TunnelStream(self, sid, metadata, accepted=False)
+        self.streams[sid] = stream
+        self.flush()
+        if wait_accepted:
+            try:
+                await stream.wait_accepted()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        return stream
+
+    def shutdown(self, reason: str, *, graceful: bool = True) -> None:
+        """Send GOAWAY. Graceful: open streams may finish; the tunnel closes when they have (or on timeout)."""
+        if self._closed.is_set():
+            return
+        try:
+            self.tunnel.shutdown(reason, graceful=graceful)
+        except VTunnelError:
+            pass
+        self.flush()
+        if not graceful or not self.streams:
+            if not graceful:
+                self._mark_closed(reason)
+

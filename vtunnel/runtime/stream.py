@@ -1,0 +1,240 @@
+"""A tunnel stream as an anyio :class:`~anyio.abc.ByteStream`.
+
+``send`` waits for flow-control credit and transport room; ``receive`` returns buffered bytes and gives the credit
+back; ``send_eof`` is a FIN (half-close, the other direction keeps flowing); ``aclose`` frees the stream.
+Streams of kind ``udp`` keep message boundaries: one ``send`` is one DATA frame, one ``receive`` one datagram.
+
+Exceptions follow anyio: :class:`anyio.EndOfStream` after the peer's FIN, :class:`anyio.BrokenResourceError` after a
+reset or a dead tunnel (``reset_error`` says why), :class:`anyio.ClosedResourceError` after our own ``aclose``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import ByteStream
+
+from vtunnel.protocol import StreamMetadata
+from vtunnel.protocol.errors import VTunnelError
+from vtunnel.runtime.errors import StreamRefused
+
+if TYPE_CHECKING:
+    from vtunnel.runtime.pump import TunnelConnection
+
+__all__ = ["TunnelStream", "TunnelStreamAttribute"]
+
+
+class TunnelStreamAttribute(anyio.TypedAttributeSet):
+    """Typed attributes for ``TunnelStream.extra()``."""
+
+    metadata: StreamMetadata | None = anyio.typed_attribute()
+    stream_id: int = anyio.typed_attribute()
+
+
+class TunnelStream(ByteStream):
+    def __init__(
+        self,
+        conn: TunnelConnection,
+        stream_id: int,
+        metadata: StreamMetadata | None,
+        *,
+        accepted: bool,
+    ) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.metadata = metadata
+        self.datagrams = metadata is not None and metadata.kind == "udp"
+        self._buffer: deque[bytes] = deque()
+        self.buffered = 0
+        self._readable = anyio.Event()
+        self._writable = anyio.Event()
+        self._accepted_event = anyio.Event()
+        if accepted:
+            self._accepted_event.set()
+        self._eof = False
+        self._broken: str | None = None
+        self.reset_error: str | None = None
+        self._closed = False
+        self._sent_eof = False
+
+    # ---------------------------------------------------------------- events from the pump
+    def _on_data(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self.buffered += len(data)
+        self._readable.set()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _on_reset(self, error: str | None) -> None:
+        if self._broken is None:
+            self._broken = "reset"
+            self.reset_error = error
+        self._readable.set()
+        self._writable.set()
+        self._accepted_event.set()
+
+    def _on_tunnel_closed(self) -> None:
+        if self._broken is None and not (self._eof and self._sent_eof):
+            self._broken = "tunnel closed"
+            self.reset_error = "tunnel closed"
+        self._readable.set()
+        self._writable.set()
+        self._accepted_event.set()
+
+    def _on_window(self) -> None:
+        self._writable.set()
+
+    def _on_accepted(self) -> None:
+        self._accepted_event.set()
+
+    # ---------------------------------------------------------------- server side
+    def accept(self) -> None:
+        """Server: answer the peer's SYN with a SYN-ACK."""
+        if self._broken is not None:
+            raise anyio.BrokenResourceError(f"stream {self.stream_id} {self._broken}")
+        if self._accepted_event.is_set():
+            return
+        self._accepted_event.set()
+        try:
+            self._conn.tunnel.accept_stream(self.stream_id)
+        except VTunnelError as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        self._conn.flush()
+
+    def refuse(self, error: str | None = None) -> None:
+        """Server: answer the peer's SYN with an RST carrying ``error`` (when the peer understands reasons)."""
+        if self._broken is None:
+            self._broken = "refused"
+        try:
+            self._conn.tunnel.reset_stream(self.stream_id, error=error)
+        except VTunnelError:
+            pass
+        self._conn.flush()
+
+    async def wait_accepted(self) -> None:
+        await self._accepted_event.wait()
+        if self._broken is not None and not self._buffer:
+            raise StreamRefused(self.reset_error)
+
+    # ---------------------------------------------------------------- ByteStream
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while not self._buffer:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._broken is not None:
+                if not self._accepted_event.is_set() or self._broken == "refused":
+                    raise StreamRefused(self.reset_error)
+                raise anyio.BrokenResourceError(f"stream {self.stream_id}: {self._broken}")
+            if self._eof:
+                raise anyio.EndOfStream
+            self._readable = anyio.Event()
+            await self._readable.wait()
+        buf = self._buffer
+        chunk = buf[0]
+        if self.datagrams or len(chunk) <= max_bytes:
+            buf.popleft()
+            if not self.datagrams and len(chunk) < max_bytes and buf:
+                parts = [chunk]
+                total = len(chunk)
+                while buf and total + len(buf[0]) <= max_bytes:
+                    nxt = buf.popleft()
+                    parts.append(nxt)
+                    total += len(nxt)
+                chunk = b"".join(parts)
+        else:
+            buf[0] = chunk[max_bytes:]
+            chunk = chunk[:max_bytes]
+        n = len(chunk)
+        self.buffered -= n
+        conn = self._conn
+        if not conn.closed:
+            try:
+                conn.tunnel.acknowledge_received_data(self.stream_id, n)
+            except VTunnelError:
+                pass
+            conn.flush()
+            conn.resume_reading()
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        conn = self._conn
+        tunnel = conn.tunnel
+        view = memoryview(item)
+        if self.datagrams and len(item) > tunnel_max_datagram(conn):
+            raise ValueError(f"datagram of {len(item)} bytes is larger than the tunnel's frame size")
+        while True:
+            self._check_writable()
+            try:
+                window = tunnel.send_window(self.stream_id)
+            except VTunnelError as exc:
+                raise anyio.BrokenResourceError(str(exc)) from exc
+            need = len(view) if self.datagrams else 1
+            if window >= need and len(view) > 0:
+                n = len(view) if self.datagrams else min(window, len(view))
+                try:
+                    tunnel.send_data(self.stream_id, bytes(view[:n]))
+                except VTunnelError as exc:
+                    raise anyio.BrokenResourceError(str(exc)) from exc
+                conn.flush()
+                view = view[n:]
+                await conn.wait_outbound_room()
+                if not view:
+                    return
+                continue
+            if len(view) == 0:
+                return
+            self._writable = anyio.Event()
+            # re-check after arming the event: the window may have opened meanwhile
+            if tunnel.send_window(self.stream_id) >= need:
+                continue
+            await self._writable.wait()
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._broken is not None:
+            raise anyio.BrokenResourceError(f"stream {self.stream_id}: {self._broken}")
+        if self._sent_eof:
+            raise anyio.ClosedResourceError("send_eof() was called on this stream")
+
+    async def send_eof(self) -> None:
+        if self._sent_eof or self._closed or self._broken is not None:
+            return
+        self._sent_eof = True
+        try:
+            self._conn.tunnel.end_stream(self.stream_id)
+        except VTunnelError:
+            return
+        self._conn.flush()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if not conn.closed:
+            try:
+                conn.tunnel.close_stream(self.stream_id)
+            except VTunnelError:
+                pass
+            conn.flush()
+        conn._forget(self.stream_id)
+        self._readable.set()
+        self._writable.set()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            TunnelStreamAttribute.metadata: lambda: self.metadata,
+            TunnelStreamAttribute.stream_id: lambda: self.stream_id,
+        }
+
+
+def tunnel_max_datagram(conn: TunnelConnection) -> int:
+    return conn.tunnel.config.max_frame_size

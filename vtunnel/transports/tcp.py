@@ -1,0 +1,237 @@
+"""``tcp://HOST:PORT`` and ``tls://HOST:PORT``: tunnels over TCP, optionally inside standard TLS.
+
+``tls://`` options (URL query): on the server ``cert`` and ``key`` (PEM files, required) and ``ca`` (to require and
+verify client certificates); on the client ``ca`` (trust anchors; the system store when absent), ``servername``
+(SNI and the name verified; the URL host by default), ``cert``/``key`` for a client certificate.
+
+When a pre-shared key is configured the PSK handshake and AEAD records run on top of the byte stream (inside TLS for
+``tls://``), so a peer without the key never reaches the tunnel protocol.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
+from anyio.streams.tls import TLSStream
+
+from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
+
+__all__ = ["SecuredListener", "TCPTransport", "TLSTransport"]
+
+log = structlog.get_logger("vtunnel.transports.tcp")
+
+SOCKET_BUFFER = 4 * 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+def tune_socket(stream: Any) -> None:
+    """TCP_NODELAY and large kernel buffers on the socket under ``stream`` (best effort)."""
+    try:
+        sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
+    except Exception:
+        return
+    for opt, val in (
+        (socket.SO_SNDBUF, SOCKET_BUFFER),
+        (socket.SO_RCVBUF, SOCKET_BUFFER),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, val)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class SecuredListener(Listener[ByteStream]):
+    """Wraps a listener: each accepted stream first passes ``prepare`` (TLS, PSK handshake), else it is dropped."""
+
+    def __init__(
+        self,
+        inner: Listener[Any],
+        prepare: Callable[[ByteStream], Awaitable[ByteStream | None]],
+        *,
+        local: str,
+    ) -> None:
+        self._inner = inner
+        self._prepare = prepare
+        self._local = local
+
+    @property
+    def local_address(self) -> str:
+        return self._local
+
+    async def serve(
+        self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None
+    ) -> None:
+        async def wrapped(raw: ByteStream) -> None:
+            tune_socket(raw)
+            try:
+                stream = await self._prepare(raw)
+            except Exception as exc:
+                log.debug("transport handshake failed", error=repr(exc))
+                await anyio.aclose_forcefully(raw)
+                return
+            if stream is None:
+                await anyio.aclose_forcefully(raw)
+                return
+            await handler(stream)
+
+        await self._inner.serve(wrapped, task_group)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return self._inner.extra_attributes
+
+
+async def _secure_client(stream: ByteStream, security: SecurityConfig) -> ByteStream:
+    if security.psk is None:
+        return stream
+    from vtunnel.transports.secure import secure_client
+
+    return await secure_client(stream, security.psk)
+
+
+def _server_preparer(
+    security: SecurityConfig, tls: ssl.SSLContext | None
+) -> Callable[[ByteStream], Awaitable[ByteStream | None]]:
+    replay: Any = None
+    limiter: Any = None
+    if security.psk is not None:
+        from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+
+        replay = ReplayCache()
+        limiter = HandshakeLimiter(rate=50.0, burst=100)
+
+    async def prepare(raw: ByteStream) -> ByteStream | None:
+        stream: ByteStream = raw
+        source = ""
+        try:
+            peer = raw.extra(SocketAttribute.remote_address)
+            source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        except Exception:
+            pass
+        if tls is not None:
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                stream = await TLSStream.wrap(raw, server_side=True, ssl_context=tls, standard_compatible=False)
+        if security.psk is None:
+            return stream
+        from vtunnel.transports.secure import secure_server
+
+        return await secure_server(stream, security.psk, replay=replay, limiter=limiter, source=source)
+
+    return prepare
+
+
+def _local_name(listener: Listener[Any]) -> str:
+    try:
+        addr = listener.extra(SocketAttribute.local_address)
+    except Exception:
+        return "?"
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+class TCPTransport(Transport):
+    schemes: ClassVar[tuple[str, ...]] = ("tcp",)
+    description: ClassVar[str] = "TCP (TCP_NODELAY, 4 MiB buffers)"
+
+    def check(self, endpoint: Endpoint) -> None:
+        if endpoint.params:
+            raise TransportError(f"tcp:// takes no options, got {', '.join(sorted(endpoint.params))}")
+
+    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+        self.check(endpoint)
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            raw = await anyio.connect_tcp(endpoint.host, endpoint.port)
+        tune_socket(raw)
+        try:
+            return await _secure_client(raw, security)
+        except BaseException:
+            await anyio.aclose_forcefully(raw)
+            raise
+
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+        self.check(endpoint)
+        inner = await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
+        return SecuredListener(inner, _server_preparer(security, None), local=_local_name(inner))
+
+
+_TLS_CLIENT_OPTS = {"ca", "servername", "cert", "key"}
+_TLS_SERVER_OPTS = {"ca", "cert", "key"}
+
+
+class TLSTransport(Transport):
+    schemes: ClassVar[tuple[str, ...]] = ("tls",)
+    description: ClassVar[str] = "TCP inside standard TLS (certificates from cert=/key=/ca= options)"
+
+    def check(self, endpoint: Endpoint) -> None:
+        unknown = set(endpoint.params) - _TLS_CLIENT_OPTS
+        if unknown:
+            raise TransportError(f"unknown tls:// option(s): {', '.join(sorted(unknown))}")
+
+    def _client_context(self, endpoint: Endpoint) -> ssl.SSLContext:
+        ca = endpoint.params.get("ca")
+        try:
+            ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+            if "cert" in endpoint.params:
+                ctx.load_cert_chain(endpoint.params["cert"], endpoint.params.get("key"))
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"tls:// client certificate set-up failed: {exc}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    def _server_context(self, endpoint: Endpoint) -> ssl.SSLContext:
+        unknown = set(endpoint.params) - _TLS_SERVER_OPTS
+        if unknown:
+            raise TransportError(f"unknown tls:// server option(s): {', '.join(sorted(unknown))}")
+        if "cert" not in endpoint.params or "key" not in endpoint.params:
+            raise TransportError("a tls:// server needs cert=FILE and key=FILE options")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(endpoint.params["cert"], endpoint.params["key"])
+            if "ca" in endpoint.params:
+                ctx.load_verify_locations(endpoint.params["ca"])
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"tls:// server certificate set-up failed: {exc}") from None
+        return ctx
+
+    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+        self.check(endpoint)
+        ctx = self._client_context(endpoint)
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            raw = await anyio.connect_tcp(endpoint.host, endpoint.port)
+        tune_socket(raw)
+        try:
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                stream: ByteStream = await TLSStream.wrap(
+                    raw,
+                    hostname=endpoint.params.get("servername", endpoint.host),
+                    ssl_context=ctx,
+                    standard_compatible=False,
+                )
+            return await _secure_client(stream, security)
+        except BaseException:
+            await anyio.aclose_forcefully(raw)
+            raise
+
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+        ctx = self._server_context(endpoint)
+        inner = await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
+        return SecuredListener(inner, _server_preparer(security, ctx), local=_local_name(inner))
+
