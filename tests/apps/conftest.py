@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import anyio
 import pytest
-from typing import cast
-
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 
