@@ -1,0 +1,90 @@
+"""Plain-socket helpers for end-to-end tests: an echo server and byte-exact transfers (threads, no event loop)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def pattern(size: int, seed: int = 1) -> bytes:
+    """Deterministic incompressible-looking bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest() * 32
+        counter += 1
+    return bytes(out[:size])
+
+
+@contextmanager
+def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
+    """A threaded TCP echo server that passes half-closes on: yields its port."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, 0))
+    srv.listen(512)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    data = conn.recv(262144)
+                    if not data:
+                        conn.shutdown(socket.SHUT_WR)
+                        return
+                    conn.sendall(data)
+            except OSError:
+                return
+
+    def accept_loop() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept_loop, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        srv.close()
+        t.join(timeout=2)
+
+
+def echo_roundtrip(port: int, payload: bytes, *, timeout: float = 60.0, host: str = "127.0.0.1") -> bytes:
+    """Send ``payload`` through ``host:port``, half-close, and return everything read back until EOF."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        err: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                view = memoryview(payload)
+                for i in range(0, len(view), 65536):
+                    s.sendall(view[i : i + 65536])
+                s.shutdown(socket.SHUT_WR)
+            except BaseException as exc:
+                err.append(exc)
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        received = bytearray()
+        while True:
+            chunk = s.recv(262144)
+            if not chunk:
+                break
+            received += chunk
+        t.join(timeout=timeout)
+        if err:
+            raise err[0]
+        return bytes(received)

@@ -1,0 +1,5 @@
+"""``python -m vtunnel`` is the ``vtunnel`` command."""
+
+from vtunnel.cli import main
+
+main()
