@@ -1,0 +1,192 @@
+"""Network emulation without kernel netem.
+
+* :class:`Placement` says where the two sides of a system run and how the client side reaches the server side:
+  :data:`LOOPBACK` (everything on 127.0.0.1) or a :class:`NetnsLink`.
+* :class:`NetnsLink` makes two network namespaces of its own joined by a veth pair (private addresses exist only
+  inside these two namespaces) and drops a given fraction of packets in both directions with an nftables
+  ``numgen random`` rule in the server namespace. It works for TCP and UDP alike. When namespaces or nftables are not
+  permitted, :func:`netns_supported` says why and the harness skips these scenarios, saying so in the report.
+* :func:`relay_argv` builds the command line of vtunnel's userspace UDP impairment relay
+  (``python -m vtunnel.testing.relay``) when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from bench.procs import HarnessError
+
+__all__ = [
+    "LOOPBACK",
+    "NetnsLink",
+    "Placement",
+    "netns_supported",
+    "relay_argv",
+    "relay_available",
+]
+
+log = structlog.get_logger("bench.netem")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Placement:
+    """Where a system runs: command prefixes per side and the address the client side dials."""
+
+    name: str
+    client_prefix: tuple[str, ...] = ()
+    server_prefix: tuple[str, ...] = ()
+    server_host: str = "127.0.0.1"
+    description: str = "loopback 127.0.0.1"
+
+    @property
+    def loopback(self) -> bool:
+        return not self.client_prefix and not self.server_prefix
+
+
+LOOPBACK = Placement(name="loopback")
+
+
+def _run(argv: Sequence[str], *, stdin: str | None = None) -> None:
+    try:
+        proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessError(f"{' '.join(argv)} failed: {exc}") from None
+    if proc.returncode != 0:
+        raise HarnessError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def netns_supported() -> str | None:
+    """``None`` when namespaces + veth + nftables work here, else the reason they do not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"{tool!r} is not installed (run bench/setup.sh)"
+    probe = NetnsLink(tag=f"p{os.getpid() % 100000}")
+    try:
+        probe.up()
+        probe.set_loss(0.01)
+    except HarnessError as exc:
+        return f"network namespaces are not permitted here: {exc}"
+    finally:
+        probe.down()
+    return None
+
+
+@dataclass(kw_only=True, slots=True)
+class NetnsLink:
+    """Two namespaces ``vtb<tag>c`` (client) and ``vtb<tag>s`` (server) joined by a veth pair.
+
+    The client side is 10.201.0.1/30 and the server side 10.201.0.2/30; those addresses exist only inside the two
+    namespaces made here. ``loss`` is the drop probability applied to every packet entering and leaving the server
+    namespace over the veth.
+    """
+
+    tag: str
+    client_addr: str = "10.201.0.1"
+    server_addr: str = "10.201.0.2"
+    loss: float = 0.0
+    _up: bool = field(default=False, init=False)
+
+    @property
+    def client_ns(self) -> str:
+        return f"vtb{self.tag}c"
+
+    @property
+    def server_ns(self) -> str:
+        return f"vtb{self.tag}s"
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(
+            name="netns",
+            client_prefix=("ip", "netns", "exec", self.client_ns),
+            server_prefix=("ip", "netns", "exec", self.server_ns),
+            server_host=self.server_addr,
+            description=f"veth between two namespaces, nftables random drop {self.loss:.1%} each way",
+        )
+
+    def up(self) -> None:
+        self._up = True
+        c, s = self.client_ns, self.server_ns
+        veth_c, veth_s = f"vtb{self.tag}a", f"vtb{self.tag}b"
+        _run(["ip", "netns", "add", c])
+        _run(["ip", "netns", "add", s])
+        _run(["ip", "link", "add", veth_c, "netns", c, "type", "veth", "peer", "name", veth_s, "netns", s])
+        for ns, dev, addr in ((c, veth_c, self.client_addr), (s, veth_s, self.server_addr)):
+            _run(["ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        self.set_loss(self.loss)
+
+    def set_loss(self, loss: float) -> None:
+        """Replace the drop rule: each packet crossing the veth is dropped with probability ``loss``."""
+        if not 0.0 <= loss < 1.0:
+            raise HarnessError(f"loss must be within [0, 1), got {loss}")
+        self.loss = loss
+        per_million = round(loss * 1_000_000)
+        veth_s = f"vtb{self.tag}b"
+        rules = [
+            "table inet vtbench {",
+            "  chain ingress_drop { type filter hook input priority 0; policy accept;",
+            f'    iifname "{veth_s}" numgen random mod 1000000 < {per_million} counter drop',
+            "  }",
+            "  chain egress_drop { type filter hook output priority 0; policy accept;",
+            f'    oifname "{veth_s}" numgen random mod 1000000 < {per_million} counter drop',
+            "  }",
+            "}",
+        ]
+        script = "\n".join(rules) + "\n"
+        # Delete-and-recreate in one transaction so the rule is never missing or doubled.
+        _run(["ip", "netns", "exec", self.server_ns, "nft", "-f", "-"], stdin="table inet vtbench {}\n")
+        _run(
+            ["ip", "netns", "exec", self.server_ns, "nft", "-f", "-"],
+            stdin="delete table inet vtbench\n" + script,
+        )
+
+    def dropped(self) -> int:
+        """Packets dropped by the rule since it was last set."""
+        try:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", self.server_ns, "nft", "list", "table", "inet", "vtbench"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return 0
+        total = 0
+        words = proc.stdout.split()
+        for i, word in enumerate(words[:-1]):
+            if word == "packets" and words[i + 1].isdigit():
+                total += int(words[i + 1])
+        return total
+
+    def down(self) -> None:
+        if not self._up:
+            return
+        self._up = False
+        for ns in (self.client_ns, self.server_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20, check=False)
+
+
+def relay_available() -> bool:
+    """True when vtunnel's userspace impairment relay is installed."""
+    try:
+        return importlib.util.find_spec("vtunnel.testing.relay") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def relay_argv(listen: str, target: str, options: Sequence[str]) -> list[str]:
+    """Command line of the UDP impairment relay from ``listen`` to ``target`` with extra ``options``."""
+    return [sys.executable, "-m", "vtunnel.testing.relay", "--listen", listen, "--target", target, *options]

@@ -1,0 +1,320 @@
+"""The systems under test and how to start them.
+
+A :class:`SystemSpec` is data: ``direct`` (the client talks to the workload server itself), ``kcptun`` (Debian's
+``kcptun-client``/``kcptun-server`` in the reference configuration) or ``vtunnel`` over one transport, with or without
+the pre-shared key. :func:`start_stack` starts the workload server and the system's processes for one placement and
+returns a :class:`Stack` whose ``entry`` is where the workload clients connect; readiness is proven by an echo
+through the whole path, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from bench.netem import Placement
+from bench.procs import HarnessError, Proc, ProcessGroup, free_port, last_json_line, python_argv
+
+__all__ = [
+    "KCPTUN_ARGS",
+    "TRANSPORT_URLS",
+    "Stack",
+    "SystemSpec",
+    "kcptun_version",
+    "run_client",
+    "start_stack",
+    "system_unavailable",
+    "vtunnel_version",
+]
+
+log = structlog.get_logger("bench.systems")
+
+#: Transport URL templates, one per vtunnel transport the harness knows. A scheme that is not installed is skipped.
+TRANSPORT_URLS: Mapping[str, str] = {
+    "tcp": "tcp://{host}:{port}",
+    "kcp": "kcp://{host}:{port}?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350",
+    "rudp": "rudp://{host}:{port}",
+}
+#: Transports whose packets are UDP datagrams (they can run through the UDP impairment relay).
+UDP_TRANSPORTS = frozenset({"kcp", "rudp"})
+
+#: kcptun's reference configuration (both sides).
+KCPTUN_ARGS: tuple[str, ...] = (
+    "--mode",
+    "fast3",
+    "--sndwnd",
+    "1024",
+    "--rcvwnd",
+    "1024",
+    "--crypt",
+    "none",
+    "--nocomp",
+    "--datashard",
+    "0",
+    "--parityshard",
+    "0",
+    "--quiet",
+    "--key",
+    "vtunnel-bench",
+)
+
+READY_TIMEOUT = 25.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SystemSpec:
+    """One system under test."""
+
+    kind: str  # "direct" | "kcptun" | "vtunnel"
+    transport: str | None = None
+    keyed: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.kind != "vtunnel":
+            return self.kind
+        return f"vtunnel-{self.transport}" + ("+psk" if self.keyed else "")
+
+    @property
+    def udp(self) -> bool:
+        return self.kind == "kcptun" or (self.kind == "vtunnel" and self.transport in UDP_TRANSPORTS)
+
+    @property
+    def tunnel(self) -> bool:
+        return self.kind != "direct"
+
+
+@dataclass(kw_only=True, slots=True)
+class Stack:
+    """A running system: where clients connect, and the processes to watch."""
+
+    system: SystemSpec
+    placement: Placement
+    entry_host: str
+    entry_port: int
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> str:
+        return f"{self.entry_host}:{self.entry_port}"
+
+    def pids(self) -> dict[str, int]:
+        """The tunnel's own processes (agent and server sides); the workload server is not counted."""
+        return {role: p.pid for role, p in self.procs.items() if role in ("agent", "server", "relay")}
+
+    def check_alive(self) -> None:
+        for role, proc in self.procs.items():
+            if not proc.alive():
+                raise HarnessError(f"{self.system.name} {role} exited early: {proc.log_tail()}")
+
+
+def vtunnel_bin() -> str | None:
+    """The ``vtunnel`` console script next to this interpreter, or on PATH."""
+    local = Path(sys.executable).with_name("vtunnel")
+    if local.exists():
+        return str(local)
+    return shutil.which("vtunnel")
+
+
+def vtunnel_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("vtunnel")
+    except (ImportError, PackageNotFoundError):
+        return None
+
+
+def kcptun_version() -> str | None:
+    if shutil.which("kcptun-client") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "kcptun"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    if out:
+        return out
+    try:
+        return subprocess.run(
+            ["kcptun-client", "-v"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def installed_transports() -> set[str]:
+    """Transport schemes vtunnel can load here (empty when vtunnel's registry is missing)."""
+    try:
+        from vtunnel.transports.base import available_transports
+    except ImportError:
+        return set()
+    return {name for name, cls in available_transports().items() if not isinstance(cls, Exception)}
+
+
+def system_unavailable(system: SystemSpec, transports: set[str]) -> str | None:
+    """Why ``system`` cannot run here, or ``None``."""
+    if system.kind == "kcptun":
+        if shutil.which("kcptun-client") is None or shutil.which("kcptun-server") is None:
+            return "kcptun is not installed (run bench/setup.sh)"
+        return None
+    if system.kind == "vtunnel":
+        if vtunnel_bin() is None:
+            return "the vtunnel command is not installed"
+        if system.transport not in transports:
+            return f"transport {system.transport}:// is not installed"
+    return None
+
+
+def run_client(placement: Placement, args: Sequence[str], *, timeout: float) -> dict[str, object]:
+    """Run one workload client (``python -m bench.workload ARGS``) on the client side and return its JSON."""
+    argv = [*placement.client_prefix, *python_argv("bench.workload", *args)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 15, check=False)
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"workload client {args[0]} overran its {timeout} s limit") from None
+    result = last_json_line(proc.stdout)
+    if not result.get("ok"):
+        raise HarnessError(f"workload {args[0]} failed: {result.get('error', proc.stderr[-400:])}")
+    return result
+
+
+def _wait_ready(stack: Stack, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        stack.check_alive()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HarnessError(f"{stack.system.name} did not carry an echo within {timeout} s")
+        try:
+            run_client(stack.placement, ["probe", "--connect", stack.entry, "--timeout", "2"], timeout=3)
+            return
+        except HarnessError:
+            time.sleep(0.2)
+
+
+
+
+def start_stack(
+    system: SystemSpec,
+    group: ProcessGroup,
+    placement: Placement,
+    *,
+    psk_file: Path | None = None,
+    relay: Sequence[str] | None = None,
+    kcptun_conns: int = 1,
+) -> Stack:
+    """Start the workload server and ``system`` on ``placement``; return once an echo crosses the whole path.
+
+    ``relay`` (UDP systems on loopback only): impairment relay options; the client side then dials the relay,
+    which forwards to the server.
+    """
+    host = placement.server_host
+    target_port = free_port()
+    sink = group.spawn(
+        "workload",
+        [*placement.server_prefix, *python_argv("bench.workload", "serve", "--listen", f"{host}:{target_port}")],
+    )
+    stack = Stack(system=system, placement=placement, entry_host=host, entry_port=target_port, procs={"sink": sink})
+    if system.kind == "direct":
+        _wait_ready(stack, READY_TIMEOUT)
+        return stack
+
+    tunnel_port = free_port()
+    dial_port = tunnel_port
+    if relay is not None:
+        from bench.netem import relay_argv
+
+        if not placement.loopback:
+            raise HarnessError("the UDP relay runs on loopback placements only")
+        dial_port = free_port(socket.SOCK_DGRAM)
+        stack.procs["relay"] = group.spawn(
+            "relay", relay_argv(f"127.0.0.1:{dial_port}", f"127.0.0.1:{tunnel_port}", relay)
+        )
+    entry_port = free_port()
+    stack.entry_host = "127.0.0.1"
+    stack.entry_port = entry_port
+    target = f"{host}:{target_port}"
+
+    if system.kind == "kcptun":
+        stack.procs["server"] = group.spawn(
+            "kcptun-server",
+            [*placement.server_prefix, "kcptun-server", "-l", f"{host}:{tunnel_port}", "-t", target, *KCPTUN_ARGS],
+        )
+        stack.procs["agent"] = group.spawn(
+            "kcptun-client",
+            [
+                *placement.client_prefix,
+                "kcptun-client",
+                "-l",
+                f"127.0.0.1:{entry_port}",
+                "-r",
+                f"{host}:{dial_port}",
+                "--conn",
+                str(kcptun_conns),
+                *KCPTUN_ARGS,
+            ],
+        )
+    else:
+        exe = vtunnel_bin()
+        if exe is None or system.transport is None:
+            raise HarnessError("vtunnel is not installed")
+        template = TRANSPORT_URLS[system.transport]
+        security = ["--psk-file", str(psk_file)] if system.keyed and psk_file else ["--insecure"]
+        if system.keyed and psk_file is None:
+            raise HarnessError("a keyed system needs a key file")
+        stack.procs["server"] = group.spawn(
+            f"{system.name}-server",
+            [
+                *placement.server_prefix,
+                exe,
+                "server",
+                "--listen",
+                template.format(host=host, port=tunnel_port),
+                "--target",
+                target,
+                "--allow-private",
+                *security,
+            ],
+        )
+        stack.procs["agent"] = group.spawn(
+            f"{system.name}-agent",
+            [
+                *placement.client_prefix,
+                exe,
+                "agent",
+                "--server",
+                template.format(host=host, port=dial_port),
+                "--forward",
+                f"127.0.0.1:{entry_port}",
+                *security,
+            ],
+        )
+    _wait_ready(stack, READY_TIMEOUT)
+    return stack
+
+
+def make_psk_file(directory: Path) -> Path | None:
+    """Write a fresh key with ``vtunnel keygen``; ``None`` when the command is not available."""
+    exe = vtunnel_bin()
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe, "keygen"], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    path = directory / "bench.key"
+    path.write_bytes(proc.stdout)
+    path.chmod(0o600)
+    return path
