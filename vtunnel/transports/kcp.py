@@ -1,0 +1,283 @@
+"""``kcp://``: tunnels over KCP (the C ikcp through ``siokcp``) on UDP, wire-compatible with other KCPs.
+
+Client: one UDP socket per session, a random non-zero conv (``conv=0`` talks to vproxy). Server: one UDP
+socket; sessions keyed by conv, so a client whose address changes (NAT rebinding) keeps its tunnel and the
+server follows its new address; conv-0 sessions (vproxy) are keyed by source address instead. Datagrams that
+are not valid KCP for a known session are dropped without an answer; a new session starts only from a PUSH
+with sequence number 0.
+
+With ``security.psk`` every datagram is sealed (see :mod:`vtunnel.transports.kcp_secure`): sessions are then
+keyed by the authenticated connection ID, and a datagram that fails authentication is dropped before KCP sees
+it.
+
+Runs on asyncio (or uvloop) only; trio is not supported for ``kcp://``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any, ClassVar, TypeAlias
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
+
+from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
+from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.transports.kcp_options import KCPOptions, parse_options
+from vtunnel.transports.kcp_stream import KCPStream
+from vtunnel.transports.kcp_wire import HEADER_LEN, is_new_session, valid_datagram
+from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+
+__all__ = ["KCPListener", "KCPStream", "KCPTransport"]
+
+log = structlog.get_logger("vtunnel.transports.kcp")
+
+#: a session's key in the server table: its conv, or its source address when conv is 0
+SessionKey: TypeAlias = int | Address
+
+
+async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
+    import socket
+
+    try:
+        infos = await anyio.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise TransportError(f"cannot resolve {endpoint.hostport}: {exc}") from None
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
+def _random_conv() -> int:
+    return secrets.randbits(32) or 1
+
+
+class _KCPClient:
+    """The client side of one session: a connected UDP socket feeding one :class:`KCPStream`."""
+
+    def __init__(self, sock: Any, server: Address, options: KCPOptions, conv: int) -> None:
+        self._server = server
+        self._udp = DatagramSocket(sock, self._on_batch)
+        loop = asyncio.get_running_loop()
+        engine = KCPEngine(conv=conv, options=options, mtu=options.mtu, now=loop.time())
+        self.stream = KCPStream(
+            engine=engine,
+            options=options,
+            transmit=self._transmit,
+            local_address=self._udp.local_address,
+            remote_address=server,
+            on_close=self._on_close,
+        )
+
+    def _transmit(self, datagrams: list[bytes]) -> None:
+        self._udp.sendto_many(datagrams, self._server)
+
+    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+        conv = self.stream.engine.conv
+        good = [datagram for datagram, _source in batch if valid_datagram(datagram, conv)]
+        if good:
+            self.stream.feed(good)
+
+    def _on_close(self, _stream: KCPStream) -> None:
+        self._udp.close()
+
+
+class KCPListener(Listener[ByteStream]):
+    """Accepts KCP sessions on one UDP socket; each accepted session is one :class:`KCPStream`.
+
+    Closing the listener closes its socket, so every session it accepted fails too.
+    """
+
+    def __init__(self, sock: Any, options: KCPOptions) -> None:
+        self._options = options
+        self._loop = asyncio.get_running_loop()
+        self._udp = DatagramSocket(sock, self._on_batch)
+        self._sessions: dict[SessionKey, KCPStream] = {}
+        self._tombstones: dict[SessionKey, float] = {}
+        self._pending: list[KCPStream] = []
+        self._acceptor: asyncio.Future[None] | None = None
+        self._closed = False
+        #: datagrams dropped unanswered: not KCP, not a known session, or over the session limit
+        self.dropped = 0
+
+    @property
+    def local_address(self) -> Address:
+        return self._udp.local_address
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    # --- datagram path --------------------------------------------------------------------------------------
+
+    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+        sessions = self._sessions
+        groups: dict[KCPStream, list[bytes]] = {}
+        for datagram, source in batch:
+            if len(datagram) < HEADER_LEN:
+                self.dropped += 1
+                continue
+            conv = int.from_bytes(datagram[:4], "little")
+            key: SessionKey = conv if conv else source
+            stream = sessions.get(key)
+            if stream is None:
+                stream = self._new_session(key, conv, datagram, source)
+                if stream is None:
+                    self.dropped += 1
+                    continue
+            elif not valid_datagram(datagram, conv):
+                self.dropped += 1
+                continue
+            if stream.remote_address != source:
+                log.info("kcp peer moved", conv=conv, old=stream.remote_address, new=source)
+                stream.remote_address = source
+            group = groups.get(stream)
+            if group is None:
+                groups[stream] = [datagram]
+            else:
+                group.append(datagram)
+        for stream, datagrams in groups.items():
+            stream.feed(datagrams)
+
+    def _new_session(self, key: SessionKey, conv: int, datagram: bytes, source: Address) -> KCPStream | None:
+        if self._closed or not is_new_session(datagram):
+            return None
+        now = self._loop.time()
+        if self._tombstones:
+            expiry = self._tombstones.get(key)
+            if expiry is not None:
+                if expiry > now:
+                    return None
+                del self._tombstones[key]
+        if len(self._sessions) >= self._options.sessions:
+            log.warning("kcp session limit reached; new session dropped", limit=self._options.sessions)
+            return None
+        engine = KCPEngine(conv=conv, options=self._options, mtu=self._options.mtu, now=now)
+        udp = self._udp
+        stream: KCPStream
+
+        def transmit(datagrams: list[bytes]) -> None:
+            udp.sendto_many(datagrams, stream.remote_address)
+
+        stream = KCPStream(
+            engine=engine,
+            options=self._options,
+            transmit=transmit,
+            local_address=udp.local_address,
+            remote_address=source,
+            on_close=lambda s: self._forget(key, s),
+        )
+        self._sessions[key] = stream
+        self._pending.append(stream)
+        log.debug("kcp session opened", conv=conv, peer=source, sessions=len(self._sessions))
+        fut = self._acceptor
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        return stream
+
+    def _forget(self, key: SessionKey, stream: KCPStream) -> None:
+        if self._sessions.get(key) is stream:
+            del self._sessions[key]
+        if stream in self._pending:
+            self._pending.remove(stream)
+        now = self._loop.time()
+        if len(self._tombstones) >= 4 * self._options.sessions:
+            self._tombstones = {k: t for k, t in self._tombstones.items() if t > now}
+        if len(self._tombstones) < 4 * self._options.sessions:
+            self._tombstones[key] = now + 2.0 * self._options.timeout
+
+    # --- Listener -------------------------------------------------------------------------------------------
+
+    async def accept(self) -> KCPStream:
+        """The next new session."""
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._pending:
+                return self._pending.pop(0)
+            if self._acceptor is not None:
+                raise anyio.BusyResourceError("accepting")
+            fut = self._loop.create_future()
+            self._acceptor = fut
+            try:
+                await fut
+            finally:
+                self._acceptor = None
+
+    async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
+        async with AsyncExitStack() as stack:
+            if task_group is None:
+                task_group = await stack.enter_async_context(anyio.create_task_group())
+            while True:
+                try:
+                    stream = await self.accept()
+                except anyio.ClosedResourceError:
+                    if self._closed:
+                        return  # closed by aclose(): serving ends quietly
+                    raise
+                task_group.start_soon(handler, stream)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._sessions.values()):
+            stream.fail("the listener was closed")
+        self._sessions.clear()
+        self._pending.clear()
+        self._udp.close()
+        fut = self._acceptor
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {SocketAttribute.local_address: lambda: self.local_address}
+
+
+class KCPTransport(Transport):
+    """``kcp://host:port?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350`` (see ``docs/transports.md``)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("kcp",)
+    description: ClassVar[str] = "KCP (ikcp via siokcp) over UDP; presets normal, fast, fast2, fast3, fast4"
+
+    def check(self, endpoint: Endpoint) -> None:
+        parse_options(endpoint.params)
+
+    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+        options = parse_options(endpoint.params)
+        family, server = await _resolve(endpoint)
+        if security.psk is not None:
+            raise TransportError(
+                "sealed kcp:// (a pre-shared key) is not available in this build; use --insecure"
+            )
+        try:
+            sock = open_udp_socket(family, sockbuf=options.sockbuf)
+            sock.connect(server)
+        except OSError as exc:
+            raise TransportError(f"cannot open a UDP socket to {endpoint.hostport}: {exc}") from None
+        conv = options.conv if options.conv is not None else _random_conv()
+        try:
+            client = _KCPClient(sock, server, options, conv)
+        except KCPEngineError as exc:
+            sock.close()
+            raise TransportError(str(exc)) from None
+        return client.stream
+
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+        options = parse_options(endpoint.params)
+        family, address = await _resolve(endpoint)
+        try:
+            sock = open_udp_socket(family, bind=address, sockbuf=options.sockbuf)
+        except OSError as exc:
+            raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
+        if security.psk is not None:
+            sock.close()
+            raise TransportError(
+                "sealed kcp:// (a pre-shared key) is not available in this build; use --insecure"
+            )
+        return KCPListener(sock, options)

@@ -1,0 +1,265 @@
+"""One KCP session as an anyio :class:`~anyio.abc.ByteStream`: the thin pump around :class:`KCPEngine`.
+
+The owner (client connection or server listener) hands in vetted plaintext KCP datagrams with
+:meth:`KCPStream.feed`; the stream seals and sends what KCP emits through ``transmit``. Timers come from
+``ikcp_check`` (no fixed tick; a quiet session has no timer at all) plus one slow watchdog for dead links and
+idle expiry.
+
+Asyncio only (the loop's ``call_at`` and futures): ``kcp://`` is not supported on trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, SocketAttribute
+
+from vtunnel.transports.kcp_engine import KCPEngine
+from vtunnel.transports.kcp_options import KCPOptions
+from vtunnel.transports.udpio import Address
+
+__all__ = ["KCPStream"]
+
+log = structlog.get_logger("vtunnel.transports.kcp")
+
+#: seconds ``aclose`` waits for queued data to be acknowledged before tearing the session down
+LINGER: Final = 1.0
+
+
+class KCPStream(ByteStream):
+    """A reliable ordered byte stream over one KCP session (one tunnel).
+
+    ``send`` waits while a window's worth of segments is queued or unacknowledged (back-pressure);
+    ``receive`` returns bytes as they arrive and raises :class:`anyio.BrokenResourceError` once the link is
+    dead (ikcp gave up, or the peer stayed silent past ``timeout`` with data outstanding, or past ``idle``).
+    KCP has no half-close: ``send_eof`` closes the whole session, like ``aclose``.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: KCPEngine,
+        options: KCPOptions,
+        transmit: Callable[[list[bytes]], None],
+        local_address: Address,
+        remote_address: Address,
+        on_close: Callable[[KCPStream], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._options = options
+        self._transmit = transmit
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self.local_address = local_address
+        self.remote_address = remote_address
+        self._reader: asyncio.Future[None] | None = None
+        self._writer: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+        self._error: BaseException | None = None
+        self._closed = False
+        now = self._loop.time()
+        self.last_receive = now
+        self._busy_since = now
+        period = max(0.05, min(options.timeout, options.idle) / 4.0)
+        self._watchdog: asyncio.TimerHandle | None = self._loop.call_later(period, self._on_watchdog, period)
+
+    # --- from the owner -------------------------------------------------------------------------------------
+
+    def feed(self, datagrams: list[bytes]) -> None:
+        """Input one batch of vetted plaintext KCP datagrams, then ACK at once and wake the reader/writer."""
+        engine = self._engine
+        if engine.closed:
+            return
+        now = self._loop.time()
+        accepted = False
+        for datagram in datagrams:
+            accepted |= engine.receive_datagram(datagram, now)
+        if not accepted:
+            return
+        self.last_receive = now
+        engine.flush(now)
+        self._pump(now)
+        if engine.readable():
+            self._wake_reader()
+
+    def fail(self, reason: str) -> None:
+        """The link is gone: every later ``receive``/``send`` raises :class:`anyio.BrokenResourceError`."""
+        if self._error is not None or self._closed:
+            return
+        log.info("kcp session failed", conv=self._engine.conv, peer=self.remote_address, reason=reason)
+        self._error = anyio.BrokenResourceError(reason)
+        self._teardown()
+
+    @property
+    def engine(self) -> KCPEngine:
+        return self._engine
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _pump(self, now: float) -> None:
+        """Send what KCP produced, check the link, re-arm the timer and wake a waiting writer."""
+        engine = self._engine
+        out = engine.datagrams_to_send()
+        if out:
+            self._transmit(out)
+        if engine.dead:
+            self.fail("dead link: a segment was retransmitted too often")
+            return
+        deadline = engine.next_deadline(now)
+        timer = self._timer
+        if deadline is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+        elif timer is None or abs(timer.when() - deadline) > 0.0005:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        if engine.writable():
+            self._wake_writer()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        self._engine.handle_timer(now)
+        self._pump(now)
+
+    def _on_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._engine.closed:
+            return
+        now = self._loop.time()
+        self._engine.flush(now)
+        self._pump(now)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._on_flush)
+
+    def _on_watchdog(self, period: float) -> None:
+        self._watchdog = None
+        if self._engine.closed:
+            return
+        now = self._loop.time()
+        silent = now - self.last_receive
+        if self._engine.waiting() and now - max(self.last_receive, self._busy_since) >= self._options.timeout:
+            self.fail(f"dead link: no answer for {silent:.1f} s")
+            return
+        if silent >= self._options.idle:
+            self.fail(f"idle for {silent:.1f} s")
+            return
+        self._watchdog = self._loop.call_later(period, self._on_watchdog, period)
+
+    def _wake_reader(self) -> None:
+        fut = self._reader
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _wake_writer(self) -> None:
+        fut = self._writer
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error)) from self._error
+
+    def _teardown(self) -> None:
+        for handle in (self._timer, self._watchdog):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._watchdog = None
+        self._engine.close()
+        self._wake_reader()
+        self._wake_writer()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)
+
+    # --- ByteStream -----------------------------------------------------------------------------------------
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        while True:
+            self._check_usable()
+            engine = self._engine
+            data = engine.receive(max_bytes)
+            if data:
+                if engine.probe_pending:  # reading reopened a full receive window: tell the peer now
+                    self._schedule_flush()
+                return data
+            if self._reader is not None:
+                raise anyio.BusyResourceError("receiving")
+            fut = self._loop.create_future()
+            self._reader = fut
+            try:
+                await fut
+            finally:
+                self._reader = None
+
+    async def send(self, item: bytes) -> None:
+        view = memoryview(item)
+        if not view:
+            self._check_usable()
+            await anyio.lowlevel.checkpoint()
+            return
+        while True:
+            self._check_usable()
+            engine = self._engine
+            room = engine.send_window - engine.waiting()
+            if room > 0:
+                if engine.waiting() == 0:
+                    self._busy_since = self._loop.time()
+                take = max(room, 1) * engine.max_data
+                engine.send(view[:take])
+                view = view[take:]
+                self._schedule_flush()
+                if not view:
+                    await anyio.lowlevel.checkpoint()
+                    return
+                continue
+            if self._writer is not None:
+                raise anyio.BusyResourceError("sending")
+            fut = self._loop.create_future()
+            self._writer = fut
+            try:
+                await fut
+            finally:
+                self._writer = None
+
+    async def send_eof(self) -> None:
+        """KCP cannot half-close: this closes the whole session (as :meth:`aclose` does)."""
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if self._error is None and self._engine.waiting():
+            with anyio.move_on_after(LINGER, shield=True):
+                while self._error is None and self._engine.waiting():
+                    fut = self._loop.create_future()
+                    self._writer = fut
+                    try:
+                        await fut
+                    finally:
+                        self._writer = None
+        self._closed = True
+        if self._error is None:
+            self._teardown()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            SocketAttribute.local_address: lambda: self.local_address,
+            SocketAttribute.remote_address: lambda: self.remote_address,
+        }

@@ -1,0 +1,91 @@
+"""KCP segment headers: just enough parsing to vet a datagram before ikcp sees it.
+
+A KCP datagram is one or more segments, each a 24-byte little-endian header ``conv u32 | cmd u8 | frg u8 | wnd
+u16 | ts u32 | sn u32 | una u32 | len u32`` followed by ``len`` bytes of data.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+__all__ = [
+    "HEADER_LEN",
+    "MAX_DATA",
+    "Command",
+    "SegmentHeader",
+    "first_header",
+    "is_new_session",
+    "valid_datagram",
+]
+
+HEADER_LEN: Final = 24
+#: the largest data length a segment can claim inside one UDP datagram
+MAX_DATA: Final = 65535 - HEADER_LEN
+_HEADER = struct.Struct("<IBBHIIII")
+
+
+class Command(IntEnum):
+    PUSH = 81
+    ACK = 82
+    WASK = 83
+    WINS = 84
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SegmentHeader:
+    conv: int
+    cmd: int
+    frg: int
+    wnd: int
+    ts: int
+    sn: int
+    una: int
+    length: int
+
+
+def first_header(datagram: bytes | memoryview) -> SegmentHeader | None:
+    """The first segment's header, or ``None`` when the datagram is shorter than one header."""
+    if len(datagram) < HEADER_LEN:
+        return None
+    conv, cmd, frg, wnd, ts, sn, una, length = _HEADER.unpack_from(datagram, 0)
+    return SegmentHeader(conv=conv, cmd=cmd, frg=frg, wnd=wnd, ts=ts, sn=sn, una=una, length=length)
+
+
+def valid_datagram(datagram: bytes | memoryview, conv: int, *, max_data: int = MAX_DATA) -> bool:
+    """Whether every segment has session ``conv``, a known command, and a length that fits exactly.
+
+    ``max_data`` bounds one segment's data (a peer may use a larger MTU than ours: default the UDP limit).
+    """
+    size = len(datagram)
+    if size < HEADER_LEN:
+        return False
+    offset = 0
+    unpack = _HEADER.unpack_from
+    while offset < size:
+        if size - offset < HEADER_LEN:
+            return False
+        seg_conv, cmd, _frg, _wnd, _ts, _sn, _una, length = unpack(datagram, offset)
+        if seg_conv != conv or not Command.PUSH <= cmd <= Command.WINS:
+            return False
+        if cmd != Command.PUSH and length != 0:
+            return False
+        offset += HEADER_LEN
+        if length > max_data or length > size - offset:
+            return False
+        offset += length
+    return True
+
+
+def is_new_session(datagram: bytes | memoryview, *, max_data: int = MAX_DATA) -> bool:
+    """A sane first datagram of a session: valid, and its first segment is a PUSH of sequence number 0.
+
+    A client that has been talking for a while and lost its server sends PUSH segments with higher numbers;
+    those are not taken for a new session (the client's dead-link detection makes it reconnect).
+    """
+    header = first_header(datagram)
+    if header is None or header.cmd != Command.PUSH or header.sn != 0 or header.una != 0:
+        return False
+    return valid_datagram(datagram, header.conv, max_data=max_data)
