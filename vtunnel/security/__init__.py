@@ -1,1 +1,42 @@
-"""vtunnel.security"""
+"""vtunnel.security: the sans-IO security layer between the transports and the tunnel protocol.
+
+- :mod:`.stream`: Noise NNpsk0 handshake + AEAD records for ordered byte streams (TCP, TLS).
+- :mod:`.datagram`: the same handshake + individually sealed datagrams with an explicit counter (UDP).
+- :mod:`.replay`: the handshake replay cache, the per-source handshake limiter, the datagram replay window.
+- :mod:`.keys`: pre-shared key generation and parsing.
+
+Nothing here does I/O or reads a clock; see ``docs/security.md`` for the wire formats.
+"""
+
+from .datagram import (
+    CID_LEN,
+    DATAGRAM_OVERHEAD,
+    DatagramClient,
+    DatagramServer,
+    DatagramSession,
+    peek_connection_id,
+)
+from .errors import AuthenticationFailed, HandshakeTimeout, SecurityError
+from .keys import decode_key, generate_key, load_psk_file
+from .replay import HandshakeLimiter, ReplayCache, ReplayWindow
+from .stream import SecureStreamClient, SecureStreamServer
+
+__all__ = [
+    "CID_LEN",
+    "DATAGRAM_OVERHEAD",
+    "AuthenticationFailed",
+    "DatagramClient",
+    "DatagramServer",
+    "DatagramSession",
+    "HandshakeLimiter",
+    "HandshakeTimeout",
+    "ReplayCache",
+    "ReplayWindow",
+    "SecureStreamClient",
+    "SecureStreamServer",
+    "SecurityError",
+    "decode_key",
+    "generate_key",
+    "load_psk_file",
+    "peek_connection_id",
+]

@@ -1,0 +1,363 @@
+"""Sans-IO sealed datagrams for UDP transports: every datagram, the ARQ header included, is encrypted.
+
+Layouts (integers big endian; full description in ``docs/security.md``)::
+
+    INIT   (client -> server)  01 | initial CID (8) | Noise message 1 (e 32 | payload + tag 16)
+    REPLY  (server -> client)  02 | initial CID (8) | Noise message 2 (e 32 | payload + tag 16)
+    DATA   (both ways)         03 | CID (8) | counter u64 | ChaCha20-Poly1305 ciphertext + tag 16
+
+INIT's payload is the timestamp, the anti-replay token and padding (see :mod:`.handshake`); INIT's first
+three
+fields are the Noise prologue, so they are authenticated. REPLY's payload is the connection ID the server
+assigns,
+then padding. A DATA datagram's AEAD nonce is its counter and its associated data the 17 header bytes; each
+direction has its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
+
+The connection ID is the only clear field a server uses: it finds the session by it, never by the source
+address,
+so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed server/worker id
+(``server_id``) so that a load balancer can route by it (QUIC-LB's idea).
+
+``now`` in the handshake calls is wall-clock seconds (``time.time()``): timestamps are compared across
+hosts.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from .errors import AuthenticationFailed, SecurityError
+from .handshake import (
+    INIT_PAYLOAD_LEN,
+    NOISE_OVERHEAD,
+    TOKEN_LEN,
+    check_wall_clock,
+    decode_init_payload,
+    encode_init_payload,
+    padding,
+    random_between,
+)
+from .noise import TAGLEN, Initiator, Responder, TransportKeys, chacha_nonce, check_psk
+from .replay import HandshakeLimiter, ReplayCache, ReplayWindow
+
+__all__ = [
+    "CID_LEN",
+    "DATAGRAM_OVERHEAD",
+    "MAX_INIT_DATAGRAM",
+    "REPLY_REPEAT_LIMIT",
+    "RETRANSMIT_PERIOD",
+    "DatagramClient",
+    "DatagramServer",
+    "DatagramSession",
+    "DatagramType",
+    "peek_connection_id",
+]
+
+CID_LEN = 8
+
+
+class DatagramType(IntEnum):
+    INIT = 0x01
+    REPLY = 0x02
+    DATA = 0x03
+
+
+_HEAD = struct.Struct(">B8s")  # type, connection ID
+_DATA_HEAD = struct.Struct(">B8sQ")  # type, connection ID, counter
+DATA_HEADER_LEN = _DATA_HEAD.size  # 17
+DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 33
+_DATAGRAM_PROLOGUE = b"vtunnel datagram v1"
+
+INIT_PADDING = (16, 400)
+MIN_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + INIT_PAYLOAD_LEN
+MAX_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
+MIN_REPLY_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + CID_LEN
+REPLY_PADDING_MAX = 256
+#: How long a client retransmits the same first message, and the server answers such a retransmission
+#: (seconds).
+RETRANSMIT_PERIOD = 10.0
+#: How many times the server re-sends a reply to retransmissions of one first message.
+REPLY_REPEAT_LIMIT = 8
+MAX_COUNTER = 2**64 - 1
+
+
+def peek_connection_id(datagram: bytes) -> bytes | None:
+    """The clear connection ID at the front of ``datagram``, or None if it cannot be one of ours.
+
+    For DATA it is the session's ID; for INIT and REPLY the client's initial ID (a new handshake).
+    Cheap: no cryptography. A non-None answer proves nothing; the datagram must still be opened.
+    """
+    n = len(datagram)
+    if n < DATAGRAM_OVERHEAD:
+        return None
+    kind = datagram[0]
+    if kind == DatagramType.DATA:
+        return bytes(datagram[1 : 1 + CID_LEN])
+    if (kind == DatagramType.INIT and MIN_INIT_DATAGRAM <= n <= MAX_INIT_DATAGRAM) or (
+        kind == DatagramType.REPLY and n >= MIN_REPLY_DATAGRAM
+    ):
+        return bytes(datagram[1 : 1 + CID_LEN])
+    return None
+
+
+def _prologue(kind: int, cid: bytes) -> bytes:
+    return _DATAGRAM_PROLOGUE + _HEAD.pack(kind, cid)
+
+
+class DatagramSession:
+    """One authenticated session: seals and opens DATA datagrams.
+
+    :meth:`open` returns None for anything forged, replayed (counter already seen or older than the
+    replay window),
+    garbled or for another connection ID. The caller may move the peer's address to the source of a
+    datagram only
+    after :meth:`open` accepted it.
+    """
+
+    __slots__ = ("_open_aead", "_seal_aead", "_send_counter", "_window", "confirmed", "connection_id")
+
+    def __init__(self, connection_id: bytes, keys: TransportKeys, *, window: int = 4096) -> None:
+        if len(connection_id) != CID_LEN:
+            raise SecurityError("a connection ID is 8 bytes")
+        self.connection_id = bytes(connection_id)
+        self._seal_aead = ChaCha20Poly1305(keys.send)
+        self._open_aead = ChaCha20Poly1305(keys.receive)
+        self._send_counter = 0
+        self._window = ReplayWindow(window)
+        #: True once a datagram from the peer was authenticated (the handshake is known to be complete on
+        #: both ends).
+        self.confirmed = False
+
+    def __repr__(self) -> str:
+        return f"DatagramSession(connection_id={self.connection_id.hex()}, sent={self._send_counter})"
+
+    def seal(self, payload: bytes) -> bytes:
+        """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
+        n = self._send_counter
+        if n >= MAX_COUNTER:
+            raise SecurityError("the session's counter is exhausted; start a new handshake")
+        self._send_counter = n + 1
+        header = _DATA_HEAD.pack(DatagramType.DATA, self.connection_id, n)
+        return header + self._seal_aead.encrypt(chacha_nonce(n), payload, header)
+
+    def open(self, datagram: bytes) -> bytes | None:
+        """The payload of an authentic, new DATA datagram for this session; None otherwise."""
+        if len(datagram) < DATAGRAM_OVERHEAD:
+            return None
+        kind, cid, n = _DATA_HEAD.unpack_from(datagram)
+        if kind != DatagramType.DATA or cid != self.connection_id or n == MAX_COUNTER:
+            return None
+        if not self._window.check(n):
+            return None
+        header = bytes(datagram[:DATA_HEADER_LEN])
+        try:
+            payload = self._open_aead.decrypt(chacha_nonce(n), bytes(datagram[DATA_HEADER_LEN:]), header)
+        except InvalidTag:
+            return None
+        self._window.update(n)
+        self.confirmed = True
+        return payload
+
+
+class DatagramClient:
+    """The client end of a sealed-datagram session.
+
+    Send :meth:`initial_datagram`, feed every datagram from the server to :meth:`receive`; once
+    :attr:`established`,
+    :meth:`seal` payloads and :meth:`receive` returns the server's payloads.
+
+    ``connection_id`` is a random initial ID until the reply arrives, then the ID the server assigned.
+    """
+
+    __slots__ = ("_created", "_hs", "_init", "_initial_cid", "_psk", "_session")
+
+    def __init__(self, psk: bytes, *, now: float) -> None:
+        check_psk(psk)
+        self._psk = bytes(psk)
+        self._session: DatagramSession | None = None
+        self._start(now)
+
+    def _start(self, now: float) -> None:
+        check_wall_clock(now)
+        self._created = now
+        self._initial_cid = padding(CID_LEN)
+        self._hs = Initiator(self._psk, prologue=_prologue(DatagramType.INIT, self._initial_cid))
+        payload = encode_init_payload(now, padding(TOKEN_LEN), random_between(*INIT_PADDING))
+        self._init = _HEAD.pack(DatagramType.INIT, self._initial_cid) + self._hs.write_message1(payload)
+
+    @property
+    def connection_id(self) -> bytes:
+        return self._session.connection_id if self._session is not None else self._initial_cid
+
+    @property
+    def established(self) -> bool:
+        return self._session is not None
+
+    @property
+    def session(self) -> DatagramSession | None:
+        """The session once established."""
+        return self._session
+
+    def initial_datagram(self, now: float | None = None) -> bytes:
+        """The handshake's first datagram (INIT, randomly padded).
+
+        Retransmission: call again after a timeout with no reply. Without ``now``, or with a ``now`` less
+        than
+        :data:`RETRANSMIT_PERIOD` seconds after the first attempt, this returns the *same bytes*: the server
+        recognises a byte-identical retransmission from the same source address and re-sends its reply
+        (the one
+        session it created), at most :data:`REPLY_REPEAT_LIMIT` times, until the session is confirmed by the
+        client's first DATA datagram. Any other copy of the message (another source, later, after
+        confirmation)
+        is a replay and gets nothing. With a ``now`` :data:`RETRANSMIT_PERIOD` or more after the first
+        attempt,
+        the handshake starts over: a fresh ephemeral key, timestamp, token and initial connection ID.
+
+        (Re-encrypting a new timestamp under the same ephemeral key would reuse the message's key and
+        nonce, which
+        ChaCha20-Poly1305 forbids; that is why a retransmission is byte-identical or entirely new.)
+        """
+        if self._session is not None:
+            raise SecurityError("the handshake is already complete")
+        if now is not None and now - self._created >= RETRANSMIT_PERIOD:
+            self._start(now)
+        return self._init
+
+    def receive(self, datagram: bytes, now: float) -> bytes | None:
+        """A handshake reply -> None (and :attr:`established` becomes True); a DATA datagram -> its payload;
+        anything invalid, duplicated or unexpected -> None, silently."""
+        session = self._session
+        if session is not None:
+            return session.open(datagram)
+        if len(datagram) < MIN_REPLY_DATAGRAM or datagram[0] != DatagramType.REPLY:
+            return None
+        if not hmac.compare_digest(bytes(datagram[1 : 1 + CID_LEN]), self._initial_cid):
+            return None
+        try:
+            payload = self._hs.read_message2(bytes(datagram[_HEAD.size :]))
+        except AuthenticationFailed:
+            return None
+        if len(payload) < CID_LEN:  # cannot happen with an honest server holding the key
+            return None
+        keys = self._hs.keys
+        assert keys is not None
+        self._session = DatagramSession(payload[:CID_LEN], keys)
+        return None
+
+    def seal(self, payload: bytes) -> bytes:
+        """A DATA datagram for the server. Only once :attr:`established`."""
+        if self._session is None:
+            raise SecurityError("seal() before the handshake completed")
+        return self._session.seal(payload)
+
+
+@dataclass(kw_only=True, slots=True)
+class _Pending:
+    datagram: bytes
+    session: DatagramSession
+    reply: bytes
+    source: tuple[str, int]
+    until: float
+    repeats: int = REPLY_REPEAT_LIMIT
+
+
+class DatagramServer:
+    """Answers valid INIT datagrams with a new session; anything else gets None (send nothing).
+
+    ``server_id`` (0 to 4 bytes) starts every connection ID this server assigns; the rest is random.
+    ``max_pending`` bounds the retransmission memory (oldest forgotten first).
+    """
+
+    __slots__ = ("_limiter", "_max_pending", "_pending", "_psk", "_replay", "_server_id")
+
+    def __init__(
+        self,
+        psk: bytes,
+        *,
+        replay: ReplayCache,
+        limiter: HandshakeLimiter | None = None,
+        server_id: bytes = b"",
+        max_pending: int = 4096,
+    ) -> None:
+        check_psk(psk)
+        if len(server_id) > 4:
+            raise SecurityError("a server id is at most 4 bytes (4 or more random bytes follow it)")
+        self._psk = bytes(psk)
+        self._replay = replay
+        self._limiter = limiter
+        self._server_id = bytes(server_id)
+        self._max_pending = max_pending
+        self._pending: dict[bytes, _Pending] = {}  # token -> handshake answered recently
+
+    def _prune(self, now: float) -> None:
+        pending = self._pending
+        for token in [t for t, p in pending.items() if p.until <= now or p.session.confirmed]:
+            del pending[token]
+        while len(pending) >= self._max_pending:
+            del pending[next(iter(pending))]
+
+    def accept(
+        self, datagram: bytes, source: tuple[str, int], now: float
+    ) -> tuple[DatagramSession, bytes] | None:
+        """A valid INIT -> ``(session, reply)``: store the session under ``session.connection_id`` and
+        send ``reply``
+        to ``source``. Anything else -> None: send nothing.
+
+        A byte-identical retransmission of an INIT answered less than :data:`RETRANSMIT_PERIOD` ago, from
+        the same
+        source, before the session saw any DATA from the client, returns the *same* session object and
+        reply again
+        (store idempotently; do not make a second session). The reply is never larger than ``datagram``.
+        """
+        n = len(datagram)
+        if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM or datagram[0] != DatagramType.INIT:
+            return None
+        if self._limiter is not None and not self._limiter.allow(source[0], now):
+            return None
+        check_wall_clock(now)
+        datagram = bytes(datagram)
+        initial_cid = datagram[1 : 1 + CID_LEN]
+        hs = Responder(self._psk, prologue=_prologue(DatagramType.INIT, initial_cid))
+        try:
+            init = decode_init_payload(hs.read_message1(datagram[_HEAD.size :]))
+        except AuthenticationFailed:
+            return None
+        self._prune(now)
+        if not self._replay.check_and_remember(init.token, init.timestamp, now):
+            return self._repeat(init.token, datagram, source, now)
+        cid = self._server_id + padding(CID_LEN - len(self._server_id))
+        room = n - MIN_REPLY_DATAGRAM
+        try:
+            message = hs.write_message2(cid + padding(random_between(0, min(REPLY_PADDING_MAX, room))))
+        except AuthenticationFailed:
+            return None
+        reply = _HEAD.pack(DatagramType.REPLY, initial_cid) + message
+        keys = hs.keys
+        assert keys is not None
+        session = DatagramSession(cid, keys)
+        self._pending[init.token] = _Pending(
+            datagram=datagram, session=session, reply=reply, source=source, until=now + RETRANSMIT_PERIOD
+        )
+        return session, reply
+
+    def _repeat(
+        self, token: bytes, datagram: bytes, source: tuple[str, int], now: float
+    ) -> tuple[DatagramSession, bytes] | None:
+        p = self._pending.get(token)
+        if (
+            p is None
+            or p.repeats <= 0
+            or p.source != source
+            or now >= p.until
+            or p.session.confirmed
+            or not hmac.compare_digest(p.datagram, datagram)
+        ):
+            return None
+        p.repeats -= 1
+        return p.session, p.reply

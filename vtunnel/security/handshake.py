@@ -1,0 +1,72 @@
+"""What the handshake messages carry, shared by the stream and the datagram modes.
+
+The first message's payload (encrypted and authenticated under the pre-shared key)::
+
+    timestamp  u64 big endian, milliseconds since the Unix epoch (the sender's wall clock)
+    token      16 random bytes: the anti-replay nonce the server remembers
+    padding    random bytes, random length (ignored)
+
+The reply's payload is mode specific, and ends with random padding too. Padding is always "the rest of the
+payload", so it needs no length field.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+
+from .errors import AuthenticationFailed, SecurityError
+from .noise import DHLEN, TAGLEN
+
+__all__ = [
+    "INIT_PAYLOAD_LEN",
+    "InitPayload",
+    "check_wall_clock",
+    "decode_init_payload",
+    "encode_init_payload",
+    "padding",
+    "random_between",
+]
+
+TOKEN_LEN = 16
+_INIT = struct.Struct(">Q16s")
+INIT_PAYLOAD_LEN = _INIT.size  # 24, before padding
+#: A Noise message's fixed cost: the ephemeral key and the payload's tag.
+NOISE_OVERHEAD = DHLEN + TAGLEN
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InitPayload:
+    timestamp: float  # seconds since the epoch
+    token: bytes
+
+
+def check_wall_clock(now: float) -> None:
+    """Refuse a ``now`` that cannot be wall-clock time (a monotonic clock's reading, typically)."""
+    if not now >= 1_000_000_000.0 or now >= 2.0**63 / 1000.0:
+        raise SecurityError("the handshake needs wall-clock time: pass time.time(), not a monotonic clock")
+
+
+def random_between(low: int, high: int) -> int:
+    """A uniformly random integer in ``[low, high]``."""
+    return low + secrets.randbelow(high - low + 1) if high > low else low
+
+
+def padding(n: int) -> bytes:
+    return os.urandom(n) if n > 0 else b""
+
+
+def encode_init_payload(now: float, token: bytes, pad: int) -> bytes:
+    check_wall_clock(now)
+    if len(token) != TOKEN_LEN:
+        raise SecurityError("the anti-replay token is 16 bytes")
+    return _INIT.pack(int(now * 1000.0), token) + padding(pad)
+
+
+def decode_init_payload(payload: bytes) -> InitPayload:
+    if len(payload) < INIT_PAYLOAD_LEN:
+        raise AuthenticationFailed("first handshake payload too short")
+    millis, token = _INIT.unpack_from(payload)
+    return InitPayload(timestamp=millis / 1000.0, token=token)

@@ -1,0 +1,160 @@
+"""Replay protection and handshake rate limits (sans-IO: every method takes ``now``).
+
+- :class:`ReplayCache` remembers the anti-replay nonce of every accepted first handshake message for as
+long as its
+  timestamp stays inside the acceptance window, so a replayed first message is refused.
+- :class:`HandshakeLimiter` is a token bucket per source address.
+- :class:`ReplayWindow` is the sliding window of received datagram counters (RFC 6479's idea, as
+WireGuard uses it).
+
+All three have bounded memory.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+__all__ = ["HandshakeLimiter", "ReplayCache", "ReplayWindow"]
+
+
+class ReplayCache:
+    """Remembers handshake tokens for ``window`` seconds around their timestamps.
+
+    A first handshake message is accepted only if its timestamp is within ``window`` seconds of ``now``
+    (either side)
+    and its token was not seen before. A token must be remembered until ``timestamp + window``: after
+    that the
+    timestamp check alone refuses the message. When ``max_entries`` live tokens are held, new ones are
+    refused (fail
+    closed: forgetting a live token would let its message be replayed). Only authenticated messages reach
+    the cache,
+    so only key holders can fill it.
+
+    ``timestamp`` and ``now`` are wall-clock seconds (``time.time()``): they are compared across hosts.
+    """
+
+    __slots__ = ("_expiry", "_heap", "max_entries", "window")
+
+    def __init__(self, window: float = 60.0, max_entries: int = 100_000) -> None:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.window = float(window)
+        self.max_entries = int(max_entries)
+        self._expiry: dict[bytes, float] = {}
+        self._heap: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def _prune(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] < now:
+            expiry, token = heapq.heappop(heap)
+            if self._expiry.get(token) == expiry:
+                del self._expiry[token]
+
+    def check_and_remember(self, token: bytes, timestamp: float, now: float) -> bool:
+        """True (and remember ``token``) if the timestamp is fresh and the token new; False otherwise."""
+        self._prune(now)
+        if not (now - self.window <= timestamp <= now + self.window):
+            return False
+        if token in self._expiry:
+            return False
+        if len(self._expiry) >= self.max_entries:
+            return False
+        expiry = timestamp + self.window
+        self._expiry[token] = expiry
+        heapq.heappush(self._heap, (expiry, token))
+        return True
+
+    def seen(self, token: bytes, now: float) -> bool:
+        """Whether ``token`` is remembered (does not remember it)."""
+        self._prune(now)
+        return token in self._expiry
+
+
+class HandshakeLimiter:
+    """A token bucket per key (a source address): ``rate`` handshakes per second, bursts of ``burst``.
+
+    At most ``max_keys`` buckets are kept; when full, buckets that have refilled (equal to a fresh one)
+    are dropped
+    first, then the least recently used.
+    """
+
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+
+    def __init__(self, rate: float, burst: int, *, max_keys: int = 65_536) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate must be positive, burst and max_keys at least 1")
+        self.rate = float(rate)
+        self.burst = int(burst)
+        self.max_keys = int(max_keys)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, last update)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _tokens(self, key: str, now: float) -> float:
+        entry = self._buckets.get(key)
+        if entry is None:
+            return float(self.burst)
+        tokens, last = entry
+        return min(float(self.burst), tokens + max(0.0, now - last) * self.rate)
+
+    def _make_room(self, now: float) -> None:
+        full = [k for k in self._buckets if self._tokens(k, now) >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        while len(self._buckets) >= self.max_keys:
+            self._buckets.popitem(last=False)
+
+    def allow(self, key: str, now: float) -> bool:
+        """Take one token from ``key``'s bucket: True if there was one."""
+        tokens = self._tokens(key, now)
+        if key not in self._buckets and len(self._buckets) >= self.max_keys:
+            self._make_room(now)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        self._buckets.move_to_end(key)
+        return allowed
+
+
+class ReplayWindow:
+    """Which 64-bit counters were already received, within the last ``size`` counters.
+
+    ``check(n)`` is the cheap test made before decrypting; ``update(n)`` records ``n`` and must be called
+    only once
+    the datagram carrying ``n`` has been authenticated (so forged counters cannot move the window).
+    """
+
+    __slots__ = ("_bits", "highest", "size")
+
+    def __init__(self, size: int = 4096) -> None:
+        if size < 64:
+            raise ValueError("the replay window must cover at least 64 counters")
+        self.size = size
+        self.highest = -1  # highest counter received so far; -1: none yet
+        self._bits = 0  # bit i set: counter (highest - i) received
+
+    def check(self, n: int) -> bool:
+        """True if counter ``n`` was not received yet and is not too old to tell."""
+        if n > self.highest:
+            return True
+        offset = self.highest - n
+        if offset >= self.size:
+            return False
+        return not (self._bits >> offset) & 1
+
+    def update(self, n: int) -> None:
+        """Record counter ``n`` as received (after :meth:`check` and authentication)."""
+        if n > self.highest:
+            shift = n - self.highest
+            self._bits = 1 if shift >= self.size else ((self._bits << shift) | 1) & ((1 << self.size) - 1)
+            self.highest = n
+        else:
+            self._bits |= 1 << (self.highest - n)

@@ -1,0 +1,221 @@
+"""The anyio adapter of the security layer for byte-stream transports (tcp://, tls://, plugins).
+
+:func:`secure_client` and :func:`secure_server` run the handshake of :mod:`vtunnel.security.stream` over
+an anyio
+:class:`~anyio.abc.ByteStream` and return a :class:`SecureByteStream`, itself a ``ByteStream`` that seals
+and
+opens records. A server never answers a peer that fails authentication: it reads and discards for a
+random time,
+then closes, so a prober learns nothing from the content or the timing of what it sends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import structlog
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
+from anyio.abc import ByteStream
+
+from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
+from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+from vtunnel.security.stream import SecureStreamClient, SecureStreamServer
+
+__all__ = ["DEFAULT_SILENCE", "SecureByteStream", "secure_client", "secure_server"]
+
+log = structlog.get_logger("vtunnel.security")
+
+#: How long (seconds, chosen uniformly) a server keeps reading from a peer that failed the handshake.
+DEFAULT_SILENCE = (5.0, 30.0)
+_CLOSE_GRACE = 0.5
+_Core = SecureStreamClient | SecureStreamServer
+
+
+class SecureByteStream(ByteStream):
+    """A byte stream whose bytes travel as authenticated, encrypted records over ``transport``.
+
+    ``receive`` raises :class:`~anyio.EndOfStream` only after the peer's authenticated end of stream;
+    a transport that ends without it (a cut connection) or a record that fails authentication raises
+    :class:`~anyio.BrokenResourceError`. ``send_eof`` sends the authenticated end of stream, then
+    half-closes the
+    transport when it can. ``aclose`` sends it too (if nothing is being sent) and closes the transport.
+    The transport's typed attributes (addresses, sockets) are passed through.
+    """
+
+    def __init__(self, transport: ByteStream, core: _Core, *, received: bytes = b"") -> None:
+        self._transport = transport
+        self._core = core
+        self._buffer = bytearray(received)
+        self._send_lock = anyio.Lock()
+        self._closed = False
+        self._broken = False
+
+    @property
+    def transport(self) -> ByteStream:
+        return self._transport
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while not self._buffer:
+            if self._closed:
+                raise ClosedResourceError
+            if self._core.eof_received:
+                raise EndOfStream
+            if self._broken:
+                raise BrokenResourceError
+            try:
+                data = await self._transport.receive()
+            except EndOfStream:
+                self._broken = True
+                raise BrokenResourceError("connection ended without an authenticated end of stream") from None
+            try:
+                self._buffer += self._core.receive_data(data, time.time())
+            except AuthenticationFailed as exc:
+                self._broken = True
+                log.warning("record refused, closing", reason=str(exc))
+                await self._transport.aclose()
+                raise BrokenResourceError("a record failed authentication") from None
+        out = bytes(self._buffer[:max_bytes])
+        del self._buffer[:max_bytes]
+        return out
+
+    async def send(self, item: bytes) -> None:
+        if self._closed:
+            raise ClosedResourceError
+        if self._broken:
+            raise BrokenResourceError
+        async with self._send_lock:
+            try:
+                self._core.send(item)
+            except SecurityError:
+                raise ClosedResourceError from None
+            data = self._core.data_to_send()
+            if data:
+                await self._transport.send(data)
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise ClosedResourceError
+        async with self._send_lock:
+            if self._core.eof_sent:
+                return
+            self._core.send_eof()
+            await self._transport.send(self._core.data_to_send())
+            # no half-close (TLS): the authenticated end of stream is enough
+            with contextlib.suppress(NotImplementedError):
+                await self._transport.send_eof()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._broken and not self._core.eof_sent and not self._send_lock.locked():
+                with anyio.move_on_after(_CLOSE_GRACE, shield=True):
+                    self._core.send_eof()
+                    await self._transport.send(self._core.data_to_send())
+        except (OSError, BrokenResourceError, ClosedResourceError, SecurityError):
+            pass
+        finally:
+            await self._transport.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._transport.extra_attributes
+
+
+async def secure_client(stream: ByteStream, psk: bytes, *, handshake_timeout: float = 10.0) -> ByteStream:
+    """Run the client handshake over ``stream`` and return the protected stream.
+
+    Raises :class:`HandshakeTimeout` if no valid reply arrives within ``handshake_timeout`` seconds (a wrong
+    key looks exactly like this: the server says nothing), :class:`AuthenticationFailed` if the server closes
+    the connection or answers with something that does not authenticate. ``stream`` is closed on any failure.
+    """
+    try:
+        core = SecureStreamClient(psk, now=time.time())
+        received = bytearray()
+        with anyio.fail_after(handshake_timeout):
+            await stream.send(core.data_to_send())
+            while not core.handshake_complete:
+                try:
+                    data = await stream.receive()
+                except EndOfStream:
+                    raise AuthenticationFailed("the server closed during the handshake") from None
+                received += core.receive_data(data, time.time())
+    except TimeoutError:
+        await anyio.aclose_forcefully(stream)
+        msg = f"no valid handshake reply within {handshake_timeout:g} s (wrong key?)"
+        raise HandshakeTimeout(msg) from None
+    except BaseException:
+        await anyio.aclose_forcefully(stream)
+        raise
+    log.debug("secure channel up", role="client")
+    return SecureByteStream(stream, core, received=bytes(received))
+
+
+async def _discard_until(stream: ByteStream, deadline: float) -> None:
+    """Read and drop everything until ``deadline`` (monotonic) or the peer's end, then close."""
+    try:
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            while True:
+                await stream.receive()
+    except (EndOfStream, BrokenResourceError, ClosedResourceError, OSError):
+        pass
+    finally:
+        await anyio.aclose_forcefully(stream)
+
+
+async def secure_server(
+    stream: ByteStream,
+    psk: bytes,
+    *,
+    replay: ReplayCache,
+    limiter: HandshakeLimiter | None = None,
+    source: str = "",
+    silence: tuple[float, float] = DEFAULT_SILENCE,
+) -> ByteStream | None:
+    """Run the server handshake over an accepted ``stream``; the protected stream, or None.
+
+    At the start a time ``T`` is drawn uniformly from ``silence``. A peer must complete the handshake
+    within ``T``
+    seconds. A peer that fails (wrong key, garbage, an HTTP request, a replay, a stale timestamp, too
+    many handshakes
+    from ``source`` according to ``limiter``, or just silence) gets not one byte: the server keeps
+    reading and
+    discarding until ``T`` seconds after the start (or the peer's own close), closes ``stream`` and
+    returns None.
+    """
+    start = time.monotonic()
+    deadline = start + random.uniform(*silence)
+    if limiter is not None and not limiter.allow(source, start):
+        log.info("handshake refused", source=source, reason="too many handshakes from this source")
+        await _discard_until(stream, deadline)
+        return None
+    core = SecureStreamServer(psk, replay=replay)
+    received = bytearray()
+    try:
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            while not core.handshake_complete:
+                received += core.receive_data(await stream.receive(), time.time())
+    except AuthenticationFailed as exc:
+        log.info("handshake refused", source=source, reason=str(exc))
+        await _discard_until(stream, deadline)
+        return None
+    except (EndOfStream, BrokenResourceError, ClosedResourceError, OSError):
+        await anyio.aclose_forcefully(stream)
+        return None
+    if not core.handshake_complete:
+        log.info("handshake refused", source=source, reason="no complete handshake in time")
+        await anyio.aclose_forcefully(stream)
+        return None
+    try:
+        await stream.send(core.data_to_send())
+    except (BrokenResourceError, ClosedResourceError, OSError):
+        await anyio.aclose_forcefully(stream)
+        return None
+    log.debug("secure channel up", role="server", source=source)
+    return SecureByteStream(stream, core, received=bytes(received))
