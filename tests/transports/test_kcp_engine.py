@@ -1,0 +1,174 @@
+"""The sans-IO KCP adapter, driven with a virtual clock and an in-memory lossy network."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.transports.kcp_options import KCPOptions, parse_options
+from vtunnel.transports.kcp_wire import valid_datagram
+
+OPTS = parse_options({"sndwnd": "128", "rcvwnd": "128"})
+
+
+def pair(options: KCPOptions = OPTS, conv: int = 77) -> tuple[KCPEngine, KCPEngine]:
+    return (
+        KCPEngine(conv=conv, options=options, mtu=options.mtu, now=0.0),
+        KCPEngine(conv=conv, options=options, mtu=options.mtu, now=0.0),
+    )
+
+
+def run_transfer(
+    payload: bytes, *, loss: float, duplicate: float, reorder: float, seed: int, max_steps: int = 20_000
+) -> bytes:
+    """Send ``payload`` from a to b through a lossy network in virtual time; return what b received."""
+    a, b = pair()
+    rng = random.Random(seed)
+    received = bytearray()
+    now = 0.0
+    a.send(payload)
+    a.flush(now)
+    wires: list[list[bytes]] = [[], []]  # to b, to a
+
+    def carry(datagrams: list[bytes], wire: list[bytes]) -> None:
+        for d in datagrams:
+            if rng.random() < loss:
+                continue
+            copies = 2 if rng.random() < duplicate else 1
+            for _ in range(copies):
+                if wire and rng.random() < reorder:
+                    wire.insert(rng.randrange(len(wire)), d)
+                else:
+                    wire.append(d)
+
+    for _ in range(max_steps):
+        carry(a.datagrams_to_send(), wires[0])
+        carry(b.datagrams_to_send(), wires[1])
+        if wires[0]:
+            batch, wires[0] = wires[0], []
+            for d in batch:
+                assert valid_datagram(d, 77)
+                b.receive_datagram(d, now)
+            b.flush(now)
+        if wires[1]:
+            batch, wires[1] = wires[1], []
+            for d in batch:
+                a.receive_datagram(d, now)
+            a.flush(now)
+        while chunk := b.receive(4096):
+            received += chunk
+        if len(received) >= len(payload) and a.waiting() == 0:
+            break
+        deadlines = [t for t in (a.next_deadline(now), b.next_deadline(now)) if t is not None]
+        now = max(now + 0.001, min(deadlines)) if deadlines else now + 0.01
+        a.handle_timer(now)
+        b.handle_timer(now)
+    a.close()
+    b.close()
+    return bytes(received)
+
+
+def test_clean_transfer_is_byte_exact() -> None:
+    payload = random.Random(1).randbytes(300_000)
+    assert run_transfer(payload, loss=0, duplicate=0, reorder=0, seed=1) == payload
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    size=st.integers(1, 60_000),
+    loss=st.floats(0, 0.3),
+    duplicate=st.floats(0, 0.3),
+    reorder=st.floats(0, 0.5),
+    seed=st.integers(0, 2**32),
+)
+def test_impaired_transfer_is_byte_exact(
+    size: int, loss: float, duplicate: float, reorder: float, seed: int
+) -> None:
+    payload = random.Random(seed).randbytes(size)
+    assert run_transfer(payload, loss=loss, duplicate=duplicate, reorder=reorder, seed=seed) == payload
+
+
+def test_quiet_session_has_no_deadline_and_busy_one_has() -> None:
+    a, b = pair()
+    assert a.next_deadline(0.0) is None
+    a.send(b"x" * 5000)
+    deadline = a.next_deadline(0.0)
+    assert deadline is not None
+    assert 0.0 <= deadline <= 0.0 + OPTS.interval / 1000.0 + 1e-9
+    a.flush(0.0)
+    for d in a.datagrams_to_send():
+        b.receive_datagram(d, 0.001)
+    b.flush(0.001)
+    for d in b.datagrams_to_send():
+        a.receive_datagram(d, 0.002)
+    assert a.waiting() == 0
+    assert a.next_deadline(0.002) is None
+    assert b.receive(10_000) == b"x" * 5000
+    a.close()
+    b.close()
+
+
+def test_receive_respects_max_bytes() -> None:
+    a, b = pair()
+    a.send(b"abcdefghij" * 1000)
+    a.flush(0.0)
+    for d in a.datagrams_to_send():
+        b.receive_datagram(d, 0.0)
+    got = bytearray()
+    while chunk := b.receive(7):
+        assert len(chunk) <= 7
+        got += chunk
+    assert bytes(got) == b"abcdefghij" * 1000
+    a.close()
+    b.close()
+
+
+def test_unanswered_data_makes_the_link_dead() -> None:
+    a, _b = pair()
+    a.send(b"hello")
+    now = 0.0
+    for _ in range(100_000):  # ikcp backs off to minutes of virtual time before it gives up
+        a.flush(now)
+        a.datagrams_to_send()  # into the void
+        if a.dead:
+            break
+        deadline = a.next_deadline(now)
+        assert deadline is not None
+        now = max(deadline, now + 0.001)
+        a.handle_timer(now)
+    assert a.dead
+
+
+def test_garbage_input_is_refused_and_harmless() -> None:
+    a, b = pair()
+    assert not b.receive_datagram(b"\x00" * 3, 0.0)
+    assert not b.receive_datagram(b"\xff" * 40, 0.0)
+    a.send(b"ok")
+    a.flush(0.0)
+    for d in a.datagrams_to_send():
+        assert b.receive_datagram(d, 0.0)
+    assert b.receive(100) == b"ok"
+    a.close()
+    b.close()
+
+
+def test_close_is_final() -> None:
+    a, _b = pair()
+    a.close()
+    a.close()
+    assert a.closed
+    assert not a.dead
+    assert a.next_deadline(0.0) is None
+    assert a.receive(10) == b""
+    assert not a.receive_datagram(b"x" * 30, 0.0)
+    with pytest.raises(KCPEngineError):
+        a.send(b"late")
+
+
+def test_bad_mtu_is_an_engine_error() -> None:
+    with pytest.raises(KCPEngineError):
+        KCPEngine(conv=1, options=OPTS, mtu=10, now=0.0)

@@ -1,0 +1,89 @@
+"""Vetting of KCP datagrams before ikcp sees them."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vtunnel.transports.kcp_wire import (
+    HEADER_LEN,
+    Command,
+    first_header,
+    is_new_session,
+    valid_datagram,
+)
+
+
+def segment(
+    conv: int,
+    cmd: int = Command.PUSH,
+    sn: int = 0,
+    una: int = 0,
+    data: bytes = b"",
+    length: int | None = None,
+) -> bytes:
+    n = len(data) if length is None else length
+    return struct.pack("<IBBHIIII", conv, cmd, 0, 128, 0, sn, una, n) + data
+
+
+def test_single_and_packed_segments_are_valid() -> None:
+    assert valid_datagram(segment(7, data=b"hello"), 7)
+    packed = segment(7, Command.ACK, sn=3) + segment(7, data=b"abc", sn=4) + segment(7, Command.WINS)
+    assert valid_datagram(packed, 7)
+    header = first_header(packed)
+    assert header is not None
+    assert (header.conv, header.cmd, header.sn) == (7, Command.ACK, 3)
+
+
+def test_invalid_datagrams() -> None:
+    good = segment(7, data=b"hello")
+    assert not valid_datagram(good, 8)  # another session
+    assert not valid_datagram(good[:-1], 7)  # data shorter than its length field
+    assert not valid_datagram(good + b"x", 7)  # trailing bytes that are not a segment
+    assert not valid_datagram(good[: HEADER_LEN - 1], 7)
+    assert not valid_datagram(b"", 7)
+    assert not valid_datagram(segment(7, cmd=80), 7)
+    assert not valid_datagram(segment(7, cmd=85), 7)
+    assert not valid_datagram(segment(7, Command.ACK, data=b"xx"), 7)  # only PUSH carries data
+    assert not valid_datagram(segment(7, data=b"x" * 10), 7, max_data=5)
+    assert not valid_datagram(segment(7, length=0xFFFFFFFF), 7)
+    assert first_header(b"short") is None
+
+
+def test_new_session_needs_push_sn_zero() -> None:
+    assert is_new_session(segment(9, data=b"x"))
+    assert is_new_session(segment(0, data=b"x"))  # vproxy's conv 0
+    assert not is_new_session(segment(9, data=b"x", sn=5))
+    assert not is_new_session(segment(9, data=b"x", una=2))
+    assert not is_new_session(segment(9, Command.ACK))
+    assert not is_new_session(segment(9, Command.WASK))
+    assert not is_new_session(b"\x00" * 10)
+    assert not is_new_session(segment(9, data=b"x") + b"junk")
+
+
+@given(st.binary(max_size=200), st.integers(0, 0xFFFFFFFF))
+def test_any_bytes_are_judged_without_error(data: bytes, conv: int) -> None:
+    assert valid_datagram(data, conv) in (True, False)
+    assert is_new_session(data) in (True, False)
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(Command)), st.binary(max_size=64)), min_size=1, max_size=6))
+def test_well_formed_datagrams_are_valid_and_any_truncation_is_not(
+    parts: list[tuple[Command, bytes]],
+) -> None:
+    datagram = b"".join(segment(42, cmd, data=data if cmd == Command.PUSH else b"") for cmd, data in parts)
+    assert valid_datagram(datagram, 42)
+    for cut in range(1, len(datagram)):
+        prefix = datagram[:cut]
+        # a prefix is valid only when it ends exactly on a segment boundary
+        assert valid_datagram(prefix, 42) == _ends_on_boundary(datagram, cut)
+
+
+def _ends_on_boundary(datagram: bytes, cut: int) -> bool:
+    offset = 0
+    while offset < cut:
+        (length,) = struct.unpack_from("<I", datagram, offset + 20)
+        offset += HEADER_LEN + length
+    return offset == cut
