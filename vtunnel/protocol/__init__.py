@@ -1,1 +1,32 @@
-"""vtunnel.protocol"""
+"""vtunnel.protocol: the sans-IO tunnel core (vproxy's streamed-ARQ protocol plus negotiated extensions)."""
+
+from vtunnel.protocol import events
+from vtunnel.protocol.errors import (
+    ErrorCode,
+    FlowControlError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamClosedError,
+    VTunnelError,
+)
+from vtunnel.protocol.machine import TunnelState
+from vtunnel.protocol.settings import Extensions, StreamMetadata, TunnelConfig
+from vtunnel.protocol.stream import StreamState
+from vtunnel.protocol.tunnel import Role, Tunnel
+
+__all__ = [
+    "ErrorCode",
+    "Extensions",
+    "FlowControlError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "Role",
+    "StreamClosedError",
+    "StreamMetadata",
+    "StreamState",
+    "Tunnel",
+    "TunnelConfig",
+    "TunnelState",
+    "VTunnelError",
+    "events",
+]

@@ -1,0 +1,201 @@
+"""Configuration, stream metadata and the SETTINGS negotiation of vtunnel's extensions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+from vtunnel.protocol.frames import MAX_FRAME_PAYLOAD, MAX_WINDOW
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "STREAM_KINDS",
+    "VTUNNEL_MAGIC",
+    "ExtensionBits",
+    "Extensions",
+    "PeerSettings",
+    "SettingId",
+    "StreamMetadata",
+    "TunnelConfig",
+    "local_settings",
+    "negotiate",
+    "parse_peer_settings",
+]
+
+STREAM_KINDS = frozenset({"tcp", "udp", "lite-tls"})
+VTUNNEL_MAGIC = 0x76_74_75_6E  # "vtun"
+PROTOCOL_VERSION = 1
+MIN_FRAME_SIZE = 1024
+
+
+class SettingId(IntEnum):
+    """Private SETTINGS ids (HTTP/2's experimental range); unknown ids are ignored."""
+
+    MAGIC = 0xF000
+    VERSION = 0xF001
+    EXTENSIONS = 0xF002
+    INITIAL_STREAM_WINDOW = 0xF003
+    INITIAL_TUNNEL_WINDOW = 0xF004
+    MAX_FRAME_SIZE = 0xF005
+
+
+class ExtensionBits(IntFlag):
+    FLOW_CONTROL = 0x1
+    METADATA = 0x2
+    GZIP = 0x4
+    GRACEFUL_SHUTDOWN = 0x8
+
+
+class ConfigError(ValueError):
+    """A TunnelConfig or StreamMetadata value is out of range."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamMetadata:
+    """What a SYN carries with the metadata extension: target ``host:port``, stream kind, extra headers."""
+
+    authority: str | None = None
+    kind: str = "tcp"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in STREAM_KINDS:
+            raise ConfigError(f"stream kind must be one of {sorted(STREAM_KINDS)}, not {self.kind!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TunnelConfig:
+    """Every knob of the tunnel core. ``extensions=False`` behaves exactly like vproxy."""
+
+    extensions: bool = True
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 5.0
+    keepalive_max_missed: int = 2
+    handshake_timeout: float = 5.0
+    initial_stream_window: int = 256 * 1024
+    initial_tunnel_window: int = 16 * 1024 * 1024
+    max_frame_size: int = 16384
+    gzip: bool = False
+    drain_timeout: float = 10.0
+    max_concurrent_streams: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("keepalive_interval", "keepalive_timeout", "handshake_timeout", "drain_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or math.isnan(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not isinstance(self.keepalive_max_missed, int) or self.keepalive_max_missed < 1:
+            raise ConfigError(f"keepalive_max_missed must be an int >= 1, not {self.keepalive_max_missed!r}")
+        for name in ("initial_stream_window", "initial_tunnel_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1024 <= value <= MAX_WINDOW:
+                raise ConfigError(f"{name} must be an int in [1024, {MAX_WINDOW}], not {value!r}")
+        if not isinstance(self.max_frame_size, int) or not (
+            MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_PAYLOAD
+        ):
+            raise ConfigError(
+                f"max_frame_size must be an int in [{MIN_FRAME_SIZE}, {MAX_FRAME_PAYLOAD}], "
+                f"not {self.max_frame_size!r}"
+            )
+        if not isinstance(self.max_concurrent_streams, int) or self.max_concurrent_streams < 1:
+            value = self.max_concurrent_streams
+            raise ConfigError(f"max_concurrent_streams must be an int >= 1, not {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Extensions:
+    """The extensions both sides agreed on (all off: plain vproxy)."""
+
+    flow_control: bool = False
+    metadata: bool = False
+    gzip: bool = False
+    graceful_shutdown: bool = False
+
+    @property
+    def names(self) -> frozenset[str]:
+        pairs = (
+            ("flow-control", self.flow_control),
+            ("metadata", self.metadata),
+            ("gzip", self.gzip),
+            ("graceful-shutdown", self.graceful_shutdown),
+        )
+        return frozenset(name for name, on in pairs if on)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    @classmethod
+    def from_bits(cls, bits: int) -> Extensions:
+        return cls(
+            flow_control=bool(bits & ExtensionBits.FLOW_CONTROL),
+            metadata=bool(bits & ExtensionBits.METADATA),
+            gzip=bool(bits & ExtensionBits.GZIP),
+            graceful_shutdown=bool(bits & ExtensionBits.GRACEFUL_SHUTDOWN),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerSettings:
+    """What a vtunnel peer announced in its SETTINGS."""
+
+    version: int
+    extensions: int
+    initial_stream_window: int
+    initial_tunnel_window: int
+    max_frame_size: int
+
+
+def offered_bits(config: TunnelConfig) -> int:
+    if not config.extensions:
+        return 0
+    bits = ExtensionBits.FLOW_CONTROL | ExtensionBits.METADATA | ExtensionBits.GRACEFUL_SHUTDOWN
+    if config.gzip:
+        bits |= ExtensionBits.GZIP
+    return int(bits)
+
+
+def local_settings(config: TunnelConfig) -> list[tuple[int, int]]:
+    """The SETTINGS entries a vtunnel endpoint sends (empty list: the vproxy handshake)."""
+    if not config.extensions:
+        return []
+    return [
+        (SettingId.MAGIC, VTUNNEL_MAGIC),
+        (SettingId.VERSION, PROTOCOL_VERSION),
+        (SettingId.EXTENSIONS, offered_bits(config)),
+        (SettingId.INITIAL_STREAM_WINDOW, config.initial_stream_window),
+        (SettingId.INITIAL_TUNNEL_WINDOW, config.initial_tunnel_window),
+        (SettingId.MAX_FRAME_SIZE, config.max_frame_size),
+    ]
+
+
+def parse_peer_settings(entries: list[tuple[int, int]]) -> PeerSettings:
+    """Validate a vtunnel SETTINGS payload; raises ValueError naming the bad entry."""
+    values = dict(entries)
+    if values.get(SettingId.MAGIC) != VTUNNEL_MAGIC:
+        raise ValueError("SETTINGS parameters without the vtunnel magic")
+    version = values.get(SettingId.VERSION, 0)
+    if version < 1:
+        raise ValueError(f"unsupported vtunnel version {version}")
+    stream_window = values.get(SettingId.INITIAL_STREAM_WINDOW, 256 * 1024)
+    tunnel_window = values.get(SettingId.INITIAL_TUNNEL_WINDOW, 16 * 1024 * 1024)
+    frame_size = values.get(SettingId.MAX_FRAME_SIZE, 16384)
+    for name, value in (("stream window", stream_window), ("tunnel window", tunnel_window)):
+        if not 1024 <= value <= MAX_WINDOW:
+            raise ValueError(f"initial {name} {value} out of range")
+    if not MIN_FRAME_SIZE <= frame_size <= MAX_FRAME_PAYLOAD:
+        raise ValueError(f"max frame size {frame_size} out of range")
+    return PeerSettings(
+        version=version,
+        extensions=values.get(SettingId.EXTENSIONS, 0),
+        initial_stream_window=stream_window,
+        initial_tunnel_window=tunnel_window,
+        max_frame_size=frame_size,
+    )
+
+
+def negotiate(config: TunnelConfig, peer: PeerSettings | None) -> Extensions:
+    """Extensions are the intersection of what both sides offer."""
+    if peer is None:
+        return Extensions()
+    return Extensions.from_bits(offered_bits(config) & peer.extensions)

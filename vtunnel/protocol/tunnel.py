@@ -1,0 +1,828 @@
+"""The sans-IO tunnel: vproxy's streamed-ARQ protocol plus vtunnel's negotiated extensions.
+
+Bytes in (``receive_data``), bytes out (``data_to_send``), events out, deadlines out; time only as ``now``.
+The tunnel's rules live in ``machine.TUNNEL_TRANSITIONS``, the streams' in ``stream.STREAM_TRANSITIONS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from enum import Enum
+from typing import NoReturn
+
+import hpack
+
+from vtunnel.protocol import frames as fr
+from vtunnel.protocol.errors import (
+    ErrorCode,
+    FlowControlError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamClosedError,
+)
+from vtunnel.protocol.events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HandshakeCompleted,
+    PingAcknowledged,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    TunnelClosed,
+    WindowUpdated,
+)
+from vtunnel.protocol.machine import TUNNEL_TRANSITIONS, TunnelEffect, TunnelInput, TunnelState
+from vtunnel.protocol.settings import (
+    Extensions,
+    PeerSettings,
+    StreamMetadata,
+    TunnelConfig,
+    local_settings,
+    negotiate,
+    parse_peer_settings,
+)
+from vtunnel.protocol.stream import (
+    LIVE_STATES,
+    STREAM_TRANSITIONS,
+    Stream,
+    StreamEffect,
+    StreamInput,
+    StreamState,
+    StreamTransitionError,
+)
+
+__all__ = ["Role", "Tunnel"]
+
+EMPTY_SETTINGS = fr.encode_settings(())
+AUTHORITY = ":authority"
+KIND_HEADER = "vt-kind"
+ERROR_HEADER = "vt-error"
+GZIP_THRESHOLD = 1024
+VPROXY_INFLATE_LIMIT = 1 << 20
+MAX_STREAM_ID = (1 << 31) - 1
+_SENDING_STATES = frozenset({StreamState.SYN_SENT, StreamState.ESTABLISHED, StreamState.FIN_RECV})
+_PEER_SENDING_STATES = frozenset({StreamState.SYN_SENT, StreamState.ESTABLISHED, StreamState.FIN_SENT})
+_KNOWN_TYPES = frozenset(int(t) for t in fr.FrameType)
+DEFAULT_CONFIG = TunnelConfig()
+
+
+class Role(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class _Closed(Exception):
+    """Internal: the tunnel just closed; stop processing input."""
+
+
+class Tunnel:
+    """One tunnel endpoint (wire format: docs/protocol.md; contract: docs/architecture.md)."""
+
+    def __init__(self, *, role: Role, config: TunnelConfig = DEFAULT_CONFIG) -> None:
+        self.role = role
+        self.config = config
+        self._state = TunnelState.INIT
+        self._streams: dict[int, Stream] = {}
+        self._live = 0
+        self._decoder = fr.FrameDecoder()
+        self._out: list[bytes | memoryview] = []
+        self._events: list[Event] = []
+        self._ext = Extensions()
+        self._peer: PeerSettings | None = None
+        self._send_frame_size = config.max_frame_size
+        self._inflate_limit = max(config.max_frame_size, VPROXY_INFLATE_LIMIT)
+        self._peer_stream_window = fr.MAX_WINDOW
+        self._tunnel_send_window = fr.MAX_WINDOW
+        self._tunnel_recv_remaining = config.initial_tunnel_window
+        self._tunnel_recv_unannounced = 0
+        self._next_stream_id = 1
+        self._highest_peer_stream = 0
+        self._now = 0.0
+        self._started = False
+        self._handshake_deadline: float | None = None
+        self._last_recv = 0.0
+        self._ping_counter = 0
+        self._ping_sent_at: float | None = None
+        self._missed = 0
+        self._drain_deadline: float | None = None
+        self._drain_reason = ""
+        self._drain_by_peer = False
+        self._hpack_encoder: hpack.Encoder | None = None
+        self._hpack_decoder: hpack.Decoder | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def state(self) -> TunnelState:
+        return self._state
+
+    @property
+    def extensions(self) -> Extensions:
+        return self._ext
+
+    @property
+    def open_stream_count(self) -> int:
+        """Streams not yet dead (syn_sent, established, fin_sent, fin_recv)."""
+        return self._live
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """A stream's state; ``REAL_CLOSED`` once closed and freed, ``NONE`` for an id never seen."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream.state
+        if self._is_past_id(stream_id):
+            return StreamState.REAL_CLOSED
+        return StreamState.NONE
+
+    # ------------------------------------------------------------------ I/O surface
+
+    def initiate(self, now: float) -> None:
+        """Client: queue the SETTINGS handshake. Server: start the handshake timer."""
+        self._start(now)
+        if self.role is Role.SERVER:
+            return
+        self._tunnel_input(TunnelInput.INITIATE)
+        self._out.append(fr.encode_settings(local_settings(self.config)))
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
+        """Bytes from the transport. Peer faults never raise: see ``errors`` for the rule."""
+        self._start(now)
+        if self.role is Role.CLIENT and self._state is TunnelState.INIT:
+            raise LocalProtocolError("call initiate() before receive_data() on a client tunnel")
+        if self._state is TunnelState.CLOSED or not data:
+            return self._take_events()
+        self._last_recv = now
+        frames, error = self._decoder.feed(data)
+        try:
+            for frame in frames:
+                self._on_frame(frame)
+            if error is not None:
+                code = ErrorCode.FRAME_SIZE_ERROR if error.frame_size else ErrorCode.PROTOCOL_ERROR
+                self._fail(error.reason, code)
+            self._check_drain()
+        except _Closed:
+            pass
+        return self._take_events()
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the transport (drains the queue; ``b""`` when empty)."""
+        if not self._out:
+            return b""
+        out = self._out
+        self._out = []
+        if len(out) == 1:
+            return bytes(out[0])
+        return b"".join(out)
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must be called next (``None``: no timer needed)."""
+        if self._events:
+            return self._now
+        state = self._state
+        if state is TunnelState.CLOSED:
+            return None
+        if state is TunnelState.INIT or state is TunnelState.HANDSHAKE_SENT:
+            return self._handshake_deadline
+        cfg = self.config
+        if self._ping_sent_at is not None:
+            deadline = self._ping_sent_at + cfg.keepalive_timeout
+        else:
+            deadline = self._last_recv + cfg.keepalive_interval
+        if self._drain_deadline is not None:
+            deadline = min(deadline, self._drain_deadline)
+        return deadline if math.isfinite(deadline) else None
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run the handshake timeout, keepalive and drain timeout for time ``now``."""
+        self._start(now)
+        with contextlib.suppress(_Closed):
+            self._run_timers(now)
+        return self._take_events()
+
+    # ------------------------------------------------------------------ streams (local API)
+
+    def open_stream(self, *, metadata: StreamMetadata | None = None) -> int:
+        """Client: open a stream (queues the SYN; with the metadata extension, data may follow at once)."""
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError("only the client opens streams")
+        self._tunnel_input(TunnelInput.OPEN_STREAM)
+        if self._live >= self.config.max_concurrent_streams:
+            raise LocalProtocolError(f"already {self._live} open streams (max_concurrent_streams)")
+        sid = self._next_stream_id
+        if sid > MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids exhausted: open a new tunnel")
+        self._next_stream_id = sid + 2
+        stream = self._new_stream(sid)
+        stream.metadata = metadata
+        self._apply(stream, StreamInput.SEND_SYN)
+        block = b""
+        if metadata is not None and self._ext.metadata:
+            block = self._encode_block(_metadata_headers(metadata))
+        self._out.append(fr.encode_frame(fr.FrameType.HEADERS, 0, sid, block))
+        return sid
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Server: answer the peer's SYN with a SYN-ACK (idempotent)."""
+        if self.role is not Role.SERVER:
+            raise LocalProtocolError("only the server accepts streams")
+        stream = self._stream_for_local(stream_id)
+        if stream.accepted:
+            return
+        self._local(stream, StreamInput.SEND_SYN_ACK)
+        stream.accepted = True
+        self._out.append(fr.encode_frame(fr.FrameType.HEADERS, 0, stream_id))
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes ``send_data`` accepts now on this stream (0 when it can no longer send)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in _SENDING_STATES:
+            return 0
+        if self._ext.flow_control:
+            return max(0, min(stream.send_window, self._tunnel_send_window))
+        if self._holds(stream):
+            return max(0, self.config.initial_stream_window - stream.pending_len)
+        return fr.MAX_WINDOW
+
+    def send_data(
+        self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False
+    ) -> None:
+        """PSH (and FIN with ``end_stream``). Raises FlowControlError past ``send_window(stream_id)``."""
+        stream = self._stream_for_local(stream_id)
+        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if size:
+            self._check_local(stream, StreamInput.SEND_DATA)
+            window = self.send_window(stream_id)
+            if size > window:
+                raise FlowControlError(f"{size} bytes exceed stream {stream_id}'s send window ({window})")
+            self._auto_accept(stream)
+            self._apply(stream, StreamInput.SEND_DATA)
+            if self._ext.flow_control:
+                stream.send_window -= size
+                self._tunnel_send_window -= size
+            self._queue_data(stream, data if isinstance(data, bytes) else bytes(data), size)
+        if end_stream:
+            self.end_stream(stream_id)
+
+    def end_stream(self, stream_id: int) -> None:
+        """FIN: we send nothing more on this stream; the peer may go on sending."""
+        stream = self._stream_for_local(stream_id)
+        self._check_local(stream, StreamInput.SEND_FIN)
+        self._auto_accept(stream)
+        self._apply(stream, StreamInput.SEND_FIN)
+        frame = fr.frame_header(fr.FrameType.DATA, fr.END_STREAM, stream_id, 0)
+        if self._holds(stream):
+            stream.pending.append(frame)
+        else:
+            self._out.append(frame)
+        self._check_drain_later()
+
+    def reset_stream(self, stream_id: int, *, error: str | None = None) -> None:
+        """RST: abort the stream both ways. ``error`` travels only with the metadata extension."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        effect = self._local(stream, StreamInput.SEND_RST)
+        if effect is StreamEffect.PERFORM:
+            stream.pending.clear()
+            stream.pending_len = 0
+            self._out.append(self._rst_frame(stream_id, error))
+            self._check_drain_later()
+
+    def close_stream(self, stream_id: int) -> None:
+        """The user is done with the stream: free it. A stream still live is aborted with an RST first."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        effect = self._local(stream, StreamInput.USER_CLOSE)
+        if effect is StreamEffect.RESET:
+            self._out.append(self._rst_frame(stream_id, None))
+        del self._streams[stream_id]
+        if stream.recv_unacked and self._ext.flow_control:
+            self._credit_tunnel(stream.recv_unacked)
+        stream.recv_unacked = 0
+        self._check_drain_later()
+
+    def acknowledge_received_data(self, stream_id: int, n: int) -> None:
+        """The application consumed ``n`` delivered bytes: return credit (WINDOW_UPDATE at half a window)."""
+        if n < 0:
+            raise LocalProtocolError("cannot acknowledge a negative amount")
+        stream = self._streams.get(stream_id)
+        if stream is None or n == 0:
+            return
+        if n > stream.recv_unacked:
+            raise LocalProtocolError(
+                f"acknowledging {n} bytes but only {stream.recv_unacked} are unacknowledged on {stream_id}"
+            )
+        stream.recv_unacked -= n
+        if not self._ext.flow_control or self._state is TunnelState.CLOSED:
+            return
+        if stream.state in _PEER_SENDING_STATES:
+            stream.recv_unannounced += n
+            if stream.recv_unannounced >= self.config.initial_stream_window // 2:
+                increment = stream.recv_unannounced
+                stream.recv_unannounced = 0
+                stream.recv_remaining += increment
+                self._out.append(fr.encode_window_update(stream_id, increment))
+        self._credit_tunnel(n)
+
+    def shutdown(self, reason: str, *, graceful: bool = True) -> None:
+        """GOAWAY. Graceful: no new streams, open ones finish (at most ``drain_timeout``), then close."""
+        event = TunnelInput.SEND_GOAWAY_GRACEFUL if graceful else TunnelInput.SEND_GOAWAY
+        effect = self._tunnel_input(event)
+        if effect is TunnelEffect.CLOSE:
+            try:
+                self._close(reason, by_peer=False, send_goaway=True)
+            except _Closed:
+                return
+        elif effect is TunnelEffect.START_DRAIN:
+            self._drain_reason = reason
+            self._drain_by_peer = False
+            self._drain_deadline = self._now + self.config.drain_timeout
+            if self._ext.graceful_shutdown:
+                last = self._highest_peer_stream
+                self._out.append(fr.encode_goaway(reason, last_stream_id=last, code=ErrorCode.NO_ERROR))
+            self._check_drain_later()
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_frame(self, frame: fr.RawFrame) -> None:
+        ftype, flags, sid, payload = frame
+        if ftype not in _KNOWN_TYPES or (ftype == fr.FrameType.WINDOW_UPDATE and not self._ext.flow_control):
+            self._tunnel_input(TunnelInput.RECV_FRAME)
+            self._fail(f"unknown frame type 0x{ftype:02x}")
+        if sid & 0x80000000:
+            self._tunnel_input(TunnelInput.RECV_FRAME)
+            self._fail(f"stream id 0x{sid:08x} has the top bit set")
+        if ftype == fr.FrameType.SETTINGS:
+            self._on_settings(flags, payload)
+            return
+        if ftype == fr.FrameType.GOAWAY:
+            self._on_goaway(payload)
+            return
+        effect = self._tunnel_input(TunnelInput.RECV_FRAME)
+        if effect is TunnelEffect.IGNORE:
+            return
+        if ftype == fr.FrameType.DATA:
+            self._on_data(flags, sid, payload)
+        elif ftype == fr.FrameType.HEADERS:
+            self._on_headers(flags, sid, payload)
+        elif ftype == fr.FrameType.PING:
+            self._on_ping(flags, payload)
+        else:
+            self._on_window_update(sid, payload)
+
+    def _on_settings(self, flags: int, payload: bytes) -> None:
+        effect = self._tunnel_input(TunnelInput.RECV_HANDSHAKE)
+        if effect is TunnelEffect.IGNORE:
+            return
+        if flags & fr.ACK:
+            self._fail("handshake: SETTINGS with the ACK flag")
+        peer: PeerSettings | None = None
+        if payload:
+            try:
+                peer = parse_peer_settings(fr.decode_settings(payload))
+            except fr.FrameError as exc:
+                self._fail(f"handshake: {exc.reason}", ErrorCode.FRAME_SIZE_ERROR)
+            except ValueError as exc:
+                self._fail(f"handshake: {exc}")
+        if effect is TunnelEffect.ANSWER_HANDSHAKE:
+            if peer is not None and self.config.extensions:
+                self._out.append(fr.encode_settings(local_settings(self.config)))
+            else:
+                peer = None
+                self._out.append(EMPTY_SETTINGS)
+        elif peer is not None and not self.config.extensions:
+            self._fail("handshake: the answer is not the empty SETTINGS we sent")
+        self._complete_handshake(peer)
+
+    def _complete_handshake(self, peer: PeerSettings | None) -> None:
+        self._peer = peer
+        self._ext = ext = negotiate(self.config, peer)
+        self._handshake_deadline = None
+        self._last_recv = self._now
+        if peer is not None:
+            self._send_frame_size = min(self.config.max_frame_size, peer.max_frame_size)
+            self._decoder.max_payload = self.config.max_frame_size
+            self._inflate_limit = self.config.max_frame_size
+        if ext.flow_control and peer is not None:
+            self._tunnel_send_window = peer.initial_tunnel_window
+            self._peer_stream_window = peer.initial_stream_window
+        if ext.metadata:
+            self._hpack_encoder = hpack.Encoder()
+            self._hpack_decoder = hpack.Decoder()
+        self._events.append(HandshakeCompleted(extensions=ext))
+
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            self._fail("DATA on stream 0")
+        data = payload
+        if flags & fr.GZIP and payload:
+            try:
+                data = fr.gzip_decompress(payload, self._inflate_limit)
+            except fr.FrameError as exc:
+                self._fail(f"gzip: {exc.reason}", ErrorCode.COMPRESSION_ERROR)
+        size = len(data)
+        flow = self._ext.flow_control
+        if flow:
+            if size > self._tunnel_recv_remaining:
+                self._fail("flow control: tunnel window exceeded", ErrorCode.FLOW_CONTROL_ERROR)
+            self._tunnel_recv_remaining -= size
+        stream = self._streams.get(sid)
+        if stream is None:
+            if flow and size:
+                self._credit_tunnel(size)
+            return
+        end = flags & fr.END_STREAM
+        if size or not end:
+            if stream.state is StreamState.FIN_SENT and not stream.accepted and self.role is Role.CLIENT:
+                effect: StreamEffect | None = None
+                self._stream_error(stream, "DATA before SYN-ACK")
+            else:
+                effect = self._remote(stream, StreamInput.RECV_DATA)
+            if effect is not StreamEffect.PERFORM:
+                if flow and size:
+                    self._credit_tunnel(size)
+                return
+            if size:
+                if flow:
+                    if size > stream.recv_remaining:
+                        self._credit_tunnel(size)
+                        self._stream_error(stream, "flow-control", ErrorCode.FLOW_CONTROL_ERROR)
+                        return
+                    stream.recv_remaining -= size
+                stream.recv_unacked += size
+                self._events.append(DataReceived(stream_id=sid, data=data))
+        if end:
+            effect = self._remote(stream, StreamInput.RECV_FIN)
+            if effect is StreamEffect.PERFORM or effect is StreamEffect.ENDED:
+                self._events.append(StreamEnded(stream_id=sid))
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            self._fail("HEADERS on stream 0")
+        headers: list[tuple[str, str]] = []
+        if payload:
+            if not self._ext.metadata:
+                self._fail("HEADERS with non-zero length")
+            headers = self._decode_block(payload)
+        if flags & fr.END_STREAM:
+            self._on_rst(sid, headers)
+        elif self.role is Role.SERVER:
+            self._on_syn(sid, headers)
+        else:
+            self._on_syn_ack(sid)
+
+    def _on_syn(self, sid: int, headers: list[tuple[str, str]]) -> None:
+        stream = self._streams.get(sid)
+        if stream is not None:
+            self._remote(stream, StreamInput.RECV_SYN)
+            return
+        if sid % 2 == 0:
+            self._fail(f"SYN with even stream id {sid}")
+        if sid <= self._highest_peer_stream:
+            self._out.append(self._rst_frame(sid, "refused"))
+            return
+        self._highest_peer_stream = sid
+        metadata: StreamMetadata | None = None
+        if self._ext.metadata and headers:
+            try:
+                metadata = _parse_metadata(headers)
+            except ValueError:
+                self._out.append(self._rst_frame(sid, "unsupported"))
+                return
+        if self._state is TunnelState.DRAINING or self._live >= self.config.max_concurrent_streams:
+            self._out.append(self._rst_frame(sid, "refused"))
+            return
+        stream = self._new_stream(sid)
+        stream.metadata = metadata
+        self._apply(stream, StreamInput.RECV_SYN)
+        self._events.append(StreamOpened(stream_id=sid, metadata=metadata))
+
+    def _on_syn_ack(self, sid: int) -> None:
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        effect = self._remote(stream, StreamInput.RECV_SYN_ACK)
+        if effect is not StreamEffect.PERFORM or stream.accepted:
+            return
+        stream.accepted = True
+        if stream.pending:
+            self._out.extend(stream.pending)
+            stream.pending = []
+            stream.pending_len = 0
+        self._events.append(StreamAccepted(stream_id=sid))
+
+    def _on_rst(self, sid: int, headers: list[tuple[str, str]]) -> None:
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        effect = self._remote(stream, StreamInput.RECV_RST)
+        if effect is StreamEffect.ANSWER_RST:
+            stream.pending.clear()
+            stream.pending_len = 0
+            self._out.append(fr.frame_header(fr.FrameType.HEADERS, fr.END_STREAM, sid, 0))
+            error = dict(headers).get(ERROR_HEADER)
+            self._events.append(StreamReset(stream_id=sid, error=error, by_peer=True))
+
+    def _on_ping(self, flags: int, payload: bytes) -> None:
+        if len(payload) < 8:
+            return
+        counter = fr.decode_ping(payload)
+        if flags & fr.ACK:
+            if self._ping_sent_at is not None and counter == self._ping_counter:
+                self._ping_sent_at = None
+                self._missed = 0
+                self._events.append(PingAcknowledged(counter=counter))
+            return
+        self._out.append(fr.encode_ping(counter, ack=True))
+
+    def _on_goaway(self, payload: bytes) -> None:
+        try:
+            last, code, reason = fr.decode_goaway(payload)
+        except fr.FrameError as exc:
+            self._tunnel_input(TunnelInput.RECV_GOAWAY)
+            self._close(f"malformed GOAWAY: {exc.reason}", by_peer=True)
+            return
+        graceful = self._ext.graceful_shutdown and code == ErrorCode.NO_ERROR and last != fr.VPROXY_GOAWAY_ID
+        effect = self._tunnel_input(TunnelInput.RECV_GOAWAY_GRACEFUL if graceful else TunnelInput.RECV_GOAWAY)
+        if effect is TunnelEffect.PEER_CLOSED:
+            self._close(reason, by_peer=True)
+        elif effect is TunnelEffect.PEER_DRAIN:
+            self._events.append(GoAwayReceived(last_stream_id=last, reason=reason))
+            if self._drain_deadline is None:
+                self._drain_deadline = self._now + self.config.drain_timeout
+                self._drain_reason = reason
+                self._drain_by_peer = True
+            if self.role is Role.CLIENT:
+                for stream in list(self._streams.values()):
+                    if stream.id > last and stream.state in LIVE_STATES:
+                        self._kill(stream)
+                        self._events.append(StreamReset(stream_id=stream.id, error="refused", by_peer=True))
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        try:
+            increment = fr.decode_window_update(payload)
+        except fr.FrameError as exc:
+            self._fail(exc.reason, ErrorCode.FRAME_SIZE_ERROR)
+        if increment == 0:
+            self._fail("WINDOW_UPDATE with a zero increment")
+        if sid == 0:
+            self._tunnel_send_window += increment
+            if self._tunnel_send_window > fr.MAX_WINDOW:
+                self._fail("flow control: tunnel window above 2^31-1", ErrorCode.FLOW_CONTROL_ERROR)
+            self._events.append(WindowUpdated(stream_id=0))
+            return
+        stream = self._streams.get(sid)
+        if stream is None or stream.state not in _SENDING_STATES:
+            return
+        stream.send_window += increment
+        if stream.send_window > fr.MAX_WINDOW:
+            self._stream_error(stream, "flow-control", ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        self._events.append(WindowUpdated(stream_id=sid))
+
+    # ------------------------------------------------------------------ timers
+
+    def _run_timers(self, now: float) -> None:
+        state = self._state
+        if state is TunnelState.CLOSED:
+            return
+        if state is TunnelState.INIT or state is TunnelState.HANDSHAKE_SENT:
+            if self._handshake_deadline is not None and now >= self._handshake_deadline:
+                self._tunnel_input(TunnelInput.HANDSHAKE_TIMEOUT)
+                self._close("handshake timeout", by_peer=False, send_goaway=True)
+            return
+        cfg = self.config
+        if self._ping_sent_at is not None:
+            if self._last_recv > self._ping_sent_at:
+                self._ping_sent_at = None  # the peer is talking: it is alive even if the ack is late
+                self._missed = 0
+            elif now >= self._ping_sent_at + cfg.keepalive_timeout:
+                self._missed += 1
+                if self._missed >= cfg.keepalive_max_missed:
+                    self._tunnel_input(TunnelInput.KEEPALIVE_TIMEOUT)
+                    self._close("keepalive timeout", by_peer=False, send_goaway=True)
+                self._send_ping(now)
+        if self._ping_sent_at is None and now >= self._last_recv + cfg.keepalive_interval:
+            self._send_ping(now)
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            self._tunnel_input(TunnelInput.DRAIN_DONE)
+            self._close(self._drain_reason, by_peer=self._drain_by_peer, send_goaway=True)
+
+    def _send_ping(self, now: float) -> None:
+        self._ping_counter += 1
+        self._ping_sent_at = now
+        self._out.append(fr.encode_ping(self._ping_counter))
+
+    # ------------------------------------------------------------------ helpers: state machines
+
+    def _tunnel_input(self, event: TunnelInput) -> TunnelEffect:
+        try:
+            effect, new_state = TUNNEL_TRANSITIONS[self._state, event]
+        except KeyError:
+            what = f"{event.name.lower()} in state {self._state.value}"
+            if event.is_local:
+                raise LocalProtocolError(f"not allowed: {what}") from None
+            if event is TunnelInput.RECV_FRAME:
+                self._fail("expected the SETTINGS handshake first")
+            if event is TunnelInput.RECV_HANDSHAKE:
+                self._fail("SETTINGS after the handshake")
+            self._fail(f"unexpected {what}")
+        self._state = new_state
+        return effect
+
+    def _apply(self, stream: Stream, event: StreamInput) -> StreamEffect:
+        was_live = stream.state in LIVE_STATES
+        effect = stream.apply(event)
+        is_live = stream.state in LIVE_STATES
+        if was_live != is_live:
+            self._live += 1 if is_live else -1
+        return effect
+
+    def _check_local(self, stream: Stream, event: StreamInput) -> None:
+        if (stream.state, event) not in STREAM_TRANSITIONS:
+            raise StreamClosedError(
+                f"stream {stream.id}: {event.name.lower()} is not allowed in state {stream.state.value}"
+            )
+
+    def _local(self, stream: Stream, event: StreamInput) -> StreamEffect:
+        try:
+            return self._apply(stream, event)
+        except StreamTransitionError as exc:
+            raise StreamClosedError(f"stream {stream.id}: {exc}") from None
+
+    def _remote(self, stream: Stream, event: StreamInput) -> StreamEffect | None:
+        """Apply a peer's input; a pair not in the table resets the stream (returns None)."""
+        try:
+            return self._apply(stream, event)
+        except StreamTransitionError as exc:
+            self._stream_error(stream, f"protocol: {exc}")
+            return None
+
+    def _stream_error(self, stream: Stream, reason: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+        """The peer broke a stream's rules: RST it (tunnel and other streams go on)."""
+        del code  # the wire RST carries no code; the reason names the fault
+        if stream.state in LIVE_STATES:
+            self._kill(stream)
+            self._out.append(self._rst_frame(stream.id, reason))
+            self._events.append(StreamReset(stream_id=stream.id, error=reason, by_peer=False))
+
+    def _kill(self, stream: Stream) -> None:
+        if stream.state in LIVE_STATES:
+            self._live -= 1
+        stream.state = StreamState.DEAD
+        stream.pending.clear()
+        stream.pending_len = 0
+
+    def _fail(self, reason: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> NoReturn:
+        """The peer broke the tunnel's rules: GOAWAY naming the fault, every stream dead, stop."""
+        self._close(reason, by_peer=False, send_goaway=True, error=RemoteProtocolError(reason, code))
+
+    def _close(
+        self,
+        reason: str,
+        *,
+        by_peer: bool,
+        send_goaway: bool = False,
+        error: RemoteProtocolError | None = None,
+    ) -> NoReturn:
+        if send_goaway:
+            self._out.append(fr.encode_goaway(reason))
+        self._state = TunnelState.CLOSED
+        for stream in self._streams.values():
+            self._kill(stream)
+        self._live = 0
+        self._ping_sent_at = None
+        self._drain_deadline = None
+        self._handshake_deadline = None
+        self._events.append(TunnelClosed(reason=reason, by_peer=by_peer, error=error))
+        raise _Closed
+
+    def _check_drain(self) -> None:
+        if self._state is TunnelState.DRAINING and self._live == 0:
+            self._tunnel_input(TunnelInput.DRAIN_DONE)
+            self._close(self._drain_reason, by_peer=self._drain_by_peer, send_goaway=True)
+
+    def _check_drain_later(self) -> None:
+        """From a local call: finish a drain now; the TunnelClosed event comes with the next call."""
+        with contextlib.suppress(_Closed):
+            self._check_drain()
+
+    # ------------------------------------------------------------------ helpers: streams and frames
+
+    def _start(self, now: float) -> None:
+        self._now = now
+        if not self._started:
+            self._started = True
+            self._last_recv = now
+            self._handshake_deadline = now + self.config.handshake_timeout
+
+    def _take_events(self) -> list[Event]:
+        events = self._events
+        self._events = []
+        return events
+
+    def _is_past_id(self, stream_id: int) -> bool:
+        if stream_id <= 0 or stream_id % 2 == 0:
+            return False
+        if self.role is Role.CLIENT:
+            return stream_id < self._next_stream_id
+        return stream_id <= self._highest_peer_stream
+
+    def _new_stream(self, sid: int) -> Stream:
+        window = self.config.initial_stream_window
+        stream = Stream(sid, send_window=self._peer_stream_window, recv_window=window)
+        self._streams[sid] = stream
+        return stream
+
+    def _stream_for_local(self, stream_id: int) -> Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamClosedError(f"stream {stream_id} is unknown or closed")
+        return stream
+
+    def _holds(self, stream: Stream) -> bool:
+        """Client without 0-RTT: frames wait in the core until the SYN-ACK."""
+        return self.role is Role.CLIENT and not stream.accepted and not self._ext.metadata
+
+    def _auto_accept(self, stream: Stream) -> None:
+        if self.role is Role.SERVER and not stream.accepted:
+            self.accept_stream(stream.id)
+
+    def _queue_data(self, stream: Stream, data: bytes, size: int) -> None:
+        view = memoryview(data)
+        step = self._send_frame_size
+        sid = stream.id
+        header = fr.frame_header
+        held = self._holds(stream)
+        out = stream.pending if held else self._out
+        gzip = self._ext.gzip
+        for offset in range(0, size, step):
+            chunk: bytes | memoryview = view[offset : offset + step]
+            flags = 0
+            if gzip and len(chunk) > GZIP_THRESHOLD:
+                packed = fr.gzip_compress(chunk)
+                if len(packed) < len(chunk):
+                    chunk = packed
+                    flags = fr.GZIP
+            out.append(header(fr.FrameType.DATA, flags, sid, len(chunk)))
+            out.append(chunk)  # type: ignore[arg-type]
+        if held:
+            stream.pending_len += size
+
+    def _credit_tunnel(self, n: int) -> None:
+        self._tunnel_recv_unannounced += n
+        if self._tunnel_recv_unannounced >= self.config.initial_tunnel_window // 2:
+            increment = self._tunnel_recv_unannounced
+            self._tunnel_recv_unannounced = 0
+            self._tunnel_recv_remaining += increment
+            if self._state is not TunnelState.CLOSED:
+                self._out.append(fr.encode_window_update(0, increment))
+
+    def _rst_frame(self, sid: int, error: str | None) -> bytes:
+        block = b""
+        if error and self._ext.metadata:
+            block = self._encode_block([(ERROR_HEADER, error)])
+        return fr.encode_frame(fr.FrameType.HEADERS, fr.END_STREAM, sid, block)
+
+    def _encode_block(self, headers: list[tuple[str, str]]) -> bytes:
+        if self._hpack_encoder is None:
+            return b""
+        block: bytes = self._hpack_encoder.encode(headers)
+        return block
+
+    def _decode_block(self, payload: bytes) -> list[tuple[str, str]]:
+        decoder = self._hpack_decoder
+        if decoder is None:
+            return []
+        try:
+            headers = decoder.decode(payload)
+        except Exception as exc:  # hpack raises several types, and UnicodeDecodeError on bad text
+            self._fail(f"hpack: {type(exc).__name__}", ErrorCode.COMPRESSION_ERROR)
+        return [(str(k), str(v)) for k, v in headers]
+
+
+def _metadata_headers(metadata: StreamMetadata) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    if metadata.authority is not None:
+        headers.append((AUTHORITY, metadata.authority))
+    headers.append((KIND_HEADER, metadata.kind))
+    headers.extend(metadata.headers)
+    return headers
+
+
+def _parse_metadata(headers: list[tuple[str, str]]) -> StreamMetadata:
+    authority: str | None = None
+    kind = "tcp"
+    extra: list[tuple[str, str]] = []
+    for name, value in headers:
+        if name == AUTHORITY:
+            authority = value
+        elif name == KIND_HEADER:
+            kind = value
+        else:
+            extra.append((name, value))
+    return StreamMetadata(authority=authority, kind=kind, headers=tuple(extra))
