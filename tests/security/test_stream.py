@@ -1,0 +1,302 @@
+"""The sans-IO secure stream: handshake, records, end of stream, and every kind of bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vtunnel.security.errors import AuthenticationFailed, SecurityError
+from vtunnel.security.replay import ReplayCache
+from vtunnel.security.stream import (
+    MAX_RECORD_PLAINTEXT,
+    RECORD_OVERHEAD,
+    SecureStreamClient,
+    SecureStreamServer,
+)
+
+PSK = bytes(range(32))
+NOW = 1_700_000_000.0
+
+
+def pair(
+    psk_client: bytes = PSK, replay: ReplayCache | None = None
+) -> tuple[SecureStreamClient, SecureStreamServer]:
+    return SecureStreamClient(psk_client, now=NOW), SecureStreamServer(PSK, replay=replay or ReplayCache())
+
+
+def connect() -> tuple[SecureStreamClient, SecureStreamServer]:
+    c, s = pair()
+    assert s.receive_data(c.data_to_send(), NOW) == b""
+    assert s.handshake_complete
+    assert c.receive_data(s.data_to_send(), NOW) == b""
+    assert c.handshake_complete
+    return c, s
+
+
+def test_handshake_and_records_both_ways() -> None:
+    c, s = connect()
+    c.send(b"ping")
+    assert s.receive_data(c.data_to_send(), NOW) == b"ping"
+    s.send(b"pong")
+    assert c.receive_data(s.data_to_send(), NOW) == b"pong"
+    assert c.data_to_send() == b""
+
+
+def test_data_sent_before_the_reply_is_held_then_delivered() -> None:
+    c, s = pair()
+    c.send(b"early ")
+    c.send(b"bird")
+    m1 = c.data_to_send()
+    s.receive_data(m1, NOW)
+    s.send(b"hello")
+    assert c.receive_data(s.data_to_send(), NOW) == b"hello"  # reply and a record in one read
+    assert s.receive_data(c.data_to_send(), NOW) == b"early bird"
+
+
+def test_byte_by_byte_delivery() -> None:
+    c, s = pair()
+    c.send(b"x" * 1000)
+    m1 = c.data_to_send()
+    for i in range(len(m1)):
+        s.receive_data(m1[i : i + 1], NOW)
+    reply = s.data_to_send()
+    s.send(b"abc" * 7000)
+    stream = reply + s.data_to_send()
+    got = b"".join(c.receive_data(stream[i : i + 1], NOW) for i in range(len(stream)))
+    assert got == b"abc" * 7000
+    got = b"".join(s.receive_data(bytes([b]), NOW) for b in c.data_to_send())
+    assert got == b"x" * 1000
+
+
+def test_records_are_at_most_16_kib() -> None:
+    c, s = connect()
+    payload = os.urandom(3 * MAX_RECORD_PLAINTEXT + 5)
+    c.send(payload)
+    wire = c.data_to_send()
+    assert len(wire) == len(payload) + 4 * RECORD_OVERHEAD
+    lengths = []
+    pos = 0
+    while pos < len(wire):
+        (n,) = struct.unpack_from(">H", wire, pos)
+        lengths.append(n)
+        pos += 2 + n
+    assert lengths == [MAX_RECORD_PLAINTEXT + 16] * 3 + [5 + 16]
+    assert s.receive_data(wire, NOW) == payload
+    c.send(b"")
+    assert c.data_to_send() == b""  # an empty send is not an end of stream
+
+
+def test_authenticated_end_of_stream() -> None:
+    c, s = connect()
+    c.send(b"last")
+    c.send_eof()
+    assert c.eof_sent
+    with pytest.raises(SecurityError):
+        c.send(b"more")
+    assert s.receive_data(c.data_to_send(), NOW) == b"last"
+    assert s.eof_received
+    s.send(b"still talking")  # half-close: the other direction goes on
+    assert c.receive_data(s.data_to_send(), NOW) == b"still talking"
+
+
+def test_record_after_end_of_stream_fails() -> None:
+    c, s = connect()
+    c.send_eof()
+    assert c._records is not None
+    c._records.eof_sent = False  # a misbehaving peer goes on sending after its end of stream
+    c.send(b"more")
+    with pytest.raises(AuthenticationFailed, match="after the end"):
+        s.receive_data(c.data_to_send(), NOW)
+    assert s.data_to_send() == b""
+
+
+def test_server_reply_never_larger_than_the_first_message_and_sizes_vary() -> None:
+    sizes1, sizes2 = set(), set()
+    for _ in range(200):
+        c, s = pair()
+        m1 = c.data_to_send()
+        s.receive_data(m1, NOW)
+        m2 = s.data_to_send()
+        assert len(m2) <= len(m1)
+        sizes1.add(len(m1))
+        sizes2.add(len(m2))
+    assert len(sizes1) > 50
+    assert len(sizes2) > 30
+
+
+def test_wrong_key_fails_and_nothing_is_sent() -> None:
+    c, s = pair(psk_client=bytes(32))
+    with pytest.raises(AuthenticationFailed):
+        s.receive_data(c.data_to_send(), NOW)
+    assert s.data_to_send() == b""
+    assert not s.handshake_complete
+    with pytest.raises(AuthenticationFailed):  # dead for good
+        s.receive_data(b"", NOW)
+
+
+def test_replayed_first_message_fails_silently() -> None:
+    replay = ReplayCache()
+    c = SecureStreamClient(PSK, now=NOW)
+    m1 = c.data_to_send()
+    s1 = SecureStreamServer(PSK, replay=replay)
+    s1.receive_data(m1, NOW)
+    assert s1.data_to_send()
+    s2 = SecureStreamServer(PSK, replay=replay)
+    with pytest.raises(AuthenticationFailed, match="replay"):
+        s2.receive_data(m1, NOW + 5)
+    assert s2.data_to_send() == b""
+
+
+@pytest.mark.parametrize("skew", [-61.0, 61.0, -3600.0])
+def test_stale_or_future_timestamp_fails(skew: float) -> None:
+    c = SecureStreamClient(PSK, now=NOW + skew)
+    s = SecureStreamServer(PSK, replay=ReplayCache())
+    with pytest.raises(AuthenticationFailed):
+        s.receive_data(c.data_to_send(), NOW)
+    assert s.data_to_send() == b""
+
+
+@pytest.mark.parametrize("skew", [-59.0, 59.0])
+def test_clock_skew_within_the_window_is_fine(skew: float) -> None:
+    c = SecureStreamClient(PSK, now=NOW + skew)
+    s = SecureStreamServer(PSK, replay=ReplayCache())
+    s.receive_data(c.data_to_send(), NOW)
+    assert s.handshake_complete
+
+
+def test_monotonic_time_is_refused_clearly() -> None:
+    with pytest.raises(SecurityError, match="wall-clock"):
+        SecureStreamClient(PSK, now=12345.6)
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        bytes.fromhex("000000040000000000"),  # a vproxy client's empty SETTINGS
+        b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200),  # a TLS ClientHello's start
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+    ],
+)
+def test_probes_fail_with_nothing_sent(probe: bytes) -> None:
+    s = SecureStreamServer(PSK, replay=ReplayCache())
+    try:
+        s.receive_data(probe, NOW)
+        failed = False
+    except AuthenticationFailed:
+        failed = True
+    assert s.data_to_send() == b""
+    assert not s.handshake_complete
+    if not failed:  # a length prefix that asks for more: whatever follows cannot authenticate
+        with pytest.raises(AuthenticationFailed):
+            s.receive_data(os.urandom(2000), NOW)
+        assert s.data_to_send() == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
+def test_any_tampered_first_message_fails(position: int, flip: int) -> None:
+    c, s = pair()
+    m1 = bytearray(c.data_to_send())
+    m1[position % len(m1)] ^= flip
+    try:
+        s.receive_data(bytes(m1), NOW)
+    except AuthenticationFailed:
+        pass
+    else:  # a length grown past the data: the message is still incomplete
+        assert not s.handshake_complete
+    assert s.data_to_send() == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
+def test_any_tampered_record_fails(position: int, flip: int) -> None:
+    c, s = connect()
+    c.send(b"a" * 100)
+    c.send(b"b" * 100)
+    wire = bytearray(c.data_to_send())
+    wire[position % len(wire)] ^= flip
+    try:
+        got = s.receive_data(bytes(wire), NOW)
+    except AuthenticationFailed:
+        return
+    # only a grown length field can leave it waiting; nothing forged is ever delivered
+    assert got in (b"", b"a" * 100)
+
+
+def test_reordered_and_duplicated_records_fail() -> None:
+    c, s = connect()
+    c.send(b"one")
+    r1 = c.data_to_send()
+    c.send(b"two")
+    r2 = c.data_to_send()
+    with pytest.raises(AuthenticationFailed):
+        s.receive_data(r2 + r1, NOW)
+    c, s = connect()
+    c.send(b"one")
+    r1 = c.data_to_send()
+    assert s.receive_data(r1, NOW) == b"one"
+    with pytest.raises(AuthenticationFailed):
+        s.receive_data(r1, NOW)
+
+
+def test_truncated_records_wait_and_bad_lengths_fail() -> None:
+    c, s = connect()
+    c.send(b"hello")
+    wire = c.data_to_send()
+    assert s.receive_data(wire[:-1], NOW) == b""
+    assert s.receive_data(wire[-1:], NOW) == b"hello"
+    for bad in (b"\x00\x00", b"\x00\x0f", b"\xff\xff"):
+        _, s2 = connect()
+        with pytest.raises(AuthenticationFailed, match="length"):
+            s2.receive_data(bad, NOW)
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=300), max_size=8))
+def test_fuzz_server_before_handshake(chunks: list[bytes]) -> None:
+    s = SecureStreamServer(PSK, replay=ReplayCache())
+    try:
+        for chunk in chunks:
+            assert s.receive_data(chunk, NOW) == b""
+    except AuthenticationFailed:
+        pass
+    assert s.data_to_send() == b""
+    assert not s.handshake_complete
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=300), max_size=8))
+def test_fuzz_client_after_message_one(chunks: list[bytes]) -> None:
+    c = SecureStreamClient(PSK, now=NOW)
+    c.data_to_send()
+    try:
+        for chunk in chunks:
+            assert c.receive_data(chunk, NOW) == b""
+    except AuthenticationFailed:
+        pass
+    assert not c.handshake_complete
+
+
+def test_mutation_fuzz_of_a_whole_session() -> None:
+    rng = random.Random(1234)
+    c, s = pair()
+    m1 = c.data_to_send()
+    s.receive_data(m1, NOW)
+    s.send(os.urandom(5000))
+    server_wire = s.data_to_send()
+    for _ in range(2000):
+        c2 = SecureStreamClient(PSK, now=NOW)
+        wire = bytearray(server_wire)
+        for _ in range(rng.randint(1, 4)):
+            wire[rng.randrange(len(wire))] = rng.randrange(256)
+        try:
+            c2.receive_data(bytes(wire), NOW)  # another client's reply: never valid for c2
+        except AuthenticationFailed:
+            continue
+        raise AssertionError("a reply for another handshake was accepted")
