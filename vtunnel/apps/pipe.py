@@ -13,16 +13,18 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import structlog
 from anyio.abc import ByteStream
 
+from vtunnel.runtime.errors import StreamRefused
+
 if TYPE_CHECKING:
     from vtunnel.protocol import StreamMetadata
 
-__all__ = ["CHUNK_SIZE", "Opener", "pipe"]
+__all__ = ["CHUNK_SIZE", "HeaderTooLarge", "Opener", "StreamBuffer", "pipe"]
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +35,50 @@ CHUNK_SIZE = 65536
 #: ``vtunnel.runtime.errors.StreamRefused`` when the server refused it and
 #: ``vtunnel.runtime.errors.TunnelUnavailable`` when no tunnel can be used.
 Opener = Callable[["StreamMetadata"], Awaitable[ByteStream]]
+
+
+#: What a broken, reset or already closed side raises.
+_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, StreamRefused)
+
+T = TypeVar("T")
+
+
+class HeaderTooLarge(Exception):
+    """A peer sent more than the allowed number of bytes without completing a header."""
+
+
+class StreamBuffer:
+    """Reads a protocol header off a byte stream with an incremental parser, keeping what follows it.
+
+    ``parser(buffer)`` returns ``None`` while it needs more bytes, or ``(value, consumed)``; it raises its own
+    error for malformed input.  Bytes after the header stay in ``pending`` (for example data a 0-RTT client
+    sent before our reply); ``take_pending()`` hands them over.
+    """
+
+    __slots__ = ("limit", "pending", "stream")
+
+    def __init__(self, stream: ByteStream, *, limit: int = 65536, initial: bytes = b"") -> None:
+        self.stream = stream
+        self.limit = limit
+        self.pending = bytearray(initial)
+
+    async def parse(self, parser: Callable[[bytes], tuple[T, int] | None]) -> T:
+        """Receive until ``parser`` completes; ``anyio.EndOfStream`` if the peer ends first."""
+        while True:
+            if self.pending:
+                result = parser(bytes(self.pending))
+                if result is not None:
+                    value, consumed = result
+                    del self.pending[:consumed]
+                    return value
+            if len(self.pending) >= self.limit:
+                raise HeaderTooLarge(f"no complete header in {len(self.pending)} bytes")
+            self.pending += await self.stream.receive()
+
+    def take_pending(self) -> bytes:
+        data = bytes(self.pending)
+        self.pending.clear()
+        return data
 
 
 class _Progress:
@@ -60,7 +106,7 @@ async def _copy(
                 break
             await dst.send(data)
             moved[index] += len(data)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+    except _BROKEN as exc:
         log.debug("pipe.broken", error=type(exc).__name__)
         scope.cancel()
         return
@@ -69,7 +115,7 @@ async def _copy(
     except NotImplementedError:
         # The other side cannot half-close: the remaining direction ends the pipe.
         pass
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+    except _BROKEN as exc:
         log.debug("pipe.eof_failed", error=type(exc).__name__)
         scope.cancel()
 
@@ -126,5 +172,5 @@ async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = Non
 async def _close_quietly(stream: ByteStream) -> None:
     try:
         await stream.aclose()
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+    except _BROKEN as exc:
         log.debug("pipe.close_failed", error=type(exc).__name__)
