@@ -1,0 +1,327 @@
+"""Sealed datagrams: handshake, retransmission, replay, NAT rebinding, tampering, and a 100k datagram fuzz."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vtunnel.security.datagram import (
+    CID_LEN,
+    DATAGRAM_OVERHEAD,
+    REPLY_REPEAT_LIMIT,
+    RETRANSMIT_PERIOD,
+    DatagramClient,
+    DatagramServer,
+    DatagramSession,
+    DatagramType,
+    peek_connection_id,
+)
+from vtunnel.security.errors import SecurityError
+from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+
+PSK = bytes(range(32))
+NOW = 1_700_000_000.0
+SRC = ("127.0.0.1", 40000)
+
+
+def server(**kw: object) -> DatagramServer:
+    return DatagramServer(PSK, replay=ReplayCache(), **kw)  # type: ignore[arg-type]
+
+
+def established(srv: DatagramServer | None = None) -> tuple[DatagramClient, DatagramSession, DatagramServer]:
+    srv = srv or server()
+    c = DatagramClient(PSK, now=NOW)
+    got = srv.accept(c.initial_datagram(), SRC, NOW)
+    assert got is not None
+    session, reply = got
+    assert c.receive(reply, NOW) is None
+    assert c.established
+    return c, session, srv
+
+
+def test_handshake_then_data_both_ways() -> None:
+    c, session, _ = established()
+    assert c.connection_id == session.connection_id
+    d = c.seal(b"hello")
+    assert len(d) == 5 + DATAGRAM_OVERHEAD
+    assert peek_connection_id(d) == session.connection_id
+    assert session.open(d) == b"hello"
+    assert c.receive(session.seal(b"world"), NOW) == b"world"
+    assert session.open(c.seal(b"")) == b""  # empty payloads are fine
+
+
+def test_overhead_is_33_bytes_and_the_layout_is_as_documented() -> None:
+    c, session, _ = established()
+    d = c.seal(b"x" * 1000)
+    kind, cid, counter = struct.unpack_from(">B8sQ", d)
+    assert (kind, cid, counter) == (DatagramType.DATA, session.connection_id, 0)
+    assert struct.unpack_from(">B8sQ", c.seal(b""))[2] == 1
+    assert DATAGRAM_OVERHEAD == 1 + CID_LEN + 8 + 16
+
+
+def test_the_reply_is_never_larger_than_the_first_datagram_and_sizes_vary() -> None:
+    srv = server()
+    init_sizes, reply_sizes = set(), set()
+    for _ in range(200):
+        c = DatagramClient(PSK, now=NOW)
+        init = c.initial_datagram()
+        got = srv.accept(init, SRC, NOW)
+        assert got is not None
+        assert len(got[1]) <= len(init)
+        init_sizes.add(len(init))
+        reply_sizes.add(len(got[1]))
+    assert len(init_sizes) > 50
+    assert len(reply_sizes) > 30
+
+
+def test_server_id_starts_every_connection_id() -> None:
+    srv = server(server_id=b"\x07\x01")
+    for _ in range(20):
+        _, session, _ = established(srv)
+        assert session.connection_id[:2] == b"\x07\x01"
+    with pytest.raises(SecurityError):
+        server(server_id=b"12345")
+
+
+def test_a_captured_first_datagram_replayed_gets_nothing() -> None:
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    init = c.initial_datagram()
+    got = srv.accept(init, SRC, NOW)
+    assert got is not None
+    session, reply = got
+    c.receive(reply, NOW)
+    assert session.open(c.seal(b"first data")) == b"first data"  # the session is confirmed
+    # an observer replays the captured datagram: from its own address, from the client's, now and later
+    for dt in (0.1, 1.0, 5.0, 30.0, 59.0, 70.0):
+        for src in [("127.0.0.9", 5555), SRC]:
+            assert srv.accept(init, src, NOW + dt) is None
+
+
+def test_replay_from_another_source_before_confirmation_gets_nothing() -> None:
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    init = c.initial_datagram()
+    assert srv.accept(init, SRC, NOW) is not None
+    assert srv.accept(init, ("127.0.0.2", 40000), NOW + 0.5) is None
+    assert srv.accept(init, ("127.0.0.1", 40001), NOW + 0.5) is None
+
+
+def test_retransmission_gets_the_same_reply_and_the_same_session() -> None:
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    first = c.initial_datagram()
+    got1 = srv.accept(first, SRC, NOW)
+    assert got1 is not None  # ... and the reply is lost
+    again = c.initial_datagram(NOW + 1.0)
+    assert again == first
+    got2 = srv.accept(again, SRC, NOW + 1.0)
+    assert got2 is not None
+    assert got2[0] is got1[0]
+    assert got2[1] == got1[1]
+    assert c.receive(got2[1], NOW + 1.1) is None
+    assert c.established
+    assert got1[0].open(c.seal(b"ok")) == b"ok"
+    # a late duplicate of the reply is ignored by the client
+    assert c.receive(got1[1], NOW + 1.2) is None
+    assert c.receive(got1[0].seal(b"after"), NOW + 1.3) == b"after"
+
+
+def test_retransmissions_are_answered_a_bounded_number_of_times_within_the_period() -> None:
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    init = c.initial_datagram()
+    assert srv.accept(init, SRC, NOW) is not None
+    answers = [srv.accept(init, SRC, NOW + 0.1 * i) for i in range(1, 20)]
+    assert sum(a is not None for a in answers) == REPLY_REPEAT_LIMIT
+    c2 = DatagramClient(PSK, now=NOW)
+    init2 = c2.initial_datagram()
+    assert srv.accept(init2, SRC, NOW) is not None
+    assert srv.accept(init2, SRC, NOW + RETRANSMIT_PERIOD + 0.1) is None
+
+
+def test_after_the_retransmit_period_the_client_starts_over() -> None:
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    first = c.initial_datagram()
+    first_cid = c.connection_id
+    assert srv.accept(first, SRC, NOW) is not None  # reply lost
+    fresh = c.initial_datagram(NOW + RETRANSMIT_PERIOD)
+    assert fresh != first
+    assert c.connection_id != first_cid
+    got = srv.accept(fresh, SRC, NOW + RETRANSMIT_PERIOD)
+    assert got is not None
+    c.receive(got[1], NOW + RETRANSMIT_PERIOD)
+    assert got[0].open(c.seal(b"x")) == b"x"
+    with pytest.raises(SecurityError):
+        c.initial_datagram()
+
+
+def test_a_reply_to_an_abandoned_attempt_is_ignored() -> None:
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    old = srv.accept(c.initial_datagram(), SRC, NOW)
+    assert old is not None
+    c.initial_datagram(NOW + RETRANSMIT_PERIOD)
+    assert c.receive(old[1], NOW + RETRANSMIT_PERIOD) is None
+    assert not c.established
+
+
+def test_nat_rebinding_sessions_are_found_by_connection_id_not_address() -> None:
+    c, session, _ = established()
+    sessions = {session.connection_id: session}
+    for port in (40000, 40001, 50000):  # the client's address changes; nothing in the datagram depends on it
+        d = c.seal(f"from {port}".encode())
+        cid = peek_connection_id(d)
+        assert cid is not None
+        assert sessions[cid].open(d) == f"from {port}".encode()
+
+
+def test_reordered_datagrams_are_accepted_once_and_duplicates_dropped() -> None:
+    c, session, _ = established()
+    datagrams = [c.seal(i.to_bytes(4, "big")) for i in range(500)]
+    order = list(range(500))
+    random.Random(7).shuffle(order)
+    got = [session.open(datagrams[i]) for i in order]
+    assert all(g is not None for g in got)
+    assert all(session.open(d) is None for d in datagrams)  # every duplicate dropped
+
+
+def test_datagrams_older_than_the_window_are_dropped() -> None:
+    c, session, _ = established()
+    old = c.seal(b"old")
+    for _ in range(5000):
+        assert session.open(c.seal(b"")) == b""
+    assert session.open(old) is None
+
+
+def test_wrong_key_gets_nothing() -> None:
+    srv = server()
+    c = DatagramClient(bytes(32), now=NOW)
+    assert srv.accept(c.initial_datagram(), SRC, NOW) is None
+    # and the server still serves others
+    established(srv)
+
+
+@pytest.mark.parametrize("skew", [-61.0, 61.0])
+def test_stale_first_datagram_gets_nothing(skew: float) -> None:
+    c = DatagramClient(PSK, now=NOW + skew)
+    assert server().accept(c.initial_datagram(), SRC, NOW) is None
+
+
+def test_data_for_another_session_or_key_is_dropped() -> None:
+    srv = server()
+    c1, s1, _ = established(srv)
+    c2, _, _ = established(srv)
+    assert s1.open(c2.seal(b"x")) is None
+    forged = bytearray(c2.seal(b"x"))
+    forged[1 : 1 + CID_LEN] = s1.connection_id
+    assert s1.open(bytes(forged)) is None
+    assert s1.open(c1.seal(b"mine")) == b"mine"
+
+
+def test_limiter_bounds_handshakes_per_source() -> None:
+    srv = server(limiter=HandshakeLimiter(rate=1.0, burst=3))
+    results = [srv.accept(DatagramClient(PSK, now=NOW).initial_datagram(), SRC, NOW) for _ in range(5)]
+    assert [r is not None for r in results] == [True, True, True, False, False]
+    assert srv.accept(DatagramClient(PSK, now=NOW).initial_datagram(), ("127.0.0.3", 1), NOW) is not None
+
+
+def test_misuse_is_a_security_error() -> None:
+    c = DatagramClient(PSK, now=NOW)
+    with pytest.raises(SecurityError):
+        c.seal(b"too early")
+    with pytest.raises(SecurityError, match="wall-clock"):
+        DatagramClient(PSK, now=time.monotonic() % 1e6)
+    with pytest.raises(SecurityError):
+        DatagramClient(b"short", now=NOW)
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        b"",
+        b"\x01",
+        bytes.fromhex("000000040000000000"),
+        b"GET / HTTP/1.1\r\n\r\n",
+        bytes(1200),
+        os.urandom(1400),
+    ],
+)
+def test_probes_get_nothing(probe: bytes) -> None:
+    srv = server()
+    assert srv.accept(probe, SRC, NOW) is None
+    assert DatagramClient(PSK, now=NOW).receive(probe, NOW) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
+def test_any_tampered_handshake_datagram_gets_nothing(position: int, flip: int) -> None:
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    init = bytearray(c.initial_datagram())
+    init[position % len(init)] ^= flip
+    assert srv.accept(bytes(init), SRC, NOW) is None
+    got = srv.accept(c.initial_datagram(), SRC, NOW)
+    assert got is not None
+    reply = bytearray(got[1])
+    reply[position % len(reply)] ^= flip
+    assert c.receive(bytes(reply), NOW) is None
+    assert not c.established
+    c.receive(got[1], NOW)  # the genuine reply still works after the forgery
+    assert c.established
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=1500))
+def test_peek_never_raises(data: bytes) -> None:
+    cid = peek_connection_id(data)
+    assert cid is None or len(cid) == CID_LEN
+
+
+def test_fuzz_100k_random_and_mutated_datagrams() -> None:
+    """100,000 random and mutated datagrams at the server, a session and a client: all dropped, nothing sent,
+    and every legitimate peer keeps working (bounded in count; a deadline keeps it bounded in time)."""
+    rng = random.Random(20240611)
+    srv = server()
+    c, session, _ = established(srv)
+    waiting = DatagramClient(PSK, now=NOW)
+    assert srv.accept(waiting.initial_datagram(), ("127.0.0.5", 1), NOW) is not None
+    samples = [
+        DatagramClient(PSK, now=NOW).initial_datagram(),
+        c.seal(os.urandom(1300)),
+        session.seal(os.urandom(100)),
+        c.seal(b""),
+    ]
+    deadline = time.monotonic() + 60.0
+    for i in range(100_000):
+        if i % 1000 == 0:
+            assert time.monotonic() < deadline, f"fuzz too slow at {i}"
+        kind = i % 4
+        if kind == 0:
+            d = rng.randbytes(rng.randrange(0, 1500))
+            if rng.random() < 0.5 and d:
+                d = bytes([rng.randrange(1, 4)]) + d[1:]
+        else:
+            original = rng.choice(samples)
+            m = bytearray(original)
+            for _ in range(rng.randint(1, 3)):
+                m[rng.randrange(len(m))] ^= rng.randrange(1, 256)
+            if rng.random() < 0.2:
+                m = m[: rng.randrange(len(m) + 1)]
+            if m == original:  # two flips of one byte cancelled out
+                m = m[:-1]
+            d = bytes(m)
+        assert srv.accept(d, (f"10.0.{i % 256}.1", i), NOW) is None
+        assert session.open(d) is None
+        assert waiting.receive(d, NOW) is None
+    # everyone still works
+    assert session.open(c.seal(b"still here")) == b"still here"
+    assert c.receive(session.seal(b"me too"), NOW) == b"me too"
+    established(srv)
