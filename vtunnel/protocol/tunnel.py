@@ -351,10 +351,8 @@ class Tunnel:
     def _on_frame(self, frame: fr.RawFrame) -> None:
         ftype, flags, sid, payload = frame
         if ftype not in _KNOWN_TYPES or (ftype == fr.FrameType.WINDOW_UPDATE and not self._ext.flow_control):
-            self._tunnel_input(TunnelInput.RECV_FRAME)
             self._fail(f"unknown frame type 0x{ftype:02x}")
         if sid & 0x80000000:
-            self._tunnel_input(TunnelInput.RECV_FRAME)
             self._fail(f"stream id 0x{sid:08x} has the top bit set")
         if ftype == fr.FrameType.SETTINGS:
             self._on_settings(flags, payload)
