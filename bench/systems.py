@@ -244,63 +244,74 @@ def start_stack(
     stack.entry_host = "127.0.0.1"
     stack.entry_port = entry_port
     target = f"{host}:{target_port}"
-
-    if system.kind == "kcptun":
-        stack.procs["server"] = group.spawn(
-            "kcptun-server",
-            [*placement.server_prefix, "kcptun-server", "-l", f"{host}:{tunnel_port}", "-t", target, *KCPTUN_ARGS],
-        )
-        stack.procs["agent"] = group.spawn(
-            "kcptun-client",
-            [
-                *placement.client_prefix,
-                "kcptun-client",
-                "-l",
-                f"127.0.0.1:{entry_port}",
-                "-r",
-                f"{host}:{dial_port}",
-                "--conn",
-                str(kcptun_conns),
-                *KCPTUN_ARGS,
-            ],
-        )
-    else:
-        exe = vtunnel_bin()
-        if exe is None or system.transport is None:
-            raise HarnessError("vtunnel is not installed")
-        template = TRANSPORT_URLS[system.transport]
-        security = ["--psk-file", str(psk_file)] if system.keyed and psk_file else ["--insecure"]
-        if system.keyed and psk_file is None:
-            raise HarnessError("a keyed system needs a key file")
-        stack.procs["server"] = group.spawn(
-            f"{system.name}-server",
-            [
-                *placement.server_prefix,
-                exe,
-                "server",
-                "--listen",
-                template.format(host=host, port=tunnel_port),
-                "--target",
-                target,
-                "--allow-private",
-                *security,
-            ],
-        )
-        stack.procs["agent"] = group.spawn(
-            f"{system.name}-agent",
-            [
-                *placement.client_prefix,
-                exe,
-                "agent",
-                "--server",
-                template.format(host=host, port=dial_port),
-                "--forward",
-                f"127.0.0.1:{entry_port}",
-                *security,
-            ],
-        )
+    stack.procs["server"] = group.spawn(
+        f"{system.name}-server",
+        [*placement.server_prefix, *server_argv(system, f"{host}:{tunnel_port}", target, psk_file)],
+    )
+    stack.procs["agent"] = group.spawn(
+        f"{system.name}-agent",
+        [
+            *placement.client_prefix,
+            *agent_argv(system, f"{host}:{dial_port}", f"127.0.0.1:{entry_port}", psk_file, kcptun_conns),
+        ],
+    )
     _wait_ready(stack, READY_TIMEOUT)
     return stack
+
+
+def _security(system: SystemSpec, psk_file: Path | None) -> list[str]:
+    if not system.keyed:
+        return ["--insecure"]
+    if psk_file is None:
+        raise HarnessError(f"{system.name} needs a key file (vtunnel keygen failed)")
+    return ["--psk-file", str(psk_file)]
+
+
+def tunnel_url(system: SystemSpec, hostport: str) -> str:
+    """The vtunnel transport URL of ``system`` at ``host:port``."""
+    host, _, port = hostport.rpartition(":")
+    if system.transport is None:
+        raise HarnessError(f"{system.name} has no transport")
+    return TRANSPORT_URLS[system.transport].format(host=host, port=port)
+
+
+def server_argv(
+    system: SystemSpec, listen: str, target: str, psk_file: Path | None, extra: Sequence[str] = ()
+) -> list[str]:
+    """The tunnel server's command line (kcptun-server or ``vtunnel server``) listening on ``listen``."""
+    if system.kind == "kcptun":
+        return ["kcptun-server", "-l", listen, "-t", target, *KCPTUN_ARGS, *extra]
+    exe = vtunnel_bin()
+    if exe is None:
+        raise HarnessError("vtunnel is not installed")
+    return [
+        exe,
+        "server",
+        "--listen",
+        tunnel_url(system, listen),
+        "--target",
+        target,
+        "--allow-private",
+        *_security(system, psk_file),
+        *extra,
+    ]
+
+
+def agent_argv(
+    system: SystemSpec,
+    server: str,
+    entry: str,
+    psk_file: Path | None,
+    conns: int = 1,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The tunnel client's command line (kcptun-client or ``vtunnel agent``) forwarding ``entry`` to ``server``."""
+    if system.kind == "kcptun":
+        return ["kcptun-client", "-l", entry, "-r", server, "--conn", str(conns), *KCPTUN_ARGS, *extra]
+    exe = vtunnel_bin()
+    if exe is None:
+        raise HarnessError("vtunnel is not installed")
+    return [exe, "agent", "--server", tunnel_url(system, server), "--forward", entry, *_security(system, psk_file), *extra]
 
 
 def make_psk_file(directory: Path) -> Path | None:

@@ -1,0 +1,254 @@
+"""One measurement of one scenario kind on a running stack.
+
+Each function returns ``(metrics, raw)``: ``metrics`` are the few numbers the report summarises (medians over the
+rounds), ``raw`` keeps every sample. Units are in the metric names (``_MBps`` = 10^6 bytes/s, ``_us``, ``_ms``,
+``_pct`` of one core, ``_bytes``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from bench.netem import Placement
+from bench.procs import HarnessError, Proc, ProcessGroup, cpu_ns_threads, cpu_seconds, python_argv, rss_bytes
+from bench.stats import percentile
+from bench.systems import Stack, run_client
+
+__all__ = [
+    "Metrics",
+    "cpu_usage",
+    "hold_connections",
+    "measure_bulk",
+    "measure_idle_cpu",
+    "measure_idle_streams",
+    "measure_rr",
+    "measure_ttfb",
+    "relay_counters",
+]
+
+Metrics = tuple[dict[str, float], dict[str, object]]
+
+
+class CpuWatch:
+    """CPU time of some processes between :meth:`start` and :meth:`stop` (``/proc/PID/stat``)."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
+        self._t0 = 0.0
+        self._cpu0: dict[str, float] = {}
+        self._ns0: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._cpu0 = {role: cpu_seconds(pid) for role, pid in self.pids.items()}
+        self._ns0 = {role: cpu_ns_threads(pid) for role, pid in self.pids.items()}
+        self._t0 = time.monotonic()
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        wall = time.monotonic() - self._t0
+        out: dict[str, dict[str, float]] = {}
+        for role, pid in self.pids.items():
+            cpu = cpu_seconds(pid) - self._cpu0[role]
+            ns = cpu_ns_threads(pid) - self._ns0[role]
+            out[role] = {
+                "cpu_s": cpu,
+                "pct": 100.0 * cpu / wall if wall > 0 else 0.0,
+                "sched_pct": 100.0 * ns / 1e9 / wall if wall > 0 else 0.0,
+                "wall_s": wall,
+            }
+        return out
+
+
+def cpu_usage(pids: Mapping[str, int], action: Callable[[], None]) -> dict[str, dict[str, float]]:
+    watch = CpuWatch(pids)
+    watch.start()
+    action()
+    return watch.stop()
+
+
+def relay_counters(stack: Stack) -> dict[str, object]:
+    """The relay's last counters line (it prints JSON counters every second), or an empty dict."""
+    proc = stack.procs.get("relay")
+    if proc is None or proc.log_path is None:
+        return {}
+    try:
+        lines = proc.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        if line.startswith('{"up"'):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return {}
+
+
+def measure_bulk(stack: Stack, settings: Mapping[str, float]) -> Metrics:
+    result: dict[str, object] = {}
+
+    def transfer() -> None:
+        result.update(
+            run_client(
+                stack.placement,
+                [
+                    "bulk",
+                    "--connect",
+                    stack.entry,
+                    "--streams",
+                    str(int(settings["streams"])),
+                    "--bytes",
+                    str(int(settings["bytes"])),
+                    "--timeout",
+                    str(settings["timeout"]),
+                ],
+                timeout=float(settings["timeout"]),
+            )
+        )
+
+    cpu = cpu_usage(stack.pids(), transfer)
+    goodput = float(result["goodput"])  # type: ignore[arg-type]
+    raw: dict[str, object] = {
+        "bytes": result["bytes"],
+        "seconds": result["seconds"],
+        "stream_seconds": result["stream_seconds"],
+        "cpu": cpu,
+    }
+    counters = relay_counters(stack)
+    if counters:
+        raw["relay"] = counters
+    return {"goodput_MBps": goodput / 1e6}, raw
+
+
+def _latency(samples_ns: list[int], scale: float, unit: str) -> dict[str, float]:
+    values = [s / scale for s in samples_ns]
+    return {
+        f"p50_{unit}": percentile(values, 50),
+        f"p99_{unit}": percentile(values, 99),
+        f"p999_{unit}": percentile(values, 99.9),
+        f"mean_{unit}": sum(values) / len(values),
+    }
+
+
+def _samples(result: Mapping[str, object]) -> list[int]:
+    samples = result.get("samples_ns")
+    if not isinstance(samples, list) or not samples:
+        raise HarnessError("the workload returned no samples")
+    return [int(s) for s in samples]
+
+
+def measure_rr(stack: Stack, settings: Mapping[str, float]) -> Metrics:
+    count = int(settings["count"])
+    result = run_client(
+        stack.placement,
+        ["rr", "--connect", stack.entry, "--count", str(count), "--timeout", str(settings["timeout"])],
+        timeout=float(settings["timeout"]),
+    )
+    samples = _samples(result)
+    raw: dict[str, object] = {"samples_ns": samples}
+    counters = relay_counters(stack)
+    if counters:
+        raw["relay"] = counters
+    return _latency(samples, 1e3, "us"), raw
+
+
+def measure_ttfb(stack: Stack, settings: Mapping[str, float]) -> Metrics:
+    count = int(settings["count"])
+    result = run_client(
+        stack.placement,
+        ["ttfb", "--connect", stack.entry, "--count", str(count), "--timeout", str(settings["timeout"])],
+        timeout=float(settings["timeout"]),
+    )
+    samples = _samples(result)
+    return _latency(samples, 1e6, "ms"), {"samples_ns": samples}
+
+
+def hold_connections(group: ProcessGroup, placement: Placement, entry: str, count: int, timeout: float) -> Proc:
+    """Start a client holding ``count`` idle echo-proven connections to ``entry``; returns once all are open."""
+    proc = group.spawn(
+        "hold",
+        [
+            *placement.client_prefix,
+            *python_argv(
+                "bench.workload",
+                "hold",
+                "--connect",
+                entry,
+                "--connections",
+                str(count),
+                "--timeout",
+                str(timeout),
+            ),
+        ],
+        pipe=True,
+    )
+    line = proc.read_line(timeout + 15)
+    try:
+        answer = json.loads(line)
+    except json.JSONDecodeError:
+        raise HarnessError(f"hold client said: {line[-300:]!r}") from None
+    if answer.get("opened") != count:
+        raise HarnessError(f"hold client failed: {answer.get('error', answer)}")
+    return proc
+
+
+def release(group: ProcessGroup, proc: Proc) -> None:
+    stdin = proc.popen.stdin
+    if stdin is not None:
+        try:
+            stdin.write(b"close\n")
+            stdin.flush()
+        except OSError:
+            pass
+    try:
+        proc.popen.wait(10)
+    except Exception:
+        pass
+    group.stop(proc)
+
+
+def measure_idle_cpu(stack: Stack, group: ProcessGroup, settings: Mapping[str, float]) -> Metrics:
+    seconds = float(settings["seconds"])
+    holder = hold_connections(group, stack.placement, stack.entry, 1, 30.0)
+    try:
+        time.sleep(1.0)  # let the open settle: the quiet period starts after it
+        cpu = cpu_usage(stack.pids(), lambda: time.sleep(seconds))
+        stack.check_alive()
+    finally:
+        release(group, holder)
+    metrics = {f"{role}_pct": v["pct"] for role, v in cpu.items() if role in ("agent", "server")}
+    metrics.update({f"{role}_sched_pct": v["sched_pct"] for role, v in cpu.items() if role in ("agent", "server")})
+    metrics["max_pct"] = max(v["pct"] for role, v in cpu.items() if role in ("agent", "server"))
+    return metrics, {"cpu": cpu, "seconds": seconds}
+
+
+def measure_idle_streams(stack: Stack, group: ProcessGroup, settings: Mapping[str, float]) -> Metrics:
+    count = int(settings["streams"])
+    timeout = float(settings["timeout"])
+    pids = {role: pid for role, pid in stack.pids().items() if role in ("agent", "server")}
+    time.sleep(0.5)
+    before = {role: rss_bytes(pid) for role, pid in pids.items()}
+    t0 = time.monotonic()
+    holder = hold_connections(group, stack.placement, stack.entry, count, timeout)
+    try:
+        opened = time.monotonic() - t0
+        time.sleep(1.0)
+        after = {role: rss_bytes(pid) for role, pid in pids.items()}
+        stack.check_alive()
+    finally:
+        release(group, holder)
+    delta = {role: after[role] - before[role] for role in pids}
+    metrics = {
+        "per_stream_bytes": sum(delta.values()) / count,
+        **{f"{role}_delta_bytes": float(v) for role, v in delta.items()},
+        "open_seconds": opened,
+    }
+    return metrics, {"streams": count, "rss_before": before, "rss_after": after}
+
+
+def psk_args(psk_file: Path | None) -> list[str]:
+    return ["--psk-file", str(psk_file)] if psk_file is not None else []

@@ -1,0 +1,462 @@
+"""Result document (JSON), summaries, ratios, targets and the markdown summary.
+
+The JSON keeps every raw sample; the summary gives the median and min-max range over the rounds of each headline
+metric; ratios compare each system with kcptun and with the direct connection; targets say whether vtunnel's goals
+are met. Only measured numbers appear: a missing measurement is reported as missing, never estimated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import RESULT_SCHEMA_VERSION
+from bench.scenarios import Scenario
+from bench.stats import Summary, ratio, summarize
+from bench.systems import SystemSpec, kcptun_version, vtunnel_version
+
+__all__ = [
+    "HEADLINE",
+    "REQUIRED_KEYS",
+    "Target",
+    "build_document",
+    "evaluate_targets",
+    "machine_description",
+    "render_markdown",
+    "scenario_key",
+    "validate_document",
+]
+
+#: Headline metrics per scenario kind: (metric, unit label, True when higher is better).
+HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
+    "bulk": (("goodput_MBps", "MB/s", True),),
+    "bulk_loss": (("goodput_MBps", "MB/s", True),),
+    "rr": (("p50_us", "us", False), ("p99_us", "us", False), ("p999_us", "us", False)),
+    "ttfb": (("p50_ms", "ms", False), ("p99_ms", "ms", False)),
+    "idle_cpu": (("agent_pct", "% core", False), ("server_pct", "% core", False)),
+    "idle_streams": (("per_stream_bytes", "B/stream", False),),
+    "tunnels": (("per_tunnel_bytes", "B/tunnel", False),),
+}
+
+REQUIRED_KEYS = (
+    "schema",
+    "mode",
+    "started",
+    "finished",
+    "machine",
+    "rounds",
+    "systems",
+    "skipped_systems",
+    "scenarios",
+    "notes",
+    "samples",
+    "summary",
+    "ratios",
+    "targets",
+    "saturation",
+)
+
+
+def scenario_key(scenario: str, loss: float | None) -> str:
+    """``bulk-loss@1%`` for a loss level, else the scenario name."""
+    return scenario if loss is None else f"{scenario}@{loss * 100:g}%"
+
+
+def machine_description() -> dict[str, object]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {"vtunnel": vtunnel_version(), "kcptun": kcptun_version()}
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        for pkg in ("uvloop", "anyio", "siokcp"):
+            try:
+                versions[pkg] = version(pkg)
+            except PackageNotFoundError:
+                versions[pkg] = None
+    except ImportError:
+        pass
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def _summaries(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float | int]]]]:
+    grouped: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for s in samples:
+        if not s["ok"]:
+            continue
+        key = (scenario_key(s["scenario"], s["loss"]), s["system"])
+        for metric, value in s["metrics"].items():
+            grouped[key][metric].append(float(value))
+    out: dict[str, dict[str, dict[str, dict[str, float | int]]]] = defaultdict(dict)
+    for (scen, system), metrics in grouped.items():
+        out[scen][system] = {m: summarize(v).as_dict() for m, v in metrics.items()}
+    return dict(out)
+
+
+def _median(summary: Mapping[str, Any], scen: str, system: str, metric: str) -> float | None:
+    try:
+        return float(summary[scen][system][metric]["median"])
+    except KeyError:
+        return None
+
+
+def _ratios(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, dict[str, float | None]]]]:
+    out: dict[str, dict[str, dict[str, dict[str, float | None]]]] = {}
+    for scen, systems in summary.items():
+        out[scen] = {}
+        for system, metrics in systems.items():
+            out[scen][system] = {
+                metric: {
+                    "vs_kcptun": ratio(values["median"], _median(summary, scen, "kcptun", metric)),
+                    "vs_direct": ratio(values["median"], _median(summary, scen, "direct", metric)),
+                }
+                for metric, values in metrics.items()
+            }
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Target:
+    """A goal: ``metric`` of ``scenario`` compared with ``reference`` (a system name, or None for an absolute bound)."""
+
+    name: str
+    scenario: str
+    metric: str
+    reference: str | None
+    op: str  # ">=" or "<="
+    threshold: float
+    systems: str  # prefix of the vtunnel systems it applies to
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        name="bulk over kcp:// >= 2x kcptun (1 stream)",
+        scenario="bulk-1",
+        metric="goodput_MBps",
+        reference="kcptun",
+        op=">=",
+        threshold=2.0,
+        systems="vtunnel-kcp",
+    ),
+    Target(
+        name="bulk over kcp:// >= 2x kcptun (16 streams)",
+        scenario="bulk-16",
+        metric="goodput_MBps",
+        reference="kcptun",
+        op=">=",
+        threshold=2.0,
+        systems="vtunnel-kcp",
+    ),
+    Target(
+        name="bulk over tcp:// multiplexed (16 streams) >= 0.5x direct",
+        scenario="bulk-16",
+        metric="goodput_MBps",
+        reference="direct",
+        op=">=",
+        threshold=0.5,
+        systems="vtunnel-tcp",
+    ),
+    Target(
+        name="64 B request/response over kcp:// p50 <= 0.8x kcptun",
+        scenario="rr-64",
+        metric="p50_us",
+        reference="kcptun",
+        op="<=",
+        threshold=0.8,
+        systems="vtunnel-kcp",
+    ),
+    Target(
+        name="64 B request/response over kcp:// p99 <= kcptun",
+        scenario="rr-64",
+        metric="p99_us",
+        reference="kcptun",
+        op="<=",
+        threshold=1.0,
+        systems="vtunnel-kcp",
+    ),
+    Target(
+        name="idle, one open stream: agent <= 0.2% of a core",
+        scenario="idle-cpu",
+        metric="agent_pct",
+        reference=None,
+        op="<=",
+        threshold=0.2,
+        systems="vtunnel-",
+    ),
+    Target(
+        name="idle, one open stream: server <= 0.2% of a core",
+        scenario="idle-cpu",
+        metric="server_pct",
+        reference=None,
+        op="<=",
+        threshold=0.2,
+        systems="vtunnel-",
+    ),
+    Target(
+        name="idle streams in one tunnel <= 4 KiB each",
+        scenario="idle-streams",
+        metric="per_stream_bytes",
+        reference=None,
+        op="<=",
+        threshold=4096.0,
+        systems="vtunnel-",
+    ),
+)
+
+
+def evaluate_targets(summary: Mapping[str, Any], systems: Iterable[str]) -> list[dict[str, object]]:
+    """Each target for each matching system: the measured value (a ratio or an absolute), and whether it is met."""
+    rows: list[dict[str, object]] = []
+    names = list(systems)
+    for target in TARGETS:
+        for system in (n for n in names if n.startswith(target.systems)):
+            value = _median(summary, target.scenario, system, target.metric)
+            if target.reference is not None:
+                value = ratio(value, _median(summary, target.scenario, target.reference, target.metric))
+            met: bool | None = None
+            if value is not None:
+                met = value >= target.threshold if target.op == ">=" else value <= target.threshold
+            rows.append(
+                {
+                    "target": target.name,
+                    "system": system,
+                    "scenario": target.scenario,
+                    "metric": target.metric,
+                    "reference": target.reference,
+                    "value": value,
+                    "op": target.op,
+                    "threshold": target.threshold,
+                    "met": met,
+                }
+            )
+    return rows
+
+
+def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> list[str]:
+    """Where the measured link or a process, not the system, may have been the limit."""
+    notes: list[str] = []
+    busy: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for s in samples:
+        if not s["ok"]:
+            continue
+        key = scenario_key(s["scenario"], s["loss"])
+        for role, cpu in (s["raw"].get("cpu") or {}).items():
+            if s["scenario"] != "idle-cpu":
+                busy[(key, s["system"], role)].append(float(cpu["pct"]))
+        relay = s["raw"].get("relay") or {}
+        queue_dropped = sum(int(d.get("queue_dropped", 0)) for d in relay.values() if isinstance(d, dict))
+        if queue_dropped:
+            notes.append(
+                f"{key} {s['system']} round {s['round'] + 1}: the relay's rate limit dropped {queue_dropped} "
+                "datagrams (the emulated link was saturated)"
+            )
+    for (key, system, role), values in sorted(busy.items()):
+        peak = max(values)
+        if peak >= 90.0:
+            notes.append(f"{key} {system}: the {role} process used up to {peak:.0f}% of a core (CPU-bound)")
+    for scen, systems in summary.items():
+        if not scen.startswith("bulk-loss@"):
+            continue
+        link = _median(summary, scen, "direct", "goodput_MBps")
+        for system in systems:
+            value = _median(summary, scen, system, "goodput_MBps")
+            if system != "direct" and link and value and value >= 0.9 * link:
+                notes.append(
+                    f"{scen} {system}: {value:.1f} MB/s is within 10% of the direct connection on the same link "
+                    f"({link:.1f} MB/s): the link, not the tunnel, may be the limit"
+                )
+    return notes
+
+
+def build_document(
+    *,
+    mode: str,
+    started: float,
+    finished: float,
+    rounds: int,
+    loss_levels: Sequence[float],
+    systems: Sequence[SystemSpec],
+    skipped: Mapping[str, str],
+    scenarios: Sequence[Scenario],
+    quick: bool,
+    notes: Sequence[str],
+    samples: Sequence[Mapping[str, Any]],
+    interrupted: bool = False,
+) -> dict[str, Any]:
+    summary = _summaries(samples)
+    return {
+        "schema": RESULT_SCHEMA_VERSION,
+        "mode": mode,
+        "interrupted": interrupted,
+        "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
+        "finished": dt.datetime.fromtimestamp(finished, dt.UTC).isoformat(timespec="seconds"),
+        "duration_s": round(finished - started, 1),
+        "machine": machine_description(),
+        "rounds": rounds,
+        "loss_levels": list(loss_levels),
+        "systems": [
+            {"name": s.name, "kind": s.kind, "transport": s.transport, "keyed": s.keyed} for s in systems
+        ],
+        "skipped_systems": dict(skipped),
+        "scenarios": [
+            {
+                "name": sc.name,
+                "kind": sc.kind,
+                "description": sc.description,
+                "settings": sc.settings(quick=quick),
+                "link": sc.link,
+                "schedule": sc.schedule,
+            }
+            for sc in scenarios
+        ],
+        "notes": list(notes),
+        "samples": list(samples),
+        "summary": summary,
+        "ratios": _ratios(summary),
+        "targets": evaluate_targets(summary, [s.name for s in systems]),
+        "saturation": _saturation(samples, summary),
+    }
+
+
+def validate_document(doc: Mapping[str, Any]) -> list[str]:
+    """Problems with a result document's shape (empty when it is well-formed)."""
+    problems = [f"missing key {k!r}" for k in REQUIRED_KEYS if k not in doc]
+    if problems:
+        return problems
+    if doc["schema"] != RESULT_SCHEMA_VERSION:
+        problems.append(f"schema {doc['schema']} is not {RESULT_SCHEMA_VERSION}")
+    for key in ("cpu_model", "cores", "kernel", "python", "versions"):
+        if key not in doc["machine"]:
+            problems.append(f"machine description lacks {key!r}")
+    for i, s in enumerate(doc["samples"]):
+        for key in ("scenario", "system", "round", "loss", "ok", "error", "metrics", "raw"):
+            if key not in s:
+                problems.append(f"sample {i} lacks {key!r}")
+        if s.get("ok") and not s.get("metrics"):
+            problems.append(f"sample {i} is ok but has no metrics")
+        if not s.get("ok") and not s.get("error"):
+            problems.append(f"sample {i} failed without an error message")
+    for scen, systems in doc["summary"].items():
+        for system, metrics in systems.items():
+            for metric, summ in metrics.items():
+                if not summ["min"] <= summ["median"] <= summ["max"]:
+                    problems.append(f"summary {scen}/{system}/{metric}: median outside its range")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _cell(summ: Mapping[str, Any] | None) -> str:
+    if not summ:
+        return "-"
+    s = Summary(n=int(summ["n"]), median=summ["median"], minimum=summ["min"], maximum=summ["max"])
+    if s.n == 1:
+        return _fmt(s.median)
+    return f"{_fmt(s.median)} ({_fmt(s.minimum)}-{_fmt(s.maximum)})"
+
+
+def _ratio_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str:
+    m = doc["machine"]
+    v = m["versions"]
+    lines = [
+        "# vtunnel benchmark results",
+        "",
+        f"Mode **{doc['mode']}**, {doc['rounds']} alternated rounds, {doc['started']} ({doc['duration_s']} s)."
+        + (" **Interrupted: partial results.**" if doc.get("interrupted") else ""),
+        f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
+        f"vtunnel {v.get('vtunnel') or 'not installed'}, kcptun {v.get('kcptun') or 'not installed'}.",
+        "",
+        "Cells: median over the rounds (min-max). Ratios compare medians. kcptun runs fast3, windows 1024, "
+        "no crypt, no compression, no FEC; `+psk` is vtunnel with its pre-shared key (authenticated encryption).",
+        "",
+    ]
+    system_names = [s["name"] for s in doc["systems"]]
+    kinds = {sc["name"]: sc["kind"] for sc in doc["scenarios"]}
+    descriptions = {sc["name"]: sc["description"] for sc in doc["scenarios"]}
+    for scen in doc["summary"]:
+        base = scen.split("@")[0]
+        kind = kinds.get(base, "")
+        headline = HEADLINE.get(kind, ())
+        if not headline:
+            continue
+        lines += [f"## {scen}: {descriptions.get(base, '')}", ""]
+        header = ["system"]
+        for metric, unit, _ in headline:
+            header += [f"{metric} ({unit})", "vs kcptun", "vs direct"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for system in system_names:
+            metrics = doc["summary"][scen].get(system)
+            if metrics is None:
+                continue
+            row = [system]
+            for metric, _, _ in headline:
+                ratios = doc["ratios"][scen][system].get(metric, {})
+                row += [
+                    _cell(metrics.get(metric)),
+                    _ratio_text(ratios.get("vs_kcptun")),
+                    _ratio_text(ratios.get("vs_direct")),
+                ]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | system | measured | goal | met |", "|---|---|---|---|---|"]
+    for t in doc["targets"]:
+        unit = "x" if t["reference"] else ""
+        measured = "-" if t["value"] is None else f"{t['value']:.3g}{unit}"
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['system']} | {measured} | {t['op']} {t['threshold']:g}{unit} | {met} |")
+    lines.append("")
+    failures = [s for s in doc["samples"] if not s["ok"]]
+    extra = list(doc["notes"]) + list(doc["saturation"])
+    extra += [f"{name} skipped: {why}" for name, why in doc["skipped_systems"].items()]
+    extra += [
+        f"{scenario_key(s['scenario'], s['loss'])} {s['system']} round {s['round'] + 1} failed: {s['error']}"
+        for s in failures
+    ]
+    if extra:
+        lines += ["## Notes", ""] + [f"- {n}" for n in extra] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def write_results(doc: Mapping[str, Any], out_dir: Path, *, plots: Sequence[str] = ()) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "latest.json"
+    md_path = out_dir / "latest.md"
+    json_path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    md_path.write_text(render_markdown(doc, plots=plots))
+    return json_path, md_path

@@ -1,0 +1,357 @@
+"""The benchmark runner: plans the jobs, alternates the systems round by round, records every sample.
+
+A *job* is one stack start (one system on one placement) followed by the scenarios that share it. For ``rounds``
+scenarios the job list is ``round 1: A B C ..., round 2: A B C ...``, so a machine that slows down halfway hurts every
+system alike. Every process belongs to one :class:`~bench.procs.ProcessGroup` that is closed whatever happens, and
+the namespaces the runner made are deleted in the same ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from bench.measure import (
+    Metrics,
+    measure_bulk,
+    measure_idle_cpu,
+    measure_idle_streams,
+    measure_rr,
+    measure_ttfb,
+    release,
+)
+from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
+from bench.procs import HarnessError, ProcessGroup, free_port, python_argv, rss_bytes
+from bench.scenarios import LOSS_LEVELS, ROUNDS, SCENARIOS, Scenario, all_systems
+from bench.systems import (
+    Stack,
+    SystemSpec,
+    agent_argv,
+    installed_transports,
+    make_psk_file,
+    run_client,
+    server_argv,
+    start_stack,
+    system_unavailable,
+    tunnel_url,
+)
+
+__all__ = ["Job", "RunOptions", "Runner", "Sample"]
+
+log = structlog.get_logger("bench.runner")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunOptions:
+    quick: bool = False
+    scenarios: tuple[str, ...] = ()  # empty: all
+    systems: tuple[str, ...] = ()  # empty: all available
+    rounds: int | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class Sample:
+    """One measurement of one scenario on one system."""
+
+    scenario: str
+    system: str
+    round: int
+    loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, object] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "scenario": self.scenario,
+            "system": self.system,
+            "round": self.round,
+            "loss": self.loss,
+            "ok": self.error is None,
+            "error": self.error,
+            "metrics": self.metrics,
+            "raw": self.raw,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    """One stack start and the scenarios measured on it."""
+
+    system: SystemSpec
+    scenarios: tuple[Scenario, ...]
+    round: int
+    link: str  # "loopback" | "relay" | "netns"
+
+
+Listener = Callable[[str, Sample | None], None]
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+class Runner:
+    """Runs the selected scenarios over the available systems; ``listener`` sees progress and each new sample."""
+
+    def __init__(self, options: RunOptions, *, listener: Listener | None = None) -> None:
+        self.options = options
+        self.listener = listener or (lambda text, sample: None)
+        self.samples: list[Sample] = []
+        self.notes: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.mode = "quick" if options.quick else "full"
+        self.rounds = options.rounds or ROUNDS[self.mode]
+        self.loss_levels = LOSS_LEVELS[self.mode]
+        names = set(options.scenarios)
+        unknown = names - {s.name for s in SCENARIOS}
+        if unknown:
+            raise HarnessError(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+        self.scenarios = [s for s in SCENARIOS if not names or s.name in names]
+        self.systems = self._pick_systems()
+        self.netns_reason: str | None = None
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ planning
+    def _pick_systems(self) -> list[SystemSpec]:
+        transports = installed_transports()
+        wanted = set(self.options.systems)
+        chosen: list[SystemSpec] = []
+        for system in all_systems():
+            if wanted and system.name not in wanted:
+                continue
+            reason = system_unavailable(system, transports)
+            if reason is not None:
+                self.skipped[system.name] = reason
+                continue
+            chosen.append(system)
+        return chosen
+
+    def plan(self) -> list[Job]:
+        jobs: list[Job] = []
+        for link in ("loopback", "relay", "netns"):
+            group = [s for s in self.scenarios if s.link == link and s.schedule == "rounds"]
+            if not group:
+                continue
+            for r in range(self.rounds):
+                for system in self.systems:
+                    mine = tuple(s for s in group if s.applies_to(system))
+                    if mine:
+                        jobs.append(Job(system=system, scenarios=mine, round=r, link=link))
+        for scenario in (s for s in self.scenarios if s.schedule == "once"):
+            for system in self.systems:
+                if scenario.applies_to(system):
+                    jobs.append(Job(system=system, scenarios=(scenario,), round=0, link=scenario.link))
+        return jobs
+
+    def total_steps(self, jobs: Sequence[Job]) -> int:
+        return sum(len(self.loss_levels) if j.link == "netns" else len(j.scenarios) for j in jobs)
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> list[Sample]:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        _raise_fd_limit()
+        link: NetnsLink | None = None
+        try:
+            with ProcessGroup(log_dir=Path(tempfile.mkdtemp(prefix="vtbench-"))) as group:
+                psk_file = make_psk_file(group.log_dir)
+                if psk_file is None and any(s.keyed for s in self.systems):
+                    for s in [s for s in self.systems if s.keyed]:
+                        self.skipped[s.name] = "`vtunnel keygen` did not give a key"
+                    self.systems = [s for s in self.systems if not s.keyed]
+                jobs = self.plan()
+                if any(j.link == "netns" for j in jobs):
+                    self.netns_reason = netns_supported()
+                    if self.netns_reason is None:
+                        link = NetnsLink(tag=f"{os.getpid() % 100000}")
+                        link.up()
+                    else:
+                        self.notes.append(f"bulk-loss skipped: {self.netns_reason}")
+                if any(j.link == "relay" for j in jobs) and not relay_available():
+                    self.notes.append("rr-impaired skipped: the UDP impairment relay is not installed")
+                self.listener(f"total:{self.total_steps(jobs)}", None)
+                for job in jobs:
+                    self._run_job(job, group, psk_file, link)
+        finally:
+            if link is not None:
+                link.down()
+            signal.signal(signal.SIGTERM, previous)
+        return self.samples
+
+    def _record(self, sample: Sample) -> None:
+        self.samples.append(sample)
+        self.listener(f"{sample.scenario} {sample.system} r{sample.round + 1}", sample)
+
+    def _fail_all(self, job: Job, error: str, levels: Sequence[float | None]) -> None:
+        for scenario in job.scenarios:
+            for level in levels:
+                self._record(
+                    Sample(scenario=scenario.name, system=job.system.name, round=job.round, loss=level, error=error)
+                )
+
+    def _run_job(self, job: Job, group: ProcessGroup, psk_file: Path | None, link: NetnsLink | None) -> None:
+        self.listener(f"start {job.system.name} ({job.link}) round {job.round + 1}", None)
+        if job.link == "netns":
+            if link is None:
+                self._fail_all(job, f"skipped: {self.netns_reason}", list(self.loss_levels))
+                return
+            self._run_netns_job(job, group, psk_file, link)
+            return
+        if job.link == "relay" and not relay_available():
+            self._fail_all(job, "skipped: the UDP impairment relay is not installed", [None])
+            return
+        scenario = job.scenarios[0]
+        if job.scenarios[0].kind == "tunnels":
+            self._run_tunnels(job, group, psk_file)
+            return
+        relay = scenario.relay_options if job.link == "relay" else None
+        with group.scope() as scope:
+            try:
+                stack = start_stack(job.system, scope, LOOPBACK, psk_file=psk_file, relay=relay)
+            except HarnessError as exc:
+                self._fail_all(job, str(exc), [None])
+                return
+            for sc in job.scenarios:
+                self._measure(sc, job, stack, scope, None)
+
+    def _measure(
+        self, scenario: Scenario, job: Job, stack: Stack, group: ProcessGroup, loss: float | None
+    ) -> None:
+        settings = scenario.settings(quick=self.options.quick)
+        sample = Sample(scenario=scenario.name, system=job.system.name, round=job.round, loss=loss)
+        try:
+            stack.check_alive()
+            metrics: Metrics
+            if scenario.kind in ("bulk", "bulk_loss"):
+                metrics = measure_bulk(stack, settings)
+            elif scenario.kind == "rr":
+                metrics = measure_rr(stack, settings)
+            elif scenario.kind == "ttfb":
+                metrics = measure_ttfb(stack, settings)
+            elif scenario.kind == "idle_cpu":
+                metrics = measure_idle_cpu(stack, group, settings)
+            elif scenario.kind == "idle_streams":
+                metrics = measure_idle_streams(stack, group, settings)
+            else:
+                raise HarnessError(f"no measurement for kind {scenario.kind!r}")
+            sample.metrics, sample.raw = metrics
+        except HarnessError as exc:
+            sample.error = str(exc)
+        sample.raw["link"] = stack.placement.description if loss is None else f"{stack.placement.description}"
+        if job.link == "relay":
+            sample.raw["link"] = "UDP impairment relay: " + " ".join(scenario.relay_options)
+        self._record(sample)
+
+    def _run_netns_job(self, job: Job, group: ProcessGroup, psk_file: Path | None, link: NetnsLink) -> None:
+        with group.scope() as scope:
+            link.set_loss(0.0)
+            try:
+                stack = start_stack(job.system, scope, link.placement, psk_file=psk_file)
+            except HarnessError as exc:
+                self._fail_all(job, str(exc), list(self.loss_levels))
+                return
+            for level in self.loss_levels:
+                link.set_loss(level)
+                for sc in job.scenarios:
+                    self._measure(sc, job, stack, scope, level)
+                    self.samples[-1].raw["dropped_packets"] = link.dropped()
+                    self.samples[-1].raw["link"] = link.placement.description
+
+    def _run_tunnels(self, job: Job, group: ProcessGroup, psk_file: Path | None) -> None:
+        scenario = job.scenarios[0]
+        settings = scenario.settings(quick=self.options.quick)
+        count = int(settings["tunnels"])
+        timeout = float(settings["timeout"])
+        sample = Sample(scenario=scenario.name, system=job.system.name, round=0)
+        try:
+            with group.scope() as scope:
+                sample.metrics, sample.raw = _measure_tunnels(job.system, scope, psk_file, count, timeout)
+        except HarnessError as exc:
+            sample.error = str(exc)
+        self._record(sample)
+
+
+def _settle_rss(pid: int, *, limit: float = 5.0) -> int:
+    """RSS of ``pid`` once two readings 0.3 s apart agree within 1% (or after ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    last = rss_bytes(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = rss_bytes(pid)
+        if abs(now - last) <= last // 100:
+            return now
+        last = now
+    return last
+
+
+def _measure_tunnels(
+    system: SystemSpec, group: ProcessGroup, psk_file: Path | None, count: int, timeout: float
+) -> Metrics:
+    """Server RSS delta over ``count`` tunnels from one client process (kcptun: ``--conn N``)."""
+    target_port = free_port()
+    group.spawn("workload", python_argv("bench.workload", "serve", "--listen", f"127.0.0.1:{target_port}"))
+    tunnel_port = free_port()
+    listen = f"127.0.0.1:{tunnel_port}"
+    extra = ("--keepalive", "2") if system.kind == "kcptun" else ()
+    server = group.spawn("server", server_argv(system, listen, f"127.0.0.1:{target_port}", psk_file, extra))
+    time.sleep(1.0)
+    if not server.alive():
+        raise HarnessError(f"{system.name} server exited: {server.log_tail()}")
+    before = _settle_rss(server.pid)
+    t0 = time.monotonic()
+    if system.kind == "kcptun":
+        entry = f"127.0.0.1:{free_port()}"
+        client = group.spawn("client", agent_argv(system, listen, entry, psk_file, conns=count, extra=extra))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                run_client(LOOPBACK, ["probe", "--connect", entry, "--timeout", "2"], timeout=3)
+                break
+            except HarnessError:
+                if time.monotonic() > deadline or not client.alive():
+                    raise HarnessError(f"kcptun client with {count} sessions never carried an echo") from None
+                time.sleep(0.3)
+        # kcptun sessions reach the server only when they send: wait two keepalive periods.
+        time.sleep(5.0)
+        holder = None
+    else:
+        args = ["--server", tunnel_url(system, listen), "--count", str(count), "--timeout", str(timeout)]
+        if system.keyed and psk_file is not None:
+            args += ["--psk-file", str(psk_file)]
+        holder = group.spawn("tunnels", python_argv("bench.tunnels", *args), pipe=True)
+        import json
+
+        line = holder.read_line(timeout + 15)
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise HarnessError(f"tunnel client failed: {answer.get('error')}")
+    opened = time.monotonic() - t0
+    after = _settle_rss(server.pid)
+    if not server.alive():
+        raise HarnessError(f"{system.name} server exited: {server.log_tail()}")
+    if holder is not None:
+        release(group, holder)
+    delta = after - before
+    return (
+        {"per_tunnel_bytes": delta / count, "server_delta_bytes": float(delta), "open_seconds": opened},
+        {"tunnels": count, "rss_before": before, "rss_after": after},
+    )
+
+
+def _raise_fd_limit() -> None:
+    """Idle-stream scenarios hold tens of thousands of sockets: lift the soft fd limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _ = soft
+

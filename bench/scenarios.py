@@ -1,0 +1,158 @@
+"""Scenarios, systems and links as data.
+
+Each :class:`Scenario` names a workload kind, its parameters for a full run and for ``--quick``, the link it runs on
+and how its rounds are scheduled. ``ROUNDS`` scenarios alternate the systems within every round (A B C A B C ...),
+so slow drifts of a shared machine hit every system alike; ``ONCE`` scenarios (memory, idle CPU) run one fresh stack
+per system. Add a transport by adding it to :data:`VTUNNEL_TRANSPORTS`; what is not installed is skipped and the
+report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bench.systems import SystemSpec
+
+__all__ = [
+    "LOSS_LEVELS",
+    "ROUNDS",
+    "SCENARIOS",
+    "VTUNNEL_TRANSPORTS",
+    "Scenario",
+    "all_systems",
+    "scenario_names",
+]
+
+MiB = 1024 * 1024
+
+#: vtunnel transports to measure, in report order (a scheme that is not installed is skipped).
+VTUNNEL_TRANSPORTS: tuple[str, ...] = ("tcp", "kcp", "rudp")
+
+#: Rounds per run (systems alternate inside every round).
+ROUNDS = {"full": 5, "quick": 2}
+
+#: Loss levels of the goodput-vs-loss sweep (fraction of packets dropped in each direction).
+LOSS_LEVELS = {"full": (0.0, 0.005, 0.01, 0.02, 0.05), "quick": (0.0, 0.01, 0.05)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Scenario:
+    """One measurement, run for every applicable system.
+
+    ``kind`` selects the workload: ``bulk``, ``rr``, ``ttfb``, ``idle_streams``, ``tunnels``, ``idle_cpu``,
+    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level) or ``rr_impaired`` (request/response
+    through the UDP impairment relay). ``params`` are for a full run; ``quick`` overrides some for ``--quick``.
+    """
+
+    name: str
+    kind: str
+    description: str
+    params: Mapping[str, float] = field(default_factory=dict)
+    quick: Mapping[str, float] = field(default_factory=dict)
+    schedule: str = "rounds"  # "rounds" | "once"
+    link: str = "loopback"  # "loopback" | "netns" | "relay"
+    tunnels_only: bool = False  # the direct connection has nothing to measure
+    udp_only: bool = False
+    relay_options: tuple[str, ...] = ()
+
+    def settings(self, *, quick: bool) -> dict[str, float]:
+        merged = dict(self.params)
+        if quick:
+            merged.update(self.quick)
+        return merged
+
+    def applies_to(self, system: SystemSpec) -> bool:
+        if self.tunnels_only and not system.tunnel:
+            return False
+        return not (self.udp_only and not system.udp)
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(
+        name="bulk-1",
+        kind="bulk",
+        description="bulk goodput, 1 stream (validated by the sink)",
+        params={"streams": 1, "bytes": 256 * MiB, "timeout": 120},
+        quick={"bytes": 48 * MiB, "timeout": 60},
+    ),
+    Scenario(
+        name="bulk-16",
+        kind="bulk",
+        description="bulk goodput, 16 parallel streams in one tunnel",
+        params={"streams": 16, "bytes": 256 * MiB, "timeout": 120},
+        quick={"bytes": 48 * MiB, "timeout": 60},
+    ),
+    Scenario(
+        name="rr-64",
+        kind="rr",
+        description="64-byte request/response latency on one stream",
+        params={"count": 20000, "timeout": 120},
+        quick={"count": 2000, "timeout": 60},
+    ),
+    Scenario(
+        name="ttfb",
+        kind="ttfb",
+        description="time to first byte: new connection, 64-byte request, whole answer",
+        params={"count": 500, "timeout": 120},
+        quick={"count": 100, "timeout": 60},
+    ),
+    Scenario(
+        name="idle-cpu",
+        kind="idle_cpu",
+        description="CPU of a quiet tunnel with one open idle stream (agent and server, /proc/PID/stat)",
+        params={"seconds": 30},
+        quick={"seconds": 10},
+        schedule="once",
+        tunnels_only=True,
+    ),
+    Scenario(
+        name="idle-streams",
+        kind="idle_streams",
+        description="memory per idle stream: RSS delta of agent + server over N open streams in one tunnel",
+        params={"streams": 10000, "timeout": 180},
+        quick={"streams": 2000, "timeout": 90},
+        schedule="once",
+        tunnels_only=True,
+    ),
+    Scenario(
+        name="tunnels",
+        kind="tunnels",
+        description="memory per tunnel: server RSS delta over N tunnels from one client",
+        params={"tunnels": 1000, "timeout": 180},
+        quick={"tunnels": 200, "timeout": 90},
+        schedule="once",
+        tunnels_only=True,
+    ),
+    Scenario(
+        name="bulk-loss",
+        kind="bulk_loss",
+        description="bulk goodput (1 stream) vs packet loss on a veth link between two namespaces (nftables drop)",
+        params={"streams": 1, "bytes": 32 * MiB, "timeout": 60},
+        quick={"bytes": 8 * MiB, "timeout": 30},
+        link="netns",
+    ),
+    Scenario(
+        name="rr-impaired",
+        kind="rr",
+        description="64-byte request/response through the UDP relay: 5 ms delay +-1 ms jitter, 1% loss, 50 MB/s",
+        params={"count": 3000, "timeout": 120},
+        quick={"count": 500, "timeout": 60},
+        link="relay",
+        udp_only=True,
+        relay_options=("--delay", "5", "--jitter", "1", "--loss", "0.01", "--rate", "50m", "--stats-interval", "1"),
+    ),
+)
+
+
+def scenario_names() -> list[str]:
+    return [s.name for s in SCENARIOS]
+
+
+def all_systems() -> list[SystemSpec]:
+    """Every system in report order: direct, kcptun, then vtunnel per transport, without and with the key."""
+    systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun")]
+    for transport in VTUNNEL_TRANSPORTS:
+        systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False))
+        systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=True))
+    return systems
