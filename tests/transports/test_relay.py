@@ -1,0 +1,227 @@
+"""The impairment relay: each impairment, its counters, rebinding and the command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from vtunnel.testing import Impairment, ImpairmentRelay
+from vtunnel.testing.relay import main as relay_main
+from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    with anyio.fail_after(limit):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.005)
+
+
+class Peer:
+    """A UDP socket on loopback that records what it receives and can echo it back."""
+
+    def __init__(self, *, echo: bool = False) -> None:
+        self.received: list[tuple[bytes, Address]] = []
+        self.echo = echo
+        self.udp = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), self._on_batch)
+
+    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+        self.received.extend(batch)
+        if self.echo:
+            for datagram, source in batch:
+                self.udp.sendto(datagram, source)
+
+    @property
+    def address(self) -> Address:
+        return self.udp.local_address
+
+    async def wait_for(self, count: int, limit: float = 10.0) -> None:
+        await wait_until(lambda: len(self.received) >= count, limit)
+
+
+@asynccontextmanager
+async def setup(
+    up: Impairment | None = None, down: Impairment | None = None, seed: int = 0
+) -> AsyncIterator[tuple[ImpairmentRelay, Peer, Peer]]:
+    target = Peer(echo=True)
+    client = Peer()
+    try:
+        async with ImpairmentRelay(target.address, up=up, down=down, seed=seed) as relay:
+            yield relay, client, target
+    finally:
+        client.udp.close()
+        target.udp.close()
+
+
+def numbered(n: int, size: int = 100) -> list[bytes]:
+    return [i.to_bytes(4, "big") + b"\x00" * (size - 4) for i in range(n)]
+
+
+async def send_paced(client: Peer, relay: ImpairmentRelay, datagrams: list[bytes]) -> None:
+    for i, d in enumerate(datagrams):
+        client.udp.sendto(d, relay.address)
+        if i % 50 == 49:  # stay well inside the socket buffers
+            await anyio.sleep(0.001)
+
+
+async def test_transparent_relay_passes_everything_both_ways_in_order() -> None:
+    async with setup() as (relay, client, target):
+        data = numbered(500)
+        await send_paced(client, relay, data)
+        await client.wait_for(500)
+        assert [d for d, _ in client.received] == data
+        assert [d for d, _ in target.received] == data
+        assert all(source == relay.address for _, source in client.received)
+        assert relay.up_stats.passed == relay.down_stats.passed == 500
+        assert relay.up_stats.bytes == 500 * 100
+        assert relay.up_stats.dropped == relay.down_stats.dropped == 0
+
+
+async def test_loss_is_seeded_and_counted() -> None:
+    drops = []
+    for _ in range(2):
+        async with setup(up=Impairment(loss=0.3), seed=42) as (relay, client, target):
+            await send_paced(client, relay, numbered(1000))
+            await wait_until(lambda: relay.up_stats.received >= 1000)
+            await target.wait_for(relay.up_stats.passed)
+            assert relay.up_stats.passed + relay.up_stats.dropped == 1000
+            assert 200 < relay.up_stats.dropped < 400
+            drops.append([d for d, _ in target.received])
+    assert drops[0] == drops[1]  # the same seed drops the same datagrams
+
+
+async def test_total_loss_in_one_direction_only() -> None:
+    async with setup(down=Impairment(loss=1.0)) as (relay, client, target):
+        await send_paced(client, relay, numbered(100))
+        await target.wait_for(100)
+        await anyio.sleep(0.1)
+        assert client.received == []
+        assert relay.down_stats.dropped == 100
+
+
+async def test_duplicates() -> None:
+    async with setup(up=Impairment(duplicate=1.0)) as (relay, client, target):
+        await send_paced(client, relay, numbered(50))
+        await target.wait_for(100)
+        assert sorted(d for d, _ in target.received) == sorted(numbered(50) * 2)
+        assert relay.up_stats.duplicated == 50
+
+
+async def test_reordering_keeps_the_set_and_changes_the_order() -> None:
+    async with setup(up=Impairment(reorder=0.2, reorder_delay=0.01), seed=1) as (relay, client, target):
+        data = numbered(300)
+        await send_paced(client, relay, data)
+        await target.wait_for(300)
+        got = [d for d, _ in target.received]
+        assert sorted(got) == sorted(data)
+        assert got != data
+        assert relay.up_stats.reordered > 0
+
+
+async def test_delay_and_jitter_deliver_everything() -> None:
+    async with setup(up=Impairment(delay=0.01, jitter=0.005), down=Impairment(delay=0.01)) as (
+        relay,
+        client,
+        _t,
+    ):
+        data = numbered(200)
+        await send_paced(client, relay, data)
+        await client.wait_for(200)
+        assert sorted(d for d, _ in client.received) == sorted(data)
+
+
+async def test_rate_limit_queues_then_drops_a_burst() -> None:
+    async with setup(up=Impairment(rate=100_000, queue=10_000)) as (relay, client, target):
+        for d in numbered(300, size=1000):  # a 300 kB burst into a 10 kB queue
+            client.udp.sendto(d, relay.address)
+        await wait_until(lambda: relay.up_stats.received >= 300)
+        assert relay.up_stats.queue_dropped > 200
+        await target.wait_for(300 - relay.up_stats.queue_dropped)
+        got = [d for d, _ in target.received]
+        assert got == sorted(got)  # a rate limit alone never reorders
+
+
+async def test_rebind_moves_the_flow_to_a_new_port() -> None:
+    async with setup() as (relay, client, target):
+        client.udp.sendto(b"one", relay.address)
+        await target.wait_for(1)
+        before = relay.upstream_addresses
+        relay.rebind()
+        after = relay.upstream_addresses
+        assert before != after
+        client.udp.sendto(b"two", relay.address)
+        await target.wait_for(2)
+        assert target.received[0][1] == before[0]
+        assert target.received[1][1] == after[0]
+        await client.wait_for(2)  # answers to the new port still reach the client
+        assert [d for d, _ in client.received] == [b"one", b"two"]
+
+
+async def test_each_client_gets_its_own_flow() -> None:
+    async with setup() as (relay, client, _target):
+        other = Peer()
+        try:
+            client.udp.sendto(b"a", relay.address)
+            other.udp.sendto(b"b", relay.address)
+            await client.wait_for(1)
+            await other.wait_for(1)
+            assert client.received[0][0] == b"a"
+            assert other.received[0][0] == b"b"
+            assert len(relay.upstream_addresses) == 2
+        finally:
+            other.udp.close()
+
+
+def test_bad_impairments_are_rejected() -> None:
+    for kwargs in ({"loss": 1.5}, {"duplicate": -0.1}, {"delay": -1.0}, {"rate": 0.0}, {"queue": -1}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            Impairment(**kwargs)
+    assert Impairment().transparent
+    assert not Impairment(rate=1e6).transparent
+
+
+def test_cli_rejects_bad_values() -> None:
+    assert relay_main(["--listen", "127.0.0.1:0", "--target", "127.0.0.1:9", "--loss", "2"]) == 2
+    with pytest.raises(SystemExit):
+        relay_main(["--listen", "nonsense", "--target", "127.0.0.1:9"])
+
+
+async def test_cli_process_relays_and_reports_counters() -> None:
+    target = Peer(echo=True)
+    client = Peer()
+    command = [
+        sys.executable, "-m", "vtunnel.testing.relay",
+        "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{target.address[1]}",
+        "--down-loss", "1.0", "--seed", "3", "--delay", "1",
+    ]  # fmt: skip
+    try:
+        async with await anyio.open_process(command, stderr=None) as proc:
+            assert proc.stdout is not None
+            out = BufferedByteReceiveStream(proc.stdout)
+            with anyio.fail_after(30):
+                line = await out.receive_until(b"\n", 4096)
+            host, port = json.loads(line)["listening"]
+            for d in numbered(20):
+                client.udp.sendto(d, (host, port))
+            await target.wait_for(20, limit=20)
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                stats = json.loads(await out.receive_until(b"\n", 65536))
+                assert await proc.wait() == 0
+        assert stats["up"]["passed"] == 20
+        assert stats["down"]["dropped"] == 20
+        assert client.received == []
+    finally:
+        client.udp.close()
+        target.udp.close()
