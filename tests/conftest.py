@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -46,9 +47,11 @@ class Processes:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[IO[bytes]] = []
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"proc{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.tmp / f"proc{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed in stop_all
+        self.logs.append(log)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(
             [*VTUNNEL, *args], stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
@@ -67,6 +70,8 @@ class Processes:
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=10)
+        for log in self.logs:
+            log.close()
 
 
 @pytest.fixture

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
 
 from vtunnel.apps.pipe import pipe
 from vtunnel.protocol import StreamMetadata, TunnelConfig
@@ -115,10 +116,20 @@ class Agent:
             log.info("listening", front=name, address=shown, server=str(s.server))
         async with anyio.create_task_group() as tg:
             await self.pool.run(tg)
+            accepting: list[anyio.CancelScope] = []
+
+            async def accept_on(listener: Listener[Any], handler: Callable[[ByteStream], Awaitable[None]]) -> None:
+                with anyio.CancelScope() as scope:
+                    accepting.append(scope)
+                    await listener.serve(self._tracked(handler), tg)
+
             for listener, handler in listeners:
-                tg.start_soon(listener.serve, self._tracked(handler), tg)
+                tg.start_soon(accept_on, listener, handler)
             task_status.started(self.local_addresses)
             await self._stopping.wait()
+            for scope in accepting:
+                scope.cancel()
+            await anyio.sleep(0)
             for listener, _ in listeners:
                 await listener.aclose()
             with anyio.move_on_after(s.drain_timeout):

@@ -75,10 +75,20 @@ class Server:
                 secure=not self.settings.security.insecure,
             )
         async with anyio.create_task_group() as tg:
+            accepting: list[anyio.CancelScope] = []
+
+            async def accept_on(listener: Listener[ByteStream]) -> None:
+                with anyio.CancelScope() as scope:
+                    accepting.append(scope)
+                    await listener.serve(self._handle_tunnel, tg)
+
             for listener in self.listeners:
-                tg.start_soon(listener.serve, self._handle_tunnel, tg)
+                tg.start_soon(accept_on, listener)
             task_status.started(self.local_addresses)
             await self._stopping.wait()
+            for scope in accepting:
+                scope.cancel()
+            await anyio.sleep(0)
             for listener in self.listeners:
                 await listener.aclose()
             for conn in list(self.tunnels):

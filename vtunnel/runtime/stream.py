@@ -52,6 +52,7 @@ class TunnelStream(ByteStream):
         self._readable = anyio.Event()
         self._writable = anyio.Event()
         self._accepted_event = anyio.Event()
+        self._syn_acked = accepted
         if accepted:
             self._accepted_event.set()
         self._eof = False
@@ -90,6 +91,7 @@ class TunnelStream(ByteStream):
         self._writable.set()
 
     def _on_accepted(self) -> None:
+        self._syn_acked = True
         self._accepted_event.set()
 
     # ---------------------------------------------------------------- server side
@@ -97,8 +99,9 @@ class TunnelStream(ByteStream):
         """Server: answer the peer's SYN with a SYN-ACK."""
         if self._broken is not None:
             raise anyio.BrokenResourceError(f"stream {self.stream_id} {self._broken}")
-        if self._accepted_event.is_set():
+        if self._syn_acked:
             return
+        self._syn_acked = True
         self._accepted_event.set()
         try:
             self._conn.tunnel.accept_stream(self.stream_id)
@@ -118,7 +121,7 @@ class TunnelStream(ByteStream):
 
     async def wait_accepted(self) -> None:
         await self._accepted_event.wait()
-        if self._broken is not None and not self._buffer:
+        if not self._syn_acked:
             raise StreamRefused(self.reset_error)
 
     # ---------------------------------------------------------------- ByteStream
@@ -126,12 +129,12 @@ class TunnelStream(ByteStream):
         while not self._buffer:
             if self._closed:
                 raise anyio.ClosedResourceError
+            if self._eof:  # everything the peer sent arrived, whatever happened after its FIN
+                raise anyio.EndOfStream
             if self._broken is not None:
-                if not self._accepted_event.is_set() or self._broken == "refused":
+                if not self._syn_acked or self._broken == "refused":
                     raise StreamRefused(self.reset_error)
                 raise anyio.BrokenResourceError(f"stream {self.stream_id}: {self._broken}")
-            if self._eof:
-                raise anyio.EndOfStream
             self._readable = anyio.Event()
             await self._readable.wait()
         buf = self._buffer
