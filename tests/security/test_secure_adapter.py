@@ -1,0 +1,263 @@
+"""The anyio adapter over real TCP sockets on 127.0.0.1: handshakes, records, half-close, and silence towards
+everything that fails authentication (while other clients keep being served)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import pytest
+from anyio import BrokenResourceError, EndOfStream
+from anyio.abc import ByteStream, SocketAttribute, SocketStream
+
+from vtunnel.security.errors import SecurityError
+from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+from vtunnel.security.stream import SecureStreamClient
+from vtunnel.transports.secure import secure_client, secure_server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+PSK = bytes(range(32))
+SILENCE = (0.3, 0.6)
+
+
+@dataclass
+class Server:
+    port: int
+    accepted: int = 0
+    refused: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+    failed: anyio.Event = field(default_factory=anyio.Event)
+
+
+async def _echo(stream: ByteStream, server: Server) -> None:
+    try:
+        while True:
+            data = await stream.receive()
+            await stream.send(data)
+    except EndOfStream:
+        await stream.send(b"<bye>")
+    except BrokenResourceError as exc:
+        server.errors.append(exc)
+        server.failed.set()
+    finally:
+        await stream.aclose()
+
+
+@asynccontextmanager
+async def running_server(limiter: HandshakeLimiter | None = None) -> AsyncIterator[Server]:
+    replay = ReplayCache()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    server = Server(port=listener.extra(SocketAttribute.local_port))
+
+    async def handle(raw: SocketStream) -> None:
+        host = raw.extra(SocketAttribute.remote_address)[0]
+        secured = await secure_server(
+            raw, PSK, replay=replay, limiter=limiter, source=str(host), silence=SILENCE
+        )
+        if secured is None:
+            server.refused += 1
+            return
+        server.accepted += 1
+        await _echo(secured, server)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        try:
+            yield server
+        finally:
+            tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def _connect(port: int, psk: bytes = PSK) -> ByteStream:
+    raw = await anyio.connect_tcp("127.0.0.1", port)
+    return await secure_client(raw, psk, handshake_timeout=5.0)
+
+
+async def _read_all(stream: ByteStream, limit: float = 10.0) -> bytes:
+    out = bytearray()
+    with anyio.fail_after(limit):
+        try:
+            while True:
+                out += await stream.receive()
+        except (EndOfStream, BrokenResourceError):
+            pass
+    return bytes(out)
+
+
+async def test_echo_through_the_secure_channel() -> None:
+    async with running_server() as server:
+        stream = await _connect(server.port)
+        payload = os.urandom(1_000_000)
+        got = bytearray()
+
+        async def reader() -> None:
+            while len(got) < len(payload):
+                got.extend(await stream.receive())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            for i in range(0, len(payload), 50_000):
+                await stream.send(payload[i : i + 50_000])
+        assert bytes(got) == payload
+        assert stream.extra(SocketAttribute.remote_port) == server.port  # attributes pass through
+        await stream.send_eof()
+        assert await _read_all(stream) == b"<bye>"
+        await stream.aclose()
+        assert server.accepted == 1
+
+
+async def test_many_clients_at_once() -> None:
+    async with running_server() as server:
+
+        async def one(i: int) -> None:
+            s = await _connect(server.port)
+            msg = f"client {i} ".encode() * 100
+            await s.send(msg)
+            got = b""
+            while len(got) < len(msg):
+                got += await s.receive()
+            assert got == msg
+            await s.aclose()
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i)
+        assert server.accepted == 20
+
+
+async def _probe(port: int, data: bytes) -> tuple[bytes, float]:
+    """Send ``data`` raw; return every byte the server sent back and how long until it closed."""
+    raw = await anyio.connect_tcp("127.0.0.1", port)
+    start = time.monotonic()
+    if data:
+        await raw.send(data)
+    got = await _read_all(raw)
+    elapsed = time.monotonic() - start
+    await raw.aclose()
+    return got, elapsed
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        bytes.fromhex("000000040000000000"),  # vproxy's empty SETTINGS
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: curl/8.0\r\n\r\n",
+        os.urandom(64),
+        os.urandom(3000),
+        b"",  # connect and say nothing
+    ],
+    ids=["vproxy-settings", "http", "random-64", "random-3000", "nothing"],
+)
+async def test_probes_get_zero_bytes_and_a_late_close(probe: bytes) -> None:
+    async with running_server() as server:
+        got, elapsed = await _probe(server.port, probe)
+        assert got == b""
+        assert elapsed >= SILENCE[0] * 0.9  # it kept reading rather than hanging up at once
+        # and it still serves a real client
+        s = await _connect(server.port)
+        await s.send(b"hi")
+        assert await s.receive() == b"hi"
+        await s.aclose()
+        assert server.refused == 1
+
+
+async def test_wrong_key_gets_nothing_while_others_are_served() -> None:
+    async with running_server() as server:
+        wrong = SecureStreamClient(bytes(32), now=time.time()).data_to_send()
+        async with anyio.create_task_group() as tg:
+            result: list[bytes] = []
+
+            async def prober() -> None:
+                result.append((await _probe(server.port, wrong))[0])
+
+            tg.start_soon(prober)
+            s = await _connect(server.port)
+            for i in range(10):
+                await s.send(b"%d" % i)
+                assert await s.receive() == b"%d" % i
+            await s.aclose()
+        assert result == [b""]
+        raw = await anyio.connect_tcp("127.0.0.1", server.port)
+        with pytest.raises(SecurityError):  # a timeout, or the server's silent close
+            await secure_client(raw, bytes(32), handshake_timeout=1.0)
+
+
+async def test_a_captured_first_message_replayed_gets_silence() -> None:
+    async with running_server() as server:
+        # a real client handshake, captured on the way
+        core = SecureStreamClient(PSK, now=time.time())
+        first = core.data_to_send()
+        raw = await anyio.connect_tcp("127.0.0.1", server.port)
+        await raw.send(first)
+        reply = await raw.receive()
+        assert core.receive_data(reply, time.time()) == b""
+        assert core.handshake_complete
+        # the observer replays it on a new connection: nothing comes back
+        got, _ = await _probe(server.port, first)
+        assert got == b""
+        await raw.aclose()
+        assert server.accepted == 1
+        assert server.refused == 1
+
+
+async def test_truncated_connection_is_broken_not_a_clean_end() -> None:
+    async with running_server() as server:
+        core = SecureStreamClient(PSK, now=time.time())
+        raw = await anyio.connect_tcp("127.0.0.1", server.port)
+        await raw.send(core.data_to_send())
+        core.receive_data(await raw.receive(), time.time())
+        core.send(b"partial")
+        await raw.send(core.data_to_send())
+        assert core.receive_data(await raw.receive(), time.time()) == b"partial"
+        await raw.aclose()  # cut: no authenticated end of stream
+        with anyio.fail_after(10):
+            await server.failed.wait()
+        assert isinstance(server.errors[0], BrokenResourceError)
+
+
+async def test_tampered_record_breaks_only_that_connection() -> None:
+    async with running_server() as server:
+        other = await _connect(server.port)
+        core = SecureStreamClient(PSK, now=time.time())
+        raw = await anyio.connect_tcp("127.0.0.1", server.port)
+        await raw.send(core.data_to_send())
+        core.receive_data(await raw.receive(), time.time())
+        core.send(b"a" * 100)
+        record = bytearray(core.data_to_send())
+        record[50] ^= 1
+        await raw.send(bytes(record))
+        assert await _read_all(raw) == b""  # the server closes it without a word
+        await raw.aclose()
+        await other.send(b"unaffected")
+        assert await other.receive() == b"unaffected"
+        await other.aclose()
+        assert len(server.errors) == 1
+
+
+async def test_half_close_both_ways() -> None:
+    async with running_server() as server:
+        s = await _connect(server.port)
+        await s.send(b"last words")
+        await s.send_eof()
+        assert await _read_all(s) == b"last words<bye>"
+        with pytest.raises(EndOfStream):
+            await s.receive()
+        await s.aclose()
+        assert server.errors == []
+
+
+async def test_limiter_silences_a_source_that_handshakes_too_often() -> None:
+    async with running_server(limiter=HandshakeLimiter(rate=0.001, burst=2)) as server:
+        for _ in range(2):
+            s = await _connect(server.port)
+            await s.aclose()
+        raw = await anyio.connect_tcp("127.0.0.1", server.port)
+        with pytest.raises(SecurityError):  # a timeout, or the server's silent close
+            await secure_client(raw, PSK, handshake_timeout=1.0)
+        assert server.refused == 1
