@@ -36,8 +36,8 @@ __all__ = ["KCPListener", "KCPStream", "KCPTransport"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
-#: a session's key in the server table: its conv, or its source address when conv is 0
-SessionKey: TypeAlias = int | Address
+#: a server session's key: its conv, its source address when conv is 0, or (sealed) its connection ID
+SessionKey: TypeAlias = int | Address | bytes
 
 
 async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
@@ -152,15 +152,34 @@ class KCPListener(Listener[ByteStream]):
                 if expiry > now:
                     return None
                 del self._tombstones[key]
-        if len(self._sessions) >= self._options.sessions:
-            log.warning("kcp session limit reached; new session dropped", limit=self._options.sessions)
+        if not self._room_for_one_more():
             return None
-        engine = KCPEngine(conv=conv, options=self._options, mtu=self._options.mtu, now=now)
+        return self._create_stream(key, conv, source, mtu=self._options.mtu, seal=None)
+
+    def _room_for_one_more(self) -> bool:
+        if len(self._sessions) < self._options.sessions:
+            return True
+        log.warning("kcp session limit reached; new session dropped", limit=self._options.sessions)
+        return False
+
+    def _create_stream(
+        self, key: SessionKey, conv: int, source: Address, *, mtu: int, seal: Callable[[bytes], bytes] | None
+    ) -> KCPStream:
+        """A new session in the table and the accept queue; ``seal`` wraps every outgoing datagram."""
+        engine = KCPEngine(conv=conv, options=self._options, mtu=mtu, now=self._loop.time())
         udp = self._udp
         stream: KCPStream
 
-        def transmit(datagrams: list[bytes]) -> None:
-            udp.sendto_many(datagrams, stream.remote_address)
+        if seal is None:
+
+            def transmit(datagrams: list[bytes]) -> None:
+                udp.sendto_many(datagrams, stream.remote_address)
+
+        else:
+            sealer = seal
+
+            def transmit(datagrams: list[bytes]) -> None:
+                udp.sendto_many([sealer(d) for d in datagrams], stream.remote_address)
 
         stream = KCPStream(
             engine=engine,
@@ -252,9 +271,9 @@ class KCPTransport(Transport):
         options = parse_options(endpoint.params)
         family, server = await _resolve(endpoint)
         if security.psk is not None:
-            raise TransportError(
-                "sealed kcp:// (a pre-shared key) is not available in this build; use --insecure"
-            )
+            from vtunnel.transports.kcp_secure import connect_sealed
+
+            return await connect_sealed(family, server, options, security.psk)
         try:
             sock = open_udp_socket(family, sockbuf=options.sockbuf)
             sock.connect(server)
@@ -276,8 +295,7 @@ class KCPTransport(Transport):
         except OSError as exc:
             raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
         if security.psk is not None:
-            sock.close()
-            raise TransportError(
-                "sealed kcp:// (a pre-shared key) is not available in this build; use --insecure"
-            )
+            from vtunnel.transports.kcp_secure import SealedKCPListener
+
+            return SealedKCPListener(sock, options, security.psk)
         return KCPListener(sock, options)

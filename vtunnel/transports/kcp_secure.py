@@ -1,0 +1,231 @@
+"""Sealed ``kcp://``: every UDP datagram is a sealed datagram of :mod:`vtunnel.security.datagram`.
+
+The sealer sits between UDP and KCP. The client sends the handshake's first datagram and retransmits it with
+backoff until the server's reply arrives (``connect_timeout``); then KCP runs with its MTU reduced by the
+sealing overhead. The server keys sessions by the authenticated connection ID (not the source address, not the
+conv), follows a client's new address once a datagram from it has been opened, and drops anything that fails
+authentication before KCP sees it, without answering.
+
+The handshake compares timestamps across hosts, so it is given wall-clock time; KCP timers use the loop clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any, Final
+
+import anyio
+import structlog
+
+from vtunnel.security.datagram import (
+    DATAGRAM_OVERHEAD,
+    RETRANSMIT_PERIOD,
+    DatagramClient,
+    DatagramServer,
+    DatagramSession,
+    DatagramType,
+    peek_connection_id,
+)
+from vtunnel.security.errors import HandshakeTimeout, SecurityError
+from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+from vtunnel.transports.base import TransportError
+from vtunnel.transports.kcp import KCPListener, SessionKey
+from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.transports.kcp_options import KCPOptions
+from vtunnel.transports.kcp_stream import KCPStream
+from vtunnel.transports.kcp_wire import first_header, is_new_session, valid_datagram
+from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+
+__all__ = ["SealedKCPListener", "connect_sealed"]
+
+log = structlog.get_logger("vtunnel.transports.kcp")
+
+#: first and longest wait between retransmissions of the client's handshake datagram (seconds)
+FIRST_RETRANSMIT: Final = 0.25
+LONGEST_RETRANSMIT: Final = 2.0
+#: handshakes per second (and burst) one source address may start
+HANDSHAKE_RATE: Final = 20.0
+HANDSHAKE_BURST: Final = 40
+
+
+def _kcp_mtu(options: KCPOptions) -> int:
+    return options.mtu - DATAGRAM_OVERHEAD
+
+
+class _SealedKCPClient:
+    def __init__(self, sock: Any, server: Address, options: KCPOptions, psk: bytes) -> None:
+        self._server = server
+        self._options = options
+        self._conv = options.conv if options.conv is not None else (secrets.randbits(32) or 1)
+        self._handshake = DatagramClient(psk, now=time.time())
+        self._ready = anyio.Event()
+        self.stream: KCPStream | None = None
+        self.udp = DatagramSocket(sock, self._on_batch)
+
+    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+        handshake = self._handshake
+        good: list[bytes] = []
+        for datagram, _source in batch:
+            if self.stream is None:
+                handshake.receive(datagram, time.time())
+                if handshake.session is not None:
+                    self._start_kcp(handshake.session)
+                continue
+            session = handshake.session
+            payload = session.open(datagram) if session is not None else None
+            if payload is not None and valid_datagram(payload, self._conv):
+                good.append(payload)
+        if good and self.stream is not None:
+            self.stream.feed(good)
+
+    def _start_kcp(self, session: DatagramSession) -> None:
+        loop = asyncio.get_running_loop()
+        engine = KCPEngine(
+            conv=self._conv, options=self._options, mtu=_kcp_mtu(self._options), now=loop.time()
+        )
+        udp, server, seal = self.udp, self._server, session.seal
+
+        def transmit(datagrams: list[bytes]) -> None:
+            udp.sendto_many([seal(d) for d in datagrams], server)
+
+        self.stream = KCPStream(
+            engine=engine,
+            options=self._options,
+            transmit=transmit,
+            local_address=udp.local_address,
+            remote_address=server,
+            on_close=lambda _s: udp.close(),
+        )
+        self._ready.set()
+
+    async def handshake(self) -> KCPStream:
+        """Send the first datagram, retransmitting with backoff, until the reply arrives."""
+        wait = FIRST_RETRANSMIT
+        with anyio.move_on_after(self._options.connect_timeout):
+            while self.stream is None:
+                self.udp.sendto(self._handshake.initial_datagram(time.time()), self._server)
+                with anyio.move_on_after(wait):
+                    await self._ready.wait()
+                wait = min(wait * 2, LONGEST_RETRANSMIT)
+        if self.stream is None:
+            raise HandshakeTimeout(
+                f"no valid handshake reply from {self._server[0]}:{self._server[1]} in "
+                f"{self._options.connect_timeout:g} s (is the server up, and is the key the same?)"
+            )
+        return self.stream
+
+
+async def connect_sealed(family: Any, server: Address, options: KCPOptions, psk: bytes) -> KCPStream:
+    """A sealed KCP session to ``server``; raises :class:`HandshakeTimeout` if the server never answers."""
+    if _kcp_mtu(options) < 64:
+        raise TransportError(f"kcp option 'mtu' is too small for sealed datagrams: {options.mtu}")
+    try:
+        sock = open_udp_socket(family, sockbuf=options.sockbuf)
+        sock.connect(server)
+    except OSError as exc:
+        raise TransportError(f"cannot open a UDP socket to {server[0]}:{server[1]}: {exc}") from None
+    client: _SealedKCPClient | None = None
+    try:
+        client = _SealedKCPClient(sock, server, options, psk)
+        return await client.handshake()
+    except KCPEngineError as exc:
+        raise TransportError(str(exc)) from None
+    except BaseException:
+        if client is not None:
+            client.udp.close()
+        sock.close()
+        raise
+
+
+class SealedKCPListener(KCPListener):
+    """A :class:`KCPListener` whose datagrams are sealed; sessions are keyed by connection ID."""
+
+    def __init__(self, sock: Any, options: KCPOptions, psk: bytes) -> None:
+        super().__init__(sock, options)
+        self._server = DatagramServer(
+            psk, replay=ReplayCache(), limiter=HandshakeLimiter(HANDSHAKE_RATE, HANDSHAKE_BURST)
+        )
+        #: every authenticated session, with or without a KCP stream yet
+        self._crypto: dict[bytes, DatagramSession] = {}
+        #: sessions whose handshake completed but whose first KCP datagram has not arrived: expiry time
+        self._half_open: dict[bytes, float] = {}
+
+    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+        groups: dict[KCPStream, list[bytes]] = {}
+        for datagram, source in batch:
+            cid = peek_connection_id(datagram)
+            if cid is None:
+                self.dropped += 1
+                continue
+            if datagram[0] == DatagramType.INIT:
+                self._on_handshake(datagram, source)
+                continue
+            crypto = self._crypto.get(cid)
+            payload = crypto.open(datagram) if crypto is not None else None
+            if crypto is None or payload is None:
+                self.dropped += 1
+                continue
+            stream = self._sessions.get(cid)
+            if stream is None:
+                stream = self._first_kcp_datagram(cid, crypto, payload, source)
+                if stream is None:
+                    self.dropped += 1
+                    continue
+            elif not valid_datagram(payload, stream.engine.conv):
+                self.dropped += 1
+                continue
+            if stream.remote_address != source:
+                log.info("kcp peer moved", connection_id=cid.hex(), old=stream.remote_address, new=source)
+                stream.remote_address = source
+            groups.setdefault(stream, []).append(payload)
+        for stream, payloads in groups.items():
+            stream.feed(payloads)
+
+    def _on_handshake(self, datagram: bytes, source: Address) -> None:
+        now = self._loop.time()
+        self._expire_half_open(now)
+        if self._closed or len(self._half_open) >= self._options.sessions:
+            self.dropped += 1
+            return
+        try:
+            result = self._server.accept(datagram, source, time.time())
+        except SecurityError:  # e.g. an unusable wall clock: answer nothing
+            result = None
+        if result is None:
+            self.dropped += 1
+            return
+        session, reply = result
+        cid = session.connection_id
+        if cid not in self._crypto:
+            self._crypto[cid] = session
+            self._half_open[cid] = now + 2 * RETRANSMIT_PERIOD
+        self._udp.sendto(reply, source)
+
+    def _first_kcp_datagram(
+        self, cid: bytes, crypto: DatagramSession, payload: bytes, source: Address
+    ) -> KCPStream | None:
+        header = first_header(payload)
+        if self._closed or header is None or not is_new_session(payload) or not self._room_for_one_more():
+            return None
+        self._half_open.pop(cid, None)
+        return self._create_stream(cid, header.conv, source, mtu=_kcp_mtu(self._options), seal=crypto.seal)
+
+    def _expire_half_open(self, now: float) -> None:
+        expired = [cid for cid, until in self._half_open.items() if until <= now]
+        for cid in expired:
+            del self._half_open[cid]
+            if cid not in self._sessions:
+                self._crypto.pop(cid, None)
+
+    def _forget(self, key: SessionKey, stream: KCPStream) -> None:
+        super()._forget(key, stream)
+        if isinstance(key, bytes):
+            self._crypto.pop(key, None)
+            self._half_open.pop(key, None)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        self._crypto.clear()
+        self._half_open.clear()
