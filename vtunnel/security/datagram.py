@@ -43,7 +43,7 @@ from .handshake import (
     padding,
     random_between,
 )
-from .noise import TAGLEN, Initiator, Responder, TransportKeys, chacha_nonce, check_psk
+from .noise import TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow
 
 __all__ = [
@@ -72,6 +72,8 @@ _HEAD = struct.Struct(">B8s")  # type, connection ID
 _DATA_HEAD = struct.Struct(">B8sQ")  # type, connection ID, counter
 DATA_HEADER_LEN = _DATA_HEAD.size  # 17
 DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 33
+_DATA = int(DatagramType.DATA)
+_NONCE = struct.Struct("<4xQ")  # the ChaCha20-Poly1305 nonce of counter n, as Noise builds it
 _DATAGRAM_PROLOGUE = b"vtunnel datagram v1"
 
 INIT_PADDING = (16, 400)
@@ -143,24 +145,27 @@ class DatagramSession:
         if n >= MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = n + 1
-        header = _DATA_HEAD.pack(DatagramType.DATA, self.connection_id, n)
-        return header + self._seal_aead.encrypt(chacha_nonce(n), payload, header)
+        header = _DATA_HEAD.pack(_DATA, self.connection_id, n)
+        return header + self._seal_aead.encrypt(_NONCE.pack(n), payload, header)
 
     def open(self, datagram: bytes) -> bytes | None:
         """The payload of an authentic, new DATA datagram for this session; None otherwise."""
-        if len(datagram) < DATAGRAM_OVERHEAD:
+        if len(datagram) < DATAGRAM_OVERHEAD or datagram[0] != _DATA:
             return None
-        kind, cid, n = _DATA_HEAD.unpack_from(datagram)
-        if kind != DatagramType.DATA or cid != self.connection_id or n == MAX_COUNTER:
+        _, cid, n = _DATA_HEAD.unpack_from(datagram)
+        if cid != self.connection_id or n == MAX_COUNTER:
             return None
-        if not self._window.check(n):
+        window = self._window
+        if n <= window.highest and not window.check(n):
             return None
-        header = bytes(datagram[:DATA_HEADER_LEN])
+        datagram = bytes(datagram)
         try:
-            payload = self._open_aead.decrypt(chacha_nonce(n), bytes(datagram[DATA_HEADER_LEN:]), header)
+            payload = self._open_aead.decrypt(
+                _NONCE.pack(n), datagram[DATA_HEADER_LEN:], datagram[:DATA_HEADER_LEN]
+            )
         except InvalidTag:
             return None
-        self._window.update(n)
+        window.update(n)
         self.confirmed = True
         return payload
 

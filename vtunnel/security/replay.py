@@ -132,12 +132,13 @@ class ReplayWindow:
     the datagram carrying ``n`` has been authenticated (so forged counters cannot move the window).
     """
 
-    __slots__ = ("_bits", "highest", "size")
+    __slots__ = ("_bits", "_mask", "highest", "size")
 
     def __init__(self, size: int = 4096) -> None:
         if size < 64:
             raise ValueError("the replay window must cover at least 64 counters")
         self.size = size
+        self._mask = (1 << size) - 1
         self.highest = -1  # highest counter received so far; -1: none yet
         self._bits = 0  # bit i set: counter (highest - i) received
 
@@ -154,7 +155,7 @@ class ReplayWindow:
         """Record counter ``n`` as received (after :meth:`check` and authentication)."""
         if n > self.highest:
             shift = n - self.highest
-            self._bits = 1 if shift >= self.size else ((self._bits << shift) | 1) & ((1 << self.size) - 1)
+            self._bits = 1 if shift >= self.size else ((self._bits << shift) | 1) & self._mask
             self.highest = n
         else:
             self._bits |= 1 << (self.highest - n)
