@@ -1,4 +1,4 @@
-"""``python -m bench run [--quick] [--scenario NAME ...] [--system NAME ...]`` and ``python -m bench list``."""
+"""``python -m bench run [--quick] [--scenario NAME ...] [--system NAME ...]``; ``python -m bench list``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rich.table import Table
 from bench.plots import plot_all
 from bench.procs import HarnessError
 from bench.report import HEADLINE, build_document, scenario_key, write_results
-from bench.runner import RunOptions, Runner, Sample
+from bench.runner import Runner, RunOptions, Sample
 from bench.scenarios import SCENARIOS, all_systems
 from bench.stats import median
 
@@ -31,10 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the benchmarks")
     run.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: under 5 minutes")
-    run.add_argument("--scenario", action="append", default=[], metavar="NAME", help="only these (repeatable)")
+    run.add_argument(
+        "--scenario", action="append", default=[], metavar="NAME", help="only these (repeatable)"
+    )
     run.add_argument("--system", action="append", default=[], metavar="NAME", help="only these (repeatable)")
     run.add_argument("--rounds", type=int, default=None, help="alternated rounds (default: 5, quick: 2)")
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result directory (default: bench/results)")
+    run.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="result directory (default: bench/results)"
+    )
     sub.add_parser("list", help="list scenarios and systems")
     return parser
 

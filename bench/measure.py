@@ -1,12 +1,13 @@
 """One measurement of one scenario kind on a running stack.
 
-Each function returns ``(metrics, raw)``: ``metrics`` are the few numbers the report summarises (medians over the
-rounds), ``raw`` keeps every sample. Units are in the metric names (``_MBps`` = 10^6 bytes/s, ``_us``, ``_ms``,
-``_pct`` of one core, ``_bytes``).
+Each function returns ``(metrics, raw)``: ``metrics`` are the few numbers the report summarises (medians over
+the rounds), ``raw`` keeps every sample. Units are in the metric names (``_MBps`` = 10^6 bytes/s, ``_us``,
+``_ms``, ``_pct`` of one core, ``_bytes``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -167,8 +168,10 @@ def measure_ttfb(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     return _latency(samples, 1e6, "ms"), {"samples_ns": samples}
 
 
-def hold_connections(group: ProcessGroup, placement: Placement, entry: str, count: int, timeout: float) -> Proc:
-    """Start a client holding ``count`` idle echo-proven connections to ``entry``; returns once all are open."""
+def hold_connections(
+    group: ProcessGroup, placement: Placement, entry: str, count: int, timeout: float
+) -> Proc:
+    """A client holding ``count`` idle, echo-proven connections to ``entry``; return once all are up."""
     proc = group.spawn(
         "hold",
         [
@@ -204,10 +207,8 @@ def release(group: ProcessGroup, proc: Proc) -> None:
             stdin.flush()
         except OSError:
             pass
-    try:
+    with contextlib.suppress(Exception):
         proc.popen.wait(10)
-    except Exception:
-        pass
     group.stop(proc)
 
 
@@ -221,7 +222,9 @@ def measure_idle_cpu(stack: Stack, group: ProcessGroup, settings: Mapping[str, f
     finally:
         release(group, holder)
     metrics = {f"{role}_pct": v["pct"] for role, v in cpu.items() if role in ("agent", "server")}
-    metrics.update({f"{role}_sched_pct": v["sched_pct"] for role, v in cpu.items() if role in ("agent", "server")})
+    metrics.update(
+        {f"{role}_sched_pct": v["sched_pct"] for role, v in cpu.items() if role in ("agent", "server")}
+    )
     metrics["max_pct"] = max(v["pct"] for role, v in cpu.items() if role in ("agent", "server"))
     return metrics, {"cpu": cpu, "seconds": seconds}
 

@@ -2,12 +2,13 @@
 
 * :class:`Placement` says where the two sides of a system run and how the client side reaches the server side:
   :data:`LOOPBACK` (everything on 127.0.0.1) or a :class:`NetnsLink`.
-* :class:`NetnsLink` makes two network namespaces of its own joined by a veth pair (private addresses exist only
-  inside these two namespaces) and drops a given fraction of packets in both directions with an nftables
-  ``numgen random`` rule in the server namespace. It works for TCP and UDP alike. When namespaces or nftables are not
-  permitted, :func:`netns_supported` says why and the harness skips these scenarios, saying so in the report.
-* :func:`relay_argv` builds the command line of vtunnel's userspace UDP impairment relay
-  (``python -m vtunnel.testing.relay``) when it is installed.
+* :class:`NetnsLink` makes two network namespaces of its own joined by a veth pair (private addresses exist
+  only inside these two namespaces) and drops a given fraction of packets in both directions with an nftables
+  ``numgen random`` rule in the server namespace. It works for TCP and UDP alike. When namespaces or nftables
+  are not permitted, :func:`netns_supported` says why and the harness skips these scenarios, saying so in the
+  report.
+* :func:`relay_argv` builds the command line of vtunnel's userspace UDP impairment relay (``python -m
+  vtunnel.testing.relay``) when it is installed.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ LOOPBACK = Placement(name="loopback")
 
 def _run(argv: Sequence[str], *, stdin: str | None = None) -> None:
     try:
-        proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=20, check=False)
+        proc = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, timeout=20, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HarnessError(f"{' '.join(argv)} failed: {exc}") from None
     if proc.returncode != 0:
@@ -85,9 +88,9 @@ def netns_supported() -> str | None:
 class NetnsLink:
     """Two namespaces ``vtb<tag>c`` (client) and ``vtb<tag>s`` (server) joined by a veth pair.
 
-    The client side is 10.201.0.1/30 and the server side 10.201.0.2/30; those addresses exist only inside the two
-    namespaces made here. ``loss`` is the drop probability applied to every packet entering and leaving the server
-    namespace over the veth.
+    The client side is 10.201.0.1/30 and the server side 10.201.0.2/30; those addresses exist only inside the
+    two namespaces made here. ``loss`` is the drop probability applied to every packet entering and leaving
+    the server namespace over the veth.
     """
 
     tag: str

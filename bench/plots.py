@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench.stats import cdf_points  # noqa: E402
+from bench.stats import cdf_points
 
 __all__ = ["plot_all"]
 
@@ -117,15 +117,20 @@ def plot_all(doc: Mapping[str, Any], out_dir: Path) -> list[str]:
     """Write every plot the document has data for; returns the file paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
-    jobs = [
+    jobs: list[tuple[str, Callable[[Path], bool]]] = [
         ("goodput-vs-loss.png", lambda p: _goodput_vs_loss(doc, p)),
         ("bulk-goodput.png", lambda p: _bulk_bars(doc, p)),
         ("latency-cdf-rr.png", lambda p: _latency_cdf(doc, "rr-64", p, "64 B request/response latency CDF")),
         (
             "latency-cdf-rr-impaired.png",
-            lambda p: _latency_cdf(doc, "rr-impaired", p, "64 B request/response through the impaired UDP relay"),
+            lambda p: _latency_cdf(
+                doc, "rr-impaired", p, "64 B request/response through the impaired UDP relay"
+            ),
         ),
-        ("latency-cdf-ttfb.png", lambda p: _latency_cdf(doc, "ttfb", p, "Time to first byte CDF (new connection)")),
+        (
+            "latency-cdf-ttfb.png",
+            lambda p: _latency_cdf(doc, "ttfb", p, "Time to first byte CDF (new connection)"),
+        ),
     ]
     for name, make in jobs:
         path = out_dir / name

@@ -1,8 +1,9 @@
 """Process supervision for the harness, and readers of ``/proc``.
 
-:class:`ProcessGroup` starts every process of a run in its own session and kills them all (TERM, then KILL) when it
-closes, on success, error or Ctrl-C alike. :func:`rss_bytes` and :func:`cpu_seconds` read ``/proc/PID/statm`` and
-``/proc/PID/stat``; :func:`cpu_ns_threads` sums the per-thread ``schedstat`` run times for a finer idle-CPU figure.
+:class:`ProcessGroup` starts every process of a run in its own session and kills them all (TERM, then KILL)
+when it closes, on success, error or Ctrl-C alike. :func:`rss_bytes` and :func:`cpu_seconds` read
+``/proc/PID/statm`` and ``/proc/PID/stat``; :func:`cpu_ns_threads` sums the per-thread ``schedstat`` run times
+for a finer idle-CPU figure.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import structlog
 __all__ = [
     "CLK_TCK",
     "HarnessError",
-    "ProcessGroup",
     "Proc",
+    "ProcessGroup",
     "cpu_ns_threads",
     "cpu_seconds",
     "free_port",
@@ -161,7 +162,9 @@ class Proc:
                 continue
             chunk = os.read(fd, 4096)
             if not chunk:
-                raise HarnessError(f"{self.name} exited (code {self.popen.wait()}): {buf.decode(errors='replace')}")
+                raise HarnessError(
+                    f"{self.name} exited (code {self.popen.wait()}): {buf.decode(errors='replace')}"
+                )
             buf += chunk
         return buf
 

@@ -1,8 +1,9 @@
 """Result document (JSON), summaries, ratios, targets and the markdown summary.
 
-The JSON keeps every raw sample; the summary gives the median and min-max range over the rounds of each headline
-metric; ratios compare each system with kcptun and with the direct connection; targets say whether vtunnel's goals
-are met. Only measured numbers appear: a missing measurement is reported as missing, never estimated.
+The JSON keeps every raw sample; the summary gives the median and min-max range over the rounds of each
+headline metric; ratios compare each system with kcptun and with the direct connection; targets say whether
+vtunnel's goals are met. Only measured numbers appear: a missing measurement is reported as missing, never
+estimated.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def machine_description() -> dict[str, object]:
     }
 
 
-def _summaries(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float | int]]]]:
+def _summaries(
+    samples: Sequence[Mapping[str, Any]],
+) -> dict[str, dict[str, dict[str, dict[str, float | int]]]]:
     grouped: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in samples:
         if not s["ok"]:
@@ -137,7 +140,9 @@ def _ratios(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, dict[st
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Target:
-    """A goal: ``metric`` of ``scenario`` compared with ``reference`` (a system name, or None for an absolute bound)."""
+    """A goal: ``metric`` of ``scenario`` compared with ``reference`` (a system name, or None for an absolute
+    bound).
+    """
 
     name: str
     scenario: str
@@ -225,7 +230,7 @@ TARGETS: tuple[Target, ...] = (
 
 
 def evaluate_targets(summary: Mapping[str, Any], systems: Iterable[str]) -> list[dict[str, object]]:
-    """Each target for each matching system: the measured value (a ratio or an absolute), and whether it is met."""
+    """Each target for each matching system: the measured value (ratio or absolute) and whether it is met."""
     rows: list[dict[str, object]] = []
     names = list(systems)
     for target in TARGETS:
@@ -282,8 +287,8 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
             value = _median(summary, scen, system, "goodput_MBps")
             if system != "direct" and link and value and value >= 0.9 * link:
                 notes.append(
-                    f"{scen} {system}: {value:.1f} MB/s is within 10% of the direct connection on the same link "
-                    f"({link:.1f} MB/s): the link, not the tunnel, may be the limit"
+                    f"{scen} {system}: {value:.1f} MB/s is within 10% of the direct connection "
+                    f"on the same link ({link:.1f} MB/s): the link, not the tunnel, may be the limit"
                 )
     return notes
 
@@ -364,7 +369,8 @@ def validate_document(doc: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-# ----------------------------------------------------------------------------------------------------- markdown
+# -----------------------------------------------------------------------------------------------------
+# markdown
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -394,13 +400,15 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
     lines = [
         "# vtunnel benchmark results",
         "",
-        f"Mode **{doc['mode']}**, {doc['rounds']} alternated rounds, {doc['started']} ({doc['duration_s']} s)."
+        f"Mode **{doc['mode']}**, {doc['rounds']} alternated rounds, {doc['started']} "
+        f"({doc['duration_s']} s)."
         + (" **Interrupted: partial results.**" if doc.get("interrupted") else ""),
         f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
         f"vtunnel {v.get('vtunnel') or 'not installed'}, kcptun {v.get('kcptun') or 'not installed'}.",
         "",
         "Cells: median over the rounds (min-max). Ratios compare medians. kcptun runs fast3, windows 1024, "
-        "no crypt, no compression, no FEC; `+psk` is vtunnel with its pre-shared key (authenticated encryption).",
+        "no crypt, no compression, no FEC; `+psk` is vtunnel with its pre-shared key "
+        "(authenticated encryption).",
         "",
     ]
     system_names = [s["name"] for s in doc["systems"]]
@@ -437,7 +445,9 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
         unit = "x" if t["reference"] else ""
         measured = "-" if t["value"] is None else f"{t['value']:.3g}{unit}"
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(f"| {t['target']} | {t['system']} | {measured} | {t['op']} {t['threshold']:g}{unit} | {met} |")
+        lines.append(
+            f"| {t['target']} | {t['system']} | {measured} | {t['op']} {t['threshold']:g}{unit} | {met} |"
+        )
     lines.append("")
     failures = [s for s in doc["samples"] if not s["ok"]]
     extra = list(doc["notes"]) + list(doc["saturation"])

@@ -1,9 +1,9 @@
 """The benchmark runner: plans the jobs, alternates the systems round by round, records every sample.
 
-A *job* is one stack start (one system on one placement) followed by the scenarios that share it. For ``rounds``
-scenarios the job list is ``round 1: A B C ..., round 2: A B C ...``, so a machine that slows down halfway hurts every
-system alike. Every process belongs to one :class:`~bench.procs.ProcessGroup` that is closed whatever happens, and
-the namespaces the runner made are deleted in the same ``finally``.
+A *job* is one stack start (one system on one placement) followed by the scenarios that share it. For
+``rounds`` scenarios the job list is ``round 1: A B C ..., round 2: A B C ...``, so a machine that slows down
+halfway hurts every system alike. Every process belongs to one :class:`~bench.procs.ProcessGroup` that is
+closed whatever happens, and the namespaces the runner made are deleted in the same ``finally``.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 class Runner:
-    """Runs the selected scenarios over the available systems; ``listener`` sees progress and each new sample."""
+    """Runs the selected scenarios over the available systems; ``listener`` sees progress and samples."""
 
     def __init__(self, options: RunOptions, *, listener: Listener | None = None) -> None:
         self.options = options
@@ -196,7 +196,13 @@ class Runner:
         for scenario in job.scenarios:
             for level in levels:
                 self._record(
-                    Sample(scenario=scenario.name, system=job.system.name, round=job.round, loss=level, error=error)
+                    Sample(
+                        scenario=scenario.name,
+                        system=job.system.name,
+                        round=job.round,
+                        loss=level,
+                        error=error,
+                    )
                 )
 
     def _run_job(self, job: Job, group: ProcessGroup, psk_file: Path | None, link: NetnsLink | None) -> None:
@@ -354,4 +360,3 @@ def _raise_fd_limit() -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     _ = soft
-

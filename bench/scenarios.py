@@ -1,10 +1,10 @@
 """Scenarios, systems and links as data.
 
-Each :class:`Scenario` names a workload kind, its parameters for a full run and for ``--quick``, the link it runs on
-and how its rounds are scheduled. ``ROUNDS`` scenarios alternate the systems within every round (A B C A B C ...),
-so slow drifts of a shared machine hit every system alike; ``ONCE`` scenarios (memory, idle CPU) run one fresh stack
-per system. Add a transport by adding it to :data:`VTUNNEL_TRANSPORTS`; what is not installed is skipped and the
-report says so.
+Each :class:`Scenario` names a workload kind, its parameters for a full run and for ``--quick``, the link it
+runs on and how its rounds are scheduled. ``ROUNDS`` scenarios alternate the systems within every round (A B C
+A B C ...), so slow drifts of a shared machine hit every system alike; ``ONCE`` scenarios (memory, idle CPU)
+run one fresh stack per system. Add a transport by adding it to :data:`VTUNNEL_TRANSPORTS`; what is not
+installed is skipped and the report says so.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class Scenario:
     """One measurement, run for every applicable system.
 
     ``kind`` selects the workload: ``bulk``, ``rr``, ``ttfb``, ``idle_streams``, ``tunnels``, ``idle_cpu``,
-    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level) or ``rr_impaired`` (request/response
-    through the UDP impairment relay). ``params`` are for a full run; ``quick`` overrides some for ``--quick``.
+    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level) or ``rr_impaired``
+    (request/response through the UDP impairment relay). ``params`` are for a full run; ``quick`` overrides
+    some for ``--quick``.
     """
 
     name: str
@@ -127,7 +128,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="bulk-loss",
         kind="bulk_loss",
-        description="bulk goodput (1 stream) vs packet loss on a veth link between two namespaces (nftables drop)",
+        description="bulk goodput (1 stream) vs packet loss on a veth link between two namespaces, "
+        "nftables drop",
         params={"streams": 1, "bytes": 32 * MiB, "timeout": 60},
         quick={"bytes": 8 * MiB, "timeout": 30},
         link="netns",
@@ -135,12 +137,24 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="rr-impaired",
         kind="rr",
-        description="64-byte request/response through the UDP relay: 5 ms delay +-1 ms jitter, 1% loss, 50 MB/s",
+        description="64-byte request/response through the UDP relay: 5 ms delay +-1 ms jitter, 1% loss, "
+        "50 MB/s",
         params={"count": 3000, "timeout": 120},
         quick={"count": 500, "timeout": 60},
         link="relay",
         udp_only=True,
-        relay_options=("--delay", "5", "--jitter", "1", "--loss", "0.01", "--rate", "50m", "--stats-interval", "1"),
+        relay_options=(
+            "--delay",
+            "5",
+            "--jitter",
+            "1",
+            "--loss",
+            "0.01",
+            "--rate",
+            "50m",
+            "--stats-interval",
+            "1",
+        ),
     ),
 )
 

@@ -1,7 +1,7 @@
 """Summary statistics for raw samples: percentiles, medians, ranges and ratios.
 
-Percentiles use linear interpolation between closest ranks (the method NumPy calls ``linear``), so p50 of an even
-count is the mean of the two middle samples and p0/p100 are the minimum and maximum.
+Percentiles use linear interpolation between closest ranks (the method NumPy calls ``linear``), so p50 of an
+even count is the mean of the two middle samples and p0/p100 are the minimum and maximum.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ __all__ = ["Summary", "cdf_points", "median", "percentile", "ratio", "summarize"
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0 <= q <= 100) of ``samples`` by linear interpolation between closest ranks."""
+    """The ``q``-th percentile (0 <= q <= 100) of ``samples`` by linear interpolation of closest ranks."""
     if not samples:
         raise ValueError("percentile of an empty sample")
     if not 0.0 <= q <= 100.0 or math.isnan(q):
@@ -59,7 +59,7 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def cdf_points(samples: Sequence[float], *, max_points: int = 400) -> tuple[list[float], list[float]]:
-    """Points (x, F(x)) of the empirical CDF, thinned to at most ``max_points`` (always keeping the extremes)."""
+    """Points (x, F(x)) of the empirical CDF, thinned to at most ``max_points`` (keeps both ends)."""
     if max_points < 2:
         raise ValueError("max_points must be at least 2")
     ordered = sorted(samples)

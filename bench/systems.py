@@ -1,10 +1,10 @@
 """The systems under test and how to start them.
 
-A :class:`SystemSpec` is data: ``direct`` (the client talks to the workload server itself), ``kcptun`` (Debian's
-``kcptun-client``/``kcptun-server`` in the reference configuration) or ``vtunnel`` over one transport, with or without
-the pre-shared key. :func:`start_stack` starts the workload server and the system's processes for one placement and
-returns a :class:`Stack` whose ``entry`` is where the workload clients connect; readiness is proven by an echo
-through the whole path, never by sleeping.
+A :class:`SystemSpec` is data: ``direct`` (the client talks to the workload server itself), ``kcptun``
+(Debian's ``kcptun-client``/``kcptun-server`` in the reference configuration) or ``vtunnel`` over one
+transport, with or without the pre-shared key. :func:`start_stack` starts the workload server and the system's
+processes for one placement and returns a :class:`Stack` whose ``entry`` is where the workload clients
+connect; readiness is proven by an echo through the whole path, never by sleeping.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = [
 
 log = structlog.get_logger("bench.systems")
 
-#: Transport URL templates, one per vtunnel transport the harness knows. A scheme that is not installed is skipped.
+#: Transport URL templates, one per vtunnel transport the harness knows (a scheme not installed is skipped).
 TRANSPORT_URLS: Mapping[str, str] = {
     "tcp": "tcp://{host}:{port}",
     "kcp": "kcp://{host}:{port}?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350",
@@ -138,7 +138,11 @@ def kcptun_version() -> str | None:
         return None
     try:
         out = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", "kcptun"], capture_output=True, text=True, timeout=10, check=False
+            ["dpkg-query", "-W", "-f=${Version}", "kcptun"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         out = ""
@@ -202,8 +206,6 @@ def _wait_ready(stack: Stack, timeout: float) -> None:
             time.sleep(0.2)
 
 
-
-
 def start_stack(
     system: SystemSpec,
     group: ProcessGroup,
@@ -222,9 +224,14 @@ def start_stack(
     target_port = free_port()
     sink = group.spawn(
         "workload",
-        [*placement.server_prefix, *python_argv("bench.workload", "serve", "--listen", f"{host}:{target_port}")],
+        [
+            *placement.server_prefix,
+            *python_argv("bench.workload", "serve", "--listen", f"{host}:{target_port}"),
+        ],
     )
-    stack = Stack(system=system, placement=placement, entry_host=host, entry_port=target_port, procs={"sink": sink})
+    stack = Stack(
+        system=system, placement=placement, entry_host=host, entry_port=target_port, procs={"sink": sink}
+    )
     if system.kind == "direct":
         _wait_ready(stack, READY_TIMEOUT)
         return stack
@@ -305,13 +312,22 @@ def agent_argv(
     conns: int = 1,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The tunnel client's command line (kcptun-client or ``vtunnel agent``) forwarding ``entry`` to ``server``."""
+    """The tunnel client's command line (kcptun-client or ``vtunnel agent``) from ``entry`` to ``server``."""
     if system.kind == "kcptun":
         return ["kcptun-client", "-l", entry, "-r", server, "--conn", str(conns), *KCPTUN_ARGS, *extra]
     exe = vtunnel_bin()
     if exe is None:
         raise HarnessError("vtunnel is not installed")
-    return [exe, "agent", "--server", tunnel_url(system, server), "--forward", entry, *_security(system, psk_file), *extra]
+    return [
+        exe,
+        "agent",
+        "--server",
+        tunnel_url(system, server),
+        "--forward",
+        entry,
+        *_security(system, psk_file),
+        *extra,
+    ]
 
 
 def make_psk_file(directory: Path) -> Path | None:

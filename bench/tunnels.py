@@ -1,8 +1,9 @@
 """Many tunnels from one process: ``python -m bench.tunnels --server URL --count N [--psk-file F]``.
 
-Opens ``N`` vtunnel tunnels (each its own transport connection and handshake) to one server with vtunnel's tunnel
-pool, prints ``{"ok": true, "tunnels": N, "seconds": S}`` once all are up, then holds them until a line arrives on
-stdin (or ``--hold`` seconds pass) and shuts them down. The harness reads the server's RSS meanwhile.
+Opens ``N`` vtunnel tunnels (each its own transport connection and handshake) to one server with vtunnel's
+tunnel pool, prints ``{"ok": true, "tunnels": N, "seconds": S}`` once all are up, then holds them until a line
+arrives on stdin (or ``--hold`` seconds pass) and shuts them down. The harness reads the server's RSS
+meanwhile.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _emit(payload: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
-async def _run(url: str, count: int, psk_file: str | None, timeout: float, hold: float) -> None:
+async def _run(url: str, count: int, psk_file: str | None, time_limit: float, hold: float) -> None:
     from vtunnel.runtime.session import TunnelPool
     from vtunnel.security.keys import load_psk_file
     from vtunnel.transports.base import Endpoint, SecurityConfig
@@ -36,12 +37,12 @@ async def _run(url: str, count: int, psk_file: str | None, timeout: float, hold:
     started = time.perf_counter()
     async with anyio.create_task_group() as tg:
         await pool.run(tg)
-        with anyio.move_on_after(timeout):
-            while len(pool.connections) < count:
+        with anyio.move_on_after(time_limit):
+            while len(pool.connections) < count:  # noqa: ASYNC110 - the pool has no all-up event
                 await anyio.sleep(0.1)
         up = len(pool.connections)
         if up < count:
-            _emit({"ok": False, "error": f"only {up} of {count} tunnels came up within {timeout} s"})
+            _emit({"ok": False, "error": f"only {up} of {count} tunnels came up within {time_limit} s"})
         else:
             _emit({"ok": True, "tunnels": up, "seconds": time.perf_counter() - started})
             with anyio.move_on_after(hold):
@@ -71,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        anyio.run(_run, args.server, args.count, args.psk_file, args.timeout, args.hold, backend_options=options)
+        anyio.run(
+            _run, args.server, args.count, args.psk_file, args.timeout, args.hold, backend_options=options
+        )
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # report any failure as a result line, never a bare traceback

@@ -2,18 +2,21 @@
 
 One TCP port serves every workload; the first four bytes of a connection choose its mode:
 
-* ``VTBS`` + flags u32 + length u64 (big endian, 16 bytes in all): **sink**. The sink reads exactly ``length`` bytes,
-  checks each against the fixed pattern (:func:`pattern_slice`), then answers ``OK`` + u64 count and closes. A wrong
-  byte, trailing bytes or a short stream get ``ER`` + u64 offset of the first bad byte (or nothing, when the peer
-  closed early), so a tunnel that corrupts, drops or duplicates data can never pass as fast.
-* ``VTBE``: **echo**. Every byte of the connection, the four magic bytes included, is sent back as it arrives; a
-  request/response client sends 64-byte messages whose first one starts with the magic.
+* ``VTBS`` + flags u32 + length u64 (big endian, 16 bytes in all): **sink**. The sink reads exactly ``length``
+  bytes, checks each against the fixed pattern (:func:`pattern_slice`), then answers ``OK`` + u64 count and
+  closes. A wrong byte, trailing bytes or a short stream get ``ER`` + u64 offset of the first bad byte (or
+  nothing, when the peer closed early), so a tunnel that corrupts, drops or duplicates data can never pass as
+  fast.
+* ``VTBE``: **echo**. Every byte of the connection, the four magic bytes included, is sent back as it arrives;
+  a request/response client sends 64-byte messages whose first one starts with the magic.
 
-Anything else is closed at once. Clients (:func:`run_bulk`, :func:`run_rr`, :func:`run_ttfb`, :func:`open_idle`) are
-bounded in count and in time and raise :class:`WorkloadError` with a clear message on any failure.
+Anything else is closed at once. Clients (:func:`run_bulk`, :func:`run_rr`, :func:`run_ttfb`,
+:func:`open_idle`) are bounded in count and in time and raise :class:`WorkloadError` with a clear message on
+any failure.
 
-``python -m bench.workload serve|bulk|rr|ttfb|hold|probe ...`` runs one of them in its own process and prints one JSON
-line with the result (``hold`` prints when its connections are open, then waits for a line on stdin to close them).
+``python -m bench.workload serve|bulk|rr|ttfb|hold|probe ...`` runs one of them in its own process and prints
+one JSON line with the result (``hold`` prints when its connections are open, then waits for a line on stdin
+to close them).
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def _split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-# --------------------------------------------------------------------------------------------------------- server
+# ---------------------------------------------------------------------------------------------------------
+# server
 
 
 @dataclass(kw_only=True, slots=True)
@@ -190,7 +194,8 @@ async def serve(host: str, port: int, stats: WorkloadServerStats | None = None) 
     )
 
 
-# --------------------------------------------------------------------------------------------------------- clients
+# ---------------------------------------------------------------------------------------------------------
+# clients
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -234,7 +239,9 @@ async def _one_bulk(host: str, port: int, size: int, start: float) -> float:
         try:
             reply = await reader.readexactly(_REPLY.size)
         except asyncio.IncompleteReadError:
-            raise WorkloadError("the sink closed the connection without an answer (stream cut short)") from None
+            raise WorkloadError(
+                "the sink closed the connection without an answer (stream cut short)"
+            ) from None
         status, value = _REPLY.unpack(reply)
         if status != b"OK" or value != size:
             raise WorkloadError(f"the sink found a wrong byte at offset {value} of {size}")
@@ -245,7 +252,14 @@ async def _one_bulk(host: str, port: int, size: int, start: float) -> float:
         await _close(writer)
 
 
-async def run_bulk(host: str, port: int, *, streams: int, total_bytes: int, timeout: float) -> BulkResult:
+async def run_bulk(
+    host: str,
+    port: int,
+    *,
+    streams: int,
+    total_bytes: int,
+    time_limit: float,
+) -> BulkResult:
     """Send ``total_bytes`` split over ``streams`` parallel connections; time until the sink validated all."""
     if streams < 1 or total_bytes < streams:
         raise ValueError("need at least one stream and one byte per stream")
@@ -253,10 +267,12 @@ async def run_bulk(host: str, port: int, *, streams: int, total_bytes: int, time
     per_stream[0] += total_bytes - sum(per_stream)
     start = time.perf_counter()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(time_limit):
             times = await asyncio.gather(*(_one_bulk(host, port, size, start) for size in per_stream))
     except TimeoutError:
-        raise WorkloadError(f"bulk transfer of {total_bytes} bytes did not finish within {timeout} s") from None
+        raise WorkloadError(
+            f"bulk transfer of {total_bytes} bytes did not finish within {time_limit} s"
+        ) from None
     return BulkResult(
         streams=streams, total_bytes=total_bytes, seconds=max(times), stream_seconds=tuple(times)
     )
@@ -267,13 +283,11 @@ def _message(index: int) -> bytes:
     return ECHO_MAGIC + body[4:] if index == 0 else body
 
 
-async def run_rr(
-    host: str, port: int, *, count: int, timeout: float, warmup: int = 10
-) -> list[int]:
+async def run_rr(host: str, port: int, *, count: int, time_limit: float, warmup: int = 10) -> list[int]:
     """``count`` sequential 64-byte request/responses on one connection; each round trip in nanoseconds."""
     samples: list[int] = []
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(time_limit):
             reader, writer = await _connect(host, port)
             try:
                 for i in range(warmup + count):
@@ -289,7 +303,7 @@ async def run_rr(
             finally:
                 await _close(writer)
     except TimeoutError:
-        raise WorkloadError(f"{count} request/responses did not finish within {timeout} s") from None
+        raise WorkloadError(f"{count} request/responses did not finish within {time_limit} s") from None
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise WorkloadError(f"echo connection failed after {len(samples)} samples: {exc!r}") from None
     return samples
@@ -310,24 +324,24 @@ async def _one_ttfb(host: str, port: int) -> int:
         await _close(writer)
 
 
-async def run_ttfb(host: str, port: int, *, count: int, timeout: float) -> list[int]:
-    """``count`` fresh connections, one after another: connect, send 64 bytes, time to the whole answer (ns)."""
+async def run_ttfb(host: str, port: int, *, count: int, time_limit: float) -> list[int]:
+    """``count`` fresh connections, one by one: connect, send 64 bytes, time to the whole answer (ns)."""
     samples: list[int] = []
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(time_limit):
             for _ in range(count):
                 samples.append(await _one_ttfb(host, port))
     except TimeoutError:
-        raise WorkloadError(f"{count} first-byte probes did not finish within {timeout} s") from None
+        raise WorkloadError(f"{count} first-byte probes did not finish within {time_limit} s") from None
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise WorkloadError(f"first-byte probe failed after {len(samples)} samples: {exc!r}") from None
     return samples
 
 
-async def probe(host: str, port: int, *, timeout: float) -> bool:
-    """True when one echo round trip through ``host:port`` works within ``timeout``."""
+async def probe(host: str, port: int, *, time_limit: float) -> bool:
+    """True when one echo round trip through ``host:port`` works within ``time_limit`` seconds."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(time_limit):
             await _one_ttfb(host, port)
     except (TimeoutError, WorkloadError, asyncio.IncompleteReadError, ConnectionError, OSError):
         return False
@@ -349,13 +363,18 @@ async def _open_one_idle(host: str, port: int, gate: asyncio.Semaphore) -> async
 
 
 async def open_idle(
-    host: str, port: int, *, connections: int, timeout: float, concurrency: int = 128
+    host: str,
+    port: int,
+    *,
+    connections: int,
+    time_limit: float,
+    concurrency: int = 128,
 ) -> list[asyncio.StreamWriter]:
-    """Open ``connections`` echo connections, each proven end to end by one 64-byte echo, and keep them open."""
+    """Open ``connections`` echo connections, each proven end to end by an echo; keep them open."""
     gate = asyncio.Semaphore(concurrency)
     tasks = [asyncio.ensure_future(_open_one_idle(host, port, gate)) for _ in range(connections)]
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(time_limit):
             return list(await asyncio.gather(*tasks))
     except BaseException as exc:
         for task in tasks:
@@ -366,13 +385,16 @@ async def open_idle(
                 item.close()
         opened = sum(isinstance(item, asyncio.StreamWriter) for item in done)
         if isinstance(exc, TimeoutError):
-            raise WorkloadError(f"only {opened} of {connections} idle streams opened within {timeout} s") from None
+            raise WorkloadError(
+                f"only {opened} of {connections} idle streams opened within {time_limit} s"
+            ) from None
         if isinstance(exc, (asyncio.IncompleteReadError, ConnectionError)):
             raise WorkloadError(f"idle stream failed after {opened} opened: {exc!r}") from None
         raise
 
 
-# --------------------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------------------
+# CLI
 
 
 def _emit(payload: dict[str, object]) -> None:
@@ -393,10 +415,10 @@ async def _serve_main(listen: str, lifetime: float) -> None:
                 await server.serve_forever()
 
 
-async def _hold_main(connect: str, connections: int, timeout: float, hold: float) -> None:
+async def _hold_main(connect: str, connections: int, time_limit: float, hold: float) -> None:
     host, port = _split_hostport(connect)
     t0 = time.perf_counter()
-    writers = await open_idle(host, port, connections=connections, timeout=timeout)
+    writers = await open_idle(host, port, connections=connections, time_limit=time_limit)
     _emit({"opened": len(writers), "seconds": time.perf_counter() - t0})
     loop = asyncio.get_running_loop()
     with contextlib.suppress(TimeoutError):
@@ -424,14 +446,18 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--count", type=int, required=True)
         elif name == "hold":
             p.add_argument("--connections", type=int, required=True)
-            p.add_argument("--hold", type=float, default=600.0, help="close after this long without a command")
+            p.add_argument(
+                "--hold", type=float, default=600.0, help="close after this long without a command"
+            )
     return parser
 
 
 async def _client_main(args: argparse.Namespace) -> dict[str, object]:
     host, port = _split_hostport(args.connect)
     if args.command == "bulk":
-        res = await run_bulk(host, port, streams=args.streams, total_bytes=args.total_bytes, timeout=args.timeout)
+        res = await run_bulk(
+            host, port, streams=args.streams, total_bytes=args.total_bytes, time_limit=args.timeout
+        )
         return {
             "ok": True,
             "bytes": res.total_bytes,
@@ -441,10 +467,13 @@ async def _client_main(args: argparse.Namespace) -> dict[str, object]:
             "stream_seconds": list(res.stream_seconds),
         }
     if args.command == "rr":
-        return {"ok": True, "samples_ns": await run_rr(host, port, count=args.count, timeout=args.timeout)}
+        return {"ok": True, "samples_ns": await run_rr(host, port, count=args.count, time_limit=args.timeout)}
     if args.command == "ttfb":
-        return {"ok": True, "samples_ns": await run_ttfb(host, port, count=args.count, timeout=args.timeout)}
-    return {"ok": await probe(host, port, timeout=args.timeout)}
+        return {
+            "ok": True,
+            "samples_ns": await run_ttfb(host, port, count=args.count, time_limit=args.timeout),
+        }
+    return {"ok": await probe(host, port, time_limit=args.timeout)}
 
 
 def _install_loop() -> None:

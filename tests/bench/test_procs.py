@@ -1,0 +1,80 @@
+"""Process supervision and /proc readers of the benchmark harness."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from bench.procs import HarnessError, ProcessGroup, cpu_ns_threads, cpu_seconds, last_json_line, rss_bytes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_proc_readers_on_this_process() -> None:
+    assert rss_bytes(os.getpid()) > 1024 * 1024
+    before = cpu_seconds(os.getpid())
+    ns_before = cpu_ns_threads(os.getpid())
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        sum(range(1000))
+    assert cpu_seconds(os.getpid()) >= before
+    assert cpu_ns_threads(os.getpid()) > ns_before
+
+
+def test_readers_fail_clearly_for_a_gone_process(tmp_path: object) -> None:
+    with ProcessGroup() as group:
+        proc = group.spawn("quick", [sys.executable, "-c", "pass"])
+        proc.popen.wait(10)
+    with pytest.raises(HarnessError, match="process"):
+        rss_bytes(proc.pid)
+    with pytest.raises(HarnessError, match="process"):
+        cpu_seconds(proc.pid)
+
+
+def test_group_kills_everything_it_started_including_grandchildren() -> None:
+    child_code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
+    with ProcessGroup() as group:
+        stubborn = group.spawn(
+            "stubborn",
+            [
+                sys.executable,
+                "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
+            ],
+        )
+        parent = group.spawn("parent", [sys.executable, "-c", child_code], pipe=True)
+        grandchild = int(parent.read_line(20))
+        assert stubborn.alive()
+        assert parent.alive()
+    assert not stubborn.alive()
+    assert not parent.alive()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{grandchild}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = ""
+    try:
+        with open(f"/proc/{grandchild}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        pass
+    assert state in ("", "Z")  # gone, or a zombie waiting for its (dead) parent's reaper
+
+
+def test_read_line_times_out() -> None:
+    with ProcessGroup() as group:
+        proc = group.spawn("silent", [sys.executable, "-c", "import time; time.sleep(30)"], pipe=True)
+        with pytest.raises(HarnessError, match="no answer"):
+            proc.read_line(0.3)
+
+
+def test_last_json_line() -> None:
+    assert last_json_line('noise\n{"a": 1}\nmore noise\n{"ok": true}\n') == {"ok": True}
+    with pytest.raises(HarnessError, match="no JSON"):
+        last_json_line("nothing here\n[1, 2]\n")

@@ -1,0 +1,152 @@
+"""Result JSON schema, targets, markdown and plots of the benchmark harness (from synthetic samples)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.plots import plot_all
+from bench.report import build_document, render_markdown, validate_document, write_results
+from bench.runner import Sample
+from bench.scenarios import SCENARIOS
+from bench.systems import SystemSpec
+
+SYSTEMS = [
+    SystemSpec(kind="direct"),
+    SystemSpec(kind="kcptun"),
+    SystemSpec(kind="vtunnel", transport="kcp"),
+    SystemSpec(kind="vtunnel", transport="tcp", keyed=True),
+]
+
+
+def _samples() -> list[dict[str, Any]]:
+    out: list[Sample] = []
+    goodput = {"direct": 300.0, "kcptun": 50.0, "vtunnel-kcp": 120.0, "vtunnel-tcp+psk": 200.0}
+    p50 = {"direct": 20.0, "kcptun": 400.0, "vtunnel-kcp": 300.0, "vtunnel-tcp+psk": 100.0}
+    for r in range(2):
+        for name, g in goodput.items():
+            for scen in ("bulk-1", "bulk-16"):
+                out.append(
+                    Sample(
+                        scenario=scen,
+                        system=name,
+                        round=r,
+                        metrics={"goodput_MBps": g + r},
+                        raw={"cpu": {"agent": {"pct": 95.0 if name == "kcptun" else 40.0}}},
+                    )
+                )
+            samples = [int((p50[name] + i) * 1000) for i in range(100)]
+            out.append(
+                Sample(
+                    scenario="rr-64",
+                    system=name,
+                    round=r,
+                    metrics={"p50_us": p50[name], "p99_us": p50[name] * 2, "p999_us": p50[name] * 3},
+                    raw={"samples_ns": samples},
+                )
+            )
+            for loss in (0.0, 0.01):
+                out.append(
+                    Sample(
+                        scenario="bulk-loss",
+                        system=name,
+                        round=r,
+                        loss=loss,
+                        metrics={"goodput_MBps": g * (1 - loss)},
+                    )
+                )
+    out.append(
+        Sample(
+            scenario="idle-cpu", system="vtunnel-kcp", round=0, metrics={"agent_pct": 0.1, "server_pct": 0.5}
+        )
+    )
+    out.append(
+        Sample(scenario="idle-streams", system="vtunnel-kcp", round=0, metrics={"per_stream_bytes": 3000.0})
+    )
+    out.append(
+        Sample(scenario="ttfb", system="vtunnel-kcp", round=0, error="vtunnel-kcp did not carry an echo")
+    )
+    return [s.as_dict() for s in out]
+
+
+def _doc() -> dict[str, Any]:
+    now = time.time()
+    return build_document(
+        mode="quick",
+        started=now - 10,
+        finished=now,
+        rounds=2,
+        loss_levels=[0.0, 0.01],
+        systems=SYSTEMS,
+        skipped={"vtunnel-rudp": "transport rudp:// is not installed"},
+        scenarios=SCENARIOS,
+        quick=True,
+        notes=["a note"],
+        samples=_samples(),
+    )
+
+
+def test_document_has_the_schema_and_survives_json() -> None:
+    doc = json.loads(json.dumps(_doc()))
+    assert validate_document(doc) == []
+    assert doc["machine"]["cores"] >= 1
+    assert set(doc["machine"]["versions"]) >= {"vtunnel", "kcptun"}
+    assert len(doc["samples"]) == len(_samples())
+    bulk = doc["summary"]["bulk-1"]["vtunnel-kcp"]["goodput_MBps"]
+    assert bulk == {"n": 2, "median": 120.5, "min": 120.0, "max": 121.0}
+    assert doc["ratios"]["bulk-1"]["vtunnel-kcp"]["goodput_MBps"]["vs_kcptun"] == pytest.approx(120.5 / 50.5)
+    assert "bulk-loss@1%" in doc["summary"]
+    assert "ttfb" not in doc["summary"]  # the only ttfb sample failed
+
+
+def test_validation_finds_broken_documents() -> None:
+    doc = _doc()
+    del doc["machine"]["kernel"]
+    doc["samples"][0]["ok"] = False
+    doc["samples"][0]["error"] = None
+    problems = validate_document(doc)
+    assert any("kernel" in p for p in problems)
+    assert any("without an error" in p for p in problems)
+    assert validate_document({"schema": 1}) != []
+
+
+def test_targets_are_ratios_or_absolute_bounds() -> None:
+    targets = {(t["target"], t["system"]): t for t in _doc()["targets"]}
+    kcp_bulk = targets[("bulk over kcp:// >= 2x kcptun (1 stream)", "vtunnel-kcp")]
+    assert kcp_bulk["value"] == pytest.approx(120.5 / 50.5)
+    assert kcp_bulk["met"] is True
+    tcp_mux = targets[("bulk over tcp:// multiplexed (16 streams) >= 0.5x direct", "vtunnel-tcp+psk")]
+    assert tcp_mux["met"] is True
+    p50 = targets[("64 B request/response over kcp:// p50 <= 0.8x kcptun", "vtunnel-kcp")]
+    assert p50["value"] == pytest.approx(0.75)
+    assert p50["met"] is True
+    assert targets[("idle, one open stream: agent <= 0.2% of a core", "vtunnel-kcp")]["met"] is True
+    assert targets[("idle, one open stream: server <= 0.2% of a core", "vtunnel-kcp")]["met"] is False
+    assert targets[("idle streams in one tunnel <= 4 KiB each", "vtunnel-kcp")]["met"] is True
+    assert targets[("idle streams in one tunnel <= 4 KiB each", "vtunnel-tcp+psk")]["met"] is None
+
+
+def test_saturation_notes_name_cpu_bound_processes() -> None:
+    notes = _doc()["saturation"]
+    assert any("kcptun" in n and "CPU-bound" in n for n in notes)
+
+
+def test_markdown_plots_and_files(tmp_path: Path) -> None:
+    doc = _doc()
+    plots = plot_all(doc, tmp_path)
+    names = {Path(p).name for p in plots}
+    assert {"goodput-vs-loss.png", "bulk-goodput.png", "latency-cdf-rr.png"} <= names
+    for p in plots:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json_path, md_path = write_results(doc, tmp_path, plots=plots)
+    assert validate_document(json.loads(json_path.read_text())) == []
+    md = md_path.read_text()
+    assert md == render_markdown(doc, plots=plots)
+    assert "| vtunnel-kcp | 120.5 (120.0-121.0) | 2.39x | 0.40x |" in md
+    assert "vtunnel-rudp skipped" in md
+    assert "ttfb vtunnel-kcp round 1 failed" in md
+    assert "![goodput-vs-loss](goodput-vs-loss.png)" in md
