@@ -122,7 +122,7 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             self.close_connection = True
-        elif self.path == "/headers":
+        elif self.path.split("?")[0] == "/headers":
             body = (self.requestline + "\n" + str(self.headers)).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))

@@ -1,0 +1,302 @@
+"""HTTP proxy front over real sockets: curl (CONNECT to TLS, absolute URIs), keep-alive, bodies, errors."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import socket
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import anyio
+import h11
+import pytest
+from anyio.abc import ByteStream
+
+from vtunnel.apps.dialer import Dialer
+from vtunnel.apps.httpproxy import serve_http_proxy, status_for_refusal
+from vtunnel.apps.policy import ExitPolicy
+from vtunnel.protocol import StreamMetadata
+from vtunnel.runtime.errors import StreamRefused
+
+from .conftest import DirectExit, Origin, body_for, direct_exit, serve_front
+
+pytestmark = pytest.mark.anyio
+
+CURL = shutil.which("curl") or "/usr/bin/curl"
+
+
+def http_front(exit_: DirectExit, **options: Any) -> AbstractAsyncContextManager[int]:
+    return serve_front(functools.partial(serve_http_proxy, opener=exit_.open, **options))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _curl(*args: str) -> bytes:
+    result = await anyio.run_process([CURL, "-sS", "--max-time", "30", *args])
+    return result.stdout
+
+
+class _Client:
+    """A minimal HTTP/1.1 client (h11) for talking to the proxy over one connection."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: list[bytes] | None = None,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        await self.stream.send(self.conn.send(h11.Request(method=method, target=target, headers=headers)))
+        for chunk in body or []:
+            await self.stream.send(self.conn.send(h11.Data(data=chunk)))
+        await self.stream.send(self.conn.send(h11.EndOfMessage()))
+        status = 0
+        response_headers: list[tuple[bytes, bytes]] = []
+        parts = []
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    self.conn.receive_data(await self.stream.receive())
+                except anyio.EndOfStream:
+                    self.conn.receive_data(b"")
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                response_headers = list(event.headers)
+            elif isinstance(event, h11.Data):
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        return status, response_headers, b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- curl
+
+
+async def test_curl_absolute_uri(origin: Origin) -> None:
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        with anyio.fail_after(60):
+            body = await _curl(
+                "-x", f"http://127.0.0.1:{port}", f"http://localhost:{origin.port}/bytes/300000"
+            )
+    assert body == body_for("/bytes/300000", 300000)
+    assert exit_.opened[0].authority == f"localhost:{origin.port}"
+
+
+@pytest.mark.parametrize("tunnel_flag", ["-p", "--proxytunnel"])
+async def test_curl_connect_to_tls_origin(tls_origin: Origin, tunnel_flag: str) -> None:
+    assert tls_origin.ca_file is not None
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        with anyio.fail_after(60):
+            body = await _curl(
+                tunnel_flag,
+                "--cacert",
+                tls_origin.ca_file,
+                "-x",
+                f"http://127.0.0.1:{port}",
+                f"https://localhost:{tls_origin.port}/bytes/200000",
+            )
+    assert body == body_for("/bytes/200000", 200000)
+    assert exit_.opened[0].authority == f"localhost:{tls_origin.port}"
+
+
+async def test_curl_chunked_close_delimited_and_post(origin: Origin, tmp_path: Any) -> None:
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(body_for("upload", 150000))
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        proxy = f"http://127.0.0.1:{port}"
+        with anyio.fail_after(60):
+            chunked = await _curl("-x", proxy, f"http://127.0.0.1:{origin.port}/chunked/123456")
+            closed = await _curl("-x", proxy, f"http://127.0.0.1:{origin.port}/close/65537")
+            posted = await _curl(
+                "-x", proxy, "--data-binary", f"@{upload}", f"http://127.0.0.1:{origin.port}/echo"
+            )
+            posted_chunked = await _curl(
+                "-x",
+                proxy,
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                f"@{upload}",
+                f"http://127.0.0.1:{origin.port}/echo",
+            )
+    assert chunked == body_for("/chunked/123456", 123456)
+    assert closed == body_for("/close/65537", 65537)
+    assert posted == upload.read_bytes()
+    assert posted_chunked == upload.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- keep-alive
+
+
+async def test_keep_alive_across_hosts_and_header_rewriting(origin: Origin, tls_origin: Origin) -> None:
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        with anyio.fail_after(60):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                client = _Client(stream)
+                a = f"127.0.0.1:{origin.port}"
+                b = f"localhost:{origin.port}"
+                steps = [(a, "/bytes/1000"), (a, "/chunked/20000"), (b, "/bytes/5"), (a, "/close/7")]
+                for authority, path in steps:
+                    status, _, body = await client.request(
+                        "GET", f"http://{authority}{path}", [("Host", authority)]
+                    )
+                    assert status == 200
+                    assert body == body_for(path, int(path.rsplit("/", 1)[1]))
+                # the close-delimited origin response was re-framed (chunked) for the client, whose
+                # connection stays usable
+                status, _, body = await client.request(
+                    "POST",
+                    f"http://{a}/echo",
+                    [("Host", a), ("Content-Length", "11")],
+                    [b"hello", b" world"],
+                )
+                assert (status, body) == (200, b"hello world")
+                status, _, body = await client.request(
+                    "GET",
+                    f"http://{b}/headers?x=1",
+                    [
+                        ("Host", "wrong.example"),
+                        ("Proxy-Connection", "keep-alive"),
+                        ("Proxy-Authorization", "Basic c2VjcmV0"),
+                        ("Connection", "keep-alive, X-Secret-Hop"),
+                        ("X-Secret-Hop", "1"),
+                        ("X-Kept", "yes"),
+                    ],
+                )
+    assert status == 200
+    text = body.decode().lower()
+    assert text.startswith("get /headers?x=1 http/1.1")
+    assert f"host: {b}" in text
+    assert "x-kept: yes" in text
+    for gone in ("proxy-connection", "proxy-authorization", "x-secret-hop", "wrong.example"):
+        assert gone not in text
+    # one client connection, successive streams to two different hosts
+    assert {m.authority for m in exit_.opened} == {a, b}
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+async def _status_of(port: int, request: bytes) -> tuple[int, bytes]:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        data = b""
+        try:
+            while True:
+                data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+    return status, data
+
+
+async def test_closed_port_gives_502() -> None:
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        closed = _closed_port()
+        with anyio.fail_after(30):
+            status, _ = await _status_of(
+                port, f"CONNECT 127.0.0.1:{closed} HTTP/1.1\r\nHost: 127.0.0.1:{closed}\r\n\r\n".encode()
+            )
+            assert status == 502
+            request = f"GET http://127.0.0.1:{closed}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            status, _ = await _status_of(port, request)
+            assert status == 502
+
+
+async def test_forbidden_gives_403() -> None:
+    async with direct_exit(Dialer(ExitPolicy(), connect_timeout=5)) as exit_, http_front(exit_) as port:
+        with anyio.fail_after(30):
+            status, _ = await _status_of(
+                port, b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n"
+            )
+            assert status == 403
+            status, _ = await _status_of(port, b"GET http://[::1]:80/ HTTP/1.1\r\nHost: [::1]\r\n\r\n")
+            assert status == 403
+
+
+async def test_timeout_gives_504() -> None:
+    async def timing_out(metadata: StreamMetadata) -> ByteStream:
+        raise StreamRefused("timeout")
+
+    async with serve_front(functools.partial(serve_http_proxy, opener=timing_out)) as port:
+        with anyio.fail_after(30):
+            status, _ = await _status_of(
+                port, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+            )
+    assert status == 504
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [("forbidden", 403), ("timeout", 504), ("refused", 502), ("failed", 502), (None, 502)],
+)
+def test_status_mapping(error: str | None, status: int) -> None:
+    assert status_for_refusal(error) == status
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100), 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", 501),
+        (b"GET http://user@example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),
+        (b"GET http://example.com:99999/ HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),
+        (b"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),
+        (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 requires Host
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (b"GET http://x/ HTTP/1.1\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n", 400),
+    ],
+)
+async def test_bad_requests_get_an_error_and_listener_keeps_serving(
+    origin: Origin, request_bytes: bytes, status: int
+) -> None:
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        with anyio.fail_after(30):
+            got, _ = await _status_of(port, request_bytes)
+            assert got == status
+            body = await _curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/bytes/321")
+            assert body == body_for("/bytes/321", 321)
+    assert len(exit_.opened) == 1
+
+
+async def test_idle_client_is_closed() -> None:
+    async with direct_exit() as exit_, http_front(exit_, idle_timeout=0.3) as port:
+        with anyio.fail_after(30):
+            got, data = await _status_of(port, b"")
+    assert (got, data) == (0, b"")
+
+
+@pytest.mark.slow
+async def test_100_parallel_connects(origin: Origin) -> None:
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        results: list[bool] = []
+
+        async def fetch(i: int) -> None:
+            path = f"/bytes/{i * 331 + 1}"
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                client = _Client(stream)
+                status, _, body = await client.request(
+                    "GET", f"http://127.0.0.1:{origin.port}{path}", [("Host", "x")]
+                )
+                results.append(status == 200 and body == body_for(path, i * 331 + 1))
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i in range(100):
+                    tg.start_soon(fetch, i)
+    assert len(results) == 100
+    assert all(results)
