@@ -67,6 +67,8 @@ STREAM_TRANSITIONS: dict[tuple[StreamState, StreamInput], tuple[StreamEffect, St
     # a stream we have not yet opened, or a peer's SYN we have not seen
     (S.NONE, I.SEND_SYN): (E.PERFORM, S.SYN_SENT),
     (S.NONE, I.RECV_SYN): (E.PERFORM, S.ESTABLISHED),
+    (S.NONE, I.SEND_RST): (E.IGNORE, S.NONE),
+    (S.NONE, I.USER_CLOSE): (E.IGNORE, S.NONE),
     # client: SYN sent, no SYN-ACK yet (data goes out at once with 0-RTT, else waits in the core)
     (S.SYN_SENT, I.RECV_SYN_ACK): (E.PERFORM, S.ESTABLISHED),
     (S.SYN_SENT, I.SEND_DATA): (E.PERFORM, S.SYN_SENT),
