@@ -19,6 +19,7 @@ import asyncio
 import secrets
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeAlias
 
 import anyio
@@ -110,6 +111,11 @@ class KCPListener(Listener[ByteStream]):
     @property
     def session_count(self) -> int:
         return len(self._sessions)
+
+    @property
+    def sessions(self) -> Mapping[SessionKey, KCPStream]:
+        """The live sessions by key (read-only)."""
+        return MappingProxyType(self._sessions)
 
     # --- datagram path --------------------------------------------------------------------------------------
 

@@ -152,6 +152,11 @@ class SealedKCPListener(KCPListener):
         #: sessions whose handshake completed but whose first KCP datagram has not arrived: expiry time
         self._half_open: dict[bytes, float] = {}
 
+    @property
+    def authenticated_count(self) -> int:
+        """Sessions whose handshake completed (with or without a KCP session yet)."""
+        return len(self._crypto)
+
     def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         groups: dict[KCPStream, list[bytes]] = {}
         for datagram, source in batch:

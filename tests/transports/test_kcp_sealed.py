@@ -1,0 +1,178 @@
+"""Sealed kcp:// (a pre-shared key): handshake retransmission, silence towards strangers, rebinding."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+import anyio
+import pytest
+from anyio.abc import ByteStream
+
+from vtunnel.security.errors import HandshakeTimeout
+from vtunnel.testing import Impairment, ImpairmentRelay
+from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+from vtunnel.transports.kcp_secure import SealedKCPListener
+
+pytestmark = pytest.mark.anyio
+
+KEY = SecurityConfig(psk=bytes(range(32)))
+OTHER_KEY = SecurityConfig(psk=bytes(32))
+PLAIN = SecurityConfig()
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    with anyio.fail_after(limit):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.005)
+
+
+async def sealed_listener(query: str = "") -> SealedKCPListener:
+    listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=KEY)
+    assert isinstance(listener, SealedKCPListener)
+    return listener
+
+
+async def connect(port: int, security: SecurityConfig = KEY, query: str = "") -> ByteStream:
+    return await KCPTransport().connect(Endpoint.parse(f"kcp://127.0.0.1:{port}{query}"), security=security)
+
+
+async def echo(stream: ByteStream) -> None:
+    try:
+        while True:
+            await stream.send(await stream.receive())
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+
+
+async def read_exactly(stream: ByteStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        buf += await stream.receive()
+    return bytes(buf)
+
+
+async def test_sealed_echo_through_loss_and_a_lost_handshake() -> None:
+    listener = await sealed_listener()
+    relay = ImpairmentRelay(listener.local_address, up=Impairment(loss=1.0), seed=2)
+    async with relay, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+
+        async def heal() -> None:  # the first handshake datagrams are lost; then the path recovers
+            await wait_until(lambda: relay.up_stats.dropped >= 2)
+            relay.up = relay.down = Impairment(loss=0.05, duplicate=0.05, reorder=0.05)
+
+        tg.start_soon(heal)
+        with anyio.fail_after(30):
+            client = await connect(relay.address[1])
+        assert isinstance(client, KCPStream)
+        # the KCP MTU leaves room for the sealing overhead
+        assert client.engine.max_data < 1350 - 24
+        payload = os.urandom(2 * 1024 * 1024)
+        with anyio.fail_after(60):
+            tg.start_soon(client.send, payload)
+            assert await read_exactly(client, len(payload)) == payload
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    assert relay.up_stats.dropped >= 2
+    await listener.aclose()
+
+
+async def test_wrong_key_times_out_and_gets_no_answer() -> None:
+    listener = await sealed_listener()
+    with pytest.raises(HandshakeTimeout):
+        await connect(listener.local_address[1], OTHER_KEY, "?connect_timeout=1")
+    assert listener.session_count == 0
+    assert listener.dropped >= 1
+    await listener.aclose()
+
+
+async def test_plain_client_to_sealed_server_and_sealed_client_to_plain_server() -> None:
+    listener = await sealed_listener()
+    plain = await connect(listener.local_address[1], PLAIN, "?timeout=0.5")
+    await plain.send(b"hello")
+    with anyio.fail_after(20), pytest.raises(anyio.BrokenResourceError):
+        await plain.receive()
+    assert listener.session_count == 0
+    await plain.aclose()
+    await listener.aclose()
+
+    plain_listener = await KCPTransport().listen(Endpoint.parse("kcp://127.0.0.1:0"), security=PLAIN)
+    assert isinstance(plain_listener, KCPListener)
+    with pytest.raises(HandshakeTimeout):
+        await connect(plain_listener.local_address[1], KEY, "?connect_timeout=1")
+    assert plain_listener.session_count == 0
+    await plain_listener.aclose()
+
+
+async def test_unauthenticated_datagrams_are_dropped_silently() -> None:
+    listener = await sealed_listener()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        client = await connect(listener.local_address[1])
+        assert isinstance(client, KCPStream)
+        with anyio.fail_after(20):
+            await client.send(b"first")
+            assert await read_exactly(client, 5) == b"first"
+        cid = next(k for k in listener.sessions if isinstance(k, bytes))
+        forged_data = b"\x03" + cid + struct.pack(">Q", 10**6) + os.urandom(200)  # right CID, bad tag
+        plain_push = struct.pack("<IBBHIIII", 5, 81, 0, 128, 0, 0, 0, 1) + b"x"  # plain KCP PUSH sn 0
+        bogus_init = b"\x01" + os.urandom(8) + os.urandom(120)
+        dropped = listener.dropped
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            raw.bind(("127.0.0.1", 0))
+            raw.setblocking(False)
+            for datagram in [forged_data, plain_push, bogus_init, os.urandom(50), b"\x03" * 40] * 10:
+                raw.sendto(datagram, listener.local_address)
+            await wait_until(lambda: listener.dropped >= dropped + 50)
+            await anyio.sleep(0.2)
+            with pytest.raises(BlockingIOError):
+                raw.recv(4096)
+        assert listener.session_count == 1
+        with anyio.fail_after(20):
+            payload = os.urandom(300_000)
+            tg.start_soon(client.send, payload)
+            assert await read_exactly(client, len(payload)) == payload
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_sealed_session_survives_rebinding() -> None:
+    listener = await sealed_listener()
+    async with ImpairmentRelay(listener.local_address, seed=4) as relay, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        client = await connect(relay.address[1])
+        with anyio.fail_after(30):
+            for round_ in range(3):
+                payload = os.urandom(500_000)
+                tg.start_soon(client.send, payload)
+                assert await read_exactly(client, len(payload)) == payload
+                if round_ < 2:
+                    relay.rebind()
+        assert listener.session_count == 1
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_closing_a_sealed_session_forgets_its_keys() -> None:
+    listener = await sealed_listener()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        client = await connect(listener.local_address[1])
+        with anyio.fail_after(20):
+            await client.send(b"x")
+            assert await read_exactly(client, 1) == b"x"
+        server_side = next(iter(listener.sessions.values()))
+        await server_side.aclose()
+        assert listener.session_count == 0
+        assert listener.authenticated_count == 0
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
