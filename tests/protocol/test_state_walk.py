@@ -2,7 +2,7 @@
 
 After every step the stream (or tunnel) is in the state the transition table names, or -- for a pair the table
 does not have -- a local input raised LocalProtocolError and changed nothing, and a peer's input reset the
-stream (RST on the wire) or failed the tunnel (GOAWAY, closed). A witness stream must be undisturbed throughout.
+stream (RST on the wire) or failed the tunnel (GOAWAY, closed). A witness stream is never disturbed.
 """
 
 from __future__ import annotations
