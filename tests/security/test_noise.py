@@ -169,3 +169,56 @@ def test_cipher_state_refuses_reordered_records() -> None:
     assert inn.decrypt(b) == b"b"
     assert "key" not in repr(inn)
     assert key.hex() not in repr(inn)
+
+
+# The published cacophony test vector for this exact protocol (the Noise community's shared vector set).
+CACOPHONY = {
+    "prologue": "4a6f686e2047616c74",
+    "psk": "54686973206973206d7920417573747269616e20706572737065637469766521",
+    "init_ephemeral": "893e28b9dc6ca8d611ab664754b8ceb7bac5117349a4439a6b0569da977c464a",
+    "resp_ephemeral": "bbdb4cdbd309f1a1f2e1456967fe288cadd6f712d65dc7b7793d5e63da6b375b",
+    "messages": [
+        (
+            "4c756477696720766f6e204d69736573",
+            "ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c7944"
+            "fda936bec35a8adfdff198386f7d5475880897edaaf7495314c99095a2e4d66a",
+        ),
+        (
+            "4d757272617920526f746862617264",
+            "95ebc60d2b1fa672c1f46a8aa265ef51bfe38e7ccb39ec5be34069f144808843"
+            "4cd2a371993ba41ea11448024fca32766b169183c9e691a7a433279da7e729",
+        ),
+        ("462e20412e20486179656b", "bc44da303ae0beb08075fc4eb4e58235c67c2d1f53a4f2fff0bca7"),
+        ("4361726c204d656e676572", "416d1af83e9fa6966ce4e871156b131aa9bd7e9a1d6f8794f4872a"),
+        (
+            "4a65616e2d426170746973746520536179",
+            "8a7d81b77bcc6c072f2b807da066efba6b5fab9edf71a7faceb2c8454b0cfef608",
+        ),
+        (
+            "457567656e2042f6686d20766f6e2042617765726b",
+            "1e2ee010f72894824a25a867664ff298f2548a145dc4e9d27b1cad83f32fa7c54d69dc3279",
+        ),
+    ],
+}
+
+
+def test_cacophony_vector() -> None:
+    v = CACOPHONY
+    psk = bytes.fromhex(str(v["psk"]))
+    prologue = bytes.fromhex(str(v["prologue"]))
+    msgs = [(bytes.fromhex(p), bytes.fromhex(c)) for p, c in v["messages"]]
+    i = Initiator(psk, prologue=prologue, ephemeral=bytes.fromhex(str(v["init_ephemeral"])))
+    r = Responder(psk, prologue=prologue, ephemeral=bytes.fromhex(str(v["resp_ephemeral"])))
+    assert i.write_message1(msgs[0][0]) == msgs[0][1]
+    assert r.read_message1(msgs[0][1]) == msgs[0][0]
+    assert r.write_message2(msgs[1][0]) == msgs[1][1]
+    assert i.read_message2(msgs[1][1]) == msgs[1][0]
+    assert i.keys is not None
+    assert r.keys is not None
+    assert i.keys.handshake_hash == r.keys.handshake_hash
+    i_out, i_in = CipherState(i.keys.send), CipherState(i.keys.receive)
+    r_out, r_in = CipherState(r.keys.send), CipherState(r.keys.receive)
+    for n, (payload, ciphertext) in enumerate(msgs[2:]):
+        sender, receiver = (i_out, r_in) if n % 2 == 0 else (r_out, i_in)
+        assert sender.encrypt(payload) == ciphertext
+        assert receiver.decrypt(ciphertext) == payload
