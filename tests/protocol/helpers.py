@@ -39,6 +39,9 @@ def handshake(
     client.tunnel.initiate(now)
     server.tunnel.initiate(now)
     pump(client, server, now)
+    assert [type(e) for e in client.events] == [ev.HandshakeCompleted]
+    client.events.clear()
+    server.events.clear()
     return client, server
 
 

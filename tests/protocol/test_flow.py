@@ -1,0 +1,114 @@
+"""Flow control: a stopped reader holds only its own window; other streams keep moving."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.protocol.helpers import EXTENDED, Side, handshake, pump
+from vtunnel.protocol import FlowControlError, StreamState, TunnelConfig, events
+
+MIB = 1 << 20
+
+
+def open_pair(config: TunnelConfig) -> tuple[Side, Side, int, int]:
+    client, server = handshake(config)
+    stalled = client.tunnel.open_stream()
+    moving = client.tunnel.open_stream()
+    pump(client, server)
+    server.tunnel.accept_stream(stalled)
+    server.tunnel.accept_stream(moving)
+    pump(client, server)
+    server.events.clear()
+    client.events.clear()
+    return client, server, stalled, moving
+
+
+def test_stalled_reader_does_not_stop_a_64_mib_transfer() -> None:
+    config = EXTENDED
+    client, server, stalled, moving = open_pair(config)
+    # the stalled stream's reader never consumes: the sender fills its window, then must stop
+    client.tunnel.send_data(stalled, b"s" * client.tunnel.send_window(stalled))
+    assert client.tunnel.send_window(stalled) == 0
+    with pytest.raises(FlowControlError):
+        client.tunnel.send_data(stalled, b"!")
+    total = 64 * MIB
+    block = bytes(range(256)) * 1024  # 256 KiB
+    sent = received = 0
+    stalled_buffered = 0
+    peak_moving_buffered = 0
+    for _ in range(100_000):
+        window = client.tunnel.send_window(moving)
+        if sent < total and window:
+            n = min(window, len(block), total - sent)
+            client.tunnel.send_data(moving, block[:n])
+            sent += n
+        evs = server.tunnel.receive_data(client.tunnel.data_to_send(), 0)
+        moving_buffered = 0
+        for ev in evs:
+            if isinstance(ev, events.DataReceived):
+                if ev.stream_id == stalled:
+                    stalled_buffered += len(ev.data)
+                else:
+                    moving_buffered += len(ev.data)
+                    received += len(ev.data)
+        peak_moving_buffered = max(peak_moving_buffered, moving_buffered)
+        assert stalled_buffered <= config.initial_stream_window
+        assert moving_buffered <= config.initial_stream_window
+        server.tunnel.acknowledge_received_data(moving, moving_buffered)
+        client.tunnel.receive_data(server.tunnel.data_to_send(), 0)
+        if received == total:
+            break
+    assert received == total
+    assert stalled_buffered == config.initial_stream_window
+    assert peak_moving_buffered > 0
+    assert client.tunnel.send_window(stalled) == 0
+    # the reader wakes up: credit comes back and the stalled stream moves again
+    server.tunnel.acknowledge_received_data(stalled, stalled_buffered)
+    client.events.extend(client.tunnel.receive_data(server.tunnel.data_to_send(), 0))
+    assert events.WindowUpdated(stream_id=stalled) in client.events
+    assert client.tunnel.send_window(stalled) == config.initial_stream_window
+
+
+def test_closing_a_stream_returns_its_unread_bytes_to_the_tunnel() -> None:
+    config = TunnelConfig(initial_stream_window=64 * 1024, initial_tunnel_window=128 * 1024)
+    client, server, stalled, moving = open_pair(config)
+    client.tunnel.send_data(stalled, b"a" * 64 * 1024)
+    client.tunnel.send_data(moving, b"b" * 64 * 1024)
+    pump(client, server)
+    assert client.tunnel.send_window(moving) == 0  # the tunnel window is used up by both streams
+    server.tunnel.close_stream(stalled)  # unread data is dropped: its credit returns to the tunnel
+    pump(client, server)
+    assert client.tunnel.stream_state(stalled) is StreamState.DEAD
+    assert client.tunnel.send_window(moving) == 0  # the stream window of `moving` is still used
+    server.tunnel.acknowledge_received_data(moving, 64 * 1024)
+    pump(client, server)
+    assert client.tunnel.send_window(moving) == 64 * 1024
+
+
+def test_data_for_a_reset_stream_does_not_leak_tunnel_credit() -> None:
+    config = TunnelConfig(initial_stream_window=64 * 1024, initial_tunnel_window=64 * 1024)
+    client, server, stalled, moving = open_pair(config)
+    server.tunnel.reset_stream(stalled)  # the RST crosses the client's DATA
+    client.tunnel.send_data(stalled, b"a" * 64 * 1024)
+    pump(client, server)
+    assert client.tunnel.send_window(moving) == 64 * 1024
+
+
+def test_window_update_is_sent_at_half_the_window() -> None:
+    config = TunnelConfig(initial_stream_window=4096, initial_tunnel_window=1 << 20)
+    client, server, _stalled, moving = open_pair(config)
+    client.tunnel.send_data(moving, b"x" * 4096)
+    pump(client, server)
+    server.tunnel.acknowledge_received_data(moving, 2047)
+    assert server.tunnel.data_to_send() == b""
+    server.tunnel.acknowledge_received_data(moving, 1)
+    assert server.tunnel.data_to_send() == bytes.fromhex("000004 08 00 00000003 00000800".replace(" ", ""))
+
+
+def test_vproxy_mode_has_no_window_once_established() -> None:
+    client, server = handshake(TunnelConfig(extensions=False))
+    sid = client.tunnel.open_stream()
+    pump(client, server)
+    server.tunnel.accept_stream(sid)
+    pump(client, server)
+    assert client.tunnel.send_window(sid) == 2**31 - 1
