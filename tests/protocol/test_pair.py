@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.protocol.helpers import EXTENDED, VPROXY, Side, handshake, pump
-from vtunnel.protocol import StreamMetadata, StreamState, TunnelConfig, TunnelState, events
+from vtunnel.protocol import (
+    LocalProtocolError,
+    StreamMetadata,
+    StreamState,
+    TunnelConfig,
+    TunnelState,
+    events,
+)
 
 CONFIGS = {
     "vproxy": VPROXY,
@@ -173,6 +180,6 @@ def test_server_refuses_streams_over_the_limit() -> None:
     pump(client, server)
     assert client.of(events.StreamReset) == [events.StreamReset(stream_id=second, error="refused")]
     assert server.tunnel.stream_state(first) is StreamState.ESTABLISHED
-    with pytest.raises(Exception, match="max_concurrent_streams"):
-        client.tunnel.open_stream()
+    client.tunnel.open_stream()
+    with pytest.raises(LocalProtocolError, match="max_concurrent_streams"):
         client.tunnel.open_stream()
