@@ -52,7 +52,9 @@ async def serve_until_signal(start: Callable[..., Awaitable[None]], stop: Callab
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--log-format", type=click.Choice(["console", "json"]), default=None, help="Log line format.")(f)
+    f = click.option(
+        "--log-format", type=click.Choice(["console", "json"]), default=None, help="Log line format."
+    )(f)
     f = click.option(
         "--log-level",
         type=click.Choice(["debug", "info", "warning", "error"]),
@@ -69,13 +71,20 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _setup(config_path: str | None, section: str, log_level: str | None, log_format: str | None) -> dict[str, Any]:
+def _setup(
+    config_path: str | None, section: str, log_level: str | None, log_format: str | None
+) -> dict[str, Any]:
     try:
         cfg = load_config(config_path)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     log_cfg = cfg.get("log", {})
-    configure_logging(level=log_level or log_cfg.get("level", "info"), fmt=log_format or log_cfg.get("format", "console"))  # type: ignore[arg-type]
+    fmt = log_format or log_cfg.get("format", "console")
+    if fmt not in ("console", "json"):
+        raise click.UsageError(f"[log] format must be console or json, not {fmt!r}")
+    configure_logging(
+        level=log_level or log_cfg.get("level", "info"), fmt="json" if fmt == "json" else "console"
+    )
     return cfg
 
 
@@ -115,8 +124,12 @@ def main() -> None:
 
 @main.command()
 @click.option("--listen", "listen", multiple=True, metavar="URL", help="Where tunnels arrive (repeatable).")
-@click.option("--target", metavar="HOST:PORT", help="Send every stream without a destination here (kcptun style).")
-@click.option("--allow-private", is_flag=True, help="Let clients reach loopback/private/link-local addresses.")
+@click.option(
+    "--target", metavar="HOST:PORT", help="Send every stream without a destination here (kcptun style)."
+)
+@click.option(
+    "--allow-private", is_flag=True, help="Let clients reach loopback/private/link-local addresses."
+)
 @click.option("--websocks-user", multiple=True, metavar="USER:PASS", help="A WebSocks user (repeatable).")
 @_common
 def server(
@@ -182,8 +195,12 @@ def server(
 @click.option("--server", "server_url", metavar="URL", help="The server's transport URL.")
 @click.option("--forward", multiple=True, metavar="LISTEN[=DEST]", help="Forward a local port (repeatable).")
 @click.option("--socks", metavar="HOST:PORT", help="SOCKS5 proxy front, e.g. 127.0.0.1:1080.")
-@click.option("--http", metavar="HOST:PORT", help="HTTP proxy front (CONNECT and plain), e.g. 127.0.0.1:8118.")
-@click.option("--conn", "connections", type=click.IntRange(1, 64), default=None, help="Tunnels to keep (default 1).")
+@click.option(
+    "--http", metavar="HOST:PORT", help="HTTP proxy front (CONNECT and plain), e.g. 127.0.0.1:8118."
+)
+@click.option(
+    "--conn", "connections", type=click.IntRange(1, 64), default=None, help="Tunnels to keep (default 1)."
+)
 @_common
 def agent(
     server_url: str | None,
@@ -266,7 +283,9 @@ def transports() -> None:
 
 
 @main.command()
-@click.option("--transport", type=click.Choice(["kcp", "tcp"]), default="kcp", help="Transport between the pair.")
+@click.option(
+    "--transport", type=click.Choice(["kcp", "tcp"]), default="kcp", help="Transport between the pair."
+)
 @click.option("--socks", default="127.0.0.1:1080", show_default=True, help="The agent's SOCKS5 address.")
 @click.option("--http", default="127.0.0.1:8118", show_default=True, help="The agent's HTTP proxy address.")
 @click.option("--tunnel-port", default=4000, show_default=True, help="Loopback port of the tunnel server.")
@@ -277,7 +296,11 @@ def demo(transport: str, socks: str, http: str, tunnel_port: int, page_port: int
     from vtunnel.demo import run_demo
 
     configure_logging(level=log_level, fmt="console")
-    run_async(lambda: run_demo(transport=transport, socks=socks, http=http, tunnel_port=tunnel_port, page_port=page_port))
+    run_async(
+        lambda: run_demo(
+            transport=transport, socks=socks, http=http, tunnel_port=tunnel_port, page_port=page_port
+        )
+    )
 
 
 if __name__ == "__main__":

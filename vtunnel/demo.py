@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -35,10 +36,8 @@ async def _serve_page(client: ByteStream) -> None:
             b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(PAGE)
         )
-        try:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await client.send(head + PAGE)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
 
 
 async def run_demo(*, transport: str, socks: str, http: str, tunnel_port: int, page_port: int) -> None:

@@ -118,7 +118,15 @@ def test_curl_socks5_through_agent_and_server(procs: Processes, psk_file: Path, 
         pytest.skip("curl is not installed (.ci/run installs it)")
     _, _, front = start_pair(procs, "tcp", psk_file, socks=True)
     out = subprocess.run(
-        [curl, "-sS", "--max-time", "20", "--socks5-hostname", f"127.0.0.1:{front}", f"http://127.0.0.1:{web}/"],
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "20",
+            "--socks5-hostname",
+            f"127.0.0.1:{front}",
+            f"http://127.0.0.1:{web}/",
+        ],
         capture_output=True,
         check=True,
     )
@@ -128,10 +136,13 @@ def test_curl_socks5_through_agent_and_server(procs: Processes, psk_file: Path, 
 def test_server_restart_is_followed_by_reconnection(procs: Processes, psk_file: Path, echo: int) -> None:
     server, _, front = start_pair(procs, "tcp", psk_file, target=echo)
     assert echo_roundtrip(front, b"before restart") == b"before restart"
-    tunnel_url = server.args[server.args.index("--listen") + 1]
+    args = list(server.args)  # type: ignore[arg-type]
+    tunnel_url = str(args[args.index("--listen") + 1])
     os.killpg(server.pid, signal.SIGKILL)
     server.wait(timeout=10)
-    procs.start("server", "--listen", tunnel_url, "--psk-file", str(psk_file), "--target", f"127.0.0.1:{echo}")
+    procs.start(
+        "server", "--listen", tunnel_url, "--psk-file", str(psk_file), "--target", f"127.0.0.1:{echo}"
+    )
     restarted = time.monotonic()
     last_error: Exception | None = None
     while time.monotonic() - restarted < 5.0:
@@ -206,11 +217,14 @@ def test_server_without_key_refuses_to_start() -> None:
         env={k: v for k, v in os.environ.items() if k != "VTUNNEL_PSK"},
     )
     assert out.returncode == 2
-    assert "--insecure" in out.stderr and "vtunnel keygen" in out.stderr
+    assert "--insecure" in out.stderr
+    assert "vtunnel keygen" in out.stderr
 
 
 def test_transports_lists_the_builtins() -> None:
-    out = subprocess.run([*VTUNNEL, "transports"], capture_output=True, text=True, cwd=ROOT, timeout=30, check=True)
+    out = subprocess.run(
+        [*VTUNNEL, "transports"], capture_output=True, text=True, cwd=ROOT, timeout=30, check=True
+    )
     for scheme in ("tcp", "tls", "kcp"):
         assert any(line.startswith(scheme) for line in out.stdout.splitlines()), out.stdout
 
@@ -218,6 +232,10 @@ def test_transports_lists_the_builtins() -> None:
 def test_help_explains_each_command() -> None:
     for cmd in ("server", "agent", "keygen", "transports", "demo"):
         out = subprocess.run(
-            [sys.executable, "-m", "vtunnel", cmd, "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+            [sys.executable, "-m", "vtunnel", cmd, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
         )
         assert "Usage:" in out.stdout

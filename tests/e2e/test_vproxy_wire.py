@@ -38,7 +38,9 @@ def read_exact(s: socket.socket, n: int) -> bytes:
 def server(procs: Processes) -> Iterator[int]:
     with echo_server() as echo:
         port = free_port()
-        procs.start("server", "--listen", f"tcp://127.0.0.1:{port}", "--insecure", "--target", f"127.0.0.1:{echo}")
+        procs.start(
+            "server", "--listen", f"tcp://127.0.0.1:{port}", "--insecure", "--target", f"127.0.0.1:{echo}"
+        )
         wait_port(port)
         yield port
 
@@ -114,5 +116,3 @@ def test_garbage_instead_of_handshake_is_not_served(server: int) -> None:
     with handshake(server) as s2:
         s2.sendall(frame(1, 0, 1))
         assert read_frame(s2) == (1, 0, 1, b"")
-
-

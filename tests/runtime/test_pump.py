@@ -40,7 +40,7 @@ async def tunnel_pair(
         tg.start_soon(client.run)
         with anyio.fail_after(10):
             await client.wait_ready()
-            while not servers:
+            while not servers:  # noqa: ASYNC110 - the accept happens in another task
                 await anyio.sleep(0.01)
         try:
             yield client, servers[0]
@@ -148,8 +148,11 @@ async def test_a_stalled_reader_does_not_stall_other_streams() -> None:
                 await fast.send(chunk)
             await fast.send_eof()
             assert await read_all(fast) == str(size).encode()
-        stalled_server = [s for s in server.streams.values() if s.metadata and s.metadata.authority == "stall:1"]
-        assert stalled_server and stalled_server[0].buffered <= window
+        stalled_server = [
+            s for s in server.streams.values() if s.metadata and s.metadata.authority == "stall:1"
+        ]
+        assert stalled_server
+        assert stalled_server[0].buffered <= window
         stalled.set()
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
 
@@ -26,7 +27,7 @@ from vtunnel.runtime.session import TunnelPool
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.tcp import tune_socket
 
-__all__ = ["AgentSettings", "Forward", "Agent", "parse_hostport"]
+__all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 
 log = structlog.get_logger("vtunnel.agent")
 
@@ -88,6 +89,8 @@ class Agent:
         self.local_addresses: dict[str, str] = {}
         self._stopping = anyio.Event()
         self._active = 0
+        self._idle = anyio.Event()
+        self._idle.set()
 
     async def open(self, metadata: StreamMetadata | None, *, wait_accepted: bool = True) -> ByteStream:
         return await self.pool.open_stream(
@@ -118,7 +121,9 @@ class Agent:
             await self.pool.run(tg)
             accepting: list[anyio.CancelScope] = []
 
-            async def accept_on(listener: Listener[Any], handler: Callable[[ByteStream], Awaitable[None]]) -> None:
+            async def accept_on(
+                listener: Listener[Any], handler: Callable[[ByteStream], Awaitable[None]]
+            ) -> None:
                 with anyio.CancelScope() as scope:
                     accepting.append(scope)
                     await listener.serve(self._tracked(handler), tg)
@@ -129,12 +134,11 @@ class Agent:
             await self._stopping.wait()
             for scope in accepting:
                 scope.cancel()
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             for listener, _ in listeners:
                 await listener.aclose()
             with anyio.move_on_after(s.drain_timeout):
-                while self._active:
-                    await anyio.sleep(0.05)
+                await self._idle.wait()
             self.pool.shutdown()
             await anyio.sleep(0.1)  # let GOAWAY leave
             tg.cancel_scope.cancel()
@@ -142,9 +146,13 @@ class Agent:
     def shutdown(self) -> None:
         self._stopping.set()
 
-    def _tracked(self, handler: Callable[[ByteStream], Awaitable[None]]) -> Callable[[ByteStream], Awaitable[None]]:
+    def _tracked(
+        self, handler: Callable[[ByteStream], Awaitable[None]]
+    ) -> Callable[[ByteStream], Awaitable[None]]:
         async def run(client: ByteStream) -> None:
             self._active += 1
+            if self._idle.is_set():
+                self._idle = anyio.Event()
             tune_socket(client)
             try:
                 await handler(client)
@@ -152,6 +160,8 @@ class Agent:
                 log.info("local connection ended with an error", error=str(exc) or repr(exc))
             finally:
                 self._active -= 1
+                if not self._active:
+                    self._idle.set()
                 with anyio.CancelScope(shield=True):
                     await anyio.aclose_forcefully(client)
 

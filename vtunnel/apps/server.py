@@ -15,10 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, Listener, TaskStatus
 
-from vtunnel.apps.dialer import DialError, Dialer
+from vtunnel.apps.dialer import Dialer, DialError
 from vtunnel.apps.pipe import pipe
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.protocol import Role, TunnelConfig
@@ -59,6 +60,8 @@ class Server:
         self.local_addresses: list[str] = []
         self._serial = 0
         self._stopping = anyio.Event()
+        self._no_tunnels = anyio.Event()
+        self._no_tunnels.set()
 
     async def serve(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until :meth:`shutdown` finishes draining."""
@@ -88,14 +91,13 @@ class Server:
             await self._stopping.wait()
             for scope in accepting:
                 scope.cancel()
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             for listener in self.listeners:
                 await listener.aclose()
             for conn in list(self.tunnels):
                 conn.shutdown("server shutting down", graceful=True)
             with anyio.move_on_after(self.settings.drain_timeout):
-                while self.tunnels:
-                    await anyio.sleep(0.05)
+                await self._no_tunnels.wait()
             if self.tunnels:
                 log.warning("drain timeout: closing remaining tunnels", tunnels=len(self.tunnels))
             tg.cancel_scope.cancel()
@@ -114,10 +116,14 @@ class Server:
             name=f"t{self._serial}",
         )
         self.tunnels.add(conn)
+        if self._no_tunnels.is_set():
+            self._no_tunnels = anyio.Event()
         try:
             await conn.run()
         finally:
             self.tunnels.discard(conn)
+            if not self.tunnels:
+                self._no_tunnels.set()
 
     async def _handle_stream(self, stream: TunnelStream) -> None:
         md = stream.metadata
@@ -137,7 +143,11 @@ class Server:
         await self._serve_websocks(stream, slog)
 
     async def _connect_and_pipe(
-        self, stream: TunnelStream, authority: str, dialer: Dialer, slog: structlog.typing.FilteringBoundLogger
+        self,
+        stream: TunnelStream,
+        authority: str,
+        dialer: Dialer,
+        slog: structlog.typing.FilteringBoundLogger,
     ) -> None:
         try:
             remote = await dialer.dial(authority)
@@ -149,7 +159,9 @@ class Server:
         slog.debug("relaying", destination=authority)
         await pipe(stream, remote, idle_timeout=self.settings.idle_timeout)
 
-    async def _serve_websocks(self, stream: TunnelStream, slog: structlog.typing.FilteringBoundLogger) -> None:
+    async def _serve_websocks(
+        self, stream: TunnelStream, slog: structlog.typing.FilteringBoundLogger
+    ) -> None:
         from vtunnel.apps.websocks import classify_websocks, serve_websocks
 
         stream.accept()
@@ -164,7 +176,9 @@ class Server:
                 if verdict is None and len(first) < 16384:
                     continue
                 if verdict:
-                    await serve_websocks(stream, first, users=self.settings.websocks_users, dialer=self.dialer)
+                    await serve_websocks(
+                        stream, first, users=self.settings.websocks_users, dialer=self.dialer
+                    )
                 else:
                     slog.info("stream has no destination and is not WebSocks: reset")
                     stream.refuse("failed")

@@ -15,6 +15,7 @@ which is exactly vproxy's own behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
@@ -336,7 +337,9 @@ class TunnelConnection:
         self._reader_resume.set()
 
     # ------------------------------------------------------------------ API
-    async def open_stream(self, metadata: StreamMetadata | None = None, *, wait_accepted: bool = True) -> TunnelStream:
+    async def open_stream(
+        self, metadata: StreamMetadata | None = None, *, wait_accepted: bool = True
+    ) -> TunnelStream:
         """Open a stream (client role).
 
         With ``wait_accepted`` the call returns once the server's SYN-ACK arrived and raises
@@ -344,7 +347,9 @@ class TunnelConnection:
         bytes follow the SYN (0-RTT), a refusal then surfacing on the stream's first receive.
         """
         if not self.accepting_streams:
-            raise TunnelUnavailable(f"tunnel not ready ({self._close_reason or self.tunnel.state.name.lower()})")
+            raise TunnelUnavailable(
+                f"tunnel not ready ({self._close_reason or self.tunnel.state.name.lower()})"
+            )
         try:
             sid = self.tunnel.open_stream(metadata=metadata)
         except VTunnelError as exc:
@@ -365,12 +370,8 @@ class TunnelConnection:
         """Send GOAWAY. Graceful: open streams may finish; the tunnel closes when they have (or on timeout)."""
         if self._closed.is_set():
             return
-        try:
+        with contextlib.suppress(VTunnelError):
             self.tunnel.shutdown(reason, graceful=graceful)
-        except VTunnelError:
-            pass
         self.flush()
-        if not graceful or not self.streams:
-            if not graceful:
-                self._mark_closed(reason)
-
+        if (not graceful or not self.streams) and not graceful:
+            self._mark_closed(reason)

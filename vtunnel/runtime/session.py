@@ -91,7 +91,9 @@ class TunnelPool:
                 slog.warning("connect failed", error=str(exc) or repr(exc), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
                 continue
-            conn = TunnelConnection(stream, role=Role.CLIENT, config=self.config, name=f"{self.server}#{index}")
+            conn = TunnelConnection(
+                stream, role=Role.CLIENT, config=self.config, name=f"{self.server}#{index}"
+            )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(conn.run)
                 try:

@@ -10,6 +10,7 @@ reset or a dead tunnel (``reset_error`` says why), :class:`anyio.ClosedResourceE
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -113,10 +114,8 @@ class TunnelStream(ByteStream):
         """Server: answer the peer's SYN with an RST carrying ``error`` (when the peer understands reasons)."""
         if self._broken is None:
             self._broken = "refused"
-        try:
+        with contextlib.suppress(VTunnelError):
             self._conn.tunnel.reset_stream(self.stream_id, error=error)
-        except VTunnelError:
-            pass
         self._conn.flush()
 
     async def wait_accepted(self) -> None:
@@ -156,10 +155,8 @@ class TunnelStream(ByteStream):
         self.buffered -= n
         conn = self._conn
         if not conn.closed:
-            try:
+            with contextlib.suppress(VTunnelError):
                 conn.tunnel.acknowledge_received_data(self.stream_id, n)
-            except VTunnelError:
-                pass
             conn.flush()
             conn.resume_reading()
         return chunk
@@ -221,10 +218,8 @@ class TunnelStream(ByteStream):
         self._closed = True
         conn = self._conn
         if not conn.closed:
-            try:
+            with contextlib.suppress(VTunnelError):
                 conn.tunnel.close_stream(self.stream_id)
-            except VTunnelError:
-                pass
             conn.flush()
         conn._forget(self.stream_id)
         self._readable.set()

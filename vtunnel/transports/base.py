@@ -185,6 +185,8 @@ def get_transport(scheme: str) -> Transport:
         except TransportError:
             raise
         except Exception as exc:
-            raise TransportError(f"the transport for {scheme!r} ({ep.value}) failed to load: {exc!r}") from exc
+            raise TransportError(
+                f"the transport for {scheme!r} ({ep.value}) failed to load: {exc!r}"
+            ) from exc
         _loaded[scheme] = cls
     return cls()

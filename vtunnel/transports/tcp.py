@@ -10,6 +10,7 @@ When a pre-shared key is configured the PSK handshake and AEAD records run on to
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -40,15 +41,11 @@ def tune_socket(stream: Any) -> None:
         (socket.SO_SNDBUF, SOCKET_BUFFER),
         (socket.SO_RCVBUF, SOCKET_BUFFER),
     ):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, val)
-        except OSError:
-            pass
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class SecuredListener(Listener[ByteStream]):
@@ -69,9 +66,7 @@ class SecuredListener(Listener[ByteStream]):
     def local_address(self) -> str:
         return self._local
 
-    async def serve(
-        self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None
-    ) -> None:
+    async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
         async def wrapped(raw: ByteStream) -> None:
             tune_socket(raw)
             try:
@@ -124,7 +119,9 @@ def _server_preparer(
             pass
         if tls is not None:
             with anyio.fail_after(CONNECT_TIMEOUT):
-                stream = await TLSStream.wrap(raw, server_side=True, ssl_context=tls, standard_compatible=False)
+                stream = await TLSStream.wrap(
+                    raw, server_side=True, ssl_context=tls, standard_compatible=False
+                )
         if security.psk is None:
             return stream
         from vtunnel.transports.secure import secure_server
@@ -234,4 +231,3 @@ class TLSTransport(Transport):
         ctx = self._server_context(endpoint)
         inner = await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
         return SecuredListener(inner, _server_preparer(security, ctx), local=_local_name(inner))
-
