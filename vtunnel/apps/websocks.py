@@ -1,0 +1,273 @@
+"""The server side of WebSocks (vproxy's agent/server protocol), run inside one tunnel stream.
+
+The exchange, in order:
+
+1. the client sends ``GET / HTTP/1.1`` with ``Upgrade: websocket``, ``Connection: Upgrade``,
+   ``Sec-WebSocket-Version: 13``, ``Sec-WebSocket-Protocol: socks5`` and
+   ``Authorization: Basic base64(user ":" pass')``, where
+   ``pass' = base64(sha256(base64(sha256(password)) + str(m)))`` and ``m`` is the current epoch time in
+   milliseconds rounded down to the minute;
+2. the server answers ``400`` when the protocol is not ``socks5`` (or the upgrade is malformed), ``401`` when
+   the user is unknown or ``pass'`` matches none of ``m - 60000``, ``m``, ``m + 60000`` (compared in
+   constant time), else ``101 Switching Protocols``;
+3. each side sends the same 10 bytes, ``82 7f 7f ff ff ff ff ff ff ff``: the header of one unmasked binary
+   frame of length 2^63 - 1, after which raw bytes flow without any further framing;
+4. RFC 1928 SOCKS5 (no authentication, ``CONNECT``) names the destination, which is dialled through the
+   exit policy; the reply code comes from the dial result;
+5. raw relay.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Mapping
+
+import anyio
+import h11
+import structlog
+from anyio.abc import ByteStream
+
+from vtunnel.apps.dialer import Dialer, DialError
+from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, pipe
+from vtunnel.apps.socks5 import (
+    SOCKS_VERSION,
+    Command,
+    Method,
+    Reply,
+    Socks5Error,
+    encode_reply,
+    parse_greeting,
+    parse_request,
+    reply_for_refusal,
+)
+from vtunnel.runtime.errors import StreamRefused
+
+__all__ = [
+    "FRAME_HEADER",
+    "MINUTE_MS",
+    "classify_websocks",
+    "password_token",
+    "serve_websocks",
+    "websocket_accept",
+]
+
+log = structlog.get_logger(__name__)
+
+#: The header of the one endless, unmasked binary frame each side sends after the upgrade.
+FRAME_HEADER = bytes.fromhex("827f7fffffffffffffff")
+MINUTE_MS = 60_000
+MAX_REQUEST = 16384
+HANDSHAKE_TIMEOUT = 30.0
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, StreamRefused)
+
+
+def password_token(password: str, minute_ms: int) -> str:
+    """``pass'`` for ``password`` at ``minute_ms`` (epoch milliseconds, a multiple of 60000)."""
+    inner = base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest()).decode("ascii")
+    outer = hashlib.sha256((inner + str(minute_ms)).encode("utf-8")).digest()
+    return base64.b64encode(outer).decode("ascii")
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.strip() + _WEBSOCKET_GUID).digest())
+
+
+def _header_block_end(data: bytes) -> int:
+    return data.find(b"\r\n\r\n")
+
+
+def classify_websocks(first: bytes) -> bool | None:
+    """Is ``first`` the start of a WebSocket upgrade?  ``None`` while the request head is incomplete.
+
+    True once a complete ``GET`` request head carries ``Upgrade: websocket`` (the protocol and the
+    password are checked later, by ``serve_websocks``, which answers 400/401); False as soon as the bytes
+    cannot be one.
+    """
+    if len(first) < 4:
+        return None if b"GET "[: len(first)] == first else False
+    if not first.startswith(b"GET "):
+        return False
+    end = _header_block_end(first)
+    if end < 0:
+        return None if len(first) < MAX_REQUEST else False
+    conn = h11.Connection(h11.SERVER)
+    try:
+        conn.receive_data(first[: end + 4])
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return False
+    if not isinstance(event, h11.Request):
+        return False
+    return any(n == b"upgrade" and v.lower() == b"websocket" for n, v in event.headers)
+
+
+def _default_now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for n, v in request.headers:
+        if n == name:
+            return v
+    return None
+
+
+def _check_upgrade(request: h11.Request, users: Mapping[str, str], now_ms: int) -> str:
+    """Validate the upgrade request; return the user name or raise ``_Rejected``."""
+    upgrade = _header(request, b"upgrade")
+    if request.method != b"GET" or upgrade is None or upgrade.lower() != b"websocket":
+        raise _Rejected(400, "not a WebSocket upgrade")
+    protocols = {p.strip().lower() for p in (_header(request, b"sec-websocket-protocol") or b"").split(b",")}
+    if b"socks5" not in protocols:
+        raise _Rejected(400, "unknown protocol")
+    authorization = _header(request, b"authorization") or b""
+    scheme, _, encoded = authorization.partition(b" ")
+    if scheme.lower() != b"basic":
+        raise _Rejected(401, "no basic authorization")
+    try:
+        user, sep, token = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise _Rejected(401, "malformed authorization") from None
+    password = users.get(user) if sep else None
+    minute = now_ms - now_ms % MINUTE_MS
+    candidates = (minute - MINUTE_MS, minute, minute + MINUTE_MS)
+    # the same amount of work whether or not the user exists
+    secret = password if password is not None else "\x00unknown user"
+    matched = False
+    for m in candidates:
+        matched |= hmac.compare_digest(password_token(secret, m).encode(), token.encode("utf-8"))
+    if password is None or not matched:
+        raise _Rejected(401, "bad user or password")
+    return user
+
+
+async def _read_exactly(buffer: StreamBuffer, n: int) -> bytes:
+    def take(data: bytes) -> tuple[bytes, int] | None:
+        return (data[:n], n) if len(data) >= n else None
+
+    return await buffer.parse(take)
+
+
+async def serve_websocks(
+    stream: ByteStream,
+    first: bytes,
+    *,
+    users: Mapping[str, str],
+    dialer: Dialer,
+    now_ms: Callable[[], int] | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+) -> None:
+    """Serve one WebSocks client whose first bytes (already read) are ``first``; closes ``stream``."""
+    clock = now_ms or _default_now_ms
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+    buffer = StreamBuffer(stream, limit=MAX_REQUEST, initial=first)
+    try:
+        with anyio.fail_after(handshake_timeout):
+            request = await _read_request(conn, buffer)
+            try:
+                user = _check_upgrade(request, users, clock())
+            except _Rejected as exc:
+                log.info("websocks.rejected", status=exc.status, reason=str(exc))
+                body = f"{exc.status} {exc}\n".encode()
+                headers = [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+                await stream.send(conn.send(h11.Response(status_code=exc.status, headers=headers)) or b"")
+                await stream.send(conn.send(h11.Data(data=body)) or b"")
+                return
+            headers = [
+                (b"upgrade", b"websocket"),
+                (b"connection", b"Upgrade"),
+                (b"sec-websocket-protocol", b"socks5"),
+            ]
+            key = _header(request, b"sec-websocket-key")
+            if key is not None:
+                headers.append((b"sec-websocket-accept", websocket_accept(key)))
+            await stream.send(conn.send(h11.InformationalResponse(status_code=101, headers=headers)) or b"")
+            await stream.send(FRAME_HEADER)
+            if await _read_exactly(buffer, len(FRAME_HEADER)) != FRAME_HEADER:
+                log.info("websocks.bad_frame_header", user=user)
+                return
+            remote = await _socks5_connect(stream, buffer, dialer)
+        if remote is None:
+            return
+        early = buffer.take_pending()
+        if early:
+            await remote.send(early)
+        log.debug("websocks.relaying", user=user)
+        await pipe(stream, remote)
+    except (h11.RemoteProtocolError, h11.LocalProtocolError, HeaderTooLarge, Socks5Error) as exc:
+        log.info("websocks.bad_request", error=str(exc))
+    except TimeoutError:
+        log.info("websocks.handshake_timeout")
+    except _GONE as exc:
+        log.debug("websocks.client_gone", error=type(exc).__name__)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(stream)
+
+
+async def _read_request(conn: h11.Connection, buffer: StreamBuffer) -> h11.Request:
+    """Feed h11 until the whole request is in; the bytes after it go back into ``buffer``."""
+    conn.receive_data(buffer.take_pending())
+    request: h11.Request | None = None
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if len(conn.trailing_data[0]) >= MAX_REQUEST:
+                raise HeaderTooLarge("upgrade request too large")
+            try:
+                conn.receive_data(await buffer.stream.receive())
+            except anyio.EndOfStream:
+                conn.receive_data(b"")
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.EndOfMessage) and request is not None:
+            buffer.pending += conn.trailing_data[0]
+            return request
+        elif isinstance(event, h11.ConnectionClosed):
+            raise anyio.EndOfStream
+        elif not isinstance(event, h11.Data):
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
+
+
+async def _socks5_connect(stream: ByteStream, buffer: StreamBuffer, dialer: Dialer) -> ByteStream | None:
+    """Serve the SOCKS5 exchange (no authentication, CONNECT) and dial; ``None`` after a failure reply."""
+    methods = await buffer.parse(parse_greeting)
+    if Method.NO_AUTH not in methods:
+        await stream.send(bytes([SOCKS_VERSION, Method.NO_ACCEPTABLE]))
+        return None
+    await stream.send(bytes([SOCKS_VERSION, Method.NO_AUTH]))
+    try:
+        request = await buffer.parse(parse_request)
+    except Socks5Error as exc:
+        if exc.reply is not None:
+            await stream.send(encode_reply(exc.reply))
+        raise
+    if request.command != Command.CONNECT:
+        await stream.send(encode_reply(Reply.COMMAND_NOT_SUPPORTED))
+        return None
+    try:
+        remote = await dialer.dial(request.authority)
+    except DialError as exc:
+        log.info("websocks.dial_failed", authority=request.authority, error=exc.error)
+        await stream.send(encode_reply(reply_for_refusal(exc.error)))
+        return None
+    try:
+        await stream.send(encode_reply(Reply.SUCCEEDED))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(remote)
+        raise
+    return remote
