@@ -6,20 +6,16 @@ Layouts (integers big endian; full description in ``docs/security.md``)::
     REPLY  (server -> client)  02 | initial CID (8) | Noise message 2 (e 32 | payload + tag 16)
     DATA   (both ways)         03 | CID (8) | counter u64 | ChaCha20-Poly1305 ciphertext + tag 16
 
-INIT's payload is the timestamp, the anti-replay token and padding (see :mod:`.handshake`); INIT's first
-three
+INIT's payload is the timestamp, the anti-replay token and padding (see :mod:`.handshake`); INIT's first three
 fields are the Noise prologue, so they are authenticated. REPLY's payload is the connection ID the server
-assigns,
-then padding. A DATA datagram's AEAD nonce is its counter and its associated data the 17 header bytes; each
-direction has its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
+assigns, then padding. A DATA datagram's AEAD nonce is its counter and its associated data the 17 header
+bytes; each direction has its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
 
 The connection ID is the only clear field a server uses: it finds the session by it, never by the source
-address,
-so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed server/worker id
-(``server_id``) so that a load balancer can route by it (QUIC-LB's idea).
+address, so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed
+server/worker id (``server_id``) so that a load balancer can route by it (QUIC-LB's idea).
 
-``now`` in the handshake calls is wall-clock seconds (``time.time()``): timestamps are compared across
-hosts.
+``now`` in the handshake calls is wall-clock seconds (``time.time()``): timestamps are compared across hosts.
 """
 
 from __future__ import annotations
@@ -81,8 +77,7 @@ MIN_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + INIT_PAYLOAD_LEN
 MAX_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
 MIN_REPLY_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + CID_LEN
 REPLY_PADDING_MAX = 256
-#: How long a client retransmits the same first message, and the server answers such a retransmission
-#: (seconds).
+#: Seconds during which a client retransmits the same first datagram and the server answers such copies.
 RETRANSMIT_PERIOD = 10.0
 #: How many times the server re-sends a reply to retransmissions of one first message.
 REPLY_REPEAT_LIMIT = 8
@@ -92,8 +87,8 @@ MAX_COUNTER = 2**64 - 1
 def peek_connection_id(datagram: bytes) -> bytes | None:
     """The clear connection ID at the front of ``datagram``, or None if it cannot be one of ours.
 
-    For DATA it is the session's ID; for INIT and REPLY the client's initial ID (a new handshake).
-    Cheap: no cryptography. A non-None answer proves nothing; the datagram must still be opened.
+    For DATA it is the session's ID; for INIT and REPLY the client's initial ID (a new handshake). Cheap: no
+    cryptography. A non-None answer proves nothing; the datagram must still be opened.
     """
     n = len(datagram)
     if n < DATAGRAM_OVERHEAD:
@@ -115,11 +110,9 @@ def _prologue(kind: int, cid: bytes) -> bytes:
 class DatagramSession:
     """One authenticated session: seals and opens DATA datagrams.
 
-    :meth:`open` returns None for anything forged, replayed (counter already seen or older than the
-    replay window),
-    garbled or for another connection ID. The caller may move the peer's address to the source of a
-    datagram only
-    after :meth:`open` accepted it.
+    :meth:`open` returns None for anything forged, replayed (counter already seen or older than the replay
+    window), garbled or for another connection ID. The caller may move the peer's address to the source of a
+    datagram only after :meth:`open` accepted it.
     """
 
     __slots__ = ("_open_aead", "_seal_aead", "_send_counter", "_window", "confirmed", "connection_id")
@@ -132,8 +125,7 @@ class DatagramSession:
         self._open_aead = ChaCha20Poly1305(keys.receive)
         self._send_counter = 0
         self._window = ReplayWindow(window)
-        #: True once a datagram from the peer was authenticated (the handshake is known to be complete on
-        #: both ends).
+        #: True once a datagram from the peer was authenticated (both ends know the handshake completed).
         self.confirmed = False
 
     def __repr__(self) -> str:
@@ -174,8 +166,7 @@ class DatagramClient:
     """The client end of a sealed-datagram session.
 
     Send :meth:`initial_datagram`, feed every datagram from the server to :meth:`receive`; once
-    :attr:`established`,
-    :meth:`seal` payloads and :meth:`receive` returns the server's payloads.
+    :attr:`established`, :meth:`seal` payloads and :meth:`receive` returns the server's payloads.
 
     ``connection_id`` is a random initial ID until the reply arrives, then the ID the server assigned.
     """
@@ -212,21 +203,17 @@ class DatagramClient:
     def initial_datagram(self, now: float | None = None) -> bytes:
         """The handshake's first datagram (INIT, randomly padded).
 
-        Retransmission: call again after a timeout with no reply. Without ``now``, or with a ``now`` less
-        than
+        Retransmission: call again after a timeout with no reply. Without ``now``, or with a ``now`` less than
         :data:`RETRANSMIT_PERIOD` seconds after the first attempt, this returns the *same bytes*: the server
-        recognises a byte-identical retransmission from the same source address and re-sends its reply
-        (the one
-        session it created), at most :data:`REPLY_REPEAT_LIMIT` times, until the session is confirmed by the
-        client's first DATA datagram. Any other copy of the message (another source, later, after
-        confirmation)
-        is a replay and gets nothing. With a ``now`` :data:`RETRANSMIT_PERIOD` or more after the first
-        attempt,
-        the handshake starts over: a fresh ephemeral key, timestamp, token and initial connection ID.
+        recognises a byte-identical retransmission from the same source address and re-sends its reply (the
+        one session it created), at most :data:`REPLY_REPEAT_LIMIT` times, until the session is confirmed by
+        the client's first DATA datagram. Any other copy of the message (another source, later, after
+        confirmation) is a replay and gets nothing. With a ``now`` :data:`RETRANSMIT_PERIOD` or more after the
+        first attempt, the handshake starts over: a fresh ephemeral key, timestamp, token and initial
+        connection ID.
 
-        (Re-encrypting a new timestamp under the same ephemeral key would reuse the message's key and
-        nonce, which
-        ChaCha20-Poly1305 forbids; that is why a retransmission is byte-identical or entirely new.)
+        (Re-encrypting a new timestamp under the same ephemeral key would reuse the message's key and nonce,
+        which ChaCha20-Poly1305 forbids; that is why a retransmission is byte-identical or entirely new.)
         """
         if self._session is not None:
             raise SecurityError("the handshake is already complete")
@@ -236,7 +223,8 @@ class DatagramClient:
 
     def receive(self, datagram: bytes, now: float) -> bytes | None:
         """A handshake reply -> None (and :attr:`established` becomes True); a DATA datagram -> its payload;
-        anything invalid, duplicated or unexpected -> None, silently."""
+        anything invalid, duplicated or unexpected -> None, silently.
+        """
         session = self._session
         if session is not None:
             return session.open(datagram)
@@ -310,15 +298,13 @@ class DatagramServer:
     def accept(
         self, datagram: bytes, source: tuple[str, int], now: float
     ) -> tuple[DatagramSession, bytes] | None:
-        """A valid INIT -> ``(session, reply)``: store the session under ``session.connection_id`` and
-        send ``reply``
-        to ``source``. Anything else -> None: send nothing.
+        """A valid INIT -> ``(session, reply)``: store the session under ``session.connection_id`` and send
+        ``reply`` to ``source``. Anything else -> None: send nothing.
 
-        A byte-identical retransmission of an INIT answered less than :data:`RETRANSMIT_PERIOD` ago, from
-        the same
-        source, before the session saw any DATA from the client, returns the *same* session object and
-        reply again
-        (store idempotently; do not make a second session). The reply is never larger than ``datagram``.
+        A byte-identical retransmission of an INIT answered less than :data:`RETRANSMIT_PERIOD` ago, from the
+        same source, before the session saw any DATA from the client, returns the *same* session object and
+        reply again (store idempotently; do not make a second session). The reply is never larger than
+        ``datagram``.
         """
         n = len(datagram)
         if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM or datagram[0] != DatagramType.INIT:

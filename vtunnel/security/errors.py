@@ -1,5 +1,4 @@
-"""Errors of the security layer. No third-party exception (cryptography's, hashlib's) escapes this
-package."""
+"""Errors of the security layer. No third-party exception (cryptography's, hashlib's) escapes this package."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ class AuthenticationFailed(SecurityError):
     """The peer's bytes failed authentication (wrong key, tampering, replay, garbage, a stale timestamp).
 
     The caller must send nothing back to that peer. The message says why, for local logs only: it never
-    contains key
-    material or the peer's bytes.
+    contains key material or the peer's bytes.
     """
 
 

@@ -1,8 +1,7 @@
 """Pre-shared keys: generation, parsing, loading.
 
-A key is 32 random bytes, written as URL-safe base64 without padding (43 characters). Standard base64
-(with ``+/``
-and ``=`` padding) and 64 hex digits are accepted as well when reading one.
+A key is 32 random bytes, written as URL-safe base64 without padding (43 characters). Standard base64 (with
+``+/`` and ``=`` padding) and 64 hex digits are accepted as well when reading one.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ def generate_key() -> str:
 
 
 def decode_key(text: str) -> bytes:
-    """The 32 key bytes written in ``text`` (base64, URL-safe base64 or hex; surrounding whitespace
-    ignored).
+    """The 32 key bytes written in ``text`` (base64, URL-safe base64 or hex; surrounding whitespace ignored).
 
     Raises :class:`SecurityError` if ``text`` is not such a key. The message never repeats the text.
     """
@@ -50,8 +48,7 @@ def decode_key(text: str) -> bytes:
 
 
 def load_psk_file(path: str | os.PathLike[str]) -> bytes:
-    """Read a key file: the first non-empty, non-comment (``#``) line is the key. Raises
-    :class:`SecurityError`."""
+    """Read a key file: the first non-empty, non-comment (``#``) line is the key. Raises :class:`SecurityError`."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

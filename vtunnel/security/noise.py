@@ -1,22 +1,19 @@
-"""The Noise ``NNpsk0_25519_ChaChaPoly_BLAKE2s`` handshake, written from the Noise specification
-(revision 34).
+"""The Noise ``NNpsk0_25519_ChaChaPoly_BLAKE2s`` handshake, written from the Noise specification (revision 34).
 
-Built only on standard primitives: X25519 and ChaCha20-Poly1305 from ``cryptography``, BLAKE2s and HMAC
-from the
-standard library. The pattern::
+Built only on standard primitives: X25519 and ChaCha20-Poly1305 from ``cryptography``, BLAKE2s and HMAC from
+the standard library. The pattern::
 
     NNpsk0:
       -> psk, e
       <- e, ee
 
 Each handshake object is single-use. Reading a message never changes the object unless the message
-authenticates,
-so a forged or garbled message can simply be dropped and the handshake continues with the next one.
+authenticates, so a forged or garbled message can simply be dropped and the handshake continues with the next
+one.
 
 After the two messages, :meth:`split` gives the two transport keys (initiator-to-responder,
-responder-to-initiator)
-and the handshake hash. :class:`CipherState` is the Noise transport cipher (implicit 64-bit counter nonce);
-the datagram layer uses the keys with an explicit counter instead.
+responder-to-initiator) and the handshake hash. :class:`CipherState` is the Noise transport cipher (implicit
+64-bit counter nonce); the datagram layer uses the keys with an explicit counter instead.
 """
 
 from __future__ import annotations
@@ -188,8 +185,7 @@ class Initiator:
         return self.ephemeral_public + s.encrypt_and_hash(payload)
 
     def read_message2(self, message: bytes) -> bytes:
-        """Process ``e, ee`` and return the payload; raises :class:`AuthenticationFailed` and changes
-        nothing."""
+        """Process ``e, ee`` and return the payload; raises :class:`AuthenticationFailed` and changes nothing."""
         if self._s.k is None or self.keys is not None:
             raise SecurityError("message 2 is read once, after message 1 was written")
         if len(message) < DHLEN + TAGLEN:
@@ -221,8 +217,7 @@ class Responder:
         self.keys: TransportKeys | None = None
 
     def read_message1(self, message: bytes) -> bytes:
-        """Process ``psk, e`` and return the payload; raises :class:`AuthenticationFailed` and changes
-        nothing."""
+        """Process ``psk, e`` and return the payload; raises :class:`AuthenticationFailed` and changes nothing."""
         if self.remote_ephemeral is not None:
             raise SecurityError("message 1 was already read")
         if len(message) < DHLEN + TAGLEN:
@@ -254,8 +249,7 @@ class Responder:
 
 
 class CipherState:
-    """A Noise transport cipher: ChaCha20-Poly1305 with an implicit counter nonce, for in-order byte
-    streams."""
+    """A Noise transport cipher: ChaCha20-Poly1305 with an implicit counter nonce, for in-order byte streams."""
 
     __slots__ = ("_aead", "n")
 

@@ -1,11 +1,10 @@
 """Replay protection and handshake rate limits (sans-IO: every method takes ``now``).
 
-- :class:`ReplayCache` remembers the anti-replay nonce of every accepted first handshake message for as
-long as its
-  timestamp stays inside the acceptance window, so a replayed first message is refused.
+- :class:`ReplayCache` remembers the anti-replay nonce of every accepted first handshake message for as long
+  as its timestamp stays inside the acceptance window, so a replayed first message is refused.
 - :class:`HandshakeLimiter` is a token bucket per source address.
-- :class:`ReplayWindow` is the sliding window of received datagram counters (RFC 6479's idea, as
-WireGuard uses it).
+- :class:`ReplayWindow` is the sliding window of received datagram counters (RFC 6479's idea, as WireGuard
+  uses it).
 
 All three have bounded memory.
 """
@@ -22,14 +21,10 @@ class ReplayCache:
     """Remembers handshake tokens for ``window`` seconds around their timestamps.
 
     A first handshake message is accepted only if its timestamp is within ``window`` seconds of ``now``
-    (either side)
-    and its token was not seen before. A token must be remembered until ``timestamp + window``: after
-    that the
-    timestamp check alone refuses the message. When ``max_entries`` live tokens are held, new ones are
-    refused (fail
-    closed: forgetting a live token would let its message be replayed). Only authenticated messages reach
-    the cache,
-    so only key holders can fill it.
+    (either side) and its token was not seen before. A token must be remembered until ``timestamp + window``:
+    after that the timestamp check alone refuses the message. When ``max_entries`` live tokens are held, new
+    ones are refused (fail closed: forgetting a live token would let its message be replayed). Only
+    authenticated messages reach the cache, so only key holders can fill it.
 
     ``timestamp`` and ``now`` are wall-clock seconds (``time.time()``): they are compared across hosts.
     """
@@ -79,9 +74,8 @@ class ReplayCache:
 class HandshakeLimiter:
     """A token bucket per key (a source address): ``rate`` handshakes per second, bursts of ``burst``.
 
-    At most ``max_keys`` buckets are kept; when full, buckets that have refilled (equal to a fresh one)
-    are dropped
-    first, then the least recently used.
+    At most ``max_keys`` buckets are kept; when full, the least recently used one is dropped (it has had the
+    longest time to refill, so forgetting it changes the least). Each call is O(1).
     """
 
     __slots__ = ("_buckets", "burst", "max_keys", "rate")
@@ -104,18 +98,12 @@ class HandshakeLimiter:
         tokens, last = entry
         return min(float(self.burst), tokens + max(0.0, now - last) * self.rate)
 
-    def _make_room(self, now: float) -> None:
-        full = [k for k in self._buckets if self._tokens(k, now) >= self.burst]
-        for k in full:
-            del self._buckets[k]
-        while len(self._buckets) >= self.max_keys:
-            self._buckets.popitem(last=False)
-
     def allow(self, key: str, now: float) -> bool:
         """Take one token from ``key``'s bucket: True if there was one."""
         tokens = self._tokens(key, now)
-        if key not in self._buckets and len(self._buckets) >= self.max_keys:
-            self._make_room(now)
+        if key not in self._buckets:
+            while len(self._buckets) >= self.max_keys:  # O(1): the least recently used goes
+                self._buckets.popitem(last=False)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0
@@ -127,9 +115,8 @@ class HandshakeLimiter:
 class ReplayWindow:
     """Which 64-bit counters were already received, within the last ``size`` counters.
 
-    ``check(n)`` is the cheap test made before decrypting; ``update(n)`` records ``n`` and must be called
-    only once
-    the datagram carrying ``n`` has been authenticated (so forged counters cannot move the window).
+    ``check(n)`` is the cheap test made before decrypting; ``update(n)`` records ``n`` and must be called only
+    once the datagram carrying ``n`` has been authenticated (so forged counters cannot move the window).
     """
 
     __slots__ = ("_bits", "_mask", "highest", "size")

@@ -2,20 +2,17 @@
 
 Wire format (every integer big endian), see ``docs/security.md``::
 
-    client -> server   u16 length | Noise message 1   (e, then payload: timestamp, token, padding; + tag)
-    server -> client   u16 length | Noise message 2   (e, then payload: padding; + tag)
-    both ways          u16 length | ChaCha20-Poly1305(plaintext, nonce = implicit counter, ad = the 2
-    length bytes)
+    client -> server   u16 length | Noise message 1   (e, payload: timestamp, token, padding; tag)
+    server -> client   u16 length | Noise message 2   (e, payload: padding; tag)
+    both ways          u16 length | ChaCha20-Poly1305(plaintext), nonce = implicit counter, ad = the length
 
 A record's plaintext is 1 to 16384 bytes; a record with an empty plaintext means "the sender has finished
-sending"
-(an authenticated end of stream, so a connection cut by a third party is told apart from a clean close).
+sending" (an authenticated end of stream, so a connection cut by a third party is told apart from a clean
+close).
 
 Both classes take and return bytes only. ``now`` is wall-clock seconds (``time.time()``): the client's
-timestamp is
-compared with the server's clock. Any failure raises :class:`AuthenticationFailed`; the object is then
-dead and the
-caller must send nothing more to that peer.
+timestamp is compared with the server's clock. Any failure raises :class:`AuthenticationFailed`; the object is
+then dead and the caller must send nothing more to that peer.
 """
 
 from __future__ import annotations
@@ -209,8 +206,8 @@ class _SecureStream:
 class SecureStreamClient(_SecureStream):
     """The initiator. Message 1 is queued at construction: call :meth:`data_to_send` and write it.
 
-    ``now`` is wall-clock seconds (``time.time()``); it becomes the first message's timestamp.
-    Data given to :meth:`send` before the reply arrived is held and sent, encrypted, right after it.
+    ``now`` is wall-clock seconds (``time.time()``); it becomes the first message's timestamp. Data given to
+    :meth:`send` before the reply arrived is held and sent, encrypted, right after it.
     """
 
     __slots__ = ("_hs",)
@@ -236,9 +233,9 @@ class SecureStreamClient(_SecureStream):
 
 
 class SecureStreamServer(_SecureStream):
-    """The responder. Feed the client's bytes to :meth:`receive_data`; once the first message
-    authenticates (right
-    key, timestamp within the replay window, token never seen) the reply is queued and the channel is up.
+    """The responder. Feed the client's bytes to :meth:`receive_data`; once the first message authenticates
+    (right key, timestamp within the replay window, token never seen) the reply is queued and the channel is
+    up.
 
     The reply is never larger than the client's first message. Nothing is ever queued for a peer that fails.
     """

@@ -1,12 +1,9 @@
 """The anyio adapter of the security layer for byte-stream transports (tcp://, tls://, plugins).
 
-:func:`secure_client` and :func:`secure_server` run the handshake of :mod:`vtunnel.security.stream` over
-an anyio
-:class:`~anyio.abc.ByteStream` and return a :class:`SecureByteStream`, itself a ``ByteStream`` that seals
-and
-opens records. A server never answers a peer that fails authentication: it reads and discards for a
-random time,
-then closes, so a prober learns nothing from the content or the timing of what it sends.
+:func:`secure_client` and :func:`secure_server` run the handshake of :mod:`vtunnel.security.stream` over an
+anyio :class:`~anyio.abc.ByteStream` and return a :class:`SecureByteStream`, itself a ``ByteStream`` that
+seals and opens records. A server never answers a peer that fails authentication: it reads and discards for a
+random time, then closes, so a prober learns nothing from the content or the timing of what it sends.
 """
 
 from __future__ import annotations
@@ -39,11 +36,10 @@ _Core = SecureStreamClient | SecureStreamServer
 class SecureByteStream(ByteStream):
     """A byte stream whose bytes travel as authenticated, encrypted records over ``transport``.
 
-    ``receive`` raises :class:`~anyio.EndOfStream` only after the peer's authenticated end of stream;
-    a transport that ends without it (a cut connection) or a record that fails authentication raises
-    :class:`~anyio.BrokenResourceError`. ``send_eof`` sends the authenticated end of stream, then
-    half-closes the
-    transport when it can. ``aclose`` sends it too (if nothing is being sent) and closes the transport.
+    ``receive`` raises :class:`~anyio.EndOfStream` only after the peer's authenticated end of stream; a
+    transport that ends without it (a cut connection) or a record that fails authentication raises
+    :class:`~anyio.BrokenResourceError`. ``send_eof`` sends the authenticated end of stream, then half-closes
+    the transport when it can. ``aclose`` sends it too (if nothing is being sent) and closes the transport.
     The transport's typed attributes (addresses, sockets) are passed through.
     """
 
@@ -180,14 +176,11 @@ async def secure_server(
 ) -> ByteStream | None:
     """Run the server handshake over an accepted ``stream``; the protected stream, or None.
 
-    At the start a time ``T`` is drawn uniformly from ``silence``. A peer must complete the handshake
-    within ``T``
-    seconds. A peer that fails (wrong key, garbage, an HTTP request, a replay, a stale timestamp, too
-    many handshakes
-    from ``source`` according to ``limiter``, or just silence) gets not one byte: the server keeps
-    reading and
-    discarding until ``T`` seconds after the start (or the peer's own close), closes ``stream`` and
-    returns None.
+    At the start a time ``T`` is drawn uniformly from ``silence``. A peer must complete the handshake within
+    ``T`` seconds. A peer that fails (wrong key, garbage, an HTTP request, a replay, a stale timestamp, too
+    many handshakes from ``source`` according to ``limiter``, or just silence) gets not one byte: the server
+    keeps reading and discarding until ``T`` seconds after the start (or the peer's own close), closes
+    ``stream`` and returns None.
     """
     start = time.monotonic()
     deadline = start + random.uniform(*silence)
