@@ -172,3 +172,35 @@ async def test_happy_eyeballs_falls_back_past_a_refused_address() -> None:
 def test_invalid_timeout() -> None:
     with pytest.raises(ValueError, match="connect_timeout"):
         Dialer(ExitPolicy(), connect_timeout=0)
+
+
+async def test_happy_eyeballs_starts_the_next_attempt_while_one_hangs() -> None:
+    """127.0.0.1 never answers the SYN (full accept queue); the staggered attempt to 127.0.0.2 wins."""
+    with socket.socket() as stuck, socket.socket() as filler, socket.socket() as good:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(0)
+        port = stuck.getsockname()[1]
+        filler.connect(("127.0.0.1", port))  # fills the accept queue: further SYNs are dropped
+        try:
+            good.bind(("127.0.0.2", port))
+        except OSError:
+            pytest.skip("127.0.0.2 is not usable here")
+        good.listen(8)
+        dialer = Dialer(ExitPolicy(allow_private=True), connect_timeout=10)
+        addresses = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.2")]
+        with anyio.fail_after(8):
+            stream = await dialer._race(addresses, port)
+        async with stream:
+            assert stream.extra(SocketAttribute.remote_address)[0] == "127.0.0.2"
+
+
+async def test_connect_timeout_gives_timeout() -> None:
+    with socket.socket() as stuck, socket.socket() as filler:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(0)
+        port = stuck.getsockname()[1]
+        filler.connect(("127.0.0.1", port))
+        dialer = Dialer(ExitPolicy(allow_private=True), connect_timeout=0.5)
+        with anyio.fail_after(8), pytest.raises(DialError) as info:
+            await dialer.dial(f"127.0.0.1:{port}")
+    assert info.value.error == "timeout"
