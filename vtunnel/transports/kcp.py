@@ -30,7 +30,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, Transpo
 from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.transports.kcp_options import KCPOptions, parse_options
 from vtunnel.transports.kcp_stream import KCPStream
-from vtunnel.transports.kcp_wire import HEADER_LEN, is_new_session, valid_datagram
+from vtunnel.transports.kcp_wire import HEADER_LEN, conv_of, is_new_session, valid_datagram
 from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
 
 __all__ = ["KCPListener", "KCPStream", "KCPTransport"]
@@ -126,7 +126,7 @@ class KCPListener(Listener[ByteStream]):
             if len(datagram) < HEADER_LEN:
                 self.dropped += 1
                 continue
-            conv = int.from_bytes(datagram[:4], "little")
+            conv = conv_of(datagram)
             key: SessionKey = conv if conv else source
             stream = sessions.get(key)
             if stream is None:

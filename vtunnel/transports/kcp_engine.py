@@ -75,6 +75,19 @@ class KCPEngine:
         kcp.current = _ms(now)
         return bool(kcp.receive_data(datagram) >= 0)
 
+    def receive_datagrams(self, datagrams: list[bytes], now: float) -> bool:
+        """Feed a batch of vetted datagrams; ``True`` when ikcp accepted at least one."""
+        if self._closed:
+            return False
+        kcp = self._kcp
+        kcp.current = _ms(now)
+        accept = kcp.receive_data
+        accepted = False
+        for datagram in datagrams:
+            if accept(datagram) >= 0:
+                accepted = True
+        return accepted
+
     def flush(self, now: float) -> None:
         """Send what is due now: ACKs for the input so far, new data within the window, retransmissions."""
         if self._closed:

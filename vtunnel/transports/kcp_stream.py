@@ -76,10 +76,7 @@ class KCPStream(ByteStream):
         if engine.closed:
             return
         now = self._loop.time()
-        accepted = False
-        for datagram in datagrams:
-            accepted |= engine.receive_datagram(datagram, now)
-        if not accepted:
+        if not engine.receive_datagrams(datagrams, now):
             return
         self.last_receive = now
         engine.flush(now)

@@ -16,6 +16,7 @@ __all__ = [
     "MAX_DATA",
     "Command",
     "SegmentHeader",
+    "conv_of",
     "first_header",
     "is_new_session",
     "valid_datagram",
@@ -25,6 +26,8 @@ HEADER_LEN: Final = 24
 #: the largest data length a segment can claim inside one UDP datagram
 MAX_DATA: Final = 65535 - HEADER_LEN
 _HEADER = struct.Struct("<IBBHIIII")
+_VET = struct.Struct("<IB15xI")  # conv, cmd, len: the fields vetting needs
+_CONV = struct.Struct("<I")
 
 
 class Command(IntEnum):
@@ -32,6 +35,15 @@ class Command(IntEnum):
     ACK = 82
     WASK = 83
     WINS = 84
+
+
+_PUSH: Final = int(Command.PUSH)
+_WINS: Final = int(Command.WINS)
+
+
+def conv_of(datagram: bytes | memoryview) -> int:
+    """The first segment's conv (the datagram must be at least :data:`HEADER_LEN` long)."""
+    return int(_CONV.unpack_from(datagram)[0])
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,14 +75,14 @@ def valid_datagram(datagram: bytes | memoryview, conv: int, *, max_data: int = M
     if size < HEADER_LEN:
         return False
     offset = 0
-    unpack = _HEADER.unpack_from
+    unpack = _VET.unpack_from
     while offset < size:
         if size - offset < HEADER_LEN:
             return False
-        seg_conv, cmd, _frg, _wnd, _ts, _sn, _una, length = unpack(datagram, offset)
-        if seg_conv != conv or not Command.PUSH <= cmd <= Command.WINS:
+        seg_conv, cmd, length = unpack(datagram, offset)
+        if seg_conv != conv:
             return False
-        if cmd != Command.PUSH and length != 0:
+        if cmd != _PUSH and (length or not _PUSH < cmd <= _WINS):
             return False
         offset += HEADER_LEN
         if length > max_data or length > size - offset:
