@@ -267,10 +267,10 @@ class CipherState:
         self.n += 1
         return nonce
 
-    def encrypt(self, plaintext: bytes, ad: bytes = b"") -> bytes:
+    def encrypt(self, plaintext: bytes | memoryview, ad: bytes | memoryview = b"") -> bytes:
         return self._aead.encrypt(self._next_nonce(), plaintext, ad)
 
-    def decrypt(self, ciphertext: bytes, ad: bytes = b"") -> bytes:
+    def decrypt(self, ciphertext: bytes | memoryview, ad: bytes | memoryview = b"") -> bytes:
         """Decrypt the next message; raises :class:`AuthenticationFailed` (the counter does not advance)."""
         if self.n >= MAX_NONCE:
             raise SecurityError("the cipher's nonce space is exhausted; start a new connection")

@@ -89,23 +89,23 @@ class _Records:
         plain: list[bytes] = []
         pos = 0
         end = len(buf)
-        while end - pos >= 2:
-            (length,) = _LEN.unpack_from(buf, pos)
-            if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
-                raise AuthenticationFailed("record length out of range")
-            if end - pos - 2 < length:
-                break
-            if self.eof_received:
-                raise AuthenticationFailed("record after the end of stream")
-            header = bytes(buf[pos : pos + 2])
-            data = self._in.decrypt(bytes(buf[pos + 2 : pos + 2 + length]), header)
-            pos += 2 + length
-            if data:
-                plain.append(data)
-            else:
-                self.eof_received = True
+        with memoryview(buf) as view:
+            while end - pos >= 2:
+                length = (view[pos] << 8) | view[pos + 1]
+                if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
+                    raise AuthenticationFailed("record length out of range")
+                if end - pos - 2 < length:
+                    break
+                if self.eof_received:
+                    raise AuthenticationFailed("record after the end of stream")
+                data = self._in.decrypt(view[pos + 2 : pos + 2 + length], view[pos : pos + 2])
+                pos += 2 + length
+                if data:
+                    plain.append(data)
+                else:
+                    self.eof_received = True
         del buf[:pos]
-        return b"".join(plain)
+        return plain[0] if len(plain) == 1 else b"".join(plain)
 
 
 class _SecureStream:
@@ -158,7 +158,7 @@ class _SecureStream:
 
     def _fail(self, exc: AuthenticationFailed) -> AuthenticationFailed:
         self._failed = True
-        self._inbuf.clear()
+        self._inbuf = bytearray()  # rebind, not resize: a view of the old buffer may still be alive
         self._outbuf.clear()
         self._pending.clear()
         self._records = None

@@ -69,12 +69,17 @@ class SecureByteStream(ByteStream):
                 self._broken = True
                 raise BrokenResourceError("connection ended without an authenticated end of stream") from None
             try:
-                self._buffer += self._core.receive_data(data, time.time())
+                plain = self._core.receive_data(data, time.time())
             except AuthenticationFailed as exc:
                 self._broken = True
                 log.warning("record refused, closing", reason=str(exc))
                 await self._transport.aclose()
                 raise BrokenResourceError("a record failed authentication") from None
+            if len(plain) <= max_bytes and not self._buffer:
+                if plain:
+                    return plain
+                continue
+            self._buffer += plain
         out = bytes(self._buffer[:max_bytes])
         del self._buffer[:max_bytes]
         return out
