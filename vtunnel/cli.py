@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,13 +26,15 @@ URL_HELP = (
 
 
 def run_async(main: Callable[[], Awaitable[None]]) -> None:
-    """Run on asyncio, with uvloop when it is installed."""
-    try:
-        import uvloop  # noqa: F401
+    """Run on asyncio, with uvloop when it is installed (``VTUNNEL_LOOP=asyncio`` forces the standard loop)."""
+    options: dict[str, Any] = {}
+    if os.environ.get("VTUNNEL_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop  # noqa: F401
 
-        options: dict[str, Any] = {"use_uvloop": True}
-    except ImportError:
-        options = {}
+            options = {"use_uvloop": True}
+        except ImportError:
+            pass
     anyio.run(main, backend="asyncio", backend_options=options)
 
 
