@@ -97,6 +97,7 @@ class NetnsLink:
     client_addr: str = "10.201.0.1"
     server_addr: str = "10.201.0.2"
     loss: float = 0.0
+    notes: list[str] = field(default_factory=list)
     _up: bool = field(default=False, init=False)
 
     @property
@@ -128,7 +129,20 @@ class NetnsLink:
             _run(["ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev])
             _run(["ip", "-n", ns, "link", "set", dev, "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self._packet_sized(ns, dev)
         self.set_loss(self.loss)
+
+    def _packet_sized(self, ns: str, dev: str) -> None:
+        """Turn segmentation offloads off so the drop rule sees wire-sized packets, not 64 KiB aggregates."""
+        if shutil.which("ethtool") is None:
+            self.notes.append(
+                "ethtool is missing: offloads stay on, so TCP loss applies to aggregated segments"
+            )
+            return
+        try:
+            _run(["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"])
+        except HarnessError as exc:
+            self.notes.append(f"could not turn offloads off on {dev}: {exc}")
 
     def set_loss(self, loss: float) -> None:
         """Replace the drop rule: each packet crossing the veth is dropped with probability ``loss``."""

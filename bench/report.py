@@ -373,12 +373,15 @@ def validate_document(doc: Mapping[str, Any]) -> list[str]:
 # markdown
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
+def _fmt(value: float | None) -> str:
+    """Thousands separators for big numbers, three significant digits for small ones."""
     if value is None:
         return "-"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
-    return f"{value:.{digits}f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
 
 
 def _cell(summ: Mapping[str, Any] | None) -> str:

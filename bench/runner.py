@@ -44,6 +44,7 @@ from bench.systems import (
     start_stack,
     system_unavailable,
     tunnel_url,
+    wait_log,
 )
 
 __all__ = ["Job", "RunOptions", "Runner", "Sample"]
@@ -143,7 +144,10 @@ class Runner:
             group = [s for s in self.scenarios if s.link == link and s.schedule == "rounds"]
             if not group:
                 continue
-            for r in range(self.rounds):
+            rounds = self.rounds
+            if self.options.quick and self.options.rounds is None:
+                rounds = min(s.quick_rounds or self.rounds for s in group)
+            for r in range(rounds):
                 for system in self.systems:
                     mine = tuple(s for s in group if s.applies_to(system))
                     if mine:
@@ -175,6 +179,7 @@ class Runner:
                     if self.netns_reason is None:
                         link = NetnsLink(tag=f"{os.getpid() % 100000}")
                         link.up()
+                        self.notes.extend(link.notes)
                     else:
                         self.notes.append(f"bulk-loss skipped: {self.netns_reason}")
                 if any(j.link == "relay" for j in jobs) and not relay_available():
@@ -310,9 +315,7 @@ def _measure_tunnels(
     listen = f"127.0.0.1:{tunnel_port}"
     extra = ("--keepalive", "2") if system.kind == "kcptun" else ()
     server = group.spawn("server", server_argv(system, listen, f"127.0.0.1:{target_port}", psk_file, extra))
-    time.sleep(1.0)
-    if not server.alive():
-        raise HarnessError(f"{system.name} server exited: {server.log_tail()}")
+    wait_log(server, "listening", 25.0)
     before = _settle_rss(server.pid)
     t0 = time.monotonic()
     if system.kind == "kcptun":

@@ -56,6 +56,7 @@ class Scenario:
     tunnels_only: bool = False  # the direct connection has nothing to measure
     udp_only: bool = False
     relay_options: tuple[str, ...] = ()
+    quick_rounds: int | None = None  # fewer rounds under --quick (None: the run's rounds)
 
     def settings(self, *, quick: bool) -> dict[str, float]:
         merged = dict(self.params)
@@ -75,14 +76,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         kind="bulk",
         description="bulk goodput, 1 stream (validated by the sink)",
         params={"streams": 1, "bytes": 256 * MiB, "timeout": 120},
-        quick={"bytes": 48 * MiB, "timeout": 60},
+        quick={"bytes": 32 * MiB, "timeout": 60},
     ),
     Scenario(
         name="bulk-16",
         kind="bulk",
         description="bulk goodput, 16 parallel streams in one tunnel",
         params={"streams": 16, "bytes": 256 * MiB, "timeout": 120},
-        quick={"bytes": 48 * MiB, "timeout": 60},
+        quick={"bytes": 32 * MiB, "timeout": 60},
     ),
     Scenario(
         name="rr-64",
@@ -112,7 +113,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         kind="idle_streams",
         description="memory per idle stream: RSS delta of agent + server over N open streams in one tunnel",
         params={"streams": 10000, "timeout": 180},
-        quick={"streams": 2000, "timeout": 90},
+        quick={"streams": 1000, "timeout": 90},
         schedule="once",
         tunnels_only=True,
     ),
@@ -121,7 +122,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         kind="tunnels",
         description="memory per tunnel: server RSS delta over N tunnels from one client",
         params={"tunnels": 1000, "timeout": 180},
-        quick={"tunnels": 200, "timeout": 90},
+        quick={"tunnels": 100, "timeout": 90},
         schedule="once",
         tunnels_only=True,
     ),
@@ -133,6 +134,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         params={"streams": 1, "bytes": 32 * MiB, "timeout": 60},
         quick={"bytes": 8 * MiB, "timeout": 30},
         link="netns",
+        quick_rounds=1,
     ),
     Scenario(
         name="rr-impaired",
@@ -140,8 +142,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="64-byte request/response through the UDP relay: 5 ms delay +-1 ms jitter, 1% loss, "
         "50 MB/s",
         params={"count": 3000, "timeout": 120},
-        quick={"count": 500, "timeout": 60},
+        quick={"count": 300, "timeout": 60},
         link="relay",
+        quick_rounds=1,
         udp_only=True,
         relay_options=(
             "--delay",

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the native tools the benchmark harness drives, when they are missing:
 #   kcptun (kcptun-client / kcptun-server), the reference tunnel;
-#   nftables + iproute2, for TCP loss emulation inside a network namespace the harness creates.
+#   nftables + iproute2 (+ ethtool to turn veth offloads off), for loss emulation inside network namespaces
+#   the harness creates.
 # Safe to run again: it only installs what is absent. Needs root (or sudo) and apt-get (Debian/Ubuntu).
 set -eu
 
@@ -10,9 +11,10 @@ command -v kcptun-client >/dev/null 2>&1 || need="$need kcptun"
 command -v kcptun-server >/dev/null 2>&1 || case "$need" in *kcptun*) ;; *) need="$need kcptun" ;; esac
 command -v nft >/dev/null 2>&1 || need="$need nftables"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
+command -v ethtool >/dev/null 2>&1 || need="$need ethtool"
 
 if [ -z "$need" ]; then
-    echo "bench/setup.sh: kcptun, nftables and iproute2 are already installed"
+    echo "bench/setup.sh: kcptun, nftables, iproute2 and ethtool are already installed"
     exit 0
 fi
 

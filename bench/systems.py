@@ -192,6 +192,17 @@ def run_client(placement: Placement, args: Sequence[str], *, timeout: float) -> 
     return result
 
 
+def wait_log(proc: Proc, marker: str, timeout: float) -> None:
+    """Wait until ``marker`` appears in ``proc``'s log (both vtunnel and kcptun log "listening" when ready)."""
+    deadline = time.monotonic() + timeout
+    while marker not in proc.log_tail(1 << 20):
+        if not proc.alive():
+            raise HarnessError(f"{proc.name} exited: {proc.log_tail()}")
+        if time.monotonic() >= deadline:
+            raise HarnessError(f"{proc.name} did not report {marker!r} within {timeout} s")
+        time.sleep(0.05)
+
+
 def _wait_ready(stack: Stack, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -255,6 +266,8 @@ def start_stack(
         f"{system.name}-server",
         [*placement.server_prefix, *server_argv(system, f"{host}:{tunnel_port}", target, psk_file)],
     )
+    # The agent starts once the server listens: a first handshake sent into the void costs a retry backoff.
+    wait_log(stack.procs["server"], "listening", READY_TIMEOUT)
     stack.procs["agent"] = group.spawn(
         f"{system.name}-agent",
         [
