@@ -1,0 +1,1 @@
+"""ws:// transport for vtunnel."""
