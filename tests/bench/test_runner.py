@@ -1,0 +1,136 @@
+"""The runner's plan, and whole runs of the harness as a user starts them (direct connection only, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.report import validate_document
+from bench.runner import RunOptions, Runner
+from bench.scenarios import SCENARIOS, all_systems
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_rounds_alternate_the_systems() -> None:
+    runner = Runner(RunOptions(quick=True, scenarios=("bulk-1", "rr-64"), rounds=3))
+    runner.systems = [s for s in all_systems() if s.name in ("direct", "kcptun", "vtunnel-tcp")]
+    jobs = runner.plan()
+    order = [(j.round, j.system.name) for j in jobs]
+    assert order == [(r, name) for r in range(3) for name in ("direct", "kcptun", "vtunnel-tcp")]
+    assert all(tuple(s.name for s in j.scenarios) == ("bulk-1", "rr-64") for j in jobs)
+    assert runner.total_steps(jobs) == 18
+
+
+def test_once_scenarios_skip_the_direct_connection_and_udp_only_ones_skip_tcp() -> None:
+    runner = Runner(RunOptions(quick=True, scenarios=("idle-cpu", "rr-impaired")))
+    runner.systems = [
+        s for s in all_systems() if s.name in ("direct", "kcptun", "vtunnel-tcp", "vtunnel-kcp")
+    ]
+    jobs = runner.plan()
+    impaired = [j.system.name for j in jobs if j.scenarios[0].name == "rr-impaired"]
+    idle = [j.system.name for j in jobs if j.scenarios[0].name == "idle-cpu"]
+    assert impaired == ["kcptun", "vtunnel-kcp"]  # one quick round
+    assert idle == ["kcptun", "vtunnel-tcp", "vtunnel-kcp"]
+
+
+def test_unknown_scenario_is_a_clear_error() -> None:
+    from bench.procs import HarnessError
+
+    with pytest.raises(HarnessError, match="unknown scenario"):
+        Runner(RunOptions(scenarios=("warp-speed",)))
+
+
+def test_every_scenario_has_quick_settings_no_larger_than_full() -> None:
+    for sc in SCENARIOS:
+        full, quick = sc.settings(quick=False), sc.settings(quick=True)
+        assert set(full) == set(quick)
+        for key in full:
+            assert quick[key] <= full[key], (sc.name, key)
+
+
+def _bench(out: Path, *args: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "bench", "run", "--quick", "--system", "direct", "--out", str(out), *args]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_a_whole_run_writes_a_valid_document(tmp_path: Path) -> None:
+    proc = _bench(tmp_path, "--scenario", "rr-64", "--scenario", "ttfb", "--rounds", "2")
+    out, _ = proc.communicate(timeout=100)
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    assert validate_document(doc) == []
+    assert [(s["scenario"], s["round"]) for s in doc["samples"]] == [
+        ("rr-64", 0),
+        ("ttfb", 0),
+        ("rr-64", 1),
+        ("ttfb", 1),
+    ]
+    assert all(s["ok"] for s in doc["samples"])
+    assert len(doc["samples"][0]["raw"]["samples_ns"]) == 2000
+    assert (tmp_path / "latest.md").read_text().startswith("# vtunnel benchmark results")
+    assert (tmp_path / "latency-cdf-rr.png").exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ctrl_c_stops_every_process_and_keeps_partial_results(tmp_path: Path) -> None:
+    proc = _bench(tmp_path, "--scenario", "rr-64", "--rounds", "50")
+    try:
+        seen: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline:  # the workload server and one client
+            seen |= _descendants(proc.pid)
+            time.sleep(0.05)
+        assert seen, "the run never started its processes"
+        time.sleep(1.0)
+        seen |= _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out.decode(errors="replace")[-2000:]
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in seen if _alive(p)]
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    assert doc["interrupted"] is True
+    assert validate_document(doc) == []
