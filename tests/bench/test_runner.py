@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.report import validate_document
-from bench.runner import RunOptions, Runner
+from bench.runner import Runner, RunOptions
 from bench.scenarios import SCENARIOS, all_systems
 
 ROOT = Path(__file__).resolve().parents[2]
