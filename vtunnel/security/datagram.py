@@ -150,11 +150,9 @@ class DatagramSession:
         window = self._window
         if n <= window.highest and not window.check(n):
             return None
-        datagram = bytes(datagram)
+        view = memoryview(datagram)
         try:
-            payload = self._open_aead.decrypt(
-                _NONCE.pack(n), datagram[DATA_HEADER_LEN:], datagram[:DATA_HEADER_LEN]
-            )
+            payload = self._open_aead.decrypt(_NONCE.pack(n), view[DATA_HEADER_LEN:], view[:DATA_HEADER_LEN])
         except InvalidTag:
             return None
         window.update(n)
