@@ -19,7 +19,7 @@ from vtunnel.apps.policy import ExitPolicy
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused
 
-from .conftest import DirectExit, Origin, body_for, direct_exit, serve_front
+from .conftest import DirectExit, Origin, body_for, direct_exit, direct_opener, loopback_dialer, serve_front
 
 pytestmark = pytest.mark.anyio
 
@@ -300,3 +300,22 @@ async def test_100_parallel_connects(origin: Origin) -> None:
                     tg.start_soon(fetch, i)
     assert len(results) == 100
     assert all(results)
+
+
+async def test_failing_opener_gives_502_and_listener_keeps_serving(origin: Origin) -> None:
+    calls = 0
+
+    async def flaky(metadata: StreamMetadata) -> ByteStream:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("opener bug")
+        return await direct_opener(loopback_dialer())(metadata)
+
+    async with serve_front(functools.partial(serve_http_proxy, opener=flaky)) as port:
+        with anyio.fail_after(30):
+            request = f"GET http://127.0.0.1:{origin.port}/bytes/1 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            status, _ = await _status_of(port, request)
+            assert status == 502
+            body = await _curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/bytes/64")
+            assert body == body_for("/bytes/64", 64)

@@ -35,8 +35,17 @@ from vtunnel.apps.socks5 import (
     reply_for_refusal,
     serve_socks5,
 )
+from vtunnel.protocol import StreamMetadata
 
-from .conftest import DirectExit, Origin, body_for, direct_exit, serve_front
+from .conftest import (
+    DirectExit,
+    Origin,
+    body_for,
+    direct_exit,
+    direct_opener,
+    loopback_dialer,
+    serve_front,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -486,3 +495,41 @@ def test_userpass_round_trip(user: bytes, password: bytes) -> None:
     for i in range(len(wire)):
         assert parse_userpass(wire[:i]) is None
     assert parse_userpass(wire + b"tail") == ((user, password), len(wire))
+
+
+async def test_failing_opener_does_not_stop_the_listener(origin: Origin) -> None:
+    calls = 0
+
+    async def flaky(metadata: StreamMetadata) -> ByteStream:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("opener bug")
+        return await direct_opener(loopback_dialer())(metadata)
+
+    async with serve_front(functools.partial(serve_socks5, opener=flaky)) as port:
+        with anyio.fail_after(30):
+            with pytest.raises(ProxyError):
+                await Proxy(ProxyType.SOCKS5, "127.0.0.1", port).connect("127.0.0.1", origin.port)
+            stream = await Proxy(ProxyType.SOCKS5, "127.0.0.1", port).connect("127.0.0.1", origin.port)
+            async with stream:
+                assert await _http_get(stream, "x", "/bytes/42") == body_for("/bytes/42", 42)
+
+
+async def test_garbage_does_not_disturb_a_running_transfer(origin: Origin) -> None:
+    async with direct_exit() as exit_, socks_front(exit_) as port:
+        with anyio.fail_after(60):
+            proxy = Proxy(ProxyType.SOCKS5, "127.0.0.1", port)
+            stream = await proxy.connect("127.0.0.1", origin.port)
+            async with stream, anyio.create_task_group() as tg:
+                result: list[bytes] = []
+
+                async def fetch() -> None:
+                    result.append(await _http_get(stream, "x", "/bytes/2000000"))
+
+                tg.start_soon(fetch)
+                for garbage in (b"\x00" * 100, b"\x05\x01\x00\x05\x01\x00\x09", b"GET / HTTP/1.0\r\n\r\n"):
+                    async with await anyio.connect_tcp("127.0.0.1", port) as bad:
+                        await bad.send(garbage)
+                        await _recv_all(bad)
+            assert result == [body_for("/bytes/2000000", 2000000)]

@@ -223,6 +223,9 @@ class _ProxyConnection:
             raise ProxyHTTPError(502, f"no tunnel: {exc}") from None
         except TimeoutError:
             raise ProxyHTTPError(504, f"{authority}: timeout") from None
+        except Exception as exc:  # an opener failing in its own way is still answered
+            log.exception("http.open_failed", authority=authority, error=repr(exc))
+            raise ProxyHTTPError(502, f"{authority}: failed") from None
 
     async def close_upstream(self) -> None:
         if self.upstream is not None:
@@ -358,6 +361,8 @@ async def serve_http_proxy(client: ByteStream, opener: Opener, *, idle_timeout: 
         await proxy.send_error(400, "bad request")
     except* _GONE as group:
         log.debug("http.client_gone", error=type(group.exceptions[0]).__name__)
+    except* Exception as group:  # never take the listener down with one client
+        log.error("http.internal_error", error=repr(group.exceptions[0]), exc_info=group)
     finally:
         with anyio.CancelScope(shield=True):
             await proxy.close_upstream()

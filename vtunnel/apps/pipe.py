@@ -110,6 +110,10 @@ async def _copy(
         log.debug("pipe.broken", error=type(exc).__name__)
         scope.cancel()
         return
+    except Exception as exc:  # a stream implementation failing in its own way still ends both directions
+        log.warning("pipe.failed", error=repr(exc))
+        scope.cancel()
+        return
     try:
         await dst.send_eof()
     except NotImplementedError:

@@ -308,6 +308,8 @@ async def serve_socks5(
         log.info("socks5.bad_request", error=str(exc))
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
         log.debug("socks5.client_gone", error=type(exc).__name__)
+    except Exception as exc:  # never take the listener down with one client
+        log.exception("socks5.internal_error", error=repr(exc))
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(client)
@@ -362,6 +364,9 @@ async def _open(client: ByteStream, opener: Opener, metadata: StreamMetadata) ->
     except TimeoutError:
         reply = Reply.HOST_UNREACHABLE
         log.info("socks5.open_timeout", authority=metadata.authority)
+    except Exception as exc:  # an opener failing in its own way is still answered
+        reply = Reply.GENERAL_FAILURE
+        log.exception("socks5.open_failed", authority=metadata.authority, error=repr(exc))
     await client.send(encode_reply(reply))
     return None
 

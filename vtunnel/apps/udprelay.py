@@ -156,6 +156,8 @@ async def serve_udp_stream(stream: ByteStream, dialer: Dialer, *, idle_timeout: 
             tg.cancel_scope.cancel()
     except* (anyio.BrokenResourceError, anyio.ClosedResourceError, StreamRefused) as group:
         log.debug("udp.stream_gone", error=repr(group.exceptions[0]))
+    except* Exception as group:  # never take the server down with one stream
+        log.error("udp.internal_error", error=repr(group.exceptions[0]), exc_info=group)
     finally:
         with anyio.CancelScope(shield=True):
             if relay is not None:

@@ -213,6 +213,8 @@ async def serve_websocks(
         log.info("websocks.handshake_timeout")
     except _GONE as exc:
         log.debug("websocks.client_gone", error=type(exc).__name__)
+    except Exception as exc:  # never take the server down with one stream
+        log.exception("websocks.internal_error", error=repr(exc))
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(stream)
