@@ -325,3 +325,21 @@ def test_fuzz_100k_random_and_mutated_datagrams() -> None:
     assert session.open(c.seal(b"still here")) == b"still here"
     assert c.receive(session.seal(b"me too"), NOW) == b"me too"
     established(srv)
+
+
+def test_retransmission_memory_is_bounded() -> None:
+    srv = server(max_pending=16)
+    for _ in range(100):
+        assert srv.accept(DatagramClient(PSK, now=NOW).initial_datagram(), SRC, NOW) is not None
+        assert len(srv._pending) <= 16
+
+
+def test_no_key_material_in_reprs() -> None:
+    c, session, srv = established()
+    keys = c._hs.keys
+    assert keys is not None
+    for obj in (keys, session, c, srv):
+        text = repr(obj)
+        for secret in (PSK, keys.send, keys.receive):
+            assert secret.hex() not in text
+            assert repr(secret) not in text

@@ -261,3 +261,21 @@ async def test_limiter_silences_a_source_that_handshakes_too_often() -> None:
         with pytest.raises(SecurityError):  # a timeout, or the server's silent close
             await secure_client(raw, PSK, handshake_timeout=1.0)
         assert server.refused == 1
+
+
+async def test_logs_never_carry_key_material() -> None:
+    import base64
+
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        async with running_server() as server:
+            s = await _connect(server.port)
+            await s.send(b"x")
+            assert await s.receive() == b"x"
+            await s.aclose()
+            await _probe(server.port, SecureStreamClient(bytes(32), now=time.time()).data_to_send())
+    assert logs  # the refusal and the successful handshakes were logged
+    text = repr(logs)
+    for secret in (PSK.hex(), base64.b64encode(PSK).decode(), repr(PSK)):
+        assert secret not in text
