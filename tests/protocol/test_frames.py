@@ -1,0 +1,178 @@
+"""The codec: whole input, byte by byte, trailing data; round trips; limits; gzip bounds."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import pytest
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vtunnel.protocol import TunnelConfig
+from vtunnel.protocol import frames as fr
+
+raw_frames = st.builds(
+    fr.RawFrame,
+    type=st.integers(0, 255),
+    flags=st.integers(0, 255),
+    stream_id=st.integers(0, 2**32 - 1),
+    payload=st.binary(max_size=300),
+)
+
+
+def encode(f: fr.RawFrame) -> bytes:
+    return fr.encode_frame(f.type, f.flags, f.stream_id, f.payload)
+
+
+@given(st.lists(raw_frames, max_size=8), st.binary(max_size=8))
+def test_whole_bytewise_and_trailing(frames: list[fr.RawFrame], trailing: bytes) -> None:
+    data = b"".join(encode(f) for f in frames)
+    whole, err = fr.FrameDecoder().feed(data)
+    assert err is None
+    assert whole == frames
+    dec = fr.FrameDecoder()
+    bytewise: list[fr.RawFrame] = []
+    for i in range(len(data)):
+        got, err = dec.feed(data[i : i + 1])
+        assert err is None
+        bytewise.extend(got)
+    assert bytewise == frames
+    dec = fr.FrameDecoder()
+    got, err = dec.feed(data + trailing[: min(len(trailing), 8)])
+    assert got == frames
+    assert err is None
+    assert dec.buffered == min(len(trailing), 8)  # a partial header waits for more
+
+
+@given(st.lists(raw_frames, min_size=1, max_size=5), st.lists(st.integers(1, 50), min_size=1, max_size=20))
+def test_any_chunking_and_input_types(frames: list[fr.RawFrame], cuts: list[int]) -> None:
+    data = b"".join(encode(f) for f in frames)
+    dec = fr.FrameDecoder()
+    out: list[fr.RawFrame] = []
+    i = 0
+    k = 0
+    while i < len(data):
+        n = cuts[k % len(cuts)]
+        piece = data[i : i + n]
+        kind = k % 3
+        chunk: bytes | bytearray | memoryview = (
+            piece if kind == 0 else bytearray(piece) if kind == 1 else memoryview(piece)
+        )
+        got, err = dec.feed(chunk)
+        assert err is None
+        out.extend(got)
+        i += n
+        k += 1
+    assert out == frames
+    assert all(isinstance(f.payload, bytes) for f in out)
+
+
+def test_oversized_header_is_an_error_at_once() -> None:
+    dec = fr.FrameDecoder(max_payload=100)
+    ok = fr.encode_frame(0, 0, 1, b"x")
+    got, err = dec.feed(ok + struct.pack(">I", 101 << 8)[:3] + bytes(6))
+    assert got == [fr.RawFrame(0, 0, 1, b"x")]
+    assert err is not None
+    assert err.frame_size
+
+
+def test_our_frames_match_hyperframe() -> None:
+    cases = [
+        (
+            fr.encode_frame(fr.FrameType.DATA, fr.END_STREAM, 3, b"abc"),
+            DataFrame(3, b"abc", flags=["END_STREAM"]),
+        ),
+        (fr.encode_frame(fr.FrameType.HEADERS, 0, 5), HeadersFrame(5)),
+        (fr.encode_ping(7), PingFrame(0, struct.pack(">Q", 7))),
+        (fr.encode_ping(7, ack=True), PingFrame(0, struct.pack(">Q", 7), flags=["ACK"])),
+        (fr.encode_settings([]), SettingsFrame(0)),
+        (fr.encode_window_update(3, 1000), WindowUpdateFrame(3, 1000)),
+        (
+            fr.encode_goaway("bye", last_stream_id=9, code=0),
+            GoAwayFrame(0, last_stream_id=9, error_code=0, additional_data=b"bye"),
+        ),
+    ]
+    for ours, theirs in cases:
+        assert ours == theirs.serialize()
+
+
+@given(st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1)), max_size=10))
+def test_settings_round_trip(entries: list[tuple[int, int]]) -> None:
+    data = fr.encode_settings(entries)
+    [frame], err = fr.FrameDecoder().feed(data)
+    assert err is None
+    assert fr.decode_settings(frame.payload) == entries
+
+
+def test_settings_payload_must_be_whole_entries() -> None:
+    with pytest.raises(fr.FrameError):
+        fr.decode_settings(b"\x00" * 7)
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_ping_round_trip(counter: int) -> None:
+    assert fr.decode_ping(fr.encode_ping(counter)[9:]) == counter
+
+
+@given(st.text(max_size=50), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_goaway_round_trip(reason: str, last: int, code: int) -> None:
+    payload = fr.encode_goaway(reason, last_stream_id=last, code=code)[9:]
+    assert fr.decode_goaway(payload) == (
+        last,
+        code,
+        reason.encode("utf-8", "replace").decode("utf-8", "replace"),
+    )
+
+
+def test_short_goaway_and_window_update_are_errors() -> None:
+    with pytest.raises(fr.FrameError):
+        fr.decode_goaway(b"\0" * 7)
+    with pytest.raises(fr.FrameError):
+        fr.decode_window_update(b"\0" * 3)
+
+
+@given(st.binary(max_size=5000))
+def test_gzip_round_trip(data: bytes) -> None:
+    assert fr.gzip_decompress(fr.gzip_compress(data), len(data)) == data
+    assert fr.gzip_decompress(gzip.compress(data), max(len(data), 1)) == data
+
+
+def test_gzip_limits() -> None:
+    packed = gzip.compress(b"a" * 10_000)
+    with pytest.raises(fr.FrameError, match="inflates past"):
+        fr.gzip_decompress(packed, 9_999)
+    with pytest.raises(fr.FrameError):
+        fr.gzip_decompress(packed[:-4], 10_000)
+    with pytest.raises(fr.FrameError):
+        fr.gzip_decompress(packed + b"junk", 10_000)
+    with pytest.raises(fr.FrameError):
+        fr.gzip_decompress(b"not gzip", 10_000)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"keepalive_interval": 0},
+        {"keepalive_timeout": -1.0},
+        {"handshake_timeout": float("nan")},
+        {"keepalive_max_missed": 0},
+        {"initial_stream_window": 10},
+        {"initial_tunnel_window": 2**31},
+        {"max_frame_size": 100},
+        {"max_frame_size": 2**24},
+        {"max_concurrent_streams": 0},
+        {"drain_timeout": 0},
+    ],
+)
+def test_config_validation(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        TunnelConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_stream_metadata_kind_is_checked() -> None:
+    from vtunnel.protocol import StreamMetadata
+
+    with pytest.raises(ValueError, match="kind"):
+        StreamMetadata(kind="sctp")
