@@ -6,7 +6,15 @@ import gzip
 import struct
 
 import pytest
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,7 +87,7 @@ def test_oversized_header_is_an_error_at_once() -> None:
 
 
 def test_our_frames_match_hyperframe() -> None:
-    cases = [
+    cases: list[tuple[bytes, Frame]] = [
         (
             fr.encode_frame(fr.FrameType.DATA, fr.END_STREAM, 3, b"abc"),
             DataFrame(3, b"abc", flags=["END_STREAM"]),
