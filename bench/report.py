@@ -293,6 +293,18 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
     return notes
 
 
+def link_description(scenario: Scenario) -> str:
+    """What the scenario's link is and what bounds its rate."""
+    if scenario.link == "netns":
+        return (
+            "veth pair between two network namespaces made by the harness, nftables random drop in each "
+            "direction, offloads off, no added delay; its rate is the direct connection's goodput at the same loss"
+        )
+    if scenario.link == "relay":
+        return "vtunnel's userspace UDP impairment relay on loopback: " + " ".join(scenario.relay_options)
+    return "loopback, not shaped; the direct connection's result is the link's measured rate"
+
+
 def build_document(
     *,
     mode: str,
@@ -330,6 +342,7 @@ def build_document(
                 "description": sc.description,
                 "settings": sc.settings(quick=quick),
                 "link": sc.link,
+                "link_description": link_description(sc),
                 "schedule": sc.schedule,
             }
             for sc in scenarios
@@ -374,13 +387,13 @@ def validate_document(doc: Mapping[str, Any]) -> list[str]:
 
 
 def _fmt(value: float | None) -> str:
-    """Thousands separators for big numbers, three significant digits for small ones."""
+    """Thousands separators for big numbers, one decimal from 100, three significant digits below."""
     if value is None:
         return "-"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 100:
-        return f"{value:.0f}"
+        return f"{value:.1f}"
     return f"{value:.3g}"
 
 
@@ -417,13 +430,14 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
     system_names = [s["name"] for s in doc["systems"]]
     kinds = {sc["name"]: sc["kind"] for sc in doc["scenarios"]}
     descriptions = {sc["name"]: sc["description"] for sc in doc["scenarios"]}
+    links = {sc["name"]: sc.get("link_description", "") for sc in doc["scenarios"]}
     for scen in doc["summary"]:
         base = scen.split("@")[0]
         kind = kinds.get(base, "")
         headline = HEADLINE.get(kind, ())
         if not headline:
             continue
-        lines += [f"## {scen}: {descriptions.get(base, '')}", ""]
+        lines += [f"## {scen}: {descriptions.get(base, '')}", "", f"Link: {links.get(base, '')}.", ""]
         header = ["system"]
         for metric, unit, _ in headline:
             header += [f"{metric} ({unit})", "vs kcptun", "vs direct"]
