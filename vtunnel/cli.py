@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 import click
 import structlog
 
 from vtunnel import __version__
 from vtunnel.config import ConfigError, load_config, resolve_psk, tunnel_config
 from vtunnel.logging import configure_logging
+from vtunnel.runtime.process import run_async, serve_until_signal
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
 
 log = structlog.get_logger("vtunnel")
@@ -23,35 +21,6 @@ URL_HELP = (
     "Transport URLs: tcp://HOST:PORT, tls://HOST:PORT?cert=F&key=F, "
     "kcp://HOST:PORT?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350 (see `vtunnel transports`)."
 )
-
-
-def run_async(main: Callable[[], Awaitable[None]]) -> None:
-    """Run on asyncio, with uvloop when it is installed (``VTUNNEL_LOOP=asyncio`` forces the standard loop)."""
-    options: dict[str, Any] = {}
-    if os.environ.get("VTUNNEL_LOOP", "auto") != "asyncio":
-        try:
-            import uvloop  # noqa: F401
-
-            options = {"use_uvloop": True}
-        except ImportError:
-            pass
-    anyio.run(main, backend="asyncio", backend_options=options)
-
-
-async def serve_until_signal(start: Callable[..., Awaitable[None]], stop: Callable[[], None]) -> None:
-    """Run ``start`` until SIGINT/SIGTERM, then ``stop()`` (graceful drain) and wait for it to finish."""
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("signal received: draining", signal=signal.Signals(signum).name)
-                    stop()
-                    return
-
-        tg.start_soon(watch)
-        await start()
-        tg.cancel_scope.cancel()
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 
 import anyio
 import structlog
@@ -13,6 +12,7 @@ from anyio.abc import ByteStream
 from vtunnel.apps.agent import Agent, AgentSettings, parse_hostport
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import Server, ServerSettings
+from vtunnel.runtime.process import serve_until_signal
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
 __all__ = ["run_demo"]
@@ -55,29 +55,29 @@ async def run_demo(*, transport: str, socks: str, http: str, tunnel_port: int, p
             http=parse_hostport(http, default_host="127.0.0.1"),
         )
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(server.serve)
-        page = None
-        if page_port:
-            page = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=page_port)
-            tg.start_soon(page.serve, _serve_page)
-        await tg.start(agent.serve)
-        print(
-            "\nvtunnel demo is running: a server and an agent on loopback over "
-            f"{endpoint} with a fresh pre-shared key.\n\n"
-            f"  curl --socks5-hostname {socks} http://127.0.0.1:{page_port or 'PORT'}/\n"
-            f"  curl -x http://{http} http://127.0.0.1:{page_port or 'PORT'}/\n\n"
-            "Press Ctrl-C to stop.\n",
-            flush=True,
-        )
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
-        log.info("stopping the demo")
-        agent.shutdown()
-        server.shutdown()
-        if page is not None:
-            await page.aclose()
-        with anyio.move_on_after(12):
-            await anyio.sleep(0.5)
-        tg.cancel_scope.cancel()
+
+    async def start() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve)
+            page = None
+            if page_port:
+                page = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=page_port)
+                tg.start_soon(page.serve, _serve_page)
+            await tg.start(agent.serve)
+            print(
+                "\nvtunnel demo is running: a server and an agent on loopback over "
+                f"{endpoint} with a fresh pre-shared key.\n\n"
+                f"  curl --socks5-hostname {socks} http://127.0.0.1:{page_port or 'PORT'}/\n"
+                f"  curl -x http://{http} http://127.0.0.1:{page_port or 'PORT'}/\n\n"
+                "Press Ctrl-C to stop.\n",
+                flush=True,
+            )
+            await stopping.wait()
+            log.info("stopping the demo")
+            agent.shutdown()
+            server.shutdown()
+            await anyio.sleep(0.3)
+            tg.cancel_scope.cancel()
+
+    stopping = anyio.Event()
+    await serve_until_signal(start, stopping.set)

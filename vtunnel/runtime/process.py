@@ -1,0 +1,52 @@
+"""Running a vtunnel program: the event loop choice and signal-driven graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import structlog
+
+__all__ = ["run_async", "serve_until_signal"]
+
+log = structlog.get_logger("vtunnel")
+
+
+def run_async(main: Callable[[], Awaitable[None]]) -> None:
+    """Run on asyncio, with uvloop when it is installed (``VTUNNEL_LOOP=asyncio`` forces the standard loop)."""
+    options: dict[str, Any] = {}
+    if os.environ.get("VTUNNEL_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop  # noqa: F401
+
+            options = {"use_uvloop": True}
+        except ImportError:
+            pass
+    anyio.run(main, backend="asyncio", backend_options=options)
+
+
+async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], None]) -> None:
+    """Run ``start`` until SIGINT/SIGTERM, then ``stop()`` (graceful drain) and wait for it to finish.
+
+    A second signal during the drain stops at once.
+    """
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                draining = False
+                async for signum in signals:
+                    if draining:
+                        log.warning("second signal: stopping now", signal=signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        return
+                    log.info("signal received: draining", signal=signal.Signals(signum).name)
+                    draining = True
+                    stop()
+
+        tg.start_soon(watch)
+        await start()
+        tg.cancel_scope.cancel()
