@@ -9,7 +9,7 @@ random time, then closes, so a prober learns nothing from the content or the tim
 from __future__ import annotations
 
 import contextlib
-import random
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +30,7 @@ log = structlog.get_logger("vtunnel.security")
 #: How long (seconds, chosen uniformly) a server keeps reading from a peer that failed the handshake.
 DEFAULT_SILENCE = (5.0, 30.0)
 _CLOSE_GRACE = 0.5
+_random = secrets.SystemRandom()
 _Core = SecureStreamClient | SecureStreamServer
 
 
@@ -186,9 +187,13 @@ async def secure_server(
     many handshakes from ``source`` according to ``limiter``, or just silence) gets not one byte: the server
     keeps reading and discarding until ``T`` seconds after the start (or the peer's own close), closes
     ``stream`` and returns None.
+
+    ``source`` is the peer's address (the limiter's key; also logged). ``replay`` must be shared by every
+    connection of the server; separate processes have separate caches, so a first message replayed to another
+    process serving the same key is not caught.
     """
     start = time.monotonic()
-    deadline = start + random.uniform(*silence)
+    deadline = start + _random.uniform(*silence)
     if limiter is not None and not limiter.allow(source, start):
         log.info("handshake refused", source=source, reason="too many handshakes from this source")
         await _discard_until(stream, deadline)
@@ -206,6 +211,9 @@ async def secure_server(
     except (EndOfStream, BrokenResourceError, ClosedResourceError, OSError):
         await anyio.aclose_forcefully(stream)
         return None
+    except BaseException:  # cancelled: leave nothing open
+        await anyio.aclose_forcefully(stream)
+        raise
     if not core.handshake_complete:
         log.info("handshake refused", source=source, reason="no complete handshake in time")
         await anyio.aclose_forcefully(stream)
