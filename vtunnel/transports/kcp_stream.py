@@ -58,7 +58,8 @@ class KCPStream(ByteStream):
         self.remote_address = remote_address
         self._reader: asyncio.Future[None] | None = None
         self._writer: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = 0.0
         self._flush_scheduled = False
         self._error: BaseException | None = None
         self._closed = False
@@ -113,9 +114,11 @@ class KCPStream(ByteStream):
             if timer is not None:
                 timer.cancel()
                 self._timer = None
-        elif timer is None or abs(timer.when() - deadline) > 0.0005:
+        elif timer is None or abs(self._timer_when - deadline) > 0.0005:
+            # uvloop hands back a plain Handle (no when()) for a deadline already past: remember it ourselves
             if timer is not None:
                 timer.cancel()
+            self._timer_when = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
         if engine.writable():
             self._wake_writer()
