@@ -300,3 +300,28 @@ def test_mutation_fuzz_of_a_whole_session() -> None:
         except AuthenticationFailed:
             continue
         raise AssertionError("a reply for another handshake was accepted")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(st.binary(max_size=40_000), max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=20),
+    eof=st.booleans(),
+)
+def test_any_messages_any_splits_arrive_intact(messages: list[bytes], cuts: list[int], eof: bool) -> None:
+    c, s = connect()
+    for m in messages:
+        c.send(m)
+    if eof:
+        c.send_eof()
+    wire = c.data_to_send()
+    got = bytearray()
+    pos = 0
+    i = 0
+    while pos < len(wire):
+        step = cuts[i % len(cuts)]
+        got += s.receive_data(wire[pos : pos + step], NOW)
+        pos += step
+        i += 1
+    assert bytes(got) == b"".join(messages)
+    assert s.eof_received == eof
