@@ -131,6 +131,11 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_error(404)
 
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(self._size()))
+        self.end_headers()
+
     def do_POST(self) -> None:
         body = self._read_body()
         self.send_response(200)

@@ -319,3 +319,30 @@ async def test_failing_opener_gives_502_and_listener_keeps_serving(origin: Origi
             assert status == 502
             body = await _curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/bytes/64")
             assert body == body_for("/bytes/64", 64)
+
+
+async def test_http10_client_gets_close_delimited_body(origin: Origin) -> None:
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        with anyio.fail_after(30):
+            request = f"GET http://127.0.0.1:{origin.port}/chunked/30000 HTTP/1.0\r\n\r\n".encode()
+            status, data = await _status_of(port, request)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert status == 200
+    assert b"transfer-encoding" not in head.lower()
+    assert body == body_for("/chunked/30000", 30000)
+
+
+async def test_head_request_has_no_body(origin: Origin) -> None:
+    async with direct_exit() as exit_, http_front(exit_) as port:
+        with anyio.fail_after(30):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                client = _Client(stream)
+                status, headers, body = await client.request(
+                    "HEAD", f"http://127.0.0.1:{origin.port}/bytes/5000", [("Host", "x")]
+                )
+                assert (status, body) == (200, b"")
+                assert (b"content-length", b"5000") in headers
+                status, _, body = await client.request(
+                    "GET", f"http://127.0.0.1:{origin.port}/bytes/9", [("Host", "x")]
+                )
+                assert (status, body) == (200, body_for("/bytes/9", 9))
