@@ -13,6 +13,8 @@ __all__ = ["TUNNEL_TRANSITIONS", "TunnelEffect", "TunnelInput", "TunnelState"]
 
 
 class TunnelState(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing is C-fast
+
     INIT = "init"
     HANDSHAKE_SENT = "handshake_sent"
     READY = "ready"
@@ -21,6 +23,8 @@ class TunnelState(Enum):
 
 
 class TunnelInput(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing is C-fast
+
     INITIATE = auto()  # client: send the SETTINGS handshake
     RECV_HANDSHAKE = auto()  # a SETTINGS frame arrived
     RECV_FRAME = auto()  # any other known frame arrived
@@ -39,6 +43,8 @@ class TunnelInput(Enum):
 
 
 class TunnelEffect(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing is C-fast
+
     SEND_HANDSHAKE = auto()
     ANSWER_HANDSHAKE = auto()  # server: check the peer's SETTINGS and answer
     COMPLETE_HANDSHAKE = auto()  # client: check the server's SETTINGS

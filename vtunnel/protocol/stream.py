@@ -23,6 +23,8 @@ __all__ = [
 
 
 class StreamState(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing is C-fast
+
     NONE = "none"
     SYN_SENT = "syn_sent"
     ESTABLISHED = "established"
@@ -33,6 +35,8 @@ class StreamState(Enum):
 
 
 class StreamInput(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing is C-fast
+
     SEND_SYN = auto()
     RECV_SYN = auto()
     SEND_SYN_ACK = auto()
@@ -51,6 +55,8 @@ class StreamInput(Enum):
 
 
 class StreamEffect(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing is C-fast
+
     PERFORM = auto()  # do what the input says (send the frame / deliver the event)
     IGNORE = auto()  # drop it silently (duplicates, late frames for a dead stream)
     ANSWER_RST = auto()  # the peer reset a live stream: report it and answer with an RST
