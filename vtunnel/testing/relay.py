@@ -110,6 +110,19 @@ class _Pipe:
     busy_until: float = 0.0
     timer: asyncio.TimerHandle | None = None
 
+    def push_many(self, datagrams: list[bytes], send: Sender) -> None:
+        """Push a batch; when nothing is impaired or waiting, forward it straight away."""
+        if self.impairment.transparent and not self.heap:
+            stats = self.stats
+            for datagram in datagrams:
+                send(datagram)
+                stats.bytes += len(datagram)
+            stats.received += len(datagrams)
+            stats.passed += len(datagrams)
+            return
+        for datagram in datagrams:
+            self.push(datagram, send)
+
     def push(self, datagram: bytes, send: Sender) -> None:
         stats = self.stats
         stats.received += 1
@@ -199,16 +212,13 @@ class _Flow:
         old.close()
 
     def send_up(self, datagram: bytes) -> None:
-        self.upstream.sendto(datagram, self.relay.target)
+        self.upstream.send(datagram)
 
     def send_down(self, datagram: bytes) -> None:
         self.relay.listener.sendto(datagram, self.client)
 
     def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
-        pipe = self.relay.down_pipe
-        send = self.send_down
-        for datagram, _source in batch:
-            pipe.push(datagram, send)
+        self.relay.down_pipe.push_many([datagram for datagram, _source in batch], self.send_down)
 
 
 class ImpairmentRelay:
@@ -335,6 +345,8 @@ class ImpairmentRelay:
     def _on_client_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         pipe = self.up_pipe
         flows = self._flows
+        run: list[bytes] = []  # consecutive datagrams of one client go through as one batch
+        run_flow: _Flow | None = None
         for datagram, source in batch:
             flow = flows.get(source)
             if flow is None:
@@ -343,7 +355,13 @@ class ImpairmentRelay:
                     pipe.stats.dropped += 1
                     continue
                 flow = flows[source] = _Flow(self, source)
-            pipe.push(datagram, flow.send_up)
+            if flow is not run_flow:
+                if run_flow is not None:
+                    pipe.push_many(run, run_flow.send_up)
+                run, run_flow = [], flow
+            run.append(datagram)
+        if run_flow is not None:
+            pipe.push_many(run, run_flow.send_up)
 
 
 # --- command line -------------------------------------------------------------------------------------------

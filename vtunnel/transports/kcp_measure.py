@@ -2,12 +2,13 @@
 
     python -m vtunnel.transports.kcp_measure bulk [--mib 256] [--mode fast3] [--sealed]
     python -m vtunnel.transports.kcp_measure idle [--seconds 20]
-    python -m vtunnel.transports.kcp_measure relay [--seconds 3]
+    python -m vtunnel.transports.kcp_measure relay [--seconds 3] [--loss 0.1]
 
 ``bulk``: one client ByteStream sends to a server ByteStream in another process (no tunnel protocol on top);
 prints MB/s. ``idle``: one open, idle session (client and server in this process); prints the CPU used.
 ``relay``: a sender process blasts 1200-byte datagrams through the relay to a sink process; prints the
-datagrams/s the relay forwarded. Loopback only.
+datagrams/s that arrived and the relay's CPU-bound ceiling (datagrams forwarded per CPU second it used).
+Loopback only.
 """
 
 from __future__ import annotations
@@ -169,21 +170,30 @@ while time.time() < end:
 """
 
 
-async def _relay(seconds: float) -> None:
-    from vtunnel.testing.relay import ImpairmentRelay
+async def _relay(seconds: float, loss: float) -> None:
+    from vtunnel.testing.relay import Impairment, ImpairmentRelay
 
     with subprocess.Popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True) as sink:  # noqa: ASYNC220
         assert sink.stdout is not None
         sink_port = int(sink.stdout.readline())
-        async with ImpairmentRelay(("127.0.0.1", sink_port)) as relay:
+        async with ImpairmentRelay(("127.0.0.1", sink_port), up=Impairment(loss=loss)) as relay:
+            cpu = _cpu_seconds()
             blast = subprocess.Popen([sys.executable, "-c", _BLAST, str(relay.address[1]), str(seconds)])  # noqa: ASYNC220
             await anyio.to_thread.run_sync(blast.wait)
             await anyio.sleep(0.5)
             stats = relay.stats()
+            cpu = _cpu_seconds() - cpu
         count, span = sink.stdout.readline().split()
         sink.wait(timeout=30)
     rate = int(count) / float(span) if float(span) > 0 else 0.0
-    print(json.dumps({"relay_datagrams_per_s": round(rate), "relay_stats": stats}))
+    forwarded = stats["up"]["received"]
+    # the relay's own CPU per datagram bounds what it can forward on one free core
+    ceiling = forwarded / cpu if cpu > 0 else 0.0
+    print(
+        json.dumps(
+            {"relay_datagrams_per_s": round(rate), "cpu_bound_ceiling": round(ceiling), "relay_stats": stats}
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--query", default="?mode=fast3&sndwnd=1024&rcvwnd=1024")
     parser.add_argument("--sealed", action="store_true")
+    parser.add_argument("--loss", type=float, default=0.0, help="relay: loss to apply")
     args = parser.parse_args(argv)
     if args.what == "serve":
         _run(_serve_sink, args.query, args.sealed)
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "idle":
         _run(_idle, args.seconds, args.query)
     else:
-        _run(_relay, min(args.seconds, 10.0))
+        _run(_relay, min(args.seconds, 10.0), args.loss)
     return 0
 
 

@@ -98,7 +98,7 @@ class DatagramSocket:
                     return
                 log.warning("udp receive failed", error=repr(exc))
                 break
-            batch.append((view[:size].tobytes(), (source[0], source[1])))
+            batch.append((view[:size].tobytes(), source if len(source) == 2 else (source[0], source[1])))
         if batch:
             self._handler(batch)
 
@@ -110,6 +110,17 @@ class DatagramSocket:
         except OSError as exc:
             if exc.errno not in _SOFT_SEND_ERRORS:
                 log.warning("udp send failed", error=repr(exc), peer=address)
+            self.dropped_sends += 1
+
+    def send(self, data: bytes) -> None:
+        """Send on a connected socket."""
+        if self._closed:
+            return
+        try:
+            self.sock.send(data)
+        except OSError as exc:
+            if exc.errno not in _SOFT_SEND_ERRORS:
+                log.warning("udp send failed", error=repr(exc))
             self.dropped_sends += 1
 
     def sendto_many(self, datagrams: list[bytes], address: Address) -> None:
