@@ -160,7 +160,7 @@ class Origin:
 def origin() -> Iterator[Origin]:
     """A plain HTTP/1.1 origin server on 127.0.0.1 (threads; independent of the event loop)."""
     server = _ThreadingServer(("127.0.0.1", 0), _OriginHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     port = server.server_address[1]
     try:
@@ -197,7 +197,7 @@ def tls_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
     ca.cert_pem.write_to_path(str(ca_file))
     server = _TLSServer(("127.0.0.1", 0), _OriginHandler)
     server.context = context
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     port = server.server_address[1]
     try:

@@ -280,7 +280,6 @@ async def test_idle_client_is_closed() -> None:
     assert (got, data) == (0, b"")
 
 
-@pytest.mark.slow
 async def test_100_parallel_connects(origin: Origin) -> None:
     async with direct_exit() as exit_, http_front(exit_) as port:
         results: list[bool] = []

@@ -185,7 +185,6 @@ async def test_ipv6_destination() -> None:
     assert exit_.opened[0].authority == f"[::1]:{port6}"
 
 
-@pytest.mark.slow
 async def test_200_parallel_fetches(origin: Origin) -> None:
     async with (
         direct_exit() as exit_,
