@@ -313,3 +313,32 @@ async def test_ipv6_loopback() -> None:
             assert await read_exactly(client, 3) == b"six"
         await client.aclose()
         await listener.aclose()
+
+
+async def test_aclose_while_a_writer_waits_ends_the_writer() -> None:
+    query = "?sndwnd=32&rcvwnd=128"
+    async with kcp_server(query) as (listener, url):
+        client = await connect(url + query)
+        outcome: list[BaseException] = []
+
+        async def writer() -> None:
+            try:
+                while True:
+                    await client.send(b"y" * 65536)
+            except anyio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            server = await listener.accept()  # never reads: the writer ends up waiting
+            last, stable = -1, 0
+            with anyio.fail_after(30):
+                while stable < 10:
+                    await anyio.sleep(0.05)
+                    waiting = client.engine.waiting()
+                    stable = stable + 1 if waiting == last else 0
+                    last = waiting
+                await client.aclose()
+        assert len(outcome) == 1
+        assert client.engine.closed
+        await server.aclose()

@@ -58,6 +58,7 @@ class KCPStream(ByteStream):
         self.remote_address = remote_address
         self._reader: asyncio.Future[None] | None = None
         self._writer: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.Handle | None = None
         self._timer_when = 0.0
         self._flush_scheduled = False
@@ -165,6 +166,11 @@ class KCPStream(ByteStream):
         fut = self._writer
         if fut is not None and not fut.done():
             fut.set_result(None)
+        if self._drain_waiters:
+            for waiter in self._drain_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._drain_waiters.clear()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -247,11 +253,8 @@ class KCPStream(ByteStream):
             with anyio.move_on_after(LINGER, shield=True):
                 while self._error is None and self._engine.waiting():
                     fut = self._loop.create_future()
-                    self._writer = fut
-                    try:
-                        await fut
-                    finally:
-                        self._writer = None
+                    self._drain_waiters.append(fut)
+                    await fut
         self._closed = True
         if self._error is None:
             self._teardown()
