@@ -87,3 +87,19 @@ def _ends_on_boundary(datagram: bytes, cut: int) -> bool:
         (length,) = struct.unpack_from("<I", datagram, offset + 20)
         offset += HEADER_LEN + length
     return offset == cut
+
+
+@given(st.lists(st.binary(min_size=0, max_size=120), max_size=30), st.integers(0, 2**32 - 1))
+def test_mutated_segments_never_break_vetting(noise: list[bytes], conv: int) -> None:
+    base = segment(conv, data=b"payload")
+    for chunk in noise:
+        mutated = (
+            bytes(a ^ b for a, b in zip(base, chunk.ljust(len(base), b"\x00"), strict=False))
+            + chunk[len(base) :]
+        )
+        verdict = valid_datagram(mutated, conv)
+        if verdict:
+            header = first_header(mutated)
+            assert header is not None
+            assert header.conv == conv
+            assert header.cmd in set(Command)
