@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from vtunnel.protocol import Role, Tunnel, TunnelConfig, TunnelState
 from vtunnel.protocol import events as ev
 
+E = TypeVar("E", bound=ev.Event)
 VPROXY = TunnelConfig(extensions=False)
 EXTENDED = TunnelConfig(extensions=True)
 
@@ -17,7 +19,7 @@ class Side:
     tunnel: Tunnel
     events: list[ev.Event] = field(default_factory=list)
 
-    def of(self, kind: type[ev.Event]) -> list[ev.Event]:
+    def of(self, kind: type[E]) -> list[E]:
         return [e for e in self.events if isinstance(e, kind)]
 
     def data(self, stream_id: int) -> bytes:

@@ -124,6 +124,11 @@ class Tunnel:
         return self._ext
 
     @property
+    def max_frame_payload(self) -> int:
+        """The largest DATA payload this side sends (and so the largest datagram of a ``udp`` stream)."""
+        return self._send_frame_size
+
+    @property
     def open_stream_count(self) -> int:
         """Streams not yet dead (syn_sent, established, fin_sent, fin_recv)."""
         return self._live
@@ -249,11 +254,20 @@ class Tunnel:
     def send_data(
         self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False
     ) -> None:
-        """PSH (and FIN with ``end_stream``). Raises FlowControlError past ``send_window(stream_id)``."""
+        """PSH (and FIN with ``end_stream``). Raises FlowControlError past ``send_window(stream_id)``.
+
+        Data is split into frames of at most ``max_frame_payload`` bytes. On a ``udp`` stream each call is one
+        datagram, sent as exactly one DATA frame (an empty datagram too); a larger one raises LocalProtocolError.
+        """
         stream = self._stream_for_local(stream_id)
         size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if size:
+        datagram = _is_datagram(stream)
+        if size or (datagram and not end_stream):
             self._check_local(stream, StreamInput.SEND_DATA)
+            if datagram and size > self._send_frame_size:
+                raise LocalProtocolError(
+                    f"a {size}-byte datagram exceeds the {self._send_frame_size}-byte frame payload"
+                )
             window = self.send_window(stream_id)
             if size > window:
                 raise FlowControlError(f"{size} bytes exceed stream {stream_id}'s send window ({window})")
@@ -444,7 +458,7 @@ class Tunnel:
                 if flow and size:
                     self._credit_tunnel(size)
                 return
-            if size:
+            if size or _is_datagram(stream):
                 if flow:
                     if size > stream.recv_remaining:
                         self._credit_tunnel(size)
@@ -758,6 +772,8 @@ class Tunnel:
         held = self._holds(stream)
         out = stream.pending if held else self._out
         gzip = self._ext.gzip
+        if not size:  # an empty datagram
+            out.append(header(fr.FrameType.DATA, 0, sid, 0))
         for offset in range(0, size, step):
             chunk: bytes | memoryview = view[offset : offset + step]
             flags = 0
@@ -801,6 +817,10 @@ class Tunnel:
         except Exception as exc:  # hpack raises several types, and UnicodeDecodeError on bad text
             self._fail(f"hpack: {type(exc).__name__}", ErrorCode.COMPRESSION_ERROR)
         return [(str(k), str(v)) for k, v in headers]
+
+
+def _is_datagram(stream: Stream) -> bool:
+    return stream.metadata is not None and stream.metadata.kind == "udp"
 
 
 def _metadata_headers(metadata: StreamMetadata) -> list[tuple[str, str]]:
