@@ -47,6 +47,13 @@ class ServerSettings:
     idle_timeout: float | None = None
 
 
+def _address_text(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
         if not settings.listen:
@@ -69,7 +76,7 @@ class Server:
             transport = get_transport(endpoint.scheme)
             listener = await transport.listen(endpoint, security=self.settings.security)
             self.listeners.append(listener)
-            local = getattr(listener, "local_address", str(endpoint))
+            local = _address_text(getattr(listener, "local_address", endpoint.hostport))
             self.local_addresses.append(f"{endpoint.scheme}://{local}")
             log.info(
                 "listening",
