@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from bench.netem import Placement
@@ -212,21 +212,52 @@ def release(group: ProcessGroup, proc: Proc) -> None:
     group.stop(proc)
 
 
-def measure_idle_cpu(stack: Stack, group: ProcessGroup, settings: Mapping[str, float]) -> Metrics:
+def measure_idle_cpu(
+    stacks: Sequence[Stack], group: ProcessGroup, settings: Mapping[str, float]
+) -> list[Metrics | HarnessError]:
+    """CPU of quiet stacks, each with one open idle stream, over one shared window.
+
+    The stacks are idle, so measuring them side by side does not make them compete, and every system sees the
+    same background noise of the machine. Returns one result per stack, in order (an error for a stack that
+    could not hold its stream or died during the window).
+    """
     seconds = float(settings["seconds"])
-    holder = hold_connections(group, stack.placement, stack.entry, 1, 30.0)
+    holders: list[Proc | HarnessError] = []
+    for stack in stacks:
+        try:
+            holders.append(hold_connections(group, stack.placement, stack.entry, 1, 30.0))
+        except HarnessError as exc:
+            holders.append(exc)
     try:
-        time.sleep(1.0)  # let the open settle: the quiet period starts after it
-        cpu = cpu_usage(stack.pids(), lambda: time.sleep(seconds))
-        stack.check_alive()
+        time.sleep(1.0)  # let the opens settle: the quiet window starts after them
+        pids = {
+            f"{i}:{role}": pid
+            for i, (stack, holder) in enumerate(zip(stacks, holders, strict=True))
+            if not isinstance(holder, HarnessError)
+            for role, pid in stack.pids().items()
+            if role in ("agent", "server")
+        }
+        cpu = cpu_usage(pids, lambda: time.sleep(seconds))
     finally:
-        release(group, holder)
-    metrics = {f"{role}_pct": v["pct"] for role, v in cpu.items() if role in ("agent", "server")}
-    metrics.update(
-        {f"{role}_sched_pct": v["sched_pct"] for role, v in cpu.items() if role in ("agent", "server")}
-    )
-    metrics["max_pct"] = max(v["pct"] for role, v in cpu.items() if role in ("agent", "server"))
-    return metrics, {"cpu": cpu, "seconds": seconds}
+        for holder in holders:
+            if not isinstance(holder, HarnessError):
+                release(group, holder)
+    results: list[Metrics | HarnessError] = []
+    for i, (stack, holder) in enumerate(zip(stacks, holders, strict=True)):
+        if isinstance(holder, HarnessError):
+            results.append(holder)
+            continue
+        try:
+            stack.check_alive()
+        except HarnessError as exc:
+            results.append(exc)
+            continue
+        mine = {key.split(":", 1)[1]: value for key, value in cpu.items() if key.startswith(f"{i}:")}
+        metrics = {f"{role}_pct": v["pct"] for role, v in mine.items()}
+        metrics.update({f"{role}_sched_pct": v["sched_pct"] for role, v in mine.items()})
+        metrics["max_pct"] = max(v["pct"] for v in mine.values())
+        results.append((metrics, {"cpu": mine, "seconds": seconds, "side_by_side": len(stacks)}))
+    return results
 
 
 def measure_idle_streams(stack: Stack, group: ProcessGroup, settings: Mapping[str, float]) -> Metrics:

@@ -302,6 +302,8 @@ def link_description(scenario: Scenario) -> str:
         )
     if scenario.link == "relay":
         return "vtunnel's userspace UDP impairment relay on loopback: " + " ".join(scenario.relay_options)
+    if scenario.kind in ("idle_cpu", "idle_streams", "tunnels"):
+        return "loopback; no traffic to speak of, so the link plays no part"
     return "loopback, not shaped; the direct connection's result is the link's measured rate"
 
 

@@ -93,6 +93,12 @@ class Job:
     scenarios: tuple[Scenario, ...]
     round: int
     link: str  # "loopback" | "relay" | "netns"
+    together: tuple[SystemSpec, ...] = ()  # systems measured side by side in this one job
+
+    def step_count(self, loss_levels: int) -> int:
+        if self.link == "netns":
+            return loss_levels * len(self.scenarios)
+        return max(1, len(self.together)) * len(self.scenarios)
 
 
 Listener = Callable[[str, Sample | None], None]
@@ -153,13 +159,25 @@ class Runner:
                     if mine:
                         jobs.append(Job(system=system, scenarios=mine, round=r, link=link))
         for scenario in (s for s in self.scenarios if s.schedule == "once"):
-            for system in self.systems:
-                if scenario.applies_to(system):
-                    jobs.append(Job(system=system, scenarios=(scenario,), round=0, link=scenario.link))
+            eligible = tuple(system for system in self.systems if scenario.applies_to(system))
+            if scenario.kind == "idle_cpu" and eligible:
+                # One shared quiet window for every system (see measure_idle_cpu).
+                jobs.append(
+                    Job(
+                        system=eligible[0],
+                        scenarios=(scenario,),
+                        round=0,
+                        link=scenario.link,
+                        together=eligible,
+                    )
+                )
+                continue
+            for system in eligible:
+                jobs.append(Job(system=system, scenarios=(scenario,), round=0, link=scenario.link))
         return jobs
 
     def total_steps(self, jobs: Sequence[Job]) -> int:
-        return sum(len(self.loss_levels) if j.link == "netns" else len(j.scenarios) for j in jobs)
+        return sum(j.step_count(len(self.loss_levels)) for j in jobs)
 
     # ------------------------------------------------------------------ running
     def run(self) -> list[Sample]:
@@ -225,6 +243,9 @@ class Runner:
         if job.scenarios[0].kind == "tunnels":
             self._run_tunnels(job, group, psk_file)
             return
+        if job.together:
+            self._run_side_by_side(job, group, psk_file)
+            return
         relay = scenario.relay_options if job.link == "relay" else None
         with group.scope() as scope:
             try:
@@ -249,8 +270,6 @@ class Runner:
                 metrics = measure_rr(stack, settings)
             elif scenario.kind == "ttfb":
                 metrics = measure_ttfb(stack, settings)
-            elif scenario.kind == "idle_cpu":
-                metrics = measure_idle_cpu(stack, group, settings)
             elif scenario.kind == "idle_streams":
                 metrics = measure_idle_streams(stack, group, settings)
             else:
@@ -262,6 +281,26 @@ class Runner:
         if job.link == "relay":
             sample.raw["link"] = "UDP impairment relay: " + " ".join(scenario.relay_options)
         self._record(sample)
+
+    def _run_side_by_side(self, job: Job, group: ProcessGroup, psk_file: Path | None) -> None:
+        scenario = job.scenarios[0]
+        self.listener(f"start {len(job.together)} quiet stacks for {scenario.name}", None)
+        with group.scope() as scope:
+            stacks: list[Stack] = []
+            for system in job.together:
+                try:
+                    stacks.append(start_stack(system, scope, LOOPBACK, psk_file=psk_file))
+                except HarnessError as exc:
+                    self._record(Sample(scenario=scenario.name, system=system.name, round=0, error=str(exc)))
+            results = measure_idle_cpu(stacks, scope, scenario.settings(quick=self.options.quick))
+            for stack, result in zip(stacks, results, strict=True):
+                sample = Sample(scenario=scenario.name, system=stack.system.name, round=0)
+                if isinstance(result, HarnessError):
+                    sample.error = str(result)
+                else:
+                    sample.metrics, sample.raw = result
+                sample.raw["link"] = stack.placement.description
+                self._record(sample)
 
     def _run_netns_job(self, job: Job, group: ProcessGroup, psk_file: Path | None, link: NetnsLink) -> None:
         with group.scope() as scope:

@@ -37,7 +37,8 @@ def test_once_scenarios_skip_the_direct_connection_and_udp_only_ones_skip_tcp() 
     ]
     jobs = runner.plan()
     impaired = [j.system.name for j in jobs if j.scenarios[0].name == "rr-impaired"]
-    idle = [j.system.name for j in jobs if j.scenarios[0].name == "idle-cpu"]
+    idle = [s.name for j in jobs if j.scenarios[0].name == "idle-cpu" for s in j.together]
+    assert sum(j.scenarios[0].name == "idle-cpu" for j in jobs) == 1  # one shared quiet window
     assert impaired == ["kcptun", "vtunnel-kcp"]  # one quick round
     assert idle == ["kcptun", "vtunnel-tcp", "vtunnel-kcp"]
 
