@@ -44,6 +44,10 @@ FAILURES = [
     ("RST_STREAM is not used", h("000004 03 00 00000001 00000000"), "unknown frame type 0x03"),
     ("HEADERS with a payload", h("000001 01 00 00000003 00"), "HEADERS with non-zero length"),
     ("top bit set", h("000000 01 00 80000003"), "top bit set"),
+    ("DATA on stream 0", h("000001 00 00 00000000 41"), "DATA on stream 0"),
+    ("HEADERS on stream 0", h("000000 01 00 00000000"), "HEADERS on stream 0"),
+    ("SYN with an even id", h("000000 01 00 00000004"), "even stream id"),
+    ("bad gzip", h("000004 00 04 00000001 1f8b0000"), "gzip"),
 ]
 
 
@@ -243,3 +247,52 @@ def test_receiving_past_the_stream_window_resets_that_stream() -> None:
     assert isinstance(evs[0], events.StreamReset)
     assert evs[0].error == "flow-control"
     assert server.tunnel.state is TunnelState.READY
+
+
+def test_short_goaway_closes_the_tunnel() -> None:
+    _client, server, _sid = established()
+    evs = server.tunnel.receive_data(h("000004 07 00 00000000 ffffffff"), 0)
+    closed = evs[-1]
+    assert isinstance(closed, events.TunnelClosed)
+    assert closed.by_peer
+    assert "malformed GOAWAY" in closed.reason
+
+
+def test_handshake_settings_with_ack_flag_is_refused_by_the_server() -> None:
+    server = Tunnel(role=Role.SERVER, config=EXTENDED)
+    evs = server.receive_data(h("000000 04 01 00000000"), 0)
+    assert isinstance(evs[-1], events.TunnelClosed)
+    assert "ACK" in goaway_reason(server.data_to_send())
+
+
+def test_bad_vtunnel_settings_values_are_refused() -> None:
+    from vtunnel.protocol.settings import SettingId
+
+    bad = h("000012 04 00 00000000") + bytes.fromhex(
+        f"{SettingId.MAGIC:04x}7674756e{SettingId.VERSION:04x}00000001{SettingId.MAX_FRAME_SIZE:04x}00000010"
+    )
+    server = Tunnel(role=Role.SERVER, config=EXTENDED)
+    evs = server.receive_data(bad, 0)
+    assert isinstance(evs[-1], events.TunnelClosed)
+    assert "max frame size" in goaway_reason(server.data_to_send())
+
+
+def test_extension_server_answers_a_vtunnel_client_when_extensions_are_off() -> None:
+    client, server = handshake(EXTENDED, VPROXY)
+    assert client.tunnel.extensions.names == frozenset()
+    assert server.tunnel.extensions.names == frozenset()
+    sid = client.tunnel.open_stream()
+    client.tunnel.send_data(sid, b"held until the SYN-ACK")
+    assert client.tunnel.data_to_send() == h("000000 01 00 00000001")
+
+
+def test_vproxy_client_fails_on_a_vtunnel_settings_answer() -> None:
+    client = Tunnel(role=Role.CLIENT, config=VPROXY)
+    client.initiate(0)
+    client.data_to_send()
+    answer = Tunnel(role=Role.SERVER, config=EXTENDED)
+    ext_client = Tunnel(role=Role.CLIENT, config=EXTENDED)
+    ext_client.initiate(0)
+    answer.receive_data(ext_client.data_to_send(), 0)
+    evs = client.receive_data(answer.data_to_send(), 0)
+    assert isinstance(evs[-1], events.TunnelClosed)
