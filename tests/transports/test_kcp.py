@@ -17,6 +17,19 @@ from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """kcp:// runs on asyncio's own loop and on uvloop (the runtime's choice when installed)."""
+    param: tuple[str, dict[str, bool]] = request.param
+    return param
+
+
 PLAIN = SecurityConfig()
 
 

@@ -17,6 +17,13 @@ from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    """uvloop, the runtime's loop when installed (test_kcp.py covers both loops)."""
+    return ("asyncio", {"use_uvloop": True})
+
+
 PLAIN = SecurityConfig()
 FAST = "?mode=fast3&sndwnd=1024&rcvwnd=1024"
 

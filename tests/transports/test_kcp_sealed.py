@@ -19,6 +19,13 @@ from vtunnel.transports.kcp_secure import SealedKCPListener
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    """uvloop, the runtime's loop when installed (test_kcp.py covers both loops)."""
+    return ("asyncio", {"use_uvloop": True})
+
+
 KEY = SecurityConfig(psk=bytes(range(32)))
 OTHER_KEY = SecurityConfig(psk=bytes(32))
 PLAIN = SecurityConfig()

@@ -108,7 +108,9 @@ class _Pipe:
     heap: list[tuple[float, int, bytes, Sender]] = field(default_factory=list)
     seq: int = 0
     busy_until: float = 0.0
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
+    #: the timer's deadline (uvloop gives a plain Handle, without ``when()``, for a deadline already past)
+    timer_when: float = 0.0
 
     def push_many(self, datagrams: list[bytes], send: Sender) -> None:
         """Push a batch; when nothing is impaired or waiting, forward it straight away."""
@@ -168,9 +170,10 @@ class _Pipe:
             return
         self.seq += 1
         heapq.heappush(self.heap, (due, self.seq, datagram, send))
-        if self.timer is None or self.timer.when() > due:
+        if self.timer is None or self.timer_when > due:
             if self.timer is not None:
                 self.timer.cancel()
+            self.timer_when = due
             self.timer = self.loop.call_at(due, self._release)
 
     def _release(self) -> None:
@@ -184,7 +187,8 @@ class _Pipe:
             stats.bytes += len(datagram)
             send(datagram)
         if heap:
-            self.timer = self.loop.call_at(heap[0][0], self._release)
+            self.timer_when = heap[0][0]
+            self.timer = self.loop.call_at(self.timer_when, self._release)
 
     def close(self) -> None:
         if self.timer is not None:
