@@ -57,10 +57,14 @@ class SecuredListener(Listener[ByteStream]):
         prepare: Callable[[ByteStream], Awaitable[ByteStream | None]],
         *,
         local: str,
+        max_pending: int = 1024,
     ) -> None:
         self._inner = inner
         self._prepare = prepare
         self._local = local
+        #: connections still in their handshake (or held silent after failing it) at most; more are closed at once
+        self.max_pending = max_pending
+        self.pending = 0
 
     @property
     def local_address(self) -> str:
@@ -68,13 +72,26 @@ class SecuredListener(Listener[ByteStream]):
 
     async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
         async def wrapped(raw: ByteStream) -> None:
+            if self.pending >= self.max_pending:
+                log.warning(
+                    "too many connections in their handshake: closing a new one", limit=self.max_pending
+                )
+                await anyio.aclose_forcefully(raw)
+                return
             tune_socket(raw)
+            self.pending += 1
             try:
                 stream = await self._prepare(raw)
             except Exception as exc:
                 log.debug("transport handshake failed", error=repr(exc))
                 await anyio.aclose_forcefully(raw)
                 return
+            except BaseException:  # cancelled (shutdown) mid-handshake
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(raw)
+                raise
+            finally:
+                self.pending -= 1
             if stream is None:
                 await anyio.aclose_forcefully(raw)
                 return

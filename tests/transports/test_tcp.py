@@ -1,0 +1,111 @@
+"""tcp:// and tls:// transports with real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import ByteStream
+
+from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
+from vtunnel.transports.tcp import SecuredListener
+
+pytestmark = pytest.mark.anyio
+
+KEY = SecurityConfig(psk=os.urandom(32))
+
+
+async def echo_once(stream: ByteStream) -> None:
+    async with stream:
+        try:
+            while True:
+                await stream.send(await stream.receive())
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+
+
+@pytest.mark.parametrize("security", [SecurityConfig(), KEY], ids=["insecure", "psk"])
+async def test_tcp_round_trip(security: SecurityConfig) -> None:
+    transport = get_transport("tcp")
+    listener = await transport.listen(Endpoint.parse("tcp://127.0.0.1:0"), security=security)
+    assert isinstance(listener, SecuredListener)
+    port = int(listener.local_address.rsplit(":", 1)[1])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo_once)
+        stream = await transport.connect(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=security)
+        async with stream:
+            await stream.send(b"x" * 100_000)
+            got = b""
+            with anyio.fail_after(10):
+                while len(got) < 100_000:
+                    got += await stream.receive()
+            assert got == b"x" * 100_000
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_tls_round_trip_with_certificates(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "s.pem"))
+    transport = get_transport("tls")
+    listener = await transport.listen(
+        Endpoint.parse(f"tls://127.0.0.1:0?cert={tmp_path / 's.pem'}&key={tmp_path / 's.pem'}"), security=KEY
+    )
+    port = int(listener.local_address.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo_once)
+        url = f"tls://127.0.0.1:{port}?ca={tmp_path / 'ca.pem'}&servername=localhost"
+        stream = await transport.connect(Endpoint.parse(url), security=KEY)
+        async with stream:
+            await stream.send(b"over tls")
+            with anyio.fail_after(10):
+                assert await stream.receive() == b"over tls"
+        # a client that does not trust the server's CA is refused
+        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+            await transport.connect(
+                Endpoint.parse(f"tls://127.0.0.1:{port}?servername=localhost"), security=KEY
+            )
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_tls_server_needs_cert_and_key() -> None:
+    with pytest.raises(TransportError, match="cert=FILE and key=FILE"):
+        await get_transport("tls").listen(Endpoint.parse("tls://127.0.0.1:0"), security=KEY)
+
+
+async def test_handshakes_in_progress_are_capped() -> None:
+    transport = get_transport("tcp")
+    listener = await transport.listen(Endpoint.parse("tcp://127.0.0.1:0"), security=KEY)
+    assert isinstance(listener, SecuredListener)
+    listener.max_pending = 2
+    port = int(listener.local_address.rsplit(":", 1)[1])
+    served: list[ByteStream] = []
+
+    async def handler(stream: ByteStream) -> None:
+        served.append(stream)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handler)
+        held = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(2)]
+        for h in held:
+            await h.send(b"GET / HTTP/1.1\r\n\r\n")  # fails authentication: held silently
+        with anyio.fail_after(10):
+            while listener.pending < 2:
+                await anyio.sleep(0.01)
+        extra = await anyio.connect_tcp("127.0.0.1", port)
+        with anyio.fail_after(5), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await extra.receive()  # closed at once, nothing sent
+        for h in held:
+            with anyio.move_on_after(0.2):
+                assert await h.receive() == b"never"  # silence: nothing arrives
+        assert served == []
+        for s in [*held, extra]:
+            await s.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
