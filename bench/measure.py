@@ -169,7 +169,7 @@ def measure_ttfb(stack: Stack, settings: Mapping[str, float]) -> Metrics:
 
 
 def hold_connections(
-    group: ProcessGroup, placement: Placement, entry: str, count: int, timeout: float
+    group: ProcessGroup, placement: Placement, entry: str, count: int, timeout: float, concurrency: int = 16
 ) -> Proc:
     """A client holding ``count`` idle, echo-proven connections to ``entry``; return once all are up."""
     proc = group.spawn(
@@ -185,6 +185,8 @@ def hold_connections(
                 str(count),
                 "--timeout",
                 str(timeout),
+                "--concurrency",
+                str(concurrency),
             ),
         ],
         pipe=True,
@@ -267,7 +269,8 @@ def measure_idle_streams(stack: Stack, group: ProcessGroup, settings: Mapping[st
     time.sleep(0.5)
     before = {role: rss_bytes(pid) for role, pid in pids.items()}
     t0 = time.monotonic()
-    holder = hold_connections(group, stack.placement, stack.entry, count, timeout)
+    concurrency = int(settings.get("concurrency", 16))
+    holder = hold_connections(group, stack.placement, stack.entry, count, timeout, concurrency)
     try:
         opened = time.monotonic() - t0
         time.sleep(1.0)
@@ -281,7 +284,7 @@ def measure_idle_streams(stack: Stack, group: ProcessGroup, settings: Mapping[st
         **{f"{role}_delta_bytes": float(v) for role, v in delta.items()},
         "open_seconds": opened,
     }
-    return metrics, {"streams": count, "rss_before": before, "rss_after": after}
+    return metrics, {"streams": count, "concurrency": concurrency, "rss_before": before, "rss_after": after}
 
 
 def psk_args(psk_file: Path | None) -> list[str]:

@@ -368,7 +368,7 @@ async def open_idle(
     *,
     connections: int,
     time_limit: float,
-    concurrency: int = 128,
+    concurrency: int = 16,
 ) -> list[asyncio.StreamWriter]:
     """Open ``connections`` echo connections, each proven end to end by an echo; keep them open."""
     gate = asyncio.Semaphore(concurrency)
@@ -415,10 +415,14 @@ async def _serve_main(listen: str, lifetime: float) -> None:
                 await server.serve_forever()
 
 
-async def _hold_main(connect: str, connections: int, time_limit: float, hold: float) -> None:
+async def _hold_main(
+    connect: str, connections: int, time_limit: float, hold: float, concurrency: int
+) -> None:
     host, port = _split_hostport(connect)
     t0 = time.perf_counter()
-    writers = await open_idle(host, port, connections=connections, time_limit=time_limit)
+    writers = await open_idle(
+        host, port, connections=connections, time_limit=time_limit, concurrency=concurrency
+    )
     _emit({"opened": len(writers), "seconds": time.perf_counter() - t0})
     loop = asyncio.get_running_loop()
     with contextlib.suppress(TimeoutError):
@@ -446,6 +450,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--count", type=int, required=True)
         elif name == "hold":
             p.add_argument("--connections", type=int, required=True)
+            p.add_argument("--concurrency", type=int, default=16, help="connections being opened at once")
             p.add_argument(
                 "--hold", type=float, default=600.0, help="close after this long without a command"
             )
@@ -492,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_serve_main(args.listen, args.lifetime))
             return 0
         if args.command == "hold":
-            asyncio.run(_hold_main(args.connect, args.connections, args.timeout, args.hold))
+            asyncio.run(_hold_main(args.connect, args.connections, args.timeout, args.hold, args.concurrency))
             return 0
         result = asyncio.run(_client_main(args))
     except (WorkloadError, ValueError) as exc:
