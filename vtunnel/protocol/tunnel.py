@@ -11,8 +11,6 @@ import math
 from enum import Enum
 from typing import NoReturn
 
-import hpack
-
 from vtunnel.protocol import frames as fr
 from vtunnel.protocol.errors import (
     ErrorCode,
@@ -34,7 +32,9 @@ from vtunnel.protocol.events import (
     TunnelClosed,
     WindowUpdated,
 )
+from vtunnel.protocol.keepalive import Keepalive, KeepaliveAction
 from vtunnel.protocol.machine import TUNNEL_TRANSITIONS, TunnelEffect, TunnelInput, TunnelState
+from vtunnel.protocol.metadata import HeaderBlockError, MetadataCodec, error_of, parse_metadata
 from vtunnel.protocol.settings import (
     Extensions,
     PeerSettings,
@@ -57,9 +57,6 @@ from vtunnel.protocol.stream import (
 __all__ = ["Role", "Tunnel"]
 
 EMPTY_SETTINGS = fr.encode_settings(())
-AUTHORITY = ":authority"
-KIND_HEADER = "vt-kind"
-ERROR_HEADER = "vt-error"
 GZIP_THRESHOLD = 1024
 VPROXY_INFLATE_LIMIT = 1 << 20
 MAX_STREAM_ID = (1 << 31) - 1
@@ -103,15 +100,15 @@ class Tunnel:
         self._now = 0.0
         self._started = False
         self._handshake_deadline: float | None = None
-        self._last_recv = 0.0
-        self._ping_counter = 0
-        self._ping_sent_at: float | None = None
-        self._missed = 0
+        self._keepalive = Keepalive(
+            interval=config.keepalive_interval,
+            timeout=config.keepalive_timeout,
+            max_missed=config.keepalive_max_missed,
+        )
         self._drain_deadline: float | None = None
         self._drain_reason = ""
         self._drain_by_peer = False
-        self._hpack_encoder: hpack.Encoder | None = None
-        self._hpack_decoder: hpack.Decoder | None = None
+        self._headers: MetadataCodec | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -159,7 +156,7 @@ class Tunnel:
             raise LocalProtocolError("call initiate() before receive_data() on a client tunnel")
         if self._state is TunnelState.CLOSED or not data:
             return self._take_events()
-        self._last_recv = now
+        self._keepalive.received(now)
         frames, error = self._decoder.feed(data)
         try:
             for frame in frames:
@@ -191,11 +188,7 @@ class Tunnel:
             return None
         if state is TunnelState.INIT or state is TunnelState.HANDSHAKE_SENT:
             return self._handshake_deadline
-        cfg = self.config
-        if self._ping_sent_at is not None:
-            deadline = self._ping_sent_at + cfg.keepalive_timeout
-        else:
-            deadline = self._last_recv + cfg.keepalive_interval
+        deadline = self._keepalive.deadline()
         if self._drain_deadline is not None:
             deadline = min(deadline, self._drain_deadline)
         return deadline if math.isfinite(deadline) else None
@@ -224,8 +217,8 @@ class Tunnel:
         stream.metadata = metadata
         self._apply(stream, StreamInput.SEND_SYN)
         block = b""
-        if metadata is not None and self._ext.metadata:
-            block = self._encode_block(_metadata_headers(metadata))
+        if metadata is not None and self._headers is not None:
+            block = self._headers.encode_metadata(metadata)
         self._out.append(fr.encode_frame(fr.FrameType.HEADERS, 0, sid, block))
         return sid
 
@@ -414,7 +407,7 @@ class Tunnel:
         self._peer = peer
         self._ext = ext = negotiate(self.config, peer)
         self._handshake_deadline = None
-        self._last_recv = self._now
+        self._keepalive.received(self._now)
         if peer is not None:
             self._send_frame_size = min(self.config.max_frame_size, peer.max_frame_size)
             self._decoder.max_payload = self.config.max_frame_size
@@ -423,8 +416,7 @@ class Tunnel:
             self._tunnel_send_window = peer.initial_tunnel_window
             self._peer_stream_window = peer.initial_stream_window
         if ext.metadata:
-            self._hpack_encoder = hpack.Encoder()
-            self._hpack_decoder = hpack.Decoder()
+            self._headers = MetadataCodec()
         self._events.append(HandshakeCompleted(extensions=ext))
 
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
@@ -501,7 +493,7 @@ class Tunnel:
         metadata: StreamMetadata | None = None
         if self._ext.metadata and headers:
             try:
-                metadata = _parse_metadata(headers)
+                metadata = parse_metadata(headers)
             except ValueError:
                 self._out.append(self._rst_frame(sid, "unsupported"))
                 return
@@ -536,7 +528,7 @@ class Tunnel:
             stream.pending.clear()
             stream.pending_len = 0
             self._out.append(fr.frame_header(fr.FrameType.HEADERS, fr.END_STREAM, sid, 0))
-            error = dict(headers).get(ERROR_HEADER)
+            error = error_of(headers)
             self._events.append(StreamReset(stream_id=sid, error=error, by_peer=True))
 
     def _on_ping(self, flags: int, payload: bytes) -> None:
@@ -544,9 +536,7 @@ class Tunnel:
             return
         counter = fr.decode_ping(payload)
         if flags & fr.ACK:
-            if self._ping_sent_at is not None and counter == self._ping_counter:
-                self._ping_sent_at = None
-                self._missed = 0
+            if self._keepalive.acknowledged(counter):
                 self._events.append(PingAcknowledged(counter=counter))
             return
         self._out.append(fr.encode_ping(counter, ack=True))
@@ -607,27 +597,15 @@ class Tunnel:
                 self._tunnel_input(TunnelInput.HANDSHAKE_TIMEOUT)
                 self._close("handshake timeout", by_peer=False, send_goaway=True)
             return
-        cfg = self.config
-        if self._ping_sent_at is not None:
-            if self._last_recv > self._ping_sent_at:
-                self._ping_sent_at = None  # the peer is talking: it is alive even if the ack is late
-                self._missed = 0
-            elif now >= self._ping_sent_at + cfg.keepalive_timeout:
-                self._missed += 1
-                if self._missed >= cfg.keepalive_max_missed:
-                    self._tunnel_input(TunnelInput.KEEPALIVE_TIMEOUT)
-                    self._close("keepalive timeout", by_peer=False, send_goaway=True)
-                self._send_ping(now)
-        if self._ping_sent_at is None and now >= self._last_recv + cfg.keepalive_interval:
-            self._send_ping(now)
+        action = self._keepalive.poll(now)
+        if action is KeepaliveAction.SEND_PING:
+            self._out.append(fr.encode_ping(self._keepalive.counter))
+        elif action is KeepaliveAction.DEAD:
+            self._tunnel_input(TunnelInput.KEEPALIVE_TIMEOUT)
+            self._close("keepalive timeout", by_peer=False, send_goaway=True)
         if self._drain_deadline is not None and now >= self._drain_deadline:
             self._tunnel_input(TunnelInput.DRAIN_DONE)
             self._close(self._drain_reason, by_peer=self._drain_by_peer, send_goaway=True)
-
-    def _send_ping(self, now: float) -> None:
-        self._ping_counter += 1
-        self._ping_sent_at = now
-        self._out.append(fr.encode_ping(self._ping_counter))
 
     # ------------------------------------------------------------------ helpers: state machines
 
@@ -707,7 +685,7 @@ class Tunnel:
         for stream in self._streams.values():
             self._kill(stream)
         self._live = 0
-        self._ping_sent_at = None
+        self._keepalive.stop()
         self._drain_deadline = None
         self._handshake_deadline = None
         self._events.append(TunnelClosed(reason=reason, by_peer=by_peer, error=error))
@@ -729,7 +707,7 @@ class Tunnel:
         self._now = now
         if not self._started:
             self._started = True
-            self._last_recv = now
+            self._keepalive.received(now)
             self._handshake_deadline = now + self.config.handshake_timeout
 
     def _take_events(self) -> list[Event]:
@@ -798,49 +776,18 @@ class Tunnel:
 
     def _rst_frame(self, sid: int, error: str | None) -> bytes:
         block = b""
-        if error and self._ext.metadata:
-            block = self._encode_block([(ERROR_HEADER, error)])
+        if error and self._headers is not None:
+            block = self._headers.encode_error(error)
         return fr.encode_frame(fr.FrameType.HEADERS, fr.END_STREAM, sid, block)
 
-    def _encode_block(self, headers: list[tuple[str, str]]) -> bytes:
-        if self._hpack_encoder is None:
-            return b""
-        block: bytes = self._hpack_encoder.encode(headers)
-        return block
-
     def _decode_block(self, payload: bytes) -> list[tuple[str, str]]:
-        decoder = self._hpack_decoder
-        if decoder is None:
+        if self._headers is None:
             return []
         try:
-            headers = decoder.decode(payload)
-        except Exception as exc:  # hpack raises several types, and UnicodeDecodeError on bad text
-            self._fail(f"hpack: {type(exc).__name__}", ErrorCode.COMPRESSION_ERROR)
-        return [(str(k), str(v)) for k, v in headers]
+            return self._headers.decode(payload)
+        except HeaderBlockError as exc:
+            self._fail(str(exc), ErrorCode.COMPRESSION_ERROR)
 
 
 def _is_datagram(stream: Stream) -> bool:
     return stream.metadata is not None and stream.metadata.kind == "udp"
-
-
-def _metadata_headers(metadata: StreamMetadata) -> list[tuple[str, str]]:
-    headers: list[tuple[str, str]] = []
-    if metadata.authority is not None:
-        headers.append((AUTHORITY, metadata.authority))
-    headers.append((KIND_HEADER, metadata.kind))
-    headers.extend(metadata.headers)
-    return headers
-
-
-def _parse_metadata(headers: list[tuple[str, str]]) -> StreamMetadata:
-    authority: str | None = None
-    kind = "tcp"
-    extra: list[tuple[str, str]] = []
-    for name, value in headers:
-        if name == AUTHORITY:
-            authority = value
-        elif name == KIND_HEADER:
-            kind = value
-        else:
-            extra.append((name, value))
-    return StreamMetadata(authority=authority, kind=kind, headers=tuple(extra))
