@@ -184,3 +184,12 @@ def test_stream_metadata_kind_is_checked() -> None:
 
     with pytest.raises(ValueError, match="kind"):
         StreamMetadata(kind="sctp")
+
+
+def test_config_error_is_ours_and_a_value_error() -> None:
+    from vtunnel.protocol import ConfigError, VTunnelError
+
+    with pytest.raises(ConfigError) as info:
+        TunnelConfig(gzip="yes")  # type: ignore[arg-type]
+    assert isinstance(info.value, VTunnelError)
+    assert isinstance(info.value, ValueError)

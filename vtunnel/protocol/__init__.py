@@ -2,6 +2,7 @@
 
 from vtunnel.protocol import events
 from vtunnel.protocol.errors import (
+    ConfigError,
     ErrorCode,
     FlowControlError,
     LocalProtocolError,
@@ -15,6 +16,7 @@ from vtunnel.protocol.stream import StreamState
 from vtunnel.protocol.tunnel import Role, Tunnel
 
 __all__ = [
+    "ConfigError",
     "ErrorCode",
     "Extensions",
     "FlowControlError",

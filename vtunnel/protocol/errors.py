@@ -12,6 +12,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 __all__ = [
+    "ConfigError",
     "ErrorCode",
     "FlowControlError",
     "LocalProtocolError",
@@ -40,6 +41,10 @@ class ErrorCode(IntEnum):
 
 class VTunnelError(Exception):
     """Base class of every error the protocol core raises."""
+
+
+class ConfigError(VTunnelError, ValueError):
+    """A TunnelConfig or StreamMetadata value is out of range or of the wrong type."""
 
 
 class LocalProtocolError(VTunnelError):

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
+from vtunnel.protocol.errors import ConfigError
 from vtunnel.protocol.frames import MAX_FRAME_PAYLOAD, MAX_WINDOW
 
 __all__ = [
@@ -47,10 +48,6 @@ class ExtensionBits(IntFlag):
     GRACEFUL_SHUTDOWN = 0x8
 
 
-class ConfigError(ValueError):
-    """A TunnelConfig or StreamMetadata value is out of range."""
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StreamMetadata:
     """What a SYN carries with the metadata extension: target ``host:port``, stream kind, extra headers."""
@@ -60,6 +57,10 @@ class StreamMetadata:
     headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.authority is not None and not isinstance(self.authority, str):
+            raise ConfigError(f"authority must be a str 'host:port', not {self.authority!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.headers):
+            raise ConfigError("headers must be (str, str) pairs")
         if self.kind not in STREAM_KINDS:
             raise ConfigError(f"stream kind must be one of {sorted(STREAM_KINDS)}, not {self.kind!r}")
 
@@ -81,6 +82,9 @@ class TunnelConfig:
     max_concurrent_streams: int = 100_000
 
     def __post_init__(self) -> None:
+        for name in ("extensions", "gzip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, not {getattr(self, name)!r}")
         for name in ("keepalive_interval", "keepalive_timeout", "handshake_timeout", "drain_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or math.isnan(value) or value <= 0:
