@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.protocol.helpers import EXTENDED, Side, handshake, pump
@@ -36,7 +38,9 @@ def test_stalled_reader_does_not_stop_a_64_mib_transfer() -> None:
     sent = received = 0
     stalled_buffered = 0
     peak_moving_buffered = 0
+    give_up = time.monotonic() + 60  # bounded in count and in time
     for _ in range(100_000):
+        assert time.monotonic() < give_up
         window = client.tunnel.send_window(moving)
         if sent < total and window:
             n = min(window, len(block), total - sent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -88,7 +89,9 @@ def run(config: TunnelConfig, seed: int, n_streams: int = 12) -> None:
     rng = random.Random(seed)
     client, server = handshake(config)
     app = App(client, server, rng, n_streams)
+    give_up = time.monotonic() + 60  # bounded in count and in time
     for _ in range(5000):
+        assert time.monotonic() < give_up
         app.push()
         pump(client, server, rng=rng)
         app.collect()
