@@ -141,6 +141,7 @@ class Stream:
 
     __slots__ = (
         "accepted",
+        "datagram",
         "id",
         "metadata",
         "pending",
@@ -157,6 +158,7 @@ class Stream:
         self.id = stream_id
         self.state = StreamState.NONE
         self.metadata: StreamMetadata | None = None
+        self.datagram = False  # a ``udp`` stream: one DATA frame per datagram
         self.accepted = False  # client: SYN-ACK received; server: SYN-ACK sent
         self.send_window = send_window  # credit the peer gave us
         self.recv_remaining = recv_window  # credit we gave the peer and it has not used

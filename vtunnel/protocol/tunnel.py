@@ -63,6 +63,15 @@ MAX_STREAM_ID = (1 << 31) - 1
 _SENDING_STATES = frozenset({StreamState.SYN_SENT, StreamState.ESTABLISHED, StreamState.FIN_RECV})
 _PEER_SENDING_STATES = frozenset({StreamState.SYN_SENT, StreamState.ESTABLISHED, StreamState.FIN_SENT})
 _KNOWN_TYPES = frozenset(int(t) for t in fr.FrameType)
+# plain ints on the per-frame path (enum attribute lookups cost more than the work they name)
+_DATA = int(fr.FrameType.DATA)
+_HEADERS = int(fr.FrameType.HEADERS)
+_SETTINGS = int(fr.FrameType.SETTINGS)
+_PING = int(fr.FrameType.PING)
+_GOAWAY = int(fr.FrameType.GOAWAY)
+_WINDOW_UPDATE = int(fr.FrameType.WINDOW_UPDATE)
+_END_STREAM = fr.END_STREAM
+_GZIP = fr.GZIP
 DEFAULT_CONFIG = TunnelConfig()
 
 
@@ -215,6 +224,7 @@ class Tunnel:
         self._next_stream_id = sid + 2
         stream = self._new_stream(sid)
         stream.metadata = metadata
+        stream.datagram = metadata is not None and metadata.kind == "udp"
         self._apply(stream, StreamInput.SEND_SYN)
         block = b""
         if metadata is not None and self._headers is not None:
@@ -254,7 +264,7 @@ class Tunnel:
         """
         stream = self._stream_for_local(stream_id)
         size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        datagram = _is_datagram(stream)
+        datagram = stream.datagram
         if size or (datagram and not end_stream):
             self._check_local(stream, StreamInput.SEND_DATA)
             if datagram and size > self._send_frame_size:
@@ -357,24 +367,24 @@ class Tunnel:
 
     def _on_frame(self, frame: fr.RawFrame) -> None:
         ftype, flags, sid, payload = frame
-        if ftype not in _KNOWN_TYPES or (ftype == fr.FrameType.WINDOW_UPDATE and not self._ext.flow_control):
+        if ftype not in _KNOWN_TYPES or (ftype == _WINDOW_UPDATE and not self._ext.flow_control):
             self._fail(f"unknown frame type 0x{ftype:02x}")
         if sid & 0x80000000:
             self._fail(f"stream id 0x{sid:08x} has the top bit set")
-        if ftype == fr.FrameType.SETTINGS:
+        if ftype == _SETTINGS:
             self._on_settings(flags, payload)
             return
-        if ftype == fr.FrameType.GOAWAY:
+        if ftype == _GOAWAY:
             self._on_goaway(payload)
             return
         effect = self._tunnel_input(TunnelInput.RECV_FRAME)
         if effect is TunnelEffect.IGNORE:
             return
-        if ftype == fr.FrameType.DATA:
+        if ftype == _DATA:
             self._on_data(flags, sid, payload)
-        elif ftype == fr.FrameType.HEADERS:
+        elif ftype == _HEADERS:
             self._on_headers(flags, sid, payload)
-        elif ftype == fr.FrameType.PING:
+        elif ftype == _PING:
             self._on_ping(flags, payload)
         else:
             self._on_window_update(sid, payload)
@@ -423,7 +433,7 @@ class Tunnel:
         if sid == 0:
             self._fail("DATA on stream 0")
         data = payload
-        if flags & fr.GZIP and payload:
+        if flags & _GZIP and payload:
             try:
                 data = fr.gzip_decompress(payload, self._inflate_limit)
             except fr.FrameError as exc:
@@ -439,7 +449,7 @@ class Tunnel:
             if flow and size:
                 self._credit_tunnel(size)
             return
-        end = flags & fr.END_STREAM
+        end = flags & _END_STREAM
         if size or not end:
             if stream.state is StreamState.FIN_SENT and not stream.accepted and self.role is Role.CLIENT:
                 effect: StreamEffect | None = None
@@ -450,7 +460,7 @@ class Tunnel:
                 if flow and size:
                     self._credit_tunnel(size)
                 return
-            if size or _is_datagram(stream):
+            if size or stream.datagram:
                 if flow:
                     if size > stream.recv_remaining:
                         self._credit_tunnel(size)
@@ -502,6 +512,7 @@ class Tunnel:
             return
         stream = self._new_stream(sid)
         stream.metadata = metadata
+        stream.datagram = metadata is not None and metadata.kind == "udp"
         self._apply(stream, StreamInput.RECV_SYN)
         self._events.append(StreamOpened(stream_id=sid, metadata=metadata))
 
@@ -787,7 +798,3 @@ class Tunnel:
             return self._headers.decode(payload)
         except HeaderBlockError as exc:
             self._fail(str(exc), ErrorCode.COMPRESSION_ERROR)
-
-
-def _is_datagram(stream: Stream) -> bool:
-    return stream.metadata is not None and stream.metadata.kind == "udp"
