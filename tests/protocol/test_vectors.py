@@ -212,3 +212,16 @@ def test_every_frame_we_send_parses_with_hyperframe() -> None:
 def test_side_helper_types() -> None:
     client, _ = handshake(VPROXY)
     assert isinstance(client, Side)
+
+
+def test_vtunnel_handshake_bytes_match_the_document() -> None:
+    client = Tunnel(role=Role.CLIENT)
+    client.initiate(0)
+    hello = client.data_to_send()
+    assert hello == h(
+        "000024 04 00 00000000 f000 7674756e f001 00000001 f002 0000000b"
+        " f003 00040000 f004 01000000 f005 00004000"
+    )
+    server = Tunnel(role=Role.SERVER)
+    server.receive_data(hello, 0)
+    assert server.data_to_send() == hello
