@@ -156,8 +156,7 @@ class PairMachine(RuleBasedStateMachine):
         if not self.started:
             return
         for (side, sid), data in self.got.items():
-            start = 0
-            assert bytes(data) == (BODY * (len(data) // len(BODY) + 2))[start : len(data)], (side, sid)
+            assert bytes(data) == (BODY * (len(data) // len(BODY) + 2))[: len(data)], (side, sid)
             assert len(data) <= self.sent[self.other(side), sid]
 
     @invariant()
@@ -195,7 +194,7 @@ class PairMachine(RuleBasedStateMachine):
                 self.unacked[side, sid] = 0
             for sid in self.streams:
                 for side in ("c", "s"):
-                    if self.t[side].stream_state(sid) in SENDING and self.t[side].send_window(sid) >= 0:
+                    if self.t[side].stream_state(sid) in SENDING:
                         self.t[side].end_stream(sid)
             self.flush()
             self.deliver_all()
