@@ -13,10 +13,27 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from bench.netem import Placement
-from bench.procs import HarnessError, Proc, ProcessGroup, cpu_ns_threads, cpu_seconds, python_argv, rss_bytes
+from bench.netem import LOOPBACK, Placement
+from bench.procs import (
+    HarnessError,
+    Proc,
+    ProcessGroup,
+    cpu_ns_threads,
+    cpu_seconds,
+    free_port,
+    python_argv,
+    rss_bytes,
+)
 from bench.stats import percentile
-from bench.systems import Stack, run_client
+from bench.systems import (
+    Stack,
+    SystemSpec,
+    agent_argv,
+    run_client,
+    server_argv,
+    tunnel_url,
+    wait_log,
+)
 
 __all__ = [
     "Metrics",
@@ -289,3 +306,85 @@ def measure_idle_streams(stack: Stack, group: ProcessGroup, settings: Mapping[st
 
 def psk_args(psk_file: Path | None) -> list[str]:
     return ["--psk-file", str(psk_file)] if psk_file is not None else []
+
+
+def _settle_rss(pid: int, *, limit: float = 5.0) -> int:
+    """RSS of ``pid`` once two readings 0.3 s apart agree within 1% (or after ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    last = rss_bytes(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = rss_bytes(pid)
+        if abs(now - last) <= last // 100:
+            return now
+        last = now
+    return last
+
+
+def _ask(proc: Proc, command: str | None, timeout: float) -> dict[str, object]:
+    """Optionally send ``command`` to a piped helper, then read its JSON answer."""
+    if command is not None and proc.popen.stdin is not None:
+        proc.popen.stdin.write(command.encode() + b"\n")
+        proc.popen.stdin.flush()
+    line = proc.read_line(timeout)
+    try:
+        answer = json.loads(line)
+    except json.JSONDecodeError:
+        raise HarnessError(f"{proc.name} said: {line[-300:]!r}") from None
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        raise HarnessError(
+            f"{proc.name} failed: {answer.get('error') if isinstance(answer, dict) else answer}"
+        )
+    return answer
+
+
+def measure_tunnels(
+    system: SystemSpec, group: ProcessGroup, psk_file: Path | None, count: int, timeout: float
+) -> Metrics:
+    """Server RSS growth over ``count`` tunnels from one client process, each carrying one idle stream.
+
+    kcptun (``--conn N``) creates a session when a connection is first given to it, round robin, so its N
+    sessions exist once N connections are open: the comparable figure is therefore "a tunnel with one idle
+    stream" (``per_tunnel_bytes``). For vtunnel the bare tunnels, before any stream, are measured too
+    (``bare_per_tunnel_bytes``).
+    """
+    target_port = free_port()
+    group.spawn("workload", python_argv("bench.workload", "serve", "--listen", f"127.0.0.1:{target_port}"))
+    listen = f"127.0.0.1:{free_port()}"
+    server = group.spawn("server", server_argv(system, listen, f"127.0.0.1:{target_port}", psk_file))
+    wait_log(server, "listening", 25.0)
+    before = _settle_rss(server.pid)
+    t0 = time.monotonic()
+    metrics: dict[str, float] = {}
+    raw: dict[str, object] = {"tunnels": count, "rss_before": before}
+    if system.kind == "kcptun":
+        entry = f"127.0.0.1:{free_port()}"
+        client = group.spawn("client", agent_argv(system, listen, entry, psk_file, conns=count))
+        wait_log(client, "listening", 25.0)
+        holder = hold_connections(group, LOOPBACK, entry, count, timeout)
+    else:
+        args = ["--server", tunnel_url(system, listen), "--count", str(count), "--timeout", str(timeout)]
+        if system.keyed and psk_file is not None:
+            args += ["--psk-file", str(psk_file)]
+        holder = group.spawn("tunnels", python_argv("bench.tunnels", *args), pipe=True)
+        _ask(holder, None, timeout + 15)
+        bare = _settle_rss(server.pid)
+        raw["rss_bare"] = bare
+        metrics["bare_per_tunnel_bytes"] = (bare - before) / count
+        _ask(holder, "streams", timeout + 15)
+    try:
+        opened = time.monotonic() - t0
+        after = _settle_rss(server.pid)
+        if not server.alive():
+            raise HarnessError(f"{system.name} server exited: {server.log_tail()}")
+    finally:
+        release(group, holder)
+    raw["rss_after"] = after
+    metrics.update(
+        {
+            "per_tunnel_bytes": (after - before) / count,
+            "server_delta_bytes": float(after - before),
+            "open_seconds": opened,
+        }
+    )
+    return metrics, raw

@@ -28,23 +28,18 @@ from bench.measure import (
     measure_idle_streams,
     measure_rr,
     measure_ttfb,
-    release,
+    measure_tunnels,
 )
 from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
-from bench.procs import HarnessError, ProcessGroup, free_port, python_argv, rss_bytes
+from bench.procs import HarnessError, ProcessGroup
 from bench.scenarios import LOSS_LEVELS, ROUNDS, SCENARIOS, Scenario, all_systems
 from bench.systems import (
     Stack,
     SystemSpec,
-    agent_argv,
     installed_transports,
     make_psk_file,
-    run_client,
-    server_argv,
     start_stack,
     system_unavailable,
-    tunnel_url,
-    wait_log,
 )
 
 __all__ = ["Job", "RunOptions", "Runner", "Sample"]
@@ -325,75 +320,10 @@ class Runner:
         sample = Sample(scenario=scenario.name, system=job.system.name, round=0)
         try:
             with group.scope() as scope:
-                sample.metrics, sample.raw = _measure_tunnels(job.system, scope, psk_file, count, timeout)
+                sample.metrics, sample.raw = measure_tunnels(job.system, scope, psk_file, count, timeout)
         except HarnessError as exc:
             sample.error = str(exc)
         self._record(sample)
-
-
-def _settle_rss(pid: int, *, limit: float = 5.0) -> int:
-    """RSS of ``pid`` once two readings 0.3 s apart agree within 1% (or after ``limit`` seconds)."""
-    deadline = time.monotonic() + limit
-    last = rss_bytes(pid)
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        now = rss_bytes(pid)
-        if abs(now - last) <= last // 100:
-            return now
-        last = now
-    return last
-
-
-def _measure_tunnels(
-    system: SystemSpec, group: ProcessGroup, psk_file: Path | None, count: int, timeout: float
-) -> Metrics:
-    """Server RSS delta over ``count`` tunnels from one client process (kcptun: ``--conn N``)."""
-    target_port = free_port()
-    group.spawn("workload", python_argv("bench.workload", "serve", "--listen", f"127.0.0.1:{target_port}"))
-    tunnel_port = free_port()
-    listen = f"127.0.0.1:{tunnel_port}"
-    extra = ("--keepalive", "2") if system.kind == "kcptun" else ()
-    server = group.spawn("server", server_argv(system, listen, f"127.0.0.1:{target_port}", psk_file, extra))
-    wait_log(server, "listening", 25.0)
-    before = _settle_rss(server.pid)
-    t0 = time.monotonic()
-    if system.kind == "kcptun":
-        entry = f"127.0.0.1:{free_port()}"
-        client = group.spawn("client", agent_argv(system, listen, entry, psk_file, conns=count, extra=extra))
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                run_client(LOOPBACK, ["probe", "--connect", entry, "--timeout", "2"], timeout=3)
-                break
-            except HarnessError:
-                if time.monotonic() > deadline or not client.alive():
-                    raise HarnessError(f"kcptun client with {count} sessions never carried an echo") from None
-                time.sleep(0.3)
-        # kcptun sessions reach the server only when they send: wait two keepalive periods.
-        time.sleep(5.0)
-        holder = None
-    else:
-        args = ["--server", tunnel_url(system, listen), "--count", str(count), "--timeout", str(timeout)]
-        if system.keyed and psk_file is not None:
-            args += ["--psk-file", str(psk_file)]
-        holder = group.spawn("tunnels", python_argv("bench.tunnels", *args), pipe=True)
-        import json
-
-        line = holder.read_line(timeout + 15)
-        answer = json.loads(line)
-        if not answer.get("ok"):
-            raise HarnessError(f"tunnel client failed: {answer.get('error')}")
-    opened = time.monotonic() - t0
-    after = _settle_rss(server.pid)
-    if not server.alive():
-        raise HarnessError(f"{system.name} server exited: {server.log_tail()}")
-    if holder is not None:
-        release(group, holder)
-    delta = after - before
-    return (
-        {"per_tunnel_bytes": delta / count, "server_delta_bytes": float(delta), "open_seconds": opened},
-        {"tunnels": count, "rss_before": before, "rss_after": after},
-    )
 
 
 def _raise_fd_limit() -> None:

@@ -120,7 +120,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="tunnels",
         kind="tunnels",
-        description="memory per tunnel: server RSS delta over N tunnels from one client",
+        description="memory per tunnel: server RSS delta over N tunnels from one client, one idle stream each",
         params={"tunnels": 1000, "timeout": 180},
         quick={"tunnels": 100, "timeout": 90},
         schedule="once",

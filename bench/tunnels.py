@@ -1,9 +1,10 @@
 """Many tunnels from one process: ``python -m bench.tunnels --server URL --count N [--psk-file F]``.
 
-Opens ``N`` vtunnel tunnels (each its own transport connection and handshake) to one server with vtunnel's
-tunnel pool, prints ``{"ok": true, "tunnels": N, "seconds": S}`` once all are up, then holds them until a line
-arrives on stdin (or ``--hold`` seconds pass) and shuts them down. The harness reads the server's RSS
-meanwhile.
+Opens ``N`` vtunnel tunnels (each its own transport connection and handshake) to one server with vtunnel's tunnel
+pool and prints ``{"ok": true, "tunnels": N, ...}`` once all are up. It then reads commands from stdin, one per
+line: ``streams`` opens one stream in every tunnel, proves it with a 64-byte echo (the server's target must be the
+bench workload server), keeps it open and answers ``{"ok": true, "streams": N}``; ``close`` (or end of input, or
+``--hold`` seconds without a command) shuts everything down. The harness reads the server's RSS between steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 
 import anyio
 import structlog
+from anyio.abc import ByteStream
+
+from bench.workload import ECHO_MAGIC, MESSAGE_SIZE
 
 __all__ = ["main"]
 
@@ -25,6 +29,33 @@ __all__ = ["main"]
 def _emit(payload: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(payload) + "\n")
     sys.stdout.flush()
+
+
+async def _echo_stream(conn: Any) -> ByteStream:
+    stream: ByteStream = await conn.open_stream(None)
+    message = ECHO_MAGIC + bytes(MESSAGE_SIZE - len(ECHO_MAGIC))
+    await stream.send(message)
+    got = b""
+    while len(got) < MESSAGE_SIZE:
+        got += await stream.receive(MESSAGE_SIZE - len(got))
+    if got != message:
+        raise RuntimeError("the echo through a tunnel came back different")
+    return stream
+
+
+async def _open_streams(conns: Sequence[Any], limit: float) -> list[ByteStream]:
+    streams: list[ByteStream] = []
+    gate = anyio.Semaphore(16)
+
+    async def one(conn: Any) -> None:
+        async with gate:
+            streams.append(await _echo_stream(conn))
+
+    with anyio.fail_after(limit):
+        async with anyio.create_task_group() as tg:
+            for conn in conns:
+                tg.start_soon(one, conn)
+    return streams
 
 
 async def _run(url: str, count: int, psk_file: str | None, time_limit: float, hold: float) -> None:
@@ -35,6 +66,7 @@ async def _run(url: str, count: int, psk_file: str | None, time_limit: float, ho
     psk = load_psk_file(psk_file) if psk_file else None
     pool = TunnelPool(Endpoint.parse(url), security=SecurityConfig(psk=psk), size=count)
     started = time.perf_counter()
+    streams: list[ByteStream] = []
     async with anyio.create_task_group() as tg:
         await pool.run(tg)
         with anyio.move_on_after(time_limit):
@@ -45,8 +77,20 @@ async def _run(url: str, count: int, psk_file: str | None, time_limit: float, ho
             _emit({"ok": False, "error": f"only {up} of {count} tunnels came up within {time_limit} s"})
         else:
             _emit({"ok": True, "tunnels": up, "seconds": time.perf_counter() - started})
-            with anyio.move_on_after(hold):
-                await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            while True:
+                command = ""
+                with anyio.move_on_after(hold):
+                    command = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+                if command.strip() != "streams":
+                    break
+                try:
+                    streams = await _open_streams(pool.connections, time_limit)
+                except Exception as exc:
+                    _emit({"ok": False, "error": f"opening streams failed: {type(exc).__name__}: {exc}"})
+                    break
+                _emit({"ok": True, "streams": len(streams)})
+        for stream in streams:
+            await stream.aclose()
         pool.shutdown("benchmark done")
         await anyio.sleep(0.2)
         tg.cancel_scope.cancel()
