@@ -26,13 +26,21 @@ from bench.procs import HarnessError, Proc, ProcessGroup, free_port, last_json_l
 __all__ = [
     "KCPTUN_ARGS",
     "TRANSPORT_URLS",
+    "UDP_TRANSPORTS",
     "Stack",
     "SystemSpec",
+    "agent_argv",
+    "installed_transports",
     "kcptun_version",
+    "make_psk_file",
     "run_client",
+    "server_argv",
     "start_stack",
     "system_unavailable",
+    "tunnel_url",
+    "vtunnel_bin",
     "vtunnel_version",
+    "wait_log",
 ]
 
 log = structlog.get_logger("bench.systems")
