@@ -99,7 +99,7 @@ class LiveView:
 
 
 def _run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     console.print(table)
     for note in doc["notes"] + doc["saturation"]:
         console.print(f"note: {note}")
-    console.print(f"results: {md_path}, {json_path}, {len(plots)} plots")
+    console.print(f"results: {md_path}, {json_path}, {len(plots)} plots ({doc['duration_s']} s)")
     return 130 if interrupted else 0
 
 
