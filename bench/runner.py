@@ -272,7 +272,10 @@ class Runner:
             sample.metrics, sample.raw = metrics
         except HarnessError as exc:
             sample.error = str(exc)
-        sample.raw["link"] = stack.placement.description if loss is None else f"{stack.placement.description}"
+        except Exception as exc:  # a surprise in one measurement must not end the whole run
+            sample.error = f"{type(exc).__name__}: {exc}"
+            log.exception("measurement failed", scenario=scenario.name, system=job.system.name)
+        sample.raw["link"] = stack.placement.description
         if job.link == "relay":
             sample.raw["link"] = "UDP impairment relay: " + " ".join(scenario.relay_options)
         self._record(sample)
@@ -323,6 +326,9 @@ class Runner:
                 sample.metrics, sample.raw = measure_tunnels(job.system, scope, psk_file, count, timeout)
         except HarnessError as exc:
             sample.error = str(exc)
+        except Exception as exc:  # a surprise in one measurement must not end the whole run
+            sample.error = f"{type(exc).__name__}: {exc}"
+            log.exception("measurement failed", scenario=scenario.name, system=job.system.name)
         self._record(sample)
 
 
