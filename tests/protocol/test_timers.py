@@ -130,3 +130,35 @@ def test_infinite_keepalive_interval_disables_pings() -> None:
     client, _server = handshake(TunnelConfig(keepalive_interval=float("inf")))
     assert client.tunnel.next_deadline() is None
     assert client.tunnel.handle_timer(1e9) == []
+
+
+def test_client_initiated_graceful_drain() -> None:
+    client, server = handshake(EXTENDED)
+    a = client.tunnel.open_stream()
+    pump(client, server)
+    client.tunnel.shutdown("client leaving")
+    pump(client, server, 1.0)
+    assert server.events[-1] == events.GoAwayReceived(last_stream_id=0, reason="client leaving")
+    assert state_of(server.tunnel) is TunnelState.DRAINING
+    server.tunnel.accept_stream(a)  # streams already open still work
+    server.tunnel.send_data(a, b"done", end_stream=True)
+    client.tunnel.end_stream(a)
+    pump(client, server, 2.0)
+    assert client.data(a) == b"done"
+    assert state_of(client.tunnel) is TunnelState.CLOSED
+    assert state_of(server.tunnel) is TunnelState.CLOSED
+    assert server.events[-1:] == [events.TunnelClosed(reason="client leaving", by_peer=True)]
+
+
+def test_stream_ids_run_out_cleanly() -> None:
+    import pytest
+
+    from vtunnel.protocol import LocalProtocolError
+
+    client, server = handshake(EXTENDED)
+    client.tunnel._next_stream_id = 2**31 - 1  # the last odd id
+    assert client.tunnel.open_stream() == 2**31 - 1
+    with pytest.raises(LocalProtocolError, match="exhausted"):
+        client.tunnel.open_stream()
+    pump(client, server)
+    assert server.tunnel.stream_state(2**31 - 1) is StreamState.ESTABLISHED
