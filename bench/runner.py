@@ -290,7 +290,11 @@ class Runner:
                     stacks.append(start_stack(system, scope, LOOPBACK, psk_file=psk_file))
                 except HarnessError as exc:
                     self._record(Sample(scenario=scenario.name, system=system.name, round=0, error=str(exc)))
-            results = measure_idle_cpu(stacks, scope, scenario.settings(quick=self.options.quick))
+            try:
+                results = measure_idle_cpu(stacks, scope, scenario.settings(quick=self.options.quick))
+            except Exception as exc:  # e.g. a process vanished mid-window: every stack's sample says so
+                error = exc if isinstance(exc, HarnessError) else HarnessError(f"{type(exc).__name__}: {exc}")
+                results = [error] * len(stacks)
             for stack, result in zip(stacks, results, strict=True):
                 sample = Sample(scenario=scenario.name, system=stack.system.name, round=0)
                 if isinstance(result, HarnessError):
