@@ -106,30 +106,42 @@ def relay_counters(stack: Stack) -> dict[str, object]:
     return {}
 
 
-def measure_bulk(stack: Stack, settings: Mapping[str, float]) -> Metrics:
-    result: dict[str, object] = {}
-
-    def transfer() -> None:
-        result.update(
-            run_client(
-                stack.placement,
-                [
-                    "bulk",
-                    "--connect",
-                    stack.entry,
-                    "--streams",
-                    str(int(settings["streams"])),
-                    "--bytes",
-                    str(int(settings["bytes"])),
-                    "--timeout",
-                    str(settings["timeout"]),
-                ],
-                timeout=float(settings["timeout"]),
-            )
-        )
-
-    cpu = cpu_usage(stack.pids(), transfer)
-    goodput = float(result["goodput"])  # type: ignore[arg-type]
+def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGroup) -> Metrics:
+    """Goodput of one validated transfer, and the CPU of the system's processes during the transfer alone."""
+    limit = float(settings["timeout"])
+    client = group.spawn(
+        "bulk",
+        [
+            *stack.placement.client_prefix,
+            *python_argv(
+                "bench.workload",
+                "bulk",
+                "--connect",
+                stack.entry,
+                "--streams",
+                str(int(settings["streams"])),
+                "--bytes",
+                str(int(settings["bytes"])),
+                "--timeout",
+                str(limit),
+            ),
+        ],
+        pipe=True,
+    )
+    try:
+        first = json.loads(client.read_line(30.0))
+        if not first.get("started"):
+            raise HarnessError(f"bulk client failed: {first.get('error', first)}")
+        watch = CpuWatch(stack.pids())
+        watch.start()
+        result = json.loads(client.read_line(limit + 15))
+        cpu = watch.stop()
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"bulk client said something unreadable: {exc}") from None
+    finally:
+        group.stop(client)
+    if not result.get("ok"):
+        raise HarnessError(f"workload bulk failed: {result.get('error', result)}")
     raw: dict[str, object] = {
         "bytes": result["bytes"],
         "seconds": result["seconds"],
@@ -139,7 +151,7 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     counters = relay_counters(stack)
     if counters:
         raw["relay"] = counters
-    return {"goodput_MBps": goodput / 1e6}, raw
+    return {"goodput_MBps": float(result["goodput"]) / 1e6}, raw
 
 
 def _latency(samples_ns: list[int], scale: float, unit: str) -> dict[str, float]:

@@ -130,6 +130,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path | None
+    pending: bytes = b""  # piped output read but not yet returned as a line
 
     @property
     def pid(self) -> int:
@@ -151,22 +152,21 @@ class Proc:
         if stream is None:
             raise HarnessError(f"{self.name}: stdout is not piped")
         deadline = time.monotonic() + timeout
-        buf = b""
         fd = stream.fileno()
-        while not buf.endswith(b"\n"):
+        while b"\n" not in self.pending:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise HarnessError(f"{self.name}: no answer within {timeout} s")
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
                 continue
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, 65536)
             if not chunk:
-                raise HarnessError(
-                    f"{self.name} exited (code {self.popen.wait()}): {buf.decode(errors='replace')}"
-                )
-            buf += chunk
-        return buf
+                said = self.pending.decode(errors="replace")
+                raise HarnessError(f"{self.name} exited (code {self.popen.wait()}): {said}")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line + b"\n"
 
 
 class ProcessGroup:

@@ -260,7 +260,7 @@ class Runner:
             stack.check_alive()
             metrics: Metrics
             if scenario.kind in ("bulk", "bulk_loss"):
-                metrics = measure_bulk(stack, settings)
+                metrics = measure_bulk(stack, settings, group)
             elif scenario.kind == "rr":
                 metrics = measure_rr(stack, settings)
             elif scenario.kind == "ttfb":

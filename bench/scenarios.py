@@ -76,14 +76,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         kind="bulk",
         description="bulk goodput, 1 stream (validated by the sink)",
         params={"streams": 1, "bytes": 256 * MiB, "timeout": 120},
-        quick={"bytes": 32 * MiB, "timeout": 60},
+        quick={"bytes": 64 * MiB, "timeout": 60},
     ),
     Scenario(
         name="bulk-16",
         kind="bulk",
         description="bulk goodput, 16 parallel streams in one tunnel",
         params={"streams": 16, "bytes": 256 * MiB, "timeout": 120},
-        quick={"bytes": 32 * MiB, "timeout": 60},
+        quick={"bytes": 64 * MiB, "timeout": 60},
     ),
     Scenario(
         name="rr-64",
@@ -132,7 +132,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="bulk goodput (1 stream) vs packet loss on a veth link between two namespaces, "
         "nftables drop",
         params={"streams": 1, "bytes": 32 * MiB, "timeout": 60},
-        quick={"bytes": 8 * MiB, "timeout": 30},
+        quick={"bytes": 16 * MiB, "timeout": 30},
         link="netns",
         quick_rounds=1,
     ),

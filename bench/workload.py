@@ -460,6 +460,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _client_main(args: argparse.Namespace) -> dict[str, object]:
     host, port = _split_hostport(args.connect)
     if args.command == "bulk":
+        _emit({"started": True})  # lets a watcher time only the transfer, not this process's start
         res = await run_bulk(
             host, port, streams=args.streams, total_bytes=args.total_bytes, time_limit=args.timeout
         )

@@ -78,3 +78,12 @@ def test_last_json_line() -> None:
     assert last_json_line('noise\n{"a": 1}\nmore noise\n{"ok": true}\n') == {"ok": True}
     with pytest.raises(HarnessError, match="no JSON"):
         last_json_line("nothing here\n[1, 2]\n")
+
+
+def test_read_line_returns_lines_one_by_one_even_when_they_arrive_together() -> None:
+    code = "import sys; sys.stdout.write('one\\ntwo\\nthree\\n'); sys.stdout.flush(); import time; time.sleep(30)"
+    with ProcessGroup() as group:
+        proc = group.spawn("chatty", [sys.executable, "-c", code], pipe=True)
+        assert [proc.read_line(10) for _ in range(3)] == [b"one\n", b"two\n", b"three\n"]
+        with pytest.raises(HarnessError, match="no answer"):
+            proc.read_line(0.2)
