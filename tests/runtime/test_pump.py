@@ -40,7 +40,7 @@ async def tunnel_pair(
         tg.start_soon(client.run)
         with anyio.fail_after(10):
             await client.wait_ready()
-            while not servers:  # noqa: ASYNC110 - the accept happens in another task
+            while not servers:
                 await anyio.sleep(0.01)
         try:
             yield client, servers[0]
