@@ -412,6 +412,59 @@ def _ratio_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _scenario_table(
+    doc: Mapping[str, Any], key: str, headline: Sequence[tuple[str, str, bool]], systems: Sequence[str]
+) -> list[str]:
+    header = ["system"]
+    for metric, unit, _ in headline:
+        header += [f"{metric} ({unit})", "vs kcptun", "vs direct"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for system in systems:
+        metrics = doc["summary"][key].get(system)
+        if metrics is None:
+            continue
+        row = [system]
+        for metric, _, _ in headline:
+            ratios = doc["ratios"][key][system].get(metric, {})
+            row += [
+                _cell(metrics.get(metric)),
+                _ratio_text(ratios.get("vs_kcptun")),
+                _ratio_text(ratios.get("vs_direct")),
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _levels_table(
+    doc: Mapping[str, Any], keys: Sequence[str], metric: str, unit: str, systems: Sequence[str]
+) -> list[str]:
+    """One row per system, one column per level (``scenario@level``): median (min-max), then vs kcptun."""
+    levels = [k.split("@", 1)[1] if "@" in k else "-" for k in keys]
+    header = ["system"] + [f"{lvl}: {unit}" for lvl in levels] + [f"{lvl}: vs kcptun" for lvl in levels]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for system in systems:
+        if not any(system in doc["summary"][k] for k in keys):
+            continue
+        cells = [_cell(doc["summary"][k].get(system, {}).get(metric)) for k in keys]
+        ratios = [
+            _ratio_text(doc["ratios"][k].get(system, {}).get(metric, {}).get("vs_kcptun")) for k in keys
+        ]
+        lines.append("| " + " | ".join([system, *cells, *ratios]) + " |")
+    return lines
+
+
+def _targets_table(doc: Mapping[str, Any]) -> list[str]:
+    lines = ["## Targets", "", "| target | system | measured | goal | met |", "|---|---|---|---|---|"]
+    for t in doc["targets"]:
+        unit = "x" if t["reference"] else ""
+        measured = "-" if t["value"] is None else f"{t['value']:.3g}{unit}"
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(
+            f"| {t['target']} | {t['system']} | {measured} | {t['op']} {t['threshold']:g}{unit} | {met} |"
+        )
+    return [*lines, ""]
+
+
 def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str:
     m = doc["machine"]
     v = m["versions"]
@@ -430,44 +483,18 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
         "",
     ]
     system_names = [s["name"] for s in doc["systems"]]
-    kinds = {sc["name"]: sc["kind"] for sc in doc["scenarios"]}
-    descriptions = {sc["name"]: sc["description"] for sc in doc["scenarios"]}
-    links = {sc["name"]: sc.get("link_description", "") for sc in doc["scenarios"]}
-    for scen in doc["summary"]:
-        base = scen.split("@")[0]
-        kind = kinds.get(base, "")
-        headline = HEADLINE.get(kind, ())
-        if not headline:
+    lines += _targets_table(doc)
+    for sc in doc["scenarios"]:
+        headline = HEADLINE.get(sc["kind"], ())
+        keys = [k for k in doc["summary"] if k == sc["name"] or k.startswith(sc["name"] + "@")]
+        if not headline or not keys:
             continue
-        lines += [f"## {scen}: {descriptions.get(base, '')}", "", f"Link: {links.get(base, '')}.", ""]
-        header = ["system"]
-        for metric, unit, _ in headline:
-            header += [f"{metric} ({unit})", "vs kcptun", "vs direct"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for system in system_names:
-            metrics = doc["summary"][scen].get(system)
-            if metrics is None:
-                continue
-            row = [system]
-            for metric, _, _ in headline:
-                ratios = doc["ratios"][scen][system].get(metric, {})
-                row += [
-                    _cell(metrics.get(metric)),
-                    _ratio_text(ratios.get("vs_kcptun")),
-                    _ratio_text(ratios.get("vs_direct")),
-                ]
-            lines.append("| " + " | ".join(row) + " |")
+        lines += [f"## {sc['name']}: {sc['description']}", "", f"Link: {sc.get('link_description', '')}.", ""]
+        if len(keys) > 1 or "@" in keys[0]:
+            lines += _levels_table(doc, keys, headline[0][0], headline[0][1], system_names)
+        else:
+            lines += _scenario_table(doc, keys[0], headline, system_names)
         lines.append("")
-    lines += ["## Targets", "", "| target | system | measured | goal | met |", "|---|---|---|---|---|"]
-    for t in doc["targets"]:
-        unit = "x" if t["reference"] else ""
-        measured = "-" if t["value"] is None else f"{t['value']:.3g}{unit}"
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(
-            f"| {t['target']} | {t['system']} | {measured} | {t['op']} {t['threshold']:g}{unit} | {met} |"
-        )
-    lines.append("")
     failures = [s for s in doc["samples"] if not s["ok"]]
     extra = list(doc["notes"]) + list(doc["saturation"])
     extra += [f"{name} skipped: {why}" for name, why in doc["skipped_systems"].items()]
