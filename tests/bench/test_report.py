@@ -148,6 +148,8 @@ def test_markdown_plots_and_files(tmp_path: Path) -> None:
     assert md == render_markdown(doc, plots=plots)
     assert "| vtunnel-kcp | 120.5 (120.0-121.0) | 2.39x | 0.40x |" in md
     assert "Link: loopback, not shaped" in md
+    assert "| system | 0%: MB/s | 1%: MB/s | 0%: vs kcptun | 1%: vs kcptun |" in md
+    assert md.index("## Targets") < md.index("## bulk-1")
     assert "vtunnel-rudp skipped" in md
     assert "ttfb vtunnel-kcp round 1 failed" in md
     assert "![goodput-vs-loss](goodput-vs-loss.png)" in md
