@@ -32,7 +32,15 @@ from bench.measure import (
 )
 from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
 from bench.procs import HarnessError, ProcessGroup
-from bench.scenarios import LOSS_LEVELS, ROUNDS, SCENARIOS, Scenario, all_systems
+from bench.scenarios import (
+    LOSS_LEVELS,
+    NOT_AUTOMATIC,
+    ROUNDS,
+    SCENARIOS,
+    VTUNNEL_TRANSPORTS,
+    Scenario,
+    all_systems,
+)
 from bench.systems import (
     Stack,
     SystemSpec,
@@ -128,8 +136,14 @@ class Runner:
     def _pick_systems(self) -> list[SystemSpec]:
         transports = installed_transports()
         wanted = set(self.options.systems)
+        plugins = tuple(sorted(transports - set(VTUNNEL_TRANSPORTS) - NOT_AUTOMATIC))
         chosen: list[SystemSpec] = []
-        for system in all_systems():
+        for system in all_systems(plugins):
+            if system.transport in plugins and self.options.quick and system.name not in wanted:
+                self.skipped[system.name] = (
+                    "plugin transport: measured in full runs, or name it with --system"
+                )
+                continue
             if wanted and system.name not in wanted:
                 continue
             reason = system_unavailable(system, transports)

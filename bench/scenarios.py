@@ -16,6 +16,7 @@ from bench.systems import SystemSpec
 
 __all__ = [
     "LOSS_LEVELS",
+    "NOT_AUTOMATIC",
     "ROUNDS",
     "SCENARIOS",
     "VTUNNEL_TRANSPORTS",
@@ -166,10 +167,15 @@ def scenario_names() -> list[str]:
     return [s.name for s in SCENARIOS]
 
 
-def all_systems() -> list[SystemSpec]:
-    """Every system in report order: direct, kcptun, then vtunnel per transport, without and with the key."""
+#: Installed transports the harness does not pick up by itself (``tls://`` needs certificates of its own).
+NOT_AUTOMATIC: frozenset[str] = frozenset({"tls"})
+
+
+def all_systems(plugins: tuple[str, ...] = ()) -> list[SystemSpec]:
+    """Every system in report order: direct, kcptun, then vtunnel per transport (``plugins`` last), without and
+    with the key."""
     systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun")]
-    for transport in VTUNNEL_TRANSPORTS:
+    for transport in (*VTUNNEL_TRANSPORTS, *plugins):
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False))
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=True))
     return systems

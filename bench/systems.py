@@ -300,7 +300,8 @@ def tunnel_url(system: SystemSpec, hostport: str) -> str:
     host, _, port = hostport.rpartition(":")
     if system.transport is None:
         raise HarnessError(f"{system.name} has no transport")
-    return TRANSPORT_URLS[system.transport].format(host=host, port=port)
+    template = TRANSPORT_URLS.get(system.transport, system.transport + "://{host}:{port}")
+    return template.format(host=host, port=port)
 
 
 def server_argv(

@@ -135,3 +135,17 @@ def test_ctrl_c_stops_every_process_and_keeps_partial_results(tmp_path: Path) ->
     doc = json.loads((tmp_path / "latest.json").read_text())
     assert doc["interrupted"] is True
     assert validate_document(doc) == []
+
+
+def test_plugin_transports_join_full_runs_and_quick_runs_only_by_name() -> None:
+    from bench.systems import installed_transports
+
+    plugins = sorted(installed_transports() - {"tcp", "kcp", "rudp", "tls"})
+    if not plugins:
+        pytest.skip("no plugin transport installed")
+    name = f"vtunnel-{plugins[0]}"
+    assert name in {s.name for s in Runner(RunOptions(quick=False)).systems}
+    quick = Runner(RunOptions(quick=True))
+    assert name not in {s.name for s in quick.systems}
+    assert "plugin transport" in quick.skipped[name]
+    assert [s.name for s in Runner(RunOptions(quick=True, systems=(name,))).systems] == [name]
