@@ -139,12 +139,12 @@ class Runner:
         plugins = tuple(sorted(transports - set(VTUNNEL_TRANSPORTS) - NOT_AUTOMATIC))
         chosen: list[SystemSpec] = []
         for system in all_systems(plugins):
-            if system.transport in plugins and self.options.quick and system.name not in wanted:
+            if wanted and system.name not in wanted:
+                continue
+            if system.transport in plugins and self.options.quick and not wanted:
                 self.skipped[system.name] = (
                     "plugin transport: measured in full runs, or name it with --system"
                 )
-                continue
-            if wanted and system.name not in wanted:
                 continue
             reason = system_unavailable(system, transports)
             if reason is not None:

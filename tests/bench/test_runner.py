@@ -149,3 +149,9 @@ def test_plugin_transports_join_full_runs_and_quick_runs_only_by_name() -> None:
     assert name not in {s.name for s in quick.systems}
     assert "plugin transport" in quick.skipped[name]
     assert [s.name for s in Runner(RunOptions(quick=True, systems=(name,))).systems] == [name]
+
+
+def test_systems_not_asked_for_are_left_out_silently() -> None:
+    runner = Runner(RunOptions(quick=True, systems=("direct",)))
+    assert [s.name for s in runner.systems] == ["direct"]
+    assert runner.skipped == {}
