@@ -181,6 +181,15 @@ class _WorkloadProtocol(asyncio.Protocol):
             self._stats.sink_errors += 1
         return None
 
+    def pause_writing(self) -> None:
+        # An echo peer that does not read its answers stops being read: memory stays bounded.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
 

@@ -196,3 +196,27 @@ async def test_bulk_times_out_against_a_silent_peer() -> None:
             await run_bulk("127.0.0.1", port, streams=1, total_bytes=1000, time_limit=1)
     finally:
         listener.close()
+
+
+@pytest.mark.anyio
+async def test_echo_to_a_peer_that_never_reads_stays_bounded(server: tuple[int, WorkloadServerStats]) -> None:
+    port, stats = server
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    chunk = ECHO_MAGIC + bytes(65536 - 4)
+    sent = 0
+    try:
+        async with asyncio.timeout(3):  # the server stops reading, so our sends stall well before 256 MiB
+            while sent < 256 * 1024 * 1024:
+                await loop.sock_sendall(sock, chunk)
+                chunk = bytes(65536)
+                sent += 65536
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    assert sent < 256 * 1024 * 1024
+    assert stats.echo_bytes < 64 * 1024 * 1024
