@@ -122,6 +122,8 @@ class _WorkloadProtocol(asyncio.Protocol):
         if self._mode == "sink":
             self._sink(data)
             return
+        if self._mode in ("discard", "done"):
+            return
         self._head += data
         if len(self._head) < 4:
             return
@@ -173,8 +175,15 @@ class _WorkloadProtocol(asyncio.Protocol):
         else:
             self._stats.sink_errors += 1
         transport.write(_REPLY.pack(status, value))
-        self._mode = "done"
-        transport.close()
+        if status == b"OK":
+            self._mode = "done"
+            transport.close()
+            return
+        # Closing with unread input would reset the connection and could destroy the answer before the peer
+        # reads it: half-close instead and drop the rest until the peer closes.
+        self._mode = "discard"
+        if transport.can_write_eof():
+            transport.write_eof()
 
     def eof_received(self) -> bool | None:
         if self._mode == "sink" and self._received < self._expected:
