@@ -6,7 +6,7 @@ One TCP port serves every workload; the first four bytes of a connection choose 
   bytes, checks each against the fixed pattern (:func:`pattern_slice`), then answers ``OK`` + u64 count and
   closes. A wrong byte, trailing bytes or a short stream get ``ER`` + u64 offset of the first bad byte (or
   nothing, when the peer closed early), so a tunnel that corrupts, drops or duplicates data can never pass as
-  fast.
+  fast. After an error answer the sink half-closes and drops the rest, so the answer is never lost to a reset.
 * ``VTBE``: **echo**. Every byte of the connection, the four magic bytes included, is sent back as it arrives;
   a request/response client sends 64-byte messages whose first one starts with the magic.
 
