@@ -86,7 +86,7 @@ def cpu_usage(pids: Mapping[str, int], action: Callable[[], None]) -> dict[str, 
     return watch.stop()
 
 
-def relay_counters(stack: Stack) -> dict[str, object]:
+def relay_counters(stack: Stack) -> dict[str, dict[str, int]]:
     """The relay's last counters line (it prints JSON counters every second), or an empty dict."""
     proc = stack.procs.get("relay")
     if proc is None or proc.log_path is None:
@@ -102,8 +102,31 @@ def relay_counters(stack: Stack) -> dict[str, object]:
             except json.JSONDecodeError:
                 continue
             if isinstance(value, dict):
-                return value
+                return {
+                    direction: {k: int(v) for k, v in counts.items() if isinstance(v, int)}
+                    for direction, counts in value.items()
+                    if isinstance(counts, dict)
+                }
     return {}
+
+
+class RelayWatch:
+    """The relay's counters over one measurement: the counters line is printed every second, so the end
+    reading waits for the line that follows the measurement."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.before = relay_counters(stack)
+
+    def delta(self) -> dict[str, dict[str, int]]:
+        if "relay" not in self.stack.procs:
+            return {}
+        time.sleep(1.2)
+        after = relay_counters(self.stack)
+        return {
+            direction: {k: v - self.before.get(direction, {}).get(k, 0) for k, v in counts.items()}
+            for direction, counts in after.items()
+        }
 
 
 def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGroup) -> Metrics:
@@ -132,6 +155,7 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
         first = json.loads(client.read_line(30.0))
         if not first.get("started"):
             raise HarnessError(f"bulk client failed: {first.get('error', first)}")
+        relay = RelayWatch(stack)
         watch = CpuWatch(stack.pids())
         watch.start()
         result = json.loads(client.read_line(limit + 15))
@@ -148,7 +172,7 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
         "stream_seconds": result["stream_seconds"],
         "cpu": cpu,
     }
-    counters = relay_counters(stack)
+    counters = relay.delta()
     if counters:
         raw["relay"] = counters
     return {"goodput_MBps": float(result["goodput"]) / 1e6}, raw
@@ -173,6 +197,7 @@ def _samples(result: Mapping[str, object]) -> list[int]:
 
 def measure_rr(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     count = int(settings["count"])
+    relay = RelayWatch(stack)
     result = run_client(
         stack.placement,
         ["rr", "--connect", stack.entry, "--count", str(count), "--timeout", str(settings["timeout"])],
@@ -180,7 +205,7 @@ def measure_rr(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     )
     samples = _samples(result)
     raw: dict[str, object] = {"samples_ns": samples}
-    counters = relay_counters(stack)
+    counters = relay.delta()
     if counters:
         raw["relay"] = counters
     return _latency(samples, 1e3, "us"), raw

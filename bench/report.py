@@ -301,7 +301,11 @@ def link_description(scenario: Scenario) -> str:
             "direction, offloads off, no added delay; its rate is the direct connection's goodput at the same loss"
         )
     if scenario.link == "relay":
-        return "vtunnel's userspace UDP impairment relay on loopback: " + " ".join(scenario.relay_options)
+        options = list(scenario.relay_options)
+        if "--stats-interval" in options:
+            at = options.index("--stats-interval")
+            del options[at : at + 2]
+        return "vtunnel's userspace UDP impairment relay on loopback, each direction: " + " ".join(options)
     if scenario.kind in ("idle_cpu", "idle_streams", "tunnels"):
         return "loopback; no traffic to speak of, so the link plays no part"
     return "loopback, not shaped; the direct connection's result is the link's measured rate"

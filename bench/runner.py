@@ -32,6 +32,7 @@ from bench.measure import (
 )
 from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
 from bench.procs import HarnessError, ProcessGroup
+from bench.report import link_description
 from bench.scenarios import (
     LOSS_LEVELS,
     NOT_AUTOMATIC,
@@ -155,10 +156,12 @@ class Runner:
 
     def plan(self) -> list[Job]:
         jobs: list[Job] = []
+        groups: dict[tuple[str, tuple[str, ...]], list[Scenario]] = {}
         for link in ("loopback", "relay", "netns"):
-            group = [s for s in self.scenarios if s.link == link and s.schedule == "rounds"]
-            if not group:
-                continue
+            for sc in self.scenarios:
+                if sc.link == link and sc.schedule == "rounds":
+                    groups.setdefault((link, sc.relay_options), []).append(sc)
+        for (link, _), group in groups.items():
             rounds = self.rounds
             if self.options.quick and self.options.rounds is None:
                 rounds = min(s.quick_rounds or self.rounds for s in group)
@@ -291,7 +294,7 @@ class Runner:
             log.exception("measurement failed", scenario=scenario.name, system=job.system.name)
         sample.raw["link"] = stack.placement.description
         if job.link == "relay":
-            sample.raw["link"] = "UDP impairment relay: " + " ".join(scenario.relay_options)
+            sample.raw["link"] = link_description(scenario)
         self._record(sample)
 
     def _run_side_by_side(self, job: Job, group: ProcessGroup, psk_file: Path | None) -> None:

@@ -17,6 +17,7 @@ from bench.systems import SystemSpec
 __all__ = [
     "LOSS_LEVELS",
     "NOT_AUTOMATIC",
+    "RELAY_PROFILE",
     "ROUNDS",
     "SCENARIOS",
     "VTUNNEL_TRANSPORTS",
@@ -35,6 +36,26 @@ ROUNDS = {"full": 5, "quick": 2}
 
 #: Loss levels of the goodput-vs-loss sweep (fraction of packets dropped in each direction).
 LOSS_LEVELS = {"full": (0.0, 0.005, 0.01, 0.02, 0.05), "quick": (0.0, 0.01, 0.05)}
+
+
+#: The impaired UDP link of the relay scenarios, both directions: 5 ms +-1 ms one-way delay, 1% loss, 0.5%
+#: reordered, 0.5% duplicated, 50 MB/s. Scenarios on the relay share one stack, so they share this profile.
+RELAY_PROFILE: tuple[str, ...] = (
+    "--delay",
+    "5",
+    "--jitter",
+    "1",
+    "--loss",
+    "0.01",
+    "--reorder",
+    "0.005",
+    "--duplicate",
+    "0.005",
+    "--rate",
+    "50m",
+    "--stats-interval",
+    "1",
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,27 +159,26 @@ SCENARIOS: tuple[Scenario, ...] = (
         quick_rounds=1,
     ),
     Scenario(
+        name="bulk-impaired",
+        kind="bulk",
+        description="bulk goodput (1 stream) through the UDP relay's impaired link (see Link)",
+        params={"streams": 1, "bytes": 32 * MiB, "timeout": 120},
+        quick={"bytes": 8 * MiB, "timeout": 60},
+        link="relay",
+        quick_rounds=1,
+        udp_only=True,
+        relay_options=RELAY_PROFILE,
+    ),
+    Scenario(
         name="rr-impaired",
         kind="rr",
-        description="64-byte request/response through the UDP relay: 5 ms delay +-1 ms jitter, 1% loss, "
-        "50 MB/s",
+        description="64-byte request/response through the UDP relay's impaired link (see Link)",
         params={"count": 3000, "timeout": 120},
         quick={"count": 300, "timeout": 60},
         link="relay",
         quick_rounds=1,
         udp_only=True,
-        relay_options=(
-            "--delay",
-            "5",
-            "--jitter",
-            "1",
-            "--loss",
-            "0.01",
-            "--rate",
-            "50m",
-            "--stats-interval",
-            "1",
-        ),
+        relay_options=RELAY_PROFILE,
     ),
 )
 
