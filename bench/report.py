@@ -269,11 +269,15 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
             if s["scenario"] != "idle-cpu":
                 busy[(key, s["system"], role)].append(float(cpu["pct"]))
         relay = s["raw"].get("relay") or {}
-        queue_dropped = sum(int(d.get("queue_dropped", 0)) for d in relay.values() if isinstance(d, dict))
+        counts = [d for d in relay.values() if isinstance(d, dict)]
+        queue_dropped = sum(int(d.get("queue_dropped", 0)) for d in counts)
+        received = sum(int(d.get("received", 0)) for d in counts)
         if queue_dropped:
+            share = queue_dropped / received if received else 1.0
             notes.append(
-                f"{key} {s['system']} round {s['round'] + 1}: the relay's rate limit dropped {queue_dropped} "
-                "datagrams (the emulated link was saturated)"
+                f"{key} {s['system']} round {s['round'] + 1}: the relay's rate limiter dropped {queue_dropped} "
+                f"of {received} datagrams ({share:.2%}): the sender's bursts overran the emulated link's rate "
+                "and queue"
             )
     for (key, system, role), values in sorted(busy.items()):
         peak = max(values)
