@@ -70,6 +70,16 @@ def _samples() -> list[dict[str, Any]]:
     out.append(
         Sample(scenario="ttfb", system="vtunnel-kcp", round=0, error="vtunnel-kcp did not carry an echo")
     )
+    relay = {"up": {"received": 900, "queue_dropped": 9}, "down": {"received": 100, "queue_dropped": 1}}
+    out.append(
+        Sample(
+            scenario="bulk-impaired",
+            system="kcptun",
+            round=0,
+            metrics={"goodput_MBps": 9.0},
+            raw={"relay": relay},
+        )
+    )
     return [s.as_dict() for s in out]
 
 
@@ -133,6 +143,9 @@ def test_targets_are_ratios_or_absolute_bounds() -> None:
 def test_saturation_notes_name_cpu_bound_processes() -> None:
     notes = _doc()["saturation"]
     assert any("kcptun" in n and "CPU-bound" in n for n in notes)
+    assert any(
+        n.startswith("bulk-impaired kcptun round 1") and "10 of 1000 datagrams (1.00%)" in n for n in notes
+    )
 
 
 def test_markdown_plots_and_files(tmp_path: Path) -> None:
