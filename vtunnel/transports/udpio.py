@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import errno
 import socket
+import struct
+import sys
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
@@ -29,6 +31,12 @@ BatchHandler: TypeAlias = Callable[[list[tuple[bytes, Address]]], None]
 MAX_DATAGRAM: Final = 65535
 DEFAULT_BATCH: Final = 256
 _SOFT_SEND_ERRORS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED})
+#: Linux UDP generic segmentation offload: one sendmsg carries many equal-size datagrams
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103
+GSO_MAX_SEGMENTS: Final = 64
+GSO_MAX_BYTES: Final = 65000
+_gso_usable = hasattr(socket.socket, "sendmsg") and sys.platform == "linux"
 
 
 def resolve_udp(host: str, port: int) -> tuple[socket.AddressFamily, Address]:
@@ -63,7 +71,17 @@ def open_udp_socket(
 class DatagramSocket:
     """One UDP socket driven by readiness callbacks on the running asyncio loop."""
 
-    __slots__ = ("_batch", "_buffer", "_closed", "_handler", "_loop", "_view", "dropped_sends", "sock")
+    __slots__ = (
+        "_batch",
+        "_buffer",
+        "_closed",
+        "_gso",
+        "_handler",
+        "_loop",
+        "_view",
+        "dropped_sends",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, handler: BatchHandler, *, batch: int = DEFAULT_BATCH) -> None:
         self.sock = sock
@@ -76,6 +94,7 @@ class DatagramSocket:
         self._loop.add_reader(sock.fileno(), self._on_readable)
         #: datagrams dropped because the socket buffer was full
         self.dropped_sends = 0
+        self._gso = _gso_usable
 
     @property
     def local_address(self) -> Address:
@@ -124,8 +143,47 @@ class DatagramSocket:
             self.dropped_sends += 1
 
     def sendto_many(self, datagrams: list[bytes], address: Address) -> None:
-        for data in datagrams:
-            self.sendto(data, address)
+        """Send a batch; runs of equal-size datagrams go out in one system call (UDP GSO) where Linux allows."""
+        if not self._gso or len(datagrams) < 2:
+            for data in datagrams:
+                self.sendto(data, address)
+            return
+        i, n = 0, len(datagrams)
+        while i < n:
+            size = len(datagrams[i])
+            j = i + 1
+            total = size
+            # equal sizes, the last of a run may be shorter (the kernel's rule)
+            while (
+                j < n
+                and j - i < GSO_MAX_SEGMENTS
+                and total + len(datagrams[j]) <= GSO_MAX_BYTES
+                and len(datagrams[j]) <= size
+            ):
+                total += len(datagrams[j])
+                j += 1
+                if len(datagrams[j - 1]) < size:
+                    break
+            if j - i == 1:
+                self.sendto(datagrams[i], address)
+            else:
+                self._send_segments(datagrams[i:j], size, address)
+            i = j
+
+    def _send_segments(self, run: list[bytes], size: int, address: Address) -> None:
+        if self._closed:
+            return
+        try:
+            self.sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
+        except OSError as exc:
+            if exc.errno in _SOFT_SEND_ERRORS:
+                self.dropped_sends += len(run)
+                return
+            # no GSO here (old kernel, another OS, a device without it): plain sends from now on
+            log.info("udp segmentation offload unavailable, sending datagrams one by one", error=repr(exc))
+            self._gso = False
+            for data in run:
+                self.sendto(data, address)
 
     @property
     def closed(self) -> bool:
