@@ -17,6 +17,8 @@ from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, av
 
 log = structlog.get_logger("vtunnel")
 
+DEFAULT_SOCKS = "127.0.0.1:1080"
+
 URL_HELP = (
     "Transport URLs: tcp://HOST:PORT, tls://HOST:PORT?cert=F&key=F, "
     "kcp://HOST:PORT?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350 (see `vtunnel transports`)."
@@ -166,7 +168,11 @@ def server(
 @main.command()
 @click.option("--server", "server_url", metavar="URL", help="The server's transport URL.")
 @click.option("--forward", multiple=True, metavar="LISTEN[=DEST]", help="Forward a local port (repeatable).")
-@click.option("--socks", metavar="HOST:PORT", help="SOCKS5 proxy front, e.g. 127.0.0.1:1080.")
+@click.option(
+    "--socks",
+    metavar="HOST:PORT",
+    help="SOCKS5 proxy front (default 127.0.0.1:1080 when no other front is given).",
+)
 @click.option(
     "--http", metavar="HOST:PORT", help="HTTP proxy front (CONNECT and plain), e.g. 127.0.0.1:8118."
 )
@@ -204,6 +210,8 @@ def agent(
         forwards = [Forward.parse(f) for f in (forward or tuple(sec.get("forward", ())))]
         socks_addr = socks or sec.get("socks")
         http_addr = http or sec.get("http")
+        if not (forwards or socks_addr or http_addr):
+            socks_addr = DEFAULT_SOCKS
         settings = AgentSettings(
             server=_endpoint(url, "--server"),
             security=_security(psk_file, insecure, sec),

@@ -1,0 +1,77 @@
+"""The TOML config file: the same settings as the command line, checked strictly; JSON logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_port
+from tests.netutil import echo_roundtrip, echo_server
+from vtunnel.config import ConfigError, load_config, resolve_psk, tunnel_config
+from vtunnel.security.keys import generate_key
+
+
+def test_pair_from_config_files_with_json_logs(procs: Processes, tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text(generate_key())
+    tport, front = free_port(), free_port()
+    with echo_server() as echo:
+        (tmp_path / "server.toml").write_text(
+            f'[server]\nlisten = ["tcp://127.0.0.1:{tport}"]\ntarget = "127.0.0.1:{echo}"\npsk_file = "{key}"\n'
+            '[tunnel]\nkeepalive_interval = 2.0\n[log]\nformat = "json"\n'
+        )
+        (tmp_path / "agent.toml").write_text(
+            f'[agent]\nserver = "tcp://127.0.0.1:{tport}"\nforward = ["127.0.0.1:{front}"]\npsk_file = "{key}"\n'
+        )
+        server = procs.start("server", "--config", str(tmp_path / "server.toml"))
+        wait_port(tport)
+        procs.start("agent", "--config", str(tmp_path / "agent.toml"))
+        wait_port(front)
+        assert echo_roundtrip(front, b"configured") == b"configured"
+    lines = [json.loads(line) for line in procs.output(server).splitlines() if line.startswith("{")]
+    assert any(line.get("event") == "listening" for line in lines), lines
+    assert key.read_text().strip() not in procs.output(server)  # key material never logged
+
+
+def test_unknown_settings_are_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlisten = ["tcp://127.0.0.1:1"]\nlisten_port = 5\n')
+    with pytest.raises(ConfigError, match="listen_port"):
+        load_config(bad)
+    bad.write_text("[sever]\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[sever\]"):
+        load_config(bad)
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    out = subprocess.run(
+        [*VTUNNEL, "server", "--config", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+    assert out.returncode == 2
+    assert "not valid TOML" in out.stderr
+
+
+def test_tunnel_section_is_validated() -> None:
+    assert tunnel_config({"keepalive_interval": 3.0}).keepalive_interval == 3.0
+    with pytest.raises(ConfigError, match=r"\[tunnel\]"):
+        tunnel_config({"keepalive_interval": -1})
+
+
+def test_key_sources_in_order(tmp_path: Path) -> None:
+    key_a, key_b = generate_key(), generate_key()
+    f = tmp_path / "k"
+    f.write_text(key_a)
+    assert resolve_psk(
+        psk_file=str(f), insecure=False, section={}, env={"VTUNNEL_PSK": key_b}
+    ) != resolve_psk(psk_file=None, insecure=False, section={}, env={"VTUNNEL_PSK": key_b})
+    assert resolve_psk(psk_file=None, insecure=False, section={"psk": key_b}, env={}) == resolve_psk(
+        psk_file=None, insecure=False, section={}, env={"VTUNNEL_PSK": key_b}
+    )
+    assert resolve_psk(psk_file=None, insecure=True, section={}, env={}) is None
+    with pytest.raises(ConfigError, match="--insecure"):
+        resolve_psk(psk_file=None, insecure=False, section={}, env={})
+    with pytest.raises(ConfigError):
+        resolve_psk(psk_file=None, insecure=False, section={"psk": "not a key"}, env={})
