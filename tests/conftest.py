@@ -78,6 +78,15 @@ class Processes:
             log.close()
 
 
+def wait_log(procs: Processes, proc: subprocess.Popen[bytes], text: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in procs.output(proc):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{text!r} not logged within {timeout} s")
+
+
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Processes]:
     p = Processes(tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_port
+from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log, wait_port
 from tests.netutil import echo_roundtrip, echo_server, pattern
 
 BODY = pattern(200_000, seed=7)
@@ -83,15 +83,6 @@ def start_pair(
     agent = procs.start(*agent_args)
     wait_port(front)
     return server, agent, front
-
-
-def wait_log(procs: Processes, proc: subprocess.Popen[bytes], text: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in procs.output(proc):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{text!r} not logged within {timeout} s")
 
 
 def tls_query(tmp: Path) -> str:
