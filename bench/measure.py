@@ -413,7 +413,7 @@ def measure_tunnels(
         opened = time.monotonic() - t0
         after = _settle_rss(server.pid)
         if not server.alive():
-            raise HarnessError(f"{system.name} server exited: {server.log_tail()}")
+            raise HarnessError(f"{system.name} server exited: {server.last_words()}")
     finally:
         release(group, holder)
     raw["rss_after"] = after

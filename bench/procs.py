@@ -146,6 +146,14 @@ class Proc:
             return self.log_path.read_text(errors="replace")[-limit:]
         return ""
 
+    def last_words(self) -> str:
+        """The most telling line of the log: the last one naming an error, else the last line."""
+        lines = [line.strip(" |+-") for line in self.log_tail(20000).splitlines() if line.strip(" |+-")]
+        for line in reversed(lines):
+            if "Error" in line or "error" in line or "panic" in line:
+                return line[:300]
+        return lines[-1][:300] if lines else "(no output)"
+
     def read_line(self, timeout: float) -> bytes:
         """One line from the process's piped stdout within ``timeout`` seconds."""
         stream = self.popen.stdout

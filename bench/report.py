@@ -283,16 +283,17 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
         peak = max(values)
         if peak >= 90.0:
             notes.append(f"{key} {system}: the {role} process used up to {peak:.0f}% of a core (CPU-bound)")
+    # Loss does not shrink the link: its capacity is the direct connection's goodput on the loss-free link.
+    link = _median(summary, "bulk-loss@0%", "direct", "goodput_MBps")
     for scen, systems in summary.items():
         if not scen.startswith("bulk-loss@"):
             continue
-        link = _median(summary, scen, "direct", "goodput_MBps")
         for system in systems:
             value = _median(summary, scen, system, "goodput_MBps")
             if system != "direct" and link and value and value >= 0.9 * link:
                 notes.append(
-                    f"{scen} {system}: {value:.1f} MB/s is within 10% of the direct connection "
-                    f"on the same link ({link:.1f} MB/s): the link, not the tunnel, may be the limit"
+                    f"{scen} {system}: {value:.1f} MB/s is within 10% of the loss-free link's measured rate "
+                    f"({link:.1f} MB/s, direct): the link, not the tunnel, may be the limit"
                 )
     return notes
 
@@ -302,7 +303,7 @@ def link_description(scenario: Scenario) -> str:
     if scenario.link == "netns":
         return (
             "veth pair between two network namespaces made by the harness, nftables random drop in each "
-            "direction, offloads off, no added delay; its rate is the direct connection's goodput at the same loss"
+            "direction, offloads off, no added delay; its rate is the direct connection's goodput without loss"
         )
     if scenario.link == "relay":
         options = list(scenario.relay_options)
@@ -507,7 +508,8 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
     extra = list(doc["notes"]) + list(doc["saturation"])
     extra += [f"{name} skipped: {why}" for name, why in doc["skipped_systems"].items()]
     extra += [
-        f"{scenario_key(s['scenario'], s['loss'])} {s['system']} round {s['round'] + 1} failed: {s['error']}"
+        f"{scenario_key(s['scenario'], s['loss'])} {s['system']} round {s['round'] + 1} failed: "
+        + " ".join(str(s["error"]).split())[:300]
         for s in failures
     ]
     if extra:

@@ -121,7 +121,7 @@ class Stack:
     def check_alive(self) -> None:
         for role, proc in self.procs.items():
             if not proc.alive():
-                raise HarnessError(f"{self.system.name} {role} exited early: {proc.log_tail()}")
+                raise HarnessError(f"{self.system.name} {role} exited early: {proc.last_words()}")
 
 
 def vtunnel_bin() -> str | None:
@@ -205,7 +205,7 @@ def wait_log(proc: Proc, marker: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while marker not in proc.log_tail(1 << 20):
         if not proc.alive():
-            raise HarnessError(f"{proc.name} exited: {proc.log_tail()}")
+            raise HarnessError(f"{proc.name} exited: {proc.last_words()}")
         if time.monotonic() >= deadline:
             raise HarnessError(f"{proc.name} did not report {marker!r} within {timeout} s")
         time.sleep(0.05)

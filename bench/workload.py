@@ -289,7 +289,8 @@ async def run_bulk(
             times = await asyncio.gather(*(_one_bulk(host, port, size, start) for size in per_stream))
     except TimeoutError:
         raise WorkloadError(
-            f"bulk transfer of {total_bytes} bytes did not finish within {time_limit} s"
+            f"bulk transfer of {total_bytes} bytes did not finish within {time_limit} s "
+            f"(goodput below {total_bytes / time_limit / 1e6:.3g} MB/s)"
         ) from None
     return BulkResult(
         streams=streams, total_bytes=total_bytes, seconds=max(times), stream_seconds=tuple(times)

@@ -87,3 +87,14 @@ def test_read_line_returns_lines_one_by_one_even_when_they_arrive_together() -> 
         assert [proc.read_line(10) for _ in range(3)] == [b"one\n", b"two\n", b"three\n"]
         with pytest.raises(HarnessError, match="no answer"):
             proc.read_line(0.2)
+
+
+def test_last_words_pick_the_error_line() -> None:
+    code = "import sys; print('starting'); print('Traceback ...'); print('NameError: oops'); print('  |  ')"
+    with ProcessGroup() as group:
+        proc = group.spawn("crash", [sys.executable, "-c", code])
+        proc.popen.wait(10)
+        assert proc.last_words() == "NameError: oops"
+        quiet = group.spawn("quiet", [sys.executable, "-c", "print('just this')"])
+        quiet.popen.wait(10)
+        assert quiet.last_words() == "just this"
