@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "ACK",
@@ -24,6 +24,7 @@ __all__ = [
     "FrameDecoder",
     "FrameError",
     "FrameType",
+    "FrameView",
     "RawFrame",
     "decode_goaway",
     "decode_ping",
@@ -79,6 +80,18 @@ class RawFrame(NamedTuple):
     flags: int
     stream_id: int
     payload: bytes
+
+
+class FrameView(NamedTuple):
+    """A frame whose payload may be a view of the decoder's input (see ``FrameDecoder.feed_views``)."""
+
+    type: int
+    flags: int
+    stream_id: int
+    payload: bytes | memoryview
+
+
+_Frames = list[Any]  # RawFrame from ``feed``, FrameView from ``feed_views``
 
 
 def frame_header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
@@ -138,7 +151,7 @@ def gzip_compress(data: bytes | memoryview) -> bytes:
     return c.compress(data) + c.flush()
 
 
-def gzip_decompress(data: bytes, limit: int) -> bytes:
+def gzip_decompress(data: bytes | memoryview, limit: int) -> bytes:
     """Inflate a gzip payload, refusing to produce more than ``limit`` bytes (a gzip bomb stops here)."""
     d = zlib.decompressobj(47)
     try:
@@ -158,9 +171,11 @@ def gzip_decompress(data: bytes, limit: int) -> bytes:
 class FrameDecoder:
     """Incremental frame parser: feed it bytes in any chunking, get whole frames back.
 
-    Frame payloads are copied exactly once (into the ``bytes`` handed out); partial frames wait in one
-    ``bytearray``.  A header announcing more than ``max_payload`` bytes is an error as soon as its 9 bytes
-    are in.
+    ``feed`` copies each payload exactly once (into the ``bytes`` it hands out). ``feed_views`` copies nothing
+    for frames that lie whole in the input: their payloads are ``memoryview`` slices of it, valid as long as the
+    input is not modified (the tunnel uses them before it returns). Only a frame split across inputs is
+    assembled in one ``bytearray``, and only its own bytes are copied there. A header announcing more than
+    ``max_payload`` bytes is an error as soon as its 9 bytes are in.
     """
 
     __slots__ = ("_buf", "max_payload")
@@ -176,20 +191,61 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> tuple[list[RawFrame], FrameError | None]:
         """Parse what is complete. On a bad header, return the frames before it and the error."""
         frames: list[RawFrame] = []
-        if self._buf:
-            self._buf += data
-            with memoryview(self._buf) as view:
-                used, error = self._parse(view, frames)
-            del self._buf[:used]
-        else:
-            with memoryview(data) as view, view.cast("B") as flat:
-                used, error = self._parse(flat, frames)
-                if used < len(flat):
-                    self._buf += flat[used:]
+        error = self._feed(data, frames, copy=True)
         return frames, error
 
-    def _parse(self, view: memoryview, frames: list[RawFrame]) -> tuple[int, FrameError | None]:
+    def feed_views(self, data: bytes | bytearray | memoryview) -> tuple[list[FrameView], FrameError | None]:
+        """Like ``feed``, but payloads of frames found whole in ``data`` are views of it (no copy)."""
+        frames: list[FrameView] = []
+        error = self._feed(data, frames, copy=False)
+        return frames, error
+
+    def _feed(
+        self, data: bytes | bytearray | memoryview, frames: _Frames, *, copy: bool
+    ) -> FrameError | None:
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         off = 0
+        buf = self._buf
+        if buf:
+            off, error = self._complete(view, frames, RawFrame if copy else FrameView)
+            if error is not None or buf:
+                return error
+        used, error = self._parse(view, off, frames, copy)
+        if used < len(view):
+            buf += view[used:]
+        return error
+
+    def _complete(
+        self, view: memoryview, frames: _Frames, make: Callable[..., Any]
+    ) -> tuple[int, FrameError | None]:
+        """Finish the frame waiting in the buffer with the head of ``view``; return the bytes taken."""
+        buf = self._buf
+        off = 0
+        need = FRAME_HEADER_SIZE - len(buf)
+        if need > 0:
+            buf += view[:need]
+            off = min(need, len(view))
+            if len(buf) < FRAME_HEADER_SIZE:
+                return off, None
+        lt, flags, sid = _HEADER.unpack_from(buf)
+        length = lt >> 8
+        if length > self.max_payload:
+            return off, FrameError(f"frame of {length} bytes exceeds {self.max_payload}", frame_size=True)
+        missing = FRAME_HEADER_SIZE + length - len(buf)
+        if missing > 0:
+            buf += view[off : off + missing]
+            off = min(off + missing, len(view))
+            if len(buf) < FRAME_HEADER_SIZE + length:
+                return off, None
+        frames.append(make(lt & 0xFF, flags, sid, bytes(buf[FRAME_HEADER_SIZE:])))
+        buf.clear()
+        return off, None
+
+    def _parse(
+        self, view: memoryview, off: int, frames: _Frames, copy: bool
+    ) -> tuple[int, FrameError | None]:
         size = len(view)
         unpack = _HEADER.unpack_from
         limit = self.max_payload
@@ -202,6 +258,11 @@ class FrameDecoder:
             end = off + FRAME_HEADER_SIZE + length
             if end > size:
                 break
-            append(RawFrame(lt & 0xFF, flags, sid, view[off + FRAME_HEADER_SIZE : end].tobytes()))
+            payload = view[off + FRAME_HEADER_SIZE : end]
+            append(
+                RawFrame(lt & 0xFF, flags, sid, payload.tobytes())
+                if copy
+                else FrameView(lt & 0xFF, flags, sid, payload)
+            )
             off = end
         return off, None

@@ -164,7 +164,7 @@ class Stream:
         self.recv_remaining = recv_window  # credit we gave the peer and it has not used
         self.recv_unacked = 0  # delivered to the application, not yet acknowledged
         self.recv_unannounced = 0  # acknowledged, not yet returned with WINDOW_UPDATE
-        self.pending: list[bytes] = []  # outgoing frames held until the SYN-ACK (no 0-RTT)
+        self.pending: list[bytes | memoryview] = []  # outgoing frames held until the SYN-ACK (no 0-RTT)
         self.pending_len = 0
         self.pending_fin = False
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
+from collections.abc import Callable
 from enum import Enum
 from typing import NoReturn
 
@@ -71,8 +73,22 @@ _PING = int(fr.FrameType.PING)
 _GOAWAY = int(fr.FrameType.GOAWAY)
 _WINDOW_UPDATE = int(fr.FrameType.WINDOW_UPDATE)
 _END_STREAM = fr.END_STREAM
+_PACK_HEADER = struct.Struct(">IBI").pack  # DATA header: (length << 8 | type 0), flags, stream id
 _GZIP = fr.GZIP
 DEFAULT_CONFIG = TunnelConfig()
+# DATA fast paths: states where the tables map the input back to the same state with the plain effect, so
+# skipping the lookup is exactly the table's transition (derived from the tables, never listed by hand)
+_DISPATCHING = frozenset(
+    s
+    for s in TunnelState
+    if TUNNEL_TRANSITIONS.get((s, TunnelInput.RECV_FRAME)) == (TunnelEffect.DISPATCH, s)
+)
+_RECV_DATA_LOOPS = frozenset(
+    s for s in StreamState if STREAM_TRANSITIONS.get((s, StreamInput.RECV_DATA)) == (StreamEffect.PERFORM, s)
+)
+_SEND_DATA_LOOPS = frozenset(
+    s for s in StreamState if STREAM_TRANSITIONS.get((s, StreamInput.SEND_DATA)) == (StreamEffect.PERFORM, s)
+)
 
 
 class Role(Enum):
@@ -96,6 +112,9 @@ class Tunnel:
         self._decoder = fr.FrameDecoder()
         self._out: list[bytes | memoryview] = []
         self._events: list[Event] = []
+        # consecutive DATA payloads of one byte stream, delivered as one DataReceived (views of the input)
+        self._run: list[bytes | memoryview] = []
+        self._run_sid = 0
         self._ext = Extensions()
         self._peer: PeerSettings | None = None
         self._send_frame_size = config.max_frame_size
@@ -166,10 +185,15 @@ class Tunnel:
         if self._state is TunnelState.CLOSED or not data:
             return self._take_events()
         self._keepalive.received(now)
-        frames, error = self._decoder.feed(data)
+        frames, error = self._decoder.feed_views(data)
         try:
+            on_data = self._on_data
             for frame in frames:
-                self._on_frame(frame)
+                ftype, flags, sid, payload = frame
+                if ftype == _DATA and self._state in _DISPATCHING and not sid & 0x80000000:
+                    on_data(flags, sid, payload)  # the table's (state, RECV_FRAME) -> (DISPATCH, state)
+                else:
+                    self._on_frame(ftype, flags, sid, bytes(payload))
             if error is not None:
                 code = ErrorCode.FRAME_SIZE_ERROR if error.frame_size else ErrorCode.PROTOCOL_ERROR
                 self._fail(error.reason, code)
@@ -187,6 +211,11 @@ class Tunnel:
         if len(out) == 1:
             return bytes(out[0])
         return b"".join(out)
+
+    @property
+    def bytes_to_send(self) -> int:
+        """How many bytes ``data_to_send()`` would return now."""
+        return sum(map(len, self._out))
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must be called next (``None``: no timer needed)."""
@@ -263,10 +292,15 @@ class Tunnel:
         datagram, sent as exactly one DATA frame (an empty datagram too); a larger one raises LocalProtocolError.
         """
         stream = self._stream_for_local(stream_id)
-        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        size = len(view)
         datagram = stream.datagram
         if size or (datagram and not end_stream):
-            self._check_local(stream, StreamInput.SEND_DATA)
+            fast = stream.state in _SEND_DATA_LOOPS and stream.accepted
+            if not fast:
+                self._check_local(stream, StreamInput.SEND_DATA)
             if datagram and size > self._send_frame_size:
                 raise LocalProtocolError(
                     f"a {size}-byte datagram exceeds the {self._send_frame_size}-byte frame payload"
@@ -274,12 +308,16 @@ class Tunnel:
             window = self.send_window(stream_id)
             if size > window:
                 raise FlowControlError(f"{size} bytes exceed stream {stream_id}'s send window ({window})")
-            self._auto_accept(stream)
-            self._apply(stream, StreamInput.SEND_DATA)
+            if not fast:  # else the table's (state, SEND_DATA) -> (PERFORM, state), nothing to accept
+                self._auto_accept(stream)
+                self._apply(stream, StreamInput.SEND_DATA)
             if self._ext.flow_control:
                 stream.send_window -= size
                 self._tunnel_send_window -= size
-            self._queue_data(stream, data if isinstance(data, bytes) else bytes(data), size)
+            if view.readonly:
+                self._queue_data(stream, data if type(data) is bytes else view, size)
+            else:  # the caller may reuse a mutable buffer: keep a copy
+                self._queue_data(stream, view.tobytes(), size)
         if end_stream:
             self.end_stream(stream_id)
 
@@ -365,8 +403,7 @@ class Tunnel:
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_frame(self, frame: fr.RawFrame) -> None:
-        ftype, flags, sid, payload = frame
+    def _on_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if ftype not in _KNOWN_TYPES or (ftype == _WINDOW_UPDATE and not self._ext.flow_control):
             self._fail(f"unknown frame type 0x{ftype:02x}")
         if sid & 0x80000000:
@@ -427,9 +464,9 @@ class Tunnel:
             self._peer_stream_window = peer.initial_stream_window
         if ext.metadata:
             self._headers = MetadataCodec()
-        self._events.append(HandshakeCompleted(extensions=ext))
+        self._emit(HandshakeCompleted(extensions=ext))
 
-    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+    def _on_data(self, flags: int, sid: int, payload: bytes | memoryview) -> None:
         if sid == 0:
             self._fail("DATA on stream 0")
         data = payload
@@ -451,9 +488,13 @@ class Tunnel:
             return
         end = flags & _END_STREAM
         if size or not end:
-            if stream.state is StreamState.FIN_SENT and not stream.accepted and self.role is Role.CLIENT:
-                effect: StreamEffect | None = None
+            state = stream.state
+            effect: StreamEffect | None
+            if state is StreamState.FIN_SENT and not stream.accepted and self.role is Role.CLIENT:
+                effect = None
                 self._stream_error(stream, "DATA before SYN-ACK")
+            elif state in _RECV_DATA_LOOPS:
+                effect = StreamEffect.PERFORM  # the table's (state, RECV_DATA) -> (PERFORM, state)
             else:
                 effect = self._remote(stream, StreamInput.RECV_DATA)
             if effect is not StreamEffect.PERFORM:
@@ -468,11 +509,17 @@ class Tunnel:
                         return
                     stream.recv_remaining -= size
                 stream.recv_unacked += size
-                self._events.append(DataReceived(stream_id=sid, data=data))
+                if stream.datagram:
+                    self._emit(DataReceived(stream_id=sid, data=bytes(data)))
+                else:
+                    if self._run and self._run_sid != sid:
+                        self._flush_run()
+                    self._run_sid = sid
+                    self._run.append(data)
         if end:
             effect = self._remote(stream, StreamInput.RECV_FIN)
             if effect is StreamEffect.PERFORM or effect is StreamEffect.ENDED:
-                self._events.append(StreamEnded(stream_id=sid))
+                self._emit(StreamEnded(stream_id=sid))
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -514,7 +561,7 @@ class Tunnel:
         stream.metadata = metadata
         stream.datagram = metadata is not None and metadata.kind == "udp"
         self._apply(stream, StreamInput.RECV_SYN)
-        self._events.append(StreamOpened(stream_id=sid, metadata=metadata))
+        self._emit(StreamOpened(stream_id=sid, metadata=metadata))
 
     def _on_syn_ack(self, sid: int) -> None:
         stream = self._streams.get(sid)
@@ -528,7 +575,7 @@ class Tunnel:
             self._out.extend(stream.pending)
             stream.pending = []
             stream.pending_len = 0
-        self._events.append(StreamAccepted(stream_id=sid))
+        self._emit(StreamAccepted(stream_id=sid))
 
     def _on_rst(self, sid: int, headers: list[tuple[str, str]]) -> None:
         stream = self._streams.get(sid)
@@ -540,7 +587,7 @@ class Tunnel:
             stream.pending_len = 0
             self._out.append(fr.frame_header(fr.FrameType.HEADERS, fr.END_STREAM, sid, 0))
             error = error_of(headers)
-            self._events.append(StreamReset(stream_id=sid, error=error, by_peer=True))
+            self._emit(StreamReset(stream_id=sid, error=error, by_peer=True))
 
     def _on_ping(self, flags: int, payload: bytes) -> None:
         if len(payload) < 8:
@@ -548,7 +595,7 @@ class Tunnel:
         counter = fr.decode_ping(payload)
         if flags & fr.ACK:
             if self._keepalive.acknowledged(counter):
-                self._events.append(PingAcknowledged(counter=counter))
+                self._emit(PingAcknowledged(counter=counter))
             return
         self._out.append(fr.encode_ping(counter, ack=True))
 
@@ -564,7 +611,7 @@ class Tunnel:
         if effect is TunnelEffect.PEER_CLOSED:
             self._close(reason, by_peer=True)
         elif effect is TunnelEffect.PEER_DRAIN:
-            self._events.append(GoAwayReceived(last_stream_id=last, reason=reason))
+            self._emit(GoAwayReceived(last_stream_id=last, reason=reason))
             if self._drain_deadline is None:
                 self._drain_deadline = self._now + self.config.drain_timeout
                 self._drain_reason = reason
@@ -573,7 +620,7 @@ class Tunnel:
                 for stream in list(self._streams.values()):
                     if stream.id > last and stream.state in LIVE_STATES:
                         self._kill(stream)
-                        self._events.append(StreamReset(stream_id=stream.id, error="refused", by_peer=True))
+                        self._emit(StreamReset(stream_id=stream.id, error="refused", by_peer=True))
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         try:
@@ -586,7 +633,7 @@ class Tunnel:
             self._tunnel_send_window += increment
             if self._tunnel_send_window > fr.MAX_WINDOW:
                 self._fail("flow control: tunnel window above 2^31-1", ErrorCode.FLOW_CONTROL_ERROR)
-            self._events.append(WindowUpdated(stream_id=0))
+            self._emit(WindowUpdated(stream_id=0))
             return
         stream = self._streams.get(sid)
         if stream is None or stream.state not in _SENDING_STATES:
@@ -595,7 +642,7 @@ class Tunnel:
         if stream.send_window > fr.MAX_WINDOW:
             self._stream_error(stream, "flow-control", ErrorCode.FLOW_CONTROL_ERROR)
             return
-        self._events.append(WindowUpdated(stream_id=sid))
+        self._emit(WindowUpdated(stream_id=sid))
 
     # ------------------------------------------------------------------ timers
 
@@ -669,7 +716,7 @@ class Tunnel:
         if stream.state in LIVE_STATES:
             self._kill(stream)
             self._out.append(self._rst_frame(stream.id, reason))
-            self._events.append(StreamReset(stream_id=stream.id, error=reason, by_peer=False))
+            self._emit(StreamReset(stream_id=stream.id, error=reason, by_peer=False))
 
     def _kill(self, stream: Stream) -> None:
         if stream.state in LIVE_STATES:
@@ -699,7 +746,7 @@ class Tunnel:
         self._keepalive.stop()
         self._drain_deadline = None
         self._handshake_deadline = None
-        self._events.append(TunnelClosed(reason=reason, by_peer=by_peer, error=error))
+        self._emit(TunnelClosed(reason=reason, by_peer=by_peer, error=error))
         raise _Closed
 
     def _check_drain(self) -> None:
@@ -721,7 +768,21 @@ class Tunnel:
             self._keepalive.received(now)
             self._handshake_deadline = now + self.config.handshake_timeout
 
+    def _emit(self, event: Event) -> None:
+        if self._run:
+            self._flush_run()
+        self._events.append(event)
+
+    def _flush_run(self) -> None:
+        """Turn the pending DATA payloads of one stream into one DataReceived (one copy out of the input)."""
+        run = self._run
+        data = bytes(run[0]) if len(run) == 1 else b"".join(run)
+        self._run = []
+        self._events.append(DataReceived(stream_id=self._run_sid, data=data))
+
     def _take_events(self) -> list[Event]:
+        if self._run:
+            self._flush_run()
         events = self._events
         self._events = []
         return events
@@ -753,28 +814,51 @@ class Tunnel:
         if self.role is Role.SERVER and not stream.accepted:
             self.accept_stream(stream.id)
 
-    def _queue_data(self, stream: Stream, data: bytes, size: int) -> None:
-        view = memoryview(data)
+    def _queue_data(self, stream: Stream, data: bytes | memoryview, size: int) -> None:
+        """Queue DATA frames: a header, then a read-only slice of ``data`` (no copy until the join)."""
         step = self._send_frame_size
         sid = stream.id
-        header = fr.frame_header
         held = self._holds(stream)
         out = stream.pending if held else self._out
-        gzip = self._ext.gzip
-        if not size:  # an empty datagram
-            out.append(header(fr.FrameType.DATA, 0, sid, 0))
+        append = out.append
+        if held:
+            stream.pending_len += size
+        if self._ext.gzip:
+            self._queue_gzip(append, sid, data, size)
+            return
+        pack = _PACK_HEADER
+        if size <= step:  # one frame (an empty datagram too)
+            append(pack(size << 8, 0, sid))
+            append(data)
+            return
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        full = pack(step << 8, 0, sid)
+        last = size - step
+        offset = 0
+        while offset < last:
+            append(full)
+            append(view[offset : offset + step])
+            offset += step
+        append(pack((size - offset) << 8, 0, sid))
+        append(view[offset:])
+
+    def _queue_gzip(
+        self, append: Callable[[bytes | memoryview], None], sid: int, data: bytes | memoryview, size: int
+    ) -> None:
+        view = memoryview(data)
+        step = self._send_frame_size
+        if not size:
+            append(fr.frame_header(fr.FrameType.DATA, 0, sid, 0))
         for offset in range(0, size, step):
             chunk: bytes | memoryview = view[offset : offset + step]
             flags = 0
-            if gzip and len(chunk) > GZIP_THRESHOLD:
+            if len(chunk) > GZIP_THRESHOLD:
                 packed = fr.gzip_compress(chunk)
                 if len(packed) < len(chunk):
                     chunk = packed
                     flags = fr.GZIP
-            out.append(header(fr.FrameType.DATA, flags, sid, len(chunk)))
-            out.append(chunk)  # type: ignore[arg-type]
-        if held:
-            stream.pending_len += size
+            append(fr.frame_header(fr.FrameType.DATA, flags, sid, len(chunk)))
+            append(chunk)
 
     def _credit_tunnel(self, n: int) -> None:
         self._tunnel_recv_unannounced += n
