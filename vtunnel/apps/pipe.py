@@ -28,8 +28,9 @@ __all__ = ["CHUNK_SIZE", "HeaderTooLarge", "Opener", "StreamBuffer", "pipe"]
 
 log = structlog.get_logger(__name__)
 
-#: The largest read issued per step of the copy.
-CHUNK_SIZE = 65536
+#: The largest read issued per step of the copy: anyio's socket streams hand out what the event loop read
+#: (up to 256 KiB), and a smaller read would split, and so copy, those chunks.
+CHUNK_SIZE = 256 * 1024
 
 #: Opens one stream through the tunnel for the given metadata.  Raises
 #: ``vtunnel.runtime.errors.StreamRefused`` when the server refused it and

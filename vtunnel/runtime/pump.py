@@ -4,8 +4,11 @@ A :class:`TunnelConnection` owns a sans-IO :class:`~vtunnel.protocol.Tunnel` and
 it. Three tasks move everything:
 
 * the reader feeds transport bytes to the tunnel and turns its events into stream buffers and wake-ups;
-* the writer drains the tunnel's output to the transport, so no caller ever blocks the reader;
-* the timer calls ``handle_timer`` at the tunnel's next deadline (keepalive, handshake and drain timeouts).
+* the writer drains the tunnel's output to the transport, so no caller ever blocks the reader: it takes
+  everything queued at once (one join, one transport write) each time the previous write finished;
+* the timer calls ``handle_timer`` at the tunnel's next deadline (keepalive, handshake and drain timeouts). It
+  is woken only when a deadline moves earlier than the one it sleeps until; a deadline that moved later (the
+  keepalive after every received chunk) is found when it wakes.
 
 Back-pressure: a stream's ``send`` waits for flow-control credit (when the peer negotiated it) and while more than
 ``OUTBOUND_HIGH_WATER`` bytes wait for the transport. Receive buffers are bounded by the stream windows; with a
@@ -18,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -68,11 +70,12 @@ class TunnelConnection:
         self.name = name
         self.log = log.bind(tunnel=name, role=role.name.lower())
         self.streams: dict[int, TunnelStream] = {}
-        self._outbound: deque[bytes] = deque()
-        self._outbound_bytes = 0
+        self._sending = 0  # bytes the writer handed to the transport and is waiting on
         self._writer_wakeup = anyio.Event()
-        self._outbound_drained = anyio.Event()
+        self._writer_idle = False
+        self._outbound_drained: anyio.Event | None = None
         self._timer_wakeup = anyio.Event()
+        self._timer_deadline = -math.inf  # what the timer sleeps until (-inf: it is computing)
         self._reader_resume = anyio.Event()
         self._ready = anyio.Event()
         self._closed = anyio.Event()
@@ -117,36 +120,43 @@ class TunnelConnection:
 
     # ------------------------------------------------------------------ output
     def flush(self) -> None:
-        """Move whatever the tunnel wants to send to the writer (never blocks)."""
-        data = self.tunnel.data_to_send()
-        if data:
-            self._outbound.append(data)
-            self._outbound_bytes += len(data)
+        """Let the writer and the timer see what the tunnel has queued (never blocks, cheap to call often)."""
+        if self._writer_idle:
+            self._writer_idle = False
             self._writer_wakeup.set()
-        self._timer_wakeup.set()
+        deadline = self.tunnel.next_deadline()
+        if deadline is not None and deadline < self._timer_deadline:
+            self._timer_deadline = -math.inf
+            self._timer_wakeup.set()
+
+    @property
+    def outbound_bytes(self) -> int:
+        """Bytes queued for the transport or being written to it."""
+        return self.tunnel.bytes_to_send + self._sending
 
     async def wait_outbound_room(self) -> None:
-        while self._outbound_bytes > OUTBOUND_HIGH_WATER and not self._closed.is_set():
-            if self._outbound_drained.is_set():
-                self._outbound_drained = anyio.Event()
-            await self._outbound_drained.wait()
+        while self.outbound_bytes > OUTBOUND_HIGH_WATER and not self._closed.is_set():
+            drained = self._outbound_drained
+            if drained is None or drained.is_set():
+                drained = self._outbound_drained = anyio.Event()
+            await drained.wait()
 
     async def _writer(self) -> None:
+        tunnel = self.tunnel
+        send = self.transport.send
         while True:
-            if not self._outbound:
+            data = tunnel.data_to_send()
+            if not data:
                 if self._closed.is_set():
                     return
-                await self._writer_wakeup.wait()
                 self._writer_wakeup = anyio.Event()
+                self._writer_idle = True
+                await self._writer_wakeup.wait()
                 continue
-            if len(self._outbound) == 1:
-                chunk = self._outbound.popleft()
-            else:
-                chunk = b"".join(self._outbound)
-                self._outbound.clear()
-            await self.transport.send(chunk)
-            self._outbound_bytes -= len(chunk)
-            if self._outbound_bytes <= OUTBOUND_HIGH_WATER:
+            self._sending = len(data)
+            await send(data)
+            self._sending = 0
+            if self._outbound_drained is not None:
                 self._outbound_drained.set()
 
     # ------------------------------------------------------------------ run
@@ -168,7 +178,7 @@ class TunnelConnection:
                 await self._closed.wait()
                 # closed: give the writer a bounded moment to flush the last frames (GOAWAY, RST)
                 with anyio.move_on_after(2):
-                    while self._outbound:
+                    while self.outbound_bytes:
                         self._writer_wakeup.set()
                         await anyio.sleep(0.005)
                 tg.cancel_scope.cancel()
@@ -247,6 +257,7 @@ class TunnelConnection:
             deadline = self.tunnel.next_deadline()
             delay = math.inf if deadline is None else max(0.0, deadline - _now())
             self._timer_wakeup = anyio.Event()
+            self._timer_deadline = math.inf if deadline is None else deadline
             with anyio.move_on_after(delay):
                 await self._timer_wakeup.wait()
                 continue
@@ -271,7 +282,8 @@ class TunnelConnection:
         for stream in list(self.streams.values()):
             stream._on_tunnel_closed()
         self._writer_wakeup.set()
-        self._outbound_drained.set()
+        if self._outbound_drained is not None:
+            self._outbound_drained.set()
         self._reader_resume.set()
         self._timer_wakeup.set()
         if self._handler_send is not None:

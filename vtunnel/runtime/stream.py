@@ -25,7 +25,10 @@ from vtunnel.runtime.errors import StreamRefused
 if TYPE_CHECKING:
     from vtunnel.runtime.pump import TunnelConnection
 
-__all__ = ["TunnelStream", "TunnelStreamAttribute"]
+__all__ = ["JOIN_BELOW", "TunnelStream", "TunnelStreamAttribute"]
+
+#: ``receive`` joins buffered chunks smaller than this into one (up to ``max_bytes``)
+JOIN_BELOW = 65536
 
 
 class TunnelStreamAttribute(anyio.TypedAttributeSet):
@@ -49,6 +52,7 @@ class TunnelStream(ByteStream):
         self.metadata = metadata
         self.datagrams = metadata is not None and metadata.kind == "udp"
         self._buffer: deque[bytes] = deque()
+        self._offset = 0  # bytes of ``_buffer[0]`` already handed out
         self.buffered = 0
         self._readable = anyio.Event()
         self._writable = anyio.Event()
@@ -136,21 +140,7 @@ class TunnelStream(ByteStream):
                 raise anyio.BrokenResourceError(f"stream {self.stream_id}: {self._broken}")
             self._readable = anyio.Event()
             await self._readable.wait()
-        buf = self._buffer
-        chunk = buf[0]
-        if self.datagrams or len(chunk) <= max_bytes:
-            buf.popleft()
-            if not self.datagrams and len(chunk) < max_bytes and buf:
-                parts = [chunk]
-                total = len(chunk)
-                while buf and total + len(buf[0]) <= max_bytes:
-                    nxt = buf.popleft()
-                    parts.append(nxt)
-                    total += len(nxt)
-                chunk = b"".join(parts)
-        else:
-            buf[0] = chunk[max_bytes:]
-            chunk = chunk[:max_bytes]
+        chunk = self._take(max_bytes)
         n = len(chunk)
         self.buffered -= n
         conn = self._conn
@@ -160,6 +150,37 @@ class TunnelStream(ByteStream):
             conn.flush()
             conn.resume_reading()
         return chunk
+
+    def _take(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` from the buffer (one datagram on a ``udp`` stream), copying as little as it can.
+
+        A chunk that fits is handed out as it is; small chunks are joined (up to ``JOIN_BELOW`` bytes) so many
+        small frames do not become many small writes; a chunk larger than ``max_bytes`` is read through an
+        offset, so the rest of it is never copied.
+        """
+        buf = self._buffer
+        chunk = buf[0]
+        start = self._offset
+        if self.datagrams:
+            buf.popleft()
+            return chunk
+        size = len(chunk) - start
+        if size > max_bytes:
+            self._offset = start + max_bytes
+            return chunk[start : start + max_bytes]
+        buf.popleft()
+        if start:
+            self._offset = 0
+            chunk = chunk[start:]
+        if size >= JOIN_BELOW or not buf or size + len(buf[0]) > max_bytes:
+            return chunk
+        parts = [chunk]
+        total = size
+        while buf and total < JOIN_BELOW and total + len(buf[0]) <= max_bytes:
+            nxt = buf.popleft()
+            parts.append(nxt)
+            total += len(nxt)
+        return b"".join(parts)
 
     async def send(self, item: bytes) -> None:
         conn = self._conn
@@ -177,7 +198,9 @@ class TunnelStream(ByteStream):
             if window >= need and len(view) > 0:
                 n = len(view) if self.datagrams else min(window, len(view))
                 try:
-                    tunnel.send_data(self.stream_id, bytes(view[:n]))
+                    # bytes are immutable, so the core queues slices of them without copying
+                    whole = n == len(item) and len(view) == n
+                    tunnel.send_data(self.stream_id, item if whole else view[:n])
                 except VTunnelError as exc:
                     raise anyio.BrokenResourceError(str(exc)) from exc
                 conn.flush()
