@@ -70,6 +70,34 @@ def scenario_key(scenario: str, loss: float | None) -> str:
     return scenario if loss is None else f"{scenario}@{loss * 100:g}%"
 
 
+def vtunnel_source() -> dict[str, object]:
+    """Where the measured vtunnel code comes from: its directory, git commit and whether it has local edits."""
+    import subprocess
+
+    try:
+        import vtunnel
+    except ImportError:
+        return {}
+    where = Path(vtunnel.__file__).resolve().parent
+    info: dict[str, object] = {"path": str(where)}
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            info["commit"] = commit.stdout.strip()
+            status = subprocess.run(
+                ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            info["local_edits"] = bool(status.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
 def machine_description() -> dict[str, object]:
     model = "unknown"
     try:
@@ -91,6 +119,7 @@ def machine_description() -> dict[str, object]:
     except ImportError:
         pass
     return {
+        "vtunnel_source": vtunnel_source(),
         "cpu_model": model,
         "cores": os.cpu_count(),
         "kernel": platform.release(),
@@ -421,6 +450,13 @@ def _ratio_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _source_text(source: Mapping[str, Any]) -> str:
+    commit = source.get("commit")
+    if not commit:
+        return ""
+    return f" (commit {str(commit)[:10]}{', with local edits' if source.get('local_edits') else ''})"
+
+
 def _scenario_table(
     doc: Mapping[str, Any], key: str, headline: Sequence[tuple[str, str, bool]], systems: Sequence[str]
 ) -> list[str]:
@@ -484,7 +520,8 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
         f"({doc['duration_s']} s)."
         + (" **Interrupted: partial results.**" if doc.get("interrupted") else ""),
         f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
-        f"vtunnel {v.get('vtunnel') or 'not installed'}, kcptun {v.get('kcptun') or 'not installed'}.",
+        f"vtunnel {v.get('vtunnel') or 'not installed'}{_source_text(m.get('vtunnel_source') or {})}, "
+        f"kcptun {v.get('kcptun') or 'not installed'}.",
         "",
         "Cells: median over the rounds (min-max). Ratios compare medians. kcptun runs fast3, windows 1024, "
         "no crypt, no compression, no FEC; `+psk` is vtunnel with its pre-shared key "
