@@ -193,3 +193,66 @@ def test_config_error_is_ours_and_a_value_error() -> None:
         TunnelConfig(gzip="yes")  # type: ignore[arg-type]
     assert isinstance(info.value, VTunnelError)
     assert isinstance(info.value, ValueError)
+
+
+@given(
+    st.lists(raw_frames, max_size=8),
+    st.lists(st.integers(1, 400), max_size=12),
+    st.integers(10, 300),
+)
+def test_views_give_the_same_frames_for_any_chunking(
+    frames: list[fr.RawFrame], cuts: list[int], limit: int
+) -> None:
+    data = b"".join(encode(f) for f in frames)
+    copying, viewing = fr.FrameDecoder(max_payload=limit), fr.FrameDecoder(max_payload=limit)
+    got: list[fr.RawFrame] = []
+    seen: list[tuple[int, int, int, bytes]] = []
+    errors: list[tuple[str | None, str | None]] = []
+    pieces, i = [], 0
+    for n in cuts:
+        pieces.append(data[i : i + n])
+        i += n
+    pieces.append(data[i:])
+    for piece in pieces:
+        a, err_a = copying.feed(piece)
+        b, err_b = viewing.feed_views(bytearray(piece))  # a mutable input works too
+        got += a
+        seen += [(f.type, f.flags, f.stream_id, bytes(f.payload)) for f in b]
+        errors.append((err_a.reason if err_a else None, err_b.reason if err_b else None))
+        if err_a or err_b:
+            break
+    assert [tuple(f) for f in got] == seen
+    assert all(x == y for x, y in errors)
+    assert copying.buffered == viewing.buffered
+
+
+def test_views_are_slices_of_the_input_and_only_a_split_frame_is_copied() -> None:
+    one = fr.encode_frame(fr.FrameType.DATA, 0, 1, b"a" * 100)
+    two = fr.encode_frame(fr.FrameType.DATA, 0, 3, b"b" * 100)
+    data = one + two
+    dec = fr.FrameDecoder()
+    frames, err = dec.feed_views(data[:150])
+    assert err is None
+    assert len(frames) == 1
+    assert isinstance(frames[0].payload, memoryview)
+    assert frames[0].payload.obj is not None
+    assert dec.buffered == 41  # only the started frame waits
+    frames, err = dec.feed_views(data[150:] + one)
+    assert err is None
+    assert [(f.stream_id, bytes(f.payload)) for f in frames] == [(3, b"b" * 100), (1, b"a" * 100)]
+    assert isinstance(frames[0].payload, bytes)  # the assembled one
+    assert isinstance(frames[1].payload, memoryview)
+    assert dec.buffered == 0
+
+
+def test_split_header_over_the_limit_is_an_error_once_complete() -> None:
+    dec = fr.FrameDecoder(max_payload=100)
+    ok = fr.encode_frame(fr.FrameType.PING, 0, 0, bytes(8))
+    bad = struct.pack(">I", 101 << 8)[:3] + bytes(6)
+    frames, err = dec.feed_views(ok + bad[:4])
+    assert err is None
+    assert len(frames) == 1
+    frames, err = dec.feed_views(bad[4:] + b"more")
+    assert frames == []
+    assert err is not None
+    assert err.frame_size

@@ -1,0 +1,124 @@
+"""The pump's cheap paths over real TCP on 127.0.0.1: timer wake-ups, partial reads, writes, back-pressure."""
+
+from __future__ import annotations
+
+import hashlib
+
+import anyio
+import pytest
+from anyio.abc import ByteStream
+
+from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig
+from vtunnel.runtime.pump import OUTBOUND_HIGH_WATER, TunnelConnection
+from vtunnel.runtime.stream import TunnelStream
+
+from .test_pump import read_all, tunnel_pair
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_earlier_deadline_wakes_the_sleeping_timer() -> None:
+    """The timers sleep for half a minute or more; a drain deadline set meanwhile must still fire."""
+    cfg = TunnelConfig(keepalive_interval=60, keepalive_timeout=60, handshake_timeout=30, drain_timeout=0.3)
+
+    async def handler(stream: TunnelStream) -> None:
+        stream.accept()
+        await anyio.sleep(30)  # never finishes: only the drain timeout can close the tunnel
+
+    async with tunnel_pair(handler, client_config=cfg, server_config=cfg) as (client, server):
+        await client.open_stream(StreamMetadata(authority="a:1"))
+        await anyio.sleep(0.1)  # the timers are asleep until the keepalive now
+        server.shutdown("maintenance", graceful=True)
+        with anyio.fail_after(10):
+            await server.wait_closed()
+        assert server.close_reason == "maintenance"
+
+
+async def test_small_reads_of_large_chunks_are_byte_exact() -> None:
+    payload = hashlib.sha256(b"p").digest() * 30000  # 960 KB, arrives in large runs
+
+    async def handler(stream: TunnelStream) -> None:
+        stream.accept()
+        await stream.send(payload)
+        await stream.send_eof()
+
+    async with tunnel_pair(handler) as (client, _):
+        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        got = bytearray()
+        sizes = (1, 1000, 70000, 7, 300000)
+        with anyio.fail_after(20):
+            await anyio.sleep(0.2)  # let a lot arrive, so that reads cut through buffered chunks
+            i = 0
+            while True:
+                try:
+                    chunk = await stream.receive(sizes[i % len(sizes)])
+                except anyio.EndOfStream:
+                    break
+                assert 0 < len(chunk) <= sizes[i % len(sizes)]
+                got += chunk
+                i += 1
+        assert bytes(got) == payload
+
+
+async def test_many_small_sends_arrive_joined_and_exact() -> None:
+    pieces = [bytes([i % 256]) * (i % 50 + 1) for i in range(3000)]
+
+    async def handler(stream: TunnelStream) -> None:
+        stream.accept()
+        await anyio.sleep(0.3)  # let the pieces pile up in the receive buffer
+        chunks = []
+        try:
+            while True:
+                chunks.append(await stream.receive(1 << 20))
+        except anyio.EndOfStream:
+            pass
+        await stream.send(str(len(chunks)).encode() + b" " + hashlib.sha256(b"".join(chunks)).digest())
+        await stream.send_eof()
+
+    async with tunnel_pair(handler) as (client, _):
+        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        with anyio.fail_after(20):
+            for piece in pieces:
+                await stream.send(piece)
+            await stream.send_eof()
+            answer = await read_all(stream)
+        count, digest = answer.split(b" ", 1)
+        assert digest == hashlib.sha256(b"".join(pieces)).digest()
+        assert int(count) < len(pieces)  # buffered pieces were joined into fewer chunks
+
+
+async def test_a_sender_waits_while_the_transport_is_backed_up() -> None:
+    """A peer that stops reading: sends block once the outbound queue is past the high-water mark."""
+    big = TunnelConfig(initial_stream_window=256 << 20, initial_tunnel_window=256 << 20)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    stop = anyio.Event()
+
+    async def silent_peer(sock: ByteStream) -> None:
+        peer = Tunnel(role=Role.SERVER, config=big)
+        peer.initiate(0)
+        peer.receive_data(await sock.receive(), 0)  # the client's SETTINGS
+        await sock.send(peer.data_to_send())
+        await stop.wait()  # and never read again
+        await sock.aclose()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, silent_peer)
+        raw = await anyio.connect_tcp("127.0.0.1", port)
+        client = TunnelConnection(raw, role=Role.CLIENT, config=big, name="c")
+        tg.start_soon(client.run)
+        with anyio.fail_after(10):
+            await client.wait_ready()
+        stream = await client.open_stream(StreamMetadata(authority="a:1"), wait_accepted=False)
+        sent = 0
+        chunk = b"x" * (256 << 10)
+        with anyio.move_on_after(1.5):
+            while sent < 200 << 20:  # far more than the kernel's socket buffers hold
+                await stream.send(chunk)
+                sent += len(chunk)
+        assert sent < 200 << 20  # the sender was held back
+        assert 0 < client.outbound_bytes <= OUTBOUND_HIGH_WATER + len(chunk)
+        stop.set()
+        client.shutdown("test over", graceful=False)
+        tg.cancel_scope.cancel()
+    await listener.aclose()
