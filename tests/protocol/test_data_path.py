@@ -151,3 +151,11 @@ def test_any_interleaving_and_chunking_delivers_every_byte_in_order(
     assert len(runs) <= len(wire) // chunk + 1 + len(
         writes
     )  # coalesced: at most one event per write and read
+
+
+def test_a_peer_that_leaves_out_the_stream_window_gets_the_old_default() -> None:
+    from vtunnel.protocol.settings import ABSENT_STREAM_WINDOW, SettingId, parse_peer_settings
+
+    peer = parse_peer_settings([(SettingId.MAGIC, 0x7674756E), (SettingId.VERSION, 1)])
+    assert peer.initial_stream_window == ABSENT_STREAM_WINDOW == 256 * 1024
+    assert TunnelConfig().initial_stream_window == 1024 * 1024

@@ -28,6 +28,8 @@ STREAM_KINDS = frozenset({"tcp", "udp", "lite-tls"})
 VTUNNEL_MAGIC = 0x76_74_75_6E  # "vtun"
 PROTOCOL_VERSION = 1
 MIN_FRAME_SIZE = 1024
+#: the stream window of a peer whose SETTINGS leave the entry out
+ABSENT_STREAM_WINDOW = 256 * 1024
 
 
 class SettingId(IntEnum):
@@ -74,7 +76,7 @@ class TunnelConfig:
     keepalive_timeout: float = 5.0
     keepalive_max_missed: int = 2
     handshake_timeout: float = 5.0
-    initial_stream_window: int = 256 * 1024
+    initial_stream_window: int = 1024 * 1024
     initial_tunnel_window: int = 16 * 1024 * 1024
     max_frame_size: int = 16384
     gzip: bool = False
@@ -181,7 +183,7 @@ def parse_peer_settings(entries: list[tuple[int, int]]) -> PeerSettings:
     version = values.get(SettingId.VERSION, 0)
     if version < 1:
         raise ValueError(f"unsupported vtunnel version {version}")
-    stream_window = values.get(SettingId.INITIAL_STREAM_WINDOW, 256 * 1024)
+    stream_window = values.get(SettingId.INITIAL_STREAM_WINDOW, ABSENT_STREAM_WINDOW)
     tunnel_window = values.get(SettingId.INITIAL_TUNNEL_WINDOW, 16 * 1024 * 1024)
     frame_size = values.get(SettingId.MAX_FRAME_SIZE, 16384)
     for name, value in (("stream window", stream_window), ("tunnel window", tunnel_window)):
