@@ -42,7 +42,9 @@ log = structlog.get_logger("vtunnel.runtime")
 OUTBOUND_HIGH_WATER = 1024 * 1024
 #: per-stream receive buffer limit used when the peer has no flow control (vproxy)
 UNCONTROLLED_BUFFER_LIMIT = 1024 * 1024
-READ_SIZE = 256 * 1024
+#: the most the reader asks the transport for: more than one event-loop read (256 KiB), so a transport that
+#: decrypts or reassembles never has to split what it has into several reads
+READ_SIZE = 1024 * 1024
 
 StreamHandler = Callable[[TunnelStream], Awaitable[None]]
 
