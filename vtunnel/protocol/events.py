@@ -51,7 +51,11 @@ class StreamAccepted(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataReceived(Event):
-    """Bytes for a stream (one datagram for a ``udp`` stream). Acknowledge them once consumed."""
+    """Bytes for a stream. Acknowledge them once consumed.
+
+    On a ``udp`` stream each event is one datagram. On a byte stream, consecutive DATA frames of the stream
+    within one ``receive_data`` input arrive as one event (frame boundaries carry no meaning there).
+    """
 
     stream_id: int
     data: bytes
