@@ -31,7 +31,7 @@ from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.transports.kcp_options import KCPOptions, parse_options
 from vtunnel.transports.kcp_stream import KCPStream
 from vtunnel.transports.kcp_wire import HEADER_LEN, conv_of, is_new_session, valid_datagram
-from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_udp_socket, split_run
 
 __all__ = ["KCPListener", "KCPStream", "KCPTransport"]
 
@@ -61,7 +61,7 @@ class _KCPClient:
 
     def __init__(self, sock: Any, server: Address, options: KCPOptions, conv: int) -> None:
         self._server = server
-        self._udp = DatagramSocket(sock, self._on_batch)
+        self._udp = CoalescingSocket(sock, self._on_runs)
         loop = asyncio.get_running_loop()
         engine = KCPEngine(conv=conv, options=options, mtu=options.mtu, now=loop.time())
         self.stream = KCPStream(
@@ -76,9 +76,15 @@ class _KCPClient:
     def _transmit(self, datagrams: list[bytes]) -> None:
         self._udp.sendto_many(datagrams, self._server)
 
-    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+    def _on_runs(self, runs: list[Run]) -> None:
         conv = self.stream.engine.conv
-        good = [datagram for datagram, _source in batch if valid_datagram(datagram, conv)]
+        good: list[bytes | memoryview] = []
+        for buffer, segment, _source in runs:
+            if segment >= len(buffer):
+                if valid_datagram(buffer, conv):
+                    good.append(buffer)
+                continue
+            good.extend(datagram for datagram in split_run(buffer, segment) if valid_datagram(datagram, conv))
         if good:
             self.stream.feed(good)
 
@@ -95,7 +101,7 @@ class KCPListener(Listener[ByteStream]):
     def __init__(self, sock: Any, options: KCPOptions) -> None:
         self._options = options
         self._loop = asyncio.get_running_loop()
-        self._udp = DatagramSocket(sock, self._on_batch)
+        self._udp = CoalescingSocket(sock, self._on_runs)
         self._sessions: dict[SessionKey, KCPStream] = {}
         self._tombstones: dict[SessionKey, float] = {}
         self._pending: list[KCPStream] = []
@@ -119,36 +125,54 @@ class KCPListener(Listener[ByteStream]):
 
     # --- datagram path --------------------------------------------------------------------------------------
 
-    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
-        sessions = self._sessions
-        groups: dict[KCPStream, list[bytes]] = {}
-        for datagram, source in batch:
-            if len(datagram) < HEADER_LEN:
-                self.dropped += 1
+    def _on_runs(self, runs: list[Run]) -> None:
+        groups: dict[KCPStream, list[bytes | memoryview]] = {}
+        for buffer, segment, source in runs:
+            if segment >= len(buffer):
+                self._route(buffer, source, groups)
                 continue
-            conv = conv_of(datagram)
-            key: SessionKey = conv if conv else source
-            stream = sessions.get(key)
-            if stream is None:
-                stream = self._new_session(key, conv, datagram, source)
-                if stream is None:
-                    self.dropped += 1
+            datagrams = split_run(buffer, segment)
+            stream = self._sessions.get(conv_of(buffer) or source) if len(buffer) >= HEADER_LEN else None
+            if stream is not None and stream.remote_address == source:
+                conv = stream.engine.conv
+                if all(valid_datagram(datagram, conv) for datagram in datagrams):
+                    groups.setdefault(stream, []).extend(datagrams)
                     continue
-            elif not valid_datagram(datagram, conv):
-                self.dropped += 1
-                continue
-            if stream.remote_address != source:
-                log.info("kcp peer moved", conv=conv, old=stream.remote_address, new=source)
-                stream.remote_address = source
-            group = groups.get(stream)
-            if group is None:
-                groups[stream] = [datagram]
-            else:
-                group.append(datagram)
-        for stream, datagrams in groups.items():
-            stream.feed(datagrams)
+            for datagram in datagrams:  # a new session, a moved peer, or something to drop: one by one
+                self._route(datagram, source, groups)
+        for stream, group in groups.items():
+            stream.feed(group)
 
-    def _new_session(self, key: SessionKey, conv: int, datagram: bytes, source: Address) -> KCPStream | None:
+    def _route(
+        self, datagram: bytes | memoryview, source: Address, groups: dict[KCPStream, list[bytes | memoryview]]
+    ) -> None:
+        """Vet one datagram and add it to its session's group (a PUSH 0 may open a session)."""
+        if len(datagram) < HEADER_LEN:
+            self.dropped += 1
+            return
+        conv = conv_of(datagram)
+        key: SessionKey = conv if conv else source
+        stream = self._sessions.get(key)
+        if stream is None:
+            stream = self._new_session(key, conv, datagram, source)
+            if stream is None:
+                self.dropped += 1
+                return
+        elif not valid_datagram(datagram, conv):
+            self.dropped += 1
+            return
+        if stream.remote_address != source:
+            log.info("kcp peer moved", conv=conv, old=stream.remote_address, new=source)
+            stream.remote_address = source
+        group = groups.get(stream)
+        if group is None:
+            groups[stream] = [datagram]
+        else:
+            group.append(datagram)
+
+    def _new_session(
+        self, key: SessionKey, conv: int, datagram: bytes | memoryview, source: Address
+    ) -> KCPStream | None:
         if self._closed or not is_new_session(datagram):
             return None
         now = self._loop.time()

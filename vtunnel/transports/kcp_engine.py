@@ -11,6 +11,7 @@ its ``log()`` is never called.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import siokcp
@@ -75,7 +76,7 @@ class KCPEngine:
         kcp.current = _ms(now)
         return bool(kcp.receive_data(datagram) >= 0)
 
-    def receive_datagrams(self, datagrams: list[bytes], now: float) -> bool:
+    def receive_datagrams(self, datagrams: Sequence[bytes | memoryview], now: float) -> bool:
         """Feed a batch of vetted datagrams; ``True`` when ikcp accepted at least one."""
         if self._closed:
             return False

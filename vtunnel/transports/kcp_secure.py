@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any, Final
 
 import anyio
@@ -36,7 +37,7 @@ from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.transports.kcp_options import KCPOptions
 from vtunnel.transports.kcp_stream import KCPStream
 from vtunnel.transports.kcp_wire import first_header, is_new_session, valid_datagram
-from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_udp_socket
 
 __all__ = ["SealedKCPListener", "connect_sealed"]
 
@@ -54,6 +55,17 @@ def _kcp_mtu(options: KCPOptions) -> int:
     return options.mtu - DATAGRAM_OVERHEAD
 
 
+def _datagrams(runs: list[Run]) -> Iterator[tuple[bytes, Address]]:
+    """Every datagram of every run (a sealed datagram is opened on its own)."""
+    for buffer, segment, source in runs:
+        size = len(buffer)
+        if segment >= size:
+            yield buffer, source
+            continue
+        for offset in range(0, size, segment):
+            yield buffer[offset : offset + segment], source
+
+
 class _SealedKCPClient:
     def __init__(self, sock: Any, server: Address, options: KCPOptions, psk: bytes) -> None:
         self._server = server
@@ -62,12 +74,12 @@ class _SealedKCPClient:
         self._handshake = DatagramClient(psk, now=time.time())
         self._ready = anyio.Event()
         self.stream: KCPStream | None = None
-        self.udp = DatagramSocket(sock, self._on_batch)
+        self.udp = CoalescingSocket(sock, self._on_runs)
 
-    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+    def _on_runs(self, runs: list[Run]) -> None:
         handshake = self._handshake
         good: list[bytes] = []
-        for datagram, _source in batch:
+        for datagram, _source in _datagrams(runs):
             if self.stream is None:
                 handshake.receive(datagram, time.time())
                 if handshake.session is not None:
@@ -157,9 +169,9 @@ class SealedKCPListener(KCPListener):
         """Sessions whose handshake completed (with or without a KCP session yet)."""
         return len(self._crypto)
 
-    def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
-        groups: dict[KCPStream, list[bytes]] = {}
-        for datagram, source in batch:
+    def _on_runs(self, runs: list[Run]) -> None:
+        groups: dict[KCPStream, list[bytes | memoryview]] = {}
+        for datagram, source in _datagrams(runs):
             cid = peek_connection_id(datagram)
             if cid is None:
                 self.dropped += 1

@@ -11,7 +11,7 @@ Asyncio only (the loop's ``call_at`` and futures): ``kcp://`` is not supported o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
@@ -72,7 +72,7 @@ class KCPStream(ByteStream):
 
     # --- from the owner -------------------------------------------------------------------------------------
 
-    def feed(self, datagrams: list[bytes]) -> None:
+    def feed(self, datagrams: Sequence[bytes | memoryview]) -> None:
         """Input one batch of vetted plaintext KCP datagrams, then ACK at once and wake the reader/writer."""
         engine = self._engine
         if engine.closed:

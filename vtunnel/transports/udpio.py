@@ -5,6 +5,12 @@ Here a readiness callback (``loop.add_reader``) drains up to a batch of datagram
 ``recvfrom_into`` and hands the whole batch to one callback, so the layer above can process every datagram of
 the batch and answer (ACK) once. Sends are non-blocking ``sendto``; a full socket buffer drops the datagram,
 exactly as a congested link would (the ARQ above retransmits). Socket buffers are enlarged (4 MiB by default).
+
+Two readers: :class:`DatagramSocket` hands over one ``(datagram, source)`` per datagram (what a relay needs);
+:class:`CoalescingSocket` asks Linux for UDP generic receive offload, so one ``recvmsg`` returns a run of
+equal-size datagrams from one source in one buffer, handed over as ``(buffer, segment size, source)``. On
+loopback a run sent with segmentation offload arrives whole, so neither kernel splits it. Where GRO is not
+available every run is a single datagram.
 """
 
 from __future__ import annotations
@@ -20,13 +26,28 @@ from typing import Final, TypeAlias
 
 import structlog
 
-__all__ = ["Address", "BatchHandler", "DatagramSocket", "open_udp_socket", "resolve_udp"]
+__all__ = [
+    "Address",
+    "BatchHandler",
+    "CoalescingSocket",
+    "DatagramSocket",
+    "Run",
+    "RunHandler",
+    "open_udp_socket",
+    "resolve_udp",
+    "split_run",
+]
 
 log = structlog.get_logger("vtunnel.transports.udpio")
 
 Address: TypeAlias = tuple[str, int]
 #: receives one batch of ``(datagram, source address)``
 BatchHandler: TypeAlias = Callable[[list[tuple[bytes, Address]]], None]
+#: datagrams received together: ``(buffer, segment, source)``; ``buffer`` holds datagrams of ``segment`` bytes
+#: each, back to back, the last possibly shorter (``segment >= len(buffer)``: exactly one datagram)
+Run: TypeAlias = tuple[bytes, int, Address]
+#: receives one batch of runs
+RunHandler: TypeAlias = Callable[[list[Run]], None]
 
 MAX_DATAGRAM: Final = 65535
 DEFAULT_BATCH: Final = 256
@@ -37,6 +58,31 @@ UDP_SEGMENT: Final = 103
 GSO_MAX_SEGMENTS: Final = 64
 GSO_MAX_BYTES: Final = 65000
 _gso_usable = hasattr(socket.socket, "sendmsg") and sys.platform == "linux"
+#: Linux UDP generic receive offload: one recvmsg returns a run of equal-size datagrams
+UDP_GRO: Final = 104
+_GRO_SIZE = struct.Struct("=i")
+_GRO_ANCILLARY: Final = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
+#: one coalescing read callback stops after this many bytes (it also stops at ``batch`` system calls)
+RUN_BATCH_BYTES: Final = 1024 * 1024
+
+
+def split_run(buffer: bytes, segment: int) -> list[memoryview]:
+    """The datagrams of one run, as views into ``buffer``."""
+    view = memoryview(buffer)
+    size = len(buffer)
+    if segment <= 0 or segment >= size:
+        return [view]
+    return [view[offset : offset + segment] for offset in range(0, size, segment)]
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    if sys.platform != "linux" or not _GRO_ANCILLARY or not hasattr(sock, "recvmsg_into"):
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
 
 def resolve_udp(host: str, port: int) -> tuple[socket.AddressFamily, Address]:
@@ -68,58 +114,32 @@ def open_udp_socket(
     return sock
 
 
-class DatagramSocket:
-    """One UDP socket driven by readiness callbacks on the running asyncio loop."""
+class _UDPSocket:
+    """One UDP socket driven by readiness callbacks on the running asyncio loop: the send side and closing."""
 
-    __slots__ = (
-        "_batch",
-        "_buffer",
-        "_closed",
-        "_gso",
-        "_handler",
-        "_loop",
-        "_view",
-        "dropped_sends",
-        "sock",
-    )
+    __slots__ = ("_batch", "_buffer", "_closed", "_gso", "_loop", "_view", "dropped_sends", "sock")
 
-    def __init__(self, sock: socket.socket, handler: BatchHandler, *, batch: int = DEFAULT_BATCH) -> None:
+    def __init__(self, sock: socket.socket, *, batch: int) -> None:
         self.sock = sock
-        self._handler = handler
         self._batch = batch
         self._buffer = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
         self._closed = False
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._on_readable)
         #: datagrams dropped because the socket buffer was full
         self.dropped_sends = 0
         self._gso = _gso_usable
+
+    def _start_reading(self) -> None:
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        raise NotImplementedError
 
     @property
     def local_address(self) -> Address:
         name = self.sock.getsockname()
         return str(name[0]), int(name[1])
-
-    def _on_readable(self) -> None:
-        recv = self.sock.recvfrom_into
-        view = self._view
-        batch: list[tuple[bytes, Address]] = []
-        for _ in range(self._batch):
-            try:
-                size, source = recv(view)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:  # an ICMP error for an earlier send: UDP carries on
-                continue
-            except OSError as exc:
-                if self._closed:
-                    return
-                log.warning("udp receive failed", error=repr(exc))
-                break
-            batch.append((view[:size].tobytes(), source if len(source) == 2 else (source[0], source[1])))
-        if batch:
-            self._handler(batch)
 
     def sendto(self, data: bytes, address: Address) -> None:
         if self._closed:
@@ -196,3 +216,107 @@ class DatagramSocket:
         with contextlib.suppress(ValueError, RuntimeError):  # the loop is already closed
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+class DatagramSocket(_UDPSocket):
+    """Hands every received datagram over on its own, with its source: ``handler([(datagram, source), ...])``."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, sock: socket.socket, handler: BatchHandler, *, batch: int = DEFAULT_BATCH) -> None:
+        super().__init__(sock, batch=batch)
+        self._handler = handler
+        self._start_reading()
+
+    def _on_readable(self) -> None:
+        recv = self.sock.recvfrom_into
+        view = self._view
+        batch: list[tuple[bytes, Address]] = []
+        for _ in range(self._batch):
+            try:
+                size, source = recv(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:  # an ICMP error for an earlier send: UDP carries on
+                continue
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("udp receive failed", error=repr(exc))
+                break
+            batch.append((view[:size].tobytes(), source if len(source) == 2 else (source[0], source[1])))
+        if batch:
+            self._handler(batch)
+
+
+class CoalescingSocket(_UDPSocket):
+    """Hands received datagrams over in runs: ``handler([(buffer, segment, source), ...])`` (see :data:`Run`).
+
+    With Linux UDP GRO a run holds up to 64 datagrams of one source read with one system call; without it every
+    run is one datagram. :attr:`coalescing` says which.
+    """
+
+    __slots__ = ("_handler", "coalescing")
+
+    def __init__(self, sock: socket.socket, handler: RunHandler, *, batch: int = DEFAULT_BATCH) -> None:
+        super().__init__(sock, batch=batch)
+        self._handler = handler
+        #: whether the kernel coalesces received datagrams (UDP GRO)
+        self.coalescing = _enable_gro(sock)
+        self._start_reading()
+
+    def _on_readable(self) -> None:
+        if not self.coalescing:
+            self._read_single()
+            return
+        recv = self.sock.recvmsg_into
+        buffers = [self._view]
+        view = self._view
+        runs: list[Run] = []
+        budget = RUN_BATCH_BYTES
+        for _ in range(self._batch):
+            try:
+                size, ancillary, flags, source = recv(buffers, _GRO_ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:  # an ICMP error for an earlier send: UDP carries on
+                continue
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("udp receive failed", error=repr(exc))
+                break
+            if flags & socket.MSG_TRUNC:  # larger than any UDP datagram: cannot happen, drop it if it does
+                continue
+            segment = size
+            for level, kind, data in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
+                    segment = int(_GRO_SIZE.unpack_from(data)[0])
+            runs.append(
+                (view[:size].tobytes(), segment, source if len(source) == 2 else (source[0], source[1]))
+            )
+            budget -= size
+            if budget <= 0:
+                break
+        if runs:
+            self._handler(runs)
+
+    def _read_single(self) -> None:
+        recv = self.sock.recvfrom_into
+        view = self._view
+        runs: list[Run] = []
+        for _ in range(self._batch):
+            try:
+                size, source = recv(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                continue
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("udp receive failed", error=repr(exc))
+                break
+            runs.append((view[:size].tobytes(), size, source if len(source) == 2 else (source[0], source[1])))
+        if runs:
+            self._handler(runs)
