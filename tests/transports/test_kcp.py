@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -14,6 +15,9 @@ from anyio.abc import ByteStream, SocketAttribute
 
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+from vtunnel.transports.kcp_engine import KCPEngine
+from vtunnel.transports.kcp_options import parse_options
+from vtunnel.transports.udpio import DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
 
@@ -355,3 +359,37 @@ async def test_aclose_while_a_writer_waits_ends_the_writer() -> None:
         assert len(outcome) == 1
         assert client.engine.closed
         await server.aclose()
+
+
+async def test_a_bad_datagram_inside_a_coalesced_run_is_dropped_alone() -> None:
+    """Runs of equal-size datagrams (sent with segmentation offload) are vetted datagram by datagram."""
+    options = parse_options({"mode": "fast3"})
+    async with kcp_server() as (listener, _url):
+        loop_time = asyncio.get_running_loop().time
+        client = KCPEngine(conv=4321, options=options, mtu=options.mtu, now=loop_time())
+        udp = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), lambda batch: None)
+        try:
+            payload = os.urandom(client.max_data * 40)
+            client.send(payload)
+            client.flush(loop_time())
+            datagrams = client.datagrams_to_send()
+            assert len(datagrams) == 40
+            assert len({len(d) for d in datagrams}) == 1
+            foreign = bytearray(datagrams[3])
+            foreign[0:4] = struct.pack("<I", 999)  # another conv, not a session start
+            lying = bytearray(datagrams[4])
+            lying[20:24] = struct.pack("<I", len(lying))  # a length past the end of the datagram
+            first, second = datagrams[:20], datagrams[20:]
+            udp.sendto_many([*first[:5], bytes(foreign), *first[5:]], listener.local_address)
+            with anyio.fail_after(10):
+                stream = await listener.accept()
+            # the session exists now: its next run takes the one-pass path until the bad datagram
+            udp.sendto_many([*second[:7], bytes(lying), *second[7:]], listener.local_address)
+            with anyio.fail_after(10):
+                assert await read_exactly(stream, len(payload)) == payload
+            assert listener.dropped == 2
+            assert listener.session_count == 1
+            await stream.aclose()
+        finally:
+            udp.close()
+            client.close()

@@ -103,3 +103,55 @@ def test_mutated_segments_never_break_vetting(noise: list[bytes], conv: int) -> 
             assert header is not None
             assert header.conv == conv
             assert header.cmd in set(Command)
+
+
+def _walk(datagram: bytes, conv: int) -> bool:
+    """The vetting rule spelled out segment by segment (the reference for the one-unpack path)."""
+    offset = 0
+    if len(datagram) < HEADER_LEN:
+        return False
+    while offset < len(datagram):
+        if len(datagram) - offset < HEADER_LEN:
+            return False
+        seg_conv, cmd, _frg, _wnd, _ts, _sn, _una, length = struct.unpack_from("<IBBHIIII", datagram, offset)
+        if seg_conv != conv or not Command.PUSH <= cmd <= Command.WINS or (length and cmd != Command.PUSH):
+            return False
+        offset += HEADER_LEN
+        if length > len(datagram) - offset:
+            return False
+        offset += length
+    return True
+
+
+def test_a_datagram_of_acks_is_valid_and_one_foreign_header_spoils_it() -> None:
+    acks = [segment(7, Command.ACK, sn=n) for n in range(56)]
+    assert valid_datagram(b"".join(acks), 7)
+    assert valid_datagram(b"".join(acks[:2]), 7)
+    for bad in (segment(8, Command.ACK), segment(7, 85), segment(7, 80), segment(7, Command.ACK, length=3)):
+        spoiled = b"".join([*acks[:30], bad, *acks[31:]])
+        assert not valid_datagram(spoiled, 7)
+    # 24-byte multiples that are not bare headers are still walked: a PUSH with 24 bytes of data is fine
+    assert valid_datagram(segment(7, data=b"y" * HEADER_LEN), 7)
+
+
+_SEGMENTS = st.lists(
+    st.tuples(
+        st.sampled_from([7, 7, 7, 8]),
+        st.integers(min_value=79, max_value=86),
+        st.sampled_from([0, 0, 0, 1, 24, 48]),
+        st.integers(min_value=-30, max_value=30),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@given(_SEGMENTS)
+def test_vetting_agrees_with_the_segment_walk(parts: list[tuple[int, int, int, int]]) -> None:
+    datagram = b"".join(segment(conv, cmd, data=b"d" * size) for conv, cmd, size, _cut in parts)
+    cut = parts[-1][3]
+    if cut < 0:
+        datagram = datagram[:cut]
+    elif cut > 25:
+        datagram += b"\0" * HEADER_LEN  # a stray all-zero header (conv 0, cmd 0)
+    assert valid_datagram(datagram, 7) == _walk(datagram, 7)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+from vtunnel.transports.udpio import (
+    Address,
+    CoalescingSocket,
+    DatagramSocket,
+    Run,
+    open_udp_socket,
+    split_run,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -46,3 +54,67 @@ async def test_runs_of_equal_datagrams_and_a_short_tail() -> None:
 @given(st.lists(st.sampled_from([24, 100, 1300, 1350, 1400]), min_size=1, max_size=150))
 def test_any_mix_arrives_intact(sizes: list[int]) -> None:
     anyio.run(_exchange, sizes)
+
+
+async def _exchange_runs(sizes: list[int], senders: int = 1) -> list[list[tuple[bytes, Address]]]:
+    """Send ``sizes`` from each of ``senders`` sockets to a coalescing socket; per sender, what arrived."""
+    arrived: list[tuple[bytes, Address]] = []
+    runs_seen: list[Run] = []
+    done = anyio.Event()
+    want = len(sizes) * senders
+
+    def on_runs(runs: list[Run]) -> None:
+        for buffer, segment, source in runs:
+            runs_seen.append((buffer, segment, source))
+            arrived.extend((bytes(datagram), source) for datagram in split_run(buffer, segment))
+        if len(arrived) >= want:
+            done.set()
+
+    rx = CoalescingSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), on_runs)
+    txs = [DatagramSocket(open_udp_socket(socket.AF_INET), lambda batch: None) for _ in range(senders)]
+    try:
+        sent: list[list[bytes]] = []
+        for k, tx in enumerate(txs):
+            datagrams = [bytes([(i + k) % 251]) * size for i, size in enumerate(sizes)]
+            sent.append(datagrams)
+            tx.sendto_many(datagrams, rx.local_address)
+        with anyio.fail_after(5):
+            await done.wait()
+        assert len(arrived) == want
+        per_sender = [[(d, src) for d, src in arrived if src[1] == tx.local_address[1]] for tx in txs]
+        for datagrams, got in zip(sent, per_sender, strict=True):
+            assert [d for d, _ in got] == datagrams
+        if sys.platform == "linux":
+            assert rx.coalescing
+        if rx.coalescing and len(sizes) > 1 and len(set(sizes)) == 1:
+            assert any(len(buffer) > segment for buffer, segment, _ in runs_seen)  # a run came in one read
+        return per_sender
+    finally:
+        rx.close()
+        for tx in txs:
+            tx.close()
+
+
+async def test_coalesced_runs_split_back_into_the_datagrams_sent() -> None:
+    await _exchange_runs([1350] * 100 + [700] + [1350] * 3 + [24, 24, 24, 1000])
+
+
+async def test_a_run_of_equal_datagrams_is_read_at_once() -> None:
+    await _exchange_runs([1200] * 40)
+
+
+async def test_runs_from_several_sources_keep_their_source() -> None:
+    await _exchange_runs([1000] * 20 + [300], senders=3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([24, 100, 1300, 1350, 1400]), min_size=1, max_size=150))
+def test_any_mix_arrives_intact_through_a_coalescing_socket(sizes: list[int]) -> None:
+    anyio.run(_exchange_runs, sizes)
+
+
+def test_split_run() -> None:
+    data = bytes(range(250))
+    assert [bytes(d) for d in split_run(data, 100)] == [data[:100], data[100:200], data[200:]]
+    assert [bytes(d) for d in split_run(data, 250)] == [data]
+    assert [bytes(d) for d in split_run(data, 0)] == [data]

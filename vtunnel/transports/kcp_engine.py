@@ -23,6 +23,8 @@ __all__ = ["KCPEngine", "KCPEngineError"]
 _MASK32: Final = 0xFFFFFFFF
 #: largest slice handed to one ``ikcp_send`` call, in segments (ikcp refuses a call needing >= 128 segments)
 _SEGMENTS_PER_SEND: Final = 96
+#: the receive buffer a session keeps between reads (larger reads use a buffer of their own)
+_SCRATCH_KEPT: Final = 256 * 1024
 
 
 class KCPEngineError(Exception):
@@ -40,11 +42,12 @@ def _no_log(_text: str) -> None:
 class KCPEngine:
     """One KCP control block in stream mode."""
 
-    __slots__ = ("_closed", "_kcp", "_leftover", "_out", "conv", "max_data", "send_window")
+    __slots__ = ("_closed", "_kcp", "_leftover", "_out", "_scratch", "conv", "max_data", "send_window")
 
     def __init__(self, *, conv: int, options: KCPOptions, mtu: int, now: float) -> None:
         self._out: list[bytes] = []
         self._leftover = b""
+        self._scratch = bytearray()
         self._closed = False
         self.conv = conv
         kcp = siokcp.KCPConnection(conv, self._output, _no_log)
@@ -128,17 +131,16 @@ class KCPEngine:
             self._kcp.send(view[start : start + step])
 
     def receive_into(self, buffer: bytearray | memoryview) -> int:
-        """Copy received stream bytes into ``buffer``; 0 when none are ready."""
+        """Copy received stream bytes into ``buffer`` (whole segments only); 0 when none are ready."""
         if self._closed:
             return 0
-        kcp = self._kcp
+        receive = self._kcp.next_event_into
         view = memoryview(buffer)
+        size = len(view)
         total = 0
-        while True:
-            size = kcp.peeksize()
-            if size < 0 or size > len(view) - total:
-                break
-            got = kcp.next_event_into(view[total:])
+        while total < size:
+            # ikcp_recv: one segment per call in stream mode; < 0 when none is ready or it does not fit
+            got = receive(view[total:])
             if got <= 0:
                 break
             total += got
@@ -149,16 +151,24 @@ class KCPEngine:
         if self._leftover:
             chunk, self._leftover = self._leftover[:max_bytes], self._leftover[max_bytes:]
             return chunk
-        if self._closed or self._kcp.peeksize() < 0:
+        kcp = self._kcp
+        if self._closed or kcp.peeksize() < 0:
             return b""
-        buffer = bytearray(max_bytes)
-        got = self.receive_into(buffer)
+        # at most every queued or buffered segment's worth: a large max_bytes costs nothing when little is here
+        want = min(max_bytes, (int(kcp.nrcv_que) + int(kcp.nrcv_buf) + 1) * self.max_data)
+        if len(self._scratch) < want:
+            buffer = bytearray(want)
+            if want <= _SCRATCH_KEPT:
+                self._scratch = buffer
+        else:
+            buffer = self._scratch
+        view = memoryview(buffer)
+        got = self.receive_into(view[:want])
         if got == 0:  # the next segment is larger than max_bytes: keep its tail for the next call
-            segment = self._kcp.next_event() or b""
+            segment = kcp.next_event() or b""
             self._leftover = segment[max_bytes:]
             return segment[:max_bytes]
-        del buffer[got:]
-        return bytes(buffer)
+        return view[:got].tobytes()
 
     @property
     def probe_pending(self) -> bool:
