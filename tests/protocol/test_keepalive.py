@@ -53,3 +53,13 @@ def test_exact_schedule() -> None:
     assert k.counter == 2
     assert not k.acknowledged(1)  # a stale ack does not count
     assert k.poll(15.0) is KeepaliveAction.DEAD
+
+
+def test_a_byte_at_the_instant_of_a_repeated_ping_proves_the_peer_alive() -> None:
+    k = Keepalive(interval=5.0, timeout=5.0, max_missed=2)
+    assert k.poll(5.0) is KeepaliveAction.SEND_PING
+    assert k.poll(10.0) is KeepaliveAction.SEND_PING  # one miss
+    k.received(10.0)  # the peer talks at that very instant
+    assert k.poll(15.0) is KeepaliveAction.SEND_PING  # alive: a fresh first PING, not the second miss
+    assert k.poll(20.0) is KeepaliveAction.SEND_PING
+    assert k.poll(25.0) is KeepaliveAction.DEAD  # 15 s after the last byte

@@ -48,7 +48,9 @@ class Keepalive:
 
     def poll(self, now: float) -> KeepaliveAction:
         if self.sent_at is not None:
-            if self.last_recv > self.sent_at:
+            # a byte at the very instant of the PING counts: a receive before it, at that instant, would have
+            # made the PING unnecessary (the interval or the previous PING's answer), so it came after
+            if self.last_recv >= self.sent_at:
                 self.sent_at = None  # the peer is talking: alive even if the ack is late
                 self.missed = 0
             elif now >= self.sent_at + self.timeout:
