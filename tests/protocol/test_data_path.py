@@ -115,11 +115,14 @@ def test_bytes_and_views_of_bytes_give_the_same_wire() -> None:
 def test_bytes_to_send_counts_what_data_to_send_returns() -> None:
     client, _server, [sid] = opened()
     assert client.tunnel.bytes_to_send == 0
+    assert not client.tunnel.has_data_to_send
     client.tunnel.send_data(sid, b"z" * 40000)
+    assert client.tunnel.has_data_to_send
     client.tunnel.end_stream(sid)
     n = client.tunnel.bytes_to_send
     assert n == len(client.tunnel.data_to_send()) == 40000 + 4 * 9
     assert client.tunnel.bytes_to_send == 0
+    assert not client.tunnel.has_data_to_send
 
 
 @settings(max_examples=60, deadline=None)

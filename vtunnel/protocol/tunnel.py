@@ -213,6 +213,11 @@ class Tunnel:
         return b"".join(out)
 
     @property
+    def has_data_to_send(self) -> bool:
+        """Whether ``data_to_send()`` would return bytes now (cheaper than ``bytes_to_send``)."""
+        return bool(self._out)
+
+    @property
     def bytes_to_send(self) -> int:
         """How many bytes ``data_to_send()`` would return now."""
         return sum(map(len, self._out))

@@ -123,7 +123,7 @@ class TunnelConnection:
     # ------------------------------------------------------------------ output
     def flush(self) -> None:
         """Let the writer and the timer see what the tunnel has queued (never blocks, cheap to call often)."""
-        if self._writer_idle:
+        if self._writer_idle and self.tunnel.has_data_to_send:
             self._writer_idle = False
             self._writer_wakeup.set()
         deadline = self.tunnel.next_deadline()
