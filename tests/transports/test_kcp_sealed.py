@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 import anyio
 import pytest
 from anyio.abc import ByteStream
 
+from vtunnel.security.datagram import DATAGRAM_OVERHEAD, DatagramClient
 from vtunnel.security.errors import HandshakeTimeout
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+from vtunnel.transports.kcp_engine import KCPEngine
+from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.kcp_secure import SealedKCPListener
+from vtunnel.transports.udpio import DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
 
@@ -183,3 +189,49 @@ async def test_closing_a_sealed_session_forgets_its_keys() -> None:
         await client.aclose()
         tg.cancel_scope.cancel()
     await listener.aclose()
+
+
+async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> None:
+    """Sealed runs (sent with segmentation offload) are opened datagram by datagram."""
+    listener = await sealed_listener()
+    assert KEY.psk is not None
+    options = parse_options({"mode": "fast3"})
+    replies: list[bytes] = []
+    udp = DatagramSocket(
+        open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)),
+        lambda batch: replies.extend(d for d, _ in batch),
+    )
+    loop_time = asyncio.get_running_loop().time
+    engine = KCPEngine(conv=555, options=options, mtu=options.mtu - DATAGRAM_OVERHEAD, now=loop_time())
+    try:
+        handshake = DatagramClient(KEY.psk, now=time.time())
+        udp.sendto(handshake.initial_datagram(time.time()), listener.local_address)
+        await wait_until(lambda: bool(replies))
+        handshake.receive(replies[0], time.time())
+        session = handshake.session
+        assert session is not None
+        payload = os.urandom(engine.max_data * 40)
+        engine.send(payload)
+        engine.flush(loop_time())
+        sealed = [session.seal(d) for d in engine.datagrams_to_send()]
+        assert len(sealed) == 40
+        assert len({len(d) for d in sealed}) == 1
+
+        def forged(datagram: bytes) -> bytes:
+            return datagram[:-1] + bytes([datagram[-1] ^ 1])  # a broken tag
+
+        first, second = sealed[:20], sealed[20:]
+        udp.sendto_many([*first[:6], forged(first[6]), *first[6:]], listener.local_address)
+        with anyio.fail_after(10):
+            stream = await listener.accept()
+        # the session is known now: the next run takes the one-pass path around the forged datagram
+        udp.sendto_many([*second[:3], forged(second[3]), *second[3:]], listener.local_address)
+        with anyio.fail_after(10):
+            assert await read_exactly(stream, len(payload)) == payload
+        assert listener.dropped == 2
+        assert listener.session_count == 1
+        await stream.aclose()
+    finally:
+        engine.close()
+        udp.close()
+        await listener.aclose()

@@ -171,34 +171,74 @@ class SealedKCPListener(KCPListener):
 
     def _on_runs(self, runs: list[Run]) -> None:
         groups: dict[KCPStream, list[bytes | memoryview]] = {}
-        for datagram, source in _datagrams(runs):
-            cid = peek_connection_id(datagram)
-            if cid is None:
-                self.dropped += 1
+        for buffer, segment, source in runs:
+            size = len(buffer)
+            if segment >= size:
+                self._route_sealed(buffer, source, groups)
                 continue
-            if datagram[0] == DatagramType.INIT:
-                self._on_handshake(datagram, source)
+            datagrams = [buffer[offset : offset + segment] for offset in range(0, size, segment)]
+            known = self._session_of_run(buffer, source)
+            if known is None:  # a new session, a moved peer, or something to drop: one by one
+                for datagram in datagrams:
+                    self._route_sealed(datagram, source, groups)
                 continue
-            crypto = self._crypto.get(cid)
-            payload = crypto.open(datagram) if crypto is not None else None
-            if crypto is None or payload is None:
-                self.dropped += 1
-                continue
-            stream = self._sessions.get(cid)
-            if stream is None:
-                stream = self._first_kcp_datagram(cid, crypto, payload, source)
-                if stream is None:
+            crypto, stream = known
+            conv = stream.engine.conv
+            group = groups.setdefault(stream, [])
+            for datagram in datagrams:
+                payload = crypto.open(datagram)
+                if payload is None:  # not this session's: whatever it is, it is handled on its own
+                    self._route_sealed(datagram, source, groups)
+                elif valid_datagram(payload, conv):
+                    group.append(payload)
+                else:
                     self.dropped += 1
-                    continue
-            elif not valid_datagram(payload, stream.engine.conv):
-                self.dropped += 1
-                continue
-            if stream.remote_address != source:
-                log.info("kcp peer moved", connection_id=cid.hex(), old=stream.remote_address, new=source)
-                stream.remote_address = source
-            groups.setdefault(stream, []).append(payload)
         for stream, payloads in groups.items():
-            stream.feed(payloads)
+            if payloads:
+                stream.feed(payloads)
+
+    def _session_of_run(self, buffer: bytes, source: Address) -> tuple[DatagramSession, KCPStream] | None:
+        """The live session a run's first datagram names, if the run comes from its current address."""
+        if buffer[0] != DatagramType.DATA:
+            return None
+        cid = peek_connection_id(buffer)
+        if cid is None:
+            return None
+        crypto = self._crypto.get(cid)
+        stream = self._sessions.get(cid)
+        if crypto is None or stream is None or stream.remote_address != source:
+            return None
+        return crypto, stream
+
+    def _route_sealed(
+        self, datagram: bytes, source: Address, groups: dict[KCPStream, list[bytes | memoryview]]
+    ) -> None:
+        """Open and vet one datagram and add its payload to its session's group (or answer a handshake)."""
+        cid = peek_connection_id(datagram)
+        if cid is None:
+            self.dropped += 1
+            return
+        if datagram[0] == DatagramType.INIT:
+            self._on_handshake(datagram, source)
+            return
+        crypto = self._crypto.get(cid)
+        payload = crypto.open(datagram) if crypto is not None else None
+        if crypto is None or payload is None:
+            self.dropped += 1
+            return
+        stream = self._sessions.get(cid)
+        if stream is None:
+            stream = self._first_kcp_datagram(cid, crypto, payload, source)
+            if stream is None:
+                self.dropped += 1
+                return
+        elif not valid_datagram(payload, stream.engine.conv):
+            self.dropped += 1
+            return
+        if stream.remote_address != source:
+            log.info("kcp peer moved", connection_id=cid.hex(), old=stream.remote_address, new=source)
+            stream.remote_address = source
+        groups.setdefault(stream, []).append(payload)
 
     def _on_handshake(self, datagram: bytes, source: Address) -> None:
         now = self._loop.time()
