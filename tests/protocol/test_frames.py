@@ -231,18 +231,25 @@ def test_views_are_slices_of_the_input_and_only_a_split_frame_is_copied() -> Non
     two = fr.encode_frame(fr.FrameType.DATA, 0, 3, b"b" * 100)
     data = one + two
     dec = fr.FrameDecoder()
-    frames, err = dec.feed_views(data[:150])
+    first = data[:150]
+    frames, err = dec.feed_views(first)
     assert err is None
     assert len(frames) == 1
     assert isinstance(frames[0].payload, memoryview)
-    assert frames[0].payload.obj is not None
+    assert frames[0].payload.obj is first  # a view of the input, not a copy
     assert dec.buffered == 41  # only the started frame waits
-    frames, err = dec.feed_views(data[150:] + one)
+    second = data[150:] + one
+    frames, err = dec.feed_views(second)
     assert err is None
     assert [(f.stream_id, bytes(f.payload)) for f in frames] == [(3, b"b" * 100), (1, b"a" * 100)]
-    assert isinstance(frames[0].payload, bytes)  # the assembled one
-    assert isinstance(frames[1].payload, memoryview)
+    assembled, whole = frames[0].payload, frames[1].payload
+    assert isinstance(assembled, memoryview)
+    assert isinstance(assembled.obj, bytearray)  # the decoder's buffer, handed out
+    assert isinstance(whole, memoryview)
+    assert whole.obj is second
     assert dec.buffered == 0
+    frames, err = dec.feed_views(data[:150])  # a new partial frame does not touch the handed-out one
+    assert bytes(assembled) == b"b" * 100
 
 
 def test_split_header_over_the_limit_is_an_error_once_complete() -> None:

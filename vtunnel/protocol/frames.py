@@ -174,7 +174,8 @@ class FrameDecoder:
     ``feed`` copies each payload exactly once (into the ``bytes`` it hands out). ``feed_views`` copies nothing
     for frames that lie whole in the input: their payloads are ``memoryview`` slices of it, valid as long as the
     input is not modified (the tunnel uses them before it returns). Only a frame split across inputs is
-    assembled in one ``bytearray``, and only its own bytes are copied there. A header announcing more than
+    assembled in one ``bytearray``, and only its own bytes are copied there (``feed_views`` then hands that
+    buffer out as the payload's view and starts a new one). A header announcing more than
     ``max_payload`` bytes is an error as soon as its 9 bytes are in.
     """
 
@@ -207,14 +208,13 @@ class FrameDecoder:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         off = 0
-        buf = self._buf
-        if buf:
+        if self._buf:
             off, error = self._complete(view, frames, RawFrame if copy else FrameView)
-            if error is not None or buf:
+            if error is not None or self._buf:
                 return error
         used, error = self._parse(view, off, frames, copy)
         if used < len(view):
-            buf += view[used:]
+            self._buf += view[used:]
         return error
 
     def _complete(
@@ -239,8 +239,14 @@ class FrameDecoder:
             off = min(off + missing, len(view))
             if len(buf) < FRAME_HEADER_SIZE + length:
                 return off, None
-        frames.append(make(lt & 0xFF, flags, sid, bytes(buf[FRAME_HEADER_SIZE:])))
-        buf.clear()
+        if make is FrameView:  # hand the assembled buffer itself out; the next partial frame gets a new one
+            self._buf = bytearray()
+            frames.append(FrameView(lt & 0xFF, flags, sid, memoryview(buf)[FRAME_HEADER_SIZE:]))
+        else:
+            with memoryview(buf) as whole:
+                payload = whole[FRAME_HEADER_SIZE:].tobytes()
+            buf.clear()
+            frames.append(RawFrame(lt & 0xFF, flags, sid, payload))
         return off, None
 
     def _parse(
