@@ -9,7 +9,7 @@ import pytest
 from anyio.abc import ByteStream
 
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig
-from vtunnel.runtime.pump import OUTBOUND_HIGH_WATER, TunnelConnection
+from vtunnel.runtime.pump import OUTBOUND_HIGH_WATER, READ_SIZE, UNCONTROLLED_BUFFER_LIMIT, TunnelConnection
 from vtunnel.runtime.stream import TunnelStream
 
 from .test_pump import read_all, tunnel_pair
@@ -122,3 +122,41 @@ async def test_a_sender_waits_while_the_transport_is_backed_up() -> None:
         client.shutdown("test over", graceful=False)
         tg.cancel_scope.cancel()
     await listener.aclose()
+
+
+async def test_without_flow_control_a_full_buffer_pauses_the_reader_until_it_is_read() -> None:
+    """vproxy's rule: the pump stops reading the transport while a stream buffers past the limit."""
+    vproxy = TunnelConfig(extensions=False)
+    release = anyio.Event()
+    size = 4 * UNCONTROLLED_BUFFER_LIMIT
+    peak: list[int] = []
+
+    async def handler(stream: TunnelStream) -> None:
+        stream.accept()
+        await release.wait()
+        got = 0
+        try:
+            while True:
+                got += len(await stream.receive())
+        except anyio.EndOfStream:
+            await stream.send(str(got).encode())
+            await stream.send_eof()
+
+    async with tunnel_pair(handler, client_config=vproxy, server_config=vproxy) as (client, server):
+        stream = await client.open_stream()
+        payload = b"v" * size
+        async with anyio.create_task_group() as tg:
+
+            async def write() -> None:
+                await stream.send(payload)
+                await stream.send_eof()
+
+            tg.start_soon(write)
+            with anyio.fail_after(20):
+                while not server.streams or max(s.buffered for s in server.streams.values()) == 0:
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.5)  # the writer goes on; the server must have stopped reading
+                peak.append(max(s.buffered for s in server.streams.values()))
+                release.set()
+                assert await read_all(stream) == str(size).encode()
+        assert UNCONTROLLED_BUFFER_LIMIT < peak[0] <= UNCONTROLLED_BUFFER_LIMIT + READ_SIZE

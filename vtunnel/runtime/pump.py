@@ -79,6 +79,7 @@ class TunnelConnection:
         self._timer_wakeup = anyio.Event()
         self._timer_deadline = -math.inf  # what the timer sleeps until (-inf: it is computing)
         self._reader_resume = anyio.Event()
+        self._over_limit: set[int] = set()  # streams buffering more than UNCONTROLLED_BUFFER_LIMIT
         self._ready = anyio.Event()
         self._closed = anyio.Event()
         self._close_reason = ""
@@ -246,12 +247,15 @@ class TunnelConnection:
         if self.tunnel.extensions.flow_control:
             return
         while not self._closed.is_set():
-            if all(s.buffered <= UNCONTROLLED_BUFFER_LIMIT for s in self.streams.values()):
+            if not self._over_limit:
                 return
             self._reader_resume = anyio.Event()
             await self._reader_resume.wait()
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, stream: TunnelStream | None = None) -> None:
+        """A stream's buffer shrank (or anything else the paused reader may be waiting for happened)."""
+        if stream is not None and stream.buffered <= UNCONTROLLED_BUFFER_LIMIT:
+            self._over_limit.discard(stream.stream_id)
         self._reader_resume.set()
 
     async def _timer(self) -> None:
@@ -299,6 +303,8 @@ class TunnelConnection:
                 s = streams.get(ev.stream_id)
                 if s is not None:
                     s._on_data(ev.data)
+                    if s.buffered > UNCONTROLLED_BUFFER_LIMIT:
+                        self._over_limit.add(ev.stream_id)
                 else:  # a stream we already closed: give the credit back
                     self.tunnel.acknowledge_received_data(ev.stream_id, len(ev.data))
             elif isinstance(ev, events.WindowUpdated):
@@ -348,6 +354,7 @@ class TunnelConnection:
 
     def _forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self._over_limit.discard(stream_id)
         self._reader_resume.set()
 
     # ------------------------------------------------------------------ API

@@ -148,7 +148,7 @@ class TunnelStream(ByteStream):
             with contextlib.suppress(VTunnelError):
                 conn.tunnel.acknowledge_received_data(self.stream_id, n)
             conn.flush()
-            conn.resume_reading()
+            conn.resume_reading(self)
         return chunk
 
     def _take(self, max_bytes: int) -> bytes:
