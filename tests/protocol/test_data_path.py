@@ -100,7 +100,8 @@ def test_a_mutable_buffer_is_copied_when_queued() -> None:
 def test_bytes_and_views_of_bytes_give_the_same_wire() -> None:
     payload = bytes(range(256)) * 200
     wires = []
-    inputs: list[bytes | bytearray | memoryview] = [payload, memoryview(payload), bytearray(payload)]
+    strided = memoryview(bytes(b for b in payload for _ in (0, 1)))[::2]  # not contiguous
+    inputs: list[bytes | bytearray | memoryview] = [payload, memoryview(payload), bytearray(payload), strided]
     for data in inputs:
         client, _server, [sid] = opened()
         client.tunnel.send_data(sid, data)

@@ -26,6 +26,7 @@ __all__ = [
     "FrameType",
     "FrameView",
     "RawFrame",
+    "byte_view",
     "decode_goaway",
     "decode_ping",
     "decode_settings",
@@ -168,6 +169,16 @@ def gzip_decompress(data: bytes | memoryview, limit: int) -> bytes:
     return out
 
 
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of ``data`` (a copy only for a non-contiguous view). Read-only when ``data`` is."""
+    view = memoryview(data)
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    if view.c_contiguous:
+        return view.cast("B")
+    return memoryview(view.tobytes())
+
+
 class FrameDecoder:
     """Incremental frame parser: feed it bytes in any chunking, get whole frames back.
 
@@ -204,9 +215,7 @@ class FrameDecoder:
     def _feed(
         self, data: bytes | bytearray | memoryview, frames: _Frames, *, copy: bool
     ) -> FrameError | None:
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = byte_view(data)
         off = 0
         if self._buf:
             off, error = self._complete(view, frames, RawFrame if copy else FrameView)

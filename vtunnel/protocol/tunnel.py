@@ -297,9 +297,7 @@ class Tunnel:
         datagram, sent as exactly one DATA frame (an empty datagram too); a larger one raises LocalProtocolError.
         """
         stream = self._stream_for_local(stream_id)
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = fr.byte_view(data)
         size = len(view)
         datagram = stream.datagram
         if size or (datagram and not end_stream):
