@@ -132,6 +132,26 @@ def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     return ordered
 
 
+async def connect_address(addr: IPAddress, port: int) -> SocketStream:
+    """Connect a TCP socket to one resolved address (no name lookup, no thread hop), TCP_NODELAY set."""
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect((str(addr), port))
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"connect to {addr}:{port}: {errno.errorcode.get(err, err)}") from None
+        return await SocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class Dialer:
     """Connects to ``host:port`` for the exit side, honouring ``policy``."""
 
@@ -195,13 +215,18 @@ class Dialer:
         raise DialError("timeout", f"no connection to {authority!r} within {self.connect_timeout} s")
 
     async def _race(self, addresses: Sequence[IPAddress], port: int) -> SocketStream:
+        if len(addresses) == 1:  # nothing to race: no task group, no timers
+            try:
+                return await connect_address(addresses[0], port)
+            except OSError as exc:
+                raise DialError(_error_of(exc)) from None
         winner: SocketStream | None = None
         errors: list[OSError] = []
 
         async def attempt(addr: IPAddress, failed: anyio.Event) -> None:
             nonlocal winner
             try:
-                stream = await anyio.connect_tcp(str(addr), port)
+                stream = await connect_address(addr, port)
             except OSError as exc:
                 errors.append(exc)
                 failed.set()
