@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.transports.kcp_options import KCPOptions, parse_options
-from vtunnel.transports.kcp_wire import valid_datagram
+from vtunnel.transports.kcp_wire import RunVerdict, valid_datagram, vet_run
 
 OPTS = parse_options({"sndwnd": "128", "rcvwnd": "128"})
 
@@ -172,3 +172,36 @@ def test_close_is_final() -> None:
 def test_bad_mtu_is_an_engine_error() -> None:
     with pytest.raises(KCPEngineError):
         KCPEngine(conv=1, options=OPTS, mtu=10, now=0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32), st.integers(min_value=1, max_value=60))
+def test_a_run_without_acks_input_whole_is_input_one_by_one(seed: int, count: int) -> None:
+    """A coalesced run of PUSH datagrams given to ikcp as one input leaves it exactly as one by one would."""
+    fast3 = parse_options({"mode": "fast3", "sndwnd": "128", "rcvwnd": "128"})
+    sender = KCPEngine(conv=77, options=fast3, mtu=fast3.mtu, now=0.0)
+    one_by_one, whole = pair(fast3)
+    assert whole.whole_runs
+    rng = random.Random(seed)
+    sender.send(rng.randbytes(sender.max_data * count))
+    sender.flush(0.0)
+    datagrams = sender.datagrams_to_send()
+    picked = [rng.choice(datagrams) for _ in range(len(datagrams))] + datagrams  # repeats, any order
+    rng.shuffle(picked)
+    assert vet_run(b"".join(picked), max(len(d) for d in picked), 77) == RunVerdict.NO_ACKS
+    one_by_one.receive_datagrams(picked, 0.01)
+    whole.receive_datagrams([b"".join(picked)], 0.01)
+    for engine in (one_by_one, whole):
+        engine.flush(0.01)
+    assert one_by_one.datagrams_to_send() == whole.datagrams_to_send()  # the same ACKs, in the same order
+    assert one_by_one.receive(1 << 20) == whole.receive(1 << 20)
+    for engine in (sender, one_by_one, whole):
+        engine.close()
+
+
+def test_presets_allow_whole_runs_only_without_congestion_window() -> None:
+    assert KCPEngine(conv=1, options=parse_options({"mode": "fast3"}), mtu=1350, now=0.0).whole_runs
+    assert KCPEngine(conv=1, options=parse_options({"mode": "normal"}), mtu=1350, now=0.0).whole_runs
+    assert not KCPEngine(
+        conv=1, options=parse_options({"mode": "fast3", "nc": "0"}), mtu=1350, now=0.0
+    ).whole_runs

@@ -30,7 +30,14 @@ from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, Transpo
 from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.transports.kcp_options import KCPOptions, parse_options
 from vtunnel.transports.kcp_stream import KCPStream
-from vtunnel.transports.kcp_wire import HEADER_LEN, conv_of, is_new_session, valid_datagram
+from vtunnel.transports.kcp_wire import (
+    HEADER_LEN,
+    RunVerdict,
+    conv_of,
+    is_new_session,
+    valid_datagram,
+    vet_run,
+)
 from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_udp_socket, split_run
 
 __all__ = ["KCPListener", "KCPStream", "KCPTransport"]
@@ -56,6 +63,19 @@ def _random_conv() -> int:
     return secrets.randbits(32) or 1
 
 
+def _add_run(good: list[bytes | memoryview], buffer: bytes, segment: int, engine: KCPEngine) -> None:
+    """Vet a run of datagrams for ``engine`` and add what may go to ikcp: the run, its datagrams, or the valid ones."""
+    verdict = vet_run(buffer, segment, engine.conv)
+    if verdict == RunVerdict.NO_ACKS and engine.whole_runs:
+        good.append(buffer)
+    elif verdict != RunVerdict.INVALID:
+        good.extend(split_run(buffer, segment))
+    else:
+        good.extend(
+            datagram for datagram in split_run(buffer, segment) if valid_datagram(datagram, engine.conv)
+        )
+
+
 class _KCPClient:
     """The client side of one session: a connected UDP socket feeding one :class:`KCPStream`."""
 
@@ -77,14 +97,15 @@ class _KCPClient:
         self._udp.sendto_many(datagrams, self._server)
 
     def _on_runs(self, runs: list[Run]) -> None:
-        conv = self.stream.engine.conv
+        engine = self.stream.engine
+        conv = engine.conv
         good: list[bytes | memoryview] = []
         for buffer, segment, _source in runs:
             if segment >= len(buffer):
                 if valid_datagram(buffer, conv):
                     good.append(buffer)
                 continue
-            good.extend(datagram for datagram in split_run(buffer, segment) if valid_datagram(datagram, conv))
+            _add_run(good, buffer, segment, engine)
         if good:
             self.stream.feed(good)
 
@@ -131,14 +152,20 @@ class KCPListener(Listener[ByteStream]):
             if segment >= len(buffer):
                 self._route(buffer, source, groups)
                 continue
-            datagrams = split_run(buffer, segment)
             stream = self._sessions.get(conv_of(buffer) or source) if len(buffer) >= HEADER_LEN else None
             if stream is not None and stream.remote_address == source:
-                conv = stream.engine.conv
-                if all(valid_datagram(datagram, conv) for datagram in datagrams):
-                    groups.setdefault(stream, []).extend(datagrams)
+                engine = stream.engine
+                verdict = vet_run(buffer, segment, engine.conv)
+                if verdict != RunVerdict.INVALID:
+                    group = groups.setdefault(stream, [])
+                    if verdict == RunVerdict.NO_ACKS and engine.whole_runs:
+                        group.append(buffer)
+                    else:
+                        group.extend(split_run(buffer, segment))
                     continue
-            for datagram in datagrams:  # a new session, a moved peer, or something to drop: one by one
+            for datagram in split_run(
+                buffer, segment
+            ):  # a new session, a moved peer, or something to drop: one by one
                 self._route(datagram, source, groups)
         for stream, group in groups.items():
             stream.feed(group)

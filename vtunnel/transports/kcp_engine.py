@@ -42,7 +42,17 @@ def _no_log(_text: str) -> None:
 class KCPEngine:
     """One KCP control block in stream mode."""
 
-    __slots__ = ("_closed", "_kcp", "_leftover", "_out", "_scratch", "conv", "max_data", "send_window")
+    __slots__ = (
+        "_closed",
+        "_kcp",
+        "_leftover",
+        "_out",
+        "_scratch",
+        "conv",
+        "max_data",
+        "send_window",
+        "whole_runs",
+    )
 
     def __init__(self, *, conv: int, options: KCPOptions, mtu: int, now: float) -> None:
         self._out: list[bytes] = []
@@ -64,6 +74,9 @@ class KCPEngine:
         self.send_window: int = options.sndwnd
         #: the most data bytes one segment may carry
         self.max_data: int = int(kcp.mss)
+        #: whether a run of datagrams without ACK segments may be input as one: ikcp grows its congestion
+        #: window once per input call, which matters only when the window is in use (nc=0)
+        self.whole_runs: bool = bool(nd.nc)
 
     def _output(self, data: bytes) -> int:
         self._out.append(data)
@@ -80,7 +93,10 @@ class KCPEngine:
         return bool(kcp.receive_data(datagram) >= 0)
 
     def receive_datagrams(self, datagrams: Sequence[bytes | memoryview], now: float) -> bool:
-        """Feed a batch of vetted datagrams; ``True`` when ikcp accepted at least one."""
+        """Feed a batch of vetted datagrams; ``True`` when ikcp accepted at least one.
+
+        An entry may also be a whole run of datagrams without ACK segments when :attr:`whole_runs` allows.
+        """
         if self._closed:
             return False
         kcp = self._kcp

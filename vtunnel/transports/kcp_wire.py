@@ -16,11 +16,13 @@ __all__ = [
     "HEADER_LEN",
     "MAX_DATA",
     "Command",
+    "RunVerdict",
     "SegmentHeader",
     "conv_of",
     "first_header",
     "is_new_session",
     "valid_datagram",
+    "vet_run",
 ]
 
 HEADER_LEN: Final = 24
@@ -39,7 +41,16 @@ class Command(IntEnum):
 
 
 _PUSH: Final = int(Command.PUSH)
+_ACK: Final = int(Command.ACK)
 _WINS: Final = int(Command.WINS)
+
+
+class RunVerdict(IntEnum):
+    """What :func:`vet_run` found in a run of datagrams."""
+
+    INVALID = 0  # at least one datagram is not valid: vet them one by one
+    NO_ACKS = 1  # every datagram is valid and none carries an ACK segment
+    ACKS = 2  # every datagram is valid; some carry ACK segments
 
 
 def conv_of(datagram: bytes | memoryview) -> int:
@@ -122,3 +133,38 @@ def is_new_session(datagram: bytes | memoryview, *, max_data: int = MAX_DATA) ->
     if header is None or header.cmd != Command.PUSH or header.sn != 0 or header.una != 0:
         return False
     return valid_datagram(datagram, header.conv, max_data=max_data)
+
+
+def vet_run(buffer: bytes | memoryview, segment: int, conv: int, *, max_data: int = MAX_DATA) -> RunVerdict:
+    """Vet a run of datagrams (``segment`` bytes each, the last possibly shorter) in one pass.
+
+    Each datagram must be valid on its own (:func:`valid_datagram`): no segment may cross a datagram boundary.
+    The verdict also says whether any ACK segment was seen, because ikcp counts fast-retransmit evidence once
+    per input call: only a run without ACKs may be given to ikcp as one input.
+    """
+    size = len(buffer)
+    if size < HEADER_LEN:
+        return RunVerdict.INVALID
+    step = segment if 0 < segment < size else size
+    boundary = step
+    offset = 0
+    acks = False
+    unpack = _VET.unpack_from
+    while offset < size:
+        if boundary - offset < HEADER_LEN:
+            return RunVerdict.INVALID
+        seg_conv, cmd, length = unpack(buffer, offset)
+        if seg_conv != conv:
+            return RunVerdict.INVALID
+        if cmd != _PUSH:
+            if length or not _PUSH < cmd <= _WINS:
+                return RunVerdict.INVALID
+            if cmd == _ACK:
+                acks = True
+        offset += HEADER_LEN
+        if length > max_data or length > boundary - offset:
+            return RunVerdict.INVALID
+        offset += length
+        if offset == boundary:
+            boundary = min(boundary + step, size)
+    return RunVerdict.ACKS if acks else RunVerdict.NO_ACKS
