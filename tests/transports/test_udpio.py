@@ -56,7 +56,9 @@ def test_any_mix_arrives_intact(sizes: list[int]) -> None:
     anyio.run(_exchange, sizes)
 
 
-async def _exchange_runs(sizes: list[int], senders: int = 1) -> list[list[tuple[bytes, Address]]]:
+async def _exchange_runs(
+    sizes: list[int], senders: int = 1, *, gro: bool = True, family: socket.AddressFamily = socket.AF_INET
+) -> list[list[tuple[bytes, Address]]]:
     """Send ``sizes`` from each of ``senders`` sockets to a coalescing socket; per sender, what arrived."""
     arrived: list[tuple[bytes, Address]] = []
     runs_seen: list[Run] = []
@@ -70,8 +72,9 @@ async def _exchange_runs(sizes: list[int], senders: int = 1) -> list[list[tuple[
         if len(arrived) >= want:
             done.set()
 
-    rx = CoalescingSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), on_runs)
-    txs = [DatagramSocket(open_udp_socket(socket.AF_INET), lambda batch: None) for _ in range(senders)]
+    loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    rx = CoalescingSocket(open_udp_socket(family, bind=(loopback, 0)), on_runs, gro=gro)
+    txs = [DatagramSocket(open_udp_socket(family), lambda batch: None) for _ in range(senders)]
     try:
         sent: list[list[bytes]] = []
         for k, tx in enumerate(txs):
@@ -85,7 +88,9 @@ async def _exchange_runs(sizes: list[int], senders: int = 1) -> list[list[tuple[
         for datagrams, got in zip(sent, per_sender, strict=True):
             assert [d for d, _ in got] == datagrams
         if sys.platform == "linux":
-            assert rx.coalescing
+            assert rx.coalescing == gro
+        if not gro:
+            assert all(len(buffer) == segment for buffer, segment, _ in runs_seen)
         if rx.coalescing and len(sizes) > 1 and len(set(sizes)) == 1:
             assert any(len(buffer) > segment for buffer, segment, _ in runs_seen)  # a run came in one read
         return per_sender
@@ -111,6 +116,18 @@ async def test_runs_from_several_sources_keep_their_source() -> None:
 @given(st.lists(st.sampled_from([24, 100, 1300, 1350, 1400]), min_size=1, max_size=150))
 def test_any_mix_arrives_intact_through_a_coalescing_socket(sizes: list[int]) -> None:
     anyio.run(_exchange_runs, sizes)
+
+
+async def test_without_gro_every_run_is_one_datagram() -> None:
+    await _exchange_runs([1350] * 30 + [24], senders=2, gro=False)
+
+
+async def test_coalescing_over_ipv6_loopback() -> None:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    await _exchange_runs([1200] * 30 + [100], family=socket.AF_INET6)
 
 
 def test_split_run() -> None:

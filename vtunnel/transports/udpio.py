@@ -258,11 +258,13 @@ class CoalescingSocket(_UDPSocket):
 
     __slots__ = ("_handler", "coalescing")
 
-    def __init__(self, sock: socket.socket, handler: RunHandler, *, batch: int = DEFAULT_BATCH) -> None:
+    def __init__(
+        self, sock: socket.socket, handler: RunHandler, *, batch: int = DEFAULT_BATCH, gro: bool = True
+    ) -> None:
         super().__init__(sock, batch=batch)
         self._handler = handler
-        #: whether the kernel coalesces received datagrams (UDP GRO)
-        self.coalescing = _enable_gro(sock)
+        #: whether the kernel coalesces received datagrams (UDP GRO; ``gro=False`` never asks for it)
+        self.coalescing = gro and _enable_gro(sock)
         self._start_reading()
 
     def _on_readable(self) -> None:
