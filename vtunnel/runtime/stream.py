@@ -54,50 +54,68 @@ class TunnelStream(ByteStream):
         self._buffer: deque[bytes] = deque()
         self._offset = 0  # bytes of ``_buffer[0]`` already handed out
         self.buffered = 0
-        self._readable = anyio.Event()
-        self._writable = anyio.Event()
-        self._accepted_event = anyio.Event()
+        # events exist only while a task waits on them (an idle stream holds none)
+        self._readable: anyio.Event | None = None
+        self._writable: anyio.Event | None = None
+        self._accept_waiter: anyio.Event | None = None
         self._syn_acked = accepted
-        if accepted:
-            self._accepted_event.set()
         self._eof = False
         self._broken: str | None = None
         self.reset_error: str | None = None
         self._closed = False
         self._sent_eof = False
 
+    # ---------------------------------------------------------------- wake-ups
+    def _wake_reader(self) -> None:
+        ev = self._readable
+        if ev is not None:
+            self._readable = None
+            ev.set()
+
+    def _wake_writer(self) -> None:
+        ev = self._writable
+        if ev is not None:
+            self._writable = None
+            ev.set()
+
+    def _wake_accept(self) -> None:
+        ev = self._accept_waiter
+        if ev is not None:
+            self._accept_waiter = None
+            ev.set()
+
     # ---------------------------------------------------------------- events from the pump
     def _on_data(self, data: bytes) -> None:
         self._buffer.append(data)
         self.buffered += len(data)
-        self._readable.set()
+        self._wake_reader()
 
     def _on_eof(self) -> None:
         self._eof = True
-        self._readable.set()
+        self._wake_reader()
 
     def _on_reset(self, error: str | None) -> None:
         if self._broken is None:
             self._broken = "reset"
             self.reset_error = error
-        self._readable.set()
-        self._writable.set()
-        self._accepted_event.set()
+        self._wake_reader()
+        self._wake_writer()
+        self._wake_accept()
 
     def _on_tunnel_closed(self) -> None:
         if self._broken is None and not (self._eof and self._sent_eof):
             self._broken = "tunnel closed"
             self.reset_error = "tunnel closed"
-        self._readable.set()
-        self._writable.set()
-        self._accepted_event.set()
+        self._wake_reader()
+        self._wake_writer()
+        self._wake_accept()
 
     def _on_window(self) -> None:
-        self._writable.set()
+        self._wake_writer()
 
     def _on_accepted(self) -> None:
         self._syn_acked = True
-        self._accepted_event.set()
+        self._wake_accept()
 
     # ---------------------------------------------------------------- server side
     def accept(self) -> None:
@@ -107,7 +125,7 @@ class TunnelStream(ByteStream):
         if self._syn_acked:
             return
         self._syn_acked = True
-        self._accepted_event.set()
+        self._wake_accept()
         try:
             self._conn.tunnel.accept_stream(self.stream_id)
         except VTunnelError as exc:
@@ -123,7 +141,9 @@ class TunnelStream(ByteStream):
         self._conn.flush()
 
     async def wait_accepted(self) -> None:
-        await self._accepted_event.wait()
+        if not self._syn_acked and self._broken is None and not self._conn.closed:
+            ev = self._accept_waiter = anyio.Event()
+            await ev.wait()
         if not self._syn_acked:
             raise StreamRefused(self.reset_error)
 
@@ -138,8 +158,8 @@ class TunnelStream(ByteStream):
                 if not self._syn_acked or self._broken == "refused":
                     raise StreamRefused(self.reset_error)
                 raise anyio.BrokenResourceError(f"stream {self.stream_id}: {self._broken}")
-            self._readable = anyio.Event()
-            await self._readable.wait()
+            ev = self._readable = anyio.Event()
+            await ev.wait()
         chunk = self._take(max_bytes)
         n = len(chunk)
         self.buffered -= n
@@ -211,11 +231,12 @@ class TunnelStream(ByteStream):
                 continue
             if len(view) == 0:
                 return
-            self._writable = anyio.Event()
+            wev = self._writable = anyio.Event()
             # re-check after arming the event: the window may have opened meanwhile
             if tunnel.send_window(self.stream_id) >= need:
+                self._writable = None
                 continue
-            await self._writable.wait()
+            await wev.wait()
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -245,8 +266,8 @@ class TunnelStream(ByteStream):
                 conn.tunnel.close_stream(self.stream_id)
             conn.flush()
         conn._forget(self.stream_id)
-        self._readable.set()
-        self._writable.set()
+        self._wake_reader()
+        self._wake_writer()
         await anyio.lowlevel.checkpoint()
 
     @property
