@@ -151,6 +151,17 @@ async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = Non
     if idle_timeout is not None and idle_timeout <= 0:
         raise ValueError("idle_timeout must be positive")
     progress = _Progress()
+    if idle_timeout is None:
+        # the common case: one extra task (the other direction runs in this one), one task group
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_copy, b, a, progress, 1, tg.cancel_scope)
+                await _copy(a, b, progress, 0, tg.cancel_scope)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _close_quietly(a)
+                await _close_quietly(b)
+        return progress.moved[0], progress.moved[1]
     try:
         with anyio.CancelScope() as outer:
             async with anyio.create_task_group() as tg:
