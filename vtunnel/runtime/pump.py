@@ -22,12 +22,10 @@ import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 import structlog
 from anyio.abc import ByteStream, TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState, events
 from vtunnel.protocol.errors import VTunnelError
@@ -84,7 +82,6 @@ class TunnelConnection:
         self._closed = anyio.Event()
         self._close_reason = ""
         self._task_group: TaskGroup | None = None
-        self._handler_send: MemoryObjectSendStream[TunnelStream] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -173,10 +170,6 @@ class TunnelConnection:
                     self.flush()
                 tg.start_soon(self._writer_task)
                 tg.start_soon(self._timer)
-                if self.handler is not None:
-                    send, receive = anyio.create_memory_object_stream[TunnelStream](math.inf)
-                    self._handler_send = send
-                    tg.start_soon(self._dispatch_handlers, receive, tg)
                 tg.start_soon(self._reader_task)
                 await self._closed.wait()
                 # closed: give the writer a bounded moment to flush the last frames (GOAWAY, RST)
@@ -197,11 +190,6 @@ class TunnelConnection:
             self._mark_closed(f"transport write failed: {exc!r}")
             if self._task_group is not None:
                 self._task_group.cancel_scope.cancel()
-
-    async def _dispatch_handlers(self, receive: Any, tg: TaskGroup) -> None:
-        async with receive:
-            async for stream in receive:
-                tg.start_soon(self._run_handler, stream)
 
     async def _run_handler(self, stream: TunnelStream) -> None:
         assert self.handler is not None
@@ -292,8 +280,6 @@ class TunnelConnection:
             self._outbound_drained.set()
         self._reader_resume.set()
         self._timer_wakeup.set()
-        if self._handler_send is not None:
-            self._handler_send.close()
 
     # ------------------------------------------------------------------ events
     def _handle_events(self, evs: list[events.Event]) -> None:
@@ -341,16 +327,13 @@ class TunnelConnection:
                 self._mark_closed(ev.reason)
 
     def _on_stream_opened(self, ev: events.StreamOpened) -> None:
-        if self._handler_send is None:
+        tg = self._task_group
+        if self.handler is None or tg is None or self._closed.is_set():
             self.tunnel.reset_stream(ev.stream_id, error="refused")
             return
         stream = TunnelStream(self, ev.stream_id, ev.metadata, accepted=False)
         self.streams[ev.stream_id] = stream
-        try:
-            self._handler_send.send_nowait(stream)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self.tunnel.reset_stream(ev.stream_id, error="refused")
-            del self.streams[ev.stream_id]
+        tg.start_soon(self._run_handler, stream)  # straight from the reader: no queue, no extra hop
 
     def _forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
