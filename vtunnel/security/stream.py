@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import struct
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
 from .errors import AuthenticationFailed, SecurityError
 from .handshake import (
     INIT_PAYLOAD_LEN,
@@ -30,7 +33,7 @@ from .handshake import (
     padding,
     random_between,
 )
-from .noise import TAGLEN, CipherState, Initiator, Responder, check_psk
+from .noise import TAGLEN, Initiator, Responder, check_psk
 from .replay import ReplayCache
 
 __all__ = [
@@ -46,6 +49,10 @@ STREAM_PROLOGUE = b"vtunnel stream v1"
 MAX_RECORD_PLAINTEXT = 16384
 _LEN = struct.Struct(">H")
 RECORD_OVERHEAD = _LEN.size + TAGLEN  # 18 bytes per record
+_NONCE = struct.Struct("<4xQ")  # the nonce of record n: 32 zero bits, then n little endian (as Noise)
+MAX_NONCE = 2**64 - 1  # reserved by Noise
+#: The largest work buffer (bytes) a channel keeps between calls, per direction.
+WORK_BUFFER_MAX = 1 << 20
 
 #: Random padding in the first message (bytes of payload after timestamp and token).
 INIT_PADDING = (16, 512)
@@ -56,64 +63,137 @@ MAX_HANDSHAKE_LEN = NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
 MIN_REPLY_LEN = NOISE_OVERHEAD
 
 
-class _Records:
-    """Both directions of the record layer once the keys exist."""
+def _buffer(size: int) -> bytearray:
+    return bytearray(size)
 
-    __slots__ = ("_in", "_out", "eof_received", "eof_sent")
+
+class _Records:
+    """Both directions of the record layer once the keys exist.
+
+    Noise's transport cipher (ChaCha20-Poly1305, nonce = 32 zero bits then the little-endian record counter)
+    applied straight into two work buffers that live as long as the channel: allocating and zeroing a fresh
+    buffer of a few hundred KiB costs more than encrypting it. Each call hands out one ``bytes`` copy of its
+    result. A work buffer grows to the largest call up to :data:`WORK_BUFFER_MAX` and is kept; a larger call
+    uses a temporary one.
+    """
+
+    __slots__ = ("_in", "_in_n", "_open_work", "_out", "_out_n", "_seal_work", "eof_received", "eof_sent")
 
     def __init__(self, send_key: bytes, receive_key: bytes) -> None:
-        self._out = CipherState(send_key)
-        self._in = CipherState(receive_key)
+        self._out = ChaCha20Poly1305(send_key)
+        self._in = ChaCha20Poly1305(receive_key)
+        self._out_n = 0
+        self._in_n = 0
+        self._seal_work = bytearray()
+        self._open_work = bytearray()
         self.eof_sent = False
         self.eof_received = False
 
-    def seal(self, data: bytes | bytearray | memoryview, out: bytearray) -> None:
+    def _reserve(self, count: int) -> int:
+        """Take ``count`` nonces for sending; the first one's counter."""
+        n = self._out_n
+        if n + count > MAX_NONCE:
+            raise SecurityError("the cipher's nonce space is exhausted; start a new connection")
+        self._out_n = n + count
+        return n
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The records carrying ``data`` (at most 16384 bytes each), as wire bytes."""
         if self.eof_sent:
             raise SecurityError("send() after send_eof()")
-        view = memoryview(data)
-        for start in range(0, len(view), MAX_RECORD_PLAINTEXT):
-            chunk = view[start : start + MAX_RECORD_PLAINTEXT]
-            header = _LEN.pack(len(chunk) + TAGLEN)
-            out += header
-            out += self._out.encrypt(bytes(chunk), header)
+        size = len(data)
+        count = -(-size // MAX_RECORD_PLAINTEXT)
+        total = size + count * RECORD_OVERHEAD
+        n = self._reserve(count)
+        buf = self._seal_work
+        if len(buf) < total:
+            buf = _buffer(total)
+            if total <= WORK_BUFFER_MAX:
+                self._seal_work = buf
+        encrypt_into = self._out.encrypt_into
+        nonce = _NONCE.pack
+        with memoryview(buf) as out, memoryview(data) as src:
+            pos = 0
+            for start in range(0, size, MAX_RECORD_PLAINTEXT):
+                chunk = src[start : start + MAX_RECORD_PLAINTEXT]
+                length = len(chunk) + TAGLEN
+                body = pos + 2
+                buf[pos] = length >> 8
+                buf[pos + 1] = length & 0xFF
+                encrypt_into(nonce(n), chunk, out[pos:body], out[body : body + length])
+                n += 1
+                pos = body + length
+            return bytes(out[:pos])
 
-    def seal_eof(self, out: bytearray) -> None:
-        if not self.eof_sent:
-            header = _LEN.pack(TAGLEN)
-            out += header
-            out += self._out.encrypt(b"", header)
-            self.eof_sent = True
+    def seal_eof(self) -> bytes:
+        """The end-of-stream record (``b""`` if it was already made)."""
+        if self.eof_sent:
+            return b""
+        header = _LEN.pack(TAGLEN)
+        record = header + self._out.encrypt(_NONCE.pack(self._reserve(1)), b"", header)
+        self.eof_sent = True
+        return record
 
-    def open_all(self, buf: bytearray) -> bytes:
-        """Decrypt every complete record at the front of ``buf`` (removing them); keep a partial one."""
-        plain: list[bytes] = []
+    def open_all(self, buf: bytes | bytearray) -> tuple[bytes, int]:
+        """Decrypt every complete record at the front of ``buf``: ``(plaintext, bytes used)``; a partial
+        record at the end is left for the caller to keep.
+        """
+        # Find the complete records first, checking every length, then decrypt them into the work buffer.
+        spans: list[int] = []
         pos = 0
         end = len(buf)
-        with memoryview(buf) as view:
-            while end - pos >= 2:
-                length = (view[pos] << 8) | view[pos + 1]
-                if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
-                    raise AuthenticationFailed("record length out of range")
-                if end - pos - 2 < length:
-                    break
-                if self.eof_received:
-                    raise AuthenticationFailed("record after the end of stream")
-                data = self._in.decrypt(view[pos + 2 : pos + 2 + length], view[pos : pos + 2])
-                pos += 2 + length
-                if data:
-                    plain.append(data)
-                else:
-                    self.eof_received = True
-        del buf[:pos]
-        return plain[0] if len(plain) == 1 else b"".join(plain)
+        plain_size = 0
+        eof_at = -1
+        while end - pos >= 2:
+            length = (buf[pos] << 8) | buf[pos + 1]
+            if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
+                raise AuthenticationFailed("record length out of range")
+            if end - pos - 2 < length:
+                break
+            if self.eof_received or eof_at >= 0:
+                raise AuthenticationFailed("record after the end of stream")
+            if length == TAGLEN:
+                eof_at = len(spans)
+            spans.append(pos)
+            plain_size += length - TAGLEN
+            pos += 2 + length
+        if not spans:
+            return b"", 0
+        n = self._in_n
+        if n + len(spans) > MAX_NONCE:
+            raise SecurityError("the cipher's nonce space is exhausted; start a new connection")
+        plain = self._open_work
+        if len(plain) < plain_size:
+            plain = _buffer(plain_size)
+            if plain_size <= WORK_BUFFER_MAX:
+                self._open_work = plain
+        decrypt_into = self._in.decrypt_into
+        nonce = _NONCE.pack
+        at = 0
+        with memoryview(buf) as view, memoryview(plain) as out:
+            for start in spans:
+                length = (buf[start] << 8) | buf[start + 1]
+                body = start + 2
+                size = length - TAGLEN
+                try:
+                    decrypt_into(nonce(n), view[body : body + length], view[start:body], out[at : at + size])
+                except InvalidTag:
+                    raise AuthenticationFailed("record failed authentication") from None
+                n += 1
+                at += size
+            result = bytes(out[:at])
+        self._in_n = n
+        if eof_at >= 0:
+            self.eof_received = True
+        return result, pos
 
 
 class _SecureStream:
-    __slots__ = ("_failed", "_inbuf", "_outbuf", "_pending", "_records")
+    __slots__ = ("_failed", "_inbuf", "_out", "_pending", "_records")
 
     def __init__(self) -> None:
         self._inbuf = bytearray()
-        self._outbuf = bytearray()
+        self._out: list[bytes | bytearray] = []  # wire bytes to send, in order
         self._pending = bytearray()  # plaintext queued before the keys exist
         self._records: _Records | None = None
         self._failed = False
@@ -140,7 +220,7 @@ class _SecureStream:
         if self._records is None:
             self._pending += data
         elif data:
-            self._records.seal(data, self._outbuf)
+            self._out.append(self._records.seal(data))
 
     def send_eof(self) -> None:
         """Queue the authenticated end-of-stream record (after any pending data)."""
@@ -148,18 +228,22 @@ class _SecureStream:
             raise SecurityError("the secure channel has failed")
         if self._records is None:
             raise SecurityError("send_eof() before the handshake completed")
-        self._records.seal_eof(self._outbuf)
+        record = self._records.seal_eof()
+        if record:
+            self._out.append(record)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the transport (drains the buffer; ``b""`` when nothing)."""
-        out = bytes(self._outbuf)
-        self._outbuf.clear()
-        return out
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return bytes(out[0]) if len(out) == 1 else b"".join(out)
 
     def _fail(self, exc: AuthenticationFailed) -> AuthenticationFailed:
         self._failed = True
         self._inbuf = bytearray()  # rebind, not resize: a view of the old buffer may still be alive
-        self._outbuf.clear()
+        self._out = []
         self._pending.clear()
         self._records = None
         return exc
@@ -167,7 +251,7 @@ class _SecureStream:
     def _established(self, records: _Records) -> None:
         self._records = records
         if self._pending:
-            records.seal(self._pending, self._outbuf)
+            self._out.append(records.seal(self._pending))
             self._pending.clear()
 
     def _take_frame(self, low: int, high: int) -> bytes | None:
@@ -193,12 +277,23 @@ class _SecureStream:
         """
         if self._failed:
             raise AuthenticationFailed("the secure channel has already failed")
-        self._inbuf += data
         try:
-            if self._records is None and not self._handshake_step(now):
-                return b""
-            assert self._records is not None
-            return self._records.open_all(self._inbuf)
+            records = self._records
+            if records is not None and not self._inbuf:
+                # the usual case: whole records straight from ``data``; only a partial one is kept
+                plain, used = records.open_all(data)
+                if used < len(data):
+                    self._inbuf += memoryview(data)[used:]
+                return plain
+            self._inbuf += data
+            if records is None:
+                if not self._handshake_step(now):
+                    return b""
+                records = self._records
+                assert records is not None
+            plain, used = records.open_all(self._inbuf)
+            del self._inbuf[:used]
+            return plain
         except AuthenticationFailed as exc:
             raise self._fail(exc) from None
 
@@ -219,7 +314,7 @@ class SecureStreamClient(_SecureStream):
         token = padding(TOKEN_LEN)
         payload = encode_init_payload(now, token, random_between(*INIT_PADDING))
         message = self._hs.write_message1(payload)
-        self._outbuf += _LEN.pack(len(message)) + message
+        self._out.append(_LEN.pack(len(message)) + message)
 
     def _handshake_step(self, now: float) -> bool:
         frame = self._take_frame(MIN_REPLY_LEN, MIN_REPLY_LEN + REPLY_PADDING_MAX)
@@ -259,7 +354,7 @@ class SecureStreamServer(_SecureStream):
             raise AuthenticationFailed("first handshake message replayed or outside the time window")
         room = len(frame) - MIN_REPLY_LEN
         reply = hs.write_message2(padding(random_between(0, min(REPLY_PADDING_MAX, room))))
-        self._outbuf += _LEN.pack(len(reply)) + reply
+        self._out.append(_LEN.pack(len(reply)) + reply)
         keys = hs.keys
         assert keys is not None
         self._established(_Records(keys.send, keys.receive))

@@ -30,6 +30,7 @@ log = structlog.get_logger("vtunnel.security")
 #: How long (seconds, chosen uniformly) a server keeps reading from a peer that failed the handshake.
 DEFAULT_SILENCE = (5.0, 30.0)
 _CLOSE_GRACE = 0.5
+_MIN_READ = 65536
 _random = secrets.SystemRandom()
 _Core = SecureStreamClient | SecureStreamServer
 
@@ -48,7 +49,7 @@ class SecureByteStream(ByteStream):
         self._transport = transport
         self._core = core
         self._buffer = bytearray(received)
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._closed = False
         self._broken = False
 
@@ -65,7 +66,9 @@ class SecureByteStream(ByteStream):
             if self._broken:
                 raise BrokenResourceError
             try:
-                data = await self._transport.receive()
+                # read as much as the caller takes: records are up to 16 KiB, so a small read would cost a
+                # decryption pass per record or two
+                data = await self._transport.receive(max(max_bytes, _MIN_READ))
             except EndOfStream:
                 self._broken = True
                 raise BrokenResourceError("connection ended without an authenticated end of stream") from None
