@@ -235,13 +235,33 @@ def agent(
 
 
 def _run_or_exit(go: Callable[[], Awaitable[None]]) -> None:
+    """Run ``go``; a failure to start (a port in use, a bad certificate) is one clear line and exit status 1."""
     try:
         run_async(go)
     except KeyboardInterrupt:
         pass
-    except (OSError, TransportError) as exc:
-        log.error("cannot start", error=str(exc))
+    except BaseExceptionGroup as group:
+        startup = _first_leaf(group, (OSError, TransportError))
+        if startup is None:
+            raise
+        log.error("cannot start", error=str(startup) or repr(startup))
         sys.exit(1)
+    except (OSError, TransportError) as exc:
+        log.error("cannot start", error=str(exc) or repr(exc))
+        sys.exit(1)
+
+
+def _first_leaf(
+    group: BaseExceptionGroup[BaseException], kinds: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_leaf(exc, kinds)
+            if found is not None:
+                return found
+        elif isinstance(exc, kinds):
+            return exc
+    return None
 
 
 @main.command()

@@ -254,3 +254,22 @@ def test_help_explains_each_command() -> None:
             check=True,
         )
         assert "Usage:" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["server", "agent"])
+def test_a_port_in_use_is_one_clear_line_and_exit_1(command: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        if command == "server":
+            args = ["server", "--listen", f"tcp://127.0.0.1:{port}", "--insecure"]
+        else:
+            args = ["agent", "--server", "tcp://127.0.0.1:9", "--socks", f"127.0.0.1:{port}", "--insecure"]
+        out = subprocess.run([*VTUNNEL, *args], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.returncode == 1
+    assert "cannot start" in out.stderr
+    assert "Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
