@@ -38,7 +38,7 @@ ROUNDS = {"full": 5, "quick": 2}
 LOSS_LEVELS = {"full": (0.0, 0.005, 0.01, 0.02, 0.05), "quick": (0.0, 0.01, 0.05)}
 
 
-#: The impaired UDP link of the relay scenarios, both directions: 5 ms +-1 ms one-way delay, 1% loss, 0.5%
+#: The impaired UDP link of the relay scenarios, both directions: 5 ms +-1 ms one-way delay, 2% loss, 0.5%
 #: reordered, 0.5% duplicated, 50 MB/s. Scenarios on the relay share one stack, so they share this profile.
 RELAY_PROFILE: tuple[str, ...] = (
     "--delay",
@@ -46,7 +46,7 @@ RELAY_PROFILE: tuple[str, ...] = (
     "--jitter",
     "1",
     "--loss",
-    "0.01",
+    "0.02",
     "--reorder",
     "0.005",
     "--duplicate",
