@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -105,13 +106,31 @@ async def _sample_socks5_in_stream(port: int, echo_port: int, payload: bytes) ->
     return time.perf_counter() - start
 
 
-async def _echo(stream: ByteStream) -> None:
-    async with stream:
-        try:
-            while True:
-                await stream.send(await stream.receive())
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
+def _start_echo() -> tuple[socket.socket, int]:
+    """A threaded echo server on 127.0.0.1 (the destination both ways reach)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(256)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    port: int = server.getsockname()[1]
+    return server, port
 
 
 async def _measure(count: int, zero_port: int, socks_port: int, echo_port: int) -> dict[str, list[float]]:
@@ -151,77 +170,49 @@ def main(argv: list[str] | None = None) -> int:
     vtunnel = [sys.executable, "-m", "vtunnel"]
     procs: list[subprocess.Popen[bytes]] = []
 
-    async def run() -> dict[str, list[float]]:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        echo_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, _echo)
-            tunnel_port = _free_port(socket.SOCK_DGRAM if args.scheme == "kcp" else socket.SOCK_STREAM)
-            url = f"{args.scheme}://127.0.0.1:{tunnel_port}" + ("?mode=fast3" if args.scheme == "kcp" else "")
-            key = Path(tempfile.mkdtemp(prefix="vtunnel-bench-")) / "key"
-            key.write_bytes(subprocess.run([*vtunnel, "keygen"], capture_output=True, check=True).stdout)
-            quiet = ["--log-level", "warning"]
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *vtunnel,
-                        "server",
-                        "--listen",
-                        url,
-                        "--psk-file",
-                        str(key),
-                        "--allow-private",
-                        "--websocks-user",
-                        f"{USER}:{PASSWORD}",
-                        *quiet,
-                    ],
-                    start_new_session=True,
-                )
-            )
-            await anyio.sleep(1.0)
-            zero_port, socks_port = _free_port(), _free_port()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *vtunnel,
-                        "agent",
-                        "--server",
-                        url,
-                        "--psk-file",
-                        str(key),
-                        "--forward",
-                        f"127.0.0.1:{zero_port}=127.0.0.1:{echo_port}",
-                        "--forward",
-                        f"127.0.0.1:{socks_port}",
-                        *quiet,
-                    ],
-                    start_new_session=True,
-                )
-            )
-            await anyio.to_thread.run_sync(_wait_port, zero_port)
-            await anyio.sleep(0.5)
-            samples = await _measure(args.count, zero_port, socks_port, echo_port)
-            tg.cancel_scope.cancel()
-        await listener.aclose()
-        return samples
-
+    echo, echo_port = _start_echo()
     try:
-        samples = anyio.run(run)
+        tunnel_port = _free_port(socket.SOCK_DGRAM if args.scheme == "kcp" else socket.SOCK_STREAM)
+        url = f"{args.scheme}://127.0.0.1:{tunnel_port}" + ("?mode=fast3" if args.scheme == "kcp" else "")
+        key = Path(tempfile.mkdtemp(prefix="vtunnel-bench-")) / "key"
+        key.write_bytes(subprocess.run([*vtunnel, "keygen"], capture_output=True, check=True).stdout)
+        quiet = ["--log-level", "warning"]
+        server_argv = [*vtunnel, "server", "--listen", url, "--psk-file", str(key), "--allow-private"]
+        procs.append(
+            subprocess.Popen(
+                [*server_argv, "--websocks-user", f"{USER}:{PASSWORD}", *quiet], start_new_session=True
+            )
+        )
+        time.sleep(1.0)
+        zero_port, socks_port = _free_port(), _free_port()
+        forwards = [
+            "--forward",
+            f"127.0.0.1:{zero_port}=127.0.0.1:{echo_port}",
+            "--forward",
+            f"127.0.0.1:{socks_port}",
+        ]
+        agent_argv = [*vtunnel, "agent", "--server", url, "--psk-file", str(key), *forwards, *quiet]
+        procs.append(subprocess.Popen(agent_argv, start_new_session=True))
+        _wait_port(zero_port)
+        time.sleep(0.5)
+        samples = anyio.run(_measure, args.count, zero_port, socks_port, echo_port)
     finally:
+        echo.close()
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-    rows = {}
+    rows: dict[str, dict[str, object]] = {}
     print(
         f"time to first byte of a new stream over {args.scheme}:// with a key, {args.count} samples each (ms)"
     )
     print(f"{'open':<18} {'p50':>8} {'p99':>8}")
     for name, values in samples.items():
         ms = [v * 1000 for v in values]
-        rows[name] = {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "samples_ms": ms}
-        print(f"{name:<18} {rows[name]['p50_ms']:8.2f} {rows[name]['p99_ms']:8.2f}")
-    ratio = rows["0-rtt"]["p50_ms"] / rows["socks5-in-stream"]["p50_ms"]
+        p50, p99 = percentile(ms, 50), percentile(ms, 99)
+        rows[name] = {"p50_ms": p50, "p99_ms": p99, "samples_ms": ms}
+        print(f"{name:<18} {p50:8.2f} {p99:8.2f}")
+    ratio = percentile(samples["0-rtt"], 50) / percentile(samples["socks5-in-stream"], 50)
     print(f"0-rtt / socks5-in-stream (p50): {ratio:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
