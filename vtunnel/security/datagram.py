@@ -66,6 +66,7 @@ class DatagramType(IntEnum):
 
 _HEAD = struct.Struct(">B8s")  # type, connection ID
 _DATA_HEAD = struct.Struct(">B8sQ")  # type, connection ID, counter
+_COUNTER = struct.Struct(">Q")
 DATA_HEADER_LEN = _DATA_HEAD.size  # 17
 DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 33
 _DATA = int(DatagramType.DATA)
@@ -115,14 +116,27 @@ class DatagramSession:
     datagram only after :meth:`open` accepted it.
     """
 
-    __slots__ = ("_open_aead", "_seal_aead", "_send_counter", "_window", "confirmed", "connection_id")
+    __slots__ = (
+        "_decrypt",
+        "_encrypt",
+        "_open_aead",
+        "_prefix",
+        "_seal_aead",
+        "_send_counter",
+        "_window",
+        "confirmed",
+        "connection_id",
+    )
 
     def __init__(self, connection_id: bytes, keys: TransportKeys, *, window: int = 4096) -> None:
         if len(connection_id) != CID_LEN:
             raise SecurityError("a connection ID is 8 bytes")
         self.connection_id = bytes(connection_id)
+        self._prefix = _HEAD.pack(_DATA, self.connection_id)  # the first 9 header bytes never change
         self._seal_aead = ChaCha20Poly1305(keys.send)
         self._open_aead = ChaCha20Poly1305(keys.receive)
+        self._encrypt = self._seal_aead.encrypt  # bound once: these run for every datagram
+        self._decrypt = self._open_aead.decrypt
         self._send_counter = 0
         self._window = ReplayWindow(window)
         #: True once a datagram from the peer was authenticated (both ends know the handshake completed).
@@ -137,22 +151,22 @@ class DatagramSession:
         if n >= MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = n + 1
-        header = _DATA_HEAD.pack(_DATA, self.connection_id, n)
-        return header + self._seal_aead.encrypt(_NONCE.pack(n), payload, header)
+        header = self._prefix + _COUNTER.pack(n)
+        return header + self._encrypt(_NONCE.pack(n), payload, header)
 
     def open(self, datagram: bytes) -> bytes | None:
         """The payload of an authentic, new DATA datagram for this session; None otherwise."""
-        if len(datagram) < DATAGRAM_OVERHEAD or datagram[0] != _DATA:
+        if len(datagram) < DATAGRAM_OVERHEAD:
             return None
-        _, cid, n = _DATA_HEAD.unpack_from(datagram)
-        if cid != self.connection_id or n == MAX_COUNTER:
+        kind, cid, n = _DATA_HEAD.unpack_from(datagram)
+        if kind != _DATA or cid != self.connection_id or n == MAX_COUNTER:
             return None
         window = self._window
         if n <= window.highest and not window.check(n):
             return None
         view = memoryview(datagram)
         try:
-            payload = self._open_aead.decrypt(_NONCE.pack(n), view[DATA_HEADER_LEN:], view[:DATA_HEADER_LEN])
+            payload = self._decrypt(_NONCE.pack(n), view[DATA_HEADER_LEN:], view[:DATA_HEADER_LEN])
         except InvalidTag:
             return None
         window.update(n)

@@ -117,32 +117,46 @@ class ReplayWindow:
 
     ``check(n)`` is the cheap test made before decrypting; ``update(n)`` records ``n`` and must be called only
     once the datagram carrying ``n`` has been authenticated (so forged counters cannot move the window).
+
+    The bitmap is a ring of 64-bit words, as RFC 6479 lays it out: moving the window forward clears the words
+    it enters (none for most datagrams, which land in the current word) instead of shifting the whole bitmap.
+    One word more than ``size`` needs keeps exactly ``size`` counters behind the highest one.
     """
 
-    __slots__ = ("_bits", "_mask", "highest", "size")
+    __slots__ = ("_count", "_words", "highest", "size")
 
     def __init__(self, size: int = 4096) -> None:
         if size < 64:
             raise ValueError("the replay window must cover at least 64 counters")
         self.size = size
-        self._mask = (1 << size) - 1
+        self._count = (size + 63) // 64 + 1
+        self._words = [0] * self._count  # bit (n & 63) of word (n >> 6) % count: counter n received
         self.highest = -1  # highest counter received so far; -1: none yet
-        self._bits = 0  # bit i set: counter (highest - i) received
 
     def check(self, n: int) -> bool:
         """True if counter ``n`` was not received yet and is not too old to tell."""
-        if n > self.highest:
+        highest = self.highest
+        if n > highest:
             return True
-        offset = self.highest - n
-        if offset >= self.size:
+        if highest - n >= self.size:
             return False
-        return not (self._bits >> offset) & 1
+        return not (self._words[(n >> 6) % self._count] >> (n & 63)) & 1
 
     def update(self, n: int) -> None:
         """Record counter ``n`` as received (after :meth:`check` and authentication)."""
-        if n > self.highest:
-            shift = n - self.highest
-            self._bits = 1 if shift >= self.size else ((self._bits << shift) | 1) & self._mask
+        words = self._words
+        count = self._count
+        highest = self.highest
+        if n > highest:
+            top = n >> 6
+            current = highest >> 6
+            if top != current:  # entering new words: forget what they held a lap ago
+                if top - current >= count:
+                    words[:] = [0] * count
+                else:
+                    for w in range(current + 1, top + 1):
+                        words[w % count] = 0
             self.highest = n
-        else:
-            self._bits |= 1 << (self.highest - n)
+        elif highest - n >= self.size:
+            return  # too old to record (check() refuses it anyway)
+        words[(n >> 6) % count] |= 1 << (n & 63)
