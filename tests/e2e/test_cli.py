@@ -171,8 +171,11 @@ def test_server_restart_is_followed_by_reconnection(
         pytest.fail(f"no working stream {budget} s after the server restart (last error: {last_error!r})")
 
 
-def test_sigterm_drains_an_open_transfer_and_exits_zero(procs: Processes, psk_file: Path, echo: int) -> None:
-    server, _, front = start_pair(procs, "tcp", psk_file, target=echo)
+@pytest.mark.parametrize("scheme", ["tcp", "kcp"])
+def test_sigterm_drains_an_open_transfer_and_exits_zero(
+    procs: Processes, psk_file: Path, echo: int, scheme: str
+) -> None:
+    server, _, front = start_pair(procs, scheme, psk_file, target=echo)
     payload = pattern(8 * 1024 * 1024, seed=11)
     result: dict[str, bytes | BaseException] = {}
 

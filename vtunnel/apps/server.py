@@ -99,14 +99,15 @@ class Server:
             for scope in accepting:
                 scope.cancel()
             await anyio.lowlevel.checkpoint()
-            for listener in self.listeners:
-                await listener.aclose()
             for conn in list(self.tunnels):
                 conn.shutdown("server shutting down", graceful=True)
             with anyio.move_on_after(self.settings.drain_timeout):
                 await self._no_tunnels.wait()
             if self.tunnels:
                 log.warning("drain timeout: closing remaining tunnels", tunnels=len(self.tunnels))
+            # listeners close only now: a datagram transport's sessions live on its listener's socket
+            for listener in self.listeners:
+                await listener.aclose()
             tg.cancel_scope.cancel()
 
     def shutdown(self) -> None:
