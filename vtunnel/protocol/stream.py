@@ -145,7 +145,6 @@ class Stream:
         "id",
         "metadata",
         "pending",
-        "pending_fin",
         "pending_len",
         "recv_remaining",
         "recv_unacked",
@@ -166,7 +165,6 @@ class Stream:
         self.recv_unannounced = 0  # acknowledged, not yet returned with WINDOW_UPDATE
         self.pending: list[bytes | memoryview] = []  # outgoing frames held until the SYN-ACK (no 0-RTT)
         self.pending_len = 0
-        self.pending_fin = False
 
     def apply(self, event: StreamInput) -> StreamEffect:
         try:

@@ -116,7 +116,6 @@ class Tunnel:
         self._run: list[bytes | memoryview] = []
         self._run_sid = 0
         self._ext = Extensions()
-        self._peer: PeerSettings | None = None
         self._send_frame_size = config.max_frame_size
         self._inflate_limit = max(config.max_frame_size, VPROXY_INFLATE_LIMIT)
         self._peer_stream_window = fr.MAX_WINDOW
@@ -454,7 +453,6 @@ class Tunnel:
         self._complete_handshake(peer)
 
     def _complete_handshake(self, peer: PeerSettings | None) -> None:
-        self._peer = peer
         self._ext = ext = negotiate(self.config, peer)
         self._handshake_deadline = None
         self._keepalive.received(self._now)

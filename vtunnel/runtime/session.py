@@ -68,7 +68,6 @@ class TunnelPool:
         self._next = 0
         self._changed = anyio.Event()
         self._stopping = False
-        self.connects = 0
 
     @property
     def connections(self) -> list[TunnelConnection]:
@@ -104,7 +103,6 @@ class TunnelPool:
                     conn.shutdown("handshake failed", graceful=False)
                     tg.cancel_scope.cancel()
                 else:
-                    self.connects += 1
                     slog.info("tunnel up", extensions=str(conn.tunnel.extensions))
                     self._slots[index] = conn
                     self._notify()
