@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from anyio.abc import ByteStream, SocketAttribute
+from anyio.abc import SocketAttribute
 
+from tests.streams import echo, read_exactly
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
 from vtunnel.transports.kcp_engine import KCPEngine
@@ -59,23 +60,6 @@ async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None
             if condition():
                 return
             await anyio.sleep(0.005)
-
-
-async def echo(stream: ByteStream) -> None:
-    try:
-        while True:
-            await stream.send(await stream.receive())
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-        pass
-    finally:
-        await stream.aclose()
-
-
-async def read_exactly(stream: ByteStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        buf += await stream.receive()
-    return bytes(buf)
 
 
 async def test_echo_both_ways_byte_exact() -> None:

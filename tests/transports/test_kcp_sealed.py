@@ -13,6 +13,7 @@ import anyio
 import pytest
 from anyio.abc import ByteStream
 
+from tests.streams import echo, read_exactly
 from vtunnel.security.datagram import DATAGRAM_OVERHEAD, DatagramClient
 from vtunnel.security.errors import HandshakeTimeout
 from vtunnel.testing import Impairment, ImpairmentRelay
@@ -53,21 +54,6 @@ async def sealed_listener(query: str = "") -> SealedKCPListener:
 
 async def connect(port: int, security: SecurityConfig = KEY, query: str = "") -> ByteStream:
     return await KCPTransport().connect(Endpoint.parse(f"kcp://127.0.0.1:{port}{query}"), security=security)
-
-
-async def echo(stream: ByteStream) -> None:
-    try:
-        while True:
-            await stream.send(await stream.receive())
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-        pass
-
-
-async def read_exactly(stream: ByteStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        buf += await stream.receive()
-    return bytes(buf)
 
 
 async def test_sealed_echo_through_loss_and_a_lost_handshake() -> None:

@@ -9,21 +9,13 @@ import anyio
 import pytest
 from anyio.abc import ByteStream
 
+from tests.streams import echo
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
 from vtunnel.transports.tcp import SecuredListener
 
 pytestmark = pytest.mark.anyio
 
 KEY = SecurityConfig(psk=os.urandom(32))
-
-
-async def echo_once(stream: ByteStream) -> None:
-    async with stream:
-        try:
-            while True:
-                await stream.send(await stream.receive())
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
 
 
 @pytest.mark.parametrize("security", [SecurityConfig(), KEY], ids=["insecure", "psk"])
@@ -33,7 +25,7 @@ async def test_tcp_round_trip(security: SecurityConfig) -> None:
     assert isinstance(listener, SecuredListener)
     port = int(listener.local_address.rsplit(":", 1)[1])
     async with anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, echo_once)
+        tg.start_soon(listener.serve, echo)
         stream = await transport.connect(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=security)
         async with stream:
             await stream.send(b"x" * 100_000)
@@ -58,7 +50,7 @@ async def test_tls_round_trip_with_certificates(tmp_path: Path) -> None:
     )
     port = int(listener.local_address.rsplit(":", 1)[1])  # type: ignore[attr-defined]
     async with anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, echo_once)
+        tg.start_soon(listener.serve, echo)
         url = f"tls://127.0.0.1:{port}?ca={tmp_path / 'ca.pem'}&servername=localhost"
         stream = await transport.connect(Endpoint.parse(url), security=KEY)
         async with stream:

@@ -1,0 +1,24 @@
+"""anyio byte-stream helpers shared by the transport tests."""
+
+from __future__ import annotations
+
+import anyio
+from anyio.abc import ByteStream
+
+
+async def echo(stream: ByteStream) -> None:
+    """Send back everything received until the peer ends or breaks the stream, then close it."""
+    try:
+        while True:
+            await stream.send(await stream.receive())
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def read_exactly(stream: ByteStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        buf += await stream.receive()
+    return bytes(buf)
