@@ -10,7 +10,7 @@ import click
 import structlog
 
 from vtunnel import __version__
-from vtunnel.config import ConfigError, load_config, resolve_psk, tunnel_config
+from vtunnel.config import ConfigError, load_config, resolve_cipher, resolve_psk, tunnel_config
 from vtunnel.logging import configure_logging
 from vtunnel.runtime.process import run_async, serve_until_signal
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
@@ -37,6 +37,13 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
     f = click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")(f)
     f = click.option("--insecure", is_flag=True, help="Run without a key: plaintext, vproxy-compatible.")(f)
+    f = click.option(
+        "--cipher",
+        type=click.Choice(["auto", "aes-256-gcm", "chacha20-poly1305"], case_sensitive=False),
+        default=None,
+        help="Transport cipher with a key (default auto: AES-256-GCM when both ends have AES instructions, "
+        "else ChaCha20-Poly1305). A named cipher is the only one offered or accepted. VTUNNEL_CIPHER works too.",
+    )(f)
     f = click.option(
         "--psk-file",
         type=click.Path(dir_okay=False),
@@ -69,14 +76,17 @@ def _endpoint(url: str, what: str) -> Endpoint:
         raise click.BadParameter(str(exc), param_hint=what) from None
 
 
-def _security(psk_file: str | None, insecure: bool, section: dict[str, Any]) -> SecurityConfig:
+def _security(
+    psk_file: str | None, insecure: bool, section: dict[str, Any], cipher: str | None = None
+) -> SecurityConfig:
     try:
         psk = resolve_psk(psk_file=psk_file, insecure=insecure, section=section)
+        chosen = resolve_cipher(cipher=cipher, section=section)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if psk is None:
         log.warning("running without a key: the tunnel is plaintext and unauthenticated (--insecure)")
-    return SecurityConfig(psk=psk)
+    return SecurityConfig(psk=psk, cipher=chosen)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -113,6 +123,7 @@ def server(
     websocks_user: tuple[str, ...],
     psk_file: str | None,
     insecure: bool,
+    cipher: str | None,
     config_path: str | None,
     log_level: str | None,
     log_format: str | None,
@@ -146,7 +157,7 @@ def server(
         )
         settings = ServerSettings(
             listen=endpoints,
-            security=_security(psk_file, insecure, sec),
+            security=_security(psk_file, insecure, sec, cipher),
             target=target or sec.get("target"),
             policy=policy,
             websocks_users=users,
@@ -188,6 +199,7 @@ def agent(
     connections: int | None,
     psk_file: str | None,
     insecure: bool,
+    cipher: str | None,
     config_path: str | None,
     log_level: str | None,
     log_format: str | None,
@@ -214,7 +226,7 @@ def agent(
             socks_addr = DEFAULT_SOCKS
         settings = AgentSettings(
             server=_endpoint(url, "--server"),
-            security=_security(psk_file, insecure, sec),
+            security=_security(psk_file, insecure, sec, cipher),
             forwards=forwards,
             socks=parse_hostport(socks_addr, default_host="127.0.0.1") if socks_addr else None,
             http=parse_hostport(http_addr, default_host="127.0.0.1") if http_addr else None,

@@ -5,6 +5,7 @@
 listen = ["kcp://0.0.0.0:4000", "tcp://0.0.0.0:4000"]
 target = "127.0.0.1:8388"          # optional: every stream without a destination goes here
 psk_file = "/etc/vtunnel/key"      # or `insecure = true` for a plaintext, vproxy-compatible tunnel
+cipher = "auto"                    # or "aes-256-gcm" / "chacha20-poly1305" to pin the transport cipher
 allow_private = false
 allow = ["10.1.2.0/24"]            # exit policy exceptions
 deny = ["*.internal"]
@@ -43,7 +44,7 @@ from typing import Any
 
 from vtunnel.protocol import TunnelConfig
 
-__all__ = ["ConfigError", "load_config", "resolve_psk", "tunnel_config"]
+__all__ = ["ConfigError", "load_config", "resolve_cipher", "resolve_psk", "tunnel_config"]
 
 SECTIONS = {
     "server": {
@@ -52,6 +53,7 @@ SECTIONS = {
         "psk_file",
         "psk",
         "insecure",
+        "cipher",
         "allow_private",
         "allow",
         "deny",
@@ -69,6 +71,7 @@ SECTIONS = {
         "psk_file",
         "psk",
         "insecure",
+        "cipher",
         "socks_users",
         "drain_timeout",
         "open_timeout",
@@ -139,3 +142,19 @@ def resolve_psk(
         "no pre-shared key: give --psk-file FILE (make one with `vtunnel keygen > FILE`), set VTUNNEL_PSK, "
         "or pass --insecure for a plaintext tunnel (vproxy-compatible, anyone can use it)"
     )
+
+
+def resolve_cipher(
+    *, cipher: str | None, section: Mapping[str, Any], env: Mapping[str, str] = os.environ
+) -> str:
+    """The transport cipher setting from ``--cipher``, ``VTUNNEL_CIPHER``, or the config; ``auto`` by default.
+
+    Raises :class:`ConfigError` naming the choices when the setting is not one of them.
+    """
+    from vtunnel.security.ciphers import CIPHER_CHOICES
+
+    value = cipher or env.get("VTUNNEL_CIPHER") or section.get("cipher") or "auto"
+    name = str(value).strip().lower()
+    if name not in CIPHER_CHOICES:
+        raise ConfigError(f"cipher must be one of {', '.join(CIPHER_CHOICES)}, not {str(value)!r}")
+    return name

@@ -3,11 +3,13 @@
 - :mod:`.stream`: Noise NNpsk0 handshake + AEAD records for ordered byte streams (TCP, TLS).
 - :mod:`.datagram`: the same handshake + individually sealed datagrams with an explicit counter (UDP).
 - :mod:`.replay`: the handshake replay cache, the per-source handshake limiter, the datagram replay window.
+- :mod:`.ciphers`: the transport ciphers (ChaCha20-Poly1305, AES-256-GCM) and how the handshake picks one.
 - :mod:`.keys`: pre-shared key generation and parsing.
 
 Nothing here does I/O or reads a clock; see ``docs/security.md`` for the wire formats.
 """
 
+from .ciphers import CIPHER_CHOICES, Cipher, preference
 from .datagram import (
     CID_LEN,
     DATAGRAM_OVERHEAD,
@@ -23,8 +25,10 @@ from .stream import SecureStreamClient, SecureStreamServer
 
 __all__ = [
     "CID_LEN",
+    "CIPHER_CHOICES",
     "DATAGRAM_OVERHEAD",
     "AuthenticationFailed",
+    "Cipher",
     "DatagramClient",
     "DatagramServer",
     "DatagramSession",
@@ -39,4 +43,5 @@ __all__ = [
     "generate_key",
     "load_psk_file",
     "peek_connection_id",
+    "preference",
 ]

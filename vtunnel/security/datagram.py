@@ -4,12 +4,13 @@ Layouts (integers big endian; full description in ``docs/security.md``)::
 
     INIT   (client -> server)  01 | initial CID (8) | Noise message 1 (e 32 | payload + tag 16)
     REPLY  (server -> client)  02 | initial CID (8) | Noise message 2 (e 32 | payload + tag 16)
-    DATA   (both ways)         03 | CID (8) | counter u64 | ChaCha20-Poly1305 ciphertext + tag 16
+    DATA   (both ways)         03 | CID (8) | counter u64 | AEAD ciphertext + tag 16
 
-INIT's payload is the timestamp, the anti-replay token and padding (see :mod:`.handshake`); INIT's first three
-fields are the Noise prologue, so they are authenticated. REPLY's payload is the connection ID the server
-assigns, then padding. A DATA datagram's AEAD nonce is its counter and its associated data the 17 header
-bytes; each direction has its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
+INIT's payload is the timestamp, the anti-replay token, the cipher offer and padding (see :mod:`.handshake`);
+INIT's first three fields are the Noise prologue, so they are authenticated. REPLY's payload is the connection
+ID the server assigns, the chosen cipher's code, then padding. A DATA datagram is sealed with the chosen cipher
+(:mod:`.ciphers`); its nonce is its counter and its associated data the 17 header bytes; each direction has
+its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
 
 The connection ID is the only clear field a server uses: it finds the session by it, never by the source
 address, so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed
@@ -22,15 +23,17 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from .ciphers import DEFAULT_CIPHERS, Cipher, check_ciphers, choose, decode_choice, make_aead, nonce_function
 from .errors import AuthenticationFailed, SecurityError
 from .handshake import (
     INIT_PAYLOAD_LEN,
+    MIN_INIT_PAYLOAD_LEN,
     NOISE_OVERHEAD,
     TOKEN_LEN,
     check_wall_clock,
@@ -70,13 +73,14 @@ _COUNTER = struct.Struct(">Q")
 DATA_HEADER_LEN = _DATA_HEAD.size  # 17
 DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 33
 _DATA = int(DatagramType.DATA)
-_NONCE = struct.Struct("<4xQ")  # the ChaCha20-Poly1305 nonce of counter n, as Noise builds it
-_DATAGRAM_PROLOGUE = b"vtunnel datagram v1"
+#: v2: INIT offers transport ciphers and REPLY names the chosen one. A v1 peer's INIT fails authentication
+#: under this prologue (and ours under its), so the server stays silent and the client times out.
+_DATAGRAM_PROLOGUE = b"vtunnel datagram v2"
 
 INIT_PADDING = (16, 400)
-MIN_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + INIT_PAYLOAD_LEN
+MIN_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + MIN_INIT_PAYLOAD_LEN
 MAX_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
-MIN_REPLY_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + CID_LEN
+MIN_REPLY_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + CID_LEN + 1  # the CID, then the chosen cipher's code
 REPLY_PADDING_MAX = 256
 #: Seconds during which a client retransmits the same first datagram and the server answers such copies.
 RETRANSMIT_PERIOD = 10.0
@@ -119,24 +123,30 @@ class DatagramSession:
     __slots__ = (
         "_decrypt",
         "_encrypt",
+        "_nonce",
         "_open_aead",
         "_prefix",
         "_seal_aead",
         "_send_counter",
         "_window",
+        "cipher",
         "confirmed",
         "connection_id",
     )
 
-    def __init__(self, connection_id: bytes, keys: TransportKeys, *, window: int = 4096) -> None:
+    def __init__(
+        self, connection_id: bytes, keys: TransportKeys, *, cipher: Cipher, window: int = 4096
+    ) -> None:
         if len(connection_id) != CID_LEN:
             raise SecurityError("a connection ID is 8 bytes")
         self.connection_id = bytes(connection_id)
+        self.cipher = Cipher(cipher)
         self._prefix = _HEAD.pack(_DATA, self.connection_id)  # the first 9 header bytes never change
-        self._seal_aead = ChaCha20Poly1305(keys.send)
-        self._open_aead = ChaCha20Poly1305(keys.receive)
+        self._seal_aead = make_aead(self.cipher, keys.send)
+        self._open_aead = make_aead(self.cipher, keys.receive)
         self._encrypt = self._seal_aead.encrypt  # bound once: these run for every datagram
         self._decrypt = self._open_aead.decrypt
+        self._nonce = nonce_function(self.cipher)
         self._send_counter = 0
         self._window = ReplayWindow(window)
         #: True once a datagram from the peer was authenticated (both ends know the handshake completed).
@@ -152,7 +162,7 @@ class DatagramSession:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = n + 1
         header = self._prefix + _COUNTER.pack(n)
-        return header + self._encrypt(_NONCE.pack(n), payload, header)
+        return header + self._encrypt(self._nonce(n), payload, header)
 
     def open(self, datagram: bytes) -> bytes | None:
         """The payload of an authentic, new DATA datagram for this session; None otherwise."""
@@ -166,7 +176,7 @@ class DatagramSession:
             return None
         view = memoryview(datagram)
         try:
-            payload = self._decrypt(_NONCE.pack(n), view[DATA_HEADER_LEN:], view[:DATA_HEADER_LEN])
+            payload = self._decrypt(self._nonce(n), view[DATA_HEADER_LEN:], view[:DATA_HEADER_LEN])
         except InvalidTag:
             return None
         window.update(n)
@@ -181,14 +191,19 @@ class DatagramClient:
     :attr:`established`, :meth:`seal` payloads and :meth:`receive` returns the server's payloads.
 
     ``connection_id`` is a random initial ID until the reply arrives, then the ID the server assigned.
+    ``ciphers`` is the offer, best first. An authentic reply that chooses a cipher not offered ends the attempt:
+    :attr:`failure` says why and nothing more is accepted (the caller times out, as with any failure).
     """
 
-    __slots__ = ("_created", "_hs", "_init", "_initial_cid", "_psk", "_session")
+    __slots__ = ("_created", "_hs", "_init", "_initial_cid", "_offer", "_psk", "_session", "failure")
 
-    def __init__(self, psk: bytes, *, now: float) -> None:
+    def __init__(self, psk: bytes, *, now: float, ciphers: Sequence[Cipher] = DEFAULT_CIPHERS) -> None:
         check_psk(psk)
         self._psk = bytes(psk)
+        self._offer = check_ciphers(ciphers)
         self._session: DatagramSession | None = None
+        #: Why an authentic reply was refused (for the caller's error message); None otherwise.
+        self.failure: str | None = None
         self._start(now)
 
     def _start(self, now: float) -> None:
@@ -196,7 +211,7 @@ class DatagramClient:
         self._created = now
         self._initial_cid = padding(CID_LEN)
         self._hs = Initiator(self._psk, prologue=_prologue(DatagramType.INIT, self._initial_cid))
-        payload = encode_init_payload(now, padding(TOKEN_LEN), random_between(*INIT_PADDING))
+        payload = encode_init_payload(now, padding(TOKEN_LEN), self._offer, random_between(*INIT_PADDING))
         self._init = _HEAD.pack(DatagramType.INIT, self._initial_cid) + self._hs.write_message1(payload)
 
     @property
@@ -240,19 +255,25 @@ class DatagramClient:
         session = self._session
         if session is not None:
             return session.open(datagram)
+        if self.failure is not None:
+            return None
         if len(datagram) < MIN_REPLY_DATAGRAM or datagram[0] != DatagramType.REPLY:
             return None
         if not hmac.compare_digest(bytes(datagram[1 : 1 + CID_LEN]), self._initial_cid):
             return None
         try:
             payload = self._hs.read_message2(bytes(datagram[_HEAD.size :]))
-        except AuthenticationFailed:
-            return None
-        if len(payload) < CID_LEN:  # cannot happen with an honest server holding the key
+            # the reply authenticated, so the handshake is spent: a bad payload ends this attempt
+            if len(payload) <= CID_LEN:
+                raise AuthenticationFailed("handshake reply too short")
+            cipher = decode_choice(payload[CID_LEN], self._offer)
+        except AuthenticationFailed as exc:
+            if self._hs.keys is not None:
+                self.failure = str(exc)
             return None
         keys = self._hs.keys
         assert keys is not None
-        self._session = DatagramSession(payload[:CID_LEN], keys)
+        self._session = DatagramSession(payload[:CID_LEN], keys, cipher=cipher)
         return None
 
     def seal(self, payload: bytes) -> bytes:
@@ -276,10 +297,11 @@ class DatagramServer:
     """Answers valid INIT datagrams with a new session; anything else gets None (send nothing).
 
     ``server_id`` (0 to 4 bytes) starts every connection ID this server assigns; the rest is random.
-    ``max_pending`` bounds the retransmission memory (oldest forgotten first).
+    ``max_pending`` bounds the retransmission memory (oldest forgotten first). ``ciphers`` are the transport
+    ciphers accepted, best first; an INIT offering none of them gets nothing.
     """
 
-    __slots__ = ("_limiter", "_max_pending", "_pending", "_psk", "_replay", "_server_id")
+    __slots__ = ("_accepted", "_limiter", "_max_pending", "_pending", "_psk", "_replay", "_server_id")
 
     def __init__(
         self,
@@ -289,8 +311,10 @@ class DatagramServer:
         limiter: HandshakeLimiter | None = None,
         server_id: bytes = b"",
         max_pending: int = 4096,
+        ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
     ) -> None:
         check_psk(psk)
+        self._accepted = check_ciphers(ciphers)
         if len(server_id) > 4:
             raise SecurityError("a server id is at most 4 bytes (4 or more random bytes follow it)")
         self._psk = bytes(psk)
@@ -331,19 +355,23 @@ class DatagramServer:
             init = decode_init_payload(hs.read_message1(datagram[_HEAD.size :]))
         except AuthenticationFailed:
             return None
+        cipher = choose(init.ciphers, self._accepted)
+        if cipher is None:
+            return None
         self._prune(now)
         if not self._replay.check_and_remember(init.token, init.timestamp, now):
             return self._repeat(init.token, datagram, source, now)
         cid = self._server_id + padding(CID_LEN - len(self._server_id))
         room = n - MIN_REPLY_DATAGRAM
+        pad = padding(random_between(0, min(REPLY_PADDING_MAX, room)))
         try:
-            message = hs.write_message2(cid + padding(random_between(0, min(REPLY_PADDING_MAX, room))))
+            message = hs.write_message2(cid + bytes((cipher,)) + pad)
         except AuthenticationFailed:
             return None
         reply = _HEAD.pack(DatagramType.REPLY, initial_cid) + message
         keys = hs.keys
         assert keys is not None
-        session = DatagramSession(cid, keys)
+        session = DatagramSession(cid, keys, cipher=cipher)
         self._pending[init.token] = _Pending(
             datagram=datagram, session=session, reply=reply, source=source, until=now + RETRANSMIT_PERIOD
         )

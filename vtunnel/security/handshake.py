@@ -4,10 +4,11 @@ The first message's payload (encrypted and authenticated under the pre-shared ke
 
     timestamp  u64 big endian, milliseconds since the Unix epoch (the sender's wall clock)
     token      16 random bytes: the anti-replay nonce the server remembers
+    ciphers    u8 count, then that many transport cipher codes, best first (see :mod:`.ciphers`)
     padding    random bytes, random length (ignored)
 
-The reply's payload is mode specific, and ends with random padding too. Padding is always "the rest of the
-payload", so it needs no length field.
+The reply's payload is mode specific; it carries the chosen cipher's code and ends with random padding too.
+Padding is always "the rest of the payload", so it needs no length field.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import secrets
 import struct
 from dataclasses import dataclass
 
+from .ciphers import Cipher, decode_offer, encode_offer
 from .errors import AuthenticationFailed, SecurityError
 from .noise import DHLEN, TAGLEN
 
 __all__ = [
     "INIT_PAYLOAD_LEN",
+    "MIN_INIT_PAYLOAD_LEN",
     "InitPayload",
     "check_wall_clock",
     "decode_init_payload",
@@ -32,7 +35,9 @@ __all__ = [
 
 TOKEN_LEN = 16
 _INIT = struct.Struct(">Q16s")
-INIT_PAYLOAD_LEN = _INIT.size  # 24, before padding
+INIT_PAYLOAD_LEN = _INIT.size  # 24, before the cipher offer and the padding
+#: The shortest first payload: timestamp, token, and an offer of one cipher.
+MIN_INIT_PAYLOAD_LEN = INIT_PAYLOAD_LEN + 2
 #: A Noise message's fixed cost: the ephemeral key and the payload's tag.
 NOISE_OVERHEAD = DHLEN + TAGLEN
 
@@ -41,6 +46,7 @@ NOISE_OVERHEAD = DHLEN + TAGLEN
 class InitPayload:
     timestamp: float  # seconds since the epoch
     token: bytes
+    ciphers: tuple[Cipher, ...]  # the known ones the client offered, best first (may be empty)
 
 
 def check_wall_clock(now: float) -> None:
@@ -58,15 +64,16 @@ def padding(n: int) -> bytes:
     return os.urandom(n) if n > 0 else b""
 
 
-def encode_init_payload(now: float, token: bytes, pad: int) -> bytes:
+def encode_init_payload(now: float, token: bytes, ciphers: tuple[Cipher, ...], pad: int) -> bytes:
     check_wall_clock(now)
     if len(token) != TOKEN_LEN:
         raise SecurityError("the anti-replay token is 16 bytes")
-    return _INIT.pack(int(now * 1000.0), token) + padding(pad)
+    return _INIT.pack(int(now * 1000.0), token) + encode_offer(ciphers) + padding(pad)
 
 
 def decode_init_payload(payload: bytes) -> InitPayload:
-    if len(payload) < INIT_PAYLOAD_LEN:
+    if len(payload) < MIN_INIT_PAYLOAD_LEN:
         raise AuthenticationFailed("first handshake payload too short")
     millis, token = _INIT.unpack_from(payload)
-    return InitPayload(timestamp=millis / 1000.0, token=token)
+    ciphers, _ = decode_offer(payload, INIT_PAYLOAD_LEN)
+    return InitPayload(timestamp=millis / 1000.0, token=token, ciphers=ciphers)

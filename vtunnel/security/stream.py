@@ -2,9 +2,10 @@
 
 Wire format (every integer big endian), see ``docs/security.md``::
 
-    client -> server   u16 length | Noise message 1   (e, payload: timestamp, token, padding; tag)
-    server -> client   u16 length | Noise message 2   (e, payload: padding; tag)
-    both ways          u16 length | ChaCha20-Poly1305(plaintext), nonce = implicit counter, ad = the length
+    client -> server   u16 length | Noise message 1   (e, payload: timestamp, token, cipher offer, padding; tag)
+    server -> client   u16 length | Noise message 2   (e, payload: chosen cipher, padding; tag)
+    both ways          u16 length | AEAD(plaintext) under the chosen cipher, nonce = implicit counter,
+                                    ad = the length
 
 A record's plaintext is 1 to 16384 bytes; a record with an empty plaintext means "the sender has finished
 sending" (an authenticated end of stream, so a connection cut by a third party is told apart from a clean
@@ -18,13 +19,15 @@ then dead and the caller must send nothing more to that peer.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from .ciphers import DEFAULT_CIPHERS, Cipher, check_ciphers, choose, decode_choice, make_aead, nonce_function
 from .errors import AuthenticationFailed, SecurityError
 from .handshake import (
     INIT_PAYLOAD_LEN,
+    MIN_INIT_PAYLOAD_LEN,
     NOISE_OVERHEAD,
     TOKEN_LEN,
     check_wall_clock,
@@ -45,11 +48,12 @@ __all__ = [
     "SecureStreamServer",
 ]
 
-STREAM_PROLOGUE = b"vtunnel stream v1"
+#: v2: the first message offers transport ciphers and the reply names the chosen one. A v1 peer fails the
+#: other's first message (different prologue): the server stays silent and the client times out.
+STREAM_PROLOGUE = b"vtunnel stream v2"
 MAX_RECORD_PLAINTEXT = 16384
 _LEN = struct.Struct(">H")
 RECORD_OVERHEAD = _LEN.size + TAGLEN  # 18 bytes per record
-_NONCE = struct.Struct("<4xQ")  # the nonce of record n: 32 zero bits, then n little endian (as Noise)
 MAX_NONCE = 2**64 - 1  # reserved by Noise
 #: The largest work buffer (bytes) a channel keeps between calls, per direction.
 WORK_BUFFER_MAX = 1 << 20
@@ -58,9 +62,9 @@ WORK_BUFFER_MAX = 1 << 20
 INIT_PADDING = (16, 512)
 #: Random padding in the reply, at most; never more than keeps the reply no larger than the first message.
 REPLY_PADDING_MAX = 256
-MIN_INIT_LEN = NOISE_OVERHEAD + INIT_PAYLOAD_LEN
+MIN_INIT_LEN = NOISE_OVERHEAD + MIN_INIT_PAYLOAD_LEN
 MAX_HANDSHAKE_LEN = NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
-MIN_REPLY_LEN = NOISE_OVERHEAD
+MIN_REPLY_LEN = NOISE_OVERHEAD + 1  # the chosen cipher's code
 
 
 def _buffer(size: int) -> bytearray:
@@ -70,18 +74,32 @@ def _buffer(size: int) -> bytearray:
 class _Records:
     """Both directions of the record layer once the keys exist.
 
-    Noise's transport cipher (ChaCha20-Poly1305, nonce = 32 zero bits then the little-endian record counter)
-    applied straight into two work buffers that live as long as the channel: allocating and zeroing a fresh
+    Noise's transport cipher (the negotiated AEAD; nonce = 32 zero bits then the record counter as 64 bits,
+    little endian for ChaCha20-Poly1305 and big endian for AES-256-GCM, as Noise has it) applied straight into
+    two work buffers that live as long as the channel: allocating and zeroing a fresh
     buffer of a few hundred KiB costs more than encrypting it. Each call hands out one ``bytes`` copy of its
     result. A work buffer grows to the largest call up to :data:`WORK_BUFFER_MAX` and is kept; a larger call
     uses a temporary one.
     """
 
-    __slots__ = ("_in", "_in_n", "_open_work", "_out", "_out_n", "_seal_work", "eof_received", "eof_sent")
+    __slots__ = (
+        "_in",
+        "_in_n",
+        "_nonce",
+        "_open_work",
+        "_out",
+        "_out_n",
+        "_seal_work",
+        "cipher",
+        "eof_received",
+        "eof_sent",
+    )
 
-    def __init__(self, send_key: bytes, receive_key: bytes) -> None:
-        self._out = ChaCha20Poly1305(send_key)
-        self._in = ChaCha20Poly1305(receive_key)
+    def __init__(self, send_key: bytes, receive_key: bytes, cipher: Cipher) -> None:
+        self.cipher = cipher
+        self._out = make_aead(cipher, send_key)
+        self._in = make_aead(cipher, receive_key)
+        self._nonce = nonce_function(cipher)
         self._out_n = 0
         self._in_n = 0
         self._seal_work = bytearray()
@@ -111,7 +129,7 @@ class _Records:
             if total <= WORK_BUFFER_MAX:
                 self._seal_work = buf
         encrypt_into = self._out.encrypt_into
-        nonce = _NONCE.pack
+        nonce = self._nonce
         with memoryview(buf) as out, memoryview(data) as src:
             pos = 0
             for start in range(0, size, MAX_RECORD_PLAINTEXT):
@@ -130,7 +148,7 @@ class _Records:
         if self.eof_sent:
             return b""
         header = _LEN.pack(TAGLEN)
-        record = header + self._out.encrypt(_NONCE.pack(self._reserve(1)), b"", header)
+        record = header + self._out.encrypt(self._nonce(self._reserve(1)), b"", header)
         self.eof_sent = True
         return record
 
@@ -168,7 +186,7 @@ class _Records:
             if plain_size <= WORK_BUFFER_MAX:
                 self._open_work = plain
         decrypt_into = self._in.decrypt_into
-        nonce = _NONCE.pack
+        nonce = self._nonce
         at = 0
         with memoryview(buf) as view, memoryview(plain) as out:
             for start in spans:
@@ -202,6 +220,11 @@ class _SecureStream:
     def handshake_complete(self) -> bool:
         """True once the keys exist (records can flow)."""
         return self._records is not None
+
+    @property
+    def cipher(self) -> Cipher | None:
+        """The transport cipher the handshake chose (None before it completed)."""
+        return self._records.cipher if self._records is not None else None
 
     @property
     def eof_sent(self) -> bool:
@@ -302,17 +325,19 @@ class SecureStreamClient(_SecureStream):
     """The initiator. Message 1 is queued at construction: call :meth:`data_to_send` and write it.
 
     ``now`` is wall-clock seconds (``time.time()``); it becomes the first message's timestamp. Data given to
-    :meth:`send` before the reply arrived is held and sent, encrypted, right after it.
+    :meth:`send` before the reply arrived is held and sent, encrypted, right after it. ``ciphers`` is the offer,
+    best first; a reply choosing anything else fails the handshake.
     """
 
-    __slots__ = ("_hs",)
+    __slots__ = ("_hs", "_offer")
 
-    def __init__(self, psk: bytes, *, now: float) -> None:
+    def __init__(self, psk: bytes, *, now: float, ciphers: Sequence[Cipher] = DEFAULT_CIPHERS) -> None:
         super().__init__()
         check_wall_clock(now)
+        self._offer = check_ciphers(ciphers)
         self._hs = Initiator(psk, prologue=STREAM_PROLOGUE)
         token = padding(TOKEN_LEN)
-        payload = encode_init_payload(now, token, random_between(*INIT_PADDING))
+        payload = encode_init_payload(now, token, self._offer, random_between(*INIT_PADDING))
         message = self._hs.write_message1(payload)
         self._out.append(_LEN.pack(len(message)) + message)
 
@@ -320,10 +345,13 @@ class SecureStreamClient(_SecureStream):
         frame = self._take_frame(MIN_REPLY_LEN, MIN_REPLY_LEN + REPLY_PADDING_MAX)
         if frame is None:
             return False
-        self._hs.read_message2(frame)
+        payload = self._hs.read_message2(frame)
+        if not payload:
+            raise AuthenticationFailed("handshake reply names no cipher")
+        cipher = decode_choice(payload[0], self._offer)
         keys = self._hs.keys
         assert keys is not None
-        self._established(_Records(keys.send, keys.receive))
+        self._established(_Records(keys.send, keys.receive, cipher))
         return True
 
 
@@ -332,16 +360,22 @@ class SecureStreamServer(_SecureStream):
     (right key, timestamp within the replay window, token never seen) the reply is queued and the channel is
     up.
 
-    The reply is never larger than the client's first message. Nothing is ever queued for a peer that fails.
+    ``ciphers`` are the transport ciphers this server accepts, best first; the reply names the one chosen
+    from the client's offer (:func:`~vtunnel.security.ciphers.choose`). A client offering none of them fails
+    like any other. The reply is never larger than the client's first message. Nothing is ever queued for a
+    peer that fails.
     """
 
-    __slots__ = ("_psk", "_replay")
+    __slots__ = ("_accepted", "_psk", "_replay")
 
-    def __init__(self, psk: bytes, *, replay: ReplayCache) -> None:
+    def __init__(
+        self, psk: bytes, *, replay: ReplayCache, ciphers: Sequence[Cipher] = DEFAULT_CIPHERS
+    ) -> None:
         super().__init__()
         check_psk(psk)
         self._psk = bytes(psk)
         self._replay = replay
+        self._accepted = check_ciphers(ciphers)
 
     def _handshake_step(self, now: float) -> bool:
         frame = self._take_frame(MIN_INIT_LEN, MAX_HANDSHAKE_LEN)
@@ -350,12 +384,16 @@ class SecureStreamServer(_SecureStream):
         check_wall_clock(now)
         hs = Responder(self._psk, prologue=STREAM_PROLOGUE)
         init = decode_init_payload(hs.read_message1(frame))
+        cipher = choose(init.ciphers, self._accepted)
+        if cipher is None:
+            raise AuthenticationFailed("the client offers no cipher this server accepts")
         if not self._replay.check_and_remember(init.token, init.timestamp, now):
             raise AuthenticationFailed("first handshake message replayed or outside the time window")
         room = len(frame) - MIN_REPLY_LEN
-        reply = hs.write_message2(padding(random_between(0, min(REPLY_PADDING_MAX, room))))
+        pad = padding(random_between(0, min(REPLY_PADDING_MAX, room)))
+        reply = hs.write_message2(bytes((cipher,)) + pad)
         self._out.append(_LEN.pack(len(reply)) + reply)
         keys = hs.keys
         assert keys is not None
-        self._established(_Records(keys.send, keys.receive))
+        self._established(_Records(keys.send, keys.receive, cipher))
         return True

@@ -102,21 +102,29 @@ class SecurityConfig:
 
     ``psk`` is the 32-byte pre-shared key; ``None`` means plaintext (``--insecure``, vproxy-compatible).
     Byte-stream transports apply the PSK handshake and AEAD records on top of their stream; datagram transports seal
-    every datagram (see ``docs/protocol.md``).
+    every datagram (see ``docs/security.md``). ``cipher`` is the transport cipher setting with a key: ``auto``
+    (AES-256-GCM when both ends have AES instructions, else ChaCha20-Poly1305) or one cipher's name to pin it.
     """
 
     psk: bytes | None = None
+    cipher: str = "auto"
 
     def __post_init__(self) -> None:
+        from vtunnel.security.ciphers import CIPHER_CHOICES
+
         if self.psk is not None and len(self.psk) != 32:
             raise TransportError("the pre-shared key must be 32 bytes")
+        if self.cipher not in CIPHER_CHOICES:
+            raise TransportError(
+                f"unknown cipher {self.cipher!r} (expected one of: {', '.join(CIPHER_CHOICES)})"
+            )
 
     @property
     def insecure(self) -> bool:
         return self.psk is None
 
     def __repr__(self) -> str:  # never print key material
-        return f"SecurityConfig(psk={'<set>' if self.psk is not None else None})"
+        return f"SecurityConfig(psk={'<set>' if self.psk is not None else None}, cipher={self.cipher!r})"
 
 
 class Transport(abc.ABC):

@@ -7,6 +7,7 @@ conv), follows a client's new address once a datagram from it has been opened, a
 authentication before KCP sees it, without answering.
 
 The handshake compares timestamps across hosts, so it is given wall-clock time; KCP timers use the loop clock.
+The transport cipher is negotiated in the handshake (``cipher``: see :func:`~vtunnel.transports.secure.cipher_preference`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.transports.kcp_options import KCPOptions
 from vtunnel.transports.kcp_stream import KCPStream
 from vtunnel.transports.kcp_wire import first_header, is_new_session, valid_datagram
+from vtunnel.transports.secure import cipher_preference
 from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_udp_socket
 
 __all__ = ["SealedKCPListener", "connect_sealed"]
@@ -67,11 +69,11 @@ def _datagrams(runs: list[Run]) -> Iterator[tuple[bytes, Address]]:
 
 
 class _SealedKCPClient:
-    def __init__(self, sock: Any, server: Address, options: KCPOptions, psk: bytes) -> None:
+    def __init__(self, sock: Any, server: Address, options: KCPOptions, psk: bytes, cipher: str) -> None:
         self._server = server
         self._options = options
         self._conv = options.conv if options.conv is not None else (secrets.randbits(32) or 1)
-        self._handshake = DatagramClient(psk, now=time.time())
+        self._handshake = DatagramClient(psk, now=time.time(), ciphers=cipher_preference(cipher))
         self._ready = anyio.Event()
         self.stream: KCPStream | None = None
         self.udp = CoalescingSocket(sock, self._on_runs)
@@ -122,15 +124,25 @@ class _SealedKCPClient:
                     await self._ready.wait()
                 wait = min(wait * 2, LONGEST_RETRANSMIT)
         if self.stream is None:
+            where = f"{self._server[0]}:{self._server[1]}"
+            failure = self._handshake.failure
+            if failure is not None:
+                raise HandshakeTimeout(f"the handshake with {where} failed: {failure}")
             raise HandshakeTimeout(
-                f"no valid handshake reply from {self._server[0]}:{self._server[1]} in "
-                f"{self._options.connect_timeout:g} s (is the server up, and is the key the same?)"
+                f"no valid handshake reply from {where} in {self._options.connect_timeout:g} s (is the server "
+                "up, is the key the same, and does it speak the same vtunnel protocol version?)"
             )
         return self.stream
 
 
-async def connect_sealed(family: Any, server: Address, options: KCPOptions, psk: bytes) -> KCPStream:
-    """A sealed KCP session to ``server``; raises :class:`HandshakeTimeout` if the server never answers."""
+async def connect_sealed(
+    family: Any, server: Address, options: KCPOptions, psk: bytes, *, cipher: str = "auto"
+) -> KCPStream:
+    """A sealed KCP session to ``server``; raises :class:`HandshakeTimeout` if the server never answers.
+
+    ``cipher`` is the cipher setting (``auto`` or a cipher's name; see
+    :func:`~vtunnel.transports.secure.cipher_preference`).
+    """
     if _kcp_mtu(options) < 64:
         raise TransportError(f"kcp option 'mtu' is too small for sealed datagrams: {options.mtu}")
     try:
@@ -140,7 +152,7 @@ async def connect_sealed(family: Any, server: Address, options: KCPOptions, psk:
         raise TransportError(f"cannot open a UDP socket to {server[0]}:{server[1]}: {exc}") from None
     client: _SealedKCPClient | None = None
     try:
-        client = _SealedKCPClient(sock, server, options, psk)
+        client = _SealedKCPClient(sock, server, options, psk, cipher)
         return await client.handshake()
     except KCPEngineError as exc:
         raise TransportError(str(exc)) from None
@@ -152,12 +164,19 @@ async def connect_sealed(family: Any, server: Address, options: KCPOptions, psk:
 
 
 class SealedKCPListener(KCPListener):
-    """A :class:`KCPListener` whose datagrams are sealed; sessions are keyed by connection ID."""
+    """A :class:`KCPListener` whose datagrams are sealed; sessions are keyed by connection ID.
 
-    def __init__(self, sock: Any, options: KCPOptions, psk: bytes) -> None:
+    ``cipher`` is the cipher setting: the transport ciphers accepted (see
+    :func:`~vtunnel.transports.secure.cipher_preference`).
+    """
+
+    def __init__(self, sock: Any, options: KCPOptions, psk: bytes, *, cipher: str = "auto") -> None:
         super().__init__(sock, options)
         self._server = DatagramServer(
-            psk, replay=ReplayCache(), limiter=HandshakeLimiter(HANDSHAKE_RATE, HANDSHAKE_BURST)
+            psk,
+            replay=ReplayCache(),
+            limiter=HandshakeLimiter(HANDSHAKE_RATE, HANDSHAKE_BURST),
+            ciphers=cipher_preference(cipher),
         )
         #: every authenticated session, with or without a KCP stream yet
         self._crypto: dict[bytes, DatagramSession] = {}

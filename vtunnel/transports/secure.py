@@ -4,14 +4,21 @@
 anyio :class:`~anyio.abc.ByteStream` and return a :class:`SecureByteStream`, itself a ``ByteStream`` that
 seals and opens records. A server never answers a peer that fails authentication: it reads and discards for a
 random time, then closes, so a prober learns nothing from the content or the timing of what it sends.
+
+:func:`cipher_preference` turns a cipher setting (``auto`` or a cipher's name) into the ranking the sans-IO core
+takes: ``auto`` puts AES-256-GCM first only when this CPU has AES instructions (``/proc/cpuinfo``, read once).
+The datagram transports use it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,11 +26,20 @@ import structlog
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from anyio.abc import ByteStream
 
+from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, preference
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
 from vtunnel.security.stream import SecureStreamClient, SecureStreamServer
 
-__all__ = ["DEFAULT_SILENCE", "SecureByteStream", "secure_client", "secure_server"]
+__all__ = [
+    "CIPHER_ENV",
+    "DEFAULT_SILENCE",
+    "SecureByteStream",
+    "cipher_preference",
+    "cpu_has_aes_instructions",
+    "secure_client",
+    "secure_server",
+]
 
 log = structlog.get_logger("vtunnel.security")
 
@@ -33,6 +49,44 @@ _CLOSE_GRACE = 0.5
 _MIN_READ = 65536
 _random = secrets.SystemRandom()
 _Core = SecureStreamClient | SecureStreamServer
+#: The process's cipher setting when none is given (``auto``, ``aes-256-gcm`` or ``chacha20-poly1305``).
+CIPHER_ENV = "VTUNNEL_CIPHER"
+
+
+@functools.cache
+def cpu_has_aes_instructions(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU advertises AES instructions (x86 ``flags`` or arm64 ``Features`` holding ``aes``).
+
+    Read once per process; a system without ``/proc/cpuinfo`` counts as without them (ChaCha20-Poly1305 is the
+    safe guess: fast everywhere, constant time without special instructions).
+    """
+    try:
+        text = Path(cpuinfo).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return "aes" in value.split()
+    return False
+
+
+def cipher_preference(choice: str = "auto") -> tuple[Cipher, ...]:
+    """The ciphers to offer (client) or accept (server), best first, for the setting ``choice``.
+
+    ``auto`` takes the process's setting from ``VTUNNEL_CIPHER`` when it is set, and otherwise ranks by
+    :func:`cpu_has_aes_instructions`. A cipher's name pins that cipher. Raises :class:`SecurityError` for an
+    unknown name given here; an unknown ``VTUNNEL_CIPHER`` is logged and ignored.
+    """
+    aes = cpu_has_aes_instructions()
+    if choice == "auto":
+        env = os.environ.get(CIPHER_ENV, "").strip().lower()
+        if env:
+            try:
+                return preference(env, aes_instructions=aes)
+            except SecurityError:
+                log.warning("ignoring an unknown cipher setting", variable=CIPHER_ENV, known=CIPHER_CHOICES)
+    return preference(choice, aes_instructions=aes)
 
 
 class SecureByteStream(ByteStream):
@@ -133,15 +187,19 @@ class SecureByteStream(ByteStream):
         return self._transport.extra_attributes
 
 
-async def secure_client(stream: ByteStream, psk: bytes, *, handshake_timeout: float = 10.0) -> ByteStream:
+async def secure_client(
+    stream: ByteStream, psk: bytes, *, handshake_timeout: float = 10.0, cipher: str = "auto"
+) -> ByteStream:
     """Run the client handshake over ``stream`` and return the protected stream.
 
     Raises :class:`HandshakeTimeout` if no valid reply arrives within ``handshake_timeout`` seconds (a wrong
-    key looks exactly like this: the server says nothing), :class:`AuthenticationFailed` if the server closes
-    the connection or answers with something that does not authenticate. ``stream`` is closed on any failure.
+    key, or a server of another protocol version, looks exactly like this: the server says nothing),
+    :class:`AuthenticationFailed` if the server closes the connection, answers with something that does not
+    authenticate or chooses a cipher not offered. ``cipher`` is the setting :func:`cipher_preference` reads.
+    ``stream`` is closed on any failure.
     """
     try:
-        core = SecureStreamClient(psk, now=time.time())
+        core = SecureStreamClient(psk, now=time.time(), ciphers=cipher_preference(cipher))
         received = bytearray()
         with anyio.fail_after(handshake_timeout):
             await stream.send(core.data_to_send())
@@ -153,13 +211,20 @@ async def secure_client(stream: ByteStream, psk: bytes, *, handshake_timeout: fl
                 received += core.receive_data(data, time.time())
     except TimeoutError:
         await anyio.aclose_forcefully(stream)
-        msg = f"no valid handshake reply within {handshake_timeout:g} s (wrong key?)"
+        msg = (
+            f"no valid handshake reply within {handshake_timeout:g} s "
+            "(wrong key, or a server speaking another vtunnel protocol version?)"
+        )
         raise HandshakeTimeout(msg) from None
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise
-    log.debug("secure channel up", role="client")
+    log.debug("secure channel up", role="client", cipher=_name(core.cipher))
     return SecureByteStream(stream, core, received=bytes(received))
+
+
+def _name(cipher: Cipher | None) -> str:
+    return cipher_name(cipher) if cipher is not None else "none"
 
 
 async def _discard_until(stream: ByteStream, deadline: float) -> None:
@@ -182,6 +247,7 @@ async def secure_server(
     limiter: HandshakeLimiter | None = None,
     source: str = "",
     silence: tuple[float, float] = DEFAULT_SILENCE,
+    cipher: str = "auto",
 ) -> ByteStream | None:
     """Run the server handshake over an accepted ``stream``; the protected stream, or None.
 
@@ -193,7 +259,8 @@ async def secure_server(
 
     ``source`` is the peer's address (the limiter's key; also logged). ``replay`` must be shared by every
     connection of the server; separate processes have separate caches, so a first message replayed to another
-    process serving the same key is not caught.
+    process serving the same key is not caught. ``cipher`` is the setting :func:`cipher_preference` reads
+    (the ciphers accepted; a client offering none of them fails like any other).
     """
     start = time.monotonic()
     deadline = start + _random.uniform(*silence)
@@ -201,7 +268,7 @@ async def secure_server(
         log.info("handshake refused", source=source, reason="too many handshakes from this source")
         await _discard_until(stream, deadline)
         return None
-    core = SecureStreamServer(psk, replay=replay)
+    core = SecureStreamServer(psk, replay=replay, ciphers=cipher_preference(cipher))
     received = bytearray()
     try:
         with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
@@ -226,5 +293,5 @@ async def secure_server(
     except (BrokenResourceError, ClosedResourceError, OSError):
         await anyio.aclose_forcefully(stream)
         return None
-    log.debug("secure channel up", role="server", source=source)
+    log.debug("secure channel up", role="server", source=source, cipher=_name(core.cipher))
     return SecureByteStream(stream, core, received=bytes(received))
