@@ -10,8 +10,9 @@ import pytest
 
 from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_port
 from tests.netutil import echo_roundtrip, echo_server
-from vtunnel.config import ConfigError, load_config, resolve_psk, tunnel_config
+from vtunnel.config import ConfigError, load_config, resolve_cipher, resolve_psk, tunnel_config
 from vtunnel.security.keys import generate_key
+from vtunnel.transports.base import SecurityConfig, TransportError
 
 
 def test_pair_from_config_files_with_json_logs(procs: Processes, tmp_path: Path) -> None:
@@ -75,3 +76,33 @@ def test_key_sources_in_order(tmp_path: Path) -> None:
         resolve_psk(psk_file=None, insecure=False, section={}, env={})
     with pytest.raises(ConfigError):
         resolve_psk(psk_file=None, insecure=False, section={"psk": "not a key"}, env={})
+
+
+def test_cipher_sources_in_order_and_checked(tmp_path: Path) -> None:
+    env = {"VTUNNEL_CIPHER": "chacha20-poly1305"}
+    section = {"cipher": "aes-256-gcm"}
+    assert resolve_cipher(cipher=None, section={}, env={}) == "auto"
+    assert resolve_cipher(cipher=None, section=section, env={}) == "aes-256-gcm"
+    assert resolve_cipher(cipher=None, section=section, env=env) == "chacha20-poly1305"
+    assert resolve_cipher(cipher="AES-256-GCM", section={}, env=env) == "aes-256-gcm"
+    with pytest.raises(ConfigError, match="cipher must be one of auto, aes-256-gcm, chacha20-poly1305"):
+        resolve_cipher(cipher=None, section={"cipher": "des"}, env={})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\ncipher = "aes-256-gcm"\n[agent]\ncipher = "auto"\n')
+    assert load_config(cfg)["server"]["cipher"] == "aes-256-gcm"
+    assert SecurityConfig(psk=bytes(32), cipher="aes-256-gcm").cipher == "aes-256-gcm"
+    assert "cipher='auto'" in repr(SecurityConfig(psk=bytes(32)))
+    with pytest.raises(TransportError, match="unknown cipher"):
+        SecurityConfig(psk=bytes(32), cipher="aes")
+
+
+def test_cli_refuses_an_unknown_cipher() -> None:
+    proc = subprocess.run(
+        [*VTUNNEL, "server", "--listen", "tcp://127.0.0.1:1", "--cipher", "des", "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "aes-256-gcm" in proc.stderr

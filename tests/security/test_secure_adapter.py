@@ -8,16 +8,27 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import pytest
 from anyio import BrokenResourceError, EndOfStream
 from anyio.abc import ByteStream, SocketAttribute, SocketStream
 
-from vtunnel.security.errors import SecurityError
+from tests.streams import echo, read_exactly
+from vtunnel.security.ciphers import Cipher
+from vtunnel.security.errors import HandshakeTimeout, SecurityError
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
 from vtunnel.security.stream import SecureStreamClient
-from vtunnel.transports.secure import secure_client, secure_server
+from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.secure import (
+    SecureByteStream,
+    cipher_preference,
+    cpu_has_aes_instructions,
+    secure_client,
+    secure_server,
+)
+from vtunnel.transports.tcp import TCPTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -30,6 +41,7 @@ class Server:
     port: int
     accepted: int = 0
     refused: int = 0
+    ciphers: list[Cipher | None] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     failed: anyio.Event = field(default_factory=anyio.Event)
 
@@ -49,7 +61,9 @@ async def _echo(stream: ByteStream, server: Server) -> None:
 
 
 @asynccontextmanager
-async def running_server(limiter: HandshakeLimiter | None = None) -> AsyncIterator[Server]:
+async def running_server(
+    limiter: HandshakeLimiter | None = None, cipher: str = "auto"
+) -> AsyncIterator[Server]:
     replay = ReplayCache()
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     server = Server(port=listener.extra(SocketAttribute.local_port))
@@ -57,12 +71,14 @@ async def running_server(limiter: HandshakeLimiter | None = None) -> AsyncIterat
     async def handle(raw: SocketStream) -> None:
         host = raw.extra(SocketAttribute.remote_address)[0]
         secured = await secure_server(
-            raw, PSK, replay=replay, limiter=limiter, source=str(host), silence=SILENCE
+            raw, PSK, replay=replay, limiter=limiter, source=str(host), silence=SILENCE, cipher=cipher
         )
         if secured is None:
             server.refused += 1
             return
         server.accepted += 1
+        assert isinstance(secured, SecureByteStream)
+        server.ciphers.append(secured._core.cipher)
         await _echo(secured, server)
 
     async with anyio.create_task_group() as tg:
@@ -74,9 +90,9 @@ async def running_server(limiter: HandshakeLimiter | None = None) -> AsyncIterat
     await listener.aclose()
 
 
-async def _connect(port: int, psk: bytes = PSK) -> ByteStream:
+async def _connect(port: int, psk: bytes = PSK, cipher: str = "auto", timeout: float = 5.0) -> ByteStream:
     raw = await anyio.connect_tcp("127.0.0.1", port)
-    return await secure_client(raw, psk, handshake_timeout=5.0)
+    return await secure_client(raw, psk, handshake_timeout=timeout, cipher=cipher)
 
 
 async def _read_all(stream: ByteStream, limit: float = 10.0) -> bytes:
@@ -279,3 +295,101 @@ async def test_logs_never_carry_key_material() -> None:
     text = repr(logs)
     for secret in (PSK.hex(), base64.b64encode(PSK).decode(), repr(PSK)):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("client", "server_cipher", "expected"),
+    [
+        ("aes-256-gcm", "aes-256-gcm", Cipher.AES_256_GCM),
+        ("chacha20-poly1305", "chacha20-poly1305", Cipher.CHACHA20_POLY1305),
+        ("aes-256-gcm", "auto", Cipher.AES_256_GCM),
+        ("chacha20-poly1305", "auto", Cipher.CHACHA20_POLY1305),
+        ("auto", "chacha20-poly1305", Cipher.CHACHA20_POLY1305),
+        ("auto", "aes-256-gcm", Cipher.AES_256_GCM),
+    ],
+)
+async def test_each_cipher_moves_bytes_exactly(client: str, server_cipher: str, expected: Cipher) -> None:
+    async with running_server(cipher=server_cipher) as server:
+        stream = await _connect(server.port, cipher=client)
+        assert isinstance(stream, SecureByteStream)
+        assert stream._core.cipher is expected
+        payload = os.urandom(600_000)
+        got = bytearray()
+
+        async def reader() -> None:
+            while len(got) < len(payload):
+                got.extend(await stream.receive())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            for i in range(0, len(payload), 70_000):
+                await stream.send(payload[i : i + 70_000])
+        assert bytes(got) == payload
+        await stream.aclose()
+        assert server.ciphers == [expected]
+
+
+async def test_no_cipher_in_common_is_a_timeout_and_silence() -> None:
+    async with running_server(cipher="chacha20-poly1305") as server:
+        raw = await anyio.connect_tcp("127.0.0.1", server.port)
+        with pytest.raises(HandshakeTimeout, match="protocol version"):
+            # shorter than the server's silence (SILENCE), which then closes without a byte
+            await secure_client(raw, PSK, handshake_timeout=0.2, cipher="aes-256-gcm")
+        with anyio.fail_after(5):
+            while not server.refused:
+                await anyio.sleep(0.01)
+        assert server.accepted == 0
+        # others are still served
+        ok = await _connect(server.port)
+        await ok.aclose()
+        assert server.accepted == 1
+
+
+async def test_the_process_cipher_setting_reaches_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the tcp:// transport: VTUNNEL_CIPHER pins the cipher of this process's ends."""
+    key = SecurityConfig(psk=PSK)
+    for name, expected in (
+        ("aes-256-gcm", Cipher.AES_256_GCM),
+        ("chacha20-poly1305", Cipher.CHACHA20_POLY1305),
+    ):
+        monkeypatch.setenv("VTUNNEL_CIPHER", name)
+        listener = await TCPTransport().listen(Endpoint.parse("tcp://127.0.0.1:0"), security=key)
+        port = listener.extra(SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, echo)
+            client = await TCPTransport().connect(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=key)
+            assert isinstance(client, SecureByteStream)
+            assert client._core.cipher is expected
+            await client.send(b"hello")
+            with anyio.fail_after(10):
+                assert await read_exactly(client, 5) == b"hello"
+            await client.aclose()
+            tg.cancel_scope.cancel()
+        await listener.aclose()
+
+
+def test_cipher_preference_reads_the_cpu_and_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2 vaes\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n")
+    none = tmp_path / "none"
+    none.write_text("processor\t: 0\nflags\t\t: fpu sse2 aesx\n")
+    assert cpu_has_aes_instructions(str(x86))
+    assert cpu_has_aes_instructions(str(arm))
+    assert not cpu_has_aes_instructions(str(none))
+    assert not cpu_has_aes_instructions(str(tmp_path / "missing"))
+    monkeypatch.delenv("VTUNNEL_CIPHER", raising=False)
+    auto = cipher_preference()
+    assert auto[0] == (Cipher.AES_256_GCM if cpu_has_aes_instructions() else Cipher.CHACHA20_POLY1305)
+    assert set(auto) == {Cipher.AES_256_GCM, Cipher.CHACHA20_POLY1305}
+    assert cipher_preference("chacha20-poly1305") == (Cipher.CHACHA20_POLY1305,)
+    monkeypatch.setenv("VTUNNEL_CIPHER", "AES-256-GCM")
+    assert cipher_preference() == (Cipher.AES_256_GCM,)
+    assert cipher_preference("chacha20-poly1305") == (Cipher.CHACHA20_POLY1305,)  # a named one wins
+    monkeypatch.setenv("VTUNNEL_CIPHER", "rot13")
+    assert cipher_preference() == auto  # unknown: logged and ignored
+    with pytest.raises(SecurityError, match="unknown cipher"):
+        cipher_preference("rot13")

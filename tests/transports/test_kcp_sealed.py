@@ -14,6 +14,7 @@ import pytest
 from anyio.abc import ByteStream
 
 from tests.streams import echo, read_exactly
+from vtunnel.security.ciphers import Cipher
 from vtunnel.security.datagram import DATAGRAM_OVERHEAD, DatagramClient
 from vtunnel.security.errors import HandshakeTimeout
 from vtunnel.testing import Impairment, ImpairmentRelay
@@ -21,7 +22,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
 from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
-from vtunnel.transports.kcp_secure import SealedKCPListener
+from vtunnel.transports.kcp_secure import SealedKCPListener, connect_sealed
 from vtunnel.transports.udpio import DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
@@ -220,4 +221,82 @@ async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> No
     finally:
         engine.close()
         udp.close()
+        await listener.aclose()
+
+
+async def _sealed_pair_listener(cipher: str, query: str = "") -> SealedKCPListener:
+    options = parse_options(dict(p.split("=") for p in query.split("&") if p))
+    sock = open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0), sockbuf=options.sockbuf)
+    assert KEY.psk is not None
+    return SealedKCPListener(sock, options, KEY.psk, cipher=cipher)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "expected"),
+    [
+        ("aes-256-gcm", "aes-256-gcm", Cipher.AES_256_GCM),
+        ("chacha20-poly1305", "chacha20-poly1305", Cipher.CHACHA20_POLY1305),
+        ("aes-256-gcm", "auto", Cipher.AES_256_GCM),
+        ("chacha20-poly1305", "auto", Cipher.CHACHA20_POLY1305),
+    ],
+)
+async def test_sealed_tunnel_moves_bytes_exactly_with_each_cipher(
+    client: str, server: str, expected: Cipher
+) -> None:
+    listener = await _sealed_pair_listener(server, "mode=fast3")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        assert KEY.psk is not None
+        with anyio.fail_after(20):
+            stream = await connect_sealed(
+                socket.AF_INET,
+                listener.local_address,
+                parse_options({"mode": "fast3"}),
+                KEY.psk,
+                cipher=client,
+            )
+        assert [s.cipher for s in listener._crypto.values()] == [expected]
+        payload = os.urandom(1024 * 1024)
+        with anyio.fail_after(60):
+            tg.start_soon(stream.send, payload)
+            assert await read_exactly(stream, len(payload)) == payload
+        await stream.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_sealed_ciphers_with_nothing_in_common_time_out_silently() -> None:
+    listener = await _sealed_pair_listener("chacha20-poly1305")
+    assert KEY.psk is not None
+    with pytest.raises(HandshakeTimeout, match="protocol version"):
+        await connect_sealed(
+            socket.AF_INET,
+            listener.local_address,
+            parse_options({"connect_timeout": "1"}),
+            KEY.psk,
+            cipher="aes-256-gcm",
+        )
+    assert listener.authenticated_count == 0
+    assert listener.dropped >= 1
+    await listener.aclose()
+
+
+async def test_the_process_cipher_setting_reaches_kcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the transport: VTUNNEL_CIPHER pins the cipher of both ends of this process."""
+    for name, expected in (
+        ("aes-256-gcm", Cipher.AES_256_GCM),
+        ("chacha20-poly1305", Cipher.CHACHA20_POLY1305),
+    ):
+        monkeypatch.setenv("VTUNNEL_CIPHER", name)
+        listener = await sealed_listener()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, echo)
+            with anyio.fail_after(20):
+                stream = await connect(listener.local_address[1])
+            await stream.send(b"hello")
+            with anyio.fail_after(20):
+                assert await read_exactly(stream, 5) == b"hello"
+            assert [s.cipher for s in listener._crypto.values()] == [expected]
+            await stream.aclose()
+            tg.cancel_scope.cancel()
         await listener.aclose()
