@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +14,7 @@ from vtunnel import __version__
 from vtunnel.config import ConfigError, load_config, resolve_cipher, resolve_psk, tunnel_config
 from vtunnel.logging import configure_logging
 from vtunnel.runtime.process import run_async, serve_until_signal
+from vtunnel.security.ciphers import CIPHER_CHOICES
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
 
 log = structlog.get_logger("vtunnel")
@@ -39,7 +41,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--insecure", is_flag=True, help="Run without a key: plaintext, vproxy-compatible.")(f)
     f = click.option(
         "--cipher",
-        type=click.Choice(["auto", "aes-256-gcm", "chacha20-poly1305"], case_sensitive=False),
+        type=click.Choice(CIPHER_CHOICES, case_sensitive=False),
         default=None,
         help="Transport cipher with a key (default auto: AES-256-GCM when both ends have AES instructions, "
         "else ChaCha20-Poly1305). A named cipher is the only one offered or accepted. VTUNNEL_CIPHER works too.",
@@ -86,6 +88,11 @@ def _security(
         raise click.UsageError(str(exc)) from None
     if psk is None:
         log.warning("running without a key: the tunnel is plaintext and unauthenticated (--insecure)")
+    # The secure adapters fall back to the process's setting when a transport does not hand them
+    # SecurityConfig.cipher, so the resolved choice is made the process's setting too.
+    from vtunnel.transports.secure import CIPHER_ENV
+
+    os.environ[CIPHER_ENV] = chosen
     return SecurityConfig(psk=psk, cipher=chosen)
 
 

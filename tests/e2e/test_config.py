@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_port
+from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log, wait_port
 from tests.netutil import echo_roundtrip, echo_server
 from vtunnel.config import ConfigError, load_config, resolve_cipher, resolve_psk, tunnel_config
 from vtunnel.security.keys import generate_key
@@ -106,3 +107,36 @@ def test_cli_refuses_an_unknown_cipher() -> None:
     )
     assert proc.returncode == 2
     assert "aes-256-gcm" in proc.stderr
+
+
+def test_pinned_ciphers_over_kcp_from_the_command_line_and_the_config(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """The setting reaches the transport: the same pin on both ends carries data; different pins never connect
+    (and --cipher wins over VTUNNEL_CIPHER)."""
+    key = tmp_path / "key"
+    key.write_text(generate_key())
+    uport, front, other = free_port(socket.SOCK_DGRAM), free_port(), free_port()
+    url = f"kcp://127.0.0.1:{uport}?connect_timeout=1"
+    with echo_server() as echo:
+        server = procs.start(
+            "server", "--listen", url, "--target", f"127.0.0.1:{echo}", "--psk-file", str(key),
+            "--cipher", "chacha20-poly1305", "--log-level", "debug",
+        )  # fmt: skip
+        wait_log(procs, server, "listening")
+        (tmp_path / "agent.toml").write_text(f'[agent]\ncipher = "chacha20-poly1305"\npsk_file = "{key}"\n')
+        agent = procs.start(
+            "agent", "--server", url, "--forward", f"127.0.0.1:{front}", "--config", str(tmp_path / "agent.toml"),
+            "--log-level", "debug",
+        )  # fmt: skip
+        wait_port(front)
+        assert echo_roundtrip(front, b"pinned" * 1000) == b"pinned" * 1000
+        wait_log(procs, agent, "cipher=chacha20-poly1305")
+        wait_log(procs, server, "cipher=chacha20-poly1305")
+        mismatched = procs.start(
+            "agent", "--server", url, "--forward", f"127.0.0.1:{other}", "--psk-file", str(key),
+            "--cipher", "aes-256-gcm",
+            env={"VTUNNEL_CIPHER": "chacha20-poly1305"},
+        )  # fmt: skip
+        wait_log(procs, mismatched, "protocol version", timeout=30)
+    assert "aes-256-gcm" not in procs.output(server)

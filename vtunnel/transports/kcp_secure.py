@@ -21,6 +21,7 @@ from typing import Any, Final
 import anyio
 import structlog
 
+from vtunnel.security.ciphers import cipher_name
 from vtunnel.security.datagram import (
     DATAGRAM_OVERHEAD,
     RETRANSMIT_PERIOD,
@@ -112,6 +113,7 @@ class _SealedKCPClient:
             remote_address=server,
             on_close=lambda _s: udp.close(),
         )
+        log.debug("sealed session up", role="client", cipher=cipher_name(session.cipher))
         self._ready.set()
 
     async def handshake(self) -> KCPStream:
@@ -277,6 +279,7 @@ class SealedKCPListener(KCPListener):
         if cid not in self._crypto:
             self._crypto[cid] = session
             self._half_open[cid] = now + 2 * RETRANSMIT_PERIOD
+            log.debug("sealed session up", role="server", source=source, cipher=cipher_name(session.cipher))
         self._udp.sendto(reply, source)
 
     def _first_kcp_datagram(
