@@ -16,7 +16,8 @@ from anyio.abc import ByteStream
 from tests.streams import echo, read_exactly
 from vtunnel.security.ciphers import Cipher
 from vtunnel.security.datagram import DATAGRAM_OVERHEAD, DatagramClient
-from vtunnel.security.errors import HandshakeTimeout
+from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout
+from vtunnel.security.noise import Responder
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
@@ -300,3 +301,33 @@ async def test_the_process_cipher_setting_reaches_kcp(monkeypatch: pytest.Monkey
             await stream.aclose()
             tg.cancel_scope.cancel()
         await listener.aclose()
+
+
+async def test_a_reply_choosing_a_cipher_not_offered_fails_the_client_at_once() -> None:
+    """A peer holding the key (a broken or newer server) answers with a cipher the client did not offer: the
+    client stops retransmitting and fails with the reason instead of waiting for its timeout."""
+    assert KEY.psk is not None
+    psk = KEY.psk
+    answered: list[int] = []
+
+    def answer(batch: list[tuple[bytes, tuple[str, int]]]) -> None:
+        for init, source in batch:
+            responder = Responder(psk, prologue=b"vtunnel datagram v2" + init[:9])
+            responder.read_message1(init[9:])
+            body = responder.write_message2(bytes(8) + bytes([Cipher.AES_256_GCM]))
+            fake.sendto(bytes([0x02]) + init[1:9] + body, source)
+            answered.append(len(init))
+
+    fake = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), answer)
+    try:
+        with pytest.raises(AuthenticationFailed, match="did not offer"):
+            await connect_sealed(
+                socket.AF_INET,
+                fake.local_address,
+                parse_options({"connect_timeout": "60"}),
+                psk,
+                cipher="chacha20-poly1305",
+            )
+        assert answered
+    finally:
+        fake.close()

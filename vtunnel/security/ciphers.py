@@ -66,6 +66,7 @@ DEFAULT_CIPHERS = (Cipher.CHACHA20_POLY1305, Cipher.AES_256_GCM)
 #: The most cipher codes an offer may hold.
 MAX_OFFER = 8
 
+_KNOWN = frozenset(int(c) for c in Cipher)
 _LITTLE = struct.Struct("<4xQ")  # Noise's ChaChaPoly nonce
 _BIG = struct.Struct(">4xQ")  # Noise's AESGCM nonce
 
@@ -121,7 +122,7 @@ def decode_offer(data: bytes | memoryview, offset: int) -> tuple[tuple[Cipher, .
     codes = bytes(data[offset + 1 : end])
     if len(set(codes)) != count:
         raise AuthenticationFailed("malformed cipher offer")
-    known = tuple(Cipher(code) for code in codes if code in Cipher._value2member_map_)
+    known = tuple(Cipher(code) for code in codes if code in _KNOWN)
     return known, end
 
 

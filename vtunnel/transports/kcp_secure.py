@@ -31,7 +31,7 @@ from vtunnel.security.datagram import (
     DatagramType,
     peek_connection_id,
 )
-from vtunnel.security.errors import HandshakeTimeout, SecurityError
+from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.kcp import KCPListener, SessionKey
@@ -87,6 +87,8 @@ class _SealedKCPClient:
                 handshake.receive(datagram, time.time())
                 if handshake.session is not None:
                     self._start_kcp(handshake.session)
+                elif handshake.failure is not None:  # an authentic reply we cannot use: stop waiting
+                    self._ready.set()
                 continue
             session = handshake.session
             payload = session.open(datagram) if session is not None else None
@@ -120,7 +122,7 @@ class _SealedKCPClient:
         """Send the first datagram, retransmitting with backoff, until the reply arrives."""
         wait = FIRST_RETRANSMIT
         with anyio.move_on_after(self._options.connect_timeout):
-            while self.stream is None:
+            while self.stream is None and self._handshake.failure is None:
                 self.udp.sendto(self._handshake.initial_datagram(time.time()), self._server)
                 with anyio.move_on_after(wait):
                     await self._ready.wait()
@@ -129,7 +131,7 @@ class _SealedKCPClient:
             where = f"{self._server[0]}:{self._server[1]}"
             failure = self._handshake.failure
             if failure is not None:
-                raise HandshakeTimeout(f"the handshake with {where} failed: {failure}")
+                raise AuthenticationFailed(f"the handshake with {where} failed: {failure}")
             raise HandshakeTimeout(
                 f"no valid handshake reply from {where} in {self._options.connect_timeout:g} s (is the server "
                 "up, is the key the same, and does it speak the same vtunnel protocol version?)"
@@ -140,7 +142,8 @@ class _SealedKCPClient:
 async def connect_sealed(
     family: Any, server: Address, options: KCPOptions, psk: bytes, *, cipher: str = "auto"
 ) -> KCPStream:
-    """A sealed KCP session to ``server``; raises :class:`HandshakeTimeout` if the server never answers.
+    """A sealed KCP session to ``server``; raises :class:`HandshakeTimeout` if the server never answers and
+    :class:`AuthenticationFailed` if it answers, authentically, with a cipher this client did not offer.
 
     ``cipher`` is the cipher setting (``auto`` or a cipher's name; see
     :func:`~vtunnel.transports.secure.cipher_preference`).

@@ -71,6 +71,12 @@ def cpu_has_aes_instructions(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
+@functools.cache
+def _warn_unknown_setting(value: str) -> None:
+    """Say once per value (not once per connection) that the process's cipher setting is not understood."""
+    log.warning("ignoring an unknown cipher setting", variable=CIPHER_ENV, value=value, known=CIPHER_CHOICES)
+
+
 def cipher_preference(choice: str = "auto") -> tuple[Cipher, ...]:
     """The ciphers to offer (client) or accept (server), best first, for the setting ``choice``.
 
@@ -85,7 +91,7 @@ def cipher_preference(choice: str = "auto") -> tuple[Cipher, ...]:
             try:
                 return preference(env, aes_instructions=aes)
             except SecurityError:
-                log.warning("ignoring an unknown cipher setting", variable=CIPHER_ENV, known=CIPHER_CHOICES)
+                _warn_unknown_setting(env)
     return preference(choice, aes_instructions=aes)
 
 
