@@ -6,6 +6,11 @@ Streams of kind ``udp`` keep message boundaries: one ``send`` is one DATA frame,
 
 Exceptions follow anyio: :class:`anyio.EndOfStream` after the peer's FIN, :class:`anyio.BrokenResourceError` after a
 reset or a dead tunnel (``reset_error`` says why), :class:`anyio.ClosedResourceError` after our own ``aclose``.
+
+A stream may instead be driven by callbacks: :meth:`TunnelStream.attach` hands everything that arrives to a
+:class:`StreamConsumer` as it arrives, and ``send_nowait``/``send_eof_nowait``/``close_nowait``/``acknowledge`` are
+the synchronous halves of the byte-stream calls. A relay built that way needs no task and no buffer while the
+stream is idle (see "Memory per stream" in docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import ByteStream
@@ -25,7 +30,7 @@ from vtunnel.runtime.errors import StreamRefused
 if TYPE_CHECKING:
     from vtunnel.runtime.pump import TunnelConnection
 
-__all__ = ["JOIN_BELOW", "TunnelStream", "TunnelStreamAttribute"]
+__all__ = ["JOIN_BELOW", "StreamConsumer", "TunnelStream", "TunnelStreamAttribute"]
 
 #: ``receive`` joins buffered chunks smaller than this into one (up to ``max_bytes``)
 JOIN_BELOW = 65536
@@ -36,6 +41,22 @@ class TunnelStreamAttribute(anyio.TypedAttributeSet):
 
     metadata: StreamMetadata | None = anyio.typed_attribute()
     stream_id: int = anyio.typed_attribute()
+
+
+class StreamConsumer(Protocol):
+    """Receives a stream's events as they happen (see :meth:`TunnelStream.attach`).
+
+    ``stream_data`` must eventually be matched by ``TunnelStream.acknowledge(len(data))`` (at once, or when the
+    bytes left the consumer's hands): that is what returns flow-control credit to the peer.
+    """
+
+    def stream_data(self, data: bytes) -> None: ...
+
+    def stream_eof(self) -> None: ...
+
+    def stream_broken(self) -> None: ...
+
+    def stream_writable(self) -> None: ...
 
 
 class TunnelStream(ByteStream):
@@ -51,7 +72,8 @@ class TunnelStream(ByteStream):
         self.stream_id = stream_id
         self.metadata = metadata
         self.datagrams = metadata is not None and metadata.kind == "udp"
-        self._buffer: deque[bytes] = deque()
+        self._buffer: deque[bytes] | None = None  # created by the first chunk that has to wait for a reader
+        self._consumer: StreamConsumer | None = None
         self._offset = 0  # bytes of ``_buffer[0]`` already handed out
         self.buffered = 0
         # events exist only while a task waits on them (an idle stream holds none)
@@ -86,36 +108,60 @@ class TunnelStream(ByteStream):
 
     # ---------------------------------------------------------------- events from the pump
     def _on_data(self, data: bytes) -> None:
-        self._buffer.append(data)
         self.buffered += len(data)
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.stream_data(data)
+            return
+        buf = self._buffer
+        if buf is None:
+            buf = self._buffer = deque()
+        buf.append(data)
         self._wake_reader()
 
     def _on_eof(self) -> None:
         self._eof = True
+        if self._consumer is not None:
+            self._consumer.stream_eof()
+            return
         self._wake_reader()
 
     def _on_reset(self, error: str | None) -> None:
         if self._broken is None:
             self._broken = "reset"
             self.reset_error = error
-        self._wake_reader()
-        self._wake_writer()
-        self._wake_accept()
+        self._wake_all()
 
     def _on_tunnel_closed(self) -> None:
         if self._broken is None and not (self._eof and self._sent_eof):
             self._broken = "tunnel closed"
             self.reset_error = "tunnel closed"
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            if self._broken is not None and not self._closed:
+                consumer.stream_broken()
+            return
         self._wake_reader()
         self._wake_writer()
         self._wake_accept()
 
     def _on_window(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stream_writable()
+            return
         self._wake_writer()
 
     def _on_accepted(self) -> None:
         self._syn_acked = True
+        # the core may have held data until the SYN-ACK (no 0-RTT): the window opens now
+        if self._consumer is not None:
+            self._consumer.stream_writable()
+            return
         self._wake_accept()
+        self._wake_writer()
 
     # ---------------------------------------------------------------- server side
     def accept(self) -> None:
@@ -147,6 +193,67 @@ class TunnelStream(ByteStream):
         if not self._syn_acked:
             raise StreamRefused(self.reset_error)
 
+    # ---------------------------------------------------------------- callbacks instead of tasks
+    def attach(self, consumer: StreamConsumer) -> None:
+        """Deliver everything from now on to ``consumer`` (what is buffered first, then FIN or breakage).
+
+        ``receive`` and ``send`` must not be used any more; the consumer writes with :meth:`send_nowait`.
+        """
+        self._consumer = consumer
+        buf = self._buffer
+        self._buffer = None
+        if buf:
+            if self._offset:
+                buf[0] = buf[0][self._offset :]
+                self._offset = 0
+            for chunk in buf:
+                consumer.stream_data(chunk)
+        if self._closed:
+            return
+        if self._eof:
+            consumer.stream_eof()
+        if self._broken is not None:
+            consumer.stream_broken()
+
+    def acknowledge(self, n: int) -> None:
+        """``n`` received bytes left our hands: return their credit to the peer (and let a paused reader go on)."""
+        self.buffered -= n
+        conn = self._conn
+        if not conn.closed:
+            with contextlib.suppress(VTunnelError):
+                conn.tunnel.acknowledge_received_data(self.stream_id, n)
+            conn.flush()
+            conn.resume_reading(self)
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as the send window allows; return how many bytes were taken (may be 0).
+
+        Raises like :meth:`send` on a closed or broken stream.  The caller waits for ``stream_writable``.
+        """
+        self._check_writable()
+        tunnel = self._conn.tunnel
+        try:
+            window = tunnel.send_window(self.stream_id)
+            n = min(window, len(data))
+            if n <= 0:
+                return 0
+            tunnel.send_data(self.stream_id, data if n == len(data) else data[:n])
+        except VTunnelError as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        self._conn.flush()
+        return n
+
+    @property
+    def outbound_congested(self) -> bool:
+        """More than the high-water mark waits for the transport: a relay stops reading its source."""
+        from vtunnel.runtime.pump import OUTBOUND_HIGH_WATER  # the pump imports this module
+
+        conn = self._conn
+        return conn.outbound_bytes > OUTBOUND_HIGH_WATER and not conn.closed
+
+    async def wait_outbound_room(self) -> None:
+        await self._conn.wait_outbound_room()
+
     # ---------------------------------------------------------------- ByteStream
     async def receive(self, max_bytes: int = 65536) -> bytes:
         while not self._buffer:
@@ -161,14 +268,7 @@ class TunnelStream(ByteStream):
             ev = self._readable = anyio.Event()
             await ev.wait()
         chunk = self._take(max_bytes)
-        n = len(chunk)
-        self.buffered -= n
-        conn = self._conn
-        if not conn.closed:
-            with contextlib.suppress(VTunnelError):
-                conn.tunnel.acknowledge_received_data(self.stream_id, n)
-            conn.flush()
-            conn.resume_reading(self)
+        self.acknowledge(len(chunk))
         return chunk
 
     def _take(self, max_bytes: int) -> bytes:
@@ -179,6 +279,7 @@ class TunnelStream(ByteStream):
         offset, so the rest of it is never copied.
         """
         buf = self._buffer
+        assert buf
         chunk = buf[0]
         start = self._offset
         if self.datagrams:
@@ -247,6 +348,10 @@ class TunnelStream(ByteStream):
             raise anyio.ClosedResourceError("send_eof() was called on this stream")
 
     async def send_eof(self) -> None:
+        self.send_eof_nowait()
+
+    def send_eof_nowait(self) -> None:
+        """FIN (half-close); nothing if already sent, closed or broken."""
         if self._sent_eof or self._closed or self._broken is not None:
             return
         self._sent_eof = True
@@ -257,6 +362,11 @@ class TunnelStream(ByteStream):
         self._conn.flush()
 
     async def aclose(self) -> None:
+        self.close_nowait()
+        await anyio.lowlevel.checkpoint()
+
+    def close_nowait(self) -> None:
+        """Free the stream (RST if it is still open both ways); wakes any waiting task."""
         if self._closed:
             return
         self._closed = True
@@ -268,7 +378,6 @@ class TunnelStream(ByteStream):
         conn._forget(self.stream_id)
         self._wake_reader()
         self._wake_writer()
-        await anyio.lowlevel.checkpoint()
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
