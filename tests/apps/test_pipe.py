@@ -1,15 +1,24 @@
-"""pipe(): byte-exact copy both ways over real TCP, half-close, broken sides, idle timeout."""
+"""pipe() and SocketRelay: byte-exact copy both ways over real TCP, half-close, broken sides, idle timeout."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from anyio.abc import SocketStream
+from anyio.abc import SocketAttribute, SocketStream
 
-from vtunnel.apps.pipe import pipe
+from tests.runtime.test_pump import Handler, tunnel_pair
+from vtunnel.apps.pipe import SocketRelay, pipe
+from vtunnel.protocol import TunnelConfig
+from vtunnel.runtime.stream import TunnelStream
 
 from .conftest import tcp_pair
 
@@ -110,3 +119,208 @@ async def test_invalid_idle_timeout() -> None:
     async with tcp_pair() as (_, front), tcp_pair() as (back, _):
         with pytest.raises(ValueError, match="idle_timeout"):
             await pipe(front, back, idle_timeout=0)
+
+
+# ------------------------------------------------------------------------------------------------ SocketRelay
+# One real TCP connection on 127.0.0.1 (the "client" end is ours, the other end is the relay's socket) relayed
+# to one stream of a real tunnel over TCP; the far end of the stream is the tunnel server's handler.
+
+
+@asynccontextmanager
+async def relayed(
+    handler: Handler,
+    *,
+    extensions: bool = True,
+    idle_timeout: float | None = None,
+    attach: bool = True,
+) -> AsyncIterator[tuple[SocketStream, SocketRelay, TunnelStream]]:
+    cfg = TunnelConfig(extensions=extensions)
+    async with tunnel_pair(handler, client_config=cfg, server_config=cfg) as (conn, _):
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
+            accepted, _addr = lsock.accept()
+            accepted.setblocking(False)
+            relay = SocketRelay(idle_timeout=idle_timeout)
+            await asyncio.get_running_loop().connect_accepted_socket(relay.factory, accepted)
+            stream = await conn.open_stream(wait_accepted=False)
+            if attach:
+                relay.attach(stream)
+            try:
+                async with client:
+                    yield client, relay, stream
+            finally:
+                relay.close()
+
+
+async def _far_read_all(stream: TunnelStream) -> bytes:
+    out = bytearray()
+    with contextlib.suppress(anyio.EndOfStream):
+        while True:
+            out += await stream.receive()
+    return bytes(out)
+
+
+@pytest.mark.parametrize("extensions", [True, False])
+async def test_relay_copies_both_ways_with_half_close(extensions: bool) -> None:
+    up = os.urandom(3_000_000)  # larger than a stream window: the socket waits for credit
+    down = os.urandom(2_500_000)
+    got: dict[str, bytes] = {}
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        got["far"] = await _far_read_all(stream)  # the whole request (until the half-close), then the answer
+        await stream.send(down)
+        await stream.send_eof()
+
+    async with relayed(far, extensions=extensions) as (client, relay, _):
+        with anyio.fail_after(30):
+            await client.send(up)
+            await client.send_eof()
+            got["client"] = await _receive_all(client)
+            assert await relay.wait() == (len(up), len(down))
+    assert got["far"] == up
+    assert got["client"] == down
+    assert relay.finished
+
+
+@pytest.mark.parametrize("extensions", [True, False])
+async def test_relay_holds_the_sender_while_the_socket_is_not_read(extensions: bool) -> None:
+    """The far end sends far more than any buffer on the way; it is held back until the client reads."""
+    total = 64 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    sent = [0]
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        for _ in range(total // len(block)):
+            await stream.send(block)
+            sent[0] += len(block)
+        await stream.send_eof()
+
+    async with relayed(far, extensions=extensions) as (client, relay, _):
+        with anyio.fail_after(60):
+            last = -1
+            for _ in range(200):  # until the sender stalls (bounded: 20 s at most)
+                await anyio.sleep(0.1)
+                if sent[0] == last:
+                    break
+                last = sent[0]
+            assert sent[0] == last < total  # held back: nothing moves while the client does not read
+            twice = block * 2
+            received = 0
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    chunk = await client.receive(len(block))
+                    start = received % len(block)
+                    assert chunk == twice[start : start + len(chunk)]
+                    received += len(chunk)
+            assert received == total
+            await client.send_eof()
+            assert await relay.wait() == (0, total)
+
+
+async def test_a_reset_stream_closes_the_socket() -> None:
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        assert await stream.receive() == b"hello"
+        stream.refuse("failed")  # RST
+
+    async with relayed(far) as (client, relay, _):
+        with anyio.fail_after(10):
+            await client.send(b"hello")
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await client.receive()
+            await relay.wait()
+
+
+async def test_a_refused_stream_closes_the_socket() -> None:
+    async def far(stream: TunnelStream) -> None:
+        stream.refuse("refused")
+
+    async with relayed(far) as (client, relay, _):
+        with anyio.fail_after(10):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await client.receive()
+            await relay.wait()
+
+
+async def test_a_reset_socket_resets_the_stream() -> None:
+    seen: list[type[BaseException]] = []
+    done = anyio.Event()
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        try:
+            await _far_read_all(stream)
+        except anyio.BrokenResourceError as exc:
+            seen.append(type(exc))
+        done.set()
+
+    async with relayed(far) as (client, relay, _):
+        with anyio.fail_after(10):
+            await client.send(b"x")
+            raw = client.extra(SocketAttribute.raw_socket)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.aclose()  # RST, not FIN
+            await relay.wait()
+            await done.wait()
+    assert seen == [anyio.BrokenResourceError]
+
+
+async def test_bytes_before_attach_are_delivered_and_a_closed_socket_closes_the_stream() -> None:
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        await stream.send(b"early")  # arrives while nobody consumes the stream yet
+        await stream.send_eof()
+
+    async with relayed(far, attach=False) as (client, relay, stream):
+        with anyio.fail_after(10):
+            while not stream.buffered:
+                await anyio.sleep(0.01)
+            relay.attach(stream)
+            assert await _receive_all(client) == b"early"
+            await client.send_eof()
+            assert await relay.wait() == (0, 5)
+
+    gone = anyio.Event()
+
+    async def far2(stream: TunnelStream) -> None:
+        try:  # the RST may be here before this handler runs: accept() itself fails then
+            stream.accept()
+            await _far_read_all(stream)
+        except anyio.BrokenResourceError:
+            gone.set()
+
+    async with relayed(far2, attach=False) as (client, relay, stream):
+        with anyio.fail_after(10):
+            relay.close()  # the socket side ended before a stream was there
+            relay.attach(stream)
+            await gone.wait()
+            with pytest.raises(anyio.ClosedResourceError):
+                await stream.send(b"x")
+
+
+async def test_relay_idle_timeout_closes_both() -> None:
+    ended = anyio.Event()
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        assert await stream.receive() == b"a"
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            await stream.receive()
+        ended.set()
+
+    async with relayed(far, idle_timeout=0.2) as (client, relay, _):
+        with anyio.fail_after(10):
+            await client.send(b"a")
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await client.receive()
+            await ended.wait()
+            assert relay.finished
+
+
+def test_relay_invalid_idle_timeout() -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        SocketRelay(idle_timeout=0)

@@ -8,23 +8,34 @@
   at once;
 * an optional idle timeout ends both directions when no byte moved either way for that long;
 * both streams are closed when it returns, whatever happened.
+
+:class:`SocketRelay` does the same between one TCP socket and one tunnel stream with no task at all: it is the
+socket's asyncio protocol and the stream's consumer, so an idle relay is a few small objects waiting for a
+callback (no coroutine frames, no buffers, no events).  Back-pressure is the same as ``pipe``'s: the socket is
+not read while the stream's send window is shut or the tunnel's output is over its high-water mark, and the
+peer's credit is returned only once the socket took the bytes (its write buffer is under its high-water mark).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import anyio
 import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.runtime.errors import StreamRefused
+from vtunnel.transports.tcp import SOCKET_BUFFER
 
 if TYPE_CHECKING:
     from vtunnel.protocol import StreamMetadata
+    from vtunnel.runtime.stream import TunnelStream
 
-__all__ = ["CHUNK_SIZE", "HeaderTooLarge", "Opener", "StreamBuffer", "pipe"]
+__all__ = ["CHUNK_SIZE", "HeaderTooLarge", "Opener", "SocketRelay", "StreamBuffer", "pipe", "tune_transport"]
 
 log = structlog.get_logger(__name__)
 
@@ -190,3 +201,309 @@ async def _close_quietly(stream: ByteStream) -> None:
         await stream.aclose()
     except _BROKEN as exc:
         log.debug("pipe.close_failed", error=type(exc).__name__)
+
+
+# ------------------------------------------------------------------------------------------------ callback relay
+
+
+def tune_transport(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY and large kernel buffers on the socket under ``transport`` (best effort)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class SocketRelay(asyncio.Protocol):
+    """Copies between one TCP socket (this is its protocol) and one tunnel stream (this is its consumer).
+
+    Same rules as :func:`pipe`: an end of stream on one side is passed on as a half-close; a reset, refused or
+    broken side ends both at once; the optional idle timeout ends both when no byte moved for that long; both
+    ends are closed when it is over, and ``on_done`` (if given) is called once then.  The socket may come before
+    the stream (a front opens the stream after the accept: the socket is not read until :meth:`attach`) or
+    after it (the exit dials first).
+    """
+
+    __slots__ = (
+        "_down_done",
+        "_fin_pending",
+        "_finished",
+        "_held",
+        "_idle",
+        "_on_done",
+        "_pending",
+        "_room",
+        "_stream",
+        "_transport",
+        "_up_done",
+        "_waiter",
+        "_write_paused",
+        "moved_in",
+        "moved_out",
+    )
+
+    def __init__(
+        self, *, idle_timeout: float | None = None, on_done: Callable[[], None] | None = None
+    ) -> None:
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
+        self._transport: asyncio.Transport | None = None
+        self._stream: TunnelStream | None = None
+        self._pending: bytes | memoryview | None = None  # socket bytes the window has no room for yet
+        self._fin_pending = False  # the socket ended: FIN once ``_pending`` is sent
+        self._up_done = False  # socket -> stream finished (FIN sent)
+        self._down_done = False  # stream -> socket finished (peer FIN passed on)
+        self._write_paused = False  # the socket's write buffer is over its high-water mark
+        self._held = 0  # bytes written to the socket whose credit waits for it to drain
+        self._finished = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._room: asyncio.Task[None] | None = None
+        self._idle: _IdleTimer | None = _IdleTimer(self, idle_timeout) if idle_timeout is not None else None
+        self._on_done = on_done
+        self.moved_in = 0  # bytes socket -> stream
+        self.moved_out = 0  # bytes stream -> socket
+
+    # -------------------------------------------------------------------- wiring
+    def attach(self, stream: TunnelStream) -> None:
+        """Relay to ``stream`` from now on (closes it at once if the socket is already gone)."""
+        if self._finished:
+            stream.close_nowait()
+            return
+        self._stream = stream
+        stream.attach(self)
+        self._start()
+
+    def _start(self) -> None:
+        if self._transport is None or self._stream is None or self._finished:
+            return
+        if self._idle is not None:
+            self._idle.start()
+        if self._pending is not None:
+            self._push()
+        elif self._fin_pending:
+            self._send_fin()
+        else:
+            self._resume_if_clear()
+
+    def factory(self) -> SocketRelay:
+        """This relay, as the protocol factory ``loop.connect_accepted_socket`` asks for."""
+        return self
+
+    def close(self) -> None:
+        """End the relay now (both ends closed; an open stream is reset)."""
+        self._finish()
+
+    def done(self) -> asyncio.Future[None]:
+        """A future that completes when the relay is over (awaiting it needs no coroutine frame of its own)."""
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            if self._finished:
+                waiter.set_result(None)
+        return waiter
+
+    async def wait(self) -> tuple[int, int]:
+        """Wait until the relay is over; ``(socket_to_stream, stream_to_socket)`` bytes."""
+        await self.done()
+        return self.moved_in, self.moved_out
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._idle is not None:
+            self._idle.stop()
+        if self._room is not None:
+            self._room.cancel()
+            self._room = None
+        if self._transport is not None:
+            self._transport.close()  # what was written still goes out
+        if self._stream is not None:
+            self._stream.close_nowait()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._ended()
+
+    def _ended(self) -> None:
+        """Called once when the relay is over (a subclass may override it instead of passing ``on_done``)."""
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done()
+
+    def _maybe_done(self) -> None:
+        if self._up_done and self._down_done:
+            self._finish()
+
+    # -------------------------------------------------------------------- socket side (asyncio.Protocol)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        if self._stream is None:
+            self._transport.pause_reading()
+        self._start()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._finished:
+            log.debug("relay.socket_lost", error=type(exc).__name__ if exc else None)
+        self._finish()
+
+    def data_received(self, data: bytes) -> None:
+        self.moved_in += len(data)
+        pending = self._pending
+        self._pending = data if pending is None else bytes(pending) + data
+        self._push()
+
+    def eof_received(self) -> bool:
+        self._fin_pending = True
+        if self._pending is None:
+            self._send_fin()
+        return True  # keep the socket open for the other direction
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        held, self._held = self._held, 0
+        if held and self._stream is not None:
+            self._stream.acknowledge(held)
+
+    # -------------------------------------------------------------------- socket -> stream
+    def _push(self) -> None:
+        stream = self._stream
+        data = self._pending
+        if stream is None or data is None or self._finished:
+            return
+        try:
+            n = stream.send_nowait(data)
+        except _BROKEN as exc:
+            log.debug("relay.broken", error=type(exc).__name__)
+            self._finish()
+            return
+        if n < len(data):
+            self._pending = memoryview(data)[n:]
+            self._pause()
+            return
+        self._pending = None
+        if self._fin_pending:
+            self._send_fin()
+            return
+        if stream.outbound_congested:
+            self._pause()
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_task(stream.wait_outbound_room())
+                self._room.add_done_callback(self._room_free)
+            return
+        self._resume_if_clear()
+
+    def _room_free(self, task: asyncio.Task[None]) -> None:
+        if self._room is task:
+            self._room = None
+            self._resume_if_clear()
+
+    def _pause(self) -> None:
+        if self._transport is not None and self._transport.is_reading():
+            self._transport.pause_reading()
+
+    def _resume_if_clear(self) -> None:
+        t = self._transport
+        if (
+            t is not None
+            and not self._finished
+            and self._pending is None
+            and self._room is None
+            and not self._fin_pending
+            and not t.is_reading()
+        ):
+            t.resume_reading()
+
+    def _send_fin(self) -> None:
+        if self._up_done or self._stream is None:
+            return
+        self._up_done = True
+        self._stream.send_eof_nowait()
+        self._maybe_done()
+
+    # -------------------------------------------------------------------- stream -> socket (StreamConsumer)
+    def stream_data(self, data: bytes) -> None:
+        self.moved_out += len(data)
+        t = self._transport
+        stream = self._stream
+        assert stream is not None
+        if t is None or self._finished or t.is_closing():
+            stream.acknowledge(len(data))  # nobody will read it: do not hold the peer's credit
+            return
+        t.write(data)
+        if self._write_paused:
+            self._held += len(data)
+        else:
+            stream.acknowledge(len(data))
+
+    def stream_eof(self) -> None:
+        if self._down_done:
+            return
+        self._down_done = True
+        t = self._transport
+        if t is not None and not t.is_closing() and t.can_write_eof():
+            try:
+                t.write_eof()
+            except OSError as exc:
+                log.debug("relay.eof_failed", error=type(exc).__name__)
+                self._finish()
+                return
+        self._maybe_done()
+
+    def stream_broken(self) -> None:
+        log.debug("relay.stream_broken")
+        self._finish()
+
+    def stream_writable(self) -> None:
+        if self._pending is not None:
+            self._push()
+
+
+class _IdleTimer:
+    """Ends a relay once no byte moved either way for ``timeout`` seconds (checked four times per period)."""
+
+    __slots__ = ("_handle", "_idle_for", "_relay", "_seen", "_step", "timeout")
+
+    def __init__(self, relay: SocketRelay, timeout: float) -> None:
+        self._relay = relay
+        self.timeout = timeout
+        self._step = timeout / 4
+        self._seen = 0
+        self._idle_for = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._seen = self._relay.moved_in + self._relay.moved_out
+            self._handle = asyncio.get_running_loop().call_later(self._step, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        total = self._relay.moved_in + self._relay.moved_out
+        if total != self._seen:
+            self._seen = total
+            self._idle_for = 0.0
+        else:
+            self._idle_for += self._step
+            if self._idle_for >= self.timeout:
+                self._handle = None
+                log.debug("pipe.idle_timeout", idle_timeout=self.timeout)
+                self._relay.close()
+                return
+        self._handle = asyncio.get_running_loop().call_later(self._step, self._check)
