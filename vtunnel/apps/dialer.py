@@ -8,7 +8,7 @@
    ones (so a name resolving to 127.0.0.1 is refused unless private addresses are allowed);
 4. races the allowed addresses RFC 8305 style: families interleaved starting with the resolver's first
    answer, a new attempt every 250 ms or as soon as the previous one failed, the first connection wins;
-5. returns an anyio socket stream with ``TCP_NODELAY`` set.
+5. returns an anyio socket stream with ``TCP_NODELAY`` set (``dial_socket``: the connected socket itself).
 
 Failures raise ``DialError`` with ``error`` one of ``"refused"``, ``"unreachable"``, ``"forbidden"``,
 ``"timeout"`` or ``"failed"`` (the reasons a stream's RST carries back to the agent).
@@ -132,7 +132,7 @@ def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     return ordered
 
 
-async def connect_address(addr: IPAddress, port: int) -> SocketStream:
+async def connect_socket(addr: IPAddress, port: int) -> socket.socket:
     """Connect a TCP socket to one resolved address (no name lookup, no thread hop), TCP_NODELAY set."""
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -146,10 +146,23 @@ async def connect_address(addr: IPAddress, port: int) -> SocketStream:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, f"connect to {addr}:{port}: {errno.errorcode.get(err, err)}") from None
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _wrap(sock: socket.socket) -> SocketStream:
+    try:
         return await SocketStream.from_socket(sock)
     except BaseException:
         sock.close()
         raise
+
+
+async def connect_address(addr: IPAddress, port: int) -> SocketStream:
+    """:func:`connect_socket` as an anyio socket stream."""
+    return await _wrap(await connect_socket(addr, port))
 
 
 class Dialer:
@@ -203,39 +216,46 @@ class Dialer:
 
     async def dial(self, authority: str) -> ByteStream:
         """Connect to ``authority`` (``host:port`` or ``[v6]:port``); raise ``DialError`` on failure."""
+        return await _wrap(await self.dial_socket(authority))
+
+    async def dial_socket(self, authority: str) -> socket.socket:
+        """:meth:`dial`, returning the connected non-blocking socket itself (for a protocol-driven relay)."""
         try:
             host, port = parse_authority(authority)
         except ValueError as exc:
             raise DialError("failed", str(exc)) from None
         with anyio.move_on_after(self.connect_timeout):
             addresses = await self.resolve(host, port)
-            stream = await self._race(addresses, port)
+            sock = await self._race_sockets(addresses, port)
             log.debug("dial.connected", authority=authority)
-            return stream
+            return sock
         raise DialError("timeout", f"no connection to {authority!r} within {self.connect_timeout} s")
 
     async def _race(self, addresses: Sequence[IPAddress], port: int) -> SocketStream:
+        return await _wrap(await self._race_sockets(addresses, port))
+
+    async def _race_sockets(self, addresses: Sequence[IPAddress], port: int) -> socket.socket:
         if len(addresses) == 1:  # nothing to race: no task group, no timers
             try:
-                return await connect_address(addresses[0], port)
+                return await connect_socket(addresses[0], port)
             except OSError as exc:
                 raise DialError(_error_of(exc)) from None
-        winner: SocketStream | None = None
+        winner: socket.socket | None = None
         errors: list[OSError] = []
 
         async def attempt(addr: IPAddress, failed: anyio.Event) -> None:
             nonlocal winner
             try:
-                stream = await connect_address(addr, port)
+                sock = await connect_socket(addr, port)
             except OSError as exc:
                 errors.append(exc)
                 failed.set()
                 return
             if winner is None:
-                winner = stream
+                winner = sock
                 tg.cancel_scope.cancel()
             else:
-                await anyio.aclose_forcefully(stream)
+                sock.close()
 
         try:
             async with anyio.create_task_group() as tg:
@@ -246,7 +266,7 @@ class Dialer:
                         await failed.wait()
         except BaseException:
             if winner is not None:
-                await anyio.aclose_forcefully(winner)
+                winner.close()
             raise
         if winner is None:
             codes = {_error_of(e) for e in errors}

@@ -11,6 +11,7 @@ Per stream, by what the SYN says:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import structlog
 from anyio.abc import ByteStream, Listener, TaskStatus
 
 from vtunnel.apps.dialer import Dialer, DialError
-from vtunnel.apps.pipe import pipe
+from vtunnel.apps.pipe import SocketRelay
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.pump import TunnelConnection
@@ -135,7 +136,6 @@ class Server:
 
     async def _handle_stream(self, stream: TunnelStream) -> None:
         md = stream.metadata
-        slog = log.bind(tunnel=stream._conn.name, stream=stream.stream_id)
         if md is not None and md.authority:
             if md.kind == "udp":
                 from vtunnel.apps.udprelay import serve_udp_stream
@@ -143,33 +143,41 @@ class Server:
                 stream.accept()
                 await serve_udp_stream(stream, self.dialer)
                 return
-            await self._connect_and_pipe(stream, md.authority, self.dialer, slog)
+            authority, dialer = md.authority, self.dialer
+        elif self.settings.target:
+            authority, dialer = self.settings.target, self.target_dialer
+        else:
+            await self._serve_websocks(stream)
             return
-        if self.settings.target:
-            await self._connect_and_pipe(stream, self.settings.target, self.target_dialer, slog)
-            return
-        await self._serve_websocks(stream, slog)
-
-    async def _connect_and_pipe(
-        self,
-        stream: TunnelStream,
-        authority: str,
-        dialer: Dialer,
-        slog: structlog.typing.FilteringBoundLogger,
-    ) -> None:
+        # A TCP destination: the socket's protocol does the copying; this task only waits on one future while
+        # the stream is open (no copy tasks, no frames below this one).
         try:
-            remote = await dialer.dial(authority)
+            sock = await dialer.dial_socket(authority)
         except DialError as exc:
-            slog.info("destination refused", destination=authority, error=exc.error)
+            log.info(
+                "destination refused",
+                tunnel=stream._conn.name,
+                stream=stream.stream_id,
+                destination=authority,
+                error=exc.error,
+            )
             stream.refuse(exc.error)
             return
-        stream.accept()
-        slog.debug("relaying", destination=authority)
-        await pipe(stream, remote, idle_timeout=self.settings.idle_timeout)
+        relay = SocketRelay(idle_timeout=self.settings.idle_timeout)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(relay.factory, sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            stream.accept()
+            log.debug("relaying", tunnel=stream._conn.name, stream=stream.stream_id, destination=authority)
+            relay.attach(stream)
+            await relay.done()
+        finally:
+            relay.close()
 
-    async def _serve_websocks(
-        self, stream: TunnelStream, slog: structlog.typing.FilteringBoundLogger
-    ) -> None:
+    async def _serve_websocks(self, stream: TunnelStream) -> None:
         from vtunnel.apps.websocks import classify_websocks, serve_websocks
 
         stream.accept()
@@ -188,7 +196,11 @@ class Server:
                         stream, first, users=self.settings.websocks_users, dialer=self.dialer
                     )
                 else:
-                    slog.info("stream has no destination and is not WebSocks: reset")
+                    log.info(
+                        "stream has no destination and is not WebSocks: reset",
+                        tunnel=stream._conn.name,
+                        stream=stream.stream_id,
+                    )
                     stream.refuse("failed")
                 return
         stream.refuse("timeout")
