@@ -11,6 +11,7 @@ Every accepted local connection becomes one stream in a pooled tunnel to the ser
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup, TaskStatus
 
-from vtunnel.apps.pipe import pipe
+from vtunnel.apps.pipe import SocketRelay, tune_transport
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.errors import TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
@@ -91,6 +92,8 @@ class Agent:
         self._active = 0
         self._idle = anyio.Event()
         self._idle.set()
+        self._relays: set[SocketRelay] = set()
+        self._task_group: TaskGroup | None = None
 
     async def open(self, metadata: StreamMetadata | None, *, wait_accepted: bool = True) -> ByteStream:
         return await self.pool.open_stream(
@@ -103,21 +106,30 @@ class Agent:
     async def serve(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         fronts: list[tuple[str, tuple[str, int], Callable[[ByteStream], Awaitable[None]]]] = []
-        for fwd in s.forwards:
-            fronts.append((f"forward {fwd.destination or 'target'}", fwd.listen, self._forward_handler(fwd)))
         if s.socks:
             fronts.append(("socks", s.socks, self._socks_handler))
         if s.http:
             fronts.append(("http", s.http, self._http_handler))
+        loop = asyncio.get_running_loop()
+        forward_servers: list[asyncio.Server] = []
         listeners = []
-        for name, (host, port), handler in fronts:
-            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-            addr = listener.extra(SocketAttribute.local_address)
-            shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
-            self.local_addresses[name] = shown
-            listeners.append((listener, handler))
-            log.info("listening", front=name, address=shown, server=str(s.server))
+        try:
+            for fwd in s.forwards:
+                # a forward is a protocol-driven relay per connection: no task while it is open
+                name = f"forward {fwd.destination or 'target'}"
+                srv = await loop.create_server(self._forward_factory(fwd), fwd.listen[0], fwd.listen[1])
+                forward_servers.append(srv)
+                self._show(name, srv.sockets[0].getsockname())
+            for name, (host, port), handler in fronts:
+                listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+                self._show(name, listener.extra(SocketAttribute.local_address))
+                listeners.append((listener, handler))
+        except BaseException:
+            for srv in forward_servers:
+                srv.close()
+            raise
         async with anyio.create_task_group() as tg:
+            self._task_group = tg
             await self.pool.run(tg)
             accepting: list[anyio.CancelScope] = []
 
@@ -131,7 +143,11 @@ class Agent:
             for listener, handler in listeners:
                 tg.start_soon(accept_on, listener, handler)
             task_status.started(self.local_addresses)
-            await self._stopping.wait()
+            try:
+                await self._stopping.wait()
+            finally:
+                for srv in forward_servers:
+                    srv.close()
             for scope in accepting:
                 scope.cancel()
             await anyio.lowlevel.checkpoint()
@@ -141,7 +157,14 @@ class Agent:
                 await self._idle.wait()
             self.pool.shutdown()
             await anyio.sleep(0.1)  # let GOAWAY leave
+            for relay in list(self._relays):
+                relay.close()
             tg.cancel_scope.cancel()
+
+    def _show(self, name: str, addr: Any) -> None:
+        shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+        self.local_addresses[name] = shown
+        log.info("listening", front=name, address=shown, server=str(self.settings.server))
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -150,35 +173,64 @@ class Agent:
         self, handler: Callable[[ByteStream], Awaitable[None]]
     ) -> Callable[[ByteStream], Awaitable[None]]:
         async def run(client: ByteStream) -> None:
-            self._active += 1
-            if self._idle.is_set():
-                self._idle = anyio.Event()
+            self._begin()
             tune_socket(client)
             try:
                 await handler(client)
             except Exception as exc:
                 log.info("local connection ended with an error", error=str(exc) or repr(exc))
             finally:
-                self._active -= 1
-                if not self._active:
-                    self._idle.set()
+                self._end()
                 with anyio.CancelScope(shield=True):
                     await anyio.aclose_forcefully(client)
 
         return run
 
-    def _forward_handler(self, fwd: Forward) -> Callable[[ByteStream], Awaitable[None]]:
+    def _begin(self) -> None:
+        self._active += 1
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+
+    def _end(self) -> None:
+        self._active -= 1
+        if not self._active:
+            self._idle.set()
+
+    def _forward_factory(self, fwd: Forward) -> Callable[[], SocketRelay]:
         metadata = StreamMetadata(authority=fwd.destination, kind="tcp") if fwd.destination else None
+        return lambda: _ForwardRelay(self, metadata)
 
-        async def handle(client: ByteStream) -> None:
-            try:
-                remote = await self.open(metadata, wait_accepted=False)
-            except TunnelUnavailable as exc:
-                log.warning("no tunnel for a forwarded connection", error=str(exc))
-                return
-            await pipe(client, remote)
+    def _relay_started(self, relay: _ForwardRelay) -> None:
+        """A forwarded connection was accepted: open its stream in a short-lived task (0-RTT, no wait)."""
+        self._begin()
+        self._relays.add(relay)
+        tg = self._task_group
+        if tg is None or self._stopping.is_set():
+            relay.close()
+            return
+        tg.start_soon(self._open_for, relay)
 
-        return handle
+    def _relay_done(self, relay: SocketRelay) -> None:
+        self._relays.discard(relay)
+        self._end()
+
+    async def _open_for(self, relay: _ForwardRelay) -> None:
+        try:
+            remote = await self.pool.open_stream(
+                relay.metadata, wait_accepted=False, timeout=self.settings.open_timeout
+            )
+        except TunnelUnavailable as exc:
+            log.warning("no tunnel for a forwarded connection", error=str(exc))
+            relay.close()
+            return
+        except Exception as exc:
+            log.info("local connection ended with an error", error=str(exc) or repr(exc))
+            relay.close()
+            return
+        except BaseException:
+            relay.close()
+            raise
+        relay.attach(remote)
 
     async def _socks_handler(self, client: ByteStream) -> None:
         from vtunnel.apps.socks5 import serve_socks5
@@ -189,3 +241,22 @@ class Agent:
         from vtunnel.apps.httpproxy import serve_http_proxy
 
         await serve_http_proxy(client, self._opener)
+
+
+class _ForwardRelay(SocketRelay):
+    """A ``--forward`` connection: the relay tells the agent when it starts and ends (drain accounting)."""
+
+    __slots__ = ("agent", "metadata")
+
+    def __init__(self, agent: Agent, metadata: StreamMetadata | None) -> None:
+        super().__init__()
+        self.agent = agent
+        self.metadata = metadata
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        tune_transport(transport)
+        self.agent._relay_started(self)
+
+    def _ended(self) -> None:
+        self.agent._relay_done(self)
