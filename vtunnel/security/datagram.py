@@ -192,7 +192,7 @@ class DatagramClient:
 
     ``connection_id`` is a random initial ID until the reply arrives, then the ID the server assigned.
     ``ciphers`` is the offer, best first. An authentic reply that chooses a cipher not offered ends the attempt:
-    :attr:`failure` says why and nothing more is accepted (the caller times out, as with any failure).
+    :attr:`failure` says why, nothing more is accepted, and the caller can stop waiting for a reply.
     """
 
     __slots__ = ("_created", "_hs", "_init", "_initial_cid", "_offer", "_psk", "_session", "failure")

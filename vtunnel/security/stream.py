@@ -76,10 +76,9 @@ class _Records:
 
     Noise's transport cipher (the negotiated AEAD; nonce = 32 zero bits then the record counter as 64 bits,
     little endian for ChaCha20-Poly1305 and big endian for AES-256-GCM, as Noise has it) applied straight into
-    two work buffers that live as long as the channel: allocating and zeroing a fresh
-    buffer of a few hundred KiB costs more than encrypting it. Each call hands out one ``bytes`` copy of its
-    result. A work buffer grows to the largest call up to :data:`WORK_BUFFER_MAX` and is kept; a larger call
-    uses a temporary one.
+    two work buffers that live as long as the channel: allocating and zeroing a fresh buffer of a few hundred
+    KiB costs more than encrypting it. Each call hands out one ``bytes`` copy of its result. A work buffer grows
+    to the largest call up to :data:`WORK_BUFFER_MAX` and is kept; a larger call uses a temporary one.
     """
 
     __slots__ = (

@@ -134,7 +134,8 @@ class _SealedKCPClient:
                 raise AuthenticationFailed(f"the handshake with {where} failed: {failure}")
             raise HandshakeTimeout(
                 f"no valid handshake reply from {where} in {self._options.connect_timeout:g} s (is the server "
-                "up, is the key the same, and does it speak the same vtunnel protocol version?)"
+                "up, is the key the same, does it speak the same vtunnel protocol version and accept one of the "
+                "ciphers offered?)"
             )
         return self.stream
 

@@ -219,7 +219,7 @@ async def secure_client(
         await anyio.aclose_forcefully(stream)
         msg = (
             f"no valid handshake reply within {handshake_timeout:g} s "
-            "(wrong key, or a server speaking another vtunnel protocol version?)"
+            "(wrong key, another vtunnel protocol version, or no cipher in common?)"
         )
         raise HandshakeTimeout(msg) from None
     except BaseException:
