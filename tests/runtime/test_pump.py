@@ -186,3 +186,114 @@ async def test_graceful_shutdown_lets_open_streams_finish() -> None:
         release.set()
         with anyio.fail_after(10):
             assert await read_all(stream) == b"late answer"
+
+
+@asynccontextmanager
+async def kcp_tunnel_pair(
+    handler: Handler, query: str = ""
+) -> AsyncIterator[tuple[TunnelConnection, TunnelConnection]]:
+    """The same pair over kcp://, whose sessions take synchronous writes (``send_nowait``)."""
+    from vtunnel.transports.base import Endpoint, SecurityConfig
+    from vtunnel.transports.kcp import KCPListener, KCPTransport
+
+    plain = SecurityConfig()
+    listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=plain)
+    assert isinstance(listener, KCPListener)
+    url = f"kcp://127.0.0.1:{listener.local_address[1]}{query}"
+    servers: list[TunnelConnection] = []
+    async with anyio.create_task_group() as tg:
+
+        async def on_accept(stream: ByteStream) -> None:
+            conn = TunnelConnection(stream, role=Role.SERVER, handler=handler, name="s")
+            servers.append(conn)
+            await conn.run()
+
+        tg.start_soon(listener.serve, on_accept)
+        raw = await KCPTransport().connect(Endpoint.parse(url), security=plain)
+        client = TunnelConnection(raw, role=Role.CLIENT, name="c")
+        tg.start_soon(client.run)
+        with anyio.fail_after(10):
+            await client.wait_ready()
+            while not servers:
+                await anyio.sleep(0.01)
+        try:
+            yield client, servers[0]
+        finally:
+            client.shutdown("test over", graceful=False)
+            tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_small_messages_are_written_from_the_sender_without_the_writer() -> None:
+    async with kcp_tunnel_pair(echo_handler) as (client, server):
+        stream = await client.open_stream(StreamMetadata(authority="rr:1"))
+        before = (client.writer_writes, server.writer_writes)
+        with anyio.fail_after(20):
+            for i in range(100):
+                message = i.to_bytes(8, "big") * 8
+                await stream.send(message)
+                got = b""
+                while len(got) < len(message):
+                    got += await stream.receive()
+                assert got == message
+        assert client.direct_writes >= 100
+        assert server.direct_writes >= 100
+        assert (client.writer_writes, server.writer_writes) == before  # nothing waited for the writer task
+
+
+async def test_a_full_kcp_window_falls_back_to_the_writer_in_order() -> None:
+    """Bulk through a 32-segment window: writes the session cannot take at once go through the writer task,
+    and every byte of every stream still arrives in order."""
+    async with kcp_tunnel_pair(echo_handler, "?sndwnd=32&rcvwnd=128") as (client, _server):
+        payloads = [hashlib.sha256(bytes([i])).digest() * (12000 + 997 * i) for i in range(4)]
+        results: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            stream = await client.open_stream(StreamMetadata(authority=f"bulk:{i}"))
+            async with anyio.create_task_group() as tg:
+
+                async def write() -> None:
+                    for start in range(0, len(payloads[i]), 50000):
+                        await stream.send(payloads[i][start : start + 50000])
+                    await stream.send_eof()
+
+                tg.start_soon(write)
+                results[i] = await read_all(stream)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(len(payloads)):
+                    tg.start_soon(one, i)
+        assert [results[i] == payloads[i] for i in range(len(payloads))] == [True] * len(payloads)
+        assert client.direct_writes > 0
+        assert client.writer_writes > 0
+
+
+async def test_tcp_transport_keeps_the_writer_task() -> None:
+    async with tunnel_pair(echo_handler) as (client, _):
+        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        await stream.send(b"ping")
+        with anyio.fail_after(10):
+            assert await stream.receive() == b"ping"
+        assert client.direct_writes == 0
+        assert client.writer_writes > 0
+
+
+async def test_kcp_tunnel_death_breaks_streams() -> None:
+    async def handler(stream: TunnelStream) -> None:
+        stream.accept()
+        await anyio.sleep(30)
+
+    async with kcp_tunnel_pair(handler, "?timeout=1") as (client, server):
+        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        await anyio.aclose_forcefully(server.transport)
+
+        async def keep_sending() -> None:
+            # the server's session is gone: the client's link dies and its stream breaks
+            for _ in range(3000):
+                await stream.send(b"x" * 1000)
+                await anyio.sleep(0.01)
+
+        with anyio.fail_after(30), pytest.raises(anyio.BrokenResourceError):
+            await keep_sending()
+        assert client.closed

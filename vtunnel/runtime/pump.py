@@ -5,7 +5,10 @@ it. Three tasks move everything:
 
 * the reader feeds transport bytes to the tunnel and turns its events into stream buffers and wake-ups;
 * the writer drains the tunnel's output to the transport, so no caller ever blocks the reader: it takes
-  everything queued at once (one join, one transport write) each time the previous write finished;
+  everything queued at once (one join, one transport write) each time the previous write finished. A transport
+  with a synchronous ``send_nowait(data) -> bool`` (all or nothing, never raises, never waits) is written
+  straight from :meth:`TunnelConnection.flush` while the writer is idle, so a small message goes from the
+  sender's task to the wire in the same step; the writer only runs when the transport would make it wait;
 * the timer calls ``handle_timer`` at the tunnel's next deadline (keepalive, handshake and drain timeouts). It
   is woken only when a deadline moves earlier than the one it sleeps until; a deadline that moved later (the
   keepalive after every received chunk) is found when it wakes.
@@ -82,6 +85,13 @@ class TunnelConnection:
         self._closed = anyio.Event()
         self._close_reason = ""
         self._task_group: TaskGroup | None = None
+        #: the transport's synchronous write (``send_nowait(data) -> bool``, all or nothing), when it has one
+        self._send_nowait: Callable[[bytes], bool] | None = getattr(transport, "send_nowait", None)
+        #: bytes flush() drained but the transport could not take at once: the writer sends them first
+        self._held = b""
+        #: transport writes made synchronously from :meth:`flush`, and by the writer task (statistics)
+        self.direct_writes = 0
+        self.writer_writes = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -120,10 +130,26 @@ class TunnelConnection:
 
     # ------------------------------------------------------------------ output
     def flush(self) -> None:
-        """Let the writer and the timer see what the tunnel has queued (never blocks, cheap to call often)."""
-        if self._writer_idle and self.tunnel.has_data_to_send:
-            self._writer_idle = False
-            self._writer_wakeup.set()
+        """Hand what the tunnel has queued to the transport, and let the timer see a new deadline.
+
+        Never blocks, cheap to call often. When the writer is idle and the transport takes bytes synchronously
+        (``send_nowait``), the frames are written right here, in the task that produced them: no writer wake-up,
+        no loop iteration between a stream's ``send`` and the transport. Otherwise the writer task is woken.
+        """
+        tunnel = self.tunnel
+        if self._writer_idle and tunnel.has_data_to_send:
+            if self._send_nowait is None:  # the writer joins whatever is queued when it runs
+                self._writer_idle = False
+                self._writer_wakeup.set()
+            else:
+                data = tunnel.data_to_send()
+                if self._write_now(data):
+                    self.direct_writes += 1
+                else:
+                    self._held = data
+                    self._sending = len(data)
+                    self._writer_idle = False
+                    self._writer_wakeup.set()
         deadline = self.tunnel.next_deadline()
         if deadline is not None and deadline < self._timer_deadline:
             self._timer_deadline = -math.inf
@@ -141,11 +167,25 @@ class TunnelConnection:
                 drained = self._outbound_drained = anyio.Event()
             await drained.wait()
 
+    def _write_now(self, data: bytes) -> bool:
+        """Write ``data`` synchronously if the transport can take all of it now (it never takes part of it)."""
+        send_nowait = self._send_nowait
+        if send_nowait is None:
+            return False
+        try:
+            return bool(send_nowait(data))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return False  # the writer's own send surfaces the failure and closes the tunnel
+
     async def _writer(self) -> None:
         tunnel = self.tunnel
         send = self.transport.send
         while True:
-            data = tunnel.data_to_send()
+            data = self._held
+            if data:
+                self._held = b""
+            else:
+                data = tunnel.data_to_send()
             if not data:
                 if self._closed.is_set():
                     return
@@ -154,6 +194,7 @@ class TunnelConnection:
                 await self._writer_wakeup.wait()
                 continue
             self._sending = len(data)
+            self.writer_writes += 1
             await send(data)
             self._sending = 0
             if self._outbound_drained is not None:

@@ -40,7 +40,7 @@ from vtunnel.transports.kcp_wire import (
 )
 from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_udp_socket, split_run
 
-__all__ = ["KCPListener", "KCPStream", "KCPTransport"]
+__all__ = ["KCPListener", "KCPSession", "KCPStream", "KCPTransport"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
@@ -76,6 +76,35 @@ def _add_run(good: list[bytes | memoryview], buffer: bytes, segment: int, engine
         )
 
 
+class KCPSession(KCPStream):
+    """A :class:`KCPStream` that also takes bytes synchronously: :meth:`send_nowait`.
+
+    The tunnel pump writes a frame straight from the task (or callback) that produced it when the transport
+    has this method; ikcp then sends it in the same step. Through ``send`` the bytes would wait for the pump's
+    writer task and then for the stream's deferred flush: two event-loop iterations per message, each side.
+    """
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Queue ``data`` into KCP and flush it now if the send window has room for all of it.
+
+        ``False`` (nothing taken) when the session is closed or broken or the window is too full: the caller
+        then uses ``send``, which waits for room and raises the session's error. Never raises, never waits.
+        """
+        engine = self.engine
+        if self._closed or self._error is not None or engine.closed:
+            return False
+        waiting = engine.waiting()
+        if (engine.send_window - waiting) * engine.max_data < len(data):
+            return False
+        now = self._loop.time()
+        if waiting == 0:
+            self._busy_since = now
+        engine.send(data)
+        engine.flush(now)
+        self._pump(now)
+        return True
+
+
 class _KCPClient:
     """The client side of one session: a connected UDP socket feeding one :class:`KCPStream`."""
 
@@ -84,7 +113,7 @@ class _KCPClient:
         self._udp = CoalescingSocket(sock, self._on_runs)
         loop = asyncio.get_running_loop()
         engine = KCPEngine(conv=conv, options=options, mtu=options.mtu, now=loop.time())
-        self.stream = KCPStream(
+        self.stream = KCPSession(
             engine=engine,
             options=options,
             transmit=self._transmit,
@@ -238,7 +267,7 @@ class KCPListener(Listener[ByteStream]):
             def transmit(datagrams: list[bytes]) -> None:
                 udp.sendto_many([sealer(d) for d in datagrams], stream.remote_address)
 
-        stream = KCPStream(
+        stream = KCPSession(
             engine=engine,
             options=self._options,
             transmit=transmit,

@@ -1,0 +1,103 @@
+"""``KCPSession.send_nowait``: the synchronous write the tunnel pump uses, over real UDP on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from tests.streams import echo, read_exactly
+from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.kcp import KCPListener, KCPSession, KCPTransport
+
+pytestmark = pytest.mark.anyio
+
+PLAIN = SecurityConfig()
+
+
+@asynccontextmanager
+async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener, str]]:
+    listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=PLAIN)
+    assert isinstance(listener, KCPListener)
+    try:
+        yield listener, f"kcp://127.0.0.1:{listener.local_address[1]}{query}"
+    finally:
+        await listener.aclose()
+
+
+async def connect(url: str) -> KCPSession:
+    stream = await KCPTransport().connect(Endpoint.parse(url), security=PLAIN)
+    assert isinstance(stream, KCPSession)
+    return stream
+
+
+async def test_send_nowait_bytes_arrive_in_order_with_awaited_sends() -> None:
+    async with kcp_server() as (listener, url), anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        client = await connect(url)
+        expected = bytearray()
+        with anyio.fail_after(20):
+            for i in range(200):
+                piece = i.to_bytes(4, "big") * 16
+                if i % 3:
+                    assert client.send_nowait(piece)
+                else:
+                    await client.send(piece)
+                expected += piece
+            assert await read_exactly(client, len(expected)) == bytes(expected)
+        await client.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_accepted_sessions_take_synchronous_writes_too() -> None:
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        await client.send(b"hello")
+        with anyio.fail_after(10):
+            server = await listener.accept()
+            assert isinstance(server, KCPSession)
+            assert await read_exactly(server, 5) == b"hello"
+            assert server.send_nowait(b"world")
+            assert await read_exactly(client, 5) == b"world"
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_a_write_larger_than_the_free_window_is_refused_whole() -> None:
+    async with kcp_server("?sndwnd=32&rcvwnd=128") as (listener, url):
+        client = await connect(url)
+        engine = client.engine
+        too_big = os.urandom(33 * engine.max_data)
+        assert not client.send_nowait(too_big)
+        assert engine.waiting() == 0  # nothing was taken
+        fits = os.urandom(32 * engine.max_data)
+        assert client.send_nowait(fits)
+        assert engine.waiting() > 0
+        with anyio.fail_after(10):
+            server = await listener.accept()
+            assert await read_exactly(server, len(fits)) == fits
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_a_closed_or_failed_session_refuses_and_send_reports_why() -> None:
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        await client.aclose()
+        assert not client.send_nowait(b"late")
+        with pytest.raises(anyio.ClosedResourceError):
+            await client.send(b"late")
+
+        other = await connect(url)
+        await other.send(b"x")
+        with anyio.fail_after(10):
+            server = await listener.accept()
+        assert isinstance(server, KCPSession)
+        await listener.aclose()  # every accepted session fails with it
+        assert not server.send_nowait(b"late")
+        with pytest.raises(anyio.BrokenResourceError):
+            await server.send(b"late")
+        await other.aclose()
