@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -10,16 +11,17 @@ from dataclasses import dataclass
 
 import anyio
 import pytest
+from anyio.abc import SocketStream
 from python_socks import ProxyType
 from python_socks.async_.anyio import Proxy
 
-from vtunnel.apps.agent import Agent, AgentSettings
+from vtunnel.apps.agent import Agent, AgentSettings, Forward
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.apps.socks5 import Command, Reply, encode_address, encode_request, parse_reply
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .conftest import Origin, body_for
+from .conftest import Origin, body_for, serve_front
 from .websocks_client import read_all, websocks_connect
 
 pytestmark = pytest.mark.anyio
@@ -163,3 +165,141 @@ async def test_websocks_inside_a_tunnel_stream(origin: Origin) -> None:
                 await stream.send(b"GET /bytes/54321 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 response = await read_all(stream, rest)
     assert response.endswith(b"\r\n\r\n" + body_for("/bytes/54321", 54321))
+
+
+# ------------------------------------------------------------------------------------------------ --forward
+# Forwarded connections are relayed by callbacks on both sides (SocketRelay): byte-exact, half-close, refusals,
+# the exit's idle timeout and the agent's drain behave as with the task-based pipe.
+
+
+async def _echo_until_eof(stream: SocketStream) -> None:
+    """An origin that answers everything it read only after the request ended (tests the half-close)."""
+    async with stream:
+        got = bytearray()
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            while True:
+                got += await stream.receive()
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await stream.send(bytes(got[::-1]))
+            await stream.send_eof()
+
+
+@asynccontextmanager
+async def forwarding(
+    destination: str | None, *, target: str | None = None, idle_timeout: float | None = None
+) -> AsyncIterator[tuple[Agent, int, anyio.abc.TaskGroup]]:
+    security = SecurityConfig(psk=os.urandom(32))
+    server = Server(
+        ServerSettings(
+            listen=[Endpoint.parse("tcp://127.0.0.1:0")],
+            security=security,
+            policy=ExitPolicy(allow_private=True),
+            target=target,
+            drain_timeout=5.0,
+            idle_timeout=idle_timeout,
+        )
+    )
+    async with anyio.create_task_group() as tg:
+        addresses = await tg.start(server.serve)
+        spec = "127.0.0.1:0" + (f"={destination}" if destination else "")
+        agent = Agent(
+            AgentSettings(
+                server=Endpoint.parse(addresses[0]),
+                security=security,
+                forwards=[Forward.parse(spec)],
+                drain_timeout=5.0,
+            )
+        )
+        fronts = await tg.start(agent.serve)
+        yield agent, _port(next(iter(fronts.values()))), tg
+        agent.shutdown()
+        server.shutdown()
+
+
+async def _request(port: int, payload: bytes) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(payload)
+        await stream.send_eof()
+        out = bytearray()
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                out += await stream.receive()
+        return bytes(out)
+
+
+@pytest.mark.parametrize("by_target", [False, True])
+async def test_forward_relays_byte_exact_with_half_close(by_target: bool) -> None:
+    async with serve_front(_echo_until_eof) as origin:
+        dest = f"127.0.0.1:{origin}"
+        async with forwarding(None if by_target else dest, target=dest if by_target else None) as (
+            _,
+            port,
+            _,
+        ):
+            payloads = [os.urandom(n) for n in (1, 70_000, 3_000_000)]
+            with anyio.fail_after(30):
+                for payload in payloads:
+                    assert await _request(port, payload) == payload[::-1]
+
+
+async def test_forward_to_a_refused_destination_closes_the_connection_and_serves_on() -> None:
+    async with forwarding(f"127.0.0.1:{_closed_port()}") as (agent, port, _):
+        with anyio.fail_after(10):
+            for _ in range(3):  # each one is refused on its own; the front keeps accepting
+                async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                    await stream.send(b"hello")  # 0-RTT: sent before the refusal comes back
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await stream.receive()
+            while agent._relays:
+                await anyio.sleep(0.01)
+
+
+async def test_the_exit_idle_timeout_ends_a_quiet_forwarded_connection() -> None:
+    async def hold(stream: SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await stream.receive()
+
+    async with (
+        serve_front(hold) as origin,
+        forwarding(f"127.0.0.1:{origin}", idle_timeout=0.3) as (_, port, _),
+    ):
+        with anyio.fail_after(10):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"x")
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+
+
+async def _refuses_connections(port: int) -> bool:
+    for _ in range(200):  # the listener closes as soon as serve() sees the shutdown
+        try:
+            probe = await anyio.connect_tcp("127.0.0.1", port)
+        except OSError:
+            return True
+        await probe.aclose()
+        await anyio.sleep(0.01)
+    return False
+
+
+async def test_agent_drain_lets_an_open_forwarded_transfer_finish() -> None:
+    payload = os.urandom(2_000_000)
+    async with (
+        serve_front(_echo_until_eof) as origin,
+        forwarding(f"127.0.0.1:{origin}") as (agent, port, _),
+    ):
+        with anyio.fail_after(30):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(payload[:1000])
+                while not agent._relays:  # the relay exists: the connection was accepted
+                    await anyio.sleep(0.01)
+                agent.shutdown()  # stops accepting; the open connection drains
+                assert await _refuses_connections(port)
+                await stream.send(payload[1000:])
+                await stream.send_eof()
+                out = bytearray()
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        out += await stream.receive()
+                assert bytes(out) == payload[::-1]
