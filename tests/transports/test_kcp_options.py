@@ -60,9 +60,10 @@ def test_every_option_field_can_be_set_from_the_url() -> None:
         "sockbuf": "1048576",
         "connect_timeout": "4",
     }
-    opts = parse_options(samples)
+    opts = parse_options({**samples, "pacing": "off"})
+    assert opts.pacing is False
     for f in fields(KCPOptions):
-        if f.name != "mode":
+        if f.name not in ("mode", "pacing"):
             assert str(getattr(opts, f.name)).rstrip("0").rstrip(".") == samples[f.name].rstrip("0").rstrip(
                 "."
             )
@@ -106,3 +107,16 @@ async def test_connect_and_listen_reject_bad_options_before_opening_anything() -
         await transport.connect(Endpoint.parse("kcp://127.0.0.1:9?mode=x"), security=SecurityConfig())
     with pytest.raises(TransportError, match="'mtu'"):
         await transport.listen(Endpoint.parse("kcp://127.0.0.1:0?mtu=1"), security=SecurityConfig())
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("on", True), ("1", True), ("TRUE", True), ("off", False), ("no", False)]
+)
+def test_pacing_is_on_by_default_and_can_be_turned_off(text: str, value: bool) -> None:
+    assert parse_options({}).pacing is True
+    assert parse_options({"pacing": text}).pacing is value
+
+
+def test_pacing_takes_only_on_or_off() -> None:
+    with pytest.raises(TransportError, match="pacing"):
+        parse_options({"pacing": "maybe"})

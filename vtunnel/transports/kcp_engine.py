@@ -17,6 +17,7 @@ from typing import Final
 import siokcp
 
 from vtunnel.transports.kcp_options import KCPOptions
+from vtunnel.transports.kcp_pacing import Pacer
 
 __all__ = ["KCPEngine", "KCPEngineError"]
 
@@ -43,11 +44,14 @@ class KCPEngine:
     """One KCP control block in stream mode."""
 
     __slots__ = (
+        "_acked_any",
         "_closed",
         "_kcp",
         "_leftover",
         "_out",
+        "_pacer",
         "_scratch",
+        "_seen_buf",
         "conv",
         "max_data",
         "send_window",
@@ -70,6 +74,10 @@ class KCPEngine:
             raise KCPEngineError(f"ikcp rejected mtu {mtu}")
         kcp.update(_ms(now))  # marks the block "updated" so flush works from now on
         self._kcp = kcp
+        #: delivery-rate pacing (``None``: ikcp sends whatever its window allows, at once)
+        self._pacer: Pacer | None = Pacer(max_window=options.sndwnd, now=now) if options.pacing else None
+        self._seen_buf = 0
+        self._acked_any = False
         #: segments that may wait in the send queue + buffer before a writer must wait
         self.send_window: int = options.sndwnd
         #: the most data bytes one segment may carry
@@ -114,11 +122,56 @@ class KCPEngine:
             return
         kcp = self._kcp
         kcp.current = _ms(now)
+        pacer = self._pacer
+        if pacer is None:
+            kcp.flush()
+            return
+        sent_before = self._gate(pacer, now)
         kcp.flush()
+        self._count_sent(pacer, sent_before)
 
     def handle_timer(self, now: float) -> None:
-        if not self._closed:
-            self._kcp.update(_ms(now))
+        if self._closed:
+            return
+        kcp = self._kcp
+        pacer = self._pacer
+        if pacer is None:
+            kcp.update(_ms(now))
+            return
+        release = pacer.next_release(now, kcp.nsnd_buf, kcp.nsnd_que)
+        sent_before = self._gate(pacer, now)
+        if release is not None and release <= now and self._span_room(kcp) > 0:
+            kcp.current = _ms(now)
+            kcp.flush()
+        else:
+            kcp.update(_ms(now))
+        self._count_sent(pacer, sent_before)
+
+    def _gate(self, pacer: Pacer, now: float) -> int:
+        """Tell the pacer what was acknowledged, then open ikcp's send window by what it allows.
+
+        Returns the sequence number plus retransmission count before the flush, for :meth:`_count_sent`.
+        """
+        kcp = self._kcp
+        in_flight: int = kcp.nsnd_buf
+        delivered = self._seen_buf - in_flight
+        srtt: float = kcp.rx_srtt
+        if delivered > 0:
+            self._acked_any = True
+            srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
+            pacer.on_acked(now, delivered, srtt, app_limited=kcp.nsnd_que == 0)
+        allowed = pacer.allowance(now, in_flight)
+        nxt: int = kcp.snd_nxt
+        xmit: int = kcp.xmit
+        kcp.snd_wnd = min(self.send_window, ((nxt - kcp.snd_una) & _MASK32) + allowed)
+        return (nxt + xmit) & _MASK32
+
+    def _count_sent(self, pacer: Pacer, before: int) -> None:
+        kcp = self._kcp
+        sent = (kcp.snd_nxt + kcp.xmit - before) & _MASK32
+        if sent:
+            pacer.on_sent(sent)
+        self._seen_buf = kcp.nsnd_buf
 
     def next_deadline(self, now: float) -> float | None:
         """When :meth:`handle_timer` must run, or ``None`` when the session is quiet.
@@ -129,11 +182,48 @@ class KCPEngine:
         if self._closed:
             return None
         kcp = self._kcp
-        if kcp.nsnd_buf == 0 and kcp.nsnd_que == 0 and kcp.probe == 0 and kcp.rmt_wnd != 0:
+        in_flight: int = kcp.nsnd_buf
+        queued: int = kcp.nsnd_que
+        if in_flight == 0 and queued == 0 and kcp.probe == 0 and kcp.rmt_wnd != 0:
             return None
         current = _ms(now)
-        delay = (kcp.check(current) - current) & _MASK32
-        return now + int(delay) / 1000.0
+        delay: int = (kcp.check(current) - current) & _MASK32
+        deadline = now + delay / 1000.0
+        pacer = self._pacer
+        if pacer is not None and queued and self._span_room(kcp) > 0:
+            release = pacer.next_release(now, in_flight, queued)
+            if release is not None and release < deadline:
+                return release
+        return deadline
+
+    def _span_room(self, kcp: siokcp.KCPConnection) -> int:
+        """New segments ikcp's own window admits: it counts from the oldest unacknowledged one."""
+        span: int = (kcp.snd_nxt - kcp.snd_una) & _MASK32
+        peer: int = kcp.rmt_wnd
+        return min(self.send_window, peer) - span
+
+    def stats(self) -> dict[str, float | int | str]:
+        """Counters for logs: round trip, retransmissions and, with pacing, the rate estimate."""
+        if self._closed:
+            return {}
+        kcp = self._kcp
+        out: dict[str, float | int | str] = {
+            "srtt_ms": int(kcp.rx_srtt),
+            "rto_ms": int(kcp.rx_rto),
+            "sent_segments": int(kcp.snd_nxt),
+            "retransmits": int(kcp.xmit),
+        }
+        pacer = self._pacer
+        if pacer is not None:
+            out["pacing_phase"] = pacer.phase.value
+            out["rate_estimate_MBps"] = round(pacer.bandwidth * self.max_data / 1e6, 2)
+            out["min_rtt_ms"] = round(pacer.min_rtt * 1000, 2)
+        return out
+
+    @property
+    def pacer(self) -> Pacer | None:
+        """The delivery-rate pacer, for logs and measurements (``None`` when pacing is off)."""
+        return self._pacer
 
     # --- data -----------------------------------------------------------------------------------------------
 

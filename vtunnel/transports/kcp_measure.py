@@ -26,6 +26,7 @@ import anyio
 
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPTransport
+from vtunnel.transports.kcp_stream import KCPStream
 
 _KEY = SecurityConfig(psk=bytes(range(32)))
 
@@ -91,6 +92,7 @@ async def _bulk(mib: int, query: str, sealed: bool) -> None:
         assert await client.receive() == b"done"
         elapsed = time.perf_counter() - start
         cpu = _cpu_seconds() - cpu
+        engine_stats = client.engine.stats() if isinstance(client, KCPStream) else {}
         await client.aclose()
         proc.wait(timeout=30)
     print(
@@ -99,6 +101,7 @@ async def _bulk(mib: int, query: str, sealed: bool) -> None:
                 "bulk_MBps": round(total / elapsed / 1e6, 1),
                 "seconds": round(elapsed, 2),
                 "client_cpu_s": round(cpu, 2),
+                **engine_stats,
             }
         )
     )

@@ -62,6 +62,9 @@ class KCPOptions:
     sockbuf: int = 4 * 1024 * 1024
     #: client: seconds to wait for the sealed handshake's answer (secure mode only)
     connect_timeout: float = 10.0
+    #: send at the measured delivery rate with about two round trips in flight (see kcp_pacing), instead of a
+    #: whole window at once; off: ikcp's own behaviour, as in kcptun
+    pacing: bool = True
 
     @property
     def nodelay_args(self) -> NoDelay:
@@ -94,6 +97,15 @@ def _seconds(lo: float, hi: float) -> Callable[[str, str], float]:
     return parse
 
 
+def _bool(name: str, text: str) -> bool:
+    value = text.lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise TransportError(f"kcp option {name!r} must be on or off, got {text!r}")
+
+
 def _conv(name: str, text: str) -> int | None:
     if text == "random":
         return None
@@ -114,6 +126,7 @@ _PARSERS: Final[Mapping[str, Callable[[str, str], object]]] = {
     "sessions": _int(1, 1_000_000),
     "sockbuf": _int(64 * 1024, 1 << 30),
     "connect_timeout": _seconds(0.1, 3600.0),
+    "pacing": _bool,
 }
 
 

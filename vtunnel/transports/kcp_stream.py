@@ -179,6 +179,9 @@ class KCPStream(ByteStream):
             raise anyio.BrokenResourceError(str(self._error)) from self._error
 
     def _teardown(self) -> None:
+        log.debug(
+            "kcp session closed", conv=self._engine.conv, peer=self.remote_address, **self._engine.stats()
+        )
         for handle in (self._timer, self._watchdog):
             if handle is not None:
                 handle.cancel()

@@ -1,0 +1,233 @@
+"""Delivery-rate pacing for a KCP sender: how many new segments may leave now, and when the next may.
+
+ikcp's own congestion window (``nc=0``) halves on every loss, which random loss on a long path punishes hard;
+without it (``nc=1``, every fast preset) a sender puts a whole window on the wire in one burst, and a bottleneck
+with a shallow queue drops the tail of every burst. This module sits between the two, in the manner of BBR: it
+measures the rate at which the peer acknowledges data, sends at about that rate (a token bucket, so bursts stay
+small), and keeps no more than about two round trips' worth of that rate in flight. Random loss does not slow it
+down; only a lower delivery rate does.
+
+It is sans-IO: :class:`Pacer` is told what was acknowledged and sent and when (``now``, seconds), and answers with
+a number of segments and a deadline. :class:`~vtunnel.transports.kcp_engine.KCPEngine` applies the answer by
+setting ikcp's send window just before each flush, so ikcp keeps stamping segments with the time they really
+leave (its retransmission timers stay right) and retransmissions are never held back.
+
+The phases:
+
+- *startup*: the rate estimate grows by sending at 2/ln 2 times it, until three rounds in a row bring less than
+  a quarter more; then *drain* sends slower until the queue that startup built is gone.
+- *cruise*: eight-round cycles, one round at 5/4 of the estimate (to find a higher rate), one at 3/4 (to drain
+  what that probe queued), six at the estimate.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["Pacer", "PacerConfig", "Phase"]
+
+#: 2 / ln 2: the smallest gain that doubles the delivery rate every round (BBR's startup gain)
+_STARTUP_GAIN: Final = 2.885
+#: the cruise cycle of pacing gains, one per round
+_CYCLE: Final = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+#: startup ends after this many rounds without this much growth
+_FULL_ROUNDS: Final = 3
+_FULL_GROWTH: Final = 1.25
+#: slack for float rounding in token counts and release times
+_EPSILON: Final = 1e-6
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"
+    DRAIN = "drain"
+    CRUISE = "cruise"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PacerConfig:
+    """Tuning; the defaults suit links from loopback to long fat paths."""
+
+    #: segments a new session may send before the first rate sample
+    initial_window: int = 32
+    #: the in-flight cap never goes below this (segments)
+    min_window: int = 32
+    #: in-flight cap, in round trips of the estimated rate
+    window_gain: float = 2.0
+    #: the shortest round the estimate is taken over (seconds): ikcp measures round trips in whole ms
+    min_round: float = 0.002
+    #: the round trip assumed before ikcp has measured one (seconds)
+    initial_rtt: float = 0.1
+    #: how many rounds the bandwidth estimate remembers its maximum over
+    bandwidth_rounds: int = 10
+    #: seconds the smallest round trip is remembered
+    min_rtt_window: float = 10.0
+    #: the largest burst (seconds of the pacing rate), and the smallest (segments)
+    burst_time: float = 0.002
+    min_burst: int = 8
+
+
+class Pacer:
+    """Pacing and an in-flight cap for one sender; counts are in segments, times in seconds."""
+
+    __slots__ = (
+        "_app_limited",
+        "_burst",
+        "_bw_samples",
+        "_cfg",
+        "_cycle_index",
+        "_full_bw",
+        "_full_count",
+        "_last_refill",
+        "_max_window",
+        "_min_rtt",
+        "_min_rtt_at",
+        "_round_delivered",
+        "_round_length",
+        "_round_start",
+        "_tokens",
+        "bandwidth",
+        "pacing_rate",
+        "phase",
+        "window",
+    )
+
+    def __init__(self, *, max_window: int, now: float, config: PacerConfig | None = None) -> None:
+        cfg = config or PacerConfig()
+        self._cfg = cfg
+        self._max_window = max_window
+        #: the estimated bottleneck rate in segments per second (0 until the first sample)
+        self.bandwidth = 0.0
+        self.phase = Phase.STARTUP
+        self._bw_samples: deque[float] = deque(maxlen=cfg.bandwidth_rounds)
+        self._min_rtt = 0.0
+        self._min_rtt_at = now
+        self._round_start = now
+        self._round_delivered = 0
+        self._app_limited = False
+        self._full_bw = 0.0
+        self._full_count = 0
+        self._cycle_index = 0
+        self._tokens = float(cfg.initial_window)
+        self._last_refill = now
+        #: segments per second the sender may send at now (0: not yet measured, no pacing)
+        self.pacing_rate = 0.0
+        #: the in-flight cap in segments
+        self.window = max(cfg.min_window, min(max_window, cfg.initial_window))
+        #: the most tokens (segments) the bucket holds
+        self._burst = float(cfg.min_burst)
+        self._round_length = max(cfg.min_round, cfg.initial_rtt)
+
+    # --- what the sender reports --------------------------------------------------------------------------
+
+    def on_acked(self, now: float, delivered: int, srtt: float, *, app_limited: bool) -> None:
+        """``delivered`` segments left the send buffer since the last call; ``srtt``: ikcp's smoothed round
+        trip in seconds (0 before its first sample); ``app_limited``: the sender had nothing more to send."""
+        if srtt > 0 and (
+            self._min_rtt == 0 or srtt <= self._min_rtt or now - self._min_rtt_at > self._cfg.min_rtt_window
+        ):
+            self._min_rtt = srtt
+            self._min_rtt_at = now
+            self._round_length = max(self._cfg.min_round, srtt)
+        self._round_delivered += delivered
+        if app_limited:
+            self._app_limited = True
+        elapsed = now - self._round_start
+        if elapsed < self._round_length:
+            return
+        sample = self._round_delivered / elapsed
+        limited = self._app_limited
+        self._round_start = now
+        self._round_delivered = 0
+        self._app_limited = False
+        if sample <= 0:
+            return
+        if limited and sample < self.bandwidth:
+            # a sender with nothing to send says nothing about the path's rate: keep the old estimate
+            self._end_round(now, grew=False)
+            return
+        self._bw_samples.append(sample)
+        self.bandwidth = max(self._bw_samples)
+        self._end_round(now, grew=True)
+
+    def on_sent(self, segments: int) -> None:
+        """``segments`` went on the wire (new data and retransmissions alike) since :meth:`allowance`."""
+        self._tokens -= segments
+
+    # --- what the sender asks -----------------------------------------------------------------------------
+
+    @property
+    def min_rtt(self) -> float:
+        return self._min_rtt
+
+    def allowance(self, now: float, in_flight: int) -> int:
+        """How many new segments may be sent now, given ``in_flight`` unacknowledged ones."""
+        room = self.window - in_flight
+        if room <= 0:
+            return 0
+        if self.pacing_rate <= 0:
+            return room
+        self._refill(now)
+        return max(0, min(room, int(self._tokens + _EPSILON)))
+
+    def next_release(self, now: float, in_flight: int, queued: int) -> float | None:
+        """When :meth:`allowance` will next allow a useful burst, or ``None`` when only an ACK can change it
+        (nothing queued, the window is full, or there is no pacing)."""
+        rate = self.pacing_rate
+        if queued <= 0 or rate <= 0 or in_flight >= self.window:
+            return None
+        self._refill(now)
+        want = min(queued, self._burst, self.window - in_flight)
+        if self._tokens + _EPSILON >= want:
+            return now
+        return now + (want - self._tokens) / rate + _EPSILON
+
+    # --- internals ----------------------------------------------------------------------------------------
+
+    def _refill(self, now: float) -> None:
+        rate = self.pacing_rate
+        if rate <= 0:
+            self._last_refill = now
+            return
+        elapsed = now - self._last_refill
+        self._last_refill = now
+        if elapsed > 0:
+            self._tokens = min(self._burst, self._tokens + elapsed * rate)
+
+    def _end_round(self, now: float, *, grew: bool) -> None:
+        self._refill(now)
+        if self.phase is Phase.STARTUP:
+            if grew and self.bandwidth >= self._full_bw * _FULL_GROWTH:
+                self._full_bw = self.bandwidth
+                self._full_count = 0
+            else:
+                self._full_count += 1
+                if self._full_count >= _FULL_ROUNDS:
+                    self.phase = Phase.DRAIN
+        elif self.phase is Phase.DRAIN:
+            self.phase = Phase.CRUISE
+            self._cycle_index = 0
+        else:
+            self._cycle_index = (self._cycle_index + 1) % len(_CYCLE)
+        self._update_model()
+
+    def _update_model(self) -> None:
+        """Recompute the pacing rate and the in-flight cap (once a round: the per-flush path only reads them)."""
+        cfg = self._cfg
+        bandwidth = self.bandwidth
+        if bandwidth <= 0:
+            return
+        if self.phase is Phase.STARTUP:
+            self.pacing_rate = bandwidth * _STARTUP_GAIN
+            gain = _STARTUP_GAIN
+        elif self.phase is Phase.DRAIN:
+            self.pacing_rate = bandwidth / _STARTUP_GAIN
+            gain = cfg.window_gain
+        else:
+            self.pacing_rate = bandwidth * _CYCLE[self._cycle_index]
+            gain = cfg.window_gain
+        want = int(gain * bandwidth * max(self._min_rtt, cfg.min_round)) + 1
+        self.window = min(self._max_window, max(cfg.min_window, want))
+        self._burst = max(float(cfg.min_burst), self.pacing_rate * cfg.burst_time)
