@@ -141,7 +141,7 @@ async def test_reordering_keeps_the_set_and_changes_the_order() -> None:
         assert relay.up_stats.reordered > 0
 
 
-async def test_delay_and_jitter_deliver_everything() -> None:
+async def test_delay_and_jitter_deliver_everything_in_order() -> None:
     async with setup(up=Impairment(delay=0.01, jitter=0.005), down=Impairment(delay=0.01)) as (
         relay,
         client,
@@ -150,7 +150,8 @@ async def test_delay_and_jitter_deliver_everything() -> None:
         data = numbered(200)
         await send_paced(client, relay, data)
         await client.wait_for(200)
-        assert sorted(d for d, _ in client.received) == sorted(data)
+        # jitter varies the delay but, like one path's queues, never lets a datagram overtake an earlier one
+        assert [d for d, _ in client.received] == data
 
 
 async def test_rate_limit_queues_then_drops_a_burst() -> None:

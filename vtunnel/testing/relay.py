@@ -48,7 +48,8 @@ class Impairment:
     reorder: float = 0.0
     reorder_delay: float = 0.005
     delay: float = 0.0
-    #: uniform +- jitter added to ``delay`` (never below zero; jitter itself reorders)
+    #: uniform +- jitter added to ``delay`` (never below zero). Jitter keeps the order, as one path's queues do:
+    #: a datagram never arrives before the one sent ahead of it; reordering is the ``reorder`` knob's alone
     jitter: float = 0.0
     #: bytes per second; ``None`` = unlimited
     rate: float | None = None
@@ -108,6 +109,8 @@ class _Pipe:
     heap: list[tuple[float, int, bytes, Sender]] = field(default_factory=list)
     seq: int = 0
     busy_until: float = 0.0
+    #: when the last datagram not held back for reordering is due (jitter never lets a later one overtake it)
+    last_due: float = 0.0
     timer: asyncio.Handle | None = None
     #: the timer's deadline (uvloop gives a plain Handle, without ``when()``, for a deadline already past)
     timer_when: float = 0.0
@@ -159,8 +162,11 @@ class _Pipe:
                 extra = max(0.0, extra + rng.uniform(-imp.jitter, imp.jitter))
             if imp.reorder and rng.random() < imp.reorder:
                 stats.reordered += 1
-                extra += imp.reorder_delay
-            self._schedule(due + extra, datagram, send)
+                self._schedule(due + extra + imp.reorder_delay, datagram, send)
+                continue
+            due = max(due + extra, self.last_due)
+            self.last_due = due
+            self._schedule(due, datagram, send)
 
     def _schedule(self, due: float, datagram: bytes, send: Sender) -> None:
         if due <= self.loop.time() and not self.heap:
