@@ -160,3 +160,37 @@ async def test_without_flow_control_a_full_buffer_pauses_the_reader_until_it_is_
                 release.set()
                 assert await read_all(stream) == str(size).encode()
         assert UNCONTROLLED_BUFFER_LIMIT < peak[0] <= UNCONTROLLED_BUFFER_LIMIT + READ_SIZE
+
+
+async def test_a_sender_held_until_the_syn_ack_goes_on_after_it() -> None:
+    """Without 0-RTT (a vproxy peer) the core holds a window's worth before the SYN-ACK; the SYN-ACK (there is no
+    WINDOW_UPDATE without flow control) must wake the sender for the rest."""
+    vproxy = TunnelConfig(extensions=False)
+    accept = anyio.Event()
+    size = 3 * TunnelConfig().initial_stream_window
+
+    async def handler(stream: TunnelStream) -> None:
+        await accept.wait()
+        stream.accept()
+        got = 0
+        try:
+            while True:
+                got += len(await stream.receive())
+        except anyio.EndOfStream:
+            await stream.send(str(got).encode())
+            await stream.send_eof()
+
+    async with tunnel_pair(handler, client_config=vproxy, server_config=vproxy) as (client, _):
+        stream = await client.open_stream(wait_accepted=False)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+
+                async def write() -> None:
+                    await stream.send(b"s" * size)
+                    await stream.send_eof()
+
+                tg.start_soon(write)
+                while client.tunnel.send_window(stream.stream_id):  # the held window is used up
+                    await anyio.sleep(0.01)
+                accept.set()
+                assert await read_all(stream) == str(size).encode()
