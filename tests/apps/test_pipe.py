@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.runtime.test_pump import Handler, tunnel_pair
 from vtunnel.apps.pipe import SocketRelay, pipe
@@ -324,3 +326,43 @@ async def test_relay_idle_timeout_closes_both() -> None:
 def test_relay_invalid_idle_timeout() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
         SocketRelay(idle_timeout=0)
+
+
+chunkings = st.lists(st.integers(min_value=1, max_value=200_000), min_size=0, max_size=6)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(up=chunkings, down=chunkings, far_ends_first=st.booleans(), extensions=st.booleans())
+async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
+    up: list[int], down: list[int], far_ends_first: bool, extensions: bool
+) -> None:
+    """Whatever the write sizes each way and whichever side ends first, both directions arrive whole."""
+    up_data = [os.urandom(n) for n in up]
+    down_data = [os.urandom(n) for n in down]
+    got: dict[str, bytes] = {}
+    client_ended = anyio.Event()
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        for chunk in down_data:
+            await stream.send(chunk)
+        if not far_ends_first:
+            await client_ended.wait()
+        await stream.send_eof()
+        got["far"] = await _far_read_all(stream)
+
+    async with relayed(far, extensions=extensions) as (client, relay, _):
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+
+                async def read_side() -> None:
+                    got["client"] = await _receive_all(client)
+
+                tg.start_soon(read_side)
+                for chunk in up_data:
+                    await client.send(chunk)
+                await client.send_eof()
+                client_ended.set()
+            assert await relay.wait() == (sum(up), sum(down))
+    assert got["client"] == b"".join(down_data)
+    assert got["far"] == b"".join(up_data)
