@@ -162,4 +162,4 @@ def test_a_peer_that_leaves_out_the_stream_window_gets_the_old_default() -> None
 
     peer = parse_peer_settings([(SettingId.MAGIC, 0x7674756E), (SettingId.VERSION, 1)])
     assert peer.initial_stream_window == ABSENT_STREAM_WINDOW == 256 * 1024
-    assert TunnelConfig().initial_stream_window == 1024 * 1024
+    assert TunnelConfig().initial_stream_window == 4 * 1024 * 1024

@@ -76,7 +76,7 @@ class TunnelConfig:
     keepalive_timeout: float = 5.0
     keepalive_max_missed: int = 2
     handshake_timeout: float = 5.0
-    initial_stream_window: int = 1024 * 1024
+    initial_stream_window: int = 4 * 1024 * 1024
     initial_tunnel_window: int = 16 * 1024 * 1024
     max_frame_size: int = 16384
     gzip: bool = False
