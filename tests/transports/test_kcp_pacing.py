@@ -145,3 +145,39 @@ def test_a_paced_transfer_always_completes_byte_exact(
     result = simulate_bulk(size=size, forward=path, seed=seed, time_limit=120.0)
     assert result.complete, (result.delivered, result.seconds, result.sender)
     assert result.exact
+
+
+def fluid(pacer: Pacer, *, link: float, rtt: float, seconds: float, start: float, busy: bool) -> float:
+    """A path of ``link`` segments/s and ``rtt`` seconds: what the pacer allows is sent (up to the link's rate,
+    or one segment per ms when not ``busy``) and acknowledged one round trip later. Returns the end time."""
+    step = 0.001
+    now = start
+    in_flight: list[tuple[float, int]] = []
+    while now < start + seconds:
+        now += step
+        due = [n for t, n in in_flight if t <= now]
+        in_flight = [(t, n) for t, n in in_flight if t > now]
+        pacer.on_acked(now, sum(due), rtt, app_limited=not busy)
+        allowed = pacer.allowance(now, sum(n for _, n in in_flight))
+        sent = min(allowed, int(link * step)) if busy else min(allowed, 1)
+        pacer.on_sent(sent)
+        if sent:
+            in_flight.append((now + rtt, sent))
+    return now
+
+
+def test_a_busy_sender_after_a_quiet_spell_finds_the_path_rate_quickly() -> None:
+    pacer = Pacer(max_window=8192, now=0.0)
+    now = fluid(pacer, link=40_000, rtt=0.01, seconds=1.0, start=0.0, busy=False)
+    quiet = pacer.bandwidth
+    assert quiet < 2_000
+    now = fluid(pacer, link=40_000, rtt=0.01, seconds=0.25, start=now, busy=True)
+    # startup's doubling, not cruise's quarter-per-cycle creep: most of the link within 25 round trips
+    assert pacer.bandwidth > 0.7 * 40_000
+
+
+def test_a_bulk_sender_settles_near_the_link_rate() -> None:
+    pacer = Pacer(max_window=8192, now=0.0)
+    fluid(pacer, link=40_000, rtt=0.01, seconds=1.0, start=0.0, busy=True)
+    assert pacer.phase is Phase.CRUISE
+    assert pacer.bandwidth == pytest.approx(40_000, rel=0.1)

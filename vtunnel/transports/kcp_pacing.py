@@ -101,7 +101,8 @@ class Pacer:
         #: the estimated bottleneck rate in segments per second (0 until the first sample)
         self.bandwidth = 0.0
         self.phase = Phase.STARTUP
-        self._bw_samples: deque[float] = deque(maxlen=cfg.bandwidth_rounds)
+        #: (rate, whether the sender was app-limited) of the last rounds
+        self._bw_samples: deque[tuple[float, bool]] = deque(maxlen=cfg.bandwidth_rounds)
         self._min_rtt = 0.0
         self._min_rtt_at = now
         self._round_start = now
@@ -146,11 +147,21 @@ class Pacer:
             return
         if limited and sample < self.bandwidth:
             # a sender with nothing to send says nothing about the path's rate: keep the old estimate
-            self._end_round(now, grew=False)
+            self._end_round(now, informative=False)
             return
-        self._bw_samples.append(sample)
-        self.bandwidth = max(self._bw_samples)
-        self._end_round(now, grew=True)
+        if (
+            not limited
+            and self.phase is Phase.CRUISE
+            and all(was_limited for _, was_limited in self._bw_samples)
+        ):
+            # busy after a quiet spell whose rate was all the estimate knew (requests and answers, say): look
+            # for the path's rate again instead of creeping up from the quiet one a quarter per cycle
+            self.phase = Phase.STARTUP
+            self._full_bw = 0.0
+            self._full_count = 0
+        self._bw_samples.append((sample, limited))
+        self.bandwidth = max(rate for rate, _ in self._bw_samples)
+        self._end_round(now, informative=not limited)
 
     def on_sent(self, segments: int) -> None:
         """``segments`` went on the wire (new data and retransmissions alike) since :meth:`allowance`."""
@@ -196,10 +207,14 @@ class Pacer:
         if elapsed > 0:
             self._tokens = min(self._burst, self._tokens + elapsed * rate)
 
-    def _end_round(self, now: float, *, grew: bool) -> None:
+    def _end_round(self, now: float, *, informative: bool) -> None:
+        """``informative``: a busy sender measured the round (an app-limited one tells startup nothing about
+        whether the path is full)."""
         self._refill(now)
         if self.phase is Phase.STARTUP:
-            if grew and self.bandwidth >= self._full_bw * _FULL_GROWTH:
+            if not informative:
+                pass
+            elif self.bandwidth >= self._full_bw * _FULL_GROWTH:
                 self._full_bw = self.bandwidth
                 self._full_count = 0
             else:
