@@ -190,9 +190,9 @@ async def test_graceful_shutdown_lets_open_streams_finish() -> None:
 
 @asynccontextmanager
 async def kcp_tunnel_pair(
-    handler: Handler, query: str = ""
+    handler: Handler, query: str = "", config: TunnelConfig | None = None
 ) -> AsyncIterator[tuple[TunnelConnection, TunnelConnection]]:
-    """The same pair over kcp://, whose sessions take synchronous writes (``send_nowait``)."""
+    """The same pair over kcp://, whose sessions take synchronous writes and push what they receive."""
     from vtunnel.transports.base import Endpoint, SecurityConfig
     from vtunnel.transports.kcp import KCPListener, KCPTransport
 
@@ -204,13 +204,13 @@ async def kcp_tunnel_pair(
     async with anyio.create_task_group() as tg:
 
         async def on_accept(stream: ByteStream) -> None:
-            conn = TunnelConnection(stream, role=Role.SERVER, handler=handler, name="s")
+            conn = TunnelConnection(stream, role=Role.SERVER, config=config, handler=handler, name="s")
             servers.append(conn)
             await conn.run()
 
         tg.start_soon(listener.serve, on_accept)
         raw = await KCPTransport().connect(Endpoint.parse(url), security=plain)
-        client = TunnelConnection(raw, role=Role.CLIENT, name="c")
+        client = TunnelConnection(raw, role=Role.CLIENT, config=config, name="c")
         tg.start_soon(client.run)
         with anyio.fail_after(10):
             await client.wait_ready()
@@ -297,3 +297,39 @@ async def test_kcp_tunnel_death_breaks_streams() -> None:
         with anyio.fail_after(30), pytest.raises(anyio.BrokenResourceError):
             await keep_sending()
         assert client.closed
+
+
+async def test_pushed_input_pauses_for_a_full_buffer_without_flow_control_and_resumes() -> None:
+    """A vproxy-style tunnel (no flow control) over kcp://: the input pushed by the session stops while a stream
+    holds more than the buffer limit, the data waits in KCP, and reading the stream resumes it; nothing is lost.
+    """
+    from vtunnel.runtime.pump import UNCONTROLLED_BUFFER_LIMIT
+
+    release = anyio.Event()
+    received: list[int] = []
+
+    async def handler(stream: TunnelStream) -> None:
+        stream.accept()
+        await release.wait()
+        received.append(len(await read_all(stream)))
+
+    size = 3 * UNCONTROLLED_BUFFER_LIMIT
+    cfg = TunnelConfig(extensions=False)
+    async with kcp_tunnel_pair(handler, config=cfg) as (client, server):
+        stream = await client.open_stream(None)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+
+                async def write() -> None:
+                    await stream.send(b"p" * size)
+                    await stream.send_eof()
+
+                tg.start_soon(write)
+                while not server._push_paused:
+                    await anyio.sleep(0.01)
+                held = next(iter(server.streams.values())).buffered
+                assert UNCONTROLLED_BUFFER_LIMIT < held < size
+                release.set()
+            while not received:
+                await anyio.sleep(0.01)
+        assert received == [size]

@@ -101,3 +101,48 @@ async def test_a_closed_or_failed_session_refuses_and_send_reports_why() -> None
         with pytest.raises(anyio.BrokenResourceError):
             await server.send(b"late")
         await other.aclose()
+
+
+async def test_pushed_bytes_come_through_the_callback_and_a_failure_calls_it_too() -> None:
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        await client.send(b"first")
+        with anyio.fail_after(10):
+            server = await listener.accept()
+        assert isinstance(server, KCPSession)
+        got = bytearray()
+        calls: list[int] = []
+
+        failures: list[str] = []
+
+        def on_readable() -> None:
+            calls.append(1)
+            try:
+                while data := server.receive_nowait(4):
+                    got.extend(data)
+            except anyio.BrokenResourceError as exc:
+                failures.append(str(exc))
+
+        assert server.receive_nowait() in (b"", b"first")  # the first datagram may already be here
+        got.clear()
+        server.set_on_readable(on_readable)
+        client.send_nowait(b"pushed bytes")
+        with anyio.fail_after(10):
+            while bytes(got) != b"pushed bytes":
+                await anyio.sleep(0.005)
+        before = len(calls)
+        server.fail("test: link gone")
+        assert len(calls) == before + 1
+        assert failures == ["test: link gone"]
+        server.set_on_readable(None)
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_receive_nowait_on_a_closed_session_raises_closed() -> None:
+    async with kcp_server() as (_listener, url):
+        client = await connect(url)
+        assert client.receive_nowait() == b""
+        await client.aclose()
+        with pytest.raises(anyio.ClosedResourceError):
+            client.receive_nowait()

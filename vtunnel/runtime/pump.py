@@ -89,6 +89,15 @@ class TunnelConnection:
         self._send_nowait: Callable[[bytes], bool] | None = getattr(transport, "send_nowait", None)
         #: bytes flush() drained but the transport could not take at once: the writer sends them first
         self._held = b""
+        #: push-mode input: the transport's ``receive_nowait(max_bytes) -> bytes`` (``b""``: nothing yet; raises
+        #: like ``receive`` once it ended) and ``set_on_readable(callback)`` (called when bytes wait or it ended)
+        self._receive_nowait: Callable[[int], bytes] | None = getattr(transport, "receive_nowait", None)
+        self._set_on_readable: Callable[[Callable[[], None] | None], None] | None = getattr(
+            transport, "set_on_readable", None
+        )
+        self._draining = False
+        self._drain_again = False
+        self._push_paused = False
         #: transport writes made synchronously from :meth:`flush`, and by the writer task (statistics)
         self.direct_writes = 0
         self.writer_writes = 0
@@ -250,6 +259,16 @@ class TunnelConnection:
                 self._mark_closed("reader stopped")
 
     async def _reader(self) -> None:
+        receive_nowait, set_on_readable = self._receive_nowait, self._set_on_readable
+        if receive_nowait is not None and set_on_readable is not None:
+            # push mode: the transport calls us when bytes arrive; this task only keeps the tunnel's lifetime
+            set_on_readable(self._on_readable)
+            try:
+                self._on_readable()  # whatever arrived before we asked (a server session's first datagram)
+                await self._closed.wait()
+            finally:
+                set_on_readable(None)
+            return
         while not self._closed.is_set():
             try:
                 data = await self.transport.receive(READ_SIZE)
@@ -259,18 +278,70 @@ class TunnelConnection:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 self._fail(f"transport failed: {exc!r}")
                 return
-            try:
-                evs = self.tunnel.receive_data(data, _now())
-            except VTunnelError as exc:
-                self.flush()
-                self.log.warning("peer protocol error", error=str(exc))
-                self._fail(f"protocol error: {exc}")
-                return
-            self._handle_events(evs)
-            self.flush()
-            if self._closed.is_set():
+            if not self._take_input(data):
                 return
             await self._maybe_pause_reading()
+
+    def _take_input(self, data: bytes) -> bool:
+        """Feed transport bytes to the tunnel and act on its events; ``False`` once the tunnel is closed."""
+        try:
+            evs = self.tunnel.receive_data(data, _now())
+        except VTunnelError as exc:
+            self.flush()
+            self.log.warning("peer protocol error", error=str(exc))
+            self._fail(f"protocol error: {exc}")
+            return False
+        self._handle_events(evs)
+        self.flush()
+        return not self._closed.is_set()
+
+    def _paused(self) -> bool:
+        """Whether reading stops for a full stream buffer (only without flow control: vproxy's behaviour)."""
+        return bool(self._over_limit) and not self.tunnel.extensions.flow_control
+
+    def _on_readable(self) -> None:
+        """Push mode: the transport has bytes (or has ended). Take them now, in the transport's own callback.
+
+        Runs the same steps as the reader task, without the task: no loop iteration between a datagram and the
+        stream it carries. Re-entry (a stream consumer reading, and so resuming, from inside the events) only
+        marks that another pass is due.
+        """
+        if self._draining:
+            self._drain_again = True
+            return
+        receive_nowait = self._receive_nowait
+        assert receive_nowait is not None
+        self._draining = True
+        try:
+            while not self._closed.is_set():
+                self._drain_again = False
+                if self._paused():
+                    self._push_paused = True  # resume_reading() calls back
+                    return
+                try:
+                    data = receive_nowait(READ_SIZE)
+                except anyio.EndOfStream:
+                    self._fail("transport closed by peer")
+                    return
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    self._fail(f"transport failed: {exc!r}")
+                    return
+                if not data:
+                    if self._drain_again:
+                        continue
+                    return
+                if not self._take_input(data):
+                    return
+        except Exception as exc:  # a bug must not leave a tunnel half alive inside a transport callback
+            self.log.error("tunnel input failed", error=repr(exc))
+            self._fail(f"internal error: {exc!r}")
+        finally:
+            self._draining = False
+
+    def _resume_push(self) -> None:
+        if self._push_paused and not self._paused():
+            self._push_paused = False
+            self._on_readable()
 
     async def _maybe_pause_reading(self) -> None:
         if self.tunnel.extensions.flow_control:
@@ -286,6 +357,8 @@ class TunnelConnection:
         if stream is not None and stream.buffered <= UNCONTROLLED_BUFFER_LIMIT:
             self._over_limit.discard(stream.stream_id)
         self._reader_resume.set()
+        if self._push_paused:
+            self._resume_push()
 
     async def _timer(self) -> None:
         while not self._closed.is_set():
@@ -380,6 +453,8 @@ class TunnelConnection:
         self.streams.pop(stream_id, None)
         self._over_limit.discard(stream_id)
         self._reader_resume.set()
+        if self._push_paused:
+            self._resume_push()
 
     # ------------------------------------------------------------------ API
     async def open_stream(

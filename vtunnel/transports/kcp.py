@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeAlias
@@ -77,12 +77,66 @@ def _add_run(good: list[bytes | memoryview], buffer: bytes, segment: int, engine
 
 
 class KCPSession(KCPStream):
-    """A :class:`KCPStream` that also takes bytes synchronously: :meth:`send_nowait`.
+    """A :class:`KCPStream` with a synchronous side: :meth:`send_nowait`, :meth:`receive_nowait` and
+    :meth:`set_on_readable`.
 
-    The tunnel pump writes a frame straight from the task (or callback) that produced it when the transport
-    has this method; ikcp then sends it in the same step. Through ``send`` the bytes would wait for the pump's
-    writer task and then for the stream's deferred flush: two event-loop iterations per message, each side.
+    The tunnel pump writes a frame straight from the task (or callback) that produced it, and ikcp sends it in
+    the same step; received bytes are pushed to the pump from the datagram callback that brought them. Through
+    ``send`` and ``receive`` each message would wait for the pump's writer or reader task and for the stream's
+    deferred flush: two or three event-loop iterations per message, each side.
     """
+
+    _readable_callback: Callable[[], None] | None = None
+
+    def set_on_readable(self, callback: Callable[[], None] | None) -> None:
+        """Push mode: ``callback()`` runs when received bytes wait and when the session fails (``None``: off).
+
+        The callback takes the bytes with :meth:`receive_nowait`, which raises once the session has failed.
+        """
+        self._readable_callback = callback
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        """What ``receive`` would return now, without waiting: ``b""`` when no bytes wait.
+
+        Raises like ``receive`` on a closed (:class:`anyio.ClosedResourceError`) or failed
+        (:class:`anyio.BrokenResourceError`) session.
+        """
+        self._check_usable()
+        engine = self.engine
+        data = engine.receive(max_bytes)
+        if data and engine.probe_pending:  # reading reopened a full receive window: tell the peer soon
+            self._schedule_flush()
+        return data
+
+    def feed(self, datagrams: Sequence[bytes | memoryview]) -> None:
+        """As :meth:`KCPStream.feed`; in push mode the bytes go up before the ACK goes out.
+
+        The reader sees the data one ``sendto`` earlier, and whatever it answers at once (a window update, a
+        reply) leaves in the same flush as the ACK.
+        """
+        callback = self._readable_callback
+        if callback is None:
+            super().feed(datagrams)
+            return
+        engine = self.engine
+        if engine.closed:
+            return
+        now = self._loop.time()
+        if not engine.receive_datagrams(datagrams, now):
+            return
+        self.last_receive = now
+        if engine.readable():
+            callback()
+            if engine.closed:
+                return
+        engine.flush(now)
+        self._pump(now)
+
+    def fail(self, reason: str) -> None:
+        super().fail(reason)
+        callback = self._readable_callback
+        if callback is not None:
+            callback()
 
     def send_nowait(self, data: bytes) -> bool:
         """Queue ``data`` into KCP and flush it now if the send window has room for all of it.
