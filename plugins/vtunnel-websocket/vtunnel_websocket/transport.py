@@ -161,7 +161,7 @@ class WebSocketTransport(Transport):
             if security.psk is not None:
                 from vtunnel.transports.secure import secure_client
 
-                stream = await secure_client(stream, security.psk)
+                stream = await secure_client(stream, security.psk, cipher=security.cipher)
             return stream
         except BaseException:
             await anyio.aclose_forcefully(sock)
@@ -184,7 +184,7 @@ class WebSocketTransport(Transport):
                 return stream
             from vtunnel.transports.secure import secure_server
 
-            return await secure_server(stream, security.psk, replay=replay)
+            return await secure_server(stream, security.psk, replay=replay, cipher=security.cipher)
 
         addr = inner.extra(anyio.abc.SocketAttribute.local_address)
         return SecuredListener(inner, prepare, local=f"{addr[0]}:{addr[1]}")
