@@ -341,6 +341,7 @@ async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
     down_data = [os.urandom(n) for n in down]
     got: dict[str, bytes] = {}
     client_ended = anyio.Event()
+    far_done = anyio.Event()
 
     async def far(stream: TunnelStream) -> None:
         stream.accept()
@@ -350,6 +351,7 @@ async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
             await client_ended.wait()
         await stream.send_eof()
         got["far"] = await _far_read_all(stream)
+        far_done.set()
 
     async with relayed(far, extensions=extensions) as (client, relay, _):
         with anyio.fail_after(30):
@@ -364,5 +366,6 @@ async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
                 await client.send_eof()
                 client_ended.set()
             assert await relay.wait() == (sum(up), sum(down))
+            await far_done.wait()  # the far end may still be reading what the relay passed on
     assert got["client"] == b"".join(down_data)
     assert got["far"] == b"".join(up_data)

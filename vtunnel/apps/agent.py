@@ -12,6 +12,8 @@ Every accepted local connection becomes one stream in a pooled tunnel to the ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +23,12 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup, TaskStatus
 
-from vtunnel.apps.pipe import SocketRelay, tune_transport
+from vtunnel.apps.pipe import SocketRelay
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.errors import TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.tcp import tune_socket
+from vtunnel.transports.tcp import SOCKET_BUFFER, tune_socket
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 
@@ -92,7 +94,6 @@ class Agent:
         self._active = 0
         self._idle = anyio.Event()
         self._idle.set()
-        self._relays: set[SocketRelay] = set()
         self._task_group: TaskGroup | None = None
 
     async def open(self, metadata: StreamMetadata | None, *, wait_accepted: bool = True) -> ByteStream:
@@ -119,6 +120,8 @@ class Agent:
                 name = f"forward {fwd.destination or 'target'}"
                 srv = await loop.create_server(self._forward_factory(fwd), fwd.listen[0], fwd.listen[1])
                 forward_servers.append(srv)
+                for sock in srv.sockets:
+                    _tune_listening(sock)
                 self._show(name, srv.sockets[0].getsockname())
             for name, (host, port), handler in fronts:
                 listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -157,8 +160,7 @@ class Agent:
                 await self._idle.wait()
             self.pool.shutdown()
             await anyio.sleep(0.1)  # let GOAWAY leave
-            for relay in list(self._relays):
-                relay.close()
+            # relays still open end with their tunnels (cancelled below); ones still opening, with their task
             tg.cancel_scope.cancel()
 
     def _show(self, name: str, addr: Any) -> None:
@@ -203,15 +205,13 @@ class Agent:
     def _relay_started(self, relay: _ForwardRelay) -> None:
         """A forwarded connection was accepted: open its stream in a short-lived task (0-RTT, no wait)."""
         self._begin()
-        self._relays.add(relay)
         tg = self._task_group
         if tg is None or self._stopping.is_set():
             relay.close()
             return
         tg.start_soon(self._open_for, relay)
 
-    def _relay_done(self, relay: SocketRelay) -> None:
-        self._relays.discard(relay)
+    def _relay_done(self) -> None:
         self._end()
 
     async def _open_for(self, relay: _ForwardRelay) -> None:
@@ -255,8 +255,18 @@ class _ForwardRelay(SocketRelay):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        tune_transport(transport)
         self.agent._relay_started(self)
 
     def _ended(self) -> None:
-        self.agent._relay_done(self)
+        self.agent._relay_done()
+
+
+def _tune_listening(sock: Any) -> None:
+    """Large kernel buffers and TCP_NODELAY on a listening socket: accepted sockets inherit them (Linux), so
+    no connection needs a socket object of its own just to be tuned."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
