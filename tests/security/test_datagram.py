@@ -1,29 +1,40 @@
-"""Sealed datagrams: handshake, retransmission, replay, NAT rebinding, tampering, and a 100k datagram fuzz."""
+"""Sealed datagrams: handshake, retransmission, replay, NAT rebinding, tampering, stateless resets, and a 100k
+datagram fuzz."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import random
 import struct
 import time
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtunnel.security.datagram import (
+    _RESET_LABEL,
     CID_LEN,
     DATAGRAM_OVERHEAD,
+    MAX_RESET_DATAGRAM,
+    MIN_RESET_DATAGRAM,
     REPLY_REPEAT_LIMIT,
+    RESET_TOKEN_LEN,
     RETRANSMIT_PERIOD,
     DatagramClient,
     DatagramServer,
     DatagramSession,
     DatagramType,
+    StatelessReset,
     peek_connection_id,
+    reset_key,
+    reset_token,
 )
 from vtunnel.security.errors import SecurityError
-from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0
@@ -343,3 +354,172 @@ def test_no_key_material_in_reprs() -> None:
         for secret in (PSK, keys.send, keys.receive):
             assert secret.hex() not in text
             assert repr(secret) not in text
+
+
+# --- stateless reset --------------------------------------------------------------------------------------------
+
+OTHER_PSK = bytes(32)
+
+
+def test_the_reset_key_is_hkdf_sha256_of_the_psk_under_its_own_label() -> None:
+    expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=_RESET_LABEL, info=_RESET_LABEL).derive(PSK)
+    assert reset_key(PSK) == expected
+    assert reset_key(PSK) != PSK
+    assert reset_key(OTHER_PSK) != reset_key(PSK)
+    cid = bytes(range(8))
+    token = reset_token(reset_key(PSK), cid)
+    assert token == hmac.digest(expected, cid, "sha256")[:RESET_TOKEN_LEN]
+    assert token != hmac.digest(PSK, cid, "sha256")[:RESET_TOKEN_LEN]  # the PSK never keys the MAC itself
+    with pytest.raises(SecurityError):
+        reset_token(reset_key(PSK), b"short")
+    with pytest.raises(SecurityError):
+        reset_key(b"short")
+
+
+def test_any_server_with_the_psk_computes_the_same_token_per_connection_id() -> None:
+    a, b, other = StatelessReset(PSK), StatelessReset(PSK), StatelessReset(OTHER_PSK)
+    cids = [os.urandom(CID_LEN) for _ in range(50)]
+    assert [a.token(c) for c in cids] == [b.token(c) for c in cids]
+    assert len({a.token(c) for c in cids}) == len(cids)
+    assert all(a.token(c) != other.token(c) for c in cids)
+    assert all(len(a.token(c)) == RESET_TOKEN_LEN for c in cids)
+
+
+def test_a_server_that_lost_the_session_resets_the_client() -> None:
+    c, session, _ = established()
+    assert session.open(c.seal(b"before")) == b"before"
+    restarted = StatelessReset(PSK)  # a new server instance: same key, no sessions
+    trigger = c.seal(os.urandom(100))
+    reset = restarted.answer(trigger, SRC, NOW)
+    assert reset is not None
+    assert c.is_reset(reset)
+    assert not c.reset
+    assert c.receive(reset, NOW) is None
+    assert c.reset
+    # a client that does not know resets sees a DATA datagram that fails authentication: dropped
+    assert session.open(reset) is None
+
+
+def test_a_reset_with_a_wrong_token_changes_nothing() -> None:
+    c, session, _ = established()
+    cid = c.connection_id
+    good = StatelessReset(PSK).answer(c.seal(os.urandom(200)), SRC, NOW)
+    assert good is not None
+    flipped = good[:-1] + bytes([good[-1] ^ 1])
+    other_key = StatelessReset(OTHER_PSK).answer(c.seal(os.urandom(200)), SRC, NOW)
+    other_cid = StatelessReset(PSK).answer(b"\x03" + os.urandom(8) + os.urandom(100), SRC, NOW)
+    random_token = good[:-RESET_TOKEN_LEN] + os.urandom(RESET_TOKEN_LEN)
+    as_reply = bytes([DatagramType.REPLY]) + good[1:]
+    too_short = good[: 1 + CID_LEN] + good[-(MIN_RESET_DATAGRAM - 1 - CID_LEN - 1) :]
+    assert len(too_short) == MIN_RESET_DATAGRAM - 1
+    for forged in (flipped, other_key, other_cid, random_token, as_reply, too_short):
+        assert forged is not None
+        assert not c.is_reset(forged)
+        assert c.receive(forged, NOW) is None
+        assert not c.reset
+    assert c.connection_id == cid
+    assert c.receive(session.seal(b"still up"), NOW) == b"still up"
+    assert session.open(c.seal(b"both ways")) == b"both ways"
+
+
+def test_a_client_before_its_handshake_completes_knows_no_reset() -> None:
+    c = DatagramClient(PSK, now=NOW)
+    reset = StatelessReset(PSK).answer(b"\x03" + c.connection_id + os.urandom(100), SRC, NOW)
+    assert reset is not None
+    assert not c.is_reset(reset)
+    assert c.receive(reset, NOW) is None
+    assert not c.reset
+
+
+def test_a_reset_is_data_shaped_always_shorter_than_its_trigger_and_its_length_varies() -> None:
+    resets = StatelessReset(PSK)
+    cid = os.urandom(CID_LEN)
+    for size in range(MIN_RESET_DATAGRAM + 1, 1501):
+        trigger = b"\x03" + cid + os.urandom(size - 1 - CID_LEN)
+        reset = resets.answer(trigger, SRC, NOW)
+        assert reset is not None
+        assert MIN_RESET_DATAGRAM <= len(reset) < size
+        assert len(reset) <= MAX_RESET_DATAGRAM
+        assert reset[0] == DatagramType.DATA
+        assert peek_connection_id(reset) == cid
+        assert reset[-RESET_TOKEN_LEN:] == resets.token(cid)
+    big = b"\x03" + cid + os.urandom(1400)
+    lengths = {len(r) for r in (resets.answer(big, SRC, NOW) for _ in range(200)) if r is not None}
+    assert len(lengths) > 20
+    fillers = {
+        r[1 + CID_LEN : -RESET_TOKEN_LEN] for r in (resets.answer(big, SRC, NOW) for _ in range(20)) if r
+    }
+    assert len(fillers) == 20  # random bytes where a counter and ciphertext would be
+
+
+def test_no_reset_for_handshakes_other_types_or_datagrams_too_short_to_be_more_than_a_reset() -> None:
+    resets = StatelessReset(PSK)
+    c = DatagramClient(PSK, now=NOW)
+    init = c.initial_datagram()
+    got = server().accept(init, SRC, NOW)
+    assert got is not None
+    reply = got[1]
+    assert resets.answer(init, SRC, NOW) is None
+    assert resets.answer(reply, SRC, NOW) is None
+    for size in range(0, MIN_RESET_DATAGRAM + 1):
+        assert resets.answer(b"\x03" * size, SRC, NOW) is None
+    for kind in (0x00, 0x01, 0x02, 0x04, 0x17, 0xFF):
+        assert resets.answer(bytes([kind]) + os.urandom(300), SRC, NOW) is None
+
+
+def test_resets_cannot_bounce_for_long_between_two_servers() -> None:
+    """Two servers holding the key, neither knowing the ID, a forged source each: every answer is shorter, so
+    the exchange ends in silence (the rate limits bound it as well)."""
+    a, b = StatelessReset(PSK), StatelessReset(PSK)
+    datagram: bytes | None = b"\x03" + os.urandom(CID_LEN) + os.urandom(1400)
+    rounds = 0
+    while datagram is not None:
+        previous = len(datagram)
+        datagram = (a if rounds % 2 else b).answer(datagram, SRC, NOW)
+        assert datagram is None or len(datagram) < previous
+        rounds += 1
+    assert rounds <= MAX_RESET_DATAGRAM - MIN_RESET_DATAGRAM + 2
+
+
+def test_resets_are_rate_limited_per_source_and_in_total() -> None:
+    limiter = ResetLimiter(1.0, 3, total_rate=1.0, total_burst=5)
+    resets = StatelessReset(PSK, limiter=limiter)
+    trigger = b"\x03" + os.urandom(CID_LEN) + os.urandom(100)
+    a, b, c = ("127.0.0.2", 1), ("127.0.0.3", 1), ("127.0.0.4", 1)
+    assert [resets.answer(trigger, a, NOW) is not None for _ in range(5)] == [True] * 3 + [False] * 2
+    # a source refused by its own bucket took nothing from the total: 2 of 5 remain
+    assert [resets.answer(trigger, b, NOW) is not None for _ in range(3)] == [True, True, False]
+    assert resets.answer(trigger, c, NOW) is None  # the total is spent
+    assert resets.answer(trigger, c, NOW + 1.0) is not None  # both buckets refill
+    assert len(limiter) == 3
+
+
+def test_the_reset_limiter_keeps_bounded_memory() -> None:
+    limiter = ResetLimiter(1.0, 1, max_keys=8)
+    for i in range(100):
+        limiter.allow(f"10.0.0.{i}", NOW)
+        assert len(limiter) <= 8
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=1500), own_cid=st.booleans())
+def test_random_datagrams_never_reset_a_client_nor_crash_the_reset_path(data: bytes, own_cid: bool) -> None:
+    c, session, _ = established()
+    if own_cid and len(data) > CID_LEN:
+        data = b"\x03" + c.connection_id + data[1 + CID_LEN :]
+    assert not c.is_reset(data)
+    c.receive(data, NOW)
+    assert not c.reset
+    reset = StatelessReset(PSK).answer(data, SRC, NOW)
+    if reset is not None:
+        assert data[0] == DatagramType.DATA
+        assert MIN_RESET_DATAGRAM <= len(reset) < len(data)
+        assert reset[: 1 + CID_LEN] == data[: 1 + CID_LEN]
+    assert c.receive(session.seal(b"ok"), NOW) == b"ok"
+
+
+def test_no_key_material_in_the_reset_repr() -> None:
+    text = repr(StatelessReset(PSK))
+    for secret in (PSK, reset_key(PSK)):
+        assert secret.hex() not in text
+        assert repr(secret) not in text

@@ -16,6 +16,12 @@ The connection ID is the only clear field a server uses: it finds the session by
 address, so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed
 server/worker id (``server_id``) so that a load balancer can route by it (QUIC-LB's idea).
 
+A server that receives a DATA datagram for a connection ID it does not know (it restarted, or forgot the
+session) answers with a *stateless reset* (RFC 9000 section 10.3's idea): a datagram of DATA's shape, shorter than
+the one it answers, whose last 16 bytes are the connection ID's reset token, a MAC under a key derived from the
+PSK. Any server holding the PSK computes the same token, and only they can: the client, seeing its own token,
+knows the server lost the session and reconnects at once instead of waiting for its keepalive.
+
 ``now`` in the handshake calls is wall-clock seconds (``time.time()``): timestamps are compared across hosts.
 """
 
@@ -43,19 +49,25 @@ from .handshake import (
     random_between,
 )
 from .noise import TAGLEN, Initiator, Responder, TransportKeys, check_psk
-from .replay import HandshakeLimiter, ReplayCache, ReplayWindow
+from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 
 __all__ = [
     "CID_LEN",
     "DATAGRAM_OVERHEAD",
     "MAX_INIT_DATAGRAM",
+    "MAX_RESET_DATAGRAM",
+    "MIN_RESET_DATAGRAM",
     "REPLY_REPEAT_LIMIT",
+    "RESET_TOKEN_LEN",
     "RETRANSMIT_PERIOD",
     "DatagramClient",
     "DatagramServer",
     "DatagramSession",
     "DatagramType",
+    "StatelessReset",
     "peek_connection_id",
+    "reset_key",
+    "reset_token",
 ]
 
 CID_LEN = 8
@@ -88,6 +100,16 @@ RETRANSMIT_PERIOD = 10.0
 REPLY_REPEAT_LIMIT = 8
 MAX_COUNTER = 2**64 - 1
 
+#: HKDF label of the stateless reset key: a key of its own, derived from the PSK, used for nothing else
+_RESET_LABEL = b"vtunnel datagram v2 stateless reset"
+RESET_TOKEN_LEN = 16
+#: The shortest reset: a DATA header, 8 filler bytes (the shape of a DATA datagram with a small payload), the
+#: token. A DATA-shaped datagram of this length or less is never answered, and every reset is shorter than what
+#: it answers, so resets cannot bounce between two servers for long, nor amplify.
+MIN_RESET_DATAGRAM = DATA_HEADER_LEN + 8 + RESET_TOKEN_LEN  # 41
+#: The longest reset: one is enough, and a short answer keeps what a forged source receives small.
+MAX_RESET_DATAGRAM = 256
+
 
 def peek_connection_id(datagram: bytes) -> bytes | None:
     """The clear connection ID at the front of ``datagram``, or None if it cannot be one of ours.
@@ -106,6 +128,23 @@ def peek_connection_id(datagram: bytes) -> bytes | None:
     ):
         return bytes(datagram[1 : 1 + CID_LEN])
     return None
+
+
+def reset_key(psk: bytes) -> bytes:
+    """The stateless reset key of ``psk``: HKDF-SHA256 (RFC 5869) with its own label as salt and info.
+
+    The PSK never keys the MAC itself, so tokens reveal nothing usable against the handshake.
+    """
+    check_psk(psk)
+    prk = hmac.digest(_RESET_LABEL, bytes(psk), "sha256")
+    return hmac.digest(prk, _RESET_LABEL + b"\x01", "sha256")
+
+
+def reset_token(key: bytes, connection_id: bytes) -> bytes:
+    """The reset token of ``connection_id`` under the reset ``key`` (:func:`reset_key`): 16 bytes of a MAC."""
+    if len(connection_id) != CID_LEN:
+        raise SecurityError("a connection ID is 8 bytes")
+    return hmac.digest(key, bytes(connection_id), "sha256")[:RESET_TOKEN_LEN]
 
 
 def _prologue(kind: int, cid: bytes) -> bytes:
@@ -195,7 +234,18 @@ class DatagramClient:
     :attr:`failure` says why, nothing more is accepted, and the caller can stop waiting for a reply.
     """
 
-    __slots__ = ("_created", "_hs", "_init", "_initial_cid", "_offer", "_psk", "_session", "failure")
+    __slots__ = (
+        "_created",
+        "_hs",
+        "_init",
+        "_initial_cid",
+        "_offer",
+        "_psk",
+        "_reset_token",
+        "_session",
+        "failure",
+        "reset",
+    )
 
     def __init__(self, psk: bytes, *, now: float, ciphers: Sequence[Cipher] = DEFAULT_CIPHERS) -> None:
         check_psk(psk)
@@ -204,6 +254,9 @@ class DatagramClient:
         self._session: DatagramSession | None = None
         #: Why an authentic reply was refused (for the caller's error message); None otherwise.
         self.failure: str | None = None
+        #: True once :meth:`receive` saw the server's stateless reset for this session (see :meth:`is_reset`).
+        self.reset = False
+        self._reset_token: bytes | None = None
         self._start(now)
 
     def _start(self, now: float) -> None:
@@ -254,7 +307,10 @@ class DatagramClient:
         """
         session = self._session
         if session is not None:
-            return session.open(datagram)
+            payload = session.open(datagram)
+            if payload is None and self.is_reset(datagram):
+                self.reset = True
+            return payload
         if self.failure is not None:
             return None
         if len(datagram) < MIN_REPLY_DATAGRAM or datagram[0] != DatagramType.REPLY:
@@ -274,7 +330,25 @@ class DatagramClient:
         keys = self._hs.keys
         assert keys is not None
         self._session = DatagramSession(payload[:CID_LEN], keys, cipher=cipher)
+        self._reset_token = reset_token(reset_key(self._psk), self._session.connection_id)
         return None
+
+    def is_reset(self, datagram: bytes) -> bool:
+        """Whether ``datagram`` is the server's stateless reset for this session: the server lost it.
+
+        Only a holder of the PSK can make one. Call it for a datagram the session did not open (a reset never
+        opens); the caller should also check that it came from the server's address. The token is compared in
+        constant time; the connection ID, public anyway, as plain bytes.
+        """
+        token = self._reset_token
+        session = self._session
+        if token is None or session is None:
+            return False
+        if len(datagram) < MIN_RESET_DATAGRAM or datagram[0] != _DATA:
+            return False
+        if bytes(datagram[1 : 1 + CID_LEN]) != session.connection_id:
+            return False
+        return hmac.compare_digest(bytes(datagram[-RESET_TOKEN_LEN:]), token)
 
     def seal(self, payload: bytes) -> bytes:
         """A DATA datagram for the server. Only once :attr:`established`."""
@@ -392,3 +466,42 @@ class DatagramServer:
             return None
         p.repeats -= 1
         return p.session, p.reply
+
+
+class StatelessReset:
+    """The server's stateless resets: the answer to a DATA datagram for a connection ID it does not know.
+
+    Call :meth:`answer` only for DATA datagrams whose connection ID names no session this server holds
+    (restarted, expired, closed): never for a known one, never for a handshake. It returns None (send nothing)
+    for anything else: another type, a datagram of :data:`MIN_RESET_DATAGRAM` bytes or fewer (it can only be a
+    reset itself, or garbage), or a source over its ``limiter`` budget. A reset is DATA-shaped: the type byte,
+    the connection ID, random bytes (where a counter and ciphertext would be) and the token; its length is random,
+    at most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers.
+
+    ``now`` only feeds the limiter: any clock, used consistently.
+    """
+
+    __slots__ = ("_key", "_limiter")
+
+    def __init__(self, psk: bytes, *, limiter: ResetLimiter | None = None) -> None:
+        self._key = reset_key(psk)
+        self._limiter = limiter
+
+    def __repr__(self) -> str:
+        return "StatelessReset()"
+
+    def token(self, connection_id: bytes) -> bytes:
+        """The reset token of ``connection_id`` (what a client checks the reset against)."""
+        return reset_token(self._key, connection_id)
+
+    def answer(self, datagram: bytes, source: tuple[str, int], now: float) -> bytes | None:
+        """The reset for ``datagram`` (to send to ``source``), or None: send nothing."""
+        n = len(datagram)
+        if n <= MIN_RESET_DATAGRAM or datagram[0] != _DATA:
+            return None
+        if self._limiter is not None and not self._limiter.allow(source[0], now):
+            return None
+        cid = bytes(datagram[1 : 1 + CID_LEN])
+        size = random_between(MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
+        filler = padding(size - _HEAD.size - RESET_TOKEN_LEN)
+        return _HEAD.pack(_DATA, cid) + filler + reset_token(self._key, cid)

@@ -3,6 +3,7 @@
 - :class:`ReplayCache` remembers the anti-replay nonce of every accepted first handshake message for as long
   as its timestamp stays inside the acceptance window, so a replayed first message is refused.
 - :class:`HandshakeLimiter` is a token bucket per source address.
+- :class:`ResetLimiter` bounds stateless resets per source address and in total (a reset answers a stranger).
 - :class:`ReplayWindow` is the sliding window of received datagram counters (RFC 6479's idea, as WireGuard
   uses it).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
-__all__ = ["HandshakeLimiter", "ReplayCache", "ReplayWindow"]
+__all__ = ["HandshakeLimiter", "ReplayCache", "ReplayWindow", "ResetLimiter"]
 
 
 class ReplayCache:
@@ -110,6 +111,37 @@ class HandshakeLimiter:
         self._buckets[key] = (tokens, now)
         self._buckets.move_to_end(key)
         return allowed
+
+
+class ResetLimiter:
+    """How many stateless resets a server may send: ``rate`` per second per source address (bursts of
+    ``burst``), and ``total_rate`` per second over all sources together (bursts of ``total_burst``).
+
+    A reset answers a datagram nobody authenticated, and its source address may be forged: the per-source
+    bucket bounds what a victim receives, the total bucket what the server spends. A source refused by its own
+    bucket takes nothing from the total. Memory is bounded as for :class:`HandshakeLimiter` (``max_keys``).
+    """
+
+    __slots__ = ("_per_source", "_total")
+
+    def __init__(
+        self,
+        rate: float = 8.0,
+        burst: int = 16,
+        *,
+        total_rate: float = 1000.0,
+        total_burst: int = 1000,
+        max_keys: int = 65_536,
+    ) -> None:
+        self._per_source = HandshakeLimiter(rate, burst, max_keys=max_keys)
+        self._total = HandshakeLimiter(total_rate, total_burst, max_keys=1)
+
+    def __len__(self) -> int:
+        return len(self._per_source)
+
+    def allow(self, key: str, now: float) -> bool:
+        """Take one reset from ``key``'s bucket and one from the total: True if both had one."""
+        return self._per_source.allow(key, now) and self._total.allow("", now)
 
 
 class ReplayWindow:
