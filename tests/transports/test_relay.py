@@ -6,6 +6,8 @@ import json
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -163,6 +165,27 @@ async def test_rate_limit_queues_then_drops_a_burst() -> None:
         await target.wait_for(300 - relay.up_stats.queue_dropped)
         got = [d for d, _ in target.received]
         assert got == sorted(got)  # a rate limit alone never reorders
+
+
+async def test_rate_limit_queues_by_arrival_not_by_when_the_relay_reads() -> None:
+    """Datagrams that arrive spaced out while the relay's loop is busy are not a burst to its rate limiter."""
+    async with setup(up=Impairment(rate=1_500_000, queue=5_000)) as (relay, _client, target):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        data = numbered(80, size=1000)
+
+        def spaced() -> None:  # 1000 bytes per >= 1 ms: under 1 MB/s, well inside the 1.5 MB/s limit
+            for d in data:
+                sender.sendto(d, relay.address)
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=spaced)
+        thread.start()
+        time.sleep(0.25)  # noqa: ASYNC251  (blocks the loop, so the relay, on purpose: one read gets them all)
+        thread.join()
+        sender.close()
+        await wait_until(lambda: len(target.received) + relay.up_stats.queue_dropped >= 80)
+        # read all at once and stamped with the time of the read they would overflow the 5 kB queue (~75 drops)
+        assert relay.up_stats.queue_dropped <= 8
 
 
 async def test_rebind_moves_the_flow_to_a_new_port() -> None:

@@ -22,7 +22,9 @@ import json
 import random
 import signal
 import socket
+import struct
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
@@ -36,6 +38,10 @@ __all__ = ["DirectionStats", "Impairment", "ImpairmentRelay", "main"]
 
 #: the most client flows (upstream sockets) one relay keeps
 MAX_FLOWS: Final = 1024
+#: Linux's SO_TIMESTAMPNS (the socket module does not name it): receive times as a struct timespec
+SO_TIMESTAMPNS: Final = 35
+_TIMESPEC: Final = struct.Struct("@qq")
+_STAMP_SPACE: Final = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -115,8 +121,12 @@ class _Pipe:
     #: the timer's deadline (uvloop gives a plain Handle, without ``when()``, for a deadline already past)
     timer_when: float = 0.0
 
-    def push_many(self, datagrams: list[bytes], send: Sender) -> None:
-        """Push a batch; when nothing is impaired or waiting, forward it straight away."""
+    def push_many(self, datagrams: list[bytes], send: Sender, arrivals: Sequence[float] = ()) -> None:
+        """Push a batch; when nothing is impaired or waiting, forward it straight away.
+
+        ``arrivals``: when each datagram reached this host (loop time, from the kernel's receive timestamps);
+        the rate limiter queues by them, so a relay that reads late does not see a burst the sender never sent.
+        """
         if self.impairment.transparent and not self.heap:
             stats = self.stats
             for datagram in datagrams:
@@ -125,10 +135,14 @@ class _Pipe:
             stats.received += len(datagrams)
             stats.passed += len(datagrams)
             return
+        if len(arrivals) == len(datagrams):
+            for datagram, arrival in zip(datagrams, arrivals, strict=True):
+                self.push(datagram, send, arrival)
+            return
         for datagram in datagrams:
             self.push(datagram, send)
 
-    def push(self, datagram: bytes, send: Sender) -> None:
+    def push(self, datagram: bytes, send: Sender, arrival: float | None = None) -> None:
         stats = self.stats
         stats.received += 1
         imp = self.impairment
@@ -149,6 +163,8 @@ class _Pipe:
             copies = 2
             stats.duplicated += 1
         now = self.loop.time()
+        if arrival is not None and arrival < now:
+            now = arrival
         for _ in range(copies):
             due = now
             if imp.rate is not None:
@@ -203,6 +219,59 @@ class _Pipe:
         self.heap.clear()
 
 
+class _StampedSocket(DatagramSocket):
+    """A :class:`DatagramSocket` that also notes when the kernel received each datagram (``SO_TIMESTAMPNS``).
+
+    A userspace relay reads in batches, and late when its process waits for a core: without the kernel's
+    timestamps a datagram's arrival would be when the relay got round to it, and a paced sender would look
+    bursty to the rate limiter. :attr:`arrivals` holds the loop times of the batch being handled.
+    """
+
+    __slots__ = ("_stamped", "arrivals")
+
+    def __init__(self, sock: socket.socket, handler: Callable[[list[tuple[bytes, Address]]], None]) -> None:
+        self.arrivals: list[float] = []
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self._stamped = True
+        except OSError:  # not Linux: arrival is when the relay reads it
+            self._stamped = False
+        super().__init__(sock, handler)
+
+    def _on_readable(self) -> None:
+        if not self._stamped:
+            self.arrivals = []
+            super()._on_readable()
+            return
+        recv = self.sock.recvmsg_into
+        view = self._view
+        buffers = [view]
+        batch: list[tuple[bytes, Address]] = []
+        stamps: list[float] = []
+        wall = _realtime()
+        offset = self._loop.time() - wall  # kernel stamps are wall-clock time
+        for _ in range(self._batch):
+            try:
+                size, ancillary, _flags, source = recv(buffers, _STAMP_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:  # an ICMP error for an earlier send: UDP carries on
+                continue
+            except OSError:
+                break
+            stamp = wall
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                    seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                    stamp = seconds + nanoseconds / 1e9
+            batch.append((view[:size].tobytes(), (source[0], source[1])))
+            stamps.append(stamp + offset)
+        if batch:
+            self.arrivals = stamps
+            self._handler(batch)
+            self.arrivals = []
+
+
 class _Flow:
     """One client address and its upstream socket towards the target."""
 
@@ -215,7 +284,7 @@ class _Flow:
         relay = self.relay
         sock = open_udp_socket(relay.family, sockbuf=relay.sockbuf)
         sock.connect(relay.target)
-        return DatagramSocket(sock, self._on_batch)
+        return _StampedSocket(sock, self._on_batch)
 
     def rebind(self) -> None:
         old, self.upstream = self.upstream, self._open()
@@ -228,7 +297,9 @@ class _Flow:
         self.relay.listener.sendto(datagram, self.client)
 
     def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
-        self.relay.down_pipe.push_many([datagram for datagram, _source in batch], self.send_down)
+        upstream = self.upstream
+        arrivals = upstream.arrivals if isinstance(upstream, _StampedSocket) else []
+        self.relay.down_pipe.push_many([datagram for datagram, _source in batch], self.send_down, arrivals)
 
 
 class ImpairmentRelay:
@@ -266,7 +337,7 @@ class ImpairmentRelay:
         self._up = _Pipe(self._initial[0], random.Random(self.seed * 2), loop)
         self._down = _Pipe(self._initial[1], random.Random(self.seed * 2 + 1), loop)
         sock = open_udp_socket(self.family, bind=self.listen_address, sockbuf=self.sockbuf)
-        self._listener = DatagramSocket(sock, self._on_client_batch)
+        self._listener = _StampedSocket(sock, self._on_client_batch)
 
     async def aclose(self) -> None:
         for flow in self._flows.values():
@@ -355,9 +426,13 @@ class ImpairmentRelay:
     def _on_client_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         pipe = self.up_pipe
         flows = self._flows
+        listener = self._listener
+        stamps = listener.arrivals if isinstance(listener, _StampedSocket) else []
+        stamped = len(stamps) == len(batch)
         run: list[bytes] = []  # consecutive datagrams of one client go through as one batch
+        arrivals: list[float] = []
         run_flow: _Flow | None = None
-        for datagram, source in batch:
+        for index, (datagram, source) in enumerate(batch):
             flow = flows.get(source)
             if flow is None:
                 if len(flows) >= MAX_FLOWS:
@@ -367,14 +442,20 @@ class ImpairmentRelay:
                 flow = flows[source] = _Flow(self, source)
             if flow is not run_flow:
                 if run_flow is not None:
-                    pipe.push_many(run, run_flow.send_up)
-                run, run_flow = [], flow
+                    pipe.push_many(run, run_flow.send_up, arrivals)
+                run, arrivals, run_flow = [], [], flow
             run.append(datagram)
+            if stamped:
+                arrivals.append(stamps[index])
         if run_flow is not None:
-            pipe.push_many(run, run_flow.send_up)
+            pipe.push_many(run, run_flow.send_up, arrivals)
 
 
 # --- command line -------------------------------------------------------------------------------------------
+
+
+def _realtime() -> float:
+    return time.time()
 
 
 def _address(text: str) -> Address:
