@@ -1,4 +1,5 @@
-"""Sealed kcp:// (a pre-shared key): handshake retransmission, silence towards strangers, rebinding."""
+"""Sealed kcp:// (a pre-shared key): handshake retransmission, silence towards strangers, stateless resets,
+rebinding."""
 
 from __future__ import annotations
 
@@ -12,18 +13,31 @@ from collections.abc import Callable
 import anyio
 import pytest
 from anyio.abc import ByteStream
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.streams import echo, read_exactly
 from vtunnel.security.ciphers import Cipher
-from vtunnel.security.datagram import DATAGRAM_OVERHEAD, DatagramClient
+from vtunnel.security.datagram import (
+    CID_LEN,
+    DATAGRAM_OVERHEAD,
+    MIN_RESET_DATAGRAM,
+    RESET_TOKEN_LEN,
+    DatagramClient,
+    DatagramServer,
+    DatagramSession,
+    DatagramType,
+    StatelessReset,
+)
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout
 from vtunnel.security.noise import Responder
+from vtunnel.security.replay import ReplayCache, ResetLimiter
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
 from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
-from vtunnel.transports.kcp_secure import SealedKCPListener, connect_sealed
+from vtunnel.transports.kcp_secure import RESET_REASON, SealedKCPListener, connect_sealed
 from vtunnel.transports.udpio import DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
@@ -128,7 +142,9 @@ async def test_unauthenticated_datagrams_are_dropped_silently() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
             raw.bind(("127.0.0.1", 0))
             raw.setblocking(False)
-            for datagram in [forged_data, plain_push, bogus_init, os.urandom(50), b"\x03" * 40] * 10:
+            # (a DATA datagram for an unknown connection ID would get a stateless reset: see below)
+            stranger = b"\x7f" + os.urandom(49)
+            for datagram in [forged_data, plain_push, bogus_init, stranger, b"\x03" * 40] * 10:
                 raw.sendto(datagram, listener.local_address)
             await wait_until(lambda: listener.dropped >= dropped + 50)
             await anyio.sleep(0.2)
@@ -331,3 +347,209 @@ async def test_a_reply_choosing_a_cipher_not_offered_fails_the_client_at_once() 
         assert answered
     finally:
         fake.close()
+
+
+# --- stateless reset --------------------------------------------------------------------------------------------
+
+GENEROUS = ResetLimiter(1e6, 1_000_000, total_rate=1e6, total_burst=1_000_000)
+
+
+async def sealed_listener_at(port: int = 0, reset_limiter: ResetLimiter | None = None) -> SealedKCPListener:
+    options = parse_options({})
+    sock = open_udp_socket(socket.AF_INET, bind=("127.0.0.1", port), sockbuf=options.sockbuf)
+    assert KEY.psk is not None
+    return SealedKCPListener(sock, options, KEY.psk, reset_limiter=reset_limiter)
+
+
+def stranger(size: int = 100) -> bytes:
+    """A DATA datagram for a connection ID no server knows."""
+    return bytes([DatagramType.DATA]) + os.urandom(CID_LEN) + os.urandom(size - 1 - CID_LEN)
+
+
+async def receive_one(sock: socket.socket, limit: float = 10.0) -> bytes:
+    with anyio.fail_after(limit):
+        while True:
+            try:
+                return sock.recv(4096)
+            except BlockingIOError:
+                await anyio.sleep(0.002)
+
+
+def raw_socket() -> socket.socket:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind(("127.0.0.1", 0))
+    raw.setblocking(False)
+    return raw
+
+
+async def test_a_restarted_server_resets_the_client_at_once() -> None:
+    """The server's process is gone and a new one holds the port and the key: the client's next datagram gets a
+    stateless reset and its stream fails with that reason (not after its 15 s watchdog)."""
+    listener = await sealed_listener_at()
+    port = listener.local_address[1]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        client = await connect(port)
+        with anyio.fail_after(20):
+            await client.send(b"before")
+            assert await read_exactly(client, 6) == b"before"
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+    restarted = await sealed_listener_at(port)
+    try:
+        await client.send(b"anyone there?")
+        with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError, match=RESET_REASON):
+            await client.receive()
+        with pytest.raises(anyio.BrokenResourceError):
+            await client.send(b"x")
+        assert restarted.resets_sent >= 1
+        assert restarted.session_count == 0
+        assert restarted.authenticated_count == 0
+    finally:
+        await client.aclose()
+        await restarted.aclose()
+
+
+async def test_only_the_servers_own_reset_fails_the_client() -> None:
+    """A reset with a wrong token, or the right one from another address (another server instance with the
+    same key answering a replayed datagram to the forged source), changes nothing; the server's real reset
+    fails the stream at once."""
+    assert KEY.psk is not None
+    sessions: list[DatagramSession] = []
+    received: list[bytes] = []
+    handshakes = DatagramServer(KEY.psk, replay=ReplayCache())
+
+    def serve(batch: list[tuple[bytes, tuple[str, int]]]) -> None:
+        for datagram, source in batch:
+            if datagram[0] == DatagramType.INIT:
+                got = handshakes.accept(datagram, source, time.time())
+                if got is not None:
+                    sessions.append(got[0])
+                    fake.sendto(got[1], source)
+            elif sessions and sessions[-1].open(datagram) is not None:
+                received.append(datagram)
+
+    fake = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), serve)
+    impostor = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), lambda _b: None)
+    client: ByteStream | None = None
+    try:
+        client = await connect(fake.local_address[1])
+        assert isinstance(client, KCPStream)
+        await client.send(b"hi")
+        await wait_until(lambda: bool(received))  # the client's first KCP datagram
+        cid = sessions[-1].connection_id
+        client_address = client.local_address
+        right = StatelessReset(KEY.psk).answer(b"\x03" + cid + os.urandom(200), ("127.0.0.1", 1), 0.0)
+        other_key = StatelessReset(bytes(32)).answer(b"\x03" + cid + os.urandom(200), ("x", 1), 0.0)
+        assert right is not None
+        assert other_key is not None
+        wrong_token = right[:-1] + bytes([right[-1] ^ 0x80])
+        fake.sendto(wrong_token, client_address)
+        fake.sendto(other_key, client_address)
+        impostor.sendto(right, client_address)
+        await anyio.sleep(0.3)  # time for the client to read and judge them
+        before = len(received)
+        await client.send(b"still here")  # raises if the stream failed
+        await wait_until(lambda: len(received) > before)
+        fake.sendto(right, client_address)
+        with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError, match=RESET_REASON):
+            await client.receive()
+    finally:
+        if client is not None:
+            await client.aclose()
+        fake.close()
+        impostor.close()
+
+
+async def test_strangers_get_short_resets_within_the_rate_limit_and_nothing_else_is_answered() -> None:
+    listener = await sealed_listener_at(
+        reset_limiter=ResetLimiter(0.001, 5, total_rate=1e6, total_burst=1000)
+    )
+    assert KEY.psk is not None
+    tokens = StatelessReset(KEY.psk)
+    with raw_socket() as raw:
+        silent = [
+            b"\x03" * MIN_RESET_DATAGRAM,  # no longer than a reset: could be one
+            bytes([DatagramType.REPLY]) + os.urandom(200),
+            bytes([DatagramType.INIT]) + os.urandom(200),
+            b"\x04" + os.urandom(200),
+        ]
+        for datagram in silent:
+            raw.sendto(datagram, listener.local_address)
+        triggers = [stranger(60 + 20 * i) for i in range(8)]
+        for datagram in triggers:
+            raw.sendto(datagram, listener.local_address)
+        answers = [await receive_one(raw) for _ in range(5)]
+        for trigger, reset in zip(
+            triggers[:5], answers, strict=True
+        ):  # in order: the silent ones got nothing
+            assert reset[: 1 + CID_LEN] == trigger[: 1 + CID_LEN]
+            assert MIN_RESET_DATAGRAM <= len(reset) < len(trigger)
+            assert reset[-RESET_TOKEN_LEN:] == tokens.token(trigger[1 : 1 + CID_LEN])
+        await wait_until(lambda: listener.dropped >= len(silent) + len(triggers))
+        await anyio.sleep(0.2)
+        with pytest.raises(BlockingIOError):  # the source's burst of 5 is spent
+            raw.recv(4096)
+    assert listener.resets_sent == 5
+    await listener.aclose()
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    datagrams=st.lists(
+        st.tuples(st.binary(min_size=0, max_size=1400), st.sampled_from(["own", "raw", "mutated"])),
+        min_size=1,
+        max_size=12,
+    )
+)
+async def test_a_known_session_is_never_reset_and_the_listener_never_falls(
+    datagrams: list[tuple[bytes, str]],
+) -> None:
+    """Random datagrams, many naming the live session's connection ID, some mutations of its real datagrams:
+    none gets a reset (a probe for an unknown ID right after each is the first answer), and the session goes on."""
+    listener = await sealed_listener_at(reset_limiter=GENEROUS)
+    assert KEY.psk is not None
+    tokens = StatelessReset(KEY.psk)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        client = await connect(listener.local_address[1])
+        with anyio.fail_after(20):
+            await client.send(b"hello")
+            assert await read_exactly(client, 5) == b"hello"
+        cid = next(k for k in listener.sessions if isinstance(k, bytes))
+        crypto = listener._crypto[cid]
+        with raw_socket() as raw:
+            for body, kind in datagrams:
+                if kind == "own":
+                    datagram = b"\x03" + cid + body
+                elif kind == "mutated":
+                    sealed = bytearray(crypto.seal(body[:200]))  # a datagram of the server's own session
+                    sealed[1 + CID_LEN + (len(body) % (len(sealed) - 1 - CID_LEN))] ^= 0x01
+                    datagram = bytes(sealed)
+                else:
+                    datagram = body
+                raw.sendto(datagram, listener.local_address)
+                probe = stranger(90)
+                raw.sendto(probe, listener.local_address)
+                answer = await receive_one(raw)
+                if (
+                    datagram[:1] == b"\x03"
+                    and datagram[1 : 1 + CID_LEN] != cid
+                    and len(datagram) > MIN_RESET_DATAGRAM
+                ):
+                    assert answer[: 1 + CID_LEN] == datagram[: 1 + CID_LEN]  # a stranger's: its reset first
+                    answer = await receive_one(raw)
+                assert answer[: 1 + CID_LEN] == probe[: 1 + CID_LEN]
+                assert answer[-RESET_TOKEN_LEN:] == tokens.token(probe[1 : 1 + CID_LEN])
+        assert listener.session_count == 1
+        with anyio.fail_after(20):
+            payload = os.urandom(50_000)
+            tg.start_soon(client.send, payload)
+            assert await read_exactly(client, len(payload)) == payload
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()

@@ -4,7 +4,10 @@ The sealer sits between UDP and KCP. The client sends the handshake's first data
 backoff until the server's reply arrives (``connect_timeout``); then KCP runs with its MTU reduced by the
 sealing overhead. The server keys sessions by the authenticated connection ID (not the source address, not the
 conv), follows a client's new address once a datagram from it has been opened, and drops anything that fails
-authentication before KCP sees it, without answering.
+authentication before KCP sees it, without answering. The one exception: a DATA datagram for a connection ID the
+server does not know (it restarted, or the session ended) gets a stateless reset (rate limited), and a client
+that receives the reset for its own session fails its stream at once, so the agent reconnects within its backoff
+instead of waiting for the keepalive to time out.
 
 The handshake compares timestamps across hosts, so it is given wall-clock time; KCP timers use the loop clock.
 The transport cipher is negotiated in the handshake (``cipher``: see :func:`~vtunnel.transports.secure.cipher_preference`).
@@ -29,10 +32,11 @@ from vtunnel.security.datagram import (
     DatagramServer,
     DatagramSession,
     DatagramType,
+    StatelessReset,
     peek_connection_id,
 )
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
-from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.kcp import KCPListener, SessionKey
 from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
@@ -52,6 +56,13 @@ LONGEST_RETRANSMIT: Final = 2.0
 #: handshakes per second (and burst) one source address may start
 HANDSHAKE_RATE: Final = 20.0
 HANDSHAKE_BURST: Final = 40
+#: stateless resets per second (and burst) towards one source address, and for all sources together
+RESET_RATE: Final = 8.0
+RESET_BURST: Final = 16
+RESET_TOTAL_RATE: Final = 1000.0
+RESET_TOTAL_BURST: Final = 1000
+#: why a client's stream fails when the server's stateless reset arrives
+RESET_REASON: Final = "server lost the session: reset"
 
 
 def _kcp_mtu(options: KCPOptions) -> int:
@@ -82,7 +93,8 @@ class _SealedKCPClient:
     def _on_runs(self, runs: list[Run]) -> None:
         handshake = self._handshake
         good: list[bytes] = []
-        for datagram, _source in _datagrams(runs):
+        reset = False
+        for datagram, source in _datagrams(runs):
             if self.stream is None:
                 handshake.receive(datagram, time.time())
                 if handshake.session is not None:
@@ -92,10 +104,18 @@ class _SealedKCPClient:
                 continue
             session = handshake.session
             payload = session.open(datagram) if session is not None else None
-            if payload is not None and valid_datagram(payload, self._conv):
+            if payload is None:
+                # the socket is connected to the server, so only it can send here; say so anyway
+                reset = reset or (source == self._server and handshake.is_reset(datagram))
+            elif valid_datagram(payload, self._conv):
                 good.append(payload)
-        if good and self.stream is not None:
-            self.stream.feed(good)
+        stream = self.stream
+        if stream is None:
+            return
+        if good:
+            stream.feed(good)  # what arrived before the reset is delivered first
+        if reset:
+            stream.fail(RESET_REASON)
 
     def _start_kcp(self, session: DatagramSession) -> None:
         loop = asyncio.get_running_loop()
@@ -176,7 +196,15 @@ class SealedKCPListener(KCPListener):
     :func:`~vtunnel.transports.secure.cipher_preference`).
     """
 
-    def __init__(self, sock: Any, options: KCPOptions, psk: bytes, *, cipher: str = "auto") -> None:
+    def __init__(
+        self,
+        sock: Any,
+        options: KCPOptions,
+        psk: bytes,
+        *,
+        cipher: str = "auto",
+        reset_limiter: ResetLimiter | None = None,
+    ) -> None:
         super().__init__(sock, options)
         self._server = DatagramServer(
             psk,
@@ -184,6 +212,13 @@ class SealedKCPListener(KCPListener):
             limiter=HandshakeLimiter(HANDSHAKE_RATE, HANDSHAKE_BURST),
             ciphers=cipher_preference(cipher),
         )
+        if reset_limiter is None:
+            reset_limiter = ResetLimiter(
+                RESET_RATE, RESET_BURST, total_rate=RESET_TOTAL_RATE, total_burst=RESET_TOTAL_BURST
+            )
+        self._reset = StatelessReset(psk, limiter=reset_limiter)
+        #: stateless resets sent (each also counts in ``dropped``)
+        self.resets_sent = 0
         #: every authenticated session, with or without a KCP stream yet
         self._crypto: dict[bytes, DatagramSession] = {}
         #: sessions whose handshake completed but whose first KCP datagram has not arrived: expiry time
@@ -247,8 +282,12 @@ class SealedKCPListener(KCPListener):
             self._on_handshake(datagram, source)
             return
         crypto = self._crypto.get(cid)
-        payload = crypto.open(datagram) if crypto is not None else None
-        if crypto is None or payload is None:
+        if crypto is None:
+            self.dropped += 1
+            self._answer_stranger(datagram, source)
+            return
+        payload = crypto.open(datagram)
+        if payload is None:  # a known session's: never answered, whatever it is
             self.dropped += 1
             return
         stream = self._sessions.get(cid)
@@ -264,6 +303,16 @@ class SealedKCPListener(KCPListener):
             log.info("kcp peer moved", connection_id=cid.hex(), old=stream.remote_address, new=source)
             stream.remote_address = source
         groups.setdefault(stream, []).append(payload)
+
+    def _answer_stranger(self, datagram: bytes, source: Address) -> None:
+        """A datagram for no session this server knows: a DATA one gets a stateless reset (if the limits
+        allow), so its client learns at once that its session is gone; anything else gets nothing."""
+        if self._closed:
+            return
+        reset = self._reset.answer(datagram, source, self._loop.time())
+        if reset is not None:
+            self.resets_sent += 1
+            self._udp.sendto(reset, source)
 
     def _on_handshake(self, datagram: bytes, source: Address) -> None:
         now = self._loop.time()
