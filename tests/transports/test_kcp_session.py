@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -11,7 +12,7 @@ import pytest
 
 from tests.streams import echo, read_exactly
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPSession, KCPTransport
+from vtunnel.transports.kcp import ACK_DELAY, ACK_NOW_SEGMENTS, KCPListener, KCPSession, KCPTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -146,3 +147,85 @@ async def test_receive_nowait_on_a_closed_session_raises_closed() -> None:
         await client.aclose()
         with pytest.raises(anyio.ClosedResourceError):
             client.receive_nowait()
+
+
+async def accepted_with_callback(
+    listener: KCPListener, client: KCPSession, on_readable: Callable[[KCPSession], None]
+) -> KCPSession:
+    """Open the session with one byte, accept it, drain that byte and switch the server side to push mode."""
+    await client.send(b"!")
+    with anyio.fail_after(10):
+        server = await listener.accept()
+        assert isinstance(server, KCPSession)
+        assert await read_exactly(server, 1) == b"!"
+        while client.engine.waiting():  # that byte's ACK went out: nothing is owed from here on
+            await anyio.sleep(0.005)
+    server.set_on_readable(lambda: on_readable(server))
+    return server
+
+
+async def test_a_small_message_is_acknowledged_once_the_delay_ran_out() -> None:
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        sent_in_callback: list[int] = []
+        sent_after_feed: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def on_readable(server: KCPSession) -> None:
+            server.receive_nowait()
+            sent_in_callback.append(listener.datagrams_sent)
+            loop.call_soon(lambda: sent_after_feed.append(listener.datagrams_sent))
+
+        server = await accepted_with_callback(listener, client, on_readable)
+        assert client.send_nowait(b"ping")
+        with anyio.fail_after(10):
+            while client.engine.waiting():
+                await anyio.sleep(0.001)
+        assert sent_after_feed == sent_in_callback  # no ACK right after the input: it waited
+        assert listener.datagrams_sent == sent_in_callback[0] + 1  # then exactly one ACK
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_an_answer_from_the_callback_carries_the_ack() -> None:
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        before: list[int] = []
+
+        def on_readable(server: KCPSession) -> None:
+            before.append(listener.datagrams_sent)
+            assert server.send_nowait(server.receive_nowait().upper())
+
+        server = await accepted_with_callback(listener, client, on_readable)
+        assert client.send_nowait(b"ping")
+        with anyio.fail_after(10):
+            assert await read_exactly(client, 4) == b"PING"
+            assert client.engine.waiting() == 0  # acknowledged by the answer itself
+        await anyio.sleep(ACK_DELAY * 5)
+        assert listener.datagrams_sent == before[0] + 1  # one datagram: the answer with the ACK in it
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_a_stream_of_segments_is_acknowledged_at_once() -> None:
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        acked_right_after: list[bool] = []
+        loop = asyncio.get_running_loop()
+
+        def on_readable(server: KCPSession) -> None:
+            before = listener.datagrams_sent
+            while server.receive_nowait():
+                pass
+            loop.call_soon(lambda: acked_right_after.append(listener.datagrams_sent > before))
+
+        server = await accepted_with_callback(listener, client, on_readable)
+        payload = os.urandom(ACK_NOW_SEGMENTS * client.engine.max_data * 4)
+        assert client.send_nowait(payload)
+        with anyio.fail_after(10):
+            while client.engine.waiting():
+                await anyio.sleep(0.001)
+        # however the segments were split into inputs, every second one at the latest owes the ACK at once
+        assert any(acked_right_after)
+        await client.aclose()
+        await server.aclose()

@@ -20,7 +20,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 import anyio
 import structlog
@@ -59,6 +59,14 @@ async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
     return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
+#: push mode: the longest an ACK waits for an answer to ride on. Far below ikcp's smallest retransmission
+#: timeout (30 ms with nodelay), so the peer never resends for it; kcp-go holds ACKs for up to its interval
+ACK_DELAY: Final = 0.002
+#: push mode: from this many segments' worth of input since the last ACK, the ACK goes out at once (a stream
+#: of data is acknowledged as fast as before; only small exchanges wait)
+ACK_NOW_SEGMENTS: Final = 2
+
+
 def _random_conv() -> int:
     return secrets.randbits(32) or 1
 
@@ -87,6 +95,9 @@ class KCPSession(KCPStream):
     """
 
     _readable_callback: Callable[[], None] | None = None
+    _ack_timer: asyncio.TimerHandle | None = None
+    #: bytes fed since the last flush (so since the last ACK went out), in push mode
+    _unacked = 0
 
     def set_on_readable(self, callback: Callable[[], None] | None) -> None:
         """Push mode: ``callback()`` runs when received bytes wait and when the session fails (``None``: off).
@@ -125,15 +136,43 @@ class KCPSession(KCPStream):
         if not engine.receive_datagrams(datagrams, now):
             return
         self.last_receive = now
+        for datagram in datagrams:
+            self._unacked += len(datagram)
         if engine.readable():
             callback()
             if engine.closed:
                 return
-        engine.flush(now)
+        if self._unacked and self._unacked < ACK_NOW_SEGMENTS * engine.max_data and not engine.waiting():
+            # a small exchange with nothing of ours in flight: the answer, if one comes soon, carries the ACK
+            if self._ack_timer is None:
+                self._ack_timer = self._loop.call_later(ACK_DELAY, self._on_ack_delay)
+        else:
+            self._flush_now(now)
+        self._pump(now)
+
+    def _flush_now(self, now: float) -> None:
+        """ikcp's flush: ACKs for everything input so far, new data, retransmissions (sent by ``_pump``)."""
+        self._unacked = 0
+        timer = self._ack_timer
+        if timer is not None:
+            self._ack_timer = None
+            timer.cancel()
+        self.engine.flush(now)
+
+    def _on_ack_delay(self) -> None:
+        self._ack_timer = None
+        if self.engine.closed or not self._unacked:
+            return
+        now = self._loop.time()
+        self._flush_now(now)
         self._pump(now)
 
     def fail(self, reason: str) -> None:
         super().fail(reason)
+        timer = self._ack_timer
+        if timer is not None:
+            self._ack_timer = None
+            timer.cancel()
         callback = self._readable_callback
         if callback is not None:
             callback()
@@ -154,7 +193,7 @@ class KCPSession(KCPStream):
         if waiting == 0:
             self._busy_since = now
         engine.send(data)
-        engine.flush(now)
+        self._flush_now(now)  # the ACKs still owed leave with the data
         self._pump(now)
         return True
 
@@ -217,6 +256,11 @@ class KCPListener(Listener[ByteStream]):
     @property
     def local_address(self) -> Address:
         return self._udp.local_address
+
+    @property
+    def datagrams_sent(self) -> int:
+        """Datagrams this listener's socket handed to the kernel (all sessions)."""
+        return self._udp.sent
 
     @property
     def session_count(self) -> int:

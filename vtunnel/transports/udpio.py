@@ -62,6 +62,8 @@ _gso_usable = hasattr(socket.socket, "sendmsg") and sys.platform == "linux"
 UDP_GRO: Final = 104
 _GRO_SIZE = struct.Struct("=i")
 _GRO_ANCILLARY: Final = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
+#: a plain int: ``&`` on the IntFlag member is a Python-level call per datagram
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 #: one coalescing read callback stops after this many bytes (it also stops at ``batch`` system calls)
 RUN_BATCH_BYTES: Final = 1024 * 1024
 
@@ -117,7 +119,7 @@ def open_udp_socket(
 class _UDPSocket:
     """One UDP socket driven by readiness callbacks on the running asyncio loop: the send side and closing."""
 
-    __slots__ = ("_batch", "_buffer", "_closed", "_gso", "_loop", "_view", "dropped_sends", "sock")
+    __slots__ = ("_batch", "_buffer", "_closed", "_gso", "_loop", "_view", "dropped_sends", "sent", "sock")
 
     def __init__(self, sock: socket.socket, *, batch: int) -> None:
         self.sock = sock
@@ -128,6 +130,8 @@ class _UDPSocket:
         self._loop = asyncio.get_running_loop()
         #: datagrams dropped because the socket buffer was full
         self.dropped_sends = 0
+        #: datagrams handed to the kernel
+        self.sent = 0
         self._gso = _gso_usable
 
     def _start_reading(self) -> None:
@@ -146,6 +150,7 @@ class _UDPSocket:
             return
         try:
             self.sock.sendto(data, address)
+            self.sent += 1
         except OSError as exc:
             if exc.errno not in _SOFT_SEND_ERRORS:
                 log.warning("udp send failed", error=repr(exc), peer=address)
@@ -157,6 +162,7 @@ class _UDPSocket:
             return
         try:
             self.sock.send(data)
+            self.sent += 1
         except OSError as exc:
             if exc.errno not in _SOFT_SEND_ERRORS:
                 log.warning("udp send failed", error=repr(exc))
@@ -195,6 +201,7 @@ class _UDPSocket:
             return
         try:
             self.sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
+            self.sent += len(run)
         except OSError as exc:
             if exc.errno in _SOFT_SEND_ERRORS:
                 self.dropped_sends += len(run)
@@ -288,7 +295,7 @@ class CoalescingSocket(_UDPSocket):
                     return
                 log.warning("udp receive failed", error=repr(exc))
                 break
-            if flags & socket.MSG_TRUNC:  # larger than any UDP datagram: cannot happen, drop it if it does
+            if flags & _MSG_TRUNC:  # larger than any UDP datagram: cannot happen, drop it if it does
                 continue
             segment = size
             for level, kind, data in ancillary:
