@@ -312,6 +312,7 @@ class SealedKCPListener(KCPListener):
         reset = self._reset.answer(datagram, source, self._loop.time())
         if reset is not None:
             self.resets_sent += 1
+            log.debug("stateless reset sent", connection_id=datagram[1:9].hex(), peer=source)
             self._udp.sendto(reset, source)
 
     def _on_handshake(self, datagram: bytes, source: Address) -> None:
