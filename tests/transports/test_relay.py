@@ -45,10 +45,10 @@ async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None
 class Peer:
     """A UDP socket on loopback that records what it receives and can echo it back."""
 
-    def __init__(self, *, echo: bool = False) -> None:
+    def __init__(self, *, echo: bool = False, bind: Address = ("127.0.0.1", 0)) -> None:
         self.received: list[tuple[bytes, Address]] = []
         self.echo = echo
-        self.udp = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), self._on_batch)
+        self.udp = DatagramSocket(open_udp_socket(socket.AF_INET, bind=bind), self._on_batch)
 
     def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         self.received.extend(batch)
@@ -186,6 +186,29 @@ async def test_rate_limit_queues_by_arrival_not_by_when_the_relay_reads() -> Non
         await wait_until(lambda: len(target.received) + relay.up_stats.queue_dropped >= 80)
         # read all at once and stamped with the time of the read they would overflow the 5 kB queue (~75 drops)
         assert relay.up_stats.queue_dropped <= 8
+
+
+async def test_a_target_that_comes_up_late_is_reached_and_answers() -> None:
+    """The first datagrams meet a closed port (ICMP port unreachable); the flow must keep working after."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    client = Peer()
+    target: Peer | None = None
+    try:
+        async with ImpairmentRelay(("127.0.0.1", port)) as relay:
+            client.udp.sendto(b"early", relay.address)  # nobody there yet
+            await anyio.sleep(0.1)
+            target = Peer(echo=True, bind=("127.0.0.1", port))
+            await anyio.sleep(0.05)
+            client.udp.sendto(b"late", relay.address)
+            await client.wait_for(1, limit=5)
+            assert client.received[0][0] == b"late"
+    finally:
+        client.udp.close()
+        if target is not None:
+            target.udp.close()
 
 
 async def test_rebind_moves_the_flow_to_a_new_port() -> None:

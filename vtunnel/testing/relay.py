@@ -282,8 +282,9 @@ class _Flow:
 
     def _open(self) -> DatagramSocket:
         relay = self.relay
-        sock = open_udp_socket(relay.family, sockbuf=relay.sockbuf)
-        sock.connect(relay.target)
+        # not connect()ed: a connected UDP socket takes an ICMP "port unreachable" (the target not up yet) as a
+        # socket error, and libuv (so uvloop) stops watching a socket that reports one, for good
+        sock = open_udp_socket(relay.family, bind=(relay.upstream_host, 0), sockbuf=relay.sockbuf)
         return _StampedSocket(sock, self._on_batch)
 
     def rebind(self) -> None:
@@ -291,7 +292,7 @@ class _Flow:
         old.close()
 
     def send_up(self, datagram: bytes) -> None:
-        self.upstream.send(datagram)
+        self.upstream.sendto(datagram, self.relay.target)
 
     def send_down(self, datagram: bytes) -> None:
         self.relay.listener.sendto(datagram, self.client)
@@ -299,6 +300,11 @@ class _Flow:
     def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         upstream = self.upstream
         arrivals = upstream.arrivals if isinstance(upstream, _StampedSocket) else []
+        target = self.relay.target
+        if any(source != target for _datagram, source in batch):  # only the target may answer through a flow
+            kept = [i for i, (_datagram, source) in enumerate(batch) if source == target]
+            arrivals = [arrivals[i] for i in kept] if len(arrivals) == len(batch) else []
+            batch = [batch[i] for i in kept]
         self.relay.down_pipe.push_many([datagram for datagram, _source in batch], self.send_down, arrivals)
 
 
@@ -319,11 +325,17 @@ class ImpairmentRelay:
         seed: int = 0,
         sockbuf: int = 4 * 1024 * 1024,
     ) -> None:
-        self.target = target
+        self.family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        # numeric, so that answers can be matched by their source address
+        info = socket.getaddrinfo(target[0], target[1], self.family, socket.SOCK_DGRAM)
+        self.target: Address = (str(info[0][4][0]), int(info[0][4][1]))
+        # the address the system would send to the target from (what connect() would pick): flows bind to it
+        with socket.socket(self.family, socket.SOCK_DGRAM) as probe:
+            probe.connect(self.target)
+            self.upstream_host: str = str(probe.getsockname()[0])
         self.listen_address = listen
         self.seed = seed
         self.sockbuf = sockbuf
-        self.family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         self._initial = (up or Impairment(), down or Impairment())
         self._flows: dict[Address, _Flow] = {}
         self._listener: DatagramSocket | None = None
