@@ -181,3 +181,19 @@ def test_a_bulk_sender_settles_near_the_link_rate() -> None:
     fluid(pacer, link=40_000, rtt=0.01, seconds=1.0, start=0.0, busy=True)
     assert pacer.phase is Phase.CRUISE
     assert pacer.bandwidth == pytest.approx(40_000, rel=0.1)
+
+
+def test_bunched_acks_do_not_read_as_a_faster_path() -> None:
+    """ACKs for a steady 10,000 segments/s arriving in bunches (every 4th ms, 4 ms' worth) stay 10,000/s."""
+    pacer = Pacer(max_window=8192, now=0.0)
+    now = 0.0
+    owed = 0
+    for ms in range(1, 600):
+        now = ms / 1000
+        pacer.on_sent(10)  # the sender's steady rate
+        owed += 10
+        delivered = owed if ms % 4 == 0 else 0
+        owed -= delivered
+        pacer.on_acked(now, delivered, 0.002, app_limited=False)
+        pacer.allowance(now, 0)
+    assert pacer.bandwidth <= 10_000 * 1.05

@@ -81,11 +81,13 @@ class Pacer:
         "_full_bw",
         "_full_count",
         "_last_refill",
+        "_last_sent_rate",
         "_max_window",
         "_min_rtt",
         "_min_rtt_at",
         "_round_delivered",
         "_round_length",
+        "_round_sent",
         "_round_start",
         "_tokens",
         "bandwidth",
@@ -107,6 +109,8 @@ class Pacer:
         self._min_rtt_at = now
         self._round_start = now
         self._round_delivered = 0
+        self._round_sent = 0
+        self._last_sent_rate = 0.0
         self._app_limited = False
         self._full_bw = 0.0
         self._full_count = 0
@@ -139,9 +143,17 @@ class Pacer:
         if elapsed < self._round_length:
             return
         sample = self._round_delivered / elapsed
+        # nothing is delivered faster than it was sent: ACKs that arrive bunched (a busy receiver, a queue that
+        # let go at once) would otherwise read as a faster path, and the rate sent next would overrun it
+        sent_rate = self._round_sent / elapsed
+        bound = max(sent_rate, self._last_sent_rate)
+        if bound > 0:
+            sample = min(sample, bound)
+        self._last_sent_rate = sent_rate
         limited = self._app_limited
         self._round_start = now
         self._round_delivered = 0
+        self._round_sent = 0
         self._app_limited = False
         if sample <= 0:
             return
@@ -166,6 +178,7 @@ class Pacer:
     def on_sent(self, segments: int) -> None:
         """``segments`` went on the wire (new data and retransmissions alike) since :meth:`allowance`."""
         self._tokens -= segments
+        self._round_sent += segments
 
     # --- what the sender asks -----------------------------------------------------------------------------
 
