@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from vtunnel.security.datagram import (
     _RESET_LABEL,
+    CID_CHECK_LEN,
     CID_LEN,
     DATAGRAM_OVERHEAD,
     MAX_RESET_DATAGRAM,
+    MAX_SERVER_ID,
     MIN_RESET_DATAGRAM,
     REPLY_REPEAT_LIMIT,
     RESET_TOKEN_LEN,
@@ -29,8 +31,10 @@ from vtunnel.security.datagram import (
     DatagramSession,
     DatagramType,
     StatelessReset,
+    is_minted,
+    mint_connection_id,
     peek_connection_id,
-    reset_key,
+    reset_keys,
     reset_token,
 )
 from vtunnel.security.errors import SecurityError
@@ -97,7 +101,7 @@ def test_server_id_starts_every_connection_id() -> None:
         _, session, _ = established(srv)
         assert session.connection_id[:2] == b"\x07\x01"
     with pytest.raises(SecurityError):
-        server(server_id=b"12345")
+        server(server_id=b"123")
 
 
 def test_a_captured_first_datagram_replayed_gets_nothing() -> None:
@@ -359,26 +363,67 @@ def test_no_key_material_in_reprs() -> None:
 # --- stateless reset --------------------------------------------------------------------------------------------
 
 OTHER_PSK = bytes(32)
+TOKEN_KEY, CID_KEY = reset_keys(PSK)
 
 
-def test_the_reset_key_is_hkdf_sha256_of_the_psk_under_its_own_label() -> None:
-    expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=_RESET_LABEL, info=_RESET_LABEL).derive(PSK)
-    assert reset_key(PSK) == expected
-    assert reset_key(PSK) != PSK
-    assert reset_key(OTHER_PSK) != reset_key(PSK)
+def minted() -> bytes:
+    """A connection ID as a server holding PSK assigns them."""
+    return mint_connection_id(CID_KEY)
+
+
+def test_the_reset_keys_are_hkdf_sha256_of_the_psk_under_their_own_label() -> None:
+    expected = HKDF(algorithm=hashes.SHA256(), length=64, salt=_RESET_LABEL, info=_RESET_LABEL).derive(PSK)
+    assert reset_keys(PSK) == (expected[:32], expected[32:])
+    assert PSK not in reset_keys(PSK)
+    assert reset_keys(OTHER_PSK) != reset_keys(PSK)
     cid = bytes(range(8))
-    token = reset_token(reset_key(PSK), cid)
-    assert token == hmac.digest(expected, cid, "sha256")[:RESET_TOKEN_LEN]
+    token = reset_token(TOKEN_KEY, cid)
+    assert token == hmac.digest(expected[:32], cid, "sha256")[:RESET_TOKEN_LEN]
     assert token != hmac.digest(PSK, cid, "sha256")[:RESET_TOKEN_LEN]  # the PSK never keys the MAC itself
     with pytest.raises(SecurityError):
-        reset_token(reset_key(PSK), b"short")
+        reset_token(TOKEN_KEY, b"short")
     with pytest.raises(SecurityError):
-        reset_key(b"short")
+        reset_keys(b"short")
+
+
+def test_connection_ids_carry_a_check_only_key_holders_can_compute() -> None:
+    srv = server(server_id=b"\x09")
+    cids = {established(srv)[1].connection_id for _ in range(30)}
+    assert len(cids) == 30
+    for cid in cids:
+        assert cid[:1] == b"\x09"
+        assert is_minted(CID_KEY, cid)
+        assert not is_minted(reset_keys(OTHER_PSK)[1], cid)
+        assert not is_minted(TOKEN_KEY, cid)  # the check and the token use different keys
+        for i in range(CID_LEN):
+            assert not is_minted(CID_KEY, cid[:i] + bytes([cid[i] ^ 0x01]) + cid[i + 1 :])
+    assert CID_CHECK_LEN == 3
+    assert not is_minted(CID_KEY, b"short")
+    # random guesses: 1 in 2**24 passes
+    assert sum(is_minted(CID_KEY, os.urandom(CID_LEN)) for _ in range(20_000)) <= 1
+    assert mint_connection_id(CID_KEY, b"\x01\x02")[:2] == b"\x01\x02"
+    with pytest.raises(SecurityError):
+        mint_connection_id(CID_KEY, bytes(MAX_SERVER_ID + 1))
+
+
+def test_a_new_connection_id_is_none_of_those_in_use() -> None:
+    class Everything:
+        def __contains__(self, _item: object) -> bool:
+            return True
+
+    srv = server()
+    c = DatagramClient(PSK, now=NOW)
+    assert srv.accept(c.initial_datagram(), SRC, NOW, in_use=Everything()) is None
+    # the attempt was not spent: the same first datagram is answered once an ID is free
+    got = srv.accept(c.initial_datagram(), SRC, NOW, in_use={b"x" * CID_LEN})
+    assert got is not None
+    assert c.receive(got[1], NOW) is None
+    assert c.established
 
 
 def test_any_server_with_the_psk_computes_the_same_token_per_connection_id() -> None:
     a, b, other = StatelessReset(PSK), StatelessReset(PSK), StatelessReset(OTHER_PSK)
-    cids = [os.urandom(CID_LEN) for _ in range(50)]
+    cids = [minted() for _ in range(50)]
     assert [a.token(c) for c in cids] == [b.token(c) for c in cids]
     assert len({a.token(c) for c in cids}) == len(cids)
     assert all(a.token(c) != other.token(c) for c in cids)
@@ -406,8 +451,8 @@ def test_a_reset_with_a_wrong_token_changes_nothing() -> None:
     good = StatelessReset(PSK).answer(c.seal(os.urandom(200)), SRC, NOW)
     assert good is not None
     flipped = good[:-1] + bytes([good[-1] ^ 1])
-    other_key = StatelessReset(OTHER_PSK).answer(c.seal(os.urandom(200)), SRC, NOW)
-    other_cid = StatelessReset(PSK).answer(b"\x03" + os.urandom(8) + os.urandom(100), SRC, NOW)
+    other_key = b"\x03" + cid + os.urandom(40) + reset_token(reset_keys(OTHER_PSK)[0], cid)
+    other_cid = StatelessReset(PSK).answer(b"\x03" + minted() + os.urandom(100), SRC, NOW)
     random_token = good[:-RESET_TOKEN_LEN] + os.urandom(RESET_TOKEN_LEN)
     as_reply = bytes([DatagramType.REPLY]) + good[1:]
     too_short = good[: 1 + CID_LEN] + good[-(MIN_RESET_DATAGRAM - 1 - CID_LEN - 1) :]
@@ -424,8 +469,7 @@ def test_a_reset_with_a_wrong_token_changes_nothing() -> None:
 
 def test_a_client_before_its_handshake_completes_knows_no_reset() -> None:
     c = DatagramClient(PSK, now=NOW)
-    reset = StatelessReset(PSK).answer(b"\x03" + c.connection_id + os.urandom(100), SRC, NOW)
-    assert reset is not None
+    reset = b"\x03" + c.connection_id + os.urandom(40) + reset_token(TOKEN_KEY, c.connection_id)
     assert not c.is_reset(reset)
     assert c.receive(reset, NOW) is None
     assert not c.reset
@@ -433,7 +477,7 @@ def test_a_client_before_its_handshake_completes_knows_no_reset() -> None:
 
 def test_a_reset_is_data_shaped_always_shorter_than_its_trigger_and_its_length_varies() -> None:
     resets = StatelessReset(PSK)
-    cid = os.urandom(CID_LEN)
+    cid = minted()
     for size in range(MIN_RESET_DATAGRAM + 1, 1501):
         trigger = b"\x03" + cid + os.urandom(size - 1 - CID_LEN)
         reset = resets.answer(trigger, SRC, NOW)
@@ -464,14 +508,27 @@ def test_no_reset_for_handshakes_other_types_or_datagrams_too_short_to_be_more_t
     for size in range(0, MIN_RESET_DATAGRAM + 1):
         assert resets.answer(b"\x03" * size, SRC, NOW) is None
     for kind in (0x00, 0x01, 0x02, 0x04, 0x17, 0xFF):
-        assert resets.answer(bytes([kind]) + os.urandom(300), SRC, NOW) is None
+        assert resets.answer(bytes([kind]) + minted() + os.urandom(300), SRC, NOW) is None
+
+
+def test_a_connection_id_no_key_holder_minted_gets_silence() -> None:
+    """A prober's DATA-shaped datagrams are not answered: only an ID with the right check could have been a
+    session of a server holding the key."""
+    resets = StatelessReset(PSK, limiter=ResetLimiter(1e6, 1_000_000))
+    other_key_cid = mint_connection_id(reset_keys(OTHER_PSK)[1])
+    assert resets.answer(b"\x03" + other_key_cid + os.urandom(200), SRC, NOW) is None
+    answered = sum(
+        resets.answer(b"\x03" + os.urandom(CID_LEN) + os.urandom(100), SRC, NOW) is not None
+        for _ in range(20_000)
+    )
+    assert answered <= 1  # 1 in 2**24 each
 
 
 def test_resets_cannot_bounce_for_long_between_two_servers() -> None:
     """Two servers holding the key, neither knowing the ID, a forged source each: every answer is shorter, so
     the exchange ends in silence (the rate limits bound it as well)."""
     a, b = StatelessReset(PSK), StatelessReset(PSK)
-    datagram: bytes | None = b"\x03" + os.urandom(CID_LEN) + os.urandom(1400)
+    datagram: bytes | None = b"\x03" + minted() + os.urandom(1400)
     rounds = 0
     while datagram is not None:
         previous = len(datagram)
@@ -484,7 +541,7 @@ def test_resets_cannot_bounce_for_long_between_two_servers() -> None:
 def test_resets_are_rate_limited_per_source_and_in_total() -> None:
     limiter = ResetLimiter(1.0, 3, total_rate=1.0, total_burst=5)
     resets = StatelessReset(PSK, limiter=limiter)
-    trigger = b"\x03" + os.urandom(CID_LEN) + os.urandom(100)
+    trigger = b"\x03" + minted() + os.urandom(100)
     a, b, c = ("127.0.0.2", 1), ("127.0.0.3", 1), ("127.0.0.4", 1)
     assert [resets.answer(trigger, a, NOW) is not None for _ in range(5)] == [True] * 3 + [False] * 2
     # a source refused by its own bucket took nothing from the total: 2 of 5 remain
@@ -520,6 +577,6 @@ def test_random_datagrams_never_reset_a_client_nor_crash_the_reset_path(data: by
 
 def test_no_key_material_in_the_reset_repr() -> None:
     text = repr(StatelessReset(PSK))
-    for secret in (PSK, reset_key(PSK)):
+    for secret in (PSK, TOKEN_KEY, CID_KEY):
         assert secret.hex() not in text
         assert repr(secret) not in text

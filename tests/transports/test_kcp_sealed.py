@@ -28,6 +28,10 @@ from vtunnel.security.datagram import (
     DatagramSession,
     DatagramType,
     StatelessReset,
+    is_minted,
+    mint_connection_id,
+    reset_keys,
+    reset_token,
 )
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout
 from vtunnel.security.noise import Responder
@@ -361,9 +365,12 @@ async def sealed_listener_at(port: int = 0, reset_limiter: ResetLimiter | None =
     return SealedKCPListener(sock, options, KEY.psk, reset_limiter=reset_limiter)
 
 
+CID_KEY = reset_keys(KEY.psk or b"")[1]
+
+
 def stranger(size: int = 100) -> bytes:
-    """A DATA datagram for a connection ID no server knows."""
-    return bytes([DatagramType.DATA]) + os.urandom(CID_LEN) + os.urandom(size - 1 - CID_LEN)
+    """A DATA datagram for a connection ID a server holding the key could have assigned, but no server knows."""
+    return bytes([DatagramType.DATA]) + mint_connection_id(CID_KEY) + os.urandom(size - 1 - CID_LEN)
 
 
 async def receive_one(sock: socket.socket, limit: float = 10.0) -> bytes:
@@ -440,9 +447,8 @@ async def test_only_the_servers_own_reset_fails_the_client() -> None:
         cid = sessions[-1].connection_id
         client_address = client.local_address
         right = StatelessReset(KEY.psk).answer(b"\x03" + cid + os.urandom(200), ("127.0.0.1", 1), 0.0)
-        other_key = StatelessReset(bytes(32)).answer(b"\x03" + cid + os.urandom(200), ("x", 1), 0.0)
+        other_key = b"\x03" + cid + os.urandom(60) + reset_token(reset_keys(bytes(32))[0], cid)
         assert right is not None
-        assert other_key is not None
         wrong_token = right[:-1] + bytes([right[-1] ^ 0x80])
         fake.sendto(wrong_token, client_address)
         fake.sendto(other_key, client_address)
@@ -470,6 +476,7 @@ async def test_strangers_get_short_resets_within_the_rate_limit_and_nothing_else
     with raw_socket() as raw:
         silent = [
             b"\x03" * MIN_RESET_DATAGRAM,  # no longer than a reset: could be one
+            b"\x03" + os.urandom(CID_LEN) + os.urandom(200),  # an ID no key holder minted: a probe
             bytes([DatagramType.REPLY]) + os.urandom(200),
             bytes([DatagramType.INIT]) + os.urandom(200),
             b"\x04" + os.urandom(200),
@@ -540,6 +547,7 @@ async def test_a_known_session_is_never_reset_and_the_listener_never_falls(
                     datagram[:1] == b"\x03"
                     and datagram[1 : 1 + CID_LEN] != cid
                     and len(datagram) > MIN_RESET_DATAGRAM
+                    and is_minted(CID_KEY, datagram[1 : 1 + CID_LEN])
                 ):
                     assert answer[: 1 + CID_LEN] == datagram[: 1 + CID_LEN]  # a stranger's: its reset first
                     answer = await receive_one(raw)

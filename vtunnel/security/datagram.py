@@ -14,13 +14,16 @@ its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
 
 The connection ID is the only clear field a server uses: it finds the session by it, never by the source
 address, so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed
-server/worker id (``server_id``) so that a load balancer can route by it (QUIC-LB's idea).
+server/worker id (``server_id``) so that a load balancer can route by it (QUIC-LB's idea). Its last 3 bytes
+are a check computed from the rest under a key derived from the PSK, so that a server which lost the session can
+tell a connection ID minted by a key holder from a prober's guess.
 
 A server that receives a DATA datagram for a connection ID it does not know (it restarted, or forgot the
 session) answers with a *stateless reset* (RFC 9000 section 10.3's idea): a datagram of DATA's shape, shorter than
 the one it answers, whose last 16 bytes are the connection ID's reset token, a MAC under a key derived from the
 PSK. Any server holding the PSK computes the same token, and only they can: the client, seeing its own token,
-knows the server lost the session and reconnects at once instead of waiting for its keepalive.
+knows the server lost the session and reconnects at once instead of waiting for its keepalive. Only connection
+IDs whose check is right are answered, so a prober's datagrams still get silence.
 
 ``now`` in the handshake calls is wall-clock seconds (``time.time()``): timestamps are compared across hosts.
 """
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import hmac
 import struct
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -52,10 +55,12 @@ from .noise import TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 
 __all__ = [
+    "CID_CHECK_LEN",
     "CID_LEN",
     "DATAGRAM_OVERHEAD",
     "MAX_INIT_DATAGRAM",
     "MAX_RESET_DATAGRAM",
+    "MAX_SERVER_ID",
     "MIN_RESET_DATAGRAM",
     "REPLY_REPEAT_LIMIT",
     "RESET_TOKEN_LEN",
@@ -65,8 +70,10 @@ __all__ = [
     "DatagramSession",
     "DatagramType",
     "StatelessReset",
+    "is_minted",
+    "mint_connection_id",
     "peek_connection_id",
-    "reset_key",
+    "reset_keys",
     "reset_token",
 ]
 
@@ -109,6 +116,12 @@ RESET_TOKEN_LEN = 16
 MIN_RESET_DATAGRAM = DATA_HEADER_LEN + 8 + RESET_TOKEN_LEN  # 41
 #: The longest reset: one is enough, and a short answer keeps what a forged source receives small.
 MAX_RESET_DATAGRAM = 256
+#: The last bytes of every connection ID a server mints: a MAC of the bytes before them (see :func:`is_minted`).
+CID_CHECK_LEN = 3
+#: The longest ``server_id``: at least 3 random bytes remain between it and the check.
+MAX_SERVER_ID = CID_LEN - CID_CHECK_LEN - 3  # 2
+#: How many times a server draws a connection ID that is not in use before it gives up on a handshake.
+_CID_DRAWS = 16
 
 
 def peek_connection_id(datagram: bytes) -> bytes | None:
@@ -130,21 +143,46 @@ def peek_connection_id(datagram: bytes) -> bytes | None:
     return None
 
 
-def reset_key(psk: bytes) -> bytes:
-    """The stateless reset key of ``psk``: HKDF-SHA256 (RFC 5869) with its own label as salt and info.
+def reset_keys(psk: bytes) -> tuple[bytes, bytes]:
+    """The two stateless reset keys of ``psk``: ``(token key, connection ID key)``, the two 32-byte halves of
+    HKDF-SHA256 (RFC 5869) output with its own label as salt and info.
 
-    The PSK never keys the MAC itself, so tokens reveal nothing usable against the handshake.
+    The PSK never keys a MAC itself, so neither tokens nor connection IDs reveal anything usable against the
+    handshake; the two keys are independent, so a connection ID's check says nothing about its token.
     """
     check_psk(psk)
     prk = hmac.digest(_RESET_LABEL, bytes(psk), "sha256")
-    return hmac.digest(prk, _RESET_LABEL + b"\x01", "sha256")
+    first = hmac.digest(prk, _RESET_LABEL + b"\x01", "sha256")
+    return first, hmac.digest(prk, first + _RESET_LABEL + b"\x02", "sha256")
 
 
 def reset_token(key: bytes, connection_id: bytes) -> bytes:
-    """The reset token of ``connection_id`` under the reset ``key`` (:func:`reset_key`): 16 bytes of a MAC."""
+    """The reset token of ``connection_id`` under the token ``key`` (:func:`reset_keys`): 16 bytes of a MAC."""
     if len(connection_id) != CID_LEN:
         raise SecurityError("a connection ID is 8 bytes")
     return hmac.digest(key, bytes(connection_id), "sha256")[:RESET_TOKEN_LEN]
+
+
+def _cid_check(key: bytes, head: bytes) -> bytes:
+    return hmac.digest(key, head, "sha256")[:CID_CHECK_LEN]
+
+
+def mint_connection_id(key: bytes, server_id: bytes = b"") -> bytes:
+    """A new connection ID: ``server_id``, random bytes, then the check of both under the connection ID ``key``
+    (:func:`reset_keys`)."""
+    if len(server_id) > MAX_SERVER_ID:
+        raise SecurityError(f"a server id is at most {MAX_SERVER_ID} bytes")
+    head = bytes(server_id) + padding(CID_LEN - CID_CHECK_LEN - len(server_id))
+    return head + _cid_check(key, head)
+
+
+def is_minted(key: bytes, connection_id: bytes) -> bool:
+    """Whether ``connection_id`` carries the right check under ``key``: minted by a holder of the PSK (or a
+    guess that had a 1 in 2**24 chance). Constant time."""
+    if len(connection_id) != CID_LEN:
+        return False
+    head = bytes(connection_id[: CID_LEN - CID_CHECK_LEN])
+    return hmac.compare_digest(bytes(connection_id[CID_LEN - CID_CHECK_LEN :]), _cid_check(key, head))
 
 
 def _prologue(kind: int, cid: bytes) -> bytes:
@@ -330,7 +368,7 @@ class DatagramClient:
         keys = self._hs.keys
         assert keys is not None
         self._session = DatagramSession(payload[:CID_LEN], keys, cipher=cipher)
-        self._reset_token = reset_token(reset_key(self._psk), self._session.connection_id)
+        self._reset_token = reset_token(reset_keys(self._psk)[0], self._session.connection_id)
         return None
 
     def is_reset(self, datagram: bytes) -> bool:
@@ -370,12 +408,22 @@ class _Pending:
 class DatagramServer:
     """Answers valid INIT datagrams with a new session; anything else gets None (send nothing).
 
-    ``server_id`` (0 to 4 bytes) starts every connection ID this server assigns; the rest is random.
+    ``server_id`` (0 to :data:`MAX_SERVER_ID` bytes) starts every connection ID this server assigns; random
+    bytes and a check (see :func:`mint_connection_id`) follow.
     ``max_pending`` bounds the retransmission memory (oldest forgotten first). ``ciphers`` are the transport
     ciphers accepted, best first; an INIT offering none of them gets nothing.
     """
 
-    __slots__ = ("_accepted", "_limiter", "_max_pending", "_pending", "_psk", "_replay", "_server_id")
+    __slots__ = (
+        "_accepted",
+        "_cid_key",
+        "_limiter",
+        "_max_pending",
+        "_pending",
+        "_psk",
+        "_replay",
+        "_server_id",
+    )
 
     def __init__(
         self,
@@ -389,12 +437,15 @@ class DatagramServer:
     ) -> None:
         check_psk(psk)
         self._accepted = check_ciphers(ciphers)
-        if len(server_id) > 4:
-            raise SecurityError("a server id is at most 4 bytes (4 or more random bytes follow it)")
+        if len(server_id) > MAX_SERVER_ID:
+            raise SecurityError(
+                f"a server id is at most {MAX_SERVER_ID} bytes (3 or more random bytes and a check follow it)"
+            )
         self._psk = bytes(psk)
         self._replay = replay
         self._limiter = limiter
         self._server_id = bytes(server_id)
+        self._cid_key = reset_keys(psk)[1]
         self._max_pending = max_pending
         self._pending: dict[bytes, _Pending] = {}  # token -> handshake answered recently
 
@@ -406,7 +457,12 @@ class DatagramServer:
             del pending[next(iter(pending))]
 
     def accept(
-        self, datagram: bytes, source: tuple[str, int], now: float
+        self,
+        datagram: bytes,
+        source: tuple[str, int],
+        now: float,
+        *,
+        in_use: Container[bytes] = (),
     ) -> tuple[DatagramSession, bytes] | None:
         """A valid INIT -> ``(session, reply)``: store the session under ``session.connection_id`` and send
         ``reply`` to ``source``. Anything else -> None: send nothing.
@@ -414,7 +470,7 @@ class DatagramServer:
         A byte-identical retransmission of an INIT answered less than :data:`RETRANSMIT_PERIOD` ago, from the
         same source, before the session saw any DATA from the client, returns the *same* session object and
         reply again (store idempotently; do not make a second session). The reply is never larger than
-        ``datagram``.
+        ``datagram``. A new session's connection ID is none of ``in_use`` (the caller's sessions).
         """
         n = len(datagram)
         if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM or datagram[0] != DatagramType.INIT:
@@ -433,9 +489,11 @@ class DatagramServer:
         if cipher is None:
             return None
         self._prune(now)
-        if not self._replay.check_and_remember(init.token, init.timestamp, now):
+        if self._replay.seen(init.token, now):
             return self._repeat(init.token, datagram, source, now)
-        cid = self._server_id + padding(CID_LEN - len(self._server_id))
+        cid = self._free_connection_id(in_use)
+        if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
+            return None
         room = n - MIN_REPLY_DATAGRAM
         pad = padding(random_between(0, min(REPLY_PADDING_MAX, room)))
         try:
@@ -450,6 +508,13 @@ class DatagramServer:
             datagram=datagram, session=session, reply=reply, source=source, until=now + RETRANSMIT_PERIOD
         )
         return session, reply
+
+    def _free_connection_id(self, in_use: Container[bytes]) -> bytes | None:
+        for _ in range(_CID_DRAWS):
+            cid = mint_connection_id(self._cid_key, self._server_id)
+            if cid not in in_use:
+                return cid
+        return None
 
     def _repeat(
         self, token: bytes, datagram: bytes, source: tuple[str, int], now: float
@@ -474,17 +539,18 @@ class StatelessReset:
     Call :meth:`answer` only for DATA datagrams whose connection ID names no session this server holds
     (restarted, expired, closed): never for a known one, never for a handshake. It returns None (send nothing)
     for anything else: another type, a datagram of :data:`MIN_RESET_DATAGRAM` bytes or fewer (it can only be a
-    reset itself, or garbage), or a source over its ``limiter`` budget. A reset is DATA-shaped: the type byte,
+    reset itself, or garbage), a connection ID that no holder of the PSK minted (:func:`is_minted`: a probe gets
+    the silence it always got), or a source over its ``limiter`` budget. A reset is DATA-shaped: the type byte,
     the connection ID, random bytes (where a counter and ciphertext would be) and the token; its length is random,
     at most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers.
 
     ``now`` only feeds the limiter: any clock, used consistently.
     """
 
-    __slots__ = ("_key", "_limiter")
+    __slots__ = ("_cid_key", "_key", "_limiter")
 
     def __init__(self, psk: bytes, *, limiter: ResetLimiter | None = None) -> None:
-        self._key = reset_key(psk)
+        self._key, self._cid_key = reset_keys(psk)
         self._limiter = limiter
 
     def __repr__(self) -> str:
@@ -499,9 +565,11 @@ class StatelessReset:
         n = len(datagram)
         if n <= MIN_RESET_DATAGRAM or datagram[0] != _DATA:
             return None
+        cid = bytes(datagram[1 : 1 + CID_LEN])
+        if not is_minted(self._cid_key, cid):
+            return None
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
-        cid = bytes(datagram[1 : 1 + CID_LEN])
         size = random_between(MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
         filler = padding(size - _HEAD.size - RESET_TOKEN_LEN)
         return _HEAD.pack(_DATA, cid) + filler + reset_token(self._key, cid)

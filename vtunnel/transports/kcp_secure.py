@@ -322,7 +322,7 @@ class SealedKCPListener(KCPListener):
             self.dropped += 1
             return
         try:
-            result = self._server.accept(datagram, source, time.time())
+            result = self._server.accept(datagram, source, time.time(), in_use=self._crypto)
         except SecurityError:  # e.g. an unusable wall clock: answer nothing
             result = None
         if result is None:
