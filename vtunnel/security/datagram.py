@@ -5,6 +5,7 @@ Layouts (integers big endian; full description in ``docs/security.md``)::
     INIT   (client -> server)  01 | initial CID (8) | Noise message 1 (e 32 | payload + tag 16)
     REPLY  (server -> client)  02 | initial CID (8) | Noise message 2 (e 32 | payload + tag 16)
     DATA   (both ways)         03 | CID (8) | counter u64 | AEAD ciphertext + tag 16
+    RESET  (server -> client)  03 | CID (8) | random 16..231 | reset token 16   (DATA-shaped, see below)
 
 INIT's payload is the timestamp, the anti-replay token, the cipher offer and padding (see :mod:`.handshake`);
 INIT's first three fields are the Noise prologue, so they are authenticated. REPLY's payload is the connection

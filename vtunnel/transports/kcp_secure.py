@@ -5,9 +5,10 @@ backoff until the server's reply arrives (``connect_timeout``); then KCP runs wi
 sealing overhead. The server keys sessions by the authenticated connection ID (not the source address, not the
 conv), follows a client's new address once a datagram from it has been opened, and drops anything that fails
 authentication before KCP sees it, without answering. The one exception: a DATA datagram for a connection ID the
-server does not know (it restarted, or the session ended) gets a stateless reset (rate limited), and a client
-that receives the reset for its own session fails its stream at once, so the agent reconnects within its backoff
-instead of waiting for the keepalive to time out.
+server does not know (it restarted, or the session ended) but a holder of the key assigned gets a stateless reset
+(rate limited; see :class:`~vtunnel.security.datagram.StatelessReset`), and a client that receives the reset for
+its own session fails its stream at once, so the agent reconnects within its backoff instead of waiting for the
+keepalive to time out.
 
 The handshake compares timestamps across hosts, so it is given wall-clock time; KCP timers use the loop clock.
 The transport cipher is negotiated in the handshake (``cipher``: see :func:`~vtunnel.transports.secure.cipher_preference`).
