@@ -377,3 +377,46 @@ async def test_a_bad_datagram_inside_a_coalesced_run_is_dropped_alone() -> None:
         finally:
             udp.close()
             client.close()
+
+
+async def test_a_client_started_before_its_server_gets_through_once_the_server_is_up() -> None:
+    """The first datagrams meet a closed port (ICMP port unreachable): the session must still hear the server."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    endpoint = Endpoint.parse(f"kcp://127.0.0.1:{port}")
+    client = await connect(f"kcp://127.0.0.1:{port}")
+    await client.send(b"hello")
+    await anyio.sleep(0.3)  # ikcp resends into the closed port meanwhile
+    listener = await KCPTransport().listen(endpoint, security=PLAIN)
+    assert isinstance(listener, KCPListener)
+    try:
+        with anyio.fail_after(10):
+            server = await listener.accept()
+            assert await read_exactly(server, 5) == b"hello"
+            await server.send(b"world")
+            assert await read_exactly(client, 5) == b"world"
+    finally:
+        await client.aclose()
+        await listener.aclose()
+
+
+async def test_a_client_ignores_datagrams_from_anyone_but_its_server() -> None:
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        await client.send(b"x")
+        server = await listener.accept()
+        assert await read_exactly(server, 1) == b"x"
+        # a stranger copies the server's conv into a well-formed segment aimed at the client's port
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            conv = client.engine.conv
+            forged = struct.pack("<IBBHIIII", conv, 81, 0, 1024, 0, 0, 0, 5) + b"forge"
+            stranger.sendto(forged, client.extra(SocketAttribute.local_address))
+            await server.send(b"truth")
+            with anyio.fail_after(10):
+                assert await read_exactly(client, 5) == b"truth"
+        finally:
+            stranger.close()
+            await client.aclose()

@@ -32,7 +32,7 @@ from typing import Final
 
 import anyio
 
-from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+from vtunnel.transports.udpio import Address, DatagramSocket, open_client_socket, open_udp_socket
 
 __all__ = ["DirectionStats", "Impairment", "ImpairmentRelay", "main"]
 
@@ -282,9 +282,8 @@ class _Flow:
 
     def _open(self) -> DatagramSocket:
         relay = self.relay
-        # not connect()ed: a connected UDP socket takes an ICMP "port unreachable" (the target not up yet) as a
-        # socket error, and libuv (so uvloop) stops watching a socket that reports one, for good
-        sock = open_udp_socket(relay.family, bind=(relay.upstream_host, 0), sockbuf=relay.sockbuf)
+        # not connect()ed, so a target that is not up yet does not stop the flow under uvloop (see udpio)
+        sock = open_client_socket(relay.family, relay.target, sockbuf=relay.sockbuf)
         return _StampedSocket(sock, self._on_batch)
 
     def rebind(self) -> None:
@@ -329,10 +328,6 @@ class ImpairmentRelay:
         # numeric, so that answers can be matched by their source address
         info = socket.getaddrinfo(target[0], target[1], self.family, socket.SOCK_DGRAM)
         self.target: Address = (str(info[0][4][0]), int(info[0][4][1]))
-        # the address the system would send to the target from (what connect() would pick): flows bind to it
-        with socket.socket(self.family, socket.SOCK_DGRAM) as probe:
-            probe.connect(self.target)
-            self.upstream_host: str = str(probe.getsockname()[0])
         self.listen_address = listen
         self.seed = seed
         self.sockbuf = sockbuf

@@ -38,7 +38,14 @@ from vtunnel.transports.kcp_wire import (
     valid_datagram,
     vet_run,
 )
-from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_udp_socket, split_run
+from vtunnel.transports.udpio import (
+    Address,
+    CoalescingSocket,
+    Run,
+    open_client_socket,
+    open_udp_socket,
+    split_run,
+)
 
 __all__ = ["KCPListener", "KCPSession", "KCPStream", "KCPTransport"]
 
@@ -199,7 +206,7 @@ class KCPSession(KCPStream):
 
 
 class _KCPClient:
-    """The client side of one session: a connected UDP socket feeding one :class:`KCPStream`."""
+    """The client side of one session: a UDP socket (answers from the server only) feeding one session."""
 
     def __init__(self, sock: Any, server: Address, options: KCPOptions, conv: int) -> None:
         self._server = server
@@ -221,8 +228,11 @@ class _KCPClient:
     def _on_runs(self, runs: list[Run]) -> None:
         engine = self.stream.engine
         conv = engine.conv
+        server = self._server
         good: list[bytes | memoryview] = []
-        for buffer, segment, _source in runs:
+        for buffer, segment, source in runs:
+            if source != server:  # the socket is not connect()ed (see open_client_socket): only the server
+                continue
             if segment >= len(buffer):
                 if valid_datagram(buffer, conv):
                     good.append(buffer)
@@ -459,8 +469,7 @@ class KCPTransport(Transport):
 
             return await connect_sealed(family, server, options, security.psk)
         try:
-            sock = open_udp_socket(family, sockbuf=options.sockbuf)
-            sock.connect(server)
+            sock = open_client_socket(family, server, sockbuf=options.sockbuf)
         except OSError as exc:
             raise TransportError(f"cannot open a UDP socket to {endpoint.hostport}: {exc}") from None
         conv = options.conv if options.conv is not None else _random_conv()

@@ -33,6 +33,7 @@ __all__ = [
     "DatagramSocket",
     "Run",
     "RunHandler",
+    "open_client_socket",
     "open_udp_socket",
     "resolve_udp",
     "split_run",
@@ -114,6 +115,22 @@ def open_udp_socket(
         sock.close()
         raise
     return sock
+
+
+def open_client_socket(
+    family: socket.AddressFamily, server: Address, *, sockbuf: int = 4 * 1024 * 1024
+) -> socket.socket:
+    """A socket for talking to ``server``, bound where ``connect()`` would bind it, but not connected.
+
+    A connected UDP socket takes an ICMP error (a port unreachable while the server is not up yet) as a socket
+    error, and libuv (so uvloop) stops watching a socket that reports one, for good: the session would never
+    hear the server once it came up. Unconnected, the kernel keeps such errors to itself. The caller sends with
+    ``sendto(server)`` and drops what comes from anywhere else.
+    """
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(server)
+        local = probe.getsockname()
+    return open_udp_socket(family, bind=(str(local[0]), 0), sockbuf=sockbuf)
 
 
 class _UDPSocket:
