@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any, Final
@@ -106,7 +107,7 @@ class _SealedKCPClient:
             session = handshake.session
             payload = session.open(datagram) if session is not None else None
             if payload is None:
-                # the socket is connected to the server, so only it can send here; say so anyway
+                # only the server's own address may end the session (the socket is not connected)
                 reset = reset or (source == self._server and handshake.is_reset(datagram))
             elif valid_datagram(payload, self._conv):
                 good.append(payload)
@@ -161,6 +162,20 @@ class _SealedKCPClient:
         return self.stream
 
 
+def _source_address(family: Any, server: Address) -> str:
+    """The local address the system sends from towards ``server`` (a probe socket is connected: no packet).
+
+    The client's own socket is bound to it but never connected. Linux reports ICMP errors (port unreachable,
+    say while the server restarts) on a connected UDP socket, and libuv's poll (uvloop) stops watching a
+    descriptor that reports an error: the client went deaf, to the server's reset as to everything else. So
+    the kernel does not filter by source here; the client does: replies and DATA must authenticate, and a
+    reset must come from the server's address.
+    """
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(server)
+        return str(probe.getsockname()[0])
+
+
 async def connect_sealed(
     family: Any, server: Address, options: KCPOptions, psk: bytes, *, cipher: str = "auto"
 ) -> KCPStream:
@@ -173,8 +188,7 @@ async def connect_sealed(
     if _kcp_mtu(options) < 64:
         raise TransportError(f"kcp option 'mtu' is too small for sealed datagrams: {options.mtu}")
     try:
-        sock = open_udp_socket(family, sockbuf=options.sockbuf)
-        sock.connect(server)
+        sock = open_udp_socket(family, bind=(_source_address(family, server), 0), sockbuf=options.sockbuf)
     except OSError as exc:
         raise TransportError(f"cannot open a UDP socket to {server[0]}:{server[1]}: {exc}") from None
     client: _SealedKCPClient | None = None
