@@ -154,16 +154,19 @@ class KCPEngine:
         """
         kcp = self._kcp
         in_flight: int = kcp.nsnd_buf
+        queued: int = kcp.nsnd_que
         delivered = self._seen_buf - in_flight
-        srtt: float = kcp.rx_srtt
         if delivered > 0:
             self._acked_any = True
+            srtt: float = kcp.rx_srtt
             srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
-            pacer.on_acked(now, delivered, srtt, app_limited=kcp.nsnd_que == 0)
-        allowed = pacer.allowance(now, in_flight)
+            pacer.on_acked(now, delivered, srtt, app_limited=queued == 0)
         nxt: int = kcp.snd_nxt
         xmit: int = kcp.xmit
-        kcp.snd_wnd = min(self.send_window, ((nxt - kcp.snd_una) & _MASK32) + allowed)
+        if queued:  # with nothing queued this flush moves no new segment: the window does not matter
+            span = (nxt - kcp.snd_una) & _MASK32
+            wnd = span + pacer.allowance(now, in_flight)
+            kcp.snd_wnd = wnd if wnd < self.send_window else self.send_window
         return (nxt + xmit) & _MASK32
 
     def _count_sent(self, pacer: Pacer, before: int) -> None:

@@ -191,10 +191,18 @@ class Pacer:
         room = self.window - in_flight
         if room <= 0:
             return 0
-        if self.pacing_rate <= 0:
+        rate = self.pacing_rate
+        if rate <= 0:
             return room
-        self._refill(now)
-        return max(0, min(room, int(self._tokens + _EPSILON)))
+        elapsed = now - self._last_refill  # _refill, inline: this runs before every flush with data queued
+        self._last_refill = now
+        if elapsed > 0:
+            tokens = self._tokens + elapsed * rate
+            self._tokens = tokens if tokens < self._burst else self._burst
+        allowed = int(self._tokens + _EPSILON)
+        if allowed <= 0:
+            return 0
+        return allowed if allowed < room else room
 
     def next_release(self, now: float, in_flight: int, queued: int) -> float | None:
         """When :meth:`allowance` will next allow a useful burst, or ``None`` when only an ACK can change it
