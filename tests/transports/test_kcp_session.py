@@ -1,4 +1,4 @@
-"""``KCPSession.send_nowait``: the synchronous write the tunnel pump uses, over real UDP on loopback."""
+"""``KCPStream.send_nowait``: the synchronous write the tunnel pump uses, over real UDP on loopback."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from tests.streams import echo, read_exactly
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import ACK_DELAY, ACK_NOW_SEGMENTS, KCPListener, KCPSession, KCPTransport
+from vtunnel.transports.kcp import KCPListener, KCPTransport
+from vtunnel.transports.kcp_stream import ACK_DELAY, ACK_NOW_SEGMENTS, KCPStream
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +30,9 @@ async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener, str]]:
         await listener.aclose()
 
 
-async def connect(url: str) -> KCPSession:
+async def connect(url: str) -> KCPStream:
     stream = await KCPTransport().connect(Endpoint.parse(url), security=PLAIN)
-    assert isinstance(stream, KCPSession)
+    assert isinstance(stream, KCPStream)
     return stream
 
 
@@ -59,7 +60,7 @@ async def test_accepted_sessions_take_synchronous_writes_too() -> None:
         await client.send(b"hello")
         with anyio.fail_after(10):
             server = await listener.accept()
-            assert isinstance(server, KCPSession)
+            assert isinstance(server, KCPStream)
             assert await read_exactly(server, 5) == b"hello"
             assert server.send_nowait(b"world")
             assert await read_exactly(client, 5) == b"world"
@@ -96,7 +97,7 @@ async def test_a_closed_or_failed_session_refuses_and_send_reports_why() -> None
         await other.send(b"x")
         with anyio.fail_after(10):
             server = await listener.accept()
-        assert isinstance(server, KCPSession)
+        assert isinstance(server, KCPStream)
         await listener.aclose()  # every accepted session fails with it
         assert not server.send_nowait(b"late")
         with pytest.raises(anyio.BrokenResourceError):
@@ -110,7 +111,7 @@ async def test_pushed_bytes_come_through_the_callback_and_a_failure_calls_it_too
         await client.send(b"first")
         with anyio.fail_after(10):
             server = await listener.accept()
-        assert isinstance(server, KCPSession)
+        assert isinstance(server, KCPStream)
         got = bytearray()
         calls: list[int] = []
 
@@ -150,13 +151,13 @@ async def test_receive_nowait_on_a_closed_session_raises_closed() -> None:
 
 
 async def accepted_with_callback(
-    listener: KCPListener, client: KCPSession, on_readable: Callable[[KCPSession], None]
-) -> KCPSession:
+    listener: KCPListener, client: KCPStream, on_readable: Callable[[KCPStream], None]
+) -> KCPStream:
     """Open the session with one byte, accept it, drain that byte and switch the server side to push mode."""
     await client.send(b"!")
     with anyio.fail_after(10):
         server = await listener.accept()
-        assert isinstance(server, KCPSession)
+        assert isinstance(server, KCPStream)
         assert await read_exactly(server, 1) == b"!"
         while client.engine.waiting():  # that byte's ACK went out: nothing is owed from here on
             await anyio.sleep(0.005)
@@ -171,7 +172,7 @@ async def test_a_small_message_is_acknowledged_once_the_delay_ran_out() -> None:
         sent_after_feed: list[int] = []
         loop = asyncio.get_running_loop()
 
-        def on_readable(server: KCPSession) -> None:
+        def on_readable(server: KCPStream) -> None:
             server.receive_nowait()
             sent_in_callback.append(listener.datagrams_sent)
             loop.call_soon(lambda: sent_after_feed.append(listener.datagrams_sent))
@@ -192,7 +193,7 @@ async def test_an_answer_from_the_callback_carries_the_ack() -> None:
         client = await connect(url)
         before: list[int] = []
 
-        def on_readable(server: KCPSession) -> None:
+        def on_readable(server: KCPStream) -> None:
             before.append(listener.datagrams_sent)
             assert server.send_nowait(server.receive_nowait().upper())
 
@@ -213,7 +214,7 @@ async def test_a_stream_of_segments_is_acknowledged_at_once() -> None:
         acked_right_after: list[bool] = []
         loop = asyncio.get_running_loop()
 
-        def on_readable(server: KCPSession) -> None:
+        def on_readable(server: KCPStream) -> None:
             before = listener.datagrams_sent
             while server.receive_nowait():
                 pass

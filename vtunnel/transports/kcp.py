@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from types import MappingProxyType
-from typing import Any, ClassVar, Final, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import anyio
 import structlog
@@ -47,7 +47,7 @@ from vtunnel.transports.udpio import (
     split_run,
 )
 
-__all__ = ["KCPListener", "KCPSession", "KCPStream", "KCPTransport"]
+__all__ = ["KCPListener", "KCPStream", "KCPTransport"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
@@ -64,14 +64,6 @@ async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
         raise TransportError(f"cannot resolve {endpoint.hostport}: {exc}") from None
     family, _type, _proto, _name, sockaddr = infos[0]
     return family, (str(sockaddr[0]), int(sockaddr[1]))
-
-
-#: push mode: the longest an ACK waits for an answer to ride on. Far below ikcp's smallest retransmission
-#: timeout (30 ms with nodelay), so the peer never resends for it; kcp-go holds ACKs for up to its interval
-ACK_DELAY: Final = 0.002
-#: push mode: from this many segments' worth of input since the last ACK, the ACK goes out at once (a stream
-#: of data is acknowledged as fast as before; only small exchanges wait)
-ACK_NOW_SEGMENTS: Final = 2
 
 
 def _random_conv() -> int:
@@ -91,120 +83,6 @@ def _add_run(good: list[bytes | memoryview], buffer: bytes, segment: int, engine
         )
 
 
-class KCPSession(KCPStream):
-    """A :class:`KCPStream` with a synchronous side: :meth:`send_nowait`, :meth:`receive_nowait` and
-    :meth:`set_on_readable`.
-
-    The tunnel pump writes a frame straight from the task (or callback) that produced it, and ikcp sends it in
-    the same step; received bytes are pushed to the pump from the datagram callback that brought them. Through
-    ``send`` and ``receive`` each message would wait for the pump's writer or reader task and for the stream's
-    deferred flush: two or three event-loop iterations per message, each side.
-    """
-
-    _readable_callback: Callable[[], None] | None = None
-    _ack_timer: asyncio.TimerHandle | None = None
-    #: bytes fed since the last flush (so since the last ACK went out), in push mode
-    _unacked = 0
-
-    def set_on_readable(self, callback: Callable[[], None] | None) -> None:
-        """Push mode: ``callback()`` runs when received bytes wait and when the session fails (``None``: off).
-
-        The callback takes the bytes with :meth:`receive_nowait`, which raises once the session has failed.
-        """
-        self._readable_callback = callback
-
-    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
-        """What ``receive`` would return now, without waiting: ``b""`` when no bytes wait.
-
-        Raises like ``receive`` on a closed (:class:`anyio.ClosedResourceError`) or failed
-        (:class:`anyio.BrokenResourceError`) session.
-        """
-        self._check_usable()
-        engine = self.engine
-        data = engine.receive(max_bytes)
-        if data and engine.probe_pending:  # reading reopened a full receive window: tell the peer soon
-            self._schedule_flush()
-        return data
-
-    def feed(self, datagrams: Sequence[bytes | memoryview]) -> None:
-        """As :meth:`KCPStream.feed`; in push mode the bytes go up before the ACK goes out.
-
-        The reader sees the data one ``sendto`` earlier, and whatever it answers at once (a window update, a
-        reply) leaves in the same flush as the ACK.
-        """
-        callback = self._readable_callback
-        if callback is None:
-            super().feed(datagrams)
-            return
-        engine = self.engine
-        if engine.closed:
-            return
-        now = self._loop.time()
-        if not engine.receive_datagrams(datagrams, now):
-            return
-        self.last_receive = now
-        for datagram in datagrams:
-            self._unacked += len(datagram)
-        if engine.readable():
-            callback()
-            if engine.closed:
-                return
-        if self._unacked and self._unacked < ACK_NOW_SEGMENTS * engine.max_data and not engine.waiting():
-            # a small exchange with nothing of ours in flight: the answer, if one comes soon, carries the ACK
-            if self._ack_timer is None:
-                self._ack_timer = self._loop.call_later(ACK_DELAY, self._on_ack_delay)
-        else:
-            self._flush_now(now)
-        self._pump(now)
-
-    def _flush_now(self, now: float) -> None:
-        """ikcp's flush: ACKs for everything input so far, new data, retransmissions (sent by ``_pump``)."""
-        self._unacked = 0
-        timer = self._ack_timer
-        if timer is not None:
-            self._ack_timer = None
-            timer.cancel()
-        self.engine.flush(now)
-
-    def _on_ack_delay(self) -> None:
-        self._ack_timer = None
-        if self.engine.closed or not self._unacked:
-            return
-        now = self._loop.time()
-        self._flush_now(now)
-        self._pump(now)
-
-    def fail(self, reason: str) -> None:
-        super().fail(reason)
-        timer = self._ack_timer
-        if timer is not None:
-            self._ack_timer = None
-            timer.cancel()
-        callback = self._readable_callback
-        if callback is not None:
-            callback()
-
-    def send_nowait(self, data: bytes) -> bool:
-        """Queue ``data`` into KCP and flush it now if the send window has room for all of it.
-
-        ``False`` (nothing taken) when the session is closed or broken or the window is too full: the caller
-        then uses ``send``, which waits for room and raises the session's error. Never raises, never waits.
-        """
-        engine = self.engine
-        if self._closed or self._error is not None or engine.closed:
-            return False
-        waiting = engine.waiting()
-        if (engine.send_window - waiting) * engine.max_data < len(data):
-            return False
-        now = self._loop.time()
-        if waiting == 0:
-            self._busy_since = now
-        engine.send(data)
-        self._flush_now(now)  # the ACKs still owed leave with the data
-        self._pump(now)
-        return True
-
-
 class _KCPClient:
     """The client side of one session: a UDP socket (answers from the server only) feeding one session."""
 
@@ -213,7 +91,7 @@ class _KCPClient:
         self._udp = CoalescingSocket(sock, self._on_runs)
         loop = asyncio.get_running_loop()
         engine = KCPEngine(conv=conv, options=options, mtu=options.mtu, now=loop.time())
-        self.stream = KCPSession(
+        self.stream = KCPStream(
             engine=engine,
             options=options,
             transmit=self._transmit,
@@ -375,7 +253,7 @@ class KCPListener(Listener[ByteStream]):
             def transmit(datagrams: list[bytes]) -> None:
                 udp.sendto_many([sealer(d) for d in datagrams], stream.remote_address)
 
-        stream = KCPSession(
+        stream = KCPStream(
             engine=engine,
             options=self._options,
             transmit=transmit,

@@ -22,12 +22,18 @@ from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import KCPOptions
 from vtunnel.transports.udpio import Address
 
-__all__ = ["KCPStream"]
+__all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPStream"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
 #: seconds ``aclose`` waits for queued data to be acknowledged before tearing the session down
 LINGER: Final = 1.0
+#: push mode: the longest an ACK waits for an answer to ride on. Far below ikcp's smallest retransmission
+#: timeout (30 ms with nodelay), so the peer never resends for it; kcp-go holds ACKs for up to its interval
+ACK_DELAY: Final = 0.002
+#: push mode: from this many segments' worth of input since the last ACK, the ACK goes out at once (a stream
+#: of data is acknowledged as fast as before; only small exchanges wait)
+ACK_NOW_SEGMENTS: Final = 2
 
 
 class KCPStream(ByteStream):
@@ -37,6 +43,12 @@ class KCPStream(ByteStream):
     ``receive`` returns bytes as they arrive and raises :class:`anyio.BrokenResourceError` once the link is
     dead (ikcp gave up, or the peer stayed silent past ``timeout`` with data outstanding, or past ``idle``).
     KCP has no half-close: ``send_eof`` closes the whole session, like ``aclose``.
+
+    It also has a synchronous side for the tunnel pump: :meth:`send_nowait`, :meth:`receive_nowait` and
+    :meth:`set_on_readable` (push mode). The pump writes a frame straight from the task or callback that
+    produced it, and ikcp sends it in the same step; received bytes are pushed to the pump from the datagram
+    callback that brought them. Through ``send`` and ``receive`` each message would wait for the pump's writer
+    or reader task and for the deferred flush: two or three event-loop iterations per message, each side.
     """
 
     def __init__(
@@ -62,6 +74,11 @@ class KCPStream(ByteStream):
         self._timer: asyncio.Handle | None = None
         self._timer_when = 0.0
         self._flush_scheduled = False
+        #: push mode (see :meth:`set_on_readable`)
+        self._readable_callback: Callable[[], None] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        #: bytes fed since the last flush (so since the last ACK went out), in push mode
+        self._unacked = 0
         self._error: BaseException | None = None
         self._closed = False
         now = self._loop.time()
@@ -73,7 +90,14 @@ class KCPStream(ByteStream):
     # --- from the owner -------------------------------------------------------------------------------------
 
     def feed(self, datagrams: Sequence[bytes | memoryview]) -> None:
-        """Input one batch of vetted plaintext KCP datagrams, then ACK at once and wake the reader/writer."""
+        """Input one batch of vetted plaintext KCP datagrams, then ACK and wake the reader/writer.
+
+        In push mode the bytes go up before the ACK goes out: the reader sees them one ``sendto`` earlier, and
+        whatever it answers at once (a window update, a reply) leaves in the same flush as the ACK.
+        """
+        if self._readable_callback is not None:
+            self._feed_push(datagrams, self._readable_callback)
+            return
         engine = self._engine
         if engine.closed:
             return
@@ -86,13 +110,100 @@ class KCPStream(ByteStream):
         if engine.readable():
             self._wake_reader()
 
+    def _feed_push(self, datagrams: Sequence[bytes | memoryview], callback: Callable[[], None]) -> None:
+        engine = self._engine
+        if engine.closed:
+            return
+        now = self._loop.time()
+        if not engine.receive_datagrams(datagrams, now):
+            return
+        self.last_receive = now
+        for datagram in datagrams:
+            self._unacked += len(datagram)
+        if engine.readable():
+            callback()
+            if engine.closed:
+                return
+        if self._unacked and self._unacked < ACK_NOW_SEGMENTS * engine.max_data and not engine.waiting():
+            # a small exchange with nothing of ours in flight: the answer, if one comes soon, carries the ACK
+            if self._ack_timer is None:
+                self._ack_timer = self._loop.call_later(ACK_DELAY, self._on_ack_delay)
+        else:
+            self._flush_now(now)
+        self._pump(now)
+
     def fail(self, reason: str) -> None:
-        """The link is gone: every later ``receive``/``send`` raises :class:`anyio.BrokenResourceError`."""
+        """The link is gone: every later ``receive``/``send`` raises :class:`anyio.BrokenResourceError`.
+
+        In push mode the callback runs once more, so the pump learns of it from :meth:`receive_nowait`.
+        """
         if self._error is not None or self._closed:
             return
         log.info("kcp session failed", conv=self._engine.conv, peer=self.remote_address, reason=reason)
         self._error = anyio.BrokenResourceError(reason)
         self._teardown()
+        callback = self._readable_callback
+        if callback is not None:
+            callback()
+
+    # --- the synchronous side (the tunnel pump) -------------------------------------------------------------
+
+    def set_on_readable(self, callback: Callable[[], None] | None) -> None:
+        """Push mode: ``callback()`` runs when received bytes wait and when the session fails (``None``: off).
+
+        The callback takes the bytes with :meth:`receive_nowait`, which raises once the session has failed.
+        """
+        self._readable_callback = callback
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        """What ``receive`` would return now, without waiting: ``b""`` when no bytes wait.
+
+        Raises like ``receive`` on a closed (:class:`anyio.ClosedResourceError`) or failed
+        (:class:`anyio.BrokenResourceError`) session.
+        """
+        self._check_usable()
+        engine = self._engine
+        data = engine.receive(max_bytes)
+        if data and engine.probe_pending:  # reading reopened a full receive window: tell the peer soon
+            self._schedule_flush()
+        return data
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Queue ``data`` into KCP and flush it now if the send window has room for all of it.
+
+        ``False`` (nothing taken) when the session is closed or broken or the window is too full: the caller
+        then uses ``send``, which waits for room and raises the session's error. Never raises, never waits.
+        """
+        engine = self._engine
+        if self._closed or self._error is not None or engine.closed:
+            return False
+        waiting = engine.waiting()
+        if (engine.send_window - waiting) * engine.max_data < len(data):
+            return False
+        now = self._loop.time()
+        if waiting == 0:
+            self._busy_since = now
+        engine.send(data)
+        self._flush_now(now)  # the ACKs still owed leave with the data
+        self._pump(now)
+        return True
+
+    def _flush_now(self, now: float) -> None:
+        """ikcp's flush: ACKs for everything input so far, new data, retransmissions (sent by ``_pump``)."""
+        self._unacked = 0
+        timer = self._ack_timer
+        if timer is not None:
+            self._ack_timer = None
+            timer.cancel()
+        self._engine.flush(now)
+
+    def _on_ack_delay(self) -> None:
+        self._ack_timer = None
+        if self._engine.closed or not self._unacked:
+            return
+        now = self._loop.time()
+        self._flush_now(now)
+        self._pump(now)
 
     @property
     def engine(self) -> KCPEngine:
@@ -182,10 +293,10 @@ class KCPStream(ByteStream):
         log.debug(
             "kcp session closed", conv=self._engine.conv, peer=self.remote_address, **self._engine.stats()
         )
-        for handle in (self._timer, self._watchdog):
+        for handle in (self._timer, self._watchdog, self._ack_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._watchdog = None
+        self._timer = self._watchdog = self._ack_timer = None
         self._engine.close()
         self._wake_reader()
         self._wake_writer()
