@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any, Final
@@ -46,7 +45,7 @@ from vtunnel.transports.kcp_options import KCPOptions
 from vtunnel.transports.kcp_stream import KCPStream
 from vtunnel.transports.kcp_wire import first_header, is_new_session, valid_datagram
 from vtunnel.transports.secure import cipher_preference
-from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_udp_socket
+from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_client_socket
 
 __all__ = ["SealedKCPListener", "connect_sealed"]
 
@@ -162,20 +161,6 @@ class _SealedKCPClient:
         return self.stream
 
 
-def _source_address(family: Any, server: Address) -> str:
-    """The local address the system sends from towards ``server`` (a probe socket is connected: no packet).
-
-    The client's own socket is bound to it but never connected. Linux reports ICMP errors (port unreachable,
-    say while the server restarts) on a connected UDP socket, and libuv's poll (uvloop) stops watching a
-    descriptor that reports an error: the client went deaf, to the server's reset as to everything else. So
-    the kernel does not filter by source here; the client does: replies and DATA must authenticate, and a
-    reset must come from the server's address.
-    """
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect(server)
-        return str(probe.getsockname()[0])
-
-
 async def connect_sealed(
     family: Any, server: Address, options: KCPOptions, psk: bytes, *, cipher: str = "auto"
 ) -> KCPStream:
@@ -188,7 +173,9 @@ async def connect_sealed(
     if _kcp_mtu(options) < 64:
         raise TransportError(f"kcp option 'mtu' is too small for sealed datagrams: {options.mtu}")
     try:
-        sock = open_udp_socket(family, bind=(_source_address(family, server), 0), sockbuf=options.sockbuf)
+        # not connected (see open_client_socket): the kernel does not filter by source, the code below does;
+        # replies and DATA authenticate, and a reset counts only from the server's address
+        sock = open_client_socket(family, server, sockbuf=options.sockbuf)
     except OSError as exc:
         raise TransportError(f"cannot open a UDP socket to {server[0]}:{server[1]}: {exc}") from None
     client: _SealedKCPClient | None = None
