@@ -12,8 +12,6 @@ Every accepted local connection becomes one stream in a pooled tunnel to the ser
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +21,12 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup, TaskStatus
 
-from vtunnel.apps.pipe import SocketRelay
+from vtunnel.apps.pipe import SocketRelay, tune_transport
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.errors import TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.tcp import SOCKET_BUFFER, tune_socket
+from vtunnel.transports.tcp import tune_socket
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 
@@ -120,8 +118,6 @@ class Agent:
                 name = f"forward {fwd.destination or 'target'}"
                 srv = await loop.create_server(self._forward_factory(fwd), fwd.listen[0], fwd.listen[1])
                 forward_servers.append(srv)
-                for sock in srv.sockets:
-                    _tune_listening(sock)
                 self._show(name, srv.sockets[0].getsockname())
             for name, (host, port), handler in fronts:
                 listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -255,18 +251,10 @@ class _ForwardRelay(SocketRelay):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # tuned once connected, as the task-based fronts do: buffers set on the listening socket instead would
+        # be in place before the handshake and change its window scaling (measured: slower bulk transfers)
+        tune_transport(transport)
         self.agent._relay_started(self)
 
     def _ended(self) -> None:
         self.agent._relay_done()
-
-
-def _tune_listening(sock: Any) -> None:
-    """Large kernel buffers and TCP_NODELAY on a listening socket: accepted sockets inherit them (Linux), so
-    no connection needs a socket object of its own just to be tuned."""
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

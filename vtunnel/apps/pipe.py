@@ -19,6 +19,8 @@ peer's credit is returned only once the socket took the bytes (its write buffer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -27,12 +29,13 @@ import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.runtime.errors import StreamRefused
+from vtunnel.transports.tcp import SOCKET_BUFFER
 
 if TYPE_CHECKING:
     from vtunnel.protocol import StreamMetadata
     from vtunnel.runtime.stream import TunnelStream
 
-__all__ = ["CHUNK_SIZE", "HeaderTooLarge", "Opener", "SocketRelay", "StreamBuffer", "pipe"]
+__all__ = ["CHUNK_SIZE", "HeaderTooLarge", "Opener", "SocketRelay", "StreamBuffer", "pipe", "tune_transport"]
 
 log = structlog.get_logger(__name__)
 
@@ -201,6 +204,19 @@ async def _close_quietly(stream: ByteStream) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ callback relay
+
+
+def tune_transport(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY and large kernel buffers on the connected socket under ``transport`` (best effort)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class SocketRelay(asyncio.Protocol):
