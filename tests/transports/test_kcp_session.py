@@ -230,3 +230,23 @@ async def test_a_stream_of_segments_is_acknowledged_at_once() -> None:
         assert any(acked_right_after)
         await client.aclose()
         await server.aclose()
+
+
+async def test_closing_right_after_the_peers_last_segment_still_acknowledges_it() -> None:
+    """A session closed while its ACK waits for an answer to ride on sends the ACK before it goes."""
+    async with kcp_server() as (listener, url):
+        client = await connect(url)
+        await client.send(b"first")
+        server = await listener.accept()
+        assert isinstance(server, KCPStream)
+        assert await read_exactly(server, 5) == b"first"
+        got = asyncio.Event()
+        server.set_on_readable(lambda: got.set() if server.receive_nowait() else None)
+        assert client.send_nowait(b"bye")  # a small last message: its ACK is held for an answer
+        with anyio.fail_after(10):
+            await got.wait()
+        await server.aclose()  # before ACK_DELAY is up
+        with anyio.fail_after(5):
+            while client.engine.waiting():  # never 0 if the ACK was dropped with the session
+                await anyio.sleep(0.005)
+        await client.aclose()

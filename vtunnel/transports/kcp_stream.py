@@ -371,6 +371,13 @@ class KCPStream(ByteStream):
                     await fut
         self._closed = True
         if self._error is None:
+            # the ACKs still owed go out first: the peer's last segment (a GOAWAY, say) is often what made us
+            # close, and unacknowledged it would be resent until the peer gives up on it
+            now = self._loop.time()
+            self._flush_now(now)
+            out = self._engine.datagrams_to_send()
+            if out:
+                self._transmit(out)
             self._teardown()
         await anyio.lowlevel.checkpoint()
 
