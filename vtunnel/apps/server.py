@@ -149,8 +149,8 @@ class Server:
         else:
             await self._serve_websocks(stream)
             return
-        # A TCP destination: the socket's protocol does the copying; this task only waits on one future while
-        # the stream is open (no copy tasks, no frames below this one).
+        # A TCP destination: the socket's protocol does the copying and closes both ends when it is over; this
+        # task ends once the relay has the stream, so an open stream holds no task at all.
         try:
             sock = await dialer.dial_socket(authority)
         except DialError as exc:
@@ -173,9 +173,9 @@ class Server:
             stream.accept()
             log.debug("relaying", tunnel=stream._conn.name, stream=stream.stream_id, destination=authority)
             relay.attach(stream)
-            await relay.done()
-        finally:
+        except BaseException:
             relay.close()
+            raise
 
     async def _serve_websocks(self, stream: TunnelStream) -> None:
         from vtunnel.apps.websocks import classify_websocks, serve_websocks

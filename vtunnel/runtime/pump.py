@@ -248,8 +248,9 @@ class TunnelConnection:
         except Exception as exc:
             self.log.warning("stream handler failed", stream=stream.stream_id, error=repr(exc))
         finally:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
+            if not stream.handed_off:  # a consumer the handler attached closes the stream when it is done
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
 
     async def _reader_task(self) -> None:
         try:

@@ -194,6 +194,11 @@ class TunnelStream(ByteStream):
             raise StreamRefused(self.reset_error)
 
     # ---------------------------------------------------------------- callbacks instead of tasks
+    @property
+    def handed_off(self) -> bool:
+        """A consumer is attached (:meth:`attach`): it, not the task that accepted the stream, closes it."""
+        return self._consumer is not None
+
     def attach(self, consumer: StreamConsumer) -> None:
         """Deliver everything from now on to ``consumer`` (what is buffered first, then FIN or breakage).
 
