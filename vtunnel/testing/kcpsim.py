@@ -109,8 +109,13 @@ def simulate_bulk(
     seed: int = 1,
     time_limit: float = 60.0,
     max_events: int = 5_000_000,
+    timer_lag: float = 0.0,
 ) -> SimResult:
-    """Send ``size`` random bytes from engine A to engine B over the path; B's reader drains at once."""
+    """Send ``size`` random bytes from engine A to engine B over the path; B's reader drains at once.
+
+    ``timer_lag``: timers fire up to this many seconds late (uniformly), as an event loop's do when its
+    process waits for a core or its clock ticks in whole milliseconds.
+    """
     opts = options or parse_options({})
     back = backward or forward
     rng = random.Random(seed)
@@ -150,9 +155,21 @@ def simulate_bulk(
     feed_sender()
     transmit(0)
     events = 0
+    armed: list[tuple[float, float] | None] = [None, None]  # per engine: (deadline, when it really fires)
+    lag_rng = random.Random(seed + 1)
     while delivered < size and now < time_limit and events < max_events:
         events += 1
-        deadlines = [(d, i) for i, e in enumerate(engines) if (d := e.next_deadline(now)) is not None]
+        deadlines = []
+        for i, engine in enumerate(engines):
+            deadline = engine.next_deadline(now)
+            if deadline is None:
+                armed[i] = None
+                continue
+            timer_state = armed[i]
+            if timer_state is None or timer_state[0] != deadline:
+                timer_state = (deadline, deadline + (lag_rng.uniform(0, timer_lag) if timer_lag else 0.0))
+                armed[i] = timer_state
+            deadlines.append((timer_state[1], i))
         arrival = heap[0][0] if heap else None
         timer = min(deadlines) if deadlines else None
         if timer is not None and (arrival is None or timer[0] < arrival):
@@ -215,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jitter", type=float, default=0.0, help="delay varies by up to this, seconds")
     parser.add_argument("--jitter-reorders", action="store_true", help="jitter reorders datagrams")
     parser.add_argument("--reorder", type=float, default=0.0, help="fraction held back 5 ms")
+    parser.add_argument("--timer-lag", type=float, default=0.0, help="timers fire up to this late, seconds")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kcp", default="", help="kcp URL options, e.g. 'mode=fast3&pacing=off'")
     args = parser.parse_args(argv)
@@ -229,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         jitter_reorders=args.jitter_reorders,
         reorder=args.reorder,
     )
-    result = simulate_bulk(size=int(args.mib * MiB), forward=path, options=opts, seed=args.seed)
+    result = simulate_bulk(
+        size=int(args.mib * MiB), forward=path, options=opts, seed=args.seed, timer_lag=args.timer_lag
+    )
     f, b = result.forward, result.backward
     print(
         f"goodput {result.goodput / 1e6:.1f} MB/s in {result.seconds:.3f} s (complete={result.complete}, exact={result.exact}); "
