@@ -16,11 +16,12 @@ from .datagram import (
     DatagramClient,
     DatagramServer,
     DatagramSession,
+    StatelessReset,
     peek_connection_id,
 )
 from .errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from .keys import decode_key, generate_key, load_psk_file
-from .replay import HandshakeLimiter, ReplayCache, ReplayWindow
+from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 from .stream import SecureStreamClient, SecureStreamServer
 
 __all__ = [
@@ -36,9 +37,11 @@ __all__ = [
     "HandshakeTimeout",
     "ReplayCache",
     "ReplayWindow",
+    "ResetLimiter",
     "SecureStreamClient",
     "SecureStreamServer",
     "SecurityError",
+    "StatelessReset",
     "decode_key",
     "generate_key",
     "load_psk_file",
