@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -88,11 +87,6 @@ def _security(
         raise click.UsageError(str(exc)) from None
     if psk is None:
         log.warning("running without a key: the tunnel is plaintext and unauthenticated (--insecure)")
-    # The secure adapters fall back to the process's setting when a transport does not hand them
-    # SecurityConfig.cipher, so the resolved choice is made the process's setting too.
-    from vtunnel.transports.secure import CIPHER_ENV
-
-    os.environ[CIPHER_ENV] = chosen
     return SecurityConfig(psk=psk, cipher=chosen)
 
 

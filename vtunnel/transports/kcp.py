@@ -345,7 +345,7 @@ class KCPTransport(Transport):
         if security.psk is not None:
             from vtunnel.transports.kcp_secure import connect_sealed
 
-            return await connect_sealed(family, server, options, security.psk)
+            return await connect_sealed(family, server, options, security.psk, cipher=security.cipher)
         try:
             sock = open_client_socket(family, server, sockbuf=options.sockbuf)
         except OSError as exc:
@@ -368,5 +368,5 @@ class KCPTransport(Transport):
         if security.psk is not None:
             from vtunnel.transports.kcp_secure import SealedKCPListener
 
-            return SealedKCPListener(sock, options, security.psk)
+            return SealedKCPListener(sock, options, security.psk, cipher=security.cipher)
         return KCPListener(sock, options)

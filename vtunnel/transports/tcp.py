@@ -112,7 +112,7 @@ async def _secure_client(stream: ByteStream, security: SecurityConfig) -> ByteSt
         return stream
     from vtunnel.transports.secure import secure_client
 
-    return await secure_client(stream, security.psk)
+    return await secure_client(stream, security.psk, cipher=security.cipher)
 
 
 def _server_preparer(
@@ -143,7 +143,9 @@ def _server_preparer(
             return stream
         from vtunnel.transports.secure import secure_server
 
-        return await secure_server(stream, security.psk, replay=replay, limiter=limiter, source=source)
+        return await secure_server(
+            stream, security.psk, replay=replay, limiter=limiter, source=source, cipher=security.cipher
+        )
 
     return prepare
 
