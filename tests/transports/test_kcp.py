@@ -6,16 +6,16 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import anyio
 import pytest
 from anyio.abc import SocketAttribute
 
+from tests.kcputil import PLAIN, connect, kcp_server
 from tests.streams import echo, read_exactly
-from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+from vtunnel.transports.base import Endpoint
+from vtunnel.transports.kcp import KCPListener, KCPTransport
 from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.udpio import DatagramSocket, open_udp_socket
@@ -33,25 +33,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]
     """kcp:// runs on asyncio's own loop and on uvloop (the runtime's choice when installed)."""
     param: tuple[str, dict[str, bool]] = request.param
     return param
-
-
-PLAIN = SecurityConfig()
-
-
-@asynccontextmanager
-async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener, str]]:
-    listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=PLAIN)
-    assert isinstance(listener, KCPListener)
-    try:
-        yield listener, f"kcp://127.0.0.1:{listener.local_address[1]}"
-    finally:
-        await listener.aclose()
-
-
-async def connect(url: str) -> KCPStream:
-    stream = await KCPTransport().connect(Endpoint.parse(url), security=PLAIN)
-    assert isinstance(stream, KCPStream)
-    return stream
 
 
 async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import anyio
 import pytest
 
+from tests.kcputil import connect, kcp_server
 from tests.streams import echo, read_exactly
-from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPTransport
+from vtunnel.transports.kcp import KCPListener
 from vtunnel.transports.kcp_stream import ACK_DELAY, ACK_NOW_SEGMENTS, KCPStream
 
 pytestmark = pytest.mark.anyio
-
-PLAIN = SecurityConfig()
-
-
-@asynccontextmanager
-async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener, str]]:
-    listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=PLAIN)
-    assert isinstance(listener, KCPListener)
-    try:
-        yield listener, f"kcp://127.0.0.1:{listener.local_address[1]}{query}"
-    finally:
-        await listener.aclose()
-
-
-async def connect(url: str) -> KCPStream:
-    stream = await KCPTransport().connect(Endpoint.parse(url), security=PLAIN)
-    assert isinstance(stream, KCPStream)
-    return stream
 
 
 async def test_send_nowait_bytes_arrive_in_order_with_awaited_sends() -> None:
@@ -69,8 +50,9 @@ async def test_accepted_sessions_take_synchronous_writes_too() -> None:
 
 
 async def test_a_write_larger_than_the_free_window_is_refused_whole() -> None:
-    async with kcp_server("?sndwnd=32&rcvwnd=128") as (listener, url):
-        client = await connect(url)
+    query = "?sndwnd=32&rcvwnd=128"
+    async with kcp_server(query) as (listener, url):
+        client = await connect(url + query)
         engine = client.engine
         too_big = os.urandom(33 * engine.max_data)
         assert not client.send_nowait(too_big)

@@ -259,6 +259,13 @@ class TunnelConnection:
             if not self._closed.is_set():
                 self._mark_closed("reader stopped")
 
+    def _fail_read(self, exc: BaseException) -> None:
+        """The transport's receive ended the tunnel: the peer closed it, or it broke."""
+        if isinstance(exc, anyio.EndOfStream):
+            self._fail("transport closed by peer")
+        else:
+            self._fail(f"transport failed: {exc!r}")
+
     async def _reader(self) -> None:
         receive_nowait, set_on_readable = self._receive_nowait, self._set_on_readable
         if receive_nowait is not None and set_on_readable is not None:
@@ -273,11 +280,8 @@ class TunnelConnection:
         while not self._closed.is_set():
             try:
                 data = await self.transport.receive(READ_SIZE)
-            except anyio.EndOfStream:
-                self._fail("transport closed by peer")
-                return
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self._fail(f"transport failed: {exc!r}")
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._fail_read(exc)
                 return
             if not self._take_input(data):
                 return
@@ -321,11 +325,13 @@ class TunnelConnection:
                     return
                 try:
                     data = receive_nowait(READ_SIZE)
-                except anyio.EndOfStream:
-                    self._fail("transport closed by peer")
-                    return
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    self._fail(f"transport failed: {exc!r}")
+                except (
+                    anyio.EndOfStream,
+                    anyio.BrokenResourceError,
+                    anyio.ClosedResourceError,
+                    OSError,
+                ) as exc:
+                    self._fail_read(exc)
                     return
                 if not data:
                     if self._drain_again:

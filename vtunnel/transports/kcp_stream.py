@@ -95,9 +95,6 @@ class KCPStream(ByteStream):
         In push mode the bytes go up before the ACK goes out: the reader sees them one ``sendto`` earlier, and
         whatever it answers at once (a window update, a reply) leaves in the same flush as the ACK.
         """
-        if self._readable_callback is not None:
-            self._feed_push(datagrams, self._readable_callback)
-            return
         engine = self._engine
         if engine.closed:
             return
@@ -105,19 +102,13 @@ class KCPStream(ByteStream):
         if not engine.receive_datagrams(datagrams, now):
             return
         self.last_receive = now
-        engine.flush(now)
-        self._pump(now)
-        if engine.readable():
-            self._wake_reader()
-
-    def _feed_push(self, datagrams: Sequence[bytes | memoryview], callback: Callable[[], None]) -> None:
-        engine = self._engine
-        if engine.closed:
+        callback = self._readable_callback
+        if callback is None:
+            engine.flush(now)
+            self._pump(now)
+            if engine.readable():
+                self._wake_reader()
             return
-        now = self._loop.time()
-        if not engine.receive_datagrams(datagrams, now):
-            return
-        self.last_receive = now
         for datagram in datagrams:
             self._unacked += len(datagram)
         if engine.readable():

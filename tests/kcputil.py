@@ -1,0 +1,28 @@
+"""kcp:// sessions on loopback for the transport tests: a listener and a client, both without a key."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+
+PLAIN = SecurityConfig()
+
+
+@asynccontextmanager
+async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener, str]]:
+    """A plain kcp:// listener on 127.0.0.1 with URL options ``query``; yields it and its URL (without them)."""
+    listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=PLAIN)
+    assert isinstance(listener, KCPListener)
+    try:
+        yield listener, f"kcp://127.0.0.1:{listener.local_address[1]}"
+    finally:
+        await listener.aclose()
+
+
+async def connect(url: str) -> KCPStream:
+    stream = await KCPTransport().connect(Endpoint.parse(url), security=PLAIN)
+    assert isinstance(stream, KCPStream)
+    return stream
