@@ -15,7 +15,7 @@ leave (its retransmission timers stay right) and retransmissions are never held 
 The phases:
 
 - *startup*: the rate estimate grows by sending at 2/ln 2 times it, until three rounds in a row bring less than
-  a quarter more; then *drain* sends slower until the queue that startup built is gone.
+  a quarter more; then one round of *drain* sends at the inverse of that gain, to empty the queue startup built.
 - *cruise*: eight-round cycles, one round at 5/4 of the estimate (to find a higher rate), one at 3/4 (to drain
   what that probe queued), six at the estimate.
 """
