@@ -44,7 +44,6 @@ class KCPEngine:
     """One KCP control block in stream mode."""
 
     __slots__ = (
-        "_acked_any",
         "_closed",
         "_kcp",
         "_leftover",
@@ -77,7 +76,6 @@ class KCPEngine:
         #: delivery-rate pacing (``None``: ikcp sends whatever its window allows, at once)
         self._pacer: Pacer | None = Pacer(max_window=options.sndwnd, now=now) if options.pacing else None
         self._seen_buf = 0
-        self._acked_any = False
         #: segments that may wait in the send queue + buffer before a writer must wait
         self.send_window: int = options.sndwnd
         #: the most data bytes one segment may carry
@@ -157,7 +155,6 @@ class KCPEngine:
         queued: int = kcp.nsnd_que
         delivered = self._seen_buf - in_flight
         if delivered > 0:
-            self._acked_any = True
             srtt: float = kcp.rx_srtt
             srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
             pacer.on_acked(now, delivered, srtt, app_limited=queued == 0)
@@ -222,11 +219,6 @@ class KCPEngine:
             out["rate_estimate_MBps"] = round(pacer.bandwidth * self.max_data / 1e6, 2)
             out["min_rtt_ms"] = round(pacer.min_rtt * 1000, 2)
         return out
-
-    @property
-    def pacer(self) -> Pacer | None:
-        """The delivery-rate pacer, for logs and measurements (``None`` when pacing is off)."""
-        return self._pacer
 
     # --- data -----------------------------------------------------------------------------------------------
 

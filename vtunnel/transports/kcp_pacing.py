@@ -191,14 +191,9 @@ class Pacer:
         room = self.window - in_flight
         if room <= 0:
             return 0
-        rate = self.pacing_rate
-        if rate <= 0:
+        if self.pacing_rate <= 0:
             return room
-        elapsed = now - self._last_refill  # _refill, inline: this runs before every flush with data queued
-        self._last_refill = now
-        if elapsed > 0:
-            tokens = self._tokens + elapsed * rate
-            self._tokens = tokens if tokens < self._burst else self._burst
+        self._refill(now)
         allowed = int(self._tokens + _EPSILON)
         if allowed <= 0:
             return 0
