@@ -59,8 +59,8 @@ async def _open_streams(conns: Sequence[Any], limit: float) -> list[ByteStream]:
 
 
 async def _run(url: str, count: int, psk_file: str | None, time_limit: float, hold: float) -> None:
+    from vtunnel.config import load_psk_file
     from vtunnel.runtime.session import TunnelPool
-    from vtunnel.security.keys import load_psk_file
     from vtunnel.transports.base import Endpoint, SecurityConfig
 
     psk = load_psk_file(psk_file) if psk_file else None

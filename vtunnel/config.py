@@ -44,7 +44,7 @@ from typing import Any
 
 from vtunnel.protocol import TunnelConfig
 
-__all__ = ["ConfigError", "load_config", "resolve_cipher", "resolve_psk", "tunnel_config"]
+__all__ = ["ConfigError", "load_config", "load_psk_file", "resolve_cipher", "resolve_psk", "tunnel_config"]
 
 SECTIONS = {
     "server": {
@@ -114,6 +114,19 @@ def tunnel_config(section: Mapping[str, Any]) -> TunnelConfig:
         raise ConfigError(f"[tunnel]: {exc}") from None
 
 
+def load_psk_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a key file (see :func:`vtunnel.security.keys.decode_key_file`). Raises ``SecurityError``."""
+    from vtunnel.security.errors import SecurityError
+    from vtunnel.security.keys import decode_key_file
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecurityError(f"cannot read the key file {str(p)!r}: {exc.__class__.__name__}") from None
+    return decode_key_file(text, source=f"the key file {str(p)!r}")
+
+
 def resolve_psk(
     *, psk_file: str | None, insecure: bool, section: Mapping[str, Any], env: Mapping[str, str] = os.environ
 ) -> bytes | None:
@@ -122,7 +135,7 @@ def resolve_psk(
     Raises :class:`ConfigError` when there is no key and plaintext was not asked for explicitly.
     """
     from vtunnel.security.errors import SecurityError
-    from vtunnel.security.keys import decode_key, load_psk_file
+    from vtunnel.security.keys import decode_key
 
     insecure = insecure or bool(section.get("insecure", False))
     try:

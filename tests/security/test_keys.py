@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vtunnel.config import load_psk_file
 from vtunnel.security.errors import SecurityError
-from vtunnel.security.keys import decode_key, generate_key, load_psk_file
+from vtunnel.security.keys import decode_key, decode_key_file, generate_key
 
 
 def test_generated_keys_are_fresh_printable_and_decode_to_32_bytes() -> None:
@@ -76,3 +77,16 @@ def test_key_files(tmp_path: Path) -> None:
         with pytest.raises(SecurityError) as info:
             load_psk_file(path)
         assert "hunter2" not in str(info.value)
+
+
+@given(st.text(max_size=200))
+def test_a_key_files_text_gives_its_key_or_a_security_error(text: str) -> None:
+    with contextlib.suppress(SecurityError):
+        assert len(decode_key_file(text)) == 32
+
+
+def test_a_key_file_may_hold_comments_and_blank_lines_before_the_key() -> None:
+    raw = bytes(range(32))
+    assert decode_key_file("# a comment\n\n  " + raw.hex() + "  \n# trailing\n") == raw
+    with pytest.raises(SecurityError, match="is empty"):
+        decode_key_file("# only a comment\n")

@@ -20,7 +20,7 @@ from .datagram import (
     peek_connection_id,
 )
 from .errors import AuthenticationFailed, HandshakeTimeout, SecurityError
-from .keys import decode_key, generate_key, load_psk_file
+from .keys import decode_key, decode_key_file, generate_key
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 from .stream import SecureStreamClient, SecureStreamServer
 
@@ -43,8 +43,8 @@ __all__ = [
     "SecurityError",
     "StatelessReset",
     "decode_key",
+    "decode_key_file",
     "generate_key",
-    "load_psk_file",
     "peek_connection_id",
     "preference",
 ]

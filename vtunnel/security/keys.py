@@ -1,4 +1,4 @@
-"""Pre-shared keys: generation, parsing, loading.
+"""Pre-shared keys: generation and parsing (of a key, and of a key file's text).
 
 A key is 32 random bytes, written as URL-safe base64 without padding (43 characters). Standard base64 (with
 ``+/`` and ``=`` padding) and 64 hex digits are accepted as well when reading one.
@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import secrets
-from pathlib import Path
 
 from .errors import SecurityError
 
-__all__ = ["KEY_LEN", "decode_key", "generate_key", "load_psk_file"]
+__all__ = ["KEY_LEN", "decode_key", "decode_key_file", "generate_key"]
 
 KEY_LEN = 32
 _NOT_A_KEY = "not a vtunnel key: expected 32 bytes in base64 (as printed by `vtunnel keygen`)"
@@ -47,18 +45,17 @@ def decode_key(text: str) -> bytes:
     return raw
 
 
-def load_psk_file(path: str | os.PathLike[str]) -> bytes:
-    """Read a key file: the first non-empty, non-comment (``#``) line is the key. Raises :class:`SecurityError`."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SecurityError(f"cannot read the key file {str(p)!r}: {exc.__class__.__name__}") from None
+def decode_key_file(text: str, *, source: str = "the key file") -> bytes:
+    """The key in a key file's ``text``: its first line that is neither empty nor a ``#`` comment.
+
+    ``source`` names the file in errors. Raises :class:`SecurityError`; the message never repeats the text.
+    Reading the file is the caller's (:func:`vtunnel.config.load_psk_file`): this layer does no I/O.
+    """
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             try:
                 return decode_key(line)
             except SecurityError as exc:
-                raise SecurityError(f"the key file {str(p)!r} holds no valid key: {exc}") from None
-    raise SecurityError(f"the key file {str(p)!r} is empty")
+                raise SecurityError(f"{source} holds no valid key: {exc}") from None
+    raise SecurityError(f"{source} is empty")
