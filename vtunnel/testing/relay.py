@@ -253,11 +253,9 @@ class _StampedSocket(DatagramSocket):
         for _ in range(self._batch):
             try:
                 size, ancillary, _flags, source = recv(buffers, _STAMP_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:  # an ICMP error for an earlier send: UDP carries on
-                continue
-            except OSError:
+            except OSError as exc:
+                if self._read_failed(exc):
+                    continue
                 break
             stamp = wall
             for level, kind, data in ancillary:
@@ -266,7 +264,7 @@ class _StampedSocket(DatagramSocket):
                     stamp = seconds + nanoseconds / 1e9
             batch.append((view[:size].tobytes(), (source[0], source[1])))
             stamps.append(stamp + offset)
-        if batch:
+        if batch and not self._closed:
             self.arrivals = stamps
             self._handler(batch)
             self.arrivals = []

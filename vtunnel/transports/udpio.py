@@ -157,6 +157,18 @@ class _UDPSocket:
     def _on_readable(self) -> None:
         raise NotImplementedError
 
+    def _read_failed(self, exc: OSError) -> bool:
+        """What a failed non-blocking read means: ``True`` to read on, ``False`` to stop this wakeup.
+
+        Nothing waiting (EAGAIN) or a signal stops quietly; an ICMP error for an earlier send (refused) is only
+        that, so reading goes on; anything else is logged, unless the socket is being closed.
+        """
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        if not isinstance(exc, BlockingIOError | InterruptedError) and not self._closed:
+            log.warning("udp receive failed", error=repr(exc))
+        return False
+
     @property
     def local_address(self) -> Address:
         name = self.sock.getsockname()
@@ -259,17 +271,12 @@ class DatagramSocket(_UDPSocket):
         for _ in range(self._batch):
             try:
                 size, source = recv(view)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:  # an ICMP error for an earlier send: UDP carries on
-                continue
             except OSError as exc:
-                if self._closed:
-                    return
-                log.warning("udp receive failed", error=repr(exc))
+                if self._read_failed(exc):
+                    continue
                 break
             batch.append((view[:size].tobytes(), source if len(source) == 2 else (source[0], source[1])))
-        if batch:
+        if batch and not self._closed:
             self._handler(batch)
 
 
@@ -303,14 +310,9 @@ class CoalescingSocket(_UDPSocket):
         for _ in range(self._batch):
             try:
                 size, ancillary, flags, source = recv(buffers, _GRO_ANCILLARY)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:  # an ICMP error for an earlier send: UDP carries on
-                continue
             except OSError as exc:
-                if self._closed:
-                    return
-                log.warning("udp receive failed", error=repr(exc))
+                if self._read_failed(exc):
+                    continue
                 break
             if flags & _MSG_TRUNC:  # larger than any UDP datagram: cannot happen, drop it if it does
                 continue
@@ -324,7 +326,7 @@ class CoalescingSocket(_UDPSocket):
             budget -= size
             if budget <= 0:
                 break
-        if runs:
+        if runs and not self._closed:
             self._handler(runs)
 
     def _read_single(self) -> None:
@@ -334,15 +336,10 @@ class CoalescingSocket(_UDPSocket):
         for _ in range(self._batch):
             try:
                 size, source = recv(view)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
-                continue
             except OSError as exc:
-                if self._closed:
-                    return
-                log.warning("udp receive failed", error=repr(exc))
+                if self._read_failed(exc):
+                    continue
                 break
             runs.append((view[:size].tobytes(), size, source if len(source) == 2 else (source[0], source[1])))
-        if runs:
+        if runs and not self._closed:
             self._handler(runs)
