@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 from anyio.abc import ByteStream
 
@@ -22,3 +24,10 @@ async def read_exactly(stream: ByteStream, n: int) -> bytes:
     while len(buf) < n:
         buf += await stream.receive()
     return bytes(buf)
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll ``condition`` every 5 ms until it holds; fail after ``limit`` seconds."""
+    with anyio.fail_after(limit):
+        while not condition():
+            await anyio.sleep(0.005)

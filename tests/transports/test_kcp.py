@@ -6,14 +6,13 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import Callable
 
 import anyio
 import pytest
 from anyio.abc import SocketAttribute
 
 from tests.kcputil import PLAIN, connect, kcp_server
-from tests.streams import echo, read_exactly
+from tests.streams import echo, read_exactly, wait_until
 from vtunnel.transports.base import Endpoint
 from vtunnel.transports.kcp import KCPListener, KCPTransport
 from vtunnel.transports.kcp_engine import KCPEngine
@@ -21,26 +20,6 @@ from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.udpio import DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
-    """kcp:// runs on asyncio's own loop and on uvloop (the runtime's choice when installed)."""
-    param: tuple[str, dict[str, bool]] = request.param
-    return param
-
-
-async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    with anyio.fail_after(limit):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.005)
 
 
 async def test_echo_both_ways_byte_exact() -> None:

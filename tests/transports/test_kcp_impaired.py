@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Callable
 
 import anyio
 import pytest
 from anyio.abc import ByteStream
 
+from tests.streams import wait_until
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
@@ -26,14 +26,6 @@ def anyio_backend() -> tuple[str, dict[str, bool]]:
 
 PLAIN = SecurityConfig()
 FAST = "?mode=fast3&sndwnd=1024&rcvwnd=1024"
-
-
-async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    with anyio.fail_after(limit):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.005)
 
 
 async def listen(query: str = FAST) -> KCPListener:

@@ -8,7 +8,6 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
 
 import anyio
 import pytest
@@ -16,7 +15,7 @@ from anyio.abc import ByteStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.streams import echo, read_exactly
+from tests.streams import echo, read_exactly, wait_until
 from vtunnel.security.ciphers import Cipher
 from vtunnel.security.datagram import (
     CID_LEN,
@@ -56,14 +55,6 @@ def anyio_backend() -> tuple[str, dict[str, bool]]:
 KEY = SecurityConfig(psk=bytes(range(32)))
 OTHER_KEY = SecurityConfig(psk=bytes(32))
 PLAIN = SecurityConfig()
-
-
-async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    with anyio.fail_after(limit):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.005)
 
 
 async def sealed_listener(query: str = "") -> SealedKCPListener:

@@ -8,38 +8,19 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from tests.streams import wait_until
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.testing.relay import main as relay_main
 from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
-    """kcp:// runs on asyncio's own loop and on uvloop (the runtime's choice when installed)."""
-    param: tuple[str, dict[str, bool]] = request.param
-    return param
-
-
-async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    with anyio.fail_after(limit):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.005)
 
 
 class Peer:
