@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -88,3 +89,19 @@ def echo_roundtrip(port: int, payload: bytes, *, timeout: float = 60.0, host: st
         if err:
             raise err[0]
         return bytes(received)
+
+
+def first_echo_after(front: int, since: float, budget: float) -> float:
+    """Seconds from ``since`` (``time.monotonic()``) until a stream through ``front`` echoes; fails the test
+    when none does within ``budget`` seconds (a deadline the behaviour promises, not a speed measurement)."""
+    import pytest  # only the tests import this module
+
+    last_error: Exception | None = None
+    while time.monotonic() - since < budget:
+        try:
+            if echo_roundtrip(front, b"are you there", timeout=2) == b"are you there":
+                return time.monotonic() - since
+        except OSError as exc:
+            last_error = exc
+        time.sleep(0.05)
+    pytest.fail(f"no working stream {budget} s after the server restart (last error: {last_error!r})")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log, wait_port
-from tests.netutil import echo_roundtrip, echo_server, pattern
+from tests.netutil import echo_roundtrip, echo_server, first_echo_after, pattern
 
 BODY = pattern(200_000, seed=7)
 
@@ -158,17 +158,7 @@ def test_server_restart_is_followed_by_reconnection(
     # over TCP the dead tunnel shows at once (the connection is refused/reset); over sealed kcp:// the restarted
     # server answers the old session's datagrams with a stateless reset (its connection ID carries a check
     # only a key holder can mint), so the agent finds out as fast
-    budget = 5.0
-    last_error: Exception | None = None
-    while time.monotonic() - restarted < budget:
-        try:
-            if echo_roundtrip(front, b"after restart", timeout=2) == b"after restart":
-                break
-        except OSError as exc:
-            last_error = exc
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"no working stream {budget} s after the server restart (last error: {last_error!r})")
+    first_echo_after(front, restarted, budget=5.0)
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "kcp"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, free_port, wait_log, wait_port
-from tests.netutil import echo_roundtrip, echo_server, pattern
+from tests.netutil import echo_roundtrip, echo_server, first_echo_after, pattern
 
 #: what the test allows between the restarted server listening and a working stream; the reset makes it about
 #: the agent's reconnect backoff plus one handshake (without it: the keepalive, 10-15 s). Generous because the
@@ -47,17 +47,26 @@ def start_server(procs: Processes, url: str, key: Path, echo: int) -> subprocess
     return server
 
 
+def start_agent(procs: Processes, url: str, key: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """An agent forwarding a fresh local port to the echo target through ``url``; the agent and the port."""
+    front = free_port()
+    agent = procs.start(
+        "agent",
+        "--server",
+        url,
+        "--psk-file",
+        str(key),
+        "--forward",
+        f"127.0.0.1:{front}",
+        "--log-level",
+        "debug",
+    )
+    wait_port(front)
+    return agent, front
+
+
 def first_working_stream(front: int, since: float) -> float:
-    """Seconds from ``since`` until a stream through ``front`` echoes (bounded by :data:`BUDGET`)."""
-    last_error: Exception | None = None
-    while time.monotonic() - since < BUDGET:
-        try:
-            if echo_roundtrip(front, b"after restart", timeout=2) == b"after restart":
-                return time.monotonic() - since
-        except OSError as exc:
-            last_error = exc
-        time.sleep(0.05)
-    pytest.fail(f"no working stream {BUDGET} s after the server restart (last error: {last_error!r})")
+    return first_echo_after(front, since, BUDGET)
 
 
 def test_agent_reconnects_at_once_after_a_kcp_server_restart(
@@ -65,19 +74,7 @@ def test_agent_reconnects_at_once_after_a_kcp_server_restart(
 ) -> None:
     url = f"kcp://127.0.0.1:{free_port()}"
     server = start_server(procs, url, psk_file, echo)
-    front = free_port()
-    agent = procs.start(
-        "agent",
-        "--server",
-        url,
-        "--psk-file",
-        str(psk_file),
-        "--forward",
-        f"127.0.0.1:{front}",
-        "--log-level",
-        "debug",
-    )
-    wait_port(front)
+    agent, front = start_agent(procs, url, psk_file)
     payload = pattern(256 * 1024, seed=5)
     assert echo_roundtrip(front, payload, timeout=30) == payload
 
@@ -107,19 +104,7 @@ def test_a_restart_while_idle_is_found_by_the_first_new_stream(
     never needs its keepalive to notice."""
     url = f"kcp://127.0.0.1:{free_port()}"
     server = start_server(procs, url, psk_file, echo)
-    front = free_port()
-    agent = procs.start(
-        "agent",
-        "--server",
-        url,
-        "--psk-file",
-        str(psk_file),
-        "--forward",
-        f"127.0.0.1:{front}",
-        "--log-level",
-        "debug",
-    )
-    wait_port(front)
+    agent, front = start_agent(procs, url, psk_file)
     assert echo_roundtrip(front, b"first", timeout=30) == b"first"
     times: list[float] = []
     for _ in range(3):
