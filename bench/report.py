@@ -202,6 +202,15 @@ TARGETS: tuple[Target, ...] = (
         systems="vtunnel-kcp",
     ),
     Target(
+        name="bulk over kcp:// at 2% loss through the relay >= 2x kcptun",
+        scenario="bulk-impaired",
+        metric="goodput_MBps",
+        reference="kcptun",
+        op=">=",
+        threshold=2.0,
+        systems="vtunnel-kcp",
+    ),
+    Target(
         name="bulk over tcp:// multiplexed (16 streams) >= 0.5x direct",
         scenario="bulk-16",
         metric="goodput_MBps",
