@@ -12,6 +12,8 @@ its ``log()`` is never called.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import floordiv
 from typing import Final
 
 import siokcp
@@ -26,6 +28,8 @@ _MASK32: Final = 0xFFFFFFFF
 _SEGMENTS_PER_SEND: Final = 96
 #: the receive buffer a session keeps between reads (larger reads use a buffer of their own)
 _SCRATCH_KEPT: Final = 256 * 1024
+#: ikcp's segment header (conv, cmd, frg, wnd, ts, sn, una, len)
+_SEGMENT_HEADER: Final = 24
 
 
 class KCPEngineError(Exception):
@@ -47,10 +51,12 @@ class KCPEngine:
         "_closed",
         "_kcp",
         "_leftover",
+        "_nxt_before",
         "_out",
         "_pacer",
         "_scratch",
         "_seen_buf",
+        "_segment_bytes",
         "conv",
         "max_data",
         "send_window",
@@ -76,10 +82,13 @@ class KCPEngine:
         #: delivery-rate pacing (``None``: ikcp sends whatever its window allows, at once)
         self._pacer: Pacer | None = Pacer(max_window=options.sndwnd, now=now) if options.pacing else None
         self._seen_buf = 0
+        self._nxt_before = 0
         #: segments that may wait in the send queue + buffer before a writer must wait
         self.send_window: int = options.sndwnd
         #: the most data bytes one segment may carry
         self.max_data: int = int(kcp.mss)
+        #: a full data segment on the wire, header included: the pacer's unit
+        self._segment_bytes = self.max_data + _SEGMENT_HEADER
         #: whether a run of datagrams without ACK segments may be input as one: ikcp grows its congestion
         #: window once per input call, which matters only when the window is in use (nc=0)
         self.whole_runs: bool = bool(nd.nc)
@@ -158,19 +167,23 @@ class KCPEngine:
             srtt: float = kcp.rx_srtt
             srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
             pacer.on_acked(now, delivered, srtt, app_limited=queued == 0)
-        nxt: int = kcp.snd_nxt
-        xmit: int = kcp.xmit
         if queued:  # with nothing queued this flush moves no new segment: the window does not matter
-            span = (nxt - kcp.snd_una) & _MASK32
+            span = (kcp.snd_nxt - kcp.snd_una) & _MASK32
             wnd = span + pacer.allowance(now, in_flight)
             kcp.snd_wnd = wnd if wnd < self.send_window else self.send_window
-        return (nxt + xmit) & _MASK32
+        self._nxt_before = kcp.snd_nxt
+        return len(self._out)
 
     def _count_sent(self, pacer: Pacer, before: int) -> None:
+        out = self._out
         kcp = self._kcp
-        sent = (kcp.snd_nxt + kcp.xmit - before) & _MASK32
-        if sent:
-            pacer.on_sent(sent)
+        if len(out) > before:
+            # full data segments, from the datagrams themselves: ikcp's counters miss fast retransmissions,
+            # which then went out unpaced. ikcp never lets a datagram pass the MTU, so a full segment rides
+            # alone and a datagram of ACKs (or of a short tail) counts nothing
+            sent = sum(map(floordiv, map(len, out[before:]), repeat(self._segment_bytes)))
+            if sent:
+                pacer.on_sent(sent, (kcp.snd_nxt - self._nxt_before) & _MASK32)
         self._seen_buf = kcp.nsnd_buf
 
     def next_deadline(self, now: float) -> float | None:

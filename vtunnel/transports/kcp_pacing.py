@@ -15,9 +15,14 @@ leave (its retransmission timers stay right) and retransmissions are never held 
 The phases:
 
 - *startup*: the rate estimate grows by sending at 2/ln 2 times it, until three rounds in a row bring less than
-  a quarter more; then one round of *drain* sends at the inverse of that gain, to empty the queue startup built.
+  a quarter more, or one round says the bottleneck is already full: its smallest round trip stayed well above
+  the floor (a standing queue), or a large share of what it sent were retransmissions (the queue overflowed).
+  Then one round of *drain* sends at the inverse of that gain, to empty the queue startup built.
 - *cruise*: eight-round cycles, one round at 5/4 of the estimate (to find a higher rate), one at 3/4 (to drain
   what that probe queued), six at the estimate.
+
+A round ends once everything sent before it began has been acknowledged, so each round measures the data sent
+at one gain. Everything that leaves counts against the pacing rate, retransmissions included.
 """
 
 from __future__ import annotations
@@ -64,6 +69,11 @@ class PacerConfig:
     bandwidth_rounds: int = 10
     #: seconds the smallest round trip is remembered
     min_rtt_window: float = 10.0
+    #: startup ends early once the round trip exceeds its floor by this much (and by a quarter)
+    queue_delay: float = 0.002
+    #: startup ends early after a round in which more than this share of what was sent were retransmissions
+    #: (well above the random loss of a poor path: startup's overshoot loses most of its excess)
+    startup_loss: float = 0.15
     #: the largest burst (seconds of the pacing rate), and the smallest (segments)
     burst_time: float = 0.002
     min_burst: int = 8
@@ -78,6 +88,7 @@ class Pacer:
         "_bw_samples",
         "_cfg",
         "_cycle_index",
+        "_delivered",
         "_full_bw",
         "_full_count",
         "_last_refill",
@@ -87,8 +98,12 @@ class Pacer:
         "_min_rtt_at",
         "_round_delivered",
         "_round_length",
+        "_round_min_srtt",
+        "_round_new",
         "_round_sent",
         "_round_start",
+        "_round_target",
+        "_sent_new",
         "_tokens",
         "bandwidth",
         "pacing_rate",
@@ -110,6 +125,13 @@ class Pacer:
         self._round_start = now
         self._round_delivered = 0
         self._round_sent = 0
+        #: segments sent for the first time, and acknowledged, since the start; the round ends at this count
+        self._sent_new = 0
+        self._delivered = 0
+        self._round_target = 0
+        self._round_new = 0
+        #: the smallest smoothed round trip seen in this round (0: none yet)
+        self._round_min_srtt = 0.0
         self._last_sent_rate = 0.0
         self._app_limited = False
         self._full_bw = 0.0
@@ -135,23 +157,38 @@ class Pacer:
         ):
             self._min_rtt = srtt
             self._min_rtt_at = now
+        if srtt > 0:
             self._round_length = max(self._cfg.min_round, srtt)
         self._round_delivered += delivered
+        self._delivered += delivered
+        if srtt > 0 and (self._round_min_srtt == 0 or srtt < self._round_min_srtt):
+            self._round_min_srtt = srtt
         if app_limited:
             self._app_limited = True
         elapsed = now - self._round_start
-        if elapsed < self._round_length:
+        # a round ends once everything sent before it began has been acknowledged (BBR's packet-timed round),
+        # so the data of one pacing gain is measured in the next round and no other; time bounds it both ways
+        if elapsed < self._cfg.min_round or (
+            self._delivered < self._round_target and elapsed < 2 * self._round_length
+        ):
             return
         sample = self._round_delivered / elapsed
         # nothing is delivered faster than it was sent: ACKs that arrive bunched (a busy receiver, a queue that
         # let go at once) would otherwise read as a faster path, and the rate sent next would overrun it
         sent_rate = self._round_sent / elapsed
-        bound = max(sent_rate, self._last_sent_rate)
+        bound = self._last_sent_rate or sent_rate
         if bound > 0:
             sample = min(sample, bound)
         self._last_sent_rate = sent_rate
         limited = self._app_limited
+        resent = self._round_sent - self._round_new
+        queue_building = self._queue_building(self._round_min_srtt) or (
+            self._round_sent >= self._cfg.min_window and resent > self._cfg.startup_loss * self._round_sent
+        )
+        self._round_min_srtt = 0.0
+        self._round_new = 0
         self._round_start = now
+        self._round_target = self._sent_new
         self._round_delivered = 0
         self._round_sent = 0
         self._app_limited = False
@@ -173,12 +210,16 @@ class Pacer:
             self._full_count = 0
         self._bw_samples.append((sample, limited))
         self.bandwidth = max(rate for rate, _ in self._bw_samples)
-        self._end_round(now, informative=not limited)
+        self._end_round(now, informative=not limited, queue_building=queue_building)
 
-    def on_sent(self, segments: int) -> None:
-        """``segments`` went on the wire (new data and retransmissions alike) since :meth:`allowance`."""
+    def on_sent(self, segments: int, new: int | None = None) -> None:
+        """``segments`` went on the wire (new data and retransmissions alike) since :meth:`allowance`, ``new``
+        of them for the first time (default: all)."""
         self._tokens -= segments
         self._round_sent += segments
+        fresh = segments if new is None else new
+        self._sent_new += fresh
+        self._round_new += fresh
 
     # --- what the sender asks -----------------------------------------------------------------------------
 
@@ -206,12 +247,22 @@ class Pacer:
         if queued <= 0 or rate <= 0 or in_flight >= self.window:
             return None
         self._refill(now)
-        want = min(queued, self._burst, self.window - in_flight)
+        # wake when half a burst is due, not a whole one: a timer that fires late then still finds the tokens
+        # it was woken for, where a full bucket would have spilled the excess
+        want = min(queued, max(1.0, self._burst / 2), self.window - in_flight)
         if self._tokens + _EPSILON >= want:
             return now
         return now + (want - self._tokens) / rate + _EPSILON
 
     # --- internals ----------------------------------------------------------------------------------------
+
+    def _queue_building(self, srtt: float) -> bool:
+        """Whether the smoothed round trip says a queue is building: above the floor by a quarter of it, and
+        by at least :attr:`PacerConfig.queue_delay` (ikcp counts whole milliseconds, and jitter is not a queue)."""
+        floor = self._min_rtt
+        if floor <= 0 or srtt <= 0 or self.bandwidth <= 0:
+            return False
+        return srtt > floor + max(floor / 4, self._cfg.queue_delay)
 
     def _refill(self, now: float) -> None:
         rate = self.pacing_rate
@@ -223,13 +274,17 @@ class Pacer:
         if elapsed > 0:
             self._tokens = min(self._burst, self._tokens + elapsed * rate)
 
-    def _end_round(self, now: float, *, informative: bool) -> None:
+    def _end_round(self, now: float, *, informative: bool, queue_building: bool = False) -> None:
         """``informative``: a busy sender measured the round (an app-limited one tells startup nothing about
         whether the path is full)."""
         self._refill(now)
         if self.phase is Phase.STARTUP:
             if not informative:
                 pass
+            elif queue_building:
+                # the round trip stayed well above its floor for a whole round: startup has filled the
+                # bottleneck's queue, and more rounds at its gain would only overflow it
+                self.phase = Phase.DRAIN
             elif self.bandwidth >= self._full_bw * _FULL_GROWTH:
                 self._full_bw = self.bandwidth
                 self._full_count = 0
