@@ -48,7 +48,7 @@ log = structlog.get_logger("bench.systems")
 #: Transport URL templates, one per vtunnel transport the harness knows (a scheme not installed is skipped).
 TRANSPORT_URLS: Mapping[str, str] = {
     "tcp": "tcp://{host}:{port}",
-    "kcp": "kcp://{host}:{port}?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350",
+    "kcp": "kcp://{host}:{port}?mode=fast3&mtu=1350",  # vtunnel's own windows (4096 segments)
     "rudp": "rudp://{host}:{port}",
 }
 #: Transports whose packets are UDP datagrams (they can run through the UDP impairment relay).

@@ -205,3 +205,28 @@ def test_presets_allow_whole_runs_only_without_congestion_window() -> None:
     assert not KCPEngine(
         conv=1, options=parse_options({"mode": "fast3", "nc": "0"}), mtu=1350, now=0.0
     ).whole_runs
+
+
+def fill(engine: KCPEngine) -> int:
+    """Queue what the engine's room allows (no ACK ever comes) and flush; returns segments waiting."""
+    now = 0.0
+    for _ in range(64):
+        room = engine.room()
+        if room <= 0:
+            break
+        engine.send(bytes(room * engine.max_data))
+        now += 0.001
+        engine.flush(now)
+        engine.datagrams_to_send()
+    return engine.waiting()
+
+
+def test_a_paced_writer_queues_about_the_pacers_window_not_the_whole_send_window() -> None:
+    paced = KCPEngine(conv=5, options=parse_options({}), mtu=1350, now=0.0)
+    unpaced = KCPEngine(conv=5, options=parse_options({"pacing": "off"}), mtu=1350, now=0.0)
+    assert paced.send_window == unpaced.send_window == 4096
+    # a send window sized for long lossy paths must not let one writer queue seconds ahead of the others
+    assert fill(paced) <= 512
+    assert not paced.writable()
+    assert fill(unpaced) == 4096
+    assert not unpaced.writable()

@@ -14,7 +14,7 @@ from vtunnel.transports.kcp_options import PRESETS, KCPOptions, parse_options
 def test_defaults_are_fast3_with_big_windows() -> None:
     opts = parse_options({})
     assert (opts.mode, opts.nodelay, opts.interval, opts.resend, opts.nc) == ("fast3", 1, 10, 2, 1)
-    assert (opts.sndwnd, opts.rcvwnd, opts.mtu) == (1024, 1024, 1350)
+    assert (opts.sndwnd, opts.rcvwnd, opts.mtu) == (4096, 4096, 1350)
     assert opts.conv is None
 
 

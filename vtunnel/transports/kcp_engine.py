@@ -28,6 +28,8 @@ _MASK32: Final = 0xFFFFFFFF
 _SEGMENTS_PER_SEND: Final = 96
 #: the receive buffer a session keeps between reads (larger reads use a buffer of their own)
 _SCRATCH_KEPT: Final = 256 * 1024
+#: with pacing, a writer may always queue this many segments beyond those in flight
+_MIN_QUEUE: Final = 256
 #: ikcp's segment header (conv, cmd, frg, wnd, ts, sn, una, len)
 _SEGMENT_HEADER: Final = 24
 
@@ -296,9 +298,29 @@ class KCPEngine:
         """Segments queued or in flight (not yet acknowledged)."""
         return 0 if self._closed else int(self._kcp.waitsnd())
 
+    def room(self) -> int:
+        """Segments a writer may queue now.
+
+        Queued plus unacknowledged segments stay under the send window. With pacing, the segments not yet sent
+        also stay under about the pacer's window (two round trips at the measured rate): a send window sized for
+        a long lossy path would otherwise let one writer queue seconds of data ahead of everything else that
+        shares the session.
+        """
+        if self._closed:
+            return 0
+        kcp = self._kcp
+        room: int = self.send_window - kcp.waitsnd()
+        pacer = self._pacer
+        if pacer is not None:
+            queued: int = kcp.nsnd_que
+            paced = max(pacer.window, _MIN_QUEUE) - queued
+            if paced < room:
+                return paced
+        return room
+
     def writable(self) -> bool:
-        """Whether a writer may queue more: fewer than a window of segments wait."""
-        return self.waiting() < self.send_window
+        """Whether a writer may queue more (see :meth:`room`)."""
+        return self.room() > 0
 
     @property
     def dead(self) -> bool:

@@ -46,8 +46,8 @@ class KCPOptions:
     resend: int = 2
     nc: int = 1
     #: send / receive windows in segments
-    sndwnd: int = 1024
-    rcvwnd: int = 1024
+    sndwnd: int = 4096
+    rcvwnd: int = 4096
     #: the UDP payload size KCP fills (the security layer's overhead is taken off it when sealing)
     mtu: int = 1350
     #: ``None``: a random non-zero conv per client session; ``0`` talks to vproxy (its KCP always uses conv 0)

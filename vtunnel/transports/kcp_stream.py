@@ -168,11 +168,10 @@ class KCPStream(ByteStream):
         engine = self._engine
         if self._closed or self._error is not None or engine.closed:
             return False
-        waiting = engine.waiting()
-        if (engine.send_window - waiting) * engine.max_data < len(data):
+        if engine.room() * engine.max_data < len(data):
             return False
         now = self._loop.time()
-        if waiting == 0:
+        if engine.waiting() == 0:
             self._busy_since = now
         engine.send(data)
         self._flush_now(now)  # the ACKs still owed leave with the data
@@ -326,7 +325,7 @@ class KCPStream(ByteStream):
         while True:
             self._check_usable()
             engine = self._engine
-            room = engine.send_window - engine.waiting()
+            room = engine.room()
             if room > 0:
                 if engine.waiting() == 0:
                     self._busy_since = self._loop.time()
