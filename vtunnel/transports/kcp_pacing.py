@@ -15,8 +15,8 @@ leave (its retransmission timers stay right) and retransmissions are never held 
 The phases:
 
 - *startup*: the rate estimate grows by sending at 2/ln 2 times it, until three rounds in a row bring less than
-  a quarter more, or one round says the bottleneck is already full: its smallest round trip stayed well above
-  the floor (a standing queue), or a large share of what it sent were retransmissions (the queue overflowed).
+  a quarter more, or until a round in which a large share of what was sent were retransmissions (startup
+  overflowed the bottleneck's queue: carrying on for two more rounds would only lose more).
   Then one round of *drain* sends at the inverse of that gain, to empty the queue startup built.
 - *cruise*: eight-round cycles, one round at 5/4 of the estimate (to find a higher rate), one at 3/4 (to drain
   what that probe queued), six at the estimate.
@@ -69,8 +69,6 @@ class PacerConfig:
     bandwidth_rounds: int = 10
     #: seconds the smallest round trip is remembered
     min_rtt_window: float = 10.0
-    #: startup ends early once the round trip exceeds its floor by this much (and by a quarter)
-    queue_delay: float = 0.002
     #: startup ends early after a round in which more than this share of what was sent were retransmissions
     #: (well above the random loss of a poor path: startup's overshoot loses most of its excess)
     startup_loss: float = 0.15
@@ -98,7 +96,6 @@ class Pacer:
         "_min_rtt_at",
         "_round_delivered",
         "_round_length",
-        "_round_min_srtt",
         "_round_new",
         "_round_sent",
         "_round_start",
@@ -130,8 +127,6 @@ class Pacer:
         self._delivered = 0
         self._round_target = 0
         self._round_new = 0
-        #: the smallest smoothed round trip seen in this round (0: none yet)
-        self._round_min_srtt = 0.0
         self._last_sent_rate = 0.0
         self._app_limited = False
         self._full_bw = 0.0
@@ -161,8 +156,6 @@ class Pacer:
             self._round_length = max(self._cfg.min_round, srtt)
         self._round_delivered += delivered
         self._delivered += delivered
-        if srtt > 0 and (self._round_min_srtt == 0 or srtt < self._round_min_srtt):
-            self._round_min_srtt = srtt
         if app_limited:
             self._app_limited = True
         elapsed = now - self._round_start
@@ -171,6 +164,8 @@ class Pacer:
         if elapsed < self._cfg.min_round or (
             self._delivered < self._round_target and elapsed < 2 * self._round_length
         ):
+            if self.phase is Phase.STARTUP and not self._app_limited and elapsed * 2 >= self._round_length:
+                self._startup_early(elapsed)
             return
         sample = self._round_delivered / elapsed
         # nothing is delivered faster than it was sent: ACKs that arrive bunched (a busy receiver, a queue that
@@ -182,10 +177,9 @@ class Pacer:
         self._last_sent_rate = sent_rate
         limited = self._app_limited
         resent = self._round_sent - self._round_new
-        queue_building = self._queue_building(self._round_min_srtt) or (
+        overflowed = (
             self._round_sent >= self._cfg.min_window and resent > self._cfg.startup_loss * self._round_sent
         )
-        self._round_min_srtt = 0.0
         self._round_new = 0
         self._round_start = now
         self._round_target = self._sent_new
@@ -210,7 +204,7 @@ class Pacer:
             self._full_count = 0
         self._bw_samples.append((sample, limited))
         self.bandwidth = max(rate for rate, _ in self._bw_samples)
-        self._end_round(now, informative=not limited, queue_building=queue_building)
+        self._end_round(now, informative=not limited, overflowed=overflowed)
 
     def on_sent(self, segments: int, new: int | None = None) -> None:
         """``segments`` went on the wire (new data and retransmissions alike) since :meth:`allowance`, ``new``
@@ -256,13 +250,17 @@ class Pacer:
 
     # --- internals ----------------------------------------------------------------------------------------
 
-    def _queue_building(self, srtt: float) -> bool:
-        """Whether the smoothed round trip says a queue is building: above the floor by a quarter of it, and
-        by at least :attr:`PacerConfig.queue_delay` (ikcp counts whole milliseconds, and jitter is not a queue)."""
-        floor = self._min_rtt
-        if floor <= 0 or srtt <= 0 or self.bandwidth <= 0:
-            return False
-        return srtt > floor + max(floor / 4, self._cfg.queue_delay)
+    def _startup_early(self, elapsed: float) -> None:
+        """Startup: raise the estimate from the half of the round seen so far, as BBR does per ACK.
+
+        Waiting for the round's end would grow the rate by only the square root of the gain each round: a round
+        measures what was sent in the round before, which was paced by the estimate of the round before that."""
+        sample = self._round_delivered / elapsed
+        if self._last_sent_rate:
+            sample = min(sample, self._last_sent_rate)
+        if sample > self.bandwidth * _FULL_GROWTH:
+            self.bandwidth = sample
+            self._update_model()
 
     def _refill(self, now: float) -> None:
         rate = self.pacing_rate
@@ -274,16 +272,14 @@ class Pacer:
         if elapsed > 0:
             self._tokens = min(self._burst, self._tokens + elapsed * rate)
 
-    def _end_round(self, now: float, *, informative: bool, queue_building: bool = False) -> None:
+    def _end_round(self, now: float, *, informative: bool, overflowed: bool = False) -> None:
         """``informative``: a busy sender measured the round (an app-limited one tells startup nothing about
         whether the path is full)."""
         self._refill(now)
         if self.phase is Phase.STARTUP:
             if not informative:
                 pass
-            elif queue_building:
-                # the round trip stayed well above its floor for a whole round: startup has filled the
-                # bottleneck's queue, and more rounds at its gain would only overflow it
+            elif overflowed:
                 self.phase = Phase.DRAIN
             elif self.bandwidth >= self._full_bw * _FULL_GROWTH:
                 self._full_bw = self.bandwidth
