@@ -209,6 +209,20 @@ def test_startup_grows_the_rate_by_most_of_its_gain_each_round() -> None:
     assert pacer.bandwidth > first * 1.8**7
 
 
+def test_a_quiet_start_does_not_pace_below_the_initial_window() -> None:
+    """A handshake's few segments give a tiny estimate; the bulk transfer that follows must still be allowed
+    its initial window every round trip, not a crawl at 2.9 times a handshake's rate."""
+    pacer = Pacer(max_window=4096, now=0.0)
+    now = 0.0
+    for _ in range(50):  # half a second of a segment now and then
+        now += 0.01
+        pacer.on_acked(now, 1, 0.01, app_limited=True)
+        pacer.on_sent(1)
+    assert pacer.phase is Phase.STARTUP
+    assert 0 < pacer.bandwidth < 200
+    assert pacer.pacing_rate >= PacerConfig().min_window / 0.01
+
+
 def test_startup_stops_after_a_round_of_heavy_loss() -> None:
     pacer = Pacer(max_window=16384, now=0.0)
     now = fluid(pacer, link=40_000, rtt=0.01, seconds=0.03, start=0.0, busy=True)

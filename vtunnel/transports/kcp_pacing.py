@@ -301,8 +301,12 @@ class Pacer:
         bandwidth = self.bandwidth
         if bandwidth <= 0:
             return
+        rtt = max(self._min_rtt, cfg.min_round)
         if self.phase is Phase.STARTUP:
-            self.pacing_rate = bandwidth * _STARTUP_GAIN
+            # never slower than the smallest window's worth per round trip: an estimate taken while the sender
+            # had little to send (a handshake, a few requests) would otherwise start a bulk transfer at a
+            # crawl, and startup would spend many rounds doubling up to where the initial window begins
+            self.pacing_rate = max(bandwidth, cfg.min_window / rtt) * _STARTUP_GAIN
             gain = _STARTUP_GAIN
         elif self.phase is Phase.DRAIN:
             self.pacing_rate = bandwidth / _STARTUP_GAIN
@@ -310,6 +314,6 @@ class Pacer:
         else:
             self.pacing_rate = bandwidth * _CYCLE[self._cycle_index]
             gain = cfg.window_gain
-        want = int(gain * bandwidth * max(self._min_rtt, cfg.min_round)) + 1
+        want = int(gain * bandwidth * rtt) + 1
         self.window = min(self._max_window, max(cfg.min_window, want))
         self._burst = max(float(cfg.min_burst), self.pacing_rate * cfg.burst_time)
