@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -147,9 +149,18 @@ def test_a_paced_transfer_always_completes_byte_exact(
     assert result.exact
 
 
-def fluid(pacer: Pacer, *, link: float, rtt: float, seconds: float, start: float, busy: bool) -> float:
-    """A path of ``link`` segments/s and ``rtt`` seconds: what the pacer allows is sent (up to the link's rate,
-    or one segment per ms when not ``busy``) and acknowledged one round trip later. Returns the end time."""
+def fluid(
+    pacer: Pacer,
+    *,
+    link: float | Callable[[float], float],
+    rtt: float,
+    seconds: float,
+    start: float,
+    busy: bool,
+) -> float:
+    """A path of ``link`` segments/s (or ``link(now)``) and ``rtt`` seconds: what the pacer allows is sent (up
+    to the link's rate, or one segment per ms when not ``busy``) and acknowledged one round trip later.
+    Returns the end time."""
     step = 0.001
     now = start
     in_flight: list[tuple[float, int]] = []
@@ -159,7 +170,8 @@ def fluid(pacer: Pacer, *, link: float, rtt: float, seconds: float, start: float
         in_flight = [(t, n) for t, n in in_flight if t > now]
         pacer.on_acked(now, sum(due), rtt, app_limited=not busy)
         allowed = pacer.allowance(now, sum(n for _, n in in_flight))
-        sent = min(allowed, int(link * step)) if busy else min(allowed, 1)
+        rate = link(now) if callable(link) else link
+        sent = min(allowed, int(rate * step)) if busy else min(allowed, 1)
         pacer.on_sent(sent)
         if sent:
             in_flight.append((now + rtt, sent))
@@ -181,6 +193,20 @@ def test_a_bulk_sender_settles_near_the_link_rate() -> None:
     fluid(pacer, link=40_000, rtt=0.01, seconds=1.0, start=0.0, busy=True)
     assert pacer.phase is Phase.CRUISE
     assert pacer.bandwidth == pytest.approx(40_000, rel=0.1)
+
+
+def test_a_path_that_gets_faster_is_found_within_a_few_cycles() -> None:
+    """A probe whose extra quarter all arrives sends cruise back to startup: creeping up a quarter per
+    eight-round cycle would take about 50 rounds to find four times the rate."""
+    slow = Pacer(max_window=8192, now=0.0)
+    fluid(slow, link=10_000, rtt=0.01, seconds=0.5, start=0.0, busy=True)
+    assert slow.phase is Phase.CRUISE
+    assert slow.bandwidth == pytest.approx(10_000, rel=0.15)
+    pacer = Pacer(max_window=8192, now=0.0)
+    fluid(
+        pacer, link=lambda now: 10_000 if now < 0.5 else 40_000, rtt=0.01, seconds=0.8, start=0.0, busy=True
+    )
+    assert pacer.bandwidth > 0.8 * 40_000
 
 
 def test_bunched_acks_do_not_read_as_a_faster_path() -> None:

@@ -19,7 +19,8 @@ The phases:
   overflowed the bottleneck's queue: carrying on for two more rounds would only lose more).
   Then one round of *drain* sends at the inverse of that gain, to empty the queue startup built.
 - *cruise*: eight-round cycles, one round at 5/4 of the estimate (to find a higher rate), one at 3/4 (to drain
-  what that probe queued), six at the estimate.
+  what that probe queued), six at the estimate. A probe whose extra fifth or more all arrived means the path has
+  room the estimate does not know of (startup was cut short, or the path got faster): startup again.
 
 A round ends once everything sent before it began has been acknowledged, so each round measures the data sent
 at one gain. Everything that leaves counts against the pacing rate, retransmissions included.
@@ -38,6 +39,8 @@ __all__ = ["Pacer", "PacerConfig", "Phase"]
 _STARTUP_GAIN: Final = 2.885
 #: the cruise cycle of pacing gains, one per round
 _CYCLE: Final = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+#: cruise goes back to startup when the round measuring a probe (sent at 5/4) delivered this much more
+_PROBE_FOUND: Final = 1.2
 #: startup ends after this many rounds without this much growth
 _FULL_ROUNDS: Final = 3
 _FULL_GROWTH: Final = 1.25
@@ -195,10 +198,15 @@ class Pacer:
         if (
             not limited
             and self.phase is Phase.CRUISE
-            and all(was_limited for _, was_limited in self._bw_samples)
+            and (
+                all(was_limited for _, was_limited in self._bw_samples)
+                or (self._cycle_index == 1 and sample >= self.bandwidth * _PROBE_FOUND)
+            )
         ):
-            # busy after a quiet spell whose rate was all the estimate knew (requests and answers, say): look
-            # for the path's rate again instead of creeping up from the quiet one a quarter per cycle
+            # busy after a quiet spell whose rate was all the estimate knew (requests and answers, say), or a
+            # probe whose extra quarter all arrived (the path has room the estimate does not know of, as after
+            # a startup cut short by a slow receiver): look for the path's rate again instead of creeping up
+            # a quarter per cycle
             self.phase = Phase.STARTUP
             self._full_bw = 0.0
             self._full_count = 0
