@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -230,3 +232,67 @@ def test_a_paced_writer_queues_about_the_pacers_window_not_the_whole_send_window
     assert not paced.writable()
     assert fill(unpaced) == 4096
     assert not unpaced.writable()
+
+
+def acks_in(datagram: bytes) -> list[tuple[int, int]]:
+    """(sn, ts) of the ACK segments of a datagram made only of ACKs."""
+    assert len(datagram) % 24 == 0
+    out = []
+    for conv, cmd, _frg, _wnd, ts, sn, _una, length in struct.iter_unpack("<IBBHIIII", datagram):
+        assert (conv, cmd, length) == (77, 82, 0)
+        out.append((sn, ts))
+    return out
+
+
+def deliver(sender: KCPEngine, receiver: KCPEngine, now: float) -> list[bytes]:
+    """Data from sender to receiver; returns the receiver's ACK datagrams."""
+    for datagram in sender.datagrams_to_send():
+        receiver.receive_datagram(datagram, now)
+    receiver.flush(now)
+    return receiver.datagrams_to_send()
+
+
+@pytest.mark.parametrize("repeat", [True, False])
+def test_each_ack_rides_again_in_the_next_datagram_of_acks(repeat: bool) -> None:
+    options = replace(OPTS, ackrepeat=repeat, pacing=False)
+    a, b = pair(options)
+    a.send(bytes(a.max_data * 3))  # three segments now, three 4 ms later
+    a.flush(0.0)
+    first = deliver(a, b, 0.010)
+    a.send(bytes(a.max_data * 3))
+    a.flush(0.004)
+    second = deliver(a, b, 0.014)
+    assert [sn for sn, _ in acks_in(first[0])] == [0, 1, 2]
+    acked = acks_in(second[0])
+    if not repeat:
+        assert [sn for sn, _ in acked] == [3, 4, 5]
+        return
+    assert [sn for sn, _ in acked] == [3, 4, 5, 0, 1, 2]
+    # the repeat's timestamps move on by the 4 ms in between, so the round trip the sender measures stays true
+    assert [ts for _, ts in acked[3:]] == [ts + 4 for _, ts in acks_in(first[0])]
+    # the first datagram of ACKs is lost: the second still clears everything, nothing is sent again
+    for datagram in second:
+        a.receive_datagram(datagram, 0.020)
+    a.flush(0.020)
+    assert a.waiting() == 0
+    assert a.datagrams_to_send() == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.integers(1, 80), min_size=1, max_size=6), mtu=st.sampled_from([300, 576, 1350]))
+def test_repeated_acks_keep_datagrams_valid_and_within_the_mtu(batches: list[int], mtu: int) -> None:
+    options = replace(OPTS, mtu=mtu, sndwnd=1024, rcvwnd=1024, pacing=False)
+    a = KCPEngine(conv=77, options=options, mtu=mtu, now=0.0)
+    b = KCPEngine(conv=77, options=options, mtu=mtu, now=0.0)
+    now = 0.0
+    for count in batches:
+        a.send(bytes(a.max_data * count))
+        now += 0.003
+        a.flush(now)
+        for datagram in deliver(a, b, now):
+            assert len(datagram) <= mtu
+            assert valid_datagram(datagram, 77)
+            a.receive_datagram(datagram, now)
+        a.flush(now)
+        a.datagrams_to_send()
+    assert a.waiting() == 0

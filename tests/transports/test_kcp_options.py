@@ -60,10 +60,11 @@ def test_every_option_field_can_be_set_from_the_url() -> None:
         "sockbuf": "1048576",
         "connect_timeout": "4",
     }
-    opts = parse_options({**samples, "pacing": "off"})
+    opts = parse_options({**samples, "pacing": "off", "ackrepeat": "off"})
     assert opts.pacing is False
+    assert opts.ackrepeat is False
     for f in fields(KCPOptions):
-        if f.name not in ("mode", "pacing"):
+        if f.name not in ("mode", "pacing", "ackrepeat"):
             assert str(getattr(opts, f.name)).rstrip("0").rstrip(".") == samples[f.name].rstrip("0").rstrip(
                 "."
             )

@@ -11,6 +11,7 @@ its ``log()`` is never called.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from itertools import repeat
 from operator import floordiv
@@ -31,7 +32,9 @@ _SCRATCH_KEPT: Final = 256 * 1024
 #: with pacing, a writer may always queue this many segments beyond those in flight
 _MIN_QUEUE: Final = 256
 #: ikcp's segment header (conv, cmd, frg, wnd, ts, sn, una, len)
-_SEGMENT_HEADER: Final = 24
+_SEGMENT: Final = struct.Struct("<IBBHIIII")
+_SEGMENT_HEADER: Final = _SEGMENT.size
+_CMD_ACK: Final = 82
 
 
 class KCPEngineError(Exception):
@@ -50,12 +53,16 @@ class KCPEngine:
     """One KCP control block in stream mode."""
 
     __slots__ = (
+        "_ack_room",
         "_closed",
         "_kcp",
+        "_last_acks",
+        "_last_acks_ms",
         "_leftover",
         "_nxt_before",
         "_out",
         "_pacer",
+        "_repeat_acks",
         "_scratch",
         "_seen_buf",
         "_segment_bytes",
@@ -67,6 +74,10 @@ class KCPEngine:
 
     def __init__(self, *, conv: int, options: KCPOptions, mtu: int, now: float) -> None:
         self._out: list[bytes] = []
+        self._repeat_acks = options.ackrepeat
+        self._last_acks = b""
+        self._last_acks_ms = 0
+        self._ack_room = mtu - _SEGMENT_HEADER
         self._leftover = b""
         self._scratch = bytearray()
         self._closed = False
@@ -96,8 +107,41 @@ class KCPEngine:
         self.whole_runs: bool = bool(nd.nc)
 
     def _output(self, data: bytes) -> int:
+        if self._repeat_acks and len(data) <= self._ack_room and data[4] == _CMD_ACK:
+            data = self._with_repeated_acks(data)
         self._out.append(data)
         return 0
+
+    def _with_repeated_acks(self, data: bytes) -> bytes:
+        """A datagram of ACKs also carries the ACKs of the one before, once (what room allows).
+
+        KCP acknowledges each segment once, and its cumulative ``una`` stays behind the oldest hole, which on
+        a lossy path is most of the time: every lost datagram of ACKs made the sender resend all the data it
+        acknowledged, through the fast-resend count, though that data had arrived. Each ACK is now sent twice,
+        in consecutive ACK datagrams, as QUIC repeats its ACK ranges; the repeat's timestamp is moved on by
+        the time in between so that the peer's round-trip samples stay true. The repeat takes the window and
+        ``una`` of the datagram it rides in. Any KCP takes a duplicate ACK as a no-op.
+        """
+        size = len(data)
+        if size % _SEGMENT_HEADER:
+            return data  # a segment carries data
+        for offset in range(_SEGMENT_HEADER + 4, size, _SEGMENT_HEADER):
+            if data[offset] != _CMD_ACK:
+                return data  # a window probe or answer rides along: leave the datagram as ikcp made it
+        now = int(self._kcp.current)
+        previous, previous_ms = self._last_acks, self._last_acks_ms
+        self._last_acks, self._last_acks_ms = data, now
+        if not previous:
+            return data
+        room = (self._ack_room + _SEGMENT_HEADER - size) // _SEGMENT_HEADER
+        if room <= 0:
+            return data
+        conv, _cmd, _frg, wnd, _ts, _sn, una, _len = _SEGMENT.unpack_from(data, 0)
+        shift = (now - previous_ms) & _MASK32
+        parts = [data]
+        for _conv, _c, _f, _w, ts, sn, _u, _l in _SEGMENT.iter_unpack(previous[-room * _SEGMENT_HEADER :]):
+            parts.append(_SEGMENT.pack(conv, _CMD_ACK, 0, wnd, (ts + shift) & _MASK32, sn, una, 0))
+        return b"".join(parts)
 
     # --- input ----------------------------------------------------------------------------------------------
 

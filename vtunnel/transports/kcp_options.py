@@ -65,6 +65,8 @@ class KCPOptions:
     #: send at the measured delivery rate with about two round trips in flight (see kcp_pacing), instead of a
     #: whole window at once; off: ikcp's own behaviour, as in kcptun
     pacing: bool = True
+    #: send each ACK twice, the second time in the next datagram of ACKs (see KCPEngine); off: once, as ikcp
+    ackrepeat: bool = True
 
     @property
     def nodelay_args(self) -> NoDelay:
@@ -127,6 +129,7 @@ _PARSERS: Final[Mapping[str, Callable[[str, str], object]]] = {
     "sockbuf": _int(64 * 1024, 1 << 30),
     "connect_timeout": _seconds(0.1, 3600.0),
     "pacing": _bool,
+    "ackrepeat": _bool,
 }
 
 
