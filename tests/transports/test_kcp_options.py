@@ -44,6 +44,13 @@ def test_overrides_apply_on_top_of_the_preset() -> None:
     assert parse_options({"timeout": "2.5", "idle": "30"}).timeout == 2.5
 
 
+def test_without_pacing_the_send_window_defaults_to_kcptuns() -> None:
+    # unpaced, ikcp sends a whole window at once: the paced default of 4096 would overrun shallow queues
+    assert parse_options({"pacing": "off"}).sndwnd == 1024
+    assert parse_options({"pacing": "off", "sndwnd": "4096"}).sndwnd == 4096
+    assert parse_options({"pacing": "on"}).sndwnd == 4096
+
+
 def test_every_option_field_can_be_set_from_the_url() -> None:
     samples = {
         "nodelay": "1",

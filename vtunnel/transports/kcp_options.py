@@ -34,6 +34,8 @@ PRESETS: Final[Mapping[str, NoDelay]] = {
     "fast4": NoDelay(nodelay=1, interval=5, resend=1, nc=1),
 }
 DEFAULT_MODE: Final = "fast3"
+#: the send window when pacing is off and none is given (kcptun's reference configuration)
+UNPACED_SNDWND: Final = 1024
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -151,4 +153,9 @@ def parse_options(params: Mapping[str, str]) -> KCPOptions:
             known = ", ".join(["mode", *sorted(_PARSERS)])
             raise TransportError(f"unknown kcp option {name!r} (known: {known})")
         overrides[name] = parser(name, text.strip())
-    return replace(opts, **overrides)  # type: ignore[arg-type]
+    opts = replace(opts, **overrides)  # type: ignore[arg-type]
+    if not opts.pacing and "sndwnd" not in overrides:
+        # unpaced, ikcp puts a whole send window on the wire at once: 4096 segments overrun any shallow
+        # queue and the session collapses (0.3 MB/s in kcpsim's 50 MB/s model), so keep kcptun's 1024
+        opts = replace(opts, sndwnd=UNPACED_SNDWND)
+    return opts
