@@ -125,9 +125,10 @@ class Pacer:
         self._round_start = now
         self._round_delivered = 0
         self._round_sent = 0
-        #: segments sent for the first time, and acknowledged, since the start; the round ends at this count
+        #: segments sent for the first time, and segments acknowledged, since the start
         self._sent_new = 0
         self._delivered = 0
+        #: the round ends once ``_delivered`` reaches this (what had been sent when it began)
         self._round_target = 0
         self._round_new = 0
         self._last_sent_rate = 0.0
@@ -204,9 +205,9 @@ class Pacer:
             )
         ):
             # busy after a quiet spell whose rate was all the estimate knew (requests and answers, say), or a
-            # probe whose extra quarter all arrived (the path has room the estimate does not know of, as after
-            # a startup cut short by a slow receiver): look for the path's rate again instead of creeping up
-            # a quarter per cycle
+            # probe that came back at a fifth or more above the estimate (the path has room the estimate does
+            # not know of, as after a startup cut short by a slow receiver): look for the path's rate again
+            # instead of creeping up a quarter per cycle
             self.phase = Phase.STARTUP
             self._full_bw = 0.0
             self._full_count = 0
