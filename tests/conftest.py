@@ -24,6 +24,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+#: asyncio's own loop and uvloop, the runtime's loop when it is installed: for an ``anyio_backend`` fixture of
+#: modules whose code must work on both
+BOTH_LOOPS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+]
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests.runtime.test_pump import Handler, tunnel_pair
 from vtunnel.apps.pipe import SocketRelay, pipe
+from vtunnel.apps.sockio import attach_socket
 from vtunnel.protocol import TunnelConfig
 from vtunnel.runtime.stream import TunnelStream
 
@@ -145,7 +145,7 @@ async def relayed(
             accepted, _addr = lsock.accept()
             accepted.setblocking(False)
             relay = SocketRelay(idle_timeout=idle_timeout)
-            await asyncio.get_running_loop().connect_accepted_socket(relay.factory, accepted)
+            attach_socket(accepted, relay)
             stream = await conn.open_stream(wait_accepted=False)
             if attach:
                 relay.attach(stream)

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import BOTH_LOOPS
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
+
+@pytest.fixture(params=BOTH_LOOPS)
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
     param: tuple[str, dict[str, bool]] = request.param
     return param

@@ -22,6 +22,7 @@ import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup, TaskStatus
 
 from vtunnel.apps.pipe import SocketRelay, tune_transport
+from vtunnel.apps.sockio import RelayListener, open_relay_listener
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.errors import TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
@@ -109,14 +110,13 @@ class Agent:
             fronts.append(("socks", s.socks, self._socks_handler))
         if s.http:
             fronts.append(("http", s.http, self._http_handler))
-        loop = asyncio.get_running_loop()
-        forward_servers: list[asyncio.Server] = []
+        forward_servers: list[RelayListener] = []
         listeners = []
         try:
             for fwd in s.forwards:
                 # a forward is a protocol-driven relay per connection: no task while it is open
                 name = f"forward {fwd.destination or 'target'}"
-                srv = await loop.create_server(self._forward_factory(fwd), fwd.listen[0], fwd.listen[1])
+                srv = await open_relay_listener(fwd.listen[0], fwd.listen[1], self._forward_factory(fwd))
                 forward_servers.append(srv)
                 self._show(name, srv.sockets[0].getsockname())
             for name, (host, port), handler in fronts:

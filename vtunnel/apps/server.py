@@ -11,7 +11,6 @@ Per stream, by what the SYN says:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from anyio.abc import ByteStream, Listener, TaskStatus
 from vtunnel.apps.dialer import Dialer, DialError
 from vtunnel.apps.pipe import SocketRelay
 from vtunnel.apps.policy import ExitPolicy
+from vtunnel.apps.sockio import attach_socket
 from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.pump import TunnelConnection
 from vtunnel.runtime.stream import TunnelStream
@@ -165,7 +165,7 @@ class Server:
             return
         relay = SocketRelay(idle_timeout=self.settings.idle_timeout)
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(relay.factory, sock)
+            attach_socket(sock, relay)
         except BaseException:
             sock.close()
             raise

@@ -1,0 +1,414 @@
+"""The lean relay transport and listener (vtunnel.apps.sockio) on real loopback sockets.
+
+Every test runs on asyncio's loop and on uvloop, with the watcher's epoll set and with its per-socket fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import BOTH_LOOPS
+from vtunnel.apps.sockio import (
+    HIGH_WATER,
+    SocketTransport,
+    SocketWatcher,
+    attach_socket,
+    open_relay_listener,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=BOTH_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    param: tuple[str, dict[str, bool]] = request.param
+    return param
+
+
+@pytest.fixture(params=["epoll", "loop"])
+def use_epoll(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param == "epoll")
+
+
+class Recorder(asyncio.Protocol):
+    """Keeps what the transport reports; optionally echoes what it receives."""
+
+    def __init__(self, *, echo: bool = False, keep_open_on_eof: bool = True) -> None:
+        self.echo = echo
+        self.keep_open_on_eof = keep_open_on_eof
+        self.transport: SocketTransport | None = None
+        self.data = bytearray()
+        self.eof = asyncio.Event()
+        self.lost = asyncio.Event()
+        self.lost_with: Exception | None = None
+        self.pauses = 0
+        self.resumes = 0
+        self.changed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SocketTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.changed.set()
+        if self.echo:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return self.keep_open_on_eof
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_with = exc
+        self.lost.set()
+
+    def pause_writing(self) -> None:
+        self.pauses += 1
+
+    def resume_writing(self) -> None:
+        self.resumes += 1
+
+    async def wait_for(self, size: int) -> None:
+        while len(self.data) < size:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+@asynccontextmanager
+async def attached(
+    use_epoll: bool, protocol: asyncio.Protocol, *, sndbuf: int | None = None
+) -> AsyncIterator[tuple[socket.socket, SocketTransport, SocketWatcher]]:
+    """A real TCP connection on 127.0.0.1: ours is a blocking-free peer socket, the other end is attached."""
+    loop = asyncio.get_running_loop()
+    watcher = SocketWatcher(loop, use_epoll=use_epoll)
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        peer = socket.create_connection(lsock.getsockname())
+        accepted, _ = lsock.accept()
+    if sndbuf is not None:
+        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+    peer.setblocking(False)
+    transport = attach_socket(accepted, protocol, watcher)
+    try:
+        yield peer, transport, watcher
+    finally:
+        transport.abort()
+        peer.close()
+        await asyncio.sleep(0)
+        watcher.close()
+
+
+async def peer_send(peer: socket.socket, data: bytes) -> None:
+    await asyncio.get_running_loop().sock_sendall(peer, data)
+
+
+async def peer_read(peer: socket.socket, size: int | None = None, *, timeout: float = 20.0) -> bytes:
+    """Read until ``size`` bytes (or end of stream when ``None``)."""
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    async with asyncio.timeout(timeout):
+        while size is None or len(out) < size:
+            chunk = await loop.sock_recv(peer, 1 << 20)
+            if not chunk:
+                break
+            out += chunk
+    return bytes(out)
+
+
+async def test_echo_both_ways_byte_exact(use_epoll: bool) -> None:
+    proto = Recorder(echo=True)
+    payload = os.urandom(4 * 1024 * 1024)
+    async with attached(use_epoll, proto) as (peer, transport, _):
+        assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert transport.get_extra_info("peername") == peer.getsockname()
+        sender = asyncio.ensure_future(peer_send(peer, payload))
+        echoed = await peer_read(peer, len(payload))
+        await sender
+        assert echoed == payload
+        assert bytes(proto.data) == payload
+
+
+async def test_a_stalled_reader_pauses_the_writer_then_everything_arrives(use_epoll: bool) -> None:
+    proto = Recorder()
+    block = os.urandom(1 << 20)
+    async with attached(use_epoll, proto, sndbuf=64 * 1024) as (peer, transport, _):
+        for _ in range(4):
+            transport.write(block)
+        # the kernel took a little: the rest waits in the transport, and the protocol was told to stop writing
+        assert transport.get_write_buffer_size() > HIGH_WATER
+        assert (proto.pauses, proto.resumes) == (1, 0)
+        got = await peer_read(peer, 4 * len(block))
+        assert got == block * 4
+        for _ in range(100):
+            if transport.get_write_buffer_size() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert transport.get_write_buffer_size() == 0
+        assert (proto.pauses, proto.resumes) == (1, 1)
+
+
+async def test_write_eof_waits_for_the_buffer_and_reading_goes_on(use_epoll: bool) -> None:
+    proto = Recorder()
+    data = os.urandom(3 * 1024 * 1024)
+    async with attached(use_epoll, proto, sndbuf=64 * 1024) as (peer, transport, _):
+        transport.write(data)
+        transport.write_eof()
+        transport.write(b"after eof is dropped")
+        assert await peer_read(peer) == data  # all of it, then the FIN
+        await peer_send(peer, b"still reading")
+        await proto.wait_for(13)
+        assert bytes(proto.data) == b"still reading"
+        assert not transport.is_closing()
+
+
+async def test_peer_eof_is_reported_and_false_closes(use_epoll: bool) -> None:
+    proto = Recorder(keep_open_on_eof=False)
+    async with attached(use_epoll, proto) as (peer, transport, _):
+        await peer_send(peer, b"last words")
+        peer.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(10):
+            await proto.eof.wait()
+            await proto.lost.wait()
+        assert bytes(proto.data) == b"last words"
+        assert proto.lost_with is None
+        assert transport.is_closing()
+        assert await peer_read(peer) == b""
+
+
+async def test_peer_eof_keeps_the_socket_open_for_writing(use_epoll: bool) -> None:
+    proto = Recorder(keep_open_on_eof=True)
+    async with attached(use_epoll, proto) as (peer, transport, _):
+        peer.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(10):
+            await proto.eof.wait()
+        transport.write(b"answer")
+        transport.write_eof()
+        assert await peer_read(peer) == b"answer"
+        assert not proto.lost.is_set()
+
+
+async def test_a_reset_is_reported_with_its_error(use_epoll: bool) -> None:
+    proto = Recorder()
+    async with attached(use_epoll, proto) as (peer, _, _w):
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        async with asyncio.timeout(10):
+            await proto.lost.wait()
+        assert isinstance(proto.lost_with, ConnectionResetError)
+
+
+async def test_close_sends_what_is_buffered_first(use_epoll: bool) -> None:
+    proto = Recorder()
+    data = os.urandom(2 * 1024 * 1024)
+    async with attached(use_epoll, proto, sndbuf=64 * 1024) as (peer, transport, _):
+        transport.write(data)
+        transport.close()
+        assert transport.is_closing()
+        assert not proto.lost.is_set()
+        assert await peer_read(peer) == data
+        async with asyncio.timeout(10):
+            await proto.lost.wait()
+        assert proto.lost_with is None
+
+
+async def test_abort_drops_what_is_buffered(use_epoll: bool) -> None:
+    proto = Recorder()
+    async with attached(use_epoll, proto, sndbuf=64 * 1024) as (peer, transport, watcher):
+        transport.write(os.urandom(2 * 1024 * 1024))
+        transport.abort()
+        async with asyncio.timeout(10):
+            await proto.lost.wait()
+        got = await peer_read(peer)
+        assert len(got) < 2 * 1024 * 1024
+        assert len(watcher) == 0
+
+
+async def test_a_paused_socket_whose_peer_hung_up_does_not_wake_the_loop(use_epoll: bool) -> None:
+    proto = Recorder()
+    async with attached(use_epoll, proto) as (peer, transport, watcher):
+        transport.pause_reading()
+        assert not transport.is_reading()
+        peer.shutdown(socket.SHUT_RDWR)
+        await asyncio.sleep(0.05)
+        if watcher.uses_epoll:
+            assert watcher._epoll.poll(0) == []  # the hang-up is not reported over and over
+        assert not proto.eof.is_set()
+        transport.resume_reading()
+        async with asyncio.timeout(10):
+            await proto.eof.wait()
+
+
+async def test_pause_reading_holds_the_bytes_in_the_kernel(use_epoll: bool) -> None:
+    proto = Recorder()
+    async with attached(use_epoll, proto) as (peer, transport, _):
+        transport.pause_reading()
+        await peer_send(peer, b"x" * 1000)
+        await asyncio.sleep(0.05)
+        assert proto.data == b""
+        transport.resume_reading()
+        await asyncio.wait_for(proto.wait_for(1000), 10)
+
+
+async def test_a_failing_protocol_closes_only_its_own_socket(use_epoll: bool) -> None:
+    class Broken(Recorder):
+        def data_received(self, data: bytes) -> None:
+            raise RuntimeError("boom")
+
+    broken, healthy = Broken(), Recorder(echo=True)
+    async with (
+        attached(use_epoll, broken) as (peer1, _t1, _w1),
+        attached(use_epoll, healthy) as (peer2, _t2, _w2),
+    ):
+        await peer_send(peer1, b"trigger")
+        async with asyncio.timeout(10):
+            await broken.lost.wait()
+        assert isinstance(broken.lost_with, RuntimeError)
+        await peer_send(peer2, b"ping")
+        assert await peer_read(peer2, 4) == b"ping"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chunks=st.lists(st.integers(min_value=1, max_value=200_000), min_size=1, max_size=30),
+    reads=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=10),
+)
+def test_any_writes_and_reads_arrive_in_order(chunks: list[int], reads: list[int]) -> None:
+    """Writes of any sizes, read back in any sizes with pauses between, arrive whole and in order."""
+    payload = os.urandom(sum(chunks))
+
+    async def main() -> None:
+        proto = Recorder()
+        async with attached(True, proto, sndbuf=32 * 1024) as (peer, transport, _):
+            pos = 0
+            for size in chunks:
+                transport.write(payload[pos : pos + size])
+                pos += size
+            transport.write_eof()
+            got = bytearray()
+            loop = asyncio.get_running_loop()
+            for size in reads:
+                await asyncio.sleep(0)
+                with contextlib.suppress(TimeoutError):
+                    got += await asyncio.wait_for(loop.sock_recv(peer, size), 0.05)
+            got += await peer_read(peer)
+            assert bytes(got) == payload
+
+    asyncio.run(main())
+
+
+async def test_listener_accepts_many_and_stops_when_closed(use_epoll: bool) -> None:
+    made: list[Recorder] = []
+
+    def factory() -> Recorder:
+        proto = Recorder(echo=True)
+        made.append(proto)
+        return proto
+
+    listener = await open_relay_listener("127.0.0.1", 0, factory)
+    port = listener.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    clients = []
+    try:
+        for i in range(100):
+            c = socket.socket()
+            c.setblocking(False)
+            await loop.sock_connect(c, ("127.0.0.1", port))
+            clients.append(c)
+            await peer_send(c, b"%03d" % i)
+        for i, c in enumerate(clients):
+            assert await peer_read(c, 3) == b"%03d" % i
+        assert len(made) == 100
+    finally:
+        listener.close()
+        for c in clients:
+            c.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+async def test_listener_binds_every_address_of_a_name_on_one_port() -> None:
+    listener = await open_relay_listener("localhost", 0, Recorder)
+    try:
+        ports = {s.getsockname()[1] for s in listener.sockets}
+        assert len(ports) == 1
+        assert {s.family for s in listener.sockets} <= {socket.AF_INET, socket.AF_INET6}
+    finally:
+        listener.close()
+
+
+async def test_listener_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(OSError, match="address"):
+            await open_relay_listener("127.0.0.1", taken.getsockname()[1], Recorder)
+
+
+def test_running_out_of_descriptors_pauses_accepting_and_loses_no_connection() -> None:
+    """With the descriptor limit reached, waiting connections stay in the backlog and are served later."""
+    script = textwrap.dedent(
+        """
+        import asyncio, resource, socket, sys
+        from vtunnel.apps.sockio import open_relay_listener
+        import vtunnel.apps.sockio as sockio
+        sockio.ACCEPT_RETRY_DELAY = 0.2
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, t): self.t = t
+            def data_received(self, d): self.t.write(d)
+
+        async def main():
+            listener = await open_relay_listener("127.0.0.1", 0, Echo)
+            port = listener.sockets[0].getsockname()[1]
+            loop = asyncio.get_running_loop()
+            clients = [socket.socket() for _ in range(6)]
+            # room for about three accepted sockets, no more
+            spare = []
+            try:
+                while True: spare.append(socket.socket())
+            except OSError:
+                pass
+            for s in spare[:3]: s.close()
+            del spare[:3]
+            for c in clients:
+                c.setblocking(False)
+                await loop.sock_connect(c, ("127.0.0.1", port))  # the backlog completes the handshake
+            for i, c in enumerate(clients[:3]):
+                await loop.sock_sendall(c, b"%d" % i)
+            await asyncio.sleep(0.5)
+            for s in spare: s.close()  # descriptors free again: the rest are accepted on the next try
+            for i, c in enumerate(clients):
+                if i >= 3:
+                    await loop.sock_sendall(c, b"%d" % i)
+            for i, c in enumerate(clients):
+                got = await asyncio.wait_for(loop.sock_recv(c, 10), 10)
+                assert got == b"%d" % i, (i, got)
+            print("ok")
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+    assert "cannot accept connections for now" in done.stdout + done.stderr

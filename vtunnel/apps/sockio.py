@@ -1,0 +1,509 @@
+"""Lean TCP transports for relays: one epoll set watches every relayed socket of an event loop.
+
+An event loop's own TCP transport costs about 1.1 KB per connection under uvloop (its transport object, the libuv
+handle, the loop's bookkeeping), and a relay that sits idle needs none of it.  :class:`SocketTransport` is an
+:class:`asyncio.Transport` holding only the socket and a few flags; a per-loop :class:`SocketWatcher` puts every
+such socket in one epoll set and the loop watches that set's descriptor alone.  An idle relayed connection then
+costs its socket object, the transport (~130 bytes) and a dict entry.  Where epoll is missing, the watcher falls
+back to the loop's own ``add_reader`` / ``add_writer`` per socket: the same transport, the loop's usual cost.
+
+The transport keeps the semantics :class:`vtunnel.apps.pipe.SocketRelay` relies on, the same as asyncio's:
+``data_received`` / ``eof_received`` (returning true keeps the socket open for writing) / ``connection_lost``;
+``pause_reading`` and ``resume_reading``; ``write`` sends at once and buffers what the kernel does not take, calling
+the protocol's ``pause_writing`` above the high-water mark and ``resume_writing`` once below the low one;
+``write_eof`` and ``close`` wait for the buffer to drain; ``abort`` does not.  TCP_NODELAY is set on TCP sockets,
+as asyncio does.
+
+:func:`open_relay_listener` is the accepting half: it binds like ``loop.create_server`` and hands each accepted
+socket, with a protocol from the factory, to the watcher: no task and no loop transport per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import select
+import socket
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import structlog
+
+__all__ = ["RelayListener", "SocketTransport", "SocketWatcher", "attach_socket", "open_relay_listener"]
+
+log = structlog.get_logger("vtunnel.sockio")
+
+#: bytes asked of the kernel per read (what asyncio and uvloop read at a time)
+READ_SIZE: Final = 256 * 1024
+#: write-buffer marks (asyncio's defaults): pause the protocol above HIGH, resume it at or below LOW
+HIGH_WATER: Final = 64 * 1024
+LOW_WATER: Final = 16 * 1024
+#: readiness events taken from the epoll set per wake-up; more stay pending and wake the loop again at once
+EVENTS_PER_WAKEUP: Final = 256
+#: connections accepted per wake-up of a listener, and the pause after the process ran out of descriptors
+ACCEPT_BATCH: Final = 64
+ACCEPT_RETRY_DELAY: Final = 1.0
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+_IN: Final = 1  # want readable
+_OUT: Final = 4  # want writable
+_HAS_EPOLL: Final = hasattr(select, "epoll")
+
+
+class SocketWatcher:
+    """Readiness for many sockets with one descriptor in the event loop (epoll), or per socket (fallback)."""
+
+    __slots__ = ("__weakref__", "_epoll", "_loop", "_transports")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, use_epoll: bool = _HAS_EPOLL) -> None:
+        self._loop = loop
+        self._transports: dict[int, SocketTransport] = {}
+        self._epoll: Any = None
+        if use_epoll:
+            self._epoll = select.epoll()
+            loop.add_reader(self._epoll.fileno(), self._ready)
+
+    @property
+    def uses_epoll(self) -> bool:
+        return self._epoll is not None
+
+    def __len__(self) -> int:
+        return len(self._transports)
+
+    def close(self) -> None:
+        """Stop watching (the sockets are left to their transports)."""
+        if self._epoll is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+
+    # ------------------------------------------------------------------ registration (used by the transport)
+    def _add(self, fd: int, transport: SocketTransport) -> None:
+        self._transports[fd] = transport
+
+    def _set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
+        """Watch ``fd`` for ``new`` instead of ``old`` (0: not watched at all)."""
+        epoll = self._epoll
+        if epoll is None:
+            self._fallback_set(fd, transport, old, new)
+        elif not new:
+            # unregistered, not left with an empty mask: epoll reports a hang-up whatever the mask, and a
+            # paused socket whose peer hung up would wake the loop for ever
+            epoll.unregister(fd)
+        elif not old:
+            epoll.register(fd, _epoll_mask(new))
+        else:
+            epoll.modify(fd, _epoll_mask(new))
+
+    def _remove(self, fd: int, transport: SocketTransport, old: int) -> None:
+        if self._transports.get(fd) is transport:
+            del self._transports[fd]
+        if old:
+            self._set(fd, transport, old, 0)
+
+    def _fallback_set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
+        if (new ^ old) & _IN:
+            if new & _IN:
+                self._loop.add_reader(fd, transport._read_ready)
+            else:
+                self._loop.remove_reader(fd)
+        if (new ^ old) & _OUT:
+            if new & _OUT:
+                self._loop.add_writer(fd, transport._write_ready)
+            else:
+                self._loop.remove_writer(fd)
+
+    # ------------------------------------------------------------------ dispatch
+    def _ready(self) -> None:
+        epoll = self._epoll
+        if epoll is None:
+            return
+        try:
+            ready = epoll.poll(0, EVENTS_PER_WAKEUP)
+        except InterruptedError:
+            return
+        transports = self._transports
+        for fd, events in ready:
+            transport = transports.get(fd)
+            if transport is None:
+                continue
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and transport._mask & _IN:
+                transport._read_ready()
+                if transports.get(fd) is not transport:
+                    continue  # it closed while reading
+            if events & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) and transport._mask & _OUT:
+                transport._write_ready()
+
+
+def _epoll_mask(mask: int) -> int:
+    return (select.EPOLLIN if mask & _IN else 0) | (select.EPOLLOUT if mask & _OUT else 0)
+
+
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SocketWatcher] = weakref.WeakKeyDictionary()
+
+
+def watcher_for(loop: asyncio.AbstractEventLoop | None = None) -> SocketWatcher:
+    """The running (or given) loop's watcher, made on first use."""
+    loop = loop or asyncio.get_running_loop()
+    watcher = _watchers.get(loop)
+    if watcher is None:
+        watcher = _watchers[loop] = SocketWatcher(loop)
+    return watcher
+
+
+class SocketTransport(asyncio.Transport):
+    """An asyncio transport over one connected, non-blocking stream socket, watched by a :class:`SocketWatcher`."""
+
+    __slots__ = (
+        "_buffer",
+        "_closing",
+        "_eof",
+        "_fd",
+        "_lost",
+        "_mask",
+        "_protocol",
+        "_reading",
+        "_sock",
+        "_watcher",
+        "_write_closed",
+        "_writing_paused",
+    )
+
+    def __init__(self, sock: socket.socket, protocol: asyncio.Protocol, watcher: SocketWatcher) -> None:
+        # no super().__init__(): the base keeps an ``extra`` dict per transport, and get_extra_info is ours
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._watcher = watcher
+        self._buffer: bytearray | None = None  # bytes the kernel has not taken yet; made when first needed
+        self._mask = 0  # what the watcher watches the socket for now
+        self._reading = True  # not paused by the protocol
+        self._eof = False  # the peer's FIN arrived: nothing more to read
+        self._write_closed = False  # write_eof() was called: FIN once the buffer is empty
+        self._closing = False
+        self._writing_paused = False  # the protocol was told pause_writing()
+        self._lost = False
+
+    # ------------------------------------------------------------------ asyncio.BaseTransport
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        sock = self._sock
+        if name == "socket":
+            return sock
+        try:
+            if name == "peername":
+                return sock.getpeername()
+            if name == "sockname":
+                return sock.getsockname()
+        except OSError:
+            return default
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop reading; send what is buffered, then close (``connection_lost(None)`` follows)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._buffer:
+            self._update()  # keeps watching for room until the buffer is gone
+        else:
+            self._lose(None)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol)
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    # ------------------------------------------------------------------ asyncio.ReadTransport
+    def is_reading(self) -> bool:
+        return self._reading and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or not self._reading:
+            return
+        self._reading = False
+        self._update()
+
+    def resume_reading(self) -> None:
+        if self._closing or self._reading:
+            return
+        self._reading = True
+        self._update()
+
+    # ------------------------------------------------------------------ asyncio.WriteTransport
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._write_closed or not data:
+            return
+        buf = self._buffer
+        if not buf:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            if buf is None:
+                buf = self._buffer = bytearray()
+            buf += data
+            self._update()
+        else:
+            buf += data
+        self._check_high_water()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        if self._closing or self._write_closed:
+            return
+        self._write_closed = True
+        if not self._buffer:
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        """Close at once; what is buffered is dropped."""
+        if self._buffer:
+            self._buffer.clear()
+        self._closing = True
+        self._lose(None)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer) if self._buffer else 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return LOW_WATER, HIGH_WATER
+
+    # ------------------------------------------------------------------ readiness (called by the watcher)
+    def _read_ready(self) -> None:
+        try:
+            data = self._sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        try:
+            if data:
+                self._protocol.data_received(data)
+                return
+            self._eof = True
+            self._update()
+            if not self._protocol.eof_received():
+                self.close()
+        except Exception as exc:
+            log.error("relay protocol failed", error=repr(exc), exc_info=True)
+            self._fail(exc)
+
+    def _write_ready(self) -> None:
+        buf = self._buffer
+        if buf:
+            try:
+                sent = self._sock.send(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            del buf[:sent]
+            if buf:
+                return
+        self._update()
+        if self._writing_paused:
+            self._writing_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                log.error("relay protocol failed", error=repr(exc), exc_info=True)
+                self._fail(exc)
+                return
+        if self._closing:
+            self._lose(None)
+        elif self._write_closed:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._fail(exc)
+
+    def _check_high_water(self) -> None:
+        if not self._writing_paused and self._buffer is not None and len(self._buffer) > HIGH_WATER:
+            self._writing_paused = True
+            try:
+                self._protocol.pause_writing()
+            except Exception as exc:
+                log.error("relay protocol failed", error=repr(exc), exc_info=True)
+                self._fail(exc)
+
+    # ------------------------------------------------------------------ state
+    def _start(self) -> None:
+        self._watcher._add(self._fd, self)
+        self._update()
+
+    def _update(self) -> None:
+        """Watch for what is wanted now: readable while reading, writable while bytes wait."""
+        if self._lost:
+            return
+        mask = 0
+        if self._reading and not self._eof and not self._closing:
+            mask |= _IN
+        if self._buffer:
+            mask |= _OUT
+        old = self._mask
+        if mask != old:
+            self._mask = mask
+            self._watcher._set(self._fd, self, old, mask)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._buffer:
+            self._buffer.clear()
+        self._closing = True
+        self._lose(exc if isinstance(exc, Exception) else None)
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        old, self._mask = self._mask, 0
+        self._watcher._remove(self._fd, self, old)
+        self._watcher._loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._sock.close()
+
+
+def attach_socket(
+    sock: socket.socket, protocol: asyncio.Protocol, watcher: SocketWatcher | None = None
+) -> SocketTransport:
+    """Drive ``protocol`` from the connected socket ``sock`` (made non-blocking); ``connection_made`` is called now."""
+    watcher = watcher or watcher_for()
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = SocketTransport(sock, protocol, watcher)
+    transport._start()
+    try:
+        protocol.connection_made(transport)
+    except BaseException:
+        transport.abort()
+        raise
+    return transport
+
+
+class RelayListener:
+    """Listening sockets whose accepted connections each get a protocol from ``factory`` and a lean transport."""
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        factory: Callable[[], asyncio.Protocol],
+        loop: asyncio.AbstractEventLoop,
+        watcher: SocketWatcher,
+    ) -> None:
+        self.sockets = sockets
+        self._factory = factory
+        self._loop = loop
+        self._watcher = watcher
+        self._closed = False
+        self._retry: dict[int, asyncio.TimerHandle] = {}
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets (open connections go on)."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._retry.values():
+            handle.cancel()
+        for sock in self.sockets:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # the backlog keeps the waiting connections; look again once something may have closed
+                    log.warning(
+                        "cannot accept connections for now", error=exc.strerror, retry_in=ACCEPT_RETRY_DELAY
+                    )
+                    fd = lsock.fileno()
+                    self._loop.remove_reader(fd)
+                    self._retry[fd] = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume, lsock)
+                else:
+                    log.warning("accept failed", error=exc.strerror or repr(exc))
+                return
+            try:
+                attach_socket(conn, self._factory(), self._watcher)
+            except Exception as exc:
+                log.error("relay protocol failed", error=repr(exc), exc_info=True)
+                conn.close()
+
+    def _resume(self, lsock: socket.socket) -> None:
+        self._retry.pop(lsock.fileno(), None)
+        if not self._closed:
+            self._loop.add_reader(lsock.fileno(), self._accept, lsock)
+
+
+async def open_relay_listener(
+    host: str | None, port: int, factory: Callable[[], asyncio.Protocol], *, backlog: int = 1024
+) -> RelayListener:
+    """Listen on every address ``host`` resolves to (all interfaces for ``None`` or ""), as ``create_server``."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        seen: set[tuple[Any, ...]] = set()
+        chosen = 0
+        for family, kind, proto, _canon, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if chosen:
+                addr = (addr[0], chosen, *addr[2:])
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}"
+                ) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+            if port == 0 and not chosen:
+                chosen = sock.getsockname()[1]  # the same free port on every address
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return RelayListener(sockets, factory, loop, watcher_for(loop))
