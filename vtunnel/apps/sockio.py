@@ -57,25 +57,23 @@ _HAS_EPOLL: Final = hasattr(select, "epoll")
 class SocketWatcher:
     """Readiness for many sockets with one descriptor in the event loop (epoll), or per socket (fallback)."""
 
-    __slots__ = ("__weakref__", "_epoll", "_loop", "_transports")
+    __slots__ = ("__weakref__", "_epoll", "_loop", "_transports", "uses_epoll")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, use_epoll: bool = _HAS_EPOLL) -> None:
         self._loop = loop
         self._transports: dict[int, SocketTransport] = {}
         self._epoll: Any = None
+        #: one epoll set for every socket (else the loop's own readers and writers, one per socket)
+        self.uses_epoll = use_epoll
         if use_epoll:
             self._epoll = select.epoll()
             loop.add_reader(self._epoll.fileno(), self._ready)
-
-    @property
-    def uses_epoll(self) -> bool:
-        return self._epoll is not None
 
     def __len__(self) -> int:
         return len(self._transports)
 
     def close(self) -> None:
-        """Stop watching (the sockets are left to their transports)."""
+        """Stop watching; meant for after the last transport is gone (any left are no longer served)."""
         if self._epoll is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._epoll.fileno())
@@ -89,8 +87,10 @@ class SocketWatcher:
     def _set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
         """Watch ``fd`` for ``new`` instead of ``old`` (0: not watched at all)."""
         epoll = self._epoll
-        if epoll is None:
+        if not self.uses_epoll:
             self._fallback_set(fd, transport, old, new)
+        elif epoll is None:
+            return  # closed
         elif not new:
             # unregistered, not left with an empty mask: epoll reports a hang-up whatever the mask, and a
             # paused socket whose peer hung up would wake the loop for ever
