@@ -323,6 +323,7 @@ class SocketTransport(asyncio.Transport):
             del buf[:sent]
             if buf:
                 return
+            self._buffer = None  # an idle connection keeps no buffer
         self._update()
         if self._writing_paused:
             self._writing_paused = False
