@@ -16,13 +16,16 @@ import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import pytest
+from anyio.abc import SocketAttribute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import BOTH_LOOPS
 from vtunnel.apps.sockio import (
     HIGH_WATER,
+    LeanSocketStream,
     SocketTransport,
     SocketWatcher,
     attach_socket,
@@ -412,3 +415,80 @@ def test_running_out_of_descriptors_pauses_accepting_and_loses_no_connection() -
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
     assert "cannot accept connections for now" in done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ LeanSocketStream
+
+
+async def test_stream_receives_in_order_within_max_bytes_and_bounds_its_buffer(use_epoll: bool) -> None:
+    stream = LeanSocketStream()
+    payload = os.urandom(2 * 1024 * 1024)
+    async with attached(use_epoll, stream) as (peer, transport, _):
+        sender = asyncio.ensure_future(peer_send(peer, payload))
+        await asyncio.sleep(0.2)
+        # nobody received yet: the stream stopped reading near its limit, the rest waits in the kernel
+        assert not transport.is_reading()
+        assert stream._buffered <= LeanSocketStream.READ_LIMIT + 64 * 1024
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = await asyncio.wait_for(stream.receive(1000), 10)
+            assert 0 < len(chunk) <= 1000
+            got += chunk
+        await sender
+        assert bytes(got) == payload
+        peer.shutdown(socket.SHUT_WR)
+        with pytest.raises(anyio.EndOfStream):
+            await asyncio.wait_for(stream.receive(), 10)
+
+
+async def test_stream_send_waits_for_a_slow_reader_and_send_eof_ends_it(use_epoll: bool) -> None:
+    stream = LeanSocketStream()
+    block = os.urandom(1 << 20)
+    async with attached(use_epoll, stream, sndbuf=64 * 1024) as (peer, _t, _w):
+        sending = asyncio.ensure_future(stream.send(block * 3))
+        await asyncio.sleep(0.1)
+        assert not sending.done()  # over the high-water mark: the send waits for the reader
+        reading = asyncio.ensure_future(peer_read(peer))
+        await asyncio.wait_for(sending, 10)
+        await stream.send_eof()
+        assert await asyncio.wait_for(reading, 20) == block * 3
+        assert stream.extra(SocketAttribute.remote_address) == peer.getsockname()
+        assert stream.extra(SocketAttribute.raw_socket).fileno() >= 0
+
+
+async def test_stream_reset_breaks_receive_and_aclose_ends_use(use_epoll: bool) -> None:
+    stream = LeanSocketStream()
+    async with attached(use_epoll, stream) as (peer, _t, _w):
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        with pytest.raises(anyio.BrokenResourceError):
+            await asyncio.wait_for(stream.receive(), 10)
+        await stream.aclose()
+        with pytest.raises(anyio.ClosedResourceError):
+            await stream.receive()
+        with pytest.raises(anyio.ClosedResourceError):
+            await stream.send(b"x")
+
+
+async def test_hand_off_passes_unread_bytes_and_eof_and_leaves_the_socket_open(use_epoll: bool) -> None:
+    stream = LeanSocketStream()
+    async with attached(use_epoll, stream) as (peer, transport, _):
+        await peer_send(peer, b"header|early bytes")
+        assert await asyncio.wait_for(stream.receive(7), 10) == b"header|"  # as a front reads a header
+        peer.shutdown(socket.SHUT_WR)
+        for _ in range(200):
+            if stream._eof:
+                break
+            await asyncio.sleep(0.01)
+        echo = Recorder(echo=True)
+        early, eof = stream.hand_off(echo)
+        assert (early, eof) == (b"early bytes", True)
+        assert echo.transport is transport
+        assert stream.handed_off
+        await stream.aclose()  # the front's cleanup: leaves the socket to its new protocol
+        assert not transport.is_closing()
+        with pytest.raises(anyio.ClosedResourceError):
+            await stream.receive()
+        transport.write(b"answer")
+        transport.write_eof()
+        assert await peer_read(peer) == b"answer"

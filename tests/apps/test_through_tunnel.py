@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import pytest
@@ -303,3 +305,88 @@ async def test_agent_drain_lets_an_open_forwarded_transfer_finish() -> None:
                     while True:
                         out += await stream.receive()
                 assert bytes(out) == payload[::-1]
+
+
+# ------------------------------------------------------------------------------------------------ hand-off
+# A SOCKS5 or HTTP CONNECT client is read as a stream until its header is done, then its socket is handed to a
+# SocketRelay: what the client sent early still arrives first, half-close works, no task stays per connection,
+# and the agent's drain accounting ends with the relay.
+
+
+async def _socks_connect(port: int, origin: int, early: bytes) -> SocketStream:
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    # greeting, request and the first bytes of the payload in one write (the client does not wait for replies)
+    await stream.send(b"\x05\x01\x00" + encode_request(Command.CONNECT, "127.0.0.1", origin) + early)
+    data = b""
+    while (reply := parse_reply(data[2:])) is None:
+        data += await stream.receive()
+    assert reply[0][0] == Reply.SUCCEEDED
+    assert data[2 + reply[1] :] == b""  # nothing of the answer yet: the origin answers after our FIN
+    return stream
+
+
+async def _http_connect(port: int, origin: int, early: bytes) -> SocketStream:
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    await stream.send(f"CONNECT 127.0.0.1:{origin} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + early)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert head.endswith(b"\r\n\r\n")
+    return stream
+
+
+@pytest.mark.parametrize("front", ["socks", "http"])
+async def test_fronts_hand_the_socket_to_a_relay_with_early_bytes_first(front: str) -> None:
+    async with (
+        serve_front(_echo_until_eof) as origin,
+        agent_and_server(ExitPolicy(allow_private=True)) as pair,
+    ):
+        connect = _socks_connect if front == "socks" else _http_connect
+        port = pair.socks_port if front == "socks" else pair.http_port
+        with anyio.fail_after(30):
+            clients = []
+            payloads = []
+            for i in range(20):
+                early = os.urandom(100 + i)
+                clients.append(await connect(port, origin, early))
+                payloads.append(early)
+                if i == 0:  # the tunnel is up now: count its tasks
+                    while pair.agent._active != 1:
+                        await anyio.sleep(0.01)
+                    await anyio.sleep(0.1)
+                    before = len(_tunnel_tasks())
+            while pair.agent._active != 20:
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.1)
+            # the handler tasks ended at the hand-off: nothing more per open connection
+            now = _tunnel_tasks()
+            assert len(now) <= before, "\n".join(sorted(now))
+            for i, stream in enumerate(clients):
+                rest = os.urandom(200_000 + i)
+                await stream.send(rest)
+                await stream.send_eof()
+                payloads[i] += rest
+            for stream, payload in zip(clients, payloads, strict=True):
+                out = bytearray()
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        out += await stream.receive()
+                assert bytes(out) == payload[::-1]
+                await stream.aclose()
+            while pair.agent._active:  # each relay's end was counted
+                await anyio.sleep(0.01)
+
+
+def _tunnel_tasks() -> list[str]:
+    """The tasks of this loop other than the test origin's (one per connection), as their await chains."""
+    chains = []
+    for task in asyncio.all_tasks():
+        names = []
+        coro: Any = task.get_coro()
+        while coro is not None and hasattr(coro, "cr_code"):
+            names.append(coro.cr_code.co_qualname)
+            coro = coro.cr_await
+        if "_echo_until_eof" not in names:
+            chains.append("/".join(names))
+    return chains

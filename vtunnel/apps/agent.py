@@ -12,17 +12,17 @@ Every accepted local connection becomes one stream in a pooled tunnel to the ser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup, TaskStatus
+from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from vtunnel.apps.pipe import SocketRelay, tune_transport
-from vtunnel.apps.sockio import RelayListener, open_relay_listener
+from vtunnel.apps.sockio import LeanSocketStream, RelayListener, open_relay_listener
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.errors import TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
@@ -30,6 +30,9 @@ from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.tcp import tune_socket
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
+
+#: serves one accepted front connection
+FrontRunner = Callable[[ByteStream], Coroutine[Any, Any, None]]
 
 log = structlog.get_logger("vtunnel.agent")
 
@@ -110,48 +113,38 @@ class Agent:
             fronts.append(("socks", s.socks, self._socks_handler))
         if s.http:
             fronts.append(("http", s.http, self._http_handler))
-        forward_servers: list[RelayListener] = []
-        listeners = []
+        # every front is a listener whose connections are lean sockets (no loop transport each): a forward is a
+        # relay from the start, a SOCKS5 / HTTP connection reads its header as a stream and then becomes one;
+        # they all begin accepting once the task group exists
+        listeners: list[RelayListener] = []
         try:
             for fwd in s.forwards:
-                # a forward is a protocol-driven relay per connection: no task while it is open
                 name = f"forward {fwd.destination or 'target'}"
-                srv = await open_relay_listener(fwd.listen[0], fwd.listen[1], self._forward_factory(fwd))
-                forward_servers.append(srv)
+                srv = await open_relay_listener(
+                    fwd.listen[0], fwd.listen[1], self._forward_factory(fwd), start=False
+                )
+                listeners.append(srv)
                 self._show(name, srv.sockets[0].getsockname())
             for name, (host, port), handler in fronts:
-                listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-                self._show(name, listener.extra(SocketAttribute.local_address))
-                listeners.append((listener, handler))
+                srv = await open_relay_listener(host, port, self._front_factory(handler), start=False)
+                listeners.append(srv)
+                self._show(name, srv.sockets[0].getsockname())
         except BaseException:
-            for srv in forward_servers:
+            for srv in listeners:
                 srv.close()
             raise
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             await self.pool.run(tg)
-            accepting: list[anyio.CancelScope] = []
-
-            async def accept_on(
-                listener: Listener[Any], handler: Callable[[ByteStream], Awaitable[None]]
-            ) -> None:
-                with anyio.CancelScope() as scope:
-                    accepting.append(scope)
-                    await listener.serve(self._tracked(handler), tg)
-
-            for listener, handler in listeners:
-                tg.start_soon(accept_on, listener, handler)
+            for srv in listeners:
+                srv.start()
             task_status.started(self.local_addresses)
             try:
                 await self._stopping.wait()
             finally:
-                for srv in forward_servers:
+                for srv in listeners:
                     srv.close()
-            for scope in accepting:
-                scope.cancel()
             await anyio.lowlevel.checkpoint()
-            for listener, _ in listeners:
-                await listener.aclose()
             with anyio.move_on_after(s.drain_timeout):
                 await self._idle.wait()
             self.pool.shutdown()
@@ -167,22 +160,35 @@ class Agent:
     def shutdown(self) -> None:
         self._stopping.set()
 
-    def _tracked(
-        self, handler: Callable[[ByteStream], Awaitable[None]]
-    ) -> Callable[[ByteStream], Awaitable[None]]:
+    def _tracked(self, handler: Callable[[ByteStream], Awaitable[None]]) -> FrontRunner:
         async def run(client: ByteStream) -> None:
             self._begin()
             tune_socket(client)
+            if isinstance(client, LeanSocketStream):
+                client.on_relay_done = self._end  # a relay the handler hands the socket to ends it
             try:
                 await handler(client)
             except Exception as exc:
                 log.info("local connection ended with an error", error=str(exc) or repr(exc))
             finally:
-                self._end()
-                with anyio.CancelScope(shield=True):
-                    await anyio.aclose_forcefully(client)
+                if not (isinstance(client, LeanSocketStream) and client.handed_off):
+                    self._end()
+                    with anyio.CancelScope(shield=True):
+                        await anyio.aclose_forcefully(client)
 
         return run
+
+    def _front_factory(self, handler: Callable[[ByteStream], Awaitable[None]]) -> Callable[[], _FrontStream]:
+        tracked = self._tracked(handler)
+        return lambda: _FrontStream(self, tracked)
+
+    def _front_accepted(self, stream: _FrontStream, run: FrontRunner) -> None:
+        """A SOCKS5 / HTTP connection was accepted: serve it in a task (which ends at the hand-off, if any)."""
+        tg = self._task_group
+        if tg is None or self._stopping.is_set():
+            stream.abort()
+            return
+        tg.start_soon(run, stream)
 
     def _begin(self) -> None:
         self._active += 1
@@ -237,6 +243,21 @@ class Agent:
         from vtunnel.apps.httpproxy import serve_http_proxy
 
         await serve_http_proxy(client, self._opener)
+
+
+class _FrontStream(LeanSocketStream):
+    """A SOCKS5 / HTTP front's connection: its handler task starts as soon as the socket is accepted."""
+
+    __slots__ = ("_agent", "_run")
+
+    def __init__(self, agent: Agent, run: FrontRunner) -> None:
+        super().__init__()
+        self._agent = agent
+        self._run = run
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._agent._front_accepted(self, self._run)
 
 
 class _ForwardRelay(SocketRelay):

@@ -28,14 +28,24 @@ import anyio
 import structlog
 from anyio.abc import ByteStream
 
+from vtunnel.apps.sockio import LeanSocketStream
 from vtunnel.runtime.errors import StreamRefused
+from vtunnel.runtime.stream import TunnelStream
 from vtunnel.transports.tcp import SOCKET_BUFFER
 
 if TYPE_CHECKING:
     from vtunnel.protocol import StreamMetadata
-    from vtunnel.runtime.stream import TunnelStream
 
-__all__ = ["CHUNK_SIZE", "HeaderTooLarge", "Opener", "SocketRelay", "StreamBuffer", "pipe", "tune_transport"]
+__all__ = [
+    "CHUNK_SIZE",
+    "HeaderTooLarge",
+    "Opener",
+    "SocketRelay",
+    "StreamBuffer",
+    "hand_to_relay",
+    "pipe",
+    "tune_transport",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -469,6 +479,22 @@ class SocketRelay(asyncio.Protocol):
     def stream_writable(self) -> None:
         if self._pending is not None:
             self._push()
+
+
+def hand_to_relay(client: ByteStream, remote: ByteStream) -> SocketRelay | None:
+    """Join a front's ``client`` to ``remote`` with a :class:`SocketRelay` when both allow it (a lean socket and
+    a tunnel stream): the relay then owns both ends and no task is needed.  Returns the relay, or ``None`` when
+    the caller must ``await pipe(client, remote)`` instead."""
+    if not isinstance(client, LeanSocketStream) or not isinstance(remote, TunnelStream):
+        return None
+    relay = SocketRelay(on_done=client.on_relay_done)
+    early, eof = client.hand_off(relay)
+    if early:
+        relay.data_received(early)
+    if eof:
+        relay.eof_received()
+    relay.attach(remote)
+    return relay
 
 
 class _IdleTimer:

@@ -26,12 +26,22 @@ import errno
 import select
 import socket
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
+import anyio
+import anyio.lowlevel
 import structlog
+from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["RelayListener", "SocketTransport", "SocketWatcher", "attach_socket", "open_relay_listener"]
+__all__ = [
+    "LeanSocketStream",
+    "RelayListener",
+    "SocketTransport",
+    "SocketWatcher",
+    "attach_socket",
+    "open_relay_listener",
+]
 
 log = structlog.get_logger("vtunnel.sockio")
 
@@ -409,6 +419,195 @@ def attach_socket(
     return transport
 
 
+class LeanSocketStream(ByteStream, asyncio.Protocol):
+    """An anyio byte stream over a :class:`SocketTransport` (it is the transport's protocol), for fronts that read
+    a header first and then hand the socket to a relay with :meth:`hand_off`: no task and no buffer stay behind.
+
+    Reads are buffered up to ``READ_LIMIT`` bytes, then the socket is not read until the buffer is taken; a send
+    waits while the transport's write buffer is over its high-water mark.
+    """
+
+    READ_LIMIT: Final = 64 * 1024
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_closed",
+        "_drain",
+        "_eof",
+        "_error",
+        "_handed_off",
+        "_lost",
+        "_reader",
+        "_transport",
+        "_write_paused",
+        "on_relay_done",
+    )
+
+    def __init__(self) -> None:
+        self._transport: SocketTransport | None = None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._eof = False
+        self._lost = False
+        self._error: Exception | None = None
+        self._reader: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._closed = False
+        self._handed_off = False
+        #: called once when the relay this stream was handed to is over (see :meth:`hand_off`)
+        self.on_relay_done: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ anyio ByteStream
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            if self._closed or self._handed_off:
+                raise anyio.ClosedResourceError
+            chunks = self._chunks
+            if chunks:
+                chunk = chunks[0]
+                if len(chunk) <= max_bytes:
+                    del chunks[0]
+                else:
+                    chunks[0] = chunk[max_bytes:]
+                    chunk = chunk[:max_bytes]
+                self._buffered -= len(chunk)
+                t = self._transport
+                if t is not None and not t.is_reading() and self._buffered < self.READ_LIMIT:
+                    t.resume_reading()
+                return chunk
+            if self._error is not None:
+                raise anyio.BrokenResourceError(str(self._error)) from self._error
+            if self._eof:
+                raise anyio.EndOfStream
+            if self._lost:
+                raise anyio.BrokenResourceError("connection lost")
+            waiter = self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._reader = None
+
+    async def send(self, item: bytes) -> None:
+        t = self._transport
+        if self._closed or self._handed_off or t is None:
+            raise anyio.ClosedResourceError
+        if self._error is not None or self._lost or t.is_closing():
+            raise anyio.BrokenResourceError(str(self._error or "connection lost"))
+        t.write(item)
+        while self._write_paused and not self._lost:
+            drain = self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await drain
+            finally:
+                self._drain = None
+        if self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error)) from self._error
+        await anyio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        t = self._transport
+        if self._closed or self._handed_off or t is None:
+            raise anyio.ClosedResourceError
+        try:
+            t.write_eof()
+        except OSError as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        """Close the socket (what was written still goes out); a no-op once the socket was handed off."""
+        if not (self._closed or self._handed_off):
+            self._closed = True
+            self._chunks = []
+            if self._transport is not None:
+                self._transport.close()
+            self._wake()
+        await anyio.lowlevel.checkpoint()
+
+    def abort(self) -> None:
+        """Close the socket at once, dropping what was not sent yet."""
+        self._closed = True
+        self._chunks = []
+        if self._transport is not None:
+            self._transport.abort()
+        self._wake()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        t = self._transport
+        if t is None:
+            return {}
+        sock: socket.socket = t.get_extra_info("socket")
+        return {
+            SocketAttribute.raw_socket: lambda: sock,
+            SocketAttribute.family: lambda: sock.family,
+            SocketAttribute.local_address: lambda: tuple(sock.getsockname()[:2]),
+            SocketAttribute.remote_address: lambda: tuple(sock.getpeername()[:2]),
+            SocketAttribute.local_port: lambda: sock.getsockname()[1],
+            SocketAttribute.remote_port: lambda: sock.getpeername()[1],
+        }
+
+    # ------------------------------------------------------------------ hand-off
+    @property
+    def handed_off(self) -> bool:
+        return self._handed_off
+
+    def hand_off(self, protocol: asyncio.Protocol) -> tuple[bytes, bool]:
+        """Make ``protocol`` the socket's protocol from now on (``connection_made`` is called); returns the bytes
+        read but not yet received, and whether the peer's end of stream came with them.  This stream is then
+        done: receiving and sending raise ``ClosedResourceError`` and :meth:`aclose` leaves the socket alone."""
+        t = self._transport
+        if self._closed or self._handed_off or t is None or self._lost:
+            raise anyio.ClosedResourceError
+        self._handed_off = True
+        early = b"".join(self._chunks)
+        self._chunks = []
+        self._buffered = 0
+        t.set_protocol(protocol)
+        protocol.connection_made(t)
+        if self._write_paused:
+            protocol.pause_writing()
+        self._wake()
+        return early, self._eof
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SocketTransport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self.READ_LIMIT and self._transport is not None:
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # the other direction stays open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._write_paused = False
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in (self._reader, self._drain):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+
 class RelayListener:
     """Listening sockets whose accepted connections each get a protocol from ``factory`` and a lean transport."""
 
@@ -424,9 +623,16 @@ class RelayListener:
         self._loop = loop
         self._watcher = watcher
         self._closed = False
+        self._started = False
         self._retry: dict[int, asyncio.TimerHandle] = {}
-        for sock in sockets:
-            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def start(self) -> None:
+        """Begin accepting (until then connections wait in the backlog)."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        for sock in self.sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets (open connections go on)."""
@@ -436,8 +642,9 @@ class RelayListener:
         for handle in self._retry.values():
             handle.cancel()
         for sock in self.sockets:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(sock.fileno())
+            if self._started:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(sock.fileno())
             sock.close()
 
     def _accept(self, lsock: socket.socket) -> None:
@@ -473,9 +680,15 @@ class RelayListener:
 
 
 async def open_relay_listener(
-    host: str | None, port: int, factory: Callable[[], asyncio.Protocol], *, backlog: int = 1024
+    host: str | None,
+    port: int,
+    factory: Callable[[], asyncio.Protocol],
+    *,
+    backlog: int = 1024,
+    start: bool = True,
 ) -> RelayListener:
-    """Listen on every address ``host`` resolves to (all interfaces for ``None`` or ""), as ``create_server``."""
+    """Listen on every address ``host`` resolves to (all interfaces for ``None`` or ""), as ``create_server``;
+    with ``start=False`` accepting begins at :meth:`RelayListener.start`."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -509,4 +722,7 @@ async def open_relay_listener(
         for sock in sockets:
             sock.close()
         raise
-    return RelayListener(sockets, factory, loop, watcher_for(loop))
+    listener = RelayListener(sockets, factory, loop, watcher_for(loop))
+    if start:
+        listener.start()
+    return listener
