@@ -1,4 +1,5 @@
-"""Random bytes into each front over a real socket pair: it answers or closes, and never raises."""
+"""Random bytes into each front over a real socket pair (anyio's stream and the agent's lean one): it answers or
+closes, and never raises."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtunnel.apps.httpproxy import serve_http_proxy
+from vtunnel.apps.sockio import LeanSocketStream, attach_socket
 from vtunnel.apps.socks5 import serve_socks5
 from vtunnel.apps.websocks import classify_websocks, serve_websocks
 from vtunnel.protocol import StreamMetadata
@@ -26,10 +28,17 @@ async def _refusing_opener(metadata: StreamMetadata) -> ByteStream:
     raise StreamRefused("refused")
 
 
-async def _feed(handler: Handler, data: bytes) -> bytes:
-    """Run ``handler`` on one end of a socket pair, write ``data`` and EOF on the other; return the answer."""
+async def _feed(handler: Handler, data: bytes, lean: bool = False) -> bytes:
+    """Run ``handler`` on one end of a socket pair, write ``data`` and EOF on the other; return the answer.
+
+    ``lean``: the handler's end is the agent's own stream (a LeanSocketStream), else anyio's socket stream."""
     left, right = socket.socketpair()
-    server = await SocketStream.from_socket(left)
+    server: ByteStream
+    if lean:
+        server = LeanSocketStream()
+        attach_socket(left, server)
+    else:
+        server = await SocketStream.from_socket(left)
     client = await SocketStream.from_socket(right)
     answer = b""
     with anyio.fail_after(10):
@@ -58,22 +67,22 @@ _settings = settings(max_examples=60, deadline=None, suppress_health_check=[Heal
 
 
 @_settings
-@given(_inputs)
-def test_socks5_front_survives_any_input(data: bytes) -> None:
+@given(_inputs, st.booleans())
+def test_socks5_front_survives_any_input(data: bytes, lean: bool) -> None:
     async def handler(stream: ByteStream) -> None:
         await serve_socks5(stream, _refusing_opener, handshake_timeout=5)
 
-    answer = anyio.run(_feed, handler, data)
+    answer = anyio.run(_feed, handler, data, lean)
     assert len(answer) <= 2 + 22  # at most a method choice and one reply
 
 
 @_settings
-@given(_inputs)
-def test_http_front_survives_any_input(data: bytes) -> None:
+@given(_inputs, st.booleans())
+def test_http_front_survives_any_input(data: bytes, lean: bool) -> None:
     async def handler(stream: ByteStream) -> None:
         await serve_http_proxy(stream, _refusing_opener, idle_timeout=5)
 
-    answer = anyio.run(_feed, handler, data)
+    answer = anyio.run(_feed, handler, data, lean)
     assert answer == b"" or answer.startswith(b"HTTP/1.1 ")
 
 
