@@ -390,3 +390,34 @@ def _tunnel_tasks() -> list[str]:
         if "_echo_until_eof" not in names:
             chains.append("/".join(names))
     return chains
+
+
+async def test_websocks_streams_become_relays_on_the_server() -> None:
+    """After the upgrade and the SOCKS5 exchange, the exit joins the stream and its socket with a relay."""
+    async with (
+        serve_front(_echo_until_eof) as origin,
+        agent_and_server(ExitPolicy(allow_private=True), users={"bob": "pw"}) as pair,
+    ):
+        with anyio.fail_after(30):
+            streams = []
+            for i in range(12):
+                stream = await pair.agent.open(None)
+                rest = await websocks_connect(stream, "bob", "pw", "127.0.0.1", origin)
+                assert rest == b""
+                streams.append(stream)
+                if i == 1:  # the tunnel and the first relay are up: count the tasks
+                    await anyio.sleep(0.1)
+                    before = len(_tunnel_tasks())
+            await anyio.sleep(0.1)
+            now = _tunnel_tasks()
+            assert len(now) <= before, "\n".join(sorted(now))
+            for i, stream in enumerate(streams):
+                payload = os.urandom(50_000 + i)
+                await stream.send(payload)
+                await stream.send_eof()
+                out = bytearray()
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        out += await stream.receive()
+                assert bytes(out) == payload[::-1]
+                await stream.aclose()

@@ -481,19 +481,20 @@ class SocketRelay(asyncio.Protocol):
             self._push()
 
 
-def hand_to_relay(client: ByteStream, remote: ByteStream) -> SocketRelay | None:
-    """Join a front's ``client`` to ``remote`` with a :class:`SocketRelay` when both allow it (a lean socket and
-    a tunnel stream): the relay then owns both ends and no task is needed.  Returns the relay, or ``None`` when
-    the caller must ``await pipe(client, remote)`` instead."""
-    if not isinstance(client, LeanSocketStream) or not isinstance(remote, TunnelStream):
+def hand_to_relay(socket_end: ByteStream, tunnel_end: ByteStream) -> SocketRelay | None:
+    """Join ``socket_end`` to ``tunnel_end`` with a :class:`SocketRelay` when both allow it (a lean socket stream
+    and a tunnel stream): the relay then owns both and no task is needed.  Returns the relay, or ``None`` when
+    the caller must ``await pipe(socket_end, tunnel_end)`` instead.  Either way the caller must not close
+    either end itself once this returned a relay."""
+    if not isinstance(socket_end, LeanSocketStream) or not isinstance(tunnel_end, TunnelStream):
         return None
-    relay = SocketRelay(on_done=client.on_relay_done)
-    early, eof = client.hand_off(relay)
+    relay = SocketRelay(on_done=socket_end.on_relay_done)
+    early, eof = socket_end.hand_off(relay)
     if early:
         relay.data_received(early)
     if eof:
         relay.eof_received()
-    relay.attach(remote)
+    relay.attach(tunnel_end)
     return relay
 
 

@@ -32,7 +32,8 @@ import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.apps.dialer import Dialer, DialError
-from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, pipe
+from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, hand_to_relay, pipe
+from vtunnel.apps.sockio import LeanSocketStream, attach_socket
 from vtunnel.apps.socks5 import (
     SOCKS_VERSION,
     Command,
@@ -174,6 +175,7 @@ async def serve_websocks(
     clock = now_ms or _default_now_ms
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     buffer = StreamBuffer(stream, limit=MAX_REQUEST, initial=first)
+    relayed = False
     try:
         with anyio.fail_after(handshake_timeout):
             request = await _read_request(conn, buffer)
@@ -202,10 +204,18 @@ async def serve_websocks(
             remote = await _socks5_connect(stream, buffer, dialer)
         if remote is None:
             return
-        early = buffer.take_pending()
-        if early:
-            await remote.send(early)
+        try:
+            early = buffer.take_pending()
+            if early:
+                await remote.send(early)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(remote)
+            raise
         log.debug("websocks.relaying", user=user)
+        if hand_to_relay(remote, stream) is not None:
+            relayed = True  # the relay owns both ends now: no task, and nothing to close here
+            return
         await pipe(stream, remote)
     except (h11.RemoteProtocolError, h11.LocalProtocolError, HeaderTooLarge, Socks5Error) as exc:
         log.info("websocks.bad_request", error=str(exc))
@@ -216,8 +226,9 @@ async def serve_websocks(
     except Exception as exc:  # never take the server down with one stream
         log.exception("websocks.internal_error", error=repr(exc))
     finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.aclose_forcefully(stream)
+        if not relayed:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
 
 
 async def _read_request(conn: h11.Connection, buffer: StreamBuffer) -> h11.Request:
@@ -261,7 +272,9 @@ async def _socks5_connect(stream: ByteStream, buffer: StreamBuffer, dialer: Dial
         await stream.send(encode_reply(Reply.COMMAND_NOT_SUPPORTED))
         return None
     try:
-        remote = await dialer.dial(request.authority)
+        # a lean socket stream, so that the connection can become a callback relay once it is set up
+        remote = LeanSocketStream()
+        attach_socket(await dialer.dial_socket(request.authority), remote)
     except DialError as exc:
         log.info("websocks.dial_failed", authority=request.authority, error=exc.error)
         await stream.send(encode_reply(reply_for_refusal(exc.error)))
