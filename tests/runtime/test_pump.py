@@ -370,3 +370,33 @@ def test_any_interleaving_of_direct_and_waiting_writes_keeps_every_stream_in_ord
     writes: list[tuple[int, int]],
 ) -> None:
     anyio.run(_interleaved_writes, writes, 3)
+
+
+async def test_a_server_tunnel_whose_peer_never_handshakes_is_closed_after_the_handshake_timeout() -> None:
+    """A silent peer must not hold a server's socket (and descriptor) forever."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    closed = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def on_accept(stream: ByteStream) -> None:
+            conn = TunnelConnection(
+                stream, role=Role.SERVER, config=TunnelConfig(handshake_timeout=0.3), name="s"
+            )
+            await conn.run()
+            closed.set()
+
+        tg.start_soon(listener.serve, on_accept)
+        silent = await anyio.connect_tcp("127.0.0.1", port)
+        with anyio.fail_after(10):
+            await closed.wait()
+            # the server closed the transport: the silent peer sees the end (after a GOAWAY)
+            ended = False
+            while not ended:
+                try:
+                    await silent.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    ended = True
+        await silent.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()

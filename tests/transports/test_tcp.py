@@ -71,7 +71,7 @@ async def test_tls_server_needs_cert_and_key() -> None:
         await get_transport("tls").listen(Endpoint.parse("tls://127.0.0.1:0"), security=KEY)
 
 
-async def test_handshakes_in_progress_are_capped() -> None:
+async def test_at_the_handshake_cap_the_oldest_pending_connection_makes_room() -> None:
     transport = get_transport("tcp")
     listener = await transport.listen(Endpoint.parse("tcp://127.0.0.1:0"), security=KEY)
     assert isinstance(listener, SecuredListener)
@@ -90,14 +90,17 @@ async def test_handshakes_in_progress_are_capped() -> None:
         with anyio.fail_after(10):
             while listener.pending < 2:
                 await anyio.sleep(0.01)
-        extra = await anyio.connect_tcp("127.0.0.1", port)
+        # a key holder arriving now gets in: the oldest unauthenticated connection is closed for it
+        client = await transport.connect(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=KEY)
         with anyio.fail_after(5), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-            await extra.receive()  # closed at once, nothing sent
-        for h in held:
-            with anyio.move_on_after(0.2):
-                assert await h.receive() == b"never"  # silence: nothing arrives
-        assert served == []
-        for s in [*held, extra]:
+            await held[0].receive()  # closed, nothing sent
+        with anyio.move_on_after(0.2):
+            assert await held[1].receive() == b"never"  # silence: still held, nothing arrives
+        with anyio.fail_after(5):
+            while not served:
+                await anyio.sleep(0.01)
+        assert listener.shed == 1
+        for s in [*held, client, *served]:
             await s.aclose()
         tg.cancel_scope.cancel()
     await listener.aclose()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import select
 import socket
 import weakref
@@ -35,6 +34,8 @@ import anyio
 import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
+
+from vtunnel.transports.resources import ThrottledWarning, is_out_of_resources, open_file_limit
 
 __all__ = [
     "LeanSocketStream",
@@ -62,7 +63,6 @@ EVENTS_PER_WAKEUP: Final = 256
 #: connections accepted per wake-up of a listener, and the pause after the process ran out of descriptors
 ACCEPT_BATCH: Final = 64
 ACCEPT_RETRY_DELAY: Final = 1.0
-_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _IN: Final = 1  # want readable
 _OUT: Final = 4  # want writable
@@ -657,6 +657,7 @@ class RelayListener:
         self._closed = False
         self._started = False
         self._retry: dict[int, asyncio.TimerHandle] = {}
+        self._warn_exhausted = ThrottledWarning(log, "cannot accept connections for now: out of resources")
 
     def start(self) -> None:
         """Begin accepting (until then connections wait in the backlog)."""
@@ -688,10 +689,10 @@ class RelayListener:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
+                if is_out_of_resources(exc):
                     # the backlog keeps the waiting connections; look again once something may have closed
-                    log.warning(
-                        "cannot accept connections for now", error=exc.strerror, retry_in=ACCEPT_RETRY_DELAY
+                    self._warn_exhausted(
+                        error=exc.strerror, retry_in=ACCEPT_RETRY_DELAY, limit=open_file_limit()
                     )
                     fd = lsock.fileno()
                     self._loop.remove_reader(fd)

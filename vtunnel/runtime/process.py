@@ -10,13 +10,21 @@ from typing import Any
 import anyio
 import structlog
 
+from vtunnel.transports.resources import raise_open_file_limit
+
 __all__ = ["run_async", "serve_until_signal"]
 
 log = structlog.get_logger("vtunnel")
 
 
 def run_async(main: Callable[[], Awaitable[None]]) -> None:
-    """Run on asyncio, with uvloop when it is installed (``VTUNNEL_LOOP=asyncio`` forces the standard loop)."""
+    """Run on asyncio, with uvloop when it is installed (``VTUNNEL_LOOP=asyncio`` forces the standard loop).
+
+    The soft limit on open descriptors is first raised to the hard one: every relayed connection holds one.
+    """
+    limits = raise_open_file_limit()
+    if limits is not None and limits[0] != limits[1]:
+        log.debug("descriptor limit raised", before=limits[0], after=limits[1])
     options: dict[str, Any] = {}
     if os.environ.get("VTUNNEL_LOOP", "auto") != "asyncio":
         try:

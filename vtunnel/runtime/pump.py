@@ -215,9 +215,10 @@ class TunnelConnection:
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                if self.role is Role.CLIENT:
-                    self.tunnel.initiate(_now())
-                    self.flush()
+                # client: the SETTINGS go out; server: the handshake timer starts, so a peer that never
+                # completes the handshake is closed after handshake_timeout instead of holding its socket forever
+                self.tunnel.initiate(_now())
+                self.flush()
                 tg.start_soon(self._writer_task)
                 tg.start_soon(self._timer)
                 tg.start_soon(self._reader_task)

@@ -37,7 +37,7 @@ from .handshake import (
     random_between,
 )
 from .noise import TAGLEN, Initiator, Responder, check_psk
-from .replay import ReplayCache
+from .replay import HandshakeLimiter, ReplayCache
 
 __all__ = [
     "MAX_HANDSHAKE_LEN",
@@ -365,16 +365,24 @@ class SecureStreamServer(_SecureStream):
     peer that fails.
     """
 
-    __slots__ = ("_accepted", "_psk", "_replay")
+    __slots__ = ("_accepted", "_limiter", "_psk", "_replay", "_source")
 
     def __init__(
-        self, psk: bytes, *, replay: ReplayCache, ciphers: Sequence[Cipher] = DEFAULT_CIPHERS
+        self,
+        psk: bytes,
+        *,
+        replay: ReplayCache,
+        ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
+        limiter: HandshakeLimiter | None = None,
+        source: str = "",
     ) -> None:
         super().__init__()
         check_psk(psk)
         self._psk = bytes(psk)
         self._replay = replay
         self._accepted = check_ciphers(ciphers)
+        self._limiter = limiter
+        self._source = source
 
     def _handshake_step(self, now: float) -> bool:
         frame = self._take_frame(MIN_INIT_LEN, MAX_HANDSHAKE_LEN)
@@ -388,6 +396,10 @@ class SecureStreamServer(_SecureStream):
             raise AuthenticationFailed("the client offers no cipher this server accepts")
         if not self._replay.check_and_remember(init.token, init.timestamp, now):
             raise AuthenticationFailed("first handshake message replayed or outside the time window")
+        # Only now, with the first message authenticated (no DH so far), is the source's budget charged: the
+        # reply's DH is the work it protects, and a peer without the key can never spend it for others.
+        if self._limiter is not None and not self._limiter.allow(self._source, now):
+            raise AuthenticationFailed("too many handshakes from this source")
         room = len(frame) - MIN_REPLY_LEN
         pad = padding(random_between(0, min(REPLY_PADDING_MAX, room)))
         reply = hs.write_message2(bytes((cipher,)) + pad)

@@ -259,7 +259,7 @@ async def secure_server(
 
     At the start a time ``T`` is drawn uniformly from ``silence``. A peer must complete the handshake within
     ``T`` seconds. A peer that fails (wrong key, garbage, an HTTP request, a replay, a stale timestamp, too
-    many handshakes from ``source`` according to ``limiter``, or just silence) gets not one byte: the server
+    many authenticated handshakes from ``source`` according to ``limiter``, or just silence) gets not one byte: the server
     keeps reading and discarding until ``T`` seconds after the start (or the peer's own close), closes
     ``stream`` and returns None.
 
@@ -270,11 +270,9 @@ async def secure_server(
     """
     start = time.monotonic()
     deadline = start + _random.uniform(*silence)
-    if limiter is not None and not limiter.allow(source, start):
-        log.info("handshake refused", source=source, reason="too many handshakes from this source")
-        await _discard_until(stream, deadline)
-        return None
-    core = SecureStreamServer(psk, replay=replay, ciphers=cipher_preference(cipher))
+    core = SecureStreamServer(
+        psk, replay=replay, ciphers=cipher_preference(cipher), limiter=limiter, source=source
+    )
     received = bytearray()
     try:
         with anyio.move_on_after(max(0.0, deadline - time.monotonic())):

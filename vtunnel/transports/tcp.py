@@ -18,10 +18,17 @@ from typing import Any, ClassVar
 
 import anyio
 import structlog
-from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
+from anyio.abc import ByteStream, Listener, SocketAttribute, SocketListener, TaskGroup
+from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
+from vtunnel.transports.resources import (
+    ThrottledWarning,
+    is_out_of_resources,
+    open_file_limit,
+    pending_limit,
+)
 
 __all__ = ["SecuredListener", "TCPTransport", "TLSTransport"]
 
@@ -29,6 +36,9 @@ log = structlog.get_logger("vtunnel.transports.tcp")
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
+#: first and longest pause of an accept loop that the kernel refuses resources (seconds)
+ACCEPT_RETRY_MIN = 0.05
+ACCEPT_RETRY_MAX = 1.0
 
 
 def tune_socket(stream: Any) -> None:
@@ -49,7 +59,15 @@ def tune_socket(stream: Any) -> None:
 
 
 class SecuredListener(Listener[ByteStream]):
-    """Wraps a listener: each accepted stream first passes ``prepare`` (TLS, PSK handshake), else it is dropped."""
+    """Wraps a listener: each accepted stream first passes ``prepare`` (TLS, PSK handshake), else it is dropped.
+
+    Connections still in ``prepare`` are *pending*: unauthenticated, and at most :attr:`max_pending` of them
+    (a quarter of the descriptor limit, see :func:`~vtunnel.transports.resources.pending_limit`). A new connection
+    beyond that closes the oldest pending one, so a flood of idle connections cannot keep a real client out: each
+    connection gets at least ``max_pending`` newcomers' worth of time to prove itself. When ``accept`` fails
+    because the process is out of descriptors (or the kernel of buffers or memory), the listener closes the
+    oldest pending connection if there is one, otherwise waits and tries again; it never stops serving for it.
+    """
 
     def __init__(
         self,
@@ -57,47 +75,98 @@ class SecuredListener(Listener[ByteStream]):
         prepare: Callable[[ByteStream], Awaitable[ByteStream | None]],
         *,
         local: str,
-        max_pending: int = 1024,
+        max_pending: int | None = None,
     ) -> None:
         self._inner = inner
         self._prepare = prepare
         self._local = local
-        #: connections still in their handshake (or held silent after failing it) at most; more are closed at once
-        self.max_pending = max_pending
-        self.pending = 0
+        #: connections in their handshake (or held silent after failing it) at most
+        self.max_pending = pending_limit() if max_pending is None else max_pending
+        #: pending connections, oldest first: cancelling one's scope closes it
+        self._pending: dict[anyio.CancelScope, None] = {}
+        #: pending connections closed to make room (a count, for logs and tests)
+        self.shed = 0
+        self._warn_exhausted = ThrottledWarning(log, "cannot accept connections for now: out of resources")
+        self._warn_shedding = ThrottledWarning(
+            log, "too many connections in their handshake: closing the oldest ones"
+        )
 
     @property
     def local_address(self) -> str:
         return self._local
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _shed_oldest(self) -> bool:
+        for scope in self._pending:
+            if not scope.cancel_called:
+                scope.cancel()
+                self.shed += 1
+                return True
+        return False
+
     async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
-        async def wrapped(raw: ByteStream) -> None:
-            if self.pending >= self.max_pending:
-                log.warning(
-                    "too many connections in their handshake: closing a new one", limit=self.max_pending
-                )
-                await anyio.aclose_forcefully(raw)
-                return
-            tune_socket(raw)
-            self.pending += 1
+        inner = self._inner
+        listeners: list[SocketListener] = []
+        for listener in inner.listeners if isinstance(inner, MultiListener) else [inner]:
+            if not isinstance(listener, SocketListener):
+                raise TypeError(f"a secured listener accepts on sockets, not on {type(listener).__name__}")
+            listeners.append(listener)
+        async with contextlib.AsyncExitStack() as stack:
+            if task_group is None:
+                task_group = await stack.enter_async_context(anyio.create_task_group())
+            async with anyio.create_task_group() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept_loop, listener, handler, task_group)
+
+    async def _accept_loop(
+        self, listener: SocketListener, handler: Callable[[ByteStream], Any], task_group: TaskGroup
+    ) -> None:
+        delay = ACCEPT_RETRY_MIN
+        while True:
             try:
-                stream = await self._prepare(raw)
-            except Exception as exc:
-                log.debug("transport handshake failed", error=repr(exc))
-                await anyio.aclose_forcefully(raw)
-                return
-            except BaseException:  # cancelled (shutdown) mid-handshake
+                raw = await listener.accept()
+            except OSError as exc:
+                if is_out_of_resources(exc):
+                    freed = self._shed_oldest()
+                    self._warn_exhausted(
+                        error=exc.strerror, pending=self.pending, closed_oldest=freed, limit=open_file_limit()
+                    )
+                    # a shed connection's descriptor is closed when its task runs: give it that turn
+                    await anyio.sleep(0.01 if freed else delay)
+                    delay = ACCEPT_RETRY_MIN if freed else min(delay * 2, ACCEPT_RETRY_MAX)
+                else:
+                    log.warning("accept failed", error=exc.strerror or repr(exc))
+                    await anyio.sleep(ACCEPT_RETRY_MIN)
+                continue
+            delay = ACCEPT_RETRY_MIN
+            if len(self._pending) >= self.max_pending:
+                self._shed_oldest()
+                self._warn_shedding(limit=self.max_pending)
+            scope = anyio.CancelScope()
+            self._pending[scope] = None
+            task_group.start_soon(self._serve_one, raw, scope, handler)
+
+    async def _serve_one(
+        self, raw: ByteStream, scope: anyio.CancelScope, handler: Callable[[ByteStream], Any]
+    ) -> None:
+        stream: ByteStream | None = None
+        try:
+            with scope:
+                tune_socket(raw)
+                try:
+                    stream = await self._prepare(raw)
+                except Exception as exc:
+                    log.debug("transport handshake failed", error=repr(exc))
+        finally:
+            self._pending.pop(scope, None)
+            if stream is None:
                 with anyio.CancelScope(shield=True):
                     await anyio.aclose_forcefully(raw)
-                raise
-            finally:
-                self.pending -= 1
-            if stream is None:
-                await anyio.aclose_forcefully(raw)
-                return
+        if stream is not None:
             await handler(stream)
-
-        await self._inner.serve(wrapped, task_group)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
