@@ -134,7 +134,8 @@ def test_bytes_to_send_counts_what_data_to_send_returns() -> None:
 def test_any_interleaving_and_chunking_delivers_every_byte_in_order(
     writes: list[tuple[int, int]], chunk: int
 ) -> None:
-    client, server, sids = opened(count=3)
+    # every write fits in the first window: nothing is read back here
+    client, server, sids = opened(TunnelConfig(initial_stream_window=1 << 20), count=3)
     sent: dict[int, bytearray] = {sid: bytearray() for sid in sids}
     for i, (which, size) in enumerate(writes):
         sid = sids[which]
@@ -162,4 +163,6 @@ def test_a_peer_that_leaves_out_the_stream_window_gets_the_old_default() -> None
 
     peer = parse_peer_settings([(SettingId.MAGIC, 0x7674756E), (SettingId.VERSION, 1)])
     assert peer.initial_stream_window == ABSENT_STREAM_WINDOW == 256 * 1024
-    assert TunnelConfig().initial_stream_window == 4 * 1024 * 1024
+    # our own streams start at the same size and grow to max_stream_window as they are read
+    assert TunnelConfig().initial_stream_window == 64 * 1024
+    assert TunnelConfig().max_stream_window == 4 * 1024 * 1024

@@ -57,7 +57,7 @@ def test_stalled_reader_does_not_stop_a_64_mib_transfer() -> None:
                     received += len(ev.data)
         peak_moving_buffered = max(peak_moving_buffered, moving_buffered)
         assert stalled_buffered <= config.initial_stream_window
-        assert moving_buffered <= config.initial_stream_window
+        assert moving_buffered <= config.max_stream_window
         server.tunnel.acknowledge_received_data(moving, moving_buffered)
         client.tunnel.receive_data(server.tunnel.data_to_send(), 0)
         if received == total:
@@ -70,11 +70,18 @@ def test_stalled_reader_does_not_stop_a_64_mib_transfer() -> None:
     server.tunnel.acknowledge_received_data(stalled, stalled_buffered)
     client.events.extend(client.tunnel.receive_data(server.tunnel.data_to_send(), 0))
     assert events.WindowUpdated(stream_id=stalled) in client.events
-    assert client.tunnel.send_window(stalled) == config.initial_stream_window
+    # the window it kept was never read: it returns whole, doubled since the stream is now being read
+    assert client.tunnel.send_window(stalled) == 2 * config.initial_stream_window
 
 
 def test_closing_a_stream_returns_its_unread_bytes_to_the_tunnel() -> None:
-    config = TunnelConfig(initial_stream_window=64 * 1024, initial_tunnel_window=128 * 1024)
+    # a budget this small holds back the tunnel credit of everything that arrives and is not read
+    config = TunnelConfig(
+        initial_stream_window=64 * 1024,
+        max_stream_window=64 * 1024,
+        initial_tunnel_window=128 * 1024,
+        receive_budget=1024,
+    )
     client, server, stalled, moving = open_pair(config)
     client.tunnel.send_data(stalled, b"a" * 64 * 1024)
     client.tunnel.send_data(moving, b"b" * 64 * 1024)
@@ -99,7 +106,7 @@ def test_data_for_a_reset_stream_does_not_leak_tunnel_credit() -> None:
 
 
 def test_window_update_is_sent_at_half_the_window() -> None:
-    config = TunnelConfig(initial_stream_window=4096, initial_tunnel_window=1 << 20)
+    config = TunnelConfig(initial_stream_window=4096, max_stream_window=4096, initial_tunnel_window=1 << 20)
     client, server, _stalled, moving = open_pair(config)
     client.tunnel.send_data(moving, b"x" * 4096)
     pump(client, server)

@@ -220,7 +220,7 @@ def test_vtunnel_handshake_bytes_match_the_document() -> None:
     hello = client.data_to_send()
     assert hello == h(
         "000024 04 00 00000000 f000 7674756e f001 00000001 f002 0000000b"
-        " f003 00400000 f004 01000000 f005 00004000"
+        " f003 00010000 f004 01000000 f005 00004000"
     )
     server = Tunnel(role=Role.SERVER)
     server.receive_data(hello, 0)

@@ -76,8 +76,17 @@ class TunnelConfig:
     keepalive_timeout: float = 5.0
     keepalive_max_missed: int = 2
     handshake_timeout: float = 5.0
-    initial_stream_window: int = 4 * 1024 * 1024
+    #: the window each new stream starts with (advertised in SETTINGS); it doubles each time the application
+    #: has read half of it, up to ``max_stream_window`` (raised to ``initial_stream_window`` if below it),
+    #: while the growth of all streams stays within ``receive_budget``
+    initial_stream_window: int = 64 * 1024
+    max_stream_window: int = 4 * 1024 * 1024
     initial_tunnel_window: int = 16 * 1024 * 1024
+    #: bytes delivered and not yet read that the tunnel window still covers: below it, tunnel credit returns as
+    #: data arrives, so streams whose reader stalled never use up the tunnel window for the others; above it,
+    #: only as the application reads. What one tunnel makes its receiver hold is at most this plus
+    #: ``initial_tunnel_window``, however many streams stall (docs/protocol.md, "Flow control").
+    receive_budget: int = 16 * 1024 * 1024
     max_frame_size: int = 16384
     gzip: bool = False
     drain_timeout: float = 10.0
@@ -93,10 +102,12 @@ class TunnelConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
         if not isinstance(self.keepalive_max_missed, int) or self.keepalive_max_missed < 1:
             raise ConfigError(f"keepalive_max_missed must be an int >= 1, not {self.keepalive_max_missed!r}")
-        for name in ("initial_stream_window", "initial_tunnel_window"):
+        for name in ("initial_stream_window", "max_stream_window", "initial_tunnel_window", "receive_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1024 <= value <= MAX_WINDOW:
                 raise ConfigError(f"{name} must be an int in [1024, {MAX_WINDOW}], not {value!r}")
+        if self.max_stream_window < self.initial_stream_window:  # a larger first window is never shrunk
+            object.__setattr__(self, "max_stream_window", self.initial_stream_window)
         if not isinstance(self.max_frame_size, int) or not (
             MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_PAYLOAD
         ):

@@ -149,8 +149,10 @@ class Stream:
         "recv_remaining",
         "recv_unacked",
         "recv_unannounced",
+        "recv_window",
         "send_window",
         "state",
+        "tunnel_owed",
     )
 
     def __init__(self, stream_id: int, *, send_window: int, recv_window: int) -> None:
@@ -160,7 +162,11 @@ class Stream:
         self.datagram = False  # a ``udp`` stream: one DATA frame per datagram
         self.accepted = False  # client: SYN-ACK received; server: SYN-ACK sent
         self.send_window = send_window  # credit the peer gave us
+        self.recv_window = (
+            recv_window  # the window we grant now: grows while the stream is read, within budget
+        )
         self.recv_remaining = recv_window  # credit we gave the peer and it has not used
+        self.tunnel_owed = 0  # delivered bytes whose tunnel credit waits for the application (over budget)
         self.recv_unacked = 0  # delivered to the application, not yet acknowledged
         self.recv_unannounced = 0  # acknowledged, not yet returned with WINDOW_UPDATE
         self.pending: list[bytes | memoryview] = []  # outgoing frames held until the SYN-ACK (no 0-RTT)

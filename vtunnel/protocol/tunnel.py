@@ -122,6 +122,10 @@ class Tunnel:
         self._tunnel_send_window = fr.MAX_WINDOW
         self._tunnel_recv_remaining = config.initial_tunnel_window
         self._tunnel_recv_unannounced = 0
+        self._buffered = 0  # delivered, not yet acknowledged, over all streams
+        self._owed = 0  # of which the tunnel credit is held back (the stream's tunnel_owed), over all streams
+        self._owing: dict[int, Stream] = {}  # the streams with tunnel_owed > 0
+        self._grown = 0  # stream windows' growth past initial_stream_window, over all streams
         self._next_stream_id = 1
         self._highest_peer_stream = 0
         self._now = 0.0
@@ -276,6 +280,21 @@ class Tunnel:
         stream.accepted = True
         self._out.append(fr.encode_frame(fr.FrameType.HEADERS, 0, stream_id))
 
+    @property
+    def received_unread(self) -> int:
+        """Bytes delivered on all streams that the application has not acknowledged yet."""
+        return self._buffered
+
+    @property
+    def tunnel_credit_held(self) -> int:
+        """Of :attr:`received_unread`, the bytes whose tunnel credit is held back (over ``receive_budget``)."""
+        return self._owed
+
+    def unacknowledged(self, stream_id: int) -> int:
+        """Bytes delivered on ``stream_id`` that the application has not acknowledged yet (0 if it is gone)."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.recv_unacked
+
     def send_window(self, stream_id: int) -> int:
         """Bytes ``send_data`` accepts now on this stream (0 when it can no longer send)."""
         stream = self._streams.get(stream_id)
@@ -357,9 +376,16 @@ class Tunnel:
         if effect is StreamEffect.RESET:
             self._out.append(self._rst_frame(stream_id, None))
         del self._streams[stream_id]
-        if stream.recv_unacked and self._ext.flow_control:
-            self._credit_tunnel(stream.recv_unacked)
+        self._buffered -= stream.recv_unacked
         stream.recv_unacked = 0
+        self._grown -= stream.recv_window - self.config.initial_stream_window
+        if stream.tunnel_owed:
+            self._owed -= stream.tunnel_owed
+            del self._owing[stream_id]
+            if self._ext.flow_control:
+                self._credit_tunnel(stream.tunnel_owed)
+            stream.tunnel_owed = 0
+        self._release_owed()
         self._check_drain_later()
 
     def acknowledge_received_data(self, stream_id: int, n: int) -> None:
@@ -374,16 +400,32 @@ class Tunnel:
                 f"acknowledging {n} bytes but only {stream.recv_unacked} are unacknowledged on {stream_id}"
             )
         stream.recv_unacked -= n
+        self._buffered -= n
         if not self._ext.flow_control or self._state is TunnelState.CLOSED:
             return
         if stream.state in _PEER_SENDING_STATES:
             stream.recv_unannounced += n
-            if stream.recv_unannounced >= self.config.initial_stream_window // 2:
+            window = stream.recv_window
+            if stream.recv_unannounced >= window // 2:
                 increment = stream.recv_unannounced
                 stream.recv_unannounced = 0
+                # read as fast as it arrives: the window doubles, within the tunnel's receive budget
+                growth = min(window, self.config.max_stream_window - window)
+                if growth > 0 and self._grown + growth <= self.config.receive_budget:
+                    stream.recv_window = window + growth
+                    self._grown += growth
+                    increment += growth
                 stream.recv_remaining += increment
                 self._out.append(fr.encode_window_update(stream_id, increment))
-        self._credit_tunnel(n)
+        owed = stream.tunnel_owed
+        if owed:
+            paid = min(owed, n)
+            stream.tunnel_owed = owed - paid
+            self._owed -= paid
+            if not stream.tunnel_owed:
+                del self._owing[stream_id]
+            self._credit_tunnel(paid)
+        self._release_owed()
 
     def shutdown(self, reason: str, *, graceful: bool = True) -> None:
         """GOAWAY. Graceful: no new streams, open ones finish (at most ``drain_timeout``), then close."""
@@ -509,6 +551,19 @@ class Tunnel:
                         self._stream_error(stream, "flow-control", ErrorCode.FLOW_CONTROL_ERROR)
                         return
                     stream.recv_remaining -= size
+                    self._buffered += size
+                    # within the budget the tunnel credit returns at once: the stream window alone holds the
+                    # bytes back, so a stream whose reader stalled never takes the tunnel window from the others
+                    if self._buffered - self._owed <= self.config.receive_budget:
+                        self._credit_tunnel(size)
+                    else:
+                        if not stream.tunnel_owed:
+                            self._owing[sid] = stream
+                        stream.tunnel_owed += size
+                        self._owed += size
+                        self._credit_tunnel(0)  # what was credited earlier may be all the peer has left
+                else:
+                    self._buffered += size
                 stream.recv_unacked += size
                 if stream.datagram:
                     self._emit(DataReceived(stream_id=sid, data=bytes(data)))
@@ -861,9 +916,31 @@ class Tunnel:
             append(fr.frame_header(fr.FrameType.DATA, flags, sid, len(chunk)))
             append(chunk)
 
+    def _release_owed(self) -> None:
+        """Reading made room in the receive budget: return tunnel credit that was held back, oldest first."""
+        if not self._owed:
+            return
+        room = self.config.receive_budget - (self._buffered - self._owed)
+        while room > 0 and self._owing:
+            sid, stream = next(iter(self._owing.items()))
+            paid = min(room, stream.tunnel_owed)
+            stream.tunnel_owed -= paid
+            self._owed -= paid
+            room -= paid
+            if not stream.tunnel_owed:
+                del self._owing[sid]
+            if self._ext.flow_control:
+                self._credit_tunnel(paid)
+
     def _credit_tunnel(self, n: int) -> None:
         self._tunnel_recv_unannounced += n
-        if self._tunnel_recv_unannounced >= self.config.initial_tunnel_window // 2:
+        unannounced = self._tunnel_recv_unannounced
+        # at half the window, or sooner when the peer has less left than we hold (credit held back for stalled
+        # streams can leave it short of half a window for good)
+        if unannounced and (
+            unannounced >= self.config.initial_tunnel_window // 2
+            or unannounced >= self._tunnel_recv_remaining
+        ):
             increment = self._tunnel_recv_unannounced
             self._tunnel_recv_unannounced = 0
             self._tunnel_recv_remaining += increment
