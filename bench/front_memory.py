@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.connections <= 20_000:
         parser.error("--connections must be between 1 and 20000")
     key = Path(tempfile.mkdtemp(prefix="vtunnel-bench-")) / "key"
-    key.write_bytes(
-        subprocess.run([sys.executable, "-m", "vtunnel", "keygen"], capture_output=True, check=True).stdout
+    subprocess.run(
+        [sys.executable, "-m", "vtunnel", "keygen", "-o", str(key)], capture_output=True, check=True
     )
     print(
         f"RSS per idle connection, agent + server, {args.connections} connections per front, {args.scheme}://"

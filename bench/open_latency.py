@@ -175,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         tunnel_port = _free_port(socket.SOCK_DGRAM if args.scheme == "kcp" else socket.SOCK_STREAM)
         url = f"{args.scheme}://127.0.0.1:{tunnel_port}" + ("?mode=fast3" if args.scheme == "kcp" else "")
         key = Path(tempfile.mkdtemp(prefix="vtunnel-bench-")) / "key"
-        key.write_bytes(subprocess.run([*vtunnel, "keygen"], capture_output=True, check=True).stdout)
+        subprocess.run([*vtunnel, "keygen", "-o", str(key)], capture_output=True, check=True)
         quiet = ["--log-level", "warning"]
         server_argv = [*vtunnel, "server", "--listen", url, "--psk-file", str(key), "--allow-private"]
         procs.append(
             subprocess.Popen(
-                [*server_argv, "--websocks-user", f"{USER}:{PASSWORD}", *quiet], start_new_session=True
+                [*server_argv, *quiet],
+                env={**os.environ, "VTUNNEL_WEBSOCKS_USER": f"{USER}:{PASSWORD}"},
+                start_new_session=True,
             )
         )
         time.sleep(1.0)

@@ -353,17 +353,17 @@ def agent_argv(
 
 
 def make_psk_file(directory: Path) -> Path | None:
-    """Write a fresh key with ``vtunnel keygen``; ``None`` when the command is not available."""
+    """Write a fresh key file (mode 0600) with ``vtunnel keygen -o``; ``None`` when the command is not available."""
     exe = vtunnel_bin()
     if exe is None:
         return None
+    path = directory / "bench.key"
     try:
-        proc = subprocess.run([exe, "keygen"], capture_output=True, timeout=30, check=False)
+        proc = subprocess.run(
+            [exe, "keygen", "-o", str(path), "--force"], capture_output=True, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if proc.returncode != 0 or not proc.stdout.strip():
+    if proc.returncode != 0 or not path.is_file():
         return None
-    path = directory / "bench.key"
-    path.write_bytes(proc.stdout)
-    path.chmod(0o600)
     return path

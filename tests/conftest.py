@@ -107,6 +107,5 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 @pytest.fixture
 def psk_file(tmp_path: Path) -> Path:
     path = tmp_path / "key"
-    out = subprocess.run([*VTUNNEL, "keygen"], capture_output=True, check=True, cwd=ROOT)
-    path.write_bytes(out.stdout)
+    subprocess.run([*VTUNNEL, "keygen", "-o", str(path)], capture_output=True, check=True, cwd=ROOT)
     return path

@@ -10,7 +10,17 @@ import click
 import structlog
 
 from vtunnel import __version__
-from vtunnel.config import ConfigError, load_config, resolve_cipher, resolve_psk, tunnel_config
+from vtunnel.config import (
+    INSECURE_KEY_PERMISSIONS_ENV,
+    WEBSOCKS_USER_ENV,
+    ConfigError,
+    load_config,
+    resolve_cipher,
+    resolve_psk,
+    resolve_websocks_users,
+    tunnel_config,
+    write_key_file,
+)
 from vtunnel.logging import configure_logging
 from vtunnel.runtime.process import run_async, serve_until_signal
 from vtunnel.security.ciphers import CIPHER_CHOICES
@@ -48,16 +58,28 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--psk-file",
         type=click.Path(dir_okay=False),
-        help="File holding the pre-shared key (`vtunnel keygen`). VTUNNEL_PSK in the environment works too.",
+        help="File holding the pre-shared key (`vtunnel keygen -o FILE`); it must not be readable or writable "
+        "by group or others (chmod 600). VTUNNEL_PSK in the environment works too.",
+    )(f)
+    f = click.option(
+        "--insecure-key-permissions",
+        is_flag=True,
+        help="Use a key file (or other file holding secrets) that group or others may read or write, with a "
+        "warning, e.g. a secret mounted 0644 in a container. "
+        f"{INSECURE_KEY_PERMISSIONS_ENV}=1 or insecure_key_permissions = true in the config work too.",
     )(f)
     return f
 
 
 def _setup(
-    config_path: str | None, section: str, log_level: str | None, log_format: str | None
+    config_path: str | None,
+    section: str,
+    log_level: str | None,
+    log_format: str | None,
+    insecure_key_permissions: bool = False,
 ) -> dict[str, Any]:
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, section=section, allow_insecure_permissions=insecure_key_permissions)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     log_cfg = cfg.get("log", {})
@@ -78,10 +100,19 @@ def _endpoint(url: str, what: str) -> Endpoint:
 
 
 def _security(
-    psk_file: str | None, insecure: bool, section: dict[str, Any], cipher: str | None = None
+    psk_file: str | None,
+    insecure: bool,
+    section: dict[str, Any],
+    cipher: str | None = None,
+    insecure_key_permissions: bool = False,
 ) -> SecurityConfig:
     try:
-        psk = resolve_psk(psk_file=psk_file, insecure=insecure, section=section)
+        psk = resolve_psk(
+            psk_file=psk_file,
+            insecure=insecure,
+            section=section,
+            allow_insecure_permissions=insecure_key_permissions,
+        )
         chosen = resolve_cipher(cipher=cipher, section=section)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -100,7 +131,7 @@ def main() -> None:
 
     \b
     Quick start on two machines:
-      exit$   vtunnel keygen > key
+      exit$   vtunnel keygen -o key
       exit$   vtunnel server --listen kcp://0.0.0.0:4000 --psk-file key
       laptop$ vtunnel agent --server kcp://EXIT:4000 --psk-file key --socks 127.0.0.1:1080
       laptop$ curl --socks5-hostname 127.0.0.1:1080 https://example.com/
@@ -115,15 +146,29 @@ def main() -> None:
 @click.option(
     "--allow-private", is_flag=True, help="Let clients reach loopback/private/link-local addresses."
 )
-@click.option("--websocks-user", multiple=True, metavar="USER:PASS", help="A WebSocks user (repeatable).")
+@click.option(
+    "--websocks-user-file",
+    type=click.Path(dir_okay=False),
+    help="File of WebSocks users, one USER:PASS per line (# comments); chmod 600 like a key file. "
+    f"{WEBSOCKS_USER_ENV}=USER:PASS (one per line) in the environment works too.",
+)
+@click.option(
+    "--websocks-user",
+    multiple=True,
+    metavar="USER:PASS",
+    help="A WebSocks user (repeatable). Every local user can read it with `ps`: prefer --websocks-user-file "
+    f"or {WEBSOCKS_USER_ENV}.",
+)
 @_common
 def server(
     listen: tuple[str, ...],
     target: str | None,
     allow_private: bool,
+    websocks_user_file: str | None,
     websocks_user: tuple[str, ...],
     psk_file: str | None,
     insecure: bool,
+    insecure_key_permissions: bool,
     cipher: str | None,
     config_path: str | None,
     log_level: str | None,
@@ -138,18 +183,26 @@ def server(
     from vtunnel.apps.policy import ExitPolicy
     from vtunnel.apps.server import Server, ServerSettings
 
-    cfg = _setup(config_path, "server", log_level, log_format)
+    cfg = _setup(config_path, "server", log_level, log_format, insecure_key_permissions)
     sec = cfg.get("server", {})
     urls = list(listen) or list(sec.get("listen", []))
     if not urls:
         raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
     endpoints = [_endpoint(u, "--listen") for u in urls]
-    users = dict(sec.get("websocks_users", {}))
-    for spec in websocks_user:
-        user, sep, password = spec.partition(":")
-        if not sep or not user:
-            raise click.BadParameter("expected USER:PASS", param_hint="--websocks-user")
-        users[user] = password
+    if websocks_user:
+        log.warning(
+            "a password given with --websocks-user is visible to every local user in `ps`; "
+            f"use --websocks-user-file FILE (chmod 600) or {WEBSOCKS_USER_ENV} instead"
+        )
+    try:
+        users = resolve_websocks_users(
+            specs=websocks_user,
+            user_file=websocks_user_file,
+            section=sec,
+            allow_insecure_permissions=insecure_key_permissions,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         policy = ExitPolicy(
             allow_private=allow_private or bool(sec.get("allow_private", False)),
@@ -158,7 +211,7 @@ def server(
         )
         settings = ServerSettings(
             listen=endpoints,
-            security=_security(psk_file, insecure, sec, cipher),
+            security=_security(psk_file, insecure, sec, cipher, insecure_key_permissions),
             target=target or sec.get("target"),
             policy=policy,
             websocks_users=users,
@@ -200,6 +253,7 @@ def agent(
     connections: int | None,
     psk_file: str | None,
     insecure: bool,
+    insecure_key_permissions: bool,
     cipher: str | None,
     config_path: str | None,
     log_level: str | None,
@@ -214,7 +268,7 @@ def agent(
     """
     from vtunnel.apps.agent import Agent, AgentSettings, Forward, parse_hostport
 
-    cfg = _setup(config_path, "agent", log_level, log_format)
+    cfg = _setup(config_path, "agent", log_level, log_format, insecure_key_permissions)
     sec = cfg.get("agent", {})
     url = server_url or sec.get("server")
     if not url:
@@ -227,7 +281,7 @@ def agent(
             socks_addr = DEFAULT_SOCKS
         settings = AgentSettings(
             server=_endpoint(url, "--server"),
-            security=_security(psk_file, insecure, sec, cipher),
+            security=_security(psk_file, insecure, sec, cipher, insecure_key_permissions),
             forwards=forwards,
             socks=parse_hostport(socks_addr, default_host="127.0.0.1") if socks_addr else None,
             http=parse_hostport(http_addr, default_host="127.0.0.1") if http_addr else None,
@@ -278,11 +332,34 @@ def _first_leaf(
 
 
 @main.command()
-def keygen() -> None:
-    """Print a fresh random pre-shared key (give the same one to the server and the agent)."""
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Write the key to FILE, created readable and writable by you only (mode 0600), instead of printing it.",
+)
+@click.option("--force", is_flag=True, help="With -o: replace FILE if it exists (the new file is 0600 too).")
+def keygen(output: str | None, force: bool) -> None:
+    """Make a fresh random pre-shared key (give the same one to the server and the agent).
+
+    `vtunnel keygen -o FILE` writes a key file that only you can read, as --psk-file requires. Without -o the
+    key is printed to stdout: `vtunnel keygen > FILE` gives a file of your umask's mode (usually readable by
+    everyone), which the server and the agent refuse until you chmod 600 it.
+    """
     from vtunnel.security.keys import generate_key
 
-    click.echo(generate_key())
+    if output is None:
+        if force:
+            raise click.UsageError("--force goes with -o FILE")
+        click.echo(generate_key())
+        return
+    try:
+        write_key_file(output, generate_key() + "\n", replace=force)
+    except FileExistsError:
+        raise click.ClickException(f"{output} exists; pass --force to replace it") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 @main.command()

@@ -11,14 +11,21 @@ import pytest
 
 from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log, wait_port
 from tests.netutil import echo_roundtrip, echo_server
-from vtunnel.config import ConfigError, load_config, resolve_cipher, resolve_psk, tunnel_config
+from vtunnel.config import (
+    ConfigError,
+    load_config,
+    resolve_cipher,
+    resolve_psk,
+    tunnel_config,
+    write_key_file,
+)
 from vtunnel.security.keys import generate_key
 from vtunnel.transports.base import SecurityConfig, TransportError
 
 
 def test_pair_from_config_files_with_json_logs(procs: Processes, tmp_path: Path) -> None:
     key = tmp_path / "key"
-    key.write_text(generate_key())
+    write_key_file(key, generate_key())
     tport, front = free_port(), free_port()
     with echo_server() as echo:
         (tmp_path / "server.toml").write_text(
@@ -65,7 +72,7 @@ def test_tunnel_section_is_validated() -> None:
 def test_key_sources_in_order(tmp_path: Path) -> None:
     key_a, key_b = generate_key(), generate_key()
     f = tmp_path / "k"
-    f.write_text(key_a)
+    write_key_file(f, key_a)
     assert resolve_psk(
         psk_file=str(f), insecure=False, section={}, env={"VTUNNEL_PSK": key_b}
     ) != resolve_psk(psk_file=None, insecure=False, section={}, env={"VTUNNEL_PSK": key_b})
@@ -115,7 +122,7 @@ def test_pinned_ciphers_over_kcp_from_the_command_line_and_the_config(
     """The setting reaches the transport: the same pin on both ends carries data; different pins never connect
     (and --cipher wins over VTUNNEL_CIPHER)."""
     key = tmp_path / "key"
-    key.write_text(generate_key())
+    write_key_file(key, generate_key())
     uport, front, other = free_port(socket.SOCK_DGRAM), free_port(), free_port()
     url = f"kcp://127.0.0.1:{uport}?connect_timeout=1"
     with echo_server() as echo:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vtunnel.config import load_psk_file
+from vtunnel.config import load_psk_file, write_key_file
 from vtunnel.security.errors import SecurityError
 from vtunnel.security.keys import decode_key, decode_key_file, generate_key
 
@@ -64,15 +64,16 @@ def test_decode_key_raises_only_security_error(text: str) -> None:
 def test_key_files(tmp_path: Path) -> None:
     raw = bytes(range(32))
     good = tmp_path / "good"
-    good.write_text("# vtunnel key\n\n" + base64.b64encode(raw).decode() + "\n")
+    write_key_file(good, "# vtunnel key\n\n" + base64.b64encode(raw).decode() + "\n")
     assert load_psk_file(good) == raw
     assert load_psk_file(str(good)) == raw
     empty = tmp_path / "empty"
-    empty.write_text("# nothing\n\n")
+    write_key_file(empty, "# nothing\n\n")
     bad = tmp_path / "bad"
-    bad.write_text("hunter2\n")
+    write_key_file(bad, "hunter2\n")
     binary = tmp_path / "binary"
     binary.write_bytes(b"\xff\xfe\x00")
+    binary.chmod(0o600)
     for path in (empty, bad, binary, tmp_path / "missing"):
         with pytest.raises(SecurityError) as info:
             load_psk_file(path)
