@@ -14,10 +14,17 @@
   stream to the last origin is reused while the next request goes to the same host and the origin keeps it
   open.
 
+Every request head is checked on its raw bytes by ``check_request_head`` before h11 parses it: a head that
+another parser could read differently (both ``Content-Length`` and ``Transfer-Encoding``, a duplicate or
+non-numeric ``Content-Length``, a final coding other than ``chunked``, line folding, bare LF, whitespace before
+a colon, control characters, ...) is refused before anything is sent through the tunnel, so no request can be
+smuggled past the front (docs/agent.md lists the cases).
+
 Failures answer with a status and close the client connection: ``400`` for a request this proxy cannot
-parse or serve (origin-form target, bad URI), ``501`` for an absolute URI with another scheme, ``403`` when
-the server's exit policy forbids the destination, ``504`` when the destination timed out, ``502`` for any
-other refusal, an unreachable tunnel, or an origin that broke the HTTP exchange.
+parse or serve (origin-form target, bad URI, a head with more than one reading), ``501`` for an absolute URI
+with another scheme or a transfer coding other than ``chunked``, ``505`` for an HTTP major version other than 1,
+``403`` when the server's exit policy forbids the destination, ``504`` when the destination timed out, ``502``
+for any other refusal, an unreachable tunnel, or an origin that broke the HTTP exchange.
 """
 
 from __future__ import annotations
@@ -132,6 +139,8 @@ def check_request_head(head: bytes) -> None:
         raise ProxyHTTPError(400, "line ending without CR (bare LF)")
     if head.count(b"\r") != head.count(b"\r\n"):
         raise ProxyHTTPError(400, "CR not followed by LF")
+    if not head.endswith(b"\r\n\r\n"):
+        raise ProxyHTTPError(400, "the head does not end with an empty line")
     request_line, *field_lines = head[:-4].split(b"\r\n")
     match = _REQUEST_LINE.fullmatch(request_line)
     if match is None:
@@ -303,7 +312,9 @@ class _ProxyConnection:
         length = request_head_length(data)
         if length is None:
             line = data.partition(b"\n")[0]
-            if line and _REQUEST_LINE_START.fullmatch(line) is None:  # TLS or other non-HTTP bytes: no waiting
+            if (
+                line and _REQUEST_LINE_START.fullmatch(line) is None
+            ):  # TLS or other non-HTTP bytes: no waiting
                 raise ProxyHTTPError(400, "malformed request line")
             if len(data) > MAX_HEAD_SIZE:
                 raise ProxyHTTPError(400, "request head too large")
