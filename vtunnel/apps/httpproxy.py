@@ -311,10 +311,9 @@ class _ProxyConnection:
         data, closed = self.conn.trailing_data
         length = request_head_length(data)
         if length is None:
+            # TLS or other bytes that cannot start a request line are refused without waiting for more
             line = data.partition(b"\n")[0]
-            if (
-                line and _REQUEST_LINE_START.fullmatch(line) is None
-            ):  # TLS or other non-HTTP bytes: no waiting
+            if line and _REQUEST_LINE_START.fullmatch(line) is None:
                 raise ProxyHTTPError(400, "malformed request line")
             if len(data) > MAX_HEAD_SIZE:
                 raise ProxyHTTPError(400, "request head too large")
