@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import socket
@@ -12,9 +13,17 @@ import anyio
 import h11
 import pytest
 from anyio.abc import ByteStream
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from vtunnel.apps.dialer import Dialer
-from vtunnel.apps.httpproxy import serve_http_proxy, status_for_refusal
+from vtunnel.apps.httpproxy import (
+    ProxyHTTPError,
+    check_request_head,
+    request_head_length,
+    serve_http_proxy,
+    status_for_refusal,
+)
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused
@@ -345,3 +354,87 @@ async def test_head_request_has_no_body(origin: Origin) -> None:
                     "GET", f"http://127.0.0.1:{origin.port}/bytes/9", [("Host", "x")]
                 )
                 assert (status, body) == (200, body_for("/bytes/9", 9))
+
+
+# ---------------------------------------------------------------------------------------------- head check
+
+_name_values = (
+    st.tuples(
+        st.sampled_from([b"Content-Length", b"content-length"]),
+        st.sampled_from([b"5", b"5", b"5", b"05", b"5, 5", b"+5", b""]),
+    )
+    | st.tuples(
+        st.just(b"Transfer-Encoding"),
+        st.sampled_from([b"chunked", b"chunked", b"CHUNKED", b"gzip, chunked", b"gzip"]),
+    )
+    | st.tuples(
+        st.sampled_from([b"X-A", b"X-A", b"X A", b"", b"\xff"]), st.sampled_from([b"a", b"a\x00", b"a\x7f"])
+    )
+)
+_defects: list[tuple[bytes, bytes, bytes, bytes]] = [(b"", b"", b":", b"\r\n")] * 12 + [
+    (b" ", b"", b":", b"\r\n"),
+    (b"\t", b"", b":", b"\r\n"),
+    (b"", b" ", b":", b"\r\n"),
+    (b"", b"\t", b":", b"\r\n"),
+    (b"", b"", b"", b"\r\n"),
+    (b"", b"", b":", b"\n"),
+    (b"", b"", b":", b"\r"),
+]
+_field_lines = st.builds(
+    lambda name_value, defect, ws, trail: (
+        defect[0] + name_value[0] + defect[1] + defect[2] + ws + name_value[1] + trail + defect[3]
+    ),
+    _name_values,
+    st.sampled_from(_defects),
+    st.sampled_from([b"", b"", b" ", b"\t"]),
+    st.sampled_from([b"", b"", b" ", b"\t"]),
+)
+_heads = st.builds(
+    lambda line, lines, end: line + b"\r\n" + b"".join(lines) + end,
+    st.sampled_from(
+        [b"POST http://x/ HTTP/1.1", b"GET http://x/ HTTP/1.0", b"CONNECT x:1 HTTP/1.1"] * 3
+        + [b"GET http://x/#f HTTP/1.1", b"GET http://x/ HTTP/2.0", b"G T http://x/ HTTP/1.1"]
+    ),
+    st.lists(_field_lines, max_size=4).map(lambda lines: [b"Host: x\r\n", *lines]),
+    st.sampled_from([b"\r\n"] * 8 + [b"\n"]),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_heads)
+@example(b"POST http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+@example(b"POST http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n")
+@example(b"POST http://x/ HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tContent-Length: 5\r\n\r\n")
+@example(b"POST http://x/ HTTP/1.1\nHost: x\r\nContent-Length: 5\r\n\r\n")
+def test_a_head_that_passes_the_check_has_the_same_fields_for_h11(head: bytes) -> None:
+    """Whatever the bytes, the check either refuses them with an answer or h11 reads exactly the field lines
+    that are there (none folded, merged or collapsed), with one framing field at most."""
+    length = request_head_length(head)
+    conn = h11.Connection(h11.SERVER)
+    if length is None:  # no empty line yet: the front waits, and h11 has no request either
+        conn.receive_data(head)
+        with contextlib.suppress(h11.RemoteProtocolError):
+            assert conn.next_event() is h11.NEED_DATA
+        return
+    refused: ProxyHTTPError | None = None
+    try:
+        check_request_head(head[:length])
+    except ProxyHTTPError as exc:
+        refused = exc
+    if refused is not None:
+        assert refused.status in (400, 501, 505)
+        return
+    raw_fields = head[:length].split(b"\r\n")[1:-2]
+    conn.receive_data(head[:length])
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:  # what h11 refuses on its own (a missing Host, ...) is answered 400 too
+        return
+    assert isinstance(event, h11.Request)
+    # h11 lowercases names and the Transfer-Encoding value; nothing else may differ
+    assert [(name, value.lower()) for name, value in event.headers] == [
+        (name.lower(), value.strip(b" \t").lower())
+        for name, _, value in (line.partition(b":") for line in raw_fields)
+    ]
+    framing = [name for name, _ in event.headers if name in (b"content-length", b"transfer-encoding")]
+    assert len(framing) <= 1

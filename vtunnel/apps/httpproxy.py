@@ -14,15 +14,23 @@
   stream to the last origin is reused while the next request goes to the same host and the origin keeps it
   open.
 
+Every request head is checked on its raw bytes by ``check_request_head`` before h11 parses it: a head that
+another parser could read differently (both ``Content-Length`` and ``Transfer-Encoding``, a duplicate or
+non-numeric ``Content-Length``, a final coding other than ``chunked``, line folding, bare LF, whitespace before
+a colon, control characters, ...) is refused before anything is sent through the tunnel, so no request can be
+smuggled past the front (docs/agent.md lists the cases).
+
 Failures answer with a status and close the client connection: ``400`` for a request this proxy cannot
-parse or serve (origin-form target, bad URI), ``501`` for an absolute URI with another scheme, ``403`` when
-the server's exit policy forbids the destination, ``504`` when the destination timed out, ``502`` for any
-other refusal, an unreachable tunnel, or an origin that broke the HTTP exchange.
+parse or serve (origin-form target, bad URI, a head with more than one reading), ``501`` for an absolute URI
+with another scheme or a transfer coding other than ``chunked``, ``505`` for an HTTP major version other than 1,
+``403`` when the server's exit policy forbids the destination, ``504`` when the destination timed out, ``502``
+for any other refusal, an unreachable tunnel, or an origin that broke the HTTP exchange.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -36,7 +44,15 @@ from vtunnel.apps.pipe import CHUNK_SIZE, Opener, hand_to_relay, pipe
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
 
-__all__ = ["HOP_BY_HOP", "ProxyHTTPError", "serve_http_proxy", "status_for_refusal"]
+__all__ = [
+    "HOP_BY_HOP",
+    "MAX_HEAD_SIZE",
+    "ProxyHTTPError",
+    "check_request_head",
+    "request_head_length",
+    "serve_http_proxy",
+    "status_for_refusal",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +72,9 @@ HOP_BY_HOP = frozenset(
 
 #: Seconds to wait for the next request on an idle kept-alive client connection.
 IDLE_TIMEOUT = 120.0
+
+#: The largest request head (request line and header section) read before answering ``400`` (h11's own limit).
+MAX_HEAD_SIZE = 16384
 
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, StreamRefused)
 
@@ -81,6 +100,100 @@ def status_for_refusal(error: str | None) -> int:
     if error == "timeout":
         return 504
     return 502
+
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+_FIELD_NAME = re.compile(_TOKEN)
+#: field-value (RFC 9110 section 5.5): visible ASCII, obs-text, SP and HTAB; no other control character
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(rb"[0-9]+")
+#: what the start of a request line may hold before the head is complete
+_REQUEST_LINE_START = re.compile(rb"[\x21-\x7e][\x20-\x7e]*\r?")
+
+
+def request_head_length(data: bytes) -> int | None:
+    """The length of the request head at the start of ``data`` (through its empty line), ``None`` while no
+    empty line has arrived.  Both line endings count here, so that a head ending in a bare LF is found (and
+    then refused by ``check_request_head``) rather than waited for."""
+    if data.startswith(b"\n"):
+        return 1
+    if data.startswith(b"\r\n"):
+        return 2
+    ends = [at + len(end) for end in (b"\n\r\n", b"\n\n") if (at := data.find(end)) >= 0]
+    return min(ends) if ends else None
+
+
+def check_request_head(head: bytes) -> None:
+    """Raise ``ProxyHTTPError`` unless ``head`` (a request line, field lines and the empty line) has exactly
+    one reading under RFC 9112.
+
+    h11 frames the requests, but it reads some heads leniently (bare LF line ends, line folding, control
+    characters in values, both ``Content-Length`` and ``Transfer-Encoding``); another parser on the path may
+    read the same bytes differently, which is how requests get smuggled.  This check runs on the raw bytes
+    before h11 sees them, so h11 only ever parses heads that every strict parser reads the same way.
+    """
+    if head.startswith((b"\r\n", b"\n")):
+        raise ProxyHTTPError(400, "empty line before the request line")
+    if head.count(b"\n") != head.count(b"\r\n"):
+        raise ProxyHTTPError(400, "line ending without CR (bare LF)")
+    if head.count(b"\r") != head.count(b"\r\n"):
+        raise ProxyHTTPError(400, "CR not followed by LF")
+    if not head.endswith(b"\r\n\r\n"):
+        raise ProxyHTTPError(400, "the head does not end with an empty line")
+    request_line, *field_lines = head[:-4].split(b"\r\n")
+    match = _REQUEST_LINE.fullmatch(request_line)
+    if match is None:
+        raise ProxyHTTPError(400, "malformed request line")
+    method, target, major, minor = match.groups()
+    if major != b"1":
+        raise ProxyHTTPError(505, f"HTTP/{major.decode()}.{minor.decode()} is not supported")
+    if b"#" in target:
+        raise ProxyHTTPError(400, "fragment in the request target")
+    fields: Headers = []
+    for line in field_lines:
+        if line.startswith((b" ", b"\t")):
+            raise ProxyHTTPError(400, "line folding (obs-fold)")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ProxyHTTPError(400, "field line without a colon")
+        if not name:
+            raise ProxyHTTPError(400, "empty field name")
+        if name != name.rstrip(b" \t"):
+            raise ProxyHTTPError(400, "whitespace between a field name and its colon")
+        if _FIELD_NAME.fullmatch(name) is None:
+            raise ProxyHTTPError(400, "invalid character in a field name")
+        value = value.strip(b" \t")
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise ProxyHTTPError(400, f"control character in the value of {name.decode('ascii')}")
+        fields.append((name.lower(), value))
+    _check_framing(method, minor == b"0", fields)
+
+
+def _check_framing(method: bytes, http10: bool, fields: Headers) -> None:
+    """RFC 9112 section 6: the body's length must follow from one header, read one way."""
+    lengths = [value for name, value in fields if name == b"content-length"]
+    encodings = [value for name, value in fields if name == b"transfer-encoding"]
+    if sum(name == b"host" for name, _ in fields) > 1:
+        raise ProxyHTTPError(400, "more than one Host")
+    if lengths and encodings:
+        raise ProxyHTTPError(400, "both Transfer-Encoding and Content-Length")
+    if len(lengths) > 1 or any(b"," in value for value in lengths):
+        raise ProxyHTTPError(400, "more than one Content-Length")
+    if lengths and _DIGITS.fullmatch(lengths[0]) is None:
+        raise ProxyHTTPError(400, "Content-Length is not a decimal number")
+    if encodings:
+        if http10:
+            raise ProxyHTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [coding.strip(b" \t").lower() for value in encodings for coding in value.split(b",")]
+        if codings[-1] != b"chunked":
+            raise ProxyHTTPError(400, "the final transfer coding is not chunked")
+        if codings.count(b"chunked") > 1:
+            raise ProxyHTTPError(400, "chunked applied more than once")
+        if len(codings) > 1:
+            raise ProxyHTTPError(501, "transfer codings other than chunked are not supported")
+    if method == b"CONNECT" and (encodings or lengths not in ([], [b"0"])):
+        raise ProxyHTTPError(400, "a CONNECT request has no content")
 
 
 def _strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
@@ -180,7 +293,10 @@ class _ProxyConnection:
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
-            event = self.conn.next_event()
+            if self.conn.their_state is h11.IDLE and not self.head_ready():
+                event: h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED] = h11.NEED_DATA
+            else:
+                event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             try:
@@ -188,6 +304,22 @@ class _ProxyConnection:
             except anyio.EndOfStream:
                 data = b""
             self.conn.receive_data(data)
+
+    def head_ready(self) -> bool:
+        """Whether h11 may parse the next request head: it has arrived whole and passed ``check_request_head``
+        (or the client closed before sending one, which h11 reports); raises ``ProxyHTTPError`` if not."""
+        data, closed = self.conn.trailing_data
+        length = request_head_length(data)
+        if length is None:
+            # TLS or other bytes that cannot start a request line are refused without waiting for more
+            line = data.partition(b"\n")[0]
+            if line and _REQUEST_LINE_START.fullmatch(line) is None:
+                raise ProxyHTTPError(400, "malformed request line")
+            if len(data) > MAX_HEAD_SIZE:
+                raise ProxyHTTPError(400, "request head too large")
+            return closed
+        check_request_head(data[:length])
+        return True
 
     async def send_error(self, status: int, message: str) -> None:
         """Answer with ``status`` (and ``Connection: close``) if a response can still be sent."""
