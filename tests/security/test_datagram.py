@@ -580,3 +580,38 @@ def test_no_key_material_in_the_reset_repr() -> None:
     for secret in (PSK, TOKEN_KEY, CID_KEY):
         assert secret.hex() not in text
         assert repr(secret) not in text
+
+
+def test_only_authentic_fresh_new_first_datagrams_spend_a_sources_handshake_budget() -> None:
+    """Strangers spoofing a client's address cannot lock it out: the budget pays for Diffie-Hellman only."""
+    limiter = HandshakeLimiter(rate=1.0, burst=2)
+    srv = server(limiter=limiter)
+    answered = DatagramClient(PSK, now=NOW).initial_datagram()
+    assert srv.accept(answered, ("127.0.0.9", 1), NOW) is not None  # another source's budget
+    init = DatagramClient(PSK, now=NOW).initial_datagram()
+    garbage = [
+        b"\x01" + os.urandom(len(init) - 1),  # keyless: right type and size
+        DatagramClient(bytes(32), now=NOW).initial_datagram(),  # another key
+        bytes([init[0]]) + init[1:-1] + bytes([init[-1] ^ 1]),  # tampered
+        DatagramClient(PSK, now=NOW - 120.0).initial_datagram(),  # authentic but stale
+        DatagramClient(PSK, now=NOW + 120.0).initial_datagram(),  # authentic but from the future
+        answered,  # a replay of another source's first datagram
+    ]
+    for _ in range(50):
+        for datagram in garbage:
+            assert srv.accept(datagram, SRC, NOW) is None
+    # the replay of a datagram this source already had answered, after its session was confirmed
+    c = DatagramClient(PSK, now=NOW)
+    first = c.initial_datagram()
+    got = srv.accept(first, SRC, NOW)
+    assert got is not None
+    c.receive(got[1], NOW)
+    assert got[0].open(c.seal(b"confirm")) == b"confirm"
+    for _ in range(50):
+        assert srv.accept(first, SRC, NOW) is None
+    # one of the two handshakes of the burst is left, then the source is refused
+    assert srv.accept(DatagramClient(PSK, now=NOW).initial_datagram(), SRC, NOW) is not None
+    refused = DatagramClient(PSK, now=NOW).initial_datagram()
+    assert srv.accept(refused, SRC, NOW) is None
+    # a refused first datagram was not remembered: its retransmission gets in once the budget is back
+    assert srv.accept(refused, SRC, NOW + 1.5) is not None

@@ -472,11 +472,13 @@ class DatagramServer:
         same source, before the session saw any DATA from the client, returns the *same* session object and
         reply again (store idempotently; do not make a second session). The reply is never larger than
         ``datagram``. A new session's connection ID is none of ``in_use`` (the caller's sessions).
+
+        The ``limiter`` is charged only for an authentic INIT with a fresh timestamp and a new token, right
+        before the Diffie-Hellman it pays for: garbage, other keys' INITs, replays and stale INITs spend nothing,
+        so a stranger who forges a client's source address cannot use up that client's handshakes.
         """
         n = len(datagram)
         if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM or datagram[0] != DatagramType.INIT:
-            return None
-        if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
         check_wall_clock(now)
         datagram = bytes(datagram)
@@ -492,6 +494,13 @@ class DatagramServer:
         self._prune(now)
         if self._replay.seen(init.token, now):
             return self._repeat(init.token, datagram, source, now)
+        if not self._replay.fresh(init.timestamp, now):
+            return None
+        # Only now, for an authentic, fresh, new first message (which only a key holder can make), is the
+        # source charged: what follows costs the Diffie-Hellman. Nothing a stranger sends from a client's
+        # address, nor a replay, can spend that client's budget.
+        if self._limiter is not None and not self._limiter.allow(source[0], now):
+            return None
         cid = self._free_connection_id(in_use)
         if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
             return None
