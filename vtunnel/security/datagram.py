@@ -5,6 +5,7 @@ Layouts (integers big endian; full description in ``docs/security.md``)::
     INIT   (client -> server)  01 | initial CID (8) | Noise message 1 (e 32 | payload + tag 16)
     REPLY  (server -> client)  02 | initial CID (8) | Noise message 2 (e 32 | payload + tag 16)
     DATA   (both ways)         03 | CID (8) | counter u64 | AEAD ciphertext + tag 16
+    CONTROL (both ways)        04 | CID (8) | counter u64 | AEAD(kind 1 | data 8) + tag 16   (path validation)
     RESET  (server -> client)  03 | CID (8) | random 16..231 | reset token 16   (DATA-shaped, see below)
 
 INIT's payload is the timestamp, the anti-replay token, the cipher offer and padding (see :mod:`.handshake`);
@@ -14,7 +15,9 @@ ID the server assigns, the chosen cipher's code, then padding. A DATA datagram i
 its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
 
 The connection ID is the only clear field a server uses: it finds the session by it, never by the source
-address, so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed
+address, so NAT rebinding keeps a session alive. Where it sends is :class:`PeerPath`'s decision: a new client
+address is followed only after it echoed a path challenge (a CONTROL datagram) and the client's newest
+datagrams come from it, as QUIC validates a path. The server assigns it and may start it with a fixed
 server/worker id (``server_id``) so that a load balancer can route by it (QUIC-LB's idea). Its last 3 bytes
 are a check computed from the rest under a key derived from the PSK, so that a server which lost the session can
 tell a connection ID minted by a key holder from a prober's guess.

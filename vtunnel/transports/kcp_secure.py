@@ -3,8 +3,9 @@
 The sealer sits between UDP and KCP. The client sends the handshake's first datagram and retransmits it with
 backoff until the server's reply arrives (``connect_timeout``); then KCP runs with its MTU reduced by the
 sealing overhead. The server keys sessions by the authenticated connection ID (not the source address, not the
-conv), follows a client's new address once a datagram from it has been opened, and drops anything that fails
-authentication before KCP sees it, without answering. The one exception: a DATA datagram for a connection ID the
+conv), follows a client's new address only once that address echoed a sealed path challenge and the client's
+newest datagrams come from it (:class:`~vtunnel.security.datagram.PeerPath`; the client echoes every challenge),
+and drops anything that fails authentication before KCP sees it, without answering. The one exception: a DATA datagram for a connection ID the
 server does not know (it restarted, or the session ended) but a holder of the key assigned gets a stateless reset
 (rate limited; see :class:`~vtunnel.security.datagram.StatelessReset`), and a client that receives the reset for
 its own session fails its stream at once, so the agent reconnects within its backoff instead of waiting for the
