@@ -17,6 +17,9 @@ from hypothesis import strategies as st
 
 from vtunnel.security.datagram import (
     _RESET_LABEL,
+    AMPLIFICATION_FACTOR,
+    CHALLENGE_DATAGRAM,
+    CHALLENGE_INTERVAL,
     CID_CHECK_LEN,
     CID_LEN,
     DATAGRAM_OVERHEAD,
@@ -30,6 +33,9 @@ from vtunnel.security.datagram import (
     DatagramServer,
     DatagramSession,
     DatagramType,
+    PathChallenge,
+    PathResponse,
+    PeerPath,
     StatelessReset,
     is_minted,
     mint_connection_id,
@@ -580,3 +586,201 @@ def test_no_key_material_in_the_reset_repr() -> None:
     for secret in (PSK, TOKEN_KEY, CID_KEY):
         assert secret.hex() not in text
         assert repr(secret) not in text
+
+
+def test_only_authentic_fresh_new_first_datagrams_spend_a_sources_handshake_budget() -> None:
+    """Strangers spoofing a client's address cannot lock it out: the budget pays for Diffie-Hellman only."""
+    limiter = HandshakeLimiter(rate=1.0, burst=2)
+    srv = server(limiter=limiter)
+    answered = DatagramClient(PSK, now=NOW).initial_datagram()
+    assert srv.accept(answered, ("127.0.0.9", 1), NOW) is not None  # another source's budget
+    init = DatagramClient(PSK, now=NOW).initial_datagram()
+    garbage = [
+        b"\x01" + os.urandom(len(init) - 1),  # keyless: right type and size
+        DatagramClient(bytes(32), now=NOW).initial_datagram(),  # another key
+        bytes([init[0]]) + init[1:-1] + bytes([init[-1] ^ 1]),  # tampered
+        DatagramClient(PSK, now=NOW - 120.0).initial_datagram(),  # authentic but stale
+        DatagramClient(PSK, now=NOW + 120.0).initial_datagram(),  # authentic but from the future
+        answered,  # a replay of another source's first datagram
+    ]
+    for _ in range(50):
+        for datagram in garbage:
+            assert srv.accept(datagram, SRC, NOW) is None
+    # the replay of a datagram this source already had answered, after its session was confirmed
+    c = DatagramClient(PSK, now=NOW)
+    first = c.initial_datagram()
+    got = srv.accept(first, SRC, NOW)
+    assert got is not None
+    c.receive(got[1], NOW)
+    assert got[0].open(c.seal(b"confirm")) == b"confirm"
+    for _ in range(50):
+        assert srv.accept(first, SRC, NOW) is None
+    # one of the two handshakes of the burst is left, then the source is refused
+    assert srv.accept(DatagramClient(PSK, now=NOW).initial_datagram(), SRC, NOW) is not None
+    refused = DatagramClient(PSK, now=NOW).initial_datagram()
+    assert srv.accept(refused, SRC, NOW) is None
+    # a refused first datagram was not remembered: its retransmission gets in once the budget is back
+    assert srv.accept(refused, SRC, NOW + 1.5) is not None
+
+
+def test_the_amplification_allowance_is_the_one_the_fault_tests_check() -> None:
+    from tests.faults.test_path_migration import ALLOWANCE
+
+    assert ALLOWANCE == AMPLIFICATION_FACTOR
+
+
+# --- path validation ------------------------------------------------------------------------------------------
+
+OLD = ("127.0.0.1", 40000)
+NEW = ("127.0.0.1", 40001)
+INJECTOR = ("127.0.0.2", 50000)
+
+
+def test_control_datagrams_are_sealed_share_the_counter_and_open_only_as_control() -> None:
+    c, session, _ = established()
+    client = c.session
+    assert client is not None
+    d0 = c.seal(b"data")
+    challenge = client.seal_control(PathChallenge(b"12345678"))
+    assert len(challenge) == CHALLENGE_DATAGRAM
+    assert challenge[0] == DatagramType.CONTROL
+    assert struct.unpack_from(">Q", challenge, 1 + CID_LEN)[0] == 1  # the next counter after d0
+    assert peek_connection_id(challenge) == session.connection_id
+    assert session.open(challenge) is None  # not DATA
+    assert session.open_control(d0) is None  # not CONTROL
+    assert session.open_control(challenge) == PathChallenge(b"12345678")
+    assert session.open_control(challenge) is None  # a replay
+    assert session.open(d0) == b"data"
+    tampered = bytearray(client.seal_control(PathResponse(b"abcdefgh")))
+    tampered[-1] ^= 1
+    assert session.open_control(bytes(tampered)) is None
+    retyped = bytearray(client.seal_control(PathResponse(b"abcdefgh")))
+    retyped[0] = DatagramType.DATA  # the type byte is authenticated
+    assert session.open(bytes(retyped)) is None
+    with pytest.raises(SecurityError):
+        client.seal_control(PathChallenge(b"short"))
+
+
+def answer(c: DatagramClient, challenge: bytes) -> bytes:
+    client = c.session
+    assert client is not None
+    message = client.open_control(challenge)
+    assert isinstance(message, PathChallenge)
+    return client.seal_control(PathResponse(message.data))
+
+
+def test_a_late_copy_from_another_address_gets_nothing_and_moves_nothing() -> None:
+    c, session, _ = established()
+    path = PeerPath(session, OLD)
+    d = c.seal(b"x")
+    assert path.receive(d, OLD, 0.0) == b"x"
+    assert path.receive(d, INJECTOR, 0.0) is None  # a replay
+    assert path.receive(c.seal(b"y"), OLD, 0.0) == b"y"
+    assert path.datagrams_to_send() == []
+    assert path.address == OLD
+    assert path.candidate is None
+
+
+def test_a_copy_that_raced_ahead_is_delivered_and_challenged_but_never_followed() -> None:
+    c, session, _ = established()
+    path = PeerPath(session, OLD)
+    received = sent = 0
+    for i in range(200):
+        d = c.seal(b"%d" % i)
+        assert path.receive(d, INJECTOR, i * 0.01) == b"%d" % i  # authentic: the payload is not lost
+        received += len(d)
+        assert path.receive(d, OLD, i * 0.01) is None  # the original is now the duplicate
+        out = path.datagrams_to_send()
+        assert all(address == INJECTOR for _, address in out)
+        sent += sum(len(datagram) for datagram, _ in out)
+        assert path.address == OLD
+    assert 0 < sent <= AMPLIFICATION_FACTOR * received
+    assert sent <= (200 * 0.01 / CHALLENGE_INTERVAL + 1) * CHALLENGE_DATAGRAM  # paced
+    # an answer from the client's own address (the injector passed the challenge on) validates nothing
+    challenge = c.seal(b"")
+    path.receive(challenge, INJECTOR, 5.0)
+    ((sealed, _),) = path.datagrams_to_send()
+    assert path.receive(answer(c, sealed), OLD, 5.0) is None
+    assert path.address == OLD
+
+
+def test_a_real_rebinding_moves_after_the_new_address_answers() -> None:
+    c, session, _ = established()
+    path = PeerPath(session, OLD)
+    assert path.receive(c.seal(b"a"), OLD, 0.0) == b"a"
+    assert path.receive(c.seal(b"b"), NEW, 0.1) == b"b"
+    assert path.address == OLD  # not yet
+    ((challenge, to),) = path.datagrams_to_send()
+    assert to == NEW
+    assert path.receive(answer(c, challenge), NEW, 0.11) is None
+    assert path.address == NEW
+    assert path.candidate is None
+    # the old address, validated before, is followed back at once on a newer datagram (the NAT changed back)
+    assert path.receive(c.seal(b"c"), OLD, 0.2) == b"c"
+    assert path.address == OLD
+    assert path.datagrams_to_send() == []
+    # but an older one from there moves nothing
+    late = c.seal(b"d")
+    assert path.receive(c.seal(b"e"), NEW, 0.3) == b"e"
+    assert path.address == NEW
+    assert path.receive(late, OLD, 0.3) == b"d"
+    assert path.address == NEW
+
+
+def test_an_answer_counts_only_if_the_clients_newest_datagrams_come_from_there() -> None:
+    c, session, _ = established()
+    path = PeerPath(session, OLD)
+    path.receive(c.seal(b"copy"), INJECTOR, 0.0)
+    ((challenge, _),) = path.datagrams_to_send()
+    response = answer(c, challenge)  # suppose the injector got the client to answer and captured it
+    path.receive(c.seal(b"newer"), OLD, 0.0)  # the client goes on from its own address
+    assert path.receive(response, INJECTOR, 0.0) is None
+    assert path.address == OLD
+
+
+def test_challenges_are_repeated_paced_and_a_late_answer_to_an_earlier_one_counts() -> None:
+    c, session, _ = established()
+    path = PeerPath(session, OLD)
+    path.receive(c.seal(b"1"), NEW, 0.0)
+    ((first, _),) = path.datagrams_to_send()
+    path.receive(c.seal(b"2"), NEW, CHALLENGE_INTERVAL / 2)
+    assert path.datagrams_to_send() == []  # too soon
+    path.receive(c.seal(b"3"), NEW, CHALLENGE_INTERVAL)
+    assert len(path.datagrams_to_send()) == 1
+    path.receive(answer(c, first), NEW, CHALLENGE_INTERVAL)
+    assert path.address == NEW
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    plan=st.lists(
+        st.tuples(st.sampled_from(["ahead", "behind", "only-original", "replay"]), st.integers(0, 1400)),
+        min_size=1,
+        max_size=80,
+    )
+)
+def test_copies_in_any_order_never_move_a_session_nor_get_more_than_the_allowance(
+    plan: list[tuple[str, int]],
+) -> None:
+    c, session, _ = established()
+    path = PeerPath(session, OLD)
+    received = sent = 0
+    seen: list[bytes] = []
+    for step, (how, size) in enumerate(plan):
+        now = step * 0.03
+        d = c.seal(bytes(size))
+        if how == "replay" and seen:
+            d = seen[size % len(seen)]
+        seen.append(d)
+        sources = {"ahead": [INJECTOR, OLD], "behind": [OLD, INJECTOR]}.get(how, [OLD])
+        if how == "replay":
+            sources = [INJECTOR]
+        for source in sources:
+            path.receive(d, source, now)
+            if source == INJECTOR:
+                received += len(d)
+        for datagram, address in path.datagrams_to_send():
+            assert address == INJECTOR
+            sent += len(datagram)
+        assert path.address == OLD
+        assert sent <= AMPLIFICATION_FACTOR * received

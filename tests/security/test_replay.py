@@ -124,3 +124,12 @@ def test_replay_window_update_of_a_counter_too_old_changes_nothing() -> None:
         assert w.check(n)
     assert not w.check(1000)
     assert not w.check(1000 - 64)
+
+
+def test_replay_cache_fresh_is_the_timestamp_check_alone_and_remembers_nothing() -> None:
+    c = ReplayCache(window=60.0)
+    assert c.fresh(T0 - 60.0, T0)
+    assert c.fresh(T0 + 60.0, T0)
+    assert not c.fresh(T0 - 60.5, T0)
+    assert not c.fresh(T0 + 60.5, T0)
+    assert len(c) == 0

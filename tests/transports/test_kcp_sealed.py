@@ -267,7 +267,7 @@ async def test_sealed_tunnel_moves_bytes_exactly_with_each_cipher(
                 KEY.psk,
                 cipher=client,
             )
-        assert [s.cipher for s in listener._crypto.values()] == [expected]
+        assert [p.session.cipher for p in listener.paths.values()] == [expected]
         payload = os.urandom(1024 * 1024)
         with anyio.fail_after(60):
             tg.start_soon(stream.send, payload)
@@ -308,7 +308,7 @@ async def test_the_process_cipher_setting_reaches_kcp(monkeypatch: pytest.Monkey
             await stream.send(b"hello")
             with anyio.fail_after(20):
                 assert await read_exactly(stream, 5) == b"hello"
-            assert [s.cipher for s in listener._crypto.values()] == [expected]
+            assert [p.session.cipher for p in listener.paths.values()] == [expected]
             await stream.aclose()
             tg.cancel_scope.cancel()
         await listener.aclose()
@@ -523,7 +523,7 @@ async def test_a_known_session_is_never_reset_and_the_listener_never_falls(
             await client.send(b"hello")
             assert await read_exactly(client, 5) == b"hello"
         cid = next(k for k in listener.sessions if isinstance(k, bytes))
-        crypto = listener._crypto[cid]
+        crypto = listener.paths[cid].session
         with raw_socket() as raw:
             for body, kind in datagrams:
                 if kind == "own":

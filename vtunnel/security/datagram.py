@@ -5,6 +5,7 @@ Layouts (integers big endian; full description in ``docs/security.md``)::
     INIT   (client -> server)  01 | initial CID (8) | Noise message 1 (e 32 | payload + tag 16)
     REPLY  (server -> client)  02 | initial CID (8) | Noise message 2 (e 32 | payload + tag 16)
     DATA   (both ways)         03 | CID (8) | counter u64 | AEAD ciphertext + tag 16
+    CONTROL (both ways)        04 | CID (8) | counter u64 | AEAD(kind 1 | data 8) + tag 16   (path validation)
     RESET  (server -> client)  03 | CID (8) | random 16..231 | reset token 16   (DATA-shaped, see below)
 
 INIT's payload is the timestamp, the anti-replay token, the cipher offer and padding (see :mod:`.handshake`);
@@ -14,7 +15,9 @@ ID the server assigns, the chosen cipher's code, then padding. A DATA datagram i
 its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
 
 The connection ID is the only clear field a server uses: it finds the session by it, never by the source
-address, so NAT rebinding keeps a session alive. The server assigns it and may start it with a fixed
+address, so NAT rebinding keeps a session alive. Where it sends is :class:`PeerPath`'s decision: a new client
+address is followed only after it echoed a path challenge (a CONTROL datagram) and the client's newest
+datagrams come from it, as QUIC validates a path. The server assigns it and may start it with a fixed
 server/worker id (``server_id``) so that a load balancer can route by it (QUIC-LB's idea). Its last 3 bytes
 are a check computed from the rest under a key derived from the PSK, so that a server which lost the session can
 tell a connection ID minted by a key holder from a prober's guess.
@@ -56,6 +59,9 @@ from .noise import TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 
 __all__ = [
+    "AMPLIFICATION_FACTOR",
+    "CHALLENGE_DATAGRAM",
+    "CHALLENGE_INTERVAL",
     "CID_CHECK_LEN",
     "CID_LEN",
     "DATAGRAM_OVERHEAD",
@@ -66,10 +72,15 @@ __all__ = [
     "REPLY_REPEAT_LIMIT",
     "RESET_TOKEN_LEN",
     "RETRANSMIT_PERIOD",
+    "ControlKind",
+    "ControlMessage",
     "DatagramClient",
     "DatagramServer",
     "DatagramSession",
     "DatagramType",
+    "PathChallenge",
+    "PathResponse",
+    "PeerPath",
     "StatelessReset",
     "is_minted",
     "mint_connection_id",
@@ -85,6 +96,32 @@ class DatagramType(IntEnum):
     INIT = 0x01
     REPLY = 0x02
     DATA = 0x03
+    #: DATA's shape and keys; the sealed payload is a control message (path validation), not for the ARQ layer
+    CONTROL = 0x04
+
+
+class ControlKind(IntEnum):
+    """The first byte of a CONTROL datagram's sealed payload."""
+
+    PATH_CHALLENGE = 0x01
+    PATH_RESPONSE = 0x02
+
+
+@dataclass(frozen=True, slots=True)
+class PathChallenge:
+    """The server asks the peer behind a new address to echo ``data`` (RFC 9000 section 8.2's PATH_CHALLENGE)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PathResponse:
+    """The echo of a :class:`PathChallenge`'s ``data``."""
+
+    data: bytes
+
+
+ControlMessage = PathChallenge | PathResponse
 
 
 _HEAD = struct.Struct(">B8s")  # type, connection ID
@@ -93,6 +130,8 @@ _COUNTER = struct.Struct(">Q")
 DATA_HEADER_LEN = _DATA_HEAD.size  # 17
 DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 33
 _DATA = int(DatagramType.DATA)
+_CONTROL = int(DatagramType.CONTROL)
+_CONTROL_BYTE = bytes((_CONTROL,))
 #: v2: INIT offers transport ciphers and REPLY names the chosen one. A v1 peer's INIT fails authentication
 #: under this prologue (and ours under its), so the server stays silent and the client times out.
 _DATAGRAM_PROLOGUE = b"vtunnel datagram v2"
@@ -111,6 +150,22 @@ MAX_COUNTER = 2**64 - 1
 #: HKDF label of the stateless reset key: a key of its own, derived from the PSK, used for nothing else
 _RESET_LABEL = b"vtunnel datagram v2 stateless reset"
 RESET_TOKEN_LEN = 16
+#: Bytes of a path challenge's random data (as QUIC's PATH_CHALLENGE)
+CHALLENGE_LEN = 8
+_CONTROL_MESSAGE = struct.Struct(">B8s")  # kind, challenge data
+#: A challenge's (and a response's) size on the wire
+CHALLENGE_DATAGRAM = DATAGRAM_OVERHEAD + _CONTROL_MESSAGE.size  # 42
+#: Until a new address answered a challenge, it is sent at most this many times the bytes received from it
+#: (RFC 9000 section 8's anti-amplification limit), and only challenges: everything else goes to the old address.
+AMPLIFICATION_FACTOR = 3
+#: Least seconds between two challenges to one new address.
+CHALLENGE_INTERVAL = 0.1
+#: Challenges whose answer is still accepted (a late answer to an earlier one counts).
+_CHALLENGES_KEPT = 4
+#: Addresses that answered a challenge and that a session moves back to without a new one (the current and
+#: the one before it).
+_VALIDATED_KEPT = 2
+
 #: The shortest reset: a DATA header, 8 filler bytes (the shape of a DATA datagram with a small payload), the
 #: token. A DATA-shaped datagram of this length or less is never answered, and every reset is shorter than what
 #: it answers, so resets cannot bounce between two servers for long, nor amplify.
@@ -135,7 +190,7 @@ def peek_connection_id(datagram: bytes) -> bytes | None:
     if n < DATAGRAM_OVERHEAD:
         return None
     kind = datagram[0]
-    if kind == DatagramType.DATA:
+    if kind in (_DATA, _CONTROL):
         return bytes(datagram[1 : 1 + CID_LEN])
     if (kind == DatagramType.INIT and MIN_INIT_DATAGRAM <= n <= MAX_INIT_DATAGRAM) or (
         kind == DatagramType.REPLY and n >= MIN_REPLY_DATAGRAM
@@ -190,6 +245,17 @@ def _prologue(kind: int, cid: bytes) -> bytes:
     return _DATAGRAM_PROLOGUE + _HEAD.pack(kind, cid)
 
 
+def _control_message(payload: bytes) -> ControlMessage | None:
+    if len(payload) < _CONTROL_MESSAGE.size:
+        return None
+    kind, data = _CONTROL_MESSAGE.unpack_from(payload)
+    if kind == ControlKind.PATH_CHALLENGE:
+        return PathChallenge(data)
+    if kind == ControlKind.PATH_RESPONSE:
+        return PathResponse(data)
+    return None
+
+
 class DatagramSession:
     """One authenticated session: seals and opens DATA datagrams.
 
@@ -199,6 +265,7 @@ class DatagramSession:
     """
 
     __slots__ = (
+        "_control_prefix",
         "_decrypt",
         "_encrypt",
         "_nonce",
@@ -220,6 +287,7 @@ class DatagramSession:
         self.connection_id = bytes(connection_id)
         self.cipher = Cipher(cipher)
         self._prefix = _HEAD.pack(_DATA, self.connection_id)  # the first 9 header bytes never change
+        self._control_prefix = _HEAD.pack(_CONTROL, self.connection_id)
         self._seal_aead = make_aead(self.cipher, keys.send)
         self._open_aead = make_aead(self.cipher, keys.receive)
         self._encrypt = self._seal_aead.encrypt  # bound once: these run for every datagram
@@ -242,12 +310,38 @@ class DatagramSession:
         header = self._prefix + _COUNTER.pack(n)
         return header + self._encrypt(self._nonce(n), payload, header)
 
+    @property
+    def highest_received(self) -> int:
+        """The highest counter authenticated so far (-1: none yet)."""
+        return self._window.highest
+
+    def seal_control(self, message: ControlMessage) -> bytes:
+        """A CONTROL datagram carrying ``message``; it takes the next counter, as a DATA datagram would."""
+        if len(message.data) != CHALLENGE_LEN:
+            raise SecurityError(f"a path challenge's data is {CHALLENGE_LEN} bytes")
+        kind = ControlKind.PATH_CHALLENGE if isinstance(message, PathChallenge) else ControlKind.PATH_RESPONSE
+        n = self._send_counter
+        if n >= MAX_COUNTER:
+            raise SecurityError("the session's counter is exhausted; start a new handshake")
+        self._send_counter = n + 1
+        header = self._control_prefix + _COUNTER.pack(n)
+        return header + self._encrypt(self._nonce(n), _CONTROL_MESSAGE.pack(kind, message.data), header)
+
+    def open_control(self, datagram: bytes) -> ControlMessage | None:
+        """The message of an authentic, new CONTROL datagram for this session; None otherwise (including a
+        well sealed one whose content this version does not know: it is recorded as received all the same)."""
+        payload = self._open(datagram, _CONTROL)
+        return None if payload is None else _control_message(payload)
+
     def open(self, datagram: bytes) -> bytes | None:
         """The payload of an authentic, new DATA datagram for this session; None otherwise."""
+        return self._open(datagram, _DATA)
+
+    def _open(self, datagram: bytes, expected: int) -> bytes | None:
         if len(datagram) < DATAGRAM_OVERHEAD:
             return None
         kind, cid, n = _DATA_HEAD.unpack_from(datagram)
-        if kind != _DATA or cid != self.connection_id or n == MAX_COUNTER:
+        if kind != expected or cid != self.connection_id or n == MAX_COUNTER:
             return None
         window = self._window
         if n <= window.highest and not window.check(n):
@@ -260,6 +354,141 @@ class DatagramSession:
         window.update(n)
         self.confirmed = True
         return payload
+
+
+class PeerPath:
+    """Where a server session sends, and the validation of a new address its client seems to have moved to.
+
+    Feed it every datagram of the session (:meth:`receive` returns the DATA payloads), send what
+    :meth:`datagrams_to_send` gives, and send everything else to :attr:`address`. A datagram from the current
+    address is opened and nothing more. An authentic one from another address moves nothing by itself (a copy
+    of the client's datagram, resent by an on-path or racing attacker from elsewhere, opens too):
+
+    - it counts only if its counter is the highest received so far (a replayed or reordered copy never does);
+      such a datagram from an address that answered a challenge before moves the session back at once;
+    - otherwise that address becomes the *candidate*: it is sent a :class:`PathChallenge` (random data, sealed,
+      at most every :data:`CHALLENGE_INTERVAL` seconds) and never more than :data:`AMPLIFICATION_FACTOR` times
+      the bytes received from it, and nothing else, until its :class:`PathResponse` comes back *from it*;
+    - the session moves there once the answer came and the highest counter received came from there too (the
+      client's datagrams, not copies of them, now arrive from the new address): RFC 9000 sections 8.2 and 9.
+
+    The payloads of authentic DATA datagrams are returned whatever their source, so nothing is lost while an
+    address is being validated. ``address`` and ``source`` are opaque hashable values (``(host, port)``);
+    ``now`` is any clock, used consistently.
+    """
+
+    __slots__ = (
+        "_candidate",
+        "_challenges",
+        "_highest_from_candidate",
+        "_last_challenge",
+        "_outgoing",
+        "_received",
+        "_sent",
+        "_validated",
+        "address",
+        "session",
+    )
+
+    def __init__(self, session: DatagramSession, address: tuple[str, int]) -> None:
+        self.session = session
+        #: where everything but challenges goes: the last validated address
+        self.address = address
+        self._validated: list[tuple[str, int]] = [address]
+        self._candidate: tuple[str, int] | None = None
+        self._received = 0
+        self._sent = 0
+        self._highest_from_candidate = -1
+        self._challenges: list[bytes] = []
+        self._last_challenge = 0.0
+        self._outgoing: list[tuple[bytes, tuple[str, int]]] = []
+
+    def __repr__(self) -> str:
+        return f"PeerPath(address={self.address!r}, candidate={self._candidate!r})"
+
+    @property
+    def candidate(self) -> tuple[str, int] | None:
+        """The address being validated, if any."""
+        return self._candidate
+
+    def datagrams_to_send(self) -> list[tuple[bytes, tuple[str, int]]]:
+        """Challenges to send, each with its destination (drains)."""
+        out = self._outgoing
+        if out:
+            self._outgoing = []
+        return out
+
+    def receive(self, datagram: bytes, source: tuple[str, int], now: float) -> bytes | None:
+        """The payload of an authentic, new DATA datagram of this session; None for anything else (a control
+        datagram included, which is handled here)."""
+        session = self.session
+        if source == self.address:
+            payload = session.open(datagram)
+            if payload is None and datagram[:1] == _CONTROL_BYTE:
+                session.open_control(datagram)  # nothing to do for one from the current address
+            return payload
+        before = session._window.highest
+        message: ControlMessage | None = None
+        if datagram[:1] == _CONTROL_BYTE:
+            control = session._open(datagram, _CONTROL)
+            if control is None:
+                return None
+            message = _control_message(control)
+            payload = None
+        else:
+            payload = session.open(datagram)
+            if payload is None:
+                return None
+        self._from_elsewhere(source, len(datagram), session._window.highest > before, message, now)
+        return payload
+
+    def _from_elsewhere(
+        self, source: tuple[str, int], size: int, newest: bool, message: ControlMessage | None, now: float
+    ) -> None:
+        if newest and source in self._validated:
+            self._move(source)
+            return
+        if source != self._candidate:
+            if not newest:
+                return  # an old copy from an unknown address starts nothing
+            self._candidate = source
+            self._received = self._sent = 0
+            self._challenges = []
+            self._last_challenge = now - CHALLENGE_INTERVAL
+        self._received += size
+        if newest:
+            self._highest_from_candidate = self.session._window.highest
+        if isinstance(message, PathResponse) and any(
+            hmac.compare_digest(message.data, sent) for sent in self._challenges
+        ):
+            validated = self._validated
+            validated.append(source)
+            del validated[:-_VALIDATED_KEPT]
+            if self._highest_from_candidate == self.session._window.highest:
+                self._move(source)
+            else:  # answered, but the client's newest datagrams come from elsewhere: stay
+                self._candidate = None
+            return
+        if (
+            newest
+            and now - self._last_challenge >= CHALLENGE_INTERVAL
+            and self._sent + CHALLENGE_DATAGRAM <= AMPLIFICATION_FACTOR * self._received
+        ):
+            data = padding(CHALLENGE_LEN)
+            self._sent += CHALLENGE_DATAGRAM
+            self._last_challenge = now
+            self._challenges.append(data)
+            del self._challenges[:-_CHALLENGES_KEPT]
+            self._outgoing.append((self.session.seal_control(PathChallenge(data)), source))
+
+    def _move(self, source: tuple[str, int]) -> None:
+        self.address = source
+        self._candidate = None
+        self._challenges = []
+        validated = self._validated
+        if source in validated:
+            validated.remove(source)
+        validated.append(source)
 
 
 class DatagramClient:
@@ -472,11 +701,13 @@ class DatagramServer:
         same source, before the session saw any DATA from the client, returns the *same* session object and
         reply again (store idempotently; do not make a second session). The reply is never larger than
         ``datagram``. A new session's connection ID is none of ``in_use`` (the caller's sessions).
+
+        The ``limiter`` is charged only for an authentic INIT with a fresh timestamp and a new token, right
+        before the Diffie-Hellman it pays for: garbage, other keys' INITs, replays and stale INITs spend nothing,
+        so a stranger who forges a client's source address cannot use up that client's handshakes.
         """
         n = len(datagram)
         if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM or datagram[0] != DatagramType.INIT:
-            return None
-        if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
         check_wall_clock(now)
         datagram = bytes(datagram)
@@ -492,6 +723,13 @@ class DatagramServer:
         self._prune(now)
         if self._replay.seen(init.token, now):
             return self._repeat(init.token, datagram, source, now)
+        if not self._replay.fresh(init.timestamp, now):
+            return None
+        # Only now, for an authentic, fresh, new first message (which only a key holder can make), is the
+        # source charged: what follows costs the Diffie-Hellman. Nothing a stranger sends from a client's
+        # address, nor a replay, can spend that client's budget.
+        if self._limiter is not None and not self._limiter.allow(source[0], now):
+            return None
         cid = self._free_connection_id(in_use)
         if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
             return None

@@ -52,10 +52,14 @@ class ReplayCache:
             if self._expiry.get(token) == expiry:
                 del self._expiry[token]
 
+    def fresh(self, timestamp: float, now: float) -> bool:
+        """Whether ``timestamp`` is inside the acceptance window around ``now`` (remembers nothing)."""
+        return now - self.window <= timestamp <= now + self.window
+
     def check_and_remember(self, token: bytes, timestamp: float, now: float) -> bool:
         """True (and remember ``token``) if the timestamp is fresh and the token new; False otherwise."""
         self._prune(now)
-        if not (now - self.window <= timestamp <= now + self.window):
+        if not self.fresh(timestamp, now):
             return False
         if token in self._expiry:
             return False
@@ -74,6 +78,9 @@ class ReplayCache:
 
 class HandshakeLimiter:
     """A token bucket per key (a source address): ``rate`` handshakes per second, bursts of ``burst``.
+
+    A source address can be forged: charge a bucket only for work a stranger cannot make the server do (the
+    datagram server charges it after the first message authenticated, see ``DatagramServer.accept``).
 
     At most ``max_keys`` buckets are kept; when full, the least recently used one is dropped (it has had the
     longest time to refill, so forgetting it changes the least). Each call is O(1).

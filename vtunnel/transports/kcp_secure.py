@@ -3,8 +3,9 @@
 The sealer sits between UDP and KCP. The client sends the handshake's first datagram and retransmits it with
 backoff until the server's reply arrives (``connect_timeout``); then KCP runs with its MTU reduced by the
 sealing overhead. The server keys sessions by the authenticated connection ID (not the source address, not the
-conv), follows a client's new address once a datagram from it has been opened, and drops anything that fails
-authentication before KCP sees it, without answering. The one exception: a DATA datagram for a connection ID the
+conv), follows a client's new address only once that address echoed a sealed path challenge and the client's
+newest datagrams come from it (:class:`~vtunnel.security.datagram.PeerPath`; the client echoes every challenge),
+and drops anything that fails authentication before KCP sees it, without answering. The one exception: a DATA datagram for a connection ID the
 server does not know (it restarted, or the session ended) but a holder of the key assigned gets a stateless reset
 (rate limited; see :class:`~vtunnel.security.datagram.StatelessReset`), and a client that receives the reset for
 its own session fails its stream at once, so the agent reconnects within its backoff instead of waiting for the
@@ -19,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 import anyio
@@ -33,6 +35,9 @@ from vtunnel.security.datagram import (
     DatagramServer,
     DatagramSession,
     DatagramType,
+    PathChallenge,
+    PathResponse,
+    PeerPath,
     StatelessReset,
     peek_connection_id,
 )
@@ -106,6 +111,9 @@ class _SealedKCPClient:
             session = handshake.session
             payload = session.open(datagram) if session is not None else None
             if payload is None:
+                if session is not None and datagram[0] == DatagramType.CONTROL:
+                    self._on_control(session, datagram)
+                    continue
                 # only the server's own address may end the session (the socket is not connected)
                 reset = reset or (source == self._server and handshake.is_reset(datagram))
             elif valid_datagram(payload, self._conv):
@@ -117,6 +125,13 @@ class _SealedKCPClient:
             stream.feed(good)  # what arrived before the reset is delivered first
         if reset:
             stream.fail(RESET_REASON)
+
+    def _on_control(self, session: DatagramSession, datagram: bytes) -> None:
+        """The server checks a new address of ours: echo its challenge (from wherever it came: only the server
+        can seal one) to the server, from our socket, so the answer leaves from the address being checked."""
+        message = session.open_control(datagram)
+        if isinstance(message, PathChallenge):
+            self.udp.sendto(session.seal_control(PathResponse(message.data)), self._server)
 
     def _start_kcp(self, session: DatagramSession) -> None:
         loop = asyncio.get_running_loop()
@@ -221,15 +236,23 @@ class SealedKCPListener(KCPListener):
         self._reset = StatelessReset(psk, limiter=reset_limiter)
         #: stateless resets sent (each also counts in ``dropped``)
         self.resets_sent = 0
-        #: every authenticated session, with or without a KCP stream yet
-        self._crypto: dict[bytes, DatagramSession] = {}
+        #: every authenticated session (with its peer's address), with or without a KCP stream yet
+        self._paths: dict[bytes, PeerPath] = {}
+        #: challenges sent to new addresses of peers (each to validate the address before moving there)
+        self.challenges_sent = 0
         #: sessions whose handshake completed but whose first KCP datagram has not arrived: expiry time
         self._half_open: dict[bytes, float] = {}
 
     @property
+    def paths(self) -> Mapping[bytes, PeerPath]:
+        """Every authenticated session by connection ID, with its peer's address and validation state
+        (read-only)."""
+        return MappingProxyType(self._paths)
+
+    @property
     def authenticated_count(self) -> int:
         """Sessions whose handshake completed (with or without a KCP session yet)."""
-        return len(self._crypto)
+        return len(self._paths)
 
     def _on_runs(self, runs: list[Run]) -> None:
         groups: dict[KCPStream, list[bytes | memoryview]] = {}
@@ -248,7 +271,7 @@ class SealedKCPListener(KCPListener):
             conv = stream.engine.conv
             group = groups.setdefault(stream, [])
             for datagram in datagrams:
-                payload = crypto.open(datagram)
+                payload = crypto.open(datagram)  # the current address: nothing to validate
                 if payload is None:  # not this session's: whatever it is, it is handled on its own
                     self._route_sealed(datagram, source, groups)
                 elif valid_datagram(payload, conv):
@@ -266,11 +289,11 @@ class SealedKCPListener(KCPListener):
         cid = peek_connection_id(buffer)
         if cid is None:
             return None
-        crypto = self._crypto.get(cid)
+        path = self._paths.get(cid)
         stream = self._sessions.get(cid)
-        if crypto is None or stream is None or stream.remote_address != source:
+        if path is None or stream is None or path.address != source:
             return None
-        return crypto, stream
+        return path.session, stream
 
     def _route_sealed(
         self, datagram: bytes, source: Address, groups: dict[KCPStream, list[bytes | memoryview]]
@@ -283,28 +306,39 @@ class SealedKCPListener(KCPListener):
         if datagram[0] == DatagramType.INIT:
             self._on_handshake(datagram, source)
             return
-        crypto = self._crypto.get(cid)
-        if crypto is None:
+        path = self._paths.get(cid)
+        if path is None:
             self.dropped += 1
             self._answer_stranger(datagram, source)
             return
-        payload = crypto.open(datagram)
-        if payload is None:  # a known session's: never answered, whatever it is
+        payload = path.receive(datagram, source, self._loop.time())
+        stream = self._sessions.get(cid)
+        if source != path.address or (stream is not None and stream.remote_address != path.address):
+            self._follow(cid, path, stream)
+        if payload is None:  # a known session's: never answered (but for challenges), whatever it is
             self.dropped += 1
             return
-        stream = self._sessions.get(cid)
         if stream is None:
-            stream = self._first_kcp_datagram(cid, crypto, payload, source)
+            stream = self._first_kcp_datagram(cid, path, payload)
             if stream is None:
                 self.dropped += 1
                 return
         elif not valid_datagram(payload, stream.engine.conv):
             self.dropped += 1
             return
-        if stream.remote_address != source:
-            log.info("kcp peer moved", connection_id=cid.hex(), old=stream.remote_address, new=source)
-            stream.remote_address = source
         groups.setdefault(stream, []).append(payload)
+
+    def _follow(self, cid: bytes, path: PeerPath, stream: KCPStream | None) -> None:
+        """Send the challenges a peer's new address gets, and move the session once one validated it."""
+        if self._closed:
+            return
+        for challenge, address in path.datagrams_to_send():
+            self.challenges_sent += 1
+            log.debug("kcp path challenge sent", connection_id=cid.hex(), address=address)
+            self._udp.sendto(challenge, address)
+        if stream is not None and stream.remote_address != path.address:
+            log.info("kcp peer moved", connection_id=cid.hex(), old=stream.remote_address, new=path.address)
+            stream.remote_address = path.address
 
     def _answer_stranger(self, datagram: bytes, source: Address) -> None:
         """A datagram for no session this server knows: a DATA one gets a stateless reset (if the limits
@@ -324,7 +358,7 @@ class SealedKCPListener(KCPListener):
             self.dropped += 1
             return
         try:
-            result = self._server.accept(datagram, source, time.time(), in_use=self._crypto)
+            result = self._server.accept(datagram, source, time.time(), in_use=self._paths)
         except SecurityError:  # e.g. an unusable wall clock: answer nothing
             result = None
         if result is None:
@@ -332,35 +366,34 @@ class SealedKCPListener(KCPListener):
             return
         session, reply = result
         cid = session.connection_id
-        if cid not in self._crypto:
-            self._crypto[cid] = session
+        if cid not in self._paths:
+            self._paths[cid] = PeerPath(session, source)
             self._half_open[cid] = now + 2 * RETRANSMIT_PERIOD
             log.debug("sealed session up", role="server", source=source, cipher=cipher_name(session.cipher))
         self._udp.sendto(reply, source)
 
-    def _first_kcp_datagram(
-        self, cid: bytes, crypto: DatagramSession, payload: bytes, source: Address
-    ) -> KCPStream | None:
+    def _first_kcp_datagram(self, cid: bytes, path: PeerPath, payload: bytes) -> KCPStream | None:
         header = first_header(payload)
         if self._closed or header is None or not is_new_session(payload) or not self._room_for_one_more():
             return None
         self._half_open.pop(cid, None)
-        return self._create_stream(cid, header.conv, source, mtu=_kcp_mtu(self._options), seal=crypto.seal)
+        seal = path.session.seal
+        return self._create_stream(cid, header.conv, path.address, mtu=_kcp_mtu(self._options), seal=seal)
 
     def _expire_half_open(self, now: float) -> None:
         expired = [cid for cid, until in self._half_open.items() if until <= now]
         for cid in expired:
             del self._half_open[cid]
             if cid not in self._sessions:
-                self._crypto.pop(cid, None)
+                self._paths.pop(cid, None)
 
     def _forget(self, key: SessionKey, stream: KCPStream) -> None:
         super()._forget(key, stream)
         if isinstance(key, bytes):
-            self._crypto.pop(key, None)
+            self._paths.pop(key, None)
             self._half_open.pop(key, None)
 
     async def aclose(self) -> None:
         await super().aclose()
-        self._crypto.clear()
+        self._paths.clear()
         self._half_open.clear()

@@ -1,0 +1,170 @@
+"""kcp:// with a key moves a session to a new client address only once that address proved it receives (a
+challenge echoed from there) and the client's newest datagrams come from there: copies of the client's
+datagrams sent from elsewhere get no more than the anti-amplification allowance and move nothing; a real NAT
+rebinding still moves the session."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import anyio
+import pytest
+from anyio.abc import ByteStream
+
+from tests.streams import read_exactly
+from vtunnel.security.datagram import DatagramType
+from vtunnel.testing import ImpairmentRelay
+from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.kcp import KCPTransport
+from vtunnel.transports.kcp_secure import SealedKCPListener
+from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
+
+pytestmark = pytest.mark.anyio
+
+KEY = SecurityConfig(psk=bytes(range(32)))
+DOWNLOAD = 2 * 1024 * 1024
+#: what an address that has not proven it receives may be sent, in multiples of what came from it (RFC 9000)
+ALLOWANCE = 3
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    return ("asyncio", {"use_uvloop": True})
+
+
+class CopyingForwarder:
+    """client <-> ``address`` | ``upstream`` <-> server, plus an injector on 127.0.0.2 that resends a copy of
+    every client datagram after the first (DATA, control) to the server, ahead of the original or behind it
+    (seeded). What the server sends the injector is counted and goes nowhere."""
+
+    def __init__(self, server: Address, seed: int) -> None:
+        self.server = server
+        self.client: Address | None = None
+        self.rng = random.Random(seed)
+        self.injected = 0  # bytes the injector sent
+        self.to_injector = 0  # bytes the server sent the injector
+        self.down = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), self._from_client)
+        self.up = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), self._from_server)
+        self.injector = DatagramSocket(
+            open_udp_socket(socket.AF_INET, bind=("127.0.0.2", 0)), self._at_injector
+        )
+
+    @property
+    def address(self) -> Address:
+        return self.down.local_address
+
+    def _from_client(self, batch: list[tuple[bytes, Address]]) -> None:
+        for datagram, source in batch:
+            self.client = source
+            if (
+                datagram[0] == DatagramType.INIT
+            ):  # a racing copy of the first datagram only delays the handshake
+                self.up.sendto(datagram, self.server)
+                continue
+            ahead = self.rng.random() < 0.5
+            if ahead:
+                self._inject(datagram)
+            self.up.sendto(datagram, self.server)
+            if not ahead:
+                self._inject(datagram)
+
+    def _inject(self, datagram: bytes) -> None:
+        self.injected += len(datagram)
+        self.injector.sendto(datagram, self.server)
+
+    def _from_server(self, batch: list[tuple[bytes, Address]]) -> None:
+        for datagram, source in batch:
+            if source == self.server and self.client is not None:
+                self.down.sendto(datagram, self.client)
+
+    def _at_injector(self, batch: list[tuple[bytes, Address]]) -> None:
+        self.to_injector += sum(len(datagram) for datagram, _source in batch)
+
+    def close(self) -> None:
+        for sock in (self.down, self.up, self.injector):
+            sock.close()
+
+
+async def serve_download(stream: ByteStream) -> None:
+    """Answer each 8-byte request with DOWNLOAD bytes derived from it, until the client's end."""
+    try:
+        while True:
+            seed = await read_exactly(stream, 8)
+            await stream.send(random.Random(seed).randbytes(DOWNLOAD))
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def listen() -> SealedKCPListener:
+    listener = await KCPTransport().listen(Endpoint.parse("kcp://127.0.0.1:0"), security=KEY)
+    assert isinstance(listener, SealedKCPListener)
+    return listener
+
+
+async def connect(address: Address) -> ByteStream:
+    return await KCPTransport().connect(Endpoint.parse(f"kcp://{address[0]}:{address[1]}"), security=KEY)
+
+
+async def download(client: ByteStream) -> None:
+    seed = os.urandom(8)
+    await client.send(seed)
+    assert await read_exactly(client, DOWNLOAD) == random.Random(seed).randbytes(DOWNLOAD)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_copies_from_another_address_get_the_allowance_at_most_and_move_nothing(seed: int) -> None:
+    listener = await listen()
+    forwarder = CopyingForwarder(listener.local_address, seed)
+    upstream = forwarder.up.local_address
+    addresses: set[Address] = set()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve_download)
+            with anyio.fail_after(10):
+                client = await connect(forwarder.address)
+
+            async def watch() -> None:
+                for _ in range(20_000):  # bounded: 5 ms apart, the transfer ends long before
+                    addresses.update(s.remote_address for s in listener.sessions.values())
+                    await anyio.sleep(0.005)
+
+            tg.start_soon(watch)
+            with anyio.fail_after(60):
+                await download(client)
+            await client.aclose()
+            tg.cancel_scope.cancel()
+    finally:
+        forwarder.close()
+        await listener.aclose()
+    assert forwarder.injected > DOWNLOAD // 100  # the copies went in (ACKs mostly)
+    assert forwarder.to_injector <= ALLOWANCE * forwarder.injected
+    assert addresses == {upstream}  # the session never moved
+    assert listener.challenges_sent >= 1  # copies raced ahead of originals, and were challenged
+
+
+async def test_a_real_rebinding_moves_the_session_after_its_new_address_answered() -> None:
+    listener = await listen()
+    async with ImpairmentRelay(listener.local_address, seed=7) as relay, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve_download)
+        with anyio.fail_after(10):
+            client = await connect(relay.address)
+        for _ in range(2):
+            with anyio.fail_after(60):
+                await download(client)
+            (first,) = relay.upstream_addresses
+            relay.rebind()
+            (moved,) = relay.upstream_addresses
+            assert moved != first
+            assert [s.remote_address for s in listener.sessions.values()] == [first]
+            # the client's next datagrams come from the new port: after one challenge, the session follows
+            with anyio.fail_after(60):
+                await download(client)
+            assert [s.remote_address for s in listener.sessions.values()] == [moved]
+        assert listener.challenges_sent >= 2
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
