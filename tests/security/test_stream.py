@@ -457,3 +457,99 @@ def test_partial_record_kept_between_reads(sizes: list[int], split: int) -> None
         got += s.receive_data(wire[:cut], NOW)
         got += s.receive_data(wire[cut:], NOW)
     assert bytes(got) == b"".join(messages)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=0, max_size=3000), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=10),
+)
+def test_any_chunking_of_valid_records_parses_identically(messages: list[bytes], cuts: list[int]) -> None:
+    """Records fed in any chunks give, after each chunk, exactly the records it completed, and
+    ``incomplete_record`` says whether the bytes so far end inside one."""
+    c, s = connect()
+    ends = [0]  # where each record ends on the wire
+    done = [0]  # the plaintext bytes up to there
+    wire = b""
+    for m in messages:
+        c.send(m)
+        wire += c.data_to_send()
+        if m:  # an empty send makes no record
+            ends.append(len(wire))
+            done.append(done[-1] + len(m))
+    plain = b"".join(messages)
+    got = bytearray()
+    fed, i = 0, 0
+    while fed < len(wire):
+        step = cuts[i % len(cuts)]
+        got += s.receive_data(wire[fed : fed + step], NOW)
+        fed = min(len(wire), fed + step)
+        i += 1
+        complete = max(k for k, end in enumerate(ends) if end <= fed)
+        assert bytes(got) == plain[: done[complete]]
+        assert s.incomplete_record == (fed != ends[complete])
+    assert bytes(got) == plain
+    assert not s.incomplete_record
+
+
+_CORRUPTIONS = ("flip", "insert", "delete", "replace")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=1, max_size=2000), min_size=1, max_size=5),
+    kind=st.sampled_from(_CORRUPTIONS),
+    where=st.integers(min_value=0),
+    size=st.integers(min_value=1, max_value=40),
+    cuts=st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=6),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_corruption_never_delivers_forged_bytes_and_never_waits_unbounded(
+    messages: list[bytes], kind: str, where: int, size: int, cuts: list[int], seed: int
+) -> None:
+    """Any corruption of a record stream (a changed byte, bytes inserted, deleted or replaced), fed in any
+    chunks: only records wholly before the damage are ever delivered; the parser either fails or is waiting
+    inside a record (``incomplete_record``, which the I/O layer bounds in time), and at most one record's worth
+    of further bytes always ends it with a failure."""
+    rng = random.Random(seed)
+    c, s = connect()
+    wire = b""
+    clean = []  # (end of record on the wire, plaintext up to there)
+    for i, m in enumerate(messages):
+        c.send(m)
+        wire += c.data_to_send()
+        clean.append((len(wire), len(b"".join(messages[: i + 1]))))
+    at = where % len(wire)
+    bad = bytearray(wire)
+    if kind == "flip":
+        bad[at] ^= rng.randrange(1, 256)
+    elif kind == "insert":
+        bad[at:at] = rng.randbytes(size)
+    elif kind == "delete":
+        del bad[at : at + size]
+    else:
+        old = bytes(bad[at : at + size])
+        new = rng.randbytes(len(old))
+        if new == old:
+            new = bytes([new[0] ^ 1]) + new[1:]
+        bad[at : at + size] = new
+    plain = b"".join(messages)
+    intact = max([upto for end, upto in clean if end <= at], default=0)  # records wholly before the damage
+    got = bytearray()
+    fed, i = 0, 0
+    try:
+        while fed < len(bad):
+            step = cuts[i % len(cuts)]
+            got += s.receive_data(bytes(bad[fed : fed + step]), NOW)
+            fed += step
+            i += 1
+        # nothing failed yet: the parser waits inside a record, or the damage removed whole records at the end
+        assert s.incomplete_record or kind == "delete"
+        s.receive_data(rng.randbytes(RECORD_OVERHEAD + MAX_RECORD_PLAINTEXT), NOW)
+        raise AssertionError("a corrupted stream went on being accepted")
+    except AuthenticationFailed:
+        pass
+    assert len(got) <= intact
+    assert bytes(got) == plain[: len(got)]
+    with pytest.raises(AuthenticationFailed):  # dead for good
+        s.receive_data(b"", NOW)
