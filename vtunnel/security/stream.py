@@ -38,6 +38,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher as _StreamCipher
@@ -293,8 +294,7 @@ class _Records:
         record at the end is left for the caller to keep.
         """
         # Find the complete records first, checking every length, then decrypt them into the work buffer.
-        spans: list[int] = []
-        sizes: list[int] = []
+        spans: list[int] = []  # where each complete record starts, then where the last one ends
         pos = 0
         end = len(buf)
         plain_size = 0
@@ -319,12 +319,12 @@ class _Records:
             if length == TAGLEN:
                 eof_at = len(spans)
             spans.append(pos)
-            sizes.append(length)
             plain_size += length - TAGLEN
             pos += 2 + length
             m += 1
         if not spans:
             return b"", 0
+        spans.append(pos)
         if m > MAX_NONCE:
             raise SecurityError("the cipher's nonce space is exhausted; start a new connection")
         plain = self._open_work
@@ -336,11 +336,11 @@ class _Records:
         nonce = self._nonce
         at = 0
         with memoryview(buf) as view, memoryview(plain) as out:
-            for start, length in zip(spans, sizes, strict=True):
+            for start, stop in pairwise(spans):
                 body = start + 2
-                size = length - TAGLEN
+                size = stop - body - TAGLEN
                 try:
-                    decrypt_into(nonce(n), view[body : body + length], view[start:body], out[at : at + size])
+                    decrypt_into(nonce(n), view[body:stop], view[start:body], out[at : at + size])
                 except InvalidTag:
                     raise AuthenticationFailed("record failed authentication") from None
                 n += 1
