@@ -60,6 +60,7 @@ from .replay import ReplayCache
 
 __all__ = [
     "HANDSHAKE_FRAME_OVERHEAD",
+    "LENGTH_KEY_LABEL",
     "MAX_HANDSHAKE_LEN",
     "MAX_RECORD_PLAINTEXT",
     "RECORD_OVERHEAD",
