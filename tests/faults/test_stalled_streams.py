@@ -21,7 +21,7 @@ pytestmark = pytest.mark.anyio
 async def stalling_handler(stream: TunnelStream, release: anyio.Event) -> None:
     stream.accept()
     md = stream.metadata
-    if md is not None and md.authority.startswith("stall"):
+    if md is not None and (md.authority or "").startswith("stall"):
         await release.wait()  # never reads
         return
     total = 0

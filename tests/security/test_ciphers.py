@@ -1,18 +1,22 @@
 """Transport cipher negotiation (sans-IO): every pairing of offer and acceptance in both modes, records and
 datagrams under each cipher checked against the bare AEADs, malformed offers and choices, truncation, replay,
-the version bump, and a pinned vector of the new first message."""
+the version bumps, and a pinned vector of the first message and its frame."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import warnings
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher as Cipher_
+from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
+from tests.security.test_stream import length_masks
 from vtunnel.security.ciphers import (
     ALL_CIPHERS,
     CIPHER_CHOICES,
@@ -34,7 +38,14 @@ from vtunnel.security.errors import AuthenticationFailed, SecurityError
 from vtunnel.security.handshake import encode_init_payload
 from vtunnel.security.noise import PROTOCOL_NAME, Initiator, Responder
 from vtunnel.security.replay import ReplayCache
-from vtunnel.security.stream import STREAM_PROLOGUE, SecureStreamClient, SecureStreamServer
+from vtunnel.security.stream import (
+    HANDSHAKE_FRAME_OVERHEAD,
+    STREAM_PROLOGUE,
+    SecureStreamClient,
+    SecureStreamServer,
+    read_handshake_frame,
+    write_handshake_frame,
+)
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0
@@ -133,9 +144,11 @@ def test_records_use_the_chosen_aead_and_noise_nonce(cipher: Cipher) -> None:
     c.send_eof()
     wire = c.data_to_send()
     aead = _aead(cipher, keys.send)
+    masks = length_masks(c, 4)
     pos, counter, plain = 0, 0, []
     while pos < len(wire):
         (length,) = _LEN.unpack_from(wire, pos)
+        length ^= masks[counter]
         plain.append(
             aead.decrypt(_nonce(cipher, counter), wire[pos + 2 : pos + 2 + length], wire[pos : pos + 2])
         )
@@ -164,9 +177,12 @@ def test_datagrams_use_the_chosen_aead_and_noise_nonce(cipher: Cipher) -> None:
 def _stream_reply(message1: bytes, payload: bytes) -> bytes:
     """What a server holding the key would answer with ``payload`` as message 2's payload."""
     r = Responder(PSK, prologue=STREAM_PROLOGUE)
-    r.read_message1(message1[2:])
-    reply = r.write_message2(payload)
-    return _LEN.pack(len(reply)) + reply
+    r.read_message1(read_handshake_frame(PSK, message1, from_client=True))
+    return _reply_frame(r.write_message2(payload))
+
+
+def _reply_frame(message: bytes) -> bytes:
+    return write_handshake_frame(PSK, message, from_client=False, salt=bytes(16))
 
 
 @pytest.mark.parametrize("choice", [b"\x02", b"\x00", b"\x7f", b"\xff"])
@@ -183,10 +199,10 @@ def test_stream_client_refuses_a_choice_it_did_not_offer(choice: bytes) -> None:
 def test_stream_client_refuses_a_reply_without_a_choice() -> None:
     c = SecureStreamClient(PSK, now=NOW)
     r = Responder(PSK, prologue=STREAM_PROLOGUE)
-    r.read_message1(c.data_to_send()[2:])
+    r.read_message1(read_handshake_frame(PSK, c.data_to_send(), from_client=True))
     reply = r.write_message2(b"")  # 48 bytes: below the shortest valid reply
     with pytest.raises(AuthenticationFailed):
-        c.receive_data(_LEN.pack(len(reply)) + reply, NOW)
+        c.receive_data(_reply_frame(reply), NOW)
 
 
 @pytest.mark.parametrize("choice", [0x02, 0x00, 0x7F])
@@ -206,7 +222,7 @@ def test_datagram_client_refuses_a_choice_it_did_not_offer(choice: int) -> None:
 
 def _message1(payload: bytes, prologue: bytes = STREAM_PROLOGUE) -> bytes:
     m = Initiator(PSK, prologue=prologue).write_message1(payload)
-    return _LEN.pack(len(m)) + m
+    return write_handshake_frame(PSK, m, from_client=True, salt=bytes(16))
 
 
 def _prefix() -> bytes:
@@ -256,7 +272,7 @@ def test_truncated_first_message_waits_then_completes_and_truncated_reply_fails(
     assert s.cipher is AES
     reply = s.data_to_send()
     # the reply cut short inside its own length: the client fails it, it does not wait for more
-    short = _LEN.pack(len(reply) - 3) + reply[2:-1]
+    short = _reply_frame(read_handshake_frame(PSK, reply, from_client=False)[:-1])
     with pytest.raises(AuthenticationFailed):
         c.receive_data(short, NOW)
 
@@ -284,42 +300,56 @@ def test_any_flipped_bit_in_the_reply_fails_with_aes(position: int, flip: int) -
     s = SecureStreamServer(PSK, replay=ReplayCache(), ciphers=(AES, CHACHA))
     s.receive_data(c.data_to_send(), NOW)
     reply = bytearray(s.data_to_send())
-    reply[2 + position % (len(reply) - 2)] ^= (
-        flip  # anywhere after the length: key, cipher field, padding, tag
+    after = (
+        HANDSHAKE_FRAME_OVERHEAD  # anywhere after the salt and the length: key, cipher field, padding, tag
     )
+    reply[after + position % (len(reply) - after)] ^= flip
     with pytest.raises(AuthenticationFailed):
         c.receive_data(bytes(reply), NOW)
 
 
-def test_a_v1_peer_and_a_v2_peer_fail_cleanly() -> None:
-    # a v1 client's first message (old prologue, old payload) gets silence from this server
-    old = _message1(encode_init_payload(NOW, bytes(16), (CHACHA,), 16)[:24] + bytes(16), b"vtunnel stream v1")
+def test_older_peers_and_this_one_fail_cleanly() -> None:
+    payload = encode_init_payload(NOW, bytes(16), (CHACHA,), 16)
     s = SecureStreamServer(PSK, replay=ReplayCache())
-    with pytest.raises(AuthenticationFailed, match="failed authentication"):
-        s.receive_data(old, NOW)
+    # a v2 client's first message as it sent it (clear length, old prologue): silence, from its length on
+    old = Initiator(PSK, prologue=b"vtunnel stream v2", ephemeral=E_INIT).write_message1(payload)
+    with pytest.raises(AuthenticationFailed, match="length out of range"):
+        s.receive_data(_LEN.pack(len(old)) + old, NOW)
     assert s.data_to_send() == b""
-    # and a v1 server cannot read this client's first message (so it stays silent: the client times out)
-    with pytest.raises(AuthenticationFailed):
-        Responder(PSK, prologue=b"vtunnel stream v1").read_message1(
-            SecureStreamClient(PSK, now=NOW).data_to_send()[2:]
-        )
+    # an older prologue inside this version's framing (v1's payload too) fails authentication
+    for prologue in (b"vtunnel stream v1", b"vtunnel stream v2"):
+        s = SecureStreamServer(PSK, replay=ReplayCache())
+        with pytest.raises(AuthenticationFailed, match="failed authentication"):
+            s.receive_data(_message1(payload, prologue), NOW)
+        assert s.data_to_send() == b""
+    # and an older server cannot read this client's first message (so it stays silent: the client times out)
+    for prologue in (b"vtunnel stream v1", b"vtunnel stream v2"):
+        with pytest.raises(AuthenticationFailed):
+            Responder(PSK, prologue=prologue).read_message1(
+                SecureStreamClient(PSK, now=NOW).data_to_send()[2:]
+            )
 
 
-# Pinned vector of the v2 stream first message: fixed ephemeral key, timestamp, zero token, the offer
+# Pinned vector of the v3 stream first message: fixed ephemeral key, timestamp, zero token, the offer
 # [AES-256-GCM, ChaCha20-Poly1305], no padding. Cross-checked below against the independent noiseprotocol
-# package; pinned so that any change of the prologue or of the payload layout is seen (it changed from v1 when
-# the cipher offer was added and the prologue became "vtunnel stream v2").
+# package; pinned so that any change of the prologue or of the payload layout is seen (v2 added the cipher
+# offer; v3 masks the frames, and only the prologue changed inside Noise). The frame around it is pinned too,
+# with a fixed salt, and rebuilt from its description (BLAKE2s key, ChaCha20 keystream).
 E_INIT = bytes.fromhex("01" * 32)
-VECTOR_V2_PAYLOAD = "0000018bcfe5680000000000000000000000000000000000020201"
-VECTOR_V2_M1 = (
+VECTOR_PAYLOAD = "0000018bcfe5680000000000000000000000000000000000020201"
+VECTOR_V3_M1 = (
     "a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209"
-    "f0a6d2b26c6d401a1ef92322f3a482e59b3bdf177d5958b5163673be1eeba851c2554666648d30608c4d8e"
+    "f0a6d2b26c6d401a1ef92322f3a482e59b3bdf177d5958b5163673d9c2c91f873eed24af28cbb1f2681ad3"
+)
+VECTOR_V3_FRAME = (
+    "000102030405060708090a0b0c0d0e0f0d62734f60a6085d93665b5ae8e4e173dccaaf9c66d7da2622cb11a2acd409e3"
+    "3031da463f2a972528c538e51ed1b5989052b8ebcecd2774e394e45f35e7aa5478f9ce2571e83a342b70364428"
 )
 
 
-def test_pinned_v2_first_message() -> None:
+def test_pinned_v3_first_message() -> None:
     payload = encode_init_payload(NOW, bytes(16), (AES, CHACHA), 0)
-    assert payload.hex() == VECTOR_V2_PAYLOAD
+    assert payload.hex() == VECTOR_PAYLOAD
     ours = Initiator(PSK, prologue=STREAM_PROLOGUE, ephemeral=E_INIT).write_message1(payload)
     theirs = NoiseConnection.from_name(PROTOCOL_NAME)
     theirs.set_psks(PSK)
@@ -330,7 +360,14 @@ def test_pinned_v2_first_message() -> None:
         theirs.set_keypair_from_private_bytes(Keypair.EPHEMERAL, E_INIT)
         theirs.start_handshake()
     assert ours == bytes(theirs.write_message(payload))
-    assert ours.hex() == VECTOR_V2_M1
+    assert ours.hex() == VECTOR_V3_M1
+    salt = bytes(range(16))
+    frame = write_handshake_frame(PSK, ours, from_client=True, salt=salt)
+    key = hashlib.blake2s(salt, key=PSK, person=b"vts3 c2s").digest()
+    mask = Cipher_(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(2 + len(ours)))
+    assert frame == salt + bytes(a ^ b for a, b in zip(_LEN.pack(len(ours)) + ours, mask, strict=True))
+    assert frame.hex() == VECTOR_V3_FRAME
+    assert read_handshake_frame(PSK, frame, from_client=True) == ours
 
 
 def test_preference() -> None:

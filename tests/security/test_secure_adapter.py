@@ -22,6 +22,7 @@ from vtunnel.security.replay import HandshakeLimiter, ReplayCache
 from vtunnel.security.stream import SecureStreamClient
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.secure import (
+    RECORD_TIMEOUT,
     SecureByteStream,
     cipher_preference,
     cpu_has_aes_instructions,
@@ -62,7 +63,7 @@ async def _echo(stream: ByteStream, server: Server) -> None:
 
 @asynccontextmanager
 async def running_server(
-    limiter: HandshakeLimiter | None = None, cipher: str = "auto"
+    limiter: HandshakeLimiter | None = None, cipher: str = "auto", record_timeout: float = RECORD_TIMEOUT
 ) -> AsyncIterator[Server]:
     replay = ReplayCache()
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -71,7 +72,14 @@ async def running_server(
     async def handle(raw: SocketStream) -> None:
         host = raw.extra(SocketAttribute.remote_address)[0]
         secured = await secure_server(
-            raw, PSK, replay=replay, limiter=limiter, source=str(host), silence=SILENCE, cipher=cipher
+            raw,
+            PSK,
+            replay=replay,
+            limiter=limiter,
+            source=str(host),
+            silence=SILENCE,
+            cipher=cipher,
+            record_timeout=record_timeout,
         )
         if secured is None:
             server.refused += 1
@@ -254,6 +262,34 @@ async def test_tampered_record_breaks_only_that_connection() -> None:
         assert await other.receive() == b"unaffected"
         await other.aclose()
         assert len(server.errors) == 1
+
+
+@pytest.mark.parametrize("forged", [False, True])
+async def test_a_record_left_incomplete_breaks_the_stream_in_bounded_time(forged: bool) -> None:
+    """A record cut short, or one whose length a forger grew (one flipped bit of the masked length flips the
+    same bit of the length), then a connection that stalls: the server breaks and closes that stream after
+    ``record_timeout`` instead of waiting for ever, and keeps serving the others."""
+    async with running_server(record_timeout=0.5) as server:
+        other = await _connect(server.port)
+        core = SecureStreamClient(PSK, now=time.time())
+        raw = await anyio.connect_tcp("127.0.0.1", server.port)
+        await raw.send(core.data_to_send())
+        core.receive_data(await raw.receive(), time.time())
+        core.send(b"a" * 1000)
+        record = bytearray(core.data_to_send())  # length 1016 = 0x03F8
+        if forged:
+            record[0] ^= 0x08  # now 0x0BF8 = 3064: in range, and more than will ever come
+        else:
+            del record[-10:]
+        await raw.send(bytes(record))
+        with anyio.fail_after(10):
+            await server.failed.wait()
+        assert isinstance(server.errors[0], BrokenResourceError)
+        assert await _read_all(raw) == b""  # closed without a word
+        await raw.aclose()
+        await other.send(b"unaffected")
+        assert await other.receive() == b"unaffected"
+        await other.aclose()
 
 
 async def test_half_close_both_ways() -> None:

@@ -7,12 +7,14 @@ import random
 import struct
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtunnel.security.errors import AuthenticationFailed, SecurityError
 from vtunnel.security.replay import ReplayCache
 from vtunnel.security.stream import (
+    LENGTH_KEY_LABEL,
     MAX_RECORD_PLAINTEXT,
     RECORD_OVERHEAD,
     SecureStreamClient,
@@ -21,6 +23,32 @@ from vtunnel.security.stream import (
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0
+
+
+def length_masks(c: SecureStreamClient, count: int) -> list[int]:
+    """The masks of the first ``count`` record lengths the client sends, computed as docs/security.md says:
+    mask(n) = bytes 2n, 2n+1 (big endian) of ChaCha20 under the sender's length key, 4096 bytes per nonce
+    (4 zero bytes | chunk index u64 little endian | 4 zero bytes)."""
+    keys = c._hs.keys
+    assert keys is not None
+    key, _ = keys.derive(LENGTH_KEY_LABEL)
+    stream_bytes = b""
+    for chunk in range(-(-count // 2048)):
+        nonce = bytes(4) + chunk.to_bytes(8, "little") + bytes(4)
+        stream_bytes += Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(4096))
+    return [int.from_bytes(stream_bytes[2 * n : 2 * n + 2], "big") for n in range(count)]
+
+
+def record_lengths(c: SecureStreamClient, wire: bytes) -> list[int]:
+    """The clear lengths of the client's records in ``wire`` (its first records since the handshake)."""
+    masks = length_masks(c, len(wire) // RECORD_OVERHEAD)
+    lengths: list[int] = []
+    pos = 0
+    while pos < len(wire):
+        (n,) = struct.unpack_from(">H", wire, pos)
+        lengths.append(n ^ masks[len(lengths)])
+        pos += 2 + lengths[-1]
+    return lengths
 
 
 def pair(
@@ -79,16 +107,21 @@ def test_records_are_at_most_16_kib() -> None:
     c.send(payload)
     wire = c.data_to_send()
     assert len(wire) == len(payload) + 4 * RECORD_OVERHEAD
-    lengths = []
-    pos = 0
-    while pos < len(wire):
-        (n,) = struct.unpack_from(">H", wire, pos)
-        lengths.append(n)
-        pos += 2 + n
-    assert lengths == [MAX_RECORD_PLAINTEXT + 16] * 3 + [5 + 16]
+    assert record_lengths(c, wire) == [MAX_RECORD_PLAINTEXT + 16] * 3 + [5 + 16]
     assert s.receive_data(wire, NOW) == payload
     c.send(b"")
     assert c.data_to_send() == b""  # an empty send is not an end of stream
+
+
+def test_length_masks_go_on_across_keystream_chunks() -> None:
+    c, s = connect()
+    for i in range(5000):  # the masks of 2048 records come from one keystream chunk
+        c.send(bytes([i % 256]))
+    c.send_eof()
+    wire = c.data_to_send()
+    assert record_lengths(c, wire) == [17] * 5000 + [16]
+    assert s.receive_data(wire, NOW) == bytes(i % 256 for i in range(5000))
+    assert s.eof_received
 
 
 def test_authenticated_end_of_stream() -> None:
@@ -251,10 +284,10 @@ def test_truncated_records_wait_and_bad_lengths_fail() -> None:
     wire = c.data_to_send()
     assert s.receive_data(wire[:-1], NOW) == b""
     assert s.receive_data(wire[-1:], NOW) == b"hello"
-    for bad in (b"\x00\x00", b"\x00\x0f", b"\xff\xff"):
-        _, s2 = connect()
+    for bad in (0, 15, 16401, 0xFFFF):
+        c2, s2 = connect()
         with pytest.raises(AuthenticationFailed, match="length"):
-            s2.receive_data(bad, NOW)
+            s2.receive_data(struct.pack(">H", bad ^ length_masks(c2, 1)[0]), NOW)
 
 
 @settings(max_examples=300, deadline=None)
@@ -328,7 +361,8 @@ def test_any_messages_any_splits_arrive_intact(messages: list[bytes], cuts: list
 
 
 def test_records_are_noise_transport_messages() -> None:
-    """Each record is ChaCha20-Poly1305 under the sender's key, nonce = record counter, ad = its length bytes."""
+    """Each record is ChaCha20-Poly1305 under the sender's key, nonce = record counter, ad = its length bytes
+    as sent (masked)."""
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
     from vtunnel.security.noise import chacha_nonce
@@ -341,11 +375,13 @@ def test_records_are_noise_transport_messages() -> None:
     c.send_eof()
     wire = c.data_to_send()
     aead = ChaCha20Poly1305(keys.send)
+    masks = length_masks(c, 4)
     pos = 0
     plain = []
     counter = 0
     while pos < len(wire):
         (length,) = struct.unpack_from(">H", wire, pos)
+        length ^= masks[counter]
         header = wire[pos : pos + 2]
         plain.append(aead.decrypt(chacha_nonce(counter), wire[pos + 2 : pos + 2 + length], header))
         counter += 1
@@ -421,3 +457,99 @@ def test_partial_record_kept_between_reads(sizes: list[int], split: int) -> None
         got += s.receive_data(wire[:cut], NOW)
         got += s.receive_data(wire[cut:], NOW)
     assert bytes(got) == b"".join(messages)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=0, max_size=3000), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=10),
+)
+def test_any_chunking_of_valid_records_parses_identically(messages: list[bytes], cuts: list[int]) -> None:
+    """Records fed in any chunks give, after each chunk, exactly the records it completed, and
+    ``incomplete_record`` says whether the bytes so far end inside one."""
+    c, s = connect()
+    ends = [0]  # where each record ends on the wire
+    done = [0]  # the plaintext bytes up to there
+    wire = b""
+    for m in messages:
+        c.send(m)
+        wire += c.data_to_send()
+        if m:  # an empty send makes no record
+            ends.append(len(wire))
+            done.append(done[-1] + len(m))
+    plain = b"".join(messages)
+    got = bytearray()
+    fed, i = 0, 0
+    while fed < len(wire):
+        step = cuts[i % len(cuts)]
+        got += s.receive_data(wire[fed : fed + step], NOW)
+        fed = min(len(wire), fed + step)
+        i += 1
+        complete = max(k for k, end in enumerate(ends) if end <= fed)
+        assert bytes(got) == plain[: done[complete]]
+        assert s.incomplete_record == (fed != ends[complete])
+    assert bytes(got) == plain
+    assert not s.incomplete_record
+
+
+_CORRUPTIONS = ("flip", "insert", "delete", "replace")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=1, max_size=2000), min_size=1, max_size=5),
+    kind=st.sampled_from(_CORRUPTIONS),
+    where=st.integers(min_value=0),
+    size=st.integers(min_value=1, max_value=40),
+    cuts=st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=6),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_corruption_never_delivers_forged_bytes_and_never_waits_unbounded(
+    messages: list[bytes], kind: str, where: int, size: int, cuts: list[int], seed: int
+) -> None:
+    """Any corruption of a record stream (a changed byte, bytes inserted, deleted or replaced), fed in any
+    chunks: only records wholly before the damage are ever delivered; the parser either fails or is waiting
+    inside a record (``incomplete_record``, which the I/O layer bounds in time), and at most one record's worth
+    of further bytes always ends it with a failure."""
+    rng = random.Random(seed)
+    c, s = connect()
+    wire = b""
+    clean = []  # (end of record on the wire, plaintext up to there)
+    for i, m in enumerate(messages):
+        c.send(m)
+        wire += c.data_to_send()
+        clean.append((len(wire), len(b"".join(messages[: i + 1]))))
+    at = where % len(wire)
+    bad = bytearray(wire)
+    if kind == "flip":
+        bad[at] ^= rng.randrange(1, 256)
+    elif kind == "insert":
+        bad[at:at] = rng.randbytes(size)
+    elif kind == "delete":
+        del bad[at : at + size]
+    else:
+        old = bytes(bad[at : at + size])
+        new = rng.randbytes(len(old))
+        if new == old:
+            new = bytes([new[0] ^ 1]) + new[1:]
+        bad[at : at + size] = new
+    plain = b"".join(messages)
+    intact = max([upto for end, upto in clean if end <= at], default=0)  # records wholly before the damage
+    got = bytearray()
+    fed, i = 0, 0
+    try:
+        while fed < len(bad):
+            step = cuts[i % len(cuts)]
+            got += s.receive_data(bytes(bad[fed : fed + step]), NOW)
+            fed += step
+            i += 1
+        # nothing failed yet: the parser waits inside a record, or the damage removed whole records at the end
+        assert s.incomplete_record or kind == "delete"
+        s.receive_data(rng.randbytes(RECORD_OVERHEAD + MAX_RECORD_PLAINTEXT), NOW)
+        raise AssertionError("a corrupted stream went on being accepted")
+    except AuthenticationFailed:
+        pass
+    assert len(got) <= intact
+    assert bytes(got) == plain[: len(got)]
+    with pytest.raises(AuthenticationFailed):  # dead for good
+        s.receive_data(b"", NOW)

@@ -12,7 +12,8 @@ authenticates, so a forged or garbled message can simply be dropped and the hand
 one.
 
 After the two messages, :meth:`split` gives the two transport keys (initiator-to-responder,
-responder-to-initiator) and the handshake hash. :class:`CipherState` is the Noise transport cipher (implicit
+responder-to-initiator) and the handshake hash; :meth:`TransportKeys.derive` gives more key pairs bound to the
+same handshake (the byte-stream records' length masks). :class:`CipherState` is the Noise transport cipher (implicit
 64-bit counter nonce); the datagram layer uses the keys with an explicit counter instead.
 """
 
@@ -151,9 +152,22 @@ class TransportKeys:
     send: bytes
     receive: bytes
     handshake_hash: bytes
+    chaining_key: bytes  # the final ck, secret: what :meth:`derive` starts from
+    initiator: bool
 
     def __repr__(self) -> str:  # never print key material
         return "TransportKeys(<secret>)"
+
+    def derive(self, label: bytes) -> tuple[bytes, bytes]:
+        """Two more 32-byte keys bound to this handshake: ``(sending, receiving)`` from this side's view.
+
+        They are Noise's ``HKDF(ck, label)`` outputs, as ``Split()`` computes the transport keys with an empty
+        input: a non-empty ``label`` gives keys independent of the transport keys and of any other label's.
+        """
+        if not label:
+            raise SecurityError("a derived key needs a non-empty label")
+        k1, k2 = _hkdf(self.chaining_key, label, 2)
+        return (k1, k2) if self.initiator else (k2, k1)
 
 
 def check_psk(psk: bytes) -> None:
@@ -198,7 +212,7 @@ class Initiator:
         payload = s.decrypt_and_hash(bytes(message[DHLEN:]))
         k1, k2 = s.split()
         self._s = s
-        self.keys = TransportKeys(send=k1, receive=k2, handshake_hash=s.h)
+        self.keys = TransportKeys(send=k1, receive=k2, handshake_hash=s.h, chaining_key=s.ck, initiator=True)
         return payload
 
 
@@ -244,7 +258,7 @@ class Responder:
         s.mix_key(_dh(self._e, self.remote_ephemeral))
         message = e_pub + s.encrypt_and_hash(payload)
         k1, k2 = s.split()
-        self.keys = TransportKeys(send=k2, receive=k1, handshake_hash=s.h)
+        self.keys = TransportKeys(send=k2, receive=k1, handshake_hash=s.h, chaining_key=s.ck, initiator=False)
         return message
 
 

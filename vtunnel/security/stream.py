@@ -1,27 +1,48 @@
 """Sans-IO secure channel for ordered byte streams (TCP, TLS, any reliable transport).
 
-Wire format (every integer big endian), see ``docs/security.md``::
+To an observer without the key a secured stream is random bytes from its first byte to its last: no clear
+length, type or key. Wire format (see ``docs/security.md``)::
 
-    client -> server   u16 length | Noise message 1   (e, payload: timestamp, token, cipher offer, padding; tag)
-    server -> client   u16 length | Noise message 2   (e, payload: chosen cipher, padding; tag)
-    both ways          u16 length | AEAD(plaintext) under the chosen cipher, nonce = implicit counter,
-                                    ad = the length
+    client -> server   salt (16) | ChaCha20[hs key c2s](u16 length | Noise message 1)
+    server -> client   salt (16) | ChaCha20[hs key s2c](u16 length | Noise message 2)
+    both ways          u16 length XOR mask(n) | AEAD(plaintext) under the chosen cipher,
+                                                nonce = record counter n, ad = the 2 length bytes as sent
 
-A record's plaintext is 1 to 16384 bytes; a record with an empty plaintext means "the sender has finished
-sending" (an authenticated end of stream, so a connection cut by a third party is told apart from a clean
-close).
+Handshake frames. Each end draws a random 16-byte salt per message; the frame after it is XORed with the
+ChaCha20 keystream (nonce 0) under ``BLAKE2s(key=PSK, person=direction label, data=salt)``, so the length, the
+ephemeral key (an X25519 key is not uniform: its top bit is always 0) and everything else read as random. Noise
+message 1 carries 16..512 random bytes of padding and message 2 up to 256 (never more than keeps it no larger
+than message 1), so the sizes are not fixed either. A frame length outside the accepted range fails at once; a
+wrong key or any tampering fails Noise's authentication.
+
+Records. A record's length is masked with ``mask(n)``: bytes ``2n`` and ``2n + 1`` (big endian) of a ChaCha20
+keystream under the sender's *length key*, which the handshake derives next to the transport keys
+(:meth:`~vtunnel.security.noise.TransportKeys.derive`), one per direction. The keystream is computed 2048
+masks at a time (chunk ``i``: nonce = 4 zero bytes, ``i`` as u64 little endian, 4 zero bytes), so a record
+costs two integer operations more and no cipher call of its own. The masked length bytes are the record's
+associated data: a flipped length bit fails that record's tag (or, if it asks for more bytes than follow and
+the connection then stalls, leaves an incomplete record that :attr:`incomplete_record` reports and the I/O
+layer bounds in time); a length outside 16..16400 fails at once. A record's plaintext is 1 to 16384 bytes; a
+record with an empty plaintext means "the sender has finished sending" (an authenticated end of stream, so a
+connection cut by a third party is told apart from a clean close).
 
 Both classes take and return bytes only. ``now`` is wall-clock seconds (``time.time()``): the client's
-timestamp is compared with the server's clock. Any failure raises :class:`AuthenticationFailed`; the object is
-then dead and the caller must send nothing more to that peer.
+timestamp is compared with the server's clock. ``entropy`` is where their random bytes come from
+(``os.urandom``; a seeded generator makes a run reproducible in tests). Any failure raises
+:class:`AuthenticationFailed`; the object is then dead and the caller must send nothing more to that peer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher as _StreamCipher
+from cryptography.hazmat.primitives.ciphers import CipherContext, algorithms
 
 from .ciphers import DEFAULT_CIPHERS, Cipher, check_ciphers, choose, decode_choice, make_aead, nonce_function
 from .errors import AuthenticationFailed, SecurityError
@@ -33,24 +54,27 @@ from .handshake import (
     check_wall_clock,
     decode_init_payload,
     encode_init_payload,
-    padding,
-    random_between,
 )
-from .noise import TAGLEN, Initiator, Responder, check_psk
+from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache
 
 __all__ = [
+    "HANDSHAKE_FRAME_OVERHEAD",
+    "LENGTH_KEY_LABEL",
     "MAX_HANDSHAKE_LEN",
     "MAX_RECORD_PLAINTEXT",
     "RECORD_OVERHEAD",
     "STREAM_PROLOGUE",
+    "Entropy",
     "SecureStreamClient",
     "SecureStreamServer",
+    "read_handshake_frame",
+    "write_handshake_frame",
 ]
 
-#: v2: the first message offers transport ciphers and the reply names the chosen one. A v1 peer fails the
-#: other's first message (different prologue): the server stays silent and the client times out.
-STREAM_PROLOGUE = b"vtunnel stream v2"
+#: v3: handshake frames and record lengths are masked (nothing in clear). v2 added the cipher offer and choice.
+#: Peers of different versions never complete a handshake: the server stays silent and the client times out.
+STREAM_PROLOGUE = b"vtunnel stream v3"
 MAX_RECORD_PLAINTEXT = 16384
 _LEN = struct.Struct(">H")
 RECORD_OVERHEAD = _LEN.size + TAGLEN  # 18 bytes per record
@@ -66,9 +90,106 @@ MIN_INIT_LEN = NOISE_OVERHEAD + MIN_INIT_PAYLOAD_LEN
 MAX_HANDSHAKE_LEN = NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
 MIN_REPLY_LEN = NOISE_OVERHEAD + 1  # the chosen cipher's code
 
+#: A source of random bytes: ``entropy(n)`` returns ``n`` of them.
+Entropy = Callable[[int], bytes]
+SALT_LEN = 16
+#: What a handshake frame adds to its Noise message: the salt and the masked length.
+HANDSHAKE_FRAME_OVERHEAD = SALT_LEN + _LEN.size
+#: BLAKE2s personalisations (8 bytes) of the two directions' handshake frame keys.
+_CLIENT_FRAMES = b"vts3 c2s"
+_SERVER_FRAMES = b"vts3 s2c"
+#: The label of the records' length keys (:meth:`TransportKeys.derive`).
+LENGTH_KEY_LABEL = b"vtunnel stream v3 record lengths"
+_MASKS_PER_CHUNK = 2048
+_MASK_CHUNK = struct.Struct(f">{_MASKS_PER_CHUNK}H")
+_MASK_ZEROS = bytes(_MASK_CHUNK.size)
+_ZERO_NONCE = bytes(16)
+
 
 def _buffer(size: int) -> bytearray:
     return bytearray(size)
+
+
+def _between(entropy: Entropy, low: int, high: int) -> int:
+    """A random integer in ``[low, high]`` (the bias of 32 random bits modulo a few hundred is below 2^-22)."""
+    return low + int.from_bytes(entropy(4), "big") % (high - low + 1) if high > low else low
+
+
+def _keystream(key: bytes, nonce: bytes) -> CipherContext:
+    return _StreamCipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+
+
+def _frame_mask(psk: bytes, person: bytes, salt: bytes | bytearray) -> CipherContext:
+    return _keystream(hashlib.blake2s(salt, key=psk, person=person).digest(), _ZERO_NONCE)
+
+
+def write_handshake_frame(psk: bytes, message: bytes, *, from_client: bool, salt: bytes) -> bytes:
+    """The wire form of a Noise handshake message: ``salt | masked(u16 length | message)``."""
+    if len(salt) != SALT_LEN:
+        raise SecurityError("a handshake frame's salt is 16 bytes")
+    mask = _frame_mask(psk, _CLIENT_FRAMES if from_client else _SERVER_FRAMES, salt)
+    return salt + mask.update(_LEN.pack(len(message)) + message)
+
+
+class _FrameReader:
+    """Reads one masked handshake frame off the front of a buffer, keeping its keystream across calls."""
+
+    __slots__ = ("_high", "_length", "_low", "_mask", "_person", "_psk")
+
+    def __init__(self, psk: bytes, *, from_client: bool, low: int, high: int) -> None:
+        self._psk = psk
+        self._person = _CLIENT_FRAMES if from_client else _SERVER_FRAMES
+        self._low = low
+        self._high = high
+        self._mask: CipherContext | None = None
+        self._length = -1
+
+    def take(self, buf: bytearray) -> bytes | None:
+        """The frame's Noise message (and ``buf`` loses the frame), or None while it is incomplete."""
+        if self._mask is None:
+            if len(buf) < HANDSHAKE_FRAME_OVERHEAD:
+                return None
+            self._mask = _frame_mask(self._psk, self._person, buf[:SALT_LEN])
+            (length,) = _LEN.unpack(self._mask.update(bytes(buf[SALT_LEN:HANDSHAKE_FRAME_OVERHEAD])))
+            if not self._low <= length <= self._high:
+                raise AuthenticationFailed("handshake message length out of range")
+            self._length = length
+        end = HANDSHAKE_FRAME_OVERHEAD + self._length
+        if len(buf) < end:
+            return None
+        message = self._mask.update(bytes(buf[HANDSHAKE_FRAME_OVERHEAD:end]))
+        del buf[:end]
+        return message
+
+
+def read_handshake_frame(psk: bytes, wire: bytes, *, from_client: bool) -> bytes:
+    """The Noise message of a whole handshake frame at the start of ``wire`` (what follows it is ignored)."""
+    reader = _FrameReader(psk, from_client=from_client, low=NOISE_OVERHEAD, high=0xFFFF)
+    message = reader.take(bytearray(wire))
+    if message is None:
+        raise AuthenticationFailed("incomplete handshake frame")
+    return message
+
+
+class _LengthMasks:
+    """The masks of one direction's record lengths: ``mask(n)`` is the keystream's bytes ``2n, 2n + 1``.
+
+    The masks of 2048 records come from one ChaCha20 call (chunk ``n // 2048``); the current chunk is kept.
+    """
+
+    __slots__ = ("_key", "base", "masks")
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self.base = -_MASKS_PER_CHUNK  # the counter of ``masks[0]``
+        self.masks: tuple[int, ...] = ()
+
+    def load(self, n: int) -> None:
+        """Make ``masks`` the chunk holding counter ``n``."""
+        chunk = n // _MASKS_PER_CHUNK
+        nonce = bytes(4) + chunk.to_bytes(8, "little") + bytes(4)
+        self.masks = _MASK_CHUNK.unpack(_keystream(self._key, nonce).update(_MASK_ZEROS))
+        self.base = chunk * _MASKS_PER_CHUNK
 
 
 class _Records:
@@ -78,15 +199,18 @@ class _Records:
     little endian for ChaCha20-Poly1305 and big endian for AES-256-GCM, as Noise has it) applied straight into
     two work buffers that live as long as the channel: allocating and zeroing a fresh buffer of a few hundred
     KiB costs more than encrypting it. Each call hands out one ``bytes`` copy of its result. A work buffer grows
-    to the largest call up to :data:`WORK_BUFFER_MAX` and is kept; a larger call uses a temporary one.
+    to the largest call up to :data:`WORK_BUFFER_MAX` and is kept; a larger call uses a temporary one. Record
+    lengths are masked with :class:`_LengthMasks` of each direction.
     """
 
     __slots__ = (
         "_in",
+        "_in_masks",
         "_in_n",
         "_nonce",
         "_open_work",
         "_out",
+        "_out_masks",
         "_out_n",
         "_seal_work",
         "cipher",
@@ -94,10 +218,13 @@ class _Records:
         "eof_sent",
     )
 
-    def __init__(self, send_key: bytes, receive_key: bytes, cipher: Cipher) -> None:
+    def __init__(self, keys: TransportKeys, cipher: Cipher) -> None:
         self.cipher = cipher
-        self._out = make_aead(cipher, send_key)
-        self._in = make_aead(cipher, receive_key)
+        self._out = make_aead(cipher, keys.send)
+        self._in = make_aead(cipher, keys.receive)
+        send_lengths, receive_lengths = keys.derive(LENGTH_KEY_LABEL)
+        self._out_masks = _LengthMasks(send_lengths)
+        self._in_masks = _LengthMasks(receive_lengths)
         self._nonce = nonce_function(cipher)
         self._out_n = 0
         self._in_n = 0
@@ -129,14 +256,22 @@ class _Records:
                 self._seal_work = buf
         encrypt_into = self._out.encrypt_into
         nonce = self._nonce
+        lengths = self._out_masks
+        masks = lengths.masks
+        base = lengths.base
         with memoryview(buf) as out, memoryview(data) as src:
             pos = 0
             for start in range(0, size, MAX_RECORD_PLAINTEXT):
                 chunk = src[start : start + MAX_RECORD_PLAINTEXT]
                 length = len(chunk) + TAGLEN
+                if n - base >= _MASKS_PER_CHUNK:
+                    lengths.load(n)
+                    masks = lengths.masks
+                    base = lengths.base
+                wire_length = length ^ masks[n - base]
                 body = pos + 2
-                buf[pos] = length >> 8
-                buf[pos + 1] = length & 0xFF
+                buf[pos] = wire_length >> 8
+                buf[pos + 1] = wire_length & 0xFF
                 encrypt_into(nonce(n), chunk, out[pos:body], out[body : body + length])
                 n += 1
                 pos = body + length
@@ -146,8 +281,12 @@ class _Records:
         """The end-of-stream record (``b""`` if it was already made)."""
         if self.eof_sent:
             return b""
-        header = _LEN.pack(TAGLEN)
-        record = header + self._out.encrypt(self._nonce(self._reserve(1)), b"", header)
+        n = self._reserve(1)
+        lengths = self._out_masks
+        if n - lengths.base >= _MASKS_PER_CHUNK:
+            lengths.load(n)
+        header = _LEN.pack(TAGLEN ^ lengths.masks[n - lengths.base])
+        record = header + self._out.encrypt(self._nonce(n), b"", header)
         self.eof_sent = True
         return record
 
@@ -156,13 +295,22 @@ class _Records:
         record at the end is left for the caller to keep.
         """
         # Find the complete records first, checking every length, then decrypt them into the work buffer.
-        spans: list[int] = []
+        spans: list[int] = []  # where each complete record starts, then where the last one ends
         pos = 0
         end = len(buf)
         plain_size = 0
         eof_at = -1
+        n = self._in_n
+        lengths = self._in_masks
+        masks = lengths.masks
+        base = lengths.base
+        m = n
         while end - pos >= 2:
-            length = (buf[pos] << 8) | buf[pos + 1]
+            if m - base >= _MASKS_PER_CHUNK:
+                lengths.load(m)
+                masks = lengths.masks
+                base = lengths.base
+            length = ((buf[pos] << 8) | buf[pos + 1]) ^ masks[m - base]
             if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
                 raise AuthenticationFailed("record length out of range")
             if end - pos - 2 < length:
@@ -174,10 +322,11 @@ class _Records:
             spans.append(pos)
             plain_size += length - TAGLEN
             pos += 2 + length
+            m += 1
         if not spans:
             return b"", 0
-        n = self._in_n
-        if n + len(spans) > MAX_NONCE:
+        spans.append(pos)
+        if m > MAX_NONCE:
             raise SecurityError("the cipher's nonce space is exhausted; start a new connection")
         plain = self._open_work
         if len(plain) < plain_size:
@@ -188,12 +337,11 @@ class _Records:
         nonce = self._nonce
         at = 0
         with memoryview(buf) as view, memoryview(plain) as out:
-            for start in spans:
-                length = (buf[start] << 8) | buf[start + 1]
+            for start, stop in pairwise(spans):
                 body = start + 2
-                size = length - TAGLEN
+                size = stop - body - TAGLEN
                 try:
-                    decrypt_into(nonce(n), view[body : body + length], view[start:body], out[at : at + size])
+                    decrypt_into(nonce(n), view[body:stop], view[start:body], out[at : at + size])
                 except InvalidTag:
                     raise AuthenticationFailed("record failed authentication") from None
                 n += 1
@@ -206,9 +354,12 @@ class _Records:
 
 
 class _SecureStream:
-    __slots__ = ("_failed", "_inbuf", "_out", "_pending", "_records")
+    __slots__ = ("_entropy", "_failed", "_frames", "_inbuf", "_out", "_pending", "_psk", "_records")
 
-    def __init__(self) -> None:
+    def __init__(self, psk: bytes, entropy: Entropy, frames: _FrameReader) -> None:
+        self._psk = psk
+        self._entropy = entropy
+        self._frames = frames
         self._inbuf = bytearray()
         self._out: list[bytes | bytearray] = []  # wire bytes to send, in order
         self._pending = bytearray()  # plaintext queued before the keys exist
@@ -234,6 +385,12 @@ class _SecureStream:
     def eof_received(self) -> bool:
         """The peer sent its authenticated end of stream: no more data will come."""
         return self._records is not None and self._records.eof_received
+
+    @property
+    def incomplete_record(self) -> bool:
+        """Part of a record arrived and the rest has not: the caller bounds how long that may last (a length
+        that a forger grew, then a stalled connection, would otherwise wait for ever)."""
+        return self._records is not None and bool(self._inbuf)
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` as records (held until the handshake completes). Empty ``data`` queues nothing."""
@@ -270,24 +427,16 @@ class _SecureStream:
         self._records = None
         return exc
 
-    def _established(self, records: _Records) -> None:
+    def _established(self, keys: TransportKeys, cipher: Cipher) -> None:
+        records = _Records(keys, cipher)
         self._records = records
         if self._pending:
             self._out.append(records.seal(self._pending))
             self._pending.clear()
 
-    def _take_frame(self, low: int, high: int) -> bytes | None:
-        buf = self._inbuf
-        if len(buf) < 2:
-            return None
-        (length,) = _LEN.unpack_from(buf)
-        if not low <= length <= high:
-            raise AuthenticationFailed("handshake message length out of range")
-        if len(buf) < 2 + length:
-            return None
-        frame = bytes(buf[2 : 2 + length])
-        del buf[: 2 + length]
-        return frame
+    def _send_frame(self, message: bytes, *, from_client: bool) -> None:
+        salt = self._entropy(SALT_LEN)
+        self._out.append(write_handshake_frame(self._psk, message, from_client=from_client, salt=salt))
 
     def _handshake_step(self, now: float) -> bool:
         raise NotImplementedError
@@ -325,23 +474,35 @@ class SecureStreamClient(_SecureStream):
 
     ``now`` is wall-clock seconds (``time.time()``); it becomes the first message's timestamp. Data given to
     :meth:`send` before the reply arrived is held and sent, encrypted, right after it. ``ciphers`` is the offer,
-    best first; a reply choosing anything else fails the handshake.
+    best first; a reply choosing anything else fails the handshake. ``entropy`` gives the random bytes (the
+    ephemeral key, the token, the salts, the padding and its length).
     """
 
     __slots__ = ("_hs", "_offer")
 
-    def __init__(self, psk: bytes, *, now: float, ciphers: Sequence[Cipher] = DEFAULT_CIPHERS) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        psk: bytes,
+        *,
+        now: float,
+        ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
+        entropy: Entropy = os.urandom,
+    ) -> None:
+        check_psk(psk)
+        reader = _FrameReader(
+            bytes(psk), from_client=False, low=MIN_REPLY_LEN, high=MIN_REPLY_LEN + REPLY_PADDING_MAX
+        )
+        super().__init__(bytes(psk), entropy, reader)
         check_wall_clock(now)
         self._offer = check_ciphers(ciphers)
-        self._hs = Initiator(psk, prologue=STREAM_PROLOGUE)
-        token = padding(TOKEN_LEN)
-        payload = encode_init_payload(now, token, self._offer, random_between(*INIT_PADDING))
-        message = self._hs.write_message1(payload)
-        self._out.append(_LEN.pack(len(message)) + message)
+        self._hs = Initiator(psk, prologue=STREAM_PROLOGUE, ephemeral=entropy(DHLEN))
+        token = entropy(TOKEN_LEN)
+        pad = entropy(_between(entropy, *INIT_PADDING))
+        message = self._hs.write_message1(encode_init_payload(now, token, self._offer, 0) + pad)
+        self._send_frame(message, from_client=True)
 
     def _handshake_step(self, now: float) -> bool:
-        frame = self._take_frame(MIN_REPLY_LEN, MIN_REPLY_LEN + REPLY_PADDING_MAX)
+        frame = self._frames.take(self._inbuf)
         if frame is None:
             return False
         payload = self._hs.read_message2(frame)
@@ -350,7 +511,7 @@ class SecureStreamClient(_SecureStream):
         cipher = decode_choice(payload[0], self._offer)
         keys = self._hs.keys
         assert keys is not None
-        self._established(_Records(keys.send, keys.receive, cipher))
+        self._established(keys, cipher)
         return True
 
 
@@ -362,10 +523,10 @@ class SecureStreamServer(_SecureStream):
     ``ciphers`` are the transport ciphers this server accepts, best first; the reply names the one chosen
     from the client's offer (:func:`~vtunnel.security.ciphers.choose`). A client offering none of them fails
     like any other. The reply is never larger than the client's first message. Nothing is ever queued for a
-    peer that fails.
+    peer that fails. ``entropy`` gives the random bytes (the ephemeral key, the salt, the padding).
     """
 
-    __slots__ = ("_accepted", "_limiter", "_psk", "_replay", "_source")
+    __slots__ = ("_accepted", "_limiter", "_replay", "_source")
 
     def __init__(
         self,
@@ -375,21 +536,22 @@ class SecureStreamServer(_SecureStream):
         ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
         limiter: HandshakeLimiter | None = None,
         source: str = "",
+        entropy: Entropy = os.urandom,
     ) -> None:
-        super().__init__()
         check_psk(psk)
-        self._psk = bytes(psk)
+        reader = _FrameReader(bytes(psk), from_client=True, low=MIN_INIT_LEN, high=MAX_HANDSHAKE_LEN)
+        super().__init__(bytes(psk), entropy, reader)
         self._replay = replay
         self._accepted = check_ciphers(ciphers)
         self._limiter = limiter
         self._source = source
 
     def _handshake_step(self, now: float) -> bool:
-        frame = self._take_frame(MIN_INIT_LEN, MAX_HANDSHAKE_LEN)
+        frame = self._frames.take(self._inbuf)
         if frame is None:
             return False
         check_wall_clock(now)
-        hs = Responder(self._psk, prologue=STREAM_PROLOGUE)
+        hs = Responder(self._psk, prologue=STREAM_PROLOGUE, ephemeral=self._entropy(DHLEN))
         init = decode_init_payload(hs.read_message1(frame))
         cipher = choose(init.ciphers, self._accepted)
         if cipher is None:
@@ -401,10 +563,9 @@ class SecureStreamServer(_SecureStream):
         if self._limiter is not None and not self._limiter.allow(self._source, now):
             raise AuthenticationFailed("too many handshakes from this source")
         room = len(frame) - MIN_REPLY_LEN
-        pad = padding(random_between(0, min(REPLY_PADDING_MAX, room)))
-        reply = hs.write_message2(bytes((cipher,)) + pad)
-        self._out.append(_LEN.pack(len(reply)) + reply)
+        pad = self._entropy(_between(self._entropy, 0, min(REPLY_PADDING_MAX, room)))
+        self._send_frame(hs.write_message2(bytes((cipher,)) + pad), from_client=False)
         keys = hs.keys
         assert keys is not None
-        self._established(_Records(keys.send, keys.receive, cipher))
+        self._established(keys, cipher)
         return True

@@ -3,7 +3,10 @@
 :func:`secure_client` and :func:`secure_server` run the handshake of :mod:`vtunnel.security.stream` over an
 anyio :class:`~anyio.abc.ByteStream` and return a :class:`SecureByteStream`, itself a ``ByteStream`` that
 seals and opens records. A server never answers a peer that fails authentication: it reads and discards for a
-random time, then closes, so a prober learns nothing from the content or the timing of what it sends.
+random time, then closes, so a prober learns nothing from the content or the timing of what it sends. A record
+that stays incomplete for ``record_timeout`` seconds while the stream is being read (a length grown by a forger,
+then a stalled connection) breaks the stream like a record that fails authentication, instead of a wait without
+end.
 
 :func:`cipher_preference` turns a cipher setting (``auto`` or a cipher's name) into the ranking the sans-IO core
 takes: ``auto`` puts AES-256-GCM first only when this CPU has AES instructions (``/proc/cpuinfo``, read once).
@@ -34,6 +37,7 @@ from vtunnel.security.stream import SecureStreamClient, SecureStreamServer
 __all__ = [
     "CIPHER_ENV",
     "DEFAULT_SILENCE",
+    "RECORD_TIMEOUT",
     "SecureByteStream",
     "cipher_preference",
     "cpu_has_aes_instructions",
@@ -45,6 +49,8 @@ log = structlog.get_logger("vtunnel.security")
 
 #: How long (seconds, chosen uniformly) a server keeps reading from a peer that failed the handshake.
 DEFAULT_SILENCE = (5.0, 30.0)
+#: How long (seconds) a started record may wait for its remaining bytes while the stream is being read.
+RECORD_TIMEOUT = 30.0
 _CLOSE_GRACE = 0.5
 _MIN_READ = 65536
 _random = secrets.SystemRandom()
@@ -102,12 +108,22 @@ class SecureByteStream(ByteStream):
     transport that ends without it (a cut connection) or a record that fails authentication raises
     :class:`~anyio.BrokenResourceError`. ``send_eof`` sends the authenticated end of stream, then half-closes
     the transport when it can. ``aclose`` sends it too (if nothing is being sent) and closes the transport.
-    The transport's typed attributes (addresses, sockets) are passed through.
+    The transport's typed attributes (addresses, sockets) are passed through. A record still incomplete
+    ``record_timeout`` seconds after a ``receive`` began waiting for its rest breaks the stream too (the
+    transport is closed).
     """
 
-    def __init__(self, transport: ByteStream, core: _Core, *, received: bytes = b"") -> None:
+    def __init__(
+        self,
+        transport: ByteStream,
+        core: _Core,
+        *,
+        received: bytes = b"",
+        record_timeout: float = RECORD_TIMEOUT,
+    ) -> None:
         self._transport = transport
         self._core = core
+        self._record_timeout = record_timeout
         self._buffer = bytearray(received)
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._closed = False
@@ -117,7 +133,14 @@ class SecureByteStream(ByteStream):
     def transport(self) -> ByteStream:
         return self._transport
 
+    async def _fail(self, reason: str, message: str) -> BrokenResourceError:
+        self._broken = True
+        log.warning("record refused, closing", reason=reason)
+        await self._transport.aclose()
+        return BrokenResourceError(message)
+
     async def receive(self, max_bytes: int = 65536) -> bytes:
+        deadline: float | None = None
         while not self._buffer:
             if self._closed:
                 raise ClosedResourceError
@@ -125,20 +148,30 @@ class SecureByteStream(ByteStream):
                 raise EndOfStream
             if self._broken:
                 raise BrokenResourceError
+            # read as much as the caller takes: records are up to 16 KiB, so a small read would cost a
+            # decryption pass per record or two
+            size = max(max_bytes, _MIN_READ)
             try:
-                # read as much as the caller takes: records are up to 16 KiB, so a small read would cost a
-                # decryption pass per record or two
-                data = await self._transport.receive(max(max_bytes, _MIN_READ))
+                if self._core.incomplete_record:
+                    if deadline is None:
+                        deadline = anyio.current_time() + self._record_timeout
+                    data = b""
+                    with anyio.CancelScope(deadline=deadline) as scope:
+                        data = await self._transport.receive(size)
+                    if scope.cancelled_caught:
+                        raise await self._fail(
+                            f"a record stayed incomplete for {self._record_timeout:g} s",
+                            "a record stayed incomplete too long",
+                        )
+                else:
+                    data = await self._transport.receive(size)
             except EndOfStream:
                 self._broken = True
                 raise BrokenResourceError("connection ended without an authenticated end of stream") from None
             try:
                 plain = self._core.receive_data(data, time.time())
             except AuthenticationFailed as exc:
-                self._broken = True
-                log.warning("record refused, closing", reason=str(exc))
-                await self._transport.aclose()
-                raise BrokenResourceError("a record failed authentication") from None
+                raise await self._fail(str(exc), "a record failed authentication") from None
             if len(plain) <= max_bytes and not self._buffer:
                 if plain:
                     return plain
@@ -194,15 +227,21 @@ class SecureByteStream(ByteStream):
 
 
 async def secure_client(
-    stream: ByteStream, psk: bytes, *, handshake_timeout: float = 10.0, cipher: str = "auto"
+    stream: ByteStream,
+    psk: bytes,
+    *,
+    handshake_timeout: float = 10.0,
+    cipher: str = "auto",
+    record_timeout: float = RECORD_TIMEOUT,
 ) -> ByteStream:
     """Run the client handshake over ``stream`` and return the protected stream.
 
     Raises :class:`HandshakeTimeout` if no valid reply arrives within ``handshake_timeout`` seconds (a wrong
     key, or a server of another protocol version, looks exactly like this: the server says nothing),
     :class:`AuthenticationFailed` if the server closes the connection, answers with something that does not
-    authenticate or chooses a cipher not offered. ``cipher`` is the setting :func:`cipher_preference` reads.
-    ``stream`` is closed on any failure.
+    authenticate or chooses a cipher not offered. ``cipher`` is the setting :func:`cipher_preference` reads;
+    ``record_timeout`` bounds an incomplete record (see :class:`SecureByteStream`). ``stream`` is closed on any
+    failure.
     """
     try:
         core = SecureStreamClient(psk, now=time.time(), ciphers=cipher_preference(cipher))
@@ -226,7 +265,7 @@ async def secure_client(
         await anyio.aclose_forcefully(stream)
         raise
     log.debug("secure channel up", role="client", cipher=_name(core.cipher))
-    return SecureByteStream(stream, core, received=bytes(received))
+    return SecureByteStream(stream, core, received=bytes(received), record_timeout=record_timeout)
 
 
 def _name(cipher: Cipher | None) -> str:
@@ -254,6 +293,7 @@ async def secure_server(
     source: str = "",
     silence: tuple[float, float] = DEFAULT_SILENCE,
     cipher: str = "auto",
+    record_timeout: float = RECORD_TIMEOUT,
 ) -> ByteStream | None:
     """Run the server handshake over an accepted ``stream``; the protected stream, or None.
 
@@ -266,7 +306,8 @@ async def secure_server(
     ``source`` is the peer's address (the limiter's key; also logged). ``replay`` must be shared by every
     connection of the server; separate processes have separate caches, so a first message replayed to another
     process serving the same key is not caught. ``cipher`` is the setting :func:`cipher_preference` reads
-    (the ciphers accepted; a client offering none of them fails like any other).
+    (the ciphers accepted; a client offering none of them fails like any other). ``record_timeout`` bounds an
+    incomplete record once the stream is up (see :class:`SecureByteStream`).
     """
     start = time.monotonic()
     deadline = start + _random.uniform(*silence)
@@ -298,4 +339,4 @@ async def secure_server(
         await anyio.aclose_forcefully(stream)
         return None
     log.debug("secure channel up", role="server", source=source, cipher=_name(core.cipher))
-    return SecureByteStream(stream, core, received=bytes(received))
+    return SecureByteStream(stream, core, received=bytes(received), record_timeout=record_timeout)
