@@ -296,3 +296,21 @@ def test_vproxy_client_fails_on_a_vtunnel_settings_answer() -> None:
     answer.receive_data(ext_client.data_to_send(), 0)
     evs = client.receive_data(answer.data_to_send(), 0)
     assert isinstance(evs[-1], events.TunnelClosed)
+
+
+def test_a_destination_the_syn_cannot_carry_is_refused_and_changes_nothing() -> None:
+    from tests.protocol.helpers import handshake
+    from vtunnel.protocol import MetadataNotNegotiated, StreamMetadata, TunnelConfig
+
+    client, _server = handshake(TunnelConfig(extensions=False))
+    for metadata in (
+        StreamMetadata(authority="example.com:443"),
+        StreamMetadata(kind="udp"),
+        StreamMetadata(headers=(("x-a", "b"),)),
+    ):
+        with pytest.raises(MetadataNotNegotiated):
+            client.tunnel.open_stream(metadata=metadata)
+        assert client.tunnel.data_to_send() == b""
+        assert client.tunnel.open_stream_count == 0
+    # nothing to name: a plain stream opens (vproxy's own kind of stream), with the first id
+    assert client.tunnel.open_stream(metadata=StreamMetadata()) == 1

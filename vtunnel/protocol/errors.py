@@ -16,6 +16,7 @@ __all__ = [
     "ErrorCode",
     "FlowControlError",
     "LocalProtocolError",
+    "MetadataNotNegotiated",
     "RemoteProtocolError",
     "StreamClosedError",
     "VTunnelError",
@@ -57,6 +58,12 @@ class FlowControlError(LocalProtocolError):
 
 class StreamClosedError(LocalProtocolError):
     """Sending on a stream that is dead, closed or unknown."""
+
+
+class MetadataNotNegotiated(LocalProtocolError):
+    """Opening a stream whose metadata (a destination, a kind other than ``tcp``, extra headers) the SYN cannot
+    carry, because the peer did not agree to the ``metadata`` extension (a vproxy peer). Sending the SYN without
+    it would let the peer send the stream anywhere it likes (its default target), so nothing is sent."""
 
 
 class RemoteProtocolError(VTunnelError):

@@ -18,6 +18,7 @@ from vtunnel.protocol.errors import (
     ErrorCode,
     FlowControlError,
     LocalProtocolError,
+    MetadataNotNegotiated,
     RemoteProtocolError,
     StreamClosedError,
 )
@@ -253,6 +254,16 @@ class Tunnel:
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only the client opens streams")
         self._tunnel_input(TunnelInput.OPEN_STREAM)
+        # ready (the input above checked it), so the extensions are settled
+        if (
+            metadata is not None
+            and self._headers is None
+            and (metadata.authority is not None or metadata.kind != "tcp" or metadata.headers)
+        ):
+            raise MetadataNotNegotiated(
+                "the peer did not agree to the metadata extension: a SYN cannot name "
+                f"{metadata.authority or 'a destination'} (kind {metadata.kind})"
+            )
         if self._live >= self.config.max_concurrent_streams:
             raise LocalProtocolError(f"already {self._live} open streams (max_concurrent_streams)")
         sid = self._next_stream_id

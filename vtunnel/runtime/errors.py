@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-__all__ = ["StreamRefused", "TunnelUnavailable"]
+__all__ = ["DestinationNotCarried", "StreamRefused", "TunnelUnavailable"]
 
 
 class TunnelUnavailable(Exception):
@@ -21,3 +21,14 @@ class StreamRefused(anyio.BrokenResourceError):
     def __init__(self, error: str | None = None) -> None:
         super().__init__(f"stream refused by the server: {error or 'reset'}")
         self.error = error
+
+
+class DestinationNotCarried(StreamRefused):
+    """Refused before anything was sent: the tunnel cannot name this stream's destination (or kind) to the server,
+    which did not agree to the ``metadata`` extension (a vproxy server). Without it the server would send the
+    stream to its own default target, so the stream is never opened. ``error`` is ``"unsupported"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("unsupported")
+        self.args = (f"stream not opened: {reason}",)
+        self.reason = reason

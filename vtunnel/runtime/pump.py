@@ -31,8 +31,8 @@ import structlog
 from anyio.abc import ByteStream, TaskGroup
 
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState, events
-from vtunnel.protocol.errors import VTunnelError
-from vtunnel.runtime.errors import TunnelUnavailable
+from vtunnel.protocol.errors import MetadataNotNegotiated, VTunnelError
+from vtunnel.runtime.errors import DestinationNotCarried, TunnelUnavailable
 from vtunnel.runtime.stream import TunnelStream
 
 __all__ = ["OUTBOUND_HIGH_WATER", "StreamHandler", "TunnelConnection"]
@@ -480,6 +480,9 @@ class TunnelConnection:
             )
         try:
             sid = self.tunnel.open_stream(metadata=metadata)
+        except MetadataNotNegotiated as exc:
+            self.log.warning("stream not opened: the server cannot be told its destination", reason=str(exc))
+            raise DestinationNotCarried(str(exc)) from exc
         except VTunnelError as exc:
             raise TunnelUnavailable(str(exc)) from exc
         stream = TunnelStream(self, sid, metadata, accepted=False)
