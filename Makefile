@@ -28,6 +28,7 @@ lint: setup
 	$(BIN)/ruff check vtunnel tests bench plugins
 	$(BIN)/ruff format --check vtunnel tests bench plugins
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## bench-setup: the native tools the harness compares against (kcptun, nftables, iproute2; needs root or sudo)
 bench-setup:

@@ -1,8 +1,8 @@
 """Quick loopback measurements of ``kcp://`` and the impairment relay (a development tool, not a test).
 
-    python -m vtunnel.transports.kcp_measure bulk [--mib 256] [--mode fast3] [--sealed]
-    python -m vtunnel.transports.kcp_measure idle [--seconds 20]
-    python -m vtunnel.transports.kcp_measure relay [--seconds 3] [--loss 0.1]
+    python -m bench.kcp_measure bulk [--mib 256] [--mode fast3] [--sealed]
+    python -m bench.kcp_measure idle [--seconds 20]
+    python -m bench.kcp_measure relay [--seconds 3] [--loss 0.1]
 
 ``bulk``: one client ByteStream sends to a server ByteStream in another process (no tunnel protocol on top);
 prints MB/s. ``idle``: one open, idle session (client and server in this process); prints the CPU used.
@@ -71,7 +71,7 @@ async def _serve_sink(query: str, sealed: bool) -> None:
 
 
 async def _bulk(mib: int, query: str, sealed: bool) -> None:
-    command = [sys.executable, "-m", "vtunnel.transports.kcp_measure", "serve", "--query", query]
+    command = [sys.executable, "-m", "bench.kcp_measure", "serve", "--query", query]
     if sealed:
         command.append("--sealed")
     with subprocess.Popen(command, stdout=subprocess.PIPE) as proc:  # noqa: ASYNC220
@@ -200,7 +200,7 @@ async def _relay(seconds: float, loss: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtunnel.transports.kcp_measure")
+    parser = argparse.ArgumentParser(prog="python -m bench.kcp_measure")
     parser.add_argument("what", choices=["bulk", "idle", "relay", "serve"])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=20.0)
