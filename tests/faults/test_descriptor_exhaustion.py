@@ -85,6 +85,25 @@ def idle_connections(port: int, count: int, budget: float = 20.0) -> Iterator[li
             s.close()
 
 
+def backlog(port: int) -> int | None:
+    """Connections waiting in the kernel's accept queue of the listener on ``port`` (``ss``), or None."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=False
+    )
+    fields = out.stdout.split()
+    return int(fields[1]) if out.returncode == 0 and len(fields) > 1 else None
+
+
+def wait_backlog_drained(port: int, budget: float = 20.0) -> None:
+    """Until the server has taken every waiting connection off its accept queue."""
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        if not backlog(port):  # 0, or no ss to ask
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the server did not drain its accept queue within {budget} s")
+
+
 def start_server(procs: Processes, port: int, echo: int, *security: str) -> subprocess.Popen[bytes]:
     server = start_limited(
         procs,
@@ -118,6 +137,7 @@ def test_idle_connections_cannot_keep_an_agent_out_of_a_keyed_server(
         with idle_connections(port, IDLE_CONNECTIONS):
             # the flood has been taken in: the listener has had to close its oldest unauthenticated connections
             wait_log(procs, server, "closing the oldest ones")
+            wait_backlog_drained(port)
             front = start_agent(procs, port, *key)
             took = first_echo_after(front, time.monotonic(), budget=2.0)
             print(f"first stream through the agent {took:.2f} s after its port opened")
