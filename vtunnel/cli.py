@@ -14,6 +14,7 @@ from vtunnel.config import (
     INSECURE_KEY_PERMISSIONS_ENV,
     WEBSOCKS_USER_ENV,
     ConfigError,
+    check_private_file,
     load_config,
     resolve_cipher,
     resolve_psk,
@@ -92,11 +93,22 @@ def _setup(
     return cfg
 
 
-def _endpoint(url: str, what: str) -> Endpoint:
+def _endpoint(url: str, what: str, insecure_key_permissions: bool = False) -> Endpoint:
     try:
-        return Endpoint.parse(url)
+        endpoint = Endpoint.parse(url)
     except TransportError as exc:
         raise click.BadParameter(str(exc), param_hint=what) from None
+    private_key = endpoint.params.get("key")
+    if private_key:  # a TLS private key: as private as a key file
+        try:
+            check_private_file(
+                private_key,
+                f"TLS private key (key= of {what})",
+                allow_insecure_permissions=insecure_key_permissions,
+            )
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+    return endpoint
 
 
 def _security(
@@ -188,7 +200,7 @@ def server(
     urls = list(listen) or list(sec.get("listen", []))
     if not urls:
         raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
-    endpoints = [_endpoint(u, "--listen") for u in urls]
+    endpoints = [_endpoint(u, "--listen", insecure_key_permissions) for u in urls]
     if websocks_user:
         log.warning(
             "a password given with --websocks-user is visible to every local user in `ps`; "
@@ -280,7 +292,7 @@ def agent(
         if not (forwards or socks_addr or http_addr):
             socks_addr = DEFAULT_SOCKS
         settings = AgentSettings(
-            server=_endpoint(url, "--server"),
+            server=_endpoint(url, "--server", insecure_key_permissions),
             security=_security(psk_file, insecure, sec, cipher, insecure_key_permissions),
             forwards=forwards,
             socks=parse_hostport(socks_addr, default_host="127.0.0.1") if socks_addr else None,

@@ -60,6 +60,7 @@ __all__ = [
     "INSECURE_KEY_PERMISSIONS_ENV",
     "WEBSOCKS_USER_ENV",
     "ConfigError",
+    "check_private_file",
     "insecure_key_permissions",
     "load_config",
     "load_psk_file",
@@ -233,6 +234,19 @@ def _check_mode(
         f"{what} {str(path)!r}{why} is {access} (mode {mode:04o}); run: chmod 600 {shlex.quote(str(path))} "
         f"(to allow it anyway, as in a container: --insecure-key-permissions or {INSECURE_KEY_PERMISSIONS_ENV}=1)"
     )
+
+
+def check_private_file(
+    path: str | os.PathLike[str], what: str, *, allow_insecure_permissions: bool = False
+) -> None:
+    """Refuse (``ConfigError``) a secret file another library will read (a TLS private key) when group or others
+    may read or write it, as :func:`load_psk_file` does for key files; a missing file is left to that library."""
+    p = Path(path)
+    try:
+        mode = stat.S_IMODE(os.stat(p).st_mode)
+    except OSError:
+        return
+    _check_mode(p, mode, what, allow_insecure_permissions, ConfigError)
 
 
 def load_psk_file(path: str | os.PathLike[str], *, allow_insecure_permissions: bool = False) -> bytes:

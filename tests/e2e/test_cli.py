@@ -91,6 +91,7 @@ def tls_query(tmp: Path) -> str:
     cert = ca.issue_cert("localhost")
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "server.pem"))
+    (tmp / "server.pem").chmod(0o600)  # it holds the private key: the server refuses it readable by others
     return f"?cert={tmp / 'server.pem'}&key={tmp / 'server.pem'}"
 
 

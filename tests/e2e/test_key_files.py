@@ -380,3 +380,22 @@ def test_any_users_text_gives_users_or_a_config_error(text: str) -> None:
             specs=[], user_file=None, section={}, env={"VTUNNEL_WEBSOCKS_USER": text}
         )
         assert all(user and ":" not in user for user in got)
+
+
+def test_server_refuses_a_tls_private_key_others_may_read(procs: Processes, tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    key_file.chmod(0o644)
+    port = free_port()
+    url = f"tls://127.0.0.1:{port}?cert={cert_file}&key={key_file}"
+    out = run("server", "--listen", url, "--insecure")
+    assert out.returncode != 0
+    assert "TLS private key" in out.stderr
+    assert f"chmod 600 {key_file}" in out.stderr
+    assert refused(port)
+    key_file.chmod(0o600)  # private: it starts
+    server = procs.start("server", "--listen", url, "--insecure")
+    wait_log(procs, server, "listening")
