@@ -12,7 +12,8 @@ from vtunnel.protocol.errors import (
     VTunnelError,
 )
 from vtunnel.protocol.machine import TunnelState
-from vtunnel.protocol.settings import Extensions, StreamMetadata, TunnelConfig
+from vtunnel.protocol.metadata import StreamMetadata
+from vtunnel.protocol.settings import Extensions, TunnelConfig
 from vtunnel.protocol.stream import StreamState
 from vtunnel.protocol.tunnel import Role, Tunnel
 

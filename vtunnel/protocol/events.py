@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vtunnel.protocol.errors import RemoteProtocolError
-from vtunnel.protocol.settings import Extensions, StreamMetadata
+from vtunnel.protocol.metadata import StreamMetadata
+from vtunnel.protocol.settings import Extensions
 
 __all__ = [
     "DataReceived",

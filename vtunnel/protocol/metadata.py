@@ -1,12 +1,43 @@
-"""Header blocks of the metadata extension: HPACK-coded stream metadata in a SYN, a reason in an RST."""
+"""Stream metadata (what a SYN names: destination, kind, extra headers) and the header blocks of the metadata
+extension that carry it: HPACK-coded metadata in a SYN, a reason in an RST."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import hpack
 
-from vtunnel.protocol.settings import StreamMetadata
+from vtunnel.protocol.errors import ConfigError
 
-__all__ = ["AUTHORITY", "ERROR_HEADER", "KIND_HEADER", "HeaderBlockError", "MetadataCodec"]
+__all__ = [
+    "AUTHORITY",
+    "ERROR_HEADER",
+    "KIND_HEADER",
+    "STREAM_KINDS",
+    "HeaderBlockError",
+    "MetadataCodec",
+    "StreamMetadata",
+]
+
+STREAM_KINDS = frozenset({"tcp", "udp", "lite-tls"})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamMetadata:
+    """What a SYN carries with the metadata extension: target ``host:port``, stream kind, extra headers."""
+
+    authority: str | None = None
+    kind: str = "tcp"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.authority is not None and not isinstance(self.authority, str):
+            raise ConfigError(f"authority must be a str 'host:port', not {self.authority!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.headers):
+            raise ConfigError("headers must be (str, str) pairs")
+        if self.kind not in STREAM_KINDS:
+            raise ConfigError(f"stream kind must be one of {sorted(STREAM_KINDS)}, not {self.kind!r}")
+
 
 AUTHORITY = ":authority"
 KIND_HEADER = "vt-kind"

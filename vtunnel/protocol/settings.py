@@ -1,4 +1,4 @@
-"""Configuration, stream metadata and the SETTINGS negotiation of vtunnel's extensions."""
+"""Configuration and the SETTINGS negotiation of vtunnel's extensions."""
 
 from __future__ import annotations
 
@@ -11,20 +11,17 @@ from vtunnel.protocol.frames import MAX_FRAME_PAYLOAD, MAX_WINDOW
 
 __all__ = [
     "PROTOCOL_VERSION",
-    "STREAM_KINDS",
     "VTUNNEL_MAGIC",
     "ExtensionBits",
     "Extensions",
     "PeerSettings",
     "SettingId",
-    "StreamMetadata",
     "TunnelConfig",
     "local_settings",
     "negotiate",
     "parse_peer_settings",
 ]
 
-STREAM_KINDS = frozenset({"tcp", "udp", "lite-tls"})
 VTUNNEL_MAGIC = 0x76_74_75_6E  # "vtun"
 PROTOCOL_VERSION = 1
 MIN_FRAME_SIZE = 1024
@@ -48,23 +45,6 @@ class ExtensionBits(IntFlag):
     METADATA = 0x2
     GZIP = 0x4
     GRACEFUL_SHUTDOWN = 0x8
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamMetadata:
-    """What a SYN carries with the metadata extension: target ``host:port``, stream kind, extra headers."""
-
-    authority: str | None = None
-    kind: str = "tcp"
-    headers: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.authority is not None and not isinstance(self.authority, str):
-            raise ConfigError(f"authority must be a str 'host:port', not {self.authority!r}")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.headers):
-            raise ConfigError("headers must be (str, str) pairs")
-        if self.kind not in STREAM_KINDS:
-            raise ConfigError(f"stream kind must be one of {sorted(STREAM_KINDS)}, not {self.kind!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-from vtunnel.protocol.settings import StreamMetadata
+from vtunnel.protocol.metadata import StreamMetadata
 
 __all__ = [
     "LIVE_STATES",

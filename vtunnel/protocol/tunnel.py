@@ -37,11 +37,16 @@ from vtunnel.protocol.events import (
 )
 from vtunnel.protocol.keepalive import Keepalive, KeepaliveAction
 from vtunnel.protocol.machine import TUNNEL_TRANSITIONS, TunnelEffect, TunnelInput, TunnelState
-from vtunnel.protocol.metadata import HeaderBlockError, MetadataCodec, error_of, parse_metadata
+from vtunnel.protocol.metadata import (
+    HeaderBlockError,
+    MetadataCodec,
+    StreamMetadata,
+    error_of,
+    parse_metadata,
+)
 from vtunnel.protocol.settings import (
     Extensions,
     PeerSettings,
-    StreamMetadata,
     TunnelConfig,
     local_settings,
     negotiate,
