@@ -782,6 +782,16 @@ def test_an_answer_counts_only_if_the_clients_newest_datagrams_come_from_there()
     assert path.address == OLD
 
 
+@pytest.mark.parametrize("now", [0.0, 1.0, 0.3, 1e9 + 0.7])
+def test_a_new_address_is_challenged_at_once_whatever_the_clock_reads(now: float) -> None:
+    """(``now - (now - interval)`` is less than the interval for some ``now``: no first challenge then.)"""
+    c, session, _ = established()
+    path = PeerPath(session, OLD)
+    assert path.receive(c.seal(b"moved"), NEW, now) == b"moved"
+    ((_, to),) = path.datagrams_to_send()
+    assert to == NEW
+
+
 def test_challenges_are_repeated_paced_and_a_late_answer_to_an_earlier_one_counts() -> None:
     c, session, _ = established()
     path = PeerPath(session, OLD)

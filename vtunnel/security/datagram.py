@@ -207,6 +207,7 @@ MAX_CONTROL_DATAGRAM = 160
 AMPLIFICATION_FACTOR = 3
 #: Least seconds between two challenges to one new address.
 CHALLENGE_INTERVAL = 0.1
+_NEVER = float("-inf")
 #: Challenges whose answer is still accepted (a late answer to an earlier one counts).
 _CHALLENGES_KEPT = 4
 #: Addresses that answered a challenge and that a session moves back to without a new one (the current and
@@ -519,7 +520,7 @@ class PeerPath:
         self._sent = 0
         self._highest_from_candidate = -1
         self._challenges: list[bytes] = []
-        self._last_challenge = 0.0
+        self._last_challenge = _NEVER
         self._outgoing: list[tuple[bytes, tuple[str, int]]] = []
 
     def __repr__(self) -> str:
@@ -568,7 +569,7 @@ class PeerPath:
             self._candidate = source
             self._received = self._sent = 0
             self._challenges = []
-            self._last_challenge = now - CHALLENGE_INTERVAL
+            self._last_challenge = _NEVER  # (now - CHALLENGE_INTERVAL could round to less than the interval)
         self._received += size
         if newest:
             self._highest_from_candidate = self.session._window.highest
