@@ -44,6 +44,7 @@ from vtunnel.security.datagram import (
     is_minted,
     mint_connection_id,
     peek_connection_id,
+    read_handshake_datagram,
     reset_keys,
     reset_token,
 )
@@ -838,3 +839,17 @@ def test_copies_in_any_order_never_move_a_session_nor_get_more_than_the_allowanc
             sent += len(datagram)
         assert path.address == OLD
         assert sent <= AMPLIFICATION_FACTOR * received
+
+
+def test_garbage_is_refused_before_any_noise_work() -> None:
+    """A random datagram of an INIT's size passes the masked length check 1 time in 65,536 (seeded: a fixed
+    count); only those are read as Noise message 1."""
+    rng = random.Random(11)
+    passed = sum(
+        read_handshake_datagram(PSK, rng.randbytes(rng.randrange(100, 1123)), from_client=True) is not None
+        for _ in range(20_000)
+    )
+    assert passed <= 2
+    c = DatagramClient(PSK, now=NOW, entropy=rng.randbytes)
+    assert read_handshake_datagram(PSK, c.initial_datagram(), from_client=True) is not None
+    assert read_handshake_datagram(OTHER_PSK, c.initial_datagram(), from_client=True) is None
