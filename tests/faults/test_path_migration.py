@@ -14,7 +14,7 @@ import pytest
 from anyio.abc import ByteStream
 
 from tests.streams import read_exactly
-from vtunnel.security.datagram import DatagramType
+from vtunnel.security.datagram import read_handshake_datagram
 from vtunnel.testing import ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPTransport
@@ -32,6 +32,12 @@ ALLOWANCE = 3
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, bool]]:
     return ("asyncio", {"use_uvloop": True})
+
+
+def is_first_datagram(datagram: bytes) -> bool:
+    """Whether ``datagram`` frames a handshake's first message (only a key holder can tell)."""
+    assert KEY.psk is not None
+    return read_handshake_datagram(KEY.psk, datagram, from_client=True) is not None
 
 
 class CopyingForwarder:
@@ -58,9 +64,7 @@ class CopyingForwarder:
     def _from_client(self, batch: list[tuple[bytes, Address]]) -> None:
         for datagram, source in batch:
             self.client = source
-            if (
-                datagram[0] == DatagramType.INIT
-            ):  # a racing copy of the first datagram only delays the handshake
+            if is_first_datagram(datagram):  # a racing copy of the first datagram only delays the handshake
                 self.up.sendto(datagram, self.server)
                 continue
             ahead = self.rng.random() < 0.5

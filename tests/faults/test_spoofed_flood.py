@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from tests.streams import echo, read_exactly
-from vtunnel.security.datagram import DatagramClient, DatagramType
+from vtunnel.security.datagram import DatagramClient, is_minted, read_handshake_datagram, reset_keys
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPTransport
 from vtunnel.transports.kcp_secure import SealedKCPListener
@@ -22,6 +22,16 @@ from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
 pytestmark = pytest.mark.anyio
 
 KEY = SecurityConfig(psk=bytes(range(32)))
+CID_KEY = reset_keys(KEY.psk or b"")[1]
+
+
+def unminted(make: Callable[[], bytes]) -> bytes:
+    """A forgery whose first 8 bytes are no connection ID a key holder could have minted (a random one is, 1
+    time in 2**24, and would rightly draw a stateless reset)."""
+    while True:
+        datagram = make()
+        if not is_minted(CID_KEY, datagram[:8]):
+            return datagram
 
 
 @pytest.fixture
@@ -50,7 +60,8 @@ class SpoofingForwarder:
     def _from_client(self, batch: list[tuple[bytes, Address]]) -> None:
         for datagram, source in batch:
             self.client = source
-            if datagram[:1] == bytes([DatagramType.INIT]):
+            assert KEY.psk is not None
+            if read_handshake_datagram(KEY.psk, datagram, from_client=True) is not None:
                 self.first_datagrams.append(datagram)
                 if self.ahead_of_init is not None:
                     for forged in self.ahead_of_init():
@@ -94,12 +105,12 @@ async def test_a_keyless_flood_from_the_clients_own_address_does_not_lock_it_out
 
             def volley() -> list[bytes]:
                 return [
-                    b"\x01" + os.urandom(init_size - 1),
-                    b"\x01" + os.urandom(os.urandom(1)[0] + 82),
-                    DatagramClient(other_key, now=time.time()).initial_datagram(),
+                    unminted(lambda: os.urandom(init_size)),
+                    unminted(lambda: os.urandom(os.urandom(1)[0] + 100)),
+                    unminted(DatagramClient(other_key, now=time.time()).initial_datagram),
                     *captured,
-                    b"\x03" + os.urandom(8) + os.urandom(100),
-                    os.urandom(60),
+                    unminted(lambda: os.urandom(109)),  # DATA-sized, for a made-up connection ID
+                    unminted(lambda: os.urandom(60)),
                 ]
 
             flooding = anyio.Event()

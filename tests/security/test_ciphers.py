@@ -30,9 +30,12 @@ from vtunnel.security.ciphers import (
 )
 from vtunnel.security.datagram import (
     CID_LEN,
+    DATAGRAM_PROLOGUE,
     DatagramClient,
     DatagramServer,
     DatagramType,
+    read_handshake_datagram,
+    write_handshake_datagram,
 )
 from vtunnel.security.errors import AuthenticationFailed, SecurityError
 from vtunnel.security.handshake import encode_init_payload
@@ -170,7 +173,8 @@ def test_datagrams_use_the_chosen_aead_and_noise_nonce(cipher: Cipher) -> None:
     assert keys is not None
     for n in range(3):
         d = c.seal(b"payload %d" % n)
-        assert _aead(cipher, keys.send).decrypt(_nonce(cipher, n), d[17:], d[:17]) == b"payload %d" % n
+        clear_header = d[:CID_LEN] + struct.pack(">BI", DatagramType.DATA, n)  # before header protection
+        assert _aead(cipher, keys.send).decrypt(_nonce(cipher, n), d[13:], clear_header) == b"payload %d" % n
         assert got[0].open(d) == b"payload %d" % n
 
 
@@ -208,11 +212,13 @@ def test_stream_client_refuses_a_reply_without_a_choice() -> None:
 @pytest.mark.parametrize("choice", [0x02, 0x00, 0x7F])
 def test_datagram_client_refuses_a_choice_it_did_not_offer(choice: int) -> None:
     c = DatagramClient(PSK, now=NOW, ciphers=(CHACHA,))
-    init = c.initial_datagram()
-    initial_cid = init[1 : 1 + CID_LEN]
-    r = Responder(PSK, prologue=b"vtunnel datagram v2" + init[: 1 + CID_LEN])
-    r.read_message1(init[1 + CID_LEN :])
-    reply = bytes([DatagramType.REPLY]) + initial_cid + r.write_message2(bytes(CID_LEN) + bytes([choice]))
+    framed = read_handshake_datagram(PSK, c.initial_datagram(), from_client=True)
+    assert framed is not None
+    initial_cid, message1 = framed
+    r = Responder(PSK, prologue=DATAGRAM_PROLOGUE + initial_cid)
+    r.read_message1(message1)
+    message2 = r.write_message2(bytes(CID_LEN) + bytes([choice]))
+    reply = write_handshake_datagram(PSK, initial_cid, message2, from_client=False, salt=bytes(16))
     assert c.receive(reply, NOW) is None
     assert not c.established
     assert c.failure is not None
@@ -248,10 +254,11 @@ def test_server_refuses_a_malformed_or_foreign_offer_silently(offer: bytes) -> N
     assert s.data_to_send() == b""
     srv = DatagramServer(PSK, replay=ReplayCache(), ciphers=ALL_CIPHERS)
     cid = bytes(range(CID_LEN))
-    body = Initiator(PSK, prologue=b"vtunnel datagram v2" + bytes([DatagramType.INIT]) + cid).write_message1(
-        _prefix() + offer
+    body = Initiator(PSK, prologue=DATAGRAM_PROLOGUE + cid).write_message1(_prefix() + offer)
+    assert (
+        srv.accept(write_handshake_datagram(PSK, cid, body, from_client=True, salt=bytes(16)), SRC, NOW)
+        is None
     )
-    assert srv.accept(bytes([DatagramType.INIT]) + cid + body, SRC, NOW) is None
 
 
 def test_unknown_ciphers_in_an_offer_are_skipped() -> None:

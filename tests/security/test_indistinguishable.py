@@ -3,65 +3,25 @@ indistinguishable from random by their byte distribution.
 
 For each kind of unit, the first 64 bytes of 10,000 of them go through Pearson's chi-squared test of uniform
 byte values (255 degrees of freedom), over all 640,000 bytes together and at each of the 64 offsets (10,000
-bytes each, Bonferroni-corrected), at the significance level ``ALPHA``. Every random byte comes from one
-seeded generator (the ``entropy`` the sans-IO classes take), so each statistic is a fixed number and the test
-is deterministic: it cannot flake. What stays visible (sizes, timing) is in docs/security.md.
+bytes each, Bonferroni-corrected), at the significance level ``ALPHA`` (see :mod:`tests.security.randomness`).
+Every random byte comes from one seeded generator (the ``entropy`` the sans-IO classes take), so each statistic
+is a fixed number and the test is deterministic: it cannot flake. What stays visible (sizes, timing) is in
+docs/security.md.
 """
 
 from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Callable, Sequence
-from statistics import NormalDist
 
 import pytest
 
+from tests.security.randomness import PREFIX, SEED, UNITS, failures, seeded
 from vtunnel.security.replay import ReplayCache
 from vtunnel.security.stream import SecureStreamClient, SecureStreamServer
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0
-SEED = 20_240_611
-UNITS = 10_000
-PREFIX = 64
-ALPHA = 1e-3
-
-
-def critical_value(df: int, alpha: float) -> float:
-    """The chi-squared quantile of ``1 - alpha`` (Wilson and Hilferty's approximation: within 0.1% at 255 df)."""
-    z = NormalDist().inv_cdf(1.0 - alpha)
-    h = 2.0 / (9.0 * df)
-    return float(df * (1.0 - h + z * h**0.5) ** 3)
-
-
-def chi_squared(data: bytes) -> float:
-    counts = [0] * 256
-    for b in data:
-        counts[b] += 1
-    expected = len(data) / 256
-    return sum((c - expected) ** 2 for c in counts) / expected
-
-
-def failures(samples: Sequence[bytes]) -> list[str]:
-    """Where the first ``PREFIX`` bytes of ``samples`` are not uniform at ``ALPHA``: empty if nowhere."""
-    assert all(len(s) >= PREFIX for s in samples)
-    found = []
-    pooled = b"".join(s[:PREFIX] for s in samples)
-    stat = chi_squared(pooled)
-    limit = critical_value(255, ALPHA)
-    if stat > limit:
-        found.append(f"all offsets: chi2 = {stat:.1f} > {limit:.1f}")
-    limit = critical_value(255, ALPHA / PREFIX)
-    for offset in range(PREFIX):
-        stat = chi_squared(bytes(s[offset] for s in samples))
-        if stat > limit:
-            found.append(f"offset {offset}: chi2 = {stat:.1f} > {limit:.1f}")
-    return found
-
-
-def seeded() -> Callable[[int], bytes]:
-    return random.Random(SEED).randbytes
 
 
 def handshakes() -> tuple[list[bytes], list[bytes]]:

@@ -20,17 +20,19 @@ from vtunnel.security.ciphers import Cipher
 from vtunnel.security.datagram import (
     CID_LEN,
     DATAGRAM_OVERHEAD,
+    DATAGRAM_PROLOGUE,
     MIN_RESET_DATAGRAM,
     RESET_TOKEN_LEN,
     DatagramClient,
     DatagramServer,
     DatagramSession,
-    DatagramType,
     StatelessReset,
     is_minted,
     mint_connection_id,
+    read_handshake_datagram,
     reset_keys,
     reset_token,
+    write_handshake_datagram,
 )
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout
 from vtunnel.security.noise import Responder
@@ -130,9 +132,9 @@ async def test_unauthenticated_datagrams_are_dropped_silently() -> None:
             await client.send(b"first")
             assert await read_exactly(client, 5) == b"first"
         cid = next(k for k in listener.sessions if isinstance(k, bytes))
-        forged_data = b"\x03" + cid + struct.pack(">Q", 10**6) + os.urandom(200)  # right CID, bad tag
+        forged_data = cid + os.urandom(205)  # right CID, bad tag
         plain_push = struct.pack("<IBBHIIII", 5, 81, 0, 128, 0, 0, 0, 1) + b"x"  # plain KCP PUSH sn 0
-        bogus_init = b"\x01" + os.urandom(8) + os.urandom(120)
+        bogus_init = os.urandom(129)  # the size of a first datagram
         dropped = listener.dropped
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
             raw.bind(("127.0.0.1", 0))
@@ -323,10 +325,15 @@ async def test_a_reply_choosing_a_cipher_not_offered_fails_the_client_at_once() 
 
     def answer(batch: list[tuple[bytes, tuple[str, int]]]) -> None:
         for init, source in batch:
-            responder = Responder(psk, prologue=b"vtunnel datagram v2" + init[:9])
-            responder.read_message1(init[9:])
+            framed = read_handshake_datagram(psk, init, from_client=True)
+            assert framed is not None
+            initial_cid, message1 = framed
+            responder = Responder(psk, prologue=DATAGRAM_PROLOGUE + initial_cid)
+            responder.read_message1(message1)
             body = responder.write_message2(bytes(8) + bytes([Cipher.AES_256_GCM]))
-            fake.sendto(bytes([0x02]) + init[1:9] + body, source)
+            fake.sendto(
+                write_handshake_datagram(psk, initial_cid, body, from_client=False, salt=bytes(16)), source
+            )
             answered.append(len(init))
 
     fake = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), answer)
@@ -361,7 +368,7 @@ CID_KEY = reset_keys(KEY.psk or b"")[1]
 
 def stranger(size: int = 100) -> bytes:
     """A DATA datagram for a connection ID a server holding the key could have assigned, but no server knows."""
-    return bytes([DatagramType.DATA]) + mint_connection_id(CID_KEY) + os.urandom(size - 1 - CID_LEN)
+    return mint_connection_id(CID_KEY) + os.urandom(size - CID_LEN)
 
 
 async def receive_one(sock: socket.socket, limit: float = 10.0) -> bytes:
@@ -423,11 +430,10 @@ async def test_only_the_servers_own_reset_fails_the_client() -> None:
 
     def serve(batch: list[tuple[bytes, tuple[str, int]]]) -> None:
         for datagram, source in batch:
-            if datagram[0] == DatagramType.INIT:
-                got = handshakes.accept(datagram, source, time.time())
-                if got is not None:
-                    sessions.append(got[0])
-                    fake.sendto(got[1], source)
+            got = handshakes.accept(datagram, source, time.time())
+            if got is not None:
+                sessions.append(got[0])
+                fake.sendto(got[1], source)
             elif sessions and sessions[-1].open(datagram) is not None:
                 received.append(datagram)
 
@@ -441,8 +447,8 @@ async def test_only_the_servers_own_reset_fails_the_client() -> None:
         await wait_until(lambda: bool(received))  # the client's first KCP datagram
         cid = sessions[-1].connection_id
         client_address = client.local_address
-        right = StatelessReset(KEY.psk).answer(b"\x03" + cid + os.urandom(200), ("127.0.0.1", 1), 0.0)
-        other_key = b"\x03" + cid + os.urandom(60) + reset_token(reset_keys(bytes(32))[0], cid)
+        right = StatelessReset(KEY.psk).answer(cid + os.urandom(200), ("127.0.0.1", 1), 0.0)
+        other_key = cid + os.urandom(60) + reset_token(reset_keys(bytes(32))[0], cid)
         assert right is not None
         wrong_token = right[:-1] + bytes([right[-1] ^ 0x80])
         fake.sendto(wrong_token, client_address)
@@ -470,11 +476,10 @@ async def test_strangers_get_short_resets_within_the_rate_limit_and_nothing_else
     tokens = StatelessReset(KEY.psk)
     with raw_socket() as raw:
         silent = [
-            b"\x03" * MIN_RESET_DATAGRAM,  # no longer than a reset: could be one
-            b"\x03" + os.urandom(CID_LEN) + os.urandom(200),  # an ID no key holder minted: a probe
-            bytes([DatagramType.REPLY]) + os.urandom(200),
-            bytes([DatagramType.INIT]) + os.urandom(200),
-            b"\x04" + os.urandom(200),
+            stranger(MIN_RESET_DATAGRAM),  # no longer than a reset: could be one
+            b"\x03" * CID_LEN + os.urandom(200),  # an ID no key holder minted: a probe
+            b"\x02" * CID_LEN + os.urandom(100),
+            b"\x01" * CID_LEN + os.urandom(400),  # the size of a first datagram
         ]
         for datagram in silent:
             raw.sendto(datagram, listener.local_address)
@@ -485,9 +490,9 @@ async def test_strangers_get_short_resets_within_the_rate_limit_and_nothing_else
         for trigger, reset in zip(
             triggers[:5], answers, strict=True
         ):  # in order: the silent ones got nothing
-            assert reset[: 1 + CID_LEN] == trigger[: 1 + CID_LEN]
+            assert reset[:CID_LEN] == trigger[:CID_LEN]
             assert MIN_RESET_DATAGRAM <= len(reset) < len(trigger)
-            assert reset[-RESET_TOKEN_LEN:] == tokens.token(trigger[1 : 1 + CID_LEN])
+            assert reset[-RESET_TOKEN_LEN:] == tokens.token(trigger[:CID_LEN])
         await wait_until(lambda: listener.dropped >= len(silent) + len(triggers))
         await anyio.sleep(0.2)
         with pytest.raises(BlockingIOError):  # the source's burst of 5 is spent
@@ -527,10 +532,10 @@ async def test_a_known_session_is_never_reset_and_the_listener_never_falls(
         with raw_socket() as raw:
             for body, kind in datagrams:
                 if kind == "own":
-                    datagram = b"\x03" + cid + body
+                    datagram = cid + body
                 elif kind == "mutated":
                     sealed = bytearray(crypto.seal(body[:200]))  # a datagram of the server's own session
-                    sealed[1 + CID_LEN + (len(body) % (len(sealed) - 1 - CID_LEN))] ^= 0x01
+                    sealed[CID_LEN + (len(body) % (len(sealed) - CID_LEN))] ^= 0x01
                     datagram = bytes(sealed)
                 else:
                     datagram = body
@@ -539,15 +544,14 @@ async def test_a_known_session_is_never_reset_and_the_listener_never_falls(
                 raw.sendto(probe, listener.local_address)
                 answer = await receive_one(raw)
                 if (
-                    datagram[:1] == b"\x03"
-                    and datagram[1 : 1 + CID_LEN] != cid
+                    datagram[:CID_LEN] != cid
                     and len(datagram) > MIN_RESET_DATAGRAM
-                    and is_minted(CID_KEY, datagram[1 : 1 + CID_LEN])
+                    and is_minted(CID_KEY, datagram[:CID_LEN])
                 ):
-                    assert answer[: 1 + CID_LEN] == datagram[: 1 + CID_LEN]  # a stranger's: its reset first
+                    assert answer[:CID_LEN] == datagram[:CID_LEN]  # a stranger's: its reset first
                     answer = await receive_one(raw)
-                assert answer[: 1 + CID_LEN] == probe[: 1 + CID_LEN]
-                assert answer[-RESET_TOKEN_LEN:] == tokens.token(probe[1 : 1 + CID_LEN])
+                assert answer[:CID_LEN] == probe[:CID_LEN]
+                assert answer[-RESET_TOKEN_LEN:] == tokens.token(probe[:CID_LEN])
         assert listener.session_count == 1
         with anyio.fail_after(20):
             payload = os.urandom(50_000)

@@ -1,46 +1,70 @@
-"""Sans-IO sealed datagrams for UDP transports: every datagram, the ARQ header included, is encrypted.
+"""Sans-IO sealed datagrams for UDP transports: every datagram, the ARQ header included, is encrypted, and no
+byte but a session's connection ID reads as anything but random.
 
 Layouts (integers big endian; full description in ``docs/security.md``)::
 
-    INIT   (client -> server)  01 | initial CID (8) | Noise message 1 (e 32 | payload + tag 16)
-    REPLY  (server -> client)  02 | initial CID (8) | Noise message 2 (e 32 | payload + tag 16)
-    DATA   (both ways)         03 | CID (8) | counter u64 | AEAD ciphertext + tag 16
-    CONTROL (both ways)        04 | CID (8) | counter u64 | AEAD(kind 1 | data 8) + tag 16   (path validation)
-    RESET  (server -> client)  03 | CID (8) | random 16..231 | reset token 16   (DATA-shaped, see below)
+    INIT    (client -> server)  salt (16) | ChaCha20[K_c2s(salt)](u16 length | initial CID (8) | Noise message 1)
+    REPLY   (server -> client)  salt (16) | ChaCha20[K_s2c(salt)](initial CID (8) | Noise message 2)
+    DATA    (both ways)         CID (8) | HP(kind 03 | counter low 32 bits) | AEAD ciphertext + tag 16
+    CONTROL (both ways)         CID (8) | HP(kind 04 | counter low 32 bits) | AEAD(kind 1 | data 8 | padding) + tag 16
+    RESET   (server -> client)  CID (8) | random 13..219 | reset token 16   (DATA-shaped, see below)
 
-INIT's payload is the timestamp, the anti-replay token, the cipher offer and padding (see :mod:`.handshake`);
-INIT's first three fields are the Noise prologue, so they are authenticated. REPLY's payload is the connection
-ID the server assigns, the chosen cipher's code, then padding. A DATA datagram is sealed with the chosen cipher
-(:mod:`.ciphers`); its nonce is its counter and its associated data the 17 header bytes; each direction has
-its own key. :data:`DATAGRAM_OVERHEAD` is 33 bytes.
+Handshake datagrams. ``K(salt)`` is ``BLAKE2s(key=PSK, person=direction label, data=salt)``; the salt is
+random per datagram, so INIT and REPLY are random bytes of random sizes (Noise message 1 carries 16..400 bytes
+of padding, message 2 up to 256). The masked length is INIT's cheap check: a server unmasks 10 bytes and drops
+anything whose length does not match before it runs the handshake. INIT's payload is the timestamp, the
+anti-replay token, the cipher offer and padding (see :mod:`.handshake`); the initial connection ID is the Noise
+prologue's tail, so it is authenticated. REPLY's payload is the connection ID the server assigns, the chosen
+cipher's code, then padding; the client drops a reply whose unmasked initial CID is not its own before any
+Diffie-Hellman.
 
-The connection ID is the only clear field a server uses: it finds the session by it, never by the source
-address, so NAT rebinding keeps a session alive. Where it sends is :class:`PeerPath`'s decision: a new client
-address is followed only after it echoed a path challenge (a CONTROL datagram) and the client's newest
-datagrams come from it, as QUIC validates a path. The server assigns it and may start it with a fixed
-server/worker id (``server_id``) so that a load balancer can route by it (QUIC-LB's idea). Its last 3 bytes
-are a check computed from the rest under a key derived from the PSK, so that a server which lost the session can
-tell a connection ID minted by a key holder from a prober's guess.
+DATA and CONTROL. A datagram is sealed with the chosen cipher (:mod:`.ciphers`) under its direction's key;
+its nonce is the full 64-bit counter and its associated data the 13 header bytes *before* header protection
+(CID, kind, low 32 bits of the counter). Then, as QUIC protects its headers (RFC 9001 section 5.4), the 5
+bytes after the CID are XORed with the first 5 bytes of AES-256-ECB(header key, the ciphertext's first 16
+bytes); each direction's header key comes from the handshake (:data:`HEADER_KEY_LABEL`). The receiver
+unmasks them, rebuilds the full counter from the highest one it authenticated (RFC 9000 appendix A.3) and
+checks that one against its replay window. :data:`DATAGRAM_OVERHEAD` is 29 bytes. A CONTROL datagram's sealed
+payload is padded to a random size (:data:`MIN_CONTROL_DATAGRAM` .. :data:`MAX_CONTROL_DATAGRAM` on the
+wire), so its size is no more telling than DATA's.
 
-A server that receives a DATA datagram for a connection ID it does not know (it restarted, or forgot the
-session) answers with a *stateless reset* (RFC 9000 section 10.3's idea): a datagram of DATA's shape, shorter than
-the one it answers, whose last 16 bytes are the connection ID's reset token, a MAC under a key derived from the
-PSK. Any server holding the PSK computes the same token, and only they can: the client, seeing its own token,
-knows the server lost the session and reconnects at once instead of waiting for its keepalive. Only connection
-IDs whose check is right are answered, so a prober's datagrams still get silence.
+The connection ID is the only clear field: a server finds the session by it, never by the source address, so
+NAT rebinding keeps a session alive; a datagram whose first 8 bytes name no session is tried as an INIT
+(:meth:`DatagramServer.accept`), then as a DATA datagram for a lost session (:class:`StatelessReset`). Where a
+server sends is :class:`PeerPath`'s decision: a new client address is followed only after it echoed a path
+challenge (a CONTROL datagram) and the client's newest datagrams come from it, as QUIC validates a path. The
+server assigns the ID and may start it with a fixed server/worker id (``server_id``, visible: a load balancer
+routes on it, QUIC-LB's idea); random bytes follow, then 3 bytes of a check computed from the rest under a key
+derived from the PSK, so that a server which lost the session can tell a connection ID minted by a key holder
+from a prober's guess. Without a server id the ID is 5 random bytes and 3 bytes of a MAC: random to anyone
+without the key.
+
+A server that receives a datagram for a connection ID it does not know (it restarted, or forgot the session)
+and that is no INIT answers with a *stateless reset* (RFC 9000 section 10.3's idea): a datagram of DATA's
+shape, shorter than the one it answers, whose last 16 bytes are the connection ID's reset token, a MAC under a
+key derived from the PSK. Any server holding the PSK computes the same token, and only they can: the client,
+seeing its own token, knows the server lost the session and reconnects at once instead of waiting for its
+keepalive. Only connection IDs whose check is right are answered, so a prober's datagrams still get silence.
 
 ``now`` in the handshake calls is wall-clock seconds (``time.time()``): timestamps are compared across hosts.
+``entropy`` (``os.urandom`` by default) is where every random byte comes from: ephemeral keys, tokens, salts,
+connection IDs, padding and its length, challenge data, reset fillers; a seeded generator makes a run
+reproducible in tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import os
 import struct
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
+from cryptography.hazmat.primitives.ciphers import algorithms, modes
 
 from .ciphers import DEFAULT_CIPHERS, Cipher, check_ciphers, choose, decode_choice, make_aead, nonce_function
 from .errors import AuthenticationFailed, SecurityError
@@ -52,26 +76,32 @@ from .handshake import (
     check_wall_clock,
     decode_init_payload,
     encode_init_payload,
-    padding,
-    random_between,
 )
-from .noise import TAGLEN, Initiator, Responder, TransportKeys, check_psk
+from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
+from .stream import Entropy
 
 __all__ = [
     "AMPLIFICATION_FACTOR",
-    "CHALLENGE_DATAGRAM",
     "CHALLENGE_INTERVAL",
     "CID_CHECK_LEN",
     "CID_LEN",
     "DATAGRAM_OVERHEAD",
+    "DATAGRAM_PROLOGUE",
+    "HEADER_KEY_LABEL",
+    "MAX_CONTROL_DATAGRAM",
     "MAX_INIT_DATAGRAM",
+    "MAX_REPLY_DATAGRAM",
     "MAX_RESET_DATAGRAM",
     "MAX_SERVER_ID",
+    "MIN_CONTROL_DATAGRAM",
+    "MIN_INIT_DATAGRAM",
+    "MIN_REPLY_DATAGRAM",
     "MIN_RESET_DATAGRAM",
     "REPLY_REPEAT_LIMIT",
     "RESET_TOKEN_LEN",
     "RETRANSMIT_PERIOD",
+    "SALT_LEN",
     "ControlKind",
     "ControlMessage",
     "DatagramClient",
@@ -85,16 +115,18 @@ __all__ = [
     "is_minted",
     "mint_connection_id",
     "peek_connection_id",
+    "read_handshake_datagram",
     "reset_keys",
     "reset_token",
+    "write_handshake_datagram",
 ]
 
 CID_LEN = 8
 
 
 class DatagramType(IntEnum):
-    INIT = 0x01
-    REPLY = 0x02
+    """The kind of a DATA-shaped datagram: the byte under header protection, in the associated data."""
+
     DATA = 0x03
     #: DATA's shape and keys; the sealed payload is a control message (path validation), not for the ARQ layer
     CONTROL = 0x04
@@ -123,43 +155,59 @@ class PathResponse:
 
 ControlMessage = PathChallenge | PathResponse
 
+#: v3: nothing but the connection ID in clear (masked handshake datagrams, header protection, padded CONTROL).
+#: v2 added the cipher offer and choice. Peers of different versions never complete a handshake: the server
+#: stays silent and the client times out.
+DATAGRAM_PROLOGUE = b"vtunnel datagram v3"
+#: The label of the header protection keys (:meth:`TransportKeys.derive`).
+HEADER_KEY_LABEL = b"vtunnel datagram v3 header protection"
 
-_HEAD = struct.Struct(">B8s")  # type, connection ID
-_DATA_HEAD = struct.Struct(">B8sQ")  # type, connection ID, counter
-_COUNTER = struct.Struct(">Q")
-DATA_HEADER_LEN = _DATA_HEAD.size  # 17
-DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 33
-_DATA = int(DatagramType.DATA)
-_CONTROL = int(DatagramType.CONTROL)
-_CONTROL_BYTE = bytes((_CONTROL,))
-#: v2: INIT offers transport ciphers and REPLY names the chosen one. A v1 peer's INIT fails authentication
-#: under this prologue (and ours under its), so the server stays silent and the client times out.
-_DATAGRAM_PROLOGUE = b"vtunnel datagram v2"
+_PROTECTED_LEN = 5  # kind (1) and the counter's low 32 bits, under the header mask
+DATA_HEADER_LEN = CID_LEN + _PROTECTED_LEN  # 13
+DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 29
+_SAMPLE_END = DATA_HEADER_LEN + 16  # the header mask's input: the ciphertext's first 16 bytes
+_DATA_KIND = int(DatagramType.DATA) << 32
+_CONTROL_KIND = int(DatagramType.CONTROL) << 32
+_LOW32 = 0xFFFFFFFF
+_WRAP = 1 << 32
+_HALF_WRAP = 1 << 31
+MAX_COUNTER = 2**64 - 1
+
+#: A handshake datagram's random salt, and the BLAKE2s personalisations (8 bytes) of its two directions' keys.
+SALT_LEN = 16
+_CLIENT_FRAMES = b"vtd3 c2s"
+_SERVER_FRAMES = b"vtd3 s2c"
+_LEN = struct.Struct(">H")
+_ZERO_NONCE = bytes(16)
+_INIT_HEAD = SALT_LEN + _LEN.size + CID_LEN  # 26
+_REPLY_HEAD = SALT_LEN + CID_LEN  # 24
 
 INIT_PADDING = (16, 400)
-MIN_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + MIN_INIT_PAYLOAD_LEN
-MAX_INIT_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
-MIN_REPLY_DATAGRAM = _HEAD.size + NOISE_OVERHEAD + CID_LEN + 1  # the CID, then the chosen cipher's code
+MIN_INIT_DATAGRAM = _INIT_HEAD + NOISE_OVERHEAD + MIN_INIT_PAYLOAD_LEN  # 100
+MAX_INIT_DATAGRAM = _INIT_HEAD + NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024  # 1122
+MIN_REPLY_DATAGRAM = _REPLY_HEAD + NOISE_OVERHEAD + CID_LEN + 1  # the CID, then the chosen cipher's code: 81
 REPLY_PADDING_MAX = 256
+MAX_REPLY_DATAGRAM = MIN_REPLY_DATAGRAM + REPLY_PADDING_MAX
 #: Seconds during which a client retransmits the same first datagram and the server answers such copies.
 RETRANSMIT_PERIOD = 10.0
 #: How many times the server re-sends a reply to retransmissions of one first message.
 REPLY_REPEAT_LIMIT = 8
-MAX_COUNTER = 2**64 - 1
 
 #: HKDF label of the stateless reset key: a key of its own, derived from the PSK, used for nothing else
 _RESET_LABEL = b"vtunnel datagram v2 stateless reset"
 RESET_TOKEN_LEN = 16
 #: Bytes of a path challenge's random data (as QUIC's PATH_CHALLENGE)
 CHALLENGE_LEN = 8
-_CONTROL_MESSAGE = struct.Struct(">B8s")  # kind, challenge data
-#: A challenge's (and a response's) size on the wire
-CHALLENGE_DATAGRAM = DATAGRAM_OVERHEAD + _CONTROL_MESSAGE.size  # 42
+_CONTROL_MESSAGE = struct.Struct(">B8s")  # kind, challenge data; zero padding follows
+#: The sizes of CONTROL datagrams on the wire: random in this range, like the small DATA datagrams (acks).
+MIN_CONTROL_DATAGRAM = DATAGRAM_OVERHEAD + _CONTROL_MESSAGE.size  # 38
+MAX_CONTROL_DATAGRAM = 160
 #: Until a new address answered a challenge, it is sent at most this many times the bytes received from it
 #: (RFC 9000 section 8's anti-amplification limit), and only challenges: everything else goes to the old address.
 AMPLIFICATION_FACTOR = 3
 #: Least seconds between two challenges to one new address.
 CHALLENGE_INTERVAL = 0.1
+_NEVER = float("-inf")
 #: Challenges whose answer is still accepted (a late answer to an earlier one counts).
 _CHALLENGES_KEPT = 4
 #: Addresses that answered a challenge and that a session moves back to without a new one (the current and
@@ -167,9 +215,9 @@ _CHALLENGES_KEPT = 4
 _VALIDATED_KEPT = 2
 
 #: The shortest reset: a DATA header, 8 filler bytes (the shape of a DATA datagram with a small payload), the
-#: token. A DATA-shaped datagram of this length or less is never answered, and every reset is shorter than what
-#: it answers, so resets cannot bounce between two servers for long, nor amplify.
-MIN_RESET_DATAGRAM = DATA_HEADER_LEN + 8 + RESET_TOKEN_LEN  # 41
+#: token. A datagram of this length or less is never answered, and every reset is shorter than what it
+#: answers, so resets cannot bounce between two servers for long, nor amplify.
+MIN_RESET_DATAGRAM = DATA_HEADER_LEN + 8 + RESET_TOKEN_LEN  # 37
 #: The longest reset: one is enough, and a short answer keeps what a forged source receives small.
 MAX_RESET_DATAGRAM = 256
 #: The last bytes of every connection ID a server mints: a MAC of the bytes before them (see :func:`is_minted`).
@@ -180,23 +228,62 @@ MAX_SERVER_ID = CID_LEN - CID_CHECK_LEN - 3  # 2
 _CID_DRAWS = 16
 
 
-def peek_connection_id(datagram: bytes) -> bytes | None:
-    """The clear connection ID at the front of ``datagram``, or None if it cannot be one of ours.
+def _between(entropy: Entropy, low: int, high: int) -> int:
+    """A random integer in ``[low, high]`` (the bias of 32 random bits modulo a few hundred is below 2^-22)."""
+    return low + int.from_bytes(entropy(4), "big") % (high - low + 1) if high > low else low
 
-    For DATA it is the session's ID; for INIT and REPLY the client's initial ID (a new handshake). Cheap: no
-    cryptography. A non-None answer proves nothing; the datagram must still be opened.
+
+def _header_mask(key: bytes) -> Callable[[bytes], bytes]:
+    """AES-256-ECB under ``key``: one 16-byte block in, 16 out; one context for the session's life."""
+    return _BlockCipher(algorithms.AES(key), modes.ECB()).encryptor().update
+
+
+def _frame_mask(psk: bytes, person: bytes, salt: bytes) -> Callable[[bytes], bytes]:
+    key = hashlib.blake2s(salt, key=psk, person=person).digest()
+    return _BlockCipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor().update
+
+
+def write_handshake_datagram(
+    psk: bytes, initial_cid: bytes, message: bytes, *, from_client: bool, salt: bytes
+) -> bytes:
+    """The wire form of a Noise handshake message: INIT (``from_client``) or REPLY (see the layouts above)."""
+    if len(salt) != SALT_LEN or len(initial_cid) != CID_LEN:
+        raise SecurityError("a handshake datagram's salt is 16 bytes and its connection ID 8")
+    if from_client:
+        mask = _frame_mask(psk, _CLIENT_FRAMES, salt)
+        return salt + mask(_LEN.pack(CID_LEN + len(message)) + initial_cid + message)
+    return salt + _frame_mask(psk, _SERVER_FRAMES, salt)(initial_cid + message)
+
+
+def read_handshake_datagram(psk: bytes, datagram: bytes, *, from_client: bool) -> tuple[bytes, bytes] | None:
+    """``(initial CID, Noise message)`` of an INIT (``from_client``) or a REPLY, or None if ``datagram`` cannot
+    be one: a size out of range or, for an INIT, a masked length that does not match (so garbage is dropped
+    after one hash and 10 bytes of keystream). A non-None answer proves nothing: the message must authenticate.
     """
     n = len(datagram)
-    if n < DATAGRAM_OVERHEAD:
+    datagram = bytes(datagram)
+    if from_client:
+        if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM:
+            return None
+        mask = _frame_mask(psk, _CLIENT_FRAMES, datagram[:SALT_LEN])
+        head = mask(datagram[SALT_LEN:_INIT_HEAD])
+        if _LEN.unpack_from(head)[0] != n - SALT_LEN - _LEN.size:
+            return None
+        return head[_LEN.size :], mask(datagram[_INIT_HEAD:])
+    if n < MIN_REPLY_DATAGRAM or n > MAX_REPLY_DATAGRAM:
         return None
-    kind = datagram[0]
-    if kind in (_DATA, _CONTROL):
-        return bytes(datagram[1 : 1 + CID_LEN])
-    if (kind == DatagramType.INIT and MIN_INIT_DATAGRAM <= n <= MAX_INIT_DATAGRAM) or (
-        kind == DatagramType.REPLY and n >= MIN_REPLY_DATAGRAM
-    ):
-        return bytes(datagram[1 : 1 + CID_LEN])
-    return None
+    body = _frame_mask(psk, _SERVER_FRAMES, datagram[:SALT_LEN])(datagram[SALT_LEN:])
+    return body[:CID_LEN], body[CID_LEN:]
+
+
+def peek_connection_id(datagram: bytes) -> bytes | None:
+    """The connection ID a DATA or CONTROL datagram would carry: its first 8 bytes, or None if it is too short
+    to be one. Cheap: no cryptography. A handshake datagram starts with random bytes instead; a non-None answer
+    proves nothing, and the datagram must still be opened.
+    """
+    if len(datagram) < DATAGRAM_OVERHEAD:
+        return None
+    return bytes(datagram[:CID_LEN])
 
 
 def reset_keys(psk: bytes) -> tuple[bytes, bytes]:
@@ -223,12 +310,12 @@ def _cid_check(key: bytes, head: bytes) -> bytes:
     return hmac.digest(key, head, "sha256")[:CID_CHECK_LEN]
 
 
-def mint_connection_id(key: bytes, server_id: bytes = b"") -> bytes:
+def mint_connection_id(key: bytes, server_id: bytes = b"", *, entropy: Entropy = os.urandom) -> bytes:
     """A new connection ID: ``server_id``, random bytes, then the check of both under the connection ID ``key``
     (:func:`reset_keys`)."""
     if len(server_id) > MAX_SERVER_ID:
         raise SecurityError(f"a server id is at most {MAX_SERVER_ID} bytes")
-    head = bytes(server_id) + padding(CID_LEN - CID_CHECK_LEN - len(server_id))
+    head = bytes(server_id) + entropy(CID_LEN - CID_CHECK_LEN - len(server_id))
     return head + _cid_check(key, head)
 
 
@@ -239,10 +326,6 @@ def is_minted(key: bytes, connection_id: bytes) -> bool:
         return False
     head = bytes(connection_id[: CID_LEN - CID_CHECK_LEN])
     return hmac.compare_digest(bytes(connection_id[CID_LEN - CID_CHECK_LEN :]), _cid_check(key, head))
-
-
-def _prologue(kind: int, cid: bytes) -> bytes:
-    return _DATAGRAM_PROLOGUE + _HEAD.pack(kind, cid)
 
 
 def _control_message(payload: bytes) -> ControlMessage | None:
@@ -257,22 +340,23 @@ def _control_message(payload: bytes) -> ControlMessage | None:
 
 
 class DatagramSession:
-    """One authenticated session: seals and opens DATA datagrams.
+    """One authenticated session: seals and opens DATA and CONTROL datagrams.
 
     :meth:`open` returns None for anything forged, replayed (counter already seen or older than the replay
     window), garbled or for another connection ID. The caller may move the peer's address to the source of a
-    datagram only after :meth:`open` accepted it.
+    datagram only after :meth:`open` accepted it. ``entropy`` gives the CONTROL datagrams' random sizes.
     """
 
     __slots__ = (
-        "_control_prefix",
         "_decrypt",
         "_encrypt",
+        "_entropy",
         "_nonce",
         "_open_aead",
-        "_prefix",
+        "_receive_mask",
         "_seal_aead",
         "_send_counter",
+        "_send_mask",
         "_window",
         "cipher",
         "confirmed",
@@ -280,80 +364,116 @@ class DatagramSession:
     )
 
     def __init__(
-        self, connection_id: bytes, keys: TransportKeys, *, cipher: Cipher, window: int = 4096
+        self,
+        connection_id: bytes,
+        keys: TransportKeys,
+        *,
+        cipher: Cipher,
+        window: int = 4096,
+        entropy: Entropy = os.urandom,
     ) -> None:
         if len(connection_id) != CID_LEN:
             raise SecurityError("a connection ID is 8 bytes")
         self.connection_id = bytes(connection_id)
         self.cipher = Cipher(cipher)
-        self._prefix = _HEAD.pack(_DATA, self.connection_id)  # the first 9 header bytes never change
-        self._control_prefix = _HEAD.pack(_CONTROL, self.connection_id)
         self._seal_aead = make_aead(self.cipher, keys.send)
         self._open_aead = make_aead(self.cipher, keys.receive)
         self._encrypt = self._seal_aead.encrypt  # bound once: these run for every datagram
         self._decrypt = self._open_aead.decrypt
         self._nonce = nonce_function(self.cipher)
+        send_key, receive_key = keys.derive(HEADER_KEY_LABEL)
+        self._send_mask = _header_mask(send_key)
+        self._receive_mask = _header_mask(receive_key)
         self._send_counter = 0
         self._window = ReplayWindow(window)
+        self._entropy = entropy
         #: True once a datagram from the peer was authenticated (both ends know the handshake completed).
         self.confirmed = False
 
     def __repr__(self) -> str:
         return f"DatagramSession(connection_id={self.connection_id.hex()}, sent={self._send_counter})"
 
-    def seal(self, payload: bytes) -> bytes:
-        """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
+    def _seal(self, kind: int, payload: bytes) -> bytes:
         n = self._send_counter
         if n >= MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = n + 1
-        header = self._prefix + _COUNTER.pack(n)
-        return header + self._encrypt(self._nonce(n), payload, header)
+        cid = self.connection_id
+        clear = kind | (n & _LOW32)
+        body = self._encrypt(self._nonce(n), payload, cid + clear.to_bytes(_PROTECTED_LEN, "big"))
+        mask = int.from_bytes(self._send_mask(body[:16])[:_PROTECTED_LEN], "big")
+        return cid + (clear ^ mask).to_bytes(_PROTECTED_LEN, "big") + body
+
+    def seal(self, payload: bytes) -> bytes:
+        """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
+        return self._seal(_DATA_KIND, payload)
 
     @property
     def highest_received(self) -> int:
         """The highest counter authenticated so far (-1: none yet)."""
         return self._window.highest
 
-    def seal_control(self, message: ControlMessage) -> bytes:
-        """A CONTROL datagram carrying ``message``; it takes the next counter, as a DATA datagram would."""
+    def seal_control(self, message: ControlMessage, *, size: int | None = None) -> bytes:
+        """A CONTROL datagram carrying ``message``, ``size`` bytes long (default: random between
+        :data:`MIN_CONTROL_DATAGRAM` and :data:`MAX_CONTROL_DATAGRAM`); it takes the next counter, as a DATA
+        datagram would."""
         if len(message.data) != CHALLENGE_LEN:
             raise SecurityError(f"a path challenge's data is {CHALLENGE_LEN} bytes")
+        if size is None:
+            size = _between(self._entropy, MIN_CONTROL_DATAGRAM, MAX_CONTROL_DATAGRAM)
+        elif not MIN_CONTROL_DATAGRAM <= size <= MAX_CONTROL_DATAGRAM:
+            raise SecurityError(
+                f"a CONTROL datagram is {MIN_CONTROL_DATAGRAM} to {MAX_CONTROL_DATAGRAM} bytes, not {size}"
+            )
         kind = ControlKind.PATH_CHALLENGE if isinstance(message, PathChallenge) else ControlKind.PATH_RESPONSE
-        n = self._send_counter
-        if n >= MAX_COUNTER:
-            raise SecurityError("the session's counter is exhausted; start a new handshake")
-        self._send_counter = n + 1
-        header = self._control_prefix + _COUNTER.pack(n)
-        return header + self._encrypt(self._nonce(n), _CONTROL_MESSAGE.pack(kind, message.data), header)
+        padding = bytes(size - MIN_CONTROL_DATAGRAM)  # sealed: its content is never seen
+        return self._seal(_CONTROL_KIND, _CONTROL_MESSAGE.pack(kind, message.data) + padding)
 
-    def open_control(self, datagram: bytes) -> ControlMessage | None:
-        """The message of an authentic, new CONTROL datagram for this session; None otherwise (including a
-        well sealed one whose content this version does not know: it is recorded as received all the same)."""
-        payload = self._open(datagram, _CONTROL)
-        return None if payload is None else _control_message(payload)
+    def open(self, datagram: bytes) -> bytes | ControlMessage | None:
+        """The payload of an authentic, new DATA datagram for this session, or the message of such a CONTROL
+        datagram; None otherwise (including a well sealed CONTROL datagram whose content this version does not
+        know: it is recorded as received all the same)."""
+        opened = self._open(datagram)
+        if opened is None:
+            return None
+        kind, payload = opened
+        return payload if kind == _DATA_KIND else _control_message(payload)
 
-    def open(self, datagram: bytes) -> bytes | None:
-        """The payload of an authentic, new DATA datagram for this session; None otherwise."""
-        return self._open(datagram, _DATA)
-
-    def _open(self, datagram: bytes, expected: int) -> bytes | None:
+    def _open(self, datagram: bytes) -> tuple[int, bytes] | None:
+        """``(kind << 32, payload)`` of an authentic, new datagram of this session; None otherwise."""
         if len(datagram) < DATAGRAM_OVERHEAD:
             return None
-        kind, cid, n = _DATA_HEAD.unpack_from(datagram)
-        if kind != expected or cid != self.connection_id or n == MAX_COUNTER:
+        cid = self.connection_id
+        if datagram[:CID_LEN] != cid:
+            return None
+        mask = int.from_bytes(
+            self._receive_mask(datagram[DATA_HEADER_LEN:_SAMPLE_END])[:_PROTECTED_LEN], "big"
+        )
+        clear = int.from_bytes(datagram[CID_LEN:DATA_HEADER_LEN], "big") ^ mask
+        kind = clear & ~_LOW32
+        if kind != _DATA_KIND and kind != _CONTROL_KIND:
             return None
         window = self._window
-        if n <= window.highest and not window.check(n):
+        highest = window.highest
+        # the full counter nearest to the next one expected (RFC 9000 appendix A.3, 32-bit truncation)
+        expected = highest + 1
+        n = (expected & ~_LOW32) | (clear & _LOW32)
+        if n + _HALF_WRAP <= expected and n < MAX_COUNTER - _WRAP:
+            n += _WRAP
+        elif n > expected + _HALF_WRAP and n >= _WRAP:
+            n -= _WRAP
+        if n >= MAX_COUNTER or (n <= highest and not window.check(n)):
             return None
         view = memoryview(datagram)
         try:
-            payload = self._decrypt(self._nonce(n), view[DATA_HEADER_LEN:], view[:DATA_HEADER_LEN])
+            payload = self._decrypt(
+                self._nonce(n), view[DATA_HEADER_LEN:], cid + clear.to_bytes(_PROTECTED_LEN, "big")
+            )
         except InvalidTag:
             return None
         window.update(n)
         self.confirmed = True
-        return payload
+        return kind, payload
 
 
 class PeerPath:
@@ -374,7 +494,7 @@ class PeerPath:
 
     The payloads of authentic DATA datagrams are returned whatever their source, so nothing is lost while an
     address is being validated. ``address`` and ``source`` are opaque hashable values (``(host, port)``);
-    ``now`` is any clock, used consistently.
+    ``now`` is any clock, used consistently. Challenge data and sizes come from the session's ``entropy``.
     """
 
     __slots__ = (
@@ -400,7 +520,7 @@ class PeerPath:
         self._sent = 0
         self._highest_from_candidate = -1
         self._challenges: list[bytes] = []
-        self._last_challenge = 0.0
+        self._last_challenge = _NEVER
         self._outgoing: list[tuple[bytes, tuple[str, int]]] = []
 
     def __repr__(self) -> str:
@@ -423,24 +543,19 @@ class PeerPath:
         datagram included, which is handled here)."""
         session = self.session
         if source == self.address:
-            payload = session.open(datagram)
-            if payload is None and datagram[:1] == _CONTROL_BYTE:
-                session.open_control(datagram)  # nothing to do for one from the current address
-            return payload
+            here = session.open(datagram)  # a control message from here has nothing to validate
+            return here if isinstance(here, bytes) else None
         before = session._window.highest
-        message: ControlMessage | None = None
-        if datagram[:1] == _CONTROL_BYTE:
-            control = session._open(datagram, _CONTROL)
-            if control is None:
-                return None
-            message = _control_message(control)
-            payload = None
-        else:
-            payload = session.open(datagram)
-            if payload is None:
-                return None
+        opened = session._open(datagram)
+        if opened is None:
+            return None
+        kind, body = opened
+        if kind == _DATA_KIND:
+            self._from_elsewhere(source, len(datagram), session._window.highest > before, None, now)
+            return body
+        message = _control_message(body)
         self._from_elsewhere(source, len(datagram), session._window.highest > before, message, now)
-        return payload
+        return None
 
     def _from_elsewhere(
         self, source: tuple[str, int], size: int, newest: bool, message: ControlMessage | None, now: float
@@ -454,7 +569,7 @@ class PeerPath:
             self._candidate = source
             self._received = self._sent = 0
             self._challenges = []
-            self._last_challenge = now - CHALLENGE_INTERVAL
+            self._last_challenge = _NEVER  # (now - CHALLENGE_INTERVAL could round to less than the interval)
         self._received += size
         if newest:
             self._highest_from_candidate = self.session._window.highest
@@ -469,17 +584,16 @@ class PeerPath:
             else:  # answered, but the client's newest datagrams come from elsewhere: stay
                 self._candidate = None
             return
-        if (
-            newest
-            and now - self._last_challenge >= CHALLENGE_INTERVAL
-            and self._sent + CHALLENGE_DATAGRAM <= AMPLIFICATION_FACTOR * self._received
-        ):
-            data = padding(CHALLENGE_LEN)
-            self._sent += CHALLENGE_DATAGRAM
+        allowance = AMPLIFICATION_FACTOR * self._received - self._sent
+        if newest and now - self._last_challenge >= CHALLENGE_INTERVAL and allowance >= MIN_CONTROL_DATAGRAM:
+            entropy = self.session._entropy
+            size = _between(entropy, MIN_CONTROL_DATAGRAM, min(MAX_CONTROL_DATAGRAM, allowance))
+            data = entropy(CHALLENGE_LEN)
+            self._sent += size
             self._last_challenge = now
             self._challenges.append(data)
             del self._challenges[:-_CHALLENGES_KEPT]
-            self._outgoing.append((self.session.seal_control(PathChallenge(data)), source))
+            self._outgoing.append((self.session.seal_control(PathChallenge(data), size=size), source))
 
     def _move(self, source: tuple[str, int]) -> None:
         self.address = source
@@ -495,15 +609,17 @@ class DatagramClient:
     """The client end of a sealed-datagram session.
 
     Send :meth:`initial_datagram`, feed every datagram from the server to :meth:`receive`; once
-    :attr:`established`, :meth:`seal` payloads and :meth:`receive` returns the server's payloads.
+    :attr:`established`, :meth:`seal` payloads and :meth:`receive` returns what the server's datagrams carry.
 
     ``connection_id`` is a random initial ID until the reply arrives, then the ID the server assigned.
     ``ciphers`` is the offer, best first. An authentic reply that chooses a cipher not offered ends the attempt:
     :attr:`failure` says why, nothing more is accepted, and the caller can stop waiting for a reply.
+    ``entropy`` gives the random bytes (see the module's description).
     """
 
     __slots__ = (
         "_created",
+        "_entropy",
         "_hs",
         "_init",
         "_initial_cid",
@@ -515,10 +631,18 @@ class DatagramClient:
         "reset",
     )
 
-    def __init__(self, psk: bytes, *, now: float, ciphers: Sequence[Cipher] = DEFAULT_CIPHERS) -> None:
+    def __init__(
+        self,
+        psk: bytes,
+        *,
+        now: float,
+        ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
+        entropy: Entropy = os.urandom,
+    ) -> None:
         check_psk(psk)
         self._psk = bytes(psk)
         self._offer = check_ciphers(ciphers)
+        self._entropy = entropy
         self._session: DatagramSession | None = None
         #: Why an authentic reply was refused (for the caller's error message); None otherwise.
         self.failure: str | None = None
@@ -529,11 +653,18 @@ class DatagramClient:
 
     def _start(self, now: float) -> None:
         check_wall_clock(now)
+        entropy = self._entropy
         self._created = now
-        self._initial_cid = padding(CID_LEN)
-        self._hs = Initiator(self._psk, prologue=_prologue(DatagramType.INIT, self._initial_cid))
-        payload = encode_init_payload(now, padding(TOKEN_LEN), self._offer, random_between(*INIT_PADDING))
-        self._init = _HEAD.pack(DatagramType.INIT, self._initial_cid) + self._hs.write_message1(payload)
+        self._initial_cid = entropy(CID_LEN)
+        self._hs = Initiator(
+            self._psk, prologue=DATAGRAM_PROLOGUE + self._initial_cid, ephemeral=entropy(DHLEN)
+        )
+        token = entropy(TOKEN_LEN)
+        pad = entropy(_between(entropy, *INIT_PADDING))
+        message = self._hs.write_message1(encode_init_payload(now, token, self._offer, 0) + pad)
+        self._init = write_handshake_datagram(
+            self._psk, self._initial_cid, message, from_client=True, salt=entropy(SALT_LEN)
+        )
 
     @property
     def connection_id(self) -> bytes:
@@ -557,7 +688,7 @@ class DatagramClient:
         one session it created), at most :data:`REPLY_REPEAT_LIMIT` times, until the session is confirmed by
         the client's first DATA datagram. Any other copy of the message (another source, later, after
         confirmation) is a replay and gets nothing. With a ``now`` :data:`RETRANSMIT_PERIOD` or more after the
-        first attempt, the handshake starts over: a fresh ephemeral key, timestamp, token and initial
+        first attempt, the handshake starts over: a fresh ephemeral key, timestamp, token, salt and initial
         connection ID.
 
         (Re-encrypting a new timestamp under the same ephemeral key would reuse the message's key and nonce,
@@ -569,9 +700,10 @@ class DatagramClient:
             self._start(now)
         return self._init
 
-    def receive(self, datagram: bytes, now: float) -> bytes | None:
-        """A handshake reply -> None (and :attr:`established` becomes True); a DATA datagram -> its payload;
-        anything invalid, duplicated or unexpected -> None, silently.
+    def receive(self, datagram: bytes, now: float) -> bytes | ControlMessage | None:
+        """A handshake reply -> None (and :attr:`established` becomes True); a DATA datagram -> its payload; a
+        CONTROL datagram -> its message (answer a :class:`PathChallenge`); anything invalid, duplicated or
+        unexpected -> None, silently.
         """
         session = self._session
         if session is not None:
@@ -581,12 +713,11 @@ class DatagramClient:
             return payload
         if self.failure is not None:
             return None
-        if len(datagram) < MIN_REPLY_DATAGRAM or datagram[0] != DatagramType.REPLY:
-            return None
-        if not hmac.compare_digest(bytes(datagram[1 : 1 + CID_LEN]), self._initial_cid):
+        framed = read_handshake_datagram(self._psk, datagram, from_client=False)
+        if framed is None or not hmac.compare_digest(framed[0], self._initial_cid):
             return None
         try:
-            payload = self._hs.read_message2(bytes(datagram[_HEAD.size :]))
+            payload = self._hs.read_message2(framed[1])
             # the reply authenticated, so the handshake is spent: a bad payload ends this attempt
             if len(payload) <= CID_LEN:
                 raise AuthenticationFailed("handshake reply too short")
@@ -597,7 +728,7 @@ class DatagramClient:
             return None
         keys = self._hs.keys
         assert keys is not None
-        self._session = DatagramSession(payload[:CID_LEN], keys, cipher=cipher)
+        self._session = DatagramSession(payload[:CID_LEN], keys, cipher=cipher, entropy=self._entropy)
         self._reset_token = reset_token(reset_keys(self._psk)[0], self._session.connection_id)
         return None
 
@@ -610,11 +741,9 @@ class DatagramClient:
         """
         token = self._reset_token
         session = self._session
-        if token is None or session is None:
+        if token is None or session is None or len(datagram) < MIN_RESET_DATAGRAM:
             return False
-        if len(datagram) < MIN_RESET_DATAGRAM or datagram[0] != _DATA:
-            return False
-        if bytes(datagram[1 : 1 + CID_LEN]) != session.connection_id:
+        if bytes(datagram[:CID_LEN]) != session.connection_id:
             return False
         return hmac.compare_digest(bytes(datagram[-RESET_TOKEN_LEN:]), token)
 
@@ -639,14 +768,17 @@ class DatagramServer:
     """Answers valid INIT datagrams with a new session; anything else gets None (send nothing).
 
     ``server_id`` (0 to :data:`MAX_SERVER_ID` bytes) starts every connection ID this server assigns; random
-    bytes and a check (see :func:`mint_connection_id`) follow.
+    bytes and a check (see :func:`mint_connection_id`) follow. It is readable by anyone (a load balancer routes
+    on it); without one, connection IDs are random to anyone without the key.
     ``max_pending`` bounds the retransmission memory (oldest forgotten first). ``ciphers`` are the transport
-    ciphers accepted, best first; an INIT offering none of them gets nothing.
+    ciphers accepted, best first; an INIT offering none of them gets nothing. ``entropy`` gives the random bytes
+    (ephemeral keys, salts, connection IDs, padding), and the sessions' own.
     """
 
     __slots__ = (
         "_accepted",
         "_cid_key",
+        "_entropy",
         "_limiter",
         "_max_pending",
         "_pending",
@@ -664,6 +796,7 @@ class DatagramServer:
         server_id: bytes = b"",
         max_pending: int = 4096,
         ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
+        entropy: Entropy = os.urandom,
     ) -> None:
         check_psk(psk)
         self._accepted = check_ciphers(ciphers)
@@ -677,6 +810,7 @@ class DatagramServer:
         self._server_id = bytes(server_id)
         self._cid_key = reset_keys(psk)[1]
         self._max_pending = max_pending
+        self._entropy = entropy
         self._pending: dict[bytes, _Pending] = {}  # token -> handshake answered recently
 
     def _prune(self, now: float) -> None:
@@ -702,19 +836,22 @@ class DatagramServer:
         reply again (store idempotently; do not make a second session). The reply is never larger than
         ``datagram``. A new session's connection ID is none of ``in_use`` (the caller's sessions).
 
-        The ``limiter`` is charged only for an authentic INIT with a fresh timestamp and a new token, right
-        before the Diffie-Hellman it pays for: garbage, other keys' INITs, replays and stale INITs spend nothing,
-        so a stranger who forges a client's source address cannot use up that client's handshakes.
+        Cheapest first: a size out of range or a masked length that does not match (all but 1 in 65,536 of
+        random datagrams) costs one hash and 10 bytes of keystream; only the rest is read as Noise message 1 (no
+        Diffie-Hellman yet). The ``limiter`` is charged only for an authentic INIT with a fresh timestamp and a
+        new token, right before the Diffie-Hellman it pays for: garbage, other keys' INITs, replays and stale
+        INITs spend nothing, so a stranger who forges a client's source address cannot use up that client's
+        handshakes.
         """
-        n = len(datagram)
-        if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM or datagram[0] != DatagramType.INIT:
+        framed = read_handshake_datagram(self._psk, datagram, from_client=True)
+        if framed is None:
             return None
         check_wall_clock(now)
         datagram = bytes(datagram)
-        initial_cid = datagram[1 : 1 + CID_LEN]
-        hs = Responder(self._psk, prologue=_prologue(DatagramType.INIT, initial_cid))
+        initial_cid, message1 = framed
+        hs = Responder(self._psk, prologue=DATAGRAM_PROLOGUE + initial_cid, ephemeral=self._entropy(DHLEN))
         try:
-            init = decode_init_payload(hs.read_message1(datagram[_HEAD.size :]))
+            init = decode_init_payload(hs.read_message1(message1))
         except AuthenticationFailed:
             return None
         cipher = choose(init.ciphers, self._accepted)
@@ -733,16 +870,19 @@ class DatagramServer:
         cid = self._free_connection_id(in_use)
         if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
             return None
-        room = n - MIN_REPLY_DATAGRAM
-        pad = padding(random_between(0, min(REPLY_PADDING_MAX, room)))
+        entropy = self._entropy
+        room = len(datagram) - MIN_REPLY_DATAGRAM
+        pad = entropy(_between(entropy, 0, min(REPLY_PADDING_MAX, room)))
         try:
-            message = hs.write_message2(cid + bytes((cipher,)) + pad)
+            message2 = hs.write_message2(cid + bytes((cipher,)) + pad)
         except AuthenticationFailed:
             return None
-        reply = _HEAD.pack(DatagramType.REPLY, initial_cid) + message
+        reply = write_handshake_datagram(
+            self._psk, initial_cid, message2, from_client=False, salt=entropy(SALT_LEN)
+        )
         keys = hs.keys
         assert keys is not None
-        session = DatagramSession(cid, keys, cipher=cipher)
+        session = DatagramSession(cid, keys, cipher=cipher, entropy=entropy)
         self._pending[init.token] = _Pending(
             datagram=datagram, session=session, reply=reply, source=source, until=now + RETRANSMIT_PERIOD
         )
@@ -750,7 +890,7 @@ class DatagramServer:
 
     def _free_connection_id(self, in_use: Container[bytes]) -> bytes | None:
         for _ in range(_CID_DRAWS):
-            cid = mint_connection_id(self._cid_key, self._server_id)
+            cid = mint_connection_id(self._cid_key, self._server_id, entropy=self._entropy)
             if cid not in in_use:
                 return cid
         return None
@@ -773,24 +913,28 @@ class DatagramServer:
 
 
 class StatelessReset:
-    """The server's stateless resets: the answer to a DATA datagram for a connection ID it does not know.
+    """The server's stateless resets: the answer to a datagram for a connection ID it does not know.
 
-    Call :meth:`answer` only for DATA datagrams whose connection ID names no session this server holds
-    (restarted, expired, closed): never for a known one, never for a handshake. It returns None (send nothing)
-    for anything else: another type, a datagram of :data:`MIN_RESET_DATAGRAM` bytes or fewer (it can only be a
+    Call :meth:`answer` only for datagrams whose first 8 bytes name no session this server holds (restarted,
+    expired, closed) and that :meth:`DatagramServer.accept` did not take: never for a known connection ID. It
+    returns None (send nothing) for a datagram of :data:`MIN_RESET_DATAGRAM` bytes or fewer (it can only be a
     reset itself, or garbage), a connection ID that no holder of the PSK minted (:func:`is_minted`: a probe gets
-    the silence it always got), or a source over its ``limiter`` budget. A reset is DATA-shaped: the type byte,
-    the connection ID, random bytes (where a counter and ciphertext would be) and the token; its length is random,
-    at most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers.
+    the silence it always got), or a source over its ``limiter`` budget. A reset is DATA-shaped: the connection
+    ID, random bytes (where the protected header and ciphertext would be) and the token; its length is random,
+    at most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers. ``entropy`` gives the
+    random bytes and lengths.
 
     ``now`` only feeds the limiter: any clock, used consistently.
     """
 
-    __slots__ = ("_cid_key", "_key", "_limiter")
+    __slots__ = ("_cid_key", "_entropy", "_key", "_limiter")
 
-    def __init__(self, psk: bytes, *, limiter: ResetLimiter | None = None) -> None:
+    def __init__(
+        self, psk: bytes, *, limiter: ResetLimiter | None = None, entropy: Entropy = os.urandom
+    ) -> None:
         self._key, self._cid_key = reset_keys(psk)
         self._limiter = limiter
+        self._entropy = entropy
 
     def __repr__(self) -> str:
         return "StatelessReset()"
@@ -802,13 +946,13 @@ class StatelessReset:
     def answer(self, datagram: bytes, source: tuple[str, int], now: float) -> bytes | None:
         """The reset for ``datagram`` (to send to ``source``), or None: send nothing."""
         n = len(datagram)
-        if n <= MIN_RESET_DATAGRAM or datagram[0] != _DATA:
+        if n <= MIN_RESET_DATAGRAM:
             return None
-        cid = bytes(datagram[1 : 1 + CID_LEN])
+        cid = bytes(datagram[:CID_LEN])
         if not is_minted(self._cid_key, cid):
             return None
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
-        size = random_between(MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
-        filler = padding(size - _HEAD.size - RESET_TOKEN_LEN)
-        return _HEAD.pack(_DATA, cid) + filler + reset_token(self._key, cid)
+        entropy = self._entropy
+        size = _between(entropy, MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
+        return cid + entropy(size - CID_LEN - RESET_TOKEN_LEN) + reset_token(self._key, cid)

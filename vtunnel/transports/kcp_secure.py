@@ -5,11 +5,14 @@ backoff until the server's reply arrives (``connect_timeout``); then KCP runs wi
 sealing overhead. The server keys sessions by the authenticated connection ID (not the source address, not the
 conv), follows a client's new address only once that address echoed a sealed path challenge and the client's
 newest datagrams come from it (:class:`~vtunnel.security.datagram.PeerPath`; the client echoes every challenge),
-and drops anything that fails authentication before KCP sees it, without answering. The one exception: a DATA datagram for a connection ID the
-server does not know (it restarted, or the session ended) but a holder of the key assigned gets a stateless reset
-(rate limited; see :class:`~vtunnel.security.datagram.StatelessReset`), and a client that receives the reset for
-its own session fails its stream at once, so the agent reconnects within its backoff instead of waiting for the
-keepalive to time out.
+and drops anything that fails authentication before KCP sees it, without answering. No datagram carries a type
+in clear: one whose first 8 bytes name a session is that session's (DATA or CONTROL); any other is tried as a
+handshake's first datagram, whose masked length rejects nearly all garbage before any Noise work. The one
+exception to the silence: a datagram that is no handshake, for a connection ID the server does not know (it
+restarted, or the session ended) but a holder of the key assigned, gets a stateless reset (rate limited; see
+:class:`~vtunnel.security.datagram.StatelessReset`), and a client that receives the reset for its own session
+fails its stream at once, so the agent reconnects within its backoff instead of waiting for the keepalive to
+time out.
 
 The handshake compares timestamps across hosts, so it is given wall-clock time; KCP timers use the loop clock.
 The transport cipher is negotiated in the handshake (``cipher``: see :func:`~vtunnel.transports.secure.cipher_preference`).
@@ -29,12 +32,12 @@ import structlog
 
 from vtunnel.security.ciphers import cipher_name
 from vtunnel.security.datagram import (
+    CID_LEN,
     DATAGRAM_OVERHEAD,
     RETRANSMIT_PERIOD,
     DatagramClient,
     DatagramServer,
     DatagramSession,
-    DatagramType,
     PathChallenge,
     PathResponse,
     PeerPath,
@@ -110,14 +113,14 @@ class _SealedKCPClient:
                 continue
             session = handshake.session
             payload = session.open(datagram) if session is not None else None
-            if payload is None:
-                if session is not None and datagram[0] == DatagramType.CONTROL:
-                    self._on_control(session, datagram)
-                    continue
+            if isinstance(payload, bytes):
+                if valid_datagram(payload, self._conv):
+                    good.append(payload)
+            elif payload is None:
                 # only the server's own address may end the session (the socket is not connected)
                 reset = reset or (source == self._server and handshake.is_reset(datagram))
-            elif valid_datagram(payload, self._conv):
-                good.append(payload)
+            elif session is not None and isinstance(payload, PathChallenge):
+                self._on_challenge(session, payload)
         stream = self.stream
         if stream is None:
             return
@@ -126,12 +129,10 @@ class _SealedKCPClient:
         if reset:
             stream.fail(RESET_REASON)
 
-    def _on_control(self, session: DatagramSession, datagram: bytes) -> None:
+    def _on_challenge(self, session: DatagramSession, challenge: PathChallenge) -> None:
         """The server checks a new address of ours: echo its challenge (from wherever it came: only the server
         can seal one) to the server, from our socket, so the answer leaves from the address being checked."""
-        message = session.open_control(datagram)
-        if isinstance(message, PathChallenge):
-            self.udp.sendto(session.seal_control(PathResponse(message.data)), self._server)
+        self.udp.sendto(session.seal_control(PathResponse(challenge.data)), self._server)
 
     def _start_kcp(self, session: DatagramSession) -> None:
         loop = asyncio.get_running_loop()
@@ -272,11 +273,14 @@ class SealedKCPListener(KCPListener):
             group = groups.setdefault(stream, [])
             for datagram in datagrams:
                 payload = crypto.open(datagram)  # the current address: nothing to validate
-                if payload is None:  # not this session's: whatever it is, it is handled on its own
+                if isinstance(payload, bytes):
+                    if valid_datagram(payload, conv):
+                        group.append(payload)
+                    else:
+                        self.dropped += 1
+                elif payload is None:  # not this session's: whatever it is, it is handled on its own
                     self._route_sealed(datagram, source, groups)
-                elif valid_datagram(payload, conv):
-                    group.append(payload)
-                else:
+                else:  # a control message from the current address has nothing to validate
                     self.dropped += 1
         for stream, payloads in groups.items():
             if payloads:
@@ -284,8 +288,6 @@ class SealedKCPListener(KCPListener):
 
     def _session_of_run(self, buffer: bytes, source: Address) -> tuple[DatagramSession, KCPStream] | None:
         """The live session a run's first datagram names, if the run comes from its current address."""
-        if buffer[0] != DatagramType.DATA:
-            return None
         cid = peek_connection_id(buffer)
         if cid is None:
             return None
@@ -300,16 +302,9 @@ class SealedKCPListener(KCPListener):
     ) -> None:
         """Open and vet one datagram and add its payload to its session's group (or answer a handshake)."""
         cid = peek_connection_id(datagram)
-        if cid is None:
-            self.dropped += 1
-            return
-        if datagram[0] == DatagramType.INIT:
-            self._on_handshake(datagram, source)
-            return
-        path = self._paths.get(cid)
-        if path is None:
-            self.dropped += 1
-            self._answer_stranger(datagram, source)
+        path = self._paths.get(cid) if cid is not None else None
+        if path is None or cid is None:  # no session's: a handshake, a lost session's datagram, or garbage
+            self._on_stranger(datagram, source)
             return
         payload = path.receive(datagram, source, self._loop.time())
         stream = self._sessions.get(cid)
@@ -340,30 +335,32 @@ class SealedKCPListener(KCPListener):
             log.info("kcp peer moved", connection_id=cid.hex(), old=stream.remote_address, new=path.address)
             stream.remote_address = path.address
 
-    def _answer_stranger(self, datagram: bytes, source: Address) -> None:
-        """A datagram for no session this server knows: a DATA one gets a stateless reset (if the limits
-        allow), so its client learns at once that its session is gone; anything else gets nothing."""
+    def _on_stranger(self, datagram: bytes, source: Address) -> None:
+        """A datagram for no session this server knows: a handshake's first datagram gets its reply; any
+        other whose connection ID a key holder minted gets a stateless reset (if the limits allow), so its
+        client learns at once that its session is gone; the rest gets nothing."""
         if self._closed:
-            return
-        reset = self._reset.answer(datagram, source, self._loop.time())
-        if reset is not None:
-            self.resets_sent += 1
-            log.debug("stateless reset sent", connection_id=datagram[1:9].hex(), peer=source)
-            self._udp.sendto(reset, source)
-
-    def _on_handshake(self, datagram: bytes, source: Address) -> None:
-        now = self._loop.time()
-        self._expire_half_open(now)
-        if self._closed or len(self._half_open) >= self._options.sessions:
             self.dropped += 1
             return
+        now = self._loop.time()
+        self._expire_half_open(now)
+        if len(self._half_open) < self._options.sessions and self._on_handshake(datagram, source, now):
+            return
+        self.dropped += 1
+        reset = self._reset.answer(datagram, source, now)
+        if reset is not None:
+            self.resets_sent += 1
+            log.debug("stateless reset sent", connection_id=datagram[:CID_LEN].hex(), peer=source)
+            self._udp.sendto(reset, source)
+
+    def _on_handshake(self, datagram: bytes, source: Address, now: float) -> bool:
+        """Answer ``datagram`` if it is a valid first datagram of a handshake (or a retransmission of one)."""
         try:
             result = self._server.accept(datagram, source, time.time(), in_use=self._paths)
         except SecurityError:  # e.g. an unusable wall clock: answer nothing
             result = None
         if result is None:
-            self.dropped += 1
-            return
+            return False
         session, reply = result
         cid = session.connection_id
         if cid not in self._paths:
@@ -371,6 +368,7 @@ class SealedKCPListener(KCPListener):
             self._half_open[cid] = now + 2 * RETRANSMIT_PERIOD
             log.debug("sealed session up", role="server", source=source, cipher=cipher_name(session.cipher))
         self._udp.sendto(reply, source)
+        return True
 
     def _first_kcp_datagram(self, cid: bytes, path: PeerPath, payload: bytes) -> KCPStream | None:
         header = first_header(payload)
