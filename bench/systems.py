@@ -4,7 +4,9 @@ A :class:`SystemSpec` is data: ``direct`` (the client talks to the workload serv
 (Debian's ``kcptun-client``/``kcptun-server`` in the reference configuration) or ``vtunnel`` over one
 transport, with or without the pre-shared key. :func:`start_stack` starts the workload server and the system's
 processes for one placement and returns a :class:`Stack` whose ``entry`` is where the workload clients
-connect; readiness is proven by an echo through the whole path, never by sleeping.
+connect; readiness is proven by an echo through the whole path, never by sleeping. vtunnel processes start
+through :mod:`bench.launch` and must report the package directory the system means to run (a ``--compare-ref``
+twin: the exported tree of its commit, first on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
