@@ -9,8 +9,9 @@ Modules: :mod:`bench.stats` (percentiles, summaries), :mod:`bench.workload` (asy
 idle clients, also runnable as ``python -m bench.workload``), :mod:`bench.procs` (process supervision and
 ``/proc`` readers), :mod:`bench.systems` (the systems under test: direct, kcptun, vtunnel per transport),
 :mod:`bench.netem` (network namespaces with nftables loss, the UDP impairment relay), :mod:`bench.scenarios`
-(scenarios as data), :mod:`bench.runner`, :mod:`bench.report` (JSON, markdown, targets) and
-:mod:`bench.plots`.
+(scenarios as data), :mod:`bench.runner`, :mod:`bench.report` (JSON, markdown, targets),
+:mod:`bench.plots`, :mod:`bench.refs` (another commit's vtunnel for ``--compare-ref``) and :mod:`bench.launch`
+(how every vtunnel process is started, and says which code it runs).
 """
 
 from __future__ import annotations

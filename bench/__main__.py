@@ -26,6 +26,12 @@ from bench.stats import median
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
+def _result_name(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "-_." for c in text) or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '-', '_' and '.' only")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description="vtunnel benchmark harness")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,7 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--system", action="append", default=[], metavar="NAME", help="only these (repeatable)")
     run.add_argument("--rounds", type=int, default=None, help="alternated rounds (default: 5, quick: 2)")
     run.add_argument(
+        "--compare-ref",
+        metavar="REF",
+        default=None,
+        help="also run every selected vtunnel system with the vtunnel code of git commit REF (exported with "
+        "git archive into a cache directory; the work tree is not touched), same Python and venv, as a twin "
+        "named SYSTEM@COMMIT alternated with it round by round; the report gives each system's ratio to its twin",
+    )
+    run.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="result directory (default: bench/results)"
+    )
+    run.add_argument(
+        "--name",
+        default="latest",
+        type=_result_name,
+        help="results are NAME.md and NAME.json (default: latest); any other name also starts the plots' file "
+        "names with NAME-, so a run of a few scenarios can sit beside latest.md without replacing its files",
     )
     sub.add_parser("list", help="list scenarios and systems")
     return parser
@@ -105,7 +126,11 @@ def _run(args: argparse.Namespace) -> int:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
     options = RunOptions(
-        quick=args.quick, scenarios=tuple(args.scenario), systems=tuple(args.system), rounds=args.rounds
+        quick=args.quick,
+        scenarios=tuple(args.scenario),
+        systems=tuple(args.system),
+        rounds=args.rounds,
+        compare_ref=args.compare_ref,
     )
     try:
         view = LiveView(console)
@@ -136,9 +161,10 @@ def _run(args: argparse.Namespace) -> int:
         notes=runner.notes,
         samples=[s.as_dict() for s in runner.samples],
         interrupted=interrupted,
+        compare=runner.compare.as_dict() if runner.compare is not None else None,
     )
-    plots = plot_all(doc, args.out)
-    json_path, md_path = write_results(doc, args.out, plots=plots)
+    plots = plot_all(doc, args.out, prefix="" if args.name == "latest" else f"{args.name}-")
+    json_path, md_path = write_results(doc, args.out, plots=plots, name=args.name)
     table = Table(title="targets")
     for col in ("target", "system", "measured", "goal", "met"):
         table.add_column(col)

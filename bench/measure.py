@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,12 +24,15 @@ from bench.procs import (
     free_port,
     python_argv,
     rss_bytes,
+    tcp_queues,
 )
 from bench.stats import percentile
 from bench.systems import (
     Stack,
     SystemSpec,
     agent_argv,
+    check_code,
+    code_env,
     run_client,
     server_argv,
     tunnel_url,
@@ -43,8 +47,10 @@ __all__ = [
     "measure_idle_cpu",
     "measure_idle_streams",
     "measure_rr",
+    "measure_stalled",
     "measure_ttfb",
     "relay_counters",
+    "start_stall_sink",
 ]
 
 Metrics = tuple[dict[str, float], dict[str, object]]
@@ -388,8 +394,12 @@ def measure_tunnels(
     target_port = free_port()
     group.spawn("workload", python_argv("bench.workload", "serve", "--listen", f"127.0.0.1:{target_port}"))
     listen = f"127.0.0.1:{free_port()}"
-    server = group.spawn("server", server_argv(system, listen, f"127.0.0.1:{target_port}", psk_file))
+    server = group.spawn(
+        "server", server_argv(system, listen, f"127.0.0.1:{target_port}", psk_file), env=code_env(system)
+    )
     wait_log(server, "listening", 25.0)
+    if system.kind == "vtunnel":
+        check_code(server, system)
     before = _settle_rss(server.pid)
     t0 = time.monotonic()
     metrics: dict[str, float] = {}
@@ -403,7 +413,11 @@ def measure_tunnels(
         args = ["--server", tunnel_url(system, listen), "--count", str(count), "--timeout", str(timeout)]
         if system.keyed and psk_file is not None:
             args += ["--psk-file", str(psk_file)]
-        holder = group.spawn("tunnels", python_argv("bench.tunnels", *args), pipe=True)
+        # A twin's client runs the exported tree too: -P keeps the working directory's vtunnel off the path.
+        argv = python_argv("bench.tunnels", *args)
+        if system.ref is not None:
+            argv.insert(1, "-P")
+        holder = group.spawn("tunnels", argv, pipe=True, env=code_env(system, with_bench=True))
         _ask(holder, None, timeout + 15)
         bare = _settle_rss(server.pid)
         raw["rss_bare"] = bare
@@ -424,4 +438,166 @@ def measure_tunnels(
             "open_seconds": opened,
         }
     )
+    return metrics, raw
+
+
+class RssPeak:
+    """The highest RSS of some processes, read every ``interval`` seconds from a thread while it runs."""
+
+    def __init__(self, pids: Mapping[str, int], interval: float = 0.05) -> None:
+        self.pids = dict(pids)
+        self.peak = {role: rss_bytes(pid) for role, pid in self.pids.items()}
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-peak", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            for role, pid in self.pids.items():
+                with contextlib.suppress(HarnessError):
+                    self.peak[role] = max(self.peak[role], rss_bytes(pid))
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        for role, pid in self.pids.items():  # one last reading at the end
+            with contextlib.suppress(HarnessError):
+                self.peak[role] = max(self.peak[role], rss_bytes(pid))
+
+
+def start_stall_sink(group: ProcessGroup, settings: Mapping[str, float]) -> tuple[Proc, str]:
+    """Start the workload's stalled sink (accepts, never reads) on loopback; return it and its address."""
+    proc = group.spawn(
+        "stall-sink",
+        python_argv(
+            "bench.workload",
+            "stall-sink",
+            "--listen",
+            "127.0.0.1:0",
+            "--rcvbuf",
+            str(int(settings["rcvbuf"])),
+        ),
+        pipe=True,
+    )
+    line = proc.read_line(30.0)
+    try:
+        port = int(json.loads(line)["port"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise HarnessError(f"stalled sink said: {line[-300:]!r}") from None
+    return proc, f"127.0.0.1:{port}"
+
+
+def _goodput(
+    stack: Stack, settings: Mapping[str, float], group: ProcessGroup
+) -> tuple[float, dict[str, object]]:
+    metrics, raw = measure_bulk(
+        stack, {"streams": 1, "bytes": settings["bytes"], "timeout": settings["timeout"]}, group
+    )
+    return metrics["goodput_MBps"], raw
+
+
+def _stalled_queues(entry: str, sink: str) -> dict[str, int]:
+    """Where the kernel holds the stalled streams' bytes (``/proc/net/tcp``): the client's send queues and the
+    agent's receive queues on the agent's entry port, the server's send queues and the sink's receive queues
+    on the sink's port. What the client pushed less these is what the tunnel itself holds."""
+    entry_port = int(entry.rsplit(":", 1)[1])
+    sink_port = int(sink.rsplit(":", 1)[1])
+    out = {"client_send": 0, "agent_receive": 0, "server_send": 0, "sink_receive": 0}
+    for local, remote, tx, rx in tcp_queues():
+        if remote == entry_port:
+            out["client_send"] += tx
+        elif local == entry_port:
+            out["agent_receive"] += rx
+        elif remote == sink_port:
+            out["server_send"] += tx
+        elif local == sink_port:
+            out["sink_receive"] += rx
+    return out
+
+
+def measure_stalled(
+    stack: Stack, settings: Mapping[str, float], group: ProcessGroup, round_index: int
+) -> Metrics:
+    """One stream's goodput while ``stalled`` streams of the same tunnel stall, against the same transfer with
+    none stalled, on one stack; the two run in alternating order (clean first in even rounds).
+
+    The stalled streams go to the stack's stalled sink (``stack.procs["stall-sink"]``, reached through the
+    agent's second forward); each is pushed until it takes nothing more for ``quiet`` seconds. The RSS of the
+    agent and the server is read from the fresh stack (before anything ran on it) to the peak while the streams
+    stall and the transfer runs: what stalling costs, or more when the clean transfer ran first and its buffers
+    stayed in the heap.
+    """
+    sink = stack.procs.get("stall-sink")
+    entries = list(stack.side_entries.values())
+    sink_address = next(iter(stack.side_entries), "")
+    if sink is None or len(entries) != 1:
+        raise HarnessError(
+            "the stalled scenario needs a stack with the stalled sink as its second destination"
+        )
+    pids = {role: pid for role, pid in stack.pids().items() if role in ("agent", "server")}
+    fresh = {role: rss_bytes(pid) for role, pid in pids.items()}
+    count = int(settings["stalled"])
+    timeout = float(settings["timeout"])
+    raw: dict[str, object] = {"rss_fresh": fresh, "stalled_first": round_index % 2 == 1}
+    metrics: dict[str, float] = {}
+
+    def clean() -> None:
+        goodput, bulk_raw = _goodput(stack, settings, group)
+        metrics["clean_goodput_MBps"] = goodput
+        raw["clean"] = bulk_raw
+
+    def stalled() -> None:
+        client = group.spawn(
+            "stall",
+            python_argv(
+                "bench.workload",
+                "stall",
+                "--connect",
+                entries[0],
+                "--streams",
+                str(count),
+                "--quiet",
+                str(settings["quiet"]),
+                "--max-bytes",
+                str(int(settings["max_push"])),
+                "--timeout",
+                str(timeout),
+            ),
+            pipe=True,
+        )
+        try:
+            with RssPeak(pids) as peak:
+                stall = _ask(client, None, timeout + 15)
+                listed = stall.get("pushed_bytes")
+                if not isinstance(listed, list):
+                    raise HarnessError(f"stall client answered without pushed_bytes: {stall}")
+                pushed = [int(n) for n in listed]
+                raw["pushed_bytes"] = pushed
+                raw["stall_seconds"] = stall.get("seconds")
+                raw["rss_stalled"] = {role: rss_bytes(pid) for role, pid in pids.items()}
+                raw["kernel_queues"] = kernel = _stalled_queues(entries[0], sink_address)
+                goodput, bulk_raw = _goodput(stack, settings, group)
+                raw["sink"] = _ask(sink, "status", 10.0)
+            stack.check_alive()
+        finally:
+            release(group, client)
+        metrics["goodput_MBps"] = goodput
+        raw["stalled"] = bulk_raw
+        raw["rss_peak"] = dict(peak.peak)
+        metrics["stalled_streams"] = float(len(pushed))
+        metrics["pushed_per_stream_bytes"] = sum(pushed) / len(pushed) if pushed else 0.0
+        if pushed:
+            in_kernel = sum(kernel.values())
+            metrics["kernel_per_stream_bytes"] = in_kernel / len(pushed)
+            metrics["tunnel_per_stream_bytes"] = (sum(pushed) - in_kernel) / len(pushed)
+        for role in pids:
+            metrics[f"{role}_rss_growth_bytes"] = float(peak.peak[role] - fresh[role])
+
+    for phase in (stalled, clean) if raw["stalled_first"] else (clean, stalled):
+        phase()
+    metrics["goodput_ratio"] = metrics["goodput_MBps"] / metrics["clean_goodput_MBps"]
     return metrics, raw

@@ -113,8 +113,9 @@ def _bulk_bars(doc: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
-def plot_all(doc: Mapping[str, Any], out_dir: Path) -> list[str]:
-    """Write every plot the document has data for; returns the file paths written."""
+def plot_all(doc: Mapping[str, Any], out_dir: Path, *, prefix: str = "") -> list[str]:
+    """Write every plot the document has data for (file names start with ``prefix``); returns the paths
+    written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     jobs: list[tuple[str, Callable[[Path], bool]]] = [
@@ -133,7 +134,7 @@ def plot_all(doc: Mapping[str, Any], out_dir: Path) -> list[str]:
         ),
     ]
     for name, make in jobs:
-        path = out_dir / name
+        path = out_dir / f"{prefix}{name}"
         if make(path):
             written.append(str(path))
         elif path.exists():

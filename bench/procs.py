@@ -35,6 +35,7 @@ __all__ = [
     "free_port",
     "last_json_line",
     "rss_bytes",
+    "tcp_queues",
     "wait_tcp",
 ]
 
@@ -67,6 +68,35 @@ def cpu_seconds(pid: int) -> float:
     rest = text[text.rindex(")") + 2 :].split()
     utime, stime = int(rest[11]), int(rest[12])
     return (utime + stime) / CLK_TCK
+
+
+def tcp_queues() -> list[tuple[int, int, int, int]]:
+    """``(local_port, remote_port, send_queue, receive_queue)`` of every connected TCP socket of this network
+    namespace (``/proc/net/tcp`` and ``tcp6``; listening sockets left out): the bytes the kernel holds unsent or
+    unacknowledged, and received but not yet read by the socket's owner."""
+    out: list[tuple[int, int, int, int]] = []
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            local, remote, state, queues = fields[1], fields[2], fields[3], fields[4]
+            if state == "0A":  # LISTEN: its "queues" are the accept backlog
+                continue
+            tx, _, rx = queues.partition(":")
+            out.append(
+                (
+                    int(local.rsplit(":", 1)[1], 16),
+                    int(remote.rsplit(":", 1)[1], 16),
+                    int(tx, 16),
+                    int(rx, 16),
+                )
+            )
+    return out
 
 
 def cpu_ns_threads(pid: int) -> int:

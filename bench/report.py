@@ -44,6 +44,13 @@ HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
     "idle_cpu": (("agent_pct", "% core", False), ("server_pct", "% core", False)),
     "idle_streams": (("per_stream_bytes", "B/stream", False),),
     "tunnels": (("per_tunnel_bytes", "B/tunnel", False),),
+    "stalled": (
+        ("goodput_ratio", "x of none stalled", True),
+        ("goodput_MBps", "MB/s", True),
+        ("clean_goodput_MBps", "MB/s, none stalled", True),
+        ("server_rss_growth_bytes", "B", False),
+        ("agent_rss_growth_bytes", "B", False),
+    ),
 }
 
 REQUIRED_KEYS = (
@@ -152,18 +159,26 @@ def _median(summary: Mapping[str, Any], scen: str, system: str, metric: str) -> 
         return None
 
 
-def _ratios(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, dict[str, float | None]]]]:
+def _ratios(
+    summary: Mapping[str, Any], compare: Mapping[str, str] | None = None
+) -> dict[str, dict[str, dict[str, dict[str, float | None]]]]:
+    """Each system's medians against kcptun's and the direct connection's; with ``compare``, also each system
+    against its twin at the other commit (``vs_ref``: this code / that code; ``None`` on the twins' own rows)."""
     out: dict[str, dict[str, dict[str, dict[str, float | None]]]] = {}
+    suffix = f"@{compare['short']}" if compare else None
     for scen, systems in summary.items():
         out[scen] = {}
         for system, metrics in systems.items():
-            out[scen][system] = {
-                metric: {
+            out[scen][system] = {}
+            for metric, values in metrics.items():
+                entry = {
                     "vs_kcptun": ratio(values["median"], _median(summary, scen, "kcptun", metric)),
                     "vs_direct": ratio(values["median"], _median(summary, scen, "direct", metric)),
                 }
-                for metric, values in metrics.items()
-            }
+                if suffix is not None:
+                    other = None if "@" in system else _median(summary, scen, system + suffix, metric)
+                    entry["vs_ref"] = ratio(values["median"], other)
+                out[scen][system][metric] = entry
     return out
 
 
@@ -256,6 +271,33 @@ TARGETS: tuple[Target, ...] = (
         systems="vtunnel-",
     ),
     Target(
+        name="1 stream while 32 of its tunnel stall >= 0.5x its goodput with none stalled",
+        scenario="stalled",
+        metric="goodput_ratio",
+        reference=None,
+        op=">=",
+        threshold=0.5,
+        systems="vtunnel-",
+    ),
+    Target(
+        name="server RSS growth while 32 streams stall <= 32 MiB (receive budget + tunnel window)",
+        scenario="stalled",
+        metric="server_rss_growth_bytes",
+        reference=None,
+        op="<=",
+        threshold=32.0 * 1024 * 1024,
+        systems="vtunnel-",
+    ),
+    Target(
+        name="agent RSS growth while 32 streams stall <= 32 MiB",
+        scenario="stalled",
+        metric="agent_rss_growth_bytes",
+        reference=None,
+        op="<=",
+        threshold=32.0 * 1024 * 1024,
+        systems="vtunnel-",
+    ),
+    Target(
         name="idle streams in one tunnel <= 4 KiB each",
         scenario="idle-streams",
         metric="per_stream_bytes",
@@ -267,11 +309,17 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-def evaluate_targets(summary: Mapping[str, Any], systems: Iterable[str]) -> list[dict[str, object]]:
-    """Each target for each matching system: the measured value (ratio or absolute) and whether it is met."""
+def evaluate_targets(
+    summary: Mapping[str, Any], systems: Iterable[str], scenarios: Iterable[str] | None = None
+) -> list[dict[str, object]]:
+    """Each target for each matching system: the measured value (ratio or absolute) and whether it is met.
+    With ``scenarios``, only the targets of those scenarios (the ones a run selected)."""
     rows: list[dict[str, object]] = []
     names = list(systems)
+    selected = None if scenarios is None else set(scenarios)
     for target in TARGETS:
+        if selected is not None and target.scenario not in selected:
+            continue
         for system in (n for n in names if n.startswith(target.systems)):
             value = _median(summary, target.scenario, system, target.metric)
             if target.reference is not None:
@@ -368,7 +416,9 @@ def build_document(
     notes: Sequence[str],
     samples: Sequence[Mapping[str, Any]],
     interrupted: bool = False,
+    compare: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The result document; ``compare`` (``RefTree.as_dict()``) describes the commit the ``@`` twins ran."""
     summary = _summaries(samples)
     return {
         "schema": RESULT_SCHEMA_VERSION,
@@ -380,8 +430,16 @@ def build_document(
         "machine": machine_description(),
         "rounds": rounds,
         "loss_levels": list(loss_levels),
+        "compare": dict(compare) if compare else None,
         "systems": [
-            {"name": s.name, "kind": s.kind, "transport": s.transport, "keyed": s.keyed} for s in systems
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "transport": s.transport,
+                "keyed": s.keyed,
+                "commit": s.ref.commit if s.ref is not None else None,
+            }
+            for s in systems
         ],
         "skipped_systems": dict(skipped),
         "scenarios": [
@@ -399,8 +457,8 @@ def build_document(
         "notes": list(notes),
         "samples": list(samples),
         "summary": summary,
-        "ratios": _ratios(summary),
-        "targets": evaluate_targets(summary, [s.name for s in systems]),
+        "ratios": _ratios(summary, compare),
+        "targets": evaluate_targets(summary, [s.name for s in systems], [sc.name for sc in scenarios]),
         "saturation": _saturation(samples, summary),
     }
 
@@ -469,22 +527,24 @@ def _source_text(source: Mapping[str, Any]) -> str:
 def _scenario_table(
     doc: Mapping[str, Any], key: str, headline: Sequence[tuple[str, str, bool]], systems: Sequence[str]
 ) -> list[str]:
+    compare = doc.get("compare")
+    present = doc["summary"][key]
+    references = [("vs_kcptun", "vs kcptun"), ("vs_direct", "vs direct")]
+    references = [(k, label) for k, label in references if label.split()[1] in present]
+    if compare:
+        references.append(("vs_ref", f"vs @{compare['short']}"))
     header = ["system"]
     for metric, unit, _ in headline:
-        header += [f"{metric} ({unit})", "vs kcptun", "vs direct"]
+        header += [f"{metric} ({unit})", *(label for _, label in references)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for system in systems:
-        metrics = doc["summary"][key].get(system)
+        metrics = present.get(system)
         if metrics is None:
             continue
         row = [system]
         for metric, _, _ in headline:
             ratios = doc["ratios"][key][system].get(metric, {})
-            row += [
-                _cell(metrics.get(metric)),
-                _ratio_text(ratios.get("vs_kcptun")),
-                _ratio_text(ratios.get("vs_direct")),
-            ]
+            row += [_cell(metrics.get(metric)), *(_ratio_text(ratios.get(k)) for k, _ in references)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -537,6 +597,14 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
         "(authenticated encryption).",
         "",
     ]
+    compare = doc.get("compare")
+    if compare:
+        lines += [
+            f"`SYSTEM@{compare['short']}` is the same system running the vtunnel code of commit "
+            f"{compare['commit']} (`--compare-ref {compare['ref']}`), same Python and venv, alternated with it "
+            f"round by round; `vs @{compare['short']}` is this code's median / that code's.",
+            "",
+        ]
     system_names = [s["name"] for s in doc["systems"]]
     lines += _targets_table(doc)
     for sc in doc["scenarios"]:
@@ -565,10 +633,13 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
     return "\n".join(lines)
 
 
-def write_results(doc: Mapping[str, Any], out_dir: Path, *, plots: Sequence[str] = ()) -> tuple[Path, Path]:
+def write_results(
+    doc: Mapping[str, Any], out_dir: Path, *, plots: Sequence[str] = (), name: str = "latest"
+) -> tuple[Path, Path]:
+    """``NAME.json`` and ``NAME.md`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "latest.json"
-    md_path = out_dir / "latest.md"
+    json_path = out_dir / f"{name}.json"
+    md_path = out_dir / f"{name}.md"
     json_path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     md_path.write_text(render_markdown(doc, plots=plots))
     return json_path, md_path

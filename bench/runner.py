@@ -27,11 +27,14 @@ from bench.measure import (
     measure_idle_cpu,
     measure_idle_streams,
     measure_rr,
+    measure_stalled,
     measure_ttfb,
     measure_tunnels,
+    start_stall_sink,
 )
 from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
 from bench.procs import HarnessError, ProcessGroup
+from bench.refs import RefTree, export_tree
 from bench.report import link_description
 from bench.scenarios import (
     LOSS_LEVELS,
@@ -49,6 +52,7 @@ from bench.systems import (
     make_psk_file,
     start_stack,
     system_unavailable,
+    twin,
 )
 
 __all__ = ["Job", "RunOptions", "Runner", "Sample"]
@@ -62,6 +66,7 @@ class RunOptions:
     scenarios: tuple[str, ...] = ()  # empty: all
     systems: tuple[str, ...] = ()  # empty: all available
     rounds: int | None = None
+    compare_ref: str | None = None  # git ref: every vtunnel system also runs that commit's vtunnel
 
 
 @dataclass(kw_only=True, slots=True)
@@ -129,6 +134,9 @@ class Runner:
         if unknown:
             raise HarnessError(f"unknown scenario(s): {', '.join(sorted(unknown))}")
         self.scenarios = [s for s in SCENARIOS if not names or s.name in names]
+        self.compare: RefTree | None = None
+        if options.compare_ref is not None:
+            self.compare = export_tree(options.compare_ref)
         self.systems = self._pick_systems()
         self.netns_reason: str | None = None
         self.started = time.time()
@@ -152,16 +160,34 @@ class Runner:
                 self.skipped[system.name] = reason
                 continue
             chosen.append(system)
-        return chosen
+        if self.compare is None:
+            return chosen
+        # Each vtunnel system is followed by its twin at the other commit, so rounds alternate them too.
+        old_transports = installed_transports(self.compare)
+        paired: list[SystemSpec] = []
+        for system in chosen:
+            paired.append(system)
+            if system.kind != "vtunnel":
+                continue
+            other = twin(system, self.compare)
+            if system.transport not in old_transports:
+                self.skipped[other.name] = (
+                    f"transport {system.transport}:// does not load at {self.compare.ref}"
+                )
+                continue
+            paired.append(other)
+        return paired
 
     def plan(self) -> list[Job]:
         jobs: list[Job] = []
-        groups: dict[tuple[str, tuple[str, ...]], list[Scenario]] = {}
+        groups: dict[tuple[str, tuple[str, ...], str], list[Scenario]] = {}
         for link in ("loopback", "relay", "netns"):
             for sc in self.scenarios:
                 if sc.link == link and sc.schedule == "rounds":
-                    groups.setdefault((link, sc.relay_options), []).append(sc)
-        for (link, _), group in groups.items():
+                    groups.setdefault((link, sc.relay_options, sc.name if sc.own_stack else ""), []).append(
+                        sc
+                    )
+        for (link, _, _), group in groups.items():
             rounds = self.rounds
             if self.options.quick and self.options.rounds is None:
                 rounds = min(s.quick_rounds or self.rounds for s in group)
@@ -259,9 +285,19 @@ class Runner:
             self._run_side_by_side(job, group, psk_file)
             return
         relay = scenario.relay_options if job.link == "relay" else None
+        stalling = [sc for sc in job.scenarios if sc.kind == "stalled"]
         with group.scope() as scope:
             try:
-                stack = start_stack(job.system, scope, LOOPBACK, psk_file=psk_file, relay=relay)
+                sink = None
+                side: list[str] = []
+                if stalling:
+                    sink, address = start_stall_sink(scope, stalling[0].settings(quick=self.options.quick))
+                    side.append(address)
+                stack = start_stack(
+                    job.system, scope, LOOPBACK, psk_file=psk_file, relay=relay, side_targets=side
+                )
+                if sink is not None:
+                    stack.procs["stall-sink"] = sink
             except HarnessError as exc:
                 self._fail_all(job, str(exc), [None])
                 return
@@ -284,6 +320,8 @@ class Runner:
                 metrics = measure_ttfb(stack, settings)
             elif scenario.kind == "idle_streams":
                 metrics = measure_idle_streams(stack, group, settings)
+            elif scenario.kind == "stalled":
+                metrics = measure_stalled(stack, settings, group, job.round)
             else:
                 raise HarnessError(f"no measurement for kind {scenario.kind!r}")
             sample.metrics, sample.raw = metrics
@@ -293,6 +331,8 @@ class Runner:
             sample.error = f"{type(exc).__name__}: {exc}"
             log.exception("measurement failed", scenario=scenario.name, system=job.system.name)
         sample.raw["link"] = stack.placement.description
+        if stack.code:
+            sample.raw["vtunnel_code"] = dict(stack.code)
         if job.link == "relay":
             sample.raw["link"] = link_description(scenario)
         self._record(sample)

@@ -63,9 +63,10 @@ class Scenario:
     """One measurement, run for every applicable system.
 
     ``kind`` selects the workload: ``bulk``, ``rr``, ``ttfb``, ``idle_streams``, ``tunnels``, ``idle_cpu``,
-    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level) or ``rr_impaired``
-    (request/response through the UDP impairment relay). ``params`` are for a full run; ``quick`` overrides
-    some for ``--quick``.
+    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``rr_impaired``
+    (request/response through the UDP impairment relay) or ``stalled`` (one stream's goodput while others of
+    its tunnel stall). ``params`` are for a full run; ``quick`` overrides some for ``--quick``. ``own_stack``
+    scenarios get a fresh stack per system and round instead of sharing one with the others of their link.
     """
 
     name: str
@@ -76,7 +77,9 @@ class Scenario:
     schedule: str = "rounds"  # "rounds" | "once"
     link: str = "loopback"  # "loopback" | "netns" | "relay"
     tunnels_only: bool = False  # the direct connection has nothing to measure
+    vtunnel_only: bool = False  # needs more than one destination in one tunnel (kcptun has one target)
     udp_only: bool = False
+    own_stack: bool = False
     relay_options: tuple[str, ...] = ()
     quick_rounds: int | None = None  # fewer rounds under --quick (None: the run's rounds)
 
@@ -88,6 +91,8 @@ class Scenario:
 
     def applies_to(self, system: SystemSpec) -> bool:
         if self.tunnels_only and not system.tunnel:
+            return False
+        if self.vtunnel_only and system.kind != "vtunnel":
             return False
         return not (self.udp_only and not system.udp)
 
@@ -120,6 +125,27 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="time to first byte: new connection, 64-byte request, whole answer",
         params={"count": 500, "timeout": 120},
         quick={"count": 100, "timeout": 60},
+    ),
+    Scenario(
+        name="stalled",
+        kind="stalled",
+        description="goodput of 1 stream while 32 streams of its tunnel stall (destination never reads), "
+        "vs the same transfer with none stalled; RSS growth of agent and server",
+        # each stalled stream is pushed until it takes nothing for `quiet` s (at most `max_push` bytes); the
+        # stalled sink's sockets have SO_RCVBUF `rcvbuf` (Linux doubles it)
+        params={
+            "stalled": 32,
+            "bytes": 64 * MiB,
+            "timeout": 120,
+            "quiet": 1.0,
+            "max_push": 64 * MiB,
+            "rcvbuf": 4096,
+        },
+        # a tunnel whose other streams freeze (as before stalled streams stopped holding the tunnel window) fails
+        # the transfer within `timeout`, reported as such
+        quick={"bytes": 16 * MiB, "timeout": 15},
+        vtunnel_only=True,
+        own_stack=True,
     ),
     Scenario(
         name="idle-cpu",

@@ -4,11 +4,14 @@ A :class:`SystemSpec` is data: ``direct`` (the client talks to the workload serv
 (Debian's ``kcptun-client``/``kcptun-server`` in the reference configuration) or ``vtunnel`` over one
 transport, with or without the pre-shared key. :func:`start_stack` starts the workload server and the system's
 processes for one placement and returns a :class:`Stack` whose ``entry`` is where the workload clients
-connect; readiness is proven by an echo through the whole path, never by sleeping.
+connect; readiness is proven by an echo through the whole path, never by sleeping. vtunnel processes start
+through :mod:`bench.launch` and must report the package directory the system means to run (a ``--compare-ref``
+twin: the exported tree of its commit, first on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -20,8 +23,10 @@ from pathlib import Path
 
 import structlog
 
+from bench.launch import CODE_MARKER
 from bench.netem import Placement
 from bench.procs import HarnessError, Proc, ProcessGroup, free_port, last_json_line, python_argv
+from bench.refs import REPO_ROOT, RefTree
 
 __all__ = [
     "KCPTUN_ARGS",
@@ -30,6 +35,7 @@ __all__ = [
     "Stack",
     "SystemSpec",
     "agent_argv",
+    "code_env",
     "installed_transports",
     "kcptun_version",
     "make_psk_file",
@@ -38,7 +44,9 @@ __all__ = [
     "start_stack",
     "system_unavailable",
     "tunnel_url",
+    "twin",
     "vtunnel_bin",
+    "vtunnel_command",
     "vtunnel_version",
     "wait_log",
 ]
@@ -76,20 +84,29 @@ KCPTUN_ARGS: tuple[str, ...] = (
 
 READY_TIMEOUT = 25.0
 
+#: Started with ``python -P`` by path: only ``PYTHONPATH`` decides which vtunnel it runs (see bench.launch).
+LAUNCHER = Path(__file__).resolve().with_name("launch.py")
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SystemSpec:
-    """One system under test."""
+    """One system under test; a vtunnel system with ``ref`` runs the vtunnel package exported from that commit."""
 
     kind: str  # "direct" | "kcptun" | "vtunnel"
     transport: str | None = None
     keyed: bool = False
+    ref: RefTree | None = None
 
     @property
-    def name(self) -> str:
+    def base_name(self) -> str:
+        """The name without the ``@commit`` of a twin."""
         if self.kind != "vtunnel":
             return self.kind
         return f"vtunnel-{self.transport}" + ("+psk" if self.keyed else "")
+
+    @property
+    def name(self) -> str:
+        return self.base_name + (f"@{self.ref.short}" if self.ref is not None else "")
 
     @property
     def udp(self) -> bool:
@@ -109,6 +126,8 @@ class Stack:
     entry_host: str
     entry_port: int
     procs: dict[str, Proc] = field(default_factory=dict)
+    side_entries: dict[str, str] = field(default_factory=dict)  # more destinations: their local entry
+    code: dict[str, str] = field(default_factory=dict)  # vtunnel package directory each vtunnel process runs
 
     @property
     def entry(self) -> str:
@@ -122,6 +141,51 @@ class Stack:
         for role, proc in self.procs.items():
             if not proc.alive():
                 raise HarnessError(f"{self.system.name} {role} exited early: {proc.last_words()}")
+
+
+def twin(system: SystemSpec, ref: RefTree) -> SystemSpec:
+    """The same vtunnel system running the code of ``ref``."""
+    if system.kind != "vtunnel":
+        raise HarnessError(f"{system.name} is not a vtunnel system: it has no twin at another commit")
+    return SystemSpec(kind=system.kind, transport=system.transport, keyed=system.keyed, ref=ref)
+
+
+def code_env(system: SystemSpec, *, with_bench: bool = False) -> dict[str, str]:
+    """Environment of a process that runs ``system``'s vtunnel code: a twin's exported tree first on
+    ``PYTHONPATH`` (and the harness's own directory after it when the process runs a ``bench`` module)."""
+    if system.ref is None:
+        return {}
+    paths = [str(system.ref.path)]
+    if with_bench:
+        paths.append(str(REPO_ROOT))
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+def vtunnel_command() -> list[str]:
+    """How the harness runs the ``vtunnel`` command: this interpreter, ``-P``, :mod:`bench.launch` by path."""
+    return [sys.executable, "-P", str(LAUNCHER)]
+
+
+def expected_code(system: SystemSpec) -> Path:
+    """The vtunnel package directory ``system``'s processes must run."""
+    if system.ref is not None:
+        return system.ref.package.resolve()
+    import vtunnel
+
+    return Path(vtunnel.__file__).resolve().parent
+
+
+def check_code(proc: Proc, system: SystemSpec) -> str:
+    """The package directory ``proc`` reported it runs (``bench.launch``); an error unless it is the expected one."""
+    for line in proc.log_tail(1 << 20).splitlines():
+        if line.startswith(CODE_MARKER):
+            ran = line[len(CODE_MARKER) :].strip()
+            if Path(ran) != expected_code(system):
+                raise HarnessError(f"{proc.name} runs vtunnel from {ran}, not from {expected_code(system)}")
+            return ran
+    raise HarnessError(f"{proc.name} did not say which vtunnel it runs")
 
 
 def vtunnel_bin() -> str | None:
@@ -164,8 +228,25 @@ def kcptun_version() -> str | None:
         return "unknown"
 
 
-def installed_transports() -> set[str]:
-    """Transport schemes vtunnel can load here (empty when vtunnel's registry is missing)."""
+def installed_transports(ref: RefTree | None = None) -> set[str]:
+    """Transport schemes vtunnel can load here (empty when vtunnel's registry is missing); with ``ref``, the
+    schemes the exported tree of that commit loads (asked of ``vtunnel transports`` run from that tree)."""
+    if ref is not None:
+        probe = SystemSpec(kind="vtunnel", ref=ref)
+        try:
+            out = subprocess.run(
+                [*vtunnel_command(), "transports"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env={**os.environ, **code_env(probe)},
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return set()
+        if f"{CODE_MARKER}{expected_code(probe)}" not in out.stderr:
+            return set()
+        return {line.split()[0] for line in out.stdout.splitlines() if line.split() and "BROKEN" not in line}
     try:
         from vtunnel.transports.base import available_transports
     except ImportError:
@@ -233,12 +314,16 @@ def start_stack(
     psk_file: Path | None = None,
     relay: Sequence[str] | None = None,
     kcptun_conns: int = 1,
+    side_targets: Sequence[str] = (),
 ) -> Stack:
     """Start the workload server and ``system`` on ``placement``; return once an echo crosses the whole path.
 
     ``relay`` (UDP systems on loopback only): impairment relay options; the client side then dials the relay,
-    which forwards to the server.
+    which forwards to the server. ``side_targets`` (vtunnel only): more destinations the agent forwards to in
+    the same tunnel (``--forward LOCAL=DEST``), each reachable at ``stack.side_entries[dest]``.
     """
+    if side_targets and system.kind != "vtunnel":
+        raise HarnessError(f"{system.name} forwards to one target only")
     host = placement.server_host
     target_port = free_port()
     sink = group.spawn(
@@ -270,20 +355,32 @@ def start_stack(
     stack.entry_host = "127.0.0.1"
     stack.entry_port = entry_port
     target = f"{host}:{target_port}"
+    env = code_env(system)
     stack.procs["server"] = group.spawn(
         f"{system.name}-server",
         [*placement.server_prefix, *server_argv(system, f"{host}:{tunnel_port}", target, psk_file)],
+        env=env,
     )
     # The agent starts once the server listens: a first handshake sent into the void costs a retry backoff.
     wait_log(stack.procs["server"], "listening", READY_TIMEOUT)
+    forwards: list[str] = []
+    for dest in side_targets:
+        port = free_port()
+        stack.side_entries[dest] = f"127.0.0.1:{port}"
+        forwards += ["--forward", f"127.0.0.1:{port}={dest}"]
     stack.procs["agent"] = group.spawn(
         f"{system.name}-agent",
         [
             *placement.client_prefix,
-            *agent_argv(system, f"{host}:{dial_port}", f"127.0.0.1:{entry_port}", psk_file, kcptun_conns),
+            *agent_argv(
+                system, f"{host}:{dial_port}", f"127.0.0.1:{entry_port}", psk_file, kcptun_conns, forwards
+            ),
         ],
+        env=env,
     )
     _wait_ready(stack, READY_TIMEOUT)
+    if system.kind == "vtunnel":
+        stack.code = {role: check_code(stack.procs[role], system) for role in ("server", "agent")}
     return stack
 
 
@@ -307,14 +404,12 @@ def tunnel_url(system: SystemSpec, hostport: str) -> str:
 def server_argv(
     system: SystemSpec, listen: str, target: str, psk_file: Path | None, extra: Sequence[str] = ()
 ) -> list[str]:
-    """The tunnel server's command line (kcptun-server or ``vtunnel server``) listening on ``listen``."""
+    """The tunnel server's command line (kcptun-server or ``vtunnel server``) listening on ``listen``; run a
+    vtunnel one with :func:`code_env`."""
     if system.kind == "kcptun":
         return ["kcptun-server", "-l", listen, "-t", target, *KCPTUN_ARGS, *extra]
-    exe = vtunnel_bin()
-    if exe is None:
-        raise HarnessError("vtunnel is not installed")
     return [
-        exe,
+        *vtunnel_command(),
         "server",
         "--listen",
         tunnel_url(system, listen),
@@ -334,14 +429,12 @@ def agent_argv(
     conns: int = 1,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The tunnel client's command line (kcptun-client or ``vtunnel agent``) from ``entry`` to ``server``."""
+    """The tunnel client's command line (kcptun-client or ``vtunnel agent``) from ``entry`` to ``server``; run a
+    vtunnel one with :func:`code_env`."""
     if system.kind == "kcptun":
         return ["kcptun-client", "-l", entry, "-r", server, "--conn", str(conns), *KCPTUN_ARGS, *extra]
-    exe = vtunnel_bin()
-    if exe is None:
-        raise HarnessError("vtunnel is not installed")
     return [
-        exe,
+        *vtunnel_command(),
         "agent",
         "--server",
         tunnel_url(system, server),

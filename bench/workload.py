@@ -11,12 +11,18 @@ One TCP port serves every workload; the first four bytes of a connection choose 
   a request/response client sends 64-byte messages whose first one starts with the magic.
 
 Anything else is closed at once. Clients (:func:`run_bulk`, :func:`run_rr`, :func:`run_ttfb`,
-:func:`open_idle`) are bounded in count and in time and raise :class:`WorkloadError` with a clear message on
-any failure.
+:func:`open_idle`, :func:`stall_streams`) are bounded in count and in time and raise :class:`WorkloadError` with
+a clear message on any failure.
 
-``python -m bench.workload serve|bulk|rr|ttfb|hold|probe ...`` runs one of them in its own process and prints
-one JSON line with the result (``hold`` prints when its connections are open, then waits for a line on stdin
-to close them).
+A second kind of destination, the **stalled sink** (:class:`StalledSink`), accepts connections and never reads
+from them: it never calls ``recv``, and its sockets get a small ``SO_RCVBUF`` (set on the listening socket, so
+the accepted ones have it from the handshake on), so the kernel holds only a few KiB per connection for it.
+:func:`stall_streams` pushes data into such connections until no more is taken.
+
+``python -m bench.workload serve|stall-sink|bulk|rr|ttfb|hold|stall|probe ...`` runs one of them in its own
+process and prints one JSON line with the result (``hold`` and ``stall`` print when their connections are open
+or stalled, then wait for a line on stdin to close them; ``stall-sink`` prints when it listens and answers
+``status`` on stdin with what the kernel holds for it).
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import select
+import socket
 import struct
 import sys
+import termios
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +49,7 @@ __all__ = [
     "MESSAGE_SIZE",
     "SINK_MAGIC",
     "BulkResult",
+    "StalledSink",
     "WorkloadError",
     "WorkloadServerStats",
     "main",
@@ -48,6 +60,7 @@ __all__ = [
     "run_rr",
     "run_ttfb",
     "serve",
+    "stall_streams",
 ]
 
 SINK_MAGIC = b"VTBS"
@@ -210,6 +223,69 @@ async def serve(host: str, port: int, stats: WorkloadServerStats | None = None) 
     return await loop.create_server(
         lambda: _WorkloadProtocol(counters), host, port, reuse_address=True, backlog=4096
     )
+
+
+class StalledSink:
+    """A TCP server that accepts and never reads (blocking sockets, one accepting thread).
+
+    ``rcvbuf`` is set on the listening socket before ``listen``, so every accepted socket has it from its
+    handshake on and the kernel advertises a window that small; Linux doubles the value asked for and keeps a
+    floor of about 2 KiB (the socket's actual value is in :meth:`status`). Nothing here ever calls ``recv``.
+    """
+
+    def __init__(self, host: str, port: int, *, rcvbuf: int, max_connections: int = 4096) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self._listener.bind((host, port))
+        self._listener.listen(128)
+        self.port = int(self._listener.getsockname()[1])
+        self._max = max_connections
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="stalled-sink", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._listener], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            with self._lock:
+                if len(self._conns) >= self._max:
+                    conn.close()  # bounded: a runaway client cannot pile up descriptors
+                    continue
+                self._conns.append(conn)
+
+    def status(self) -> dict[str, object]:
+        """Connections held, the bytes the kernel queues unread for each (``FIONREAD``), their ``SO_RCVBUF``."""
+        with self._lock:
+            conns = list(self._conns)
+        queued: list[int] = []
+        for conn in conns:
+            try:
+                raw = fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            except OSError:
+                queued.append(-1)
+                continue
+            queued.append(int(struct.unpack("i", raw)[0]))
+        rcvbuf = conns[0].getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) if conns else None
+        return {"ok": True, "connections": len(conns), "queued_bytes": queued, "rcvbuf": rcvbuf}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+        self._listener.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,6 +488,73 @@ async def open_idle(
         raise
 
 
+async def _push_until_stalled(
+    host: str, port: int, *, quiet: float, max_bytes: int, sndbuf: int
+) -> tuple[asyncio.StreamWriter, int]:
+    """Connect and write until ``quiet`` seconds pass without the connection taking more; return the writer
+    and the bytes it took (written less what is still queued in this process)."""
+    _, writer = await _connect(host, port)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:  # this side's kernel buffer stays small: the bytes it takes are mostly the tunnel's
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    writer.transport.set_write_buffer_limits(high=CHUNK)
+    chunk = pattern_slice(0, CHUNK - CHUNK % PATTERN_PERIOD)
+    written = 0
+    try:
+        while True:
+            if written - writer.transport.get_write_buffer_size() > max_bytes:
+                raise WorkloadError(
+                    f"a stream took more than {max_bytes} bytes without stalling: does the destination read?"
+                )
+            writer.write(chunk)
+            written += len(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), quiet)
+            except TimeoutError:
+                return writer, written - writer.transport.get_write_buffer_size()
+    except (ConnectionError, OSError) as exc:
+        writer.close()
+        raise WorkloadError(f"stalling stream failed after {written} bytes: {exc!r}") from None
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def stall_streams(
+    host: str,
+    port: int,
+    *,
+    streams: int,
+    time_limit: float,
+    quiet: float = 1.0,
+    max_bytes: int = 64 * 1024 * 1024,
+    sndbuf: int = 16 * 1024,
+) -> tuple[list[asyncio.StreamWriter], list[int]]:
+    """Open ``streams`` connections to a destination that does not read and push each until it takes nothing
+    more for ``quiet`` seconds (at most ``max_bytes`` each, all within ``time_limit``). Returns the open
+    writers and the bytes each took. ``sndbuf`` keeps this side's kernel buffer small."""
+    tasks = [
+        asyncio.ensure_future(
+            _push_until_stalled(host, port, quiet=quiet, max_bytes=max_bytes, sndbuf=sndbuf)
+        )
+        for _ in range(streams)
+    ]
+    try:
+        async with asyncio.timeout(time_limit):
+            done = await asyncio.gather(*tasks)
+    except BaseException as exc:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for item in results:
+            if isinstance(item, tuple):
+                item[0].close()
+        if isinstance(exc, TimeoutError):
+            raise WorkloadError(f"{streams} streams did not all stall within {time_limit} s") from None
+        raise
+    return [w for w, _ in done], [n for _, n in done]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -452,13 +595,62 @@ async def _hold_main(
     await asyncio.sleep(0)
 
 
+def _stall_sink_main(listen: str, rcvbuf: int, lifetime: float) -> None:
+    host, port = _split_hostport(listen)
+    sink = StalledSink(host, port, rcvbuf=rcvbuf)
+    try:
+        _emit({"ready": True, "port": sink.port, "pid": os.getpid()})
+        deadline = time.monotonic() + lifetime
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([sys.stdin], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
+            if not ready:
+                continue
+            command = sys.stdin.readline()
+            if command.strip() != "status":
+                break  # "close" or end of input
+            _emit(sink.status())
+    finally:
+        sink.close()
+
+
+async def _stall_main(args: argparse.Namespace) -> None:
+    host, port = _split_hostport(args.connect)
+    t0 = time.perf_counter()
+    writers, pushed = await stall_streams(
+        host,
+        port,
+        streams=args.streams,
+        time_limit=args.timeout,
+        quiet=args.quiet,
+        max_bytes=args.max_bytes,
+        sndbuf=args.sndbuf,
+    )
+    _emit({"ok": True, "stalled": len(writers), "pushed_bytes": pushed, "seconds": time.perf_counter() - t0})
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(args.hold):
+            await loop.run_in_executor(None, sys.stdin.readline)
+    for writer in writers:
+        writer.transport.abort()  # unsent bytes are dropped: the stalled streams end at once
+    await asyncio.sleep(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.workload", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="run the sink/echo server")
     srv.add_argument("--listen", required=True, help="HOST:PORT (port 0: any free port)")
     srv.add_argument("--lifetime", type=float, default=3600.0, help="exit after this many seconds")
-    for name in ("bulk", "rr", "ttfb", "hold", "probe"):
+    stalled = sub.add_parser(
+        "stall-sink",
+        help="accept connections and never read them; 'status' on stdin prints what the kernel holds unread",
+    )
+    stalled.add_argument("--listen", required=True, help="HOST:PORT (port 0: any free port)")
+    stalled.add_argument(
+        "--rcvbuf", type=int, default=4096, help="SO_RCVBUF of the accepted sockets (Linux doubles it)"
+    )
+    stalled.add_argument("--lifetime", type=float, default=3600.0, help="exit after this many seconds")
+    for name in ("bulk", "rr", "ttfb", "hold", "stall", "probe"):
         p = sub.add_parser(name)
         p.add_argument("--connect", required=True, help="HOST:PORT")
         p.add_argument("--timeout", type=float, default=60.0)
@@ -472,6 +664,21 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--concurrency", type=int, default=16, help="connections being opened at once")
             p.add_argument(
                 "--hold", type=float, default=600.0, help="close after this long without a command"
+            )
+        elif name == "stall":
+            p.add_argument("--streams", type=int, required=True, help="connections to push until they stall")
+            p.add_argument(
+                "--quiet", type=float, default=1.0, help="seconds without progress that count as stalled"
+            )
+            p.add_argument(
+                "--max-bytes",
+                type=int,
+                default=64 * 1024 * 1024,
+                help="a stream that takes more than this without stalling is an error",
+            )
+            p.add_argument("--sndbuf", type=int, default=16 * 1024, help="SO_SNDBUF of this side's sockets")
+            p.add_argument(
+                "--hold", type=float, default=600.0, help="close after this long without a line on stdin"
             )
     return parser
 
@@ -516,8 +723,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             asyncio.run(_serve_main(args.listen, args.lifetime))
             return 0
+        if args.command == "stall-sink":
+            _stall_sink_main(args.listen, args.rcvbuf, args.lifetime)
+            return 0
         if args.command == "hold":
             asyncio.run(_hold_main(args.connect, args.connections, args.timeout, args.hold, args.concurrency))
+            return 0
+        if args.command == "stall":
+            asyncio.run(_stall_main(args))
             return 0
         result = asyncio.run(_client_main(args))
     except (WorkloadError, ValueError) as exc:
