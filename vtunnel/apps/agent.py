@@ -222,15 +222,16 @@ class Agent:
                 relay.metadata, wait_accepted=False, timeout=self.settings.open_timeout
             )
         except TunnelUnavailable as exc:
+            # reset, not closed: a clean end of stream would look like an empty answer to the client
             log.warning("no tunnel for a forwarded connection", error=str(exc))
-            relay.close()
+            relay.abort()
             return
         except Exception as exc:
             log.info("local connection ended with an error", error=str(exc) or repr(exc))
-            relay.close()
+            relay.abort()
             return
         except BaseException:
-            relay.close()
+            relay.abort()
             raise
         relay.attach(remote)
 
