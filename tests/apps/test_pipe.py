@@ -110,6 +110,36 @@ async def test_broken_destination_ends_pipe() -> None:
         del origin
 
 
+async def test_a_tunnel_dying_under_a_piped_stream_resets_the_socket() -> None:
+    """pipe() follows the relay's rule: the client gets a prefix of the answer and a reset, not a clean end."""
+    answer = os.urandom(1_000_000)
+    head = 100_000
+    release = anyio.Event()
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        await stream.send(answer[:head])
+        await release.wait()
+        await stream.send(answer[head:])
+        await stream.send_eof()
+
+    async with tunnel_pair(far) as (conn, server), tcp_pair() as (client, front):
+        remote = await conn.open_stream(wait_accepted=False)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pipe, front, remote)
+                await client.send_eof()
+                got = bytearray()
+                while len(got) < head:
+                    got += await client.receive()
+                await anyio.aclose_forcefully(server.transport)
+                release.set()
+                with pytest.raises(anyio.BrokenResourceError):
+                    await _receive_into(client, got)
+    assert bytes(got) == answer[: len(got)]
+    assert len(got) < len(answer)
+
+
 async def test_idle_timeout_closes_both() -> None:
     async with tcp_pair() as (client, front), tcp_pair() as (back, origin):
         with anyio.fail_after(20):

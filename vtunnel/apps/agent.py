@@ -209,7 +209,7 @@ class Agent:
         self._begin()
         tg = self._task_group
         if tg is None or self._stopping.is_set():
-            relay.close()
+            relay.abort()  # not carried: reset, as when no tunnel comes
             return
         tg.start_soon(self._open_for, relay)
 

@@ -5,7 +5,8 @@
 * an end of stream on one side is passed on as ``send_eof()`` on the other (a faithful half-close) while the
   other direction keeps flowing;
 * a broken or reset side (``BrokenResourceError``, ``ClosedResourceError``, ``OSError``) ends both directions
-  at once;
+  at once, and a socket whose direction had not ended yet is reset (SO_LINGER 0), not closed: a clean end of
+  stream would pass a cut-short transfer off as a whole one;
 * an optional idle timeout ends both directions when no byte moved either way for that long;
 * both streams are closed when it returns, whatever happened.
 
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import anyio
 import structlog
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute
 
 from vtunnel.apps.sockio import LeanSocketStream
 from vtunnel.runtime.errors import StreamRefused
@@ -59,6 +60,9 @@ CHUNK_SIZE = 256 * 1024
 #: ``vtunnel.runtime.errors.TunnelUnavailable`` when no tunnel can be used.
 Opener = Callable[["StreamMetadata"], Awaitable[ByteStream]]
 
+
+#: SO_LINGER on, zero seconds: close() sends RST
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 #: What a broken, reset or already closed side raises.
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, StreamRefused)
@@ -105,12 +109,15 @@ class StreamBuffer:
 
 
 class _Progress:
-    """Bytes moved per direction, shared with the idle watcher (no clock read per chunk)."""
+    """Bytes moved per direction, shared with the idle watcher (no clock read per chunk); which directions
+    passed their end of stream on, and whether a side broke."""
 
-    __slots__ = ("moved",)
+    __slots__ = ("broken", "ended", "moved")
 
     def __init__(self) -> None:
         self.moved = [0, 0]
+        self.ended = [False, False]
+        self.broken = False
 
     def total(self) -> int:
         return self.moved[0] + self.moved[1]
@@ -131,10 +138,12 @@ async def _copy(
             moved[index] += len(data)
     except _BROKEN as exc:
         log.debug("pipe.broken", error=type(exc).__name__)
+        progress.broken = True
         scope.cancel()
         return
     except Exception as exc:  # a stream implementation failing in its own way still ends both directions
         log.warning("pipe.failed", error=repr(exc))
+        progress.broken = True
         scope.cancel()
         return
     try:
@@ -144,7 +153,10 @@ async def _copy(
         pass
     except _BROKEN as exc:
         log.debug("pipe.eof_failed", error=type(exc).__name__)
+        progress.broken = True
         scope.cancel()
+        return
+    progress.ended[index] = True
 
 
 async def _watch_idle(idle_timeout: float, progress: _Progress, scope: anyio.CancelScope) -> None:
@@ -181,8 +193,7 @@ async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = Non
                 await _copy(a, b, progress, 0, tg.cancel_scope)
         finally:
             with anyio.CancelScope(shield=True):
-                await _close_quietly(a)
-                await _close_quietly(b)
+                await _close_both(a, b, progress)
         return progress.moved[0], progress.moved[1]
     try:
         with anyio.CancelScope() as outer:
@@ -202,9 +213,27 @@ async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = Non
                     watcher.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await _close_quietly(a)
-            await _close_quietly(b)
+            await _close_both(a, b, progress)
     return progress.moved[0], progress.moved[1]
+
+
+async def _close_both(a: ByteStream, b: ByteStream, progress: _Progress) -> None:
+    """Close both streams; after a broken side, a socket whose incoming direction had not ended is reset."""
+    if progress.broken:
+        if not progress.ended[0]:
+            _reset_on_close(b)
+        if not progress.ended[1]:
+            _reset_on_close(a)
+    await _close_quietly(a)
+    await _close_quietly(b)
+
+
+def _reset_on_close(stream: ByteStream) -> None:
+    """Make closing ``stream`` send a TCP reset, when it is a TCP socket (other streams are left as they are)."""
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 async def _close_quietly(stream: ByteStream) -> None:
@@ -228,10 +257,6 @@ def tune_transport(transport: asyncio.BaseTransport) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-#: SO_LINGER on, zero seconds: close() sends RST
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _reset_transport(transport: asyncio.Transport) -> None:
