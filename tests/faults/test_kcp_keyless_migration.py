@@ -2,26 +2,30 @@
 
 A real KCP client (the transport's own engine, driven here) talks to a real keyless listener over UDP on
 127.0.0.1 from socket A. A copy of one of its datagrams, replayed from socket B, must be dropped and leave the
-session on A; the client's next (newer) datagram sent from B moves it, as NAT rebinding needs.
+session on A; the client's next (newer) datagram sent from B moves it, as NAT rebinding needs. Property tests of
+``NewestMarks``, the rule behind it: a copy of a datagram taken is never newer; a later time stamp or una is.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 
 import anyio
 import pytest
 from anyio.abc import UDPSocket
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.kcputil import kcp_server
 from tests.streams import read_exactly
 from vtunnel.transports.base import Endpoint
+from vtunnel.transports.kcp import NewestMarks
 from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
 
-pytestmark = pytest.mark.anyio
-
 CONV = 0x5EED
+HALF = 1 << 31
 
 
 class Client:
@@ -62,6 +66,49 @@ class Client:
         return bytes(out)
 
 
+def segment(cmd: int, ts: int, una: int, data: bytes = b"") -> bytes:
+    return struct.pack("<IBBHIIII", CONV, cmd, 0, 128, ts, 7, una, len(data)) + data
+
+
+#: datagrams as (command, ts, una) whose marks lie within less than half the serial space from a random start
+#: (any order, wrapping past 2**32): what a session sees in its first 24 days
+marks = st.integers(0, 2**32 - 1).flatmap(
+    lambda start: st.lists(
+        st.tuples(
+            st.sampled_from([81, 82, 83, 84]),
+            st.integers(0, HALF - 1).map(lambda d: (start + d) % 2**32),
+            st.integers(0, HALF - 1).map(lambda d: (start + d) % 2**32),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+
+
+@given(seen=marks, pick=st.integers(0, 39))
+def test_a_copy_of_a_datagram_taken_is_never_newer(seen: list[tuple[int, int, int]], pick: int) -> None:
+    newest = NewestMarks()
+    datagrams = [segment(cmd, ts, una, b"x" if cmd == 81 else b"") for cmd, ts, una in seen]
+    for datagram in datagrams:
+        newest.note(datagram)
+    copy = datagrams[pick % len(datagrams)]
+    assert not newest.note(copy)
+    assert not newest.note(b"pad" + copy, 3)  # the same datagram inside a run
+
+
+@given(seen=marks, step=st.integers(1, HALF - 1), cmd=st.sampled_from([81, 82]))
+def test_a_later_time_stamp_or_una_is_newer(seen: list[tuple[int, int, int]], step: int, cmd: int) -> None:
+    newest = NewestMarks()
+    for c, ts, una in seen:
+        newest.note(segment(c, ts, una))
+    highest_una = newest.una
+    stamp = newest.push_ts if cmd == 81 else newest.ack_ts
+    if stamp is not None:
+        assert newest.note(segment(cmd, (stamp + step) % 2**32, highest_una))
+    assert newest.note(segment(83, 0, (highest_una + step) % 2**32))
+
+
+@pytest.mark.anyio
 async def test_a_replayed_datagram_from_another_address_does_not_move_the_session() -> None:
     async with (
         kcp_server() as (listener, _url),

@@ -7,7 +7,7 @@ are not valid KCP for a known session are dropped without an answer; a new sessi
 with sequence number 0.
 
 Without a key nothing can be authenticated, but a session moves to a new address only on a datagram that is
-newer than any the session has taken (:class:`_Newest`): a copy of one of its old datagrams, sent from
+newer than any the session has taken (:class:`NewestMarks`): a copy of one of its old datagrams, sent from
 elsewhere, is dropped and does not move it.
 
 With ``security.psk`` every datagram is sealed (see :mod:`vtunnel.transports.kcp_secure`): sessions are then
@@ -53,7 +53,7 @@ from vtunnel.transports.udpio import (
     split_run,
 )
 
-__all__ = ["KCPListener", "KCPStream", "KCPTransport"]
+__all__ = ["KCPListener", "KCPStream", "KCPTransport", "NewestMarks"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
@@ -85,13 +85,14 @@ def _after(a: int, b: int) -> bool:
     return 0 < ((a - b) & _SERIAL_MASK) < _SERIAL_HALF
 
 
-class _Newest:
+class NewestMarks:
     """The newest marks a keyless session's peer has shown, from the first segment of each datagram it took.
 
-    A KCP peer's datagrams grow older-to-newer in three marks: ``una`` (the peer's next expected sequence number,
-    in every segment), the ``ts`` of a PUSH (the peer's clock when it sent, retransmissions included) and the
-    ``ts`` of an ACK (the echo of our own segment's time). A datagram is newer when one of its marks is beyond
-    the highest of that mark seen; a copy of any datagram the session already took never is. Only the first
+    A KCP peer's datagrams carry three marks that only grow as it goes on: ``una`` (the peer's next expected
+    sequence number, in every segment), the ``ts`` of a PUSH (the peer's clock when it sent, retransmissions
+    included) and the ``ts`` of an ACK (the echo of our own segment's time). A datagram is newer when one of its
+    marks is beyond the highest of that mark seen; a copy of any datagram the session already took never is
+    (while the marks seen span less than half the 32-bit serial space: 24 days of ``ts``). Only the first
     segment is read, for the record and for the test alike, so the rule holds exactly.
     """
 
@@ -188,7 +189,7 @@ class KCPListener(Listener[ByteStream]):
         self._udp = CoalescingSocket(sock, self._on_runs)
         self._sessions: dict[SessionKey, KCPStream] = {}
         #: keyless sessions: the newest marks each one's peer has shown (what may move it to a new address)
-        self._newest: dict[KCPStream, _Newest] = {}
+        self._newest: dict[KCPStream, NewestMarks] = {}
         self._tombstones: dict[SessionKey, float] = {}
         self._pending: list[KCPStream] = []
         self._acceptor: asyncio.Future[None] | None = None
@@ -293,7 +294,7 @@ class KCPListener(Listener[ByteStream]):
         if not self._room_for_one_more():
             return None
         stream = self._create_stream(key, conv, source, mtu=self._options.mtu, seal=None)
-        self._newest[stream] = _Newest()
+        self._newest[stream] = NewestMarks()
         return stream
 
     def _room_for_one_more(self) -> bool:
