@@ -36,6 +36,12 @@ async def _receive_all(stream: SocketStream) -> bytes:
             return b"".join(chunks)
 
 
+async def _receive_into(stream: SocketStream, got: bytearray) -> None:
+    """Append what ``stream`` receives to ``got`` until it ends (``EndOfStream``) or fails."""
+    while True:
+        got += await stream.receive()
+
+
 async def test_copies_both_ways_with_half_close() -> None:
     up = os.urandom(300_000)
     down = os.urandom(200_000)
@@ -102,6 +108,36 @@ async def test_broken_destination_ends_pipe() -> None:
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await client.receive()
         del origin
+
+
+async def test_a_tunnel_dying_under_a_piped_stream_resets_the_socket() -> None:
+    """pipe() follows the relay's rule: the client gets a prefix of the answer and a reset, not a clean end."""
+    answer = os.urandom(1_000_000)
+    head = 100_000
+    release = anyio.Event()
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        await stream.send(answer[:head])
+        await release.wait()
+        await stream.send(answer[head:])
+        await stream.send_eof()
+
+    async with tunnel_pair(far) as (conn, server), tcp_pair() as (client, front):
+        remote = await conn.open_stream(wait_accepted=False)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pipe, front, remote)
+                await client.send_eof()
+                got = bytearray()
+                while len(got) < head:
+                    got += await client.receive()
+                await anyio.aclose_forcefully(server.transport)
+                release.set()
+                with pytest.raises(anyio.BrokenResourceError):
+                    await _receive_into(client, got)
+    assert bytes(got) == answer[: len(got)]
+    assert len(got) < len(answer)
 
 
 async def test_idle_timeout_closes_both() -> None:
@@ -232,7 +268,7 @@ async def test_a_reset_stream_closes_the_socket() -> None:
     async with relayed(far) as (client, relay, _):
         with anyio.fail_after(10):
             await client.send(b"hello")
-            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            with pytest.raises(anyio.BrokenResourceError):  # reset: an end of stream would look complete
                 await client.receive()
             await relay.wait()
 
@@ -243,9 +279,52 @@ async def test_a_refused_stream_closes_the_socket() -> None:
 
     async with relayed(far) as (client, relay, _):
         with anyio.fail_after(10):
-            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            with pytest.raises(anyio.BrokenResourceError):
                 await client.receive()
             await relay.wait()
+
+
+@pytest.mark.parametrize("death", ["transport lost", "tunnel aborted"])
+async def test_a_tunnel_dying_under_the_stream_resets_the_socket(death: str) -> None:
+    """The client gets a byte-exact prefix of the answer and then a reset, never a clean end of stream that
+    would pass the short answer off as the whole of it."""
+    answer = os.urandom(3_000_000)
+    head = 200_000
+    release = anyio.Event()
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        await stream.send(answer[:head])
+        await release.wait()
+        await stream.send(answer[head:])
+        await stream.send_eof()
+
+    async with tunnel_pair(far) as (conn, server):
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
+            accepted, _addr = lsock.accept()
+            accepted.setblocking(False)
+            relay = SocketRelay()
+            attach_socket(accepted, relay)
+            relay.attach(await conn.open_stream(wait_accepted=False))
+            async with client:
+                with anyio.fail_after(10):
+                    await client.send_eof()  # the request is complete: only the answer is awaited
+                    got = bytearray()
+                    while len(got) < head:
+                        got += await client.receive()
+                    if death == "transport lost":
+                        await anyio.aclose_forcefully(server.transport)
+                    else:
+                        server.shutdown("gone", graceful=False)
+                    release.set()
+                    with pytest.raises(anyio.BrokenResourceError):
+                        await _receive_into(client, got)
+                    await relay.wait()
+    assert bytes(got) == answer[: len(got)]
+    assert len(got) < len(answer)
 
 
 async def test_a_reset_socket_resets_the_stream() -> None:

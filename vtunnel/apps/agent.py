@@ -209,7 +209,7 @@ class Agent:
         self._begin()
         tg = self._task_group
         if tg is None or self._stopping.is_set():
-            relay.close()
+            relay.abort()  # not carried: reset, as when no tunnel comes
             return
         tg.start_soon(self._open_for, relay)
 
@@ -222,15 +222,16 @@ class Agent:
                 relay.metadata, wait_accepted=False, timeout=self.settings.open_timeout
             )
         except TunnelUnavailable as exc:
+            # reset, not closed: a clean end of stream would look like an empty answer to the client
             log.warning("no tunnel for a forwarded connection", error=str(exc))
-            relay.close()
+            relay.abort()
             return
         except Exception as exc:
             log.info("local connection ended with an error", error=str(exc) or repr(exc))
-            relay.close()
+            relay.abort()
             return
         except BaseException:
-            relay.close()
+            relay.abort()
             raise
         relay.attach(remote)
 

@@ -5,7 +5,8 @@
 * an end of stream on one side is passed on as ``send_eof()`` on the other (a faithful half-close) while the
   other direction keeps flowing;
 * a broken or reset side (``BrokenResourceError``, ``ClosedResourceError``, ``OSError``) ends both directions
-  at once;
+  at once, and a socket whose direction had not ended yet is reset (SO_LINGER 0), not closed: a clean end of
+  stream would pass a cut-short transfer off as a whole one;
 * an optional idle timeout ends both directions when no byte moved either way for that long;
 * both streams are closed when it returns, whatever happened.
 
@@ -21,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import anyio
 import structlog
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute
 
 from vtunnel.apps.sockio import LeanSocketStream
 from vtunnel.runtime.errors import StreamRefused
@@ -58,6 +60,9 @@ CHUNK_SIZE = 256 * 1024
 #: ``vtunnel.runtime.errors.TunnelUnavailable`` when no tunnel can be used.
 Opener = Callable[["StreamMetadata"], Awaitable[ByteStream]]
 
+
+#: SO_LINGER on, zero seconds: close() sends RST
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 #: What a broken, reset or already closed side raises.
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, StreamRefused)
@@ -104,12 +109,15 @@ class StreamBuffer:
 
 
 class _Progress:
-    """Bytes moved per direction, shared with the idle watcher (no clock read per chunk)."""
+    """Bytes moved per direction, shared with the idle watcher (no clock read per chunk); which directions
+    passed their end of stream on, and whether a side broke."""
 
-    __slots__ = ("moved",)
+    __slots__ = ("broken", "ended", "moved")
 
     def __init__(self) -> None:
         self.moved = [0, 0]
+        self.ended = [False, False]
+        self.broken = False
 
     def total(self) -> int:
         return self.moved[0] + self.moved[1]
@@ -130,10 +138,12 @@ async def _copy(
             moved[index] += len(data)
     except _BROKEN as exc:
         log.debug("pipe.broken", error=type(exc).__name__)
+        progress.broken = True
         scope.cancel()
         return
     except Exception as exc:  # a stream implementation failing in its own way still ends both directions
         log.warning("pipe.failed", error=repr(exc))
+        progress.broken = True
         scope.cancel()
         return
     try:
@@ -143,7 +153,10 @@ async def _copy(
         pass
     except _BROKEN as exc:
         log.debug("pipe.eof_failed", error=type(exc).__name__)
+        progress.broken = True
         scope.cancel()
+        return
+    progress.ended[index] = True
 
 
 async def _watch_idle(idle_timeout: float, progress: _Progress, scope: anyio.CancelScope) -> None:
@@ -180,8 +193,7 @@ async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = Non
                 await _copy(a, b, progress, 0, tg.cancel_scope)
         finally:
             with anyio.CancelScope(shield=True):
-                await _close_quietly(a)
-                await _close_quietly(b)
+                await _close_both(a, b, progress)
         return progress.moved[0], progress.moved[1]
     try:
         with anyio.CancelScope() as outer:
@@ -201,9 +213,27 @@ async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = Non
                     watcher.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await _close_quietly(a)
-            await _close_quietly(b)
+            await _close_both(a, b, progress)
     return progress.moved[0], progress.moved[1]
+
+
+async def _close_both(a: ByteStream, b: ByteStream, progress: _Progress) -> None:
+    """Close both streams; after a broken side, a socket whose incoming direction had not ended is reset."""
+    if progress.broken:
+        if not progress.ended[0]:
+            _reset_on_close(b)
+        if not progress.ended[1]:
+            _reset_on_close(a)
+    await _close_quietly(a)
+    await _close_quietly(b)
+
+
+def _reset_on_close(stream: ByteStream) -> None:
+    """Make closing ``stream`` send a TCP reset, when it is a TCP socket (other streams are left as they are)."""
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 async def _close_quietly(stream: ByteStream) -> None:
@@ -229,12 +259,27 @@ def tune_transport(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _reset_transport(transport: asyncio.Transport) -> None:
+    """Close the connection under ``transport`` with a TCP reset (SO_LINGER 0), dropping what is unsent.
+
+    A FIN tells the peer "that was everything"; when what it was sent is cut short (the tunnel died under its
+    stream), a reset is the only way it can tell the difference.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
 class SocketRelay(asyncio.Protocol):
     """Copies between one TCP socket (this is its protocol) and one tunnel stream (this is its consumer).
 
     Same rules as :func:`pipe`: an end of stream on one side is passed on as a half-close; a reset, refused or
     broken side ends both at once; the optional idle timeout ends both when no byte moved for that long; both
-    ends are closed when it is over, and ``on_done`` (if given) is called once then.  The socket may come before
+    ends are closed when it is over, and ``on_done`` (if given) is called once then.  When the stream breaks
+    (reset, refused, or its tunnel died under it) before its end of stream came, the socket is reset, not
+    closed: its peer must not take a clean end of stream for the whole of what was sent to it.  The socket may come before
     the stream (a front opens the stream after the accept: the socket is not read until :meth:`attach`) or
     after it (the exit dials first).
     """
@@ -308,6 +353,11 @@ class SocketRelay(asyncio.Protocol):
         """End the relay now (both ends closed; an open stream is reset)."""
         self._finish()
 
+    def abort(self) -> None:
+        """End the relay now because the connection cannot be carried: the socket is reset (its peer sees a
+        connection reset, not an end of stream) and an open stream is reset."""
+        self._finish(reset=True)
+
     def done(self) -> asyncio.Future[None]:
         """A future that completes when the relay is over (awaiting it needs no coroutine frame of its own)."""
         waiter = self._waiter
@@ -326,7 +376,7 @@ class SocketRelay(asyncio.Protocol):
     def finished(self) -> bool:
         return self._finished
 
-    def _finish(self) -> None:
+    def _finish(self, *, reset: bool = False) -> None:
         if self._finished:
             return
         self._finished = True
@@ -336,7 +386,10 @@ class SocketRelay(asyncio.Protocol):
             self._room.cancel()
             self._room = None
         if self._transport is not None:
-            self._transport.close()  # what was written still goes out
+            if reset:
+                _reset_transport(self._transport)
+            else:
+                self._transport.close()  # what was written still goes out
         if self._stream is not None:
             self._stream.close_nowait()
         waiter = self._waiter
@@ -349,6 +402,11 @@ class SocketRelay(asyncio.Protocol):
         if self._on_done is not None:
             on_done, self._on_done = self._on_done, None
             on_done()
+
+    def _stream_failed(self) -> None:
+        """The stream broke. Unless the peer's FIN was already passed on (the socket has the whole answer and
+        only its own sending is cut short, which its next write learns from our kernel), reset the socket."""
+        self._finish(reset=not self._down_done)
 
     def _maybe_done(self) -> None:
         if self._up_done and self._down_done:
@@ -397,7 +455,7 @@ class SocketRelay(asyncio.Protocol):
             n = stream.send_nowait(data)
         except _BROKEN as exc:
             log.debug("relay.broken", error=type(exc).__name__)
-            self._finish()
+            self._stream_failed()
             return
         if n < len(data):
             self._pending = memoryview(data)[n:]
@@ -468,13 +526,13 @@ class SocketRelay(asyncio.Protocol):
                 t.write_eof()
             except OSError as exc:
                 log.debug("relay.eof_failed", error=type(exc).__name__)
-                self._finish()
+                self._finish(reset=True)
                 return
         self._maybe_done()
 
     def stream_broken(self) -> None:
         log.debug("relay.stream_broken")
-        self._finish()
+        self._stream_failed()
 
     def stream_writable(self) -> None:
         if self._pending is not None:

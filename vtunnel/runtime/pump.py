@@ -43,6 +43,8 @@ log = structlog.get_logger("vtunnel.runtime")
 OUTBOUND_HIGH_WATER = 1024 * 1024
 #: per-stream receive buffer limit used when the peer has no flow control (vproxy)
 UNCONTROLLED_BUFFER_LIMIT = 1024 * 1024
+#: how long a closing tunnel waits for the peer to end the transport after our own end of stream
+CLOSE_LINGER = 2.0
 #: the most the reader asks the transport for: more than one event-loop read (256 KiB), so a transport that
 #: decrypts or reassembles never has to split what it has into several reads
 READ_SIZE = 1024 * 1024
@@ -232,7 +234,28 @@ class TunnelConnection:
         finally:
             self._mark_closed(self._close_reason or "tunnel ended")
             with anyio.CancelScope(shield=True):
-                await anyio.aclose_forcefully(self.transport)
+                await self._close_transport()
+
+    async def _close_transport(self) -> None:
+        """End of stream first, then read (and drop) what the peer still sends until it ends too, for at most
+        ``CLOSE_LINGER`` seconds; then close.
+
+        Closing a TCP socket while bytes it received are unread sends a reset, and a reset makes the peer's
+        kernel drop what it has not yet handed to the peer: the last frames of a drained tunnel (the end of its
+        streams, the closing GOAWAY) would be lost while they were still arriving.  A transport that failed
+        ends the wait at once.
+        """
+        transport = self.transport
+        with anyio.move_on_after(CLOSE_LINGER):
+            try:
+                await transport.send_eof()
+                while True:
+                    await transport.receive(READ_SIZE)
+            except (anyio.EndOfStream, NotImplementedError):
+                pass
+            except Exception as exc:  # a broken or closed transport: nothing more to wait for
+                self.log.debug("transport ended while closing", error=repr(exc))
+        await anyio.aclose_forcefully(transport)
 
     async def _writer_task(self) -> None:
         try:

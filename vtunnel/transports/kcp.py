@@ -6,6 +6,10 @@ server follows its new address; conv-0 sessions (vproxy) are keyed by source add
 are not valid KCP for a known session are dropped without an answer; a new session starts only from a PUSH
 with sequence number 0.
 
+Without a key nothing can be authenticated, but a session moves to a new address only on a datagram that is
+newer than any the session has taken (:class:`NewestMarks`): a copy of one of its old datagrams, sent from
+elsewhere, is dropped and does not move it.
+
 With ``security.psk`` every datagram is sealed (see :mod:`vtunnel.transports.kcp_secure`): sessions are then
 keyed by the authenticated connection ID, and a datagram that fails authentication is dropped before KCP sees
 it.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import struct
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from types import MappingProxyType
@@ -32,6 +37,7 @@ from vtunnel.transports.kcp_options import KCPOptions, parse_options
 from vtunnel.transports.kcp_stream import KCPStream
 from vtunnel.transports.kcp_wire import (
     HEADER_LEN,
+    Command,
     RunVerdict,
     conv_of,
     is_new_session,
@@ -47,7 +53,7 @@ from vtunnel.transports.udpio import (
     split_run,
 )
 
-__all__ = ["KCPListener", "KCPStream", "KCPTransport"]
+__all__ = ["KCPListener", "KCPStream", "KCPTransport", "NewestMarks"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
@@ -64,6 +70,54 @@ async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
         raise TransportError(f"cannot resolve {endpoint.hostport}: {exc}") from None
     family, _type, _proto, _name, sockaddr = infos[0]
     return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
+#: what a datagram's first segment says about its age: cmd, ts, una (conv, frg, wnd, sn and len skipped)
+_MARKS = struct.Struct("<4xB3xI4xI")
+_PUSH = int(Command.PUSH)
+_ACK = int(Command.ACK)
+_SERIAL_MASK = 0xFFFFFFFF
+_SERIAL_HALF = 1 << 31
+
+
+def _after(a: int, b: int) -> bool:
+    """``a`` comes after ``b`` in 32-bit serial number arithmetic (KCP's ts and una wrap)."""
+    return 0 < ((a - b) & _SERIAL_MASK) < _SERIAL_HALF
+
+
+class NewestMarks:
+    """The newest marks a keyless session's peer has shown, from the first segment of each datagram it took.
+
+    A KCP peer's datagrams carry three marks that only grow as it goes on: ``una`` (the peer's next expected
+    sequence number, in every segment), the ``ts`` of a PUSH (the peer's clock when it sent, retransmissions
+    included) and the ``ts`` of an ACK (the echo of our own segment's time). A datagram is newer when one of its
+    marks is beyond the highest of that mark seen; a copy of any datagram the session already took never is
+    (while the marks seen span less than half the 32-bit serial space: 24 days of ``ts``). Only the first
+    segment is read, for the record and for the test alike, so the rule holds exactly.
+    """
+
+    __slots__ = ("ack_ts", "push_ts", "una")
+
+    def __init__(self) -> None:
+        self.una = 0
+        self.push_ts: int | None = None
+        self.ack_ts: int | None = None
+
+    def note(self, datagram: bytes | memoryview, offset: int = 0) -> bool:
+        """Take the marks of the datagram at ``offset``; whether any was beyond what was seen (it is newer)."""
+        cmd, ts, una = _MARKS.unpack_from(datagram, offset)
+        newer = False
+        if _after(una, self.una):
+            self.una = una
+            newer = True
+        if cmd == _PUSH:
+            if self.push_ts is None or _after(ts, self.push_ts):
+                self.push_ts = ts
+                newer = True
+        elif cmd == _ACK and (self.ack_ts is None or _after(ts, self.ack_ts)):
+            self.ack_ts = ts
+            newer = True
+        return newer
 
 
 def _random_conv() -> int:
@@ -134,6 +188,8 @@ class KCPListener(Listener[ByteStream]):
         self._loop = asyncio.get_running_loop()
         self._udp = CoalescingSocket(sock, self._on_runs)
         self._sessions: dict[SessionKey, KCPStream] = {}
+        #: keyless sessions: the newest marks each one's peer has shown (what may move it to a new address)
+        self._newest: dict[KCPStream, NewestMarks] = {}
         self._tombstones: dict[SessionKey, float] = {}
         self._pending: list[KCPStream] = []
         self._acceptor: asyncio.Future[None] | None = None
@@ -172,6 +228,10 @@ class KCPListener(Listener[ByteStream]):
                 engine = stream.engine
                 verdict = vet_run(buffer, segment, engine.conv)
                 if verdict != RunVerdict.INVALID:
+                    newest = self._newest.get(stream)
+                    if newest is not None:
+                        for offset in range(0, len(buffer), segment):
+                            newest.note(buffer, offset)
                     group = groups.setdefault(stream, [])
                     if verdict == RunVerdict.NO_ACKS and engine.whole_runs:
                         group.append(buffer)
@@ -203,9 +263,16 @@ class KCPListener(Listener[ByteStream]):
         elif not valid_datagram(datagram, conv):
             self.dropped += 1
             return
+        newest = self._newest.get(stream)
         if stream.remote_address != source:
+            if newest is None or not newest.note(datagram):
+                # nothing newer than what the session took: a copy of an old datagram, or a late one
+                self.dropped += 1
+                return
             log.info("kcp peer moved", conv=conv, old=stream.remote_address, new=source)
             stream.remote_address = source
+        elif newest is not None:
+            newest.note(datagram)
         group = groups.get(stream)
         if group is None:
             groups[stream] = [datagram]
@@ -226,7 +293,9 @@ class KCPListener(Listener[ByteStream]):
                 del self._tombstones[key]
         if not self._room_for_one_more():
             return None
-        return self._create_stream(key, conv, source, mtu=self._options.mtu, seal=None)
+        stream = self._create_stream(key, conv, source, mtu=self._options.mtu, seal=None)
+        self._newest[stream] = NewestMarks()
+        return stream
 
     def _room_for_one_more(self) -> bool:
         if len(self._sessions) < self._options.sessions:
@@ -272,6 +341,7 @@ class KCPListener(Listener[ByteStream]):
     def _forget(self, key: SessionKey, stream: KCPStream) -> None:
         if self._sessions.get(key) is stream:
             del self._sessions[key]
+        self._newest.pop(stream, None)
         if stream in self._pending:
             self._pending.remove(stream)
         now = self._loop.time()
@@ -318,6 +388,7 @@ class KCPListener(Listener[ByteStream]):
         for stream in list(self._sessions.values()):
             stream.fail("the listener was closed")
         self._sessions.clear()
+        self._newest.clear()
         self._pending.clear()
         self._udp.close()
         fut = self._acceptor
