@@ -37,6 +37,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import sys
+from array import array
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
@@ -101,8 +103,8 @@ _SERVER_FRAMES = b"vts3 s2c"
 #: The label of the records' length keys (:meth:`TransportKeys.derive`).
 LENGTH_KEY_LABEL = b"vtunnel stream v3 record lengths"
 _MASKS_PER_CHUNK = 2048
-_MASK_CHUNK = struct.Struct(f">{_MASKS_PER_CHUNK}H")
-_MASK_ZEROS = bytes(_MASK_CHUNK.size)
+_MASK_ZEROS = bytes(2 * _MASKS_PER_CHUNK)
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 _ZERO_NONCE = bytes(16)
 
 
@@ -174,7 +176,8 @@ def read_handshake_frame(psk: bytes, wire: bytes, *, from_client: bool) -> bytes
 class _LengthMasks:
     """The masks of one direction's record lengths: ``mask(n)`` is the keystream's bytes ``2n, 2n + 1``.
 
-    The masks of 2048 records come from one ChaCha20 call (chunk ``n // 2048``); the current chunk is kept.
+    The masks of 2048 records come from one ChaCha20 call (chunk ``n // 2048``); the current chunk is kept as
+    an array of 16-bit values (4 KiB; a tuple of Python ints would hold ~70 KiB per direction and connection).
     """
 
     __slots__ = ("_key", "base", "masks")
@@ -182,13 +185,16 @@ class _LengthMasks:
     def __init__(self, key: bytes) -> None:
         self._key = key
         self.base = -_MASKS_PER_CHUNK  # the counter of ``masks[0]``
-        self.masks: tuple[int, ...] = ()
+        self.masks: array[int] = array("H")
 
     def load(self, n: int) -> None:
         """Make ``masks`` the chunk holding counter ``n``."""
         chunk = n // _MASKS_PER_CHUNK
         nonce = bytes(4) + chunk.to_bytes(8, "little") + bytes(4)
-        self.masks = _MASK_CHUNK.unpack(_keystream(self._key, nonce).update(_MASK_ZEROS))
+        masks = array("H", _keystream(self._key, nonce).update(_MASK_ZEROS))
+        if _LITTLE_ENDIAN_HOST:  # the masks are the keystream's bytes read as big-endian 16-bit values
+            masks.byteswap()
+        self.masks = masks
         self.base = chunk * _MASKS_PER_CHUNK
 
 
