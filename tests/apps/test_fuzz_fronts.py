@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtunnel.apps.httpproxy import serve_http_proxy
-from vtunnel.apps.sockio import LeanSocketStream, attach_socket
 from vtunnel.apps.socks5 import serve_socks5
 from vtunnel.apps.websocks import classify_websocks, serve_websocks
+from vtunnel.io.stream_sockets import LeanSocketStream, attach_socket
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.runtime.test_pump import Handler, tunnel_pair
 from vtunnel.apps.pipe import SocketRelay, pipe
-from vtunnel.apps.sockio import attach_socket
+from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import TunnelConfig
 from vtunnel.runtime.stream import TunnelStream
 

@@ -14,12 +14,12 @@ import pytest
 from anyio.abc import ByteStream
 
 from tests.streams import read_exactly
+from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.security.datagram import read_handshake_datagram
 from vtunnel.testing import ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPTransport
 from vtunnel.transports.kcp_secure import SealedKCPListener
-from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
 

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.streams import echo, read_exactly, wait_until
+from vtunnel.io.datagrams import DatagramSocket, open_udp_socket
 from vtunnel.security.ciphers import Cipher
 from vtunnel.security.datagram import (
     CID_LEN,
@@ -43,7 +44,6 @@ from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
 from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.kcp_secure import RESET_REASON, SealedKCPListener, connect_sealed
-from vtunnel.transports.udpio import DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
 

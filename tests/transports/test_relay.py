@@ -16,9 +16,9 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.streams import wait_until
+from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.testing.relay import main as relay_main
-from vtunnel.transports.udpio import Address, DatagramSocket, open_udp_socket
 
 pytestmark = pytest.mark.anyio
 

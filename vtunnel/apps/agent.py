@@ -21,13 +21,13 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
-from vtunnel.apps.pipe import SocketRelay, tune_transport
-from vtunnel.apps.sockio import LeanSocketStream, RelayListener, open_relay_listener
+from vtunnel.apps.pipe import SocketRelay
+from vtunnel.io.stream_sockets import LeanSocketStream, RelayListener, open_relay_listener
+from vtunnel.io.tuning import tune_stream, tune_transport
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.errors import TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.tcp import tune_socket
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 
@@ -163,7 +163,7 @@ class Agent:
     def _tracked(self, handler: Callable[[ByteStream], Awaitable[None]]) -> FrontRunner:
         async def run(client: ByteStream) -> None:
             self._begin()
-            tune_socket(client)
+            tune_stream(client)
             if isinstance(client, LeanSocketStream):
                 client.on_relay_done = self._end  # a relay the handler hands the socket to ends it
             try:

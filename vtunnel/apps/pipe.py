@@ -30,10 +30,9 @@ import anyio
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
-from vtunnel.apps.sockio import LeanSocketStream
+from vtunnel.io.stream_sockets import LeanSocketStream
 from vtunnel.runtime.errors import StreamRefused
 from vtunnel.runtime.stream import TunnelStream
-from vtunnel.transports.tcp import SOCKET_BUFFER
 
 if TYPE_CHECKING:
     from vtunnel.protocol import StreamMetadata
@@ -46,7 +45,6 @@ __all__ = [
     "StreamBuffer",
     "hand_to_relay",
     "pipe",
-    "tune_transport",
 ]
 
 log = structlog.get_logger(__name__)
@@ -244,19 +242,6 @@ async def _close_quietly(stream: ByteStream) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ callback relay
-
-
-def tune_transport(transport: asyncio.BaseTransport) -> None:
-    """TCP_NODELAY and large kernel buffers on the connected socket under ``transport`` (best effort)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _reset_transport(transport: asyncio.Transport) -> None:

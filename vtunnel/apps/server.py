@@ -22,7 +22,7 @@ from anyio.abc import ByteStream, Listener, TaskStatus
 from vtunnel.apps.dialer import Dialer, DialError
 from vtunnel.apps.pipe import SocketRelay
 from vtunnel.apps.policy import ExitPolicy
-from vtunnel.apps.sockio import attach_socket
+from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.pump import TunnelConnection
 from vtunnel.runtime.stream import TunnelStream

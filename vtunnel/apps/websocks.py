@@ -33,7 +33,6 @@ from anyio.abc import ByteStream
 
 from vtunnel.apps.dialer import Dialer, DialError
 from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, hand_to_relay, pipe
-from vtunnel.apps.sockio import LeanSocketStream, attach_socket
 from vtunnel.apps.socks5 import (
     SOCKS_VERSION,
     Command,
@@ -45,6 +44,7 @@ from vtunnel.apps.socks5 import (
     parse_request,
     reply_for_refusal,
 )
+from vtunnel.io.stream_sockets import LeanSocketStream, attach_socket
 from vtunnel.runtime.errors import StreamRefused
 
 __all__ = [

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import structlog
 
-from vtunnel.transports.resources import raise_open_file_limit
+from vtunnel.io.limits import raise_open_file_limit
 
 __all__ = ["run_async", "serve_until_signal"]
 

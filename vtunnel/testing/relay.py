@@ -32,7 +32,7 @@ from typing import Final
 
 import anyio
 
-from vtunnel.transports.udpio import Address, DatagramSocket, open_client_socket, open_udp_socket
+from vtunnel.io.datagrams import Address, DatagramSocket, open_client_socket, open_udp_socket
 
 __all__ = ["DirectionStats", "Impairment", "ImpairmentRelay", "main"]
 

@@ -31,6 +31,14 @@ import anyio
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
+from vtunnel.io.datagrams import (
+    Address,
+    CoalescingSocket,
+    Run,
+    open_client_socket,
+    open_udp_socket,
+    split_run,
+)
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
 from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.transports.kcp_options import KCPOptions, parse_options
@@ -43,14 +51,6 @@ from vtunnel.transports.kcp_wire import (
     is_new_session,
     valid_datagram,
     vet_run,
-)
-from vtunnel.transports.udpio import (
-    Address,
-    CoalescingSocket,
-    Run,
-    open_client_socket,
-    open_udp_socket,
-    split_run,
 )
 
 __all__ = ["KCPListener", "KCPStream", "KCPTransport", "NewestMarks"]

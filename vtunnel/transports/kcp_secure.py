@@ -30,6 +30,7 @@ from typing import Any, Final
 import anyio
 import structlog
 
+from vtunnel.io.datagrams import Address, CoalescingSocket, Run, open_client_socket
 from vtunnel.security.ciphers import cipher_name
 from vtunnel.security.datagram import (
     CID_LEN,
@@ -53,7 +54,6 @@ from vtunnel.transports.kcp_options import KCPOptions
 from vtunnel.transports.kcp_stream import KCPStream
 from vtunnel.transports.kcp_wire import first_header, is_new_session, valid_datagram
 from vtunnel.transports.secure import cipher_preference
-from vtunnel.transports.udpio import Address, CoalescingSocket, Run, open_client_socket
 
 __all__ = ["SealedKCPListener", "connect_sealed"]
 

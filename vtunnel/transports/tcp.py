@@ -11,7 +11,6 @@ When a pre-shared key is configured the PSK handshake and AEAD records run on to
 from __future__ import annotations
 
 import contextlib
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
@@ -22,47 +21,30 @@ from anyio.abc import ByteStream, Listener, SocketAttribute, SocketListener, Tas
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
-from vtunnel.transports.resources import (
+from vtunnel.io.limits import (
     ThrottledWarning,
     is_out_of_resources,
     open_file_limit,
     pending_limit,
 )
+from vtunnel.io.tuning import tune_stream
+from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
 
 __all__ = ["SecuredListener", "TCPTransport", "TLSTransport"]
 
 log = structlog.get_logger("vtunnel.transports.tcp")
 
-SOCKET_BUFFER = 4 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
 #: first and longest pause of an accept loop that the kernel refuses resources (seconds)
 ACCEPT_RETRY_MIN = 0.05
 ACCEPT_RETRY_MAX = 1.0
 
 
-def tune_socket(stream: Any) -> None:
-    """TCP_NODELAY and large kernel buffers on the socket under ``stream`` (best effort)."""
-    try:
-        sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
-    except Exception:
-        return
-    for opt, val in (
-        (socket.SO_SNDBUF, SOCKET_BUFFER),
-        (socket.SO_RCVBUF, SOCKET_BUFFER),
-    ):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, val)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class SecuredListener(Listener[ByteStream]):
     """Wraps a listener: each accepted stream first passes ``prepare`` (TLS, PSK handshake), else it is dropped.
 
     Connections still in ``prepare`` are *pending*: unauthenticated, and at most :attr:`max_pending` of them
-    (a quarter of the descriptor limit, see :func:`~vtunnel.transports.resources.pending_limit`). A new connection
+    (a quarter of the descriptor limit, see :func:`~vtunnel.io.limits.pending_limit`). A new connection
     beyond that closes the oldest pending one, so a flood of idle connections cannot keep a real client out: each
     connection gets at least ``max_pending`` newcomers' worth of time to prove itself. When ``accept`` fails
     because the process is out of descriptors (or the kernel of buffers or memory), the listener closes the
@@ -155,7 +137,7 @@ class SecuredListener(Listener[ByteStream]):
         stream: ByteStream | None = None
         try:
             with scope:
-                tune_socket(raw)
+                tune_stream(raw)
                 try:
                     stream = await self._prepare(raw)
                 except Exception as exc:
@@ -242,7 +224,7 @@ class TCPTransport(Transport):
         self.check(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
             raw = await anyio.connect_tcp(endpoint.host, endpoint.port)
-        tune_socket(raw)
+        tune_stream(raw)
         try:
             return await _secure_client(raw, security)
         except BaseException:
@@ -301,7 +283,7 @@ class TLSTransport(Transport):
         ctx = self._client_context(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
             raw = await anyio.connect_tcp(endpoint.host, endpoint.port)
-        tune_socket(raw)
+        tune_stream(raw)
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 stream: ByteStream = await TLSStream.wrap(

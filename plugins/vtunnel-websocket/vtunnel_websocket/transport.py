@@ -22,8 +22,9 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from vtunnel.io.tuning import tune_stream
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
-from vtunnel.transports.tcp import SecuredListener, tune_socket
+from vtunnel.transports.tcp import SecuredListener
 
 __all__ = ["WebSocketStream", "WebSocketTransport"]
 
@@ -155,7 +156,7 @@ class WebSocketTransport(Transport):
         self.check(endpoint)
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
             sock = await anyio.connect_tcp(endpoint.host, endpoint.port)
-        tune_socket(sock)
+        tune_stream(sock)
         try:
             stream: ByteStream = await _client_handshake(sock, endpoint)
             if security.psk is not None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vtunnel.transports.udpio import (
+from vtunnel.io.datagrams import (
     Address,
     CoalescingSocket,
     DatagramSocket,

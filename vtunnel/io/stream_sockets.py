@@ -35,7 +35,8 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
-from vtunnel.transports.resources import ThrottledWarning, is_out_of_resources, open_file_limit
+from vtunnel.io.limits import ThrottledWarning, is_out_of_resources, open_file_limit
+from vtunnel.io.tuning import tune_tcp
 
 __all__ = [
     "LeanSocketStream",
@@ -46,7 +47,7 @@ __all__ = [
     "open_relay_listener",
 ]
 
-log = structlog.get_logger("vtunnel.sockio")
+log = structlog.get_logger("vtunnel.io.stream_sockets")
 
 #: bytes asked of the kernel per read, into one buffer per watcher, copied out at the size read. Reading
 #: straight into a new ``bytes`` (``recv(n)``) allocates n bytes first: at 256 KiB that is above the C
@@ -438,9 +439,7 @@ def attach_socket(
     """Drive ``protocol`` from the connected socket ``sock`` (made non-blocking); ``connection_made`` is called now."""
     watcher = watcher or watcher_for()
     sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune_tcp(sock, buffers=False)
     transport = SocketTransport(sock, protocol, watcher)
     transport._start()
     try:

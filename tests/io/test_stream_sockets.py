@@ -1,4 +1,4 @@
-"""The lean relay transport and listener (vtunnel.apps.sockio) on real loopback sockets.
+"""The lean relay transport and listener (vtunnel.io.stream_sockets) on real loopback sockets.
 
 Every test runs on asyncio's loop and on uvloop, with the watcher's epoll set and with its per-socket fallback.
 """
@@ -22,8 +22,7 @@ from anyio.abc import SocketAttribute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BOTH_LOOPS
-from vtunnel.apps.sockio import (
+from vtunnel.io.stream_sockets import (
     HIGH_WATER,
     LeanSocketStream,
     SocketTransport,
@@ -33,12 +32,6 @@ from vtunnel.apps.sockio import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=BOTH_LOOPS)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
-    param: tuple[str, dict[str, bool]] = request.param
-    return param
 
 
 @pytest.fixture(params=["epoll", "loop"])
@@ -369,8 +362,8 @@ def test_running_out_of_descriptors_pauses_accepting_and_loses_no_connection() -
     script = textwrap.dedent(
         """
         import asyncio, resource, socket, sys
-        from vtunnel.apps.sockio import open_relay_listener
-        import vtunnel.apps.sockio as sockio
+        from vtunnel.io.stream_sockets import open_relay_listener
+        import vtunnel.io.stream_sockets as sockio
         sockio.ACCEPT_RETRY_DELAY = 0.2
 
         class Echo(asyncio.Protocol):

@@ -39,7 +39,7 @@ __all__ = [
     "split_run",
 ]
 
-log = structlog.get_logger("vtunnel.transports.udpio")
+log = structlog.get_logger("vtunnel.io.datagrams")
 
 Address: TypeAlias = tuple[str, int]
 #: receives one batch of ``(datagram, source address)``
