@@ -156,7 +156,7 @@ class Server:
         except DialError as exc:
             log.info(
                 "destination refused",
-                tunnel=stream._conn.name,
+                tunnel=stream.tunnel_name,
                 stream=stream.stream_id,
                 destination=authority,
                 error=exc.error,
@@ -171,7 +171,7 @@ class Server:
             raise
         try:
             stream.accept()
-            log.debug("relaying", tunnel=stream._conn.name, stream=stream.stream_id, destination=authority)
+            log.debug("relaying", tunnel=stream.tunnel_name, stream=stream.stream_id, destination=authority)
             relay.attach(stream)
         except BaseException:
             relay.close()
@@ -198,7 +198,7 @@ class Server:
                 else:
                     log.info(
                         "stream has no destination and is not WebSocks: reset",
-                        tunnel=stream._conn.name,
+                        tunnel=stream.tunnel_name,
                         stream=stream.stream_id,
                     )
                     stream.refuse("failed")

@@ -419,7 +419,7 @@ class TunnelConnection:
         self.log.info("tunnel closed", reason=reason, streams=len(self.streams))
         self._closed.set()
         for stream in list(self.streams.values()):
-            stream._on_tunnel_closed()
+            stream.deliver_tunnel_closed()
         self._writer_wakeup.set()
         if self._outbound_drained is not None:
             self._outbound_drained.set()
@@ -433,7 +433,7 @@ class TunnelConnection:
             if isinstance(ev, events.DataReceived):
                 s = streams.get(ev.stream_id)
                 if s is not None:
-                    s._on_data(ev.data)
+                    s.deliver_data(ev.data)
                     if s.buffered > UNCONTROLLED_BUFFER_LIMIT:
                         self._over_limit.add(ev.stream_id)
                 else:  # a stream we already closed: give the credit back
@@ -441,25 +441,25 @@ class TunnelConnection:
             elif isinstance(ev, events.WindowUpdated):
                 if ev.stream_id == 0:
                     for s in streams.values():
-                        s._on_window()
+                        s.deliver_window()
                 else:
                     s2 = streams.get(ev.stream_id)
                     if s2 is not None:
-                        s2._on_window()
+                        s2.deliver_window()
             elif isinstance(ev, events.StreamOpened):
                 self._on_stream_opened(ev)
             elif isinstance(ev, events.StreamAccepted):
                 s3 = streams.get(ev.stream_id)
                 if s3 is not None:
-                    s3._on_accepted()
+                    s3.deliver_accepted()
             elif isinstance(ev, events.StreamEnded):
                 s4 = streams.get(ev.stream_id)
                 if s4 is not None:
-                    s4._on_eof()
+                    s4.deliver_eof()
             elif isinstance(ev, events.StreamReset):
                 s5 = streams.get(ev.stream_id)
                 if s5 is not None:
-                    s5._on_reset(ev.error)
+                    s5.deliver_reset(ev.error)
             elif isinstance(ev, events.HandshakeCompleted):
                 self.log.debug("tunnel ready", extensions=str(ev.extensions))
                 self._ready.set()
@@ -467,7 +467,7 @@ class TunnelConnection:
                 self.log.info("peer is shutting down", reason=ev.reason, last_stream_id=ev.last_stream_id)
                 for sid, s6 in list(streams.items()):
                     if sid > ev.last_stream_id:
-                        s6._on_reset("refused")
+                        s6.deliver_reset("refused")
             elif isinstance(ev, events.TunnelClosed):
                 self._mark_closed(ev.reason)
 
@@ -480,7 +480,8 @@ class TunnelConnection:
         self.streams[ev.stream_id] = stream
         tg.start_soon(self._run_handler, stream)  # straight from the reader: no queue, no extra hop
 
-    def _forget(self, stream_id: int) -> None:
+    def forget_stream(self, stream_id: int) -> None:
+        """A stream of this connection was closed by its user: drop it (called by ``TunnelStream`` only)."""
         self.streams.pop(stream_id, None)
         self._over_limit.discard(stream_id)
         self._reader_resume.set()

@@ -107,7 +107,8 @@ class TunnelStream(ByteStream):
             ev.set()
 
     # ---------------------------------------------------------------- events from the pump
-    def _on_data(self, data: bytes) -> None:
+    # Called by the stream's TunnelConnection only (one method per core event), in the order the core gave them.
+    def deliver_data(self, data: bytes) -> None:
         self.buffered += len(data)
         consumer = self._consumer
         if consumer is not None:
@@ -119,20 +120,20 @@ class TunnelStream(ByteStream):
         buf.append(data)
         self._wake_reader()
 
-    def _on_eof(self) -> None:
+    def deliver_eof(self) -> None:
         self._eof = True
         if self._consumer is not None:
             self._consumer.stream_eof()
             return
         self._wake_reader()
 
-    def _on_reset(self, error: str | None) -> None:
+    def deliver_reset(self, error: str | None) -> None:
         if self._broken is None:
             self._broken = "reset"
             self.reset_error = error
         self._wake_all()
 
-    def _on_tunnel_closed(self) -> None:
+    def deliver_tunnel_closed(self) -> None:
         if self._broken is None and not (self._eof and self._sent_eof):
             self._broken = "tunnel closed"
             self.reset_error = "tunnel closed"
@@ -148,13 +149,13 @@ class TunnelStream(ByteStream):
         self._wake_writer()
         self._wake_accept()
 
-    def _on_window(self) -> None:
+    def deliver_window(self) -> None:
         if self._consumer is not None:
             self._consumer.stream_writable()
             return
         self._wake_writer()
 
-    def _on_accepted(self) -> None:
+    def deliver_accepted(self) -> None:
         self._syn_acked = True
         # the core may have held data until the SYN-ACK (no 0-RTT): the window opens now
         if self._consumer is not None:
@@ -194,6 +195,11 @@ class TunnelStream(ByteStream):
             raise StreamRefused(self.reset_error)
 
     # ---------------------------------------------------------------- callbacks instead of tasks
+    @property
+    def tunnel_name(self) -> str:
+        """The name of the tunnel connection carrying this stream (for logs)."""
+        return self._conn.name
+
     @property
     def handed_off(self) -> bool:
         """A consumer is attached (:meth:`attach`): it, not the task that accepted the stream, closes it."""
@@ -380,7 +386,7 @@ class TunnelStream(ByteStream):
             with contextlib.suppress(VTunnelError):
                 conn.tunnel.close_stream(self.stream_id)
             conn.flush()
-        conn._forget(self.stream_id)
+        conn.forget_stream(self.stream_id)
         self._wake_reader()
         self._wake_writer()
 
