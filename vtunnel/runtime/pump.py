@@ -171,6 +171,12 @@ class TunnelConnection:
         """Bytes queued for the transport or being written to it."""
         return self.tunnel.bytes_to_send + self._sending
 
+    @property
+    def outbound_congested(self) -> bool:
+        """More than :data:`OUTBOUND_HIGH_WATER` waits for the transport (and the tunnel is open): relays stop
+        reading their sources until :meth:`wait_outbound_room` returns."""
+        return self.outbound_bytes > OUTBOUND_HIGH_WATER and not self.closed
+
     async def wait_outbound_room(self) -> None:
         while self.outbound_bytes > OUTBOUND_HIGH_WATER and not self._closed.is_set():
             drained = self._outbound_drained

@@ -18,22 +18,43 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import ByteStream
 
-from vtunnel.protocol import StreamMetadata
+from vtunnel.protocol import StreamMetadata, Tunnel
 from vtunnel.protocol.errors import VTunnelError
 from vtunnel.runtime.errors import StreamRefused
 
-if TYPE_CHECKING:
-    from vtunnel.runtime.pump import TunnelConnection
-
-__all__ = ["JOIN_BELOW", "StreamConsumer", "TunnelStream", "TunnelStreamAttribute"]
+__all__ = ["JOIN_BELOW", "StreamCarrier", "StreamConsumer", "TunnelStream", "TunnelStreamAttribute"]
 
 #: ``receive`` joins buffered chunks smaller than this into one (up to ``max_bytes``)
 JOIN_BELOW = 65536
+
+
+class StreamCarrier(Protocol):
+    """What a :class:`TunnelStream` needs from the connection that carries it (``TunnelConnection`` is the one
+    implementation); a contract, so that this module does not import the connection's."""
+
+    name: str
+    tunnel: Tunnel
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def outbound_congested(self) -> bool:
+        """More than the high-water mark waits for the transport."""
+        ...
+
+    def flush(self) -> None: ...
+
+    def forget_stream(self, stream_id: int) -> None: ...
+
+    def resume_reading(self, stream: TunnelStream | None = None) -> None: ...
+
+    async def wait_outbound_room(self) -> None: ...
 
 
 class TunnelStreamAttribute(anyio.TypedAttributeSet):
@@ -62,7 +83,7 @@ class StreamConsumer(Protocol):
 class TunnelStream(ByteStream):
     def __init__(
         self,
-        conn: TunnelConnection,
+        conn: StreamCarrier,
         stream_id: int,
         metadata: StreamMetadata | None,
         *,
@@ -257,10 +278,7 @@ class TunnelStream(ByteStream):
     @property
     def outbound_congested(self) -> bool:
         """More than the high-water mark waits for the transport: a relay stops reading its source."""
-        from vtunnel.runtime.pump import OUTBOUND_HIGH_WATER  # the pump imports this module
-
-        conn = self._conn
-        return conn.outbound_bytes > OUTBOUND_HIGH_WATER and not conn.closed
+        return self._conn.outbound_congested
 
     async def wait_outbound_room(self) -> None:
         await self._conn.wait_outbound_room()
@@ -398,5 +416,5 @@ class TunnelStream(ByteStream):
         }
 
 
-def tunnel_max_datagram(conn: TunnelConnection) -> int:
+def tunnel_max_datagram(conn: StreamCarrier) -> int:
     return conn.tunnel.config.max_frame_size
