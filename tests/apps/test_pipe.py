@@ -16,11 +16,11 @@ from anyio.abc import SocketAttribute, SocketStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.runtime.test_pump import Handler, tunnel_pair
+from tests.runtime.test_connection import Handler, tunnel_pair
 from vtunnel.apps.pipe import SocketRelay, pipe
 from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import TunnelConfig
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.tunnel_stream import TunnelStream
 
 from .conftest import tcp_pair
 

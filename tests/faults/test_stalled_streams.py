@@ -11,9 +11,9 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from tests.runtime.test_pump import read_all, tunnel_pair
+from tests.runtime.test_connection import read_all, tunnel_pair
 from vtunnel.protocol import StreamMetadata, TunnelConfig
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.tunnel_stream import TunnelStream
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ import hpack
 from tests.protocol.helpers import EXTENDED, VPROXY
 from vtunnel.protocol import Role, StreamState, Tunnel, TunnelConfig, TunnelState, events
 from vtunnel.protocol.settings import local_settings
-from vtunnel.protocol.stream import LIVE_STATES
+from vtunnel.protocol.stream_machine import LIVE_STATES
 
 SEQUENCES = int(os.environ.get("VTUNNEL_FUZZ_SEQUENCES", "100000"))
 TIME_BUDGET = float(os.environ.get("VTUNNEL_FUZZ_SECONDS", "50"))

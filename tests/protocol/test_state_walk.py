@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 from tests.protocol.helpers import EXTENDED, VPROXY, Side, handshake, pump, state_of
 from vtunnel.protocol import LocalProtocolError, Role, StreamState, Tunnel, TunnelConfig, TunnelState, events
 from vtunnel.protocol.frames import encode_goaway
-from vtunnel.protocol.machine import TUNNEL_TRANSITIONS, TunnelEffect, TunnelInput
-from vtunnel.protocol.stream import (
+from vtunnel.protocol.stream_machine import (
     LIVE_STATES,
     STREAM_TRANSITIONS,
     Stream,
     StreamInput,
     StreamTransitionError,
 )
+from vtunnel.protocol.tunnel_machine import TUNNEL_TRANSITIONS, TunnelEffect, TunnelInput
 
 SI = StreamInput
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
-from tests.security.test_stream import length_masks
+from tests.security.test_records import length_masks
 from vtunnel.security.ciphers import (
     ALL_CIPHERS,
     CIPHER_CHOICES,
@@ -40,8 +40,7 @@ from vtunnel.security.datagram import (
 from vtunnel.security.errors import AuthenticationFailed, SecurityError
 from vtunnel.security.handshake import encode_init_payload
 from vtunnel.security.noise import PROTOCOL_NAME, Initiator, Responder
-from vtunnel.security.replay import ReplayCache
-from vtunnel.security.stream import (
+from vtunnel.security.records import (
     HANDSHAKE_FRAME_OVERHEAD,
     STREAM_PROLOGUE,
     SecureStreamClient,
@@ -49,6 +48,7 @@ from vtunnel.security.stream import (
     read_handshake_frame,
     write_handshake_frame,
 )
+from vtunnel.security.replay import ReplayCache
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtunnel.security.errors import AuthenticationFailed
+from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
-from vtunnel.security.stream import SecureStreamClient, SecureStreamServer
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0

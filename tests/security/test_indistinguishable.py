@@ -17,8 +17,8 @@ import struct
 import pytest
 
 from tests.security.randomness import PREFIX, SEED, UNITS, failures, seeded
+from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import ReplayCache
-from vtunnel.security.stream import SecureStreamClient, SecureStreamServer
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0

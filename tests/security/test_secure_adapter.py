@@ -18,8 +18,8 @@ from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from tests.streams import echo, read_exactly
 from vtunnel.security.ciphers import Cipher
 from vtunnel.security.errors import HandshakeTimeout, SecurityError
+from vtunnel.security.records import SecureStreamClient
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
-from vtunnel.security.stream import SecureStreamClient
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.secure import (
     RECORD_TIMEOUT,

@@ -32,7 +32,7 @@ from anyio.abc import ByteStream, SocketAttribute
 
 from vtunnel.io.stream_sockets import LeanSocketStream
 from vtunnel.runtime.errors import StreamRefused
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.tunnel_stream import TunnelStream
 
 if TYPE_CHECKING:
     from vtunnel.protocol import StreamMetadata

@@ -24,8 +24,8 @@ from vtunnel.apps.pipe import SocketRelay
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import Role, TunnelConfig
-from vtunnel.runtime.pump import TunnelConnection
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.connection import TunnelConnection
+from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
 
 __all__ = ["Server", "ServerSettings"]

@@ -11,11 +11,11 @@ from vtunnel.protocol.errors import (
     StreamClosedError,
     VTunnelError,
 )
-from vtunnel.protocol.machine import TunnelState
 from vtunnel.protocol.metadata import StreamMetadata
 from vtunnel.protocol.settings import Extensions, TunnelConfig
-from vtunnel.protocol.stream import StreamState
+from vtunnel.protocol.stream_machine import StreamState
 from vtunnel.protocol.tunnel import Role, Tunnel
+from vtunnel.protocol.tunnel_machine import TunnelState
 
 __all__ = [
     "ConfigError",

@@ -36,7 +36,6 @@ from vtunnel.protocol.events import (
     WindowUpdated,
 )
 from vtunnel.protocol.keepalive import Keepalive, KeepaliveAction
-from vtunnel.protocol.machine import TUNNEL_TRANSITIONS, TunnelEffect, TunnelInput, TunnelState
 from vtunnel.protocol.metadata import (
     HeaderBlockError,
     MetadataCodec,
@@ -52,7 +51,7 @@ from vtunnel.protocol.settings import (
     negotiate,
     parse_peer_settings,
 )
-from vtunnel.protocol.stream import (
+from vtunnel.protocol.stream_machine import (
     LIVE_STATES,
     STREAM_TRANSITIONS,
     Stream,
@@ -61,6 +60,7 @@ from vtunnel.protocol.stream import (
     StreamState,
     StreamTransitionError,
 )
+from vtunnel.protocol.tunnel_machine import TUNNEL_TRANSITIONS, TunnelEffect, TunnelInput, TunnelState
 
 __all__ = ["Role", "Tunnel"]
 

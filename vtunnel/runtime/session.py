@@ -15,9 +15,9 @@ import structlog
 from anyio.abc import TaskGroup
 
 from vtunnel.protocol import Role, StreamMetadata, TunnelConfig
+from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.errors import TunnelUnavailable
-from vtunnel.runtime.pump import TunnelConnection
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
 
 __all__ = ["Backoff", "TunnelPool"]

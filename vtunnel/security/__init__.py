@@ -21,8 +21,8 @@ from .datagram import (
 )
 from .errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from .keys import decode_key, decode_key_file, generate_key
+from .records import SecureStreamClient, SecureStreamServer
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
-from .stream import SecureStreamClient, SecureStreamServer
 
 __all__ = [
     "CID_LEN",

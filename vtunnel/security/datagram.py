@@ -78,8 +78,8 @@ from .handshake import (
     encode_init_payload,
 )
 from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
+from .records import Entropy
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
-from .stream import Entropy
 
 __all__ = [
     "AMPLIFICATION_FACTOR",

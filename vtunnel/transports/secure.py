@@ -1,6 +1,6 @@
 """The anyio adapter of the security layer for byte-stream transports (tcp://, tls://, plugins).
 
-:func:`secure_client` and :func:`secure_server` run the handshake of :mod:`vtunnel.security.stream` over an
+:func:`secure_client` and :func:`secure_server` run the handshake of :mod:`vtunnel.security.records` over an
 anyio :class:`~anyio.abc.ByteStream` and return a :class:`SecureByteStream`, itself a ``ByteStream`` that
 seals and opens records. A server never answers a peer that fails authentication: it reads and discards for a
 random time, then closes, so a prober learns nothing from the content or the timing of what it sends. A record
@@ -31,8 +31,8 @@ from anyio.abc import ByteStream
 
 from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, preference
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
+from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
-from vtunnel.security.stream import SecureStreamClient, SecureStreamServer
 
 __all__ = [
     "CIPHER_ENV",

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtunnel.protocol import Role, StreamMetadata, TunnelConfig
+from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.errors import StreamRefused
-from vtunnel.runtime.pump import TunnelConnection
-from vtunnel.runtime.stream import TunnelStream, TunnelStreamAttribute
+from vtunnel.runtime.tunnel_stream import TunnelStream, TunnelStreamAttribute
 
 pytestmark = pytest.mark.anyio
 
@@ -304,7 +304,7 @@ async def test_pushed_input_pauses_for_a_full_buffer_without_flow_control_and_re
     """A vproxy-style tunnel (no flow control) over kcp://: the input pushed by the session stops while a stream
     holds more than the buffer limit, the data waits in KCP, and reading the stream resumes it; nothing is lost.
     """
-    from vtunnel.runtime.pump import UNCONTROLLED_BUFFER_LIMIT
+    from vtunnel.runtime.connection import UNCONTROLLED_BUFFER_LIMIT
 
     release = anyio.Event()
     received: list[int] = []

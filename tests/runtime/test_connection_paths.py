@@ -9,10 +9,15 @@ import pytest
 from anyio.abc import ByteStream
 
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig
-from vtunnel.runtime.pump import OUTBOUND_HIGH_WATER, READ_SIZE, UNCONTROLLED_BUFFER_LIMIT, TunnelConnection
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.connection import (
+    OUTBOUND_HIGH_WATER,
+    READ_SIZE,
+    UNCONTROLLED_BUFFER_LIMIT,
+    TunnelConnection,
+)
+from vtunnel.runtime.tunnel_stream import TunnelStream
 
-from .test_pump import read_all, tunnel_pair
+from .test_connection import read_all, tunnel_pair
 
 pytestmark = pytest.mark.anyio
 

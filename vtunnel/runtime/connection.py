@@ -33,7 +33,7 @@ from anyio.abc import ByteStream, TaskGroup
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState, events
 from vtunnel.protocol.errors import MetadataNotNegotiated, VTunnelError
 from vtunnel.runtime.errors import DestinationNotCarried, TunnelUnavailable
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.tunnel_stream import TunnelStream
 
 __all__ = ["OUTBOUND_HIGH_WATER", "StreamHandler", "TunnelConnection"]
 

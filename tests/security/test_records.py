@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtunnel.security.errors import AuthenticationFailed, SecurityError
-from vtunnel.security.replay import ReplayCache
-from vtunnel.security.stream import (
+from vtunnel.security.records import (
     LENGTH_KEY_LABEL,
     MAX_HANDSHAKE_LEN,
     MAX_RECORD_PLAINTEXT,
@@ -21,6 +20,7 @@ from vtunnel.security.stream import (
     SecureStreamClient,
     SecureStreamServer,
 )
+from vtunnel.security.replay import ReplayCache
 
 PSK = bytes(range(32))
 NOW = 1_700_000_000.0
@@ -430,7 +430,7 @@ def test_output_is_never_a_view_of_a_reused_buffer() -> None:
 
 
 def test_sends_and_reads_larger_than_the_kept_work_buffer() -> None:
-    from vtunnel.security.stream import WORK_BUFFER_MAX
+    from vtunnel.security.records import WORK_BUFFER_MAX
 
     c, s = connect()
     big = os.urandom(WORK_BUFFER_MAX + 3 * MAX_RECORD_PLAINTEXT + 7)

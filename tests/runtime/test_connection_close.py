@@ -18,8 +18,8 @@ from anyio.abc import ByteStream, SocketStream
 
 from vtunnel.protocol import Role, Tunnel, TunnelConfig, events
 from vtunnel.protocol import frames as fr
-from vtunnel.runtime.pump import TunnelConnection
-from vtunnel.runtime.stream import TunnelStream
+from vtunnel.runtime.connection import TunnelConnection
+from vtunnel.runtime.tunnel_stream import TunnelStream
 
 pytestmark = pytest.mark.anyio
 
