@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from tests.kcputil import kcp_server
 from tests.streams import read_exactly
+from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.transports.base import Endpoint
 from vtunnel.transports.kcp import NewestMarks
-from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
 
 CONV = 0x5EED

@@ -13,10 +13,10 @@ from anyio.abc import SocketAttribute
 
 from tests.kcputil import PLAIN, connect, kcp_server
 from tests.streams import echo, read_exactly, wait_until
+from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.io.datagrams import DatagramSocket, open_udp_socket
 from vtunnel.transports.base import Endpoint
 from vtunnel.transports.kcp import KCPListener, KCPTransport
-from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
 
 pytestmark = pytest.mark.anyio

@@ -6,9 +6,10 @@ from dataclasses import fields
 
 import pytest
 
+from vtunnel.arq.kcp_options import PRESETS, KCPOptions
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
 from vtunnel.transports.kcp import KCPTransport
-from vtunnel.transports.kcp_options import PRESETS, KCPOptions, parse_options
+from vtunnel.transports.kcp_options import parse_options
 
 
 def test_defaults_are_fast3_with_big_windows() -> None:

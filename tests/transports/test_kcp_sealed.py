@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.streams import echo, read_exactly, wait_until
+from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.io.datagrams import DatagramSocket, open_udp_socket
 from vtunnel.security.ciphers import Cipher
 from vtunnel.security.datagram import (
@@ -41,7 +42,6 @@ from vtunnel.security.replay import ReplayCache, ResetLimiter
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
-from vtunnel.transports.kcp_engine import KCPEngine
 from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.kcp_secure import RESET_REASON, SealedKCPListener, connect_sealed
 

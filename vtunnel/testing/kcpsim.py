@@ -17,8 +17,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vtunnel.transports.kcp_engine import KCPEngine
-from vtunnel.transports.kcp_options import KCPOptions, parse_options
+from vtunnel.arq.kcp_engine import KCPEngine
+from vtunnel.arq.kcp_options import KCPOptions
+from vtunnel.transports.kcp_options import parse_options
 
 __all__ = ["Path", "PathStats", "SimResult", "simulate_bulk"]
 

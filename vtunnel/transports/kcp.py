@@ -31,6 +31,17 @@ import anyio
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
+from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.arq.kcp_options import KCPOptions
+from vtunnel.arq.kcp_wire import (
+    HEADER_LEN,
+    Command,
+    RunVerdict,
+    conv_of,
+    is_new_session,
+    valid_datagram,
+    vet_run,
+)
 from vtunnel.io.datagrams import (
     Address,
     CoalescingSocket,
@@ -40,18 +51,8 @@ from vtunnel.io.datagrams import (
     split_run,
 )
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
-from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
-from vtunnel.transports.kcp_options import KCPOptions, parse_options
+from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.kcp_stream import KCPStream
-from vtunnel.transports.kcp_wire import (
-    HEADER_LEN,
-    Command,
-    RunVerdict,
-    conv_of,
-    is_new_session,
-    valid_datagram,
-    vet_run,
-)
 
 __all__ = ["KCPListener", "KCPStream", "KCPTransport", "NewestMarks"]
 

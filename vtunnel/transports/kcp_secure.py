@@ -30,6 +30,9 @@ from typing import Any, Final
 import anyio
 import structlog
 
+from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.arq.kcp_options import KCPOptions
+from vtunnel.arq.kcp_wire import first_header, is_new_session, valid_datagram
 from vtunnel.io.datagrams import Address, CoalescingSocket, Run, open_client_socket
 from vtunnel.security.ciphers import cipher_name
 from vtunnel.security.datagram import (
@@ -49,10 +52,7 @@ from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, Secu
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.kcp import KCPListener, SessionKey
-from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
-from vtunnel.transports.kcp_options import KCPOptions
 from vtunnel.transports.kcp_stream import KCPStream
-from vtunnel.transports.kcp_wire import first_header, is_new_session, valid_datagram
 from vtunnel.transports.secure import cipher_preference
 
 __all__ = ["SealedKCPListener", "connect_sealed"]

@@ -18,9 +18,9 @@ import anyio
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
+from vtunnel.arq.kcp_engine import KCPEngine
+from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.io.datagrams import Address
-from vtunnel.transports.kcp_engine import KCPEngine
-from vtunnel.transports.kcp_options import KCPOptions
 
 __all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPStream"]
 

@@ -7,7 +7,7 @@ import struct
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from vtunnel.transports.kcp_wire import (
+from vtunnel.arq.kcp_wire import (
     HEADER_LEN,
     Command,
     RunVerdict,

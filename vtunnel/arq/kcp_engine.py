@@ -19,8 +19,8 @@ from typing import Final
 
 import siokcp
 
-from vtunnel.transports.kcp_options import KCPOptions
-from vtunnel.transports.kcp_pacing import Pacer
+from vtunnel.arq.kcp_options import KCPOptions
+from vtunnel.arq.pacing import Pacer
 
 __all__ = ["KCPEngine", "KCPEngineError"]
 

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtunnel.transports.kcp_engine import KCPEngine, KCPEngineError
-from vtunnel.transports.kcp_options import KCPOptions, parse_options
-from vtunnel.transports.kcp_wire import RunVerdict, valid_datagram, vet_run
+from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.arq.kcp_options import KCPOptions
+from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
+from vtunnel.transports.kcp_options import parse_options
 
 OPTS = parse_options({"sndwnd": "128", "rcvwnd": "128"})
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vtunnel.arq.pacing import Pacer, PacerConfig, Phase
 from vtunnel.testing.kcpsim import Path, simulate_bulk
 from vtunnel.transports.kcp_options import parse_options
-from vtunnel.transports.kcp_pacing import Pacer, PacerConfig, Phase
 
 MiB = 1024 * 1024
 #: the benchmark's relay profile, less its CPU: 50 MB/s through a 256 KiB queue, 5 ms each way

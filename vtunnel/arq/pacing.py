@@ -8,7 +8,7 @@ small), and keeps no more than about two round trips' worth of that rate in flig
 down; only a lower delivery rate does.
 
 It is sans-IO: :class:`Pacer` is told what was acknowledged and sent and when (``now``, seconds), and answers with
-a number of segments and a deadline. :class:`~vtunnel.transports.kcp_engine.KCPEngine` applies the answer by
+a number of segments and a deadline. :class:`~vtunnel.arq.kcp_engine.KCPEngine` applies the answer by
 setting ikcp's send window just before each flush, so ikcp keeps stamping segments with the time they really
 leave (its retransmission timers stay right) and retransmissions are never held back.
 
