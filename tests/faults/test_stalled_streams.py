@@ -11,26 +11,11 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from tests.runtime.test_connection import read_all, tunnel_pair
+from tests.runtime.test_connection import read_all, stalling_handler, tunnel_pair
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.tunnel_stream import TunnelStream
 
 pytestmark = pytest.mark.anyio
-
-
-async def stalling_handler(stream: TunnelStream, release: anyio.Event) -> None:
-    stream.accept()
-    md = stream.metadata
-    if md is not None and (md.authority or "").startswith("stall"):
-        await release.wait()  # never reads
-        return
-    total = 0
-    try:
-        while True:
-            total += len(await stream.receive())
-    except anyio.EndOfStream:
-        await stream.send(str(total).encode())
-        await stream.send_eof()
 
 
 @pytest.mark.parametrize("stalled", [4, 32, 400])

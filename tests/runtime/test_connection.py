@@ -119,22 +119,28 @@ async def test_refusal_reaches_the_opener_with_its_reason() -> None:
         assert client.accepting_streams
 
 
+async def stalling_handler(stream: TunnelStream, release: anyio.Event) -> None:
+    """Streams whose authority starts with ``stall`` are never read (until ``release``); the others are read to
+    their end and answered with the number of bytes they carried."""
+    stream.accept()
+    md = stream.metadata
+    if md is not None and (md.authority or "").startswith("stall"):
+        await release.wait()  # never reads
+        return
+    total = 0
+    try:
+        while True:
+            total += len(await stream.receive())
+    except anyio.EndOfStream:
+        await stream.send(str(total).encode())
+        await stream.send_eof()
+
+
 async def test_a_stalled_reader_does_not_stall_other_streams() -> None:
     stalled = anyio.Event()
 
     async def handler(stream: TunnelStream) -> None:
-        stream.accept()
-        md = stream.metadata
-        if md is not None and md.authority == "stall:1":
-            await stalled.wait()  # never reads
-            return
-        total = 0
-        try:
-            while True:
-                total += len(await stream.receive())
-        except anyio.EndOfStream:
-            await stream.send(str(total).encode())
-            await stream.send_eof()
+        await stalling_handler(stream, stalled)
 
     async with tunnel_pair(handler) as (client, server):
         slow = await client.open_stream(StreamMetadata(authority="stall:1"))

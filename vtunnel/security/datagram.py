@@ -73,12 +73,12 @@ from .handshake import (
     MIN_INIT_PAYLOAD_LEN,
     NOISE_OVERHEAD,
     TOKEN_LEN,
+    Entropy,
     check_wall_clock,
     decode_init_payload,
     encode_init_payload,
 )
 from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
-from .records import Entropy
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 
 __all__ = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .ciphers import Cipher, decode_offer, encode_offer
@@ -25,6 +26,7 @@ from .noise import DHLEN, TAGLEN
 __all__ = [
     "INIT_PAYLOAD_LEN",
     "MIN_INIT_PAYLOAD_LEN",
+    "Entropy",
     "InitPayload",
     "check_wall_clock",
     "decode_init_payload",
@@ -32,6 +34,9 @@ __all__ = [
     "padding",
     "random_between",
 ]
+
+#: A source of random bytes: ``entropy(n)`` returns ``n`` of them (``os.urandom``, or a seeded one in tests).
+Entropy = Callable[[int], bytes]
 
 TOKEN_LEN = 16
 _INIT = struct.Struct(">Q16s")

@@ -39,7 +39,7 @@ import os
 import struct
 import sys
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import pairwise
 
 from cryptography.exceptions import InvalidTag
@@ -53,6 +53,7 @@ from .handshake import (
     MIN_INIT_PAYLOAD_LEN,
     NOISE_OVERHEAD,
     TOKEN_LEN,
+    Entropy,
     check_wall_clock,
     decode_init_payload,
     encode_init_payload,
@@ -92,8 +93,6 @@ MIN_INIT_LEN = NOISE_OVERHEAD + MIN_INIT_PAYLOAD_LEN
 MAX_HANDSHAKE_LEN = NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
 MIN_REPLY_LEN = NOISE_OVERHEAD + 1  # the chosen cipher's code
 
-#: A source of random bytes: ``entropy(n)`` returns ``n`` of them.
-Entropy = Callable[[int], bytes]
 SALT_LEN = 16
 #: What a handshake frame adds to its Noise message: the salt and the masked length.
 HANDSHAKE_FRAME_OVERHEAD = SALT_LEN + _LEN.size
