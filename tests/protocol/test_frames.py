@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Callable
 
 import pytest
 from hyperframe.frame import (
@@ -111,7 +112,9 @@ def test_settings_round_trip(entries: list[tuple[int, int]]) -> None:
     data = fr.encode_settings(entries)
     [frame], err = fr.FrameDecoder().feed(data)
     assert err is None
-    assert fr.decode_settings(frame.payload) == entries
+    assert fr.decode_settings(frame.payload) == list(
+        dict(entries).items()
+    )  # an id given twice: its last value
 
 
 def test_settings_payload_must_be_whole_entries() -> None:
@@ -263,3 +266,175 @@ def test_split_header_over_the_limit_is_an_error_once_complete() -> None:
     assert frames == []
     assert err is not None
     assert err.frame_size
+
+
+# ---------------------------------------------------------------- the two paths against hyperframe
+
+stream_ids = st.integers(1, 2**31 - 1)
+
+
+def hyper(data: bytes) -> Frame:
+    """Parse one whole frame with hyperframe."""
+    frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+    assert length == len(data) - 9
+    frame.parse_body(memoryview(data[9:]))
+    return frame
+
+
+def ours(data: bytes) -> fr.RawFrame:
+    """Parse one whole frame with our decoder."""
+    [frame], err = fr.FrameDecoder().feed(data)
+    assert err is None
+    return frame
+
+
+@given(stream_ids, st.booleans(), st.binary(max_size=3000))
+def test_data_fast_path_writes_what_hyperframe_writes(sid: int, end: bool, payload: bytes) -> None:
+    flags = fr.END_STREAM if end else 0
+    theirs = DataFrame(sid, payload, flags=["END_STREAM"] if end else []).serialize()
+    assert fr.encode_frame(fr.FrameType.DATA, flags, sid, payload) == theirs
+    assert fr.frame_header(fr.FrameType.DATA, flags, sid, len(payload)) + payload == theirs
+    assert ours(theirs) == fr.RawFrame(0, flags, sid, payload)
+    parsed = hyper(theirs)
+    assert isinstance(parsed, DataFrame)
+    assert (parsed.stream_id, parsed.data, "END_STREAM" in parsed.flags) == (sid, payload, end)
+
+
+@given(stream_ids, st.booleans(), st.binary(max_size=300))
+def test_gzip_flag_is_kept_by_our_decoder_and_dropped_by_hyperframe(
+    sid: int, end: bool, payload: bytes
+) -> None:
+    flags = fr.GZIP | (fr.END_STREAM if end else 0)
+    data = fr.encode_frame(fr.FrameType.DATA, flags, sid, payload)
+    assert ours(data).flags == flags
+    parsed = hyper(data)
+    assert isinstance(parsed, DataFrame)
+    assert set(parsed.flags) == ({"END_STREAM"} if end else set())
+    assert parsed.data == payload
+
+
+@given(st.integers(0, 2**64 - 1), st.booleans())
+def test_ping_is_hyperframes(counter: int, ack: bool) -> None:
+    data = fr.encode_ping(counter, ack=ack)
+    assert data == PingFrame(0, counter.to_bytes(8, "big"), flags=["ACK"] if ack else []).serialize()
+    parsed = hyper(data)
+    assert isinstance(parsed, PingFrame)
+    assert (parsed.opaque_data, "ACK" in parsed.flags) == (counter.to_bytes(8, "big"), ack)
+    raw = ours(data)
+    assert (raw.type, raw.flags, raw.stream_id) == (fr.FrameType.PING, fr.ACK if ack else 0, 0)
+    assert fr.decode_ping(raw.payload) == counter
+
+
+@given(st.dictionaries(st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1), max_size=10))
+def test_settings_parse_identically_with_hyperframe(entries: dict[int, int]) -> None:
+    data = fr.encode_settings(entries.items())
+    parsed = hyper(data)
+    assert isinstance(parsed, SettingsFrame)
+    assert list(parsed.settings.items()) == list(entries.items())  # vtunnel's 0xF000.. ids whole
+    assert fr.decode_settings(ours(data).payload) == list(entries.items())
+    small = {k & 0xFF: v for k, v in entries.items()}  # the ids hyperframe 6.1 itself can write
+    theirs = SettingsFrame(0, settings=small).serialize()
+    assert fr.encode_settings(small.items()) == theirs
+    assert fr.decode_settings(theirs[9:]) == list(small.items())
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.text(max_size=40))
+def test_goaway_parses_identically_with_hyperframe(last: int, code: int, reason: str) -> None:
+    data = fr.encode_goaway(reason, last_stream_id=last, code=code)
+    body = reason.encode("utf-8", "replace")
+    parsed = hyper(data)
+    assert isinstance(parsed, GoAwayFrame)
+    assert (parsed.last_stream_id, parsed.error_code, parsed.additional_data) == (last, code, body)
+    assert fr.decode_goaway(ours(data).payload) == (last, code, body.decode("utf-8", "replace"))
+    if last < 2**31:  # hyperframe clears the reserved bit vproxy sets in 0xFFFFFFFF
+        theirs = GoAwayFrame(0, last_stream_id=last, error_code=code, additional_data=body).serialize()
+        assert data == theirs
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 2**31 - 1), st.booleans())
+def test_window_update_is_hyperframes(sid: int, increment: int, reserved: bool) -> None:
+    data = fr.encode_window_update(sid, increment)
+    assert data == WindowUpdateFrame(sid, increment).serialize()
+    parsed = hyper(data)
+    assert isinstance(parsed, WindowUpdateFrame)
+    assert (parsed.stream_id, parsed.window_increment) == (sid, increment)
+    payload = (increment | (0x80000000 if reserved else 0)).to_bytes(4, "big")
+    assert fr.decode_window_update(payload) == increment  # the reserved bit is ignored
+
+
+def test_zero_window_update_is_left_to_the_tunnel() -> None:
+    assert fr.decode_window_update(bytes(4)) == 0
+    assert fr.decode_window_update(b"\x80\0\0\0") == 0
+
+
+@given(stream_ids, st.booleans(), st.binary(max_size=200))
+def test_headers_are_hyperframes(sid: int, end: bool, block: bytes) -> None:
+    data = fr.encode_headers(sid, block, end_stream=end)
+    assert data == HeadersFrame(sid, block, flags=["END_STREAM"] if end else []).serialize()
+    assert data[4] == (fr.END_STREAM if end else 0)  # never END_HEADERS: vproxy's bytes
+    parsed = hyper(data)
+    assert isinstance(parsed, HeadersFrame)
+    assert (parsed.stream_id, parsed.data, set(parsed.flags)) == (
+        sid,
+        block,
+        {"END_STREAM"} if end else set(),
+    )
+    raw = ours(data)
+    assert fr.decode_headers(raw.stream_id, raw.flags, raw.payload) == (end, block)
+
+
+@given(stream_ids, st.integers(0, 255), st.binary(max_size=50))
+def test_headers_read_only_end_stream_from_the_flags(sid: int, flags: int, block: bytes) -> None:
+    """PADDED (0x8) or PRIORITY (0x20) from a peer do not reinterpret the block: other bits are ignored."""
+    assert fr.decode_headers(sid, flags, block) == (bool(flags & fr.END_STREAM), block)
+
+
+def test_headers_need_a_stream() -> None:
+    with pytest.raises(ValueError, match="stream id"):
+        fr.encode_headers(0)
+    with pytest.raises(fr.FrameError, match="stream 0"):
+        fr.decode_headers(0, 0, b"")
+
+
+def test_the_vproxy_messages_are_built_by_the_codec() -> None:
+    def h(text: str) -> bytes:
+        return bytes.fromhex(text.replace(" ", ""))
+
+    assert fr.encode_settings(()) == h("000000 04 00 00000000")
+    assert fr.encode_headers(1) == h("000000 01 00 00000001")  # SYN, SYN-ACK
+    assert fr.encode_headers(1, end_stream=True) == h("000000 01 01 00000001")  # RST
+    assert fr.encode_ping(1, ack=True) == h("000008 06 01 00000000 0000000000000001")
+    assert fr.encode_goaway("bye") == h("00000b 07 00 00000000 ffffffff ffffffff 627965")
+
+
+def test_short_ping_is_a_frame_error_and_extra_bytes_are_ignored() -> None:
+    with pytest.raises(fr.FrameError) as info:
+        fr.decode_ping(bytes(7))
+    assert info.value.frame_size
+    assert fr.decode_ping(bytes(7) + b"\x05" + b"extra") == 5
+
+
+def decode_any_headers(payload: bytes) -> tuple[bool, bytes]:
+    return fr.decode_headers(1, 0xFF, payload)
+
+
+DECODERS: dict[str, Callable[[bytes], object]] = {
+    "settings": fr.decode_settings,
+    "ping": fr.decode_ping,
+    "goaway": fr.decode_goaway,
+    "window_update": fr.decode_window_update,
+    "headers": decode_any_headers,
+}
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+@given(payload=st.binary(max_size=40))
+def test_control_payloads_give_a_value_or_a_frame_error(name: str, payload: bytes) -> None:
+    """No hyperframe exception (nor struct.error) leaves the codec, whatever the payload."""
+    try:
+        DECODERS[name](payload)
+    except fr.FrameError as exc:
+        reason = exc.reason
+    else:
+        reason = "decoded"
+    assert reason

@@ -12,16 +12,20 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 
 import hpack
 
 from tests.protocol.helpers import EXTENDED, VPROXY
 from vtunnel.protocol import Role, StreamState, Tunnel, TunnelConfig, TunnelState, events
+from vtunnel.protocol import frames as fr
 from vtunnel.protocol.settings import local_settings
 from vtunnel.protocol.stream_machine import LIVE_STATES
 
 SEQUENCES = int(os.environ.get("VTUNNEL_FUZZ_SEQUENCES", "100000"))
 TIME_BUDGET = float(os.environ.get("VTUNNEL_FUZZ_SECONDS", "50"))
+CONTROL_FRAMES = int(os.environ.get("VTUNNEL_FUZZ_CONTROL_FRAMES", "20000"))
+CONTROL_SECONDS = float(os.environ.get("VTUNNEL_FUZZ_CONTROL_SECONDS", "10"))
 WITNESS = 1
 
 
@@ -232,3 +236,63 @@ def test_fuzz_frame_sequences() -> None:
         share = deadline - (deadline - time.monotonic()) * (len(combos) - i - 1) / (len(combos) - i)
         total += run_fuzz(role, config, seed=1000 + i, count=per, deadline=share)
     assert total >= min(SEQUENCES, 1000)
+
+
+CONTROL_DECODERS: dict[int, Callable[[int, int, bytes], object]] = {
+    0x1: fr.decode_headers,
+    0x4: lambda _sid, _flags, payload: fr.decode_settings(payload),
+    0x6: lambda _sid, _flags, payload: fr.decode_ping(payload),
+    0x7: lambda _sid, _flags, payload: fr.decode_goaway(payload),
+    0x8: lambda _sid, _flags, payload: fr.decode_window_update(payload),
+}
+
+
+def control_frame(rng: random.Random) -> tuple[int, int, int, bytes]:
+    """A control frame with any flags and a payload of a length right or wrong for its type."""
+    ftype = rng.choice(list(CONTROL_DECODERS))
+    flags = rng.choice((0, 1, rng.randrange(256)))
+    sid = rng.choice((0, 0, 3, 5, 7, 9, 2, 0x80000003, rng.randrange(2**32)))
+    payload = rng.randbytes(rng.choice((0, 0, 1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 40)))
+    if ftype == 0x8 and rng.random() < 0.5:
+        payload = struct.pack(">I", rng.choice((0, 1, 2**31 - 1, 2**31, 2**32 - 1)))
+    return ftype, flags, sid if sid != WITNESS else 3, payload
+
+
+def test_fuzz_control_frames() -> None:
+    """Control frames of every length and flag: the codec gives a value or a FrameError, and the tunnel
+    either goes on (the witness still carries data) or fails with a GOAWAY naming the fault."""
+    rng = random.Random(2024)
+    deadline = time.monotonic() + CONTROL_SECONDS
+    combos = [(Role.SERVER, EXTENDED), (Role.SERVER, VPROXY), (Role.CLIENT, EXTENDED), (Role.CLIENT, VPROXY)]
+    done = failed = 0
+    while done < CONTROL_FRAMES and time.monotonic() < deadline:
+        role, config = combos[done % len(combos)]
+        subject = Subject(role, config)
+        for _ in range(rng.randrange(1, 6)):
+            ftype, flags, sid, payload = control_frame(rng)
+            try:
+                CONTROL_DECODERS[ftype](sid, flags, payload)
+            except fr.FrameError as exc:
+                reason = exc.reason
+            else:
+                reason = "decoded"
+            assert reason  # nothing but a FrameError leaves the codec
+            evs = subject.tunnel.receive_data(frame(ftype, flags, sid, payload), 1.0)
+            out = subject.tunnel.data_to_send()
+            assert all(isinstance(e, events.Event) for e in evs)
+            done += 1
+            closed = [e for e in evs if isinstance(e, events.TunnelClosed)]
+            if closed and closed[0].error is not None:  # our side failed the tunnel: the GOAWAY says why
+                failed += 1
+                [goaway] = [f for f in fr.FrameDecoder().feed(out)[0] if f.type == fr.FrameType.GOAWAY]
+                assert closed[0].error.reason in fr.decode_goaway(goaway.payload)[2]
+            if subject.tunnel.state is not TunnelState.READY or any(
+                isinstance(e, events.GoAwayReceived | events.StreamReset) for e in evs
+            ):
+                break
+            for e in evs:
+                if isinstance(e, events.StreamOpened):
+                    subject.tunnel.accept_stream(e.stream_id)
+            subject.witness_round_trip()
+    assert done >= min(CONTROL_FRAMES, 500)
+    assert failed  # the generator does reach the tunnel's failures

@@ -225,3 +225,39 @@ def test_vtunnel_handshake_bytes_match_the_document() -> None:
     server = Tunnel(role=Role.SERVER)
     server.receive_data(hello, 0)
     assert server.data_to_send() == hello
+
+
+def test_pinned_control_vectors_decode_alike_with_the_codec_and_hyperframe() -> None:
+    """The pinned bytes above, read by the codec's control-frame decoders and by hyperframe on its own."""
+    from hyperframe.frame import GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame
+
+    from vtunnel.protocol import frames as fr
+
+    def parse(data: bytes) -> tuple[Frame, fr.RawFrame]:
+        theirs, _ = Frame.parse_frame_header(memoryview(data[:9]))
+        theirs.parse_body(memoryview(data[9:]))
+        [ours], err = fr.FrameDecoder().feed(data)
+        assert err is None
+        return theirs, ours
+
+    settings, raw = parse(HANDSHAKE)
+    assert isinstance(settings, SettingsFrame)
+    assert settings.settings == {} == dict(fr.decode_settings(raw.payload))
+    for flags, ack in ((0, False), (1, True)):
+        ping, raw = parse(h(f"000008 06 0{flags} 00000000 0000000000000001"))
+        assert isinstance(ping, PingFrame)
+        assert ("ACK" in ping.flags, int.from_bytes(ping.opaque_data, "big")) == (
+            ack,
+            fr.decode_ping(raw.payload),
+        )
+    for flags, end in ((0, False), (1, True)):  # SYN / SYN-ACK, RST
+        headers, raw = parse(h(f"000000 01 0{flags} 00000001"))
+        assert isinstance(headers, HeadersFrame)
+        decoded = fr.decode_headers(1, raw.flags, raw.payload)
+        assert ("END_STREAM" in headers.flags, headers.data) == decoded == (end, b"")
+    goaway, raw = parse(h("00000b 07 00 00000000 ffffffff ffffffff 627965"))
+    assert isinstance(goaway, GoAwayFrame)
+    assert (goaway.last_stream_id, goaway.error_code, goaway.additional_data.decode()) == fr.decode_goaway(
+        raw.payload
+    )
+    assert fr.decode_goaway(raw.payload) == (fr.VPROXY_GOAWAY_ID, 0xFFFFFFFF, "bye")

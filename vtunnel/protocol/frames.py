@@ -1,8 +1,30 @@
 """The one frame codec: HTTP/2 framing (9-byte header) as vproxy's tunnel uses it.
 
-A ``struct`` codec rather than hyperframe's object model: the DATA path runs for every 16 KiB of payload and
-must not allocate frame objects.  The bytes are standard HTTP/2 (tests check them against hyperframe), plus
-vproxy's private DATA flag ``0x4`` (gzip payload).
+Two paths, one module:
+
+* **DATA and the frame header** are ``struct``: ``frame_header``/``encode_frame`` build them and ``FrameDecoder``
+  splits any byte stream into frames without allocating frame objects (the DATA path runs for every 16 KiB of
+  payload; hyperframe costs microseconds a frame there). The raw flags byte is handed out as is, so vproxy's
+  private DATA flag ``0x4`` (gzip payload, which generic HTTP/2 parsers drop) survives.
+* **Control frames** (SETTINGS, PING, HEADERS for SYN/SYN-ACK/RST, WINDOW_UPDATE, GOAWAY) are built and their
+  payloads parsed with hyperframe's frame classes (``encode_*``/``decode_*``). hyperframe's exceptions never leave
+  this module: a malformed payload becomes a ``FrameError`` (``frame_size`` when its length is impossible for its
+  type), which the tunnel turns into a GOAWAY.
+
+Where vproxy's bytes differ from what hyperframe 6.1 writes, the codec keeps vproxy's bytes:
+
+* SETTINGS ids are 16 bits (vtunnel's extension ids are ``0xF000..``); hyperframe 6.1 truncates ids above 0xFF
+  when it serializes, so ``_Settings`` packs the whole id (parsing needs no change).
+* A shutdown GOAWAY carries last-stream-id ``0xFFFFFFFF`` (reserved bit set); hyperframe clears that bit when it
+  serializes, so ``_GoAway`` writes the field whole. Parsing reads all 32 bits already.
+* The reserved bit of a WINDOW_UPDATE increment is ignored on receipt (RFC 9113 section 6.9) and a zero
+  increment is returned for the tunnel to refuse; hyperframe refuses both as invalid data.
+* HEADERS are SYN/SYN-ACK (flags 0) and RST (``END_STREAM``), never with END_HEADERS; only ``END_STREAM`` is read
+  from the flags byte (other bits are ignored, so a stray PADDED or PRIORITY bit cannot reinterpret the block).
+* A PING longer than 8 bytes counts by its first 8 (the extra bytes are ignored).
+
+The tests check both paths against hyperframe: every frame the codec builds parses identically with it and
+the other way round, and the DATA fast path writes the same bytes as hyperframe's ``DataFrame``.
 """
 
 from __future__ import annotations
@@ -11,7 +33,10 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+from hyperframe.exceptions import HyperframeError, InvalidDataError, InvalidFrameError
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame
 
 __all__ = [
     "ACK",
@@ -28,11 +53,13 @@ __all__ = [
     "RawFrame",
     "byte_view",
     "decode_goaway",
+    "decode_headers",
     "decode_ping",
     "decode_settings",
     "decode_window_update",
     "encode_frame",
     "encode_goaway",
+    "encode_headers",
     "encode_ping",
     "encode_settings",
     "encode_window_update",
@@ -61,10 +88,10 @@ MAX_WINDOW = (1 << 31) - 1
 VPROXY_GOAWAY_ID = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _GOAWAY = struct.Struct(">II")
 _SETTING = struct.Struct(">HI")
+_PING_ACK = ("ACK",)
+_RST = ("END_STREAM",)
 
 
 class FrameError(Exception):
@@ -103,47 +130,102 @@ def encode_frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -
     return _HEADER.pack((len(payload) << 8) | ftype, flags, stream_id) + payload
 
 
+class _Settings(SettingsFrame):
+    """hyperframe's SETTINGS frame, serializing 16-bit ids (hyperframe 6.1 keeps only their low byte)."""
+
+    def serialize_body(self) -> bytes:
+        return b"".join(_SETTING.pack(k, v) for k, v in self.settings.items())
+
+
+class _GoAway(GoAwayFrame):
+    """hyperframe's GOAWAY frame, writing all 32 bits of last-stream-id (vproxy sends ``0xFFFFFFFF``)."""
+
+    def serialize_body(self) -> bytes:
+        return _GOAWAY.pack(self.last_stream_id, self.error_code) + self.additional_data
+
+
+_F = TypeVar("_F", bound=Frame)
+
+
+def _parse(frame: _F, payload: bytes | memoryview, name: str, size_problem: str) -> _F:
+    """Parse ``payload`` into ``frame``; hyperframe's errors become ``FrameError`` naming the frame type."""
+    try:
+        frame.parse_body(memoryview(payload))
+    except InvalidFrameError:  # a length this frame type cannot have
+        raise FrameError(f"{name} {size_problem}", frame_size=True) from None
+    except HyperframeError as exc:  # InvalidDataError, InvalidPaddingError: the body's content is wrong
+        raise FrameError(f"{name}: {exc}") from None
+    return frame
+
+
 def encode_settings(entries: Iterable[tuple[int, int]]) -> bytes:
-    payload = b"".join(_SETTING.pack(k, v) for k, v in entries)
-    return encode_frame(FrameType.SETTINGS, 0, 0, payload)
+    """A SETTINGS frame (stream 0, no flags) with ``entries`` in order; an id given twice keeps its last value."""
+    return _Settings(0, settings=dict(entries)).serialize()
 
 
-def decode_settings(payload: bytes) -> list[tuple[int, int]]:
-    if len(payload) % 6:
-        raise FrameError("SETTINGS payload is not a multiple of 6 bytes", frame_size=True)
-    return [_SETTING.unpack_from(payload, i) for i in range(0, len(payload), 6)]
+def decode_settings(payload: bytes | memoryview) -> list[tuple[int, int]]:
+    """The entries of a SETTINGS payload in order; an id given twice has its last value (RFC 9113 section 6.5.3)."""
+    frame = _parse(SettingsFrame(0), payload, "SETTINGS", "payload is not a multiple of 6 bytes")
+    return list(frame.settings.items())
 
 
 def encode_ping(counter: int, *, ack: bool = False) -> bytes:
-    return encode_frame(FrameType.PING, ACK if ack else 0, 0, _U64.pack(counter))
+    """A keepalive PING (or its ack) carrying ``counter`` as its 8 bytes."""
+    return PingFrame(0, counter.to_bytes(8, "big"), flags=_PING_ACK if ack else ()).serialize()
 
 
-def decode_ping(payload: bytes) -> int:
-    value: int = _U64.unpack_from(payload)[0]
-    return value
+def decode_ping(payload: bytes | memoryview) -> int:
+    """The counter in a PING payload's first 8 bytes (later bytes are ignored)."""
+    if len(payload) < 8:
+        raise FrameError("PING shorter than 8 bytes", frame_size=True)
+    frame = _parse(PingFrame(0), payload[:8], "PING", "payload is not 8 bytes")
+    return int.from_bytes(frame.opaque_data, "big")
+
+
+def encode_headers(stream_id: int, block: bytes = b"", *, end_stream: bool = False) -> bytes:
+    """HEADERS: SYN/SYN-ACK (flags 0) or RST (``end_stream``), with an optional header block and no END_HEADERS."""
+    if not 0 < stream_id <= 0x7FFFFFFF:
+        raise ValueError(f"HEADERS need a stream id in 1..2^31-1, not {stream_id}")
+    return HeadersFrame(stream_id, block, flags=_RST if end_stream else ()).serialize()
+
+
+def decode_headers(stream_id: int, flags: int, payload: bytes | memoryview) -> tuple[bool, bytes]:
+    """``(end_stream, header block)`` of a HEADERS frame. Only END_STREAM is read from ``flags``."""
+    if not stream_id:
+        raise FrameError("HEADERS on stream 0")
+    frame = HeadersFrame(stream_id)
+    frame.parse_flags(flags & END_STREAM)
+    _parse(frame, payload, "HEADERS", "payload is malformed")
+    return "END_STREAM" in frame.flags, frame.data
 
 
 def encode_goaway(reason: str, *, last_stream_id: int = VPROXY_GOAWAY_ID, code: int = 0xFFFFFFFF) -> bytes:
-    body = _GOAWAY.pack(last_stream_id, code) + reason.encode("utf-8", "replace")
-    return encode_frame(FrameType.GOAWAY, 0, 0, body)
+    """GOAWAY on stream 0; the defaults are vproxy's shutdown (``ff ff ff ff`` twice, then the UTF-8 reason)."""
+    body = reason.encode("utf-8", "replace")
+    return _GoAway(0, last_stream_id=last_stream_id, error_code=code, additional_data=body).serialize()
 
 
-def decode_goaway(payload: bytes) -> tuple[int, int, str]:
-    if len(payload) < 8:
-        raise FrameError("GOAWAY shorter than 8 bytes", frame_size=True)
-    last, code = _GOAWAY.unpack_from(payload)
-    return last, code, payload[8:].decode("utf-8", "replace")
+def decode_goaway(payload: bytes | memoryview) -> tuple[int, int, str]:
+    """``(last stream id, error code, reason)``; the last stream id keeps all 32 bits."""
+    frame = _parse(GoAwayFrame(0), payload, "GOAWAY", "shorter than 8 bytes")
+    return frame.last_stream_id, frame.error_code, frame.additional_data.decode("utf-8", "replace")
 
 
 def encode_window_update(stream_id: int, increment: int) -> bytes:
-    return encode_frame(FrameType.WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
+    return WindowUpdateFrame(stream_id, increment).serialize()
 
 
-def decode_window_update(payload: bytes) -> int:
-    if len(payload) != 4:
-        raise FrameError("WINDOW_UPDATE payload is not 4 bytes", frame_size=True)
-    value: int = _U32.unpack(payload)[0] & MAX_WINDOW
-    return value
+def decode_window_update(payload: bytes | memoryview) -> int:
+    """The increment, reserved bit ignored. 0 is returned as is: refusing it is the tunnel's job."""
+    frame = WindowUpdateFrame(0)
+    try:
+        frame.parse_body(memoryview(payload))
+    except InvalidFrameError:
+        raise FrameError("WINDOW_UPDATE payload is not 4 bytes", frame_size=True) from None
+    except InvalidDataError:  # hyperframe refuses 0 and a set reserved bit; 4 bytes were read
+        return int.from_bytes(payload, "big") & MAX_WINDOW
+    increment: int = frame.window_increment
+    return increment
 
 
 def gzip_compress(data: bytes | memoryview) -> bytes:

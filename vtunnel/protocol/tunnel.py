@@ -282,7 +282,7 @@ class Tunnel:
         block = b""
         if metadata is not None and self._headers is not None:
             block = self._headers.encode_metadata(metadata)
-        self._out.append(fr.encode_frame(fr.FrameType.HEADERS, 0, sid, block))
+        self._out.append(fr.encode_headers(sid, block))
         return sid
 
     def accept_stream(self, stream_id: int) -> None:
@@ -294,7 +294,7 @@ class Tunnel:
             return
         self._local(stream, StreamInput.SEND_SYN_ACK)
         stream.accepted = True
-        self._out.append(fr.encode_frame(fr.FrameType.HEADERS, 0, stream_id))
+        self._out.append(fr.encode_headers(stream_id))
 
     @property
     def received_unread(self) -> int:
@@ -594,14 +594,16 @@ class Tunnel:
                 self._emit(StreamEnded(stream_id=sid))
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
-        if sid == 0:
-            self._fail("HEADERS on stream 0")
+        try:
+            end_stream, block = fr.decode_headers(sid, flags, payload)
+        except fr.FrameError as exc:
+            self._fail(exc.reason, ErrorCode.FRAME_SIZE_ERROR if exc.frame_size else ErrorCode.PROTOCOL_ERROR)
         headers: list[tuple[str, str]] = []
-        if payload:
+        if block:
             if not self._ext.metadata:
                 self._fail("HEADERS with non-zero length")
-            headers = self._decode_block(payload)
-        if flags & fr.END_STREAM:
+            headers = self._decode_block(block)
+        if end_stream:
             self._on_rst(sid, headers)
         elif self.role is Role.SERVER:
             self._on_syn(sid, headers)
@@ -657,7 +659,7 @@ class Tunnel:
         if effect is StreamEffect.ANSWER_RST:
             stream.pending.clear()
             stream.pending_len = 0
-            self._out.append(fr.frame_header(fr.FrameType.HEADERS, fr.END_STREAM, sid, 0))
+            self._out.append(fr.encode_headers(sid, end_stream=True))
             error = error_of(headers)
             self._emit(StreamReset(stream_id=sid, error=error, by_peer=True))
 
@@ -698,7 +700,7 @@ class Tunnel:
         try:
             increment = fr.decode_window_update(payload)
         except fr.FrameError as exc:
-            self._fail(exc.reason, ErrorCode.FRAME_SIZE_ERROR)
+            self._fail(exc.reason, ErrorCode.FRAME_SIZE_ERROR if exc.frame_size else ErrorCode.PROTOCOL_ERROR)
         if increment == 0:
             self._fail("WINDOW_UPDATE with a zero increment")
         if sid == 0:
@@ -967,7 +969,7 @@ class Tunnel:
         block = b""
         if error and self._headers is not None:
             block = self._headers.encode_error(error)
-        return fr.encode_frame(fr.FrameType.HEADERS, fr.END_STREAM, sid, block)
+        return fr.encode_headers(sid, block, end_stream=True)
 
     def _decode_block(self, payload: bytes) -> list[tuple[str, str]]:
         if self._headers is None:
