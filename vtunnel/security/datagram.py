@@ -404,25 +404,30 @@ class DatagramSession:
         """Seal each of ``payloads`` as a datagram of ``kind``, in order, on consecutive counters. The header
         masks of the whole batch come from one AES-ECB call over the concatenated samples."""
         first = self._send_counter
-        if first + len(payloads) > MAX_COUNTER:
+        end = first + len(payloads)
+        if end > MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
-        self._send_counter = first + len(payloads)
+        self._send_counter = end
         cid = self.connection_id
         encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
         bodies: list[bytes] = []
         samples: list[bytes] = []
+        add_body, add_sample = bodies.append, samples.append
         n = first
         for payload in payloads:
             body = encrypt(nonce(n), payload, header(cid, kind, n & _LOW32))
-            bodies.append(body)
-            samples.append(body[:16])
+            add_body(body)
+            add_sample(body[:16])
             n += 1
         masks = self._send_mask(b"".join(samples))
         mask = _MASK.unpack_from
         sealed: list[bytes] = []
-        for i, body in enumerate(bodies):
-            kind_mask, low_mask = mask(masks, i << 4)
-            sealed.append(header(cid, kind ^ kind_mask, (first + i & _LOW32) ^ low_mask) + body)
+        add = sealed.append
+        n = first
+        for body in bodies:
+            kind_mask, low_mask = mask(masks, (n - first) << 4)
+            add(header(cid, kind ^ kind_mask, (n & _LOW32) ^ low_mask) + body)
+            n += 1
         return sealed
 
     def seal(self, payload: bytes) -> bytes:
@@ -490,6 +495,7 @@ class DatagramSession:
         window = self._window
         decrypt, nonce, header = self._decrypt, self._nonce, _HEADER.pack
         protected, mask = _PROTECTED.unpack_from, _MASK.unpack_from
+        authentic = False
         for j, i in enumerate(candidates):
             datagram = datagrams[i]
             kind, low = protected(datagram)
@@ -513,8 +519,10 @@ class DatagramSession:
             except InvalidTag:
                 continue
             window.update(n)
-            self.confirmed = True
             opened[i] = kind, payload
+            authentic = True
+        if authentic:
+            self.confirmed = True
         return opened
 
 
