@@ -256,8 +256,9 @@ class SealedKCPListener(KCPListener):
 
     def _on_runs(self, runs: list[Run]) -> None:
         """Open what arrived: each live session's datagrams from its current address in one batch (the runs of
-        a burst without UDP GRO included), everything else one by one. A batch is opened before any datagram
-        that goes the one-by-one way, so every session still sees its datagrams in arrival order."""
+        a burst without UDP GRO included), everything else one by one. The batches are opened before any run
+        that goes the one-by-one way, so nothing that arrived after a session's datagrams is handled before
+        them; a datagram that does not open in its batch is then handled on its own."""
         groups: dict[KCPStream, list[bytes | memoryview]] = {}
         batches: dict[KCPStream, tuple[DatagramSession, Address, list[bytes]]] = {}
         for buffer, segment, source in runs:
