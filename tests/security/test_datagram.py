@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from vtunnel.security.ciphers import ALL_CIPHERS
+from vtunnel.security.ciphers import Cipher as TransportCipher
 from vtunnel.security.datagram import (
     _RESET_LABEL,
     AMPLIFICATION_FACTOR,
@@ -26,6 +28,7 @@ from vtunnel.security.datagram import (
     DATAGRAM_OVERHEAD,
     HEADER_KEY_LABEL,
     MAX_CONTROL_DATAGRAM,
+    MAX_COUNTER,
     MAX_RESET_DATAGRAM,
     MAX_SERVER_ID,
     MIN_CONTROL_DATAGRAM,
@@ -49,6 +52,7 @@ from vtunnel.security.datagram import (
     reset_token,
 )
 from vtunnel.security.errors import SecurityError
+from vtunnel.security.noise import TransportKeys
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 
 PSK = bytes(range(32))
@@ -853,3 +857,141 @@ def test_garbage_is_refused_before_any_noise_work() -> None:
     c = DatagramClient(PSK, now=NOW, entropy=rng.randbytes)
     assert read_handshake_datagram(PSK, c.initial_datagram(), from_client=True) is not None
     assert read_handshake_datagram(OTHER_PSK, c.initial_datagram(), from_client=True) is None
+
+
+def session_pair(cipher: TransportCipher, seed: int) -> tuple[DatagramSession, DatagramSession]:
+    """A sending and a receiving session keyed from ``seed``: the same seed gives the same keys, so two pairs
+    seal the same bytes."""
+    rng = random.Random(seed)
+    k1, k2, ck = rng.randbytes(32), rng.randbytes(32), rng.randbytes(32)
+    cid = rng.randbytes(CID_LEN)
+    h = bytes(32)
+    a = TransportKeys(send=k1, receive=k2, handshake_hash=h, chaining_key=ck, initiator=True)
+    b = TransportKeys(send=k2, receive=k1, handshake_hash=h, chaining_key=ck, initiator=False)
+    return DatagramSession(cid, a, cipher=cipher), DatagramSession(cid, b, cipher=cipher)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cipher=st.sampled_from(ALL_CIPHERS),
+    start=st.sampled_from([0, 2**32 - 3, 2**33 + 2**31]),
+    payloads=st.lists(st.binary(max_size=1400), max_size=20),
+    control_at=st.integers(0, 20),
+)
+def test_a_batch_seals_and_opens_exactly_as_one_by_one(
+    cipher: TransportCipher, start: int, payloads: list[bytes], control_at: int
+) -> None:
+    """seal_many is seal for each payload in turn (the same bytes, the same counters), open_many is open for
+    each datagram in turn (a CONTROL datagram among DATA ones included), across a 2**32 boundary too."""
+    batch_send, batch_receive = session_pair(cipher, 1)
+    one_send, one_receive = session_pair(cipher, 1)
+    for s in (batch_send, one_send):
+        s._send_counter = start
+    for r in (batch_receive, one_receive):
+        if start:
+            r._window.update(start - 1)  # what it received before: the counter is rebuilt near it
+    cut = min(control_at, len(payloads))
+    challenge = PathChallenge(b"abcdefgh")
+    sealed = [
+        *batch_send.seal_many(payloads[:cut]),
+        batch_send.seal_control(challenge, size=MIN_CONTROL_DATAGRAM),
+        *batch_send.seal_many(payloads[cut:]),
+    ]
+    singles = [
+        *(one_send.seal(p) for p in payloads[:cut]),
+        one_send.seal_control(challenge, size=MIN_CONTROL_DATAGRAM),
+        *(one_send.seal(p) for p in payloads[cut:]),
+    ]
+    assert sealed == singles
+    assert batch_send.seal_many([]) == []
+    expected = [*payloads[:cut], challenge, *payloads[cut:]]
+    assert batch_receive.open_many(sealed) == expected
+    assert [one_receive.open(d) for d in sealed] == expected
+    assert batch_receive.open_many(sealed) == [None] * len(sealed)  # every one a replay now
+    assert batch_receive.highest_received == one_receive.highest_received == start + len(payloads)
+    assert batch_receive.open_many([]) == []
+
+
+FATES = ("intact", "flipped", "truncated", "replayed", "duplicated", "other session", "other key", "garbage")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cipher=st.sampled_from(ALL_CIPHERS),
+    fates=st.lists(st.sampled_from(FATES), min_size=1, max_size=24),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 7)), min_size=24, max_size=24),
+    order=st.randoms(use_true_random=False),
+)
+def test_forged_or_replayed_datagrams_in_a_batch_are_dropped_and_the_others_open(
+    cipher: TransportCipher, fates: list[str], flips: list[tuple[int, int]], order: random.Random
+) -> None:
+    """Whatever subset of a batch is forged (a bit flipped anywhere, cut short, another session's, under
+    another key, random bytes), replayed (opened before) or duplicated, and in whatever order the batch comes,
+    exactly the authentic new datagrams open, each to its own payload, and the answers are those of opening
+    them one by one."""
+    send, receive = session_pair(cipher, 2)
+    twin_send, twin_receive = session_pair(cipher, 2)
+    _, stranger = session_pair(cipher, 3)  # another session: another connection ID and keys
+    stranger_send, _ = session_pair(cipher, 3)
+    other_key = DatagramSession(
+        send.connection_id,
+        TransportKeys(
+            send=bytes(32),
+            receive=bytes(32),
+            handshake_hash=bytes(32),
+            chaining_key=bytes(32),
+            initiator=True,
+        ),
+        cipher=cipher,
+    )
+    old = send.seal_many([b"old %d" % i for i in range(3)])
+    assert twin_send.seal_many([b"old %d" % i for i in range(3)]) == old
+    assert receive.open_many(old) == twin_receive.open_many(old) == [b"old 0", b"old 1", b"old 2"]
+    payloads = [b"payload %d" % i + bytes(i * 37 % 300) for i in range(len(fates))]
+    sealed = send.seal_many(payloads)
+    batch: list[bytes] = []
+    authentic: dict[bytes, bytes] = {}  # datagram -> payload, for those that must open
+    for i, (fate, d) in enumerate(zip(fates, sealed, strict=True)):
+        if fate == "flipped":
+            position, bit = flips[i]
+            forged = bytearray(d)
+            forged[position % len(d)] ^= 1 << bit
+            d = bytes(forged)
+        elif fate == "truncated":
+            d = d[: flips[i][0] % len(d)]
+        elif fate == "replayed":
+            d = old[i % len(old)]
+        elif fate == "other session":
+            d = stranger_send.seal(payloads[i])
+        elif fate == "other key":
+            d = other_key.seal(payloads[i])
+        elif fate == "garbage":
+            d = send.connection_id + random.Random(i).randbytes(flips[i][0] % 1400 + 21)
+        else:
+            authentic[d] = payloads[i]
+        batch.append(d)
+        if fate == "duplicated":
+            batch.append(d)
+    order.shuffle(batch)
+    expected: list[bytes | None] = []
+    for d in batch:  # of two copies, the first in the batch opens
+        expected.append(authentic.pop(d, None))
+    got = receive.open_many(batch)
+    assert got == expected
+    assert [twin_receive.open(d) for d in batch] == expected
+    assert stranger.highest_received == -1
+    # nothing refused moved the window: every authentic datagram not yet opened still opens
+    missing = [d for d, fate in zip(sealed, fates, strict=True) if fate not in ("intact", "duplicated")]
+    assert receive.open_many(missing) == [payloads[sealed.index(d)] for d in missing]
+
+
+def test_a_batch_that_would_exhaust_the_counter_is_refused_whole() -> None:
+    send, receive = session_pair(TransportCipher.AES_256_GCM, 4)
+    send._send_counter = MAX_COUNTER - 2
+    with pytest.raises(SecurityError, match="exhausted"):
+        send.seal_many([b"a", b"b", b"c"])
+    last = send.seal_many([b"a", b"b"])  # counters 2**64 - 3 and 2**64 - 2: nothing was spent
+    with pytest.raises(SecurityError, match="exhausted"):
+        send.seal(b"c")
+    receive._window.update(MAX_COUNTER - 3)
+    assert receive.open_many(last) == [b"a", b"b"]

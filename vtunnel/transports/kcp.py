@@ -305,9 +305,16 @@ class KCPListener(Listener[ByteStream]):
         return False
 
     def _create_stream(
-        self, key: SessionKey, conv: int, source: Address, *, mtu: int, seal: Callable[[bytes], bytes] | None
+        self,
+        key: SessionKey,
+        conv: int,
+        source: Address,
+        *,
+        mtu: int,
+        seal: Callable[[list[bytes]], list[bytes]] | None,
     ) -> KCPStream:
-        """A new session in the table and the accept queue; ``seal`` wraps every outgoing datagram."""
+        """A new session in the table and the accept queue; ``seal`` wraps every batch of outgoing datagrams
+        (one wire datagram for each, in order)."""
         engine = KCPEngine(conv=conv, options=self._options, mtu=mtu, now=self._loop.time())
         udp = self._udp
         stream: KCPStream
@@ -318,10 +325,10 @@ class KCPListener(Listener[ByteStream]):
                 udp.sendto_many(datagrams, stream.remote_address)
 
         else:
-            sealer = seal
+            seal_many = seal
 
             def transmit(datagrams: list[bytes]) -> None:
-                udp.sendto_many([sealer(d) for d in datagrams], stream.remote_address)
+                udp.sendto_many(seal_many(datagrams), stream.remote_address)
 
         stream = KCPStream(
             engine=engine,

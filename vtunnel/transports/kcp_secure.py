@@ -101,29 +101,28 @@ class _SealedKCPClient:
 
     def _on_runs(self, runs: list[Run]) -> None:
         handshake = self._handshake
+        received = list(_datagrams(runs))
+        while received and self.stream is None:  # the handshake's reply: one at a time
+            handshake.receive(received.pop(0)[0], time.time())
+            if handshake.session is not None:
+                self._start_kcp(handshake.session)
+            elif handshake.failure is not None:  # an authentic reply we cannot use: stop waiting
+                self._ready.set()
+        stream, session = self.stream, handshake.session
+        if stream is None or session is None or not received:
+            return
         good: list[bytes] = []
         reset = False
-        for datagram, source in _datagrams(runs):
-            if self.stream is None:
-                handshake.receive(datagram, time.time())
-                if handshake.session is not None:
-                    self._start_kcp(handshake.session)
-                elif handshake.failure is not None:  # an authentic reply we cannot use: stop waiting
-                    self._ready.set()
-                continue
-            session = handshake.session
-            payload = session.open(datagram) if session is not None else None
+        opened = session.open_many([datagram for datagram, _ in received])  # one session: one batch
+        for (datagram, source), payload in zip(received, opened, strict=True):
             if isinstance(payload, bytes):
                 if valid_datagram(payload, self._conv):
                     good.append(payload)
             elif payload is None:
                 # only the server's own address may end the session (the socket is not connected)
                 reset = reset or (source == self._server and handshake.is_reset(datagram))
-            elif session is not None and isinstance(payload, PathChallenge):
+            elif isinstance(payload, PathChallenge):
                 self._on_challenge(session, payload)
-        stream = self.stream
-        if stream is None:
-            return
         if good:
             stream.feed(good)  # what arrived before the reset is delivered first
         if reset:
@@ -139,10 +138,10 @@ class _SealedKCPClient:
         engine = KCPEngine(
             conv=self._conv, options=self._options, mtu=_kcp_mtu(self._options), now=loop.time()
         )
-        udp, server, seal = self.udp, self._server, session.seal
+        udp, server, seal_many = self.udp, self._server, session.seal_many
 
         def transmit(datagrams: list[bytes]) -> None:
-            udp.sendto_many([seal(d) for d in datagrams], server)
+            udp.sendto_many(seal_many(datagrams), server)
 
         self.stream = KCPStream(
             engine=engine,
@@ -256,23 +255,47 @@ class SealedKCPListener(KCPListener):
         return len(self._paths)
 
     def _on_runs(self, runs: list[Run]) -> None:
+        """Open what arrived: each live session's datagrams from its current address in one batch (the runs of
+        a burst without UDP GRO included), everything else one by one. The batches are opened before any run
+        that goes the one-by-one way, so nothing that arrived after a session's datagrams is handled before
+        them; a datagram that does not open in its batch is then handled on its own."""
         groups: dict[KCPStream, list[bytes | memoryview]] = {}
+        batches: dict[KCPStream, tuple[DatagramSession, Address, list[bytes]]] = {}
         for buffer, segment, source in runs:
             size = len(buffer)
-            if segment >= size:
-                self._route_sealed(buffer, source, groups)
-                continue
-            datagrams = [buffer[offset : offset + segment] for offset in range(0, size, segment)]
+            datagrams = (
+                [buffer] if segment >= size else [buffer[o : o + segment] for o in range(0, size, segment)]
+            )
             known = self._session_of_run(buffer, source)
             if known is None:  # a new session, a moved peer, or something to drop: one by one
+                if batches:
+                    self._open_batches(batches, groups)
                 for datagram in datagrams:
                     self._route_sealed(datagram, source, groups)
                 continue
             crypto, stream = known
+            batch = batches.get(stream)
+            if batch is None:
+                batches[stream] = crypto, source, datagrams
+            else:
+                batch[2].extend(datagrams)
+        if batches:
+            self._open_batches(batches, groups)
+        for stream, payloads in groups.items():
+            if payloads:
+                stream.feed(payloads)
+
+    def _open_batches(
+        self,
+        batches: dict[KCPStream, tuple[DatagramSession, Address, list[bytes]]],
+        groups: dict[KCPStream, list[bytes | memoryview]],
+    ) -> None:
+        """Open each session's batch (datagrams from its current address: nothing to validate) and empty
+        ``batches``."""
+        for stream, (crypto, source, datagrams) in batches.items():
             conv = stream.engine.conv
             group = groups.setdefault(stream, [])
-            for datagram in datagrams:
-                payload = crypto.open(datagram)  # the current address: nothing to validate
+            for datagram, payload in zip(datagrams, crypto.open_many(datagrams), strict=True):
                 if isinstance(payload, bytes):
                     if valid_datagram(payload, conv):
                         group.append(payload)
@@ -282,9 +305,7 @@ class SealedKCPListener(KCPListener):
                     self._route_sealed(datagram, source, groups)
                 else:  # a control message from the current address has nothing to validate
                     self.dropped += 1
-        for stream, payloads in groups.items():
-            if payloads:
-                stream.feed(payloads)
+        batches.clear()
 
     def _session_of_run(self, buffer: bytes, source: Address) -> tuple[DatagramSession, KCPStream] | None:
         """The live session a run's first datagram names, if the run comes from its current address."""
@@ -375,8 +396,10 @@ class SealedKCPListener(KCPListener):
         if self._closed or header is None or not is_new_session(payload) or not self._room_for_one_more():
             return None
         self._half_open.pop(cid, None)
-        seal = path.session.seal
-        return self._create_stream(cid, header.conv, path.address, mtu=_kcp_mtu(self._options), seal=seal)
+        seal_many = path.session.seal_many
+        return self._create_stream(
+            cid, header.conv, path.address, mtu=_kcp_mtu(self._options), seal=seal_many
+        )
 
     def _expire_half_open(self, now: float) -> None:
         expired = [cid for cid, until in self._half_open.items() if until <= now]
