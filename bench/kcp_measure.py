@@ -25,8 +25,9 @@ from typing import Any
 import anyio
 
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPTransport
+from vtunnel.transports.kcp import KCPListener
 from vtunnel.transports.kcp_stream import KCPStream
+from vtunnel.transports.kcp_transport import KCPTransport
 
 _KEY = SecurityConfig(psk=bytes(range(32)))
 

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+from vtunnel.transports.kcp import KCPListener, KCPStream
+from vtunnel.transports.kcp_transport import KCPTransport
 
 PLAIN = SecurityConfig()
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import grimp
 
-#: cycles known and scheduled to go: kcp:// becomes one package whose plain and sealed sessions share one
-#: listener and one client, so the transport no longer picks the sealed variant from inside kcp.py
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"vtunnel.transports.kcp", "vtunnel.transports.kcp_secure"}),
-}
+#: cycles known and scheduled to go (none now)
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def cycles(graph: grimp.ImportGraph) -> set[frozenset[str]]:

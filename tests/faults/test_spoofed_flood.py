@@ -16,8 +16,8 @@ from tests.streams import echo, read_exactly
 from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.security.datagram import DatagramClient, is_minted, read_handshake_datagram, reset_keys
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPTransport
 from vtunnel.transports.kcp_secure import SealedKCPListener
+from vtunnel.transports.kcp_transport import KCPTransport
 
 pytestmark = pytest.mark.anyio
 

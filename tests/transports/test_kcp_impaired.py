@@ -13,7 +13,8 @@ from anyio.abc import ByteStream
 from tests.streams import wait_until
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+from vtunnel.transports.kcp import KCPListener, KCPStream
+from vtunnel.transports.kcp_transport import KCPTransport
 
 pytestmark = pytest.mark.anyio
 

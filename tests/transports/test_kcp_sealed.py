@@ -41,9 +41,10 @@ from vtunnel.security.noise import Responder
 from vtunnel.security.replay import ReplayCache, ResetLimiter
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPStream, KCPTransport
+from vtunnel.transports.kcp import KCPListener, KCPStream
 from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.kcp_secure import RESET_REASON, SealedKCPListener, connect_sealed
+from vtunnel.transports.kcp_transport import KCPTransport
 
 pytestmark = pytest.mark.anyio
 

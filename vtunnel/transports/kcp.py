@@ -25,13 +25,13 @@ import struct
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, TypeAlias
 
 import anyio
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
-from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import (
     HEADER_LEN,
@@ -46,15 +46,12 @@ from vtunnel.io.datagrams import (
     Address,
     CoalescingSocket,
     Run,
-    open_client_socket,
-    open_udp_socket,
     split_run,
 )
-from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
-from vtunnel.transports.kcp_options import parse_options
+from vtunnel.transports.base import Endpoint, TransportError
 from vtunnel.transports.kcp_stream import KCPStream
 
-__all__ = ["KCPListener", "KCPStream", "KCPTransport", "NewestMarks"]
+__all__ = ["KCPClient", "KCPListener", "KCPStream", "NewestMarks", "random_conv", "resolve_endpoint"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
@@ -62,7 +59,7 @@ log = structlog.get_logger("vtunnel.transports.kcp")
 SessionKey: TypeAlias = int | Address | bytes
 
 
-async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
+async def resolve_endpoint(endpoint: Endpoint) -> tuple[Any, Address]:
     import socket
 
     try:
@@ -121,7 +118,7 @@ class NewestMarks:
         return newer
 
 
-def _random_conv() -> int:
+def random_conv() -> int:
     return secrets.randbits(32) or 1
 
 
@@ -138,7 +135,7 @@ def _add_run(good: list[bytes | memoryview], buffer: bytes, segment: int, engine
         )
 
 
-class _KCPClient:
+class KCPClient:
     """The client side of one session: a UDP socket (answers from the server only) feeding one session."""
 
     def __init__(self, sock: Any, server: Address, options: KCPOptions, conv: int) -> None:
@@ -407,45 +404,3 @@ class KCPListener(Listener[ByteStream]):
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         return {SocketAttribute.local_address: lambda: self.local_address}
-
-
-class KCPTransport(Transport):
-    """``kcp://host:port?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350`` (see ``docs/transports.md``)."""
-
-    schemes: ClassVar[tuple[str, ...]] = ("kcp",)
-    description: ClassVar[str] = "KCP (ikcp via siokcp) over UDP; presets normal, fast, fast2, fast3, fast4"
-
-    def check(self, endpoint: Endpoint) -> None:
-        parse_options(endpoint.params)
-
-    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
-        options = parse_options(endpoint.params)
-        family, server = await _resolve(endpoint)
-        if security.psk is not None:
-            from vtunnel.transports.kcp_secure import connect_sealed
-
-            return await connect_sealed(family, server, options, security.psk, cipher=security.cipher)
-        try:
-            sock = open_client_socket(family, server, sockbuf=options.sockbuf)
-        except OSError as exc:
-            raise TransportError(f"cannot open a UDP socket to {endpoint.hostport}: {exc}") from None
-        conv = options.conv if options.conv is not None else _random_conv()
-        try:
-            client = _KCPClient(sock, server, options, conv)
-        except KCPEngineError as exc:
-            sock.close()
-            raise TransportError(str(exc)) from None
-        return client.stream
-
-    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
-        options = parse_options(endpoint.params)
-        family, address = await _resolve(endpoint)
-        try:
-            sock = open_udp_socket(family, bind=address, sockbuf=options.sockbuf)
-        except OSError as exc:
-            raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
-        if security.psk is not None:
-            from vtunnel.transports.kcp_secure import SealedKCPListener
-
-            return SealedKCPListener(sock, options, security.psk, cipher=security.cipher)
-        return KCPListener(sock, options)
