@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import click
@@ -133,6 +134,49 @@ def _security(
     return SecurityConfig(psk=psk, cipher=chosen)
 
 
+def _websocks_users(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--websocks-user",
+        multiple=True,
+        metavar="USER:PASS",
+        help="A WebSocks user (server: repeatable; agent: its login with --peer vproxy). Every local user can "
+        f"read it with `ps`: prefer --websocks-user-file or {WEBSOCKS_USER_ENV}.",
+    )(f)
+    f = click.option(
+        "--websocks-user-file",
+        type=click.Path(dir_okay=False),
+        help="File of WebSocks users, one USER:PASS per line (# comments); chmod 600 like a key file. "
+        f"{WEBSOCKS_USER_ENV}=USER:PASS (one per line) in the environment works too.",
+    )(f)
+    return f
+
+
+def _peer(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--peer",
+        type=click.Choice(["vtunnel", "vproxy"]),
+        default=None,
+        help="The other end. vproxy: no key, vproxy's empty SETTINGS (no extensions), kcp:// with conv=0 and "
+        "mtu=1250 unless the URL says otherwise, and (agent) every destination carried the way vproxy's agent "
+        'does, WebSocks inside the stream, with the login of --websocks-user-file. Config: peer = "vproxy".',
+    )(f)
+
+
+def _vproxy_security(psk_file: str | None, section: Mapping[str, Any]) -> SecurityConfig:
+    if psk_file or section.get("psk_file") or section.get("psk"):
+        raise click.UsageError("a vproxy peer has no key: drop --psk-file (and psk/psk_file in the config)")
+    log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
+    return SecurityConfig()
+
+
+def _vproxy_endpoint(endpoint: Endpoint, *, client: bool) -> Endpoint:
+    """vproxy's KCP: 1250-byte datagrams and (a client's) conversation 0, unless the URL names its own."""
+    if endpoint.scheme != "kcp":
+        return endpoint
+    defaults = {"conv": "0", "mtu": "1250"} if client else {"mtu": "1250"}
+    return dataclasses.replace(endpoint, params={**defaults, **endpoint.params})
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="vtunnel")
 def main() -> None:
@@ -158,19 +202,8 @@ def main() -> None:
 @click.option(
     "--allow-private", is_flag=True, help="Let clients reach loopback/private/link-local addresses."
 )
-@click.option(
-    "--websocks-user-file",
-    type=click.Path(dir_okay=False),
-    help="File of WebSocks users, one USER:PASS per line (# comments); chmod 600 like a key file. "
-    f"{WEBSOCKS_USER_ENV}=USER:PASS (one per line) in the environment works too.",
-)
-@click.option(
-    "--websocks-user",
-    multiple=True,
-    metavar="USER:PASS",
-    help="A WebSocks user (repeatable). Every local user can read it with `ps`: prefer --websocks-user-file "
-    f"or {WEBSOCKS_USER_ENV}.",
-)
+@_websocks_users
+@_peer
 @_common
 def server(
     listen: tuple[str, ...],
@@ -178,6 +211,7 @@ def server(
     allow_private: bool,
     websocks_user_file: str | None,
     websocks_user: tuple[str, ...],
+    peer: str | None,
     psk_file: str | None,
     insecure: bool,
     insecure_key_permissions: bool,
@@ -201,6 +235,8 @@ def server(
     if not urls:
         raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
     endpoints = [_endpoint(u, "--listen", insecure_key_permissions) for u in urls]
+    if (peer or sec.get("peer")) == "vproxy":
+        endpoints = [_vproxy_endpoint(e, client=False) for e in endpoints]
     if websocks_user:
         log.warning(
             "a password given with --websocks-user is visible to every local user in `ps`; "
@@ -223,7 +259,9 @@ def server(
         )
         settings = ServerSettings(
             listen=endpoints,
-            security=_security(psk_file, insecure, sec, cipher, insecure_key_permissions),
+            security=_vproxy_security(psk_file, sec)
+            if (peer or sec.get("peer")) == "vproxy"
+            else _security(psk_file, insecure, sec, cipher, insecure_key_permissions),
             target=target or sec.get("target"),
             policy=policy,
             websocks_users=users,
@@ -256,6 +294,8 @@ def server(
 @click.option(
     "--conn", "connections", type=click.IntRange(1, 64), default=None, help="Tunnels to keep (default 1)."
 )
+@_websocks_users
+@_peer
 @_common
 def agent(
     server_url: str | None,
@@ -263,6 +303,9 @@ def agent(
     socks: str | None,
     http: str | None,
     connections: int | None,
+    websocks_user_file: str | None,
+    websocks_user: tuple[str, ...],
+    peer: str | None,
     psk_file: str | None,
     insecure: bool,
     insecure_key_permissions: bool,
@@ -291,17 +334,46 @@ def agent(
         http_addr = http or sec.get("http")
         if not (forwards or socks_addr or http_addr):
             socks_addr = DEFAULT_SOCKS
+        server_endpoint = _endpoint(url, "--server", insecure_key_permissions)
+        tunnel = tunnel_config(cfg.get("tunnel", {}))
+        login: tuple[str, str] | None = None
+        if (peer or sec.get("peer", "vtunnel")) == "vproxy":
+            security = _vproxy_security(psk_file, sec)
+            server_endpoint = _vproxy_endpoint(server_endpoint, client=True)
+            tunnel = dataclasses.replace(tunnel, extensions=False)
+            if websocks_user:
+                log.warning(
+                    "a password given with --websocks-user is visible to every local user in `ps`; "
+                    f"use --websocks-user-file FILE (chmod 600) or {WEBSOCKS_USER_ENV} instead"
+                )
+            logins = resolve_websocks_users(
+                specs=websocks_user,
+                user_file=websocks_user_file,
+                section=sec,
+                allow_insecure_permissions=insecure_key_permissions,
+            )
+            if len(logins) != 1:
+                raise click.UsageError(
+                    "--peer vproxy needs exactly one WebSocks login (USER:PASS): --websocks-user-file FILE or "
+                    f"{WEBSOCKS_USER_ENV}; the vproxy server checks it before it connects anything"
+                )
+            login = next(iter(logins.items()))
+        else:
+            if websocks_user or websocks_user_file:
+                raise click.UsageError("--websocks-user and --websocks-user-file are for --peer vproxy")
+            security = _security(psk_file, insecure, sec, cipher, insecure_key_permissions)
         settings = AgentSettings(
-            server=_endpoint(url, "--server", insecure_key_permissions),
-            security=_security(psk_file, insecure, sec, cipher, insecure_key_permissions),
+            server=server_endpoint,
+            security=security,
             forwards=forwards,
             socks=parse_hostport(socks_addr, default_host="127.0.0.1") if socks_addr else None,
             http=parse_hostport(http_addr, default_host="127.0.0.1") if http_addr else None,
             socks_users=dict(sec.get("socks_users", {})),
-            tunnel=tunnel_config(cfg.get("tunnel", {})),
+            tunnel=tunnel,
             connections=connections or int(sec.get("connections", 1)),
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             open_timeout=float(sec.get("open_timeout", 10.0)),
+            websocks_login=login,
         )
         ag = Agent(settings)
     except (ValueError, ConfigError, TransportError) as exc:

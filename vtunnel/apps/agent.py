@@ -22,11 +22,13 @@ import structlog
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from vtunnel.apps.pipe import SocketRelay
+from vtunnel.apps.websocks import websocks_connect
 from vtunnel.io.stream_sockets import LeanSocketStream, RelayListener, open_relay_listener
 from vtunnel.io.tuning import tune_stream, tune_transport
 from vtunnel.protocol import StreamMetadata, TunnelConfig
-from vtunnel.runtime.errors import TunnelUnavailable
+from vtunnel.runtime.errors import DestinationNotCarried, TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
+from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
@@ -81,6 +83,9 @@ class AgentSettings:
     connections: int = 1
     drain_timeout: float = 10.0
     open_timeout: float = 10.0
+    #: ``(user, password)``: carry each destination the way vproxy's agent does, WebSocks inside a stream that
+    #: names nothing (a vproxy server cannot be told a destination in the SYN); ``None``: in the SYN (metadata)
+    websocks_login: tuple[str, str] | None = None
 
 
 class Agent:
@@ -98,10 +103,23 @@ class Agent:
         self._idle.set()
         self._task_group: TaskGroup | None = None
 
-    async def open(self, metadata: StreamMetadata | None, *, wait_accepted: bool = True) -> ByteStream:
-        return await self.pool.open_stream(
-            metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout
-        )
+    async def open(self, metadata: StreamMetadata | None, *, wait_accepted: bool = True) -> TunnelStream:
+        login = self.settings.websocks_login
+        if login is None or metadata is None or metadata.authority is None:
+            return await self.pool.open_stream(
+                metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout
+            )
+        if metadata.kind != "tcp":
+            raise DestinationNotCarried(f"WebSocks carries TCP only, not a {metadata.kind!r} stream")
+        # vproxy's way: a stream that names nothing, and the destination inside it (WebSocks, then SOCKS5)
+        stream = await self.pool.open_stream(None, wait_accepted=True, timeout=self.settings.open_timeout)
+        try:
+            with anyio.fail_after(self.settings.open_timeout):
+                await websocks_connect(stream, metadata.authority, user=login[0], password=login[1])
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+        return stream
 
     async def _opener(self, metadata: StreamMetadata) -> ByteStream:
         return await self.open(metadata)
@@ -218,9 +236,7 @@ class Agent:
 
     async def _open_for(self, relay: _ForwardRelay) -> None:
         try:
-            remote = await self.pool.open_stream(
-                relay.metadata, wait_accepted=False, timeout=self.settings.open_timeout
-            )
+            remote = await self.open(relay.metadata, wait_accepted=False)
         except TunnelUnavailable as exc:
             # reset, not closed: a clean end of stream would look like an empty answer to the client
             log.warning("no tunnel for a forwarded connection", error=str(exc))

@@ -1,4 +1,5 @@
-"""The server side of WebSocks (vproxy's agent/server protocol), run inside one tunnel stream.
+"""WebSocks (vproxy's agent/server protocol) inside one tunnel stream: the server side, and the agent side
+(:func:`websocks_connect`, for a server that cannot be told a destination in the SYN).
 
 The exchange, in order:
 
@@ -23,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -31,7 +33,7 @@ import h11
 import structlog
 from anyio.abc import ByteStream
 
-from vtunnel.apps.dialer import Dialer, DialError
+from vtunnel.apps.dialer import Dialer, DialError, parse_authority
 from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, hand_to_relay, pipe
 from vtunnel.apps.socks5 import (
     SOCKS_VERSION,
@@ -39,6 +41,7 @@ from vtunnel.apps.socks5 import (
     Method,
     Reply,
     Socks5Error,
+    encode_address,
     encode_reply,
     parse_greeting,
     parse_request,
@@ -53,7 +56,9 @@ __all__ = [
     "classify_websocks",
     "password_token",
     "serve_websocks",
+    "upgrade_request",
     "websocket_accept",
+    "websocks_connect",
 ]
 
 log = structlog.get_logger(__name__)
@@ -286,3 +291,95 @@ async def _socks5_connect(stream: ByteStream, buffer: StreamBuffer, dialer: Dial
             await anyio.aclose_forcefully(remote)
         raise
     return remote
+
+
+# ------------------------------------------------------------------------------------------ the client side
+
+#: the most a server's answer to the upgrade may take
+MAX_RESPONSE = 16384
+#: a SOCKS5 reply code (RFC 1928) -> the refusal reason it reports
+_REFUSAL_OF_REPLY = {
+    0x02: "forbidden",
+    0x03: "unreachable",
+    0x04: "unreachable",
+    0x05: "refused",
+    0x06: "timeout",
+}
+
+
+class _ExactReader:
+    """Reads a stream in exactly the pieces asked for, so that nothing past the exchange is taken from it."""
+
+    __slots__ = ("buffer", "stream")
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self.buffer += await self.stream.receive(n - len(self.buffer))
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    async def head(self) -> bytes:
+        """An HTTP response head through its empty line, read a few bytes at a time (its end is not known)."""
+        while (end := _header_block_end(self.buffer)) < 0:
+            if len(self.buffer) > MAX_RESPONSE:
+                raise StreamRefused("failed")
+            self.buffer += await self.stream.receive(256)
+        out, self.buffer = self.buffer[: end + 4], self.buffer[end + 4 :]
+        return out
+
+
+def upgrade_request(user: str, password: str, now_ms: int, key: bytes) -> bytes:
+    """The client's WebSocket upgrade with vproxy's ``Authorization`` (the password as ``pass'``)."""
+    token = password_token(password, now_ms // MINUTE_MS * MINUTE_MS)
+    credentials = base64.b64encode(f"{user}:{token}".encode()).decode("ascii")
+    return (
+        "GET / HTTP/1.1\r\n"
+        "Host: websocks\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {key.decode('ascii')}\r\n"
+        "Sec-WebSocket-Protocol: socks5\r\n"
+        f"Authorization: Basic {credentials}\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+async def websocks_connect(
+    stream: ByteStream, authority: str, *, user: str, password: str, now_ms: int | None = None
+) -> None:
+    """Run vproxy's agent side of WebSocks on ``stream`` (a tunnel stream to a server with no metadata) so that it
+    leads to ``authority`` (``host:port``): the upgrade, the frame header, then SOCKS5 ``CONNECT``.
+
+    Reads exactly what the exchange is made of, so the destination's first bytes stay in ``stream``. Raises
+    ``StreamRefused`` with ``"forbidden"`` (the server refused the user or password: 401), ``"unsupported"``
+    (400 or any other answer), or the reason the SOCKS5 reply code stands for.
+    """
+    host, port = parse_authority(authority)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    key = base64.b64encode(os.urandom(16))
+    reader = _ExactReader(stream)
+    await stream.send(upgrade_request(user, password, now, key))
+    status_line = (await reader.head()).split(b"\r\n", 1)[0]
+    parts = status_line.split(b" ", 2)
+    status = parts[1] if len(parts) > 1 else b""
+    if status != b"101":
+        log.info("websocks.upgrade_refused", status=status.decode("ascii", "replace"), destination=authority)
+        raise StreamRefused("forbidden" if status == b"401" else "unsupported")
+    await stream.send(FRAME_HEADER + bytes((SOCKS_VERSION, 1, Method.NO_AUTH)))
+    if await reader.exactly(len(FRAME_HEADER)) != FRAME_HEADER:
+        raise StreamRefused("unsupported")
+    if await reader.exactly(2) != bytes((SOCKS_VERSION, Method.NO_AUTH)):
+        raise StreamRefused("unsupported")
+    await stream.send(bytes((SOCKS_VERSION, Command.CONNECT, 0)) + encode_address(host, port))
+    version, reply, _rsv, atyp = await reader.exactly(4)
+    address_len = {1: 4, 4: 16}.get(atyp)
+    if address_len is None:
+        address_len = (await reader.exactly(1))[0] if atyp == 3 else 0
+    await reader.exactly(address_len + 2)
+    if version != SOCKS_VERSION or reply != Reply.SUCCEEDED:
+        raise StreamRefused(_REFUSAL_OF_REPLY.get(reply, "failed"))
