@@ -138,3 +138,32 @@ def test_peer_vproxy_needs_exactly_one_login_and_no_key(tmp_path: Path, psk_file
     )
     assert out.returncode != 0
     assert "has no key" in out.stderr
+
+
+def test_a_vtunnel_agent_uses_a_vproxy_server_written_from_the_wire_facts(
+    procs: Processes, tmp_path: Path, real_site: int
+) -> None:
+    from tests.e2e.fake_vproxy import fake_vproxy_server
+
+    with fake_vproxy_server({"alice": "correct horse"}) as vproxy:
+        socks, http = free_port(), free_port()
+        procs.start(
+            "agent",
+            "--server",
+            f"tcp://127.0.0.1:{vproxy.port}",
+            "--peer",
+            "vproxy",
+            "--websocks-user-file",
+            str(private_file(tmp_path / "login", "alice:correct horse\n")),
+            "--socks",
+            f"127.0.0.1:{socks}",
+            "--http",
+            f"127.0.0.1:{http}",
+        )
+        wait_port(socks)
+        wait_port(http)
+        url = f"http://127.0.0.1:{real_site}/"
+        assert curl("--socks5-hostname", f"127.0.0.1:{socks}", url).stdout == "the real site"
+        assert curl("-p", "-x", f"http://127.0.0.1:{http}", url).stdout == "the real site"
+        assert vproxy.faults == []
+        assert vproxy.refused_logins == 0
