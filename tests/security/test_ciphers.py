@@ -232,7 +232,7 @@ def _message1(payload: bytes, prologue: bytes = STREAM_PROLOGUE) -> bytes:
 
 
 def _prefix() -> bytes:
-    return encode_init_payload(NOW, bytes(16), (CHACHA,), 0)[:24]
+    return encode_init_payload(NOW, bytes(16), (CHACHA,))[:24]
 
 
 @pytest.mark.parametrize(
@@ -316,7 +316,7 @@ def test_any_flipped_bit_in_the_reply_fails_with_aes(position: int, flip: int) -
 
 
 def test_older_peers_and_this_one_fail_cleanly() -> None:
-    payload = encode_init_payload(NOW, bytes(16), (CHACHA,), 16)
+    payload = encode_init_payload(NOW, bytes(16), (CHACHA,), bytes(16))
     s = SecureStreamServer(PSK, replay=ReplayCache())
     # a v2 client's first message as it sent it (clear length, old prologue): silence, from its length on
     old = Initiator(PSK, prologue=b"vtunnel stream v2", ephemeral=E_INIT).write_message1(payload)
@@ -355,7 +355,7 @@ VECTOR_V3_FRAME = (
 
 
 def test_pinned_v3_first_message() -> None:
-    payload = encode_init_payload(NOW, bytes(16), (AES, CHACHA), 0)
+    payload = encode_init_payload(NOW, bytes(16), (AES, CHACHA))
     assert payload.hex() == VECTOR_PAYLOAD
     ours = Initiator(PSK, prologue=STREAM_PROLOGUE, ephemeral=E_INIT).write_message1(payload)
     theirs = NoiseConnection.from_name(PROTOCOL_NAME)

@@ -55,7 +55,6 @@ reproducible in tests.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import struct
@@ -73,11 +72,14 @@ from .handshake import (
     INIT_PAYLOAD_LEN,
     MIN_INIT_PAYLOAD_LEN,
     NOISE_OVERHEAD,
+    SALT_LEN,
     TOKEN_LEN,
     Entropy,
     check_wall_clock,
     decode_init_payload,
     encode_init_payload,
+    random_between,
+    salted_keystream,
 )
 from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
@@ -180,12 +182,10 @@ _WRAP = 1 << 32
 _HALF_WRAP = 1 << 31
 MAX_COUNTER = 2**64 - 1
 
-#: A handshake datagram's random salt, and the BLAKE2s personalisations (8 bytes) of its two directions' keys.
-SALT_LEN = 16
+#: The BLAKE2s personalisations (8 bytes) of a handshake datagram's two directions' keys.
 _CLIENT_FRAMES = b"vtd3 c2s"
 _SERVER_FRAMES = b"vtd3 s2c"
 _LEN = struct.Struct(">H")
-_ZERO_NONCE = bytes(16)
 _INIT_HEAD = SALT_LEN + _LEN.size + CID_LEN  # 26
 _REPLY_HEAD = SALT_LEN + CID_LEN  # 24
 
@@ -235,19 +235,13 @@ MAX_SERVER_ID = CID_LEN - CID_CHECK_LEN - 3  # 2
 _CID_DRAWS = 16
 
 
-def _between(entropy: Entropy, low: int, high: int) -> int:
-    """A random integer in ``[low, high]`` (the bias of 32 random bits modulo a few hundred is below 2^-22)."""
-    return low + int.from_bytes(entropy(4), "big") % (high - low + 1) if high > low else low
-
-
 def _header_mask(key: bytes) -> Callable[[bytes], bytes]:
     """AES-256-ECB under ``key``: one 16-byte block in, 16 out; one context for the session's life."""
     return _BlockCipher(algorithms.AES(key), modes.ECB()).encryptor().update
 
 
 def _frame_mask(psk: bytes, person: bytes, salt: bytes) -> Callable[[bytes], bytes]:
-    key = hashlib.blake2s(salt, key=psk, person=person).digest()
-    return _BlockCipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor().update
+    return salted_keystream(psk, person, salt).update
 
 
 def write_handshake_datagram(
@@ -451,7 +445,7 @@ class DatagramSession:
         if len(message.data) != CHALLENGE_LEN:
             raise SecurityError(f"a path challenge's data is {CHALLENGE_LEN} bytes")
         if size is None:
-            size = _between(self._entropy, MIN_CONTROL_DATAGRAM, MAX_CONTROL_DATAGRAM)
+            size = random_between(self._entropy, MIN_CONTROL_DATAGRAM, MAX_CONTROL_DATAGRAM)
         elif not MIN_CONTROL_DATAGRAM <= size <= MAX_CONTROL_DATAGRAM:
             raise SecurityError(
                 f"a CONTROL datagram is {MIN_CONTROL_DATAGRAM} to {MAX_CONTROL_DATAGRAM} bytes, not {size}"
@@ -637,7 +631,7 @@ class PeerPath:
         allowance = AMPLIFICATION_FACTOR * self._received - self._sent
         if newest and now - self._last_challenge >= CHALLENGE_INTERVAL and allowance >= MIN_CONTROL_DATAGRAM:
             entropy = self.session._entropy
-            size = _between(entropy, MIN_CONTROL_DATAGRAM, min(MAX_CONTROL_DATAGRAM, allowance))
+            size = random_between(entropy, MIN_CONTROL_DATAGRAM, min(MAX_CONTROL_DATAGRAM, allowance))
             data = entropy(CHALLENGE_LEN)
             self._sent += size
             self._last_challenge = now
@@ -710,8 +704,8 @@ class DatagramClient:
             self._psk, prologue=DATAGRAM_PROLOGUE + self._initial_cid, ephemeral=entropy(DHLEN)
         )
         token = entropy(TOKEN_LEN)
-        pad = entropy(_between(entropy, *INIT_PADDING))
-        message = self._hs.write_message1(encode_init_payload(now, token, self._offer, 0) + pad)
+        pad = entropy(random_between(entropy, *INIT_PADDING))
+        message = self._hs.write_message1(encode_init_payload(now, token, self._offer, pad))
         self._init = write_handshake_datagram(
             self._psk, self._initial_cid, message, from_client=True, salt=entropy(SALT_LEN)
         )
@@ -922,7 +916,7 @@ class DatagramServer:
             return None
         entropy = self._entropy
         room = len(datagram) - MIN_REPLY_DATAGRAM
-        pad = entropy(_between(entropy, 0, min(REPLY_PADDING_MAX, room)))
+        pad = entropy(random_between(entropy, 0, min(REPLY_PADDING_MAX, room)))
         try:
             message2 = hs.write_message2(cid + bytes((cipher,)) + pad)
         except AuthenticationFailed:
@@ -1004,5 +998,5 @@ class StatelessReset:
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
         entropy = self._entropy
-        size = _between(entropy, MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
+        size = random_between(entropy, MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
         return cid + entropy(size - CID_LEN - RESET_TOKEN_LEN) + reset_token(self._key, cid)

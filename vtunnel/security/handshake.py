@@ -13,11 +13,13 @@ Padding is always "the rest of the payload", so it needs no length field.
 
 from __future__ import annotations
 
-import os
-import secrets
+import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers import Cipher as _StreamCipher
+from cryptography.hazmat.primitives.ciphers import CipherContext, algorithms
 
 from .ciphers import Cipher, decode_offer, encode_offer
 from .errors import AuthenticationFailed, SecurityError
@@ -26,13 +28,15 @@ from .noise import DHLEN, TAGLEN
 __all__ = [
     "INIT_PAYLOAD_LEN",
     "MIN_INIT_PAYLOAD_LEN",
+    "SALT_LEN",
     "Entropy",
     "InitPayload",
     "check_wall_clock",
     "decode_init_payload",
     "encode_init_payload",
-    "padding",
+    "keystream",
     "random_between",
+    "salted_keystream",
 ]
 
 #: A source of random bytes: ``entropy(n)`` returns ``n`` of them (``os.urandom``, or a seeded one in tests).
@@ -60,20 +64,34 @@ def check_wall_clock(now: float) -> None:
         raise SecurityError("the handshake needs wall-clock time: pass time.time(), not a monotonic clock")
 
 
-def random_between(low: int, high: int) -> int:
-    """A uniformly random integer in ``[low, high]``."""
-    return low + secrets.randbelow(high - low + 1) if high > low else low
+def random_between(entropy: Entropy, low: int, high: int) -> int:
+    """A random integer in ``[low, high]`` from ``entropy`` (the bias of 32 random bits modulo the few hundred
+    values a size range here spans is below 2^-22)."""
+    return low + int.from_bytes(entropy(4), "big") % (high - low + 1) if high > low else low
 
 
-def padding(n: int) -> bytes:
-    return os.urandom(n) if n > 0 else b""
+def keystream(key: bytes, nonce: bytes) -> CipherContext:
+    """ChaCha20 under ``key`` from ``nonce`` (16 bytes: the block counter, then the nonce), for masking."""
+    return _StreamCipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
 
 
-def encode_init_payload(now: float, token: bytes, ciphers: tuple[Cipher, ...], pad: int) -> bytes:
+#: The random salt that starts every masked handshake message, stream or datagram.
+SALT_LEN = 16
+_ZERO_NONCE = bytes(16)
+
+
+def salted_keystream(psk: bytes, person: bytes, salt: bytes | bytearray) -> CipherContext:
+    """The keystream that masks one handshake message: ChaCha20 under ``BLAKE2s(key=psk, person=person,
+    data=salt)``. ``person`` (8 bytes) names the mode and the direction, so no two share a key."""
+    return keystream(hashlib.blake2s(salt, key=psk, person=person).digest(), _ZERO_NONCE)
+
+
+def encode_init_payload(now: float, token: bytes, ciphers: tuple[Cipher, ...], padding: bytes = b"") -> bytes:
+    """The first message's payload; ``padding`` is random bytes of a random length (the caller's entropy)."""
     check_wall_clock(now)
     if len(token) != TOKEN_LEN:
         raise SecurityError("the anti-replay token is 16 bytes")
-    return _INIT.pack(int(now * 1000.0), token) + encode_offer(ciphers) + padding(pad)
+    return _INIT.pack(int(now * 1000.0), token) + encode_offer(ciphers) + padding
 
 
 def decode_init_payload(payload: bytes) -> InitPayload:

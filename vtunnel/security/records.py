@@ -34,7 +34,6 @@ timestamp is compared with the server's clock. ``entropy`` is where their random
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import sys
@@ -43,8 +42,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher as _StreamCipher
-from cryptography.hazmat.primitives.ciphers import CipherContext, algorithms
+from cryptography.hazmat.primitives.ciphers import CipherContext
 
 from .ciphers import DEFAULT_CIPHERS, Cipher, check_ciphers, choose, decode_choice, make_aead, nonce_function
 from .errors import AuthenticationFailed, SecurityError
@@ -52,11 +50,15 @@ from .handshake import (
     INIT_PAYLOAD_LEN,
     MIN_INIT_PAYLOAD_LEN,
     NOISE_OVERHEAD,
+    SALT_LEN,
     TOKEN_LEN,
     Entropy,
     check_wall_clock,
     decode_init_payload,
     encode_init_payload,
+    keystream,
+    random_between,
+    salted_keystream,
 )
 from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache
@@ -93,7 +95,6 @@ MIN_INIT_LEN = NOISE_OVERHEAD + MIN_INIT_PAYLOAD_LEN
 MAX_HANDSHAKE_LEN = NOISE_OVERHEAD + INIT_PAYLOAD_LEN + 1024
 MIN_REPLY_LEN = NOISE_OVERHEAD + 1  # the chosen cipher's code
 
-SALT_LEN = 16
 #: What a handshake frame adds to its Noise message: the salt and the masked length.
 HANDSHAKE_FRAME_OVERHEAD = SALT_LEN + _LEN.size
 #: BLAKE2s personalisations (8 bytes) of the two directions' handshake frame keys.
@@ -104,31 +105,17 @@ LENGTH_KEY_LABEL = b"vtunnel stream v3 record lengths"
 _MASKS_PER_CHUNK = 2048
 _MASK_ZEROS = bytes(2 * _MASKS_PER_CHUNK)
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-_ZERO_NONCE = bytes(16)
 
 
 def _buffer(size: int) -> bytearray:
     return bytearray(size)
 
 
-def _between(entropy: Entropy, low: int, high: int) -> int:
-    """A random integer in ``[low, high]`` (the bias of 32 random bits modulo a few hundred is below 2^-22)."""
-    return low + int.from_bytes(entropy(4), "big") % (high - low + 1) if high > low else low
-
-
-def _keystream(key: bytes, nonce: bytes) -> CipherContext:
-    return _StreamCipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-
-
-def _frame_mask(psk: bytes, person: bytes, salt: bytes | bytearray) -> CipherContext:
-    return _keystream(hashlib.blake2s(salt, key=psk, person=person).digest(), _ZERO_NONCE)
-
-
 def write_handshake_frame(psk: bytes, message: bytes, *, from_client: bool, salt: bytes) -> bytes:
     """The wire form of a Noise handshake message: ``salt | masked(u16 length | message)``."""
     if len(salt) != SALT_LEN:
         raise SecurityError("a handshake frame's salt is 16 bytes")
-    mask = _frame_mask(psk, _CLIENT_FRAMES if from_client else _SERVER_FRAMES, salt)
+    mask = salted_keystream(psk, _CLIENT_FRAMES if from_client else _SERVER_FRAMES, salt)
     return salt + mask.update(_LEN.pack(len(message)) + message)
 
 
@@ -150,7 +137,7 @@ class _FrameReader:
         if self._mask is None:
             if len(buf) < HANDSHAKE_FRAME_OVERHEAD:
                 return None
-            self._mask = _frame_mask(self._psk, self._person, buf[:SALT_LEN])
+            self._mask = salted_keystream(self._psk, self._person, buf[:SALT_LEN])
             (length,) = _LEN.unpack(self._mask.update(bytes(buf[SALT_LEN:HANDSHAKE_FRAME_OVERHEAD])))
             if not self._low <= length <= self._high:
                 raise AuthenticationFailed("handshake message length out of range")
@@ -190,7 +177,7 @@ class _LengthMasks:
         """Make ``masks`` the chunk holding counter ``n``."""
         chunk = n // _MASKS_PER_CHUNK
         nonce = bytes(4) + chunk.to_bytes(8, "little") + bytes(4)
-        masks = array("H", _keystream(self._key, nonce).update(_MASK_ZEROS))
+        masks = array("H", keystream(self._key, nonce).update(_MASK_ZEROS))
         if _LITTLE_ENDIAN_HOST:  # the masks are the keystream's bytes read as big-endian 16-bit values
             masks.byteswap()
         self.masks = masks
@@ -502,8 +489,8 @@ class SecureStreamClient(_SecureStream):
         self._offer = check_ciphers(ciphers)
         self._hs = Initiator(psk, prologue=STREAM_PROLOGUE, ephemeral=entropy(DHLEN))
         token = entropy(TOKEN_LEN)
-        pad = entropy(_between(entropy, *INIT_PADDING))
-        message = self._hs.write_message1(encode_init_payload(now, token, self._offer, 0) + pad)
+        pad = entropy(random_between(entropy, *INIT_PADDING))
+        message = self._hs.write_message1(encode_init_payload(now, token, self._offer, pad))
         self._send_frame(message, from_client=True)
 
     def _handshake_step(self, now: float) -> bool:
@@ -568,7 +555,7 @@ class SecureStreamServer(_SecureStream):
         if self._limiter is not None and not self._limiter.allow(self._source, now):
             raise AuthenticationFailed("too many handshakes from this source")
         room = len(frame) - MIN_REPLY_LEN
-        pad = self._entropy(_between(self._entropy, 0, min(REPLY_PADDING_MAX, room)))
+        pad = self._entropy(random_between(self._entropy, 0, min(REPLY_PADDING_MAX, room)))
         self._send_frame(hs.write_message2(bytes((cipher,)) + pad), from_client=False)
         keys = hs.keys
         assert keys is not None
