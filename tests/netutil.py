@@ -1,9 +1,11 @@
-"""Plain-socket helpers for end-to-end tests: an echo server and byte-exact transfers (threads, no event loop)."""
+"""Plain-socket helpers for end-to-end tests: an echo server, a tiny web server, curl, and byte-exact transfers
+(threads, no event loop)."""
 
 from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -105,3 +107,54 @@ def first_echo_after(front: int, since: float, budget: float) -> float:
             last_error = exc
         time.sleep(0.05)
     pytest.fail(f"no working stream {budget} s after the server restart (last error: {last_error!r})")
+
+
+@contextmanager
+def web_server(body: bytes) -> Iterator[tuple[int, list[bytes]]]:
+    """A tiny HTTP/1.0 server answering every request with ``body``; yields its port and what it received."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    srv.settimeout(0.2)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    seen.append(data)
+                    conn.sendall(
+                        b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                        % (len(body), body)
+                    )
+                except OSError:
+                    seen.append(data)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1], seen
+    finally:
+        stop.set()
+        srv.close()
+        t.join(timeout=2)
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=30, check=False
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, free_port, wait_log, wait_port
-from tests.e2e.test_no_misrouting import curl, web_server
+from tests.netutil import curl, echo_roundtrip, web_server
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
@@ -87,12 +87,7 @@ def test_every_front_reaches_the_destination_it_named(
     assert curl("--socks5-hostname", f"127.0.0.1:{ports['socks']}", url).stdout == "the real site"
     assert curl("-p", "-x", f"http://127.0.0.1:{ports['http']}", url).stdout == "the real site"
     assert curl("-x", f"http://127.0.0.1:{ports['http']}", url).stdout == "the real site"
-    with socket.create_connection(("127.0.0.1", ports["forward"]), timeout=10) as s:
-        s.settimeout(10)
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
+    got = echo_roundtrip(ports["forward"], b"GET / HTTP/1.0\r\n\r\n", timeout=10)
     assert got.endswith(b"the real site")
     assert agent.poll() is None
 
