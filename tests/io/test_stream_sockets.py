@@ -363,8 +363,6 @@ def test_running_out_of_descriptors_pauses_accepting_and_loses_no_connection() -
         """
         import asyncio, resource, socket, sys
         from vtunnel.io.stream_sockets import open_relay_listener
-        import vtunnel.io.stream_sockets as sockio
-        sockio.ACCEPT_RETRY_DELAY = 0.2
 
         class Echo(asyncio.Protocol):
             def connection_made(self, t): self.t = t

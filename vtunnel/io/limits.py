@@ -19,6 +19,7 @@ from typing import Any, Final
 __all__ = [
     "OUT_OF_RESOURCES",
     "WARN_INTERVAL",
+    "AcceptBackoff",
     "ThrottledWarning",
     "is_out_of_resources",
     "open_file_limit",
@@ -30,6 +31,9 @@ __all__ = [
 OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: seconds between two warnings about the same shortage
 WARN_INTERVAL: Final = 10.0
+#: the first and the longest pause of an accept loop that the kernel refuses resources (seconds)
+ACCEPT_RETRY_MIN: Final = 0.05
+ACCEPT_RETRY_MAX: Final = 1.0
 #: the most connections that may be in their handshake at once, whatever the descriptor limit
 DEFAULT_MAX_PENDING: Final = 1024
 
@@ -111,3 +115,21 @@ class ThrottledWarning:
             self._suppressed = 0
         self._log.warning(self._event, **fields)
         return True
+
+
+class AcceptBackoff:
+    """How long an accept loop that the kernel refuses resources waits before it looks again: from
+    :data:`ACCEPT_RETRY_MIN`, doubling up to :data:`ACCEPT_RETRY_MAX`; back to the start once an accept works."""
+
+    __slots__ = ("_delay",)
+
+    def __init__(self) -> None:
+        self._delay = ACCEPT_RETRY_MIN
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(delay * 2, ACCEPT_RETRY_MAX)
+        return delay
+
+    def reset(self) -> None:
+        self._delay = ACCEPT_RETRY_MIN

@@ -35,7 +35,7 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
-from vtunnel.io.limits import ThrottledWarning, is_out_of_resources, open_file_limit
+from vtunnel.io.limits import AcceptBackoff, ThrottledWarning, is_out_of_resources, open_file_limit
 from vtunnel.io.tuning import tune_tcp
 
 __all__ = [
@@ -63,7 +63,6 @@ LOW_WATER: Final = 16 * 1024
 EVENTS_PER_WAKEUP: Final = 256
 #: connections accepted per wake-up of a listener, and the pause after the process ran out of descriptors
 ACCEPT_BATCH: Final = 64
-ACCEPT_RETRY_DELAY: Final = 1.0
 
 _IN: Final = 1  # want readable
 _OUT: Final = 4  # want writable
@@ -657,6 +656,7 @@ class RelayListener:
         self._started = False
         self._retry: dict[int, asyncio.TimerHandle] = {}
         self._warn_exhausted = ThrottledWarning(log, "cannot accept connections for now: out of resources")
+        self._backoff = AcceptBackoff()
 
     def start(self) -> None:
         """Begin accepting (until then connections wait in the backlog)."""
@@ -690,15 +690,15 @@ class RelayListener:
             except OSError as exc:
                 if is_out_of_resources(exc):
                     # the backlog keeps the waiting connections; look again once something may have closed
-                    self._warn_exhausted(
-                        error=exc.strerror, retry_in=ACCEPT_RETRY_DELAY, limit=open_file_limit()
-                    )
+                    delay = self._backoff.next()
+                    self._warn_exhausted(error=exc.strerror, retry_in=delay, limit=open_file_limit())
                     fd = lsock.fileno()
                     self._loop.remove_reader(fd)
-                    self._retry[fd] = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume, lsock)
+                    self._retry[fd] = self._loop.call_later(delay, self._resume, lsock)
                 else:
                     log.warning("accept failed", error=exc.strerror or repr(exc))
                 return
+            self._backoff.reset()
             try:
                 attach_socket(conn, self._factory(), self._watcher)
             except Exception as exc:

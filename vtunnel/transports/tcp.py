@@ -22,6 +22,7 @@ from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from vtunnel.io.limits import (
+    AcceptBackoff,
     ThrottledWarning,
     is_out_of_resources,
     open_file_limit,
@@ -35,9 +36,6 @@ __all__ = ["SecuredListener", "TCPTransport", "TLSTransport"]
 log = structlog.get_logger("vtunnel.transports.tcp")
 
 CONNECT_TIMEOUT = 10.0
-#: first and longest pause of an accept loop that the kernel refuses resources (seconds)
-ACCEPT_RETRY_MIN = 0.05
-ACCEPT_RETRY_MAX = 1.0
 
 
 class SecuredListener(Listener[ByteStream]):
@@ -106,7 +104,7 @@ class SecuredListener(Listener[ByteStream]):
     async def _accept_loop(
         self, listener: SocketListener, handler: Callable[[ByteStream], Any], task_group: TaskGroup
     ) -> None:
-        delay = ACCEPT_RETRY_MIN
+        backoff = AcceptBackoff()
         while True:
             try:
                 raw = await listener.accept()
@@ -117,13 +115,16 @@ class SecuredListener(Listener[ByteStream]):
                         error=exc.strerror, pending=self.pending, closed_oldest=freed, limit=open_file_limit()
                     )
                     # a shed connection's descriptor is closed when its task runs: give it that turn
-                    await anyio.sleep(0.01 if freed else delay)
-                    delay = ACCEPT_RETRY_MIN if freed else min(delay * 2, ACCEPT_RETRY_MAX)
+                    if freed:
+                        backoff.reset()
+                        await anyio.sleep(0.01)
+                    else:
+                        await anyio.sleep(backoff.next())
                 else:
                     log.warning("accept failed", error=exc.strerror or repr(exc))
-                    await anyio.sleep(ACCEPT_RETRY_MIN)
+                    await anyio.sleep(backoff.next())
                 continue
-            delay = ACCEPT_RETRY_MIN
+            backoff.reset()
             if len(self._pending) >= self.max_pending:
                 self._shed_oldest()
                 self._warn_shedding(limit=self.max_pending)
