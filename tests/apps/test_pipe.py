@@ -110,11 +110,8 @@ async def test_broken_destination_ends_pipe() -> None:
         del origin
 
 
-async def test_a_tunnel_dying_under_a_piped_stream_resets_the_socket() -> None:
-    """pipe() follows the relay's rule: the client gets a prefix of the answer and a reset, not a clean end."""
-    answer = os.urandom(1_000_000)
-    head = 100_000
-    release = anyio.Event()
+def answer_in_two(answer: bytes, head: int, release: anyio.Event) -> Handler:
+    """A far end that sends ``answer[:head]``, waits for ``release``, then sends the rest and its end."""
 
     async def far(stream: TunnelStream) -> None:
         stream.accept()
@@ -122,6 +119,17 @@ async def test_a_tunnel_dying_under_a_piped_stream_resets_the_socket() -> None:
         await release.wait()
         await stream.send(answer[head:])
         await stream.send_eof()
+
+    return far
+
+
+async def test_a_tunnel_dying_under_a_piped_stream_resets_the_socket() -> None:
+    """pipe() follows the relay's rule: the client gets a prefix of the answer and a reset, not a clean end."""
+    answer = os.urandom(1_000_000)
+    head = 100_000
+    release = anyio.Event()
+
+    far = answer_in_two(answer, head, release)
 
     async with tunnel_pair(far) as (conn, server), tcp_pair() as (client, front):
         remote = await conn.open_stream(wait_accepted=False)
@@ -292,12 +300,7 @@ async def test_a_tunnel_dying_under_the_stream_resets_the_socket(death: str) -> 
     head = 200_000
     release = anyio.Event()
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        await stream.send(answer[:head])
-        await release.wait()
-        await stream.send(answer[head:])
-        await stream.send_eof()
+    far = answer_in_two(answer, head, release)
 
     async with tunnel_pair(far) as (conn, server):
         with socket.socket() as lsock:
