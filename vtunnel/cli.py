@@ -237,11 +237,6 @@ def server(
     endpoints = [_endpoint(u, "--listen", insecure_key_permissions) for u in urls]
     if (peer or sec.get("peer")) == "vproxy":
         endpoints = [_vproxy_endpoint(e, client=False) for e in endpoints]
-    if websocks_user:
-        log.warning(
-            "a password given with --websocks-user is visible to every local user in `ps`; "
-            f"use --websocks-user-file FILE (chmod 600) or {WEBSOCKS_USER_ENV} instead"
-        )
     try:
         users = resolve_websocks_users(
             specs=websocks_user,
@@ -341,11 +336,6 @@ def agent(
             security = _vproxy_security(psk_file, sec)
             server_endpoint = _vproxy_endpoint(server_endpoint, client=True)
             tunnel = dataclasses.replace(tunnel, extensions=False)
-            if websocks_user:
-                log.warning(
-                    "a password given with --websocks-user is visible to every local user in `ps`; "
-                    f"use --websocks-user-file FILE (chmod 600) or {WEBSOCKS_USER_ENV} instead"
-                )
             logins = resolve_websocks_users(
                 specs=websocks_user,
                 user_file=websocks_user_file,

@@ -378,6 +378,11 @@ def resolve_websocks_users(
         users.update(_user_lines(text, f"the WebSocks users file {str(p)!r}", comments=True))
     if env.get(WEBSOCKS_USER_ENV):
         users.update(_user_lines(env[WEBSOCKS_USER_ENV], WEBSOCKS_USER_ENV, comments=False))
+    if specs:
+        log.warning(
+            "a password given with --websocks-user is visible to every local user in `ps`; "
+            f"use --websocks-user-file FILE (chmod 600) or {WEBSOCKS_USER_ENV} instead"
+        )
     for n, spec in enumerate(specs, 1):
         users.update(_user_lines(spec, f"--websocks-user number {n}", comments=False))
     return users
