@@ -26,8 +26,9 @@ import anyio
 
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp import KCPListener
-from vtunnel.transports.kcp_stream import KCPStream
+from vtunnel.transports.kcp_link import KCPLink
 from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.link import LinkStream
 
 _KEY = SecurityConfig(psk=bytes(range(32)))
 
@@ -59,15 +60,14 @@ async def _serve_sink(query: str, sealed: bool) -> None:
     )
     assert isinstance(listener, KCPListener)
     print(json.dumps({"port": listener.local_address[1]}), flush=True)
-    stream = await listener.accept()
-    header = await stream.receive(8)
-    total = int.from_bytes(header[:8], "big")
-    got = len(header) - 8
-    while got < total:
-        got += len(await stream.receive())
-    await stream.send(b"done")
-    await anyio.sleep(0.5)
-    await stream.aclose()
+    async with LinkStream(await listener.accept()) as stream:
+        header = await stream.receive(8)
+        total = int.from_bytes(header[:8], "big")
+        got = len(header) - 8
+        while got < total:
+            got += len(await stream.receive())
+        await stream.send(b"done")
+        await anyio.sleep(0.5)
     await listener.aclose()
 
 
@@ -78,23 +78,23 @@ async def _bulk(mib: int, query: str, sealed: bool) -> None:
     with subprocess.Popen(command, stdout=subprocess.PIPE) as proc:  # noqa: ASYNC220
         assert proc.stdout is not None
         port = json.loads(proc.stdout.readline())["port"]
-        client = await KCPTransport().connect(
+        link = await KCPTransport().connect(
             Endpoint.parse(f"kcp://127.0.0.1:{port}{query}"), security=_security(sealed)
         )
         total = mib * 1024 * 1024
         block = os.urandom(256 * 1024)
-        start = time.perf_counter()
-        cpu = _cpu_seconds()
-        await client.send(total.to_bytes(8, "big"))
-        sent = 0
-        while sent < total:
-            await client.send(block)
-            sent += len(block)
-        assert await client.receive() == b"done"
-        elapsed = time.perf_counter() - start
-        cpu = _cpu_seconds() - cpu
-        engine_stats = client.engine.stats() if isinstance(client, KCPStream) else {}
-        await client.aclose()
+        async with LinkStream(link) as client:
+            start = time.perf_counter()
+            cpu = _cpu_seconds()
+            await client.send(total.to_bytes(8, "big"))
+            sent = 0
+            while sent < total:
+                await client.send(block)
+                sent += len(block)
+            assert await client.receive() == b"done"
+            elapsed = time.perf_counter() - start
+            cpu = _cpu_seconds() - cpu
+            engine_stats = link.engine.stats() if isinstance(link, KCPLink) else {}
         proc.wait(timeout=30)
     print(
         json.dumps(
@@ -115,29 +115,28 @@ async def _idle(seconds: float, query: str) -> None:
     transport = KCPTransport()
     listener = await transport.listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=SecurityConfig())
     assert isinstance(listener, KCPListener)
-    client = await transport.connect(
+    link = await transport.connect(
         Endpoint.parse(f"kcp://127.0.0.1:{listener.local_address[1]}{query}"), security=SecurityConfig()
     )
-    await client.send(b"hello")
-    server = await listener.accept()
-    await server.receive()
-    await server.send(b"hi")
-    await client.receive()
-    await anyio.sleep(1.0)  # let the last ACKs settle
-    cpu, wall = _cpu_seconds(), time.perf_counter()
-    await anyio.sleep(seconds)
-    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
-    print(
-        json.dumps(
-            {
-                "idle_seconds": round(wall, 1),
-                "cpu_s": round(cpu, 4),
-                "cpu_percent": round(100 * cpu / wall, 3),
-            }
-        )
-    )
-    await client.aclose()
-    await server.aclose()
+    async with LinkStream(link) as client:
+        await client.send(b"hello")
+        async with LinkStream(await listener.accept()) as server:
+            await server.receive()
+            await server.send(b"hi")
+            await client.receive()
+            await anyio.sleep(1.0)  # let the last ACKs settle
+            cpu, wall = _cpu_seconds(), time.perf_counter()
+            await anyio.sleep(seconds)
+            cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+            print(
+                json.dumps(
+                    {
+                        "idle_seconds": round(wall, 1),
+                        "cpu_s": round(cpu, 4),
+                        "cpu_percent": round(100 * cpu / wall, 3),
+                    }
+                )
+            )
     await listener.aclose()
 
 

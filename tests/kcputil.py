@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from tests.linkutil import stream_of
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPStream
+from vtunnel.transports.kcp import KCPListener
+from vtunnel.transports.kcp_link import KCPLink
 from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.link import LinkStream
 
 PLAIN = SecurityConfig()
 
@@ -23,7 +26,8 @@ async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener, str]]:
         await listener.aclose()
 
 
-async def connect(url: str) -> KCPStream:
-    stream = await KCPTransport().connect(Endpoint.parse(url), security=PLAIN)
-    assert isinstance(stream, KCPStream)
-    return stream
+async def connect(url: str) -> LinkStream[KCPLink]:
+    """A plain kcp:// client session to ``url``, as a byte stream (its link is ``.link``)."""
+    link = await KCPTransport().connect(Endpoint.parse(url), security=PLAIN)
+    assert isinstance(link, KCPLink)
+    return stream_of(link)

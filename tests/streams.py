@@ -7,9 +7,14 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ByteStream
 
+from tests.linkutil import stream_of
+from vtunnel.transports.link import Link
 
-async def echo(stream: ByteStream) -> None:
-    """Send back everything received until the peer ends or breaks the stream, then close it."""
+
+async def echo(stream: ByteStream | Link) -> None:
+    """Send back everything received until the peer ends or breaks the stream (or link), then close it."""
+    if isinstance(stream, Link):
+        stream = stream_of(stream)
     try:
         while True:
             await stream.send(await stream.receive())

@@ -140,7 +140,7 @@ async def test_a_tunnel_dying_under_a_piped_stream_resets_the_socket() -> None:
                 got = bytearray()
                 while len(got) < head:
                     got += await client.receive()
-                await anyio.aclose_forcefully(server.transport)
+                await anyio.aclose_forcefully(server.link)
                 release.set()
                 with pytest.raises(anyio.BrokenResourceError):
                     await _receive_into(client, got)
@@ -319,7 +319,7 @@ async def test_a_tunnel_dying_under_the_stream_resets_the_socket(death: str) -> 
                     while len(got) < head:
                         got += await client.receive()
                     if death == "transport lost":
-                        await anyio.aclose_forcefully(server.transport)
+                        await anyio.aclose_forcefully(server.link)
                     else:
                         server.shutdown("gone", graceful=False)
                     release.set()

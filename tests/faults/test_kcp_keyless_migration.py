@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.kcputil import kcp_server
+from tests.linkutil import stream_of
 from tests.streams import read_exactly
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.transports.base import Endpoint
@@ -120,7 +121,7 @@ async def test_a_replayed_datagram_from_another_address_does_not_move_the_sessio
         b_address = b.extra(anyio.abc.SocketAttribute.local_address)
         with anyio.fail_after(10):
             await client.send(b"hello", a)
-            server = await listener.accept()
+            server = stream_of(await listener.accept())
             assert await read_exactly(server, 5) == b"hello"
             await server.send(b"hi")
             assert await client.receive(2, a) == b"hi"

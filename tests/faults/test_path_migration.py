@@ -13,6 +13,7 @@ import anyio
 import pytest
 from anyio.abc import ByteStream
 
+from tests.linkutil import stream_of
 from tests.streams import read_exactly
 from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.security.datagram import read_handshake_datagram
@@ -20,6 +21,7 @@ from vtunnel.testing import ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp_secure import SealedKCPListener
 from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.link import Link, LinkStream
 
 pytestmark = pytest.mark.anyio
 
@@ -91,8 +93,9 @@ class CopyingForwarder:
             sock.close()
 
 
-async def serve_download(stream: ByteStream) -> None:
+async def serve_download(link: Link) -> None:
     """Answer each 8-byte request with DOWNLOAD bytes derived from it, until the client's end."""
+    stream = stream_of(link)
     try:
         while True:
             seed = await read_exactly(stream, 8)
@@ -109,8 +112,9 @@ async def listen() -> SealedKCPListener:
     return listener
 
 
-async def connect(address: Address) -> ByteStream:
-    return await KCPTransport().connect(Endpoint.parse(f"kcp://{address[0]}:{address[1]}"), security=KEY)
+async def connect(address: Address) -> LinkStream[Link]:
+    link = await KCPTransport().connect(Endpoint.parse(f"kcp://{address[0]}:{address[1]}"), security=KEY)
+    return stream_of(link)
 
 
 async def download(client: ByteStream) -> None:

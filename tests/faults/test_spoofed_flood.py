@@ -12,12 +12,14 @@ from collections.abc import Callable
 import anyio
 import pytest
 
+from tests.linkutil import stream_of
 from tests.streams import echo, read_exactly
 from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.security.datagram import DatagramClient, is_minted, read_handshake_datagram, reset_keys
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp_secure import SealedKCPListener
 from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.link import Link, LinkStream
 
 pytestmark = pytest.mark.anyio
 
@@ -81,8 +83,9 @@ class SpoofingForwarder:
         self.up.close()
 
 
-async def connect(address: Address) -> anyio.abc.ByteStream:
-    return await KCPTransport().connect(Endpoint.parse(f"kcp://{address[0]}:{address[1]}"), security=KEY)
+async def connect(address: Address) -> LinkStream[Link]:
+    link = await KCPTransport().connect(Endpoint.parse(f"kcp://{address[0]}:{address[1]}"), security=KEY)
+    return stream_of(link)
 
 
 async def test_a_keyless_flood_from_the_clients_own_address_does_not_lock_it_out() -> None:

@@ -16,6 +16,7 @@ from vtunnel.protocol import Role, StreamMetadata, TunnelConfig
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.errors import StreamRefused
 from vtunnel.runtime.tunnel_stream import TunnelStream, TunnelStreamAttribute
+from vtunnel.transports.link import Link, StreamLink
 
 pytestmark = pytest.mark.anyio
 
@@ -32,13 +33,15 @@ async def tunnel_pair(
     async with anyio.create_task_group() as tg:
 
         async def on_accept(stream: ByteStream) -> None:
-            conn = TunnelConnection(stream, role=Role.SERVER, config=server_config, handler=handler, name="s")
+            conn = TunnelConnection(
+                StreamLink(stream), role=Role.SERVER, config=server_config, handler=handler, name="s"
+            )
             servers.append(conn)
             await conn.run()
 
         tg.start_soon(listener.serve, on_accept)
         raw = await anyio.connect_tcp("127.0.0.1", port)
-        client = TunnelConnection(raw, role=Role.CLIENT, config=client_config, name="c")
+        client = TunnelConnection(StreamLink(raw), role=Role.CLIENT, config=client_config, name="c")
         tg.start_soon(client.run)
         with anyio.fail_after(10):
             await client.wait_ready()
@@ -171,7 +174,7 @@ async def test_tunnel_death_breaks_streams() -> None:
 
     async with tunnel_pair(handler) as (client, server):
         stream = await client.open_stream(StreamMetadata(authority="a:1"))
-        await anyio.aclose_forcefully(server.transport)
+        await anyio.aclose_forcefully(server.link)
         with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError):
             await stream.receive()
         assert client.closed
@@ -212,8 +215,8 @@ async def kcp_tunnel_pair(
     servers: list[TunnelConnection] = []
     async with listener, anyio.create_task_group() as tg:
 
-        async def on_accept(stream: ByteStream) -> None:
-            conn = TunnelConnection(stream, role=Role.SERVER, config=config, handler=handler, name="s")
+        async def on_accept(link: Link) -> None:
+            conn = TunnelConnection(link, role=Role.SERVER, config=config, handler=handler, name="s")
             servers.append(conn)
             await conn.run()
 
@@ -232,10 +235,10 @@ async def kcp_tunnel_pair(
             tg.cancel_scope.cancel()
 
 
-async def test_small_messages_are_written_from_the_sender_without_the_writer() -> None:
+async def test_small_messages_go_to_the_link_from_the_sender_and_are_never_refused() -> None:
     async with kcp_tunnel_pair(echo_handler) as (client, server):
         stream = await client.open_stream(StreamMetadata(authority="rr:1"))
-        before = (client.writer_writes, server.writer_writes)
+        before = (client.link_writes, server.link_writes)
         with anyio.fail_after(20):
             for i in range(100):
                 message = i.to_bytes(8, "big") * 8
@@ -244,14 +247,14 @@ async def test_small_messages_are_written_from_the_sender_without_the_writer() -
                 while len(got) < len(message):
                     got += await stream.receive()
                 assert got == message
-        assert client.direct_writes >= 100
-        assert server.direct_writes >= 100
-        assert (client.writer_writes, server.writer_writes) == before  # nothing waited for the writer task
+        assert client.link_writes - before[0] >= 100
+        assert server.link_writes - before[1] >= 100
+        assert (client.link_refusals, server.link_refusals) == (0, 0)  # nothing waited for room
 
 
-async def test_a_full_kcp_window_falls_back_to_the_writer_in_order() -> None:
-    """Bulk through a 32-segment window: writes the session cannot take at once go through the writer task,
-    and every byte of every stream still arrives in order."""
+async def test_a_full_kcp_window_holds_writes_until_the_link_has_room_in_order() -> None:
+    """Bulk through a 32-segment window: writes the session refuses (``WouldBlock``) wait for
+    ``link_writable``, and every byte of every stream still arrives in order."""
     async with kcp_tunnel_pair(echo_handler, "?sndwnd=32&rcvwnd=128") as (client, _server):
         payloads = [hashlib.sha256(bytes([i])).digest() * (12000 + 997 * i) for i in range(4)]
         results: dict[int, bytes] = {}
@@ -273,18 +276,8 @@ async def test_a_full_kcp_window_falls_back_to_the_writer_in_order() -> None:
                 for i in range(len(payloads)):
                     tg.start_soon(one, i)
         assert [results[i] == payloads[i] for i in range(len(payloads))] == [True] * len(payloads)
-        assert client.direct_writes > 0
-        assert client.writer_writes > 0
-
-
-async def test_tcp_transport_keeps_the_writer_task() -> None:
-    async with tunnel_pair(echo_handler) as (client, _):
-        stream = await client.open_stream(StreamMetadata(authority="a:1"))
-        await stream.send(b"ping")
-        with anyio.fail_after(10):
-            assert await stream.receive() == b"ping"
-        assert client.direct_writes == 0
-        assert client.writer_writes > 0
+        assert client.link_writes > 0
+        assert client.link_refusals > 0
 
 
 async def test_kcp_tunnel_death_breaks_streams() -> None:
@@ -294,7 +287,7 @@ async def test_kcp_tunnel_death_breaks_streams() -> None:
 
     async with kcp_tunnel_pair(handler, "?timeout=1") as (client, server):
         stream = await client.open_stream(StreamMetadata(authority="a:1"))
-        await anyio.aclose_forcefully(server.transport)
+        await anyio.aclose_forcefully(server.link)
 
         async def keep_sending() -> None:
             # the server's session is gone: the client's link dies and its stream breaks
@@ -333,7 +326,7 @@ async def test_pushed_input_pauses_for_a_full_buffer_without_flow_control_and_re
                     await stream.send_eof()
 
                 tg.start_soon(write)
-                while not server._push_paused:
+                while not server.reading_paused:
                     await anyio.sleep(0.01)
                 held = next(iter(server.streams.values())).buffered
                 assert UNCONTROLLED_BUFFER_LIMIT < held < size
@@ -388,7 +381,7 @@ async def test_a_server_tunnel_whose_peer_never_handshakes_is_closed_after_the_h
 
         async def on_accept(stream: ByteStream) -> None:
             conn = TunnelConnection(
-                stream, role=Role.SERVER, config=TunnelConfig(handshake_timeout=0.3), name="s"
+                StreamLink(stream), role=Role.SERVER, config=TunnelConfig(handshake_timeout=0.3), name="s"
             )
             await conn.run()
             closed.set()

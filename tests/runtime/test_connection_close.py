@@ -20,6 +20,7 @@ from vtunnel.protocol import Role, Tunnel, TunnelConfig, events
 from vtunnel.protocol import frames as fr
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
+from vtunnel.transports.link import StreamLink
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +39,7 @@ async def test_a_drained_tunnel_ends_its_transport_without_losing_the_tail() -> 
         await stream.send_eof()
 
     async def on_accept(transport: ByteStream) -> None:
-        conn = TunnelConnection(transport, role=Role.SERVER, handler=handler, name="s")
+        conn = TunnelConnection(StreamLink(transport), role=Role.SERVER, handler=handler, name="s")
         servers.append(conn)
         await conn.run()
 

@@ -11,11 +11,11 @@ from anyio.abc import ByteStream
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig
 from vtunnel.runtime.connection import (
     OUTBOUND_HIGH_WATER,
-    READ_SIZE,
     UNCONTROLLED_BUFFER_LIMIT,
     TunnelConnection,
 )
 from vtunnel.runtime.tunnel_stream import TunnelStream
+from vtunnel.transports.link import READ_SIZE, StreamLink
 
 from .test_connection import read_all, tunnel_pair
 
@@ -110,7 +110,7 @@ async def test_a_sender_waits_while_the_transport_is_backed_up() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, silent_peer)
         raw = await anyio.connect_tcp("127.0.0.1", port)
-        client = TunnelConnection(raw, role=Role.CLIENT, config=big, name="c")
+        client = TunnelConnection(StreamLink(raw), role=Role.CLIENT, config=big, name="c")
         tg.start_soon(client.run)
         with anyio.fail_after(10):
             await client.wait_ready()
@@ -123,6 +123,7 @@ async def test_a_sender_waits_while_the_transport_is_backed_up() -> None:
                 sent += len(chunk)
         assert sent < 200 << 20  # the sender was held back
         assert 0 < client.outbound_bytes <= OUTBOUND_HIGH_WATER + len(chunk)
+        assert client.link_refusals > 0  # the link's queue filled: it said WouldBlock, and was waited on
         stop.set()
         client.shutdown("test over", graceful=False)
         tg.cancel_scope.cancel()

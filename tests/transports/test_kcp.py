@@ -12,6 +12,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 from tests.kcputil import PLAIN, connect, kcp_server
+from tests.linkutil import stream_of
 from tests.streams import echo, read_exactly, wait_until
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.io.datagrams import DatagramSocket, open_udp_socket
@@ -82,18 +83,19 @@ async def test_send_applies_back_pressure_when_the_peer_does_not_read() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer)
-            server = await listener.accept()  # accepted, never read
+            server_link = await listener.accept()  # accepted, never run: nothing reads it
             with anyio.fail_after(30):
                 last, stable = -1, 0
                 while stable < 20:  # progress stopped for 20 polls in a row
                     await anyio.sleep(0.05)
                     stable = stable + 1 if accepted == last else 0
                     last = accepted
-            mss = client.engine.max_data
+            mss = client.link.engine.max_data
             # the peer's receive window, our send window, plus one write that may be in progress
             assert accepted <= (128 + 64 + 2) * mss + len(chunk)
             assert accepted < 64 * 1024 * 1024
             # reading drains it all and the writer finishes its next chunks
+            server = stream_of(server_link)
             with anyio.fail_after(30):
                 got = 0
                 target = accepted + 10 * len(chunk)
@@ -111,7 +113,7 @@ async def test_garbage_changes_nothing_and_gets_no_answer() -> None:
         with anyio.fail_after(20):
             await client.send(b"before")
             assert await read_exactly(client, 6) == b"before"
-        conv = client.engine.conv
+        conv = client.link.engine.conv
         sessions = listener.session_count
         dropped = listener.dropped
         garbage = [
@@ -149,7 +151,7 @@ async def test_conv_zero_sessions_are_keyed_by_address() -> None:
         tg.start_soon(listener.serve, echo)
         a = await connect(url + "?conv=0")
         b = await connect(url + "?conv=0")
-        assert a.engine.conv == b.engine.conv == 0
+        assert a.link.engine.conv == b.link.engine.conv == 0
         with anyio.fail_after(20):
             await a.send(b"from a" * 1000)
             await b.send(b"from b" * 1000)
@@ -165,8 +167,8 @@ async def test_random_convs_differ_and_sessions_are_counted() -> None:
     async with kcp_server() as (listener, url), anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, echo)
         clients = [await connect(url) for _ in range(5)]
-        assert len({c.engine.conv for c in clients}) == 5
-        assert all(c.engine.conv != 0 for c in clients)
+        assert len({c.link.engine.conv for c in clients}) == 5
+        assert all(c.link.engine.conv != 0 for c in clients)
         with anyio.fail_after(20):
             for i, c in enumerate(clients):
                 await c.send(bytes([i]) * 100)
@@ -183,7 +185,7 @@ async def test_killed_server_is_detected_as_a_dead_link() -> None:
         client = await connect(url + "?timeout=1")
         with anyio.fail_after(20):
             await client.send(b"hello")
-            server = await listener.accept()
+            server = stream_of(await listener.accept())
             assert await read_exactly(server, 5) == b"hello"
         await listener.aclose()  # the server is gone: its socket is closed
         with pytest.raises(anyio.BrokenResourceError):
@@ -204,7 +206,7 @@ async def test_idle_sessions_expire() -> None:
         client = await connect(url + "?idle=0.5")
         with anyio.fail_after(20):
             await client.send(b"hi")
-            server = await listener.accept()
+            server = stream_of(await listener.accept())
             assert await read_exactly(server, 2) == b"hi"
             with pytest.raises(anyio.BrokenResourceError):
                 await server.receive()
@@ -240,7 +242,7 @@ async def test_close_frees_the_session_and_send_eof_is_a_full_close() -> None:
             await client.send(b"x")
             assert await read_exactly(client, 1) == b"x"
         await client.send_eof()
-        assert client.engine.closed
+        assert client.link.engine.closed
         with pytest.raises(anyio.ClosedResourceError):
             await client.send(b"y")
         await client.aclose()  # idempotent
@@ -256,7 +258,7 @@ async def test_closed_listener_refuses_accept_and_serve_returns() -> None:
         await anyio.sleep(0.05)
         await listener.aclose()
     with pytest.raises(anyio.ClosedResourceError):
-        await listener.accept()
+        stream_of(await listener.accept())
 
 
 async def test_ipv6_loopback() -> None:
@@ -292,17 +294,17 @@ async def test_aclose_while_a_writer_waits_ends_the_writer() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer)
-            server = await listener.accept()  # never reads: the writer ends up waiting
+            server = stream_of(await listener.accept())  # never reads: the writer ends up waiting
             last, stable = -1, 0
             with anyio.fail_after(30):
                 while stable < 10:
                     await anyio.sleep(0.05)
-                    waiting = client.engine.waiting()
+                    waiting = client.link.engine.waiting()
                     stable = stable + 1 if waiting == last else 0
                     last = waiting
                 await client.aclose()
         assert len(outcome) == 1
-        assert client.engine.closed
+        assert client.link.engine.closed
         await server.aclose()
 
 
@@ -327,7 +329,7 @@ async def test_a_bad_datagram_inside_a_coalesced_run_is_dropped_alone() -> None:
             first, second = datagrams[:20], datagrams[20:]
             udp.sendto_many([*first[:5], bytes(foreign), *first[5:]], listener.local_address)
             with anyio.fail_after(10):
-                stream = await listener.accept()
+                stream = stream_of(await listener.accept())
             # the session exists now: its next run takes the one-pass path until the bad datagram
             udp.sendto_many([*second[:7], bytes(lying), *second[7:]], listener.local_address)
             with anyio.fail_after(10):
@@ -354,7 +356,7 @@ async def test_a_client_started_before_its_server_gets_through_once_the_server_i
     assert isinstance(listener, KCPListener)
     try:
         with anyio.fail_after(10):
-            server = await listener.accept()
+            server = stream_of(await listener.accept())
             assert await read_exactly(server, 5) == b"hello"
             await server.send(b"world")
             assert await read_exactly(client, 5) == b"world"
@@ -367,12 +369,12 @@ async def test_a_client_ignores_datagrams_from_anyone_but_its_server() -> None:
     async with kcp_server() as (listener, url):
         client = await connect(url)
         await client.send(b"x")
-        server = await listener.accept()
+        server = stream_of(await listener.accept())
         assert await read_exactly(server, 1) == b"x"
         # a stranger copies the server's conv into a well-formed segment aimed at the client's port
         stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            conv = client.engine.conv
+            conv = client.link.engine.conv
             forged = struct.pack("<IBBHIIII", conv, 81, 0, 1024, 0, 0, 0, 5) + b"forge"
             stranger.sendto(forged, client.extra(SocketAttribute.local_address))
             await server.send(b"truth")

@@ -10,11 +10,14 @@ import anyio
 import pytest
 from anyio.abc import ByteStream
 
+from tests.linkutil import stream_of
 from tests.streams import wait_until
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPStream
+from vtunnel.transports.kcp import KCPListener
+from vtunnel.transports.kcp_link import KCPLink
 from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.link import LinkStream
 
 pytestmark = pytest.mark.anyio
 
@@ -35,10 +38,10 @@ async def listen(query: str = FAST) -> KCPListener:
     return listener
 
 
-async def connect(port: int, query: str = FAST) -> KCPStream:
-    stream = await KCPTransport().connect(Endpoint.parse(f"kcp://127.0.0.1:{port}{query}"), security=PLAIN)
-    assert isinstance(stream, KCPStream)
-    return stream
+async def connect(port: int, query: str = FAST) -> LinkStream[KCPLink]:
+    link = await KCPTransport().connect(Endpoint.parse(f"kcp://127.0.0.1:{port}{query}"), security=PLAIN)
+    assert isinstance(link, KCPLink)
+    return stream_of(link)
 
 
 async def sink_digest(stream: ByteStream, size: int) -> str:
@@ -69,13 +72,13 @@ async def send_pattern(stream: ByteStream, size: int, seed: int) -> str:
 
 
 async def transfer(
-    client: KCPStream, listener: KCPListener, size: int, *, limit: float = 110.0
+    client: LinkStream[KCPLink], listener: KCPListener, size: int, *, limit: float = 110.0
 ) -> tuple[str, str, str]:
     """client -> server ``size`` bytes; returns (sent digest, server digest, digest echoed to the client)."""
     results: dict[str, str] = {}
 
     async def server_side() -> None:
-        server = await listener.accept()
+        server = stream_of(await listener.accept())
         results["server"] = await sink_digest(server, size)
         with anyio.move_on_after(30):
             await anyio.sleep_forever()
@@ -156,14 +159,14 @@ async def test_conv_zero_clients_behind_one_relay_each_get_their_session() -> No
 
         async def serve_two() -> None:
             for _ in range(2):
-                server = await listener.accept()
+                server = stream_of(await listener.accept())
                 tg.start_soon(echo_all, server)
 
         async def echo_all(server: ByteStream) -> None:
             while True:
                 await server.send(await server.receive())
 
-        async def round_trip(name: str, client: KCPStream, payload: bytes) -> None:
+        async def round_trip(name: str, client: LinkStream[KCPLink], payload: bytes) -> None:
             await client.send(payload)
             got = bytearray()
             while len(got) < len(payload):
@@ -191,7 +194,7 @@ async def test_server_behind_a_relay_that_goes_silent_is_detected() -> None:
         client = await connect(relay.address[1], FAST + "&timeout=1")
         with anyio.fail_after(20):
             await client.send(b"ping")
-            server = await listener.accept()
+            server = stream_of(await listener.accept())
             assert await server.receive() == b"ping"
         relay.up = relay.down = Impairment(loss=1.0)  # the path dies
         with anyio.fail_after(20):

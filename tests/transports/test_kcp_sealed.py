@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -15,6 +16,7 @@ from anyio.abc import ByteStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.linkutil import stream_of
 from tests.streams import echo, read_exactly, wait_until
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.io.datagrams import DatagramSocket, open_udp_socket
@@ -41,10 +43,12 @@ from vtunnel.security.noise import Responder
 from vtunnel.security.replay import ReplayCache, ResetLimiter
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener, KCPStream
+from vtunnel.transports.kcp import KCPListener
+from vtunnel.transports.kcp_link import KCPLink
 from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.kcp_secure import RESET_REASON, SealedKCPListener, connect_sealed
 from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.link import LinkStream
 
 pytestmark = pytest.mark.anyio
 
@@ -66,8 +70,15 @@ async def sealed_listener(query: str = "") -> SealedKCPListener:
     return listener
 
 
-async def connect(port: int, security: SecurityConfig = KEY, query: str = "") -> ByteStream:
-    return await KCPTransport().connect(Endpoint.parse(f"kcp://127.0.0.1:{port}{query}"), security=security)
+async def sealed_stream(*args: Any, **kwargs: Any) -> LinkStream[KCPLink]:
+    """``connect_sealed`` as a byte stream."""
+    return stream_of(await connect_sealed(*args, **kwargs))
+
+
+async def connect(port: int, security: SecurityConfig = KEY, query: str = "") -> LinkStream[KCPLink]:
+    link = await KCPTransport().connect(Endpoint.parse(f"kcp://127.0.0.1:{port}{query}"), security=security)
+    assert isinstance(link, KCPLink)
+    return stream_of(link)
 
 
 async def test_sealed_echo_through_loss_and_a_lost_handshake() -> None:
@@ -83,9 +94,9 @@ async def test_sealed_echo_through_loss_and_a_lost_handshake() -> None:
         tg.start_soon(heal)
         with anyio.fail_after(30):
             client = await connect(relay.address[1])
-        assert isinstance(client, KCPStream)
+        assert isinstance(client.link, KCPLink)
         # the KCP MTU leaves room for the sealing overhead
-        assert client.engine.max_data < 1350 - 24
+        assert client.link.engine.max_data < 1350 - 24
         payload = os.urandom(2 * 1024 * 1024)
         with anyio.fail_after(60):
             tg.start_soon(client.send, payload)
@@ -128,7 +139,7 @@ async def test_unauthenticated_datagrams_are_dropped_silently() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, echo)
         client = await connect(listener.local_address[1])
-        assert isinstance(client, KCPStream)
+        assert isinstance(client.link, KCPLink)
         with anyio.fail_after(20):
             await client.send(b"first")
             assert await read_exactly(client, 5) == b"first"
@@ -225,7 +236,7 @@ async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> No
         first, second = sealed[:8], sealed[8:]
         udp.sendto_many([*first[:6], forged(first[6]), *first[6:]], listener.local_address)
         with anyio.fail_after(10):
-            stream = await listener.accept()
+            stream = stream_of(await listener.accept())
         # the session is known now: the next run takes the one-pass path around the forged datagram
         udp.sendto_many([*second[:3], forged(second[3]), *second[3:]], listener.local_address)
         with anyio.fail_after(10):
@@ -263,7 +274,7 @@ async def test_sealed_tunnel_moves_bytes_exactly_with_each_cipher(
         tg.start_soon(listener.serve, echo)
         assert KEY.psk is not None
         with anyio.fail_after(20):
-            stream = await connect_sealed(
+            stream = await sealed_stream(
                 socket.AF_INET,
                 listener.local_address,
                 parse_options({"mode": "fast3"}),
@@ -443,11 +454,11 @@ async def test_only_the_servers_own_reset_fails_the_client() -> None:
     client: ByteStream | None = None
     try:
         client = await connect(fake.local_address[1])
-        assert isinstance(client, KCPStream)
+        assert isinstance(client.link, KCPLink)
         await client.send(b"hi")
         await wait_until(lambda: bool(received))  # the client's first KCP datagram
         cid = sessions[-1].connection_id
-        client_address = client.local_address
+        client_address = client.link.local_address
         right = StatelessReset(KEY.psk).answer(cid + os.urandom(200), ("127.0.0.1", 1), 0.0)
         other_key = cid + os.urandom(60) + reset_token(reset_keys(bytes(32))[0], cid)
         assert right is not None

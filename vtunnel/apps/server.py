@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import ByteStream, Listener, TaskStatus
+from anyio.abc import Listener, SocketAttribute, TaskStatus
 
 from vtunnel.apps.dialer import Dialer, DialError
 from vtunnel.apps.pipe import SocketRelay
@@ -26,7 +26,7 @@ from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
-from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
+from vtunnel.transports.base import Endpoint, Link, SecurityConfig, get_transport
 
 __all__ = ["Server", "ServerSettings"]
 
@@ -64,7 +64,7 @@ class Server:
         # the operator's own --target is trusted: the exit policy governs what clients ask for, not it
         self.target_dialer = Dialer(ExitPolicy(allow_private=True), connect_timeout=settings.connect_timeout)
         self.tunnels: set[TunnelConnection] = set()
-        self.listeners: list[Listener[ByteStream]] = []
+        self.listeners: list[Listener[Link]] = []
         self.local_addresses: list[str] = []
         self._serial = 0
         self._stopping = anyio.Event()
@@ -77,7 +77,7 @@ class Server:
             transport = get_transport(endpoint.scheme)
             listener = await transport.listen(endpoint, security=self.settings.security)
             self.listeners.append(listener)
-            local = _address_text(getattr(listener, "local_address", endpoint.hostport))
+            local = _address_text(listener.extra(SocketAttribute.local_address, endpoint.hostport))
             self.local_addresses.append(f"{endpoint.scheme}://{local}")
             log.info(
                 "listening",
@@ -88,7 +88,7 @@ class Server:
         async with anyio.create_task_group() as tg:
             accepting: list[anyio.CancelScope] = []
 
-            async def accept_on(listener: Listener[ByteStream]) -> None:
+            async def accept_on(listener: Listener[Link]) -> None:
                 with anyio.CancelScope() as scope:
                     accepting.append(scope)
                     await listener.serve(self._handle_tunnel, tg)
@@ -115,10 +115,10 @@ class Server:
         """Stop accepting, send GOAWAY on every tunnel and let open streams finish (bounded by drain_timeout)."""
         self._stopping.set()
 
-    async def _handle_tunnel(self, stream: ByteStream) -> None:
+    async def _handle_tunnel(self, link: Link) -> None:
         self._serial += 1
         conn = TunnelConnection(
-            stream,
+            link,
             role=Role.SERVER,
             config=self.settings.tunnel,
             handler=self._handle_stream,

@@ -84,15 +84,13 @@ class TunnelPool:
         while not self._stopping:
             started = time.monotonic()
             try:
-                stream = await self.transport.connect(self.server, security=self.security)
+                link = await self.transport.connect(self.server, security=self.security)
             except Exception as exc:
                 delay = backoff.next_delay()
                 slog.warning("connect failed", error=str(exc) or repr(exc), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
                 continue
-            conn = TunnelConnection(
-                stream, role=Role.CLIENT, config=self.config, name=f"{self.server}#{index}"
-            )
+            conn = TunnelConnection(link, role=Role.CLIENT, config=self.config, name=f"{self.server}#{index}")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(conn.run)
                 try:

@@ -48,7 +48,8 @@ class StreamCarrier(Protocol):
         """More than the high-water mark waits for the transport."""
         ...
 
-    def flush(self) -> None: ...
+    def transmit(self) -> None:
+        """Hand what the tunnel queued to the transport (the one output point)."""
 
     def forget_stream(self, stream_id: int) -> None: ...
 
@@ -198,7 +199,7 @@ class TunnelStream(ByteStream):
             self._conn.tunnel.accept_stream(self.stream_id)
         except VTunnelError as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
-        self._conn.flush()
+        self._conn.transmit()
 
     def refuse(self, error: str | None = None) -> None:
         """Server: answer the peer's SYN with an RST carrying ``error`` (when the peer understands reasons)."""
@@ -206,7 +207,7 @@ class TunnelStream(ByteStream):
             self._broken = "refused"
         with contextlib.suppress(VTunnelError):
             self._conn.tunnel.reset_stream(self.stream_id, error=error)
-        self._conn.flush()
+        self._conn.transmit()
 
     async def wait_accepted(self) -> None:
         if not self._syn_acked and self._broken is None and not self._conn.closed:
@@ -254,7 +255,7 @@ class TunnelStream(ByteStream):
         if not conn.closed:
             with contextlib.suppress(VTunnelError):
                 conn.tunnel.acknowledge_received_data(self.stream_id, n)
-            conn.flush()
+            conn.transmit()
             conn.resume_reading(self)
 
     def send_nowait(self, data: bytes | memoryview) -> int:
@@ -272,7 +273,7 @@ class TunnelStream(ByteStream):
             tunnel.send_data(self.stream_id, data if n == len(data) else data[:n])
         except VTunnelError as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
-        self._conn.flush()
+        self._conn.transmit()
         return n
 
     @property
@@ -353,7 +354,7 @@ class TunnelStream(ByteStream):
                     tunnel.send_data(self.stream_id, item if whole else view[:n])
                 except VTunnelError as exc:
                     raise anyio.BrokenResourceError(str(exc)) from exc
-                conn.flush()
+                conn.transmit()
                 view = view[n:]
                 await conn.wait_outbound_room()
                 if not view:
@@ -388,7 +389,7 @@ class TunnelStream(ByteStream):
             self._conn.tunnel.end_stream(self.stream_id)
         except VTunnelError:
             return
-        self._conn.flush()
+        self._conn.transmit()
 
     async def aclose(self) -> None:
         self.close_nowait()
@@ -403,7 +404,7 @@ class TunnelStream(ByteStream):
         if not conn.closed:
             with contextlib.suppress(VTunnelError):
                 conn.tunnel.close_stream(self.stream_id)
-            conn.flush()
+            conn.transmit()
         conn.forget_stream(self.stream_id)
         self._wake_reader()
         self._wake_writer()

@@ -1,8 +1,10 @@
 """Transport contracts and the transport registry.
 
-A transport turns a URL such as ``tcp://127.0.0.1:9000`` or ``kcp://host:port?mode=fast3`` into reliable, ordered
-byte streams (anyio :class:`~anyio.abc.ByteStream`): ``connect`` gives one, ``listen`` gives an anyio
-:class:`~anyio.abc.Listener` that yields one per accepted peer. Each such byte stream carries exactly one tunnel.
+A transport turns a URL such as ``tcp://127.0.0.1:9000`` or ``kcp://host:port?mode=fast3`` into links
+(:class:`~vtunnel.transports.link.Link`: reliable, ordered, push-mode byte pipes): ``connect`` gives one, ``listen``
+gives an anyio :class:`~anyio.abc.Listener` that yields one per accepted peer. Each link carries exactly one tunnel.
+A transport built on anyio byte streams subclasses :class:`ByteStreamTransport` and returns those instead: one
+adapter (:class:`~vtunnel.transports.link.StreamLink`) makes them links.
 
 Transports are found through the entry-point group ``vtunnel.transports`` keyed by URL scheme. The built-in ones are
 registered there exactly like third-party ones; loading is lazy, a plugin that fails to import is logged and skipped,
@@ -23,9 +25,13 @@ from urllib.parse import parse_qsl, urlsplit
 import structlog
 from anyio.abc import ByteStream, Listener
 
+from vtunnel.transports.link import Link, StreamLink, StreamLinkListener
+
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "ByteStreamTransport",
     "Endpoint",
+    "Link",
     "SecurityConfig",
     "Transport",
     "TransportError",
@@ -139,12 +145,34 @@ class Transport(abc.ABC):
         """Validate ``endpoint``'s options; raise :class:`TransportError` naming the bad one."""
 
     @abc.abstractmethod
-    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
+        """Open one link to ``endpoint``."""
+
+    @abc.abstractmethod
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
+        """Listen on ``endpoint``; the listener yields one link per peer (one tunnel each)."""
+
+
+class ByteStreamTransport(Transport):
+    """A transport whose connections are anyio byte streams (TCP, TLS, WebSocket, ...).
+
+    Implement :meth:`connect_stream` and :meth:`listen_streams`; ``connect`` and ``listen`` hand the streams to
+    the tunnel as links through :class:`~vtunnel.transports.link.StreamLink`.
+    """
+
+    @abc.abstractmethod
+    async def connect_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
         """Open one reliable ordered byte stream to ``endpoint``."""
 
     @abc.abstractmethod
-    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
-        """Listen on ``endpoint``; the listener yields one byte stream per peer (one tunnel each)."""
+    async def listen_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+        """Listen on ``endpoint``; the listener yields one byte stream per peer."""
+
+    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
+        return StreamLink(await self.connect_stream(endpoint, security=security))
+
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
+        return StreamLinkListener(await self.listen_streams(endpoint, security=security))
 
 
 _loaded: dict[str, type[Transport]] = {}

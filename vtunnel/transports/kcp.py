@@ -29,7 +29,7 @@ from typing import Any, TypeAlias
 
 import anyio
 import structlog
-from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
+from anyio.abc import Listener, SocketAttribute, TaskGroup
 
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
@@ -49,9 +49,10 @@ from vtunnel.io.datagrams import (
     split_run,
 )
 from vtunnel.transports.base import Endpoint, TransportError
-from vtunnel.transports.kcp_stream import KCPStream
+from vtunnel.transports.kcp_link import KCPLink
+from vtunnel.transports.link import Link
 
-__all__ = ["KCPClient", "KCPListener", "KCPStream", "NewestMarks", "random_conv", "resolve_endpoint"]
+__all__ = ["KCPClient", "KCPLink", "KCPListener", "NewestMarks", "random_conv", "resolve_endpoint"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
@@ -143,7 +144,7 @@ class KCPClient:
         self._udp = CoalescingSocket(sock, self._on_runs)
         loop = asyncio.get_running_loop()
         engine = KCPEngine(conv=conv, options=options, mtu=options.mtu, now=loop.time())
-        self.stream = KCPStream(
+        self.stream = KCPLink(
             engine=engine,
             options=options,
             transmit=self._transmit,
@@ -171,12 +172,12 @@ class KCPClient:
         if good:
             self.stream.feed(good)
 
-    def _on_close(self, _stream: KCPStream) -> None:
+    def _on_close(self, _stream: KCPLink) -> None:
         self._udp.close()
 
 
-class KCPListener(Listener[ByteStream]):
-    """Accepts KCP sessions on one UDP socket; each accepted session is one :class:`KCPStream`.
+class KCPListener(Listener[Link]):
+    """Accepts KCP sessions on one UDP socket; each accepted session is one :class:`KCPLink`.
 
     Closing the listener closes its socket, so every session it accepted fails too.
     """
@@ -185,11 +186,11 @@ class KCPListener(Listener[ByteStream]):
         self._options = options
         self._loop = asyncio.get_running_loop()
         self._udp = CoalescingSocket(sock, self._on_runs)
-        self._sessions: dict[SessionKey, KCPStream] = {}
+        self._sessions: dict[SessionKey, KCPLink] = {}
         #: keyless sessions: the newest marks each one's peer has shown (what may move it to a new address)
-        self._newest: dict[KCPStream, NewestMarks] = {}
+        self._newest: dict[KCPLink, NewestMarks] = {}
         self._tombstones: dict[SessionKey, float] = {}
-        self._pending: list[KCPStream] = []
+        self._pending: list[KCPLink] = []
         self._acceptor: asyncio.Future[None] | None = None
         self._closed = False
         #: datagrams dropped unanswered: not KCP, not a known session, or over the session limit
@@ -209,14 +210,14 @@ class KCPListener(Listener[ByteStream]):
         return len(self._sessions)
 
     @property
-    def sessions(self) -> Mapping[SessionKey, KCPStream]:
+    def sessions(self) -> Mapping[SessionKey, KCPLink]:
         """The live sessions by key (read-only)."""
         return MappingProxyType(self._sessions)
 
     # --- datagram path --------------------------------------------------------------------------------------
 
     def _on_runs(self, runs: list[Run]) -> None:
-        groups: dict[KCPStream, list[bytes | memoryview]] = {}
+        groups: dict[KCPLink, list[bytes | memoryview]] = {}
         for buffer, segment, source in runs:
             if segment >= len(buffer):
                 self._route(buffer, source, groups)
@@ -244,7 +245,7 @@ class KCPListener(Listener[ByteStream]):
             stream.feed(group)
 
     def _route(
-        self, datagram: bytes | memoryview, source: Address, groups: dict[KCPStream, list[bytes | memoryview]]
+        self, datagram: bytes | memoryview, source: Address, groups: dict[KCPLink, list[bytes | memoryview]]
     ) -> None:
         """Vet one datagram and add it to its session's group (a PUSH 0 may open a session)."""
         if len(datagram) < HEADER_LEN:
@@ -279,7 +280,7 @@ class KCPListener(Listener[ByteStream]):
 
     def _new_session(
         self, key: SessionKey, conv: int, datagram: bytes | memoryview, source: Address
-    ) -> KCPStream | None:
+    ) -> KCPLink | None:
         if self._closed or not is_new_session(datagram):
             return None
         now = self._loop.time()
@@ -309,12 +310,12 @@ class KCPListener(Listener[ByteStream]):
         *,
         mtu: int,
         seal: Callable[[list[bytes]], list[bytes]] | None,
-    ) -> KCPStream:
+    ) -> KCPLink:
         """A new session in the table and the accept queue; ``seal`` wraps every batch of outgoing datagrams
         (one wire datagram for each, in order)."""
         engine = KCPEngine(conv=conv, options=self._options, mtu=mtu, now=self._loop.time())
         udp = self._udp
-        stream: KCPStream
+        stream: KCPLink
 
         if seal is None:
 
@@ -327,7 +328,7 @@ class KCPListener(Listener[ByteStream]):
             def transmit(datagrams: list[bytes]) -> None:
                 udp.sendto_many(seal_many(datagrams), stream.remote_address)
 
-        stream = KCPStream(
+        stream = KCPLink(
             engine=engine,
             options=self._options,
             transmit=transmit,
@@ -343,7 +344,7 @@ class KCPListener(Listener[ByteStream]):
             fut.set_result(None)
         return stream
 
-    def _forget(self, key: SessionKey, stream: KCPStream) -> None:
+    def _forget(self, key: SessionKey, stream: KCPLink) -> None:
         if self._sessions.get(key) is stream:
             del self._sessions[key]
         self._newest.pop(stream, None)
@@ -357,7 +358,7 @@ class KCPListener(Listener[ByteStream]):
 
     # --- Listener -------------------------------------------------------------------------------------------
 
-    async def accept(self) -> KCPStream:
+    async def accept(self) -> KCPLink:
         """The next new session."""
         while True:
             if self._closed:
@@ -373,7 +374,7 @@ class KCPListener(Listener[ByteStream]):
             finally:
                 self._acceptor = None
 
-    async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
+    async def serve(self, handler: Callable[[Link], Any], task_group: TaskGroup | None = None) -> None:
         async with AsyncExitStack() as stack:
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())

@@ -52,7 +52,7 @@ from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, Secu
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.kcp import KCPListener, SessionKey
-from vtunnel.transports.kcp_stream import KCPStream
+from vtunnel.transports.kcp_link import KCPLink
 from vtunnel.transports.secure import cipher_preference
 
 __all__ = ["SealedKCPListener", "connect_sealed"]
@@ -96,7 +96,7 @@ class _SealedKCPClient:
         self._conv = options.conv if options.conv is not None else (secrets.randbits(32) or 1)
         self._handshake = DatagramClient(psk, now=time.time(), ciphers=cipher_preference(cipher))
         self._ready = anyio.Event()
-        self.stream: KCPStream | None = None
+        self.stream: KCPLink | None = None
         self.udp = CoalescingSocket(sock, self._on_runs)
 
     def _on_runs(self, runs: list[Run]) -> None:
@@ -143,7 +143,7 @@ class _SealedKCPClient:
         def transmit(datagrams: list[bytes]) -> None:
             udp.sendto_many(seal_many(datagrams), server)
 
-        self.stream = KCPStream(
+        self.stream = KCPLink(
             engine=engine,
             options=self._options,
             transmit=transmit,
@@ -154,7 +154,7 @@ class _SealedKCPClient:
         log.debug("sealed session up", role="client", cipher=cipher_name(session.cipher))
         self._ready.set()
 
-    async def handshake(self) -> KCPStream:
+    async def handshake(self) -> KCPLink:
         """Send the first datagram, retransmitting with backoff, until the reply arrives."""
         wait = FIRST_RETRANSMIT
         with anyio.move_on_after(self._options.connect_timeout):
@@ -178,7 +178,7 @@ class _SealedKCPClient:
 
 async def connect_sealed(
     family: Any, server: Address, options: KCPOptions, psk: bytes, *, cipher: str = "auto"
-) -> KCPStream:
+) -> KCPLink:
     """A sealed KCP session to ``server``; raises :class:`HandshakeTimeout` if the server never answers and
     :class:`AuthenticationFailed` if it answers, authentically, with a cipher this client did not offer.
 
@@ -259,8 +259,8 @@ class SealedKCPListener(KCPListener):
         a burst without UDP GRO included), everything else one by one. The batches are opened before any run
         that goes the one-by-one way, so nothing that arrived after a session's datagrams is handled before
         them; a datagram that does not open in its batch is then handled on its own."""
-        groups: dict[KCPStream, list[bytes | memoryview]] = {}
-        batches: dict[KCPStream, tuple[DatagramSession, Address, list[bytes]]] = {}
+        groups: dict[KCPLink, list[bytes | memoryview]] = {}
+        batches: dict[KCPLink, tuple[DatagramSession, Address, list[bytes]]] = {}
         for buffer, segment, source in runs:
             size = len(buffer)
             datagrams = (
@@ -287,8 +287,8 @@ class SealedKCPListener(KCPListener):
 
     def _open_batches(
         self,
-        batches: dict[KCPStream, tuple[DatagramSession, Address, list[bytes]]],
-        groups: dict[KCPStream, list[bytes | memoryview]],
+        batches: dict[KCPLink, tuple[DatagramSession, Address, list[bytes]]],
+        groups: dict[KCPLink, list[bytes | memoryview]],
     ) -> None:
         """Open each session's batch (datagrams from its current address: nothing to validate) and empty
         ``batches``."""
@@ -307,7 +307,7 @@ class SealedKCPListener(KCPListener):
                     self.dropped += 1
         batches.clear()
 
-    def _session_of_run(self, buffer: bytes, source: Address) -> tuple[DatagramSession, KCPStream] | None:
+    def _session_of_run(self, buffer: bytes, source: Address) -> tuple[DatagramSession, KCPLink] | None:
         """The live session a run's first datagram names, if the run comes from its current address."""
         cid = peek_connection_id(buffer)
         if cid is None:
@@ -319,7 +319,7 @@ class SealedKCPListener(KCPListener):
         return path.session, stream
 
     def _route_sealed(
-        self, datagram: bytes, source: Address, groups: dict[KCPStream, list[bytes | memoryview]]
+        self, datagram: bytes, source: Address, groups: dict[KCPLink, list[bytes | memoryview]]
     ) -> None:
         """Open and vet one datagram and add its payload to its session's group (or answer a handshake)."""
         cid = peek_connection_id(datagram)
@@ -344,7 +344,7 @@ class SealedKCPListener(KCPListener):
             return
         groups.setdefault(stream, []).append(payload)
 
-    def _follow(self, cid: bytes, path: PeerPath, stream: KCPStream | None) -> None:
+    def _follow(self, cid: bytes, path: PeerPath, stream: KCPLink | None) -> None:
         """Send the challenges a peer's new address gets, and move the session once one validated it."""
         if self._closed:
             return
@@ -391,7 +391,7 @@ class SealedKCPListener(KCPListener):
         self._udp.sendto(reply, source)
         return True
 
-    def _first_kcp_datagram(self, cid: bytes, path: PeerPath, payload: bytes) -> KCPStream | None:
+    def _first_kcp_datagram(self, cid: bytes, path: PeerPath, payload: bytes) -> KCPLink | None:
         header = first_header(payload)
         if self._closed or header is None or not is_new_session(payload) or not self._room_for_one_more():
             return None
@@ -408,7 +408,7 @@ class SealedKCPListener(KCPListener):
             if cid not in self._sessions:
                 self._paths.pop(cid, None)
 
-    def _forget(self, key: SessionKey, stream: KCPStream) -> None:
+    def _forget(self, key: SessionKey, stream: KCPLink) -> None:
         super()._forget(key, stream)
         if isinstance(key, bytes):
             self._paths.pop(key, None)

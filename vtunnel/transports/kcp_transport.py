@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from anyio.abc import ByteStream, Listener
+from anyio.abc import Listener
 
 from vtunnel.arq.kcp_engine import KCPEngineError
 from vtunnel.io.datagrams import open_client_socket, open_udp_socket
@@ -13,6 +13,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, Transpo
 from vtunnel.transports.kcp import KCPClient, KCPListener, random_conv, resolve_endpoint
 from vtunnel.transports.kcp_options import parse_options
 from vtunnel.transports.kcp_secure import SealedKCPListener, connect_sealed
+from vtunnel.transports.link import Link
 
 __all__ = ["KCPTransport"]
 
@@ -26,7 +27,7 @@ class KCPTransport(Transport):
     def check(self, endpoint: Endpoint) -> None:
         parse_options(endpoint.params)
 
-    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
         options = parse_options(endpoint.params)
         family, server = await resolve_endpoint(endpoint)
         if security.psk is not None:
@@ -43,7 +44,7 @@ class KCPTransport(Transport):
             raise TransportError(str(exc)) from None
         return client.stream
 
-    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
         options = parse_options(endpoint.params)
         family, address = await resolve_endpoint(endpoint)
         try:

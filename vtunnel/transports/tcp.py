@@ -29,7 +29,7 @@ from vtunnel.io.limits import (
     pending_limit,
 )
 from vtunnel.io.tuning import tune_stream
-from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
+from vtunnel.transports.base import ByteStreamTransport, Endpoint, SecurityConfig, TransportError
 
 __all__ = ["SecuredListener", "TCPTransport", "TLSTransport"]
 
@@ -213,7 +213,7 @@ def _local_name(listener: Listener[Any]) -> str:
     return str(addr)
 
 
-class TCPTransport(Transport):
+class TCPTransport(ByteStreamTransport):
     schemes: ClassVar[tuple[str, ...]] = ("tcp",)
     description: ClassVar[str] = "TCP (TCP_NODELAY, 4 MiB buffers)"
 
@@ -221,7 +221,7 @@ class TCPTransport(Transport):
         if endpoint.params:
             raise TransportError(f"tcp:// takes no options, got {', '.join(sorted(endpoint.params))}")
 
-    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+    async def connect_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
         self.check(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
             raw = await anyio.connect_tcp(endpoint.host, endpoint.port)
@@ -232,7 +232,7 @@ class TCPTransport(Transport):
             await anyio.aclose_forcefully(raw)
             raise
 
-    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+    async def listen_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
         self.check(endpoint)
         inner = await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
         return SecuredListener(inner, _server_preparer(security, None), local=_local_name(inner))
@@ -242,7 +242,7 @@ _TLS_CLIENT_OPTS = {"ca", "servername", "cert", "key"}
 _TLS_SERVER_OPTS = {"ca", "cert", "key"}
 
 
-class TLSTransport(Transport):
+class TLSTransport(ByteStreamTransport):
     schemes: ClassVar[tuple[str, ...]] = ("tls",)
     description: ClassVar[str] = "TCP inside standard TLS (certificates from cert=/key=/ca= options)"
 
@@ -279,7 +279,7 @@ class TLSTransport(Transport):
             raise TransportError(f"tls:// server certificate set-up failed: {exc}") from None
         return ctx
 
-    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+    async def connect_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
         self.check(endpoint)
         ctx = self._client_context(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
@@ -298,7 +298,7 @@ class TLSTransport(Transport):
             await anyio.aclose_forcefully(raw)
             raise
 
-    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+    async def listen_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
         ctx = self._server_context(endpoint)
         inner = await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
         return SecuredListener(inner, _server_preparer(security, ctx), local=_local_name(inner))

@@ -23,7 +23,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from vtunnel.io.tuning import tune_stream
-from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
+from vtunnel.transports.base import ByteStreamTransport, Endpoint, SecurityConfig, TransportError
 from vtunnel.transports.tcp import SecuredListener
 
 __all__ = ["WebSocketStream", "WebSocketTransport"]
@@ -142,7 +142,7 @@ async def _server_handshake(sock: SocketStream, path: str) -> WebSocketStream | 
                 return None
 
 
-class WebSocketTransport(Transport):
+class WebSocketTransport(ByteStreamTransport):
     schemes: ClassVar[tuple[str, ...]] = ("ws",)
     description: ClassVar[str] = "WebSocket (plugin: vtunnel-websocket), options path=/p, host=H"
 
@@ -152,7 +152,7 @@ class WebSocketTransport(Transport):
             raise TransportError(f"unknown ws:// option(s): {', '.join(sorted(unknown))}")
         _path(endpoint)
 
-    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+    async def connect_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
         self.check(endpoint)
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
             sock = await anyio.connect_tcp(endpoint.host, endpoint.port)
@@ -168,7 +168,7 @@ class WebSocketTransport(Transport):
             await anyio.aclose_forcefully(sock)
             raise
 
-    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+    async def listen_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
         self.check(endpoint)
         path = _path(endpoint)
         inner = await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)

@@ -1,0 +1,342 @@
+"""One KCP session as a :class:`~vtunnel.transports.link.Link`: the thin driver around :class:`KCPEngine`.
+
+The owner (client connection or server listener) hands in vetted plaintext KCP datagrams with
+:meth:`KCPLink.feed`; the link gives what they carry to its consumer in the same step, and sends what KCP emits
+through ``transmit``. Everything the session sends leaves through one point, :meth:`KCPLink._service`, run after
+each input, each write and each timer; it also re-arms the session's one timer, at the earliest of ikcp's next
+deadline (``ikcp_check``: a quiet session has none), a delayed ACK and a slow watchdog for dead links and idle
+expiry.
+
+Asyncio only (the loop's ``call_at`` and futures): ``kcp://`` is not supported on trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import anyio
+import anyio.lowlevel
+import structlog
+from anyio.abc import SocketAttribute
+
+from vtunnel.arq.kcp_engine import KCPEngine
+from vtunnel.arq.kcp_options import KCPOptions
+from vtunnel.io.datagrams import Address
+from vtunnel.transports.link import Link, LinkConsumer
+
+__all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPLink"]
+
+log = structlog.get_logger("vtunnel.transports.kcp")
+
+#: seconds ``aclose`` waits for queued data to be acknowledged before tearing the session down
+LINGER: Final = 1.0
+#: the longest an ACK waits for an answer to ride on. Far below ikcp's smallest retransmission timeout (30 ms
+#: with nodelay), so the peer never resends for it; kcp-go holds ACKs for up to its interval
+ACK_DELAY: Final = 0.002
+#: from this many segments' worth of input since the last ACK, the ACK goes out at once (a stream of data is
+#: acknowledged as fast as before; only small exchanges wait)
+ACK_NOW_SEGMENTS: Final = 2
+#: how much a link hands its consumer per ``link_data`` call at most
+READ_SIZE: Final = 1024 * 1024
+#: a timer due within this of the armed one is not re-armed
+_TIMER_SLACK: Final = 0.0005
+
+
+class KCPLink(Link):
+    """A reliable ordered link over one KCP session (one tunnel).
+
+    ``send_nowait`` takes all of its data while the session's send window has room (ikcp queues it in
+    segments) and sends what the window allows at once; with the window full it raises ``WouldBlock`` and calls
+    ``link_writable`` when ACKs open it. The link fails (``link_ended`` with :class:`anyio.BrokenResourceError`)
+    when ikcp gives up on a segment, when the peer stays silent past ``timeout`` with data outstanding, or past
+    ``idle``. KCP has no half-close: ``send_eof`` closes the whole session, like ``aclose``.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: KCPEngine,
+        options: KCPOptions,
+        transmit: Callable[[list[bytes]], None],
+        local_address: Address,
+        remote_address: Address,
+        on_close: Callable[[KCPLink], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._options = options
+        self._transmit = transmit
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self.local_address = local_address
+        self.remote_address = remote_address
+        self._consumer: LinkConsumer | None = None
+        self._paused = False
+        self._delivering = False
+        self._deliver_again = False
+        self._blocked = False  # send_nowait raised WouldBlock: link_writable is owed
+        self._flush_due = False  # reading reopened a full receive window: the next service flushes
+        self._ack_due: float | None = None  # a delayed ACK's deadline
+        self._unacked = 0  # bytes fed since the last flush (so since the last ACK went out)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = math.inf
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._error: BaseException | None = None
+        self._closed = False
+        now = self._loop.time()
+        self.last_receive = now
+        self._busy_since = now
+        self._watchdog_period = max(0.05, min(options.timeout, options.idle) / 4.0)
+        self._watchdog_due = now + self._watchdog_period
+        self._arm(self._watchdog_due)
+
+    @property
+    def engine(self) -> KCPEngine:
+        return self._engine
+
+    # --- from the owner -------------------------------------------------------------------------------------
+
+    def feed(self, datagrams: Sequence[bytes | memoryview]) -> None:
+        """Input one batch of vetted plaintext KCP datagrams: deliver what they carry, ACK, send.
+
+        The bytes go up before the ACK goes out: whatever the consumer answers at once (a window update, a reply)
+        leaves in the same flush as the ACK. A small exchange with nothing of ours in flight holds its ACK for up
+        to :data:`ACK_DELAY`, for the answer to carry it.
+        """
+        engine = self._engine
+        if engine.closed:
+            return
+        now = self._loop.time()
+        if not engine.receive_datagrams(datagrams, now):
+            return
+        self.last_receive = now
+        for datagram in datagrams:
+            self._unacked += len(datagram)
+        self._deliver()
+        if engine.closed:
+            return
+        if (
+            self._consumer is not None
+            and self._unacked < ACK_NOW_SEGMENTS * engine.max_data
+            and not engine.waiting()
+        ):
+            if self._ack_due is None:
+                self._ack_due = now + ACK_DELAY
+        else:
+            self._flush(now)
+        self._service(now)
+
+    def fail(self, reason: str) -> None:
+        """The link is gone: the consumer gets ``link_ended`` with :class:`anyio.BrokenResourceError`."""
+        if self._error is not None or self._closed:
+            return
+        log.info("kcp session failed", conv=self._engine.conv, peer=self.remote_address, reason=reason)
+        self._error = anyio.BrokenResourceError(reason)
+        self._teardown()
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.link_ended(self._error)
+
+    # --- Link -----------------------------------------------------------------------------------------------
+
+    async def run(self, consumer: LinkConsumer) -> None:
+        if self._consumer is not None:
+            raise anyio.BusyResourceError("running")
+        self._consumer = consumer
+        try:
+            if self._error is not None:
+                consumer.link_ended(self._error)
+            elif not self._closed:
+                self._deliver()  # what arrived before (a server session's first datagram)
+                self._service(self._loop.time())
+            await asyncio.shield(self._ended)
+        finally:
+            self._consumer = None
+
+    def send_nowait(self, data: bytes) -> None:
+        self._check_usable()
+        engine = self._engine
+        if not engine.writable():
+            self._blocked = True
+            raise anyio.WouldBlock
+        now = self._loop.time()
+        if engine.waiting() == 0:
+            self._busy_since = now
+        engine.send(data)
+        self._flush(now)  # the ACKs still owed leave with the data
+        self._service(now)
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._consumer is not None and not self._closed and self._error is None:
+            self._deliver()
+            self._service(self._loop.time())
+
+    async def send_eof(self) -> None:
+        """KCP cannot half-close: this closes the whole session (as :meth:`aclose` does)."""
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if self._error is None and self._engine.waiting():
+            with anyio.move_on_after(LINGER, shield=True):
+                while self._error is None and self._engine.waiting():
+                    fut = self._loop.create_future()
+                    self._drain_waiters.append(fut)
+                    await fut
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            # the ACKs still owed go out first: the peer's last segment (a GOAWAY, say) is often what made us
+            # close, and unacknowledged it would be resent until the peer gives up on it
+            now = self._loop.time()
+            self._flush(now)
+            out = self._engine.datagrams_to_send()
+            if out:
+                self._transmit(out)
+            self._teardown()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            SocketAttribute.local_address: lambda: self.local_address,
+            SocketAttribute.remote_address: lambda: self.remote_address,
+        }
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        """Hand what ikcp has reassembled to the consumer, unless paused. Re-entry only asks for another pass."""
+        if self._delivering:
+            self._deliver_again = True
+            return
+        engine = self._engine
+        self._delivering = True
+        try:
+            while True:
+                self._deliver_again = False
+                consumer = self._consumer
+                while consumer is not None and not self._paused and engine.readable():
+                    data = engine.receive(READ_SIZE)
+                    if engine.probe_pending:  # reading reopened a full receive window: tell the peer
+                        self._flush_due = True
+                    consumer.link_data(data)
+                    consumer = self._consumer
+                if not self._deliver_again:
+                    return
+        finally:
+            self._delivering = False
+
+    def _flush(self, now: float) -> None:
+        """ikcp's flush: ACKs for everything input so far, new data, retransmissions (sent by ``_service``)."""
+        self._unacked = 0
+        self._ack_due = None
+        self._flush_due = False
+        self._engine.flush(now)
+
+    def _service(self, now: float) -> None:
+        """The one output point: send what KCP produced, check the link, re-arm the timer, wake the writer."""
+        engine = self._engine
+        if engine.closed:
+            return
+        if self._flush_due:
+            self._flush(now)
+        out = engine.datagrams_to_send()
+        if out:
+            self._transmit(out)
+        if engine.dead:
+            self.fail("dead link: a segment was retransmitted too often")
+            return
+        deadline = engine.next_deadline(now)
+        due = self._watchdog_due if deadline is None else min(deadline, self._watchdog_due)
+        if self._ack_due is not None and self._ack_due < due:
+            due = self._ack_due
+        self._arm(due)
+        if engine.writable():
+            if self._blocked:
+                self._blocked = False
+                consumer = self._consumer
+                if consumer is not None:
+                    consumer.link_writable()
+            if self._drain_waiters and not engine.waiting():
+                self._wake_drain_waiters()
+
+    def _arm(self, due: float) -> None:
+        """Have the timer fire at ``due`` or earlier (one that fires early finds nothing due and re-arms)."""
+        timer = self._timer
+        if timer is not None:
+            if due >= self._timer_when - _TIMER_SLACK:
+                return
+            timer.cancel()
+        self._timer_when = due
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = math.inf
+        engine = self._engine
+        if engine.closed:
+            return
+        now = self._loop.time()
+        if now >= self._watchdog_due and not self._watchdog(now):
+            return
+        if self._ack_due is not None and now >= self._ack_due:
+            if self._unacked:
+                self._flush(now)
+            self._ack_due = None
+        engine.handle_timer(now)
+        self._service(now)
+
+    def _watchdog(self, now: float) -> bool:
+        """Fail the link if it is dead or idle; whether it lives on."""
+        self._watchdog_due = now + self._watchdog_period
+        silent = now - self.last_receive
+        if self._engine.waiting() and now - max(self.last_receive, self._busy_since) >= self._options.timeout:
+            self.fail(f"dead link: no answer for {silent:.1f} s")
+            return False
+        if silent >= self._options.idle:
+            self.fail(f"idle for {silent:.1f} s")
+            return False
+        return True
+
+    def _wake_drain_waiters(self) -> None:
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error)) from self._error
+
+    def _teardown(self) -> None:
+        log.debug(
+            "kcp session closed", conv=self._engine.conv, peer=self.remote_address, **self._engine.stats()
+        )
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._engine.close()
+        self._wake_drain_waiters()
+        if not self._ended.done():
+            self._ended.set_result(None)
+        consumer = self._consumer
+        if consumer is not None and self._blocked:
+            self._blocked = False
+            consumer.link_writable()  # its next send_nowait raises
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)

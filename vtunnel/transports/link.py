@@ -1,0 +1,343 @@
+"""The one contract between a transport and the tunnel it carries: a :class:`Link`.
+
+A link is a reliable, ordered, push-mode byte pipe carrying exactly one tunnel. Every transport hands out links
+(``Transport.connect`` returns one, ``Transport.listen`` yields one per peer), and the tunnel connection
+(:mod:`vtunnel.runtime.connection`) is their only consumer:
+
+* **input is pushed**: while :meth:`Link.run` runs, the link calls ``consumer.link_data(data)`` with the bytes as
+  they arrive, and ``consumer.link_ended(error)`` once when no more will come (``None``: the peer ended it;
+  otherwise the failure). :meth:`Link.pause_reading` stops the calls and :meth:`Link.resume_reading` restarts
+  them; a paused link stops reading its transport, so the peer is held back by the transport's own flow control.
+* **output never blocks**: :meth:`Link.send_nowait` takes all of ``data`` now or none of it, exactly like
+  :meth:`anyio.streams.memory.MemoryObjectSendStream.send_nowait`: it returns, or raises
+  :class:`anyio.WouldBlock` (nothing taken: the link's queue is full; ``consumer.link_writable()`` follows once
+  there is room), :class:`anyio.ClosedResourceError` (this side closed the link) or
+  :class:`anyio.BrokenResourceError` (the link failed). "Taken" means queued for sending in order; a link that
+  can write synchronously (KCP) writes it in the same call.
+
+Transports built on an anyio :class:`~anyio.abc.ByteStream` (tcp, tls, plugins) do not implement any of this:
+they subclass :class:`vtunnel.transports.base.ByteStreamTransport`, and :class:`StreamLink` (below) turns their
+byte stream into a link, owning its reader and writer tasks inside :meth:`Link.run`. :class:`LinkStream` goes the
+other way, for code that wants to await bytes from a link (tools, tests).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import deque
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+import anyio
+import anyio.lowlevel
+from anyio import TypedAttributeProvider
+from anyio.abc import AsyncResource, ByteStream, TaskGroup
+from anyio.abc import Listener as AnyioListener
+
+__all__ = ["Link", "LinkConsumer", "LinkStream", "StreamLink", "StreamLinkListener"]
+
+#: bytes a :class:`StreamLink` queues for its byte stream before ``send_nowait`` raises ``WouldBlock``
+SEND_HIGH_WATER: Final = 1024 * 1024
+#: the most a :class:`StreamLink` asks its byte stream for in one read: more than one event-loop read
+#: (256 KiB), so a stream that decrypts or reassembles never has to split what it has into several reads
+READ_SIZE: Final = 1024 * 1024
+
+
+class LinkConsumer(Protocol):
+    """What a link calls while :meth:`Link.run` runs (the tunnel connection implements it)."""
+
+    def link_data(self, data: bytes) -> None:
+        """Bytes arrived, in order. Called only while reading is not paused."""
+
+    def link_writable(self) -> None:
+        """``send_nowait`` raised ``WouldBlock`` earlier and the link has room again."""
+
+    def link_ended(self, error: BaseException | None) -> None:
+        """No more input: the peer ended the link (``None``) or it failed (the error). Called once."""
+
+
+class Link(AsyncResource, TypedAttributeProvider):
+    """A reliable ordered byte pipe carrying one tunnel, in push mode (see the module docstring).
+
+    Addresses are anyio typed attributes (``link.extra(SocketAttribute.remote_address)``) where they exist.
+    """
+
+    @abc.abstractmethod
+    async def run(self, consumer: LinkConsumer) -> None:
+        """Deliver input to ``consumer`` until the link is closed or this call is cancelled.
+
+        Input that arrived before the call is delivered at its start. Ending the input (``link_ended``) does not
+        end this call: the link may still send (a half-closed peer still reads).
+        """
+
+    @abc.abstractmethod
+    def send_nowait(self, data: bytes) -> None:
+        """Take all of ``data`` now, or raise ``WouldBlock`` / ``ClosedResourceError`` / ``BrokenResourceError``."""
+
+    @abc.abstractmethod
+    def pause_reading(self) -> None:
+        """Stop calling ``link_data`` until :meth:`resume_reading` (idempotent)."""
+
+    @abc.abstractmethod
+    def resume_reading(self) -> None:
+        """Deliver again, starting with what arrived while paused (idempotent)."""
+
+    @abc.abstractmethod
+    async def send_eof(self) -> None:
+        """Send what is queued, then end this direction. A link that cannot half-close closes itself."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close the link (idempotent): later calls raise ``ClosedResourceError``; ``run`` returns."""
+
+
+#: a link type, for :class:`LinkStream`
+LinkT = TypeVar("LinkT", bound="Link")
+
+
+class StreamLink(Link):
+    """A link over an anyio :class:`~anyio.abc.ByteStream`: the one adapter for byte-stream transports.
+
+    ``send_nowait`` queues (up to :data:`SEND_HIGH_WATER`; the queue always takes one chunk when empty, so no
+    frame is ever too large) and a writer task inside :meth:`run` sends the queue with one ``send`` of all of it
+    each time the previous one finished. A reader task inside :meth:`run` receives and pushes. Both end with
+    :meth:`run`.
+    """
+
+    def __init__(self, stream: ByteStream) -> None:
+        self._stream = stream
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._blocked = False  # a send_nowait raised WouldBlock: link_writable is owed
+        self._send_wakeup = anyio.Event()
+        self._sent = anyio.Event()  # set each time the queue is empty (send_eof waits for it)
+        self._sent.set()
+        self._resume = anyio.Event()
+        self._resume.set()
+        self._error: BaseException | None = None
+        self._eof_sent = False
+        self._closed = False
+        self._closed_event = anyio.Event()
+        self._consumer: LinkConsumer | None = None
+
+    @property
+    def stream(self) -> ByteStream:
+        """The byte stream this link runs over."""
+        return self._stream
+
+    async def run(self, consumer: LinkConsumer) -> None:
+        self._consumer = consumer
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer, consumer)
+                await self._reader(consumer)
+                await self._closed_event.wait()  # input ended; the writer goes on until the link is closed
+                tg.cancel_scope.cancel()
+        finally:
+            self._consumer = None
+
+    async def _reader(self, consumer: LinkConsumer) -> None:
+        stream = self._stream
+        while True:
+            await self._resume.wait()
+            try:
+                data = await stream.receive(READ_SIZE)
+            except anyio.EndOfStream:
+                await self._resume.wait()
+                consumer.link_ended(None)
+                return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._error = self._error or exc
+                consumer.link_ended(exc)
+                return
+            await self._resume.wait()  # paused while the read was under way: the bytes wait for the resume
+            consumer.link_data(data)
+
+    async def _writer(self, consumer: LinkConsumer) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                self._sent.set()
+                if self._closed:
+                    return
+                self._send_wakeup = anyio.Event()
+                await self._send_wakeup.wait()
+                continue
+            data = queue.popleft() if len(queue) == 1 else b"".join(queue)
+            queue.clear()
+            try:
+                await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._error = self._error or anyio.BrokenResourceError(f"write failed: {exc!r}")
+                self._queued = 0
+                self._sent.set()
+                if self._blocked:
+                    self._blocked = False
+                    consumer.link_writable()  # its next send_nowait raises the error
+                return
+            self._queued -= len(data)
+            if self._blocked and self._queued < SEND_HIGH_WATER:
+                self._blocked = False
+                consumer.link_writable()
+
+    def send_nowait(self, data: bytes) -> None:
+        if self._closed or self._eof_sent:
+            raise anyio.ClosedResourceError
+        if self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error)) from self._error
+        if self._queued and self._queued + len(data) > SEND_HIGH_WATER:
+            self._blocked = True
+            raise anyio.WouldBlock
+        self._queue.append(data)
+        self._queued += len(data)
+        self._sent = anyio.Event() if self._sent.is_set() else self._sent
+        self._send_wakeup.set()
+
+    def pause_reading(self) -> None:
+        if self._resume.is_set():
+            self._resume = anyio.Event()
+
+    def resume_reading(self) -> None:
+        self._resume.set()
+
+    async def send_eof(self) -> None:
+        if self._closed or self._eof_sent:
+            return
+        self._eof_sent = True
+        if self._consumer is not None:  # the writer runs: let it finish the queue
+            await self._sent.wait()
+        elif self._queue and self._error is None:
+            data = b"".join(self._queue)
+            self._queue.clear()
+            await self._stream.send(data)
+        if self._error is None:
+            await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closed_event.set()
+        self._send_wakeup.set()
+        self._resume.set()
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._stream.extra_attributes
+
+
+class StreamLinkListener(AnyioListener[Link]):
+    """A listener of byte streams, yielding each as a :class:`StreamLink`."""
+
+    def __init__(self, inner: AnyioListener[ByteStream]) -> None:
+        self.inner = inner
+
+    async def serve(self, handler: Callable[[Link], Any], task_group: TaskGroup | None = None) -> None:
+        async def wrapped(stream: ByteStream) -> None:
+            await handler(StreamLink(stream))
+
+        await self.inner.serve(wrapped, task_group)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self.inner.extra_attributes
+
+
+class LinkStream(ByteStream, Generic[LinkT]):
+    """A link read and written by awaiting, as an anyio byte stream (for tools and tests).
+
+    Use it as an async context manager: it runs the link in a task of its own while open. Received bytes wait in
+    a buffer of at most about ``buffer`` bytes; above that the link is paused until ``receive`` takes some.
+    """
+
+    def __init__(self, link: LinkT, *, buffer: int = 1024 * 1024) -> None:
+        self.link: LinkT = link
+        self._limit = buffer
+        self._buffer = bytearray()
+        self._paused = False
+        self._ended = False
+        self._error: BaseException | None = None
+        self._readable = anyio.Event()
+        self._writable = anyio.Event()
+        self._closed = False
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> LinkStream[LinkT]:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self.link.run, self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(exc_type, exc_val, exc_tb)
+
+    # LinkConsumer
+    def link_data(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > self._limit and not self._paused:
+            self._paused = True
+            self.link.pause_reading()
+        self._readable.set()
+
+    def link_writable(self) -> None:
+        self._writable.set()
+
+    def link_ended(self, error: BaseException | None) -> None:
+        self._ended = True
+        self._error = error
+        self._readable.set()
+
+    # ByteStream
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while not self._buffer:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._ended:
+                if self._error is None:
+                    raise anyio.EndOfStream
+                raise anyio.BrokenResourceError(str(self._error)) from self._error
+            self._readable = anyio.Event()
+            await self._readable.wait()
+        data = bytes(self._buffer[:max_bytes])
+        del self._buffer[:max_bytes]
+        if self._paused and len(self._buffer) <= self._limit // 2:
+            self._paused = False
+            self.link.resume_reading()
+        return data
+
+    async def send(self, item: bytes) -> None:
+        while True:
+            try:
+                self.link.send_nowait(item)
+            except anyio.WouldBlock:
+                self._writable = anyio.Event()
+                await self._writable.wait()
+                continue
+            await anyio.lowlevel.checkpoint()
+            return
+
+    async def send_eof(self) -> None:
+        await self.link.send_eof()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._readable.set()
+        await self.link.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self.link.extra_attributes
