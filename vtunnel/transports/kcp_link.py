@@ -41,7 +41,7 @@ ACK_DELAY: Final = 0.002
 ACK_NOW_SEGMENTS: Final = 2
 #: how much a link hands its consumer per ``link_data`` call at most
 READ_SIZE: Final = 1024 * 1024
-#: a timer due within this of the armed one is not re-armed
+#: a deadline within this of the armed one does not re-arm the timer
 _TIMER_SLACK: Final = 0.0005
 
 
@@ -273,10 +273,12 @@ class KCPLink(Link):
                 self._wake_drain_waiters()
 
     def _arm(self, due: float) -> None:
-        """Have the timer fire at ``due`` or earlier (one that fires early finds nothing due and re-arms)."""
+        """Have the timer fire at ``due``. It follows the deadline both ways: a timer left at a deadline that moved
+        later (the answer's ACK ended a retransmission timeout) would wake the loop for nothing, and flush an ACK
+        that was waiting for the next message to carry it."""
         timer = self._timer
         if timer is not None:
-            if due >= self._timer_when - _TIMER_SLACK:
+            if abs(due - self._timer_when) <= _TIMER_SLACK:
                 return
             timer.cancel()
         self._timer_when = due
