@@ -3,7 +3,8 @@
 ``pipe(a, b)`` copies ``a -> b`` and ``b -> a`` at the same time until both directions have ended:
 
 * an end of stream on one side is passed on as ``send_eof()`` on the other (a faithful half-close) while the
-  other direction keeps flowing;
+  other direction keeps flowing; ``a`` is the side that asked for the connection (the client) and ``b`` the side
+  it reached: when ``a`` cannot half-close (a TLS stream), the end of ``b``'s answer closes both instead;
 * a broken or reset side (``BrokenResourceError``, ``ClosedResourceError``, ``OSError``) ends both directions
   at once, and a socket whose direction had not ended yet is reset (SO_LINGER 0), not closed: a clean end of
   stream would pass a cut-short transfer off as a whole one;
@@ -45,6 +46,7 @@ __all__ = [
     "StreamBuffer",
     "hand_to_relay",
     "pipe",
+    "reset_on_close",
 ]
 
 log = structlog.get_logger(__name__)
@@ -147,8 +149,12 @@ async def _copy(
     try:
         await dst.send_eof()
     except NotImplementedError:
-        # The other side cannot half-close: the remaining direction ends the pipe.
-        pass
+        # The other side cannot half-close (a TLS stream). The end of the request waits for the answer (the
+        # remaining direction ends the pipe); the end of the answer can only be passed on by closing the client.
+        if index == 1:
+            progress.ended[index] = True
+            scope.cancel()
+            return
     except _BROKEN as exc:
         log.debug("pipe.eof_failed", error=type(exc).__name__)
         progress.broken = True
@@ -219,15 +225,16 @@ async def _close_both(a: ByteStream, b: ByteStream, progress: _Progress) -> None
     """Close both streams; after a broken side, a socket whose incoming direction had not ended is reset."""
     if progress.broken:
         if not progress.ended[0]:
-            _reset_on_close(b)
+            reset_on_close(b)
         if not progress.ended[1]:
-            _reset_on_close(a)
+            reset_on_close(a)
     await _close_quietly(a)
     await _close_quietly(b)
 
 
-def _reset_on_close(stream: ByteStream) -> None:
-    """Make closing ``stream`` send a TCP reset, when it is a TCP socket (other streams are left as they are)."""
+def reset_on_close(stream: ByteStream) -> None:
+    """Make closing ``stream`` send a TCP reset, when it is a TCP socket (other streams are left as they are): its
+    peer must not take a clean end of stream for a complete answer."""
     sock = stream.extra(SocketAttribute.raw_socket, None)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):

@@ -1,5 +1,7 @@
-"""WebSocks (vproxy's agent/server protocol) inside one tunnel stream: the server side, and the agent side
-(:func:`websocks_connect`, for a server that cannot be told a destination in the SYN).
+"""WebSocks (vproxy's agent/server protocol): the server side (:func:`serve_websocks`, inside a tunnel stream or
+on a ``websocks://`` / ``websockss://`` listener's own connection) and the agent side (:func:`websocks_connect`,
+inside a stream to a server that cannot be told a destination in the SYN; :func:`websocks_dial`, one connection of
+its own per destination to a ``websocks://`` / ``websockss://`` server).
 
 The exchange, in order:
 
@@ -16,12 +18,16 @@ The exchange, in order:
 4. RFC 1928 SOCKS5 (no authentication, ``CONNECT``) names the destination, which is dialled through the
    exit policy; the reply code comes from the dial result;
 5. raw relay.
+
+A request that is not HTTP at all is answered ``400`` too. The server gives a client ``handshake_timeout``
+seconds to send its upgrade and its SOCKS5 request (the dial after it has the dialer's own timeout).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -41,6 +47,7 @@ from vtunnel.apps.socks5 import (
     Method,
     Reply,
     Socks5Error,
+    Socks5Request,
     encode_address,
     encode_reply,
     parse_greeting,
@@ -48,17 +55,22 @@ from vtunnel.apps.socks5 import (
     reply_for_refusal,
 )
 from vtunnel.io.stream_sockets import LeanSocketStream, attach_socket
-from vtunnel.runtime.errors import StreamRefused
+from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
+from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
 
 __all__ = [
     "FRAME_HEADER",
+    "HANDSHAKE_TIMEOUT",
     "MINUTE_MS",
+    "WEBSOCKS_SCHEMES",
+    "carrier_endpoint",
     "classify_websocks",
     "password_token",
     "serve_websocks",
     "upgrade_request",
     "websocket_accept",
     "websocks_connect",
+    "websocks_dial",
 ]
 
 log = structlog.get_logger(__name__)
@@ -69,6 +81,9 @@ MINUTE_MS = 60_000
 MAX_REQUEST = 16384
 HANDSHAKE_TIMEOUT = 30.0
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: WebSocks on a connection of its own: the URL scheme -> the transport that carries the connection
+#: (``websockss://`` takes ``tls://``'s options: ``ca``, ``servername``, ``cert``, ``key``)
+WEBSOCKS_SCHEMES = {"websocks": "tcp", "websockss": "tls"}
 
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, StreamRefused)
 
@@ -112,6 +127,18 @@ def classify_websocks(first: bytes) -> bool | None:
     if not isinstance(event, h11.Request):
         return False
     return any(n == b"upgrade" and v.lower() == b"websocket" for n, v in event.headers)
+
+
+def carrier_endpoint(endpoint: Endpoint) -> Endpoint:
+    """The ``tcp://`` or ``tls://`` endpoint a ``websocks://`` or ``websockss://`` URL's connections go over.
+
+    Raises ``TransportError`` naming the option a URL cannot take.
+    """
+    carrier = dataclasses.replace(endpoint, scheme=WEBSOCKS_SCHEMES[endpoint.scheme])
+    if carrier.scheme == "tcp" and endpoint.params:
+        raise TransportError(f"websocks:// takes no options, got {', '.join(sorted(endpoint.params))}")
+    get_transport(carrier.scheme).check(carrier)
+    return carrier
 
 
 def _default_now_ms() -> int:
@@ -176,23 +203,18 @@ async def serve_websocks(
     now_ms: Callable[[], int] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> None:
-    """Serve one WebSocks client whose first bytes (already read) are ``first``; closes ``stream``."""
+    """Serve one WebSocks client whose first bytes (already read, maybe none) are ``first``; closes ``stream``."""
     clock = now_ms or _default_now_ms
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     buffer = StreamBuffer(stream, limit=MAX_REQUEST, initial=first)
     relayed = False
     try:
         with anyio.fail_after(handshake_timeout):
-            request = await _read_request(conn, buffer)
             try:
+                request = await _read_request(conn, buffer)
                 user = _check_upgrade(request, users, clock())
-            except _Rejected as exc:
-                log.info("websocks.rejected", status=exc.status, reason=str(exc))
-                body = f"{exc.status} {exc}\n".encode()
-                headers = [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-                await stream.send(conn.send(h11.Response(status_code=exc.status, headers=headers)) or b"")
-                await stream.send(conn.send(h11.Data(data=body)) or b"")
-                return
+            except (h11.RemoteProtocolError, HeaderTooLarge) as exc:
+                raise _Rejected(400, f"malformed request: {exc}") from None
             headers = [
                 (b"upgrade", b"websocket"),
                 (b"connection", b"Upgrade"),
@@ -206,7 +228,10 @@ async def serve_websocks(
             if await _read_exactly(buffer, len(FRAME_HEADER)) != FRAME_HEADER:
                 log.info("websocks.bad_frame_header", user=user)
                 return
-            remote = await _socks5_connect(stream, buffer, dialer)
+            socks_request = await _socks5_request(stream, buffer)
+        if socks_request is None:
+            return
+        remote = await _dial(stream, dialer, socks_request.authority)
         if remote is None:
             return
         try:
@@ -217,15 +242,18 @@ async def serve_websocks(
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(remote)
             raise
-        log.debug("websocks.relaying", user=user)
+        log.debug("websocks.relaying", user=user, destination=socks_request.authority)
         if hand_to_relay(remote, stream) is not None:
             relayed = True  # the relay owns both ends now: no task, and nothing to close here
             return
         await pipe(stream, remote)
-    except (h11.RemoteProtocolError, h11.LocalProtocolError, HeaderTooLarge, Socks5Error) as exc:
+    except _Rejected as exc:
+        log.info("websocks.rejected", status=exc.status, reason=str(exc))
+        await _send_quietly(stream, _rejection(exc.status, str(exc)))
+    except (h11.LocalProtocolError, HeaderTooLarge, Socks5Error) as exc:
         log.info("websocks.bad_request", error=str(exc))
     except TimeoutError:
-        log.info("websocks.handshake_timeout")
+        log.info("websocks.handshake_timeout", timeout=handshake_timeout)
     except _GONE as exc:
         log.debug("websocks.client_gone", error=type(exc).__name__)
     except Exception as exc:  # never take the server down with one stream
@@ -236,9 +264,28 @@ async def serve_websocks(
                 await anyio.aclose_forcefully(stream)
 
 
+def _rejection(status: int, reason: str) -> bytes:
+    """The whole answer to a refused upgrade: ``status``, a one-line body, and the connection closes."""
+    body = f"{status} {reason}\n".encode()
+    title = {400: "Bad Request", 401: "Unauthorized"}.get(status, "Error")
+    return (
+        f"HTTP/1.1 {status} {title}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+        + body
+    )
+
+
+async def _send_quietly(stream: ByteStream, data: bytes) -> None:
+    try:
+        await stream.send(data)
+    except _GONE as exc:
+        log.debug("websocks.client_gone", error=type(exc).__name__)
+
+
 async def _read_request(conn: h11.Connection, buffer: StreamBuffer) -> h11.Request:
     """Feed h11 until the whole request is in; the bytes after it go back into ``buffer``."""
-    conn.receive_data(buffer.take_pending())
+    first = buffer.take_pending()
+    if first:  # h11 takes b"" for the end of the connection
+        conn.receive_data(first)
     request: h11.Request | None = None
     while True:
         event = conn.next_event()
@@ -260,8 +307,8 @@ async def _read_request(conn: h11.Connection, buffer: StreamBuffer) -> h11.Reque
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
 
 
-async def _socks5_connect(stream: ByteStream, buffer: StreamBuffer, dialer: Dialer) -> ByteStream | None:
-    """Serve the SOCKS5 exchange (no authentication, CONNECT) and dial; ``None`` after a failure reply."""
+async def _socks5_request(stream: ByteStream, buffer: StreamBuffer) -> Socks5Request | None:
+    """Serve the SOCKS5 exchange (no authentication, CONNECT) up to the request; ``None`` after a refusal."""
     methods = await buffer.parse(parse_greeting)
     if Method.NO_AUTH not in methods:
         await stream.send(bytes([SOCKS_VERSION, Method.NO_ACCEPTABLE]))
@@ -276,12 +323,17 @@ async def _socks5_connect(stream: ByteStream, buffer: StreamBuffer, dialer: Dial
     if request.command != Command.CONNECT:
         await stream.send(encode_reply(Reply.COMMAND_NOT_SUPPORTED))
         return None
+    return request
+
+
+async def _dial(stream: ByteStream, dialer: Dialer, authority: str) -> ByteStream | None:
+    """Dial ``authority`` through the exit policy and send the SOCKS5 reply; ``None`` after a failure reply."""
     try:
         # a lean socket stream, so that the connection can become a callback relay once it is set up
         remote = LeanSocketStream()
-        attach_socket(await dialer.dial_socket(request.authority), remote)
+        attach_socket(await dialer.dial_socket(authority), remote)
     except DialError as exc:
-        log.info("websocks.dial_failed", authority=request.authority, error=exc.error)
+        log.info("websocks.dial_failed", authority=authority, error=exc.error)
         await stream.send(encode_reply(reply_for_refusal(exc.error)))
         return None
     try:
@@ -304,6 +356,11 @@ _REFUSAL_OF_REPLY = {
     0x04: "unreachable",
     0x05: "refused",
     0x06: "timeout",
+}
+#: the status of a refused upgrade -> why, for the log
+_UPGRADE_REFUSALS = {
+    b"401": "the server refused the user or password",
+    b"400": "the server did not take the upgrade request",
 }
 
 
@@ -352,13 +409,27 @@ def upgrade_request(user: str, password: str, now_ms: int, key: bytes) -> bytes:
 async def websocks_connect(
     stream: ByteStream, authority: str, *, user: str, password: str, now_ms: int | None = None
 ) -> None:
-    """Run vproxy's agent side of WebSocks on ``stream`` (a tunnel stream to a server with no metadata) so that it
-    leads to ``authority`` (``host:port``): the upgrade, the frame header, then SOCKS5 ``CONNECT``.
+    """Run vproxy's agent side of WebSocks on ``stream`` (a tunnel stream to a server with no metadata, or a
+    connection of its own to a WebSocks server) so that it leads to ``authority`` (``host:port``): the upgrade,
+    the frame header, then SOCKS5 ``CONNECT``.
 
     Reads exactly what the exchange is made of, so the destination's first bytes stay in ``stream``. Raises
     ``StreamRefused`` with ``"forbidden"`` (the server refused the user or password: 401), ``"unsupported"``
-    (400 or any other answer), or the reason the SOCKS5 reply code stands for.
+    (400 or any other answer), ``"failed"`` (the server ended the exchange), or the reason the SOCKS5 reply code
+    stands for.
     """
+    try:
+        await _websocks_exchange(stream, authority, user, password, now_ms)
+    except StreamRefused:
+        raise
+    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+        log.info("websocks.exchange_failed", destination=authority, error=str(exc) or type(exc).__name__)
+        raise StreamRefused("failed") from None
+
+
+async def _websocks_exchange(
+    stream: ByteStream, authority: str, user: str, password: str, now_ms: int | None
+) -> None:
     host, port = parse_authority(authority)
     now = int(time.time() * 1000) if now_ms is None else now_ms
     key = base64.b64encode(os.urandom(16))
@@ -368,7 +439,12 @@ async def websocks_connect(
     parts = status_line.split(b" ", 2)
     status = parts[1] if len(parts) > 1 else b""
     if status != b"101":
-        log.info("websocks.upgrade_refused", status=status.decode("ascii", "replace"), destination=authority)
+        log.info(
+            "websocks.upgrade_refused",
+            status=status.decode("ascii", "replace"),
+            reason=_UPGRADE_REFUSALS.get(status, "the server did not upgrade"),
+            destination=authority,
+        )
         raise StreamRefused("forbidden" if status == b"401" else "unsupported")
     await stream.send(FRAME_HEADER + bytes((SOCKS_VERSION, 1, Method.NO_AUTH)))
     if await reader.exactly(len(FRAME_HEADER)) != FRAME_HEADER:
@@ -382,4 +458,27 @@ async def websocks_connect(
         address_len = (await reader.exactly(1))[0] if atyp == 3 else 0
     await reader.exactly(address_len + 2)
     if version != SOCKS_VERSION or reply != Reply.SUCCEEDED:
+        log.info("websocks.destination_refused", destination=authority, reply=reply)
         raise StreamRefused(_REFUSAL_OF_REPLY.get(reply, "failed"))
+
+
+async def websocks_dial(server: Endpoint, authority: str, *, user: str, password: str) -> ByteStream:
+    """A connection of its own to the WebSocks server ``server`` (``websocks://`` or ``websockss://``) that leads
+    to ``authority``, once the server said it reached it.
+
+    Raises ``TunnelUnavailable`` when the server cannot be reached (the TCP connection or the TLS handshake
+    failed), else what :func:`websocks_connect` raises.
+    """
+    carrier = carrier_endpoint(server)
+    try:
+        stream = await get_transport(carrier.scheme).connect(carrier, security=SecurityConfig())
+    except (OSError, anyio.BrokenResourceError, TransportError) as exc:
+        log.warning("websocks.server_unreachable", server=str(server), error=str(exc) or type(exc).__name__)
+        raise TunnelUnavailable(f"cannot reach the WebSocks server {server}: {exc}") from None
+    try:
+        await websocks_connect(stream, authority, user=user, password=password)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(stream)
+        raise
+    return stream
