@@ -34,7 +34,8 @@ DEFAULT_SOCKS = "127.0.0.1:1080"
 
 URL_HELP = (
     "Transport URLs: tcp://HOST:PORT, tls://HOST:PORT?cert=F&key=F, "
-    "kcp://HOST:PORT?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350 (see `vtunnel transports`)."
+    "kcp://HOST:PORT?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350 (see `vtunnel transports`); "
+    "WebSocks, no tunnel: websocks://HOST:PORT, websockss://HOST:PORT (TLS, with tls://'s options)."
 )
 
 
@@ -139,7 +140,8 @@ def _websocks_users(f: Callable[..., Any]) -> Callable[..., Any]:
         "--websocks-user",
         multiple=True,
         metavar="USER:PASS",
-        help="A WebSocks user (server: repeatable; agent: its login with --peer vproxy). Every local user can "
+        help="A WebSocks user (server: repeatable, for WebSocks inside streams and --listen websocks://; agent: "
+        "its login with --peer vproxy or --server websocks://). Every local user can "
         f"read it with `ps`: prefer --websocks-user-file or {WEBSOCKS_USER_ENV}.",
     )(f)
     f = click.option(
@@ -162,10 +164,10 @@ def _peer(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def _vproxy_security(psk_file: str | None, section: Mapping[str, Any]) -> SecurityConfig:
+def _keyless_security(psk_file: str | None, section: Mapping[str, Any], peer: str) -> SecurityConfig:
+    """No key, for a peer that has none (``peer`` names it in the error when one was given)."""
     if psk_file or section.get("psk_file") or section.get("psk"):
-        raise click.UsageError("a vproxy peer has no key: drop --psk-file (and psk/psk_file in the config)")
-    log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
+        raise click.UsageError(f"{peer} has no key: drop --psk-file (and psk/psk_file in the config)")
     return SecurityConfig()
 
 
@@ -225,9 +227,16 @@ def server(
     By default clients may not reach loopback, private, link-local or multicast addresses (checked after DNS
     resolution); --allow-private lifts that. Without a key the server refuses to start unless --insecure is given.
     SIGINT/SIGTERM send GOAWAY and let open streams finish (up to drain_timeout) before exiting.
+
+    \b
+    --listen websocks://HOST:PORT    vproxy's WebSocks agents, one TCP connection per destination (no tunnel,
+                                     no key: the --websocks-user-file users log in; 401 / 400 otherwise)
+    --listen websockss://HOST:PORT?cert=F&key=F   the same inside TLS (tls://'s options)
+    A WebSocks client has handshake_timeout ([server] in the config, default 30 s) for its request.
     """
     from vtunnel.apps.policy import ExitPolicy
     from vtunnel.apps.server import Server, ServerSettings
+    from vtunnel.apps.websocks import HANDSHAKE_TIMEOUT, WEBSOCKS_SCHEMES
 
     cfg = _setup(config_path, "server", log_level, log_format, insecure_key_permissions)
     sec = cfg.get("server", {})
@@ -235,7 +244,8 @@ def server(
     if not urls:
         raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
     endpoints = [_endpoint(u, "--listen", insecure_key_permissions) for u in urls]
-    if (peer or sec.get("peer")) == "vproxy":
+    peer_vproxy = (peer or sec.get("peer")) == "vproxy"
+    if peer_vproxy:
         endpoints = [_vproxy_endpoint(e, client=False) for e in endpoints]
     try:
         users = resolve_websocks_users(
@@ -246,6 +256,19 @@ def server(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    websocks_only = all(e.scheme in WEBSOCKS_SCHEMES for e in endpoints)
+    if any(e.scheme in WEBSOCKS_SCHEMES for e in endpoints) and not users:
+        raise click.UsageError(
+            "--listen websocks:// needs WebSocks users: --websocks-user-file FILE (one USER:PASS per line) or "
+            f"{WEBSOCKS_USER_ENV}"
+        )
+    if peer_vproxy:
+        security = _keyless_security(psk_file, sec, "a vproxy peer")
+        log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
+    elif websocks_only:  # no tunnel: the WebSocks users are the only credentials
+        security = _keyless_security(psk_file, sec, "a websocks:// listener")
+    else:
+        security = _security(psk_file, insecure, sec, cipher, insecure_key_permissions)
     try:
         policy = ExitPolicy(
             allow_private=allow_private or bool(sec.get("allow_private", False)),
@@ -254,9 +277,7 @@ def server(
         )
         settings = ServerSettings(
             listen=endpoints,
-            security=_vproxy_security(psk_file, sec)
-            if (peer or sec.get("peer")) == "vproxy"
-            else _security(psk_file, insecure, sec, cipher, insecure_key_permissions),
+            security=security,
             target=target or sec.get("target"),
             policy=policy,
             websocks_users=users,
@@ -264,6 +285,7 @@ def server(
             connect_timeout=float(sec.get("connect_timeout", 10.0)),
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             idle_timeout=sec.get("idle_timeout"),
+            handshake_timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)),
         )
         srv = Server(settings)
     except (ValueError, ConfigError, TransportError) as exc:
@@ -315,8 +337,15 @@ def agent(
     --forward 127.0.0.1:9000             every connection goes to the server's --target
     --forward 127.0.0.1:9000=host:port   the server connects to host:port (resolved at the server)
     The agent keeps its tunnels up and reconnects with backoff when the server restarts.
+
+    \b
+    --server websocks://HOST:PORT        a WebSocks server (vproxy's, or vtunnel's --listen websocks://): no
+                                         tunnel, one TCP connection per destination, logged in with the one
+                                         USER:PASS of --websocks-user-file; every --forward needs =DEST
+    --server websockss://HOST:PORT?ca=F  the same inside TLS (tls://'s ca= and servername= options)
     """
     from vtunnel.apps.agent import Agent, AgentSettings, Forward, parse_hostport
+    from vtunnel.apps.websocks import WEBSOCKS_SCHEMES
 
     cfg = _setup(config_path, "agent", log_level, log_format, insecure_key_permissions)
     sec = cfg.get("agent", {})
@@ -332,10 +361,20 @@ def agent(
         server_endpoint = _endpoint(url, "--server", insecure_key_permissions)
         tunnel = tunnel_config(cfg.get("tunnel", {}))
         login: tuple[str, str] | None = None
-        if (peer or sec.get("peer", "vtunnel")) == "vproxy":
-            security = _vproxy_security(psk_file, sec)
-            server_endpoint = _vproxy_endpoint(server_endpoint, client=True)
-            tunnel = dataclasses.replace(tunnel, extensions=False)
+        peer_vproxy = (peer or sec.get("peer", "vtunnel")) == "vproxy"
+        websocks_server = server_endpoint.scheme in WEBSOCKS_SCHEMES
+        if peer_vproxy or websocks_server:
+            if websocks_server:
+                security = _keyless_security(psk_file, sec, "a WebSocks server")
+                if server_endpoint.scheme == "websocks":
+                    log.warning(
+                        "websocks:// is plaintext: the password is hashed, what is relayed is not (websockss://: TLS)"
+                    )
+            else:
+                security = _keyless_security(psk_file, sec, "a vproxy peer")
+                log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
+                server_endpoint = _vproxy_endpoint(server_endpoint, client=True)
+                tunnel = dataclasses.replace(tunnel, extensions=False)
             logins = resolve_websocks_users(
                 specs=websocks_user,
                 user_file=websocks_user_file,
@@ -343,14 +382,17 @@ def agent(
                 allow_insecure_permissions=insecure_key_permissions,
             )
             if len(logins) != 1:
+                needs = f"a {server_endpoint.scheme}:// server" if websocks_server else "--peer vproxy"
                 raise click.UsageError(
-                    "--peer vproxy needs exactly one WebSocks login (USER:PASS): --websocks-user-file FILE or "
-                    f"{WEBSOCKS_USER_ENV}; the vproxy server checks it before it connects anything"
+                    f"{needs} needs exactly one WebSocks login (USER:PASS): --websocks-user-file FILE or "
+                    f"{WEBSOCKS_USER_ENV}; the server checks it before it connects anything"
                 )
             login = next(iter(logins.items()))
         else:
             if websocks_user or websocks_user_file:
-                raise click.UsageError("--websocks-user and --websocks-user-file are for --peer vproxy")
+                raise click.UsageError(
+                    "--websocks-user and --websocks-user-file are for --peer vproxy and websocks:// servers"
+                )
             security = _security(psk_file, insecure, sec, cipher, insecure_key_permissions)
         settings = AgentSettings(
             server=server_endpoint,

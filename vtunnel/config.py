@@ -2,7 +2,7 @@
 
 ```toml
 [server]
-listen = ["kcp://0.0.0.0:4000", "tcp://0.0.0.0:4000"]
+listen = ["kcp://0.0.0.0:4000", "tcp://0.0.0.0:4000", "websocks://0.0.0.0:8443"]  # websocks: no tunnel
 target = "127.0.0.1:8388"          # optional: every stream without a destination goes here
 psk_file = "/etc/vtunnel/key"      # mode 0600 (`vtunnel keygen -o FILE`); or `insecure = true` for plaintext
 cipher = "auto"                    # or "aes-256-gcm" / "chacha20-poly1305" to pin the transport cipher
@@ -10,6 +10,7 @@ allow_private = false
 allow = ["10.1.2.0/24"]            # exit policy exceptions
 deny = ["*.internal"]
 websocks_user_file = "/etc/vtunnel/websocks-users"   # USER:PASS lines, mode 0600
+handshake_timeout = 30.0           # seconds a WebSocks client has for its upgrade and SOCKS5 request
 [server.websocks_users]              # or inline: then this file must be mode 0600 too
 alice = "secret"
 
@@ -20,6 +21,8 @@ http = "127.0.0.1:8118"
 forward = ["127.0.0.1:9000", "127.0.0.1:2222=10.0.0.5:22"]
 connections = 1
 psk_file = "~/.config/vtunnel/key"
+# or, no tunnel: server = "websockss://203.0.113.7:8443?ca=/etc/vtunnel/ca.pem" and
+# websocks_user_file = "~/.config/vtunnel/websocks-login" (one USER:PASS line, mode 0600)
 [agent.socks_users]
 bob = "pw"
 
@@ -100,6 +103,7 @@ SECTIONS = {
         "connect_timeout",
         "drain_timeout",
         "idle_timeout",
+        "handshake_timeout",
     },
     "agent": {
         "server",

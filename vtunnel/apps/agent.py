@@ -7,11 +7,16 @@ Every accepted local connection becomes one stream in a pooled tunnel to the ser
   SYN without waiting (0-RTT);
 * ``--socks`` and ``--http`` speak SOCKS5 (RFC 1928/1929) and HTTP proxy (CONNECT and absolute URIs) to local
   clients and put the requested destination in the SYN; the name is resolved by the server.
+
+With a ``websocks://`` or ``websockss://`` server there is no tunnel: every local connection that names a
+destination gets a TCP (or TLS) connection of its own to the server, which the WebSocks exchange leads to the
+destination before the local client is told it succeeded (vproxy's WebSocks agent does the same).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +26,8 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
-from vtunnel.apps.pipe import SocketRelay
-from vtunnel.apps.websocks import websocks_connect
+from vtunnel.apps.pipe import SocketRelay, pipe, reset_on_close
+from vtunnel.apps.websocks import WEBSOCKS_SCHEMES, carrier_endpoint, websocks_connect, websocks_dial
 from vtunnel.io.stream_sockets import LeanSocketStream, RelayListener, open_relay_listener
 from vtunnel.io.tuning import tune_stream, tune_transport
 from vtunnel.protocol import StreamMetadata, TunnelConfig
@@ -84,7 +89,8 @@ class AgentSettings:
     drain_timeout: float = 10.0
     open_timeout: float = 10.0
     #: ``(user, password)``: carry each destination the way vproxy's agent does, WebSocks inside a stream that
-    #: names nothing (a vproxy server cannot be told a destination in the SYN); ``None``: in the SYN (metadata)
+    #: names nothing (a vproxy server cannot be told a destination in the SYN), or on a connection of its own
+    #: to a ``websocks://`` / ``websockss://`` server; ``None``: in the SYN (metadata)
     websocks_login: tuple[str, str] | None = None
 
 
@@ -93,9 +99,21 @@ class Agent:
         if not (settings.forwards or settings.socks or settings.http):
             raise ValueError("the agent needs something to serve: --socks, --http or --forward")
         self.settings = settings
-        self.pool = TunnelPool(
-            settings.server, security=settings.security, config=settings.tunnel, size=settings.connections
-        )
+        #: the tunnels to the server; ``None`` for a WebSocks server (a connection of its own per destination)
+        self.pool: TunnelPool | None = None
+        if settings.server.scheme in WEBSOCKS_SCHEMES:
+            carrier_endpoint(settings.server)  # a bad option is an error now, not at the first connection
+            if settings.websocks_login is None:
+                raise ValueError(f"a {settings.server.scheme}:// server needs a WebSocks login (USER:PASS)")
+            if any(fwd.destination is None for fwd in settings.forwards):
+                raise ValueError(
+                    "a WebSocks server has no target of its own: give every --forward a destination "
+                    "(LISTEN=HOST:PORT)"
+                )
+        else:
+            self.pool = TunnelPool(
+                settings.server, security=settings.security, config=settings.tunnel, size=settings.connections
+            )
         self.local_addresses: dict[str, str] = {}
         self._stopping = anyio.Event()
         self._active = 0
@@ -104,6 +122,9 @@ class Agent:
         self._task_group: TaskGroup | None = None
 
     async def open(self, metadata: StreamMetadata | None, *, wait_accepted: bool = True) -> TunnelStream:
+        """A tunnel stream to ``metadata``'s destination (the server's target without one)."""
+        if self.pool is None:
+            raise TunnelUnavailable(f"a {self.settings.server.scheme}:// server has no tunnel")
         login = self.settings.websocks_login
         if login is None or metadata is None or metadata.authority is None:
             return await self.pool.open_stream(
@@ -122,7 +143,19 @@ class Agent:
         return stream
 
     async def _opener(self, metadata: StreamMetadata) -> ByteStream:
-        return await self.open(metadata)
+        """What a front's connection is carried by: a tunnel stream, or (a WebSocks server) a connection of its
+        own, returned once the server reached the destination."""
+        if self.pool is not None:
+            return await self.open(metadata)
+        login = self.settings.websocks_login
+        if login is None or metadata.authority is None or metadata.kind != "tcp":
+            raise DestinationNotCarried(
+                f"a WebSocks server carries TCP to a named destination only, not a {metadata.kind!r} stream"
+            )
+        with anyio.fail_after(self.settings.open_timeout):
+            return await websocks_dial(
+                self.settings.server, metadata.authority, user=login[0], password=login[1]
+            )
 
     async def serve(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
@@ -138,9 +171,14 @@ class Agent:
         try:
             for fwd in s.forwards:
                 name = f"forward {fwd.destination or 'target'}"
-                srv = await open_relay_listener(
-                    fwd.listen[0], fwd.listen[1], self._forward_factory(fwd), start=False
+                # through a tunnel a forward is a callback relay from the start; to a WebSocks server it is a
+                # front whose task dials the server and then pipes the two connections
+                factory = (
+                    self._forward_factory(fwd)
+                    if self.pool is not None
+                    else self._front_factory(functools.partial(self._piped_forward, fwd))
                 )
+                srv = await open_relay_listener(fwd.listen[0], fwd.listen[1], factory, start=False)
                 listeners.append(srv)
                 self._show(name, srv.sockets[0].getsockname())
             for name, (host, port), handler in fronts:
@@ -153,7 +191,8 @@ class Agent:
             raise
         async with anyio.create_task_group() as tg:
             self._task_group = tg
-            await self.pool.run(tg)
+            if self.pool is not None:
+                await self.pool.run(tg)
             for srv in listeners:
                 srv.start()
             task_status.started(self.local_addresses)
@@ -165,8 +204,9 @@ class Agent:
             await anyio.lowlevel.checkpoint()
             with anyio.move_on_after(s.drain_timeout):
                 await self._idle.wait()
-            self.pool.shutdown()
-            await anyio.sleep(0.1)  # let GOAWAY leave
+            if self.pool is not None:
+                self.pool.shutdown()
+                await anyio.sleep(0.1)  # let GOAWAY leave
             # relays still open end with their tunnels (cancelled below); ones still opening, with their task
             tg.cancel_scope.cancel()
 
@@ -250,6 +290,20 @@ class Agent:
             relay.abort()
             raise
         relay.attach(remote)
+
+    async def _piped_forward(self, fwd: Forward, client: ByteStream) -> None:
+        """A ``--forward LISTEN=DEST`` connection to a WebSocks server: its own connection to DEST, then a pipe."""
+        assert fwd.destination is not None
+        try:
+            remote = await self._opener(StreamMetadata(authority=fwd.destination, kind="tcp"))
+        except Exception as exc:
+            # reset, not closed: a clean end of stream would look like an empty answer to the client
+            log.info(
+                "forwarded connection not carried", destination=fwd.destination, error=str(exc) or repr(exc)
+            )
+            reset_on_close(client)
+            return
+        await pipe(client, remote)
 
     async def _socks_handler(self, client: ByteStream) -> None:
         from vtunnel.apps.socks5 import serve_socks5

@@ -7,21 +7,33 @@ Per stream, by what the SYN says:
 * no metadata and a ``--target``: every stream goes to that one destination (vproxy's KcpTun, kcptun);
 * no metadata and no target: the stream is served as WebSocks (vproxy's agent protocol inside the stream) when its
   first bytes are a WebSocks upgrade, otherwise reset.
+
+A ``websocks://`` (or ``websockss://``, TLS) listener carries no tunnels: each connection is one WebSocks client
+(vproxy's WebSocks agent), served as WebSocks inside a stream is, with the same users and exit policy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import Listener, SocketAttribute, TaskStatus
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
 
 from vtunnel.apps.dialer import Dialer, DialError
 from vtunnel.apps.pipe import SocketRelay
 from vtunnel.apps.policy import ExitPolicy
+from vtunnel.apps.websocks import (
+    HANDSHAKE_TIMEOUT,
+    WEBSOCKS_SCHEMES,
+    carrier_endpoint,
+    carrier_transport,
+    classify_websocks,
+    serve_websocks,
+)
 from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.connection import TunnelConnection
@@ -46,6 +58,8 @@ class ServerSettings:
     connect_timeout: float = 10.0
     drain_timeout: float = 10.0
     idle_timeout: float | None = None
+    #: seconds a WebSocks client has for its upgrade and its SOCKS5 request
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 def _address_text(addr: object) -> str:
@@ -64,7 +78,8 @@ class Server:
         # the operator's own --target is trusted: the exit policy governs what clients ask for, not it
         self.target_dialer = Dialer(ExitPolicy(allow_private=True), connect_timeout=settings.connect_timeout)
         self.tunnels: set[TunnelConnection] = set()
-        self.listeners: list[Listener[Link]] = []
+        #: tunnel listeners (yielding links) and WebSocks listeners (yielding byte streams)
+        self.listeners: list[Listener[Link] | Listener[ByteStream]] = []
         self.local_addresses: list[str] = []
         self._serial = 0
         self._stopping = anyio.Event()
@@ -73,9 +88,20 @@ class Server:
 
     async def serve(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until :meth:`shutdown` finishes draining."""
+        handlers: list[Callable[[Any], Awaitable[None]]] = []
         for endpoint in self.settings.listen:
-            transport = get_transport(endpoint.scheme)
-            listener = await transport.listen(endpoint, security=self.settings.security)
+            if endpoint.scheme in WEBSOCKS_SCHEMES:
+                # WebSocks clients, no tunnel: the connections of a tcp:// or tls:// listener without a key
+                carrier = carrier_endpoint(endpoint)
+                listener: Listener[Link] | Listener[ByteStream] = await carrier_transport(
+                    carrier
+                ).listen_streams(carrier, security=SecurityConfig())
+                handlers.append(self._handle_websocks)
+            else:
+                listener = await get_transport(endpoint.scheme).listen(
+                    endpoint, security=self.settings.security
+                )
+                handlers.append(self._handle_tunnel)
             self.listeners.append(listener)
             local = _address_text(listener.extra(SocketAttribute.local_address, endpoint.hostport))
             self.local_addresses.append(f"{endpoint.scheme}://{local}")
@@ -88,13 +114,13 @@ class Server:
         async with anyio.create_task_group() as tg:
             accepting: list[anyio.CancelScope] = []
 
-            async def accept_on(listener: Listener[Link]) -> None:
+            async def accept_on(listener: Listener[Any], handler: Callable[[Any], Awaitable[None]]) -> None:
                 with anyio.CancelScope() as scope:
                     accepting.append(scope)
-                    await listener.serve(self._handle_tunnel, tg)
+                    await listener.serve(handler, tg)
 
-            for listener in self.listeners:
-                tg.start_soon(accept_on, listener)
+            for listener, handler in zip(self.listeners, handlers, strict=True):
+                tg.start_soon(accept_on, listener, handler)
             task_status.started(self.local_addresses)
             await self._stopping.wait()
             for scope in accepting:
@@ -133,6 +159,16 @@ class Server:
             self.tunnels.discard(conn)
             if not self.tunnels:
                 self._no_tunnels.set()
+
+    async def _handle_websocks(self, stream: ByteStream) -> None:
+        """One connection of a WebSocks listener: one WebSocks client."""
+        await serve_websocks(
+            stream,
+            b"",
+            users=self.settings.websocks_users,
+            dialer=self.dialer,
+            handshake_timeout=self.settings.handshake_timeout,
+        )
 
     async def _handle_stream(self, stream: TunnelStream) -> None:
         md = stream.metadata
@@ -178,8 +214,6 @@ class Server:
             raise
 
     async def _serve_websocks(self, stream: TunnelStream) -> None:
-        from vtunnel.apps.websocks import classify_websocks, serve_websocks
-
         stream.accept()
         first = b""
         with anyio.move_on_after(FIRST_BYTES_TIMEOUT):
@@ -193,7 +227,11 @@ class Server:
                     continue
                 if verdict:
                     await serve_websocks(
-                        stream, first, users=self.settings.websocks_users, dialer=self.dialer
+                        stream,
+                        first,
+                        users=self.settings.websocks_users,
+                        dialer=self.dialer,
+                        handshake_timeout=self.settings.handshake_timeout,
                     )
                 else:
                     log.info(

@@ -56,7 +56,13 @@ from vtunnel.apps.socks5 import (
 )
 from vtunnel.io.stream_sockets import LeanSocketStream, attach_socket
 from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
-from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
+from vtunnel.transports.base import (
+    ByteStreamTransport,
+    Endpoint,
+    SecurityConfig,
+    TransportError,
+    get_transport,
+)
 
 __all__ = [
     "FRAME_HEADER",
@@ -64,6 +70,7 @@ __all__ = [
     "MINUTE_MS",
     "WEBSOCKS_SCHEMES",
     "carrier_endpoint",
+    "carrier_transport",
     "classify_websocks",
     "password_token",
     "serve_websocks",
@@ -137,8 +144,16 @@ def carrier_endpoint(endpoint: Endpoint) -> Endpoint:
     carrier = dataclasses.replace(endpoint, scheme=WEBSOCKS_SCHEMES[endpoint.scheme])
     if carrier.scheme == "tcp" and endpoint.params:
         raise TransportError(f"websocks:// takes no options, got {', '.join(sorted(endpoint.params))}")
-    get_transport(carrier.scheme).check(carrier)
+    carrier_transport(carrier).check(carrier)
     return carrier
+
+
+def carrier_transport(carrier: Endpoint) -> ByteStreamTransport:
+    """The byte-stream transport (``tcp`` or ``tls``) that carries WebSocks connections to or from ``carrier``."""
+    transport = get_transport(carrier.scheme)
+    if not isinstance(transport, ByteStreamTransport):
+        raise TransportError(f"{carrier.scheme}:// does not carry byte streams")
+    return transport
 
 
 def _default_now_ms() -> int:
@@ -471,7 +486,7 @@ async def websocks_dial(server: Endpoint, authority: str, *, user: str, password
     """
     carrier = carrier_endpoint(server)
     try:
-        stream = await get_transport(carrier.scheme).connect(carrier, security=SecurityConfig())
+        stream = await carrier_transport(carrier).connect_stream(carrier, security=SecurityConfig())
     except (OSError, anyio.BrokenResourceError, TransportError) as exc:
         log.warning("websocks.server_unreachable", server=str(server), error=str(exc) or type(exc).__name__)
         raise TunnelUnavailable(f"cannot reach the WebSocks server {server}: {exc}") from None
