@@ -197,7 +197,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--listen", "listen", multiple=True, metavar="URL", help="Where tunnels arrive (repeatable).")
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="URL",
+    help="Where tunnels arrive (repeatable); websocks:// and websockss:// take WebSocks clients instead.",
+)
 @click.option(
     "--target", metavar="HOST:PORT", help="Send every stream without a destination here (kcptun style)."
 )
@@ -298,7 +304,12 @@ def server(
 
 
 @main.command()
-@click.option("--server", "server_url", metavar="URL", help="The server's transport URL.")
+@click.option(
+    "--server",
+    "server_url",
+    metavar="URL",
+    help="The server's transport URL, or websocks:// / websockss:// for a WebSocks server (no tunnel).",
+)
 @click.option("--forward", multiple=True, metavar="LISTEN[=DEST]", help="Forward a local port (repeatable).")
 @click.option(
     "--socks",

@@ -309,3 +309,49 @@ def test_curl_through_a_vtunnel_agent_and_server_over_websocks(
     assert curl("-p", "-x", f"http://127.0.0.1:{ports['http']}", url).stdout == SITE.decode()
     assert server.poll() is None
     assert agent.poll() is None
+
+
+# ------------------------------------------------------------------------------ configuration errors
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    from tests.conftest import ROOT, VTUNNEL
+
+    return subprocess.run(
+        [*VTUNNEL, *args], capture_output=True, text=True, cwd=ROOT, timeout=30, env={"PATH": "/usr/bin"}
+    )
+
+
+def test_what_a_websocks_end_cannot_do_is_refused_at_start(tmp_path: Path, psk_file: Path) -> None:
+    login = str(private_file(tmp_path / "login", LOGIN))
+    out = run_cli("server", "--listen", "websocks://127.0.0.1:0")
+    assert out.returncode != 0
+    assert "needs WebSocks users" in out.stderr
+    out = run_cli(
+        "server",
+        "--listen",
+        "websocks://127.0.0.1:0",
+        "--websocks-user-file",
+        login,
+        "--psk-file",
+        str(psk_file),
+    )
+    assert out.returncode != 0
+    assert "has no key" in out.stderr
+    out = run_cli("agent", "--server", "websocks://127.0.0.1:9", "--forward", "127.0.0.1:0")
+    assert out.returncode != 0
+    assert "exactly one WebSocks login" in out.stderr
+    out = run_cli(
+        "agent",
+        "--server",
+        "websocks://127.0.0.1:9",
+        "--websocks-user-file",
+        login,
+        "--forward",
+        "127.0.0.1:0",
+    )
+    assert out.returncode != 0
+    assert "give every --forward a destination" in out.stderr
+    out = run_cli("agent", "--server", "websocks://127.0.0.1:9?ca=x", "--websocks-user-file", login)
+    assert out.returncode != 0
+    assert "websocks:// takes no options" in out.stderr
