@@ -74,26 +74,26 @@ def test_stalled_reader_does_not_stop_a_64_mib_transfer() -> None:
     assert client.tunnel.send_window(stalled) == 2 * config.initial_stream_window
 
 
-def test_closing_a_stream_returns_its_unread_bytes_to_the_tunnel() -> None:
-    # a budget this small holds back the tunnel credit of everything that arrives and is not read
+def test_closing_a_stream_gives_its_window_back_to_the_budget() -> None:
+    # half of this budget grants one first window: `stalled` gets 64 KiB, `moving` only the 16 KiB floor
     config = TunnelConfig(
+        min_stream_window=16 * 1024,
         initial_stream_window=64 * 1024,
         max_stream_window=64 * 1024,
-        initial_tunnel_window=128 * 1024,
-        receive_budget=1024,
+        receive_budget=96 * 1024,
     )
     client, server, stalled, moving = open_pair(config)
+    assert client.tunnel.send_window(stalled) == 64 * 1024
+    assert client.tunnel.send_window(moving) == 16 * 1024
     client.tunnel.send_data(stalled, b"a" * 64 * 1024)
-    client.tunnel.send_data(moving, b"b" * 64 * 1024)
     pump(client, server)
-    assert client.tunnel.send_window(moving) == 0  # the tunnel window is used up by both streams
-    server.tunnel.close_stream(stalled)  # unread data is dropped: its credit returns to the tunnel
+    server.tunnel.close_stream(stalled)  # unread data is dropped, its window returns to the budget
     pump(client, server)
     assert client.tunnel.stream_state(stalled) is StreamState.DEAD
-    assert client.tunnel.send_window(moving) == 0  # the stream window of `moving` is still used
-    server.tunnel.acknowledge_received_data(moving, 64 * 1024)
+    assert server.tunnel.received_unread == 0
+    later = client.tunnel.open_stream()
     pump(client, server)
-    assert client.tunnel.send_window(moving) == 64 * 1024
+    assert client.tunnel.send_window(later) == 64 * 1024
 
 
 def test_data_for_a_reset_stream_does_not_leak_tunnel_credit() -> None:

@@ -137,6 +137,7 @@ def test_zero_rtt_data_follows_the_syn_before_the_synack() -> None:
     server.events.extend(server.tunnel.receive_data(client.tunnel.data_to_send(), 0))
     assert server.events == [
         events.StreamOpened(stream_id=sid, metadata=StreamMetadata(authority="[::1]:443", kind="lite-tls")),
+        events.WindowUpdated(stream_id=sid),  # the client's first grant follows its SYN
         events.DataReceived(stream_id=sid, data=b"early"),
         events.StreamEnded(stream_id=sid),
     ]

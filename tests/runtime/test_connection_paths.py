@@ -94,7 +94,10 @@ async def test_many_small_sends_arrive_joined_and_exact() -> None:
 
 async def test_a_sender_waits_while_the_transport_is_backed_up() -> None:
     """A peer that stops reading: sends block once the outbound queue is past the high-water mark."""
-    big = TunnelConfig(initial_stream_window=256 << 20, initial_tunnel_window=256 << 20)
+    # a peer that never reads never grants more than the window it advertised: make that window big
+    big = TunnelConfig(
+        min_stream_window=256 << 20, initial_stream_window=256 << 20, initial_tunnel_window=256 << 20
+    )
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     stop = anyio.Event()

@@ -56,16 +56,20 @@ class TunnelConfig:
     keepalive_timeout: float = 5.0
     keepalive_max_missed: int = 2
     handshake_timeout: float = 5.0
-    #: the window each new stream starts with (advertised in SETTINGS); it doubles each time the application
-    #: has read half of it, up to ``max_stream_window`` (raised to ``initial_stream_window`` if below it),
-    #: while the growth of all streams stays within ``receive_budget``
+    #: the window every stream has for certain, whatever the others hold: advertised to a vtunnel peer as
+    #: INITIAL_STREAM_WINDOW (lowered to ``initial_stream_window`` if above it). 16 KiB: one full frame, so the
+    #: largest datagram of a ``udp`` stream always fits, and 2,000 stalled streams hold 31 MiB beyond the budget.
+    min_stream_window: int = 16 * 1024
+    #: the window a new stream is granted (a WINDOW_UPDATE with its SYN or at the peer's SYN) while the receive
+    #: budget has room; it doubles each time the application has read half of it, up to ``max_stream_window``
+    #: (raised to ``initial_stream_window`` if below it)
     initial_stream_window: int = 64 * 1024
     max_stream_window: int = 4 * 1024 * 1024
+    #: in flight only: tunnel credit returns as the bytes arrive, whether or not they are read
     initial_tunnel_window: int = 16 * 1024 * 1024
-    #: bytes delivered and not yet read that the tunnel window still covers: below it, tunnel credit returns as
-    #: data arrives, so streams whose reader stalled never use up the tunnel window for the others; above it,
-    #: only as the application reads. What one tunnel makes its receiver hold is at most this plus
-    #: ``initial_tunnel_window``, however many streams stall (docs/protocol.md, "Flow control").
+    #: what the stream windows of one tunnel may hold together beyond ``min_stream_window`` each: a window is
+    #: granted or grown only while it fits. What one tunnel makes its receiver hold is at most this plus
+    #: ``min_stream_window`` per open stream, however many streams stall (docs/protocol.md, "Flow control").
     receive_budget: int = 16 * 1024 * 1024
     max_frame_size: int = 16384
     gzip: bool = False
@@ -82,10 +86,13 @@ class TunnelConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
         if not isinstance(self.keepalive_max_missed, int) or self.keepalive_max_missed < 1:
             raise ConfigError(f"keepalive_max_missed must be an int >= 1, not {self.keepalive_max_missed!r}")
-        for name in ("initial_stream_window", "max_stream_window", "initial_tunnel_window", "receive_budget"):
+        windows = ("min_stream_window", "initial_stream_window", "max_stream_window", "initial_tunnel_window")
+        for name in (*windows, "receive_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1024 <= value <= MAX_WINDOW:
                 raise ConfigError(f"{name} must be an int in [1024, {MAX_WINDOW}], not {value!r}")
+        if self.min_stream_window > self.initial_stream_window:  # a smaller first window is the floor itself
+            object.__setattr__(self, "min_stream_window", self.initial_stream_window)
         if self.max_stream_window < self.initial_stream_window:  # a larger first window is never shrunk
             object.__setattr__(self, "max_stream_window", self.initial_stream_window)
         if not isinstance(self.max_frame_size, int) or not (
@@ -160,7 +167,7 @@ def local_settings(config: TunnelConfig) -> list[tuple[int, int]]:
         (SettingId.MAGIC, VTUNNEL_MAGIC),
         (SettingId.VERSION, PROTOCOL_VERSION),
         (SettingId.EXTENSIONS, offered_bits(config)),
-        (SettingId.INITIAL_STREAM_WINDOW, config.initial_stream_window),
+        (SettingId.INITIAL_STREAM_WINDOW, config.min_stream_window),
         (SettingId.INITIAL_TUNNEL_WINDOW, config.initial_tunnel_window),
         (SettingId.MAX_FRAME_SIZE, config.max_frame_size),
     ]

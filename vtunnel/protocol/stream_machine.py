@@ -146,13 +146,13 @@ class Stream:
         "metadata",
         "pending",
         "pending_len",
+        "recv_granted",
         "recv_remaining",
         "recv_unacked",
         "recv_unannounced",
         "recv_window",
         "send_window",
         "state",
-        "tunnel_owed",
     )
 
     def __init__(self, stream_id: int, *, send_window: int, recv_window: int) -> None:
@@ -162,11 +162,10 @@ class Stream:
         self.datagram = False  # a ``udp`` stream: one DATA frame per datagram
         self.accepted = False  # client: SYN-ACK received; server: SYN-ACK sent
         self.send_window = send_window  # credit the peer gave us
-        self.recv_window = (
-            recv_window  # the window we grant now: grows while the stream is read, within budget
-        )
+        # the window we grant now: the floor, plus a first grant, plus growth while the stream is read
+        self.recv_window = recv_window
+        self.recv_granted = 0  # the first grant (within half the receive budget)
         self.recv_remaining = recv_window  # credit we gave the peer and it has not used
-        self.tunnel_owed = 0  # delivered bytes whose tunnel credit waits for the application (over budget)
         self.recv_unacked = 0  # delivered to the application, not yet acknowledged
         self.recv_unannounced = 0  # acknowledged, not yet returned with WINDOW_UPDATE
         self.pending: list[bytes | memoryview] = []  # outgoing frames held until the SYN-ACK (no 0-RTT)

@@ -129,9 +129,9 @@ class Tunnel:
         self._tunnel_recv_remaining = config.initial_tunnel_window
         self._tunnel_recv_unannounced = 0
         self._buffered = 0  # delivered, not yet acknowledged, over all streams
-        self._owed = 0  # of which the tunnel credit is held back (the stream's tunnel_owed), over all streams
-        self._owing: dict[int, Stream] = {}  # the streams with tunnel_owed > 0
-        self._grown = 0  # stream windows' growth past initial_stream_window, over all streams
+        # what the stream windows hold beyond min_stream_window, over all streams, in two halves of receive_budget
+        self._granted = 0  # first windows (initial_stream_window) of new streams
+        self._grown = 0  # growth of windows that are being read (up to max_stream_window)
         self._next_stream_id = 1
         self._highest_peer_stream = 0
         self._now = 0.0
@@ -283,6 +283,7 @@ class Tunnel:
         if metadata is not None and self._headers is not None:
             block = self._headers.encode_metadata(metadata)
         self._out.append(fr.encode_headers(sid, block))
+        self._grant(stream)
         return sid
 
     def accept_stream(self, stream_id: int) -> None:
@@ -300,11 +301,6 @@ class Tunnel:
     def received_unread(self) -> int:
         """Bytes delivered on all streams that the application has not acknowledged yet."""
         return self._buffered
-
-    @property
-    def tunnel_credit_held(self) -> int:
-        """Of :attr:`received_unread`, the bytes whose tunnel credit is held back (over ``receive_budget``)."""
-        return self._owed
 
     def unacknowledged(self, stream_id: int) -> int:
         """Bytes delivered on ``stream_id`` that the application has not acknowledged yet (0 if it is gone)."""
@@ -394,14 +390,8 @@ class Tunnel:
         del self._streams[stream_id]
         self._buffered -= stream.recv_unacked
         stream.recv_unacked = 0
-        self._grown -= stream.recv_window - self.config.initial_stream_window
-        if stream.tunnel_owed:
-            self._owed -= stream.tunnel_owed
-            del self._owing[stream_id]
-            if self._ext.flow_control:
-                self._credit_tunnel(stream.tunnel_owed)
-            stream.tunnel_owed = 0
-        self._release_owed()
+        self._granted -= stream.recv_granted
+        self._grown -= stream.recv_window - self.config.min_stream_window - stream.recv_granted
         self._check_drain_later()
 
     def acknowledge_received_data(self, stream_id: int, n: int) -> None:
@@ -425,23 +415,15 @@ class Tunnel:
             if stream.recv_unannounced >= window // 2:
                 increment = stream.recv_unannounced
                 stream.recv_unannounced = 0
-                # read as fast as it arrives: the window doubles, within the tunnel's receive budget
-                growth = min(window, self.config.max_stream_window - window)
-                if growth > 0 and self._grown + growth <= self.config.receive_budget:
+                # being read: the window doubles, as far as the growth half of the receive budget has room
+                room = self.config.receive_budget - self.config.receive_budget // 2 - self._grown
+                growth = min(window, self.config.max_stream_window - window, room)
+                if growth > 0:
                     stream.recv_window = window + growth
                     self._grown += growth
                     increment += growth
                 stream.recv_remaining += increment
                 self._out.append(fr.encode_window_update(stream_id, increment))
-        owed = stream.tunnel_owed
-        if owed:
-            paid = min(owed, n)
-            stream.tunnel_owed = owed - paid
-            self._owed -= paid
-            if not stream.tunnel_owed:
-                del self._owing[stream_id]
-            self._credit_tunnel(paid)
-        self._release_owed()
 
     def shutdown(self, reason: str, *, graceful: bool = True) -> None:
         """GOAWAY. Graceful: no new streams, open ones finish (at most ``drain_timeout``), then close."""
@@ -536,14 +518,15 @@ class Tunnel:
                 self._fail(f"gzip: {exc.reason}", ErrorCode.COMPRESSION_ERROR)
         size = len(data)
         flow = self._ext.flow_control
-        if flow:
+        if flow and size:
             if size > self._tunnel_recv_remaining:
                 self._fail("flow control: tunnel window exceeded", ErrorCode.FLOW_CONTROL_ERROR)
+            # tunnel credit returns on arrival: the stream windows alone bound what piles up, so streams whose
+            # reader stalled never take the tunnel window from the others
             self._tunnel_recv_remaining -= size
+            self._credit_tunnel(size)
         stream = self._streams.get(sid)
         if stream is None:
-            if flow and size:
-                self._credit_tunnel(size)
             return
         end = flags & _END_STREAM
         if size or not end:
@@ -557,29 +540,14 @@ class Tunnel:
             else:
                 effect = self._remote(stream, StreamInput.RECV_DATA)
             if effect is not StreamEffect.PERFORM:
-                if flow and size:
-                    self._credit_tunnel(size)
                 return
             if size or stream.datagram:
                 if flow:
                     if size > stream.recv_remaining:
-                        self._credit_tunnel(size)
                         self._stream_error(stream, "flow-control", ErrorCode.FLOW_CONTROL_ERROR)
                         return
                     stream.recv_remaining -= size
-                    self._buffered += size
-                    # within the budget the tunnel credit returns at once: the stream window alone holds the
-                    # bytes back, so a stream whose reader stalled never takes the tunnel window from the others
-                    if self._buffered - self._owed <= self.config.receive_budget:
-                        self._credit_tunnel(size)
-                    else:
-                        if not stream.tunnel_owed:
-                            self._owing[sid] = stream
-                        stream.tunnel_owed += size
-                        self._owed += size
-                        self._credit_tunnel(0)  # what was credited earlier may be all the peer has left
-                else:
-                    self._buffered += size
+                self._buffered += size
                 stream.recv_unacked += size
                 if stream.datagram:
                     self._emit(DataReceived(stream_id=sid, data=bytes(data)))
@@ -636,6 +604,7 @@ class Tunnel:
         stream.datagram = metadata is not None and metadata.kind == "udp"
         self._apply(stream, StreamInput.RECV_SYN)
         self._emit(StreamOpened(stream_id=sid, metadata=metadata))
+        self._grant(stream)
 
     def _on_syn_ack(self, sid: int) -> None:
         stream = self._streams.get(sid)
@@ -869,7 +838,7 @@ class Tunnel:
         return stream_id <= self._highest_peer_stream
 
     def _new_stream(self, sid: int) -> Stream:
-        window = self.config.initial_stream_window
+        window = self.config.min_stream_window  # what the peer knows from our SETTINGS (or nothing counts)
         stream = Stream(sid, send_window=self._peer_stream_window, recv_window=window)
         self._streams[sid] = stream
         return stream
@@ -934,36 +903,31 @@ class Tunnel:
             append(fr.frame_header(fr.FrameType.DATA, flags, sid, len(chunk)))
             append(chunk)
 
-    def _release_owed(self) -> None:
-        """Reading made room in the receive budget: return tunnel credit that was held back, oldest first."""
-        if not self._owed:
+    def _grant(self, stream: Stream) -> None:
+        """A new stream's window beyond the floor, queued right after its SYN (ours or the peer's): as much of
+        ``initial_stream_window`` as the first half of the receive budget has room for."""
+        if not self._ext.flow_control:
             return
-        room = self.config.receive_budget - (self._buffered - self._owed)
-        while room > 0 and self._owing:
-            sid, stream = next(iter(self._owing.items()))
-            paid = min(room, stream.tunnel_owed)
-            stream.tunnel_owed -= paid
-            self._owed -= paid
-            room -= paid
-            if not stream.tunnel_owed:
-                del self._owing[sid]
-            if self._ext.flow_control:
-                self._credit_tunnel(paid)
+        config = self.config
+        grant = min(
+            config.initial_stream_window - config.min_stream_window,
+            config.receive_budget // 2 - self._granted,
+        )
+        if grant > 0:
+            stream.recv_window += grant
+            stream.recv_remaining += grant
+            stream.recv_granted = grant
+            self._granted += grant
+            self._out.append(fr.encode_window_update(stream.id, grant))
 
     def _credit_tunnel(self, n: int) -> None:
+        """Return ``n`` bytes of tunnel credit (one WINDOW_UPDATE once half the tunnel window is due)."""
         self._tunnel_recv_unannounced += n
-        unannounced = self._tunnel_recv_unannounced
-        # at half the window, or sooner when the peer has less left than we hold (credit held back for stalled
-        # streams can leave it short of half a window for good)
-        if unannounced and (
-            unannounced >= self.config.initial_tunnel_window // 2
-            or unannounced >= self._tunnel_recv_remaining
-        ):
+        if self._tunnel_recv_unannounced >= self.config.initial_tunnel_window // 2:
             increment = self._tunnel_recv_unannounced
             self._tunnel_recv_unannounced = 0
             self._tunnel_recv_remaining += increment
-            if self._state is not TunnelState.CLOSED:
-                self._out.append(fr.encode_window_update(0, increment))
+            self._out.append(fr.encode_window_update(0, increment))
 
     def _rst_frame(self, sid: int, error: str | None) -> bytes:
         block = b""
