@@ -280,7 +280,7 @@ TARGETS: tuple[Target, ...] = (
         systems="vtunnel-",
     ),
     Target(
-        name="server RSS growth while 32 streams stall <= 32 MiB (receive budget + tunnel window)",
+        name="server RSS growth while 32 streams stall <= 32 MiB (receive bound 16.5 MiB, and the process)",
         scenario="stalled",
         metric="server_rss_growth_bytes",
         reference=None,
