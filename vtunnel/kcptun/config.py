@@ -1,0 +1,128 @@
+"""kcptun's options, by kcptun's own names and with its defaults, and what they mean for each layer.
+
+The options that must agree on both ends are the wire ones: ``key``, ``crypt``, ``datashard``/``parityshard``,
+``nocomp`` and ``smuxver`` (``mtu`` should). The rest (``mode``, windows, buffers, keepalive) are local tuning.
+kcptun's client and server differ only in their window defaults (client 128/512, server 1024/1024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Final, Self
+
+from vtunnel.arq.kcp_options import PRESETS, KCPOptions
+from vtunnel.kcptun.crypt import CIPHERS, HEADER_SIZE, MTU_LIMIT, Entropy, PacketCrypt, make_block_crypt
+from vtunnel.kcptun.errors import ConfigError
+from vtunnel.kcptun.fec import FEC_OVERHEAD
+from vtunnel.kcptun.smux import SmuxConfig
+
+__all__ = ["DEFAULT_KEY", "MODES", "KcptunConfig"]
+
+#: kcptun's built-in ``--key`` (spelled as kcptun spells it)
+DEFAULT_KEY: Final = "it's a secrect"
+#: ``--mode`` values; ``manual`` takes ``nodelay``, ``interval``, ``resend`` and ``nc`` as given
+MODES: Final = ("normal", "fast", "fast2", "fast3", "manual")
+#: the smallest keepalive timeout smux is given (its default); a longer interval stretches it
+_KEEPALIVE_TIMEOUT: Final = 30.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KcptunConfig:
+    """One end's kcptun options (defaults: ``kcptun-server``'s; :meth:`client` gives ``kcptun-client``'s)."""
+
+    key: str = DEFAULT_KEY
+    crypt: str = "aes"
+    mode: str = "fast"
+    mtu: int = 1350
+    sndwnd: int = 1024
+    rcvwnd: int = 1024
+    datashard: int = 10
+    parityshard: int = 3
+    nocomp: bool = False
+    smuxver: int = 1
+    #: bytes one stream may buffer (smux v2 announces it as the stream's window)
+    streambuf: int = 2097152
+    #: seconds between smux keepalives
+    keepalive: int = 10
+    #: ``mode manual`` only (kcptun's hidden defaults)
+    nodelay: int = 0
+    interval: int = 50
+    resend: int = 0
+    nc: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crypt not in CIPHERS:
+            raise ConfigError(f"crypt {self.crypt!r} is not supported (supported: {', '.join(CIPHERS)})")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.smuxver not in (1, 2):
+            raise ConfigError(f"smuxver {self.smuxver} is not 1 or 2")
+        if not 0 <= self.datashard <= 255 or not 0 <= self.parityshard <= 255:
+            raise ConfigError("datashard and parityshard must be within 0..255")
+        if self.fec and self.datashard + self.parityshard > 256:
+            raise ConfigError("datashard + parityshard must not pass 256")
+        if self.engine_mtu < 50 or self.mtu > MTU_LIMIT:
+            raise ConfigError(f"mtu {self.mtu} out of range (at most {MTU_LIMIT})")
+        if self.sndwnd < 1 or self.rcvwnd < 1:
+            raise ConfigError("sndwnd and rcvwnd must be positive")
+        if self.keepalive < 1 or self.streambuf < 1:
+            raise ConfigError("keepalive and streambuf must be positive")
+
+    @classmethod
+    def client(cls, **options: object) -> Self:
+        """``kcptun-client``'s defaults, with ``options`` over them."""
+        merged: dict[str, object] = {"sndwnd": 128, "rcvwnd": 512}
+        merged.update(options)
+        return cls(**merged)  # type: ignore[arg-type]
+
+    def with_options(self, **options: object) -> Self:
+        return replace(self, **options)  # type: ignore[arg-type]
+
+    @property
+    def fec(self) -> bool:
+        """kcp-go uses FEC only when both shard counts are positive."""
+        return self.datashard > 0 and self.parityshard > 0
+
+    @property
+    def overhead(self) -> int:
+        """What kcp-go puts in front of each KCP datagram: the crypt header, and FEC's when on."""
+        return HEADER_SIZE + (FEC_OVERHEAD if self.fec else 0)
+
+    @property
+    def engine_mtu(self) -> int:
+        """The MTU the KCP engine fills, so that whole datagrams stay within ``mtu`` (as kcp-go reserves)."""
+        return self.mtu - self.overhead
+
+    def kcp_options(self) -> KCPOptions:
+        """The KCP engine's settings: kcptun's mode preset and windows, ikcp's own sending (no pacing)."""
+        if self.mode == "manual":
+            nodelay, interval, resend, nc = self.nodelay, self.interval, self.resend, self.nc
+        else:
+            preset = PRESETS[self.mode]
+            nodelay, interval, resend, nc = preset.nodelay, preset.interval, preset.resend, preset.nc
+        return KCPOptions(
+            mode=self.mode,
+            nodelay=nodelay,
+            interval=interval,
+            resend=resend,
+            nc=nc,
+            sndwnd=self.sndwnd,
+            rcvwnd=self.rcvwnd,
+            mtu=self.engine_mtu,
+            pacing=False,
+            ackrepeat=False,
+        )
+
+    def smux_config(self) -> SmuxConfig:
+        interval = float(self.keepalive)
+        return SmuxConfig(
+            version=self.smuxver,
+            keepalive_interval=interval,
+            keepalive_timeout=max(_KEEPALIVE_TIMEOUT, interval),
+            max_stream_buffer=min(self.streambuf, 0x7FFFFFFF),
+        )
+
+    def packet_crypt(self, entropy: Entropy | None = None) -> PacketCrypt:
+        """The crypt layer (derives the key: PBKDF2, a few milliseconds; share it between sessions)."""
+        block = make_block_crypt(self.crypt, self.key)
+        return PacketCrypt(block) if entropy is None else PacketCrypt(block, entropy=entropy)
