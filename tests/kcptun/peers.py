@@ -149,19 +149,22 @@ class Driver:
         peer: tuple[str, int],
         *,
         drop: Callable[[bytes], bool] | None = None,
+        drop_out: Callable[[bytes], bool] | None = None,
         parity: ParityCheck | None = None,
     ) -> None:
         self.sock = sock
         self.session = session
         self.peer = peer
         self.drop = drop
+        self.drop_out = drop_out
         self.parity = parity
         self.crypt = session.config.packet_crypt()
         self.received = 0
 
     def flush(self) -> None:
         for datagram in self.session.datagrams_to_send(time.monotonic()):
-            self.sock.sendto(datagram, self.peer)
+            if self.drop_out is None or not self.drop_out(datagram):
+                self.sock.sendto(datagram, self.peer)
 
     def pump(self, timeout: float = 0.01) -> list[Event]:
         """Send what is due, wait for datagrams (at most ``timeout``), feed them, run the timers."""

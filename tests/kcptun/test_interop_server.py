@@ -108,6 +108,12 @@ def test_echo_through_kcptun_server(
     echo_through_kcptun_server(config, 2 * 1024 * 1024, tmp_path, lossy=ds > 0)
 
 
+@pytest.mark.parametrize("crypt", ["aes-128", "aes-192", "xor"])
+def test_other_ciphers_through_kcptun_server(crypt: str, tmp_path: Path) -> None:
+    config = KcptunConfig.client(key=KEY, crypt=crypt, mode="fast3")
+    echo_through_kcptun_server(config, 1024 * 1024, tmp_path, lossy=True)
+
+
 @pytest.mark.parametrize("mode", ["fast", "fast2", "normal"])
 def test_kcptun_defaults_8_mib(mode: str, tmp_path: Path) -> None:
     """kcptun's own defaults (aes, 10/3, snappy, smux v1) in its other modes, 8 MiB."""
