@@ -25,7 +25,14 @@ from vtunnel.arq.kcp_wire import HEADER_LEN, valid_datagram
 from vtunnel.kcptun.config import KcptunConfig
 from vtunnel.kcptun.crypt import Entropy, PacketCrypt
 from vtunnel.kcptun.errors import CompressionError, CryptError, FECError
-from vtunnel.kcptun.fec import FEC_OVERHEAD, FECDecoder, FECEncoder, is_fec_packet, parse_fec_packet
+from vtunnel.kcptun.fec import (
+    FEC_OVERHEAD,
+    TYPE_DATA,
+    FECDecoder,
+    FECEncoder,
+    is_fec_packet,
+    parse_fec_packet,
+)
 from vtunnel.kcptun.smux import Event, SessionClosed, SmuxSession
 from vtunnel.kcptun.snappy import SnappyReader, SnappyWriter
 
@@ -43,7 +50,7 @@ def first_conv(crypt: PacketCrypt, datagram: bytes | memoryview) -> tuple[int, i
     except CryptError:
         return None
     if is_fec_packet(payload):
-        if payload[4] != 0xF1 or len(payload) < FEC_OVERHEAD + HEADER_LEN:
+        if payload[4] != TYPE_DATA or len(payload) < FEC_OVERHEAD + HEADER_LEN:
             return None
         payload = payload[FEC_OVERHEAD:]
     elif len(payload) < HEADER_LEN:
@@ -123,6 +130,9 @@ class KcptunSession:
 
     def acknowledge(self, stream_id: int, count: int) -> None:
         self._smux.acknowledge(stream_id, count)
+
+    def send_window(self, stream_id: int) -> int:
+        return self._smux.send_window(stream_id)
 
     def writable(self) -> bool:
         """Whether KCP's send queue has room: a writer should wait (for ACKs) while it has none."""
