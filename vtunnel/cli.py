@@ -287,7 +287,10 @@ def server(
             target=target or sec.get("target"),
             policy=policy,
             websocks_users=users,
-            tunnel=tunnel_config(cfg.get("tunnel", {})),
+            # vproxy gzips text-like DATA over 1 KiB, and inflates what it is sent
+            tunnel=dataclasses.replace(tunnel_config(cfg.get("tunnel", {})), gzip=True)
+            if peer_vproxy
+            else tunnel_config(cfg.get("tunnel", {})),
             connect_timeout=float(sec.get("connect_timeout", 10.0)),
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             idle_timeout=sec.get("idle_timeout"),
@@ -385,7 +388,8 @@ def agent(
                 security = _keyless_security(psk_file, sec, "a vproxy peer")
                 log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
                 server_endpoint = _vproxy_endpoint(server_endpoint, client=True)
-                tunnel = dataclasses.replace(tunnel, extensions=False)
+                # vproxy gzips text-like DATA over 1 KiB, and inflates what it is sent
+                tunnel = dataclasses.replace(tunnel, extensions=False, gzip=True)
             logins = resolve_websocks_users(
                 specs=websocks_user,
                 user_file=websocks_user_file,

@@ -16,6 +16,7 @@ One thread per tunnel or connection, and per dialed connection in a tunnel; boun
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import select
 import socket
@@ -30,6 +31,7 @@ EMPTY_SETTINGS = bytes.fromhex("000000040000000000")
 FRAME_HEADER = bytes.fromhex("827f7fffffffffffffff")
 DATA, HEADERS, SETTINGS, PING, GOAWAY = 0, 1, 4, 6, 7
 END_STREAM = ACK = 1
+GZIP = 0x4  # vproxy's own DATA flag: the payload is a gzip member
 
 Send = Callable[[bytes], None]
 
@@ -142,6 +144,8 @@ class _Counters:
         #: what went wrong (a test asserts it stays empty)
         self.faults: list[str] = []
         self.refused_logins = 0
+        #: DATA frames that came gzipped (vproxy's flag 0x4), inflated before use
+        self.gzipped_frames = 0
 
 
 class _Listening(_Counters):
@@ -238,6 +242,9 @@ class FakeVproxyServer(_Listening):
             s = streams.get(sid)
             if s is None:
                 return
+            if flags & GZIP and payload:
+                payload = gzip.decompress(payload)
+                self.gzipped_frames += 1
             if payload:
                 dialed = s.remote is not None
                 s.feed(payload)

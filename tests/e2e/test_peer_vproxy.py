@@ -162,3 +162,31 @@ def test_a_vtunnel_agent_uses_a_vproxy_server_written_from_the_wire_facts(
         assert curl("-p", "-x", f"http://127.0.0.1:{http}", url).stdout == "the real site"
         assert vproxy.faults == []
         assert vproxy.refused_logins == 0
+
+
+def test_text_goes_to_a_vproxy_server_gzipped_as_vproxy_sends_it(procs: Processes, tmp_path: Path) -> None:
+    """vproxy gzips DATA over 1 KiB when that makes it smaller, and inflates what it is sent: in vproxy mode the
+    agent does the same for text-like payloads, and the server gets every byte."""
+    from tests.e2e.fake_vproxy import fake_vproxy_server
+    from tests.netutil import echo_server
+
+    text = b"".join(
+        b"line %d of a plain text upload, the kind that compresses well\n" % i for i in range(3000)
+    )
+    with echo_server() as echo, fake_vproxy_server({"alice": "correct horse"}) as vproxy:
+        forward = free_port()
+        procs.start(
+            "agent",
+            "--server",
+            f"tcp://127.0.0.1:{vproxy.port}",
+            "--peer",
+            "vproxy",
+            "--websocks-user-file",
+            str(private_file(tmp_path / "login", "alice:correct horse\n")),
+            "--forward",
+            f"127.0.0.1:{forward}=127.0.0.1:{echo}",
+        )
+        wait_port(forward)
+        assert echo_roundtrip(forward, text, timeout=20) == text
+        assert vproxy.gzipped_frames > 0
+        assert vproxy.faults == []

@@ -66,6 +66,20 @@ __all__ = ["Role", "Tunnel"]
 
 EMPTY_SETTINGS = fr.encode_settings(())
 GZIP_THRESHOLD = 1024
+#: how much of a DATA payload :func:`_looks_like_text` reads
+TEXT_SAMPLE = 512
+#: the bytes text is made of: printable ASCII, tab, CR, LF (UTF-8 text beyond ASCII counts as not text: it
+#: compresses less, and the check only has to keep gzip off what cannot shrink: TLS records, media, archives)
+_TEXT_BYTES = bytes(range(32, 127)) + b"\t\r\n"
+
+
+def _looks_like_text(data: bytes | memoryview) -> bool:
+    """Whether ``data`` starts like text (at least 90% text bytes in its first :data:`TEXT_SAMPLE`): only then is
+    gzip tried. Encrypted or already compressed payloads never shrink, and compressing them costs a deflate each."""
+    sample = bytes(data[:TEXT_SAMPLE])
+    return len(sample.translate(None, _TEXT_BYTES)) * 10 <= len(sample)
+
+
 VPROXY_INFLATE_LIMIT = 1 << 20
 MAX_STREAM_ID = (1 << 31) - 1
 _SENDING_STATES = frozenset({StreamState.SYN_SENT, StreamState.ESTABLISHED, StreamState.FIN_RECV})
@@ -122,6 +136,7 @@ class Tunnel:
         self._run: list[bytes | memoryview] = []
         self._run_sid = 0
         self._ext = Extensions()
+        self._gzip_out = False  # DATA may go out gzipped (negotiated, or configured for a vproxy peer)
         self._send_frame_size = config.max_frame_size
         self._inflate_limit = max(config.max_frame_size, VPROXY_INFLATE_LIMIT)
         self._peer_stream_window = fr.MAX_WINDOW
@@ -494,6 +509,8 @@ class Tunnel:
 
     def _complete_handshake(self, peer: PeerSettings | None) -> None:
         self._ext = ext = negotiate(self.config, peer)
+        # a vproxy peer (empty SETTINGS) inflates the GZIP flag unasked, and vproxy itself sends it
+        self._gzip_out = ext.gzip or (peer is None and self.config.gzip)
         self._handshake_deadline = None
         self._keepalive.received(self._now)
         if peer is not None:
@@ -866,7 +883,7 @@ class Tunnel:
         append = out.append
         if held:
             stream.pending_len += size
-        if self._ext.gzip:
+        if self._gzip_out:
             self._queue_gzip(append, sid, data, size)
             return
         pack = _PACK_HEADER
@@ -895,7 +912,7 @@ class Tunnel:
         for offset in range(0, size, step):
             chunk: bytes | memoryview = view[offset : offset + step]
             flags = 0
-            if len(chunk) > GZIP_THRESHOLD:
+            if len(chunk) > GZIP_THRESHOLD and _looks_like_text(chunk):
                 packed = fr.gzip_compress(chunk)
                 if len(packed) < len(chunk):
                     chunk = packed
