@@ -483,3 +483,56 @@ async def test_hand_off_passes_unread_bytes_and_eof_and_leaves_the_socket_open(u
         transport.write(b"answer")
         transport.write_eof()
         assert await peer_read(peer) == b"answer"
+
+
+async def test_a_socket_closed_behind_its_transport_fails_it_cleanly(use_epoll: bool) -> None:
+    """The kernel drops a closed descriptor's registration by itself: the watcher's next change for it must not
+    raise into the loop (modify: ENOENT, register: EBADF), and the transport's next write ends it with the error."""
+    proto = Recorder()
+    async with attached(use_epoll, proto) as (_peer, transport, _watcher):
+        sock = transport.get_extra_info("socket")
+        sock.close()  # behind the transport's back
+        transport.pause_reading()
+        transport.resume_reading()
+        transport.write(b"x")
+        async with asyncio.timeout(10):
+            await proto.lost.wait()
+        assert isinstance(proto.lost_with, OSError)
+
+
+async def test_a_registration_nobody_can_name_is_dropped_with_a_new_set() -> None:
+    """A watched socket closed behind its transport while a duplicate descriptor keeps it open stays in the epoll
+    set under a number that is closed: it cannot be unregistered, and level-triggered it would wake the loop on
+    every pass. The watcher replaces the set; the loop goes quiet and the other sockets keep working."""
+    loop = asyncio.get_running_loop()
+    watcher = SocketWatcher(loop, use_epoll=True)
+    pairs = [socket.socketpair() for _ in range(2)]
+    for a, _b in pairs:
+        a.setblocking(False)
+    live = Recorder(echo=True)
+    attach_socket(pairs[0][0], live, watcher)
+    doomed = Recorder()
+    doomed_transport = attach_socket(pairs[1][0], doomed, watcher)
+    duplicate = os.dup(pairs[1][0].fileno())
+    try:
+        doomed_transport.get_extra_info(
+            "socket"
+        ).close()  # the duplicate keeps the socket, and its epoll entry
+        pairs[1][1].send(b"wake up")
+        async with asyncio.timeout(10):
+            while watcher.rebuilds == 0:
+                await asyncio.sleep(0.01)
+        assert watcher._epoll is not None
+        await asyncio.sleep(0.05)
+        assert watcher._epoll.poll(0) == []  # nothing left that is reported for ever
+        pairs[0][1].send(b"still served")
+        async with asyncio.timeout(10):
+            await live.wait_for(len(b"still served"))
+        assert bytes(live.data) == b"still served"
+    finally:
+        os.close(duplicate)
+        for a, b in pairs:
+            a.close()
+            b.close()
+        await asyncio.sleep(0)
+        watcher.close()

@@ -14,6 +14,13 @@ the protocol's ``pause_writing`` above the high-water mark and ``resume_writing`
 ``write_eof`` and ``close`` wait for the buffer to drain; ``abort`` does not.  TCP_NODELAY is set on TCP sockets,
 as asyncio does.
 
+Epoll's hazards (trio's ``_io_epoll.py`` lists them) are guarded where they can be: a registration is changed with
+what the set really holds in mind (modify falls back to register on ENOENT and the other way on EEXIST; a number no
+longer open is left for the transport's next read or write to fail on); an event for a descriptor no transport owns
+is unregistered, and when that number is closed but a duplicate descriptor keeps the socket in the set (it can then
+never be named again, and level-triggered it would be reported on every pass) the set is replaced by a new one
+holding the live transports. The rule that keeps all of this rare: a watched socket is closed by its transport only.
+
 :func:`open_relay_listener` is the accepting half: it binds like ``loop.create_server`` and hands each accepted
 socket, with a protocol from the factory, to the watcher: no task and no loop transport per connection.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import select
 import socket
 import weakref
@@ -72,7 +80,7 @@ _HAS_EPOLL: Final = hasattr(select, "epoll")
 class SocketWatcher:
     """Readiness for many sockets with one descriptor in the event loop (epoll), or per socket (fallback)."""
 
-    __slots__ = ("__weakref__", "_epoll", "_loop", "_read_view", "_transports", "uses_epoll")
+    __slots__ = ("__weakref__", "_epoll", "_loop", "_read_view", "_transports", "rebuilds", "uses_epoll")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, use_epoll: bool = _HAS_EPOLL) -> None:
         self._loop = loop
@@ -82,6 +90,8 @@ class SocketWatcher:
         self._epoll: Any = None
         #: one epoll set for every socket (else the loop's own readers and writers, one per socket)
         self.uses_epoll = use_epoll
+        #: times the set was replaced because a registration could not be removed (see ``_rebuild``)
+        self.rebuilds = 0
         if use_epoll:
             self._epoll = select.epoll()
             loop.add_reader(self._epoll.fileno(), self._ready)
@@ -111,11 +121,9 @@ class SocketWatcher:
         elif not new:
             # unregistered, not left with an empty mask: epoll reports a hang-up whatever the mask, and a
             # paused socket whose peer hung up would wake the loop for ever
-            epoll.unregister(fd)
-        elif not old:
-            epoll.register(fd, _epoll_mask(new))
+            _unregister(epoll, fd)
         else:
-            epoll.modify(fd, _epoll_mask(new))
+            _register(epoll, fd, _epoll_mask(new), known=bool(old))
 
     def _remove(self, fd: int, transport: SocketTransport, old: int) -> None:
         if self._transports.get(fd) is transport:
@@ -124,16 +132,42 @@ class SocketWatcher:
             self._set(fd, transport, old, 0)
 
     def _fallback_set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
-        if (new ^ old) & _IN:
-            if new & _IN:
-                self._loop.add_reader(fd, transport._read_ready)
-            else:
-                self._loop.remove_reader(fd)
-        if (new ^ old) & _OUT:
-            if new & _OUT:
-                self._loop.add_writer(fd, transport._write_ready)
-            else:
-                self._loop.remove_writer(fd)
+        """The loop's own readers and writers. A descriptor closed behind its transport is refused by the loop
+        (EBADF, or not registered any more): left alone, its transport's next read or write fails and closes it."""
+        loop = self._loop
+        try:
+            if (new ^ old) & _IN:
+                if new & _IN:
+                    loop.add_reader(fd, transport._read_ready)
+                else:
+                    loop.remove_reader(fd)
+            if (new ^ old) & _OUT:
+                if new & _OUT:
+                    loop.add_writer(fd, transport._write_ready)
+                else:
+                    loop.remove_writer(fd)
+        except (KeyError, ValueError):
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+
+    def _rebuild(self) -> None:
+        """Replace the epoll set with a new one holding only the live transports (closing the old set drops
+        every registration in it, those that can no longer be named too)."""
+        old = self._epoll
+        if old is None:
+            return
+        log.warning("a watched socket was closed behind its transport: rebuilding the epoll set")
+        new = select.epoll()
+        for fd, transport in self._transports.items():
+            if transport._mask:
+                _register(new, fd, _epoll_mask(transport._mask), known=False)
+        self._loop.remove_reader(old.fileno())
+        old.close()
+        self._epoll = new
+        self._loop.add_reader(new.fileno(), self._ready)
+        self.rebuilds += 1
 
     # ------------------------------------------------------------------ dispatch
     def _ready(self) -> None:
@@ -148,6 +182,11 @@ class SocketWatcher:
         for fd, events in ready:
             transport = transports.get(fd)
             if transport is None:
+                # a registration nobody owns (a socket closed behind its transport's back while another
+                # descriptor kept it open): level-triggered, it would be reported on every pass
+                if not _unregister(epoll, fd):
+                    self._rebuild()  # its number is closed, so only a new set can drop it
+                    return
                 continue
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and transport._mask & _IN:
                 transport._read_ready()
@@ -155,6 +194,44 @@ class SocketWatcher:
                     continue  # it closed while reading
             if events & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) and transport._mask & _OUT:
                 transport._write_ready()
+
+
+def _register(epoll: Any, fd: int, mask: int, *, known: bool) -> None:
+    """Watch ``fd`` for ``mask``, registering or modifying as the set really has it.
+
+    The set and our bookkeeping can disagree when a descriptor was closed behind its transport's back (the kernel
+    drops a closed descriptor's registration by itself) or its number was reused: modify then fails with ENOENT
+    and register with EEXIST; each falls back to the other. A descriptor that is no longer open (EBADF) is left
+    alone: its transport's next read or write fails and closes it.
+    """
+    try:
+        if known:
+            epoll.modify(fd, mask)
+        else:
+            epoll.register(fd, mask)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            epoll.register(fd, mask)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            epoll.modify(fd, mask)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+
+
+def _unregister(epoll: Any, fd: int) -> bool:
+    """Stop watching ``fd``; ``False`` when the number is no longer open (EBADF), so the registration, if another
+    descriptor keeps the socket open, cannot be named any more (already gone from the set counts as done)."""
+    try:
+        epoll.unregister(fd)
+    except (FileNotFoundError, ValueError):
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+        return False
+    return True
 
 
 def _epoll_mask(mask: int) -> int:
@@ -436,7 +513,7 @@ def attach_socket(
     sock: socket.socket, protocol: asyncio.Protocol, watcher: SocketWatcher | None = None
 ) -> SocketTransport:
     """Drive ``protocol`` from the connected socket ``sock`` (made non-blocking); ``connection_made`` is called now."""
-    watcher = watcher or watcher_for()
+    watcher = watcher if watcher is not None else watcher_for()  # an empty watcher is falsy (len 0)
     sock.setblocking(False)
     tune_tcp(sock, buffers=False)
     transport = SocketTransport(sock, protocol, watcher)
