@@ -389,13 +389,11 @@ async def test_the_process_cipher_setting_reaches_tcp(monkeypatch: pytest.Monkey
         ("chacha20-poly1305", Cipher.CHACHA20_POLY1305),
     ):
         monkeypatch.setenv("VTUNNEL_CIPHER", name)
-        listener = await TCPTransport().listen_streams(Endpoint.parse("tcp://127.0.0.1:0"), security=key)
+        listener = await TCPTransport().serve_streams(Endpoint.parse("tcp://127.0.0.1:0"), security=key)
         port = listener.extra(SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, echo)
-            client = await TCPTransport().connect_stream(
-                Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=key
-            )
+            client = await TCPTransport().open_stream(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=key)
             assert isinstance(client, SecureByteStream)
             assert client._core.cipher is expected
             await client.send(b"hello")

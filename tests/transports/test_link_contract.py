@@ -12,7 +12,6 @@ from anyio.abc import ByteStream, Listener
 
 from vtunnel.testing.conformance import ContractBroken, TransportConformance
 from vtunnel.transports.base import ByteStreamTransport, Endpoint, SecurityConfig, Transport
-from vtunnel.transports.tcp import TCPTransport
 
 
 class TestTCP(TransportConformance):
@@ -26,16 +25,22 @@ class TestTCPWithKey(TransportConformance):
     handshake_rate, handshake_burst = 50.0, 100
 
 
+def certificates(directory: Path) -> str:
+    """A test CA (``ca.pem``) and a server certificate for ``localhost`` (``s.pem``) in ``directory``; the
+    server's URL options."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(directory / "s.pem"))
+    return f"cert={directory / 's.pem'}&key={directory / 's.pem'}"
+
+
 class TestTLSWithKey(TransportConformance):
     scheme = "tls"
     handshake_rate, handshake_burst = 50.0, 100
 
     def listen_url(self, directory: Path) -> str:
-        trustme = pytest.importorskip("trustme")
-        ca = trustme.CA()
-        ca.cert_pem.write_to_path(str(directory / "ca.pem"))
-        ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(directory / "s.pem"))
-        return f"tls://127.0.0.1:0?cert={directory / 's.pem'}&key={directory / 's.pem'}"
+        return f"tls://127.0.0.1:0?{certificates(directory)}"
 
     def connect_url(self, port: int, directory: Path) -> str:
         return f"tls://127.0.0.1:{port}?ca={directory / 'ca.pem'}&servername=localhost"
@@ -71,6 +76,21 @@ class TestWebSocketPlugin(TransportConformance):
         return f"ws://127.0.0.1:{port}?path=/t"
 
 
+class TestSecureWebSocketPlugin(TransportConformance):
+    """wss://: the WebSocket inside TLS, the key inside that."""
+
+    scheme = "wss"
+    half_close = False
+    handshake_rate, handshake_burst = 50.0, 100
+
+    def listen_url(self, directory: Path) -> str:
+        pytest.importorskip("vtunnel_websocket")
+        return f"wss://127.0.0.1:0?path=/t&{certificates(directory)}"
+
+    def connect_url(self, port: int, directory: Path) -> str:
+        return f"wss://127.0.0.1:{port}?path=/t&host=tunnel.example&ca={directory / 'ca.pem'}&servername=localhost"
+
+
 class _FlipsOneByte(ByteStream):
     """A byte stream that corrupts the 100,000th byte it sends: what a buggy transport does."""
 
@@ -102,13 +122,11 @@ class _FlipsOneByte(ByteStream):
 class _BrokenTransport(ByteStreamTransport):
     schemes: ClassVar[tuple[str, ...]] = ("broken",)
 
-    async def connect_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
-        tcp = Endpoint(scheme="tcp", host=endpoint.host, port=endpoint.port)
-        return _FlipsOneByte(await TCPTransport().connect_stream(tcp, security=security))
+    async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
+        return _FlipsOneByte(await anyio.connect_tcp(endpoint.host, endpoint.port))
 
-    async def listen_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
-        tcp = Endpoint(scheme="tcp", host=endpoint.host, port=endpoint.port)
-        return await TCPTransport().listen_streams(tcp, security=security)
+    async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
+        return await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
 
 
 class _BrokenKit(TransportConformance):  # not collected: run by the test below

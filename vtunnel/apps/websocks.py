@@ -486,7 +486,7 @@ async def websocks_dial(server: Endpoint, authority: str, *, user: str, password
     """
     carrier = carrier_endpoint(server)
     try:
-        stream = await carrier_transport(carrier).connect_stream(carrier, security=SecurityConfig())
+        stream = await carrier_transport(carrier).open_stream(carrier, security=SecurityConfig())
     except (OSError, anyio.BrokenResourceError, TransportError) as exc:
         log.warning("websocks.server_unreachable", server=str(server), error=str(exc) or type(exc).__name__)
         raise TunnelUnavailable(f"cannot reach the WebSocks server {server}: {exc}") from None

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
+import anyio
 import structlog
-from anyio.abc import ByteStream, Listener
+from anyio.abc import ByteStream, Listener, SocketAttribute
 
 from vtunnel.transports.link import Link, StreamLink, StreamLinkListener
 
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "vtunnel.transports"
+#: key handshakes a byte-stream listener takes from one source address: per second, and in a burst
+HANDSHAKES_PER_SECOND = 50.0
+HANDSHAKE_BURST = 100
 
 log = structlog.get_logger("vtunnel.transports")
 
@@ -154,25 +158,78 @@ class Transport(abc.ABC):
 
 
 class ByteStreamTransport(Transport):
-    """A transport whose connections are anyio byte streams (TCP, TLS, WebSocket, ...).
+    """A transport whose connections are anyio byte streams (TCP, TLS, WebSocket, ...): most plugins are one.
 
-    Implement :meth:`connect_stream` and :meth:`listen_streams`; ``connect`` and ``listen`` hand the streams to
-    the tunnel as links through :class:`~vtunnel.transports.link.StreamLink`.
+    Implement :meth:`connect_stream` (open a connection and run the transport's own handshake: TLS, an HTTP
+    upgrade), :meth:`listen_streams` (a listener of raw socket connections) and, if the server side has a
+    handshake of its own, :meth:`accept_stream`. The key is never the transport's job: this base runs the PSK
+    handshake and AEAD records on top of the stream when ``security`` has a key, tunes the sockets, keeps
+    unauthenticated connections under a cap (the oldest are shed, see
+    :class:`~vtunnel.transports.secure.SecuredListener`), limits handshakes per source, and hands the result to
+    the tunnel as links (:class:`~vtunnel.transports.link.StreamLink`).
     """
 
-    @abc.abstractmethod
-    async def connect_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
-        """Open one reliable ordered byte stream to ``endpoint``."""
+    #: how long a server-side :meth:`accept_stream` may take before the connection is dropped
+    accept_timeout: ClassVar[float] = 10.0
 
     @abc.abstractmethod
-    async def listen_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
-        """Listen on ``endpoint``; the listener yields one byte stream per peer."""
+    async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
+        """Connect to ``endpoint`` and run the transport's own handshake; the stream carries the tunnel."""
+
+    @abc.abstractmethod
+    async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
+        """Listen on ``endpoint``: a listener of raw connections on sockets (anyio's TCP listener is one)."""
+
+    async def accept_stream(self, stream: ByteStream, endpoint: Endpoint) -> ByteStream | None:
+        """The server's own handshake on one raw connection (TLS, an HTTP upgrade): the stream that carries the
+        tunnel, or ``None`` to drop the connection (after answering it, e.g. HTTP 404). Runs before the key is
+        checked, under the cap of unauthenticated connections and :attr:`accept_timeout`."""
+        return stream
+
+    async def open_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+        """A connected stream, its key handshake done: what :meth:`connect` wraps in a link."""
+        from vtunnel.io.tuning import tune_stream
+        from vtunnel.transports.secure import secure_client
+
+        stream = await self.connect_stream(endpoint)
+        tune_stream(stream)
+        if security.psk is None:
+            return stream
+        try:
+            return await secure_client(stream, security.psk, cipher=security.cipher)
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+
+    async def serve_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+        """A listener of streams that passed :meth:`accept_stream` and the key: what :meth:`listen` wraps."""
+        from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+        from vtunnel.transports.secure import SecuredListener, local_name, secure_server
+
+        inner = await self.listen_streams(endpoint)
+        psk, cipher = security.psk, security.cipher
+        replay = ReplayCache()  # of this listener's key handshakes (small until a key handshake comes)
+        limiter = HandshakeLimiter(rate=HANDSHAKES_PER_SECOND, burst=HANDSHAKE_BURST)
+        accept, timeout = self.accept_stream, self.accept_timeout
+
+        async def prepare(raw: ByteStream) -> ByteStream | None:
+            with anyio.fail_after(timeout):
+                stream = await accept(raw, endpoint)
+            if stream is None or psk is None:
+                return stream
+            peer = raw.extra(SocketAttribute.remote_address, "")
+            source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            return await secure_server(
+                stream, psk, replay=replay, limiter=limiter, source=source, cipher=cipher
+            )
+
+        return SecuredListener(inner, prepare, local=local_name(inner))
 
     async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
-        return StreamLink(await self.connect_stream(endpoint, security=security))
+        return StreamLink(await self.open_stream(endpoint, security=security))
 
     async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
-        return StreamLinkListener(await self.listen_streams(endpoint, security=security))
+        return StreamLinkListener(await self.serve_streams(endpoint, security=security))
 
 
 _loaded: dict[str, type[Transport]] = {}

@@ -20,15 +20,24 @@ import functools
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, Listener, SocketAttribute, SocketListener, TaskGroup
+from anyio.streams.stapled import MultiListener
 
+from vtunnel.io.limits import (
+    AcceptBackoff,
+    ThrottledWarning,
+    is_out_of_resources,
+    open_file_limit,
+    pending_limit,
+)
+from vtunnel.io.tuning import tune_stream
 from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, preference
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.records import SecureStreamClient, SecureStreamServer
@@ -39,8 +48,10 @@ __all__ = [
     "DEFAULT_SILENCE",
     "RECORD_TIMEOUT",
     "SecureByteStream",
+    "SecuredListener",
     "cipher_preference",
     "cpu_has_aes_instructions",
+    "local_name",
     "secure_client",
     "secure_server",
 ]
@@ -340,3 +351,136 @@ async def secure_server(
         return None
     log.debug("secure channel up", role="server", source=source, cipher=_name(core.cipher))
     return SecureByteStream(stream, core, received=bytes(received), record_timeout=record_timeout)
+
+
+class SecuredListener(Listener[ByteStream]):
+    """Wraps a listener: each accepted stream first passes ``prepare`` (TLS, PSK handshake), else it is dropped.
+
+    Connections still in ``prepare`` are *pending*: unauthenticated, and at most :attr:`max_pending` of them
+    (a quarter of the descriptor limit, see :func:`~vtunnel.io.limits.pending_limit`). A new connection
+    beyond that closes the oldest pending one, so a flood of idle connections cannot keep a real client out: each
+    connection gets at least ``max_pending`` newcomers' worth of time to prove itself. When ``accept`` fails
+    because the process is out of descriptors (or the kernel of buffers or memory), the listener closes the
+    oldest pending connection if there is one, otherwise waits and tries again; it never stops serving for it.
+    """
+
+    def __init__(
+        self,
+        inner: Listener[Any],
+        prepare: Callable[[ByteStream], Awaitable[ByteStream | None]],
+        *,
+        local: str,
+        max_pending: int | None = None,
+    ) -> None:
+        self._inner = inner
+        self._prepare = prepare
+        self._local = local
+        #: connections in their handshake (or held silent after failing it) at most
+        self.max_pending = pending_limit() if max_pending is None else max_pending
+        #: pending connections, oldest first: cancelling one's scope closes it
+        self._pending: dict[anyio.CancelScope, None] = {}
+        #: pending connections closed to make room (a count, for logs and tests)
+        self.shed = 0
+        self._warn_exhausted = ThrottledWarning(log, "cannot accept connections for now: out of resources")
+        self._warn_shedding = ThrottledWarning(
+            log, "too many connections in their handshake: closing the oldest ones"
+        )
+
+    @property
+    def local_address(self) -> str:
+        return self._local
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _shed_oldest(self) -> bool:
+        for scope in self._pending:
+            if not scope.cancel_called:
+                scope.cancel()
+                self.shed += 1
+                return True
+        return False
+
+    async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
+        inner = self._inner
+        listeners: list[SocketListener] = []
+        for listener in inner.listeners if isinstance(inner, MultiListener) else [inner]:
+            if not isinstance(listener, SocketListener):
+                raise TypeError(f"a secured listener accepts on sockets, not on {type(listener).__name__}")
+            listeners.append(listener)
+        async with contextlib.AsyncExitStack() as stack:
+            if task_group is None:
+                task_group = await stack.enter_async_context(anyio.create_task_group())
+            async with anyio.create_task_group() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept_loop, listener, handler, task_group)
+
+    async def _accept_loop(
+        self, listener: SocketListener, handler: Callable[[ByteStream], Any], task_group: TaskGroup
+    ) -> None:
+        backoff = AcceptBackoff()
+        while True:
+            try:
+                raw = await listener.accept()
+            except OSError as exc:
+                if is_out_of_resources(exc):
+                    freed = self._shed_oldest()
+                    self._warn_exhausted(
+                        error=exc.strerror, pending=self.pending, closed_oldest=freed, limit=open_file_limit()
+                    )
+                    # a shed connection's descriptor is closed when its task runs: give it that turn
+                    if freed:
+                        backoff.reset()
+                        await anyio.sleep(0.01)
+                    else:
+                        await anyio.sleep(backoff.next())
+                else:
+                    log.warning("accept failed", error=exc.strerror or repr(exc))
+                    await anyio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            if len(self._pending) >= self.max_pending:
+                self._shed_oldest()
+                self._warn_shedding(limit=self.max_pending)
+            scope = anyio.CancelScope()
+            self._pending[scope] = None
+            task_group.start_soon(self._serve_one, raw, scope, handler)
+
+    async def _serve_one(
+        self, raw: ByteStream, scope: anyio.CancelScope, handler: Callable[[ByteStream], Any]
+    ) -> None:
+        stream: ByteStream | None = None
+        try:
+            with scope:
+                tune_stream(raw)
+                try:
+                    stream = await self._prepare(raw)
+                except Exception as exc:
+                    log.debug("transport handshake failed", error=repr(exc))
+        finally:
+            self._pending.pop(scope, None)
+            if stream is None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(raw)
+        if stream is not None:
+            await handler(stream)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return self._inner.extra_attributes
+
+
+def local_name(listener: Listener[Any]) -> str:
+    """A listener's ``host:port`` for logs (brackets around IPv6), ``?`` when it has none."""
+    try:
+        addr = listener.extra(SocketAttribute.local_address)
+    except Exception:
+        return "?"
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)

@@ -1,4 +1,4 @@
-"""``ws://HOST:PORT?path=/tunnel``: a tunnel inside one WebSocket connection (binary messages).
+"""``ws://HOST:PORT?path=/tunnel`` and ``wss://``: a tunnel inside one WebSocket connection (binary messages).
 
 The WebSocket protocol itself is wsproto's (sans-IO); this module only pumps bytes between it and an anyio socket.
 A request for another path, or anything that is not a WebSocket upgrade, gets an HTTP 404/400 and is closed.
@@ -6,11 +6,13 @@ A request for another path, or anything that is not a WebSocket upgrade, gets an
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from typing import Any, ClassVar
 
 import anyio
-from anyio.abc import ByteStream, Listener, SocketStream
+from anyio.abc import ByteStream, Listener
+from anyio.streams.tls import TLSStream
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -22,22 +24,22 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from vtunnel.io.tuning import tune_stream
-from vtunnel.transports.base import ByteStreamTransport, Endpoint, SecurityConfig, TransportError
-from vtunnel.transports.tcp import SecuredListener
+from vtunnel.transports.base import ByteStreamTransport, Endpoint, TransportError
+from vtunnel.transports.tcp import tls_client_context, tls_server_context
 
 __all__ = ["WebSocketStream", "WebSocketTransport"]
 
 HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 256 * 1024
 SUBPROTOCOL = "vtunnel"
+_TLS_OPTIONS = {"cert", "key", "ca", "servername"}
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class WebSocketStream(ByteStream):
     """Binary WebSocket messages as a byte stream (message boundaries carry no meaning)."""
 
-    def __init__(self, sock: SocketStream, ws: WSConnection, pending: list[bytes]) -> None:
+    def __init__(self, sock: ByteStream, ws: WSConnection, pending: list[bytes]) -> None:
         self._sock = sock
         self._ws = ws
         self._buffer: deque[bytes] = deque(pending)
@@ -101,7 +103,7 @@ def _path(endpoint: Endpoint) -> str:
     return path
 
 
-async def _client_handshake(sock: SocketStream, endpoint: Endpoint) -> WebSocketStream:
+async def _client_handshake(sock: ByteStream, endpoint: Endpoint) -> WebSocketStream:
     ws = WSConnection(ConnectionType.CLIENT)
     host = endpoint.params.get("host", endpoint.hostport)
     await sock.send(ws.send(Request(host=host, target=_path(endpoint), subprotocols=[SUBPROTOCOL])))
@@ -123,7 +125,7 @@ async def _client_handshake(sock: SocketStream, endpoint: Endpoint) -> WebSocket
     return WebSocketStream(sock, ws, pending)
 
 
-async def _server_handshake(sock: SocketStream, path: str) -> WebSocketStream | None:
+async def _server_handshake(sock: ByteStream, path: str) -> WebSocketStream | None:
     ws = WSConnection(ConnectionType.SERVER)
     with anyio.fail_after(HANDSHAKE_TIMEOUT):
         while True:
@@ -143,49 +145,63 @@ async def _server_handshake(sock: SocketStream, path: str) -> WebSocketStream | 
 
 
 class WebSocketTransport(ByteStreamTransport):
-    schemes: ClassVar[tuple[str, ...]] = ("ws",)
-    description: ClassVar[str] = "WebSocket (plugin: vtunnel-websocket), options path=/p, host=H"
+    """``ws://`` and ``wss://`` (the WebSocket inside TLS, with tls://'s certificate options)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("ws", "wss")
+    description: ClassVar[str] = (
+        "WebSocket (plugin: vtunnel-websocket), options path=/p, host=H; wss:// adds TLS (cert=, key=, ca=, servername=)"
+    )
+
+    def __init__(self) -> None:
+        self._server_contexts: dict[str, ssl.SSLContext] = {}
 
     def check(self, endpoint: Endpoint) -> None:
-        unknown = set(endpoint.params) - {"path", "host"}
+        allowed = {"path", "host"} | (_TLS_OPTIONS if endpoint.scheme == "wss" else set())
+        unknown = set(endpoint.params) - allowed
         if unknown:
-            raise TransportError(f"unknown ws:// option(s): {', '.join(sorted(unknown))}")
+            raise TransportError(f"unknown {endpoint.scheme}:// option(s): {', '.join(sorted(unknown))}")
         _path(endpoint)
 
-    async def connect_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
+    async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
         self.check(endpoint)
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
-            sock = await anyio.connect_tcp(endpoint.host, endpoint.port)
-        tune_stream(sock)
+            sock: ByteStream = await anyio.connect_tcp(endpoint.host, endpoint.port)
         try:
-            stream: ByteStream = await _client_handshake(sock, endpoint)
-            if security.psk is not None:
-                from vtunnel.transports.secure import secure_client
-
-                stream = await secure_client(stream, security.psk, cipher=security.cipher)
-            return stream
+            if endpoint.scheme == "wss":
+                with anyio.fail_after(HANDSHAKE_TIMEOUT):
+                    sock = await TLSStream.wrap(
+                        sock,
+                        hostname=endpoint.params.get("servername", endpoint.host),
+                        ssl_context=tls_client_context(_tls_part(endpoint)),
+                        standard_compatible=False,
+                    )
+            return await _client_handshake(sock, endpoint)
         except BaseException:
             await anyio.aclose_forcefully(sock)
             raise
 
-    async def listen_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
+    async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         self.check(endpoint)
-        path = _path(endpoint)
-        inner = await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
-        replay: Any = None
-        if security.psk is not None:
-            from vtunnel.security.replay import ReplayCache
+        if endpoint.scheme == "wss":
+            self._server_contexts[str(endpoint)] = tls_server_context(_tls_part(endpoint))
+        return await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
 
-            replay = ReplayCache()
+    async def accept_stream(self, stream: ByteStream, endpoint: Endpoint) -> ByteStream | None:
+        if endpoint.scheme == "wss":
+            stream = await TLSStream.wrap(
+                stream,
+                server_side=True,
+                ssl_context=self._server_contexts[str(endpoint)],
+                standard_compatible=False,
+            )
+        return await _server_handshake(stream, _path(endpoint))
 
-        async def prepare(raw: ByteStream) -> ByteStream | None:
-            assert isinstance(raw, SocketStream)
-            stream = await _server_handshake(raw, path)
-            if stream is None or security.psk is None:
-                return stream
-            from vtunnel.transports.secure import secure_server
 
-            return await secure_server(stream, security.psk, replay=replay, cipher=security.cipher)
-
-        addr = inner.extra(anyio.abc.SocketAttribute.local_address)
-        return SecuredListener(inner, prepare, local=f"{addr[0]}:{addr[1]}")
+def _tls_part(endpoint: Endpoint) -> Endpoint:
+    """The TLS options of a wss:// URL alone (what the tls helpers read)."""
+    return Endpoint(
+        scheme="wss",
+        host=endpoint.host,
+        port=endpoint.port,
+        params={k: v for k, v in endpoint.params.items() if k in _TLS_OPTIONS},
+    )
