@@ -1,0 +1,511 @@
+"""The ``lite-tls`` stream's TLS record tracker: when a user's own TLS is up, its stream may leave the tunnel's
+encryption (seed 000; design and state machine in ``docs/lite-tls.md``).
+
+One :class:`LiteTlsTracker` per lite-tls stream at each end (the agent's with ``Role.CLIENT``, the server's with
+``Role.SERVER``). It is sans-IO: the runtime hands it the bytes of both directions and acts on the events it
+returns, in order::
+
+    tracker.from_local(data)  # first-hand bytes: read from the local TLS endpoint (agent: the user; server: the target)
+    tracker.from_peer(data)   # second-hand bytes: the stream's DATA from the other end of the tunnel
+        -> list of SendToPeer(data) / DeliverToLocal(data) / LeftTunnel(role) / FellBack(reason, by_peer) /
+           PeerViolation(reason)
+
+``SendToPeer`` bytes reported before ``LeftTunnel`` travel as ordinary (protected) stream DATA, those after it in
+passthrough; from ``LeftTunnel`` on, whatever the peer sends on the stream comes in passthrough. A
+``PeerViolation`` means the peer broke the lite-tls rules: reset the stream; the tracker takes no more input.
+
+Each direction carries records (5-byte headers, types 0x14..0x17) up to at most one *control record* of its own,
+at a record boundary, after which that direction is never parsed again:
+
+* the marker ``ff 03 03 00 01 01`` ("I leave the tunnel"): the active side appends it to its pending records
+  and holds its first application-data record (0x17) and everything after it until the peer's marker comes back;
+  the passive side answers it with its own marker and hands the records that came with it to its user together
+  with the first 0x17 record that follows;
+* the notice ``ff 03 03 00 01 00`` ("this stream stays in the tunnel"): sent before the first bytes that are not
+  TLS records (a record type outside the four, a bad version byte, a length over 2^14 + 2048, or, from the agent's
+  user, a first record that is not a ClientHello), so that such bytes can never be mistaken for a marker. An end
+  that receives it falls back too and sends its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from vtunnel.protocol.errors import LocalProtocolError
+from vtunnel.protocol.tunnel import Role
+
+__all__ = [
+    "HEADER_LEN",
+    "MARKER",
+    "MAX_RECORD_LENGTH",
+    "NOTICE",
+    "RECORD_TYPES",
+    "DeliverToLocal",
+    "FellBack",
+    "LeftTunnel",
+    "LiteTlsEvent",
+    "LiteTlsRole",
+    "LiteTlsState",
+    "LiteTlsTracker",
+    "PeerViolation",
+    "SendToPeer",
+    "TrackerBrokenError",
+    "entry_check",
+    "header_problem",
+]
+
+HEADER_LEN = 5
+#: change_cipher_spec, alert, handshake, application_data
+RECORD_TYPES = frozenset({0x14, 0x15, 0x16, 0x17})
+APPLICATION_DATA = 0x17
+HANDSHAKE = 0x16
+#: TLS 1.2's largest TLSCiphertext (2^14 + 2048); TLS 1.3 allows 2^14 + 256
+MAX_RECORD_LENGTH = 2**14 + 2048
+CONTROL_TYPE = 0xFF
+#: "I leave the tunnel" (type 0xff, version 0x0303, length 1, payload 0x01), as the origin implementation sends it
+MARKER = b"\xff\x03\x03\x00\x01\x01"
+#: "this stream stays in the tunnel": precedes the first bytes that are not TLS records
+NOTICE = b"\xff\x03\x03\x00\x01\x00"
+CONTROL_LEN = len(MARKER)
+CLIENT_HELLO_HEADER = b"\x16\x03\x01"
+CLIENT_HELLO = 0x01
+
+
+class LiteTlsState(Enum):
+    """Where one end of a lite-tls stream is (docs/lite-tls.md has the transitions)."""
+
+    #: both directions are parsed record by record; everything passes through the tunnel
+    TRACKING = "tracking"
+    #: active: the marker is sent; first-hand bytes from the held 0x17 on wait for the peer's marker
+    AWAITING_ANSWER = "awaiting_answer"
+    #: passive: the peer's marker arrived while a first-hand record was half sent; the answer goes at its end
+    ANSWERING = "answering"
+    #: both markers passed: the stream's DATA is passthrough both ways
+    LEFT = "left"
+    #: an ordinary protected stream for the rest of its life
+    FALLBACK = "fallback"
+    #: the peer broke the rules (PeerViolation); reset the stream
+    BROKEN = "broken"
+
+
+class LiteTlsRole(Enum):
+    ACTIVE = "active"
+    PASSIVE = "passive"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LiteTlsEvent:
+    """Base class of the tracker's events."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SendToPeer(LiteTlsEvent):
+    """Bytes for the other end: protected stream DATA before ``LeftTunnel``, passthrough after it."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeliverToLocal(LiteTlsEvent):
+    """Bytes for the local TLS endpoint (the user at the agent, the target at the server)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LeftTunnel(LiteTlsEvent):
+    """Both markers have passed at this end: switch the stream to passthrough (log ``lite_tls.left_tunnel``)."""
+
+    role: LiteTlsRole
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FellBack(LiteTlsEvent):
+    """The stream stays an ordinary protected stream for good; ``reason`` says why."""
+
+    reason: str
+    by_peer: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerViolation(LiteTlsEvent):
+    """The peer sent what no lite-tls end sends (a bad control record, a record that is not TLS without the
+    notice, something other than application data after the marker). Reset the stream."""
+
+    reason: str
+
+
+class TrackerBrokenError(LocalProtocolError):
+    """Input given to a tracker after it reported a PeerViolation."""
+
+
+def header_problem(header: bytes) -> str | None:
+    """Why a 5-byte record header is not a TLS record's, or None."""
+    kind, major, minor = header[0], header[1], header[2]
+    if kind not in RECORD_TYPES:
+        return f"record type 0x{kind:02x} is not a TLS record type"
+    if major != 3 or not 1 <= minor <= 3:
+        return f"record version {major:02x} {minor:02x} is not TLS 1.0-1.3's"
+    length = (header[3] << 8) | header[4]
+    if length > MAX_RECORD_LENGTH:
+        return f"record length {length} exceeds {MAX_RECORD_LENGTH}"
+    return None
+
+
+def entry_check(first: bytes) -> str | None:
+    """None if a client's first bytes are exactly one complete ClientHello record (``16 03 01``, the length
+    matching what follows, handshake type 1), else why not: the agent opens a lite-tls stream only then."""
+    if len(first) < HEADER_LEN + 1:
+        return f"{len(first)} bytes are too short for a ClientHello record"
+    if first[:3] != CLIENT_HELLO_HEADER:
+        return f"the first bytes {first[:3].hex(' ')} are not 16 03 01"
+    length = (first[3] << 8) | first[4]
+    if length + HEADER_LEN != len(first):
+        return (
+            f"the record length {length} does not match the {len(first) - HEADER_LEN} bytes after the header"
+        )
+    if first[HEADER_LEN] != CLIENT_HELLO:
+        return f"handshake type {first[HEADER_LEN]} is not a ClientHello"
+    return None
+
+
+class _Direction:
+    """Record parsing state of one direction: ``need`` payload bytes of the current record still to come, or a
+    header being gathered in ``head``. ``tracked`` turns False after the direction's control record."""
+
+    __slots__ = ("app_data", "head", "need", "records", "tracked")
+
+    def __init__(self) -> None:
+        self.need = 0
+        self.head = bytearray()
+        self.tracked = True
+        self.app_data = False
+        self.records = 0
+
+
+class LiteTlsTracker:
+    """One end of one lite-tls stream. ``role``: ``Role.CLIENT`` at the agent (whose first-hand bytes must start
+    with a ClientHello record), ``Role.SERVER`` at the server."""
+
+    __slots__ = (
+        "_held_local",
+        "_held_peer",
+        "_in",
+        "_out",
+        "_pending_control",
+        "_post",
+        "_post_need",
+        "_role",
+        "_state",
+        "reason",
+        "side",
+    )
+
+    def __init__(self, side: Role) -> None:
+        self.side = side
+        self._state = LiteTlsState.TRACKING
+        self._role: LiteTlsRole | None = None
+        self._out = _Direction()  # first-hand: local -> peer
+        self._in = _Direction()  # second-hand: peer -> local
+        #: the control record to send at the out direction's next record boundary (MARKER: the passive answer)
+        self._pending_control: bytes | None = None
+        self._held_local: list[bytes] = []  # active: from the first 0x17 on, until the answer
+        self._held_peer: list[bytes] = []  # passive: what came with the marker, until the first 0x17 is whole
+        self._post = bytearray()  # passive: bytes after the marker while holding
+        self._post_need: int | None = None  # passive: bytes after the marker up to the end of the first 0x17
+        #: why the stream fell back, or what the peer violated
+        self.reason: str | None = None
+
+    # -- what the runtime reads ------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> LiteTlsState:
+        return self._state
+
+    @property
+    def role(self) -> LiteTlsRole | None:
+        """ACTIVE or PASSIVE once this end took part in a marker exchange."""
+        return self._role
+
+    @property
+    def left(self) -> bool:
+        return self._state is LiteTlsState.LEFT
+
+    @property
+    def awaiting_answer(self) -> bool:
+        """Active and holding: first-hand bytes are kept until the answer; stop reading the local side."""
+        return self._state is LiteTlsState.AWAITING_ANSWER
+
+    @property
+    def held(self) -> int:
+        """Bytes held at this end (first-hand while awaiting the answer, second-hand while passive)."""
+        return sum(map(len, self._held_local)) + sum(map(len, self._held_peer)) + len(self._post)
+
+    @property
+    def transparent(self) -> bool:
+        """Nothing is parsed or held any more: both calls would hand their input straight on, so the runtime may
+        relay the stream without the tracker."""
+        if self._state is LiteTlsState.LEFT:
+            return self._post_need is None and not self._held_peer
+        return (
+            self._state is LiteTlsState.FALLBACK
+            and not self._out.tracked
+            and not self._in.tracked
+            and self._pending_control is None
+        )
+
+    # -- first-hand bytes ------------------------------------------------------------------------------------------
+
+    def from_local(self, data: bytes) -> list[LiteTlsEvent]:
+        """Bytes the local TLS endpoint wrote. Returns what to send to the peer (and when the stream leaves)."""
+        self._usable()
+        if not data:
+            return []
+        data = bytes(data)
+        if self._state is LiteTlsState.AWAITING_ANSWER:
+            self._held_local.append(data)
+            return []
+        if not self._out.tracked:
+            return [SendToPeer(data=data)]
+        events: list[LiteTlsEvent] = []
+        self._scan_local(data, events)
+        return events
+
+    def _scan_local(self, data: bytes, events: list[LiteTlsEvent]) -> None:
+        out = self._out
+        view = memoryview(data)
+        pieces: list[bytes | memoryview] = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if out.need:
+                take = min(out.need, end - pos)
+                pieces.append(view[pos : pos + take])
+                pos += take
+                out.need -= take
+                if not out.need and self._pending_control is not None:
+                    self._fire_control(pieces, events, view[pos:])
+                    return
+                continue
+            take = min(HEADER_LEN - len(out.head), end - pos)
+            out.head += view[pos : pos + take]
+            pos += take
+            if len(out.head) < HEADER_LEN:
+                break
+            header = bytes(out.head)
+            out.head.clear()
+            problem = header_problem(header)
+            first_hello = out.records == 0 and self.side is Role.CLIENT
+            if problem is None and first_hello and header[:3] != CLIENT_HELLO_HEADER:
+                problem = f"the first record {header[:3].hex(' ')} is not a ClientHello record (16 03 01)"
+            if problem is not None:
+                pieces += (NOTICE, header, view[pos:])
+                out.tracked = False
+                self._state = LiteTlsState.FALLBACK
+                self.reason = problem
+                _send(events, pieces)
+                events.append(FellBack(reason=problem, by_peer=False))
+                return
+            if header[0] == APPLICATION_DATA:
+                if self._in.app_data and self._state is LiteTlsState.TRACKING:
+                    # active: the pending records and the marker go now; this 0x17 waits for the answer
+                    pieces.append(MARKER)
+                    out.tracked = False
+                    self._state = LiteTlsState.AWAITING_ANSWER
+                    self._role = LiteTlsRole.ACTIVE
+                    self._held_local = [header, bytes(view[pos:])]
+                    _send(events, pieces)
+                    return
+                out.app_data = True
+            out.records += 1
+            out.need = (header[3] << 8) | header[4]
+            pieces.append(header)
+            if not out.need and self._pending_control is not None:
+                self._fire_control(pieces, events, view[pos:])
+                return
+        _send(events, pieces)
+
+    def _fire_control(
+        self, pieces: list[bytes | memoryview], events: list[LiteTlsEvent], rest: bytes | memoryview
+    ) -> None:
+        """The out direction is at a record boundary: send the pending control record, then ``rest`` (and any
+        header bytes gathered but not yet sent) untracked."""
+        control = self._pending_control
+        assert control is not None
+        self._pending_control = None
+        out = self._out
+        out.tracked = False
+        tail = bytes(out.head) + bytes(rest)
+        out.head.clear()
+        pieces.append(control)
+        if control == MARKER:  # the passive answer: from here on the stream has left
+            _send(events, pieces)
+            self._state = LiteTlsState.LEFT
+            events.append(LeftTunnel(role=LiteTlsRole.PASSIVE))
+            if tail:
+                events.append(SendToPeer(data=tail))
+        else:
+            pieces.append(tail)
+            _send(events, pieces)
+
+    # -- second-hand bytes -----------------------------------------------------------------------------------------
+
+    def from_peer(self, data: bytes) -> list[LiteTlsEvent]:
+        """Bytes of the stream from the other end. Returns what to deliver locally (and any answer to send)."""
+        self._usable()
+        if not data:
+            return []
+        data = bytes(data)
+        events: list[LiteTlsEvent] = []
+        if self._in.tracked:
+            self._scan_peer(data, events)
+        elif self._post_need is not None or self._held_peer:
+            self._hold_until_app_data(data, events)
+        else:
+            events.append(DeliverToLocal(data=data))
+        return events
+
+    def _scan_peer(self, data: bytes, events: list[LiteTlsEvent]) -> None:
+        inp = self._in
+        view = memoryview(data)
+        pieces: list[bytes | memoryview] = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if inp.need:
+                take = min(inp.need, end - pos)
+                pieces.append(view[pos : pos + take])
+                pos += take
+                inp.need -= take
+                continue
+            first = inp.head[0] if inp.head else view[pos]
+            want = (CONTROL_LEN if first == CONTROL_TYPE else HEADER_LEN) - len(inp.head)
+            take = min(want, end - pos)
+            inp.head += view[pos : pos + take]
+            pos += take
+            if take < want:
+                break
+            header = bytes(inp.head)
+            inp.head.clear()
+            if first == CONTROL_TYPE:
+                if header == MARKER:
+                    self._peer_marker(pieces, events, view[pos:])
+                    return
+                if header == NOTICE:
+                    self._peer_notice(pieces, events, view[pos:])
+                    return
+                self._violation(
+                    events, f"a control record {header.hex(' ')} that is neither marker nor notice"
+                )
+                return
+            problem = header_problem(header)
+            if problem is not None:
+                self._violation(events, f"the peer passed on what is not TLS without the notice: {problem}")
+                return
+            if header[0] == APPLICATION_DATA:
+                inp.app_data = True
+            inp.records += 1
+            inp.need = (header[3] << 8) | header[4]
+            pieces.append(header)
+        _deliver(events, pieces)
+
+    def _peer_marker(
+        self, pieces: list[bytes | memoryview], events: list[LiteTlsEvent], rest: memoryview
+    ) -> None:
+        self._in.tracked = False
+        state = self._state
+        if state is LiteTlsState.AWAITING_ANSWER:  # the answer (or both ends went active at once)
+            _deliver(events, pieces)
+            self._state = LiteTlsState.LEFT
+            events.append(LeftTunnel(role=LiteTlsRole.ACTIVE))
+            held = b"".join(self._held_local)
+            self._held_local = []
+            if held:
+                events.append(SendToPeer(data=held))
+            if rest:
+                events.append(DeliverToLocal(data=bytes(rest)))
+        elif state is LiteTlsState.TRACKING:  # passive: hold what came with it, answer, leave
+            self._role = LiteTlsRole.PASSIVE
+            self._held_peer = [bytes(p) for p in pieces if p]
+            self._post_need = 0
+            self._pending_control = MARKER
+            if self._out.need:
+                self._state = LiteTlsState.ANSWERING
+            else:
+                self._fire_control([], events, b"")
+            if rest:
+                self._hold_until_app_data(bytes(rest), events)
+        else:  # FALLBACK: the peer went active before it saw our notice; drop the marker, never answer it
+            _deliver(events, pieces)
+            if rest:
+                events.append(DeliverToLocal(data=bytes(rest)))
+
+    def _peer_notice(
+        self, pieces: list[bytes | memoryview], events: list[LiteTlsEvent], rest: memoryview
+    ) -> None:
+        self._in.tracked = False
+        _deliver(events, pieces)
+        state = self._state
+        if state is LiteTlsState.TRACKING or state is LiteTlsState.AWAITING_ANSWER:
+            self._state = LiteTlsState.FALLBACK
+            self.reason = "the peer fell back"
+            events.append(FellBack(reason=self.reason, by_peer=True))
+            if state is LiteTlsState.AWAITING_ANSWER:  # our marker is out: release the held bytes, protected
+                held = b"".join(self._held_local)
+                self._held_local = []
+                if held:
+                    events.append(SendToPeer(data=held))
+            elif self._out.tracked:
+                self._pending_control = NOTICE
+                if not self._out.need:
+                    self._fire_control([], events, b"")
+        if rest:
+            events.append(DeliverToLocal(data=bytes(rest)))
+
+    def _hold_until_app_data(self, data: bytes, events: list[LiteTlsEvent]) -> None:
+        """Passive: keep what came with the marker until the first application-data record after it is whole,
+        then hand all of it over at once."""
+        self._post += data
+        if self._post_need == 0 and len(self._post) >= HEADER_LEN:
+            header = bytes(self._post[:HEADER_LEN])
+            problem = header_problem(header)
+            if problem is None and header[0] != APPLICATION_DATA:
+                problem = f"record type 0x{header[0]:02x}"
+            if problem is not None:
+                self._violation(events, f"after the marker, expected application data: {problem}")
+                return
+            self._post_need = HEADER_LEN + ((header[3] << 8) | header[4])
+        if self._post_need and len(self._post) >= self._post_need:
+            self._held_peer.append(bytes(self._post))
+            self._post.clear()
+            self._post_need = None
+            held = b"".join(self._held_peer)
+            self._held_peer = []
+            events.append(DeliverToLocal(data=held))
+
+    def _violation(self, events: list[LiteTlsEvent], reason: str) -> None:
+        self._state = LiteTlsState.BROKEN
+        self.reason = reason
+        self._held_local, self._held_peer, self._post = [], [], bytearray()
+        self._post_need = None
+        events.append(PeerViolation(reason=reason))
+
+    def _usable(self) -> None:
+        if self._state is LiteTlsState.BROKEN:
+            raise TrackerBrokenError(f"the lite-tls tracker is broken ({self.reason}); reset the stream")
+
+    def __repr__(self) -> str:
+        return (
+            f"LiteTlsTracker({self.side.value}, {self._state.value}, role={self._role and self._role.value})"
+        )
+
+
+def _send(events: list[LiteTlsEvent], pieces: list[bytes | memoryview]) -> None:
+    data = b"".join(pieces)
+    if data:
+        events.append(SendToPeer(data=data))
+
+
+def _deliver(events: list[LiteTlsEvent], pieces: list[bytes | memoryview]) -> None:
+    data = b"".join(pieces)
+    if data:
+        events.append(DeliverToLocal(data=data))
