@@ -140,16 +140,17 @@ class TrackerBrokenError(LocalProtocolError):
     """Input given to a tracker after it reported a PeerViolation."""
 
 
-def header_problem(header: bytes) -> str | None:
-    """Why a 5-byte record header is not a TLS record's, or None."""
-    kind, major, minor = header[0], header[1], header[2]
+def header_problem(header: bytes | bytearray) -> str | None:
+    """Why a record header, or the first bytes of one, cannot be a TLS record's; None if it (still) can."""
+    kind = header[0]
     if kind not in RECORD_TYPES:
         return f"record type 0x{kind:02x} is not a TLS record type"
-    if major != 3 or not 1 <= minor <= 3:
-        return f"record version {major:02x} {minor:02x} is not TLS 1.0-1.3's"
-    length = (header[3] << 8) | header[4]
-    if length > MAX_RECORD_LENGTH:
-        return f"record length {length} exceeds {MAX_RECORD_LENGTH}"
+    if (len(header) >= 2 and header[1] != 3) or (len(header) >= 3 and not 1 <= header[2] <= 3):
+        return f"record version {header[1:3].hex(' ')} is not TLS 1.0-1.3's"
+    if len(header) >= HEADER_LEN:
+        length = (header[3] << 8) | header[4]
+        if length > MAX_RECORD_LENGTH:
+            return f"record length {length} exceeds {MAX_RECORD_LENGTH}"
     return None
 
 
@@ -290,22 +291,18 @@ class LiteTlsTracker:
             take = min(HEADER_LEN - len(out.head), end - pos)
             out.head += view[pos : pos + take]
             pos += take
+            # decide as soon as the bytes gathered cannot begin a TLS record: nothing waits for a whole header
+            problem = header_problem(out.head)
+            first_hello = out.records == 0 and self.side is Role.CLIENT
+            if problem is None and first_hello and out.head[:3] != CLIENT_HELLO_HEADER[: len(out.head)]:
+                problem = f"the first record {out.head[:3].hex(' ')} is not a ClientHello record (16 03 01)"
+            if problem is not None:
+                self._fall_back(pieces, events, problem, view[pos:])
+                return
             if len(out.head) < HEADER_LEN:
                 break
             header = bytes(out.head)
             out.head.clear()
-            problem = header_problem(header)
-            first_hello = out.records == 0 and self.side is Role.CLIENT
-            if problem is None and first_hello and header[:3] != CLIENT_HELLO_HEADER:
-                problem = f"the first record {header[:3].hex(' ')} is not a ClientHello record (16 03 01)"
-            if problem is not None:
-                pieces += (NOTICE, header, view[pos:])
-                out.tracked = False
-                self._state = LiteTlsState.FALLBACK
-                self.reason = problem
-                _send(events, pieces)
-                events.append(FellBack(reason=problem, by_peer=False))
-                return
             if header[0] == APPLICATION_DATA:
                 if self._in.app_data and self._state is LiteTlsState.TRACKING:
                     # active: the pending records and the marker go now; this 0x17 waits for the answer
@@ -324,6 +321,33 @@ class LiteTlsTracker:
                 self._fire_control(pieces, events, view[pos:])
                 return
         _send(events, pieces)
+
+    def _fall_back(
+        self, pieces: list[bytes | memoryview], events: list[LiteTlsEvent], problem: str, rest: memoryview
+    ) -> None:
+        """First-hand bytes that are not TLS: the notice goes before them, and the stream stays in the tunnel."""
+        out = self._out
+        pieces += (NOTICE, bytes(out.head), rest)
+        out.head.clear()
+        out.tracked = False
+        self._state = LiteTlsState.FALLBACK
+        self.reason = problem
+        _send(events, pieces)
+        events.append(FellBack(reason=problem, by_peer=False))
+
+    def local_stalled(self) -> list[LiteTlsEvent]:
+        """The local side has sent nothing for a while: if the tracker is still gathering the first bytes of a
+        record header (a TLS endpoint writes whole records, so these are not TLS), fall back and send them.
+        The runtime calls this after a short quiet period, so that nothing ever waits for a header's end."""
+        self._usable()
+        out = self._out
+        if not out.tracked or not out.head:  # (a control record due would have gone at this boundary already)
+            return []
+        events: list[LiteTlsEvent] = []
+        self._fall_back(
+            [], events, f"{len(out.head)} bytes of a record header, then nothing", memoryview(b"")
+        )
+        return events
 
     def _fire_control(
         self, pieces: list[bytes | memoryview], events: list[LiteTlsEvent], rest: bytes | memoryview
