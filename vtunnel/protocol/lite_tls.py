@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from vtunnel.protocol.errors import LocalProtocolError
+from vtunnel.protocol.events import Event
 from vtunnel.protocol.tunnel import Role
 
 __all__ = [
@@ -95,7 +96,7 @@ class LiteTlsRole(Enum):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class LiteTlsEvent:
+class LiteTlsEvent(Event):
     """Base class of the tracker's events."""
 
 
@@ -183,6 +184,13 @@ class _Direction:
         self.tracked = True
         self.app_data = False
         self.records = 0
+
+    def take_payload(self, view: memoryview, pos: int, pieces: list[bytes | memoryview]) -> int:
+        """Pass on what ``view[pos:]`` holds of the current record's payload; returns the new position."""
+        take = min(self.need, len(view) - pos)
+        pieces.append(view[pos : pos + take])
+        self.need -= take
+        return pos + take
 
 
 class LiteTlsTracker:
@@ -280,10 +288,7 @@ class LiteTlsTracker:
         pos, end = 0, len(data)
         while pos < end:
             if out.need:
-                take = min(out.need, end - pos)
-                pieces.append(view[pos : pos + take])
-                pos += take
-                out.need -= take
+                pos = out.take_payload(view, pos, pieces)
                 if not out.need and self._pending_control is not None:
                     self._fire_control(pieces, events, view[pos:])
                     return
@@ -396,10 +401,7 @@ class LiteTlsTracker:
         pos, end = 0, len(data)
         while pos < end:
             if inp.need:
-                take = min(inp.need, end - pos)
-                pieces.append(view[pos : pos + take])
-                pos += take
-                inp.need -= take
+                pos = inp.take_payload(view, pos, pieces)
                 continue
             first = inp.head[0] if inp.head else view[pos]
             want = (CONTROL_LEN if first == CONTROL_TYPE else HEADER_LEN) - len(inp.head)
