@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,71 @@ def test_tunnel_over_websocket_with_key(procs: Processes, psk_file: Path) -> Non
             )
             assert s.recv(100).startswith(b"HTTP/1.1 404")
         assert echo_roundtrip(front, b"still serving") == b"still serving"
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 256
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout tunnel 120s
+frontend web
+    bind 127.0.0.1:{front}{tls}
+    use_backend tunnel if {{ hdr(host) -i tunnel.example }}
+    default_backend site
+backend tunnel
+    server exit 127.0.0.1:{tunnel}
+backend site
+    http-request return status 404 content-type text/plain string "no such site"
+"""
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_a_tunnel_passes_a_real_reverse_proxy_that_routes_by_host(
+    procs: Processes, psk_file: Path, tmp_path: Path, tls: bool
+) -> None:
+    """HAProxy in HTTP mode in front of the server, routing WebSocket upgrades by Host header (what a CDN or a
+    shared front does): with wss:// HAProxy ends the TLS and the server behind it speaks ws://."""
+    front, tunnel = free_port(), free_port()
+    tls_option, client_tls = "", ""
+    if tls:
+        trustme = pytest.importorskip("trustme")
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "front.pem"))
+        tls_option = f" ssl crt {tmp_path / 'front.pem'}"
+        client_tls = f"&ca={tmp_path / 'ca.pem'}&servername=localhost"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(front=front, tunnel=tunnel, tls=tls_option))
+    log = (tmp_path / "haproxy.log").open("wb")
+    proxy = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(front)
+        with echo_server() as echo:
+            procs.start(
+                "server",
+                "--listen",
+                f"ws://127.0.0.1:{tunnel}?path=/t",
+                "--psk-file",
+                str(psk_file),
+                "--target",
+                f"127.0.0.1:{echo}",
+            )
+            wait_port(tunnel)
+            scheme = "wss" if tls else "ws"
+            url = f"{scheme}://127.0.0.1:{front}?path=/t&host=tunnel.example{client_tls}"
+            forward = free_port()
+            procs.start(
+                "agent", "--server", url, "--psk-file", str(psk_file), "--forward", f"127.0.0.1:{forward}"
+            )
+            wait_port(forward)
+            payload = pattern(8 * 1024 * 1024, seed=9)
+            assert echo_roundtrip(forward, payload) == payload
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
+        log.close()
