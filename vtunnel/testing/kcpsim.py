@@ -1,9 +1,8 @@
 """Two KCP engines on an emulated path, in virtual time: for tests and for tuning, never for timing claims.
 
-The path is the impairment relay's model (:mod:`vtunnel.testing.relay`) without sockets: each direction drops a
-fraction of datagrams at random, then serialises the rest at ``rate`` bytes/s through a drop-tail queue of
-``queue`` bytes, then delays them by ``delay`` seconds. Engines are driven as the runtime drives them: every
-batch of datagrams that arrives at one instant is input, then flushed; timers fire at the engines' deadlines.
+The path is :mod:`vtunnel.testing.netpath` (the impairment relay's model without sockets). Engines are driven
+as the runtime drives them: every batch of datagrams that arrives at one instant is input, then flushed; timers
+fire at the engines' deadlines.
 Nothing reads a clock, so a run is a pure function of its arguments (and seed).
 
     python -m vtunnel.testing.kcpsim --rate 50m --queue 262144 --delay 0.005 --loss 0.02 --mib 16
@@ -14,91 +13,16 @@ from __future__ import annotations
 import argparse
 import heapq
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
+from vtunnel.testing.netpath import Path, PathStats, SimResult, Wire, parse_rate
 from vtunnel.transports.kcp_options import parse_options
 
 __all__ = ["Path", "PathStats", "SimResult", "simulate_bulk"]
 
 MiB = 1024 * 1024
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Path:
-    """One direction of the emulated path."""
-
-    rate: float | None = None  # bytes/s; None: no bottleneck
-    queue: int = 256 * 1024  # bytes the bottleneck queues before it drops
-    delay: float = 0.0  # seconds, one way
-    loss: float = 0.0  # fraction dropped at random
-    jitter: float = 0.0  # seconds: the delay varies uniformly by up to this much either way
-    jitter_reorders: bool = False  # True: each datagram's delay is drawn alone, so jitter reorders
-    reorder: float = 0.0  # fraction held back by ``reorder_delay`` so later ones overtake them
-    reorder_delay: float = 0.005
-
-
-@dataclass(kw_only=True, slots=True)
-class PathStats:
-    sent: int = 0
-    lost: int = 0
-    queue_dropped: int = 0
-    max_queue: int = 0
-
-
-@dataclass(kw_only=True, slots=True)
-class SimResult:
-    delivered: int  # payload bytes the receiver read, in order
-    seconds: float  # virtual time from the first send to the last byte read (or the limit)
-    complete: bool
-    exact: bool  # what arrived is the payload, byte for byte (and all of it)
-    forward: PathStats = field(default_factory=PathStats)
-    backward: PathStats = field(default_factory=PathStats)
-    sender: dict[str, float | int | str] = field(default_factory=dict)
-
-    @property
-    def goodput(self) -> float:
-        """Payload bytes per virtual second."""
-        return self.delivered / self.seconds if self.seconds > 0 else 0.0
-
-
-class _Wire:
-    __slots__ = ("busy_until", "last_due", "path", "rng", "stats")
-
-    def __init__(self, path: Path, rng: random.Random) -> None:
-        self.path = path
-        self.rng = rng
-        self.busy_until = 0.0
-        self.last_due = 0.0
-        self.stats = PathStats()
-
-    def admit(self, now: float, datagram: bytes) -> float | None:
-        """When ``datagram`` arrives at the far end, or ``None`` when the path drops it."""
-        path = self.path
-        self.stats.sent += 1
-        if path.loss and self.rng.random() < path.loss:
-            self.stats.lost += 1
-            return None
-        due = now
-        if path.rate is not None:
-            start = max(now, self.busy_until)
-            backlog = (start - now) * path.rate
-            if backlog > path.queue:
-                self.stats.queue_dropped += 1
-                return None
-            self.stats.max_queue = max(self.stats.max_queue, int(backlog))
-            self.busy_until = due = start + len(datagram) / path.rate
-        due += path.delay
-        if path.reorder and self.rng.random() < path.reorder:
-            return due + path.reorder_delay
-        if path.jitter:
-            due = max(due - path.delay, due + self.rng.uniform(-path.jitter, path.jitter))
-            if not path.jitter_reorders:
-                due = max(due, self.last_due)
-        self.last_due = max(self.last_due, due)
-        return due
 
 
 def simulate_bulk(
@@ -111,16 +35,18 @@ def simulate_bulk(
     time_limit: float = 60.0,
     max_events: int = 5_000_000,
     timer_lag: float = 0.0,
+    tap: Callable[[int, bytes], None] | None = None,
 ) -> SimResult:
     """Send ``size`` random bytes from engine A to engine B over the path; B's reader drains at once.
 
     ``timer_lag``: timers fire up to this many seconds late (uniformly), as an event loop's do when its
-    process waits for a core or its clock ticks in whole milliseconds.
+    process waits for a core or its clock ticks in whole milliseconds. ``tap(direction, datagram)`` sees every
+    datagram offered to the path (0: A to B), e.g. to count what was sent twice.
     """
     opts = options or parse_options({})
     back = backward or forward
     rng = random.Random(seed)
-    wires = (_Wire(forward, rng), _Wire(back, rng))
+    wires = (Wire(forward, rng), Wire(back, rng))
     engines = (
         KCPEngine(conv=7, options=opts, mtu=opts.mtu, now=0.0),
         KCPEngine(conv=7, options=opts, mtu=opts.mtu, now=0.0),
@@ -139,8 +65,9 @@ def simulate_bulk(
         nonlocal seq
         wire = wires[index]
         for datagram in engines[index].datagrams_to_send():
-            due = wire.admit(now, datagram)
-            if due is not None:
+            if tap is not None:
+                tap(index, datagram)
+            for due in wire.arrivals(now, datagram):
                 seq += 1
                 heapq.heappush(heap, (due, seq, 1 - index, datagram))
 
@@ -216,16 +143,11 @@ def simulate_bulk(
     )
 
 
-def _rate(text: str) -> float:
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
-    return float(text[:-1] if scale != 1.0 else text) * scale
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rate", type=_rate, default=None, help="bottleneck bytes/s (suffix k, m, g)")
+    parser.add_argument("--rate", type=parse_rate, default=None, help="bottleneck bytes/s (suffix k, m, g)")
     parser.add_argument("--queue", type=int, default=256 * 1024, help="bottleneck queue in bytes")
     parser.add_argument("--delay", type=float, default=0.005, help="one-way delay in seconds")
     parser.add_argument("--loss", type=float, default=0.0, help="random loss each way")
@@ -233,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jitter", type=float, default=0.0, help="delay varies by up to this, seconds")
     parser.add_argument("--jitter-reorders", action="store_true", help="jitter reorders datagrams")
     parser.add_argument("--reorder", type=float, default=0.0, help="fraction held back 5 ms")
+    parser.add_argument("--duplicate", type=float, default=0.0, help="fraction delivered twice")
     parser.add_argument("--timer-lag", type=float, default=0.0, help="timers fire up to this late, seconds")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kcp", default="", help="kcp URL options, e.g. 'mode=fast3&pacing=off'")
@@ -247,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         jitter=args.jitter,
         jitter_reorders=args.jitter_reorders,
         reorder=args.reorder,
+        duplicate=args.duplicate,
     )
     result = simulate_bulk(
         size=int(args.mib * MiB), forward=path, options=opts, seed=args.seed, timer_lag=args.timer_lag

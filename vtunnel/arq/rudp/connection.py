@@ -1,0 +1,831 @@
+"""The rudp connection: one reliable, ordered byte stream and unreliable datagrams over one UDP path, sans-IO.
+
+The caller (a transport, or the simulator) feeds datagrams and the time in, and takes datagrams, bytes, events
+and a deadline out::
+
+    conn = Connection(role=Role.CLIENT, local_cid=b"...", peer_cid=b"...", config=RudpConfig(cc="cubic"), now=now)
+    events = conn.receive_datagram(datagram, now)   # -> StreamReadable, StreamEnded, DatagramReceived,
+                                                    #    SendRoomAvailable, ConnectionClosed
+    out = conn.datagrams_to_send(now)               # packets to put on the wire, now
+    conn.next_deadline()                            # when handle_timer must run (None: only input can matter)
+    events = conn.handle_timer(now)
+    taken = conn.send(data)                         # stream bytes; takes at most send_room()
+    data = conn.receive(max_bytes)                  # in-order stream bytes (b"" when none are ready)
+    conn.send_datagram(data)                        # unreliable: never retransmitted, dropped when late
+    conn.end_stream(); conn.close(code, reason)
+
+Connection IDs are opaque bytes the caller chooses (0..20 bytes): every packet carries the receiver's
+(``peer_cid`` on the way out, ``local_cid`` checked on the way in). Routing by them, minting routable ones,
+sealing, path validation and rotation belong to the datagram layer under this one
+(:mod:`vtunnel.security.datagram`); the seam is :meth:`Connection.set_connection_ids` (rotate), and for a
+server whose client address is not yet validated, ``address_validated=False`` with
+:meth:`Connection.address_validated`: until then it sends at most three times the bytes it received.
+
+Errors: only our own misuse raises (:class:`RudpLocalError`). Whatever the peer sends is dropped when it does
+not parse (counted in :meth:`stats`), and a well-formed packet that breaks the protocol (data past the window,
+an ACK of a packet never sent, a changed final size) closes the connection with a CLOSE frame naming the fault
+and a :class:`ConnectionClosed` event.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from .cc import CongestionController, Pacer, make_controller
+from .ranges import RangeSet
+from .recovery import AckTracker, LossDetector, RttEstimator, SentPacket
+from .wire import (
+    MAX_CID_LEN,
+    Ack,
+    Close,
+    DataBlocked,
+    Datagram,
+    Padding,
+    Ping,
+    Stream,
+    WireError,
+    decode_packet,
+    encode_ack,
+    encode_close,
+    encode_data_blocked,
+    encode_datagram,
+    encode_header,
+    encode_stream,
+    header_size,
+    stream_overhead,
+    varint_size,
+)
+
+__all__ = [
+    "INITIAL_MAX_DATA",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionState",
+    "DatagramReceived",
+    "ErrorCode",
+    "Event",
+    "Role",
+    "RudpConfig",
+    "RudpError",
+    "RudpLocalError",
+    "SendRoomAvailable",
+    "StreamEnded",
+    "StreamReadable",
+]
+
+#: the stream bytes a sender may send before the peer's first ACK tells it the real window: every receiver
+#: accepts at least this much
+INITIAL_MAX_DATA: Final = 256 * 1024
+#: a server not yet sure of its client's address sends at most this many times what it received from it
+AMPLIFICATION_FACTOR: Final = 3
+#: the most packets one call of datagrams_to_send builds (the deadline then says "now" again)
+_BURST_LIMIT: Final = 512
+#: the send buffer's consumed prefix is cut off once it is this long (not on every ACK: that would copy a lot)
+_TRIM: Final = 256 * 1024
+#: how often a closing connection answers packets with its CLOSE again, at most
+_CLOSE_REPEATS: Final = 16
+#: the longest ACK frame: type, four varints, and each further range's gap and length
+_ACK_MAX: Final = 1 + 4 * 8 + 8 + 32 * 16
+
+
+class RudpError(Exception):
+    """Base of rudp's errors."""
+
+
+class RudpLocalError(RudpError):
+    """Our own misuse of a connection (sending after the end of the stream, a datagram too large...)."""
+
+
+class ErrorCode(enum.IntEnum):
+    """CLOSE frame codes; 0x100 and above are the application's."""
+
+    NO_ERROR = 0x0
+    INTERNAL_ERROR = 0x1
+    FLOW_CONTROL_ERROR = 0x2
+    FINAL_SIZE_ERROR = 0x3
+    PROTOCOL_VIOLATION = 0x4
+    #: never on the wire: the peer went silent for ``idle_timeout``
+    IDLE_TIMEOUT = 0xA
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class ConnectionState(enum.Enum):
+    OPEN = "open"
+    #: we closed (or found the peer at fault): CLOSE is sent, and repeated to packets that still arrive
+    CLOSING = "closing"
+    #: the peer closed: we send nothing more, and wait for its last packets to drain
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+# --- events -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamReadable:
+    """New in-order stream bytes wait for :meth:`Connection.receive`."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamEnded:
+    """The peer ended its stream: after what :meth:`Connection.receive` still holds, nothing more comes."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DatagramReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SendRoomAvailable:
+    """The send buffer, full at the last :meth:`Connection.send`, has room again."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConnectionClosed:
+    code: int
+    reason: str
+    by_peer: bool
+
+
+Event = StreamReadable | StreamEnded | DatagramReceived | SendRoomAvailable | ConnectionClosed
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RudpConfig:
+    """One connection's tuning (both ends may differ)."""
+
+    #: the largest rudp packet (a sealing layer's overhead comes on top of it)
+    max_datagram_size: int = 1350
+    #: the congestion controller: ``bbr`` (delivery rate), ``cubic`` or ``newreno``
+    cc: str = "bbr"
+    #: spread packets over the round trip at the controller's rate; off: send what the window allows at once
+    pacing: bool = True
+    #: the round trip assumed before the first sample (RFC 9002's 333 ms)
+    initial_rtt: float = 0.333
+    #: the longest we hold an ACK for an ack-eliciting packet, and what we assume of the peer
+    max_ack_delay: float = 0.025
+    #: acknowledge at once after this many ack-eliciting packets
+    ack_eliciting_threshold: int = 2
+    #: stream bytes received and not yet read that we accept (the window advertised in every ACK)
+    receive_window: int = 4 * 1024 * 1024
+    #: stream bytes written and not yet acknowledged that ``send`` accepts
+    send_buffer: int = 4 * 1024 * 1024
+    #: unreliable datagrams waiting to be sent; the oldest is dropped beyond this
+    datagram_queue: int = 256
+    #: seconds without any packet from the peer before the connection is dropped (None: never)
+    idle_timeout: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if not 256 <= self.max_datagram_size <= 65527:
+            raise ValueError("max_datagram_size must be between 256 and 65527")
+        if self.receive_window < INITIAL_MAX_DATA:
+            raise ValueError(f"receive_window must be at least {INITIAL_MAX_DATA}")
+        if self.send_buffer < 1 or self.datagram_queue < 1 or self.ack_eliciting_threshold < 1:
+            raise ValueError("send_buffer, datagram_queue and ack_eliciting_threshold must be positive")
+        make_controller(self.cc, max_datagram_size=self.max_datagram_size, now=0.0)  # the name is known
+
+
+class Connection:
+    """One rudp connection (see the module's docstring for the calls a transport makes)."""
+
+    def __init__(
+        self,
+        *,
+        role: Role,
+        local_cid: bytes,
+        peer_cid: bytes,
+        config: RudpConfig | None = None,
+        now: float,
+        address_validated: bool = True,
+    ) -> None:
+        cfg = config or RudpConfig()
+        self.config = cfg
+        self.role = role
+        self.state = ConnectionState.OPEN
+        self.local_cid = b""
+        self.peer_cid = b""
+        self.set_connection_ids(local_cid, peer_cid)
+        self._mds = cfg.max_datagram_size
+        self._now = now
+        # recovery and congestion control
+        self.rtt = RttEstimator(initial_rtt=cfg.initial_rtt, max_ack_delay=cfg.max_ack_delay)
+        self._loss = LossDetector(self.rtt)
+        self._acks = AckTracker(max_ack_delay=cfg.max_ack_delay, threshold=cfg.ack_eliciting_threshold)
+        self.cc: CongestionController = make_controller(cfg.cc, max_datagram_size=self._mds, now=now)
+        self._pacer = Pacer(max_datagram_size=self._mds, initial_burst=self.cc.congestion_window)
+        self._pacing_wake: float | None = None
+        self._app_limited = True
+        self._probes = 0
+        self._next_number = 0
+        # path
+        self._validated = address_validated
+        self._heard_from_peer = role is Role.CLIENT
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._last_received = now
+        # sending stream
+        self._send_buf = bytearray()
+        self._buf_start = 0  # stream offset of _send_buf[0]
+        self._send_base = 0  # everything below is acknowledged
+        self._send_next = 0  # the first offset never sent
+        self._acked = RangeSet()  # acknowledged offsets above _send_base
+        self._retransmit: deque[tuple[int, int, bool]] = deque()  # (start, end, fin) to send again
+        self._fin_offset: int | None = None
+        self._fin_sent = False
+        self._fin_acked = False
+        self._peer_max_data = INITIAL_MAX_DATA
+        self._blocked_reported = -1
+        self._writer_waiting = False
+        # receiving stream
+        self._ready = bytearray()  # in-order bytes not yet read
+        self._read_offset = 0  # bytes the reader took
+        self._contiguous = 0  # offset up to which everything arrived
+        self._pending: list[tuple[int, bytes]] = []  # a heap of out-of-order (offset, data)
+        self._pending_ranges = RangeSet()
+        self._final_size: int | None = None
+        self._end_reported = False
+        self._max_data = cfg.receive_window  # the offset we advertise
+        # datagrams
+        self._datagrams: deque[bytes] = deque()
+        # closing
+        self._close_frame = b""
+        self._close_pending = False
+        self._close_repeats = 0
+        self._close_deadline: float | None = None
+        self._stats: dict[str, int] = dict.fromkeys(
+            (
+                "packets_sent",
+                "packets_received",
+                "packets_lost",
+                "packets_dropped",
+                "packets_duplicate",
+                "bytes_sent",
+                "bytes_received",
+                "stream_bytes_sent",
+                "stream_bytes_retransmitted",
+                "stream_bytes_duplicate",
+                "spurious_losses",
+                "pto_count",
+                "datagrams_sent",
+                "datagrams_received",
+                "datagrams_dropped",
+                "datagrams_lost",
+            ),
+            0,
+        )
+
+    # --- connection IDs and the path (the seam to the datagram layer) ----------------------------------------
+
+    def set_connection_ids(self, local_cid: bytes, peer_cid: bytes) -> None:
+        """Use new connection IDs from now on (rotation on migration is decided below this layer)."""
+        if len(local_cid) > MAX_CID_LEN or len(peer_cid) > MAX_CID_LEN:
+            raise RudpLocalError(f"a connection ID is at most {MAX_CID_LEN} bytes")
+        self.local_cid = bytes(local_cid)
+        self.peer_cid = bytes(peer_cid)
+
+    def address_validated(self) -> None:
+        """The peer's address is proven (a handshake or a path challenge): lift the amplification limit."""
+        self._validated = True
+
+    # --- the application's side ------------------------------------------------------------------------------
+
+    def send_room(self) -> int:
+        """Stream bytes :meth:`send` takes now."""
+        if self.state is not ConnectionState.OPEN or self._fin_offset is not None:
+            return 0
+        return max(0, self.config.send_buffer - (self._buf_start + len(self._send_buf) - self._send_base))
+
+    def send(self, data: bytes | memoryview) -> int:
+        """Queue stream bytes; returns how many were taken (at most :meth:`send_room`)."""
+        if self.state is not ConnectionState.OPEN:
+            raise RudpLocalError("the connection is closed")
+        if self._fin_offset is not None:
+            raise RudpLocalError("the stream was ended")
+        room = self.send_room()
+        take = min(room, len(data))
+        if take:
+            self._send_buf += data[:take]
+        if take < len(data) or take == room:
+            self._writer_waiting = True
+        return take
+
+    def end_stream(self) -> None:
+        """No more stream bytes: the peer gets :class:`StreamEnded` after the last of them."""
+        if self.state is not ConnectionState.OPEN:
+            raise RudpLocalError("the connection is closed")
+        if self._fin_offset is None:
+            self._fin_offset = self._buf_start + len(self._send_buf)
+
+    def receive(self, max_bytes: int = -1) -> bytes:
+        """In-order stream bytes (``b""`` when none are ready)."""
+        ready = self._ready
+        if not ready:
+            return b""
+        if max_bytes < 0 or max_bytes >= len(ready):
+            data = bytes(ready)
+            ready.clear()
+        else:
+            data = bytes(ready[:max_bytes])
+            del ready[:max_bytes]
+        self._read_offset += len(data)
+        window = self.config.receive_window
+        if self._max_data - self._read_offset <= window // 2 and self._final_size is None:
+            # half the window was read: advertise the new one at once (every ACK carries it)
+            self._max_data = self._read_offset + window
+            self._acks.request_immediate()
+        return data
+
+    @property
+    def readable(self) -> int:
+        """Stream bytes :meth:`receive` would return now."""
+        return len(self._ready)
+
+    @property
+    def stream_ended(self) -> bool:
+        """The peer's stream ended and every byte of it was read."""
+        return self._final_size is not None and self._read_offset >= self._final_size
+
+    def max_datagram_payload(self) -> int:
+        """The largest datagram :meth:`send_datagram` takes."""
+        room = self._mds - header_size(len(self.peer_cid), 2**62 - 1) - 1
+        return room - varint_size(room)
+
+    def send_datagram(self, data: bytes) -> None:
+        """Queue an unreliable datagram: sent once, when the congestion window allows, never retransmitted."""
+        if self.state is not ConnectionState.OPEN:
+            raise RudpLocalError("the connection is closed")
+        if len(data) > self.max_datagram_payload():
+            raise RudpLocalError(f"a datagram carries at most {self.max_datagram_payload()} bytes")
+        queue = self._datagrams
+        if len(queue) >= self.config.datagram_queue:
+            queue.popleft()
+            self._stats["datagrams_dropped"] += 1
+        queue.append(bytes(data))
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Close now: CLOSE goes out with the next datagrams; the connection lingers 3 PTOs for stragglers."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        self._enter_closing(int(code), reason)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnectionState.CLOSED
+
+    # --- input -----------------------------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes | memoryview, now: float) -> list[Event]:
+        """One datagram from the peer; returns what it brought. Never raises for what the peer sends."""
+        self._now = now
+        if self.state is ConnectionState.CLOSED:
+            return []
+        try:
+            packet = decode_packet(data)
+        except WireError:
+            self._stats["packets_dropped"] += 1
+            return []
+        if packet.dcid != self.local_cid:
+            self._stats["packets_dropped"] += 1
+            return []
+        if self._acks.is_duplicate(packet.number):
+            self._stats["packets_duplicate"] += 1
+            return []
+        size = len(data)
+        self._stats["packets_received"] += 1
+        self._stats["bytes_received"] += size
+        self._bytes_received += size
+        self._last_received = now
+        self._heard_from_peer = True
+        if self.state is ConnectionState.DRAINING:
+            return []
+        if self.state is ConnectionState.CLOSING:
+            if self._close_repeats < _CLOSE_REPEATS:
+                self._close_pending = True
+            return []
+        events: list[Event] = []
+        ack_eliciting = False
+        readable_before = len(self._ready)
+        immediate = False
+        for frame in packet.frames:
+            if isinstance(frame, Stream):
+                ack_eliciting = True
+                fault = self._on_stream(frame)
+                if fault is not None:
+                    return self._fail(events, *fault)
+            elif isinstance(frame, Ack):
+                fault = self._on_ack(frame, now, events)
+                if fault is not None:
+                    return self._fail(events, *fault)
+            elif isinstance(frame, Datagram):
+                ack_eliciting = True
+                self._stats["datagrams_received"] += 1
+                events.append(DatagramReceived(data=frame.data))
+            elif isinstance(frame, Ping):
+                ack_eliciting = True
+            elif isinstance(frame, DataBlocked):
+                ack_eliciting = True
+                immediate = True  # the peer waits for our window: tell it at once
+            elif isinstance(frame, Close):
+                self.state = ConnectionState.DRAINING
+                self._close_deadline = now + 3 * self.rtt.pto()
+                events.append(ConnectionClosed(code=frame.code, reason=frame.reason, by_peer=True))
+                return events
+            elif isinstance(frame, Padding):
+                pass
+        self._acks.on_packet(packet.number, ack_eliciting, now)
+        if immediate:
+            self._acks.request_immediate()
+        if len(self._ready) > readable_before:
+            events.append(StreamReadable())
+        if self._final_size is not None and self._contiguous >= self._final_size and not self._end_reported:
+            self._end_reported = True
+            events.append(StreamEnded())
+        return events
+
+    def _fail(self, events: list[Event], code: int, reason: str) -> list[Event]:
+        self._enter_closing(code, reason)
+        events.append(ConnectionClosed(code=code, reason=reason, by_peer=False))
+        return events
+
+    def _enter_closing(self, code: int, reason: str) -> None:
+        self.state = ConnectionState.CLOSING
+        self._close_frame = encode_close(code, reason[:200])
+        self._close_pending = True
+        self._close_deadline = self._now + 3 * self.rtt.pto()
+        self._datagrams.clear()
+
+    def _on_stream(self, frame: Stream) -> tuple[int, str] | None:
+        start = frame.offset
+        end = start + len(frame.data)
+        if end > self._max_data:
+            return ErrorCode.FLOW_CONTROL_ERROR, f"stream data up to {end} past the window {self._max_data}"
+        final = self._final_size
+        if frame.fin:
+            if final is not None and final != end:
+                return ErrorCode.FINAL_SIZE_ERROR, "the final size changed"
+            if end < max(self._contiguous, self._pending_ranges.last[1] if self._pending_ranges else 0):
+                return ErrorCode.FINAL_SIZE_ERROR, "data past the final size"
+            self._final_size = final = end
+        elif final is not None and end > final:
+            return ErrorCode.FINAL_SIZE_ERROR, "data past the final size"
+        contiguous = self._contiguous
+        if end <= contiguous or self._pending_ranges.covers(start, end):
+            self._stats["stream_bytes_duplicate"] += len(frame.data)
+            return None
+        data = frame.data
+        if start < contiguous:
+            self._stats["stream_bytes_duplicate"] += contiguous - start
+            data = data[contiguous - start :]
+            start = contiguous
+        if start > contiguous:
+            # keep only the parts not held yet, so that overlapping copies never pile up
+            missing = self._pending_ranges.missing(start, end)
+            self._stats["stream_bytes_duplicate"] += (end - start) - sum(b - a for a, b in missing)
+            for piece_start, piece_end in missing:
+                heapq.heappush(self._pending, (piece_start, data[piece_start - start : piece_end - start]))
+            self._pending_ranges.add(start, end)
+            return None
+        self._ready += data
+        contiguous = end
+        pending = self._pending
+        while pending and pending[0][0] <= contiguous:
+            offset, chunk = heapq.heappop(pending)
+            tail = offset + len(chunk)
+            if tail > contiguous:
+                self._ready += chunk[contiguous - offset :]
+                contiguous = tail
+        self._contiguous = contiguous
+        self._pending_ranges.remove_below(contiguous)
+        return None
+
+    def _on_ack(self, frame: Ack, now: float, events: list[Event]) -> tuple[int, str] | None:
+        if frame.largest > self._loss.largest_sent:
+            return ErrorCode.PROTOCOL_VIOLATION, f"ACK of packet {frame.largest}, never sent"
+        if frame.max_data > self._peer_max_data:
+            self._peer_max_data = frame.max_data
+        result = self._loss.on_ack(frame.ranges, frame.delay / 1e6, now)
+        for packet in result.acked:
+            self._stream_acked(packet)
+            if packet.ack_largest >= 0:
+                self._acks.on_ack_acknowledged(packet.ack_largest)
+        for packet in result.late:
+            self._stats["spurious_losses"] += 1
+            self._stream_acked(packet)
+        if result.acked:
+            self.cc.on_packets_acked(now, result.acked, self.rtt, app_limited=self._app_limited)
+        if result.lost:
+            self._on_lost(result.lost, now, persistent=result.persistent_congestion)
+        self._trim()
+        if self._writer_waiting and self.send_room() > 0:
+            self._writer_waiting = False
+            events.append(SendRoomAvailable())
+        return None
+
+    def _stream_acked(self, packet: SentPacket) -> None:
+        acked = self._acked
+        for offset, length, fin in packet.stream:
+            if fin:
+                self._fin_acked = True
+            if length:
+                acked.add(offset, offset + length)
+        while acked and acked.first[0] <= self._send_base:
+            _, end = acked.pop_first()
+            if end > self._send_base:
+                self._send_base = end
+
+    def _trim(self) -> None:
+        drop = self._send_base - self._buf_start
+        if drop >= _TRIM or (drop and drop == len(self._send_buf)):
+            del self._send_buf[:drop]
+            self._buf_start = self._send_base
+
+    def _on_lost(self, lost: list[SentPacket], now: float, *, persistent: bool) -> None:
+        self._stats["packets_lost"] += len(lost)
+        for packet in lost:
+            for offset, length, fin in packet.stream:
+                self._retransmit.append((offset, offset + length, fin))
+            if packet.blocked:
+                self._blocked_reported = -1
+            self._stats["datagrams_lost"] += packet.datagrams
+        self.cc.on_packets_lost(now, lost, persistent=persistent)
+
+    # --- timers ----------------------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` must run next; ``None`` when only input or a send can change anything."""
+        state = self.state
+        if state is ConnectionState.CLOSED:
+            return None
+        if state is not ConnectionState.OPEN:
+            return self._close_deadline
+        candidates = [self._loss.deadline(), self._acks.deadline(), self._pacing_wake]
+        if self.config.idle_timeout is not None:
+            candidates.append(self._last_received + self.config.idle_timeout)
+        if self._probes and self._amplification_room(self._mds):
+            candidates.append(self._now)
+        return min((c for c in candidates if c is not None), default=None)
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run what is due: the loss detection timer or PTO, the idle timeout, the end of closing."""
+        self._now = now
+        state = self.state
+        if state is ConnectionState.CLOSED:
+            return []
+        if state is not ConnectionState.OPEN:
+            if self._close_deadline is not None and now >= self._close_deadline:
+                self.state = ConnectionState.CLOSED
+            return []
+        idle = self.config.idle_timeout
+        if idle is not None and now >= self._last_received + idle:
+            self.state = ConnectionState.CLOSED
+            return [ConnectionClosed(code=ErrorCode.IDLE_TIMEOUT, reason="idle timeout", by_peer=False)]
+        deadline = self._loss.deadline()
+        if deadline is not None and now >= deadline:
+            lost, probe = self._loss.on_timeout(now)
+            if lost:
+                self._on_lost(lost, now, persistent=False)
+            if probe:
+                self._stats["pto_count"] += 1
+                self._probes = 1 if self._loss.pto_count <= 1 else 2
+        return []
+
+    # --- output ----------------------------------------------------------------------------------------------
+
+    def _clean_retransmit(self) -> None:
+        """Drop queued retransmissions whose bytes were all acknowledged since."""
+        queue = self._retransmit
+        while queue:
+            start, end, fin = queue[0]
+            if fin and not self._fin_acked:
+                return
+            if end > self._send_base and not self._acked.covers(max(start, self._send_base), end):
+                return
+            queue.popleft()
+
+    def _flow_limit(self) -> int:
+        return min(self._buf_start + len(self._send_buf), self._peer_max_data)
+
+    def _has_data(self) -> bool:
+        if self._datagrams:
+            return True
+        self._clean_retransmit()
+        if self._retransmit:
+            return True
+        if self._send_next < self._flow_limit():
+            return True
+        if self._fin_offset is not None and not self._fin_sent and self._send_next >= self._fin_offset:
+            return True
+        return self._blocked()
+
+    def _blocked(self) -> bool:
+        """Stream bytes wait for the peer's window and it was not told so at this limit yet."""
+        return (
+            self._send_next >= self._peer_max_data
+            and self._buf_start + len(self._send_buf) > self._send_next
+            and self._blocked_reported != self._peer_max_data
+        )
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        """The packets to send now (ACKs, data within the congestion window and pacing, probes, CLOSE)."""
+        self._now = now
+        state = self.state
+        if state is ConnectionState.CLOSED or state is ConnectionState.DRAINING:
+            return []
+        if state is ConnectionState.CLOSING:
+            if not self._close_pending or not self._amplification_room(len(self._close_frame) + 32):
+                return []
+            self._close_pending = False
+            self._close_repeats += 1
+            return [self._finish_packet(self._next_number, [self._close_frame], now, None)]
+        if not self._heard_from_peer:
+            return []  # a server speaks only after the client did
+        out: list[bytes] = []
+        self._pacing_wake = None
+        mds = self._mds
+        pacing = self.config.pacing
+        loss = self._loss
+        for _ in range(_BURST_LIMIT):
+            probe = self._probes > 0
+            ack = self._acks.ack_due(now)
+            has_data = self._has_data()
+            send_data = probe
+            if has_data and not probe:
+                if loss.bytes_in_flight + mds > self.cc.congestion_window:
+                    self._app_limited = False
+                elif pacing and (release := self._release(now)) > now:
+                    self._app_limited = False
+                    self._pacing_wake = release
+                else:
+                    send_data = True
+            elif not has_data:
+                self._app_limited = True
+            if not send_data and not ack:
+                break
+            if not self._amplification_room(mds):
+                break
+            datagram = self._build(now, send_data=send_data, probe=probe)
+            if datagram is None:
+                break
+            out.append(datagram)
+        return out
+
+    def _release(self, now: float) -> float:
+        return self._pacer.release_time(now, self.cc.pacing_rate(self.rtt), self._mds)
+
+    def _amplification_room(self, size: int) -> bool:
+        return self._validated or self._bytes_sent + size <= AMPLIFICATION_FACTOR * self._bytes_received
+
+    def _build(self, now: float, *, send_data: bool, probe: bool) -> bytes | None:
+        number = self._next_number
+        room = self._mds - header_size(len(self.peer_cid), number)
+        frames: list[bytes] = []
+        packet = SentPacket(number=number, sent_time=now, size=0, ack_eliciting=False)
+        if self._acks.pending or self._acks.ack_due(now):
+            ranges = self._acks.ranges()
+            if ranges:
+                delay = max(0, int((now - self._acks.largest_time) * 1e6))
+                frame = encode_ack(ranges, delay, self._max_data)
+                frames.append(frame)
+                room -= len(frame)
+                packet.ack_largest = ranges[0][1]
+                self._acks.on_ack_sent()
+        if send_data:
+            room = self._add_datagrams(frames, room, packet)
+            room = self._add_retransmissions(frames, room, packet)
+            room = self._add_new_data(frames, room, packet)
+            if room > 0 and self._blocked():
+                frame = encode_data_blocked(self._peer_max_data)
+                if len(frame) <= room:
+                    frames.append(frame)
+                    room -= len(frame)
+                    packet.blocked = True
+                    packet.ack_eliciting = True
+                    self._blocked_reported = self._peer_max_data
+            if probe:
+                self._probes -= 1
+                if not packet.ack_eliciting:
+                    oldest = self._loss.oldest_unacked()
+                    if oldest is not None:
+                        # the probe carries again the oldest data still unacknowledged, without declaring
+                        # it lost: if the original arrives after all, the receiver counts a duplicate
+                        for offset, length, fin in oldest.stream:
+                            self._retransmit.appendleft((offset, offset + length, fin))
+                        room = self._add_retransmissions(frames, room, packet)
+                if not packet.ack_eliciting:
+                    frames.append(b"\x01")  # PING
+                    packet.ack_eliciting = True
+        if not frames:
+            return None
+        return self._finish_packet(number, frames, now, packet)
+
+    def _finish_packet(
+        self, number: int, frames: list[bytes], now: float, packet: SentPacket | None
+    ) -> bytes:
+        datagram = encode_header(self.peer_cid, number) + b"".join(frames)
+        self._next_number = number + 1
+        size = len(datagram)
+        self._bytes_sent += size
+        self._stats["packets_sent"] += 1
+        self._stats["bytes_sent"] += size
+        if packet is None:
+            packet = SentPacket(number=number, sent_time=now, size=size, ack_eliciting=False)
+        packet.size = size
+        self._loss.on_sent(packet)
+        if packet.ack_eliciting:
+            self.cc.on_packet_sent(now, packet)
+            self._pacer.on_sent(size)
+        return datagram
+
+    def _add_datagrams(self, frames: list[bytes], room: int, packet: SentPacket) -> int:
+        queue = self._datagrams
+        while queue:
+            frame = encode_datagram(queue[0])
+            if len(frame) > room:
+                if len(frame) > self._mds - header_size(len(self.peer_cid), packet.number):
+                    queue.popleft()  # the connection IDs grew since it was queued: it fits no packet
+                    self._stats["datagrams_dropped"] += 1
+                    continue
+                break
+            queue.popleft()
+            frames.append(frame)
+            room -= len(frame)
+            packet.ack_eliciting = True
+            packet.datagrams += 1
+            self._stats["datagrams_sent"] += 1
+        return room
+
+    def _stream_frame(self, frames: list[bytes], room: int, packet: SentPacket, start: int, end: int) -> int:
+        """Add a STREAM frame for as much of ``[start, end)`` as fits; returns the room left (``room`` itself
+        when nothing fitted)."""
+        overhead = stream_overhead(start, end - start)
+        take = min(end - start, room - overhead)
+        if take <= 0 and not (start == end and overhead <= room):
+            return room
+        take = max(take, 0)
+        fin = self._fin_offset is not None and start + take == self._fin_offset
+        base = self._buf_start
+        data = bytes(self._send_buf[start - base : start + take - base])
+        frame = encode_stream(start, data, fin=fin)
+        frames.append(frame)
+        packet.stream.append((start, take, fin))
+        packet.ack_eliciting = True
+        if fin:
+            self._fin_sent = True
+        return room - len(frame)
+
+    def _add_retransmissions(self, frames: list[bytes], room: int, packet: SentPacket) -> int:
+        queue = self._retransmit
+        while queue and room > 8:
+            start, end, fin = queue.popleft()
+            pieces = self._acked.missing(max(start, self._send_base), end) if end > self._send_base else []
+            if fin and not self._fin_acked and not pieces:
+                pieces = [(end, end)]
+            for index, (piece_start, piece_end) in enumerate(pieces):
+                count = len(frames)
+                room = self._stream_frame(frames, room, packet, piece_start, piece_end)
+                reached = piece_start
+                if len(frames) > count:
+                    reached += packet.stream[-1][1]
+                    packet.retransmission = True
+                    self._stats["stream_bytes_retransmitted"] += reached - piece_start
+                if reached < piece_end or len(frames) == count:
+                    # no room for the rest: put it back for the next packet
+                    rest = [(reached, piece_end), *pieces[index + 1 :]]
+                    for rest_start, rest_end in reversed(rest):
+                        queue.appendleft((rest_start, rest_end, fin and rest_end == end))
+                    return room
+        return room
+
+    def _add_new_data(self, frames: list[bytes], room: int, packet: SentPacket) -> int:
+        limit = self._flow_limit()
+        start = self._send_next
+        fin_due = self._fin_offset is not None and not self._fin_sent and start >= self._fin_offset
+        if (start >= limit and not fin_due) or room <= 8:
+            return room
+        count = len(frames)
+        room = self._stream_frame(frames, room, packet, start, max(start, limit))
+        if len(frames) > count:
+            sent = packet.stream[-1][1]
+            self._stats["stream_bytes_sent"] += sent
+            self._send_next = start + sent
+        return room
+
+    # --- reporting -------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float | int | str]:
+        """Counters and the state of recovery and congestion control."""
+        out: dict[str, float | int | str] = dict(self._stats)
+        out.update(self.cc.stats())
+        out["srtt_ms"] = round(self.rtt.smoothed * 1000, 3)
+        out["min_rtt_ms"] = round(self.rtt.min * 1000, 3)
+        out["bytes_in_flight"] = self._loss.bytes_in_flight
+        return out

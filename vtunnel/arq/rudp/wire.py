@@ -1,0 +1,382 @@
+"""The rudp wire format: one packet per UDP datagram, a short header and a run of frames (``docs/rudp.md``).
+
+Integers are QUIC variable-length integers (RFC 9000 section 16): the two high bits of the first byte give the
+length (1, 2, 4 or 8 bytes), the rest is the value, big endian, up to 2**62 - 1.
+
+Packet::
+
+    flags (1)  0b01 | reserved 0 | DCID length (5 bits, 0..20)
+    DCID       the receiver's connection ID (opaque bytes the receiver chose)
+    number     varint: the packet number, never reused in one direction (a retransmission is a new packet)
+    frames     one or more, up to the end of the datagram
+
+Frames (the type is one byte)::
+
+    0x00 PADDING        nothing (a run of zero bytes is a run of PADDING frames)
+    0x01 PING           nothing: asks for an ACK
+    0x02 ACK            largest | ack delay (us) | max data | range count | first range | (gap | length) * count
+    0x04 DATA_BLOCKED   limit: the sender has stream data it may not send past ``limit``
+    0x08..0x0b STREAM   bit 0x02: a length follows the offset; bit 0x01: FIN.  offset | [length] | data
+    0x1c CLOSE          error code | reason length | reason (UTF-8)
+    0x30, 0x31 DATAGRAM 0x31: a length precedes the data; 0x30: the data runs to the end of the packet
+
+Parsing never raises anything but :class:`WireError`, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "MAX_CID_LEN",
+    "MAX_VARINT",
+    "Ack",
+    "Close",
+    "DataBlocked",
+    "Datagram",
+    "Frame",
+    "FrameType",
+    "Packet",
+    "Padding",
+    "Ping",
+    "Stream",
+    "WireError",
+    "ack_ranges",
+    "decode_packet",
+    "encode_ack",
+    "encode_close",
+    "encode_data_blocked",
+    "encode_datagram",
+    "encode_header",
+    "encode_stream",
+    "encode_varint",
+    "header_size",
+    "peek_dcid",
+    "stream_overhead",
+    "varint_size",
+]
+
+MAX_VARINT: Final = (1 << 62) - 1
+MAX_CID_LEN: Final = 20
+#: the two fixed bits of the flags byte (0b01), and the mask that must read them
+_FIXED: Final = 0x40
+_FIXED_MASK: Final = 0xE0
+_CID_MASK: Final = 0x1F
+
+
+class FrameType:
+    """Frame type bytes."""
+
+    PADDING: Final = 0x00
+    PING: Final = 0x01
+    ACK: Final = 0x02
+    DATA_BLOCKED: Final = 0x04
+    STREAM: Final = 0x08  # | 0x02 (LEN) | 0x01 (FIN)
+    STREAM_LEN: Final = 0x02
+    STREAM_FIN: Final = 0x01
+    CLOSE: Final = 0x1C
+    DATAGRAM: Final = 0x30  # | 0x01 (LEN)
+    DATAGRAM_LEN: Final = 0x01
+
+
+class WireError(ValueError):
+    """A datagram that is not a well-formed rudp packet (the only exception parsing raises)."""
+
+
+# --- frames, as parsed ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Padding:
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """``ranges``: acknowledged packet numbers as inclusive ``(first, last)`` pairs, highest first, disjoint and
+    not adjacent. ``delay``: microseconds between receiving the largest and sending this ACK. ``max_data``: the
+    stream offset the sender of the ACK will accept data up to (its connection-level receive window)."""
+
+    ranges: tuple[tuple[int, int], ...]
+    delay: int
+    max_data: int
+
+    @property
+    def largest(self) -> int:
+        return self.ranges[0][1]
+
+
+@dataclass(frozen=True, slots=True)
+class DataBlocked:
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    offset: int
+    data: bytes
+    fin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    data: bytes
+
+
+Frame = Padding | Ping | Ack | DataBlocked | Stream | Close | Datagram
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    dcid: bytes
+    number: int
+    frames: tuple[Frame, ...]
+
+
+# --- variable-length integers -----------------------------------------------------------------------------
+
+
+def varint_size(value: int) -> int:
+    if value < 0x40:
+        return 1
+    if value < 0x4000:
+        return 2
+    if value < 0x4000_0000:
+        return 4
+    if value <= MAX_VARINT:
+        return 8
+    raise ValueError(f"{value} does not fit a varint")
+
+
+def encode_varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("a varint is never negative")
+    if value < 0x40:
+        return bytes((value,))
+    if value < 0x4000:
+        return (value | 0x4000).to_bytes(2, "big")
+    if value < 0x4000_0000:
+        return (value | 0x8000_0000).to_bytes(4, "big")
+    if value <= MAX_VARINT:
+        return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
+    raise ValueError(f"{value} does not fit a varint")
+
+
+class _Reader:
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes, pos: int = 0) -> None:
+        self.buf = buf
+        self.pos = pos
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buf):
+            raise WireError("truncated")
+        value = self.buf[self.pos]
+        self.pos += 1
+        return value
+
+    def varint(self) -> int:
+        first = self.byte()
+        size = 1 << (first >> 6)
+        value = first & 0x3F
+        if size == 1:
+            return value
+        end = self.pos + size - 1
+        if end > len(self.buf):
+            raise WireError("truncated varint")
+        value = (value << ((size - 1) * 8)) | int.from_bytes(self.buf[self.pos : end], "big")
+        self.pos = end
+        return value
+
+    def take(self, length: int) -> bytes:
+        end = self.pos + length
+        if length < 0 or end > len(self.buf):
+            raise WireError("truncated field")
+        data = self.buf[self.pos : end]
+        self.pos = end
+        return data
+
+
+# --- header -----------------------------------------------------------------------------------------------
+
+
+def header_size(dcid_len: int, number: int) -> int:
+    return 1 + dcid_len + varint_size(number)
+
+
+def encode_header(dcid: bytes, number: int) -> bytes:
+    if len(dcid) > MAX_CID_LEN:
+        raise ValueError(f"a connection ID is at most {MAX_CID_LEN} bytes")
+    return bytes((_FIXED | len(dcid),)) + dcid + encode_varint(number)
+
+
+def peek_dcid(datagram: bytes | memoryview) -> bytes:
+    """The destination connection ID of a packet, without parsing the rest (what a demultiplexer reads)."""
+    if not datagram:
+        raise WireError("empty datagram")
+    flags = datagram[0]
+    if flags & _FIXED_MASK != _FIXED:
+        raise WireError("not an rudp packet")
+    length = flags & _CID_MASK
+    if length > MAX_CID_LEN or len(datagram) < 1 + length:
+        raise WireError("bad connection ID length")
+    return bytes(datagram[1 : 1 + length])
+
+
+# --- frames, encoded --------------------------------------------------------------------------------------
+
+
+def stream_overhead(offset: int, length: int, *, with_length: bool = True) -> int:
+    """Bytes a STREAM frame adds to its data."""
+    return 1 + varint_size(offset) + (varint_size(length) if with_length else 0)
+
+
+def encode_stream(
+    offset: int, data: bytes | memoryview, *, fin: bool = False, with_length: bool = True
+) -> bytes:
+    kind = FrameType.STREAM | (FrameType.STREAM_FIN if fin else 0)
+    if with_length:
+        kind |= FrameType.STREAM_LEN
+        return b"".join((bytes((kind,)), encode_varint(offset), encode_varint(len(data)), data))
+    return b"".join((bytes((kind,)), encode_varint(offset), data))
+
+
+def encode_datagram(data: bytes | memoryview, *, with_length: bool = True) -> bytes:
+    if with_length:
+        return b"".join(
+            (bytes((FrameType.DATAGRAM | FrameType.DATAGRAM_LEN,)), encode_varint(len(data)), data)
+        )
+    return bytes((FrameType.DATAGRAM,)) + bytes(data)
+
+
+def encode_data_blocked(limit: int) -> bytes:
+    return bytes((FrameType.DATA_BLOCKED,)) + encode_varint(limit)
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    text = reason.encode("utf-8")
+    return bytes((FrameType.CLOSE,)) + encode_varint(code) + encode_varint(len(text)) + text
+
+
+def ack_ranges(numbers: Iterable[int]) -> list[tuple[int, int]]:
+    """Packet numbers as ACK ranges: inclusive ``(first, last)`` pairs, highest first."""
+    ranges: list[tuple[int, int]] = []
+    for n in sorted(set(numbers), reverse=True):
+        if ranges and ranges[-1][0] == n + 1:
+            ranges[-1] = (n, ranges[-1][1])
+        else:
+            ranges.append((n, n))
+    return ranges
+
+
+def encode_ack(ranges: Sequence[tuple[int, int]], delay: int, max_data: int) -> bytes:
+    """An ACK frame; ``ranges`` as :class:`Ack` has them (highest first, disjoint, not adjacent)."""
+    if not ranges:
+        raise ValueError("an ACK acknowledges at least one packet")
+    first, largest = ranges[0]
+    parts = [
+        bytes((FrameType.ACK,)),
+        encode_varint(largest),
+        encode_varint(delay),
+        encode_varint(max_data),
+        encode_varint(len(ranges) - 1),
+        encode_varint(largest - first),
+    ]
+    smallest = first
+    for low, high in ranges[1:]:
+        # gap: the unacknowledged numbers between the two ranges, less one; length: the range's size, less one
+        parts.append(encode_varint(smallest - high - 2))
+        parts.append(encode_varint(high - low))
+        smallest = low
+    return b"".join(parts)
+
+
+# --- decoding ---------------------------------------------------------------------------------------------
+
+
+def _decode_ack(reader: _Reader) -> Ack:
+    largest = reader.varint()
+    delay = reader.varint()
+    max_data = reader.varint()
+    count = reader.varint()
+    first = reader.varint()
+    if first > largest:
+        raise WireError("ACK range below packet number 0")
+    low = largest - first
+    ranges = [(low, largest)]
+    if count > reader.left() // 2:  # each further range takes at least two bytes
+        raise WireError("ACK range count beyond the packet")
+    for _ in range(count):
+        gap = reader.varint()
+        length = reader.varint()
+        high = low - gap - 2
+        low = high - length
+        if low < 0:
+            raise WireError("ACK range below packet number 0")
+        ranges.append((low, high))
+    return Ack(tuple(ranges), delay, max_data)
+
+
+def _decode_frame(reader: _Reader, kind: int) -> Frame:
+    if kind == FrameType.PADDING:
+        start = reader.pos - 1
+        buf = reader.buf
+        while reader.pos < len(buf) and buf[reader.pos] == 0:
+            reader.pos += 1
+        return Padding(reader.pos - start)
+    if kind == FrameType.PING:
+        return Ping()
+    if kind == FrameType.ACK:
+        return _decode_ack(reader)
+    if kind == FrameType.DATA_BLOCKED:
+        return DataBlocked(reader.varint())
+    if FrameType.STREAM <= kind <= FrameType.STREAM | 0x03:
+        offset = reader.varint()
+        length = reader.varint() if kind & FrameType.STREAM_LEN else reader.left()
+        data = reader.take(length)
+        if offset + len(data) > MAX_VARINT:
+            raise WireError("STREAM frame past the largest offset")
+        return Stream(offset, data, bool(kind & FrameType.STREAM_FIN))
+    if kind == FrameType.CLOSE:
+        code = reader.varint()
+        raw = reader.take(reader.varint())
+        try:
+            reason = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("CLOSE reason is not UTF-8") from None
+        return Close(code, reason)
+    if kind in (FrameType.DATAGRAM, FrameType.DATAGRAM | FrameType.DATAGRAM_LEN):
+        length = reader.varint() if kind & FrameType.DATAGRAM_LEN else reader.left()
+        return Datagram(reader.take(length))
+    raise WireError(f"unknown frame type 0x{kind:02x}")
+
+
+def decode_packet(datagram: bytes | memoryview) -> Packet:
+    """Parse a whole packet; raises :class:`WireError` (and nothing else) when it is not well formed."""
+    buf = bytes(datagram)
+    dcid = peek_dcid(buf)
+    reader = _Reader(buf, 1 + len(dcid))
+    number = reader.varint()
+    frames: list[Frame] = []
+    while reader.left() > 0:
+        frames.append(_decode_frame(reader, reader.byte()))
+    if not frames:
+        raise WireError("a packet carries at least one frame")
+    return Packet(dcid, number, tuple(frames))
