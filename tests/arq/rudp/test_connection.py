@@ -1,0 +1,219 @@
+"""The rudp connection, two of them wired back to back (no path): stream, FIN, datagrams, flow control and a
+reader that stops, delayed ACKs, closing, protocol faults, the amplification limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from vtunnel.arq.rudp import (
+    INITIAL_MAX_DATA,
+    Connection,
+    ConnectionClosed,
+    ConnectionState,
+    DatagramReceived,
+    ErrorCode,
+    Event,
+    Role,
+    RudpConfig,
+    RudpLocalError,
+    SendRoomAvailable,
+    StreamEnded,
+    StreamReadable,
+)
+from vtunnel.arq.rudp.wire import Ack, decode_packet, encode_ack, encode_header
+
+CLIENT_CID = b"client01"
+SERVER_CID = b"server01"
+
+
+def pair(config: RudpConfig | None = None, **server: bool) -> tuple[Connection, Connection]:
+    client = Connection(role=Role.CLIENT, local_cid=CLIENT_CID, peer_cid=SERVER_CID, config=config, now=0.0)
+    srv = Connection(
+        role=Role.SERVER, local_cid=SERVER_CID, peer_cid=CLIENT_CID, config=config, now=0.0, **server
+    )
+    return client, srv
+
+
+def exchange(a: Connection, b: Connection, now: float, rounds: int = 50) -> tuple[list[Event], list[Event]]:
+    """Move datagrams both ways (no loss, no delay), firing timers, until both are quiet."""
+    events: tuple[list[Event], list[Event]] = ([], [])
+    for _ in range(rounds):
+        moved = False
+        for source, sink, sink_events in ((a, b, events[1]), (b, a, events[0])):
+            for datagram in source.datagrams_to_send(now):
+                moved = True
+                sink_events.extend(sink.receive_datagram(datagram, now))
+        if not moved:
+            deadlines = [d for d in (a.next_deadline(), b.next_deadline()) if d is not None]
+            if not deadlines or min(deadlines) > now + 1.0:
+                break
+            now = max(now, min(deadlines))
+            events[0].extend(a.handle_timer(now))
+            events[1].extend(b.handle_timer(now))
+    return events
+
+
+def test_stream_bytes_arrive_in_order_then_the_end() -> None:
+    client, server = pair()
+    assert server.datagrams_to_send(0.0) == []  # the server speaks only after the client
+    assert client.send(b"hello ") == 6
+    assert client.send(b"world") == 5
+    client.end_stream()
+    with pytest.raises(RudpLocalError):
+        client.send(b"more")
+    _, got = exchange(client, server, 0.0)
+    assert StreamReadable() in got and StreamEnded() in got
+    assert server.receive(3) == b"hel"
+    assert server.receive() == b"lo world"
+    assert server.stream_ended
+    assert client.stats()["bytes_in_flight"] == 0
+
+
+def test_datagrams_are_delivered_as_events() -> None:
+    client, server = pair()
+    client.send_datagram(b"one")
+    client.send_datagram(b"two")
+    _, got = exchange(client, server, 0.0)
+    assert [e for e in got if isinstance(e, DatagramReceived)] == [
+        DatagramReceived(data=b"one"),
+        DatagramReceived(data=b"two"),
+    ]
+    with pytest.raises(RudpLocalError):
+        client.send_datagram(bytes(client.max_datagram_payload() + 1))
+    client.send_datagram(bytes(client.max_datagram_payload()))  # the largest fits one packet
+    _, got = exchange(client, server, 0.1)
+    assert len([e for e in got if isinstance(e, DatagramReceived)]) == 1
+
+
+def test_lost_datagrams_are_never_sent_again() -> None:
+    client, server = pair()
+    client.send(b"x")
+    exchange(client, server, 0.0)
+    client.send_datagram(b"lost")
+    assert len(client.datagrams_to_send(0.01)) == 1  # dropped on the way
+    client.send_datagram(b"kept")
+    client.send(b"y")
+    now = 0.02
+    events: list[Event] = []
+    for _ in range(10):
+        for datagram in client.datagrams_to_send(now):
+            events += server.receive_datagram(datagram, now)
+        for datagram in server.datagrams_to_send(now):
+            client.receive_datagram(datagram, now)
+        now += 0.2
+        client.handle_timer(now)
+        server.handle_timer(now)
+    assert [e.data for e in events if isinstance(e, DatagramReceived)] == [b"kept"]
+    assert client.stats()["datagrams_lost"] == 1
+
+
+def test_a_reader_that_stops_bounds_memory_and_the_writer_waits() -> None:
+    config = RudpConfig(receive_window=INITIAL_MAX_DATA, send_buffer=1 << 20)
+    client, server = pair(config)
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    taken = client.send(blob)
+    assert taken == 1 << 20
+    assert client.send_room() == 0
+    now = 0.0
+    events: list[Event] = []
+    for _ in range(200):
+        events += exchange(client, server, now, rounds=5)[0]
+        now += 0.05
+    assert SendRoomAvailable() in events
+    assert server.readable == INITIAL_MAX_DATA  # the window's worth waits for the reader, no more
+    assert client.stats()["stream_bytes_sent"] == INITIAL_MAX_DATA  # nothing was sent past the window
+    assert client.send_room() == INITIAL_MAX_DATA  # what was acknowledged left the send buffer
+    received = bytearray()
+    for _ in range(400):
+        received += server.receive()
+        exchange(client, server, now, rounds=5)
+        now += 0.05
+        if len(received) == len(blob):
+            break
+    assert bytes(received) == blob
+
+
+def test_delayed_ack_then_every_second_packet() -> None:
+    client, server = pair()
+    client.send(b"a")
+    (first,) = client.datagrams_to_send(0.0)
+    server.receive_datagram(first, 0.0)
+    assert server.datagrams_to_send(0.0) == []  # one packet: the ACK waits
+    assert server.next_deadline() == pytest.approx(0.025)
+    client.send(b"b")
+    (second,) = client.datagrams_to_send(0.001)
+    server.receive_datagram(second, 0.001)
+    (ack,) = server.datagrams_to_send(0.001)  # the second: at once
+    frame = decode_packet(ack).frames[0]
+    assert isinstance(frame, Ack)
+    assert frame.ranges == ((0, 1),)
+    assert frame.max_data == RudpConfig().receive_window
+
+
+def test_close_reaches_the_peer() -> None:
+    client, server = pair()
+    client.send(b"x")
+    exchange(client, server, 0.0)
+    client.close(0x101, "bye")
+    assert client.state is ConnectionState.CLOSING
+    _, got = exchange(client, server, 0.1)
+    assert ConnectionClosed(code=0x101, reason="bye", by_peer=True) in got
+    assert server.state in (ConnectionState.DRAINING, ConnectionState.CLOSED)
+    with pytest.raises(RudpLocalError):
+        client.send(b"late")
+    exchange(client, server, 10.0)
+    assert client.closed and server.closed
+
+
+def test_an_ack_of_a_packet_never_sent_closes_with_protocol_violation() -> None:
+    client, server = pair()
+    client.send(b"x")
+    exchange(client, server, 0.0)
+    forged = encode_header(SERVER_CID, 99) + encode_ack([(500, 600)], 0, 1 << 20)
+    events = server.receive_datagram(forged, 0.1)
+    assert events == [
+        ConnectionClosed(code=ErrorCode.PROTOCOL_VIOLATION, reason=events[0].reason, by_peer=False)
+    ]  # type: ignore[union-attr]
+    (close,) = server.datagrams_to_send(0.1)
+    assert decode_packet(close).frames[0].code == ErrorCode.PROTOCOL_VIOLATION  # type: ignore[union-attr]
+
+
+def test_wrong_connection_id_and_garbage_are_dropped() -> None:
+    client, server = pair()
+    client.send(b"x")
+    (datagram,) = client.datagrams_to_send(0.0)
+    assert server.receive_datagram(b"\xff" * 30, 0.0) == []
+    other = Connection(role=Role.CLIENT, local_cid=b"a", peer_cid=b"nobody", now=0.0)
+    other.send(b"y")
+    assert server.receive_datagram(other.datagrams_to_send(0.0)[0], 0.0) == []
+    assert server.stats()["packets_dropped"] == 2
+    assert server.receive_datagram(datagram, 0.0) == [StreamReadable()]
+    assert server.receive_datagram(datagram, 0.0) == []  # a duplicate
+    assert server.stats()["packets_duplicate"] == 1
+
+
+def test_an_unvalidated_server_sends_at_most_three_times_what_it_received() -> None:
+    client, server = pair(address_validated=False)
+    client.send(bytes(1000))
+    (datagram,) = client.datagrams_to_send(0.0)
+    server.receive_datagram(datagram, 0.0)
+    server.send(bytes(100_000))
+    sent = sum(len(d) for d in server.datagrams_to_send(0.0))
+    assert 0 < sent <= 3 * len(datagram)
+    server.address_validated()
+    assert len(server.datagrams_to_send(0.0)) > 1
+
+
+def test_idle_timeout() -> None:
+    client, server = pair(RudpConfig(idle_timeout=5.0))
+    client.send(b"x")
+    exchange(client, server, 0.0)
+    assert client.handle_timer(5.1) == [
+        ConnectionClosed(code=ErrorCode.IDLE_TIMEOUT, reason="idle timeout", by_peer=False)
+    ]
+    assert client.closed
+
+
+def test_unknown_congestion_controller() -> None:
+    with pytest.raises(ValueError, match="congestion controller"):
+        RudpConfig(cc="vegas")

@@ -1,0 +1,147 @@
+"""rudp's wire format: varints, every frame, ACK ranges (hypothesis), and garbage raising only WireError."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vtunnel.arq.rudp.ranges import RangeSet
+from vtunnel.arq.rudp.wire import (
+    MAX_VARINT,
+    Ack,
+    Close,
+    DataBlocked,
+    Datagram,
+    Padding,
+    Ping,
+    Stream,
+    WireError,
+    ack_ranges,
+    decode_packet,
+    encode_ack,
+    encode_close,
+    encode_data_blocked,
+    encode_datagram,
+    encode_header,
+    encode_stream,
+    encode_varint,
+    peek_dcid,
+    varint_size,
+)
+
+
+@given(st.integers(min_value=0, max_value=MAX_VARINT))
+def test_varint_round_trip(value: int) -> None:
+    encoded = encode_varint(value)
+    assert len(encoded) == varint_size(value)
+    packet = decode_packet(encode_header(b"", value) + b"\x01")
+    assert packet.number == value
+
+
+def test_varint_bounds() -> None:
+    assert encode_varint(63) == b"\x3f"
+    assert encode_varint(64) == b"\x40\x40"
+    assert encode_varint(15293) == bytes.fromhex("7bbd")  # RFC 9000 appendix A.1's example
+    with pytest.raises(ValueError, match="varint"):
+        encode_varint(MAX_VARINT + 1)
+
+
+def test_every_frame_round_trips() -> None:
+    frames = [
+        encode_stream(0, b"hello"),
+        encode_stream(5, b"", fin=True),
+        encode_ack([(7, 9), (2, 4), (0, 0)], 1234, 1 << 22),
+        encode_datagram(b"udp"),
+        encode_data_blocked(65536),
+        b"\x01",
+        encode_close(4, "protocol violation"),
+        b"\x00\x00\x00",
+        encode_datagram(b"tail", with_length=False),
+    ]
+    packet = decode_packet(encode_header(b"\xaa\xbb", 42) + b"".join(frames))
+    assert packet.dcid == b"\xaa\xbb"
+    assert packet.number == 42
+    assert packet.frames == (
+        Stream(0, b"hello", False),
+        Stream(5, b"", True),
+        Ack(((7, 9), (2, 4), (0, 0)), 1234, 1 << 22),
+        Datagram(b"udp"),
+        DataBlocked(65536),
+        Ping(),
+        Close(4, "protocol violation"),
+        Padding(3),
+        Datagram(b"tail"),
+    )
+    assert packet.frames[2].largest == 9  # type: ignore[union-attr]
+
+
+def test_stream_without_length_runs_to_the_end() -> None:
+    packet = decode_packet(encode_header(b"", 1) + encode_stream(10, b"abc", with_length=False))
+    assert packet.frames == (Stream(10, b"abc", False),)
+
+
+@given(st.sets(st.integers(min_value=0, max_value=5000), min_size=1, max_size=200))
+def test_ack_ranges_round_trip(numbers: set[int]) -> None:
+    ranges = ack_ranges(numbers)
+    # highest first, disjoint and not adjacent, covering exactly the numbers
+    assert all(low <= high for low, high in ranges)
+    assert all(ranges[i][0] > ranges[i + 1][1] + 1 for i in range(len(ranges) - 1))
+    assert {n for low, high in ranges for n in range(low, high + 1)} == numbers
+    frame = decode_packet(encode_header(b"", 0) + encode_ack(ranges, 0, 0)).frames[0]
+    assert isinstance(frame, Ack)
+    assert list(frame.ranges) == ranges
+
+
+@given(st.sets(st.integers(min_value=0, max_value=300), max_size=100))
+def test_range_set_matches_a_set(numbers: set[int]) -> None:
+    ranges = RangeSet()
+    for n in numbers:
+        ranges.add(n, n + 1)
+    assert {n for start, end in ranges for n in range(start, end)} == numbers
+    assert [(low, high + 1) for low, high in reversed(ack_ranges(numbers))] == list(ranges)
+    assert ranges.missing(0, 301) == [(a, b + 1) for a, b in reversed(ack_ranges(set(range(301)) - numbers))]
+
+
+def test_peek_dcid() -> None:
+    assert peek_dcid(encode_header(b"12345678", 3) + b"\x01") == b"12345678"
+    for bad in (b"", b"\x00", b"\x80", b"\x48abc"):
+        with pytest.raises(WireError):
+            peek_dcid(bad)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x40\x00",  # no frames
+        b"\x40\x00\xff",  # unknown frame type
+        b"\x40\x00\x02\x05\x00\x00\x00\x06",  # first ACK range below 0
+        b"\x40\x00\x02\x05\x00\x00\x01\x01\x05\x00",  # second ACK range below 0
+        b"\x40\x00\x02\x05\x00\x00\x3f\x00",  # range count past the packet
+        b"\x40\x00\x0a\x00\x05ab",  # STREAM length past the packet
+        b"\x40\x00\x1c\x00\x02\xff\xfe",  # CLOSE reason not UTF-8
+        b"\x40\x00\x0a\xff\xff\xff\xff\xff\xff\xff\xff\x01a",  # STREAM beyond the largest offset
+        b"\x40\xc0",  # truncated packet number
+    ],
+)
+def test_malformed_packets_raise_wire_error(raw: bytes) -> None:
+    with pytest.raises(WireError):
+        decode_packet(raw)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_garbage_raises_only_wire_error(raw: bytes) -> None:
+    try:
+        decode_packet(raw)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=120))
+def test_garbage_after_a_valid_header_raises_only_wire_error(tail: bytes) -> None:
+    try:
+        decode_packet(encode_header(b"\x01\x02", 5) + tail)
+    except WireError:
+        pass
