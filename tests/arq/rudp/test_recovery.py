@@ -64,6 +64,7 @@ def test_time_threshold_declares_loss_after_nine_eighths_of_the_rtt() -> None:
     result = loss.on_ack(ack_ranges({1}), 0.0, RTT)
     assert result.lost == []
     deadline = loss.deadline()
+    assert deadline is not None
     assert deadline == pytest.approx(0.0 + 9 / 8 * (RTT - SPACING))
     assert loss.on_timeout(deadline - 0.001) == ([], False)
     lost, probe = loss.on_timeout(deadline)
@@ -77,7 +78,8 @@ def test_pto_asks_for_probes_and_backs_off() -> None:
     first = loss.deadline()
     assert first is not None
     lost, probe = loss.on_timeout(first)
-    assert lost == [] and probe
+    assert lost == []
+    assert probe
     assert loss.bytes_in_flight == 1200  # a PTO declares nothing lost
     second = loss.deadline()
     assert second is not None
