@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vtunnel.arq.rudp import RudpConfig
+from vtunnel.arq.rudp.connection import RudpConfig
 from vtunnel.arq.rudp.ranges import RangeSet
 from vtunnel.arq.rudp.wire import Stream, WireError, decode_packet
 from vtunnel.testing import kcpsim, rudpsim

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
-from vtunnel.testing.netpath import Path, PathStats, SimResult, Wire, parse_rate
+from vtunnel.testing.netpath import Path, PathStats, SimResult, Wire, add_path_arguments, path_from_arguments
 from vtunnel.transports.kcp_options import parse_options
 
 __all__ = ["Path", "PathStats", "SimResult", "simulate_bulk"]
@@ -147,31 +147,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rate", type=parse_rate, default=None, help="bottleneck bytes/s (suffix k, m, g)")
-    parser.add_argument("--queue", type=int, default=256 * 1024, help="bottleneck queue in bytes")
-    parser.add_argument("--delay", type=float, default=0.005, help="one-way delay in seconds")
-    parser.add_argument("--loss", type=float, default=0.0, help="random loss each way")
-    parser.add_argument("--mib", type=float, default=16.0, help="MiB to send")
-    parser.add_argument("--jitter", type=float, default=0.0, help="delay varies by up to this, seconds")
-    parser.add_argument("--jitter-reorders", action="store_true", help="jitter reorders datagrams")
-    parser.add_argument("--reorder", type=float, default=0.0, help="fraction held back 5 ms")
-    parser.add_argument("--duplicate", type=float, default=0.0, help="fraction delivered twice")
+    add_path_arguments(parser, mib=16.0)
     parser.add_argument("--timer-lag", type=float, default=0.0, help="timers fire up to this late, seconds")
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kcp", default="", help="kcp URL options, e.g. 'mode=fast3&pacing=off'")
     args = parser.parse_args(argv)
     params = dict(item.split("=", 1) for item in args.kcp.split("&") if item)
     opts = parse_options(params)
-    path = Path(
-        rate=args.rate,
-        queue=args.queue,
-        delay=args.delay,
-        loss=args.loss,
-        jitter=args.jitter,
-        jitter_reorders=args.jitter_reorders,
-        reorder=args.reorder,
-        duplicate=args.duplicate,
-    )
+    path = path_from_arguments(args)
     result = simulate_bulk(
         size=int(args.mib * MiB), forward=path, options=opts, seed=args.seed, timer_lag=args.timer_lag
     )

@@ -8,10 +8,19 @@ duplicated. Two flows that share one :class:`Wire` share its bottleneck queue.
 
 from __future__ import annotations
 
+import argparse
 import random
 from dataclasses import dataclass, field
 
-__all__ = ["Path", "PathStats", "SimResult", "Wire", "parse_rate"]
+__all__ = [
+    "Path",
+    "PathStats",
+    "SimResult",
+    "Wire",
+    "add_path_arguments",
+    "parse_rate",
+    "path_from_arguments",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,3 +120,30 @@ def parse_rate(text: str) -> float:
     """A rate in bytes/s, with an optional suffix k, m or g (``50m``)."""
     scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
     return float(text[:-1] if scale != 1.0 else text) * scale
+
+
+def add_path_arguments(parser: argparse.ArgumentParser, *, mib: float) -> None:
+    """The command-line options of a simulator: the path, the transfer size and the seed."""
+    parser.add_argument("--rate", type=parse_rate, default=None, help="bottleneck bytes/s (suffix k, m, g)")
+    parser.add_argument("--queue", type=int, default=256 * 1024, help="bottleneck queue in bytes")
+    parser.add_argument("--delay", type=float, default=0.005, help="one-way delay in seconds")
+    parser.add_argument("--loss", type=float, default=0.0, help="random loss each way")
+    parser.add_argument("--mib", type=float, default=mib, help="MiB to send")
+    parser.add_argument("--jitter", type=float, default=0.0, help="delay varies by up to this, seconds")
+    parser.add_argument("--jitter-reorders", action="store_true", help="jitter reorders datagrams")
+    parser.add_argument("--reorder", type=float, default=0.0, help="fraction held back 5 ms")
+    parser.add_argument("--duplicate", type=float, default=0.0, help="fraction delivered twice")
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def path_from_arguments(args: argparse.Namespace) -> Path:
+    return Path(
+        rate=args.rate,
+        queue=args.queue,
+        delay=args.delay,
+        loss=args.loss,
+        jitter=args.jitter,
+        jitter_reorders=args.jitter_reorders,
+        reorder=args.reorder,
+        duplicate=args.duplicate,
+    )

@@ -19,7 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vtunnel.arq.rudp.connection import Connection, Role, RudpConfig
-from vtunnel.testing.netpath import Path, PathStats, SimResult, Wire, parse_rate
+from vtunnel.testing.netpath import (
+    Path,
+    PathStats,
+    SimResult,
+    Wire,
+    add_path_arguments,
+    path_from_arguments,
+)
 
 __all__ = ["FlowResult", "simulate_bulk", "simulate_flows"]
 
@@ -232,24 +239,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rate", type=parse_rate, default=None, help="bottleneck bytes/s (suffix k, m, g)")
-    parser.add_argument("--queue", type=int, default=256 * 1024, help="bottleneck queue in bytes")
-    parser.add_argument("--delay", type=float, default=0.005, help="one-way delay in seconds")
-    parser.add_argument("--loss", type=float, default=0.0, help="random loss each way")
-    parser.add_argument("--reorder", type=float, default=0.0, help="fraction held back 5 ms")
-    parser.add_argument("--duplicate", type=float, default=0.0, help="fraction delivered twice")
-    parser.add_argument("--mib", type=float, default=8.0, help="MiB to send")
+    add_path_arguments(parser, mib=8.0)
     parser.add_argument("--cc", default="bbr", help="newreno, cubic or bbr")
-    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    path = Path(
-        rate=args.rate,
-        queue=args.queue,
-        delay=args.delay,
-        loss=args.loss,
-        reorder=args.reorder,
-        duplicate=args.duplicate,
-    )
+    path = path_from_arguments(args)
     result = simulate_bulk(
         size=int(args.mib * MiB), forward=path, config=RudpConfig(cc=args.cc), seed=args.seed
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vtunnel.arq.rudp import (
+from vtunnel.arq.rudp.connection import (
     INITIAL_MAX_DATA,
     Connection,
     ConnectionClosed,

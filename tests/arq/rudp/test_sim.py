@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vtunnel.arq.rudp import Connection, Role, RudpConfig
+from vtunnel.arq.rudp.connection import Connection, Role, RudpConfig
 from vtunnel.arq.rudp.wire import WireError, decode_packet
 from vtunnel.testing.netpath import Path
 from vtunnel.testing.rudpsim import simulate_bulk, simulate_flows
