@@ -25,9 +25,9 @@ from typing import Any
 import anyio
 
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener
-from vtunnel.transports.kcp_link import KCPLink
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.link import KCPLink
+from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
 _KEY = SecurityConfig(psk=bytes(range(32)))

@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 
 from tests.linkutil import stream_of
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener
-from vtunnel.transports.kcp_link import KCPLink
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.link import KCPLink
+from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
 PLAIN = SecurityConfig()

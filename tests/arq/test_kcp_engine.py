@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
-from vtunnel.transports.kcp_options import parse_options
+from vtunnel.transports.kcp.options import parse_options
 
 OPTS = parse_options({"sndwnd": "128", "rcvwnd": "128"})
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vtunnel.arq.pacing import Pacer, PacerConfig, Phase
 from vtunnel.testing.kcpsim import Path, simulate_bulk
-from vtunnel.transports.kcp_options import parse_options
+from vtunnel.transports.kcp.options import parse_options
 
 MiB = 1024 * 1024
 #: the benchmark's relay profile, less its CPU: 50 MB/s through a 256 KiB queue, 5 ms each way

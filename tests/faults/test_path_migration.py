@@ -19,8 +19,8 @@ from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.security.datagram import read_handshake_datagram
 from vtunnel.testing import ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp_secure import SealedKCPListener
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.sealed import SealedKCPListener
+from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import Link, LinkStream
 
 pytestmark = pytest.mark.anyio

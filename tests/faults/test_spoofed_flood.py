@@ -17,8 +17,8 @@ from tests.streams import echo, read_exactly
 from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.security.datagram import DatagramClient, is_minted, read_handshake_datagram, reset_keys
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp_secure import SealedKCPListener
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.sealed import SealedKCPListener
+from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import Link, LinkStream
 
 pytestmark = pytest.mark.anyio

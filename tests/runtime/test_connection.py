@@ -205,8 +205,8 @@ async def kcp_tunnel_pair(
 ) -> AsyncIterator[tuple[TunnelConnection, TunnelConnection]]:
     """The same pair over kcp://, whose sessions take synchronous writes and push what they receive."""
     from vtunnel.transports.base import Endpoint, SecurityConfig
-    from vtunnel.transports.kcp import KCPListener
-    from vtunnel.transports.kcp_transport import KCPTransport
+    from vtunnel.transports.kcp.listener import KCPListener
+    from vtunnel.transports.kcp.transport import KCPTransport
 
     plain = SecurityConfig()
     listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=plain)

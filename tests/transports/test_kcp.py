@@ -17,9 +17,9 @@ from tests.streams import echo, read_exactly, wait_until
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.io.datagrams import DatagramSocket, open_udp_socket
 from vtunnel.transports.base import Endpoint
-from vtunnel.transports.kcp import KCPListener
-from vtunnel.transports.kcp_options import parse_options
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.options import parse_options
+from vtunnel.transports.kcp.transport import KCPTransport
 
 pytestmark = pytest.mark.anyio
 

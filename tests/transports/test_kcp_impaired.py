@@ -14,9 +14,9 @@ from tests.linkutil import stream_of
 from tests.streams import wait_until
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener
-from vtunnel.transports.kcp_link import KCPLink
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.link import KCPLink
+from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
 pytestmark = pytest.mark.anyio

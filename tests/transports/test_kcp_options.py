@@ -8,8 +8,8 @@ import pytest
 
 from vtunnel.arq.kcp_options import PRESETS, KCPOptions
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
-from vtunnel.transports.kcp_options import parse_options
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.options import parse_options
+from vtunnel.transports.kcp.transport import KCPTransport
 
 
 def test_defaults_are_fast3_with_big_windows() -> None:

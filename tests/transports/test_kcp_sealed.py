@@ -43,11 +43,11 @@ from vtunnel.security.noise import Responder
 from vtunnel.security.replay import ReplayCache, ResetLimiter
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener
-from vtunnel.transports.kcp_link import KCPLink
-from vtunnel.transports.kcp_options import parse_options
-from vtunnel.transports.kcp_secure import RESET_REASON, SealedKCPListener, connect_sealed
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.link import KCPLink
+from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.options import parse_options
+from vtunnel.transports.kcp.sealed import RESET_REASON, SealedKCPListener, connect_sealed
+from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
 pytestmark = pytest.mark.anyio

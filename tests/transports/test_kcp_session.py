@@ -13,9 +13,9 @@ import pytest
 from tests.kcputil import connect, kcp_server
 from tests.streams import echo, read_exactly, wait_until
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp import KCPListener
-from vtunnel.transports.kcp_link import ACK_DELAY, ACK_NOW_SEGMENTS, KCPLink
-from vtunnel.transports.kcp_transport import KCPTransport
+from vtunnel.transports.kcp.link import ACK_DELAY, ACK_NOW_SEGMENTS, KCPLink
+from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
 pytestmark = pytest.mark.anyio

@@ -1,5 +1,5 @@
 """What a KCP session is configured with: the ``ikcp_nodelay`` presets and :class:`KCPOptions` (pure data; the
-``kcp://`` URL parser that builds them is :mod:`vtunnel.transports.kcp_options`)."""
+``kcp://`` URL parser that builds them is :mod:`vtunnel.transports.kcp.options`)."""
 
 from __future__ import annotations
 

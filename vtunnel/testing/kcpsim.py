@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.testing.netpath import Path, PathStats, SimResult, Wire, add_path_arguments, path_from_arguments
-from vtunnel.transports.kcp_options import parse_options
+from vtunnel.transports.kcp.options import parse_options
 
 __all__ = ["Path", "PathStats", "SimResult", "simulate_bulk"]
 

@@ -1,5 +1,5 @@
 """``kcp://``, the transport the registry names: it picks the plain session (:mod:`vtunnel.transports.kcp`) or the
-sealed one (:mod:`vtunnel.transports.kcp_secure`) by whether a key is configured."""
+sealed one (:mod:`vtunnel.transports.kcp.sealed`) by whether a key is configured."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from anyio.abc import Listener
 from vtunnel.arq.kcp_engine import KCPEngineError
 from vtunnel.io.datagrams import open_client_socket, open_udp_socket
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
-from vtunnel.transports.kcp import KCPClient, KCPListener, random_conv, resolve_endpoint
-from vtunnel.transports.kcp_options import parse_options
-from vtunnel.transports.kcp_secure import SealedKCPListener, connect_sealed
+from vtunnel.transports.kcp.listener import KCPClient, KCPListener, random_conv, resolve_endpoint
+from vtunnel.transports.kcp.options import parse_options
+from vtunnel.transports.kcp.sealed import SealedKCPListener, connect_sealed
 from vtunnel.transports.link import Link
 
 __all__ = ["KCPTransport"]

@@ -51,8 +51,8 @@ from vtunnel.security.datagram import (
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 from vtunnel.transports.base import TransportError
-from vtunnel.transports.kcp import KCPListener, SessionKey
-from vtunnel.transports.kcp_link import KCPLink
+from vtunnel.transports.kcp.link import KCPLink
+from vtunnel.transports.kcp.listener import KCPListener, SessionKey
 from vtunnel.transports.secure import cipher_preference
 
 __all__ = ["SealedKCPListener", "connect_sealed"]

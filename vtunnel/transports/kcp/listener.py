@@ -10,7 +10,7 @@ Without a key nothing can be authenticated, but a session moves to a new address
 newer than any the session has taken (:class:`NewestMarks`): a copy of one of its old datagrams, sent from
 elsewhere, is dropped and does not move it.
 
-With ``security.psk`` every datagram is sealed (see :mod:`vtunnel.transports.kcp_secure`): sessions are then
+With ``security.psk`` every datagram is sealed (see :mod:`vtunnel.transports.kcp.sealed`): sessions are then
 keyed by the authenticated connection ID, and a datagram that fails authentication is dropped before KCP sees
 it.
 
@@ -49,7 +49,7 @@ from vtunnel.io.datagrams import (
     split_run,
 )
 from vtunnel.transports.base import Endpoint, TransportError
-from vtunnel.transports.kcp_link import KCPLink
+from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.link import Link
 
 __all__ = ["KCPClient", "KCPLink", "KCPListener", "NewestMarks", "random_conv", "resolve_endpoint"]
