@@ -9,6 +9,7 @@ from tests.linkutil import stream_of
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.plain import PlainListenerCodec
 from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
@@ -16,7 +17,7 @@ PLAIN = SecurityConfig()
 
 
 @asynccontextmanager
-async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener, str]]:
+async def kcp_server(query: str = "") -> AsyncIterator[tuple[KCPListener[PlainListenerCodec], str]]:
     """A plain kcp:// listener on 127.0.0.1 with URL options ``query``; yields it and its URL (without them)."""
     listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=PLAIN)
     assert isinstance(listener, KCPListener)

@@ -22,8 +22,8 @@ from tests.linkutil import stream_of
 from tests.streams import read_exactly
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.transports.base import Endpoint
-from vtunnel.transports.kcp.listener import NewestMarks
 from vtunnel.transports.kcp.options import parse_options
+from vtunnel.transports.kcp.plain import NewestMarks
 
 CONV = 0x5EED
 HALF = 1 << 31

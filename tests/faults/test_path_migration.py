@@ -19,7 +19,8 @@ from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.security.datagram import read_handshake_datagram
 from vtunnel.testing import ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp.sealed import SealedKCPListener
+from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.sealed import SealedListenerCodec
 from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import Link, LinkStream
 
@@ -106,9 +107,10 @@ async def serve_download(link: Link) -> None:
         await stream.aclose()
 
 
-async def listen() -> SealedKCPListener:
+async def listen() -> KCPListener[SealedListenerCodec]:
     listener = await KCPTransport().listen(Endpoint.parse("kcp://127.0.0.1:0"), security=KEY)
-    assert isinstance(listener, SealedKCPListener)
+    assert isinstance(listener, KCPListener)
+    assert isinstance(listener.codec, SealedListenerCodec)
     return listener
 
 
@@ -151,7 +153,7 @@ async def test_copies_from_another_address_get_the_allowance_at_most_and_move_no
     assert forwarder.injected > DOWNLOAD // 100  # the copies went in (ACKs mostly)
     assert forwarder.to_injector <= ALLOWANCE * forwarder.injected
     assert addresses == {upstream}  # the session never moved
-    assert listener.challenges_sent >= 1  # copies raced ahead of originals, and were challenged
+    assert listener.codec.challenges_sent >= 1  # copies raced ahead of originals, and were challenged
 
 
 async def test_a_real_rebinding_moves_the_session_after_its_new_address_answered() -> None:
@@ -172,7 +174,7 @@ async def test_a_real_rebinding_moves_the_session_after_its_new_address_answered
             with anyio.fail_after(60):
                 await download(client)
             assert [s.remote_address for s in listener.sessions.values()] == [moved]
-        assert listener.challenges_sent >= 2
+        assert listener.codec.challenges_sent >= 2
         await client.aclose()
         tg.cancel_scope.cancel()
     await listener.aclose()

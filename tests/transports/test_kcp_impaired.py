@@ -16,6 +16,7 @@ from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.plain import PlainListenerCodec
 from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
@@ -32,7 +33,7 @@ PLAIN = SecurityConfig()
 FAST = "?mode=fast3&sndwnd=1024&rcvwnd=1024"
 
 
-async def listen(query: str = FAST) -> KCPListener:
+async def listen(query: str = FAST) -> KCPListener[PlainListenerCodec]:
     listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=PLAIN)
     assert isinstance(listener, KCPListener)
     return listener
@@ -72,7 +73,7 @@ async def send_pattern(stream: ByteStream, size: int, seed: int) -> str:
 
 
 async def transfer(
-    client: LinkStream[KCPLink], listener: KCPListener, size: int, *, limit: float = 110.0
+    client: LinkStream[KCPLink], listener: KCPListener[PlainListenerCodec], size: int, *, limit: float = 110.0
 ) -> tuple[str, str, str]:
     """client -> server ``size`` bytes; returns (sent digest, server digest, digest echoed to the client)."""
     results: dict[str, str] = {}

@@ -43,10 +43,11 @@ from vtunnel.security.noise import Responder
 from vtunnel.security.replay import ReplayCache, ResetLimiter
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.kcp.client import connect as kcp_connect
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.options import parse_options
-from vtunnel.transports.kcp.sealed import RESET_REASON, SealedKCPListener, connect_sealed
+from vtunnel.transports.kcp.sealed import RESET_REASON, SealedClientCodec, SealedListenerCodec
 from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
@@ -64,15 +65,16 @@ OTHER_KEY = SecurityConfig(psk=bytes(32))
 PLAIN = SecurityConfig()
 
 
-async def sealed_listener(query: str = "") -> SealedKCPListener:
+async def sealed_listener(query: str = "") -> KCPListener[SealedListenerCodec]:
     listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=KEY)
-    assert isinstance(listener, SealedKCPListener)
+    assert isinstance(listener, KCPListener)
+    assert isinstance(listener.codec, SealedListenerCodec)
     return listener
 
 
 async def sealed_stream(*args: Any, **kwargs: Any) -> LinkStream[KCPLink]:
-    """``connect_sealed`` as a byte stream."""
-    return stream_of(await connect_sealed(*args, **kwargs))
+    """``kcp_connect`` as a byte stream."""
+    return stream_of(await kcp_connect(*args, **kwargs))
 
 
 async def connect(port: int, security: SecurityConfig = KEY, query: str = "") -> LinkStream[KCPLink]:
@@ -198,7 +200,7 @@ async def test_closing_a_sealed_session_forgets_its_keys() -> None:
         server_side = next(iter(listener.sessions.values()))
         await server_side.aclose()
         assert listener.session_count == 0
-        assert listener.authenticated_count == 0
+        assert len(listener.codec.paths) == 0
         await client.aclose()
         tg.cancel_scope.cancel()
     await listener.aclose()
@@ -250,11 +252,11 @@ async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> No
         await listener.aclose()
 
 
-async def _sealed_pair_listener(cipher: str, query: str = "") -> SealedKCPListener:
+async def _sealed_pair_listener(cipher: str, query: str = "") -> KCPListener[SealedListenerCodec]:
     options = parse_options(dict(p.split("=") for p in query.split("&") if p))
     sock = open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0), sockbuf=options.sockbuf)
     assert KEY.psk is not None
-    return SealedKCPListener(sock, options, KEY.psk, cipher=cipher)
+    return KCPListener(sock, options, SealedListenerCodec(KEY.psk, cipher=cipher))
 
 
 @pytest.mark.parametrize(
@@ -278,10 +280,9 @@ async def test_sealed_tunnel_moves_bytes_exactly_with_each_cipher(
                 socket.AF_INET,
                 listener.local_address,
                 parse_options({"mode": "fast3"}),
-                KEY.psk,
-                cipher=client,
+                SealedClientCodec(KEY.psk, cipher=client),
             )
-        assert [p.session.cipher for p in listener.paths.values()] == [expected]
+        assert [p.session.cipher for p in listener.codec.paths.values()] == [expected]
         payload = os.urandom(1024 * 1024)
         with anyio.fail_after(60):
             tg.start_soon(stream.send, payload)
@@ -295,14 +296,13 @@ async def test_sealed_ciphers_with_nothing_in_common_time_out_silently() -> None
     listener = await _sealed_pair_listener("chacha20-poly1305")
     assert KEY.psk is not None
     with pytest.raises(HandshakeTimeout, match="protocol version"):
-        await connect_sealed(
+        await kcp_connect(
             socket.AF_INET,
             listener.local_address,
             parse_options({"connect_timeout": "1"}),
-            KEY.psk,
-            cipher="aes-256-gcm",
+            SealedClientCodec(KEY.psk, cipher="aes-256-gcm"),
         )
-    assert listener.authenticated_count == 0
+    assert len(listener.codec.paths) == 0
     assert listener.dropped >= 1
     await listener.aclose()
 
@@ -322,7 +322,7 @@ async def test_the_process_cipher_setting_reaches_kcp(monkeypatch: pytest.Monkey
             await stream.send(b"hello")
             with anyio.fail_after(20):
                 assert await read_exactly(stream, 5) == b"hello"
-            assert [p.session.cipher for p in listener.paths.values()] == [expected]
+            assert [p.session.cipher for p in listener.codec.paths.values()] == [expected]
             await stream.aclose()
             tg.cancel_scope.cancel()
         await listener.aclose()
@@ -351,12 +351,11 @@ async def test_a_reply_choosing_a_cipher_not_offered_fails_the_client_at_once() 
     fake = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), answer)
     try:
         with pytest.raises(AuthenticationFailed, match="did not offer"):
-            await connect_sealed(
+            await kcp_connect(
                 socket.AF_INET,
                 fake.local_address,
                 parse_options({"connect_timeout": "60"}),
-                psk,
-                cipher="chacha20-poly1305",
+                SealedClientCodec(psk, cipher="chacha20-poly1305"),
             )
         assert answered
     finally:
@@ -368,11 +367,13 @@ async def test_a_reply_choosing_a_cipher_not_offered_fails_the_client_at_once() 
 GENEROUS = ResetLimiter(1e6, 1_000_000, total_rate=1e6, total_burst=1_000_000)
 
 
-async def sealed_listener_at(port: int = 0, reset_limiter: ResetLimiter | None = None) -> SealedKCPListener:
+async def sealed_listener_at(
+    port: int = 0, reset_limiter: ResetLimiter | None = None
+) -> KCPListener[SealedListenerCodec]:
     options = parse_options({})
     sock = open_udp_socket(socket.AF_INET, bind=("127.0.0.1", port), sockbuf=options.sockbuf)
     assert KEY.psk is not None
-    return SealedKCPListener(sock, options, KEY.psk, reset_limiter=reset_limiter)
+    return KCPListener(sock, options, SealedListenerCodec(KEY.psk, reset_limiter=reset_limiter))
 
 
 CID_KEY = reset_keys(KEY.psk or b"")[1]
@@ -423,9 +424,9 @@ async def test_a_restarted_server_resets_the_client_at_once() -> None:
             await client.receive()
         with pytest.raises(anyio.BrokenResourceError):
             await client.send(b"x")
-        assert restarted.resets_sent >= 1
+        assert restarted.codec.resets_sent >= 1
         assert restarted.session_count == 0
-        assert restarted.authenticated_count == 0
+        assert len(restarted.codec.paths) == 0
     finally:
         await client.aclose()
         await restarted.aclose()
@@ -509,7 +510,7 @@ async def test_strangers_get_short_resets_within_the_rate_limit_and_nothing_else
         await anyio.sleep(0.2)
         with pytest.raises(BlockingIOError):  # the source's burst of 5 is spent
             raw.recv(4096)
-    assert listener.resets_sent == 5
+    assert listener.codec.resets_sent == 5
     await listener.aclose()
 
 
@@ -540,7 +541,7 @@ async def test_a_known_session_is_never_reset_and_the_listener_never_falls(
             await client.send(b"hello")
             assert await read_exactly(client, 5) == b"hello"
         cid = next(k for k in listener.sessions if isinstance(k, bytes))
-        crypto = listener.paths[cid].session
+        crypto = listener.codec.paths[cid].session
         with raw_socket() as raw:
             for body, kind in datagrams:
                 if kind == "own":

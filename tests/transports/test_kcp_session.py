@@ -15,6 +15,7 @@ from tests.streams import echo, read_exactly, wait_until
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp.link import ACK_DELAY, ACK_NOW_SEGMENTS, KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.plain import PlainListenerCodec
 from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
@@ -51,7 +52,7 @@ async def running(link: KCPLink, consumer: Recorder) -> AsyncIterator[None]:
         tg.cancel_scope.cancel()
 
 
-async def accept(listener: KCPListener) -> KCPLink:
+async def accept(listener: KCPListener[PlainListenerCodec]) -> KCPLink:
     with anyio.fail_after(10):
         link = await listener.accept()
     assert isinstance(link, KCPLink)
@@ -192,7 +193,9 @@ async def test_a_paused_link_holds_its_input_until_resumed() -> None:
         await server.aclose()
 
 
-async def pushing(listener: KCPListener, client: LinkStream[KCPLink], recorder: Recorder) -> KCPLink:
+async def pushing(
+    listener: KCPListener[PlainListenerCodec], client: LinkStream[KCPLink], recorder: Recorder
+) -> KCPLink:
     """Open the session with one byte, accept it and run it for ``recorder`` once that byte's ACK went out."""
     await client.send(b"!")
     server = await accept(listener)

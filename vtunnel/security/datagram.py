@@ -256,7 +256,9 @@ def write_handshake_datagram(
     return salt + _frame_mask(psk, _SERVER_FRAMES, salt)(initial_cid + message)
 
 
-def read_handshake_datagram(psk: bytes, datagram: bytes, *, from_client: bool) -> tuple[bytes, bytes] | None:
+def read_handshake_datagram(
+    psk: bytes, datagram: bytes | memoryview, *, from_client: bool
+) -> tuple[bytes, bytes] | None:
     """``(initial CID, Noise message)`` of an INIT (``from_client``) or a REPLY, or None if ``datagram`` cannot
     be one: a size out of range or, for an INIT, a masked length that does not match (so garbage is dropped
     after one hash and 10 bytes of keystream). A non-None answer proves nothing: the message must authenticate.
@@ -277,7 +279,7 @@ def read_handshake_datagram(psk: bytes, datagram: bytes, *, from_client: bool) -
     return body[:CID_LEN], body[CID_LEN:]
 
 
-def peek_connection_id(datagram: bytes) -> bytes | None:
+def peek_connection_id(datagram: bytes | memoryview) -> bytes | None:
     """The connection ID a DATA or CONTROL datagram would carry: its first 8 bytes, or None if it is too short
     to be one. Cheap: no cryptography. A handshake datagram starts with random bytes instead; a non-None answer
     proves nothing, and the datagram must still be opened.
@@ -582,7 +584,7 @@ class PeerPath:
             self._outgoing = []
         return out
 
-    def receive(self, datagram: bytes, source: tuple[str, int], now: float) -> bytes | None:
+    def receive(self, datagram: bytes | memoryview, source: tuple[str, int], now: float) -> bytes | None:
         """The payload of an authentic, new DATA datagram of this session; None for anything else (a control
         datagram included, which is handled here)."""
         session = self.session
@@ -744,7 +746,7 @@ class DatagramClient:
             self._start(now)
         return self._init
 
-    def receive(self, datagram: bytes, now: float) -> bytes | ControlMessage | None:
+    def receive(self, datagram: bytes | memoryview, now: float) -> bytes | ControlMessage | None:
         """A handshake reply -> None (and :attr:`established` becomes True); a DATA datagram -> its payload; a
         CONTROL datagram -> its message (answer a :class:`PathChallenge`); anything invalid, duplicated or
         unexpected -> None, silently.
@@ -776,7 +778,7 @@ class DatagramClient:
         self._reset_token = reset_token(reset_keys(self._psk)[0], self._session.connection_id)
         return None
 
-    def is_reset(self, datagram: bytes) -> bool:
+    def is_reset(self, datagram: bytes | memoryview) -> bool:
         """Whether ``datagram`` is the server's stateless reset for this session: the server lost it.
 
         Only a holder of the PSK can make one. Call it for a datagram the session did not open (a reset never
@@ -866,7 +868,7 @@ class DatagramServer:
 
     def accept(
         self,
-        datagram: bytes,
+        datagram: bytes | memoryview,
         source: tuple[str, int],
         now: float,
         *,
@@ -987,7 +989,7 @@ class StatelessReset:
         """The reset token of ``connection_id`` (what a client checks the reset against)."""
         return reset_token(self._key, connection_id)
 
-    def answer(self, datagram: bytes, source: tuple[str, int], now: float) -> bytes | None:
+    def answer(self, datagram: bytes | memoryview, source: tuple[str, int], now: float) -> bytes | None:
         """The reset for ``datagram`` (to send to ``source``), or None: send nothing."""
         n = len(datagram)
         if n <= MIN_RESET_DATAGRAM:

@@ -1,8 +1,8 @@
 """One KCP session as a :class:`~vtunnel.transports.link.Link`: the thin driver around :class:`KCPEngine`.
 
-The owner (client connection or server listener) hands in vetted plaintext KCP datagrams with
-:meth:`KCPLink.feed`; the link gives what they carry to its consumer in the same step, and sends what KCP emits
-through ``transmit``. Everything the session sends leaves through one point, :meth:`KCPLink._service`, run after
+The owner (client or listener) vets plaintext KCP datagrams with :meth:`KCPLink.accepts` and
+:meth:`KCPLink.take_run` and hands them in with :meth:`KCPLink.feed`; the link gives what they carry to its
+consumer in the same step, and sends what KCP emits through ``transmit``, to its ``remote_address``. Everything the session sends leaves through one point, :meth:`KCPLink._service`, run after
 each input, each write and each timer; it also re-arms the session's one timer, at the earliest of ikcp's next
 deadline (``ikcp_check``: a quiet session has none), a delayed ACK and a slow watchdog for dead links and idle
 expiry.
@@ -24,7 +24,9 @@ from anyio.abc import SocketAttribute
 
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
-from vtunnel.io.datagrams import Address
+from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
+from vtunnel.io.datagrams import Address, split_run
+from vtunnel.transports.kcp.codec import Datagram, Transmit
 from vtunnel.transports.link import Link, LinkConsumer
 
 __all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPLink"]
@@ -60,7 +62,7 @@ class KCPLink(Link):
         *,
         engine: KCPEngine,
         options: KCPOptions,
-        transmit: Callable[[list[bytes]], None],
+        transmit: Transmit,
         local_address: Address,
         remote_address: Address,
         on_close: Callable[[KCPLink], None] | None = None,
@@ -99,7 +101,30 @@ class KCPLink(Link):
 
     # --- from the owner -------------------------------------------------------------------------------------
 
-    def feed(self, datagrams: Sequence[bytes | memoryview]) -> None:
+    def accepts(self, datagram: Datagram) -> bool:
+        """Whether ``datagram`` is a valid KCP datagram of this session (its conv, known commands, exact
+        lengths)."""
+        return valid_datagram(datagram, self._engine.conv)
+
+    def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
+        """Add a run of datagrams (``segment`` bytes each) to ``into`` as ikcp may take them: the whole run as
+        one input when none carries an ACK, else one by one. False, adding nothing, when one is not valid."""
+        engine = self._engine
+        if segment >= len(buffer):
+            if not valid_datagram(buffer, engine.conv):
+                return False
+            into.append(buffer)
+            return True
+        verdict = vet_run(buffer, segment, engine.conv)
+        if verdict == RunVerdict.INVALID:
+            return False
+        if verdict == RunVerdict.NO_ACKS and engine.whole_runs:
+            into.append(buffer)
+        else:
+            into.extend(split_run(buffer, segment))
+        return True
+
+    def feed(self, datagrams: Sequence[Datagram]) -> None:
         """Input one batch of vetted plaintext KCP datagrams: deliver what they carry, ACK, send.
 
         The bytes go up before the ACK goes out: whatever the consumer answers at once (a window update, a reply)
@@ -203,7 +228,7 @@ class KCPLink(Link):
             self._flush(now)
             out = self._engine.datagrams_to_send()
             if out:
-                self._transmit(out)
+                self._transmit(out, self.remote_address)
             self._teardown()
         await anyio.lowlevel.checkpoint()
 
@@ -254,7 +279,7 @@ class KCPLink(Link):
             self._flush(now)
         out = engine.datagrams_to_send()
         if out:
-            self._transmit(out)
+            self._transmit(out, self.remote_address)
         if engine.dead:
             self.fail("dead link: a segment was retransmitted too often")
             return

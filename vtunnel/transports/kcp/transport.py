@@ -1,21 +1,35 @@
-"""``kcp://``, the transport the registry names: it picks the plain session (:mod:`vtunnel.transports.kcp`) or the
-sealed one (:mod:`vtunnel.transports.kcp.sealed`) by whether a key is configured."""
+"""``kcp://``, the transport the registry names: one listener or one client, with the plain codec
+(:mod:`~vtunnel.transports.kcp.plain`) or, when a key is configured, the sealed one
+(:mod:`~vtunnel.transports.kcp.sealed`)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import socket
+from typing import Any, ClassVar
 
+import anyio
 from anyio.abc import Listener
 
-from vtunnel.arq.kcp_engine import KCPEngineError
-from vtunnel.io.datagrams import open_client_socket, open_udp_socket
+from vtunnel.io.datagrams import Address, open_udp_socket
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
-from vtunnel.transports.kcp.listener import KCPClient, KCPListener, random_conv, resolve_endpoint
+from vtunnel.transports.kcp.client import connect
+from vtunnel.transports.kcp.codec import ClientCodec, ListenerCodec
+from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.options import parse_options
-from vtunnel.transports.kcp.sealed import SealedKCPListener, connect_sealed
+from vtunnel.transports.kcp.plain import PlainClientCodec, PlainListenerCodec
+from vtunnel.transports.kcp.sealed import SealedClientCodec, SealedListenerCodec
 from vtunnel.transports.link import Link
 
 __all__ = ["KCPTransport"]
+
+
+async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
+    try:
+        infos = await anyio.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise TransportError(f"cannot resolve {endpoint.hostport}: {exc}") from None
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
 class KCPTransport(Transport):
@@ -29,28 +43,24 @@ class KCPTransport(Transport):
 
     async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
         options = parse_options(endpoint.params)
-        family, server = await resolve_endpoint(endpoint)
-        if security.psk is not None:
-            return await connect_sealed(family, server, options, security.psk, cipher=security.cipher)
-        try:
-            sock = open_client_socket(family, server, sockbuf=options.sockbuf)
-        except OSError as exc:
-            raise TransportError(f"cannot open a UDP socket to {endpoint.hostport}: {exc}") from None
-        conv = options.conv if options.conv is not None else random_conv()
-        try:
-            client = KCPClient(sock, server, options, conv)
-        except KCPEngineError as exc:
-            sock.close()
-            raise TransportError(str(exc)) from None
-        return client.stream
+        family, server = await _resolve(endpoint)
+        codec: ClientCodec = (
+            PlainClientCodec()
+            if security.psk is None
+            else SealedClientCodec(security.psk, cipher=security.cipher)
+        )
+        return await connect(family, server, options, codec)
 
     async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
         options = parse_options(endpoint.params)
-        family, address = await resolve_endpoint(endpoint)
+        family, address = await _resolve(endpoint)
+        codec: ListenerCodec[Any] = (
+            PlainListenerCodec()
+            if security.psk is None
+            else SealedListenerCodec(security.psk, cipher=security.cipher)
+        )
         try:
             sock = open_udp_socket(family, bind=address, sockbuf=options.sockbuf)
         except OSError as exc:
             raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
-        if security.psk is not None:
-            return SealedKCPListener(sock, options, security.psk, cipher=security.cipher)
-        return KCPListener(sock, options)
+        return KCPListener(sock, options, codec)

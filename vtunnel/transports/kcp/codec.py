@@ -1,0 +1,179 @@
+"""Datagram codecs: what a datagram transport's listener and client do to the datagrams of one UDP socket before
+their ARQ sees them, as typed interfaces.
+
+A codec says how a datagram is opened (and authenticated), what keys a session, whether a session may follow
+its peer to a new address now, and what a datagram for no session does (a handshake, a stateless reset). It
+does not keep the session table: :class:`~vtunnel.transports.kcp.routing.SessionRouter` finds, creates and
+forgets sessions, keeps the tombstones and the session limit, and moves a session to the address its codec
+names, the same way whatever the codec. Two codecs exist: :mod:`~vtunnel.transports.kcp.plain` (KCP's datagrams
+as they are) and :mod:`~vtunnel.transports.kcp.sealed` (every datagram sealed by :mod:`vtunnel.security.datagram`).
+
+Nothing here is KCP's: the codecs see a session only as a :class:`RoutedLink`, whose ``accepts`` and
+``take_run`` vet the ARQ's own datagrams. A second ARQ over UDP (``rudp://``) reuses the router and the sealed
+codec as they are, with a link of its own that has those methods, and brings its own plain codec (what keys a
+session and what proves a datagram newer are read from the ARQ's header).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, Protocol, TypeAlias, TypeVar
+
+from vtunnel.io.datagrams import Address, Run
+
+__all__ = [
+    "ClientCodec",
+    "Datagram",
+    "ListenerCodec",
+    "RoutedLink",
+    "Sealer",
+    "Send",
+    "Transmit",
+    "transmitter",
+]
+
+#: one datagram: a whole buffer, or a view of one datagram of a run
+Datagram: TypeAlias = bytes | memoryview
+#: seals a batch of the ARQ's datagrams: one wire datagram for each, in order
+Sealer: TypeAlias = Callable[[list[bytes]], list[bytes]]
+#: sends one datagram to an address (what a codec answers with: handshake replies, challenges, resets)
+Send: TypeAlias = Callable[[bytes, Address], None]
+#: sends a batch of datagrams to an address (a session's output)
+Transmit: TypeAlias = Callable[[list[bytes], Address], None]
+#: where a run of datagrams that a codec could not open as a batch goes, one datagram at a time
+Stray: TypeAlias = Callable[[Datagram], None]
+
+K = TypeVar("K", bound=Hashable)
+
+
+class RoutedLink(Protocol):
+    """What the router and the codecs need of one session: where its peer is, vetting of the ARQ's datagrams,
+    input and failure."""
+
+    remote_address: Address
+
+    def accepts(self, datagram: Datagram) -> bool:
+        """Whether ``datagram`` is a valid datagram of this session's ARQ."""
+        ...
+
+    def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
+        """Add a run of this session's datagrams (``segment`` bytes each) to ``into``, as the ARQ takes them;
+        False, adding nothing, when some datagram of the run is not valid."""
+        ...
+
+    def feed(self, datagrams: Sequence[Datagram]) -> None:
+        """Input one batch of vetted datagrams."""
+        ...
+
+    def fail(self, reason: str) -> None:
+        """End the session: its user sees it broken."""
+        ...
+
+
+def transmitter(send_many: Transmit, seal: Sealer | None) -> Transmit:
+    """A session's output: ``send_many``, with every batch sealed first when there is a ``seal``."""
+    if seal is None:
+        return send_many
+
+    def transmit(datagrams: list[bytes], address: Address) -> None:
+        send_many(seal(datagrams), address)
+
+    return transmit
+
+
+class ListenerCodec(ABC, Generic[K]):
+    """A listener's codec: how the datagrams arriving on its one socket are read, sessions keyed by ``K``.
+
+    The router calls, for each datagram it routes: :meth:`key_of`; for a key, :meth:`open` (or
+    :meth:`open_run` for runs from the session's current address); for no key, :meth:`stranger`. When it
+    creates a session it calls :meth:`session_started`, when it forgets one :meth:`forget`. Whatever a codec
+    sends itself goes through the ``send`` given to :meth:`attach`.
+    """
+
+    #: bytes sealing adds to each datagram (the ARQ's MTU is reduced by as much)
+    overhead: int = 0
+
+    @abstractmethod
+    def attach(self, send: Send, *, sessions: int) -> None:
+        """The listener's socket is open: ``send`` reaches it; ``sessions`` is the session limit."""
+
+    @abstractmethod
+    def key_of(self, datagram: Datagram, source: Address) -> K | None:
+        """The key of the session ``datagram`` belongs to, read without opening it; None when it names none the
+        codec knows (then it is a stranger's)."""
+
+    @abstractmethod
+    def open(
+        self, key: K, link: RoutedLink | None, datagram: Datagram, source: Address, now: float
+    ) -> tuple[Datagram | None, Address]:
+        """Open one datagram of session ``key`` from ``source`` (``link`` None: the session has no link yet).
+
+        Returns what goes to the session (None: nothing, the datagram is dropped) and where the session's peer
+        is now: the router moves the link there, whether or not anything goes to it. A payload for a session
+        without a link is the link's first datagram (the router decides whether it starts one).
+        """
+
+    @abstractmethod
+    def open_run(
+        self, key: K, link: RoutedLink, runs: list[tuple[bytes, int]], into: list[Datagram], stray: Stray
+    ) -> int:
+        """Open runs of session ``key`` that came from its current address, in order: add what goes to the
+        session to ``into``, give each datagram this could not open as a batch to ``stray`` (routed alone, in
+        place); return how many datagrams were dropped."""
+
+    @abstractmethod
+    def stranger(self, datagram: Datagram, source: Address, now: float) -> bool:
+        """A datagram that names no known session: answer it if there is something to answer; whether it was
+        taken (a handshake), not dropped."""
+
+    @abstractmethod
+    def session_started(self, key: K) -> Sealer | None:
+        """The router starts a link for ``key``: what seals its output (None: sent as it is)."""
+
+    @abstractmethod
+    def forget(self, key: K) -> None:
+        """Session ``key`` is gone."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """The listener is closed: forget everything."""
+
+
+class ClientCodec(ABC):
+    """A client's codec: the datagrams between one client socket and its server.
+
+    The client sends :meth:`handshake`'s datagrams until :attr:`established` (feeding it the replies through
+    :meth:`receive_handshake`), then starts its link, sealed by :meth:`sealer`, and feeds it what
+    :meth:`open` opens.
+    """
+
+    #: bytes sealing adds to each datagram (the ARQ's MTU is reduced by as much)
+    overhead: int = 0
+
+    @abstractmethod
+    def attach(self, send: Send, server: Address) -> None:
+        """The client's socket is open: ``send`` reaches it; ``server`` is the server's address."""
+
+    @property
+    @abstractmethod
+    def established(self) -> bool:
+        """Whether the session's link may start."""
+
+    @abstractmethod
+    async def handshake(self, timeout: float) -> None:
+        """Run the handshake until :attr:`established`; raise a :class:`~vtunnel.security.errors.SecurityError`
+        when it cannot be."""
+
+    @abstractmethod
+    def receive_handshake(self, datagram: Datagram) -> None:
+        """A datagram that arrived before :attr:`established`."""
+
+    @abstractmethod
+    def sealer(self) -> Sealer | None:
+        """What seals the link's output, once :attr:`established` (None: sent as it is)."""
+
+    @abstractmethod
+    def open(self, runs: list[Run], link: RoutedLink, into: list[Datagram]) -> str | None:
+        """Open what arrived: add what goes to the link to ``into``; return why the server ended the session
+        when it did (the link fails after taking ``into``), else None."""
