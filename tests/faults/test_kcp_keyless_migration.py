@@ -21,9 +21,9 @@ from tests.kcputil import kcp_server
 from tests.linkutil import stream_of
 from tests.streams import read_exactly
 from vtunnel.arq.kcp_engine import KCPEngine
+from vtunnel.arq.kcp_wire import NewestMarks
 from vtunnel.transports.base import Endpoint
 from vtunnel.transports.kcp.options import parse_options
-from vtunnel.transports.kcp.plain import NewestMarks
 
 CONV = 0x5EED
 HALF = 1 << 31

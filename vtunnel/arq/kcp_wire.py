@@ -1,4 +1,5 @@
-"""KCP segment headers: just enough parsing to vet a datagram before ikcp sees it.
+"""KCP segment headers: just enough parsing to vet a datagram before ikcp sees it, and to tell a keyless peer's
+newer datagrams from copies of old ones (:class:`NewestMarks`).
 
 A KCP datagram is one or more segments, each a 24-byte little-endian header ``conv u32 | cmd u8 | frg u8 | wnd
 u16 | ts u32 | sn u32 | una u32 | len u32`` followed by ``len`` bytes of data.
@@ -16,6 +17,7 @@ __all__ = [
     "HEADER_LEN",
     "MAX_DATA",
     "Command",
+    "NewestMarks",
     "RunVerdict",
     "SegmentHeader",
     "conv_of",
@@ -168,3 +170,49 @@ def vet_run(buffer: bytes | memoryview, segment: int, conv: int, *, max_data: in
         if offset == boundary:
             boundary = min(boundary + step, size)
     return RunVerdict.ACKS if acks else RunVerdict.NO_ACKS
+
+
+#: what a datagram's first segment says about its age: cmd, ts, una (conv, frg, wnd, sn and len skipped)
+_MARKS = struct.Struct("<4xB3xI4xI")
+_SERIAL_MASK = 0xFFFFFFFF
+_SERIAL_HALF = 1 << 31
+
+
+def _after(a: int, b: int) -> bool:
+    """``a`` comes after ``b`` in 32-bit serial number arithmetic (KCP's ts and una wrap)."""
+    return 0 < ((a - b) & _SERIAL_MASK) < _SERIAL_HALF
+
+
+class NewestMarks:
+    """The newest marks a keyless session's peer has shown, from the first segment of each datagram it took.
+
+    A KCP peer's datagrams carry three marks that only grow as it goes on: ``una`` (the peer's next expected
+    sequence number, in every segment), the ``ts`` of a PUSH (the peer's clock when it sent, retransmissions
+    included) and the ``ts`` of an ACK (the echo of our own segment's time). A datagram is newer when one of its
+    marks is beyond the highest of that mark seen; a copy of any datagram the session already took never is
+    (while the marks seen span less than half the 32-bit serial space: 24 days of ``ts``). Only the first
+    segment is read, for the record and for the test alike, so the rule holds exactly.
+    """
+
+    __slots__ = ("ack_ts", "push_ts", "una")
+
+    def __init__(self) -> None:
+        self.una = 0
+        self.push_ts: int | None = None
+        self.ack_ts: int | None = None
+
+    def note(self, datagram: bytes | memoryview, offset: int = 0) -> bool:
+        """Take the marks of the datagram at ``offset``; whether any was beyond what was seen (it is newer)."""
+        cmd, ts, una = _MARKS.unpack_from(datagram, offset)
+        newer = False
+        if _after(una, self.una):
+            self.una = una
+            newer = True
+        if cmd == _PUSH:
+            if self.push_ts is None or _after(ts, self.push_ts):
+                self.push_ts = ts
+                newer = True
+        elif cmd == _ACK and (self.ack_ts is None or _after(ts, self.ack_ts)):
+            self.ack_ts = ts
+            newer = True
+        return newer

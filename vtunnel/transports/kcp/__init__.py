@@ -1,31 +1,14 @@
-"""``kcp://``: tunnels over KCP (the C ikcp through ``siokcp``) on UDP, wire-compatible with other KCPs, plain or
-sealed by a pre-shared key.
+"""``kcp://``: tunnels over KCP (the C ikcp through ``siokcp``) on UDP, plain or sealed by a pre-shared key.
 
-One link (:mod:`.link`: one KCP session), one listener (:mod:`.listener`) and one client (:mod:`.client`), each
-reading its datagrams through a codec (:mod:`.codec`): plain (:mod:`.plain`: sessions by conv, or by source
-address for conv 0) or sealed (:mod:`.sealed`: sessions by authenticated connection ID). The listener's session
-routing is :mod:`.routing`, the same for both. :mod:`.transport` is what the registry names; :mod:`.options`
-reads the ``kcp://`` URL.
-
-Runs on asyncio (or uvloop) only; trio is not supported for ``kcp://``.
+One link (:mod:`.link`, one KCP session), one listener (:mod:`.listener`) and one client (:mod:`.client`), each
+reading its datagrams through a codec (:mod:`.codec`): :mod:`.plain` (sessions by conv, or by source address for
+conv 0) or :mod:`.sealed` (sessions by authenticated connection ID); the listener's session routing
+(:mod:`.routing`) is the same for both. :mod:`.transport` is what the registry names, :mod:`.options` reads the
+``kcp://`` URL. Runs on asyncio (or uvloop) only; trio is not supported for ``kcp://``.
 """
 
-from vtunnel.transports.kcp.client import KCPClient, connect
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
-from vtunnel.transports.kcp.plain import NewestMarks, PlainClientCodec, PlainListenerCodec
-from vtunnel.transports.kcp.sealed import SealedClientCodec, SealedListenerCodec
 from vtunnel.transports.kcp.transport import KCPTransport
 
-__all__ = [
-    "KCPClient",
-    "KCPLink",
-    "KCPListener",
-    "KCPTransport",
-    "NewestMarks",
-    "PlainClientCodec",
-    "PlainListenerCodec",
-    "SealedClientCodec",
-    "SealedListenerCodec",
-    "connect",
-]
+__all__ = ["KCPLink", "KCPListener", "KCPTransport"]

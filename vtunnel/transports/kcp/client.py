@@ -8,7 +8,7 @@ from typing import Any
 
 from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
 from vtunnel.arq.kcp_options import KCPOptions
-from vtunnel.io.datagrams import Address, CoalescingSocket, Run, open_client_socket, split_run
+from vtunnel.io.datagrams import Address, CoalescingSocket, Run, open_client_socket
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.kcp.codec import ClientCodec, Datagram, transmitter
 from vtunnel.transports.kcp.link import KCPLink
@@ -21,74 +21,49 @@ def random_conv() -> int:
 
 
 class KCPClient:
-    """The client side of one session: a UDP socket whose datagrams ``codec`` reads, feeding one link.
-
-    The link starts once the codec is established (at once for plain datagrams, after the handshake for sealed
-    ones); :meth:`connect` waits for it.
-    """
+    """The client side of one session: a UDP socket whose datagrams ``codec`` reads, feeding one link, which
+    :meth:`connect` starts once the codec's handshake (if any) is done."""
 
     def __init__(self, sock: Any, server: Address, options: KCPOptions, codec: ClientCodec) -> None:
         self._server = server
         self._options = options
         self._codec = codec
-        self._conv = options.conv if options.conv is not None else random_conv()
         self.link: KCPLink | None = None
         self._udp = CoalescingSocket(sock, self._on_runs)
         codec.attach(self._udp.sendto, server)
-        if codec.established:
-            self._start()
 
     async def connect(self) -> KCPLink:
-        """The session's link, once the codec's handshake (if any) completed."""
-        await self._codec.handshake(self._options.connect_timeout)
-        assert self.link is not None
-        return self.link
-
-    def close(self) -> None:
-        self._udp.close()
-
-    def _start(self) -> None:
-        options, udp = self._options, self._udp
+        options, udp, codec = self._options, self._udp, self._codec
+        seal = await codec.handshake(options.connect_timeout)
         engine = KCPEngine(
-            conv=self._conv,
+            conv=options.conv if options.conv is not None else random_conv(),
             options=options,
-            mtu=options.mtu - self._codec.overhead,
+            mtu=options.mtu - codec.overhead,
             now=asyncio.get_running_loop().time(),
         )
         self.link = KCPLink(
             engine=engine,
             options=options,
-            transmit=transmitter(udp.sendto_many, self._codec.sealer()),
+            transmit=transmitter(udp.sendto_many, seal),
             local_address=udp.local_address,
             remote_address=self._server,
             on_close=lambda _link: udp.close(),
         )
+        return self.link
+
+    def close(self) -> None:
+        self._udp.close()
 
     def _on_runs(self, runs: list[Run]) -> None:
-        if self.link is None:
-            runs = self._handshake(runs)
         link = self.link
-        if link is None or not runs:
-            return
         good: list[Datagram] = []
         ended = self._codec.open(runs, link, good)
+        if link is None:
+            return
         if good:
             link.feed(good)  # what arrived before the end is delivered first
         if ended is not None:
             link.fail(ended)
-
-    def _handshake(self, runs: list[Run]) -> list[Run]:
-        """Give the codec datagrams one at a time until it is established (the link starts then); what is left."""
-        codec = self._codec
-        for i, (buffer, segment, source) in enumerate(runs):
-            datagrams = split_run(buffer, segment)
-            for j, datagram in enumerate(datagrams):
-                codec.receive_handshake(datagram)
-                if codec.established:
-                    self._start()
-                    rest = [(bytes(d), len(d), source) for d in datagrams[j + 1 :]]
-                    return rest + runs[i + 1 :]
-        return []
 
 
 async def connect(family: Any, server: Address, options: KCPOptions, codec: ClientCodec) -> KCPLink:
@@ -103,13 +78,12 @@ async def connect(family: Any, server: Address, options: KCPOptions, codec: Clie
         sock = open_client_socket(family, server, sockbuf=options.sockbuf)
     except OSError as exc:
         raise TransportError(f"cannot open a UDP socket to {server[0]}:{server[1]}: {exc}") from None
-    try:
-        client = KCPClient(sock, server, options, codec)
-    except KCPEngineError as exc:
-        sock.close()
-        raise TransportError(str(exc)) from None
+    client = KCPClient(sock, server, options, codec)
     try:
         return await client.connect()
-    except BaseException:
+    except KCPEngineError as exc:
         client.close()  # (and the socket)
+        raise TransportError(str(exc)) from None
+    except BaseException:
+        client.close()
         raise

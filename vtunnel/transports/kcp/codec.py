@@ -3,32 +3,35 @@ their ARQ sees them, as typed interfaces.
 
 A codec says how a datagram is opened (and authenticated), what keys a session, whether a session may follow
 its peer to a new address now, and what a datagram for no session does (a handshake, a stateless reset). It
-does not keep the session table: :class:`~vtunnel.transports.kcp.routing.SessionRouter` finds, creates and
+does not keep the session table: :class:`~vtunnel.transports.kcp.routing.DatagramListener` finds, starts and
 forgets sessions, keeps the tombstones and the session limit, and moves a session to the address its codec
 names, the same way whatever the codec. Two codecs exist: :mod:`~vtunnel.transports.kcp.plain` (KCP's datagrams
 as they are) and :mod:`~vtunnel.transports.kcp.sealed` (every datagram sealed by :mod:`vtunnel.security.datagram`).
 
-Nothing here is KCP's: the codecs see a session only as a :class:`RoutedLink`, whose ``accepts`` and
-``take_run`` vet the ARQ's own datagrams. A second ARQ over UDP (``rudp://``) reuses the router and the sealed
-codec as they are, with a link of its own that has those methods, and brings its own plain codec (what keys a
-session and what proves a datagram newer are read from the ARQ's header).
+Nothing here, in the routing or in the sealed codec is KCP's: they see a session only as a :class:`RoutedLink`,
+whose ``accepts`` and ``take_run`` vet the ARQ's own datagrams. A second ARQ over UDP (``rudp://``) reuses them
+as they are, with a link of its own, and brings its own plain codec (what keys a session and what proves a
+datagram newer are read from the ARQ's header).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
-from typing import Generic, Protocol, TypeAlias, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 from vtunnel.io.datagrams import Address, Run
+from vtunnel.transports.link import Link
 
 __all__ = [
     "ClientCodec",
     "Datagram",
     "ListenerCodec",
     "RoutedLink",
+    "Runs",
     "Sealer",
     "Send",
+    "Stray",
     "Transmit",
     "transmitter",
 ]
@@ -41,34 +44,37 @@ Sealer: TypeAlias = Callable[[list[bytes]], list[bytes]]
 Send: TypeAlias = Callable[[bytes, Address], None]
 #: sends a batch of datagrams to an address (a session's output)
 Transmit: TypeAlias = Callable[[list[bytes], Address], None]
-#: where a run of datagrams that a codec could not open as a batch goes, one datagram at a time
+#: runs of one session's datagrams: ``(buffer, segment)`` (see :data:`~vtunnel.io.datagrams.Run`)
+Runs: TypeAlias = list[tuple[bytes, int]]
+#: where a datagram that a codec could not open in its batch goes (routed on its own)
 Stray: TypeAlias = Callable[[Datagram], None]
 
 K = TypeVar("K", bound=Hashable)
 
 
-class RoutedLink(Protocol):
-    """What the router and the codecs need of one session: where its peer is, vetting of the ARQ's datagrams,
-    input and failure."""
+class RoutedLink(Link):
+    """A link a datagram listener routes to: where its peer is, vetting of its ARQ's datagrams, input and
+    failure."""
 
+    #: where the session sends; the listener moves it when its codec says the peer moved
     remote_address: Address
 
+    @abstractmethod
     def accepts(self, datagram: Datagram) -> bool:
         """Whether ``datagram`` is a valid datagram of this session's ARQ."""
-        ...
 
+    @abstractmethod
     def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
         """Add a run of this session's datagrams (``segment`` bytes each) to ``into``, as the ARQ takes them;
         False, adding nothing, when some datagram of the run is not valid."""
-        ...
 
+    @abstractmethod
     def feed(self, datagrams: Sequence[Datagram]) -> None:
         """Input one batch of vetted datagrams."""
-        ...
 
+    @abstractmethod
     def fail(self, reason: str) -> None:
-        """End the session: its user sees it broken."""
-        ...
+        """End the session: its consumer sees it broken."""
 
 
 def transmitter(send_many: Transmit, seal: Sealer | None) -> Transmit:
@@ -115,9 +121,7 @@ class ListenerCodec(ABC, Generic[K]):
         """
 
     @abstractmethod
-    def open_run(
-        self, key: K, link: RoutedLink, runs: list[tuple[bytes, int]], into: list[Datagram], stray: Stray
-    ) -> int:
+    def open_run(self, key: K, link: RoutedLink, runs: Runs, into: list[Datagram], stray: Stray) -> int:
         """Open runs of session ``key`` that came from its current address, in order: add what goes to the
         session to ``into``, give each datagram this could not open as a batch to ``stray`` (routed alone, in
         place); return how many datagrams were dropped."""
@@ -141,12 +145,8 @@ class ListenerCodec(ABC, Generic[K]):
 
 
 class ClientCodec(ABC):
-    """A client's codec: the datagrams between one client socket and its server.
-
-    The client sends :meth:`handshake`'s datagrams until :attr:`established` (feeding it the replies through
-    :meth:`receive_handshake`), then starts its link, sealed by :meth:`sealer`, and feeds it what
-    :meth:`open` opens.
-    """
+    """A client's codec: the datagrams between one client socket and its server. The client awaits
+    :meth:`handshake`, then starts its link and feeds it what :meth:`open` opens."""
 
     #: bytes sealing adds to each datagram (the ARQ's MTU is reduced by as much)
     overhead: int = 0
@@ -155,25 +155,12 @@ class ClientCodec(ABC):
     def attach(self, send: Send, server: Address) -> None:
         """The client's socket is open: ``send`` reaches it; ``server`` is the server's address."""
 
-    @property
     @abstractmethod
-    def established(self) -> bool:
-        """Whether the session's link may start."""
+    async def handshake(self, timeout: float) -> Sealer | None:
+        """Run the handshake, if any; what seals the link's output (None: sent as it is). Raises a
+        :class:`~vtunnel.security.errors.SecurityError` when there can be no session."""
 
     @abstractmethod
-    async def handshake(self, timeout: float) -> None:
-        """Run the handshake until :attr:`established`; raise a :class:`~vtunnel.security.errors.SecurityError`
-        when it cannot be."""
-
-    @abstractmethod
-    def receive_handshake(self, datagram: Datagram) -> None:
-        """A datagram that arrived before :attr:`established`."""
-
-    @abstractmethod
-    def sealer(self) -> Sealer | None:
-        """What seals the link's output, once :attr:`established` (None: sent as it is)."""
-
-    @abstractmethod
-    def open(self, runs: list[Run], link: RoutedLink, into: list[Datagram]) -> str | None:
-        """Open what arrived: add what goes to the link to ``into``; return why the server ended the session
-        when it did (the link fails after taking ``into``), else None."""
+    def open(self, runs: list[Run], link: RoutedLink | None, into: list[Datagram]) -> str | None:
+        """Open what arrived (``link`` None: during the handshake): add what goes to the link to ``into``;
+        return why the server ended the session when it did (the link fails after taking ``into``)."""

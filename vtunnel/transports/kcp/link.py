@@ -26,8 +26,8 @@ from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
-from vtunnel.transports.kcp.codec import Datagram, Transmit
-from vtunnel.transports.link import Link, LinkConsumer
+from vtunnel.transports.kcp.codec import Datagram, RoutedLink, Transmit
+from vtunnel.transports.link import LinkConsumer
 
 __all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPLink"]
 
@@ -47,7 +47,7 @@ READ_SIZE: Final = 1024 * 1024
 _TIMER_SLACK: Final = 0.0005
 
 
-class KCPLink(Link):
+class KCPLink(RoutedLink):
     """A reliable ordered link over one KCP session (one tunnel).
 
     ``send_nowait`` takes all of its data while the session's send window has room (ikcp queues it in

@@ -46,7 +46,16 @@ from vtunnel.security.datagram import (
 )
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
-from vtunnel.transports.kcp.codec import ClientCodec, Datagram, ListenerCodec, RoutedLink, Sealer, Send, Stray
+from vtunnel.transports.kcp.codec import (
+    ClientCodec,
+    Datagram,
+    ListenerCodec,
+    RoutedLink,
+    Runs,
+    Sealer,
+    Send,
+    Stray,
+)
 from vtunnel.transports.secure import cipher_preference
 
 __all__ = ["RESET_REASON", "SealedClientCodec", "SealedListenerCodec"]
@@ -136,9 +145,7 @@ class SealedListenerCodec(ListenerCodec[bytes]):
             payload = None
         return payload, address
 
-    def open_run(
-        self, key: bytes, link: RoutedLink, runs: list[tuple[bytes, int]], into: list[Datagram], stray: Stray
-    ) -> int:
+    def open_run(self, key: bytes, link: RoutedLink, runs: Runs, into: list[Datagram], stray: Stray) -> int:
         datagrams = [datagram for buffer, segment in runs for datagram in split_run(buffer, segment)]
         dropped = 0
         for datagram, payload in zip(datagrams, self._paths[key].session.open_many(datagrams), strict=True):
@@ -220,11 +227,7 @@ class SealedClientCodec(ClientCodec):
         self._send = send
         self._server = server
 
-    @property
-    def established(self) -> bool:
-        return self._client.session is not None
-
-    async def handshake(self, timeout: float) -> None:
+    async def handshake(self, timeout: float) -> Sealer:
         """Send the first datagram, retransmitting with backoff, until the reply arrives."""
         client, server = self._client, self._server
         wait = FIRST_RETRANSMIT
@@ -242,33 +245,27 @@ class SealedClientCodec(ClientCodec):
                 f"no valid handshake reply from {where} in {timeout:g} s (is the server up, is the key the same, "
                 "does it speak the same vtunnel protocol version and accept one of the ciphers offered?)"
             )
+        log.debug("sealed session up", role="client", cipher=cipher_name(client.session.cipher))
+        return client.session.seal_many
 
-    def receive_handshake(self, datagram: Datagram) -> None:
-        client = self._client
-        client.receive(datagram, time.time())
-        if client.session is not None:
-            log.debug("sealed session up", role="client", cipher=cipher_name(client.session.cipher))
-            self._done.set()
-        elif client.failure is not None:  # an authentic reply we cannot use: stop waiting
-            self._done.set()
-
-    def sealer(self) -> Sealer:
-        session = self._client.session
-        assert session is not None
-        return session.seal_many
-
-    def open(self, runs: list[Run], link: RoutedLink, into: list[Datagram]) -> str | None:
+    def open(self, runs: list[Run], link: RoutedLink | None, into: list[Datagram]) -> str | None:
         client, server = self._client, self._server
-        session = client.session
-        assert session is not None
         received = [
             (datagram, source) for buffer, segment, source in runs for datagram in split_run(buffer, segment)
         ]
+        session = client.session
+        if session is None:  # the handshake's reply: one at a time
+            for datagram, _ in received:
+                client.receive(datagram, time.time())
+                if client.session is not None or client.failure is not None:  # (a reply we cannot use: stop)
+                    self._done.set()
+                    break
+            return None
         reset = False
         opened = session.open_many([datagram for datagram, _ in received])  # one session: one batch
         for (datagram, source), payload in zip(received, opened, strict=True):
             if isinstance(payload, bytes):
-                if link.accepts(payload):
+                if link is not None and link.accepts(payload):
                     into.append(payload)
             elif payload is None:
                 # only the server's own address may end the session (the socket is not connected)
