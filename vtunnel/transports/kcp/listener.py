@@ -3,6 +3,7 @@ links."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,9 +43,8 @@ class KCPListener(DatagramListener[C]):
         self, first: Datagram, address: Address, transmit: Transmit, on_close: Callable[[RoutedLink], None]
     ) -> KCPLink:
         options, conv = self._options, conv_of(first)
-        engine = KCPEngine(
-            conv=conv, options=options, mtu=options.mtu - self.codec.overhead, now=self._loop.time()
-        )
+        now = asyncio.get_running_loop().time()
+        engine = KCPEngine(conv=conv, options=options, mtu=options.mtu - self.codec.overhead, now=now)
         log.debug("kcp session opened", conv=conv, peer=address, sessions=self.session_count + 1)
         return KCPLink(
             engine=engine,
