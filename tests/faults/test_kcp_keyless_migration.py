@@ -155,3 +155,27 @@ async def test_a_replayed_datagram_from_another_address_does_not_move_the_sessio
             await server.send(b"to b")
             assert await client.receive(4, b) == b"to b"
         await server.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_copy_of_a_new_sessions_first_datagram_does_not_move_it() -> None:
+    """The marks of the datagram that started a session count: its copy, the only other thing to arrive, is not
+    newer."""
+    async with (
+        kcp_server() as (listener, _url),
+        await anyio.create_udp_socket(local_host="127.0.0.1") as a,
+        await anyio.create_udp_socket(local_host="127.0.0.1") as b,
+    ):
+        client = Client(listener.local_address)
+        a_address = a.extra(anyio.abc.SocketAttribute.local_address)
+        with anyio.fail_after(10):
+            await client.send(b"hello", a)
+            server = stream_of(await listener.accept())
+            assert await read_exactly(server, 5) == b"hello"
+            session = listener.sessions[CONV]
+            dropped = listener.dropped
+            await b.sendto(client.sent[0], *listener.local_address)
+            while listener.dropped == dropped:
+                await anyio.sleep(0.005)
+            assert session.remote_address == a_address
+        await server.aclose()

@@ -132,8 +132,9 @@ class ListenerCodec(ABC, Generic[K]):
         taken (a handshake), not dropped."""
 
     @abstractmethod
-    def session_started(self, key: K) -> Sealer | None:
-        """The router starts a link for ``key``: what seals its output (None: sent as it is)."""
+    def session_started(self, key: K, first: Datagram) -> Sealer | None:
+        """The router starts a link for ``key`` with payload ``first``: what seals its output (None: sent as it
+        is)."""
 
     @abstractmethod
     def forget(self, key: K) -> None:

@@ -67,8 +67,9 @@ class PlainListenerCodec(ListenerCodec[PlainKey]):
     def stranger(self, datagram: Datagram, source: Address, now: float) -> bool:
         return False  # shorter than a KCP header: nothing to answer
 
-    def session_started(self, key: PlainKey) -> None:
-        self._marks[key] = NewestMarks()
+    def session_started(self, key: PlainKey, first: Datagram) -> None:
+        marks = self._marks[key] = NewestMarks()
+        marks.note(first)
 
     def forget(self, key: PlainKey) -> None:
         self._marks.pop(key, None)

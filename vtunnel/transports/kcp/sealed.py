@@ -194,7 +194,7 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         self._send(reply, source)
         return True
 
-    def session_started(self, key: bytes) -> Sealer:
+    def session_started(self, key: bytes, first: Datagram) -> Sealer:
         self._half_open.pop(key, None)
         return self._paths[key].session.seal_many
 
