@@ -1,17 +1,14 @@
-"""Datagram codecs: what a datagram transport's listener and client do to the datagrams of one UDP socket before
-their ARQ sees them, as typed interfaces.
+"""Datagram codecs, the typed interfaces: what a listener or a client does to the datagrams of its UDP socket
+before its ARQ sees them. Two exist: :mod:`.plain` (KCP's datagrams as they are) and :mod:`.sealed` (sealed by
+:mod:`vtunnel.security.datagram`).
 
-A codec says how a datagram is opened (and authenticated), what keys a session, whether a session may follow
-its peer to a new address now, and what a datagram for no session does (a handshake, a stateless reset). It
-does not keep the session table: :class:`~vtunnel.transports.kcp.routing.DatagramListener` finds, starts and
-forgets sessions, keeps the tombstones and the session limit, and moves a session to the address its codec
-names, the same way whatever the codec. Two codecs exist: :mod:`~vtunnel.transports.kcp.plain` (KCP's datagrams
-as they are) and :mod:`~vtunnel.transports.kcp.sealed` (every datagram sealed by :mod:`vtunnel.security.datagram`).
-
-Nothing here, in the routing or in the sealed codec is KCP's: they see a session only as a :class:`RoutedLink`,
-whose ``accepts`` and ``take_run`` vet the ARQ's own datagrams. A second ARQ over UDP (``rudp://``) reuses them
-as they are, with a link of its own, and brings its own plain codec (what keys a session and what proves a
-datagram newer are read from the ARQ's header).
+A codec says how a datagram is opened (and authenticated), what keys a session, whether a session may follow its
+peer to a new address now, and what a datagram for no session does (a handshake, a stateless reset). The session
+table is not the codec's: :class:`~.routing.DatagramListener` finds, starts and forgets sessions, keeps the
+tombstones and the session limit, and moves a session where its codec says the peer is, for every codec alike.
+Neither the routing nor the sealed codec reads KCP: they see a session as a :class:`RoutedLink`, which vets its
+ARQ's datagrams itself, so a second ARQ over UDP (``rudp://``) reuses both with a link of its own and writes only
+its plain codec (what keys a session, what shows a datagram newer: read from its ARQ's header).
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ __all__ = [
     "Send",
     "Stray",
     "Transmit",
-    "transmitter",
 ]
 
 #: one datagram: a whole buffer, or a view of one datagram of a run
