@@ -69,12 +69,12 @@ _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 RUN_BATCH_BYTES: Final = 1024 * 1024
 
 
-def split_run(buffer: bytes, segment: int) -> list[memoryview]:
-    """The datagrams of one run, as views into ``buffer``."""
-    view = memoryview(buffer)
+def split_run(buffer: bytes, segment: int) -> list[bytes | memoryview]:
+    """The datagrams of one run: ``buffer`` itself when it holds one, else views into it."""
     size = len(buffer)
     if segment <= 0 or segment >= size:
-        return [view]
+        return [buffer]
+    view = memoryview(buffer)
     return [view[offset : offset + segment] for offset in range(0, size, segment)]
 
 

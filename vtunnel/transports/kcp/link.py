@@ -68,6 +68,7 @@ class KCPLink(RoutedLink):
         on_close: Callable[[KCPLink], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._conv = engine.conv
         self._options = options
         self._transmit = transmit
         self._on_close = on_close
@@ -104,7 +105,7 @@ class KCPLink(RoutedLink):
     def accepts(self, datagram: Datagram) -> bool:
         """Whether ``datagram`` is a valid KCP datagram of this session (its conv, known commands, exact
         lengths)."""
-        return valid_datagram(datagram, self._engine.conv)
+        return valid_datagram(datagram, self._conv)
 
     def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
         """Add a run of datagrams (``segment`` bytes each) to ``into`` as ikcp may take them: the whole run as

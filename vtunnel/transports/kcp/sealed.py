@@ -148,10 +148,11 @@ class SealedListenerCodec(ListenerCodec[bytes]):
     def open_run(self, key: bytes, link: RoutedLink, runs: Runs, into: list[Datagram], stray: Stray) -> int:
         datagrams = [datagram for buffer, segment in runs for datagram in split_run(buffer, segment)]
         dropped = 0
+        accepts, take = link.accepts, into.append
         for datagram, payload in zip(datagrams, self._paths[key].session.open_many(datagrams), strict=True):
             if isinstance(payload, bytes):
-                if link.accepts(payload):
-                    into.append(payload)
+                if accepts(payload):
+                    take(payload)
                 else:
                     dropped += 1
             elif payload is None:  # not this session's: whatever it is, it is handled on its own
