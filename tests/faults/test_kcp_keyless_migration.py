@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import pytest
@@ -23,7 +25,11 @@ from tests.streams import read_exactly
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_wire import NewestMarks
 from vtunnel.transports.base import Endpoint
+from vtunnel.transports.kcp.codec import RoutedLink
+from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.options import parse_options
+from vtunnel.transports.kcp.plain import PlainListenerCodec
+from vtunnel.transports.link import LinkStream
 
 CONV = 0x5EED
 HALF = 1 << 31
@@ -110,20 +116,32 @@ def test_a_later_time_stamp_or_una_is_newer(seen: list[tuple[int, int, int]], st
     assert newest.note(segment(83, 0, (highest_una + step) % 2**32))
 
 
-@pytest.mark.anyio
-async def test_a_replayed_datagram_from_another_address_does_not_move_the_session() -> None:
+@asynccontextmanager
+async def greeted() -> AsyncIterator[
+    tuple[KCPListener[PlainListenerCodec], Client, UDPSocket, UDPSocket, LinkStream[RoutedLink]]
+]:
+    """A keyless listener, the client's sockets A and B, and a session the client opened from A with b"hello"
+    (read by the server side): ``(listener, client, a, b, server side)``."""
     async with (
         kcp_server() as (listener, _url),
         await anyio.create_udp_socket(local_host="127.0.0.1") as a,
         await anyio.create_udp_socket(local_host="127.0.0.1") as b,
     ):
         client = Client(listener.local_address)
-        a_address = a.extra(anyio.abc.SocketAttribute.local_address)
-        b_address = b.extra(anyio.abc.SocketAttribute.local_address)
         with anyio.fail_after(10):
             await client.send(b"hello", a)
             server = stream_of(await listener.accept())
             assert await read_exactly(server, 5) == b"hello"
+        yield listener, client, a, b, server
+        await server.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_replayed_datagram_from_another_address_does_not_move_the_session() -> None:
+    async with greeted() as (listener, client, a, b, server):
+        a_address = a.extra(anyio.abc.SocketAttribute.local_address)
+        b_address = b.extra(anyio.abc.SocketAttribute.local_address)
+        with anyio.fail_after(10):
             await server.send(b"hi")
             assert await client.receive(2, a) == b"hi"
             await client.send(b"again", a)
@@ -154,28 +172,17 @@ async def test_a_replayed_datagram_from_another_address_does_not_move_the_sessio
             assert session.remote_address == b_address
             await server.send(b"to b")
             assert await client.receive(4, b) == b"to b"
-        await server.aclose()
 
 
 @pytest.mark.anyio
 async def test_a_copy_of_a_new_sessions_first_datagram_does_not_move_it() -> None:
     """The marks of the datagram that started a session count: its copy, the only other thing to arrive, is not
     newer."""
-    async with (
-        kcp_server() as (listener, _url),
-        await anyio.create_udp_socket(local_host="127.0.0.1") as a,
-        await anyio.create_udp_socket(local_host="127.0.0.1") as b,
-    ):
-        client = Client(listener.local_address)
-        a_address = a.extra(anyio.abc.SocketAttribute.local_address)
+    async with greeted() as (listener, client, a, b, _server):
+        session = listener.sessions[CONV]
+        dropped = listener.dropped
+        await b.sendto(client.sent[0], *listener.local_address)
         with anyio.fail_after(10):
-            await client.send(b"hello", a)
-            server = stream_of(await listener.accept())
-            assert await read_exactly(server, 5) == b"hello"
-            session = listener.sessions[CONV]
-            dropped = listener.dropped
-            await b.sendto(client.sent[0], *listener.local_address)
             while listener.dropped == dropped:
                 await anyio.sleep(0.005)
-            assert session.remote_address == a_address
-        await server.aclose()
+        assert session.remote_address == a.extra(anyio.abc.SocketAttribute.local_address)
