@@ -1,4 +1,5 @@
-"""pipe() and SocketRelay: byte-exact copy both ways over real TCP, half-close, broken sides, idle timeout."""
+"""The relay: byte-exact copy both ways over real TCP, half-close, broken sides, back-pressure, idle timeout, for
+every kind of end (a lean socket, a tunnel stream, any other anyio byte stream: TCP and TLS)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,25 @@ import contextlib
 import functools
 import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute, SocketStream
+import trustme
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskGroup
+from anyio.streams.tls import TLSStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.runtime.test_connection import Handler, tunnel_pair
-from vtunnel.apps.pipe import SocketRelay, pipe
+from vtunnel.apps.pipe import Relay, RelayEnd, SocketEnd, StreamEnd, TunnelEnd, join, pipe
 from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import TunnelConfig
+from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
 
 from .conftest import tcp_pair
@@ -27,7 +33,7 @@ from .conftest import tcp_pair
 pytestmark = pytest.mark.anyio
 
 
-async def _receive_all(stream: SocketStream) -> bytes:
+async def _receive_all(stream: ByteStream) -> bytes:
     chunks = []
     while True:
         try:
@@ -36,7 +42,7 @@ async def _receive_all(stream: SocketStream) -> bytes:
             return b"".join(chunks)
 
 
-async def _receive_into(stream: SocketStream, got: bytearray) -> None:
+async def _receive_into(stream: ByteStream, got: bytearray) -> None:
     """Append what ``stream`` receives to ``got`` until it ends (``EndOfStream``) or fails."""
     while True:
         got += await stream.receive()
@@ -167,37 +173,65 @@ async def test_invalid_idle_timeout() -> None:
             await pipe(front, back, idle_timeout=0)
 
 
-# ------------------------------------------------------------------------------------------------ SocketRelay
-# One real TCP connection on 127.0.0.1 (the "client" end is ours, the other end is the relay's socket) relayed
-# to one stream of a real tunnel over TCP; the far end of the stream is the tunnel server's handler.
+# ------------------------------------------------------------------------------------------------ socket ends
+# One real TCP connection on 127.0.0.1 (the "client" end is ours, the other end is the relay's) relayed to one
+# stream of a real tunnel over TCP; the far end of the stream is the tunnel server's handler. The relay's end of
+# the connection is a lean socket (SocketEnd) or anyio's socket stream (StreamEnd, with its tasks).
+
+ENDS = ["socket", "stream"]
+
+
+@dataclass
+class Relayed:
+    client: SocketStream
+    stream: TunnelStream
+    server: TunnelConnection  # the tunnel's far end
+    end: RelayEnd
+    tg: TaskGroup
+    idle_timeout: float | None
+    relay: Relay | None = None
+
+    def start(self) -> Relay:
+        """Join the connection's end and the tunnel stream (the relay's tasks, if any, run in ``tg``)."""
+        self.relay = Relay(self.end, TunnelEnd(self.stream), idle_timeout=self.idle_timeout)
+        self.tg.start_soon(self.relay.run)
+        return self.relay
 
 
 @asynccontextmanager
 async def relayed(
     handler: Handler,
     *,
+    end: str = "socket",
     extensions: bool = True,
     idle_timeout: float | None = None,
-    attach: bool = True,
-) -> AsyncIterator[tuple[SocketStream, SocketRelay, TunnelStream]]:
+    start: bool = True,
+) -> AsyncIterator[Relayed]:
     cfg = TunnelConfig(extensions=extensions)
-    async with tunnel_pair(handler, client_config=cfg, server_config=cfg) as (conn, _):
+    async with tunnel_pair(handler, client_config=cfg, server_config=cfg) as (conn, server):
         with socket.socket() as lsock:
             lsock.bind(("127.0.0.1", 0))
             lsock.listen(1)
             client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
             accepted, _addr = lsock.accept()
             accepted.setblocking(False)
-            relay = SocketRelay(idle_timeout=idle_timeout)
-            attach_socket(accepted, relay)
+            relay_end: RelayEnd
+            if end == "socket":
+                relay_end = SocketEnd()
+                attach_socket(accepted, relay_end)
+            else:
+                relay_end = StreamEnd(await SocketStream.from_socket(accepted))
             stream = await conn.open_stream(wait_accepted=False)
-            if attach:
-                relay.attach(stream)
-            try:
-                async with client:
-                    yield client, relay, stream
-            finally:
-                relay.close()
+            async with anyio.create_task_group() as tg:
+                r = Relayed(client, stream, server, relay_end, tg, idle_timeout)
+                if start:
+                    r.start()
+                try:
+                    async with client:
+                        yield r
+                finally:
+                    if r.relay is not None:
+                        r.relay.close()
 
 
 async def _far_read_all(stream: TunnelStream) -> bytes:
@@ -208,10 +242,11 @@ async def _far_read_all(stream: TunnelStream) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("extensions", [True, False])
-async def test_relay_copies_both_ways_with_half_close(extensions: bool) -> None:
-    up = os.urandom(3_000_000)  # larger than a stream window: the socket waits for credit
-    down = os.urandom(2_500_000)
+async def test_relay_copies_8_mib_both_ways_with_half_close(end: str, extensions: bool) -> None:
+    up = os.urandom(8 << 20)  # larger than a stream window: the socket waits for credit
+    down = os.urandom(8 << 20)
     got: dict[str, bytes] = {}
 
     async def far(stream: TunnelStream) -> None:
@@ -220,19 +255,21 @@ async def test_relay_copies_both_ways_with_half_close(extensions: bool) -> None:
         await stream.send(down)
         await stream.send_eof()
 
-    async with relayed(far, extensions=extensions) as (client, relay, _):
+    async with relayed(far, end=end, extensions=extensions) as r:
         with anyio.fail_after(30):
-            await client.send(up)
-            await client.send_eof()
-            got["client"] = await _receive_all(client)
-            assert await relay.wait() == (len(up), len(down))
+            await r.client.send(up)
+            await r.client.send_eof()
+            got["client"] = await _receive_all(r.client)
+            assert r.relay is not None
+            assert await r.relay.wait() == (len(up), len(down))
+            assert r.relay.finished
     assert got["far"] == up
     assert got["client"] == down
-    assert relay.finished
 
 
+@pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("extensions", [True, False])
-async def test_relay_holds_the_sender_while_the_socket_is_not_read(extensions: bool) -> None:
+async def test_relay_holds_the_sender_while_the_socket_is_not_read(end: str, extensions: bool) -> None:
     """The far end sends far more than any buffer on the way; it is held back until the client reads."""
     total = 64 * 1024 * 1024
     block = os.urandom(1024 * 1024)
@@ -245,7 +282,7 @@ async def test_relay_holds_the_sender_while_the_socket_is_not_read(extensions: b
             sent[0] += len(block)
         await stream.send_eof()
 
-    async with relayed(far, extensions=extensions) as (client, relay, _):
+    async with relayed(far, end=end, extensions=extensions) as r:
         with anyio.fail_after(60):
             last = -1
             for _ in range(200):  # until the sender stalls (bounded: 20 s at most)
@@ -258,79 +295,75 @@ async def test_relay_holds_the_sender_while_the_socket_is_not_read(extensions: b
             received = 0
             with contextlib.suppress(anyio.EndOfStream):
                 while True:
-                    chunk = await client.receive(len(block))
+                    chunk = await r.client.receive(len(block))
                     start = received % len(block)
                     assert chunk == twice[start : start + len(chunk)]
                     received += len(chunk)
             assert received == total
-            await client.send_eof()
-            assert await relay.wait() == (0, total)
+            await r.client.send_eof()
+            assert r.relay is not None
+            assert await r.relay.wait() == (0, total)
 
 
-async def test_a_reset_stream_closes_the_socket() -> None:
+@pytest.mark.parametrize("end", ENDS)
+async def test_a_reset_stream_resets_the_socket(end: str) -> None:
     async def far(stream: TunnelStream) -> None:
         stream.accept()
         assert await stream.receive() == b"hello"
         stream.refuse("failed")  # RST
 
-    async with relayed(far) as (client, relay, _):
+    async with relayed(far, end=end) as r:
         with anyio.fail_after(10):
-            await client.send(b"hello")
+            await r.client.send(b"hello")
             with pytest.raises(anyio.BrokenResourceError):  # reset: an end of stream would look complete
-                await client.receive()
-            await relay.wait()
+                await r.client.receive()
+            assert r.relay is not None
+            await r.relay.wait()
 
 
-async def test_a_refused_stream_closes_the_socket() -> None:
+@pytest.mark.parametrize("end", ENDS)
+async def test_a_refused_stream_resets_the_socket(end: str) -> None:
     async def far(stream: TunnelStream) -> None:
         stream.refuse("refused")
 
-    async with relayed(far) as (client, relay, _):
+    async with relayed(far, end=end) as r:
         with anyio.fail_after(10):
             with pytest.raises(anyio.BrokenResourceError):
-                await client.receive()
-            await relay.wait()
+                await r.client.receive()
+            assert r.relay is not None
+            await r.relay.wait()
 
 
+@pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("death", ["transport lost", "tunnel aborted"])
-async def test_a_tunnel_dying_under_the_stream_resets_the_socket(death: str) -> None:
+async def test_a_tunnel_dying_under_the_stream_resets_the_socket(end: str, death: str) -> None:
     """The client gets a byte-exact prefix of the answer and then a reset, never a clean end of stream that
     would pass the short answer off as the whole of it."""
     answer = os.urandom(3_000_000)
     head = 200_000
     release = anyio.Event()
 
-    far = answer_in_two(answer, head, release)
-
-    async with tunnel_pair(far) as (conn, server):
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(1)
-            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
-            accepted, _addr = lsock.accept()
-            accepted.setblocking(False)
-            relay = SocketRelay()
-            attach_socket(accepted, relay)
-            relay.attach(await conn.open_stream(wait_accepted=False))
-            async with client:
-                with anyio.fail_after(10):
-                    await client.send_eof()  # the request is complete: only the answer is awaited
-                    got = bytearray()
-                    while len(got) < head:
-                        got += await client.receive()
-                    if death == "transport lost":
-                        await anyio.aclose_forcefully(server.link)
-                    else:
-                        server.shutdown("gone", graceful=False)
-                    release.set()
-                    with pytest.raises(anyio.BrokenResourceError):
-                        await _receive_into(client, got)
-                    await relay.wait()
+    async with relayed(answer_in_two(answer, head, release), end=end) as r:
+        with anyio.fail_after(10):
+            await r.client.send_eof()  # the request is complete: only the answer is awaited
+            got = bytearray()
+            while len(got) < head:
+                got += await r.client.receive()
+            if death == "transport lost":
+                await anyio.aclose_forcefully(r.server.link)
+            else:
+                r.server.shutdown("gone", graceful=False)
+            release.set()
+            with pytest.raises(anyio.BrokenResourceError):
+                await _receive_into(r.client, got)
+            assert r.relay is not None
+            await r.relay.wait()
     assert bytes(got) == answer[: len(got)]
     assert len(got) < len(answer)
 
 
-async def test_a_reset_socket_resets_the_stream() -> None:
+def reads_until_broken() -> tuple[Handler, list[type[BaseException]], anyio.Event]:
+    """A far end that reads until its stream breaks; what broke it, and an event set once it is done."""
     seen: list[type[BaseException]] = []
     done = anyio.Event()
 
@@ -342,51 +375,64 @@ async def test_a_reset_socket_resets_the_stream() -> None:
             seen.append(type(exc))
         done.set()
 
-    async with relayed(far) as (client, relay, _):
+    return far, seen, done
+
+
+@pytest.mark.parametrize("end", ENDS)
+async def test_a_reset_socket_resets_the_stream(end: str) -> None:
+    far, seen, done = reads_until_broken()
+    async with relayed(far, end=end) as r:
         with anyio.fail_after(10):
-            await client.send(b"x")
-            raw = client.extra(SocketAttribute.raw_socket)
+            await r.client.send(b"x")
+            raw = r.client.extra(SocketAttribute.raw_socket)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await client.aclose()  # RST, not FIN
-            await relay.wait()
+            await r.client.aclose()  # RST, not FIN
+            assert r.relay is not None
+            await r.relay.wait()
             await done.wait()
     assert seen == [anyio.BrokenResourceError]
 
 
-async def test_bytes_before_attach_are_delivered_and_a_closed_socket_closes_the_stream() -> None:
+@pytest.mark.parametrize("end", ENDS)
+async def test_bytes_before_the_relay_are_delivered(end: str) -> None:
     async def far(stream: TunnelStream) -> None:
         stream.accept()
         await stream.send(b"early")  # arrives while nobody consumes the stream yet
         await stream.send_eof()
+        assert await _far_read_all(stream) == b"up"
 
-    async with relayed(far, attach=False) as (client, relay, stream):
+    async with relayed(far, end=end, start=False) as r:
         with anyio.fail_after(10):
-            while not stream.buffered:
+            await r.client.send(b"up")  # read only once the relay starts
+            while not r.stream.buffered:
                 await anyio.sleep(0.01)
-            relay.attach(stream)
-            assert await _receive_all(client) == b"early"
-            await client.send_eof()
-            assert await relay.wait() == (0, 5)
+            relay = r.start()
+            assert await _receive_all(r.client) == b"early"
+            await r.client.send_eof()
+            assert await relay.wait() == (2, 5)
 
+
+async def test_a_socket_closed_before_the_relay_resets_the_stream() -> None:
     gone = anyio.Event()
 
-    async def far2(stream: TunnelStream) -> None:
+    async def far(stream: TunnelStream) -> None:
         try:  # the RST may be here before this handler runs: accept() itself fails then
             stream.accept()
             await _far_read_all(stream)
         except anyio.BrokenResourceError:
             gone.set()
 
-    async with relayed(far2, attach=False) as (client, relay, stream):
+    async with relayed(far, start=False) as r:
         with anyio.fail_after(10):
-            relay.close()  # the socket side ended before a stream was there
-            relay.attach(stream)
+            r.end.close()  # the socket side ended before a stream was there
+            await r.start().wait()
             await gone.wait()
             with pytest.raises(anyio.ClosedResourceError):
-                await stream.send(b"x")
+                await r.stream.send(b"x")
 
 
-async def test_relay_idle_timeout_closes_both() -> None:
+@pytest.mark.parametrize("end", ENDS)
+async def test_relay_idle_timeout_closes_both(end: str) -> None:
     ended = anyio.Event()
 
     async def far(stream: TunnelStream) -> None:
@@ -396,27 +442,138 @@ async def test_relay_idle_timeout_closes_both() -> None:
             await stream.receive()
         ended.set()
 
-    async with relayed(far, idle_timeout=0.2) as (client, relay, _):
+    async with relayed(far, end=end, idle_timeout=0.2) as r:
         with anyio.fail_after(10):
-            await client.send(b"a")
+            await r.client.send(b"a")
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                await client.receive()
+                await r.client.receive()
             await ended.wait()
-            assert relay.finished
+            assert r.relay is not None
+            assert r.relay.finished
 
 
 def test_relay_invalid_idle_timeout() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
-        SocketRelay(idle_timeout=0)
+        Relay(SocketEnd(), SocketEnd(), idle_timeout=0)
+
+
+# ------------------------------------------------------------------------------------------------ TLS stream ends
+# A TLS stream cannot half-close: as the client, the end of the answer closes it; as the end reached, the end of
+# the request waits for the answer.
+
+
+@asynccontextmanager
+async def tls_pair() -> AsyncIterator[tuple[TLSStream, TLSStream]]:
+    """The client and server ends of one TLS connection over real TCP on 127.0.0.1."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with tcp_pair() as (raw_client, raw_server):
+        servers: list[TLSStream] = []
+
+        async def handshake() -> None:
+            servers.append(await TLSStream.wrap(raw_server, server_side=True, ssl_context=server_context))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handshake)
+            client = await TLSStream.wrap(raw_client, hostname="localhost", ssl_context=client_context)
+        yield client, servers[0]
+
+
+@asynccontextmanager
+async def tls_relayed(far: Handler, *, tls_asked: bool) -> AsyncIterator[tuple[TLSStream, Relay]]:
+    """A TLS connection's server end and a tunnel stream to ``far`` joined by a relay, whose tasks run meanwhile;
+    ``tls_asked``: the TLS end is the relay's client (``a``). Yields the TLS peer and the relay."""
+    async with tunnel_pair(far) as (conn, _), tls_pair() as (peer, served):
+        remote = await conn.open_stream(wait_accepted=False)
+        async with anyio.create_task_group() as tg:
+            relay = join(served, remote) if tls_asked else join(remote, served)
+            tg.start_soon(relay.run)
+            yield peer, relay
+
+
+async def _read_exactly(stream: ByteStream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        out += await stream.receive()
+    return bytes(out)
+
+
+async def test_a_tls_client_relayed_to_a_tunnel_stream_8_mib_each_way() -> None:
+    """The TLS client's upload arrives whole; the end of the answer closes the TLS stream cleanly."""
+    up = os.urandom(8 << 20)
+    down = os.urandom(8 << 20)
+    got: dict[str, bytes] = {}
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        got["far"] = await _read_exactly(stream, len(up))
+        await stream.send(down)
+        await stream.send_eof()
+
+    async with tls_relayed(far, tls_asked=True) as (client, relay):
+        with anyio.fail_after(30):
+            await client.send(up)
+            got["client"] = await _receive_all(client)  # EndOfStream: the relay closed it cleanly
+            await client.aclose()
+            assert await relay.wait() == (len(up), len(down))
+    assert got["far"] == up
+    assert got["client"] == down
+
+
+async def test_a_tunnel_stream_relayed_to_a_tls_origin_waits_for_the_answer() -> None:
+    """The request's end cannot be passed on to a TLS origin: the relay waits for the origin's answer, whose end
+    ends the relay."""
+    up = os.urandom(8 << 20)
+    down = os.urandom(8 << 20)
+    got: dict[str, bytes] = {}
+
+    async def far(stream: TunnelStream) -> None:
+        stream.accept()
+        await stream.send(up)
+        await stream.send_eof()
+        got["far"] = await _far_read_all(stream)
+
+    async with tls_relayed(far, tls_asked=False) as (origin, relay):
+        with anyio.fail_after(30):
+            got["origin"] = await _read_exactly(origin, len(up))
+            await origin.send(down)
+            await origin.aclose()  # close_notify: the end of the answer
+            assert await relay.wait() == (len(up), len(down))
+            while "far" not in got:
+                await anyio.sleep(0.01)
+    assert got["origin"] == up
+    assert got["far"] == down
+
+
+async def test_a_broken_tls_side_resets_the_tunnel_stream() -> None:
+    far, seen, done = reads_until_broken()
+    async with tls_relayed(far, tls_asked=True) as (client, relay):
+        with anyio.fail_after(10):
+            await client.send(b"x" * 1000)
+            raw = client.extra(SocketAttribute.raw_socket)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.transport_stream.aclose()  # a TCP reset under the TLS stream, no close_notify
+            await relay.wait()
+            await done.wait()
+    assert seen == [anyio.BrokenResourceError]
 
 
 chunkings = st.lists(st.integers(min_value=1, max_value=200_000), min_size=0, max_size=6)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(up=chunkings, down=chunkings, far_ends_first=st.booleans(), extensions=st.booleans())
+@given(
+    up=chunkings,
+    down=chunkings,
+    far_ends_first=st.booleans(),
+    extensions=st.booleans(),
+    end=st.sampled_from(ENDS),
+)
 async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
-    up: list[int], down: list[int], far_ends_first: bool, extensions: bool
+    up: list[int], down: list[int], far_ends_first: bool, extensions: bool, end: str
 ) -> None:
     """Whatever the write sizes each way and whichever side ends first, both directions arrive whole."""
     up_data = [os.urandom(n) for n in up]
@@ -435,19 +592,20 @@ async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
         got["far"] = await _far_read_all(stream)
         far_done.set()
 
-    async with relayed(far, extensions=extensions) as (client, relay, _):
+    async with relayed(far, end=end, extensions=extensions) as r:
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
 
                 async def read_side() -> None:
-                    got["client"] = await _receive_all(client)
+                    got["client"] = await _receive_all(r.client)
 
                 tg.start_soon(read_side)
                 for chunk in up_data:
-                    await client.send(chunk)
-                await client.send_eof()
+                    await r.client.send(chunk)
+                await r.client.send_eof()
                 client_ended.set()
-            assert await relay.wait() == (sum(up), sum(down))
+            assert r.relay is not None
+            assert await r.relay.wait() == (sum(up), sum(down))
             await far_done.wait()  # the far end may still be reading what the relay passed on
     assert got["client"] == b"".join(down_data)
     assert got["far"] == b"".join(up_data)

@@ -15,21 +15,19 @@ destination before the local client is told it succeeded (vproxy's WebSocks agen
 
 from __future__ import annotations
 
-import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
-from vtunnel.apps.pipe import SocketRelay, pipe, reset_on_close
+from vtunnel.apps.pipe import Relay, SocketEnd, TunnelEnd, join, reset_on_close
 from vtunnel.apps.websocks import WEBSOCKS_SCHEMES, carrier_endpoint, websocks_connect, websocks_dial
 from vtunnel.io.stream_sockets import LeanSocketStream, RelayListener, open_relay_listener
-from vtunnel.io.tuning import tune_stream, tune_transport
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.runtime.errors import DestinationNotCarried, TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
@@ -38,10 +36,10 @@ from vtunnel.transports.base import Endpoint, SecurityConfig
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 
-#: serves one accepted front connection
-FrontRunner = Callable[[ByteStream], Coroutine[Any, Any, None]]
-
 log = structlog.get_logger("vtunnel.agent")
+
+#: what a front's listener makes per connection: a relay's socket end, or a stream that reads a header first
+P = TypeVar("P", SocketEnd, LeanSocketStream)
 
 
 def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, int]:
@@ -165,26 +163,35 @@ class Agent:
         if s.http:
             fronts.append(("http", s.http, self._http_handler))
         # every front is a listener whose connections are lean sockets (no loop transport each): a forward is a
-        # relay from the start, a SOCKS5 / HTTP connection reads its header as a stream and then becomes one;
-        # they all begin accepting once the task group exists
-        listeners: list[RelayListener] = []
+        # relay's socket end from the start, a SOCKS5 / HTTP connection reads its header as a stream and then
+        # hands its socket to a relay; they all begin accepting once the task group exists, and each accepted
+        # connection counts as active until its socket is closed
+        listeners: list[RelayListener[Any]] = []
+
+        async def listen(
+            name: str, address: tuple[str, int], factory: Callable[[], P], on_accept: Callable[[P], None]
+        ) -> None:
+            srv = await open_relay_listener(
+                *address, factory, on_accept=on_accept, on_close=self._end, start=False
+            )
+            listeners.append(srv)
+            self._show(name, srv.sockets[0].getsockname())
+
         try:
             for fwd in s.forwards:
                 name = f"forward {fwd.destination or 'target'}"
-                # through a tunnel a forward is a callback relay from the start; to a WebSocks server it is a
-                # front whose task dials the server and then pipes the two connections
-                factory = (
-                    self._forward_factory(fwd)
-                    if self.pool is not None
-                    else self._front_factory(functools.partial(self._piped_forward, fwd))
+                if self.pool is not None:  # a relay's socket end, joined to a tunnel stream once it is open
+                    md = StreamMetadata(authority=fwd.destination, kind="tcp") if fwd.destination else None
+                    await listen(name, fwd.listen, SocketEnd, functools.partial(self._forward_accepted, md))
+                else:  # to a WebSocks server: a front whose task dials the server, then relays
+                    run = functools.partial(
+                        self._front_accepted, functools.partial(self._websocks_forward, fwd)
+                    )
+                    await listen(name, fwd.listen, LeanSocketStream, run)
+            for name, address, handler in fronts:
+                await listen(
+                    name, address, LeanSocketStream, functools.partial(self._front_accepted, handler)
                 )
-                srv = await open_relay_listener(fwd.listen[0], fwd.listen[1], factory, start=False)
-                listeners.append(srv)
-                self._show(name, srv.sockets[0].getsockname())
-            for name, (host, port), handler in fronts:
-                srv = await open_relay_listener(host, port, self._front_factory(handler), start=False)
-                listeners.append(srv)
-                self._show(name, srv.sockets[0].getsockname())
         except BaseException:
             for srv in listeners:
                 srv.close()
@@ -218,37 +225,8 @@ class Agent:
     def shutdown(self) -> None:
         self._stopping.set()
 
-    def _tracked(self, handler: Callable[[ByteStream], Awaitable[None]]) -> FrontRunner:
-        async def run(client: ByteStream) -> None:
-            self._begin()
-            tune_stream(client)
-            if isinstance(client, LeanSocketStream):
-                client.on_relay_done = self._end  # a relay the handler hands the socket to ends it
-            try:
-                await handler(client)
-            except Exception as exc:
-                log.info("local connection ended with an error", error=str(exc) or repr(exc))
-            finally:
-                if not (isinstance(client, LeanSocketStream) and client.handed_off):
-                    self._end()
-                    with anyio.CancelScope(shield=True):
-                        await anyio.aclose_forcefully(client)
-
-        return run
-
-    def _front_factory(self, handler: Callable[[ByteStream], Awaitable[None]]) -> Callable[[], _FrontStream]:
-        tracked = self._tracked(handler)
-        return lambda: _FrontStream(self, tracked)
-
-    def _front_accepted(self, stream: _FrontStream, run: FrontRunner) -> None:
-        """A SOCKS5 / HTTP connection was accepted: serve it in a task (which ends at the hand-off, if any)."""
-        tg = self._task_group
-        if tg is None or self._stopping.is_set():
-            stream.abort()
-            return
-        tg.start_soon(run, stream)
-
     def _begin(self) -> None:
+        """A local connection was accepted: the drain waits for it until its socket is closed (:meth:`_end`)."""
         self._active += 1
         if self._idle.is_set():
             self._idle = anyio.Event()
@@ -258,41 +236,56 @@ class Agent:
         if not self._active:
             self._idle.set()
 
-    def _forward_factory(self, fwd: Forward) -> Callable[[], SocketRelay]:
-        metadata = StreamMetadata(authority=fwd.destination, kind="tcp") if fwd.destination else None
-        return lambda: _ForwardRelay(self, metadata)
+    def _front_accepted(
+        self, handler: Callable[[ByteStream], Awaitable[None]], client: LeanSocketStream
+    ) -> None:
+        """A front's connection was accepted: serve it in a task (which ends at the hand-off to a relay, if any)."""
+        self._begin()
+        tg = self._task_group
+        if tg is None or self._stopping.is_set():
+            client.abort()
+            return
+        tg.start_soon(self._serve_front, handler, client)
 
-    def _relay_started(self, relay: _ForwardRelay) -> None:
+    async def _serve_front(
+        self, handler: Callable[[ByteStream], Awaitable[None]], client: LeanSocketStream
+    ) -> None:
+        try:
+            await handler(client)
+        except Exception as exc:
+            log.info("local connection ended with an error", error=str(exc) or repr(exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(client)  # nothing once the socket went to a relay
+
+    def _forward_accepted(self, metadata: StreamMetadata | None, end: SocketEnd) -> None:
         """A forwarded connection was accepted: open its stream in a short-lived task (0-RTT, no wait)."""
         self._begin()
         tg = self._task_group
         if tg is None or self._stopping.is_set():
-            relay.abort()  # not carried: reset, as when no tunnel comes
+            end.reset()  # not carried: reset, as when no tunnel comes
             return
-        tg.start_soon(self._open_for, relay)
+        tg.start_soon(self._open_for, metadata, end)
 
-    def _relay_done(self) -> None:
-        self._end()
-
-    async def _open_for(self, relay: _ForwardRelay) -> None:
+    async def _open_for(self, metadata: StreamMetadata | None, end: SocketEnd) -> None:
         try:
-            remote = await self.open(relay.metadata, wait_accepted=False)
+            remote = await self.open(metadata, wait_accepted=False)
         except TunnelUnavailable as exc:
             # reset, not closed: a clean end of stream would look like an empty answer to the client
             log.warning("no tunnel for a forwarded connection", error=str(exc))
-            relay.abort()
+            end.reset()
             return
         except Exception as exc:
             log.info("local connection ended with an error", error=str(exc) or repr(exc))
-            relay.abort()
+            end.reset()
             return
         except BaseException:
-            relay.abort()
+            end.reset()
             raise
-        relay.attach(remote)
+        Relay(end, TunnelEnd(remote))
 
-    async def _piped_forward(self, fwd: Forward, client: ByteStream) -> None:
-        """A ``--forward LISTEN=DEST`` connection to a WebSocks server: its own connection to DEST, then a pipe."""
+    async def _websocks_forward(self, fwd: Forward, client: ByteStream) -> None:
+        """A ``--forward LISTEN=DEST`` connection to a WebSocks server: its own connection to DEST, then a relay."""
         assert fwd.destination is not None
         try:
             remote = await self._opener(StreamMetadata(authority=fwd.destination, kind="tcp"))
@@ -303,7 +296,7 @@ class Agent:
             )
             reset_on_close(client)
             return
-        await pipe(client, remote)
+        await join(client, remote).run()
 
     async def _socks_handler(self, client: ByteStream) -> None:
         from vtunnel.apps.socks5 import serve_socks5
@@ -314,39 +307,3 @@ class Agent:
         from vtunnel.apps.httpproxy import serve_http_proxy
 
         await serve_http_proxy(client, self._opener)
-
-
-class _FrontStream(LeanSocketStream):
-    """A SOCKS5 / HTTP front's connection: its handler task starts as soon as the socket is accepted."""
-
-    __slots__ = ("_agent", "_run")
-
-    def __init__(self, agent: Agent, run: FrontRunner) -> None:
-        super().__init__()
-        self._agent = agent
-        self._run = run
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._agent._front_accepted(self, self._run)
-
-
-class _ForwardRelay(SocketRelay):
-    """A ``--forward`` connection: the relay tells the agent when it starts and ends (drain accounting)."""
-
-    __slots__ = ("agent", "metadata")
-
-    def __init__(self, agent: Agent, metadata: StreamMetadata | None) -> None:
-        super().__init__()
-        self.agent = agent
-        self.metadata = metadata
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        # tuned once connected, as the task-based fronts do: buffers set on the listening socket instead would
-        # be in place before the handshake and change its window scaling (measured: slower bulk transfers)
-        tune_transport(transport)
-        self.agent._relay_started(self)
-
-    def _ended(self) -> None:
-        self.agent._relay_done()

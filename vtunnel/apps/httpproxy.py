@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.apps.dialer import format_authority, parse_authority
-from vtunnel.apps.pipe import CHUNK_SIZE, Opener, hand_to_relay, pipe
+from vtunnel.apps.pipe import CHUNK_SIZE, Opener, join
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
 
@@ -403,8 +403,7 @@ class _ProxyConnection:
                 await anyio.aclose_forcefully(remote)
             raise
         log.debug("http.connect", authority=authority)
-        if hand_to_relay(self.client, remote) is None:
-            await pipe(self.client, remote)
+        await join(self.client, remote).run()
 
     async def forward(self, request: h11.Request) -> bool:
         """Relay one plain request and its response; ``True`` when the client connection may go on."""

@@ -1,21 +1,29 @@
-"""Bidirectional copy between two byte streams, and the opener type the proxy fronts use.
+"""The one relay engine, and the opener type and header reader the proxy fronts use.
 
-``pipe(a, b)`` copies ``a -> b`` and ``b -> a`` at the same time until both directions have ended:
+A :class:`Relay` copies both ways between two *ends* until both directions have ended. Every end is a
+:class:`RelayEnd`: it reports what arrives (bytes, its end of stream, breakage) to the relay and takes the
+relay's writes without blocking, asking it to stop reading the other end while it is full. Three ends exist:
 
-* an end of stream on one side is passed on as ``send_eof()`` on the other (a faithful half-close) while the
-  other direction keeps flowing; ``a`` is the side that asked for the connection (the client) and ``b`` the side
-  it reached: when ``a`` cannot half-close (a TLS stream), the end of ``b``'s answer closes both instead;
-* a broken or reset side (``BrokenResourceError``, ``ClosedResourceError``, ``OSError``) ends both directions
-  at once, and a socket whose direction had not ended yet is reset (SO_LINGER 0), not closed: a clean end of
-  stream would pass a cut-short transfer off as a whole one;
-* an optional idle timeout ends both directions when no byte moved either way for that long;
-* both streams are closed when it returns, whatever happened.
+* :class:`SocketEnd`: a lean TCP socket; the end is the socket's asyncio protocol (``io.stream_sockets``);
+* :class:`TunnelEnd`: a tunnel stream; the end is the stream's consumer (``TunnelStream.attach``);
+* :class:`StreamEnd`: any other anyio byte stream (a TLS stream, a WebSocks client connection, a test stream);
+  it owns a reader and a writer task, which exist only while :meth:`Relay.run` runs.
 
-:class:`SocketRelay` does the same between one TCP socket and one tunnel stream with no task at all: it is the
-socket's asyncio protocol and the stream's consumer, so an idle relay is a few small objects waiting for a
-callback (no coroutine frames, no buffers, no events).  Back-pressure is the same as ``pipe``'s: the socket is
-not read while the stream's send window is shut or the tunnel's output is over its high-water mark, and the
-peer's credit is returned only once the socket took the bytes (its write buffer is under its high-water mark).
+A relay of a socket and a tunnel stream runs no task at all: an idle one is three small objects waiting for a
+callback (no coroutine frame, no buffer, no event). The rules, for every pair of ends:
+
+* an end of stream on one end is passed on as a half-close of the other while the other direction keeps
+  flowing; ``a`` is the end that asked for the connection (the client) and ``b`` the end it reached: when ``a``
+  cannot half-close (a TLS stream), the end of ``b``'s answer closes both instead; when ``b`` cannot, the end of
+  ``a``'s request waits for the answer;
+* a broken, reset or refused end ends both at once, and an end whose incoming direction had not ended yet is
+  reset (a socket with SO_LINGER 0, a tunnel stream with RST), not closed: a clean end of stream would pass a
+  cut-short transfer off as a whole one;
+* back-pressure: an end that is full (a socket's write buffer over its high-water mark, a tunnel stream's send
+  window shut or its tunnel's output over its high-water mark) stops the reading of the other end; a tunnel
+  stream that is not read returns no credit to its peer;
+* an optional idle timeout ends both when no byte moved either way for that long;
+* both ends are closed when it is over (what was written still goes out).
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeVar, cast
 
 import anyio
 import structlog
@@ -41,25 +49,30 @@ if TYPE_CHECKING:
 __all__ = [
     "CHUNK_SIZE",
     "HeaderTooLarge",
+    "IdleTimer",
     "Opener",
-    "SocketRelay",
+    "Relay",
+    "RelayEnd",
+    "SocketEnd",
     "StreamBuffer",
-    "hand_to_relay",
+    "StreamEnd",
+    "TunnelEnd",
+    "join",
     "pipe",
+    "relay_end",
     "reset_on_close",
 ]
 
 log = structlog.get_logger(__name__)
 
-#: The largest read issued per step of the copy: anyio's socket streams hand out what the event loop read
-#: (up to 256 KiB), and a smaller read would split, and so copy, those chunks.
-CHUNK_SIZE = 256 * 1024
+#: The largest read a :class:`StreamEnd` issues, and what it queues before it is full: anyio's socket streams hand
+#: out what the event loop read (up to 256 KiB), and a smaller read would split, and so copy, those chunks.
+CHUNK_SIZE: Final = 256 * 1024
 
 #: Opens one stream through the tunnel for the given metadata.  Raises
 #: ``vtunnel.runtime.errors.StreamRefused`` when the server refused it and
 #: ``vtunnel.runtime.errors.TunnelUnavailable`` when no tunnel can be used.
 Opener = Callable[["StreamMetadata"], Awaitable[ByteStream]]
-
 
 #: SO_LINGER on, zero seconds: close() sends RST
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -108,463 +121,190 @@ class StreamBuffer:
         return data
 
 
-class _Progress:
-    """Bytes moved per direction, shared with the idle watcher (no clock read per chunk); which directions
-    passed their end of stream on, and whether a side broke."""
-
-    __slots__ = ("broken", "ended", "moved")
-
-    def __init__(self) -> None:
-        self.moved = [0, 0]
-        self.ended = [False, False]
-        self.broken = False
-
-    def total(self) -> int:
-        return self.moved[0] + self.moved[1]
+# ------------------------------------------------------------------------------------------------ the relay
 
 
-async def _copy(
-    src: ByteStream, dst: ByteStream, progress: _Progress, index: int, scope: anyio.CancelScope
-) -> None:
-    """Copy ``src`` into ``dst`` until ``src`` ends; on a broken side cancel ``scope`` (both directions)."""
-    moved = progress.moved
-    try:
-        while True:
-            try:
-                data = await src.receive(CHUNK_SIZE)
-            except anyio.EndOfStream:
-                break
-            await dst.send(data)
-            moved[index] += len(data)
-    except _BROKEN as exc:
-        log.debug("pipe.broken", error=type(exc).__name__)
-        progress.broken = True
-        scope.cancel()
-        return
-    except Exception as exc:  # a stream implementation failing in its own way still ends both directions
-        log.warning("pipe.failed", error=repr(exc))
-        progress.broken = True
-        scope.cancel()
-        return
-    try:
-        await dst.send_eof()
-    except NotImplementedError:
-        # The other side cannot half-close (a TLS stream). The end of the request waits for the answer (the
-        # remaining direction ends the pipe); the end of the answer can only be passed on by closing the client.
-        if index == 1:
-            progress.ended[index] = True
-            scope.cancel()
-            return
-    except _BROKEN as exc:
-        log.debug("pipe.eof_failed", error=type(exc).__name__)
-        progress.broken = True
-        scope.cancel()
-        return
-    progress.ended[index] = True
+class RelayEnd(Protocol):
+    """One side of a :class:`Relay`.
 
-
-async def _watch_idle(idle_timeout: float, progress: _Progress, scope: anyio.CancelScope) -> None:
-    """Cancel ``scope`` once no chunk moved for ``idle_timeout`` seconds (checked four times per period)."""
-    step = idle_timeout / 4
-    seen = progress.total()
-    idle_for = 0.0
-    while True:
-        await anyio.sleep(step)
-        if progress.total() != seen:
-            seen = progress.total()
-            idle_for = 0.0
-            continue
-        idle_for += step
-        if idle_for >= idle_timeout:
-            log.debug("pipe.idle_timeout", idle_timeout=idle_timeout)
-            scope.cancel()
-            return
-
-
-async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = None) -> tuple[int, int]:
-    """Copy both ways between ``a`` and ``b`` until both directions ended; return ``(a_to_b, b_to_a)`` bytes.
-
-    Both streams are closed on return.  Cancellation from outside propagates after the streams are closed.
-    """
-    if idle_timeout is not None and idle_timeout <= 0:
-        raise ValueError("idle_timeout must be positive")
-    progress = _Progress()
-    if idle_timeout is None:
-        # the common case: one extra task (the other direction runs in this one), one task group
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_copy, b, a, progress, 1, tg.cancel_scope)
-                await _copy(a, b, progress, 0, tg.cancel_scope)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _close_both(a, b, progress)
-        return progress.moved[0], progress.moved[1]
-    try:
-        with anyio.CancelScope() as outer:
-            async with anyio.create_task_group() as tg:
-                if idle_timeout is not None:
-                    watcher = anyio.CancelScope()
-
-                    async def watch() -> None:
-                        with watcher:
-                            await _watch_idle(idle_timeout, progress, outer)
-
-                    tg.start_soon(watch)
-                async with anyio.create_task_group() as copiers:
-                    copiers.start_soon(_copy, a, b, progress, 0, outer)
-                    copiers.start_soon(_copy, b, a, progress, 1, outer)
-                if idle_timeout is not None:
-                    watcher.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await _close_both(a, b, progress)
-    return progress.moved[0], progress.moved[1]
-
-
-async def _close_both(a: ByteStream, b: ByteStream, progress: _Progress) -> None:
-    """Close both streams; after a broken side, a socket whose incoming direction had not ended is reset."""
-    if progress.broken:
-        if not progress.ended[0]:
-            reset_on_close(b)
-        if not progress.ended[1]:
-            reset_on_close(a)
-    await _close_quietly(a)
-    await _close_quietly(b)
-
-
-def reset_on_close(stream: ByteStream) -> None:
-    """Make closing ``stream`` send a TCP reset, when it is a TCP socket (other streams are left as they are): its
-    peer must not take a clean end of stream for a complete answer."""
-    sock = stream.extra(SocketAttribute.raw_socket, None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-
-
-async def _close_quietly(stream: ByteStream) -> None:
-    try:
-        await stream.aclose()
-    except _BROKEN as exc:
-        log.debug("pipe.close_failed", error=type(exc).__name__)
-
-
-# ------------------------------------------------------------------------------------------------ callback relay
-
-
-def _reset_transport(transport: asyncio.Transport) -> None:
-    """Close the connection under ``transport`` with a TCP reset (SO_LINGER 0), dropping what is unsent.
-
-    A FIN tells the peer "that was everything"; when what it was sent is cut short (the tunnel died under its
-    stream), a reset is the only way it can tell the difference.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
-
-
-class SocketRelay(asyncio.Protocol):
-    """Copies between one TCP socket (this is its protocol) and one tunnel stream (this is its consumer).
-
-    Same rules as :func:`pipe`: an end of stream on one side is passed on as a half-close; a reset, refused or
-    broken side ends both at once; the optional idle timeout ends both when no byte moved for that long; both
-    ends are closed when it is over, and ``on_done`` (if given) is called once then.  When the stream breaks
-    (reset, refused, or its tunnel died under it) before its end of stream came, the socket is reset, not
-    closed: its peer must not take a clean end of stream for the whole of what was sent to it.  The socket may come before
-    the stream (a front opens the stream after the accept: the socket is not read until :meth:`attach`) or
-    after it (the exit dials first).
+    The end reports to the relay it was started with: ``relay.received(end, data)``, ``relay.ended(end)`` (its
+    end of stream, once), ``relay.broken(end)``, ``relay.full(end)`` / ``relay.room(end)`` (its writes are over /
+    back under its limit) and ``relay.eof_refused(end)`` (it cannot half-close). Nothing is reported before the
+    first :meth:`resume_reading`; what arrived before (bytes a front read past its header, an end of stream) is
+    reported then.
     """
 
-    __slots__ = (
-        "_down_done",
-        "_fin_pending",
-        "_finished",
-        "_held",
-        "_idle",
-        "_on_done",
-        "_pending",
-        "_room",
-        "_stream",
-        "_transport",
-        "_up_done",
-        "_waiter",
-        "_write_paused",
-        "moved_in",
-        "moved_out",
-    )
+    @property
+    def serve(self) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """What the end must run in a task while it is relayed (a byte stream's reader and writer); ``None`` for
+        the callback ends."""
 
-    def __init__(
-        self, *, idle_timeout: float | None = None, on_done: Callable[[], None] | None = None
-    ) -> None:
-        if idle_timeout is not None and idle_timeout <= 0:
-            raise ValueError("idle_timeout must be positive")
-        self._transport: asyncio.Transport | None = None
-        self._stream: TunnelStream | None = None
-        self._pending: bytes | memoryview | None = None  # socket bytes the window has no room for yet
-        self._fin_pending = False  # the socket ended: FIN once ``_pending`` is sent
-        self._up_done = False  # socket -> stream finished (FIN sent)
-        self._down_done = False  # stream -> socket finished (peer FIN passed on)
-        self._write_paused = False  # the socket's write buffer is over its high-water mark
-        self._held = 0  # bytes written to the socket whose credit waits for it to drain
-        self._finished = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._room: asyncio.Task[None] | None = None
-        self._idle: _IdleTimer | None = _IdleTimer(self, idle_timeout) if idle_timeout is not None else None
-        self._on_done = on_done
-        self.moved_in = 0  # bytes socket -> stream
-        self.moved_out = 0  # bytes stream -> socket
+    def start(self, relay: Relay) -> None:
+        """Report to ``relay`` from now on."""
 
-    # -------------------------------------------------------------------- wiring
-    def attach(self, stream: TunnelStream) -> None:
-        """Relay to ``stream`` from now on (closes it at once if the socket is already gone)."""
-        if self._finished:
-            stream.close_nowait()
-            return
-        self._stream = stream
-        stream.attach(self)
-        self._start()
+    def write(self, data: bytes) -> None:
+        """Send ``data`` after what was written before; never blocks (a full end tells the relay)."""
 
-    def _start(self) -> None:
-        if self._transport is None or self._stream is None or self._finished:
-            return
-        if self._idle is not None:
-            self._idle.start()
-        if self._pending is not None:
-            self._push()
-        elif self._fin_pending:
-            self._send_fin()
-        else:
-            self._resume_if_clear()
+    def write_eof(self) -> None:
+        """End this direction once what was written went out (half-close)."""
 
-    def factory(self) -> SocketRelay:
-        """This relay, as the protocol factory ``loop.connect_accepted_socket`` asks for."""
-        return self
+    def pause_reading(self) -> None:
+        """Report no more bytes until :meth:`resume_reading` (a tunnel stream holds back its peer's credit)."""
+
+    def resume_reading(self) -> None: ...
 
     def close(self) -> None:
-        """End the relay now (both ends closed; an open stream is reset)."""
-        self._finish()
+        """Close once what was written went out."""
 
-    def abort(self) -> None:
-        """End the relay now because the connection cannot be carried: the socket is reset (its peer sees a
-        connection reset, not an end of stream) and an open stream is reset."""
-        self._finish(reset=True)
+    def reset(self) -> None:
+        """Close at once, dropping what was not sent, so that the peer sees a reset (idempotent with close)."""
 
-    def done(self) -> asyncio.Future[None]:
-        """A future that completes when the relay is over (awaiting it needs no coroutine frame of its own)."""
-        waiter = self._waiter
-        if waiter is None:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            if self._finished:
-                waiter.set_result(None)
-        return waiter
+
+# bits of Relay._state (one integer per relay: an idle relay is a few slots)
+_EOF_A: Final = 1  # a was given its end of stream (b -> a ended)
+_EOF_B: Final = 2
+_FULL_A: Final = 4  # a is full: b is not read
+_FULL_B: Final = 8
+_FINISHED: Final = 16
+
+
+class Relay:
+    """Copies between two ends until both directions ended, following the rules in the module docstring.
+
+    The relay starts at once: it owns both ends from then on (the caller must not close them). ``a`` is the end
+    that asked for the connection, ``b`` the end it reached.
+    """
+
+    __slots__ = ("_a", "_b", "_idle", "_state", "_waiter", "a_to_b", "b_to_a")
+
+    def __init__(self, a: RelayEnd, b: RelayEnd, *, idle_timeout: float | None = None) -> None:
+        self._a = a
+        self._b = b
+        self._state = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.a_to_b = 0  # bytes moved each way
+        self.b_to_a = 0
+        self._idle = None if idle_timeout is None else IdleTimer(idle_timeout, self._moved, self.close)
+        a.start(self)
+        b.start(self)
+        if self._idle is not None:
+            self._idle.start()
+        if not self._state & _FULL_B:
+            a.resume_reading()
+        if not self._state & (_FINISHED | _FULL_A):
+            b.resume_reading()
+
+    def _moved(self) -> int:
+        return self.a_to_b + self.b_to_a
+
+    # -------------------------------------------------------------------- for the owner
+    async def run(self) -> None:
+        """Serve the ends that need a task until the relay is over; returns at once when none does (the relay
+        then lives on in callbacks). Cancelled, it ends the relay (both ends closed)."""
+        tasks = [serve for serve in (self._a.serve, self._b.serve) if serve is not None]
+        if tasks:
+            async with anyio.create_task_group() as tg:
+                for serve in tasks:
+                    tg.start_soon(serve)
 
     async def wait(self) -> tuple[int, int]:
-        """Wait until the relay is over; ``(socket_to_stream, stream_to_socket)`` bytes."""
-        await self.done()
-        return self.moved_in, self.moved_out
+        """Wait until the relay is over (awaiting needs no task of its own); ``(a_to_b, b_to_a)`` bytes."""
+        if not self._state & _FINISHED:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self.a_to_b, self.b_to_a
 
     @property
     def finished(self) -> bool:
-        return self._finished
+        return bool(self._state & _FINISHED)
 
-    def _finish(self, *, reset: bool = False) -> None:
-        if self._finished:
+    def close(self) -> None:
+        """End the relay now: both ends closed (what was written still goes out)."""
+        self._finish(0)
+
+    # -------------------------------------------------------------------- from the ends
+    def received(self, end: RelayEnd, data: bytes) -> None:
+        if self._state & _FINISHED:
             return
-        self._finished = True
+        if end is self._a:
+            self.a_to_b += len(data)
+            self._b.write(data)
+        else:
+            self.b_to_a += len(data)
+            self._a.write(data)
+
+    def ended(self, end: RelayEnd) -> None:
+        """``end``'s input ended: half-close the other end."""
+        if self._state & _FINISHED:
+            return
+        other, bit = (self._b, _EOF_B) if end is self._a else (self._a, _EOF_A)
+        other.write_eof()
+        self._state |= bit
+        if self._state & (_EOF_A | _EOF_B) == _EOF_A | _EOF_B:
+            self._finish(0)
+
+    def eof_refused(self, end: RelayEnd) -> None:
+        """``end`` cannot half-close: when it is the client, the end of the answer closes both; else the end of
+        the request waits for the answer."""
+        if end is self._a:
+            self._finish(0)
+
+    def broken(self, end: RelayEnd) -> None:
+        """``end`` broke: both end now; an end whose incoming direction had not ended is reset."""
+        if not self._state & _FINISHED:
+            log.debug("relay.broken", end=type(end).__name__)
+            self._finish(~self._state & (_EOF_A | _EOF_B))
+
+    def full(self, end: RelayEnd) -> None:
+        """``end`` takes no more for now: the other end is not read until :meth:`room`."""
+        bit, other = (_FULL_A, self._b) if end is self._a else (_FULL_B, self._a)
+        if not self._state & bit:
+            self._state |= bit
+            other.pause_reading()
+
+    def room(self, end: RelayEnd) -> None:
+        bit, other = (_FULL_A, self._b) if end is self._a else (_FULL_B, self._a)
+        if self._state & bit:
+            self._state &= ~bit
+            if not self._state & _FINISHED:
+                other.resume_reading()
+
+    def _finish(self, reset: int) -> None:
+        """Close both ends, resetting those whose bit (``_EOF_A``, ``_EOF_B``) is in ``reset``."""
+        if self._state & _FINISHED:
+            return
+        self._state |= _FINISHED
         if self._idle is not None:
             self._idle.stop()
-        if self._room is not None:
-            self._room.cancel()
-            self._room = None
-        if self._transport is not None:
-            if reset:
-                _reset_transport(self._transport)
+        for end, bit in ((self._a, _EOF_A), (self._b, _EOF_B)):
+            if reset & bit:
+                end.reset()
             else:
-                self._transport.close()  # what was written still goes out
-        if self._stream is not None:
-            self._stream.close_nowait()
+                end.close()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self._ended()
-
-    def _ended(self) -> None:
-        """Called once when the relay is over (a subclass may override it instead of passing ``on_done``)."""
-        if self._on_done is not None:
-            on_done, self._on_done = self._on_done, None
-            on_done()
-
-    def _stream_failed(self) -> None:
-        """The stream broke. Unless the peer's FIN was already passed on (the socket has the whole answer and
-        only its own sending is cut short, which its next write learns from our kernel), reset the socket."""
-        self._finish(reset=not self._down_done)
-
-    def _maybe_done(self) -> None:
-        if self._up_done and self._down_done:
-            self._finish()
-
-    # -------------------------------------------------------------------- socket side (asyncio.Protocol)
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        if self._stream is None:
-            self._transport.pause_reading()
-        self._start()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._finished:
-            log.debug("relay.socket_lost", error=type(exc).__name__ if exc else None)
-        self._finish()
-
-    def data_received(self, data: bytes) -> None:
-        self.moved_in += len(data)
-        pending = self._pending
-        self._pending = data if pending is None else bytes(pending) + data
-        self._push()
-
-    def eof_received(self) -> bool:
-        self._fin_pending = True
-        if self._pending is None:
-            self._send_fin()
-        return True  # keep the socket open for the other direction
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        held, self._held = self._held, 0
-        if held and self._stream is not None:
-            self._stream.acknowledge(held)
-
-    # -------------------------------------------------------------------- socket -> stream
-    def _push(self) -> None:
-        stream = self._stream
-        data = self._pending
-        if stream is None or data is None or self._finished:
-            return
-        try:
-            n = stream.send_nowait(data)
-        except _BROKEN as exc:
-            log.debug("relay.broken", error=type(exc).__name__)
-            self._stream_failed()
-            return
-        if n < len(data):
-            self._pending = memoryview(data)[n:]
-            self._pause()
-            return
-        self._pending = None
-        if self._fin_pending:
-            self._send_fin()
-            return
-        if stream.outbound_congested:
-            self._pause()
-            if self._room is None:
-                self._room = asyncio.get_running_loop().create_task(stream.wait_outbound_room())
-                self._room.add_done_callback(self._room_free)
-            return
-        self._resume_if_clear()
-
-    def _room_free(self, task: asyncio.Task[None]) -> None:
-        if self._room is task:
-            self._room = None
-            self._resume_if_clear()
-
-    def _pause(self) -> None:
-        if self._transport is not None and self._transport.is_reading():
-            self._transport.pause_reading()
-
-    def _resume_if_clear(self) -> None:
-        t = self._transport
-        if (
-            t is not None
-            and not self._finished
-            and self._pending is None
-            and self._room is None
-            and not self._fin_pending
-            and not t.is_reading()
-        ):
-            t.resume_reading()
-
-    def _send_fin(self) -> None:
-        if self._up_done or self._stream is None:
-            return
-        self._up_done = True
-        self._stream.send_eof_nowait()
-        self._maybe_done()
-
-    # -------------------------------------------------------------------- stream -> socket (StreamConsumer)
-    def stream_data(self, data: bytes) -> None:
-        self.moved_out += len(data)
-        t = self._transport
-        stream = self._stream
-        assert stream is not None
-        if t is None or self._finished or t.is_closing():
-            stream.acknowledge(len(data))  # nobody will read it: do not hold the peer's credit
-            return
-        t.write(data)
-        if self._write_paused:
-            self._held += len(data)
-        else:
-            stream.acknowledge(len(data))
-
-    def stream_eof(self) -> None:
-        if self._down_done:
-            return
-        self._down_done = True
-        t = self._transport
-        if t is not None and not t.is_closing() and t.can_write_eof():
-            try:
-                t.write_eof()
-            except OSError as exc:
-                log.debug("relay.eof_failed", error=type(exc).__name__)
-                self._finish(reset=True)
-                return
-        self._maybe_done()
-
-    def stream_broken(self) -> None:
-        log.debug("relay.stream_broken")
-        self._stream_failed()
-
-    def stream_writable(self) -> None:
-        if self._pending is not None:
-            self._push()
 
 
-def hand_to_relay(socket_end: ByteStream, tunnel_end: ByteStream) -> SocketRelay | None:
-    """Join ``socket_end`` to ``tunnel_end`` with a :class:`SocketRelay` when both allow it (a lean socket stream
-    and a tunnel stream): the relay then owns both and no task is needed.  Returns the relay, or ``None`` when
-    the caller must ``await pipe(socket_end, tunnel_end)`` instead.  Either way the caller must not close
-    either end itself once this returned a relay."""
-    if not isinstance(socket_end, LeanSocketStream) or not isinstance(tunnel_end, TunnelStream):
-        return None
-    relay = SocketRelay(on_done=socket_end.on_relay_done)
-    early, eof = socket_end.hand_off(relay)
-    if early:
-        relay.data_received(early)
-    if eof:
-        relay.eof_received()
-    relay.attach(tunnel_end)
-    return relay
+class IdleTimer:
+    """Calls ``expire`` once ``moved()`` stayed the same for ``timeout`` seconds: a timer handle checks four times
+    per period, so nothing reads the clock per chunk moved."""
 
+    __slots__ = ("_expire", "_handle", "_moved", "_quiet", "_seen", "timeout")
 
-class _IdleTimer:
-    """Ends a relay once no byte moved either way for ``timeout`` seconds (checked four times per period)."""
-
-    __slots__ = ("_handle", "_idle_for", "_relay", "_seen", "_step", "timeout")
-
-    def __init__(self, relay: SocketRelay, timeout: float) -> None:
-        self._relay = relay
+    def __init__(self, timeout: float, moved: Callable[[], int], expire: Callable[[], None]) -> None:
+        if timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
         self.timeout = timeout
-        self._step = timeout / 4
-        self._seen = 0
-        self._idle_for = 0.0
+        self._moved = moved
+        self._expire = expire
+        self._seen = moved()
+        self._quiet = 0  # checks in a row that saw nothing move
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        if self._handle is None:
-            self._seen = self._relay.moved_in + self._relay.moved_out
-            self._handle = asyncio.get_running_loop().call_later(self._step, self._check)
+        self._handle = asyncio.get_running_loop().call_later(self.timeout / 4, self._check)
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -572,15 +312,385 @@ class _IdleTimer:
             self._handle = None
 
     def _check(self) -> None:
-        total = self._relay.moved_in + self._relay.moved_out
-        if total != self._seen:
-            self._seen = total
-            self._idle_for = 0.0
+        moved = self._moved()
+        self._quiet = self._quiet + 1 if moved == self._seen else 0
+        self._seen = moved
+        if self._quiet < 4:
+            self.start()
+            return
+        self._handle = None
+        log.debug("relay.idle_timeout", idle_timeout=self.timeout)
+        self._expire()
+
+
+# ------------------------------------------------------------------------------------------------ the ends
+
+
+class SocketEnd(asyncio.Protocol):
+    """A relay end on one lean socket: this is its protocol (``io.stream_sockets.SocketTransport``).
+
+    It may exist before its relay (a ``--forward`` connection is accepted before its tunnel stream is open): the
+    socket is not read until the relay starts reading it. Given a front's ``LeanSocketStream``, it takes the
+    socket over then (``hand_off``), with what the stream read but did not return.
+    """
+
+    __slots__ = ("_relay", "_stream", "transport")
+    serve: ClassVar[None] = None
+
+    def __init__(self, stream: LeanSocketStream | None = None) -> None:
+        self.transport: asyncio.Transport | None = None  # None again once the connection is lost
+        self._relay: Relay | None = None
+        self._stream = stream
+
+    # -------------------------------------------------------------------- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        if self._relay is None:
+            t.pause_reading()
         else:
-            self._idle_for += self._step
-            if self._idle_for >= self.timeout:
-                self._handle = None
-                log.debug("pipe.idle_timeout", idle_timeout=self.timeout)
-                self._relay.close()
+            t.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        assert self._relay is not None  # not read before the relay starts
+        self._relay.received(self, data)
+
+    def eof_received(self) -> bool:
+        assert self._relay is not None
+        self._relay.ended(self)
+        return True  # keep the socket open for the other direction
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._relay is not None:
+            self._relay.broken(self)
+
+    def pause_writing(self) -> None:
+        if self._relay is not None:
+            self._relay.full(self)
+
+    def resume_writing(self) -> None:
+        if self._relay is not None:
+            self._relay.room(self)
+
+    # -------------------------------------------------------------------- RelayEnd
+    def start(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def resume_reading(self) -> None:
+        if self._stream is not None:
+            self._take_over()  # connection_made (reading resumes), then what the stream knew
+        elif self.transport is not None:
+            self.transport.resume_reading()
+        elif self._relay is not None:
+            self._relay.broken(self)  # lost before the relay started
+
+    def _take_over(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.hand_off(self)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            try:
+                t.write_eof()
+            except OSError as exc:
+                log.debug("relay.eof_failed", error=type(exc).__name__)
+                if self._relay is not None:
+                    self._relay.broken(self)
+
+    def close(self) -> None:
+        self._take_over()
+        if self.transport is not None:
+            self.transport.close()
+
+    def reset(self) -> None:
+        """Close with a TCP reset (SO_LINGER 0), dropping what is unsent."""
+        self._take_over()
+        if self.transport is not None:
+            _linger_reset(self.transport.get_extra_info("socket"))
+            self.transport.abort()
+
+
+class TunnelEnd:
+    """A relay end on a tunnel stream: the stream's consumer (:meth:`TunnelStream.attach`, at the first
+    :meth:`resume_reading`). Bytes the send window has no room for wait here (the end is full until they went);
+    credit is returned to the peer for what the relay passed on, held back while the relay pauses this end."""
+
+    __slots__ = ("_closing", "_held", "_pending", "_relay", "_room", "stream")
+    serve: ClassVar[None] = None
+    _relay: Relay  # set by start(), before anything is reported
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self.stream = stream
+        self._pending: bytes | memoryview | None = None  # written, not yet taken by the send window
+        self._held: int | None = 0  # credit held back while paused; None once reading (attached, not paused)
+        self._room: asyncio.Task[None] | None = None  # waits for the tunnel's output to drain
+        self._closing = 0  # 1: close once the pending bytes went; 2: then FIN first
+
+    def start(self, relay: Relay) -> None:
+        self._relay = relay
+
+    # -------------------------------------------------------------------- StreamConsumer
+    def stream_data(self, data: bytes) -> None:
+        self._relay.received(self, data)
+        if self._held is None:
+            self.stream.acknowledge(len(data))
+        else:
+            self._held += len(data)
+
+    def stream_eof(self) -> None:
+        self._relay.ended(self)
+
+    def stream_broken(self) -> None:
+        if self._closing & 1:
+            self.reset()  # the relay is over: only the pending bytes were waiting
+        else:
+            self._relay.broken(self)
+
+    def stream_writable(self) -> None:
+        if self._pending is not None:
+            self._push()
+
+    # -------------------------------------------------------------------- RelayEnd
+    def resume_reading(self) -> None:
+        held, self._held = self._held, None
+        if not self.stream.handed_off:
+            self.stream.attach(self)  # reports what is buffered, then the end of stream or breakage
+        elif held:
+            self.stream.acknowledge(held)
+
+    def pause_reading(self) -> None:
+        if self._held is None:
+            self._held = 0
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = data
+            self._push()
+        else:
+            self._pending = bytes(self._pending) + data
+
+    def write_eof(self) -> None:
+        if self._pending is None:
+            self.stream.send_eof_nowait()
+        else:
+            self._closing |= 2
+
+    def _push(self) -> None:
+        data = self._pending
+        assert data is not None
+        try:
+            n = self.stream.send_nowait(data)
+        except _BROKEN:
+            self.stream_broken()
+            return
+        if n < len(data):
+            self._pending = memoryview(data)[n:]
+            self._relay.full(self)
+            return
+        self._pending = None
+        if self._closing & 2:
+            self.stream.send_eof_nowait()
+        if self._closing & 1:
+            self.stream.close_nowait()
+        elif self.stream.outbound_congested:
+            self._relay.full(self)
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_task(self.stream.wait_outbound_room())
+                self._room.add_done_callback(self._room_free)
+        elif self._room is None:
+            self._relay.room(self)
+
+    def _room_free(self, task: asyncio.Task[None]) -> None:
+        if self._room is task:
+            self._room = None
+            if self._pending is None:
+                self._relay.room(self)
+
+    def close(self) -> None:
+        self._closing |= 1
+        if self._pending is None:
+            self.reset()
+
+    def reset(self) -> None:
+        self._closing |= 1
+        self._pending = None
+        if self._room is not None:
+            self._room.cancel()
+            self._room = None
+        self.stream.close_nowait()  # RST if it is still open both ways
+
+
+class StreamEnd:
+    """A relay end on any other anyio byte stream: a reader task and a writer task, which exist only while
+    :meth:`serve` runs (inside :meth:`Relay.run`). The writer sends what was queued with one ``send``; the end
+    is full while :data:`CHUNK_SIZE` bytes or more wait."""
+
+    _relay: Relay  # set by start()
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._full = False
+        self._reading = anyio.Event()
+        self._wakeup = anyio.Event()
+        self._eof = 0  # 1: FIN wanted, 2: sent
+        self._closing = False
+        self._reset = False
+
+    def start(self, relay: Relay) -> None:
+        self._relay = relay
+
+    async def serve(self) -> None:
+        relay = self._relay
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read, relay)
+                await self._write(relay)
+                tg.cancel_scope.cancel()
+        finally:
+            relay.close()  # cancelled from outside: the relay ends with this end
+            if self._reset:
+                reset_on_close(self.stream)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.stream.aclose()
+                except _BROKEN as exc:
+                    log.debug("relay.close_failed", error=type(exc).__name__)
+
+    async def _read(self, relay: Relay) -> None:
+        while True:
+            await self._reading.wait()
+            try:
+                data = await self.stream.receive(CHUNK_SIZE)
+            except anyio.EndOfStream:
+                await self._reading.wait()
+                relay.ended(self)
                 return
-        self._handle = asyncio.get_running_loop().call_later(self._step, self._check)
+            except Exception as exc:
+                _log_failure(exc)
+                relay.broken(self)
+                return
+            await self._reading.wait()  # paused while the read was under way: the bytes wait for the resume
+            relay.received(self, data)
+
+    async def _write(self, relay: Relay) -> None:
+        while not self._reset:
+            if self._queue:
+                data = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+                self._queue.clear()
+                try:
+                    await self.stream.send(data)
+                except Exception as exc:
+                    _log_failure(exc)
+                    relay.broken(self)
+                    return
+                self._queued -= len(data)
+                if self._full and self._queued < CHUNK_SIZE:
+                    self._full = False
+                    relay.room(self)
+            elif self._eof == 1:
+                self._eof = 2
+                try:
+                    await self.stream.send_eof()
+                except NotImplementedError:
+                    relay.eof_refused(self)
+                except Exception as exc:
+                    _log_failure(exc)
+                    relay.broken(self)
+                    return
+            elif self._closing:
+                return
+            else:
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._reset:
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        self._wakeup.set()
+        if not self._full and self._queued >= CHUNK_SIZE:
+            self._full = True
+            self._relay.full(self)
+
+    def write_eof(self) -> None:
+        self._eof = self._eof or 1
+        self._wakeup.set()
+
+    def pause_reading(self) -> None:
+        if self._reading.is_set():
+            self._reading = anyio.Event()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        self._reading.set()
+
+    def reset(self) -> None:
+        self._reset = True
+        self._queue.clear()
+        self.close()
+
+
+def _log_failure(exc: Exception) -> None:
+    if isinstance(exc, _BROKEN):
+        log.debug("relay.broken", error=type(exc).__name__)
+    else:  # a stream implementation failing in its own way still ends both directions
+        log.warning("relay.failed", error=repr(exc))
+
+
+def _linger_reset(sock: socket.socket | None) -> None:
+    """Make closing ``sock`` send a TCP reset, when it is a TCP socket."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def reset_on_close(stream: ByteStream) -> None:
+    """Make closing ``stream`` send a TCP reset, when it is a TCP socket (other streams are left as they are): its
+    peer must not take a clean end of stream for a complete answer."""
+    _linger_reset(stream.extra(SocketAttribute.raw_socket, None))
+
+
+# ------------------------------------------------------------------------------------------------ joining
+
+
+def relay_end(stream: ByteStream) -> RelayEnd:
+    """The end that relays ``stream``: its socket for a lean socket stream (which hands it over, with what it read
+    but did not return yet), its callbacks for a tunnel stream, else reader and writer tasks."""
+    if isinstance(stream, LeanSocketStream):
+        return SocketEnd(stream)
+    if isinstance(stream, TunnelStream):
+        return TunnelEnd(stream)
+    return StreamEnd(stream)
+
+
+def join(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = None) -> Relay:
+    """Relay between ``a`` (the client) and ``b`` (what it reached) from now on; the relay owns both. Await
+    :meth:`Relay.run` next: it returns at once unless an end needs a task."""
+    return Relay(relay_end(a), relay_end(b), idle_timeout=idle_timeout)
+
+
+async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = None) -> tuple[int, int]:
+    """Relay between ``a`` and ``b`` until it is over; ``(a_to_b, b_to_a)`` bytes. Cancelled, it ends the relay."""
+    relay = join(a, b, idle_timeout=idle_timeout)
+    try:
+        await relay.run()
+        return await relay.wait()
+    finally:
+        relay.close()

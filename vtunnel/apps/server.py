@@ -24,7 +24,7 @@ import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
 
 from vtunnel.apps.dialer import Dialer, DialError
-from vtunnel.apps.pipe import SocketRelay
+from vtunnel.apps.pipe import Relay, SocketEnd, TunnelEnd
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.websocks import (
     HANDSHAKE_TIMEOUT,
@@ -199,19 +199,19 @@ class Server:
             )
             stream.refuse(exc.error)
             return
-        relay = SocketRelay(idle_timeout=self.settings.idle_timeout)
+        end = SocketEnd()
         try:
-            attach_socket(sock, relay)
+            attach_socket(sock, end)
         except BaseException:
             sock.close()
             raise
         try:
             stream.accept()
-            log.debug("relaying", tunnel=stream.tunnel_name, stream=stream.stream_id, destination=authority)
-            relay.attach(stream)
         except BaseException:
-            relay.close()
+            end.close()
             raise
+        log.debug("relaying", tunnel=stream.tunnel_name, stream=stream.stream_id, destination=authority)
+        Relay(TunnelEnd(stream), end, idle_timeout=self.settings.idle_timeout)
 
     async def _serve_websocks(self, stream: TunnelStream) -> None:
         stream.accept()

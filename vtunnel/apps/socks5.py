@@ -41,7 +41,7 @@ import structlog
 from anyio.abc import ByteStream, SocketAttribute, UDPSocket
 
 from vtunnel.apps.dialer import format_authority, parse_authority
-from vtunnel.apps.pipe import HeaderTooLarge, Opener, StreamBuffer, hand_to_relay, pipe
+from vtunnel.apps.pipe import HeaderTooLarge, Opener, StreamBuffer, join
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
 
@@ -389,8 +389,7 @@ async def _connect(client: ByteStream, buffer: StreamBuffer, opener: Opener, req
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(remote)
         raise
-    if hand_to_relay(client, remote) is None:
-        await pipe(client, remote)
+    await join(client, remote).run()
 
 
 # ---------------------------------------------------------------------------------------------- UDP ASSOCIATE

@@ -21,6 +21,7 @@ import structlog
 from anyio.abc import ByteStream, UDPSocket
 
 from vtunnel.apps.dialer import Dialer, DialError
+from vtunnel.apps.pipe import IdleTimer
 from vtunnel.apps.policy import IPAddress, PolicyDenied, normalize_address
 from vtunnel.apps.socks5 import Socks5Error, encode_address, parse_address
 from vtunnel.runtime.errors import StreamRefused
@@ -123,32 +124,18 @@ class _UdpExit:
                 continue
             self.moved += 1
 
-    async def watch_idle(self, idle_timeout: float, scope: anyio.CancelScope) -> None:
-        step = idle_timeout / 4
-        seen = self.moved
-        idle_for = 0.0
-        while True:
-            await anyio.sleep(step)
-            if self.moved != seen:
-                seen = self.moved
-                idle_for = 0.0
-                continue
-            idle_for += step
-            if idle_for >= idle_timeout:
-                log.debug("udp.idle_timeout", idle_timeout=idle_timeout)
-                scope.cancel()
-                return
-
 
 async def serve_udp_stream(stream: ByteStream, dialer: Dialer, *, idle_timeout: float = 60.0) -> None:
     """Relay one ``"udp"`` stream's datagrams until it ends or idles out; closes the stream on return."""
     if idle_timeout <= 0:
         raise ValueError("idle_timeout must be positive")
     relay: _UdpExit | None = None
+    idle: IdleTimer | None = None
     try:
         async with anyio.create_task_group() as tg:
             relay = _UdpExit(stream, dialer, tg)
-            tg.start_soon(relay.watch_idle, idle_timeout, tg.cancel_scope)
+            idle = IdleTimer(idle_timeout, lambda: relay.moved if relay else 0, tg.cancel_scope.cancel)
+            idle.start()
             try:
                 await relay.outbound()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, StreamRefused) as exc:
@@ -159,6 +146,8 @@ async def serve_udp_stream(stream: ByteStream, dialer: Dialer, *, idle_timeout: 
     except* Exception as group:  # never take the server down with one stream
         log.error("udp.internal_error", error=repr(group.exceptions[0]), exc_info=group)
     finally:
+        if idle is not None:
+            idle.stop()
         with anyio.CancelScope(shield=True):
             if relay is not None:
                 for udp in relay.sockets.values():

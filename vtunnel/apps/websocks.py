@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.apps.dialer import Dialer, DialError, parse_authority
-from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, hand_to_relay, pipe
+from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, join
 from vtunnel.apps.socks5 import (
     SOCKS_VERSION,
     Command,
@@ -258,10 +258,9 @@ async def serve_websocks(
                 await anyio.aclose_forcefully(remote)
             raise
         log.debug("websocks.relaying", user=user, destination=socks_request.authority)
-        if hand_to_relay(remote, stream) is not None:
-            relayed = True  # the relay owns both ends now: no task, and nothing to close here
-            return
-        await pipe(stream, remote)
+        relay = join(stream, remote)
+        relayed = True  # the relay owns both ends now: nothing to close here
+        await relay.run()
     except _Rejected as exc:
         log.info("websocks.rejected", status=exc.status, reason=str(exc))
         await _send_quietly(stream, _rejection(exc.status, str(exc)))
@@ -344,7 +343,7 @@ async def _socks5_request(stream: ByteStream, buffer: StreamBuffer) -> Socks5Req
 async def _dial(stream: ByteStream, dialer: Dialer, authority: str) -> ByteStream | None:
     """Dial ``authority`` through the exit policy and send the SOCKS5 reply; ``None`` after a failure reply."""
     try:
-        # a lean socket stream, so that the connection can become a callback relay once it is set up
+        # a lean socket stream, so that the relay takes its socket once the exchange is over
         remote = LeanSocketStream()
         attach_socket(await dialer.dial_socket(authority), remote)
     except DialError as exc:

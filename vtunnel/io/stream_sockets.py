@@ -7,7 +7,8 @@ such socket in one epoll set and the loop watches that set's descriptor alone.  
 costs its socket object, the transport (~130 bytes) and a dict entry.  Where epoll is missing, the watcher falls
 back to the loop's own ``add_reader`` / ``add_writer`` per socket: the same transport, the loop's usual cost.
 
-The transport keeps the semantics :class:`vtunnel.apps.pipe.SocketRelay` relies on, the same as asyncio's:
+The transport keeps the semantics the relay's socket end (:class:`vtunnel.apps.pipe.SocketEnd`) relies on, the
+same as asyncio's:
 ``data_received`` / ``eof_received`` (returning true keeps the socket open for writing) / ``connection_lost``;
 ``pause_reading`` and ``resume_reading``; ``write`` sends at once and buffers what the kernel does not take, calling
 the protocol's ``pause_writing`` above the high-water mark and ``resume_writing`` once below the low one;
@@ -22,7 +23,8 @@ never be named again, and level-triggered it would be reported on every pass) th
 holding the live transports. The rule that keeps all of this rare: a watched socket is closed by its transport only.
 
 :func:`open_relay_listener` is the accepting half: it binds like ``loop.create_server`` and hands each accepted
-socket, with a protocol from the factory, to the watcher: no task and no loop transport per connection.
+socket, with a protocol from the factory, to the watcher: no task and no loop transport per connection. Its
+``on_accept`` and ``on_close`` callbacks tell the owner when each connection begins and when its socket is closed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -75,6 +77,9 @@ ACCEPT_BATCH: Final = 64
 _IN: Final = 1  # want readable
 _OUT: Final = 4  # want writable
 _HAS_EPOLL: Final = hasattr(select, "epoll")
+
+#: the protocol type a listener's factory makes
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 class SocketWatcher:
@@ -261,6 +266,7 @@ class SocketTransport(asyncio.Transport):
         "_fd",
         "_lost",
         "_mask",
+        "_on_close",
         "_protocol",
         "_reading",
         "_sock",
@@ -286,6 +292,7 @@ class SocketTransport(asyncio.Transport):
         self._closing = False
         self._writing_paused = False  # the protocol was told pause_writing()
         self._lost = False
+        self._on_close: Callable[[], None] | None = None  # called once the socket is closed
 
     # ------------------------------------------------------------------ asyncio.BaseTransport
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -507,6 +514,8 @@ class SocketTransport(asyncio.Transport):
             self._protocol.connection_lost(exc)
         finally:
             self._sock.close()
+            if self._on_close is not None:
+                self._on_close()
 
 
 def attach_socket(
@@ -528,7 +537,8 @@ def attach_socket(
 
 class LeanSocketStream(ByteStream, asyncio.Protocol):
     """An anyio byte stream over a :class:`SocketTransport` (it is the transport's protocol), for fronts that read
-    a header first and then hand the socket to a relay with :meth:`hand_off`: no task and no buffer stay behind.
+    a header first and then hand the socket to a relay's end with :meth:`hand_off`: no task and no buffer stay
+    behind.
 
     Reads are buffered up to ``READ_LIMIT`` bytes, then the socket is not read until the buffer is taken; a send
     waits while the transport's write buffer is over its high-water mark.
@@ -548,7 +558,6 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
         "_reader",
         "_transport",
         "_write_paused",
-        "on_relay_done",
     )
 
     def __init__(self) -> None:
@@ -563,8 +572,6 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._handed_off = False
-        #: called once when the relay this stream was handed to is over (see :meth:`hand_off`)
-        self.on_relay_done: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ anyio ByteStream
     async def receive(self, max_bytes: int = 65536) -> bytes:
@@ -656,27 +663,29 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
         }
 
     # ------------------------------------------------------------------ hand-off
-    @property
-    def handed_off(self) -> bool:
-        return self._handed_off
-
-    def hand_off(self, protocol: asyncio.Protocol) -> tuple[bytes, bool]:
-        """Make ``protocol`` the socket's protocol from now on (``connection_made`` is called); returns the bytes
-        read but not yet received, and whether the peer's end of stream came with them.  This stream is then
-        done: receiving and sending raise ``ClosedResourceError`` and :meth:`aclose` leaves the socket alone."""
+    def hand_off(self, protocol: asyncio.Protocol) -> None:
+        """Make ``protocol`` the socket's protocol from now on. It is told what this stream knows and did not
+        return yet, as the transport would have told it: ``connection_made``, then the bytes read but not
+        received, the peer's end of stream, a full write buffer, a lost connection.  This stream is then done:
+        receiving and sending raise ``ClosedResourceError`` and :meth:`aclose` leaves the socket alone."""
         t = self._transport
-        if self._closed or self._handed_off or t is None or self._lost:
+        if self._closed or self._handed_off or t is None:
             raise anyio.ClosedResourceError
         self._handed_off = True
         early = b"".join(self._chunks)
         self._chunks = []
         self._buffered = 0
+        self._wake()
         t.set_protocol(protocol)
         protocol.connection_made(t)
+        if early:
+            protocol.data_received(early)
+        if self._eof:
+            protocol.eof_received()
         if self._write_paused:
             protocol.pause_writing()
-        self._wake()
-        return early, self._eof
+        if self._lost:
+            protocol.connection_lost(self._error)
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -715,18 +724,25 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
                 waiter.set_result(None)
 
 
-class RelayListener:
-    """Listening sockets whose accepted connections each get a protocol from ``factory`` and a lean transport."""
+class RelayListener(Generic[P]):
+    """Listening sockets whose accepted connections each get a protocol from ``factory`` and a lean transport
+    (tuned with large buffers); ``on_accept(protocol)`` is called once the protocol has its transport, and
+    ``on_close()`` once that connection's socket is closed."""
 
     def __init__(
         self,
         sockets: list[socket.socket],
-        factory: Callable[[], asyncio.Protocol],
+        factory: Callable[[], P],
         loop: asyncio.AbstractEventLoop,
         watcher: SocketWatcher,
+        *,
+        on_accept: Callable[[P], None] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.sockets = sockets
         self._factory = factory
+        self._on_accept = on_accept
+        self._on_close = on_close
         self._loop = loop
         self._watcher = watcher
         self._closed = False
@@ -776,11 +792,16 @@ class RelayListener:
                     log.warning("accept failed", error=exc.strerror or repr(exc))
                 return
             self._backoff.reset()
+            protocol = self._factory()
+            tune_tcp(conn)  # buffers set on the listening socket would change the handshake's window scaling
             try:
-                attach_socket(conn, self._factory(), self._watcher)
+                attach_socket(conn, protocol, self._watcher)._on_close = self._on_close
             except Exception as exc:
                 log.error("relay protocol failed", error=repr(exc), exc_info=True)
                 conn.close()
+                continue
+            if self._on_accept is not None:
+                self._on_accept(protocol)
 
     def _resume(self, lsock: socket.socket) -> None:
         self._retry.pop(lsock.fileno(), None)
@@ -791,13 +812,16 @@ class RelayListener:
 async def open_relay_listener(
     host: str | None,
     port: int,
-    factory: Callable[[], asyncio.Protocol],
+    factory: Callable[[], P],
     *,
+    on_accept: Callable[[P], None] | None = None,
+    on_close: Callable[[], None] | None = None,
     backlog: int = 1024,
     start: bool = True,
-) -> RelayListener:
+) -> RelayListener[P]:
     """Listen on every address ``host`` resolves to (all interfaces for ``None`` or ""), as ``create_server``;
-    with ``start=False`` accepting begins at :meth:`RelayListener.start`."""
+    with ``start=False`` accepting begins at :meth:`RelayListener.start`. See :class:`RelayListener` for the
+    callbacks."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -831,7 +855,9 @@ async def open_relay_listener(
         for sock in sockets:
             sock.close()
         raise
-    listener = RelayListener(sockets, factory, loop, watcher_for(loop))
+    listener = RelayListener(
+        sockets, factory, loop, watcher_for(loop), on_accept=on_accept, on_close=on_close
+    )
     if start:
         listener.start()
     return listener

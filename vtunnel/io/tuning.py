@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from typing import Final
 
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["SOCKET_BUFFER", "tune_stream", "tune_tcp", "tune_transport"]
+__all__ = ["SOCKET_BUFFER", "tune_stream", "tune_tcp"]
 
 #: SO_SNDBUF / SO_RCVBUF of tunnel and relayed TCP sockets (the kernel may cap it)
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
@@ -30,11 +29,4 @@ def tune_stream(stream: ByteStream) -> None:
     """:func:`tune_tcp` on the socket under an anyio stream (nothing when it has none, e.g. a memory stream)."""
     sock: socket.socket | None = stream.extra(SocketAttribute.raw_socket, None)
     if sock is not None:
-        tune_tcp(sock)
-
-
-def tune_transport(transport: asyncio.BaseTransport) -> None:
-    """:func:`tune_tcp` on the socket under an asyncio transport (nothing when it has none)."""
-    sock = transport.get_extra_info("socket")
-    if isinstance(sock, socket.socket):
         tune_tcp(sock)
