@@ -1,29 +1,18 @@
 """The one relay engine, and the opener type and header reader the proxy fronts use.
 
-A :class:`Relay` copies both ways between two *ends* until both directions have ended. Every end is a
-:class:`RelayEnd`: it reports what arrives (bytes, its end of stream, breakage) to the relay and takes the
-relay's writes without blocking, asking it to stop reading the other end while it is full. Three ends exist:
+A :class:`Relay` copies both ways between two *ends* (:class:`RelayEnd`) until both directions have ended:
 
-* :class:`SocketEnd`: a lean TCP socket; the end is the socket's asyncio protocol (``io.stream_sockets``);
-* :class:`TunnelEnd`: a tunnel stream; the end is the stream's consumer (``TunnelStream.attach``);
-* :class:`StreamEnd`: any other anyio byte stream (a TLS stream, a WebSocks client connection, a test stream);
-  it owns a reader and a writer task, which exist only while :meth:`Relay.run` runs.
+* :class:`SocketEnd`: a lean TCP socket; the end is its asyncio protocol (``io.stream_sockets``);
+* :class:`TunnelEnd`: a tunnel stream; the end is its consumer (``TunnelStream.attach``);
+* :class:`StreamEnd`: any other anyio byte stream (TLS, the WebSocks client connection, tests), with a reader and a
+  writer task that exist only while :meth:`Relay.run` runs.
 
-A relay of a socket and a tunnel stream runs no task at all: an idle one is three small objects waiting for a
-callback (no coroutine frame, no buffer, no event). The rules, for every pair of ends:
-
-* an end of stream on one end is passed on as a half-close of the other while the other direction keeps
-  flowing; ``a`` is the end that asked for the connection (the client) and ``b`` the end it reached: when ``a``
-  cannot half-close (a TLS stream), the end of ``b``'s answer closes both instead; when ``b`` cannot, the end of
-  ``a``'s request waits for the answer;
-* a broken, reset or refused end ends both at once, and an end whose incoming direction had not ended yet is
-  reset (a socket with SO_LINGER 0, a tunnel stream with RST), not closed: a clean end of stream would pass a
-  cut-short transfer off as a whole one;
-* back-pressure: an end that is full (a socket's write buffer over its high-water mark, a tunnel stream's send
-  window shut or its tunnel's output over its high-water mark) stops the reading of the other end; a tunnel
-  stream that is not read returns no credit to its peer;
-* an optional idle timeout ends both when no byte moved either way for that long;
-* both ends are closed when it is over (what was written still goes out).
+A relay of a socket and a tunnel stream runs no task: an idle one is three small objects waiting for a callback.
+The rules are the relay's, the same for every pair of ends (docs/agent.md, "The relay"): an end of stream is
+passed on as a half-close (``a``, the client, cannot half-close: the end of ``b``'s answer closes both; ``b``
+cannot: the end of the request waits for the answer); a broken end ends both, and an end whose incoming direction
+had not ended is reset, not closed; a full end stops the reading of the other; the optional idle timeout ends both
+when nothing moved for that long; both ends are closed when it is over (what was written still goes out).
 """
 
 from __future__ import annotations
@@ -125,31 +114,27 @@ class StreamBuffer:
 
 
 class RelayEnd(Protocol):
-    """One side of a :class:`Relay`.
-
-    The end reports to the relay it was started with: ``relay.received(end, data)``, ``relay.ended(end)`` (its
-    end of stream, once), ``relay.broken(end)``, ``relay.full(end)`` / ``relay.room(end)`` (its writes are over /
-    back under its limit) and ``relay.eof_refused(end)`` (it cannot half-close). Nothing is reported before the
-    first :meth:`resume_reading`; what arrived before (bytes a front read past its header, an end of stream) is
-    reported then.
-    """
+    """One side of a :class:`Relay`, which calls these; the end calls the relay back: ``received(end, data)``,
+    ``ended(end)`` (its end of stream), ``broken(end)``, ``full(end)`` / ``room(end)`` (its writes are over / back
+    under its limit) and ``eof_refused(end)`` (it cannot half-close). It reports nothing before the first
+    :meth:`resume_reading`, and then first what arrived before (bytes a front read past its header, an end of
+    stream)."""
 
     @property
     def serve(self) -> Callable[[], Coroutine[Any, Any, None]] | None:
-        """What the end must run in a task while it is relayed (a byte stream's reader and writer); ``None`` for
-        the callback ends."""
+        """What the end runs in a task while relayed (a byte stream's reader and writer); ``None``: nothing."""
 
     def start(self, relay: Relay) -> None:
         """Report to ``relay`` from now on."""
 
     def write(self, data: bytes) -> None:
-        """Send ``data`` after what was written before; never blocks (a full end tells the relay)."""
+        """Send after what was written before; never blocks (a full end tells the relay)."""
 
     def write_eof(self) -> None:
-        """End this direction once what was written went out (half-close)."""
+        """Half-close once what was written went out."""
 
     def pause_reading(self) -> None:
-        """Report no more bytes until :meth:`resume_reading` (a tunnel stream holds back its peer's credit)."""
+        """Report no bytes until :meth:`resume_reading` (a tunnel stream holds back its peer's credit)."""
 
     def resume_reading(self) -> None: ...
 
@@ -157,7 +142,7 @@ class RelayEnd(Protocol):
         """Close once what was written went out."""
 
     def reset(self) -> None:
-        """Close at once, dropping what was not sent, so that the peer sees a reset (idempotent with close)."""
+        """Close at once, dropping what was not sent: the peer sees a reset (idempotent, also after close)."""
 
 
 # bits of Relay._state (one integer per relay: an idle relay is a few slots)

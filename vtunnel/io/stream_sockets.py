@@ -36,7 +36,7 @@ import select
 import socket
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from itertools import islice
 from typing import Any, Final, Generic, TypeVar
 
@@ -370,9 +370,6 @@ class SocketTransport(asyncio.Transport):
             self._buffered += len(data)
         self._check_high_water()
 
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.write(b"".join(list_of_data))
-
     def write_eof(self) -> None:
         if self._closing or self._write_closed:
             return
@@ -553,7 +550,6 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
         "_drain",
         "_eof",
         "_error",
-        "_handed_off",
         "_lost",
         "_reader",
         "_transport",
@@ -570,13 +566,12 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
         self._reader: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
-        self._closed = False
-        self._handed_off = False
+        self._closed = False  # closed, or handed off (then without a transport)
 
     # ------------------------------------------------------------------ anyio ByteStream
     async def receive(self, max_bytes: int = 65536) -> bytes:
         while True:
-            if self._closed or self._handed_off:
+            if self._closed:
                 raise anyio.ClosedResourceError
             chunks = self._chunks
             if chunks:
@@ -605,7 +600,7 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
 
     async def send(self, item: bytes) -> None:
         t = self._transport
-        if self._closed or self._handed_off or t is None:
+        if self._closed or t is None:
             raise anyio.ClosedResourceError
         if self._error is not None or self._lost or t.is_closing():
             raise anyio.BrokenResourceError(str(self._error or "connection lost"))
@@ -622,7 +617,7 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
 
     async def send_eof(self) -> None:
         t = self._transport
-        if self._closed or self._handed_off or t is None:
+        if self._closed or t is None:
             raise anyio.ClosedResourceError
         try:
             t.write_eof()
@@ -631,7 +626,7 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
 
     async def aclose(self) -> None:
         """Close the socket (what was written still goes out); a no-op once the socket was handed off."""
-        if not (self._closed or self._handed_off):
+        if not self._closed:
             self._closed = True
             self._chunks = []
             if self._transport is not None:
@@ -669,9 +664,10 @@ class LeanSocketStream(ByteStream, asyncio.Protocol):
         received, the peer's end of stream, a full write buffer, a lost connection.  This stream is then done:
         receiving and sending raise ``ClosedResourceError`` and :meth:`aclose` leaves the socket alone."""
         t = self._transport
-        if self._closed or self._handed_off or t is None:
+        if self._closed or t is None:
             raise anyio.ClosedResourceError
-        self._handed_off = True
+        self._closed = True
+        self._transport = None
         early = b"".join(self._chunks)
         self._chunks = []
         self._buffered = 0
