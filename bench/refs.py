@@ -6,6 +6,10 @@
 its final name and renamed into place, so an interrupted export is never mistaken for a complete one, and a
 second run with the same commit reuses it. The twin systems run that tree with this interpreter and venv, the
 exported directory first on ``PYTHONPATH`` (see :mod:`bench.launch`).
+
+Beside the package the export holds a ``vtunnel-REF.dist-info`` with that commit's entry points (from its
+``pyproject.toml``): first on the path, it stands for the installed ``vtunnel`` distribution in the twin, so the
+twin's registry finds the transports where that commit had them, even after a transport moved to another module.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +74,7 @@ def export_tree(ref: str, *, repo: Path = REPO_ROOT, cache: Path | None = None) 
     root = cache if cache is not None else default_cache()
     final = root / commit
     if (final / "vtunnel" / "__init__.py").is_file():
+        _write_metadata(repo, commit, final)
         return RefTree(ref=ref, commit=commit, path=final)
     root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{commit[:12]}-"))
@@ -76,6 +82,7 @@ def export_tree(ref: str, *, repo: Path = REPO_ROOT, cache: Path | None = None) 
         _extract(repo, commit, partial)
         if not (partial / "vtunnel" / "__init__.py").is_file():
             raise HarnessError(f"--compare-ref: commit {commit[:10]} has no vtunnel package")
+        _write_metadata(repo, commit, partial)
         try:
             os.rename(partial, final)
         except OSError:
@@ -105,3 +112,23 @@ def _extract(repo: Path, commit: str, into: Path) -> None:
         _, err = proc.communicate(timeout=60)
     if proc.returncode != 0:
         raise HarnessError(f"--compare-ref: git archive {commit[:10]} failed: {err.decode(errors='replace')}")
+
+
+def _write_metadata(repo: Path, commit: str, tree: Path) -> None:
+    """The commit's distribution metadata (name, version, entry points) as a ``.dist-info`` in ``tree``."""
+    info = tree / f"vtunnel-0+{commit[:12]}.dist-info"
+    if (info / "entry_points.txt").is_file():
+        return
+    shown = _git(repo, "show", f"{commit}:pyproject.toml")
+    if shown.returncode != 0:
+        return  # no pyproject at that commit: the twin keeps the installed entry points
+    project = tomllib.loads(shown.stdout.decode()).get("project", {})
+    groups: dict[str, dict[str, str]] = project.get("entry-points", {})
+    lines: list[str] = []
+    for group, entries in groups.items():
+        lines.append(f"[{group}]")
+        lines.extend(f"{name} = {target}" for name, target in entries.items())
+        lines.append("")
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vtunnel\nVersion: 0+{commit[:12]}\n")
+    (info / "entry_points.txt").write_text("\n".join(lines))

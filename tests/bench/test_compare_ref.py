@@ -175,3 +175,29 @@ def test_a_whole_run_against_another_commit(tmp_path: Path) -> None:
     assert doc["ratios"]["rr-64"]["vtunnel-tcp"]["p50_us"]["vs_ref"] is not None
     assert f"vs @{commit[:7]}" in (out / "compare.md").read_text()
     assert not (out / "latest.md").exists()
+
+
+def test_the_twin_finds_transports_where_its_commit_registered_them(repo: Path, tmp_path: Path) -> None:
+    """A transport whose module moved after the compared commit still loads in the twin: the export carries that
+    commit's entry points, and first on the path they stand for the installed distribution's."""
+    (repo / "vtunnel" / "old_place.py").write_text("class Old:\n    pass\n")
+    (repo / "pyproject.toml").write_text(
+        '[project]\nname = "vtunnel"\nversion = "0"\n'
+        '[project.entry-points."vtunnel.transports"]\nkcp = "vtunnel.old_place:Old"\n'
+    )
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "two")
+    tree = export_tree("HEAD", repo=repo, cache=tmp_path / "cache")
+    probe = (
+        "from importlib.metadata import entry_points\n"
+        "print({e.name: e.value for e in entry_points(group='vtunnel.transports')}['kcp'])\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(tree.path)},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    assert found.stdout.strip() == "vtunnel.old_place:Old"
