@@ -178,7 +178,11 @@ class ByteStreamTransport(Transport):
 
     @abc.abstractmethod
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
-        """Listen on ``endpoint``: a listener of raw connections on sockets (anyio's TCP listener is one)."""
+        """Listen on ``endpoint``: a listener of raw connections, anyio's TCP listener or any anyio listener of
+        byte streams (one over UDP hands over its connections through its ``serve``; see
+        :class:`~vtunnel.transports.secure.SecuredListener`). It gives its address as
+        ``SocketAttribute.local_address`` and each stream its peer's as ``SocketAttribute.remote_address`` (the
+        handshake limiter's key)."""
 
     async def accept_stream(self, stream: ByteStream, endpoint: Endpoint) -> ByteStream | None:
         """The server's own handshake on one raw connection (TLS, an HTTP upgrade): the stream that carries the

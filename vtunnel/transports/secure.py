@@ -362,6 +362,10 @@ class SecuredListener(Listener[ByteStream]):
     connection gets at least ``max_pending`` newcomers' worth of time to prove itself. When ``accept`` fails
     because the process is out of descriptors (or the kernel of buffers or memory), the listener closes the
     oldest pending connection if there is one, otherwise waits and tries again; it never stops serving for it.
+
+    ``inner`` is anyio's socket listener (or a multi-listener of them), accepted here; or any other listener of
+    byte streams (a transport that makes its own connections over UDP, QUIC's), which hands them over through its
+    own ``serve``, each under the same cap.
     """
 
     def __init__(
@@ -404,14 +408,17 @@ class SecuredListener(Listener[ByteStream]):
 
     async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
         inner = self._inner
-        listeners: list[SocketListener] = []
-        for listener in inner.listeners if isinstance(inner, MultiListener) else [inner]:
-            if not isinstance(listener, SocketListener):
-                raise TypeError(f"a secured listener accepts on sockets, not on {type(listener).__name__}")
-            listeners.append(listener)
+        listeners = [
+            listener
+            for listener in (inner.listeners if isinstance(inner, MultiListener) else [inner])
+            if isinstance(listener, SocketListener)
+        ]
         async with contextlib.AsyncExitStack() as stack:
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())
+            if not listeners:  # not on sockets: the listener hands over its connections itself
+                await inner.serve(functools.partial(self._take, handler=handler), task_group)
+                return
             async with anyio.create_task_group() as accepting:
                 for listener in listeners:
                     accepting.start_soon(self._accept_loop, listener, handler, task_group)
@@ -440,12 +447,20 @@ class SecuredListener(Listener[ByteStream]):
                     await anyio.sleep(backoff.next())
                 continue
             backoff.reset()
-            if len(self._pending) >= self.max_pending:
-                self._shed_oldest()
-                self._warn_shedding(limit=self.max_pending)
-            scope = anyio.CancelScope()
-            self._pending[scope] = None
-            task_group.start_soon(self._serve_one, raw, scope, handler)
+            task_group.start_soon(self._serve_one, raw, self._admit(), handler)
+
+    def _admit(self) -> anyio.CancelScope:
+        """A new pending connection's scope, the oldest pending one closed first when the cap is reached."""
+        if len(self._pending) >= self.max_pending:
+            self._shed_oldest()
+            self._warn_shedding(limit=self.max_pending)
+        scope = anyio.CancelScope()
+        self._pending[scope] = None
+        return scope
+
+    async def _take(self, raw: ByteStream, *, handler: Callable[[ByteStream], Any]) -> None:
+        """One connection handed over by a listener that is not a socket listener (in its own task)."""
+        await self._serve_one(raw, self._admit(), handler)
 
     async def _serve_one(
         self, raw: ByteStream, scope: anyio.CancelScope, handler: Callable[[ByteStream], Any]
