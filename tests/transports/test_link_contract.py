@@ -1,4 +1,5 @@
-"""The conformance kit (vtunnel.testing.conformance) run on every built-in transport and the ws:// plugin, and on
+"""The conformance kit (vtunnel.testing.conformance) run on every built-in transport and the ws:// and quic://
+plugins, and on
 a deliberately broken toy transport that it must catch, naming the contract."""
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ class TestSecureWebSocketPlugin(TransportConformance):
 
     def connect_url(self, port: int, directory: Path) -> str:
         return f"wss://127.0.0.1:{port}?path=/t&host=tunnel.example&ca={directory / 'ca.pem'}&servername=localhost"
+
+
+class TestQuicPlugin(TransportConformance):
+    """quic://: the tunnel on one QUIC stream, the key inside it; garbage datagrams and the loss check go through
+    the impairment relay (QUIC is carried in UDP)."""
+
+    scheme = "quic"
+    datagram = True
+    handshake_rate, handshake_burst = 50.0, 100
+
+    def listen_url(self, directory: Path) -> str:
+        pytest.importorskip("vtunnel_quic")
+        return "quic://127.0.0.1:0"
 
 
 class _FlipsOneByte(ByteStream):

@@ -1,0 +1,321 @@
+"""``quic://HOST:PORT``: one tunnel per QUIC connection, on the connection's first bidirectional stream.
+
+:class:`QuicTransport` is a :class:`~vtunnel.transports.base.ByteStreamTransport`: it gives vtunnel the tunnel's
+QUIC stream as a byte stream, and vtunnel runs its pre-shared-key handshake and AEAD records on it, keeps
+connections that have not proved the key under its cap of pending connections, and limits key handshakes per
+source address. Before that, :class:`QuicListener` keeps QUIC connections still in their QUIC handshake (or that
+have not opened the tunnel's stream) under a cap of its own (:data:`MAX_HANDSHAKING`, the oldest closed first) and
+a timeout (:data:`HANDSHAKE_TIMEOUT`).
+
+The server routes datagrams by connection ID, never by address, so a client whose address changes (NAT
+rebinding, a new network) keeps its tunnel: aioquic validates the new path and the server follows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final
+
+import anyio
+import anyio.lowlevel
+import structlog
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import NetworkAddress
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
+
+from vtunnel.transports.base import ByteStreamTransport, Endpoint, TransportError
+from vtunnel_quic.connection import TUNNEL_STREAM, FlowControlledConnection, QuicByteStream, QuicSession
+from vtunnel_quic.options import client_configuration, parse_options, server_configuration
+
+__all__ = ["HANDSHAKE_TIMEOUT", "MAX_HANDSHAKING", "QuicListener", "QuicTransport"]
+
+log = structlog.get_logger("vtunnel.transports.quic")
+
+#: how long a client waits for the QUIC handshake
+CONNECT_TIMEOUT: Final = 10.0
+#: how long a server connection may take to finish its QUIC handshake and open the tunnel's stream
+HANDSHAKE_TIMEOUT: Final = 10.0
+#: server connections in their QUIC handshake at most; a new one beyond closes the oldest
+MAX_HANDSHAKING: Final = 1024
+#: kernel buffers of the UDP sockets (the kernel may cap them)
+SOCKET_BUFFER: Final = 4 * 1024 * 1024
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, NetworkAddress], None]) -> None:
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        self._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP errors: QUIC's timers deal with loss
+        log.debug("quic socket error", error=repr(exc))
+
+
+async def _open_udp(
+    family: int, bind: tuple[str, int], on_datagram: Callable[[bytes, NetworkAddress], None]
+) -> asyncio.DatagramTransport:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.bind(bind)
+        sock.setblocking(False)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Datagrams(on_datagram), sock=sock
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return transport
+
+
+async def _resolve(endpoint: Endpoint) -> tuple[int, NetworkAddress]:
+    try:
+        infos = await anyio.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise TransportError(f"cannot resolve {endpoint.hostport}: {exc}") from None
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return int(family), sockaddr
+
+
+def _keepalive(config: QuicConfiguration) -> float:
+    return config.idle_timeout / 3
+
+
+class QuicTransport(ByteStreamTransport):
+    """``quic://host:port`` (options: see :mod:`vtunnel_quic.options`)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("quic",)
+    description: ClassVar[str] = (
+        "QUIC on one stream (plugin: vtunnel-quic, aioquic), options cert=, key=, ca=, servername=, idle=, cc=, mtu="
+    )
+
+    def check(self, endpoint: Endpoint) -> None:
+        parse_options(endpoint)
+
+    async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
+        config = client_configuration(endpoint)
+        family, server = await _resolve(endpoint)
+        session: QuicSession | None = None
+
+        def on_datagram(data: bytes, addr: NetworkAddress) -> None:
+            if session is not None and addr[:2] == server[:2]:  # the server's only
+                session.datagram_received(data, addr)
+
+        bind = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+        try:
+            udp = await _open_udp(family, bind, on_datagram)
+        except OSError as exc:
+            raise TransportError(f"cannot open a UDP socket to {endpoint.hostport}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        session = QuicSession(
+            FlowControlledConnection(configuration=config),
+            send=lambda data, _addr: udp.sendto(data, server),
+            local_address=udp.get_extra_info("sockname"),
+            remote_address=server,
+            keepalive=_keepalive(config),
+            on_closed=lambda _session: udp.close(),
+        )
+        waiter = session.handshake_waiter = loop.create_future()
+        try:
+            session.connection.connect(server, now=loop.time())
+            session.transmit()
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                await waiter
+        except TimeoutError:
+            session.close("handshake timeout")
+            raise TransportError(
+                f"no QUIC handshake with {endpoint.hostport} within {CONNECT_TIMEOUT:g} s"
+            ) from None
+        except ConnectionError as exc:
+            session.close()
+            raise TransportError(f"QUIC handshake with {endpoint.hostport} failed: {exc}") from None
+        except BaseException:
+            session.close()
+            raise
+        # the tunnel's stream, opened here: the server hands the connection over when its first bytes arrive
+        session.connection.send_stream_data(TUNNEL_STREAM, b"")
+        return session.stream
+
+    async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
+        config = server_configuration(endpoint)
+        family, address = await _resolve(endpoint)
+        listener = QuicListener(config)
+        try:
+            listener.udp = await _open_udp(
+                family, (str(address[0]), int(address[1])), listener.datagram_received
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
+        return listener
+
+
+class QuicListener(Listener[ByteStream]):
+    """QUIC connections on one UDP socket; each yields its tunnel's stream once the client opened it.
+
+    Closing the listener closes every connection it accepted (they share its socket).
+    """
+
+    def __init__(self, config: QuicConfiguration, *, max_handshaking: int = MAX_HANDSHAKING) -> None:
+        self.udp: asyncio.DatagramTransport | None = None
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._by_cid: dict[bytes, QuicSession] = {}
+        self._cids: dict[QuicSession, set[bytes]] = {}
+        #: connections not handed over yet, oldest first
+        self._handshaking: dict[QuicSession, None] = {}
+        self.max_handshaking = max_handshaking
+        self._ready: deque[QuicByteStream] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        #: datagrams dropped: not QUIC, or not for a connection and not one that may start one
+        self.dropped = 0
+        #: connections closed in their handshake to make room for newer ones
+        self.shed = 0
+
+    @property
+    def local_address(self) -> Any:
+        return None if self.udp is None else self.udp.get_extra_info("sockname")
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._cids)
+
+    @property
+    def handshaking(self) -> int:
+        return len(self._handshaking)
+
+    # --- datagram path --------------------------------------------------------------------------------------
+    def _send(self, data: bytes, address: NetworkAddress) -> None:
+        if not self._closed and self.udp is not None:
+            self.udp.sendto(data, address)
+
+    def datagram_received(self, data: bytes, address: NetworkAddress) -> None:
+        config = self._config
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=config.connection_id_length)
+        except ValueError:
+            self.dropped += 1
+            return
+        session = self._by_cid.get(header.destination_cid)
+        if session is None:
+            if header.version is not None and header.version not in config.supported_versions:
+                if len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:  # never more bytes out than came in
+                    self._send(
+                        encode_quic_version_negotiation(
+                            source_cid=header.destination_cid,
+                            destination_cid=header.source_cid,
+                            supported_versions=config.supported_versions,
+                        ),
+                        address,
+                    )
+                return
+            if (
+                self._closed
+                or header.packet_type != QuicPacketType.INITIAL
+                or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+            ):
+                self.dropped += 1
+                return
+            session = self._new_session(header.destination_cid, address)
+        session.datagram_received(data, address)
+
+    def _new_session(self, original_cid: bytes, address: NetworkAddress) -> QuicSession:
+        if len(self._handshaking) >= self.max_handshaking:
+            oldest = next(iter(self._handshaking))
+            self.shed += 1
+            log.warning(
+                "too many QUIC connections in their handshake: closing the oldest", limit=self.max_handshaking
+            )
+            oldest.close("too many handshakes")
+        connection = FlowControlledConnection(
+            configuration=self._config, original_destination_connection_id=original_cid
+        )
+        session = QuicSession(
+            connection,
+            send=self._send,
+            local_address=self.local_address,
+            remote_address=address,
+            keepalive=_keepalive(self._config),
+            on_event=self._on_event,
+            on_closed=self._forget,
+        )
+        session.handshake_deadline = self._loop.time() + HANDSHAKE_TIMEOUT
+        session.on_handshake_timeout = lambda: session.close("handshake timeout")
+        self._cids[session] = {original_cid, connection.host_cid}
+        self._by_cid[original_cid] = self._by_cid[connection.host_cid] = session
+        self._handshaking[session] = None
+        return session
+
+    def _on_event(self, session: QuicSession, event: events.QuicEvent) -> None:
+        if isinstance(event, events.ConnectionIdIssued):
+            self._by_cid[event.connection_id] = session
+            self._cids[session].add(event.connection_id)
+        elif isinstance(event, events.ConnectionIdRetired):
+            if self._by_cid.get(event.connection_id) is session:
+                del self._by_cid[event.connection_id]
+            self._cids[session].discard(event.connection_id)
+        elif (
+            isinstance(event, events.StreamDataReceived)
+            and event.stream_id == TUNNEL_STREAM
+            and session in self._handshaking
+        ):
+            del self._handshaking[session]
+            session.handshake_deadline = None
+            self._ready.append(session.stream)
+            self._wakeup.set()
+
+    def _forget(self, session: QuicSession) -> None:
+        for cid in self._cids.pop(session, ()):
+            if self._by_cid.get(cid) is session:
+                del self._by_cid[cid]
+        self._handshaking.pop(session, None)
+        with contextlib.suppress(ValueError):
+            self._ready.remove(session.stream)
+
+    # --- Listener -------------------------------------------------------------------------------------------
+    async def accept(self) -> ByteStream:
+        """The next connection's tunnel stream."""
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._ready:
+                return self._ready.popleft()
+            self._wakeup = asyncio.Event()
+            await self._wakeup.wait()
+
+    async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if task_group is None:
+                task_group = await stack.enter_async_context(anyio.create_task_group())
+            while True:
+                try:
+                    stream = await self.accept()
+                except anyio.ClosedResourceError:
+                    return  # closed by aclose(): serving ends quietly
+                task_group.start_soon(handler, stream)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        for session in list(self._cids):
+            session.close("the server is closing")
+        self._closed = True
+        self._ready.clear()
+        if self.udp is not None:
+            self.udp.close()
+        self._wakeup.set()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {SocketAttribute.local_address: lambda: self.local_address}
