@@ -58,9 +58,10 @@ TRANSPORT_URLS: Mapping[str, str] = {
     "tcp": "tcp://{host}:{port}",
     "kcp": "kcp://{host}:{port}?mode=fast3&mtu=1350",  # vtunnel's own windows (4096 segments)
     "rudp": "rudp://{host}:{port}",
+    "quic": "quic://{host}:{port}",  # the vtunnel-quic plugin; found like any installed plugin
 }
 #: Transports whose packets are UDP datagrams (they can run through the UDP impairment relay).
-UDP_TRANSPORTS = frozenset({"kcp", "rudp"})
+UDP_TRANSPORTS = frozenset({"kcp", "rudp", "quic"})
 
 #: kcptun's reference configuration (both sides).
 KCPTUN_ARGS: tuple[str, ...] = (

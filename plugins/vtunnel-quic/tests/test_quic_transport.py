@@ -156,7 +156,7 @@ async def test_a_client_that_moves_keeps_its_tunnel() -> None:
     transport = get_transport("quic")
     security = SecurityConfig()
     listener = await transport.listen(Endpoint.parse("quic://127.0.0.1:0"), security=security)
-    port = listener.extra(SocketAttribute.local_address)[1]
+    port = int(listener.extra(SocketAttribute.local_address)[1])
     accepted: list[Link] = []
     arrived = anyio.Event()
 

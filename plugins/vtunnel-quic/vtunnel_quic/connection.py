@@ -104,14 +104,15 @@ class FlowControlledConnection(QuicConnection):
             if target - stream.max_stream_data_local >= self.stream_window // 4:
                 stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
+            assert stream.stream_id is not None  # the crypto streams have none, and no limits
+            _write_limit(
+                builder,
                 QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
+                MAX_STREAM_DATA_FRAME_CAPACITY,
+                (self._on_max_stream_data_delivery, (stream,)),
+                stream.stream_id,
+                stream.max_stream_data_local,
             )
-            buf.push_uint_var(stream.stream_id)  # type: ignore[arg-type]  # typed optional, never None here
-            buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
@@ -121,14 +122,29 @@ class FlowControlledConnection(QuicConnection):
             limit.value = target
         for each in (limit, self._local_max_streams_bidi, self._local_max_streams_uni):
             if each.value != each.sent:
-                buf = builder.start_frame(
+                _write_limit(
+                    builder,
                     each.frame_type,
-                    capacity=CONNECTION_LIMIT_FRAME_CAPACITY,
-                    handler=self._on_connection_limit_delivery,
-                    handler_args=(each,),
+                    CONNECTION_LIMIT_FRAME_CAPACITY,
+                    (self._on_connection_limit_delivery, (each,)),
+                    each.value,
                 )
-                buf.push_uint_var(each.value)
                 each.sent = each.value
+
+
+def _write_limit(
+    builder: QuicPacketBuilder,
+    frame_type: int,
+    capacity: int,
+    on_delivery: tuple[Callable[..., None], tuple[Any, ...]],
+    *values: int,
+) -> None:
+    """One flow-control frame (MAX_STREAM_DATA, MAX_DATA, MAX_STREAMS): its values, and who hears of its fate."""
+    buf = builder.start_frame(
+        frame_type, capacity=capacity, handler=on_delivery[0], handler_args=on_delivery[1]
+    )
+    for value in values:
+        buf.push_uint_var(value)
 
 
 class QuicSession:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Final
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import structlog
 from aioquic.buffer import Buffer
 from aioquic.quic import events
@@ -30,6 +31,7 @@ from aioquic.quic.connection import NetworkAddress
 from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
+from vtunnel.io.datagrams import Address, open_udp_socket, resolve_udp
 from vtunnel.transports.base import ByteStreamTransport, Endpoint, TransportError
 from vtunnel_quic.connection import TUNNEL_STREAM, FlowControlledConnection, QuicByteStream, QuicSession
 from vtunnel_quic.options import client_configuration, parse_options, server_configuration
@@ -60,15 +62,10 @@ class _Datagrams(asyncio.DatagramProtocol):
 
 
 async def _open_udp(
-    family: int, bind: tuple[str, int], on_datagram: Callable[[bytes, NetworkAddress], None]
+    family: socket.AddressFamily, bind: Address | None, on_datagram: Callable[[bytes, NetworkAddress], None]
 ) -> asyncio.DatagramTransport:
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = open_udp_socket(family, bind=bind, sockbuf=SOCKET_BUFFER)
     try:
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        sock.bind(bind)
-        sock.setblocking(False)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: _Datagrams(on_datagram), sock=sock
         )
@@ -78,13 +75,11 @@ async def _open_udp(
     return transport
 
 
-async def _resolve(endpoint: Endpoint) -> tuple[int, NetworkAddress]:
+async def _resolve(endpoint: Endpoint) -> tuple[socket.AddressFamily, Address]:
     try:
-        infos = await anyio.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
+        return await anyio.to_thread.run_sync(resolve_udp, endpoint.host, endpoint.port)
     except OSError as exc:
         raise TransportError(f"cannot resolve {endpoint.hostport}: {exc}") from None
-    family, _type, _proto, _name, sockaddr = infos[0]
-    return int(family), sockaddr
 
 
 def _keepalive(config: QuicConfiguration) -> float:
@@ -111,9 +106,8 @@ class QuicTransport(ByteStreamTransport):
             if session is not None and addr[:2] == server[:2]:  # the server's only
                 session.datagram_received(data, addr)
 
-        bind = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         try:
-            udp = await _open_udp(family, bind, on_datagram)
+            udp = await _open_udp(family, None, on_datagram)
         except OSError as exc:
             raise TransportError(f"cannot open a UDP socket to {endpoint.hostport}: {exc}") from None
         loop = asyncio.get_running_loop()
@@ -151,9 +145,7 @@ class QuicTransport(ByteStreamTransport):
         family, address = await _resolve(endpoint)
         listener = QuicListener(config)
         try:
-            listener.udp = await _open_udp(
-                family, (str(address[0]), int(address[1])), listener.datagram_received
-            )
+            listener.udp = await _open_udp(family, address, listener.datagram_received)
         except OSError as exc:
             raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
         return listener
@@ -294,15 +286,15 @@ class QuicListener(Listener[ByteStream]):
             await self._wakeup.wait()
 
     async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
+        """Hand each connection's stream to ``handler`` in a task of its own; returns when the listener closes."""
         async with contextlib.AsyncExitStack() as stack:
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())
-            while True:
-                try:
-                    stream = await self.accept()
-                except anyio.ClosedResourceError:
-                    return  # closed by aclose(): serving ends quietly
-                task_group.start_soon(handler, stream)
+            while not self._closed:
+                while self._ready:
+                    task_group.start_soon(handler, self._ready.popleft())
+                self._wakeup = asyncio.Event()
+                await self._wakeup.wait()
 
     async def aclose(self) -> None:
         if self._closed:
