@@ -205,14 +205,14 @@ def test_sigterm_drains_an_open_transfer_and_exits_zero(
 
 def test_unknown_transport_scheme_names_what_to_install(tmp_path: Path) -> None:
     out = subprocess.run(
-        [*VTUNNEL, "agent", "--server", "quic://127.0.0.1:4000", "--insecure", "--socks", "127.0.0.1:0"],
+        [*VTUNNEL, "agent", "--server", "sctp://127.0.0.1:4000", "--insecure", "--socks", "127.0.0.1:0"],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=30,
     )
     assert out.returncode == 2
-    assert "no transport for scheme 'quic'" in out.stderr
+    assert "no transport for scheme 'sctp'" in out.stderr
     assert "pip install" in out.stderr
 
 
