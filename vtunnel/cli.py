@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import structlog
@@ -17,6 +17,7 @@ from vtunnel.config import (
     ConfigError,
     check_private_file,
     load_config,
+    load_passphrase_file,
     resolve_cipher,
     resolve_psk,
     resolve_websocks_users,
@@ -27,6 +28,9 @@ from vtunnel.logging import configure_logging
 from vtunnel.runtime.process import run_async, serve_until_signal
 from vtunnel.security.ciphers import CIPHER_CHOICES
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
+
+if TYPE_CHECKING:
+    from vtunnel.kcptun import KcptunConfig
 
 log = structlog.get_logger("vtunnel")
 
@@ -156,11 +160,14 @@ def _websocks_users(f: Callable[..., Any]) -> Callable[..., Any]:
 def _peer(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--peer",
-        type=click.Choice(["vtunnel", "vproxy"]),
+        type=click.Choice(["vtunnel", "vproxy", "kcptun"]),
         default=None,
         help="The other end. vproxy: no key, vproxy's empty SETTINGS (no extensions), kcp:// with conv=0 and "
         "mtu=1250 unless the URL says otherwise, and (agent) every destination carried the way vproxy's agent "
-        'does, WebSocks inside the stream, with the login of --websocks-user-file. Config: peer = "vproxy".',
+        "does, WebSocks inside the stream, with the login of --websocks-user-file. kcptun: kcptun-server / "
+        "kcptun-client's wire on kcp://HOST:PORT?crypt=aes&mode=fast&datashard=10&parityshard=3&nocomp=0&"
+        "smuxver=1&... (kcptun's option names and defaults), its --key the first line of --psk-file; the agent "
+        'serves --forward LISTEN only, the server needs --target. Config: peer = "vproxy" or "kcptun".',
     )(f)
 
 
@@ -169,6 +176,40 @@ def _keyless_security(psk_file: str | None, section: Mapping[str, Any], peer: st
     if psk_file or section.get("psk_file") or section.get("psk"):
         raise click.UsageError(f"{peer} has no key: drop --psk-file (and psk/psk_file in the config)")
     return SecurityConfig()
+
+
+def _kcptun_config(
+    endpoint: Endpoint,
+    *,
+    client: bool,
+    psk_file: str | None,
+    section: Mapping[str, Any],
+    insecure_key_permissions: bool,
+) -> KcptunConfig:
+    """kcptun's options from a ``kcp://`` URL's query, and its passphrase from the first line of --psk-file."""
+    from vtunnel.kcptun import KcptunConfig, KcptunError
+
+    if endpoint.scheme != "kcp":
+        raise click.UsageError(f"--peer kcptun speaks kcp:// only, not {endpoint.scheme}://")
+    path = psk_file or section.get("psk_file")
+    key = None
+    try:
+        if path:
+            key = load_passphrase_file(
+                str(path),
+                "kcptun passphrase file",
+                allow_insecure_permissions=insecure_key_permissions
+                or bool(section.get("insecure_key_permissions", False)),
+            )
+        config = KcptunConfig.from_options(endpoint.params, client=client, key=key)
+    except (ConfigError, KcptunError) as exc:
+        raise click.UsageError(f"--peer kcptun: {exc}") from None
+    if key is None and config.crypt != "none":
+        raise click.UsageError(
+            f"--peer kcptun with crypt={config.crypt} needs kcptun's passphrase (its --key): --psk-file FILE "
+            "holding it on the first line (or crypt=none in the URL)"
+        )
+    return config
 
 
 def _vproxy_endpoint(endpoint: Endpoint, *, client: bool) -> Endpoint:
@@ -250,6 +291,9 @@ def server(
     if not urls:
         raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
     endpoints = [_endpoint(u, "--listen", insecure_key_permissions) for u in urls]
+    if (peer or sec.get("peer")) == "kcptun":
+        _kcptun_server(endpoints, target or sec.get("target"), psk_file, sec, insecure_key_permissions)
+        return
     peer_vproxy = (peer or sec.get("peer")) == "vproxy"
     if peer_vproxy:
         endpoints = [_vproxy_endpoint(e, client=False) for e in endpoints]
@@ -370,6 +414,25 @@ def agent(
         forwards = [Forward.parse(f) for f in (forward or tuple(sec.get("forward", ())))]
         socks_addr = socks or sec.get("socks")
         http_addr = http or sec.get("http")
+        if (peer or sec.get("peer")) == "kcptun":
+            fronts = [name for name, given in (("--socks", socks_addr), ("--http", http_addr)) if given]
+            fronts += [f"--forward ...={fwd.destination}" for fwd in forwards if fwd.destination]
+            if fronts:
+                raise click.UsageError(
+                    f"--peer kcptun cannot carry a destination ({', '.join(fronts)}): a kcptun-server sends every "
+                    "stream to its own --target, so a front that names a destination would report success for a "
+                    "place it never reached; use --forward LISTEN (no destination)"
+                )
+            if websocks_user or websocks_user_file:
+                raise click.UsageError("--peer kcptun has no WebSocks login: drop --websocks-user(-file)")
+            _kcptun_agent(
+                _endpoint(url, "--server", insecure_key_permissions),
+                [fwd.listen for fwd in forwards],
+                psk_file,
+                sec,
+                insecure_key_permissions,
+            )
+            return
         if not (forwards or socks_addr or http_addr):
             socks_addr = DEFAULT_SOCKS
         server_endpoint = _endpoint(url, "--server", insecure_key_permissions)
@@ -428,6 +491,67 @@ def agent(
 
     async def go() -> None:
         await serve_until_signal(ag.serve, ag.shutdown)
+
+    _run_or_exit(go)
+
+
+def _kcptun_agent(
+    endpoint: Endpoint,
+    forwards: list[tuple[str, int]],
+    psk_file: str | None,
+    sec: Mapping[str, Any],
+    insecure_key_permissions: bool,
+) -> None:
+    from vtunnel.apps.kcptun_peer import KcptunAgent
+
+    if not forwards:
+        raise click.UsageError(
+            "--peer kcptun needs --forward LISTEN: a kcptun-server sends every stream to its --target"
+        )
+    config = _kcptun_config(
+        endpoint,
+        client=True,
+        psk_file=psk_file,
+        section=sec,
+        insecure_key_permissions=insecure_key_permissions,
+    )
+    ag = KcptunAgent(config, endpoint, forwards, drain_timeout=float(sec.get("drain_timeout", 10.0)))
+
+    async def go() -> None:
+        await serve_until_signal(ag.serve, ag.shutdown)
+
+    _run_or_exit(go)
+
+
+def _kcptun_server(
+    endpoints: list[Endpoint],
+    target: str | None,
+    psk_file: str | None,
+    sec: Mapping[str, Any],
+    insecure_key_permissions: bool,
+) -> None:
+    from vtunnel.apps.kcptun_peer import KcptunServer
+
+    if not target:
+        raise click.UsageError("--peer kcptun needs --target HOST:PORT: kcptun-clients name no destination")
+    configs = {
+        _kcptun_config(
+            e, client=False, psk_file=psk_file, section=sec, insecure_key_permissions=insecure_key_permissions
+        )
+        for e in endpoints
+    }
+    if len(configs) != 1:
+        raise click.UsageError("--peer kcptun: give every --listen URL the same kcptun options")
+    srv = KcptunServer(
+        configs.pop(),
+        endpoints,
+        target,
+        connect_timeout=float(sec.get("connect_timeout", 10.0)),
+        idle_timeout=sec.get("idle_timeout"),
+    )
+
+    async def go() -> None:
+        await serve_until_signal(srv.serve, srv.shutdown)
 
     _run_or_exit(go)
 

@@ -257,6 +257,23 @@ def check_private_file(
     _check_mode(p, mode, what, allow_insecure_permissions, ConfigError)
 
 
+def load_passphrase_file(
+    path: str | os.PathLike[str], what: str, *, allow_insecure_permissions: bool = False
+) -> str:
+    """The first line of ``path``, verbatim but for its line ending: a passphrase another program takes as given
+    (kcptun's ``--key``). The file must be private, as a key file. Raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text, mode = _read_file(p)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the {what} {str(p)!r}: {exc.__class__.__name__}") from None
+    _check_mode(p, mode, what, allow_insecure_permissions, ConfigError)
+    line = text.splitlines()[0] if text else ""
+    if not line:
+        raise ConfigError(f"the {what} {str(p)!r} has an empty first line")
+    return line
+
+
 def load_psk_file(path: str | os.PathLike[str], *, allow_insecure_permissions: bool = False) -> bytes:
     """Read a key file (see :func:`vtunnel.security.keys.decode_key_file`). Raises ``SecurityError``.
 

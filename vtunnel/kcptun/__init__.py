@@ -12,6 +12,7 @@ sockets, clocks, sleeps or logging. The layers, bottom up:
 """
 
 from vtunnel.kcptun.config import DEFAULT_KEY, MODES, KcptunConfig
+from vtunnel.kcptun.crypt import PacketCrypt
 from vtunnel.kcptun.errors import (
     CompressionError,
     ConfigError,
@@ -43,6 +44,7 @@ __all__ = [
     "KcptunConfig",
     "KcptunError",
     "KcptunSession",
+    "PacketCrypt",
     "SessionClosed",
     "SmuxError",
     "SmuxProtocolError",

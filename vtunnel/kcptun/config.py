@@ -7,7 +7,8 @@ kcptun's client and server differ only in their window defaults (client 128/512,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Final, Self
 
 from vtunnel.arq.kcp_options import PRESETS, KCPOptions
@@ -75,6 +76,27 @@ class KcptunConfig:
         merged.update(options)
         return cls(**merged)  # type: ignore[arg-type]
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, str], *, client: bool, key: str | None = None) -> Self:
+        """A config from kcptun's option names given as text (a ``kcp://`` URL's query), over kcptun-client's
+        (``client``) or kcptun-server's defaults. Flags take ``1``/``true``/``yes`` or nothing (``?nocomp``) for
+        on, ``0``/``false``/``no`` for off. The passphrase is ``key``, never an option: a URL is not a secret."""
+        types = {f.name: f.type for f in fields(cls) if f.name != "key"}
+        values: dict[str, object] = {}
+        for name, text in options.items():
+            kind = types.get(name)
+            if kind is None:
+                raise ConfigError(
+                    f"unknown kcptun option {name!r} (known: {', '.join(sorted(types))}; the passphrase is "
+                    "not an option)"
+                    if name != "key"
+                    else "the kcptun passphrase (--key) is not a URL option: give it in a file"
+                )
+            values[name] = _option_value(name, text, kind)
+        if key is not None:
+            values["key"] = key
+        return cls.client(**values) if client else cls(**values)  # type: ignore[arg-type]
+
     def with_options(self, **options: object) -> Self:
         return replace(self, **options)  # type: ignore[arg-type]
 
@@ -126,3 +148,20 @@ class KcptunConfig:
         """The crypt layer (derives the key: PBKDF2, a few milliseconds; share it between sessions)."""
         block = make_block_crypt(self.crypt, self.key)
         return PacketCrypt(block) if entropy is None else PacketCrypt(block, entropy=entropy)
+
+
+def _option_value(name: str, text: str, kind: object) -> object:
+    value = text.strip()
+    if kind in (bool, "bool"):
+        flag = value.lower()
+        if flag in ("", "1", "true", "yes", "on"):
+            return True
+        if flag in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"kcptun option {name} is a flag (1 or 0), not {text!r}")
+    if kind in (int, "int"):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"kcptun option {name} takes a whole number, not {text!r}") from None
+    return value

@@ -68,6 +68,7 @@ class KcptunSession:
         "_decoder",
         "_encoder",
         "_engine",
+        "_paused",
         "_reader",
         "_smux",
         "_writer",
@@ -96,6 +97,7 @@ class KcptunSession:
         self._reader = None if config.nocomp else SnappyReader()
         self._smux = SmuxSession(client=client, config=config.smux_config(), now=now)
         self._closed: SessionClosed | None = None
+        self._paused = False
         #: datagrams dropped: bad CRC, malformed FEC, foreign or malformed KCP
         self.dropped = 0
 
@@ -142,6 +144,23 @@ class KcptunSession:
     def closed(self) -> bool:
         return self._closed is not None
 
+    def pause_reading(self) -> None:
+        """Leave received stream bytes in KCP: its receive window fills and the peer stops sending (back-pressure
+        for an owner whose streams buffer too much)."""
+        self._paused = True
+
+    def resume_reading(self, now: float) -> list[Event]:
+        """Read KCP again: the events of what waited there (then call :meth:`datagrams_to_send`, which tells the
+        peer the window reopened)."""
+        if not self._paused:
+            return []
+        self._paused = False
+        return [] if self._closed is not None else self._read_streams(now)
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._paused
+
     @property
     def fec_recovered(self) -> int:
         return 0 if self._decoder is None else self._decoder.recovered
@@ -174,6 +193,8 @@ class KcptunSession:
         return [packet.body[2:]] if packet.is_data else []
 
     def _read_streams(self, now: float) -> list[Event]:
+        if self._paused:
+            return []
         engine = self._engine
         chunks = []
         while chunk := engine.receive(_READ):
