@@ -57,7 +57,9 @@ _WRITE_STEP: Final = 64 * 1024
 
 
 class SmuxEnd:
-    """A relay end on one smux stream of a :class:`KcptunLink`. smux has no reset: a reset is a FIN too."""
+    """A relay end on one smux stream of a :class:`KcptunLink`. A half-close is a FIN, which kcptun takes for the
+    end of both directions (its copier closes the connection), as kcptun's own peers do; smux has no reset: a
+    reset is a FIN too."""
 
     __slots__ = (
         "_broken",

@@ -1,0 +1,260 @@
+"""``--peer kcptun`` against Debian's kcptun binaries: real processes on 127.0.0.1, bytes checked end to end.
+
+vtunnel agent -> ``kcptun-server`` -> a TCP echo, and ``kcptun-client`` -> vtunnel server -> a TCP echo, with
+crypt none and aes, FEC 0/0 and 10/3 (and kcptun's other defaults: fast, snappy, smux v1, or smux v2 and no
+compression), once through the impairment relay at 5% loss each way; a front that names a destination is refused
+at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log, wait_port
+from tests.kcptun.peers import KCPTUN_CLIENT, KCPTUN_SERVER, kcptun_process, needs_kcptun
+from tests.netutil import echo_server
+from vtunnel.kcptun import KcptunConfig
+from vtunnel.testing.relay import Impairment, ImpairmentRelay
+
+pytestmark = [needs_kcptun, pytest.mark.timeout(120)]
+
+PASSPHRASE = "kcptun's key, verbatim: spaces and all "
+MiB = 1024 * 1024
+BASE = 64 * MiB
+
+#: (id, kcp:// query, kcptun's options for the same): the wire options both ends must agree on
+CASES = [
+    pytest.param("crypt=none&datashard=0&parityshard=0", ["--crypt", "none", "--datashard", "0", "--parityshard", "0"], id="none-fec0.0"),
+    pytest.param("crypt=none", ["--crypt", "none"], id="none-fec10.3"),
+    pytest.param("datashard=0&parityshard=0&nocomp&smuxver=2", ["--datashard", "0", "--parityshard", "0", "--nocomp", "--smuxver", "2"], id="aes-fec0.0-nocomp-smux2"),
+    pytest.param("", [], id="aes-fec10.3-kcptun-defaults"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    path = tmp_path / "kcptun.key"
+    path.write_text(PASSPHRASE + "\nthe second line is not part of it\n")
+    path.chmod(0o600)
+    return path
+
+
+def kcptun_key_args(query: str) -> list[str]:
+    """kcptun's ``--key`` unless the case has no crypt (kcptun ignores it then)."""
+    return [] if "crypt=none" in query else ["--key", PASSPHRASE]
+
+
+@contextlib.contextmanager
+def impairment(target: int, loss: float) -> Iterator[int]:
+    """An :class:`ImpairmentRelay` to ``127.0.0.1:target`` losing ``loss`` of the datagrams each way, on an event
+    loop of its own in a thread (the peers are processes); yields its port."""
+    ready: list[int] = []
+    started = threading.Event()
+    stop: list[asyncio.Event] = []
+
+    async def run() -> None:
+        lossy = Impairment(loss=loss)
+        async with ImpairmentRelay(("127.0.0.1", target), up=lossy, down=lossy, seed=14) as relay:
+            stop.append(asyncio.Event())
+            ready.append(relay.address[1])
+            started.set()
+            await stop[0].wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    assert started.wait(10), "the impairment relay did not start"
+    try:
+        yield ready[0]
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+        loop.close()
+
+
+def roundtrip(port: int, size: int, *, seed: int = 14) -> float:
+    """Echo ``size`` bytes through ``port`` and read them all back before closing (kcptun takes a half-close for
+    the end of both directions, so the answer is read first); seconds taken."""
+    data = random.Random(seed).randbytes(size)  # incompressible: snappy must not shrink the test
+    got = bytearray()
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        writer = threading.Thread(target=s.sendall, args=(data,), daemon=True)
+        writer.start()
+        while len(got) < size:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        writer.join(10)
+    took = time.monotonic() - began
+    assert len(got) == len(data)
+    assert got == data
+    return took
+
+
+def start_agent(procs: Processes, server_port: int, query: str, key: Path) -> int:
+    front = free_port()
+    url = f"kcp://127.0.0.1:{server_port}" + (f"?{query}" if query else "")
+    procs.start(
+        "agent",
+        "--peer",
+        "kcptun",
+        "--server",
+        url,
+        "--psk-file",
+        str(key),
+        "--forward",
+        f"127.0.0.1:{front}",
+    )
+    wait_port(front)
+    return front
+
+
+@pytest.mark.parametrize(("query", "options"), CASES)
+def test_vtunnel_agent_through_kcptun_server(
+    procs: Processes, key: Path, tmp_path: Path, query: str, options: list[str]
+) -> None:
+    assert KCPTUN_SERVER is not None
+    with echo_server() as echo:
+        port = free_port(2)
+        args = ["--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}", *options, "--quiet"]
+        with kcptun_process(KCPTUN_SERVER, args + kcptun_key_args(query), tmp_path / "kcptun-server.log"):
+            front = start_agent(procs, port, query, key)
+            took = roundtrip(front, BASE)
+            assert roundtrip(front, 100_000, seed=2) < 10  # a second stream on the same session
+    print(
+        f"vtunnel agent -> kcptun-server [{query or 'defaults'}]: {BASE // MiB} MiB each way in {took:.1f} s"
+    )
+
+
+def start_server(procs: Processes, query: str, key: Path, target: int) -> int:
+    port = free_port(2)
+    url = f"kcp://127.0.0.1:{port}" + (f"?{query}" if query else "")
+    server = procs.start(
+        "server",
+        "--peer",
+        "kcptun",
+        "--listen",
+        url,
+        "--psk-file",
+        str(key),
+        "--target",
+        f"127.0.0.1:{target}",
+    )
+    wait_log(procs, server, "listening")
+    return port
+
+
+@pytest.mark.parametrize(("query", "options"), CASES)
+def test_kcptun_client_through_vtunnel_server(
+    procs: Processes, key: Path, tmp_path: Path, query: str, options: list[str]
+) -> None:
+    assert KCPTUN_CLIENT is not None
+    with echo_server() as echo:
+        port = start_server(procs, query, key, echo)
+        front = free_port()
+        args = ["--localaddr", f"127.0.0.1:{front}", "--remoteaddr", f"127.0.0.1:{port}", *options, "--quiet"]
+        with kcptun_process(KCPTUN_CLIENT, args + kcptun_key_args(query), tmp_path / "kcptun-client.log"):
+            wait_port(front)
+            took = roundtrip(front, BASE)
+            assert roundtrip(front, 100_000, seed=2) < 10
+    print(
+        f"kcptun-client -> vtunnel server [{query or 'defaults'}]: {BASE // MiB} MiB each way in {took:.1f} s"
+    )
+
+
+LOSSY = 16 * MiB
+
+
+def test_both_ways_at_5_percent_loss(procs: Processes, key: Path, tmp_path: Path) -> None:
+    """kcptun's defaults (aes, FEC 10/3, fast, snappy) with 5% of the datagrams lost each way, in both pairings."""
+    assert KCPTUN_SERVER is not None
+    assert KCPTUN_CLIENT is not None
+    with echo_server() as echo:
+        port = free_port(2)
+        args = [
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            f"127.0.0.1:{echo}",
+            "--key",
+            PASSPHRASE,
+            "--quiet",
+        ]
+        with (
+            kcptun_process(KCPTUN_SERVER, args, tmp_path / "kcptun-server.log"),
+            impairment(port, 0.05) as lossy,
+        ):
+            front = start_agent(procs, lossy, "", key)
+            took = roundtrip(front, LOSSY)
+        print(f"vtunnel agent -> kcptun-server at 5% loss: {LOSSY // MiB} MiB each way in {took:.1f} s")
+
+        port = start_server(procs, "", key, echo)
+        with impairment(port, 0.05) as lossy:
+            front = free_port()
+            args = ["--localaddr", f"127.0.0.1:{front}", "--remoteaddr", f"127.0.0.1:{lossy}"]
+            with kcptun_process(
+                KCPTUN_CLIENT, [*args, "--key", PASSPHRASE, "--quiet"], tmp_path / "kcptun-client.log"
+            ):
+                wait_port(front)
+                took = roundtrip(front, LOSSY)
+        print(f"kcptun-client -> vtunnel server at 5% loss: {LOSSY // MiB} MiB each way in {took:.1f} s")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VTUNNEL, *args], capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("front", "named"),
+    [
+        (["--socks", "127.0.0.1:0"], "--socks"),
+        (["--http", "127.0.0.1:0"], "--http"),
+        (["--forward", "127.0.0.1:0=example.org:80"], "--forward ...=example.org:80"),
+    ],
+)
+def test_a_front_that_names_a_destination_is_refused_at_start(
+    key: Path, front: list[str], named: str
+) -> None:
+    done = run_cli(
+        "agent", "--peer", "kcptun", "--server", "kcp://127.0.0.1:9", "--psk-file", str(key), *front
+    )
+    assert done.returncode == 2, done
+    assert f"--peer kcptun cannot carry a destination ({named})" in done.stderr
+    assert "use --forward LISTEN (no destination)" in done.stderr
+
+
+def test_kcptun_options_are_checked_by_name_and_need_a_passphrase(key: Path) -> None:
+    base = ["--peer", "kcptun", "--forward", "127.0.0.1:0"]
+    done = run_cli("agent", *base, "--server", "kcp://127.0.0.1:9?crypt=none&fec=10/3")
+    assert done.returncode == 2
+    assert "unknown kcptun option 'fec'" in done.stderr
+    done = run_cli("agent", *base, "--server", "kcp://127.0.0.1:9?crypt=rot13", "--psk-file", str(key))
+    assert done.returncode == 2
+    assert "crypt 'rot13' is not supported" in done.stderr
+    done = run_cli("agent", *base, "--server", "kcp://127.0.0.1:9")
+    assert done.returncode == 2
+    assert "needs kcptun's passphrase" in done.stderr
+    done = run_cli("server", "--peer", "kcptun", "--listen", "kcp://127.0.0.1:0?crypt=none")
+    assert done.returncode == 2
+    assert "needs --target" in done.stderr
+
+
+def test_the_url_takes_kcptuns_defaults() -> None:
+    """No option in the URL: kcptun's own defaults (aes, fast, 10/3, snappy, smux v1; the client's windows)."""
+    config = KcptunConfig.from_options({}, client=True, key="k")
+    assert (config.crypt, config.mode, config.datashard, config.parityshard) == ("aes", "fast", 10, 3)
+    assert (config.nocomp, config.smuxver, config.sndwnd, config.rcvwnd) == (False, 1, 128, 512)
+    server = KcptunConfig.from_options({"nocomp": "", "smuxver": "2"}, client=False, key="k")
+    assert (server.nocomp, server.smuxver, server.sndwnd, server.rcvwnd) == (True, 2, 1024, 1024)
