@@ -26,7 +26,7 @@ from tests.netutil import echo_server
 from vtunnel.kcptun import KcptunConfig
 from vtunnel.testing.relay import Impairment, ImpairmentRelay
 
-pytestmark = [needs_kcptun, pytest.mark.timeout(120)]
+pytestmark = [needs_kcptun, pytest.mark.timeout(90)]
 
 PASSPHRASE = "kcptun's key, verbatim: spaces and all "
 MiB = 1024 * 1024
@@ -103,113 +103,92 @@ def roundtrip(port: int, size: int, *, seed: int = 14) -> float:
     return took
 
 
-def start_agent(procs: Processes, server_port: int, query: str, key: Path) -> int:
-    front = free_port()
-    url = f"kcp://127.0.0.1:{server_port}" + (f"?{query}" if query else "")
-    procs.start(
-        "agent",
-        "--peer",
-        "kcptun",
-        "--server",
-        url,
-        "--psk-file",
-        str(key),
-        "--forward",
-        f"127.0.0.1:{front}",
-    )
-    wait_port(front)
-    return front
+def kcp_url(port: int, query: str) -> str:
+    return f"kcp://127.0.0.1:{port}" + (f"?{query}" if query else "")
 
 
-@pytest.mark.parametrize(("query", "options"), CASES)
-def test_vtunnel_agent_through_kcptun_server(
-    procs: Processes, key: Path, tmp_path: Path, query: str, options: list[str]
-) -> None:
+@contextlib.contextmanager
+def lossy_path(port: int, loss: float) -> Iterator[int]:
+    """The port to reach ``port`` at: itself, or an impairment relay's when ``loss`` is set."""
+    if not loss:
+        yield port
+        return
+    with impairment(port, loss) as relayed:
+        yield relayed
+
+
+@contextlib.contextmanager
+def agent_to_kcptun_server(
+    procs: Processes, key: Path, echo: int, query: str, options: list[str], loss: float = 0.0
+) -> Iterator[int]:
+    """A real kcptun-server to ``echo`` and a vtunnel agent in front of it; yields the agent's forward port."""
     assert KCPTUN_SERVER is not None
-    with echo_server() as echo:
-        port = free_port(2)
-        args = ["--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}", *options, "--quiet"]
-        with kcptun_process(KCPTUN_SERVER, args + kcptun_key_args(query), tmp_path / "kcptun-server.log"):
-            front = start_agent(procs, port, query, key)
-            took = roundtrip(front, BASE)
-            assert roundtrip(front, 100_000, seed=2) < 10  # a second stream on the same session
-    print(
-        f"vtunnel agent -> kcptun-server [{query or 'defaults'}]: {BASE // MiB} MiB each way in {took:.1f} s"
-    )
-
-
-def start_server(procs: Processes, query: str, key: Path, target: int) -> int:
     port = free_port(2)
-    url = f"kcp://127.0.0.1:{port}" + (f"?{query}" if query else "")
+    args = ["--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}", *options, "--quiet"]
+    with (
+        kcptun_process(KCPTUN_SERVER, args + kcptun_key_args(query), procs.tmp / "kcptun-server.log"),
+        lossy_path(port, loss) as reach,
+    ):
+        front = free_port()
+        forward = ["--forward", f"127.0.0.1:{front}"]
+        procs.start(
+            "agent", "--peer", "kcptun", "--psk-file", str(key), "--server", kcp_url(reach, query), *forward
+        )
+        wait_port(front)
+        yield front
+
+
+@contextlib.contextmanager
+def kcptun_client_to_server(
+    procs: Processes, key: Path, echo: int, query: str, options: list[str], loss: float = 0.0
+) -> Iterator[int]:
+    """A vtunnel server to ``echo`` and a real kcptun-client in front of it; yields the client's local port."""
+    assert KCPTUN_CLIENT is not None
+    port = free_port(2)
+    target = ["--target", f"127.0.0.1:{echo}"]
     server = procs.start(
-        "server",
-        "--peer",
-        "kcptun",
-        "--listen",
-        url,
-        "--psk-file",
-        str(key),
-        "--target",
-        f"127.0.0.1:{target}",
+        "server", "--peer", "kcptun", "--psk-file", str(key), "--listen", kcp_url(port, query), *target
     )
     wait_log(procs, server, "listening")
-    return port
+    with lossy_path(port, loss) as reach:
+        front = free_port()
+        args = [
+            "--localaddr",
+            f"127.0.0.1:{front}",
+            "--remoteaddr",
+            f"127.0.0.1:{reach}",
+            *options,
+            "--quiet",
+        ]
+        with kcptun_process(KCPTUN_CLIENT, args + kcptun_key_args(query), procs.tmp / "kcptun-client.log"):
+            wait_port(front)
+            yield front
+
+
+PAIRINGS = {
+    "vtunnel-agent-to-kcptun-server": agent_to_kcptun_server,
+    "kcptun-client-to-vtunnel-server": kcptun_client_to_server,
+}
 
 
 @pytest.mark.parametrize(("query", "options"), CASES)
-def test_kcptun_client_through_vtunnel_server(
-    procs: Processes, key: Path, tmp_path: Path, query: str, options: list[str]
-) -> None:
-    assert KCPTUN_CLIENT is not None
-    with echo_server() as echo:
-        port = start_server(procs, query, key, echo)
-        front = free_port()
-        args = ["--localaddr", f"127.0.0.1:{front}", "--remoteaddr", f"127.0.0.1:{port}", *options, "--quiet"]
-        with kcptun_process(KCPTUN_CLIENT, args + kcptun_key_args(query), tmp_path / "kcptun-client.log"):
-            wait_port(front)
-            took = roundtrip(front, BASE)
-            assert roundtrip(front, 100_000, seed=2) < 10
-    print(
-        f"kcptun-client -> vtunnel server [{query or 'defaults'}]: {BASE // MiB} MiB each way in {took:.1f} s"
-    )
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_64_mib_each_way(procs: Processes, key: Path, pairing: str, query: str, options: list[str]) -> None:
+    with echo_server() as echo, PAIRINGS[pairing](procs, key, echo, query, options) as front:
+        took = roundtrip(front, BASE)
+        assert roundtrip(front, 100_000, seed=2) < 10  # a second stream on the same session
+    print(f"{pairing} [{query or 'defaults'}]: {BASE // MiB} MiB each way in {took:.1f} s")
 
 
 LOSSY = 16 * MiB
 
 
-def test_both_ways_at_5_percent_loss(procs: Processes, key: Path, tmp_path: Path) -> None:
-    """kcptun's defaults (aes, FEC 10/3, fast, snappy) with 5% of the datagrams lost each way, in both pairings."""
-    assert KCPTUN_SERVER is not None
-    assert KCPTUN_CLIENT is not None
-    with echo_server() as echo:
-        port = free_port(2)
-        args = [
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--target",
-            f"127.0.0.1:{echo}",
-            "--key",
-            PASSPHRASE,
-            "--quiet",
-        ]
-        with (
-            kcptun_process(KCPTUN_SERVER, args, tmp_path / "kcptun-server.log"),
-            impairment(port, 0.05) as lossy,
-        ):
-            front = start_agent(procs, lossy, "", key)
-            took = roundtrip(front, LOSSY)
-        print(f"vtunnel agent -> kcptun-server at 5% loss: {LOSSY // MiB} MiB each way in {took:.1f} s")
-
-        port = start_server(procs, "", key, echo)
-        with impairment(port, 0.05) as lossy:
-            front = free_port()
-            args = ["--localaddr", f"127.0.0.1:{front}", "--remoteaddr", f"127.0.0.1:{lossy}"]
-            with kcptun_process(
-                KCPTUN_CLIENT, [*args, "--key", PASSPHRASE, "--quiet"], tmp_path / "kcptun-client.log"
-            ):
-                wait_port(front)
-                took = roundtrip(front, LOSSY)
-        print(f"kcptun-client -> vtunnel server at 5% loss: {LOSSY // MiB} MiB each way in {took:.1f} s")
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_16_mib_each_way_at_5_percent_loss(procs: Processes, key: Path, pairing: str) -> None:
+    """kcptun's defaults (aes, FEC 10/3, fast, snappy) with 5% of the datagrams lost each way."""
+    with echo_server() as echo, PAIRINGS[pairing](procs, key, echo, "", [], loss=0.05) as front:
+        took = roundtrip(front, LOSSY)
+    print(f"{pairing} at 5% loss: {LOSSY // MiB} MiB each way in {took:.1f} s")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
