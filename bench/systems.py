@@ -59,6 +59,7 @@ TRANSPORT_URLS: Mapping[str, str] = {
     "kcp": "kcp://{host}:{port}?mode=fast3&mtu=1350",  # vtunnel's own windows (4096 segments)
     "rudp": "rudp://{host}:{port}",
     "quic": "quic://{host}:{port}",  # the vtunnel-quic plugin; found like any installed plugin
+    "ws": "ws://{host}:{port}?path=/t",  # the vtunnel-websocket plugin
 }
 #: Transports whose packets are UDP datagrams (they can run through the UDP impairment relay).
 UDP_TRANSPORTS = frozenset({"kcp", "rudp", "quic"})
