@@ -88,6 +88,8 @@ _BURST_LIMIT: Final = 512
 _TRIM: Final = 256 * 1024
 #: how often a closing connection answers packets with its CLOSE again, at most
 _CLOSE_REPEATS: Final = 16
+#: an unvalidated server whose amplification budget is below this sends nothing until it receives more
+_SMALLEST_PACKET: Final = 64
 #: the longest ACK frame: type, four varints, and each further range's gap and length
 _ACK_MAX: Final = 1 + 4 * 8 + 8 + 32 * 16
 
@@ -354,6 +356,17 @@ class Connection:
         """The peer's stream ended and every byte of it was read."""
         return self._final_size is not None and self._read_offset >= self._final_size
 
+    @property
+    def all_acknowledged(self) -> bool:
+        """Every stream byte written (and the end of the stream, once ended) was acknowledged by the peer."""
+        written = self._buf_start + len(self._send_buf)
+        return self._send_base >= written and (self._fin_offset is None or self._fin_acked)
+
+    @property
+    def bytes_in_flight(self) -> int:
+        """Bytes of ack-eliciting packets sent and neither acknowledged nor declared lost."""
+        return self._loss.bytes_in_flight
+
     def max_datagram_payload(self) -> int:
         """The largest datagram :meth:`send_datagram` takes."""
         room = self._mds - header_size(len(self.peer_cid), 2**62 - 1) - 1
@@ -567,11 +580,13 @@ class Connection:
             return None
         if state is not ConnectionState.OPEN:
             return self._close_deadline
-        candidates = [self._loss.deadline(), self._acks.deadline(), self._pacing_wake]
+        candidates = [self._loss.deadline()]
+        if self._amplification_limit() >= _SMALLEST_PACKET:  # (else only input can let anything out)
+            candidates += [self._acks.deadline(), self._pacing_wake]
+            if self._probes:
+                candidates.append(self._now)
         if self.config.idle_timeout is not None:
             candidates.append(self._last_received + self.config.idle_timeout)
-        if self._probes and self._amplification_room(self._mds):
-            candidates.append(self._now)
         return min((c for c in candidates if c is not None), default=None)
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -670,9 +685,10 @@ class Connection:
                 self._app_limited = True
             if not send_data and not ack:
                 break
-            if not self._amplification_room(mds):
+            size = self._amplification_limit()
+            if size < _SMALLEST_PACKET:
                 break
-            datagram = self._build(now, send_data=send_data, probe=probe)
+            datagram = self._build(now, send_data=send_data, probe=probe, size=size)
             if datagram is None:
                 break
             out.append(datagram)
@@ -684,9 +700,16 @@ class Connection:
     def _amplification_room(self, size: int) -> bool:
         return self._validated or self._bytes_sent + size <= AMPLIFICATION_FACTOR * self._bytes_received
 
-    def _build(self, now: float, *, send_data: bool, probe: bool) -> bytes | None:
+    def _amplification_limit(self) -> int:
+        """The largest packet the amplification limit lets us send now (a full one once validated)."""
+        if self._validated:
+            return self._mds
+        return min(self._mds, AMPLIFICATION_FACTOR * self._bytes_received - self._bytes_sent)
+
+    def _build(self, now: float, *, send_data: bool, probe: bool, size: int) -> bytes | None:
+        """One packet of at most ``size`` bytes (None: nothing to put in it)."""
         number = self._next_number
-        room = self._mds - header_size(len(self.peer_cid), number)
+        room = size - header_size(len(self.peer_cid), number)
         frames: list[bytes] = []
         packet = SentPacket(number=number, sent_time=now, size=0, ack_eliciting=False)
         if self._acks.pending or self._acks.ack_due(now):
@@ -694,10 +717,11 @@ class Connection:
             if ranges:
                 delay = max(0, int((now - self._acks.largest_time) * 1e6))
                 frame = encode_ack(ranges, delay, self._max_data)
-                frames.append(frame)
-                room -= len(frame)
-                packet.ack_largest = ranges[0][1]
-                self._acks.on_ack_sent()
+                if len(frame) <= room:  # (only an unvalidated server's small budget may not hold it)
+                    frames.append(frame)
+                    room -= len(frame)
+                    packet.ack_largest = ranges[0][1]
+                    self._acks.on_ack_sent()
         if send_data:
             room = self._add_datagrams(frames, room, packet)
             room = self._add_retransmissions(frames, room, packet)
@@ -827,5 +851,5 @@ class Connection:
         out.update(self.cc.stats())
         out["srtt_ms"] = round(self.rtt.smoothed * 1000, 3)
         out["min_rtt_ms"] = round(self.rtt.min * 1000, 3)
-        out["bytes_in_flight"] = self._loss.bytes_in_flight
+        out["bytes_in_flight"] = self.bytes_in_flight
         return out

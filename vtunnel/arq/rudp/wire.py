@@ -54,6 +54,7 @@ __all__ = [
     "encode_varint",
     "header_size",
     "peek_dcid",
+    "peek_number",
     "stream_overhead",
     "varint_size",
 ]
@@ -238,6 +239,12 @@ def peek_dcid(datagram: bytes | memoryview) -> bytes:
     if length > MAX_CID_LEN or len(datagram) < 1 + length:
         raise WireError("bad connection ID length")
     return bytes(datagram[1 : 1 + length])
+
+
+def peek_number(datagram: bytes | memoryview) -> int:
+    """The packet number of a packet, without parsing its frames (what shows a datagram newer than another)."""
+    dcid_len = len(peek_dcid(datagram))
+    return _Reader(bytes(datagram[1 + dcid_len : 1 + dcid_len + 8])).varint()
 
 
 # --- frames, encoded --------------------------------------------------------------------------------------
