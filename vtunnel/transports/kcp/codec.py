@@ -95,6 +95,9 @@ class ListenerCodec(ABC, Generic[K]):
 
     #: bytes sealing adds to each datagram (the ARQ's MTU is reduced by as much)
     overhead: int = 0
+    #: a session only ever sends to an address its peer proved it receives at (a handshake, then path
+    #: challenges): an ARQ that limits what it sends to an unproven address (rudp's 3x) lifts its limit at once
+    validates_paths: bool = False
 
     @abstractmethod
     def attach(self, send: Send, *, sessions: int) -> None:

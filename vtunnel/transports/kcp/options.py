@@ -6,49 +6,21 @@ and bad values raise :class:`~vtunnel.transports.base.TransportError` naming the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Final
 
 from vtunnel.arq.kcp_options import DEFAULT_MODE, PRESETS, UNPACED_SNDWND, KCPOptions
 from vtunnel.transports.base import TransportError
+from vtunnel.transports.urloptions import OptionParser, bool_option, int_option, seconds_option
+from vtunnel.transports.urloptions import overrides as parse_overrides
 
 __all__ = ["parse_options"]
 
 
-def _int(lo: int, hi: int) -> Callable[[str, str], int]:
-    def parse(name: str, text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise TransportError(f"kcp option {name!r} must be an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise TransportError(f"kcp option {name!r} must be between {lo} and {hi}, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(lo: float, hi: float) -> Callable[[str, str], float]:
-    def parse(name: str, text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise TransportError(f"kcp option {name!r} must be a number of seconds, got {text!r}") from None
-        if not lo <= value <= hi:  # also rejects nan
-            raise TransportError(f"kcp option {name!r} must be between {lo} and {hi} seconds, got {text!r}")
-        return value
-
-    return parse
-
-
-def _bool(name: str, text: str) -> bool:
-    value = text.lower()
-    if value in ("1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise TransportError(f"kcp option {name!r} must be on or off, got {text!r}")
+_int = partial(int_option, "kcp")
+_seconds = partial(seconds_option, "kcp")
 
 
 def _conv(name: str, text: str) -> int | None:
@@ -57,7 +29,7 @@ def _conv(name: str, text: str) -> int | None:
     return _int(0, 0xFFFFFFFF)(name, text)
 
 
-_PARSERS: Final[Mapping[str, Callable[[str, str], object]]] = {
+_PARSERS: Final[Mapping[str, OptionParser]] = {
     "nodelay": _int(0, 2),
     "interval": _int(1, 5000),
     "resend": _int(0, 100),
@@ -71,8 +43,8 @@ _PARSERS: Final[Mapping[str, Callable[[str, str], object]]] = {
     "sessions": _int(1, 1_000_000),
     "sockbuf": _int(64 * 1024, 1 << 30),
     "connect_timeout": _seconds(0.1, 3600.0),
-    "pacing": _bool,
-    "ackrepeat": _bool,
+    "pacing": bool_option("kcp"),
+    "ackrepeat": bool_option("kcp"),
 }
 
 
@@ -85,15 +57,7 @@ def parse_options(params: Mapping[str, str]) -> KCPOptions:
     opts = KCPOptions(
         mode=mode, nodelay=preset.nodelay, interval=preset.interval, resend=preset.resend, nc=preset.nc
     )
-    overrides: dict[str, object] = {}
-    for name, text in params.items():
-        if name == "mode":
-            continue
-        parser = _PARSERS.get(name)
-        if parser is None:
-            known = ", ".join(["mode", *sorted(_PARSERS)])
-            raise TransportError(f"unknown kcp option {name!r} (known: {known})")
-        overrides[name] = parser(name, text.strip())
+    overrides = parse_overrides("kcp", params, _PARSERS, skip=("mode",))
     opts = replace(opts, **overrides)  # type: ignore[arg-type]
     if not opts.pacing and "sndwnd" not in overrides:
         # unpaced, ikcp puts a whole send window on the wire at once: 4096 segments overrun any shallow

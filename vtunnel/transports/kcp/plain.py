@@ -10,36 +10,54 @@ and does not move it. A client takes datagrams from its server's address only.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import Callable, Hashable
+from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from vtunnel.arq.kcp_wire import HEADER_LEN, NewestMarks, conv_of
 from vtunnel.io.datagrams import Address, Run, split_run
 from vtunnel.transports.kcp.codec import ClientCodec, Datagram, ListenerCodec, RoutedLink, Runs, Send, Stray
 
-__all__ = ["PlainClientCodec", "PlainKey", "PlainListenerCodec"]
+__all__ = ["KeylessListenerCodec", "Marks", "PlainClientCodec", "PlainKey", "PlainListenerCodec", "kcp_key"]
 
-#: a plain session's key: its conv, or its source address when conv is 0
+#: a plain KCP session's key: its conv, or its source address when conv is 0
 PlainKey: TypeAlias = int | Address
 
+K = TypeVar("K", bound=Hashable)
 
-class PlainListenerCodec(ListenerCodec[PlainKey]):
-    """A listener's plain KCP datagrams: keyed by conv (or source address for conv 0), followed to a new address
-    on a newer datagram, nothing answered."""
 
-    def __init__(self) -> None:
+class Marks(Protocol):
+    """What a keyless session's peer has shown so far: whether a datagram of it is newer than all it sent before
+    (:class:`~vtunnel.arq.kcp_wire.NewestMarks` reads KCP's; rudp reads its packet number)."""
+
+    def note(self, datagram: Datagram, offset: int = 0) -> bool:
+        """Take the datagram at ``offset``; whether it is newer than any taken."""
+
+
+def kcp_key(datagram: Datagram, source: Address) -> PlainKey | None:
+    """A plain KCP datagram's session: its conv, or its source address for conv 0 (vproxy's)."""
+    if len(datagram) < HEADER_LEN:
+        return None
+    return conv_of(datagram) or source
+
+
+class KeylessListenerCodec(ListenerCodec[K], Generic[K]):
+    """A listener's plain datagrams, for any ARQ: sessions keyed by ``key_of``, followed to a new address on a
+    datagram newer than any the session took (a new ``marks()`` per session says which), nothing answered."""
+
+    def __init__(self, key_of: Callable[[Datagram, Address], K | None], marks: Callable[[], Marks]) -> None:
+        self._key_of = key_of
+        self._new_marks = marks
         #: the newest marks each session's peer has shown (what may move it to a new address)
-        self._marks: dict[PlainKey, NewestMarks] = {}
+        self._marks: dict[K, Marks] = {}
 
     def attach(self, send: Send, *, sessions: int) -> None:
         pass  # nothing is ever answered
 
-    def key_of(self, datagram: Datagram, source: Address) -> PlainKey | None:
-        if len(datagram) < HEADER_LEN:
-            return None
-        return conv_of(datagram) or source
+    def key_of(self, datagram: Datagram, source: Address) -> K | None:
+        return self._key_of(datagram, source)
 
     def open(
-        self, key: PlainKey, link: RoutedLink | None, datagram: Datagram, source: Address, now: float
+        self, key: K, link: RoutedLink | None, datagram: Datagram, source: Address, now: float
     ) -> tuple[Datagram | None, Address]:
         if link is None:
             return datagram, source
@@ -51,9 +69,7 @@ class PlainListenerCodec(ListenerCodec[PlainKey]):
             return datagram, source
         return None, address  # nothing newer than the session took: a copy of an old datagram, or a late one
 
-    def open_run(
-        self, key: PlainKey, link: RoutedLink, runs: Runs, into: list[Datagram], stray: Stray
-    ) -> int:
+    def open_run(self, key: K, link: RoutedLink, runs: Runs, into: list[Datagram], stray: Stray) -> int:
         note = self._marks[key].note
         for buffer, segment in runs:
             if link.take_run(buffer, segment, into):
@@ -65,17 +81,25 @@ class PlainListenerCodec(ListenerCodec[PlainKey]):
         return 0
 
     def stranger(self, datagram: Datagram, source: Address, now: float) -> bool:
-        return False  # shorter than a KCP header: nothing to answer
+        return False  # no session's header: nothing to answer
 
-    def session_started(self, key: PlainKey, first: Datagram) -> None:
-        marks = self._marks[key] = NewestMarks()
+    def session_started(self, key: K, first: Datagram) -> None:
+        marks = self._marks[key] = self._new_marks()
         marks.note(first)
 
-    def forget(self, key: PlainKey) -> None:
+    def forget(self, key: K) -> None:
         self._marks.pop(key, None)
 
     def close(self) -> None:
         self._marks.clear()
+
+
+class PlainListenerCodec(KeylessListenerCodec[PlainKey]):
+    """A listener's plain KCP datagrams: keyed by conv (or source address for conv 0), followed to a new address
+    on a newer datagram (:class:`~vtunnel.arq.kcp_wire.NewestMarks`), nothing answered."""
+
+    def __init__(self) -> None:
+        super().__init__(kcp_key, NewestMarks)
 
 
 class PlainClientCodec(ClientCodec):

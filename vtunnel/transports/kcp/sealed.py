@@ -90,6 +90,9 @@ class SealedListenerCodec(ListenerCodec[bytes]):
     """
 
     overhead = DATAGRAM_OVERHEAD
+    #: the handshake proves the client's first address (its first DATA is sealed with keys only the server's
+    #: reply gives), and :class:`PeerPath` moves a session only to an address that echoed a challenge
+    validates_paths = True
 
     def __init__(
         self, psk: bytes, *, cipher: str = "auto", reset_limiter: ResetLimiter | None = None

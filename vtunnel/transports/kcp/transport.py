@@ -20,10 +20,11 @@ from vtunnel.transports.kcp.plain import PlainClientCodec, PlainListenerCodec
 from vtunnel.transports.kcp.sealed import SealedClientCodec, SealedListenerCodec
 from vtunnel.transports.link import Link
 
-__all__ = ["KCPTransport"]
+__all__ = ["KCPTransport", "resolve"]
 
 
-async def _resolve(endpoint: Endpoint) -> tuple[Any, Address]:
+async def resolve(endpoint: Endpoint) -> tuple[Any, Address]:
+    """The UDP address of ``endpoint`` (its first), with its address family."""
     try:
         infos = await anyio.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
     except OSError as exc:
@@ -43,7 +44,7 @@ class KCPTransport(Transport):
 
     async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
         options = parse_options(endpoint.params)
-        family, server = await _resolve(endpoint)
+        family, server = await resolve(endpoint)
         codec: ClientCodec = (
             PlainClientCodec()
             if security.psk is None
@@ -53,7 +54,7 @@ class KCPTransport(Transport):
 
     async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
         options = parse_options(endpoint.params)
-        family, address = await _resolve(endpoint)
+        family, address = await resolve(endpoint)
         codec: ListenerCodec[Any] = (
             PlainListenerCodec()
             if security.psk is None
