@@ -64,6 +64,19 @@ class TestKCPWithKey(TestKCP):
     handshake_rate, handshake_burst = 20.0, 40
 
 
+class TestRudp(TransportConformance):
+    scheme = "rudp"
+    security = SecurityConfig()
+    other_security: ClassVar[SecurityConfig | None] = None
+    datagram = True  # half-closes (FIN), and an aborted peer sends CLOSE: the kit's defaults hold
+
+
+class TestRudpWithKey(TestRudp):
+    security = TransportConformance.security
+    other_security = TransportConformance.other_security
+    handshake_rate, handshake_burst = 20.0, 40
+
+
 class TestWebSocketPlugin(TransportConformance):
     scheme = "ws"
     handshake_rate, handshake_burst = 50.0, 100

@@ -1,0 +1,398 @@
+"""One rudp connection as a :class:`~vtunnel.transports.link.Link`: the thin driver around
+:class:`~vtunnel.arq.rudp.Connection`.
+
+The owner (client or listener) vets plaintext rudp packets with :meth:`RudpLink.accepts` and
+:meth:`RudpLink.take_run` and hands them in with :meth:`RudpLink.feed`; the link gives what they carry to its
+consumer in the same step, and sends what the connection emits through ``transmit``, to its
+``remote_address``. Everything the connection sends leaves through one point, :meth:`RudpLink._service`, run
+after each input, each write and each timer; it also re-arms the link's one timer, at the earliest of the
+connection's deadline (loss detection, PTO, delayed ACK, pacing, idle) and a slow watchdog for dead links.
+
+``send_nowait`` is all or nothing: it takes ``data`` while the connection's send buffer has room (what does not
+fit waits in a one-write backlog, fed to the connection as ACKs open room) and raises ``WouldBlock`` while that
+backlog is not empty; ``link_writable`` follows when it is. rudp half-closes: ``send_eof`` ends our stream
+(FIN) after what is queued, and the peer's FIN ends our input (``link_ended(None)``) once it was all read.
+
+Asyncio only (the loop's ``call_at`` and futures): ``rudp://`` is not supported on trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import anyio
+import anyio.lowlevel
+import structlog
+from anyio.abc import SocketAttribute
+
+from vtunnel.arq.rudp.connection import (
+    Connection,
+    ConnectionClosed,
+    DatagramReceived,
+    ErrorCode,
+    Event,
+    StreamEnded,
+    StreamReadable,
+)
+from vtunnel.io.datagrams import Address, split_run
+from vtunnel.transports.kcp.codec import Datagram, RoutedLink, Transmit
+from vtunnel.transports.link import LinkConsumer
+
+__all__ = ["RudpLink"]
+
+log = structlog.get_logger("vtunnel.transports.rudp")
+
+#: seconds ``aclose`` waits for queued data to be acknowledged before closing the connection
+LINGER: Final = 1.0
+#: how much a link hands its consumer per ``link_data`` call at most
+READ_SIZE: Final = 1024 * 1024
+#: a deadline within this of the armed one does not re-arm the timer
+_TIMER_SLACK: Final = 0.0005
+#: the first byte of a packet: ``01`` and the reserved bit 0, then the length of the destination CID
+_FIXED: Final = 0x40
+
+
+class RudpLink(RoutedLink):
+    """A reliable ordered link over one rudp connection (one tunnel).
+
+    The link fails (``link_ended`` with :class:`anyio.BrokenResourceError`) when the peer stays silent past
+    ``timeout`` with data outstanding, when the connection's idle timeout ends it, when the peer closes it with
+    an error, or when either end breaks the protocol. A peer that closes without error ends our input
+    (``link_ended(None)``) after what it sent was read. ``validate_on_ack``: the peer's address is taken as proven
+    once it acknowledged one of our packets (a keyless server; with a key the handshake proves it at once).
+    """
+
+    def __init__(
+        self,
+        *,
+        connection: Connection,
+        timeout: float,
+        transmit: Transmit,
+        local_address: Address,
+        remote_address: Address,
+        on_close: Callable[[RudpLink], None] | None = None,
+        validate_on_ack: bool = False,
+    ) -> None:
+        self._conn = connection
+        self._cid = connection.local_cid
+        self._first = bytes((_FIXED | len(self._cid),))
+        self._timeout = timeout
+        self._transmit = transmit
+        self._on_close = on_close
+        self._validate_on_ack = validate_on_ack
+        self._loop = asyncio.get_running_loop()
+        self.local_address = local_address
+        self.remote_address = remote_address
+        self._consumer: LinkConsumer | None = None
+        self._paused = False
+        self._delivering = False
+        self._deliver_again = False
+        self._backlog = b""  # what the last send_nowait gave beyond the send buffer's room
+        self._blocked = False  # send_nowait raised WouldBlock: link_writable is owed
+        self._eof = False  # send_eof was called: the FIN follows the backlog
+        self._input_ended = False  # link_ended(None) was given
+        self._peer_closed = False  # the peer sent CLOSE without error: input ends after what is unread
+        self._failure: str | None = None  # the connection closed itself on a fault: fail after sending CLOSE
+        self.datagrams_received = (
+            0  # unreliable datagrams (not carried by this link yet): counted and dropped
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = math.inf
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._torn_down = False
+        now = self._loop.time()
+        self.last_receive = now
+        self._busy_since = now
+        self._watchdog_period = max(0.05, timeout / 4.0)
+        self._watchdog_due = now + self._watchdog_period
+        self._arm(self._watchdog_due)
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    # --- from the owner -------------------------------------------------------------------------------------
+
+    def accepts(self, datagram: Datagram) -> bool:
+        """Whether ``datagram`` looks like an rudp packet for this connection (its first byte and connection ID;
+        the connection parses the rest, and drops what does not parse)."""
+        cid = self._cid
+        end = 1 + len(cid)
+        return len(datagram) > end and datagram[:1] == self._first and datagram[1:end] == cid
+
+    def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
+        """Add a run of datagrams (``segment`` bytes each) to ``into``, one by one; False, adding nothing, when
+        one is not this connection's."""
+        if segment >= len(buffer):
+            if not self.accepts(buffer):
+                return False
+            into.append(buffer)
+            return True
+        datagrams = split_run(buffer, segment)
+        if not all(map(self.accepts, datagrams)):
+            return False
+        into.extend(datagrams)
+        return True
+
+    def feed(self, datagrams: Sequence[Datagram]) -> None:
+        """Input one batch of vetted rudp packets: deliver what they carry, then send (ACKs, data) once."""
+        conn = self._conn
+        if self._torn_down:
+            return
+        now = self._loop.time()
+        events: list[Event] = []
+        for datagram in datagrams:
+            events += conn.receive_datagram(datagram, now)
+        self.last_receive = now
+        self._handle(events)
+        self._service(now)
+
+    def fail(self, reason: str) -> None:
+        """The link is gone: the consumer gets ``link_ended`` with :class:`anyio.BrokenResourceError`."""
+        if self._error is not None or self._closed:
+            return
+        log.info("rudp connection failed", peer=self.remote_address, reason=reason)
+        self._error = anyio.BrokenResourceError(reason)
+        self._teardown()
+        consumer = self._consumer
+        if consumer is not None and not self._input_ended:
+            self._input_ended = True
+            consumer.link_ended(self._error)
+
+    # --- Link -----------------------------------------------------------------------------------------------
+
+    async def run(self, consumer: LinkConsumer) -> None:
+        if self._consumer is not None:
+            raise anyio.BusyResourceError("running")
+        self._consumer = consumer
+        try:
+            if self._error is not None and not self._input_ended:
+                self._input_ended = True
+                consumer.link_ended(self._error)
+            elif not self._torn_down:
+                self._deliver()  # what arrived before (a server connection's first packet)
+                self._service(self._loop.time())
+            await asyncio.shield(self._ended)
+        finally:
+            self._consumer = None
+
+    def send_nowait(self, data: bytes) -> None:
+        self._check_usable()
+        if self._eof:
+            raise anyio.ClosedResourceError
+        if self._peer_closed:
+            raise anyio.BrokenResourceError("the peer closed the link")
+        conn = self._conn
+        if self._backlog or conn.send_room() <= 0:
+            self._blocked = True
+            raise anyio.WouldBlock
+        now = self._loop.time()
+        if conn.all_acknowledged:
+            self._busy_since = now
+        taken = conn.send(data)
+        if taken < len(data):
+            self._backlog = bytes(data[taken:])
+        self._service(now)
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._consumer is not None and not self._torn_down:
+            self._deliver()
+            self._service(self._loop.time())
+
+    async def send_eof(self) -> None:
+        """End our stream after what is queued (the peer's input ends; ours goes on)."""
+        if self._closed or self._eof or self._error is not None or self._peer_closed:
+            return
+        self._eof = True
+        if not self._backlog:
+            self._conn.end_stream()
+        self._service(self._loop.time())
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if self._error is None and not self._torn_down and not self._sent_everything():
+            with anyio.move_on_after(LINGER, shield=True):
+                while self._error is None and not self._torn_down and not self._sent_everything():
+                    fut = self._loop.create_future()
+                    self._drain_waiters.append(fut)
+                    await fut
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None and not self._torn_down:
+            conn = self._conn
+            conn.close(ErrorCode.NO_ERROR)
+            out = conn.datagrams_to_send(self._loop.time())
+            if out:
+                self._transmit(out, self.remote_address)
+            self._teardown()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            SocketAttribute.local_address: lambda: self.local_address,
+            SocketAttribute.remote_address: lambda: self.remote_address,
+        }
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _sent_everything(self) -> bool:
+        return not self._backlog and self._conn.all_acknowledged
+
+    def _handle(self, events: list[Event]) -> None:
+        """What the connection reported: bytes to deliver, the end of input, a close."""
+        deliver = False
+        for event in events:
+            if isinstance(event, StreamReadable | StreamEnded):
+                deliver = True
+            elif isinstance(event, DatagramReceived):
+                self.datagrams_received += 1
+            elif isinstance(event, ConnectionClosed):
+                if event.by_peer and event.code == ErrorCode.NO_ERROR:
+                    self._peer_closed = True
+                    deliver = True
+                elif event.by_peer:
+                    self._failure = f"the peer closed the connection: {event.reason or event.code}"
+                else:
+                    self._failure = f"the connection closed: {event.reason or event.code}"
+        if deliver:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the in-order bytes to the consumer, unless paused, then the end of input if it came.
+        Re-entry only asks for another pass."""
+        if self._delivering:
+            self._deliver_again = True
+            return
+        conn = self._conn
+        self._delivering = True
+        try:
+            while True:
+                self._deliver_again = False
+                consumer = self._consumer
+                while consumer is not None and not self._paused and conn.readable:
+                    consumer.link_data(conn.receive(READ_SIZE))
+                    consumer = self._consumer
+                if (
+                    consumer is not None
+                    and not self._paused
+                    and not self._input_ended
+                    and not conn.readable
+                    and (conn.stream_ended or self._peer_closed)
+                ):
+                    self._input_ended = True
+                    consumer.link_ended(None)
+                if not self._deliver_again:
+                    break
+        finally:
+            self._delivering = False
+        if self._peer_closed and self._input_ended and not self._torn_down:
+            # the peer is gone and all it sent was read: nothing more can move on this link
+            self._error = anyio.BrokenResourceError("the peer closed the link")
+            self._teardown()
+
+    def _service(self, now: float) -> None:
+        """The one output point: feed the backlog, send what the connection built, re-arm the timer, wake the
+        writer; a connection that closed itself on a fault fails the link once its CLOSE is out."""
+        if self._torn_down:
+            return
+        conn = self._conn
+        backlog = self._backlog
+        if backlog and conn.send_room() > 0:
+            taken = conn.send(backlog)
+            self._backlog = backlog = backlog[taken:]
+            if not backlog and self._eof:
+                conn.end_stream()
+        if self._validate_on_ack and conn.rtt.has_sample:
+            self._validate_on_ack = False
+            conn.address_validated()  # it acknowledged a packet it could only have received there
+        out = conn.datagrams_to_send(now)
+        if out:
+            self._transmit(out, self.remote_address)
+        if self._failure is not None or conn.closed:
+            self.fail(self._failure or "the connection closed")
+            return
+        deadline = conn.next_deadline()
+        self._arm(self._watchdog_due if deadline is None else min(deadline, self._watchdog_due))
+        if self._blocked and not backlog and conn.send_room() > 0:
+            self._blocked = False
+            consumer = self._consumer
+            if consumer is not None:
+                consumer.link_writable()
+        if self._drain_waiters and self._sent_everything():
+            self._wake_drain_waiters()
+
+    def _arm(self, due: float) -> None:
+        """Have the timer fire at ``due`` (it follows the deadline both ways)."""
+        timer = self._timer
+        if timer is not None:
+            if abs(due - self._timer_when) <= _TIMER_SLACK:
+                return
+            timer.cancel()
+        self._timer_when = due
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = math.inf
+        if self._torn_down:
+            return
+        now = self._loop.time()
+        if now >= self._watchdog_due and not self._watchdog(now):
+            return
+        self._handle(self._conn.handle_timer(now))
+        self._service(now)
+
+    def _watchdog(self, now: float) -> bool:
+        """Fail the link if the peer went silent with data of ours outstanding; whether it lives on."""
+        self._watchdog_due = now + self._watchdog_period
+        if self._conn.bytes_in_flight and now - max(self.last_receive, self._busy_since) >= self._timeout:
+            self.fail(f"dead link: no answer for {now - self.last_receive:.1f} s")
+            return False
+        return True
+
+    def _wake_drain_waiters(self) -> None:
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error)) from self._error
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
+        log.debug("rudp connection closed", peer=self.remote_address, **self._conn.stats())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake_drain_waiters()
+        if not self._ended.done():
+            self._ended.set_result(None)
+        consumer = self._consumer
+        if consumer is not None and self._blocked:
+            self._blocked = False
+            consumer.link_writable()  # its next send_nowait raises
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)
