@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from typing import Any
 
 import anyio
 import pytest
@@ -17,6 +18,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.plain import PlainListenerCodec
+from vtunnel.transports.kcp.routing import DatagramListener
 from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
@@ -73,9 +75,10 @@ async def send_pattern(stream: ByteStream, size: int, seed: int) -> str:
 
 
 async def transfer(
-    client: LinkStream[KCPLink], listener: KCPListener[PlainListenerCodec], size: int, *, limit: float = 110.0
+    client: LinkStream[Any], listener: DatagramListener[Any], size: int, *, limit: float = 110.0
 ) -> tuple[str, str, str]:
-    """client -> server ``size`` bytes; returns (sent digest, server digest, digest echoed to the client)."""
+    """client -> server ``size`` bytes; returns (sent digest, server digest, digest echoed to the client) (any
+    datagram transport's link and listener: rudp:// runs it too)."""
     results: dict[str, str] = {}
 
     async def server_side() -> None:

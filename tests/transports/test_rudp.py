@@ -1,0 +1,200 @@
+"""rudp:// on real sockets: the URL options, byte-exact bulk through the impairment relay at 10% loss with
+duplicates and reordering, a NAT rebinding mid-transfer (keyless and keyed), and real ``vtunnel server`` and
+``vtunnel agent`` processes moving bytes through a forward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import Processes
+from tests.e2e.test_cli import start_pair
+from tests.linkutil import stream_of
+from tests.netutil import echo_roundtrip, echo_server, pattern
+from tests.streams import wait_until
+from tests.transports.test_kcp_impaired import transfer
+from vtunnel.arq.rudp.connection import RudpConfig
+from vtunnel.testing import Impairment, ImpairmentRelay
+from vtunnel.testing.conformance import KIT_KEY
+from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
+from vtunnel.transports.rudp.listener import RudpListener
+from vtunnel.transports.rudp.options import RudpOptions, parse_options
+from vtunnel.transports.rudp.transport import RudpTransport
+
+PLAIN = SecurityConfig()
+#: the impairment of the bulk checks: 10% loss each way, with duplicates and reordering
+IMPAIRED = Impairment(loss=0.10, duplicate=0.05, reorder=0.05, delay=0.001)
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    """uvloop, the runtime's loop when installed."""
+    return ("asyncio", {"use_uvloop": True})
+
+
+# --- options ------------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_cores_with_bbr() -> None:
+    assert parse_options({}) == RudpOptions()
+    assert parse_options({}).config == RudpConfig(cc="bbr")
+
+
+@pytest.mark.parametrize("cc", ["newreno", "cubic", "bbr", "CUBIC"])
+def test_the_congestion_controller_is_chosen_in_the_url(cc: str) -> None:
+    assert parse_options({"cc": cc}).config.cc == cc.lower()
+
+
+def test_every_option_reaches_its_field() -> None:
+    options = parse_options(
+        {
+            "cc": "newreno",
+            "pacing": "off",
+            "mtu": "1200",
+            "rcvwnd": "8388608",
+            "sndbuf": "1048576",
+            "ackdelay": "0.01",
+            "ackevery": "4",
+            "initial_rtt": "0.1",
+            "idle": "30",
+            "timeout": "5",
+            "sessions": "10",
+            "sockbuf": "1048576",
+            "connect_timeout": "3",
+        }
+    )
+    assert options == RudpOptions(
+        config=RudpConfig(
+            cc="newreno",
+            pacing=False,
+            max_datagram_size=1200,
+            receive_window=8 * 1024 * 1024,
+            send_buffer=1024 * 1024,
+            max_ack_delay=0.01,
+            ack_eliciting_threshold=4,
+            initial_rtt=0.1,
+            idle_timeout=30.0,
+        ),
+        timeout=5.0,
+        sessions=10,
+        sockbuf=1024 * 1024,
+        connect_timeout=3.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"cc": "vegas"}, "cc"),
+        ({"mode": "fast3"}, "mode"),
+        ({"mtu": "100"}, "mtu"),
+        ({"rcvwnd": "1000"}, "rcvwnd"),
+        ({"ackdelay": "nan"}, "ackdelay"),
+        ({"pacing": "maybe"}, "pacing"),
+    ],
+)
+def test_bad_options_name_the_option(params: dict[str, str], named: str) -> None:
+    with pytest.raises(TransportError, match=f"rudp option '{named}'|unknown rudp option '{named}'"):
+        parse_options(params)
+
+
+@pytest.mark.anyio
+async def test_registry_and_a_sealed_mtu_too_small_is_refused_before_anything_opens() -> None:
+    transport = get_transport("rudp")
+    assert isinstance(transport, RudpTransport)
+    transport.check(Endpoint.parse("rudp://127.0.0.1:9000?cc=cubic"))
+    with pytest.raises(TransportError, match="'mtu'"):
+        await transport.listen(Endpoint.parse("rudp://127.0.0.1:0?mtu=256"), security=KIT_KEY)
+    with pytest.raises(TransportError, match="'mtu'"):
+        await transport.connect(Endpoint.parse("rudp://127.0.0.1:9?mtu=256"), security=KIT_KEY)
+
+
+# --- through the impairment relay ---------------------------------------------------------------------------
+
+
+async def listen(security: SecurityConfig = PLAIN, query: str = "") -> RudpListener[Any]:
+    listener = await RudpTransport().listen(Endpoint.parse(f"rudp://127.0.0.1:0{query}"), security=security)
+    assert isinstance(listener, RudpListener)
+    return listener
+
+
+async def impaired_bulk(size: int, security: SecurityConfig, limit: float) -> None:
+    listener = await listen(security)
+    async with ImpairmentRelay(listener.local_address, up=IMPAIRED, down=IMPAIRED, seed=11) as relay:
+        link = await RudpTransport().connect(
+            Endpoint.parse(f"rudp://127.0.0.1:{relay.address[1]}"), security=security
+        )
+        client = stream_of(link)
+        sent, server, echo = await transfer(client, listener, size, limit=limit)
+        assert sent == server == echo
+        for stats in (relay.up_stats, relay.down_stats):
+            assert stats.dropped > 0.05 * stats.received
+            assert stats.duplicated > 0
+            assert stats.reordered > 0
+        await client.aclose()
+    await listener.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("security", [PLAIN, KIT_KEY], ids=["keyless", "keyed"])
+async def test_16_mib_at_ten_percent_loss_with_duplicates_and_reordering(security: SecurityConfig) -> None:
+    await impaired_bulk(16 * 1024 * 1024, security, limit=110.0)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_64_mib_at_ten_percent_loss_with_duplicates_and_reordering() -> None:
+    await impaired_bulk(64 * 1024 * 1024, KIT_KEY, limit=280.0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("security", [PLAIN, KIT_KEY], ids=["keyless", "keyed"])
+async def test_client_rebinding_mid_transfer_keeps_the_session(security: SecurityConfig) -> None:
+    """The relay moves the client to a new source port twice mid-transfer; the server follows it (keyless: by
+    rudp's connection ID, on a newer packet; keyed: by the sealed ID, once the new address echoed a challenge)."""
+    size = 16 * 1024 * 1024
+    listener = await listen(security)
+    async with ImpairmentRelay(listener.local_address, seed=3) as relay:
+        link = await RudpTransport().connect(
+            Endpoint.parse(f"rudp://127.0.0.1:{relay.address[1]}"), security=security
+        )
+        client = stream_of(link)
+        seen_ports: set[int] = set()
+
+        async def rebind_twice() -> None:
+            for _ in range(2):
+                mark = size // 3 * (len(seen_ports) + 1)
+                await wait_until(lambda: relay.up_stats.bytes >= mark, limit=60)  # noqa: B023
+                seen_ports.update(port for _host, port in relay.upstream_addresses)
+                relay.rebind()
+            seen_ports.update(port for _host, port in relay.upstream_addresses)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rebind_twice)
+            sent, server, echo = await transfer(client, listener, size)
+        assert sent == server == echo
+        assert len(seen_ports) == 3
+        assert listener.session_count == 1
+        (server_link,) = listener.sessions.values()
+        assert server_link.remote_address == relay.upstream_addresses[0]  # it followed the last move
+        await client.aclose()
+    await listener.aclose()
+
+
+# --- real processes -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def echo() -> Iterator[int]:
+    with echo_server() as port:
+        yield port
+
+
+def test_server_and_agent_move_bytes_through_a_forward(procs: Processes, psk_file: Path, echo: int) -> None:
+    _, _, front = start_pair(procs, "rudp", psk_file, target=echo, url_query="?cc=cubic")
+    payload = pattern(8 * 1024 * 1024, seed=15)
+    assert echo_roundtrip(front, payload, timeout=60) == payload
