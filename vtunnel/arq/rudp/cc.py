@@ -278,12 +278,13 @@ class Pacer:
 
     __slots__ = ("_last", "_tokens", "max_burst", "min_burst")
 
-    #: the bucket holds at most this many seconds of the rate ...
-    BURST_TIME: Final = 0.001
+    #: the bucket holds at most this many seconds of the rate ... (an event loop's timers wake about a millisecond
+    #: late: with less, a paced sender would send one packet per wake-up and never reach its rate)
+    BURST_TIME: Final = 0.004
 
     def __init__(self, *, max_datagram_size: int, initial_burst: int) -> None:
         #: ... and never less than this many bytes
-        self.min_burst = 2 * max_datagram_size
+        self.min_burst = 10 * max_datagram_size
         self.max_burst = float(max(initial_burst, self.min_burst))
         self._tokens = self.max_burst
         self._last: float | None = None
