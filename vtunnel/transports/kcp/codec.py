@@ -13,14 +13,21 @@ its plain codec (what keys a session, what shows a datagram newer: read from its
 
 from __future__ import annotations
 
+import asyncio
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Sequence
-from typing import Generic, TypeAlias, TypeVar
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Final, Generic, TypeAlias, TypeVar
+
+import anyio
+from anyio.abc import SocketAttribute
 
 from vtunnel.io.datagrams import Address, Run
-from vtunnel.transports.link import Link
+from vtunnel.transports.link import Link, LinkConsumer
 
 __all__ = [
+    "LINGER",
+    "ArqLink",
     "ClientCodec",
     "Datagram",
     "ListenerCodec",
@@ -71,6 +78,103 @@ class RoutedLink(Link):
     @abstractmethod
     def fail(self, reason: str) -> None:
         """End the session: its consumer sees it broken."""
+
+
+#: seconds ``aclose`` waits for what was sent to be acknowledged before a session is torn down
+LINGER: Final = 1.0
+#: a deadline within this of the armed one does not re-arm the timer
+_TIMER_SLACK: Final = 0.0005
+
+
+class ArqLink(RoutedLink):
+    """What the link of every ARQ session (KCP, rudp) shares: its loop and addresses, its one timer (which follows
+    the deadline both ways: left at a deadline that moved later, it would wake the loop for nothing), the waiters
+    of ``aclose``'s linger, the end of ``run``, the watchdog's clock, and the steps of tearing down.
+
+    A subclass implements the ARQ's own part: ``feed``, ``send_nowait``, its output step, and ``_on_timer``.
+    """
+
+    def __init__(
+        self, *, transmit: Transmit, local_address: Address, remote_address: Address, period: float
+    ) -> None:
+        self._transmit = transmit
+        self._loop = asyncio.get_running_loop()
+        self.local_address = local_address
+        self.remote_address = remote_address
+        self._consumer: LinkConsumer | None = None
+        self._paused = False
+        self._delivering = False
+        self._deliver_again = False
+        self._blocked = False  # send_nowait raised WouldBlock: link_writable is owed
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = math.inf
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._error: BaseException | None = None
+        self._closed = False
+        now = self._loop.time()
+        self.last_receive = now
+        self._busy_since = now
+        self._watchdog_period = period
+        self._watchdog_due = now + period
+
+    @abstractmethod
+    def _on_timer(self) -> None:
+        """The timer fired (clear ``_timer`` first)."""
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            SocketAttribute.local_address: lambda: self.local_address,
+            SocketAttribute.remote_address: lambda: self.remote_address,
+        }
+
+    def _arm(self, due: float) -> None:
+        """Have the timer fire at ``due``."""
+        timer = self._timer
+        if timer is not None:
+            if abs(due - self._timer_when) <= _TIMER_SLACK:
+                return
+            timer.cancel()
+        self._timer_when = due
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    async def _linger(self, done: Callable[[], bool]) -> None:
+        """Wait (at most :data:`LINGER`) until ``done()``, woken by :meth:`_wake_drain_waiters`."""
+        with anyio.move_on_after(LINGER, shield=True):
+            while self._error is None and not done():
+                fut = self._loop.create_future()
+                self._drain_waiters.append(fut)
+                await fut
+
+    def _wake_drain_waiters(self) -> None:
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error)) from self._error
+
+    def _stop(self) -> None:
+        """The shared steps of a teardown: no timer, no waiter, ``run`` returns, an owed ``link_writable`` is given
+        (its next ``send_nowait`` raises)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake_drain_waiters()
+        if not self._ended.done():
+            self._ended.set_result(None)
+        consumer = self._consumer
+        if consumer is not None and self._blocked:
+            self._blocked = False
+            consumer.link_writable()
 
 
 def transmitter(send_many: Transmit, seal: Sealer | None) -> Transmit:

@@ -14,40 +14,33 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Final
 
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import SocketAttribute
 
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
-from vtunnel.transports.kcp.codec import Datagram, RoutedLink, Transmit
-from vtunnel.transports.link import LinkConsumer
+from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
+from vtunnel.transports.link import READ_SIZE, LinkConsumer
 
 __all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPLink"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
-#: seconds ``aclose`` waits for queued data to be acknowledged before tearing the session down
-LINGER: Final = 1.0
 #: the longest an ACK waits for an answer to ride on. Far below ikcp's smallest retransmission timeout (30 ms
 #: with nodelay), so the peer never resends for it; kcp-go holds ACKs for up to its interval
 ACK_DELAY: Final = 0.002
 #: from this many segments' worth of input since the last ACK, the ACK goes out at once (a stream of data is
 #: acknowledged as fast as before; only small exchanges wait)
 ACK_NOW_SEGMENTS: Final = 2
-#: how much a link hands its consumer per ``link_data`` call at most
-READ_SIZE: Final = 1024 * 1024
-#: a deadline within this of the armed one does not re-arm the timer
-_TIMER_SLACK: Final = 0.0005
 
 
-class KCPLink(RoutedLink):
+class KCPLink(ArqLink):
     """A reliable ordered link over one KCP session (one tunnel).
 
     ``send_nowait`` takes all of its data while the session's send window has room (ikcp queues it in
@@ -67,33 +60,19 @@ class KCPLink(RoutedLink):
         remote_address: Address,
         on_close: Callable[[KCPLink], None] | None = None,
     ) -> None:
+        super().__init__(
+            transmit=transmit,
+            local_address=local_address,
+            remote_address=remote_address,
+            period=max(0.05, min(options.timeout, options.idle) / 4.0),
+        )
         self._engine = engine
         self._conv = engine.conv
         self._options = options
-        self._transmit = transmit
         self._on_close = on_close
-        self._loop = asyncio.get_running_loop()
-        self.local_address = local_address
-        self.remote_address = remote_address
-        self._consumer: LinkConsumer | None = None
-        self._paused = False
-        self._delivering = False
-        self._deliver_again = False
-        self._blocked = False  # send_nowait raised WouldBlock: link_writable is owed
         self._flush_due = False  # reading reopened a full receive window: the next service flushes
         self._ack_due: float | None = None  # a delayed ACK's deadline
         self._unacked = 0  # bytes fed since the last flush (so since the last ACK went out)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = math.inf
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        self._ended: asyncio.Future[None] = self._loop.create_future()
-        self._error: BaseException | None = None
-        self._closed = False
-        now = self._loop.time()
-        self.last_receive = now
-        self._busy_since = now
-        self._watchdog_period = max(0.05, min(options.timeout, options.idle) / 4.0)
-        self._watchdog_due = now + self._watchdog_period
         self._arm(self._watchdog_due)
 
     @property
@@ -195,9 +174,6 @@ class KCPLink(RoutedLink):
         self._flush(now)  # the ACKs still owed leave with the data
         self._service(now)
 
-    def pause_reading(self) -> None:
-        self._paused = True
-
     def resume_reading(self) -> None:
         if not self._paused:
             return
@@ -213,12 +189,9 @@ class KCPLink(RoutedLink):
     async def aclose(self) -> None:
         if self._closed:
             return
-        if self._error is None and self._engine.waiting():
-            with anyio.move_on_after(LINGER, shield=True):
-                while self._error is None and self._engine.waiting():
-                    fut = self._loop.create_future()
-                    self._drain_waiters.append(fut)
-                    await fut
+        engine = self._engine
+        if self._error is None and engine.waiting():
+            await self._linger(lambda: not engine.waiting())
         if self._closed:
             return
         self._closed = True
@@ -232,13 +205,6 @@ class KCPLink(RoutedLink):
                 self._transmit(out, self.remote_address)
             self._teardown()
         await anyio.lowlevel.checkpoint()
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return {
-            SocketAttribute.local_address: lambda: self.local_address,
-            SocketAttribute.remote_address: lambda: self.remote_address,
-        }
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -298,18 +264,6 @@ class KCPLink(RoutedLink):
             if self._drain_waiters and not engine.waiting():
                 self._wake_drain_waiters()
 
-    def _arm(self, due: float) -> None:
-        """Have the timer fire at ``due``. It follows the deadline both ways: a timer left at a deadline that moved
-        later (the answer's ACK ended a retransmission timeout) would wake the loop for nothing, and flush an ACK
-        that was waiting for the next message to carry it."""
-        timer = self._timer
-        if timer is not None:
-            if abs(due - self._timer_when) <= _TIMER_SLACK:
-                return
-            timer.cancel()
-        self._timer_when = due
-        self._timer = self._loop.call_at(due, self._on_timer)
-
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_when = math.inf
@@ -338,33 +292,12 @@ class KCPLink(RoutedLink):
             return False
         return True
 
-    def _wake_drain_waiters(self) -> None:
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if self._error is not None:
-            raise anyio.BrokenResourceError(str(self._error)) from self._error
-
     def _teardown(self) -> None:
         log.debug(
             "kcp session closed", conv=self._engine.conv, peer=self.remote_address, **self._engine.stats()
         )
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._engine.close()
-        self._wake_drain_waiters()
-        if not self._ended.done():
-            self._ended.set_result(None)
-        consumer = self._consumer
-        if consumer is not None and self._blocked:
-            self._blocked = False
-            consumer.link_writable()  # its next send_nowait raises
+        self._stop()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close(self)

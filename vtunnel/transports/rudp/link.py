@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Final
 
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import SocketAttribute
 
 from vtunnel.arq.rudp.connection import (
     Connection,
@@ -38,24 +37,18 @@ from vtunnel.arq.rudp.connection import (
     StreamReadable,
 )
 from vtunnel.io.datagrams import Address, split_run
-from vtunnel.transports.kcp.codec import Datagram, RoutedLink, Transmit
-from vtunnel.transports.link import LinkConsumer
+from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
+from vtunnel.transports.link import READ_SIZE, LinkConsumer
 
 __all__ = ["RudpLink"]
 
 log = structlog.get_logger("vtunnel.transports.rudp")
 
-#: seconds ``aclose`` waits for queued data to be acknowledged before closing the connection
-LINGER: Final = 1.0
-#: how much a link hands its consumer per ``link_data`` call at most
-READ_SIZE: Final = 1024 * 1024
-#: a deadline within this of the armed one does not re-arm the timer
-_TIMER_SLACK: Final = 0.0005
 #: the first byte of a packet: ``01`` and the reserved bit 0, then the length of the destination CID
 _FIXED: Final = 0x40
 
 
-class RudpLink(RoutedLink):
+class RudpLink(ArqLink):
     """A reliable ordered link over one rudp connection (one tunnel).
 
     The link fails (``link_ended`` with :class:`anyio.BrokenResourceError`) when the peer stays silent past
@@ -76,22 +69,19 @@ class RudpLink(RoutedLink):
         on_close: Callable[[RudpLink], None] | None = None,
         validate_on_ack: bool = False,
     ) -> None:
+        super().__init__(
+            transmit=transmit,
+            local_address=local_address,
+            remote_address=remote_address,
+            period=max(0.05, timeout / 4.0),
+        )
         self._conn = connection
         self._cid = connection.local_cid
         self._first = bytes((_FIXED | len(self._cid),))
         self._timeout = timeout
-        self._transmit = transmit
         self._on_close = on_close
         self._validate_on_ack = validate_on_ack
-        self._loop = asyncio.get_running_loop()
-        self.local_address = local_address
-        self.remote_address = remote_address
-        self._consumer: LinkConsumer | None = None
-        self._paused = False
-        self._delivering = False
-        self._deliver_again = False
         self._backlog = b""  # what the last send_nowait gave beyond the send buffer's room
-        self._blocked = False  # send_nowait raised WouldBlock: link_writable is owed
         self._eof = False  # send_eof was called: the FIN follows the backlog
         self._input_ended = False  # link_ended(None) was given
         self._peer_closed = False  # the peer sent CLOSE without error: input ends after what is unread
@@ -99,18 +89,7 @@ class RudpLink(RoutedLink):
         self.datagrams_received = (
             0  # unreliable datagrams (not carried by this link yet): counted and dropped
         )
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = math.inf
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        self._ended: asyncio.Future[None] = self._loop.create_future()
-        self._error: BaseException | None = None
-        self._closed = False
         self._torn_down = False
-        now = self._loop.time()
-        self.last_receive = now
-        self._busy_since = now
-        self._watchdog_period = max(0.05, timeout / 4.0)
-        self._watchdog_due = now + self._watchdog_period
         self._arm(self._watchdog_due)
 
     @property
@@ -200,9 +179,6 @@ class RudpLink(RoutedLink):
             self._backlog = bytes(data[taken:])
         self._service(now)
 
-    def pause_reading(self) -> None:
-        self._paused = True
-
     def resume_reading(self) -> None:
         if not self._paused:
             return
@@ -225,11 +201,7 @@ class RudpLink(RoutedLink):
         if self._closed:
             return
         if self._error is None and not self._torn_down and not self._sent_everything():
-            with anyio.move_on_after(LINGER, shield=True):
-                while self._error is None and not self._torn_down and not self._sent_everything():
-                    fut = self._loop.create_future()
-                    self._drain_waiters.append(fut)
-                    await fut
+            await self._linger(lambda: self._torn_down or self._sent_everything())
         if self._closed:
             return
         self._closed = True
@@ -241,13 +213,6 @@ class RudpLink(RoutedLink):
                 self._transmit(out, self.remote_address)
             self._teardown()
         await anyio.lowlevel.checkpoint()
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return {
-            SocketAttribute.local_address: lambda: self.local_address,
-            SocketAttribute.remote_address: lambda: self.remote_address,
-        }
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -337,16 +302,6 @@ class RudpLink(RoutedLink):
         if self._drain_waiters and self._sent_everything():
             self._wake_drain_waiters()
 
-    def _arm(self, due: float) -> None:
-        """Have the timer fire at ``due`` (it follows the deadline both ways)."""
-        timer = self._timer
-        if timer is not None:
-            if abs(due - self._timer_when) <= _TIMER_SLACK:
-                return
-            timer.cancel()
-        self._timer_when = due
-        self._timer = self._loop.call_at(due, self._on_timer)
-
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_when = math.inf
@@ -366,33 +321,12 @@ class RudpLink(RoutedLink):
             return False
         return True
 
-    def _wake_drain_waiters(self) -> None:
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if self._error is not None:
-            raise anyio.BrokenResourceError(str(self._error)) from self._error
-
     def _teardown(self) -> None:
         if self._torn_down:
             return
         self._torn_down = True
         log.debug("rudp connection closed", peer=self.remote_address, **self._conn.stats())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._wake_drain_waiters()
-        if not self._ended.done():
-            self._ended.set_result(None)
-        consumer = self._consumer
-        if consumer is not None and self._blocked:
-            self._blocked = False
-            consumer.link_writable()  # its next send_nowait raises
+        self._stop()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close(self)
