@@ -575,3 +575,23 @@ def test_corruption_never_delivers_forged_bytes_and_never_waits_unbounded(
     assert bytes(got) == plain[: len(got)]
     with pytest.raises(AuthenticationFailed):  # dead for good
         s.receive_data(b"", NOW)
+
+
+def test_a_split_record_is_completed_from_the_next_read_and_the_rest_opened_with_it() -> None:
+    """A read that ends inside a record, then one that holds its tail and whole records after it: both come out
+    in order in one result; the caller's buffer is free to change once the call returned."""
+    for size in (1, 16383, 16384, 16385, 40_000):
+        first, second = os.urandom(size), os.urandom(size + 7)
+        for cut in (1, 2, 3, 17, size // 2 + 1, size + 17):
+            c, s = connect()
+            c.send(first)
+            c.send(second)
+            wire = c.data_to_send()
+            head = bytearray(wire[:cut])
+            got = s.receive_data(head, NOW)
+            head.clear()  # no view of the caller's buffer outlives the call
+            tail = bytearray(wire[cut:])
+            got += s.receive_data(tail, NOW)
+            tail.clear()
+            assert got == first + second
+            assert not s.incomplete_record

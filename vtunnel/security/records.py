@@ -282,21 +282,31 @@ class _Records:
         self.eof_sent = True
         return record
 
-    def open_all(self, buf: bytes | bytearray) -> tuple[bytes, int]:
-        """Decrypt every complete record at the front of ``buf``: ``(plaintext, bytes used)``; a partial
-        record at the end is left for the caller to keep.
-        """
-        # Find the complete records first, checking every length, then decrypt them into the work buffer.
-        spans: list[int] = []  # where each complete record starts, then where the last one ends
+    def record_size(self, buf: bytes | bytearray | memoryview) -> int:
+        """The wire size of the next record to open, whose first two bytes (at least) start ``buf``; raises
+        :class:`AuthenticationFailed` for a length out of range."""
+        n = self._in_n
+        lengths = self._in_masks
+        if n - lengths.base >= _MASKS_PER_CHUNK:
+            lengths.load(n)
+        length = ((buf[0] << 8) | buf[1]) ^ lengths.masks[n - lengths.base]
+        if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
+            raise AuthenticationFailed("record length out of range")
+        return 2 + length
+
+    def _scan(
+        self, buf: bytes | bytearray | memoryview, m: int, ended: bool
+    ) -> tuple[list[int], int, int, bool]:
+        """Find the complete records at the front of ``buf``, the first with counter ``m``, checking every
+        length: ``(spans, plaintext bytes, next counter, an end-of-stream record seen)``; ``spans`` holds where
+        each record starts, then where the last one ends (empty: none is complete)."""
+        spans: list[int] = []
         pos = 0
         end = len(buf)
         plain_size = 0
-        eof_at = -1
-        n = self._in_n
         lengths = self._in_masks
         masks = lengths.masks
         base = lengths.base
-        m = n
         while end - pos >= 2:
             if m - base >= _MASKS_PER_CHUNK:
                 lengths.load(m)
@@ -307,17 +317,44 @@ class _Records:
                 raise AuthenticationFailed("record length out of range")
             if end - pos - 2 < length:
                 break
-            if self.eof_received or eof_at >= 0:
+            if self.eof_received or ended:
                 raise AuthenticationFailed("record after the end of stream")
-            if length == TAGLEN:
-                eof_at = len(spans)
+            ended = length == TAGLEN
             spans.append(pos)
             plain_size += length - TAGLEN
             pos += 2 + length
             m += 1
-        if not spans:
+        if spans:
+            spans.append(pos)
+        return spans, plain_size, m, ended
+
+    def open_all(
+        self, buf: bytes | bytearray | memoryview, head: bytes | bytearray | None = None
+    ) -> tuple[bytes, int]:
+        """Decrypt every complete record at the front of ``buf``: ``(plaintext, bytes of buf used)``; a partial
+        record at the end is left for the caller to keep. ``head``, when given, is one whole record that comes
+        before ``buf`` (one that arrived split, which the caller completed): the plaintext is both, in order,
+        in one copy.
+        """
+        # Find the complete records first, checking every length, then decrypt them into the work buffer.
+        n = self._in_n
+        parts: list[tuple[bytes | bytearray | memoryview, list[int]]] = []
+        plain_size = 0
+        ended = False
+        m = n
+        if head is not None:
+            spans, size, m, ended = self._scan(head, m, ended)
+            if len(spans) != 2 or spans[1] != len(head):
+                raise SecurityError("head must be exactly one whole record")
+            parts.append((head, spans))
+            plain_size += size
+        spans, size, m, ended = self._scan(buf, m, ended)
+        used = spans[-1] if spans else 0
+        if spans:
+            parts.append((buf, spans))
+            plain_size += size
+        if not parts:
             return b"", 0
-        spans.append(pos)
         if m > MAX_NONCE:
             raise SecurityError("the cipher's nonce space is exhausted; start a new connection")
         plain = self._open_work
@@ -328,21 +365,23 @@ class _Records:
         decrypt_into = self._in.decrypt_into
         nonce = self._nonce
         at = 0
-        with memoryview(buf) as view, memoryview(plain) as out:
-            for start, stop in pairwise(spans):
-                body = start + 2
-                size = stop - body - TAGLEN
-                try:
-                    decrypt_into(nonce(n), view[body:stop], view[start:body], out[at : at + size])
-                except InvalidTag:
-                    raise AuthenticationFailed("record failed authentication") from None
-                n += 1
-                at += size
+        with memoryview(plain) as out:
+            for part, bounds in parts:
+                with memoryview(part) as view:
+                    for start, stop in pairwise(bounds):
+                        body = start + 2
+                        size = stop - body - TAGLEN
+                        try:
+                            decrypt_into(nonce(n), view[body:stop], view[start:body], out[at : at + size])
+                        except InvalidTag:
+                            raise AuthenticationFailed("record failed authentication") from None
+                        n += 1
+                        at += size
             result = bytes(out[:at])
         self._in_n = n
-        if eof_at >= 0:
+        if ended:
             self.eof_received = True
-        return result, pos
+        return result, used
 
 
 class _SecureStream:
@@ -442,21 +481,39 @@ class _SecureStream:
             raise AuthenticationFailed("the secure channel has already failed")
         try:
             records = self._records
-            if records is not None and not self._inbuf:
-                # the usual case: whole records straight from ``data``; only a partial one is kept
-                plain, used = records.open_all(data)
-                if used < len(data):
-                    self._inbuf += memoryview(data)[used:]
-                return plain
-            self._inbuf += data
             if records is None:
+                self._inbuf += data
                 if not self._handshake_step(now):
                     return b""
                 records = self._records
                 assert records is not None
-            plain, used = records.open_all(self._inbuf)
-            del self._inbuf[:used]
-            return plain
+                plain, used = records.open_all(self._inbuf)
+                del self._inbuf[:used]
+                return plain
+            # whole records straight from ``data``; only a partial one is kept, and completed from the head of
+            # the next ``data`` (copying no more of it than that record needs)
+            with memoryview(data) as view:
+                inbuf = self._inbuf
+                head: bytearray | None = None
+                taken = 0
+                if inbuf:
+                    if len(inbuf) < 2:
+                        taken = min(2 - len(inbuf), len(view))
+                        inbuf += view[:taken]
+                        if len(inbuf) < 2:
+                            return b""
+                    missing = records.record_size(inbuf) - len(inbuf)
+                    more = min(missing, len(view) - taken)
+                    inbuf += view[taken : taken + more]
+                    taken += more
+                    if more < missing:
+                        return b""
+                    head = inbuf
+                    self._inbuf = bytearray()  # rebind, not resize: ``head`` is opened below
+                plain, used = records.open_all(view[taken:], head)
+                if taken + used < len(view):
+                    self._inbuf = bytearray(view[taken + used :])
+                return plain
         except AuthenticationFailed as exc:
             raise self._fail(exc) from None
 
