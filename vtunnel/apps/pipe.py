@@ -379,10 +379,12 @@ class SocketEnd(asyncio.Protocol):
             self.transport.pause_reading()
 
     def write(self, data: bytes) -> None:
+        self._take_over()  # the other end's first bytes may come before this end's resume_reading
         if self.transport is not None:
             self.transport.write(data)
 
     def write_eof(self) -> None:
+        self._take_over()
         t = self.transport
         if t is not None and not t.is_closing():
             try:
