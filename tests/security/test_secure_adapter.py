@@ -1,8 +1,10 @@
-"""The anyio adapter over real TCP sockets on 127.0.0.1: handshakes, records, half-close, and silence towards
-everything that fails authentication (while other clients keep being served)."""
+"""The key on byte-stream transports over real TCP sockets on 127.0.0.1: handshakes, sealed links (records,
+half-close), and silence towards everything that fails authentication (while other clients keep being served)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -15,15 +17,17 @@ import pytest
 from anyio import BrokenResourceError, EndOfStream
 from anyio.abc import ByteStream, SocketAttribute, SocketStream
 
+from tests.linkutil import stream_of
 from tests.streams import echo, read_exactly
 from vtunnel.security.ciphers import Cipher
 from vtunnel.security.errors import HandshakeTimeout, SecurityError
 from vtunnel.security.records import SecureStreamClient
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
 from vtunnel.transports.base import Endpoint, SecurityConfig
+from vtunnel.transports.link import Link, LinkStream, StreamLink
 from vtunnel.transports.secure import (
     RECORD_TIMEOUT,
-    SecureByteStream,
+    SealedLink,
     cipher_preference,
     cpu_has_aes_instructions,
     secure_client,
@@ -85,9 +89,9 @@ async def running_server(
             server.refused += 1
             return
         server.accepted += 1
-        assert isinstance(secured, SecureByteStream)
-        server.ciphers.append(secured._core.cipher)
-        await _echo(secured, server)
+        server.ciphers.append(secured.cipher)
+        async with LinkStream(secured.link(StreamLink(secured.stream))) as stream:
+            await _echo(stream, server)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handle)
@@ -98,9 +102,12 @@ async def running_server(
     await listener.aclose()
 
 
-async def _connect(port: int, psk: bytes = PSK, cipher: str = "auto", timeout: float = 5.0) -> ByteStream:
+async def _connect(
+    port: int, psk: bytes = PSK, cipher: str = "auto", timeout: float = 5.0
+) -> LinkStream[SealedLink]:
     raw = await anyio.connect_tcp("127.0.0.1", port)
-    return await secure_client(raw, psk, handshake_timeout=timeout, cipher=cipher)
+    channel = await secure_client(raw, psk, handshake_timeout=timeout, cipher=cipher)
+    return stream_of(channel.link(StreamLink(channel.stream)))
 
 
 async def _read_all(stream: ByteStream, limit: float = 10.0) -> bytes:
@@ -347,8 +354,7 @@ async def test_logs_never_carry_key_material() -> None:
 async def test_each_cipher_moves_bytes_exactly(client: str, server_cipher: str, expected: Cipher) -> None:
     async with running_server(cipher=server_cipher) as server:
         stream = await _connect(server.port, cipher=client)
-        assert isinstance(stream, SecureByteStream)
-        assert stream._core.cipher is expected
+        assert stream.link.cipher is expected
         payload = os.urandom(600_000)
         got = bytearray()
 
@@ -389,13 +395,18 @@ async def test_the_process_cipher_setting_reaches_tcp(monkeypatch: pytest.Monkey
         ("chacha20-poly1305", Cipher.CHACHA20_POLY1305),
     ):
         monkeypatch.setenv("VTUNNEL_CIPHER", name)
-        listener = await TCPTransport().serve_streams(Endpoint.parse("tcp://127.0.0.1:0"), security=key)
+        listener = await TCPTransport().listen(Endpoint.parse("tcp://127.0.0.1:0"), security=key)
         port = listener.extra(SocketAttribute.local_port)
+
+        async def echo_link(link: Link) -> None:
+            await echo(stream_of(link))
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, echo)
-            client = await TCPTransport().open_stream(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=key)
-            assert isinstance(client, SecureByteStream)
-            assert client._core.cipher is expected
+            tg.start_soon(listener.serve, echo_link)
+            link = await TCPTransport().connect(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=key)
+            assert isinstance(link, SealedLink)
+            assert link.cipher is expected
+            client = stream_of(link)
             await client.send(b"hello")
             with anyio.fail_after(10):
                 assert await read_exactly(client, 5) == b"hello"
@@ -429,3 +440,32 @@ def test_cipher_preference_reads_the_cpu_and_the_setting(
     assert cipher_preference() == auto  # unknown: logged and ignored
     with pytest.raises(SecurityError, match="unknown cipher"):
         cipher_preference("rot13")
+
+
+async def test_a_steady_transfer_longer_than_the_record_timeout_is_not_cut() -> None:
+    """Reads end inside records all the time while data flows; the clock of an incomplete record restarts with
+    every record that completes, so only a record that stops growing is timed out."""
+    async with running_server(record_timeout=0.3) as server:
+        stream = await _connect(server.port)
+        piece = os.urandom(300_000)  # more than one read takes: reads end inside records
+        sent, got = hashlib.sha256(), hashlib.sha256()
+
+        async def reader() -> None:
+            with anyio.fail_after(30):
+                with contextlib.suppress(EndOfStream):
+                    while True:
+                        got.update(await stream.receive())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            start = time.monotonic()
+            for _ in range(2000):  # for four times the timeout, at most 600 MB
+                if time.monotonic() - start > 1.2:
+                    break
+                await stream.send(piece)
+                sent.update(piece)
+            await stream.send_eof()
+        sent.update(b"<bye>")
+        assert got.digest() == sent.digest()
+        await stream.aclose()
+        assert server.errors == []

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import ByteStream
 
+from tests.linkutil import stream_of
 from tests.streams import echo
 from vtunnel.transports.base import (
     ByteStreamTransport,
@@ -17,6 +17,7 @@ from vtunnel.transports.base import (
     TransportError,
     get_transport,
 )
+from vtunnel.transports.link import Link, LinkStream
 from vtunnel.transports.tcp import SecuredListener
 
 pytestmark = pytest.mark.anyio
@@ -24,16 +25,22 @@ pytestmark = pytest.mark.anyio
 KEY = SecurityConfig(psk=os.urandom(32))
 
 
+async def echo_link(link: Link) -> None:
+    await echo(stream_of(link))
+
+
 @pytest.mark.parametrize("security", [SecurityConfig(), KEY], ids=["insecure", "psk"])
 async def test_tcp_round_trip(security: SecurityConfig) -> None:
     transport = get_transport("tcp")
     assert isinstance(transport, ByteStreamTransport)
-    listener = await transport.serve_streams(Endpoint.parse("tcp://127.0.0.1:0"), security=security)
+    listener = await transport.listen(Endpoint.parse("tcp://127.0.0.1:0"), security=security)
     assert isinstance(listener, SecuredListener)
     port = int(listener.local_address.rsplit(":", 1)[1])
     async with anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, echo)
-        stream = await transport.open_stream(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=security)
+        tg.start_soon(listener.serve, echo_link)
+        stream = stream_of(
+            await transport.connect(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=security)
+        )
         async with stream:
             await stream.send(b"x" * 100_000)
             got = b""
@@ -53,21 +60,21 @@ async def test_tls_round_trip_with_certificates(tmp_path: Path) -> None:
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "s.pem"))
     transport = get_transport("tls")
     assert isinstance(transport, ByteStreamTransport)
-    listener = await transport.serve_streams(
+    listener = await transport.listen(
         Endpoint.parse(f"tls://127.0.0.1:0?cert={tmp_path / 's.pem'}&key={tmp_path / 's.pem'}"), security=KEY
     )
-    port = int(listener.local_address.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+    assert isinstance(listener, SecuredListener)
+    port = int(listener.local_address.rsplit(":", 1)[1])
     async with anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, echo)
+        tg.start_soon(listener.serve, echo_link)
         url = f"tls://127.0.0.1:{port}?ca={tmp_path / 'ca.pem'}&servername=localhost"
-        stream = await transport.open_stream(Endpoint.parse(url), security=KEY)
-        async with stream:
+        async with LinkStream(await transport.connect(Endpoint.parse(url), security=KEY)) as stream:
             await stream.send(b"over tls")
             with anyio.fail_after(10):
                 assert await stream.receive() == b"over tls"
         # a client that does not trust the server's CA is refused
         with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
-            await transport.open_stream(
+            await transport.connect(
                 Endpoint.parse(f"tls://127.0.0.1:{port}?servername=localhost"), security=KEY
             )
         tg.cancel_scope.cancel()
@@ -82,14 +89,14 @@ async def test_tls_server_needs_cert_and_key() -> None:
 async def test_at_the_handshake_cap_the_oldest_pending_connection_makes_room() -> None:
     transport = get_transport("tcp")
     assert isinstance(transport, ByteStreamTransport)
-    listener = await transport.serve_streams(Endpoint.parse("tcp://127.0.0.1:0"), security=KEY)
+    listener = await transport.listen(Endpoint.parse("tcp://127.0.0.1:0"), security=KEY)
     assert isinstance(listener, SecuredListener)
     listener.max_pending = 2
     port = int(listener.local_address.rsplit(":", 1)[1])
-    served: list[ByteStream] = []
+    served: list[Link] = []
 
-    async def handler(stream: ByteStream) -> None:
-        served.append(stream)
+    async def handler(link: Link) -> None:
+        served.append(link)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handler)
@@ -100,7 +107,7 @@ async def test_at_the_handshake_cap_the_oldest_pending_connection_makes_room() -
             while listener.pending < 2:
                 await anyio.sleep(0.01)
         # a key holder arriving now gets in: the oldest unauthenticated connection is closed for it
-        client = await transport.open_stream(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=KEY)
+        client = await transport.connect(Endpoint.parse(f"tcp://127.0.0.1:{port}"), security=KEY)
         with anyio.fail_after(5), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
             await held[0].receive()  # closed, nothing sent
         with anyio.move_on_after(0.2):

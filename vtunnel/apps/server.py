@@ -95,7 +95,7 @@ class Server:
                 carrier = carrier_endpoint(endpoint)
                 listener: Listener[Link] | Listener[ByteStream] = await carrier_transport(
                     carrier
-                ).serve_streams(carrier, security=SecurityConfig())
+                ).serve_streams(carrier)
                 handlers.append(self._handle_websocks)
             else:
                 listener = await get_transport(endpoint.scheme).listen(

@@ -59,7 +59,6 @@ from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
 from vtunnel.transports.base import (
     ByteStreamTransport,
     Endpoint,
-    SecurityConfig,
     TransportError,
     get_transport,
 )
@@ -485,7 +484,7 @@ async def websocks_dial(server: Endpoint, authority: str, *, user: str, password
     """
     carrier = carrier_endpoint(server)
     try:
-        stream = await carrier_transport(carrier).open_stream(carrier, security=SecurityConfig())
+        stream = await carrier_transport(carrier).open_stream(carrier)
     except (OSError, anyio.BrokenResourceError, TransportError) as exc:
         log.warning("websocks.server_unreachable", server=str(server), error=str(exc) or type(exc).__name__)
         raise TunnelUnavailable(f"cannot reach the WebSocks server {server}: {exc}") from None

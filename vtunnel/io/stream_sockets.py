@@ -41,6 +41,7 @@ from itertools import islice
 from typing import Any, Final, Generic, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
@@ -50,10 +51,13 @@ from vtunnel.io.tuning import tune_tcp
 
 __all__ = [
     "LeanSocketStream",
+    "LeanStreamListener",
     "RelayListener",
     "SocketTransport",
     "SocketWatcher",
     "attach_socket",
+    "connect_lean",
+    "open_lean_listener",
     "open_relay_listener",
 ]
 
@@ -747,6 +751,10 @@ class RelayListener(Generic[P]):
         self._warn_exhausted = ThrottledWarning(log, "cannot accept connections for now: out of resources")
         self._backoff = AcceptBackoff()
 
+    def set_on_accept(self, on_accept: Callable[[P], None]) -> None:
+        """Call ``on_accept(protocol)`` for each connection accepted from now on."""
+        self._on_accept = on_accept
+
     def start(self) -> None:
         """Begin accepting (until then connections wait in the backlog)."""
         if self._started or self._closed:
@@ -857,3 +865,76 @@ async def open_relay_listener(
     if start:
         listener.start()
     return listener
+
+
+class LeanStreamListener(anyio.abc.Listener[ByteStream]):
+    """An anyio listener of :class:`LeanSocketStream` connections over a :class:`RelayListener` (accepting with
+    its backoff when out of descriptors): each connection's handler runs in a task of ``serve``'s task group."""
+
+    def __init__(self, relay: RelayListener[LeanSocketStream]) -> None:
+        self._relay = relay
+
+    @property
+    def relay(self) -> RelayListener[LeanSocketStream]:
+        return self._relay
+
+    async def serve(
+        self, handler: Callable[[ByteStream], Any], task_group: anyio.abc.TaskGroup | None = None
+    ) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if task_group is None:
+                task_group = await stack.enter_async_context(anyio.create_task_group())
+            tg = task_group
+
+            def accepted(stream: LeanSocketStream) -> None:
+                tg.start_soon(handler, stream)
+
+            self._relay.set_on_accept(accepted)
+            self._relay.start()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._relay.close()
+
+    async def aclose(self) -> None:
+        self._relay.close()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        sock = self._relay.sockets[0]
+        return {
+            SocketAttribute.raw_socket: lambda: sock,
+            SocketAttribute.family: lambda: sock.family,
+            SocketAttribute.local_address: lambda: tuple(sock.getsockname()[:2]),
+            SocketAttribute.local_port: lambda: sock.getsockname()[1],
+        }
+
+
+async def open_lean_listener(host: str | None, port: int) -> LeanStreamListener:
+    """Listen like :func:`open_relay_listener`, for handlers that take each connection as a lean byte stream."""
+    return LeanStreamListener(await open_relay_listener(host, port, LeanSocketStream, start=False))
+
+
+async def connect_lean(host: str, port: int) -> LeanSocketStream:
+    """Connect to ``host:port`` (each address it resolves to in turn) and drive the socket with a lean stream."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, kind, proto, _canon, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            tune_tcp(sock)
+            await loop.sock_connect(sock, addr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        stream = LeanSocketStream()
+        attach_socket(sock, stream)
+        return stream
+    raise error if error is not None else OSError(f"no address for {host}")

@@ -472,7 +472,7 @@ class _SecureStream:
     def _handshake_step(self, now: float) -> bool:
         raise NotImplementedError
 
-    def receive_data(self, data: bytes, now: float) -> bytes:
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> bytes:
         """Feed bytes from the transport; return the application bytes they complete.
 
         Raises :class:`AuthenticationFailed` on any failure (then and on every later call).

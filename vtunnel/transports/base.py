@@ -17,16 +17,16 @@ from __future__ import annotations
 import abc
 import importlib.metadata
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute
 
-from vtunnel.transports.link import Link, StreamLink, StreamLinkListener
+from vtunnel.transports.link import Link, StreamLink
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -47,6 +47,8 @@ HANDSHAKES_PER_SECOND = 50.0
 HANDSHAKE_BURST = 100
 
 log = structlog.get_logger("vtunnel.transports")
+#: what a listener's connections become (links, or byte streams for WebSocks)
+T = TypeVar("T")
 
 
 class TransportError(Exception):
@@ -190,50 +192,74 @@ class ByteStreamTransport(Transport):
         checked, under the cap of unauthenticated connections and :attr:`accept_timeout`."""
         return stream
 
-    async def open_stream(self, endpoint: Endpoint, *, security: SecurityConfig) -> ByteStream:
-        """A connected stream, its key handshake done: what :meth:`connect` wraps in a link."""
+    def link_for(self, stream: ByteStream) -> Link:
+        """The link that carries a tunnel over ``stream`` once its transport handshake is done (the key's
+        records go on top of it): a :class:`~vtunnel.transports.link.StreamLink` unless the transport has a
+        better one for the streams it makes."""
+        return StreamLink(stream)
+
+    async def open_stream(self, endpoint: Endpoint) -> ByteStream:
+        """A connected stream, its transport handshake done and its socket tuned (no key: see :meth:`connect`)."""
         from vtunnel.io.tuning import tune_stream
-        from vtunnel.transports.secure import secure_client
 
         stream = await self.connect_stream(endpoint)
         tune_stream(stream)
-        if security.psk is None:
-            return stream
-        try:
-            return await secure_client(stream, security.psk, cipher=security.cipher)
-        except BaseException:
-            await anyio.aclose_forcefully(stream)
-            raise
-
-    async def serve_streams(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[ByteStream]:
-        """A listener of streams that passed :meth:`accept_stream` and the key: what :meth:`listen` wraps."""
-        from vtunnel.security.replay import HandshakeLimiter, ReplayCache
-        from vtunnel.transports.secure import SecuredListener, local_name, secure_server
-
-        inner = await self.listen_streams(endpoint)
-        psk, cipher = security.psk, security.cipher
-        replay = ReplayCache()  # of this listener's key handshakes (small until a key handshake comes)
-        limiter = HandshakeLimiter(rate=HANDSHAKES_PER_SECOND, burst=HANDSHAKE_BURST)
-        accept, timeout = self.accept_stream, self.accept_timeout
-
-        async def prepare(raw: ByteStream) -> ByteStream | None:
-            with anyio.fail_after(timeout):
-                stream = await accept(raw, endpoint)
-            if stream is None or psk is None:
-                return stream
-            peer = raw.extra(SocketAttribute.remote_address, "")
-            source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-            return await secure_server(
-                stream, psk, replay=replay, limiter=limiter, source=source, cipher=cipher
-            )
-
-        return SecuredListener(inner, prepare, local=local_name(inner))
+        return stream
 
     async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
-        return StreamLink(await self.open_stream(endpoint, security=security))
+        from vtunnel.transports.secure import secure_client
+
+        stream = await self.open_stream(endpoint)
+        if security.psk is None:
+            return self.link_for(stream)
+        channel = await secure_client(stream, security.psk, cipher=security.cipher)  # closes it on failure
+        return channel.link(self.link_for(channel.stream))
 
     async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
-        return StreamLinkListener(await self.serve_streams(endpoint, security=security))
+        from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+        from vtunnel.transports.secure import secure_server
+
+        psk, cipher, link_for = security.psk, security.cipher, self.link_for
+        replay = ReplayCache()  # of this listener's key handshakes (small until a key handshake comes)
+        limiter = HandshakeLimiter(rate=HANDSHAKES_PER_SECOND, burst=HANDSHAKE_BURST)
+
+        async def finish(stream: ByteStream, raw: ByteStream) -> Link | None:
+            if psk is None:
+                return link_for(stream)
+            peer = raw.extra(SocketAttribute.remote_address, "")
+            source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            channel = await secure_server(
+                stream, psk, replay=replay, limiter=limiter, source=source, cipher=cipher
+            )
+            return None if channel is None else channel.link(link_for(channel.stream))
+
+        return await self._accepting(endpoint, finish)
+
+    async def serve_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
+        """A listener of the streams that passed :meth:`accept_stream`, with no key and no tunnel (a WebSocks
+        listener serves these), under the same cap of connections in their handshake."""
+
+        async def finish(stream: ByteStream, raw: ByteStream) -> ByteStream:
+            return stream
+
+        return await self._accepting(endpoint, finish)
+
+    async def _accepting(
+        self, endpoint: Endpoint, finish: Callable[[ByteStream, ByteStream], Awaitable[T | None]]
+    ) -> Listener[T]:
+        """:meth:`listen_streams`, each connection through :meth:`accept_stream` (within :attr:`accept_timeout`)
+        and then ``finish(stream, raw)``, under the cap of :class:`~vtunnel.transports.secure.SecuredListener`."""
+        from vtunnel.transports.secure import SecuredListener, local_name
+
+        inner = await self.listen_streams(endpoint)
+        accept, timeout = self.accept_stream, self.accept_timeout
+
+        async def prepare(raw: ByteStream) -> T | None:
+            with anyio.fail_after(timeout):
+                stream = await accept(raw, endpoint)
+            return None if stream is None else await finish(stream, raw)
+
+        return SecuredListener(inner, prepare, local=local_name(inner))
 
 
 _loaded: dict[str, type[Transport]] = {}

@@ -24,6 +24,7 @@ other way, for code that wants to await bytes from a link (tools, tests).
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -33,9 +34,10 @@ import anyio
 import anyio.lowlevel
 from anyio import TypedAttributeProvider
 from anyio.abc import AsyncResource, ByteStream, TaskGroup
-from anyio.abc import Listener as AnyioListener
 
-__all__ = ["Link", "LinkConsumer", "LinkStream", "StreamLink", "StreamLinkListener"]
+from vtunnel.io.stream_sockets import LeanSocketStream, SocketTransport
+
+__all__ = ["Link", "LinkConsumer", "LinkStream", "SocketLink", "StreamLink"]
 
 #: bytes a :class:`StreamLink` queues for its byte stream before ``send_nowait`` raises ``WouldBlock``
 SEND_HIGH_WATER: Final = 1024 * 1024
@@ -228,24 +230,127 @@ class StreamLink(Link):
         return self._stream.extra_attributes
 
 
-class StreamLinkListener(AnyioListener[Link]):
-    """A listener of byte streams, yielding each as a :class:`StreamLink`."""
+class SocketLink(Link, asyncio.Protocol):
+    """A link straight on a connected socket's lean transport (:mod:`vtunnel.io.stream_sockets`): the socket's
+    reads are pushed to the consumer from the event loop's callback, ``send_nowait`` writes at once (what the
+    kernel does not take waits in the transport's buffer), and no task runs for it. ``tcp://`` links are these.
 
-    def __init__(self, inner: AnyioListener[ByteStream]) -> None:
-        self.inner = inner
+    It takes the socket over from a :class:`~vtunnel.io.stream_sockets.LeanSocketStream` that ran the
+    transport's handshakes (the PSK one included), with whatever that stream read and did not return yet.
+    """
 
-    async def serve(self, handler: Callable[[Link], Any], task_group: TaskGroup | None = None) -> None:
-        async def wrapped(stream: ByteStream) -> None:
-            await handler(StreamLink(stream))
+    def __init__(self, stream: LeanSocketStream) -> None:
+        self._transport: SocketTransport | None = None
+        self._attributes = dict(stream.extra_attributes)
+        self._consumer: LinkConsumer | None = None
+        self._early: list[bytes] = []  # what arrived before run()
+        self._ended = False  # the consumer was told (or will be, at run()) that input ended
+        self._end_error: BaseException | None = None
+        self._error: BaseException | None = None
+        self._blocked = False
+        self._write_paused = False
+        self._eof_sent = False
+        self._closed = False
+        self._done = anyio.Event()
+        stream.hand_off(self)
 
-        await self.inner.serve(wrapped, task_group)
+    # ------------------------------------------------------------------ Link
+    async def run(self, consumer: LinkConsumer) -> None:
+        self._consumer = consumer
+        try:
+            early, self._early = self._early, []
+            for data in early:
+                consumer.link_data(data)
+            if self._ended:
+                consumer.link_ended(self._end_error)
+            await self._done.wait()
+        finally:
+            self._consumer = None
+
+    def send_nowait(self, data: bytes) -> None:
+        t = self._transport
+        if self._closed or self._eof_sent:
+            raise anyio.ClosedResourceError
+        if self._error is not None or t is None or t.is_closing():
+            raise anyio.BrokenResourceError(str(self._error or "connection lost"))
+        if self._write_paused:
+            self._blocked = True
+            raise anyio.WouldBlock
+        t.write(data)
+
+    def pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    async def send_eof(self) -> None:
+        if self._closed or self._eof_sent:
+            return
+        self._eof_sent = True
+        if self._transport is not None and self._error is None:
+            self._transport.write_eof()  # after what is buffered
+        await anyio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        if not self._closed:
+            self._closed = True
+            if self._transport is not None:
+                self._transport.close()  # what is buffered still goes out
+            self._done.set()
+        await anyio.lowlevel.checkpoint()
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self.inner.extra_attributes
+        return self._attributes
+
+    # ------------------------------------------------------------------ asyncio.Protocol (the transport calls)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SocketTransport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            self._early.append(data)
+        else:
+            consumer.link_data(data)
+
+    def eof_received(self) -> bool:
+        self._end(None)
+        return True  # the peer half-closed: this side may still send
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._end(
+            exc if exc is not None else None if self._ended else anyio.BrokenResourceError("connection lost")
+        )
+        self._write_paused = False
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._blocked:
+            self._blocked = False
+            if self._consumer is not None:
+                self._consumer.link_writable()
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._end_error = error
+        if self._consumer is not None:
+            self._consumer.link_ended(error)
 
 
 class LinkStream(ByteStream, Generic[LinkT]):

@@ -1,8 +1,8 @@
-"""The anyio adapter of the security layer for byte-stream transports (tcp://, tls://, plugins).
+"""The security layer on byte-stream transports (tcp://, tls://, plugins).
 
 :func:`secure_client` and :func:`secure_server` run the handshake of :mod:`vtunnel.security.records` over an
-anyio :class:`~anyio.abc.ByteStream` and return a :class:`SecureByteStream`, itself a ``ByteStream`` that
-seals and opens records. A server never answers a peer that fails authentication: it reads and discards for a
+anyio :class:`~anyio.abc.ByteStream` and return a :class:`SecureChannel`; its :meth:`~SecureChannel.link` is
+the tunnel's link, a :class:`SealedLink` that seals and opens records over the link made from that stream. A server never answers a peer that fails authentication: it reads and discards for a
 random time, then closes, so a prober learns nothing from the content or the timing of what it sends. A record
 that stays incomplete for ``record_timeout`` seconds while the stream is being read (a length grown by a forger,
 then a stalled connection) breaks the stream like a record that fails authentication, instead of a wait without
@@ -15,14 +15,16 @@ The datagram transports use it too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -42,12 +44,14 @@ from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, prefer
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
+from vtunnel.transports.link import Link, LinkConsumer
 
 __all__ = [
     "CIPHER_ENV",
     "DEFAULT_SILENCE",
     "RECORD_TIMEOUT",
-    "SecureByteStream",
+    "SealedLink",
+    "SecureChannel",
     "SecuredListener",
     "cipher_preference",
     "cpu_has_aes_instructions",
@@ -66,6 +70,8 @@ _CLOSE_GRACE = 0.5
 _MIN_READ = 65536
 _random = secrets.SystemRandom()
 _Core = SecureStreamClient | SecureStreamServer
+#: what a :class:`SecuredListener`'s ``prepare`` makes of a connection
+T = TypeVar("T")
 #: The process's cipher setting when none is given (``auto``, ``aes-256-gcm`` or ``chacha20-poly1305``).
 CIPHER_ENV = "VTUNNEL_CIPHER"
 
@@ -112,129 +118,226 @@ def cipher_preference(choice: str = "auto") -> tuple[Cipher, ...]:
     return preference(choice, aes_instructions=aes)
 
 
-class SecureByteStream(ByteStream):
-    """A byte stream whose bytes travel as authenticated, encrypted records over ``transport``.
+@dataclass(frozen=True, slots=True)
+class SecureChannel:
+    """A byte stream whose key handshake is done: what :func:`secure_client` and :func:`secure_server` return.
 
-    ``receive`` raises :class:`~anyio.EndOfStream` only after the peer's authenticated end of stream; a
-    transport that ends without it (a cut connection) or a record that fails authentication raises
-    :class:`~anyio.BrokenResourceError`. ``send_eof`` sends the authenticated end of stream, then half-closes
-    the transport when it can. ``aclose`` sends it too (if nothing is being sent) and closes the transport.
-    The transport's typed attributes (addresses, sockets) are passed through. A record still incomplete
-    ``record_timeout`` seconds after a ``receive`` began waiting for its rest breaks the stream too (the
-    transport is closed).
+    ``core`` holds the keys; ``received`` is the plaintext that came in with the handshake. :meth:`link` puts
+    the records on a link made from ``stream`` (that link then owns the stream).
+    """
+
+    stream: ByteStream
+    core: _Core
+    received: bytes = b""
+    record_timeout: float = RECORD_TIMEOUT
+
+    @property
+    def cipher(self) -> Cipher | None:
+        return self.core.cipher
+
+    def link(self, inner: Link) -> SealedLink:
+        """The tunnel's link: records sealed and opened over ``inner`` (a link over :attr:`stream`)."""
+        return SealedLink(inner, self.core, received=self.received, record_timeout=self.record_timeout)
+
+
+class SealedLink(Link):
+    """A link whose bytes travel as authenticated, encrypted records over another link (the one design of the key
+    on byte-stream transports: tcp://, tls://, plugins).
+
+    ``send_nowait`` seals ``data`` into records and hands them to the inner link; what the inner link refuses
+    (``WouldBlock``) is kept, counted as taken, and the next ``send_nowait`` raises ``WouldBlock`` until it is
+    out. Input is opened as it arrives. The consumer is told the input ended cleanly (``link_ended(None)``) only
+    after the peer's authenticated end of stream; a transport that ends without it (a cut connection), a record
+    that fails authentication, or a record still incomplete ``record_timeout`` seconds after its first bytes
+    came (while reading was not paused: a length grown by a forger, then a stalled connection) end it with
+    :class:`~anyio.BrokenResourceError`, and the inner link is closed. ``send_eof`` sends the authenticated end
+    of stream, then half-closes the inner link; ``aclose`` does the same first if that takes under half a second.
     """
 
     def __init__(
-        self,
-        transport: ByteStream,
-        core: _Core,
-        *,
-        received: bytes = b"",
-        record_timeout: float = RECORD_TIMEOUT,
+        self, inner: Link, core: _Core, *, received: bytes = b"", record_timeout: float = RECORD_TIMEOUT
     ) -> None:
-        self._transport = transport
+        self._inner = inner
         self._core = core
+        self._received = received
         self._record_timeout = record_timeout
-        self._buffer = bytearray(received)
-        self._send_lock = anyio.Lock(fast_acquire=True)
-        self._closed = False
+        self._consumer: LinkConsumer | None = None
+        self._held = b""  # sealed bytes the inner link refused: they go first
+        self._blocked = False  # a send_nowait raised WouldBlock: link_writable is owed
+        self._drained = anyio.Event()
+        self._drained.set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._ended = False
         self._broken = False
+        self._closed = False
+        self._failure = anyio.Event()
 
     @property
-    def transport(self) -> ByteStream:
-        return self._transport
+    def cipher(self) -> Cipher | None:
+        return self._core.cipher
 
-    async def _fail(self, reason: str, message: str) -> BrokenResourceError:
-        self._broken = True
-        log.warning("record refused, closing", reason=reason)
-        await self._transport.aclose()
-        return BrokenResourceError(message)
+    # ------------------------------------------------------------------ Link
+    async def run(self, consumer: LinkConsumer) -> None:
+        self._consumer = consumer
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._close_on_failure)
+                received, self._received = self._received, b""
+                if received:
+                    consumer.link_data(received)
+                await self._inner.run(self)
+                tg.cancel_scope.cancel()
+        finally:
+            self._consumer = None
+            self._cancel_timer()
 
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        deadline: float | None = None
-        while not self._buffer:
-            if self._closed:
-                raise ClosedResourceError
-            if self._core.eof_received:
-                raise EndOfStream
-            if self._broken:
-                raise BrokenResourceError
-            # read as much as the caller takes: records are up to 16 KiB, so a small read would cost a
-            # decryption pass per record or two
-            size = max(max_bytes, _MIN_READ)
-            try:
-                if self._core.incomplete_record:
-                    if deadline is None:
-                        deadline = anyio.current_time() + self._record_timeout
-                    data = b""
-                    with anyio.CancelScope(deadline=deadline) as scope:
-                        data = await self._transport.receive(size)
-                    if scope.cancelled_caught:
-                        raise await self._fail(
-                            f"a record stayed incomplete for {self._record_timeout:g} s",
-                            "a record stayed incomplete too long",
-                        )
-                else:
-                    data = await self._transport.receive(size)
-            except EndOfStream:
-                self._broken = True
-                raise BrokenResourceError("connection ended without an authenticated end of stream") from None
-            try:
-                plain = self._core.receive_data(data, time.time())
-            except AuthenticationFailed as exc:
-                raise await self._fail(str(exc), "a record failed authentication") from None
-            if len(plain) <= max_bytes and not self._buffer:
-                if plain:
-                    return plain
-                continue
-            self._buffer += plain
-        out = bytes(self._buffer[:max_bytes])
-        del self._buffer[:max_bytes]
-        return out
-
-    async def send(self, item: bytes) -> None:
+    def send_nowait(self, data: bytes) -> None:
         if self._closed:
-            raise ClosedResourceError
+            raise anyio.ClosedResourceError
         if self._broken:
-            raise BrokenResourceError
-        async with self._send_lock:
-            try:
-                self._core.send(item)
-            except SecurityError:
-                raise ClosedResourceError from None
-            data = self._core.data_to_send()
-            if data:
-                await self._transport.send(data)
+            raise anyio.BrokenResourceError("the secure channel failed")
+        if self._held:
+            self._blocked = True
+            raise anyio.WouldBlock
+        try:
+            self._core.send(data)
+        except SecurityError:
+            raise anyio.ClosedResourceError from None
+        self._put(self._core.data_to_send())
+
+    def _put(self, wire: bytes) -> None:
+        if not wire:
+            return
+        try:
+            self._inner.send_nowait(wire)
+        except anyio.WouldBlock:
+            self._held = wire
+            self._drained = anyio.Event()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        self._cancel_timer()
+        self._inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self._inner.resume_reading()
+        self._watch_record()
 
     async def send_eof(self) -> None:
-        if self._closed:
-            raise ClosedResourceError
-        async with self._send_lock:
-            if self._core.eof_sent:
-                return
-            self._core.send_eof()
-            await self._transport.send(self._core.data_to_send())
-            # no half-close (TLS): the authenticated end of stream is enough
-            with contextlib.suppress(NotImplementedError):
-                await self._transport.send_eof()
+        if self._closed or self._core.eof_sent:
+            return
+        await self._drained.wait()
+        if self._broken:
+            return
+        self._core.send_eof()
+        self._put(self._core.data_to_send())
+        await self._drained.wait()
+        with contextlib.suppress(NotImplementedError):  # a stream that cannot half-close: the record says it
+            await self._inner.send_eof()
 
     async def aclose(self) -> None:
         if self._closed:
             return
+        if not self._broken:  # what is held, then the authenticated end of stream, if they go out in time
+            with (
+                anyio.move_on_after(_CLOSE_GRACE, shield=True),
+                contextlib.suppress(
+                    SecurityError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+                ),
+            ):
+                await self.send_eof()
         self._closed = True
-        try:
-            if not self._broken and not self._core.eof_sent and not self._send_lock.locked():
-                with anyio.move_on_after(_CLOSE_GRACE, shield=True):
-                    self._core.send_eof()
-                    await self._transport.send(self._core.data_to_send())
-        except (OSError, BrokenResourceError, ClosedResourceError, SecurityError):
-            pass
-        finally:
-            await self._transport.aclose()
+        self._cancel_timer()
+        self._drained.set()
+        await self._inner.aclose()
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self._transport.extra_attributes
+        return self._inner.extra_attributes
+
+    # ------------------------------------------------------------------ LinkConsumer (the inner link calls)
+    def link_data(self, data: bytes) -> None:
+        if self._broken or self._ended:
+            return
+        try:
+            plain = self._core.receive_data(data, time.time())
+        except AuthenticationFailed as exc:
+            self._fail(str(exc), "a record failed authentication")
+            return
+        if plain:
+            self._cancel_timer()  # records completed: a record still incomplete is a new one, with its own time
+            if self._consumer is not None:
+                self._consumer.link_data(plain)
+        if self._core.eof_received:
+            self._end(None)
+        else:
+            self._watch_record()
+
+    def link_writable(self) -> None:
+        held = self._held
+        if held:
+            self._held = b""
+            self._put(held)
+            if self._held:
+                return
+            self._drained.set()
+        if self._blocked:
+            self._blocked = False
+            if self._consumer is not None:
+                self._consumer.link_writable()
+
+    def link_ended(self, error: BaseException | None) -> None:
+        if self._core.eof_received or self._broken:
+            return
+        self._broken = True
+        self._end(
+            error or anyio.BrokenResourceError("connection ended without an authenticated end of stream")
+        )
+        self._drained.set()
+
+    # ------------------------------------------------------------------ failures
+    def _end(self, error: BaseException | None) -> None:
+        self._cancel_timer()
+        if self._ended:
+            return
+        self._ended = True
+        if self._consumer is not None:
+            self._consumer.link_ended(error)
+
+    def _fail(self, reason: str, message: str) -> None:
+        log.warning("record refused, closing", reason=reason)
+        self._broken = True
+        self._held = b""
+        self._drained.set()
+        self._end(anyio.BrokenResourceError(message))
+        self._failure.set()
+
+    async def _close_on_failure(self) -> None:
+        await self._failure.wait()
+        self._closed = True
+        await self._inner.aclose()
+
+    def _watch_record(self) -> None:
+        """Start the clock of a record that began arriving, unless it runs (stop it once none is incomplete)."""
+        if not self._core.incomplete_record or self._paused or self._ended:
+            self._cancel_timer()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._record_timeout, self._record_expired)
+
+    def _record_expired(self) -> None:
+        self._timer = None
+        if self._core.incomplete_record and not self._ended:
+            self._fail(
+                f"a record stayed incomplete for {self._record_timeout:g} s",
+                "a record stayed incomplete too long",
+            )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def secure_client(
@@ -244,14 +347,14 @@ async def secure_client(
     handshake_timeout: float = 10.0,
     cipher: str = "auto",
     record_timeout: float = RECORD_TIMEOUT,
-) -> ByteStream:
-    """Run the client handshake over ``stream`` and return the protected stream.
+) -> SecureChannel:
+    """Run the client handshake over ``stream``: the channel to put on a link (:meth:`SecureChannel.link`).
 
     Raises :class:`HandshakeTimeout` if no valid reply arrives within ``handshake_timeout`` seconds (a wrong
     key, or a server of another protocol version, looks exactly like this: the server says nothing),
     :class:`AuthenticationFailed` if the server closes the connection, answers with something that does not
     authenticate or chooses a cipher not offered. ``cipher`` is the setting :func:`cipher_preference` reads;
-    ``record_timeout`` bounds an incomplete record (see :class:`SecureByteStream`). ``stream`` is closed on any
+    ``record_timeout`` bounds an incomplete record (see :class:`SealedLink`). ``stream`` is closed on any
     failure.
     """
     try:
@@ -276,7 +379,7 @@ async def secure_client(
         await anyio.aclose_forcefully(stream)
         raise
     log.debug("secure channel up", role="client", cipher=_name(core.cipher))
-    return SecureByteStream(stream, core, received=bytes(received), record_timeout=record_timeout)
+    return SecureChannel(stream, core, bytes(received), record_timeout)
 
 
 def _name(cipher: Cipher | None) -> str:
@@ -305,8 +408,8 @@ async def secure_server(
     silence: tuple[float, float] = DEFAULT_SILENCE,
     cipher: str = "auto",
     record_timeout: float = RECORD_TIMEOUT,
-) -> ByteStream | None:
-    """Run the server handshake over an accepted ``stream``; the protected stream, or None.
+) -> SecureChannel | None:
+    """Run the server handshake over an accepted ``stream``: the channel to put on a link, or None.
 
     At the start a time ``T`` is drawn uniformly from ``silence``. A peer must complete the handshake within
     ``T`` seconds. A peer that fails (wrong key, garbage, an HTTP request, a replay, a stale timestamp, too
@@ -318,7 +421,7 @@ async def secure_server(
     connection of the server; separate processes have separate caches, so a first message replayed to another
     process serving the same key is not caught. ``cipher`` is the setting :func:`cipher_preference` reads
     (the ciphers accepted; a client offering none of them fails like any other). ``record_timeout`` bounds an
-    incomplete record once the stream is up (see :class:`SecureByteStream`).
+    incomplete record once the stream is up (see :class:`SealedLink`).
     """
     start = time.monotonic()
     deadline = start + _random.uniform(*silence)
@@ -350,11 +453,12 @@ async def secure_server(
         await anyio.aclose_forcefully(stream)
         return None
     log.debug("secure channel up", role="server", source=source, cipher=_name(core.cipher))
-    return SecureByteStream(stream, core, received=bytes(received), record_timeout=record_timeout)
+    return SecureChannel(stream, core, bytes(received), record_timeout)
 
 
-class SecuredListener(Listener[ByteStream]):
-    """Wraps a listener: each accepted stream first passes ``prepare`` (TLS, PSK handshake), else it is dropped.
+class SecuredListener(Listener[T]):
+    """Wraps a listener: each accepted stream first passes ``prepare`` (TLS, PSK handshake), which makes it what
+    the handler takes (a link), else it is dropped.
 
     Connections still in ``prepare`` are *pending*: unauthenticated, and at most :attr:`max_pending` of them
     (a quarter of the descriptor limit, see :func:`~vtunnel.io.limits.pending_limit`). A new connection
@@ -371,7 +475,7 @@ class SecuredListener(Listener[ByteStream]):
     def __init__(
         self,
         inner: Listener[Any],
-        prepare: Callable[[ByteStream], Awaitable[ByteStream | None]],
+        prepare: Callable[[ByteStream], Awaitable[T | None]],
         *,
         local: str,
         max_pending: int | None = None,
@@ -406,7 +510,7 @@ class SecuredListener(Listener[ByteStream]):
                 return True
         return False
 
-    async def serve(self, handler: Callable[[ByteStream], Any], task_group: TaskGroup | None = None) -> None:
+    async def serve(self, handler: Callable[[T], Any], task_group: TaskGroup | None = None) -> None:
         inner = self._inner
         listeners = [
             listener
@@ -424,7 +528,7 @@ class SecuredListener(Listener[ByteStream]):
                     accepting.start_soon(self._accept_loop, listener, handler, task_group)
 
     async def _accept_loop(
-        self, listener: SocketListener, handler: Callable[[ByteStream], Any], task_group: TaskGroup
+        self, listener: SocketListener, handler: Callable[[T], Any], task_group: TaskGroup
     ) -> None:
         backoff = AcceptBackoff()
         while True:
@@ -458,28 +562,28 @@ class SecuredListener(Listener[ByteStream]):
         self._pending[scope] = None
         return scope
 
-    async def _take(self, raw: ByteStream, *, handler: Callable[[ByteStream], Any]) -> None:
+    async def _take(self, raw: ByteStream, *, handler: Callable[[T], Any]) -> None:
         """One connection handed over by a listener that is not a socket listener (in its own task)."""
         await self._serve_one(raw, self._admit(), handler)
 
     async def _serve_one(
-        self, raw: ByteStream, scope: anyio.CancelScope, handler: Callable[[ByteStream], Any]
+        self, raw: ByteStream, scope: anyio.CancelScope, handler: Callable[[T], Any]
     ) -> None:
-        stream: ByteStream | None = None
+        prepared: T | None = None
         try:
             with scope:
                 tune_stream(raw)
                 try:
-                    stream = await self._prepare(raw)
+                    prepared = await self._prepare(raw)
                 except Exception as exc:
                     log.debug("transport handshake failed", error=repr(exc))
         finally:
             self._pending.pop(scope, None)
-            if stream is None:
+            if prepared is None:
                 with anyio.CancelScope(shield=True):
                     await anyio.aclose_forcefully(raw)
-        if stream is not None:
-            await handler(stream)
+        if prepared is not None:
+            await handler(prepared)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -18,7 +18,9 @@ import anyio
 from anyio.abc import ByteStream, Listener
 from anyio.streams.tls import TLSStream
 
+from vtunnel.io.stream_sockets import LeanSocketStream, connect_lean, open_lean_listener
 from vtunnel.transports.base import ByteStreamTransport, Endpoint, TransportError
+from vtunnel.transports.link import Link, SocketLink
 from vtunnel.transports.secure import SecuredListener
 
 __all__ = ["SecuredListener", "TCPTransport", "TLSTransport", "tls_client_context", "tls_server_context"]
@@ -37,11 +39,19 @@ class TCPTransport(ByteStreamTransport):
     async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
         self.check(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
-            return await anyio.connect_tcp(endpoint.host, endpoint.port)
+            return await connect_lean(endpoint.host, endpoint.port)
 
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         self.check(endpoint)
-        return await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
+        return await open_lean_listener(endpoint.host, endpoint.port)
+
+    def link_for(self, stream: ByteStream) -> Link:
+        # every stream of this transport is one of its own lean socket streams (connect_stream, listen_streams)
+        if not isinstance(stream, LeanSocketStream):
+            raise TransportError(
+                f"tcp:// links are made from its own socket streams, not {type(stream).__name__}"
+            )
+        return SocketLink(stream)
 
 
 _TLS_CLIENT_OPTS = {"ca", "servername", "cert", "key"}
