@@ -68,6 +68,9 @@ log = structlog.get_logger("vtunnel.io.stream_sockets")
 #: library's mmap threshold and cost ~19 us per read of a 64-byte message here (``recv_into`` + copy: ~3 us);
 #: smaller reads would call the protocol four times as often in bulk (measured ~8% less throughput at 64 KiB)
 READ_SIZE: Final = 256 * 1024
+#: seconds before accepting again after a connection was closed to make room (its descriptor is freed when the
+#: task that owns it runs)
+FREED_RETRY: Final = 0.01
 #: buffered chunks handed to one ``sendmsg`` (well under any system's IOV_MAX)
 SEND_VECTOR: Final = 64
 #: write-buffer marks (asyncio's defaults): pause the protocol above HIGH, resume it at or below LOW
@@ -743,6 +746,7 @@ class RelayListener(Generic[P]):
         self._factory = factory
         self._on_accept = on_accept
         self._on_close = on_close
+        self._on_exhausted: Callable[[], bool] | None = None
         self._loop = loop
         self._watcher = watcher
         self._closed = False
@@ -754,6 +758,11 @@ class RelayListener(Generic[P]):
     def set_on_accept(self, on_accept: Callable[[P], None]) -> None:
         """Call ``on_accept(protocol)`` for each connection accepted from now on."""
         self._on_accept = on_accept
+
+    def set_on_exhausted(self, on_exhausted: Callable[[], bool]) -> None:
+        """Call ``on_exhausted()`` when an accept fails for want of descriptors or memory: it returns whether it
+        closed a connection to make room (accepting is then tried again almost at once)."""
+        self._on_exhausted = on_exhausted
 
     def start(self) -> None:
         """Begin accepting (until then connections wait in the backlog)."""
@@ -786,9 +795,15 @@ class RelayListener(Generic[P]):
                 continue
             except OSError as exc:
                 if is_out_of_resources(exc):
-                    # the backlog keeps the waiting connections; look again once something may have closed
-                    delay = self._backoff.next()
-                    self._warn_exhausted(error=exc.strerror, retry_in=delay, limit=open_file_limit())
+                    # the backlog keeps the waiting connections; look again once something may have closed (at
+                    # once, nearly, when the owner closed one to make room)
+                    freed = self._on_exhausted is not None and self._on_exhausted()
+                    if freed:
+                        self._backoff.reset()
+                    delay = FREED_RETRY if freed else self._backoff.next()
+                    self._warn_exhausted(
+                        error=exc.strerror, retry_in=delay, closed_oldest=freed, limit=open_file_limit()
+                    )
                     fd = lsock.fileno()
                     self._loop.remove_reader(fd)
                     self._retry[fd] = self._loop.call_later(delay, self._resume, lsock)
@@ -911,9 +926,15 @@ class LeanStreamListener(anyio.abc.Listener[ByteStream]):
         }
 
 
+#: a tunnel listener's accept queue, as anyio's: the kernel caps it at ``net.core.somaxconn``; connections a
+#: server out of descriptors cannot take yet wait there
+TUNNEL_BACKLOG: Final = 65535
+
+
 async def open_lean_listener(host: str | None, port: int) -> LeanStreamListener:
     """Listen like :func:`open_relay_listener`, for handlers that take each connection as a lean byte stream."""
-    return LeanStreamListener(await open_relay_listener(host, port, LeanSocketStream, start=False))
+    listener = await open_relay_listener(host, port, LeanSocketStream, backlog=TUNNEL_BACKLOG, start=False)
+    return LeanStreamListener(listener)
 
 
 async def connect_lean(host: str, port: int) -> LeanSocketStream:

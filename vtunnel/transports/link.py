@@ -170,7 +170,8 @@ class StreamLink(Link):
             queue.clear()
             try:
                 await self._stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            # (anyio's TLS stream raises EndOfStream for a write after the peer closed)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError) as exc:
                 self._error = self._error or anyio.BrokenResourceError(f"write failed: {exc!r}")
                 self._queued = 0
                 self._sent.set()

@@ -39,6 +39,7 @@ from vtunnel.io.limits import (
     open_file_limit,
     pending_limit,
 )
+from vtunnel.io.stream_sockets import LeanStreamListener
 from vtunnel.io.tuning import tune_stream
 from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, preference
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
@@ -151,7 +152,7 @@ class SealedLink(Link):
     that fails authentication, or a record still incomplete ``record_timeout`` seconds after its first bytes
     came (while reading was not paused: a length grown by a forger, then a stalled connection) end it with
     :class:`~anyio.BrokenResourceError`, and the inner link is closed. ``send_eof`` sends the authenticated end
-    of stream, then half-closes the inner link; ``aclose`` does the same first if that takes under half a second.
+    of stream, then half-closes the inner link; ``aclose`` sends it first if that takes under half a second.
     """
 
     def __init__(
@@ -228,14 +229,21 @@ class SealedLink(Link):
     async def send_eof(self) -> None:
         if self._closed or self._core.eof_sent:
             return
+        await self._send_end()
+        if not self._broken:
+            with contextlib.suppress(
+                NotImplementedError
+            ):  # a stream that cannot half-close: the record says it
+                await self._inner.send_eof()
+
+    async def _send_end(self) -> None:
+        """Send what is held, then the authenticated end of stream, and wait until the inner link took it."""
         await self._drained.wait()
-        if self._broken:
+        if self._broken or self._core.eof_sent:
             return
         self._core.send_eof()
         self._put(self._core.data_to_send())
         await self._drained.wait()
-        with contextlib.suppress(NotImplementedError):  # a stream that cannot half-close: the record says it
-            await self._inner.send_eof()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -247,7 +255,7 @@ class SealedLink(Link):
                     SecurityError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
                 ),
             ):
-                await self.send_eof()
+                await self._send_end()
         self._closed = True
         self._cancel_timer()
         self._drained.set()
@@ -521,6 +529,8 @@ class SecuredListener(Listener[T]):
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())
             if not listeners:  # not on sockets: the listener hands over its connections itself
+                if isinstance(inner, LeanStreamListener):  # out of descriptors, it may close a pending one
+                    inner.relay.set_on_exhausted(self._shed_oldest)
                 await inner.serve(functools.partial(self._take, handler=handler), task_group)
                 return
             async with anyio.create_task_group() as accepting:
