@@ -41,6 +41,8 @@ __all__ = ["Link", "LinkConsumer", "LinkStream", "SocketLink", "StreamLink"]
 
 #: bytes a :class:`StreamLink` queues for its byte stream before ``send_nowait`` raises ``WouldBlock``
 SEND_HIGH_WATER: Final = 1024 * 1024
+#: how long closing a :class:`StreamLink` waits for what it queued to be sent
+CLOSE_GRACE: Final = 1.0
 #: the most a :class:`StreamLink` asks its byte stream for in one read: more than one event-loop read
 #: (256 KiB), so a stream that decrypts or reassembles never has to split what it has into several reads
 READ_SIZE: Final = 1024 * 1024
@@ -122,6 +124,8 @@ class StreamLink(Link):
         self._closed = False
         self._closed_event = anyio.Event()
         self._consumer: LinkConsumer | None = None
+        self._writer_scope = anyio.CancelScope()
+        self._writer_exited = anyio.Event()
 
     @property
     def stream(self) -> ByteStream:
@@ -157,6 +161,13 @@ class StreamLink(Link):
             consumer.link_data(data)
 
     async def _writer(self, consumer: LinkConsumer) -> None:
+        try:
+            with self._writer_scope:
+                await self._write_queue(consumer)
+        finally:
+            self._writer_exited.set()
+
+    async def _write_queue(self, consumer: LinkConsumer) -> None:
         queue = self._queue
         while True:
             if not queue:
@@ -224,6 +235,13 @@ class StreamLink(Link):
         self._closed_event.set()
         self._send_wakeup.set()
         self._resume.set()
+        if self._consumer is not None and not self._writer_exited.is_set():
+            # what is queued still goes out if the peer takes it soon; the stream is never written by two tasks
+            # at once (its own close may write: TLS, WebSocket)
+            with anyio.move_on_after(CLOSE_GRACE):
+                await self._sent.wait()
+            self._writer_scope.cancel()
+            await self._writer_exited.wait()
         await self._stream.aclose()
 
     @property
