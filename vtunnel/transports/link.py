@@ -235,14 +235,20 @@ class StreamLink(Link):
         self._closed_event.set()
         self._send_wakeup.set()
         self._resume.set()
-        if self._consumer is not None and not self._writer_exited.is_set():
-            # what is queued still goes out if the peer takes it soon; the stream is never written by two tasks
-            # at once (its own close may write: TLS, WebSocket)
-            with anyio.move_on_after(CLOSE_GRACE):
-                await self._sent.wait()
-            self._writer_scope.cancel()
-            await self._writer_exited.wait()
-        await self._stream.aclose()
+        try:
+            if self._consumer is not None and not self._writer_exited.is_set():
+                # what is queued still goes out if the peer takes it soon; the stream is never written by two
+                # tasks at once (its own close may write: TLS, WebSocket)
+                with anyio.move_on_after(CLOSE_GRACE):
+                    await self._sent.wait()
+                self._writer_scope.cancel()
+                await self._writer_exited.wait()
+        finally:  # closed even when this call is cancelled
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(CLOSE_GRACE) as scope:
+                    await self._stream.aclose()
+                if scope.cancelled_caught:
+                    await anyio.aclose_forcefully(self._stream)
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
