@@ -40,11 +40,13 @@ from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, Settin
 
 __all__ = [
     "ACK",
+    "DATAGRAM_HEADER_SIZE",
     "END_STREAM",
     "FRAME_HEADER_SIZE",
     "GZIP",
     "MAX_FRAME_PAYLOAD",
     "MAX_WINDOW",
+    "STREAM_DATAGRAM",
     "VPROXY_GOAWAY_ID",
     "FrameDecoder",
     "FrameError",
@@ -56,12 +58,14 @@ __all__ = [
     "decode_headers",
     "decode_ping",
     "decode_settings",
+    "decode_stream_datagram",
     "decode_window_update",
     "encode_frame",
     "encode_goaway",
     "encode_headers",
     "encode_ping",
     "encode_settings",
+    "encode_stream_datagram",
     "encode_window_update",
     "frame_header",
     "gzip_compress",
@@ -90,6 +94,11 @@ VPROXY_GOAWAY_ID = 0xFFFFFFFF
 _HEADER = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
 _GOAWAY = struct.Struct(">II")
 _SETTING = struct.Struct(">HI")
+_DATAGRAM = struct.Struct(">BI")  # kind, stream id
+#: an unreliable datagram's header: kind (``STREAM_DATAGRAM``), stream id
+DATAGRAM_HEADER_SIZE = _DATAGRAM.size
+#: the one kind of unreliable datagram: one datagram of a ``udp`` stream (docs/protocol.md, "Unreliable datagrams")
+STREAM_DATAGRAM = 0x00
 _PING_ACK = ("ACK",)
 _RST = ("END_STREAM",)
 
@@ -226,6 +235,24 @@ def decode_window_update(payload: bytes | memoryview) -> int:
         return int.from_bytes(payload, "big") & MAX_WINDOW
     increment: int = frame.window_increment
     return increment
+
+
+def encode_stream_datagram(stream_id: int, payload: bytes | memoryview) -> bytes:
+    """One unreliable datagram of a ``udp`` stream: kind 0, the stream id (u32, top bit 0), the payload."""
+    return _DATAGRAM.pack(STREAM_DATAGRAM, stream_id) + payload
+
+
+def decode_stream_datagram(datagram: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+    """The stream id and payload (a view of ``datagram``) of an unreliable datagram; ``FrameError`` when it is
+    shorter than its header, of another kind, or names a stream id with the top bit set or 0."""
+    if len(datagram) < DATAGRAM_HEADER_SIZE:
+        raise FrameError(f"datagram of {len(datagram)} bytes is shorter than its header", frame_size=True)
+    kind, stream_id = _DATAGRAM.unpack_from(datagram)
+    if kind != STREAM_DATAGRAM:
+        raise FrameError(f"unknown datagram kind 0x{kind:02x}")
+    if stream_id == 0 or stream_id & 0x80000000:
+        raise FrameError(f"datagram for stream id 0x{stream_id:08x}")
+    return stream_id, memoryview(datagram)[DATAGRAM_HEADER_SIZE:]
 
 
 def gzip_compress(data: bytes | memoryview) -> bytes:

@@ -45,6 +45,8 @@ class ExtensionBits(IntFlag):
     METADATA = 0x2
     GZIP = 0x4
     GRACEFUL_SHUTDOWN = 0x8
+    #: 0x10 is lite-tls's (reserved)
+    DATAGRAMS = 0x20
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,6 +118,8 @@ class Extensions:
     metadata: bool = False
     gzip: bool = False
     graceful_shutdown: bool = False
+    #: the datagrams of ``udp`` streams may travel as the transport's unreliable datagrams
+    datagrams: bool = False
 
     @property
     def names(self) -> frozenset[str]:
@@ -124,6 +128,7 @@ class Extensions:
             ("metadata", self.metadata),
             ("gzip", self.gzip),
             ("graceful-shutdown", self.graceful_shutdown),
+            ("datagrams", self.datagrams),
         )
         return frozenset(name for name, on in pairs if on)
 
@@ -137,6 +142,7 @@ class Extensions:
             metadata=bool(bits & ExtensionBits.METADATA),
             gzip=bool(bits & ExtensionBits.GZIP),
             graceful_shutdown=bool(bits & ExtensionBits.GRACEFUL_SHUTDOWN),
+            datagrams=bool(bits & ExtensionBits.DATAGRAMS),
         )
 
 
@@ -151,23 +157,27 @@ class PeerSettings:
     max_frame_size: int
 
 
-def offered_bits(config: TunnelConfig) -> int:
+def offered_bits(config: TunnelConfig, *, datagrams: bool = False) -> int:
+    """The extensions this side offers; ``datagrams``: its transport carries unreliable datagrams."""
     if not config.extensions:
         return 0
     bits = ExtensionBits.FLOW_CONTROL | ExtensionBits.METADATA | ExtensionBits.GRACEFUL_SHUTDOWN
     if config.gzip:
         bits |= ExtensionBits.GZIP
+    if datagrams:
+        bits |= ExtensionBits.DATAGRAMS
     return int(bits)
 
 
-def local_settings(config: TunnelConfig) -> list[tuple[int, int]]:
-    """The SETTINGS entries a vtunnel endpoint sends (empty list: the vproxy handshake)."""
+def local_settings(config: TunnelConfig, *, datagrams: bool = False) -> list[tuple[int, int]]:
+    """The SETTINGS entries a vtunnel endpoint sends (empty list: the vproxy handshake); ``datagrams``: its
+    transport carries unreliable datagrams (the DATAGRAMS bit is offered)."""
     if not config.extensions:
         return []
     return [
         (SettingId.MAGIC, VTUNNEL_MAGIC),
         (SettingId.VERSION, PROTOCOL_VERSION),
-        (SettingId.EXTENSIONS, offered_bits(config)),
+        (SettingId.EXTENSIONS, offered_bits(config, datagrams=datagrams)),
         (SettingId.INITIAL_STREAM_WINDOW, config.min_stream_window),
         (SettingId.INITIAL_TUNNEL_WINDOW, config.initial_tunnel_window),
         (SettingId.MAX_FRAME_SIZE, config.max_frame_size),
@@ -199,8 +209,8 @@ def parse_peer_settings(entries: list[tuple[int, int]]) -> PeerSettings:
     )
 
 
-def negotiate(config: TunnelConfig, peer: PeerSettings | None) -> Extensions:
+def negotiate(config: TunnelConfig, peer: PeerSettings | None, *, datagrams: bool = False) -> Extensions:
     """Extensions are the intersection of what both sides offer."""
     if peer is None:
         return Extensions()
-    return Extensions.from_bits(offered_bits(config) & peer.extensions)
+    return Extensions.from_bits(offered_bits(config, datagrams=datagrams) & peer.extensions)

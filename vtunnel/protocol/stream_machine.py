@@ -150,6 +150,7 @@ class Stream:
         "recv_remaining",
         "recv_unacked",
         "recv_unannounced",
+        "recv_unreliable",
         "recv_window",
         "send_window",
         "state",
@@ -168,6 +169,9 @@ class Stream:
         self.recv_remaining = recv_window  # credit we gave the peer and it has not used
         self.recv_unacked = 0  # delivered to the application, not yet acknowledged
         self.recv_unannounced = 0  # acknowledged, not yet returned with WINDOW_UPDATE
+        # of recv_unacked, what came as unreliable datagrams (they used no credit, so acknowledging them returns
+        # none; acknowledgements are taken from this first)
+        self.recv_unreliable = 0
         self.pending: list[bytes | memoryview] = []  # outgoing frames held until the SYN-ACK (no 0-RTT)
         self.pending_len = 0
 

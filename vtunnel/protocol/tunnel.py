@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from vtunnel.protocol import frames as fr
 from vtunnel.protocol.errors import (
+    ConfigError,
     ErrorCode,
     FlowControlError,
     LocalProtocolError,
@@ -123,9 +124,24 @@ class _Closed(Exception):
 class Tunnel:
     """One tunnel endpoint (wire format: docs/protocol.md; contract: docs/architecture.md)."""
 
-    def __init__(self, *, role: Role, config: TunnelConfig = DEFAULT_CONFIG) -> None:
+    def __init__(self, *, role: Role, config: TunnelConfig = DEFAULT_CONFIG, max_datagram: int = 0) -> None:
+        """``max_datagram``: the largest unreliable datagram the transport carries (``Link.max_datagram``); 0, or
+        too small for a datagram's header: none, and the ``datagrams`` extension is not offered."""
+        if not isinstance(max_datagram, int) or max_datagram < 0:
+            raise ConfigError(f"max_datagram must be an int >= 0, not {max_datagram!r}")
         self.role = role
         self.config = config
+        #: the ``datagrams`` extension is offered: the transport has room for a header and a byte
+        self._offers_datagrams = max_datagram > fr.DATAGRAM_HEADER_SIZE
+        self._datagram_room = max_datagram - fr.DATAGRAM_HEADER_SIZE
+        #: the largest datagram of a ``udp`` stream sent unreliably (-1: none, the extension is off)
+        self._unreliable_max = -1
+        self._datagrams_out: list[bytes] = []
+        #: unreliable datagrams: queued for the transport, delivered, and dropped on arrival (unknown or closed
+        #: stream, malformed, over the stream's window, before the handshake or without the extension)
+        self.datagrams_sent = 0
+        self.datagrams_received = 0
+        self.datagrams_dropped = 0
         self._state = TunnelState.INIT
         self._streams: dict[int, Stream] = {}
         self._live = 0
@@ -199,7 +215,7 @@ class Tunnel:
         if self.role is Role.SERVER:
             return
         self._tunnel_input(TunnelInput.INITIATE)
-        self._out.append(fr.encode_settings(local_settings(self.config)))
+        self._out.append(fr.encode_settings(local_settings(self.config, datagrams=self._offers_datagrams)))
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
         """Bytes from the transport. Peer faults never raise: see ``errors`` for the rule."""
@@ -235,6 +251,55 @@ class Tunnel:
         if len(out) == 1:
             return bytes(out[0])
         return b"".join(out)
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """The unreliable datagrams queued for the transport (drains the queue): each goes as one datagram, in
+        any order with the bytes of ``data_to_send``. Only with the ``datagrams`` extension."""
+        out = self._datagrams_out
+        if out:
+            self._datagrams_out = []
+        return out
+
+    @property
+    def has_datagrams_to_send(self) -> bool:
+        return bool(self._datagrams_out)
+
+    def receive_datagram(self, datagram: bytes | bytearray | memoryview, now: float) -> list[Event]:
+        """One unreliable datagram from the transport: a ``DataReceived`` for its ``udp`` stream, or nothing.
+
+        Never fails the tunnel or a stream: what cannot be delivered (malformed, an unknown, closed or not yet
+        open stream, a stream that is not ``udp``, past the stream's receive window, larger than our
+        ``max_frame_size``, before the handshake or without the extension) is dropped and counted in
+        ``datagrams_dropped``, as the network would have dropped it.
+        """
+        self._start(now)
+        if not self._ext.datagrams or self._state not in _DISPATCHING:
+            self.datagrams_dropped += 1
+            return self._take_events()
+        try:
+            sid, payload = fr.decode_stream_datagram(datagram)
+        except fr.FrameError:
+            self.datagrams_dropped += 1
+            return self._take_events()
+        self._keepalive.received(now)  # the peer is alive
+        stream = self._streams.get(sid)
+        size = len(payload)
+        if (
+            stream is None
+            or not stream.datagram
+            or stream.state not in _RECV_DATA_LOOPS
+            or (self.role is Role.CLIENT and not stream.accepted)
+            or size > self.config.max_frame_size
+            or stream.recv_unacked + size > stream.recv_window
+        ):
+            self.datagrams_dropped += 1
+            return self._take_events()
+        stream.recv_unacked += size
+        stream.recv_unreliable += size
+        self._buffered += size
+        self.datagrams_received += 1
+        self._emit(DataReceived(stream_id=sid, data=bytes(payload)))
+        return self._take_events()
 
     @property
     def has_data_to_send(self) -> bool:
@@ -347,6 +412,12 @@ class Tunnel:
         datagram = stream.datagram
         if size or (datagram and not end_stream):
             fast = stream.state in _SEND_DATA_LOOPS and stream.accepted
+            if datagram and fast and size <= self._unreliable_max and not end_stream:
+                # both ends know the stream is open (ours accepted it, or its SYN-ACK came): an unreliable
+                # datagram, outside the frame stream and its credit (docs/protocol.md, "Unreliable datagrams")
+                self._datagrams_out.append(fr.encode_stream_datagram(stream_id, view))
+                self.datagrams_sent += 1
+                return
             if not fast:
                 self._check_local(stream, StreamInput.SEND_DATA)
             if datagram and size > self._send_frame_size:
@@ -422,7 +493,11 @@ class Tunnel:
             )
         stream.recv_unacked -= n
         self._buffered -= n
-        if not self._ext.flow_control or self._state is TunnelState.CLOSED:
+        if stream.recv_unreliable:  # unreliable datagrams used no credit: none returns for them
+            unreliable = min(n, stream.recv_unreliable)
+            stream.recv_unreliable -= unreliable
+            n -= unreliable
+        if not self._ext.flow_control or self._state is TunnelState.CLOSED or n == 0:
             return
         if stream.state in _PEER_SENDING_STATES:
             stream.recv_unannounced += n
@@ -499,7 +574,8 @@ class Tunnel:
                 self._fail(f"handshake: {exc}")
         if effect is TunnelEffect.ANSWER_HANDSHAKE:
             if peer is not None and self.config.extensions:
-                self._out.append(fr.encode_settings(local_settings(self.config)))
+                settings = local_settings(self.config, datagrams=self._offers_datagrams)
+                self._out.append(fr.encode_settings(settings))
             else:
                 peer = None
                 self._out.append(EMPTY_SETTINGS)
@@ -508,7 +584,7 @@ class Tunnel:
         self._complete_handshake(peer)
 
     def _complete_handshake(self, peer: PeerSettings | None) -> None:
-        self._ext = ext = negotiate(self.config, peer)
+        self._ext = ext = negotiate(self.config, peer, datagrams=self._offers_datagrams)
         # a vproxy peer (empty SETTINGS) inflates the GZIP flag unasked, and vproxy itself sends it
         self._gzip_out = ext.gzip or (peer is None and self.config.gzip)
         self._handshake_deadline = None
@@ -522,6 +598,8 @@ class Tunnel:
             self._peer_stream_window = peer.initial_stream_window
         if ext.metadata:
             self._headers = MetadataCodec()
+        if ext.datagrams:
+            self._unreliable_max = min(self._datagram_room, self._send_frame_size)
         self._emit(HandshakeCompleted(extensions=ext))
 
     def _on_data(self, flags: int, sid: int, payload: bytes | memoryview) -> None:
