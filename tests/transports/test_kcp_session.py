@@ -42,6 +42,9 @@ class Recorder:
     def link_ended(self, error: BaseException | None) -> None:
         self.ended.append(error)
 
+    def link_datagram(self, data: bytes) -> None:
+        raise AssertionError("a KCP link carries no datagrams")
+
 
 @asynccontextmanager
 async def running(link: KCPLink, consumer: Recorder) -> AsyncIterator[None]:

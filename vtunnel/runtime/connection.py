@@ -12,6 +12,10 @@ one output path, as aioquic's asyncio protocol does:
   (``WouldBlock``) the bytes wait in the connection until the link calls ``link_writable``; the timer is re-armed
   only when the deadline moves earlier (a deadline that moved later, the keepalive after every received chunk,
   is found when it fires).
+* **unreliable datagrams** (a link whose ``max_datagram`` is not 0, and a peer that agreed to the ``datagrams``
+  extension): ``transmit`` also hands the tunnel's queued datagrams to ``send_datagram_nowait``, and
+  ``link_datagram`` feeds what arrives to the tunnel; the datagrams of ``udp`` streams then skip the ordered
+  byte stream (docs/protocol.md, "Unreliable datagrams").
 
 Back-pressure: a stream's ``send`` waits for flow-control credit (when the peer negotiated it) and while more than
 ``OUTBOUND_HIGH_WATER`` bytes wait for the link. Receive buffers are bounded by the stream windows; with a vproxy
@@ -71,7 +75,7 @@ class TunnelConnection:
     ) -> None:
         self.link = link
         self.role = role
-        self.tunnel = Tunnel(role=role, config=config or TunnelConfig())
+        self.tunnel = Tunnel(role=role, config=config or TunnelConfig(), max_datagram=link.max_datagram)
         self.handler = handler
         self.name = name
         self.log = log.bind(tunnel=name, role=role.name.lower())
@@ -145,6 +149,8 @@ class TunnelConnection:
         tunnel = self.tunnel
         if not self._held and tunnel.has_data_to_send:
             self._send(tunnel.data_to_send())
+        if tunnel.has_datagrams_to_send:
+            self._send_datagrams(tunnel.datagrams_to_send())
         deadline = tunnel.next_deadline()
         if deadline is not None and deadline < self._timer_when - _TIMER_SLACK:
             self._arm(deadline)
@@ -165,6 +171,16 @@ class TunnelConnection:
             self._mark_closed(f"transport write failed: {exc!r}")
             return
         self.link_writes += 1
+
+    def _send_datagrams(self, datagrams: list[bytes]) -> None:
+        """Unreliable datagrams to the link: one that cannot go is lost, as the network may lose it (a failed
+        link is reported by its byte path)."""
+        link = self.link
+        for datagram in datagrams:
+            try:
+                link.send_datagram_nowait(datagram)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                return
 
     def link_writable(self) -> None:
         """The link has room again (its consumer side): send what it refused, then whatever followed."""
@@ -295,6 +311,14 @@ class TunnelConnection:
         if self._over_limit and not self.tunnel.extensions.flow_control and not self._reading_paused:
             self._reading_paused = True
             self.link.pause_reading()
+
+    def link_datagram(self, data: bytes) -> None:
+        """An unreliable datagram from the link: to the tunnel (which drops what it cannot deliver), its events
+        to the streams."""
+        if self._closed.is_set():
+            return
+        self._handle_events(self.tunnel.receive_datagram(data, _now()))
+        self.transmit()
 
     def link_ended(self, error: BaseException | None) -> None:
         """The link's input ended: the peer closed it, or it failed."""

@@ -76,6 +76,7 @@ class Recorder:
         self.keep = True  # keep the bytes (small transfers); else only count and hash them
         self.writable = 0
         self.ended: list[BaseException | None] = []
+        self.datagrams: list[bytes] = []
 
     def link_data(self, data: bytes) -> None:
         self.received += len(data)
@@ -89,6 +90,9 @@ class Recorder:
 
     def link_ended(self, error: BaseException | None) -> None:
         self.ended.append(error)
+
+    def link_datagram(self, data: bytes) -> None:
+        self.datagrams.append(data)
 
 
 async def _until(condition: Callable[[], bool], limit: float, contract: str, detail: str) -> None:
@@ -404,6 +408,44 @@ class TransportConformance:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await link.aclose()
             _check(not accepted, contract, "a peer holding another key reached the listener's handler")
+
+    async def test_unreliable_datagrams_or_none(self, tmp_path: Path) -> None:
+        """A link that says ``max_datagram`` 0 refuses ``send_datagram_nowait`` with ``ValueError``; one that
+        carries datagrams delivers them whole and at most once, each way, and refuses one a byte too large."""
+        contract = "unreliable datagrams"
+        async with self.pair(tmp_path) as (client_link, server_link, client, server):
+            for link, sink in ((client_link, server), (server_link, client)):
+                size = link.max_datagram
+                _check(size >= 0, contract, f"max_datagram is {size}")
+                if size == 0:
+                    try:
+                        link.send_datagram_nowait(b"x")
+                    except ValueError:
+                        continue
+                    raise ContractBroken(contract, "a link without datagrams took one")
+                try:
+                    link.send_datagram_nowait(b"x" * (size + 1))
+                except ValueError:
+                    pass
+                else:
+                    raise ContractBroken(contract, f"a datagram larger than max_datagram ({size}) was taken")
+                sent = {}
+                for i in range(64):
+                    datagram = i.to_bytes(2, "big") + random.Random(i).randbytes(
+                        max(0, min(size, 40 * i) - 2)
+                    )
+                    sent[datagram[:2]] = datagram
+                    link.send_datagram_nowait(datagram)
+                    await anyio.sleep(0.002)
+                await _until(lambda sink=sink: bool(sink.datagrams), 15, contract, "no datagram arrived")  # type: ignore[misc]
+                await anyio.sleep(0.2)
+                tags = [datagram[:2] for datagram in sink.datagrams]
+                _check(len(tags) == len(set(tags)), contract, "a datagram arrived twice")
+                _check(
+                    all(sent.get(datagram[:2]) == datagram for datagram in sink.datagrams),
+                    contract,
+                    "a datagram arrived changed",
+                )
 
     async def test_garbage_never_stops_the_listener(self, tmp_path: Path) -> None:
         contract = "garbage input"

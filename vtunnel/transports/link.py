@@ -14,6 +14,10 @@ A link is a reliable, ordered, push-mode byte pipe carrying exactly one tunnel. 
   there is room), :class:`anyio.ClosedResourceError` (this side closed the link) or
   :class:`anyio.BrokenResourceError` (the link failed). "Taken" means queued for sending in order; a link that
   can write synchronously (KCP) writes it in the same call.
+* **unreliable datagrams, where the transport has them**: :attr:`Link.max_datagram` says how large a datagram
+  :meth:`Link.send_datagram_nowait` takes, and 0 that the link carries none (the default: byte streams, KCP).
+  A datagram is delivered at most once, whole, as ``consumer.link_datagram(data)``, in any order with the other
+  datagrams and with the bytes, or not at all; it is never retransmitted (``rudp://`` carries them).
 
 Transports built on an anyio :class:`~anyio.abc.ByteStream` (tcp, tls, plugins) do not implement any of this:
 they subclass :class:`vtunnel.transports.base.ByteStreamTransport`, and :class:`StreamLink` (below) turns their
@@ -43,6 +47,8 @@ __all__ = ["Link", "LinkConsumer", "LinkStream", "SocketLink", "StreamLink"]
 SEND_HIGH_WATER: Final = 1024 * 1024
 #: how long closing a :class:`StreamLink` waits for what it queued to be sent
 CLOSE_GRACE: Final = 1.0
+#: unreliable datagrams a :class:`LinkStream` keeps for its reader
+DATAGRAM_BACKLOG: Final = 256
 #: the most a :class:`StreamLink` asks its byte stream for in one read: more than one event-loop read
 #: (256 KiB), so a stream that decrypts or reassembles never has to split what it has into several reads
 READ_SIZE: Final = 1024 * 1024
@@ -59,6 +65,9 @@ class LinkConsumer(Protocol):
 
     def link_ended(self, error: BaseException | None) -> None:
         """No more input: the peer ended the link (``None``) or it failed (the error). Called once."""
+
+    def link_datagram(self, data: bytes) -> None:
+        """An unreliable datagram arrived (only on a link whose ``max_datagram`` is not 0; not while paused)."""
 
 
 class Link(AsyncResource, TypedAttributeProvider):
@@ -79,9 +88,23 @@ class Link(AsyncResource, TypedAttributeProvider):
     def send_nowait(self, data: bytes) -> None:
         """Take all of ``data`` now, or raise ``WouldBlock`` / ``ClosedResourceError`` / ``BrokenResourceError``."""
 
+    @property
+    def max_datagram(self) -> int:
+        """The largest datagram :meth:`send_datagram_nowait` takes; 0: this link carries no unreliable datagrams
+        (what a link says unless its transport has them)."""
+        return 0
+
+    def send_datagram_nowait(self, data: bytes) -> None:
+        """Send ``data`` as one unreliable datagram: it reaches the peer's ``link_datagram`` at most once, maybe
+        never, in any order. Never blocks and never raises ``WouldBlock``: a datagram the link has no room for
+        is dropped, as a full network queue would. Raises ``ValueError`` when ``data`` is larger than
+        :attr:`max_datagram` (always, on a link without datagrams), else like :meth:`send_nowait`."""
+        raise ValueError(f"a {len(data)}-byte datagram: this link carries no datagrams")
+
     @abc.abstractmethod
     def pause_reading(self) -> None:
-        """Stop calling ``link_data`` until :meth:`resume_reading` (idempotent)."""
+        """Stop calling ``link_data`` (and ``link_datagram``: datagrams arriving meanwhile are dropped) until
+        :meth:`resume_reading` (idempotent)."""
 
     @abc.abstractmethod
     def resume_reading(self) -> None:
@@ -396,6 +419,9 @@ class LinkStream(ByteStream, Generic[LinkT]):
         self._writable = anyio.Event()
         self._closed = False
         self._tg: TaskGroup | None = None
+        #: unreliable datagrams that arrived, oldest first (the caller takes them; beyond
+        #: :data:`DATAGRAM_BACKLOG` the oldest is dropped, as a full socket buffer drops)
+        self.datagrams: deque[bytes] = deque(maxlen=DATAGRAM_BACKLOG)
 
     async def __aenter__(self) -> LinkStream[LinkT]:
         self._tg = anyio.create_task_group()
@@ -430,6 +456,9 @@ class LinkStream(ByteStream, Generic[LinkT]):
         self._ended = True
         self._error = error
         self._readable.set()
+
+    def link_datagram(self, data: bytes) -> None:
+        self.datagrams.append(data)
 
     # ByteStream
     async def receive(self, max_bytes: int = 65536) -> bytes:

@@ -13,6 +13,11 @@ fit waits in a one-write backlog, fed to the connection as ACKs open room) and r
 backlog is not empty; ``link_writable`` follows when it is. rudp half-closes: ``send_eof`` ends our stream
 (FIN) after what is queued, and the peer's FIN ends our input (``link_ended(None)``) once it was all read.
 
+The link carries rudp's unreliable DATAGRAM frames (``max_datagram``, ``send_datagram_nowait``,
+``link_datagram``): congestion controlled, sent once, never retransmitted; the connection's bounded queue drops
+the oldest when the window holds them back too long. Of what one input brought, the in-order bytes go to the
+consumer before its datagrams, so a datagram that rode in the same packet as its stream's opening finds it open.
+
 Asyncio only (the loop's ``call_at`` and futures): ``rudp://`` is not supported on trio.
 """
 
@@ -33,6 +38,7 @@ from vtunnel.arq.rudp.connection import (
     DatagramReceived,
     ErrorCode,
     Event,
+    RudpLocalError,
     StreamEnded,
     StreamReadable,
 )
@@ -86,9 +92,9 @@ class RudpLink(ArqLink):
         self._input_ended = False  # link_ended(None) was given
         self._peer_closed = False  # the peer sent CLOSE without error: input ends after what is unread
         self._failure: str | None = None  # the connection closed itself on a fault: fail after sending CLOSE
-        self.datagrams_received = (
-            0  # unreliable datagrams (not carried by this link yet): counted and dropped
-        )
+        #: unreliable datagrams given to the consumer, and dropped on arrival (no consumer yet, or paused)
+        self.datagrams_received = 0
+        self.datagrams_dropped = 0
         self._torn_down = False
         self._arm(self._watchdog_due)
 
@@ -145,6 +151,27 @@ class RudpLink(ArqLink):
             consumer.link_ended(self._error)
 
     # --- Link -----------------------------------------------------------------------------------------------
+
+    @property
+    def max_datagram(self) -> int:
+        return self._conn.max_datagram_payload()
+
+    def send_datagram_nowait(self, data: bytes) -> None:
+        self._check_usable()
+        if self._eof:
+            raise anyio.ClosedResourceError
+        if self._peer_closed:
+            raise anyio.BrokenResourceError("the peer closed the link")
+        conn = self._conn
+        if len(data) > conn.max_datagram_payload():
+            raise ValueError(f"a {len(data)}-byte datagram exceeds the link's {conn.max_datagram_payload()}")
+        if conn.closed or self._failure is not None:
+            raise anyio.BrokenResourceError(self._failure or "the connection closed")
+        try:
+            conn.send_datagram(data)
+        except RudpLocalError as exc:  # closing (the failure is reported by the next service)
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        self._service(self._loop.time())
 
     async def run(self, consumer: LinkConsumer) -> None:
         if self._consumer is not None:
@@ -222,11 +249,12 @@ class RudpLink(ArqLink):
     def _handle(self, events: list[Event]) -> None:
         """What the connection reported: bytes to deliver, the end of input, a close."""
         deliver = False
+        datagrams: list[bytes] = []
         for event in events:
             if isinstance(event, StreamReadable | StreamEnded):
                 deliver = True
             elif isinstance(event, DatagramReceived):
-                self.datagrams_received += 1
+                datagrams.append(event.data)
             elif isinstance(event, ConnectionClosed):
                 if event.by_peer and event.code == ErrorCode.NO_ERROR:
                     self._peer_closed = True
@@ -237,6 +265,13 @@ class RudpLink(ArqLink):
                     self._failure = f"the connection closed: {event.reason or event.code}"
         if deliver:
             self._deliver()
+        for data in datagrams:  # after the bytes: a stream opened in this input takes its datagrams
+            consumer = self._consumer
+            if consumer is None or self._paused or self._torn_down:
+                self.datagrams_dropped += 1
+                continue
+            self.datagrams_received += 1
+            consumer.link_datagram(data)
 
     def _deliver(self) -> None:
         """Hand the in-order bytes to the consumer, unless paused, then the end of input if it came.
