@@ -16,6 +16,7 @@ from vtunnel.protocol import frames as fr
 LINK_DATAGRAM = 1320
 UDP = StreamMetadata(authority="127.0.0.1:53", kind="udp")
 LIMIT = LINK_DATAGRAM - fr.DATAGRAM_HEADER_SIZE
+NO_DATAGRAMS = TunnelConfig(datagrams=False)
 
 
 def pair(
@@ -67,6 +68,8 @@ def deliver(src: Side, dst: Side) -> list[ev.Event]:
         pytest.param(EXTENDED, EXTENDED, 0, LINK_DATAGRAM, False, id="client-link-without"),
         pytest.param(EXTENDED, EXTENDED, LINK_DATAGRAM, 0, False, id="server-link-without"),
         pytest.param(EXTENDED, EXTENDED, 0, 0, False, id="kcp-or-tcp"),
+        pytest.param(NO_DATAGRAMS, EXTENDED, LINK_DATAGRAM, LINK_DATAGRAM, False, id="client-turned-off"),
+        pytest.param(EXTENDED, NO_DATAGRAMS, LINK_DATAGRAM, LINK_DATAGRAM, False, id="server-turned-off"),
         pytest.param(
             EXTENDED, EXTENDED, fr.DATAGRAM_HEADER_SIZE, LINK_DATAGRAM, False, id="room-for-no-byte"
         ),

@@ -76,11 +76,14 @@ class TunnelConfig:
     receive_budget: int = 16 * 1024 * 1024
     max_frame_size: int = 16384
     gzip: bool = False
+    #: offer the ``datagrams`` extension when the transport carries unreliable datagrams (rudp://): ``udp``
+    #: streams' datagrams then skip the ordered byte stream; off keeps every datagram reliable and in order
+    datagrams: bool = True
     drain_timeout: float = 10.0
     max_concurrent_streams: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("extensions", "gzip"):
+        for name in ("extensions", "gzip", "datagrams"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, not {getattr(self, name)!r}")
         for name in ("keepalive_interval", "keepalive_timeout", "handshake_timeout", "drain_timeout"):
@@ -164,7 +167,7 @@ def offered_bits(config: TunnelConfig, *, datagrams: bool = False) -> int:
     bits = ExtensionBits.FLOW_CONTROL | ExtensionBits.METADATA | ExtensionBits.GRACEFUL_SHUTDOWN
     if config.gzip:
         bits |= ExtensionBits.GZIP
-    if datagrams:
+    if datagrams and config.datagrams:
         bits |= ExtensionBits.DATAGRAMS
     return int(bits)
 
