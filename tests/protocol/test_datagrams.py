@@ -12,8 +12,8 @@ from vtunnel.protocol import ConfigError, Role, StreamMetadata, StreamState, Tun
 from vtunnel.protocol import events as ev
 from vtunnel.protocol import frames as fr
 
-#: what an rudp link with the default 1350-byte packets and an 8-byte connection ID carries
-LINK_DATAGRAM = 1320
+#: what a keyless rudp client's link carries (1350-byte packets, the server's 8-byte connection ID)
+LINK_DATAGRAM = 1330
 UDP = StreamMetadata(authority="127.0.0.1:53", kind="udp")
 LIMIT = LINK_DATAGRAM - fr.DATAGRAM_HEADER_SIZE
 NO_DATAGRAMS = TunnelConfig(datagrams=False)
