@@ -157,11 +157,7 @@ class RudpLink(ArqLink):
         return self._conn.max_datagram_payload()
 
     def send_datagram_nowait(self, data: bytes) -> None:
-        self._check_usable()
-        if self._eof:
-            raise anyio.ClosedResourceError
-        if self._peer_closed:
-            raise anyio.BrokenResourceError("the peer closed the link")
+        self._check_sendable()
         conn = self._conn
         if len(data) > conn.max_datagram_payload():
             raise ValueError(f"a {len(data)}-byte datagram exceeds the link's {conn.max_datagram_payload()}")
@@ -189,11 +185,7 @@ class RudpLink(ArqLink):
             self._consumer = None
 
     def send_nowait(self, data: bytes) -> None:
-        self._check_usable()
-        if self._eof:
-            raise anyio.ClosedResourceError
-        if self._peer_closed:
-            raise anyio.BrokenResourceError("the peer closed the link")
+        self._check_sendable()
         conn = self._conn
         if self._backlog or conn.send_room() <= 0:
             self._blocked = True
@@ -242,6 +234,14 @@ class RudpLink(ArqLink):
         await anyio.lowlevel.checkpoint()
 
     # --- internals ------------------------------------------------------------------------------------------
+
+    def _check_sendable(self) -> None:
+        """Raise what a write raises on a link that cannot send any more (closed, ended by us or by the peer)."""
+        self._check_usable()
+        if self._eof:
+            raise anyio.ClosedResourceError
+        if self._peer_closed:
+            raise anyio.BrokenResourceError("the peer closed the link")
 
     def _sent_everything(self) -> bool:
         return not self._backlog and self._conn.all_acknowledged
