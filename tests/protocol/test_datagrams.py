@@ -291,3 +291,12 @@ def test_garbage_datagrams_are_dropped_and_counted_never_fatal(garbage: list[byt
     assert deliver(client, server)[-1] == ev.DataReceived(stream_id=sid, data=b"still here")
     other_sid = udp_stream(client, server)
     assert other_sid > sid
+
+
+def test_datagrams_queued_when_the_tunnel_closes_are_not_sent() -> None:
+    client, server = pair()
+    sid = udp_stream(client, server)
+    client.tunnel.send_data(sid, b"behind the GOAWAY")
+    client.tunnel.shutdown("bye", graceful=False)
+    assert client.tunnel.datagrams_to_send() == []
+    assert client.tunnel.data_to_send()  # the GOAWAY

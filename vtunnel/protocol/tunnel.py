@@ -878,6 +878,7 @@ class Tunnel:
         if send_goaway:
             self._out.append(fr.encode_goaway(reason))
         self._state = TunnelState.CLOSED
+        self._datagrams_out = []  # the frames say the tunnel is over; datagrams behind them would be dropped
         for stream in self._streams.values():
             self._kill(stream)
         self._live = 0

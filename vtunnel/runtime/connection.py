@@ -174,11 +174,14 @@ class TunnelConnection:
 
     def _send_datagrams(self, datagrams: list[bytes]) -> None:
         """Unreliable datagrams to the link: one that cannot go is lost, as the network may lose it (a failed
-        link is reported by its byte path)."""
+        link is reported by its byte path; one the link no longer takes, its datagram size having shrunk since the
+        tunnel started, is dropped)."""
         link = self.link
         for datagram in datagrams:
             try:
                 link.send_datagram_nowait(datagram)
+            except ValueError:
+                continue
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 return
 
