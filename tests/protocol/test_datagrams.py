@@ -300,3 +300,46 @@ def test_datagrams_queued_when_the_tunnel_closes_are_not_sent() -> None:
     client.tunnel.shutdown("bye", graceful=False)
     assert client.tunnel.datagrams_to_send() == []
     assert client.tunnel.data_to_send()  # the GOAWAY
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sends=st.lists(
+        st.tuples(st.booleans(), st.integers(0, LIMIT + 200), st.booleans()), min_size=1, max_size=200
+    ),
+)
+def test_over_a_lossy_path_each_datagram_arrives_at_most_once_on_its_own_stream(
+    sends: list[tuple[bool, int, bool]],
+) -> None:
+    """Two ``udp`` streams; unreliable datagrams lost at random (``lose``), frames delivered: every datagram that
+    arrives was sent on that stream and arrives once; the ones too large for the transport always arrive."""
+    client, server = pair()
+    streams = (udp_stream(client, server), udp_stream(client, server))
+    sent: dict[int, list[bytes]] = {sid: [] for sid in streams}
+    received: dict[int, list[bytes]] = {sid: [] for sid in streams}
+    for i, (second, size, lose) in enumerate(sends):
+        sid = streams[second]
+        payload = (i.to_bytes(2, "big") + bytes([sid]) * size)[:size] if size >= 2 else bytes(size)
+        client.tunnel.send_data(sid, payload)  # (the reader keeps up: the window always has room)
+        sent[sid].append(payload)
+        for datagram in client.tunnel.datagrams_to_send():
+            if not lose:
+                server.events += server.tunnel.receive_datagram(datagram, 0.0)
+        pump(client, server)
+        for event in server.of(ev.DataReceived):
+            server.tunnel.acknowledge_received_data(event.stream_id, len(event.data))
+        pump(client, server)
+        got = server.events
+        server.events = []
+        for event in got:
+            if isinstance(event, ev.DataReceived):
+                received[event.stream_id].append(event.data)
+    for sid in streams:
+        for payload in received[sid]:
+            assert payload in sent[sid]
+        tagged = [p for p in received[sid] if len(p) >= 2]
+        assert len(tagged) == len(set(tagged))  # nothing twice (each tagged payload is unique)
+        assert [p for p in sent[sid] if len(p) > LIMIT] == [p for p in received[sid] if len(p) > LIMIT]
+    expected_lost = sum(1 for _, size, lose in sends if lose and size <= LIMIT)
+    assert server.tunnel.datagrams_received == client.tunnel.datagrams_sent - expected_lost
+    assert server.tunnel.datagrams_dropped == 0
