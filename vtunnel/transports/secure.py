@@ -296,6 +296,9 @@ class SealedLink(Link):
             if self._consumer is not None:
                 self._consumer.link_writable()
 
+    def link_datagram(self, data: bytes) -> None:
+        """Never called: the links under a sealed one (byte streams) carry no datagrams."""
+
     def link_ended(self, error: BaseException | None) -> None:
         if self._core.eof_received or self._broken:
             return
