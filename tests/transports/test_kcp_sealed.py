@@ -43,7 +43,6 @@ from vtunnel.security.noise import Responder
 from vtunnel.security.replay import ReplayCache, ResetLimiter
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.transports.base import Endpoint, SecurityConfig
-from vtunnel.transports.kcp.client import connect as kcp_connect
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.options import parse_options
@@ -52,6 +51,8 @@ from vtunnel.transports.kcp.transport import KCPTransport
 from vtunnel.transports.link import LinkStream
 
 pytestmark = pytest.mark.anyio
+
+kcp_connect = KCPTransport().dial
 
 
 @pytest.fixture

@@ -1,53 +1,53 @@
-"""The ``kcp://`` client: one UDP socket to one server, its datagram codec, and the session's link."""
+"""The client of a datagram transport (``kcp://``, ``rudp://``): one UDP socket to one server, its datagram codec,
+and the one link of its session, which the ARQ's ``new_link`` builds once the codec's handshake (if any) is done.
+Everything but the link is the same for every ARQ."""
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
-from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
-from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.io.datagrams import Address, CoalescingSocket, Run, open_client_socket
 from vtunnel.transports.base import TransportError
-from vtunnel.transports.kcp.codec import ClientCodec, Datagram, transmitter
-from vtunnel.transports.kcp.link import KCPLink
+from vtunnel.transports.kcp.codec import ClientCodec, Datagram, RoutedLink, Transmit, transmitter
 
-__all__ = ["KCPClient", "connect", "random_conv"]
+__all__ = ["DatagramClient", "NewClientLink", "SocketOptions", "open_client"]
 
-
-def random_conv() -> int:
-    return secrets.randbits(32) or 1
+L = TypeVar("L", bound=RoutedLink)
 
 
-class KCPClient:
+class SocketOptions(Protocol):
+    """What a datagram transport's options say of its socket and its handshake."""
+
+    @property
+    def sockbuf(self) -> int: ...
+    @property
+    def connect_timeout(self) -> float: ...
+
+
+#: builds a client's link, the ARQ's part: (its output, the socket's address, the server's, what it calls when it
+#: closes, whether the codec seals); raises :class:`TransportError` when the session cannot start
+NewClientLink: TypeAlias = Callable[[Transmit, Address, Address, Callable[[RoutedLink], None], bool], L]
+
+
+class DatagramClient(Generic[L]):
     """The client side of one session: a UDP socket whose datagrams ``codec`` reads, feeding one link, which
     :meth:`connect` starts once the codec's handshake (if any) is done."""
 
-    def __init__(self, sock: Any, server: Address, options: KCPOptions, codec: ClientCodec) -> None:
+    def __init__(self, sock: Any, server: Address, codec: ClientCodec, new_link: NewClientLink[L]) -> None:
         self._server = server
-        self._options = options
         self._codec = codec
-        self.link: KCPLink | None = None
+        self._new_link = new_link
+        self.link: L | None = None
         self._udp = CoalescingSocket(sock, self._on_runs)
         codec.attach(self._udp.sendto, server)
 
-    async def connect(self) -> KCPLink:
-        options, udp, codec = self._options, self._udp, self._codec
-        seal = await codec.handshake(options.connect_timeout)
-        engine = KCPEngine(
-            conv=options.conv if options.conv is not None else random_conv(),
-            options=options,
-            mtu=options.mtu - codec.overhead,
-            now=asyncio.get_running_loop().time(),
-        )
-        self.link = KCPLink(
-            engine=engine,
-            options=options,
-            transmit=transmitter(udp.sendto_many, seal),
-            local_address=udp.local_address,
-            remote_address=self._server,
-            on_close=lambda _link: udp.close(),
+    async def connect(self, timeout: float) -> L:
+        udp = self._udp
+        seal = await self._codec.handshake(timeout)
+        transmit = transmitter(udp.sendto_many, seal)
+        self.link = self._new_link(
+            transmit, udp.local_address, self._server, lambda _link: udp.close(), seal is not None
         )
         return self.link
 
@@ -66,24 +66,25 @@ class KCPClient:
             link.fail(ended)
 
 
-async def connect(family: Any, server: Address, options: KCPOptions, codec: ClientCodec) -> KCPLink:
-    """A KCP session to ``server`` whose datagrams ``codec`` reads; raises what the codec's handshake raises
-    (sealed: :class:`~vtunnel.security.errors.HandshakeTimeout` if the server never answers,
-    :class:`~vtunnel.security.errors.AuthenticationFailed` if it answers, authentically, with a cipher this client
-    did not offer) and :class:`TransportError` when the session cannot start."""
-    if options.mtu - codec.overhead < 64:
-        raise TransportError(f"kcp option 'mtu' is too small for sealed datagrams: {options.mtu}")
+async def open_client(
+    family: Any,
+    server: Address,
+    codec: ClientCodec,
+    new_link: NewClientLink[L],
+    options: SocketOptions,
+) -> L:
+    """A session to ``server`` whose datagrams ``codec`` reads, its link built by ``new_link``; raises what the
+    codec's handshake raises (sealed: :class:`~vtunnel.security.errors.HandshakeTimeout` if the server never
+    answers, :class:`~vtunnel.security.errors.AuthenticationFailed` if it answers, authentically, with a cipher
+    this client did not offer) and :class:`TransportError` when the session cannot start."""
     try:
         # not connected (see open_client_socket): the kernel does not filter by source, the codec does
         sock = open_client_socket(family, server, sockbuf=options.sockbuf)
     except OSError as exc:
         raise TransportError(f"cannot open a UDP socket to {server[0]}:{server[1]}: {exc}") from None
-    client = KCPClient(sock, server, options, codec)
+    client = DatagramClient(sock, server, codec, new_link)
     try:
-        return await client.connect()
-    except KCPEngineError as exc:
-        client.close()  # (and the socket)
-        raise TransportError(str(exc)) from None
+        return await client.connect(options.connect_timeout)
     except BaseException:
-        client.close()
+        client.close()  # (and the socket)
         raise

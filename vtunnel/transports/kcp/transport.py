@@ -1,26 +1,36 @@
 """``kcp://``, the transport the registry names: one listener or one client, with the plain codec
 (:mod:`~vtunnel.transports.kcp.plain`) or, when a key is configured, the sealed one
-(:mod:`~vtunnel.transports.kcp.sealed`)."""
+(:mod:`~vtunnel.transports.kcp.sealed`); and :class:`DatagramTransport`, what it shares with ``rudp://``."""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import socket
-from typing import Any, ClassVar
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 from anyio.abc import Listener
 
+from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.io.datagrams import Address, open_udp_socket
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
-from vtunnel.transports.kcp.client import connect
-from vtunnel.transports.kcp.codec import ClientCodec, ListenerCodec
+from vtunnel.transports.kcp.client import SocketOptions, open_client
+from vtunnel.transports.kcp.codec import ClientCodec, ListenerCodec, RoutedLink, Transmit
+from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.options import parse_options
 from vtunnel.transports.kcp.plain import PlainClientCodec, PlainListenerCodec
 from vtunnel.transports.kcp.sealed import SealedClientCodec, SealedListenerCodec
 from vtunnel.transports.link import Link
 
-__all__ = ["KCPTransport", "resolve"]
+__all__ = ["DatagramTransport", "KCPTransport", "resolve"]
+
+
+Opts = TypeVar("Opts", bound=SocketOptions)
 
 
 async def resolve(endpoint: Endpoint) -> tuple[Any, Address]:
@@ -33,35 +43,82 @@ async def resolve(endpoint: Endpoint) -> tuple[Any, Address]:
     return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
-class KCPTransport(Transport):
+class DatagramTransport(Transport, Generic[Opts]):
+    """A transport of ARQ sessions over UDP (``kcp://``, ``rudp://``), the codec chosen by whether a key is set
+    (sealed with one; without, the ARQ's plain codec). A subclass reads its URL options (``Opts``), names its
+    plain listener codec, and builds its listener and its client's session (:meth:`dial`; raises what
+    :func:`~vtunnel.transports.kcp.client.open_client` raises)."""
+
+    @abstractmethod
+    def parse(self, params: Mapping[str, str]) -> Opts: ...
+    @abstractmethod
+    def plain_codec(self, options: Opts) -> ListenerCodec[Any]: ...
+    @abstractmethod
+    def listener(self, sock: Any, options: Opts, codec: ListenerCodec[Any]) -> Listener[Link]: ...
+    @abstractmethod
+    async def dial(self, family: Any, server: Address, options: Opts, codec: ClientCodec) -> Link: ...
+
+    def check(self, endpoint: Endpoint) -> None:
+        self.parse(endpoint.params)
+
+    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
+        options = self.parse(endpoint.params)
+        family, server = await resolve(endpoint)
+        psk, cipher = security.psk, security.cipher
+        codec = PlainClientCodec() if psk is None else SealedClientCodec(psk, cipher=cipher)
+        return await self.dial(family, server, options, codec)
+
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
+        options = self.parse(endpoint.params)
+        family, address = await resolve(endpoint)
+        psk, cipher = security.psk, security.cipher
+        codec = self.plain_codec(options) if psk is None else SealedListenerCodec(psk, cipher=cipher)
+        try:
+            sock = open_udp_socket(family, bind=address, sockbuf=options.sockbuf)
+        except OSError as exc:
+            raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
+        try:
+            return self.listener(sock, options, codec)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class KCPTransport(DatagramTransport[KCPOptions]):
     """``kcp://host:port?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350`` (see ``docs/transports.md``)."""
 
     schemes: ClassVar[tuple[str, ...]] = ("kcp",)
     description: ClassVar[str] = "KCP (ikcp via siokcp) over UDP; presets normal, fast, fast2, fast3, fast4"
 
-    def check(self, endpoint: Endpoint) -> None:
-        parse_options(endpoint.params)
+    def parse(self, params: Mapping[str, str]) -> KCPOptions:
+        return parse_options(params)
 
-    async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
-        options = parse_options(endpoint.params)
-        family, server = await resolve(endpoint)
-        codec: ClientCodec = (
-            PlainClientCodec()
-            if security.psk is None
-            else SealedClientCodec(security.psk, cipher=security.cipher)
-        )
-        return await connect(family, server, options, codec)
+    def plain_codec(self, options: KCPOptions) -> ListenerCodec[Any]:
+        return PlainListenerCodec()
 
-    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
-        options = parse_options(endpoint.params)
-        family, address = await resolve(endpoint)
-        codec: ListenerCodec[Any] = (
-            PlainListenerCodec()
-            if security.psk is None
-            else SealedListenerCodec(security.psk, cipher=security.cipher)
-        )
-        try:
-            sock = open_udp_socket(family, bind=address, sockbuf=options.sockbuf)
-        except OSError as exc:
-            raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
+    def listener(self, sock: Any, options: KCPOptions, codec: ListenerCodec[Any]) -> Listener[Link]:
         return KCPListener(sock, options, codec)
+
+    async def dial(self, family: Any, server: Address, options: KCPOptions, codec: ClientCodec) -> KCPLink:
+        mtu = options.mtu - codec.overhead
+        if mtu < 64:
+            raise TransportError(f"kcp option 'mtu' is too small for sealed datagrams: {options.mtu}")
+
+        def new_link(
+            transmit: Transmit, local: Address, peer: Address, on_close: Callable[[RoutedLink], None], _: bool
+        ) -> KCPLink:
+            conv = options.conv if options.conv is not None else secrets.randbits(32) or 1
+            try:
+                engine = KCPEngine(conv=conv, options=options, mtu=mtu, now=asyncio.get_running_loop().time())
+            except KCPEngineError as exc:
+                raise TransportError(str(exc)) from None
+            return KCPLink(
+                engine=engine,
+                options=options,
+                transmit=transmit,
+                local_address=local,
+                remote_address=peer,
+                on_close=on_close,
+            )
+
+        return await open_client(family, server, codec, new_link, options)
