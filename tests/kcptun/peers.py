@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from vtunnel.arq.fec import FECPacket, is_fec_packet, parse_fec_packet
+from vtunnel.arq.reedsolomon import ReedSolomon
 from vtunnel.kcptun import KcptunConfig, KcptunSession
-from vtunnel.kcptun.fec import FECPacket, is_fec_packet, parse_fec_packet
-from vtunnel.kcptun.reedsolomon import ReedSolomon
 from vtunnel.kcptun.smux import Event
 
 KCPTUN_SERVER = shutil.which("kcptun-server")

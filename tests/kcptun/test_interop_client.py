@@ -28,6 +28,7 @@ from tests.kcptun.peers import (
     payload,
     udp_socket,
 )
+from vtunnel.arq.fec import TYPE_DATA, is_fec_packet
 from vtunnel.kcptun import (
     DataReceived,
     Event,
@@ -38,7 +39,6 @@ from vtunnel.kcptun import (
     StreamOpened,
     first_conv,
 )
-from vtunnel.kcptun.fec import TYPE_DATA, is_fec_packet
 
 pytestmark = [needs_kcptun, pytest.mark.timeout(120)]
 

@@ -27,9 +27,9 @@ from tests.kcptun.peers import (
     payload,
     udp_socket,
 )
+from vtunnel.arq.fec import TYPE_DATA, is_fec_packet
+from vtunnel.arq.reedsolomon import ReedSolomon
 from vtunnel.kcptun import DataReceived, KcptunConfig, KcptunSession, SessionClosed
-from vtunnel.kcptun.fec import TYPE_DATA, is_fec_packet
-from vtunnel.kcptun.reedsolomon import ReedSolomon
 
 pytestmark = [needs_kcptun, pytest.mark.timeout(120)]
 

@@ -4,7 +4,7 @@ Same rules as ``protocol``, ``security`` and ``arq``: bytes and ``now`` in; byte
 sockets, clocks, sleeps or logging. The layers, bottom up:
 
 - :mod:`~vtunnel.kcptun.crypt`: kcp-go's nonce + CRC32 header and ciphers, kcptun's key derivation
-- :mod:`~vtunnel.kcptun.fec` (with :mod:`~vtunnel.kcptun.reedsolomon`): kcp-go's Reed-Solomon FEC
+- :mod:`vtunnel.arq.fec` (with :mod:`vtunnel.arq.reedsolomon`): kcp-go's Reed-Solomon FEC, shared with ``kcp://``
 - KCP itself: :class:`vtunnel.arq.kcp_engine.KCPEngine`, in stream mode with kcptun's mode presets
 - :mod:`~vtunnel.kcptun.snappy`: kcptun's snappy-framed compression of the whole stream
 - :mod:`~vtunnel.kcptun.smux`: xtaci/smux v1 and v2 streams

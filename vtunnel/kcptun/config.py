@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Final, Self
 
+from vtunnel.arq.fec import FEC_OVERHEAD
 from vtunnel.arq.kcp_options import PRESETS, KCPOptions
 from vtunnel.kcptun.crypt import CIPHERS, HEADER_SIZE, MTU_LIMIT, Entropy, PacketCrypt, make_block_crypt
 from vtunnel.kcptun.errors import ConfigError
-from vtunnel.kcptun.fec import FEC_OVERHEAD
 from vtunnel.kcptun.smux import SmuxConfig
 
 __all__ = ["DEFAULT_KEY", "MODES", "KcptunConfig"]

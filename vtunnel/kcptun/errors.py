@@ -1,10 +1,13 @@
 """The named errors of the kcptun wire layers.
 
 Everything a peer (or anyone who can reach the UDP port) sends is parsed by code that raises only these, so a
-caller can drop a bad datagram or close a bad session without catching anything broader.
+caller can drop a bad datagram or close a bad session without catching anything broader. (:class:`FECError` is
+:mod:`vtunnel.arq.fec`'s, which ``kcp://`` shares.)
 """
 
 from __future__ import annotations
+
+from vtunnel.arq.fec import FECError
 
 __all__ = [
     "CompressionError",
@@ -27,10 +30,6 @@ class ConfigError(KcptunError):
 
 class CryptError(KcptunError):
     """A datagram that is too short for the crypt header or whose CRC32 does not match after decryption."""
-
-
-class FECError(KcptunError):
-    """A malformed FEC packet (too short, unknown type flag, impossible size field)."""
 
 
 class CompressionError(KcptunError):

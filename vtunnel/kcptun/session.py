@@ -20,12 +20,7 @@ import os
 import struct
 from typing import Final
 
-from vtunnel.arq.kcp_engine import KCPEngine
-from vtunnel.arq.kcp_wire import HEADER_LEN, valid_datagram
-from vtunnel.kcptun.config import KcptunConfig
-from vtunnel.kcptun.crypt import Entropy, PacketCrypt
-from vtunnel.kcptun.errors import CompressionError, CryptError, FECError
-from vtunnel.kcptun.fec import (
+from vtunnel.arq.fec import (
     FEC_OVERHEAD,
     TYPE_DATA,
     FECDecoder,
@@ -33,6 +28,11 @@ from vtunnel.kcptun.fec import (
     is_fec_packet,
     parse_fec_packet,
 )
+from vtunnel.arq.kcp_engine import KCPEngine
+from vtunnel.arq.kcp_wire import HEADER_LEN, valid_datagram
+from vtunnel.kcptun.config import KcptunConfig
+from vtunnel.kcptun.crypt import Entropy, PacketCrypt
+from vtunnel.kcptun.errors import CompressionError, CryptError, FECError
 from vtunnel.kcptun.smux import Event, SessionClosed, SmuxSession
 from vtunnel.kcptun.snappy import SnappyReader, SnappyWriter
 

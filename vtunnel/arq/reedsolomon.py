@@ -17,12 +17,15 @@ C speed, which keeps a 10/3 group of 1350-byte datagrams in the tens of microsec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 from typing import Final
 
-from vtunnel.kcptun.errors import FECError
+__all__ = ["MAX_SHARDS", "FECError", "ReedSolomon", "gf_mul"]
 
-__all__ = ["MAX_SHARDS", "ReedSolomon", "gf_mul"]
+
+class FECError(ValueError):
+    """Shard counts or shards the code cannot take, or a malformed FEC packet (:mod:`vtunnel.arq.fec`)."""
+
 
 _POLYNOMIAL: Final = 0x11D
 #: data + parity shards cannot pass the field size
@@ -112,6 +115,14 @@ def _encoding_matrix(data_shards: int, total_shards: int) -> tuple[tuple[int, ..
     return tuple(tuple(row) for row in _multiply(vandermonde, top_inverse))
 
 
+@lru_cache(maxsize=1024)
+def _decoding_matrix(data_shards: int, total_shards: int, rows: tuple[int, ...]) -> Matrix:
+    """The inverse of the encoding matrix's ``rows``: the data shards from the shards of those rows (one per
+    pattern of losses, kept: a lossy path repeats its patterns)."""
+    matrix = _encoding_matrix(data_shards, total_shards)
+    return _invert([list(matrix[i]) for i in rows])
+
+
 def _combine(coefficients: Sequence[int], shards: Sequence[bytes], size: int) -> bytes:
     """The sum of ``coefficients[i] * shards[i]``, ``size`` bytes long."""
     total = 0
@@ -168,8 +179,8 @@ class ReedSolomon:
         data: list[bytes | None] = list(shards[: self.data_shards])
         if all(shard is not None for shard in data):
             return [shard for shard in data if shard is not None]
-        rows = present[: self.data_shards]
-        decode = _invert([list(self._matrix[i]) for i in rows])
+        rows = tuple(present[: self.data_shards])
+        decode = _decoding_matrix(self.data_shards, total, rows)
         inputs = [shards[i] or b"" for i in rows]
         return [
             shard if shard is not None else _combine(decode[index], inputs, size)

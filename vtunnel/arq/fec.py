@@ -17,7 +17,8 @@ longest packet it holds) and reads each rebuilt packet's KCP datagram through it
 
 The 0xf1 / 0xf2 flags sit where a bare KCP segment has its cmd (81..84) and frg bytes, so a receiver can tell
 FEC packets from bare KCP datagrams by those two bytes alone; kcp-go accepts both whatever it was configured
-with, and so does :class:`FECDecoder`'s owner.
+with, and so does the kcptun session (:mod:`vtunnel.kcptun.session`). ``kcp://`` with ``fec=D/P`` uses the same
+packets (:mod:`vtunnel.transports.kcp.fec`), and takes only FEC packets.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Final
 
-from vtunnel.kcptun.errors import FECError
-from vtunnel.kcptun.reedsolomon import ReedSolomon
+from vtunnel.arq.reedsolomon import MAX_SHARDS, FECError, ReedSolomon
 
 __all__ = [
     "FEC_HEADER_SIZE",
     "FEC_OVERHEAD",
+    "MAX_SHARDS",
     "TYPE_DATA",
     "TYPE_PARITY",
     "FECDecoder",
     "FECEncoder",
+    "FECError",
     "FECPacket",
     "is_fec_packet",
     "parse_fec_packet",
@@ -148,7 +150,16 @@ class FECDecoder:
     any that its arrival let the decoder rebuild. Duplicates and packets of finished groups add nothing.
     """
 
-    __slots__ = ("_codec", "_done", "_done_order", "_groups", "data_shards", "parity_shards", "recovered")
+    __slots__ = (
+        "_codec",
+        "_done",
+        "_done_order",
+        "_groups",
+        "data_shards",
+        "misplaced",
+        "parity_shards",
+        "recovered",
+    )
 
     def __init__(self, data_shards: int, parity_shards: int) -> None:
         _check_shards(data_shards, parity_shards)
@@ -160,6 +171,9 @@ class FECDecoder:
         self._done_order: deque[int] = deque()
         #: data packets rebuilt so far
         self.recovered = 0
+        #: packets out of place for this decoder's layout (data where it expects parity, or parity where it
+        #: expects data): the peer groups differently, and they are not used for rebuilding
+        self.misplaced = 0
 
     def decode(self, packet: FECPacket) -> list[bytes]:
         out: list[bytes] = []
@@ -168,6 +182,7 @@ class FECDecoder:
         total = self.data_shards + self.parity_shards
         index = packet.seqid % total
         if (index < self.data_shards) != packet.is_data:
+            self.misplaced += 1
             return out  # the peer groups differently (other shard counts): nothing to rebuild with
         begin = packet.seqid - index
         if begin in self._done:

@@ -1,24 +1,26 @@
-"""kcp-go's FEC: klauspost/reedsolomon's matrix, rebuilding any lost data packets up to the parity count."""
+"""kcp-go's FEC (``--peer kcptun``, and ``kcp://`` with ``fec``): klauspost/reedsolomon's matrix, rebuilding any lost
+data packets up to the parity count."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtunnel.kcptun.errors import FECError
-from vtunnel.kcptun.fec import (
+from vtunnel.arq.fec import (
     FEC_OVERHEAD,
     TYPE_DATA,
     TYPE_PARITY,
     FECDecoder,
     FECEncoder,
+    FECError,
     is_fec_packet,
     parse_fec_packet,
 )
-from vtunnel.kcptun.reedsolomon import ReedSolomon, _invert
+from vtunnel.arq.reedsolomon import ReedSolomon, _invert
 
 
 def test_matrix_inverse_matches_klauspost_vector() -> None:
@@ -120,3 +122,52 @@ def test_decoder_never_fails_on_inconsistent_packets(packets: list[tuple[int, bo
     for seqid, is_data, body in packets:
         flag = TYPE_DATA if is_data else TYPE_PARITY
         decoder.decode(parse_fec_packet(seqid.to_bytes(4, "little") + flag.to_bytes(2, "little") + body))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(26, 60),
+    shards=st.sampled_from([(10, 3), (4, 2), (1, 1), (20, 5)]),
+    seed=st.integers(0, 2**32),
+    data=st.data(),
+)
+def test_any_loss_pattern_within_the_parity_budget_loses_no_datagram(
+    count: int, shards: tuple[int, int], seed: int, data: st.DataObject
+) -> None:
+    """Any pattern of losses, at most ``P`` packets of each group of ``D + P``, data or parity alike, in any order
+    of arrival within a group, with copies: every datagram of a complete group comes out, and nothing else."""
+    ds, ps = shards
+    rng = random.Random(seed)
+    datagrams = [rng.randbytes(rng.randint(24, 1342)) for _ in range(count)]
+    encoder, decoder = FECEncoder(ds, ps), FECDecoder(ds, ps)
+    packets = [packet for datagram in datagrams for packet in encoder.encode(datagram)]
+    total = ds + ps
+    arriving: list[bytes] = []
+    for begin in range(0, len(packets), total):
+        group = packets[begin : begin + total]
+        budget = ps if len(group) == total else 0
+        lost = data.draw(st.sets(st.integers(0, len(group) - 1), max_size=budget), label="lost")
+        kept = [packet for i, packet in enumerate(group) if i not in lost]
+        kept += rng.choices(kept, k=rng.randint(0, 2)) if kept else []  # copies
+        rng.shuffle(kept)  # reordered within the group
+        arriving += kept
+    out: list[bytes] = []
+    for packet in arriving:
+        out += decoder.decode(parse_fec_packet(packet))
+    complete = len(datagrams) // ds * ds
+    assert set(datagrams[:complete]) <= set(out)
+    assert set(out) <= set(datagrams)
+    assert decoder.misplaced == 0
+
+
+@pytest.mark.parametrize(("sent", "expected"), [((10, 3), (4, 2)), ((10, 4), (10, 3)), ((4, 2), (10, 3))])
+def test_a_peer_with_other_shard_counts_is_noticed(sent: tuple[int, int], expected: tuple[int, int]) -> None:
+    """Packets out of place for the receiver's layout are counted, and the data packets still come out."""
+    encoder, decoder = FECEncoder(*sent), FECDecoder(*expected)
+    datagrams = [bytes([i]) * 40 for i in range(60)]
+    out: list[bytes] = []
+    for datagram in datagrams:
+        for packet in encoder.encode(datagram):
+            out += decoder.decode(parse_fec_packet(packet))
+    assert decoder.misplaced > 0
+    assert set(datagrams) <= set(out)
