@@ -68,11 +68,12 @@ def test_every_option_field_can_be_set_from_the_url() -> None:
         "sockbuf": "1048576",
         "connect_timeout": "4",
     }
-    opts = parse_options({**samples, "pacing": "off", "ackrepeat": "off"})
+    opts = parse_options({**samples, "pacing": "off", "ackrepeat": "off", "fec": "10/3"})
     assert opts.pacing is False
     assert opts.ackrepeat is False
+    assert opts.fec == (10, 3)
     for f in fields(KCPOptions):
-        if f.name not in ("mode", "pacing", "ackrepeat"):
+        if f.name not in ("mode", "pacing", "ackrepeat", "fec"):
             assert str(getattr(opts, f.name)).rstrip("0").rstrip(".") == samples[f.name].rstrip("0").rstrip(
                 "."
             )

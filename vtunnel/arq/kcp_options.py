@@ -64,6 +64,9 @@ class KCPOptions:
     pacing: bool = True
     #: send each ACK twice, the second time in the next datagram of ACKs (see KCPEngine); off: once, as ikcp
     ackrepeat: bool = True
+    #: forward error correction (data shards, parity shards): the session's datagrams travel as kcp-go's FEC
+    #: packets (see vtunnel.arq.fec), both ends alike; None: bare KCP datagrams
+    fec: tuple[int, int] | None = None
 
     @property
     def nodelay_args(self) -> NoDelay:

@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar
 import anyio
 from anyio.abc import SocketAttribute
 
-from vtunnel.io.datagrams import Address, Run
+from vtunnel.io.datagrams import Address, Run, split_run
 from vtunnel.transports.link import Link, LinkConsumer
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "Send",
     "Stray",
     "Transmit",
+    "take_each",
+    "transmitter",
 ]
 
 #: one datagram: a whole buffer, or a view of one datagram of a run
@@ -177,6 +179,16 @@ class ArqLink(RoutedLink):
             consumer.link_writable()
 
 
+def take_each(link: RoutedLink, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
+    """``take_run`` datagram by datagram: the run's datagrams added to ``into`` if ``link`` accepts each, else
+    nothing (False)."""
+    datagrams = split_run(buffer, segment)
+    if not all(map(link.accepts, datagrams)):
+        return False
+    into.extend(datagrams)
+    return True
+
+
 def transmitter(send_many: Transmit, seal: Sealer | None) -> Transmit:
     """A session's output: ``send_many``, with every batch sealed first when there is a ``seal``."""
     if seal is None:
@@ -235,9 +247,9 @@ class ListenerCodec(ABC, Generic[K]):
         taken (a handshake), not dropped."""
 
     @abstractmethod
-    def session_started(self, key: K, first: Datagram) -> Sealer | None:
-        """The router starts a link for ``key`` with payload ``first``: what seals its output (None: sent as it
-        is)."""
+    def session_started(self, key: K, first: Datagram, address: Address) -> Sealer | None:
+        """The router starts a link for ``key`` with payload ``first``, its peer at ``address``: what seals its
+        output (None: sent as it is)."""
 
     @abstractmethod
     def forget(self, key: K) -> None:

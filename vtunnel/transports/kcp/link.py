@@ -79,6 +79,10 @@ class KCPLink(ArqLink):
     def engine(self) -> KCPEngine:
         return self._engine
 
+    @property
+    def options(self) -> KCPOptions:
+        return self._options
+
     # --- from the owner -------------------------------------------------------------------------------------
 
     def accepts(self, datagram: Datagram) -> bool:

@@ -1,6 +1,6 @@
 """``kcp://`` URL options: presets by name and validated overrides.
 
-``kcp://host:port?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350`` — every option is optional. Unknown options
+``kcp://host:port?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350&fec=10/3`` — every option is optional. Unknown options
 and bad values raise :class:`~vtunnel.transports.base.TransportError` naming the option.
 """
 
@@ -11,6 +11,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Final
 
+from vtunnel.arq.fec import MAX_SHARDS
 from vtunnel.arq.kcp_options import DEFAULT_MODE, PRESETS, UNPACED_SNDWND, KCPOptions
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.urloptions import OptionParser, bool_option, int_option, seconds_option
@@ -21,6 +22,21 @@ __all__ = ["parse_options"]
 
 _int = partial(int_option, "kcp")
 _seconds = partial(seconds_option, "kcp")
+
+
+def _fec(name: str, text: str) -> tuple[int, int] | None:
+    """``off`` or ``DATA/PARITY`` shards (each at least 1, together at most 256, as Reed-Solomon over GF(2^8))."""
+    if text.lower() in ("off", "0", "0/0"):
+        return None
+    data, slash, parity = text.partition("/")
+    if slash and data.isdigit() and parity.isdigit():
+        shards = int(data), int(parity)
+        if min(shards) >= 1 and sum(shards) <= MAX_SHARDS:
+            return shards
+    raise TransportError(
+        f"kcp option {name!r} must be off or DATA/PARITY shards (e.g. 10/3; each at least 1, together at most "
+        f"{MAX_SHARDS}), got {text!r}"
+    )
 
 
 def _conv(name: str, text: str) -> int | None:
@@ -45,6 +61,7 @@ _PARSERS: Final[Mapping[str, OptionParser]] = {
     "connect_timeout": _seconds(0.1, 3600.0),
     "pacing": bool_option("kcp"),
     "ackrepeat": bool_option("kcp"),
+    "fec": _fec,
 }
 
 

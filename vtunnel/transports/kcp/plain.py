@@ -83,7 +83,7 @@ class KeylessListenerCodec(ListenerCodec[K], Generic[K]):
     def stranger(self, datagram: Datagram, source: Address, now: float) -> bool:
         return False  # no session's header: nothing to answer
 
-    def session_started(self, key: K, first: Datagram) -> None:
+    def session_started(self, key: K, first: Datagram, address: Address) -> None:
         marks = self._marks[key] = self._new_marks()
         marks.note(first)
 

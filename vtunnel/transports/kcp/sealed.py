@@ -198,7 +198,7 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         self._send(reply, source)
         return True
 
-    def session_started(self, key: bytes, first: Datagram) -> Sealer:
+    def session_started(self, key: bytes, first: Datagram, address: Address) -> Sealer:
         self._half_open.pop(key, None)
         return self._paths[key].session.seal_many
 

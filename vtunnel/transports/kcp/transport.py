@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import socket
 from abc import abstractmethod
@@ -14,14 +13,15 @@ from typing import Any, ClassVar, Generic, TypeVar
 import anyio
 from anyio.abc import Listener
 
-from vtunnel.arq.kcp_engine import KCPEngine, KCPEngineError
+from vtunnel.arq.kcp_engine import KCPEngineError
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.io.datagrams import Address, open_udp_socket
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
 from vtunnel.transports.kcp.client import SocketOptions, open_client
 from vtunnel.transports.kcp.codec import ClientCodec, ListenerCodec, RoutedLink, Transmit
+from vtunnel.transports.kcp.fec import FECPlainListenerCodec
 from vtunnel.transports.kcp.link import KCPLink
-from vtunnel.transports.kcp.listener import KCPListener
+from vtunnel.transports.kcp.listener import KCPListener, kcp_link
 from vtunnel.transports.kcp.options import parse_options
 from vtunnel.transports.kcp.plain import PlainClientCodec, PlainListenerCodec
 from vtunnel.transports.kcp.sealed import SealedClientCodec, SealedListenerCodec
@@ -94,14 +94,13 @@ class KCPTransport(DatagramTransport[KCPOptions]):
         return parse_options(params)
 
     def plain_codec(self, options: KCPOptions) -> ListenerCodec[Any]:
-        return PlainListenerCodec()
+        return PlainListenerCodec() if options.fec is None else FECPlainListenerCodec()
 
     def listener(self, sock: Any, options: KCPOptions, codec: ListenerCodec[Any]) -> Listener[Link]:
         return KCPListener(sock, options, codec)
 
     async def dial(self, family: Any, server: Address, options: KCPOptions, codec: ClientCodec) -> KCPLink:
-        mtu = options.mtu - codec.overhead
-        if mtu < 64:
+        if options.mtu - codec.overhead < 64:
             raise TransportError(f"kcp option 'mtu' is too small for sealed datagrams: {options.mtu}")
 
         def new_link(
@@ -109,16 +108,8 @@ class KCPTransport(DatagramTransport[KCPOptions]):
         ) -> KCPLink:
             conv = options.conv if options.conv is not None else secrets.randbits(32) or 1
             try:
-                engine = KCPEngine(conv=conv, options=options, mtu=mtu, now=asyncio.get_running_loop().time())
+                return kcp_link(options, conv, codec.overhead, transmit, local, peer, on_close)
             except KCPEngineError as exc:
                 raise TransportError(str(exc)) from None
-            return KCPLink(
-                engine=engine,
-                options=options,
-                transmit=transmit,
-                local_address=local,
-                remote_address=peer,
-                on_close=on_close,
-            )
 
         return await open_client(family, server, codec, new_link, options)
