@@ -125,20 +125,24 @@ def _decoding_matrix(data_shards: int, total_shards: int, rows: tuple[int, ...])
 
 def _combine(coefficients: Sequence[int], shards: Sequence[bytes], size: int) -> bytes:
     """The sum of ``coefficients[i] * shards[i]``, ``size`` bytes long."""
+    return _apply([_product_table(c) if c > 1 else c for c in coefficients], shards, size)
+
+
+def _apply(tables: Sequence[bytes | int], shards: Sequence[bytes], size: int) -> bytes:
+    """The sum of the shards, each multiplied through its product table (0: left out, 1: as it is)."""
     total = 0
-    for c, shard in zip(coefficients, shards, strict=True):
-        if c == 0:
-            continue
-        if c != 1:
-            shard = shard.translate(_product_table(c))
-        total ^= int.from_bytes(shard, "big")
+    for table, shard in zip(tables, shards, strict=True):
+        if isinstance(table, bytes):
+            total ^= int.from_bytes(shard.translate(table), "big")
+        elif table:
+            total ^= int.from_bytes(shard, "big")
     return total.to_bytes(size, "big")
 
 
 class ReedSolomon:
     """A ``data_shards`` + ``parity_shards`` code (both at least 1, together at most 256)."""
 
-    __slots__ = ("_matrix", "data_shards", "parity_shards")
+    __slots__ = ("_matrix", "_parity_tables", "data_shards", "parity_shards")
 
     def __init__(self, data_shards: int, parity_shards: int) -> None:
         if data_shards < 1 or parity_shards < 1 or data_shards + parity_shards > MAX_SHARDS:
@@ -146,6 +150,10 @@ class ReedSolomon:
         self.data_shards = data_shards
         self.parity_shards = parity_shards
         self._matrix = _encoding_matrix(data_shards, data_shards + parity_shards)
+        #: each parity row's product tables (0 and 1 as they are), looked up once
+        self._parity_tables = [
+            [_product_table(c) if c > 1 else c for c in row] for row in self._matrix[data_shards:]
+        ]
 
     @property
     def matrix(self) -> tuple[tuple[int, ...], ...]:
@@ -159,7 +167,7 @@ class ReedSolomon:
         size = len(data[0])
         if any(len(shard) != size for shard in data):
             raise FECError("data shards differ in length")
-        return [_combine(row, data, size) for row in self._matrix[self.data_shards :]]
+        return [_apply(tables, data, size) for tables in self._parity_tables]
 
     def reconstruct_data(self, shards: Sequence[bytes | None]) -> list[bytes]:
         """The data shards, given every shard of the group or ``None`` where it is missing.
