@@ -179,9 +179,13 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
         "cpu": cpu,
     }
     counters = relay.delta()
+    metrics = {"goodput_MBps": float(result["goodput"]) / 1e6}
     if counters:
         raw["relay"] = counters
-    return {"goodput_MBps": float(result["goodput"]) / 1e6}, raw
+        sent = sum(direction.get("received_bytes", 0) for direction in counters.values())
+        if sent and result["bytes"]:
+            metrics["wire_per_payload"] = sent / float(result["bytes"])
+    return metrics, raw
 
 
 def _latency(samples_ns: list[int], scale: float, unit: str) -> dict[str, float]:

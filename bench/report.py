@@ -39,6 +39,7 @@ __all__ = [
 HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
     "bulk": (("goodput_MBps", "MB/s", True),),
     "bulk_loss": (("goodput_MBps", "MB/s", True),),
+    "bulk_wire": (("goodput_MBps", "MB/s", True), ("wire_per_payload", "wire B per payload B", False)),
     "rr": (("p50_us", "us", False), ("p99_us", "us", False), ("p999_us", "us", False)),
     "ttfb": (("p50_ms", "ms", False), ("p99_ms", "ms", False)),
     "idle_cpu": (("agent_pct", "% core", False), ("server_pct", "% core", False)),
@@ -437,6 +438,7 @@ def build_document(
                 "kind": s.kind,
                 "transport": s.transport,
                 "keyed": s.keyed,
+                "fec": s.fec,
                 "commit": s.ref.commit if s.ref is not None else None,
             }
             for s in systems
@@ -458,7 +460,10 @@ def build_document(
         "samples": list(samples),
         "summary": summary,
         "ratios": _ratios(summary, compare),
-        "targets": evaluate_targets(summary, [s.name for s in systems], [sc.name for sc in scenarios]),
+        # (the +fec systems run the FEC comparison alone, which has no target)
+        "targets": evaluate_targets(
+            summary, [s.name for s in systems if not s.fec], [sc.name for sc in scenarios]
+        ),
         "saturation": _saturation(samples, summary),
     }
 

@@ -312,7 +312,7 @@ class Runner:
         try:
             stack.check_alive()
             metrics: Metrics
-            if scenario.kind in ("bulk", "bulk_loss"):
+            if scenario.kind in ("bulk", "bulk_loss", "bulk_wire"):
                 metrics = measure_bulk(stack, settings, group)
             elif scenario.kind == "rr":
                 metrics = measure_rr(stack, settings)

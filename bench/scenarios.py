@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bench.systems import SystemSpec
+from bench.systems import FEC_SHARDS, SystemSpec
 
 __all__ = [
     "LOSS_LEVELS",
@@ -58,15 +58,23 @@ RELAY_PROFILE: tuple[str, ...] = (
 )
 
 
+def relay_profile(loss: float) -> tuple[str, ...]:
+    """The relay's link of the FEC comparison: 5 ms +-1 ms one-way delay, ``loss`` each way, 50 MB/s."""
+    return ("--delay", "5", "--jitter", "1", "--loss", f"{loss:g}", "--rate", "50m", "--stats-interval", "1")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Scenario:
     """One measurement, run for every applicable system.
 
     ``kind`` selects the workload: ``bulk``, ``rr``, ``ttfb``, ``idle_streams``, ``tunnels``, ``idle_cpu``,
-    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``rr_impaired``
+    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``bulk_wire`` (bulk through the
+    relay, with the bytes on the wire per payload byte), ``rr_impaired``
     (request/response through the UDP impairment relay) or ``stalled`` (one stream's goodput while others of
     its tunnel stall). ``params`` are for a full run; ``quick`` overrides some for ``--quick``. ``own_stack``
     scenarios get a fresh stack per system and round instead of sharing one with the others of their link.
+    ``fec`` scenarios compare kcp:// with and without FEC: they run the kcp systems only, and only they run the
+    ``+fec`` ones.
     """
 
     name: str
@@ -82,6 +90,7 @@ class Scenario:
     own_stack: bool = False
     relay_options: tuple[str, ...] = ()
     quick_rounds: int | None = None  # fewer rounds under --quick (None: the run's rounds)
+    fec: bool = False
 
     def settings(self, *, quick: bool) -> dict[str, float]:
         merged = dict(self.params)
@@ -90,6 +99,10 @@ class Scenario:
         return merged
 
     def applies_to(self, system: SystemSpec) -> bool:
+        if system.fec and not self.fec:
+            return False
+        if self.fec and system.transport != "kcp":
+            return False
         if self.tunnels_only and not system.tunnel:
             return False
         if self.vtunnel_only and system.kind != "vtunnel":
@@ -198,6 +211,21 @@ SCENARIOS: tuple[Scenario, ...] = (
         udp_only=True,
         relay_options=RELAY_PROFILE,
     ),
+    *(
+        Scenario(
+            name=f"bulk-fec-{level}",
+            kind="bulk_wire",
+            description=f"bulk goodput (1 stream) over kcp:// with and without FEC ({FEC_SHARDS}) at {level}% "
+            "loss each way through the relay; wire bytes (both directions, as sent) per payload byte",
+            params={"streams": 1, "bytes": 64 * MiB, "timeout": 120},
+            quick={"bytes": 16 * MiB, "timeout": 60},
+            link="relay",
+            quick_rounds=1,
+            fec=True,
+            relay_options=relay_profile(level / 100),
+        )
+        for level in (2, 5)
+    ),
     Scenario(
         name="rr-impaired",
         kind="rr",
@@ -222,9 +250,12 @@ NOT_AUTOMATIC: frozenset[str] = frozenset({"tls"})
 
 def all_systems(plugins: tuple[str, ...] = ()) -> list[SystemSpec]:
     """Every system in report order: direct, kcptun, then vtunnel per transport (``plugins`` last), without and
-    with the key."""
+    with the key (kcp also with FEC, for the ``fec`` scenarios)."""
     systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun")]
     for transport in (*VTUNNEL_TRANSPORTS, *plugins):
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False))
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=True))
+        if transport == "kcp":
+            systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False, fec=True))
+            systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=True, fec=True))
     return systems

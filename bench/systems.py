@@ -29,6 +29,7 @@ from bench.procs import HarnessError, Proc, ProcessGroup, free_port, last_json_l
 from bench.refs import REPO_ROOT, RefTree
 
 __all__ = [
+    "FEC_SHARDS",
     "KCPTUN_ARGS",
     "TRANSPORT_URLS",
     "UDP_TRANSPORTS",
@@ -63,6 +64,8 @@ TRANSPORT_URLS: Mapping[str, str] = {
 }
 #: Transports whose packets are UDP datagrams (they can run through the UDP impairment relay).
 UDP_TRANSPORTS = frozenset({"kcp", "rudp", "quic"})
+#: the FEC shards of a ``+fec`` system (kcp:// only)
+FEC_SHARDS = "10/3"
 
 #: kcptun's reference configuration (both sides).
 KCPTUN_ARGS: tuple[str, ...] = (
@@ -97,6 +100,8 @@ class SystemSpec:
     kind: str  # "direct" | "kcptun" | "vtunnel"
     transport: str | None = None
     keyed: bool = False
+    #: kcp:// with forward error correction (``fec=`` :data:`FEC_SHARDS`)
+    fec: bool = False
     ref: RefTree | None = None
 
     @property
@@ -104,7 +109,7 @@ class SystemSpec:
         """The name without the ``@commit`` of a twin."""
         if self.kind != "vtunnel":
             return self.kind
-        return f"vtunnel-{self.transport}" + ("+psk" if self.keyed else "")
+        return f"vtunnel-{self.transport}" + ("+psk" if self.keyed else "") + ("+fec" if self.fec else "")
 
     @property
     def name(self) -> str:
@@ -149,7 +154,9 @@ def twin(system: SystemSpec, ref: RefTree) -> SystemSpec:
     """The same vtunnel system running the code of ``ref``."""
     if system.kind != "vtunnel":
         raise HarnessError(f"{system.name} is not a vtunnel system: it has no twin at another commit")
-    return SystemSpec(kind=system.kind, transport=system.transport, keyed=system.keyed, ref=ref)
+    return SystemSpec(
+        kind=system.kind, transport=system.transport, keyed=system.keyed, fec=system.fec, ref=ref
+    )
 
 
 def code_env(system: SystemSpec, *, with_bench: bool = False) -> dict[str, str]:
@@ -400,7 +407,10 @@ def tunnel_url(system: SystemSpec, hostport: str) -> str:
     if system.transport is None:
         raise HarnessError(f"{system.name} has no transport")
     template = TRANSPORT_URLS.get(system.transport, system.transport + "://{host}:{port}")
-    return template.format(host=host, port=port)
+    url = template.format(host=host, port=port)
+    if system.fec:
+        url += ("&" if "?" in url else "?") + f"fec={FEC_SHARDS}"
+    return url
 
 
 def server_argv(

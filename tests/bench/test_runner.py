@@ -43,6 +43,21 @@ def test_once_scenarios_skip_the_direct_connection_and_udp_only_ones_skip_tcp() 
     assert idle == ["kcptun", "vtunnel-tcp", "vtunnel-kcp"]
 
 
+def test_fec_scenarios_run_the_kcp_systems_alone_and_only_they_run_the_fec_ones() -> None:
+    from bench.systems import tunnel_url
+
+    runner = Runner(RunOptions(quick=True, scenarios=("bulk-1", "bulk-fec-2", "bulk-fec-5"), rounds=1))
+    runner.systems = all_systems()
+    jobs = runner.plan()
+    ran = {(sc.name, j.system.name) for j in jobs for sc in j.scenarios}
+    kcp = ["vtunnel-kcp", "vtunnel-kcp+psk", "vtunnel-kcp+fec", "vtunnel-kcp+psk+fec"]
+    for name in ("bulk-fec-2", "bulk-fec-5"):
+        assert sorted(system for scenario, system in ran if scenario == name) == sorted(kcp)
+    assert not any(system.endswith("+fec") for scenario, system in ran if scenario == "bulk-1")
+    fec = next(s for s in all_systems() if s.name == "vtunnel-kcp+psk+fec")
+    assert tunnel_url(fec, "127.0.0.1:9") == "kcp://127.0.0.1:9?mode=fast3&mtu=1350&fec=10/3"
+
+
 def test_unknown_scenario_is_a_clear_error() -> None:
     from bench.procs import HarnessError
 

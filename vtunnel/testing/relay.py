@@ -93,7 +93,10 @@ class DirectionStats:
     """Counters of one direction (datagrams unless named ``bytes``)."""
 
     received: int = 0
+    #: bytes of the datagrams received (what the sender put on the wire), before any impairment
+    received_bytes: int = 0
     passed: int = 0
+    #: bytes of the datagrams passed on
     bytes: int = 0
     dropped: int = 0
     duplicated: int = 0
@@ -132,6 +135,7 @@ class _Pipe:
             for datagram in datagrams:
                 send(datagram)
                 stats.bytes += len(datagram)
+                stats.received_bytes += len(datagram)
             stats.received += len(datagrams)
             stats.passed += len(datagrams)
             return
@@ -145,6 +149,7 @@ class _Pipe:
     def push(self, datagram: bytes, send: Sender, arrival: float | None = None) -> None:
         stats = self.stats
         stats.received += 1
+        stats.received_bytes += len(datagram)
         imp = self.impairment
         if imp.transparent:
             if not self.heap:
