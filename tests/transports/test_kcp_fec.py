@@ -24,7 +24,7 @@ from vtunnel.arq.kcp_wire import HEADER_LEN
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.testing.conformance import KIT_KEY
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError
-from vtunnel.transports.kcp.fec import FECLink, FECPlainListenerCodec
+from vtunnel.transports.kcp.fec import FECLink, FECMarks, FECPlainListenerCodec, fec_kind
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.options import parse_options
@@ -182,6 +182,25 @@ async def test_client_rebinding_mid_transfer_keeps_the_session_and_its_parity() 
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_marks_read_the_kcp_datagrams_inside_a_run_of_fec_packets() -> None:
+    """A keyless session moves only on a newer datagram: its marks are read from each data packet of a run (as
+    the codec notes them, at offsets into the run's buffer), and a parity packet is never newer."""
+    encoder = FECEncoder(2, 1)
+    segment = struct.Struct("<IBBHIIII")
+    packets = [
+        packet
+        for una in (1, 2)
+        for packet in encoder.encode(segment.pack(7, 82, 0, 0, 1000 + una, una, una, 0))  # ACKs
+    ]
+    assert [fec_kind(packet) for packet in packets] == [TYPE_DATA, TYPE_DATA, TYPE_PARITY]
+    run = b"".join(packets)
+    step = len(packets[0])
+    marks = FECMarks()
+    assert [marks.note(run, offset) for offset in range(0, len(run), step)] == [True, True, False]
+    assert not marks.note(packets[0])  # a copy of an older one
+    assert not marks.note(packets[1])
 
 
 def first_packets(conv: int) -> list[bytes]:

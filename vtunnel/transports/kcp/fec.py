@@ -147,7 +147,11 @@ class FECMarks(NewestMarks):
     __slots__ = ()
 
     def note(self, datagram: Datagram, offset: int = 0) -> bool:
-        if fec_kind(datagram, offset) != TYPE_DATA or len(datagram) - offset < FEC_OVERHEAD + HEADER_LEN:
+        # (the packet at ``offset`` was vetted by the link; ``datagram`` may be a whole run's buffer, so only
+        # the flag is read here, not the size against the buffer's length)
+        if len(datagram) - offset < FEC_OVERHEAD + HEADER_LEN:
+            return False
+        if _FLAG_SIZE.unpack_from(datagram, offset + 4)[0] != TYPE_DATA:
             return False
         return super().note(datagram, offset + FEC_OVERHEAD)
 
