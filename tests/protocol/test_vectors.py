@@ -8,7 +8,7 @@ import pytest
 from hyperframe.frame import Frame
 
 from tests.protocol.helpers import EXTENDED, VPROXY, Side, handshake, pump, state_of
-from vtunnel.protocol import ErrorCode, Role, StreamState, Tunnel, TunnelState, events
+from vtunnel.protocol import ErrorCode, Role, StreamState, Tunnel, TunnelConfig, TunnelState, events
 
 HANDSHAKE = bytes.fromhex("000000040000000000")
 
@@ -216,14 +216,17 @@ def test_side_helper_types() -> None:
 
 
 def test_vtunnel_handshake_bytes_match_the_document() -> None:
-    client = Tunnel(role=Role.CLIENT)
+    client = Tunnel(role=Role.CLIENT, config=TunnelConfig(lite_tls=False))
     client.initiate(0)
     hello = client.data_to_send()
     assert hello == h(
         "000024 04 00 00000000 f000 7674756e f001 00000001 f002 0000000b"
         " f003 00004000 f004 01000000 f005 00004000"
     )
-    server = Tunnel(role=Role.SERVER)
+    lite = Tunnel(role=Role.CLIENT)  # the core offers lite-tls (0x10) unless told not to
+    lite.initiate(0)
+    assert lite.data_to_send() == hello.replace(h("f002 0000000b"), h("f002 0000001b"))
+    server = Tunnel(role=Role.SERVER, config=TunnelConfig(lite_tls=False))
     server.receive_data(hello, 0)
     assert server.data_to_send() == hello
 

@@ -55,11 +55,13 @@ class DataReceived(Event):
     """Bytes for a stream. Acknowledge them once consumed.
 
     On a ``udp`` stream each event is one datagram. On a byte stream, consecutive DATA frames of the stream
-    within one ``receive_data`` input arrive as one event (frame boundaries carry no meaning there).
+    within one ``receive_data`` input arrive as one event (frame boundaries carry no meaning there), except that
+    each PASSTHROUGH frame (lite-tls) is an event of its own, with ``passthrough`` set.
     """
 
     stream_id: int
     data: bytes
+    passthrough: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -45,6 +45,8 @@ __all__ = [
     "FRAME_HEADER_SIZE",
     "GZIP",
     "MAX_FRAME_PAYLOAD",
+    "MAX_PASSTHROUGH_PAYLOAD",
+    "PASSTHROUGH",
     "MAX_WINDOW",
     "STREAM_DATAGRAM",
     "VPROXY_GOAWAY_ID",
@@ -85,10 +87,15 @@ class FrameType(IntEnum):
 END_STREAM = 0x1
 ACK = 0x1
 GZIP = 0x4
+#: DATA flag of the lite-tls extension: the payload is one whole TLS application-data record of a lite-tls stream
+#: that has left the tunnel (docs/security.md, "lite-tls passthrough records"); never with GZIP or END_STREAM
+PASSTHROUGH = 0x10
 
 FRAME_HEADER_SIZE = 9
 MAX_FRAME_PAYLOAD = (1 << 24) - 1
 MAX_WINDOW = (1 << 31) - 1
+#: the largest PASSTHROUGH payload: a TLS record's 5-byte header and its largest body (2^14 + 2048)
+MAX_PASSTHROUGH_PAYLOAD = 5 + 2**14 + 2048
 VPROXY_GOAWAY_ID = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id

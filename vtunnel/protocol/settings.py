@@ -45,7 +45,7 @@ class ExtensionBits(IntFlag):
     METADATA = 0x2
     GZIP = 0x4
     GRACEFUL_SHUTDOWN = 0x8
-    #: 0x10 is lite-tls's (reserved)
+    LITE_TLS = 0x10
     DATAGRAMS = 0x20
 
 
@@ -79,11 +79,15 @@ class TunnelConfig:
     #: offer the ``datagrams`` extension when the transport carries unreliable datagrams (rudp://): ``udp``
     #: streams' datagrams then skip the ordered byte stream; off keeps every datagram reliable and in order
     datagrams: bool = True
+    #: offer the lite-tls extension (docs/lite-tls.md): ``lite-tls`` streams leave the tunnel's encryption once
+    #: their own TLS is up. The runtime offers it only over a link that carries passthrough records (a byte
+    #: stream with a key); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
+    lite_tls: bool = True
     drain_timeout: float = 10.0
     max_concurrent_streams: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("extensions", "gzip", "datagrams"):
+        for name in ("extensions", "gzip", "datagrams", "lite_tls"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, not {getattr(self, name)!r}")
         for name in ("keepalive_interval", "keepalive_timeout", "handshake_timeout", "drain_timeout"):
@@ -123,6 +127,7 @@ class Extensions:
     graceful_shutdown: bool = False
     #: the datagrams of ``udp`` streams may travel as the transport's unreliable datagrams
     datagrams: bool = False
+    lite_tls: bool = False
 
     @property
     def names(self) -> frozenset[str]:
@@ -132,6 +137,7 @@ class Extensions:
             ("gzip", self.gzip),
             ("graceful-shutdown", self.graceful_shutdown),
             ("datagrams", self.datagrams),
+            ("lite-tls", self.lite_tls),
         )
         return frozenset(name for name, on in pairs if on)
 
@@ -146,6 +152,7 @@ class Extensions:
             gzip=bool(bits & ExtensionBits.GZIP),
             graceful_shutdown=bool(bits & ExtensionBits.GRACEFUL_SHUTDOWN),
             datagrams=bool(bits & ExtensionBits.DATAGRAMS),
+            lite_tls=bool(bits & ExtensionBits.LITE_TLS),
         )
 
 
@@ -169,6 +176,8 @@ def offered_bits(config: TunnelConfig, *, datagrams: bool = False) -> int:
         bits |= ExtensionBits.GZIP
     if datagrams and config.datagrams:
         bits |= ExtensionBits.DATAGRAMS
+    if config.lite_tls:
+        bits |= ExtensionBits.LITE_TLS
     return int(bits)
 
 

@@ -96,6 +96,7 @@ _WINDOW_UPDATE = int(fr.FrameType.WINDOW_UPDATE)
 _END_STREAM = fr.END_STREAM
 _PACK_HEADER = struct.Struct(">IBI").pack  # DATA header: (length << 8 | type 0), flags, stream id
 _GZIP = fr.GZIP
+_PASSTHROUGH = fr.PASSTHROUGH
 DEFAULT_CONFIG = TunnelConfig()
 # DATA fast paths: states where the tables map the input back to the same state with the plain effect, so
 # skipping the lookup is exactly the table's transition (derived from the tables, never listed by hand)
@@ -399,17 +400,26 @@ class Tunnel:
         return fr.MAX_WINDOW
 
     def send_data(
-        self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False
+        self,
+        stream_id: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        end_stream: bool = False,
+        passthrough: bool = False,
     ) -> None:
         """PSH (and FIN with ``end_stream``). Raises FlowControlError past ``send_window(stream_id)``.
 
         Data is split into frames of at most ``max_frame_payload`` bytes. On a ``udp`` stream each call is one
         datagram, sent as exactly one DATA frame (an empty datagram too); a larger one raises LocalProtocolError.
+        ``passthrough`` (lite-tls negotiated; a byte stream): ``data`` is one whole TLS record of a lite-tls stream
+        that has left the tunnel, sent as one PASSTHROUGH frame of up to ``MAX_PASSTHROUGH_PAYLOAD`` bytes.
         """
         stream = self._stream_for_local(stream_id)
         view = fr.byte_view(data)
         size = len(view)
         datagram = stream.datagram
+        if passthrough:
+            self._check_passthrough(stream, size, end_stream)
         if size or (datagram and not end_stream):
             fast = stream.state in _SEND_DATA_LOOPS and stream.accepted
             if datagram and fast and size <= self._unreliable_max and not end_stream:
@@ -433,12 +443,23 @@ class Tunnel:
             if self._ext.flow_control:
                 stream.send_window -= size
                 self._tunnel_send_window -= size
-            if view.readonly:
-                self._queue_data(stream, data if type(data) is bytes else view, size)
-            else:  # the caller may reuse a mutable buffer: keep a copy
-                self._queue_data(stream, view.tobytes(), size)
+            payload = (data if type(data) is bytes else view) if view.readonly else view.tobytes()
+            if passthrough:
+                self._out.append(_PACK_HEADER(size << 8, _PASSTHROUGH, stream.id))
+                self._out.append(payload)
+            else:  # (a mutable buffer the caller may reuse is copied)
+                self._queue_data(stream, payload, size)
         if end_stream:
             self.end_stream(stream_id)
+
+    def _check_passthrough(self, stream: Stream, size: int, end_stream: bool) -> None:
+        if not self._ext.lite_tls:
+            raise LocalProtocolError("PASSTHROUGH DATA needs the lite-tls extension")
+        if stream.datagram or end_stream or not 0 < size <= fr.MAX_PASSTHROUGH_PAYLOAD:
+            raise LocalProtocolError(
+                f"a PASSTHROUGH frame is one TLS record of 1..{fr.MAX_PASSTHROUGH_PAYLOAD} bytes on a byte "
+                "stream, without END_STREAM"
+            )
 
     def end_stream(self, stream_id: int) -> None:
         """FIN: we send nothing more on this stream; the peer may go on sending."""
@@ -600,12 +621,24 @@ class Tunnel:
             self._headers = MetadataCodec()
         if ext.datagrams:
             self._unreliable_max = min(self._datagram_room, self._send_frame_size)
+        if ext.lite_tls:  # a PASSTHROUGH frame holds a whole TLS record, which may exceed max_frame_size
+            self._decoder.max_payload = max(self.config.max_frame_size, fr.MAX_PASSTHROUGH_PAYLOAD)
         self._emit(HandshakeCompleted(extensions=ext))
 
     def _on_data(self, flags: int, sid: int, payload: bytes | memoryview) -> None:
         if sid == 0:
             self._fail("DATA on stream 0")
         data = payload
+        passthrough = flags & _PASSTHROUGH
+        if passthrough:
+            if not self._ext.lite_tls:
+                self._fail("PASSTHROUGH DATA without the lite-tls extension")
+            if flags != _PASSTHROUGH or not payload:
+                self._fail("a PASSTHROUGH frame is one non-empty TLS record, without other flags")
+        elif (
+            len(payload) > self.config.max_frame_size and self._ext.lite_tls
+        ):  # (PASSTHROUGH's may be larger)
+            self._fail("DATA frame larger than max_frame_size", ErrorCode.FRAME_SIZE_ERROR)
         if flags & _GZIP and payload:
             try:
                 data = fr.gzip_decompress(payload, self._inflate_limit)
@@ -644,8 +677,8 @@ class Tunnel:
                     stream.recv_remaining -= size
                 self._buffered += size
                 stream.recv_unacked += size
-                if stream.datagram:
-                    self._emit(DataReceived(stream_id=sid, data=bytes(data)))
+                if stream.datagram or passthrough:
+                    self._emit(DataReceived(stream_id=sid, data=bytes(data), passthrough=bool(passthrough)))
                 else:
                     if self._run and self._run_sid != sid:
                         self._flush_run()

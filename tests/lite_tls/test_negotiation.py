@@ -1,0 +1,90 @@
+"""The lite-tls extension bit and PASSTHROUGH DATA frames in the tunnel core (in memory)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.protocol.helpers import VPROXY, handshake, pump
+from vtunnel.protocol import StreamMetadata, TunnelConfig
+from vtunnel.protocol import events as ev
+from vtunnel.protocol import frames as fr
+from vtunnel.protocol.errors import LocalProtocolError
+
+ON = TunnelConfig()
+OFF = TunnelConfig(lite_tls=False)
+RECORD = b"\x17\x03\x03" + (16401).to_bytes(2, "big") + bytes(range(256)) * 64 + bytes(17)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "expected"),
+    [(ON, ON, True), (ON, OFF, False), (OFF, ON, False), (OFF, OFF, False)],
+)
+def test_both_ends_must_offer_it(client: TunnelConfig, server: TunnelConfig, expected: bool) -> None:
+    c, s = handshake(client, server)
+    assert c.tunnel.extensions.lite_tls is expected
+    assert s.tunnel.extensions.lite_tls is expected
+    assert ("lite-tls" in c.tunnel.extensions) is expected
+
+
+def test_a_vproxy_peer_never_negotiates_it() -> None:
+    c, s = handshake(ON, VPROXY)
+    assert not c.tunnel.extensions.lite_tls
+    assert not s.tunnel.extensions.lite_tls
+    c, s = handshake(VPROXY, ON)
+    assert not c.tunnel.extensions.lite_tls
+
+
+def _open(c, s):  # type: ignore[no-untyped-def]
+    sid = c.tunnel.open_stream(metadata=StreamMetadata(authority="example.com:443", kind="lite-tls"))
+    pump(c, s)
+    (opened,) = s.of(ev.StreamOpened)
+    assert opened.metadata is not None and opened.metadata.kind == "lite-tls"
+    s.tunnel.accept_stream(sid)
+    pump(c, s)
+    return sid
+
+
+def test_a_passthrough_frame_is_one_event_and_may_exceed_the_frame_size() -> None:
+    c, s = handshake(ON, ON)
+    sid = _open(c, s)
+    assert len(RECORD) > ON.max_frame_size
+    c.tunnel.send_data(sid, b"sealed ")
+    c.tunnel.send_data(sid, RECORD, passthrough=True)
+    c.tunnel.send_data(sid, b"after")
+    pump(c, s)
+    got = [(e.data, e.passthrough) for e in s.of(ev.DataReceived)]
+    assert got == [(b"sealed ", False), (RECORD, True), (b"after", False)]
+
+
+def test_passthrough_needs_the_extension_on_the_sending_side() -> None:
+    c, s = handshake(ON, OFF)
+    sid = _open(c, s)
+    with pytest.raises(LocalProtocolError):
+        c.tunnel.send_data(sid, RECORD, passthrough=True)
+    c, s = handshake(ON, ON)
+    sid = _open(c, s)
+    for bad in (b"", bytes(fr.MAX_PASSTHROUGH_PAYLOAD + 1)):
+        with pytest.raises(LocalProtocolError):
+            c.tunnel.send_data(sid, bad, passthrough=True)
+    with pytest.raises(LocalProtocolError):
+        c.tunnel.send_data(sid, RECORD, passthrough=True, end_stream=True)
+
+
+def test_a_passthrough_frame_without_the_extension_closes_the_tunnel() -> None:
+    c, s = handshake(ON, OFF)
+    sid = _open(c, s)
+    s.events.clear()
+    s.events.extend(
+        s.tunnel.receive_data(fr.frame_header(fr.FrameType.DATA, fr.PASSTHROUGH, sid, 5) + RECORD[:5], 0.0)
+    )
+    (closed,) = s.of(ev.TunnelClosed)
+    assert "lite-tls" in closed.reason
+
+
+def test_an_oversized_ordinary_frame_is_still_refused() -> None:
+    c, s = handshake(ON, ON)
+    sid = _open(c, s)
+    s.events.clear()
+    big = bytes(ON.max_frame_size + 1)
+    s.events.extend(s.tunnel.receive_data(fr.frame_header(fr.FrameType.DATA, 0, sid, len(big)) + big, 0.0))
+    assert s.of(ev.TunnelClosed)
