@@ -38,7 +38,8 @@ def _open(c, s):  # type: ignore[no-untyped-def]
     sid = c.tunnel.open_stream(metadata=StreamMetadata(authority="example.com:443", kind="lite-tls"))
     pump(c, s)
     (opened,) = s.of(ev.StreamOpened)
-    assert opened.metadata is not None and opened.metadata.kind == "lite-tls"
+    assert opened.metadata is not None
+    assert opened.metadata.kind == "lite-tls"
     s.tunnel.accept_stream(sid)
     pump(c, s)
     return sid
