@@ -324,37 +324,37 @@ def test_older_peers_and_this_one_fail_cleanly() -> None:
         s.receive_data(_LEN.pack(len(old)) + old, NOW)
     assert s.data_to_send() == b""
     # an older prologue inside this version's framing (v1's payload too) fails authentication
-    for prologue in (b"vtunnel stream v1", b"vtunnel stream v2"):
+    for prologue in (b"vtunnel stream v1", b"vtunnel stream v2", b"vtunnel stream v3"):
         s = SecureStreamServer(PSK, replay=ReplayCache())
         with pytest.raises(AuthenticationFailed, match="failed authentication"):
             s.receive_data(_message1(payload, prologue), NOW)
         assert s.data_to_send() == b""
     # and an older server cannot read this client's first message (so it stays silent: the client times out)
-    for prologue in (b"vtunnel stream v1", b"vtunnel stream v2"):
+    for prologue in (b"vtunnel stream v1", b"vtunnel stream v2", b"vtunnel stream v3"):
         with pytest.raises(AuthenticationFailed):
             Responder(PSK, prologue=prologue).read_message1(
                 SecureStreamClient(PSK, now=NOW).data_to_send()[2:]
             )
 
 
-# Pinned vector of the v3 stream first message: fixed ephemeral key, timestamp, zero token, the offer
+# Pinned vector of the v4 stream first message: fixed ephemeral key, timestamp, zero token, the offer
 # [AES-256-GCM, ChaCha20-Poly1305], no padding. Cross-checked below against the independent noiseprotocol
 # package; pinned so that any change of the prologue or of the payload layout is seen (v2 added the cipher
-# offer; v3 masks the frames, and only the prologue changed inside Noise). The frame around it is pinned too,
+# offer; v3 masks the frames; v4 adds passthrough records, and only the prologue changed inside Noise). The frame around it is pinned too,
 # with a fixed salt, and rebuilt from its description (BLAKE2s key, ChaCha20 keystream).
 E_INIT = bytes.fromhex("01" * 32)
 VECTOR_PAYLOAD = "0000018bcfe5680000000000000000000000000000000000020201"
-VECTOR_V3_M1 = (
+VECTOR_V4_M1 = (
     "a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209"
-    "f0a6d2b26c6d401a1ef92322f3a482e59b3bdf177d5958b5163673d9c2c91f873eed24af28cbb1f2681ad3"
+    "f0a6d2b26c6d401a1ef92322f3a482e59b3bdf177d5958b5163673c1632b65ad73c0613a978a9c61657804"
 )
-VECTOR_V3_FRAME = (
+VECTOR_V4_FRAME = (
     "000102030405060708090a0b0c0d0e0f0d62734f60a6085d93665b5ae8e4e173dccaaf9c66d7da2622cb11a2acd409e3"
-    "3031da463f2a972528c538e51ed1b5989052b8ebcecd2774e394e45f35e7aa5478f9ce2571e83a342b70364428"
+    "3031da463f2a972528c538e51ed1b5989052b8ebcecd2774e394e45f35ff0bb602d38308347d857506e33b26ff"
 )
 
 
-def test_pinned_v3_first_message() -> None:
+def test_pinned_v4_first_message() -> None:
     payload = encode_init_payload(NOW, bytes(16), (AES, CHACHA))
     assert payload.hex() == VECTOR_PAYLOAD
     ours = Initiator(PSK, prologue=STREAM_PROLOGUE, ephemeral=E_INIT).write_message1(payload)
@@ -367,13 +367,13 @@ def test_pinned_v3_first_message() -> None:
         theirs.set_keypair_from_private_bytes(Keypair.EPHEMERAL, E_INIT)
         theirs.start_handshake()
     assert ours == bytes(theirs.write_message(payload))
-    assert ours.hex() == VECTOR_V3_M1
+    assert ours.hex() == VECTOR_V4_M1
     salt = bytes(range(16))
     frame = write_handshake_frame(PSK, ours, from_client=True, salt=salt)
     key = hashlib.blake2s(salt, key=PSK, person=b"vts3 c2s").digest()
     mask = Cipher_(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(2 + len(ours)))
     assert frame == salt + bytes(a ^ b for a, b in zip(_LEN.pack(len(ours)) + ours, mask, strict=True))
-    assert frame.hex() == VECTOR_V3_FRAME
+    assert frame.hex() == VECTOR_V4_FRAME
     assert read_handshake_frame(PSK, frame, from_client=True) == ours
 
 

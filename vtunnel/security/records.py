@@ -26,6 +26,18 @@ layer bounds in time); a length outside 16..16400 fails at once. A record's plai
 record with an empty plaintext means "the sender has finished sending" (an authenticated end of stream, so a
 connection cut by a third party is told apart from a clean close).
 
+Passthrough records (lite-tls, ``docs/security.md``)::
+
+    u16 (0x8000 | 30) XOR mask(n) | AEAD_n(tunnel frame header (9) | TLS record header (5)) + tag | body (L)
+
+carry one tunnel DATA frame flagged PASSTHROUGH whose payload is one whole TLS application-data record (``17 03
+03``, length ``L``): only its 14 header bytes are sealed, the body (the user's own TLS ciphertext) follows in
+the clear. The top bit of the masked length tells the kinds apart (a sealed record's length is below 2^15).
+A sender makes them only after :meth:`_SecureStream.enable_passthrough` (the bytes it sends are then tunnel
+frames); a receiver always accepts them and hands the frame on whole, so the plaintext stream is the same
+whichever kind carried it. A flipped body byte reaches only that frame's payload (the user's TLS then fails that
+connection); any change to the sealed part or the length fails the tag, as for a sealed record.
+
 Both classes take and return bytes only. ``now`` is wall-clock seconds (``time.time()``): the client's
 timestamp is compared with the server's clock. ``entropy`` is where their random bytes come from
 (``os.urandom``; a seeded generator makes a run reproducible in tests). Any failure raises
@@ -79,7 +91,8 @@ __all__ = [
 
 #: v3: handshake frames and record lengths are masked (nothing in clear). v2 added the cipher offer and choice.
 #: Peers of different versions never complete a handshake: the server stays silent and the client times out.
-STREAM_PROLOGUE = b"vtunnel stream v3"
+#: v4: passthrough records (lite-tls).
+STREAM_PROLOGUE = b"vtunnel stream v4"
 MAX_RECORD_PLAINTEXT = 16384
 _LEN = struct.Struct(">H")
 RECORD_OVERHEAD = _LEN.size + TAGLEN  # 18 bytes per record
@@ -105,6 +118,17 @@ LENGTH_KEY_LABEL = b"vtunnel stream v3 record lengths"
 _MASKS_PER_CHUNK = 2048
 _MASK_ZEROS = bytes(2 * _MASKS_PER_CHUNK)
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+#: the masked length of a passthrough record: the kind bit and its sealed part's size (14 bytes and the tag)
+_PT_KIND = 0x8000
+_PT_SEALED = 14
+PASSTHROUGH_LENGTH = _PT_KIND | (_PT_SEALED + TAGLEN)
+_PT_HEAD = 2 + _PT_SEALED + TAGLEN  # the bytes before a passthrough record's body
+#: a tunnel DATA frame's type and the PASSTHROUGH flag (vtunnel.protocol.frames; the layers share no code)
+_DATA_TYPE = 0x0
+_PASSTHROUGH_FLAG = 0x10
+_FRAME_HEADER = 9
+#: the largest TLS record body (2^14 + 2048)
+_MAX_TLS_BODY = 2**14 + 2048
 
 
 def _buffer(size: int) -> bytearray:
@@ -208,6 +232,9 @@ class _Records:
         "cipher",
         "eof_received",
         "eof_sent",
+        "frame_head",
+        "frame_skip",
+        "passthrough",
     )
 
     def __init__(self, keys: TransportKeys, cipher: Cipher) -> None:
@@ -224,6 +251,11 @@ class _Records:
         self._open_work = bytearray()
         self.eof_sent = False
         self.eof_received = False
+        #: sending passthrough records (the plaintext is tunnel frames); where the frame stream stands: bytes of
+        #: the current frame still to come, or the first bytes of a frame header
+        self.passthrough = False
+        self.frame_skip = 0
+        self.frame_head = b""
 
     def _reserve(self, count: int) -> int:
         """Take ``count`` nonces for sending; the first one's counter."""
@@ -269,6 +301,83 @@ class _Records:
                 pos = body + length
             return bytes(out[:pos])
 
+    def seal_frames(self, data: bytes) -> list[bytes | memoryview]:
+        """``data``, a run of tunnel frames, as records: each DATA frame flagged PASSTHROUGH whose payload is one
+        whole TLS application-data record (and which lies whole in ``data``) as a passthrough record, the bytes
+        between them as sealed records."""
+        if self.eof_sent:
+            raise SecurityError("send() after send_eof()")
+        view = memoryview(data)
+        size = len(view)
+        pos = 0
+        if self.frame_head:  # a header split by the previous call: that frame is sealed
+            head = self.frame_head + bytes(view[: _FRAME_HEADER - len(self.frame_head)])
+            if len(head) < _FRAME_HEADER:
+                self.frame_head = head
+                return [self.seal(data)]
+            pos = _FRAME_HEADER + int.from_bytes(head[:3], "big") - len(self.frame_head)
+            self.frame_head = b""
+        else:
+            pos = self.frame_skip
+        pieces: list[bytes | memoryview] = []
+        run = 0
+        while pos + _FRAME_HEADER <= size:
+            length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
+            end = pos + _FRAME_HEADER + length
+            if (
+                view[pos + 4] == _PASSTHROUGH_FLAG
+                and view[pos + 3] == _DATA_TYPE
+                and end <= size
+                and length >= 5
+                and view[pos + 9] == 0x17
+                and view[pos + 10] == 3
+                and view[pos + 11] == 3
+                and (view[pos + 12] << 8) | view[pos + 13] == length - 5
+            ):
+                if pos > run:
+                    pieces.append(self.seal(view[run:pos]))
+                pieces.append(self._seal_passthrough(view[pos : pos + _PT_SEALED]))
+                pieces.append(view[pos + _PT_SEALED : end])
+                run = end
+            pos = end
+        if pos >= size:
+            self.frame_skip = pos - size
+        else:  # a header cut short: its frame's length comes with the next call
+            self.frame_skip = 0
+            self.frame_head = bytes(view[pos:])
+        if run < size:
+            pieces.append(self.seal(view[run:]))
+        return pieces
+
+    def _seal_passthrough(self, head: memoryview) -> bytes:
+        n = self._reserve(1)
+        lengths = self._out_masks
+        if n - lengths.base >= _MASKS_PER_CHUNK:
+            lengths.load(n)
+        header = _LEN.pack(PASSTHROUGH_LENGTH ^ lengths.masks[n - lengths.base])
+        return header + self._out.encrypt(self._nonce(n), head, header)
+
+    def _open_passthrough(self, buf: bytes | bytearray | memoryview, pos: int, n: int) -> bytes:
+        """The sealed part of the passthrough record at ``buf[pos:]`` (its first 32 bytes are there), counter
+        ``n``: the frame header and TLS record header, checked."""
+        try:
+            head = self._in.decrypt(
+                self._nonce(n), bytes(buf[pos + 2 : pos + _PT_HEAD]), bytes(buf[pos : pos + 2])
+            )
+        except InvalidTag:
+            raise AuthenticationFailed("record failed authentication") from None
+        length = int.from_bytes(head[:3], "big")
+        body = (head[12] << 8) | head[13]
+        if (
+            head[3] != _DATA_TYPE
+            or head[4] != _PASSTHROUGH_FLAG
+            or head[9:12] != b"\x17\x03\x03"
+            or length != body + 5
+            or body > _MAX_TLS_BODY
+        ):
+            raise AuthenticationFailed("a passthrough record that is not one TLS application-data record")
+        return head
+
     def seal_eof(self) -> bytes:
         """The end-of-stream record (``b""`` if it was already made)."""
         if self.eof_sent:
@@ -284,22 +393,29 @@ class _Records:
 
     def record_size(self, buf: bytes | bytearray | memoryview) -> int:
         """The wire size of the next record to open, whose first two bytes (at least) start ``buf``; raises
-        :class:`AuthenticationFailed` for a length out of range."""
+        :class:`AuthenticationFailed` for a length out of range. For a passthrough record whose sealed part is
+        not all in ``buf`` yet, the size of that part (call again once it is)."""
         n = self._in_n
         lengths = self._in_masks
         if n - lengths.base >= _MASKS_PER_CHUNK:
             lengths.load(n)
         length = ((buf[0] << 8) | buf[1]) ^ lengths.masks[n - lengths.base]
+        if length == PASSTHROUGH_LENGTH:
+            if len(buf) < _PT_HEAD:
+                return _PT_HEAD
+            head = self._open_passthrough(buf, 0, n)
+            return _PT_HEAD + ((head[12] << 8) | head[13])
         if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
             raise AuthenticationFailed("record length out of range")
         return 2 + length
 
     def _scan(
-        self, buf: bytes | bytearray | memoryview, m: int, ended: bool
+        self, buf: bytes | bytearray | memoryview, m: int, ended: bool, heads: dict[int, bytes]
     ) -> tuple[list[int], int, int, bool]:
         """Find the complete records at the front of ``buf``, the first with counter ``m``, checking every
         length: ``(spans, plaintext bytes, next counter, an end-of-stream record seen)``; ``spans`` holds where
-        each record starts, then where the last one ends (empty: none is complete)."""
+        each record starts, then where the last one ends (empty: none is complete). A passthrough record's
+        sealed part is opened here (its body's length is in it): ``heads`` gets it, by the record's start."""
         spans: list[int] = []
         pos = 0
         end = len(buf)
@@ -313,6 +429,21 @@ class _Records:
                 masks = lengths.masks
                 base = lengths.base
             length = ((buf[pos] << 8) | buf[pos + 1]) ^ masks[m - base]
+            if length == PASSTHROUGH_LENGTH:
+                if end - pos < _PT_HEAD:
+                    break
+                head = self._open_passthrough(buf, pos, m)
+                body = (head[12] << 8) | head[13]
+                if end - pos - _PT_HEAD < body:
+                    break
+                if self.eof_received or ended:
+                    raise AuthenticationFailed("record after the end of stream")
+                heads[pos] = head
+                spans.append(pos)
+                plain_size += _PT_SEALED + body
+                pos += _PT_HEAD + body
+                m += 1
+                continue
             if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
                 raise AuthenticationFailed("record length out of range")
             if end - pos - 2 < length:
@@ -338,20 +469,22 @@ class _Records:
         """
         # Find the complete records first, checking every length, then decrypt them into the work buffer.
         n = self._in_n
-        parts: list[tuple[bytes | bytearray | memoryview, list[int]]] = []
+        parts: list[tuple[bytes | bytearray | memoryview, list[int], dict[int, bytes]]] = []
         plain_size = 0
         ended = False
         m = n
         if head is not None:
-            spans, size, m, ended = self._scan(head, m, ended)
+            head_heads: dict[int, bytes] = {}
+            spans, size, m, ended = self._scan(head, m, ended, head_heads)
             if len(spans) != 2 or spans[1] != len(head):
                 raise SecurityError("head must be exactly one whole record")
-            parts.append((head, spans))
+            parts.append((head, spans, head_heads))
             plain_size += size
-        spans, size, m, ended = self._scan(buf, m, ended)
+        heads: dict[int, bytes] = {}
+        spans, size, m, ended = self._scan(buf, m, ended, heads)
         used = spans[-1] if spans else 0
         if spans:
-            parts.append((buf, spans))
+            parts.append((buf, spans, heads))
             plain_size += size
         if not parts:
             return b"", 0
@@ -366,9 +499,18 @@ class _Records:
         nonce = self._nonce
         at = 0
         with memoryview(plain) as out:
-            for part, bounds in parts:
+            for part, bounds, passthrough in parts:
                 with memoryview(part) as view:
                     for start, stop in pairwise(bounds):
+                        if passthrough:
+                            sealed = passthrough.get(start)
+                            if sealed is not None:  # opened by the scan; the body is copied as it came
+                                size = _PT_SEALED + stop - start - _PT_HEAD
+                                out[at : at + _PT_SEALED] = sealed
+                                out[at + _PT_SEALED : at + size] = view[start + _PT_HEAD : stop]
+                                n += 1
+                                at += size
+                                continue
                         body = start + 2
                         size = stop - body - TAGLEN
                         try:
@@ -392,7 +534,7 @@ class _SecureStream:
         self._entropy = entropy
         self._frames = frames
         self._inbuf = bytearray()
-        self._out: list[bytes | bytearray] = []  # wire bytes to send, in order
+        self._out: list[bytes | bytearray | memoryview] = []  # wire bytes to send, in order
         self._pending = bytearray()  # plaintext queued before the keys exist
         self._records: _Records | None = None
         self._failed = False
@@ -423,14 +565,26 @@ class _SecureStream:
         that a forger grew, then a stalled connection, would otherwise wait for ever)."""
         return self._records is not None and bool(self._inbuf)
 
+    def enable_passthrough(self) -> None:
+        """From the next :meth:`send` on, ``data`` is a stream of tunnel frames (the next byte starts a frame):
+        PASSTHROUGH DATA frames that carry one whole TLS record go as passthrough records (lite-tls). Only
+        after the handshake."""
+        if self._records is None:
+            raise SecurityError("enable_passthrough() before the handshake completed")
+        self._records.passthrough = True
+
     def send(self, data: bytes) -> None:
         """Queue ``data`` as records (held until the handshake completes). Empty ``data`` queues nothing."""
         if self._failed:
             raise SecurityError("the secure channel has failed")
-        if self._records is None:
+        records = self._records
+        if records is None:
             self._pending += data
         elif data:
-            self._out.append(self._records.seal(data))
+            if records.passthrough:
+                self._out.extend(records.seal_frames(data))
+            else:
+                self._out.append(records.seal(data))
 
     def send_eof(self) -> None:
         """Queue the authenticated end-of-stream record (after any pending data)."""
@@ -502,12 +656,15 @@ class _SecureStream:
                         inbuf += view[:taken]
                         if len(inbuf) < 2:
                             return b""
-                    missing = records.record_size(inbuf) - len(inbuf)
-                    more = min(missing, len(view) - taken)
-                    inbuf += view[taken : taken + more]
-                    taken += more
-                    if more < missing:
-                        return b""
+                    while True:  # (twice for a passthrough record: its sealed part says how long it is)
+                        missing = records.record_size(inbuf) - len(inbuf)
+                        if missing <= 0:
+                            break
+                        more = min(missing, len(view) - taken)
+                        inbuf += view[taken : taken + more]
+                        taken += more
+                        if more < missing:
+                            return b""
                     head = inbuf
                     self._inbuf = bytearray()  # rebind, not resize: ``head`` is opened below
                 plain, used = records.open_all(view[taken:], head)
