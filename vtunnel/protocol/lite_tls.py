@@ -29,7 +29,7 @@ at a record boundary, after which that direction is never parsed again:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from vtunnel.protocol.errors import LocalProtocolError
@@ -47,7 +47,9 @@ __all__ = [
     "LeftTunnel",
     "LiteTlsEvent",
     "LiteTlsRole",
+    "LiteTlsSession",
     "LiteTlsState",
+    "LiteTlsStep",
     "LiteTlsTracker",
     "PeerViolation",
     "SendToPeer",
@@ -141,7 +143,7 @@ class TrackerBrokenError(LocalProtocolError):
     """Input given to a tracker after it reported a PeerViolation."""
 
 
-def header_problem(header: bytes | bytearray) -> str | None:
+def header_problem(header: bytes | bytearray | memoryview) -> str | None:
     """Why a record header, or the first bytes of one, cannot be a TLS record's; None if it (still) can."""
     kind = header[0]
     if kind not in RECORD_TYPES:
@@ -249,7 +251,12 @@ class LiteTlsTracker:
     @property
     def held(self) -> int:
         """Bytes held at this end (first-hand while awaiting the answer, second-hand while passive)."""
-        return sum(map(len, self._held_local)) + sum(map(len, self._held_peer)) + len(self._post)
+        return sum(map(len, self._held_local)) + self.held_from_peer
+
+    @property
+    def held_from_peer(self) -> int:
+        """Second-hand bytes held (passive, until the first application-data record after the marker)."""
+        return sum(map(len, self._held_peer)) + len(self._post)
 
     @property
     def transparent(self) -> bool:
@@ -535,3 +542,158 @@ def _deliver(events: list[LiteTlsEvent], pieces: list[bytes | memoryview]) -> No
     data = b"".join(pieces)
     if data:
         events.append(DeliverToLocal(data=data))
+
+
+@dataclass(slots=True)
+class LiteTlsStep:
+    """What a :class:`LiteTlsSession` call asks of the runtime, to do in this order: send ``send`` on the stream
+    (each piece ``(data, passthrough)``: ``passthrough`` pieces are one whole TLS application-data record each,
+    for one PASSTHROUGH frame), deliver ``deliver`` to the local endpoint, return the flow-control credit of
+    ``consumed`` peer bytes that will never be delivered (control records), and reset the stream if
+    ``violation`` is set. ``left`` and ``fell_back`` are for logs and counters."""
+
+    send: list[tuple[bytes, bool]] = field(default_factory=list)
+    deliver: list[bytes] = field(default_factory=list)
+    consumed: int = 0
+    violation: str | None = None
+    left: LiteTlsRole | None = None
+    fell_back: FellBack | None = None
+
+
+class LiteTlsSession:
+    """A lite-tls stream's tracker with what the muxed runtime needs around it (docs/lite-tls.md, "Runtime").
+
+    * It acts on the tracker's events and tells the runtime what to send and deliver (:class:`LiteTlsStep`).
+    * After this end left the tunnel, what it sends is cut at the user's TLS record boundaries: each whole
+      application-data record is a passthrough piece; other records go protected; a partial record waits for
+      its rest (a TLS endpoint writes whole records), until :meth:`local_ended`. Bytes that are not TLS records
+      turn the cutting off: they and everything after them go protected.
+    * The peer's DATA must be protected until this end has left: a PASSTHROUGH frame before is a violation.
+      After it, both kinds are accepted (the peer sends protected what is not a whole record).
+    * It counts the peer bytes the tracker strips (``consumed``), so that the runtime returns their credit.
+    """
+
+    __slots__ = ("_cut", "_cutting", "_left", "tracker")
+
+    def __init__(self, side: Role) -> None:
+        self.tracker = LiteTlsTracker(side)
+        self._left = False
+        self._cutting = True
+        self._cut = bytearray()  # after leaving: the start of a record whose rest has not come yet
+
+    @property
+    def left(self) -> bool:
+        """This end has left the tunnel (its DATA goes in passthrough)."""
+        return self._left
+
+    @property
+    def awaiting_answer(self) -> bool:
+        """Stop reading the local endpoint: the tracker holds its bytes until the peer's answer."""
+        return self.tracker.awaiting_answer
+
+    @property
+    def broken(self) -> bool:
+        return self.tracker.state is LiteTlsState.BROKEN
+
+    def from_local(self, data: bytes) -> LiteTlsStep:
+        """Bytes read from the local TLS endpoint."""
+        step = LiteTlsStep()
+        if self.broken or not data:
+            return step
+        if self._left and self.tracker.transparent:
+            self._send(bytes(data), step)
+        else:
+            self._act(self.tracker.from_local(data), step)
+        return step
+
+    def local_stalled(self) -> LiteTlsStep:
+        """The local endpoint went quiet with a record header begun (see :meth:`LiteTlsTracker.local_stalled`)."""
+        step = LiteTlsStep()
+        if not self.broken:
+            self._act(self.tracker.local_stalled(), step)
+        return step
+
+    def local_ended(self) -> LiteTlsStep:
+        """The local endpoint ended its side: a partial record kept for cutting goes now (protected)."""
+        step = LiteTlsStep()
+        if self._cut:
+            step.send.append((bytes(self._cut), False))
+            self._cut = bytearray()
+        return step
+
+    def from_peer(self, data: bytes, passthrough: bool) -> LiteTlsStep:
+        """The stream's DATA from the other end; ``passthrough``: it came in a PASSTHROUGH frame."""
+        step = LiteTlsStep()
+        if self.broken or not data:
+            step.consumed = len(data)
+            return step
+        if passthrough and not self._left:
+            self.tracker._violation([], "PASSTHROUGH DATA before the stream left the tunnel")
+            step.violation = self.tracker.reason
+            step.consumed = len(data)
+            return step
+        tracker = self.tracker
+        if tracker.transparent:
+            step.deliver.append(bytes(data))
+            return step
+        held = tracker.held_from_peer
+        self._act(tracker.from_peer(data), step)
+        if step.violation is not None:
+            step.deliver.clear()
+            step.consumed = len(data) + held
+            return step
+        step.consumed = len(data) - sum(map(len, step.deliver)) - (tracker.held_from_peer - held)
+        return step
+
+    def _act(self, events: list[LiteTlsEvent], step: LiteTlsStep) -> None:
+        for ev in events:
+            if isinstance(ev, SendToPeer):
+                if self._left:
+                    self._send(ev.data, step)
+                else:
+                    step.send.append((ev.data, False))
+            elif isinstance(ev, DeliverToLocal):
+                step.deliver.append(ev.data)
+            elif isinstance(ev, LeftTunnel):
+                self._left = True
+                step.left = ev.role
+            elif isinstance(ev, FellBack):
+                step.fell_back = ev
+            elif isinstance(ev, PeerViolation):
+                step.violation = ev.reason
+
+    def _send(self, data: bytes, step: LiteTlsStep) -> None:
+        """After leaving: cut ``data`` into whole records, application data in passthrough."""
+        send = step.send
+        if not self._cutting:
+            send.append((data, False))
+            return
+        if self._cut:
+            self._cut += data
+            buf: bytes | bytearray = self._cut
+        else:
+            buf = data
+        view = memoryview(buf)
+        end = len(view)
+        pos = 0
+        sealed = 0  # where the protected bytes not yet queued begin
+        with view:
+            while end - pos >= HEADER_LEN:
+                header = view[pos : pos + HEADER_LEN]
+                if header_problem(header) is not None:  # not TLS: protected from here on, for good
+                    self._cutting = False
+                    pos = end
+                    break
+                stop = pos + HEADER_LEN + ((header[3] << 8) | header[4])
+                if stop > end:
+                    break
+                if header[0] == APPLICATION_DATA:
+                    if pos > sealed:
+                        send.append((bytes(view[sealed:pos]), False))
+                    send.append((bytes(view[pos:stop]), True))
+                    sealed = stop
+                pos = stop
+            if pos > sealed:
+                send.append((bytes(view[sealed:pos]), False))
+            rest = bytes(view[pos:]) if pos < end else b""
+        self._cut = bytearray(rest)

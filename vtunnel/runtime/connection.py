@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -75,7 +76,11 @@ class TunnelConnection:
     ) -> None:
         self.link = link
         self.role = role
-        self.tunnel = Tunnel(role=role, config=config or TunnelConfig(), max_datagram=link.max_datagram)
+        config = config or TunnelConfig()
+        if config.lite_tls and not link.carry_passthrough_records():
+            # lite-tls only where leaving the encryption saves something: a byte stream with a key
+            config = dataclasses.replace(config, lite_tls=False)
+        self.tunnel = Tunnel(role=role, config=config, max_datagram=link.max_datagram)
         self.handler = handler
         self.name = name
         self.log = log.bind(tunnel=name, role=role.name.lower())
@@ -367,7 +372,7 @@ class TunnelConnection:
             if isinstance(ev, events.DataReceived):
                 s = streams.get(ev.stream_id)
                 if s is not None:
-                    s.deliver_data(ev.data)
+                    s.deliver_data(ev.data, ev.passthrough)
                     if s.buffered > UNCONTROLLED_BUFFER_LIMIT:
                         self._over_limit.add(ev.stream_id)
                 else:  # a stream we already closed: give the credit back

@@ -7,6 +7,11 @@ Streams of kind ``udp`` keep message boundaries: one ``send`` is one DATA frame,
 Exceptions follow anyio: :class:`anyio.EndOfStream` after the peer's FIN, :class:`anyio.BrokenResourceError` after a
 reset or a dead tunnel (``reset_error`` says why), :class:`anyio.ClosedResourceError` after our own ``aclose``.
 
+A ``lite-tls`` stream (when the tunnel negotiated the extension) runs a
+:class:`~vtunnel.protocol.lite_tls.LiteTlsSession` on both directions: what the user sends and what the peer
+delivers pass through it, and once the stream left the tunnel its TLS records go as PASSTHROUGH frames
+(docs/lite-tls.md). The rest of this module does not see the difference.
+
 A stream may instead be driven by callbacks: :meth:`TunnelStream.attach` hands everything that arrives to a
 :class:`StreamConsumer` as it arrives, and ``send_nowait``/``send_eof_nowait``/``close_nowait``/``acknowledge`` are
 the synchronous halves of the byte-stream calls. A relay built that way needs no task and no buffer while the
@@ -21,16 +26,20 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import anyio
+import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.protocol import StreamMetadata, Tunnel
 from vtunnel.protocol.errors import VTunnelError
+from vtunnel.protocol.lite_tls import LiteTlsSession, LiteTlsStep
 from vtunnel.runtime.errors import StreamRefused
 
 __all__ = ["JOIN_BELOW", "StreamCarrier", "StreamConsumer", "TunnelStream", "TunnelStreamAttribute"]
 
 #: ``receive`` joins buffered chunks smaller than this into one (up to ``max_bytes``)
 JOIN_BELOW = 65536
+
+log = structlog.get_logger("vtunnel.lite_tls")
 
 
 class StreamCarrier(Protocol):
@@ -108,6 +117,9 @@ class TunnelStream(ByteStream):
         self.reset_error: str | None = None
         self._closed = False
         self._sent_eof = False
+        self._lite: _LiteTls | None = None
+        if metadata is not None and metadata.kind == "lite-tls" and conn.tunnel.extensions.lite_tls:
+            self._lite = _LiteTls(self)
 
     # ---------------------------------------------------------------- wake-ups
     def _wake_reader(self) -> None:
@@ -130,7 +142,16 @@ class TunnelStream(ByteStream):
 
     # ---------------------------------------------------------------- events from the pump
     # Called by the stream's TunnelConnection only (one method per core event), in the order the core gave them.
-    def deliver_data(self, data: bytes) -> None:
+    def deliver_data(self, data: bytes, passthrough: bool = False) -> None:
+        lite = self._lite
+        if lite is not None:
+            lite.from_peer(data, passthrough)
+        elif passthrough:
+            self._lite_violation(len(data), "PASSTHROUGH DATA on a stream that is not lite-tls")
+        else:
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         self.buffered += len(data)
         consumer = self._consumer
         if consumer is not None:
@@ -172,6 +193,8 @@ class TunnelStream(ByteStream):
         self._wake_accept()
 
     def deliver_window(self) -> None:
+        if self._lite is not None and not self._lite.writable():
+            return  # what the tracker queued goes first
         if self._consumer is not None:
             self._consumer.stream_writable()
             return
@@ -264,6 +287,8 @@ class TunnelStream(ByteStream):
         Raises like :meth:`send` on a closed or broken stream.  The caller waits for ``stream_writable``.
         """
         self._check_writable()
+        if self._lite is not None:
+            return self._lite.from_local(data)
         tunnel = self._conn.tunnel
         try:
             window = tunnel.send_window(self.stream_id)
@@ -334,6 +359,14 @@ class TunnelStream(ByteStream):
         return b"".join(parts)
 
     async def send(self, item: bytes) -> None:
+        if self._lite is not None:
+            while True:
+                self._check_writable()
+                if self._lite.from_local(item):
+                    await self._conn.wait_outbound_room()
+                    return
+                wev = self._writable = anyio.Event()
+                await wev.wait()
         conn = self._conn
         tunnel = conn.tunnel
         view = memoryview(item)
@@ -384,6 +417,8 @@ class TunnelStream(ByteStream):
         """FIN (half-close); nothing if already sent, closed or broken."""
         if self._sent_eof or self._closed or self._broken is not None:
             return
+        if self._lite is not None and not self._lite.local_ended():
+            return  # the FIN follows what the tracker queued (LiteTls.flush)
         self._sent_eof = True
         try:
             self._conn.tunnel.end_stream(self.stream_id)
@@ -415,6 +450,129 @@ class TunnelStream(ByteStream):
             TunnelStreamAttribute.metadata: lambda: self.metadata,
             TunnelStreamAttribute.stream_id: lambda: self.stream_id,
         }
+
+    # ---------------------------------------------------------------- lite-tls
+    @property
+    def lite_tls_left(self) -> bool:
+        """This end of a lite-tls stream has left the tunnel (its TLS records go in passthrough)."""
+        return self._lite is not None and self._lite.session.left
+
+    def _writable_again(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stream_writable()
+        else:
+            self._wake_writer()
+
+    def _lite_violation(self, unread: int, reason: str) -> None:
+        """The peer broke the lite-tls rules on this stream: reset it (the tunnel and its other streams go on)."""
+        conn = self._conn
+        log.info("lite_tls.violation", tunnel=conn.name, stream=self.stream_id, reason=reason)
+        with contextlib.suppress(VTunnelError):
+            conn.tunnel.acknowledge_received_data(self.stream_id, unread)
+            conn.tunnel.reset_stream(self.stream_id, error=f"protocol: lite-tls {reason}")
+        conn.transmit()
+        self.deliver_reset(f"protocol: lite-tls {reason}")
+
+
+class _LiteTls:
+    """A lite-tls stream's session and its queue of pieces to send (waiting for stream credit)."""
+
+    __slots__ = ("_eof", "_queue", "_refused", "_stream", "session")
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self._stream = stream
+        self.session = LiteTlsSession(stream._conn.tunnel.role)
+        self._queue: deque[tuple[bytes, bool]] = deque()
+        self._eof = False  # the user ended its side: FIN once the queue is empty
+        self._refused = False  # from_local took nothing: the writer waits to be told
+
+    def from_local(self, data: bytes | memoryview) -> int:
+        """Take all of ``data`` (0: none, the queue or the held bytes must go first)."""
+        session = self.session
+        if self._queue or session.awaiting_answer:
+            self._refused = True
+            return 0
+        self._act(session.from_local(bytes(data)))
+        return len(data)
+
+    def local_ended(self) -> bool:
+        """The user's FIN: True if it may go now."""
+        self._eof = True
+        self._act(self.session.local_ended())
+        return not self._queue
+
+    def from_peer(self, data: bytes, passthrough: bool) -> None:
+        self._act(self.session.from_peer(data, passthrough))
+
+    def _act(self, step: LiteTlsStep) -> None:
+        stream = self._stream
+        conn = stream._conn
+        if step.left is not None:
+            log.info(
+                "lite_tls.left_tunnel",
+                tunnel=conn.name,
+                stream=stream.stream_id,
+                mode="muxed",
+                role=step.left.value,
+            )
+        elif step.fell_back is not None:
+            log.debug(
+                "lite_tls.fell_back",
+                tunnel=conn.name,
+                stream=stream.stream_id,
+                reason=step.fell_back.reason,
+                by_peer=step.fell_back.by_peer,
+            )
+        if step.violation is not None:
+            self._queue.clear()
+            stream._lite_violation(step.consumed, step.violation)
+            return
+        if step.consumed:
+            with contextlib.suppress(VTunnelError):
+                conn.tunnel.acknowledge_received_data(stream.stream_id, step.consumed)
+        for data in step.deliver:
+            stream._deliver(data)
+        self._queue.extend(step.send)
+        if self.flush() and self._refused and not self.session.awaiting_answer:
+            self._refused = False
+            stream._writable_again()
+
+    def writable(self) -> bool:
+        """Credit came: send what is queued; True if the writer may go on."""
+        if not self.flush() or self.session.awaiting_answer:
+            return False
+        self._refused = False
+        return True
+
+    def flush(self) -> bool:
+        """Send what the stream's credit allows; True once the queue is empty (then a pending FIN goes)."""
+        stream = self._stream
+        conn = stream._conn
+        tunnel = conn.tunnel
+        queue = self._queue
+        sid = stream.stream_id
+        try:
+            while queue:
+                window = tunnel.send_window(sid)
+                if window <= 0:
+                    break
+                data, passthrough = queue[0]
+                if len(data) > window:  # a record must go whole to pass through: what fits goes protected
+                    tunnel.send_data(sid, data[:window])
+                    queue[0] = (data[window:], False)
+                    break
+                queue.popleft()
+                tunnel.send_data(sid, data, passthrough=passthrough)
+        except VTunnelError as exc:
+            queue.clear()
+            stream.deliver_reset(str(exc))
+            return True
+        if not queue and self._eof and not stream._sent_eof and not stream._closed:
+            self._eof = False
+            conn.transmit()
+            stream.send_eof_nowait()
+        conn.transmit()
+        return not queue
 
 
 def tunnel_max_datagram(conn: StreamCarrier) -> int:

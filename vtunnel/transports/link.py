@@ -118,6 +118,13 @@ class Link(AsyncResource, TypedAttributeProvider):
     async def aclose(self) -> None:
         """Close the link (idempotent): later calls raise ``ClosedResourceError``; ``run`` returns."""
 
+    def carry_passthrough_records(self) -> bool:
+        """Called once, before anything is sent: from now on send PASSTHROUGH DATA frames (lite-tls) as
+        passthrough records, their TLS record bodies outside the link's encryption (docs/security.md). True if
+        this link does; False (the default: no key, or datagrams, which seal every byte) and the tunnel does
+        not offer lite-tls over it."""
+        return False
+
 
 #: a link type, for :class:`LinkStream`
 LinkT = TypeVar("LinkT", bound="Link")

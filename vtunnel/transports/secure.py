@@ -178,6 +178,12 @@ class SealedLink(Link):
     def cipher(self) -> Cipher | None:
         return self._core.cipher
 
+    def carry_passthrough_records(self) -> bool:
+        """What is sent from now on is tunnel frames: PASSTHROUGH DATA frames that hold one whole TLS record go
+        as passthrough records (lite-tls; :meth:`SecureStreamClient.enable_passthrough`)."""
+        self._core.enable_passthrough()
+        return True
+
     # ------------------------------------------------------------------ Link
     async def run(self, consumer: LinkConsumer) -> None:
         self._consumer = consumer
