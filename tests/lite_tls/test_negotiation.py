@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.protocol.helpers import VPROXY, handshake, pump
+from tests.protocol.helpers import VPROXY, Side, handshake, pump
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.protocol import events as ev
 from vtunnel.protocol import frames as fr
@@ -34,7 +34,7 @@ def test_a_vproxy_peer_never_negotiates_it() -> None:
     assert not c.tunnel.extensions.lite_tls
 
 
-def _open(c, s):  # type: ignore[no-untyped-def]
+def _open(c: Side, s: Side) -> int:
     sid = c.tunnel.open_stream(metadata=StreamMetadata(authority="example.com:443", kind="lite-tls"))
     pump(c, s)
     (opened,) = s.of(ev.StreamOpened)

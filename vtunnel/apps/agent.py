@@ -15,6 +15,7 @@ destination before the local client is told it succeeded (vproxy's WebSocks agen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
+from vtunnel.apps.dialer import parse_authority
 from vtunnel.apps.pipe import Relay, SocketEnd, TunnelEnd, join, reset_on_close
 from vtunnel.apps.websocks import WEBSOCKS_SCHEMES, carrier_endpoint, websocks_connect, websocks_dial
 from vtunnel.io.stream_sockets import LeanSocketStream, RelayListener, open_relay_listener
@@ -74,6 +76,10 @@ class Forward:
         return cls(listen=parse_hostport(listen, default_host="127.0.0.1"), destination=dest or None)
 
 
+#: where the agent expects TLS by default (HTTPS)
+DEFAULT_LITE_TLS_PORTS = frozenset({443})
+
+
 @dataclass(frozen=True, kw_only=True)
 class AgentSettings:
     server: Endpoint
@@ -90,6 +96,10 @@ class AgentSettings:
     #: names nothing (a vproxy server cannot be told a destination in the SYN), or on a connection of its own
     #: to a ``websocks://`` / ``websockss://`` server; ``None``: in the SYN (metadata)
     websocks_login: tuple[str, str] | None = None
+    #: destination ports where TLS is expected: a connection to one of them (SOCKS5 CONNECT, HTTP CONNECT, a
+    #: forward's destination) is a ``lite-tls`` stream, which leaves the tunnel's encryption once its own TLS is
+    #: up when the server agreed to lite-tls (docs/lite-tls.md); empty: never
+    lite_tls_ports: frozenset[int] = DEFAULT_LITE_TLS_PORTS
 
 
 class Agent:
@@ -124,6 +134,8 @@ class Agent:
         if self.pool is None:
             raise TunnelUnavailable(f"a {self.settings.server.scheme}:// server has no tunnel")
         login = self.settings.websocks_login
+        if login is None and metadata is not None:
+            metadata = self._choose_kind(metadata)
         if login is None or metadata is None or metadata.authority is None:
             return await self.pool.open_stream(
                 metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout
@@ -139,6 +151,18 @@ class Agent:
             await anyio.aclose_forcefully(stream)
             raise
         return stream
+
+    def _choose_kind(self, metadata: StreamMetadata) -> StreamMetadata:
+        """A TCP stream to a port where TLS is expected becomes a lite-tls stream (a server that did not agree to
+        lite-tls relays it as a plain one; one whose bytes are not TLS falls back to a plain one)."""
+        ports = self.settings.lite_tls_ports
+        if metadata.kind != "tcp" or not ports or metadata.authority is None:
+            return metadata
+        try:
+            _, port = parse_authority(metadata.authority)
+        except ValueError:
+            return metadata
+        return dataclasses.replace(metadata, kind="lite-tls") if port in ports else metadata
 
     async def _opener(self, metadata: StreamMetadata) -> ByteStream:
         """What a front's connection is carried by: a tunnel stream, or (a WebSocks server) a connection of its
