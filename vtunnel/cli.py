@@ -25,6 +25,7 @@ from vtunnel.config import (
     write_key_file,
 )
 from vtunnel.logging import configure_logging
+from vtunnel.protocol import TunnelConfig
 from vtunnel.runtime.process import run_async, serve_until_signal
 from vtunnel.security.ciphers import CIPHER_CHOICES
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
@@ -157,6 +158,29 @@ def _websocks_users(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _lite_tls(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--no-lite-tls",
+        is_flag=True,
+        help="Never let lite-tls streams leave the tunnel's encryption (docs/lite-tls.md); lite_tls = false in "
+        "[tunnel] works too. Without a key, or over kcp:// and rudp://, lite-tls is off anyway.",
+    )(f)
+
+
+def parse_ports(text: str) -> frozenset[int]:
+    """``443,8443`` as a set of ports; ``none`` or nothing: the empty set."""
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return frozenset()
+    try:
+        ports = frozenset(int(part) for part in text.split(","))
+    except ValueError:
+        raise click.UsageError(f"--lite-tls-ports takes ports separated by commas, not {text!r}") from None
+    if not all(0 < port < 65536 for port in ports):
+        raise click.UsageError(f"--lite-tls-ports: a port is 1..65535 ({text!r})")
+    return ports
+
+
 def _peer(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--peer",
@@ -169,6 +193,10 @@ def _peer(f: Callable[..., Any]) -> Callable[..., Any]:
         "smuxver=1&... (kcptun's option names and defaults), its --key the first line of --psk-file; the agent "
         'serves --forward LISTEN only, the server needs --target. Config: peer = "vproxy" or "kcptun".',
     )(f)
+
+
+def _without_lite_tls(tunnel: TunnelConfig, off: bool) -> TunnelConfig:
+    return dataclasses.replace(tunnel, lite_tls=False) if off else tunnel
 
 
 def _keyless_security(psk_file: str | None, section: Mapping[str, Any], peer: str) -> SecurityConfig:
@@ -253,11 +281,13 @@ def main() -> None:
 )
 @_websocks_users
 @_peer
+@_lite_tls
 @_common
 def server(
     listen: tuple[str, ...],
     target: str | None,
     allow_private: bool,
+    no_lite_tls: bool,
     websocks_user_file: str | None,
     websocks_user: tuple[str, ...],
     peer: str | None,
@@ -334,7 +364,7 @@ def server(
             # vproxy gzips text-like DATA over 1 KiB, and inflates what it is sent
             tunnel=dataclasses.replace(tunnel_config(cfg.get("tunnel", {})), gzip=True)
             if peer_vproxy
-            else tunnel_config(cfg.get("tunnel", {})),
+            else _without_lite_tls(tunnel_config(cfg.get("tunnel", {})), no_lite_tls),
             connect_timeout=float(sec.get("connect_timeout", 10.0)),
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             idle_timeout=sec.get("idle_timeout"),
@@ -369,8 +399,16 @@ def server(
 @click.option(
     "--conn", "connections", type=click.IntRange(1, 64), default=None, help="Tunnels to keep (default 1)."
 )
+@click.option(
+    "--lite-tls-ports",
+    metavar="PORTS",
+    default=None,
+    help="Destination ports where TLS is expected, e.g. 443,8443 (default 443; none: never): their streams are "
+    "lite-tls streams, which leave the tunnel's encryption once their own TLS is up. Config: lite_tls_ports.",
+)
 @_websocks_users
 @_peer
+@_lite_tls
 @_common
 def agent(
     server_url: str | None,
@@ -378,6 +416,8 @@ def agent(
     socks: str | None,
     http: str | None,
     connections: int | None,
+    lite_tls_ports: str | None,
+    no_lite_tls: bool,
     websocks_user_file: str | None,
     websocks_user: tuple[str, ...],
     peer: str | None,
@@ -402,7 +442,7 @@ def agent(
                                          USER:PASS of --websocks-user-file; every --forward needs =DEST
     --server websockss://HOST:PORT?ca=F  the same inside TLS (tls://'s ca= and servername= options)
     """
-    from vtunnel.apps.agent import Agent, AgentSettings, Forward, parse_hostport
+    from vtunnel.apps.agent import DEFAULT_LITE_TLS_PORTS, Agent, AgentSettings, Forward, parse_hostport
     from vtunnel.apps.websocks import WEBSOCKS_SCHEMES
 
     cfg = _setup(config_path, "agent", log_level, log_format, insecure_key_permissions)
@@ -436,7 +476,13 @@ def agent(
         if not (forwards or socks_addr or http_addr):
             socks_addr = DEFAULT_SOCKS
         server_endpoint = _endpoint(url, "--server", insecure_key_permissions)
-        tunnel = tunnel_config(cfg.get("tunnel", {}))
+        tunnel = _without_lite_tls(tunnel_config(cfg.get("tunnel", {})), no_lite_tls)
+        if lite_tls_ports is not None:
+            lite_ports = parse_ports(lite_tls_ports)
+        else:
+            lite_ports = frozenset(int(p) for p in sec.get("lite_tls_ports", DEFAULT_LITE_TLS_PORTS))
+        if not tunnel.lite_tls:
+            lite_ports = frozenset()
         login: tuple[str, str] | None = None
         peer_vproxy = (peer or sec.get("peer", "vtunnel")) == "vproxy"
         websocks_server = server_endpoint.scheme in WEBSOCKS_SCHEMES
@@ -484,6 +530,7 @@ def agent(
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             open_timeout=float(sec.get("open_timeout", 10.0)),
             websocks_login=login,
+            lite_tls_ports=lite_ports,
         )
         ag = Agent(settings)
     except (ValueError, ConfigError, TransportError) as exc:

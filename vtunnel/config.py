@@ -122,6 +122,7 @@ SECTIONS = {
         "peer",
         "websocks_users",
         "websocks_user_file",
+        "lite_tls_ports",
     },
     "tunnel": {f.name for f in fields(TunnelConfig)},
     "log": {"level", "format"},

@@ -135,7 +135,7 @@ class Agent:
             raise TunnelUnavailable(f"a {self.settings.server.scheme}:// server has no tunnel")
         login = self.settings.websocks_login
         if login is None and metadata is not None:
-            metadata = self._choose_kind(metadata)
+            metadata = self.choose_kind(metadata)
         if login is None or metadata is None or metadata.authority is None:
             return await self.pool.open_stream(
                 metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout
@@ -152,7 +152,7 @@ class Agent:
             raise
         return stream
 
-    def _choose_kind(self, metadata: StreamMetadata) -> StreamMetadata:
+    def choose_kind(self, metadata: StreamMetadata) -> StreamMetadata:
         """A TCP stream to a port where TLS is expected becomes a lite-tls stream (a server that did not agree to
         lite-tls relays it as a plain one; one whose bytes are not TLS falls back to a plain one)."""
         ports = self.settings.lite_tls_ports
