@@ -44,6 +44,7 @@ __all__ = [
     "cpu_usage",
     "hold_connections",
     "measure_bulk",
+    "measure_https_lite",
     "measure_idle_cpu",
     "measure_idle_streams",
     "measure_rr",
@@ -51,6 +52,7 @@ __all__ = [
     "measure_ttfb",
     "relay_counters",
     "start_stall_sink",
+    "start_tls_sources",
 ]
 
 Metrics = tuple[dict[str, float], dict[str, object]]
@@ -493,6 +495,74 @@ def start_stall_sink(group: ProcessGroup, settings: Mapping[str, float]) -> tupl
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise HarnessError(f"stalled sink said: {line[-300:]!r}") from None
     return proc, f"127.0.0.1:{port}"
+
+
+def start_tls_sources(group: ProcessGroup, count: int) -> list[tuple[Proc, str]]:
+    """Start ``count`` TLS sources (the workload's ``tls-serve``) on loopback; return them and their addresses."""
+    sources: list[tuple[Proc, str]] = []
+    for i in range(count):
+        proc = group.spawn(
+            f"tls-source-{i}",
+            python_argv("bench.workload", "tls-serve", "--listen", "127.0.0.1:0"),
+            pipe=True,
+        )
+        line = proc.read_line(30.0)
+        try:
+            port = int(json.loads(line)["port"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise HarnessError(f"TLS source said: {line[-300:]!r}") from None
+        sources.append((proc, f"127.0.0.1:{port}"))
+    return sources
+
+
+def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index: int) -> Metrics:
+    """HTTPS-like bulk download goodput through the agent, lite-tls against muxed (lite-tls off), one stack.
+
+    The stack's agent forwards to two TLS sources in the same tunnel: the first one's port is in the agent's
+    ``--lite-tls-ports`` (its stream leaves the tunnel's encryption once TLS is up), the second one's is not (an
+    ordinary stream: the TLS is encrypted again by the tunnel). One download each, in alternating order (lite-tls
+    first in even rounds); the bytes are checked by the client.
+    """
+    entries = list(stack.side_entries.values())
+    if len(entries) != 2:
+        raise HarnessError(
+            "the https-lite scenario needs a stack with two TLS sources as its side destinations"
+        )
+    size = str(int(settings["bytes"]))
+    timeout = float(settings["timeout"])
+    metrics: dict[str, float] = {}
+    raw: dict[str, object] = {"lite_first": round_index % 2 == 0}
+
+    pids = {role: pid for role, pid in stack.pids().items() if role in ("agent", "server")}
+
+    def download(name: str, entry: str) -> None:
+        got: dict[str, object] = {}
+
+        def run() -> None:
+            got.update(
+                run_client(
+                    stack.placement,
+                    ["tls-bulk", "--connect", entry, "--bytes", size, "--timeout", str(timeout)],
+                    timeout=timeout,
+                )
+            )
+
+        cpu = cpu_usage(pids, run)
+        metrics[f"{name}_goodput_MBps"] = float(str(got["goodput"])) / 1e6
+        # CPU of the tunnel's two processes per MB carried: what lite-tls saves, less sensitive than goodput to
+        # the other processes of a shared machine
+        spent = sum(role["cpu_s"] for role in cpu.values())
+        metrics[f"{name}_cpu_ms_per_MB"] = spent * 1e3 / (int(size) / 1e6)
+        raw[name] = {**got, "cpu": cpu}
+
+    order = (("lite", entries[0]), ("muxed", entries[1]))
+    for name, entry in order if raw["lite_first"] else order[::-1]:
+        download(name, entry)
+        stack.check_alive()
+    metrics["goodput_MBps"] = metrics["lite_goodput_MBps"]
+    metrics["lite_over_muxed"] = metrics["lite_goodput_MBps"] / metrics["muxed_goodput_MBps"]
+    metrics["muxed_cpu_over_lite"] = metrics["muxed_cpu_ms_per_MB"] / metrics["lite_cpu_ms_per_MB"]
+    return metrics, raw
 
 
 def _goodput(

@@ -24,6 +24,7 @@ import structlog
 from bench.measure import (
     Metrics,
     measure_bulk,
+    measure_https_lite,
     measure_idle_cpu,
     measure_idle_streams,
     measure_rr,
@@ -31,6 +32,7 @@ from bench.measure import (
     measure_ttfb,
     measure_tunnels,
     start_stall_sink,
+    start_tls_sources,
 )
 from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
 from bench.procs import HarnessError, ProcessGroup
@@ -286,15 +288,27 @@ class Runner:
             return
         relay = scenario.relay_options if job.link == "relay" else None
         stalling = [sc for sc in job.scenarios if sc.kind == "stalled"]
+        https = any(sc.kind == "https_lite" for sc in job.scenarios)
         with group.scope() as scope:
             try:
                 sink = None
                 side: list[str] = []
+                agent_extra: list[str] = []
                 if stalling:
                     sink, address = start_stall_sink(scope, stalling[0].settings(quick=self.options.quick))
                     side.append(address)
+                if https:  # lite-tls to the first TLS source, an ordinary stream to the second
+                    sources = start_tls_sources(scope, 2)
+                    side += [address for _, address in sources]
+                    agent_extra += ["--lite-tls-ports", sources[0][1].rsplit(":", 1)[1]]
                 stack = start_stack(
-                    job.system, scope, LOOPBACK, psk_file=psk_file, relay=relay, side_targets=side
+                    job.system,
+                    scope,
+                    LOOPBACK,
+                    psk_file=psk_file,
+                    relay=relay,
+                    side_targets=side,
+                    agent_extra=agent_extra,
                 )
                 if sink is not None:
                     stack.procs["stall-sink"] = sink
@@ -322,6 +336,8 @@ class Runner:
                 metrics = measure_idle_streams(stack, group, settings)
             elif scenario.kind == "stalled":
                 metrics = measure_stalled(stack, settings, group, job.round)
+            elif scenario.kind == "https_lite":
+                metrics = measure_https_lite(stack, settings, job.round)
             else:
                 raise HarnessError(f"no measurement for kind {scenario.kind!r}")
             sample.metrics, sample.raw = metrics

@@ -70,8 +70,9 @@ class Scenario:
     ``kind`` selects the workload: ``bulk``, ``rr``, ``ttfb``, ``idle_streams``, ``tunnels``, ``idle_cpu``,
     ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``bulk_wire`` (bulk through the
     relay, with the bytes on the wire per payload byte), ``rr_impaired``
-    (request/response through the UDP impairment relay) or ``stalled`` (one stream's goodput while others of
-    its tunnel stall). ``params`` are for a full run; ``quick`` overrides some for ``--quick``. ``own_stack``
+    (request/response through the UDP impairment relay), ``stalled`` (one stream's goodput while others of
+    its tunnel stall) or ``https_lite`` (a TLS download through a lite-tls stream and through an ordinary one).
+    ``params`` are for a full run; ``quick`` overrides some for ``--quick``. ``own_stack``
     scenarios get a fresh stack per system and round instead of sharing one with the others of their link.
     ``fec`` scenarios compare kcp:// with and without FEC: they run the kcp systems only, and only they run the
     ``+fec`` ones.
@@ -91,6 +92,7 @@ class Scenario:
     relay_options: tuple[str, ...] = ()
     quick_rounds: int | None = None  # fewer rounds under --quick (None: the run's rounds)
     fec: bool = False
+    only: tuple[str, ...] = ()  # the systems (base names) it applies to; empty: all
 
     def settings(self, *, quick: bool) -> dict[str, float]:
         merged = dict(self.params)
@@ -106,6 +108,8 @@ class Scenario:
         if self.tunnels_only and not system.tunnel:
             return False
         if self.vtunnel_only and system.kind != "vtunnel":
+            return False
+        if self.only and system.base_name not in self.only:
             return False
         return not (self.udp_only and not system.udp)
 
@@ -159,6 +163,17 @@ SCENARIOS: tuple[Scenario, ...] = (
         quick={"bytes": 16 * MiB, "timeout": 15},
         vtunnel_only=True,
         own_stack=True,
+    ),
+    Scenario(
+        name="https-lite",
+        kind="https_lite",
+        description="HTTPS-like bulk download goodput (1 stream, TLS 1.3 from a TLS source) through lite-tls vs "
+        "lite-tls off (an ordinary stream of the same tunnel), side by side",
+        params={"bytes": 256 * MiB, "timeout": 120},
+        quick={"bytes": 64 * MiB, "timeout": 60},
+        vtunnel_only=True,
+        own_stack=True,
+        only=("vtunnel-tcp+psk",),
     ),
     Scenario(
         name="idle-cpu",

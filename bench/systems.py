@@ -324,12 +324,14 @@ def start_stack(
     relay: Sequence[str] | None = None,
     kcptun_conns: int = 1,
     side_targets: Sequence[str] = (),
+    agent_extra: Sequence[str] = (),
 ) -> Stack:
     """Start the workload server and ``system`` on ``placement``; return once an echo crosses the whole path.
 
     ``relay`` (UDP systems on loopback only): impairment relay options; the client side then dials the relay,
     which forwards to the server. ``side_targets`` (vtunnel only): more destinations the agent forwards to in
-    the same tunnel (``--forward LOCAL=DEST``), each reachable at ``stack.side_entries[dest]``.
+    the same tunnel (``--forward LOCAL=DEST``), each reachable at ``stack.side_entries[dest]``. ``agent_extra``:
+    more options of the vtunnel agent.
     """
     if side_targets and system.kind != "vtunnel":
         raise HarnessError(f"{system.name} forwards to one target only")
@@ -377,6 +379,7 @@ def start_stack(
         port = free_port()
         stack.side_entries[dest] = f"127.0.0.1:{port}"
         forwards += ["--forward", f"127.0.0.1:{port}={dest}"]
+    forwards += agent_extra
     stack.procs["agent"] = group.spawn(
         f"{system.name}-agent",
         [

@@ -14,6 +14,10 @@ Anything else is closed at once. Clients (:func:`run_bulk`, :func:`run_rr`, :fun
 :func:`open_idle`, :func:`stall_streams`) are bounded in count and in time and raise :class:`WorkloadError` with
 a clear message on any failure.
 
+A **TLS source** (:class:`TlsSource`, ``tls-serve``) is HTTPS-like traffic for lite-tls: a TLS server (a
+self-signed certificate made at start) that, after the handshake, reads a u64 length and sends that many
+pattern bytes as TLS application data; :func:`run_tls_bulk` (``tls-bulk``) downloads and checks them.
+
 A second kind of destination, the **stalled sink** (:class:`StalledSink`), accepts connections and never reads
 from them: it never calls ``recv``, and its sockets get a small ``SO_RCVBUF`` (set on the listening socket, so
 the accepted ones have it from the handshake on), so the kernel holds only a few KiB per connection for it.
@@ -50,6 +54,7 @@ __all__ = [
     "SINK_MAGIC",
     "BulkResult",
     "StalledSink",
+    "TlsSource",
     "WorkloadError",
     "WorkloadServerStats",
     "main",
@@ -58,6 +63,7 @@ __all__ = [
     "probe",
     "run_bulk",
     "run_rr",
+    "run_tls_bulk",
     "run_ttfb",
     "serve",
     "stall_streams",
@@ -559,6 +565,119 @@ async def stall_streams(
 # CLI
 
 
+# ---------------------------------------------------------------------------------------------------------
+# TLS source and client (lite-tls)
+
+_TLS_REQUEST = struct.Struct(">Q")
+_TLS_READ = 256 * 1024
+
+
+def _self_signed(directory: str) -> tuple[str, str]:
+    """A key and a self-signed certificate for ``localhost`` (PEM files in ``directory``)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
+    key_file = os.path.join(directory, "tls.key")
+    cert_file = os.path.join(directory, "tls.crt")
+    with open(key_file, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    with open(cert_file, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file
+
+
+class TlsSource:
+    """A TLS server (one thread per connection: OpenSSL does the work outside the GIL) that sends each client the
+    number of pattern bytes it asks for."""
+
+    def __init__(self, host: str, port: int, directory: str) -> None:
+        import ssl
+
+        key_file, cert_file = _self_signed(directory)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_file, key_file)
+        self.sock = socket.create_server((host, port))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn, self.context.wrap_socket(conn, server_side=True) as tls:
+            request = b""
+            while len(request) < _TLS_REQUEST.size:
+                more = tls.recv(_TLS_REQUEST.size - len(request))
+                if not more:
+                    return
+                request += more
+            (size,) = _TLS_REQUEST.unpack(request)
+            sent = 0
+            while sent < size:
+                n = min(4 * CHUNK - PATTERN_PERIOD, size - sent)
+                tls.sendall(pattern_slice(sent, n))
+                sent += n
+            with contextlib.suppress(OSError):
+                tls.unwrap()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def run_tls_bulk(host: str, port: int, *, size: int, time_limit: float) -> float:
+    """Download ``size`` pattern bytes over TLS from a :class:`TlsSource` (through whatever ``host:port`` leads
+    there), checking every byte; the seconds from the request to the last byte."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + time_limit
+    raw = socket.create_connection((host, port), timeout=time_limit)
+    with raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+        buf = bytearray(_TLS_READ)
+        view = memoryview(buf)
+        t0 = time.perf_counter()
+        tls.sendall(_TLS_REQUEST.pack(size))
+        got = 0
+        while got < size:
+            if time.monotonic() > deadline:
+                raise WorkloadError(f"tls-bulk: {got} of {size} bytes in {time_limit} s")
+            n = tls.recv_into(view, min(_TLS_READ, size - got))
+            if not n:
+                raise WorkloadError(f"tls-bulk: the stream ended after {got} of {size} bytes")
+            if view[:n] != pattern_slice(got, n):
+                raise WorkloadError(f"tls-bulk: wrong bytes near offset {got}")
+            got += n
+        return time.perf_counter() - t0
+
+
 def _emit(payload: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(payload) + "\n")
     sys.stdout.flush()
@@ -593,6 +712,20 @@ async def _hold_main(
     for writer in writers:
         writer.close()
     await asyncio.sleep(0)
+
+
+def _tls_serve_main(listen: str, lifetime: float) -> None:
+    import tempfile
+
+    host, port = _split_hostport(listen)
+    with tempfile.TemporaryDirectory(prefix="vtbench-tls-") as directory:
+        source = TlsSource(host, port, directory)
+        _emit({"ready": True, "port": source.port, "pid": os.getpid()})
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(lifetime)
+        finally:
+            source.close()
 
 
 def _stall_sink_main(listen: str, rcvbuf: int, lifetime: float) -> None:
@@ -650,6 +783,13 @@ def _parser() -> argparse.ArgumentParser:
         "--rcvbuf", type=int, default=4096, help="SO_RCVBUF of the accepted sockets (Linux doubles it)"
     )
     stalled.add_argument("--lifetime", type=float, default=3600.0, help="exit after this many seconds")
+    tls_source = sub.add_parser("tls-serve", help="run the TLS source (lite-tls)")
+    tls_source.add_argument("--listen", required=True, help="HOST:PORT (port 0: any free port)")
+    tls_source.add_argument("--lifetime", type=float, default=3600.0, help="exit after this many seconds")
+    tls_bulk = sub.add_parser("tls-bulk", help="download from a TLS source and check the bytes")
+    tls_bulk.add_argument("--connect", required=True, help="HOST:PORT")
+    tls_bulk.add_argument("--timeout", type=float, default=60.0)
+    tls_bulk.add_argument("--bytes", type=int, required=True, dest="total_bytes")
     for name in ("bulk", "rr", "ttfb", "hold", "stall", "probe"):
         p = sub.add_parser(name)
         p.add_argument("--connect", required=True, help="HOST:PORT")
@@ -732,8 +872,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stall":
             asyncio.run(_stall_main(args))
             return 0
+        if args.command == "tls-serve":
+            _tls_serve_main(args.listen, args.lifetime)
+            return 0
+        if args.command == "tls-bulk":
+            host, port = _split_hostport(args.connect)
+            seconds = run_tls_bulk(host, port, size=args.total_bytes, time_limit=args.timeout)
+            _emit(
+                {
+                    "ok": True,
+                    "bytes": args.total_bytes,
+                    "seconds": seconds,
+                    "goodput": args.total_bytes / seconds,
+                }
+            )
+            return 0
         result = asyncio.run(_client_main(args))
-    except (WorkloadError, ValueError) as exc:
+    except (WorkloadError, ValueError, OSError) as exc:
         _emit({"ok": False, "error": str(exc)})
         return 1
     except KeyboardInterrupt:

@@ -45,16 +45,17 @@ def _open(c: Side, s: Side) -> int:
     return sid
 
 
-def test_a_passthrough_frame_is_one_event_and_may_exceed_the_frame_size() -> None:
+def test_passthrough_frames_are_never_joined_with_ordinary_ones_and_may_exceed_the_frame_size() -> None:
     c, s = handshake(ON, ON)
     sid = _open(c, s)
     assert len(RECORD) > ON.max_frame_size
     c.tunnel.send_data(sid, b"sealed ")
     c.tunnel.send_data(sid, RECORD, passthrough=True)
+    c.tunnel.send_data(sid, RECORD, passthrough=True)
     c.tunnel.send_data(sid, b"after")
     pump(c, s)
     got = [(e.data, e.passthrough) for e in s.of(ev.DataReceived)]
-    assert got == [(b"sealed ", False), (RECORD, True), (b"after", False)]
+    assert got == [(b"sealed ", False), (RECORD * 2, True), (b"after", False)]
 
 
 def test_passthrough_needs_the_extension_on_the_sending_side() -> None:

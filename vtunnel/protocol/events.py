@@ -55,8 +55,8 @@ class DataReceived(Event):
     """Bytes for a stream. Acknowledge them once consumed.
 
     On a ``udp`` stream each event is one datagram. On a byte stream, consecutive DATA frames of the stream
-    within one ``receive_data`` input arrive as one event (frame boundaries carry no meaning there), except that
-    each PASSTHROUGH frame (lite-tls) is an event of its own, with ``passthrough`` set.
+    within one ``receive_data`` input arrive as one event (frame boundaries carry no meaning there); PASSTHROUGH
+    frames (lite-tls) and ordinary ones are never joined: ``passthrough`` says which kind an event holds.
     """
 
     stream_id: int

@@ -152,6 +152,7 @@ class Tunnel:
         # consecutive DATA payloads of one byte stream, delivered as one DataReceived (views of the input)
         self._run: list[bytes | memoryview] = []
         self._run_sid = 0
+        self._run_passthrough = 0  # the run is of PASSTHROUGH frames (lite-tls): a run never mixes the kinds
         self._ext = Extensions()
         self._gzip_out = False  # DATA may go out gzipped (negotiated, or configured for a vproxy peer)
         self._send_frame_size = config.max_frame_size
@@ -677,12 +678,13 @@ class Tunnel:
                     stream.recv_remaining -= size
                 self._buffered += size
                 stream.recv_unacked += size
-                if stream.datagram or passthrough:
-                    self._emit(DataReceived(stream_id=sid, data=bytes(data), passthrough=bool(passthrough)))
+                if stream.datagram:
+                    self._emit(DataReceived(stream_id=sid, data=bytes(data)))
                 else:
-                    if self._run and self._run_sid != sid:
+                    if self._run and (self._run_sid != sid or self._run_passthrough != passthrough):
                         self._flush_run()
                     self._run_sid = sid
+                    self._run_passthrough = passthrough
                     self._run.append(data)
         if end:
             effect = self._remote(stream, StreamInput.RECV_FIN)
@@ -950,7 +952,9 @@ class Tunnel:
         run = self._run
         data = bytes(run[0]) if len(run) == 1 else b"".join(run)
         self._run = []
-        self._events.append(DataReceived(stream_id=self._run_sid, data=data))
+        self._events.append(
+            DataReceived(stream_id=self._run_sid, data=data, passthrough=bool(self._run_passthrough))
+        )
 
     def _take_events(self) -> list[Event]:
         if self._run:

@@ -436,6 +436,15 @@ class TunnelStream(ByteStream):
             return
         self._closed = True
         conn = self._conn
+        lite = self._lite
+        if lite is not None and lite.session.left:
+            log.debug(
+                "lite_tls.closed",
+                tunnel=conn.name,
+                stream=self.stream_id,
+                passthrough_bytes=lite.passthrough_bytes,
+                protected_bytes=lite.protected_bytes,
+            )
         if not conn.closed:
             with contextlib.suppress(VTunnelError):
                 conn.tunnel.close_stream(self.stream_id)
@@ -477,7 +486,7 @@ class TunnelStream(ByteStream):
 class _LiteTls:
     """A lite-tls stream's session and its queue of pieces to send (waiting for stream credit)."""
 
-    __slots__ = ("_eof", "_queue", "_refused", "_stream", "session")
+    __slots__ = ("_eof", "_queue", "_refused", "_stream", "passthrough_bytes", "protected_bytes", "session")
 
     def __init__(self, stream: TunnelStream) -> None:
         self._stream = stream
@@ -485,6 +494,9 @@ class _LiteTls:
         self._queue: deque[tuple[bytes, bool]] = deque()
         self._eof = False  # the user ended its side: FIN once the queue is empty
         self._refused = False  # from_local took nothing: the writer waits to be told
+        #: bytes sent in PASSTHROUGH frames and in ordinary ones (statistics)
+        self.passthrough_bytes = 0
+        self.protected_bytes = 0
 
     def from_local(self, data: bytes | memoryview) -> int:
         """Take all of ``data`` (0: none, the queue or the held bytes must go first)."""
@@ -559,10 +571,15 @@ class _LiteTls:
                 data, passthrough = queue[0]
                 if len(data) > window:  # a record must go whole to pass through: what fits goes protected
                     tunnel.send_data(sid, data[:window])
+                    self.protected_bytes += window
                     queue[0] = (data[window:], False)
                     break
                 queue.popleft()
                 tunnel.send_data(sid, data, passthrough=passthrough)
+                if passthrough:
+                    self.passthrough_bytes += len(data)
+                else:
+                    self.protected_bytes += len(data)
         except VTunnelError as exc:
             queue.clear()
             stream.deliver_reset(str(exc))

@@ -228,6 +228,7 @@ class _Records:
         "_out",
         "_out_masks",
         "_out_n",
+        "_pt_opened",
         "_seal_work",
         "cipher",
         "eof_received",
@@ -254,6 +255,7 @@ class _Records:
         #: sending passthrough records (the plaintext is tunnel frames); where the frame stream stands: bytes of
         #: the current frame still to come, or the first bytes of a frame header
         self.passthrough = False
+        self._pt_opened: tuple[int, bytes] | None = None  # the last sealed part opened, by its counter
         self.frame_skip = 0
         self.frame_head = b""
 
@@ -360,6 +362,9 @@ class _Records:
     def _open_passthrough(self, buf: bytes | bytearray | memoryview, pos: int, n: int) -> bytes:
         """The sealed part of the passthrough record at ``buf[pos:]`` (its first 32 bytes are there), counter
         ``n``: the frame header and TLS record header, checked."""
+        opened = self._pt_opened
+        if opened is not None and opened[0] == n:  # (its body was incomplete last time)
+            return opened[1]
         try:
             head = self._in.decrypt(
                 self._nonce(n), bytes(buf[pos + 2 : pos + _PT_HEAD]), bytes(buf[pos : pos + 2])
@@ -376,6 +381,7 @@ class _Records:
             or body > _MAX_TLS_BODY
         ):
             raise AuthenticationFailed("a passthrough record that is not one TLS application-data record")
+        self._pt_opened = (n, head)
         return head
 
     def seal_eof(self) -> bytes:
