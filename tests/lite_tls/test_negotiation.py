@@ -51,11 +51,11 @@ def test_passthrough_frames_are_never_joined_with_ordinary_ones_and_may_exceed_t
     assert len(RECORD) > ON.max_frame_size
     c.tunnel.send_data(sid, b"sealed ")
     c.tunnel.send_data(sid, RECORD, passthrough=True)
-    c.tunnel.send_data(sid, RECORD, passthrough=True)
+    c.tunnel.send_data(sid, RECORD * 2, passthrough=True)  # whole records: one frame each
     c.tunnel.send_data(sid, b"after")
     pump(c, s)
     got = [(e.data, e.passthrough) for e in s.of(ev.DataReceived)]
-    assert got == [(b"sealed ", False), (RECORD * 2, True), (b"after", False)]
+    assert got == [(b"sealed ", False), (RECORD * 3, True), (b"after", False)]
 
 
 def test_passthrough_needs_the_extension_on_the_sending_side() -> None:
@@ -65,7 +65,8 @@ def test_passthrough_needs_the_extension_on_the_sending_side() -> None:
         c.tunnel.send_data(sid, RECORD, passthrough=True)
     c, s = handshake(ON, ON)
     sid = _open(c, s)
-    for bad in (b"", bytes(fr.MAX_PASSTHROUGH_PAYLOAD + 1)):
+    too_long = b"\x17\x03\x03\xff\xff" + bytes(0xFFFF)
+    for bad in (b"", bytes(fr.MAX_PASSTHROUGH_PAYLOAD + 1), RECORD[:-1], RECORD + b"\x17\x03", too_long):
         with pytest.raises(LocalProtocolError):
             c.tunnel.send_data(sid, bad, passthrough=True)
     with pytest.raises(LocalProtocolError):
@@ -90,3 +91,19 @@ def test_an_oversized_ordinary_frame_is_still_refused() -> None:
     big = bytes(ON.max_frame_size + 1)
     s.events.extend(s.tunnel.receive_data(fr.frame_header(fr.FrameType.DATA, 0, sid, len(big)) + big, 0.0))
     assert s.of(ev.TunnelClosed)
+
+
+def test_several_records_are_one_frame_each() -> None:
+    c, s = handshake(ON, ON)
+    sid = _open(c, s)
+    small = b"\x17\x03\x03\x00\x03abc"
+    c.tunnel.send_data(sid, RECORD + small + RECORD, passthrough=True)
+    wire = c.tunnel.data_to_send()
+    decoder = fr.FrameDecoder(max_payload=fr.MAX_PASSTHROUGH_PAYLOAD)
+    frames, error = decoder.feed(wire)
+    assert error is None
+    assert [(f.flags, f.payload) for f in frames] == [
+        (fr.PASSTHROUGH, RECORD),
+        (fr.PASSTHROUGH, small),
+        (fr.PASSTHROUGH, RECORD),
+    ]

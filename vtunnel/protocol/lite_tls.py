@@ -56,6 +56,7 @@ __all__ = [
     "TrackerBrokenError",
     "entry_check",
     "header_problem",
+    "whole_records",
 ]
 
 HEADER_LEN = 5
@@ -155,6 +156,18 @@ def header_problem(header: bytes | bytearray | memoryview) -> str | None:
         if length > MAX_RECORD_LENGTH:
             return f"record length {length} exceeds {MAX_RECORD_LENGTH}"
     return None
+
+
+def whole_records(data: bytes, limit: int) -> int:
+    """How many bytes of ``data`` (whole TLS records) are the whole records that fit in ``limit`` bytes."""
+    pos = 0
+    end = min(len(data), limit)
+    while pos + HEADER_LEN <= end:
+        stop = pos + HEADER_LEN + ((data[pos + 3] << 8) | data[pos + 4])
+        if stop > end:
+            break
+        pos = stop
+    return pos
 
 
 def entry_check(first: bytes) -> str | None:
@@ -663,37 +676,40 @@ class LiteTlsSession:
                 step.violation = ev.reason
 
     def _send(self, data: bytes, step: LiteTlsStep) -> None:
-        """After leaving: cut ``data`` into whole records, application data in passthrough."""
+        """After leaving: cut ``data`` at record boundaries; runs of whole application-data records go in
+        passthrough (a piece each), other records protected, a partial record waits for its rest."""
         send = step.send
         if not self._cutting:
             send.append((data, False))
             return
-        if self._cut:
-            self._cut += data
-            buf: bytes | bytearray = self._cut
-        else:
-            buf = data
-        view = memoryview(buf)
-        end = len(view)
+        buf = bytes(self._cut + data) if self._cut else data
+        end = len(buf)
         pos = 0
-        sealed = 0  # where the protected bytes not yet queued begin
-        with view:
-            while end - pos >= HEADER_LEN:
-                header = view[pos : pos + HEADER_LEN]
-                if header_problem(header) is not None:  # not TLS: protected from here on, for good
-                    self._cutting = False
-                    pos = end
-                    break
-                stop = pos + HEADER_LEN + ((header[3] << 8) | header[4])
-                if stop > end:
-                    break
-                if header[0] == APPLICATION_DATA:
-                    if pos > sealed:
-                        send.append((bytes(view[sealed:pos]), False))
-                    send.append((bytes(view[pos:stop]), True))
-                    sealed = stop
-                pos = stop
-            if pos > sealed:
-                send.append((bytes(view[sealed:pos]), False))
-            rest = bytes(view[pos:]) if pos < end else b""
-        self._cut = bytearray(rest)
+        run = 0  # where the bytes not yet queued begin
+        passthrough = True  # what kind they are
+        while end - pos >= HEADER_LEN:
+            length = (buf[pos + 3] << 8) | buf[pos + 4]
+            if (
+                buf[pos] == APPLICATION_DATA
+                and buf[pos + 1] == 3
+                and buf[pos + 2] == 3
+                and length <= MAX_RECORD_LENGTH
+            ):
+                app = True
+            elif header_problem(buf[pos : pos + HEADER_LEN]) is None:
+                app = False
+            else:  # not TLS: protected from here on, for good
+                self._cutting = False
+                pos = end
+                break
+            stop = pos + HEADER_LEN + length
+            if stop > end:
+                break
+            if app is not passthrough and pos > run:
+                send.append((buf[run:pos], passthrough))
+                run = pos
+            passthrough = app
+            pos = stop
+        if pos > run:
+            send.append((buf[run:pos], passthrough if self._cutting else False))
+        self._cut = bytearray(buf[pos:]) if pos < end else bytearray()

@@ -412,15 +412,15 @@ class Tunnel:
 
         Data is split into frames of at most ``max_frame_payload`` bytes. On a ``udp`` stream each call is one
         datagram, sent as exactly one DATA frame (an empty datagram too); a larger one raises LocalProtocolError.
-        ``passthrough`` (lite-tls negotiated; a byte stream): ``data`` is one whole TLS record of a lite-tls stream
-        that has left the tunnel, sent as one PASSTHROUGH frame of up to ``MAX_PASSTHROUGH_PAYLOAD`` bytes.
+        ``passthrough`` (lite-tls negotiated; a byte stream): ``data`` is one or more whole TLS application-data
+        records of a lite-tls stream that has left the tunnel, each sent as one PASSTHROUGH frame (of up to
+        ``MAX_PASSTHROUGH_PAYLOAD`` bytes); anything else raises LocalProtocolError and sends nothing.
         """
         stream = self._stream_for_local(stream_id)
         view = fr.byte_view(data)
         size = len(view)
         datagram = stream.datagram
-        if passthrough:
-            self._check_passthrough(stream, size, end_stream)
+        ends = self._passthrough_records(stream, view, end_stream) if passthrough else None
         if size or (datagram and not end_stream):
             fast = stream.state in _SEND_DATA_LOOPS and stream.accepted
             if datagram and fast and size <= self._unreliable_max and not end_stream:
@@ -445,22 +445,41 @@ class Tunnel:
                 stream.send_window -= size
                 self._tunnel_send_window -= size
             payload = (data if type(data) is bytes else view) if view.readonly else view.tobytes()
-            if passthrough:
-                self._out.append(_PACK_HEADER(size << 8, _PASSTHROUGH, stream.id))
-                self._out.append(payload)
+            if ends is not None:
+                append = self._out.append
+                records = payload if isinstance(payload, memoryview) else memoryview(payload)
+                start = 0
+                for end in ends:
+                    append(_PACK_HEADER((end - start) << 8, _PASSTHROUGH, stream.id))
+                    append(records[start:end])
+                    start = end
             else:  # (a mutable buffer the caller may reuse is copied)
                 self._queue_data(stream, payload, size)
         if end_stream:
             self.end_stream(stream_id)
 
-    def _check_passthrough(self, stream: Stream, size: int, end_stream: bool) -> None:
+    def _passthrough_records(self, stream: Stream, view: memoryview, end_stream: bool) -> list[int]:
+        """Where each whole TLS application-data record of ``view`` ends (one PASSTHROUGH frame each)."""
         if not self._ext.lite_tls:
             raise LocalProtocolError("PASSTHROUGH DATA needs the lite-tls extension")
-        if stream.datagram or end_stream or not 0 < size <= fr.MAX_PASSTHROUGH_PAYLOAD:
+        if stream.datagram or end_stream or not view:
             raise LocalProtocolError(
-                f"a PASSTHROUGH frame is one TLS record of 1..{fr.MAX_PASSTHROUGH_PAYLOAD} bytes on a byte "
-                "stream, without END_STREAM"
+                "PASSTHROUGH DATA is whole TLS records on a byte stream, without END_STREAM"
             )
+        ends: list[int] = []
+        pos = 0
+        size = len(view)
+        while pos < size:
+            end = pos + 5 + ((view[pos + 3] << 8) | view[pos + 4]) if pos + 5 <= size else size + 1
+            if end > size or view[pos] != 0x17 or view[pos + 1] != 3 or view[pos + 2] != 3:
+                raise LocalProtocolError(
+                    "PASSTHROUGH DATA must be whole TLS application-data records (17 03 03)"
+                )
+            if end - pos > fr.MAX_PASSTHROUGH_PAYLOAD:
+                raise LocalProtocolError(f"a TLS record longer than {fr.MAX_PASSTHROUGH_PAYLOAD} bytes")
+            ends.append(end)
+            pos = end
+        return ends
 
     def end_stream(self, stream_id: int) -> None:
         """FIN: we send nothing more on this stream; the peer may go on sending."""

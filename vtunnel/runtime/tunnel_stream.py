@@ -31,7 +31,7 @@ from anyio.abc import ByteStream
 
 from vtunnel.protocol import StreamMetadata, Tunnel
 from vtunnel.protocol.errors import VTunnelError
-from vtunnel.protocol.lite_tls import LiteTlsSession, LiteTlsStep
+from vtunnel.protocol.lite_tls import LiteTlsSession, LiteTlsStep, whole_records
 from vtunnel.runtime.errors import StreamRefused
 
 __all__ = ["JOIN_BELOW", "StreamCarrier", "StreamConsumer", "TunnelStream", "TunnelStreamAttribute"]
@@ -569,10 +569,16 @@ class _LiteTls:
                 if window <= 0:
                     break
                 data, passthrough = queue[0]
-                if len(data) > window:  # a record must go whole to pass through: what fits goes protected
-                    tunnel.send_data(sid, data[:window])
-                    self.protected_bytes += window
-                    queue[0] = (data[window:], False)
+                if len(data) > window:
+                    fits = whole_records(data, window) if passthrough else 0
+                    if fits:  # the records that fit now go, the others when credit comes
+                        tunnel.send_data(sid, data[:fits], passthrough=True)
+                        self.passthrough_bytes += fits
+                        queue[0] = (data[fits:], True)
+                    else:  # a record passes through only whole: what fits goes protected
+                        tunnel.send_data(sid, data[:window])
+                        self.protected_bytes += window
+                        queue[0] = (data[window:], False)
                     break
                 queue.popleft()
                 tunnel.send_data(sid, data, passthrough=passthrough)
