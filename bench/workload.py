@@ -15,7 +15,7 @@ Anything else is closed at once. Clients (:func:`run_bulk`, :func:`run_rr`, :fun
 a clear message on any failure.
 
 A **TLS source** (:class:`TlsSource`, ``tls-serve``) is HTTPS-like traffic for lite-tls: a TLS server (a
-self-signed certificate made at start) that, after the handshake, reads a u64 length and sends that many
+throwaway trustme certificate) that, after the handshake, reads a u64 length and sends that many
 pattern bytes as TLS application data; :func:`run_tls_bulk` (``tls-bulk``) downloads and checks them.
 
 A second kind of destination, the **stalled sink** (:class:`StalledSink`), accepts connections and never reads
@@ -572,51 +572,17 @@ _TLS_REQUEST = struct.Struct(">Q")
 _TLS_READ = 256 * 1024
 
 
-def _self_signed(directory: str) -> tuple[str, str]:
-    """A key and a self-signed certificate for ``localhost`` (PEM files in ``directory``)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .sign(key, hashes.SHA256())
-    )
-    key_file = os.path.join(directory, "tls.key")
-    cert_file = os.path.join(directory, "tls.crt")
-    with open(key_file, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    with open(cert_file, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return key_file, cert_file
-
-
 class TlsSource:
     """A TLS server (one thread per connection: OpenSSL does the work outside the GIL) that sends each client the
     number of pattern bytes it asks for."""
 
-    def __init__(self, host: str, port: int, directory: str) -> None:
+    def __init__(self, host: str, port: int) -> None:
         import ssl
 
-        key_file, cert_file = _self_signed(directory)
+        import trustme  # a throwaway CA and certificate: the client does not verify it
+
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert_file, key_file)
+        trustme.CA().issue_cert("localhost").configure_cert(self.context)
         self.sock = socket.create_server((host, port))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -715,17 +681,14 @@ async def _hold_main(
 
 
 def _tls_serve_main(listen: str, lifetime: float) -> None:
-    import tempfile
-
     host, port = _split_hostport(listen)
-    with tempfile.TemporaryDirectory(prefix="vtbench-tls-") as directory:
-        source = TlsSource(host, port, directory)
-        _emit({"ready": True, "port": source.port, "pid": os.getpid()})
-        try:
-            with contextlib.suppress(KeyboardInterrupt):
-                time.sleep(lifetime)
-        finally:
-            source.close()
+    source = TlsSource(host, port)
+    _emit({"ready": True, "port": source.port, "pid": os.getpid()})
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(lifetime)
+    finally:
+        source.close()
 
 
 def _stall_sink_main(listen: str, rcvbuf: int, lifetime: float) -> None:
