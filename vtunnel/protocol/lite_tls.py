@@ -158,7 +158,7 @@ def header_problem(header: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
-def whole_records(data: bytes, limit: int) -> int:
+def whole_records(data: bytes | memoryview, limit: int) -> int:
     """How many bytes of ``data`` (whole TLS records) are the whole records that fit in ``limit`` bytes."""
     pos = 0
     end = min(len(data), limit)
@@ -565,7 +565,7 @@ class LiteTlsStep:
     ``consumed`` peer bytes that will never be delivered (control records), and reset the stream if
     ``violation`` is set. ``left`` and ``fell_back`` are for logs and counters."""
 
-    send: list[tuple[bytes, bool]] = field(default_factory=list)
+    send: list[tuple[bytes | memoryview, bool]] = field(default_factory=list)
     deliver: list[bytes] = field(default_factory=list)
     consumed: int = 0
     violation: str | None = None
@@ -682,7 +682,29 @@ class LiteTlsSession:
         if not self._cutting:
             send.append((data, False))
             return
-        buf = bytes(self._cut + data) if self._cut else data
+        buf: bytes | memoryview = data
+        if self._cut:  # complete the record begun in an earlier read, then go on with this one as a view
+            cut = self._cut
+            if len(cut) + len(data) < HEADER_LEN:
+                cut += data
+                return
+            header = bytes(cut[:HEADER_LEN]) + data[: max(0, HEADER_LEN - len(cut))]
+            need = HEADER_LEN + ((header[3] << 8) | header[4]) - len(cut)
+            if header_problem(header) is None and need > len(data):
+                cut += data
+                return
+            self._cut = bytearray()
+            if header_problem(header) is not None:  # not TLS: all of it protected, for good
+                self._cutting = False
+                send.append((bytes(cut) + data, False))
+                return
+            self._send(bytes(cut) + data[:need], step)
+            if len(data) == need:
+                return
+            if not self._cutting:
+                send.append((data[need:], False))
+                return
+            buf = memoryview(data)[need:]
         end = len(buf)
         pos = 0
         run = 0  # where the bytes not yet queued begin
@@ -712,4 +734,5 @@ class LiteTlsSession:
             pos = stop
         if pos > run:
             send.append((buf[run:pos], passthrough if self._cutting else False))
-        self._cut = bytearray(buf[pos:]) if pos < end else bytearray()
+        if pos < end:
+            self._cut = bytearray(buf[pos:])

@@ -491,7 +491,8 @@ class _LiteTls:
     def __init__(self, stream: TunnelStream) -> None:
         self._stream = stream
         self.session = LiteTlsSession(stream._conn.tunnel.role)
-        self._queue: deque[tuple[bytes, bool]] = deque()
+        # (views of a piece whose start went already: the rest is never copied)
+        self._queue: deque[tuple[bytes | memoryview, bool]] = deque()
         self._eof = False  # the user ended its side: FIN once the queue is empty
         self._refused = False  # from_local took nothing: the writer waits to be told
         #: bytes sent in PASSTHROUGH frames and in ordinary ones (statistics)
@@ -570,6 +571,7 @@ class _LiteTls:
                     break
                 data, passthrough = queue[0]
                 if len(data) > window:
+                    data = memoryview(data)
                     fits = whole_records(data, window) if passthrough else 0
                     if fits:  # the records that fit now go, the others when credit comes
                         tunnel.send_data(sid, data[:fits], passthrough=True)
