@@ -56,3 +56,28 @@ def test_every_byte_goes_once_in_order_and_passthrough_pieces_are_whole_applicat
     # application-data records that arrived whole in one read before any garbage pass through
     if not garbage and len(points) == 0:
         assert sum(len(d) for d, p in sent if p) == sum(len(r) for r in parts if r[0] == 0x17)
+
+
+def test_passthrough_before_leaving_is_a_violation_and_stripped_markers_give_their_credit_back() -> None:
+    session = LiteTlsSession(Role.SERVER)
+    step = session.from_peer(record(0x16, b"hello"), passthrough=False)
+    assert step.deliver == [record(0x16, b"hello")]
+    assert step.consumed == 0
+    step = session.from_peer(record(0x17, b"early"), passthrough=True)
+    assert step.violation is not None
+    assert "before the stream left" in step.violation
+    assert step.deliver == []
+    assert session.broken
+    # a broken session takes no more and asks for nothing but the credit of what it dropped
+    later = session.from_peer(b"more", passthrough=False)
+    assert later.consumed == 4
+    assert later.deliver == []
+
+
+def test_the_peers_notice_is_stripped_and_its_credit_returned() -> None:
+    session = LiteTlsSession(Role.SERVER)
+    notice = b"\xff\x03\x03\x00\x01\x00"
+    step = session.from_peer(notice + b"plain bytes", passthrough=False)
+    assert step.deliver == [b"plain bytes"]
+    assert step.consumed == len(notice)
+    assert step.fell_back is not None

@@ -461,11 +461,6 @@ class TunnelStream(ByteStream):
         }
 
     # ---------------------------------------------------------------- lite-tls
-    @property
-    def lite_tls_left(self) -> bool:
-        """This end of a lite-tls stream has left the tunnel (its TLS records go in passthrough)."""
-        return self._lite is not None and self._lite.session.left
-
     def _writable_again(self) -> None:
         if self._consumer is not None:
             self._consumer.stream_writable()
