@@ -26,13 +26,16 @@ import anyio
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute
 
-from vtunnel.transports.link import Link, StreamLink
+from vtunnel.transports.link import Link, LinkStats, ListenerAttribute, Refusals, StreamLink
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ByteStreamTransport",
     "Endpoint",
     "Link",
+    "LinkStats",
+    "ListenerAttribute",
+    "Refusals",
     "SecurityConfig",
     "Transport",
     "TransportError",
@@ -223,17 +226,19 @@ class ByteStreamTransport(Transport):
         replay = ReplayCache()  # of this listener's key handshakes (small until a key handshake comes)
         limiter = HandshakeLimiter(rate=HANDSHAKES_PER_SECOND, burst=HANDSHAKE_BURST)
 
+        refusals = Refusals()
+
         async def finish(stream: ByteStream, raw: ByteStream) -> Link | None:
             if psk is None:
                 return link_for(stream)
             peer = raw.extra(SocketAttribute.remote_address, "")
             source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
             channel = await secure_server(
-                stream, psk, replay=replay, limiter=limiter, source=source, cipher=cipher
+                stream, psk, replay=replay, limiter=limiter, source=source, cipher=cipher, refusals=refusals
             )
             return None if channel is None else channel.link(link_for(channel.stream))
 
-        return await self._accepting(endpoint, finish)
+        return await self._accepting(endpoint, finish, refusals=refusals)
 
     async def serve_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         """A listener of the streams that passed :meth:`accept_stream`, with no key and no tunnel (a WebSocks
@@ -245,21 +250,30 @@ class ByteStreamTransport(Transport):
         return await self._accepting(endpoint, finish)
 
     async def _accepting(
-        self, endpoint: Endpoint, finish: Callable[[ByteStream, ByteStream], Awaitable[T | None]]
+        self,
+        endpoint: Endpoint,
+        finish: Callable[[ByteStream, ByteStream], Awaitable[T | None]],
+        *,
+        refusals: Refusals | None = None,
     ) -> Listener[T]:
         """:meth:`listen_streams`, each connection through :meth:`accept_stream` (within :attr:`accept_timeout`)
-        and then ``finish(stream, raw)``, under the cap of :class:`~vtunnel.transports.secure.SecuredListener`."""
+        and then ``finish(stream, raw)``, under the cap of :class:`~vtunnel.transports.secure.SecuredListener`,
+        which gives ``refusals`` (counted by it, by ``finish`` and here) as ``ListenerAttribute.refusals``."""
         from vtunnel.transports.secure import SecuredListener, local_name
 
         inner = await self.listen_streams(endpoint)
         accept, timeout = self.accept_stream, self.accept_timeout
+        refused = Refusals() if refusals is None else refusals
 
         async def prepare(raw: ByteStream) -> T | None:
             with anyio.fail_after(timeout):
                 stream = await accept(raw, endpoint)
-            return None if stream is None else await finish(stream, raw)
+            if stream is None:  # the transport's own handshake turned it away (an HTTP 404, say)
+                refused.probes["transport"] += 1
+                return None
+            return await finish(stream, raw)
 
-        return SecuredListener(inner, prepare, local=local_name(inner))
+        return SecuredListener(inner, prepare, local=local_name(inner), refusals=refused)
 
 
 _loaded: dict[str, type[Transport]] = {}

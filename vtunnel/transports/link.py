@@ -29,19 +29,29 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
-from anyio import TypedAttributeProvider
+from anyio import TypedAttributeProvider, TypedAttributeSet, typed_attribute
 from anyio.abc import AsyncResource, ByteStream, TaskGroup
 
 from vtunnel.io.stream_sockets import LeanSocketStream, SocketTransport
 
-__all__ = ["Link", "LinkConsumer", "LinkStream", "SocketLink", "StreamLink"]
+__all__ = [
+    "Link",
+    "LinkConsumer",
+    "LinkStats",
+    "LinkStream",
+    "ListenerAttribute",
+    "Refusals",
+    "SocketLink",
+    "StreamLink",
+]
 
 #: bytes a :class:`StreamLink` queues for its byte stream before ``send_nowait`` raises ``WouldBlock``
 SEND_HIGH_WATER: Final = 1024 * 1024
@@ -68,6 +78,43 @@ class LinkConsumer(Protocol):
 
     def link_datagram(self, data: bytes) -> None:
         """An unreliable datagram arrived (only on a link whose ``max_datagram`` is not 0; not while paused)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LinkStats:
+    """What a link knows of its path, read when asked (for metrics): ``None`` where the transport does not know.
+
+    The counters only grow over the link's life.
+    """
+
+    #: smoothed round-trip time, seconds
+    rtt: float | None = None
+    #: the delivery-rate estimate, bytes per second (a paced sender's model of the path)
+    delivery_rate: float | None = None
+    #: packets (KCP segments) sent again
+    retransmitted_packets: int | None = None
+    #: stream bytes sent again (a transport that resends data, not packets)
+    retransmitted_bytes: int | None = None
+    #: packets declared lost
+    lost_packets: int | None = None
+
+
+@dataclass(slots=True)
+class Refusals:
+    """Peers a listener turned away, counted by reason (a short fixed word, never who they were): read by the
+    metrics. A listener that has them gives them as ``listener.extra(ListenerAttribute.refusals)``."""
+
+    #: peers that began a handshake and failed it (a wrong key, a replay, too slow, a broken TLS handshake)
+    handshake_failures: Counter[str] = field(default_factory=Counter)
+    #: connections and datagrams answered with nothing (or a stateless reset): probes, strays, the shed
+    probes: Counter[str] = field(default_factory=Counter)
+
+
+class ListenerAttribute(TypedAttributeSet):
+    """Typed attributes of a tunnel listener (``listener.extra(ListenerAttribute.refusals, None)``)."""
+
+    #: the listener's count of peers it refused
+    refusals: Refusals = typed_attribute()
 
 
 class Link(AsyncResource, TypedAttributeProvider):
@@ -124,6 +171,13 @@ class Link(AsyncResource, TypedAttributeProvider):
         this link does; False (the default: no key, or datagrams, which seal every byte) and the tunnel does
         not offer lite-tls over it."""
         return False
+    def stats(self) -> LinkStats:
+        """The path's round trip, rate and losses as far as the transport knows them (nothing, by default).
+
+        Cheap, and called only when someone asks (a metrics scrape), never on the data path. Still answers
+        after the link closed, with its last values.
+        """
+        return LinkStats()
 
 
 #: a link type, for :class:`LinkStream`

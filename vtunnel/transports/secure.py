@@ -45,7 +45,7 @@ from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, prefer
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
-from vtunnel.transports.link import Link, LinkConsumer
+from vtunnel.transports.link import Link, LinkConsumer, ListenerAttribute, Refusals
 
 __all__ = [
     "CIPHER_ENV",
@@ -425,6 +425,7 @@ async def secure_server(
     silence: tuple[float, float] = DEFAULT_SILENCE,
     cipher: str = "auto",
     record_timeout: float = RECORD_TIMEOUT,
+    refusals: Refusals | None = None,
 ) -> SecureChannel | None:
     """Run the server handshake over an accepted ``stream``: the channel to put on a link, or None.
 
@@ -438,7 +439,8 @@ async def secure_server(
     connection of the server; separate processes have separate caches, so a first message replayed to another
     process serving the same key is not caught. ``cipher`` is the setting :func:`cipher_preference` reads
     (the ciphers accepted; a client offering none of them fails like any other). ``record_timeout`` bounds an
-    incomplete record once the stream is up (see :class:`SealedLink`).
+    incomplete record once the stream is up (see :class:`SealedLink`). A failure is counted in ``refusals``
+    (``authentication`` or ``timeout`` as handshake failures, ``closed`` as a probe).
     """
     start = time.monotonic()
     deadline = start + _random.uniform(*silence)
@@ -452,9 +454,13 @@ async def secure_server(
                 received += core.receive_data(await stream.receive(), time.time())
     except AuthenticationFailed as exc:
         log.info("handshake refused", source=source, reason=str(exc))
+        if refusals is not None:
+            refusals.handshake_failures["authentication"] += 1
         await _discard_until(stream, deadline)
         return None
     except (EndOfStream, BrokenResourceError, ClosedResourceError, OSError):
+        if refusals is not None:
+            refusals.probes["closed"] += 1
         await anyio.aclose_forcefully(stream)
         return None
     except BaseException:  # cancelled: leave nothing open
@@ -462,6 +468,8 @@ async def secure_server(
         raise
     if not core.handshake_complete:
         log.info("handshake refused", source=source, reason="no complete handshake in time")
+        if refusals is not None:
+            refusals.handshake_failures["timeout"] += 1
         await anyio.aclose_forcefully(stream)
         return None
     try:
@@ -487,6 +495,9 @@ class SecuredListener(Listener[T]):
     ``inner`` is anyio's socket listener (or a multi-listener of them), accepted here; or any other listener of
     byte streams (a transport that makes its own connections over UDP, QUIC's), which hands them over through its
     own ``serve``, each under the same cap.
+
+    ``refusals`` (given as ``ListenerAttribute.refusals``) counts connections shed (a probe, ``shed``) and
+    ``prepare`` failures (a handshake failure, ``transport``); ``prepare`` counts its own refusals in it too.
     """
 
     def __init__(
@@ -496,8 +507,10 @@ class SecuredListener(Listener[T]):
         *,
         local: str,
         max_pending: int | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         self._inner = inner
+        self.refusals = Refusals() if refusals is None else refusals
         self._prepare = prepare
         self._local = local
         #: connections in their handshake (or held silent after failing it) at most
@@ -524,6 +537,7 @@ class SecuredListener(Listener[T]):
             if not scope.cancel_called:
                 scope.cancel()
                 self.shed += 1
+                self.refusals.probes["shed"] += 1
                 return True
         return False
 
@@ -596,6 +610,7 @@ class SecuredListener(Listener[T]):
                     prepared = await self._prepare(raw)
                 except Exception as exc:
                     log.debug("transport handshake failed", error=repr(exc))
+                    self.refusals.handshake_failures["transport"] += 1
         finally:
             self._pending.pop(scope, None)
             if prepared is None:
@@ -609,7 +624,7 @@ class SecuredListener(Listener[T]):
 
     @property
     def extra_attributes(self) -> Any:
-        return self._inner.extra_attributes
+        return {**self._inner.extra_attributes, ListenerAttribute.refusals: lambda: self.refusals}
 
 
 def local_name(listener: Listener[Any]) -> str:

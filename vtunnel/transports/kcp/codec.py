@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import SocketAttribute
 
 from vtunnel.io.datagrams import Address, Run, split_run
-from vtunnel.transports.link import Link, LinkConsumer
+from vtunnel.transports.link import Link, LinkConsumer, Refusals
 
 __all__ = [
     "LINGER",
@@ -218,6 +218,12 @@ class ListenerCodec(ABC, Generic[K]):
     @abstractmethod
     def attach(self, send: Send, *, sessions: int) -> None:
         """The listener's socket is open: ``send`` reaches it; ``sessions`` is the session limit."""
+
+    @property
+    def refusals(self) -> Refusals | None:
+        """What the codec turned away, by reason (``None``: it keeps no count); the listener gives it as
+        ``ListenerAttribute.refusals``."""
+        return None
 
     @abstractmethod
     def key_of(self, datagram: Datagram, source: Address) -> K | None:

@@ -26,7 +26,7 @@ from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
 from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
-from vtunnel.transports.link import READ_SIZE, LinkConsumer
+from vtunnel.transports.link import READ_SIZE, LinkConsumer, LinkStats
 
 __all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPLink"]
 
@@ -73,6 +73,7 @@ class KCPLink(ArqLink):
         self._flush_due = False  # reading reopened a full receive window: the next service flushes
         self._ack_due: float | None = None  # a delayed ACK's deadline
         self._unacked = 0  # bytes fed since the last flush (so since the last ACK went out)
+        self._last_stats = LinkStats()  # what stats() gives once the engine is closed
         self._arm(self._watchdog_due)
 
     @property
@@ -82,6 +83,16 @@ class KCPLink(ArqLink):
     @property
     def options(self) -> KCPOptions:
         return self._options
+    def stats(self) -> LinkStats:
+        raw = self._engine.stats()
+        if not raw:
+            return self._last_stats
+        rate = raw.get("rate_estimate_MBps")
+        return LinkStats(
+            rtt=float(raw["srtt_ms"]) / 1000.0,
+            delivery_rate=float(rate) * 1e6 if rate is not None else None,
+            retransmitted_packets=int(raw["retransmits"]),
+        )
 
     # --- from the owner -------------------------------------------------------------------------------------
 
@@ -300,6 +311,7 @@ class KCPLink(ArqLink):
         log.debug(
             "kcp session closed", conv=self._engine.conv, peer=self.remote_address, **self._engine.stats()
         )
+        self._last_stats = self.stats()
         self._engine.close()
         self._stop()
         on_close, self._on_close = self._on_close, None

@@ -23,7 +23,7 @@ from anyio.abc import Listener, SocketAttribute, TaskGroup
 
 from vtunnel.io.datagrams import Address, CoalescingSocket, Run, split_run
 from vtunnel.transports.kcp.codec import Datagram, ListenerCodec, RoutedLink, Runs, Transmit, transmitter
-from vtunnel.transports.link import Link
+from vtunnel.transports.link import Link, ListenerAttribute
 
 __all__ = ["DatagramListener", "NewLink"]
 
@@ -249,4 +249,10 @@ class DatagramListener(Listener[Link], Generic[C]):
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return {SocketAttribute.local_address: lambda: self.local_address}
+        refusals = self._codec.refusals
+        if refusals is None:
+            return {SocketAttribute.local_address: lambda: self.local_address}
+        return {
+            SocketAttribute.local_address: lambda: self.local_address,
+            ListenerAttribute.refusals: lambda: refusals,
+        }

@@ -56,6 +56,7 @@ from vtunnel.transports.kcp.codec import (
     Send,
     Stray,
 )
+from vtunnel.transports.link import Refusals
 from vtunnel.transports.secure import cipher_preference
 
 __all__ = ["RESET_REASON", "SealedClientCodec", "SealedListenerCodec"]
@@ -118,6 +119,13 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         self.resets_sent = 0
         #: challenges sent to new addresses of peers (each to validate the address before moving there)
         self.challenges_sent = 0
+        self._refusals = Refusals()
+
+    @property
+    def refusals(self) -> Refusals:
+        """Strangers' datagrams that started nothing: ``reset`` (answered with a stateless reset) or ``dropped``
+        (answered with nothing), as probes. A failed handshake looks like any other stranger's datagram here."""
+        return self._refusals
 
     @property
     def paths(self) -> Mapping[bytes, PeerPath]:
@@ -177,8 +185,11 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         reset = self._reset.answer(datagram, source, now)
         if reset is not None:
             self.resets_sent += 1
+            self._refusals.probes["reset"] += 1
             log.debug("stateless reset sent", connection_id=bytes(datagram[:CID_LEN]).hex(), peer=source)
             self._send(reset, source)
+        else:
+            self._refusals.probes["dropped"] += 1
         return False
 
     def _handshake(self, datagram: Datagram, source: Address, now: float) -> bool:

@@ -44,7 +44,7 @@ from vtunnel.arq.rudp.connection import (
 )
 from vtunnel.io.datagrams import Address, split_run
 from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
-from vtunnel.transports.link import READ_SIZE, LinkConsumer
+from vtunnel.transports.link import READ_SIZE, LinkConsumer, LinkStats
 
 __all__ = ["RudpLink"]
 
@@ -101,6 +101,16 @@ class RudpLink(ArqLink):
     @property
     def connection(self) -> Connection:
         return self._conn
+
+    def stats(self) -> LinkStats:
+        raw = self._conn.stats()
+        rate = raw.get("rate_estimate_Bps")  # the bbr controller's model only
+        return LinkStats(
+            rtt=float(raw["srtt_ms"]) / 1000.0,
+            delivery_rate=float(rate) if rate is not None else None,
+            retransmitted_bytes=int(raw["stream_bytes_retransmitted"]),
+            lost_packets=int(raw["packets_lost"]),
+        )
 
     # --- from the owner -------------------------------------------------------------------------------------
 
