@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections import Counter
 from collections.abc import Sequence
 from typing import Final, Literal
 
@@ -173,6 +174,8 @@ class Dialer:
             raise ValueError("connect_timeout must be positive")
         self.policy = policy
         self.connect_timeout = connect_timeout
+        #: connections not made by :meth:`dial_socket` (and :meth:`dial`), by ``DialError.error``: statistics
+        self.failures: Counter[DialErrorCode] = Counter()
 
     async def resolve(self, host: str, port: int, *, udp: bool = False) -> list[IPAddress]:
         """Resolve ``host`` and return its policy-allowed addresses in connection-attempt order.
@@ -220,6 +223,13 @@ class Dialer:
 
     async def dial_socket(self, authority: str) -> socket.socket:
         """:meth:`dial`, returning the connected non-blocking socket itself (for a protocol-driven relay)."""
+        try:
+            return await self._dial_socket(authority)
+        except DialError as exc:
+            self.failures[exc.error] += 1
+            raise
+
+    async def _dial_socket(self, authority: str) -> socket.socket:
         try:
             host, port = parse_authority(authority)
         except ValueError as exc:

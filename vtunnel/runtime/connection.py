@@ -103,6 +103,9 @@ class TunnelConnection:
         #: link writes (``send_nowait`` calls that took bytes) and refusals (``WouldBlock``): statistics
         self.link_writes = 0
         self.link_refusals = 0
+        #: tunnel bytes the link took and gave (frames, before the transport's own overhead): statistics
+        self.bytes_out = 0
+        self.bytes_in = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -176,6 +179,7 @@ class TunnelConnection:
             self._mark_closed(f"transport write failed: {exc!r}")
             return
         self.link_writes += 1
+        self.bytes_out += len(data)
 
     def _send_datagrams(self, datagrams: list[bytes]) -> None:
         """Unreliable datagrams to the link: one that cannot go is lost, as the network may lose it (a failed
@@ -303,6 +307,7 @@ class TunnelConnection:
         """The link's input: feed it to the tunnel and act on its events, in the link's own step."""
         if self._closed.is_set():
             return  # closing: what the peer still sends is read and dropped
+        self.bytes_in += len(data)
         try:
             evs = self.tunnel.receive_data(data, _now())
         except VTunnelError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Protocol
 
 import anyio
 import structlog
@@ -20,9 +21,19 @@ from vtunnel.runtime.errors import TunnelUnavailable
 from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
 
-__all__ = ["Backoff", "TunnelPool"]
+__all__ = ["Backoff", "TunnelPool", "TunnelWatch"]
 
 log = structlog.get_logger("vtunnel.session")
+
+
+class TunnelWatch(Protocol):
+    """Told of every tunnel a pool (or a server) runs, from its start to its end (the metrics keep count)."""
+
+    def tunnel_started(self, conn: TunnelConnection, transport: str) -> None:
+        """``conn`` runs over a link of ``transport`` (its scheme)."""
+
+    def tunnel_ended(self, conn: TunnelConnection) -> None:
+        """``conn`` has closed (its counters are final)."""
 
 
 class Backoff:
@@ -54,6 +65,7 @@ class TunnelPool:
         config: TunnelConfig | None = None,
         size: int = 1,
         backoff_cap: float = 2.0,
+        watch: TunnelWatch | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a tunnel pool needs at least one tunnel")
@@ -62,6 +74,7 @@ class TunnelPool:
         self.config = config or TunnelConfig()
         self.size = size
         self.backoff_cap = backoff_cap
+        self.watch = watch
         self.transport = get_transport(server.scheme)
         self.transport.check(server)
         self._slots: list[TunnelConnection | None] = [None] * size
@@ -91,6 +104,8 @@ class TunnelPool:
                 await anyio.sleep(delay)
                 continue
             conn = TunnelConnection(link, role=Role.CLIENT, config=self.config, name=f"{self.server}#{index}")
+            if self.watch is not None:
+                self.watch.tunnel_started(conn, self.server.scheme)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(conn.run)
                 try:
@@ -108,6 +123,8 @@ class TunnelPool:
                     slog.warning("tunnel down", reason=conn.close_reason)
                     self._slots[index] = None
                     self._notify()
+            if self.watch is not None:
+                self.watch.tunnel_ended(conn)
             if time.monotonic() - started > 10:
                 backoff.reset()
             if not self._stopping:
