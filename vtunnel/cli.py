@@ -31,6 +31,9 @@ from vtunnel.security.ciphers import CIPHER_CHOICES
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from vtunnel.apps.metrics import ProcessStats
     from vtunnel.kcptun import KcptunConfig
 
 log = structlog.get_logger("vtunnel")
@@ -199,6 +202,52 @@ def _without_lite_tls(tunnel: TunnelConfig, off: bool) -> TunnelConfig:
     return dataclasses.replace(tunnel, lite_tls=False) if off else tunnel
 
 
+def _metrics_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--metrics",
+        "metrics_address",
+        metavar="HOST:PORT",
+        default=None,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: 127.0.0.1). Only a literal IP "
+        'address serves beyond loopback (0.0.0.0:9090); a host name is refused. Config: metrics = "HOST:PORT".',
+    )(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MetricsPlan:
+    stats: ProcessStats
+    registry: CollectorRegistry
+    host: str
+    port: int
+
+
+def _metrics_plan(value: object, role: str) -> _MetricsPlan | None:
+    """What ``--metrics`` (or the config's ``metrics``) asks for: None when it is not set."""
+    if value is None or value == "":
+        return None
+    from vtunnel.apps.metrics import MetricsAddressError, ProcessStats, make_registry, parse_metrics_address
+
+    try:
+        host, port = parse_metrics_address(str(value))
+    except MetricsAddressError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from None
+    stats = ProcessStats()
+    return _MetricsPlan(stats, make_registry(stats, role=role), host, port)
+
+
+async def _serve(
+    plan: _MetricsPlan | None, start: Callable[[], Awaitable[None]], stop: Callable[[], None]
+) -> None:
+    """Run until a signal, with the metrics endpoint up around it when asked for."""
+    if plan is None:
+        await serve_until_signal(start, stop)
+        return
+    from vtunnel.apps.metrics import serve_metrics
+
+    async with serve_metrics(plan.registry, plan.host, plan.port):
+        await serve_until_signal(start, stop)
+
+
 def _keyless_security(psk_file: str | None, section: Mapping[str, Any], peer: str) -> SecurityConfig:
     """No key, for a peer that has none (``peer`` names it in the error when one was given)."""
     if psk_file or section.get("psk_file") or section.get("psk"):
@@ -282,12 +331,14 @@ def main() -> None:
 @_websocks_users
 @_peer
 @_lite_tls
+@_metrics_option
 @_common
 def server(
     listen: tuple[str, ...],
     target: str | None,
     allow_private: bool,
     no_lite_tls: bool,
+    metrics_address: str | None,
     websocks_user_file: str | None,
     websocks_user: tuple[str, ...],
     peer: str | None,
@@ -321,7 +372,10 @@ def server(
     if not urls:
         raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
     endpoints = [_endpoint(u, "--listen", insecure_key_permissions) for u in urls]
+    metrics = _metrics_plan(metrics_address or sec.get("metrics"), "server")
     if (peer or sec.get("peer")) == "kcptun":
+        if metrics is not None:
+            raise click.UsageError("--metrics is not available with --peer kcptun")
         _kcptun_server(endpoints, target or sec.get("target"), psk_file, sec, insecure_key_permissions)
         return
     peer_vproxy = (peer or sec.get("peer")) == "vproxy"
@@ -370,12 +424,12 @@ def server(
             idle_timeout=sec.get("idle_timeout"),
             handshake_timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)),
         )
-        srv = Server(settings)
+        srv = Server(settings, stats=metrics.stats if metrics is not None else None)
     except (ValueError, ConfigError, TransportError) as exc:
         raise click.UsageError(str(exc)) from None
 
     async def go() -> None:
-        await serve_until_signal(srv.serve, srv.shutdown)
+        await _serve(metrics, srv.serve, srv.shutdown)
 
     _run_or_exit(go)
 
@@ -409,6 +463,7 @@ def server(
 @_websocks_users
 @_peer
 @_lite_tls
+@_metrics_option
 @_common
 def agent(
     server_url: str | None,
@@ -418,6 +473,7 @@ def agent(
     connections: int | None,
     lite_tls_ports: str | None,
     no_lite_tls: bool,
+    metrics_address: str | None,
     websocks_user_file: str | None,
     websocks_user: tuple[str, ...],
     peer: str | None,
@@ -450,6 +506,7 @@ def agent(
     url = server_url or sec.get("server")
     if not url:
         raise click.UsageError(f"give --server URL. {URL_HELP}")
+    metrics = _metrics_plan(metrics_address or sec.get("metrics"), "agent")
     try:
         forwards = [Forward.parse(f) for f in (forward or tuple(sec.get("forward", ())))]
         socks_addr = socks or sec.get("socks")
@@ -465,6 +522,8 @@ def agent(
                 )
             if websocks_user or websocks_user_file:
                 raise click.UsageError("--peer kcptun has no WebSocks login: drop --websocks-user(-file)")
+            if metrics is not None:
+                raise click.UsageError("--metrics is not available with --peer kcptun")
             _kcptun_agent(
                 _endpoint(url, "--server", insecure_key_permissions),
                 [fwd.listen for fwd in forwards],
@@ -532,12 +591,12 @@ def agent(
             websocks_login=login,
             lite_tls_ports=lite_ports,
         )
-        ag = Agent(settings)
+        ag = Agent(settings, stats=metrics.stats if metrics is not None else None)
     except (ValueError, ConfigError, TransportError) as exc:
         raise click.UsageError(str(exc)) from None
 
     async def go() -> None:
-        await serve_until_signal(ag.serve, ag.shutdown)
+        await _serve(metrics, ag.serve, ag.shutdown)
 
     _run_or_exit(go)
 
@@ -603,8 +662,18 @@ def _kcptun_server(
     _run_or_exit(go)
 
 
+class _CheckOnly:
+    """In the click context's ``obj`` under ``check-config``: the commands build everything and run nothing."""
+
+
 def _run_or_exit(go: Callable[[], Awaitable[None]]) -> None:
-    """Run ``go``; a failure to start (a port in use, a bad certificate) is one clear line and exit status 1."""
+    """Run ``go``; a failure to start (a port in use, a bad certificate) is one clear line and exit status 1.
+
+    Under ``check-config`` nothing runs: the command has checked its settings by getting here.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_object(_CheckOnly) is not None:
+        return
     try:
         run_async(go)
     except KeyboardInterrupt:
@@ -662,6 +731,46 @@ def keygen(output: str | None, force: bool) -> None:
         raise click.ClickException(f"{output} exists; pass --force to replace it") from None
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--insecure-key-permissions",
+    is_flag=True,
+    help="Accept secret files that group or others may read or write, as the commands would with this flag.",
+)
+@click.pass_context
+def check_config(ctx: click.Context, file: str, insecure_key_permissions: bool) -> None:
+    """Check a config FILE without starting anything: exit status 0 when it is usable, 1 with the errors.
+
+    Each of [server] and [agent] in FILE is checked as `vtunnel server --config FILE` (or `agent`) would read
+    it, with no other option and the environment as it is (VTUNNEL_PSK, ...): TOML, unknown settings, URLs and
+    their options, addresses, the key and users files (readable, private, well formed), the exit policy,
+    [tunnel] and [log]. Nothing is bound or connected, so a port in use is not found here.
+    """
+    try:
+        cfg = load_config(file, allow_insecure_permissions=insecure_key_permissions)
+        tunnel_config(cfg.get("tunnel", {}))
+    except ConfigError as exc:
+        click.echo(str(exc) if file in str(exc) else f"{file}: {exc}", err=True)
+        sys.exit(1)
+    ctx.obj = _CheckOnly()
+    sections = [name for name in ("server", "agent") if name in cfg]
+    commands = {"server": server, "agent": agent}
+    failed = False
+    for name in sections:
+        try:
+            ctx.invoke(commands[name], config_path=file, insecure_key_permissions=insecure_key_permissions)
+        except click.ClickException as exc:
+            click.echo(f"{file}: [{name}]: {exc.format_message()}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+    if not sections:
+        click.echo(f"{file}: ok (no [server] or [agent] section: only [tunnel] and [log] checked)")
+    else:
+        click.echo(f"{file}: ok ({', '.join(f'[{name}]' for name in sections)})")
 
 
 @main.command()

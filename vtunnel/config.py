@@ -11,6 +11,7 @@ allow = ["10.1.2.0/24"]            # exit policy exceptions
 deny = ["*.internal"]
 websocks_user_file = "/etc/vtunnel/websocks-users"   # USER:PASS lines, mode 0600
 handshake_timeout = 30.0           # seconds a WebSocks client has for its upgrade and SOCKS5 request
+metrics = "127.0.0.1:9090"         # Prometheus metrics at http://127.0.0.1:9090/metrics (docs/operating.md)
 [server.websocks_users]              # or inline: then this file must be mode 0600 too
 alice = "secret"
 
@@ -104,6 +105,7 @@ SECTIONS = {
         "drain_timeout",
         "idle_timeout",
         "handshake_timeout",
+        "metrics",
     },
     "agent": {
         "server",
@@ -123,6 +125,7 @@ SECTIONS = {
         "websocks_users",
         "websocks_user_file",
         "lite_tls_ports",
+        "metrics",
     },
     "tunnel": {f.name for f in fields(TunnelConfig)},
     "log": {"level", "format"},

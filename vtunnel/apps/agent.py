@@ -19,7 +19,7 @@ import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -35,6 +35,9 @@ from vtunnel.runtime.errors import DestinationNotCarried, TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
 from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, SecurityConfig
+
+if TYPE_CHECKING:
+    from vtunnel.apps.metrics import ProcessStats
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 
@@ -103,10 +106,12 @@ class AgentSettings:
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, *, stats: ProcessStats | None = None) -> None:
         if not (settings.forwards or settings.socks or settings.http):
             raise ValueError("the agent needs something to serve: --socks, --http or --forward")
         self.settings = settings
+        #: what the metrics read (``--metrics``), or None
+        self.stats = stats
         #: the tunnels to the server; ``None`` for a WebSocks server (a connection of its own per destination)
         self.pool: TunnelPool | None = None
         if settings.server.scheme in WEBSOCKS_SCHEMES:
@@ -120,7 +125,11 @@ class Agent:
                 )
         else:
             self.pool = TunnelPool(
-                settings.server, security=settings.security, config=settings.tunnel, size=settings.connections
+                settings.server,
+                security=settings.security,
+                config=settings.tunnel,
+                size=settings.connections,
+                watch=stats,
             )
         self.local_addresses: dict[str, str] = {}
         self._stopping = anyio.Event()
@@ -133,6 +142,8 @@ class Agent:
         """A tunnel stream to ``metadata``'s destination (the server's target without one)."""
         if self.pool is None:
             raise TunnelUnavailable(f"a {self.settings.server.scheme}:// server has no tunnel")
+        if self.stats is not None:
+            self.stats.stream_opened(metadata.kind if metadata is not None else None)
         login = self.settings.websocks_login
         if login is None and metadata is not None:
             metadata = self.choose_kind(metadata)

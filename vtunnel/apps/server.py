@@ -14,9 +14,10 @@ A ``websocks://`` (or ``websockss://``, TLS) listener carries no tunnels: each c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -39,6 +40,9 @@ from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, Link, SecurityConfig, get_transport
+
+if TYPE_CHECKING:
+    from vtunnel.apps.metrics import ProcessStats
 
 __all__ = ["Server", "ServerSettings"]
 
@@ -70,13 +74,18 @@ def _address_text(addr: object) -> str:
 
 
 class Server:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, *, stats: ProcessStats | None = None) -> None:
         if not settings.listen:
             raise ValueError("the server needs at least one --listen URL")
         self.settings = settings
         self.dialer = Dialer(settings.policy, connect_timeout=settings.connect_timeout)
         # the operator's own --target is trusted: the exit policy governs what clients ask for, not it
         self.target_dialer = Dialer(ExitPolicy(allow_private=True), connect_timeout=settings.connect_timeout)
+        #: what the metrics read (``--metrics``), or None
+        self.stats = stats
+        if stats is not None:
+            stats.watch_dialer(self.dialer)
+            stats.watch_dialer(self.target_dialer)
         self.tunnels: set[TunnelConnection] = set()
         #: tunnel listeners (yielding links) and WebSocks listeners (yielding byte streams)
         self.listeners: list[Listener[Link] | Listener[ByteStream]] = []
@@ -101,7 +110,9 @@ class Server:
                 listener = await get_transport(endpoint.scheme).listen(
                     endpoint, security=self.settings.security
                 )
-                handlers.append(self._handle_tunnel)
+                handlers.append(functools.partial(self._handle_tunnel, endpoint.scheme))
+                if self.stats is not None:
+                    self.stats.watch_listener(endpoint.scheme, listener)
             self.listeners.append(listener)
             local = _address_text(listener.extra(SocketAttribute.local_address, endpoint.hostport))
             self.local_addresses.append(f"{endpoint.scheme}://{local}")
@@ -141,7 +152,7 @@ class Server:
         """Stop accepting, send GOAWAY on every tunnel and let open streams finish (bounded by drain_timeout)."""
         self._stopping.set()
 
-    async def _handle_tunnel(self, link: Link) -> None:
+    async def _handle_tunnel(self, transport: str, link: Link) -> None:
         self._serial += 1
         conn = TunnelConnection(
             link,
@@ -153,9 +164,13 @@ class Server:
         self.tunnels.add(conn)
         if self._no_tunnels.is_set():
             self._no_tunnels = anyio.Event()
+        if self.stats is not None:
+            self.stats.tunnel_started(conn, transport)
         try:
             await conn.run()
         finally:
+            if self.stats is not None:
+                self.stats.tunnel_ended(conn)
             self.tunnels.discard(conn)
             if not self.tunnels:
                 self._no_tunnels.set()
@@ -172,6 +187,8 @@ class Server:
 
     async def _handle_stream(self, stream: TunnelStream) -> None:
         md = stream.metadata
+        if self.stats is not None:
+            self.stats.stream_opened(md.kind if md is not None else None)
         if md is not None and md.authority:
             if md.kind == "udp":
                 from vtunnel.apps.udprelay import serve_udp_stream

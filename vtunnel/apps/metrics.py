@@ -1,0 +1,419 @@
+"""Prometheus metrics of an agent or a server: ``--metrics HOST:PORT`` serves them at ``/metrics``.
+
+Nothing here runs on the data path. What the tunnels already count (a :class:`TunnelConnection`'s bytes, its
+streams, its link's :meth:`~vtunnel.transports.link.Link.stats`, a listener's
+:class:`~vtunnel.transports.link.Refusals`, a dialer's failures) is read when Prometheus scrapes, by one custom
+collector (:class:`TunnelCollector`); :class:`ProcessStats` only keeps the list of live tunnels and folds the
+counters of each tunnel that ends into per-transport totals, so a counter never goes back. The one increment it
+adds is per stream opened, not per byte.
+
+Each process has its own :class:`~prometheus_client.CollectorRegistry` (:func:`make_registry`), never the global
+one, so several agents and servers can live in one process (tests). No label carries a key, a user name, an
+address or a destination: labels are the transport's scheme, a stream's kind, a fixed reason word, the process's
+own serial number of a tunnel, the role and the version.
+
+The endpoint (:func:`serve_metrics`) is a small HTTP/1.1 server (h11) on the process's event loop, bound to the
+address given: a bare port or a host name other than ``localhost`` is not taken as a wish to serve the network
+(:func:`parse_metrics_address`), only a literal IP address is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import h11
+import structlog
+from anyio.abc import ByteStream, Listener, SocketAttribute
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from vtunnel import __version__
+from vtunnel.apps.dialer import Dialer
+from vtunnel.runtime.connection import TunnelConnection
+from vtunnel.transports.base import ListenerAttribute, Refusals
+
+__all__ = [
+    "METRICS_PATH",
+    "MetricsAddressError",
+    "ProcessStats",
+    "TunnelCollector",
+    "make_registry",
+    "parse_metrics_address",
+    "serve_metrics",
+]
+
+log = structlog.get_logger("vtunnel.metrics")
+
+METRICS_PATH = "/metrics"
+#: the kind label of a stream whose SYN names nothing (sent to the server's --target, or WebSocks inside it)
+NO_KIND = "none"
+#: how long one scrape connection may take, and how many may be open at once
+_REQUEST_TIMEOUT = 10.0
+_MAX_CONNECTIONS = 16
+_MAX_REQUEST_HEAD = 16 * 1024
+
+
+class MetricsAddressError(ValueError):
+    """The ``--metrics`` address is unusable; the message says why."""
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (127.0.0.1) as the metrics endpoint's bind address.
+
+    Loopback is the default and ``localhost`` means 127.0.0.1. Any other place must be a literal IP address
+    (``0.0.0.0:9090``, ``[::]:9090``, ``10.0.0.5:9090``): a host name is refused, since what it resolves to,
+    and so who can read the metrics, is not written where the operator can see it.
+    """
+    text = text.strip()
+    if text.isdigit():
+        host, port_text = "127.0.0.1", text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise MetricsAddressError(f"metrics address: expected [IPv6]:PORT, got {text!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise MetricsAddressError(f"metrics address: expected HOST:PORT or PORT, got {text!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise MetricsAddressError(f"metrics address: bad port in {text!r}")
+    if host.lower() == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise MetricsAddressError(
+            f"metrics address {text!r}: give an IP address (127.0.0.1:PORT for this host only, or the address "
+            "of the interface to serve, such as 0.0.0.0:PORT), not a host name"
+        ) from None
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
+
+
+@dataclass(slots=True)
+class _Totals:
+    """Counters of the tunnels of one transport that have ended."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    retransmitted_packets: int = 0
+    retransmitted_bytes: int = 0
+    lost_packets: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    transport: str
+    serial: int
+
+
+class ProcessStats:
+    """What an agent or a server keeps for its metrics: its live tunnels, the totals of ended ones, streams
+    opened by kind, and the listeners and dialers whose refusals are read at scrape time.
+
+    It is the :class:`~vtunnel.runtime.session.TunnelWatch` of the agent's pool and of the server.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[TunnelConnection, _Live] = {}
+        self._serial = itertools.count(1)
+        self._ended: dict[str, _Totals] = {}
+        self.tunnels_opened: Counter[str] = Counter()
+        self.streams_opened: Counter[str] = Counter()
+        self._listeners: list[tuple[str, Listener[Any]]] = []
+        self._dialers: list[Dialer] = []
+
+    # --- told by the agent and the server -------------------------------------------------------------------
+
+    def tunnel_started(self, conn: TunnelConnection, transport: str) -> None:
+        self._live[conn] = _Live(transport, next(self._serial))
+        self.tunnels_opened[transport] += 1
+        self._ended.setdefault(transport, _Totals())
+
+    def tunnel_ended(self, conn: TunnelConnection) -> None:
+        live = self._live.pop(conn, None)
+        if live is None:
+            return
+        totals = self._ended[live.transport]
+        totals.bytes_in += conn.bytes_in
+        totals.bytes_out += conn.bytes_out
+        stats = conn.link.stats()
+        totals.retransmitted_packets += stats.retransmitted_packets or 0
+        totals.retransmitted_bytes += stats.retransmitted_bytes or 0
+        totals.lost_packets += stats.lost_packets or 0
+
+    def stream_opened(self, kind: str | None) -> None:
+        self.streams_opened[kind or NO_KIND] += 1
+
+    def watch_listener(self, transport: str, listener: Listener[Any]) -> None:
+        """Read ``listener``'s refusals (if it counts them) at each scrape, labelled ``transport``."""
+        self._listeners.append((transport, listener))
+
+    def watch_dialer(self, dialer: Dialer) -> None:
+        """Read ``dialer``'s failures (by reason) at each scrape."""
+        self._dialers.append(dialer)
+
+    # --- read by the collector --------------------------------------------------------------------------------
+
+    @property
+    def live(self) -> Iterable[tuple[TunnelConnection, str, int]]:
+        """Each live tunnel with its transport and its serial number in this process."""
+        return [(conn, live.transport, live.serial) for conn, live in self._live.items()]
+
+    def ended(self, transport: str) -> _Totals:
+        return self._ended.get(transport, _Totals())
+
+    @property
+    def transports(self) -> set[str]:
+        return set(self._ended) | {transport for transport, _ in self._listeners}
+
+    def refusals(self) -> Iterator[tuple[str, Refusals]]:
+        for transport, listener in self._listeners:
+            found = listener.extra(ListenerAttribute.refusals, None)
+            if found is not None:
+                yield transport, found
+
+    def dial_failures(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for dialer in self._dialers:
+            total.update(dialer.failures)
+        return total
+
+
+class TunnelCollector(Collector):
+    """Builds every ``vtunnel_*`` family from a :class:`ProcessStats` when Prometheus scrapes."""
+
+    def __init__(self, stats: ProcessStats, *, role: str) -> None:
+        self._stats = stats
+        self._role = role
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats
+        info = InfoMetricFamily("vtunnel_build", "The vtunnel version and the role of this process.")
+        info.add_metric([], {"version": __version__, "role": self._role})
+        yield info
+
+        tunnels = GaugeMetricFamily("vtunnel_tunnels", "Tunnels open now.", labels=["transport"])
+        opened = CounterMetricFamily(
+            "vtunnel_tunnels_opened", "Tunnels started (connected or accepted).", labels=["transport"]
+        )
+        streams = GaugeMetricFamily("vtunnel_streams", "Tunnel streams open now.", labels=["kind"])
+        streams_total = CounterMetricFamily(
+            "vtunnel_streams_opened", "Tunnel streams opened.", labels=["kind"]
+        )
+        received = CounterMetricFamily(
+            "vtunnel_received_bytes", "Tunnel bytes the transport delivered (frames).", labels=["transport"]
+        )
+        sent = CounterMetricFamily(
+            "vtunnel_sent_bytes", "Tunnel bytes given to the transport (frames).", labels=["transport"]
+        )
+        retransmitted = CounterMetricFamily(
+            "vtunnel_retransmitted_packets",
+            "Packets sent again by the ARQ (KCP segments).",
+            labels=["transport"],
+        )
+        retransmitted_bytes = CounterMetricFamily(
+            "vtunnel_retransmitted_bytes", "Stream bytes sent again by the ARQ (rudp).", labels=["transport"]
+        )
+        lost = CounterMetricFamily(
+            "vtunnel_lost_packets", "Packets the ARQ declared lost (rudp).", labels=["transport"]
+        )
+        rtt = GaugeMetricFamily(
+            "vtunnel_tunnel_rtt_seconds",
+            "Smoothed round-trip time of each tunnel's path, where the transport measures it.",
+            labels=["transport", "tunnel"],
+        )
+        rate = GaugeMetricFamily(
+            "vtunnel_tunnel_delivery_rate_bytes_per_second",
+            "Delivery-rate estimate of each tunnel's path, where the transport's pacer models it.",
+            labels=["transport", "tunnel"],
+        )
+
+        per_transport: dict[str, _Totals] = {}
+        live_count: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
+        for transport in stats.transports:
+            ended = stats.ended(transport)
+            per_transport[transport] = dataclasses.replace(ended)
+        for conn, transport, serial in stats.live:
+            live_count[transport] += 1
+            totals = per_transport.setdefault(transport, _Totals())
+            totals.bytes_in += conn.bytes_in
+            totals.bytes_out += conn.bytes_out
+            link = conn.link.stats()
+            totals.retransmitted_packets += link.retransmitted_packets or 0
+            totals.retransmitted_bytes += link.retransmitted_bytes or 0
+            totals.lost_packets += link.lost_packets or 0
+            if link.rtt is not None:
+                rtt.add_metric([transport, str(serial)], link.rtt)
+            if link.delivery_rate is not None:
+                rate.add_metric([transport, str(serial)], link.delivery_rate)
+            for stream in list(conn.streams.values()):
+                md = stream.metadata
+                kinds[md.kind if md is not None and md.kind else NO_KIND] += 1
+        for transport in sorted(per_transport):
+            totals = per_transport[transport]
+            tunnels.add_metric([transport], live_count[transport])
+            opened.add_metric([transport], stats.tunnels_opened[transport])
+            received.add_metric([transport], totals.bytes_in)
+            sent.add_metric([transport], totals.bytes_out)
+            retransmitted.add_metric([transport], totals.retransmitted_packets)
+            retransmitted_bytes.add_metric([transport], totals.retransmitted_bytes)
+            lost.add_metric([transport], totals.lost_packets)
+        for kind in sorted(set(kinds) | set(stats.streams_opened)):
+            streams.add_metric([kind], kinds[kind])
+            streams_total.add_metric([kind], stats.streams_opened[kind])
+        yield from (tunnels, opened, streams, streams_total, received, sent)
+        yield from (retransmitted, retransmitted_bytes, lost, rtt, rate)
+
+        failures = CounterMetricFamily(
+            "vtunnel_handshake_failures",
+            "Peers that began a handshake with a listener and failed it, by reason.",
+            labels=["transport", "reason"],
+        )
+        probes = CounterMetricFamily(
+            "vtunnel_probes_refused",
+            "Connections and datagrams a listener answered with nothing (or a stateless reset), by reason.",
+            labels=["transport", "reason"],
+        )
+        by_reason: dict[tuple[str, str], Counter[str]] = {}
+        for transport, refusals in stats.refusals():
+            for family, counts in (("failures", refusals.handshake_failures), ("probes", refusals.probes)):
+                for reason, count in counts.items():
+                    by_reason.setdefault((family, transport), Counter())[reason] += count
+        for (family, transport), counts in sorted(by_reason.items()):
+            target = failures if family == "failures" else probes
+            for reason, count in sorted(counts.items()):
+                target.add_metric([transport, reason], count)
+        yield failures
+        yield probes
+
+        exits = CounterMetricFamily(
+            "vtunnel_exit_refusals",
+            "Streams the server did not connect to their destination, by reason (forbidden: the exit policy).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.dial_failures().items()):
+            exits.add_metric([reason], count)
+        yield exits
+
+
+def make_registry(stats: ProcessStats, *, role: str) -> CollectorRegistry:
+    """A registry of this process's own: the tunnel collector and the process's CPU, memory and descriptors
+    (``vtunnel_process_*``)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TunnelCollector(stats, role=role))
+    ProcessCollector(namespace="vtunnel", registry=registry)
+    return registry
+
+
+# --- the endpoint ---------------------------------------------------------------------------------------------
+
+
+def _response(status: int, body: bytes, content_type: str, *, head: bool) -> list[h11.Event]:
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed"}.get(status, b"")
+    out: list[h11.Event] = [h11.Response(status_code=status, headers=headers, reason=reason)]
+    if body and not head:
+        out.append(h11.Data(data=body))
+    out.append(h11.EndOfMessage())
+    return out
+
+
+async def _serve_one(stream: ByteStream, registry: CollectorRegistry) -> None:
+    """One scrape: one request, one answer, then the connection is closed."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+    request: h11.Request | None = None
+    with anyio.move_on_after(_REQUEST_TIMEOUT):
+        while request is None:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    conn.receive_data(await stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    conn.receive_data(b"")
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+        method = request.method.decode("ascii", "replace").upper()
+        target = request.target.decode("ascii", "replace").split("?", 1)[0]
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            events = _response(405, b"GET /metrics\n", "text/plain; charset=utf-8", head=head)
+        elif target != METRICS_PATH:
+            events = _response(404, b"not found: GET /metrics\n", "text/plain; charset=utf-8", head=head)
+        else:
+            accept = ",".join(v.decode("latin-1") for k, v in request.headers if k == b"accept")
+            encoder, content_type = choose_encoder(accept)
+            events = _response(200, encoder(registry), content_type, head=head)
+        await stream.send(b"".join(conn.send(e) or b"" for e in events))
+
+
+async def _handle(stream: ByteStream, registry: CollectorRegistry, slots: anyio.CapacityLimiter) -> None:
+    async with stream:
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            return  # over the cap: closed at once
+        try:
+            await _serve_one(stream, registry)
+        except (
+            h11.RemoteProtocolError,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            OSError,
+        ) as exc:
+            log.debug("metrics request dropped", error=str(exc) or repr(exc))
+        except Exception as exc:  # a scrape must never take the process down
+            log.warning("metrics request failed", error=repr(exc))
+        finally:
+            slots.release()
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> AsyncIterator[str]:
+    """Serve ``registry`` at ``http://HOST:PORT/metrics`` while the block runs; yields the bound address.
+
+    A bind failure (the port in use) raises ``OSError`` before the block starts.
+    """
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    addr = listener.extra(SocketAttribute.local_address)
+    shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+    if is_loopback(host):
+        log.info("metrics", url=f"http://{shown}{METRICS_PATH}")
+    else:
+        log.warning(
+            "metrics served beyond loopback: whoever reaches this address can read them",
+            url=f"http://{shown}{METRICS_PATH}",
+        )
+    slots = anyio.CapacityLimiter(_MAX_CONNECTIONS)
+
+    async def handle(stream: ByteStream) -> None:
+        await _handle(stream, registry, slots)
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        try:
+            yield shown
+        finally:
+            tg.cancel_scope.cancel()
