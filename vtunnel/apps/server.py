@@ -77,6 +77,9 @@ class Server:
     def __init__(self, settings: ServerSettings, *, stats: ProcessStats | None = None) -> None:
         if not settings.listen:
             raise ValueError("the server needs at least one --listen URL")
+        for endpoint in settings.listen:  # an unknown scheme or a bad option is an error now, not at serve
+            if endpoint.scheme not in WEBSOCKS_SCHEMES:
+                get_transport(endpoint.scheme).check(endpoint)
         self.settings = settings
         self.dialer = Dialer(settings.policy, connect_timeout=settings.connect_timeout)
         # the operator's own --target is trusted: the exit policy governs what clients ask for, not it
