@@ -26,7 +26,7 @@ import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import h11
@@ -38,9 +38,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from vtunnel import __version__
+from vtunnel.apps.agent import parse_hostport
 from vtunnel.apps.dialer import Dialer
 from vtunnel.runtime.connection import TunnelConnection
-from vtunnel.transports.base import ListenerAttribute, Refusals
+from vtunnel.transports.base import LinkStats, ListenerAttribute, Refusals
 
 __all__ = [
     "METRICS_PATH",
@@ -74,20 +75,10 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     (``0.0.0.0:9090``, ``[::]:9090``, ``10.0.0.5:9090``): a host name is refused, since what it resolves to,
     and so who can read the metrics, is not written where the operator can see it.
     """
-    text = text.strip()
-    if text.isdigit():
-        host, port_text = "127.0.0.1", text
-    elif text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise MetricsAddressError(f"metrics address: expected [IPv6]:PORT, got {text!r}")
-        host, port_text = text[1:end], text[end + 2 :]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise MetricsAddressError(f"metrics address: expected HOST:PORT or PORT, got {text!r}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise MetricsAddressError(f"metrics address: bad port in {text!r}")
+    try:
+        host, port = parse_hostport(text, default_host="127.0.0.1")
+    except ValueError as exc:
+        raise MetricsAddressError(f"metrics address: {exc}") from None
     if host.lower() == "localhost":
         host = "127.0.0.1"
     try:
@@ -97,7 +88,7 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
             f"metrics address {text!r}: give an IP address (127.0.0.1:PORT for this host only, or the address "
             "of the interface to serve, such as 0.0.0.0:PORT), not a host name"
         ) from None
-    return host, int(port_text)
+    return host, port
 
 
 def is_loopback(host: str) -> bool:
@@ -113,6 +104,26 @@ class _Totals:
     retransmitted_packets: int = 0
     retransmitted_bytes: int = 0
     lost_packets: int = 0
+
+    def add(self, conn: TunnelConnection) -> LinkStats:
+        """Add ``conn``'s counters; its link's stats, for what else is wanted of them."""
+        self.bytes_in += conn.bytes_in
+        self.bytes_out += conn.bytes_out
+        stats = conn.link.stats()
+        self.retransmitted_packets += stats.retransmitted_packets or 0
+        self.retransmitted_bytes += stats.retransmitted_bytes or 0
+        self.lost_packets += stats.lost_packets or 0
+        return stats
+
+
+#: the per-transport counters, in the order of :class:`_Totals`'s fields: name and help
+_TRANSPORT_COUNTERS: Final = (
+    ("vtunnel_received_bytes", "Tunnel bytes the transport delivered (frames)."),
+    ("vtunnel_sent_bytes", "Tunnel bytes given to the transport (frames)."),
+    ("vtunnel_retransmitted_packets", "Packets sent again by the ARQ (KCP segments)."),
+    ("vtunnel_retransmitted_bytes", "Stream bytes sent again by the ARQ (rudp)."),
+    ("vtunnel_lost_packets", "Packets the ARQ declared lost (rudp)."),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +159,7 @@ class ProcessStats:
         live = self._live.pop(conn, None)
         if live is None:
             return
-        totals = self._ended[live.transport]
-        totals.bytes_in += conn.bytes_in
-        totals.bytes_out += conn.bytes_out
-        stats = conn.link.stats()
-        totals.retransmitted_packets += stats.retransmitted_packets or 0
-        totals.retransmitted_bytes += stats.retransmitted_bytes or 0
-        totals.lost_packets += stats.lost_packets or 0
+        self._ended[live.transport].add(conn)
 
     def stream_opened(self, kind: str | None) -> None:
         self.streams_opened[kind or NO_KIND] += 1
@@ -215,23 +220,7 @@ class TunnelCollector(Collector):
         streams_total = CounterMetricFamily(
             "vtunnel_streams_opened", "Tunnel streams opened.", labels=["kind"]
         )
-        received = CounterMetricFamily(
-            "vtunnel_received_bytes", "Tunnel bytes the transport delivered (frames).", labels=["transport"]
-        )
-        sent = CounterMetricFamily(
-            "vtunnel_sent_bytes", "Tunnel bytes given to the transport (frames).", labels=["transport"]
-        )
-        retransmitted = CounterMetricFamily(
-            "vtunnel_retransmitted_packets",
-            "Packets sent again by the ARQ (KCP segments).",
-            labels=["transport"],
-        )
-        retransmitted_bytes = CounterMetricFamily(
-            "vtunnel_retransmitted_bytes", "Stream bytes sent again by the ARQ (rudp).", labels=["transport"]
-        )
-        lost = CounterMetricFamily(
-            "vtunnel_lost_packets", "Packets the ARQ declared lost (rudp).", labels=["transport"]
-        )
+        counters = [CounterMetricFamily(name, doc, labels=["transport"]) for name, doc in _TRANSPORT_COUNTERS]
         rtt = GaugeMetricFamily(
             "vtunnel_tunnel_rtt_seconds",
             "Smoothed round-trip time of each tunnel's path, where the transport measures it.",
@@ -251,13 +240,7 @@ class TunnelCollector(Collector):
             per_transport[transport] = dataclasses.replace(ended)
         for conn, transport, serial in stats.live:
             live_count[transport] += 1
-            totals = per_transport.setdefault(transport, _Totals())
-            totals.bytes_in += conn.bytes_in
-            totals.bytes_out += conn.bytes_out
-            link = conn.link.stats()
-            totals.retransmitted_packets += link.retransmitted_packets or 0
-            totals.retransmitted_bytes += link.retransmitted_bytes or 0
-            totals.lost_packets += link.lost_packets or 0
+            link = per_transport.setdefault(transport, _Totals()).add(conn)
             if link.rtt is not None:
                 rtt.add_metric([transport, str(serial)], link.rtt)
             if link.delivery_rate is not None:
@@ -269,16 +252,12 @@ class TunnelCollector(Collector):
             totals = per_transport[transport]
             tunnels.add_metric([transport], live_count[transport])
             opened.add_metric([transport], stats.tunnels_opened[transport])
-            received.add_metric([transport], totals.bytes_in)
-            sent.add_metric([transport], totals.bytes_out)
-            retransmitted.add_metric([transport], totals.retransmitted_packets)
-            retransmitted_bytes.add_metric([transport], totals.retransmitted_bytes)
-            lost.add_metric([transport], totals.lost_packets)
+            for family, count in zip(counters, dataclasses.astuple(totals), strict=True):
+                family.add_metric([transport], count)
         for kind in sorted(set(kinds) | set(stats.streams_opened)):
             streams.add_metric([kind], kinds[kind])
             streams_total.add_metric([kind], stats.streams_opened[kind])
-        yield from (tunnels, opened, streams, streams_total, received, sent)
-        yield from (retransmitted, retransmitted_bytes, lost, rtt, rate)
+        yield from (tunnels, opened, streams, streams_total, *counters, rtt, rate)
 
         failures = CounterMetricFamily(
             "vtunnel_handshake_failures",
@@ -290,15 +269,16 @@ class TunnelCollector(Collector):
             "Connections and datagrams a listener answered with nothing (or a stateless reset), by reason.",
             labels=["transport", "reason"],
         )
-        by_reason: dict[tuple[str, str], Counter[str]] = {}
-        for transport, refusals in stats.refusals():
-            for family, counts in (("failures", refusals.handshake_failures), ("probes", refusals.probes)):
-                for reason, count in counts.items():
-                    by_reason.setdefault((family, transport), Counter())[reason] += count
-        for (family, transport), counts in sorted(by_reason.items()):
-            target = failures if family == "failures" else probes
-            for reason, count in sorted(counts.items()):
-                target.add_metric([transport, reason], count)
+        failed: Counter[tuple[str, str]] = Counter()
+        refused: Counter[tuple[str, str]] = Counter()
+        for transport, refusals in stats.refusals():  # listeners of one transport add up
+            for reason, count in refusals.handshake_failures.items():
+                failed[transport, reason] += count
+            for reason, count in refusals.probes.items():
+                refused[transport, reason] += count
+        for family, by_label in ((failures, failed), (probes, refused)):
+            for (transport, reason), count in sorted(by_label.items()):
+                family.add_metric([transport, reason], count)
         yield failures
         yield probes
 
