@@ -33,7 +33,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, av
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from vtunnel.apps.metrics import ProcessStats
+    from vtunnel.apps.stats import ProcessStats
     from vtunnel.kcptun import KcptunConfig
 
 log = structlog.get_logger("vtunnel")
@@ -225,7 +225,8 @@ def _metrics_plan(value: object, role: str) -> _MetricsPlan | None:
     """What ``--metrics`` (or the config's ``metrics``) asks for: None when it is not set."""
     if value is None or value == "":
         return None
-    from vtunnel.apps.metrics import MetricsAddressError, ProcessStats, make_registry, parse_metrics_address
+    from vtunnel.apps.metrics import MetricsAddressError, make_registry, parse_metrics_address
+    from vtunnel.apps.stats import ProcessStats
 
     try:
         host, port = parse_metrics_address(str(value))

@@ -13,14 +13,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vtunnel.apps.dialer import Dialer
-from vtunnel.apps.metrics import (
-    MetricsAddressError,
-    ProcessStats,
-    make_registry,
-    parse_metrics_address,
-    serve_metrics,
-)
+from vtunnel.apps.metrics import MetricsAddressError, make_registry, parse_metrics_address, serve_metrics
 from vtunnel.apps.policy import ExitPolicy
+from vtunnel.apps.stats import ProcessStats
 
 
 @given(st.integers(min_value=0, max_value=65535))

@@ -37,7 +37,7 @@ from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
 if TYPE_CHECKING:
-    from vtunnel.apps.metrics import ProcessStats
+    from vtunnel.apps.stats import ProcessStats
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 

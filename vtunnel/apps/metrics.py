@@ -3,9 +3,8 @@
 Nothing here runs on the data path. What the tunnels already count (a :class:`TunnelConnection`'s bytes, its
 streams, its link's :meth:`~vtunnel.transports.link.Link.stats`, a listener's
 :class:`~vtunnel.transports.link.Refusals`, a dialer's failures) is read when Prometheus scrapes, by one custom
-collector (:class:`TunnelCollector`); :class:`ProcessStats` only keeps the list of live tunnels and folds the
-counters of each tunnel that ends into per-transport totals, so a counter never goes back. The one increment it
-adds is per stream opened, not per byte.
+collector (:class:`TunnelCollector`) from the :class:`~vtunnel.apps.stats.ProcessStats` the agent or server
+keeps (its live tunnels, the totals of ended ones, the streams opened by kind).
 
 Each process has its own :class:`~prometheus_client.CollectorRegistry` (:func:`make_registry`), never the global
 one, so several agents and servers can live in one process (tests). No label carries a key, a user name, an
@@ -22,16 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
-import itertools
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Final
+from collections.abc import AsyncIterator, Iterable
+from typing import Final
 
 import anyio
 import h11
 import structlog
-from anyio.abc import ByteStream, Listener, SocketAttribute
+from anyio.abc import ByteStream, SocketAttribute
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -39,14 +36,11 @@ from prometheus_client.registry import Collector
 
 from vtunnel import __version__
 from vtunnel.apps.agent import parse_hostport
-from vtunnel.apps.dialer import Dialer
-from vtunnel.runtime.connection import TunnelConnection
-from vtunnel.transports.base import LinkStats, ListenerAttribute, Refusals
+from vtunnel.apps.stats import NO_KIND, ProcessStats, TransportTotals
 
 __all__ = [
     "METRICS_PATH",
     "MetricsAddressError",
-    "ProcessStats",
     "TunnelCollector",
     "make_registry",
     "parse_metrics_address",
@@ -56,8 +50,6 @@ __all__ = [
 log = structlog.get_logger("vtunnel.metrics")
 
 METRICS_PATH = "/metrics"
-#: the kind label of a stream whose SYN names nothing (sent to the server's --target, or WebSocks inside it)
-NO_KIND = "none"
 #: how long one scrape connection may take, and how many may be open at once
 _REQUEST_TIMEOUT = 10.0
 _MAX_CONNECTIONS = 16
@@ -95,28 +87,7 @@ def is_loopback(host: str) -> bool:
     return ipaddress.ip_address(host).is_loopback
 
 
-@dataclass(slots=True)
-class _Totals:
-    """Counters of the tunnels of one transport that have ended."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    retransmitted_packets: int = 0
-    retransmitted_bytes: int = 0
-    lost_packets: int = 0
-
-    def add(self, conn: TunnelConnection) -> LinkStats:
-        """Add ``conn``'s counters; its link's stats, for what else is wanted of them."""
-        self.bytes_in += conn.bytes_in
-        self.bytes_out += conn.bytes_out
-        stats = conn.link.stats()
-        self.retransmitted_packets += stats.retransmitted_packets or 0
-        self.retransmitted_bytes += stats.retransmitted_bytes or 0
-        self.lost_packets += stats.lost_packets or 0
-        return stats
-
-
-#: the per-transport counters, in the order of :class:`_Totals`'s fields: name and help
+#: the per-transport counters, in the order of :class:`TransportTotals`'s fields: name and help
 _TRANSPORT_COUNTERS: Final = (
     ("vtunnel_received_bytes", "Tunnel bytes the transport delivered (frames)."),
     ("vtunnel_sent_bytes", "Tunnel bytes given to the transport (frames)."),
@@ -124,79 +95,6 @@ _TRANSPORT_COUNTERS: Final = (
     ("vtunnel_retransmitted_bytes", "Stream bytes sent again by the ARQ (rudp)."),
     ("vtunnel_lost_packets", "Packets the ARQ declared lost (rudp)."),
 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Live:
-    transport: str
-    serial: int
-
-
-class ProcessStats:
-    """What an agent or a server keeps for its metrics: its live tunnels, the totals of ended ones, streams
-    opened by kind, and the listeners and dialers whose refusals are read at scrape time.
-
-    It is the :class:`~vtunnel.runtime.session.TunnelWatch` of the agent's pool and of the server.
-    """
-
-    def __init__(self) -> None:
-        self._live: dict[TunnelConnection, _Live] = {}
-        self._serial = itertools.count(1)
-        self._ended: dict[str, _Totals] = {}
-        self.tunnels_opened: Counter[str] = Counter()
-        self.streams_opened: Counter[str] = Counter()
-        self._listeners: list[tuple[str, Listener[Any]]] = []
-        self._dialers: list[Dialer] = []
-
-    # --- told by the agent and the server -------------------------------------------------------------------
-
-    def tunnel_started(self, conn: TunnelConnection, transport: str) -> None:
-        self._live[conn] = _Live(transport, next(self._serial))
-        self.tunnels_opened[transport] += 1
-        self._ended.setdefault(transport, _Totals())
-
-    def tunnel_ended(self, conn: TunnelConnection) -> None:
-        live = self._live.pop(conn, None)
-        if live is None:
-            return
-        self._ended[live.transport].add(conn)
-
-    def stream_opened(self, kind: str | None) -> None:
-        self.streams_opened[kind or NO_KIND] += 1
-
-    def watch_listener(self, transport: str, listener: Listener[Any]) -> None:
-        """Read ``listener``'s refusals (if it counts them) at each scrape, labelled ``transport``."""
-        self._listeners.append((transport, listener))
-
-    def watch_dialer(self, dialer: Dialer) -> None:
-        """Read ``dialer``'s failures (by reason) at each scrape."""
-        self._dialers.append(dialer)
-
-    # --- read by the collector --------------------------------------------------------------------------------
-
-    @property
-    def live(self) -> Iterable[tuple[TunnelConnection, str, int]]:
-        """Each live tunnel with its transport and its serial number in this process."""
-        return [(conn, live.transport, live.serial) for conn, live in self._live.items()]
-
-    def ended(self, transport: str) -> _Totals:
-        return self._ended.get(transport, _Totals())
-
-    @property
-    def transports(self) -> set[str]:
-        return set(self._ended) | {transport for transport, _ in self._listeners}
-
-    def refusals(self) -> Iterator[tuple[str, Refusals]]:
-        for transport, listener in self._listeners:
-            found = listener.extra(ListenerAttribute.refusals, None)
-            if found is not None:
-                yield transport, found
-
-    def dial_failures(self) -> Counter[str]:
-        total: Counter[str] = Counter()
-        for dialer in self._dialers:
-            total.update(dialer.failures)
-        return total
 
 
 class TunnelCollector(Collector):
@@ -232,7 +130,7 @@ class TunnelCollector(Collector):
             labels=["transport", "tunnel"],
         )
 
-        per_transport: dict[str, _Totals] = {}
+        per_transport: dict[str, TransportTotals] = {}
         live_count: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
         for transport in stats.transports:
@@ -240,7 +138,7 @@ class TunnelCollector(Collector):
             per_transport[transport] = dataclasses.replace(ended)
         for conn, transport, serial in stats.live:
             live_count[transport] += 1
-            link = per_transport.setdefault(transport, _Totals()).add(conn)
+            link = per_transport.setdefault(transport, TransportTotals()).add(conn)
             if link.rtt is not None:
                 rtt.add_metric([transport, str(serial)], link.rtt)
             if link.delivery_rate is not None:

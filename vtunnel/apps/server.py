@@ -42,7 +42,7 @@ from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, Link, SecurityConfig, get_transport
 
 if TYPE_CHECKING:
-    from vtunnel.apps.metrics import ProcessStats
+    from vtunnel.apps.stats import ProcessStats
 
 __all__ = ["Server", "ServerSettings"]
 
