@@ -45,7 +45,7 @@ from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, prefer
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
 from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
-from vtunnel.transports.link import Link, LinkConsumer, ListenerAttribute, Refusals
+from vtunnel.transports.link import Link, LinkConsumer, LinkStats, ListenerAttribute, Refusals
 
 __all__ = [
     "CIPHER_ENV",
@@ -270,6 +270,9 @@ class SealedLink(Link):
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         return self._inner.extra_attributes
+
+    def stats(self) -> LinkStats:
+        return self._inner.stats()
 
     # ------------------------------------------------------------------ LinkConsumer (the inner link calls)
     def link_data(self, data: bytes) -> None:
