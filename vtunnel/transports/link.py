@@ -171,6 +171,7 @@ class Link(AsyncResource, TypedAttributeProvider):
         this link does; False (the default: no key, or datagrams, which seal every byte) and the tunnel does
         not offer lite-tls over it."""
         return False
+
     def stats(self) -> LinkStats:
         """The path's round trip, rate and losses as far as the transport knows them (nothing, by default).
 

@@ -83,6 +83,7 @@ class KCPLink(ArqLink):
     @property
     def options(self) -> KCPOptions:
         return self._options
+
     def stats(self) -> LinkStats:
         raw = self._engine.stats()
         if not raw:
