@@ -32,7 +32,9 @@ def _emit(payload: dict[str, object]) -> None:
 
 
 async def _echo_stream(conn: Any) -> ByteStream:
-    stream: ByteStream = await conn.open_stream(None)
+    from vtunnel.runtime.byte_stream import TunnelByteStream
+
+    stream = TunnelByteStream(await conn.open_stream(None))
     message = ECHO_MAGIC + bytes(MESSAGE_SIZE - len(ECHO_MAGIC))
     await stream.send(message)
     got = b""

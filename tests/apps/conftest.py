@@ -18,7 +18,7 @@ import trustme
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream
 
 from vtunnel.apps.dialer import Dialer, DialError
-from vtunnel.apps.pipe import Opener
+from vtunnel.apps.pipe import Leg, Opener, StreamLeg
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused
@@ -43,14 +43,23 @@ async def tcp_pair() -> AsyncIterator[tuple[SocketStream, SocketStream]]:
 def direct_opener(dialer: Dialer) -> Opener:
     """An opener that connects straight to the destination with a real dialer (no tunnel in between)."""
 
-    async def open_stream(metadata: StreamMetadata) -> ByteStream:
+    async def open_stream(metadata: StreamMetadata) -> Leg:
         assert metadata.authority is not None
         try:
-            return await dialer.dial(metadata.authority)
+            return StreamLeg(await dialer.dial(metadata.authority))
         except DialError as exc:
             raise StreamRefused(exc.error) from None
 
     return open_stream
+
+
+def on_leg(front: Callable[[Leg], Awaitable[None]]) -> Callable[[SocketStream], Awaitable[None]]:
+    """A front (which serves a leg) as a handler of anyio socket streams, for :func:`serve_front`."""
+
+    async def serve(stream: SocketStream) -> None:
+        await front(StreamLeg(stream))
+
+    return serve
 
 
 def loopback_dialer() -> Dialer:
@@ -250,14 +259,14 @@ class DirectExit:
         self.tcp = direct_opener(dialer)
         self.opened: list[StreamMetadata] = []
 
-    async def open(self, metadata: StreamMetadata) -> ByteStream:
+    async def open(self, metadata: StreamMetadata) -> Leg:
         from vtunnel.apps.udprelay import serve_udp_stream
 
         self.opened.append(metadata)
         if metadata.kind == "udp":
             near, far = datagram_pair()
             self.tg.start_soon(serve_udp_stream, far, self.dialer)
-            return near
+            return StreamLeg(near)
         return await self.tcp(metadata)
 
 

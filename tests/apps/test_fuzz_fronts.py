@@ -8,11 +8,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, SocketStream
+from anyio.abc import SocketStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtunnel.apps.httpproxy import serve_http_proxy
+from vtunnel.apps.pipe import Leg, SocketLeg, StreamLeg
 from vtunnel.apps.socks5 import serve_socks5
 from vtunnel.apps.websocks import classify_websocks, serve_websocks
 from vtunnel.io.stream_sockets import LeanSocketStream, attach_socket
@@ -21,10 +22,10 @@ from vtunnel.runtime.errors import StreamRefused
 
 from .conftest import loopback_dialer
 
-Handler = Callable[[ByteStream], Coroutine[Any, Any, None]]
+Handler = Callable[[Leg], Coroutine[Any, Any, None]]
 
 
-async def _refusing_opener(metadata: StreamMetadata) -> ByteStream:
+async def _refusing_opener(metadata: StreamMetadata) -> Leg:
     raise StreamRefused("refused")
 
 
@@ -33,12 +34,13 @@ async def _feed(handler: Handler, data: bytes, lean: bool = False) -> bytes:
 
     ``lean``: the handler's end is the agent's own stream (a LeanSocketStream), else anyio's socket stream."""
     left, right = socket.socketpair()
-    server: ByteStream
+    server: Leg
     if lean:
-        server = LeanSocketStream()
-        attach_socket(left, server)
+        lean_stream = LeanSocketStream()
+        attach_socket(left, lean_stream)
+        server = SocketLeg(lean_stream)
     else:
-        server = await SocketStream.from_socket(left)
+        server = StreamLeg(await SocketStream.from_socket(left))
     client = await SocketStream.from_socket(right)
     answer = b""
     with anyio.fail_after(10):
@@ -69,7 +71,7 @@ _settings = settings(max_examples=60, deadline=None, suppress_health_check=[Heal
 @_settings
 @given(_inputs, st.booleans())
 def test_socks5_front_survives_any_input(data: bytes, lean: bool) -> None:
-    async def handler(stream: ByteStream) -> None:
+    async def handler(stream: Leg) -> None:
         await serve_socks5(stream, _refusing_opener, handshake_timeout=5)
 
     answer = anyio.run(_feed, handler, data, lean)
@@ -79,7 +81,7 @@ def test_socks5_front_survives_any_input(data: bytes, lean: bool) -> None:
 @_settings
 @given(_inputs, st.booleans())
 def test_http_front_survives_any_input(data: bytes, lean: bool) -> None:
-    async def handler(stream: ByteStream) -> None:
+    async def handler(stream: Leg) -> None:
         await serve_http_proxy(stream, _refusing_opener, idle_timeout=5)
 
     answer = anyio.run(_feed, handler, data, lean)
@@ -97,10 +99,10 @@ _upgrade = (
 def test_websocks_survives_any_input(tail: bytes) -> None:
     data = _upgrade + tail
 
-    async def handler(stream: ByteStream) -> None:
+    async def handler(stream: Leg) -> None:
         first = data[: len(data) // 2]
         if classify_websocks(first) is False:
-            await stream.aclose()
+            await stream.stream.aclose()
             return
         await serve_websocks(
             stream, b"", users={"u": "p"}, dialer=loopback_dialer(), now_ms=lambda: 0, handshake_timeout=5

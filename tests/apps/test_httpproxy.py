@@ -24,11 +24,21 @@ from vtunnel.apps.httpproxy import (
     serve_http_proxy,
     status_for_refusal,
 )
+from vtunnel.apps.pipe import Leg
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused
 
-from .conftest import DirectExit, Origin, body_for, direct_exit, direct_opener, loopback_dialer, serve_front
+from .conftest import (
+    DirectExit,
+    Origin,
+    body_for,
+    direct_exit,
+    direct_opener,
+    loopback_dialer,
+    on_leg,
+    serve_front,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +46,7 @@ CURL = shutil.which("curl") or "/usr/bin/curl"
 
 
 def http_front(exit_: DirectExit, **options: Any) -> AbstractAsyncContextManager[int]:
-    return serve_front(functools.partial(serve_http_proxy, opener=exit_.open, **options))
+    return serve_front(on_leg(functools.partial(serve_http_proxy, opener=exit_.open, **options)))
 
 
 def _closed_port() -> int:
@@ -237,10 +247,10 @@ async def test_forbidden_gives_403() -> None:
 
 
 async def test_timeout_gives_504() -> None:
-    async def timing_out(metadata: StreamMetadata) -> ByteStream:
+    async def timing_out(metadata: StreamMetadata) -> Leg:
         raise StreamRefused("timeout")
 
-    async with serve_front(functools.partial(serve_http_proxy, opener=timing_out)) as port:
+    async with serve_front(on_leg(functools.partial(serve_http_proxy, opener=timing_out))) as port:
         with anyio.fail_after(30):
             status, _ = await _status_of(
                 port, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
@@ -313,14 +323,14 @@ async def test_100_parallel_connects(origin: Origin) -> None:
 async def test_failing_opener_gives_502_and_listener_keeps_serving(origin: Origin) -> None:
     calls = 0
 
-    async def flaky(metadata: StreamMetadata) -> ByteStream:
+    async def flaky(metadata: StreamMetadata) -> Leg:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("opener bug")
         return await direct_opener(loopback_dialer())(metadata)
 
-    async with serve_front(functools.partial(serve_http_proxy, opener=flaky)) as port:
+    async with serve_front(on_leg(functools.partial(serve_http_proxy, opener=flaky))) as port:
         with anyio.fail_after(30):
             request = f"GET http://127.0.0.1:{origin.port}/bytes/1 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
             status, _ = await _status_of(port, request)

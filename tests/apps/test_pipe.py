@@ -22,9 +22,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.runtime.test_connection import Handler, tunnel_pair
-from vtunnel.apps.pipe import Relay, RelayEnd, SocketEnd, StreamEnd, TunnelEnd, join, pipe
+from vtunnel.apps.pipe import (
+    Relay,
+    RelayEnd,
+    SocketEnd,
+    StreamEnd,
+    StreamLeg,
+    TunnelEnd,
+    TunnelLeg,
+    join,
+    pipe,
+)
 from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import TunnelConfig
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
 
@@ -55,7 +66,7 @@ async def test_copies_both_ways_with_half_close() -> None:
         result: dict[str, object] = {}
 
         async def run_pipe() -> None:
-            result["counts"] = await pipe(front, back)
+            result["counts"] = await pipe(StreamLeg(front), StreamLeg(back))
 
         async def origin_side() -> None:
             # The origin reads the whole request (until the half-close) and only then answers.
@@ -80,7 +91,7 @@ async def test_reset_side_closes_both() -> None:
         done = anyio.Event()
 
         async def run_pipe() -> None:
-            await pipe(front, back)
+            await pipe(StreamLeg(front), StreamLeg(back))
             done.set()
 
         with anyio.fail_after(20):
@@ -108,7 +119,7 @@ async def test_broken_destination_ends_pipe() -> None:
     async with tcp_pair() as (client, front), tcp_pair() as (back, origin):
         await back.aclose()  # writing to it fails at once
         with anyio.fail_after(20):
-            counts = await pipe(front, back)
+            counts = await pipe(StreamLeg(front), StreamLeg(back))
             assert counts == (0, 0)
             await client.send(b"data")
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
@@ -119,12 +130,13 @@ async def test_broken_destination_ends_pipe() -> None:
 def answer_in_two(answer: bytes, head: int, release: anyio.Event) -> Handler:
     """A far end that sends ``answer[:head]``, waits for ``release``, then sends the rest and its end."""
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        await stream.send(answer[:head])
-        await release.wait()
-        await stream.send(answer[head:])
-        await stream.send_eof()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            await stream.send(answer[:head])
+            await release.wait()
+            await stream.send(answer[head:])
+            await stream.send_eof()
 
     return far
 
@@ -141,7 +153,7 @@ async def test_a_tunnel_dying_under_a_piped_stream_resets_the_socket() -> None:
         remote = await conn.open_stream(wait_accepted=False)
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(pipe, front, remote)
+                tg.start_soon(pipe, StreamLeg(front), TunnelLeg(TunnelByteStream(remote)))
                 await client.send_eof()
                 got = bytearray()
                 while len(got) < head:
@@ -158,7 +170,7 @@ async def test_idle_timeout_closes_both() -> None:
     async with tcp_pair() as (client, front), tcp_pair() as (back, origin):
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(functools.partial(pipe, front, back, idle_timeout=0.2))
+                tg.start_soon(functools.partial(pipe, StreamLeg(front), StreamLeg(back), idle_timeout=0.2))
                 await client.send(b"a")
                 assert await origin.receive() == b"a"
                 with pytest.raises(anyio.EndOfStream):
@@ -170,7 +182,7 @@ async def test_idle_timeout_closes_both() -> None:
 async def test_invalid_idle_timeout() -> None:
     async with tcp_pair() as (_, front), tcp_pair() as (back, _):
         with pytest.raises(ValueError, match="idle_timeout"):
-            await pipe(front, back, idle_timeout=0)
+            await pipe(StreamLeg(front), StreamLeg(back), idle_timeout=0)
 
 
 # ------------------------------------------------------------------------------------------------ socket ends
@@ -234,7 +246,7 @@ async def relayed(
                         r.relay.close()
 
 
-async def _far_read_all(stream: TunnelStream) -> bytes:
+async def _far_read_all(stream: ByteStream) -> bytes:
     out = bytearray()
     with contextlib.suppress(anyio.EndOfStream):
         while True:
@@ -249,11 +261,14 @@ async def test_relay_copies_8_mib_both_ways_with_half_close(end: str, extensions
     down = os.urandom(8 << 20)
     got: dict[str, bytes] = {}
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        got["far"] = await _far_read_all(stream)  # the whole request (until the half-close), then the answer
-        await stream.send(down)
-        await stream.send_eof()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            got["far"] = await _far_read_all(
+                stream
+            )  # the whole request (until the half-close), then the answer
+            await stream.send(down)
+            await stream.send_eof()
 
     async with relayed(far, end=end, extensions=extensions) as r:
         with anyio.fail_after(30):
@@ -275,12 +290,13 @@ async def test_relay_holds_the_sender_while_the_socket_is_not_read(end: str, ext
     block = os.urandom(1024 * 1024)
     sent = [0]
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        for _ in range(total // len(block)):
-            await stream.send(block)
-            sent[0] += len(block)
-        await stream.send_eof()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            for _ in range(total // len(block)):
+                await stream.send(block)
+                sent[0] += len(block)
+            await stream.send_eof()
 
     async with relayed(far, end=end, extensions=extensions) as r:
         with anyio.fail_after(60):
@@ -307,10 +323,11 @@ async def test_relay_holds_the_sender_while_the_socket_is_not_read(end: str, ext
 
 @pytest.mark.parametrize("end", ENDS)
 async def test_a_reset_stream_resets_the_socket(end: str) -> None:
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        assert await stream.receive() == b"hello"
-        stream.refuse("failed")  # RST
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            assert await stream.receive() == b"hello"
+            tunnel_stream.refuse("failed")  # RST
 
     async with relayed(far, end=end) as r:
         with anyio.fail_after(10):
@@ -367,13 +384,14 @@ def reads_until_broken() -> tuple[Handler, list[type[BaseException]], anyio.Even
     seen: list[type[BaseException]] = []
     done = anyio.Event()
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        try:
-            await _far_read_all(stream)
-        except anyio.BrokenResourceError as exc:
-            seen.append(type(exc))
-        done.set()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            try:
+                await _far_read_all(stream)
+            except anyio.BrokenResourceError as exc:
+                seen.append(type(exc))
+            done.set()
 
     return far, seen, done
 
@@ -395,16 +413,17 @@ async def test_a_reset_socket_resets_the_stream(end: str) -> None:
 
 @pytest.mark.parametrize("end", ENDS)
 async def test_bytes_before_the_relay_are_delivered(end: str) -> None:
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        await stream.send(b"early")  # arrives while nobody consumes the stream yet
-        await stream.send_eof()
-        assert await _far_read_all(stream) == b"up"
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            await stream.send(b"early")  # arrives while nobody consumes the stream yet
+            await stream.send_eof()
+            assert await _far_read_all(stream) == b"up"
 
     async with relayed(far, end=end, start=False) as r:
         with anyio.fail_after(10):
             await r.client.send(b"up")  # read only once the relay starts
-            while not r.stream.buffered:
+            while not r.stream.unacknowledged:
                 await anyio.sleep(0.01)
             relay = r.start()
             assert await _receive_all(r.client) == b"early"
@@ -415,12 +434,13 @@ async def test_bytes_before_the_relay_are_delivered(end: str) -> None:
 async def test_a_socket_closed_before_the_relay_resets_the_stream() -> None:
     gone = anyio.Event()
 
-    async def far(stream: TunnelStream) -> None:
-        try:  # the RST may be here before this handler runs: accept() itself fails then
-            stream.accept()
-            await _far_read_all(stream)
-        except anyio.BrokenResourceError:
-            gone.set()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            try:  # the RST may be here before this handler runs: accept() itself fails then
+                tunnel_stream.accept()
+                await _far_read_all(stream)
+            except anyio.BrokenResourceError:
+                gone.set()
 
     async with relayed(far, start=False) as r:
         with anyio.fail_after(10):
@@ -428,19 +448,20 @@ async def test_a_socket_closed_before_the_relay_resets_the_stream() -> None:
             await r.start().wait()
             await gone.wait()
             with pytest.raises(anyio.ClosedResourceError):
-                await r.stream.send(b"x")
+                r.stream.write(b"x")
 
 
 @pytest.mark.parametrize("end", ENDS)
 async def test_relay_idle_timeout_closes_both(end: str) -> None:
     ended = anyio.Event()
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        assert await stream.receive() == b"a"
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-            await stream.receive()
-        ended.set()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            assert await stream.receive() == b"a"
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                await stream.receive()
+            ended.set()
 
     async with relayed(far, end=end, idle_timeout=0.2) as r:
         with anyio.fail_after(10):
@@ -489,7 +510,8 @@ async def tls_relayed(far: Handler, *, tls_asked: bool) -> AsyncIterator[tuple[T
     async with tunnel_pair(far) as (conn, _), tls_pair() as (peer, served):
         remote = await conn.open_stream(wait_accepted=False)
         async with anyio.create_task_group() as tg:
-            relay = join(served, remote) if tls_asked else join(remote, served)
+            tunnel_leg = TunnelLeg(TunnelByteStream(remote))
+            relay = join(StreamLeg(served), tunnel_leg) if tls_asked else join(tunnel_leg, StreamLeg(served))
             tg.start_soon(relay.run)
             yield peer, relay
 
@@ -507,11 +529,12 @@ async def test_a_tls_client_relayed_to_a_tunnel_stream_8_mib_each_way() -> None:
     down = os.urandom(8 << 20)
     got: dict[str, bytes] = {}
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        got["far"] = await _read_exactly(stream, len(up))
-        await stream.send(down)
-        await stream.send_eof()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            got["far"] = await _read_exactly(stream, len(up))
+            await stream.send(down)
+            await stream.send_eof()
 
     async with tls_relayed(far, tls_asked=True) as (client, relay):
         with anyio.fail_after(30):
@@ -530,11 +553,12 @@ async def test_a_tunnel_stream_relayed_to_a_tls_origin_waits_for_the_answer() ->
     down = os.urandom(8 << 20)
     got: dict[str, bytes] = {}
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        await stream.send(up)
-        await stream.send_eof()
-        got["far"] = await _far_read_all(stream)
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            await stream.send(up)
+            await stream.send_eof()
+            got["far"] = await _far_read_all(stream)
 
     async with tls_relayed(far, tls_asked=False) as (origin, relay):
         with anyio.fail_after(30):
@@ -582,15 +606,16 @@ async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
     client_ended = anyio.Event()
     far_done = anyio.Event()
 
-    async def far(stream: TunnelStream) -> None:
-        stream.accept()
-        for chunk in down_data:
-            await stream.send(chunk)
-        if not far_ends_first:
-            await client_ended.wait()
-        await stream.send_eof()
-        got["far"] = await _far_read_all(stream)
-        far_done.set()
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            for chunk in down_data:
+                await stream.send(chunk)
+            if not far_ends_first:
+                await client_ended.wait()
+            await stream.send_eof()
+            got["far"] = await _far_read_all(stream)
+            far_done.set()
 
     async with relayed(far, end=end, extensions=extensions) as r:
         with anyio.fail_after(30):

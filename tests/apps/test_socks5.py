@@ -19,6 +19,7 @@ from python_socks import ProxyError, ProxyType
 from python_socks.async_.anyio import Proxy
 
 from vtunnel.apps.dialer import Dialer
+from vtunnel.apps.pipe import Leg
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.socks5 import (
     AddressType,
@@ -44,6 +45,7 @@ from .conftest import (
     direct_exit,
     direct_opener,
     loopback_dialer,
+    on_leg,
     serve_front,
 )
 
@@ -53,7 +55,7 @@ CURL = shutil.which("curl") or "/usr/bin/curl"
 
 
 def socks_front(exit_: DirectExit, **options: Any) -> AbstractAsyncContextManager[int]:
-    return serve_front(functools.partial(serve_socks5, opener=exit_.open, **options))
+    return serve_front(on_leg(functools.partial(serve_socks5, opener=exit_.open, **options)))
 
 
 async def _udp_socket() -> UDPSocket:
@@ -142,7 +144,7 @@ async def test_python_socks_with_password(origin: Origin) -> None:
     users = {"alice": "s3cret"}
     async with (
         direct_exit() as exit_,
-        serve_front(functools.partial(serve_socks5, opener=exit_.open, users=users)) as port,
+        serve_front(on_leg(functools.partial(serve_socks5, opener=exit_.open, users=users))) as port,
     ):
         with anyio.fail_after(30):
             proxy = Proxy(ProxyType.SOCKS5, "127.0.0.1", port, username="alice", password="s3cret", rdns=True)
@@ -332,7 +334,7 @@ async def test_garbage_is_closed_and_listener_keeps_serving(origin: Origin, garb
 async def test_no_acceptable_method() -> None:
     async with (
         direct_exit() as exit_,
-        serve_front(functools.partial(serve_socks5, opener=exit_.open, users={"u": "p"})) as port,
+        serve_front(on_leg(functools.partial(serve_socks5, opener=exit_.open, users={"u": "p"}))) as port,
     ):
         with anyio.fail_after(30):
             async with await anyio.connect_tcp("127.0.0.1", port) as stream:
@@ -343,7 +345,9 @@ async def test_no_acceptable_method() -> None:
 async def test_silent_client_times_out() -> None:
     async with (
         direct_exit() as exit_,
-        serve_front(functools.partial(serve_socks5, opener=exit_.open, handshake_timeout=0.3)) as port,
+        serve_front(
+            on_leg(functools.partial(serve_socks5, opener=exit_.open, handshake_timeout=0.3))
+        ) as port,
     ):
         with anyio.fail_after(30):
             async with await anyio.connect_tcp("127.0.0.1", port) as stream:
@@ -499,14 +503,14 @@ def test_userpass_round_trip(user: bytes, password: bytes) -> None:
 async def test_failing_opener_does_not_stop_the_listener(origin: Origin) -> None:
     calls = 0
 
-    async def flaky(metadata: StreamMetadata) -> ByteStream:
+    async def flaky(metadata: StreamMetadata) -> Leg:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("opener bug")
         return await direct_opener(loopback_dialer())(metadata)
 
-    async with serve_front(functools.partial(serve_socks5, opener=flaky)) as port:
+    async with serve_front(on_leg(functools.partial(serve_socks5, opener=flaky))) as port:
         with anyio.fail_after(30):
             with pytest.raises(ProxyError):
                 await Proxy(ProxyType.SOCKS5, "127.0.0.1", port).connect("127.0.0.1", origin.port)

@@ -21,6 +21,7 @@ from vtunnel.apps.agent import Agent, AgentSettings, Forward
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.apps.socks5 import Command, Reply, encode_address, encode_request, parse_reply
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
 from .conftest import Origin, body_for, serve_front
@@ -161,7 +162,7 @@ async def test_udp_associate_through_the_tunnel() -> None:
 async def test_websocks_inside_a_tunnel_stream(origin: Origin) -> None:
     async with agent_and_server(ExitPolicy(allow_private=True), users={"bob": "pw"}) as pair:
         with anyio.fail_after(60):
-            stream = await pair.agent.open(None)
+            stream = TunnelByteStream(await pair.agent.open(None))
             async with stream:
                 rest = await websocks_connect(stream, "bob", "pw", "localhost", origin.port)
                 await stream.send(b"GET /bytes/54321 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -401,7 +402,7 @@ async def test_websocks_streams_become_relays_on_the_server() -> None:
         with anyio.fail_after(30):
             streams = []
             for i in range(12):
-                stream = await pair.agent.open(None)
+                stream = TunnelByteStream(await pair.agent.open(None))
                 rest = await websocks_connect(stream, "bob", "pw", "127.0.0.1", origin)
                 assert rest == b""
                 streams.append(stream)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vtunnel.apps.dialer import Dialer
+from vtunnel.apps.pipe import StreamLeg
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.websocks import (
     FRAME_HEADER,
@@ -57,7 +58,11 @@ async def _serve(
             await stream.aclose()
             return
         await serve_websocks(
-            stream, first, users=USERS, dialer=dialer or loopback_dialer(), now_ms=now_ms or (lambda: NOW)
+            StreamLeg(stream),
+            first,
+            users=USERS,
+            dialer=dialer or loopback_dialer(),
+            now_ms=now_ms or (lambda: NOW),
         )
         return
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from tests.apps.conftest import body_for, direct_opener, loopback_dialer, serve_front
+from tests.apps.conftest import body_for, direct_opener, loopback_dialer, on_leg, serve_front
 from tests.apps.test_through_tunnel import agent_and_server
 from vtunnel.apps.httpproxy import serve_http_proxy
 from vtunnel.apps.policy import ExitPolicy
@@ -407,7 +407,7 @@ async def _through_front(head: bytes, body: bytes) -> tuple[bytes, bytes, Record
         )
         request = head + body
         opener = direct_opener(loopback_dialer())
-        async with serve_front(functools.partial(serve_http_proxy, opener=opener)) as port:
+        async with serve_front(on_leg(functools.partial(serve_http_proxy, opener=opener))) as port:
             with anyio.fail_after(20):
                 answer = await _exchange(await anyio.connect_tcp("127.0.0.1", port), request)
     return request, answer, origin

@@ -21,6 +21,7 @@ import pytest
 
 from tests.runtime.test_connection import read_all, stalling_handler, tunnel_pair
 from vtunnel.protocol import StreamMetadata, TunnelConfig
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.tunnel_stream import TunnelStream
 
 pytestmark = pytest.mark.anyio
@@ -36,12 +37,13 @@ async def digest_or_stall(stream: TunnelStream, release: anyio.Event) -> None:
         return
     stream.accept()
     digest = hashlib.sha256()
-    try:
-        while True:
-            digest.update(await stream.receive())
-    except anyio.EndOfStream:
-        await stream.send(digest.hexdigest().encode())
-        await stream.send_eof()
+    async with TunnelByteStream(stream) as reader:
+        try:
+            while True:
+                digest.update(await reader.receive())
+        except anyio.EndOfStream:
+            await reader.send(digest.hexdigest().encode())
+            await reader.send_eof()
 
 
 @pytest.mark.parametrize("stalled", [4, 32, 400, 2000])
@@ -54,7 +56,7 @@ async def test_stalled_streams_never_freeze_the_others(stalled: int) -> None:
 
     async with tunnel_pair(handler, client_config=config, server_config=config) as (client, server):
 
-        async def push(stream: TunnelStream) -> None:
+        async def push(stream: TunnelByteStream) -> None:
             with anyio.move_on_after(2):
                 while True:
                     await stream.send(CHUNK)
@@ -62,9 +64,9 @@ async def test_stalled_streams_never_freeze_the_others(stalled: int) -> None:
         async with anyio.create_task_group() as tg:
             for i in range(stalled):
                 slow = await client.open_stream(StreamMetadata(authority=f"stall{i}:1"), wait_accepted=False)
-                tg.start_soon(push, slow)
+                tg.start_soon(push, TunnelByteStream(slow))
         # every stalled stream has filled what it was allowed: now another stream must still get through
-        fast = await client.open_stream(StreamMetadata(authority="fast:1"))
+        fast = TunnelByteStream(await client.open_stream(StreamMetadata(authority="fast:1")))
         data = os.urandom(64 * 1024 * 1024)
         with anyio.fail_after(60):
             view = memoryview(data)
@@ -72,7 +74,7 @@ async def test_stalled_streams_never_freeze_the_others(stalled: int) -> None:
                 await fast.send(bytes(view[offset : offset + (1 << 20)]))
             await fast.send_eof()
             assert await read_all(fast) == hashlib.sha256(data).hexdigest().encode()
-        held = sum(s.buffered for s in server.streams.values())
+        held = sum(s.unacknowledged for s in server.streams.values())
         bound = config.receive_budget + (stalled + 1) * config.min_stream_window
         print(f"{stalled} stalled streams: {held / 2**20:.1f} MiB held (bound {bound / 2**20:.1f} MiB)")
         assert held <= bound, (held, bound)

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtunnel.protocol import Role, StreamMetadata, TunnelConfig
+from vtunnel.runtime.byte_stream import TunnelByteStream, TunnelStreamAttribute
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.errors import StreamRefused
-from vtunnel.runtime.tunnel_stream import TunnelStream, TunnelStreamAttribute
+from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.link import Link, StreamLink
 
 pytestmark = pytest.mark.anyio
@@ -55,14 +56,19 @@ async def tunnel_pair(
     await listener.aclose()
 
 
-async def echo_handler(stream: TunnelStream) -> None:
-    stream.accept()
-    try:
-        while True:
-            data = await stream.receive()
-            await stream.send(data)
-    except anyio.EndOfStream:
-        await stream.send_eof()
+async def open_bytes(conn: TunnelConnection, metadata: StreamMetadata | None = None) -> TunnelByteStream:
+    return TunnelByteStream(await conn.open_stream(metadata))
+
+
+async def echo_handler(tunnel_stream: TunnelStream) -> None:
+    tunnel_stream.accept()
+    async with TunnelByteStream(tunnel_stream) as stream:
+        try:
+            while True:
+                data = await stream.receive()
+                await stream.send(data)
+        except anyio.EndOfStream:
+            await stream.send_eof()
 
 
 async def read_all(stream: ByteStream) -> bytes:
@@ -78,7 +84,7 @@ async def read_all(stream: ByteStream) -> bytes:
 async def test_echo_with_half_close(extensions: bool) -> None:
     cfg = TunnelConfig(extensions=extensions)
     async with tunnel_pair(echo_handler, client_config=cfg, server_config=cfg) as (client, _):
-        stream = await client.open_stream(StreamMetadata(authority="x:1") if extensions else None)
+        stream = await open_bytes(client, StreamMetadata(authority="x:1") if extensions else None)
         payload = hashlib.sha256(b"x").digest() * 40000  # 1.25 MiB
         async with anyio.create_task_group() as tg:
 
@@ -96,15 +102,16 @@ async def test_echo_with_half_close(extensions: bool) -> None:
 async def test_metadata_reaches_the_server() -> None:
     seen: list[StreamMetadata | None] = []
 
-    async def handler(stream: TunnelStream) -> None:
-        seen.append(stream.extra(TunnelStreamAttribute.metadata))
-        stream.accept()
-        await stream.send(b"ok")
-        await stream.send_eof()
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        async with TunnelByteStream(tunnel_stream) as stream:
+            seen.append(stream.extra(TunnelStreamAttribute.metadata))
+            await stream.send(b"ok")
+            await stream.send_eof()
 
     async with tunnel_pair(handler) as (client, _):
         md = StreamMetadata(authority="example.com:443", kind="tcp")
-        stream = await client.open_stream(md)
+        stream = await open_bytes(client, md)
         with anyio.fail_after(10):
             assert await read_all(stream) == b"ok"
     assert seen == [md]
@@ -122,21 +129,22 @@ async def test_refusal_reaches_the_opener_with_its_reason() -> None:
         assert client.accepting_streams
 
 
-async def stalling_handler(stream: TunnelStream, release: anyio.Event) -> None:
+async def stalling_handler(tunnel_stream: TunnelStream, release: anyio.Event) -> None:
     """Streams whose authority starts with ``stall`` are never read (until ``release``); the others are read to
     their end and answered with the number of bytes they carried."""
-    stream.accept()
-    md = stream.metadata
-    if md is not None and (md.authority or "").startswith("stall"):
-        await release.wait()  # never reads
-        return
-    total = 0
-    try:
-        while True:
-            total += len(await stream.receive())
-    except anyio.EndOfStream:
-        await stream.send(str(total).encode())
-        await stream.send_eof()
+    tunnel_stream.accept()
+    md = tunnel_stream.metadata
+    async with TunnelByteStream(tunnel_stream) as stream:
+        if md is not None and (md.authority or "").startswith("stall"):
+            await release.wait()  # never reads
+            return
+        total = 0
+        try:
+            while True:
+                total += len(await stream.receive())
+        except anyio.EndOfStream:
+            await stream.send(str(total).encode())
+            await stream.send_eof()
 
 
 async def test_a_stalled_reader_does_not_stall_other_streams() -> None:
@@ -146,8 +154,8 @@ async def test_a_stalled_reader_does_not_stall_other_streams() -> None:
         await stalling_handler(stream, stalled)
 
     async with tunnel_pair(handler) as (client, server):
-        slow = await client.open_stream(StreamMetadata(authority="stall:1"))
-        fast = await client.open_stream(StreamMetadata(authority="fast:1"))
+        slow = await open_bytes(client, StreamMetadata(authority="stall:1"))
+        fast = await open_bytes(client, StreamMetadata(authority="fast:1"))
         window = client.tunnel.config.initial_stream_window
         # fill the stalled stream's window: the send must not complete
         with anyio.move_on_after(1):
@@ -163,7 +171,7 @@ async def test_a_stalled_reader_does_not_stall_other_streams() -> None:
             s for s in server.streams.values() if s.metadata and s.metadata.authority == "stall:1"
         ]
         assert stalled_server
-        assert stalled_server[0].buffered <= window
+        assert stalled_server[0].unacknowledged <= window
         stalled.set()
 
 
@@ -173,7 +181,7 @@ async def test_tunnel_death_breaks_streams() -> None:
         await anyio.sleep(30)
 
     async with tunnel_pair(handler) as (client, server):
-        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        stream = await open_bytes(client, StreamMetadata(authority="a:1"))
         await anyio.aclose_forcefully(server.link)
         with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError):
             await stream.receive()
@@ -183,14 +191,15 @@ async def test_tunnel_death_breaks_streams() -> None:
 async def test_graceful_shutdown_lets_open_streams_finish() -> None:
     release = anyio.Event()
 
-    async def handler(stream: TunnelStream) -> None:
-        stream.accept()
-        await release.wait()
-        await stream.send(b"late answer")
-        await stream.send_eof()
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        async with TunnelByteStream(tunnel_stream) as stream:
+            await release.wait()
+            await stream.send(b"late answer")
+            await stream.send_eof()
 
     async with tunnel_pair(handler) as (client, server):
-        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        stream = await open_bytes(client, StreamMetadata(authority="a:1"))
         server.shutdown("maintenance", graceful=True)
         await anyio.sleep(0.2)
         assert not client.accepting_streams  # GOAWAY received: no new streams
@@ -237,7 +246,7 @@ async def kcp_tunnel_pair(
 
 async def test_small_messages_go_to_the_link_from_the_sender_and_are_never_refused() -> None:
     async with kcp_tunnel_pair(echo_handler) as (client, server):
-        stream = await client.open_stream(StreamMetadata(authority="rr:1"))
+        stream = await open_bytes(client, StreamMetadata(authority="rr:1"))
         before = (client.link_writes, server.link_writes)
         with anyio.fail_after(20):
             for i in range(100):
@@ -260,7 +269,7 @@ async def test_a_full_kcp_window_holds_writes_until_the_link_has_room_in_order()
         results: dict[int, bytes] = {}
 
         async def one(i: int) -> None:
-            stream = await client.open_stream(StreamMetadata(authority=f"bulk:{i}"))
+            stream = await open_bytes(client, StreamMetadata(authority=f"bulk:{i}"))
             async with anyio.create_task_group() as tg:
 
                 async def write() -> None:
@@ -286,7 +295,7 @@ async def test_kcp_tunnel_death_breaks_streams() -> None:
         await anyio.sleep(30)
 
     async with kcp_tunnel_pair(handler, "?timeout=1") as (client, server):
-        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        stream = await open_bytes(client, StreamMetadata(authority="a:1"))
         await anyio.aclose_forcefully(server.link)
 
         async def keep_sending() -> None:
@@ -309,15 +318,16 @@ async def test_pushed_input_pauses_for_a_full_buffer_without_flow_control_and_re
     release = anyio.Event()
     received: list[int] = []
 
-    async def handler(stream: TunnelStream) -> None:
-        stream.accept()
-        await release.wait()
-        received.append(len(await read_all(stream)))
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        async with TunnelByteStream(tunnel_stream) as stream:
+            await release.wait()
+            received.append(len(await read_all(stream)))
 
     size = 3 * UNCONTROLLED_BUFFER_LIMIT
     cfg = TunnelConfig(extensions=False)
     async with kcp_tunnel_pair(handler, config=cfg) as (client, server):
-        stream = await client.open_stream(None)
+        stream = await open_bytes(client, None)
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
 
@@ -328,7 +338,7 @@ async def test_pushed_input_pauses_for_a_full_buffer_without_flow_control_and_re
                 tg.start_soon(write)
                 while not server.reading_paused:
                     await anyio.sleep(0.01)
-                held = next(iter(server.streams.values())).buffered
+                held = next(iter(server.streams.values())).unacknowledged
                 assert UNCONTROLLED_BUFFER_LIMIT < held < size
                 release.set()
             while not received:
@@ -340,7 +350,7 @@ async def _interleaved_writes(writes: list[tuple[int, int]], streams: int) -> No
     """Write ``(stream, size)`` pieces in this order from one task over kcp:// (a 32-segment window, so some
     writes go straight to the session and some wait for the writer) and check every echo byte for byte."""
     async with kcp_tunnel_pair(echo_handler, "?sndwnd=32&rcvwnd=128") as (client, _server):
-        opened = [await client.open_stream(StreamMetadata(authority=f"s:{i}")) for i in range(streams)]
+        opened = [await open_bytes(client, StreamMetadata(authority=f"s:{i}")) for i in range(streams)]
         sent = [bytearray() for _ in range(streams)]
         echoed: dict[int, bytes] = {}
         with anyio.fail_after(60):

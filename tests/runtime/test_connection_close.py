@@ -18,6 +18,7 @@ from anyio.abc import ByteStream, SocketStream
 
 from vtunnel.protocol import Role, Tunnel, TunnelConfig, events
 from vtunnel.protocol import frames as fr
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.link import StreamLink
@@ -32,11 +33,12 @@ async def test_a_drained_tunnel_ends_its_transport_without_losing_the_tail() -> 
     started = anyio.Event()
     servers: list[TunnelConnection] = []
 
-    async def handler(stream: TunnelStream) -> None:
-        stream.accept()
-        started.set()
-        await stream.send(answer)
-        await stream.send_eof()
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            started.set()
+            await stream.send(answer)
+            await stream.send_eof()
 
     async def on_accept(transport: ByteStream) -> None:
         conn = TunnelConnection(StreamLink(transport), role=Role.SERVER, handler=handler, name="s")

@@ -9,6 +9,7 @@ import pytest
 from anyio.abc import ByteStream
 
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import (
     OUTBOUND_HIGH_WATER,
     UNCONTROLLED_BUFFER_LIMIT,
@@ -42,13 +43,14 @@ async def test_an_earlier_deadline_wakes_the_sleeping_timer() -> None:
 async def test_small_reads_of_large_chunks_are_byte_exact() -> None:
     payload = hashlib.sha256(b"p").digest() * 30000  # 960 KB, arrives in large runs
 
-    async def handler(stream: TunnelStream) -> None:
-        stream.accept()
-        await stream.send(payload)
-        await stream.send_eof()
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            await stream.send(payload)
+            await stream.send_eof()
 
     async with tunnel_pair(handler) as (client, _):
-        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        stream = TunnelByteStream(await client.open_stream(StreamMetadata(authority="a:1")))
         got = bytearray()
         sizes = (1, 1000, 70000, 7, 300000)
         with anyio.fail_after(20):
@@ -68,20 +70,21 @@ async def test_small_reads_of_large_chunks_are_byte_exact() -> None:
 async def test_many_small_sends_arrive_joined_and_exact() -> None:
     pieces = [bytes([i % 256]) * (i % 50 + 1) for i in range(3000)]
 
-    async def handler(stream: TunnelStream) -> None:
-        stream.accept()
-        await anyio.sleep(0.3)  # let the pieces pile up in the receive buffer
-        chunks = []
-        try:
-            while True:
-                chunks.append(await stream.receive(1 << 20))
-        except anyio.EndOfStream:
-            pass
-        await stream.send(str(len(chunks)).encode() + b" " + hashlib.sha256(b"".join(chunks)).digest())
-        await stream.send_eof()
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            await anyio.sleep(0.3)  # let the pieces pile up in the receive buffer
+            chunks = []
+            try:
+                while True:
+                    chunks.append(await stream.receive(1 << 20))
+            except anyio.EndOfStream:
+                pass
+            await stream.send(str(len(chunks)).encode() + b" " + hashlib.sha256(b"".join(chunks)).digest())
+            await stream.send_eof()
 
     async with tunnel_pair(handler) as (client, _):
-        stream = await client.open_stream(StreamMetadata(authority="a:1"))
+        stream = TunnelByteStream(await client.open_stream(StreamMetadata(authority="a:1")))
         with anyio.fail_after(20):
             for piece in pieces:
                 await stream.send(piece)
@@ -117,7 +120,9 @@ async def test_a_sender_waits_while_the_transport_is_backed_up() -> None:
         tg.start_soon(client.run)
         with anyio.fail_after(10):
             await client.wait_ready()
-        stream = await client.open_stream(StreamMetadata(authority="a:1"), wait_accepted=False)
+        stream = TunnelByteStream(
+            await client.open_stream(StreamMetadata(authority="a:1"), wait_accepted=False)
+        )
         sent = 0
         chunk = b"x" * (256 << 10)
         with anyio.move_on_after(1.5):
@@ -140,19 +145,20 @@ async def test_without_flow_control_a_full_buffer_pauses_the_reader_until_it_is_
     size = 4 * UNCONTROLLED_BUFFER_LIMIT
     peak: list[int] = []
 
-    async def handler(stream: TunnelStream) -> None:
-        stream.accept()
-        await release.wait()
-        got = 0
-        try:
-            while True:
-                got += len(await stream.receive())
-        except anyio.EndOfStream:
-            await stream.send(str(got).encode())
-            await stream.send_eof()
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            await release.wait()
+            got = 0
+            try:
+                while True:
+                    got += len(await stream.receive())
+            except anyio.EndOfStream:
+                await stream.send(str(got).encode())
+                await stream.send_eof()
 
     async with tunnel_pair(handler, client_config=vproxy, server_config=vproxy) as (client, server):
-        stream = await client.open_stream()
+        stream = TunnelByteStream(await client.open_stream())
         payload = b"v" * size
         async with anyio.create_task_group() as tg:
 
@@ -162,10 +168,10 @@ async def test_without_flow_control_a_full_buffer_pauses_the_reader_until_it_is_
 
             tg.start_soon(write)
             with anyio.fail_after(20):
-                while not server.streams or max(s.buffered for s in server.streams.values()) == 0:
+                while not server.streams or max(s.unacknowledged for s in server.streams.values()) == 0:
                     await anyio.sleep(0.01)
                 await anyio.sleep(0.5)  # the writer goes on; the server must have stopped reading
-                peak.append(max(s.buffered for s in server.streams.values()))
+                peak.append(max(s.unacknowledged for s in server.streams.values()))
                 release.set()
                 assert await read_all(stream) == str(size).encode()
         assert UNCONTROLLED_BUFFER_LIMIT < peak[0] <= UNCONTROLLED_BUFFER_LIMIT + READ_SIZE
@@ -178,19 +184,20 @@ async def test_a_sender_held_until_the_syn_ack_goes_on_after_it() -> None:
     accept = anyio.Event()
     size = 3 * TunnelConfig().initial_stream_window
 
-    async def handler(stream: TunnelStream) -> None:
-        await accept.wait()
-        stream.accept()
-        got = 0
-        try:
-            while True:
-                got += len(await stream.receive())
-        except anyio.EndOfStream:
-            await stream.send(str(got).encode())
-            await stream.send_eof()
+    async def handler(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            await accept.wait()
+            tunnel_stream.accept()
+            got = 0
+            try:
+                while True:
+                    got += len(await stream.receive())
+            except anyio.EndOfStream:
+                await stream.send(str(got).encode())
+                await stream.send_eof()
 
     async with tunnel_pair(handler, client_config=vproxy, server_config=vproxy) as (client, _):
-        stream = await client.open_stream(wait_accepted=False)
+        stream = TunnelByteStream(await client.open_stream(wait_accepted=False))
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
 
@@ -199,7 +206,7 @@ async def test_a_sender_held_until_the_syn_ack_goes_on_after_it() -> None:
                     await stream.send_eof()
 
                 tg.start_soon(write)
-                while client.tunnel.send_window(stream.stream_id):  # the held window is used up
+                while client.tunnel.send_window(stream.stream.stream_id):  # the held window is used up
                     await anyio.sleep(0.01)
                 accept.set()
                 assert await read_all(stream) == str(size).encode()

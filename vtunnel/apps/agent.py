@@ -24,13 +24,24 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import ByteStream, TaskGroup, TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from vtunnel.apps.dialer import parse_authority
-from vtunnel.apps.pipe import Relay, SocketEnd, TunnelEnd, join, reset_on_close
+from vtunnel.apps.pipe import (
+    Leg,
+    Relay,
+    SocketEnd,
+    SocketLeg,
+    StreamLeg,
+    TunnelEnd,
+    TunnelLeg,
+    join,
+    reset_on_close,
+)
 from vtunnel.apps.websocks import WEBSOCKS_SCHEMES, carrier_endpoint, websocks_connect, websocks_dial
 from vtunnel.io.stream_sockets import LeanSocketStream, RelayListener, open_relay_listener
 from vtunnel.protocol import StreamMetadata, TunnelConfig
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.errors import DestinationNotCarried, TunnelUnavailable
 from vtunnel.runtime.session import TunnelPool
 from vtunnel.runtime.tunnel_stream import TunnelStream
@@ -154,14 +165,16 @@ class Agent:
         if metadata.kind != "tcp":
             raise DestinationNotCarried(f"WebSocks carries TCP only, not a {metadata.kind!r} stream")
         # vproxy's way: a stream that names nothing, and the destination inside it (WebSocks, then SOCKS5)
-        stream = await self.pool.open_stream(None, wait_accepted=True, timeout=self.settings.open_timeout)
+        stream = TunnelByteStream(
+            await self.pool.open_stream(None, wait_accepted=True, timeout=self.settings.open_timeout)
+        )
         try:
             with anyio.fail_after(self.settings.open_timeout):
                 await websocks_connect(stream, metadata.authority, user=login[0], password=login[1])
         except BaseException:
             await anyio.aclose_forcefully(stream)
             raise
-        return stream
+        return stream.hand_off()  # with the destination's first bytes, if they came
 
     def choose_kind(self, metadata: StreamMetadata) -> StreamMetadata:
         """A TCP stream to a port where TLS is expected becomes a lite-tls stream (a server that did not agree to
@@ -175,24 +188,26 @@ class Agent:
             return metadata
         return dataclasses.replace(metadata, kind="lite-tls") if port in ports else metadata
 
-    async def _opener(self, metadata: StreamMetadata) -> ByteStream:
+    async def _opener(self, metadata: StreamMetadata) -> Leg:
         """What a front's connection is carried by: a tunnel stream, or (a WebSocks server) a connection of its
         own, returned once the server reached the destination."""
         if self.pool is not None:
-            return await self.open(metadata)
+            return TunnelLeg(TunnelByteStream(await self.open(metadata)))
         login = self.settings.websocks_login
         if login is None or metadata.authority is None or metadata.kind != "tcp":
             raise DestinationNotCarried(
                 f"a WebSocks server carries TCP to a named destination only, not a {metadata.kind!r} stream"
             )
         with anyio.fail_after(self.settings.open_timeout):
-            return await websocks_dial(
-                self.settings.server, metadata.authority, user=login[0], password=login[1]
+            return StreamLeg(
+                await websocks_dial(
+                    self.settings.server, metadata.authority, user=login[0], password=login[1]
+                )
             )
 
     async def serve(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
-        fronts: list[tuple[str, tuple[str, int], Callable[[ByteStream], Awaitable[None]]]] = []
+        fronts: list[tuple[str, tuple[str, int], Callable[[Leg], Awaitable[None]]]] = []
         if s.socks:
             fronts.append(("socks", s.socks, self._socks_handler))
         if s.http:
@@ -271,9 +286,7 @@ class Agent:
         if not self._active:
             self._idle.set()
 
-    def _front_accepted(
-        self, handler: Callable[[ByteStream], Awaitable[None]], client: LeanSocketStream
-    ) -> None:
+    def _front_accepted(self, handler: Callable[[Leg], Awaitable[None]], client: LeanSocketStream) -> None:
         """A front's connection was accepted: serve it in a task (which ends at the hand-off to a relay, if any)."""
         self._begin()
         tg = self._task_group
@@ -282,11 +295,9 @@ class Agent:
             return
         tg.start_soon(self._serve_front, handler, client)
 
-    async def _serve_front(
-        self, handler: Callable[[ByteStream], Awaitable[None]], client: LeanSocketStream
-    ) -> None:
+    async def _serve_front(self, handler: Callable[[Leg], Awaitable[None]], client: LeanSocketStream) -> None:
         try:
-            await handler(client)
+            await handler(SocketLeg(client))
         except Exception as exc:
             log.info("local connection ended with an error", error=str(exc) or repr(exc))
         finally:
@@ -319,7 +330,7 @@ class Agent:
             raise
         Relay(end, TunnelEnd(remote))
 
-    async def _websocks_forward(self, fwd: Forward, client: ByteStream) -> None:
+    async def _websocks_forward(self, fwd: Forward, client: Leg) -> None:
         """A ``--forward LISTEN=DEST`` connection to a WebSocks server: its own connection to DEST, then a relay."""
         assert fwd.destination is not None
         try:
@@ -329,16 +340,16 @@ class Agent:
             log.info(
                 "forwarded connection not carried", destination=fwd.destination, error=str(exc) or repr(exc)
             )
-            reset_on_close(client)
+            reset_on_close(client.stream)
             return
         await join(client, remote).run()
 
-    async def _socks_handler(self, client: ByteStream) -> None:
+    async def _socks_handler(self, client: Leg) -> None:
         from vtunnel.apps.socks5 import serve_socks5
 
         await serve_socks5(client, self._opener, users=self.settings.socks_users or None)
 
-    async def _http_handler(self, client: ByteStream) -> None:
+    async def _http_handler(self, client: Leg) -> None:
         from vtunnel.apps.httpproxy import serve_http_proxy
 
         await serve_http_proxy(client, self._opener)

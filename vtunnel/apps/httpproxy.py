@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.apps.dialer import format_authority, parse_authority
-from vtunnel.apps.pipe import CHUNK_SIZE, Opener, join
+from vtunnel.apps.pipe import CHUNK_SIZE, Leg, Opener, join
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
 
@@ -279,8 +279,9 @@ class _Upstream:
 class _ProxyConnection:
     """One client connection: a loop of requests."""
 
-    def __init__(self, client: ByteStream, opener: Opener, idle_timeout: float) -> None:
-        self.client = client
+    def __init__(self, leg: Leg, opener: Opener, idle_timeout: float) -> None:
+        self.leg = leg
+        self.client = leg.stream
         self.opener = opener
         self.idle_timeout = idle_timeout
         self.conn = h11.Connection(h11.SERVER)
@@ -344,7 +345,7 @@ class _ProxyConnection:
             await self.send(h11.Data(data=body))
             await self.send(h11.EndOfMessage())
 
-    async def open(self, authority: str) -> ByteStream:
+    async def open(self, authority: str) -> Leg:
         try:
             return await self.opener(StreamMetadata(authority=authority, kind="tcp"))
         except StreamRefused as exc:
@@ -397,13 +398,13 @@ class _ProxyConnection:
             await self.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
             early, _ = self.conn.trailing_data
             if early:
-                await remote.send(early)
+                await remote.stream.send(early)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.aclose_forcefully(remote)
+                await anyio.aclose_forcefully(remote.stream)
             raise
         log.debug("http.connect", authority=authority)
-        await join(self.client, remote).run()
+        await join(self.leg, remote).run()
 
     async def forward(self, request: h11.Request) -> bool:
         """Relay one plain request and its response; ``True`` when the client connection may go on."""
@@ -411,7 +412,7 @@ class _ProxyConnection:
         if self.upstream is not None and self.upstream.authority != authority:
             await self.close_upstream()
         if self.upstream is None:
-            self.upstream = _Upstream(authority, await self.open(authority))
+            self.upstream = _Upstream(authority, (await self.open(authority)).stream)
         upstream = self.upstream
         response_started = False
 
@@ -478,9 +479,9 @@ class _ProxyConnection:
         return True
 
 
-async def serve_http_proxy(client: ByteStream, opener: Opener, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
-    """Serve one accepted HTTP proxy client until it is done; ``client`` is closed on return."""
-    proxy = _ProxyConnection(client, opener, idle_timeout)
+async def serve_http_proxy(leg: Leg, opener: Opener, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    """Serve one accepted HTTP proxy client until it is done; its connection is closed on return, or relayed."""
+    proxy = _ProxyConnection(leg, opener, idle_timeout)
     try:
         await proxy.serve()
     except* ProxyHTTPError as group:
@@ -498,4 +499,4 @@ async def serve_http_proxy(client: ByteStream, opener: Opener, *, idle_timeout: 
     finally:
         with anyio.CancelScope(shield=True):
             await proxy.close_upstream()
-            await anyio.aclose_forcefully(client)
+            await anyio.aclose_forcefully(leg.stream)

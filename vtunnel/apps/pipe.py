@@ -1,4 +1,4 @@
-"""The one relay engine, and the opener type and header reader the proxy fronts use.
+"""The one relay engine, and the legs, opener type and header reader the proxy fronts use.
 
 A :class:`Relay` copies both ways between two *ends* (:class:`RelayEnd`) until both directions have ended:
 
@@ -6,6 +6,10 @@ A :class:`Relay` copies both ways between two *ends* (:class:`RelayEnd`) until b
 * :class:`TunnelEnd`: a tunnel stream; the end is its consumer (``TunnelStream.attach``);
 * :class:`StreamEnd`: any other anyio byte stream (TLS, the WebSocks client connection, tests), with a reader and a
   writer task that exist only while :meth:`Relay.run` runs.
+
+A front talks on a connection before it relays it: a :class:`Leg` is that connection, typed by what it is (a
+:class:`SocketLeg`, :class:`TunnelLeg` or :class:`StreamLeg`), a byte stream for the front's exchange that turns
+into the matching end (:meth:`Leg.relay_end`) when :func:`join` relays it.
 
 A relay of a socket and a tunnel stream runs no task: an idle one is three small objects waiting for a callback.
 The rules are the relay's, the same for every pair of ends (docs/agent.md, "The relay"): an end of stream is
@@ -29,6 +33,7 @@ import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
 from vtunnel.io.stream_sockets import LeanSocketStream
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.errors import StreamRefused
 from vtunnel.runtime.tunnel_stream import TunnelStream
 
@@ -39,16 +44,19 @@ __all__ = [
     "CHUNK_SIZE",
     "HeaderTooLarge",
     "IdleTimer",
+    "Leg",
     "Opener",
     "Relay",
     "RelayEnd",
     "SocketEnd",
+    "SocketLeg",
     "StreamBuffer",
     "StreamEnd",
+    "StreamLeg",
     "TunnelEnd",
+    "TunnelLeg",
     "join",
     "pipe",
-    "relay_end",
     "reset_on_close",
 ]
 
@@ -58,10 +66,10 @@ log = structlog.get_logger(__name__)
 #: out what the event loop read (up to 256 KiB), and a smaller read would split, and so copy, those chunks.
 CHUNK_SIZE: Final = 256 * 1024
 
-#: Opens one stream through the tunnel for the given metadata.  Raises
-#: ``vtunnel.runtime.errors.StreamRefused`` when the server refused it and
+#: Opens one stream through the tunnel for the given metadata (a leg: the front may talk on it, then relays it).
+#: Raises ``vtunnel.runtime.errors.StreamRefused`` when the server refused it and
 #: ``vtunnel.runtime.errors.TunnelUnavailable`` when no tunnel can be used.
-Opener = Callable[["StreamMetadata"], Awaitable[ByteStream]]
+Opener = Callable[["StreamMetadata"], Awaitable["Leg"]]
 
 #: SO_LINGER on, zero seconds: close() sends RST
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -407,12 +415,19 @@ class SocketEnd(asyncio.Protocol):
             self.transport.abort()
 
 
+# bits of TunnelEnd._state
+_CLOSING: Final = 1  # close once the pending bytes went
+_EOF_WANTED: Final = 2  # FIN once the pending bytes went
+_NO_ROOM: Final = 4  # full while the tunnel's output is over its high-water mark
+
+
 class TunnelEnd:
     """A relay end on a tunnel stream: the stream's consumer (:meth:`TunnelStream.attach`, at the first
-    :meth:`resume_reading`). Bytes the send window has no room for wait here (the end is full until they went);
-    credit is returned to the peer for what the relay passed on, held back while the relay pauses this end."""
+    :meth:`resume_reading`). Bytes the send window has no room for wait here (the end is full until they went, and
+    while the tunnel's output is over its high-water mark); credit is returned to the peer for what the relay passed
+    on, held back while the relay pauses this end."""
 
-    __slots__ = ("_closing", "_held", "_pending", "_relay", "_room", "stream")
+    __slots__ = ("_held", "_pending", "_relay", "_state", "stream")
     serve: ClassVar[None] = None
     _relay: Relay  # set by start(), before anything is reported
 
@@ -420,8 +435,7 @@ class TunnelEnd:
         self.stream = stream
         self._pending: bytes | memoryview | None = None  # written, not yet taken by the send window
         self._held: int | None = 0  # credit held back while paused; None once reading (attached, not paused)
-        self._room: asyncio.Task[None] | None = None  # waits for the tunnel's output to drain
-        self._closing = 0  # 1: close once the pending bytes went; 2: then FIN first
+        self._state = 0  # _CLOSING, _EOF_WANTED, _NO_ROOM bits
 
     def start(self, relay: Relay) -> None:
         self._relay = relay
@@ -438,7 +452,7 @@ class TunnelEnd:
         self._relay.ended(self)
 
     def stream_broken(self) -> None:
-        if self._closing & 1:
+        if self._state & _CLOSING:
             self.reset()  # the relay is over: only the pending bytes were waiting
         else:
             self._relay.broken(self)
@@ -446,12 +460,15 @@ class TunnelEnd:
     def stream_writable(self) -> None:
         if self._pending is not None:
             self._push()
+        elif self._state & _NO_ROOM and self.stream.has_room():
+            self._state &= ~_NO_ROOM
+            self._relay.room(self)
 
     # -------------------------------------------------------------------- RelayEnd
     def resume_reading(self) -> None:
         held, self._held = self._held, None
-        if not self.stream.handed_off:
-            self.stream.attach(self)  # reports what is buffered, then the end of stream or breakage
+        if not self.stream.attached:
+            self.stream.attach(self)  # reports what waited for it, then the end of stream or breakage
         elif held:
             self.stream.acknowledge(held)
 
@@ -468,15 +485,16 @@ class TunnelEnd:
 
     def write_eof(self) -> None:
         if self._pending is None:
-            self.stream.send_eof_nowait()
+            self.stream.write_eof()
         else:
-            self._closing |= 2
+            self._state |= _EOF_WANTED
 
     def _push(self) -> None:
         data = self._pending
         assert data is not None
+        stream = self.stream
         try:
-            n = self.stream.send_nowait(data)
+            n = stream.write(data)
         except _BROKEN:
             self.stream_broken()
             return
@@ -485,36 +503,27 @@ class TunnelEnd:
             self._relay.full(self)
             return
         self._pending = None
-        if self._closing & 2:
-            self.stream.send_eof_nowait()
-        if self._closing & 1:
-            self.stream.close_nowait()
-        elif self.stream.outbound_congested:
-            self._relay.full(self)
-            if self._room is None:
-                self._room = asyncio.get_running_loop().create_task(self.stream.wait_outbound_room())
-                self._room.add_done_callback(self._room_free)
-        elif self._room is None:
+        state = self._state
+        if state & _EOF_WANTED:
+            stream.write_eof()
+        if state & _CLOSING:
+            stream.close()
+        elif stream.has_room():
+            self._state &= ~_NO_ROOM
             self._relay.room(self)
-
-    def _room_free(self, task: asyncio.Task[None]) -> None:
-        if self._room is task:
-            self._room = None
-            if self._pending is None:
-                self._relay.room(self)
+        else:  # the tunnel's output is over its high-water mark: stream_writable comes once it drained
+            self._state |= _NO_ROOM
+            self._relay.full(self)
 
     def close(self) -> None:
-        self._closing |= 1
+        self._state |= _CLOSING
         if self._pending is None:
             self.reset()
 
     def reset(self) -> None:
-        self._closing |= 1
+        self._state |= _CLOSING
         self._pending = None
-        if self._room is not None:
-            self._room.cancel()
-            self._room = None
-        self.stream.close_nowait()  # RST if it is still open both ways
+        self.stream.close()  # RST if it is still open both ways
 
 
 class StreamEnd:
@@ -657,23 +666,61 @@ def reset_on_close(stream: ByteStream) -> None:
 # ------------------------------------------------------------------------------------------------ joining
 
 
-def relay_end(stream: ByteStream) -> RelayEnd:
-    """The end that relays ``stream``: its socket for a lean socket stream (which hands it over, with what it read
-    but did not return yet), its callbacks for a tunnel stream, else reader and writer tasks."""
-    if isinstance(stream, LeanSocketStream):
-        return SocketEnd(stream)
-    if isinstance(stream, TunnelStream):
-        return TunnelEnd(stream)
-    return StreamEnd(stream)
+class Leg(Protocol):
+    """A connection a front talks on (:attr:`stream`, a byte stream) before it relays it (:meth:`relay_end`, after
+    which :attr:`stream` is done): each kind of connection says which relay end it becomes."""
+
+    @property
+    def stream(self) -> ByteStream: ...
+
+    def relay_end(self) -> RelayEnd:
+        """The connection as a relay end, with what the stream read and did not return (called once)."""
+        ...
 
 
-def join(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = None) -> Relay:
+class SocketLeg:
+    """A lean socket (a front's client, a dialed destination): relayed by its socket, a :class:`SocketEnd`."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: LeanSocketStream) -> None:
+        self.stream = stream
+
+    def relay_end(self) -> SocketEnd:
+        return SocketEnd(self.stream)
+
+
+class TunnelLeg:
+    """A tunnel stream: talked on through its byte-stream adapter, relayed by its callbacks, a :class:`TunnelEnd`."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: TunnelByteStream) -> None:
+        self.stream = stream
+
+    def relay_end(self) -> TunnelEnd:
+        return TunnelEnd(self.stream.hand_off())
+
+
+class StreamLeg:
+    """Any other anyio byte stream (TLS, a WebSocks server connection, tests): a :class:`StreamEnd`, two tasks."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+
+    def relay_end(self) -> StreamEnd:
+        return StreamEnd(self.stream)
+
+
+def join(a: Leg, b: Leg, *, idle_timeout: float | None = None) -> Relay:
     """Relay between ``a`` (the client) and ``b`` (what it reached) from now on; the relay owns both. Await
     :meth:`Relay.run` next: it returns at once unless an end needs a task."""
-    return Relay(relay_end(a), relay_end(b), idle_timeout=idle_timeout)
+    return Relay(a.relay_end(), b.relay_end(), idle_timeout=idle_timeout)
 
 
-async def pipe(a: ByteStream, b: ByteStream, *, idle_timeout: float | None = None) -> tuple[int, int]:
+async def pipe(a: Leg, b: Leg, *, idle_timeout: float | None = None) -> tuple[int, int]:
     """Relay between ``a`` and ``b`` until it is over; ``(a_to_b, b_to_a)`` bytes. Cancelled, it ends the relay."""
     relay = join(a, b, idle_timeout=idle_timeout)
     try:

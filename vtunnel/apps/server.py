@@ -25,7 +25,7 @@ import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
 
 from vtunnel.apps.dialer import Dialer, DialError
-from vtunnel.apps.pipe import Relay, SocketEnd, TunnelEnd
+from vtunnel.apps.pipe import Relay, SocketEnd, StreamLeg, TunnelEnd, TunnelLeg
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.websocks import (
     HANDSHAKE_TIMEOUT,
@@ -37,6 +37,7 @@ from vtunnel.apps.websocks import (
 )
 from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.protocol import Role, TunnelConfig
+from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.base import Endpoint, Link, SecurityConfig, get_transport
@@ -181,7 +182,7 @@ class Server:
     async def _handle_websocks(self, stream: ByteStream) -> None:
         """One connection of a WebSocks listener: one WebSocks client."""
         await serve_websocks(
-            stream,
+            StreamLeg(stream),
             b"",
             users=self.settings.websocks_users,
             dialer=self.dialer,
@@ -197,7 +198,7 @@ class Server:
                 from vtunnel.apps.udprelay import serve_udp_stream
 
                 stream.accept()
-                await serve_udp_stream(stream, self.dialer)
+                await serve_udp_stream(TunnelByteStream(stream), self.dialer)
                 return
             authority, dialer = md.authority, self.dialer
         elif self.settings.target:
@@ -235,11 +236,16 @@ class Server:
 
     async def _serve_websocks(self, stream: TunnelStream) -> None:
         stream.accept()
+        async with TunnelByteStream(stream) as reader:  # closed on return, unless a relay has it
+            await self._serve_websocks_on(reader)
+
+    async def _serve_websocks_on(self, reader: TunnelByteStream) -> None:
+        stream = reader.stream
         first = b""
         with anyio.move_on_after(FIRST_BYTES_TIMEOUT):
             while True:
                 try:
-                    first += await stream.receive()
+                    first += await reader.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     return
                 verdict = classify_websocks(first)
@@ -247,7 +253,7 @@ class Server:
                     continue
                 if verdict:
                     await serve_websocks(
-                        stream,
+                        TunnelLeg(reader),
                         first,
                         users=self.settings.websocks_users,
                         dialer=self.dialer,

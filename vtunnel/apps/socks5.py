@@ -41,7 +41,7 @@ import structlog
 from anyio.abc import ByteStream, SocketAttribute, UDPSocket
 
 from vtunnel.apps.dialer import format_authority, parse_authority
-from vtunnel.apps.pipe import HeaderTooLarge, Opener, StreamBuffer, join
+from vtunnel.apps.pipe import HeaderTooLarge, Leg, Opener, StreamBuffer, join
 from vtunnel.protocol import StreamMetadata
 from vtunnel.runtime.errors import StreamRefused, TunnelUnavailable
 
@@ -277,14 +277,15 @@ def parse_reply(data: bytes) -> tuple[tuple[int, str, int], int] | None:
 
 
 async def serve_socks5(
-    client: ByteStream,
+    leg: Leg,
     opener: Opener,
     *,
     users: Mapping[str, str] | None = None,
     udp_bind_host: str = "127.0.0.1",
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> None:
-    """Serve one accepted SOCKS5 client until it is done; ``client`` is closed on return."""
+    """Serve one accepted SOCKS5 client until it is done; its connection is closed on return, or relayed."""
+    client = leg.stream
     try:
         buffer = StreamBuffer(client, limit=1024)
         with anyio.fail_after(handshake_timeout):
@@ -292,7 +293,7 @@ async def serve_socks5(
         if request is None:
             return
         if request.command == Command.CONNECT:
-            await _connect(client, buffer, opener, request)
+            await _connect(leg, buffer, opener, request)
         elif request.command == Command.UDP_ASSOCIATE:
             await _udp_associate(client, opener, request, udp_bind_host)
         else:
@@ -351,7 +352,7 @@ def _check_user(users: Mapping[str, str], user: bytes, password: bytes) -> bool:
     return hmac.compare_digest(expected.encode("utf-8"), password)
 
 
-async def _open(client: ByteStream, opener: Opener, metadata: StreamMetadata) -> ByteStream | None:
+async def _open(client: ByteStream, opener: Opener, metadata: StreamMetadata) -> Leg | None:
     """Open a tunnel stream; on failure answer the client with the mapped reply code and return ``None``."""
     try:
         return await opener(metadata)
@@ -371,7 +372,8 @@ async def _open(client: ByteStream, opener: Opener, metadata: StreamMetadata) ->
     return None
 
 
-async def _connect(client: ByteStream, buffer: StreamBuffer, opener: Opener, request: Socks5Request) -> None:
+async def _connect(leg: Leg, buffer: StreamBuffer, opener: Opener, request: Socks5Request) -> None:
+    client = leg.stream
     try:
         authority = format_authority(request.host, request.port)
         parse_authority(authority)
@@ -384,12 +386,12 @@ async def _connect(client: ByteStream, buffer: StreamBuffer, opener: Opener, req
         await client.send(encode_reply(Reply.SUCCEEDED))
         early = buffer.take_pending()
         if early:
-            await remote.send(early)
+            await remote.stream.send(early)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await anyio.aclose_forcefully(remote)
+            await anyio.aclose_forcefully(remote.stream)
         raise
-    await join(client, remote).run()
+    await join(leg, remote).run()
 
 
 # ---------------------------------------------------------------------------------------------- UDP ASSOCIATE
@@ -422,10 +424,10 @@ async def _udp_associate(client: ByteStream, opener: Opener, request: Socks5Requ
     async with udp:
         source_ip, source_port = _client_udp_source(client, request)
         authority = format_authority(source_ip, request.port or 1)
-        stream = await _open(client, opener, StreamMetadata(authority=authority, kind="udp"))
-        if stream is None:
+        opened = await _open(client, opener, StreamMetadata(authority=authority, kind="udp"))
+        if opened is None:
             return
-        async with stream:
+        async with opened.stream as stream:
             host, port = _reply_address(client, udp)
             await client.send(encode_reply(Reply.SUCCEEDED, host, port))
             relay = _UdpAssociation(udp, stream, source_ip, source_port)

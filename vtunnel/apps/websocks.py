@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import ByteStream
 
 from vtunnel.apps.dialer import Dialer, DialError, parse_authority
-from vtunnel.apps.pipe import HeaderTooLarge, StreamBuffer, join
+from vtunnel.apps.pipe import HeaderTooLarge, Leg, SocketLeg, StreamBuffer, join
 from vtunnel.apps.socks5 import (
     SOCKS_VERSION,
     Command,
@@ -209,7 +209,7 @@ async def _read_exactly(buffer: StreamBuffer, n: int) -> bytes:
 
 
 async def serve_websocks(
-    stream: ByteStream,
+    leg: Leg,
     first: bytes,
     *,
     users: Mapping[str, str],
@@ -217,7 +217,9 @@ async def serve_websocks(
     now_ms: Callable[[], int] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> None:
-    """Serve one WebSocks client whose first bytes (already read, maybe none) are ``first``; closes ``stream``."""
+    """Serve one WebSocks client whose first bytes (already read, maybe none) are ``first``; its connection is
+    closed on return, or relayed."""
+    stream = leg.stream
     clock = now_ms or _default_now_ms
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     buffer = StreamBuffer(stream, limit=MAX_REQUEST, initial=first)
@@ -251,13 +253,13 @@ async def serve_websocks(
         try:
             early = buffer.take_pending()
             if early:
-                await remote.send(early)
+                await remote.stream.send(early)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.aclose_forcefully(remote)
+                await anyio.aclose_forcefully(remote.stream)
             raise
         log.debug("websocks.relaying", user=user, destination=socks_request.authority)
-        relay = join(stream, remote)
+        relay = join(leg, remote)
         relayed = True  # the relay owns both ends now: nothing to close here
         await relay.run()
     except _Rejected as exc:
@@ -339,7 +341,7 @@ async def _socks5_request(stream: ByteStream, buffer: StreamBuffer) -> Socks5Req
     return request
 
 
-async def _dial(stream: ByteStream, dialer: Dialer, authority: str) -> ByteStream | None:
+async def _dial(stream: ByteStream, dialer: Dialer, authority: str) -> SocketLeg | None:
     """Dial ``authority`` through the exit policy and send the SOCKS5 reply; ``None`` after a failure reply."""
     try:
         # a lean socket stream, so that the relay takes its socket once the exchange is over
@@ -355,7 +357,7 @@ async def _dial(stream: ByteStream, dialer: Dialer, authority: str) -> ByteStrea
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(remote)
         raise
-    return remote
+    return SocketLeg(remote)
 
 
 # ------------------------------------------------------------------------------------------ the client side

@@ -5,7 +5,7 @@ A :class:`TunnelConnection` owns a sans-IO :class:`~vtunnel.protocol.Tunnel` and
 one output path, as aioquic's asyncio protocol does:
 
 * **input**: the link pushes bytes (``link_data``) from its own callback or reader; they go to the tunnel at once
-  and its events become stream buffers and wake-ups, in the same step;
+  and its events to the streams' consumers (``TunnelStream``), in the same step;
 * **output**: after every input, every timer and every user call that queues frames, :meth:`TunnelConnection.transmit`
   hands everything the tunnel has queued to the link in one ``send_nowait`` and re-arms the connection's one
   timer at the tunnel's ``next_deadline()`` (keepalive, handshake and drain timeouts). When the link is full
@@ -17,10 +17,11 @@ one output path, as aioquic's asyncio protocol does:
   ``link_datagram`` feeds what arrives to the tunnel; the datagrams of ``udp`` streams then skip the ordered
   byte stream (docs/protocol.md, "Unreliable datagrams").
 
-Back-pressure: a stream's ``send`` waits for flow-control credit (when the peer negotiated it) and while more than
-``OUTBOUND_HIGH_WATER`` bytes wait for the link. Receive buffers are bounded by the stream windows; with a vproxy
-peer (no flow control) the link is paused while any stream buffer is over its limit, which is exactly vproxy's own
-behaviour.
+Back-pressure: a stream's writes take no more than its flow-control credit (when the peer negotiated it), and
+its consumer stops while more than ``OUTBOUND_HIGH_WATER`` bytes wait for the link (``TunnelStream.has_room``;
+the consumer is told when the output drained). What the streams' consumers hold is bounded by the stream windows;
+with a vproxy peer (no flow control) the link is paused while any stream holds more than its limit
+unacknowledged, which is exactly vproxy's own behaviour.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from anyio.abc import TaskGroup
 
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState, events
 from vtunnel.protocol.errors import MetadataNotNegotiated, VTunnelError
-from vtunnel.runtime.errors import DestinationNotCarried, TunnelUnavailable
+from vtunnel.runtime.errors import DestinationNotCarried, StreamRefused, TunnelUnavailable
 from vtunnel.runtime.tunnel_stream import TunnelStream
 from vtunnel.transports.link import Link
 
@@ -48,7 +49,7 @@ log = structlog.get_logger("vtunnel.runtime")
 
 #: bytes queued for the link above which stream senders wait
 OUTBOUND_HIGH_WATER = 1024 * 1024
-#: per-stream receive buffer limit used when the peer has no flow control (vproxy)
+#: bytes a stream may hold unacknowledged when the peer has no flow control (vproxy) before the link pauses
 UNCONTROLLED_BUFFER_LIMIT = 1024 * 1024
 #: how long a closing tunnel waits for its last frames to leave and for the peer to end the link
 CLOSE_LINGER = 2.0
@@ -88,13 +89,18 @@ class TunnelConnection:
         #: bytes the link refused (``WouldBlock``): they go first when it has room again
         self._held = b""
         self._unblocked = anyio.Event()  # set by link_writable (the closing linger waits for it)
-        self._outbound_drained: anyio.Event | None = None
+        #: streams whose consumers are told (``deliver_room``) once the output is under its high-water mark
+        self._room_wanted: set[TunnelStream] = set()
+        #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
+        self._opening: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self._input_ended = anyio.Event()
         self._link_failed = False
-        self._over_limit: set[int] = set()  # streams buffering more than UNCONTROLLED_BUFFER_LIMIT
+        self._over_limit: set[int] = (
+            set()
+        )  # streams holding more than UNCONTROLLED_BUFFER_LIMIT unacknowledged
         self._reading_paused = False
         self._ready = anyio.Event()
         self._closed = anyio.Event()
@@ -162,9 +168,13 @@ class TunnelConnection:
         deadline = tunnel.next_deadline()
         if deadline is not None and deadline < self._timer_when - _TIMER_SLACK:
             self._arm(deadline)
-        drained = self._outbound_drained
-        if drained is not None and self.outbound_bytes <= OUTBOUND_HIGH_WATER:
-            drained.set()
+        if self._room_wanted and self.outbound_bytes <= OUTBOUND_HIGH_WATER:
+            self._room_returned()
+
+    def _room_returned(self) -> None:
+        waiting, self._room_wanted = self._room_wanted, set()
+        for stream in waiting:
+            stream.deliver_room()
 
     def _send(self, data: bytes) -> None:
         try:
@@ -210,16 +220,17 @@ class TunnelConnection:
 
     @property
     def outbound_congested(self) -> bool:
-        """More than :data:`OUTBOUND_HIGH_WATER` waits for the link (and the tunnel is open): relays stop
-        reading their sources until :meth:`wait_outbound_room` returns."""
+        """More than :data:`OUTBOUND_HIGH_WATER` waits for the link (and the tunnel is open): stream consumers
+        stop producing until they are told there is room (:meth:`notify_room`)."""
         return self.outbound_bytes > OUTBOUND_HIGH_WATER and not self.closed
 
-    async def wait_outbound_room(self) -> None:
-        while self.outbound_bytes > OUTBOUND_HIGH_WATER and not self._closed.is_set():
-            drained = self._outbound_drained
-            if drained is None or drained.is_set():
-                drained = self._outbound_drained = anyio.Event()
-            await drained.wait()
+    def notify_room(self, stream: TunnelStream) -> None:
+        """Call ``stream.deliver_room()`` once the output is under :data:`OUTBOUND_HIGH_WATER` again (or the
+        tunnel closed)."""
+        if self.closed:
+            stream.deliver_room()
+        else:
+            self._room_wanted.add(stream)
 
     # ------------------------------------------------------------------ timer
     def _arm(self, when: float) -> None:
@@ -298,9 +309,8 @@ class TunnelConnection:
         except Exception as exc:
             self.log.warning("stream handler failed", stream=stream.stream_id, error=repr(exc))
         finally:
-            if not stream.handed_off:  # a consumer the handler attached closes the stream when it is done
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
+            if not stream.attached:  # a consumer the handler attached closes the stream when it is done
+                stream.close()
 
     # ------------------------------------------------------------------ input
     def link_data(self, data: bytes) -> None:
@@ -343,8 +353,9 @@ class TunnelConnection:
             self._fail(f"transport failed: {error!r}")
 
     def resume_reading(self, stream: TunnelStream | None = None) -> None:
-        """A stream's buffer shrank: resume the link if it was paused for it (only without flow control)."""
-        if stream is not None and stream.buffered <= UNCONTROLLED_BUFFER_LIMIT:
+        """A stream's consumer acknowledged bytes: resume the link if it was paused for it (only without flow
+        control)."""
+        if stream is not None and stream.unacknowledged <= UNCONTROLLED_BUFFER_LIMIT:
             self._over_limit.discard(stream.stream_id)
         if self._reading_paused and not self._over_limit:
             self._reading_paused = False
@@ -364,8 +375,9 @@ class TunnelConnection:
             self._timer = None
         for stream in list(self.streams.values()):
             stream.deliver_tunnel_closed()
-        if self._outbound_drained is not None:
-            self._outbound_drained.set()
+        self._room_returned()
+        for stream_id in list(self._opening):
+            self._settle_open(stream_id)
         if self._reading_paused:
             self._reading_paused = False
             self.link.resume_reading()  # closing: what still arrives is read and dropped
@@ -378,7 +390,7 @@ class TunnelConnection:
                 s = streams.get(ev.stream_id)
                 if s is not None:
                     s.deliver_data(ev.data, ev.passthrough)
-                    if s.buffered > UNCONTROLLED_BUFFER_LIMIT:
+                    if s.unacknowledged > UNCONTROLLED_BUFFER_LIMIT:
                         self._over_limit.add(ev.stream_id)
                 else:  # a stream we already closed: give the credit back
                     self.tunnel.acknowledge_received_data(ev.stream_id, len(ev.data))
@@ -396,6 +408,8 @@ class TunnelConnection:
                 s3 = streams.get(ev.stream_id)
                 if s3 is not None:
                     s3.deliver_accepted()
+                if self._opening:
+                    self._settle_open(ev.stream_id)
             elif isinstance(ev, events.StreamEnded):
                 s4 = streams.get(ev.stream_id)
                 if s4 is not None:
@@ -404,6 +418,8 @@ class TunnelConnection:
                 s5 = streams.get(ev.stream_id)
                 if s5 is not None:
                     s5.deliver_reset(ev.error)
+                if self._opening:
+                    self._settle_open(ev.stream_id)
             elif isinstance(ev, events.HandshakeCompleted):
                 self.log.debug("tunnel ready", extensions=str(ev.extensions))
                 self._ready.set()
@@ -412,6 +428,7 @@ class TunnelConnection:
                 for sid, s6 in list(streams.items()):
                     if sid > ev.last_stream_id:
                         s6.deliver_reset("refused")
+                        self._settle_open(sid)
             elif isinstance(ev, events.TunnelClosed):
                 self._mark_closed(ev.reason)
 
@@ -426,19 +443,37 @@ class TunnelConnection:
 
     def forget_stream(self, stream_id: int) -> None:
         """A stream of this connection was closed by its user: drop it (called by ``TunnelStream`` only)."""
-        self.streams.pop(stream_id, None)
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self._room_wanted.discard(stream)
         self._over_limit.discard(stream_id)
         self.resume_reading()
+
+    def _settle_open(self, stream_id: int) -> None:
+        """The SYN-ACK or the RST of a stream came (or the tunnel closed): its ``open_stream`` call goes on."""
+        waiter = self._opening.pop(stream_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_accepted(self, stream: TunnelStream) -> None:
+        if not stream.accepted and not stream.broken and not self.closed:
+            waiter = self._opening[stream.stream_id] = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._opening.pop(stream.stream_id, None)
+        if not stream.accepted:
+            raise StreamRefused(stream.reset_error)
 
     # ------------------------------------------------------------------ API
     async def open_stream(
         self, metadata: StreamMetadata | None = None, *, wait_accepted: bool = True
     ) -> TunnelStream:
-        """Open a stream (client role).
+        """Open a stream (client role); attach its consumer next (what arrives until then waits for it).
 
         With ``wait_accepted`` the call returns once the server's SYN-ACK arrived and raises
         :class:`StreamRefused` if it answered with an RST; without it the stream is returned at once and the first
-        bytes follow the SYN (0-RTT), a refusal then surfacing on the stream's first receive.
+        bytes follow the SYN (0-RTT), a refusal then surfacing as the stream's breakage.
         """
         if not self.accepting_streams:
             raise TunnelUnavailable(
@@ -456,10 +491,9 @@ class TunnelConnection:
         self.transmit()
         if wait_accepted:
             try:
-                await stream.wait_accepted()
+                await self._wait_accepted(stream)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
+                stream.close()
                 raise
         return stream
 
