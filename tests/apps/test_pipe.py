@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 
 from tests.runtime.test_connection import Handler, tunnel_pair
 from vtunnel.apps.pipe import (
+    CHUNK_SIZE,
     Relay,
     RelayEnd,
     SocketEnd,
@@ -34,10 +37,11 @@ from vtunnel.apps.pipe import (
     pipe,
 )
 from vtunnel.io.stream_sockets import attach_socket
-from vtunnel.protocol import TunnelConfig
+from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, events
 from vtunnel.runtime.byte_stream import TunnelByteStream
-from vtunnel.runtime.connection import TunnelConnection
+from vtunnel.runtime.connection import OUTBOUND_HIGH_WATER, TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
+from vtunnel.transports.link import StreamLink
 
 from .conftest import tcp_pair
 
@@ -634,3 +638,91 @@ async def test_relay_is_byte_exact_for_any_chunking_and_end_order(
             await far_done.wait()  # the far end may still be reading what the relay passed on
     assert got["client"] == b"".join(down_data)
     assert got["far"] == b"".join(up_data)
+
+
+# ------------------------------------------------------------------------------------------------ tunnel output
+# A tunnel whose transport the peer stops reading: the relay stops reading its socket while the tunnel's output is
+# over its high-water mark (no task waits for the room: the connection tells the stream's consumer), and goes on,
+# byte-exact, once the peer reads again.
+
+
+async def test_a_backed_up_tunnel_pauses_the_socket_until_its_output_drained() -> None:
+    big = TunnelConfig(
+        min_stream_window=256 << 20, initial_stream_window=256 << 20, initial_tunnel_window=256 << 20
+    )
+    total = 32 << 20
+    block = os.urandom(1 << 20)
+    release = anyio.Event()
+    arrived = hashlib.sha256()
+    ended = anyio.Event()
+
+    async def slow_peer(sock: ByteStream) -> None:
+        async with sock:
+            await serve_slowly(sock)
+
+    async def serve_slowly(sock: ByteStream) -> None:
+        peer = Tunnel(role=Role.SERVER, config=big)
+        peer.initiate(time.monotonic())
+        peer.receive_data(await sock.receive(), time.monotonic())  # the client's SETTINGS
+        await sock.send(peer.data_to_send())
+        await release.wait()  # reads nothing meanwhile
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            while not ended.is_set():
+                for ev in peer.receive_data(await sock.receive(), time.monotonic()):
+                    if isinstance(ev, events.StreamOpened):
+                        peer.accept_stream(ev.stream_id)
+                    elif isinstance(ev, events.DataReceived):
+                        arrived.update(ev.data)
+                    elif isinstance(ev, events.StreamEnded):
+                        ended.set()
+                out = peer.data_to_send()
+                if out:
+                    await sock.send(out)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, slow_peer)
+        conn = TunnelConnection(
+            StreamLink(await anyio.connect_tcp("127.0.0.1", port)), role=Role.CLIENT, config=big, name="c"
+        )
+        tg.start_soon(conn.run)
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
+            accepted, _addr = lsock.accept()
+        end = SocketEnd()
+        attach_socket(accepted, end)
+        async with client:
+            with anyio.fail_after(10):
+                await conn.wait_ready()
+            stream = await conn.open_stream(StreamMetadata(authority="a:1"), wait_accepted=False)
+            relay = Relay(end, TunnelEnd(stream))
+            sent = [0]
+
+            async def upload() -> None:
+                for _ in range(total // len(block)):
+                    await client.send(block)
+                    sent[0] += len(block)
+                await client.send_eof()
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as up:
+                    up.start_soon(upload)
+                    last = -1
+                    for _ in range(100):  # until the upload stalls (bounded: 10 s)
+                        await anyio.sleep(0.1)
+                        if sent[0] == last:
+                            break
+                        last = sent[0]
+                    assert sent[0] == last < total  # held back
+                    assert conn.outbound_congested
+                    assert conn.outbound_bytes <= OUTBOUND_HIGH_WATER + CHUNK_SIZE  # one read past the mark
+                    release.set()
+                await ended.wait()
+            assert relay.a_to_b == total
+            relay.close()
+        assert arrived.digest() == hashlib.sha256(block * (total // len(block))).digest()
+        conn.shutdown("test over", graceful=False)
+        tg.cancel_scope.cancel()

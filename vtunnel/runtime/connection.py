@@ -226,11 +226,8 @@ class TunnelConnection:
 
     def notify_room(self, stream: TunnelStream) -> None:
         """Call ``stream.deliver_room()`` once the output is under :data:`OUTBOUND_HIGH_WATER` again (or the
-        tunnel closed)."""
-        if self.closed:
-            stream.deliver_room()
-        else:
-            self._room_wanted.add(stream)
+        tunnel closed); asked while :attr:`outbound_congested`."""
+        self._room_wanted.add(stream)
 
     # ------------------------------------------------------------------ timer
     def _arm(self, when: float) -> None:
