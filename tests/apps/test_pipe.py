@@ -29,6 +29,7 @@ from vtunnel.apps.pipe import (
     Relay,
     RelayEnd,
     SocketEnd,
+    SocketLeg,
     StreamEnd,
     StreamLeg,
     TunnelEnd,
@@ -36,7 +37,7 @@ from vtunnel.apps.pipe import (
     join,
     pipe,
 )
-from vtunnel.io.stream_sockets import attach_socket
+from vtunnel.io.stream_sockets import LeanSocketStream, attach_socket
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, events
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import OUTBOUND_HIGH_WATER, TunnelConnection
@@ -433,6 +434,42 @@ async def test_bytes_before_the_relay_are_delivered(end: str) -> None:
             assert await _receive_all(r.client) == b"early"
             await r.client.send_eof()
             assert await relay.wait() == (2, 5)
+
+
+async def test_bytes_waiting_on_a_stream_reach_a_lean_socket_the_relay_has_not_read_yet() -> None:
+    """The exit's WebSocks case: the tunnel stream (``a``) holds bytes when the relay starts and reports them at
+    once, while the socket (``b``) is still a lean stream the relay takes over when it first reads it: the bytes
+    are written to the socket, not lost."""
+    far_got: list[bytes] = []
+
+    async def far(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        async with TunnelByteStream(tunnel_stream) as stream:
+            await stream.send(b"early")  # arrives while nobody consumes the stream yet
+            await stream.send_eof()
+            far_got.append(await _far_read_all(stream))
+
+    async with tunnel_pair(far) as (conn, _):
+        stream = await conn.open_stream()
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
+            accepted, _addr = lsock.accept()
+        lean = LeanSocketStream()
+        attach_socket(accepted, lean)
+        async with client:
+            with anyio.fail_after(10):
+                while stream.unacknowledged < len(b"early"):
+                    await anyio.sleep(0.01)
+                relay = Relay(TunnelEnd(stream), SocketLeg(lean).relay_end())
+                assert await _receive_all(client) == b"early"
+                await client.send(b"up")
+                await client.send_eof()
+                assert await relay.wait() == (5, 2)
+                while not far_got:
+                    await anyio.sleep(0.01)
+    assert far_got == [b"up"]
 
 
 async def test_a_socket_closed_before_the_relay_resets_the_stream() -> None:

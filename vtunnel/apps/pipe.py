@@ -324,7 +324,8 @@ class SocketEnd(asyncio.Protocol):
 
     It may exist before its relay (a ``--forward`` connection is accepted before its tunnel stream is open): the
     socket is not read until the relay starts reading it. Given a front's ``LeanSocketStream``, it takes the
-    socket over then (``hand_off``), with what the stream read but did not return.
+    socket over then (``hand_off``), with what the stream read but did not return, or at the relay's first write
+    to it if that comes first (the other end may report what waited for it as soon as it is read).
     """
 
     __slots__ = ("_relay", "_stream", "transport")
