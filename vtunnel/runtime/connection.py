@@ -98,9 +98,8 @@ class TunnelConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._input_ended = anyio.Event()
         self._link_failed = False
-        self._over_limit: set[int] = (
-            set()
-        )  # streams holding more than UNCONTROLLED_BUFFER_LIMIT unacknowledged
+        #: streams holding more than UNCONTROLLED_BUFFER_LIMIT unacknowledged
+        self._over_limit: set[int] = set()
         self._reading_paused = False
         self._ready = anyio.Event()
         self._closed = anyio.Event()
