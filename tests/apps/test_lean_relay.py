@@ -8,7 +8,7 @@ import socket
 import anyio
 import pytest
 
-from vtunnel.apps.pipe import join
+from vtunnel.apps.pipe import SocketLeg, join
 from vtunnel.io.stream_sockets import LeanSocketStream, attach_socket
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -42,7 +42,7 @@ def _read_until_eof(sock: socket.socket) -> bytes:
 async def test_bytes_both_lean_ends_read_early_reach_the_other_side() -> None:
     client, a = await _lean_after_header(b"HDfrom the client")
     origin, b = await _lean_after_header(b"HDfrom the origin")
-    relay = join(a, b)
+    relay = join(SocketLeg(a), SocketLeg(b))
     await relay.run()
     for sock in (client, origin):
         sock.shutdown(socket.SHUT_WR)
