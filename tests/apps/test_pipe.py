@@ -190,6 +190,16 @@ async def test_invalid_idle_timeout() -> None:
             await pipe(StreamLeg(front), StreamLeg(back), idle_timeout=0)
 
 
+async def _connected_socket() -> tuple[SocketStream, socket.socket]:
+    """One real TCP connection on 127.0.0.1: our end as anyio's socket stream, the relay's as a bare socket."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
+        accepted, _addr = lsock.accept()
+    return client, accepted
+
+
 # ------------------------------------------------------------------------------------------------ socket ends
 # One real TCP connection on 127.0.0.1 (the "client" end is ours, the other end is the relay's) relayed to one
 # stream of a real tunnel over TCP; the far end of the stream is the tunnel server's handler. The relay's end of
@@ -226,29 +236,25 @@ async def relayed(
 ) -> AsyncIterator[Relayed]:
     cfg = TunnelConfig(extensions=extensions)
     async with tunnel_pair(handler, client_config=cfg, server_config=cfg) as (conn, server):
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(1)
-            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
-            accepted, _addr = lsock.accept()
-            accepted.setblocking(False)
-            relay_end: RelayEnd
-            if end == "socket":
-                relay_end = SocketEnd()
-                attach_socket(accepted, relay_end)
-            else:
-                relay_end = StreamEnd(await SocketStream.from_socket(accepted))
-            stream = await conn.open_stream(wait_accepted=False)
-            async with anyio.create_task_group() as tg:
-                r = Relayed(client, stream, server, relay_end, tg, idle_timeout)
-                if start:
-                    r.start()
-                try:
-                    async with client:
-                        yield r
-                finally:
-                    if r.relay is not None:
-                        r.relay.close()
+        client, accepted = await _connected_socket()
+        accepted.setblocking(False)
+        relay_end: RelayEnd
+        if end == "socket":
+            relay_end = SocketEnd()
+            attach_socket(accepted, relay_end)
+        else:
+            relay_end = StreamEnd(await SocketStream.from_socket(accepted))
+        stream = await conn.open_stream(wait_accepted=False)
+        async with anyio.create_task_group() as tg:
+            r = Relayed(client, stream, server, relay_end, tg, idle_timeout)
+            if start:
+                r.start()
+            try:
+                async with client:
+                    yield r
+            finally:
+                if r.relay is not None:
+                    r.relay.close()
 
 
 async def _far_read_all(stream: ByteStream) -> bytes:
@@ -451,11 +457,7 @@ async def test_bytes_waiting_on_a_stream_reach_a_lean_socket_the_relay_has_not_r
 
     async with tunnel_pair(far) as (conn, _):
         stream = await conn.open_stream()
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(1)
-            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
-            accepted, _addr = lsock.accept()
+        client, accepted = await _connected_socket()
         lean = LeanSocketStream()
         attach_socket(accepted, lean)
         async with client:
@@ -724,11 +726,7 @@ async def test_a_backed_up_tunnel_pauses_the_socket_until_its_output_drained() -
             StreamLink(await anyio.connect_tcp("127.0.0.1", port)), role=Role.CLIENT, config=big, name="c"
         )
         tg.start_soon(conn.run)
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(1)
-            client = await anyio.connect_tcp("127.0.0.1", lsock.getsockname()[1])
-            accepted, _addr = lsock.accept()
+        client, accepted = await _connected_socket()
         end = SocketEnd()
         attach_socket(accepted, end)
         async with client:
