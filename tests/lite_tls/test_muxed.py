@@ -325,3 +325,40 @@ async def test_a_flipped_byte_in_a_passthrough_body_breaks_only_that_stream(
     assert codes["tampered"] != 0  # the user's TLS caught it: bad record MAC
     assert codes["parallel"] == 0
     assert (tmp_path / "parallel").read_bytes() == body_for(size)
+
+
+async def test_a_half_close_through_a_lite_tls_stream_reaches_the_destination() -> None:
+    """The user's FIN on a lite-tls stream goes after what the session queued, once (the destination reads to its
+    end of stream and still answers over the other direction)."""
+    seen: dict[str, int] = {}
+
+    async def answer_after_eof(conn: SocketStream) -> None:
+        async with conn:
+            got = bytearray()
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    got += await conn.receive()
+            seen["bytes"] = len(got)
+            await conn.send(b"read %d bytes to the end" % len(got))
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, answer_after_eof)
+        async with tunnel(frozenset({port})) as t:
+            with anyio.fail_after(30):
+                client = await anyio.connect_tcp("127.0.0.1", t.socks)
+                async with client:
+                    await client.send(b"\x05\x01\x00")
+                    assert await client.receive(2) == b"\x05\x00"
+                    await client.send(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+                    assert (await client.receive(10))[:2] == b"\x05\x00"
+                    await client.send(b"not TLS, so the session falls back")
+                    await client.send_eof()
+                    reply = bytearray()
+                    with contextlib.suppress(anyio.EndOfStream):
+                        while True:
+                            reply += await client.receive()
+            assert reply == b"read 34 bytes to the end"
+            assert seen == {"bytes": 34}
+        tg.cancel_scope.cancel()

@@ -250,6 +250,12 @@ class TunnelStream:
             return
         if self._lite is not None and not self._lite.local_ended():
             return  # the FIN follows what the tracker queued (_LiteTls.flush)
+        self._end()
+
+    def _end(self) -> None:
+        """Send the FIN (a lite-tls stream's may have gone already, once its queue was empty)."""
+        if self._sent_eof:
+            return
         self._sent_eof = True
         try:
             self._carrier.tunnel.end_stream(self.stream_id)
@@ -486,6 +492,6 @@ class _LiteTls:
         if not queue and self._eof and not stream._sent_eof and not stream._closed:
             self._eof = False
             carrier.transmit()
-            stream.write_eof()
+            stream._end()
         carrier.transmit()
         return not queue
