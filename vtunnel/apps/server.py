@@ -14,6 +14,7 @@ A ``websocks://`` (or ``websockss://``, TLS) listener carries no tunnels: each c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,31 +127,39 @@ class Server:
                 target=self.settings.target,
                 secure=not self.settings.security.insecure,
             )
-        async with anyio.create_task_group() as tg:
-            accepting: list[anyio.CancelScope] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                accepting: list[anyio.CancelScope] = []
 
-            async def accept_on(listener: Listener[Any], handler: Callable[[Any], Awaitable[None]]) -> None:
-                with anyio.CancelScope() as scope:
-                    accepting.append(scope)
-                    await listener.serve(handler, tg)
+                async def accept_on(
+                    listener: Listener[Any], handler: Callable[[Any], Awaitable[None]]
+                ) -> None:
+                    with anyio.CancelScope() as scope:
+                        accepting.append(scope)
+                        await listener.serve(handler, tg)
 
-            for listener, handler in zip(self.listeners, handlers, strict=True):
-                tg.start_soon(accept_on, listener, handler)
-            task_status.started(self.local_addresses)
-            await self._stopping.wait()
-            for scope in accepting:
-                scope.cancel()
-            await anyio.lowlevel.checkpoint()
-            for conn in list(self.tunnels):
-                conn.shutdown("server shutting down", graceful=True)
-            with anyio.move_on_after(self.settings.drain_timeout):
-                await self._no_tunnels.wait()
-            if self.tunnels:
-                log.warning("drain timeout: closing remaining tunnels", tunnels=len(self.tunnels))
-            # listeners close only now: a datagram transport's sessions live on its listener's socket
-            for listener in self.listeners:
-                await listener.aclose()
-            tg.cancel_scope.cancel()
+                for listener, handler in zip(self.listeners, handlers, strict=True):
+                    tg.start_soon(accept_on, listener, handler)
+                task_status.started(self.local_addresses)
+                await self._stopping.wait()
+                for scope in accepting:
+                    scope.cancel()
+                await anyio.lowlevel.checkpoint()
+                for conn in list(self.tunnels):
+                    conn.shutdown("server shutting down", graceful=True)
+                with anyio.move_on_after(self.settings.drain_timeout):
+                    await self._no_tunnels.wait()
+                if self.tunnels:
+                    log.warning("drain timeout: closing remaining tunnels", tunnels=len(self.tunnels))
+                # listeners close only now: a datagram transport's sessions live on its listener's socket
+                for listener in self.listeners:
+                    await listener.aclose()
+                tg.cancel_scope.cancel()
+        finally:  # cancelled rather than shut down: the listening sockets are closed all the same
+            with anyio.CancelScope(shield=True):
+                for listener in self.listeners:
+                    with contextlib.suppress(Exception):
+                        await listener.aclose()
 
     def shutdown(self) -> None:
         """Stop accepting, send GOAWAY on every tunnel and let open streams finish (bounded by drain_timeout)."""
