@@ -435,9 +435,7 @@ class SocketLink(Link, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self._error is None:
             self._error = exc
-        self._end(
-            exc if exc is not None else None if self._ended else anyio.BrokenResourceError("connection lost")
-        )
+        self._end(exc or anyio.BrokenResourceError("connection lost"))  # (nothing once the peer's end came)
         self._write_paused = False
         self._wake_writer()
 
