@@ -26,6 +26,8 @@ from typing import Final, TypeAlias
 
 import structlog
 
+from vtunnel.io.listening import given
+
 __all__ = [
     "Address",
     "BatchHandler",
@@ -34,6 +36,7 @@ __all__ = [
     "Run",
     "RunHandler",
     "open_client_socket",
+    "open_udp_listener",
     "open_udp_socket",
     "resolve_udp",
     "split_run",
@@ -114,6 +117,18 @@ def open_udp_socket(
     except BaseException:
         sock.close()
         raise
+    return sock
+
+
+def open_udp_listener(
+    family: socket.AddressFamily, address: Address, *, sockbuf: int = 4 * 1024 * 1024
+) -> socket.socket:
+    """A listener's UDP socket on ``address``: :func:`open_udp_socket`, or the socket this process was given for
+    it (:func:`vtunnel.io.listening.given`: a worker's, bound by its supervisor)."""
+    sock = given(socket.SOCK_DGRAM, family, address)
+    if sock is None:
+        return open_udp_socket(family, bind=address, sockbuf=sockbuf)
+    sock.setblocking(False)
     return sock
 
 

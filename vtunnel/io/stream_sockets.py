@@ -47,6 +47,7 @@ import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
 from vtunnel.io.limits import AcceptBackoff, ThrottledWarning, is_out_of_resources, open_file_limit
+from vtunnel.io.listening import bind_stream_sockets
 from vtunnel.io.tuning import tune_tcp
 
 __all__ = [
@@ -838,42 +839,11 @@ async def open_relay_listener(
     backlog: int = 1024,
     start: bool = True,
 ) -> RelayListener[P]:
-    """Listen on every address ``host`` resolves to (all interfaces for ``None`` or ""), as ``create_server``;
-    with ``start=False`` accepting begins at :meth:`RelayListener.start`. See :class:`RelayListener` for the
+    """Listen on every address ``host`` resolves to (all interfaces for ``None`` or ""), as ``create_server``
+    (:func:`~vtunnel.io.listening.bind_stream_sockets`: a worker's given sockets); with ``start=False`` accepting begins at :meth:`RelayListener.start`. See :class:`RelayListener` for the
     callbacks."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    sockets: list[socket.socket] = []
-    try:
-        seen: set[tuple[Any, ...]] = set()
-        chosen = 0
-        for family, kind, proto, _canon, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if chosen:
-                addr = (addr[0], chosen, *addr[2:])
-            try:
-                sock.bind(addr)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}"
-                ) from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-            if port == 0 and not chosen:
-                chosen = sock.getsockname()[1]  # the same free port on every address
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
+    sockets = await bind_stream_sockets(host, port, backlog=backlog)
     listener = RelayListener(
         sockets, factory, loop, watcher_for(loop), on_accept=on_accept, on_close=on_close
     )

@@ -97,6 +97,7 @@ __all__ = [
     "MAX_REPLY_DATAGRAM",
     "MAX_RESET_DATAGRAM",
     "MAX_SERVER_ID",
+    "MAX_SLOTS",
     "MIN_CONTROL_DATAGRAM",
     "MIN_INIT_DATAGRAM",
     "MIN_REPLY_DATAGRAM",
@@ -105,6 +106,7 @@ __all__ = [
     "RESET_TOKEN_LEN",
     "RETRANSMIT_PERIOD",
     "SALT_LEN",
+    "ConnectionIdLayout",
     "ControlKind",
     "ControlMessage",
     "DatagramClient",
@@ -115,6 +117,7 @@ __all__ = [
     "PathResponse",
     "PeerPath",
     "StatelessReset",
+    "connection_id_slot",
     "is_minted",
     "mint_connection_id",
     "peek_connection_id",
@@ -313,12 +316,56 @@ def _cid_check(key: bytes, head: bytes) -> bytes:
     return hmac.digest(key, head, "sha256")[:CID_CHECK_LEN]
 
 
-def mint_connection_id(key: bytes, server_id: bytes = b"", *, entropy: Entropy = os.urandom) -> bytes:
-    """A new connection ID: ``server_id``, random bytes, then the check of both under the connection ID ``key``
-    (:func:`reset_keys`)."""
-    if len(server_id) > MAX_SERVER_ID:
-        raise SecurityError(f"a server id is at most {MAX_SERVER_ID} bytes")
-    head = bytes(server_id) + entropy(CID_LEN - CID_CHECK_LEN - len(server_id))
+@dataclass(frozen=True, slots=True)
+class ConnectionIdLayout:
+    """What every connection ID a server mints says about where it leads: ``server_id`` (0 to
+    :data:`MAX_SERVER_ID` bytes, in clear at its start: a load balancer in front of several servers routes on
+    it) and ``slot`` of ``slots`` (a worker's socket in the server's ``SO_REUSEPORT`` group, see
+    :func:`connection_id_slot`; ``slots`` 1: no steering). At most :data:`MAX_SLOTS` slots."""
+
+    server_id: bytes = b""
+    slot: int = 0
+    slots: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.server_id) > MAX_SERVER_ID:
+            raise SecurityError(
+                f"a server id is at most {MAX_SERVER_ID} bytes (3 or more random bytes and a check follow it)"
+            )
+        if not 1 <= self.slots <= MAX_SLOTS or not 0 <= self.slot < self.slots:
+            raise SecurityError(f"a connection ID slot is 0..slots-1 with 1..{MAX_SLOTS} slots")
+
+
+#: the most slots a connection ID can steer between (a byte's worth: the slot is a sum of bytes modulo ``slots``)
+MAX_SLOTS = 256
+
+
+def connection_id_slot(connection_id: bytes | memoryview, server_id_len: int, slots: int) -> int:
+    """The slot a connection ID (or any datagram's first 8 bytes) leads to: the sum of its random bytes (after
+    the ``server_id_len`` bytes of server id, before the check) modulo ``slots``. This is what the kernel's
+    steering program computes (:mod:`vtunnel.io.steering`), so it is written to be computable there."""
+    return sum(bytes(connection_id[server_id_len : CID_LEN - CID_CHECK_LEN])) % slots
+
+
+def mint_connection_id(
+    key: bytes,
+    server_id: bytes = b"",
+    *,
+    layout: ConnectionIdLayout | None = None,
+    entropy: Entropy = os.urandom,
+) -> bytes:
+    """A new connection ID: ``server_id`` (or ``layout``'s), random bytes, then the check of both under the
+    connection ID ``key`` (:func:`reset_keys`). With a ``layout`` of several slots the random bytes are drawn
+    again until :func:`connection_id_slot` gives its slot: each of them is still uniform on its own."""
+    if layout is None:
+        layout = ConnectionIdLayout(server_id=bytes(server_id))
+    sid, slot, slots = layout.server_id, layout.slot, layout.slots
+    size = CID_LEN - CID_CHECK_LEN - len(sid)
+    while True:
+        random = entropy(size)
+        if slots == 1 or sum(random) % slots == slot:
+            break
+    head = sid + random
     return head + _cid_check(key, head)
 
 
@@ -815,7 +862,8 @@ class DatagramServer:
 
     ``server_id`` (0 to :data:`MAX_SERVER_ID` bytes) starts every connection ID this server assigns; random
     bytes and a check (see :func:`mint_connection_id`) follow. It is readable by anyone (a load balancer routes
-    on it); without one, connection IDs are random to anyone without the key.
+    on it); without one, connection IDs are random to anyone without the key. ``layout`` says the same and more
+    (the worker's slot the random bytes steer to: :class:`ConnectionIdLayout`); it replaces ``server_id``.
     ``max_pending`` bounds the retransmission memory (oldest forgotten first). ``ciphers`` are the transport
     ciphers accepted, best first; an INIT offering none of them gets nothing. ``entropy`` gives the random bytes
     (ephemeral keys, salts, connection IDs, padding), and the sessions' own.
@@ -825,12 +873,12 @@ class DatagramServer:
         "_accepted",
         "_cid_key",
         "_entropy",
+        "_layout",
         "_limiter",
         "_max_pending",
         "_pending",
         "_psk",
         "_replay",
-        "_server_id",
     )
 
     def __init__(
@@ -840,20 +888,17 @@ class DatagramServer:
         replay: ReplayCache,
         limiter: HandshakeLimiter | None = None,
         server_id: bytes = b"",
+        layout: ConnectionIdLayout | None = None,
         max_pending: int = 4096,
         ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
         entropy: Entropy = os.urandom,
     ) -> None:
         check_psk(psk)
         self._accepted = check_ciphers(ciphers)
-        if len(server_id) > MAX_SERVER_ID:
-            raise SecurityError(
-                f"a server id is at most {MAX_SERVER_ID} bytes (3 or more random bytes and a check follow it)"
-            )
+        self._layout = ConnectionIdLayout(server_id=bytes(server_id)) if layout is None else layout
         self._psk = bytes(psk)
         self._replay = replay
         self._limiter = limiter
-        self._server_id = bytes(server_id)
         self._cid_key = reset_keys(psk)[1]
         self._max_pending = max_pending
         self._entropy = entropy
@@ -936,7 +981,7 @@ class DatagramServer:
 
     def _free_connection_id(self, in_use: Container[bytes]) -> bytes | None:
         for _ in range(_CID_DRAWS):
-            cid = mint_connection_id(self._cid_key, self._server_id, entropy=self._entropy)
+            cid = mint_connection_id(self._cid_key, layout=self._layout, entropy=self._entropy)
             if cid not in in_use:
                 return cid
         return None

@@ -19,7 +19,7 @@ import importlib.metadata
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
@@ -27,6 +27,9 @@ import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute
 
 from vtunnel.transports.link import Link, LinkStats, ListenerAttribute, Refusals, StreamLink
+
+if TYPE_CHECKING:
+    from vtunnel.security.datagram import ConnectionIdLayout
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -119,10 +122,13 @@ class SecurityConfig:
     Byte-stream transports apply the PSK handshake and AEAD records on top of their stream; datagram transports seal
     every datagram (see ``docs/security.md``). ``cipher`` is the transport cipher setting with a key: ``auto``
     (AES-256-GCM when both ends have AES instructions, else ChaCha20-Poly1305) or one cipher's name to pin it.
+    ``connection_ids`` is what a server's sealed datagrams put in the connection IDs it assigns (its server id,
+    its worker's slot: ``docs/security.md``, "Connection IDs"); None: random ones.
     """
 
     psk: bytes | None = None
     cipher: str = "auto"
+    connection_ids: ConnectionIdLayout | None = None
 
     def __post_init__(self) -> None:
         from vtunnel.security.ciphers import CIPHER_CHOICES

@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import ByteStream, Listener
 from anyio.streams.tls import TLSStream
 
+from vtunnel.io.listening import open_stream_listener
 from vtunnel.io.stream_sockets import LeanSocketStream, connect_lean, open_lean_listener
 from vtunnel.transports.base import ByteStreamTransport, Endpoint, TransportError
 from vtunnel.transports.link import Link, SocketLink
@@ -89,7 +90,7 @@ class TLSTransport(ByteStreamTransport):
 
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         self._server_contexts[str(endpoint)] = tls_server_context(endpoint)
-        return await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
+        return await open_stream_listener(endpoint.host, endpoint.port)
 
     async def accept_stream(self, stream: ByteStream, endpoint: Endpoint) -> ByteStream | None:
         ctx = self._server_contexts[str(endpoint)]

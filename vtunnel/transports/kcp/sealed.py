@@ -36,6 +36,7 @@ from vtunnel.security.datagram import (
     CID_LEN,
     DATAGRAM_OVERHEAD,
     RETRANSMIT_PERIOD,
+    ConnectionIdLayout,
     DatagramClient,
     DatagramServer,
     PathChallenge,
@@ -87,7 +88,8 @@ class SealedListenerCodec(ListenerCodec[bytes]):
     strangers reset.
 
     ``cipher`` is the cipher setting: the transport ciphers accepted (see
-    :func:`~vtunnel.transports.secure.cipher_preference`).
+    :func:`~vtunnel.transports.secure.cipher_preference`); ``layout`` what the connection IDs it assigns carry
+    (server id, worker slot), None: random.
     """
 
     overhead = DATAGRAM_OVERHEAD
@@ -96,12 +98,18 @@ class SealedListenerCodec(ListenerCodec[bytes]):
     validates_paths = True
 
     def __init__(
-        self, psk: bytes, *, cipher: str = "auto", reset_limiter: ResetLimiter | None = None
+        self,
+        psk: bytes,
+        *,
+        cipher: str = "auto",
+        reset_limiter: ResetLimiter | None = None,
+        layout: ConnectionIdLayout | None = None,
     ) -> None:
         self._server = DatagramServer(
             psk,
             replay=ReplayCache(),
             limiter=HandshakeLimiter(HANDSHAKE_RATE, HANDSHAKE_BURST),
+            layout=layout,
             ciphers=cipher_preference(cipher),
         )
         if reset_limiter is None:

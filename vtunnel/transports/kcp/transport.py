@@ -15,7 +15,7 @@ from anyio.abc import Listener
 
 from vtunnel.arq.kcp_engine import KCPEngineError
 from vtunnel.arq.kcp_options import KCPOptions
-from vtunnel.io.datagrams import Address, open_udp_socket
+from vtunnel.io.datagrams import Address, open_udp_listener
 from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
 from vtunnel.transports.kcp.client import SocketOptions, open_client
 from vtunnel.transports.kcp.codec import ClientCodec, ListenerCodec, RoutedLink, Transmit
@@ -72,9 +72,12 @@ class DatagramTransport(Transport, Generic[Opts]):
         options = self.parse(endpoint.params)
         family, address = await resolve(endpoint)
         psk, cipher = security.psk, security.cipher
-        codec = self.plain_codec(options) if psk is None else SealedListenerCodec(psk, cipher=cipher)
+        if psk is None:
+            codec = self.plain_codec(options)
+        else:
+            codec = SealedListenerCodec(psk, cipher=cipher, layout=security.connection_ids)
         try:
-            sock = open_udp_socket(family, bind=address, sockbuf=options.sockbuf)
+            sock = open_udp_listener(family, address, sockbuf=options.sockbuf)
         except OSError as exc:
             raise TransportError(f"cannot listen on udp {endpoint.hostport}: {exc}") from None
         try:

@@ -1,0 +1,121 @@
+"""Listening sockets: the ones a process binds, and the ones it was given.
+
+A server run as several workers (``vtunnel server --workers N``, :mod:`vtunnel.apps.workers`) does not bind its
+listening sockets: its supervisor binds every one of them, with ``SO_REUSEPORT``, in a fixed order, and each
+worker inherits its own. The worker calls :func:`adopt` with them once, before it listens; from then on every
+listener of the process takes its socket from them (:func:`given`) instead of binding one, matched by kind,
+family and address (a port of 0 takes the next given socket of that address, in the order given). A listener
+that finds none fails with a clear error: a worker never binds a listening socket of its own, since a socket
+it bound would join the ``SO_REUSEPORT`` group at an index the kernel's steering does not expect.
+
+:func:`bind_stream_sockets` is the one place TCP listening sockets are made (the lean listener of ``tcp://``,
+anyio's for ``tls://`` and the WebSocks listeners), :func:`~vtunnel.io.datagrams.open_udp_listener` the one for
+UDP listeners (``kcp://``, ``rudp://``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.stapled import MultiListener
+
+__all__ = ["adopt", "bind_stream_sockets", "given", "open_stream_listener", "unclaimed"]
+
+#: the sockets this process was given and has not used yet, in the order given; None: it binds its own
+_given: list[socket.socket] | None = None
+
+
+def adopt(sockets: Sequence[socket.socket]) -> None:
+    """From now on this process's listeners take their sockets from ``sockets`` and bind none."""
+    global _given
+    _given = list(sockets)
+
+
+def unclaimed() -> list[socket.socket]:
+    """The given sockets no listener took (empty when the process binds its own)."""
+    return list(_given or ())
+
+
+def _same_host(bound: str, wanted: str) -> bool:
+    try:
+        return ipaddress.ip_address(bound.split("%")[0]) == ipaddress.ip_address(wanted.split("%")[0])
+    except ValueError:
+        return bound == wanted
+
+
+def given(kind: socket.SocketKind, family: socket.AddressFamily, address: Any) -> socket.socket | None:
+    """The given socket of ``kind`` and ``family`` bound to ``address`` (``(host, port, ...)``; port 0: the next
+    one of that host), taken out of the given ones; None when this process binds its own sockets. Raises
+    OSError when the process was given sockets but none for ``address``."""
+    if _given is None:
+        return None
+    host, port = str(address[0]), int(address[1])
+    for sock in _given:
+        if sock.type != kind or sock.family != family:
+            continue
+        bound = sock.getsockname()
+        if _same_host(str(bound[0]), host) and (port == 0 or int(bound[1]) == port):
+            _given.remove(sock)
+            return sock
+    what = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    raise OSError(
+        f"no {what} socket for {host}:{port} among the listening sockets this worker was given (the "
+        "supervisor binds them all: every --listen URL of a worker must be one its supervisor listens on)"
+    )
+
+
+async def bind_stream_sockets(host: str | None, port: int, *, backlog: int) -> list[socket.socket]:
+    """Listening TCP sockets on every address ``host`` resolves to (all interfaces for None or ""), non-blocking,
+    as ``loop.create_server`` binds them (``SO_REUSEADDR``, IPv6 sockets v6-only, one free port for all when
+    ``port`` is 0); the given ones where the process was given its sockets (:func:`given`)."""
+    infos = await anyio.getaddrinfo(
+        host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        seen: set[tuple[Any, ...]] = set()
+        chosen = 0
+        for family, kind, proto, _canon, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            if chosen:
+                addr = (addr[0], chosen, *addr[2:])
+            sock = given(socket.SOCK_STREAM, family, addr)
+            if sock is None:
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}"
+                    ) from None
+                sock.listen(backlog)
+            else:
+                sockets.append(sock)
+            sock.setblocking(False)
+            if port == 0 and not chosen:
+                chosen = sock.getsockname()[1]  # the same free port on every address
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def open_stream_listener(
+    host: str | None, port: int, *, backlog: int = 1024
+) -> MultiListener[anyio.abc.SocketStream]:
+    """anyio's TCP listener over :func:`bind_stream_sockets` (what ``anyio.create_tcp_listener`` gives, on the
+    given sockets where there are some)."""
+    sockets = await bind_stream_sockets(host, port, backlog=backlog)
+    return MultiListener([await anyio.abc.SocketListener.from_socket(sock) for sock in sockets])
