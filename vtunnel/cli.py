@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from vtunnel.logging import configure_logging
 from vtunnel.protocol import TunnelConfig
 from vtunnel.runtime.process import run_async, serve_until_signal
 from vtunnel.security.ciphers import CIPHER_CHOICES
+from vtunnel.security.datagram import ConnectionIdLayout
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, available_transports
 
 if TYPE_CHECKING:
@@ -221,8 +223,9 @@ class _MetricsPlan:
     port: int
 
 
-def _metrics_plan(value: object, role: str) -> _MetricsPlan | None:
-    """What ``--metrics`` (or the config's ``metrics``) asks for: None when it is not set."""
+def _metrics_plan(value: object, role: str, *, worker: int | None = None) -> _MetricsPlan | None:
+    """What ``--metrics`` (or the config's ``metrics``) asks for: None when it is not set. Worker ``k`` of a
+    server's workers serves at the port plus ``k``, its series labelled with ``worker``."""
     if value is None or value == "":
         return None
     from vtunnel.apps.metrics import MetricsAddressError, make_registry, parse_metrics_address
@@ -233,7 +236,9 @@ def _metrics_plan(value: object, role: str) -> _MetricsPlan | None:
     except MetricsAddressError as exc:
         raise click.BadParameter(str(exc), param_hint="--metrics") from None
     stats = ProcessStats()
-    return _MetricsPlan(stats, make_registry(stats, role=role), host, port)
+    if worker is not None:
+        port += worker
+    return _MetricsPlan(stats, make_registry(stats, role=role, worker=worker), host, port)
 
 
 async def _serve(
@@ -329,6 +334,20 @@ def main() -> None:
 @click.option(
     "--allow-private", is_flag=True, help="Let clients reach loopback/private/link-local addresses."
 )
+@click.option(
+    "--workers",
+    metavar="N|auto",
+    default=None,
+    help="Worker processes sharing the listening ports (default 1; auto: one per core); a supervisor binds them "
+    "and restarts a worker that dies; SIGHUP replaces the workers one by one. Config: workers.",
+)
+@click.option(
+    "--server-id",
+    metavar="HEX",
+    default=None,
+    help="Up to 2 bytes (hex) that start every connection ID of kcp:// and rudp:// with a key, in clear, for a "
+    "load balancer in front of several servers (docs/security.md). Config: server_id.",
+)
 @_websocks_users
 @_peer
 @_lite_tls
@@ -338,6 +357,8 @@ def server(
     listen: tuple[str, ...],
     target: str | None,
     allow_private: bool,
+    workers: str | None,
+    server_id: str | None,
     no_lite_tls: bool,
     metrics_address: str | None,
     websocks_user_file: str | None,
@@ -373,10 +394,22 @@ def server(
     if not urls:
         raise click.UsageError(f"give at least one --listen URL. {URL_HELP}")
     endpoints = [_endpoint(u, "--listen", insecure_key_permissions) for u in urls]
-    metrics = _metrics_plan(metrics_address or sec.get("metrics"), "server")
+    from vtunnel.apps.workers import parse_server_id, parse_workers, worker_from_environment
+
+    try:
+        worker = worker_from_environment()
+        count = 1 if worker is not None else parse_workers(workers or sec.get("workers", 1))
+        sid = parse_server_id(server_id or sec.get("server_id"))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    metrics = _metrics_plan(
+        metrics_address or sec.get("metrics"), "server", worker=worker.index if worker is not None else None
+    )
     if (peer or sec.get("peer")) == "kcptun":
         if metrics is not None:
             raise click.UsageError("--metrics is not available with --peer kcptun")
+        if count > 1:
+            raise click.UsageError("--workers is not available with --peer kcptun")
         _kcptun_server(endpoints, target or sec.get("target"), psk_file, sec, insecure_key_permissions)
         return
     peer_vproxy = (peer or sec.get("peer")) == "vproxy"
@@ -404,6 +437,11 @@ def server(
         security = _keyless_security(psk_file, sec, "a websocks:// listener")
     else:
         security = _security(psk_file, insecure, sec, cipher, insecure_key_permissions)
+    if security.psk is not None:
+        security = dataclasses.replace(
+            security,
+            connection_ids=worker.layout(sid) if worker is not None else ConnectionIdLayout(server_id=sid),
+        )
     try:
         policy = ExitPolicy(
             allow_private=allow_private or bool(sec.get("allow_private", False)),
@@ -426,11 +464,32 @@ def server(
             handshake_timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)),
         )
         srv = Server(settings, stats=metrics.stats if metrics is not None else None)
+        if count > 1:
+            from vtunnel.apps.workers import listen_plan
+
+            listen_plan(endpoints, workers=count, keyed=security.psk is not None, server_id=sid)
     except (ValueError, ConfigError, TransportError) as exc:
         raise click.UsageError(str(exc)) from None
+    if count > 1:
+        from vtunnel.apps.workers import supervise
+
+        if not _check_only():
+            supervise(
+                endpoints,
+                workers=count,
+                keyed=security.psk is not None,
+                server_id=sid,
+                drain_timeout=settings.drain_timeout,
+            )
+        return
 
     async def go() -> None:
-        await _serve(metrics, srv.serve, srv.shutdown)
+        if worker is None:
+            await _serve(metrics, srv.serve, srv.shutdown)
+            return
+        from vtunnel.apps.workers import serve_ready
+
+        await _serve(metrics, functools.partial(serve_ready, srv.serve, worker.ready), srv.shutdown)
 
     _run_or_exit(go)
 
@@ -667,13 +726,17 @@ class _CheckOnly:
     """In the click context's ``obj`` under ``check-config``: the commands build everything and run nothing."""
 
 
+def _check_only() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.find_object(_CheckOnly) is not None
+
+
 def _run_or_exit(go: Callable[[], Awaitable[None]]) -> None:
     """Run ``go``; a failure to start (a port in use, a bad certificate) is one clear line and exit status 1.
 
     Under ``check-config`` nothing runs: the command has checked its settings by getting here.
     """
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.find_object(_CheckOnly) is not None:
+    if _check_only():
         return
     try:
         run_async(go)

@@ -190,13 +190,33 @@ class TunnelCollector(Collector):
         yield exits
 
 
-def make_registry(stats: ProcessStats, *, role: str) -> CollectorRegistry:
+class _WorkerLabel(Collector):
+    """Every series of ``inner`` with a ``worker`` label more (a server's worker process: ``--workers``)."""
+
+    def __init__(self, inner: CollectorRegistry, worker: int) -> None:
+        self._inner = inner
+        self._worker = str(worker)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, "worker": self._worker}) for sample in family.samples
+            ]
+            yield labelled
+
+
+def make_registry(stats: ProcessStats, *, role: str, worker: int | None = None) -> CollectorRegistry:
     """A registry of this process's own: the tunnel collector and the process's CPU, memory and descriptors
-    (``vtunnel_process_*``)."""
+    (``vtunnel_process_*``); a server's worker ``worker`` labels every series with it."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TunnelCollector(stats, role=role))
     ProcessCollector(namespace="vtunnel", registry=registry)
-    return registry
+    if worker is None:
+        return registry
+    labelled = CollectorRegistry(auto_describe=False)
+    labelled.register(_WorkerLabel(registry, worker))
+    return labelled
 
 
 # --- the endpoint ---------------------------------------------------------------------------------------------

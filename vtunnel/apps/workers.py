@@ -1,0 +1,546 @@
+"""``vtunnel server --workers N``: one supervisor process and N worker processes sharing the listening ports.
+
+The supervisor binds every listening socket itself, with ``SO_REUSEPORT``, in a fixed order, before any worker
+starts, and keeps them open for as long as it runs; each worker is a fresh ``vtunnel server`` process (the same
+command line, its config read again) that inherits its own sockets (:mod:`vtunnel.io.listening`) and binds none.
+
+* A TCP listen address (``tcp://``, ``tls://``, ``websocks://``) gets N sockets: worker *k* accepts on socket
+  *k*, and the kernel spreads new connections over the group by their addresses.
+* A UDP listen address (``kcp://``, ``rudp://``) gets 2N sockets, two banks of N: worker *k* reads the socket
+  of its *slot*, ``bank * N + k``, and a replacement of it takes the other bank's, so an old worker draining its
+  sessions and its replacement never read the same socket. A classic BPF program on the group
+  (:mod:`vtunnel.io.steering`) sends each datagram to the slot it names. With a key, the slot is in the
+  connection ID every worker mints (:class:`~vtunnel.security.datagram.ConnectionIdLayout`: the sum of its random
+  bytes modulo 2N), so a session's datagrams reach the worker that holds it whatever address they come from; a
+  handshake's first datagram (random bytes there) lands on a random slot, and a slot nobody reads is routed to
+  the current slot of the worker it names modulo N. Without a key sessions are keyed by what the client chose,
+  so they are steered by a sum of those bytes modulo N: kcp://'s conv (conv 0, vproxy's, always to worker 0;
+  kcp:// with fec= sends every datagram to worker 0, since its parity packets name no session), rudp://'s
+  connection ID.
+
+A worker that dies is started again on the same sockets (same slot). SIGHUP replaces the workers one by one:
+the new process starts on the other bank, and once it listens the old one is sent SIGHUP (it may reload what it
+reloads) and then SIGTERM, the graceful stop (GOAWAY, open streams finish, up to the drain timeout), while the
+steering still sends its sessions' datagrams to it. SIGTERM or SIGINT stop every worker that way; a second one
+is passed on too (the workers then stop at once).
+
+A worker learns what it is from ``VTUNNEL_WORKER`` (JSON: its index, the worker count, its slot, the descriptors
+of its sockets and of the pipe it reports readiness on): :func:`worker_from_environment`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, Final
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from vtunnel.io import listening
+from vtunnel.io.steering import attach_program, sum_program
+from vtunnel.security.datagram import CID_CHECK_LEN, CID_LEN, MAX_SERVER_ID, MAX_SLOTS, ConnectionIdLayout
+from vtunnel.transports.base import Endpoint, TransportError, get_transport
+from vtunnel.transports.kcp.transport import DatagramTransport, KCPTransport
+
+__all__ = [
+    "WORKER_ENV",
+    "Supervisor",
+    "Worker",
+    "listen_plan",
+    "parse_server_id",
+    "parse_workers",
+    "serve_ready",
+    "supervise",
+    "worker_from_environment",
+]
+
+log = structlog.get_logger("vtunnel.workers")
+
+#: the environment variable that makes a ``vtunnel server`` process one of a supervisor's workers
+WORKER_ENV: Final = "VTUNNEL_WORKER"
+#: how long a new worker may take to listen before it is given up
+READY_TIMEOUT: Final = 30.0
+#: the longest pause before a worker that keeps dying is started again
+LONGEST_RESTART_PAUSE: Final = 5.0
+TCP_BACKLOG: Final = 1024
+#: the most workers: two slots each must fit a connection ID's steering
+MAX_WORKERS: Final = MAX_SLOTS // 2
+
+_STREAM_SCHEMES: Final = frozenset({"tcp", "tls", "websocks", "websockss"})
+_SIGNALS: Final = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+
+
+# --- the worker's side --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Worker:
+    """What a worker process was told by its supervisor."""
+
+    index: int
+    workers: int
+    #: its datagram sockets' slot in their SO_REUSEPORT groups (``bank * workers + index``) and their number
+    slot: int
+    slots: int
+    ready_fd: int
+
+    def layout(self, server_id: bytes) -> ConnectionIdLayout:
+        """The connection IDs this worker mints: the server id, then its slot."""
+        return ConnectionIdLayout(server_id=server_id, slot=self.slot, slots=self.slots)
+
+    def ready(self) -> None:
+        """Tell the supervisor this worker listens (once)."""
+        with contextlib.suppress(OSError):
+            os.write(self.ready_fd, b"r")
+            os.close(self.ready_fd)
+
+
+def worker_from_environment(environ: Mapping[str, str] = os.environ) -> Worker | None:
+    """This process's :class:`Worker` when a supervisor started it (its given sockets adopted: from now on its
+    listeners take them), else None."""
+    text = environ.get(WORKER_ENV)
+    if not text:
+        return None
+    try:
+        spec = json.loads(text)
+        worker = Worker(
+            index=int(spec["index"]),
+            workers=int(spec["workers"]),
+            slot=int(spec["slot"]),
+            slots=int(spec["slots"]),
+            ready_fd=int(spec["ready"]),
+        )
+        fds = [int(fd) for fd in spec["fds"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{WORKER_ENV} is not a worker's description: {exc}") from None
+    listening.adopt([socket.socket(fileno=fd) for fd in fds])
+    # the supervisor forwards SIGHUP before a reload's graceful stop: it must never end the worker by itself
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return worker
+
+
+async def serve_ready(
+    serve: Callable[..., Coroutine[Any, Any, None]],
+    ready: Callable[[], None],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``serve`` (a server's, taking ``task_status``) and call ``ready`` once it listens."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve)
+        leftover = listening.unclaimed()
+        if leftover:
+            log.warning(
+                "the supervisor listens on addresses this worker does not (its config changed?)",
+                addresses=[str(sock.getsockname()) for sock in leftover],
+            )
+        ready()
+        task_status.started()
+
+
+# --- the supervisor's side ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Steering:
+    """How a UDP group's program finds a datagram's slot: a sum of ``length`` bytes from ``offset`` modulo
+    ``values``; ``by_slot``: the values are slots (a key's connection IDs), else worker indexes."""
+
+    offset: int
+    length: int
+    values: int
+    by_slot: bool
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Group:
+    endpoint: Endpoint
+    stream: bool
+    #: stream: ``[address][worker]``; datagram: ``[[slot]]`` (one address)
+    sockets: list[list[socket.socket]]
+    steering: _Steering | None = None
+
+
+def listen_plan(
+    endpoints: Sequence[Endpoint], *, workers: int, keyed: bool, server_id: bytes
+) -> list[tuple[Endpoint, bool, _Steering | None]]:
+    """Per listen URL: whether it is TCP (else UDP) and how its datagrams are steered. Raises ValueError for a
+    transport the supervisor cannot share (a plugin's)."""
+    plan: list[tuple[Endpoint, bool, _Steering | None]] = []
+    for endpoint in endpoints:
+        if endpoint.scheme in _STREAM_SCHEMES:
+            plan.append((endpoint, True, None))
+            continue
+        transport = get_transport(endpoint.scheme)
+        if not isinstance(transport, DatagramTransport):
+            raise ValueError(
+                f"--workers shares tcp://, tls://, websocks://, kcp:// and rudp:// listeners, not {endpoint.scheme}://"
+            )
+        if keyed:
+            sid = len(server_id)
+            steering = _Steering(
+                offset=sid, length=CID_LEN - CID_CHECK_LEN - sid, values=2 * workers, by_slot=True
+            )
+        elif isinstance(transport, KCPTransport):
+            if transport.parse(endpoint.params).fec is not None:
+                steering = _Steering(offset=0, length=1, values=1, by_slot=False)
+            else:
+                steering = _Steering(offset=0, length=4, values=workers, by_slot=False)  # conv
+        else:
+            steering = _Steering(offset=1, length=8, values=workers, by_slot=False)  # rudp's connection ID
+        plan.append((endpoint, False, steering))
+    return plan
+
+
+def _stream_sockets(endpoint: Endpoint, workers: int) -> list[list[socket.socket]]:
+    infos = socket.getaddrinfo(
+        endpoint.host or None, endpoint.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    groups: list[list[socket.socket]] = []
+    seen: set[tuple[Any, ...]] = set()
+    chosen = 0
+    for family, kind, proto, _canon, addr in infos:
+        if (family, addr) in seen:
+            continue
+        seen.add((family, addr))
+        if chosen:
+            addr = (addr[0], chosen, *addr[2:])
+        group: list[socket.socket] = []
+        groups.append(group)
+        for _ in range(workers):
+            sock = socket.socket(family, kind, proto)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(TCP_BACKLOG)
+            addr = sock.getsockname()
+            chosen = addr[1]
+    return groups
+
+
+def _datagram_sockets(endpoint: Endpoint, slots: int) -> list[socket.socket]:
+    transport = get_transport(endpoint.scheme)
+    assert isinstance(transport, DatagramTransport)
+    sockbuf = transport.parse(endpoint.params).sockbuf
+    infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
+    family, _kind, _proto, _canon, addr = infos[0]
+    group: list[socket.socket] = []
+    for _ in range(slots):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        group.append(sock)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, sockbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        addr = sock.getsockname()
+    return group
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Process:
+    index: int
+    slot: int
+    popen: subprocess.Popen[bytes]
+    started: float
+
+
+class Supervisor:
+    """Binds the listening sockets, runs ``workers`` worker processes on them and keeps them running (see the
+    module's description). ``command`` starts one worker (``vtunnel server ...``, the same options);
+    ``drain_timeout`` is the workers' own, how long a replaced one may take to finish."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        workers: int,
+        keyed: bool,
+        server_id: bytes,
+        command: Sequence[str],
+        drain_timeout: float,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("--workers is at least 1")
+        self.workers = workers
+        self.slots = 2 * workers
+        self.command = list(command)
+        self.drain_timeout = drain_timeout
+        self._environ = dict(os.environ if environ is None else environ)
+        self._plan = listen_plan(endpoints, workers=workers, keyed=keyed, server_id=server_id)
+        self._groups: list[_Group] = []
+        #: the serving process of each worker index, and the replaced ones still draining
+        self._current: dict[int, _Process] = {}
+        self._draining: list[_Process] = []
+        self._failures: dict[int, int] = {}
+        self._stopping = False
+
+    # the listening sockets ------------------------------------------------------------------------------------
+
+    def bind(self) -> list[str]:
+        """Bind every listening socket (raises OSError, TransportError); the URLs as bound."""
+        urls: list[str] = []
+        try:
+            for endpoint, stream, steering in self._plan:
+                if stream:
+                    group = _Group(
+                        endpoint=endpoint, stream=True, sockets=_stream_sockets(endpoint, self.workers)
+                    )
+                else:
+                    group = _Group(
+                        endpoint=endpoint,
+                        stream=False,
+                        sockets=[_datagram_sockets(endpoint, self.slots)],
+                        steering=steering,
+                    )
+                self._groups.append(group)
+                host, port = group.sockets[0][0].getsockname()[:2]
+                shown = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+                urls.append(f"{endpoint.scheme}://{shown}")
+        except BaseException:
+            self.close()
+            raise
+        return urls
+
+    def close(self) -> None:
+        for group in self._groups:
+            for sockets in group.sockets:
+                for sock in sockets:
+                    sock.close()
+        self._groups.clear()
+
+    def routes(self, steering: _Steering) -> list[int]:
+        """Where each value of ``steering``'s sum goes now: a slot of the group."""
+        current = {p.index: p.slot for p in self._current.values()}
+        draining = {p.index: p.slot for p in self._draining}
+        live = set(current.values()) | set(draining.values())
+        if steering.by_slot:
+            return [v if v in live else current.get(v % self.workers, v) for v in range(steering.values)]
+        # keyless: a worker's sessions stay with its draining process until it is gone
+        return [draining.get(v, current.get(v, v)) for v in range(steering.values)]
+
+    def _steer(self) -> None:
+        for group in self._groups:
+            if group.steering is not None:
+                steering = group.steering
+                attach_program(
+                    group.sockets[0][0],
+                    sum_program(steering.offset, steering.length, self.routes(steering)),
+                )
+
+    # the workers ----------------------------------------------------------------------------------------------
+
+    def _fds(self, index: int, slot: int) -> list[int]:
+        fds: list[int] = []
+        for group in self._groups:
+            if group.stream:
+                fds += [sockets[index].fileno() for sockets in group.sockets]
+            else:
+                fds.append(group.sockets[0][slot].fileno())
+        return fds
+
+    def _spawn(self, index: int, slot: int) -> tuple[_Process, int]:
+        """Start worker ``index`` on ``slot``; the read end of its readiness pipe."""
+        ready_read, ready_write = os.pipe()
+        fds = self._fds(index, slot)
+        spec = {
+            "index": index,
+            "workers": self.workers,
+            "slot": slot,
+            "slots": self.slots,
+            "ready": ready_write,
+            "fds": fds,
+        }
+        env = {**self._environ, WORKER_ENV: json.dumps(spec)}
+        try:
+            popen = subprocess.Popen(
+                self.command,
+                env=env,
+                pass_fds=[*fds, ready_write],
+                preexec_fn=_unblock_signals,
+            )
+        finally:
+            os.close(ready_write)
+        log.info("worker started", worker=index, slot=slot, pid=popen.pid)
+        return _Process(index=index, slot=slot, popen=popen, started=time.monotonic()), ready_read
+
+    def _wait_ready(self, process: _Process, ready_read: int) -> bool:
+        try:
+            readable, _, _ = select.select([ready_read], [], [], READY_TIMEOUT)
+            ok = bool(readable) and os.read(ready_read, 1) == b"r"
+        finally:
+            os.close(ready_read)
+        if not ok:
+            log.error("worker did not start listening", worker=process.index, pid=process.popen.pid)
+        return ok
+
+    def _start(self, index: int, slot: int) -> bool:
+        process, ready_read = self._spawn(index, slot)
+        self._current[index] = process
+        return self._wait_ready(process, ready_read)
+
+    def _replace(self, index: int) -> None:
+        """A fresh process for worker ``index`` on its other slot; the old one drains."""
+        old = self._current[index]
+        slot = (old.slot + self.workers) % self.slots
+        for proc in [p for p in self._draining if p.slot == slot]:  # a replacement of an earlier reload
+            self._wait_gone(proc, self.drain_timeout + 5.0)
+        process, ready_read = self._spawn(index, slot)
+        if not self._wait_ready(process, ready_read):
+            _end(process.popen)
+            log.error("reload of a worker failed: the old one keeps serving", worker=index)
+            return
+        self._current[index] = process
+        self._draining.append(old)
+        self._steer()
+        with contextlib.suppress(ProcessLookupError):
+            old.popen.send_signal(signal.SIGHUP)
+            old.popen.send_signal(signal.SIGTERM)
+        log.info(
+            "worker replaced: the old one drains", worker=index, old_pid=old.popen.pid, pid=process.popen.pid
+        )
+
+    def _wait_gone(self, process: _Process, timeout: float) -> None:
+        try:
+            process.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("a draining worker outlived its drain timeout: killed", pid=process.popen.pid)
+            process.popen.kill()
+            process.popen.wait()
+        self._reap()
+
+    def _reap(self) -> None:
+        """Take note of the workers that ended: a replaced one is forgotten, a serving one started again."""
+        for process in list(self._draining):
+            if process.popen.poll() is not None:
+                self._draining.remove(process)
+                log.info("replaced worker ended", worker=process.index, pid=process.popen.pid)
+                self._steer()
+        for index, process in list(self._current.items()):
+            code = process.popen.poll()
+            if code is None or self._stopping:
+                continue
+            quick = time.monotonic() - process.started < 1.0
+            self._failures[index] = self._failures.get(index, 0) + 1 if quick else 0
+            pause = min(LONGEST_RESTART_PAUSE, 0.1 * 2 ** self._failures[index]) if quick else 0.0
+            log.warning("worker ended: starting it again", worker=index, pid=process.popen.pid, status=code)
+            time.sleep(pause)
+            self._start(index, process.slot)
+
+    def run(self) -> int:
+        """Start the workers and supervise them until SIGTERM or SIGINT; the exit status."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            for index in range(self.workers):
+                self._start(index, index)
+            self._steer()
+            log.info("workers serving", workers=self.workers)
+            while True:
+                info = signal.sigtimedwait(list(_SIGNALS), 1.0)
+                self._reap()
+                if info is None or info.si_signo == signal.SIGCHLD:
+                    continue
+                if info.si_signo == signal.SIGHUP:
+                    log.info("SIGHUP: replacing the workers one by one")
+                    for index in range(self.workers):
+                        self._replace(index)
+                    continue
+                return self._stop(signal.Signals(info.si_signo))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            self.close()
+
+    def _stop(self, signum: signal.Signals) -> int:
+        log.info("signal received: stopping the workers", signal=signum.name)
+        self._stopping = True
+        processes = [*self._current.values(), *self._draining]
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.popen.send_signal(signal.SIGTERM)
+        while any(p.popen.poll() is None for p in processes):
+            info = signal.sigtimedwait([signal.SIGTERM, signal.SIGINT, signal.SIGCHLD], 1.0)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                log.warning("second signal: the workers stop now")
+                for process in processes:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.popen.send_signal(signal.SIGTERM)
+        log.info("workers stopped")
+        return 0
+
+
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _end(popen: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        popen.kill()
+    popen.wait()
+
+
+def parse_workers(value: object) -> int:
+    """``--workers``: a number of 1 or more, or ``auto`` (as many as this machine has cores)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"--workers takes a number or auto, not {value!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"--workers is 1..{MAX_WORKERS}, not {count}")
+    return count
+
+
+def parse_server_id(value: object) -> bytes:
+    """``--server-id``: 0 to 2 bytes in hex (``""``: none), at the start of every connection ID in clear."""
+    text = "" if value is None else str(value).strip().lower().removeprefix("0x")
+    try:
+        server_id = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"--server-id takes hex digits (up to {2 * MAX_SERVER_ID}), not {value!r}") from None
+    if len(server_id) > MAX_SERVER_ID:
+        raise ValueError(f"--server-id is at most {MAX_SERVER_ID} bytes ({2 * MAX_SERVER_ID} hex digits)")
+    return server_id
+
+
+def supervise(
+    endpoints: Sequence[Endpoint],
+    *,
+    workers: int,
+    keyed: bool,
+    server_id: bytes,
+    drain_timeout: float,
+) -> None:
+    """Run ``vtunnel server`` (this process's own command line) as ``workers`` workers; exits when they stop."""
+    try:
+        supervisor = Supervisor(
+            endpoints,
+            workers=workers,
+            keyed=keyed,
+            server_id=server_id,
+            command=[sys.executable, "-m", "vtunnel", *sys.argv[1:]],
+            drain_timeout=drain_timeout,
+        )
+        urls = supervisor.bind()
+    except (OSError, TransportError, ValueError) as exc:
+        log.error("cannot start", error=str(exc) or repr(exc))
+        sys.exit(1)
+    for url in urls:
+        log.info("listening", url=url, workers=workers)
+    sys.exit(supervisor.run())
