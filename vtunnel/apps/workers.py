@@ -125,6 +125,7 @@ def worker_from_environment(environ: Mapping[str, str] = os.environ) -> Worker |
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{WORKER_ENV} is not a worker's description: {exc}") from None
     listening.adopt([socket.socket(fileno=fd) for fd in fds])
+    structlog.contextvars.bind_contextvars(worker=worker.index)
     # the supervisor forwards SIGHUP before a reload's graceful stop: it must never end the worker by itself
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return worker

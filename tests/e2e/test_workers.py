@@ -1,0 +1,265 @@
+"""``vtunnel server --workers 2``: a real supervisor and its worker processes, real agents, real transfers.
+
+Which worker holds what is read from the workers' own metrics (worker k serves them at the --metrics port plus
+k, every series labelled ``worker``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from tests.conftest import Processes, free_port, wait_log, wait_port
+from tests.e2e.test_metrics import parse, scrape, value
+from tests.netutil import echo_roundtrip, echo_server, pattern
+from vtunnel.testing import ImpairmentRelay
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def echo() -> Iterator[int]:
+    with echo_server() as port:
+        yield port
+
+
+def start_workers(
+    procs: Processes, scheme: str, key: Path, echo: int, *, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], str, int]:
+    """A supervisor with two workers sending every stream to ``echo``: it, the tunnel URL, the metrics port."""
+    port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
+    metrics = free_port()
+    url = f"{scheme}://127.0.0.1:{port}"
+    server = procs.start(
+        "server",
+        "--listen",
+        url,
+        "--psk-file",
+        str(key),
+        "--target",
+        f"127.0.0.1:{echo}",
+        "--workers",
+        "2",
+        "--metrics",
+        f"127.0.0.1:{metrics}",
+        "--log-level",
+        "info",
+        *extra,
+    )
+    wait_log(procs, server, "workers serving", timeout=60)
+    for k in range(2):
+        wait_port(metrics + k)
+    return server, url, metrics
+
+
+def tunnels(metrics: int) -> list[float]:
+    """Each worker's live tunnels."""
+    return [value(parse(scrape(metrics + k))[1], "vtunnel_tunnels") for k in range(2)]
+
+
+def opened(metrics: int) -> list[float]:
+    """Each worker's tunnels opened since it started."""
+    return [value(parse(scrape(metrics + k))[1], "vtunnel_tunnels_opened_total") for k in range(2)]
+
+
+def wait_tunnels(metrics: int, total: int, timeout: float = 90.0) -> list[float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = tunnels(metrics)
+        if sum(counts) >= total:
+            return counts
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{total} tunnels expected, the workers hold {counts}")
+        time.sleep(0.2)
+
+
+def agent(procs: Processes, url: str, key: Path, *, conn: int) -> tuple[subprocess.Popen[bytes], int]:
+    front = free_port()
+    proc = procs.start(
+        "agent",
+        "--server",
+        url,
+        "--psk-file",
+        str(key),
+        "--forward",
+        f"127.0.0.1:{front}",
+        "--conn",
+        str(conn),
+    )
+    wait_port(front)
+    return proc, front
+
+
+def transfers(fronts: list[int], count: int, size: int) -> list[bool]:
+    """``count`` echo transfers of ``size`` bytes at once, spread over ``fronts``: whether each came back exact."""
+    results: list[bool] = [False] * count
+
+    def one(i: int) -> None:
+        payload = pattern(size, seed=i)
+        try:
+            results[i] = echo_roundtrip(fronts[i % len(fronts)], payload, timeout=120) == payload
+        except OSError:
+            results[i] = False
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return results
+
+
+def paced_echo(port: int, payload: bytes, *, chunk: int, pause: float) -> bytes:
+    """Send ``payload`` through ``port`` a chunk at a time with pauses (so that it lasts), half-close, and return
+    what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        s.settimeout(120)
+
+        def writer() -> None:
+            for i in range(0, len(payload), chunk):
+                s.sendall(payload[i : i + chunk])
+                time.sleep(pause)
+            s.shutdown(socket.SHUT_WR)
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        received = bytearray()
+        while chunk_in := s.recv(262144):
+            received += chunk_in
+        t.join(120)
+        return bytes(received)
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "kcp"])
+def test_two_workers_serve_200_tunnels_byte_exact_and_both_are_used(
+    procs: Processes, psk_file: Path, echo: int, scheme: str
+) -> None:
+    _, url, metrics = start_workers(procs, scheme, psk_file, echo)
+    fronts = [agent(procs, url, psk_file, conn=50)[1] for _ in range(4)]
+    counts = wait_tunnels(metrics, 200)
+    assert sum(counts) == 200
+    assert min(counts) > 0, counts  # both workers hold tunnels
+    results = transfers(fronts, 200, 64 * 1024)
+    assert all(results), results.count(False)
+    assert sum(tunnels(metrics)) == 200  # no tunnel was lost on the way
+
+
+@pytest.mark.anyio
+async def test_a_kcp_client_that_rebinds_ten_times_stays_on_its_worker(
+    procs: Processes, psk_file: Path, echo: int
+) -> None:
+    _, url, metrics = start_workers(procs, "kcp", psk_file, echo)
+    port = int(url.rsplit(":", 1)[1])
+    async with ImpairmentRelay(("127.0.0.1", port), seed=3) as relay:
+        _, front = await anyio.to_thread.run_sync(
+            lambda: agent(procs, f"kcp://127.0.0.1:{relay.address[1]}", psk_file, conn=1)
+        )
+        before = await anyio.to_thread.run_sync(wait_tunnels, metrics, 1)
+        holder = before.index(1)
+        payload = pattern(12 * 1024 * 1024, seed=5)
+        result: list[bytes] = []
+        moved: list[tuple[str, int]] = []
+
+        def run() -> None:
+            result.append(paced_echo(front, payload, chunk=128 * 1024, pause=0.1))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, run)
+            for _ in range(10):
+                await anyio.sleep(0.4)
+                (first,) = relay.upstream_addresses
+                relay.rebind()
+                (now,) = relay.upstream_addresses
+                assert now != first
+                moved.append(now)
+        assert result == [payload]  # the transfer never broke
+        assert len(set(moved)) == 10
+        assert await anyio.to_thread.run_sync(tunnels, metrics) == before  # on the same worker all along
+        assert (await anyio.to_thread.run_sync(opened, metrics))[
+            1 - holder
+        ] == 0  # never a new tunnel elsewhere
+
+
+def test_kill_9_of_one_worker_leaves_the_others_tunnels_alone_and_a_new_one_comes_up(
+    procs: Processes, psk_file: Path, echo: int
+) -> None:
+    server, url, metrics = start_workers(procs, "tcp", psk_file, echo)
+    # two agents of one tunnel each, one on each worker (the kernel spreads connections by their addresses)
+    first, front_a = agent(procs, url, psk_file, conn=1)
+    wait_tunnels(metrics, 1)
+    holder_a = tunnels(metrics).index(1)
+    for _ in range(20):
+        second, front_b = agent(procs, url, psk_file, conn=1)
+        counts = wait_tunnels(metrics, 2)
+        if counts == [1.0, 1.0]:
+            break
+        second.kill()
+        second.wait()
+        time.sleep(0.5)  # its tunnel ends on the server
+    else:
+        pytest.fail("20 agents' tunnels all went to one worker")
+    pids = [
+        int(line.rsplit("pid=", 1)[1].split()[0])
+        for line in procs.output(server).splitlines()
+        if "worker started" in line
+    ]
+    victim = pids[holder_a]  # the worker that holds the first agent's tunnel (started in index order)
+    payload = pattern(8 * 1024 * 1024, seed=9)
+    result: list[bytes] = []
+    t = threading.Thread(
+        target=lambda: result.append(paced_echo(front_b, payload, chunk=128 * 1024, pause=0.02))
+    )
+    t.start()
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    t.join(120)
+    assert result == [payload]  # the other worker's tunnel carried on
+    assert "tunnel down" not in procs.output(second)
+    wait_log(procs, first, "tunnel down")
+    wait_log(procs, server, "worker ended: starting it again")
+    wait_port(metrics + holder_a)  # a new worker serves again
+    started = [line for line in procs.output(server).splitlines() if "worker started" in line]
+    assert len(started) == 3  # the survivor was never started again
+    assert f"worker={holder_a}" in started[-1]
+    os.kill(pids[1 - holder_a], 0)
+    assert echo_roundtrip(front_a, b"back again", timeout=30) == b"back again"
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "kcp"])
+def test_sighup_during_50_transfers_replaces_the_workers_and_every_transfer_finishes_exact(
+    procs: Processes, psk_file: Path, echo: int, scheme: str
+) -> None:
+    server, url, metrics = start_workers(procs, scheme, psk_file, echo)
+    fronts = [agent(procs, url, psk_file, conn=8)[1] for _ in range(2)]
+    wait_tunnels(metrics, 16)
+    results: list[bool] = [False] * 50
+
+    def one(i: int) -> None:
+        payload = pattern(1024 * 1024, seed=100 + i)
+        try:
+            results[i] = paced_echo(fronts[i % 2], payload, chunk=32 * 1024, pause=0.25) == payload
+        except OSError:
+            results[i] = False
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    server.send_signal(signal.SIGHUP)
+    for t in threads:
+        t.join(180)
+    log = procs.output(server)
+    assert log.count("worker replaced: the old one drains") == 2
+    assert all(results), results.count(False)
+    wait_log(procs, server, "replaced worker ended", timeout=30)
+    # and the new workers serve
+    assert echo_roundtrip(fronts[0], b"after the reload", timeout=30) == b"after the reload"
