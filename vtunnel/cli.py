@@ -480,6 +480,7 @@ def server(
                 keyed=security.psk is not None,
                 server_id=sid,
                 drain_timeout=settings.drain_timeout,
+                metrics=(metrics.host, metrics.port) if metrics is not None else None,
             )
         return
 

@@ -36,6 +36,9 @@ def start_workers(
     procs: Processes, scheme: str, key: Path, echo: int, *, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], str, int]:
     """A supervisor with two workers sending every stream to ``echo``: it, the tunnel URL, the metrics port."""
+    config = procs.tmp / "server.toml"
+    # the test's transfers outlast the default drain (10 s, at both ends): a replaced worker's all finish
+    config.write_text("[server]\ndrain_timeout = 60\n[tunnel]\ndrain_timeout = 60\n")
     port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
     metrics = free_port()
     url = f"{scheme}://127.0.0.1:{port}"
@@ -53,6 +56,8 @@ def start_workers(
         f"127.0.0.1:{metrics}",
         "--log-level",
         "info",
+        "--config",
+        str(config),
         *extra,
     )
     wait_log(procs, server, "workers serving", timeout=60)
@@ -94,6 +99,8 @@ def agent(procs: Processes, url: str, key: Path, *, conn: int) -> tuple[subproce
         f"127.0.0.1:{front}",
         "--conn",
         str(conn),
+        "--config",
+        str(procs.tmp / "server.toml"),
     )
     wait_port(front)
     return proc, front
@@ -125,10 +132,13 @@ def paced_echo(port: int, payload: bytes, *, chunk: int, pause: float) -> bytes:
         s.settimeout(120)
 
         def writer() -> None:
-            for i in range(0, len(payload), chunk):
-                s.sendall(payload[i : i + chunk])
-                time.sleep(pause)
-            s.shutdown(socket.SHUT_WR)
+            try:
+                for i in range(0, len(payload), chunk):
+                    s.sendall(payload[i : i + chunk])
+                    time.sleep(pause)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                return  # the reader sees the stream end short
 
         t = threading.Thread(target=writer, daemon=True)
         t.start()
@@ -246,7 +256,7 @@ def test_sighup_during_50_transfers_replaces_the_workers_and_every_transfer_fini
     def one(i: int) -> None:
         payload = pattern(1024 * 1024, seed=100 + i)
         try:
-            results[i] = paced_echo(fronts[i % 2], payload, chunk=32 * 1024, pause=0.25) == payload
+            results[i] = paced_echo(fronts[i % 2], payload, chunk=32 * 1024, pause=0.5) == payload
         except OSError:
             results[i] = False
 
@@ -255,10 +265,14 @@ def test_sighup_during_50_transfers_replaces_the_workers_and_every_transfer_fini
         t.start()
     time.sleep(1.0)
     server.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 90
+    while procs.output(server).count("worker replaced: the old one drains") < 2:
+        assert time.monotonic() < deadline, "the workers were not both replaced"
+        time.sleep(0.1)
+    in_flight = sum(t.is_alive() for t in threads)
     for t in threads:
         t.join(180)
-    log = procs.output(server)
-    assert log.count("worker replaced: the old one drains") == 2
+    assert in_flight > 0  # the reload happened during the transfers (both old workers drained some)
     assert all(results), results.count(False)
     wait_log(procs, server, "replaced worker ended", timeout=30)
     # and the new workers serve

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from vtunnel import __version__
 from vtunnel.apps.agent import parse_hostport
 from vtunnel.apps.stats import NO_KIND, ProcessStats, TransportTotals
+from vtunnel.io.listening import open_stream_listener
 
 __all__ = [
     "METRICS_PATH",
@@ -294,7 +295,7 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> As
 
     A bind failure (the port in use) raises ``OSError`` before the block starts.
     """
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    listener = await open_stream_listener(host, port)  # a worker's: the one its supervisor bound
     addr = listener.extra(SocketAttribute.local_address)
     shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
     if is_loopback(host):

@@ -274,6 +274,7 @@ class Supervisor:
         server_id: bytes,
         command: Sequence[str],
         drain_timeout: float,
+        metrics: tuple[str, int] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         if workers < 1:
@@ -285,6 +286,9 @@ class Supervisor:
         self._environ = dict(os.environ if environ is None else environ)
         self._plan = listen_plan(endpoints, workers=workers, keyed=keyed, server_id=server_id)
         self._groups: list[_Group] = []
+        self._metrics_address = metrics
+        #: worker k's metrics endpoint (port + k): kept here, so a replaced worker's successor serves it too
+        self._metrics: list[socket.socket] = []
         #: the serving process of each worker index, and the replaced ones still draining
         self._current: dict[int, _Process] = {}
         self._draining: list[_Process] = []
@@ -313,12 +317,23 @@ class Supervisor:
                 host, port = group.sockets[0][0].getsockname()[:2]
                 shown = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
                 urls.append(f"{endpoint.scheme}://{shown}")
+            if self._metrics_address is not None:
+                host, port = self._metrics_address
+                for index in range(self.workers):
+                    (sock,) = (
+                        group[0]
+                        for group in _stream_sockets(Endpoint(scheme="tcp", host=host, port=port + index), 1)
+                    )
+                    self._metrics.append(sock)
         except BaseException:
             self.close()
             raise
         return urls
 
     def close(self) -> None:
+        for sock in self._metrics:
+            sock.close()
+        self._metrics.clear()
         for group in self._groups:
             for sockets in group.sockets:
                 for sock in sockets:
@@ -353,6 +368,8 @@ class Supervisor:
                 fds += [sockets[index].fileno() for sockets in group.sockets]
             else:
                 fds.append(group.sockets[0][slot].fileno())
+        if self._metrics:
+            fds.append(self._metrics[index].fileno())
         return fds
 
     def _spawn(self, index: int, slot: int) -> tuple[_Process, int]:
@@ -527,8 +544,10 @@ def supervise(
     keyed: bool,
     server_id: bytes,
     drain_timeout: float,
+    metrics: tuple[str, int] | None,
 ) -> None:
-    """Run ``vtunnel server`` (this process's own command line) as ``workers`` workers; exits when they stop."""
+    """Run ``vtunnel server`` (this process's own command line) as ``workers`` workers; exits when they stop.
+    ``metrics``: the ``--metrics`` address (worker k's endpoint is at its port plus k)."""
     try:
         supervisor = Supervisor(
             endpoints,
@@ -537,6 +556,7 @@ def supervise(
             server_id=server_id,
             command=[sys.executable, "-m", "vtunnel", *sys.argv[1:]],
             drain_timeout=drain_timeout,
+            metrics=metrics,
         )
         urls = supervisor.bind()
     except (OSError, TransportError, ValueError) as exc:
