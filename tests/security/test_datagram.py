@@ -36,6 +36,7 @@ from vtunnel.security.datagram import (
     REPLY_REPEAT_LIMIT,
     RESET_TOKEN_LEN,
     RETRANSMIT_PERIOD,
+    ConnectionIdLayout,
     DatagramClient,
     DatagramServer,
     DatagramSession,
@@ -44,6 +45,7 @@ from vtunnel.security.datagram import (
     PathResponse,
     PeerPath,
     StatelessReset,
+    connection_id_slot,
     is_minted,
     mint_connection_id,
     peek_connection_id,
@@ -995,3 +997,31 @@ def test_a_batch_that_would_exhaust_the_counter_is_refused_whole() -> None:
         send.seal(b"c")
     receive._window.update(MAX_COUNTER - 3)
     assert receive.open_many(last) == [b"a", b"b"]
+
+
+@given(
+    server_id=st.binary(max_size=2),
+    slots=st.integers(1, 256),
+    data=st.data(),
+)
+def test_a_layouts_connection_ids_name_its_slot(server_id: bytes, slots: int, data: st.DataObject) -> None:
+    slot = data.draw(st.integers(0, slots - 1))
+    layout = ConnectionIdLayout(server_id=server_id, slot=slot, slots=slots)
+    srv = server(layout=layout)
+    for _ in range(3):
+        cid = established(srv)[1].connection_id
+        assert cid.startswith(server_id)
+        assert connection_id_slot(cid, len(server_id), slots) == slot
+        assert is_minted(CID_KEY, cid)
+
+
+def test_a_layout_is_checked() -> None:
+    for bad in (
+        {"server_id": b"123"},
+        {"slots": 0},
+        {"slots": 257},
+        {"slot": 4, "slots": 4},
+        {"slot": -1, "slots": 4},
+    ):
+        with pytest.raises(SecurityError):
+            ConnectionIdLayout(**bad)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from vtunnel.security.datagram import (
     DATAGRAM_OVERHEAD,
     MAX_CONTROL_DATAGRAM,
     MIN_CONTROL_DATAGRAM,
+    ConnectionIdLayout,
     DatagramClient,
     DatagramServer,
     DatagramSession,
@@ -134,3 +135,14 @@ def test_stateless_resets_look_like_data() -> None:
         assert reset is not None
         samples.append(reset)
     assert failures(samples, skip=CID) == []
+
+
+@pytest.mark.parametrize("slots", [2, 6, 256])
+def test_connection_ids_steered_to_a_worker_slot_look_random_byte_by_byte(slots: int) -> None:
+    """A worker's connection IDs: their random bytes sum to its slot modulo the slots, yet each byte on its own
+    is uniform (docs/security.md says what the sum tells an observer)."""
+    rng = random.Random(SEED)
+    cid_key = reset_keys(PSK)[1]
+    layout = ConnectionIdLayout(slot=slots // 2, slots=slots)
+    cids = [mint_connection_id(cid_key, layout=layout, entropy=rng.randbytes) for _ in range(UNITS)]
+    assert failures(cids, prefix=CID_LEN) == []
