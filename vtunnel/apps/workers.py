@@ -47,11 +47,11 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from vtunnel.apps.websocks import WEBSOCKS_SCHEMES
 from vtunnel.io import listening
 from vtunnel.io.steering import attach_program, sum_program
 from vtunnel.security.datagram import CID_CHECK_LEN, CID_LEN, MAX_SERVER_ID, MAX_SLOTS, ConnectionIdLayout
-from vtunnel.transports.base import Endpoint, TransportError, get_transport
-from vtunnel.transports.kcp.transport import DatagramTransport, KCPTransport
+from vtunnel.transports.base import Endpoint, SharedListening, TransportError, get_transport
 
 __all__ = [
     "WORKER_ENV",
@@ -77,7 +77,6 @@ TCP_BACKLOG: Final = 1024
 #: the most workers: two slots each must fit a connection ID's steering
 MAX_WORKERS: Final = MAX_SLOTS // 2
 
-_STREAM_SCHEMES: Final = frozenset({"tcp", "tls", "websocks", "websockss"})
 _SIGNALS: Final = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 
@@ -175,32 +174,32 @@ class _Group:
 
 def listen_plan(
     endpoints: Sequence[Endpoint], *, workers: int, keyed: bool, server_id: bytes
-) -> list[tuple[Endpoint, bool, _Steering | None]]:
-    """Per listen URL: whether it is TCP (else UDP) and how its datagrams are steered. Raises ValueError for a
-    transport the supervisor cannot share (a plugin's)."""
-    plan: list[tuple[Endpoint, bool, _Steering | None]] = []
+) -> list[tuple[Endpoint, SharedListening, _Steering | None]]:
+    """Per listen URL: how it is shared (TCP or UDP) and how its datagrams are steered. Raises ValueError for a
+    transport that cannot be shared (a plugin's)."""
+    plan: list[tuple[Endpoint, SharedListening, _Steering | None]] = []
     for endpoint in endpoints:
-        if endpoint.scheme in _STREAM_SCHEMES:
-            plan.append((endpoint, True, None))
+        if endpoint.scheme in WEBSOCKS_SCHEMES:
+            plan.append((endpoint, SharedListening(datagram=False), None))
             continue
-        transport = get_transport(endpoint.scheme)
-        if not isinstance(transport, DatagramTransport):
+        shared = get_transport(endpoint.scheme).shared_listening(endpoint)
+        if shared is None:
             raise ValueError(
-                f"--workers shares tcp://, tls://, websocks://, kcp:// and rudp:// listeners, not {endpoint.scheme}://"
+                f"--workers cannot share {endpoint.scheme}:// listeners (its transport binds its own)"
             )
-        if keyed:
-            sid = len(server_id)
-            steering = _Steering(
-                offset=sid, length=CID_LEN - CID_CHECK_LEN - sid, values=2 * workers, by_slot=True
-            )
-        elif isinstance(transport, KCPTransport):
-            if transport.parse(endpoint.params).fec is not None:
+        steering: _Steering | None = None
+        if shared.datagram:
+            if keyed:
+                sid = len(server_id)
+                steering = _Steering(
+                    offset=sid, length=CID_LEN - CID_CHECK_LEN - sid, values=2 * workers, by_slot=True
+                )
+            elif shared.session_bytes is not None:
+                offset, length = shared.session_bytes
+                steering = _Steering(offset=offset, length=length, values=workers, by_slot=False)
+            else:  # keyed by address: one worker takes them all
                 steering = _Steering(offset=0, length=1, values=1, by_slot=False)
-            else:
-                steering = _Steering(offset=0, length=4, values=workers, by_slot=False)  # conv
-        else:
-            steering = _Steering(offset=1, length=8, values=workers, by_slot=False)  # rudp's connection ID
-        plan.append((endpoint, False, steering))
+        plan.append((endpoint, shared, steering))
     return plan
 
 
@@ -233,10 +232,7 @@ def _stream_sockets(endpoint: Endpoint, workers: int) -> list[list[socket.socket
     return groups
 
 
-def _datagram_sockets(endpoint: Endpoint, slots: int) -> list[socket.socket]:
-    transport = get_transport(endpoint.scheme)
-    assert isinstance(transport, DatagramTransport)
-    sockbuf = transport.parse(endpoint.params).sockbuf
+def _datagram_sockets(endpoint: Endpoint, slots: int, sockbuf: int) -> list[socket.socket]:
     infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
     family, _kind, _proto, _canon, addr = infos[0]
     group: list[socket.socket] = []
@@ -301,8 +297,8 @@ class Supervisor:
         """Bind every listening socket (raises OSError, TransportError); the URLs as bound."""
         urls: list[str] = []
         try:
-            for endpoint, stream, steering in self._plan:
-                if stream:
+            for endpoint, shared, steering in self._plan:
+                if not shared.datagram:
                     group = _Group(
                         endpoint=endpoint, stream=True, sockets=_stream_sockets(endpoint, self.workers)
                     )
@@ -310,7 +306,7 @@ class Supervisor:
                     group = _Group(
                         endpoint=endpoint,
                         stream=False,
-                        sockets=[_datagram_sockets(endpoint, self.slots)],
+                        sockets=[_datagram_sockets(endpoint, self.slots, shared.sockbuf)],
                         steering=steering,
                     )
                 self._groups.append(group)

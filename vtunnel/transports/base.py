@@ -148,6 +148,19 @@ class SecurityConfig:
         return f"SecurityConfig(psk={'<set>' if self.psk is not None else None}, cipher={self.cipher!r})"
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SharedListening:
+    """How several processes can share one listening address of a transport (``vtunnel server --workers``):
+    ``datagram`` False, a TCP socket each (the kernel spreads connections); True, UDP sockets, the datagrams
+    steered to the process that holds their session, with ``sockbuf`` bytes of socket buffers. ``session_bytes``
+    (offset, length) are the bytes of a keyless datagram that name its session (a sum of them steers it); None:
+    keyless sessions cannot be steered by their bytes. With a key the sealed connection ID steers."""
+
+    datagram: bool
+    sockbuf: int = 0
+    session_bytes: tuple[int, int] | None = None
+
+
 class Transport(abc.ABC):
     """A way to carry tunnels. Subclasses are constructed without arguments."""
 
@@ -166,6 +179,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
         """Listen on ``endpoint``; the listener yields one link per peer (one tunnel each)."""
+
+    def shared_listening(self, endpoint: Endpoint) -> SharedListening | None:
+        """How several worker processes share ``endpoint``'s listening sockets, or None (the default): they
+        cannot, since this transport binds its own (its listener must take them from
+        :func:`vtunnel.io.listening.given`)."""
+        return None
 
 
 class ByteStreamTransport(Transport):

@@ -20,7 +20,7 @@ from anyio.streams.tls import TLSStream
 
 from vtunnel.io.listening import open_stream_listener
 from vtunnel.io.stream_sockets import LeanSocketStream, connect_lean, open_lean_listener
-from vtunnel.transports.base import ByteStreamTransport, Endpoint, TransportError
+from vtunnel.transports.base import ByteStreamTransport, Endpoint, SharedListening, TransportError
 from vtunnel.transports.link import Link, SocketLink
 from vtunnel.transports.secure import SecuredListener
 
@@ -45,6 +45,9 @@ class TCPTransport(ByteStreamTransport):
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         self.check(endpoint)
         return await open_lean_listener(endpoint.host, endpoint.port)
+
+    def shared_listening(self, endpoint: Endpoint) -> SharedListening:
+        return SharedListening(datagram=False)
 
     def link_for(self, stream: ByteStream) -> Link:
         # every stream of this transport is one of its own lean socket streams (connect_stream, listen_streams)
@@ -91,6 +94,9 @@ class TLSTransport(ByteStreamTransport):
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         self._server_contexts[str(endpoint)] = tls_server_context(endpoint)
         return await open_stream_listener(endpoint.host, endpoint.port)
+
+    def shared_listening(self, endpoint: Endpoint) -> SharedListening:
+        return SharedListening(datagram=False)
 
     async def accept_stream(self, stream: ByteStream, endpoint: Endpoint) -> ByteStream | None:
         ctx = self._server_contexts[str(endpoint)]

@@ -16,7 +16,7 @@ from anyio.abc import Listener
 from vtunnel.arq.kcp_engine import KCPEngineError
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.io.datagrams import Address, open_udp_listener
-from vtunnel.transports.base import Endpoint, SecurityConfig, Transport, TransportError
+from vtunnel.transports.base import Endpoint, SecurityConfig, SharedListening, Transport, TransportError
 from vtunnel.transports.kcp.client import SocketOptions, open_client
 from vtunnel.transports.kcp.codec import ClientCodec, ListenerCodec, RoutedLink, Transmit
 from vtunnel.transports.kcp.fec import FECPlainListenerCodec
@@ -61,6 +61,16 @@ class DatagramTransport(Transport, Generic[Opts]):
     def check(self, endpoint: Endpoint) -> None:
         self.parse(endpoint.params)
 
+    def shared_listening(self, endpoint: Endpoint) -> SharedListening:
+        options = self.parse(endpoint.params)
+        return SharedListening(
+            datagram=True, sockbuf=options.sockbuf, session_bytes=self.session_bytes(options)
+        )
+
+    def session_bytes(self, options: Opts) -> tuple[int, int] | None:
+        """Where a keyless datagram names its session (see :class:`SharedListening`)."""
+        return None
+
     async def connect(self, endpoint: Endpoint, *, security: SecurityConfig) -> Link:
         options = self.parse(endpoint.params)
         family, server = await resolve(endpoint)
@@ -98,6 +108,10 @@ class KCPTransport(DatagramTransport[KCPOptions]):
 
     def plain_codec(self, options: KCPOptions) -> ListenerCodec[Any]:
         return PlainListenerCodec() if options.fec is None else FECPlainListenerCodec()
+
+    def session_bytes(self, options: KCPOptions) -> tuple[int, int] | None:
+        # the conv; with fec= a parity packet names no session (its source address keys it)
+        return (0, 4) if options.fec is None else None
 
     def listener(self, sock: Any, options: KCPOptions, codec: ListenerCodec[Any]) -> Listener[Link]:
         return KCPListener(sock, options, codec)

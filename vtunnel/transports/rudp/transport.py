@@ -43,6 +43,9 @@ class RudpTransport(DatagramTransport[RudpOptions]):
     def plain_codec(self, options: RudpOptions) -> ListenerCodec[Any]:
         return rudp_plain_codec()
 
+    def session_bytes(self, options: RudpOptions) -> tuple[int, int] | None:
+        return (1, SERVER_CID_LEN)  # the connection ID the keyless client chose for the server
+
     def listener(self, sock: Any, options: RudpOptions, codec: ListenerCodec[Any]) -> Listener[Link]:
         return RudpListener(sock, options, codec)
 
