@@ -45,6 +45,12 @@ HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
     "idle_cpu": (("agent_pct", "% core", False), ("server_pct", "% core", False)),
     "idle_streams": (("per_stream_bytes", "B/stream", False),),
     "tunnels": (("per_tunnel_bytes", "B/tunnel", False),),
+    "scaling": (
+        ("goodput_MBps_1w", "MB/s, 1 worker", True),
+        ("goodput_MBps_2w", "MB/s, 2 workers", True),
+        ("server_cpu_s_per_GB_1w", "server CPU s/GB, 1 worker", False),
+        ("server_cpu_s_per_GB_2w", "server CPU s/GB, 2 workers", False),
+    ),
     "stalled": (
         ("goodput_ratio", "x of none stalled", True),
         ("goodput_MBps", "MB/s", True),

@@ -38,6 +38,7 @@ from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
 from bench.procs import HarnessError, ProcessGroup
 from bench.refs import RefTree, export_tree
 from bench.report import link_description
+from bench.scaling import measure_scaling
 from bench.scenarios import (
     LOSS_LEVELS,
     NOT_AUTOMATIC,
@@ -280,7 +281,7 @@ class Runner:
             self._fail_all(job, "skipped: the UDP impairment relay is not installed", [None])
             return
         scenario = job.scenarios[0]
-        if job.scenarios[0].kind == "tunnels":
+        if job.scenarios[0].kind in ("tunnels", "scaling"):
             self._run_tunnels(job, group, psk_file)
             return
         if job.together:
@@ -393,14 +394,18 @@ class Runner:
                     self.samples[-1].raw["link"] = link.placement.description
 
     def _run_tunnels(self, job: Job, group: ProcessGroup, psk_file: Path | None) -> None:
+        """A scenario that starts its own processes: tunnels (one server, many tunnels) or scaling."""
         scenario = job.scenarios[0]
         settings = scenario.settings(quick=self.options.quick)
-        count = int(settings["tunnels"])
-        timeout = float(settings["timeout"])
         sample = Sample(scenario=scenario.name, system=job.system.name, round=0)
         try:
             with group.scope() as scope:
-                sample.metrics, sample.raw = measure_tunnels(job.system, scope, psk_file, count, timeout)
+                if scenario.kind == "scaling":
+                    sample.metrics, sample.raw = measure_scaling(job.system, scope, psk_file, settings)
+                else:
+                    sample.metrics, sample.raw = measure_tunnels(
+                        job.system, scope, psk_file, int(settings["tunnels"]), float(settings["timeout"])
+                    )
         except HarnessError as exc:
             sample.error = str(exc)
         except Exception as exc:  # a surprise in one measurement must not end the whole run

@@ -68,7 +68,8 @@ class Scenario:
     """One measurement, run for every applicable system.
 
     ``kind`` selects the workload: ``bulk``, ``rr``, ``ttfb``, ``idle_streams``, ``tunnels``, ``idle_cpu``,
-    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``bulk_wire`` (bulk through the
+    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``scaling`` (1 against 2 server
+    workers, :mod:`bench.scaling`), ``bulk_wire`` (bulk through the
     relay, with the bytes on the wire per payload byte), ``rr_impaired``
     (request/response through the UDP impairment relay), ``stalled`` (one stream's goodput while others of
     its tunnel stall) or ``https_lite`` (a TLS download through a lite-tls stream and through an ordinary one).
@@ -201,6 +202,17 @@ SCENARIOS: tuple[Scenario, ...] = (
         quick={"tunnels": 100, "timeout": 90},
         schedule="once",
         tunnels_only=True,
+    ),
+    Scenario(
+        name="scaling",
+        kind="scaling",
+        description="aggregate bulk goodput of 4 agents (1 stream each) through a server of 1 and of 2 worker "
+        "processes (--workers), alternated; the server's CPU seconds per GB (supervisor and workers)",
+        params={"bytes": 128 * MiB, "timeout": 120, "rounds": 3},
+        quick={"bytes": 32 * MiB, "timeout": 60, "rounds": 1},
+        schedule="once",
+        vtunnel_only=True,
+        only=("vtunnel-tcp+psk", "vtunnel-kcp+psk"),
     ),
     Scenario(
         name="bulk-loss",
