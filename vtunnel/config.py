@@ -106,6 +106,8 @@ SECTIONS = {
         "idle_timeout",
         "handshake_timeout",
         "metrics",
+        "workers",
+        "server_id",
     },
     "agent": {
         "server",

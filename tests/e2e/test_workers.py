@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from tests.conftest import Processes, free_port, wait_log, wait_port
+from tests.conftest import VTUNNEL, Processes, free_port, wait_log, wait_port
 from tests.e2e.test_metrics import parse, scrape, value
 from tests.netutil import echo_roundtrip, echo_server, pattern
 from vtunnel.testing import ImpairmentRelay
@@ -277,3 +277,30 @@ def test_sighup_during_50_transfers_replaces_the_workers_and_every_transfer_fini
     wait_log(procs, server, "replaced worker ended", timeout=30)
     # and the new workers serve
     assert echo_roundtrip(fronts[0], b"after the reload", timeout=30) == b"after the reload"
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ('workers = 2\nserver_id = "0a01"', None),
+        ('workers = "auto"', None),
+        ("workers = 0", "--workers is 1.."),
+        ('workers = "many"', "--workers takes a number or auto"),
+        ('server_id = "0a0102"', "--server-id is at most 2 bytes"),
+        ('workers = 2\nlisten = ["ws://127.0.0.1:4000"]', "--workers cannot share ws://"),
+    ],
+)
+def test_check_config_reads_workers_and_server_id(
+    tmp_path: Path, psk_file: Path, settings: str, error: str | None
+) -> None:
+    config = tmp_path / "server.toml"
+    listen = "" if "listen" in settings else 'listen = ["kcp://127.0.0.1:4000", "tcp://127.0.0.1:4000"]\n'
+    config.write_text(f'[server]\n{listen}psk_file = "{psk_file}"\n{settings}\n')
+    done = subprocess.run(
+        [*VTUNNEL, "check-config", str(config)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if error is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 1
+        assert error in done.stderr

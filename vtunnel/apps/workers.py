@@ -31,6 +31,7 @@ of its sockets and of the pipe it reports readiness on): :func:`worker_from_envi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -497,8 +498,15 @@ class Supervisor:
         return 0
 
 
+_PR_SET_PDEATHSIG: Final = 1
+
+
 def _unblock_signals() -> None:
+    """In a new worker, before it runs: the supervisor's blocked signals unblocked, and SIGTERM (its graceful
+    stop) sent to it should the supervisor die without stopping it."""
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _end(popen: subprocess.Popen[bytes]) -> None:
