@@ -48,7 +48,7 @@ from vtunnel.transports.kcp.listener import KCPListener
 from vtunnel.transports.kcp.options import parse_options
 from vtunnel.transports.kcp.sealed import RESET_REASON, SealedClientCodec, SealedListenerCodec
 from vtunnel.transports.kcp.transport import KCPTransport
-from vtunnel.transports.link import LinkStream
+from vtunnel.transports.link import LinkStream, ListenerAttribute
 
 pytestmark = pytest.mark.anyio
 
@@ -572,5 +572,29 @@ async def test_a_known_session_is_never_reset_and_the_listener_never_falls(
             tg.start_soon(client.send, payload)
             assert await read_exactly(client, len(payload)) == payload
         await client.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_a_listener_that_stopped_accepting_answers_no_handshake_and_its_sessions_go_on() -> None:
+    """What a draining server (a replaced worker) does: its tunnels finish, a new client's handshake gets
+    nothing (it is sent again, and a supervisor's steering takes it to another worker)."""
+    listener = await sealed_listener()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        with anyio.fail_after(30):
+            live = await connect(listener.local_address[1])
+            await live.send(b"up")
+            assert await read_exactly(live, 2) == b"up"
+        stop = listener.extra(ListenerAttribute.stop_accepting)
+        stop()
+        with pytest.raises(HandshakeTimeout):
+            await connect(listener.local_address[1], KEY, "?connect_timeout=1")
+        payload = os.urandom(512 * 1024)
+        with anyio.fail_after(60):
+            tg.start_soon(live.send, payload)
+            assert await read_exactly(live, len(payload)) == payload
+        assert listener.session_count == 1  # the client that was refused started none
+        await live.aclose()
         tg.cancel_scope.cancel()
     await listener.aclose()

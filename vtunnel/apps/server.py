@@ -41,7 +41,7 @@ from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
-from vtunnel.transports.base import Endpoint, Link, SecurityConfig, get_transport
+from vtunnel.transports.base import Endpoint, Link, ListenerAttribute, SecurityConfig, get_transport
 
 if TYPE_CHECKING:
     from vtunnel.apps.stats import ProcessStats
@@ -142,6 +142,10 @@ class Server:
                     tg.start_soon(accept_on, listener, handler)
                 task_status.started(self.local_addresses)
                 await self._stopping.wait()
+                for listener in self.listeners:  # a datagram listener answers no new handshake from now on
+                    stop_accepting = listener.extra(ListenerAttribute.stop_accepting, None)
+                    if stop_accepting is not None:
+                        stop_accepting()
                 for scope in accepting:
                     scope.cancel()
                 await anyio.lowlevel.checkpoint()

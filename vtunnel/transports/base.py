@@ -40,6 +40,7 @@ __all__ = [
     "ListenerAttribute",
     "Refusals",
     "SecurityConfig",
+    "SharedListening",
     "Transport",
     "TransportError",
     "TransportNotFound",

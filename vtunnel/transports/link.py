@@ -115,6 +115,11 @@ class ListenerAttribute(TypedAttributeSet):
 
     #: the listener's count of peers it refused
     refusals: Refusals = typed_attribute()
+    #: a listener whose sessions live on its own socket (a datagram transport's) keeps routing their datagrams
+    #: after the server stopped taking new tunnels; calling this makes it start no session any more (no
+    #: handshake answered), so a peer tries again elsewhere (another worker) instead of waiting for a tunnel
+    #: nobody accepts
+    stop_accepting: Callable[[], None] = typed_attribute()
 
 
 class Link(AsyncResource, TypedAttributeProvider):

@@ -63,6 +63,7 @@ class DatagramListener(Listener[Link], Generic[C]):
         self._pending: list[RoutedLink] = []
         self._acceptor: asyncio.Future[None] | None = None
         self._closed = False
+        self._accepting = True
         #: datagrams dropped unanswered: not the ARQ's, not a known session's, or over the session limit
         self.dropped = 0
         self._udp = CoalescingSocket(sock, self._on_runs)
@@ -167,7 +168,7 @@ class DatagramListener(Listener[Link], Generic[C]):
     def _start(self, key: Any, payload: Datagram, address: Address) -> RoutedLink | None:
         """A new session for ``key`` in the table and the accept queue, if ``payload`` may start one and there is
         room."""
-        if self._closed or not self._opens(payload):
+        if self._closed or not self._accepting or not self._opens(payload):
             return None
         if self._tombstones:
             expiry = self._tombstones.get(key)
@@ -200,6 +201,12 @@ class DatagramListener(Listener[Link], Generic[C]):
             self._tombstones = tombstones = {k: t for k, t in tombstones.items() if t > now}
         if len(tombstones) < most:
             tombstones[key] = now + self._tombstone
+
+    def stop_accepting(self) -> None:
+        """Start no session any more (the codec answers no handshake); the live ones go on
+        (:attr:`~vtunnel.transports.link.ListenerAttribute.stop_accepting`)."""
+        self._accepting = False
+        self._codec.attach(self._udp.sendto, sessions=0)
 
     # --- Listener -------------------------------------------------------------------------------------------
 
@@ -250,9 +257,10 @@ class DatagramListener(Listener[Link], Generic[C]):
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         refusals = self._codec.refusals
-        if refusals is None:
-            return {SocketAttribute.local_address: lambda: self.local_address}
-        return {
+        attributes: dict[Any, Callable[[], Any]] = {
             SocketAttribute.local_address: lambda: self.local_address,
-            ListenerAttribute.refusals: lambda: refusals,
+            ListenerAttribute.stop_accepting: lambda: self.stop_accepting,
         }
+        if refusals is not None:
+            attributes[ListenerAttribute.refusals] = lambda: refusals
+        return attributes
