@@ -304,3 +304,29 @@ def test_check_config_reads_workers_and_server_id(
     else:
         assert done.returncode == 1
         assert error in done.stderr
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_status_1(psk_file: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                *VTUNNEL,
+                "server",
+                "--listen",
+                f"tcp://127.0.0.1:{port}",
+                "--psk-file",
+                str(psk_file),
+                "--workers",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "cannot start" in done.stdout + done.stderr
+    assert "Address already in use" in done.stdout + done.stderr

@@ -1024,4 +1024,4 @@ def test_a_layout_is_checked() -> None:
         {"slot": -1, "slots": 4},
     ):
         with pytest.raises(SecurityError):
-            ConnectionIdLayout(**bad)  # type: ignore[arg-type]
+            ConnectionIdLayout(**bad)

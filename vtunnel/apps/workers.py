@@ -209,27 +209,25 @@ def _stream_sockets(endpoint: Endpoint, workers: int) -> list[list[socket.socket
         endpoint.host or None, endpoint.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
     )
     groups: list[list[socket.socket]] = []
-    seen: set[tuple[Any, ...]] = set()
     chosen = 0
-    for family, kind, proto, _canon, addr in infos:
-        if (family, addr) in seen:
-            continue
-        seen.add((family, addr))
-        if chosen:
-            addr = (addr[0], chosen, *addr[2:])
-        group: list[socket.socket] = []
-        groups.append(group)
-        for _ in range(workers):
-            sock = socket.socket(family, kind, proto)
-            group.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(TCP_BACKLOG)
-            addr = sock.getsockname()
-            chosen = addr[1]
+    try:
+        for family, kind, proto, addr in listening.passive_addresses(infos):
+            if chosen:
+                addr = (addr[0], chosen, *addr[2:])
+            group: list[socket.socket] = []
+            groups.append(group)
+            for _ in range(workers):
+                sock = listening.listening_stream_socket(
+                    family, kind, proto, addr, backlog=TCP_BACKLOG, reuse_port=True
+                )
+                group.append(sock)
+                addr = sock.getsockname()
+                chosen = addr[1]
+    except BaseException:
+        for group in groups:
+            for sock in group:
+                sock.close()
+        raise
     return groups
 
 
@@ -237,15 +235,20 @@ def _datagram_sockets(endpoint: Endpoint, slots: int, sockbuf: int) -> list[sock
     infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
     family, _kind, _proto, _canon, addr = infos[0]
     group: list[socket.socket] = []
-    for _ in range(slots):
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        group.append(sock)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, sockbuf)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-        addr = sock.getsockname()
+    try:
+        for _ in range(slots):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            group.append(sock)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, sockbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+            addr = sock.getsockname()
+    except BaseException:
+        for sock in group:
+            sock.close()
+        raise
     return group
 
 

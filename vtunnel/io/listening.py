@@ -17,14 +17,22 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.streams.stapled import MultiListener
 
-__all__ = ["adopt", "bind_stream_sockets", "given", "open_stream_listener", "unclaimed"]
+__all__ = [
+    "adopt",
+    "bind_stream_sockets",
+    "given",
+    "listening_stream_socket",
+    "open_stream_listener",
+    "passive_addresses",
+    "unclaimed",
+]
 
 #: the sockets this process was given and has not used yet, in the order given; None: it binds its own
 _given: list[socket.socket] | None = None
@@ -69,6 +77,48 @@ def given(kind: socket.SocketKind, family: socket.AddressFamily, address: Any) -
     )
 
 
+def passive_addresses(infos: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, int, Any]]:
+    """``(family, kind, proto, address)`` of each distinct address of ``getaddrinfo``'s answer, in its order."""
+    seen: set[tuple[Any, ...]] = set()
+    out: list[tuple[Any, Any, int, Any]] = []
+    for family, kind, proto, _canon, addr in infos:
+        if (family, addr) not in seen:
+            seen.add((family, addr))
+            out.append((family, kind, proto, addr))
+    return out
+
+
+def listening_stream_socket(
+    family: socket.AddressFamily,
+    kind: socket.SocketKind,
+    proto: int,
+    address: Any,
+    *,
+    backlog: int,
+    reuse_port: bool = False,
+) -> socket.socket:
+    """A TCP socket listening on ``address`` as ``loop.create_server`` makes one (``SO_REUSEADDR``, IPv6 v6-only),
+    with ``SO_REUSEPORT`` too when asked (a supervisor's, shared by its workers)."""
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"error while attempting to bind on address {address!r}: {exc.strerror}"
+            ) from None
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def bind_stream_sockets(host: str | None, port: int, *, backlog: int) -> list[socket.socket]:
     """Listening TCP sockets on every address ``host`` resolves to (all interfaces for None or ""), non-blocking,
     as ``loop.create_server`` binds them (``SO_REUSEADDR``, IPv6 sockets v6-only, one free port for all when
@@ -78,30 +128,14 @@ async def bind_stream_sockets(host: str | None, port: int, *, backlog: int) -> l
     )
     sockets: list[socket.socket] = []
     try:
-        seen: set[tuple[Any, ...]] = set()
         chosen = 0
-        for family, kind, proto, _canon, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
+        for family, kind, proto, addr in passive_addresses(infos):
             if chosen:
                 addr = (addr[0], chosen, *addr[2:])
             sock = given(socket.SOCK_STREAM, family, addr)
             if sock is None:
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind(addr)
-                except OSError as exc:
-                    raise OSError(
-                        exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}"
-                    ) from None
-                sock.listen(backlog)
-            else:
-                sockets.append(sock)
+                sock = listening_stream_socket(family, kind, proto, addr, backlog=backlog)
+            sockets.append(sock)
             sock.setblocking(False)
             if port == 0 and not chosen:
                 chosen = sock.getsockname()[1]  # the same free port on every address
