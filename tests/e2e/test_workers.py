@@ -5,6 +5,7 @@ k, every series labelled ``worker``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,6 +33,21 @@ def echo() -> Iterator[int]:
         yield port
 
 
+def free_port_run(count: int) -> int:
+    """A loopback TCP port whose ``count - 1`` successors are free too (worker k's metrics are at port + k)."""
+    for _ in range(50):
+        first = free_port()
+        with contextlib.ExitStack() as stack:
+            try:
+                for k in range(count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", first + k))
+            except OSError:
+                continue
+        return first
+    raise AssertionError("no run of free ports")
+
+
 def start_workers(
     procs: Processes, scheme: str, key: Path, echo: int, *, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], str, int]:
@@ -40,7 +56,7 @@ def start_workers(
     # the test's transfers outlast the default drain (10 s, at both ends): a replaced worker's all finish
     config.write_text("[server]\ndrain_timeout = 60\n[tunnel]\ndrain_timeout = 60\n")
     port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
-    metrics = free_port()
+    metrics = free_port_run(2)
     url = f"{scheme}://127.0.0.1:{port}"
     server = procs.start(
         "server",
