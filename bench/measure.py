@@ -147,8 +147,7 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
             *python_argv(
                 "bench.workload",
                 "bulk",
-                "--connect",
-                stack.entry,
+                *stack.client_args(),
                 "--streams",
                 str(int(settings["streams"])),
                 "--bytes",
@@ -182,6 +181,11 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
     }
     counters = relay.delta()
     metrics = {"goodput_MBps": float(result["goodput"]) / 1e6}
+    gigabytes = float(result["bytes"]) / 1e9
+    tunnel_cpu = [usage["cpu_s"] for role, usage in cpu.items() if role in ("agent", "server")]
+    if tunnel_cpu and gigabytes > 0:
+        # both ends of the tunnel (the relay and the workload are not the system's own work)
+        metrics["cpu_s_per_GB"] = sum(tunnel_cpu) / gigabytes
     if counters:
         raw["relay"] = counters
         sent = sum(direction.get("received_bytes", 0) for direction in counters.values())
@@ -212,7 +216,7 @@ def measure_rr(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     relay = RelayWatch(stack)
     result = run_client(
         stack.placement,
-        ["rr", "--connect", stack.entry, "--count", str(count), "--timeout", str(settings["timeout"])],
+        ["rr", *stack.client_args(), "--count", str(count), "--timeout", str(settings["timeout"])],
         timeout=float(settings["timeout"]),
     )
     samples = _samples(result)
@@ -227,7 +231,7 @@ def measure_ttfb(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     count = int(settings["count"])
     result = run_client(
         stack.placement,
-        ["ttfb", "--connect", stack.entry, "--count", str(count), "--timeout", str(settings["timeout"])],
+        ["ttfb", *stack.client_args(), "--count", str(count), "--timeout", str(settings["timeout"])],
         timeout=float(settings["timeout"]),
     )
     samples = _samples(result)

@@ -289,6 +289,7 @@ class Runner:
         relay = scenario.relay_options if job.link == "relay" else None
         stalling = [sc for sc in job.scenarios if sc.kind == "stalled"]
         https = any(sc.kind == "https_lite" for sc in job.scenarios)
+        socks = any(sc.socks for sc in job.scenarios)
         with group.scope() as scope:
             try:
                 sink = None
@@ -309,6 +310,7 @@ class Runner:
                     relay=relay,
                     side_targets=side,
                     agent_extra=agent_extra,
+                    socks=socks,
                 )
                 if sink is not None:
                     stack.procs["stall-sink"] = sink

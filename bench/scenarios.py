@@ -93,6 +93,9 @@ class Scenario:
     quick_rounds: int | None = None  # fewer rounds under --quick (None: the run's rounds)
     fec: bool = False
     only: tuple[str, ...] = ()  # the systems (base names) it applies to; empty: all
+    #: clients reach the destination through the client side's SOCKS5 proxy (vtunnel's ``--socks`` front,
+    #: shadowsocks' ss-local); only these scenarios run the ``shadowsocks`` system, and they need their own stack
+    socks: bool = False
 
     def settings(self, *, quick: bool) -> dict[str, float]:
         merged = dict(self.params)
@@ -101,6 +104,10 @@ class Scenario:
         return merged
 
     def applies_to(self, system: SystemSpec) -> bool:
+        if system.kind == "shadowsocks" and not self.socks:
+            return False
+        if self.socks and system.kind not in ("shadowsocks", "vtunnel"):
+            return False
         if system.fec and not self.fec:
             return False
         if self.fec and system.transport != "kcp":
@@ -128,6 +135,26 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="bulk goodput, 16 parallel streams in one tunnel",
         params={"streams": 16, "bytes": 256 * MiB, "timeout": 120},
         quick={"bytes": 64 * MiB, "timeout": 60},
+    ),
+    Scenario(
+        name="bulk-1024",
+        kind="bulk",
+        description="bulk goodput, 1,024 concurrent streams in one tunnel (aggregate; each connects, sends its "
+        "share and is validated)",
+        params={"streams": 1024, "bytes": 256 * MiB, "timeout": 180},
+        quick={"bytes": 64 * MiB, "timeout": 90},
+        tunnels_only=True,
+    ),
+    Scenario(
+        name="socks5-bulk",
+        kind="bulk",
+        description="bulk goodput, 1 stream through the client side's SOCKS5 proxy, and the CPU both ends spend "
+        "per GB: vtunnel's --socks front over tcp:// vs shadowsocks-libev (aes-256-gcm)",
+        params={"streams": 1, "bytes": 256 * MiB, "timeout": 120},
+        quick={"bytes": 64 * MiB, "timeout": 60},
+        socks=True,
+        own_stack=True,
+        only=("shadowsocks", "vtunnel-tcp", "vtunnel-tcp+psk"),
     ),
     Scenario(
         name="rr-64",
@@ -264,9 +291,9 @@ NOT_AUTOMATIC: frozenset[str] = frozenset({"tls"})
 
 
 def all_systems(plugins: tuple[str, ...] = ()) -> list[SystemSpec]:
-    """Every system in report order: direct, kcptun, then vtunnel per transport (``plugins`` last), without and
+    """Every system in report order: direct, kcptun, shadowsocks, then vtunnel per transport (``plugins`` last), without and
     with the key (kcp also with FEC, for the ``fec`` scenarios)."""
-    systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun")]
+    systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun"), SystemSpec(kind="shadowsocks")]
     for transport in (*VTUNNEL_TRANSPORTS, *plugins):
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False))
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=True))
