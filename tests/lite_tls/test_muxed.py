@@ -125,12 +125,20 @@ async def _pump(src: SocketStream, dst: SocketStream, tap: Tap | None) -> None:
 
 
 @asynccontextmanager
-async def relay(port: int, tap: Tap) -> AsyncIterator[int]:
-    """A TCP relay on 127.0.0.1 to ``port``: upstream bytes go through ``tap``; yields its own port."""
+async def relay(port: int, tap: Tap, first: list[bytes] | None = None) -> AsyncIterator[int]:
+    """A TCP relay on 127.0.0.1 to ``port``: upstream bytes go through ``tap``; with ``first``, each
+    connection's first bytes towards ``port`` are read before it connects and appended to it; yields its own
+    port."""
 
     async def handle(client: SocketStream) -> None:
+        start = b""
+        if first is not None:
+            start = await client.receive()
+            first.append(start)
         upstream = await anyio.connect_tcp("127.0.0.1", port)
         async with client, upstream, anyio.create_task_group() as tg:
+            if start:
+                await upstream.send(start)
             tg.start_soon(_pump, client, upstream, None)
             await _pump(upstream, client, tap)
 

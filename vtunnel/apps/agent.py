@@ -27,6 +27,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from vtunnel.apps.dialer import parse_authority
+from vtunnel.apps.lite_tls_splice import SpliceDialer, splice_port
 from vtunnel.apps.pipe import (
     Leg,
     Relay,
@@ -142,6 +143,12 @@ class Agent:
                 size=settings.connections,
                 watch=stats,
             )
+        port = splice_port(settings.server)
+        #: lite-tls splice mode (``splice=PORT`` in the server URL): opens lite-tls streams with a dedicated
+        #: connection each
+        self.splice = (
+            SpliceDialer(settings.server, port) if port is not None and self.pool is not None else None
+        )
         self.local_addresses: dict[str, str] = {}
         self._stopping = anyio.Event()
         self._active = 0
@@ -158,6 +165,11 @@ class Agent:
         login = self.settings.websocks_login
         if login is None and metadata is not None:
             metadata = self.choose_kind(metadata)
+        if self.splice is not None and login is None and metadata is not None and metadata.kind == "lite-tls":
+            pool, timeout = self.pool, self.settings.open_timeout
+            return await self.splice.open(
+                metadata, lambda md: pool.open_stream(md, wait_accepted=True, timeout=timeout)
+            )
         if login is None or metadata is None or metadata.authority is None:
             return await self.pool.open_stream(
                 metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout

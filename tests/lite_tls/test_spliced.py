@@ -1,0 +1,202 @@
+"""lite-tls splice mode end to end: an agent and a server in-process over tcp:// with a key and ``splice=PORT``, a
+real HTTPS origin and curl through SOCKS5. Once a lite-tls stream left the tunnel its bytes go over a dedicated
+TCP connection per stream, relayed by ``os.splice`` at both ends; a relay on loopback between the agent and the
+server's splice port sees (and in one test tampers with) those connections."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from structlog.testing import capture_logs
+
+from vtunnel.apps.agent import Agent, AgentSettings
+from vtunnel.apps.lite_tls_splice import TICKET_LEN
+from vtunnel.apps.policy import ExitPolicy
+from vtunnel.apps.server import Server, ServerSettings
+from vtunnel.io.splice import SPLICE_AVAILABLE
+from vtunnel.protocol import TunnelConfig
+from vtunnel.transports.base import Endpoint, SecurityConfig
+
+from .test_muxed import Tap, body_for, ca_file, curl, origin, relay
+
+__all__ = ["ca_file"]
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
+    pytest.mark.skipif(os.system("command -v curl >/dev/null") != 0, reason="curl is not installed"),
+]
+
+
+@dataclass
+class Spliced:
+    socks: int
+    splice: int  # the server's splice port
+    server: Server
+
+
+@asynccontextmanager
+async def spliced_tunnel(
+    lite_ports: frozenset[int], *, wire: Tap | None = None, first: list[bytes] | None = None
+) -> AsyncIterator[Spliced]:
+    """Agent and server over tcp:// with a key and splice mode; ``wire`` sees the dedicated connections'
+    server -> agent bytes and ``first`` their first agent -> server bytes (the agent reaches the splice port
+    through a relay)."""
+    security = SecurityConfig(psk=os.urandom(32))
+    server = Server(
+        ServerSettings(
+            listen=[Endpoint.parse("tcp://127.0.0.1:0?splice=0")],
+            security=security,
+            policy=ExitPolicy(allow_private=True),
+            drain_timeout=1.0,
+        )
+    )
+    async with anyio.create_task_group() as tg:
+        addresses = await tg.start(server.serve)
+        server_port = int(addresses[0].rsplit(":", 1)[1])
+        splice_port = int(server.splice_addresses[0].rsplit(":", 1)[1])
+        async with relay(splice_port, wire or Tap(), first) as relayed:
+            agent = Agent(
+                AgentSettings(
+                    server=Endpoint.parse(f"tcp://127.0.0.1:{server_port}?splice={relayed}"),
+                    security=security,
+                    socks=("127.0.0.1", 0),
+                    tunnel=TunnelConfig(),
+                    drain_timeout=1.0,
+                    lite_tls_ports=lite_ports,
+                )
+            )
+            fronts = await tg.start(agent.serve)
+            yield Spliced(int(fronts["socks"].rsplit(":", 1)[1]), splice_port, server)
+            agent.shutdown()
+            server.shutdown()
+
+
+def _left(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+async def test_https_through_a_spliced_stream_is_byte_exact(
+    version: str, ca_file: str, tmp_path: Path
+) -> None:
+    size = 64 * 1024 * 1024
+    wire = Tap()
+    with capture_logs() as logs:
+        async with origin(version) as https, spliced_tunnel(frozenset({https}), wire=wire) as t:
+            out = tmp_path / "body"
+            with anyio.fail_after(150):
+                assert (
+                    await curl(
+                        t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file, version=version
+                    )
+                    == 0
+                )
+            assert out.read_bytes() == body_for(size)
+    left = _left(logs)
+    # both ends, spliced, one active and one passive
+    assert sorted(str(e["role"]) for e in left) == ["active", "passive"], left
+    assert all(e["mode"] == "spliced" for e in left)
+    # the body went over the dedicated connection (its server -> agent bytes: the ACK, then the user's records)
+    assert len(wire.downstream) > size
+    assert wire.downstream[:1] == b"\x01"
+
+
+async def test_plain_http_to_a_lite_tls_port_falls_back_and_works(tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        async with origin(None) as plain, spliced_tunnel(frozenset({plain})) as t:
+            out = tmp_path / "body"
+            with anyio.fail_after(60):
+                assert await curl(t.socks, f"http://127.0.0.1:{plain}/bytes/{3 << 20}", out) == 0
+            assert out.read_bytes() == body_for(3 << 20)
+    assert not _left(logs)
+
+
+async def test_a_connection_without_a_valid_ticket_gets_nothing(ca_file: str, tmp_path: Path) -> None:
+    """Strangers on the splice port: a random ticket, a TLS-looking start, HTTP, the ticket of a stream that
+    already used it (a replay): each is closed with nothing relayed, and the tunnel's own streams go on."""
+    wire = Tap()
+    first: list[bytes] = []
+    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), wire=wire, first=first) as t:
+        out = tmp_path / "body"
+        with anyio.fail_after(60):
+            assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/1000", out, ca=ca_file) == 0
+        assert out.read_bytes() == body_for(1000)
+        used = bytes(wire.downstream)
+        assert len(first) == 1
+        assert len(first[0]) >= TICKET_LEN
+        ticket = first[0][:TICKET_LEN]
+
+        def stranger(first: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", t.splice), timeout=10) as sock:
+                sock.sendall(first)
+                sock.shutdown(socket.SHUT_WR)
+                got = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        got += chunk
+                except ConnectionResetError:  # closed with bytes it did not read: a reset
+                    pass
+                return got
+
+        with anyio.fail_after(30):
+            assert await anyio.to_thread.run_sync(stranger, secrets.token_bytes(TICKET_LEN)) == b""
+            assert await anyio.to_thread.run_sync(stranger, b"\x16\x03\x01\x00\x10" + bytes(16)) == b""
+            assert await anyio.to_thread.run_sync(stranger, b"GET / HTTP/1.1\r\n\r\n" * 4) == b""
+            assert await anyio.to_thread.run_sync(stranger, ticket + b"\x17\x03\x03\x00\x01x") == b""
+        assert t.server.tickets is not None
+        assert t.server.tickets.refused == 4
+        assert used[:1] == b"\x01"
+        with anyio.fail_after(60):
+            assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/2000", out, ca=ca_file) == 0
+        assert out.read_bytes() == body_for(2000)
+
+
+async def test_a_flipped_byte_on_a_dedicated_connection_breaks_only_that_stream(
+    ca_file: str, tmp_path: Path
+) -> None:
+    """Two parallel downloads, each on its own dedicated connection; the relay flips one byte of one of them:
+    that curl fails (its TLS), the other finishes byte-exact, and the tunnel carries a new one afterwards."""
+    size = 16 * 1024 * 1024
+    flipped: list[int] = []
+    seen = [0]
+
+    def flip(chunk: bytes) -> bytes:  # one byte, once 4 MiB went through the dedicated connections
+        if flipped or seen[0] + len(chunk) < 4 << 20:
+            seen[0] += len(chunk)
+            return chunk
+        changed = bytearray(chunk)
+        changed[len(changed) // 2] ^= 0x40
+        flipped.append(seen[0])
+        return bytes(changed)
+
+    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), wire=Tap(tamper=flip)) as t:
+        codes: dict[str, int] = {}
+
+        async def fetch(name: str) -> None:
+            codes[name] = await curl(
+                t.socks, f"https://127.0.0.1:{https}/bytes/{size}", tmp_path / name, ca=ca_file
+            )
+
+        with anyio.fail_after(150):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch, "one")
+                tg.start_soon(fetch, "two")
+            assert flipped
+            assert sorted(codes.values())[0] == 0, codes
+            assert sorted(codes.values())[1] != 0, codes
+            good = "one" if codes["one"] == 0 else "two"
+            assert (tmp_path / good).read_bytes() == body_for(size)
+            await fetch("after")
+        assert codes["after"] == 0
+        assert (tmp_path / "after").read_bytes() == body_for(size)
