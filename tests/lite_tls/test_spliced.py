@@ -28,6 +28,7 @@ from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
 from .test_muxed import Tap, body_for, ca_file, curl, origin, relay
+from .tlsutil import HOST, cert_files
 
 __all__ = ["ca_file"]
 
@@ -47,15 +48,25 @@ class Spliced:
 
 @asynccontextmanager
 async def spliced_tunnel(
-    lite_ports: frozenset[int], *, wire: Tap | None = None, first: list[bytes] | None = None
+    lite_ports: frozenset[int],
+    *,
+    wire: Tap | None = None,
+    first: list[bytes] | None = None,
+    tls_files: tuple[str, str, str] | None = None,
 ) -> AsyncIterator[Spliced]:
     """Agent and server over tcp:// with a key and splice mode; ``wire`` sees the dedicated connections'
     server -> agent bytes and ``first`` their first agent -> server bytes (the agent reaches the splice port
-    through a relay)."""
+    through a relay). With ``tls_files`` (chain, key, CA) the tunnel runs over tls:// instead of tcp://."""
     security = SecurityConfig(psk=os.urandom(32))
     server = Server(
         ServerSettings(
-            listen=[Endpoint.parse("tcp://127.0.0.1:0?splice=0")],
+            listen=[
+                Endpoint.parse(
+                    "tcp://127.0.0.1:0?splice=0"
+                    if tls_files is None
+                    else f"tls://127.0.0.1:0?cert={tls_files[0]}&key={tls_files[1]}&splice=0"
+                )
+            ],
             security=security,
             policy=ExitPolicy(allow_private=True),
             drain_timeout=1.0,
@@ -68,7 +79,11 @@ async def spliced_tunnel(
         async with relay(splice_port, wire or Tap(), first) as relayed:
             agent = Agent(
                 AgentSettings(
-                    server=Endpoint.parse(f"tcp://127.0.0.1:{server_port}?splice={relayed}"),
+                    server=Endpoint.parse(
+                        f"tcp://127.0.0.1:{server_port}?splice={relayed}"
+                        if tls_files is None
+                        else f"tls://127.0.0.1:{server_port}?ca={tls_files[2]}&servername={HOST}&splice={relayed}"
+                    ),
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=TunnelConfig(),
@@ -110,6 +125,32 @@ async def test_https_through_a_spliced_stream_is_byte_exact(
     # the body went over the dedicated connection (its server -> agent bytes: the ACK, then the user's records)
     assert len(wire.downstream) > size
     assert wire.downstream[:1] == b"\x01"
+
+
+async def test_over_tls_the_dedicated_connection_carries_the_users_tls_and_nothing_else(
+    ca_file: str, tmp_path: Path
+) -> None:
+    """tls://: the tunnel is inside TLS; a dedicated connection is plain TCP from its first byte (ticket out,
+    ACK back, then the user's own TLS records), so there is no outer TLS to end on it."""
+    size = 8 * 1024 * 1024
+    wire = Tap()
+    with capture_logs() as logs:
+        async with (
+            origin("1.3") as https,
+            spliced_tunnel(frozenset({https}), wire=wire, tls_files=cert_files(tmp_path)) as t,
+        ):
+            out = tmp_path / "body"
+            with anyio.fail_after(120):
+                assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+            assert out.read_bytes() == body_for(size)
+    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    stream = bytes(wire.downstream)
+    assert stream[:1] == b"\x01"
+    pos = 1  # after the ACK: nothing but TLS application-data records (the user's), to the end
+    while pos < len(stream):
+        assert stream[pos : pos + 3] == b"\x17\x03\x03", pos
+        pos += 5 + int.from_bytes(stream[pos + 3 : pos + 5], "big")
+    assert pos == len(stream)
 
 
 async def test_plain_http_to_a_lite_tls_port_falls_back_and_works(tmp_path: Path) -> None:
