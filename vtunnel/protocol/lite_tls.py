@@ -360,6 +360,12 @@ class LiteTlsTracker:
         _send(events, pieces)
         events.append(FellBack(reason=problem, by_peer=False))
 
+    @property
+    def header_begun(self) -> bool:
+        """The first bytes of a first-hand record header are held, waiting for its rest: if none come soon, the
+        runtime calls :meth:`local_stalled`."""
+        return self._out.tracked and bool(self._out.head)
+
     def local_stalled(self) -> list[LiteTlsEvent]:
         """The local side has sent nothing for a while: if the tracker is still gathering the first bytes of a
         record header (a TLS endpoint writes whole records, so these are not TLS), fall back and send them.

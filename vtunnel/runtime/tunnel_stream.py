@@ -48,6 +48,13 @@ __all__ = ["StreamCarrier", "StreamConsumer", "TunnelStream"]
 
 log = structlog.get_logger("vtunnel.lite_tls")
 
+#: seconds an active lite-tls end waits for the peer's answer to its marker before it resets the stream (a peer
+#: running this code answers within a round trip, unless its endpoint stopped half-way through a record)
+ANSWER_TIMEOUT = 10.0
+#: seconds of quiet after the local endpoint wrote the start of something like a record header: then it is
+#: not TLS (a TLS endpoint writes whole records) and the stream falls back (``LiteTlsSession.local_stalled``)
+LOCAL_STALL = 0.2
+
 
 class StreamCarrier(Protocol):
     """What a :class:`TunnelStream` needs from the connection that carries it (``TunnelConnection`` is the one
@@ -416,10 +423,12 @@ class _LiteTls:
     dedicated connection until the stream leaves, and what goes on it first."""
 
     __slots__ = (
+        "_answer_timer",
         "_dedicated",
         "_eof",
         "_queue",
         "_refused",
+        "_stall_timer",
         "_stream",
         "_to_dedicated",
         "off_tunnel",
@@ -444,13 +453,17 @@ class _LiteTls:
         )  # splice mode: what the session sent after leaving, before the hand-over
         #: a spliced stream that left: its bytes and its end go over the dedicated connection, never the tunnel
         self.off_tunnel = False
+        #: the answer's deadline while awaiting it; the local stall check while a header is begun
+        self._answer_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     def splice_over(self, dedicated: socket.socket) -> None:
         self.session.splice()
         self._dedicated = dedicated
 
     def drop_dedicated(self) -> None:
-        """The stream is closed: a dedicated connection not handed over is closed with it."""
+        """The stream is closed: a dedicated connection not handed over is closed with it (and no timer runs)."""
+        self._stop_timers()
         sock, self._dedicated = self._dedicated, None
         if sock is not None:
             sock.close()
@@ -504,6 +517,18 @@ class _LiteTls:
                 carrier.tunnel.acknowledge_received_data(stream.stream_id, step.consumed)
         for data in step.deliver:
             stream._deliver(data)
+        session = self.session
+        if session.awaiting_answer:
+            if self._answer_timer is None:
+                self._answer_timer = asyncio.get_running_loop().call_later(ANSWER_TIMEOUT, self._no_answer)
+        elif self._answer_timer is not None:
+            self._answer_timer.cancel()
+            self._answer_timer = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if session.tracker.header_begun:
+            self._stall_timer = asyncio.get_running_loop().call_later(LOCAL_STALL, self._stalled)
         if self.off_tunnel:
             for piece, passthrough in step.send:
                 if passthrough:  # after leaving: for the dedicated connection
@@ -516,6 +541,43 @@ class _LiteTls:
         if self.flush() and self._refused and not self.session.awaiting_answer:
             self._refused = False
             stream.deliver_room()
+
+    def _stop_timers(self) -> None:
+        for timer in (self._answer_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._answer_timer = self._stall_timer = None
+
+    def _no_answer(self) -> None:
+        self._answer_timer = None
+        stream = self._stream
+        if not self.session.awaiting_answer or stream._closed or stream._broken is not None:
+            return
+        log.info(
+            "lite_tls.answer_timeout",
+            tunnel=stream._carrier.name,
+            stream=stream.stream_id,
+            waited=ANSWER_TIMEOUT,
+        )
+        self._reset("protocol: lite-tls no answer to the marker")
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        stream = self._stream
+        if not stream._closed and stream._broken is None:
+            self._act(self.session.local_stalled())
+
+    def _reset(self, reason: str) -> None:
+        """Reset the stream (the tunnel and its other streams go on); what was queued or held is dropped."""
+        stream = self._stream
+        carrier = stream._carrier
+        self._queue.clear()
+        self.off_tunnel = False
+        self._stop_timers()
+        with contextlib.suppress(VTunnelError):
+            carrier.tunnel.reset_stream(stream.stream_id, error=reason)
+        carrier.transmit()
+        stream.deliver_reset(reason)
 
     def _hand_over(self, role: LiteTlsRole) -> None:
         """Spliced, left, and everything for the tunnel sent: the consumer relays the dedicated connection from
@@ -546,11 +608,7 @@ class _LiteTls:
             return
         sock.close()
         log.info("lite_tls.splice_failed", tunnel=carrier.name, stream=stream.stream_id)
-        self.off_tunnel = False
-        with contextlib.suppress(VTunnelError):
-            carrier.tunnel.reset_stream(stream.stream_id, error="protocol: lite-tls splice failed")
-        carrier.transmit()
-        stream.deliver_reset("protocol: lite-tls splice failed")
+        self._reset("protocol: lite-tls splice failed")
 
     def writable(self) -> bool:
         """Credit came: send what is queued; True if the writer may go on."""
