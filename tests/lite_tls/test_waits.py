@@ -88,15 +88,11 @@ async def test_a_header_begun_and_then_quiet_falls_back_instead_of_hanging() -> 
                 while True:
                     await conn.send(await conn.receive())
 
-    with capture_logs() as logs:
-        async with destination(echo) as port, tunnel(frozenset({port})) as t:
-            with anyio.fail_after(20):
-                client = await socks_connect(t.socks, port)
-                async with client:
-                    await client.send(b"\x16\x03")  # could be a ClientHello's header, then nothing
-                    assert await client.receive() == b"\x16\x03"
-                    await client.send(b" and more")
-                    assert await client.receive() == b" and more"
-    fell_back = [e for e in logs if e["event"] == "lite_tls.fell_back"]
-    assert fell_back
-    assert "then nothing" in str(fell_back[0]["reason"])
+    async with destination(echo) as port, tunnel(frozenset({port})) as t:
+        with anyio.fail_after(20):
+            client = await socks_connect(t.socks, port)
+            async with client:
+                await client.send(b"\x16\x03")  # could be a ClientHello's header, then nothing
+                assert await client.receive() == b"\x16\x03"
+                await client.send(b" and more")
+                assert await client.receive() == b" and more"
