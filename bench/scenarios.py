@@ -71,7 +71,8 @@ class Scenario:
     ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``bulk_wire`` (bulk through the
     relay, with the bytes on the wire per payload byte), ``rr_impaired``
     (request/response through the UDP impairment relay), ``stalled`` (one stream's goodput while others of
-    its tunnel stall) or ``https_lite`` (a TLS download through a lite-tls stream and through an ordinary one).
+    its tunnel stall) or ``https_lite`` (a TLS download through a lite-tls stream, muxed and spliced, through an
+    ordinary one and directly).
     ``params`` are for a full run; ``quick`` overrides some for ``--quick``. ``own_stack``
     scenarios get a fresh stack per system and round instead of sharing one with the others of their link.
     ``fec`` scenarios compare kcp:// with and without FEC: they run the kcp systems only, and only they run the
@@ -194,8 +195,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="https-lite",
         kind="https_lite",
-        description="HTTPS-like bulk download goodput (1 stream, TLS 1.3 from a TLS source) through lite-tls vs "
-        "lite-tls off (an ordinary stream of the same tunnel), side by side",
+        description="HTTPS-like bulk download goodput (1 stream, TLS 1.3 from a TLS source) through lite-tls "
+        "muxed, lite-tls spliced (a second agent in splice mode), lite-tls off (an ordinary stream of the same "
+        "tunnel) and direct, side by side; CPU s/GB of agent and server",
         params={"bytes": 256 * MiB, "timeout": 120},
         quick={"bytes": 64 * MiB, "timeout": 60},
         vtunnel_only=True,

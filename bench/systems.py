@@ -45,6 +45,7 @@ __all__ = [
     "run_client",
     "server_argv",
     "shadowsocks_version",
+    "start_spliced_agent",
     "start_stack",
     "system_unavailable",
     "tunnel_url",
@@ -142,6 +143,7 @@ class Stack:
     #: where a SOCKS5 stack's clients ask the proxy to connect (``None``: the entry forwards by itself)
     socks_target: str | None = None
     side_entries: dict[str, str] = field(default_factory=dict)  # more destinations: their local entry
+    tunnel: str = ""  # host:port the agent dials (vtunnel)
     code: dict[str, str] = field(default_factory=dict)  # vtunnel package directory each vtunnel process runs
 
     @property
@@ -357,6 +359,7 @@ def start_stack(
     side_targets: Sequence[str] = (),
     agent_extra: Sequence[str] = (),
     socks: bool = False,
+    splice_port: int | None = None,
 ) -> Stack:
     """Start the workload server and ``system`` on ``placement``; return once an echo crosses the whole path.
 
@@ -364,7 +367,9 @@ def start_stack(
     which forwards to the server. ``side_targets`` (vtunnel only): more destinations the agent forwards to in
     the same tunnel (``--forward LOCAL=DEST``), each reachable at ``stack.side_entries[dest]``. ``agent_extra``:
     more options of the vtunnel agent. ``socks``: the entry is the client side's SOCKS5 proxy (vtunnel's
-    ``--socks`` front, or ss-local), and clients name the workload server in their CONNECT.
+    ``--socks`` front, or ss-local), and clients name the workload server in their CONNECT. ``splice_port`` (tcp:// and tls:// only): the server also listens there
+    for the dedicated connections of spliced lite-tls streams (``splice=PORT``; the agent stays muxed, see
+    :func:`start_spliced_agent`).
     """
     if socks and system.kind not in ("vtunnel", "shadowsocks"):
         raise HarnessError(f"{system.name} has no SOCKS5 front")
@@ -406,11 +411,12 @@ def start_stack(
     if socks:
         stack.socks_target = target
     env = code_env(system)
-    stack.procs["server"] = group.spawn(
-        f"{system.name}-server",
-        [*placement.server_prefix, *server_argv(system, f"{host}:{tunnel_port}", target, psk_file)],
-        env=env,
-    )
+    server = server_argv(system, f"{host}:{tunnel_port}", target, psk_file)
+    if splice_port is not None:
+        at = server.index("--listen") + 1
+        server[at] += ("&" if "?" in server[at] else "?") + f"splice={splice_port}"
+    stack.procs["server"] = group.spawn(f"{system.name}-server", [*placement.server_prefix, *server], env=env)
+    stack.tunnel = f"{host}:{dial_port}"
     # The agent starts once the server listens: a first handshake sent into the void costs a retry backoff.
     wait_log(stack.procs["server"], "listening", READY_TIMEOUT)
     forwards: list[str] = []
@@ -439,6 +445,35 @@ def start_stack(
     if system.kind == "vtunnel":
         stack.code = {role: check_code(stack.procs[role], system) for role in ("server", "agent")}
     return stack
+
+
+def start_spliced_agent(
+    stack: Stack, group: ProcessGroup, psk_file: Path | None, splice_port: int, dest: str
+) -> str:
+    """A second vtunnel agent of ``stack`` (process ``agent-spliced``) in lite-tls splice mode (its server URL
+    names the server's ``splice_port``), forwarding a local port to ``dest`` as lite-tls streams; returns that
+    local entry once the agent listens."""
+    system = stack.system
+    url = tunnel_url(system, stack.tunnel)
+    url += ("&" if "?" in url else "?") + f"splice={splice_port}"
+    entry = f"127.0.0.1:{free_port()}"
+    argv = [
+        *vtunnel_command(),
+        "agent",
+        "--server",
+        url,
+        "--forward",
+        f"{entry}={dest}",
+        "--lite-tls-ports",
+        dest.rsplit(":", 1)[1],
+        *_security(system, psk_file),
+    ]
+    proc = group.spawn(
+        f"{system.name}-agent-spliced", [*stack.placement.client_prefix, *argv], env=code_env(system)
+    )
+    stack.procs["agent-spliced"] = proc
+    wait_log(proc, "listening", READY_TIMEOUT)
+    return entry
 
 
 def _security(system: SystemSpec, psk_file: Path | None) -> list[str]:
