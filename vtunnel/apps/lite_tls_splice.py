@@ -258,6 +258,8 @@ class SpliceDialer:
                 stream = await open_stream(md)
             except BaseException:
                 tg.cancel_scope.cancel()
+                if dialed[0] is not None:
+                    dialed[0].close()
                 raise
         sock = dialed[0]
         if sock is None:
@@ -292,6 +294,10 @@ class SpliceDialer:
                 muxed_for=DIAL_BACKOFF,
             )
             return None
+        except BaseException:  # cancelled (the stream was refused): the half-made connection goes too
+            if sock is not None:
+                sock.close()
+            raise
 
     @staticmethod
     async def _acknowledged(sock: socket.socket) -> bool:
