@@ -52,6 +52,23 @@ HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
         ("server_rss_growth_bytes", "B", False),
         ("agent_rss_growth_bytes", "B", False),
     ),
+    "https_lite": (
+        ("lite_goodput_MBps", "MB/s, lite-tls muxed", True),
+        ("spliced_goodput_MBps", "MB/s, lite-tls spliced", True),
+        ("off_goodput_MBps", "MB/s, lite-tls off", True),
+        ("direct_goodput_MBps", "MB/s, direct", True),
+        ("lite_over_off", "x, muxed / off", True),
+        ("spliced_over_direct", "x, spliced / direct", True),
+        ("lite_cpu_ms_per_MB", "ms CPU/MB, muxed", False),
+        ("spliced_cpu_ms_per_MB", "ms CPU/MB, spliced", False),
+        ("off_cpu_ms_per_MB", "ms CPU/MB, off", False),
+        ("lite_agent_cpu_s_per_GB", "agent CPU s/GB, muxed", False),
+        ("lite_server_cpu_s_per_GB", "server CPU s/GB, muxed", False),
+        ("spliced_agent_cpu_s_per_GB", "agent CPU s/GB, spliced", False),
+        ("spliced_server_cpu_s_per_GB", "server CPU s/GB, spliced", False),
+        ("off_agent_cpu_s_per_GB", "agent CPU s/GB, off", False),
+        ("off_server_cpu_s_per_GB", "server CPU s/GB, off", False),
+    ),
 }
 
 #: The systems every other is compared with, in the scenarios that run them.
@@ -350,6 +367,24 @@ TARGETS: tuple[Target, ...] = (
         op="<=",
         threshold=32.0 * 1024 * 1024,
         systems=("vtunnel-",),
+    ),
+    Target(
+        name="HTTPS through lite-tls muxed >= 1.5x lite-tls off",
+        scenario="https-lite",
+        metric="lite_over_off",
+        reference=None,
+        op=">=",
+        threshold=1.5,
+        systems="vtunnel-tcp",
+    ),
+    Target(
+        name="HTTPS through lite-tls spliced >= 0.8x direct",
+        scenario="https-lite",
+        metric="spliced_over_direct",
+        reference=None,
+        op=">=",
+        threshold=0.8,
+        systems="vtunnel-tcp",
     ),
     Target(
         name="idle streams in one tunnel <= 4 KiB each",
