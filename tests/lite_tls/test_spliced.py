@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ async def spliced_tunnel(
     wire: Tap | None = None,
     first: list[bytes] | None = None,
     tls_files: tuple[str, str, str] | None = None,
+    idle_timeout: float | None = None,
 ) -> AsyncIterator[Spliced]:
     """Agent and server over tcp:// with a key and splice mode; ``wire`` sees the dedicated connections'
     server -> agent bytes and ``first`` their first agent -> server bytes (the agent reaches the splice port
@@ -70,6 +72,7 @@ async def spliced_tunnel(
             security=security,
             policy=ExitPolicy(allow_private=True),
             drain_timeout=1.0,
+            idle_timeout=idle_timeout,
         )
     )
     async with anyio.create_task_group() as tg:
@@ -284,3 +287,40 @@ async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(ca_file: 
                 server.shutdown()
     assert [e["mode"] for e in _left(logs)] == ["muxed"] * 4
     assert len([e for e in logs if e["event"] == "lite_tls.splice_dial_failed"]) == 1
+
+
+def _https_keepalive(socks: int, port: int, ca: str, idle: float) -> tuple[bytes, bytes]:
+    """Blocking: through SOCKS5, one HTTPS request on a kept-alive connection, then ``idle`` seconds of quiet,
+    then what the connection gives (b"" once it was closed); returns (first body, after the quiet)."""
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", socks), timeout=30) as raw:
+        raw.sendall(b"\x05\x01\x00")
+        assert raw.recv(2) == b"\x05\x00"
+        raw.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+        assert raw.recv(10)[:2] == b"\x05\x00"
+        ctx = ssl.create_default_context(cafile=ca)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /bytes/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(body_for(1000)):
+                answer += tls.recv(65536)
+            time.sleep(idle)
+            tls.settimeout(5)
+            try:
+                after = tls.recv(100)
+            except TimeoutError:
+                after = b"(still open)"
+            except (ssl.SSLError, OSError):
+                after = b""
+            return answer[-1000:], after
+
+
+async def test_a_spliced_stream_keeps_the_servers_idle_timeout(ca_file: str) -> None:
+    with capture_logs() as logs:
+        async with origin("1.3") as https, spliced_tunnel(frozenset({https}), idle_timeout=0.5) as t:
+            with anyio.fail_after(30):
+                body, after = await anyio.to_thread.run_sync(_https_keepalive, t.socks, https, ca_file, 2.5)
+    assert body == body_for(1000)
+    assert after == b""  # the server's kernel relay ended the quiet connection
+    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]

@@ -229,12 +229,15 @@ class Relay:
         if taken is None:
             return False
         self._state |= _FINISHED
-        if self._idle is not None:
-            self._idle.stop()
+        idle = self._idle
+        if idle is not None:  # the kernel relay gets the same idle timeout, counting its own bytes
+            idle.stop()
         a_to_b = other is self._a
         on_close = taken.on_close
 
         def done(moved: tuple[int, int]) -> None:
+            if idle is not None:
+                idle.stop()
             if a_to_b:
                 self.a_to_b += moved[0]
                 self.b_to_a += moved[1]
@@ -247,7 +250,7 @@ class Relay:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-        SpliceRelay(
+        spliced = SpliceRelay(
             taken.sock,
             dedicated,
             to_a=taken.unsent,
@@ -256,6 +259,9 @@ class Relay:
             a_shut=taken.write_closed,
             on_done=done,
         )
+        if idle is not None and not spliced.finished:
+            self._idle = idle = IdleTimer(idle.timeout, lambda: spliced.moved, spliced.close)
+            idle.start()
         return True
 
     # -------------------------------------------------------------------- from the ends

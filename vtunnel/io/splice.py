@@ -110,6 +110,11 @@ class SpliceRelay:
     def finished(self) -> bool:
         return self._done
 
+    @property
+    def moved(self) -> int:
+        """Bytes moved so far, both ways (for an idle timer)."""
+        return self._moved[0] + self._moved[1]
+
     def close(self) -> None:
         """End the relay now: both sockets are reset."""
         self._finish(reset=True)
