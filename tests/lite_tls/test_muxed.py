@@ -191,6 +191,38 @@ async def tunnel(
             server.shutdown()
 
 
+@asynccontextmanager
+async def agent_and_server(
+    listen: str, server_url: Callable[[int], str], lite_ports: frozenset[int]
+) -> AsyncIterator[int]:
+    """A server listening on ``listen`` and an agent whose server URL is ``server_url(port the server got)``,
+    sharing a fresh key, lite-tls to ``lite_ports``; yields the agent's SOCKS5 port."""
+    security = SecurityConfig(psk=os.urandom(32))
+    async with anyio.create_task_group() as tg:
+        server = Server(
+            ServerSettings(
+                listen=[Endpoint.parse(listen)],
+                security=security,
+                policy=ExitPolicy(allow_private=True),
+                drain_timeout=1.0,
+            )
+        )
+        addresses = await tg.start(server.serve)
+        agent = Agent(
+            AgentSettings(
+                server=Endpoint.parse(server_url(int(addresses[0].rsplit(":", 1)[1]))),
+                security=security,
+                socks=("127.0.0.1", 0),
+                drain_timeout=1.0,
+                lite_tls_ports=lite_ports,
+            )
+        )
+        fronts = await tg.start(agent.serve)
+        yield int(fronts["socks"].rsplit(":", 1)[1])
+        agent.shutdown()
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def ca_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("ca") / "ca.pem"

@@ -28,7 +28,7 @@ from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .test_muxed import Tap, body_for, ca_file, curl, origin, relay
+from .test_muxed import Tap, agent_and_server, body_for, ca_file, curl, origin, relay
 from .tlsutil import HOST, cert_files
 
 __all__ = ["ca_file"]
@@ -249,33 +249,18 @@ async def test_a_flipped_byte_on_a_dedicated_connection_breaks_only_that_stream(
 async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(ca_file: str, tmp_path: Path) -> None:
     """A server without a splice port (it ignores the ticket) and an agent that names one where nothing
     listens: the dial fails, the agent says so once, and the streams leave in muxed mode, byte-exact."""
-    security = SecurityConfig(psk=os.urandom(32))
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         nowhere = unused.getsockname()[1]  # (bound, never listening: connections to it are refused)
         with capture_logs() as logs:
-            async with origin("1.3") as https, anyio.create_task_group() as tg:
-                server = Server(
-                    ServerSettings(
-                        listen=[Endpoint.parse("tcp://127.0.0.1:0")],
-                        security=security,
-                        policy=ExitPolicy(allow_private=True),
-                        drain_timeout=1.0,
-                    )
-                )
-                addresses = await tg.start(server.serve)
-                port = int(addresses[0].rsplit(":", 1)[1])
-                agent = Agent(
-                    AgentSettings(
-                        server=Endpoint.parse(f"tcp://127.0.0.1:{port}?splice={nowhere}"),
-                        security=security,
-                        socks=("127.0.0.1", 0),
-                        drain_timeout=1.0,
-                        lite_tls_ports=frozenset({https}),
-                    )
-                )
-                fronts = await tg.start(agent.serve)
-                socks = int(fronts["socks"].rsplit(":", 1)[1])
+            async with (
+                origin("1.3") as https,
+                agent_and_server(
+                    "tcp://127.0.0.1:0",
+                    lambda port: f"tcp://127.0.0.1:{port}?splice={nowhere}",
+                    frozenset({https}),
+                ) as socks,
+            ):
                 with anyio.fail_after(60):
                     for size in (1 << 20, 2 << 20):
                         out = tmp_path / f"body{size}"
@@ -283,8 +268,6 @@ async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(ca_file: 
                             await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
                         )
                         assert out.read_bytes() == body_for(size)
-                agent.shutdown()
-                server.shutdown()
     assert [e["mode"] for e in _left(logs)] == ["muxed"] * 4
     assert len([e for e in logs if e["event"] == "lite_tls.splice_dial_failed"]) == 1
 
