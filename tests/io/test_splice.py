@@ -134,3 +134,14 @@ async def test_a_reset_ends_both_sides() -> None:
             await done  # the relay saw the reset and closed both
             with pytest.raises(ConnectionResetError):
                 await read_all(x)
+
+
+async def test_an_output_to_shut_gets_its_prefix_then_its_fin() -> None:
+    """(as a relay that had been asked to half-close a socket whose buffer had not drained yet)"""
+    async with spliced(to_a=b"the rest of the answer", a_shut=True) as (x, y, _, done):
+        with anyio.fail_after(20):
+            assert await read_all(x) == b"the rest of the answer"
+            await send_all(x, b"the client still talks")
+            assert await read_all(y) == b"the client still talks"
+            y.shutdown(socket.SHUT_WR)
+            await done

@@ -67,7 +67,7 @@ class SpliceRelay:
     """Relays ``a`` <-> ``b`` in the kernel until both directions ended or one socket failed; ``on_done(moved)``
     is called once, after both sockets are closed, with the bytes moved ``(a_to_b, b_to_a)`` (prefixes
     included). ``a_ended`` / ``b_ended``: that socket's input had ended already (its FIN was seen); ``a_shut`` /
-    ``b_shut``: that socket's output was shut already (nothing is sent to it)."""
+    ``b_shut``: that socket's output is to be shut, after its prefix (nothing of the other's input goes to it)."""
 
     __slots__ = ("_a", "_b", "_dirs", "_done", "_loop", "_moved", "_on_done", "_watch")
 
@@ -91,13 +91,8 @@ class SpliceRelay:
         self._on_done = on_done
         self._done = False
         self._moved = [len(to_b), len(to_a)]
-        ab = _Direction(a, b, to_b, a_ended or b_shut)
-        ba = _Direction(b, a, to_a, b_ended or a_shut)
-        if b_shut:
-            ab.prefix = None
-        if a_shut:
-            ba.prefix = None
-        self._dirs = (ab, ba)
+        # a socket whose output is to be shut gets its prefix, then its FIN, and nothing of the other's input
+        self._dirs = (_Direction(a, b, to_b, a_ended or b_shut), _Direction(b, a, to_a, b_ended or a_shut))
         #: (fd, reading?) -> registered
         self._watch: set[tuple[int, bool]] = set()
         for d in self._dirs:

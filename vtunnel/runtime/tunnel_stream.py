@@ -447,10 +447,10 @@ class _LiteTls:
         #: bytes sent in PASSTHROUGH frames and in ordinary ones (statistics)
         self.passthrough_bytes = 0
         self.protected_bytes = 0
-        self._dedicated: socket.socket | None = None  # splice mode: the connection the stream leaves over
-        self._to_dedicated = (
-            bytearray()
-        )  # splice mode: what the session sent after leaving, before the hand-over
+        #: splice mode: the connection the stream leaves over, until the hand-over
+        self._dedicated: socket.socket | None = None
+        #: splice mode: what the session sent after leaving, before the hand-over
+        self._to_dedicated = bytearray()
         #: a spliced stream that left: its bytes and its end go over the dedicated connection, never the tunnel
         self.off_tunnel = False
         #: the answer's deadline while awaiting it; the local stall check while a header is begun
