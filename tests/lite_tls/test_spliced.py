@@ -21,7 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from vtunnel.apps.agent import Agent, AgentSettings
-from vtunnel.apps.lite_tls_splice import TICKET_LEN
+from vtunnel.apps.lite_tls_splice import CLAIM_TIMEOUT, TICKET_LEN
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.io.splice import SPLICE_AVAILABLE
@@ -55,6 +55,7 @@ async def spliced_tunnel(
     first: list[bytes] | None = None,
     tls_files: tuple[str, str, str] | None = None,
     idle_timeout: float | None = None,
+    server_lite_tls: bool = True,
 ) -> AsyncIterator[Spliced]:
     """Agent and server over tcp:// with a key and splice mode; ``wire`` sees the dedicated connections'
     server -> agent bytes and ``first`` their first agent -> server bytes (the agent reaches the splice port
@@ -73,6 +74,7 @@ async def spliced_tunnel(
             policy=ExitPolicy(allow_private=True),
             drain_timeout=1.0,
             idle_timeout=idle_timeout,
+            tunnel=TunnelConfig(lite_tls=server_lite_tls),
         )
     )
     async with anyio.create_task_group() as tg:
@@ -307,3 +309,21 @@ async def test_a_spliced_stream_keeps_the_servers_idle_timeout(ca_file: str) -> 
     assert body == body_for(1000)
     assert after == b""  # the server's kernel relay ended the quiet connection
     assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+
+
+async def test_a_tunnel_without_lite_tls_stops_the_dedicated_connections(
+    ca_file: str, tmp_path: Path
+) -> None:
+    """The server has a splice port but does not offer lite-tls: the first stream's dedicated connection is
+    refused by it (no stream claims it), and the agent opens no more for a while; the streams are plain ones."""
+    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), server_lite_tls=False) as t:
+        with anyio.fail_after(60):
+            for size in (1000, 2000, 3000):
+                out = tmp_path / f"body{size}"
+                assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+                assert out.read_bytes() == body_for(size)
+            assert t.server.tickets is not None
+            while t.server.tickets.refused < 1:  # (the parked connection expires after CLAIM_TIMEOUT)
+                await anyio.sleep(0.1)
+            await anyio.sleep(CLAIM_TIMEOUT + 0.5)
+        assert t.server.tickets.refused == 1

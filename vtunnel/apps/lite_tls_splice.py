@@ -60,7 +60,8 @@ ACK_TIMEOUT: Final = 2.0
 TICKET_TIMEOUT: Final = 5.0
 #: dedicated connections waiting for their ticket or its SYN, at most (more are closed at once)
 MAX_PARKED: Final = 256
-#: after a failed dial of the splice port, the agent opens muxed streams for this long
+#: after a failed dial of the splice port (or a tunnel without lite-tls), the agent opens streams without a
+#: dedicated connection for this long
 DIAL_BACKOFF: Final = 30.0
 
 
@@ -262,6 +263,8 @@ class SpliceDialer:
                     dialed[0].close()
                 raise
         sock = dialed[0]
+        if not stream.lite_tls:  # the tunnel did not agree to lite-tls: no dedicated connections for a while
+            self._backoff_until = time.monotonic() + DIAL_BACKOFF
         if sock is None:
             return stream
         if stream.lite_tls and await self._acknowledged(sock):
