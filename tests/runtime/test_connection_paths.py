@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 
 import anyio
 import pytest
@@ -115,6 +116,9 @@ class _RoomWatcher:
 
     def stream_broken(self) -> None:
         pass
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        return False
 
     def stream_writable(self) -> None:
         if not self.batch[1]:
