@@ -15,7 +15,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig
 def agent(ports: frozenset[int] = DEFAULT_LITE_TLS_PORTS) -> Agent:
     return Agent(
         AgentSettings(
-            server=Endpoint.parse("tcp://127.0.0.1:9"),
+            servers=[Endpoint.parse("tcp://127.0.0.1:9")],
             security=SecurityConfig(psk=bytes(32)),
             socks=("127.0.0.1", 0),
             lite_tls_ports=ports,

@@ -177,7 +177,7 @@ async def tunnel(
         async with relay(server_port, wire) as port:
             agent = Agent(
                 AgentSettings(
-                    server=Endpoint.parse(f"tcp://127.0.0.1:{port}"),
+                    servers=[Endpoint.parse(f"tcp://127.0.0.1:{port}")],
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=config,

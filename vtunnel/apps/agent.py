@@ -97,7 +97,9 @@ DEFAULT_LITE_TLS_PORTS = frozenset({443})
 
 @dataclass(frozen=True, kw_only=True)
 class AgentSettings:
-    server: Endpoint
+    #: the servers, in the order given: the pool's tunnels go to the UDP ones first and spread over a tier
+    #: (:mod:`vtunnel.runtime.session`); a WebSocks server is given alone
+    servers: Sequence[Endpoint]
     security: SecurityConfig
     forwards: Sequence[Forward] = ()
     socks: tuple[str, int] | None = None
@@ -115,6 +117,17 @@ class AgentSettings:
     #: forward's destination) is a ``lite-tls`` stream, which leaves the tunnel's encryption once its own TLS is
     #: up when the server agreed to lite-tls (docs/lite-tls.md); empty: never
     lite_tls_ports: frozenset[int] = DEFAULT_LITE_TLS_PORTS
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("the agent needs a server")
+        if len(self.servers) > 1 and any(s.scheme in WEBSOCKS_SCHEMES for s in self.servers):
+            raise ValueError("a WebSocks server is given alone: it takes no other --server")
+
+    @property
+    def server(self) -> Endpoint:
+        """The first server (a WebSocks server's only one)."""
+        return self.servers[0]
 
 
 class Agent:
@@ -137,7 +150,7 @@ class Agent:
                 )
         else:
             self.pool = TunnelPool(
-                settings.server,
+                settings.servers,
                 security=settings.security,
                 config=settings.tunnel,
                 size=settings.connections,
@@ -282,7 +295,7 @@ class Agent:
     def _show(self, name: str, addr: Any) -> None:
         shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
         self.local_addresses[name] = shown
-        log.info("listening", front=name, address=shown, server=str(self.settings.server))
+        log.info("listening", front=name, address=shown, servers=[str(s) for s in self.settings.servers])
 
     def shutdown(self) -> None:
         self._stopping.set()

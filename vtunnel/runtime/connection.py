@@ -111,6 +111,8 @@ class TunnelConnection:
         self._reading_paused = False
         self._ready = anyio.Event()
         self._closed = anyio.Event()
+        #: set once the tunnel takes no new streams: a GOAWAY either way, or its close
+        self._retired = anyio.Event()
         self._close_reason = ""
         self._task_group: TaskGroup | None = None
         #: link writes (``send_nowait`` calls that took bytes) and refusals (``WouldBlock``): statistics
@@ -159,6 +161,11 @@ class TunnelConnection:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    async def wait_retired(self) -> None:
+        """Wait until the tunnel takes no new streams: the peer's GOAWAY, our :meth:`shutdown`, or its close (the
+        streams it has may still be finishing)."""
+        await self._retired.wait()
 
     # ------------------------------------------------------------------ output
     def transmit(self) -> None:
@@ -392,6 +399,7 @@ class TunnelConnection:
         self._close_reason = reason
         self.log.info("tunnel closed", reason=reason, streams=len(self.streams))
         self._closed.set()
+        self._retired.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -450,6 +458,7 @@ class TunnelConnection:
                 self._ready.set()
             elif isinstance(ev, events.GoAwayReceived):
                 self.log.info("peer is shutting down", reason=ev.reason, last_stream_id=ev.last_stream_id)
+                self._retired.set()
                 for sid, s6 in list(streams.items()):
                     if sid > ev.last_stream_id:
                         s6.deliver_reset("refused")
@@ -526,6 +535,7 @@ class TunnelConnection:
         """Send GOAWAY. Graceful: open streams may finish; the tunnel closes when they have (or on timeout)."""
         if self._closed.is_set():
             return
+        self._retired.set()
         with contextlib.suppress(VTunnelError):
             self.tunnel.shutdown(reason, graceful=graceful)
         self.transmit()
