@@ -337,6 +337,9 @@ global
 
 defaults
     mode tcp
+    # a connection to a server that just died goes to the other before the health check has seen it
+    retries 2
+    option redispatch
     timeout connect 5s
     # above the tunnel's keepalive interval (5 s), so an idle tunnel is never cut
     timeout client 1m
