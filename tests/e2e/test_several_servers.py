@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, free_port, wait_log, wait_port
+from tests.e2e.test_metrics import parse, scrape, value
 from tests.netutil import pattern
 
 #: what a failover may take: the promise is "new streams on another server within 5 s"
@@ -172,10 +173,16 @@ def test_stopping_the_server_in_use_moves_new_streams_to_another(
 ) -> None:
     ports = [free_port() for _ in range(3)]
     servers = [start_server(procs, f"tcp://127.0.0.1:{port}", key=psk_file) for port in ports]
-    agent, socks = start_agent(procs, *(f"tcp://127.0.0.1:{port}" for port in ports), key=psk_file)
+    metrics = free_port()
+    agent, socks = start_agent(
+        procs, *(f"tcp://127.0.0.1:{port}" for port in ports), key=psk_file, extra=("--metrics", str(metrics))
+    )
     assert curl_page(socks, web, 1, timeout=10) == pattern(BODY, seed=1)
     # one tunnel: it went to the first server given, and carried the stream
     assert [relayed(procs, s) for s in servers] == [1, 0, 0]
+    _, samples = parse(scrape(metrics))
+    assert [value(samples, "vtunnel_server_tunnels", server=str(i)) for i in range(3)] == [1, 0, 0]
+    assert value(samples, "vtunnel_server_up", server="0", transport="tcp") == 1
 
     left = list(servers)
     for round_ in range(2):
@@ -193,6 +200,13 @@ def test_stopping_the_server_in_use_moves_new_streams_to_another(
         assert len(moved_to) == 1
         for page in range(2, 6):
             assert curl_page(socks, web, page, timeout=10) == pattern(BODY, seed=page)
+        # the metrics say where the tunnel is, and which server stopped answering (by place in the list)
+        _, samples = parse(scrape(metrics))
+        gone, now = servers.index(in_use), servers.index(moved_to[0])
+        assert value(samples, "vtunnel_server_tunnels", server=str(now)) == 1
+        assert value(samples, "vtunnel_server_tunnels", server=str(gone)) == 0
+        if how is signal.SIGKILL:  # a GOAWAY is no failure, a refused connect afterwards is
+            assert value(samples, "vtunnel_server_failures_total", server=str(gone)) >= 1
     assert "server unavailable" in procs.output(agent)
     assert agent.poll() is None
 

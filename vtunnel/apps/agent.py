@@ -156,7 +156,12 @@ class Agent:
                 size=settings.connections,
                 watch=stats,
             )
+            if stats is not None:
+                stats.watch_pool(self.pool)
         port = splice_port(settings.server)
+        if len(settings.servers) > 1 and any(splice_port(server) is not None for server in settings.servers):
+            # a dedicated connection must reach the server whose tunnel carried its ticket
+            raise ValueError("lite-tls splice mode (splice=PORT) takes one --server")
         #: lite-tls splice mode (``splice=PORT`` in the server URL): opens lite-tls streams with a dedicated
         #: connection each
         self.splice = (

@@ -184,8 +184,12 @@ class TunnelPool:
 
     # --- choosing ---------------------------------------------------------------------------------------------
 
+    def tunnels_to(self, server: ServerState) -> int:
+        """Tunnels the slots hold to ``server`` now."""
+        return sum(1 for h in self._slots if h is not None and h.server is server)
+
     def _load(self, server: ServerState) -> int:
-        return server.connecting + sum(1 for h in self._slots if h is not None and h.server is server)
+        return server.connecting + self.tunnels_to(server)
 
     def _pick(self, *, below_tier: int | None = None, answered: bool = False) -> ServerState | None:
         """The server a new tunnel goes to now: the best tier, the least loaded, the first given; only servers
