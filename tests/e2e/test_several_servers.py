@@ -211,6 +211,35 @@ def test_stopping_the_server_in_use_moves_new_streams_to_another(
     assert agent.poll() is None
 
 
+def test_a_frozen_server_is_left_within_5_s_with_a_short_keepalive(
+    procs: Processes, psk_file: Path, web: int, tmp_path: Path
+) -> None:
+    """A server that stops answering without closing anything (SIGSTOP: as a host that went down or a path that
+    went black) is noticed by the tunnel's keepalive; with ``keepalive_interval = 1``, ``keepalive_timeout = 1``
+    (``max_missed`` 2) in the agent's [tunnel] that is within 3 s of its last word, and new streams go on
+    another server within 5 s."""
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        "[tunnel]\nkeepalive_interval = 1.0\nkeepalive_timeout = 1.0\nkeepalive_max_missed = 2\n"
+    )
+    ports = [free_port() for _ in range(2)]
+    servers = [start_server(procs, f"tcp://127.0.0.1:{port}", key=psk_file) for port in ports]
+    agent, socks = start_agent(
+        procs, *(f"tcp://127.0.0.1:{port}" for port in ports), key=psk_file, extra=("--config", str(config))
+    )
+    assert curl_page(socks, web, 1, timeout=10) == pattern(BODY, seed=1)
+    assert [relayed(procs, s) for s in servers] == [1, 0]
+    os.killpg(servers[0].pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        elapsed = first_page_after(socks, web, frozen, FAILOVER_BUDGET)
+        print(f"frozen server: first whole page {elapsed:.2f} s after SIGSTOP (keepalive 1 s x 2)")
+        assert relayed(procs, servers[1]) >= 1
+        assert "keepalive timeout" in procs.output(agent)
+    finally:
+        os.killpg(servers[0].pid, signal.SIGCONT)
+
+
 # --- UDP blocked: the fallback to tls:// --------------------------------------------------------------------------
 
 
