@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, free_port, wait_log, wait_port
+from tests.e2e.test_cli import tls_query
 from tests.e2e.test_metrics import parse, scrape, value
 from tests.netutil import pattern
 
@@ -89,21 +90,15 @@ class Tls:
 
 @pytest.fixture
 def tls(tmp_path: Path) -> Tls:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
-    (tmp_path / "server.pem").chmod(0o600)
     return Tls(
-        listen_query=f"?cert={tmp_path / 'server.pem'}&key={tmp_path / 'server.pem'}",
-        connect_query=f"?ca={tmp_path / 'ca.pem'}&servername=localhost",
+        listen_query=tls_query(tmp_path), connect_query=f"?ca={tmp_path / 'ca.pem'}&servername=localhost"
     )
 
 
 def curl_page(
     socks: int, web: int, page: int, *, timeout: float, prefix: tuple[str, ...] = ()
-) -> bytes | None:
-    """The body of ``/page`` fetched through the agent's SOCKS5 front, or None when curl failed."""
+) -> bytes | str:
+    """The body of ``/page`` fetched through the agent's SOCKS5 front, or curl's error when it failed."""
     proc = subprocess.run(
         [
             *prefix,
@@ -119,7 +114,28 @@ def curl_page(
         timeout=timeout + 10,
         check=False,
     )
-    return proc.stdout if proc.returncode == 0 else None
+    return (
+        proc.stdout
+        if proc.returncode == 0
+        else proc.stderr.decode(errors="replace") or f"exit {proc.returncode}"
+    )
+
+
+def expect_page(
+    procs: Processes,
+    agent: subprocess.Popen[bytes],
+    socks: int,
+    web: int,
+    page: int,
+    *,
+    prefix: tuple[str, ...] = (),
+) -> None:
+    """``/page`` through the agent is whole, or the test fails with curl's error and the end of the agent's log."""
+    got = curl_page(socks, web, page, timeout=10, prefix=prefix)
+    if got != pattern(BODY, seed=page):
+        said = got if isinstance(got, str) else f"{len(got)} bytes that are not the page"
+        tail = "\n".join(procs.output(agent).splitlines()[-40:])
+        pytest.fail(f"page {page}: {said}\nthe agent's log ends:\n{tail}")
 
 
 def start_server(
@@ -177,7 +193,7 @@ def test_stopping_the_server_in_use_moves_new_streams_to_another(
     agent, socks = start_agent(
         procs, *(f"tcp://127.0.0.1:{port}" for port in ports), key=psk_file, extra=("--metrics", str(metrics))
     )
-    assert curl_page(socks, web, 1, timeout=10) == pattern(BODY, seed=1)
+    expect_page(procs, agent, socks, web, 1)
     # one tunnel: it went to the first server given, and carried the stream
     assert [relayed(procs, s) for s in servers] == [1, 0, 0]
     _, samples = parse(scrape(metrics))
@@ -199,7 +215,7 @@ def test_stopping_the_server_in_use_moves_new_streams_to_another(
         moved_to = [s for s in left if relayed(procs, s) > before[id(s)]]
         assert len(moved_to) == 1
         for page in range(2, 6):
-            assert curl_page(socks, web, page, timeout=10) == pattern(BODY, seed=page)
+            expect_page(procs, agent, socks, web, page)
         # the metrics say where the tunnel is, and which server stopped answering (by place in the list)
         _, samples = parse(scrape(metrics))
         gone, now = servers.index(in_use), servers.index(moved_to[0])
@@ -227,7 +243,7 @@ def test_a_frozen_server_is_left_within_5_s_with_a_short_keepalive(
     agent, socks = start_agent(
         procs, *(f"tcp://127.0.0.1:{port}" for port in ports), key=psk_file, extra=("--config", str(config))
     )
-    assert curl_page(socks, web, 1, timeout=10) == pattern(BODY, seed=1)
+    expect_page(procs, agent, socks, web, 1)
     assert [relayed(procs, s) for s in servers] == [1, 0]
     os.killpg(servers[0].pid, signal.SIGSTOP)
     frozen = time.monotonic()
@@ -357,7 +373,7 @@ def test_with_udp_blocked_the_agent_falls_back_to_tls_and_returns(
     elapsed = first_page_after(socks, web_in, started, 20, prefix=netns.prefix)
     print(f"UDP blocked: first whole page {elapsed:.2f} s after the agent started (kcp:// connect_timeout=2)")
     for page in range(1, 11):
-        assert curl_page(socks, web_in, page, timeout=10, prefix=netns.prefix) == pattern(BODY, seed=page)
+        expect_page(procs, agent, socks, web_in, page, prefix=netns.prefix)
     out = procs.output(agent)
     assert "server unavailable" in out
     assert f"kcp://127.0.0.1:{kcp_port}" in out
@@ -367,7 +383,7 @@ def test_with_udp_blocked_the_agent_falls_back_to_tls_and_returns(
     wait_log(procs, agent, "moved_from", timeout=30)
     print(f"UDP open again: the tunnel moved back to kcp:// after {time.monotonic() - unblocked:.2f} s")
     for page in range(11, 21):
-        assert curl_page(socks, web_in, page, timeout=10, prefix=netns.prefix) == pattern(BODY, seed=page)
+        expect_page(procs, agent, socks, web_in, page, prefix=netns.prefix)
     assert server.poll() is None
     assert agent.poll() is None
 

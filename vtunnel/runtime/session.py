@@ -99,8 +99,6 @@ class ServerState:
     answered: bool | None = None
     #: the prober's next look at it, while it holds no tunnel
     probe_at: float = 0.0
-    #: tunnels of the pool to it that have come up (probes included)
-    tunnels_up: int = 0
     #: tunnels to it that died without a GOAWAY, and connects or handshakes that failed
     failures_total: int = 0
 
@@ -166,13 +164,6 @@ class TunnelPool:
     @property
     def connections(self) -> list[TunnelConnection]:
         return [h.conn for h in self._slots if h is not None and h.conn.accepting_streams]
-
-    def server_of(self, conn: TunnelConnection) -> ServerState | None:
-        """The server a slot's tunnel goes to (None for one no slot holds)."""
-        for held in self._slots:
-            if held is not None and held.conn is conn:
-                return held.server
-        return None
 
     async def run(self, task_group: TaskGroup) -> None:
         """Start the slots (and, with several servers, the prober) in ``task_group`` (returns at once)."""
@@ -258,7 +249,6 @@ class TunnelPool:
             slog.info("server answers again", after_failures=server.failures)
         server.failures = 0
         server.answered = True
-        server.tunnels_up += 1
         return conn
 
     async def _run_tunnel(self, conn: TunnelConnection) -> None:
@@ -275,13 +265,13 @@ class TunnelPool:
         server.failures_total += 1
         server.last_error = reason
         server.answered = False
-        others = [s.name for s in self.servers if s is not server and s.retry_at <= time.monotonic()]
+        after = self._pick()
         slog.warning(
             "server unavailable",
             reason=reason,
             retry_in=round(delay, 2),
             failures=server.failures,
-            next=others[0] if others else None,
+            next=after.name if after is not None else None,
         )
         self._notify()
 
@@ -335,18 +325,22 @@ class TunnelPool:
         self._notify()
 
     def _ended(self, index: int, held: _Held) -> None:
-        """The slot's tunnel takes no more streams: a GOAWAY lets the slot go on at once (the server may take a
-        new tunnel); a tunnel that died leaves its server for its backoff delay, so the next goes elsewhere."""
-        slog = log.bind(server=held.server.name, slot=index)
-        conn = held.conn
-        if not conn.closed:
-            slog.info("tunnel retired: the server is going away", reason=conn.close_reason or "goaway")
-            return
-        if time.monotonic() - held.since > STABLE_AFTER:
-            held.server.backoff.reset()
+        """The slot's tunnel takes no more streams. Its server is left for its backoff delay either way, so the
+        next tunnel goes to another server if there is one: after a GOAWAY (the server is going away, or
+        reloading) without counting a failure, after a tunnel that died as one."""
         if self._stopping:
             return
-        self._failed(held.server, f"tunnel down: {conn.close_reason}", slog)
+        server = held.server
+        if time.monotonic() - held.since > STABLE_AFTER:
+            server.backoff.reset()
+        slog = log.bind(server=server.name, slot=index)
+        if held.conn.closed:
+            self._failed(server, f"tunnel down: {held.conn.close_reason}", slog)
+            return
+        delay = server.backoff.next_delay()
+        server.retry_at = time.monotonic() + delay
+        slog.info("tunnel retired: the server is going away", retry_in=round(delay, 2))
+        self._notify()
 
     # --- probes -----------------------------------------------------------------------------------------------
 
