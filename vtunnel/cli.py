@@ -500,7 +500,7 @@ def agent(
     --server kcp://A:4000 --server tls://A:443 --server tls://B:443
                                          several servers: kcp:// (and rudp://) first, the others when no
                                          UDP server answers; tunnels spread over the servers of a tier and
-                                         go to another within a handshake when theirs dies (docs/agent.md)
+                                         go to another when theirs dies or goes away (docs/agent.md)
 
     \b
     --server websocks://HOST:PORT        a WebSocks server (vproxy's, or vtunnel's --listen websocks://): no
