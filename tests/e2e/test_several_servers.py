@@ -419,10 +419,10 @@ CURLS = 200
 
 @pytest.fixture
 def haproxy_bin() -> str:
-    found = shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy")
-    if not found:
+    found = shutil.which("haproxy", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    if found is None:
         pytest.skip("haproxy is not installed (.ci/run installs it)")
-    return str(found)
+    return found
 
 
 def test_haproxy_in_front_of_two_tls_servers_carries_200_parallel_curls(
