@@ -9,7 +9,8 @@ exit logs ``relaying`` for each stream it connects).
   ``kcp://`` to ``tls://`` and curl works; once the rule is gone the agent's probe finds the kcp:// server and
   its tunnel moves back.
 * HAProxy (TCP mode) in front of two ``tls://`` servers: 200 parallel curls through one agent with a pool of
-  tunnels, every body byte-exact, both servers used.
+  tunnels, every body byte-exact, both servers used; when one of them is killed, the agent's tunnels come back
+  through HAProxy to the other within 5 s.
 """
 
 from __future__ import annotations
@@ -460,6 +461,23 @@ def test_haproxy_in_front_of_two_tls_servers_carries_200_parallel_curls(
         print(f"HAProxy, two tls:// servers: {CURLS} curls, streams per server {streams}")
         assert sum(streams) == CURLS
         assert all(streams), "both servers carry streams"
+
+        # one server dies: its tunnels come back through HAProxy, which redispatches them to the other
+        os.killpg(servers[0].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        servers[0].wait(timeout=10)
+        elapsed = first_page_after(socks, web, killed, FAILOVER_BUDGET)
+        print(f"HAProxy, one server killed: first whole page {elapsed:.2f} s later")
+        # the four tunnels that went to it are made again, all to the other one
+        while procs.output(agent).count("tunnel up") < 12:
+            assert time.monotonic() - killed < 15, "the agent's pool did not come back to 8 tunnels"
+            time.sleep(0.1)
+        print(f"HAProxy, one server killed: the pool whole again {time.monotonic() - killed:.2f} s later")
+        before = relayed(procs, servers[1])
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            results = list(pool.map(fetch, range(1, 21), timeout=120))
+        assert results.count(True) == 20
+        assert relayed(procs, servers[1]) == before + 20
         assert agent.poll() is None
     finally:
         with contextlib.suppress(ProcessLookupError):
