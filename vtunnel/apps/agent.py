@@ -123,6 +123,9 @@ class AgentSettings:
             raise ValueError("the agent needs a server")
         if len(self.servers) > 1 and any(s.scheme in WEBSOCKS_SCHEMES for s in self.servers):
             raise ValueError("a WebSocks server is given alone: it takes no other --server")
+        if len(self.servers) > 1 and any("splice" in s.params for s in self.servers):
+            # a spliced stream's dedicated connection must reach the server whose tunnel carried its ticket
+            raise ValueError("lite-tls splice mode (splice=PORT) is for an agent with one --server")
 
     @property
     def server(self) -> Endpoint:
@@ -159,9 +162,6 @@ class Agent:
             if stats is not None:
                 stats.watch_pool(self.pool)
         port = splice_port(settings.server)
-        if len(settings.servers) > 1 and any(splice_port(server) is not None for server in settings.servers):
-            # a dedicated connection must reach the server whose tunnel carried its ticket
-            raise ValueError("lite-tls splice mode (splice=PORT) takes one --server")
         #: lite-tls splice mode (``splice=PORT`` in the server URL): opens lite-tls streams with a dedicated
         #: connection each
         self.splice = (
