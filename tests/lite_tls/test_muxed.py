@@ -210,7 +210,7 @@ async def agent_and_server(
         addresses = await tg.start(server.serve)
         agent = Agent(
             AgentSettings(
-                server=Endpoint.parse(server_url(int(addresses[0].rsplit(":", 1)[1]))),
+                servers=[Endpoint.parse(server_url(int(addresses[0].rsplit(":", 1)[1])))],
                 security=security,
                 socks=("127.0.0.1", 0),
                 drain_timeout=1.0,

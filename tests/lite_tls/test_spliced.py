@@ -84,11 +84,14 @@ async def spliced_tunnel(
         async with relay(splice_port, wire or Tap(), first) as relayed:
             agent = Agent(
                 AgentSettings(
-                    server=Endpoint.parse(
-                        f"tcp://127.0.0.1:{server_port}?splice={relayed}"
-                        if tls_files is None
-                        else f"tls://127.0.0.1:{server_port}?ca={tls_files[2]}&servername={HOST}&splice={relayed}"
-                    ),
+                    servers=[
+                        Endpoint.parse(
+                            f"tcp://127.0.0.1:{server_port}?splice={relayed}"
+                            if tls_files is None
+                            else f"tls://127.0.0.1:{server_port}?ca={tls_files[2]}&servername={HOST}"
+                            f"&splice={relayed}"
+                        )
+                    ],
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=TunnelConfig(),
