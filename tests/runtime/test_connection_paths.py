@@ -139,14 +139,15 @@ async def test_room_is_told_to_the_longest_waiting_streams_a_few_at_a_time() -> 
     drain = anyio.Event()
 
     async def slow_peer(sock: ByteStream) -> None:
-        peer = Tunnel(role=Role.SERVER, config=big)
-        peer.initiate(0)
-        peer.receive_data(await sock.receive(), 0)  # the client's SETTINGS
-        await sock.send(peer.data_to_send())
-        await drain.wait()  # read nothing until told, then everything
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-            while True:
-                await sock.receive(1 << 20)
+        async with sock:
+            peer = Tunnel(role=Role.SERVER, config=big)
+            peer.initiate(0)
+            peer.receive_data(await sock.receive(), 0)  # the client's SETTINGS
+            await sock.send(peer.data_to_send())
+            await drain.wait()  # read nothing until told, then everything
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await sock.receive(1 << 20)
 
     waiting = 200
     told: list[tuple[int, int]] = []
