@@ -30,7 +30,7 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## bench-setup: the native tools the harness compares against (kcptun, nftables, iproute2; needs root or sudo)
+## bench-setup: the native tools the harness compares against (kcptun, shadowsocks-libev, nftables, iproute2; needs root or sudo)
 bench-setup:
 	sh bench/setup.sh || echo "bench-setup: continuing without them; the harness skips what is missing and says so"
 

@@ -147,8 +147,7 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
             *python_argv(
                 "bench.workload",
                 "bulk",
-                "--connect",
-                stack.entry,
+                *stack.client_args(),
                 "--streams",
                 str(int(settings["streams"])),
                 "--bytes",
@@ -182,6 +181,11 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
     }
     counters = relay.delta()
     metrics = {"goodput_MBps": float(result["goodput"]) / 1e6}
+    gigabytes = float(result["bytes"]) / 1e9
+    tunnel_cpu = [usage["cpu_s"] for role, usage in cpu.items() if role in ("agent", "server")]
+    if tunnel_cpu and gigabytes > 0:
+        # both ends of the tunnel (the relay and the workload are not the system's own work)
+        metrics["cpu_s_per_GB"] = sum(tunnel_cpu) / gigabytes
     if counters:
         raw["relay"] = counters
         sent = sum(direction.get("received_bytes", 0) for direction in counters.values())
@@ -212,7 +216,7 @@ def measure_rr(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     relay = RelayWatch(stack)
     result = run_client(
         stack.placement,
-        ["rr", "--connect", stack.entry, "--count", str(count), "--timeout", str(settings["timeout"])],
+        ["rr", *stack.client_args(), "--count", str(count), "--timeout", str(settings["timeout"])],
         timeout=float(settings["timeout"]),
     )
     samples = _samples(result)
@@ -227,7 +231,7 @@ def measure_ttfb(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     count = int(settings["count"])
     result = run_client(
         stack.placement,
-        ["ttfb", "--connect", stack.entry, "--count", str(count), "--timeout", str(settings["timeout"])],
+        ["ttfb", *stack.client_args(), "--count", str(count), "--timeout", str(settings["timeout"])],
         timeout=float(settings["timeout"]),
     )
     samples = _samples(result)
@@ -515,25 +519,39 @@ def start_tls_sources(group: ProcessGroup, count: int) -> list[tuple[Proc, str]]
 
 
 def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index: int) -> Metrics:
-    """HTTPS-like bulk download goodput through the agent, lite-tls against muxed (lite-tls off), one stack.
+    """HTTPS-like bulk download goodput, side by side: lite-tls muxed, lite-tls spliced, lite-tls off, direct.
 
     The stack's agent forwards to two TLS sources in the same tunnel: the first one's port is in the agent's
-    ``--lite-tls-ports`` (its stream leaves the tunnel's encryption once TLS is up), the second one's is not (an
-    ordinary stream: the TLS is encrypted again by the tunnel). One download each, in alternating order (lite-tls
-    first in even rounds), after one download of an eighth of the size from each that is not counted (the first
-    transfer on a fresh stack pays for warming the tunnel's connection); the bytes are checked by the client.
+    ``--lite-tls-ports`` (``lite``: its stream leaves the tunnel's encryption once TLS is up, in PASSTHROUGH
+    frames), the second one's is not (``off``: an ordinary stream, the TLS is encrypted again by the tunnel). A
+    second agent (``agent-spliced``, entry ``side_entries["spliced"]``) reaches the first source in splice mode
+    (``spliced``: after the marker exchange a dedicated connection relayed by ``os.splice`` at both ends);
+    ``direct`` downloads from the first source itself. One download each, the order rotated by the round, after
+    one download of an eighth of the size from each that is not counted (the first transfer on a fresh stack pays
+    for warming the tunnel's connection); the bytes are checked by the client. CPU: the agent (the spliced one
+    for ``spliced``) and the server, in seconds per GB carried, each end and both.
     """
-    entries = list(stack.side_entries.values())
-    if len(entries) != 2:
+    entries = dict(stack.side_entries)
+    spliced = entries.pop("spliced", None)
+    if len(entries) != 2 or spliced is None:
         raise HarnessError(
-            "the https-lite scenario needs a stack with two TLS sources as its side destinations"
+            "the https-lite scenario needs a stack with two TLS sources as its side destinations and a spliced agent"
         )
+    (source, lite), (_, off) = entries.items()
     size = str(int(settings["bytes"]))
     timeout = float(settings["timeout"])
     metrics: dict[str, float] = {}
-    raw: dict[str, object] = {"lite_first": round_index % 2 == 0}
-
-    pids = {role: pid for role, pid in stack.pids().items() if role in ("agent", "server")}
+    pids = stack.pids()
+    ends = {
+        "lite": {"agent": pids["agent"], "server": pids["server"]},
+        "off": {"agent": pids["agent"], "server": pids["server"]},
+        "spliced": {"agent": stack.procs["agent-spliced"].pid, "server": pids["server"]},
+        "direct": {},
+    }
+    rows = [("lite", lite), ("spliced", spliced), ("off", off), ("direct", source)]
+    shift = round_index % len(rows)
+    rows = rows[shift:] + rows[:shift]
+    raw: dict[str, object] = {"order": [name for name, _ in rows]}
 
     def download(name: str, entry: str) -> None:
         got: dict[str, object] = {}
@@ -547,29 +565,40 @@ def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index:
                 )
             )
 
-        cpu = cpu_usage(pids, run)
+        cpu: dict[str, dict[str, float]] = {}
+        if ends[name]:
+            cpu = cpu_usage(ends[name], run)
+        else:  # no tunnel: nothing of ours to count
+            run()
         metrics[f"{name}_goodput_MBps"] = float(str(got["goodput"])) / 1e6
+        gb = int(size) / 1e9
+        for role in ("agent", "server"):
+            if role in cpu:
+                metrics[f"{name}_{role}_cpu_s_per_GB"] = cpu[role]["cpu_s"] / gb
         # CPU of the tunnel's two processes per MB carried: what lite-tls saves, less sensitive than goodput to
         # the other processes of a shared machine
-        spent = sum(role["cpu_s"] for role in cpu.values())
-        metrics[f"{name}_cpu_ms_per_MB"] = spent * 1e3 / (int(size) / 1e6)
+        if cpu:
+            metrics[f"{name}_cpu_ms_per_MB"] = (
+                sum(role["cpu_s"] for role in cpu.values()) * 1e3 / (int(size) / 1e6)
+            )
         raw[name] = {**got, "cpu": cpu}
 
-    # one short download each first, not counted: the tunnel's connection and windows are warm for both
+    # one short download each first, not counted: the tunnel's connections and windows are warm for all
     warm = str(max(1, int(size) // 8))
-    for entry in entries:
+    for _, entry in rows:
         run_client(
             stack.placement,
             ["tls-bulk", "--connect", entry, "--bytes", warm, "--timeout", str(timeout)],
             timeout=timeout,
         )
-    order = (("lite", entries[0]), ("muxed", entries[1]))
-    for name, entry in order if raw["lite_first"] else order[::-1]:
+    for name, entry in rows:
         download(name, entry)
         stack.check_alive()
     metrics["goodput_MBps"] = metrics["lite_goodput_MBps"]
-    metrics["lite_over_muxed"] = metrics["lite_goodput_MBps"] / metrics["muxed_goodput_MBps"]
-    metrics["muxed_cpu_over_lite"] = metrics["muxed_cpu_ms_per_MB"] / metrics["lite_cpu_ms_per_MB"]
+    metrics["lite_over_off"] = metrics["lite_goodput_MBps"] / metrics["off_goodput_MBps"]
+    metrics["spliced_over_direct"] = metrics["spliced_goodput_MBps"] / metrics["direct_goodput_MBps"]
+    metrics["spliced_over_off"] = metrics["spliced_goodput_MBps"] / metrics["off_goodput_MBps"]
+    metrics["off_cpu_over_lite"] = metrics["off_cpu_ms_per_MB"] / metrics["lite_cpu_ms_per_MB"]
     return metrics, raw
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from bench import RESULT_SCHEMA_VERSION
 from bench.scenarios import Scenario
 from bench.stats import Summary, ratio, summarize
-from bench.systems import SystemSpec, kcptun_version, vtunnel_version
+from bench.systems import SystemSpec, kcptun_version, shadowsocks_version, vtunnel_version
 
 __all__ = [
     "HEADLINE",
@@ -37,7 +37,7 @@ __all__ = [
 
 #: Headline metrics per scenario kind: (metric, unit label, True when higher is better).
 HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
-    "bulk": (("goodput_MBps", "MB/s", True),),
+    "bulk": (("goodput_MBps", "MB/s", True), ("cpu_s_per_GB", "CPU s/GB, agent+server", False)),
     "bulk_loss": (("goodput_MBps", "MB/s", True),),
     "bulk_wire": (("goodput_MBps", "MB/s", True), ("wire_per_payload", "wire B per payload B", False)),
     "rr": (("p50_us", "us", False), ("p99_us", "us", False), ("p999_us", "us", False)),
@@ -58,7 +58,27 @@ HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
         ("server_rss_growth_bytes", "B", False),
         ("agent_rss_growth_bytes", "B", False),
     ),
+    "https_lite": (
+        ("lite_goodput_MBps", "MB/s, lite-tls muxed", True),
+        ("spliced_goodput_MBps", "MB/s, lite-tls spliced", True),
+        ("off_goodput_MBps", "MB/s, lite-tls off", True),
+        ("direct_goodput_MBps", "MB/s, direct", True),
+        ("lite_over_off", "x, muxed / off", True),
+        ("spliced_over_direct", "x, spliced / direct", True),
+        ("lite_cpu_ms_per_MB", "ms CPU/MB, muxed", False),
+        ("spliced_cpu_ms_per_MB", "ms CPU/MB, spliced", False),
+        ("off_cpu_ms_per_MB", "ms CPU/MB, off", False),
+        ("lite_agent_cpu_s_per_GB", "agent CPU s/GB, muxed", False),
+        ("lite_server_cpu_s_per_GB", "server CPU s/GB, muxed", False),
+        ("spliced_agent_cpu_s_per_GB", "agent CPU s/GB, spliced", False),
+        ("spliced_server_cpu_s_per_GB", "server CPU s/GB, spliced", False),
+        ("off_agent_cpu_s_per_GB", "agent CPU s/GB, off", False),
+        ("off_server_cpu_s_per_GB", "server CPU s/GB, off", False),
+    ),
 }
+
+#: The systems every other is compared with, in the scenarios that run them.
+BASELINES: tuple[str, ...] = ("kcptun", "direct", "shadowsocks")
 
 REQUIRED_KEYS = (
     "schema",
@@ -121,7 +141,11 @@ def machine_description() -> dict[str, object]:
                 break
     except OSError:
         pass
-    versions: dict[str, str | None] = {"vtunnel": vtunnel_version(), "kcptun": kcptun_version()}
+    versions: dict[str, str | None] = {
+        "vtunnel": vtunnel_version(),
+        "kcptun": kcptun_version(),
+        "shadowsocks-libev": shadowsocks_version(),
+    }
     try:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -179,8 +203,8 @@ def _ratios(
             out[scen][system] = {}
             for metric, values in metrics.items():
                 entry = {
-                    "vs_kcptun": ratio(values["median"], _median(summary, scen, "kcptun", metric)),
-                    "vs_direct": ratio(values["median"], _median(summary, scen, "direct", metric)),
+                    f"vs_{baseline}": ratio(values["median"], _median(summary, scen, baseline, metric))
+                    for baseline in BASELINES
                 }
                 if suffix is not None:
                     other = None if "@" in system else _median(summary, scen, system + suffix, metric)
@@ -191,38 +215,53 @@ def _ratios(
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Target:
-    """A goal: ``metric`` of ``scenario`` compared with ``reference`` (a system name, or None for an absolute
-    bound).
-    """
+    """A goal: ``metric`` of ``scenario`` for each of ``systems`` compared with ``reference`` (another system's
+    median in the same scenario), with the same system in ``reference_scenario``, or with nothing (an absolute
+    bound)."""
 
     name: str
     scenario: str
     metric: str
-    reference: str | None
     op: str  # ">=" or "<="
     threshold: float
-    systems: str  # prefix of the vtunnel systems it applies to
+    #: the systems it applies to, by base name (a twin ``SYSTEM@COMMIT`` is measured against it too); a name
+    #: ending in ``-`` stands for every system it starts
+    systems: tuple[str, ...]
+    reference: str | None = None
+    reference_scenario: str | None = None
+
+    def applies_to(self, system: str) -> bool:
+        base = system.split("@", 1)[0]
+        return any(base == s or (s.endswith("-") and base.startswith(s)) for s in self.systems)
 
 
+def _kcp_vs_kcptun(scenario: str, streams: str) -> tuple[Target, ...]:
+    return (
+        Target(
+            name=f"bulk over kcp:// >= 4x kcptun ({streams})",
+            scenario=scenario,
+            metric="goodput_MBps",
+            reference="kcptun",
+            op=">=",
+            threshold=4.0,
+            systems=("vtunnel-kcp",),
+        ),
+        Target(
+            name=f"bulk over kcp:// with the key >= 3x kcptun ({streams})",
+            scenario=scenario,
+            metric="goodput_MBps",
+            reference="kcptun",
+            op=">=",
+            threshold=3.0,
+            systems=("vtunnel-kcp+psk",),
+        ),
+    )
+
+
+#: The product's goals (README "Targets"): ratios to a baseline measured in the same run, or absolute bounds.
 TARGETS: tuple[Target, ...] = (
-    Target(
-        name="bulk over kcp:// >= 2x kcptun (1 stream)",
-        scenario="bulk-1",
-        metric="goodput_MBps",
-        reference="kcptun",
-        op=">=",
-        threshold=2.0,
-        systems="vtunnel-kcp",
-    ),
-    Target(
-        name="bulk over kcp:// >= 2x kcptun (16 streams)",
-        scenario="bulk-16",
-        metric="goodput_MBps",
-        reference="kcptun",
-        op=">=",
-        threshold=2.0,
-        systems="vtunnel-kcp",
-    ),
+    *_kcp_vs_kcptun("bulk-1", "1 stream"),
+    *_kcp_vs_kcptun("bulk-16", "16 streams"),
     Target(
         name="bulk over kcp:// at 2% loss through the relay >= 2x kcptun",
         scenario="bulk-impaired",
@@ -230,16 +269,25 @@ TARGETS: tuple[Target, ...] = (
         reference="kcptun",
         op=">=",
         threshold=2.0,
-        systems="vtunnel-kcp",
+        systems=("vtunnel-kcp", "vtunnel-kcp+psk"),
     ),
     Target(
-        name="bulk over tcp:// multiplexed (16 streams) >= 0.5x direct",
+        name="bulk over tcp:// multiplexed (16 streams) >= 0.6x direct",
+        scenario="bulk-16",
+        metric="goodput_MBps",
+        reference="direct",
+        op=">=",
+        threshold=0.6,
+        systems=("vtunnel-tcp",),
+    ),
+    Target(
+        name="bulk over tcp:// multiplexed (16 streams) with the key >= 0.5x direct",
         scenario="bulk-16",
         metric="goodput_MBps",
         reference="direct",
         op=">=",
         threshold=0.5,
-        systems="vtunnel-tcp",
+        systems=("vtunnel-tcp+psk",),
     ),
     Target(
         name="64 B request/response over kcp:// p50 <= 0.8x kcptun",
@@ -248,7 +296,7 @@ TARGETS: tuple[Target, ...] = (
         reference="kcptun",
         op="<=",
         threshold=0.8,
-        systems="vtunnel-kcp",
+        systems=("vtunnel-kcp",),
     ),
     Target(
         name="64 B request/response over kcp:// p99 <= kcptun",
@@ -257,61 +305,98 @@ TARGETS: tuple[Target, ...] = (
         reference="kcptun",
         op="<=",
         threshold=1.0,
-        systems="vtunnel-kcp",
+        systems=("vtunnel-kcp",),
+    ),
+    Target(
+        name="SOCKS5 bulk over tcp:// with the key >= shadowsocks-libev aes-256-gcm",
+        scenario="socks5-bulk",
+        metric="goodput_MBps",
+        reference="shadowsocks",
+        op=">=",
+        threshold=1.0,
+        systems=("vtunnel-tcp+psk",),
+    ),
+    Target(
+        name="SOCKS5 bulk over tcp:// with the key: CPU per GB <= shadowsocks-libev aes-256-gcm",
+        scenario="socks5-bulk",
+        metric="cpu_s_per_GB",
+        reference="shadowsocks",
+        op="<=",
+        threshold=1.0,
+        systems=("vtunnel-tcp+psk",),
+    ),
+    Target(
+        name="1,024 concurrent bulk streams in one kcp:// tunnel >= 0.8x 16 streams (aggregate)",
+        scenario="bulk-1024",
+        metric="goodput_MBps",
+        reference_scenario="bulk-16",
+        op=">=",
+        threshold=0.8,
+        systems=("vtunnel-kcp", "vtunnel-kcp+psk"),
     ),
     Target(
         name="idle, one open stream: agent <= 0.2% of a core",
         scenario="idle-cpu",
         metric="agent_pct",
-        reference=None,
         op="<=",
         threshold=0.2,
-        systems="vtunnel-",
+        systems=("vtunnel-",),
     ),
     Target(
         name="idle, one open stream: server <= 0.2% of a core",
         scenario="idle-cpu",
         metric="server_pct",
-        reference=None,
         op="<=",
         threshold=0.2,
-        systems="vtunnel-",
+        systems=("vtunnel-",),
     ),
     Target(
         name="1 stream while 32 of its tunnel stall >= 0.5x its goodput with none stalled",
         scenario="stalled",
         metric="goodput_ratio",
-        reference=None,
         op=">=",
         threshold=0.5,
-        systems="vtunnel-",
+        systems=("vtunnel-",),
     ),
     Target(
         name="server RSS growth while 32 streams stall <= 32 MiB (receive bound 16.5 MiB, and the process)",
         scenario="stalled",
         metric="server_rss_growth_bytes",
-        reference=None,
         op="<=",
         threshold=32.0 * 1024 * 1024,
-        systems="vtunnel-",
+        systems=("vtunnel-",),
     ),
     Target(
         name="agent RSS growth while 32 streams stall <= 32 MiB",
         scenario="stalled",
         metric="agent_rss_growth_bytes",
-        reference=None,
         op="<=",
         threshold=32.0 * 1024 * 1024,
-        systems="vtunnel-",
+        systems=("vtunnel-",),
+    ),
+    Target(
+        name="HTTPS through lite-tls muxed >= 1.5x lite-tls off",
+        scenario="https-lite",
+        metric="lite_over_off",
+        op=">=",
+        threshold=1.5,
+        systems=("vtunnel-tcp+psk",),
+    ),
+    Target(
+        name="HTTPS through lite-tls spliced >= 0.8x direct",
+        scenario="https-lite",
+        metric="spliced_over_direct",
+        op=">=",
+        threshold=0.8,
+        systems=("vtunnel-tcp+psk",),
     ),
     Target(
         name="idle streams in one tunnel <= 4 KiB each",
         scenario="idle-streams",
         metric="per_stream_bytes",
-        reference=None,
         op="<=",
         threshold=4096.0,
-        systems="vtunnel-",
+        systems=("vtunnel-",),
     ),
 )
 
@@ -327,10 +412,14 @@ def evaluate_targets(
     for target in TARGETS:
         if selected is not None and target.scenario not in selected:
             continue
-        for system in (n for n in names if n.startswith(target.systems)):
+        for system in (n for n in names if target.applies_to(n)):
             value = _median(summary, target.scenario, system, target.metric)
             if target.reference is not None:
                 value = ratio(value, _median(summary, target.scenario, target.reference, target.metric))
+            elif target.reference_scenario is not None:
+                value = ratio(value, _median(summary, target.reference_scenario, system, target.metric))
+            if value is None and target.scenario not in summary:
+                continue  # the run measured nothing of this scenario for anyone
             met: bool | None = None
             if value is not None:
                 met = value >= target.threshold if target.op == ">=" else value <= target.threshold
@@ -340,7 +429,7 @@ def evaluate_targets(
                     "system": system,
                     "scenario": target.scenario,
                     "metric": target.metric,
-                    "reference": target.reference,
+                    "reference": target.reference or target.reference_scenario,
                     "value": value,
                     "op": target.op,
                     "threshold": target.threshold,
@@ -404,6 +493,8 @@ def link_description(scenario: Scenario) -> str:
             at = options.index("--stats-interval")
             del options[at : at + 2]
         return "vtunnel's userspace UDP impairment relay on loopback, each direction: " + " ".join(options)
+    if scenario.socks:
+        return "loopback, not shaped; clients connect through the client side's SOCKS5 proxy"
     if scenario.kind in ("idle_cpu", "idle_streams", "tunnels"):
         return "loopback; no traffic to speak of, so the link plays no part"
     return "loopback, not shaped; the direct connection's result is the link's measured rate"
@@ -540,8 +631,7 @@ def _scenario_table(
 ) -> list[str]:
     compare = doc.get("compare")
     present = doc["summary"][key]
-    references = [("vs_kcptun", "vs kcptun"), ("vs_direct", "vs direct")]
-    references = [(k, label) for k, label in references if label.split()[1] in present]
+    references = [(f"vs_{baseline}", f"vs {baseline}") for baseline in BASELINES if baseline in present]
     if compare:
         references.append(("vs_ref", f"vs @{compare['short']}"))
     header = ["system"]
@@ -601,11 +691,13 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
         + (" **Interrupted: partial results.**" if doc.get("interrupted") else ""),
         f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
         f"vtunnel {v.get('vtunnel') or 'not installed'}{_source_text(m.get('vtunnel_source') or {})}, "
-        f"kcptun {v.get('kcptun') or 'not installed'}.",
+        f"kcptun {v.get('kcptun') or 'not installed'}, "
+        f"shadowsocks-libev {v.get('shadowsocks-libev') or 'not installed'}.",
         "",
         "Cells: median over the rounds (min-max). Ratios compare medians. kcptun runs fast3, windows 1024, "
-        "no crypt, no compression, no FEC; `+psk` is vtunnel with its pre-shared key "
-        "(authenticated encryption).",
+        "no crypt, no compression, no FEC; shadowsocks-libev runs aes-256-gcm (SOCKS5 scenarios only); `+psk` is "
+        "vtunnel with its pre-shared key (authenticated encryption). CPU s/GB is the CPU time of both ends of "
+        "the tunnel (agent and server, or ss-local and ss-server) per GB delivered.",
         "",
     ]
     compare = doc.get("compare")

@@ -35,7 +35,7 @@ from bench.measure import (
     start_tls_sources,
 )
 from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
-from bench.procs import HarnessError, ProcessGroup
+from bench.procs import HarnessError, ProcessGroup, free_port
 from bench.refs import RefTree, export_tree
 from bench.report import link_description
 from bench.scaling import measure_scaling
@@ -53,6 +53,7 @@ from bench.systems import (
     SystemSpec,
     installed_transports,
     make_psk_file,
+    start_spliced_agent,
     start_stack,
     system_unavailable,
     twin,
@@ -290,6 +291,7 @@ class Runner:
         relay = scenario.relay_options if job.link == "relay" else None
         stalling = [sc for sc in job.scenarios if sc.kind == "stalled"]
         https = any(sc.kind == "https_lite" for sc in job.scenarios)
+        socks = any(sc.socks for sc in job.scenarios)
         with group.scope() as scope:
             try:
                 sink = None
@@ -298,10 +300,12 @@ class Runner:
                 if stalling:
                     sink, address = start_stall_sink(scope, stalling[0].settings(quick=self.options.quick))
                     side.append(address)
+                splice_port = None
                 if https:  # lite-tls to the first TLS source, an ordinary stream to the second
                     sources = start_tls_sources(scope, 2)
                     side += [address for _, address in sources]
                     agent_extra += ["--lite-tls-ports", sources[0][1].rsplit(":", 1)[1]]
+                    splice_port = free_port()
                 stack = start_stack(
                     job.system,
                     scope,
@@ -310,7 +314,13 @@ class Runner:
                     relay=relay,
                     side_targets=side,
                     agent_extra=agent_extra,
+                    socks=socks,
+                    splice_port=splice_port,
                 )
+                if splice_port is not None:  # and a second agent, spliced, to the first source
+                    stack.side_entries["spliced"] = start_spliced_agent(
+                        stack, scope, psk_file, splice_port, sources[0][1]
+                    )
                 if sink is not None:
                     stack.procs["stall-sink"] = sink
             except HarnessError as exc:

@@ -72,7 +72,8 @@ class Scenario:
     workers, :mod:`bench.scaling`), ``bulk_wire`` (bulk through the
     relay, with the bytes on the wire per payload byte), ``rr_impaired``
     (request/response through the UDP impairment relay), ``stalled`` (one stream's goodput while others of
-    its tunnel stall) or ``https_lite`` (a TLS download through a lite-tls stream and through an ordinary one).
+    its tunnel stall) or ``https_lite`` (a TLS download through a lite-tls stream, muxed and spliced, through an
+    ordinary one and directly).
     ``params`` are for a full run; ``quick`` overrides some for ``--quick``. ``own_stack``
     scenarios get a fresh stack per system and round instead of sharing one with the others of their link.
     ``fec`` scenarios compare kcp:// with and without FEC: they run the kcp systems only, and only they run the
@@ -94,6 +95,9 @@ class Scenario:
     quick_rounds: int | None = None  # fewer rounds under --quick (None: the run's rounds)
     fec: bool = False
     only: tuple[str, ...] = ()  # the systems (base names) it applies to; empty: all
+    #: clients reach the destination through the client side's SOCKS5 proxy (vtunnel's ``--socks`` front,
+    #: shadowsocks' ss-local); only these scenarios run the ``shadowsocks`` system, and they need their own stack
+    socks: bool = False
 
     def settings(self, *, quick: bool) -> dict[str, float]:
         merged = dict(self.params)
@@ -102,6 +106,10 @@ class Scenario:
         return merged
 
     def applies_to(self, system: SystemSpec) -> bool:
+        if system.kind == "shadowsocks" and not self.socks:
+            return False
+        if self.socks and system.kind not in ("shadowsocks", "vtunnel"):
+            return False
         if system.fec and not self.fec:
             return False
         if self.fec and system.transport != "kcp":
@@ -129,6 +137,26 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="bulk goodput, 16 parallel streams in one tunnel",
         params={"streams": 16, "bytes": 256 * MiB, "timeout": 120},
         quick={"bytes": 64 * MiB, "timeout": 60},
+    ),
+    Scenario(
+        name="bulk-1024",
+        kind="bulk",
+        description="bulk goodput, 1,024 concurrent streams in one tunnel (aggregate; each connects, sends its "
+        "share and is validated)",
+        params={"streams": 1024, "bytes": 256 * MiB, "timeout": 180},
+        quick={"bytes": 64 * MiB, "timeout": 90},
+        tunnels_only=True,
+    ),
+    Scenario(
+        name="socks5-bulk",
+        kind="bulk",
+        description="bulk goodput, 1 stream through the client side's SOCKS5 proxy, and the CPU both ends spend "
+        "per GB: vtunnel's --socks front over tcp:// vs shadowsocks-libev (aes-256-gcm)",
+        params={"streams": 1, "bytes": 256 * MiB, "timeout": 120},
+        quick={"bytes": 64 * MiB, "timeout": 60},
+        socks=True,
+        own_stack=True,
+        only=("shadowsocks", "vtunnel-tcp", "vtunnel-tcp+psk"),
     ),
     Scenario(
         name="rr-64",
@@ -168,8 +196,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="https-lite",
         kind="https_lite",
-        description="HTTPS-like bulk download goodput (1 stream, TLS 1.3 from a TLS source) through lite-tls vs "
-        "lite-tls off (an ordinary stream of the same tunnel), side by side",
+        description="HTTPS-like bulk download goodput (1 stream, TLS 1.3 from a TLS source) through lite-tls "
+        "muxed, lite-tls spliced (a second agent in splice mode), lite-tls off (an ordinary stream of the same "
+        "tunnel) and direct, side by side; CPU s/GB of agent and server",
         params={"bytes": 256 * MiB, "timeout": 120},
         quick={"bytes": 64 * MiB, "timeout": 60},
         vtunnel_only=True,
@@ -276,9 +305,9 @@ NOT_AUTOMATIC: frozenset[str] = frozenset({"tls"})
 
 
 def all_systems(plugins: tuple[str, ...] = ()) -> list[SystemSpec]:
-    """Every system in report order: direct, kcptun, then vtunnel per transport (``plugins`` last), without and
+    """Every system in report order: direct, kcptun, shadowsocks, then vtunnel per transport (``plugins`` last), without and
     with the key (kcp also with FEC, for the ``fec`` scenarios)."""
-    systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun")]
+    systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun"), SystemSpec(kind="shadowsocks")]
     for transport in (*VTUNNEL_TRANSPORTS, *plugins):
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False))
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=True))

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the native tools the benchmark harness drives, when they are missing:
 #   kcptun (kcptun-client / kcptun-server), the reference tunnel;
+#   shadowsocks-libev (ss-local / ss-server), the reference SOCKS5 proxy of the socks5-bulk scenario;
 #   nftables + iproute2 (+ ethtool to turn veth offloads off), for loss emulation inside network namespaces
 #   the harness creates.
 # Safe to run again: it only installs what is absent. Needs root (or sudo) and apt-get (Debian/Ubuntu).
@@ -9,12 +10,13 @@ set -eu
 need=""
 command -v kcptun-client >/dev/null 2>&1 || need="$need kcptun"
 command -v kcptun-server >/dev/null 2>&1 || case "$need" in *kcptun*) ;; *) need="$need kcptun" ;; esac
+command -v ss-local >/dev/null 2>&1 || need="$need shadowsocks-libev"
 command -v nft >/dev/null 2>&1 || need="$need nftables"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v ethtool >/dev/null 2>&1 || need="$need ethtool"
 
 if [ -z "$need" ]; then
-    echo "bench/setup.sh: kcptun, nftables, iproute2 and ethtool are already installed"
+    echo "bench/setup.sh: kcptun, shadowsocks-libev, nftables, iproute2 and ethtool are already installed"
     exit 0
 fi
 

@@ -1,8 +1,9 @@
 """The systems under test and how to start them.
 
 A :class:`SystemSpec` is data: ``direct`` (the client talks to the workload server itself), ``kcptun``
-(Debian's ``kcptun-client``/``kcptun-server`` in the reference configuration) or ``vtunnel`` over one
-transport, with or without the pre-shared key. :func:`start_stack` starts the workload server and the system's
+(Debian's ``kcptun-client``/``kcptun-server`` in the reference configuration), ``shadowsocks`` (Debian's
+shadowsocks-libev ``ss-local``/``ss-server`` with aes-256-gcm, a SOCKS5 proxy: SOCKS5 scenarios only) or
+``vtunnel`` over one transport, with or without the pre-shared key. :func:`start_stack` starts the workload server and the system's
 processes for one placement and returns a :class:`Stack` whose ``entry`` is where the workload clients
 connect; readiness is proven by an echo through the whole path, never by sleeping. vtunnel processes start
 through :mod:`bench.launch` and must report the package directory the system means to run (a ``--compare-ref``
@@ -31,6 +32,7 @@ from bench.refs import REPO_ROOT, RefTree
 __all__ = [
     "FEC_SHARDS",
     "KCPTUN_ARGS",
+    "SHADOWSOCKS_ARGS",
     "TRANSPORT_URLS",
     "UDP_TRANSPORTS",
     "Stack",
@@ -42,6 +44,8 @@ __all__ = [
     "make_psk_file",
     "run_client",
     "server_argv",
+    "shadowsocks_version",
+    "start_spliced_agent",
     "start_stack",
     "system_unavailable",
     "tunnel_url",
@@ -87,6 +91,9 @@ KCPTUN_ARGS: tuple[str, ...] = (
     "vtunnel-bench",
 )
 
+#: shadowsocks-libev's configuration (both sides): the AEAD cipher of the SOCKS5 comparison, TCP only.
+SHADOWSOCKS_ARGS: tuple[str, ...] = ("-m", "aes-256-gcm", "-k", "vtunnel-bench")
+
 READY_TIMEOUT = 25.0
 
 #: Started with ``python -P`` by path: only ``PYTHONPATH`` decides which vtunnel it runs (see bench.launch).
@@ -97,7 +104,7 @@ LAUNCHER = Path(__file__).resolve().with_name("launch.py")
 class SystemSpec:
     """One system under test; a vtunnel system with ``ref`` runs the vtunnel package exported from that commit."""
 
-    kind: str  # "direct" | "kcptun" | "vtunnel"
+    kind: str  # "direct" | "kcptun" | "shadowsocks" | "vtunnel"
     transport: str | None = None
     keyed: bool = False
     #: kcp:// with forward error correction (``fec=`` :data:`FEC_SHARDS`)
@@ -133,12 +140,22 @@ class Stack:
     entry_host: str
     entry_port: int
     procs: dict[str, Proc] = field(default_factory=dict)
+    #: where a SOCKS5 stack's clients ask the proxy to connect (``None``: the entry forwards by itself)
+    socks_target: str | None = None
     side_entries: dict[str, str] = field(default_factory=dict)  # more destinations: their local entry
+    tunnel: str = ""  # host:port the agent dials (vtunnel)
     code: dict[str, str] = field(default_factory=dict)  # vtunnel package directory each vtunnel process runs
 
     @property
     def entry(self) -> str:
         return f"{self.entry_host}:{self.entry_port}"
+
+    def client_args(self) -> list[str]:
+        """How a workload client reaches the destination: the entry, or the destination through the entry's
+        SOCKS5 proxy."""
+        if self.socks_target is None:
+            return ["--connect", self.entry]
+        return ["--socks5", self.entry, "--connect", self.socks_target]
 
     def pids(self) -> dict[str, int]:
         """The tunnel's own processes (agent and server sides); the workload server is not counted."""
@@ -214,19 +231,24 @@ def vtunnel_version() -> str | None:
         return None
 
 
-def kcptun_version() -> str | None:
-    if shutil.which("kcptun-client") is None:
-        return None
+def _package_version(package: str) -> str:
+    """The installed Debian package's version, or an empty string (not installed that way, or no dpkg)."""
     try:
-        out = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", "kcptun"],
+        return subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package],
             capture_output=True,
             text=True,
             timeout=10,
             check=False,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        out = ""
+        return ""
+
+
+def kcptun_version() -> str | None:
+    if shutil.which("kcptun-client") is None:
+        return None
+    out = _package_version("kcptun")
     if out:
         return out
     try:
@@ -235,6 +257,13 @@ def kcptun_version() -> str | None:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def shadowsocks_version() -> str | None:
+    """shadowsocks-libev's Debian package version, ``unknown`` when installed another way, or None."""
+    if shutil.which("ss-local") is None:
+        return None
+    return _package_version("shadowsocks-libev") or "unknown"
 
 
 def installed_transports(ref: RefTree | None = None) -> set[str]:
@@ -268,6 +297,10 @@ def system_unavailable(system: SystemSpec, transports: set[str]) -> str | None:
     if system.kind == "kcptun":
         if shutil.which("kcptun-client") is None or shutil.which("kcptun-server") is None:
             return "kcptun is not installed (run bench/setup.sh)"
+        return None
+    if system.kind == "shadowsocks":
+        if shutil.which("ss-local") is None or shutil.which("ss-server") is None:
+            return "shadowsocks-libev is not installed (run bench/setup.sh)"
         return None
     if system.kind == "vtunnel":
         if vtunnel_bin() is None:
@@ -309,7 +342,7 @@ def _wait_ready(stack: Stack, timeout: float) -> None:
         if left <= 0:
             raise HarnessError(f"{stack.system.name} did not carry an echo within {timeout} s")
         try:
-            run_client(stack.placement, ["probe", "--connect", stack.entry, "--timeout", "2"], timeout=3)
+            run_client(stack.placement, ["probe", *stack.client_args(), "--timeout", "2"], timeout=3)
             return
         except HarnessError:
             time.sleep(0.2)
@@ -325,14 +358,23 @@ def start_stack(
     kcptun_conns: int = 1,
     side_targets: Sequence[str] = (),
     agent_extra: Sequence[str] = (),
+    socks: bool = False,
+    splice_port: int | None = None,
 ) -> Stack:
     """Start the workload server and ``system`` on ``placement``; return once an echo crosses the whole path.
 
     ``relay`` (UDP systems on loopback only): impairment relay options; the client side then dials the relay,
     which forwards to the server. ``side_targets`` (vtunnel only): more destinations the agent forwards to in
     the same tunnel (``--forward LOCAL=DEST``), each reachable at ``stack.side_entries[dest]``. ``agent_extra``:
-    more options of the vtunnel agent.
+    more options of the vtunnel agent. ``socks``: the entry is the client side's SOCKS5 proxy (vtunnel's
+    ``--socks`` front, or ss-local), and clients name the workload server in their CONNECT. ``splice_port`` (tcp:// and tls:// only): the server also listens there
+    for the dedicated connections of spliced lite-tls streams (``splice=PORT``; the agent stays muxed, see
+    :func:`start_spliced_agent`).
     """
+    if socks and system.kind not in ("vtunnel", "shadowsocks"):
+        raise HarnessError(f"{system.name} has no SOCKS5 front")
+    if system.kind == "shadowsocks" and not socks:
+        raise HarnessError(f"{system.name} is a SOCKS5 proxy: it runs SOCKS5 scenarios only")
     if side_targets and system.kind != "vtunnel":
         raise HarnessError(f"{system.name} forwards to one target only")
     host = placement.server_host
@@ -366,12 +408,15 @@ def start_stack(
     stack.entry_host = "127.0.0.1"
     stack.entry_port = entry_port
     target = f"{host}:{target_port}"
+    if socks:
+        stack.socks_target = target
     env = code_env(system)
-    stack.procs["server"] = group.spawn(
-        f"{system.name}-server",
-        [*placement.server_prefix, *server_argv(system, f"{host}:{tunnel_port}", target, psk_file)],
-        env=env,
-    )
+    server = server_argv(system, f"{host}:{tunnel_port}", target, psk_file)
+    if splice_port is not None:
+        at = server.index("--listen") + 1
+        server[at] += ("&" if "?" in server[at] else "?") + f"splice={splice_port}"
+    stack.procs["server"] = group.spawn(f"{system.name}-server", [*placement.server_prefix, *server], env=env)
+    stack.tunnel = f"{host}:{dial_port}"
     # The agent starts once the server listens: a first handshake sent into the void costs a retry backoff.
     wait_log(stack.procs["server"], "listening", READY_TIMEOUT)
     forwards: list[str] = []
@@ -385,7 +430,13 @@ def start_stack(
         [
             *placement.client_prefix,
             *agent_argv(
-                system, f"{host}:{dial_port}", f"127.0.0.1:{entry_port}", psk_file, kcptun_conns, forwards
+                system,
+                f"{host}:{dial_port}",
+                f"127.0.0.1:{entry_port}",
+                psk_file,
+                kcptun_conns,
+                forwards,
+                socks=socks,
             ),
         ],
         env=env,
@@ -394,6 +445,35 @@ def start_stack(
     if system.kind == "vtunnel":
         stack.code = {role: check_code(stack.procs[role], system) for role in ("server", "agent")}
     return stack
+
+
+def start_spliced_agent(
+    stack: Stack, group: ProcessGroup, psk_file: Path | None, splice_port: int, dest: str
+) -> str:
+    """A second vtunnel agent of ``stack`` (process ``agent-spliced``) in lite-tls splice mode (its server URL
+    names the server's ``splice_port``), forwarding a local port to ``dest`` as lite-tls streams; returns that
+    local entry once the agent listens."""
+    system = stack.system
+    url = tunnel_url(system, stack.tunnel)
+    url += ("&" if "?" in url else "?") + f"splice={splice_port}"
+    entry = f"127.0.0.1:{free_port()}"
+    argv = [
+        *vtunnel_command(),
+        "agent",
+        "--server",
+        url,
+        "--forward",
+        f"{entry}={dest}",
+        "--lite-tls-ports",
+        dest.rsplit(":", 1)[1],
+        *_security(system, psk_file),
+    ]
+    proc = group.spawn(
+        f"{system.name}-agent-spliced", [*stack.placement.client_prefix, *argv], env=code_env(system)
+    )
+    stack.procs["agent-spliced"] = proc
+    wait_log(proc, "listening", READY_TIMEOUT)
+    return entry
 
 
 def _security(system: SystemSpec, psk_file: Path | None) -> list[str]:
@@ -423,6 +503,9 @@ def server_argv(
     vtunnel one with :func:`code_env`."""
     if system.kind == "kcptun":
         return ["kcptun-server", "-l", listen, "-t", target, *KCPTUN_ARGS, *extra]
+    if system.kind == "shadowsocks":
+        host, _, port = listen.rpartition(":")
+        return ["ss-server", "-s", host, "-p", port, *SHADOWSOCKS_ARGS, *extra]
     return [
         *vtunnel_command(),
         "server",
@@ -443,17 +526,35 @@ def agent_argv(
     psk_file: Path | None,
     conns: int = 1,
     extra: Sequence[str] = (),
+    *,
+    socks: bool = False,
 ) -> list[str]:
-    """The tunnel client's command line (kcptun-client or ``vtunnel agent``) from ``entry`` to ``server``; run a
-    vtunnel one with :func:`code_env`."""
+    """The tunnel client's command line (kcptun-client, ss-local or ``vtunnel agent``) from ``entry`` to
+    ``server``; run a vtunnel one with :func:`code_env`. ``socks``: ``entry`` is a SOCKS5 front, not a forward."""
     if system.kind == "kcptun":
         return ["kcptun-client", "-l", entry, "-r", server, "--conn", str(conns), *KCPTUN_ARGS, *extra]
+    if system.kind == "shadowsocks":
+        server_host, _, server_port = server.rpartition(":")
+        entry_host, _, entry_port = entry.rpartition(":")
+        return [
+            "ss-local",
+            "-s",
+            server_host,
+            "-p",
+            server_port,
+            "-b",
+            entry_host,
+            "-l",
+            entry_port,
+            *SHADOWSOCKS_ARGS,
+            *extra,
+        ]
     return [
         *vtunnel_command(),
         "agent",
         "--server",
         tunnel_url(system, server),
-        "--forward",
+        "--socks" if socks else "--forward",
         entry,
         *_security(system, psk_file),
         *extra,

@@ -66,7 +66,7 @@ async def _run(url: str, count: int, psk_file: str | None, time_limit: float, ho
     from vtunnel.transports.base import Endpoint, SecurityConfig
 
     psk = load_psk_file(psk_file) if psk_file else None
-    pool = TunnelPool(Endpoint.parse(url), security=SecurityConfig(psk=psk), size=count)
+    pool = TunnelPool([Endpoint.parse(url)], security=SecurityConfig(psk=psk), size=count)
     started = time.perf_counter()
     streams: list[ByteStream] = []
     async with anyio.create_task_group() as tg:

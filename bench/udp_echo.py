@@ -187,7 +187,7 @@ async def run_echo(
             async with relay, anyio.create_task_group() as agent_serving:
                 agent = Agent(
                     AgentSettings(
-                        server=Endpoint.parse(f"{scheme}://127.0.0.1:{relay.address[1]}"),
+                        servers=[Endpoint.parse(f"{scheme}://127.0.0.1:{relay.address[1]}")],
                         security=security,
                         socks=("127.0.0.1", 0),
                         tunnel=TunnelConfig(datagrams=not reliable),

@@ -313,11 +313,63 @@ class BulkResult:
         return self.total_bytes / self.seconds if self.seconds > 0 else 0.0
 
 
+#: The SOCKS5 proxy every client connection goes through (``--socks5``), or ``None`` to connect directly.
+_socks5: tuple[str, int] | None = None
+
+
+def use_socks5(proxy: tuple[str, int] | None) -> None:
+    """Send every client connection of this process through the SOCKS5 proxy ``proxy`` (None: directly)."""
+    global _socks5
+    _socks5 = proxy
+
+
 async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    proxy = _socks5
     try:
-        return await asyncio.open_connection(host, port, limit=4 * CHUNK)
+        if proxy is None:
+            return await asyncio.open_connection(host, port, limit=4 * CHUNK)
+        reader, writer = await asyncio.open_connection(*proxy, limit=4 * CHUNK)
     except OSError as exc:
-        raise WorkloadError(f"cannot connect to {host}:{port}: {exc}") from None
+        where = f"{host}:{port}" if proxy is None else f"the SOCKS5 proxy {proxy[0]}:{proxy[1]}"
+        raise WorkloadError(f"cannot connect to {where}: {exc}") from None
+    try:
+        await _socks5_connect(reader, writer, host, port)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def _socks5_connect(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+) -> None:
+    """RFC 1928 CONNECT to ``host:port`` without authentication; raises WorkloadError unless it succeeds."""
+    try:
+        address = socket.inet_pton(socket.AF_INET, host)
+        kind = b"\x01"
+    except OSError:
+        try:
+            address = socket.inet_pton(socket.AF_INET6, host)
+            kind = b"\x04"
+        except OSError:
+            name = host.encode("idna")
+            address, kind = bytes([len(name)]) + name, b"\x03"
+    writer.write(b"\x05\x01\x00" + b"\x05\x01\x00" + kind + address + port.to_bytes(2, "big"))
+    try:
+        method = await reader.readexactly(2)
+        head = await reader.readexactly(4)
+        if method != b"\x05\x00":
+            raise WorkloadError(f"the SOCKS5 proxy refused no-authentication ({method.hex()})")
+        if head[:2] != b"\x05\x00":
+            raise WorkloadError(f"the SOCKS5 proxy answered {head[1]} to CONNECT {host}:{port}")
+        if head[3] == 1:
+            await reader.readexactly(4 + 2)
+        elif head[3] == 4:
+            await reader.readexactly(16 + 2)
+        else:
+            await reader.readexactly((await reader.readexactly(1))[0] + 2)
+    except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+        raise WorkloadError(f"the SOCKS5 proxy closed during CONNECT {host}:{port}: {exc!r}") from None
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -756,6 +808,12 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("bulk", "rr", "ttfb", "hold", "stall", "probe"):
         p = sub.add_parser(name)
         p.add_argument("--connect", required=True, help="HOST:PORT")
+        if name in ("bulk", "rr", "ttfb", "probe"):
+            p.add_argument(
+                "--socks5",
+                metavar="HOST:PORT",
+                help="reach --connect through this SOCKS5 proxy (CONNECT, no authentication)",
+            )
         p.add_argument("--timeout", type=float, default=60.0)
         if name == "bulk":
             p.add_argument("--streams", type=int, default=1)
@@ -788,6 +846,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _client_main(args: argparse.Namespace) -> dict[str, object]:
     host, port = _split_hostport(args.connect)
+    use_socks5(_split_hostport(args.socks5) if args.socks5 else None)
     if args.command == "bulk":
         _emit({"started": True})  # lets a watcher time only the transfer, not this process's start
         res = await run_bulk(

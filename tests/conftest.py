@@ -58,12 +58,15 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[IO[bytes]] = []
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        """``vtunnel ARGS`` (``prefix`` before it: ``ip netns exec NS``)."""
         log = open(self.tmp / f"proc{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed in stop_all
         self.logs.append(log)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(
-            [*VTUNNEL, *args],
+            [*prefix, *VTUNNEL, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,

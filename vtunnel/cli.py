@@ -498,9 +498,12 @@ def server(
 @main.command()
 @click.option(
     "--server",
-    "server_url",
+    "server_urls",
+    multiple=True,
     metavar="URL",
-    help="The server's transport URL, or websocks:// / websockss:// for a WebSocks server (no tunnel).",
+    help="The server's transport URL (repeatable: UDP ones first, the others as their fallback; tunnels spread "
+    "over a tier, and move when a server dies), or websocks:// / websockss:// for a WebSocks server (no tunnel). "
+    "Config: server = URL or a list.",
 )
 @click.option("--forward", multiple=True, metavar="LISTEN[=DEST]", help="Forward a local port (repeatable).")
 @click.option(
@@ -527,7 +530,7 @@ def server(
 @_metrics_option
 @_common
 def agent(
-    server_url: str | None,
+    server_urls: tuple[str, ...],
     forward: tuple[str, ...],
     socks: str | None,
     http: str | None,
@@ -554,6 +557,12 @@ def agent(
     The agent keeps its tunnels up and reconnects with backoff when the server restarts.
 
     \b
+    --server kcp://A:4000 --server tls://A:443 --server tls://B:443
+                                         several servers: kcp:// (and rudp://) first, the others when no
+                                         UDP server answers; tunnels spread over the servers of a tier and
+                                         go to another when theirs dies or goes away (docs/agent.md)
+
+    \b
     --server websocks://HOST:PORT        a WebSocks server (vproxy's, or vtunnel's --listen websocks://): no
                                          tunnel, one TCP connection per destination, logged in with the one
                                          USER:PASS of --websocks-user-file; every --forward needs =DEST
@@ -564,9 +573,8 @@ def agent(
 
     cfg = _setup(config_path, "agent", log_level, log_format, insecure_key_permissions)
     sec = cfg.get("agent", {})
-    url = server_url or sec.get("server")
-    if not url:
-        raise click.UsageError(f"give --server URL. {URL_HELP}")
+    urls = _server_urls(server_urls, sec.get("server"))
+    url = urls[0]
     metrics = _metrics_plan(metrics_address or sec.get("metrics"), "agent")
     try:
         forwards = [Forward.parse(f) for f in (forward or tuple(sec.get("forward", ())))]
@@ -585,6 +593,8 @@ def agent(
                 raise click.UsageError("--peer kcptun has no WebSocks login: drop --websocks-user(-file)")
             if metrics is not None:
                 raise click.UsageError("--metrics is not available with --peer kcptun")
+            if len(urls) > 1:
+                raise click.UsageError("--peer kcptun takes one --server")
             _kcptun_agent(
                 _endpoint(url, "--server", insecure_key_permissions),
                 [fwd.listen for fwd in forwards],
@@ -595,7 +605,8 @@ def agent(
             return
         if not (forwards or socks_addr or http_addr):
             socks_addr = DEFAULT_SOCKS
-        server_endpoint = _endpoint(url, "--server", insecure_key_permissions)
+        server_endpoints = [_endpoint(u, "--server", insecure_key_permissions) for u in urls]
+        server_endpoint = server_endpoints[0]
         tunnel = _without_lite_tls(tunnel_config(cfg.get("tunnel", {})), no_lite_tls)
         if lite_tls_ports is not None:
             lite_ports = parse_ports(lite_tls_ports)
@@ -616,7 +627,7 @@ def agent(
             else:
                 security = _keyless_security(psk_file, sec, "a vproxy peer")
                 log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
-                server_endpoint = _vproxy_endpoint(server_endpoint, client=True)
+                server_endpoints = [_vproxy_endpoint(e, client=True) for e in server_endpoints]
                 # vproxy gzips text-like DATA over 1 KiB, and inflates what it is sent
                 tunnel = dataclasses.replace(tunnel, extensions=False, gzip=True)
             logins = resolve_websocks_users(
@@ -639,7 +650,7 @@ def agent(
                 )
             security = _security(psk_file, insecure, sec, cipher, insecure_key_permissions)
         settings = AgentSettings(
-            server=server_endpoint,
+            servers=server_endpoints,
             security=security,
             forwards=forwards,
             socks=parse_hostport(socks_addr, default_host="127.0.0.1") if socks_addr else None,
@@ -660,6 +671,19 @@ def agent(
         await _serve(metrics, ag.serve, ag.shutdown)
 
     _run_or_exit(go)
+
+
+def _server_urls(given: tuple[str, ...], configured: object) -> list[str]:
+    """The agent's server URLs: the command line's, else the config's ``server`` (a URL or a list of them)."""
+    if given:
+        return list(given)
+    if isinstance(configured, str) and configured:
+        return [configured]
+    if isinstance(configured, list) and configured and all(isinstance(u, str) and u for u in configured):
+        return list(configured)
+    if configured:
+        raise click.UsageError(f"[agent] server must be a URL or a list of URLs, not {configured!r}")
+    raise click.UsageError(f"give --server URL. {URL_HELP}")
 
 
 def _kcptun_agent(

@@ -49,7 +49,7 @@ async def run_demo(*, transport: str, socks: str, http: str, tunnel_port: int, p
     )
     agent = Agent(
         AgentSettings(
-            server=endpoint,
+            servers=[endpoint],
             security=security,
             socks=parse_hostport(socks, default_host="127.0.0.1"),
             http=parse_hostport(http, default_host="127.0.0.1"),

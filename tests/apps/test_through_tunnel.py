@@ -57,7 +57,7 @@ async def agent_and_server(policy: ExitPolicy, users: dict[str, str] | None = No
         addresses = await tg.start(server.serve)
         agent = Agent(
             AgentSettings(
-                server=Endpoint.parse(addresses[0]),
+                servers=[Endpoint.parse(addresses[0])],
                 security=security,
                 socks=("127.0.0.1", 0),
                 http=("127.0.0.1", 0),
@@ -207,7 +207,7 @@ async def forwarding(
         spec = "127.0.0.1:0" + (f"={destination}" if destination else "")
         agent = Agent(
             AgentSettings(
-                server=Endpoint.parse(addresses[0]),
+                servers=[Endpoint.parse(addresses[0])],
                 security=security,
                 forwards=[Forward.parse(spec)],
                 drain_timeout=5.0,

@@ -18,6 +18,7 @@ from bench.systems import SystemSpec
 SYSTEMS = [
     SystemSpec(kind="direct"),
     SystemSpec(kind="kcptun"),
+    SystemSpec(kind="shadowsocks"),
     SystemSpec(kind="vtunnel", transport="kcp"),
     SystemSpec(kind="vtunnel", transport="tcp", keyed=True),
 ]
@@ -70,6 +71,19 @@ def _samples() -> list[dict[str, Any]]:
     out.append(
         Sample(scenario="ttfb", system="vtunnel-kcp", round=0, error="vtunnel-kcp did not carry an echo")
     )
+    for r in range(2):
+        out.append(
+            Sample(scenario="bulk-1024", system="vtunnel-kcp", round=r, metrics={"goodput_MBps": 84.35 + r})
+        )
+        for name, g, cpu in (("shadowsocks", 400.0, 2.0), ("vtunnel-tcp+psk", 300.0, 3.0)):
+            out.append(
+                Sample(
+                    scenario="socks5-bulk",
+                    system=name,
+                    round=r,
+                    metrics={"goodput_MBps": g + r, "cpu_s_per_GB": cpu},
+                )
+            )
     relay = {"up": {"received": 900, "queue_dropped": 9}, "down": {"received": 100, "queue_dropped": 1}}
     out.append(
         Sample(
@@ -126,11 +140,29 @@ def test_validation_finds_broken_documents() -> None:
 
 def test_targets_are_ratios_or_absolute_bounds() -> None:
     targets = {(t["target"], t["system"]): t for t in _doc()["targets"]}
-    kcp_bulk = targets[("bulk over kcp:// >= 2x kcptun (1 stream)", "vtunnel-kcp")]
+    kcp_bulk = targets[("bulk over kcp:// >= 4x kcptun (1 stream)", "vtunnel-kcp")]
     assert kcp_bulk["value"] == pytest.approx(120.5 / 50.5)
-    assert kcp_bulk["met"] is True
-    tcp_mux = targets[("bulk over tcp:// multiplexed (16 streams) >= 0.5x direct", "vtunnel-tcp+psk")]
+    assert kcp_bulk["met"] is False
+    assert ("bulk over kcp:// >= 4x kcptun (1 stream)", "vtunnel-tcp+psk") not in targets
+    tcp_mux = targets[
+        ("bulk over tcp:// multiplexed (16 streams) with the key >= 0.5x direct", "vtunnel-tcp+psk")
+    ]
+    assert tcp_mux["value"] == pytest.approx(200.5 / 300.5)
     assert tcp_mux["met"] is True
+    # a ratio to another scenario of the same system
+    many = targets[
+        ("1,024 concurrent bulk streams in one kcp:// tunnel >= 0.8x 16 streams (aggregate)", "vtunnel-kcp")
+    ]
+    assert many["value"] == pytest.approx(84.85 / 120.5)
+    assert many["met"] is False
+    # a ratio to the SOCKS5 baseline, higher and lower being better
+    socks = "SOCKS5 bulk over tcp:// with the key"
+    assert targets[(f"{socks} >= shadowsocks-libev aes-256-gcm", "vtunnel-tcp+psk")][
+        "value"
+    ] == pytest.approx(300.5 / 400.5)
+    cpu = targets[(f"{socks}: CPU per GB <= shadowsocks-libev aes-256-gcm", "vtunnel-tcp+psk")]
+    assert cpu["value"] == pytest.approx(1.5)
+    assert cpu["met"] is False
     p50 = targets[("64 B request/response over kcp:// p50 <= 0.8x kcptun", "vtunnel-kcp")]
     assert p50["value"] == pytest.approx(0.75)
     assert p50["met"] is True
@@ -162,6 +194,8 @@ def test_markdown_plots_and_files(tmp_path: Path) -> None:
     assert "| vtunnel-kcp | 120.5 (120.0-121.0) | 2.39x | 0.40x |" in md
     assert "Link: loopback, not shaped" in md
     assert "| system | 0%: MB/s | 1%: MB/s | 0%: vs kcptun | 1%: vs kcptun |" in md
+    # the SOCKS5 scenario compares with shadowsocks-libev, on goodput and on CPU per GB
+    assert "| vtunnel-tcp+psk | 300.5 (300.0-301.0) | 0.75x | 3 (3-3) | 1.50x |" in md
     assert md.index("## Targets") < md.index("## bulk-1")
     assert "vtunnel-rudp skipped" in md
     assert "ttfb vtunnel-kcp round 1 failed" in md

@@ -78,6 +78,11 @@ def test_a_good_config_is_ok_and_starts_nothing(tmp_path: Path, key: Path) -> No
             "[agent]: expected HOST:PORT",
         ),
         ("[agent]\ninsecure = true\n", "[agent]: give --server URL"),
+        ("[agent]\nserver = 5\ninsecure = true\n", "[agent] server must be a URL or a list of URLs"),
+        (
+            '[agent]\nserver = ["tcp://127.0.0.1:1", "nosuch://127.0.0.1:1"]\ninsecure = true\n',
+            "[agent]: no transport for scheme",
+        ),
     ],
 )
 def test_a_bad_config_is_named_with_its_error(tmp_path: Path, text: str, message: str) -> None:
@@ -89,6 +94,26 @@ def test_a_bad_config_is_named_with_its_error(tmp_path: Path, text: str, message
     assert str(config) in out.stderr
     assert "Traceback" not in out.stderr
     assert out.stdout == ""
+
+
+def test_an_agent_with_several_servers_is_ok(tmp_path: Path, key: Path) -> None:
+    config = tmp_path / "several.toml"
+    config.write_text(
+        f'[agent]\nserver = ["kcp://127.0.0.1:1", "tls://127.0.0.1:2", "tcp://127.0.0.1:3"]\npsk_file = "{key}"\n'
+    )
+    out = run("check-config", str(config))
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_websocks_server_is_given_alone(tmp_path: Path) -> None:
+    config = tmp_path / "websocks.toml"
+    config.write_text(
+        '[agent]\nserver = ["websocks://127.0.0.1:1", "tcp://127.0.0.1:1"]\nwebsocks_users = { a = "b" }\n'
+    )
+    config.chmod(0o600)
+    out = run("check-config", str(config))
+    assert out.returncode == 1
+    assert "a WebSocks server is given alone" in out.stderr, out.stderr
 
 
 def test_both_sections_are_checked_and_each_error_is_shown(tmp_path: Path) -> None:

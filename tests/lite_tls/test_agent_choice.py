@@ -15,7 +15,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig
 def agent(ports: frozenset[int] = DEFAULT_LITE_TLS_PORTS) -> Agent:
     return Agent(
         AgentSettings(
-            server=Endpoint.parse("tcp://127.0.0.1:9"),
+            servers=[Endpoint.parse("tcp://127.0.0.1:9")],
             security=SecurityConfig(psk=bytes(32)),
             socks=("127.0.0.1", 0),
             lite_tls_ports=ports,
@@ -58,3 +58,20 @@ def test_the_cli_names_a_bad_port_list() -> None:
     )
     assert result.exit_code == 2
     assert "--lite-tls-ports" in result.output
+
+
+def test_splice_mode_takes_one_server() -> None:
+    """A spliced stream's dedicated connection goes to the server of the tunnel that carried its ticket, which is
+    the one server only when there is one."""
+    one = AgentSettings(
+        servers=[Endpoint.parse("tcp://127.0.0.1:9?splice=10")],
+        security=SecurityConfig(psk=bytes(32)),
+        socks=("127.0.0.1", 0),
+    )
+    assert one.server.params["splice"] == "10"
+    with pytest.raises(ValueError, match="one --server"):
+        AgentSettings(
+            servers=[Endpoint.parse("tcp://127.0.0.1:9?splice=10"), Endpoint.parse("tls://127.0.0.1:11")],
+            security=SecurityConfig(psk=bytes(32)),
+            socks=("127.0.0.1", 0),
+        )

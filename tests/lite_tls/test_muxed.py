@@ -125,12 +125,20 @@ async def _pump(src: SocketStream, dst: SocketStream, tap: Tap | None) -> None:
 
 
 @asynccontextmanager
-async def relay(port: int, tap: Tap) -> AsyncIterator[int]:
-    """A TCP relay on 127.0.0.1 to ``port``: upstream bytes go through ``tap``; yields its own port."""
+async def relay(port: int, tap: Tap, first: list[bytes] | None = None) -> AsyncIterator[int]:
+    """A TCP relay on 127.0.0.1 to ``port``: upstream bytes go through ``tap``; with ``first``, each
+    connection's first bytes towards ``port`` are read before it connects and appended to it; yields its own
+    port."""
 
     async def handle(client: SocketStream) -> None:
+        start = b""
+        if first is not None:
+            start = await client.receive()
+            first.append(start)
         upstream = await anyio.connect_tcp("127.0.0.1", port)
         async with client, upstream, anyio.create_task_group() as tg:
+            if start:
+                await upstream.send(start)
             tg.start_soon(_pump, client, upstream, None)
             await _pump(upstream, client, tap)
 
@@ -169,7 +177,7 @@ async def tunnel(
         async with relay(server_port, wire) as port:
             agent = Agent(
                 AgentSettings(
-                    server=Endpoint.parse(f"tcp://127.0.0.1:{port}"),
+                    servers=[Endpoint.parse(f"tcp://127.0.0.1:{port}")],
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=config,
@@ -181,6 +189,38 @@ async def tunnel(
             yield Tunnel(int(fronts["socks"].rsplit(":", 1)[1]), wire)
             agent.shutdown()
             server.shutdown()
+
+
+@asynccontextmanager
+async def agent_and_server(
+    listen: str, server_url: Callable[[int], str], lite_ports: frozenset[int]
+) -> AsyncIterator[int]:
+    """A server listening on ``listen`` and an agent whose server URL is ``server_url(port the server got)``,
+    sharing a fresh key, lite-tls to ``lite_ports``; yields the agent's SOCKS5 port."""
+    security = SecurityConfig(psk=os.urandom(32))
+    async with anyio.create_task_group() as tg:
+        server = Server(
+            ServerSettings(
+                listen=[Endpoint.parse(listen)],
+                security=security,
+                policy=ExitPolicy(allow_private=True),
+                drain_timeout=1.0,
+            )
+        )
+        addresses = await tg.start(server.serve)
+        agent = Agent(
+            AgentSettings(
+                servers=[Endpoint.parse(server_url(int(addresses[0].rsplit(":", 1)[1])))],
+                security=security,
+                socks=("127.0.0.1", 0),
+                drain_timeout=1.0,
+                lite_tls_ports=lite_ports,
+            )
+        )
+        fronts = await tg.start(agent.serve)
+        yield int(fronts["socks"].rsplit(":", 1)[1])
+        agent.shutdown()
+        server.shutdown()
 
 
 @pytest.fixture(scope="module")

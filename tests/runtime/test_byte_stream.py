@@ -5,6 +5,7 @@ consumer, datagram boundaries, and the memory bound a reader that stops keeps.""
 from __future__ import annotations
 
 import os
+import socket
 
 import anyio
 import pytest
@@ -43,6 +44,9 @@ class Collector:
 
     def stream_writable(self) -> None:
         pass
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        return False
 
 
 def sender(chunks: list[bytes], *, end: bool = True) -> Handler:

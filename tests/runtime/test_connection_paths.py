@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import socket
 
 import anyio
 import pytest
@@ -12,6 +15,7 @@ from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import (
     OUTBOUND_HIGH_WATER,
+    ROOM_PER_STREAM,
     UNCONTROLLED_BUFFER_LIMIT,
     TunnelConnection,
 )
@@ -93,6 +97,88 @@ async def test_many_small_sends_arrive_joined_and_exact() -> None:
         count, digest = answer.split(b" ", 1)
         assert digest == hashlib.sha256(b"".join(pieces)).digest()
         assert int(count) < len(pieces)  # buffered pieces were joined into fewer chunks
+
+
+class _RoomWatcher:
+    """A stream consumer that only records when it is told there is room, and in which batch: a batch is what
+    one synchronous pass of the connection told (ended by the next turn of the event loop)."""
+
+    def __init__(self, stream_id: int, told: list[tuple[int, int]], batch: list[int]) -> None:
+        self.stream_id = stream_id
+        self.told = told
+        self.batch = batch  # [current batch number, open (1) or not (0)]
+
+    def stream_data(self, data: bytes) -> None:
+        pass
+
+    def stream_eof(self) -> None:
+        pass
+
+    def stream_broken(self) -> None:
+        pass
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        return False
+
+    def stream_writable(self) -> None:
+        if not self.batch[1]:
+            self.batch[0] += 1
+            self.batch[1] = 1
+            asyncio.get_running_loop().call_soon(self.batch.__setitem__, 1, 0)
+        self.told.append((self.stream_id, self.batch[0]))
+
+
+async def test_room_is_told_to_the_longest_waiting_streams_a_few_at_a_time() -> None:
+    """Hundreds of streams waiting for the output to drain are told in the order they asked, never more at once
+    than the room below the high-water mark holds, and none is forgotten (even though none of them writes)."""
+    big = TunnelConfig(
+        min_stream_window=256 << 20, initial_stream_window=256 << 20, initial_tunnel_window=256 << 20
+    )
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    drain = anyio.Event()
+
+    async def slow_peer(sock: ByteStream) -> None:
+        async with sock:
+            peer = Tunnel(role=Role.SERVER, config=big)
+            peer.initiate(0)
+            peer.receive_data(await sock.receive(), 0)  # the client's SETTINGS
+            await sock.send(peer.data_to_send())
+            await drain.wait()  # read nothing until told, then everything
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await sock.receive(1 << 20)
+
+    waiting = 200
+    told: list[tuple[int, int]] = []
+    batch = [0, 0]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, slow_peer)
+        raw = await anyio.connect_tcp("127.0.0.1", port)
+        client = TunnelConnection(StreamLink(raw), role=Role.CLIENT, config=big, name="c")
+        tg.start_soon(client.run)
+        with anyio.fail_after(10):
+            await client.wait_ready()
+        filler = await client.open_stream(StreamMetadata(authority="a:1"), wait_accepted=False)
+        while not client.outbound_congested:  # the peer reads nothing: the output backs up
+            assert filler.write(b"x" * (256 << 10)) > 0
+        order = []
+        for _ in range(waiting):
+            stream = await client.open_stream(StreamMetadata(authority="a:1"), wait_accepted=False)
+            stream.attach(_RoomWatcher(stream.stream_id, told, batch))
+            assert not stream.has_room()  # asks to be told
+            order.append(stream.stream_id)
+        drain.set()
+        with anyio.fail_after(10):
+            while len(told) < waiting:
+                await anyio.sleep(0.01)
+        assert [sid for sid, _ in told] == order  # the longest waiting first, each once
+        sizes = [sum(1 for _, b in told if b == n) for n in range(1, batch[0] + 1)]
+        assert max(sizes) <= OUTBOUND_HIGH_WATER // ROOM_PER_STREAM
+        assert len(sizes) > 1
+        client.shutdown("test over", graceful=False)
+        tg.cancel_scope.cancel()
+    await listener.aclose()
 
 
 async def test_a_sender_waits_while_the_transport_is_backed_up() -> None:

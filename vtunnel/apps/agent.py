@@ -27,6 +27,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from vtunnel.apps.dialer import parse_authority
+from vtunnel.apps.lite_tls_splice import SpliceDialer, splice_port
 from vtunnel.apps.pipe import (
     Leg,
     Relay,
@@ -96,7 +97,9 @@ DEFAULT_LITE_TLS_PORTS = frozenset({443})
 
 @dataclass(frozen=True, kw_only=True)
 class AgentSettings:
-    server: Endpoint
+    #: the servers, in the order given: the pool's tunnels go to the UDP ones first and spread over a tier
+    #: (:mod:`vtunnel.runtime.session`); a WebSocks server is given alone
+    servers: Sequence[Endpoint]
     security: SecurityConfig
     forwards: Sequence[Forward] = ()
     socks: tuple[str, int] | None = None
@@ -114,6 +117,20 @@ class AgentSettings:
     #: forward's destination) is a ``lite-tls`` stream, which leaves the tunnel's encryption once its own TLS is
     #: up when the server agreed to lite-tls (docs/lite-tls.md); empty: never
     lite_tls_ports: frozenset[int] = DEFAULT_LITE_TLS_PORTS
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("the agent needs a server")
+        if len(self.servers) > 1 and any(s.scheme in WEBSOCKS_SCHEMES for s in self.servers):
+            raise ValueError("a WebSocks server is given alone: it takes no other --server")
+        if len(self.servers) > 1 and any("splice" in s.params for s in self.servers):
+            # a spliced stream's dedicated connection must reach the server whose tunnel carried its ticket
+            raise ValueError("lite-tls splice mode (splice=PORT) is for an agent with one --server")
+
+    @property
+    def server(self) -> Endpoint:
+        """The first server (a WebSocks server's only one)."""
+        return self.servers[0]
 
 
 class Agent:
@@ -136,12 +153,20 @@ class Agent:
                 )
         else:
             self.pool = TunnelPool(
-                settings.server,
+                settings.servers,
                 security=settings.security,
                 config=settings.tunnel,
                 size=settings.connections,
                 watch=stats,
             )
+            if stats is not None:
+                stats.watch_pool(self.pool)
+        port = splice_port(settings.server)
+        #: lite-tls splice mode (``splice=PORT`` in the server URL): opens lite-tls streams with a dedicated
+        #: connection each
+        self.splice = (
+            SpliceDialer(settings.server, port) if port is not None and self.pool is not None else None
+        )
         self.local_addresses: dict[str, str] = {}
         self._stopping = anyio.Event()
         self._active = 0
@@ -158,6 +183,11 @@ class Agent:
         login = self.settings.websocks_login
         if login is None and metadata is not None:
             metadata = self.choose_kind(metadata)
+        if self.splice is not None and login is None and metadata is not None and metadata.kind == "lite-tls":
+            pool, timeout = self.pool, self.settings.open_timeout
+            return await self.splice.open(
+                metadata, lambda md: pool.open_stream(md, wait_accepted=True, timeout=timeout)
+            )
         if login is None or metadata is None or metadata.authority is None:
             return await self.pool.open_stream(
                 metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout
@@ -270,7 +300,7 @@ class Agent:
     def _show(self, name: str, addr: Any) -> None:
         shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
         self.local_addresses[name] = shown
-        log.info("listening", front=name, address=shown, server=str(self.settings.server))
+        log.info("listening", front=name, address=shown, servers=[str(s) for s in self.settings.servers])
 
     def shutdown(self) -> None:
         self._stopping.set()

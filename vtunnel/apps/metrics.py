@@ -180,6 +180,7 @@ class TunnelCollector(Collector):
                 family.add_metric([transport, reason], count)
         yield failures
         yield probes
+        yield from _server_families(stats)
 
         exits = CounterMetricFamily(
             "vtunnel_exit_refusals",
@@ -189,6 +190,33 @@ class TunnelCollector(Collector):
         for reason, count in sorted(stats.dial_failures().items()):
             exits.add_metric([reason], count)
         yield exits
+
+
+def _server_families(stats: ProcessStats) -> Iterable[Metric]:
+    """The agent's servers, labelled by their position in its list (never their address) and transport."""
+    servers = list(stats.servers())
+    if not servers:
+        return
+    labels = ["server", "transport"]
+    up = GaugeMetricFamily(
+        "vtunnel_server_up",
+        "1 while the agent's last connect and handshake with the server succeeded and no tunnel to it died since.",
+        labels=labels,
+    )
+    held = GaugeMetricFamily(
+        "vtunnel_server_tunnels", "Tunnels the agent's pool holds to the server now.", labels=labels
+    )
+    failed = CounterMetricFamily(
+        "vtunnel_server_failures",
+        "Connects and handshakes with the server that failed, and tunnels to it that died without a GOAWAY.",
+        labels=labels,
+    )
+    for index, transport, answers, tunnels, failures in servers:
+        key = [str(index), transport]
+        up.add_metric(key, 1 if answers else 0)
+        held.add_metric(key, tunnels)
+        failed.add_metric(key, failures)
+    yield from (up, held, failed)
 
 
 class _WorkerLabel(Collector):

@@ -32,7 +32,8 @@ import anyio
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
-from vtunnel.io.stream_sockets import LeanSocketStream
+from vtunnel.io.splice import SPLICE_AVAILABLE, SpliceRelay
+from vtunnel.io.stream_sockets import DetachedSocket, LeanSocketStream, SocketTransport
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.errors import StreamRefused
 from vtunnel.runtime.tunnel_stream import TunnelStream
@@ -215,6 +216,53 @@ class Relay:
     def close(self) -> None:
         """End the relay now: both ends closed (what was written still goes out)."""
         self._finish(0)
+
+    def splice(self, end: TunnelEnd, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        """``end``'s lite-tls stream left the tunnel for ``dedicated`` (docs/lite-tls.md, splice mode): when the
+        other end is a socket, it and ``dedicated`` are relayed in the kernel from now on (``io.splice``) and
+        this relay is over without closing either end; ``to_peer`` goes to ``dedicated`` first, then its FIN if
+        ``ended``. False when the other end has no socket to give (nothing changed)."""
+        other = self._b if end is self._a else self._a
+        if self._state & _FINISHED or not SPLICE_AVAILABLE or not isinstance(other, SocketEnd):
+            return False
+        taken = other.detach()
+        if taken is None:
+            return False
+        self._state |= _FINISHED
+        idle = self._idle
+        if idle is not None:  # the kernel relay gets the same idle timeout, counting its own bytes
+            idle.stop()
+        a_to_b = other is self._a
+        on_close = taken.on_close
+
+        def done(moved: tuple[int, int]) -> None:
+            if idle is not None:
+                idle.stop()
+            if a_to_b:
+                self.a_to_b += moved[0]
+                self.b_to_a += moved[1]
+            else:
+                self.b_to_a += moved[0]
+                self.a_to_b += moved[1]
+            if on_close is not None:
+                on_close()
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        spliced = SpliceRelay(
+            taken.sock,
+            dedicated,
+            to_a=taken.unsent,
+            to_b=to_peer,
+            a_ended=taken.ended or ended,
+            a_shut=taken.write_closed,
+            on_done=done,
+        )
+        if idle is not None and not spliced.finished:
+            self._idle = idle = IdleTimer(idle.timeout, lambda: spliced.moved, spliced.close)
+            idle.start()
+        return True
 
     # -------------------------------------------------------------------- from the ends
     def received(self, end: RelayEnd, data: bytes) -> None:
@@ -415,6 +463,19 @@ class SocketEnd(asyncio.Protocol):
             _linger_reset(self.transport.get_extra_info("socket"))
             self.transport.abort()
 
+    def detach(self) -> DetachedSocket | None:
+        """Give the socket up with what was not sent yet (:meth:`SocketTransport.detach`): nothing is reported to
+        the relay after it; ``None`` when the socket is closing or gone."""
+        self._take_over()
+        t, self.transport = self.transport, None
+        if not isinstance(t, SocketTransport):
+            self.transport = t
+            return None
+        taken = t.detach()
+        if taken is None:
+            self.transport = t
+        return taken
+
 
 # bits of TunnelEnd._state
 _CLOSING: Final = 1  # close once the pending bytes went
@@ -457,6 +518,19 @@ class TunnelEnd:
             self.reset()  # the relay is over: only the pending bytes were waiting
         else:
             self._relay.broken(self)
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        """The stream left for a dedicated connection: the relay joins it to the other end's socket in the
+        kernel, after what this end still held for the stream."""
+        pending = self._pending
+        if pending is not None:
+            to_peer += bytes(pending)
+            ended = ended or bool(self._state & _EOF_WANTED)
+        if not self._relay.splice(self, dedicated, to_peer, ended):
+            return False
+        self._pending = None
+        self._state |= _CLOSING
+        return True
 
     def stream_writable(self) -> None:
         if self._pending is not None:

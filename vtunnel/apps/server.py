@@ -26,6 +26,7 @@ import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
 
 from vtunnel.apps.dialer import Dialer, DialError
+from vtunnel.apps.lite_tls_splice import TicketBook, bind_dedicated, serve_splice_port, splice_port
 from vtunnel.apps.pipe import Relay, SocketEnd, StreamLeg, TunnelEnd, TunnelLeg
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.websocks import (
@@ -95,6 +96,10 @@ class Server:
         #: tunnel listeners (yielding links) and WebSocks listeners (yielding byte streams)
         self.listeners: list[Listener[Link] | Listener[ByteStream]] = []
         self.local_addresses: list[str] = []
+        #: lite-tls splice mode: where dedicated connections meet their streams (a listen URL with splice=PORT)
+        self.tickets = TicketBook() if any(splice_port(e) is not None for e in settings.listen) else None
+        #: where the splice ports listen (``host:port``)
+        self.splice_addresses: list[str] = []
         self._serial = 0
         self._stopping = anyio.Event()
         self._no_tunnels = anyio.Event()
@@ -140,6 +145,13 @@ class Server:
 
                 for listener, handler in zip(self.listeners, handlers, strict=True):
                     tg.start_soon(accept_on, listener, handler)
+                if self.tickets is not None:
+                    for endpoint in self.settings.listen:
+                        port = splice_port(endpoint)
+                        if port is not None:
+                            self.splice_addresses.append(
+                                await tg.start(serve_splice_port, endpoint.host, port, self.tickets)
+                            )
                 task_status.started(self.local_addresses)
                 await self._stopping.wait()
                 for listener in self.listeners:  # a datagram listener answers no new handshake from now on
@@ -240,6 +252,8 @@ class Server:
             sock.close()
             raise
         try:
+            if self.tickets is not None:
+                await bind_dedicated(self.tickets, stream)
             stream.accept()
         except BaseException:
             end.close()

@@ -17,6 +17,7 @@ from anyio.abc import Listener
 
 from vtunnel.apps.dialer import Dialer
 from vtunnel.runtime.connection import TunnelConnection
+from vtunnel.runtime.session import TunnelPool
 from vtunnel.transports.base import LinkStats, ListenerAttribute, Refusals
 
 __all__ = ["NO_KIND", "ProcessStats", "TransportTotals"]
@@ -67,6 +68,7 @@ class ProcessStats:
         self.streams_opened: Counter[str] = Counter()
         self._listeners: list[tuple[str, Listener[Any]]] = []
         self._dialers: list[Dialer] = []
+        self._pool: TunnelPool | None = None
 
     # --- told by the agent and the server -------------------------------------------------------------------
 
@@ -92,6 +94,10 @@ class ProcessStats:
         """Read ``dialer``'s failures (by reason) at each scrape."""
         self._dialers.append(dialer)
 
+    def watch_pool(self, pool: TunnelPool) -> None:
+        """Read the agent's servers (their tunnels, whether they answer, their failures) at each scrape."""
+        self._pool = pool
+
     # --- read by the collector --------------------------------------------------------------------------------
 
     @property
@@ -111,6 +117,21 @@ class ProcessStats:
             found = listener.extra(ListenerAttribute.refusals, None)
             if found is not None:
                 yield transport, found
+
+    def servers(self) -> Iterator[tuple[int, str, bool, int, int]]:
+        """The agent's servers: position in its list, transport, whether it answers, tunnels held to it now, and
+        its failures so far (none for a server process)."""
+        pool = self._pool
+        if pool is None:
+            return
+        for server in pool.servers:
+            yield (
+                server.index,
+                server.endpoint.scheme,
+                bool(server.answered),
+                pool.tunnels_to(server),
+                server.failures_total,
+            )
 
     def dial_failures(self) -> Counter[str]:
         total: Counter[str] = Counter()

@@ -183,6 +183,11 @@ def listen_plan(
         if endpoint.scheme in WEBSOCKS_SCHEMES:
             plan.append((endpoint, SharedListening(datagram=False), None))
             continue
+        if "splice" in endpoint.params:
+            raise ValueError(
+                f"--workers cannot share a lite-tls splice port ({endpoint.scheme}://...?splice=): run the "
+                "server with one process, or leave splice mode out"
+            )
         shared = get_transport(endpoint.scheme).shared_listening(endpoint)
         if shared is None:
             raise ValueError(

@@ -38,7 +38,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from itertools import islice
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import anyio
 import anyio.abc
@@ -51,6 +51,7 @@ from vtunnel.io.listening import bind_stream_sockets
 from vtunnel.io.tuning import tune_tcp
 
 __all__ = [
+    "DetachedSocket",
     "LeanSocketStream",
     "LeanStreamListener",
     "RelayListener",
@@ -263,6 +264,20 @@ def watcher_for(loop: asyncio.AbstractEventLoop | None = None) -> SocketWatcher:
     return watcher
 
 
+class DetachedSocket(NamedTuple):
+    """A socket a :class:`SocketTransport` gave up (:meth:`SocketTransport.detach`), with its state then."""
+
+    sock: socket.socket
+    #: written to the transport, not yet taken by the kernel: send it before anything else
+    unsent: bytes
+    #: the peer's FIN had arrived (nothing more to read)
+    ended: bool
+    #: ``write_eof`` had been called: send the FIN after ``unsent``
+    write_closed: bool
+    #: what the transport would have called once the socket is closed (its listener's count): call it then
+    on_close: Callable[[], None] | None
+
+
 class SocketTransport(asyncio.Transport):
     """An asyncio transport over one connected, non-blocking stream socket, watched by a :class:`SocketWatcher`."""
 
@@ -393,6 +408,20 @@ class SocketTransport(asyncio.Transport):
         self._drop_buffer()
         self._closing = True
         self._lose(None)
+
+    def detach(self) -> DetachedSocket | None:
+        """Give the socket up (for a kernel relay, ``io.splice``): it is no longer watched, the protocol is not
+        called again and the socket is not closed by this transport. ``None`` when it is closing or lost."""
+        if self._closing or self._lost:
+            return None
+        unsent = b"".join(self._buffer) if self._buffer else b""
+        self._drop_buffer()
+        self._lost = True
+        self._closing = True
+        old, self._mask = self._mask, 0
+        self._watcher._remove(self._fd, self, old)
+        on_close, self._on_close = self._on_close, None
+        return DetachedSocket(self._sock, unsent, self._eof, self._write_closed, on_close)
 
     def get_write_buffer_size(self) -> int:
         return self._buffered

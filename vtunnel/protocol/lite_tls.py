@@ -360,6 +360,12 @@ class LiteTlsTracker:
         _send(events, pieces)
         events.append(FellBack(reason=problem, by_peer=False))
 
+    @property
+    def header_begun(self) -> bool:
+        """The first bytes of a first-hand record header are held, waiting for its rest: if none come soon, the
+        runtime calls :meth:`local_stalled`."""
+        return self._out.tracked and bool(self._out.head)
+
     def local_stalled(self) -> list[LiteTlsEvent]:
         """The local side has sent nothing for a while: if the tracker is still gathering the first bytes of a
         record header (a TLS endpoint writes whole records, so these are not TLS), fall back and send them.
@@ -528,6 +534,15 @@ class LiteTlsTracker:
             self._held_peer = []
             events.append(DeliverToLocal(data=held))
 
+    def stop_holding(self) -> bytes:
+        """Passive, spliced: hand over now what :meth:`_hold_until_app_data` keeps (the peer's bytes after its
+        marker come on the dedicated connection, which the tracker never sees)."""
+        held = b"".join(self._held_peer) + bytes(self._post)
+        self._held_peer = []
+        self._post = bytearray()
+        self._post_need = None
+        return held
+
     def _violation(self, events: list[LiteTlsEvent], reason: str) -> None:
         self._state = LiteTlsState.BROKEN
         self.reason = reason
@@ -584,15 +599,30 @@ class LiteTlsSession:
     * The peer's DATA must be protected until this end has left: a PASSTHROUGH frame before is a violation.
       After it, both kinds are accepted (the peer sends protected what is not a whole record).
     * It counts the peer bytes the tracker strips (``consumed``), so that the runtime returns their credit.
+    * Spliced (:meth:`splice`, before the stream leaves): after leaving, everything this end sends is one
+      passthrough piece per call (no cutting: it goes to the dedicated connection, not into frames), and a
+      passive end hands over what it held at once (the peer's bytes after its marker come on the dedicated
+      connection).
     """
 
-    __slots__ = ("_cut", "_cutting", "_left", "tracker")
+    __slots__ = ("_cut", "_cutting", "_left", "_spliced", "tracker")
 
     def __init__(self, side: Role) -> None:
         self.tracker = LiteTlsTracker(side)
         self._left = False
         self._cutting = True
+        self._spliced = False
         self._cut = bytearray()  # after leaving: the start of a record whose rest has not come yet
+
+    def splice(self) -> None:
+        """Leave to a dedicated connection rather than into PASSTHROUGH frames (docs/lite-tls.md, splice mode)."""
+        if self._left:
+            raise TrackerBrokenError("splice() after the stream left the tunnel")
+        self._spliced = True
+
+    @property
+    def spliced(self) -> bool:
+        return self._spliced
 
     @property
     def left(self) -> bool:
@@ -674,11 +704,18 @@ class LiteTlsSession:
                 step.fell_back = ev
             elif isinstance(ev, PeerViolation):
                 step.violation = ev.reason
+        if step.left is not None and self._spliced and step.violation is None:
+            held = self.tracker.stop_holding()
+            if held:
+                step.deliver.append(held)
 
     def _send(self, data: bytes, step: LiteTlsStep) -> None:
         """After leaving: cut ``data`` at record boundaries; runs of whole application-data records go in
         passthrough (a piece each), other records protected, a partial record waits for its rest."""
         send = step.send
+        if self._spliced:
+            send.append((data, True))
+            return
         if not self._cutting:
             send.append((data, False))
             return

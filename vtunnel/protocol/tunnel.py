@@ -148,6 +148,9 @@ class Tunnel:
         self._live = 0
         self._decoder = fr.FrameDecoder()
         self._out: list[bytes | memoryview] = []
+        # bytes_to_send, kept as frames are queued: the size of _out[:_out_counted]
+        self._out_counted = 0
+        self._out_bytes = 0
         self._events: list[Event] = []
         # consecutive DATA payloads of one byte stream, delivered as one DataReceived (views of the input)
         self._run: list[bytes | memoryview] = []
@@ -250,6 +253,7 @@ class Tunnel:
             return b""
         out = self._out
         self._out = []
+        self._out_counted = self._out_bytes = 0
         if len(out) == 1:
             return bytes(out[0])
         return b"".join(out)
@@ -310,8 +314,14 @@ class Tunnel:
 
     @property
     def bytes_to_send(self) -> int:
-        """How many bytes ``data_to_send()`` would return now."""
-        return sum(map(len, self._out))
+        """How many bytes ``data_to_send()`` would return now (counts only the frames queued since it was last
+        asked: a queue of thousands of frames is not summed again on every call)."""
+        out = self._out
+        counted = self._out_counted
+        if counted < len(out):
+            self._out_bytes += sum(map(len, out[counted:]))
+            self._out_counted = len(out)
+        return self._out_bytes
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must be called next (``None``: no timer needed)."""

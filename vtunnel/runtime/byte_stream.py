@@ -17,6 +17,7 @@ why), ``ClosedResourceError`` after our own ``aclose`` (or ``hand_off``).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -73,6 +74,9 @@ class TunnelByteStream(ByteStream):
 
     def stream_writable(self) -> None:
         self._wake(self._writer)
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        return False  # a byte stream has no socket to relay in the kernel: the stream stays muxed or is reset
 
     @staticmethod
     def _wake(waiter: asyncio.Future[None] | None) -> None:

@@ -49,6 +49,12 @@ log = structlog.get_logger("vtunnel.runtime")
 
 #: bytes queued for the link above which stream senders wait
 OUTBOUND_HIGH_WATER = 1024 * 1024
+#: the output a waiting stream is expected to add when told there is room: of the streams waiting, only as many
+#: as the room below the high-water mark holds at this much each are told at once (the longest waiting first), so
+#: that a tunnel with a thousand busy streams does not wake all of them for the room of a few
+ROOM_PER_STREAM = 64 * 1024
+#: how soon the next waiting streams are told when the ones told last added nothing
+_ROOM_RETRY = 0.001
 #: bytes a stream may hold unacknowledged when the peer has no flow control (vproxy) before the link pauses
 UNCONTROLLED_BUFFER_LIMIT = 1024 * 1024
 #: how long a closing tunnel waits for its last frames to leave and for the peer to end the link
@@ -89,8 +95,10 @@ class TunnelConnection:
         #: bytes the link refused (``WouldBlock``): they go first when it has room again
         self._held = b""
         self._unblocked = anyio.Event()  # set by link_writable (the closing linger waits for it)
-        #: streams whose consumers are told (``deliver_room``) once the output is under its high-water mark
-        self._room_wanted: set[TunnelStream] = set()
+        #: streams whose consumers are told (``deliver_room``) once the output is under its high-water mark, in
+        #: the order they asked (a dict: ordered, and O(1) to remove from)
+        self._room_wanted: dict[TunnelStream, None] = {}
+        self._room_retry: asyncio.TimerHandle | None = None
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -103,6 +111,8 @@ class TunnelConnection:
         self._reading_paused = False
         self._ready = anyio.Event()
         self._closed = anyio.Event()
+        #: set once the tunnel takes no new streams: a GOAWAY either way, or its close
+        self._retired = anyio.Event()
         self._close_reason = ""
         self._task_group: TaskGroup | None = None
         #: link writes (``send_nowait`` calls that took bytes) and refusals (``WouldBlock``): statistics
@@ -152,6 +162,11 @@ class TunnelConnection:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
+    async def wait_retired(self) -> None:
+        """Wait until the tunnel takes no new streams: the peer's GOAWAY, our :meth:`shutdown`, or its close (the
+        streams it has may still be finishing)."""
+        await self._retired.wait()
+
     # ------------------------------------------------------------------ output
     def transmit(self) -> None:
         """The one output point: hand what the tunnel queued to the link, and re-arm the timer.
@@ -171,9 +186,27 @@ class TunnelConnection:
             self._room_returned()
 
     def _room_returned(self) -> None:
-        waiting, self._room_wanted = self._room_wanted, set()
-        for stream in waiting:
+        """Tell the longest-waiting streams there is room, as many as the room holds (the rest when the output
+        drains further, or after :data:`_ROOM_RETRY` if those told added nothing); all of them once closed."""
+        waiting = self._room_wanted
+        if self.closed:
+            self._room_wanted = {}
+            for stream in waiting:
+                stream.deliver_room()
+            return
+        told = max(1, (OUTBOUND_HIGH_WATER - self.outbound_bytes) // ROOM_PER_STREAM)
+        while waiting and told > 0:
+            stream = next(iter(waiting))
+            del waiting[stream]
             stream.deliver_room()
+            told -= 1
+        if waiting and self._room_retry is None and self._loop is not None:
+            self._room_retry = self._loop.call_later(_ROOM_RETRY, self._room_again)
+
+    def _room_again(self) -> None:
+        self._room_retry = None
+        if self._room_wanted and (self.closed or self.outbound_bytes <= OUTBOUND_HIGH_WATER):
+            self._room_returned()
 
     def _send(self, data: bytes) -> None:
         try:
@@ -226,7 +259,7 @@ class TunnelConnection:
     def notify_room(self, stream: TunnelStream) -> None:
         """Call ``stream.deliver_room()`` once the output is under :data:`OUTBOUND_HIGH_WATER` again (or the
         tunnel closed); asked while :attr:`outbound_congested`."""
-        self._room_wanted.add(stream)
+        self._room_wanted[stream] = None
 
     # ------------------------------------------------------------------ timer
     def _arm(self, when: float) -> None:
@@ -366,9 +399,13 @@ class TunnelConnection:
         self._close_reason = reason
         self.log.info("tunnel closed", reason=reason, streams=len(self.streams))
         self._closed.set()
+        self._retired.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._room_retry is not None:
+            self._room_retry.cancel()
+            self._room_retry = None
         for stream in list(self.streams.values()):
             stream.deliver_tunnel_closed()
         self._room_returned()
@@ -421,6 +458,7 @@ class TunnelConnection:
                 self._ready.set()
             elif isinstance(ev, events.GoAwayReceived):
                 self.log.info("peer is shutting down", reason=ev.reason, last_stream_id=ev.last_stream_id)
+                self._retired.set()
                 for sid, s6 in list(streams.items()):
                     if sid > ev.last_stream_id:
                         s6.deliver_reset("refused")
@@ -441,7 +479,7 @@ class TunnelConnection:
         """A stream of this connection was closed by its user: drop it (called by ``TunnelStream`` only)."""
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
-            self._room_wanted.discard(stream)
+            self._room_wanted.pop(stream, None)
         self._over_limit.discard(stream_id)
         self.resume_reading()
 
@@ -497,6 +535,7 @@ class TunnelConnection:
         """Send GOAWAY. Graceful: open streams may finish; the tunnel closes when they have (or on timeout)."""
         if self._closed.is_set():
             return
+        self._retired.set()
         with contextlib.suppress(VTunnelError):
             self.tunnel.shutdown(reason, graceful=graceful)
         self.transmit()

@@ -30,7 +30,9 @@ last two the same way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from collections import deque
 from typing import Protocol
 
@@ -39,12 +41,19 @@ import structlog
 
 from vtunnel.protocol import StreamMetadata, Tunnel
 from vtunnel.protocol.errors import VTunnelError
-from vtunnel.protocol.lite_tls import LiteTlsSession, LiteTlsStep, whole_records
+from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsStep, whole_records
 from vtunnel.runtime.errors import StreamRefused
 
 __all__ = ["StreamCarrier", "StreamConsumer", "TunnelStream"]
 
 log = structlog.get_logger("vtunnel.lite_tls")
+
+#: seconds an active lite-tls end waits for the peer's answer to its marker before it resets the stream (a peer
+#: running this code answers within a round trip, unless its endpoint stopped half-way through a record)
+ANSWER_TIMEOUT = 10.0
+#: seconds of quiet after the local endpoint wrote the start of something like a record header: then it is
+#: not TLS (a TLS endpoint writes whole records) and the stream falls back (``LiteTlsSession.local_stalled``)
+LOCAL_STALL = 0.2
 
 
 class StreamCarrier(Protocol):
@@ -87,6 +96,13 @@ class StreamConsumer(Protocol):
     def stream_broken(self) -> None: ...
 
     def stream_writable(self) -> None: ...
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        """A spliced lite-tls stream left the tunnel (docs/lite-tls.md, splice mode): from now on its bytes go
+        over ``dedicated``, a plain TCP connection to the peer, first ``to_peer`` (then the FIN if ``ended``).
+        Return True when the consumer took ``dedicated`` over (it relays it; the stream is closed after this
+        call), False when it cannot (the stream is reset and ``dedicated`` closed)."""
+        ...
 
 
 class TunnelStream:
@@ -271,7 +287,9 @@ class TunnelStream:
         self._early = None
         carrier = self._carrier
         lite = self._lite
-        if lite is not None and lite.session.left:
+        if lite is not None:
+            lite.drop_dedicated()
+        if lite is not None and lite.session.left and not lite.off_tunnel:
             log.debug(
                 "lite_tls.closed",
                 tunnel=carrier.name,
@@ -284,6 +302,20 @@ class TunnelStream:
                 carrier.tunnel.close_stream(self.stream_id)
             carrier.transmit()
         carrier.forget_stream(self.stream_id)
+
+    # ---------------------------------------------------------------- lite-tls splice mode
+    @property
+    def lite_tls(self) -> bool:
+        """A lite-tls stream on a tunnel that agreed to the extension (it runs a tracker)."""
+        return self._lite is not None
+
+    def splice_over(self, dedicated: socket.socket) -> None:
+        """Leave the tunnel over ``dedicated`` (a plain TCP connection to the peer, bound to this stream by a
+        ticket) rather than in PASSTHROUGH frames; before any byte of the stream. Raises ``ValueError`` on a
+        stream that is not lite-tls."""
+        if self._lite is None:
+            raise ValueError(f"stream {self.stream_id} is not a lite-tls stream")
+        self._lite.splice_over(dedicated)
 
     # ---------------------------------------------------------------- server side
     def accept(self) -> None:
@@ -329,18 +361,24 @@ class TunnelStream:
             self._early.append(data)
 
     def deliver_eof(self) -> None:
+        if self._lite is not None and self._lite.off_tunnel:
+            return  # the end of a spliced stream comes on its dedicated connection
         self._eof = True
         consumer = self._consumer
         if consumer is not None and not self._closed:
             consumer.stream_eof()
 
     def deliver_reset(self, error: str | None) -> None:
+        if self._lite is not None and self._lite.off_tunnel:
+            return  # the peer closed its side of the stream once it was spliced
         if self._broken is None:
             self._broken = "reset"
             self.reset_error = error
             self._report_broken()
 
     def deliver_tunnel_closed(self) -> None:
+        if self._lite is not None and self._lite.off_tunnel:
+            return  # a spliced stream outlives its tunnel
         if self._broken is None and not (self._eof and self._sent_eof):
             self._broken = "tunnel closed"
             self.reset_error = "tunnel closed"
@@ -381,9 +419,23 @@ class TunnelStream:
 
 
 class _LiteTls:
-    """A lite-tls stream's session and its queue of pieces to send (waiting for stream credit)."""
+    """A lite-tls stream's session and its queue of pieces to send (waiting for stream credit); spliced, the
+    dedicated connection until the stream leaves, and what goes on it first."""
 
-    __slots__ = ("_eof", "_queue", "_refused", "_stream", "passthrough_bytes", "protected_bytes", "session")
+    __slots__ = (
+        "_answer_timer",
+        "_dedicated",
+        "_eof",
+        "_queue",
+        "_refused",
+        "_stall_timer",
+        "_stream",
+        "_to_dedicated",
+        "off_tunnel",
+        "passthrough_bytes",
+        "protected_bytes",
+        "session",
+    )
 
     def __init__(self, stream: TunnelStream) -> None:
         self._stream = stream
@@ -395,21 +447,42 @@ class _LiteTls:
         #: bytes sent in PASSTHROUGH frames and in ordinary ones (statistics)
         self.passthrough_bytes = 0
         self.protected_bytes = 0
+        #: splice mode: the connection the stream leaves over, until the hand-over
+        self._dedicated: socket.socket | None = None
+        #: splice mode: what the session sent after leaving, before the hand-over
+        self._to_dedicated = bytearray()
+        #: a spliced stream that left: its bytes and its end go over the dedicated connection, never the tunnel
+        self.off_tunnel = False
+        #: the answer's deadline while awaiting it; the local stall check while a header is begun
+        self._answer_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+
+    def splice_over(self, dedicated: socket.socket) -> None:
+        self.session.splice()
+        self._dedicated = dedicated
+
+    def drop_dedicated(self) -> None:
+        """The stream is closed: a dedicated connection not handed over is closed with it (and no timer runs)."""
+        self._stop_timers()
+        sock, self._dedicated = self._dedicated, None
+        if sock is not None:
+            sock.close()
 
     def from_local(self, data: bytes | memoryview) -> int:
         """Take all of ``data`` (0: none, the queue or the held bytes must go first)."""
         session = self.session
-        if self._queue or session.awaiting_answer:
-            self._refused = True
+        if self._queue or session.awaiting_answer or self.off_tunnel:
+            self._refused = True  # (spliced: the consumer hands what it holds over with the socket)
             return 0
         self._act(session.from_local(bytes(data)))
         return len(data)
 
     def local_ended(self) -> bool:
-        """The owner's FIN: True if it may go now."""
+        """The owner's FIN: True if it may go now (spliced, after leaving: never, it goes on the dedicated
+        connection)."""
         self._eof = True
         self._act(self.session.local_ended())
-        return not self._queue
+        return not self._queue and not self.off_tunnel
 
     def from_peer(self, data: bytes, passthrough: bool) -> None:
         self._act(self.session.from_peer(data, passthrough))
@@ -417,7 +490,9 @@ class _LiteTls:
     def _act(self, step: LiteTlsStep) -> None:
         stream = self._stream
         carrier = stream._carrier
-        if step.left is not None:
+        if step.left is not None and self.session.spliced:
+            self.off_tunnel = True
+        elif step.left is not None:
             log.info(
                 "lite_tls.left_tunnel",
                 tunnel=carrier.name,
@@ -442,10 +517,98 @@ class _LiteTls:
                 carrier.tunnel.acknowledge_received_data(stream.stream_id, step.consumed)
         for data in step.deliver:
             stream._deliver(data)
+        session = self.session
+        if session.awaiting_answer:
+            if self._answer_timer is None:
+                self._answer_timer = asyncio.get_running_loop().call_later(ANSWER_TIMEOUT, self._no_answer)
+        elif self._answer_timer is not None:
+            self._answer_timer.cancel()
+            self._answer_timer = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if session.tracker.header_begun:
+            self._stall_timer = asyncio.get_running_loop().call_later(LOCAL_STALL, self._stalled)
+        if self.off_tunnel:
+            for piece, passthrough in step.send:
+                if passthrough:  # after leaving: for the dedicated connection
+                    self._to_dedicated += piece
+                else:  # the marker answer, before leaving
+                    self._queue.append((piece, False))
+            self.flush()  # then the hand-over, once the tunnel has everything before the switch
+            return
         self._queue.extend(step.send)
         if self.flush() and self._refused and not self.session.awaiting_answer:
             self._refused = False
             stream.deliver_room()
+
+    def _stop_timers(self) -> None:
+        for timer in (self._answer_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._answer_timer = self._stall_timer = None
+
+    def _no_answer(self) -> None:
+        self._answer_timer = None
+        stream = self._stream
+        if not self.session.awaiting_answer or stream._closed or stream._broken is not None:
+            return
+        log.info(
+            "lite_tls.answer_timeout",
+            tunnel=stream._carrier.name,
+            stream=stream.stream_id,
+            waited=ANSWER_TIMEOUT,
+        )
+        self._reset("protocol: lite-tls no answer to the marker")
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        stream = self._stream
+        if not stream._closed and stream._broken is None:
+            self._act(self.session.local_stalled())
+
+    def _reset(self, reason: str) -> None:
+        """Reset the stream (the tunnel and its other streams go on); what was queued or held is dropped."""
+        stream = self._stream
+        carrier = stream._carrier
+        self._queue.clear()
+        self.off_tunnel = False
+        self._stop_timers()
+        with contextlib.suppress(VTunnelError):
+            carrier.tunnel.reset_stream(stream.stream_id, error=reason)
+        carrier.transmit()
+        stream.deliver_reset(reason)
+
+    def _hand_over(self, role: LiteTlsRole) -> None:
+        """Spliced, left, and everything for the tunnel sent: the consumer relays the dedicated connection from
+        now on (or cannot: then the stream is reset)."""
+        stream = self._stream
+        carrier = stream._carrier
+        sock, self._dedicated = self._dedicated, None
+        if sock is None or stream._closed:
+            return
+        if self._queue:  # the marker still waits for credit: flush() comes back here once it went
+            self._dedicated = sock
+            return
+        consumer = stream._consumer
+        to_peer, self._to_dedicated = bytes(self._to_dedicated), bytearray()
+        if (
+            consumer is not None
+            and stream._broken is None
+            and consumer.stream_spliced(sock, to_peer, self._eof)
+        ):
+            log.info(
+                "lite_tls.left_tunnel",
+                tunnel=carrier.name,
+                stream=stream.stream_id,
+                mode="spliced",
+                role=role.value,
+            )
+            stream.close()
+            return
+        sock.close()
+        log.info("lite_tls.splice_failed", tunnel=carrier.name, stream=stream.stream_id)
+        self._reset("protocol: lite-tls splice failed")
 
     def writable(self) -> bool:
         """Credit came: send what is queued; True if the writer may go on."""
@@ -489,7 +652,11 @@ class _LiteTls:
             queue.clear()
             stream.deliver_reset(str(exc))
             return True
-        if not queue and self._eof and not stream._sent_eof and not stream._closed:
+        if not queue and self.off_tunnel and self._dedicated is not None:
+            asyncio.get_running_loop().call_soon(
+                self._hand_over, self.session.tracker.role or LiteTlsRole.ACTIVE
+            )
+        elif not queue and self._eof and not stream._sent_eof and not stream._closed:
             self._eof = False
             carrier.transmit()
             stream._end()

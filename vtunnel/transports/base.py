@@ -169,6 +169,9 @@ class Transport(abc.ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     #: One line shown by ``vtunnel transports``.
     description: ClassVar[str] = ""
+    #: Its packets are UDP datagrams, so a network that blocks UDP blocks it (an agent given several servers
+    #: tries these first and falls back to the others: docs/agent.md, "Several servers").
+    over_udp: ClassVar[bool] = False
 
     def check(self, endpoint: Endpoint) -> None:  # noqa: B027 - optional hook
         """Validate ``endpoint``'s options; raise :class:`TransportError` naming the bad one."""

@@ -4,6 +4,10 @@ r"""``tcp://HOST:PORT`` and ``tls://HOST:PORT``: tunnels over TCP, optionally in
 verify client certificates); on the client ``ca`` (trust anchors; the system store when absent), ``servername``
 (SNI and the name verified; the URL host by default), ``cert``/``key`` for a client certificate.
 
+Both take ``splice=PORT`` (docs/lite-tls.md, splice mode): on the server, the port of the same host where
+dedicated connections of spliced lite-tls streams are accepted; on the agent, that port, which turns splice mode
+on. ``splice=0`` on a server takes any free port (the server logs it). The transport itself only checks the value; the applications act on it.
+
 Both are :class:`~vtunnel.transports.base.ByteStreamTransport`\ s: when a pre-shared key is configured, the base
 runs the PSK handshake and AEAD records on top of the byte stream (inside TLS for ``tls://``), so a peer without
 the key never reaches the tunnel protocol.
@@ -34,8 +38,10 @@ class TCPTransport(ByteStreamTransport):
     description: ClassVar[str] = "TCP (TCP_NODELAY, 4 MiB buffers)"
 
     def check(self, endpoint: Endpoint) -> None:
-        if endpoint.params:
-            raise TransportError(f"tcp:// takes no options, got {', '.join(sorted(endpoint.params))}")
+        other = set(endpoint.params) - {"splice"}
+        if other:
+            raise TransportError(f"tcp:// takes no options but splice, got {', '.join(sorted(other))}")
+        _check_splice(endpoint)
 
     async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
         self.check(endpoint)
@@ -58,8 +64,14 @@ class TCPTransport(ByteStreamTransport):
         return SocketLink(stream)
 
 
-_TLS_CLIENT_OPTS = {"ca", "servername", "cert", "key"}
-_TLS_SERVER_OPTS = {"ca", "cert", "key"}
+_TLS_CLIENT_OPTS = {"ca", "servername", "cert", "key", "splice"}
+
+
+def _check_splice(endpoint: Endpoint) -> None:
+    """``splice=PORT``: a port number (0 on a server: any free one)."""
+    text = endpoint.params.get("splice")
+    if text is not None and not (text.isdigit() and 0 <= int(text) <= 65535):
+        raise TransportError(f"{endpoint.scheme}:// option 'splice' must be a port (0-65535), got {text!r}")
 
 
 class TLSTransport(ByteStreamTransport):
@@ -70,6 +82,7 @@ class TLSTransport(ByteStreamTransport):
         unknown = set(endpoint.params) - _TLS_CLIENT_OPTS
         if unknown:
             raise TransportError(f"unknown tls:// option(s): {', '.join(sorted(unknown))}")
+        _check_splice(endpoint)
 
     def __init__(self) -> None:
         self._server_contexts: dict[str, ssl.SSLContext] = {}
@@ -92,7 +105,10 @@ class TLSTransport(ByteStreamTransport):
             raise
 
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
-        self._server_contexts[str(endpoint)] = tls_server_context(endpoint)
+        _check_splice(endpoint)
+        self._server_contexts[str(endpoint)] = tls_server_context(
+            endpoint, allowed=frozenset({"ca", "cert", "key", "splice"})
+        )
         return await open_stream_listener(endpoint.host, endpoint.port)
 
     def shared_listening(self, endpoint: Endpoint) -> SharedListening:

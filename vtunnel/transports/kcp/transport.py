@@ -49,6 +49,8 @@ class DatagramTransport(Transport, Generic[Opts]):
     plain listener codec, and builds its listener and its client's session (:meth:`dial`; raises what
     :func:`~vtunnel.transports.kcp.client.open_client` raises)."""
 
+    over_udp: ClassVar[bool] = True
+
     @abstractmethod
     def parse(self, params: Mapping[str, str]) -> Opts: ...
     @abstractmethod

@@ -1,0 +1,332 @@
+"""lite-tls splice mode end to end: an agent and a server in-process over tcp:// with a key and ``splice=PORT``, a
+real HTTPS origin and curl through SOCKS5. Once a lite-tls stream left the tunnel its bytes go over a dedicated
+TCP connection per stream, relayed by ``os.splice`` at both ends; a relay on loopback between the agent and the
+server's splice port sees (and in one test tampers with) those connections."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from structlog.testing import capture_logs
+
+from vtunnel.apps.agent import Agent, AgentSettings
+from vtunnel.apps.lite_tls_splice import CLAIM_TIMEOUT, TICKET_LEN
+from vtunnel.apps.policy import ExitPolicy
+from vtunnel.apps.server import Server, ServerSettings
+from vtunnel.io.splice import SPLICE_AVAILABLE
+from vtunnel.protocol import TunnelConfig
+from vtunnel.transports.base import Endpoint, SecurityConfig
+
+from .test_muxed import Tap, agent_and_server, body_for, ca_file, curl, origin, relay
+from .tlsutil import HOST, cert_files
+
+__all__ = ["ca_file"]
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
+    pytest.mark.skipif(os.system("command -v curl >/dev/null") != 0, reason="curl is not installed"),
+]
+
+
+@dataclass
+class Spliced:
+    socks: int
+    splice: int  # the server's splice port
+    server: Server
+
+
+@asynccontextmanager
+async def spliced_tunnel(
+    lite_ports: frozenset[int],
+    *,
+    wire: Tap | None = None,
+    first: list[bytes] | None = None,
+    tls_files: tuple[str, str, str] | None = None,
+    idle_timeout: float | None = None,
+    server_lite_tls: bool = True,
+) -> AsyncIterator[Spliced]:
+    """Agent and server over tcp:// with a key and splice mode; ``wire`` sees the dedicated connections'
+    server -> agent bytes and ``first`` their first agent -> server bytes (the agent reaches the splice port
+    through a relay). With ``tls_files`` (chain, key, CA) the tunnel runs over tls:// instead of tcp://."""
+    security = SecurityConfig(psk=os.urandom(32))
+    server = Server(
+        ServerSettings(
+            listen=[
+                Endpoint.parse(
+                    "tcp://127.0.0.1:0?splice=0"
+                    if tls_files is None
+                    else f"tls://127.0.0.1:0?cert={tls_files[0]}&key={tls_files[1]}&splice=0"
+                )
+            ],
+            security=security,
+            policy=ExitPolicy(allow_private=True),
+            drain_timeout=1.0,
+            idle_timeout=idle_timeout,
+            tunnel=TunnelConfig(lite_tls=server_lite_tls),
+        )
+    )
+    async with anyio.create_task_group() as tg:
+        addresses = await tg.start(server.serve)
+        server_port = int(addresses[0].rsplit(":", 1)[1])
+        splice_port = int(server.splice_addresses[0].rsplit(":", 1)[1])
+        async with relay(splice_port, wire or Tap(), first) as relayed:
+            agent = Agent(
+                AgentSettings(
+                    servers=[
+                        Endpoint.parse(
+                            f"tcp://127.0.0.1:{server_port}?splice={relayed}"
+                            if tls_files is None
+                            else f"tls://127.0.0.1:{server_port}?ca={tls_files[2]}&servername={HOST}"
+                            f"&splice={relayed}"
+                        )
+                    ],
+                    security=security,
+                    socks=("127.0.0.1", 0),
+                    tunnel=TunnelConfig(),
+                    drain_timeout=1.0,
+                    lite_tls_ports=lite_ports,
+                )
+            )
+            fronts = await tg.start(agent.serve)
+            yield Spliced(int(fronts["socks"].rsplit(":", 1)[1]), splice_port, server)
+            agent.shutdown()
+            server.shutdown()
+
+
+def _left(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+async def test_https_through_a_spliced_stream_is_byte_exact(
+    version: str, ca_file: str, tmp_path: Path
+) -> None:
+    size = 64 * 1024 * 1024
+    wire = Tap()
+    with capture_logs() as logs:
+        async with origin(version) as https, spliced_tunnel(frozenset({https}), wire=wire) as t:
+            out = tmp_path / "body"
+            with anyio.fail_after(150):
+                assert (
+                    await curl(
+                        t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file, version=version
+                    )
+                    == 0
+                )
+            assert out.read_bytes() == body_for(size)
+    left = _left(logs)
+    # both ends, spliced, one active and one passive
+    assert sorted(str(e["role"]) for e in left) == ["active", "passive"], left
+    assert all(e["mode"] == "spliced" for e in left)
+    # the body went over the dedicated connection (its server -> agent bytes: the ACK, then the user's records)
+    assert len(wire.downstream) > size
+    assert wire.downstream[:1] == b"\x01"
+
+
+async def test_over_tls_the_dedicated_connection_carries_the_users_tls_and_nothing_else(
+    ca_file: str, tmp_path: Path
+) -> None:
+    """tls://: the tunnel is inside TLS; a dedicated connection is plain TCP from its first byte (ticket out,
+    ACK back, then the user's own TLS records), so there is no outer TLS to end on it."""
+    size = 8 * 1024 * 1024
+    wire = Tap()
+    with capture_logs() as logs:
+        async with (
+            origin("1.3") as https,
+            spliced_tunnel(frozenset({https}), wire=wire, tls_files=cert_files(tmp_path)) as t,
+        ):
+            out = tmp_path / "body"
+            with anyio.fail_after(120):
+                assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+            assert out.read_bytes() == body_for(size)
+    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    stream = bytes(wire.downstream)
+    assert stream[:1] == b"\x01"
+    pos = 1  # after the ACK: nothing but TLS application-data records (the user's), to the end
+    while pos < len(stream):
+        assert stream[pos : pos + 3] == b"\x17\x03\x03", pos
+        pos += 5 + int.from_bytes(stream[pos + 3 : pos + 5], "big")
+    assert pos == len(stream)
+
+
+async def test_plain_http_to_a_lite_tls_port_falls_back_and_works(tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        async with origin(None) as plain, spliced_tunnel(frozenset({plain})) as t:
+            out = tmp_path / "body"
+            with anyio.fail_after(60):
+                assert await curl(t.socks, f"http://127.0.0.1:{plain}/bytes/{3 << 20}", out) == 0
+            assert out.read_bytes() == body_for(3 << 20)
+    assert not _left(logs)
+
+
+async def test_a_connection_without_a_valid_ticket_gets_nothing(ca_file: str, tmp_path: Path) -> None:
+    """Strangers on the splice port: a random ticket, a TLS-looking start, HTTP, the ticket of a stream that
+    already used it (a replay): each is closed with nothing relayed, and the tunnel's own streams go on."""
+    wire = Tap()
+    first: list[bytes] = []
+    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), wire=wire, first=first) as t:
+        out = tmp_path / "body"
+        with anyio.fail_after(60):
+            assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/1000", out, ca=ca_file) == 0
+        assert out.read_bytes() == body_for(1000)
+        used = bytes(wire.downstream)
+        assert len(first) == 1
+        assert len(first[0]) >= TICKET_LEN
+        ticket = first[0][:TICKET_LEN]
+
+        def stranger(first: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", t.splice), timeout=10) as sock:
+                sock.sendall(first)
+                sock.shutdown(socket.SHUT_WR)
+                got = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        got += chunk
+                except ConnectionResetError:  # closed with bytes it did not read: a reset
+                    pass
+                return got
+
+        with anyio.fail_after(30):
+            assert await anyio.to_thread.run_sync(stranger, secrets.token_bytes(TICKET_LEN)) == b""
+            assert await anyio.to_thread.run_sync(stranger, b"\x16\x03\x01\x00\x10" + bytes(16)) == b""
+            assert await anyio.to_thread.run_sync(stranger, b"GET / HTTP/1.1\r\n\r\n" * 4) == b""
+            assert await anyio.to_thread.run_sync(stranger, ticket + b"\x17\x03\x03\x00\x01x") == b""
+        assert t.server.tickets is not None
+        assert t.server.tickets.refused == 4
+        assert used[:1] == b"\x01"
+        with anyio.fail_after(60):
+            assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/2000", out, ca=ca_file) == 0
+        assert out.read_bytes() == body_for(2000)
+
+
+async def test_a_flipped_byte_on_a_dedicated_connection_breaks_only_that_stream(
+    ca_file: str, tmp_path: Path
+) -> None:
+    """Two parallel downloads, each on its own dedicated connection; the relay flips one byte of one of them:
+    that curl fails (its TLS), the other finishes byte-exact, and the tunnel carries a new one afterwards."""
+    size = 16 * 1024 * 1024
+    flipped: list[int] = []
+    seen = [0]
+
+    def flip(chunk: bytes) -> bytes:  # one byte, once 4 MiB went through the dedicated connections
+        if flipped or seen[0] + len(chunk) < 4 << 20:
+            seen[0] += len(chunk)
+            return chunk
+        changed = bytearray(chunk)
+        changed[len(changed) // 2] ^= 0x40
+        flipped.append(seen[0])
+        return bytes(changed)
+
+    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), wire=Tap(tamper=flip)) as t:
+        codes: dict[str, int] = {}
+
+        async def fetch(name: str) -> None:
+            codes[name] = await curl(
+                t.socks, f"https://127.0.0.1:{https}/bytes/{size}", tmp_path / name, ca=ca_file
+            )
+
+        with anyio.fail_after(150):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch, "one")
+                tg.start_soon(fetch, "two")
+            assert flipped
+            assert sorted(codes.values())[0] == 0, codes
+            assert sorted(codes.values())[1] != 0, codes
+            good = "one" if codes["one"] == 0 else "two"
+            assert (tmp_path / good).read_bytes() == body_for(size)
+            await fetch("after")
+        assert codes["after"] == 0
+        assert (tmp_path / "after").read_bytes() == body_for(size)
+
+
+async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(ca_file: str, tmp_path: Path) -> None:
+    """A server without a splice port (it ignores the ticket) and an agent that names one where nothing
+    listens: the dial fails, the agent says so once, and the streams leave in muxed mode, byte-exact."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nowhere = unused.getsockname()[1]  # (bound, never listening: connections to it are refused)
+        with capture_logs() as logs:
+            async with (
+                origin("1.3") as https,
+                agent_and_server(
+                    "tcp://127.0.0.1:0",
+                    lambda port: f"tcp://127.0.0.1:{port}?splice={nowhere}",
+                    frozenset({https}),
+                ) as socks,
+            ):
+                with anyio.fail_after(60):
+                    for size in (1 << 20, 2 << 20):
+                        out = tmp_path / f"body{size}"
+                        assert (
+                            await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+                        )
+                        assert out.read_bytes() == body_for(size)
+    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 4
+    assert len([e for e in logs if e["event"] == "lite_tls.splice_dial_failed"]) == 1
+
+
+def _https_keepalive(socks: int, port: int, ca: str, idle: float) -> tuple[bytes, bytes]:
+    """Blocking: through SOCKS5, one HTTPS request on a kept-alive connection, then ``idle`` seconds of quiet,
+    then what the connection gives (b"" once it was closed); returns (first body, after the quiet)."""
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", socks), timeout=30) as raw:
+        raw.sendall(b"\x05\x01\x00")
+        assert raw.recv(2) == b"\x05\x00"
+        raw.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+        assert raw.recv(10)[:2] == b"\x05\x00"
+        ctx = ssl.create_default_context(cafile=ca)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /bytes/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(body_for(1000)):
+                answer += tls.recv(65536)
+            time.sleep(idle)
+            tls.settimeout(5)
+            try:
+                after = tls.recv(100)
+            except TimeoutError:
+                after = b"(still open)"
+            except (ssl.SSLError, OSError):
+                after = b""
+            return answer[-1000:], after
+
+
+async def test_a_spliced_stream_keeps_the_servers_idle_timeout(ca_file: str) -> None:
+    with capture_logs() as logs:
+        async with origin("1.3") as https, spliced_tunnel(frozenset({https}), idle_timeout=0.5) as t:
+            with anyio.fail_after(30):
+                body, after = await anyio.to_thread.run_sync(_https_keepalive, t.socks, https, ca_file, 2.5)
+    assert body == body_for(1000)
+    assert after == b""  # the server's kernel relay ended the quiet connection
+    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+
+
+async def test_a_tunnel_without_lite_tls_stops_the_dedicated_connections(
+    ca_file: str, tmp_path: Path
+) -> None:
+    """The server has a splice port but does not offer lite-tls: the first stream's dedicated connection is
+    refused by it (no stream claims it), and the agent opens no more for a while; the streams are plain ones."""
+    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), server_lite_tls=False) as t:
+        with anyio.fail_after(60):
+            for size in (1000, 2000, 3000):
+                out = tmp_path / f"body{size}"
+                assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+                assert out.read_bytes() == body_for(size)
+            assert t.server.tickets is not None
+            while t.server.tickets.refused < 1:  # (the parked connection expires after CLAIM_TIMEOUT)
+                await anyio.sleep(0.1)
+            await anyio.sleep(CLAIM_TIMEOUT + 0.5)
+        assert t.server.tickets.refused == 1

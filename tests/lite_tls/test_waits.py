@@ -1,0 +1,98 @@
+"""The waits of a lite-tls stream are bounded, end to end (agent and server in-process over tcp:// with a key, a
+scripted destination on loopback, a raw SOCKS5 client): an active end whose marker is never answered resets the
+stream after ANSWER_TIMEOUT (with a log line), and a client that writes the start of something like a record
+header and then waits for the server falls back after LOCAL_STALL instead of hanging."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import pytest
+from anyio.abc import SocketStream
+from structlog.testing import capture_logs
+
+from vtunnel.runtime import tunnel_stream
+
+from .test_muxed import tunnel
+
+pytestmark = pytest.mark.anyio
+
+
+def record(kind: int, n: int) -> bytes:
+    return bytes([kind, 3, 3]) + n.to_bytes(2, "big") + b"B" * n
+
+
+HELLO = b"\x16\x03\x01\x00\x04\x01\x00\x00\x00"
+
+
+@asynccontextmanager
+async def destination(serve: Callable[[SocketStream], Awaitable[None]]) -> AsyncIterator[int]:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+async def socks_connect(socks: int, port: int) -> SocketStream:
+    client = await anyio.connect_tcp("127.0.0.1", socks)
+    await client.send(b"\x05\x01\x00")
+    assert await client.receive(2) == b"\x05\x00"
+    await client.send(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+    assert (await client.receive(10))[:2] == b"\x05\x00"
+    return client
+
+
+async def read_until_closed(client: SocketStream) -> bytes:
+    got = bytearray()
+    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+        while True:
+            got += await client.receive()
+    return bytes(got)
+
+
+async def test_a_marker_never_answered_resets_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tunnel_stream, "ANSWER_TIMEOUT", 0.5)
+    first = record(0x16, 40) + record(0x17, 30)
+
+    async def half_a_record(conn: SocketStream) -> None:  # then never the rest: its server end cannot answer
+        async with conn:
+            await conn.receive()
+            await conn.send(first + record(0x17, 100)[:15])
+            await anyio.sleep(30)
+
+    with capture_logs() as logs:
+        async with destination(half_a_record) as port, tunnel(frozenset({port})) as t:
+            with anyio.fail_after(20):
+                client = await socks_connect(t.socks, port)
+                async with client:
+                    await client.send(HELLO)
+                    got = bytearray()
+                    while len(got) < len(first):
+                        got += await client.receive()
+                    await client.send(record(0x17, 20))  # the agent goes active: marker, then it holds
+                    got += await read_until_closed(client)
+    assert bytes(got[: len(first)]) == first
+    timeouts = [e for e in logs if e["event"] == "lite_tls.answer_timeout"]
+    assert len(timeouts) == 1
+
+
+async def test_a_header_begun_and_then_quiet_falls_back_instead_of_hanging() -> None:
+    async def echo(conn: SocketStream) -> None:
+        async with conn:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await conn.send(await conn.receive())
+
+    async with destination(echo) as port, tunnel(frozenset({port})) as t:
+        with anyio.fail_after(20):
+            client = await socks_connect(t.socks, port)
+            async with client:
+                await client.send(b"\x16\x03")  # could be a ClientHello's header, then nothing
+                assert await client.receive() == b"\x16\x03"
+                await client.send(b" and more")
+                assert await client.receive() == b" and more"

@@ -1,0 +1,309 @@
+"""lite-tls splice mode: the dedicated connection of a spliced lite-tls stream (docs/lite-tls.md, "Splice mode").
+
+The agent draws a ticket (32 random bytes) per lite-tls stream, names it in the stream's SYN (header
+``vt-splice``, inside the tunnel's authenticated encryption) and, at the same time, connects to the server's
+splice port and writes the ticket. The server's :class:`TicketBook` pairs the two: a SYN's ticket claims the
+connection that presented it (waiting up to :data:`CLAIM_TIMEOUT` for it), each ticket once; the server writes
+one byte (:data:`ACK`) on the connection and accepts the stream. The agent, once the stream is accepted, reads
+that byte (up to :data:`ACK_TIMEOUT`): the stream is spliced at both ends, or at neither (the connection is
+closed and the stream stays muxed). A connection whose ticket no SYN claims gets nothing and is closed.
+
+This module is I/O glue for ``apps.agent`` and ``apps.server``; the switch itself is the runtime's
+(``TunnelStream.splice_over``) and the relay's (``Relay.splice``, ``io.splice``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import anyio
+import structlog
+
+from vtunnel.io.splice import SPLICE_AVAILABLE
+from vtunnel.io.tuning import tune_tcp
+from vtunnel.protocol import StreamMetadata
+from vtunnel.runtime.tunnel_stream import TunnelStream
+from vtunnel.transports.base import Endpoint
+
+__all__ = [
+    "ACK",
+    "ACK_TIMEOUT",
+    "CLAIM_TIMEOUT",
+    "SPLICE_HEADER",
+    "TICKET_LEN",
+    "SpliceDialer",
+    "TicketBook",
+    "serve_splice_port",
+    "splice_port",
+    "ticket_of",
+]
+
+log = structlog.get_logger("vtunnel.lite_tls")
+
+#: the SYN header naming a stream's ticket (hex)
+SPLICE_HEADER: Final = "vt-splice"
+TICKET_LEN: Final = 32
+#: what the server writes on a dedicated connection it bound to a stream
+ACK: Final = b"\x01"
+#: how long the server waits for a ticket's connection (and keeps a connection whose ticket no SYN named yet)
+CLAIM_TIMEOUT: Final = 2.0
+#: how long the agent waits for the ACK once the stream was accepted (the server wrote it before accepting)
+ACK_TIMEOUT: Final = 2.0
+#: how long a new dedicated connection has to present its ticket
+TICKET_TIMEOUT: Final = 5.0
+#: dedicated connections waiting for their ticket or its SYN, at most (more are closed at once)
+MAX_PARKED: Final = 256
+#: after a failed dial of the splice port (or a tunnel without lite-tls), the agent opens streams without a
+#: dedicated connection for this long
+DIAL_BACKOFF: Final = 30.0
+
+
+def splice_port(endpoint: Endpoint) -> int | None:
+    """The ``splice=PORT`` option of a ``tcp://`` or ``tls://`` URL (checked by the transport), or None; None
+    too where the platform cannot splice."""
+    text = endpoint.params.get("splice")
+    if text is None or not SPLICE_AVAILABLE or endpoint.scheme not in ("tcp", "tls"):
+        return None
+    return int(text)
+
+
+def ticket_of(metadata: StreamMetadata | None) -> bytes | None:
+    """The ticket a SYN names, or None (absent or malformed: the stream is muxed)."""
+    if metadata is None or metadata.kind != "lite-tls":
+        return None
+    for name, value in metadata.headers:
+        if name == SPLICE_HEADER:
+            try:
+                ticket = bytes.fromhex(value)
+            except ValueError:
+                return None
+            return ticket if len(ticket) == TICKET_LEN else None
+    return None
+
+
+class TicketBook:
+    """The server's meeting point of tickets named in SYNs and dedicated connections that present them. Each
+    ticket binds one connection to one stream, once: a claimed or expired ticket is forgotten, and a second
+    connection with it is closed."""
+
+    def __init__(self) -> None:
+        self._claims: dict[bytes, asyncio.Future[socket.socket]] = {}
+        self._parked: dict[bytes, tuple[socket.socket, asyncio.TimerHandle]] = {}
+        #: connections refused (no SYN named their ticket in time, a ticket twice, too many parked)
+        self.refused = 0
+
+    async def claim(self, ticket: bytes, timeout: float = CLAIM_TIMEOUT) -> socket.socket | None:
+        """The connection that presents ``ticket`` (now or within ``timeout``), or None."""
+        parked = self._parked.pop(ticket, None)
+        if parked is not None:
+            parked[1].cancel()
+            return parked[0]
+        if ticket in self._claims:
+            return None
+        fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+        self._claims[ticket] = fut
+        try:
+            with anyio.move_on_after(timeout):
+                return await asyncio.shield(fut)
+        finally:
+            self._claims.pop(ticket, None)
+        if fut.done() and not fut.cancelled():
+            return fut.result()  # it came as the wait ended
+        fut.cancel()
+        return None
+
+    def present(self, ticket: bytes, sock: socket.socket) -> None:
+        """A dedicated connection sent ``ticket``: hand it to the stream that claims it, or keep it a while."""
+        fut = self._claims.pop(ticket, None)
+        if fut is not None and not fut.done():
+            fut.set_result(sock)
+            return
+        if ticket in self._parked or len(self._parked) >= MAX_PARKED:
+            self._refuse(sock, "ticket not accepted")
+            return
+        handle = asyncio.get_running_loop().call_later(CLAIM_TIMEOUT, self._expire, ticket)
+        self._parked[ticket] = (sock, handle)
+
+    def _expire(self, ticket: bytes) -> None:
+        parked = self._parked.pop(ticket, None)
+        if parked is not None:
+            self._refuse(parked[0], "no stream named its ticket")
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        self.refused += 1
+        log.info("lite_tls.dedicated_refused", reason=reason)
+        sock.close()
+
+    def close(self) -> None:
+        for sock, handle in self._parked.values():
+            handle.cancel()
+            sock.close()
+        self._parked.clear()
+
+
+async def _read_exact(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def serve_splice_port(
+    host: str,
+    port: int,
+    book: TicketBook,
+    *,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept dedicated connections on ``host:port`` until cancelled: each has :data:`TICKET_TIMEOUT` seconds
+    to send its ticket, which goes to ``book``."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lsock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
+    lsock.setblocking(False)
+    pending = 0
+
+    async def receive_ticket(sock: socket.socket) -> None:
+        nonlocal pending
+        try:
+            with anyio.move_on_after(TICKET_TIMEOUT):
+                ticket = await _read_exact(sock, TICKET_LEN)
+                if len(ticket) == TICKET_LEN:
+                    book.present(ticket, sock)
+                    return
+            book._refuse(sock, "no ticket")
+        except OSError:
+            sock.close()
+        finally:
+            pending -= 1
+
+    try:
+        local = lsock.getsockname()
+        task_status.started(f"{local[0]}:{local[1]}")
+        log.info("lite_tls.splice_listening", address=f"{local[0]}:{local[1]}")
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    sock, _ = await loop.sock_accept(lsock)
+                except OSError as exc:
+                    log.warning("lite_tls.splice_accept_failed", error=str(exc))
+                    await anyio.sleep(0.1)
+                    continue
+                if pending >= MAX_PARKED:
+                    book._refuse(sock, "too many connections without a ticket")
+                    continue
+                sock.setblocking(False)
+                tune_tcp(sock)
+                pending += 1
+                tg.start_soon(receive_ticket, sock)
+    finally:
+        lsock.close()
+        book.close()
+
+
+async def bind_dedicated(book: TicketBook, stream: TunnelStream) -> bool:
+    """Server: if ``stream``'s SYN names a ticket, wait for its connection, acknowledge it and splice the stream
+    over it (before the stream is accepted). False: the stream stays muxed."""
+    ticket = ticket_of(stream.metadata)
+    if ticket is None or not stream.lite_tls:
+        return False
+    sock = await book.claim(ticket)
+    if sock is None:
+        log.info("lite_tls.no_dedicated_connection", tunnel=stream.tunnel_name, stream=stream.stream_id)
+        return False
+    try:
+        sock.send(ACK)  # one byte into an empty socket buffer: never short
+    except OSError:
+        sock.close()
+        return False
+    stream.splice_over(sock)
+    return True
+
+
+class SpliceDialer:
+    """Agent: opens spliced lite-tls streams (a ticket in the SYN, the dedicated connection at the same time)."""
+
+    def __init__(self, server: Endpoint, port: int) -> None:
+        self.host = server.host
+        self.port = port
+        self._backoff_until = 0.0
+
+    async def open(
+        self, metadata: StreamMetadata, open_stream: Callable[[StreamMetadata], Awaitable[TunnelStream]]
+    ) -> TunnelStream:
+        """Open a lite-tls stream with ``open_stream`` (which waits for the SYN-ACK), spliced when the server
+        bound the dedicated connection, else muxed."""
+        if time.monotonic() < self._backoff_until:
+            return await open_stream(metadata)
+        ticket = secrets.token_bytes(TICKET_LEN)
+        md = dataclasses.replace(metadata, headers=(*metadata.headers, (SPLICE_HEADER, ticket.hex())))
+        dialed: list[socket.socket | None] = [None]
+        async with anyio.create_task_group() as tg:
+
+            async def dial() -> None:
+                dialed[0] = await self._dial(ticket)
+
+            tg.start_soon(dial)
+            try:
+                stream = await open_stream(md)
+            except BaseException:
+                tg.cancel_scope.cancel()
+                if dialed[0] is not None:
+                    dialed[0].close()
+                raise
+        sock = dialed[0]
+        if not stream.lite_tls:  # the tunnel did not agree to lite-tls: no dedicated connections for a while
+            self._backoff_until = time.monotonic() + DIAL_BACKOFF
+        if sock is None:
+            return stream
+        if stream.lite_tls and await self._acknowledged(sock):
+            stream.splice_over(sock)
+        else:
+            sock.close()
+        return stream
+
+    async def _dial(self, ticket: bytes) -> socket.socket | None:
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
+        try:
+            with anyio.fail_after(CLAIM_TIMEOUT):
+                infos = await anyio.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                family, _, _, _, address = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                tune_tcp(sock)
+                await loop.sock_connect(sock, address)
+                await loop.sock_sendall(sock, ticket)
+            return sock
+        except (OSError, TimeoutError) as exc:
+            if sock is not None:
+                sock.close()
+            self._backoff_until = time.monotonic() + DIAL_BACKOFF
+            log.warning(
+                "lite_tls.splice_dial_failed",
+                address=f"{self.host}:{self.port}",
+                error=str(exc) or type(exc).__name__,
+                muxed_for=DIAL_BACKOFF,
+            )
+            return None
+        except BaseException:  # cancelled (the stream was refused): the half-made connection goes too
+            if sock is not None:
+                sock.close()
+            raise
+
+    @staticmethod
+    async def _acknowledged(sock: socket.socket) -> bool:
+        with contextlib.suppress(OSError), anyio.move_on_after(ACK_TIMEOUT):
+            return await _read_exact(sock, len(ACK)) == ACK
+        return False
