@@ -186,9 +186,10 @@ class ByteStreamTransport(Transport):
 
     @abc.abstractmethod
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
-        """Listen on ``endpoint``: a listener of raw connections, anyio's TCP listener or any anyio listener of
-        byte streams (one over UDP hands over its connections through its ``serve``; see
-        :class:`~vtunnel.transports.secure.SecuredListener`). It gives its address as
+        """Listen on ``endpoint``: a listener of raw connections, anyio's TCP listener (the base takes its
+        sockets over and accepts from them with vtunnel's own accept loop, which sheds unauthenticated connections
+        when out of descriptors) or any anyio listener of byte streams (one over UDP hands over its connections
+        through its ``serve``; see :class:`~vtunnel.transports.secure.SecuredListener`). It gives its address as
         ``SocketAttribute.local_address`` and each stream its peer's as ``SocketAttribute.remote_address`` (the
         handshake limiter's key)."""
 
@@ -262,9 +263,12 @@ class ByteStreamTransport(Transport):
         """:meth:`listen_streams`, each connection through :meth:`accept_stream` (within :attr:`accept_timeout`)
         and then ``finish(stream, raw)``, under the cap of :class:`~vtunnel.transports.secure.SecuredListener`,
         which gives ``refusals`` (counted by it, by ``finish`` and here) as ``ListenerAttribute.refusals``."""
+        from vtunnel.io.stream_sockets import adopt_socket_listener
         from vtunnel.transports.secure import SecuredListener, local_name
 
         inner = await self.listen_streams(endpoint)
+        local = local_name(inner)
+        lean = adopt_socket_listener(inner)  # one accept loop for every listener of sockets
         accept, timeout = self.accept_stream, self.accept_timeout
         refused = Refusals() if refusals is None else refusals
 
@@ -276,7 +280,10 @@ class ByteStreamTransport(Transport):
                 return None
             return await finish(stream, raw)
 
-        return SecuredListener(inner, prepare, local=local_name(inner), refusals=refused)
+        secured = SecuredListener(inner if lean is None else lean, prepare, local=local, refusals=refused)
+        if lean is not None:  # out of descriptors, the accept loop may close a pending connection
+            lean.relay.set_on_exhausted(secured.shed_oldest)
+        return secured
 
 
 _loaded: dict[str, type[Transport]] = {}

@@ -29,17 +29,12 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
-from anyio.abc import ByteStream, Listener, SocketAttribute, SocketListener, TaskGroup
-from anyio.streams.stapled import MultiListener
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
 from vtunnel.io.limits import (
-    AcceptBackoff,
     ThrottledWarning,
-    is_out_of_resources,
-    open_file_limit,
     pending_limit,
 )
-from vtunnel.io.stream_sockets import LeanStreamListener
 from vtunnel.io.tuning import tune_stream
 from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, preference
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
@@ -491,13 +486,11 @@ class SecuredListener(Listener[T]):
     Connections still in ``prepare`` are *pending*: unauthenticated, and at most :attr:`max_pending` of them
     (a quarter of the descriptor limit, see :func:`~vtunnel.io.limits.pending_limit`). A new connection
     beyond that closes the oldest pending one, so a flood of idle connections cannot keep a real client out: each
-    connection gets at least ``max_pending`` newcomers' worth of time to prove itself. When ``accept`` fails
-    because the process is out of descriptors (or the kernel of buffers or memory), the listener closes the
-    oldest pending connection if there is one, otherwise waits and tries again; it never stops serving for it.
-
-    ``inner`` is anyio's socket listener (or a multi-listener of them), accepted here; or any other listener of
-    byte streams (a transport that makes its own connections over UDP, QUIC's), which hands them over through its
-    own ``serve``, each under the same cap.
+    connection gets at least ``max_pending`` newcomers' worth of time to prove itself. The listener that accepts
+    (``inner``: the lean socket listener of :mod:`vtunnel.io.stream_sockets`, or one that makes its own connections,
+    such as QUIC's) hands each connection over through its ``serve``; the socket listener, when it runs out of
+    descriptors, calls :meth:`shed_oldest` to close the oldest pending connection (see
+    ``RelayListener.set_on_exhausted``), and otherwise waits and tries again: it never stops serving for it.
 
     ``refusals`` (given as ``ListenerAttribute.refusals``) counts connections shed (a probe, ``shed``) and
     ``prepare`` failures (a handshake failure, ``transport``); ``prepare`` counts its own refusals in it too.
@@ -505,7 +498,7 @@ class SecuredListener(Listener[T]):
 
     def __init__(
         self,
-        inner: Listener[Any],
+        inner: Listener[ByteStream],
         prepare: Callable[[ByteStream], Awaitable[T | None]],
         *,
         local: str,
@@ -522,7 +515,6 @@ class SecuredListener(Listener[T]):
         self._pending: dict[anyio.CancelScope, None] = {}
         #: pending connections closed to make room (a count, for logs and tests)
         self.shed = 0
-        self._warn_exhausted = ThrottledWarning(log, "cannot accept connections for now: out of resources")
         self._warn_shedding = ThrottledWarning(
             log, "too many connections in their handshake: closing the oldest ones"
         )
@@ -535,7 +527,9 @@ class SecuredListener(Listener[T]):
     def pending(self) -> int:
         return len(self._pending)
 
-    def _shed_oldest(self) -> bool:
+    def shed_oldest(self) -> bool:
+        """Close the oldest pending connection (its task closes the descriptor when it runs); whether there was
+        one to close."""
         for scope in self._pending:
             if not scope.cancel_called:
                 scope.cancel()
@@ -545,61 +539,22 @@ class SecuredListener(Listener[T]):
         return False
 
     async def serve(self, handler: Callable[[T], Any], task_group: TaskGroup | None = None) -> None:
-        inner = self._inner
-        listeners = [
-            listener
-            for listener in (inner.listeners if isinstance(inner, MultiListener) else [inner])
-            if isinstance(listener, SocketListener)
-        ]
         async with contextlib.AsyncExitStack() as stack:
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())
-            if not listeners:  # not on sockets: the listener hands over its connections itself
-                if isinstance(inner, LeanStreamListener):  # out of descriptors, it may close a pending one
-                    inner.relay.set_on_exhausted(self._shed_oldest)
-                await inner.serve(functools.partial(self._take, handler=handler), task_group)
-                return
-            async with anyio.create_task_group() as accepting:
-                for listener in listeners:
-                    accepting.start_soon(self._accept_loop, listener, handler, task_group)
-
-    async def _accept_loop(
-        self, listener: SocketListener, handler: Callable[[T], Any], task_group: TaskGroup
-    ) -> None:
-        backoff = AcceptBackoff()
-        while True:
-            try:
-                raw = await listener.accept()
-            except OSError as exc:
-                if is_out_of_resources(exc):
-                    freed = self._shed_oldest()
-                    self._warn_exhausted(
-                        error=exc.strerror, pending=self.pending, closed_oldest=freed, limit=open_file_limit()
-                    )
-                    # a shed connection's descriptor is closed when its task runs: give it that turn
-                    if freed:
-                        backoff.reset()
-                        await anyio.sleep(0.01)
-                    else:
-                        await anyio.sleep(backoff.next())
-                else:
-                    log.warning("accept failed", error=exc.strerror or repr(exc))
-                    await anyio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            task_group.start_soon(self._serve_one, raw, self._admit(), handler)
+            await self._inner.serve(functools.partial(self._take, handler=handler), task_group)
 
     def _admit(self) -> anyio.CancelScope:
         """A new pending connection's scope, the oldest pending one closed first when the cap is reached."""
         if len(self._pending) >= self.max_pending:
-            self._shed_oldest()
+            self.shed_oldest()
             self._warn_shedding(limit=self.max_pending)
         scope = anyio.CancelScope()
         self._pending[scope] = None
         return scope
 
     async def _take(self, raw: ByteStream, *, handler: Callable[[T], Any]) -> None:
-        """One connection handed over by a listener that is not a socket listener (in its own task)."""
+        """One connection the inner listener accepted (in its own task)."""
         await self._serve_one(raw, self._admit(), handler)
 
     async def _serve_one(

@@ -87,7 +87,7 @@ class TLSTransport(ByteStreamTransport):
         self.check(endpoint)
         ctx = tls_client_context(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
-            raw = await anyio.connect_tcp(endpoint.host, endpoint.port)
+            raw = await connect_lean(endpoint.host, endpoint.port)
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 return await TLSStream.wrap(
@@ -105,7 +105,7 @@ class TLSTransport(ByteStreamTransport):
         self._server_contexts[str(endpoint)] = tls_server_context(
             endpoint, allowed=frozenset({"ca", "cert", "key", "splice"})
         )
-        return await anyio.create_tcp_listener(local_host=endpoint.host, local_port=endpoint.port)
+        return await open_lean_listener(endpoint.host, endpoint.port)
 
     async def accept_stream(self, stream: ByteStream, endpoint: Endpoint) -> ByteStream | None:
         ctx = self._server_contexts[str(endpoint)]
