@@ -99,6 +99,7 @@ class TunnelConnection:
         #: the order they asked (a dict: ordered, and O(1) to remove from)
         self._room_wanted: dict[TunnelStream, None] = {}
         self._room_retry: asyncio.TimerHandle | None = None
+        self._telling_room = False
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -186,21 +187,29 @@ class TunnelConnection:
             self._room_returned()
 
     def _room_returned(self) -> None:
-        """Tell the longest-waiting streams there is room, as many as the room holds (the rest when the output
-        drains further, or after :data:`_ROOM_RETRY` if those told added nothing); all of them once closed."""
-        waiting = self._room_wanted
-        if self.closed:
-            self._room_wanted = {}
-            for stream in waiting:
-                stream.deliver_room()
+        """Tell the longest-waiting streams there is room, as many as the room holds, and none once the output is
+        over its high-water mark again (a stream told may write at once); the rest when the output drains further,
+        or after :data:`_ROOM_RETRY` if those told added nothing. All of them once the tunnel is closed. Not
+        re-entered: a write by a stream being told runs ``transmit``, which leaves the telling to this pass."""
+        if self._telling_room:
             return
-        told = max(1, (OUTBOUND_HIGH_WATER - self.outbound_bytes) // ROOM_PER_STREAM)
-        while waiting and told > 0:
-            stream = next(iter(waiting))
-            del waiting[stream]
-            stream.deliver_room()
-            told -= 1
-        if waiting and self._room_retry is None and self._loop is not None:
+        self._telling_room = True
+        try:
+            waiting = self._room_wanted
+            if self.closed:
+                self._room_wanted = {}
+                for stream in waiting:
+                    stream.deliver_room()
+                return
+            budget = max(1, (OUTBOUND_HIGH_WATER - self.outbound_bytes) // ROOM_PER_STREAM)
+            while waiting and budget > 0 and self.outbound_bytes <= OUTBOUND_HIGH_WATER:
+                stream = next(iter(waiting))
+                del waiting[stream]
+                stream.deliver_room()
+                budget -= 1
+        finally:
+            self._telling_room = False
+        if self._room_wanted and self._room_retry is None and self._loop is not None:
             self._room_retry = self._loop.call_later(_ROOM_RETRY, self._room_again)
 
     def _room_again(self) -> None:
