@@ -482,8 +482,8 @@ def test_any_server_with_the_psk_computes_the_same_token_per_connection_id() -> 
     cids = [minted() for _ in range(50)]
     assert [a.token(c) for c in cids] == [b.token(c) for c in cids]
     assert len({a.token(c) for c in cids}) == len(cids)
-    assert all(a.token(c) != other.token(c) for c in cids)
-    assert all(len(a.token(c)) == RESET_TOKEN_LEN for c in cids)
+    assert all(other.token(c) is None for c in cids)  # another key's server minted none of them
+    assert all(len(a.token(c) or b"") == RESET_TOKEN_LEN for c in cids)
 
 
 def test_a_server_that_lost_the_session_resets_the_client() -> None:

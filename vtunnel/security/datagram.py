@@ -82,6 +82,7 @@ from .handshake import (
     salted_keystream,
 )
 from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
+from .keys import KeySet, UserKey
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 
 __all__ = [
@@ -364,6 +365,7 @@ class DatagramSession:
         "cipher",
         "confirmed",
         "connection_id",
+        "user",
     )
 
     def __init__(
@@ -374,6 +376,7 @@ class DatagramSession:
         cipher: Cipher,
         window: int = 4096,
         entropy: Entropy = os.urandom,
+        user: UserKey | None = None,
     ) -> None:
         if len(connection_id) != CID_LEN:
             raise SecurityError("a connection ID is 8 bytes")
@@ -392,6 +395,8 @@ class DatagramSession:
         self._entropy = entropy
         #: True once a datagram from the peer was authenticated (both ends know the handshake completed).
         self.confirmed = False
+        #: a server's session: whose key the client authenticated under
+        self.user = user
 
     def __repr__(self) -> str:
         return f"DatagramSession(connection_id={self.connection_id.hex()}, sent={self._send_counter})"
@@ -813,9 +818,16 @@ class _Pending:
 class DatagramServer:
     """Answers valid INIT datagrams with a new session; anything else gets None (send nothing).
 
+    ``keys`` are the keys it accepts (a :class:`~vtunnel.security.keys.KeySet`, or one key; :attr:`keys` may be
+    replaced at any time, which affects handshakes from then on). An INIT names no user: each key unmasks its
+    length (one BLAKE2s and 10 bytes of ChaCha20 per key), and only a key whose length matches the datagram's
+    (the right one, and 1 in 65,536 of the others) is tried by Noise's first message; the session's
+    :attr:`~DatagramSession.user` says whose key it was. So a stranger's datagram of an INIT's size costs
+    O(keys), at most :data:`~vtunnel.security.keys.MAX_USERS`.
+
     ``server_id`` (0 to :data:`MAX_SERVER_ID` bytes) starts every connection ID this server assigns; random
-    bytes and a check (see :func:`mint_connection_id`) follow. It is readable by anyone (a load balancer routes
-    on it); without one, connection IDs are random to anyone without the key.
+    bytes and a check (see :func:`mint_connection_id`) under the user's connection ID key follow. It is readable
+    by anyone (a load balancer routes on it); without one, connection IDs are random to anyone without the key.
     ``max_pending`` bounds the retransmission memory (oldest forgotten first). ``ciphers`` are the transport
     ciphers accepted, best first; an INIT offering none of them gets nothing. ``entropy`` gives the random bytes
     (ephemeral keys, salts, connection IDs, padding), and the sessions' own.
@@ -823,19 +835,19 @@ class DatagramServer:
 
     __slots__ = (
         "_accepted",
-        "_cid_key",
+        "_cid_keys",
         "_entropy",
+        "_keys",
         "_limiter",
         "_max_pending",
         "_pending",
-        "_psk",
         "_replay",
         "_server_id",
     )
 
     def __init__(
         self,
-        psk: bytes,
+        keys: KeySet | bytes,
         *,
         replay: ReplayCache,
         limiter: HandshakeLimiter | None = None,
@@ -844,20 +856,30 @@ class DatagramServer:
         ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
         entropy: Entropy = os.urandom,
     ) -> None:
-        check_psk(psk)
+        if not isinstance(keys, KeySet):
+            check_psk(keys)
         self._accepted = check_ciphers(ciphers)
         if len(server_id) > MAX_SERVER_ID:
             raise SecurityError(
                 f"a server id is at most {MAX_SERVER_ID} bytes (3 or more random bytes and a check follow it)"
             )
-        self._psk = bytes(psk)
         self._replay = replay
         self._limiter = limiter
         self._server_id = bytes(server_id)
-        self._cid_key = reset_keys(psk)[1]
         self._max_pending = max_pending
         self._entropy = entropy
         self._pending: dict[bytes, _Pending] = {}  # token -> handshake answered recently
+        self.keys = KeySet.of(keys)
+
+    @property
+    def keys(self) -> KeySet:
+        """The keys accepted from now on."""
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: KeySet) -> None:
+        self._keys = keys
+        self._cid_keys = {entry: reset_keys(entry.key)[1] for entry in keys}
 
     def _prune(self, now: float) -> None:
         pending = self._pending
@@ -889,15 +911,17 @@ class DatagramServer:
         INITs spend nothing, so a stranger who forges a client's source address cannot use up that client's
         handshakes.
         """
-        framed = read_handshake_datagram(self._psk, datagram, from_client=True)
-        if framed is None:
+        n = len(datagram)
+        if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM:
             return None
-        check_wall_clock(now)
         datagram = bytes(datagram)
-        initial_cid, message1 = framed
-        hs = Responder(self._psk, prologue=DATAGRAM_PROLOGUE + initial_cid, ephemeral=self._entropy(DHLEN))
+        found = self._first_message(datagram)
+        if found is None:
+            return None
+        entry, initial_cid, hs, payload = found
+        check_wall_clock(now)
         try:
-            init = decode_init_payload(hs.read_message1(message1))
+            init = decode_init_payload(payload)
         except AuthenticationFailed:
             return None
         cipher = choose(init.ciphers, self._accepted)
@@ -913,7 +937,7 @@ class DatagramServer:
         # address, nor a replay, can spend that client's budget.
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
-        cid = self._free_connection_id(in_use)
+        cid = self._free_connection_id(self._cid_keys[entry], in_use)
         if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
             return None
         entropy = self._entropy
@@ -924,19 +948,34 @@ class DatagramServer:
         except AuthenticationFailed:
             return None
         reply = write_handshake_datagram(
-            self._psk, initial_cid, message2, from_client=False, salt=entropy(SALT_LEN)
+            entry.key, initial_cid, message2, from_client=False, salt=entropy(SALT_LEN)
         )
         keys = hs.keys
         assert keys is not None
-        session = DatagramSession(cid, keys, cipher=cipher, entropy=entropy)
+        session = DatagramSession(cid, keys, cipher=cipher, entropy=entropy, user=entry)
         self._pending[init.token] = _Pending(
             datagram=datagram, session=session, reply=reply, source=source, until=now + RETRANSMIT_PERIOD
         )
         return session, reply
 
-    def _free_connection_id(self, in_use: Container[bytes]) -> bytes | None:
+    def _first_message(self, datagram: bytes) -> tuple[UserKey, bytes, Responder, bytes] | None:
+        """The user, initial CID, Noise state and first payload of an INIT that authenticates under one of the
+        keys (tried in order, each only if the length it unmasks matches); None if none does."""
+        for entry in self._keys:
+            framed = read_handshake_datagram(entry.key, datagram, from_client=True)
+            if framed is None:
+                continue
+            initial_cid, message1 = framed
+            hs = Responder(entry.key, prologue=DATAGRAM_PROLOGUE + initial_cid, ephemeral=self._entropy(DHLEN))
+            try:
+                return entry, initial_cid, hs, hs.read_message1(message1)
+            except AuthenticationFailed:
+                continue
+        return None
+
+    def _free_connection_id(self, cid_key: bytes, in_use: Container[bytes]) -> bytes | None:
         for _ in range(_CID_DRAWS):
-            cid = mint_connection_id(self._cid_key, self._server_id, entropy=self._entropy)
+            cid = mint_connection_id(cid_key, self._server_id, entropy=self._entropy)
             if cid not in in_use:
                 return cid
         return None
@@ -964,30 +1003,49 @@ class StatelessReset:
     Call :meth:`answer` only for datagrams whose first 8 bytes name no session this server holds (restarted,
     expired, closed) and that :meth:`DatagramServer.accept` did not take: never for a known connection ID. It
     returns None (send nothing) for a datagram of :data:`MIN_RESET_DATAGRAM` bytes or fewer (it can only be a
-    reset itself, or garbage), a connection ID that no holder of the PSK minted (:func:`is_minted`: a probe gets
-    the silence it always got), or a source over its ``limiter`` budget. A reset is DATA-shaped: the connection
-    ID, random bytes (where the protected header and ciphertext would be) and the token; its length is random,
-    at most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers. ``entropy`` gives the
-    random bytes and lengths.
+    reset itself, or garbage), a connection ID that no holder of one of ``keys`` minted (:func:`is_minted`, under
+    each key's connection ID key in turn: a probe gets the silence it always got), or a source over its
+    ``limiter`` budget. A reset is DATA-shaped: the connection ID, random bytes (where the protected header and
+    ciphertext would be) and the token under the key that minted the connection ID; its length is random, at
+    most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers. ``entropy`` gives the
+    random bytes and lengths. :attr:`keys` may be replaced at any time (a revoked user's sessions get no reset).
 
     ``now`` only feeds the limiter: any clock, used consistently.
     """
 
-    __slots__ = ("_cid_key", "_entropy", "_key", "_limiter")
+    __slots__ = ("_entropy", "_keys", "_limiter", "_reset_keys")
 
     def __init__(
-        self, psk: bytes, *, limiter: ResetLimiter | None = None, entropy: Entropy = os.urandom
+        self, keys: KeySet | bytes, *, limiter: ResetLimiter | None = None, entropy: Entropy = os.urandom
     ) -> None:
-        self._key, self._cid_key = reset_keys(psk)
+        if not isinstance(keys, KeySet):
+            check_psk(keys)
         self._limiter = limiter
         self._entropy = entropy
+        self.keys = KeySet.of(keys)
 
     def __repr__(self) -> str:
         return "StatelessReset()"
 
-    def token(self, connection_id: bytes) -> bytes:
-        """The reset token of ``connection_id`` (what a client checks the reset against)."""
-        return reset_token(self._key, connection_id)
+    @property
+    def keys(self) -> KeySet:
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: KeySet) -> None:
+        self._keys = keys
+        #: (token key, connection ID key) of each key
+        self._reset_keys = [reset_keys(entry.key) for entry in keys]
+
+    def _token_key(self, connection_id: bytes) -> bytes | None:
+        """The token key of the key that minted ``connection_id`` (None: no key did)."""
+        return next((token for token, cid_key in self._reset_keys if is_minted(cid_key, connection_id)), None)
+
+    def token(self, connection_id: bytes) -> bytes | None:
+        """The reset token of ``connection_id`` (what a client checks the reset against), under the key that
+        minted it; None if none of the keys did."""
+        token_key = self._token_key(connection_id)
+        return None if token_key is None else reset_token(token_key, connection_id)
 
     def answer(self, datagram: bytes | memoryview, source: tuple[str, int], now: float) -> bytes | None:
         """The reset for ``datagram`` (to send to ``source``), or None: send nothing."""
@@ -995,10 +1053,11 @@ class StatelessReset:
         if n <= MIN_RESET_DATAGRAM:
             return None
         cid = bytes(datagram[:CID_LEN])
-        if not is_minted(self._cid_key, cid):
+        token_key = self._token_key(cid)
+        if token_key is None:
             return None
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
         entropy = self._entropy
         size = random_between(entropy, MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
-        return cid + entropy(size - CID_LEN - RESET_TOKEN_LEN) + reset_token(self._key, cid)
+        return cid + entropy(size - CID_LEN - RESET_TOKEN_LEN) + reset_token(token_key, cid)
