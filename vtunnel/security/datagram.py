@@ -81,8 +81,8 @@ from .handshake import (
     random_between,
     salted_keystream,
 )
-from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .keys import KeySet, UserKey
+from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 
 __all__ = [
@@ -966,7 +966,9 @@ class DatagramServer:
             if framed is None:
                 continue
             initial_cid, message1 = framed
-            hs = Responder(entry.key, prologue=DATAGRAM_PROLOGUE + initial_cid, ephemeral=self._entropy(DHLEN))
+            hs = Responder(
+                entry.key, prologue=DATAGRAM_PROLOGUE + initial_cid, ephemeral=self._entropy(DHLEN)
+            )
             try:
                 return entry, initial_cid, hs, hs.read_message1(message1)
             except AuthenticationFailed:

@@ -72,8 +72,8 @@ from .handshake import (
     random_between,
     salted_keystream,
 )
-from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .keys import KeySet, UserKey
+from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache
 
 __all__ = [
