@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from vtunnel.apps.stats import ProcessStats
     from vtunnel.kcptun import KcptunConfig
+    from vtunnel.security.keys import KeySet
 
 log = structlog.get_logger("vtunnel")
 
@@ -237,16 +238,80 @@ def _metrics_plan(value: object, role: str) -> _MetricsPlan | None:
 
 
 async def _serve(
-    plan: _MetricsPlan | None, start: Callable[[], Awaitable[None]], stop: Callable[[], None]
+    plan: _MetricsPlan | None,
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], None],
+    reload: Callable[[], None] | None = None,
 ) -> None:
-    """Run until a signal, with the metrics endpoint up around it when asked for."""
+    """Run until a signal, with the metrics endpoint up around it when asked for (SIGHUP: ``reload``)."""
     if plan is None:
-        await serve_until_signal(start, stop)
+        await serve_until_signal(start, stop, reload=reload)
         return
     from vtunnel.apps.metrics import serve_metrics
 
     async with serve_metrics(plan.registry, plan.host, plan.port):
-        await serve_until_signal(start, stop)
+        await serve_until_signal(start, stop, reload=reload)
+
+
+def _server_security(
+    user_keys: str | None,
+    psk_file: str | None,
+    insecure: bool,
+    section: dict[str, Any],
+    cipher: str | None,
+    insecure_key_permissions: bool,
+) -> tuple[SecurityConfig, Callable[[], KeySet] | None]:
+    """The server's security, with a key ring, and what reads its keys again on SIGHUP (None: no key)."""
+    from vtunnel.config import insecure_key_permissions as loose_allowed
+    from vtunnel.config import load_user_keys
+    from vtunnel.security.keys import KeySet
+    from vtunnel.transports.base import KeyRing
+
+    path = user_keys or section.get("user_keys")
+    if not path:
+        security = _security(psk_file, insecure, section, cipher, insecure_key_permissions)
+        if security.psk is None:
+            return security, None
+
+        def load_one() -> KeySet:
+            psk = resolve_psk(
+                psk_file=psk_file,
+                insecure=False,
+                section=section,
+                allow_insecure_permissions=insecure_key_permissions,
+            )
+            assert psk is not None  # (resolve_psk raises rather than give none without insecure)
+            return KeySet.single(psk)
+
+        return SecurityConfig(keys=KeyRing(KeySet.single(security.psk)), cipher=security.cipher), load_one
+    import os
+
+    others = [
+        name
+        for name, given in (
+            ("--psk-file", psk_file),
+            ("psk_file", section.get("psk_file")),
+            ("psk", section.get("psk")),
+            ("VTUNNEL_PSK", os.environ.get("VTUNNEL_PSK")),
+            ("--insecure", insecure or section.get("insecure")),
+        )
+        if given
+    ]
+    if others:
+        raise click.UsageError(
+            f"--user-keys (user_keys) replaces the server's one key: drop {', '.join(others)}"
+        )
+    try:
+        loose = loose_allowed(flag=insecure_key_permissions, section=section)
+        chosen = resolve_cipher(cipher=cipher, section=section)
+
+        def load_users() -> KeySet:
+            return load_user_keys(os.path.expanduser(str(path)), allow_insecure_permissions=loose)
+
+        keys = load_users()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    return SecurityConfig(keys=KeyRing(keys), cipher=chosen), load_users
 
 
 def _keyless_security(psk_file: str | None, section: Mapping[str, Any], peer: str) -> SecurityConfig:
@@ -329,6 +394,14 @@ def main() -> None:
 @click.option(
     "--allow-private", is_flag=True, help="Let clients reach loopback/private/link-local addresses."
 )
+@click.option(
+    "--user-keys",
+    type=click.Path(),
+    default=None,
+    help="One key per user instead of --psk-file: a directory of key files (each file's name is its user's) or "
+    "a file of NAME KEY lines, private like a key file. SIGHUP reads it again: removed users' tunnels are cut. "
+    'Config: user_keys = "PATH".',
+)
 @_websocks_users
 @_peer
 @_lite_tls
@@ -338,6 +411,7 @@ def server(
     listen: tuple[str, ...],
     target: str | None,
     allow_private: bool,
+    user_keys: str | None,
     no_lite_tls: bool,
     metrics_address: str | None,
     websocks_user_file: str | None,
@@ -397,13 +471,20 @@ def server(
             "--listen websocks:// needs WebSocks users: --websocks-user-file FILE (one USER:PASS per line) or "
             f"{WEBSOCKS_USER_ENV}"
         )
+    load_keys: Callable[[], KeySet] | None = None
+    if (peer_vproxy or websocks_only) and (user_keys or sec.get("user_keys")):
+        raise click.UsageError(
+            "--user-keys needs vtunnel tunnels with a key (not --peer vproxy or websocks:// only)"
+        )
     if peer_vproxy:
         security = _keyless_security(psk_file, sec, "a vproxy peer")
         log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
     elif websocks_only:  # no tunnel: the WebSocks users are the only credentials
         security = _keyless_security(psk_file, sec, "a websocks:// listener")
     else:
-        security = _security(psk_file, insecure, sec, cipher, insecure_key_permissions)
+        security, load_keys = _server_security(
+            user_keys, psk_file, insecure, sec, cipher, insecure_key_permissions
+        )
     try:
         policy = ExitPolicy(
             allow_private=allow_private or bool(sec.get("allow_private", False)),
@@ -429,8 +510,18 @@ def server(
     except (ValueError, ConfigError, TransportError) as exc:
         raise click.UsageError(str(exc)) from None
 
+    def reload() -> None:
+        """SIGHUP: read the keys again; a removed user's tunnels are cut, a bad file changes nothing."""
+        assert load_keys is not None
+        try:
+            keys = load_keys()
+        except (ConfigError, click.UsageError) as exc:
+            log.error("reload failed: the keys are unchanged", error=str(exc))
+            return
+        srv.reload_keys(keys)
+
     async def go() -> None:
-        await _serve(metrics, srv.serve, srv.shutdown)
+        await _serve(metrics, srv.serve, srv.shutdown, reload if load_keys is not None else None)
 
     _run_or_exit(go)
 

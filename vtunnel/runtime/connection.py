@@ -80,6 +80,7 @@ class TunnelConnection:
         config: TunnelConfig | None = None,
         handler: StreamHandler | None = None,
         name: str = "",
+        user: str | None = None,
     ) -> None:
         self.link = link
         self.role = role
@@ -90,7 +91,11 @@ class TunnelConnection:
         self.tunnel = Tunnel(role=role, config=config, max_datagram=link.max_datagram)
         self.handler = handler
         self.name = name
+        #: the peer's user (a server's tunnel under per-user keys): in every log line of the tunnel, and metrics
+        self.user = user
         self.log = log.bind(tunnel=name, role=role.name.lower())
+        if user is not None:
+            self.log = self.log.bind(user=user)
         self.streams: dict[int, TunnelStream] = {}
         #: bytes the link refused (``WouldBlock``): they go first when it has room again
         self._held = b""

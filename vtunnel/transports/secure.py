@@ -38,6 +38,7 @@ from vtunnel.io.limits import (
 from vtunnel.io.tuning import tune_stream
 from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, preference
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
+from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
 from vtunnel.transports.link import Link, LinkConsumer, LinkStats, ListenerAttribute, Refusals
@@ -131,6 +132,11 @@ class SecureChannel:
     def cipher(self) -> Cipher | None:
         return self.core.cipher
 
+    @property
+    def user(self) -> UserKey | None:
+        """A server's channel: whose key the client authenticated with (None on a client's)."""
+        return self.core.user if isinstance(self.core, SecureStreamServer) else None
+
     def link(self, inner: Link) -> SealedLink:
         """The tunnel's link: records sealed and opened over ``inner`` (a link over :attr:`stream`)."""
         return SealedLink(inner, self.core, received=self.received, record_timeout=self.record_timeout)
@@ -172,6 +178,9 @@ class SealedLink(Link):
     @property
     def cipher(self) -> Cipher | None:
         return self._core.cipher
+
+    def user(self) -> UserKey | None:
+        return self._core.user if isinstance(self._core, SecureStreamServer) else None
 
     def carry_passthrough_records(self) -> bool:
         """What is sent from now on is tunnel frames: PASSTHROUGH DATA frames that hold one whole TLS record go
@@ -415,7 +424,7 @@ async def _discard_until(stream: ByteStream, deadline: float) -> None:
 
 async def secure_server(
     stream: ByteStream,
-    psk: bytes,
+    keys: KeySet | bytes,
     *,
     replay: ReplayCache,
     limiter: HandshakeLimiter | None = None,
@@ -426,6 +435,9 @@ async def secure_server(
     refusals: Refusals | None = None,
 ) -> SecureChannel | None:
     """Run the server handshake over an accepted ``stream``: the channel to put on a link, or None.
+
+    ``keys`` are the keys accepted (a key set, or one key); the channel's :attr:`SecureChannel.user` says whose
+    key the client used.
 
     At the start a time ``T`` is drawn uniformly from ``silence``. A peer must complete the handshake within
     ``T`` seconds. A peer that fails (wrong key, garbage, an HTTP request, a replay, a stale timestamp, too
@@ -443,7 +455,7 @@ async def secure_server(
     start = time.monotonic()
     deadline = start + _random.uniform(*silence)
     core = SecureStreamServer(
-        psk, replay=replay, ciphers=cipher_preference(cipher), limiter=limiter, source=source
+        keys, replay=replay, ciphers=cipher_preference(cipher), limiter=limiter, source=source
     )
     received = bytearray()
     try:
@@ -475,7 +487,13 @@ async def secure_server(
     except (BrokenResourceError, ClosedResourceError, OSError):
         await anyio.aclose_forcefully(stream)
         return None
-    log.debug("secure channel up", role="server", source=source, cipher=_name(core.cipher))
+    log.debug(
+        "secure channel up",
+        role="server",
+        source=source,
+        cipher=_name(core.cipher),
+        user=core.user.user if core.user is not None else None,
+    )
     return SecureChannel(stream, core, bytes(received), record_timeout)
 
 

@@ -45,7 +45,9 @@ from vtunnel.security.datagram import (
     peek_connection_id,
 )
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
+from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
+from vtunnel.transports.base import KeyRing
 from vtunnel.transports.kcp.codec import (
     ClientCodec,
     Datagram,
@@ -86,8 +88,9 @@ class SealedListenerCodec(ListenerCodec[bytes]):
     """A listener's sealed datagrams: sessions by connection ID, handshakes answered, new addresses validated,
     strangers reset.
 
-    ``cipher`` is the cipher setting: the transport ciphers accepted (see
-    :func:`~vtunnel.transports.secure.cipher_preference`).
+    ``keys`` are the keys accepted: a server's :class:`~vtunnel.transports.base.KeyRing` (read again before each
+    stranger's datagram, so a reload takes effect on the next handshake), or one key. ``cipher`` is the cipher
+    setting: the transport ciphers accepted (see :func:`~vtunnel.transports.secure.cipher_preference`).
     """
 
     overhead = DATAGRAM_OVERHEAD
@@ -96,10 +99,12 @@ class SealedListenerCodec(ListenerCodec[bytes]):
     validates_paths = True
 
     def __init__(
-        self, psk: bytes, *, cipher: str = "auto", reset_limiter: ResetLimiter | None = None
+        self, keys: KeyRing | bytes, *, cipher: str = "auto", reset_limiter: ResetLimiter | None = None
     ) -> None:
+        ring = keys if isinstance(keys, KeyRing) else KeyRing(KeySet.single(keys))
+        self._ring = ring
         self._server = DatagramServer(
-            psk,
+            ring.current,
             replay=ReplayCache(),
             limiter=HandshakeLimiter(HANDSHAKE_RATE, HANDSHAKE_BURST),
             ciphers=cipher_preference(cipher),
@@ -108,7 +113,7 @@ class SealedListenerCodec(ListenerCodec[bytes]):
             reset_limiter = ResetLimiter(
                 RESET_RATE, RESET_BURST, total_rate=RESET_TOTAL_RATE, total_burst=RESET_TOTAL_BURST
             )
-        self._reset = StatelessReset(psk, limiter=reset_limiter)
+        self._reset = StatelessReset(ring.current, limiter=reset_limiter)
         self._send: Send = _unattached
         self._sessions = 0
         #: every authenticated session (with its peer's address), with or without a link yet
@@ -176,6 +181,10 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         """A handshake's first datagram gets its reply; any other whose connection ID a key holder minted gets
         a stateless reset (if the limits allow), so its client learns at once that its session is gone; the
         rest gets nothing."""
+        keys = self._ring.current
+        if keys is not self._server.keys:  # reloaded: new handshakes and resets follow the new keys
+            self._server.keys = keys
+            self._reset.keys = keys
         expired = [cid for cid, until in self._half_open.items() if until <= now]
         for cid in expired:
             del self._half_open[cid]
@@ -208,6 +217,9 @@ class SealedListenerCodec(ListenerCodec[bytes]):
             log.debug("sealed session up", role="server", source=source, cipher=cipher_name(session.cipher))
         self._send(reply, source)
         return True
+
+    def user_of(self, key: bytes) -> UserKey | None:
+        return self._paths[key].session.user
 
     def session_started(self, key: bytes, first: Datagram, address: Address) -> Sealer:
         self._half_open.pop(key, None)

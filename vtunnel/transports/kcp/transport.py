@@ -73,8 +73,10 @@ class DatagramTransport(Transport, Generic[Opts]):
     async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
         options = self.parse(endpoint.params)
         family, address = await resolve(endpoint)
-        psk, cipher = security.psk, security.cipher
-        codec = self.plain_codec(options) if psk is None else SealedListenerCodec(psk, cipher=cipher)
+        ring = security.server_keys()
+        codec = (
+            self.plain_codec(options) if ring is None else SealedListenerCodec(ring, cipher=security.cipher)
+        )
         try:
             sock = open_udp_socket(family, bind=address, sockbuf=options.sockbuf)
         except OSError as exc:
