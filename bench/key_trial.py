@@ -14,6 +14,7 @@ Prints a table and writes ``bench/results/key-trial.json``. Run: ``python -m ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -50,10 +51,8 @@ def measure(users: int, count: int, rounds: int) -> dict[str, float]:
 
     def stream(message: bytes) -> None:
         server = SecureStreamServer(keys, replay=ReplayCache())
-        try:
+        with contextlib.suppress(AuthenticationFailed):
             server.receive_data(message, now)
-        except AuthenticationFailed:
-            pass
 
     datagrams = DatagramServer(keys, replay=ReplayCache(max_entries=10 * count * rounds))
 
