@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log, wait_port
+from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log
 from tests.e2e.test_metrics import parse, scrape
 from tests.netutil import pattern
 from vtunnel.config import ConfigError, load_user_keys
