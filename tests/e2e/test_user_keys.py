@@ -9,16 +9,13 @@ import os
 import signal
 import socket
 import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, VTUNNEL, Processes, free_port, wait_log
 from tests.e2e.test_metrics import parse, scrape
-from tests.netutil import pattern
+from tests.netutil import pattern, threaded_server
 from vtunnel.config import ConfigError, load_user_keys
 from vtunnel.security.keys import generate_key
 
@@ -29,42 +26,8 @@ BEFORE = 1024 * 1024  # read before the reload
 DATA = pattern(SIZE, seed=5)
 
 
-@contextmanager
-def source_server() -> Iterator[tuple[int, list[int]]]:
-    """A TCP server that sends DATA to each connection, then closes it: its port, and a count of connections."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    accepted = [0]
-    stop = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.sendall(DATA)
-            except OSError:
-                return
-
-    def accept_loop() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            accepted[0] += 1
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    t = threading.Thread(target=accept_loop, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1], accepted
-    finally:
-        stop.set()
-        srv.close()
-        t.join(timeout=2)
+def send_data(conn: socket.socket) -> None:
+    conn.sendall(DATA)
 
 
 def keygen(path: Path) -> Path:
@@ -106,7 +69,7 @@ def test_sighup_after_removing_a_key_cuts_exactly_that_user(
     port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
     metrics = free_port()
     url = f"{scheme}://127.0.0.1:{port}"
-    with source_server() as (source, accepted):
+    with threaded_server(send_data) as (source, accepted):
         server = procs.start(
             "server", "--listen", url, "--user-keys", str(users), "--allow-private", "--metrics", str(metrics)
         )

@@ -815,7 +815,30 @@ class _Pending:
     repeats: int = REPLY_REPEAT_LIMIT
 
 
-class DatagramServer:
+class _UsersKeys:
+    """A server's key set, and each key's stateless reset keys ``(token key, connection ID key)``
+    (:func:`reset_keys`), derived once per key set: what :class:`DatagramServer` and :class:`StatelessReset`
+    share. :attr:`keys` may be replaced at any time."""
+
+    __slots__ = ("_keys", "_reset_keys")
+
+    def __init__(self, keys: KeySet | bytes) -> None:
+        if not isinstance(keys, KeySet):
+            check_psk(keys)
+        self.keys = KeySet.of(keys)
+
+    @property
+    def keys(self) -> KeySet:
+        """The keys accepted from now on."""
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: KeySet) -> None:
+        self._keys = keys
+        self._reset_keys = {entry: reset_keys(entry.key) for entry in keys}
+
+
+class DatagramServer(_UsersKeys):
     """Answers valid INIT datagrams with a new session; anything else gets None (send nothing).
 
     ``keys`` are the keys it accepts (a :class:`~vtunnel.security.keys.KeySet`, or one key; :attr:`keys` may be
@@ -835,9 +858,7 @@ class DatagramServer:
 
     __slots__ = (
         "_accepted",
-        "_cid_keys",
         "_entropy",
-        "_keys",
         "_limiter",
         "_max_pending",
         "_pending",
@@ -856,8 +877,7 @@ class DatagramServer:
         ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
         entropy: Entropy = os.urandom,
     ) -> None:
-        if not isinstance(keys, KeySet):
-            check_psk(keys)
+        super().__init__(keys)
         self._accepted = check_ciphers(ciphers)
         if len(server_id) > MAX_SERVER_ID:
             raise SecurityError(
@@ -869,17 +889,6 @@ class DatagramServer:
         self._max_pending = max_pending
         self._entropy = entropy
         self._pending: dict[bytes, _Pending] = {}  # token -> handshake answered recently
-        self.keys = KeySet.of(keys)
-
-    @property
-    def keys(self) -> KeySet:
-        """The keys accepted from now on."""
-        return self._keys
-
-    @keys.setter
-    def keys(self, keys: KeySet) -> None:
-        self._keys = keys
-        self._cid_keys = {entry: reset_keys(entry.key)[1] for entry in keys}
 
     def _prune(self, now: float) -> None:
         pending = self._pending
@@ -937,7 +946,7 @@ class DatagramServer:
         # address, nor a replay, can spend that client's budget.
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
-        cid = self._free_connection_id(self._cid_keys[entry], in_use)
+        cid = self._free_connection_id(self._reset_keys[entry][1], in_use)
         if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
             return None
         entropy = self._entropy
@@ -999,7 +1008,7 @@ class DatagramServer:
         return p.session, p.reply
 
 
-class StatelessReset:
+class StatelessReset(_UsersKeys):
     """The server's stateless resets: the answer to a datagram for a connection ID it does not know.
 
     Call :meth:`answer` only for datagrams whose first 8 bytes name no session this server holds (restarted,
@@ -1015,33 +1024,22 @@ class StatelessReset:
     ``now`` only feeds the limiter: any clock, used consistently.
     """
 
-    __slots__ = ("_entropy", "_keys", "_limiter", "_reset_keys")
+    __slots__ = ("_entropy", "_limiter")
 
     def __init__(
         self, keys: KeySet | bytes, *, limiter: ResetLimiter | None = None, entropy: Entropy = os.urandom
     ) -> None:
-        if not isinstance(keys, KeySet):
-            check_psk(keys)
+        super().__init__(keys)
         self._limiter = limiter
         self._entropy = entropy
-        self.keys = KeySet.of(keys)
 
     def __repr__(self) -> str:
         return "StatelessReset()"
 
-    @property
-    def keys(self) -> KeySet:
-        return self._keys
-
-    @keys.setter
-    def keys(self, keys: KeySet) -> None:
-        self._keys = keys
-        #: (token key, connection ID key) of each key
-        self._reset_keys = [reset_keys(entry.key) for entry in keys]
-
     def _token_key(self, connection_id: bytes) -> bytes | None:
         """The token key of the key that minted ``connection_id`` (None: no key did)."""
-        return next((token for token, cid_key in self._reset_keys if is_minted(cid_key, connection_id)), None)
+        minted = (token for token, cid_key in self._reset_keys.values() if is_minted(cid_key, connection_id))
+        return next(minted, None)
 
     def token(self, connection_id: bytes) -> bytes | None:
         """The reset token of ``connection_id`` (what a client checks the reset against), under the key that
