@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -284,8 +285,6 @@ def _server_security(
             return KeySet.single(psk)
 
         return SecurityConfig(keys=KeyRing(KeySet.single(security.psk)), cipher=security.cipher), load_one
-    import os
-
     others = [
         name
         for name, given in (
