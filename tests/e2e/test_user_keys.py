@@ -79,20 +79,11 @@ def test_sighup_after_removing_a_key_cuts_exactly_that_user(
         for name, key in (("alice", alice), ("bob", bob), ("carol", carol)):
             fronts[name] = free_port()
             config = tmp_path / f"{name}.toml"
-            config.write_text("[agent]\nopen_timeout = 3.0\n")
-            agents.append(
-                procs.start(
-                    "agent",
-                    "--config",
-                    str(config),
-                    "--server",
-                    url,
-                    "--psk-file",
-                    str(key),
-                    "--forward",
-                    f"127.0.0.1:{fronts[name]}=127.0.0.1:{source}",
-                )
+            config.write_text(
+                f'[agent]\nserver = "{url}"\npsk_file = "{key}"\nopen_timeout = 3.0\n'
+                f'forward = ["127.0.0.1:{fronts[name]}=127.0.0.1:{source}"]\n'
             )
+            agents.append(procs.start("agent", "--config", str(config)))
         for agent in agents:  # (not a probe connection: through a forward, it would reach the source)
             wait_log(procs, agent, "listening")
 
