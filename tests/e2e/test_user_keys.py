@@ -1,6 +1,6 @@
 """Per-user keys with real processes: a server with ``--user-keys``, agents with their own keys; removing a key
 and SIGHUP cuts exactly that user's tunnels while the others' transfers finish byte-exact; an unknown key never
-reaches the server's stream handler. Over tcp:// and sealed kcp://."""
+reaches the server's stream handler. Over tcp://, sealed kcp:// and sealed rudp://."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
         return bytes(out), "reset"
 
 
-@pytest.mark.parametrize("scheme", ["tcp", "kcp"])
+@pytest.mark.parametrize("scheme", ["tcp", "kcp", "rudp"])
 def test_sighup_after_removing_a_key_cuts_exactly_that_user(
     procs: Processes, tmp_path: Path, scheme: str
 ) -> None:
@@ -66,7 +66,7 @@ def test_sighup_after_removing_a_key_cuts_exactly_that_user(
     users.mkdir(mode=0o700)
     alice, bob = keygen(users / "alice"), keygen(users / "bob")
     carol = keygen(tmp_path / "carol")  # a key the server does not hold
-    port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
+    port = free_port(socket.SOCK_DGRAM if scheme in ("kcp", "rudp") else socket.SOCK_STREAM)
     metrics = free_port()
     url = f"{scheme}://127.0.0.1:{port}"
     with threaded_server(send_data) as (source, accepted):
@@ -99,7 +99,7 @@ def test_sighup_after_removing_a_key_cuts_exactly_that_user(
             wait_log(procs, server, "user=alice")
             wait_log(procs, server, "user=bob")
             _, samples = parse(scrape(metrics))
-            if scheme == "kcp":  # per-tunnel series name the user (tcp:// has no round trip to show)
+            if scheme != "tcp":  # per-tunnel series name the user (tcp:// has no round trip to show)
                 rtt_users = {s.labels["user"] for s in samples if s.name == "vtunnel_tunnel_rtt_seconds"}
                 assert rtt_users == {"alice", "bob"}
 
