@@ -682,7 +682,9 @@ class Connection:
                 else:
                     send_data = True
             elif not has_data:
-                self._app_limited = True
+                # nothing to send: the application's fault only if the send buffer has room (a buffer full of
+                # unacknowledged data is the path's doing, and says the window was used)
+                self._app_limited = self.send_room() > 0
             if not send_data and not ack:
                 break
             size = self._amplification_limit()
