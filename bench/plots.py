@@ -59,7 +59,9 @@ def _goodput_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
 
 def _rudp_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
     """The rudp comparison (``rudp-loss-N`` scenarios): goodput and wire bytes per payload byte against loss."""
-    series: dict[str, dict[str, list[tuple[float, float, float, float]]]] = defaultdict(lambda: defaultdict(list))
+    series: dict[str, dict[str, list[tuple[float, float, float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for scen, systems in doc["summary"].items():
         if not scen.startswith("rudp-loss-"):
             continue
@@ -74,7 +76,10 @@ def _rudp_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     titles = {
         "goodput_MBps": ("goodput (MB/s, median, min-max)", "Bulk goodput vs loss, 20 ms RTT"),
-        "wire_per_payload": ("wire bytes per payload byte (both ways)", "Wire bytes per payload byte vs loss"),
+        "wire_per_payload": (
+            "wire bytes per payload byte (both ways)",
+            "Wire bytes per payload byte vs loss",
+        ),
     }
     for ax, (metric, (label, title)) in zip(axes, titles.items(), strict=True):
         for system in _systems(doc):
