@@ -178,9 +178,9 @@ class RudpConfig:
     #: acknowledge at once after this many ack-eliciting packets
     ack_eliciting_threshold: int = 2
     #: stream bytes received and not yet read that we accept (the window advertised in every ACK)
-    receive_window: int = 4 * 1024 * 1024
+    receive_window: int = 8 * 1024 * 1024
     #: stream bytes written and not yet acknowledged that ``send`` accepts
-    send_buffer: int = 4 * 1024 * 1024
+    send_buffer: int = 8 * 1024 * 1024
     #: unreliable datagrams waiting to be sent; the oldest is dropped beyond this
     datagram_queue: int = 256
     #: seconds without any packet from the peer before the connection is dropped (None: never)
