@@ -195,3 +195,89 @@ async def test_a_real_rebinding_moves_the_session_after_its_new_address_answered
         await client.aclose()
         tg.cancel_scope.cancel()
     await listener.aclose()
+
+
+class RebindingForwarder:
+    """client <-> ``address`` | one upstream socket at a time <-> server, as a NAT whose mapping changes at
+    :meth:`rebind`; records, per upstream socket (a path), the first 8 bytes (the clear connection ID) and the
+    whole of every datagram, both ways, as a passive observer of that path would see them."""
+
+    def __init__(self, server: Address) -> None:
+        self.server = server
+        self.client: Address | None = None
+        self.paths: list[list[tuple[str, bytes]]] = []  # per path: (direction, datagram)
+        self.down = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), self._from_client)
+        self.up = self._open()
+
+    def _open(self) -> DatagramSocket:
+        self.paths.append([])
+        path = self.paths[-1]
+
+        def from_server(batch: list[tuple[bytes, Address]]) -> None:
+            for datagram, source in batch:
+                if source == self.server and self.client is not None:
+                    path.append(("down", datagram))
+                    self.down.sendto(datagram, self.client)
+
+        return DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), from_server)
+
+    @property
+    def address(self) -> Address:
+        return self.down.local_address
+
+    def _from_client(self, batch: list[tuple[bytes, Address]]) -> None:
+        for datagram, source in batch:
+            self.client = source
+            self.paths[-1].append(("up", datagram))
+            self.up.sendto(datagram, self.server)
+
+    def rebind(self) -> None:
+        old, self.up = self.up, self._open()
+        old.close()
+
+    def close(self) -> None:
+        self.down.close()
+        self.up.close()
+
+
+async def test_connection_ids_rotate_with_the_path(scheme: str) -> None:
+    """Two NAT rebindings mid-session: on each new path, once the client learnt of the move (its first datagrams
+    there cannot know), no datagram either way carries a connection ID used on an earlier path; the server's
+    datagrams there never do; the new path's ID never appeared in clear on an earlier path (it was announced
+    sealed); each transfer is byte-exact."""
+    listener = await listen(scheme)
+    forwarder = RebindingForwarder(listener.local_address)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve_download)
+            with anyio.fail_after(10):
+                client = await connect(scheme, forwarder.address)
+            with anyio.fail_after(60):
+                await download(client)
+            for _ in range(2):
+                forwarder.rebind()
+                with anyio.fail_after(60):
+                    await download(client)
+                    await download(client)
+            await client.aclose()
+            tg.cancel_scope.cancel()
+    finally:
+        forwarder.close()
+        await listener.aclose()
+    assert listener.codec.rotations >= 2
+    earlier_ids: set[bytes] = set()
+    earlier_bytes: list[bytes] = []
+    for index, path in enumerate(forwarder.paths):
+        ids = [datagram[:8] for _direction, datagram in path]
+        assert ids, f"path {index} carried nothing"
+        if index:
+            # the client's first datagram under a new ID: it has learnt of the move
+            new = [i for i, cid in enumerate(ids) if cid not in earlier_ids and path[i][0] == "up"]
+            assert new, f"path {index}: the client used no new connection ID"
+            first_new = new[0]
+            assert not earlier_ids & set(ids[first_new:]), f"path {index} went back to an old ID"
+            assert not any(d == "down" and cid in earlier_ids for (d, _), cid in zip(path, ids, strict=True))
+            for cid in set(ids) - earlier_ids:
+                assert not any(cid in datagram for datagram in earlier_bytes), "a new ID was seen in clear"
+        earlier_ids.update(ids)
+        earlier_bytes.extend(datagram for _direction, datagram in path)

@@ -40,6 +40,11 @@ derived from the PSK, so that a server which lost the session can tell a connect
 from a prober's guess. Without a server id the ID is 5 random bytes and 3 bytes of a MAC: random to anyone
 without the key.
 
+A session may hold more than one ID (:attr:`DatagramSession.connection_ids`): the server issues a spare one
+ahead, sealed (:class:`NewConnectionId`, confirmed by :class:`ConnectionIdSeen`), and :class:`PeerPath` moves the
+session to it together with a new client address, so the two paths share no clear byte; the client seals under
+the newest ID the server used (:meth:`DatagramSession.follow_newest`). Every ID has its own reset token.
+
 A server that receives a datagram for a connection ID it does not know (it restarted, or forgot the session)
 and that is no INIT answers with a *stateless reset* (RFC 9000 section 10.3's idea): a datagram of DATA's
 shape, shorter than the one it answers, whose last 16 bytes are the connection ID's reset token, a MAC under a
@@ -141,6 +146,8 @@ class ControlKind(IntEnum):
 
     PATH_CHALLENGE = 0x01
     PATH_RESPONSE = 0x02
+    NEW_CONNECTION_ID = 0x03
+    CONNECTION_ID_SEEN = 0x04
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +164,25 @@ class PathResponse:
     data: bytes
 
 
-ControlMessage = PathChallenge | PathResponse
+@dataclass(frozen=True, slots=True)
+class NewConnectionId:
+    """The server gives the client a spare connection ID of the session, ``data`` (RFC 9000 section 19.15's
+    NEW_CONNECTION_ID, issued ahead): the server moves the session to it when the client's address changes, so
+    the two paths share no clear byte. Its stateless reset token is :func:`reset_token` of it, which every key
+    holder computes: nothing more travels."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionIdSeen:
+    """The client's receipt of a :class:`NewConnectionId` (CONTROL datagrams are not retransmitted: the server
+    repeats the announcement until this comes, and moves only to a spare the client knows)."""
+
+    data: bytes
+
+
+ControlMessage = PathChallenge | PathResponse | NewConnectionId | ConnectionIdSeen
 
 #: v3: nothing but the connection ID in clear (masked handshake datagrams, header protection, padded CONTROL).
 #: v2 added the cipher offer and choice. Peers of different versions never complete a handshake: the server
@@ -215,6 +240,8 @@ MAX_CONTROL_DATAGRAM = 160
 AMPLIFICATION_FACTOR = 3
 #: Least seconds between two challenges to one new address.
 CHALLENGE_INTERVAL = 0.1
+#: Least seconds between two announcements of a spare connection ID the client has not confirmed.
+ANNOUNCE_INTERVAL = 0.25
 _NEVER = float("-inf")
 #: Challenges whose answer is still accepted (a late answer to an earlier one counts).
 _CHALLENGES_KEPT = 4
@@ -332,15 +359,23 @@ def is_minted(key: bytes, connection_id: bytes) -> bool:
     return hmac.compare_digest(bytes(connection_id[CID_LEN - CID_CHECK_LEN :]), _cid_check(key, head))
 
 
+_CONTROL_KINDS: dict[int, type[ControlMessage]] = {
+    ControlKind.PATH_CHALLENGE: PathChallenge,
+    ControlKind.PATH_RESPONSE: PathResponse,
+    ControlKind.NEW_CONNECTION_ID: NewConnectionId,
+    ControlKind.CONNECTION_ID_SEEN: ConnectionIdSeen,
+}
+_KIND_OF: dict[type[ControlMessage], int] = {message: kind for kind, message in _CONTROL_KINDS.items()}
+#: the most connection IDs a session accepts at once: the one in use, the one before it, and spares
+MAX_CONNECTION_IDS = 4
+
+
 def _control_message(payload: bytes) -> ControlMessage | None:
     if len(payload) < _CONTROL_MESSAGE.size:
         return None
     kind, data = _CONTROL_MESSAGE.unpack_from(payload)
-    if kind == ControlKind.PATH_CHALLENGE:
-        return PathChallenge(data)
-    if kind == ControlKind.PATH_RESPONSE:
-        return PathResponse(data)
-    return None
+    message = _CONTROL_KINDS.get(kind)
+    return None if message is None else message(data)
 
 
 class DatagramSession:
@@ -366,6 +401,8 @@ class DatagramSession:
         "confirmed",
         "connection_id",
         "user",
+        "connection_ids",
+        "newest_connection_id",
     )
 
     def __init__(
@@ -380,7 +417,12 @@ class DatagramSession:
     ) -> None:
         if len(connection_id) != CID_LEN:
             raise SecurityError("a connection ID is 8 bytes")
+        #: the ID this end seals with
         self.connection_id = bytes(connection_id)
+        #: every ID this session opens datagrams under, oldest first (the one in use among them)
+        self.connection_ids: list[bytes] = [self.connection_id]
+        #: the ID the newest authentic datagram from the peer carried
+        self.newest_connection_id = self.connection_id
         self.cipher = Cipher(cipher)
         self._seal_aead = make_aead(self.cipher, keys.send)
         self._open_aead = make_aead(self.cipher, keys.receive)
@@ -401,15 +443,59 @@ class DatagramSession:
     def __repr__(self) -> str:
         return f"DatagramSession(connection_id={self.connection_id.hex()}, sent={self._send_counter})"
 
+    def add_connection_id(self, connection_id: bytes) -> None:
+        """Open datagrams under ``connection_id`` too (a spare the server issued); the oldest that is not in use
+        is forgotten beyond :data:`MAX_CONNECTION_IDS`."""
+        if len(connection_id) != CID_LEN:
+            raise SecurityError("a connection ID is 8 bytes")
+        ids = self.connection_ids
+        if connection_id in ids:
+            return
+        ids.append(bytes(connection_id))
+        while len(ids) > MAX_CONNECTION_IDS:
+            ids.remove(next(cid for cid in ids if cid != self.connection_id))
+
+    def use_connection_id(self, connection_id: bytes) -> None:
+        """Seal with ``connection_id`` from now on (one this session opens under); the ones issued before it
+        are forgotten but the last one in use, for datagrams still on their way."""
+        ids = self.connection_ids
+        if connection_id not in ids:
+            raise SecurityError("not a connection ID of this session")
+        position = ids.index(connection_id)
+        previous = self.connection_id
+        self.connection_id = ids[position]
+        del ids[:position]
+        if previous != self.connection_id and previous not in ids:
+            ids.insert(0, previous)
+
+    def follow_newest(self) -> bool:
+        """The client's rule: seal with the ID the server's newest datagram carried if the server issued it
+        after the one in use (the server moved the session to a new path); True when it changed. An older ID
+        (a datagram the server sent down the old path) never takes the session back."""
+        newest, ids = self.newest_connection_id, self.connection_ids
+        if newest == self.connection_id or newest not in ids:
+            return False
+        if ids.index(newest) < ids.index(self.connection_id):
+            return False
+        self.use_connection_id(newest)
+        return True
+
+    def retire_connection_id(self, connection_id: bytes) -> None:
+        """Open nothing more under ``connection_id`` (never the one in use)."""
+        if connection_id != self.connection_id and connection_id in self.connection_ids:
+            self.connection_ids.remove(connection_id)
+
     def _seal_many(self, kind: int, payloads: Sequence[bytes]) -> list[bytes]:
         """Seal each of ``payloads`` as a datagram of ``kind``, in order, on consecutive counters. The header
         masks of the whole batch come from one AES-ECB call over the concatenated samples."""
+        return self._seal_with(self.connection_id, kind, payloads)
+
+    def _seal_with(self, cid: bytes, kind: int, payloads: Sequence[bytes]) -> list[bytes]:
         first = self._send_counter
         end = first + len(payloads)
         if end > MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = end
-        cid = self.connection_id
         encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
         bodies: list[bytes] = []
         samples: list[bytes] = []
@@ -445,10 +531,16 @@ class DatagramSession:
         """The highest counter authenticated so far (-1: none yet)."""
         return self._window.highest
 
-    def seal_control(self, message: ControlMessage, *, size: int | None = None) -> bytes:
+    def seal_control(
+        self, message: ControlMessage, *, size: int | None = None, connection_id: bytes | None = None
+    ) -> bytes:
         """A CONTROL datagram carrying ``message``, ``size`` bytes long (default: random between
         :data:`MIN_CONTROL_DATAGRAM` and :data:`MAX_CONTROL_DATAGRAM`); it takes the next counter, as a DATA
-        datagram would."""
+        datagram would. ``connection_id``: another of the session's IDs than the one in use (a challenge to a
+        new path goes under the ID that path will use)."""
+        cid = self.connection_id if connection_id is None else connection_id
+        if cid not in self.connection_ids:
+            raise SecurityError("not a connection ID of this session")
         if len(message.data) != CHALLENGE_LEN:
             raise SecurityError(f"a path challenge's data is {CHALLENGE_LEN} bytes")
         if size is None:
@@ -457,9 +549,9 @@ class DatagramSession:
             raise SecurityError(
                 f"a CONTROL datagram is {MIN_CONTROL_DATAGRAM} to {MAX_CONTROL_DATAGRAM} bytes, not {size}"
             )
-        kind = ControlKind.PATH_CHALLENGE if isinstance(message, PathChallenge) else ControlKind.PATH_RESPONSE
+        kind = _KIND_OF[type(message)]
         padding = bytes(size - MIN_CONTROL_DATAGRAM)  # sealed: its content is never seen
-        return self._seal_many(_CONTROL_KIND, (_CONTROL_MESSAGE.pack(kind, message.data) + padding,))[0]
+        return self._seal_with(cid, _CONTROL_KIND, (_CONTROL_MESSAGE.pack(kind, message.data) + padding,))[0]
 
     def open(self, datagram: bytes | memoryview) -> bytes | ControlMessage | None:
         """The payload of an authentic, new DATA datagram for this session, or the message of such a CONTROL
@@ -484,10 +576,13 @@ class DatagramSession:
         """
         opened: list[tuple[int, bytes] | None] = [None] * len(datagrams)
         cid = self.connection_id
+        ids = self.connection_ids
         candidates: list[int] = []
         samples: list[bytes | memoryview] = []
         for i, datagram in enumerate(datagrams):
-            if len(datagram) >= DATAGRAM_OVERHEAD and datagram[:CID_LEN] == cid:
+            if len(datagram) >= DATAGRAM_OVERHEAD and (
+                datagram[:CID_LEN] == cid or (len(ids) > 1 and bytes(datagram[:CID_LEN]) in ids)
+            ):
                 candidates.append(i)
                 samples.append(datagram[DATA_HEADER_LEN:_SAMPLE_END])
         if not candidates:
@@ -515,10 +610,13 @@ class DatagramSession:
                 n -= _WRAP
             if n >= MAX_COUNTER or (n <= highest and not window.check(n)):
                 continue
+            named = cid if datagram[:CID_LEN] == cid else bytes(datagram[:CID_LEN])
             try:
-                payload = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(cid, kind, low))
+                payload = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low))
             except InvalidTag:
                 continue
+            if n > highest:
+                self.newest_connection_id = named
             window.update(n)
             opened[i] = kind, payload
             authentic = True
@@ -549,6 +647,7 @@ class PeerPath:
     """
 
     __slots__ = (
+        "_announced",
         "_candidate",
         "_challenges",
         "_highest_from_candidate",
@@ -559,6 +658,7 @@ class PeerPath:
         "_validated",
         "address",
         "session",
+        "spare",
     )
 
     def __init__(self, session: DatagramSession, address: tuple[str, int]) -> None:
@@ -573,9 +673,41 @@ class PeerPath:
         self._challenges: list[bytes] = []
         self._last_challenge = _NEVER
         self._outgoing: list[tuple[bytes, tuple[str, int]]] = []
+        #: a spare connection ID the client confirmed it holds: the session moves to it with the next path
+        self.spare: bytes | None = None
+        #: spares issued and not yet confirmed, with when they were last announced
+        self._announced: dict[bytes, float] = {}
 
     def __repr__(self) -> str:
         return f"PeerPath(address={self.address!r}, candidate={self._candidate!r})"
+
+    # --- connection ID rotation ---------------------------------------------------------------------------
+
+    @property
+    def needs_spare(self) -> bool:
+        """No spare is issued: the server should :meth:`issue` one (a new one after each rotation)."""
+        return self.spare is None and not self._announced
+
+    def issue(self, connection_id: bytes) -> None:
+        """A new spare connection ID for this session (minted by the server, none of any session's): the session
+        opens datagrams under it from now on, and :meth:`announcements` tells the client of it."""
+        self.session.add_connection_id(connection_id)
+        self._announced[bytes(connection_id)] = _NEVER
+
+    def announcements(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
+        """The :class:`NewConnectionId` datagrams due (each spare every :data:`ANNOUNCE_INTERVAL` seconds until
+        the client confirms it), with their destination."""
+        out = []
+        for cid, last in self._announced.items():
+            if now - last >= ANNOUNCE_INTERVAL:
+                self._announced[cid] = now
+                out.append((self.session.seal_control(NewConnectionId(cid)), self.address))
+        return out
+
+    def control(self, message: ControlMessage | None) -> None:
+        """A control message the client sent from the current address (the codec's batch path)."""
+        if isinstance(message, ConnectionIdSeen) and self._announced.pop(message.data, None) is not None:
+            self.spare = message.data
 
     @property
     def candidate(self) -> tuple[str, int] | None:
@@ -595,7 +727,10 @@ class PeerPath:
         session = self.session
         if source == self.address:
             here = session.open(datagram)  # a control message from here has nothing to validate
-            return here if isinstance(here, bytes) else None
+            if isinstance(here, bytes):
+                return here
+            self.control(here)
+            return None
         before = session._window.highest
         opened = session._open_many((datagram,))[0]
         if opened is None:
@@ -605,6 +740,7 @@ class PeerPath:
             self._from_elsewhere(source, len(datagram), session._window.highest > before, None, now)
             return body
         message = _control_message(body)
+        self.control(message)
         self._from_elsewhere(source, len(datagram), session._window.highest > before, message, now)
         return None
 
@@ -644,9 +780,16 @@ class PeerPath:
             self._last_challenge = now
             self._challenges.append(data)
             del self._challenges[:-_CHALLENGES_KEPT]
-            self._outgoing.append((self.session.seal_control(PathChallenge(data), size=size), source))
+            # the challenge goes under the ID the new path will use: nothing on it repeats the old path's
+            sealed = self.session.seal_control(PathChallenge(data), size=size, connection_id=self.spare)
+            self._outgoing.append((sealed, source))
 
     def _move(self, source: tuple[str, int]) -> None:
+        if self.spare is not None and source != self.address:
+            # the new path gets the spare ID: the client follows once it sees it (the old ID stays open for the
+            # datagrams still on their way, until the next rotation)
+            self.session.use_connection_id(self.spare)
+            self.spare = None
         self.address = source
         self._candidate = None
         self._challenges = []
@@ -676,7 +819,7 @@ class DatagramClient:
         "_initial_cid",
         "_offer",
         "_psk",
-        "_reset_token",
+        "_reset_key",
         "_session",
         "failure",
         "reset",
@@ -699,7 +842,7 @@ class DatagramClient:
         self.failure: str | None = None
         #: True once :meth:`receive` saw the server's stateless reset for this session (see :meth:`is_reset`).
         self.reset = False
-        self._reset_token: bytes | None = None
+        self._reset_key = reset_keys(self._psk)[0]
         self._start(now)
 
     def _start(self, now: float) -> None:
@@ -780,7 +923,6 @@ class DatagramClient:
         keys = self._hs.keys
         assert keys is not None
         self._session = DatagramSession(payload[:CID_LEN], keys, cipher=cipher, entropy=self._entropy)
-        self._reset_token = reset_token(reset_keys(self._psk)[0], self._session.connection_id)
         return None
 
     def is_reset(self, datagram: bytes | memoryview) -> bool:
@@ -790,13 +932,13 @@ class DatagramClient:
         opens); the caller should also check that it came from the server's address. The token is compared in
         constant time; the connection ID, public anyway, as plain bytes.
         """
-        token = self._reset_token
         session = self._session
-        if token is None or session is None or len(datagram) < MIN_RESET_DATAGRAM:
+        if session is None or len(datagram) < MIN_RESET_DATAGRAM:
             return False
-        if bytes(datagram[:CID_LEN]) != session.connection_id:
+        cid = bytes(datagram[:CID_LEN])
+        if cid not in session.connection_ids:  # every ID of the session has its own token
             return False
-        return hmac.compare_digest(bytes(datagram[-RESET_TOKEN_LEN:]), token)
+        return hmac.compare_digest(bytes(datagram[-RESET_TOKEN_LEN:]), reset_token(self._reset_key, cid))
 
     def seal(self, payload: bytes) -> bytes:
         """A DATA datagram for the server. Only once :attr:`established`."""
@@ -946,7 +1088,7 @@ class DatagramServer(_UsersKeys):
         # address, nor a replay, can spend that client's budget.
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
-        cid = self._free_connection_id(self._reset_keys[entry][1], in_use)
+        cid = self.free_connection_id(entry, in_use)
         if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
             return None
         entropy = self._entropy
@@ -984,7 +1126,14 @@ class DatagramServer(_UsersKeys):
                 continue
         return None
 
-    def _free_connection_id(self, cid_key: bytes, in_use: Container[bytes]) -> bytes | None:
+    def free_connection_id(self, user: UserKey, in_use: Container[bytes]) -> bytes | None:
+        """A new connection ID none of ``in_use`` (for a session, or a spare of one), minted under ``user``'s
+        connection ID key; None after :data:`_CID_DRAWS` draws that all collided, or when ``user``'s key is no
+        longer in the key set (its sessions are being cut)."""
+        keys = self._reset_keys.get(user)
+        if keys is None:
+            return None
+        cid_key = keys[1]
         for _ in range(_CID_DRAWS):
             cid = mint_connection_id(cid_key, self._server_id, entropy=self._entropy)
             if cid not in in_use:
