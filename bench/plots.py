@@ -24,6 +24,21 @@ def _systems(doc: Mapping[str, Any]) -> list[str]:
     return [s["name"] for s in doc["systems"]]
 
 
+def _loss_series(
+    ax: Any, doc: Mapping[str, Any], series: Mapping[str, list[tuple[float, float, float, float]]]
+) -> None:
+    """One line per system (report order) of (loss, median, min, max) points, with min-max error bars."""
+    for system in _systems(doc):
+        points = sorted(series.get(system, []))
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system)
+    ax.set_xlabel("packet loss each way (%)")
+
+
 def _goodput_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
     series: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for scen, systems in doc["summary"].items():
@@ -37,15 +52,7 @@ def _goodput_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for system in _systems(doc):
-        points = sorted(series.get(system, []))
-        if not points:
-            continue
-        xs = [p[0] for p in points]
-        ys = [p[1] for p in points]
-        err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system)
-    ax.set_xlabel("packet loss each way (%)")
+    _loss_series(ax, doc, series)
     ax.set_ylabel("goodput (MB/s, median, min-max)")
     ax.set_title("Bulk goodput vs loss (veth between namespaces, nftables drop)")
     ax.set_ylim(bottom=0)
@@ -82,15 +89,7 @@ def _rudp_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
         ),
     }
     for ax, (metric, (label, title)) in zip(axes, titles.items(), strict=True):
-        for system in _systems(doc):
-            points = sorted(series[metric].get(system, []))
-            if not points:
-                continue
-            xs = [p[0] for p in points]
-            ys = [p[1] for p in points]
-            err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system)
-        ax.set_xlabel("packet loss each way (%)")
+        _loss_series(ax, doc, series[metric])
         ax.set_ylabel(label)
         ax.set_title(title)
         if metric == "goodput_MBps":
