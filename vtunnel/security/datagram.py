@@ -400,9 +400,9 @@ class DatagramSession:
         "cipher",
         "confirmed",
         "connection_id",
-        "user",
         "connection_ids",
         "newest_connection_id",
+        "user",
     )
 
     def __init__(
