@@ -454,7 +454,7 @@ class TunnelConnection:
             elif isinstance(ev, events.StreamAccepted):
                 s3 = streams.get(ev.stream_id)
                 if s3 is not None:
-                    s3.deliver_accepted()
+                    s3.deliver_accepted(ev.headers)
                 if self._opening:
                     self._settle_open(ev.stream_id)
             elif isinstance(ev, events.StreamEnded):
