@@ -12,6 +12,7 @@ import click
 import structlog
 
 from vtunnel import __version__
+from vtunnel.cli_tun import agent_tun_options, agent_tun_settings, server_tun_options, server_tun_settings
 from vtunnel.config import (
     INSECURE_KEY_PERMISSIONS_ENV,
     WEBSOCKS_USER_ENV,
@@ -405,6 +406,7 @@ def main() -> None:
 @_peer
 @_lite_tls
 @_metrics_option
+@server_tun_options
 @_common
 def server(
     listen: tuple[str, ...],
@@ -423,6 +425,7 @@ def server(
     config_path: str | None,
     log_level: str | None,
     log_format: str | None,
+    **tun_options: Any,
 ) -> None:
     """Accept tunnels and carry their streams to the destinations they ask for (or to --target).
 
@@ -504,6 +507,7 @@ def server(
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             idle_timeout=sec.get("idle_timeout"),
             handshake_timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)),
+            tun=server_tun_settings(tun_options),
         )
         srv = Server(settings, stats=metrics.stats if metrics is not None else None)
     except (ValueError, ConfigError, TransportError) as exc:
@@ -558,6 +562,7 @@ def server(
 @_peer
 @_lite_tls
 @_metrics_option
+@agent_tun_options
 @_common
 def agent(
     server_urls: tuple[str, ...],
@@ -578,6 +583,7 @@ def agent(
     config_path: str | None,
     log_level: str | None,
     log_format: str | None,
+    **tun_options: Any,
 ) -> None:
     """The local end: SOCKS5/HTTP proxy fronts and port forwards, carried to the server in one tunnel.
 
@@ -633,7 +639,8 @@ def agent(
                 insecure_key_permissions,
             )
             return
-        if not (forwards or socks_addr or http_addr):
+        tun = agent_tun_settings(tun_options)
+        if not (forwards or socks_addr or http_addr or tun):
             socks_addr = DEFAULT_SOCKS
         server_endpoints = [_endpoint(u, "--server", insecure_key_permissions) for u in urls]
         server_endpoint = server_endpoints[0]
@@ -692,6 +699,7 @@ def agent(
             open_timeout=float(sec.get("open_timeout", 10.0)),
             websocks_login=login,
             lite_tls_ports=lite_ports,
+            tun=tun,
         )
         ag = Agent(settings, stats=metrics.stats if metrics is not None else None)
     except (ValueError, ConfigError, TransportError) as exc:

@@ -15,6 +15,7 @@ A ``websocks://`` (or ``websockss://``, TLS) listener carries no tunnels: each c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from vtunnel.transports.base import Endpoint, Link, SecurityConfig, get_transpor
 
 if TYPE_CHECKING:
     from vtunnel.apps.stats import ProcessStats
+    from vtunnel.apps.tun import TunServerSettings, TunSwitch
 
 __all__ = ["Server", "ServerSettings"]
 
@@ -68,6 +70,8 @@ class ServerSettings:
     idle_timeout: float | None = None
     #: seconds a WebSocks client has for its upgrade and its SOCKS5 request
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: IP mode (``--tun CIDR``): agents' ``tun`` streams are switched through a TUN device (docs/tun.md)
+    tun: TunServerSettings | None = None
 
 
 def _address_text(addr: object) -> str:
@@ -96,6 +100,13 @@ class Server:
         self.tunnels: set[TunnelConnection] = set()
         #: the key each tunnel's peer authenticated with (tunnels with a key)
         self._keys_used: dict[TunnelConnection, UserKey] = {}
+        self.tun: TunSwitch | None = None
+        self._config = settings.tunnel
+        if settings.tun is not None:
+            from vtunnel.apps.tun import TunSwitch
+
+            self.tun = TunSwitch(settings.tun, settings.policy)
+            self._config = dataclasses.replace(settings.tunnel, tun=True)
         #: tunnel listeners (yielding links) and WebSocks listeners (yielding byte streams)
         self.listeners: list[Listener[Link] | Listener[ByteStream]] = []
         self.local_addresses: list[str] = []
@@ -110,6 +121,15 @@ class Server:
 
     async def serve(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until :meth:`shutdown` finishes draining."""
+        if self.tun is not None:
+            await self.tun.start()
+        try:
+            await self._serve(task_status)
+        finally:
+            if self.tun is not None:
+                self.tun.close()
+
+    async def _serve(self, task_status: TaskStatus[list[str]]) -> None:
         handlers: list[Callable[[Any], Awaitable[None]]] = []
         for endpoint in self.settings.listen:
             if endpoint.scheme in WEBSOCKS_SCHEMES:
@@ -219,7 +239,7 @@ class Server:
         conn = TunnelConnection(
             link,
             role=Role.SERVER,
-            config=self.settings.tunnel,
+            config=self._config,
             handler=self._handle_stream,
             name=f"t{self._serial}",
             user=used.user if used is not None else None,
@@ -256,6 +276,9 @@ class Server:
         md = stream.metadata
         if self.stats is not None:
             self.stats.stream_opened(md.kind if md is not None else None)
+        if md is not None and md.kind == "tun" and self.tun is not None:
+            self.tun.serve(stream)
+            return
         if md is not None and md.authority:
             if md.kind == "udp":
                 from vtunnel.apps.udprelay import serve_udp_stream

@@ -82,7 +82,9 @@ def _permission(what: str) -> TunPermissionError:
 def _check_name(name: str) -> bytes:
     raw = name.encode()
     if not raw or len(raw) >= IFNAMSIZ or any(c in name for c in "/ \t\n:") or name in (".", ".."):
-        raise ValueError(f"bad interface name {name!r}: 1 to {IFNAMSIZ - 1} characters, no '/', ':' or spaces")
+        raise ValueError(
+            f"bad interface name {name!r}: 1 to {IFNAMSIZ - 1} characters, no '/', ':' or spaces"
+        )
     return raw
 
 
@@ -127,7 +129,8 @@ class TunDevice:
                     ) from None
                 if exc.errno == errno.EINVAL:
                     raise TunError(
-                        errno.EINVAL, f"{name} exists and is not a TUN device: choose another name (--tun-dev)"
+                        errno.EINVAL,
+                        f"{name} exists and is not a TUN device: choose another name (--tun-dev)",
                     ) from None
                 raise TunError(exc.errno, f"creating the TUN device {name}: {exc.strerror}") from None
         except BaseException:

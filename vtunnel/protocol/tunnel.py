@@ -369,7 +369,9 @@ class Tunnel:
                 f"{metadata.authority or 'a destination'} (kind {metadata.kind})"
             )
         if metadata is not None and metadata.kind == "tun" and not self._ext.tun:
-            raise MetadataNotNegotiated("the peer did not agree to the tun extension: it carries no IP packets")
+            raise MetadataNotNegotiated(
+                "the peer did not agree to the tun extension: it carries no IP packets"
+            )
         if self._live >= self.config.max_concurrent_streams:
             raise LocalProtocolError(f"already {self._live} open streams (max_concurrent_streams)")
         sid = self._next_stream_id

@@ -40,9 +40,9 @@ import anyio
 import structlog
 
 from vtunnel.protocol import StreamMetadata, Tunnel
-from vtunnel.protocol.metadata import DATAGRAM_KINDS
 from vtunnel.protocol.errors import VTunnelError
 from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsStep, whole_records
+from vtunnel.protocol.metadata import DATAGRAM_KINDS
 from vtunnel.runtime.errors import StreamRefused
 
 __all__ = ["StreamCarrier", "StreamConsumer", "TunnelStream"]
@@ -176,6 +176,12 @@ class TunnelStream:
     def broken(self) -> bool:
         """Reset, refused or its tunnel dead: nothing more can be written (what arrived before still counts)."""
         return self._broken is not None
+
+    @property
+    def max_unreliable_payload(self) -> int:
+        """The largest datagram this stream sends as an unreliable datagram of the transport (a larger one goes
+        as a DATA frame); 0 when the tunnel has none (no ``datagrams`` extension)."""
+        return self._carrier.tunnel.max_unreliable_payload
 
     @property
     def unacknowledged(self) -> int:
