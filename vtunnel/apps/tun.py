@@ -165,7 +165,7 @@ class AddressPool:
 class _Port:
     """One agent's ``tun`` stream on the switch: the stream's consumer, and where packets for it go."""
 
-    __slots__ = ("_switch", "addresses", "identity", "sources", "stream")
+    __slots__ = ("_switch", "addresses", "identity", "sources", "stream", "warned")
 
     def __init__(
         self, switch: TunSwitch, stream: TunnelStream, identity: str, addresses: list[IPInterface]
@@ -175,6 +175,8 @@ class _Port:
         self.identity = identity
         self.addresses = addresses
         self.sources = frozenset(a.ip.packed for a in addresses)
+        #: a spoofed source was logged once for this agent
+        self.warned = False
 
     def send(self, packet: bytes) -> None:
         stream = self.stream
@@ -326,6 +328,14 @@ class TunSwitch:
         addresses = packet_addresses(packet)
         if addresses is None or addresses[0] not in port.sources:
             self.dropped_spoofed += 1
+            if not port.warned and addresses is not None and not _link_local(addresses[0]):
+                port.warned = True  # (the kernel's own IPv6 chatter comes from link-local addresses: no news)
+                log.warning(
+                    "tun packet dropped: its source is not the agent's address",
+                    tunnel=port.stream.tunnel_name,
+                    source=str(ipaddress.ip_address(addresses[0])),
+                    agent=[str(a.ip) for a in port.addresses],
+                )
             return
         destination = addresses[1]
         peer = self._routes.get(destination)
@@ -365,6 +375,11 @@ class TunSwitch:
                 self.dropped_unrouted += 1
             else:
                 port.send(packet)
+
+
+def _link_local(address: bytes) -> bool:
+    """An IPv6 link-local or unspecified address (never routed: neighbour discovery, router solicitations)."""
+    return len(address) == 16 and ((address[0] == 0xFE and address[1] & 0xC0 == 0x80) or not any(address))
 
 
 def _path_mtu(stream: TunnelStream) -> int:

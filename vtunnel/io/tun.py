@@ -203,6 +203,18 @@ def device_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
 
 
+def _set_ipv6(name: str, *, on: bool) -> None:
+    path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+    try:
+        with open(path, "w") as f:
+            f.write("0\n" if on else "1\n")
+    except FileNotFoundError:  # a kernel without IPv6
+        if on:
+            raise TunError(errno.EAFNOSUPPORT, "IPv6 is not available in this kernel") from None
+    except PermissionError:
+        raise _permission(f"configuring the interface {name}") from None
+
+
 def configure_device(
     name: str,
     *,
@@ -213,6 +225,7 @@ def configure_device(
 ) -> None:
     """Set ``name``'s MTU, replace its addresses with ``addresses`` (each with its prefix, which gives the route to
     its network), add ``routes`` through it and bring it up. Blocking (netlink): run it in a worker thread.
+    Without an IPv6 address IPv6 is turned off on the device, so the kernel sends no neighbour discovery over it.
 
     Raises :class:`TunPermissionError` without CAP_NET_ADMIN, :class:`TunError` for what the kernel refuses.
     """
@@ -225,6 +238,7 @@ def configure_device(
             if not found:
                 raise TunError(errno.ENODEV, f"no interface {name}")
             index = found[0]
+            _set_ipv6(name, on=any(a.version == 6 for a in addresses))
             ipr.link("set", index=index, mtu=mtu)
             if alias is not None:
                 ipr.link("set", index=index, ifalias=alias)
