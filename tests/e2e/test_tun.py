@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -57,10 +57,10 @@ def run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Compl
     return done
 
 
-def wait_for(what: str, predicate: object, timeout: float = 30.0) -> None:
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.1)
     raise TimeoutError(f"{what}: not within {timeout} s")
@@ -191,7 +191,8 @@ def vpn(
 
 def test_ping_between_agents_through_the_server(vpn: tuple[Net, str, str]) -> None:
     net, a, b = vpn
-    assert a != b and {a, b} <= {f"10.77.0.{n}" for n in range(2, 255)}
+    assert a != b
+    assert {a, b} <= {f"10.77.0.{n}" for n in range(2, 255)}
     done = net.exec("a", "ping", "-c", "3", "-i", "0.2", "-W", "5", b, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert " 0% packet loss" in done.stdout
@@ -303,7 +304,8 @@ def test_devices_and_routes_gone_after_sigterm_and_sigkill(net: Net, scheme: str
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(timeout=30) == 0
     assert not net.has_device("a")
-    assert route not in net.routes("a") and "10.77.0." not in net.routes("a")
+    assert route not in net.routes("a")
+    assert "10.77.0." not in net.routes("a")
 
     agent = net.agent("a", scheme, "--tun-route", route)
     net.wait_address("a")
@@ -314,7 +316,8 @@ def test_devices_and_routes_gone_after_sigterm_and_sigkill(net: Net, scheme: str
 
     net.agent("a", scheme, "--tun-route", route)  # a restart: a device of the same name, working
     again = net.wait_address("a")
-    assert again.startswith("10.77.0.") and first.startswith("10.77.0.")
+    assert again.startswith("10.77.0.")
+    assert first.startswith("10.77.0.")
     done = net.exec("a", "ping", "-c", "2", "-i", "0.2", "-W", "5", SERVER_TUN, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
