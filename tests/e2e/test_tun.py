@@ -30,6 +30,7 @@ from tests.conftest import ROOT, VTUNNEL
 pytestmark = pytest.mark.netns
 
 POOL = "10.77.0.0/24"
+POOL6 = "fd77::/64"
 SERVER_TUN = "10.77.0.1"
 
 
@@ -137,6 +138,8 @@ class Net:
             str(self.key),
             "--tun",
             POOL,
+            "--tun",
+            POOL6,
             *extra,
         )
         wait_for("the server's device", lambda: self.addresses("s") == [SERVER_TUN])
@@ -155,11 +158,15 @@ class Net:
             *extra,
         )
 
-    def addresses(self, side: str, device: str = "vtun0") -> list[str]:
-        done = self.exec(side, "ip", "-j", "-4", "addr", "show", "dev", device, check=False)
+    def addresses(self, side: str, device: str = "vtun0", family: str = "-4") -> list[str]:
+        done = self.exec(
+            side, "ip", "-j", family, "addr", "show", "dev", device, "scope", "global", check=False
+        )
         if done.returncode != 0 or not done.stdout.strip():
             return []
-        return [a["local"] for link in json.loads(done.stdout) for a in link.get("addr_info", [])]
+        return [
+            a["local"] for link in json.loads(done.stdout) for a in link.get("addr_info", []) if "local" in a
+        ]
 
     def wait_address(self, side: str) -> str:
         wait_for(f"agent {side}'s device", lambda: bool(self.addresses(side)))
@@ -198,6 +205,17 @@ def test_ping_between_agents_through_the_server(vpn: tuple[Net, str, str]) -> No
     assert " 0% packet loss" in done.stdout
     done = net.exec("b", "ping", "-c", "2", "-i", "0.2", "-W", "5", SERVER_TUN)
     assert " 0% packet loss" in done.stdout
+
+
+def test_ipv6_between_agents_and_to_the_server(vpn: tuple[Net, str, str]) -> None:
+    net, _a, _b = vpn
+    b6 = net.addresses("b", family="-6")
+    assert len(b6) == 1, (b6, net.exec("b", "ip", "addr").stdout)
+    assert b6[0].startswith("fd77::")
+    assert net.addresses("s", family="-6") == ["fd77::1"]
+    for target in (b6[0], "fd77::1"):
+        done = net.exec("a", "ping", "-6", "-c", "2", "-i", "0.2", "-W", "5", target, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_curl_and_64_mib_byte_exact_to_the_server_namespace(

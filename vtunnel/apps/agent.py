@@ -303,6 +303,8 @@ class Agent:
             await anyio.lowlevel.checkpoint()
             with anyio.move_on_after(s.drain_timeout):
                 await self._idle.wait()
+            if self.tun is not None:
+                self.tun.stop()
             if self.pool is not None:
                 self.pool.shutdown()
                 await anyio.sleep(0.1)  # let GOAWAY leave

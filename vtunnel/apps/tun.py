@@ -457,6 +457,7 @@ class TunAgent:
         self.mtu = 0
         self._stream: TunnelStream | None = None
         self._ended = anyio.Event()
+        self._stopping = False
         self.dropped = 0
         #: set whenever the device is configured for a stream (tests and the bench wait for it)
         self.ready = anyio.Event()
@@ -491,6 +492,8 @@ class TunAgent:
                 await self._ended.wait()
                 self._stream = None
                 stream.close()
+                if self._stopping:
+                    return
                 log.warning("tun stream ended: reopening", reason=stream.reset_error or "tunnel closed")
         finally:
             self.close()
@@ -533,6 +536,12 @@ class TunAgent:
             routes=[str(r) for r in self.settings.routes],
             tunnel=conn.name,
         )
+
+    def stop(self) -> None:
+        """The agent is shutting down: end the stream and remove the device (:meth:`run` returns)."""
+        self._stopping = True
+        self._ended.set()
+        self.close()
 
     def close(self) -> None:
         if self._stream is not None:
