@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tests.protocol.helpers import EXTENDED, VPROXY, Side, pump
 from tests.protocol.test_datagrams import LIMIT, LINK_DATAGRAM, deliver
+from tests.protocol.test_datagrams import pair as datagram_pair
 from vtunnel.protocol import MetadataNotNegotiated, Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState
 from vtunnel.protocol import events as ev
 from vtunnel.protocol import frames as fr
@@ -22,15 +23,7 @@ TUN_STREAM = StreamMetadata(kind="tun", headers=(("vt-tun-id", "abc"),))
 def pair(
     client_config: TunnelConfig = TUN, server_config: TunnelConfig = TUN, *, datagram: int = LINK_DATAGRAM
 ) -> tuple[Side, Side]:
-    client = Side(Tunnel(role=Role.CLIENT, config=client_config, max_datagram=datagram))
-    server = Side(Tunnel(role=Role.SERVER, config=server_config, max_datagram=datagram))
-    client.tunnel.initiate(0.0)
-    server.tunnel.initiate(0.0)
-    pump(client, server)
-    assert client.tunnel.state is TunnelState.READY
-    client.events.clear()
-    server.events.clear()
-    return client, server
+    return datagram_pair(client_config, server_config, client_datagram=datagram, server_datagram=datagram)
 
 
 @pytest.mark.parametrize(
