@@ -39,7 +39,6 @@ __all__ = [
     "TunError",
     "TunPermissionError",
     "configure_device",
-    "device_exists",
 ]
 
 log = structlog.get_logger("vtunnel.io.tun")
@@ -196,11 +195,6 @@ class TunDevice:
         self._stop_reading()
         fd, self._fd = self._fd, -1
         os.close(fd)
-
-
-def device_exists(name: str) -> bool:
-    """Whether an interface ``name`` exists in this network namespace (no capability needed)."""
-    return os.path.exists(f"/sys/class/net/{name}")
 
 
 def _set_ipv6(name: str, *, on: bool) -> None:
