@@ -507,7 +507,7 @@ def server(
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             idle_timeout=sec.get("idle_timeout"),
             handshake_timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)),
-            tun=server_tun_settings(tun_options),
+            tun=server_tun_settings(tun_options, sec),
         )
         srv = Server(settings, stats=metrics.stats if metrics is not None else None)
     except (ValueError, ConfigError, TransportError) as exc:
@@ -639,7 +639,7 @@ def agent(
                 insecure_key_permissions,
             )
             return
-        tun = agent_tun_settings(tun_options)
+        tun = agent_tun_settings(tun_options, sec)
         if not (forwards or socks_addr or http_addr or tun):
             socks_addr = DEFAULT_SOCKS
         server_endpoints = [_endpoint(u, "--server", insecure_key_permissions) for u in urls]

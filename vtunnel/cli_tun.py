@@ -1,7 +1,9 @@
 """The command-line options of IP mode (``--tun`` and friends, docs/tun.md), for ``vtunnel server`` and ``agent``.
 
-Each command takes them with one decorator and hands what click parsed (a ``**tun_options`` mapping) to one
-function that builds the settings, ``None`` when IP mode is off.
+Each command takes them with one decorator and hands what click parsed (a ``**tun_options`` mapping) and its config
+section to one function that builds the settings, ``None`` when IP mode is off. An option given on the command
+line wins over the same setting in the file (``tun``, ``tun_dev``, ``tun_mtu``, ``tun_nat``, ``tun_isolate`` in
+``[server]``; ``tun``, ``tun_route``, ``tun_dev``, ``tun_mtu`` in ``[agent]``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["agent_tun_options", "agent_tun_settings", "server_tun_options", "server_tun_settings"]
 
 
-def _device_options(f: Callable[..., Any], default: str) -> Callable[..., Any]:
+def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--tun-mtu",
         type=click.IntRange(576, 65535),
@@ -29,14 +31,13 @@ def _device_options(f: Callable[..., Any], default: str) -> Callable[..., Any]:
     return click.option(
         "--tun-dev",
         metavar="NAME",
-        default=default,
-        show_default=True,
-        help="IP mode: the TUN device's name ('%d' in it: the kernel numbers it).",
+        default=None,
+        help="IP mode: the TUN device's name (default vtun0; '%d' in it: the kernel numbers it).",
     )(f)
 
 
 def server_tun_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = _device_options(f, "vtun0")
+    f = _device_options(f)
     f = click.option(
         "--tun-nat",
         is_flag=True,
@@ -59,7 +60,7 @@ def server_tun_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def agent_tun_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = _device_options(f, "vtun0")
+    f = _device_options(f)
     f = click.option(
         "--tun-route",
         multiple=True,
@@ -74,9 +75,23 @@ def agent_tun_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def server_tun_settings(options: Mapping[str, Any]) -> TunServerSettings | None:
-    """The server's IP mode from its options; raises ValueError for a bad one."""
+def _merged(
+    options: Mapping[str, Any], section: Mapping[str, Any], renames: Mapping[str, str]
+) -> dict[str, Any]:
+    merged = {option: section.get(key) for key, option in renames.items()}
+    merged.update({k: v for k, v in options.items() if v})
+    return merged
+
+
+def server_tun_settings(
+    options: Mapping[str, Any], section: Mapping[str, Any] | None = None
+) -> TunServerSettings | None:
+    """The server's IP mode from its options and config section; raises ValueError for a bad one."""
+    names = {"tun": "tun_pools", "tun_dev": "tun_dev", "tun_mtu": "tun_mtu", "tun_nat": "tun_nat"}
+    options = _merged(options, section or {}, {**names, "tun_isolate": "tun_isolate"})
     pools = options.get("tun_pools") or ()
+    if isinstance(pools, str):
+        pools = (pools,)
     if not pools:
         if options.get("tun_nat") or options.get("tun_isolate"):
             raise ValueError("--tun-nat and --tun-isolate need --tun CIDR")
@@ -92,9 +107,15 @@ def server_tun_settings(options: Mapping[str, Any]) -> TunServerSettings | None:
     )
 
 
-def agent_tun_settings(options: Mapping[str, Any]) -> TunAgentSettings | None:
-    """The agent's IP mode from its options; raises ValueError for a bad one."""
+def agent_tun_settings(
+    options: Mapping[str, Any], section: Mapping[str, Any] | None = None
+) -> TunAgentSettings | None:
+    """The agent's IP mode from its options and config section; raises ValueError for a bad one."""
+    names = {"tun": "tun_on", "tun_route": "tun_route", "tun_dev": "tun_dev", "tun_mtu": "tun_mtu"}
+    options = _merged(options, section or {}, names)
     routes = options.get("tun_route") or ()
+    if isinstance(routes, str):
+        routes = (routes,)
     if not options.get("tun_on"):
         if routes:
             raise ValueError("--tun-route needs --tun")

@@ -14,6 +14,7 @@ deny = ["*.internal"]
 websocks_user_file = "/etc/vtunnel/websocks-users"   # USER:PASS lines, mode 0600
 handshake_timeout = 30.0           # seconds a WebSocks client has for its upgrade and SOCKS5 request
 metrics = "127.0.0.1:9090"         # Prometheus metrics at http://127.0.0.1:9090/metrics (docs/operating.md)
+tun = ["10.77.0.0/24", "fd77::/64"]  # IP mode (docs/tun.md); also tun_dev, tun_mtu, tun_nat, tun_isolate
 [server.websocks_users]              # or inline: then this file must be mode 0600 too
 alice = "secret"
 
@@ -24,6 +25,7 @@ http = "127.0.0.1:8118"
 forward = ["127.0.0.1:9000", "127.0.0.1:2222=10.0.0.5:22"]
 connections = 1
 psk_file = "~/.config/vtunnel/key"
+tun = true                         # IP mode (docs/tun.md); also tun_route = ["CIDR", ...], tun_dev, tun_mtu
 # or, no tunnel: server = "websockss://203.0.113.7:8443?ca=/etc/vtunnel/ca.pem" and
 # websocks_user_file = "~/.config/vtunnel/websocks-login" (one USER:PASS line, mode 0600)
 [agent.socks_users]
@@ -113,6 +115,11 @@ SECTIONS = {
         "idle_timeout",
         "handshake_timeout",
         "metrics",
+        "tun",
+        "tun_dev",
+        "tun_mtu",
+        "tun_nat",
+        "tun_isolate",
     },
     "agent": {
         "server",
@@ -133,6 +140,10 @@ SECTIONS = {
         "websocks_user_file",
         "lite_tls_ports",
         "metrics",
+        "tun",
+        "tun_route",
+        "tun_dev",
+        "tun_mtu",
     },
     "tunnel": {f.name for f in fields(TunnelConfig)},
     "log": {"level", "format"},

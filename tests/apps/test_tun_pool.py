@@ -67,6 +67,24 @@ def test_options() -> None:
         server_tun_settings({"tun_nat": True})
     with pytest.raises(ValueError, match="out of"):
         TunServerSettings(pools=parse_pools(["fd77::/64"]), mtu=1000)  # IPv6 needs 1280
+    # the config file's settings, under the command line's
+    from_file = server_tun_settings(
+        {"tun_pools": ()}, {"tun": "10.9.0.0/24", "tun_nat": True, "tun_dev": "x%d"}
+    )
+    assert from_file is not None
+    assert ([str(p) for p in from_file.pools], from_file.nat, from_file.device) == (
+        ["10.9.0.0/24"],
+        True,
+        "x%d",
+    )
+    both = server_tun_settings(
+        {"tun_pools": ("10.8.0.0/24",), "tun_dev": "y0"}, {"tun": ["10.9.0.0/24"], "tun_dev": "x0"}
+    )
+    assert both is not None
+    assert ([str(p) for p in both.pools], both.device) == (["10.8.0.0/24"], "y0")
+    agent_file = agent_tun_settings({"tun_on": False}, {"tun": True, "tun_route": ["10.1.0.0/16"]})
+    assert agent_file is not None
+    assert [str(r) for r in agent_file.routes] == ["10.1.0.0/16"]
     assert agent_tun_settings({"tun_on": False}) is None
     agent = agent_tun_settings({"tun_on": True, "tun_route": ("10.9.0.0/16",), "tun_mtu": 1400})
     assert agent is not None
