@@ -1,6 +1,6 @@
 """IP mode end to end, in network namespaces this test makes: a server in one, two agents in two others, each agent
 joined to the server by a veth pair of its own; vtunnel processes as a user runs them (``server --tun``,
-``agent --tun``), over rudp:// (packets as unreliable datagrams) and kcp:// (packets in DATA frames).
+``agent --tun``), over rudp:// (packets as unreliable datagrams), kcp:// and tcp:// (packets in DATA frames).
 
 Shown: ping between the agents through the server, curl from an agent to an HTTP server in the server's namespace
 by its tunnel address, 64 MiB byte-exact over TCP through the TUN path, a spoofed source dropped by the server, the
@@ -179,7 +179,7 @@ class Net:
         return self.exec(side, "ip", "route", "show").stdout
 
 
-@pytest.fixture(scope="module", params=["rudp", "kcp"])
+@pytest.fixture(scope="module", params=["rudp", "kcp", "tcp"])
 def vpn(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Net, str, str]]:
