@@ -277,24 +277,30 @@ class TunSwitch:
         """An agent's ``tun`` stream: give it its addresses (SYN-ACK) and switch its packets from now on."""
         headers = dict(stream.metadata.headers) if stream.metadata is not None else {}
         identity = headers.get(ID_HEADER) or f"{stream.tunnel_name}/{stream.stream_id}"
+        old = self._by_identity.get(identity)
+        if old is not None:  # the same agent on a new tunnel: the old stream is stale (unplugged before the
+            self._unplug(old)  # lease, which would otherwise count the live agent's address as waiting)
+            old.stream.close()
         now = time.monotonic()
         try:
             addresses = [pool.lease(identity, now) for pool in self.pools]
         except PoolExhausted as exc:
+            for pool in self.pools:  # what another pool leased waits like any left agent's
+                pool.release(identity, now)
             log.warning("tun agent refused", tunnel=stream.tunnel_name, error=str(exc))
             stream.refuse("refused")
             return
-        old = self._by_identity.get(identity)
-        if old is not None:  # the same agent on a new tunnel: the old stream is stale
-            self._unplug(old)
-            old.stream.close()
         port = _Port(self, stream, identity, addresses)
         for address in addresses:
             self._routes[address.ip.packed] = port
         self._by_identity[identity] = port
         carried = min(self.settings.mtu, _path_mtu(stream))
         answer = [(ADDRESS_HEADER, str(a)) for a in addresses] + [(MTU_HEADER, str(carried))]
-        stream.accept(tuple(answer))
+        try:
+            stream.accept(tuple(answer))
+        except anyio.BrokenResourceError:  # reset (or its tunnel gone) before the answer
+            self.port_ended(port)
+            return
         stream.attach(port)
         log.info(
             "tun agent up",
