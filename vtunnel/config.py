@@ -145,7 +145,8 @@ SECTIONS = {
         "tun_dev",
         "tun_mtu",
     },
-    "tunnel": {f.name for f in fields(TunnelConfig)},
+    # tun is IP mode's, turned on by --tun ([server] / [agent] tun), never on its own
+    "tunnel": {f.name for f in fields(TunnelConfig)} - {"tun"},
     "log": {"level", "format"},
 }
 
