@@ -453,6 +453,8 @@ def server(
     if (peer or sec.get("peer")) == "kcptun":
         if metrics is not None:
             raise click.UsageError("--metrics is not available with --peer kcptun")
+        if tun_options.get("tun_pools") or sec.get("tun"):
+            raise click.UsageError("--peer kcptun carries no IP packets: drop --tun")
         _kcptun_server(endpoints, target or sec.get("target"), psk_file, sec, insecure_key_permissions)
         return
     peer_vproxy = (peer or sec.get("peer")) == "vproxy"
@@ -631,6 +633,8 @@ def agent(
                 raise click.UsageError("--metrics is not available with --peer kcptun")
             if len(urls) > 1:
                 raise click.UsageError("--peer kcptun takes one --server")
+            if agent_tun_settings(tun_options, sec) is not None:
+                raise click.UsageError("--peer kcptun carries no IP packets: drop --tun")
             _kcptun_agent(
                 _endpoint(url, "--server", insecure_key_permissions),
                 [fwd.listen for fwd in forwards],
