@@ -124,3 +124,35 @@ def test_packet_addresses_never_fails(data: bytes) -> None:
     if got is not None:
         size = 4 if data[0] >> 4 == 4 else 16
         assert len(got[0]) == len(got[1]) == size
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["lease", "release"]), st.integers(0, 7), st.floats(0, 5)),
+        max_size=60,
+    )
+)
+def test_a_pool_never_gives_one_address_to_two_present_agents(ops: list[tuple[str, int, float]]) -> None:
+    """Any order of arrivals and departures: present agents hold distinct addresses, never the server's, and an
+    agent keeps its address as long as nobody took it after its lease ran out."""
+    pool = AddressPool(ipaddress.ip_network("10.77.0.0/29"), lease_time=3.0)  # room for 5 agents
+    present: dict[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface] = {}
+    had: dict[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface] = {}
+    now = 0.0
+    for op, agent, step in ops:
+        now += step
+        if op == "lease":
+            try:
+                address = pool.lease(str(agent), now)
+            except PoolExhausted:
+                assert len(had) >= 5  # only once five agents hold or wait for the five addresses
+                continue
+            if agent in present:
+                assert address == present[agent]
+            present[agent] = had[agent] = address
+        elif agent in present:
+            pool.release(str(agent), now)
+            del present[agent]
+        addresses = list(present.values())
+        assert len(set(addresses)) == len(addresses)
+        assert pool.server not in addresses
