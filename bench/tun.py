@@ -1,15 +1,14 @@
-"""IP mode against tunnel streams: TCP bulk goodput and round trips through the TUN path and through a tunnel
+"""IP mode against tunnel streams: TCP bulk goodput and round trips through the TUN path and through a SOCKS5
 stream, over rudp:// and kcp://, on a clean and a lossy link (docs/tun.md).
 
 ``python -m bench.tun [--quick] [--loss 0,0.02] [--transport rudp --transport kcp] [--out FILE]``
 
 Two namespaces joined by a veth pair (:class:`bench.netem.NetnsLink`, its nftables drop rule for loss): the server
 (``--tun 10.77.0.0/24``, a key, ``--allow-private``) and the workload server in one, the agent (``--tun`` and a
-``--forward`` to the workload server) and the workload clients in the other. Per transport and loss level:
+SOCKS5 front) and the workload clients in the other. Per transport and loss level:
 
 * ``bulk``: one TCP connection's goodput, every byte checked by the sink (``bench.workload bulk``), to the server's
-  tunnel address (TUN) and through the forward (a tunnel stream, the stream a SOCKS5 CONNECT opens, without the
-  SOCKS5 exchange, which a bulk transfer does not measure);
+  tunnel address (TUN) and through the agent's SOCKS5 front to the server's own address (a tunnel stream);
 * ``rr``: 64-byte request/response round trips on one TCP connection, both paths;
 * ``ping``: ICMP echo to the server's tunnel address, one every 10 ms (TUN only: ICMP has no stream);
 * ``ping+bulk`` and ``rr+bulk``: the same while a bulk transfer runs on the same path: over the reliable path a
@@ -40,7 +39,7 @@ from bench.stats import percentile
 POOL = "10.77.0.0/24"
 SERVER_TUN = "10.77.0.1"
 WORK_PORT = 5201
-FORWARD_PORT = 5300
+SOCKS_PORT = 1080
 MiB = 1024 * 1024
 _TIME = re.compile(r"time=([0-9.]+) ms")
 
@@ -85,8 +84,7 @@ class Stack:
         )  # fmt: skip
         self._spawn(
             link.client_ns, *vt, "agent", "--server", f"{self.transport}://{link.server_addr}:4000", "--psk-file",
-            str(self.key), "--tun", "--forward", f"127.0.0.1:{FORWARD_PORT}={link.server_addr}:{WORK_PORT}",
-            "--log-level", "warning",
+            str(self.key), "--tun", "--socks", f"127.0.0.1:{SOCKS_PORT}", "--log-level", "warning",
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -165,9 +163,9 @@ def _summary(samples_ms: Sequence[float], lost: int = 0) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _background_bulk(ns: str, target: str, size: int) -> Iterator[None]:
+def _background_bulk(ns: str, target: list[str], size: int) -> Iterator[None]:
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.workload", "bulk", "--connect", target,
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.workload", "bulk", *target,
          "--bytes", str(size), "--timeout", "120"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -183,14 +181,20 @@ def _background_bulk(ns: str, target: str, size: int) -> Iterator[None]:
 def measure(stack: Stack, *, bulk_bytes: int, count: int) -> dict[str, dict[str, float]]:
     """Every measure of one stack; one that fails is reported as such (``failed``) and the others go on."""
     ns = stack.link.client_ns
-    paths = {"tun": f"{SERVER_TUN}:{WORK_PORT}", "stream": f"127.0.0.1:{FORWARD_PORT}"}
+    paths = {
+        "tun": ["--connect", f"{SERVER_TUN}:{WORK_PORT}"],
+        "socks5": [
+            "--connect",
+            f"{stack.link.server_addr}:{WORK_PORT}",
+            "--socks5",
+            f"127.0.0.1:{SOCKS_PORT}",
+        ],
+    }
     out: dict[str, dict[str, float]] = {}
 
-    def rr(name: str, target: str) -> None:
+    def rr(name: str, target: list[str]) -> None:
         try:
-            res = _workload(
-                ns, "rr", "--connect", target, "--count", str(count), "--timeout", "120", timeout=120
-            )
+            res = _workload(ns, "rr", *target, "--count", str(count), "--timeout", "120", timeout=120)
         except BenchError as exc:
             print(f"{stack.transport} {name}: {exc}", file=sys.stderr)
             out[name] = {"failed": 1.0}
@@ -201,9 +205,7 @@ def measure(stack: Stack, *, bulk_bytes: int, count: int) -> dict[str, dict[str,
 
     for name, target in paths.items():
         try:
-            res = _workload(
-                ns, "bulk", "--connect", target, "--bytes", str(bulk_bytes), "--timeout", "120", timeout=120
-            )
+            res = _workload(ns, "bulk", *target, "--bytes", str(bulk_bytes), "--timeout", "120", timeout=120)
             out[f"bulk {name}"] = {"MB/s": float(str(res["goodput"])) / 1e6}
         except BenchError as exc:
             print(f"{stack.transport} bulk {name}: {exc}", file=sys.stderr)
