@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -199,7 +200,10 @@ class _Port:
         self._switch.port_ended(self)
 
     def stream_writable(self) -> None:
-        pass
+        pass  # a packet that finds no room is dropped, never held
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        return False  # only a lite-tls stream is spliced
 
 
 class TunSwitch:
@@ -597,4 +601,7 @@ class _AgentPort:
         self._agent.stream_ended()
 
     def stream_writable(self) -> None:
-        pass
+        pass  # a packet that finds no room is dropped, never held
+
+    def stream_spliced(self, dedicated: socket.socket, to_peer: bytes, ended: bool) -> bool:
+        return False  # only a lite-tls stream is spliced
