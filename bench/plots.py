@@ -24,6 +24,21 @@ def _systems(doc: Mapping[str, Any]) -> list[str]:
     return [s["name"] for s in doc["systems"]]
 
 
+def _loss_series(
+    ax: Any, doc: Mapping[str, Any], series: Mapping[str, list[tuple[float, float, float, float]]]
+) -> None:
+    """One line per system (report order) of (loss, median, min, max) points, with min-max error bars."""
+    for system in _systems(doc):
+        points = sorted(series.get(system, []))
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system)
+    ax.set_xlabel("packet loss each way (%)")
+
+
 def _goodput_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
     series: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for scen, systems in doc["summary"].items():
@@ -37,20 +52,50 @@ def _goodput_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for system in _systems(doc):
-        points = sorted(series.get(system, []))
-        if not points:
-            continue
-        xs = [p[0] for p in points]
-        ys = [p[1] for p in points]
-        err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system)
-    ax.set_xlabel("packet loss each way (%)")
+    _loss_series(ax, doc, series)
     ax.set_ylabel("goodput (MB/s, median, min-max)")
     ax.set_title("Bulk goodput vs loss (veth between namespaces, nftables drop)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return True
+
+
+def _rudp_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
+    """The rudp comparison (``rudp-loss-N`` scenarios): goodput and wire bytes per payload byte against loss."""
+    series: dict[str, dict[str, list[tuple[float, float, float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for scen, systems in doc["summary"].items():
+        if not scen.startswith("rudp-loss-"):
+            continue
+        loss = float(scen.removeprefix("rudp-loss-"))
+        for system, metrics in systems.items():
+            for metric in ("goodput_MBps", "wire_per_payload"):
+                m = metrics.get(metric)
+                if m:
+                    series[metric][system].append((loss, m["median"], m["min"], m["max"]))
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    titles = {
+        "goodput_MBps": ("goodput (MB/s, median, min-max)", "Bulk goodput vs loss, 20 ms RTT"),
+        "wire_per_payload": (
+            "wire bytes per payload byte (both ways)",
+            "Wire bytes per payload byte vs loss",
+        ),
+    }
+    for ax, (metric, (label, title)) in zip(axes, titles.items(), strict=True):
+        _loss_series(ax, doc, series[metric])
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        if metric == "goodput_MBps":
+            ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
@@ -121,6 +166,7 @@ def plot_all(doc: Mapping[str, Any], out_dir: Path, *, prefix: str = "") -> list
     jobs: list[tuple[str, Callable[[Path], bool]]] = [
         ("goodput-vs-loss.png", lambda p: _goodput_vs_loss(doc, p)),
         ("bulk-goodput.png", lambda p: _bulk_bars(doc, p)),
+        ("rudp-vs-loss.png", lambda p: _rudp_vs_loss(doc, p)),
         ("latency-cdf-rr.png", lambda p: _latency_cdf(doc, "rr-64", p, "64 B request/response latency CDF")),
         (
             "latency-cdf-rr-impaired.png",

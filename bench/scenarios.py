@@ -19,6 +19,7 @@ __all__ = [
     "NOT_AUTOMATIC",
     "RELAY_PROFILE",
     "ROUNDS",
+    "RUDP_LOSS_LEVELS",
     "SCENARIOS",
     "VTUNNEL_TRANSPORTS",
     "Scenario",
@@ -56,6 +57,15 @@ RELAY_PROFILE: tuple[str, ...] = (
     "--stats-interval",
     "1",
 )
+
+
+#: Loss levels (percent each way) of the rudp comparison: rudp:// against kcp:// and kcptun at 20 ms RTT.
+RUDP_LOSS_LEVELS: tuple[float, ...] = (0, 1, 2, 5, 10)
+
+
+def rudp_relay_profile(loss: float) -> tuple[str, ...]:
+    """The relay's link of the rudp comparison: 10 ms one-way delay (20 ms RTT), ``loss`` each way, 50 MB/s."""
+    return ("--delay", "10", "--loss", f"{loss:g}", "--rate", "50m", "--stats-interval", "1")
 
 
 def relay_profile(loss: float) -> tuple[str, ...]:
@@ -281,6 +291,22 @@ SCENARIOS: tuple[Scenario, ...] = (
             relay_options=relay_profile(level / 100),
         )
         for level in (2, 5)
+    ),
+    *(
+        Scenario(
+            name=f"rudp-loss-{level:g}",
+            kind="bulk_wire",
+            description=f"bulk goodput (1 stream) at 20 ms RTT and {level:g}% loss each way through the relay, "
+            "rudp:// against kcp:// and kcptun; wire bytes (both directions, as sent) per payload byte",
+            params={"streams": 1, "bytes": 64 * MiB, "timeout": 120},
+            quick={"bytes": 16 * MiB, "timeout": 60},
+            link="relay",
+            quick_rounds=1,
+            udp_only=True,
+            relay_options=rudp_relay_profile(level / 100),
+            only=("kcptun", "vtunnel-kcp", "vtunnel-rudp"),
+        )
+        for level in RUDP_LOSS_LEVELS
     ),
     Scenario(
         name="rr-impaired",

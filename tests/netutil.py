@@ -8,7 +8,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -23,23 +23,22 @@ def pattern(size: int, seed: int = 1) -> bytes:
 
 
 @contextmanager
-def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
-    """A threaded TCP echo server that passes half-closes on: yields its port."""
+def threaded_server(
+    handle: Callable[[socket.socket], None], host: str = "127.0.0.1"
+) -> Iterator[tuple[int, list[int]]]:
+    """A TCP server running ``handle(conn)`` in a thread of its own for each connection (which it then closes):
+    yields its port and a one-item list counting the connections accepted."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((host, 0))
     srv.listen(512)
     stop = threading.Event()
+    accepted = [0]
 
     def serve(conn: socket.socket) -> None:
         with conn:
             try:
-                while True:
-                    data = conn.recv(262144)
-                    if not data:
-                        conn.shutdown(socket.SHUT_WR)
-                        return
-                    conn.sendall(data)
+                handle(conn)
             except OSError:
                 return
 
@@ -52,16 +51,33 @@ def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
                 continue
             except OSError:
                 return
+            accepted[0] += 1
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
     t = threading.Thread(target=accept_loop, daemon=True)
     t.start()
     try:
-        yield srv.getsockname()[1]
+        yield srv.getsockname()[1], accepted
     finally:
         stop.set()
         srv.close()
         t.join(timeout=2)
+
+
+def _echo(conn: socket.socket) -> None:
+    while True:
+        data = conn.recv(262144)
+        if not data:
+            conn.shutdown(socket.SHUT_WR)
+            return
+        conn.sendall(data)
+
+
+@contextmanager
+def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
+    """A threaded TCP echo server that passes half-closes on: yields its port."""
+    with threaded_server(_echo, host) as (port, _):
+        yield port
 
 
 def echo_roundtrip(port: int, payload: bytes, *, timeout: float = 60.0, host: str = "127.0.0.1") -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ import click
 import structlog
 
 from vtunnel import __version__
+from vtunnel.cli_tun import agent_tun_options, agent_tun_settings, server_tun_options, server_tun_settings
 from vtunnel.config import (
     INSECURE_KEY_PERMISSIONS_ENV,
     WEBSOCKS_USER_ENV,
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
     from vtunnel.apps.stats import ProcessStats
     from vtunnel.kcptun import KcptunConfig
+    from vtunnel.security.keys import KeySet
 
 log = structlog.get_logger("vtunnel")
 
@@ -242,16 +245,78 @@ def _metrics_plan(value: object, role: str, *, worker: int | None = None) -> _Me
 
 
 async def _serve(
-    plan: _MetricsPlan | None, start: Callable[[], Awaitable[None]], stop: Callable[[], None]
+    plan: _MetricsPlan | None,
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], None],
+    reload: Callable[[], None] | None = None,
 ) -> None:
-    """Run until a signal, with the metrics endpoint up around it when asked for."""
+    """Run until a signal, with the metrics endpoint up around it when asked for (SIGHUP: ``reload``)."""
     if plan is None:
-        await serve_until_signal(start, stop)
+        await serve_until_signal(start, stop, reload=reload)
         return
     from vtunnel.apps.metrics import serve_metrics
 
     async with serve_metrics(plan.registry, plan.host, plan.port):
-        await serve_until_signal(start, stop)
+        await serve_until_signal(start, stop, reload=reload)
+
+
+def _server_security(
+    user_keys: str | None,
+    psk_file: str | None,
+    insecure: bool,
+    section: dict[str, Any],
+    cipher: str | None,
+    insecure_key_permissions: bool,
+) -> tuple[SecurityConfig, Callable[[], KeySet] | None]:
+    """The server's security, with a key ring, and what reads its keys again on SIGHUP (None: no key)."""
+    from vtunnel.config import insecure_key_permissions as loose_allowed
+    from vtunnel.config import load_user_keys
+    from vtunnel.security.keys import KeySet
+    from vtunnel.transports.base import KeyRing
+
+    path = user_keys or section.get("user_keys")
+    if not path:
+        security = _security(psk_file, insecure, section, cipher, insecure_key_permissions)
+        if security.psk is None:
+            return security, None
+
+        def load_one() -> KeySet:
+            psk = resolve_psk(
+                psk_file=psk_file,
+                insecure=False,
+                section=section,
+                allow_insecure_permissions=insecure_key_permissions,
+            )
+            assert psk is not None  # (resolve_psk raises rather than give none without insecure)
+            return KeySet.single(psk)
+
+        return SecurityConfig(keys=KeyRing(KeySet.single(security.psk)), cipher=security.cipher), load_one
+    others = [
+        name
+        for name, given in (
+            ("--psk-file", psk_file),
+            ("psk_file", section.get("psk_file")),
+            ("psk", section.get("psk")),
+            ("VTUNNEL_PSK", os.environ.get("VTUNNEL_PSK")),
+            ("--insecure", insecure or section.get("insecure")),
+        )
+        if given
+    ]
+    if others:
+        raise click.UsageError(
+            f"--user-keys (user_keys) replaces the server's one key: drop {', '.join(others)}"
+        )
+    try:
+        loose = loose_allowed(flag=insecure_key_permissions, section=section)
+        chosen = resolve_cipher(cipher=cipher, section=section)
+
+        def load_users() -> KeySet:
+            return load_user_keys(os.path.expanduser(str(path)), allow_insecure_permissions=loose)
+
+        keys = load_users()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    return SecurityConfig(keys=KeyRing(keys), cipher=chosen), load_users
 
 
 def _keyless_security(psk_file: str | None, section: Mapping[str, Any], peer: str) -> SecurityConfig:
@@ -348,10 +413,19 @@ def main() -> None:
     help="Up to 2 bytes (hex) that start every connection ID of kcp:// and rudp:// with a key, in clear, for a "
     "load balancer in front of several servers (docs/security.md). Config: server_id.",
 )
+@click.option(
+    "--user-keys",
+    type=click.Path(),
+    default=None,
+    help="One key per user instead of --psk-file: a directory of key files (each file's name is its user's) or "
+    "a file of NAME KEY lines, private like a key file. SIGHUP reads it again: removed users' tunnels are cut. "
+    'Config: user_keys = "PATH".',
+)
 @_websocks_users
 @_peer
 @_lite_tls
 @_metrics_option
+@server_tun_options
 @_common
 def server(
     listen: tuple[str, ...],
@@ -359,6 +433,7 @@ def server(
     allow_private: bool,
     workers: str | None,
     server_id: str | None,
+    user_keys: str | None,
     no_lite_tls: bool,
     metrics_address: str | None,
     websocks_user_file: str | None,
@@ -371,6 +446,7 @@ def server(
     config_path: str | None,
     log_level: str | None,
     log_format: str | None,
+    **tun_options: Any,
 ) -> None:
     """Accept tunnels and carry their streams to the destinations they ask for (or to --target).
 
@@ -410,6 +486,8 @@ def server(
             raise click.UsageError("--metrics is not available with --peer kcptun")
         if count > 1:
             raise click.UsageError("--workers is not available with --peer kcptun")
+        if tun_options.get("tun_pools") or sec.get("tun"):
+            raise click.UsageError("--peer kcptun carries no IP packets: drop --tun")
         _kcptun_server(endpoints, target or sec.get("target"), psk_file, sec, insecure_key_permissions)
         return
     peer_vproxy = (peer or sec.get("peer")) == "vproxy"
@@ -430,14 +508,21 @@ def server(
             "--listen websocks:// needs WebSocks users: --websocks-user-file FILE (one USER:PASS per line) or "
             f"{WEBSOCKS_USER_ENV}"
         )
+    load_keys: Callable[[], KeySet] | None = None
+    if (peer_vproxy or websocks_only) and (user_keys or sec.get("user_keys")):
+        raise click.UsageError(
+            "--user-keys needs vtunnel tunnels with a key (not --peer vproxy or websocks:// only)"
+        )
     if peer_vproxy:
         security = _keyless_security(psk_file, sec, "a vproxy peer")
         log.warning("peer vproxy: the tunnel is plaintext and unauthenticated, as vproxy's is")
     elif websocks_only:  # no tunnel: the WebSocks users are the only credentials
         security = _keyless_security(psk_file, sec, "a websocks:// listener")
     else:
-        security = _security(psk_file, insecure, sec, cipher, insecure_key_permissions)
-    if security.psk is not None:
+        security, load_keys = _server_security(
+            user_keys, psk_file, insecure, sec, cipher, insecure_key_permissions
+        )
+    if not security.insecure:
         security = dataclasses.replace(
             security,
             connection_ids=worker.layout(sid) if worker is not None else ConnectionIdLayout(server_id=sid),
@@ -462,12 +547,13 @@ def server(
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             idle_timeout=sec.get("idle_timeout"),
             handshake_timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)),
+            tun=server_tun_settings(tun_options, sec),
         )
         srv = Server(settings, stats=metrics.stats if metrics is not None else None)
         if count > 1:
             from vtunnel.apps.workers import listen_plan
 
-            listen_plan(endpoints, workers=count, keyed=security.psk is not None, server_id=sid)
+            listen_plan(endpoints, workers=count, keyed=not security.insecure, server_id=sid)
     except (ValueError, ConfigError, TransportError) as exc:
         raise click.UsageError(str(exc)) from None
     if count > 1:
@@ -477,20 +563,33 @@ def server(
             supervise(
                 endpoints,
                 workers=count,
-                keyed=security.psk is not None,
+                keyed=not security.insecure,
                 server_id=sid,
                 drain_timeout=settings.drain_timeout,
                 metrics=(metrics.host, metrics.port) if metrics is not None else None,
             )
         return
 
+    def reload() -> None:
+        """SIGHUP: read the keys again; a removed user's tunnels are cut, a bad file changes nothing."""
+        assert load_keys is not None
+        try:
+            keys = load_keys()
+        except (ConfigError, click.UsageError) as exc:
+            log.error("reload failed: the keys are unchanged", error=str(exc))
+            return
+        srv.reload_keys(keys)
+
     async def go() -> None:
+        reloading = reload if load_keys is not None else None
         if worker is None:
-            await _serve(metrics, srv.serve, srv.shutdown)
+            await _serve(metrics, srv.serve, srv.shutdown, reloading)
             return
         from vtunnel.apps.workers import serve_ready
 
-        await _serve(metrics, functools.partial(serve_ready, srv.serve, worker.ready), srv.shutdown)
+        await _serve(
+            metrics, functools.partial(serve_ready, srv.serve, worker.ready), srv.shutdown, reloading
+        )
 
     _run_or_exit(go)
 
@@ -528,6 +627,7 @@ def server(
 @_peer
 @_lite_tls
 @_metrics_option
+@agent_tun_options
 @_common
 def agent(
     server_urls: tuple[str, ...],
@@ -548,6 +648,7 @@ def agent(
     config_path: str | None,
     log_level: str | None,
     log_format: str | None,
+    **tun_options: Any,
 ) -> None:
     """The local end: SOCKS5/HTTP proxy fronts and port forwards, carried to the server in one tunnel.
 
@@ -595,6 +696,8 @@ def agent(
                 raise click.UsageError("--metrics is not available with --peer kcptun")
             if len(urls) > 1:
                 raise click.UsageError("--peer kcptun takes one --server")
+            if agent_tun_settings(tun_options, sec) is not None:
+                raise click.UsageError("--peer kcptun carries no IP packets: drop --tun")
             _kcptun_agent(
                 _endpoint(url, "--server", insecure_key_permissions),
                 [fwd.listen for fwd in forwards],
@@ -603,7 +706,8 @@ def agent(
                 insecure_key_permissions,
             )
             return
-        if not (forwards or socks_addr or http_addr):
+        tun = agent_tun_settings(tun_options, sec)
+        if not (forwards or socks_addr or http_addr or tun):
             socks_addr = DEFAULT_SOCKS
         server_endpoints = [_endpoint(u, "--server", insecure_key_permissions) for u in urls]
         server_endpoint = server_endpoints[0]
@@ -662,6 +766,7 @@ def agent(
             open_timeout=float(sec.get("open_timeout", 10.0)),
             websocks_login=login,
             lite_tls_ports=lite_ports,
+            tun=tun,
         )
         ag = Agent(settings, stats=metrics.stats if metrics is not None else None)
     except (ValueError, ConfigError, TransportError) as exc:

@@ -5,6 +5,8 @@
 listen = ["kcp://0.0.0.0:4000", "tcp://0.0.0.0:4000", "websocks://0.0.0.0:8443"]  # websocks: no tunnel
 target = "127.0.0.1:8388"          # optional: every stream without a destination goes here
 psk_file = "/etc/vtunnel/key"      # mode 0600 (`vtunnel keygen -o FILE`); or `insecure = true` for plaintext
+# user_keys = "/etc/vtunnel/users" # instead of psk_file: one key per user, a directory of key files (file name =
+                                   # user) or a file of NAME KEY lines; SIGHUP reloads it (docs/security.md)
 cipher = "auto"                    # or "aes-256-gcm" / "chacha20-poly1305" to pin the transport cipher
 allow_private = false
 allow = ["10.1.2.0/24"]            # exit policy exceptions
@@ -12,6 +14,7 @@ deny = ["*.internal"]
 websocks_user_file = "/etc/vtunnel/websocks-users"   # USER:PASS lines, mode 0600
 handshake_timeout = 30.0           # seconds a WebSocks client has for its upgrade and SOCKS5 request
 metrics = "127.0.0.1:9090"         # Prometheus metrics at http://127.0.0.1:9090/metrics (docs/operating.md)
+tun = ["10.77.0.0/24", "fd77::/64"]  # IP mode (docs/tun.md); also tun_dev, tun_mtu, tun_nat, tun_isolate
 [server.websocks_users]              # or inline: then this file must be mode 0600 too
 alice = "secret"
 
@@ -22,6 +25,7 @@ http = "127.0.0.1:8118"
 forward = ["127.0.0.1:9000", "127.0.0.1:2222=10.0.0.5:22"]
 connections = 1
 psk_file = "~/.config/vtunnel/key"
+tun = true                         # IP mode (docs/tun.md); also tun_route = ["CIDR", ...], tun_dev, tun_mtu
 # or, no tunnel: server = "websockss://203.0.113.7:8443?ca=/etc/vtunnel/ca.pem" and
 # websocks_user_file = "~/.config/vtunnel/websocks-login" (one USER:PASS line, mode 0600)
 [agent.socks_users]
@@ -54,11 +58,14 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from vtunnel.protocol import TunnelConfig
+
+if TYPE_CHECKING:
+    from vtunnel.security.keys import KeySet
 
 __all__ = [
     "INSECURE_KEY_PERMISSIONS_ENV",
@@ -68,6 +75,7 @@ __all__ = [
     "insecure_key_permissions",
     "load_config",
     "load_psk_file",
+    "load_user_keys",
     "resolve_cipher",
     "resolve_psk",
     "resolve_websocks_users",
@@ -92,6 +100,7 @@ SECTIONS = {
         "target",
         "psk_file",
         "psk",
+        "user_keys",
         "insecure",
         "insecure_key_permissions",
         "cipher",
@@ -108,6 +117,11 @@ SECTIONS = {
         "metrics",
         "workers",
         "server_id",
+        "tun",
+        "tun_dev",
+        "tun_mtu",
+        "tun_nat",
+        "tun_isolate",
     },
     "agent": {
         "server",
@@ -128,8 +142,13 @@ SECTIONS = {
         "websocks_user_file",
         "lite_tls_ports",
         "metrics",
+        "tun",
+        "tun_route",
+        "tun_dev",
+        "tun_mtu",
     },
-    "tunnel": {f.name for f in fields(TunnelConfig)},
+    # tun is IP mode's, turned on by --tun ([server] / [agent] tun), never on its own
+    "tunnel": {f.name for f in fields(TunnelConfig)} - {"tun"},
     "log": {"level", "format"},
 }
 
@@ -297,6 +316,49 @@ def load_psk_file(path: str | os.PathLike[str], *, allow_insecure_permissions: b
         raise SecurityError(f"cannot read the key file {str(p)!r}: {exc.__class__.__name__}") from None
     _check_mode(p, mode, "key file", allow_insecure_permissions, SecurityError)
     return decode_key_file(text, source=f"the key file {str(p)!r}")
+
+
+def load_user_keys(path: str | os.PathLike[str], *, allow_insecure_permissions: bool = False) -> KeySet:
+    """A server's users and their keys (``--user-keys``, ``user_keys``): ``path`` is a directory of key files,
+    each file's name the user's (files whose names start with ``.`` are skipped: editors' and ``keygen
+    --force``'s temporary files), or one file of ``NAME KEY`` lines (:func:`~vtunnel.security.keys.decode_user_keys`).
+
+    Every file read must be private like a key file (unless ``allow_insecure_permissions``); a directory that
+    group or others may write is refused (they could add a key). Raises :class:`ConfigError` naming the file,
+    never a key.
+    """
+    from vtunnel.security.errors import SecurityError
+    from vtunnel.security.keys import KeySet, UserKey, check_user_name, decode_key_file, decode_user_keys
+
+    p = Path(path).expanduser()
+    try:
+        if not p.is_dir():
+            text, mode = _read_file(p)
+            _check_mode(p, mode, "user keys file", allow_insecure_permissions, ConfigError)
+            return decode_user_keys(text, source=f"the user keys file {str(p)!r}")
+        dir_mode = stat.S_IMODE(p.stat().st_mode)
+        if dir_mode & 0o022 and not allow_insecure_permissions:
+            raise ConfigError(
+                f"user keys directory {str(p)!r} is writable by group or others (mode {dir_mode:04o}): anyone who "
+                f"can add a file there adds a user; run: chmod go-w {shlex.quote(str(p))}"
+            )
+        entries = []
+        for child in sorted(p.iterdir()):
+            if child.name.startswith("."):
+                continue
+            name = check_user_name(child.name, source=f"user keys directory {str(p)!r}")
+            if not child.is_file():
+                raise ConfigError(f"user keys directory {str(p)!r}: {child.name!r} is not a file")
+            text, mode = _read_file(child)
+            _check_mode(child, mode, "key file", allow_insecure_permissions, ConfigError)
+            entries.append(UserKey(name, decode_key_file(text, source=f"the key file {str(child)!r}")))
+        if not entries:
+            raise ConfigError(f"user keys directory {str(p)!r} holds no key file")
+        return KeySet(entries)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the user keys {str(p)!r}: {exc.__class__.__name__}") from None
+    except SecurityError as exc:
+        raise ConfigError(str(exc) if str(p) in str(exc) else f"{str(p)!r}: {exc}") from None
 
 
 def write_key_file(path: str | os.PathLike[str], text: str, *, replace: bool = False) -> None:

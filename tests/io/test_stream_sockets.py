@@ -537,3 +537,50 @@ async def test_a_registration_nobody_can_name_is_dropped_with_a_new_set() -> Non
             b.close()
         await asyncio.sleep(0)
         watcher.close()
+
+
+async def test_an_anyio_tcp_listener_gives_its_sockets_to_the_lean_listener() -> None:
+    """A plugin may listen with anyio's TCP listener: its sockets (every address of a multi-listener) are then
+    accepted from by the relay listener's loop, and the anyio object is left with nothing to close."""
+    from vtunnel.io.stream_sockets import LeanStreamListener, adopt_socket_listener
+
+    plain = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = plain.extra(SocketAttribute.local_port)
+    lean = adopt_socket_listener(plain)
+    assert isinstance(lean, LeanStreamListener)
+    assert adopt_socket_listener(lean) is lean
+    assert lean.extra(SocketAttribute.local_port) == port
+    await plain.aclose()  # harmless: the socket is the lean listener's now
+    got: list[bytes] = []
+
+    async def handler(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            assert isinstance(stream, LeanSocketStream)
+            got.append(await stream.receive())
+            await stream.send(b"pong")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lean.serve, handler, tg)
+        for _ in range(3):
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp("127.0.0.1", port) as client:
+                    await client.send(b"ping")
+                    assert await client.receive() == b"pong"
+        await lean.aclose()
+        tg.cancel_scope.cancel()
+    assert got == [b"ping"] * 3
+
+
+async def test_a_listener_that_is_not_on_sockets_is_not_adopted() -> None:
+    from vtunnel.io.stream_sockets import adopt_socket_listener
+
+    class Own(
+        anyio.abc.Listener[anyio.abc.ByteStream]
+    ):  # a transport that makes its own connections (QUIC's)
+        async def serve(self, handler: object, task_group: object = None) -> None:
+            await anyio.sleep_forever()
+
+        async def aclose(self) -> None:
+            pass
+
+    assert adopt_socket_listener(Own()) is None

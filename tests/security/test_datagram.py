@@ -27,6 +27,7 @@ from vtunnel.security.datagram import (
     CID_LEN,
     DATAGRAM_OVERHEAD,
     HEADER_KEY_LABEL,
+    MAX_CONNECTION_IDS,
     MAX_CONTROL_DATAGRAM,
     MAX_COUNTER,
     MAX_RESET_DATAGRAM,
@@ -37,10 +38,12 @@ from vtunnel.security.datagram import (
     RESET_TOKEN_LEN,
     RETRANSMIT_PERIOD,
     ConnectionIdLayout,
+    ConnectionIdSeen,
     DatagramClient,
     DatagramServer,
     DatagramSession,
     DatagramType,
+    NewConnectionId,
     PathChallenge,
     PathResponse,
     PeerPath,
@@ -484,8 +487,8 @@ def test_any_server_with_the_psk_computes_the_same_token_per_connection_id() -> 
     cids = [minted() for _ in range(50)]
     assert [a.token(c) for c in cids] == [b.token(c) for c in cids]
     assert len({a.token(c) for c in cids}) == len(cids)
-    assert all(a.token(c) != other.token(c) for c in cids)
-    assert all(len(a.token(c)) == RESET_TOKEN_LEN for c in cids)
+    assert all(other.token(c) is None for c in cids)  # another key's server minted none of them
+    assert all(len(a.token(c) or b"") == RESET_TOKEN_LEN for c in cids)
 
 
 def test_a_server_that_lost_the_session_resets_the_client() -> None:
@@ -1025,3 +1028,109 @@ def test_a_layout_is_checked() -> None:
     ):
         with pytest.raises(SecurityError):
             ConnectionIdLayout(**bad)
+
+
+# --- connection ID rotation ---------------------------------------------------------------------------------
+
+
+def spare_issued() -> tuple[DatagramClient, PeerPath, DatagramServer, bytes]:
+    """An established session whose server issued a spare ID, announced it, and had it confirmed."""
+    c, session, srv = established()
+    path = PeerPath(session, SRC)
+    assert path.needs_spare
+    assert session.user is not None
+    spare = srv.free_connection_id(session.user, {session.connection_id})
+    assert spare is not None
+    assert spare != session.connection_id
+    path.issue(spare)
+    assert not path.needs_spare
+    ((announcement, to),) = path.announcements(NOW)
+    assert to == SRC
+    assert path.announcements(NOW + 0.01) == []
+    assert len(path.announcements(NOW + 1.0)) == 1
+    assert spare not in announcement  # the new ID travels sealed only
+    message = c.receive(announcement, NOW)
+    assert message == NewConnectionId(spare)
+    client_session = c.session
+    assert client_session is not None
+    client_session.add_connection_id(spare)
+    assert path.receive(client_session.seal_control(ConnectionIdSeen(spare)), SRC, NOW) is None
+    assert path.spare == spare
+    assert path.announcements(NOW + 2.0) == []
+    return c, path, srv, spare
+
+
+def test_a_move_takes_the_session_to_the_spare_and_the_client_follows() -> None:
+    c, path, _, spare = spare_issued()
+    client = c.session
+    assert client is not None
+    old = client.connection_id
+    moved = ("127.0.0.1", 40001)
+    # the client's datagrams from its new address still carry the old ID: it cannot know yet
+    assert path.receive(c.seal(b"from the new port"), moved, NOW) == b"from the new port"
+    ((challenge, to),) = path.datagrams_to_send()
+    assert to == moved
+    assert challenge[:CID_LEN] == spare
+    message = c.receive(challenge, NOW)
+    assert isinstance(message, PathChallenge)
+    assert client.follow_newest()
+    assert client.connection_id == spare
+    response = client.seal_control(PathResponse(message.data))
+    assert response[:CID_LEN] == spare
+    path.receive(response, moved, NOW)
+    assert path.address == moved
+    assert path.session.connection_id == spare
+    assert path.needs_spare
+    data = path.session.seal(b"to the new port")
+    assert data[:CID_LEN] == spare
+    assert c.receive(data, NOW) == b"to the new port"
+    # a late datagram down the old path under the old ID opens, and does not take the client back
+    assert old in client.connection_ids
+    assert not client.follow_newest()
+
+
+def test_an_older_id_never_takes_the_client_back() -> None:
+    c, path, _, spare = spare_issued()
+    client = c.session
+    assert client is not None
+    old = client.connection_id
+    path.session.use_connection_id(spare)
+    assert c.receive(path.session.seal(b"new"), NOW) == b"new"
+    assert client.follow_newest()
+    # a reordered datagram sealed before the switch: opens, changes nothing
+    client.newest_connection_id = old
+    assert not client.follow_newest()
+    assert client.connection_id == spare
+
+
+def test_each_connection_id_has_its_own_reset_token() -> None:
+    c, path, _, spare = spare_issued()
+    client = c.session
+    assert client is not None
+    path.session.use_connection_id(spare)
+    assert c.receive(path.session.seal(b"new"), NOW) == b"new"
+    assert client.follow_newest()
+    trigger = c.seal(os.urandom(100))
+    assert trigger[:CID_LEN] == spare
+    reset = StatelessReset(PSK).answer(trigger, SRC, NOW)
+    assert reset is not None
+    assert reset[:CID_LEN] == spare
+    assert c.is_reset(reset)
+    forged = spare + reset[CID_LEN:-RESET_TOKEN_LEN] + reset_token(reset_keys(PSK)[0], minted())
+    assert not c.is_reset(forged)
+
+
+def test_a_session_holds_a_bounded_number_of_ids_and_never_drops_the_one_in_use() -> None:
+    _, session, srv = established()
+    assert session.user is not None
+    current = session.connection_id
+    for _ in range(10):
+        cid = srv.free_connection_id(session.user, set(session.connection_ids))
+        assert cid is not None
+        session.add_connection_id(cid)
+        assert len(session.connection_ids) <= MAX_CONNECTION_IDS
+        assert current in session.connection_ids
+    with pytest.raises(SecurityError):
+        session.use_connection_id(os.urandom(CID_LEN))
+    with pytest.raises(SecurityError):
+        session.seal_control(PathChallenge(bytes(8)), connection_id=os.urandom(CID_LEN))

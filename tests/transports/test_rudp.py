@@ -1,9 +1,12 @@
 """rudp:// on real sockets: the URL options, byte-exact bulk through the impairment relay at 10% loss with
-duplicates and reordering, a NAT rebinding mid-transfer (keyless and keyed), and real ``vtunnel server`` and
-``vtunnel agent`` processes moving bytes through a forward."""
+duplicates and reordering, a NAT rebinding mid-transfer (keyless and keyed), a spoofed-source flood that draws
+no more than three times its bytes, and real ``vtunnel server`` and ``vtunnel agent`` processes moving bytes
+through a forward."""
 
 from __future__ import annotations
 
+import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ from tests.netutil import echo_roundtrip, echo_server, pattern
 from tests.streams import wait_until
 from tests.transports.test_kcp_impaired import transfer
 from vtunnel.arq.rudp.connection import RudpConfig
+from vtunnel.arq.rudp.wire import encode_header, encode_stream
+from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.testing.conformance import KIT_KEY
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
@@ -183,6 +188,74 @@ async def test_client_rebinding_mid_transfer_keeps_the_session(security: Securit
         assert server_link.remote_address == relay.upstream_addresses[0]  # it followed the last move
         await client.aclose()
     await listener.aclose()
+
+
+class Flooder:
+    """A spoofed source: a socket on another loopback address that counts what it sends and what comes back."""
+
+    def __init__(self, host: str) -> None:
+        self.sent = 0
+        self.received = 0
+        self.socket = DatagramSocket(open_udp_socket(socket.AF_INET, bind=(host, 0)), self._answer)
+
+    def _answer(self, batch: list[tuple[bytes, Address]]) -> None:
+        self.received += sum(len(datagram) for datagram, _source in batch)
+
+    def send(self, datagram: bytes, target: Address) -> None:
+        self.sent += len(datagram)
+        self.socket.sendto(datagram, target)
+
+
+def forged(rng: random.Random, live: bytes, keyed: bool) -> bytes:
+    """One datagram of the flood: garbage, a packet opening a connection under a new ID, or (keyed) one naming
+    the live connection's sealed ID. Without a key nothing is authenticated, and a forged packet naming the live
+    connection with a newer number moves it (docs/rudp.md): only a key protects a session from forgery."""
+    kind = rng.randrange(3 if keyed else 2)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 1400))
+    data = rng.randbytes(rng.randrange(16, 1200))
+    if kind == 1:
+        return encode_header(rng.randbytes(8), rng.randrange(4)) + encode_stream(0, data)
+    return live + data
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("security", [PLAIN, KIT_KEY], ids=["keyless", "keyed"])
+async def test_a_spoofed_source_flood_draws_at_most_three_times_its_bytes(security: SecurityConfig) -> None:
+    """While a client moves 4 MiB, eight sources on other loopback addresses flood the server with garbage,
+    connection openings and packets naming the live connection: none of them is sent more than three times what
+    it sent (RFC 9000's anti-amplification limit), and the transfer is byte-exact."""
+    listener = await listen(security)
+    link = await RudpTransport().connect(
+        Endpoint.parse(f"rudp://127.0.0.1:{listener.local_address[1]}"), security=security
+    )
+    client = stream_of(link)
+    flooders = [Flooder(f"127.0.0.{2 + i}") for i in range(8)]
+    rng = random.Random(21)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def flood() -> None:
+                await wait_until(lambda: listener.session_count == 1, limit=10)
+                (live,) = listener.sessions  # the session's key: its connection ID, keyless or sealed
+                assert isinstance(live, bytes)
+                for _ in range(400):  # bounded: 400 rounds of 8 datagrams
+                    for flooder in flooders:
+                        flooder.send(forged(rng, live, security.psk is not None), listener.local_address)
+                    await anyio.sleep(0.002)
+
+            tg.start_soon(flood)
+            sent, server, echo = await transfer(client, listener, 4 * 1024 * 1024, limit=60)
+            assert sent == server == echo
+        await anyio.sleep(0.5)  # answers still on their way
+    finally:
+        for flooder in flooders:
+            flooder.socket.close()
+        await client.aclose()
+        await listener.aclose()
+    for flooder in flooders:
+        assert flooder.sent > 0
+        assert flooder.received <= 3 * flooder.sent
 
 
 # --- real processes -----------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from vtunnel.transports.base import Endpoint, SecurityConfig
 
 if TYPE_CHECKING:
     from vtunnel.apps.stats import ProcessStats
+    from vtunnel.apps.tun import TunAgent, TunAgentSettings
 
 __all__ = ["Agent", "AgentSettings", "Forward", "parse_hostport"]
 
@@ -117,6 +118,8 @@ class AgentSettings:
     #: forward's destination) is a ``lite-tls`` stream, which leaves the tunnel's encryption once its own TLS is
     #: up when the server agreed to lite-tls (docs/lite-tls.md); empty: never
     lite_tls_ports: frozenset[int] = DEFAULT_LITE_TLS_PORTS
+    #: IP mode (``--tun``): a TUN device whose packets ride a ``tun`` stream (docs/tun.md)
+    tun: TunAgentSettings | None = None
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -135,8 +138,8 @@ class AgentSettings:
 
 class Agent:
     def __init__(self, settings: AgentSettings, *, stats: ProcessStats | None = None) -> None:
-        if not (settings.forwards or settings.socks or settings.http):
-            raise ValueError("the agent needs something to serve: --socks, --http or --forward")
+        if not (settings.forwards or settings.socks or settings.http or settings.tun):
+            raise ValueError("the agent needs something to serve: --socks, --http, --forward or --tun")
         self.settings = settings
         #: what the metrics read (``--metrics``), or None
         self.stats = stats
@@ -155,7 +158,7 @@ class Agent:
             self.pool = TunnelPool(
                 settings.servers,
                 security=settings.security,
-                config=settings.tunnel,
+                config=dataclasses.replace(settings.tunnel, tun=True) if settings.tun else settings.tunnel,
                 size=settings.connections,
                 watch=stats,
             )
@@ -167,6 +170,13 @@ class Agent:
         self.splice = (
             SpliceDialer(settings.server, port) if port is not None and self.pool is not None else None
         )
+        self.tun: TunAgent | None = None
+        if settings.tun is not None:
+            if self.pool is None:
+                raise ValueError(f"--tun needs a tunnel: a {settings.server.scheme}:// server has none")
+            from vtunnel.apps.tun import TunAgent
+
+            self.tun = TunAgent(settings.tun, self.pool)
         self.local_addresses: dict[str, str] = {}
         self._stopping = anyio.Event()
         self._active = 0
@@ -280,6 +290,8 @@ class Agent:
             self._task_group = tg
             if self.pool is not None:
                 await self.pool.run(tg)
+            if self.tun is not None:
+                tg.start_soon(self.tun.run)
             for srv in listeners:
                 srv.start()
             task_status.started(self.local_addresses)
@@ -291,6 +303,8 @@ class Agent:
             await anyio.lowlevel.checkpoint()
             with anyio.move_on_after(s.drain_timeout):
                 await self._idle.wait()
+            if self.tun is not None:
+                self.tun.stop()
             if self.pool is not None:
                 self.pool.shutdown()
                 await anyio.sleep(0.1)  # let GOAWAY leave

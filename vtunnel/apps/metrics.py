@@ -7,9 +7,10 @@ collector (:class:`TunnelCollector`) from the :class:`~vtunnel.apps.stats.Proces
 keeps (its live tunnels, the totals of ended ones, the streams opened by kind).
 
 Each process has its own :class:`~prometheus_client.CollectorRegistry` (:func:`make_registry`), never the global
-one, so several agents and servers can live in one process (tests). No label carries a key, a user name, an
-address or a destination: labels are the transport's scheme, a stream's kind, a fixed reason word, the process's
-own serial number of a tunnel, the role and the version.
+one, so several agents and servers can live in one process (tests). No label carries a key, an address or a
+destination: labels are the transport's scheme, a stream's kind, a fixed reason word, the process's own serial
+number of a tunnel, a server's tunnel's user (a name the operator gave a key: ``--user-keys``), the role and the
+version.
 
 The endpoint (:func:`serve_metrics`) is a small HTTP/1.1 server (h11) on the process's event loop, bound to the
 address given: a bare port or a host name other than ``localhost`` is not taken as a wish to serve the network
@@ -123,12 +124,12 @@ class TunnelCollector(Collector):
         rtt = GaugeMetricFamily(
             "vtunnel_tunnel_rtt_seconds",
             "Smoothed round-trip time of each tunnel's path, where the transport measures it.",
-            labels=["transport", "tunnel"],
+            labels=["transport", "tunnel", "user"],
         )
         rate = GaugeMetricFamily(
             "vtunnel_tunnel_delivery_rate_bytes_per_second",
             "Delivery-rate estimate of each tunnel's path, where the transport's pacer models it.",
-            labels=["transport", "tunnel"],
+            labels=["transport", "tunnel", "user"],
         )
 
         per_transport: dict[str, TransportTotals] = {}
@@ -140,10 +141,11 @@ class TunnelCollector(Collector):
         for conn, transport, serial in stats.live:
             live_count[transport] += 1
             link = per_transport.setdefault(transport, TransportTotals()).add(conn)
+            labels = [transport, str(serial), conn.user or ""]  # (no user: an agent's, or a keyless tunnel)
             if link.rtt is not None:
-                rtt.add_metric([transport, str(serial)], link.rtt)
+                rtt.add_metric(labels, link.rtt)
             if link.delivery_rate is not None:
-                rate.add_metric([transport, str(serial)], link.delivery_rate)
+                rate.add_metric(labels, link.delivery_rate)
             for stream in list(conn.streams.values()):
                 md = stream.metadata
                 kinds[md.kind if md is not None and md.kind else NO_KIND] += 1

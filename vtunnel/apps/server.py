@@ -15,6 +15,7 @@ A ``websocks://`` (or ``websockss://``, TLS) listener carries no tunnels: each c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +43,12 @@ from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
+from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.transports.base import Endpoint, Link, ListenerAttribute, SecurityConfig, get_transport
 
 if TYPE_CHECKING:
     from vtunnel.apps.stats import ProcessStats
+    from vtunnel.apps.tun import TunServerSettings, TunSwitch
 
 __all__ = ["Server", "ServerSettings"]
 
@@ -67,6 +70,8 @@ class ServerSettings:
     idle_timeout: float | None = None
     #: seconds a WebSocks client has for its upgrade and its SOCKS5 request
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: IP mode (``--tun CIDR``): agents' ``tun`` streams are switched through a TUN device (docs/tun.md)
+    tun: TunServerSettings | None = None
 
 
 def _address_text(addr: object) -> str:
@@ -93,6 +98,15 @@ class Server:
             stats.watch_dialer(self.dialer)
             stats.watch_dialer(self.target_dialer)
         self.tunnels: set[TunnelConnection] = set()
+        #: the key each tunnel's peer authenticated with (tunnels with a key)
+        self._keys_used: dict[TunnelConnection, UserKey] = {}
+        self.tun: TunSwitch | None = None
+        self._config = settings.tunnel
+        if settings.tun is not None:
+            from vtunnel.apps.tun import TunSwitch
+
+            self.tun = TunSwitch(settings.tun, settings.policy)
+            self._config = dataclasses.replace(settings.tunnel, tun=True)
         #: tunnel listeners (yielding links) and WebSocks listeners (yielding byte streams)
         self.listeners: list[Listener[Link] | Listener[ByteStream]] = []
         self.local_addresses: list[str] = []
@@ -107,6 +121,15 @@ class Server:
 
     async def serve(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until :meth:`shutdown` finishes draining."""
+        if self.tun is not None:
+            await self.tun.start()
+        try:
+            await self._serve(task_status)
+        finally:
+            if self.tun is not None:
+                self.tun.close()
+
+    async def _serve(self, task_status: TaskStatus[list[str]]) -> None:
         handlers: list[Callable[[Any], Awaitable[None]]] = []
         for endpoint in self.settings.listen:
             if endpoint.scheme in WEBSOCKS_SCHEMES:
@@ -181,15 +204,53 @@ class Server:
         """Stop accepting, send GOAWAY on every tunnel and let open streams finish (bounded by drain_timeout)."""
         self._stopping.set()
 
+    def reload_keys(self, keys: KeySet) -> list[str]:
+        """Accept ``keys`` from now on, on every listener; cut the tunnels whose peer's key is not among them any
+        more (a user removed, or given a new key): GOAWAY, then closed, their streams reset. Everyone else's
+        tunnels go on. Returns the names of the users whose tunnels were cut.
+
+        What SIGHUP calls (through the command's reload, which reads the key files). Raises ``ValueError`` for a
+        server that holds no key ring (no key, or a ``psk`` of its own).
+        """
+        ring = self.settings.security.keys
+        if ring is None:
+            raise ValueError("this server has no key ring to reload")
+        before = ring.current
+        ring.replace(keys)
+        cut = [(conn, used) for conn, used in self._keys_used.items() if used not in keys]
+        for conn, _ in cut:
+            conn.shutdown("key revoked", graceful=False)
+        users = sorted({used.user for _, used in cut})
+        log.info(
+            "keys reloaded",
+            users=len(keys),
+            added=sorted(set(keys.users) - set(before.users)),
+            removed=sorted(set(before.users) - set(keys.users)),
+            tunnels_cut=len(cut),
+            cut_users=users,
+        )
+        return users
+
     async def _handle_tunnel(self, transport: str, link: Link) -> None:
         self._serial += 1
+        used = link.user()
+        ring = self.settings.security.keys
+        if used is not None and ring is not None and used not in ring.current:
+            # authenticated before a reload revoked the key, started after it
+            log.info("tunnel of a revoked key refused", user=used.user, transport=transport)
+            await link.aclose()
+            return
         conn = TunnelConnection(
             link,
             role=Role.SERVER,
-            config=self.settings.tunnel,
+            config=self._config,
             handler=self._handle_stream,
             name=f"t{self._serial}",
+            user=used.user if used is not None else None,
         )
+        if used is not None:
+            self._keys_used[conn] = used
+        conn.log.info("tunnel accepted", transport=transport)
         self.tunnels.add(conn)
         if self._no_tunnels.is_set():
             self._no_tunnels = anyio.Event()
@@ -200,6 +261,7 @@ class Server:
         finally:
             if self.stats is not None:
                 self.stats.tunnel_ended(conn)
+            self._keys_used.pop(conn, None)
             self.tunnels.discard(conn)
             if not self.tunnels:
                 self._no_tunnels.set()
@@ -218,6 +280,9 @@ class Server:
         md = stream.metadata
         if self.stats is not None:
             self.stats.stream_opened(md.kind if md is not None else None)
+        if md is not None and md.kind == "tun" and self.tun is not None:
+            self.tun.serve(stream)
+            return
         if md is not None and md.authority:
             if md.kind == "udp":
                 from vtunnel.apps.udprelay import serve_udp_stream

@@ -43,6 +43,7 @@ from typing import Any, Final, Generic, NamedTuple, TypeVar
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.streams.stapled
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
 
@@ -57,6 +58,7 @@ __all__ = [
     "RelayListener",
     "SocketTransport",
     "SocketWatcher",
+    "adopt_socket_listener",
     "attach_socket",
     "connect_lean",
     "open_lean_listener",
@@ -934,6 +936,27 @@ async def open_lean_listener(host: str | None, port: int) -> LeanStreamListener:
     """Listen like :func:`open_relay_listener`, for handlers that take each connection as a lean byte stream."""
     listener = await open_relay_listener(host, port, LeanSocketStream, backlog=TUNNEL_BACKLOG, start=False)
     return LeanStreamListener(listener)
+
+
+def adopt_socket_listener(listener: anyio.abc.Listener[Any]) -> LeanStreamListener | None:
+    """``listener`` as a :class:`LeanStreamListener`: itself if it is one; anyio's TCP listener (or a multi-listener
+    of them, as ``anyio.create_tcp_listener`` makes for several addresses) gives up its listening sockets, which
+    are then accepted from with the relay listener's backoff (a listener that was never served: the anyio object
+    is left with nothing to close); ``None`` for any other listener (one over UDP that makes its own
+    connections), which keeps accepting its own way."""
+    if isinstance(listener, LeanStreamListener):
+        return listener
+    members = listener.listeners if isinstance(listener, anyio.streams.stapled.MultiListener) else [listener]
+    if not members or not all(isinstance(m, anyio.abc.SocketListener) for m in members):
+        return None
+    sockets: list[socket.socket] = []
+    for member in members:
+        raw: socket.socket = member.extra(SocketAttribute.raw_socket)
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        sock.setblocking(False)
+        sockets.append(sock)
+    loop = asyncio.get_running_loop()
+    return LeanStreamListener(RelayListener(sockets, LeanSocketStream, loop, watcher_for(loop)))
 
 
 async def connect_lean(host: str, port: int) -> LeanSocketStream:

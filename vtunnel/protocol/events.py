@@ -45,9 +45,11 @@ class StreamOpened(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StreamAccepted(Event):
-    """Client side: the server answered our SYN with a SYN-ACK."""
+    """Client side: the server answered our SYN with a SYN-ACK (``headers``: what its header block said, with the
+    metadata extension; a ``tun`` stream's addresses, for one)."""
 
     stream_id: int
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

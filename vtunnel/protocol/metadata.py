@@ -11,6 +11,7 @@ from vtunnel.protocol.errors import ConfigError
 
 __all__ = [
     "AUTHORITY",
+    "DATAGRAM_KINDS",
     "ERROR_HEADER",
     "KIND_HEADER",
     "STREAM_KINDS",
@@ -19,7 +20,9 @@ __all__ = [
     "StreamMetadata",
 ]
 
-STREAM_KINDS = frozenset({"tcp", "udp", "lite-tls"})
+STREAM_KINDS = frozenset({"tcp", "udp", "lite-tls", "tun"})
+#: the kinds whose DATA frames each carry one datagram (and that may use the transport's unreliable datagrams)
+DATAGRAM_KINDS = frozenset({"udp", "tun"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

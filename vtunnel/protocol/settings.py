@@ -47,6 +47,7 @@ class ExtensionBits(IntFlag):
     GRACEFUL_SHUTDOWN = 0x8
     LITE_TLS = 0x10
     DATAGRAMS = 0x20
+    TUN = 0x40
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,11 +84,14 @@ class TunnelConfig:
     #: their own TLS is up. The runtime offers it only over a link that carries passthrough records (a byte
     #: stream with a key); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
     lite_tls: bool = True
+    #: offer the ``tun`` extension: ``tun`` streams carry IP packets (IP mode, docs/tun.md). On only where the
+    #: application serves them (``--tun`` on the server, or asks for them, on the agent)
+    tun: bool = False
     drain_timeout: float = 10.0
     max_concurrent_streams: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("extensions", "gzip", "datagrams", "lite_tls"):
+        for name in ("extensions", "gzip", "datagrams", "lite_tls", "tun"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, not {getattr(self, name)!r}")
         for name in ("keepalive_interval", "keepalive_timeout", "handshake_timeout", "drain_timeout"):
@@ -128,6 +132,8 @@ class Extensions:
     #: the datagrams of ``udp`` streams may travel as the transport's unreliable datagrams
     datagrams: bool = False
     lite_tls: bool = False
+    #: ``tun`` streams (IP packets, one per datagram) may be opened
+    tun: bool = False
 
     @property
     def names(self) -> frozenset[str]:
@@ -138,6 +144,7 @@ class Extensions:
             ("graceful-shutdown", self.graceful_shutdown),
             ("datagrams", self.datagrams),
             ("lite-tls", self.lite_tls),
+            ("tun", self.tun),
         )
         return frozenset(name for name, on in pairs if on)
 
@@ -153,6 +160,7 @@ class Extensions:
             graceful_shutdown=bool(bits & ExtensionBits.GRACEFUL_SHUTDOWN),
             datagrams=bool(bits & ExtensionBits.DATAGRAMS),
             lite_tls=bool(bits & ExtensionBits.LITE_TLS),
+            tun=bool(bits & ExtensionBits.TUN),
         )
 
 
@@ -178,6 +186,8 @@ def offered_bits(config: TunnelConfig, *, datagrams: bool = False) -> int:
         bits |= ExtensionBits.DATAGRAMS
     if config.lite_tls:
         bits |= ExtensionBits.LITE_TLS
+    if config.tun:
+        bits |= ExtensionBits.TUN
     return int(bits)
 
 

@@ -38,6 +38,7 @@ from vtunnel.protocol.events import (
 )
 from vtunnel.protocol.keepalive import Keepalive, KeepaliveAction
 from vtunnel.protocol.metadata import (
+    DATAGRAM_KINDS,
     HeaderBlockError,
     MetadataCodec,
     StreamMetadata,
@@ -197,6 +198,12 @@ class Tunnel:
     def max_frame_payload(self) -> int:
         """The largest DATA payload this side sends (and so the largest datagram of a ``udp`` stream)."""
         return self._send_frame_size
+
+    @property
+    def max_unreliable_payload(self) -> int:
+        """The largest datagram of a ``udp`` or ``tun`` stream this side sends as an unreliable datagram (one
+        larger goes as a DATA frame); 0 without the ``datagrams`` extension."""
+        return max(self._unreliable_max, 0)
 
     @property
     def open_stream_count(self) -> int:
@@ -361,6 +368,10 @@ class Tunnel:
                 "the peer did not agree to the metadata extension: a SYN cannot name "
                 f"{metadata.authority or 'a destination'} (kind {metadata.kind})"
             )
+        if metadata is not None and metadata.kind == "tun" and not self._ext.tun:
+            raise MetadataNotNegotiated(
+                "the peer did not agree to the tun extension: it carries no IP packets"
+            )
         if self._live >= self.config.max_concurrent_streams:
             raise LocalProtocolError(f"already {self._live} open streams (max_concurrent_streams)")
         sid = self._next_stream_id
@@ -369,7 +380,7 @@ class Tunnel:
         self._next_stream_id = sid + 2
         stream = self._new_stream(sid)
         stream.metadata = metadata
-        stream.datagram = metadata is not None and metadata.kind == "udp"
+        stream.datagram = metadata is not None and metadata.kind in DATAGRAM_KINDS
         self._apply(stream, StreamInput.SEND_SYN)
         block = b""
         if metadata is not None and self._headers is not None:
@@ -378,16 +389,20 @@ class Tunnel:
         self._grant(stream)
         return sid
 
-    def accept_stream(self, stream_id: int) -> None:
-        """Server: answer the peer's SYN with a SYN-ACK (idempotent)."""
+    def accept_stream(self, stream_id: int, *, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Server: answer the peer's SYN with a SYN-ACK (idempotent). ``headers`` ride in its header block (the
+        metadata extension; without it they cannot be sent, and LocalProtocolError says so)."""
         if self.role is not Role.SERVER:
             raise LocalProtocolError("only the server accepts streams")
         stream = self._stream_for_local(stream_id)
         if stream.accepted:
             return
+        if headers and self._headers is None:
+            raise LocalProtocolError("a SYN-ACK carries headers only with the metadata extension")
         self._local(stream, StreamInput.SEND_SYN_ACK)
         stream.accepted = True
-        self._out.append(fr.encode_headers(stream_id))
+        block = self._headers.encode(list(headers)) if headers and self._headers is not None else b""
+        self._out.append(fr.encode_headers(stream_id, block))
 
     @property
     def received_unread(self) -> int:
@@ -735,7 +750,7 @@ class Tunnel:
         elif self.role is Role.SERVER:
             self._on_syn(sid, headers)
         else:
-            self._on_syn_ack(sid)
+            self._on_syn_ack(sid, headers)
 
     def _on_syn(self, sid: int, headers: list[tuple[str, str]]) -> None:
         stream = self._streams.get(sid)
@@ -755,17 +770,20 @@ class Tunnel:
             except ValueError:
                 self._out.append(self._rst_frame(sid, "unsupported"))
                 return
+            if metadata.kind == "tun" and not self._ext.tun:  # a kind only the tun extension allows
+                self._out.append(self._rst_frame(sid, "unsupported"))
+                return
         if self._state is TunnelState.DRAINING or self._live >= self.config.max_concurrent_streams:
             self._out.append(self._rst_frame(sid, "refused"))
             return
         stream = self._new_stream(sid)
         stream.metadata = metadata
-        stream.datagram = metadata is not None and metadata.kind == "udp"
+        stream.datagram = metadata is not None and metadata.kind in DATAGRAM_KINDS
         self._apply(stream, StreamInput.RECV_SYN)
         self._emit(StreamOpened(stream_id=sid, metadata=metadata))
         self._grant(stream)
 
-    def _on_syn_ack(self, sid: int) -> None:
+    def _on_syn_ack(self, sid: int, headers: list[tuple[str, str]]) -> None:
         stream = self._streams.get(sid)
         if stream is None:
             return
@@ -777,7 +795,7 @@ class Tunnel:
             self._out.extend(stream.pending)
             stream.pending = []
             stream.pending_len = 0
-        self._emit(StreamAccepted(stream_id=sid))
+        self._emit(StreamAccepted(stream_id=sid, headers=tuple(headers)))
 
     def _on_rst(self, sid: int, headers: list[tuple[str, str]]) -> None:
         stream = self._streams.get(sid)

@@ -80,6 +80,7 @@ class TunnelConnection:
         config: TunnelConfig | None = None,
         handler: StreamHandler | None = None,
         name: str = "",
+        user: str | None = None,
     ) -> None:
         self.link = link
         self.role = role
@@ -90,7 +91,11 @@ class TunnelConnection:
         self.tunnel = Tunnel(role=role, config=config, max_datagram=link.max_datagram)
         self.handler = handler
         self.name = name
+        #: the peer's user (a server's tunnel under per-user keys): in every log line of the tunnel, and metrics
+        self.user = user
         self.log = log.bind(tunnel=name, role=role.name.lower())
+        if user is not None:
+            self.log = self.log.bind(user=user)
         self.streams: dict[int, TunnelStream] = {}
         #: bytes the link refused (``WouldBlock``): they go first when it has room again
         self._held = b""
@@ -99,6 +104,7 @@ class TunnelConnection:
         #: the order they asked (a dict: ordered, and O(1) to remove from)
         self._room_wanted: dict[TunnelStream, None] = {}
         self._room_retry: asyncio.TimerHandle | None = None
+        self._telling_room = False
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -186,21 +192,29 @@ class TunnelConnection:
             self._room_returned()
 
     def _room_returned(self) -> None:
-        """Tell the longest-waiting streams there is room, as many as the room holds (the rest when the output
-        drains further, or after :data:`_ROOM_RETRY` if those told added nothing); all of them once closed."""
-        waiting = self._room_wanted
-        if self.closed:
-            self._room_wanted = {}
-            for stream in waiting:
-                stream.deliver_room()
+        """Tell the longest-waiting streams there is room, as many as the room holds, and none once the output is
+        over its high-water mark again (a stream told may write at once); the rest when the output drains further,
+        or after :data:`_ROOM_RETRY` if those told added nothing. All of them once the tunnel is closed. Not
+        re-entered: a write by a stream being told runs ``transmit``, which leaves the telling to this pass."""
+        if self._telling_room:
             return
-        told = max(1, (OUTBOUND_HIGH_WATER - self.outbound_bytes) // ROOM_PER_STREAM)
-        while waiting and told > 0:
-            stream = next(iter(waiting))
-            del waiting[stream]
-            stream.deliver_room()
-            told -= 1
-        if waiting and self._room_retry is None and self._loop is not None:
+        self._telling_room = True
+        try:
+            waiting = self._room_wanted
+            if self.closed:
+                self._room_wanted = {}
+                for stream in waiting:
+                    stream.deliver_room()
+                return
+            budget = max(1, (OUTBOUND_HIGH_WATER - self.outbound_bytes) // ROOM_PER_STREAM)
+            while waiting and budget > 0 and self.outbound_bytes <= OUTBOUND_HIGH_WATER:
+                stream = next(iter(waiting))
+                del waiting[stream]
+                stream.deliver_room()
+                budget -= 1
+        finally:
+            self._telling_room = False
+        if self._room_wanted and self._room_retry is None and self._loop is not None:
             self._room_retry = self._loop.call_later(_ROOM_RETRY, self._room_again)
 
     def _room_again(self) -> None:
@@ -440,7 +454,7 @@ class TunnelConnection:
             elif isinstance(ev, events.StreamAccepted):
                 s3 = streams.get(ev.stream_id)
                 if s3 is not None:
-                    s3.deliver_accepted()
+                    s3.deliver_accepted(ev.headers)
                 if self._opening:
                     self._settle_open(ev.stream_id)
             elif isinstance(ev, events.StreamEnded):

@@ -36,17 +36,31 @@ def run_async(main: Callable[[], Awaitable[None]]) -> None:
     anyio.run(main, backend="asyncio", backend_options=options)
 
 
-async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], None]) -> None:
+async def serve_until_signal(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], None],
+    *,
+    reload: Callable[[], None] | None = None,
+) -> None:
     """Run ``start`` until SIGINT/SIGTERM, then ``stop()`` (graceful drain) and wait for it to finish.
 
-    A second signal during the drain stops at once.
+    A second signal during the drain stops at once. With ``reload``, SIGHUP calls it (on the event loop, between
+    two events: it must not block) and serving goes on; without, SIGHUP keeps its default action.
     """
+    wanted = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if reload is not None else ())
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with anyio.open_signal_receiver(*wanted) as signals:
                 draining = False
                 async for signum in signals:
+                    if signum == signal.SIGHUP and reload is not None:
+                        log.info("signal received: reloading", signal="SIGHUP")
+                        try:
+                            reload()
+                        except Exception as exc:  # a failed reload changes nothing: serving goes on
+                            log.error("reload failed: nothing changed", error=str(exc) or repr(exc))
+                        continue
                     if draining:
                         log.warning("second signal: stopping now", signal=signal.Signals(signum).name)
                         tg.cancel_scope.cancel()

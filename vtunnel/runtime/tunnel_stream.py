@@ -42,6 +42,7 @@ import structlog
 from vtunnel.protocol import StreamMetadata, Tunnel
 from vtunnel.protocol.errors import VTunnelError
 from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsStep, whole_records
+from vtunnel.protocol.metadata import DATAGRAM_KINDS
 from vtunnel.runtime.errors import StreamRefused
 
 __all__ = ["StreamCarrier", "StreamConsumer", "TunnelStream"]
@@ -119,6 +120,7 @@ class TunnelStream:
         "_lite",
         "_sent_eof",
         "_unacknowledged",
+        "accept_headers",
         "datagrams",
         "metadata",
         "reset_error",
@@ -136,8 +138,10 @@ class TunnelStream:
         self._carrier = carrier
         self.stream_id = stream_id
         self.metadata = metadata
-        #: a ``udp`` stream: one ``stream_data`` / one ``write`` is one datagram
-        self.datagrams = metadata is not None and metadata.kind == "udp"
+        #: a ``udp`` or ``tun`` stream: one ``stream_data`` / one ``write`` is one datagram
+        self.datagrams = metadata is not None and metadata.kind in DATAGRAM_KINDS
+        #: client: the headers of the server's SYN-ACK (a ``tun`` stream's addresses), once it came
+        self.accept_headers: tuple[tuple[str, str], ...] = ()
         self._consumer: StreamConsumer | None = None
         self._early: list[bytes] | None = None  # what arrived before a consumer was attached
         self._unacknowledged = 0
@@ -172,6 +176,12 @@ class TunnelStream:
     def broken(self) -> bool:
         """Reset, refused or its tunnel dead: nothing more can be written (what arrived before still counts)."""
         return self._broken is not None
+
+    @property
+    def max_unreliable_payload(self) -> int:
+        """The largest datagram this stream sends as an unreliable datagram of the transport (a larger one goes
+        as a DATA frame); 0 when the tunnel has none (no ``datagrams`` extension)."""
+        return self._carrier.tunnel.max_unreliable_payload
 
     @property
     def unacknowledged(self) -> int:
@@ -318,15 +328,15 @@ class TunnelStream:
         self._lite.splice_over(dedicated)
 
     # ---------------------------------------------------------------- server side
-    def accept(self) -> None:
-        """Server: answer the peer's SYN with a SYN-ACK."""
+    def accept(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Server: answer the peer's SYN with a SYN-ACK (carrying ``headers``, with the metadata extension)."""
         if self._broken is not None:
             raise anyio.BrokenResourceError(f"stream {self.stream_id} {self._broken}")
         if self._accepted:
             return
         self._accepted = True
         try:
-            self._carrier.tunnel.accept_stream(self.stream_id)
+            self._carrier.tunnel.accept_stream(self.stream_id, headers=headers)
         except VTunnelError as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
         self._carrier.transmit()
@@ -401,8 +411,9 @@ class TunnelStream:
         if consumer is not None and not self._closed:
             consumer.stream_writable()
 
-    def deliver_accepted(self) -> None:
+    def deliver_accepted(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self._accepted = True
+        self.accept_headers = headers
         # the core may have held data until the SYN-ACK (no 0-RTT): the window opens now
         self.deliver_room()
 

@@ -40,6 +40,11 @@ derived from the PSK, so that a server which lost the session can tell a connect
 from a prober's guess. Without a server id the ID is 5 random bytes and 3 bytes of a MAC: random to anyone
 without the key.
 
+A session may hold more than one ID (:attr:`DatagramSession.connection_ids`): the server issues a spare one
+ahead, sealed (:class:`NewConnectionId`, confirmed by :class:`ConnectionIdSeen`), and :class:`PeerPath` moves the
+session to it together with a new client address, so the two paths share no clear byte; the client seals under
+the newest ID the server used (:meth:`DatagramSession.follow_newest`). Every ID has its own reset token.
+
 A server that receives a datagram for a connection ID it does not know (it restarted, or forgot the session)
 and that is no INIT answers with a *stateless reset* (RFC 9000 section 10.3's idea): a datagram of DATA's
 shape, shorter than the one it answers, whose last 16 bytes are the connection ID's reset token, a MAC under a
@@ -81,6 +86,7 @@ from .handshake import (
     random_between,
     salted_keystream,
 )
+from .keys import KeySet, UserKey
 from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache, ReplayWindow, ResetLimiter
 
@@ -143,6 +149,8 @@ class ControlKind(IntEnum):
 
     PATH_CHALLENGE = 0x01
     PATH_RESPONSE = 0x02
+    NEW_CONNECTION_ID = 0x03
+    CONNECTION_ID_SEEN = 0x04
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +167,25 @@ class PathResponse:
     data: bytes
 
 
-ControlMessage = PathChallenge | PathResponse
+@dataclass(frozen=True, slots=True)
+class NewConnectionId:
+    """The server gives the client a spare connection ID of the session, ``data`` (RFC 9000 section 19.15's
+    NEW_CONNECTION_ID, issued ahead): the server moves the session to it when the client's address changes, so
+    the two paths share no clear byte. Its stateless reset token is :func:`reset_token` of it, which every key
+    holder computes: nothing more travels."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionIdSeen:
+    """The client's receipt of a :class:`NewConnectionId` (CONTROL datagrams are not retransmitted: the server
+    repeats the announcement until this comes, and moves only to a spare the client knows)."""
+
+    data: bytes
+
+
+ControlMessage = PathChallenge | PathResponse | NewConnectionId | ConnectionIdSeen
 
 #: v3: nothing but the connection ID in clear (masked handshake datagrams, header protection, padded CONTROL).
 #: v2 added the cipher offer and choice. Peers of different versions never complete a handshake: the server
@@ -217,6 +243,8 @@ MAX_CONTROL_DATAGRAM = 160
 AMPLIFICATION_FACTOR = 3
 #: Least seconds between two challenges to one new address.
 CHALLENGE_INTERVAL = 0.1
+#: Least seconds between two announcements of a spare connection ID the client has not confirmed.
+ANNOUNCE_INTERVAL = 0.25
 _NEVER = float("-inf")
 #: Challenges whose answer is still accepted (a late answer to an earlier one counts).
 _CHALLENGES_KEPT = 4
@@ -378,15 +406,23 @@ def is_minted(key: bytes, connection_id: bytes) -> bool:
     return hmac.compare_digest(bytes(connection_id[CID_LEN - CID_CHECK_LEN :]), _cid_check(key, head))
 
 
+_CONTROL_KINDS: dict[int, type[ControlMessage]] = {
+    ControlKind.PATH_CHALLENGE: PathChallenge,
+    ControlKind.PATH_RESPONSE: PathResponse,
+    ControlKind.NEW_CONNECTION_ID: NewConnectionId,
+    ControlKind.CONNECTION_ID_SEEN: ConnectionIdSeen,
+}
+_KIND_OF: dict[type[ControlMessage], int] = {message: kind for kind, message in _CONTROL_KINDS.items()}
+#: the most connection IDs a session accepts at once: the one in use, the one before it, and spares
+MAX_CONNECTION_IDS = 4
+
+
 def _control_message(payload: bytes) -> ControlMessage | None:
     if len(payload) < _CONTROL_MESSAGE.size:
         return None
     kind, data = _CONTROL_MESSAGE.unpack_from(payload)
-    if kind == ControlKind.PATH_CHALLENGE:
-        return PathChallenge(data)
-    if kind == ControlKind.PATH_RESPONSE:
-        return PathResponse(data)
-    return None
+    message = _CONTROL_KINDS.get(kind)
+    return None if message is None else message(data)
 
 
 class DatagramSession:
@@ -411,6 +447,9 @@ class DatagramSession:
         "cipher",
         "confirmed",
         "connection_id",
+        "connection_ids",
+        "newest_connection_id",
+        "user",
     )
 
     def __init__(
@@ -421,10 +460,16 @@ class DatagramSession:
         cipher: Cipher,
         window: int = 4096,
         entropy: Entropy = os.urandom,
+        user: UserKey | None = None,
     ) -> None:
         if len(connection_id) != CID_LEN:
             raise SecurityError("a connection ID is 8 bytes")
+        #: the ID this end seals with
         self.connection_id = bytes(connection_id)
+        #: every ID this session opens datagrams under, oldest first (the one in use among them)
+        self.connection_ids: list[bytes] = [self.connection_id]
+        #: the ID the newest authentic datagram from the peer carried
+        self.newest_connection_id = self.connection_id
         self.cipher = Cipher(cipher)
         self._seal_aead = make_aead(self.cipher, keys.send)
         self._open_aead = make_aead(self.cipher, keys.receive)
@@ -439,19 +484,65 @@ class DatagramSession:
         self._entropy = entropy
         #: True once a datagram from the peer was authenticated (both ends know the handshake completed).
         self.confirmed = False
+        #: a server's session: whose key the client authenticated under
+        self.user = user
 
     def __repr__(self) -> str:
         return f"DatagramSession(connection_id={self.connection_id.hex()}, sent={self._send_counter})"
 
+    def add_connection_id(self, connection_id: bytes) -> None:
+        """Open datagrams under ``connection_id`` too (a spare the server issued); the oldest that is not in use
+        is forgotten beyond :data:`MAX_CONNECTION_IDS`."""
+        if len(connection_id) != CID_LEN:
+            raise SecurityError("a connection ID is 8 bytes")
+        ids = self.connection_ids
+        if connection_id in ids:
+            return
+        ids.append(bytes(connection_id))
+        while len(ids) > MAX_CONNECTION_IDS:
+            ids.remove(next(cid for cid in ids if cid != self.connection_id))
+
+    def use_connection_id(self, connection_id: bytes) -> None:
+        """Seal with ``connection_id`` from now on (one this session opens under); the ones issued before it
+        are forgotten but the last one in use, for datagrams still on their way."""
+        ids = self.connection_ids
+        if connection_id not in ids:
+            raise SecurityError("not a connection ID of this session")
+        position = ids.index(connection_id)
+        previous = self.connection_id
+        self.connection_id = ids[position]
+        del ids[:position]
+        if previous != self.connection_id and previous not in ids:
+            ids.insert(0, previous)
+
+    def follow_newest(self) -> bool:
+        """The client's rule: seal with the ID the server's newest datagram carried if the server issued it
+        after the one in use (the server moved the session to a new path); True when it changed. An older ID
+        (a datagram the server sent down the old path) never takes the session back."""
+        newest, ids = self.newest_connection_id, self.connection_ids
+        if newest == self.connection_id or newest not in ids:
+            return False
+        if ids.index(newest) < ids.index(self.connection_id):
+            return False
+        self.use_connection_id(newest)
+        return True
+
+    def retire_connection_id(self, connection_id: bytes) -> None:
+        """Open nothing more under ``connection_id`` (never the one in use)."""
+        if connection_id != self.connection_id and connection_id in self.connection_ids:
+            self.connection_ids.remove(connection_id)
+
     def _seal_many(self, kind: int, payloads: Sequence[bytes]) -> list[bytes]:
         """Seal each of ``payloads`` as a datagram of ``kind``, in order, on consecutive counters. The header
         masks of the whole batch come from one AES-ECB call over the concatenated samples."""
+        return self._seal_with(self.connection_id, kind, payloads)
+
+    def _seal_with(self, cid: bytes, kind: int, payloads: Sequence[bytes]) -> list[bytes]:
         first = self._send_counter
         end = first + len(payloads)
         if end > MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = end
-        cid = self.connection_id
         encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
         bodies: list[bytes] = []
         samples: list[bytes] = []
@@ -487,10 +578,16 @@ class DatagramSession:
         """The highest counter authenticated so far (-1: none yet)."""
         return self._window.highest
 
-    def seal_control(self, message: ControlMessage, *, size: int | None = None) -> bytes:
+    def seal_control(
+        self, message: ControlMessage, *, size: int | None = None, connection_id: bytes | None = None
+    ) -> bytes:
         """A CONTROL datagram carrying ``message``, ``size`` bytes long (default: random between
         :data:`MIN_CONTROL_DATAGRAM` and :data:`MAX_CONTROL_DATAGRAM`); it takes the next counter, as a DATA
-        datagram would."""
+        datagram would. ``connection_id``: another of the session's IDs than the one in use (a challenge to a
+        new path goes under the ID that path will use)."""
+        cid = self.connection_id if connection_id is None else connection_id
+        if cid not in self.connection_ids:
+            raise SecurityError("not a connection ID of this session")
         if len(message.data) != CHALLENGE_LEN:
             raise SecurityError(f"a path challenge's data is {CHALLENGE_LEN} bytes")
         if size is None:
@@ -499,9 +596,9 @@ class DatagramSession:
             raise SecurityError(
                 f"a CONTROL datagram is {MIN_CONTROL_DATAGRAM} to {MAX_CONTROL_DATAGRAM} bytes, not {size}"
             )
-        kind = ControlKind.PATH_CHALLENGE if isinstance(message, PathChallenge) else ControlKind.PATH_RESPONSE
+        kind = _KIND_OF[type(message)]
         padding = bytes(size - MIN_CONTROL_DATAGRAM)  # sealed: its content is never seen
-        return self._seal_many(_CONTROL_KIND, (_CONTROL_MESSAGE.pack(kind, message.data) + padding,))[0]
+        return self._seal_with(cid, _CONTROL_KIND, (_CONTROL_MESSAGE.pack(kind, message.data) + padding,))[0]
 
     def open(self, datagram: bytes | memoryview) -> bytes | ControlMessage | None:
         """The payload of an authentic, new DATA datagram for this session, or the message of such a CONTROL
@@ -526,10 +623,13 @@ class DatagramSession:
         """
         opened: list[tuple[int, bytes] | None] = [None] * len(datagrams)
         cid = self.connection_id
+        ids = self.connection_ids
         candidates: list[int] = []
         samples: list[bytes | memoryview] = []
         for i, datagram in enumerate(datagrams):
-            if len(datagram) >= DATAGRAM_OVERHEAD and datagram[:CID_LEN] == cid:
+            if len(datagram) >= DATAGRAM_OVERHEAD and (
+                datagram[:CID_LEN] == cid or (len(ids) > 1 and bytes(datagram[:CID_LEN]) in ids)
+            ):
                 candidates.append(i)
                 samples.append(datagram[DATA_HEADER_LEN:_SAMPLE_END])
         if not candidates:
@@ -557,10 +657,13 @@ class DatagramSession:
                 n -= _WRAP
             if n >= MAX_COUNTER or (n <= highest and not window.check(n)):
                 continue
+            named = cid if datagram[:CID_LEN] == cid else bytes(datagram[:CID_LEN])
             try:
-                payload = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(cid, kind, low))
+                payload = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low))
             except InvalidTag:
                 continue
+            if n > highest:
+                self.newest_connection_id = named
             window.update(n)
             opened[i] = kind, payload
             authentic = True
@@ -591,6 +694,7 @@ class PeerPath:
     """
 
     __slots__ = (
+        "_announced",
         "_candidate",
         "_challenges",
         "_highest_from_candidate",
@@ -601,6 +705,7 @@ class PeerPath:
         "_validated",
         "address",
         "session",
+        "spare",
     )
 
     def __init__(self, session: DatagramSession, address: tuple[str, int]) -> None:
@@ -615,9 +720,41 @@ class PeerPath:
         self._challenges: list[bytes] = []
         self._last_challenge = _NEVER
         self._outgoing: list[tuple[bytes, tuple[str, int]]] = []
+        #: a spare connection ID the client confirmed it holds: the session moves to it with the next path
+        self.spare: bytes | None = None
+        #: spares issued and not yet confirmed, with when they were last announced
+        self._announced: dict[bytes, float] = {}
 
     def __repr__(self) -> str:
         return f"PeerPath(address={self.address!r}, candidate={self._candidate!r})"
+
+    # --- connection ID rotation ---------------------------------------------------------------------------
+
+    @property
+    def needs_spare(self) -> bool:
+        """No spare is issued: the server should :meth:`issue` one (a new one after each rotation)."""
+        return self.spare is None and not self._announced
+
+    def issue(self, connection_id: bytes) -> None:
+        """A new spare connection ID for this session (minted by the server, none of any session's): the session
+        opens datagrams under it from now on, and :meth:`announcements` tells the client of it."""
+        self.session.add_connection_id(connection_id)
+        self._announced[bytes(connection_id)] = _NEVER
+
+    def announcements(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
+        """The :class:`NewConnectionId` datagrams due (each spare every :data:`ANNOUNCE_INTERVAL` seconds until
+        the client confirms it), with their destination."""
+        out = []
+        for cid, last in self._announced.items():
+            if now - last >= ANNOUNCE_INTERVAL:
+                self._announced[cid] = now
+                out.append((self.session.seal_control(NewConnectionId(cid)), self.address))
+        return out
+
+    def control(self, message: ControlMessage | None) -> None:
+        """A control message the client sent from the current address (the codec's batch path)."""
+        if isinstance(message, ConnectionIdSeen) and self._announced.pop(message.data, None) is not None:
+            self.spare = message.data
 
     @property
     def candidate(self) -> tuple[str, int] | None:
@@ -637,7 +774,10 @@ class PeerPath:
         session = self.session
         if source == self.address:
             here = session.open(datagram)  # a control message from here has nothing to validate
-            return here if isinstance(here, bytes) else None
+            if isinstance(here, bytes):
+                return here
+            self.control(here)
+            return None
         before = session._window.highest
         opened = session._open_many((datagram,))[0]
         if opened is None:
@@ -647,6 +787,7 @@ class PeerPath:
             self._from_elsewhere(source, len(datagram), session._window.highest > before, None, now)
             return body
         message = _control_message(body)
+        self.control(message)
         self._from_elsewhere(source, len(datagram), session._window.highest > before, message, now)
         return None
 
@@ -686,9 +827,16 @@ class PeerPath:
             self._last_challenge = now
             self._challenges.append(data)
             del self._challenges[:-_CHALLENGES_KEPT]
-            self._outgoing.append((self.session.seal_control(PathChallenge(data), size=size), source))
+            # the challenge goes under the ID the new path will use: nothing on it repeats the old path's
+            sealed = self.session.seal_control(PathChallenge(data), size=size, connection_id=self.spare)
+            self._outgoing.append((sealed, source))
 
     def _move(self, source: tuple[str, int]) -> None:
+        if self.spare is not None and source != self.address:
+            # the new path gets the spare ID: the client follows once it sees it (the old ID stays open for the
+            # datagrams still on their way, until the next rotation)
+            self.session.use_connection_id(self.spare)
+            self.spare = None
         self.address = source
         self._candidate = None
         self._challenges = []
@@ -718,7 +866,7 @@ class DatagramClient:
         "_initial_cid",
         "_offer",
         "_psk",
-        "_reset_token",
+        "_reset_key",
         "_session",
         "failure",
         "reset",
@@ -741,7 +889,7 @@ class DatagramClient:
         self.failure: str | None = None
         #: True once :meth:`receive` saw the server's stateless reset for this session (see :meth:`is_reset`).
         self.reset = False
-        self._reset_token: bytes | None = None
+        self._reset_key = reset_keys(self._psk)[0]
         self._start(now)
 
     def _start(self, now: float) -> None:
@@ -822,7 +970,6 @@ class DatagramClient:
         keys = self._hs.keys
         assert keys is not None
         self._session = DatagramSession(payload[:CID_LEN], keys, cipher=cipher, entropy=self._entropy)
-        self._reset_token = reset_token(reset_keys(self._psk)[0], self._session.connection_id)
         return None
 
     def is_reset(self, datagram: bytes | memoryview) -> bool:
@@ -832,13 +979,13 @@ class DatagramClient:
         opens); the caller should also check that it came from the server's address. The token is compared in
         constant time; the connection ID, public anyway, as plain bytes.
         """
-        token = self._reset_token
         session = self._session
-        if token is None or session is None or len(datagram) < MIN_RESET_DATAGRAM:
+        if session is None or len(datagram) < MIN_RESET_DATAGRAM:
             return False
-        if bytes(datagram[:CID_LEN]) != session.connection_id:
+        cid = bytes(datagram[:CID_LEN])
+        if cid not in session.connection_ids:  # every ID of the session has its own token
             return False
-        return hmac.compare_digest(bytes(datagram[-RESET_TOKEN_LEN:]), token)
+        return hmac.compare_digest(bytes(datagram[-RESET_TOKEN_LEN:]), reset_token(self._reset_key, cid))
 
     def seal(self, payload: bytes) -> bytes:
         """A DATA datagram for the server. Only once :attr:`established`."""
@@ -857,13 +1004,44 @@ class _Pending:
     repeats: int = REPLY_REPEAT_LIMIT
 
 
-class DatagramServer:
+class _UsersKeys:
+    """A server's key set, and each key's stateless reset keys ``(token key, connection ID key)``
+    (:func:`reset_keys`), derived once per key set: what :class:`DatagramServer` and :class:`StatelessReset`
+    share. :attr:`keys` may be replaced at any time."""
+
+    __slots__ = ("_keys", "_reset_keys")
+
+    def __init__(self, keys: KeySet | bytes) -> None:
+        if not isinstance(keys, KeySet):
+            check_psk(keys)
+        self.keys = KeySet.of(keys)
+
+    @property
+    def keys(self) -> KeySet:
+        """The keys accepted from now on."""
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: KeySet) -> None:
+        self._keys = keys
+        self._reset_keys = {entry: reset_keys(entry.key) for entry in keys}
+
+
+class DatagramServer(_UsersKeys):
     """Answers valid INIT datagrams with a new session; anything else gets None (send nothing).
 
+    ``keys`` are the keys it accepts (a :class:`~vtunnel.security.keys.KeySet`, or one key; :attr:`keys` may be
+    replaced at any time, which affects handshakes from then on). An INIT names no user: each key unmasks its
+    length (one BLAKE2s and 10 bytes of ChaCha20 per key), and only a key whose length matches the datagram's
+    (the right one, and 1 in 65,536 of the others) is tried by Noise's first message; the session's
+    :attr:`~DatagramSession.user` says whose key it was. So a stranger's datagram of an INIT's size costs
+    O(keys), at most :data:`~vtunnel.security.keys.MAX_USERS`.
+
     ``server_id`` (0 to :data:`MAX_SERVER_ID` bytes) starts every connection ID this server assigns; random
-    bytes and a check (see :func:`mint_connection_id`) follow. It is readable by anyone (a load balancer routes
-    on it); without one, connection IDs are random to anyone without the key. ``layout`` says the same and more
-    (the worker's slot the random bytes steer to: :class:`ConnectionIdLayout`); it replaces ``server_id``.
+    bytes and a check (see :func:`mint_connection_id`) under the user's connection ID key follow. It is readable
+    by anyone (a load balancer routes on it); without one, connection IDs are random to anyone without the key.
+    ``layout`` says the same and more (the worker's slot the random bytes steer to: :class:`ConnectionIdLayout`);
+    it replaces ``server_id``.
     ``max_pending`` bounds the retransmission memory (oldest forgotten first). ``ciphers`` are the transport
     ciphers accepted, best first; an INIT offering none of them gets nothing. ``entropy`` gives the random bytes
     (ephemeral keys, salts, connection IDs, padding), and the sessions' own.
@@ -871,19 +1049,17 @@ class DatagramServer:
 
     __slots__ = (
         "_accepted",
-        "_cid_key",
         "_entropy",
         "_layout",
         "_limiter",
         "_max_pending",
         "_pending",
-        "_psk",
         "_replay",
     )
 
     def __init__(
         self,
-        psk: bytes,
+        keys: KeySet | bytes,
         *,
         replay: ReplayCache,
         limiter: HandshakeLimiter | None = None,
@@ -893,13 +1069,11 @@ class DatagramServer:
         ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
         entropy: Entropy = os.urandom,
     ) -> None:
-        check_psk(psk)
+        super().__init__(keys)
         self._accepted = check_ciphers(ciphers)
         self._layout = ConnectionIdLayout(server_id=bytes(server_id)) if layout is None else layout
-        self._psk = bytes(psk)
         self._replay = replay
         self._limiter = limiter
-        self._cid_key = reset_keys(psk)[1]
         self._max_pending = max_pending
         self._entropy = entropy
         self._pending: dict[bytes, _Pending] = {}  # token -> handshake answered recently
@@ -934,15 +1108,17 @@ class DatagramServer:
         INITs spend nothing, so a stranger who forges a client's source address cannot use up that client's
         handshakes.
         """
-        framed = read_handshake_datagram(self._psk, datagram, from_client=True)
-        if framed is None:
+        n = len(datagram)
+        if n < MIN_INIT_DATAGRAM or n > MAX_INIT_DATAGRAM:
             return None
-        check_wall_clock(now)
         datagram = bytes(datagram)
-        initial_cid, message1 = framed
-        hs = Responder(self._psk, prologue=DATAGRAM_PROLOGUE + initial_cid, ephemeral=self._entropy(DHLEN))
+        found = self._first_message(datagram)
+        if found is None:
+            return None
+        entry, initial_cid, hs, payload = found
+        check_wall_clock(now)
         try:
-            init = decode_init_payload(hs.read_message1(message1))
+            init = decode_init_payload(payload)
         except AuthenticationFailed:
             return None
         cipher = choose(init.ciphers, self._accepted)
@@ -958,7 +1134,7 @@ class DatagramServer:
         # address, nor a replay, can spend that client's budget.
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
-        cid = self._free_connection_id(in_use)
+        cid = self.free_connection_id(entry, in_use)
         if cid is None or not self._replay.check_and_remember(init.token, init.timestamp, now):
             return None
         entropy = self._entropy
@@ -969,19 +1145,43 @@ class DatagramServer:
         except AuthenticationFailed:
             return None
         reply = write_handshake_datagram(
-            self._psk, initial_cid, message2, from_client=False, salt=entropy(SALT_LEN)
+            entry.key, initial_cid, message2, from_client=False, salt=entropy(SALT_LEN)
         )
         keys = hs.keys
         assert keys is not None
-        session = DatagramSession(cid, keys, cipher=cipher, entropy=entropy)
+        session = DatagramSession(cid, keys, cipher=cipher, entropy=entropy, user=entry)
         self._pending[init.token] = _Pending(
             datagram=datagram, session=session, reply=reply, source=source, until=now + RETRANSMIT_PERIOD
         )
         return session, reply
 
-    def _free_connection_id(self, in_use: Container[bytes]) -> bytes | None:
+    def _first_message(self, datagram: bytes) -> tuple[UserKey, bytes, Responder, bytes] | None:
+        """The user, initial CID, Noise state and first payload of an INIT that authenticates under one of the
+        keys (tried in order, each only if the length it unmasks matches); None if none does."""
+        for entry in self._keys:
+            framed = read_handshake_datagram(entry.key, datagram, from_client=True)
+            if framed is None:
+                continue
+            initial_cid, message1 = framed
+            hs = Responder(
+                entry.key, prologue=DATAGRAM_PROLOGUE + initial_cid, ephemeral=self._entropy(DHLEN)
+            )
+            try:
+                return entry, initial_cid, hs, hs.read_message1(message1)
+            except AuthenticationFailed:
+                continue
+        return None
+
+    def free_connection_id(self, user: UserKey, in_use: Container[bytes]) -> bytes | None:
+        """A new connection ID none of ``in_use`` (for a session, or a spare of one), minted under ``user``'s
+        connection ID key; None after :data:`_CID_DRAWS` draws that all collided, or when ``user``'s key is no
+        longer in the key set (its sessions are being cut)."""
+        keys = self._reset_keys.get(user)
+        if keys is None:
+            return None
+        cid_key = keys[1]
         for _ in range(_CID_DRAWS):
-            cid = mint_connection_id(self._cid_key, layout=self._layout, entropy=self._entropy)
+            cid = mint_connection_id(cid_key, layout=self._layout, entropy=self._entropy)
             if cid not in in_use:
                 return cid
         return None
@@ -1003,36 +1203,44 @@ class DatagramServer:
         return p.session, p.reply
 
 
-class StatelessReset:
+class StatelessReset(_UsersKeys):
     """The server's stateless resets: the answer to a datagram for a connection ID it does not know.
 
     Call :meth:`answer` only for datagrams whose first 8 bytes name no session this server holds (restarted,
     expired, closed) and that :meth:`DatagramServer.accept` did not take: never for a known connection ID. It
     returns None (send nothing) for a datagram of :data:`MIN_RESET_DATAGRAM` bytes or fewer (it can only be a
-    reset itself, or garbage), a connection ID that no holder of the PSK minted (:func:`is_minted`: a probe gets
-    the silence it always got), or a source over its ``limiter`` budget. A reset is DATA-shaped: the connection
-    ID, random bytes (where the protected header and ciphertext would be) and the token; its length is random,
-    at most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers. ``entropy`` gives the
-    random bytes and lengths.
+    reset itself, or garbage), a connection ID that no holder of one of ``keys`` minted (:func:`is_minted`, under
+    each key's connection ID key in turn: a probe gets the silence it always got), or a source over its
+    ``limiter`` budget. A reset is DATA-shaped: the connection ID, random bytes (where the protected header and
+    ciphertext would be) and the token under the key that minted the connection ID; its length is random, at
+    most :data:`MAX_RESET_DATAGRAM` and always smaller than the datagram it answers. ``entropy`` gives the
+    random bytes and lengths. :attr:`keys` may be replaced at any time (a revoked user's sessions get no reset).
 
     ``now`` only feeds the limiter: any clock, used consistently.
     """
 
-    __slots__ = ("_cid_key", "_entropy", "_key", "_limiter")
+    __slots__ = ("_entropy", "_limiter")
 
     def __init__(
-        self, psk: bytes, *, limiter: ResetLimiter | None = None, entropy: Entropy = os.urandom
+        self, keys: KeySet | bytes, *, limiter: ResetLimiter | None = None, entropy: Entropy = os.urandom
     ) -> None:
-        self._key, self._cid_key = reset_keys(psk)
+        super().__init__(keys)
         self._limiter = limiter
         self._entropy = entropy
 
     def __repr__(self) -> str:
         return "StatelessReset()"
 
-    def token(self, connection_id: bytes) -> bytes:
-        """The reset token of ``connection_id`` (what a client checks the reset against)."""
-        return reset_token(self._key, connection_id)
+    def _token_key(self, connection_id: bytes) -> bytes | None:
+        """The token key of the key that minted ``connection_id`` (None: no key did)."""
+        minted = (token for token, cid_key in self._reset_keys.values() if is_minted(cid_key, connection_id))
+        return next(minted, None)
+
+    def token(self, connection_id: bytes) -> bytes | None:
+        """The reset token of ``connection_id`` (what a client checks the reset against), under the key that
+        minted it; None if none of the keys did."""
+        token_key = self._token_key(connection_id)
+        return None if token_key is None else reset_token(token_key, connection_id)
 
     def answer(self, datagram: bytes | memoryview, source: tuple[str, int], now: float) -> bytes | None:
         """The reset for ``datagram`` (to send to ``source``), or None: send nothing."""
@@ -1040,10 +1248,11 @@ class StatelessReset:
         if n <= MIN_RESET_DATAGRAM:
             return None
         cid = bytes(datagram[:CID_LEN])
-        if not is_minted(self._cid_key, cid):
+        token_key = self._token_key(cid)
+        if token_key is None:
             return None
         if self._limiter is not None and not self._limiter.allow(source[0], now):
             return None
         entropy = self._entropy
         size = random_between(entropy, MIN_RESET_DATAGRAM, min(n - 1, MAX_RESET_DATAGRAM))
-        return cid + entropy(size - CID_LEN - RESET_TOKEN_LEN) + reset_token(self._key, cid)
+        return cid + entropy(size - CID_LEN - RESET_TOKEN_LEN) + reset_token(token_key, cid)

@@ -72,6 +72,7 @@ from .handshake import (
     random_between,
     salted_keystream,
 )
+from .keys import KeySet, UserKey
 from .noise import DHLEN, TAGLEN, Initiator, Responder, TransportKeys, check_psk
 from .replay import HandshakeLimiter, ReplayCache
 
@@ -535,7 +536,7 @@ class _Records:
 class _SecureStream:
     __slots__ = ("_entropy", "_failed", "_frames", "_inbuf", "_out", "_pending", "_psk", "_records")
 
-    def __init__(self, psk: bytes, entropy: Entropy, frames: _FrameReader) -> None:
+    def __init__(self, psk: bytes, entropy: Entropy, frames: _FrameReader | None) -> None:
         self._psk = psk
         self._entropy = entropy
         self._frames = frames
@@ -714,6 +715,7 @@ class SecureStreamClient(_SecureStream):
         self._send_frame(message, from_client=True)
 
     def _handshake_step(self, now: float) -> bool:
+        assert self._frames is not None  # (the client's: it knows its one key)
         frame = self._frames.take(self._inbuf)
         if frame is None:
             return False
@@ -729,8 +731,15 @@ class SecureStreamClient(_SecureStream):
 
 class SecureStreamServer(_SecureStream):
     """The responder. Feed the client's bytes to :meth:`receive_data`; once the first message authenticates
-    (right key, timestamp within the replay window, token never seen) the reply is queued and the channel is
-    up.
+    under one of ``keys`` (a :class:`~vtunnel.security.keys.KeySet`, or one key) with a timestamp within the
+    replay window and a token never seen, the reply is queued, :attr:`user` names whose key it was, and the
+    channel is up.
+
+    Which key: the first message names no user. Each key unmasks the frame's length from the salt (one BLAKE2s
+    and 2 bytes of ChaCha20 per key); the keys whose length is in range (the right one and about 1 in 64 of the
+    others) are tried, shortest frame first, as their frames complete, by Noise's first message (hashes and one
+    AEAD attempt, no Diffie-Hellman): only the right key authenticates. So a first message costs O(keys), at most
+    :data:`~vtunnel.security.keys.MAX_USERS`.
 
     ``ciphers`` are the transport ciphers this server accepts, best first; the reply names the one chosen
     from the client's offer (:func:`~vtunnel.security.ciphers.choose`). A client offering none of them fails
@@ -738,11 +747,11 @@ class SecureStreamServer(_SecureStream):
     peer that fails. ``entropy`` gives the random bytes (the ephemeral key, the salt, the padding).
     """
 
-    __slots__ = ("_accepted", "_limiter", "_replay", "_source")
+    __slots__ = ("_accepted", "_candidates", "_keys", "_limiter", "_replay", "_source", "user")
 
     def __init__(
         self,
-        psk: bytes,
+        keys: KeySet | bytes,
         *,
         replay: ReplayCache,
         ciphers: Sequence[Cipher] = DEFAULT_CIPHERS,
@@ -750,21 +759,58 @@ class SecureStreamServer(_SecureStream):
         source: str = "",
         entropy: Entropy = os.urandom,
     ) -> None:
-        check_psk(psk)
-        reader = _FrameReader(bytes(psk), from_client=True, low=MIN_INIT_LEN, high=MAX_HANDSHAKE_LEN)
-        super().__init__(bytes(psk), entropy, reader)
+        if not isinstance(keys, KeySet):
+            check_psk(keys)
+        super().__init__(b"", entropy, None)
+        self._keys = KeySet.of(keys)
         self._replay = replay
         self._accepted = check_ciphers(ciphers)
         self._limiter = limiter
         self._source = source
+        #: frames that may be the first message, by the key that unmasked a length in range: (end, user, mask)
+        self._candidates: list[tuple[int, UserKey, CipherContext]] | None = None
+        #: whose key the client's first message authenticated under (None until then)
+        self.user: UserKey | None = None
+
+    def _first_message(self) -> tuple[UserKey, Responder, bytes, int] | None:
+        """The user, Noise state, payload and length of Noise message 1 once one key's frame completes and authenticates; None
+        while frames are incomplete. Raises :class:`AuthenticationFailed` when no key can be the one."""
+        buf = self._inbuf
+        candidates = self._candidates
+        if candidates is None:
+            if len(buf) < HANDSHAKE_FRAME_OVERHEAD:
+                return None
+            salt, head = bytes(buf[:SALT_LEN]), bytes(buf[SALT_LEN:HANDSHAKE_FRAME_OVERHEAD])
+            candidates = []
+            for entry in self._keys:
+                mask = salted_keystream(entry.key, _CLIENT_FRAMES, salt)
+                (length,) = _LEN.unpack(mask.update(head))
+                if MIN_INIT_LEN <= length <= MAX_HANDSHAKE_LEN:
+                    candidates.append((HANDSHAKE_FRAME_OVERHEAD + length, entry, mask))
+            if not candidates:
+                raise AuthenticationFailed("handshake message length out of range")
+            candidates.sort(key=lambda candidate: candidate[0])
+            self._candidates = candidates
+        while candidates and candidates[0][0] <= len(buf):
+            end, entry, mask = candidates.pop(0)
+            hs = Responder(entry.key, prologue=STREAM_PROLOGUE, ephemeral=self._entropy(DHLEN))
+            try:
+                payload = hs.read_message1(mask.update(bytes(buf[HANDSHAKE_FRAME_OVERHEAD:end])))
+            except AuthenticationFailed:
+                if candidates:
+                    continue
+                raise  # the last key that could be the one: its failure is the message's
+            del buf[:end]
+            return entry, hs, payload, end - HANDSHAKE_FRAME_OVERHEAD
+        return None
 
     def _handshake_step(self, now: float) -> bool:
-        frame = self._frames.take(self._inbuf)
-        if frame is None:
+        found = self._first_message()
+        if found is None:
             return False
+        entry, hs, payload, message1_len = found
         check_wall_clock(now)
-        hs = Responder(self._psk, prologue=STREAM_PROLOGUE, ephemeral=self._entropy(DHLEN))
-        init = decode_init_payload(hs.read_message1(frame))
+        init = decode_init_payload(payload)
         cipher = choose(init.ciphers, self._accepted)
         if cipher is None:
             raise AuthenticationFailed("the client offers no cipher this server accepts")
@@ -774,7 +820,9 @@ class SecureStreamServer(_SecureStream):
         # reply's DH is the work it protects, and a peer without the key can never spend it for others.
         if self._limiter is not None and not self._limiter.allow(self._source, now):
             raise AuthenticationFailed("too many handshakes from this source")
-        room = len(frame) - MIN_REPLY_LEN
+        self._psk = entry.key
+        self.user = entry
+        room = message1_len - MIN_REPLY_LEN
         pad = self._entropy(random_between(self._entropy, 0, min(REPLY_PADDING_MAX, room)))
         self._send_frame(hs.write_message2(bytes((cipher,)) + pad), from_client=False)
         keys = hs.keys

@@ -26,6 +26,7 @@ import anyio
 import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute
 
+from vtunnel.security.keys import KeySet
 from vtunnel.transports.link import Link, LinkStats, ListenerAttribute, Refusals, StreamLink
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "ByteStreamTransport",
     "Endpoint",
+    "KeyRing",
     "Link",
     "LinkStats",
     "ListenerAttribute",
@@ -115,27 +117,55 @@ class Endpoint:
         return f"{self.scheme}://{self.hostport}" + (f"?{query}" if query else "")
 
 
+class KeyRing:
+    """A server's keys as they are now: every listener of the server reads :attr:`current` at each handshake,
+    so :meth:`replace` (a reload) changes what new handshakes accept, on every transport at once. Tunnels
+    already up are the server's business (it cuts those of users no longer in the set)."""
+
+    __slots__ = ("_current",)
+
+    def __init__(self, keys: KeySet) -> None:
+        self._current = keys
+
+    @property
+    def current(self) -> KeySet:
+        return self._current
+
+    def replace(self, keys: KeySet) -> None:
+        self._current = keys
+
+    def __repr__(self) -> str:
+        return f"KeyRing({self._current!r})"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SecurityConfig:
     """What a transport needs to protect a tunnel.
 
-    ``psk`` is the 32-byte pre-shared key; ``None`` means plaintext (``--insecure``, vproxy-compatible).
-    Byte-stream transports apply the PSK handshake and AEAD records on top of their stream; datagram transports seal
-    every datagram (see ``docs/security.md``). ``cipher`` is the transport cipher setting with a key: ``auto``
-    (AES-256-GCM when both ends have AES instructions, else ChaCha20-Poly1305) or one cipher's name to pin it.
-    ``connection_ids`` is what a server's sealed datagrams put in the connection IDs it assigns (its server id,
-    its worker's slot: ``docs/security.md``, "Connection IDs"); None: random ones.
+    ``psk`` is the 32-byte pre-shared key; ``None`` means plaintext (``--insecure``, vproxy-compatible). A
+    server may hold its users' keys instead: ``keys``, a :class:`KeyRing` shared by its listeners (reloaded on
+    SIGHUP); a client has one key, ``psk``. Byte-stream transports apply the PSK handshake and AEAD records on
+    top of their stream; datagram transports seal every datagram (see ``docs/security.md``). ``cipher`` is the
+    transport cipher setting with a key: ``auto`` (AES-256-GCM when both ends have AES instructions, else
+    ChaCha20-Poly1305) or one cipher's name to pin it. ``connection_ids`` is what a server's sealed datagrams put
+    in the connection IDs it assigns (its server id, its worker's slot: ``docs/security.md``, "Connection IDs");
+    None: random ones.
     """
 
     psk: bytes | None = None
     cipher: str = "auto"
     connection_ids: ConnectionIdLayout | None = None
+    keys: KeyRing | None = None
 
     def __post_init__(self) -> None:
         from vtunnel.security.ciphers import CIPHER_CHOICES
 
         if self.psk is not None and len(self.psk) != 32:
             raise TransportError("the pre-shared key must be 32 bytes")
+        if self.psk is not None and self.keys is not None:
+            raise TransportError(
+                "a security config has one key (psk) or a server's key ring (keys), not both"
+            )
         if self.cipher not in CIPHER_CHOICES:
             raise TransportError(
                 f"unknown cipher {self.cipher!r} (expected one of: {', '.join(CIPHER_CHOICES)})"
@@ -143,10 +173,19 @@ class SecurityConfig:
 
     @property
     def insecure(self) -> bool:
-        return self.psk is None
+        return self.psk is None and self.keys is None
+
+    def server_keys(self) -> KeyRing | None:
+        """What a listener accepts: :attr:`keys`, or the ring of the one key ``psk`` (None without a key)."""
+        if self.keys is not None:
+            return self.keys
+        return None if self.psk is None else KeyRing(KeySet.single(self.psk))
 
     def __repr__(self) -> str:  # never print key material
-        return f"SecurityConfig(psk={'<set>' if self.psk is not None else None}, cipher={self.cipher!r})"
+        keys = f", keys={self.keys!r}" if self.keys is not None else ""
+        return (
+            f"SecurityConfig(psk={'<set>' if self.psk is not None else None}, cipher={self.cipher!r}{keys})"
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -212,9 +251,10 @@ class ByteStreamTransport(Transport):
 
     @abc.abstractmethod
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
-        """Listen on ``endpoint``: a listener of raw connections, anyio's TCP listener or any anyio listener of
-        byte streams (one over UDP hands over its connections through its ``serve``; see
-        :class:`~vtunnel.transports.secure.SecuredListener`). It gives its address as
+        """Listen on ``endpoint``: a listener of raw connections, anyio's TCP listener (the base takes its
+        sockets over and accepts from them with vtunnel's own accept loop, which sheds unauthenticated connections
+        when out of descriptors) or any anyio listener of byte streams (one over UDP hands over its connections
+        through its ``serve``; see :class:`~vtunnel.transports.secure.SecuredListener`). It gives its address as
         ``SocketAttribute.local_address`` and each stream its peer's as ``SocketAttribute.remote_address`` (the
         handshake limiter's key)."""
 
@@ -251,19 +291,25 @@ class ByteStreamTransport(Transport):
         from vtunnel.security.replay import HandshakeLimiter, ReplayCache
         from vtunnel.transports.secure import secure_server
 
-        psk, cipher, link_for = security.psk, security.cipher, self.link_for
+        ring, cipher, link_for = security.server_keys(), security.cipher, self.link_for
         replay = ReplayCache()  # of this listener's key handshakes (small until a key handshake comes)
         limiter = HandshakeLimiter(rate=HANDSHAKES_PER_SECOND, burst=HANDSHAKE_BURST)
 
         refusals = Refusals()
 
         async def finish(stream: ByteStream, raw: ByteStream) -> Link | None:
-            if psk is None:
+            if ring is None:
                 return link_for(stream)
             peer = raw.extra(SocketAttribute.remote_address, "")
             source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
             channel = await secure_server(
-                stream, psk, replay=replay, limiter=limiter, source=source, cipher=cipher, refusals=refusals
+                stream,
+                ring.current,
+                replay=replay,
+                limiter=limiter,
+                source=source,
+                cipher=cipher,
+                refusals=refusals,
             )
             return None if channel is None else channel.link(link_for(channel.stream))
 
@@ -288,9 +334,12 @@ class ByteStreamTransport(Transport):
         """:meth:`listen_streams`, each connection through :meth:`accept_stream` (within :attr:`accept_timeout`)
         and then ``finish(stream, raw)``, under the cap of :class:`~vtunnel.transports.secure.SecuredListener`,
         which gives ``refusals`` (counted by it, by ``finish`` and here) as ``ListenerAttribute.refusals``."""
+        from vtunnel.io.stream_sockets import adopt_socket_listener
         from vtunnel.transports.secure import SecuredListener, local_name
 
         inner = await self.listen_streams(endpoint)
+        local = local_name(inner)
+        lean = adopt_socket_listener(inner)  # one accept loop for every listener of sockets
         accept, timeout = self.accept_stream, self.accept_timeout
         refused = Refusals() if refusals is None else refusals
 
@@ -302,7 +351,10 @@ class ByteStreamTransport(Transport):
                 return None
             return await finish(stream, raw)
 
-        return SecuredListener(inner, prepare, local=local_name(inner), refusals=refused)
+        secured = SecuredListener(inner if lean is None else lean, prepare, local=local, refusals=refused)
+        if lean is not None:  # out of descriptors, the accept loop may close a pending connection
+            lean.relay.set_on_exhausted(secured.shed_oldest)
+        return secured
 
 
 _loaded: dict[str, type[Transport]] = {}

@@ -41,6 +41,7 @@ from anyio import TypedAttributeProvider, TypedAttributeSet, typed_attribute
 from anyio.abc import AsyncResource, ByteStream, TaskGroup
 
 from vtunnel.io.stream_sockets import LeanSocketStream, SocketTransport
+from vtunnel.security.keys import UserKey
 
 __all__ = [
     "Link",
@@ -176,6 +177,11 @@ class Link(AsyncResource, TypedAttributeProvider):
         this link does; False (the default: no key, or datagrams, which seal every byte) and the tunnel does
         not offer lite-tls over it."""
         return False
+
+    def user(self) -> UserKey | None:
+        """On a server's link with a key: the user whose key the peer authenticated with (docs/security.md, Users).
+        None on a client's link and without a key (the default)."""
+        return None
 
     def stats(self) -> LinkStats:
         """The path's round trip, rate and losses as far as the transport knows them (nothing, by default).

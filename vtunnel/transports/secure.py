@@ -29,20 +29,16 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
-from anyio.abc import ByteStream, Listener, SocketAttribute, SocketListener, TaskGroup
-from anyio.streams.stapled import MultiListener
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
 from vtunnel.io.limits import (
-    AcceptBackoff,
     ThrottledWarning,
-    is_out_of_resources,
-    open_file_limit,
     pending_limit,
 )
-from vtunnel.io.stream_sockets import LeanStreamListener
 from vtunnel.io.tuning import tune_stream
 from vtunnel.security.ciphers import CIPHER_CHOICES, Cipher, cipher_name, preference
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
+from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
 from vtunnel.transports.link import Link, LinkConsumer, LinkStats, ListenerAttribute, Refusals
@@ -136,6 +132,11 @@ class SecureChannel:
     def cipher(self) -> Cipher | None:
         return self.core.cipher
 
+    @property
+    def user(self) -> UserKey | None:
+        """A server's channel: whose key the client authenticated with (None on a client's)."""
+        return self.core.user if isinstance(self.core, SecureStreamServer) else None
+
     def link(self, inner: Link) -> SealedLink:
         """The tunnel's link: records sealed and opened over ``inner`` (a link over :attr:`stream`)."""
         return SealedLink(inner, self.core, received=self.received, record_timeout=self.record_timeout)
@@ -177,6 +178,9 @@ class SealedLink(Link):
     @property
     def cipher(self) -> Cipher | None:
         return self._core.cipher
+
+    def user(self) -> UserKey | None:
+        return self._core.user if isinstance(self._core, SecureStreamServer) else None
 
     def carry_passthrough_records(self) -> bool:
         """What is sent from now on is tunnel frames: PASSTHROUGH DATA frames that hold one whole TLS record go
@@ -420,7 +424,7 @@ async def _discard_until(stream: ByteStream, deadline: float) -> None:
 
 async def secure_server(
     stream: ByteStream,
-    psk: bytes,
+    keys: KeySet | bytes,
     *,
     replay: ReplayCache,
     limiter: HandshakeLimiter | None = None,
@@ -431,6 +435,9 @@ async def secure_server(
     refusals: Refusals | None = None,
 ) -> SecureChannel | None:
     """Run the server handshake over an accepted ``stream``: the channel to put on a link, or None.
+
+    ``keys`` are the keys accepted (a key set, or one key); the channel's :attr:`SecureChannel.user` says whose
+    key the client used.
 
     At the start a time ``T`` is drawn uniformly from ``silence``. A peer must complete the handshake within
     ``T`` seconds. A peer that fails (wrong key, garbage, an HTTP request, a replay, a stale timestamp, too
@@ -448,7 +455,7 @@ async def secure_server(
     start = time.monotonic()
     deadline = start + _random.uniform(*silence)
     core = SecureStreamServer(
-        psk, replay=replay, ciphers=cipher_preference(cipher), limiter=limiter, source=source
+        keys, replay=replay, ciphers=cipher_preference(cipher), limiter=limiter, source=source
     )
     received = bytearray()
     try:
@@ -480,7 +487,13 @@ async def secure_server(
     except (BrokenResourceError, ClosedResourceError, OSError):
         await anyio.aclose_forcefully(stream)
         return None
-    log.debug("secure channel up", role="server", source=source, cipher=_name(core.cipher))
+    log.debug(
+        "secure channel up",
+        role="server",
+        source=source,
+        cipher=_name(core.cipher),
+        user=core.user.user if core.user is not None else None,
+    )
     return SecureChannel(stream, core, bytes(received), record_timeout)
 
 
@@ -491,13 +504,11 @@ class SecuredListener(Listener[T]):
     Connections still in ``prepare`` are *pending*: unauthenticated, and at most :attr:`max_pending` of them
     (a quarter of the descriptor limit, see :func:`~vtunnel.io.limits.pending_limit`). A new connection
     beyond that closes the oldest pending one, so a flood of idle connections cannot keep a real client out: each
-    connection gets at least ``max_pending`` newcomers' worth of time to prove itself. When ``accept`` fails
-    because the process is out of descriptors (or the kernel of buffers or memory), the listener closes the
-    oldest pending connection if there is one, otherwise waits and tries again; it never stops serving for it.
-
-    ``inner`` is anyio's socket listener (or a multi-listener of them), accepted here; or any other listener of
-    byte streams (a transport that makes its own connections over UDP, QUIC's), which hands them over through its
-    own ``serve``, each under the same cap.
+    connection gets at least ``max_pending`` newcomers' worth of time to prove itself. The listener that accepts
+    (``inner``: the lean socket listener of :mod:`vtunnel.io.stream_sockets`, or one that makes its own connections,
+    such as QUIC's) hands each connection over through its ``serve``; the socket listener, when it runs out of
+    descriptors, calls :meth:`shed_oldest` to close the oldest pending connection (see
+    ``RelayListener.set_on_exhausted``), and otherwise waits and tries again: it never stops serving for it.
 
     ``refusals`` (given as ``ListenerAttribute.refusals``) counts connections shed (a probe, ``shed``) and
     ``prepare`` failures (a handshake failure, ``transport``); ``prepare`` counts its own refusals in it too.
@@ -505,7 +516,7 @@ class SecuredListener(Listener[T]):
 
     def __init__(
         self,
-        inner: Listener[Any],
+        inner: Listener[ByteStream],
         prepare: Callable[[ByteStream], Awaitable[T | None]],
         *,
         local: str,
@@ -522,7 +533,6 @@ class SecuredListener(Listener[T]):
         self._pending: dict[anyio.CancelScope, None] = {}
         #: pending connections closed to make room (a count, for logs and tests)
         self.shed = 0
-        self._warn_exhausted = ThrottledWarning(log, "cannot accept connections for now: out of resources")
         self._warn_shedding = ThrottledWarning(
             log, "too many connections in their handshake: closing the oldest ones"
         )
@@ -535,7 +545,9 @@ class SecuredListener(Listener[T]):
     def pending(self) -> int:
         return len(self._pending)
 
-    def _shed_oldest(self) -> bool:
+    def shed_oldest(self) -> bool:
+        """Close the oldest pending connection (its task closes the descriptor when it runs); whether there was
+        one to close."""
         for scope in self._pending:
             if not scope.cancel_called:
                 scope.cancel()
@@ -545,61 +557,22 @@ class SecuredListener(Listener[T]):
         return False
 
     async def serve(self, handler: Callable[[T], Any], task_group: TaskGroup | None = None) -> None:
-        inner = self._inner
-        listeners = [
-            listener
-            for listener in (inner.listeners if isinstance(inner, MultiListener) else [inner])
-            if isinstance(listener, SocketListener)
-        ]
         async with contextlib.AsyncExitStack() as stack:
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())
-            if not listeners:  # not on sockets: the listener hands over its connections itself
-                if isinstance(inner, LeanStreamListener):  # out of descriptors, it may close a pending one
-                    inner.relay.set_on_exhausted(self._shed_oldest)
-                await inner.serve(functools.partial(self._take, handler=handler), task_group)
-                return
-            async with anyio.create_task_group() as accepting:
-                for listener in listeners:
-                    accepting.start_soon(self._accept_loop, listener, handler, task_group)
-
-    async def _accept_loop(
-        self, listener: SocketListener, handler: Callable[[T], Any], task_group: TaskGroup
-    ) -> None:
-        backoff = AcceptBackoff()
-        while True:
-            try:
-                raw = await listener.accept()
-            except OSError as exc:
-                if is_out_of_resources(exc):
-                    freed = self._shed_oldest()
-                    self._warn_exhausted(
-                        error=exc.strerror, pending=self.pending, closed_oldest=freed, limit=open_file_limit()
-                    )
-                    # a shed connection's descriptor is closed when its task runs: give it that turn
-                    if freed:
-                        backoff.reset()
-                        await anyio.sleep(0.01)
-                    else:
-                        await anyio.sleep(backoff.next())
-                else:
-                    log.warning("accept failed", error=exc.strerror or repr(exc))
-                    await anyio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            task_group.start_soon(self._serve_one, raw, self._admit(), handler)
+            await self._inner.serve(functools.partial(self._take, handler=handler), task_group)
 
     def _admit(self) -> anyio.CancelScope:
         """A new pending connection's scope, the oldest pending one closed first when the cap is reached."""
         if len(self._pending) >= self.max_pending:
-            self._shed_oldest()
+            self.shed_oldest()
             self._warn_shedding(limit=self.max_pending)
         scope = anyio.CancelScope()
         self._pending[scope] = None
         return scope
 
     async def _take(self, raw: ByteStream, *, handler: Callable[[T], Any]) -> None:
-        """One connection handed over by a listener that is not a socket listener (in its own task)."""
+        """One connection the inner listener accepted (in its own task)."""
         await self._serve_one(raw, self._admit(), handler)
 
     async def _serve_one(

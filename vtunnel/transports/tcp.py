@@ -22,7 +22,6 @@ import anyio
 from anyio.abc import ByteStream, Listener
 from anyio.streams.tls import TLSStream
 
-from vtunnel.io.listening import open_stream_listener
 from vtunnel.io.stream_sockets import LeanSocketStream, connect_lean, open_lean_listener
 from vtunnel.transports.base import ByteStreamTransport, Endpoint, SharedListening, TransportError
 from vtunnel.transports.link import Link, SocketLink
@@ -91,7 +90,7 @@ class TLSTransport(ByteStreamTransport):
         self.check(endpoint)
         ctx = tls_client_context(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
-            raw = await anyio.connect_tcp(endpoint.host, endpoint.port)
+            raw = await connect_lean(endpoint.host, endpoint.port)
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 return await TLSStream.wrap(
@@ -109,7 +108,7 @@ class TLSTransport(ByteStreamTransport):
         self._server_contexts[str(endpoint)] = tls_server_context(
             endpoint, allowed=frozenset({"ca", "cert", "key", "splice"})
         )
-        return await open_stream_listener(endpoint.host, endpoint.port)
+        return await open_lean_listener(endpoint.host, endpoint.port)
 
     def shared_listening(self, endpoint: Endpoint) -> SharedListening:
         return SharedListening(datagram=False)

@@ -178,9 +178,9 @@ class RudpConfig:
     #: acknowledge at once after this many ack-eliciting packets
     ack_eliciting_threshold: int = 2
     #: stream bytes received and not yet read that we accept (the window advertised in every ACK)
-    receive_window: int = 4 * 1024 * 1024
+    receive_window: int = 8 * 1024 * 1024
     #: stream bytes written and not yet acknowledged that ``send`` accepts
-    send_buffer: int = 4 * 1024 * 1024
+    send_buffer: int = 8 * 1024 * 1024
     #: unreliable datagrams waiting to be sent; the oldest is dropped beyond this
     datagram_queue: int = 256
     #: seconds without any packet from the peer before the connection is dropped (None: never)
@@ -682,7 +682,9 @@ class Connection:
                 else:
                     send_data = True
             elif not has_data:
-                self._app_limited = True
+                # nothing to send: the application's fault only if the send buffer has room (a buffer full of
+                # unacknowledged data is the path's doing, and says the window was used)
+                self._app_limited = self.send_room() > 0
             if not send_data and not ack:
                 break
             size = self._amplification_limit()

@@ -23,6 +23,7 @@ import anyio
 from anyio.abc import SocketAttribute
 
 from vtunnel.io.datagrams import Address, Run, split_run
+from vtunnel.security.keys import UserKey
 from vtunnel.transports.link import Link, LinkConsumer, Refusals
 
 __all__ = [
@@ -63,6 +64,11 @@ class RoutedLink(Link):
 
     #: where the session sends; the listener moves it when its codec says the peer moved
     remote_address: Address
+    #: whose key the peer authenticated with (the listener sets it from its codec; None without a key)
+    peer_user: UserKey | None = None
+
+    def user(self) -> UserKey | None:
+        return self.peer_user
 
     @abstractmethod
     def accepts(self, datagram: Datagram) -> bool:
@@ -256,6 +262,10 @@ class ListenerCodec(ABC, Generic[K]):
     def session_started(self, key: K, first: Datagram, address: Address) -> Sealer | None:
         """The router starts a link for ``key`` with payload ``first``, its peer at ``address``: what seals its
         output (None: sent as it is)."""
+
+    def user_of(self, key: K) -> UserKey | None:
+        """Whose key session ``key``'s peer authenticated with (None: the codec has no keys)."""
+        return None
 
     @abstractmethod
     def forget(self, key: K) -> None:

@@ -181,6 +181,7 @@ class DatagramListener(Listener[Link], Generic[C]):
             return None
         transmit = transmitter(self._udp.sendto_many, self._codec.session_started(key, payload, address))
         link = self._new_link(payload, address, transmit, partial(self._forget, key))
+        link.peer_user = self._codec.user_of(key)
         self._links[key] = link
         self._pending.append(link)
         fut = self._acceptor

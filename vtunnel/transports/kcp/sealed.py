@@ -14,6 +14,14 @@ does not know (it restarted, or the session ended) but a holder of the key assig
 its own session fails its link at once, so the agent reconnects within its backoff instead of waiting for the
 keepalive to time out.
 
+Connection IDs rotate when a client's path changes: once a session's link starts, the server mints a spare ID
+(:meth:`~vtunnel.security.datagram.DatagramServer.free_connection_id`, with the server id, as every ID it
+mints) and announces it in a sealed CONTROL datagram until the client confirms it; the spare routes to the same
+session. The challenge to a client's new address goes under the spare, and the session moves to it with the
+address (:class:`~vtunnel.security.datagram.PeerPath`); the client follows the newest ID the server uses, and a
+new spare is issued. A passive observer sees nothing on the new path that was on the old one but what the client
+sent before it learnt of the move.
+
 The handshake compares timestamps across hosts, so it is given wall-clock time; the ARQ's timers use the loop
 clock. The transport cipher is negotiated in the handshake (``cipher``: see
 :func:`~vtunnel.transports.secure.cipher_preference`). Nothing here reads the ARQ's datagrams: the link vets the
@@ -37,8 +45,10 @@ from vtunnel.security.datagram import (
     DATAGRAM_OVERHEAD,
     RETRANSMIT_PERIOD,
     ConnectionIdLayout,
+    ConnectionIdSeen,
     DatagramClient,
     DatagramServer,
+    NewConnectionId,
     PathChallenge,
     PathResponse,
     PeerPath,
@@ -46,7 +56,9 @@ from vtunnel.security.datagram import (
     peek_connection_id,
 )
 from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, SecurityError
+from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
+from vtunnel.transports.base import KeyRing
 from vtunnel.transports.kcp.codec import (
     ClientCodec,
     Datagram,
@@ -83,13 +95,26 @@ def _unattached(_datagram: bytes, _address: Address) -> None:
     raise RuntimeError("the codec is not attached to a socket")
 
 
+class _InUse:
+    """The connection IDs of some mappings' keys, as one container."""
+
+    __slots__ = ("_maps",)
+
+    def __init__(self, *maps: Mapping[bytes, object]) -> None:
+        self._maps = maps
+
+    def __contains__(self, cid: object) -> bool:
+        return any(cid in m for m in self._maps)
+
+
 class SealedListenerCodec(ListenerCodec[bytes]):
     """A listener's sealed datagrams: sessions by connection ID, handshakes answered, new addresses validated,
     strangers reset.
 
-    ``cipher`` is the cipher setting: the transport ciphers accepted (see
-    :func:`~vtunnel.transports.secure.cipher_preference`); ``layout`` what the connection IDs it assigns carry
-    (server id, worker slot), None: random.
+    ``keys`` are the keys accepted: a server's :class:`~vtunnel.transports.base.KeyRing` (read again before each
+    stranger's datagram, so a reload takes effect on the next handshake), or one key. ``cipher`` is the cipher
+    setting: the transport ciphers accepted (see :func:`~vtunnel.transports.secure.cipher_preference`);
+    ``layout`` what the connection IDs it assigns carry (server id, worker slot), None: random.
     """
 
     overhead = DATAGRAM_OVERHEAD
@@ -99,14 +124,16 @@ class SealedListenerCodec(ListenerCodec[bytes]):
 
     def __init__(
         self,
-        psk: bytes,
+        keys: KeyRing | bytes,
         *,
         cipher: str = "auto",
         reset_limiter: ResetLimiter | None = None,
         layout: ConnectionIdLayout | None = None,
     ) -> None:
+        ring = keys if isinstance(keys, KeyRing) else KeyRing(KeySet.single(keys))
+        self._ring = ring
         self._server = DatagramServer(
-            psk,
+            ring.current,
             replay=ReplayCache(),
             limiter=HandshakeLimiter(HANDSHAKE_RATE, HANDSHAKE_BURST),
             layout=layout,
@@ -116,17 +143,25 @@ class SealedListenerCodec(ListenerCodec[bytes]):
             reset_limiter = ResetLimiter(
                 RESET_RATE, RESET_BURST, total_rate=RESET_TOTAL_RATE, total_burst=RESET_TOTAL_BURST
             )
-        self._reset = StatelessReset(psk, limiter=reset_limiter)
+        self._reset = StatelessReset(ring.current, limiter=reset_limiter)
         self._send: Send = _unattached
         self._sessions = 0
         #: every authenticated session (with its peer's address), with or without a link yet
         self._paths: dict[bytes, PeerPath] = {}
+        #: the spare and rotated connection IDs of sessions, to the session's first ID (its key) ...
+        self._aliases: dict[bytes, bytes] = {}
+        #: ... and the other way
+        self._aliases_of: dict[bytes, list[bytes]] = {}
+        #: every connection ID in use, first or not (what a new one must not be)
+        self._in_use = _InUse(self._paths, self._aliases)
         #: sessions whose handshake completed but whose link has not started: expiry time
         self._half_open: dict[bytes, float] = {}
         #: stateless resets sent (each also counts as dropped)
         self.resets_sent = 0
         #: challenges sent to new addresses of peers (each to validate the address before moving there)
         self.challenges_sent = 0
+        #: sessions moved to a spare connection ID with a new address
+        self.rotations = 0
         self._refusals = Refusals()
 
     @property
@@ -147,12 +182,15 @@ class SealedListenerCodec(ListenerCodec[bytes]):
 
     def key_of(self, datagram: Datagram, source: Address) -> bytes | None:
         cid = peek_connection_id(datagram)
-        return cid if cid is not None and cid in self._paths else None
+        if cid is None:
+            return None
+        return cid if cid in self._paths else self._aliases.get(cid)
 
     def open(
         self, key: bytes, link: RoutedLink | None, datagram: Datagram, source: Address, now: float
     ) -> tuple[Datagram | None, Address]:
         path = self._paths[key]
+        before = path.session.connection_id
         payload = path.receive(datagram, source, now)
         address = path.address
         if source != address or (link is not None and link.remote_address != address):
@@ -160,6 +198,11 @@ class SealedListenerCodec(ListenerCodec[bytes]):
                 self.challenges_sent += 1
                 log.debug("kcp path challenge sent", connection_id=key.hex(), address=to)
                 self._send(challenge, to)
+        if path.session.connection_id != before:
+            log.debug("connection ID rotated", connection_id=key.hex(), address=address)
+            self.rotations += 1
+        if link is not None:
+            self._rotation(key, path)
         if payload is not None and link is not None and not link.accepts(payload):
             payload = None
         return payload, address
@@ -168,7 +211,8 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         datagrams = [datagram for buffer, segment in runs for datagram in split_run(buffer, segment)]
         dropped = 0
         accepts, take = link.accepts, into.append
-        for datagram, payload in zip(datagrams, self._paths[key].session.open_many(datagrams), strict=True):
+        path = self._paths[key]
+        for datagram, payload in zip(datagrams, path.session.open_many(datagrams), strict=True):
             if isinstance(payload, bytes):
                 if accepts(payload):
                     take(payload)
@@ -177,13 +221,37 @@ class SealedListenerCodec(ListenerCodec[bytes]):
             elif payload is None:  # not this session's: whatever it is, it is handled on its own
                 stray(datagram)
             else:  # a control message from the current address has nothing to validate
+                path.control(payload)
                 dropped += 1
+        self._rotation(key, path)
         return dropped
+
+    def _rotation(self, key: bytes, path: PeerPath) -> None:
+        """Keep a spare connection ID issued and announced, and route only the IDs the session still opens."""
+        user = path.session.user
+        if path.needs_spare and user is not None:
+            cid = self._server.free_connection_id(user, self._in_use)
+            if cid is not None:
+                path.issue(cid)
+                self._aliases[cid] = key
+                mine = self._aliases_of.setdefault(key, [])
+                mine.append(cid)
+                if len(mine) > 2:  # rotated: route no more what the session no longer opens
+                    held = path.session.connection_ids
+                    for old in [c for c in mine if c not in held]:
+                        mine.remove(old)
+                        del self._aliases[old]
+        for announcement, to in path.announcements(time.monotonic()):
+            self._send(announcement, to)
 
     def stranger(self, datagram: Datagram, source: Address, now: float) -> bool:
         """A handshake's first datagram gets its reply; any other whose connection ID a key holder minted gets
         a stateless reset (if the limits allow), so its client learns at once that its session is gone; the
         rest gets nothing."""
+        keys = self._ring.current
+        if keys is not self._server.keys:  # reloaded: new handshakes and resets follow the new keys
+            self._server.keys = keys
+            self._reset.keys = keys
         expired = [cid for cid, until in self._half_open.items() if until <= now]
         for cid in expired:
             del self._half_open[cid]
@@ -203,7 +271,7 @@ class SealedListenerCodec(ListenerCodec[bytes]):
     def _handshake(self, datagram: Datagram, source: Address, now: float) -> bool:
         """Answer ``datagram`` if it is a valid first datagram of a handshake (or a retransmission of one)."""
         try:
-            result = self._server.accept(datagram, source, time.time(), in_use=self._paths)
+            result = self._server.accept(datagram, source, time.time(), in_use=self._in_use)
         except SecurityError:  # e.g. an unusable wall clock: answer nothing
             result = None
         if result is None:
@@ -217,17 +285,26 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         self._send(reply, source)
         return True
 
+    def user_of(self, key: bytes) -> UserKey | None:
+        return self._paths[key].session.user
+
     def session_started(self, key: bytes, first: Datagram, address: Address) -> Sealer:
         self._half_open.pop(key, None)
-        return self._paths[key].session.seal_many
+        path = self._paths[key]
+        self._rotation(key, path)
+        return path.session.seal_many
 
     def forget(self, key: bytes) -> None:
         self._paths.pop(key, None)
         self._half_open.pop(key, None)
+        for cid in self._aliases_of.pop(key, ()):
+            self._aliases.pop(cid, None)
 
     def close(self) -> None:
         self._paths.clear()
         self._half_open.clear()
+        self._aliases.clear()
+        self._aliases_of.clear()
 
 
 class SealedClientCodec(ClientCodec):
@@ -296,6 +373,13 @@ class SealedClientCodec(ClientCodec):
             elif isinstance(payload, PathChallenge):
                 # the server checks a new address of ours: echo its challenge (from wherever it came: only the
                 # server can seal one) to the server, from our socket, so the answer leaves from the address
-                # being checked
+                # being checked, under the ID the challenge came with (the new path's)
+                session.follow_newest()
                 self._send(session.seal_control(PathResponse(payload.data)), server)
+            elif isinstance(payload, NewConnectionId):
+                # a spare ID for the session's next path: hold it, and say so (the server repeats it until then)
+                session.add_connection_id(payload.data)
+                self._send(session.seal_control(ConnectionIdSeen(payload.data)), server)
+        if session.follow_newest():
+            log.debug("connection ID rotated", role="client")
         return RESET_REASON if reset else None

@@ -83,11 +83,12 @@ class DatagramTransport(Transport, Generic[Opts]):
     async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
         options = self.parse(endpoint.params)
         family, address = await resolve(endpoint)
-        psk, cipher = security.psk, security.cipher
-        if psk is None:
-            codec = self.plain_codec(options)
-        else:
-            codec = SealedListenerCodec(psk, cipher=cipher, layout=security.connection_ids)
+        ring = security.server_keys()
+        codec = (
+            self.plain_codec(options)
+            if ring is None
+            else SealedListenerCodec(ring, cipher=security.cipher, layout=security.connection_ids)
+        )
         try:
             sock = open_udp_listener(family, address, sockbuf=options.sockbuf)
         except OSError as exc:
