@@ -36,9 +36,11 @@ bench-setup:
 
 bench: setup bench-setup
 	$(BIN)/python -m bench run
+	$(BIN)/python -m bench.tun --out bench/results/tun
 
 bench-quick: setup bench-setup
 	$(BIN)/python -m bench run --quick
+	$(BIN)/python -m bench.tun --quick --out bench/results/tun-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
