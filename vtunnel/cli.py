@@ -547,7 +547,7 @@ def server(
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             idle_timeout=sec.get("idle_timeout"),
             handshake_timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)),
-            tun=server_tun_settings(tun_options, sec),
+            tun=server_tun_settings(tun_options, sec, by_user=bool(user_keys or sec.get("user_keys"))),
         )
         srv = Server(settings, stats=metrics.stats if metrics is not None else None)
         if count > 1:

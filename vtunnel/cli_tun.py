@@ -84,9 +84,10 @@ def _merged(
 
 
 def server_tun_settings(
-    options: Mapping[str, Any], section: Mapping[str, Any] | None = None
+    options: Mapping[str, Any], section: Mapping[str, Any] | None = None, *, by_user: bool = False
 ) -> TunServerSettings | None:
-    """The server's IP mode from its options and config section; raises ValueError for a bad one."""
+    """The server's IP mode from its options and config section (``by_user``: the server has per-user keys, and
+    leases addresses by user); raises ValueError for a bad one."""
     names = {"tun": "tun_pools", "tun_dev": "tun_dev", "tun_mtu": "tun_mtu", "tun_nat": "tun_nat"}
     options = _merged(options, section or {}, {**names, "tun_isolate": "tun_isolate"})
     pools = options.get("tun_pools") or ()
@@ -104,6 +105,7 @@ def server_tun_settings(
         mtu=options.get("tun_mtu") or RELIABLE_MTU,
         client_to_client=not options.get("tun_isolate"),
         nat=bool(options.get("tun_nat")),
+        by_user=by_user,
     )
 
 

@@ -4,6 +4,7 @@ back on a new tunnel getting its address (and its old stream closed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from collections.abc import AsyncIterator
@@ -52,7 +53,10 @@ class Agents:
 
 
 @asynccontextmanager
-async def switch_of(settings: TunServerSettings, policy: ExitPolicy | None = None) -> AsyncIterator[Agents]:
+async def switch_of(
+    settings: TunServerSettings, policy: ExitPolicy | None = None, *, user: str | None = None
+) -> AsyncIterator[Agents]:
+    """The switch behind a server that accepts tunnels on 127.0.0.1 (each one's peer having used ``user``'s key)."""
     switch = TunSwitch(settings, policy or ExitPolicy())
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
@@ -63,7 +67,9 @@ async def switch_of(settings: TunServerSettings, policy: ExitPolicy | None = Non
     async with anyio.create_task_group() as tg:
 
         async def on_accept(stream: ByteStream) -> None:
-            await TunnelConnection(StreamLink(stream), role=Role.SERVER, config=TUN, handler=handler).run()
+            await TunnelConnection(
+                StreamLink(stream), role=Role.SERVER, config=TUN, handler=handler, user=user
+            ).run()
 
         tg.start_soon(listener.serve, on_accept)
         with anyio.fail_after(20):
@@ -123,4 +129,21 @@ async def test_an_agent_back_on_a_new_tunnel_gets_its_address() -> None:
             await first.receive()  # the stale stream was closed
         await _other.send(packet(other_addr, address))
         assert await again.receive() == packet(other_addr, address)
+        assert agents.switch.agents == 2
+
+
+async def test_under_per_user_keys_an_agent_gets_its_users_address_whatever_it_calls_itself() -> None:
+    """A restarted agent names a new identity; under per-user keys it still gets its user's address (and the
+    stale stream of its old process is closed); without, each identity has its own."""
+    async with switch_of(dataclasses.replace(SETTINGS, by_user=True), user="alice") as agents:
+        old, address = await agents.join("process-1")
+        _new, address2 = await agents.join("process-2")
+        assert address2 == address
+        with pytest.raises(anyio.BrokenResourceError):
+            await old.receive()
+        assert agents.switch.agents == 1
+    async with switch_of(SETTINGS, user="alice") as agents:
+        _, a = await agents.join("process-1")
+        _, b = await agents.join("process-2")
+        assert a != b
         assert agents.switch.agents == 2

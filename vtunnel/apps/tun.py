@@ -6,7 +6,8 @@ per agent carries the IP packets, one packet per datagram: unreliable datagrams 
 (rudp://), DATA frames elsewhere.
 
 * The agent opens the stream with its identity (``vt-tun-id``, random per agent process, so a reconnecting agent
-  gets its address back) and learns its addresses and the server's packet size limit from the SYN-ACK's headers
+  gets its address back; a server with per-user keys leases by the tunnel's user instead, so a restarted agent
+  gets its user's address back too) and learns its addresses and the server's packet size limit from the SYN-ACK's headers
   (``vt-tun-address``, once per pool, and ``vt-tun-mtu``).
 * The server's :class:`TunSwitch` forwards what an agent sends: to another agent (unless client-to-client
   traffic is forbidden), to the server's own addresses, or (through the exit policy) to the kernel, which routes it
@@ -107,6 +108,9 @@ class TunServerSettings:
     #: install an nftables masquerade for the pools (and turn on forwarding) while the server runs
     nat: bool = False
     lease_time: float = LEASE_TIME
+    #: lease by the user whose key the agent's tunnel used (a server with per-user keys): an agent gets its user's
+    #: addresses back on any tunnel, also after it restarted, and one agent per user holds them at a time
+    by_user: bool = False
 
     def __post_init__(self) -> None:
         if not self.pools:
@@ -280,7 +284,11 @@ class TunSwitch:
     def serve(self, stream: TunnelStream) -> None:
         """An agent's ``tun`` stream: give it its addresses (SYN-ACK) and switch its packets from now on."""
         headers = dict(stream.metadata.headers) if stream.metadata is not None else {}
-        identity = headers.get(ID_HEADER) or f"{stream.tunnel_name}/{stream.stream_id}"
+        user = stream.tunnel_user
+        if self.settings.by_user and user is not None:
+            identity = f"user:{user}"  # the user's addresses, whatever the agent process calls itself
+        else:
+            identity = headers.get(ID_HEADER) or f"{stream.tunnel_name}/{stream.stream_id}"
         old = self._by_identity.get(identity)
         if old is not None:  # the same agent on a new tunnel: the old stream is stale (unplugged before the
             self._unplug(old)  # lease, which would otherwise count the live agent's address as waiting)

@@ -63,6 +63,8 @@ class StreamCarrier(Protocol):
 
     name: str
     tunnel: Tunnel
+    #: the peer's user (a server's tunnel under per-user keys), else None
+    user: str | None
 
     @property
     def closed(self) -> bool: ...
@@ -161,6 +163,11 @@ class TunnelStream:
     def tunnel_name(self) -> str:
         """The name of the tunnel connection carrying this stream (for logs)."""
         return self._carrier.name
+
+    @property
+    def tunnel_user(self) -> str | None:
+        """Whose key the peer of the tunnel carrying this stream used (a server under per-user keys), or None."""
+        return self._carrier.user
 
     @property
     def attached(self) -> bool:
