@@ -103,7 +103,6 @@ class TunnelConnection:
         #: streams whose consumers are told (``deliver_room``) once the output is under its high-water mark, in
         #: the order they asked (a dict: ordered, and O(1) to remove from)
         self._room_wanted: dict[TunnelStream, None] = {}
-        self._room_retry: asyncio.TimerHandle | None = None
         self._telling_room = False
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
@@ -194,7 +193,7 @@ class TunnelConnection:
     def _room_returned(self) -> None:
         """Tell the longest-waiting streams there is room, as many as the room holds, and none once the output is
         over its high-water mark again (a stream told may write at once); the rest when the output drains further,
-        or after :data:`_ROOM_RETRY` if those told added nothing. All of them once the tunnel is closed. Not
+        or at the connection's timer :data:`_ROOM_RETRY` later if those told added nothing. All of them once the tunnel is closed. Not
         re-entered: a write by a stream being told runs ``transmit``, which leaves the telling to this pass."""
         if self._telling_room:
             return
@@ -214,13 +213,10 @@ class TunnelConnection:
                 budget -= 1
         finally:
             self._telling_room = False
-        if self._room_wanted and self._room_retry is None and self._loop is not None:
-            self._room_retry = self._loop.call_later(_ROOM_RETRY, self._room_again)
-
-    def _room_again(self) -> None:
-        self._room_retry = None
-        if self._room_wanted and (self.closed or self.outbound_bytes <= OUTBOUND_HIGH_WATER):
-            self._room_returned()
+        if self._room_wanted:  # the connection's one timer runs transmit, which tells the next ones
+            retry = _now() + _ROOM_RETRY
+            if retry < self._timer_when - _TIMER_SLACK:
+                self._arm(retry)
 
     def _send(self, data: bytes) -> None:
         try:
@@ -417,9 +413,6 @@ class TunnelConnection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._room_retry is not None:
-            self._room_retry.cancel()
-            self._room_retry = None
         for stream in list(self.streams.values()):
             stream.deliver_tunnel_closed()
         self._room_returned()
