@@ -193,8 +193,9 @@ class TunnelConnection:
     def _room_returned(self) -> None:
         """Tell the longest-waiting streams there is room, as many as the room holds, and none once the output is
         over its high-water mark again (a stream told may write at once); the rest when the output drains further,
-        or at the connection's timer :data:`_ROOM_RETRY` later if those told added nothing. All of them once the tunnel is closed. Not
-        re-entered: a write by a stream being told runs ``transmit``, which leaves the telling to this pass."""
+        or at the connection's timer :data:`_ROOM_RETRY` later if those told added nothing. All of them once the
+        tunnel is closed. Not re-entered: a write by a stream being told runs ``transmit``, which leaves the
+        telling to this pass."""
         if self._telling_room:
             return
         self._telling_room = True

@@ -326,8 +326,9 @@ class StreamLink(Link):
                 await self._stream.send_eof()
             except (NotImplementedError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 raise
-            except Exception as exc:  # the stream's own failure (anyio's TLS stream, its connection already shut,
-                # raises TypeError; a plugin's may raise anything): the link is broken, which its user handles
+            except Exception as exc:
+                # the stream's own failure (anyio's TLS stream, its connection already shut, raises TypeError; a
+                # plugin's may raise anything): the link is broken, which its user handles
                 raise anyio.BrokenResourceError(f"send_eof failed: {exc!r}") from exc
 
     async def aclose(self) -> None:
