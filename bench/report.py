@@ -695,7 +695,9 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
         f"shadowsocks-libev {v.get('shadowsocks-libev') or 'not installed'}.",
         "",
         "Cells: median over the rounds (min-max). Ratios compare medians. kcptun runs fast3, windows 1024, "
-        "no crypt, no compression, no FEC; shadowsocks-libev runs aes-256-gcm (SOCKS5 scenarios only); `+psk` is "
+        "no crypt, no compression, no FEC; vtunnel-kcptun is a vtunnel agent (`--peer kcptun`, the same options "
+        "as kcp:// query) in place of kcptun-client, against the same kcptun-server; shadowsocks-libev runs "
+        "aes-256-gcm (SOCKS5 scenarios only); `+psk` is "
         "vtunnel with its pre-shared key (authenticated encryption). CPU s/GB is the CPU time of both ends of "
         "the tunnel (agent and server, or ss-local and ss-server) per GB delivered.",
         "",

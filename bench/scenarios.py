@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bench.systems import FEC_SHARDS, SystemSpec
+from bench.systems import FEC_SHARDS, KCPTUN_PEER, SystemSpec
 
 __all__ = [
     "LOSS_LEVELS",
@@ -87,7 +87,8 @@ class Scenario:
     ``params`` are for a full run; ``quick`` overrides some for ``--quick``. ``own_stack``
     scenarios get a fresh stack per system and round instead of sharing one with the others of their link.
     ``fec`` scenarios compare kcp:// with and without FEC: they run the kcp systems only, and only they run the
-    ``+fec`` ones.
+    ``+fec`` ones. ``kcptun_peer`` scenarios also run ``vtunnel-kcptun`` (a vtunnel agent against kcptun-server,
+    beside kcptun's own pair); only they do.
     """
 
     name: str
@@ -108,6 +109,7 @@ class Scenario:
     #: clients reach the destination through the client side's SOCKS5 proxy (vtunnel's ``--socks`` front,
     #: shadowsocks' ss-local); only these scenarios run the ``shadowsocks`` system, and they need their own stack
     socks: bool = False
+    kcptun_peer: bool = False
 
     def settings(self, *, quick: bool) -> dict[str, float]:
         merged = dict(self.params)
@@ -121,6 +123,8 @@ class Scenario:
         if self.socks and system.kind not in ("shadowsocks", "vtunnel"):
             return False
         if system.fec and not self.fec:
+            return False
+        if system.kind == KCPTUN_PEER and not self.kcptun_peer:
             return False
         if self.fec and system.transport != "kcp":
             return False
@@ -140,6 +144,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="bulk goodput, 1 stream (validated by the sink)",
         params={"streams": 1, "bytes": 256 * MiB, "timeout": 120},
         quick={"bytes": 64 * MiB, "timeout": 60},
+        kcptun_peer=True,
     ),
     Scenario(
         name="bulk-16",
@@ -147,6 +152,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="bulk goodput, 16 parallel streams in one tunnel",
         params={"streams": 16, "bytes": 256 * MiB, "timeout": 120},
         quick={"bytes": 64 * MiB, "timeout": 60},
+        kcptun_peer=True,
     ),
     Scenario(
         name="bulk-1024",
@@ -174,6 +180,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="64-byte request/response latency on one stream",
         params={"count": 20000, "timeout": 120},
         quick={"count": 2000, "timeout": 60},
+        kcptun_peer=True,
     ),
     Scenario(
         name="ttfb",
@@ -331,9 +338,14 @@ NOT_AUTOMATIC: frozenset[str] = frozenset({"tls"})
 
 
 def all_systems(plugins: tuple[str, ...] = ()) -> list[SystemSpec]:
-    """Every system in report order: direct, kcptun, shadowsocks, then vtunnel per transport (``plugins`` last), without and
-    with the key (kcp also with FEC, for the ``fec`` scenarios)."""
-    systems = [SystemSpec(kind="direct"), SystemSpec(kind="kcptun"), SystemSpec(kind="shadowsocks")]
+    """Every system in report order: direct, kcptun, vtunnel-kcptun, shadowsocks, then vtunnel per transport
+    (``plugins`` last), without and with the key (kcp also with FEC, for the ``fec`` scenarios)."""
+    systems = [
+        SystemSpec(kind="direct"),
+        SystemSpec(kind="kcptun"),
+        SystemSpec(kind=KCPTUN_PEER),
+        SystemSpec(kind="shadowsocks"),
+    ]
     for transport in (*VTUNNEL_TRANSPORTS, *plugins):
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False))
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=True))

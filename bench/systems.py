@@ -1,7 +1,9 @@
 """The systems under test and how to start them.
 
 A :class:`SystemSpec` is data: ``direct`` (the client talks to the workload server itself), ``kcptun``
-(Debian's ``kcptun-client``/``kcptun-server`` in the reference configuration), ``shadowsocks`` (Debian's
+(Debian's ``kcptun-client``/``kcptun-server`` in the reference configuration), ``vtunnel-kcptun`` (a vtunnel
+agent with ``--peer kcptun`` in place of kcptun-client, against the same kcptun-server, the same configuration
+given as ``kcp://`` options), ``shadowsocks`` (Debian's
 shadowsocks-libev ``ss-local``/``ss-server`` with aes-256-gcm, a SOCKS5 proxy: SOCKS5 scenarios only) or
 ``vtunnel`` over one transport, with or without the pre-shared key. :func:`start_stack` starts the workload server and the system's
 processes for one placement and returns a :class:`Stack` whose ``entry`` is where the workload clients
@@ -32,6 +34,7 @@ from bench.refs import REPO_ROOT, RefTree
 __all__ = [
     "FEC_SHARDS",
     "KCPTUN_ARGS",
+    "KCPTUN_PEER",
     "SHADOWSOCKS_ARGS",
     "TRANSPORT_URLS",
     "UDP_TRANSPORTS",
@@ -40,6 +43,7 @@ __all__ = [
     "agent_argv",
     "code_env",
     "installed_transports",
+    "kcptun_query",
     "kcptun_version",
     "make_psk_file",
     "run_client",
@@ -91,6 +95,29 @@ KCPTUN_ARGS: tuple[str, ...] = (
     "vtunnel-bench",
 )
 
+#: the system of a vtunnel agent (``--peer kcptun``) against kcptun-server
+KCPTUN_PEER = "vtunnel-kcptun"
+
+
+def kcptun_query(args: Sequence[str] = KCPTUN_ARGS) -> tuple[str, str]:
+    """kcptun's command-line options as the ``kcp://`` query of ``--peer kcptun`` (kcptun's own names) and the
+    passphrase (``--key``, which goes in a file, never in a URL)."""
+    options: list[str] = []
+    key = ""
+    rest = list(args)
+    while rest:
+        name = rest.pop(0).removeprefix("--")
+        if name == "quiet":
+            continue
+        if name == "nocomp":
+            options.append(name)
+        elif name == "key":
+            key = rest.pop(0)
+        else:
+            options.append(f"{name}={rest.pop(0)}")
+    return "&".join(options), key
+
+
 #: shadowsocks-libev's configuration (both sides): the AEAD cipher of the SOCKS5 comparison, TCP only.
 SHADOWSOCKS_ARGS: tuple[str, ...] = ("-m", "aes-256-gcm", "-k", "vtunnel-bench")
 
@@ -104,7 +131,7 @@ LAUNCHER = Path(__file__).resolve().with_name("launch.py")
 class SystemSpec:
     """One system under test; a vtunnel system with ``ref`` runs the vtunnel package exported from that commit."""
 
-    kind: str  # "direct" | "kcptun" | "shadowsocks" | "vtunnel"
+    kind: str  # "direct" | "kcptun" | "vtunnel-kcptun" | "shadowsocks" | "vtunnel"
     transport: str | None = None
     keyed: bool = False
     #: kcp:// with forward error correction (``fec=`` :data:`FEC_SHARDS`)
@@ -124,7 +151,9 @@ class SystemSpec:
 
     @property
     def udp(self) -> bool:
-        return self.kind == "kcptun" or (self.kind == "vtunnel" and self.transport in UDP_TRANSPORTS)
+        return self.kind in ("kcptun", KCPTUN_PEER) or (
+            self.kind == "vtunnel" and self.transport in UDP_TRANSPORTS
+        )
 
     @property
     def tunnel(self) -> bool:
@@ -298,6 +327,12 @@ def system_unavailable(system: SystemSpec, transports: set[str]) -> str | None:
         if shutil.which("kcptun-client") is None or shutil.which("kcptun-server") is None:
             return "kcptun is not installed (run bench/setup.sh)"
         return None
+    if system.kind == KCPTUN_PEER:
+        if shutil.which("kcptun-server") is None:
+            return "kcptun is not installed (run bench/setup.sh)"
+        if vtunnel_bin() is None:
+            return "the vtunnel command is not installed"
+        return None
     if system.kind == "shadowsocks":
         if shutil.which("ss-local") is None or shutil.which("ss-server") is None:
             return "shadowsocks-libev is not installed (run bench/setup.sh)"
@@ -404,6 +439,8 @@ def start_stack(
         stack.procs["relay"] = group.spawn(
             "relay", relay_argv(f"127.0.0.1:{dial_port}", f"127.0.0.1:{tunnel_port}", relay)
         )
+    if system.kind == KCPTUN_PEER:
+        psk_file = _kcptun_key_file(group.log_dir)
     entry_port = free_port()
     stack.entry_host = "127.0.0.1"
     stack.entry_port = entry_port
@@ -444,7 +481,17 @@ def start_stack(
     _wait_ready(stack, READY_TIMEOUT)
     if system.kind == "vtunnel":
         stack.code = {role: check_code(stack.procs[role], system) for role in ("server", "agent")}
+    elif system.kind == KCPTUN_PEER:
+        stack.code = {"agent": check_code(stack.procs["agent"], system)}
     return stack
+
+
+def _kcptun_key_file(directory: Path) -> Path:
+    """kcptun's passphrase of the reference configuration in a private file, for ``--peer kcptun``."""
+    path = directory / "kcptun.key"
+    path.write_text(kcptun_query()[1] + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def start_spliced_agent(
@@ -501,7 +548,7 @@ def server_argv(
 ) -> list[str]:
     """The tunnel server's command line (kcptun-server or ``vtunnel server``) listening on ``listen``; run a
     vtunnel one with :func:`code_env`."""
-    if system.kind == "kcptun":
+    if system.kind in ("kcptun", KCPTUN_PEER):
         return ["kcptun-server", "-l", listen, "-t", target, *KCPTUN_ARGS, *extra]
     if system.kind == "shadowsocks":
         host, _, port = listen.rpartition(":")
@@ -530,9 +577,27 @@ def agent_argv(
     socks: bool = False,
 ) -> list[str]:
     """The tunnel client's command line (kcptun-client, ss-local or ``vtunnel agent``) from ``entry`` to
-    ``server``; run a vtunnel one with :func:`code_env`. ``socks``: ``entry`` is a SOCKS5 front, not a forward."""
+    ``server``; run a vtunnel one with :func:`code_env`. ``socks``: ``entry`` is a SOCKS5 front, not a forward.
+    ``vtunnel-kcptun``: ``psk_file`` holds kcptun's passphrase, and ``conns`` is kcptun's ``--conn``."""
     if system.kind == "kcptun":
         return ["kcptun-client", "-l", entry, "-r", server, "--conn", str(conns), *KCPTUN_ARGS, *extra]
+    if system.kind == KCPTUN_PEER:
+        if psk_file is None:
+            raise HarnessError(f"{system.name} needs kcptun's passphrase in a file")
+        query = kcptun_query()[0] + (f"&conn={conns}" if conns != 1 else "")
+        return [
+            *vtunnel_command(),
+            "agent",
+            "--peer",
+            "kcptun",
+            "--server",
+            f"kcp://{server}?{query}",
+            "--forward",
+            entry,
+            "--psk-file",
+            str(psk_file),
+            *extra,
+        ]
     if system.kind == "shadowsocks":
         server_host, _, server_port = server.rpartition(":")
         entry_host, _, entry_port = entry.rpartition(":")

@@ -58,6 +58,34 @@ def test_fec_scenarios_run_the_kcp_systems_alone_and_only_they_run_the_fec_ones(
     assert tunnel_url(fec, "127.0.0.1:9") == "kcp://127.0.0.1:9?mode=fast3&mtu=1350&fec=10/3"
 
 
+def test_the_vtunnel_kcptun_system_runs_beside_kcptuns_pair_in_its_scenarios_only() -> None:
+    from bench.systems import KCPTUN_ARGS, agent_argv, kcptun_query, server_argv
+
+    runner = Runner(RunOptions(quick=True, rounds=1))
+    runner.systems = all_systems()
+    jobs = runner.plan()
+    peer = sorted({sc.name for j in jobs for sc in j.scenarios if j.system.name == "vtunnel-kcptun"})
+    assert peer == ["bulk-1", "bulk-16", "rr-64"]
+    assert all(
+        "kcptun" in {j.system.name for j in jobs if sc.name in {s.name for s in j.scenarios}}
+        for sc in SCENARIOS
+        if sc.name in peer
+    )
+    system = next(s for s in all_systems() if s.name == "vtunnel-kcptun")
+    assert system.udp
+    assert system.tunnel
+    # the same kcptun-server command line as kcptun's own pair, and its options as the agent's kcp:// query
+    kcptun = next(s for s in all_systems() if s.name == "kcptun")
+    assert server_argv(system, "h:1", "h:2", None) == server_argv(kcptun, "h:1", "h:2", None)
+    query, key = kcptun_query()
+    assert key == KCPTUN_ARGS[KCPTUN_ARGS.index("--key") + 1]
+    assert query == "mode=fast3&sndwnd=1024&rcvwnd=1024&crypt=none&nocomp&datashard=0&parityshard=0"
+    argv = agent_argv(system, "127.0.0.1:9", "127.0.0.1:8", Path("/k"), conns=3)
+    assert argv[argv.index("--server") + 1] == f"kcp://127.0.0.1:9?{query}&conn=3"
+    assert argv[argv.index("--peer") + 1] == "kcptun"
+    assert argv[argv.index("--psk-file") + 1] == "/k"
+
+
 def test_unknown_scenario_is_a_clear_error() -> None:
     from bench.procs import HarnessError
 
