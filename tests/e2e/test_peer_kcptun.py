@@ -9,8 +9,11 @@ at start.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -119,12 +122,21 @@ def lossy_path(port: int, loss: float) -> Iterator[int]:
 
 @contextlib.contextmanager
 def agent_to_kcptun_server(
-    procs: Processes, key: Path, echo: int, query: str, options: list[str], loss: float = 0.0
+    procs: Processes,
+    key: Path,
+    echo: int,
+    query: str,
+    options: list[str],
+    loss: float = 0.0,
+    *,
+    quiet: bool = True,
 ) -> Iterator[int]:
-    """A real kcptun-server to ``echo`` and a vtunnel agent in front of it; yields the agent's forward port."""
+    """A real kcptun-server to ``echo`` and a vtunnel agent in front of it; yields the agent's forward port.
+    ``quiet=False``: kcptun-server logs every stream it opens, with the session's UDP address."""
     assert KCPTUN_SERVER is not None
     port = free_port(2)
-    args = ["--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}", *options, "--quiet"]
+    args = ["--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}", *options]
+    args += ["--quiet"] if quiet else []
     with (
         kcptun_process(KCPTUN_SERVER, args + kcptun_key_args(query), procs.tmp / "kcptun-server.log"),
         lossy_path(port, loss) as reach,
@@ -189,6 +201,51 @@ def test_16_mib_each_way_at_5_percent_loss(procs: Processes, key: Path, pairing:
     with echo_server() as echo, PAIRINGS[pairing](procs, key, echo, "", [], loss=0.05) as front:
         took = roundtrip(front, LOSSY)
     print(f"{pairing} at 5% loss: {LOSSY // MiB} MiB each way in {took:.1f} s")
+
+
+def test_conn_spreads_the_streams_over_that_many_sessions(procs: Processes, key: Path) -> None:
+    """``conn=3`` (kcptun-client's ``--conn``): three UDP sessions to the real kcptun-server, the connections given
+    to them in turn; kcptun-server's log names each stream's session by its UDP address."""
+    with (
+        echo_server() as echo,
+        agent_to_kcptun_server(procs, key, echo, "conn=3", [], quiet=False) as front,
+        concurrent.futures.ThreadPoolExecutor(6) as pool,
+    ):
+        held = [socket.create_connection(("127.0.0.1", front), timeout=30) for _ in range(6)]
+        try:
+            for i, sock in enumerate(held):  # every stream is open (and named in the log) before any ends
+                sock.sendall(b"%d" % i)
+                assert sock.recv(16) == b"%d" % i
+            took = list(pool.map(lambda i: roundtrip(front, 4 * MiB, seed=i), range(6)))
+        finally:
+            for sock in held:
+                sock.close()
+        log = (procs.tmp / "kcptun-server.log").read_text(errors="replace")
+    sessions = collections.Counter(re.findall(r"stream opened in: (\S+)\(\d+\)", log))
+    assert len(sessions) == 3, sessions
+    assert min(sessions.values()) >= 4, sessions  # 12 streams (and wait_port's) in turn: 4 or 5 each
+    print(
+        f"conn=3: 6 x 4 MiB each way at once, {max(took):.1f} s; streams per session {sorted(sessions.values())}"
+    )
+
+
+def test_conn_is_a_client_option(key: Path) -> None:
+    done = run_cli(
+        "server", "--peer", "kcptun", "--listen", "kcp://127.0.0.1:0?crypt=none&conn=2", "--target", "h:1"
+    )
+    assert done.returncode == 2
+    assert "conn is kcptun-client's option (--conn)" in done.stderr
+    done = run_cli(
+        "agent",
+        "--peer",
+        "kcptun",
+        "--server",
+        "kcp://127.0.0.1:9?crypt=none&conn=0",
+        "--forward",
+        "127.0.0.1:0",
+    )
+    assert done.returncode == 2
+    assert "conn 0 out of range" in done.stderr
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -377,7 +377,9 @@ class KcptunLink:
 
 class KcptunAgent:
     """``vtunnel agent --peer kcptun``: every connection to a ``--forward`` port is a stream to a kcptun-server,
-    which sends it to its ``--target``. One session, opened at the first connection and again after it died."""
+    which sends it to its ``--target``. ``conn`` sessions (kcptun-client's ``--conn``), each on a UDP socket of its
+    own, the connections given to them in turn; a session is opened when its turn first comes, and again after
+    it died."""
 
     def __init__(
         self,
@@ -397,8 +399,9 @@ class KcptunAgent:
         self.drain_timeout = drain_timeout
         self.local_addresses: dict[str, str] = {}
         self._crypt = config.packet_crypt()
-        self._link: KcptunLink | None = None
-        self._socket: DatagramSocket | None = None
+        #: one per ``conn``: the slot's session and its socket, or ``None`` before its first turn
+        self._slots: list[tuple[KcptunLink, DatagramSocket] | None] = [None] * config.conn
+        self._turn = 0
         self._peer: Address | None = None
         self._stopping = anyio.Event()
         self._active = 0
@@ -420,7 +423,12 @@ class KcptunAgent:
                 shown = f"{name[0]}:{name[1]}"
                 self.local_addresses[f"forward {shown}"] = shown
                 log.info(
-                    "listening", front="forward target", address=shown, server=str(self.server), peer="kcptun"
+                    "listening",
+                    front="forward target",
+                    address=shown,
+                    server=str(self.server),
+                    peer="kcptun",
+                    conn=self.config.conn,
                 )
             task_status.started(self.local_addresses)
             await self._stopping.wait()
@@ -429,10 +437,10 @@ class KcptunAgent:
                 srv.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.drain_timeout):
                 await self._idle.wait()
-            if self._link is not None:
-                self._link.close("agent stopped")
-            if self._socket is not None:
-                self._socket.close()
+            for slot in self._slots:
+                if slot is not None:
+                    slot[0].close("agent stopped")
+                    slot[1].close()
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -454,25 +462,28 @@ class KcptunAgent:
             self._idle.set()
 
     def _session(self) -> KcptunLink:
-        if self._link is not None and not self._link.closed:
-            return self._link
-        if self._socket is not None:
-            self._socket.close()
+        """The session whose turn it is (kcptun's round robin), opened anew if it is not there or died."""
+        index = self._turn
+        self._turn = (index + 1) % len(self._slots)
+        slot = self._slots[index]
+        if slot is not None:
+            if not slot[0].closed:
+                return slot[0]
+            slot[1].close()
+            self._slots[index] = None
         peer = self._peer
         assert peer is not None
         sock = open_client_socket(self._family, peer)
         loop = asyncio.get_running_loop()
         session = KcptunSession.client(self.config, now=loop.time(), crypt=self._crypt)
-        udp: DatagramSocket
 
         def received(batch: list[tuple[bytes, Address]]) -> None:
             link.receive([datagram for datagram, source in batch if source == peer])
 
         udp = DatagramSocket(sock, received)
-        self._socket = udp
         link = KcptunLink(session, lambda datagrams: udp.sendto_many(datagrams, peer))
-        self._link = link
-        log.info("kcptun session opened", conv=session.conv, server=str(self.server))
+        self._slots[index] = (link, udp)
+        log.info("kcptun session opened", conv=session.conv, server=str(self.server), slot=index)
         return link
 
 

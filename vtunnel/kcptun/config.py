@@ -23,6 +23,8 @@ __all__ = ["DEFAULT_KEY", "MODES", "KcptunConfig"]
 DEFAULT_KEY: Final = "it's a secrect"
 #: ``--mode`` values; ``manual`` takes ``nodelay``, ``interval``, ``resend`` and ``nc`` as given
 MODES: Final = ("normal", "fast", "fast2", "fast3", "manual")
+#: the most UDP sessions ``conn`` opens (kcptun takes up to 65535; each is a socket and a KCP session)
+_MAX_CONN: Final = 256
 #: the smallest keepalive timeout smux is given (its default); a longer interval stretches it
 _KEEPALIVE_TIMEOUT: Final = 30.0
 
@@ -45,6 +47,8 @@ class KcptunConfig:
     streambuf: int = 2097152
     #: seconds between smux keepalives
     keepalive: int = 10
+    #: kcptun-client's ``--conn``: UDP sessions to the server, the streams spread over them in turn (client only)
+    conn: int = 1
     #: ``mode manual`` only (kcptun's hidden defaults)
     nodelay: int = 0
     interval: int = 50
@@ -68,6 +72,8 @@ class KcptunConfig:
             raise ConfigError("sndwnd and rcvwnd must be positive")
         if self.keepalive < 1 or self.streambuf < 1:
             raise ConfigError("keepalive and streambuf must be positive")
+        if not 1 <= self.conn <= _MAX_CONN:
+            raise ConfigError(f"conn {self.conn} out of range (1..{_MAX_CONN})")
 
     @classmethod
     def client(cls, **options: object) -> Self:
@@ -91,6 +97,10 @@ class KcptunConfig:
                     "not an option)"
                     if name != "key"
                     else "the kcptun passphrase (--key) is not a URL option: give it in a file"
+                )
+            if name == "conn" and not client:
+                raise ConfigError(
+                    "conn is kcptun-client's option (--conn): a server takes every session its clients open"
                 )
             values[name] = _option_value(name, text, kind)
         if key is not None:
