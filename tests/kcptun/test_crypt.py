@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vtunnel.kcptun.crypt import CIPHERS, HEADER_SIZE, PacketCrypt, derive_key, make_block_crypt
+from vtunnel.kcptun.crypt import (
+    CIPHERS,
+    HEADER_SIZE,
+    UNSUPPORTED,
+    PacketCrypt,
+    derive_key,
+    make_block_crypt,
+)
 from vtunnel.kcptun.errors import ConfigError, CryptError
 
 CRYPTS = {name: PacketCrypt(make_block_crypt(name, "secret")) for name in CIPHERS}
@@ -20,9 +28,19 @@ def test_key_is_pbkdf2_sha1_with_kcptuns_salt() -> None:
     assert len(derive_key(b"x")) == 32
 
 
-def test_unknown_cipher_is_a_config_error() -> None:
-    with pytest.raises(ConfigError):
-        make_block_crypt("salsa20", "k")
+def test_a_cipher_not_offered_is_a_config_error_naming_it() -> None:
+    for name in UNSUPPORTED:  # kcptun's, without a library here
+        with pytest.raises(ConfigError, match=f"kcptun's crypt '{name}' is not supported: "):
+            make_block_crypt(name, "k")
+    with pytest.raises(ConfigError, match=re.escape("crypt 'aes-256' is not supported (supported: aes, ")):
+        make_block_crypt("aes-256", "k")  # kcptun would quietly take it for aes
+
+
+def test_salsa20_leaves_the_first_eight_bytes_in_clear() -> None:
+    crypt = PacketCrypt(make_block_crypt("salsa20", "k"), entropy=lambda n: bytes(range(n)))
+    sealed = crypt.seal(b"abc" * 50)
+    assert sealed[:8] == bytes(range(8))
+    assert sealed[8:16] != bytes(range(8, 16))
 
 
 @pytest.mark.parametrize("name", sorted(CIPHERS))

@@ -39,6 +39,7 @@ from vtunnel.kcptun import (
     StreamOpened,
     first_conv,
 )
+from vtunnel.kcptun.crypt import CIPHERS
 
 pytestmark = [needs_kcptun, pytest.mark.timeout(120)]
 
@@ -151,19 +152,29 @@ def echo_through_kcptun_client(config: KcptunConfig, size: int, tmp_path: Path, 
             sock.close()
 
 
+CASES = (
+    ("none", 0, 0, True, 1),
+    ("none", 10, 3, False, 2),
+    ("aes", 0, 0, False, 1),
+    ("aes", 10, 3, True, 2),
+    ("aes", 10, 3, False, 1),
+    ("aes-128", 0, 0, True, 2),
+    ("aes-192", 10, 3, True, 1),
+    ("xor", 0, 0, False, 2),
+    ("sm4", 10, 3, False, 1),
+    ("blowfish", 0, 0, True, 2),
+    ("cast5", 10, 3, True, 1),
+    ("3des", 0, 0, False, 1),
+    ("salsa20", 10, 3, False, 2),
+)  # fmt: skip
 COMBINATIONS = [
     pytest.param(crypt, ds, ps, nocomp, smuxver, id=f"{crypt}-fec{ds}.{ps}-{'nocomp' if nocomp else 'snappy'}-smux{smuxver}")
-    for crypt, ds, ps, nocomp, smuxver in (
-        ("none", 0, 0, True, 1),
-        ("none", 10, 3, False, 2),
-        ("aes", 0, 0, False, 1),
-        ("aes", 10, 3, True, 2),
-        ("aes", 10, 3, False, 1),
-        ("aes-128", 0, 0, True, 2),
-        ("aes-192", 10, 3, True, 1),
-        ("xor", 0, 0, False, 2),
-    )
+    for crypt, ds, ps, nocomp, smuxver in CASES
 ]  # fmt: skip
+
+
+def test_every_offered_cipher_is_tested_against_kcptun_client() -> None:
+    assert {case[0] for case in CASES} == set(CIPHERS)
 
 
 @pytest.mark.parametrize(("crypt", "ds", "ps", "nocomp", "smuxver"), COMBINATIONS)

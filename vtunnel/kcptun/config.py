@@ -13,7 +13,14 @@ from typing import Final, Self
 
 from vtunnel.arq.fec import FEC_OVERHEAD
 from vtunnel.arq.kcp_options import PRESETS, KCPOptions
-from vtunnel.kcptun.crypt import CIPHERS, HEADER_SIZE, MTU_LIMIT, Entropy, PacketCrypt, make_block_crypt
+from vtunnel.kcptun.crypt import (
+    HEADER_SIZE,
+    MTU_LIMIT,
+    Entropy,
+    PacketCrypt,
+    check_cipher,
+    make_block_crypt,
+)
 from vtunnel.kcptun.errors import ConfigError
 from vtunnel.kcptun.smux import SmuxConfig
 
@@ -56,8 +63,7 @@ class KcptunConfig:
     nc: int = 0
 
     def __post_init__(self) -> None:
-        if self.crypt not in CIPHERS:
-            raise ConfigError(f"crypt {self.crypt!r} is not supported (supported: {', '.join(CIPHERS)})")
+        check_cipher(self.crypt)
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.smuxver not in (1, 2):

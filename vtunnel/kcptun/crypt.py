@@ -9,14 +9,20 @@ is still there: kcptun always installs a cipher, the "none" one merely copies). 
 the nonce and drops the datagram unless the CRC matches; the CRC is all the integrity there is (no MAC, no
 replay protection).
 
-The block ciphers (aes, aes-128, aes-192 here) run in CFB mode over the whole datagram, with a fixed IV that
-kcp-go compiles in. Because the random nonce is the first plaintext block, the first ciphertext block is random
-and every later keystream block depends on it: the nonce does the work a per-datagram IV would. ``xor`` XORs
-the datagram with a fixed 1500-byte table.
+The block ciphers (aes, aes-128, aes-192, sm4 with 16-byte blocks; blowfish, cast5, 3des with 8-byte ones) run
+in CFB mode (full-block feedback) over the whole datagram, with a fixed IV that kcp-go compiles in (its first 8
+bytes for an 8-byte block). Because the random nonce is the first plaintext bytes, the first ciphertext block is
+random and every later keystream block depends on it: the nonce does the work a per-datagram IV would.
+``salsa20`` leaves the first 8 bytes (of the nonce) in clear and XORs the rest with Salsa20's keystream under
+them as its nonce. ``xor`` XORs the datagram with a fixed 1500-byte table.
 
 Keys: kcptun stretches the passphrase (``--key``) with PBKDF2-HMAC-SHA1, salt ``kcp-go``, 4096 iterations, to 32
-bytes; aes uses all 32 bytes, aes-128 the first 16, aes-192 the first 24, xor stretches those 32 bytes again
-(PBKDF2-HMAC-SHA1, its own salt, 32 iterations) into its table.
+bytes; aes, blowfish and salsa20 use all 32 bytes, aes-128, sm4 and cast5 the first 16, aes-192 and 3des the
+first 24; xor stretches those 32 bytes again (PBKDF2-HMAC-SHA1, its own salt, 32 iterations) into its table.
+
+Libraries: cryptography (OpenSSL) for the block ciphers, pycryptodome for Salsa20 (20 rounds, 8-byte nonce, as
+golang.org/x/crypto/salsa20). kcptun's tea (kcp-go runs it with 16 rounds, not TEA's 64), xtea and twofish have
+no well-kept Python implementation and are refused by name (:data:`UNSUPPORTED`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from Crypto.Cipher import Salsa20
+from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
+from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm, Cipher, algorithms, modes
 
 try:  # cryptography 47 moved CFB among the "decrepit" modes (and drops the old name in 49)
     from cryptography.hazmat.decrepit.ciphers import modes as _decrepit_modes
@@ -43,9 +51,11 @@ __all__ = [
     "CIPHERS",
     "HEADER_SIZE",
     "NONCE_SIZE",
+    "UNSUPPORTED",
     "BlockCrypt",
     "Entropy",
     "PacketCrypt",
+    "check_cipher",
     "derive_key",
     "make_block_crypt",
 ]
@@ -100,9 +110,9 @@ class _CFBCrypt:
 
     __slots__ = ("_cipher", "name")
 
-    def __init__(self, name: str, key: bytes) -> None:
+    def __init__(self, name: str, algorithm: BlockCipherAlgorithm) -> None:
         self.name = name
-        self._cipher = Cipher(algorithms.AES(key), _CFB(_IV))
+        self._cipher = Cipher(algorithm, _CFB(_IV[: algorithm.block_size // 8]))
 
     def encrypt(self, data: bytes) -> bytes:
         return self._cipher.encryptor().update(data)
@@ -136,26 +146,66 @@ class _XORCrypt:
         return self._apply(data)
 
 
-def _aes(size: int) -> Callable[[str, bytes], BlockCrypt]:
-    return lambda name, key: _CFBCrypt(name, key[:size])
+class _Salsa20Crypt:
+    """kcp-go's salsa20: the first 8 bytes stay as they are and are the nonce of the rest's keystream."""
+
+    __slots__ = ("_key", "name")
+
+    def __init__(self, key: bytes) -> None:
+        self.name = "salsa20"
+        self._key = key
+
+    def encrypt(self, data: bytes) -> bytes:
+        if len(data) < 8:  # kcp-go leaves such a datagram alone (it never sends one: the header is 20 bytes)
+            return data
+        return data[:8] + Salsa20.new(key=self._key, nonce=data[:8]).encrypt(data[8:])
+
+    def decrypt(self, data: bytes) -> bytes:
+        return self.encrypt(data)
 
 
-#: ``--crypt`` names this module implements, each with how it is built from the derived 32-byte key
+def _cfb(algorithm: Callable[[bytes], BlockCipherAlgorithm], size: int) -> Callable[[str, bytes], BlockCrypt]:
+    """A CFB cipher keyed with the first ``size`` bytes of the derived key (kcptun's slices)."""
+    return lambda name, key: _CFBCrypt(name, algorithm(key[:size]))
+
+
+#: ``--crypt`` names this module implements, each with how it is built from the derived 32-byte key (the
+#: slices kcptun's client and server take of it)
 CIPHERS: Final[Mapping[str, Callable[[str, bytes], BlockCrypt]]] = {
-    "aes": _aes(32),
-    "aes-128": _aes(16),
-    "aes-192": _aes(24),
+    "aes": _cfb(algorithms.AES, 32),
+    "aes-128": _cfb(algorithms.AES, 16),
+    "aes-192": _cfb(algorithms.AES, 24),
+    "sm4": _cfb(algorithms.SM4, 16),
+    "blowfish": _cfb(decrepit.Blowfish, 32),
+    "cast5": _cfb(decrepit.CAST5, 16),
+    "3des": _cfb(decrepit.TripleDES, 24),
+    "salsa20": lambda _name, key: _Salsa20Crypt(key),
     "xor": lambda _name, key: _XORCrypt(key),
     "none": lambda _name, _key: _NoneCrypt(),
 }
 
+#: kcptun's other ``--crypt`` names, with why they are not here
+UNSUPPORTED: Final[Mapping[str, str]] = {
+    "tea": "kcp-go's TEA runs 16 rounds, which no well-kept Python library offers",
+    "xtea": "no well-kept Python library implements XTEA",
+    "twofish": "no well-kept Python library implements Twofish",
+}
+
+
+def check_cipher(name: str) -> None:
+    """:class:`ConfigError` naming ``name`` unless :data:`CIPHERS` has it. (kcptun itself takes a name it does not
+    know for aes; here it is an error, so that a typo never silently picks another cipher than the peer's.)"""
+    if name in CIPHERS:
+        return
+    why = UNSUPPORTED.get(name)
+    reason = f"kcptun's crypt {name!r} is not supported: {why}" if why else f"crypt {name!r} is not supported"
+    raise ConfigError(f"{reason} (supported: {', '.join(CIPHERS)})")
+
 
 def make_block_crypt(name: str, passphrase: str | bytes) -> BlockCrypt:
     """The cipher kcptun's ``--crypt NAME --key PASSPHRASE`` selects; :class:`ConfigError` if not implemented."""
-    build = CIPHERS.get(name)
-    if build is None:
-        raise ConfigError(f"crypt {name!r} is not supported (supported: {', '.join(CIPHERS)})")
-    return build(name, derive_key(passphrase))
+    check_cipher(name)
+    return CIPHERS[name](name, derive_key(passphrase))
 
 
 class PacketCrypt:
