@@ -160,9 +160,13 @@ class Driver:
         self.parity = parity
         self.crypt = session.config.packet_crypt()
         self.received = 0
+        #: the longest datagram each way
+        self.largest_in = 0
+        self.largest_out = 0
 
     def flush(self) -> None:
         for datagram in self.session.datagrams_to_send(time.monotonic()):
+            self.largest_out = max(self.largest_out, len(datagram))
             if self.drop_out is None or not self.drop_out(datagram):
                 self.sock.sendto(datagram, self.peer)
 
@@ -181,6 +185,7 @@ class Driver:
                 except BlockingIOError:
                     break
                 self.received += 1
+                self.largest_in = max(self.largest_in, len(datagram))
                 if self.parity is not None:
                     self._note_parity(datagram)
                 if self.drop is not None and self.drop(datagram):

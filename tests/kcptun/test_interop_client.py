@@ -111,7 +111,7 @@ def fec_recovered(snmp_log: Path) -> int:
     return max((int(row["FECRecovered"]) for row in rows), default=0)
 
 
-def echo_through_kcptun_client(config: KcptunConfig, size: int, tmp_path: Path, *, lossy: bool) -> None:
+def echo_through_kcptun_client(config: KcptunConfig, size: int, tmp_path: Path, *, lossy: bool) -> Driver:
     assert KCPTUN_CLIENT is not None
     sock = udp_socket()
     port = sock.getsockname()[1]
@@ -150,6 +150,7 @@ def echo_through_kcptun_client(config: KcptunConfig, size: int, tmp_path: Path, 
         finally:
             client.close()
             sock.close()
+    return driver
 
 
 CASES = (
@@ -185,3 +186,11 @@ def test_echo_from_kcptun_client(
         key=KEY, crypt=crypt, datashard=ds, parityshard=ps, nocomp=nocomp, smuxver=smuxver, mode="fast3"
     )
     echo_through_kcptun_client(config, 2 * 1024 * 1024, tmp_path, lossy=ds > 0)
+
+
+def test_mtu_and_windows_other_than_kcptuns_defaults(tmp_path: Path) -> None:
+    """mtu 1000, windows 64/256, mode normal on both ends: every datagram either way within the mtu."""
+    config = KcptunConfig(key=KEY, mtu=1000, sndwnd=64, rcvwnd=256, mode="normal")
+    driver = echo_through_kcptun_client(config, 2 * 1024 * 1024, tmp_path, lossy=True)
+    assert 900 < driver.largest_in <= 1000
+    assert 900 < driver.largest_out <= 1000

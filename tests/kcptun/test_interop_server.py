@@ -37,7 +37,7 @@ pytestmark = [needs_kcptun, pytest.mark.timeout(120)]
 CHUNK = 65536
 
 
-def echo_through_kcptun_server(config: KcptunConfig, size: int, tmp_path: Path, *, lossy: bool) -> None:
+def echo_through_kcptun_server(config: KcptunConfig, size: int, tmp_path: Path, *, lossy: bool) -> Driver:
     assert KCPTUN_SERVER is not None
     port = free_port(2)  # SOCK_DGRAM
     with (
@@ -88,6 +88,7 @@ def echo_through_kcptun_server(config: KcptunConfig, size: int, tmp_path: Path, 
             assert parity.mismatched == 0, parity
             if lossy:
                 assert session.fec_recovered > 0
+    return driver
 
 
 COMBINATIONS = [
@@ -123,3 +124,11 @@ def test_kcptun_defaults_8_mib(mode: str, tmp_path: Path) -> None:
     """kcptun's own defaults (aes, 10/3, snappy, smux v1) in its other modes, 8 MiB."""
     config = KcptunConfig.client(key=KEY, mode=mode)
     echo_through_kcptun_server(config, 8 * 1024 * 1024, tmp_path, lossy=True)
+
+
+def test_mtu_and_windows_other_than_kcptuns_defaults(tmp_path: Path) -> None:
+    """mtu 1000, windows 64/256, mode normal on both ends: every datagram either way within the mtu."""
+    config = KcptunConfig.client(key=KEY, mtu=1000, sndwnd=64, rcvwnd=256, mode="normal")
+    driver = echo_through_kcptun_server(config, 2 * 1024 * 1024, tmp_path, lossy=True)
+    assert 900 < driver.largest_in <= 1000
+    assert 900 < driver.largest_out <= 1000
