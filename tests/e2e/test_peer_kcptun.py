@@ -224,6 +224,19 @@ def test_conn_spreads_the_streams_over_that_many_sessions(procs: Processes, key:
     )
 
 
+def test_a_kcptun_client_with_conn_gets_a_session_per_connection(procs: Processes, key: Path) -> None:
+    """kcptun-client ``--conn 3`` opens three UDP sessions: the vtunnel server takes each, and serves them all."""
+    with (
+        echo_server() as echo,
+        kcptun_client_to_server(procs, key, echo, "", ["--conn", "3"]) as front,
+        concurrent.futures.ThreadPoolExecutor(6) as pool,
+    ):
+        list(pool.map(lambda i: roundtrip(front, MiB, seed=i), range(6)))
+        log = procs.output(procs.procs[0])
+    opened = re.findall(r"kcptun session opened .*client='?([0-9.:]+)", log)
+    assert len(set(opened)) == 3, opened
+
+
 def test_conn_is_a_client_option(key: Path) -> None:
     done = run_cli(
         "server", "--peer", "kcptun", "--listen", "kcp://127.0.0.1:0?crypt=none&conn=2", "--target", "h:1"
