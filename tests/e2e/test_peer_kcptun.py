@@ -237,6 +237,38 @@ def test_a_kcptun_client_with_conn_gets_a_session_per_connection(procs: Processe
     assert len(set(opened)) == 3, opened
 
 
+def test_both_ends_from_the_toml_config(procs: Processes, key: Path) -> None:
+    """``peer = "kcptun"`` and ``psk_file`` in ``[agent]`` and ``[server]``, each against the real binary."""
+    assert KCPTUN_SERVER is not None
+    assert KCPTUN_CLIENT is not None
+    with echo_server() as echo:
+        port = free_port(2)
+        args = ["--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}", "--key", PASSPHRASE]
+        with kcptun_process(KCPTUN_SERVER, [*args, "--quiet"], procs.tmp / "kcptun-server.log"):
+            front = free_port()
+            agent_toml = procs.tmp / "agent.toml"
+            agent_toml.write_text(
+                f'[agent]\npeer = "kcptun"\nserver = "kcp://127.0.0.1:{port}"\npsk_file = "{key}"\n'
+                f'forward = ["127.0.0.1:{front}"]\n'
+            )
+            procs.start("agent", "--config", str(agent_toml))
+            wait_port(front)
+            roundtrip(front, MiB)
+        port = free_port(2)
+        server_toml = procs.tmp / "server.toml"
+        server_toml.write_text(
+            f'[server]\npeer = "kcptun"\nlisten = ["kcp://127.0.0.1:{port}"]\npsk_file = "{key}"\n'
+            f'target = "127.0.0.1:{echo}"\n'
+        )
+        server = procs.start("server", "--config", str(server_toml))
+        wait_log(procs, server, "listening")
+        front = free_port()
+        args = ["--localaddr", f"127.0.0.1:{front}", "--remoteaddr", f"127.0.0.1:{port}", "--key", PASSPHRASE]
+        with kcptun_process(KCPTUN_CLIENT, [*args, "--quiet"], procs.tmp / "kcptun-client.log"):
+            wait_port(front)
+            roundtrip(front, MiB)
+
+
 def test_conn_is_a_client_option(key: Path) -> None:
     done = run_cli(
         "server", "--peer", "kcptun", "--listen", "kcp://127.0.0.1:0?crypt=none&conn=2", "--target", "h:1"
