@@ -32,6 +32,17 @@ needs_kcptun = pytest.mark.skipif(
 
 KEY = "vtunnel kcptun interop"
 
+#: the share of its datagrams a kcptun binary sends damaged with a cipher (failing the CRC at the other end).
+#: Debian's kcptun 20210922 does so with sm4 between two kcptun processes too (about 1.5% of the datagrams each
+#: way, InCsumErrors in both SNMP logs, 8 MiB echoed), never with its other ciphers: it is the binary's own, and
+#: KCP resends what was dropped. Every other cipher must arrive whole.
+PEER_DAMAGE = {"sm4": 0.10}
+
+
+def damage_allowed(crypt: str, received: int) -> int:
+    """How many of ``received`` datagrams may fail the CRC with ``crypt`` (:data:`PEER_DAMAGE`)."""
+    return int(PEER_DAMAGE.get(crypt, 0.0) * received)
+
 
 def kcptun_args(config: KcptunConfig) -> list[str]:
     """kcptun's command-line options for ``config`` (the wire ones, the mode and the windows)."""

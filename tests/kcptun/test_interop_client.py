@@ -21,6 +21,7 @@ from tests.kcptun.peers import (
     KCPTUN_CLIENT,
     KEY,
     Driver,
+    damage_allowed,
     free_port,
     kcptun_args,
     kcptun_process,
@@ -144,6 +145,10 @@ def echo_through_kcptun_client(config: KcptunConfig, size: int, tmp_path: Path, 
             serve_echo(driver, client, events, time.monotonic() + 60)
             assert client.error is None
             assert bytes(client.got) == client.data
+            assert session.dropped <= damage_allowed(config.crypt, driver.received), (
+                session.dropped,
+                driver.received,
+            )
             if lossy:
                 time.sleep(1.5)  # one more SNMP period
                 assert fec_recovered(snmp) > 0

@@ -19,6 +19,7 @@ from tests.kcptun.peers import (
     KEY,
     Driver,
     ParityCheck,
+    damage_allowed,
     echo_server,
     free_port,
     kcptun_args,
@@ -29,7 +30,7 @@ from tests.kcptun.peers import (
 )
 from vtunnel.arq.fec import TYPE_DATA, is_fec_packet
 from vtunnel.arq.reedsolomon import ReedSolomon
-from vtunnel.kcptun import DataReceived, KcptunConfig, KcptunSession, SessionClosed
+from vtunnel.kcptun import CryptError, DataReceived, KcptunConfig, KcptunSession, SessionClosed
 from vtunnel.kcptun.crypt import CIPHERS
 
 pytestmark = [needs_kcptun, pytest.mark.timeout(120)]
@@ -52,13 +53,17 @@ def echo_through_kcptun_server(config: KcptunConfig, size: int, tmp_path: Path, 
         session = KcptunSession.client(config, now=time.monotonic())
         crypt = config.packet_crypt()
         counter = itertools.count()
+        damaged = 0
 
         def drop(datagram: bytes) -> bool:
+            nonlocal damaged
+            try:
+                plain = crypt.open(datagram)
+            except CryptError:
+                damaged += 1
+                return True  # as the session would
             # with FEC: lose one data packet in 13 (at most one per group of 13), so parity must rebuild it
-            if not lossy:
-                return False
-            plain = crypt.open(datagram)
-            return is_fec_packet(plain) and plain[4] == TYPE_DATA and next(counter) % 13 == 5
+            return lossy and is_fec_packet(plain) and plain[4] == TYPE_DATA and next(counter) % 13 == 5
 
         parity = ParityCheck(ReedSolomon(config.datashard, config.parityshard)) if config.fec else None
         driver = Driver(sock, session, ("127.0.0.1", port), drop=drop, parity=parity)
@@ -78,6 +83,7 @@ def echo_through_kcptun_server(config: KcptunConfig, size: int, tmp_path: Path, 
                         got += event.data
                         session.acknowledge(sid, len(event.data))
             assert bytes(got) == data
+            assert damaged <= damage_allowed(config.crypt, driver.received), (damaged, driver.received)
             session.end_stream(sid)
             driver.pump(0)
         finally:
