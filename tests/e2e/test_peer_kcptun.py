@@ -319,6 +319,9 @@ def test_kcptun_options_are_checked_by_name_and_need_a_passphrase(key: Path) -> 
     done = run_cli("agent", *base, "--server", "kcp://127.0.0.1:9?crypt=rot13", "--psk-file", str(key))
     assert done.returncode == 2
     assert "crypt 'rot13' is not supported" in done.stderr
+    done = run_cli("agent", *base, "--server", "kcp://127.0.0.1:9?crypt=tea", "--psk-file", str(key))
+    assert done.returncode == 2
+    assert "kcptun's crypt 'tea' is not supported: kcp-go's TEA runs 16 rounds" in done.stderr
     done = run_cli("agent", *base, "--server", "kcp://127.0.0.1:9")
     assert done.returncode == 2
     assert "needs kcptun's passphrase" in done.stderr
