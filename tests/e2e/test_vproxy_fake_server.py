@@ -1,4 +1,5 @@
-"""A vtunnel agent in vproxy mode against a vproxy tunnel server written from the wire facts, over tcp:// and kcp://.
+"""vproxy's KCP (wire facts §2) both ways, and a vtunnel agent in vproxy mode against the vproxy tunnel server
+written from the wire facts, over tcp:// and kcp://.
 
 The server is :class:`tests.e2e.fake_vproxy.FakeVproxyServer` (the empty SETTINGS and nothing else, WebSocks
 required inside every stream). Over kcp:// a :class:`KcpFront` stands in front of it: vproxy's KCP from the wire
@@ -6,7 +7,8 @@ facts (§2: plain ikcp segments, no header of their own, conversation 0, stream 
 1024, mtu 1250), each client's byte stream relayed to the fake server's TCP port. It notes every datagram that
 is not conversation 0 or is longer than 1250 bytes. Every front that names a destination (SOCKS5, HTTP CONNECT,
 plain HTTP, ``--forward LISTEN=DEST``) must reach that destination, never anything else, with real curl; 512 KiB
-echoed each way through a forward fills the datagrams.
+echoed each way through a forward fills the datagrams. The other way, :class:`KcpClient` is vproxy's KCP client
+side, carrying the raw vproxy client of ``test_vproxy_wire.py`` to a ``vtunnel server --listen kcp://``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pathlib import Path
 import pytest
 import siokcp
 
-from tests.conftest import Processes, free_port, wait_port
+from tests.conftest import Processes, free_port, wait_log, wait_port
 from tests.e2e.fake_vproxy import FakeVproxyServer, fake_vproxy_server
+from tests.e2e.test_vproxy_wire import frame, handshake, read_frame
 from tests.netutil import curl, echo_roundtrip, echo_server, web_server
 
 pytestmark = [
@@ -40,12 +43,12 @@ VPROXY_MTU = 1250
 
 
 class _Session:
-    """One client's KCP control block, and the TCP connection its stream is relayed to."""
+    """One peer's KCP control block, and the TCP connection its stream is relayed to."""
 
-    def __init__(self, udp: socket.socket, client: tuple[str, int], tcp_port: int) -> None:
+    def __init__(self, udp: socket.socket, peer: tuple[str, int], tcp: socket.socket) -> None:
         def output(data: bytes) -> int:
             with contextlib.suppress(OSError):
-                udp.sendto(data, client)
+                udp.sendto(data, peer)
             return 0
 
         self.kcp = siokcp.KCPConnection(VPROXY_CONV, output, lambda _data: 0)
@@ -53,7 +56,7 @@ class _Session:
         self.kcp.nodelay(1, 10, 2, 1)
         self.kcp.wndsize(1024, 1024)
         self.kcp.setmtu(VPROXY_MTU)
-        self.tcp = socket.create_connection(("127.0.0.1", tcp_port))
+        self.tcp = tcp
         self.tcp.setblocking(False)
         self.outbox = b""  # for the TCP side
 
@@ -62,26 +65,35 @@ class _Session:
         self.tcp.close()
 
 
-class KcpFront:
-    """vproxy's KCP listener in front of a TCP tunnel server; ``faults`` lists what broke vproxy's KCP rules."""
+class _KcpRelay:
+    """vproxy's KCP on one UDP socket, each session's stream relayed to a TCP connection; ``faults`` lists the
+    datagrams that broke vproxy's KCP rules (another conversation than 0, longer than 1250 bytes)."""
 
-    def __init__(self, tcp_port: int) -> None:
-        self.tcp_port = tcp_port
+    def __init__(self) -> None:
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))
         self.udp.setblocking(False)
-        self.port: int = self.udp.getsockname()[1]
         self.faults: list[str] = []
         self.datagrams = 0
         self.largest = 0
         self.sessions: dict[tuple[str, int], _Session] = {}
         self.stop = threading.Event()
 
+    def _watched(self) -> list[socket.socket]:
+        return [self.udp, *(s.tcp for s in self.sessions.values())]
+
+    def _readable(self, readable: list[socket.socket]) -> None:
+        """Hook: sockets of the subclass's own that are readable."""
+
+    def _new_session(self, peer: tuple[str, int]) -> _Session | None:
+        """Hook: the session for a datagram from a peer without one (``None``: the datagram is dropped)."""
+        return None
+
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                watched = [self.udp, *(s.tcp for s in self.sessions.values())]
-                readable, _, _ = select.select(watched, [], [], 0.005)
+                readable, _, _ = select.select(self._watched(), [], [], 0.005)
+                self._readable(readable)
                 if self.udp in readable:
                     self._datagrams()
                 for session in list(self.sessions.values()):
@@ -97,7 +109,7 @@ class KcpFront:
     def _datagrams(self) -> None:
         for _ in range(256):
             try:
-                data, client = self.udp.recvfrom(65536)
+                data, peer = self.udp.recvfrom(65536)
             except BlockingIOError:
                 return
             self.datagrams += 1
@@ -107,10 +119,10 @@ class KcpFront:
             if len(data) < 4 or struct.unpack_from("<I", data)[0] != VPROXY_CONV:
                 self.faults.append(f"a datagram not of conversation {VPROXY_CONV}: {data[:4].hex()}")
                 continue
-            session = self.sessions.get(client)
-            if session is None:
-                session = self.sessions[client] = _Session(self.udp, client, self.tcp_port)
-            session.kcp.receive_data(data)
+            session = self.sessions.get(peer) or self._new_session(peer)
+            if session is not None:
+                self.sessions[peer] = session
+                session.kcp.receive_data(data)
 
     def _from_tcp(self, session: _Session) -> None:
         try:
@@ -132,15 +144,56 @@ class KcpFront:
                 session.outbox = session.outbox[sent:]
 
 
+class KcpFront(_KcpRelay):
+    """vproxy's KCP listener in front of a TCP tunnel server: each client's stream to ``tcp_port``."""
+
+    def __init__(self, tcp_port: int) -> None:
+        super().__init__()
+        self.tcp_port = tcp_port
+        self.port: int = self.udp.getsockname()[1]
+
+    def _new_session(self, peer: tuple[str, int]) -> _Session:
+        return _Session(self.udp, peer, socket.create_connection(("127.0.0.1", self.tcp_port)))
+
+
+class KcpClient(_KcpRelay):
+    """vproxy's KCP client side for one tunnel: the first TCP connection to ``port`` is a KCP session
+    (conversation 0) to ``127.0.0.1:server``; a later one is closed (vproxy opens a UDP port per tunnel)."""
+
+    def __init__(self, server: int) -> None:
+        super().__init__()
+        self.server = ("127.0.0.1", server)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port: int = self.listener.getsockname()[1]
+
+    def _watched(self) -> list[socket.socket]:
+        return [self.listener, *super()._watched()]
+
+    def _readable(self, readable: list[socket.socket]) -> None:
+        if self.listener not in readable:
+            return
+        conn, _ = self.listener.accept()
+        if self.server in self.sessions:
+            conn.close()
+        else:
+            self.sessions[self.server] = _Session(self.udp, self.server, conn)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.listener.close()
+
+
 @contextlib.contextmanager
-def kcp_front(tcp_port: int) -> Iterator[KcpFront]:
-    front = KcpFront(tcp_port)
-    thread = threading.Thread(target=front.run, daemon=True)
+def relaying(relay: _KcpRelay) -> Iterator[None]:
+    thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     try:
-        yield front
+        yield
     finally:
-        front.stop.set()
+        relay.stop.set()
         thread.join(timeout=5)
 
 
@@ -164,7 +217,8 @@ def vproxy_server(scheme: str) -> Iterator[tuple[FakeVproxyServer, str, KcpFront
         if scheme == "tcp":
             yield vproxy, f"tcp://127.0.0.1:{vproxy.port}", None
             return
-        with kcp_front(vproxy.port) as front:
+        front = KcpFront(vproxy.port)
+        with relaying(front):
             yield vproxy, f"kcp://127.0.0.1:{front.port}", front
 
 
@@ -206,3 +260,39 @@ def test_every_front_reaches_the_destination_it_named_through_a_vproxy_server(
         if front is not None:
             assert front.faults == []
             assert front.largest > VPROXY_MTU - 100  # the agent filled its datagrams, and no more
+
+
+def test_a_vproxy_client_over_kcp_uses_a_vtunnel_server(procs: Processes) -> None:
+    """The raw vproxy client of ``test_vproxy_wire.py`` over vproxy's KCP (conversation 0, mtu 1250) to
+    ``vtunnel server --listen kcp://...?mtu=1250 --insecure --target``: the same exact answers, and 512 KiB
+    echoed in full datagrams, every datagram of the server's conversation 0 and within 1250 bytes."""
+    with echo_server() as echo:
+        port = free_port(socket.SOCK_DGRAM)
+        target = ["--target", f"127.0.0.1:{echo}"]
+        server = procs.start("server", "--listen", f"kcp://127.0.0.1:{port}?mtu=1250", "--insecure", *target)
+        wait_log(procs, server, "listening")
+        client = KcpClient(port)
+        with relaying(client), handshake(client.port) as s:
+            s.sendall(frame(1, 0, 1))  # SYN
+            assert read_frame(s) == (1, 0, 1, b"")  # SYN-ACK
+            data = random.Random(14).randbytes(512 * 1024)
+
+            def write() -> None:
+                for at in range(0, len(data), 16384):
+                    s.sendall(frame(0, 0, 1, data[at : at + 16384]))
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            got = b""
+            while len(got) < len(data):
+                ftype, flags, sid, payload = read_frame(s)
+                assert (ftype, flags, sid) == (0, 0, 1)
+                got += payload
+            writer.join(10)
+            assert got == data
+            s.sendall(frame(6, 0, 0, struct.pack(">Q", 7)))  # keepalive
+            assert read_frame(s) == (6, 1, 0, struct.pack(">Q", 7))
+            s.sendall(frame(0, 1, 1))  # FIN
+            assert read_frame(s) == (0, 1, 1, b"")  # the echo server half-closed in turn
+        assert client.faults == []
+        assert client.largest > VPROXY_MTU - 100
