@@ -8,7 +8,9 @@ facts (§2: plain ikcp segments, no header of their own, conversation 0, stream 
 is not conversation 0 or is longer than 1250 bytes. Every front that names a destination (SOCKS5, HTTP CONNECT,
 plain HTTP, ``--forward LISTEN=DEST``) must reach that destination, never anything else, with real curl; 512 KiB
 echoed each way through a forward fills the datagrams. The other way, :class:`KcpClient` is vproxy's KCP client
-side, carrying the raw vproxy client of ``test_vproxy_wire.py`` to a ``vtunnel server --listen kcp://``.
+side, carrying the raw vproxy client of ``test_vproxy_wire.py`` to a ``vtunnel server --listen kcp://``. And
+the misrouting this mode was made for: without it, an agent with ``extensions = false`` refuses every named
+destination against the same server.
 """
 
 from __future__ import annotations
@@ -296,3 +298,45 @@ def test_a_vproxy_client_over_kcp_uses_a_vtunnel_server(procs: Processes) -> Non
             assert read_frame(s) == (0, 1, 1, b"")  # the echo server half-closed in turn
         assert client.faults == []
         assert client.largest > VPROXY_MTU - 100
+
+
+def test_without_the_vproxy_switch_no_named_destination_is_misrouted(
+    procs: Processes, tmp_path: Path, real_site: int
+) -> None:
+    """The misrouting this mode was made for: an agent with only ``[tunnel] extensions = false`` (vproxy's empty
+    SETTINGS, no WebSocks) against the vproxy server. It cannot carry a destination, so every front that names
+    one refuses with its own error; none answers success with what the server sent instead."""
+    socks, http, forward = free_port(), free_port(), free_port()
+    config = tmp_path / "tunnel.toml"
+    config.write_text("[tunnel]\nextensions = false\n")
+    with vproxy_server("tcp") as (vproxy, url, _front):
+        procs.start(
+            "agent",
+            "--server",
+            url,
+            "--insecure",
+            "--config",
+            str(config),
+            "--socks",
+            f"127.0.0.1:{socks}",
+            "--http",
+            f"127.0.0.1:{http}",
+            "--forward",
+            f"127.0.0.1:{forward}=127.0.0.1:{real_site}",
+        )
+        for port in (socks, http, forward):
+            wait_port(port)
+        site = f"http://127.0.0.1:{real_site}/"
+        out = curl("--socks5-hostname", f"127.0.0.1:{socks}", site)
+        assert out.returncode != 0, out.stdout
+        assert out.stdout == ""
+        code = curl("-p", "-x", f"http://127.0.0.1:{http}", "-o", "/dev/null", "-w", "%{http_connect}", site)
+        assert code.stdout.strip() == "502"
+        code = curl("-x", f"http://127.0.0.1:{http}", "-o", "/dev/null", "-w", "%{http_code}", site)
+        assert code.stdout.strip() == "502"
+        try:
+            got = echo_roundtrip(forward, b"GET / HTTP/1.0\r\n\r\n", timeout=10)
+        except OSError:  # reset: the agent refused it (a write or the half-close may see the reset first)
+            got = b""
+        assert got == b""
+        assert vproxy.faults == []
