@@ -340,3 +340,21 @@ def test_without_the_vproxy_switch_no_named_destination_is_misrouted(
             got = b""
         assert got == b""
         assert vproxy.faults == []
+
+
+def test_peer_vproxy_from_the_toml_config(procs: Processes, tmp_path: Path, real_site: int) -> None:
+    """``peer = "vproxy"`` and ``websocks_user_file`` in ``[agent]`` do what the flags do."""
+    socks = free_port()
+    with vproxy_server("kcp") as (vproxy, url, front):
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'[agent]\npeer = "vproxy"\nserver = "{url}"\nwebsocks_user_file = "{login_file(tmp_path)}"\n'
+            f'socks = "127.0.0.1:{socks}"\n'
+        )
+        procs.start("agent", "--config", str(config))
+        wait_port(socks)
+        site = f"http://127.0.0.1:{real_site}/"
+        assert curl("--socks5-hostname", f"127.0.0.1:{socks}", site).stdout == "the real site"
+        assert vproxy.faults == []
+        assert front is not None
+        assert front.faults == []
