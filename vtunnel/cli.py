@@ -198,8 +198,9 @@ def _peer(f: Callable[..., Any]) -> Callable[..., Any]:
         "mtu=1250 unless the URL says otherwise, and (agent) every destination carried the way vproxy's agent "
         "does, WebSocks inside the stream, with the login of --websocks-user-file. kcptun: kcptun-server / "
         "kcptun-client's wire on kcp://HOST:PORT?crypt=aes&mode=fast&datashard=10&parityshard=3&nocomp=0&"
-        "smuxver=1&... (kcptun's option names and defaults), its --key the first line of --psk-file; the agent "
-        'serves --forward LISTEN only, the server needs --target. Config: peer = "vproxy" or "kcptun".',
+        "smuxver=1&... (kcptun's option names and defaults; the agent also conn=N, kcptun-client's --conn), its "
+        "--key the first line of --psk-file; the agent serves --forward LISTEN only, the server needs --target. "
+        'Config: peer = "vproxy" or "kcptun".',
     )(f)
 
 
