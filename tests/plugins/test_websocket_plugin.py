@@ -1,4 +1,5 @@
-"""The example plugin transport (plugins/vtunnel-websocket), installed through its entry point like any third party."""
+"""The example plugin transport (plugins/vtunnel-websocket) beyond tests/plugins/test_plugin_tunnels.py: a request
+for another path is turned away, and ws:// and wss:// pass a real reverse proxy that routes by Host header."""
 
 from __future__ import annotations
 
@@ -11,29 +12,20 @@ import pytest
 
 from tests.conftest import Processes, free_port, wait_port
 from tests.netutil import echo_roundtrip, echo_server, pattern
-from vtunnel.transports.base import available_transports
+from tests.plugins.tunnel import PluginUrls, plugin_urls, start_agent, start_server, start_tunnel
+from vtunnel.transports.base import Endpoint
 
 pytest.importorskip("vtunnel_websocket")
 
 
-def test_plugin_is_found_through_its_entry_point() -> None:
-    cls = available_transports()["ws"]
-    assert isinstance(cls, type), cls
-
-
-def test_tunnel_over_websocket_with_key(procs: Processes, psk_file: Path) -> None:
+def test_tunnel_over_websocket_with_key(procs: Processes, psk_file: Path, tmp_path: Path) -> None:
+    urls = plugin_urls("ws", tmp_path)
     with echo_server() as echo:
-        port = free_port()
-        url = f"ws://127.0.0.1:{port}?path=/t"
-        procs.start("server", "--listen", url, "--psk-file", str(psk_file), "--target", f"127.0.0.1:{echo}")
-        wait_port(port)
-        front = free_port()
-        procs.start("agent", "--server", url, "--psk-file", str(psk_file), "--forward", f"127.0.0.1:{front}")
-        wait_port(front)
+        front = start_tunnel(procs, urls, psk_file, "--forward", "--target", f"127.0.0.1:{echo}")
         payload = pattern(4 * 1024 * 1024, seed=5)
         assert echo_roundtrip(front, payload) == payload
         # a plain HTTP request for another path is turned away without reaching the tunnel
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with socket.create_connection(("127.0.0.1", Endpoint.parse(urls.server).port), timeout=10) as s:
             s.sendall(
                 b"GET /other HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -85,23 +77,13 @@ def test_a_tunnel_passes_a_real_reverse_proxy_that_routes_by_host(
     try:
         wait_port(front)
         with echo_server() as echo:
-            procs.start(
-                "server",
-                "--listen",
-                f"ws://127.0.0.1:{tunnel}?path=/t",
-                "--psk-file",
-                str(psk_file),
-                "--target",
-                f"127.0.0.1:{echo}",
-            )
-            wait_port(tunnel)
             scheme = "wss" if tls else "ws"
-            url = f"{scheme}://127.0.0.1:{front}?path=/t&host=tunnel.example{client_tls}"
-            forward = free_port()
-            procs.start(
-                "agent", "--server", url, "--psk-file", str(psk_file), "--forward", f"127.0.0.1:{forward}"
+            urls = PluginUrls(
+                server=f"ws://127.0.0.1:{tunnel}?path=/t",
+                agent=f"{scheme}://127.0.0.1:{front}?path=/t&host=tunnel.example{client_tls}",
             )
-            wait_port(forward)
+            start_server(procs, urls, psk_file, "--target", f"127.0.0.1:{echo}")
+            _agent, forward = start_agent(procs, urls, psk_file, "--forward")
             payload = pattern(8 * 1024 * 1024, seed=9)
             assert echo_roundtrip(forward, payload) == payload
     finally:
