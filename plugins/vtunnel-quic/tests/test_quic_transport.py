@@ -1,9 +1,10 @@
-"""quic:// beyond the kit: its options, certificates, a client that moves, the cap on handshaking connections, and
-the kit without a key (the kit with one runs in tests/transports/test_link_contract.py)."""
+"""quic:// beyond the kit: its options, certificates, a client that moves, the cap on handshaking connections, a
+client let in through a Retry (retry=1), and the kit without a key (the kit with one runs in tests/transports/test_link_contract.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import anyio.to_thread
 import pytest
 from aioquic.quic.connection import QuicConnection
 from anyio.abc import SocketAttribute
@@ -39,6 +41,7 @@ class TestQuicWithoutKey(TransportConformance):
         ("idle=0", "idle="),
         ("cc=bbr", "cc="),
         ("key=/k", "key= needs cert="),
+        ("retry=yes", "retry="),
     ],
 )
 def test_bad_options_are_named(query: str, complaint: str) -> None:
@@ -104,6 +107,32 @@ async def test_handshaking_connections_are_capped_the_oldest_closed_first() -> N
         assert listener.handshaking == 3
         # a real client still gets in
         assert await _exchange(listener, f"quic://127.0.0.1:{port}") == b"ping"
+    finally:
+        await listener.aclose()
+
+
+async def test_with_retry_a_client_is_let_in_after_its_address_is_validated() -> None:
+    listener = await QuicTransport().listen_streams(Endpoint.parse("quic://127.0.0.1:0?retry=1"))
+    assert isinstance(listener, QuicListener)
+    port = listener.extra(SocketAttribute.local_address)[1]
+    loop = asyncio.get_running_loop()
+    try:
+        assert await _exchange(listener, f"quic://127.0.0.1:{port}") == b"ping"
+        assert listener.retries == 1
+        # an Initial with a token this listener never made keeps no state and gets no answer
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            config = client_configuration(Endpoint.parse(f"quic://127.0.0.1:{port}"))
+            config.token = os.urandom(60)
+            quic = QuicConnection(configuration=config)
+            quic.connect(("127.0.0.1", port), now=loop.time())
+            for data, address in quic.datagrams_to_send(now=loop.time()):
+                sock.sendto(data, address)
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                await anyio.to_thread.run_sync(sock.recvfrom, 2048)
+        assert listener.bad_tokens == 1
+        assert listener.handshaking == 0
+        assert listener.retries == 1
     finally:
         await listener.aclose()
 

@@ -41,6 +41,8 @@ from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from anyio.abc import ByteStream, SocketAttribute
 
+from vtunnel_quic.stateless import is_reset, reset_token
+
 __all__ = ["SEND_BUFFER", "TUNNEL_STREAM", "FlowControlledConnection", "QuicByteStream", "QuicSession"]
 
 log = structlog.get_logger("vtunnel.transports.quic")
@@ -65,8 +67,13 @@ class FlowControlledConnection(QuicConnection):
     not open more bidirectional or unidirectional streams than the initial limits.
     """
 
-    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
+    def __init__(
+        self, *, configuration: QuicConfiguration, reset_key: bytes | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        #: a server's: the key of the stateless reset token of every connection ID it issues
+        self._reset_key = reset_key
+        self._set_reset_tokens()
         self.stream_window = configuration.max_stream_data
         self.connection_window = configuration.max_data
         #: bytes of the tunnel's stream the application read
@@ -85,6 +92,21 @@ class FlowControlledConnection(QuicConnection):
             stream is not None
             and self.consumed + self.stream_window - stream.max_stream_data_local >= quarter
         )
+
+    def _set_reset_tokens(self) -> None:
+        """The IDs not given to the peer yet get the tokens a server with the same reset key computes again."""
+        if self._reset_key is not None:
+            for each in self._host_cids:
+                if not each.was_sent or each.sequence_number == 0:
+                    each.stateless_reset_token = reset_token(self._reset_key, each.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        self._set_reset_tokens()
+
+    def is_stateless_reset(self, datagram: bytes) -> bool:
+        """A client's: whether ``datagram`` is the server's stateless reset for the ID this client sends to."""
+        return self._is_client and is_reset(datagram, self._peer_cid.stateless_reset_token or None)
 
     def sent_offset(self, stream_id: int) -> int | None:
         """How far the stream's bytes went on the wire (``None`` once the stream is done and forgotten)."""
@@ -189,6 +211,10 @@ class QuicSession:
     # --- input ----------------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes, address: NetworkAddress) -> None:
         if self.closed:
+            return
+        if self.connection.is_stateless_reset(data):
+            log.info("quic connection reset by the server: it lost the connection", server=address)
+            self._terminated("stateless reset: the server lost the connection")
             return
         self.remote_address = address
         try:

@@ -5,7 +5,8 @@ ephemeral self-signed certificate when it starts. Client: ``ca=FILE`` (trust anc
 then verified, against ``servername=`` or the URL host); without ``ca`` the client does not verify the server, and
 who may use the tunnel is decided by vtunnel's pre-shared key (or ``--insecure``), as on kcp://. Both:
 ``idle=SECONDS`` (the QUIC idle timeout; keep-alive PINGs go out at a third of it), ``cc=reno|cubic`` (congestion
-control) and ``mtu=BYTES`` (the largest UDP payload sent, 1200 to 1452). ALPN is ``vtunnel``.
+control) and ``mtu=BYTES`` (the largest UDP payload sent, 1200 to 1452). Server: ``retry=1`` validates a client's
+address with a Retry packet before keeping any state for it (:mod:`vtunnel_quic.stateless`). ALPN is ``vtunnel``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 ALPN = "vtunnel"
-OPTIONS = frozenset({"cert", "key", "ca", "servername", "idle", "cc", "mtu"})
+OPTIONS = frozenset({"cert", "key", "ca", "servername", "idle", "cc", "mtu", "retry"})
 #: bytes the peer may send on the tunnel's stream beyond what the application has read (the receive buffer bound)
 STREAM_WINDOW = 4 * 1024 * 1024
 #: the same for the whole connection (the tunnel's stream and whatever else a peer opens, which is dropped)
@@ -52,6 +53,7 @@ class QuicOptions:
     idle: float = 30.0
     cc: str = "reno"
     mtu: int = 1350
+    retry: bool = False
 
 
 def parse_options(endpoint: Endpoint) -> QuicOptions:
@@ -74,7 +76,10 @@ def parse_options(endpoint: Endpoint) -> QuicOptions:
     cc = params.get("cc", "reno")
     if cc not in ("reno", "cubic"):
         raise TransportError(f"quic:// cc= must be reno or cubic, got {cc!r}")
-    return QuicOptions(idle=idle, cc=cc, mtu=mtu)
+    retry = params.get("retry", "0")
+    if retry not in ("0", "1"):
+        raise TransportError(f"quic:// retry= must be 0 or 1, got {retry!r}")
+    return QuicOptions(idle=idle, cc=cc, mtu=mtu, retry=retry == "1")
 
 
 def _base(endpoint: Endpoint, *, is_client: bool) -> QuicConfiguration:

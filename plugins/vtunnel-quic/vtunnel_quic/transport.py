@@ -8,13 +8,16 @@ have not opened the tunnel's stream) under a cap of its own (:data:`MAX_HANDSHAK
 a timeout (:data:`HANDSHAKE_TIMEOUT`).
 
 The server routes datagrams by connection ID, never by address, so a client whose address changes (NAT
-rebinding, a new network) keeps its tunnel: aioquic validates the new path and the server follows it.
+rebinding, a new network) keeps its tunnel: aioquic validates the new path and the server follows it. A packet
+for an ID it does not know (a restarted server's) is answered with a stateless reset, and with ``retry=1`` a new
+client's address is validated by a Retry first (:mod:`vtunnel_quic.stateless`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -28,13 +31,20 @@ from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import NetworkAddress
-from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
 from vtunnel.io.datagrams import Address, open_udp_socket, resolve_udp
-from vtunnel.transports.base import ByteStreamTransport, Endpoint, TransportError
+from vtunnel.transports.base import ByteStreamTransport, Endpoint, SecurityConfig, TransportError
+from vtunnel.transports.link import Link
 from vtunnel_quic.connection import TUNNEL_STREAM, FlowControlledConnection, QuicByteStream, QuicSession
 from vtunnel_quic.options import client_configuration, parse_options, server_configuration
+from vtunnel_quic.stateless import ResetBudget, RetryTokens, keys_secret, reset_datagram, reset_key
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_HANDSHAKING", "QuicListener", "QuicTransport"]
 
@@ -94,8 +104,23 @@ class QuicTransport(ByteStreamTransport):
         "QUIC on one stream (plugin: vtunnel-quic, aioquic), options cert=, key=, ca=, servername=, idle=, cc=, mtu="
     )
 
+    def __init__(self) -> None:
+        #: the reset key of each URL being listened on, from the server's keys (see :meth:`listen`)
+        self._reset_keys: dict[str, bytes] = {}
+
     def check(self, endpoint: Endpoint) -> None:
         parse_options(endpoint)
+
+    async def listen(self, endpoint: Endpoint, *, security: SecurityConfig) -> Listener[Link]:
+        """The base's listener (the key, the caps); the stateless reset key is derived from the server's keys
+        first, so a restarted server resets the connections of the one before it."""
+        ring = security.server_keys()
+        keys = [] if ring is None else [entry.key for entry in ring.current]
+        self._reset_keys[str(endpoint)] = reset_key(keys_secret(keys))
+        try:
+            return await super().listen(endpoint, security=security)
+        finally:
+            self._reset_keys.pop(str(endpoint), None)
 
     async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
         config = client_configuration(endpoint)
@@ -143,7 +168,11 @@ class QuicTransport(ByteStreamTransport):
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         config = server_configuration(endpoint)
         family, address = await _resolve(endpoint)
-        listener = QuicListener(config)
+        listener = QuicListener(
+            config,
+            reset_key=self._reset_keys.get(str(endpoint)) or reset_key(None),
+            retry=parse_options(endpoint).retry,
+        )
         try:
             listener.udp = await _open_udp(family, address, listener.datagram_received)
         except OSError as exc:
@@ -157,10 +186,21 @@ class QuicListener(Listener[ByteStream]):
     Closing the listener closes every connection it accepted (they share its socket).
     """
 
-    def __init__(self, config: QuicConfiguration, *, max_handshaking: int = MAX_HANDSHAKING) -> None:
+    def __init__(
+        self,
+        config: QuicConfiguration,
+        *,
+        reset_key: bytes,
+        retry: bool = False,
+        max_handshaking: int = MAX_HANDSHAKING,
+    ) -> None:
         self.udp: asyncio.DatagramTransport | None = None
         self._config = config
         self._loop = asyncio.get_running_loop()
+        self._reset_key = reset_key
+        self._reset_budget = ResetBudget()
+        #: with ``retry=1``: the tokens of the Retry packets that validate new clients' addresses
+        self._retry = RetryTokens(self._loop.time) if retry else None
         self._by_cid: dict[bytes, QuicSession] = {}
         self._cids: dict[QuicSession, set[bytes]] = {}
         #: connections not handed over yet, oldest first
@@ -173,6 +213,11 @@ class QuicListener(Listener[ByteStream]):
         self.dropped = 0
         #: connections closed in their handshake to make room for newer ones
         self.shed = 0
+        #: stateless resets sent (packets for connections this server does not have)
+        self.resets = 0
+        #: Retry packets sent, and Initials dropped for a missing or bad token (``retry=1``)
+        self.retries = 0
+        self.bad_tokens = 0
 
     @property
     def local_address(self) -> Any:
@@ -211,17 +256,61 @@ class QuicListener(Listener[ByteStream]):
                         address,
                     )
                 return
-            if (
-                self._closed
-                or header.packet_type != QuicPacketType.INITIAL
-                or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
-            ):
+            if self._closed:
                 self.dropped += 1
                 return
-            session = self._new_session(header.destination_cid, address)
+            if header.packet_type == QuicPacketType.ONE_RTT:
+                self._reset(header.destination_cid, len(data), address)
+                return
+            if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+                self.dropped += 1
+                return
+            original_cid, retry_cid = header.destination_cid, None
+            if self._retry is not None:
+                if not header.token:
+                    self._send_retry(header.version, header.source_cid, header.destination_cid, address)
+                    return
+                try:
+                    original_cid, retry_cid = self._retry.validate(address, header.token)
+                except ValueError:
+                    self.bad_tokens += 1
+                    return
+            session = self._new_session(header.destination_cid, original_cid, retry_cid, address)
         session.datagram_received(data, address)
 
-    def _new_session(self, original_cid: bytes, address: NetworkAddress) -> QuicSession:
+    def _reset(self, connection_id: bytes, answered: int, address: NetworkAddress) -> None:
+        """A short-header packet for a connection this server does not have: its stateless reset."""
+        reset = reset_datagram(self._reset_key, connection_id, answered)
+        if reset is None or not self._reset_budget.take(self._loop.time()):
+            self.dropped += 1
+            return
+        self.resets += 1
+        log.debug("quic stateless reset sent", client=address)
+        self._send(reset, address)
+
+    def _send_retry(
+        self, version: int | None, client_cid: bytes, original_cid: bytes, address: NetworkAddress
+    ) -> None:
+        """The first Initial of a client while ``retry=1``: a Retry whose token it must bring back."""
+        assert self._retry is not None
+        assert version is not None  # an Initial's long header has one
+        retry_cid = os.urandom(self._config.connection_id_length)
+        self.retries += 1
+        log.debug("quic retry sent", client=address)
+        self._send(
+            encode_quic_retry(
+                version=version,
+                source_cid=retry_cid,
+                destination_cid=client_cid,
+                original_destination_cid=original_cid,
+                retry_token=self._retry.create(address, original_cid, retry_cid),
+            ),
+            address,
+        )
+
+    def _new_session(
+        self, routing_cid: bytes, original_cid: bytes, retry_cid: bytes | None, address: NetworkAddress
+    ) -> QuicSession:
         if len(self._handshaking) >= self.max_handshaking:
             oldest = next(iter(self._handshaking))
             self.shed += 1
@@ -230,7 +319,10 @@ class QuicListener(Listener[ByteStream]):
             )
             oldest.close("too many handshakes")
         connection = FlowControlledConnection(
-            configuration=self._config, original_destination_connection_id=original_cid
+            configuration=self._config,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
+            reset_key=self._reset_key,
         )
         session = QuicSession(
             connection,
@@ -243,8 +335,8 @@ class QuicListener(Listener[ByteStream]):
         )
         session.handshake_deadline = self._loop.time() + HANDSHAKE_TIMEOUT
         session.on_handshake_timeout = lambda: session.close("handshake timeout")
-        self._cids[session] = {original_cid, connection.host_cid}
-        self._by_cid[original_cid] = self._by_cid[connection.host_cid] = session
+        self._cids[session] = {routing_cid, connection.host_cid}
+        self._by_cid[routing_cid] = self._by_cid[connection.host_cid] = session
         self._handshaking[session] = None
         return session
 
