@@ -47,29 +47,39 @@ def plugin_urls(scheme: str, directory: Path) -> PluginUrls:
 
 
 def start_server(
-    procs: Processes, urls: PluginUrls, psk_file: Path, *server_args: str
+    procs: Processes, urls: PluginUrls, psk_file: Path, *server_args: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    server = procs.start("server", "--listen", urls.server, "--psk-file", str(psk_file), *server_args)
+    server = procs.start(
+        "server", "--listen", urls.server, "--psk-file", str(psk_file), *server_args, env=env
+    )
     wait_log(procs, server, "listening")
     return server
 
 
 def start_agent(
-    procs: Processes, urls: PluginUrls, psk_file: Path, front: str
+    procs: Processes, urls: PluginUrls, psk_file: Path, front: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
     """An agent with one front (``--forward`` or ``--socks``) on a free port; the agent and that port."""
     port = free_port()
     agent = procs.start(
-        "agent", "--server", urls.agent, "--psk-file", str(psk_file), front, f"127.0.0.1:{port}"
+        "agent", "--server", urls.agent, "--psk-file", str(psk_file), front, f"127.0.0.1:{port}", env=env
     )
     wait_port(port)
     return agent, port
 
 
-def start_tunnel(procs: Processes, urls: PluginUrls, psk_file: Path, front: str, *server_args: str) -> int:
-    """A server (with ``server_args``) and an agent with one ``front``; the front's port."""
-    start_server(procs, urls, psk_file, *server_args)
-    return start_agent(procs, urls, psk_file, front)[1]
+def start_tunnel(
+    procs: Processes,
+    urls: PluginUrls,
+    psk_file: Path,
+    front: str,
+    *server_args: str,
+    env: dict[str, str] | None = None,
+) -> int:
+    """A server (with ``server_args``) and an agent with one ``front`` (both with ``env`` added to theirs); the
+    front's port."""
+    start_server(procs, urls, psk_file, *server_args, env=env)
+    return start_agent(procs, urls, psk_file, front, env=env)[1]
 
 
 def check_curl_through_socks5(procs: Processes, urls: PluginUrls, psk_file: Path) -> None:
