@@ -101,7 +101,7 @@ class QuicTransport(ByteStreamTransport):
 
     schemes: ClassVar[tuple[str, ...]] = ("quic",)
     description: ClassVar[str] = (
-        "QUIC on one stream (plugin: vtunnel-quic, aioquic), options cert=, key=, ca=, servername=, idle=, cc=, mtu="
+        "QUIC on one stream (plugin: vtunnel-quic, aioquic), options cert=, key=, ca=, servername=, idle=, cc=, mtu=, retry="
     )
 
     def __init__(self) -> None:
