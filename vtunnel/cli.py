@@ -175,20 +175,6 @@ def _lite_tls(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def parse_ports(text: str) -> frozenset[int]:
-    """``443,8443`` as a set of ports; ``none`` or nothing: the empty set."""
-    text = text.strip()
-    if text.lower() in ("", "none"):
-        return frozenset()
-    try:
-        ports = frozenset(int(part) for part in text.split(","))
-    except ValueError:
-        raise click.UsageError(f"--lite-tls-ports takes ports separated by commas, not {text!r}") from None
-    if not all(0 < port < 65536 for port in ports):
-        raise click.UsageError(f"--lite-tls-ports: a port is 1..65535 ({text!r})")
-    return ports
-
-
 def _peer(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--peer",
@@ -617,13 +603,6 @@ def server(
 @click.option(
     "--conn", "connections", type=click.IntRange(1, 64), default=None, help="Tunnels to keep (default 1)."
 )
-@click.option(
-    "--lite-tls-ports",
-    metavar="PORTS",
-    default=None,
-    help="Destination ports where TLS is expected, e.g. 443,8443 (default 443; none: never): their streams are "
-    "lite-tls streams, which leave the tunnel's encryption once their own TLS is up. Config: lite_tls_ports.",
-)
 @_websocks_users
 @_peer
 @_lite_tls
@@ -636,7 +615,6 @@ def agent(
     socks: str | None,
     http: str | None,
     connections: int | None,
-    lite_tls_ports: str | None,
     no_lite_tls: bool,
     metrics_address: str | None,
     websocks_user_file: str | None,
@@ -670,7 +648,7 @@ def agent(
                                          USER:PASS of --websocks-user-file; every --forward needs =DEST
     --server websockss://HOST:PORT?ca=F  the same inside TLS (tls://'s ca= and servername= options)
     """
-    from vtunnel.apps.agent import DEFAULT_LITE_TLS_PORTS, Agent, AgentSettings, Forward, parse_hostport
+    from vtunnel.apps.agent import Agent, AgentSettings, Forward, parse_hostport
     from vtunnel.apps.websocks import WEBSOCKS_SCHEMES
 
     cfg = _setup(config_path, "agent", log_level, log_format, insecure_key_permissions)
@@ -713,12 +691,6 @@ def agent(
         server_endpoints = [_endpoint(u, "--server", insecure_key_permissions) for u in urls]
         server_endpoint = server_endpoints[0]
         tunnel = _without_lite_tls(tunnel_config(cfg.get("tunnel", {})), no_lite_tls)
-        if lite_tls_ports is not None:
-            lite_ports = parse_ports(lite_tls_ports)
-        else:
-            lite_ports = frozenset(int(p) for p in sec.get("lite_tls_ports", DEFAULT_LITE_TLS_PORTS))
-        if not tunnel.lite_tls:
-            lite_ports = frozenset()
         login: tuple[str, str] | None = None
         peer_vproxy = (peer or sec.get("peer", "vtunnel")) == "vproxy"
         websocks_server = server_endpoint.scheme in WEBSOCKS_SCHEMES
@@ -766,7 +738,6 @@ def agent(
             drain_timeout=float(sec.get("drain_timeout", 10.0)),
             open_timeout=float(sec.get("open_timeout", 10.0)),
             websocks_login=login,
-            lite_tls_ports=lite_ports,
             tun=tun,
         )
         ag = Agent(settings, stats=metrics.stats if metrics is not None else None)

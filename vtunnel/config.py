@@ -140,7 +140,6 @@ SECTIONS = {
         "peer",
         "websocks_users",
         "websocks_user_file",
-        "lite_tls_ports",
         "metrics",
         "tun",
         "tun_route",

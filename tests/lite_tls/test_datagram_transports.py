@@ -29,9 +29,7 @@ async def test_https_over_a_datagram_transport_stays_sealed_and_is_byte_exact(
     with capture_logs() as logs:
         async with (
             origin("1.3") as https,
-            agent_and_server(
-                f"{scheme}://127.0.0.1:0", lambda port: f"{scheme}://127.0.0.1:{port}", frozenset({https})
-            ) as socks,
+            agent_and_server(f"{scheme}://127.0.0.1:0", lambda port: f"{scheme}://127.0.0.1:{port}") as socks,
         ):
             out = tmp_path / "body"
             with anyio.fail_after(120):

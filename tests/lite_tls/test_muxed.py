@@ -81,9 +81,9 @@ class _Origin(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 @asynccontextmanager
-async def origin(version: str | None) -> AsyncIterator[int]:
-    """An HTTP origin on 127.0.0.1 (HTTPS pinned to ``version`` unless None); yields its port."""
-    server = _Origin(("127.0.0.1", 0), _Handler)
+async def origin(version: str | None, address: tuple[str, int] = ("127.0.0.1", 0)) -> AsyncIterator[int]:
+    """An HTTP origin on ``address`` (HTTPS pinned to ``version`` unless None); yields its port."""
+    server = _Origin(address, _Handler)
     if version is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _CERT.configure_cert(ctx)
@@ -156,9 +156,7 @@ class Tunnel:
 
 
 @asynccontextmanager
-async def tunnel(
-    lite_ports: frozenset[int], *, lite_tls: bool = True, wire: Tap | None = None
-) -> AsyncIterator[Tunnel]:
+async def tunnel(*, lite_tls: bool = True, wire: Tap | None = None) -> AsyncIterator[Tunnel]:
     security = SecurityConfig(psk=os.urandom(32))
     config = TunnelConfig(lite_tls=lite_tls)
     server = Server(
@@ -182,7 +180,6 @@ async def tunnel(
                     socks=("127.0.0.1", 0),
                     tunnel=config,
                     drain_timeout=1.0,
-                    lite_tls_ports=lite_ports,
                 )
             )
             fronts = await tg.start(agent.serve)
@@ -192,11 +189,9 @@ async def tunnel(
 
 
 @asynccontextmanager
-async def agent_and_server(
-    listen: str, server_url: Callable[[int], str], lite_ports: frozenset[int]
-) -> AsyncIterator[int]:
+async def agent_and_server(listen: str, server_url: Callable[[int], str]) -> AsyncIterator[int]:
     """A server listening on ``listen`` and an agent whose server URL is ``server_url(port the server got)``,
-    sharing a fresh key, lite-tls to ``lite_ports``; yields the agent's SOCKS5 port."""
+    sharing a fresh key; yields the agent's SOCKS5 port."""
     security = SecurityConfig(psk=os.urandom(32))
     async with anyio.create_task_group() as tg:
         server = Server(
@@ -214,7 +209,6 @@ async def agent_and_server(
                 security=security,
                 socks=("127.0.0.1", 0),
                 drain_timeout=1.0,
-                lite_tls_ports=lite_ports,
             )
         )
         fronts = await tg.start(agent.serve)
@@ -259,7 +253,7 @@ async def test_https_through_lite_tls_is_byte_exact(
     version: str, size: int, ca_file: str, tmp_path: Path
 ) -> None:
     target = Tap()
-    async with origin(version) as https, relay(https, target) as tapped, tunnel(frozenset({tapped})) as t:
+    async with origin(version) as https, relay(https, target) as tapped, tunnel() as t:
         out = tmp_path / "body"
         with anyio.fail_after(150):
             assert (
@@ -291,7 +285,7 @@ async def test_without_lite_tls_nothing_of_the_users_tls_is_in_the_clear(
     async with (
         origin("1.3") as https,
         relay(https, target) as tapped,
-        tunnel(frozenset({tapped}), lite_tls=False) as t,
+        tunnel(lite_tls=False) as t,
     ):
         out = tmp_path / "body"
         with anyio.fail_after(60):
@@ -302,7 +296,7 @@ async def test_without_lite_tls_nothing_of_the_users_tls_is_in_the_clear(
 
 
 async def test_a_stream_that_is_not_tls_falls_back_and_works(tmp_path: Path) -> None:
-    async with origin(None) as plain, tunnel(frozenset({plain})) as t:
+    async with origin(None) as plain, tunnel() as t:
         out = tmp_path / "body"
         with anyio.fail_after(60):
             assert await curl(t.socks, f"http://127.0.0.1:{plain}/bytes/{3 << 20}", out) == 0
@@ -348,7 +342,7 @@ async def test_a_flipped_byte_in_a_passthrough_body_breaks_only_that_stream(
         origin("1.3") as https,
         origin("1.2") as other,
         relay(https, target) as tapped,
-        tunnel(frozenset({tapped, other}), wire=Tap(tamper=flip)) as t,
+        tunnel(wire=Tap(tamper=flip)) as t,
     ):
         codes: dict[str, int] = {}
 
@@ -385,7 +379,7 @@ async def test_a_half_close_through_a_lite_tls_stream_reaches_the_destination() 
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, answer_after_eof)
-        async with tunnel(frozenset({port})) as t:
+        async with tunnel() as t:
             with anyio.fail_after(30):
                 client = await anyio.connect_tcp("127.0.0.1", t.socks)
                 async with client:

@@ -49,7 +49,6 @@ class Spliced:
 
 @asynccontextmanager
 async def spliced_tunnel(
-    lite_ports: frozenset[int],
     *,
     wire: Tap | None = None,
     first: list[bytes] | None = None,
@@ -96,7 +95,6 @@ async def spliced_tunnel(
                     socks=("127.0.0.1", 0),
                     tunnel=TunnelConfig(),
                     drain_timeout=1.0,
-                    lite_tls_ports=lite_ports,
                 )
             )
             fronts = await tg.start(agent.serve)
@@ -116,7 +114,7 @@ async def test_https_through_a_spliced_stream_is_byte_exact(
     size = 64 * 1024 * 1024
     wire = Tap()
     with capture_logs() as logs:
-        async with origin(version) as https, spliced_tunnel(frozenset({https}), wire=wire) as t:
+        async with origin(version) as https, spliced_tunnel(wire=wire) as t:
             out = tmp_path / "body"
             with anyio.fail_after(150):
                 assert (
@@ -145,7 +143,7 @@ async def test_over_tls_the_dedicated_connection_carries_the_users_tls_and_nothi
     with capture_logs() as logs:
         async with (
             origin("1.3") as https,
-            spliced_tunnel(frozenset({https}), wire=wire, tls_files=cert_files(tmp_path)) as t,
+            spliced_tunnel(wire=wire, tls_files=cert_files(tmp_path)) as t,
         ):
             out = tmp_path / "body"
             with anyio.fail_after(120):
@@ -163,7 +161,7 @@ async def test_over_tls_the_dedicated_connection_carries_the_users_tls_and_nothi
 
 async def test_plain_http_to_a_lite_tls_port_falls_back_and_works(tmp_path: Path) -> None:
     with capture_logs() as logs:
-        async with origin(None) as plain, spliced_tunnel(frozenset({plain})) as t:
+        async with origin(None) as plain, spliced_tunnel() as t:
             out = tmp_path / "body"
             with anyio.fail_after(60):
                 assert await curl(t.socks, f"http://127.0.0.1:{plain}/bytes/{3 << 20}", out) == 0
@@ -176,7 +174,7 @@ async def test_a_connection_without_a_valid_ticket_gets_nothing(ca_file: str, tm
     already used it (a replay): each is closed with nothing relayed, and the tunnel's own streams go on."""
     wire = Tap()
     first: list[bytes] = []
-    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), wire=wire, first=first) as t:
+    async with origin("1.3") as https, spliced_tunnel(wire=wire, first=first) as t:
         out = tmp_path / "body"
         with anyio.fail_after(60):
             assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/1000", out, ca=ca_file) == 0
@@ -229,7 +227,7 @@ async def test_a_flipped_byte_on_a_dedicated_connection_breaks_only_that_stream(
         flipped.append(seen[0])
         return bytes(changed)
 
-    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), wire=Tap(tamper=flip)) as t:
+    async with origin("1.3") as https, spliced_tunnel(wire=Tap(tamper=flip)) as t:
         codes: dict[str, int] = {}
 
         async def fetch(name: str) -> None:
@@ -263,7 +261,6 @@ async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(ca_file: 
                 agent_and_server(
                     "tcp://127.0.0.1:0",
                     lambda port: f"tcp://127.0.0.1:{port}?splice={nowhere}",
-                    frozenset({https}),
                 ) as socks,
             ):
                 with anyio.fail_after(60):
@@ -306,7 +303,7 @@ def _https_keepalive(socks: int, port: int, ca: str, idle: float) -> tuple[bytes
 
 async def test_a_spliced_stream_keeps_the_servers_idle_timeout(ca_file: str) -> None:
     with capture_logs() as logs:
-        async with origin("1.3") as https, spliced_tunnel(frozenset({https}), idle_timeout=0.5) as t:
+        async with origin("1.3") as https, spliced_tunnel(idle_timeout=0.5) as t:
             with anyio.fail_after(30):
                 body, after = await anyio.to_thread.run_sync(_https_keepalive, t.socks, https, ca_file, 2.5)
     assert body == body_for(1000)
@@ -319,7 +316,7 @@ async def test_a_tunnel_without_lite_tls_stops_the_dedicated_connections(
 ) -> None:
     """The server has a splice port but does not offer lite-tls: the first stream's dedicated connection is
     refused by it (no stream claims it), and the agent opens no more for a while; the streams are plain ones."""
-    async with origin("1.3") as https, spliced_tunnel(frozenset({https}), server_lite_tls=False) as t:
+    async with origin("1.3") as https, spliced_tunnel(server_lite_tls=False) as t:
         with anyio.fail_after(60):
             for size in (1000, 2000, 3000):
                 out = tmp_path / f"body{size}"

@@ -49,8 +49,6 @@ async def test_curl_through_spliced_processes_is_byte_exact(
             f"tcp://127.0.0.1:{port}?splice={splice}",
             "--socks",
             f"127.0.0.1:{socks}",
-            "--lite-tls-ports",
-            str(https),
             *common,
         )
         await anyio.to_thread.run_sync(wait_log, procs, agent, "listening")

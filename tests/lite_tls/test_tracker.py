@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tests.lite_tls.tlsutil import record_flights, records
 from vtunnel.protocol import Role
 from vtunnel.protocol.lite_tls import (
+    HOLD_LIMIT,
     MARKER,
     MAX_RECORD_LENGTH,
     NOTICE,
@@ -27,7 +28,6 @@ from vtunnel.protocol.lite_tls import (
     PeerViolation,
     SendToPeer,
     TrackerBrokenError,
-    entry_check,
     header_problem,
 )
 
@@ -71,7 +71,7 @@ def test_recorded_handshakes_have_the_expected_record_types() -> None:
     for v in ("1.2", "1.3"):
         hello = flights(v)[0][1]
         assert flights(v)[0][0] == "client"
-        assert entry_check(hello) is None
+        assert LiteTlsTracker(Role.CLIENT).from_local(hello) == [SendToPeer(data=hello)]
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
@@ -378,15 +378,49 @@ def test_a_peer_passing_on_what_is_not_tls_without_the_notice_is_a_violation(rec
     assert out[:-1] in ([], [DeliverToLocal(data=APP_RECORD)])
 
 
-def test_entry_check() -> None:
+def test_the_agent_tracker_takes_a_clienthello_record_and_nothing_else_first() -> None:
+    """The agent's user must begin with a ClientHello record (16 03 01, handshake type 1), judged byte by byte:
+    anything else falls back at the first byte that rules it out, with the notice before it."""
     hello = flights("1.2")[0][1]
-    assert entry_check(hello) is None
-    assert "too short" in (entry_check(b"\x16\x03\x01") or "")
-    assert "not 16 03 01" in (entry_check(b"\x16\x03\x03" + hello[3:]) or "")
-    assert "does not match" in (entry_check(hello + b"\x17") or "")
-    assert "does not match" in (entry_check(hello[:-1]) or "")
-    assert "not a ClientHello" in (entry_check(hello[:5] + b"\x02" + hello[6:]) or "")
-    assert entry_check(b"GET / HTTP/1.1\r\n\r\n") is not None
+    tracker = LiteTlsTracker(Role.CLIENT)
+    assert tracker.from_local(hello[:5]) == []  # a header alone: the handshake type is not known yet
+    assert tracker.header_begun
+    assert tracker.from_local(hello[5:]) == [SendToPeer(data=hello)]
+    assert not tracker.header_begun
+    for first, reason in [
+        (b"\x16\x03\x03" + hello[3:], "not a ClientHello record"),
+        (hello[:5] + b"\x02" + hello[6:], "handshake type 2"),
+        (b"\x16\x03\x01\x00\x00" + hello, "empty"),
+        (b"GET / HTTP/1.1\r\n\r\n", "0x47"),
+        (b"\x17\x03\x03\x00\x01x", "not a ClientHello record"),
+    ]:
+        tracker = LiteTlsTracker(Role.CLIENT)
+        out = tracker.from_local(first)
+        assert out[0] == SendToPeer(data=NOTICE + first)
+        assert isinstance(out[1], FellBack)
+        assert reason in out[1].reason
+        assert tracker.state is LiteTlsState.FALLBACK
+
+
+@pytest.mark.parametrize("first", [b"SSH-2.0-OpenSSH_9.6\r\n", b"\x16\x03\x03\x00\x04abcd", APP_RECORD])
+def test_a_server_that_speaks_first_falls_back_at_once(first: bytes) -> None:
+    """At the server end, bytes from the target before the client sent a record header are a protocol where
+    the server speaks first (SSH, SMTP): the stream is plain for good, even when those bytes look like TLS."""
+    tracker = LiteTlsTracker(Role.SERVER)
+    out = tracker.from_local(first)
+    assert out == [
+        SendToPeer(data=NOTICE + first),
+        FellBack(reason="the server spoke first", by_peer=False),
+    ]
+    assert not tracker.header_begun
+    # the agent answers with its own notice, and both directions are unparsed from then on
+    agent = LiteTlsTracker(Role.CLIENT)
+    got = agent.from_peer(NOTICE + first)
+    assert got[0] == DeliverToLocal(data=first) or got[-1] == DeliverToLocal(data=first)
+    assert SendToPeer(data=NOTICE) in got
+    assert tracker.from_peer(NOTICE + b"hello") == [DeliverToLocal(data=b"hello")]
+    assert tracker.transparent
+    assert agent.transparent
 
 
 def test_header_problem() -> None:
@@ -413,3 +447,41 @@ def test_a_header_begun_and_never_finished_falls_back_when_the_local_side_goes_q
     ]
     assert tracker.local_stalled() == []
     assert tracker.from_local(b"\x03") == [SendToPeer(data=b"\x03")]
+
+
+def test_a_passive_end_holds_at_most_hold_limit_bytes() -> None:
+    """What came with the marker and the start of the first application-data record after it are held; more
+    than HOLD_LIMIT of them is a violation (nothing held reaches the endpoint), and up to it is not."""
+    handshake = b"\x16\x03\x03\x40\x00" + b"h" * 0x4000
+    count = HOLD_LIMIT // len(handshake) + 1
+    tracker = passive_server()
+    out = tracker.from_peer(handshake * count + MARKER)
+    assert len(out) == 1
+    assert isinstance(out[0], PeerViolation)
+    assert "held before the first application data" in out[0].reason
+    assert tracker.state is LiteTlsState.BROKEN
+    assert not tracker.holding
+
+    tracker = passive_server()
+    fits = HOLD_LIMIT // len(handshake)
+    out = tracker.from_peer(handshake * fits + MARKER + APP_RECORD[:7])
+    assert out == [SendToPeer(data=MARKER), LeftTunnel(role=LiteTlsRole.PASSIVE)]
+    assert tracker.holding
+    out = tracker.from_peer(APP_RECORD[7:])
+    assert out == [DeliverToLocal(data=handshake * fits + APP_RECORD)]
+    assert not tracker.holding
+
+
+def test_the_passive_hold_counts_the_bytes_after_the_marker_too() -> None:
+    """A peer that passes many partial bytes after its marker without finishing the first record cannot make the
+    passive end hold more than HOLD_LIMIT: the first record is at most 2^14 + 2048 bytes long, so the bytes held
+    are the handshake records that came with the marker plus at most one record."""
+    handshake = b"\x16\x03\x03\x40\x00" + b"h" * 0x4000
+    tracker = passive_server()
+    fits = HOLD_LIMIT // len(handshake)
+    tracker.from_peer(handshake * fits + MARKER)
+    big = b"\x17\x03\x03" + MAX_RECORD_LENGTH.to_bytes(2, "big")
+    out = tracker.from_peer(big + b"x" * (MAX_RECORD_LENGTH - 1))
+    assert len(out) == 1
+    assert isinstance(out[0], PeerViolation)
+    assert tracker.held == 0

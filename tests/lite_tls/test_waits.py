@@ -1,6 +1,7 @@
 """The waits of a lite-tls stream are bounded, end to end (agent and server in-process over tcp:// with a key, a
 scripted destination on loopback, a raw SOCKS5 client): an active end whose marker is never answered resets the
-stream after ANSWER_TIMEOUT (with a log line), and a client that writes the start of something like a record
+stream after ANSWER_TIMEOUT (with a log line), so does a passive end that holds the bytes after the peer's marker
+for HOLD_TIMEOUT without the first application-data record coming whole, and a client that writes the start of something like a record
 header and then waits for the server falls back after LOCAL_STALL instead of hanging."""
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ async def test_a_marker_never_answered_resets_the_stream(monkeypatch: pytest.Mon
             await anyio.sleep(30)
 
     with capture_logs() as logs:
-        async with destination(half_a_record) as port, tunnel(frozenset({port})) as t:
+        async with destination(half_a_record) as port, tunnel() as t:
             with anyio.fail_after(20):
                 client = await socks_connect(t.socks, port)
                 async with client:
@@ -81,6 +82,42 @@ async def test_a_marker_never_answered_resets_the_stream(monkeypatch: pytest.Mon
     assert len(timeouts) == 1
 
 
+async def test_a_passive_end_that_never_gets_the_first_application_data_resets_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The user goes active with half an application-data record and then goes quiet: the server end, passive,
+    answered and holds what follows the marker until that record is whole; after HOLD_TIMEOUT it resets the
+    stream (with a log line) instead of holding for ever, and the destination never got the half record."""
+    monkeypatch.setattr(tunnel_stream, "HOLD_TIMEOUT", 0.5)
+    first = record(0x16, 40) + record(0x17, 30)
+    got_by_destination = bytearray()
+
+    async def answer_then_read(conn: SocketStream) -> None:
+        async with conn:
+            got_by_destination.extend(await conn.receive())
+            await conn.send(first)
+            got_by_destination.extend(await read_until_closed(conn))
+
+    with capture_logs() as logs:
+        async with destination(answer_then_read) as port, tunnel() as t:
+            with anyio.fail_after(20):
+                client = await socks_connect(t.socks, port)
+                async with client:
+                    await client.send(HELLO)
+                    got = bytearray()
+                    while len(got) < len(first):
+                        got += await client.receive()
+                    await client.send(record(0x17, 100)[:15])  # the agent goes active; the rest never comes
+                    got += await read_until_closed(client)
+    assert bytes(got) == first
+    assert bytes(got_by_destination) == HELLO
+    holds = [e for e in logs if e["event"] == "lite_tls.hold_timeout"]
+    assert len(holds) == 1
+    assert holds[0]["held"] == 0  # (the agent keeps a partial record until its rest: nothing came to hold)
+    left = [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
+    assert sorted(str(e["role"]) for e in left) == ["active", "passive"]
+
+
 async def test_a_header_begun_and_then_quiet_falls_back_instead_of_hanging() -> None:
     async def echo(conn: SocketStream) -> None:
         async with conn:
@@ -88,7 +125,7 @@ async def test_a_header_begun_and_then_quiet_falls_back_instead_of_hanging() -> 
                 while True:
                     await conn.send(await conn.receive())
 
-    async with destination(echo) as port, tunnel(frozenset({port})) as t:
+    async with destination(echo) as port, tunnel() as t:
         with anyio.fail_after(20):
             client = await socks_connect(t.socks, port)
             async with client:

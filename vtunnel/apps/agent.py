@@ -26,7 +26,6 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from vtunnel.apps.dialer import parse_authority
 from vtunnel.apps.lite_tls_splice import SpliceDialer, splice_port
 from vtunnel.apps.pipe import (
     Leg,
@@ -92,10 +91,6 @@ class Forward:
         return cls(listen=parse_hostport(listen, default_host="127.0.0.1"), destination=dest or None)
 
 
-#: where the agent expects TLS by default (HTTPS)
-DEFAULT_LITE_TLS_PORTS = frozenset({443})
-
-
 @dataclass(frozen=True, kw_only=True)
 class AgentSettings:
     #: the servers, in the order given: the pool's tunnels go to the UDP ones first and spread over a tier
@@ -114,10 +109,6 @@ class AgentSettings:
     #: names nothing (a vproxy server cannot be told a destination in the SYN), or on a connection of its own
     #: to a ``websocks://`` / ``websockss://`` server; ``None``: in the SYN (metadata)
     websocks_login: tuple[str, str] | None = None
-    #: destination ports where TLS is expected: a connection to one of them (SOCKS5 CONNECT, HTTP CONNECT, a
-    #: forward's destination) is a ``lite-tls`` stream, which leaves the tunnel's encryption once its own TLS is
-    #: up when the server agreed to lite-tls (docs/lite-tls.md); empty: never
-    lite_tls_ports: frozenset[int] = DEFAULT_LITE_TLS_PORTS
     #: IP mode (``--tun``): a TUN device whose packets ride a ``tun`` stream (docs/tun.md)
     tun: TunAgentSettings | None = None
 
@@ -217,16 +208,13 @@ class Agent:
         return stream.hand_off()  # with the destination's first bytes, if they came
 
     def choose_kind(self, metadata: StreamMetadata) -> StreamMetadata:
-        """A TCP stream to a port where TLS is expected becomes a lite-tls stream (a server that did not agree to
-        lite-tls relays it as a plain one; one whose bytes are not TLS falls back to a plain one)."""
-        ports = self.settings.lite_tls_ports
-        if metadata.kind != "tcp" or not ports or metadata.authority is None:
+        """Every TCP stream is a lite-tls stream while lite-tls is on (``--no-lite-tls`` turns it off): whether it
+        leaves the tunnel is decided at both ends by its first bytes (a ClientHello record from the client;
+        anything else, or the server speaking first, keeps it an ordinary stream for good). A server that did not
+        agree to lite-tls relays it as a plain one (docs/lite-tls.md)."""
+        if metadata.kind != "tcp" or not self.settings.tunnel.lite_tls:
             return metadata
-        try:
-            _, port = parse_authority(metadata.authority)
-        except ValueError:
-            return metadata
-        return dataclasses.replace(metadata, kind="lite-tls") if port in ports else metadata
+        return dataclasses.replace(metadata, kind="lite-tls")
 
     async def _opener(self, metadata: StreamMetadata) -> Leg:
         """What a front's connection is carried by: a tunnel stream, or (a WebSocks server) a connection of its

@@ -278,8 +278,8 @@ class Server:
 
     async def _handle_stream(self, stream: TunnelStream) -> None:
         md = stream.metadata
-        if self.stats is not None:
-            self.stats.stream_opened(md.kind if md is not None else None)
+        if self.stats is not None:  # (an agent with lite-tls on opens every TCP stream as a lite-tls one)
+            self.stats.stream_opened(None if md is None else "tcp" if md.kind == "lite-tls" else md.kind)
         if md is not None and md.kind == "tun" and self.tun is not None:
             self.tun.serve(stream)
             return

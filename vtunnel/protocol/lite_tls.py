@@ -38,6 +38,7 @@ from vtunnel.protocol.tunnel import Role
 
 __all__ = [
     "HEADER_LEN",
+    "HOLD_LIMIT",
     "MARKER",
     "MAX_RECORD_LENGTH",
     "NOTICE",
@@ -54,7 +55,6 @@ __all__ = [
     "PeerViolation",
     "SendToPeer",
     "TrackerBrokenError",
-    "entry_check",
     "header_problem",
     "whole_records",
 ]
@@ -72,6 +72,9 @@ MARKER = b"\xff\x03\x03\x00\x01\x01"
 #: "this stream stays in the tunnel": precedes the first bytes that are not TLS records
 NOTICE = b"\xff\x03\x03\x00\x01\x00"
 CONTROL_LEN = len(MARKER)
+#: bytes a passive end holds at most (what came with the peer's marker and the start of the first
+#: application-data record after it); more is a violation: the stream is reset
+HOLD_LIMIT = 1 << 18
 CLIENT_HELLO_HEADER = b"\x16\x03\x01"
 CLIENT_HELLO = 0x01
 
@@ -170,20 +173,15 @@ def whole_records(data: bytes | memoryview, limit: int) -> int:
     return pos
 
 
-def entry_check(first: bytes) -> str | None:
-    """None if a client's first bytes are exactly one complete ClientHello record (``16 03 01``, the length
-    matching what follows, handshake type 1), else why not: the agent opens a lite-tls stream only then."""
-    if len(first) < HEADER_LEN + 1:
-        return f"{len(first)} bytes are too short for a ClientHello record"
-    if first[:3] != CLIENT_HELLO_HEADER:
-        return f"the first bytes {first[:3].hex(' ')} are not 16 03 01"
-    length = (first[3] << 8) | first[4]
-    if length + HEADER_LEN != len(first):
-        return (
-            f"the record length {length} does not match the {len(first) - HEADER_LEN} bytes after the header"
-        )
-    if first[HEADER_LEN] != CLIENT_HELLO:
-        return f"handshake type {first[HEADER_LEN]} is not a ClientHello"
+def _hello_problem(head: bytearray) -> str | None:
+    """Why the first bytes of the agent's user (up to a header and one payload byte) are not the start of a
+    ClientHello record; None if they (still) can be."""
+    if head[:3] != CLIENT_HELLO_HEADER[: len(head)]:
+        return f"the first record {head[:3].hex(' ')} is not a ClientHello record (16 03 01)"
+    if len(head) >= HEADER_LEN and not (head[3] or head[4]):
+        return "the first record is empty"
+    if len(head) > HEADER_LEN and head[HEADER_LEN] != CLIENT_HELLO:
+        return f"the first record's handshake type {head[HEADER_LEN]} is not a ClientHello"
     return None
 
 
@@ -272,6 +270,14 @@ class LiteTlsTracker:
         return sum(map(len, self._held_peer)) + len(self._post)
 
     @property
+    def holding(self) -> bool:
+        """Passive, left: the peer's bytes are held until the first application-data record after its marker is
+        whole (the runtime bounds how long: ``HOLD_TIMEOUT``)."""
+        return self._state is not LiteTlsState.BROKEN and (
+            self._post_need is not None or bool(self._held_peer)
+        )
+
+    @property
     def transparent(self) -> bool:
         """Nothing is parsed or held any more: both calls would hand their input straight on, so the runtime may
         relay the stream without the tracker."""
@@ -313,20 +319,30 @@ class LiteTlsTracker:
                     self._fire_control(pieces, events, view[pos:])
                     return
                 continue
-            take = min(HEADER_LEN - len(out.head), end - pos)
+            first = out.records == 0
+            if first and self.side is Role.SERVER and not out.head and not self._in.records:
+                # the client has not sent a record header yet: a protocol where the server speaks first
+                self._fall_back(pieces, events, "the server spoke first", view[pos:])
+                return
+            # the agent's first record: its header and the handshake type after it (a ClientHello's)
+            hello = first and self.side is Role.CLIENT
+            want = HEADER_LEN + 1 if hello else HEADER_LEN
+            take = min(want - len(out.head), end - pos)
             out.head += view[pos : pos + take]
             pos += take
             # decide as soon as the bytes gathered cannot begin a TLS record: nothing waits for a whole header
-            problem = header_problem(out.head)
-            first_hello = out.records == 0 and self.side is Role.CLIENT
-            if problem is None and first_hello and out.head[:3] != CLIENT_HELLO_HEADER[: len(out.head)]:
-                problem = f"the first record {out.head[:3].hex(' ')} is not a ClientHello record (16 03 01)"
+            problem = header_problem(out.head[:HEADER_LEN])
+            if problem is None and hello:
+                problem = _hello_problem(out.head)
             if problem is not None:
                 self._fall_back(pieces, events, problem, view[pos:])
                 return
-            if len(out.head) < HEADER_LEN:
+            if len(out.head) < want:
                 break
-            header = bytes(out.head)
+            header = bytes(out.head[:HEADER_LEN])
+            extra = len(out.head) - HEADER_LEN  # the handshake type, part of the payload
+            if extra:
+                pieces.append(bytes(out.head))
             out.head.clear()
             if header[0] == APPLICATION_DATA:
                 if self._in.app_data and self._state is LiteTlsState.TRACKING:
@@ -340,8 +356,9 @@ class LiteTlsTracker:
                     return
                 out.app_data = True
             out.records += 1
-            out.need = (header[3] << 8) | header[4]
-            pieces.append(header)
+            out.need = ((header[3] << 8) | header[4]) - extra
+            if not extra:
+                pieces.append(header)
             if not out.need and self._pending_control is not None:
                 self._fire_control(pieces, events, view[pos:])
                 return
@@ -479,6 +496,8 @@ class LiteTlsTracker:
             self._role = LiteTlsRole.PASSIVE
             self._held_peer = [bytes(p) for p in pieces if p]
             self._post_need = 0
+            if self._over_hold_limit(events):
+                return
             self._pending_control = MARKER
             if self._out.need:
                 self._state = LiteTlsState.ANSWERING
@@ -533,6 +552,20 @@ class LiteTlsTracker:
             held = b"".join(self._held_peer)
             self._held_peer = []
             events.append(DeliverToLocal(data=held))
+        else:
+            self._over_hold_limit(events)
+
+    def _over_hold_limit(self, events: list[LiteTlsEvent]) -> bool:
+        """Passive: more than :data:`HOLD_LIMIT` bytes held is a violation (a peer running this protocol sends
+        its first application-data record right after the marker; what came before it is handshake records)."""
+        held = self.held_from_peer
+        if held <= HOLD_LIMIT:
+            return False
+        self._violation(
+            events,
+            f"{held} bytes held before the first application data after the marker (over {HOLD_LIMIT})",
+        )
+        return True
 
     def stop_holding(self) -> bytes:
         """Passive, spliced: hand over now what :meth:`_hold_until_app_data` keeps (the peer's bytes after its

@@ -41,7 +41,7 @@ import structlog
 
 from vtunnel.protocol import StreamMetadata, Tunnel
 from vtunnel.protocol.errors import VTunnelError
-from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsStep, whole_records
+from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsState, LiteTlsStep, whole_records
 from vtunnel.protocol.metadata import DATAGRAM_KINDS
 from vtunnel.runtime.errors import StreamRefused
 
@@ -55,6 +55,10 @@ ANSWER_TIMEOUT = 10.0
 #: seconds of quiet after the local endpoint wrote the start of something like a record header: then it is
 #: not TLS (a TLS endpoint writes whole records) and the stream falls back (``LiteTlsSession.local_stalled``)
 LOCAL_STALL = 0.2
+#: seconds a passive lite-tls end holds the peer's bytes after its marker waiting for the first whole
+#: application-data record before it resets the stream (the active end sends that record with the answer; the
+#: bytes held are bounded by ``HOLD_LIMIT`` in the tracker)
+HOLD_TIMEOUT = 10.0
 
 
 class StreamCarrier(Protocol):
@@ -444,6 +448,7 @@ class _LiteTls:
         "_answer_timer",
         "_dedicated",
         "_eof",
+        "_hold_timer",
         "_queue",
         "_refused",
         "_stall_timer",
@@ -474,6 +479,8 @@ class _LiteTls:
         #: the answer's deadline while awaiting it; the local stall check while a header is begun
         self._answer_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
+        #: passive: the deadline of the hold after the peer's marker
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     def splice_over(self, dedicated: socket.socket) -> None:
         self.session.splice()
@@ -542,6 +549,12 @@ class _LiteTls:
         elif self._answer_timer is not None:
             self._answer_timer.cancel()
             self._answer_timer = None
+        if session.tracker.holding:
+            if self._hold_timer is None:
+                self._hold_timer = asyncio.get_running_loop().call_later(HOLD_TIMEOUT, self._held_too_long)
+        elif self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
@@ -556,15 +569,40 @@ class _LiteTls:
             self.flush()  # then the hand-over, once the tunnel has everything before the switch
             return
         self._queue.extend(step.send)
-        if self.flush() and self._refused and not self.session.awaiting_answer:
-            self._refused = False
-            stream.deliver_room()
+        if self.flush():
+            self._plain_if_settled()
+            if self._refused and not self.session.awaiting_answer:
+                self._refused = False
+                stream.deliver_room()
+
+    def _plain_if_settled(self) -> None:
+        """Both ends fell back and nothing waits: the stream is an ordinary one for good, with no tracking cost
+        (its dedicated connection, spliced, is closed)."""
+        tracker = self.session.tracker
+        if tracker.state is LiteTlsState.FALLBACK and tracker.transparent and not self._queue:
+            self.drop_dedicated()
+            self._stream._lite = None
 
     def _stop_timers(self) -> None:
-        for timer in (self._answer_timer, self._stall_timer):
+        for timer in (self._answer_timer, self._stall_timer, self._hold_timer):
             if timer is not None:
                 timer.cancel()
-        self._answer_timer = self._stall_timer = None
+        self._answer_timer = self._stall_timer = self._hold_timer = None
+
+    def _held_too_long(self) -> None:
+        self._hold_timer = None
+        stream = self._stream
+        tracker = self.session.tracker
+        if not tracker.holding or stream._closed or stream._broken is not None:
+            return
+        log.info(
+            "lite_tls.hold_timeout",
+            tunnel=stream._carrier.name,
+            stream=stream.stream_id,
+            waited=HOLD_TIMEOUT,
+            held=tracker.held_from_peer,
+        )
+        self._reset("protocol: lite-tls no application data after the marker")
 
     def _no_answer(self) -> None:
         self._answer_timer = None
@@ -633,6 +671,7 @@ class _LiteTls:
         if not self.flush() or self.session.awaiting_answer:
             return False
         self._refused = False
+        self._plain_if_settled()
         return True
 
     def flush(self) -> bool:
