@@ -521,30 +521,32 @@ def start_tls_sources(group: ProcessGroup, count: int) -> list[tuple[Proc, str]]
 def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index: int) -> Metrics:
     """HTTPS-like bulk download goodput, side by side: lite-tls muxed, lite-tls spliced, lite-tls off, direct.
 
-    The stack's agent forwards to two TLS sources in the same tunnel: the first one's port is in the agent's
-    ``--lite-tls-ports`` (``lite``: its stream leaves the tunnel's encryption once TLS is up, in PASSTHROUGH
-    frames), the second one's is not (``off``: an ordinary stream, the TLS is encrypted again by the tunnel). A
-    second agent (``agent-spliced``, entry ``side_entries["spliced"]``) reaches the first source in splice mode
-    (``spliced``: after the marker exchange a dedicated connection relayed by ``os.splice`` at both ends);
-    ``direct`` downloads from the first source itself. One download each, the order rotated by the round, after
-    one download of an eighth of the size from each that is not counted (the first transfer on a fresh stack pays
-    for warming the tunnel's connection); the bytes are checked by the client. CPU: the agent (the spliced one
-    for ``spliced``) and the server, in seconds per GB carried, each end and both.
+    The stack's agent forwards to a TLS source (``lite``: a lite-tls stream, chosen by its ClientHello, that
+    leaves the tunnel's encryption once TLS is up, in PASSTHROUGH frames). A second agent (``agent-spliced``,
+    entry ``side_entries["spliced"]``) reaches the same source in splice mode (``spliced``: after the marker
+    exchange a dedicated connection relayed by ``os.splice`` at both ends), a third one (``agent-off``, entry
+    ``side_entries["off"]``) with ``--no-lite-tls`` (``off``: an ordinary stream, the TLS is encrypted again by
+    the tunnel); ``direct`` downloads from the source itself. One download each, the order rotated by the round,
+    after one download of an eighth of the size from each that is not counted (the first transfer on a fresh
+    stack pays for warming the tunnel's connection); the bytes are checked by the client. CPU: the row's agent and
+    the server, in seconds per GB carried, each end and both.
     """
     entries = dict(stack.side_entries)
     spliced = entries.pop("spliced", None)
-    if len(entries) != 2 or spliced is None:
+    off = entries.pop("off", None)
+    if len(entries) != 1 or spliced is None or off is None:
         raise HarnessError(
-            "the https-lite scenario needs a stack with two TLS sources as its side destinations and a spliced agent"
+            "the https-lite scenario needs a stack with a TLS source as its side destination, a spliced agent "
+            "and an agent with lite-tls off"
         )
-    (source, lite), (_, off) = entries.items()
+    ((source, lite),) = entries.items()
     size = str(int(settings["bytes"]))
     timeout = float(settings["timeout"])
     metrics: dict[str, float] = {}
     pids = stack.pids()
     ends = {
         "lite": {"agent": pids["agent"], "server": pids["server"]},
-        "off": {"agent": pids["agent"], "server": pids["server"]},
+        "off": {"agent": stack.procs["agent-off"].pid, "server": pids["server"]},
         "spliced": {"agent": stack.procs["agent-spliced"].pid, "server": pids["server"]},
         "direct": {},
     }

@@ -53,7 +53,7 @@ from bench.systems import (
     SystemSpec,
     installed_transports,
     make_psk_file,
-    start_spliced_agent,
+    start_side_agent,
     start_stack,
     system_unavailable,
     twin,
@@ -301,10 +301,9 @@ class Runner:
                     sink, address = start_stall_sink(scope, stalling[0].settings(quick=self.options.quick))
                     side.append(address)
                 splice_port = None
-                if https:  # lite-tls to the first TLS source, an ordinary stream to the second
-                    sources = start_tls_sources(scope, 2)
+                if https:  # the agent's stream to the TLS source is lite-tls (chosen by its first bytes)
+                    sources = start_tls_sources(scope, 1)
                     side += [address for _, address in sources]
-                    agent_extra += ["--lite-tls-ports", sources[0][1].rsplit(":", 1)[1]]
                     splice_port = free_port()
                 stack = start_stack(
                     job.system,
@@ -317,9 +316,12 @@ class Runner:
                     socks=socks,
                     splice_port=splice_port,
                 )
-                if splice_port is not None:  # and a second agent, spliced, to the first source
-                    stack.side_entries["spliced"] = start_spliced_agent(
-                        stack, scope, psk_file, splice_port, sources[0][1]
+                if splice_port is not None:  # and two more agents to the source: spliced, and lite-tls off
+                    stack.side_entries["spliced"] = start_side_agent(
+                        stack, scope, psk_file, "agent-spliced", sources[0][1], splice_port=splice_port
+                    )
+                    stack.side_entries["off"] = start_side_agent(
+                        stack, scope, psk_file, "agent-off", sources[0][1], extra=["--no-lite-tls"]
                     )
                 if sink is not None:
                     stack.procs["stall-sink"] = sink

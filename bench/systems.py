@@ -49,7 +49,7 @@ __all__ = [
     "run_client",
     "server_argv",
     "shadowsocks_version",
-    "start_spliced_agent",
+    "start_side_agent",
     "start_stack",
     "system_unavailable",
     "tunnel_url",
@@ -404,7 +404,7 @@ def start_stack(
     more options of the vtunnel agent. ``socks``: the entry is the client side's SOCKS5 proxy (vtunnel's
     ``--socks`` front, or ss-local), and clients name the workload server in their CONNECT. ``splice_port`` (tcp:// and tls:// only): the server also listens there
     for the dedicated connections of spliced lite-tls streams (``splice=PORT``; the agent stays muxed, see
-    :func:`start_spliced_agent`).
+    :func:`start_side_agent`).
     """
     if socks and system.kind not in ("vtunnel", "shadowsocks"):
         raise HarnessError(f"{system.name} has no SOCKS5 front")
@@ -494,15 +494,23 @@ def _kcptun_key_file(directory: Path) -> Path:
     return path
 
 
-def start_spliced_agent(
-    stack: Stack, group: ProcessGroup, psk_file: Path | None, splice_port: int, dest: str
+def start_side_agent(
+    stack: Stack,
+    group: ProcessGroup,
+    psk_file: Path | None,
+    name: str,
+    dest: str,
+    *,
+    splice_port: int | None = None,
+    extra: Sequence[str] = (),
 ) -> str:
-    """A second vtunnel agent of ``stack`` (process ``agent-spliced``) in lite-tls splice mode (its server URL
-    names the server's ``splice_port``), forwarding a local port to ``dest`` as lite-tls streams; returns that
-    local entry once the agent listens."""
+    """Another vtunnel agent of ``stack`` (process ``name``) to the same server, forwarding a local port to
+    ``dest``: in lite-tls splice mode with ``splice_port`` (its server URL names the server's splice port), with
+    ``extra`` arguments (``--no-lite-tls``); returns that local entry once the agent listens."""
     system = stack.system
     url = tunnel_url(system, stack.tunnel)
-    url += ("&" if "?" in url else "?") + f"splice={splice_port}"
+    if splice_port is not None:
+        url += ("&" if "?" in url else "?") + f"splice={splice_port}"
     entry = f"127.0.0.1:{free_port()}"
     argv = [
         *vtunnel_command(),
@@ -511,14 +519,11 @@ def start_spliced_agent(
         url,
         "--forward",
         f"{entry}={dest}",
-        "--lite-tls-ports",
-        dest.rsplit(":", 1)[1],
+        *extra,
         *_security(system, psk_file),
     ]
-    proc = group.spawn(
-        f"{system.name}-agent-spliced", [*stack.placement.client_prefix, *argv], env=code_env(system)
-    )
-    stack.procs["agent-spliced"] = proc
+    proc = group.spawn(f"{system.name}-{name}", [*stack.placement.client_prefix, *argv], env=code_env(system))
+    stack.procs[name] = proc
     wait_log(proc, "listening", READY_TIMEOUT)
     return entry
 

@@ -92,6 +92,32 @@ async def test_what_was_not_sent_goes_first_then_the_spliced_bytes() -> None:
             assert await done == (len(b"held for y|from x"), len(b"held for x|from y"))
 
 
+async def test_the_bytes_written_to_and_read_from_b_are_counted_as_they_move() -> None:
+    """``count_b`` sees what goes to ``b`` (its prefix included) and what comes from it, not ``a``'s prefix (bytes
+    an earlier relay had, counted where they came from)."""
+    written: list[int] = []
+    read: list[int] = []
+
+    def count(to_b: int, from_b: int) -> None:
+        written.append(to_b)
+        read.append(from_b)
+
+    up, down = data(3 << 20, b"up"), data(5 << 20, b"down")
+    async with spliced(to_a=b"old|", to_b=b"new|", count_b=count) as (x, y, _, done):
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_all, x, up)
+                tg.start_soon(send_all, y, down)
+                got_y = await read_all(y)
+                got_x = await read_all(x)
+            assert await done == (len(got_y), len(got_x))
+    assert got_y == b"new|" + up
+    assert got_x == b"old|" + down
+    assert sum(written) == len(b"new|") + len(up)
+    assert sum(read) == len(down)
+    assert len(written) > 1  # (told as the bytes moved, not once at the end)
+
+
 async def test_a_half_close_passes_through_and_the_other_way_goes_on() -> None:
     async with spliced() as (x, y, _, done):
         loop = asyncio.get_running_loop()

@@ -81,3 +81,18 @@ def test_the_peers_notice_is_stripped_and_its_credit_returned() -> None:
     assert step.deliver == [b"plain bytes"]
     assert step.consumed == len(notice)
     assert step.fell_back is not None
+
+
+def test_a_header_begun_goes_before_the_end_of_stream() -> None:
+    """The user writes the start of something like a ClientHello and ends its side: those bytes go (the stream
+    falls back) before the FIN, never stay behind it."""
+    for first in (b"\x16", b"\x16\x03\x01", b"\x16\x03\x01\x00\x05"):
+        session = LiteTlsSession(Role.CLIENT)
+        assert session.from_local(first).send == []
+        assert session.tracker.header_begun
+        step = session.local_ended()
+        assert [(bytes(d), p) for d, p in step.send] == [(b"\xff\x03\x03\x00\x01\x00" + first, False)]
+        assert step.fell_back is not None
+        assert "then the end of the stream" in step.fell_back.reason
+        assert not session.tracker.header_begun
+    assert LiteTlsSession(Role.CLIENT).local_ended().send == []

@@ -22,8 +22,10 @@ from structlog.testing import capture_logs
 
 from vtunnel.apps.agent import Agent, AgentSettings
 from vtunnel.apps.lite_tls_splice import CLAIM_TIMEOUT, TICKET_LEN
+from vtunnel.apps.metrics import make_registry
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import Server, ServerSettings
+from vtunnel.apps.stats import ProcessStats
 from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
@@ -55,10 +57,12 @@ async def spliced_tunnel(
     tls_files: tuple[str, str, str] | None = None,
     idle_timeout: float | None = None,
     server_lite_tls: bool = True,
+    stats: tuple[ProcessStats, ProcessStats] | None = None,
 ) -> AsyncIterator[Spliced]:
     """Agent and server over tcp:// with a key and splice mode; ``wire`` sees the dedicated connections'
-    server -> agent bytes and ``first`` their first agent -> server bytes (the agent reaches the splice port
-    through a relay). With ``tls_files`` (chain, key, CA) the tunnel runs over tls:// instead of tcp://."""
+        server -> agent bytes and ``first`` their first agent -> server bytes (the agent reaches the splice port
+        through a relay). With ``tls_files`` (chain, key, CA) the tunnel runs over tls:// instead of tcp://; ``stats``:
+    the agent's and the server's (what their metrics read)."""
     security = SecurityConfig(psk=os.urandom(32))
     server = Server(
         ServerSettings(
@@ -74,7 +78,8 @@ async def spliced_tunnel(
             drain_timeout=1.0,
             idle_timeout=idle_timeout,
             tunnel=TunnelConfig(lite_tls=server_lite_tls),
-        )
+        ),
+        stats=None if stats is None else stats[1],
     )
     async with anyio.create_task_group() as tg:
         addresses = await tg.start(server.serve)
@@ -95,7 +100,8 @@ async def spliced_tunnel(
                     socks=("127.0.0.1", 0),
                     tunnel=TunnelConfig(),
                     drain_timeout=1.0,
-                )
+                ),
+                stats=None if stats is None else stats[0],
             )
             fronts = await tg.start(agent.serve)
             yield Spliced(int(fronts["socks"].rsplit(":", 1)[1]), splice_port, server)
@@ -131,6 +137,39 @@ async def test_https_through_a_spliced_stream_is_byte_exact(
     # the body went over the dedicated connection (its server -> agent bytes: the ACK, then the user's records)
     assert len(wire.downstream) > size
     assert wire.downstream[:1] == b"\x01"
+
+
+async def test_spliced_bytes_count_in_the_tunnels_counters_and_metrics(ca_file: str, tmp_path: Path) -> None:
+    """What a spliced stream moves over its dedicated connection counts in the same counters as a muxed stream's
+    bytes (the tunnel's, read by --metrics: vtunnel_received_bytes / vtunnel_sent_bytes), at both ends, while the
+    kernel relays it; its lite_tls.closed line has the totals once the relay is over."""
+    size = 16 << 20
+    agent_stats, server_stats = ProcessStats(), ProcessStats()
+    agent_metrics = make_registry(agent_stats, role="agent")
+    server_metrics = make_registry(server_stats, role="server")
+
+    def counted() -> tuple[float, float]:
+        received = agent_metrics.get_sample_value("vtunnel_received_bytes_total", {"transport": "tcp"})
+        sent = server_metrics.get_sample_value("vtunnel_sent_bytes_total", {"transport": "tcp"})
+        return received or 0.0, sent or 0.0
+
+    with capture_logs() as logs:
+        async with origin("1.3") as https, spliced_tunnel(stats=(agent_stats, server_stats)) as t:
+            out = tmp_path / "body"
+            with anyio.fail_after(120):
+                assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+                assert out.read_bytes() == body_for(size)
+                while len([e for e in logs if e["event"] == "lite_tls.closed"]) < 2:
+                    await anyio.sleep(0.05)  # (the relays end once both sides of each closed)
+            received, sent = counted()
+    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    assert received >= size
+    assert sent >= size
+    closed = [e for e in logs if e["event"] == "lite_tls.closed"]
+    assert all(e["mode"] == "spliced" for e in closed)
+    # the body went from the server's end to the agent's over the dedicated connection
+    assert max(e["passthrough_bytes"] for e in closed) >= size
+    assert max(e["passthrough_received"] for e in closed) >= size
 
 
 async def test_over_tls_the_dedicated_connection_carries_the_users_tls_and_nothing_else(

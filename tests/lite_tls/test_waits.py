@@ -118,6 +118,39 @@ async def test_a_passive_end_that_never_gets_the_first_application_data_resets_t
     assert sorted(str(e["role"]) for e in left) == ["active", "passive"]
 
 
+async def test_the_fin_waits_for_what_the_active_end_holds() -> None:
+    """The user goes active and ends its side at once (a request, then its FIN): the agent holds the request
+    until the server end's answer, and the FIN goes after it, so the destination reads the whole request to its
+    end of stream and still answers."""
+    first = record(0x16, 40) + record(0x17, 30)
+    request = record(0x17, 300) + record(0x15, 2)
+
+    async def answer_after_eof(conn: SocketStream) -> None:
+        async with conn:
+            got = bytearray(await conn.receive())
+            await conn.send(first)
+            got += await read_until_closed(conn)
+            await conn.send(record(0x17, len(got)))
+
+    with capture_logs() as logs:
+        async with destination(answer_after_eof) as port, tunnel() as t:
+            with anyio.fail_after(20):
+                client = await socks_connect(t.socks, port)
+                async with client:
+                    await client.send(HELLO)
+                    got = bytearray()
+                    while len(got) < len(first):
+                        got += await client.receive()
+                    await client.send(request)
+                    await client.send_eof()
+                    got += await read_until_closed(client)
+    assert bytes(got) == first + record(0x17, len(HELLO) + len(request))
+    assert sorted(str(e["role"]) for e in logs if e["event"] == "lite_tls.left_tunnel") == [
+        "active",
+        "passive",
+    ]
+
+
 async def test_a_header_begun_and_then_quiet_falls_back_instead_of_hanging() -> None:
     async def echo(conn: SocketStream) -> None:
         async with conn:

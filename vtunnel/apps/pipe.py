@@ -244,6 +244,7 @@ class Relay:
             else:
                 self.b_to_a += moved[0]
                 self.a_to_b += moved[1]
+            end.stream.spliced_relay_ended()
             if on_close is not None:
                 on_close()
             waiter = self._waiter
@@ -258,6 +259,7 @@ class Relay:
             a_ended=taken.ended or ended,
             a_shut=taken.write_closed,
             on_done=done,
+            count_b=end.stream.count_spliced,  # the dedicated connection's bytes count as the tunnel's
         )
         if idle is not None and not spliced.finished:
             self._idle = idle = IdleTimer(idle.timeout, lambda: spliced.moved, spliced.close)

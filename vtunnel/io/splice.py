@@ -7,6 +7,9 @@ reads its source while its pipe has room and writes its destination while the pi
 must send before the spliced bytes (``to_a`` / ``to_b``: what an earlier relay had not written yet) goes first,
 with ``send``.
 
+``count_b(written, read)`` is told of the bytes written to ``b`` and read from ``b`` as they move (a spliced
+lite-tls stream's dedicated connection: its bytes are counted with the tunnel's), the prefix ``to_b`` included.
+
 An end of stream is passed on as a half-close once the pipe is empty; the relay is over when both directions
 ended (both sockets are closed then) or at the first error of either socket (both are reset: SO_LINGER 0).
 ``SPLICE_AVAILABLE`` is False where the platform has no ``os.splice`` (then nobody builds one).
@@ -69,7 +72,7 @@ class SpliceRelay:
     included). ``a_ended`` / ``b_ended``: that socket's input had ended already (its FIN was seen); ``a_shut`` /
     ``b_shut``: that socket's output is to be shut, after its prefix (nothing of the other's input goes to it)."""
 
-    __slots__ = ("_a", "_b", "_dirs", "_done", "_loop", "_moved", "_on_done", "_watch")
+    __slots__ = ("_a", "_b", "_count_b", "_dirs", "_done", "_loop", "_moved", "_on_done", "_watch")
 
     def __init__(
         self,
@@ -83,8 +86,10 @@ class SpliceRelay:
         a_shut: bool = False,
         b_shut: bool = False,
         on_done: Callable[[tuple[int, int]], None] | None = None,
+        count_b: Callable[[int, int], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._count_b = count_b
         self._a, self._b = a, b
         a.setblocking(False)
         b.setblocking(False)
@@ -159,6 +164,8 @@ class SpliceRelay:
                 sent = d.dst.send(d.prefix)
             except _AGAIN:
                 return False, True
+            if index == 0 and self._count_b is not None:
+                self._count_b(sent, 0)
             if sent == len(d.prefix):
                 d.prefix = None
                 if d.ended and not d.in_pipe:
@@ -177,6 +184,8 @@ class SpliceRelay:
                     d.in_pipe -= n
                     self._moved[index] += n
                     progressed = True
+                    if index == 0 and self._count_b is not None:
+                        self._count_b(n, 0)
                     if not d.in_pipe and d.ended:
                         self._shut(d)
             if not d.ended and d.in_pipe < _CHUNK:
@@ -192,6 +201,8 @@ class SpliceRelay:
                 elif n > 0:
                     d.in_pipe += n
                     progressed = True
+                    if index == 1 and self._count_b is not None:
+                        self._count_b(0, n)
             if not progressed:
                 break
         # no progress either way: bytes left in the pipe mean the destination is full (wait for it, not for the

@@ -383,18 +383,18 @@ class LiteTlsTracker:
         runtime calls :meth:`local_stalled`."""
         return self._out.tracked and bool(self._out.head)
 
-    def local_stalled(self) -> list[LiteTlsEvent]:
-        """The local side has sent nothing for a while: if the tracker is still gathering the first bytes of a
-        record header (a TLS endpoint writes whole records, so these are not TLS), fall back and send them.
-        The runtime calls this after a short quiet period, so that nothing ever waits for a header's end."""
+    def local_stalled(self, *, ended: bool = False) -> list[LiteTlsEvent]:
+        """The local side has sent nothing for a while (or, ``ended``, ended its side): if the tracker is still
+        gathering the first bytes of a record header (a TLS endpoint writes whole records, so these are not TLS),
+        fall back and send them. The runtime calls this after a short quiet period and at the local end of
+        stream, so that nothing ever waits for a header's end nor stays behind the FIN."""
         self._usable()
         out = self._out
         if not out.tracked or not out.head:  # (a control record due would have gone at this boundary already)
             return []
         events: list[LiteTlsEvent] = []
-        self._fall_back(
-            [], events, f"{len(out.head)} bytes of a record header, then nothing", memoryview(b"")
-        )
+        then = "the end of the stream" if ended else "nothing"
+        self._fall_back([], events, f"{len(out.head)} bytes of a record header, then {then}", memoryview(b""))
         return events
 
     def _fire_control(
@@ -690,8 +690,11 @@ class LiteTlsSession:
         return step
 
     def local_ended(self) -> LiteTlsStep:
-        """The local endpoint ended its side: a partial record kept for cutting goes now (protected)."""
+        """The local endpoint ended its side: a record header begun goes now (the stream falls back), and so does
+        a partial record kept for cutting (protected)."""
         step = LiteTlsStep()
+        if not self.broken and self.tracker.header_begun:
+            self._act(self.tracker.local_stalled(ended=True), step)
         if self._cut:
             step.send.append((bytes(self._cut), False))
             self._cut = bytearray()

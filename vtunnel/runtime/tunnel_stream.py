@@ -69,6 +69,9 @@ class StreamCarrier(Protocol):
     tunnel: Tunnel
     #: the peer's user (a server's tunnel under per-user keys), else None
     user: str | None
+    #: bytes given to the transport and delivered by it (a spliced stream's dedicated connection counts too)
+    bytes_out: int
+    bytes_in: int
 
     @property
     def closed(self) -> bool: ...
@@ -311,13 +314,7 @@ class TunnelStream:
         if lite is not None:
             lite.drop_dedicated()
         if lite is not None and lite.session.left and not lite.off_tunnel:
-            log.debug(
-                "lite_tls.closed",
-                tunnel=carrier.name,
-                stream=self.stream_id,
-                passthrough_bytes=lite.passthrough_bytes,
-                protected_bytes=lite.protected_bytes,
-            )
+            lite.log_closed(self, spliced=False)
         if not carrier.closed:
             with contextlib.suppress(VTunnelError):
                 carrier.tunnel.close_stream(self.stream_id)
@@ -337,6 +334,23 @@ class TunnelStream:
         if self._lite is None:
             raise ValueError(f"stream {self.stream_id} is not a lite-tls stream")
         self._lite.splice_over(dedicated)
+
+    def count_spliced(self, sent: int, received: int) -> None:
+        """Bytes a spliced stream's kernel relay wrote to and read from its dedicated connection (after the
+        hand-over, even once the stream is closed): counted with its tunnel's, as a muxed stream's are."""
+        carrier = self._carrier
+        carrier.bytes_out += sent
+        carrier.bytes_in += received
+        lite = self._lite
+        if lite is not None:
+            lite.passthrough_bytes += sent
+            lite.passthrough_received += received
+
+    def spliced_relay_ended(self) -> None:
+        """The kernel relay of a spliced stream is over: log its totals (``lite_tls.closed``)."""
+        lite = self._lite
+        if lite is not None:
+            lite.log_closed(self, spliced=True)
 
     # ---------------------------------------------------------------- server side
     def accept(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
@@ -456,6 +470,7 @@ class _LiteTls:
         "_to_dedicated",
         "off_tunnel",
         "passthrough_bytes",
+        "passthrough_received",
         "protected_bytes",
         "session",
     )
@@ -470,6 +485,8 @@ class _LiteTls:
         #: bytes sent in PASSTHROUGH frames and in ordinary ones (statistics)
         self.passthrough_bytes = 0
         self.protected_bytes = 0
+        #: bytes received in PASSTHROUGH frames, or spliced read from the dedicated connection
+        self.passthrough_received = 0
         #: splice mode: the connection the stream leaves over, until the hand-over
         self._dedicated: socket.socket | None = None
         #: splice mode: what the session sent after leaving, before the hand-over
@@ -481,6 +498,17 @@ class _LiteTls:
         self._stall_timer: asyncio.TimerHandle | None = None
         #: passive: the deadline of the hold after the peer's marker
         self._hold_timer: asyncio.TimerHandle | None = None
+
+    def log_closed(self, stream: TunnelStream, *, spliced: bool) -> None:
+        log.debug(
+            "lite_tls.closed",
+            tunnel=stream._carrier.name,
+            stream=stream.stream_id,
+            mode="spliced" if spliced else "muxed",
+            passthrough_bytes=self.passthrough_bytes,
+            protected_bytes=self.protected_bytes,
+            passthrough_received=self.passthrough_received,
+        )
 
     def splice_over(self, dedicated: socket.socket) -> None:
         self.session.splice()
@@ -507,9 +535,12 @@ class _LiteTls:
         connection)."""
         self._eof = True
         self._act(self.session.local_ended())
-        return not self._queue and not self.off_tunnel
+        # (while the marker awaits its answer the tracker holds bytes that go before the FIN)
+        return not self._queue and not self.off_tunnel and not self.session.awaiting_answer
 
     def from_peer(self, data: bytes, passthrough: bool) -> None:
+        if passthrough:
+            self.passthrough_received += len(data)
         self._act(self.session.from_peer(data, passthrough))
 
     def _act(self, step: LiteTlsStep) -> None:
@@ -713,7 +744,13 @@ class _LiteTls:
             asyncio.get_running_loop().call_soon(
                 self._hand_over, self.session.tracker.role or LiteTlsRole.ACTIVE
             )
-        elif not queue and self._eof and not stream._sent_eof and not stream._closed:
+        elif (
+            not queue
+            and self._eof
+            and not self.session.awaiting_answer
+            and not stream._sent_eof
+            and not stream._closed
+        ):
             self._eof = False
             carrier.transmit()
             stream._end()
