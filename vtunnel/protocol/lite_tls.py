@@ -677,7 +677,7 @@ class LiteTlsSession:
         if self.broken or not data:
             return step
         if self._left and self.tracker.transparent:
-            self._send(bytes(data), step)
+            self._cut_records(bytes(data), step.send)
         else:
             self._act(self.tracker.from_local(data), step)
         return step
@@ -728,7 +728,7 @@ class LiteTlsSession:
         for ev in events:
             if isinstance(ev, SendToPeer):
                 if self._left:
-                    self._send(ev.data, step)
+                    self._cut_records(ev.data, step.send)
                 else:
                     step.send.append((ev.data, False))
             elif isinstance(ev, DeliverToLocal):
@@ -745,10 +745,16 @@ class LiteTlsSession:
             if held:
                 step.deliver.append(held)
 
-    def _send(self, data: bytes, step: LiteTlsStep) -> None:
+    def cut(self, data: bytes) -> list[tuple[bytes | memoryview, bool]]:
+        """After leaving, once the tracker is ``transparent`` (nothing parsed or held): what :meth:`from_local`
+        would send for ``data``, without a step (the runtime's path for every read after leaving)."""
+        send: list[tuple[bytes | memoryview, bool]] = []
+        self._cut_records(data, send)
+        return send
+
+    def _cut_records(self, data: bytes, send: list[tuple[bytes | memoryview, bool]]) -> None:
         """After leaving: cut ``data`` at record boundaries; runs of whole application-data records go in
         passthrough (a piece each), other records protected, a partial record waits for its rest."""
-        send = step.send
         if self._spliced:
             send.append((data, True))
             return
@@ -771,7 +777,7 @@ class LiteTlsSession:
                 self._cutting = False
                 send.append((bytes(cut) + data, False))
                 return
-            self._send(bytes(cut) + data[:need], step)
+            self._cut_records(bytes(cut) + data[:need], send)
             if len(data) == need:
                 return
             if not self._cutting:

@@ -467,6 +467,7 @@ class _LiteTls:
         "_refused",
         "_stall_timer",
         "_stream",
+        "_through",
         "_to_dedicated",
         "off_tunnel",
         "passthrough_bytes",
@@ -493,6 +494,8 @@ class _LiteTls:
         self._to_dedicated = bytearray()
         #: a spliced stream that left: its bytes and its end go over the dedicated connection, never the tunnel
         self.off_tunnel = False
+        #: muxed, left, nothing parsed or held any more: reads go straight to the cut / to the consumer
+        self._through = False
         #: the answer's deadline while awaiting it; the local stall check while a header is begun
         self._answer_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -527,6 +530,10 @@ class _LiteTls:
         if self._queue or session.awaiting_answer or self.off_tunnel:
             self._refused = True  # (spliced: the consumer hands what it holds over with the socket)
             return 0
+        if self._through:  # left, muxed, nothing tracked any more: only the cut at record boundaries
+            self._queue.extend(session.cut(bytes(data)))
+            self.flush()
+            return len(data)
         self._act(session.from_local(bytes(data)))
         return len(data)
 
@@ -541,6 +548,9 @@ class _LiteTls:
     def from_peer(self, data: bytes, passthrough: bool) -> None:
         if passthrough:
             self.passthrough_received += len(data)
+        if self._through:  # both kinds are accepted after leaving, and nothing is parsed or held
+            self._stream._deliver(data)
+            return
         self._act(self.session.from_peer(data, passthrough))
 
     def _act(self, step: LiteTlsStep) -> None:
@@ -599,6 +609,8 @@ class _LiteTls:
                     self._queue.append((piece, False))
             self.flush()  # then the hand-over, once the tunnel has everything before the switch
             return
+        # left and transparent: from now on reads skip the session's steps (from_local, from_peer)
+        self._through = session.left and session.tracker.transparent
         self._queue.extend(step.send)
         if self.flush():
             self._plain_if_settled()
