@@ -96,3 +96,17 @@ def test_a_header_begun_goes_before_the_end_of_stream() -> None:
         assert "then the end of the stream" in step.fell_back.reason
         assert not session.tracker.header_begun
     assert LiteTlsSession(Role.CLIENT).local_ended().send == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(records, st.binary(max_size=40), st.lists(st.integers(0, 30000), max_size=10))
+def test_cut_sends_what_from_local_sends_after_leaving(
+    parts: list[bytes], garbage: bytes, points: list[int]
+) -> None:
+    """The runtime's path after leaving (``cut``, no step) and ``from_local`` give the same pieces."""
+    stream = b"".join(parts) + (b"\x47" + garbage if garbage else b"")
+    by_step, by_cut = left_session(), left_session()
+    for piece in cuts(stream, points):
+        assert [(bytes(d), p) for d, p in by_cut.cut(piece)] == [
+            (bytes(d), p) for d, p in by_step.from_local(piece).send
+        ]
