@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -175,13 +174,8 @@ async def test_ssh_like_on_port_443_is_plain_too() -> None:
         tg.start_soon(listener.serve, server_first)
         async with tunnel() as t:
             with anyio.fail_after(10):
-                client = await anyio.connect_tcp("127.0.0.1", t.socks)
+                client = await socks_connect(t.socks, 443, HTTPS_PORT_HOST)
                 async with client:
-                    await client.send(b"\x05\x01\x00")
-                    assert await client.receive(2) == b"\x05\x00"
-                    address = socket.inet_aton(HTTPS_PORT_HOST) + (443).to_bytes(2, "big")
-                    await client.send(b"\x05\x01\x00\x01" + address)
-                    assert (await client.receive(10))[:2] == b"\x05\x00"
                     assert await _read_exactly(client, len(banner)) == banner
                     await client.send(b"bye")
                     assert await _read_exactly(client, 3) == b"bye"

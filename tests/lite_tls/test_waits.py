@@ -7,6 +7,7 @@ header and then waits for the server falls back after LOCAL_STALL instead of han
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -39,13 +40,22 @@ async def destination(serve: Callable[[SocketStream], Awaitable[None]]) -> Async
         tg.cancel_scope.cancel()
 
 
-async def socks_connect(socks: int, port: int) -> SocketStream:
+async def socks_connect(socks: int, port: int, host: str = "127.0.0.1") -> SocketStream:
     client = await anyio.connect_tcp("127.0.0.1", socks)
     await client.send(b"\x05\x01\x00")
     assert await client.receive(2) == b"\x05\x00"
-    await client.send(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+    await client.send(b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big"))
     assert (await client.receive(10))[:2] == b"\x05\x00"
     return client
+
+
+async def hello_then(client: SocketStream, first: bytes) -> bytearray:
+    """The user's ClientHello, then the destination's ``first`` bytes back."""
+    await client.send(HELLO)
+    got = bytearray()
+    while len(got) < len(first):
+        got += await client.receive()
+    return got
 
 
 async def read_until_closed(client: SocketStream) -> bytes:
@@ -71,10 +81,7 @@ async def test_a_marker_never_answered_resets_the_stream(monkeypatch: pytest.Mon
             with anyio.fail_after(20):
                 client = await socks_connect(t.socks, port)
                 async with client:
-                    await client.send(HELLO)
-                    got = bytearray()
-                    while len(got) < len(first):
-                        got += await client.receive()
+                    got = await hello_then(client, first)
                     await client.send(record(0x17, 20))  # the agent goes active: marker, then it holds
                     got += await read_until_closed(client)
     assert bytes(got[: len(first)]) == first
@@ -103,10 +110,7 @@ async def test_a_passive_end_that_never_gets_the_first_application_data_resets_t
             with anyio.fail_after(20):
                 client = await socks_connect(t.socks, port)
                 async with client:
-                    await client.send(HELLO)
-                    got = bytearray()
-                    while len(got) < len(first):
-                        got += await client.receive()
+                    got = await hello_then(client, first)
                     await client.send(record(0x17, 100)[:15])  # the agent goes active; the rest never comes
                     got += await read_until_closed(client)
     assert bytes(got) == first
@@ -137,10 +141,7 @@ async def test_the_fin_waits_for_what_the_active_end_holds() -> None:
             with anyio.fail_after(20):
                 client = await socks_connect(t.socks, port)
                 async with client:
-                    await client.send(HELLO)
-                    got = bytearray()
-                    while len(got) < len(first):
-                        got += await client.receive()
+                    got = await hello_then(client, first)
                     await client.send(request)
                     await client.send_eof()
                     got += await read_until_closed(client)

@@ -634,31 +634,29 @@ class _LiteTls:
 
     def _held_too_long(self) -> None:
         self._hold_timer = None
-        stream = self._stream
         tracker = self.session.tracker
-        if not tracker.holding or stream._closed or stream._broken is not None:
-            return
-        log.info(
-            "lite_tls.hold_timeout",
-            tunnel=stream._carrier.name,
-            stream=stream.stream_id,
-            waited=HOLD_TIMEOUT,
-            held=tracker.held_from_peer,
-        )
-        self._reset("protocol: lite-tls no application data after the marker")
+        if tracker.holding:
+            self._timed_out(
+                "lite_tls.hold_timeout",
+                HOLD_TIMEOUT,
+                "protocol: lite-tls no application data after the marker",
+                held=tracker.held_from_peer,
+            )
 
     def _no_answer(self) -> None:
         self._answer_timer = None
+        if self.session.awaiting_answer:
+            self._timed_out(
+                "lite_tls.answer_timeout", ANSWER_TIMEOUT, "protocol: lite-tls no answer to the marker"
+            )
+
+    def _timed_out(self, event: str, waited: float, reason: str, **extra: int) -> None:
+        """A bounded wait ran out: log it and reset the stream (the tunnel and its other streams go on)."""
         stream = self._stream
-        if not self.session.awaiting_answer or stream._closed or stream._broken is not None:
+        if stream._closed or stream._broken is not None:
             return
-        log.info(
-            "lite_tls.answer_timeout",
-            tunnel=stream._carrier.name,
-            stream=stream.stream_id,
-            waited=ANSWER_TIMEOUT,
-        )
-        self._reset("protocol: lite-tls no answer to the marker")
+        log.info(event, tunnel=stream._carrier.name, stream=stream.stream_id, waited=waited, **extra)
+        self._reset(reason)
 
     def _stalled(self) -> None:
         self._stall_timer = None
