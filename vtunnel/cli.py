@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -211,24 +212,27 @@ class _MetricsPlan:
     registry: CollectorRegistry
     host: str
     port: int
+    #: a server's worker: the channel its supervisor reads its metrics on (the supervisor serves the endpoint)
+    channel: socket.socket | None = None
 
 
-def _metrics_plan(value: object, role: str, *, worker: int | None = None) -> _MetricsPlan | None:
-    """What ``--metrics`` (or the config's ``metrics``) asks for: None when it is not set. Worker ``k`` of a
-    server's workers serves at the port plus ``k``, its series labelled with ``worker``."""
-    if value is None or value == "":
-        return None
+def _metrics_plan(value: object, role: str, *, channel: int | None = None) -> _MetricsPlan | None:
+    """What ``--metrics`` (or the config's ``metrics``) asks for: None when it is not set. A server's worker
+    reports to its supervisor on the ``channel`` it was given when there is one, and only then."""
     from vtunnel.apps.metrics import MetricsAddressError, make_registry, parse_metrics_address
     from vtunnel.apps.stats import ProcessStats
 
+    if channel is not None:
+        stats = ProcessStats()
+        return _MetricsPlan(stats, make_registry(stats, role=role), "", 0, socket.socket(fileno=channel))
+    if value is None or value == "":
+        return None
     try:
         host, port = parse_metrics_address(str(value))
     except MetricsAddressError as exc:
         raise click.BadParameter(str(exc), param_hint="--metrics") from None
     stats = ProcessStats()
-    if worker is not None:
-        port += worker
-    return _MetricsPlan(stats, make_registry(stats, role=role, worker=worker), host, port)
+    return _MetricsPlan(stats, make_registry(stats, role=role), host, port)
 
 
 async def _serve(
@@ -242,8 +246,14 @@ async def _serve(
         await serve_until_signal(start, stop, reload=reload)
         return
     from vtunnel.apps.metrics import serve_metrics
+    from vtunnel.apps.worker_metrics import report_to_supervisor
 
-    async with serve_metrics(plan.registry, plan.host, plan.port):
+    serving = (
+        serve_metrics(plan.registry, plan.host, plan.port)
+        if plan.channel is None
+        else report_to_supervisor(plan.registry, plan.channel)
+    )
+    async with serving:
         await serve_until_signal(start, stop, reload=reload)
 
 
@@ -466,7 +476,9 @@ def server(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     metrics = _metrics_plan(
-        metrics_address or sec.get("metrics"), "server", worker=worker.index if worker is not None else None
+        None if worker is not None else metrics_address or sec.get("metrics"),
+        "server",
+        channel=worker.metrics_fd if worker is not None else None,
     )
     if (peer or sec.get("peer")) == "kcptun":
         if metrics is not None:

@@ -1,11 +1,10 @@
 """``vtunnel server --workers 2``: a real supervisor and its worker processes, real agents, real transfers.
 
-Which worker holds what is read from the workers' own metrics (worker k serves them at the --metrics port plus
-k, every series labelled ``worker``)."""
+Which worker holds what is read from the metrics: the supervisor serves every worker's at the one --metrics
+address, each series labelled ``worker``."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from prometheus_client.samples import Sample
 
 from tests.conftest import VTUNNEL, Processes, free_port, wait_log, wait_port
 from tests.e2e.test_metrics import parse, scrape, value
@@ -33,21 +33,6 @@ def echo() -> Iterator[int]:
         yield port
 
 
-def free_port_run(count: int) -> int:
-    """A loopback TCP port whose ``count - 1`` successors are free too (worker k's metrics are at port + k)."""
-    for _ in range(50):
-        first = free_port()
-        with contextlib.ExitStack() as stack:
-            try:
-                for k in range(count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", first + k))
-            except OSError:
-                continue
-        return first
-    raise AssertionError("no run of free ports")
-
-
 def start_workers(
     procs: Processes, scheme: str, key: Path, echo: int, *, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], str, int]:
@@ -56,7 +41,7 @@ def start_workers(
     # the test's transfers outlast the default drain (10 s, at both ends): a replaced worker's all finish
     config.write_text("[server]\ndrain_timeout = 60\n[tunnel]\ndrain_timeout = 60\n")
     port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
-    metrics = free_port_run(2)
+    metrics = free_port()
     url = f"{scheme}://127.0.0.1:{port}"
     server = procs.start(
         "server",
@@ -77,19 +62,24 @@ def start_workers(
         *extra,
     )
     wait_log(procs, server, "workers serving", timeout=60)
-    for k in range(2):
-        wait_port(metrics + k)
+    wait_port(metrics)
     return server, url, metrics
+
+
+def per_worker(metrics: int, name: str) -> list[float]:
+    """``name`` summed over each worker's series, from one scrape of the supervisor's endpoint."""
+    _, samples = parse(scrape(metrics))
+    return [value(samples, name, worker=str(k)) for k in range(2)]
 
 
 def tunnels(metrics: int) -> list[float]:
     """Each worker's live tunnels."""
-    return [value(parse(scrape(metrics + k))[1], "vtunnel_tunnels") for k in range(2)]
+    return per_worker(metrics, "vtunnel_tunnels")
 
 
 def opened(metrics: int) -> list[float]:
-    """Each worker's tunnels opened since it started."""
-    return [value(parse(scrape(metrics + k))[1], "vtunnel_tunnels_opened_total") for k in range(2)]
+    """Each worker's tunnels opened so far."""
+    return per_worker(metrics, "vtunnel_tunnels_opened_total")
 
 
 def wait_tunnels(metrics: int, total: int, timeout: float = 90.0) -> list[float]:
@@ -100,6 +90,17 @@ def wait_tunnels(metrics: int, total: int, timeout: float = 90.0) -> list[float]
             return counts
         if time.monotonic() > deadline:
             raise AssertionError(f"{total} tunnels expected, the workers hold {counts}")
+        time.sleep(0.2)
+
+
+def wait_worker_up(metrics: int, worker: int, timeout: float = 30.0) -> list[Sample]:
+    """The samples of the first scrape in which ``worker`` answered the supervisor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, samples = parse(scrape(metrics))
+        if value(samples, "vtunnel_worker_up", worker=str(worker)) == 1:
+            return samples
+        assert time.monotonic() < deadline, f"worker {worker} did not come back"
         time.sleep(0.2)
 
 
@@ -252,7 +253,7 @@ def test_kill_9_of_one_worker_leaves_the_others_tunnels_alone_and_a_new_one_come
     assert "tunnel down" not in procs.output(second)
     wait_log(procs, first, "tunnel down")
     wait_log(procs, server, "worker ended: starting it again")
-    wait_port(metrics + holder_a)  # a new worker serves again
+    wait_worker_up(metrics, holder_a)  # a new worker serves again
     started = [line for line in procs.output(server).splitlines() if "worker started" in line]
     assert len(started) == 3  # the survivor was never started again
     assert f"worker={holder_a}" in started[-1]
@@ -346,3 +347,49 @@ def test_a_port_in_use_is_one_clear_line_and_exit_status_1(psk_file: Path) -> No
     assert done.returncode == 1
     assert "cannot start" in done.stdout + done.stderr
     assert "Address already in use" in done.stdout + done.stderr
+
+
+def test_one_metrics_endpoint_shows_both_workers_and_their_counters_survive_a_kill_9(
+    procs: Processes, psk_file: Path, echo: int
+) -> None:
+    server, url, metrics = start_workers(procs, "tcp", psk_file, echo)
+    fronts = [agent(procs, url, psk_file, conn=8)[1] for _ in range(2)]
+    counts = wait_tunnels(metrics, 16)
+    assert min(counts) > 0, counts  # the kernel spread the 16 connections over both workers
+    types, before = parse(scrape(metrics))
+    assert types["vtunnel_sent_bytes"] == "counter"
+    assert types["vtunnel_tunnels"] == "gauge"
+    assert types["vtunnel_worker_restarts"] == "counter"
+    assert {s.labels.get("worker") for s in before} == {"0", "1"}  # every series names its worker
+    assert all(value(before, "vtunnel_worker_up", worker=str(k)) == 1 for k in range(2))
+
+    # traffic over every tunnel of both agents: both workers' byte counters move
+    assert all(transfers(fronts, 32, 256 * 1024))
+    _, after = parse(scrape(metrics))
+    for k in range(2):
+        for name in ("vtunnel_received_bytes_total", "vtunnel_sent_bytes_total"):
+            grown = value(after, name, worker=str(k)) - value(before, name, worker=str(k))
+            assert grown > 0, (name, k)
+
+    # kill -9 of worker 0: the endpoint answers on, worker 0 comes back, its counters never go back
+    pids = [
+        int(line.rsplit("pid=", 1)[1].split()[0])
+        for line in procs.output(server).splitlines()
+        if "worker started" in line
+    ]
+    os.kill(pids[0], signal.SIGKILL)
+    wait_log(procs, server, "worker ended: starting it again")
+    _, during = parse(scrape(metrics))  # answers while worker 0 is gone or starting
+    assert value(during, "vtunnel_worker_restarts_total", worker="0") == 1
+    samples = wait_worker_up(metrics, 0)
+    assert value(samples, "vtunnel_worker_restarts_total", worker="1") == 0
+    for name in ("vtunnel_received_bytes_total", "vtunnel_sent_bytes_total", "vtunnel_tunnels_opened_total"):
+        for k in range(2):
+            assert value(samples, name, worker=str(k)) >= value(after, name, worker=str(k)), (name, k)
+    # and the new worker 0 counts on top of them: the agents' tunnels come back, traffic flows
+    wait_tunnels(metrics, 16)
+    assert all(transfers(fronts, 16, 64 * 1024))
+    _, last = parse(scrape(metrics))
+    assert value(last, "vtunnel_sent_bytes_total", worker="0") > value(
+        after, "vtunnel_sent_bytes_total", worker="0"
+    )

@@ -221,33 +221,14 @@ def _server_families(stats: ProcessStats) -> Iterable[Metric]:
     yield from (up, held, failed)
 
 
-class _WorkerLabel(Collector):
-    """Every series of ``inner`` with a ``worker`` label more (a server's worker process: ``--workers``)."""
-
-    def __init__(self, inner: CollectorRegistry, worker: int) -> None:
-        self._inner = inner
-        self._worker = str(worker)
-
-    def collect(self) -> Iterable[Metric]:
-        for family in self._inner.collect():
-            labelled = Metric(family.name, family.documentation, family.type, family.unit)
-            labelled.samples = [
-                sample._replace(labels={**sample.labels, "worker": self._worker}) for sample in family.samples
-            ]
-            yield labelled
-
-
-def make_registry(stats: ProcessStats, *, role: str, worker: int | None = None) -> CollectorRegistry:
+def make_registry(stats: ProcessStats, *, role: str) -> CollectorRegistry:
     """A registry of this process's own: the tunnel collector and the process's CPU, memory and descriptors
-    (``vtunnel_process_*``); a server's worker ``worker`` labels every series with it."""
+    (``vtunnel_process_*``). A server's workers each have theirs; their supervisor serves them merged, labelled
+    ``worker`` (:mod:`vtunnel.apps.worker_metrics`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TunnelCollector(stats, role=role))
     ProcessCollector(namespace="vtunnel", registry=registry)
-    if worker is None:
-        return registry
-    labelled = CollectorRegistry(auto_describe=False)
-    labelled.register(_WorkerLabel(registry, worker))
-    return labelled
+    return registry
 
 
 # --- the endpoint ---------------------------------------------------------------------------------------------
@@ -325,7 +306,7 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> As
 
     A bind failure (the port in use) raises ``OSError`` before the block starts.
     """
-    listener = await open_stream_listener(host, port)  # a worker's: the one its supervisor bound
+    listener = await open_stream_listener(host, port)  # a supervisor's: the one it bound (io.listening)
     addr = listener.extra(SocketAttribute.local_address)
     shown = f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
     if is_loopback(host):

@@ -25,7 +25,11 @@ steering still sends its sessions' datagrams to it. SIGTERM or SIGINT stop every
 is passed on too (the workers then stop at once).
 
 A worker learns what it is from ``VTUNNEL_WORKER`` (JSON: its index, the worker count, its slot, the descriptors
-of its sockets and of the pipe it reports readiness on): :func:`worker_from_environment`.
+of its sockets, of the pipe it reports readiness on and of its metrics channel): :func:`worker_from_environment`.
+
+With ``--metrics`` the supervisor serves the one metrics endpoint, on a thread of its own: at each scrape it asks
+every worker process for its metrics over that process's channel and merges them, labelled ``worker``
+(:mod:`vtunnel.apps.worker_metrics`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final
@@ -47,8 +52,10 @@ from typing import Any, Final
 import anyio
 import structlog
 from anyio.abc import TaskStatus
+from prometheus_client import CollectorRegistry
 
 from vtunnel.apps.websocks import WEBSOCKS_SCHEMES
+from vtunnel.apps.worker_metrics import WorkerMetrics
 from vtunnel.io import listening
 from vtunnel.io.steering import attach_program, sum_program
 from vtunnel.security.datagram import CID_CHECK_LEN, CID_LEN, MAX_SERVER_ID, MAX_SLOTS, ConnectionIdLayout
@@ -94,6 +101,8 @@ class Worker:
     slot: int
     slots: int
     ready_fd: int
+    #: the worker's end of its metrics channel (``--metrics``), or None
+    metrics_fd: int | None = None
 
     def layout(self, server_id: bytes) -> ConnectionIdLayout:
         """The connection IDs this worker mints: the server id, then its slot."""
@@ -120,6 +129,7 @@ def worker_from_environment(environ: Mapping[str, str] = os.environ) -> Worker |
             slot=int(spec["slot"]),
             slots=int(spec["slots"]),
             ready_fd=int(spec["ready"]),
+            metrics_fd=None if spec.get("metrics") is None else int(spec["metrics"]),
         )
         fds = [int(fd) for fd in spec["fds"]]
     except (ValueError, KeyError, TypeError) as exc:
@@ -292,8 +302,9 @@ class Supervisor:
         self._plan = listen_plan(endpoints, workers=workers, keyed=keyed, server_id=server_id)
         self._groups: list[_Group] = []
         self._metrics_address = metrics
-        #: worker k's metrics endpoint (port + k): kept here, so a replaced worker's successor serves it too
-        self._metrics: list[socket.socket] = []
+        #: the one metrics endpoint's listening socket, and what it serves: every worker's metrics
+        self._metrics: socket.socket | None = None
+        self.collector = WorkerMetrics() if metrics is not None else None
         #: the serving process of each worker index, and the replaced ones still draining
         self._current: dict[int, _Process] = {}
         self._draining: list[_Process] = []
@@ -324,21 +335,18 @@ class Supervisor:
                 urls.append(f"{endpoint.scheme}://{shown}")
             if self._metrics_address is not None:
                 host, port = self._metrics_address
-                for index in range(self.workers):
-                    (sock,) = (
-                        group[0]
-                        for group in _stream_sockets(Endpoint(scheme="tcp", host=host, port=port + index), 1)
-                    )
-                    self._metrics.append(sock)
+                ((self._metrics,),) = _stream_sockets(Endpoint(scheme="tcp", host=host, port=port), 1)
         except BaseException:
             self.close()
             raise
         return urls
 
     def close(self) -> None:
-        for sock in self._metrics:
-            sock.close()
-        self._metrics.clear()
+        if self.collector is not None:
+            self.collector.close()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         for group in self._groups:
             for sockets in group.sockets:
                 for sock in sockets:
@@ -373,14 +381,13 @@ class Supervisor:
                 fds += [sockets[index].fileno() for sockets in group.sockets]
             else:
                 fds.append(group.sockets[0][slot].fileno())
-        if self._metrics:
-            fds.append(self._metrics[index].fileno())
         return fds
 
     def _spawn(self, index: int, slot: int) -> tuple[_Process, int]:
         """Start worker ``index`` on ``slot``; the read end of its readiness pipe."""
         ready_read, ready_write = os.pipe()
         fds = self._fds(index, slot)
+        channel = WorkerMetrics.channel() if self.collector is not None else None
         spec = {
             "index": index,
             "workers": self.workers,
@@ -388,17 +395,22 @@ class Supervisor:
             "slots": self.slots,
             "ready": ready_write,
             "fds": fds,
+            "metrics": None if channel is None else channel[1].fileno(),
         }
         env = {**self._environ, WORKER_ENV: json.dumps(spec)}
+        passed = [*fds, ready_write] + ([] if channel is None else [channel[1].fileno()])
         try:
-            popen = subprocess.Popen(
-                self.command,
-                env=env,
-                pass_fds=[*fds, ready_write],
-                preexec_fn=_unblock_signals,
-            )
+            popen = subprocess.Popen(self.command, env=env, pass_fds=passed, preexec_fn=_unblock_signals)
+        except BaseException:
+            if channel is not None:
+                channel[0].close()
+            raise
         finally:
             os.close(ready_write)
+            if channel is not None:
+                channel[1].close()
+        if self.collector is not None and channel is not None:
+            self.collector.started(index, popen.pid, channel[0])
         log.info("worker started", worker=index, slot=slot, pid=popen.pid)
         return _Process(index=index, slot=slot, popen=popen, started=time.monotonic()), ready_read
 
@@ -426,6 +438,7 @@ class Supervisor:
         process, ready_read = self._spawn(index, slot)
         if not self._wait_ready(process, ready_read):
             _end(process.popen)
+            self._ended(process)
             log.error("reload of a worker failed: the old one keeps serving", worker=index)
             return
         self._current[index] = process
@@ -452,6 +465,7 @@ class Supervisor:
         for process in list(self._draining):
             if process.popen.poll() is not None:
                 self._draining.remove(process)
+                self._ended(process)
                 log.info("replaced worker ended", worker=process.index, pid=process.popen.pid)
                 self._steer()
         for index, process in list(self._current.items()):
@@ -462,12 +476,43 @@ class Supervisor:
             self._failures[index] = self._failures.get(index, 0) + 1 if quick else 0
             pause = min(LONGEST_RESTART_PAUSE, 0.1 * 2 ** self._failures[index]) if quick else 0.0
             log.warning("worker ended: starting it again", worker=index, pid=process.popen.pid, status=code)
+            self._ended(process)
+            if self.collector is not None:
+                self.collector.restarted(index)
             time.sleep(pause)
             self._start(index, process.slot)
+
+    def _ended(self, process: _Process) -> None:
+        if self.collector is not None:
+            self.collector.ended(process.popen.pid)
+
+    def _serve_metrics(self) -> None:
+        """The metrics endpoint, on a thread of its own (the signals stay blocked there: the main thread takes
+        them); it ends with the process."""
+        from vtunnel.apps.metrics import serve_metrics
+
+        assert self.collector is not None
+        assert self._metrics is not None
+        assert self._metrics_address is not None
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        listening.adopt([self._metrics])  # the supervisor's only listener: it takes the socket bound above
+        host, port = self._metrics_address
+
+        async def serve() -> None:
+            async with serve_metrics(registry, host, port):
+                await anyio.sleep_forever()
+
+        try:
+            anyio.run(serve)
+        except Exception as exc:  # the workers serve on without it
+            log.error("metrics endpoint failed", error=str(exc) or repr(exc))
 
     def run(self) -> int:
         """Start the workers and supervise them until SIGTERM or SIGINT; the exit status."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        if self.collector is not None:
+            threading.Thread(target=self._serve_metrics, name="metrics", daemon=True).start()
         try:
             for index in range(self.workers):
                 self._start(index, index)
@@ -502,6 +547,8 @@ class Supervisor:
                 for process in processes:
                     with contextlib.suppress(ProcessLookupError):
                         process.popen.send_signal(signal.SIGTERM)
+        for process in processes:
+            self._ended(process)
         log.info("workers stopped")
         return 0
 
@@ -559,7 +606,7 @@ def supervise(
     metrics: tuple[str, int] | None,
 ) -> None:
     """Run ``vtunnel server`` (this process's own command line) as ``workers`` workers; exits when they stop.
-    ``metrics``: the ``--metrics`` address (worker k's endpoint is at its port plus k)."""
+    ``metrics``: the ``--metrics`` address, where the supervisor serves every worker's metrics."""
     try:
         supervisor = Supervisor(
             endpoints,
