@@ -116,9 +116,12 @@ def test_containerfile_runs_as_non_root_with_a_health_check() -> None:
     assert len(checks) == 1
     assert " CMD " in f" {checks[0]} "
     assert not checks[0].upper().startswith("NONE")
-    # the health check reads the metrics endpoint the default command serves
-    checked = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", checks[0])
-    assert checked is not None, checks[0]
+    # the health check reads the metrics endpoint the default command serves (its URL in the environment, so an
+    # agent's container with its metrics elsewhere can name its own)
+    assert "VTUNNEL_HEALTH_URL" in checks[0]
+    env = " ".join(args for name, args in final if name == "ENV")
+    checked = re.search(r"VTUNNEL_HEALTH_URL=http://127\.0\.0\.1:(\d+)/metrics", env)
+    assert checked is not None, env
     command = [args for name, args in final if name == "CMD"]
     assert command
     assert f'"127.0.0.1:{checked.group(1)}"' in command[-1]

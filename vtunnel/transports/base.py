@@ -297,11 +297,9 @@ class ByteStreamTransport(Transport):
 
         refusals = Refusals()
 
-        async def finish(stream: ByteStream, raw: ByteStream) -> Link | None:
+        async def finish(stream: ByteStream, source: str) -> Link | None:
             if ring is None:
                 return link_for(stream)
-            peer = raw.extra(SocketAttribute.remote_address, "")
-            source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
             channel = await secure_server(
                 stream,
                 ring.current,
@@ -319,7 +317,7 @@ class ByteStreamTransport(Transport):
         """A listener of the streams that passed :meth:`accept_stream`, with no key and no tunnel (a WebSocks
         listener serves these), under the same cap of connections in their handshake."""
 
-        async def finish(stream: ByteStream, raw: ByteStream) -> ByteStream:
+        async def finish(stream: ByteStream, source: str) -> ByteStream:
             return stream
 
         return await self._accepting(endpoint, finish)
@@ -327,12 +325,13 @@ class ByteStreamTransport(Transport):
     async def _accepting(
         self,
         endpoint: Endpoint,
-        finish: Callable[[ByteStream, ByteStream], Awaitable[T | None]],
+        finish: Callable[[ByteStream, str], Awaitable[T | None]],
         *,
         refusals: Refusals | None = None,
     ) -> Listener[T]:
         """:meth:`listen_streams`, each connection through :meth:`accept_stream` (within :attr:`accept_timeout`)
-        and then ``finish(stream, raw)``, under the cap of :class:`~vtunnel.transports.secure.SecuredListener`,
+        and then ``finish(stream, source)`` (the peer's address: the connection's, or with ``proxy=1`` the one
+        its PROXY protocol header names), under the cap of :class:`~vtunnel.transports.secure.SecuredListener`,
         which gives ``refusals`` (counted by it, by ``finish`` and here) as ``ListenerAttribute.refusals``."""
         from vtunnel.io.stream_sockets import adopt_socket_listener
         from vtunnel.transports.secure import SecuredListener, local_name
@@ -342,19 +341,38 @@ class ByteStreamTransport(Transport):
         lean = adopt_socket_listener(inner)  # one accept loop for every listener of sockets
         accept, timeout = self.accept_stream, self.accept_timeout
         refused = Refusals() if refusals is None else refusals
+        proxied = proxy_protocol(endpoint)
 
         async def prepare(raw: ByteStream) -> T | None:
+            peer = raw.extra(SocketAttribute.remote_address, "")
+            source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
             with anyio.fail_after(timeout):
+                if proxied:
+                    from vtunnel.transports.proxied import read_proxy_header
+
+                    named = await read_proxy_header(raw, peer=source, refusals=refused)
+                    if named is None:
+                        return None
+                    source = named
                 stream = await accept(raw, endpoint)
             if stream is None:  # the transport's own handshake turned it away (an HTTP 404, say)
                 refused.probes["transport"] += 1
                 return None
-            return await finish(stream, raw)
+            return await finish(stream, source)
 
         secured = SecuredListener(inner if lean is None else lean, prepare, local=local, refusals=refused)
         if lean is not None:  # out of descriptors, the accept loop may close a pending connection
             lean.relay.set_on_exhausted(secured.shed_oldest)
         return secured
+
+
+def proxy_protocol(endpoint: Endpoint) -> bool:
+    """Whether a listen URL asks for a PROXY protocol header on every connection (``proxy=1``; ``proxy=0``, or
+    none, is the default). Raises TransportError for another value."""
+    value = endpoint.params.get("proxy", "0")
+    if value not in ("0", "1"):
+        raise TransportError(f"{endpoint.scheme}:// option 'proxy' is 1 or 0, not {value!r}")
+    return value == "1"
 
 
 _loaded: dict[str, type[Transport]] = {}

@@ -23,7 +23,13 @@ from anyio.abc import ByteStream, Listener
 from anyio.streams.tls import TLSStream
 
 from vtunnel.io.stream_sockets import LeanSocketStream, connect_lean, open_lean_listener
-from vtunnel.transports.base import ByteStreamTransport, Endpoint, SharedListening, TransportError
+from vtunnel.transports.base import (
+    ByteStreamTransport,
+    Endpoint,
+    SharedListening,
+    TransportError,
+    proxy_protocol,
+)
 from vtunnel.transports.link import Link, SocketLink
 from vtunnel.transports.secure import SecuredListener
 
@@ -37,13 +43,17 @@ class TCPTransport(ByteStreamTransport):
     description: ClassVar[str] = "TCP (TCP_NODELAY, 4 MiB buffers)"
 
     def check(self, endpoint: Endpoint) -> None:
-        other = set(endpoint.params) - {"splice"}
+        other = set(endpoint.params) - {"splice", "proxy"}
         if other:
-            raise TransportError(f"tcp:// takes no options but splice, got {', '.join(sorted(other))}")
+            raise TransportError(
+                f"tcp:// takes no options but splice and proxy, got {', '.join(sorted(other))}"
+            )
         _check_splice(endpoint)
+        proxy_protocol(endpoint)
 
     async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
         self.check(endpoint)
+        _not_proxied(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
             return await connect_lean(endpoint.host, endpoint.port)
 
@@ -63,7 +73,15 @@ class TCPTransport(ByteStreamTransport):
         return SocketLink(stream)
 
 
-_TLS_CLIENT_OPTS = {"ca", "servername", "cert", "key", "splice"}
+_TLS_CLIENT_OPTS = {"ca", "servername", "cert", "key", "splice", "proxy"}
+
+
+def _not_proxied(endpoint: Endpoint) -> None:
+    if "proxy" in endpoint.params:
+        raise TransportError(
+            f"{endpoint.scheme}:// option 'proxy' is a listener's (a server behind a balancer that sends the "
+            "PROXY protocol), not a client's"
+        )
 
 
 def _check_splice(endpoint: Endpoint) -> None:
@@ -82,12 +100,14 @@ class TLSTransport(ByteStreamTransport):
         if unknown:
             raise TransportError(f"unknown tls:// option(s): {', '.join(sorted(unknown))}")
         _check_splice(endpoint)
+        proxy_protocol(endpoint)
 
     def __init__(self) -> None:
         self._server_contexts: dict[str, ssl.SSLContext] = {}
 
     async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
         self.check(endpoint)
+        _not_proxied(endpoint)
         ctx = tls_client_context(endpoint)
         with anyio.fail_after(CONNECT_TIMEOUT):
             raw = await connect_lean(endpoint.host, endpoint.port)
@@ -105,8 +125,9 @@ class TLSTransport(ByteStreamTransport):
 
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
         _check_splice(endpoint)
+        proxy_protocol(endpoint)
         self._server_contexts[str(endpoint)] = tls_server_context(
-            endpoint, allowed=frozenset({"ca", "cert", "key", "splice"})
+            endpoint, allowed=frozenset({"ca", "cert", "key", "splice", "proxy"})
         )
         return await open_lean_listener(endpoint.host, endpoint.port)
 
