@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -479,6 +480,119 @@ def test_haproxy_in_front_of_two_tls_servers_carries_200_parallel_curls(
         assert results.count(True) == 20
         assert relayed(procs, servers[1]) == before + 20
         assert agent.poll() is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(haproxy.pid, signal.SIGKILL)
+        haproxy.wait(timeout=10)
+
+
+# --- HAProxy's PROXY protocol: the servers see the agents' own addresses ----------------------------------------
+
+HAPROXY_SEND_PROXY_CONFIG = """\
+global
+    maxconn 4096
+
+defaults
+    mode tcp
+    retries 2
+    option redispatch
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+
+frontend vtunnel
+    bind 127.0.0.1:{front}
+    default_backend vtunnel_servers
+
+backend vtunnel_servers
+    balance roundrobin
+    # HAProxy's own address towards the servers: not the agents' (127.0.0.1, 127.0.0.3)
+    source 127.0.0.5
+    server s1 127.0.0.1:{a} send-proxy check check-send-proxy inter 2s
+    server s2 127.0.0.1:{b} send-proxy-v2 check check-send-proxy inter 2s
+"""
+
+
+def wrong_key_from(address: str, port: int, tmp_path: Path) -> None:
+    """A client on ``address`` that reaches a server through HAProxy (TLS, then the key handshake) with a key the
+    servers do not hold."""
+    import ssl
+
+    import anyio
+    from anyio.streams.tls import TLSStream
+
+    from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout
+    from vtunnel.transports.secure import secure_client
+
+    async def main() -> None:
+        raw = await anyio.connect_tcp("127.0.0.1", port, local_host=address)
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        stream = await TLSStream.wrap(
+            raw, hostname="localhost", ssl_context=context, standard_compatible=False
+        )
+        with contextlib.suppress(AuthenticationFailed, HandshakeTimeout):
+            await secure_client(stream, bytes(32), handshake_timeout=2)
+        await anyio.aclose_forcefully(stream)
+
+    anyio.run(main)
+
+
+def test_haproxy_send_proxy_v1_and_v2_give_the_servers_the_agents_addresses(
+    procs: Processes, psk_file: Path, web: int, tls: Tls, tmp_path: Path, haproxy_bin: str
+) -> None:
+    a, b, front = free_port(), free_port(), free_port()
+    servers = [
+        start_server(procs, f"tls://127.0.0.1:{port}{tls.listen_query}&proxy=1", key=psk_file)
+        for port in (a, b)
+    ]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_SEND_PROXY_CONFIG.format(front=front, a=a, b=b))
+    haproxy = subprocess.Popen(
+        [haproxy_bin, "-f", str(config), "-db"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port(front)
+        agent, socks = start_agent(
+            procs, f"tls://127.0.0.1:{front}{tls.connect_query}", key=psk_file, extra=("--conn", "4")
+        )
+        deadline = time.monotonic() + 30
+        while procs.output(agent).count("tunnel up") < 4:
+            assert time.monotonic() < deadline, "the agent's 4 tunnels did not come up"
+            time.sleep(0.1)
+        for page in range(1, 21):
+            expect_page(procs, agent, socks, web, page)
+        assert all(relayed(procs, s) for s in servers), "both servers (v1 and v2) carry streams"
+
+        # each server took its tunnels' key handshakes from the agent's address, never from HAProxy's
+        for server in servers:
+            ups = [line for line in procs.output(server).splitlines() if "secure channel up" in line]
+            assert ups, "the server logged no tunnel"
+            assert all("source=127.0.0.1" in line for line in ups), ups
+            assert "127.0.0.5" not in procs.output(server)
+
+        # a client on 127.0.0.3 with a wrong key: refused, and logged under 127.0.0.3, on both servers in turn
+        for _ in range(2):
+            wrong_key_from("127.0.0.3", front, tmp_path)
+        deadline = time.monotonic() + 15
+        while not all("source=127.0.0.3" in procs.output(s) for s in servers):
+            assert time.monotonic() < deadline, "the refused handshakes were not logged under 127.0.0.3"
+            time.sleep(0.1)
+        for server in servers:
+            refused = [line for line in procs.output(server).splitlines() if "handshake refused" in line]
+            assert refused
+            assert all("source=127.0.0.3" in line for line in refused), refused
+
+        # straight to a server, around HAProxy: no header, refused; the server serves on
+        with socket.create_connection(("127.0.0.1", a), timeout=10) as direct:
+            direct.sendall(b"\x16\x03\x01\x00\x05hello")
+            direct.settimeout(10)
+            with contextlib.suppress(OSError):
+                assert direct.recv(100) == b""
+        wait_log(procs, servers[0], "connection refused: no valid PROXY header")
+        expect_page(procs, agent, socks, web, 100)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(haproxy.pid, signal.SIGKILL)
