@@ -412,11 +412,45 @@ frontend vtunnel
 
 backend vtunnel_servers
     balance roundrobin
-    server s1 127.0.0.1:{a} check inter 2s
-    server s2 127.0.0.1:{b} check inter 2s
+{servers}
 """
+TWO_SERVERS = """\
+    server s1 127.0.0.1:{a} check inter 2s
+    server s2 127.0.0.1:{b} check inter 2s"""
 
 CURLS = 200
+
+
+def agent_behind(
+    procs: Processes, front: int, tls: Tls, key: Path, *, conn: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """An agent of ``conn`` tunnels to HAProxy's ``front`` (tls://), once they are all up: it and its SOCKS5 port."""
+    agent, socks = start_agent(
+        procs, f"tls://127.0.0.1:{front}{tls.connect_query}", key=key, extra=("--conn", str(conn))
+    )
+    deadline = time.monotonic() + 30
+    while procs.output(agent).count("tunnel up") < conn:
+        assert time.monotonic() < deadline, f"the agent's {conn} tunnels did not come up"
+        time.sleep(0.1)
+    return agent, socks
+
+
+@contextlib.contextmanager
+def running_haproxy(haproxy_bin: str, config: Path, front: int) -> Iterator[subprocess.Popen[bytes]]:
+    """HAProxy on ``config`` until the block ends, its front port open."""
+    haproxy = subprocess.Popen(
+        [haproxy_bin, "-f", str(config), "-db"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port(front)
+        yield haproxy
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(haproxy.pid, signal.SIGKILL)
+        haproxy.wait(timeout=10)
 
 
 @pytest.fixture
@@ -435,22 +469,9 @@ def test_haproxy_in_front_of_two_tls_servers_carries_200_parallel_curls(
         start_server(procs, f"tls://127.0.0.1:{port}{tls.listen_query}", key=psk_file) for port in (a, b)
     ]
     config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_CONFIG.format(front=front, a=a, b=b))
-    haproxy = subprocess.Popen(
-        [haproxy_bin, "-f", str(config), "-db"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(front)
-        agent, socks = start_agent(
-            procs, f"tls://127.0.0.1:{front}{tls.connect_query}", key=psk_file, extra=("--conn", "8")
-        )
-        deadline = time.monotonic() + 30
-        while procs.output(agent).count("tunnel up") < 8:
-            assert time.monotonic() < deadline, "the agent's 8 tunnels did not come up"
-            time.sleep(0.1)
+    config.write_text(HAPROXY_CONFIG.format(front=front, servers=TWO_SERVERS.format(a=a, b=b)))
+    with running_haproxy(haproxy_bin, config, front):
+        agent, socks = agent_behind(procs, front, tls, psk_file, conn=8)
 
         def fetch(page: int) -> bool:
             return curl_page(socks, web, page, timeout=60) == pattern(BODY, seed=page)
@@ -480,37 +501,15 @@ def test_haproxy_in_front_of_two_tls_servers_carries_200_parallel_curls(
         assert results.count(True) == 20
         assert relayed(procs, servers[1]) == before + 20
         assert agent.poll() is None
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(haproxy.pid, signal.SIGKILL)
-        haproxy.wait(timeout=10)
 
 
 # --- HAProxy's PROXY protocol: the servers see the agents' own addresses ----------------------------------------
 
-HAPROXY_SEND_PROXY_CONFIG = """\
-global
-    maxconn 4096
-
-defaults
-    mode tcp
-    retries 2
-    option redispatch
-    timeout connect 5s
-    timeout client 1m
-    timeout server 1m
-
-frontend vtunnel
-    bind 127.0.0.1:{front}
-    default_backend vtunnel_servers
-
-backend vtunnel_servers
-    balance roundrobin
+SEND_PROXY_SERVERS = """\
     # HAProxy's own address towards the servers: not the agents' (127.0.0.1, 127.0.0.3)
     source 127.0.0.5
     server s1 127.0.0.1:{a} send-proxy check check-send-proxy inter 2s
-    server s2 127.0.0.1:{b} send-proxy-v2 check check-send-proxy inter 2s
-"""
+    server s2 127.0.0.1:{b} send-proxy-v2 check check-send-proxy inter 2s"""
 
 
 def wrong_key_from(address: str, port: int, tmp_path: Path) -> None:
@@ -546,22 +545,9 @@ def test_haproxy_send_proxy_v1_and_v2_give_the_servers_the_agents_addresses(
         for port in (a, b)
     ]
     config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_SEND_PROXY_CONFIG.format(front=front, a=a, b=b))
-    haproxy = subprocess.Popen(
-        [haproxy_bin, "-f", str(config), "-db"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(front)
-        agent, socks = start_agent(
-            procs, f"tls://127.0.0.1:{front}{tls.connect_query}", key=psk_file, extra=("--conn", "4")
-        )
-        deadline = time.monotonic() + 30
-        while procs.output(agent).count("tunnel up") < 4:
-            assert time.monotonic() < deadline, "the agent's 4 tunnels did not come up"
-            time.sleep(0.1)
+    config.write_text(HAPROXY_CONFIG.format(front=front, servers=SEND_PROXY_SERVERS.format(a=a, b=b)))
+    with running_haproxy(haproxy_bin, config, front):
+        agent, socks = agent_behind(procs, front, tls, psk_file, conn=4)
         for page in range(1, 21):
             expect_page(procs, agent, socks, web, page)
         assert all(relayed(procs, s) for s in servers), "both servers (v1 and v2) carry streams"
@@ -593,7 +579,3 @@ def test_haproxy_send_proxy_v1_and_v2_give_the_servers_the_agents_addresses(
                 assert direct.recv(100) == b""
         wait_log(procs, servers[0], "connection refused: no valid PROXY header")
         expect_page(procs, agent, socks, web, 100)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(haproxy.pid, signal.SIGKILL)
-        haproxy.wait(timeout=10)

@@ -39,6 +39,20 @@ def v2(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
     return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
 
 
+async def echo_behind(port: int, header: bytes, message: bytes) -> bytes:
+    """``message`` sent through a tunnel whose connection begins with ``header`` (as a balancer's does) to an echo
+    server: what came back."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    await stream.send(header)
+    channel = await secure_client(stream, KEY.psk or b"")
+    link = stream_of(channel.link(StreamLink(channel.stream)))
+    try:
+        await link.send(message)
+        return await link.receive()
+    finally:
+        await link.aclose()
+
+
 @pytest.mark.parametrize("header", [v1, v2], ids=["v1", "v2"])
 async def test_the_header_names_the_source_and_the_tunnel_runs_after_it(
     header: Callable[[tuple[str, int], tuple[str, int]], bytes],
@@ -47,14 +61,8 @@ async def test_the_header_names_the_source_and_the_tunnel_runs_after_it(
     port = int(listener.extra(SocketAttribute.local_address)[1])
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, echo)
-        # the header and the key's first message in one write, as a balancer forwards them: nothing is lost
-        stream = await anyio.connect_tcp("127.0.0.1", port)
-        await stream.send(header(("192.0.2.10", 40000), ("127.0.0.1", port)))
-        channel = await secure_client(stream, KEY.psk or b"")
-        link = stream_of(channel.link(StreamLink(channel.stream)))
-        await link.send(b"through the balancer")
-        assert await link.receive() == b"through the balancer"
-        await link.aclose()
+        said = await echo_behind(port, header(("192.0.2.10", 40000), ("127.0.0.1", port)), b"through it")
+        assert said == b"through it"
 
         # a wrong key behind the balancer: refused, and logged under the client's address the header names
         with structlog.testing.capture_logs() as logs:
@@ -87,13 +95,7 @@ async def test_a_connection_without_a_header_is_refused_and_the_listener_serves_
         assert said[0]["peer"] == "127.0.0.1"
         assert "does not begin with a PROXY protocol header" in said[0]["reason"]
         # and the next one, with its header, gets its tunnel
-        stream = await anyio.connect_tcp("127.0.0.1", port)
-        await stream.send(v1(("192.0.2.10", 1), ("127.0.0.1", port)))
-        channel = await secure_client(stream, KEY.psk or b"")
-        link = stream_of(channel.link(StreamLink(channel.stream)))
-        await link.send(b"still serving")
-        assert await link.receive() == b"still serving"
-        await link.aclose()
+        assert await echo_behind(port, v1(("192.0.2.10", 1), ("127.0.0.1", port)), b"serving") == b"serving"
         tg.cancel_scope.cancel()
     await listener.aclose()
     assert refusals.probes["proxy"] == 1
