@@ -7,8 +7,10 @@
 # No base image is pulled: the base is a Debian bookworm made here with debootstrap (python3, its venv module,
 # pip), imported into podman and given to the Containerfile as --build-arg BASE. Everything lives under one
 # directory of its own (VTUNNEL_CT_DIR, default a new one under /var/tmp), podman's storage too, and is removed
-# at the end; VTUNNEL_CT_KEEP=1 keeps it. VTUNNEL_CT_BASE=TARBALL reuses a base made before (the rootfs as a tar;
-# the script writes it to VTUNNEL_CT_DIR/base.tar). VTUNNEL_CT_STORAGE: podman's storage driver (default: overlay
+# at the end; VTUNNEL_CT_KEEP=1 keeps it. VTUNNEL_CT_BASE reuses a base made before: a rootfs directory, or its
+# tar (the script leaves one at VTUNNEL_CT_DIR/base.tar with VTUNNEL_CT_KEEP=1). The base trusts the certificate
+# authorities this host added (/usr/local/share/ca-certificates: a proxy's, where one stands between this host
+# and the package registries), so the image's build reaches them as the host does. VTUNNEL_CT_STORAGE: podman's storage driver (default: overlay
 # when it works here, else vfs). VTUNNEL_CT_MIRROR: the Debian mirror (default: the one apt uses here).
 # Exit status: 0 all good, 1 a check failed, 77 a tool is missing.
 set -eu
@@ -31,7 +33,9 @@ IMAGE=localhost/$NAME:test
 BASE_IMAGE=localhost/$NAME-base:bookworm
 HTTP_PID=
 
-podman_() { podman --root "$DIR/storage" --runroot "$DIR/run" --storage-driver "$STORAGE" "$@"; }
+RUNTIME=
+LIMITS=
+podman_() { podman --root "$DIR/storage" --runroot "$DIR/run" --storage-driver "$STORAGE" $RUNTIME "$@"; }
 
 cleanup() {
     status=$?
@@ -70,25 +74,54 @@ fi
 say "podman $(podman --version | awk '{print $3}'), storage $STORAGE, in $DIR"
 
 # 1. the base: Debian bookworm with python3, made here
-if [ -n "${VTUNNEL_CT_BASE:-}" ]; then
+ROOTFS=
+if [ -f "${VTUNNEL_CT_BASE:-}" ]; then
     say "base from $VTUNNEL_CT_BASE"
-    podman_ import -q "$VTUNNEL_CT_BASE" "$BASE_IMAGE" >/dev/null
+    cp "$VTUNNEL_CT_BASE" "$DIR/base.tar"
+elif [ -d "${VTUNNEL_CT_BASE:-}" ]; then
+    say "base from $VTUNNEL_CT_BASE"
+    ROOTFS=$DIR/rootfs
+    cp -a "$VTUNNEL_CT_BASE" "$ROOTFS"
 else
     MIRROR=${VTUNNEL_CT_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)}
     MIRROR=${MIRROR:-http://deb.debian.org/debian}
     say "debootstrap bookworm from $MIRROR"
+    ROOTFS=$DIR/rootfs
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-        bookworm "$DIR/rootfs" "$MIRROR" >"$DIR/debootstrap.log" 2>&1 \
+        bookworm "$ROOTFS" "$MIRROR" >"$DIR/debootstrap.log" 2>&1 \
         || { tail -n 20 "$DIR/debootstrap.log"; fail "debootstrap"; }
-    rm -rf "$DIR/rootfs/var/cache/apt/archives/"*.deb "$DIR/rootfs/var/lib/apt/lists/"*
-    tar -C "$DIR/rootfs" -cf "$DIR/base.tar" .
-    rm -rf "$DIR/rootfs"
-    podman_ import -q "$DIR/base.tar" "$BASE_IMAGE" >/dev/null
+fi
+if [ -n "$ROOTFS" ]; then
+    if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+        cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/"
+        chroot "$ROOTFS" update-ca-certificates >/dev/null 2>&1 || fail "update-ca-certificates in the base"
+    fi
+    rm -rf "$ROOTFS/var/cache/apt/archives/"*.deb "$ROOTFS/var/lib/apt/lists/"*
+    tar -C "$ROOTFS" -cf "$DIR/base.tar" .
+    rm -rf "$ROOTFS"
+fi
+# pip in a venv reads the system's authorities only when told to
+podman_ import -q --change "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt" "$DIR/base.tar" "$BASE_IMAGE" >/dev/null
+
+# the OCI runtime: podman's default where it runs here; else runc with limits the process may set. Inside some
+# sandboxes crun refuses a hybrid cgroup hierarchy, and raising RLIMIT_NOFILE / setting RLIMIT_NPROC to
+# podman's defaults is not permitted (VTUNNEL_CT_RUNTIME=runc picks the second at once).
+if [ "${VTUNNEL_CT_RUNTIME:-}" != runc ] && podman_ run --rm "$BASE_IMAGE" true >"$DIR/probe.log" 2>&1; then
+    say "OCI runtime: podman's default"
+else
+    [ "${VTUNNEL_CT_RUNTIME:-}" = runc ] || say "podman's default runtime fails here: $(tail -n 1 "$DIR/probe.log")"
+    command -v runc >/dev/null 2>&1 || { say "missing: runc"; exit 77; }
+    RUNTIME="--runtime runc"
+    LIMITS="--ulimit nofile=$(ulimit -Hn):$(ulimit -Hn) --ulimit nproc=4096:4096"
+    podman_ run --rm $LIMITS "$BASE_IMAGE" true >"$DIR/probe.log" 2>&1 \
+        || { cat "$DIR/probe.log"; fail "no OCI runtime runs a container here"; }
+    say "OCI runtime: runc, $LIMITS"
 fi
 
 # 2. the image
 say "building the Containerfile on it"
-podman_ build -q --build-arg "BASE=$BASE_IMAGE" -t "$IMAGE" -f "$ROOT/Containerfile" "$ROOT" >"$DIR/build.log" 2>&1 \
+# the docker format: the OCI image format has no HEALTHCHECK (podman drops it with a warning)
+podman_ build -q --format docker $LIMITS --build-arg "BASE=$BASE_IMAGE" -t "$IMAGE" -f "$ROOT/Containerfile" "$ROOT" >"$DIR/build.log" 2>&1 \
     || { tail -n 30 "$DIR/build.log"; fail "podman build"; }
 
 # 3. a key, a config, an origin to fetch from, free loopback ports
@@ -109,10 +142,10 @@ python3 -m http.server --bind 127.0.0.1 --directory "$DIR/www" "$HTTP" >"$DIR/ht
 HTTP_PID=$!
 
 # 4. the server (its default command, but the metrics on a free port) and the agent
-podman_ run -d --name "$SERVER" --network host -v "$DIR/etc:/etc/vtunnel:ro" \
+podman_ run -d $LIMITS --name "$SERVER" --network host -v "$DIR/etc:/etc/vtunnel:ro" \
     -e "VTUNNEL_HEALTH_URL=http://127.0.0.1:$SMETRICS/metrics" "$IMAGE" \
     server --config /etc/vtunnel/server.toml --metrics "127.0.0.1:$SMETRICS" --log-format json >/dev/null
-podman_ run -d --name "$AGENT" --network host -v "$DIR/etc:/etc/vtunnel:ro" \
+podman_ run -d $LIMITS --name "$AGENT" --network host -v "$DIR/etc:/etc/vtunnel:ro" \
     -e "VTUNNEL_HEALTH_URL=http://127.0.0.1:$AMETRICS/metrics" "$IMAGE" \
     agent --server "tcp://127.0.0.1:$TUNNEL" --psk-file /etc/vtunnel/key --socks "127.0.0.1:$SOCKS" \
     --metrics "127.0.0.1:$AMETRICS" --log-format json >/dev/null
@@ -132,7 +165,7 @@ say "curl --socks5-hostname through agent and server containers: 1 MiB exact"
 
 # 6. the health checks, and never root
 for c in "$SERVER" "$AGENT"; do
-    podman_ healthcheck run "$c" >/dev/null 2>&1 || fail "$c: health check"
+    podman_ healthcheck run "$c" >"$DIR/health.log" 2>&1 || { cat "$DIR/health.log"; fail "$c: health check"; }
     uid=$(podman_ exec "$c" id -u)
     [ "$uid" = 10001 ] || fail "$c runs as uid $uid"
     pid=$(podman_ inspect -f '{{.State.Pid}}' "$c")

@@ -3,6 +3,7 @@ non-root user and its health check."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -126,3 +127,32 @@ def test_containerfile_runs_as_non_root_with_a_health_check() -> None:
     assert command
     assert f'"127.0.0.1:{checked.group(1)}"' in command[-1]
     assert [args for name, args in final if name == "ENTRYPOINT"] == ['["vtunnel"]']
+
+
+CONTAINER_TOOLS = ("podman", "debootstrap", "curl")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_container_image_builds_runs_as_non_root_and_carries_a_tunnel() -> None:
+    """packaging/container-test.sh: a bookworm base made with debootstrap, the Containerfile built on it, a server
+    and an agent container (host network, loopback only), curl --socks5-hostname through them, the health checks
+    and the processes' user; everything removed after. Needs root and the tools (.ci/run installs them)."""
+    missing = [
+        tool for tool in CONTAINER_TOOLS if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None
+    ]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (.ci/run installs them)")
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("needs root (debootstrap, podman's storage)")
+    done = subprocess.run(
+        ["sh", str(ROOT / "packaging" / "container-test.sh")],
+        capture_output=True,
+        text=True,
+        timeout=1700,
+        check=False,
+    )
+    if done.returncode == 77:
+        pytest.skip(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "container-test: ok" in done.stdout
