@@ -138,9 +138,8 @@ class _Channel:
         self._pending = 0
         self._open = True
 
-    def ask(self, timeout: float) -> None:
-        """Ask for the process's metrics and wait up to ``timeout`` for them; ``answered`` tells whether they came
-        (else ``last`` stays as it was)."""
+    def ask(self) -> None:
+        """Ask for the process's metrics (:meth:`take_answer` reads them)."""
         with self.lock:
             self.answered = False
             if not self._open:
@@ -151,7 +150,13 @@ class _Channel:
                 self._open = False
                 return
             self._pending += 1
-            self._read(time.monotonic() + timeout)
+
+    def take_answer(self, deadline: float) -> None:
+        """Wait until ``deadline`` (monotonic) at most for the answer; ``answered`` tells whether it came (else
+        ``last`` stays as it was)."""
+        with self.lock:
+            if self._open:
+                self._read(deadline)
 
     def finish(self) -> None:
         """The process ended: take what it sent last (its final frame, if it had the time) and close."""
@@ -273,8 +278,11 @@ class WorkerMetrics(Collector):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             channels = sorted(self._channels.values(), key=lambda c: c.order)
+        for channel in channels:  # all asked at once: a slow worker holds the scrape up once, not once each
+            channel.ask()
+        deadline = time.monotonic() + self._timeout
         for channel in channels:
-            channel.ask(self._timeout)
+            channel.take_answer(deadline)
         with self._lock:
             return self._merge([c for c in channels if c.pid in self._channels])
 
