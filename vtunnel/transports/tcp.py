@@ -8,6 +8,9 @@ Both take ``splice=PORT`` (docs/lite-tls.md, splice mode): on the server, the po
 dedicated connections of spliced lite-tls streams are accepted; on the agent, that port, which turns splice mode
 on. ``splice=0`` on a server takes any free port (the server logs it). The transport itself only checks the value; the applications act on it.
 
+A server's listen URL may take ``proxy=1``: every connection begins with a PROXY protocol header from the balancer
+in front (:mod:`vtunnel.transports.proxied`); a client's URL may not.
+
 Both are :class:`~vtunnel.transports.base.ByteStreamTransport`\ s: when a pre-shared key is configured, the base
 runs the PSK handshake and AEAD records on top of the byte stream (inside TLS for ``tls://``), so a peer without
 the key never reaches the tunnel protocol.
