@@ -1,12 +1,14 @@
 """lite-tls splice mode: the dedicated connection of a spliced lite-tls stream (docs/lite-tls.md, "Splice mode").
 
-The agent draws a ticket (32 random bytes) per lite-tls stream, names it in the stream's SYN (header
-``vt-splice``, inside the tunnel's authenticated encryption) and, at the same time, connects to the server's
-splice port and writes the ticket. The server's :class:`TicketBook` pairs the two: a SYN's ticket claims the
-connection that presented it (waiting up to :data:`CLAIM_TIMEOUT` for it), each ticket once; the server writes
-one byte (:data:`ACK`) on the connection and accepts the stream. The agent, once the stream is accepted, reads
-that byte (up to :data:`ACK_TIMEOUT`): the stream is spliced at both ends, or at neither (the connection is
-closed and the stream stays muxed). A connection whose ticket no SYN claims gets nothing and is closed.
+The agent draws a ticket (32 random bytes) per lite-tls stream and names it in the stream's SYN (header
+``vt-splice``, inside the tunnel's authenticated encryption). Only once the user's first record is a ClientHello
+record does it connect to the server's splice port and write the ticket (a stream that is not TLS never dials).
+The server's :class:`TicketBook` pairs the two: the connection that presents a stream's ticket is bound to it
+if it comes while no marker or notice has gone either way on the stream (the server writes one byte,
+:data:`ACK`, and splices the stream over it), and closed otherwise; each ticket once. The agent's stream does
+not leave before it knows which: the ACK (spliced at both ends), or the connection closed without it (muxed at
+both ends); no answer within :data:`ACK_TIMEOUT` resets the stream. A connection whose ticket no open stream
+named gets nothing and is closed.
 
 This module is I/O glue for ``apps.agent`` and ``apps.server``; the switch itself is the runtime's
 (``TunnelStream.splice_over``) and the relay's (``Relay.splice``, ``io.splice``).
@@ -15,7 +17,6 @@ This module is I/O glue for ``apps.agent`` and ``apps.server``; the switch itsel
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import secrets
 import socket
@@ -40,6 +41,7 @@ __all__ = [
     "TICKET_LEN",
     "SpliceDialer",
     "TicketBook",
+    "offer_dedicated",
     "serve_splice_port",
     "splice_port",
     "ticket_of",
@@ -90,40 +92,40 @@ def ticket_of(metadata: StreamMetadata | None) -> bytes | None:
 
 class TicketBook:
     """The server's meeting point of tickets named in SYNs and dedicated connections that present them. Each
-    ticket binds one connection to one stream, once: a claimed or expired ticket is forgotten, and a second
-    connection with it is closed."""
+    ticket binds at most one connection to one stream, once: a presented ticket is forgotten, and a second
+    connection with it is closed; a connection whose ticket no open stream named is kept :data:`CLAIM_TIMEOUT`
+    (its SYN may still be on its way), then closed."""
 
     def __init__(self) -> None:
-        self._claims: dict[bytes, asyncio.Future[socket.socket]] = {}
+        self._claims: dict[bytes, Callable[[socket.socket], None]] = {}
         self._parked: dict[bytes, tuple[socket.socket, asyncio.TimerHandle]] = {}
-        #: connections refused (no SYN named their ticket in time, a ticket twice, too many parked)
+        #: connections refused (no SYN named their ticket in time, a ticket twice, too many parked, a stream
+        #: that could no longer splice)
         self.refused = 0
+        #: connections accepted on the splice port
+        self.connections = 0
 
-    async def claim(self, ticket: bytes, timeout: float = CLAIM_TIMEOUT) -> socket.socket | None:
-        """The connection that presents ``ticket`` (now or within ``timeout``), or None."""
+    def expect(self, ticket: bytes, take: Callable[[socket.socket], None]) -> Callable[[], None]:
+        """A stream named ``ticket``: ``take`` gets the connection that presents it (now, if it came first).
+        Returns what forgets the ticket (the stream closed)."""
         parked = self._parked.pop(ticket, None)
         if parked is not None:
             parked[1].cancel()
-            return parked[0]
-        if ticket in self._claims:
-            return None
-        fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
-        self._claims[ticket] = fut
-        try:
-            with anyio.move_on_after(timeout):
-                return await asyncio.shield(fut)
-        finally:
-            self._claims.pop(ticket, None)
-        if fut.done() and not fut.cancelled():
-            return fut.result()  # it came as the wait ended
-        fut.cancel()
-        return None
+            take(parked[0])
+            return _nothing
+        self._claims[ticket] = take
+
+        def forget() -> None:
+            if self._claims.get(ticket) is take:
+                del self._claims[ticket]
+
+        return forget
 
     def present(self, ticket: bytes, sock: socket.socket) -> None:
-        """A dedicated connection sent ``ticket``: hand it to the stream that claims it, or keep it a while."""
-        fut = self._claims.pop(ticket, None)
-        if fut is not None and not fut.done():
-            fut.set_result(sock)
+        """A dedicated connection sent ``ticket``: hand it to the stream that named it, or keep it a while."""
+        take = self._claims.pop(ticket, None)
+        if take is not None:
+            take(sock)
             return
         if ticket in self._parked or len(self._parked) >= MAX_PARKED:
             self._refuse(sock, "ticket not accepted")
@@ -146,6 +148,11 @@ class TicketBook:
             handle.cancel()
             sock.close()
         self._parked.clear()
+        self._claims.clear()
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _read_exact(sock: socket.socket, size: int) -> bytes:
@@ -203,6 +210,7 @@ async def serve_splice_port(
                 if pending >= MAX_PARKED:
                     book._refuse(sock, "too many connections without a ticket")
                     continue
+                book.connections += 1
                 sock.setblocking(False)
                 tune_tcp(sock)
                 pending += 1
@@ -212,66 +220,80 @@ async def serve_splice_port(
         book.close()
 
 
-async def bind_dedicated(book: TicketBook, stream: TunnelStream) -> bool:
-    """Server: if ``stream``'s SYN names a ticket, wait for its connection, acknowledge it and splice the stream
-    over it (before the stream is accepted). False: the stream stays muxed."""
+def offer_dedicated(book: TicketBook, stream: TunnelStream) -> None:
+    """Server: if ``stream``'s SYN names a ticket, the connection that presents it is bound to the stream (the
+    ACK written, the stream spliced over it) if it comes while the stream :attr:`~TunnelStream.may_splice`
+    (no marker or notice has gone either way), and closed otherwise. The ticket is forgotten when the stream
+    closes."""
     ticket = ticket_of(stream.metadata)
     if ticket is None or not stream.lite_tls:
-        return False
-    sock = await book.claim(ticket)
-    if sock is None:
-        log.info("lite_tls.no_dedicated_connection", tunnel=stream.tunnel_name, stream=stream.stream_id)
-        return False
-    try:
-        sock.send(ACK)  # one byte into an empty socket buffer: never short
-    except OSError:
-        sock.close()
-        return False
-    stream.splice_over(sock)
-    return True
+        return
+
+    def take(sock: socket.socket) -> None:
+        if not stream.may_splice:
+            book._refuse(sock, "the stream can no longer splice")
+            return
+        try:
+            sock.send(ACK)  # one byte into an empty socket buffer: never short
+        except OSError:
+            sock.close()
+            return
+        stream.splice_over(sock)
+
+    stream.dedicated_expected(book.expect(ticket, take))
 
 
 class SpliceDialer:
-    """Agent: opens spliced lite-tls streams (a ticket in the SYN, the dedicated connection at the same time)."""
+    """Agent: opens lite-tls streams that name a ticket, and dials their dedicated connection only once the
+    user's first record is a ClientHello record (``TunnelStream.splice_when_tls``)."""
 
     def __init__(self, server: Endpoint, port: int) -> None:
         self.host = server.host
         self.port = port
         self._backoff_until = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def open(
         self, metadata: StreamMetadata, open_stream: Callable[[StreamMetadata], Awaitable[TunnelStream]]
     ) -> TunnelStream:
-        """Open a lite-tls stream with ``open_stream`` (which waits for the SYN-ACK), spliced when the server
-        bound the dedicated connection, else muxed."""
+        """Open a lite-tls stream with ``open_stream`` (which waits for the SYN-ACK), naming a ticket; its
+        dedicated connection is dialed once its ClientHello came."""
         if time.monotonic() < self._backoff_until:
             return await open_stream(metadata)
         ticket = secrets.token_bytes(TICKET_LEN)
         md = dataclasses.replace(metadata, headers=(*metadata.headers, (SPLICE_HEADER, ticket.hex())))
-        dialed: list[socket.socket | None] = [None]
-        async with anyio.create_task_group() as tg:
-
-            async def dial() -> None:
-                dialed[0] = await self._dial(ticket)
-
-            tg.start_soon(dial)
-            try:
-                stream = await open_stream(md)
-            except BaseException:
-                tg.cancel_scope.cancel()
-                if dialed[0] is not None:
-                    dialed[0].close()
-                raise
-        sock = dialed[0]
-        if not stream.lite_tls:  # the tunnel did not agree to lite-tls: no dedicated connections for a while
+        stream = await open_stream(md)
+        if not stream.lite_tls:  # the tunnel did not agree to lite-tls: no tickets for a while
             self._backoff_until = time.monotonic() + DIAL_BACKOFF
-        if sock is None:
             return stream
-        if stream.lite_tls and await self._acknowledged(sock):
-            stream.splice_over(sock)
-        else:
-            sock.close()
+        stream.splice_when_tls(lambda s: self._dial_for(s, ticket))
         return stream
+
+    def _dial_for(self, stream: TunnelStream, ticket: bytes) -> None:
+        if time.monotonic() < self._backoff_until:
+            stream.dedicated_settled(None)
+            return
+        task = asyncio.get_running_loop().create_task(self._connect(stream, ticket))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, stream: TunnelStream, ticket: bytes) -> None:
+        sock = await self._dial(ticket)
+        if sock is None:
+            stream.dedicated_settled(None)
+            return
+        try:
+            with anyio.fail_after(ACK_TIMEOUT):
+                answer = await _read_exact(sock, len(ACK))
+        except (OSError, TimeoutError):  # no answer in time: whether the server bound it is not known
+            sock.close()
+            stream.dedicated_settled(None, known=False)
+            return
+        if answer == ACK:
+            stream.dedicated_settled(sock)
+        else:  # closed without the ACK: the server did not bind it
+            sock.close()
+            stream.dedicated_settled(None)
 
     async def _dial(self, ticket: bytes) -> socket.socket | None:
         loop = asyncio.get_running_loop()
@@ -297,13 +319,7 @@ class SpliceDialer:
                 muxed_for=DIAL_BACKOFF,
             )
             return None
-        except BaseException:  # cancelled (the stream was refused): the half-made connection goes too
+        except BaseException:
             if sock is not None:
                 sock.close()
             raise
-
-    @staticmethod
-    async def _acknowledged(sock: socket.socket) -> bool:
-        with contextlib.suppress(OSError), anyio.move_on_after(ACK_TIMEOUT):
-            return await _read_exact(sock, len(ACK)) == ACK
-        return False

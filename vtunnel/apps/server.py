@@ -27,7 +27,7 @@ import structlog
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskStatus
 
 from vtunnel.apps.dialer import Dialer, DialError
-from vtunnel.apps.lite_tls_splice import TicketBook, bind_dedicated, serve_splice_port, splice_port
+from vtunnel.apps.lite_tls_splice import TicketBook, offer_dedicated, serve_splice_port, splice_port
 from vtunnel.apps.pipe import Relay, SocketEnd, StreamLeg, TunnelEnd, TunnelLeg
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.websocks import (
@@ -318,7 +318,7 @@ class Server:
             raise
         try:
             if self.tickets is not None:
-                await bind_dedicated(self.tickets, stream)
+                offer_dedicated(self.tickets, stream)
             stream.accept()
         except BaseException:
             end.close()

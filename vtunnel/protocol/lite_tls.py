@@ -378,6 +378,14 @@ class LiteTlsTracker:
         events.append(FellBack(reason=problem, by_peer=False))
 
     @property
+    def hello_seen(self) -> bool:
+        """The client's first record passed (at the agent: first-hand, as a ClientHello record; at the server:
+        the first record from the agent, which passed that check there) and no marker or notice has gone either
+        way: the stream may still leave (in splice mode the agent dials its dedicated connection now)."""
+        seen = self._out.records if self.side is Role.CLIENT else self._in.records
+        return seen > 0 and self._state is LiteTlsState.TRACKING
+
+    @property
     def header_begun(self) -> bool:
         """The first bytes of a first-hand record header are held, waiting for its rest: if none come soon, the
         runtime calls :meth:`local_stalled`."""
@@ -611,7 +619,9 @@ class LiteTlsStep:
     (each piece ``(data, passthrough)``: ``passthrough`` pieces are one whole TLS application-data record each,
     for one PASSTHROUGH frame), deliver ``deliver`` to the local endpoint, return the flow-control credit of
     ``consumed`` peer bytes that will never be delivered (control records), and reset the stream if
-    ``violation`` is set. ``left`` and ``fell_back`` are for logs and counters."""
+    ``violation`` is set. ``left`` and ``fell_back`` are for logs and counters. ``hello``: the client began with
+    a ClientHello record (once per stream; :attr:`LiteTlsTracker.hello_seen`): in splice mode the agent dials
+    its dedicated connection now, and both ends call :meth:`LiteTlsSession.splice_pending`."""
 
     send: list[tuple[bytes | memoryview, bool]] = field(default_factory=list)
     deliver: list[bytes] = field(default_factory=list)
@@ -619,6 +629,7 @@ class LiteTlsStep:
     violation: str | None = None
     left: LiteTlsRole | None = None
     fell_back: FellBack | None = None
+    hello: bool = False
 
 
 class LiteTlsSession:
@@ -636,9 +647,24 @@ class LiteTlsSession:
       passthrough piece per call (no cutting: it goes to the dedicated connection, not into frames), and a
       passive end hands over what it held at once (the peer's bytes after its marker come on the dedicated
       connection).
+    * Splice pending (:meth:`splice_pending`, the agent dialing its dedicated connection once the ClientHello
+      came): the marker exchange goes on in the tunnel as ever, but an end that leaves before
+      :meth:`splice_settled` keeps what it would send after leaving (and the runtime stops reading its local
+      endpoint, :attr:`holds_local`) until the mode is known; ``step.left`` comes with the settling step.
     """
 
-    __slots__ = ("_cut", "_cutting", "_left", "_spliced", "tracker")
+    __slots__ = (
+        "_cut",
+        "_cutting",
+        "_deferred",
+        "_held_send",
+        "_hello",
+        "_left",
+        "_left_role",
+        "_pending",
+        "_spliced",
+        "tracker",
+    )
 
     def __init__(self, side: Role) -> None:
         self.tracker = LiteTlsTracker(side)
@@ -646,12 +672,64 @@ class LiteTlsSession:
         self._cutting = True
         self._spliced = False
         self._cut = bytearray()  # after leaving: the start of a record whose rest has not come yet
+        self._hello = False  # step.hello was given
+        #: splice pending: the mode of leaving is not known yet; what this end sends after leaving waits here
+        self._pending = False
+        self._deferred: list[bytes] = []
+        self._left_role: LiteTlsRole | None = None  # left while pending: step.left of the settling step
+        #: pending and active: the marker (and what this end sends after it, before leaving) waits for the mode
+        self._held_send: list[bytes] | None = None
 
     def splice(self) -> None:
-        """Leave to a dedicated connection rather than into PASSTHROUGH frames (docs/lite-tls.md, splice mode)."""
+        """Leave to a dedicated connection rather than into PASSTHROUGH frames (docs/lite-tls.md, splice mode):
+        the server, as it binds the connection, while :attr:`may_splice`."""
         if self._left:
             raise TrackerBrokenError("splice() after the stream left the tunnel")
         self._spliced = True
+
+    @property
+    def may_splice(self) -> bool:
+        """No marker or notice has gone either way yet, or only this end's marker, held while pending: binding a
+        dedicated connection now changes how both ends leave, never what already happened."""
+        if self._spliced or self._left:
+            return False
+        return self.tracker.state is LiteTlsState.TRACKING or self._held_send is not None
+
+    def splice_pending(self) -> None:
+        """A dedicated connection is on its way (after ``step.hello``: the agent dials it, the server expects
+        it): until :meth:`splice_settled`, this end's marker and what it would send after leaving wait for the
+        mode."""
+        if self._left or self._spliced:
+            raise TrackerBrokenError("splice_pending() after the stream left or was spliced")
+        self._pending = True
+
+    @property
+    def splice_is_pending(self) -> bool:
+        return self._pending
+
+    def splice_settled(self, spliced: bool) -> LiteTlsStep:
+        """The dedicated connection is bound at both ends (``spliced``), or at neither (muxed). If this end left
+        meanwhile, the step carries ``left`` and what it kept, sent as the mode wants."""
+        step = LiteTlsStep()
+        if not self._pending:
+            return step
+        self._pending = False
+        self._spliced = spliced
+        deferred, self._deferred = self._deferred, []
+        marker, self._held_send = self._held_send or [], None
+        if self.broken:
+            return step
+        step.send += [(data, False) for data in marker]  # the marker, before anything sent after leaving
+        if not self._left:
+            return step
+        step.left, self._left_role = self._left_role, None
+        if spliced:
+            held = self.tracker.stop_holding()
+            if held:
+                step.deliver.append(held)
+        for data in deferred:
+            self._cut_records(data, step.send)
+        return step
 
     @property
     def spliced(self) -> bool:
@@ -664,8 +742,13 @@ class LiteTlsSession:
 
     @property
     def awaiting_answer(self) -> bool:
-        """Stop reading the local endpoint: the tracker holds its bytes until the peer's answer."""
+        """The tracker holds the local endpoint's bytes until the peer's answer."""
         return self.tracker.awaiting_answer
+
+    @property
+    def holds_local(self) -> bool:
+        """Stop reading the local endpoint: awaiting the answer, or left while the splice is pending."""
+        return self.tracker.awaiting_answer or (self._pending and (self._left or self._held_send is not None))
 
     @property
     def broken(self) -> bool:
@@ -679,7 +762,12 @@ class LiteTlsSession:
         if self._left and self.tracker.transparent:
             self._cut_records(bytes(data), step.send)
         else:
-            self._act(self.tracker.from_local(data), step)
+            events = self.tracker.from_local(data)
+            if self._pending and self._held_send is None and self.tracker.awaiting_answer:
+                self._held_send = []  # active: the marker goes once the mode is known
+            self._act(events, step)
+            if not self._hello and self.tracker.hello_seen:
+                self._hello = step.hello = True
         return step
 
     def local_stalled(self) -> LiteTlsStep:
@@ -721,13 +809,17 @@ class LiteTlsSession:
             step.deliver.clear()
             step.consumed = len(data) + held
             return step
+        if not self._hello and tracker.hello_seen:
+            self._hello = step.hello = True
         step.consumed = len(data) - sum(map(len, step.deliver)) - (tracker.held_from_peer - held)
         return step
 
     def _act(self, events: list[LiteTlsEvent], step: LiteTlsStep) -> None:
         for ev in events:
             if isinstance(ev, SendToPeer):
-                if self._left:
+                if self._held_send is not None and not self._left:
+                    self._held_send.append(ev.data)
+                elif self._left:
                     self._cut_records(ev.data, step.send)
                 else:
                     step.send.append((ev.data, False))
@@ -735,7 +827,10 @@ class LiteTlsSession:
                 step.deliver.append(ev.data)
             elif isinstance(ev, LeftTunnel):
                 self._left = True
-                step.left = ev.role
+                if self._pending:
+                    self._left_role = ev.role
+                else:
+                    step.left = ev.role
             elif isinstance(ev, FellBack):
                 step.fell_back = ev
             elif isinstance(ev, PeerViolation):
@@ -755,6 +850,9 @@ class LiteTlsSession:
     def _cut_records(self, data: bytes, send: list[tuple[bytes | memoryview, bool]]) -> None:
         """After leaving: cut ``data`` at record boundaries; runs of whole application-data records go in
         passthrough (a piece each), other records protected, a partial record waits for its rest."""
+        if self._pending:  # the mode of leaving is not known yet
+            self._deferred.append(bytes(data))
+            return
         if self._spliced:
             send.append((data, True))
             return

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -59,6 +60,9 @@ LOCAL_STALL = 0.2
 #: application-data record before it resets the stream (the active end sends that record with the answer; the
 #: bytes held are bounded by ``HOLD_LIMIT`` in the tracker)
 HOLD_TIMEOUT = 10.0
+#: splice mode, server: seconds its marker waits for the agent's dedicated connection once the ClientHello came
+#: (the agent dials it then); without it in time the stream leaves muxed
+DEDICATED_WAIT = 2.0
 
 
 class StreamCarrier(Protocol):
@@ -327,13 +331,46 @@ class TunnelStream:
         """A lite-tls stream on a tunnel that agreed to the extension (it runs a tracker)."""
         return self._lite is not None
 
+    @property
+    def may_splice(self) -> bool:
+        """A lite-tls stream, open, on which no marker or notice has gone yet (the server binds a dedicated
+        connection only then: docs/lite-tls.md, splice mode)."""
+        lite = self._lite
+        return lite is not None and not self._closed and self._broken is None and lite.session.may_splice
+
     def splice_over(self, dedicated: socket.socket) -> None:
         """Leave the tunnel over ``dedicated`` (a plain TCP connection to the peer, bound to this stream by a
-        ticket) rather than in PASSTHROUGH frames; before any byte of the stream. Raises ``ValueError`` on a
-        stream that is not lite-tls."""
+        ticket) rather than in PASSTHROUGH frames; while :attr:`may_splice`. Raises ``ValueError`` on a stream
+        that is not lite-tls."""
         if self._lite is None:
             raise ValueError(f"stream {self.stream_id} is not a lite-tls stream")
         self._lite.splice_over(dedicated)
+
+    def dedicated_expected(self, forget: Callable[[], None]) -> None:
+        """Server: this stream's ticket waits for its dedicated connection; ``forget`` runs once the stream can
+        take none any more (it closed, or fell back and runs no tracker)."""
+        if self._lite is None or self._closed:
+            forget()
+        else:
+            self._lite.forget_ticket = forget
+
+    def splice_when_tls(self, dial: Callable[[TunnelStream], None]) -> None:
+        """Agent, splice mode: call ``dial(self)`` once the user's first record is a ClientHello record; the
+        stream's leaving then waits for :meth:`dedicated_settled` (no-op on a stream that is not lite-tls)."""
+        if self._lite is not None:
+            self._lite.dial = dial
+
+    def dedicated_settled(self, dedicated: socket.socket | None, *, known: bool = True) -> None:
+        """Agent: the dedicated connection dialed for :meth:`splice_when_tls` is bound at both ends
+        (``dedicated``), or at neither (None: the stream leaves muxed). ``known=False``: whether the server bound
+        it is not known (no answer in time): the stream is reset. A stream that no longer runs a tracker (it
+        fell back) or is closed closes ``dedicated``."""
+        lite = self._lite
+        if lite is None or self._closed or self._broken is not None or not lite.session.splice_is_pending:
+            if dedicated is not None:
+                dedicated.close()
+            return
+        lite.settled(dedicated, known=known)
 
     def count_spliced(self, sent: int, received: int) -> None:
         """Bytes a spliced stream's kernel relay wrote to and read from its dedicated connection (after the
@@ -460,6 +497,7 @@ class _LiteTls:
 
     __slots__ = (
         "_answer_timer",
+        "_claim_timer",
         "_dedicated",
         "_eof",
         "_hold_timer",
@@ -469,6 +507,8 @@ class _LiteTls:
         "_stream",
         "_through",
         "_to_dedicated",
+        "dial",
+        "forget_ticket",
         "off_tunnel",
         "passthrough_bytes",
         "passthrough_received",
@@ -494,6 +534,10 @@ class _LiteTls:
         self._to_dedicated = bytearray()
         #: a spliced stream that left: its bytes and its end go over the dedicated connection, never the tunnel
         self.off_tunnel = False
+        #: agent, splice mode: dials the dedicated connection once the ClientHello came (``splice_when_tls``)
+        self.dial: Callable[[TunnelStream], None] | None = None
+        #: server, splice mode: forgets the stream's ticket (``dedicated_expected``)
+        self.forget_ticket: Callable[[], None] | None = None
         #: muxed, left, nothing parsed or held any more: reads go straight to the cut / to the consumer
         self._through = False
         #: the answer's deadline while awaiting it; the local stall check while a header is begun
@@ -501,6 +545,8 @@ class _LiteTls:
         self._stall_timer: asyncio.TimerHandle | None = None
         #: passive: the deadline of the hold after the peer's marker
         self._hold_timer: asyncio.TimerHandle | None = None
+        #: server, splice pending: how long its marker waits for the agent's dedicated connection
+        self._claim_timer: asyncio.TimerHandle | None = None
 
     def log_closed(self, stream: TunnelStream, *, spliced: bool) -> None:
         log.debug(
@@ -514,8 +560,32 @@ class _LiteTls:
         )
 
     def splice_over(self, dedicated: socket.socket) -> None:
+        if self.session.splice_is_pending:  # the server's marker may be waiting for it
+            self.settled(dedicated, known=True)
+            return
         self.session.splice()
         self._dedicated = dedicated
+
+    def _no_dedicated(self) -> None:
+        """Server: the agent's dedicated connection did not come in time: the stream leaves muxed."""
+        self._claim_timer = None
+        stream = self._stream
+        if not stream._closed and stream._broken is None and self.session.splice_is_pending:
+            log.info("lite_tls.no_dedicated_connection", tunnel=stream._carrier.name, stream=stream.stream_id)
+            self.settled(None, known=True)
+
+    def settled(self, dedicated: socket.socket | None, *, known: bool) -> None:
+        if self._claim_timer is not None:
+            self._claim_timer.cancel()
+            self._claim_timer = None
+        if not known:
+            log.info(
+                "lite_tls.splice_failed", tunnel=self._stream._carrier.name, stream=self._stream.stream_id
+            )
+            self._reset("protocol: lite-tls dedicated connection not acknowledged")
+            return
+        self._dedicated = dedicated
+        self._act(self.session.splice_settled(dedicated is not None))
 
     def drop_dedicated(self) -> None:
         """The stream is closed: a dedicated connection not handed over is closed with it (and no timer runs)."""
@@ -523,11 +593,14 @@ class _LiteTls:
         sock, self._dedicated = self._dedicated, None
         if sock is not None:
             sock.close()
+        forget, self.forget_ticket = self.forget_ticket, None
+        if forget is not None:
+            forget()
 
     def from_local(self, data: bytes | memoryview) -> int:
         """Take all of ``data`` (0: none, the queue or the held bytes must go first)."""
         session = self.session
-        if self._queue or session.awaiting_answer or self.off_tunnel:
+        if self._queue or session.holds_local or self.off_tunnel:
             self._refused = True  # (spliced: the consumer hands what it holds over with the socket)
             return 0
         if self._through:  # left, muxed, nothing tracked any more: only the cut at record boundaries
@@ -543,7 +616,7 @@ class _LiteTls:
         self._eof = True
         self._act(self.session.local_ended())
         # (while the marker awaits its answer the tracker holds bytes that go before the FIN)
-        return not self._queue and not self.off_tunnel and not self.session.awaiting_answer
+        return not self._queue and not self.off_tunnel and not self.session.holds_local
 
     def from_peer(self, data: bytes, passthrough: bool) -> None:
         if passthrough:
@@ -556,6 +629,13 @@ class _LiteTls:
     def _act(self, step: LiteTlsStep) -> None:
         stream = self._stream
         carrier = stream._carrier
+        if step.hello and self.dial is not None:  # agent, splice mode
+            self.session.splice_pending()  # before anything else: leaving waits for the dial's outcome
+            self.dial(stream)
+        elif step.hello and self.forget_ticket is not None and self.session.may_splice:
+            # server, the stream named a ticket: the agent dials now; this end's marker waits for it (bounded)
+            self.session.splice_pending()
+            self._claim_timer = asyncio.get_running_loop().call_later(DEDICATED_WAIT, self._no_dedicated)
         if step.left is not None and self.session.spliced:
             self.off_tunnel = True
         elif step.left is not None:
@@ -614,7 +694,7 @@ class _LiteTls:
         self._queue.extend(step.send)
         if self.flush():
             self._plain_if_settled()
-            if self._refused and not self.session.awaiting_answer:
+            if self._refused and not self.session.holds_local:
                 self._refused = False
                 stream.deliver_room()
 
@@ -627,10 +707,10 @@ class _LiteTls:
             self._stream._lite = None
 
     def _stop_timers(self) -> None:
-        for timer in (self._answer_timer, self._stall_timer, self._hold_timer):
+        for timer in (self._answer_timer, self._stall_timer, self._hold_timer, self._claim_timer):
             if timer is not None:
                 timer.cancel()
-        self._answer_timer = self._stall_timer = self._hold_timer = None
+        self._answer_timer = self._stall_timer = self._hold_timer = self._claim_timer = None
 
     def _held_too_long(self) -> None:
         self._hold_timer = None
@@ -709,7 +789,7 @@ class _LiteTls:
 
     def writable(self) -> bool:
         """Credit came: send what is queued; True if the writer may go on."""
-        if not self.flush() or self.session.awaiting_answer:
+        if not self.flush() or self.session.holds_local:
             return False
         self._refused = False
         self._plain_if_settled()
@@ -757,7 +837,7 @@ class _LiteTls:
         elif (
             not queue
             and self._eof
-            and not self.session.awaiting_answer
+            and not self.session.holds_local
             and not stream._sent_eof
             and not stream._closed
         ):
