@@ -270,10 +270,11 @@ class SpliceDialer:
         return stream
 
     def _dial_for(self, stream: TunnelStream, ticket: bytes) -> None:
-        if time.monotonic() < self._backoff_until:
-            stream.dedicated_settled(None)
+        loop = asyncio.get_running_loop()
+        if time.monotonic() < self._backoff_until:  # (called from the stream's step: settle after it)
+            loop.call_soon(stream.dedicated_settled, None)
             return
-        task = asyncio.get_running_loop().create_task(self._connect(stream, ticket))
+        task = loop.create_task(self._connect(stream, ticket))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
