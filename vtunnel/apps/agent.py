@@ -187,7 +187,7 @@ class Agent:
         if self.splice is not None and login is None and metadata is not None and metadata.kind == "lite-tls":
             pool, timeout = self.pool, self.settings.open_timeout
             return await self.splice.open(
-                metadata, lambda md: pool.open_stream(md, wait_accepted=True, timeout=timeout)
+                metadata, lambda md: pool.open_stream(md, wait_accepted=wait_accepted, timeout=timeout)
             )
         if login is None or metadata is None or metadata.authority is None:
             return await self.pool.open_stream(

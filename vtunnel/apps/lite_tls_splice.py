@@ -256,7 +256,7 @@ class SpliceDialer:
     async def open(
         self, metadata: StreamMetadata, open_stream: Callable[[StreamMetadata], Awaitable[TunnelStream]]
     ) -> TunnelStream:
-        """Open a lite-tls stream with ``open_stream`` (which waits for the SYN-ACK), naming a ticket; its
+        """Open a lite-tls stream with ``open_stream`` (waiting for the SYN-ACK or not, as the front asked), naming a ticket; its
         dedicated connection is dialed once its ClientHello came."""
         if time.monotonic() < self._backoff_until:
             return await open_stream(metadata)
