@@ -17,12 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.lite_tls.test_spliced_session import HELLO, REQUEST, record
 from tests.lite_tls.tlsutil import Endpoint, scripts, tls_pair
 from vtunnel.protocol import Role
 from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsStep
-
-REQUEST = b"GET /big HTTP/1.1\r\nHost: lite-tls.test\r\n\r\n"
-HELLO = b"\x16\x03\x01\x00\x04\x01\x00\x00\x00"
 
 
 @dataclass
@@ -197,10 +195,6 @@ def test_real_tls_dials_at_the_hello_and_both_ends_leave_the_same_way(
     assert {agent.role, server.role} == {LiteTlsRole.ACTIVE, LiteTlsRole.PASSIVE}
     if not dial.timed_out:  # the server's marker waited for the connection: it was bound
         assert dial.acked
-
-
-def record(kind: int, n: int) -> bytes:
-    return bytes([kind, 3, 3]) + n.to_bytes(2, "big") + b"A" * n
 
 
 @pytest.mark.parametrize("seed", range(30))
