@@ -50,6 +50,7 @@ __all__ = [
     "measure_rr",
     "measure_stalled",
     "measure_ttfb",
+    "measure_ttfb_spliced",
     "relay_counters",
     "start_stall_sink",
     "start_tls_sources",
@@ -236,6 +237,48 @@ def measure_ttfb(stack: Stack, settings: Mapping[str, float]) -> Metrics:
     )
     samples = _samples(result)
     return _latency(samples, 1e6, "ms"), {"samples_ns": samples}
+
+
+def measure_ttfb_spliced(stack: Stack, settings: Mapping[str, float], round_index: int) -> Metrics:
+    """Time to first byte of plain connections through an agent in lite-tls splice mode (``agent-plain-spliced``,
+    entry ``side_entries["plain-spliced"]``, forwarding to the workload server) and through the stack's own agent
+    (muxed), in alternating order; the CPU of the spliced agent and the server per connection."""
+    spliced = stack.side_entries.get("plain-spliced")
+    if spliced is None:
+        raise HarnessError("the ttfb-spliced scenario needs a stack with an agent in splice mode")
+    count = int(settings["count"])
+    timeout = float(settings["timeout"])
+    ends = {"agent": stack.procs["agent-plain-spliced"].pid, "server": stack.pids()["server"]}
+    rows = [("spliced", spliced), ("muxed", stack.entry)]
+    if round_index % 2:
+        rows.reverse()
+    metrics: dict[str, float] = {}
+    raw: dict[str, object] = {"order": [name for name, _ in rows]}
+    for name, entry in rows:
+        got: dict[str, object] = {}
+
+        def run(entry: str = entry, got: dict[str, object] = got) -> None:
+            got.update(
+                run_client(
+                    stack.placement,
+                    ["ttfb", "--connect", entry, "--count", str(count), "--timeout", str(timeout)],
+                    timeout=timeout,
+                )
+            )
+
+        if name == "spliced":
+            cpu = cpu_usage(ends, run)
+            metrics["spliced_cpu_ms_per_conn"] = sum(r["cpu_s"] for r in cpu.values()) * 1e3 / count
+        else:
+            run()
+        samples = _samples(got)
+        for key, value in _latency(samples, 1e6, "ms").items():
+            metrics[f"{name}_{key}"] = value
+        raw[name] = {"samples_ns": samples}
+        stack.check_alive()
+    metrics["p50_ms"] = metrics["spliced_p50_ms"]
+    metrics["p99_ms"] = metrics["spliced_p99_ms"]
+    return metrics, raw
 
 
 def hold_connections(

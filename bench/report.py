@@ -58,6 +58,13 @@ HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
         ("server_rss_growth_bytes", "B", False),
         ("agent_rss_growth_bytes", "B", False),
     ),
+    "ttfb_spliced": (
+        ("spliced_p50_ms", "ms, splice mode", False),
+        ("spliced_p99_ms", "ms, splice mode", False),
+        ("muxed_p50_ms", "ms, muxed", False),
+        ("muxed_p99_ms", "ms, muxed", False),
+        ("spliced_cpu_ms_per_conn", "ms CPU/conn, spliced agent+server", False),
+    ),
     "https_lite": (
         ("lite_goodput_MBps", "MB/s, lite-tls muxed", True),
         ("spliced_goodput_MBps", "MB/s, lite-tls spliced", True),

@@ -30,6 +30,7 @@ from bench.measure import (
     measure_rr,
     measure_stalled,
     measure_ttfb,
+    measure_ttfb_spliced,
     measure_tunnels,
     start_stall_sink,
     start_tls_sources,
@@ -291,6 +292,7 @@ class Runner:
         relay = scenario.relay_options if job.link == "relay" else None
         stalling = [sc for sc in job.scenarios if sc.kind == "stalled"]
         https = any(sc.kind == "https_lite" for sc in job.scenarios)
+        plain_spliced = any(sc.kind == "ttfb_spliced" for sc in job.scenarios)
         socks = any(sc.socks for sc in job.scenarios)
         with group.scope() as scope:
             try:
@@ -305,6 +307,8 @@ class Runner:
                     sources = start_tls_sources(scope, 1)
                     side += [address for _, address in sources]
                     splice_port = free_port()
+                if plain_spliced:
+                    splice_port = free_port()
                 stack = start_stack(
                     job.system,
                     scope,
@@ -316,7 +320,11 @@ class Runner:
                     socks=socks,
                     splice_port=splice_port,
                 )
-                if splice_port is not None:  # and two more agents to the source: spliced, and lite-tls off
+                if plain_spliced:  # an agent in splice mode to the workload server
+                    stack.side_entries["plain-spliced"] = start_side_agent(
+                        stack, scope, psk_file, "agent-plain-spliced", stack.target, splice_port=splice_port
+                    )
+                if https:  # and two more agents to the source: spliced, and lite-tls off
                     stack.side_entries["spliced"] = start_side_agent(
                         stack, scope, psk_file, "agent-spliced", sources[0][1], splice_port=splice_port
                     )
@@ -351,6 +359,8 @@ class Runner:
                 metrics = measure_stalled(stack, settings, group, job.round)
             elif scenario.kind == "https_lite":
                 metrics = measure_https_lite(stack, settings, job.round)
+            elif scenario.kind == "ttfb_spliced":
+                metrics = measure_ttfb_spliced(stack, settings, job.round)
             else:
                 raise HarnessError(f"no measurement for kind {scenario.kind!r}")
             sample.metrics, sample.raw = metrics

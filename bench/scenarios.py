@@ -211,6 +211,18 @@ SCENARIOS: tuple[Scenario, ...] = (
         own_stack=True,
     ),
     Scenario(
+        name="ttfb-spliced",
+        kind="ttfb_spliced",
+        description="time to first byte of a plain (not TLS) connection through an agent in lite-tls splice mode "
+        "(a second agent, forwarding to the workload server), beside the stack's own agent (muxed); CPU ms of "
+        "the spliced agent and the server per connection",
+        params={"count": 500, "timeout": 120},
+        quick={"count": 100, "timeout": 60},
+        vtunnel_only=True,
+        own_stack=True,
+        only=("vtunnel-tcp+psk",),
+    ),
+    Scenario(
         name="https-lite",
         kind="https_lite",
         description="HTTPS-like bulk download goodput (1 stream, TLS 1.3 from a TLS source) through lite-tls "

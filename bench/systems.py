@@ -174,6 +174,7 @@ class Stack:
     side_entries: dict[str, str] = field(default_factory=dict)  # more destinations: their local entry
     tunnel: str = ""  # host:port the agent dials (vtunnel)
     code: dict[str, str] = field(default_factory=dict)  # vtunnel package directory each vtunnel process runs
+    target: str = ""  # the workload server (host:port)
 
     @property
     def entry(self) -> str:
@@ -445,6 +446,7 @@ def start_stack(
     stack.entry_host = "127.0.0.1"
     stack.entry_port = entry_port
     target = f"{host}:{target_port}"
+    stack.target = target
     if socks:
         stack.socks_target = target
     env = code_env(system)
