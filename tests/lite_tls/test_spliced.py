@@ -346,19 +346,30 @@ async def test_a_flipped_byte_on_a_dedicated_connection_breaks_only_that_stream(
         assert (tmp_path / "after").read_bytes() == body_for(size)
 
 
-async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(ca_file: str, tmp_path: Path) -> None:
-    """A server without a splice port (it ignores the ticket) and an agent that names one where nothing
-    listens: the dial fails, the agent says so once, and the streams leave in muxed mode, byte-exact."""
+@pytest.mark.parametrize(
+    ("listen", "version"),
+    [
+        ("tcp://127.0.0.1:0", "1.3"),
+        ("tcp://127.0.0.1:0?splice=0", "1.3"),
+        ("tcp://127.0.0.1:0?splice=0", "1.2"),
+    ],
+    ids=["server-without-splice-port", "server-with-one-tls1.3", "server-with-one-tls1.2"],
+)
+async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(
+    listen: str, version: str, ca_file: str, tmp_path: Path
+) -> None:
+    """An agent that names a splice port where nothing listens, to a server without a splice port (it ignores
+    the ticket) or with one of its own (it expects the connection): the dial fails, the agent says so once, and
+    the streams leave in muxed mode, byte-exact. A server that expects the connection stops waiting when the
+    agent's marker comes (TLS 1.3) or after its bounded wait (TLS 1.2, the server's marker), once: the agent
+    names no tickets for a while after a failed dial."""
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         nowhere = unused.getsockname()[1]  # (bound, never listening: connections to it are refused)
         with capture_logs() as logs:
             async with (
-                origin("1.3") as https,
-                agent_and_server(
-                    "tcp://127.0.0.1:0",
-                    lambda port: f"tcp://127.0.0.1:{port}?splice={nowhere}",
-                ) as socks,
+                origin(version) as https,
+                agent_and_server(listen, lambda port: f"tcp://127.0.0.1:{port}?splice={nowhere}") as socks,
             ):
                 with anyio.fail_after(60):
                     for size in (1 << 20, 2 << 20):
@@ -369,6 +380,8 @@ async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(ca_file: 
                         assert out.read_bytes() == body_for(size)
     assert [e["mode"] for e in _left(logs)] == ["muxed"] * 4
     assert len([e for e in logs if e["event"] == "lite_tls.splice_dial_failed"]) == 1
+    waited = [e for e in logs if e["event"] == "lite_tls.no_dedicated_connection"]
+    assert len(waited) == (1 if version == "1.2" else 0)
 
 
 def _https_keepalive(socks: int, port: int, ca: str, idle: float) -> tuple[bytes, bytes]:

@@ -215,6 +215,7 @@ class LiteTlsTracker:
         "_held_peer",
         "_in",
         "_out",
+        "_peer_marker_seen",
         "_pending_control",
         "_post",
         "_post_need",
@@ -238,6 +239,7 @@ class LiteTlsTracker:
         self._post_need: int | None = None  # passive: bytes after the marker up to the end of the first 0x17
         #: why the stream fell back, or what the peer violated
         self.reason: str | None = None
+        self._peer_marker_seen = False
 
     # -- what the runtime reads ------------------------------------------------------------------------------------
 
@@ -378,6 +380,11 @@ class LiteTlsTracker:
         events.append(FellBack(reason=problem, by_peer=False))
 
     @property
+    def peer_marker_seen(self) -> bool:
+        """The peer's marker came (the peer has left, or will once it gets the answer)."""
+        return self._peer_marker_seen
+
+    @property
     def hello_seen(self) -> bool:
         """The client's first record passed (at the agent: first-hand, as a ClientHello record; at the server:
         the first record from the agent, which passed that check there) and no marker or notice has gone either
@@ -489,6 +496,7 @@ class LiteTlsTracker:
         self, pieces: list[bytes | memoryview], events: list[LiteTlsEvent], rest: memoryview
     ) -> None:
         self._in.tracked = False
+        self._peer_marker_seen = True
         state = self._state
         if state is LiteTlsState.AWAITING_ANSWER:  # the answer (or both ends went active at once)
             _deliver(events, pieces)
@@ -811,6 +819,13 @@ class LiteTlsSession:
             return step
         if not self._hello and tracker.hello_seen:
             self._hello = step.hello = True
+        if self._pending and tracker.side is Role.SERVER and tracker.peer_marker_seen:
+            # the agent sends its marker only once it knows: had the server bound its connection, this end would
+            # not be pending; so it went muxed (its dial failed)
+            settled = self.splice_settled(False)
+            step.send += settled.send
+            step.deliver += settled.deliver
+            step.left = settled.left
         step.consumed = len(data) - sum(map(len, step.deliver)) - (tracker.held_from_peer - held)
         return step
 

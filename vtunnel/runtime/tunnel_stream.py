@@ -679,6 +679,9 @@ class _LiteTls:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        if self._claim_timer is not None and not session.splice_is_pending:
+            self._claim_timer.cancel()
+            self._claim_timer = None
         if session.tracker.header_begun:
             self._stall_timer = asyncio.get_running_loop().call_later(LOCAL_STALL, self._stalled)
         if self.off_tunnel:
