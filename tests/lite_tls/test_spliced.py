@@ -5,6 +5,7 @@ server's splice port sees (and in one test tampers with) those connections."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -382,6 +383,37 @@ async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(
     assert len([e for e in logs if e["event"] == "lite_tls.splice_dial_failed"]) == 1
     waited = [e for e in logs if e["event"] == "lite_tls.no_dedicated_connection"]
     assert len(waited) == (1 if version == "1.2" else 0)
+
+
+async def test_a_splice_port_that_never_answers_costs_one_stream(ca_file: str, tmp_path: Path) -> None:
+    """The agent's splice port accepts and reads but never answers (not a vtunnel splice port): the first TLS
+    stream cannot know whether the server bound its connection, and is reset after ACK_TIMEOUT; the agent then
+    names no tickets for a while, and the next streams leave muxed, byte-exact."""
+
+    async def black_hole(conn: SocketStream) -> None:
+        async with conn:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                while True:
+                    await conn.receive()
+
+    with capture_logs() as logs:
+        async with (
+            destination(black_hole) as hole,
+            origin("1.3") as https,
+            agent_and_server(
+                "tcp://127.0.0.1:0?splice=0", lambda port: f"tcp://127.0.0.1:{port}?splice={hole}"
+            ) as socks,
+        ):
+            with anyio.fail_after(60):
+                out = tmp_path / "first"
+                assert await curl(socks, f"https://127.0.0.1:{https}/bytes/1000", out, ca=ca_file) != 0
+                for size in (1 << 20, 2 << 20):
+                    out = tmp_path / f"body{size}"
+                    assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+                    assert out.read_bytes() == body_for(size)
+    assert len([e for e in logs if e["event"] == "lite_tls.splice_no_ack"]) == 1
+    assert len([e for e in logs if e["event"] == "lite_tls.splice_failed"]) == 1
+    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 4
 
 
 def _https_keepalive(socks: int, port: int, ca: str, idle: float) -> tuple[bytes, bytes]:

@@ -286,8 +286,15 @@ class SpliceDialer:
         try:
             with anyio.fail_after(ACK_TIMEOUT):
                 answer = await _read_exact(sock, len(ACK))
-        except (OSError, TimeoutError):  # no answer in time: whether the server bound it is not known
+        except (OSError, TimeoutError) as exc:  # no answer in time: whether the server bound it is not known
             sock.close()
+            self._backoff_until = time.monotonic() + DIAL_BACKOFF
+            log.warning(
+                "lite_tls.splice_no_ack",
+                address=f"{self.host}:{self.port}",
+                error=str(exc) or type(exc).__name__,
+                muxed_for=DIAL_BACKOFF,
+            )
             stream.dedicated_settled(None, known=False)
             return
         if answer == ACK:
