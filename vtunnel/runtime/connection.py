@@ -104,6 +104,9 @@ class TunnelConnection:
         #: the order they asked (a dict: ordered, and O(1) to remove from)
         self._room_wanted: dict[TunnelStream, None] = {}
         self._telling_room = False
+        #: True while the events of one input (or timer) go to the streams: what their consumers queue meanwhile
+        #: (window updates, SYN-ACKs, FINs, data) leaves in the one transmit that follows, not one write each
+        self._delivering = False
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -177,8 +180,12 @@ class TunnelConnection:
         """The one output point: hand what the tunnel queued to the link, and re-arm the timer.
 
         Never blocks, cheap to call often: the frames go to the link in the task or callback that produced them
-        (a link that writes synchronously, such as KCP's, puts them on the wire in the same step).
+        (a link that writes synchronously, such as KCP's, puts them on the wire in the same step). While an input's
+        events go to the streams it waits for the input's own call, so a thousand streams' window updates leave
+        as one write.
         """
+        if self._delivering:
+            return  # the input's own transmit follows its events
         tunnel = self.tunnel
         if not self._held and tunnel.has_data_to_send:
             self._send(tunnel.data_to_send())
@@ -425,6 +432,14 @@ class TunnelConnection:
 
     # ------------------------------------------------------------------ events
     def _handle_events(self, evs: list[events.Event]) -> None:
+        """Hand one input's events to the streams; every caller transmits once afterwards (``_delivering``)."""
+        self._delivering = True
+        try:
+            self._deliver_events(evs)
+        finally:
+            self._delivering = False
+
+    def _deliver_events(self, evs: list[events.Event]) -> None:
         streams = self.streams
         for ev in evs:
             if isinstance(ev, events.DataReceived):
