@@ -59,6 +59,9 @@ _ROOM_RETRY = 0.001
 UNCONTROLLED_BUFFER_LIMIT = 1024 * 1024
 #: how long a closing tunnel waits for its last frames to leave and for the peer to end the link
 CLOSE_LINGER = 2.0
+#: while an input's events go to the streams, what they queue waits for the input's one transmit up to this much
+#: (window updates, SYN-ACKs, FINs: small frames); more goes at once, so bulk data never waits on the high-water mark
+_COALESCED_OUTPUT = 32 * 1024
 #: a timer due within this of the armed one is not re-armed
 _TIMER_SLACK = 0.0005
 
@@ -104,8 +107,8 @@ class TunnelConnection:
         #: the order they asked (a dict: ordered, and O(1) to remove from)
         self._room_wanted: dict[TunnelStream, None] = {}
         self._telling_room = False
-        #: True while the events of one input (or timer) go to the streams: what their consumers queue meanwhile
-        #: (window updates, SYN-ACKs, FINs, data) leaves in the one transmit that follows, not one write each
+        #: True while the events of one input (or timer) go to the streams: the small frames their consumers
+        #: queue meanwhile (window updates, SYN-ACKs, FINs) leave in the one transmit that follows, not one each
         self._delivering = False
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
@@ -181,10 +184,10 @@ class TunnelConnection:
 
         Never blocks, cheap to call often: the frames go to the link in the task or callback that produced them
         (a link that writes synchronously, such as KCP's, puts them on the wire in the same step). While an input's
-        events go to the streams it waits for the input's own call, so a thousand streams' window updates leave
-        as one write.
+        events go to the streams it waits for the input's own call (up to :data:`_COALESCED_OUTPUT`), so a
+        thousand streams' window updates leave as one write.
         """
-        if self._delivering:
+        if self._delivering and self.tunnel.bytes_to_send < _COALESCED_OUTPUT:
             return  # the input's own transmit follows its events
         tunnel = self.tunnel
         if not self._held and tunnel.has_data_to_send:
