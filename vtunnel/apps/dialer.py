@@ -44,6 +44,9 @@ log = structlog.get_logger(__name__)
 DialErrorCode = Literal["refused", "unreachable", "forbidden", "timeout", "failed"]
 DIAL_ERRORS: Final = ("refused", "unreachable", "forbidden", "timeout", "failed")
 
+#: IP-literal authorities a dialer keeps parsed and checked (all forgotten when full)
+_LITERALS_KEPT: Final = 4096
+
 #: Delay between the starts of two connection attempts (RFC 8305 "Connection Attempt Delay").
 HAPPY_EYEBALLS_DELAY: Final = 0.25
 
@@ -120,6 +123,14 @@ def _error_of(exc: BaseException) -> DialErrorCode:
     return "failed"
 
 
+def _literal_of(host: str) -> IPAddress | None:
+    """``host`` as an IP address, or None for a name."""
+    try:
+        return normalize_address(host)
+    except ValueError:
+        return None
+
+
 def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     """Order addresses RFC 8305 style: alternate families, starting with the family of the first one."""
     if not addresses:
@@ -133,6 +144,15 @@ def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     return ordered
 
 
+def _established(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect in progress is already made (a socket still connecting has no peer)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 async def connect_socket(addr: IPAddress, port: int) -> socket.socket:
     """Connect a TCP socket to one resolved address (no name lookup, no thread hop), TCP_NODELAY set."""
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
@@ -143,7 +163,9 @@ async def connect_socket(addr: IPAddress, port: int) -> socket.socket:
         try:
             sock.connect((str(addr), port))
         except BlockingIOError:
-            await anyio.wait_writable(sock)
+            # a loopback connect is often made within the call: then no wait and no wake-up
+            if not _established(sock):
+                await anyio.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, f"connect to {addr}:{port}: {errno.errorcode.get(err, err)}") from None
@@ -176,6 +198,9 @@ class Dialer:
         self.connect_timeout = connect_timeout
         #: connections not made by :meth:`dial_socket` (and :meth:`dial`), by ``DialError.error``: statistics
         self.failures: Counter[DialErrorCode] = Counter()
+        #: IP-literal authorities already parsed and allowed by the policy (which never changes): the address and
+        #: port, so a thousand streams to one ``--target`` parse and check it once
+        self._literals: dict[str, tuple[IPAddress, int]] = {}
 
     async def resolve(self, host: str, port: int, *, udp: bool = False) -> list[IPAddress]:
         """Resolve ``host`` and return its policy-allowed addresses in connection-attempt order.
@@ -187,10 +212,7 @@ class Dialer:
             self.policy.check_host(host)
         except PolicyDenied as exc:
             raise DialError("forbidden", exc.reason) from None
-        try:
-            literal: IPAddress | None = normalize_address(host)
-        except ValueError:
-            literal = None
+        literal = _literal_of(host)
         if literal is not None:
             return [literal]
         kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
@@ -230,13 +252,22 @@ class Dialer:
             raise
 
     async def _dial_socket(self, authority: str) -> socket.socket:
-        try:
-            host, port = parse_authority(authority)
-        except ValueError as exc:
-            raise DialError("failed", str(exc)) from None
+        literal = self._literals.get(authority)
+        if literal is None:
+            try:
+                host, port = parse_authority(authority)
+            except ValueError as exc:
+                raise DialError("failed", str(exc)) from None
         with anyio.move_on_after(self.connect_timeout):
-            addresses = await self.resolve(host, port)
-            sock = await self._race_sockets(addresses, port)
+            if literal is not None:
+                sock = await self._race_sockets([literal[0]], literal[1])
+            else:
+                addresses = await self.resolve(host, port)
+                if len(addresses) == 1 and addresses[0] == _literal_of(host):
+                    if len(self._literals) >= _LITERALS_KEPT:
+                        self._literals.clear()
+                    self._literals[authority] = (addresses[0], port)
+                sock = await self._race_sockets(addresses, port)
             log.debug("dial.connected", authority=authority)
             return sock
         raise DialError("timeout", f"no connection to {authority!r} within {self.connect_timeout} s")
