@@ -110,6 +110,8 @@ class TunnelConnection:
         #: True while the events of one input (or timer) go to the streams: the small frames their consumers
         #: queue meanwhile (window updates, SYN-ACKs, FINs) leave in the one transmit that follows, not one each
         self._delivering = False
+        #: a transmit_soon call is waiting for the end of the loop turn
+        self._transmit_due = False
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -199,6 +201,24 @@ class TunnelConnection:
             self._arm(deadline)
         if self._room_wanted and self.outbound_bytes <= OUTBOUND_HIGH_WATER:
             self._room_returned()
+
+    def transmit_soon(self) -> None:
+        """:meth:`transmit` at the end of this event-loop turn (or with the input being handled): for the small
+        frames of stream opens and ends (SYN, SYN-ACK, FIN, RST), so that a thousand streams opened or ended in
+        one turn leave in one link write and one KCP flush. Data never waits: ``write`` transmits at once, and
+        the frames queued before it leave with it."""
+        if self._delivering or self._transmit_due:
+            return
+        loop = self._loop
+        if loop is None:
+            self.transmit()
+            return
+        self._transmit_due = True
+        loop.call_soon(self._transmit_now)
+
+    def _transmit_now(self) -> None:
+        self._transmit_due = False
+        self.transmit()
 
     def _room_returned(self) -> None:
         """Tell the longest-waiting streams there is room, as many as the room holds, and none once the output is
@@ -548,7 +568,7 @@ class TunnelConnection:
             raise TunnelUnavailable(str(exc)) from exc
         stream = TunnelStream(self, sid, metadata, accepted=False)
         self.streams[sid] = stream
-        self.transmit()
+        self.transmit_soon()
         if wait_accepted:
             try:
                 await self._wait_accepted(stream)

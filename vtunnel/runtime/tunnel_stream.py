@@ -88,6 +88,9 @@ class StreamCarrier(Protocol):
     def transmit(self) -> None:
         """Hand what the tunnel queued to the transport (the one output point)."""
 
+    def transmit_soon(self) -> None:
+        """:meth:`transmit` at the end of this event-loop turn: small frames of many streams leave together."""
+
     def notify_room(self, stream: TunnelStream) -> None:
         """Call ``stream.deliver_room()`` once the output is under its high-water mark again."""
 
@@ -305,7 +308,7 @@ class TunnelStream:
             self._carrier.tunnel.end_stream(self.stream_id)
         except VTunnelError:
             return
-        self._carrier.transmit()
+        self._carrier.transmit_soon()
 
     def close(self) -> None:
         """Free the stream (RST if it is still open both ways). Nothing is reported to the consumer after it."""
@@ -322,7 +325,7 @@ class TunnelStream:
         if not carrier.closed:
             with contextlib.suppress(VTunnelError):
                 carrier.tunnel.close_stream(self.stream_id)
-            carrier.transmit()
+            carrier.transmit_soon()
         carrier.forget_stream(self.stream_id)
 
     # ---------------------------------------------------------------- lite-tls splice mode
@@ -401,7 +404,7 @@ class TunnelStream:
             self._carrier.tunnel.accept_stream(self.stream_id, headers=headers)
         except VTunnelError as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
-        self._carrier.transmit()
+        self._carrier.transmit_soon()
 
     def refuse(self, error: str | None = None) -> None:
         """Server: answer the peer's SYN with an RST carrying ``error`` (when the peer understands reasons)."""
@@ -409,7 +412,7 @@ class TunnelStream:
             self._broken = "refused"
         with contextlib.suppress(VTunnelError):
             self._carrier.tunnel.reset_stream(self.stream_id, error=error)
-        self._carrier.transmit()
+        self._carrier.transmit_soon()
 
     # ---------------------------------------------------------------- events from the connection
     # Called by the stream's TunnelConnection only (one method per core event), in the order the core gave them.
