@@ -410,3 +410,27 @@ async def test_a_server_tunnel_whose_peer_never_handshakes_is_closed_after_the_h
         await silent.aclose()
         tg.cancel_scope.cancel()
     await listener.aclose()
+
+
+async def test_streams_opened_and_accepted_in_one_turn_share_link_writes() -> None:
+    """SYNs sent and SYN-ACKs answered in one event-loop turn leave together, not one link write each."""
+    count = 64
+    accepted: list[TunnelStream] = []
+    done = anyio.Event()
+
+    async def hold(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        accepted.append(tunnel_stream)
+        await done.wait()
+
+    async with tunnel_pair(hold) as (client, server):
+        client_writes, server_writes = client.link_writes, server.link_writes
+        streams = [await client.open_stream(wait_accepted=False) for _ in range(count)]
+        with anyio.fail_after(10):
+            while len(accepted) < count:
+                await anyio.sleep(0.01)
+        assert client.link_writes - client_writes < count // 4
+        assert server.link_writes - server_writes < count // 4
+        for stream in streams:
+            stream.close()
+        done.set()
