@@ -133,9 +133,9 @@ async def test_coalescing_over_ipv6_loopback() -> None:
 
 @pytest.mark.parametrize("gro", [True, False])
 async def test_a_lone_small_datagram_first_is_handed_over_alone(gro: bool) -> None:
-    """The first datagram of a wakeup, lone and small (a request's answer), goes up in a batch of its own
-    before the socket is read on; what was queued behind it follows in the next batch. A large one first does
-    not: the whole wakeup is one batch."""
+    """The first datagram of a wakeup, lone and small (a request's answer), goes up in a batch of its own and
+    ends the wakeup (no read that finds the socket empty); what was queued behind it comes in the next one, as
+    the loop reports the socket readable again. A large one first does not: the whole wakeup is one batch."""
     batches: list[list[bytes]] = []
 
     def on_runs(runs: list[Run]) -> None:
@@ -146,7 +146,7 @@ async def test_a_lone_small_datagram_first_is_handed_over_alone(gro: bool) -> No
     try:
         for first in (100, LONE_BYTES + 1):
             batches.clear()
-            sent = [b"a" * first, b"b" * 300, b"c" * 700]
+            sent = [b"a" * first, b"b" * 700, b"c" * 800]
             for datagram in sent:  # all queued before the loop looks at the socket
                 tx.sendto(datagram, rx.local_address)
             with anyio.fail_after(5):

@@ -11,8 +11,8 @@ Two readers: :class:`DatagramSocket` hands over one ``(datagram, source)`` per d
 equal-size datagrams from one source in one buffer, handed over as ``(buffer, segment size, source)``. On
 loopback a run sent with segmentation offload arrives whole, so neither kernel splits it. Where GRO is not
 available every run is a single datagram. A lone small datagram read first in a wakeup (an exchange's next
-message, typically) is handed over on its own before the socket is read again (:data:`LONE_BYTES`): its answer
-leaves before the read that finds the socket empty, which would otherwise delay it.
+message, typically) is handed over on its own and ends the wakeup (:data:`LONE_BYTES`): the read that would find
+the socket empty is not made; the loop's level-triggered epoll brings back whatever else is queued.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ _GRO_ANCILLARY: Final = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CM
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 #: one coalescing read callback stops after this many bytes (it also stops at ``batch`` system calls)
 RUN_BATCH_BYTES: Final = 1024 * 1024
-#: a lone datagram up to this size read first in a wakeup is handed over before the socket is read again: the
-#: answer of a request/response exchange goes on at once, and the read that finds the socket empty comes after
+#: a lone datagram up to this size read first in a wakeup is handed over alone and ends the wakeup: in a
+#: request/response exchange it is the only one queued, and the read that would find the socket empty (a system
+#: call and an exception, before the answer could go) is saved. If more is queued, the loop's epoll, which is
+#: level-triggered, reports the socket readable again at once and the rest is read as a batch then
 LONE_BYTES: Final = 512
 
 
@@ -345,9 +347,7 @@ class CoalescingSocket(_UDPSocket):
                 (view[:size].tobytes(), segment, source if len(source) == 2 else (source[0], source[1]))
             )
             if first and segment >= size and size <= LONE_BYTES:
-                if not self._hand_over(runs):
-                    return
-                runs = []
+                break  # a lone small datagram: see LONE_BYTES
             first = False
             budget -= size
             if budget <= 0:
@@ -369,15 +369,7 @@ class CoalescingSocket(_UDPSocket):
                 break
             runs.append((view[:size].tobytes(), size, source if len(source) == 2 else (source[0], source[1])))
             if first and size <= LONE_BYTES:
-                if not self._hand_over(runs):
-                    return
-                runs = []
+                break  # a lone small datagram: see LONE_BYTES
             first = False
         if runs and not self._closed:
             self._handler(runs)
-
-    def _hand_over(self, runs: list[Run]) -> bool:
-        """Hand the first, lone small datagram of a wakeup over before reading on (see :data:`LONE_BYTES`);
-        whether the socket is still open to read on."""
-        self._handler(runs)
-        return not self._closed
