@@ -28,13 +28,16 @@ from vtunnel.io.datagrams import Address, split_run
 from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
 from vtunnel.transports.link import READ_SIZE, LinkConsumer, LinkStats
 
-__all__ = ["ACK_DELAY", "ACK_NOW_SEGMENTS", "KCPLink"]
+__all__ = ["ACK_DELAY", "ACK_HOLD", "ACK_NOW_SEGMENTS", "KCPLink"]
 
 log = structlog.get_logger("vtunnel.transports.kcp")
 
-#: the longest an ACK waits for an answer to ride on. Far below ikcp's smallest retransmission timeout (30 ms
-#: with nodelay), so the peer never resends for it; kcp-go holds ACKs for up to its interval
+#: how long an ACK waits for an answer to ride on, unless the session's timer is armed within KCP's interval
+#: anyway (then until it fires, as kcp-go holds ACKs for up to its interval). Below ikcp's smallest
+#: retransmission timeout (30 ms with nodelay) either way, so the peer never resends for it
 ACK_DELAY: Final = 0.002
+#: the longest an ACK is held for the session's armed timer (KCP's interval when shorter: 10 ms in fast3)
+ACK_HOLD: Final = 0.010
 #: from this many segments' worth of input since the last ACK, the ACK goes out at once (a stream of data is
 #: acknowledged as fast as before; only small exchanges wait)
 ACK_NOW_SEGMENTS: Final = 2
@@ -73,6 +76,8 @@ class KCPLink(ArqLink):
         self._flush_due = False  # reading reopened a full receive window: the next service flushes
         self._ack_due: float | None = None  # a delayed ACK's deadline
         self._unacked = 0  # bytes fed since the last flush (so since the last ACK went out)
+        #: the longest a held ACK waits for the armed timer: ikcp's flush tick, at most ACK_HOLD
+        self._ack_hold = min(options.interval / 1000.0, ACK_HOLD)
         self._last_stats = LinkStats()  # what stats() gives once the engine is closed
         self._arm(self._watchdog_due)
 
@@ -124,8 +129,9 @@ class KCPLink(ArqLink):
         """Input one batch of vetted plaintext KCP datagrams: deliver what they carry, ACK, send.
 
         The bytes go up before the ACK goes out: whatever the consumer answers at once (a window update, a reply)
-        leaves in the same flush as the ACK. A small exchange with nothing of ours in flight holds its ACK for up
-        to :data:`ACK_DELAY`, for the answer to carry it.
+        leaves in the same flush as the ACK. A small exchange with nothing of ours in flight holds its ACK for the
+        answer to carry it: until the session's timer fires when it is armed within KCP's interval anyway, else
+        for :data:`ACK_DELAY` (:meth:`_ack_deadline`).
         """
         engine = self._engine
         if engine.closed:
@@ -145,10 +151,20 @@ class KCPLink(ArqLink):
             and not engine.waiting()
         ):
             if self._ack_due is None:
-                self._ack_due = now + ACK_DELAY
+                self._ack_due = self._ack_deadline(now)
         else:
             self._flush(now)
         self._service(now)
+
+    def _ack_deadline(self, now: float) -> float:
+        """When a held ACK goes out at the latest: when the session's timer fires, if it is armed for a time
+        from :data:`ACK_DELAY` up to KCP's interval (at most :data:`ACK_HOLD`) ahead (no timer is moved for the ACK: in a request/response
+        exchange that is ikcp's flush tick, so the timer stays put over many messages), else after
+        :data:`ACK_DELAY`."""
+        armed = self._timer_when
+        if now + ACK_DELAY <= armed <= now + self._ack_hold:
+            return armed
+        return now + ACK_DELAY
 
     def fail(self, reason: str) -> None:
         """The link is gone: the consumer gets ``link_ended`` with :class:`anyio.BrokenResourceError`."""
