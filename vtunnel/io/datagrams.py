@@ -10,9 +10,7 @@ Two readers: :class:`DatagramSocket` hands over one ``(datagram, source)`` per d
 :class:`CoalescingSocket` asks Linux for UDP generic receive offload, so one ``recvmsg`` returns a run of
 equal-size datagrams from one source in one buffer, handed over as ``(buffer, segment size, source)``. On
 loopback a run sent with segmentation offload arrives whole, so neither kernel splits it. Where GRO is not
-available every run is a single datagram. A lone small datagram read first in a wakeup (an exchange's next
-message, typically) is handed over on its own and ends the wakeup (:data:`LONE_BYTES`): the read that would find
-the socket empty is not made; the loop's level-triggered epoll brings back whatever else is queued.
+available every run is a single datagram.
 """
 
 from __future__ import annotations
@@ -72,11 +70,6 @@ _GRO_ANCILLARY: Final = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CM
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 #: one coalescing read callback stops after this many bytes (it also stops at ``batch`` system calls)
 RUN_BATCH_BYTES: Final = 1024 * 1024
-#: a lone datagram up to this size read first in a wakeup is handed over alone and ends the wakeup: in a
-#: request/response exchange it is the only one queued, and the read that would find the socket empty (a system
-#: call and an exception, before the answer could go) is saved. If more is queued, the loop's epoll, which is
-#: level-triggered, reports the socket readable again at once and the rest is read as a batch then
-LONE_BYTES: Final = 512
 
 
 def split_run(buffer: bytes, segment: int) -> list[bytes | memoryview]:
@@ -329,7 +322,6 @@ class CoalescingSocket(_UDPSocket):
         view = self._view
         runs: list[Run] = []
         budget = RUN_BATCH_BYTES
-        first = True
         for _ in range(self._batch):
             try:
                 size, ancillary, flags, source = recv(buffers, _GRO_ANCILLARY)
@@ -346,9 +338,6 @@ class CoalescingSocket(_UDPSocket):
             runs.append(
                 (view[:size].tobytes(), segment, source if len(source) == 2 else (source[0], source[1]))
             )
-            if first and segment >= size and size <= LONE_BYTES:
-                break  # a lone small datagram: see LONE_BYTES
-            first = False
             budget -= size
             if budget <= 0:
                 break
@@ -359,7 +348,6 @@ class CoalescingSocket(_UDPSocket):
         recv = self.sock.recvfrom_into
         view = self._view
         runs: list[Run] = []
-        first = True
         for _ in range(self._batch):
             try:
                 size, source = recv(view)
@@ -368,8 +356,5 @@ class CoalescingSocket(_UDPSocket):
                     continue
                 break
             runs.append((view[:size].tobytes(), size, source if len(source) == 2 else (source[0], source[1])))
-            if first and size <= LONE_BYTES:
-                break  # a lone small datagram: see LONE_BYTES
-            first = False
         if runs and not self._closed:
             self._handler(runs)
