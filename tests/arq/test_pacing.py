@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import pytest
@@ -261,6 +262,39 @@ def test_startup_stops_after_a_round_of_heavy_loss() -> None:
             pacer.on_acked(now, per_ms, 0.01, app_limited=False)
             pacer.on_sent(per_ms * 3 // 2, per_ms)
     assert pacer.phase is not Phase.STARTUP
+
+
+def _startup_with_losses(share: float, seed: int) -> list[Phase]:
+    """A pacer a few rounds into startup, then acknowledging and losing segments as they are declared: each
+    millisecond 120 segments are acknowledged or lost, ``share`` of them lost (drawn from ``seed``); returns its
+    phase after each millisecond."""
+    rng = random.Random(seed)
+    pacer = Pacer(max_window=16384, now=0.0)
+    now = fluid(pacer, link=40_000, rtt=0.01, seconds=0.03, start=0.0, busy=True)
+    assert pacer.phase is Phase.STARTUP
+    phases: list[Phase] = []
+    for _ in range(10):
+        now += 0.001
+        lost = sum(1 for _ in range(120) if rng.random() < share)
+        pacer.on_lost(now, lost)
+        pacer.on_acked(now, 120 - lost, 0.01, app_limited=False)
+        pacer.on_sent(120)
+        phases.append(pacer.phase)
+    return phases
+
+
+def test_a_burst_of_declared_losses_ends_startup_within_the_round() -> None:
+    """A queue that startup overflows loses most of what startup sends: told of the losses as they are
+    declared, the pacer drains at once instead of at the end of the next round."""
+    phases = _startup_with_losses(0.6, seed=1)
+    assert phases[2] is Phase.DRAIN  # a round lasts 10 ms here
+
+
+@settings(max_examples=40, deadline=None)
+@given(share=st.floats(min_value=0.0, max_value=0.2), seed=st.integers(0, 2**16))
+def test_random_loss_declared_as_it_happens_does_not_end_startup(share: float, seed: int) -> None:
+    """Up to 20% random loss, reported loss by loss, is not an overflowing queue."""
+    assert set(_startup_with_losses(share, seed)) == {Phase.STARTUP}
 
 
 def test_paced_windows_larger_than_the_path_needs_do_not_flood_a_shallow_queue() -> None:

@@ -246,7 +246,10 @@ class BbrController(CongestionController):
             self.congestion_window = self._model.window * self.max_datagram_size
 
     def on_packets_lost(self, now: float, packets: Sequence[SentPacket], *, persistent: bool) -> None:
-        return None  # the model reads loss from the share of retransmissions only
+        # random loss does not slow the model; a burst of it in startup ends startup (the queue overflowed)
+        lost = sum(1 for packet in packets if packet.stream)
+        if lost:
+            self._model.on_lost(now, lost)
 
     def pacing_rate(self, rtt: RttEstimator) -> float:
         return self._model.pacing_rate * self.max_datagram_size
