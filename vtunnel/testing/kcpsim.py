@@ -17,7 +17,15 @@ from collections.abc import Callable, Sequence
 
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
-from vtunnel.testing.netpath import Path, PathStats, SimResult, Wire, add_path_arguments, path_from_arguments
+from vtunnel.testing.netpath import (
+    Fate,
+    Path,
+    PathStats,
+    SimResult,
+    Wire,
+    add_path_arguments,
+    path_from_arguments,
+)
 from vtunnel.transports.kcp.options import parse_options
 
 __all__ = ["Path", "PathStats", "SimResult", "simulate_bulk"]
@@ -35,13 +43,13 @@ def simulate_bulk(
     time_limit: float = 60.0,
     max_events: int = 5_000_000,
     timer_lag: float = 0.0,
-    tap: Callable[[int, bytes], None] | None = None,
+    tap: Callable[[int, bytes, Fate], None] | None = None,
 ) -> SimResult:
     """Send ``size`` random bytes from engine A to engine B over the path; B's reader drains at once.
 
     ``timer_lag``: timers fire up to this many seconds late (uniformly), as an event loop's do when its
-    process waits for a core or its clock ticks in whole milliseconds. ``tap(direction, datagram)`` sees every
-    datagram offered to the path (0: A to B), e.g. to count what was sent twice.
+    process waits for a core or its clock ticks in whole milliseconds. ``tap(direction, datagram, fate)`` sees
+    every datagram offered to the path (0: A to B) and what became of it, e.g. to count what was sent twice.
     """
     opts = options or parse_options({})
     back = backward or forward
@@ -65,11 +73,11 @@ def simulate_bulk(
         nonlocal seq
         wire = wires[index]
         for datagram in engines[index].datagrams_to_send():
-            if tap is not None:
-                tap(index, datagram)
             for due in wire.arrivals(now, datagram):
                 seq += 1
                 heapq.heappush(heap, (due, seq, 1 - index, datagram))
+            if tap is not None:
+                tap(index, datagram, wire.last_fate)
 
     def feed_sender() -> None:
         nonlocal remaining

@@ -9,10 +9,12 @@ duplicated. Two flows that share one :class:`Wire` share its bottleneck queue.
 from __future__ import annotations
 
 import argparse
+import enum
 import random
 from dataclasses import dataclass, field
 
 __all__ = [
+    "Fate",
     "Path",
     "PathStats",
     "SimResult",
@@ -21,6 +23,14 @@ __all__ = [
     "parse_rate",
     "path_from_arguments",
 ]
+
+
+class Fate(enum.Enum):
+    """What became of one datagram offered to a :class:`Wire`."""
+
+    DELIVERED = "delivered"  # it arrives (once, or twice when duplicated)
+    LOST = "lost"  # dropped at random (the path's loss)
+    QUEUE_DROPPED = "queue_dropped"  # dropped because the bottleneck's queue was full (the senders' doing)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -68,13 +78,15 @@ class SimResult:
 class Wire:
     """One direction of a path: where each datagram offered to it arrives, and when."""
 
-    __slots__ = ("busy_until", "last_due", "path", "rng", "stats")
+    __slots__ = ("busy_until", "last_due", "last_fate", "path", "rng", "stats")
 
     def __init__(self, path: Path, rng: random.Random) -> None:
         self.path = path
         self.rng = rng
         self.busy_until = 0.0
         self.last_due = 0.0
+        #: what became of the datagram offered last
+        self.last_fate = Fate.DELIVERED
         self.stats = PathStats()
 
     def admit(self, now: float, datagram: bytes) -> float | None:
@@ -84,6 +96,7 @@ class Wire:
         self.stats.bytes += len(datagram)
         if path.loss and self.rng.random() < path.loss:
             self.stats.lost += 1
+            self.last_fate = Fate.LOST
             return None
         due = now
         if path.rate is not None:
@@ -91,9 +104,11 @@ class Wire:
             backlog = (start - now) * path.rate
             if backlog > path.queue:
                 self.stats.queue_dropped += 1
+                self.last_fate = Fate.QUEUE_DROPPED
                 return None
             self.stats.max_queue = max(self.stats.max_queue, int(backlog))
             self.busy_until = due = start + len(datagram) / path.rate
+        self.last_fate = Fate.DELIVERED
         due += path.delay
         if path.reorder and self.rng.random() < path.reorder:
             return due + path.reorder_delay

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from vtunnel.arq.rudp.connection import Connection, Role, RudpConfig
 from vtunnel.testing.netpath import (
+    Fate,
     Path,
     PathStats,
     SimResult,
@@ -119,11 +120,12 @@ def simulate_flows(
     seed: int = 1,
     time_limit: float = 60.0,
     max_events: int = 5_000_000,
-    tap: Callable[[int, bytes], None] | None = None,
+    tap: Callable[[int, bytes, Fate], None] | None = None,
 ) -> tuple[list[FlowResult], float, tuple[PathStats, PathStats]]:
     """Run one flow per entry of ``sizes`` (flow ``i`` starts at ``starts[i]``) over one shared path until every
     flow delivered its bytes or ``time_limit``; returns the flows, the virtual time reached and the path's
-    stats. ``tap(direction, datagram)`` sees every datagram offered to the path (0: client to server)."""
+    stats. ``tap(direction, datagram, fate)`` sees every datagram offered to the path (0: client to server) and
+    what became of it."""
     count = len(sizes)
     cfgs = list(configs) if configs is not None else [RudpConfig()] * count
     begin = list(starts) if starts is not None else [0.0] * count
@@ -141,11 +143,11 @@ def simulate_flows(
         direction = index % 2
         wire = wires[direction]
         for datagram in endpoints[index].datagrams_to_send(now):
-            if tap is not None:
-                tap(direction, datagram)
             for due in wire.arrivals(now, datagram):
                 seq += 1
                 heapq.heappush(heap, (due, seq, index ^ 1, datagram))
+            if tap is not None:
+                tap(direction, datagram, wire.last_fate)
 
     def service(index: int) -> None:
         flow = flows[index // 2]
@@ -210,7 +212,7 @@ def simulate_bulk(
     seed: int = 1,
     time_limit: float = 60.0,
     max_events: int = 5_000_000,
-    tap: Callable[[int, bytes], None] | None = None,
+    tap: Callable[[int, bytes, Fate], None] | None = None,
 ) -> SimResult:
     """Send ``size`` random bytes from a client connection to a server connection; the reader drains at once."""
     flows, seconds, (fwd, back) = simulate_flows(

@@ -9,7 +9,7 @@ import pytest
 
 from vtunnel.arq.rudp.connection import Connection, Role, RudpConfig
 from vtunnel.arq.rudp.wire import WireError, decode_packet
-from vtunnel.testing.netpath import Path
+from vtunnel.testing.netpath import Fate, Path
 from vtunnel.testing.rudpsim import simulate_bulk, simulate_flows
 
 KiB = 1024
@@ -49,7 +49,7 @@ def test_datagrams_and_the_stream_share_the_path() -> None:
 def _corpus(seed: int) -> list[bytes]:
     captured: list[bytes] = []
 
-    def tap(direction: int, datagram: bytes) -> None:
+    def tap(direction: int, datagram: bytes, fate: Fate) -> None:
         if len(captured) < 2000:
             captured.append(datagram)
 
@@ -99,7 +99,7 @@ def test_fuzz_mutated_datagrams_raise_only_wire_error_and_disturb_no_session() -
     injected = iter(unparsable)
     victims: list[Connection] = []
 
-    def tap(direction: int, datagram: bytes) -> None:
+    def tap(direction: int, datagram: bytes, fate: Fate) -> None:
         return None
 
     size = 512 * KiB
