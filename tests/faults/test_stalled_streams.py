@@ -57,14 +57,22 @@ async def test_stalled_streams_never_freeze_the_others(stalled: int) -> None:
     async with tunnel_pair(handler, client_config=config, server_config=config) as (client, server):
 
         async def push(stream: TunnelByteStream) -> None:
-            with anyio.move_on_after(2):
-                while True:
-                    await stream.send(CHUNK)
+            while True:  # until cancelled below, once every stalled stream's window is full
+                await stream.send(CHUNK)
+
+        def held() -> int:
+            return sum(s.unacknowledged for s in server.streams.values())
 
         async with anyio.create_task_group() as tg:
             for i in range(stalled):
                 slow = await client.open_stream(StreamMetadata(authority=f"stall{i}:1"), wait_accepted=False)
                 tg.start_soon(push, TunnelByteStream(slow))
+            # they stall with their windows full (however slow the machine): a tunnel that never lets them fill
+            # them fails here
+            with anyio.fail_after(60):
+                while held() < stalled * config.min_stream_window:
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
         # every stalled stream has filled what it was allowed: now another stream must still get through
         fast = TunnelByteStream(await client.open_stream(StreamMetadata(authority="fast:1")))
         data = os.urandom(64 * 1024 * 1024)
@@ -74,9 +82,9 @@ async def test_stalled_streams_never_freeze_the_others(stalled: int) -> None:
                 await fast.send(bytes(view[offset : offset + (1 << 20)]))
             await fast.send_eof()
             assert await read_all(fast) == hashlib.sha256(data).hexdigest().encode()
-        held = sum(s.unacknowledged for s in server.streams.values())
+        total = held()
         bound = config.receive_budget + (stalled + 1) * config.min_stream_window
-        print(f"{stalled} stalled streams: {held / 2**20:.1f} MiB held (bound {bound / 2**20:.1f} MiB)")
-        assert held <= bound, (held, bound)
-        assert held >= stalled * config.min_stream_window  # they did stall with their windows full
+        print(f"{stalled} stalled streams: {total / 2**20:.1f} MiB held (bound {bound / 2**20:.1f} MiB)")
+        assert total <= bound, (total, bound)
+        assert total >= stalled * config.min_stream_window  # still stalled: nothing read them meanwhile
         release.set()
