@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests check behaviour, never speed: no per-example deadline and no health check that times how fast
+# examples are made, both of which fail at random on a loaded machine.
+settings.register_profile("vtunnel", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vtunnel")
 
 ROOT = Path(__file__).resolve().parent.parent
 VTUNNEL = [sys.executable, "-m", "vtunnel"]
