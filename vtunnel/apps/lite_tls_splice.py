@@ -288,13 +288,7 @@ class SpliceDialer:
                 answer = await _read_exact(sock, len(ACK))
         except (OSError, TimeoutError) as exc:  # no answer in time: whether the server bound it is not known
             sock.close()
-            self._backoff_until = time.monotonic() + DIAL_BACKOFF
-            log.warning(
-                "lite_tls.splice_no_ack",
-                address=f"{self.host}:{self.port}",
-                error=str(exc) or type(exc).__name__,
-                muxed_for=DIAL_BACKOFF,
-            )
+            self._back_off("lite_tls.splice_no_ack", exc)
             stream.dedicated_settled(None, known=False)
             return
         if answer == ACK:
@@ -302,6 +296,16 @@ class SpliceDialer:
         else:  # closed without the ACK: the server did not bind it
             sock.close()
             stream.dedicated_settled(None)
+
+    def _back_off(self, event: str, exc: BaseException) -> None:
+        """Streams go muxed for :data:`DIAL_BACKOFF` seconds after a dedicated connection failed (``event``)."""
+        self._backoff_until = time.monotonic() + DIAL_BACKOFF
+        log.warning(
+            event,
+            address=f"{self.host}:{self.port}",
+            error=str(exc) or type(exc).__name__,
+            muxed_for=DIAL_BACKOFF,
+        )
 
     async def _dial(self, ticket: bytes) -> socket.socket | None:
         loop = asyncio.get_running_loop()
@@ -319,13 +323,7 @@ class SpliceDialer:
         except (OSError, TimeoutError) as exc:
             if sock is not None:
                 sock.close()
-            self._backoff_until = time.monotonic() + DIAL_BACKOFF
-            log.warning(
-                "lite_tls.splice_dial_failed",
-                address=f"{self.host}:{self.port}",
-                error=str(exc) or type(exc).__name__,
-                muxed_for=DIAL_BACKOFF,
-            )
+            self._back_off("lite_tls.splice_dial_failed", exc)
             return None
         except BaseException:
             if sock is not None:
