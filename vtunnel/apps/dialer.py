@@ -28,6 +28,7 @@ import structlog
 from anyio.abc import ByteStream, SocketStream
 
 from vtunnel.apps.policy import ExitPolicy, IPAddress, PolicyDenied, normalize_address
+from vtunnel.io.stream_sockets import connect_tcp
 
 __all__ = [
     "HAPPY_EYEBALLS_DELAY",
@@ -144,35 +145,10 @@ def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     return ordered
 
 
-def _established(sock: socket.socket) -> bool:
-    """Whether a non-blocking connect in progress is already made (a socket still connecting has no peer)."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
-
-
 async def connect_socket(addr: IPAddress, port: int) -> socket.socket:
     """Connect a TCP socket to one resolved address (no name lookup, no thread hop), TCP_NODELAY set."""
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            sock.connect((str(addr), port))
-        except BlockingIOError:
-            # a loopback connect is often made within the call: then no wait and no wake-up
-            if not _established(sock):
-                await anyio.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, f"connect to {addr}:{port}: {errno.errorcode.get(err, err)}") from None
-        return sock
-    except BaseException:
-        sock.close()
-        raise
+    return await connect_tcp(family, (str(addr), port))
 
 
 async def _wrap(sock: socket.socket) -> SocketStream:

@@ -22,9 +22,7 @@ when nothing moved for that long; both ends are closed when it is over (what was
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeVar, cast
 
@@ -34,6 +32,7 @@ from anyio.abc import ByteStream, SocketAttribute
 
 from vtunnel.io.splice import SPLICE_AVAILABLE, SpliceRelay
 from vtunnel.io.stream_sockets import DetachedSocket, LeanSocketStream, SocketTransport
+from vtunnel.io.tuning import linger_reset
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.errors import StreamRefused
 from vtunnel.runtime.tunnel_stream import TunnelStream
@@ -71,9 +70,6 @@ CHUNK_SIZE: Final = 256 * 1024
 #: Raises ``vtunnel.runtime.errors.StreamRefused`` when the server refused it and
 #: ``vtunnel.runtime.errors.TunnelUnavailable`` when no tunnel can be used.
 Opener = Callable[["StreamMetadata"], Awaitable["Leg"]]
-
-#: SO_LINGER on, zero seconds: close() sends RST
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 #: What a broken, reset or already closed side raises.
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, StreamRefused)
@@ -462,7 +458,7 @@ class SocketEnd(asyncio.Protocol):
         """Close with a TCP reset (SO_LINGER 0), dropping what is unsent."""
         self._take_over()
         if self.transport is not None:
-            _linger_reset(self.transport.get_extra_info("socket"))
+            linger_reset(self.transport.get_extra_info("socket"))
             self.transport.abort()
 
     def detach(self) -> DetachedSocket | None:
@@ -727,17 +723,10 @@ def _log_failure(exc: Exception) -> None:
         log.warning("relay.failed", error=repr(exc))
 
 
-def _linger_reset(sock: socket.socket | None) -> None:
-    """Make closing ``sock`` send a TCP reset, when it is a TCP socket."""
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-
-
 def reset_on_close(stream: ByteStream) -> None:
     """Make closing ``stream`` send a TCP reset, when it is a TCP socket (other streams are left as they are): its
     peer must not take a clean end of stream for a complete answer."""
-    _linger_reset(stream.extra(SocketAttribute.raw_socket, None))
+    linger_reset(stream.extra(SocketAttribute.raw_socket, None))
 
 
 # ------------------------------------------------------------------------------------------------ joining

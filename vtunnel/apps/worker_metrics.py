@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import select
 import socket
 import struct
 import threading
@@ -52,6 +51,8 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
+
+from vtunnel.io.blocking import read_within
 
 __all__ = ["ASK", "WorkerMetrics", "encode_frame", "report_to_supervisor"]
 
@@ -174,13 +175,9 @@ class _Channel:
             if not self._open or (self._pending <= 0 and not drain):
                 return
             wait = max(0.0, deadline - time.monotonic())
-            readable, _, _ = select.select([self._sock], [], [], wait)
-            if not readable:
+            data = read_within(self._sock, 1 << 20, wait)
+            if data is None:
                 return
-            try:
-                data = self._sock.recv(1 << 20)
-            except OSError:
-                data = b""
             if not data:
                 self._take_frames()
                 self._open = False

@@ -39,7 +39,6 @@ import ctypes
 import dataclasses
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -57,6 +56,7 @@ from prometheus_client import CollectorRegistry
 from vtunnel.apps.websocks import WEBSOCKS_SCHEMES
 from vtunnel.apps.worker_metrics import WorkerMetrics
 from vtunnel.io import listening
+from vtunnel.io.blocking import read_within
 from vtunnel.io.steering import attach_program, sum_program
 from vtunnel.security.datagram import CID_CHECK_LEN, CID_LEN, MAX_SERVER_ID, MAX_SLOTS, ConnectionIdLayout
 from vtunnel.transports.base import Endpoint, SharedListening, TransportError, get_transport
@@ -220,51 +220,11 @@ def listen_plan(
 
 
 def _stream_sockets(endpoint: Endpoint, workers: int) -> list[list[socket.socket]]:
-    infos = socket.getaddrinfo(
-        endpoint.host or None, endpoint.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-    )
-    groups: list[list[socket.socket]] = []
-    chosen = 0
-    try:
-        for family, kind, proto, addr in listening.passive_addresses(infos):
-            if chosen:
-                addr = (addr[0], chosen, *addr[2:])
-            group: list[socket.socket] = []
-            groups.append(group)
-            for _ in range(workers):
-                sock = listening.listening_stream_socket(
-                    family, kind, proto, addr, backlog=TCP_BACKLOG, reuse_port=True
-                )
-                group.append(sock)
-                addr = sock.getsockname()
-                chosen = addr[1]
-    except BaseException:
-        for group in groups:
-            for sock in group:
-                sock.close()
-        raise
-    return groups
+    return listening.reuseport_stream_groups(endpoint.host, endpoint.port, workers, backlog=TCP_BACKLOG)
 
 
 def _datagram_sockets(endpoint: Endpoint, slots: int, sockbuf: int) -> list[socket.socket]:
-    infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
-    family, _kind, _proto, _canon, addr = infos[0]
-    group: list[socket.socket] = []
-    try:
-        for _ in range(slots):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            group.append(sock)
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, option, sockbuf)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(addr)
-            addr = sock.getsockname()
-    except BaseException:
-        for sock in group:
-            sock.close()
-        raise
-    return group
+    return listening.reuseport_datagram_group(endpoint.host, endpoint.port, slots, sockbuf=sockbuf)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -416,8 +376,7 @@ class Supervisor:
 
     def _wait_ready(self, process: _Process, ready_read: int) -> bool:
         try:
-            readable, _, _ = select.select([ready_read], [], [], READY_TIMEOUT)
-            ok = bool(readable) and os.read(ready_read, 1) == b"r"
+            ok = read_within(ready_read, 1, READY_TIMEOUT) == b"r"
         finally:
             os.close(ready_read)
         if not ok:

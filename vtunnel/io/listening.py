@@ -15,6 +15,7 @@ UDP listeners (``kcp://``, ``rudp://``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,8 @@ __all__ = [
     "listening_stream_socket",
     "open_stream_listener",
     "passive_addresses",
+    "reuseport_datagram_group",
+    "reuseport_stream_groups",
     "unclaimed",
 ]
 
@@ -117,6 +120,55 @@ def listening_stream_socket(
         sock.close()
         raise
     return sock
+
+
+def reuseport_stream_groups(host: str, port: int, count: int, *, backlog: int) -> list[list[socket.socket]]:
+    """``count`` listening TCP sockets sharing one ``SO_REUSEPORT`` group per address ``host`` resolves to (all
+    interfaces for ""), all on one port (the first free one for 0), bound in order: a supervisor's, one per
+    worker. Every socket made is closed again when one of them fails."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    groups: list[list[socket.socket]] = []
+    chosen = 0
+    try:
+        for family, kind, proto, addr in passive_addresses(infos):
+            if chosen:
+                addr = (addr[0], chosen, *addr[2:])
+            group: list[socket.socket] = []
+            groups.append(group)
+            for _ in range(count):
+                sock = listening_stream_socket(family, kind, proto, addr, backlog=backlog, reuse_port=True)
+                group.append(sock)
+                addr = sock.getsockname()
+                chosen = addr[1]
+    except BaseException:
+        for group in groups:
+            for sock in group:
+                sock.close()
+        raise
+    return groups
+
+
+def reuseport_datagram_group(host: str, port: int, count: int, *, sockbuf: int) -> list[socket.socket]:
+    """``count`` UDP sockets bound to ``host:port`` (the first address it resolves to; the first free port for 0)
+    in one ``SO_REUSEPORT`` group, in order, with ``sockbuf`` kernel buffers both ways (best effort)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _kind, _proto, _canon, addr = infos[0]
+    group: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            group.append(sock)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, sockbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+            addr = sock.getsockname()
+    except BaseException:
+        for sock in group:
+            sock.close()
+        raise
+    return group
 
 
 async def bind_stream_sockets(host: str | None, port: int, *, backlog: int) -> list[socket.socket]:

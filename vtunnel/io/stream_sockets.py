@@ -61,6 +61,7 @@ __all__ = [
     "adopt_socket_listener",
     "attach_socket",
     "connect_lean",
+    "connect_tcp",
     "open_lean_listener",
     "open_relay_listener",
 ]
@@ -959,24 +960,52 @@ def adopt_socket_listener(listener: anyio.abc.Listener[Any]) -> LeanStreamListen
     return LeanStreamListener(RelayListener(sockets, LeanSocketStream, loop, watcher_for(loop)))
 
 
+def _established(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect in progress is already made (a socket still connecting has no peer)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+async def connect_tcp(
+    family: socket.AddressFamily, address: tuple[Any, ...], *, buffers: bool = False
+) -> socket.socket:
+    """A non-blocking TCP socket connected to one resolved ``address`` (no name lookup, no thread hop), tuned by
+    :func:`~vtunnel.io.tuning.tune_tcp` (``buffers``: with the large kernel buffers). Raises OSError naming the
+    address when the connection fails; the socket is closed on any failure or cancellation."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        tune_tcp(sock, buffers=buffers)
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            # a loopback connect is often made within the call: then no wait and no wake-up
+            if not _established(sock):
+                await anyio.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                where = f"{address[0]}:{address[1]}"
+                raise OSError(err, f"connect to {where}: {errno.errorcode.get(err, err)}") from None
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def connect_lean(host: str, port: int) -> LeanSocketStream:
     """Connect to ``host:port`` (each address it resolves to in turn) and drive the socket with a lean stream."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: OSError | None = None
-    for family, kind, proto, _canon, addr in infos:
-        sock = socket.socket(family, kind, proto)
+    for family, _kind, _proto, _canon, addr in infos:
         try:
-            sock.setblocking(False)
-            tune_tcp(sock)
-            await loop.sock_connect(sock, addr)
+            sock = await connect_tcp(family, addr, buffers=True)
         except OSError as exc:
-            sock.close()
             error = exc
             continue
-        except BaseException:
-            sock.close()
-            raise
         stream = LeanSocketStream()
         attach_socket(sock, stream)
         return stream

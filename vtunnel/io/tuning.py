@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 from typing import Final
 
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["SOCKET_BUFFER", "tune_stream", "tune_tcp"]
+__all__ = ["SOCKET_BUFFER", "linger_reset", "tune_stream", "tune_tcp"]
 
 #: SO_SNDBUF / SO_RCVBUF of tunnel and relayed TCP sockets (the kernel may cap it)
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
+#: SO_LINGER on, timeout 0: closing the socket sends a TCP reset and drops what is unsent
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 def tune_tcp(sock: socket.socket, *, buffers: bool = True) -> None:
@@ -30,3 +33,10 @@ def tune_stream(stream: ByteStream) -> None:
     sock: socket.socket | None = stream.extra(SocketAttribute.raw_socket, None)
     if sock is not None:
         tune_tcp(sock)
+
+
+def linger_reset(sock: socket.socket | None) -> None:
+    """Make closing ``sock`` send a TCP reset, when it is a TCP socket (anything else is left as it is)."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
