@@ -22,6 +22,7 @@ import pytest
 from anyio.abc import SocketStream
 from structlog.testing import capture_logs
 
+from vtunnel.apps import lite_tls_splice
 from vtunnel.apps.agent import Agent, AgentSettings
 from vtunnel.apps.lite_tls_splice import TICKET_LEN
 from vtunnel.apps.metrics import make_registry
@@ -385,35 +386,125 @@ async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(
     assert len(waited) == (1 if version == "1.2" else 0)
 
 
-async def test_a_splice_port_that_never_answers_costs_one_stream(ca_file: str, tmp_path: Path) -> None:
-    """The agent's splice port accepts and reads but never answers (not a vtunnel splice port): the first TLS
-    stream cannot know whether the server bound its connection, and is reset after ACK_TIMEOUT; the agent then
-    names no tickets for a while, and the next streams leave muxed, byte-exact."""
+async def _black_hole(conn: SocketStream) -> None:
+    async with conn:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            while True:
+                await conn.receive()
 
-    async def black_hole(conn: SocketStream) -> None:
-        async with conn:
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                while True:
-                    await conn.receive()
 
+async def _garbage(conn: SocketStream) -> None:
+    async with conn:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            await conn.receive()
+            await conn.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            while True:
+                await conn.receive()
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+@pytest.mark.parametrize("port", ["black-hole", "garbage"])
+async def test_a_splice_port_that_never_answers_or_answers_garbage_leaves_muxed(
+    port: str, version: str, ca_file: str, tmp_path: Path
+) -> None:
+    """The agent's splice port accepts but is not a vtunnel splice port: it never answers (the agent's wait for
+    the ACK runs out) or answers something else. The stream goes on in muxed mode, byte-exact, and the client
+    never sees an error; the agent says so once and names no tickets for a while, so the next streams are
+    muxed at once."""
     with capture_logs() as logs:
         async with (
-            destination(black_hole) as hole,
-            origin("1.3") as https,
+            destination(_black_hole if port == "black-hole" else _garbage) as hole,
+            origin(version) as https,
             agent_and_server(
-                "tcp://127.0.0.1:0?splice=0", lambda port: f"tcp://127.0.0.1:{port}?splice={hole}"
+                "tcp://127.0.0.1:0?splice=0", lambda server: f"tcp://127.0.0.1:{server}?splice={hole}"
             ) as socks,
         ):
             with anyio.fail_after(60):
-                out = tmp_path / "first"
-                assert await curl(socks, f"https://127.0.0.1:{https}/bytes/1000", out, ca=ca_file) != 0
-                for size in (1 << 20, 2 << 20):
+                for size in (1000, 1 << 20, 2 << 20):
                     out = tmp_path / f"body{size}"
                     assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
                     assert out.read_bytes() == body_for(size)
+    failure = "lite_tls.splice_no_ack" if port == "black-hole" else "lite_tls.splice_bad_answer"
+    assert len([e for e in logs if e["event"] == failure]) == 1
+    assert not [e for e in logs if e["event"] in ("lite_tls.splice_failed", "lite_tls.violation")]
+    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 6
+
+
+@asynccontextmanager
+async def late_relay(port: int, delay: float) -> AsyncIterator[int]:
+    """A TCP relay on 127.0.0.1 to ``port`` that passes the client's bytes at once and holds the first of the
+    answer for ``delay`` seconds; yields its own port."""
+
+    async def handle(client: SocketStream) -> None:
+        upstream = await anyio.connect_tcp("127.0.0.1", port)
+        async with client, upstream, anyio.create_task_group() as tg:
+
+            async def up() -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    while True:
+                        await upstream.send(await client.receive())
+
+            tg.start_soon(up)
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                first = await upstream.receive()
+                await anyio.sleep(delay)
+                await client.send(first)
+                while True:
+                    await client.send(await upstream.receive())
+            tg.cancel_scope.cancel()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+async def test_an_ack_that_comes_too_late_leaves_muxed_at_both_ends(
+    version: str, ca_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server binds the dedicated connection and writes its ACK, which reaches the agent only after the
+    agent stopped waiting for it: the agent leaves muxed and its marker says so; the server, which had bound
+    the connection, leaves muxed too and closes it. The download is byte-exact and nothing is reset."""
+    monkeypatch.setattr(lite_tls_splice, "ACK_TIMEOUT", 0.3)
+    security = SecurityConfig(psk=os.urandom(32))
+    with capture_logs() as logs:
+        async with origin(version) as https, anyio.create_task_group() as tg:
+            server = Server(
+                ServerSettings(
+                    listen=[Endpoint.parse("tcp://127.0.0.1:0?splice=0")],
+                    security=security,
+                    policy=ExitPolicy(allow_private=True),
+                    drain_timeout=1.0,
+                )
+            )
+            addresses = await tg.start(server.serve)
+            server_port = int(addresses[0].rsplit(":", 1)[1])
+            splice_port = int(server.splice_addresses[0].rsplit(":", 1)[1])
+            async with late_relay(splice_port, 1.0) as late:
+                agent = Agent(
+                    AgentSettings(
+                        servers=[Endpoint.parse(f"tcp://127.0.0.1:{server_port}?splice={late}")],
+                        security=security,
+                        socks=("127.0.0.1", 0),
+                        drain_timeout=1.0,
+                    )
+                )
+                fronts = await tg.start(agent.serve)
+                socks = int(fronts["socks"].rsplit(":", 1)[1])
+                with anyio.fail_after(60):
+                    out = tmp_path / "body"
+                    assert (
+                        await curl(socks, f"https://127.0.0.1:{https}/bytes/{4 << 20}", out, ca=ca_file) == 0
+                    )
+                    assert out.read_bytes() == body_for(4 << 20)
+                agent.shutdown()
+                server.shutdown()
     assert len([e for e in logs if e["event"] == "lite_tls.splice_no_ack"]) == 1
-    assert len([e for e in logs if e["event"] == "lite_tls.splice_failed"]) == 1
-    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 4
+    assert len([e for e in logs if e["event"] == "lite_tls.dedicated_unused"]) == 1
+    assert not [e for e in logs if e["event"] in ("lite_tls.splice_failed", "lite_tls.violation")]
+    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 2
 
 
 def _https_keepalive(socks: int, port: int, ca: str, idle: float) -> tuple[bytes, bytes]:

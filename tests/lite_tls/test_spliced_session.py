@@ -6,116 +6,21 @@ gets exactly the bytes the other wrote, in order, and nothing is left in the tun
 from __future__ import annotations
 
 import random
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.lite_tls.harness import HELLO, REQUEST, End, record
+from tests.lite_tls.harness import run as run_bound
 from tests.lite_tls.tlsutil import Endpoint, scripts, tls_pair
 from vtunnel.protocol import Role
 from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, TrackerBrokenError
 
-REQUEST = b"GET /big HTTP/1.1\r\nHost: lite-tls.test\r\n\r\n"
 
-
-@dataclass
-class SplicedEnd:
-    name: str
-    session: LiteTlsSession
-    local: Endpoint
-    #: the hand-over happened: local bytes go to the dedicated queue as they are, the peer's come from it
-    switched: bool = False
-    role: LiteTlsRole | None = None
-    delivered: bytearray = field(default_factory=bytearray)
-
-
-def run(
-    user: Endpoint, target: Endpoint, rng: random.Random, *, max_chunk: int
-) -> tuple[SplicedEnd, SplicedEnd]:
-    agent = SplicedEnd("agent", LiteTlsSession(Role.CLIENT), user)
-    server = SplicedEnd("server", LiteTlsSession(Role.SERVER), target)
-    for end in (agent, server):
-        end.session.splice()
-    tunnel: dict[str, deque[bytes]] = {"agent": deque(), "server": deque()}  # towards that end
-    dedicated: dict[str, deque[bytes]] = {"agent": deque(), "server": deque()}
-    peer = {"agent": server, "server": agent}
-
-    def deliver(end: SplicedEnd, data: bytes) -> None:
-        end.delivered += data
-        end.local.feed(data)
-
-    def act(
-        end: SplicedEnd, step_send: list[tuple[bytes | memoryview, bool]], step_deliver: list[bytes]
-    ) -> None:
-        other = peer[end.name].name
-        for data, after_leaving in step_send:
-            (dedicated if after_leaving else tunnel)[other].append(bytes(data))
-        for data in step_deliver:
-            deliver(end, data)
-        if end.session.left and not end.switched:
-            # the runtime hands over once it left: nothing may come in the tunnel from here on
-            end.switched = True
-            assert not tunnel[end.name], (end.name, list(tunnel[end.name]))
-
-    def from_local(end: SplicedEnd) -> bool:
-        data = end.local.step()
-        if not data:
-            return False
-        if end.switched:
-            dedicated[peer[end.name].name].append(data)
-            return True
-        step = end.session.from_local(data)
-        assert step.violation is None
-        if step.left is not None:
-            end.role = step.left
-        act(end, step.send, step.deliver)
-        return True
-
-    def from_tunnel(end: SplicedEnd) -> bool:
-        queue = tunnel[end.name]
-        if not queue:
-            return False
-        assert not end.switched, f"{end.name}: tunnel bytes after the switch"
-        data = queue.popleft()
-        cut = rng.randint(1, min(max_chunk, len(data)))
-        if cut < len(data):
-            queue.appendleft(data[cut:])
-        step = end.session.from_peer(data[:cut], False)
-        assert step.violation is None, step.violation
-        if step.left is not None:
-            end.role = step.left
-        act(end, step.send, step.deliver)
-        return True
-
-    def from_dedicated(end: SplicedEnd) -> bool:
-        queue = dedicated[end.name]
-        if not queue or not end.switched:  # the kernel relay exists once this end switched
-            return False
-        deliver(end, queue.popleft())
-        return True
-
-    actions: list[Callable[[], bool]] = [
-        lambda: from_local(agent),
-        lambda: from_local(server),
-        lambda: from_tunnel(agent),
-        lambda: from_tunnel(server),
-        lambda: from_dedicated(agent),
-        lambda: from_dedicated(server),
-    ]
-    steps = idle = 0
-    while not (user.done and target.done and not any(tunnel.values()) and not any(dedicated.values())):
-        steps += 1
-        assert steps < 200_000, "no progress"
-        if rng.choice(actions)():
-            idle = 0
-            continue
-        idle += 1
-        if idle > 200:
-            assert any(action() for action in actions), f"stuck: {agent} {server}"
-            idle = 0
+def run(user: Endpoint, target: Endpoint, rng: random.Random, *, max_chunk: int) -> tuple[End, End]:
+    """Both ends spliced (the connection bound) from the start."""
+    agent, server, _ = run_bound(user, target, rng, max_chunk=max_chunk, bind="start")
     return agent, server
 
 
@@ -139,13 +44,6 @@ def test_real_tls_through_spliced_sessions_switches_and_loses_nothing(
     assert agent.switched
     assert server.switched
     assert {agent.role, server.role} == {LiteTlsRole.ACTIVE, LiteTlsRole.PASSIVE}
-
-
-def record(kind: int, n: int) -> bytes:
-    return bytes([kind, 3, 3]) + n.to_bytes(2, "big") + b"A" * n
-
-
-HELLO = b"\x16\x03\x01\x00\x04\x01\x00\x00\x00"
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -243,7 +243,7 @@ def test_both_ends_active_at_once_take_each_others_marker_as_the_answer() -> Non
 @pytest.mark.parametrize(
     "bad",
     [
-        b"\xff\x03\x03\x00\x01\x02",  # the payload byte: the origin never checked it
+        b"\xff\x03\x03\x00\x01\x03",  # the payload byte: the origin never checked it
         b"\xff\x03\x01\x00\x01\x01",  # the version
         b"\xff\x02\x03\x00\x01\x01",
         b"\xff\x03\x03\x00\x02\x01",  # the length

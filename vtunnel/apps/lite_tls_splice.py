@@ -6,8 +6,9 @@ record does it connect to the server's splice port and write the ticket (a strea
 The server's :class:`TicketBook` pairs the two: the connection that presents a stream's ticket is bound to it
 if it comes while no marker or notice has gone either way on the stream (the server writes one byte,
 :data:`ACK`, and splices the stream over it), and closed otherwise; each ticket once. The agent's stream does
-not leave before it knows which: the ACK (spliced at both ends), or the connection closed without it (muxed at
-both ends); no answer within :data:`ACK_TIMEOUT` resets the stream. A connection whose ticket no open stream
+not leave before it knows which: the ACK (spliced at both ends), or anything else (the connection closed without
+it, no answer within :data:`ACK_TIMEOUT`, another byte): the agent then leaves muxed and its marker says so
+(``MUXED_MARKER``), so that a server that bound the connection all the same leaves muxed too. A connection whose ticket no open stream
 named gets nothing and is closed.
 
 This module is I/O glue for ``apps.agent`` and ``apps.server``; the switch itself is the runtime's
@@ -286,16 +287,19 @@ class SpliceDialer:
         try:
             with anyio.fail_after(ACK_TIMEOUT):
                 answer = await _read_exact(sock, len(ACK))
-        except (OSError, TimeoutError) as exc:  # no answer in time: whether the server bound it is not known
+        except (OSError, TimeoutError) as exc:
+            # no answer in time: the stream leaves muxed, and its marker tells a server that bound it all the same
             sock.close()
             self._back_off("lite_tls.splice_no_ack", exc)
-            stream.dedicated_settled(None, known=False)
+            stream.dedicated_settled(None)
             return
         if answer == ACK:
             stream.dedicated_settled(sock)
-        else:  # closed without the ACK: the server did not bind it
-            sock.close()
-            stream.dedicated_settled(None)
+            return
+        sock.close()
+        if answer:  # not a vtunnel splice port
+            self._back_off("lite_tls.splice_bad_answer", ValueError(f"answered {answer.hex()}"))
+        stream.dedicated_settled(None)  # (closed without the ACK: the server did not bind it)
 
     def _back_off(self, event: str, exc: BaseException) -> None:
         """Streams go muxed for :data:`DIAL_BACKOFF` seconds after a dedicated connection failed (``event``)."""

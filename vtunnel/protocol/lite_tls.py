@@ -41,6 +41,7 @@ __all__ = [
     "HOLD_LIMIT",
     "MARKER",
     "MAX_RECORD_LENGTH",
+    "MUXED_MARKER",
     "NOTICE",
     "RECORD_TYPES",
     "DeliverToLocal",
@@ -71,6 +72,9 @@ CONTROL_TYPE = 0xFF
 MARKER = b"\xff\x03\x03\x00\x01\x01"
 #: "this stream stays in the tunnel": precedes the first bytes that are not TLS records
 NOTICE = b"\xff\x03\x03\x00\x01\x00"
+#: the marker of an end whose dedicated connection was pending and that leaves muxed (splice mode): "I leave the
+#: tunnel, and the dedicated connection is not used", whatever became of it
+MUXED_MARKER = b"\xff\x03\x03\x00\x01\x02"
 CONTROL_LEN = len(MARKER)
 #: bytes a passive end holds at most (what came with the peer's marker and the start of the first
 #: application-data record after it); more is a violation: the stream is reset
@@ -108,9 +112,12 @@ class LiteTlsEvent(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SendToPeer(LiteTlsEvent):
-    """Bytes for the other end: protected stream DATA before ``LeftTunnel``, passthrough after it."""
+    """Bytes for the other end: protected stream DATA before ``LeftTunnel``, passthrough after it. ``marker``:
+    they end with this end's marker (splice mode: :class:`LiteTlsSession` may hold them and change the marker
+    to :data:`MUXED_MARKER`)."""
 
     data: bytes
+    marker: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -214,7 +221,9 @@ class LiteTlsTracker:
         "_held_local",
         "_held_peer",
         "_in",
+        "_marker",
         "_out",
+        "_peer_marker_muxed",
         "_peer_marker_seen",
         "_pending_control",
         "_post",
@@ -240,6 +249,9 @@ class LiteTlsTracker:
         #: why the stream fell back, or what the peer violated
         self.reason: str | None = None
         self._peer_marker_seen = False
+        self._peer_marker_muxed = False
+        #: the marker this end sends (:data:`MUXED_MARKER` once a pending dedicated connection settled muxed)
+        self._marker = MARKER
 
     # -- what the runtime reads ------------------------------------------------------------------------------------
 
@@ -349,12 +361,12 @@ class LiteTlsTracker:
             if header[0] == APPLICATION_DATA:
                 if self._in.app_data and self._state is LiteTlsState.TRACKING:
                     # active: the pending records and the marker go now; this 0x17 waits for the answer
-                    pieces.append(MARKER)
+                    pieces.append(self._marker)
                     out.tracked = False
                     self._state = LiteTlsState.AWAITING_ANSWER
                     self._role = LiteTlsRole.ACTIVE
                     self._held_local = [header, bytes(view[pos:])]
-                    _send(events, pieces)
+                    _send(events, pieces, marker=True)
                     return
                 out.app_data = True
             out.records += 1
@@ -383,6 +395,11 @@ class LiteTlsTracker:
     def peer_marker_seen(self) -> bool:
         """The peer's marker came (the peer has left, or will once it gets the answer)."""
         return self._peer_marker_seen
+
+    @property
+    def peer_marker_muxed(self) -> bool:
+        """The peer's marker was :data:`MUXED_MARKER`: its dedicated connection was pending and it left muxed."""
+        return self._peer_marker_muxed
 
     @property
     def hello_seen(self) -> bool:
@@ -425,8 +442,8 @@ class LiteTlsTracker:
         tail = bytes(out.head) + bytes(rest)
         out.head.clear()
         pieces.append(control)
-        if control == MARKER:  # the passive answer: from here on the stream has left
-            _send(events, pieces)
+        if control is not NOTICE:  # the passive answer: from here on the stream has left
+            _send(events, pieces, marker=True)
             self._state = LiteTlsState.LEFT
             events.append(LeftTunnel(role=LiteTlsRole.PASSIVE))
             if tail:
@@ -471,7 +488,8 @@ class LiteTlsTracker:
             header = bytes(inp.head)
             inp.head.clear()
             if first == CONTROL_TYPE:
-                if header == MARKER:
+                if header in (MARKER, MUXED_MARKER):
+                    self._peer_marker_muxed = header == MUXED_MARKER
                     self._peer_marker(pieces, events, view[pos:])
                     return
                 if header == NOTICE:
@@ -514,7 +532,7 @@ class LiteTlsTracker:
             self._post_need = 0
             if self._over_hold_limit(events):
                 return
-            self._pending_control = MARKER
+            self._pending_control = self._marker
             if self._out.need:
                 self._state = LiteTlsState.ANSWERING
             else:
@@ -609,10 +627,10 @@ class LiteTlsTracker:
         )
 
 
-def _send(events: list[LiteTlsEvent], pieces: list[bytes | memoryview]) -> None:
+def _send(events: list[LiteTlsEvent], pieces: list[bytes | memoryview], *, marker: bool = False) -> None:
     data = b"".join(pieces)
     if data:
-        events.append(SendToPeer(data=data))
+        events.append(SendToPeer(data=data, marker=marker))
 
 
 def _deliver(events: list[LiteTlsEvent], pieces: list[bytes | memoryview]) -> None:
@@ -629,7 +647,8 @@ class LiteTlsStep:
     ``consumed`` peer bytes that will never be delivered (control records), and reset the stream if
     ``violation`` is set. ``left`` and ``fell_back`` are for logs and counters. ``hello``: the client began with
     a ClientHello record (once per stream; :attr:`LiteTlsTracker.hello_seen`): in splice mode the agent dials
-    its dedicated connection now, and both ends call :meth:`LiteTlsSession.splice_pending`."""
+    its dedicated connection now, and both ends call :meth:`LiteTlsSession.splice_pending`. ``unbound``: the
+    dedicated connection bound to this end is not used (the peer's marker said it left muxed): close it."""
 
     send: list[tuple[bytes | memoryview, bool]] = field(default_factory=list)
     deliver: list[bytes] = field(default_factory=list)
@@ -638,6 +657,7 @@ class LiteTlsStep:
     left: LiteTlsRole | None = None
     fell_back: FellBack | None = None
     hello: bool = False
+    unbound: bool = False
 
 
 class LiteTlsSession:
@@ -656,9 +676,12 @@ class LiteTlsSession:
       passive end hands over what it held at once (the peer's bytes after its marker come on the dedicated
       connection).
     * Splice pending (:meth:`splice_pending`, the agent dialing its dedicated connection once the ClientHello
-      came): the marker exchange goes on in the tunnel as ever, but an end that leaves before
-      :meth:`splice_settled` keeps what it would send after leaving (and the runtime stops reading its local
-      endpoint, :attr:`holds_local`) until the mode is known; ``step.left`` comes with the settling step.
+      came): the marker exchange goes on in the tunnel as ever, but this end's marker (active, or the passive
+      answer) waits for the mode, and an end that leaves before :meth:`splice_settled` keeps what it would send
+      after leaving (and the runtime stops reading its local endpoint, :attr:`holds_local`) until the mode is
+      known; ``step.left`` comes with the settling step. Settled muxed, the marker goes as :data:`MUXED_MARKER`:
+      an end that bound the connection meanwhile (its ACK not seen in time) then leaves muxed too
+      (``step.unbound``), so both ends always leave the same way.
     """
 
     __slots__ = (
@@ -685,7 +708,8 @@ class LiteTlsSession:
         self._pending = False
         self._deferred: list[bytes] = []
         self._left_role: LiteTlsRole | None = None  # left while pending: step.left of the settling step
-        #: pending and active: the marker (and what this end sends after it, before leaving) waits for the mode
+        #: pending: this end's marker (the records before it first, what it sends after it before leaving
+        #: last) waits for the mode
         self._held_send: list[bytes] | None = None
 
     def splice(self) -> None:
@@ -697,9 +721,10 @@ class LiteTlsSession:
 
     @property
     def may_splice(self) -> bool:
-        """No marker or notice has gone either way yet, or only this end's marker, held while pending: binding a
-        dedicated connection now changes how both ends leave, never what already happened."""
-        if self._spliced or self._left:
+        """No marker or notice has gone either way yet, or only this end's marker, held while pending, and a
+        pending connection never settled muxed: binding a dedicated connection now changes how both ends leave,
+        never what already happened (and never what a muxed marker said)."""
+        if self._spliced or self._left or self.tracker._marker is MUXED_MARKER:  # (settled muxed: for good)
             return False
         return self.tracker.state is LiteTlsState.TRACKING or self._held_send is not None
 
@@ -727,6 +752,10 @@ class LiteTlsSession:
         marker, self._held_send = self._held_send or [], None
         if self.broken:
             return step
+        if not spliced:  # a marker still to come says so too
+            self.tracker._marker = MUXED_MARKER
+            if marker:  # (its first piece ends with the marker)
+                marker[0] = marker[0][:-CONTROL_LEN] + MUXED_MARKER
         step.send += [(data, False) for data in marker]  # the marker, before anything sent after leaving
         if not self._left:
             return step
@@ -770,10 +799,7 @@ class LiteTlsSession:
         if self._left and self.tracker.transparent:
             self._cut_records(bytes(data), step.send)
         else:
-            events = self.tracker.from_local(data)
-            if self._pending and self._held_send is None and self.tracker.awaiting_answer:
-                self._held_send = []  # active: the marker goes once the mode is known
-            self._act(events, step)
+            self._act(self.tracker.from_local(data), step)
             if not self._hello and self.tracker.hello_seen:
                 self._hello = step.hello = True
         return step
@@ -812,16 +838,25 @@ class LiteTlsSession:
             step.deliver.append(bytes(data))
             return step
         held = tracker.held_from_peer
-        self._act(tracker.from_peer(data), step)
+        events = tracker.from_peer(data)
+        if self._spliced and not self._left and tracker.peer_marker_muxed:
+            # bound here, but the peer left muxed (it did not see the ACK in time): so does this end
+            self._spliced = False
+            step.unbound = True
+        self._act(events, step)
         if step.violation is not None:
             step.deliver.clear()
             step.consumed = len(data) + held
             return step
         if not self._hello and tracker.hello_seen:
             self._hello = step.hello = True
-        if self._pending and tracker.side is Role.SERVER and tracker.peer_marker_seen:
+        if (
+            self._pending
+            and tracker.peer_marker_seen
+            and (tracker.side is Role.SERVER or tracker.peer_marker_muxed)
+        ):
             # the agent sends its marker only once it knows: had the server bound its connection, this end would
-            # not be pending; so it went muxed (its dial failed)
+            # not be pending; so it went muxed. The server's muxed marker: it bound nothing, and binds nothing now
             settled = self.splice_settled(False)
             step.send += settled.send
             step.deliver += settled.deliver
@@ -832,7 +867,9 @@ class LiteTlsSession:
     def _act(self, events: list[LiteTlsEvent], step: LiteTlsStep) -> None:
         for ev in events:
             if isinstance(ev, SendToPeer):
-                if self._held_send is not None and not self._left:
+                if ev.marker and self._pending:  # the mode of leaving decides which marker goes
+                    self._held_send = [ev.data]
+                elif self._held_send is not None and not self._left:
                     self._held_send.append(ev.data)
                 elif self._left:
                     self._cut_records(ev.data, step.send)

@@ -363,17 +363,18 @@ class TunnelStream:
         if self._lite is not None:
             self._lite.dial = dial
 
-    def dedicated_settled(self, dedicated: socket.socket | None, *, known: bool = True) -> None:
+    def dedicated_settled(self, dedicated: socket.socket | None) -> None:
         """Agent: the dedicated connection dialed for :meth:`splice_when_tls` is bound at both ends
-        (``dedicated``), or at neither (None: the stream leaves muxed). ``known=False``: whether the server bound
-        it is not known (no answer in time): the stream is reset. A stream that no longer runs a tracker (it
-        fell back) or is closed closes ``dedicated``."""
+        (``dedicated``: the server's ACK came), or not used (None: no connection, no ACK in time, or not the
+        ACK): the stream leaves muxed, and its marker says so, so that a server that bound the connection all
+        the same leaves muxed too. A stream that no longer runs a tracker (it fell back), no longer waits for
+        the connection or is closed closes ``dedicated``."""
         lite = self._lite
         if lite is None or self._closed or self._broken is not None or not lite.session.splice_is_pending:
             if dedicated is not None:
                 dedicated.close()
             return
-        lite.settled(dedicated, known=known)
+        lite.settled(dedicated)
 
     def count_spliced(self, sent: int, received: int) -> None:
         """Bytes a spliced stream's kernel relay wrote to and read from its dedicated connection (after the
@@ -564,7 +565,7 @@ class _LiteTls:
 
     def splice_over(self, dedicated: socket.socket) -> None:
         if self.session.splice_is_pending:  # the server's marker may be waiting for it
-            self.settled(dedicated, known=True)
+            self.settled(dedicated)
             return
         self.session.splice()
         self._dedicated = dedicated
@@ -575,18 +576,12 @@ class _LiteTls:
         stream = self._stream
         if not stream._closed and stream._broken is None and self.session.splice_is_pending:
             log.info("lite_tls.no_dedicated_connection", tunnel=stream._carrier.name, stream=stream.stream_id)
-            self.settled(None, known=True)
+            self.settled(None)
 
-    def settled(self, dedicated: socket.socket | None, *, known: bool) -> None:
+    def settled(self, dedicated: socket.socket | None) -> None:
         if self._claim_timer is not None:
             self._claim_timer.cancel()
             self._claim_timer = None
-        if not known:
-            log.info(
-                "lite_tls.splice_failed", tunnel=self._stream._carrier.name, stream=self._stream.stream_id
-            )
-            self._reset("protocol: lite-tls dedicated connection not acknowledged")
-            return
         self._dedicated = dedicated
         self._act(self.session.splice_settled(dedicated is not None))
 
@@ -639,6 +634,11 @@ class _LiteTls:
             # server, the stream named a ticket: the agent dials now; this end's marker waits for it (bounded)
             self.session.splice_pending()
             self._claim_timer = asyncio.get_running_loop().call_later(DEDICATED_WAIT, self._no_dedicated)
+        if step.unbound:  # the agent left muxed: the connection bound here is not used
+            sock, self._dedicated = self._dedicated, None
+            if sock is not None:
+                sock.close()
+            log.info("lite_tls.dedicated_unused", tunnel=carrier.name, stream=stream.stream_id)
         if step.left is not None and self.session.spliced:
             self.off_tunnel = True
         elif step.left is not None:
