@@ -9,6 +9,7 @@ import contextlib
 import os
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.abc import SocketStream
+from anyio.streams.tls import TLSStream
 from structlog.testing import capture_logs
 
 from vtunnel.apps import lite_tls_splice
@@ -172,6 +174,58 @@ async def test_spliced_bytes_count_in_the_tunnels_counters_and_metrics(ca_file: 
     closed = [e for e in logs if e["event"] == "lite_tls.closed"]
     assert all(e["mode"] == "spliced" for e in closed)
     # the body went from the server's end to the agent's over the dedicated connection
+    assert max(e["passthrough_bytes"] for e in closed) >= size
+    assert max(e["passthrough_received"] for e in closed) >= size
+
+
+async def _read_response(tls: anyio.abc.ByteStream, body: bytes) -> None:
+    got = bytearray()
+    while not got.endswith(body):
+        got += await tls.receive()
+
+
+async def test_spliced_bytes_after_the_tunnel_ended_still_count(ca_file: str) -> None:
+    """A spliced stream outlives its tunnel: what its kernel relay moves after the tunnel ended (at both ends)
+    still counts in the tunnel byte metrics, and its lite_tls.closed line, logged when the relay is over, has
+    it too."""
+    size = 8 << 20
+    agent_stats, server_stats = ProcessStats(), ProcessStats()
+    agent_metrics = make_registry(agent_stats, role="agent")
+    server_metrics = make_registry(server_stats, role="server")
+
+    def counted() -> tuple[float, float]:
+        received = agent_metrics.get_sample_value("vtunnel_received_bytes_total", {"transport": "tcp"})
+        sent = server_metrics.get_sample_value("vtunnel_sent_bytes_total", {"transport": "tcp"})
+        return received or 0.0, sent or 0.0
+
+    with capture_logs() as logs:
+        async with origin("1.3") as https, spliced_tunnel(stats=(agent_stats, server_stats)) as t:
+            with anyio.fail_after(60):
+                client = await socks_connect(t.socks, https)
+                context = ssl.create_default_context(cafile=ca_file)
+                tls = await TLSStream.wrap(client, hostname="127.0.0.1", ssl_context=context)
+                await tls.send(b"GET /bytes/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+                await _read_response(tls, body_for(1000))
+                while len(_left(logs)) < 2:
+                    await anyio.sleep(0.05)
+                ((tunnel, _, _),) = agent_stats.live
+                server_tunnel = next(conn for conn, _, _ in server_stats.live)
+                tunnel.shutdown("the test ends the tunnel", graceful=False)
+                await tunnel.wait_closed()
+                await server_tunnel.wait_closed()
+                while tunnel in [c for c, _, _ in agent_stats.live] or list(server_stats.live):
+                    await anyio.sleep(0.05)
+                received_before, sent_before = counted()
+                await tls.send(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                await _read_response(tls, body_for(size))
+                await client.aclose()  # (no close_notify: the origin may have closed first)
+                while len([e for e in logs if e["event"] == "lite_tls.closed"]) < 2:
+                    await anyio.sleep(0.05)  # (the relays end once both sides of each closed)
+            received, sent = counted()
+    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    assert received - received_before >= size
+    assert sent - sent_before >= size
+    closed = [e for e in logs if e["event"] == "lite_tls.closed"]
     assert max(e["passthrough_bytes"] for e in closed) >= size
     assert max(e["passthrough_received"] for e in closed) >= size
 

@@ -47,6 +47,16 @@ class TransportTotals:
         return stats
 
 
+@dataclass(slots=True)
+class _AfterEnd:
+    """An ended tunnel whose spliced lite-tls streams still relay, and its byte counters as last added."""
+
+    conn: TunnelConnection
+    transport: str
+    bytes_in: int
+    bytes_out: int
+
+
 @dataclass(frozen=True, slots=True)
 class _Live:
     transport: str
@@ -64,6 +74,7 @@ class ProcessStats:
         self._live: dict[TunnelConnection, _Live] = {}
         self._serial = itertools.count(1)
         self._ended: dict[str, TransportTotals] = {}
+        self._after_end: list[_AfterEnd] = []
         self.tunnels_opened: Counter[str] = Counter()
         self.streams_opened: Counter[str] = Counter()
         self._listeners: list[tuple[str, Listener[Any]]] = []
@@ -82,6 +93,22 @@ class ProcessStats:
         if live is None:
             return
         self._ended[live.transport].add(conn)
+        if conn.spliced_relays:  # its spliced streams go on counting: what they count later is added too
+            self._after_end.append(_AfterEnd(conn, live.transport, conn.bytes_in, conn.bytes_out))
+        self._fold_after_end()
+
+    def _fold_after_end(self) -> None:
+        """Add what ended tunnels' spliced streams counted since the last call; forget a tunnel once none of
+        its kernel relays runs any more (their last bytes were counted before they ended)."""
+        still: list[_AfterEnd] = []
+        for late in self._after_end:
+            conn, totals = late.conn, self._ended[late.transport]
+            totals.bytes_in += conn.bytes_in - late.bytes_in
+            totals.bytes_out += conn.bytes_out - late.bytes_out
+            late.bytes_in, late.bytes_out = conn.bytes_in, conn.bytes_out
+            if conn.spliced_relays:
+                still.append(late)
+        self._after_end = still
 
     def stream_opened(self, kind: str | None) -> None:
         self.streams_opened[kind or NO_KIND] += 1
@@ -106,6 +133,8 @@ class ProcessStats:
         return [(conn, live.transport, live.serial) for conn, live in self._live.items()]
 
     def ended(self, transport: str) -> TransportTotals:
+        """The totals of ``transport``'s ended tunnels, with what their spliced streams counted since."""
+        self._fold_after_end()
         return self._ended.get(transport, TransportTotals())
 
     @property

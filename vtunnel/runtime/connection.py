@@ -134,6 +134,9 @@ class TunnelConnection:
         #: tunnel bytes the link took and gave (frames, before the transport's own overhead): statistics
         self.bytes_out = 0
         self.bytes_in = 0
+        #: kernel relays of this tunnel's spliced lite-tls streams still running (they outlive the tunnel and
+        #: still count their bytes in ``bytes_out`` / ``bytes_in``)
+        self.spliced_relays = 0
 
     # ------------------------------------------------------------------ state
     @property

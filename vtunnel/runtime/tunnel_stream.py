@@ -76,6 +76,8 @@ class StreamCarrier(Protocol):
     #: bytes given to the transport and delivered by it (a spliced stream's dedicated connection counts too)
     bytes_out: int
     bytes_in: int
+    #: spliced lite-tls streams whose kernel relay still runs (and counts in ``bytes_out`` / ``bytes_in``)
+    spliced_relays: int
 
     @property
     def closed(self) -> bool: ...
@@ -388,9 +390,12 @@ class TunnelStream:
             lite.passthrough_received += received
 
     def spliced_relay_ended(self) -> None:
-        """The kernel relay of a spliced stream is over: log its totals (``lite_tls.closed``)."""
+        """The kernel relay of a spliced stream is over (its last bytes counted): log its totals
+        (``lite_tls.closed``)."""
         lite = self._lite
-        if lite is not None:
+        if lite is not None and lite.relaying:
+            lite.relaying = False
+            self._carrier.spliced_relays -= 1
             lite.log_closed(self, spliced=True)
 
     # ---------------------------------------------------------------- server side
@@ -517,6 +522,7 @@ class _LiteTls:
         "passthrough_bytes",
         "passthrough_received",
         "protected_bytes",
+        "relaying",
         "session",
     )
 
@@ -538,6 +544,8 @@ class _LiteTls:
         self._to_dedicated = bytearray()
         #: a spliced stream that left: its bytes and its end go over the dedicated connection, never the tunnel
         self.off_tunnel = False
+        #: spliced, handed over: its kernel relay runs (counted in the carrier's ``spliced_relays``)
+        self.relaying = False
         #: agent, splice mode: dials the dedicated connection once the ClientHello came (``splice_when_tls``)
         self.dial: Callable[[TunnelStream], None] | None = None
         #: server, splice mode: forgets the stream's ticket (``dedicated_expected``)
@@ -775,20 +783,23 @@ class _LiteTls:
             return
         consumer = stream._consumer
         to_peer, self._to_dedicated = bytes(self._to_dedicated), bytearray()
-        if (
-            consumer is not None
-            and stream._broken is None
-            and consumer.stream_spliced(sock, to_peer, self._eof)
-        ):
-            log.info(
-                "lite_tls.left_tunnel",
-                tunnel=carrier.name,
-                stream=stream.stream_id,
-                mode="spliced",
-                role=role.value,
-            )
-            stream.close()
-            return
+        if consumer is not None and stream._broken is None:
+            # (counted before: a relay that has nothing to do ends inside stream_spliced)
+            self.relaying = True
+            carrier.spliced_relays += 1
+            if consumer.stream_spliced(sock, to_peer, self._eof):
+                log.info(
+                    "lite_tls.left_tunnel",
+                    tunnel=carrier.name,
+                    stream=stream.stream_id,
+                    mode="spliced",
+                    role=role.value,
+                )
+                stream.close()
+                return
+            if self.relaying:
+                self.relaying = False
+                carrier.spliced_relays -= 1
         sock.close()
         log.info("lite_tls.splice_failed", tunnel=carrier.name, stream=stream.stream_id)
         self._reset("protocol: lite-tls splice failed")
