@@ -11,7 +11,7 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,12 +145,8 @@ async def test_https_through_a_spliced_stream_is_byte_exact(
     assert wire.downstream[:1] == b"\x01"
 
 
-async def test_spliced_bytes_count_in_the_tunnels_counters_and_metrics(ca_file: str, tmp_path: Path) -> None:
-    """What a spliced stream moves over its dedicated connection counts in the same counters as a muxed stream's
-    bytes (the tunnel's, read by --metrics: vtunnel_received_bytes / vtunnel_sent_bytes), at both ends, while the
-    kernel relays it; its lite_tls.closed line has the totals once the relay is over."""
-    size = 16 << 20
-    agent_stats, server_stats = ProcessStats(), ProcessStats()
+def _tunnel_bytes(agent_stats: ProcessStats, server_stats: ProcessStats) -> Callable[[], tuple[float, float]]:
+    """What the agent's metrics say it received and the server's that it sent, over tcp://."""
     agent_metrics = make_registry(agent_stats, role="agent")
     server_metrics = make_registry(server_stats, role="server")
 
@@ -158,6 +154,17 @@ async def test_spliced_bytes_count_in_the_tunnels_counters_and_metrics(ca_file: 
         received = agent_metrics.get_sample_value("vtunnel_received_bytes_total", {"transport": "tcp"})
         sent = server_metrics.get_sample_value("vtunnel_sent_bytes_total", {"transport": "tcp"})
         return received or 0.0, sent or 0.0
+
+    return counted
+
+
+async def test_spliced_bytes_count_in_the_tunnels_counters_and_metrics(ca_file: str, tmp_path: Path) -> None:
+    """What a spliced stream moves over its dedicated connection counts in the same counters as a muxed stream's
+    bytes (the tunnel's, read by --metrics: vtunnel_received_bytes / vtunnel_sent_bytes), at both ends, while the
+    kernel relays it; its lite_tls.closed line has the totals once the relay is over."""
+    size = 16 << 20
+    agent_stats, server_stats = ProcessStats(), ProcessStats()
+    counted = _tunnel_bytes(agent_stats, server_stats)
 
     with capture_logs() as logs:
         async with origin("1.3") as https, spliced_tunnel(stats=(agent_stats, server_stats)) as t:
@@ -190,13 +197,7 @@ async def test_spliced_bytes_after_the_tunnel_ended_still_count(ca_file: str) ->
     it too."""
     size = 8 << 20
     agent_stats, server_stats = ProcessStats(), ProcessStats()
-    agent_metrics = make_registry(agent_stats, role="agent")
-    server_metrics = make_registry(server_stats, role="server")
-
-    def counted() -> tuple[float, float]:
-        received = agent_metrics.get_sample_value("vtunnel_received_bytes_total", {"transport": "tcp"})
-        sent = server_metrics.get_sample_value("vtunnel_sent_bytes_total", {"transport": "tcp"})
-        return received or 0.0, sent or 0.0
+    counted = _tunnel_bytes(agent_stats, server_stats)
 
     with capture_logs() as logs:
         async with origin("1.3") as https, spliced_tunnel(stats=(agent_stats, server_stats)) as t:
