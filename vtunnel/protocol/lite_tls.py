@@ -24,7 +24,9 @@ at a record boundary, after which that direction is never parsed again:
 * the notice ``ff 03 03 00 01 00`` ("this stream stays in the tunnel"): sent before the first bytes that are not
   TLS records (a record type outside the four, a bad version byte, a length over 2^14 + 2048, or, from the agent's
   user, a first record that is not a ClientHello), so that such bytes can never be mistaken for a marker. An end
-  that receives it falls back too and sends its own.
+  that receives it falls back too and sends its own;
+* the muxed marker ``ff 03 03 00 01 02``: the marker of an end whose dedicated connection (splice mode) was
+  pending and that leaves muxed; an end that bound the connection leaves muxed too (:class:`LiteTlsSession`).
 """
 
 from __future__ import annotations
