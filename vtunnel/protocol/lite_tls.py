@@ -498,7 +498,7 @@ class LiteTlsTracker:
                     self._peer_notice(pieces, events, view[pos:])
                     return
                 self._violation(
-                    events, f"a control record {header.hex(' ')} that is neither marker nor notice"
+                    events, f"a control record {header.hex(' ')} that is neither a marker nor the notice"
                 )
                 return
             problem = header_problem(header)
