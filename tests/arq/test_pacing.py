@@ -266,7 +266,8 @@ def test_startup_stops_after_a_round_of_heavy_loss() -> None:
 
 def _startup_with_losses(share: float, seed: int) -> list[Phase]:
     """A pacer a few rounds into startup, then acknowledging and losing segments as they are declared: each
-    millisecond 120 segments are acknowledged or lost, ``share`` of them lost (drawn from ``seed``); returns its
+    millisecond 120 segments are acknowledged or lost, ``share`` of them lost (drawn from ``seed``), reported as a
+    sender reports one ACK's outcome (what it acknowledged, then what it declared lost: rudp's order); returns its
     phase after each millisecond."""
     rng = random.Random(seed)
     pacer = Pacer(max_window=16384, now=0.0)
@@ -276,8 +277,8 @@ def _startup_with_losses(share: float, seed: int) -> list[Phase]:
     for _ in range(10):
         now += 0.001
         lost = sum(1 for _ in range(120) if rng.random() < share)
-        pacer.on_lost(now, lost)
         pacer.on_acked(now, 120 - lost, 0.01, app_limited=False)
+        pacer.on_lost(now, lost)
         pacer.on_sent(120)
         phases.append(pacer.phase)
     return phases

@@ -245,13 +245,19 @@ class Pacer:
 
     def on_lost(self, now: float, segments: int) -> None:
         """``segments`` were declared lost (a sender whose loss detection says so at once; without these calls
-        startup ends on the retransmissions it sees at the end of a round instead).
+        startup ends on the retransmissions it sees at the end of a round instead). A sender reports an ACK's
+        outcome in its order: :meth:`on_acked` for what it acknowledged, then this for what it showed lost (told
+        of the losses first, the round's share would count them against deliveries not yet added).
 
         In startup, a round whose losses reach ``startup_burst_loss`` of what it acknowledged and lost (over at
         least half of what the last round acknowledged, and at least :data:`_STARTUP_LOSS_EVENTS` losses)
         overflowed the bottleneck's queue: drain starts now, a round earlier than the share of retransmissions
         would show it, and lasts a whole round from here. Startup sends at 2.885 times what it measured, so most
         of a round sent at that rate into a full queue is lost: ending it a round early halves startup's loss."""
+        if now == self._round_start and self._round_delivered == 0:
+            # declared by the ACK that just ended a round: they belong with its deliveries, in the round that
+            # ended, not at the head of a new round that has nothing delivered to weigh them against
+            return
         self._round_lost += segments
         if self.phase is not Phase.STARTUP or self.bandwidth <= 0:
             return
