@@ -102,18 +102,22 @@ __all__ = [
     "MAX_INIT_DATAGRAM",
     "MAX_REPLY_DATAGRAM",
     "MAX_RESET_DATAGRAM",
+    "MAX_RUNS",
     "MAX_SERVER_ID",
     "MAX_SLOTS",
     "MIN_CONTROL_DATAGRAM",
     "MIN_INIT_DATAGRAM",
     "MIN_REPLY_DATAGRAM",
     "MIN_RESET_DATAGRAM",
+    "PT_OVERHEAD",
+    "RUN_ENTRY",
     "REPLY_REPEAT_LIMIT",
     "RESET_TOKEN_LEN",
     "RETRANSMIT_PERIOD",
     "SALT_LEN",
     "ConnectionIdLayout",
     "ControlKind",
+    "ClearRuns",
     "ControlMessage",
     "DatagramClient",
     "DatagramServer",
@@ -142,6 +146,9 @@ class DatagramType(IntEnum):
     DATA = 0x03
     #: DATA's shape and keys; the sealed payload is a control message (path validation), not for the ARQ layer
     CONTROL = 0x04
+    #: DATA with clear runs after the tag (lite-tls muxed mode, datagram v4): the sealed part is the run table and
+    #: the datagram's bytes with the runs cut out; the runs are bodies of PASSTHROUGH frames, the user's own TLS
+    DATA_PT = 0x05
 
 
 class ControlKind(IntEnum):
@@ -186,11 +193,13 @@ class ConnectionIdSeen:
 
 
 ControlMessage = PathChallenge | PathResponse | NewConnectionId | ConnectionIdSeen
+#: the clear runs of one DATA-PT datagram: ``(offset, length)`` ranges of its payload, ordered, not overlapping
+ClearRuns = Sequence[tuple[int, int]]
 
-#: v3: nothing but the connection ID in clear (masked handshake datagrams, header protection, padded CONTROL).
-#: v2 added the cipher offer and choice. Peers of different versions never complete a handshake: the server
-#: stays silent and the client times out.
-DATAGRAM_PROLOGUE = b"vtunnel datagram v3"
+#: v4: DATA-PT datagrams (clear runs of lite-tls passthrough bodies). v3: nothing but the connection ID in clear
+#: (masked handshake datagrams, header protection, padded CONTROL). v2 added the cipher offer and choice. Peers of
+#: different versions never complete a handshake: the server stays silent and the client times out.
+DATAGRAM_PROLOGUE = b"vtunnel datagram v4"
 #: The label of the header protection keys (:meth:`TransportKeys.derive`).
 HEADER_KEY_LABEL = b"vtunnel datagram v3 header protection"
 
@@ -200,6 +209,17 @@ DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 29
 _SAMPLE_END = DATA_HEADER_LEN + 16  # the header mask's input: the ciphertext's first 16 bytes
 _DATA_KIND = int(DatagramType.DATA)
 _CONTROL_KIND = int(DatagramType.CONTROL)
+_PT_KIND = int(DatagramType.DATA_PT)
+#: a DATA-PT datagram's trailer: the clear runs' total length, masked with bytes 5..6 of the header mask
+_CLEAR_LEN = struct.Struct(">H")
+_CLEAR_MASK = struct.Struct(">5xH9x")
+#: one entry of a DATA-PT run table: offset and length in the datagram (the ARQ's bytes, runs included)
+_RUN = struct.Struct(">HH")
+#: the most runs one DATA-PT datagram's table holds
+MAX_RUNS = 255
+#: bytes a DATA-PT datagram adds to a DATA one: the run count, the trailer, and 4 per run
+PT_OVERHEAD = 1 + _CLEAR_LEN.size
+RUN_ENTRY = _RUN.size
 #: A DATA or CONTROL header: CID, kind, counter low 32 bits. Clear, it is the associated data; masked, the wire's.
 _HEADER = struct.Struct(">8sBI")
 #: The protected part of a header as it reads on the wire (the CID skipped).
@@ -425,6 +445,54 @@ def _control_message(payload: bytes) -> ControlMessage | None:
     return None if message is None else message(data)
 
 
+def _cut_runs(payload: bytes, runs: ClearRuns) -> tuple[bytes, bytes]:
+    """A DATA-PT datagram's sealed plaintext (run table, then ``payload`` with the runs cut out) and its clear
+    bytes (the runs, in order). Raises :class:`SecurityError` for runs that are not ordered, not inside
+    ``payload``, empty, overlapping, or more than :data:`MAX_RUNS`."""
+    if len(runs) > MAX_RUNS:
+        raise SecurityError(f"a datagram holds at most {MAX_RUNS} clear runs")
+    view = memoryview(payload)
+    table = [bytes((len(runs),))]
+    sealed: list[bytes | memoryview] = []
+    clear: list[bytes | memoryview] = []
+    cursor = 0
+    for offset, length in runs:
+        if length <= 0 or offset < cursor or offset + length > len(view):
+            raise SecurityError("clear runs must be ordered, inside the datagram and not overlap")
+        table.append(_RUN.pack(offset, length))
+        sealed.append(view[cursor:offset])
+        clear.append(view[offset : offset + length])
+        cursor = offset + length
+    sealed.append(view[cursor:])
+    return b"".join(table + sealed), b"".join(clear)
+
+
+def _reinsert(sealed: bytes, clear: bytes | memoryview) -> bytes | None:
+    """The payload of an opened DATA-PT datagram: ``clear`` re-inserted where the run table says; None (a forgery)
+    for a table whose runs are not ordered, overlap, are empty, leave the datagram or do not add up to ``clear``."""
+    count = sealed[0]
+    rest = 1 + count * _RUN.size
+    if len(sealed) < rest:
+        return None
+    total = len(sealed) - rest + len(clear)
+    parts: list[bytes | memoryview] = []
+    cursor = 0
+    taken = 0
+    for offset, length in _RUN.iter_unpack(sealed[1:rest]):
+        if length == 0 or offset < cursor or offset + length > total:
+            return None
+        gap = offset - cursor
+        parts.append(sealed[rest : rest + gap])
+        rest += gap
+        parts.append(clear[taken : taken + length])
+        taken += length
+        cursor = offset + length
+    if taken != len(clear):
+        return None
+    parts.append(sealed[rest:])
+    return b"".join(parts)
+
+
 class DatagramSession:
     """One authenticated session: seals and opens DATA and CONTROL datagrams.
 
@@ -568,10 +636,59 @@ class DatagramSession:
         """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
         return self._seal_many(_DATA_KIND, (payload,))[0]
 
-    def seal_many(self, payloads: Sequence[bytes]) -> list[bytes]:
+    def seal_many(self, payloads: Sequence[bytes], runs: Sequence[ClearRuns] | None = None) -> list[bytes]:
         """A DATA datagram for each of ``payloads``, in order: what :meth:`seal` gives for each in turn, for
-        less work per datagram."""
-        return self._seal_many(_DATA_KIND, payloads)
+        less work per datagram.
+
+        ``runs`` (one entry per payload) names ranges of each payload that go in the clear (lite-tls passthrough
+        bodies, docs/security.md): a payload with runs becomes a DATA-PT datagram (kind 05), sealed part = run
+        table + the payload with the runs cut out, then the runs, then the runs' total length under the header
+        mask; a payload without (an empty entry) a DATA datagram as without ``runs``. Raises
+        :class:`SecurityError` for runs that are not ordered, inside the payload and apart.
+        """
+        if runs is None or not any(runs):
+            return self._seal_many(_DATA_KIND, payloads)
+        if len(runs) != len(payloads):
+            raise SecurityError("one entry of clear runs per payload")
+        cid = self.connection_id
+        first = self._send_counter
+        end = first + len(payloads)
+        if end > MAX_COUNTER:
+            raise SecurityError("the session's counter is exhausted; start a new handshake")
+        cuts = [
+            _cut_runs(payload, clear) if clear else None
+            for payload, clear in zip(payloads, runs, strict=True)
+        ]
+        self._send_counter = end
+        encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
+        bodies: list[bytes] = []
+        samples: list[bytes] = []
+        n = first
+        for payload, cut in zip(payloads, cuts, strict=True):
+            if cut is None:
+                body = encrypt(nonce(n), payload, header(cid, _DATA_KIND, n & _LOW32))
+            else:
+                trailer = _CLEAR_LEN.pack(len(cut[1]))
+                body = encrypt(nonce(n), cut[0], header(cid, _PT_KIND, n & _LOW32) + trailer)
+            bodies.append(body)
+            samples.append(body[:16])
+            n += 1
+        masks = self._send_mask(b"".join(samples))
+        mask, clear_mask = _MASK.unpack_from, _CLEAR_MASK.unpack_from
+        sealed: list[bytes] = []
+        n = first
+        for body, cut in zip(bodies, cuts, strict=True):
+            at = (n - first) << 4
+            kind_mask, low_mask = mask(masks, at)
+            if cut is None:
+                sealed.append(header(cid, _DATA_KIND ^ kind_mask, (n & _LOW32) ^ low_mask) + body)
+            else:
+                trailer = _CLEAR_LEN.pack(len(cut[1]) ^ clear_mask(masks, at)[0])
+                sealed.append(
+                    header(cid, _PT_KIND ^ kind_mask, (n & _LOW32) ^ low_mask) + body + cut[1] + trailer
+                )
+            n += 1
+        return sealed
 
     @property
     def highest_received(self) -> int:
@@ -644,7 +761,7 @@ class DatagramSession:
             kind, low = protected(datagram)
             kind_mask, low_mask = mask(masks, j << 4)
             kind ^= kind_mask
-            if kind != _DATA_KIND and kind != _CONTROL_KIND:
+            if kind != _DATA_KIND and kind != _CONTROL_KIND and kind != _PT_KIND:
                 continue
             low ^= low_mask
             highest = window.highest
@@ -658,10 +775,16 @@ class DatagramSession:
             if n >= MAX_COUNTER or (n <= highest and not window.check(n)):
                 continue
             named = cid if datagram[:CID_LEN] == cid else bytes(datagram[:CID_LEN])
-            try:
-                payload = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low))
-            except InvalidTag:
-                continue
+            if kind == _PT_KIND:
+                payload_pt = self._open_pt(datagram, n, header(named, kind, low), masks, j << 4)
+                if payload_pt is None:
+                    continue
+                payload, kind = payload_pt, _DATA_KIND
+            else:
+                try:
+                    payload = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low))
+                except InvalidTag:
+                    continue
             if n > highest:
                 self.newest_connection_id = named
             window.update(n)
@@ -670,6 +793,27 @@ class DatagramSession:
         if authentic:
             self.confirmed = True
         return opened
+
+    def _open_pt(
+        self, datagram: bytes | memoryview, n: int, header: bytes, masks: bytes, at: int
+    ) -> bytes | None:
+        """The payload of DATA-PT datagram ``datagram`` (counter ``n``, clear ``header``): its sealed part
+        opened, the clear runs put back; None when the tag, the trailer or the run table is wrong."""
+        size = len(datagram)
+        clear_len = (
+            _CLEAR_LEN.unpack_from(datagram, size - _CLEAR_LEN.size)[0]
+            ^ _CLEAR_MASK.unpack_from(masks, at)[0]
+        )
+        end = size - _CLEAR_LEN.size - clear_len
+        if end < DATA_HEADER_LEN + TAGLEN + 1:
+            return None
+        try:
+            sealed = self._decrypt(
+                self._nonce(n), datagram[DATA_HEADER_LEN:end], header + _CLEAR_LEN.pack(clear_len)
+            )
+        except InvalidTag:
+            return None
+        return _reinsert(sealed, datagram[end : size - _CLEAR_LEN.size])
 
 
 class PeerPath:
