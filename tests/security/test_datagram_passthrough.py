@@ -97,7 +97,8 @@ def test_the_layout_is_as_documented() -> None:
     mask = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(d[13:29])
     kind, _counter = struct.unpack(">BI", bytes(a ^ b for a, b in zip(d[8:13], mask, strict=False)))
     assert d[:CID_LEN] == c.connection_id
-    assert kind == DatagramType.DATA_PT == 0x05
+    assert kind == 0x05
+    assert DatagramType.DATA_PT.value == kind
     (clear_len,) = struct.unpack(">H", bytes(a ^ b for a, b in zip(d[-2:], mask[5:7], strict=True)))
     assert clear_len == 134
     assert d[-2 - 134 : -2] == payload[10:80] + payload[100:164]
@@ -223,7 +224,8 @@ def test_fuzz_open_never_raises_and_never_makes_up_a_payload(
         if got is None:
             continue
         # it opened: only run bytes may differ from what was sent
-        assert isinstance(got, bytes) and len(got) == len(payload)
+        assert isinstance(got, bytes)
+        assert len(got) == len(payload)
         run_bytes = {i for o, n in runs for i in range(o, o + n)}
         assert all(got[i] == payload[i] for i in range(len(payload)) if i not in run_bytes)
 

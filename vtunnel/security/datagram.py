@@ -110,14 +110,14 @@ __all__ = [
     "MIN_REPLY_DATAGRAM",
     "MIN_RESET_DATAGRAM",
     "PT_OVERHEAD",
-    "RUN_ENTRY",
     "REPLY_REPEAT_LIMIT",
     "RESET_TOKEN_LEN",
     "RETRANSMIT_PERIOD",
+    "RUN_ENTRY",
     "SALT_LEN",
+    "ClearRuns",
     "ConnectionIdLayout",
     "ControlKind",
-    "ClearRuns",
     "ControlMessage",
     "DatagramClient",
     "DatagramServer",
@@ -452,7 +452,7 @@ def _cut_runs(payload: bytes, runs: ClearRuns) -> tuple[bytes, bytes]:
     if len(runs) > MAX_RUNS:
         raise SecurityError(f"a datagram holds at most {MAX_RUNS} clear runs")
     view = memoryview(payload)
-    table = [bytes((len(runs),))]
+    table: list[bytes | memoryview] = [bytes((len(runs),))]
     sealed: list[bytes | memoryview] = []
     clear: list[bytes | memoryview] = []
     cursor = 0
