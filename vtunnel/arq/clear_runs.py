@@ -1,0 +1,176 @@
+"""Which bytes of a KCP session's outgoing datagrams are bodies of lite-tls PASSTHROUGH frames: the clear runs of
+sealed datagram v4 (docs/security.md, "lite-tls passthrough records").
+
+The sender's link gives :meth:`ClearRunTracker.sent` every byte it hands to KCP, which is a stream of tunnel
+frames: the tracker follows their 9-byte headers and keeps, in stream offsets, the range of each PASSTHROUGH
+DATA frame's TLS record body (its payload after the 5-byte TLS record header, which stays sealed).
+
+ikcp in stream mode cuts that byte stream into segments of consecutive sequence numbers, so a segment's stream
+offset is the sum of the lengths of the segments before it; and it emits every new segment in sequence order
+before any retransmission of it. :meth:`ClearRunTracker.runs` therefore reads each outgoing datagram's segment
+headers, gives a new segment (the next sequence number) the next offset, finds a retransmitted one's among the
+last ``window`` segments, and answers the datagram's ranges that are passthrough body bytes, in datagram
+offsets. A segment it cannot place (older than the window it remembers) gets no runs, and a sequence number
+beyond the next one (which ikcp never emits) turns the tracker off for good: a datagram without runs is sealed
+whole, so a wrong guess can only cost CPU, never put a byte in the clear that is not a passthrough body.
+
+Short runs stay sealed: a run costs 4 bytes of run table, and one under :data:`MIN_RUN` bytes saves less in
+the cipher than it adds in Python; at most ``max_runs`` (the longest) go clear per datagram, as many as the
+room the link keeps for the table holds.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from collections import deque
+from typing import Final
+
+from vtunnel.protocol.frames import FRAME_HEADER_SIZE, PASSTHROUGH, FrameType
+
+__all__ = ["MAX_RUNS", "MIN_RUN", "ClearRunTracker"]
+
+#: the shortest run that goes in the clear
+MIN_RUN: Final = 64
+#: the most runs one datagram carries by default: a full segment holds the end of one TLS record's body and the
+#: start of the next
+MAX_RUNS: Final = 2
+_TLS_HEADER: Final = 5
+_DATA: Final = int(FrameType.DATA)
+_SEGMENT: Final = struct.Struct("<4xB7xIII")  # cmd, sn, una, len (conv, frg, wnd, ts skipped)
+_SEGMENT_HEADER: Final = 24
+_PUSH: Final = 81
+_MASK32: Final = 0xFFFFFFFF
+
+
+class ClearRunTracker:
+    """The passthrough bodies of one KCP session's outgoing byte stream, and each outgoing datagram's share of
+    them (see the module's description). ``window``: how many of the newest segments' offsets are remembered
+    (at least the session's send window, the most segments ikcp has in flight)."""
+
+    __slots__ = (
+        "_ends",
+        "_first",
+        "_head",
+        "_max_runs",
+        "_min_run",
+        "_next_offset",
+        "_next_sn",
+        "_offset",
+        "_offsets",
+        "_skip",
+        "_starts",
+        "broken",
+    )
+
+    def __init__(self, *, window: int, min_run: int = MIN_RUN, max_runs: int = MAX_RUNS) -> None:
+        self._min_run = max(1, min_run)
+        self._max_runs = max_runs
+        self._offset = 0  # stream bytes given to sent()
+        self._skip = 0  # bytes of the current frame still to come after the last call
+        self._head = b""  # the first bytes of a frame header cut by the last call
+        # passthrough bodies [start, end), in stream order; entries before _first are forgotten
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._first = 0
+        self._next_sn = 0
+        self._next_offset = 0
+        self._offsets: deque[int] = deque(
+            maxlen=max(1, window)
+        )  # offsets of segments next_sn - len .. next_sn - 1
+        #: a segment came out of order (not ikcp's behaviour): no runs from now on
+        self.broken = False
+
+    def sent(self, data: bytes | memoryview) -> None:
+        """``data`` was handed to KCP, after everything before."""
+        view = memoryview(data)
+        size = len(view)
+        base = self._offset
+        self._offset = base + size
+        pos = self._skip
+        if self._head:
+            need = FRAME_HEADER_SIZE - len(self._head)
+            if size < need:
+                self._head += bytes(view)
+                return
+            pos = need + self._frame(self._head + bytes(view[:need]), base + need)
+            self._head = b""
+        while pos + FRAME_HEADER_SIZE <= size:
+            pos += FRAME_HEADER_SIZE + self._frame(
+                view[pos : pos + FRAME_HEADER_SIZE], base + pos + FRAME_HEADER_SIZE
+            )
+        if pos >= size:
+            self._skip = pos - size
+        else:
+            self._skip = 0
+            self._head = bytes(view[pos:])
+
+    def _frame(self, header: bytes | memoryview, payload_at: int) -> int:
+        """Note the frame whose ``header`` this is (its payload at stream offset ``payload_at``); its length."""
+        length = (header[0] << 16) | (header[1] << 8) | header[2]
+        if header[3] == _DATA and header[4] == PASSTHROUGH and length - _TLS_HEADER >= self._min_run:
+            self._starts.append(payload_at + _TLS_HEADER)
+            self._ends.append(payload_at + length)
+        return length
+
+    def runs(self, datagram: bytes | memoryview) -> list[tuple[int, int]]:
+        """The ``(offset, length)`` ranges of ``datagram`` (one KCP output datagram, in the order ikcp emitted
+        them) that are passthrough body bytes, ordered; ``[]`` for none."""
+        found: list[tuple[int, int]] = []
+        size = len(datagram)
+        pos = 0
+        while pos + _SEGMENT_HEADER <= size:
+            cmd, sn, _una, length = _SEGMENT.unpack_from(datagram, pos)
+            data_at = pos + _SEGMENT_HEADER
+            pos = data_at + length
+            if cmd != _PUSH or not length:
+                continue
+            offset = self._place(sn, length)
+            if offset is not None and self._first < len(self._ends):
+                self._overlap(offset, length, data_at, found)
+        if len(found) > self._max_runs:
+            found = sorted(sorted(found, key=lambda run: run[1], reverse=True)[: self._max_runs])
+        return found
+
+    def _place(self, sn: int, length: int) -> int | None:
+        """The stream offset of segment ``sn`` (of ``length`` bytes), or None when it cannot be known."""
+        if self.broken:
+            return None
+        offsets = self._offsets
+        if sn == self._next_sn:
+            offset = self._next_offset
+            if len(offsets) == offsets.maxlen:
+                self._forget(offsets[1] if len(offsets) > 1 else offset)
+            offsets.append(offset)
+            self._next_sn = (sn + 1) & _MASK32
+            self._next_offset = offset + length
+            return offset
+        back = (self._next_sn - sn) & _MASK32
+        if back <= len(offsets):
+            return offsets[-back]
+        if back > _MASK32 // 2:  # ahead of the next one: the order ikcp keeps did not hold
+            self.broken = True
+        return None
+
+    def _forget(self, before: int) -> None:
+        """Bodies that end at or before stream offset ``before`` (no remembered segment reaches them) go."""
+        ends = self._ends
+        first = bisect_right(ends, before, self._first)
+        if first > 1024 and first * 2 > len(ends):
+            del ends[:first]
+            del self._starts[:first]
+            first = 0
+        self._first = first
+
+    def _overlap(self, offset: int, length: int, data_at: int, found: list[tuple[int, int]]) -> None:
+        """Add the parts of bodies inside stream range ``[offset, offset + length)`` as datagram runs."""
+        starts, ends = self._starts, self._ends
+        end = offset + length
+        i = bisect_right(ends, offset, self._first)
+        count = len(ends)
+        while i < count and starts[i] < end:
+            lo = max(starts[i], offset)
+            hi = min(ends[i], end)
+            if hi - lo >= self._min_run:
+                found.append((data_at + lo - offset, hi - lo))
+            i += 1
