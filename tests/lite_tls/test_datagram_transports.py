@@ -1,6 +1,7 @@
-"""lite-tls over the datagram transports (kcp://, rudp:// with a key): their links do not carry passthrough
-records, so the extension is not offered and a lite-tls stream is relayed as an ordinary sealed one. HTTPS
-through agent and server (curl, SOCKS5) is byte-exact and no stream leaves the tunnel."""
+"""lite-tls over the datagram transports whose links do not carry passthrough records (rudp:// with a key, and
+kcp:// with a key and fec=, whose parity mixes every byte): the extension is not offered and a lite-tls stream is
+relayed as an ordinary sealed one. HTTPS through agent and server (curl, SOCKS5) is byte-exact and no stream
+leaves the tunnel. (kcp:// with a key carries them: test_muxed_kcp.py.)"""
 
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("scheme", ["kcp", "rudp"])
+@pytest.mark.parametrize(("scheme", "query"), [("rudp", ""), ("kcp", "?fec=10/3")])
 async def test_https_over_a_datagram_transport_stays_sealed_and_is_byte_exact(
-    scheme: str, ca_file: str, tmp_path: Path
+    scheme: str, query: str, ca_file: str, tmp_path: Path
 ) -> None:
     size = 4 * 1024 * 1024
     with capture_logs() as logs:
         async with (
             origin("1.3") as https,
-            agent_and_server(f"{scheme}://127.0.0.1:0", lambda port: f"{scheme}://127.0.0.1:{port}") as socks,
+            agent_and_server(
+                f"{scheme}://127.0.0.1:0{query}", lambda port: f"{scheme}://127.0.0.1:{port}{query}"
+            ) as socks,
         ):
             out = tmp_path / "body"
             with anyio.fail_after(120):

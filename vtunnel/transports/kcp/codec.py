@@ -17,7 +17,7 @@ import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Final, Generic, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import anyio
 from anyio.abc import SocketAttribute
@@ -29,6 +29,7 @@ from vtunnel.transports.link import Link, LinkConsumer, Refusals
 __all__ = [
     "LINGER",
     "ArqLink",
+    "ClearRuns",
     "ClientCodec",
     "Datagram",
     "ListenerCodec",
@@ -36,6 +37,7 @@ __all__ = [
     "Runs",
     "Sealer",
     "Send",
+    "SendMany",
     "Stray",
     "Transmit",
     "take_each",
@@ -44,12 +46,34 @@ __all__ = [
 
 #: one datagram: a whole buffer, or a view of one datagram of a run
 Datagram: TypeAlias = bytes | memoryview
-#: seals a batch of the ARQ's datagrams: one wire datagram for each, in order
-Sealer: TypeAlias = Callable[[list[bytes]], list[bytes]]
+#: the clear runs of one datagram, ``(offset, length)`` ranges of it (lite-tls passthrough bodies; sealed
+#: datagram v4's DATA-PT, :meth:`vtunnel.security.datagram.DatagramSession.seal_many`)
+ClearRuns: TypeAlias = Sequence[tuple[int, int]]
+
+
+class Sealer(Protocol):
+    """Seals a batch of the ARQ's datagrams: one wire datagram for each, in order; ``runs`` (one entry per
+    datagram) the ranges that stay in the clear."""
+
+    def __call__(self, datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /) -> list[bytes]: ...
+
+
 #: sends one datagram to an address (what a codec answers with: handshake replies, challenges, resets)
 Send: TypeAlias = Callable[[bytes, Address], None]
-#: sends a batch of datagrams to an address (a session's output)
-Transmit: TypeAlias = Callable[[list[bytes], Address], None]
+#: sends a batch of datagrams to an address as they are (the socket's ``sendto_many``)
+SendMany: TypeAlias = Callable[[list[bytes], Address], None]
+
+
+class Transmit(Protocol):
+    """A session's output: sends a batch of its ARQ's datagrams to an address; ``runs`` (one entry per datagram,
+    from a link that carries passthrough records) the ranges a sealing output leaves in the clear, which any
+    other ignores."""
+
+    def __call__(
+        self, datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
+    ) -> None: ...
+
+
 #: runs of one session's datagrams: ``(buffer, segment)`` (see :data:`~vtunnel.io.datagrams.Run`)
 Runs: TypeAlias = list[tuple[bytes, int]]
 #: where a datagram that a codec could not open in its batch goes (routed on its own)
@@ -195,13 +219,22 @@ def take_each(link: RoutedLink, buffer: bytes, segment: int, into: list[Datagram
     return True
 
 
-def transmitter(send_many: Transmit, seal: Sealer | None) -> Transmit:
-    """A session's output: ``send_many``, with every batch sealed first when there is a ``seal``."""
+def transmitter(send_many: SendMany, seal: Sealer | None) -> Transmit:
+    """A session's output: ``send_many``, with every batch sealed first (with its clear runs) when there is a
+    ``seal``."""
     if seal is None:
-        return send_many
 
-    def transmit(datagrams: list[bytes], address: Address) -> None:
-        send_many(seal(datagrams), address)
+        def send(
+            datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
+        ) -> None:
+            send_many(datagrams, address)
+
+        return send
+
+    def transmit(
+        datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
+    ) -> None:
+        send_many(seal(datagrams, runs), address)
 
     return transmit
 
