@@ -303,10 +303,13 @@ class Runner:
                     sink, address = start_stall_sink(scope, stalling[0].settings(quick=self.options.quick))
                     side.append(address)
                 splice_port = None
+                # splice mode is tcp:// and tls://'s: over kcp:// the rows are muxed, off and direct
+                spliceable = job.system.transport in ("tcp", "tls")
                 if https:  # the agent's stream to the TLS source is lite-tls (chosen by its first bytes)
                     sources = start_tls_sources(scope, 1)
                     side += [address for _, address in sources]
-                    splice_port = free_port()
+                    if spliceable:
+                        splice_port = free_port()
                 if plain_spliced:
                     splice_port = free_port()
                 stack = start_stack(
@@ -324,10 +327,11 @@ class Runner:
                     stack.side_entries["plain-spliced"] = start_side_agent(
                         stack, scope, psk_file, "agent-plain-spliced", stack.target, splice_port=splice_port
                     )
-                if https:  # and two more agents to the source: spliced, and lite-tls off
-                    stack.side_entries["spliced"] = start_side_agent(
-                        stack, scope, psk_file, "agent-spliced", sources[0][1], splice_port=splice_port
-                    )
+                if https:  # and two more agents to the source: spliced (where it can), and lite-tls off
+                    if spliceable:
+                        stack.side_entries["spliced"] = start_side_agent(
+                            stack, scope, psk_file, "agent-spliced", sources[0][1], splice_port=splice_port
+                        )
                     stack.side_entries["off"] = start_side_agent(
                         stack, scope, psk_file, "agent-off", sources[0][1], extra=["--no-lite-tls"]
                     )

@@ -235,6 +235,18 @@ SCENARIOS: tuple[Scenario, ...] = (
         only=("vtunnel-tcp+psk",),
     ),
     Scenario(
+        name="https-lite-kcp",
+        kind="https_lite",
+        description="the same HTTPS-like bulk download over kcp:// with the key: lite-tls muxed (sealed datagram "
+        "v4, the bodies in clear runs) against lite-tls off (an agent with --no-lite-tls to the same server) and "
+        "direct; CPU s/GB of agent and server",
+        params={"bytes": 256 * MiB, "timeout": 180},
+        quick={"bytes": 64 * MiB, "timeout": 90},
+        vtunnel_only=True,
+        own_stack=True,
+        only=("vtunnel-kcp+psk",),
+    ),
+    Scenario(
         name="idle-cpu",
         kind="idle_cpu",
         description="CPU of a quiet tunnel with one open idle stream (agent and server, /proc/PID/stat)",

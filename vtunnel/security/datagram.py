@@ -7,6 +7,8 @@ Layouts (integers big endian; full description in ``docs/security.md``)::
     REPLY   (server -> client)  salt (16) | ChaCha20[K_s2c(salt)](initial CID (8) | Noise message 2)
     DATA    (both ways)         CID (8) | HP(kind 03 | counter low 32 bits) | AEAD ciphertext + tag 16
     CONTROL (both ways)         CID (8) | HP(kind 04 | counter low 32 bits) | AEAD(kind 1 | data 8 | padding) + tag 16
+    DATA-PT (both ways)         CID (8) | HP(kind 05 | counter low 32 bits) | AEAD(run table | the rest) + tag 16
+                                | clear runs | u16 runs' length XOR header mask bytes 5..6
     RESET   (server -> client)  CID (8) | random 13..219 | reset token 16   (DATA-shaped, see below)
 
 Handshake datagrams. ``K(salt)`` is ``BLAKE2s(key=PSK, person=direction label, data=salt)``; the salt is
@@ -17,6 +19,11 @@ anti-replay token, the cipher offer and padding (see :mod:`.handshake`); the ini
 prologue's tail, so it is authenticated. REPLY's payload is the connection ID the server assigns, the chosen
 cipher's code, then padding; the client drops a reply whose unmasked initial CID is not its own before any
 Diffie-Hellman.
+
+DATA-PT (v4) is DATA whose payload has clear runs (lite-tls passthrough bodies, ``docs/security.md``): the run
+table (``u8 r | r x (u16 offset, u16 length)``) and the payload with the runs cut out are sealed, the runs follow
+the tag, and their total length closes the datagram under the header mask; the associated data adds it to the 13
+header bytes. A table whose runs are not ordered, overlap, are empty or leave the payload drops the datagram.
 
 DATA and CONTROL. A datagram is sealed with the chosen cipher (:mod:`.ciphers`) under its direction's key;
 its nonce is the full 64-bit counter and its associated data the 13 header bytes *before* header protection
