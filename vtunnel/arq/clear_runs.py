@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 from bisect import bisect_right
 from collections import deque
+from functools import lru_cache
 from typing import Final
 
 from vtunnel.protocol.frames import FRAME_HEADER_SIZE, PASSTHROUGH, FrameType
@@ -41,6 +42,12 @@ _SEGMENT: Final = struct.Struct("<4xB7xIII")  # cmd, sn, una, len (conv, frg, wn
 _SEGMENT_HEADER: Final = 24
 _PUSH: Final = 81
 _MASK32: Final = 0xFFFFFFFF
+
+
+@lru_cache(maxsize=128)
+def _lengths(count: int) -> struct.Struct:
+    """The data lengths of ``count`` back-to-back segment headers."""
+    return struct.Struct("<" + "20xI" * count)
 
 
 class ClearRunTracker:
@@ -118,6 +125,8 @@ class ClearRunTracker:
         them) that are passthrough body bytes, ordered; ``[]`` for none."""
         found: list[tuple[int, int]] = []
         size = len(datagram)
+        if size % _SEGMENT_HEADER == 0 and not any(_lengths(size // _SEGMENT_HEADER).unpack_from(datagram)):
+            return found  # data-less segments only (ACKs, window probes): nothing to place
         pos = 0
         while pos + _SEGMENT_HEADER <= size:
             cmd, sn, _una, length = _SEGMENT.unpack_from(datagram, pos)
