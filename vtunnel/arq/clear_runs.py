@@ -42,6 +42,8 @@ _SEGMENT: Final = struct.Struct("<4xB7xIII")  # cmd, sn, una, len (conv, frg, wn
 _SEGMENT_HEADER: Final = 24
 _PUSH: Final = 81
 _MASK32: Final = 0xFFFFFFFF
+#: bodies behind the cursor before the ones no remembered segment reaches are dropped
+_PRUNE_AT: Final = 4096
 
 
 @lru_cache(maxsize=128)
@@ -56,8 +58,8 @@ class ClearRunTracker:
     (at least the session's send window, the most segments ikcp has in flight)."""
 
     __slots__ = (
+        "_cursor",
         "_ends",
-        "_first",
         "_head",
         "_max_runs",
         "_min_run",
@@ -76,10 +78,10 @@ class ClearRunTracker:
         self._offset = 0  # stream bytes given to sent()
         self._skip = 0  # bytes of the current frame still to come after the last call
         self._head = b""  # the first bytes of a frame header cut by the last call
-        # passthrough bodies [start, end), in stream order; entries before _first are forgotten
+        # passthrough bodies [start, end), in stream order; those before the cursor end before the newest segment
         self._starts: list[int] = []
         self._ends: list[int] = []
-        self._first = 0
+        self._cursor = 0
         self._next_sn = 0
         self._next_offset = 0
         self._offsets: deque[int] = deque(
@@ -127,59 +129,52 @@ class ClearRunTracker:
         size = len(datagram)
         if size % _SEGMENT_HEADER == 0 and not any(_lengths(size // _SEGMENT_HEADER).unpack_from(datagram)):
             return found  # data-less segments only (ACKs, window probes): nothing to place
+        unpack = _SEGMENT.unpack_from
+        starts, ends = self._starts, self._ends
+        count = len(ends)
         pos = 0
         while pos + _SEGMENT_HEADER <= size:
-            cmd, sn, _una, length = _SEGMENT.unpack_from(datagram, pos)
+            cmd, sn, _una, length = unpack(datagram, pos)
             data_at = pos + _SEGMENT_HEADER
             pos = data_at + length
-            if cmd != _PUSH or not length:
+            if cmd != _PUSH or not length or self.broken:
                 continue
-            offset = self._place(sn, length)
-            if offset is not None and self._first < len(self._ends):
-                self._overlap(offset, length, data_at, found)
+            if (
+                sn == self._next_sn
+            ):  # a new segment: the next offset; the bodies before it are behind the cursor
+                offset = self._next_offset
+                self._offsets.append(offset)
+                self._next_sn = (sn + 1) & _MASK32
+                self._next_offset = offset + length
+                i = self._cursor
+                while i < count and ends[i] <= offset:
+                    i += 1
+                self._cursor = i
+            else:  # a retransmission, or a sequence number ikcp would never emit
+                back = (self._next_sn - sn) & _MASK32
+                offsets = self._offsets
+                if back > len(offsets):
+                    if back > _MASK32 // 2:  # ahead of the next one: the order ikcp keeps did not hold
+                        self.broken = True
+                    continue
+                offset = offsets[-back]
+                i = bisect_right(ends, offset)
+            end = offset + length
+            while i < count and starts[i] < end:
+                lo = starts[i] if starts[i] > offset else offset
+                hi = ends[i] if ends[i] < end else end
+                if hi - lo >= self._min_run:
+                    found.append((data_at + lo - offset, hi - lo))
+                i += 1
+        if self._cursor > _PRUNE_AT:
+            self._prune()
         if len(found) > self._max_runs:
             found = sorted(sorted(found, key=lambda run: run[1], reverse=True)[: self._max_runs])
         return found
 
-    def _place(self, sn: int, length: int) -> int | None:
-        """The stream offset of segment ``sn`` (of ``length`` bytes), or None when it cannot be known."""
-        if self.broken:
-            return None
-        offsets = self._offsets
-        if sn == self._next_sn:
-            offset = self._next_offset
-            if len(offsets) == offsets.maxlen:
-                self._forget(offsets[1] if len(offsets) > 1 else offset)
-            offsets.append(offset)
-            self._next_sn = (sn + 1) & _MASK32
-            self._next_offset = offset + length
-            return offset
-        back = (self._next_sn - sn) & _MASK32
-        if back <= len(offsets):
-            return offsets[-back]
-        if back > _MASK32 // 2:  # ahead of the next one: the order ikcp keeps did not hold
-            self.broken = True
-        return None
-
-    def _forget(self, before: int) -> None:
-        """Bodies that end at or before stream offset ``before`` (no remembered segment reaches them) go."""
-        ends = self._ends
-        first = bisect_right(ends, before, self._first)
-        if first > 1024 and first * 2 > len(ends):
-            del ends[:first]
-            del self._starts[:first]
-            first = 0
-        self._first = first
-
-    def _overlap(self, offset: int, length: int, data_at: int, found: list[tuple[int, int]]) -> None:
-        """Add the parts of bodies inside stream range ``[offset, offset + length)`` as datagram runs."""
-        starts, ends = self._starts, self._ends
-        end = offset + length
-        i = bisect_right(ends, offset, self._first)
-        count = len(ends)
-        while i < count and starts[i] < end:
-            lo = max(starts[i], offset)
-            hi = min(ends[i], end)
-            if hi - lo >= self._min_run:
-                found.append((data_at + lo - offset, hi - lo))
-            i += 1
+    def _prune(self) -> None:
+        """Forget the bodies that end before the oldest remembered segment (no datagram can carry them again)."""
+        gone = bisect_right(self._ends, self._offsets[0], 0, self._cursor)
+        del self._ends[:gone]
+        del self._starts[:gone]
+        self._cursor -= gone

@@ -222,6 +222,7 @@ _CLEAR_LEN = struct.Struct(">H")
 _CLEAR_MASK = struct.Struct(">5xH9x")
 #: one entry of a DATA-PT run table: offset and length in the datagram (the ARQ's bytes, runs included)
 _RUN = struct.Struct(">HH")
+_ONE_RUN = b"\x01"
 #: the most runs one DATA-PT datagram's table holds
 MAX_RUNS = 255
 #: bytes a DATA-PT datagram adds to a DATA one: the run count, the trailer, and 4 per run
@@ -456,9 +457,15 @@ def _cut_runs(payload: bytes, runs: ClearRuns) -> tuple[bytes, bytes]:
     """A DATA-PT datagram's sealed plaintext (run table, then ``payload`` with the runs cut out) and its clear
     bytes (the runs, in order). Raises :class:`SecurityError` for runs that are not ordered, not inside
     ``payload``, empty, overlapping, or more than :data:`MAX_RUNS`."""
+    view = memoryview(payload)
+    if len(runs) == 1:  # the common case: one body across the segment
+        offset, length = runs[0]
+        end = offset + length
+        if length <= 0 or offset < 0 or end > len(view):
+            raise SecurityError("clear runs must be ordered, inside the datagram and not overlap")
+        return b"".join((_ONE_RUN, _RUN.pack(offset, length), view[:offset], view[end:])), payload[offset:end]
     if len(runs) > MAX_RUNS:
         raise SecurityError(f"a datagram holds at most {MAX_RUNS} clear runs")
-    view = memoryview(payload)
     table: list[bytes | memoryview] = [bytes((len(runs),))]
     sealed: list[bytes | memoryview] = []
     clear: list[bytes | memoryview] = []
@@ -481,6 +488,13 @@ def _reinsert(sealed: bytes, clear: bytes | memoryview) -> bytes | None:
     rest = 1 + count * _RUN.size
     if len(sealed) < rest:
         return None
+    if count == 1:
+        offset, length = _RUN.unpack_from(sealed, 1)
+        if length == 0 or length != len(clear) or offset > len(sealed) - rest:
+            return None
+        return b"".join(
+            (memoryview(sealed)[rest : rest + offset], clear, memoryview(sealed)[rest + offset :])
+        )
     total = len(sealed) - rest + len(clear)
     parts: list[bytes | memoryview] = []
     cursor = 0
@@ -691,9 +705,8 @@ class DatagramSession:
                 sealed.append(header(cid, _DATA_KIND ^ kind_mask, (n & _LOW32) ^ low_mask) + body)
             else:
                 trailer = _CLEAR_LEN.pack(len(cut[1]) ^ clear_mask(masks, at)[0])
-                sealed.append(
-                    header(cid, _PT_KIND ^ kind_mask, (n & _LOW32) ^ low_mask) + body + cut[1] + trailer
-                )
+                head = header(cid, _PT_KIND ^ kind_mask, (n & _LOW32) ^ low_mask)
+                sealed.append(b"".join((head, body, cut[1], trailer)))
             n += 1
         return sealed
 
@@ -820,7 +833,7 @@ class DatagramSession:
             )
         except InvalidTag:
             return None
-        return _reinsert(sealed, datagram[end : size - _CLEAR_LEN.size])
+        return _reinsert(sealed, memoryview(datagram)[end : size - _CLEAR_LEN.size])
 
 
 class PeerPath:
