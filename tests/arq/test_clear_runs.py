@@ -150,3 +150,15 @@ def test_a_segment_out_of_order_turns_the_tracker_off() -> None:
     assert tracker.broken
     first = _SEGMENT.pack(1, 81, 0, 32, 0, 0, 0, len(stream)) + stream
     assert tracker.runs(first) == []
+
+
+def test_a_fixed_table_pads_with_empty_runs_at_the_end() -> None:
+    body = bytes(300)
+    payload = b"\x17\x03\x03" + len(body).to_bytes(2, "big") + body
+    stream = struct.pack(">IBI", len(payload) << 8, PASSTHROUGH, 1) + payload
+    tracker = ClearRunTracker(window=4, fixed_table=True)
+    tracker.sent(stream)
+    segment = _SEGMENT.pack(1, 81, 0, 32, 0, 0, 0, len(stream)) + stream
+    assert tracker.runs(segment) == [(24 + 14, 300), (len(segment), 0)]
+    ack = _SEGMENT.pack(1, 82, 0, 32, 0, 0, 0, 0)
+    assert tracker.runs(ack) == []  # no runs, no table

@@ -56,9 +56,9 @@ def payload_and_runs(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int]]]:
     payload = draw(st.binary(min_size=0, max_size=1400))
     cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=12, unique=True)))
     runs: list[tuple[int, int]] = []
-    # consecutive pairs of cut points are runs (some dropped): ordered, apart or touching, never empty
+    # consecutive pairs of cut points are runs (some dropped): ordered, apart or touching, some empty
     for start, end in zip(cuts[::2], cuts[1::2], strict=False):
-        if end > start and draw(st.booleans()):
+        if draw(st.booleans()):
             runs.append((start, end - start))
     return payload, runs
 
@@ -107,6 +107,15 @@ def test_the_layout_is_as_documented() -> None:
     assert server_session.open(d) == payload
 
 
+def test_empty_runs_pad_a_table_to_a_fixed_size() -> None:
+    c, server_session = established()
+    payload = bytes(range(200))
+    one = client_session(c).seal_many([payload], [[(10, 100), (200, 0)]])[0]
+    two = client_session(c).seal_many([payload], [[(10, 50), (100, 60)]])[0]
+    assert len(one) == len(two) == len(payload) + DATAGRAM_OVERHEAD + PT_OVERHEAD + 2 * RUN_ENTRY
+    assert server_session.open_many([one, two]) == [payload, payload]
+
+
 def test_a_payload_without_runs_is_an_ordinary_data_datagram() -> None:
     c, server_session = established()
     plain, pt = client_session(c).seal_many([b"abc" * 30, b"x" * 100], [(), [(0, 100)]])
@@ -117,7 +126,6 @@ def test_a_payload_without_runs_is_an_ordinary_data_datagram() -> None:
 @pytest.mark.parametrize(
     "runs",
     [
-        [(5, 0)],  # empty
         [(0, 10), (5, 10)],  # overlapping
         [(20, 5), (0, 5)],  # not ordered
         [(95, 10)],  # leaves the payload
@@ -173,7 +181,6 @@ def _forged_tables(session: DatagramSession, payload: bytes) -> list[bytes]:
 
     out = []
     bad_tables = [
-        [(10, 0)],  # empty run
         [(10, 20), (15, 20)],  # overlap
         [(40, 5), (10, 5)],  # disorder
         [(len(payload) + 1, 5)],  # outside: the datagram is len(payload) + 5 bytes long

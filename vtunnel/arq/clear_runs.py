@@ -16,7 +16,10 @@ whole, so a wrong guess can only cost CPU, never put a byte in the clear that is
 
 Short runs stay sealed: a run costs 4 bytes of run table, and one under :data:`MIN_RUN` bytes saves less in
 the cipher than it adds in Python; at most ``max_runs`` (the longest) go clear per datagram, as many as the
-room the link keeps for the table holds.
+room the link keeps for the table holds. With ``fixed_table`` a datagram that has runs gets exactly ``max_runs``
+entries, the missing ones empty runs at its end, so that all full datagrams with runs have one size: the sockets
+send and receive runs of equal-size datagrams in one system call (UDP GSO and GRO), which datagrams of two or
+three sizes in turn would break up.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class ClearRunTracker:
     __slots__ = (
         "_cursor",
         "_ends",
+        "_fixed_table",
         "_head",
         "_max_runs",
         "_min_run",
@@ -72,9 +76,12 @@ class ClearRunTracker:
         "broken",
     )
 
-    def __init__(self, *, window: int, min_run: int = MIN_RUN, max_runs: int = MAX_RUNS) -> None:
+    def __init__(
+        self, *, window: int, min_run: int = MIN_RUN, max_runs: int = MAX_RUNS, fixed_table: bool = False
+    ) -> None:
         self._min_run = max(1, min_run)
         self._max_runs = max_runs
+        self._fixed_table = fixed_table
         self._offset = 0  # stream bytes given to sent()
         self._skip = 0  # bytes of the current frame still to come after the last call
         self._head = b""  # the first bytes of a frame header cut by the last call
@@ -170,6 +177,10 @@ class ClearRunTracker:
             self._prune()
         if len(found) > self._max_runs:
             found = sorted(sorted(found, key=lambda run: run[1], reverse=True)[: self._max_runs])
+        elif found and self._fixed_table and len(found) < self._max_runs:
+            # empty runs at the end: every datagram with runs has a table of max_runs entries, so the full ones
+            # are all of one size (a run of equal sizes is one system call: UDP GSO and GRO)
+            found += [(size, 0)] * (self._max_runs - len(found))
         return found
 
     def _prune(self) -> None:

@@ -23,7 +23,7 @@ Diffie-Hellman.
 DATA-PT (v4) is DATA whose payload has clear runs (lite-tls passthrough bodies, ``docs/security.md``): the run
 table (``u8 r | r x (u16 offset, u16 length)``) and the payload with the runs cut out are sealed, the runs follow
 the tag, and their total length closes the datagram under the header mask; the associated data adds it to the 13
-header bytes. A table whose runs are not ordered, overlap, are empty or leave the payload drops the datagram.
+header bytes. A table whose runs are not ordered, overlap or leave the payload drops the datagram (empty runs pad a table).
 
 DATA and CONTROL. A datagram is sealed with the chosen cipher (:mod:`.ciphers`) under its direction's key;
 its nonce is the full 64-bit counter and its associated data the 13 header bytes *before* header protection
@@ -73,6 +73,8 @@ import struct
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
+from itertools import chain
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
@@ -222,7 +224,6 @@ _CLEAR_LEN = struct.Struct(">H")
 _CLEAR_MASK = struct.Struct(">5xH9x")
 #: one entry of a DATA-PT run table: offset and length in the datagram (the ARQ's bytes, runs included)
 _RUN = struct.Struct(">HH")
-_ONE_RUN = b"\x01"
 #: the most runs one DATA-PT datagram's table holds
 MAX_RUNS = 255
 #: bytes a DATA-PT datagram adds to a DATA one: the run count, the trailer, and 4 per run
@@ -456,62 +457,64 @@ def _control_message(payload: bytes) -> ControlMessage | None:
 def _cut_runs(payload: bytes, runs: ClearRuns) -> tuple[bytes, bytes]:
     """A DATA-PT datagram's sealed plaintext (run table, then ``payload`` with the runs cut out) and its clear
     bytes (the runs, in order). Raises :class:`SecurityError` for runs that are not ordered, not inside
-    ``payload``, empty, overlapping, or more than :data:`MAX_RUNS`."""
-    view = memoryview(payload)
-    if len(runs) == 1:  # the common case: one body across the segment
-        offset, length = runs[0]
-        end = offset + length
-        if length <= 0 or offset < 0 or end > len(view):
-            raise SecurityError("clear runs must be ordered, inside the datagram and not overlap")
-        return b"".join((_ONE_RUN, _RUN.pack(offset, length), view[:offset], view[end:])), payload[offset:end]
-    if len(runs) > MAX_RUNS:
+    ``payload``, overlapping, or more than :data:`MAX_RUNS`; empty runs are allowed (a table padded to a fixed
+    size)."""
+    count = len(runs)
+    if count > MAX_RUNS:
         raise SecurityError(f"a datagram holds at most {MAX_RUNS} clear runs")
-    table: list[bytes | memoryview] = [bytes((len(runs),))]
-    sealed: list[bytes | memoryview] = []
-    clear: list[bytes | memoryview] = []
+    view = memoryview(payload)
+    size = len(view)
+    sealed: list[bytes | memoryview] = [bytes((count,)) + _run_table(count).pack(*chain.from_iterable(runs))]
+    clear: list[memoryview] = []
     cursor = 0
     for offset, length in runs:
-        if length <= 0 or offset < cursor or offset + length > len(view):
+        end = offset + length
+        if length < 0 or offset < cursor or end > size:
             raise SecurityError("clear runs must be ordered, inside the datagram and not overlap")
-        table.append(_RUN.pack(offset, length))
-        sealed.append(view[cursor:offset])
-        clear.append(view[offset : offset + length])
-        cursor = offset + length
+        if length:
+            if offset > cursor:
+                sealed.append(view[cursor:offset])
+            clear.append(view[offset:end])
+            cursor = end
     sealed.append(view[cursor:])
-    return b"".join(table + sealed), b"".join(clear)
+    return b"".join(sealed), clear[0].tobytes() if len(clear) == 1 else b"".join(clear)
 
 
 def _reinsert(sealed: bytes, clear: bytes | memoryview) -> bytes | None:
     """The payload of an opened DATA-PT datagram: ``clear`` re-inserted where the run table says; None (a forgery)
-    for a table whose runs are not ordered, overlap, are empty, leave the datagram or do not add up to ``clear``."""
+    for a table whose runs are not ordered, overlap, leave the datagram or do not add up to ``clear`` (an empty
+    run is padding)."""
     count = sealed[0]
     rest = 1 + count * _RUN.size
-    if len(sealed) < rest:
+    size = len(sealed)
+    if size < rest:
         return None
-    if count == 1:
-        offset, length = _RUN.unpack_from(sealed, 1)
-        if length == 0 or length != len(clear) or offset > len(sealed) - rest:
-            return None
-        return b"".join(
-            (memoryview(sealed)[rest : rest + offset], clear, memoryview(sealed)[rest + offset :])
-        )
-    total = len(sealed) - rest + len(clear)
+    total = size - rest + len(clear)
+    view = memoryview(sealed)
     parts: list[bytes | memoryview] = []
-    cursor = 0
-    taken = 0
-    for offset, length in _RUN.iter_unpack(sealed[1:rest]):
-        if length == 0 or offset < cursor or offset + length > total:
+    add = parts.append
+    cursor = taken = 0
+    fields = iter(_run_table(count).unpack_from(sealed, 1))
+    for offset, length in zip(fields, fields, strict=True):
+        if offset < cursor or offset + length > total:
             return None
-        gap = offset - cursor
-        parts.append(sealed[rest : rest + gap])
-        rest += gap
-        parts.append(clear[taken : taken + length])
-        taken += length
+        if offset > cursor:
+            add(view[rest : rest + offset - cursor])
+            rest += offset - cursor
+        if length:
+            add(clear[taken : taken + length])
+            taken += length
         cursor = offset + length
     if taken != len(clear):
         return None
-    parts.append(sealed[rest:])
+    add(view[rest:])
     return b"".join(parts)
+
+
+@lru_cache(maxsize=16)
+def _run_table(count: int) -> struct.Struct:
+    """A run table of ``count`` entries, read in one call."""
+    return struct.Struct(">" + "HH" * count)
 
 
 class DatagramSession:

@@ -115,7 +115,7 @@ class KCPLink(ArqLink):
             return self._clear_runs is not None
         if not self._engine.reserve(PT_OVERHEAD + RUN_ENTRY * MAX_RUNS):
             return False
-        self._clear_runs = ClearRunTracker(window=2 * self._options.sndwnd)
+        self._clear_runs = ClearRunTracker(window=2 * self._options.sndwnd, fixed_table=True)
         return True
 
     # --- from the owner -------------------------------------------------------------------------------------
