@@ -116,6 +116,15 @@ def test_empty_runs_pad_a_table_to_a_fixed_size() -> None:
     assert server_session.open_many([one, two]) == [payload, payload]
 
 
+@given(st.binary(min_size=1, max_size=1400), st.data())
+def test_one_run_and_a_padding_entry_round_trips(payload: bytes, data: st.DataObject) -> None:
+    c, server_session = established()
+    offset = data.draw(st.integers(0, len(payload)))
+    length = data.draw(st.integers(0, len(payload) - offset))
+    d = client_session(c).seal_many([payload], [[(offset, length), (len(payload), 0)]])[0]
+    assert server_session.open(d) == payload
+
+
 def test_a_payload_without_runs_is_an_ordinary_data_datagram() -> None:
     c, server_session = established()
     plain, pt = client_session(c).seal_many([b"abc" * 30, b"x" * 100], [(), [(0, 100)]])

@@ -224,6 +224,9 @@ _CLEAR_LEN = struct.Struct(">H")
 _CLEAR_MASK = struct.Struct(">5xH9x")
 #: one entry of a DATA-PT run table: offset and length in the datagram (the ARQ's bytes, runs included)
 _RUN = struct.Struct(">HH")
+#: a table of one run padded with an empty run at the datagram's end: written, and read with its empty length
+_PADDED_ONE = struct.Struct(">BHHH2x")
+_PADDED_ONE_READ = struct.Struct(">BHHHH")
 #: the most runs one DATA-PT datagram's table holds
 MAX_RUNS = 255
 #: bytes a DATA-PT datagram adds to a DATA one: the run count, the trailer, and 4 per run
@@ -462,8 +465,15 @@ def _cut_runs(payload: bytes, runs: ClearRuns) -> tuple[bytes, bytes]:
     count = len(runs)
     if count > MAX_RUNS:
         raise SecurityError(f"a datagram holds at most {MAX_RUNS} clear runs")
+    size = len(payload)
+    if count == 2 and runs[1][1] == 0 and runs[1][0] == size:  # the common case: one run, the table padded
+        offset, length = runs[0]
+        end = offset + length
+        if length < 0 or offset < 0 or end > size:
+            raise SecurityError("clear runs must be ordered, inside the datagram and not overlap")
+        table = _PADDED_ONE.pack(2, offset, length, size)
+        return b"".join((table, payload[:offset], payload[end:])), payload[offset:end]
     view = memoryview(payload)
-    size = len(view)
     sealed: list[bytes | memoryview] = [bytes((count,)) + _run_table(count).pack(*chain.from_iterable(runs))]
     clear: list[memoryview] = []
     cursor = 0
@@ -489,6 +499,11 @@ def _reinsert(sealed: bytes, clear: bytes | memoryview) -> bytes | None:
     size = len(sealed)
     if size < rest:
         return None
+    if count == 2:
+        _count, offset, length, pad_at, pad = _PADDED_ONE_READ.unpack_from(sealed)
+        if pad == 0 and length == len(clear) and pad_at == size - rest + length and offset <= pad_at - length:
+            # one run, the table padded (what the link sends)
+            return b"".join((sealed[rest : rest + offset], clear, sealed[rest + offset :]))
     total = size - rest + len(clear)
     view = memoryview(sealed)
     parts: list[bytes | memoryview] = []
