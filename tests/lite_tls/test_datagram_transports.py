@@ -1,7 +1,7 @@
 """lite-tls over the datagram transports whose links do not carry passthrough records (rudp:// with a key, and
-kcp:// with a key and fec=, whose parity mixes every byte): the extension is not offered and a lite-tls stream is
-relayed as an ordinary sealed one. HTTPS through agent and server (curl, SOCKS5) is byte-exact and no stream
-leaves the tunnel. (kcp:// with a key carries them: test_muxed_kcp.py.)"""
+kcp:// with a key but without ``passthrough=on``): the extension is not offered and a lite-tls stream is relayed
+as an ordinary sealed one. HTTPS through agent and server (curl, SOCKS5) is byte-exact and no stream leaves the
+tunnel. (kcp:// with ``passthrough=on`` carries them: test_muxed_kcp.py.)"""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize(("scheme", "query"), [("rudp", ""), ("kcp", "?fec=10/3")])
+@pytest.mark.parametrize(("scheme", "query"), [("rudp", ""), ("kcp", ""), ("kcp", "?fec=10/3")])
 async def test_https_over_a_datagram_transport_stays_sealed_and_is_byte_exact(
     scheme: str, query: str, ca_file: str, tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""lite-tls muxed mode over kcp:// with a key (sealed datagram v4): agent and server in-process, a real HTTPS
+"""lite-tls muxed mode over kcp:// with a key and ``passthrough=on`` (sealed datagram v4): agent and server in-process, a real HTTPS
 origin and curl through SOCKS5. Between agent and server a UDP relay on loopback sees (and in one test tampers
 with) the server's datagrams; between the server and the origin a TCP relay records the origin's TLS records,
 so the test knows which bytes are the user's TLS record bodies and can look for them on the wire."""
@@ -111,7 +111,7 @@ async def kcp_tunnel(
     async with anyio.create_task_group() as tg:
         server = Server(
             ServerSettings(
-                listen=[Endpoint.parse("kcp://127.0.0.1:0")],
+                listen=[Endpoint.parse("kcp://127.0.0.1:0?passthrough=on")],
                 security=security,
                 policy=ExitPolicy(allow_private=True),
                 tunnel=config,
@@ -123,7 +123,7 @@ async def kcp_tunnel(
         try:
             agent = Agent(
                 AgentSettings(
-                    servers=[Endpoint.parse(f"kcp://127.0.0.1:{udp.port}")],
+                    servers=[Endpoint.parse(f"kcp://127.0.0.1:{udp.port}?passthrough=on")],
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=config,

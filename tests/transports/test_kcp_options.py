@@ -73,7 +73,7 @@ def test_every_option_field_can_be_set_from_the_url() -> None:
     assert opts.ackrepeat is False
     assert opts.fec == (10, 3)
     for f in fields(KCPOptions):
-        if f.name not in ("mode", "pacing", "ackrepeat", "fec"):
+        if f.name not in ("mode", "pacing", "ackrepeat", "fec", "passthrough"):
             assert str(getattr(opts, f.name)).rstrip("0").rstrip(".") == samples[f.name].rstrip("0").rstrip(
                 "."
             )
@@ -94,11 +94,18 @@ def test_every_option_field_can_be_set_from_the_url() -> None:
         ({"timeout": "nan"}, "timeout"),
         ({"idle": "0"}, "idle"),
         ({"interval": ""}, "interval"),
+        ({"passthrough": "maybe"}, "passthrough"),
+        ({"passthrough": "on", "fec": "10/3"}, "passthrough"),
     ],
 )
 def test_bad_options_name_the_option(params: dict[str, str], named: str) -> None:
     with pytest.raises(TransportError, match=repr(named)):
         parse_options(params)
+
+
+def test_passthrough_is_off_by_default_and_can_be_turned_on() -> None:
+    assert parse_options({}).passthrough is False
+    assert parse_options({"passthrough": "on"}).passthrough is True
 
 
 def test_check_and_registry() -> None:

@@ -64,7 +64,7 @@ class KCPLink(ArqLink):
         local_address: Address,
         remote_address: Address,
         on_close: Callable[[KCPLink], None] | None = None,
-        sealed: bool = False,
+        clear_runs: bool = False,
     ) -> None:
         super().__init__(
             transmit=transmit,
@@ -82,8 +82,8 @@ class KCPLink(ArqLink):
         #: the longest a held ACK waits for the armed timer: ikcp's flush tick, at most ACK_HOLD
         self._ack_hold = min(options.interval / 1000.0, ACK_HOLD)
         self._last_stats = LinkStats()  # what stats() gives once the engine is closed
-        #: the output seals (sealed datagram v4): passthrough bodies may go in the clear
-        self._sealed = sealed
+        #: the output seals and the session has ``passthrough``: passthrough bodies may go in the clear
+        self._may_clear = clear_runs
         #: the passthrough bodies of what is sent, once carry_passthrough_records said yes
         self._clear_runs: ClearRunTracker | None = None
         self._arm(self._watchdog_due)
@@ -108,10 +108,10 @@ class KCPLink(ArqLink):
         )
 
     def carry_passthrough_records(self) -> bool:
-        """With a key (and no FEC): the bodies of PASSTHROUGH frames leave as the clear runs of DATA-PT
-        datagrams (docs/security.md, sealed datagram v4). KCP's datagrams are made shorter by the room of a
-        run table (:data:`~vtunnel.arq.clear_runs.MAX_RUNS` entries), so a datagram with runs still fits."""
-        if not self._sealed or self._clear_runs is not None:
+        """With a key and ``passthrough`` (no FEC): the bodies of PASSTHROUGH frames leave as the clear runs of
+        DATA-PT datagrams (docs/security.md, sealed datagram v4). KCP's datagrams are made shorter by the room of
+        a run table (:data:`~vtunnel.arq.clear_runs.MAX_RUNS` entries), so a datagram with runs still fits."""
+        if not self._may_clear or self._clear_runs is not None:
             return self._clear_runs is not None
         if not self._engine.reserve(PT_OVERHEAD + RUN_ENTRY * MAX_RUNS):
             return False

@@ -41,9 +41,9 @@ def kcp_link(
     :class:`~vtunnel.transports.kcp.fec.FECLink` with ``options.fec``, else a :class:`KCPLink`. Raises
     :class:`~vtunnel.arq.kcp_engine.KCPEngineError` for options ikcp refuses."""
     link = KCPLink
-    sealed = overhead > 0  # passthrough bodies may go in the clear (not with FEC: parity mixes every byte)
+    # passthrough bodies may go in the clear: with a key and the option (never with FEC: parity mixes every byte)
+    clear_runs = overhead > 0 and options.passthrough and options.fec is None
     if options.fec is not None:
-        sealed = False
         overhead += FEC_OVERHEAD
         transmit = fec_transmitter(transmit, options.fec)
         link = FECLink
@@ -56,7 +56,7 @@ def kcp_link(
         local_address=local,
         remote_address=peer,
         on_close=on_close,
-        sealed=sealed,
+        clear_runs=clear_runs,
     )
 
 

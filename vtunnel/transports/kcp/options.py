@@ -62,6 +62,7 @@ _PARSERS: Final[Mapping[str, OptionParser]] = {
     "pacing": bool_option("kcp"),
     "ackrepeat": bool_option("kcp"),
     "fec": _fec,
+    "passthrough": bool_option("kcp"),
 }
 
 
@@ -76,6 +77,10 @@ def parse_options(params: Mapping[str, str]) -> KCPOptions:
     )
     overrides = parse_overrides("kcp", params, _PARSERS, skip=("mode",))
     opts = replace(opts, **overrides)  # type: ignore[arg-type]
+    if opts.passthrough and opts.fec is not None:
+        raise TransportError(
+            "kcp option 'passthrough' cannot be combined with 'fec': parity mixes every byte"
+        )
     if not opts.pacing and "sndwnd" not in overrides:
         # unpaced, ikcp puts a whole send window on the wire at once: 4096 segments overrun any shallow
         # queue and the session collapses (0.3 MB/s in kcpsim's 50 MB/s model), so keep kcptun's 1024
