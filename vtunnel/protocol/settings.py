@@ -82,7 +82,7 @@ class TunnelConfig:
     datagrams: bool = True
     #: offer the lite-tls extension (docs/lite-tls.md): ``lite-tls`` streams leave the tunnel's encryption once
     #: their own TLS is up. The runtime offers it only over a link that carries passthrough records (a byte
-    #: stream or kcp:// with a key); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
+    #: stream with a key, kcp:// with ``passthrough=on``); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
     lite_tls: bool = True
     #: offer the ``tun`` extension: ``tun`` streams carry IP packets (IP mode, docs/tun.md). On only where the
     #: application serves them (``--tun`` on the server, or asks for them, on the agent)

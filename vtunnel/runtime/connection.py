@@ -89,7 +89,8 @@ class TunnelConnection:
         self.role = role
         config = config or TunnelConfig()
         if config.lite_tls and not link.carry_passthrough_records():
-            # lite-tls only where leaving the encryption saves something: a byte stream or kcp:// with a key
+            # lite-tls only where the link carries passthrough records: a byte stream with a key, kcp:// with
+            # passthrough=on
             config = dataclasses.replace(config, lite_tls=False)
         self.tunnel = Tunnel(role=role, config=config, max_datagram=link.max_datagram)
         self.handler = handler

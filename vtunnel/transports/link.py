@@ -174,8 +174,9 @@ class Link(AsyncResource, TypedAttributeProvider):
     def carry_passthrough_records(self) -> bool:
         """Called once, before anything is sent: from now on send PASSTHROUGH DATA frames (lite-tls) as
         passthrough records, their TLS record bodies outside the link's encryption (docs/security.md). True if
-        this link does (a byte stream with a key; kcp:// with a key and no FEC: clear runs of DATA-PT datagrams);
-        False (the default: no key, rudp://, FEC) and the tunnel does not offer lite-tls over it."""
+        this link does (a byte stream with a key; kcp:// with a key and ``passthrough=on``: clear runs of DATA-PT
+        datagrams); False (the default: no key, rudp://, kcp:// without the option) and the tunnel does not offer
+        lite-tls over it."""
         return False
 
     def user(self) -> UserKey | None:
