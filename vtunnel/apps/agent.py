@@ -207,6 +207,22 @@ class Agent:
             raise
         return stream.hand_off()  # with the destination's first bytes, if they came
 
+    def open_now(self, metadata: StreamMetadata | None) -> TunnelStream | None:
+        """:meth:`open` without waiting for its SYN-ACK, where nothing has to wait: a stream (0-RTT) of a tunnel
+        that is up now, opened without a task. None when :meth:`open` must wait: no tunnel is up, a WebSocks
+        login, a lite-tls stream in splice mode. Raises what :meth:`open` raises."""
+        pool = self.pool
+        if pool is None or self.settings.websocks_login is not None:
+            return None
+        if metadata is not None:
+            metadata = self.choose_kind(metadata)
+            if self.splice is not None and metadata.kind == "lite-tls":
+                return None
+        stream = pool.start_stream(metadata)
+        if stream is not None and self.stats is not None:
+            self.stats.stream_opened(metadata.kind if metadata is not None else None)
+        return stream
+
     def choose_kind(self, metadata: StreamMetadata) -> StreamMetadata:
         """Every TCP stream is a lite-tls stream while lite-tls is on (``--no-lite-tls`` turns it off): whether it
         leaves the tunnel is decided at both ends by its first bytes (a ClientHello record from the client;
@@ -337,13 +353,27 @@ class Agent:
                 await anyio.aclose_forcefully(client)  # nothing once the socket went to a relay
 
     def _forward_accepted(self, metadata: StreamMetadata | None, end: SocketEnd) -> None:
-        """A forwarded connection was accepted: open its stream in a short-lived task (0-RTT, no wait)."""
+        """A forwarded connection was accepted: its stream opens at once (0-RTT, no wait, no task) when a tunnel
+        is up, else in a short-lived task that waits for one."""
         self._begin()
         tg = self._task_group
         if tg is None or self._stopping.is_set():
             end.reset()  # not carried: reset, as when no tunnel comes
             return
-        tg.start_soon(self._open_for, metadata, end)
+        try:
+            remote = self.open_now(metadata)
+        except TunnelUnavailable as exc:  # reset, not closed: as when no tunnel comes
+            log.warning("no tunnel for a forwarded connection", error=str(exc))
+            end.reset()
+            return
+        except Exception as exc:
+            log.info("local connection ended with an error", error=str(exc) or repr(exc))
+            end.reset()
+            return
+        if remote is None:
+            tg.start_soon(self._open_for, metadata, end)
+        else:
+            Relay(end, TunnelEnd(remote))
 
     async def _open_for(self, metadata: StreamMetadata | None, end: SocketEnd) -> None:
         try:

@@ -28,7 +28,7 @@ import structlog
 from anyio.abc import ByteStream, SocketStream
 
 from vtunnel.apps.policy import ExitPolicy, IPAddress, PolicyDenied, normalize_address
-from vtunnel.io.stream_sockets import connect_tcp
+from vtunnel.io.stream_sockets import finish_tcp_connect, start_tcp_connect
 
 __all__ = [
     "HAPPY_EYEBALLS_DELAY",
@@ -145,10 +145,26 @@ def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     return ordered
 
 
+def _address(addr: IPAddress, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    return (socket.AF_INET6 if addr.version == 6 else socket.AF_INET), (str(addr), port)
+
+
+def start_connect(addr: IPAddress, port: int) -> tuple[socket.socket, bool]:
+    """Begin connecting a TCP socket to one resolved address (TCP_NODELAY set): the socket, and whether the
+    connection is made already; else :func:`finish_connect` waits for it. Raises ``OSError`` when it fails at
+    once."""
+    return start_tcp_connect(*_address(addr, port))
+
+
+async def finish_connect(sock: socket.socket, addr: IPAddress, port: int) -> socket.socket:
+    """Wait until the connection :func:`start_connect` began is made; ``OSError`` (the socket closed) when not."""
+    return await finish_tcp_connect(sock, _address(addr, port)[1])
+
+
 async def connect_socket(addr: IPAddress, port: int) -> socket.socket:
     """Connect a TCP socket to one resolved address (no name lookup, no thread hop), TCP_NODELAY set."""
-    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    return await connect_tcp(family, (str(addr), port))
+    sock, made = start_connect(addr, port)
+    return sock if made else await finish_connect(sock, addr, port)
 
 
 async def _wrap(sock: socket.socket) -> SocketStream:
@@ -221,29 +237,72 @@ class Dialer:
 
     async def dial_socket(self, authority: str) -> socket.socket:
         """:meth:`dial`, returning the connected non-blocking socket itself (for a protocol-driven relay)."""
+        started = self.start_dial(authority)
+        if started is not None:
+            sock, made = started
+            return sock if made else await self.finish_dial(sock, authority)
         try:
-            return await self._dial_socket(authority)
+            return await self._dial_name(authority)
         except DialError as exc:
             self.failures[exc.error] += 1
             raise
 
-    async def _dial_socket(self, authority: str) -> socket.socket:
+    def start_dial(self, authority: str) -> tuple[socket.socket, bool] | None:
+        """:meth:`dial_socket` begun without waiting, for an authority whose host is an IP address the policy
+        allows: the socket and whether it is connected already (:meth:`finish_dial` waits for the rest). None
+        for a name to resolve (:meth:`dial_socket` does it all); ``DialError`` when refused at once."""
         literal = self._literals.get(authority)
-        if literal is None:
+        try:
+            if literal is None:
+                literal = self._literal(authority)
+                if literal is None:
+                    return None
             try:
-                host, port = parse_authority(authority)
-            except ValueError as exc:
-                raise DialError("failed", str(exc)) from None
+                return start_connect(*literal)
+            except OSError as exc:
+                raise DialError(_error_of(exc)) from None
+        except DialError as exc:
+            self.failures[exc.error] += 1
+            raise
+
+    def _literal(self, authority: str) -> tuple[IPAddress, int] | None:
+        """Parse ``authority``; when its host is an IP address, check it against the policy and keep it."""
+        try:
+            host, port = parse_authority(authority)
+        except ValueError as exc:
+            raise DialError("failed", str(exc)) from None
+        address = _literal_of(host)
+        if address is None:
+            return None
+        try:
+            self.policy.check_host(host)
+        except PolicyDenied as exc:
+            raise DialError("forbidden", exc.reason) from None
+        if len(self._literals) >= _LITERALS_KEPT:
+            self._literals.clear()
+        literal = self._literals[authority] = (address, port)
+        return literal
+
+    async def finish_dial(self, sock: socket.socket, authority: str) -> socket.socket:
+        """Wait (at most ``connect_timeout``) for the connection :meth:`start_dial` began; ``DialError``, the
+        socket closed, when it is not made."""
+        error: DialErrorCode = "timeout"
         with anyio.move_on_after(self.connect_timeout):
-            if literal is not None:
-                sock = await self._race_sockets([literal[0]], literal[1])
-            else:
-                addresses = await self.resolve(host, port)
-                if len(addresses) == 1 and addresses[0] == _literal_of(host):
-                    if len(self._literals) >= _LITERALS_KEPT:
-                        self._literals.clear()
-                    self._literals[authority] = (addresses[0], port)
-                sock = await self._race_sockets(addresses, port)
+            try:
+                return await finish_tcp_connect(sock, parse_authority(authority))
+            except OSError as exc:
+                error = _error_of(exc)
+        sock.close()
+        self.failures[error] += 1
+        if error == "timeout":
+            raise DialError(error, f"no connection to {authority!r} within {self.connect_timeout} s")
+        raise DialError(error)
+
+    async def _dial_name(self, authority: str) -> socket.socket:
+        host, port = parse_authority(authority)  # start_dial parsed it already
+        with anyio.move_on_after(self.connect_timeout):
+            addresses = await self.resolve(host, port)
+            sock = await self._race_sockets(addresses, port)
             log.debug("dial.connected", authority=authority)
             return sock
         raise DialError("timeout", f"no connection to {authority!r} within {self.connect_timeout} s")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -276,40 +277,63 @@ class Server:
             handshake_timeout=self.settings.handshake_timeout,
         )
 
-    async def _handle_stream(self, stream: TunnelStream) -> None:
+    def _handle_stream(self, stream: TunnelStream) -> Awaitable[None] | None:
+        """A stream the agent opened, in the tunnel's input step: a TCP stream to an address is dialed and relayed
+        at once, without a task (unless the connection is not made within the call); what has to wait (a name to
+        resolve, UDP, WebSocks) is returned for the connection to run in a task."""
         md = stream.metadata
         if self.stats is not None:  # (an agent with lite-tls on opens every TCP stream as a lite-tls one)
             self.stats.stream_opened(None if md is None else "tcp" if md.kind == "lite-tls" else md.kind)
         if md is not None and md.kind == "tun" and self.tun is not None:
             self.tun.serve(stream)
-            return
+            return None
         if md is not None and md.authority:
             if md.kind == "udp":
-                from vtunnel.apps.udprelay import serve_udp_stream
-
-                stream.accept()
-                await serve_udp_stream(TunnelByteStream(stream), self.dialer)
-                return
+                return self._serve_udp(stream)
             authority, dialer = md.authority, self.dialer
         elif self.settings.target:
             authority, dialer = self.settings.target, self.target_dialer
         else:
-            await self._serve_websocks(stream)
-            return
-        # A TCP destination: the socket's protocol does the copying and closes both ends when it is over; this
-        # task ends once the relay has the stream, so an open stream holds no task at all.
+            return self._serve_websocks(stream)
+        # A TCP destination: the socket's protocol does the copying and closes both ends when it is over, so an
+        # open stream holds no task at all.
         try:
-            sock = await dialer.dial_socket(authority)
+            started = dialer.start_dial(authority)
         except DialError as exc:
-            log.info(
-                "destination refused",
-                tunnel=stream.tunnel_name,
-                stream=stream.stream_id,
-                destination=authority,
-                error=exc.error,
-            )
-            stream.refuse(exc.error)
+            self._refuse(stream, authority, exc)
+            return None
+        if started is None or not started[1]:
+            return self._dial_and_relay(stream, authority, dialer, None if started is None else started[0])
+        self._relay(stream, authority, started[0])
+        return None
+
+    async def _dial_and_relay(
+        self, stream: TunnelStream, authority: str, dialer: Dialer, connecting: socket.socket | None
+    ) -> None:
+        """The rest of :meth:`_handle_stream` when the connection takes a wait: a name to resolve, or a connect
+        in progress (``connecting``)."""
+        try:
+            if connecting is None:
+                sock = await dialer.dial_socket(authority)
+            else:
+                sock = await dialer.finish_dial(connecting, authority)
+        except DialError as exc:
+            self._refuse(stream, authority, exc)
             return
+        self._relay(stream, authority, sock)
+
+    def _refuse(self, stream: TunnelStream, authority: str, exc: DialError) -> None:
+        log.info(
+            "destination refused",
+            tunnel=stream.tunnel_name,
+            stream=stream.stream_id,
+            destination=authority,
+            error=exc.error,
+        )
+        stream.refuse(exc.error)
+
+    def _relay(self, stream: TunnelStream, authority: str, sock: socket.socket) -> None:
+        """Accept ``stream`` and relay it to the connected ``sock``."""
         end = SocketEnd()
         try:
             attach_socket(sock, end)
@@ -325,6 +349,12 @@ class Server:
             raise
         log.debug("relaying", tunnel=stream.tunnel_name, stream=stream.stream_id, destination=authority)
         Relay(TunnelEnd(stream), end, idle_timeout=self.settings.idle_timeout)
+
+    async def _serve_udp(self, stream: TunnelStream) -> None:
+        from vtunnel.apps.udprelay import serve_udp_stream
+
+        stream.accept()
+        await serve_udp_stream(TunnelByteStream(stream), self.dialer)
 
     async def _serve_websocks(self, stream: TunnelStream) -> None:
         stream.accept()

@@ -62,8 +62,10 @@ __all__ = [
     "attach_socket",
     "connect_lean",
     "connect_tcp",
+    "finish_tcp_connect",
     "open_lean_listener",
     "open_relay_listener",
+    "start_tcp_connect",
 ]
 
 log = structlog.get_logger("vtunnel.io.stream_sockets")
@@ -969,12 +971,12 @@ def _established(sock: socket.socket) -> bool:
     return True
 
 
-async def connect_tcp(
+def start_tcp_connect(
     family: socket.AddressFamily, address: tuple[Any, ...], *, buffers: bool = False
-) -> socket.socket:
-    """A non-blocking TCP socket connected to one resolved ``address`` (no name lookup, no thread hop), tuned by
-    :func:`~vtunnel.io.tuning.tune_tcp` (``buffers``: with the large kernel buffers). Raises OSError naming the
-    address when the connection fails; the socket is closed on any failure or cancellation."""
+) -> tuple[socket.socket, bool]:
+    """Begin connecting a non-blocking TCP socket to one resolved ``address``, tuned as :func:`connect_tcp` does:
+    the socket, and whether the connection is made already (a loopback connect often is, within the call: then
+    no wait and no wake-up), else :func:`finish_tcp_connect` waits for it. Raises OSError when it fails at once."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -982,17 +984,36 @@ async def connect_tcp(
         try:
             sock.connect(address)
         except BlockingIOError:
-            # a loopback connect is often made within the call: then no wait and no wake-up
-            if not _established(sock):
-                await anyio.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                where = f"{address[0]}:{address[1]}"
-                raise OSError(err, f"connect to {where}: {errno.errorcode.get(err, err)}") from None
+            return sock, _established(sock)
+        return sock, True
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def finish_tcp_connect(sock: socket.socket, address: tuple[Any, ...]) -> socket.socket:
+    """Wait until the connection :func:`start_tcp_connect` began to ``address`` is made. Raises OSError naming
+    the address when it failed; the socket is closed on any failure or cancellation."""
+    try:
+        await anyio.wait_writable(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            where = f"{address[0]}:{address[1]}"
+            raise OSError(err, f"connect to {where}: {errno.errorcode.get(err, err)}") from None
         return sock
     except BaseException:
         sock.close()
         raise
+
+
+async def connect_tcp(
+    family: socket.AddressFamily, address: tuple[Any, ...], *, buffers: bool = False
+) -> socket.socket:
+    """A non-blocking TCP socket connected to one resolved ``address`` (no name lookup, no thread hop), tuned by
+    :func:`~vtunnel.io.tuning.tune_tcp` (``buffers``: with the large kernel buffers). Raises OSError naming the
+    address when the connection fails; the socket is closed on any failure or cancellation."""
+    sock, made = start_tcp_connect(family, address, buffers=buffers)
+    return sock if made else await finish_tcp_connect(sock, address)
 
 
 async def connect_lean(host: str, port: int) -> LeanSocketStream:

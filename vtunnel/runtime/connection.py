@@ -65,7 +65,11 @@ _COALESCED_OUTPUT = 32 * 1024
 #: a timer due within this of the armed one is not re-armed
 _TIMER_SLACK = 0.0005
 
-StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+#: what a server does with each stream the peer opens, called in the input's own step (no task): a handler that
+#: is done at once (it attached a consumer, or refused the stream) returns ``None``; one that must wait (a name to
+#: resolve, a connection not yet made) returns an awaitable, which the connection runs in a task of its own. The
+#: stream is closed once the handler is done unless a consumer was attached to it.
+StreamHandler = Callable[[TunnelStream], Awaitable[None] | None]
 
 
 def _now() -> float:
@@ -376,10 +380,10 @@ class TunnelConnection:
                 return
             await self._input_ended.wait()
 
-    async def _run_handler(self, stream: TunnelStream) -> None:
-        assert self.handler is not None
+    async def _run_handler(self, stream: TunnelStream, waiting: Awaitable[None]) -> None:
+        """The rest of a stream handler that had to wait (what it returned), then the stream's close."""
         try:
-            await self.handler(stream)
+            await waiting
         except Exception as exc:
             self.log.warning("stream handler failed", stream=stream.stream_id, error=repr(exc))
         finally:
@@ -523,7 +527,15 @@ class TunnelConnection:
             return
         stream = TunnelStream(self, ev.stream_id, ev.metadata, accepted=False)
         self.streams[ev.stream_id] = stream
-        tg.start_soon(self._run_handler, stream)  # straight from the reader: no queue, no extra hop
+        try:  # straight from the reader: no queue, no extra hop, and no task unless the handler must wait
+            waiting = self.handler(stream)
+        except Exception as exc:
+            self.log.warning("stream handler failed", stream=stream.stream_id, error=repr(exc))
+            waiting = None
+        if waiting is not None:
+            tg.start_soon(self._run_handler, stream, waiting)
+        elif not stream.attached:
+            stream.close()
 
     def forget_stream(self, stream_id: int) -> None:
         """A stream of this connection was closed by its user: drop it (called by ``TunnelStream`` only)."""
@@ -559,6 +571,18 @@ class TunnelConnection:
         :class:`StreamRefused` if it answered with an RST; without it the stream is returned at once and the first
         bytes follow the SYN (0-RTT), a refusal then surfacing as the stream's breakage.
         """
+        stream = self.start_stream(metadata)
+        if wait_accepted:
+            try:
+                await self._wait_accepted(stream)
+            except BaseException:
+                stream.close()
+                raise
+        return stream
+
+    def start_stream(self, metadata: StreamMetadata | None = None) -> TunnelStream:
+        """:meth:`open_stream` without waiting (0-RTT), callable outside a task: the SYN leaves at the end of this
+        loop turn, with the first bytes if they were written by then."""
         if not self.accepting_streams:
             raise TunnelUnavailable(
                 f"tunnel not ready ({self._close_reason or self.tunnel.state.name.lower()})"
@@ -573,12 +597,6 @@ class TunnelConnection:
         stream = TunnelStream(self, sid, metadata, accepted=False)
         self.streams[sid] = stream
         self.transmit_soon()
-        if wait_accepted:
-            try:
-                await self._wait_accepted(stream)
-            except BaseException:
-                stream.close()
-                raise
         return stream
 
     def shutdown(self, reason: str, *, graceful: bool = True) -> None:

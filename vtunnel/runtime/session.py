@@ -374,13 +374,23 @@ class TunnelPool:
 
     # --- streams ----------------------------------------------------------------------------------------------
 
+    def _next_connection(self) -> TunnelConnection | None:
+        """The next tunnel taking streams, in turn (None: none is up now)."""
+        conns = self.connections
+        if not conns:
+            return None
+        self._next = (self._next + 1) % len(conns)
+        return conns[self._next]
+
     async def wait_ready(self, timeout: float) -> TunnelConnection:
+        conn = self._next_connection()
+        if conn is not None:
+            return conn
         with anyio.move_on_after(timeout):
             while True:
-                conns = self.connections
-                if conns:
-                    self._next = (self._next + 1) % len(conns)
-                    return conns[self._next]
+                conn = self._next_connection()
+                if conn is not None:
+                    return conn
                 await self._changed.wait()
         names = ", ".join(s.name for s in self.servers)
         raise TunnelUnavailable(f"no tunnel to {names} within {timeout:g} s")
@@ -390,6 +400,12 @@ class TunnelPool:
     ) -> TunnelStream:
         conn = await self.wait_ready(timeout)
         return await conn.open_stream(metadata, wait_accepted=wait_accepted)
+
+    def start_stream(self, metadata: StreamMetadata | None = None) -> TunnelStream | None:
+        """A stream (0-RTT, not waiting for its SYN-ACK) of a tunnel that takes streams now, without a task; None
+        when none does (:meth:`open_stream` waits for one)."""
+        conn = self._next_connection()
+        return None if conn is None else conn.start_stream(metadata)
 
     def shutdown(self, reason: str = "agent shutting down") -> None:
         self._stopping = True
