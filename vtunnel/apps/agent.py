@@ -362,13 +362,8 @@ class Agent:
             return
         try:
             remote = self.open_now(metadata)
-        except TunnelUnavailable as exc:  # reset, not closed: as when no tunnel comes
-            log.warning("no tunnel for a forwarded connection", error=str(exc))
-            end.reset()
-            return
         except Exception as exc:
-            log.info("local connection ended with an error", error=str(exc) or repr(exc))
-            end.reset()
+            _not_carried(end, exc)
             return
         if remote is None:
             tg.start_soon(self._open_for, metadata, end)
@@ -378,14 +373,8 @@ class Agent:
     async def _open_for(self, metadata: StreamMetadata | None, end: SocketEnd) -> None:
         try:
             remote = await self.open(metadata, wait_accepted=False)
-        except TunnelUnavailable as exc:
-            # reset, not closed: a clean end of stream would look like an empty answer to the client
-            log.warning("no tunnel for a forwarded connection", error=str(exc))
-            end.reset()
-            return
         except Exception as exc:
-            log.info("local connection ended with an error", error=str(exc) or repr(exc))
-            end.reset()
+            _not_carried(end, exc)
             return
         except BaseException:
             end.reset()
@@ -415,3 +404,13 @@ class Agent:
         from vtunnel.apps.httpproxy import serve_http_proxy
 
         await serve_http_proxy(client, self._opener)
+
+
+def _not_carried(end: SocketEnd, exc: Exception) -> None:
+    """A forwarded connection whose stream could not be opened: reset, not closed (a clean end of stream would
+    look like an empty answer to the client)."""
+    if isinstance(exc, TunnelUnavailable):
+        log.warning("no tunnel for a forwarded connection", error=str(exc))
+    else:
+        log.info("local connection ended with an error", error=str(exc) or repr(exc))
+    end.reset()
