@@ -245,6 +245,45 @@ async def test_forward_relays_byte_exact_with_half_close(by_target: bool) -> Non
                     assert await _request(port, payload) == payload[::-1]
 
 
+@pytest.mark.parametrize("by_target", [False, True])
+async def test_forwarded_streams_open_and_dial_without_a_task(by_target: bool) -> None:
+    """With the tunnel up, a forwarded connection's stream is opened by the agent's accept callback and dialed
+    and relayed by the server's handler in the tunnel's input step: no task on either side, however many."""
+    async with serve_front(_echo_until_eof) as origin:
+        dest = f"127.0.0.1:{origin}"
+        async with forwarding(None if by_target else dest, target=dest if by_target else None) as (
+            _,
+            port,
+            _,
+        ):
+            with anyio.fail_after(30):
+                assert await _request(port, b"up") == b"pu"  # the tunnel is up
+                loop = asyncio.get_running_loop()
+                started: list[str] = []
+
+                def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+                    started.append(getattr(coro, "__qualname__", repr(coro)))
+                    return asyncio.Task(coro, loop=loop, **kwargs)
+
+                loop.set_task_factory(factory)
+                try:
+                    payloads = [os.urandom(1000 + i) for i in range(64)]
+                    answers: dict[int, bytes] = {}
+
+                    async def one(i: int) -> None:
+                        answers[i] = await _request(port, payloads[i])
+
+                    async with anyio.create_task_group() as clients:
+                        for i in range(len(payloads)):
+                            clients.start_soon(one, i)
+                finally:
+                    loop.set_task_factory(None)
+                assert [answers[i] for i in range(len(payloads))] == [p[::-1] for p in payloads]
+                # three per connection are the test's own (the client, its connect, the origin's handler) and none
+                # the tunnel's: a task per stream on the agent and on the server would make it five
+                assert len(started) <= 3 * len(payloads) + 8, len(started)
+
+
 async def test_forward_to_a_refused_destination_closes_the_connection_and_serves_on() -> None:
     async with forwarding(f"127.0.0.1:{_closed_port()}") as (agent, port, _):
         with anyio.fail_after(10):
