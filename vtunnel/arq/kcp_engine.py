@@ -54,7 +54,6 @@ class KCPEngine:
 
     __slots__ = (
         "_ack_room",
-        "_closed",
         "_kcp",
         "_last_acks",
         "_last_acks_ms",
@@ -66,7 +65,9 @@ class KCPEngine:
         "_scratch",
         "_seen_buf",
         "_segment_bytes",
+        "closed",
         "conv",
+        "dead",
         "max_data",
         "send_window",
         "whole_runs",
@@ -80,7 +81,11 @@ class KCPEngine:
         self._ack_room = mtu - _SEGMENT_HEADER
         self._leftover = b""
         self._scratch = bytearray()
-        self._closed = False
+        #: :meth:`close` was called (a plain attribute: the link reads it on every message)
+        self.closed = False
+        #: ikcp gave up on a segment (retransmitted ``dead_link`` times); only ikcp's flush sets its state, so
+        #: this is read after each flush and timer
+        self.dead = False
         self.conv = conv
         kcp = siokcp.KCPConnection(conv, self._output, _no_log)
         kcp.stream = 1
@@ -117,13 +122,19 @@ class KCPEngine:
         return True
 
     def _output(self, data: bytes) -> int:
-        if self._repeat_acks and len(data) <= self._ack_room and data[4] == _CMD_ACK:
+        size = len(data)
+        if (
+            self._repeat_acks
+            and size <= self._ack_room
+            and not size % _SEGMENT_HEADER
+            and data[4] == _CMD_ACK
+        ):
             data = self._with_repeated_acks(data)
         self._out.append(data)
         return 0
 
     def _with_repeated_acks(self, data: bytes) -> bytes:
-        """A datagram of ACKs also carries the ACKs of the one before, once (what room allows).
+        """A datagram of ACKs (headers only: a segment with data never comes here) also carries the ACKs of the one before, once (what room allows).
 
         KCP acknowledges each segment once, and its cumulative ``una`` stays behind the oldest hole, which on
         a lossy path is most of the time: every lost datagram of ACKs made the sender resend all the data it
@@ -133,8 +144,6 @@ class KCPEngine:
         ``una`` of the datagram it rides in. Any KCP takes a duplicate ACK as a no-op.
         """
         size = len(data)
-        if size % _SEGMENT_HEADER:
-            return data  # a segment carries data
         for offset in range(_SEGMENT_HEADER + 4, size, _SEGMENT_HEADER):
             if data[offset] != _CMD_ACK:
                 return data  # a window probe or answer rides along: leave the datagram as ikcp made it
@@ -157,10 +166,10 @@ class KCPEngine:
 
     def receive_datagram(self, datagram: bytes | memoryview, now: float) -> bool:
         """Feed one datagram (already vetted by :mod:`kcp_wire`); ``False`` when ikcp refused it."""
-        if self._closed:
+        if self.closed:
             return False
         kcp = self._kcp
-        kcp.current = _ms(now)
+        kcp.current = int(now * 1000.0) & _MASK32
         return bool(kcp.receive_data(datagram) >= 0)
 
     def receive_datagrams(self, datagrams: Sequence[bytes | memoryview], now: float) -> bool:
@@ -168,11 +177,13 @@ class KCPEngine:
 
         An entry may also be a whole run of datagrams without ACK segments when :attr:`whole_runs` allows.
         """
-        if self._closed:
+        if self.closed:
             return False
         kcp = self._kcp
-        kcp.current = _ms(now)
+        kcp.current = int(now * 1000.0) & _MASK32
         accept = kcp.receive_data
+        if len(datagrams) == 1:
+            return bool(accept(datagrams[0]) >= 0)
         accepted = False
         for datagram in datagrams:
             if accept(datagram) >= 0:
@@ -181,34 +192,38 @@ class KCPEngine:
 
     def flush(self, now: float) -> None:
         """Send what is due now: ACKs for the input so far, new data within the window, retransmissions."""
-        if self._closed:
+        if self.closed:
             return
         kcp = self._kcp
-        kcp.current = _ms(now)
+        kcp.current = int(now * 1000.0) & _MASK32
         pacer = self._pacer
         if pacer is None:
-            kcp.flush()
-            return
-        sent_before = self._gate(pacer, now)
-        kcp.flush()
-        self._count_sent(pacer, sent_before)
-
-    def handle_timer(self, now: float) -> None:
-        if self._closed:
-            return
-        kcp = self._kcp
-        pacer = self._pacer
-        if pacer is None:
-            kcp.update(_ms(now))
-            return
-        release = pacer.next_release(now, kcp.nsnd_buf, kcp.nsnd_que)
-        sent_before = self._gate(pacer, now)
-        if release is not None and release <= now and self._span_room(kcp) > 0:
-            kcp.current = _ms(now)
             kcp.flush()
         else:
+            sent_before = self._gate(pacer, now)
+            kcp.flush()
+            self._count_sent(pacer, sent_before)
+        if kcp.state == -1:
+            self.dead = True
+
+    def handle_timer(self, now: float) -> None:
+        if self.closed:
+            return
+        kcp = self._kcp
+        pacer = self._pacer
+        if pacer is None:
             kcp.update(_ms(now))
-        self._count_sent(pacer, sent_before)
+        else:
+            release = pacer.next_release(now, kcp.nsnd_buf, kcp.nsnd_que)
+            sent_before = self._gate(pacer, now)
+            if release is not None and release <= now and self._span_room(kcp) > 0:
+                kcp.current = _ms(now)
+                kcp.flush()
+            else:
+                kcp.update(_ms(now))
+            self._count_sent(pacer, sent_before)
+        if kcp.state == -1:
+            self.dead = True
 
     def _gate(self, pacer: Pacer, now: float) -> int:
         """Tell the pacer what was acknowledged, then open ikcp's send window by what it allows.
@@ -248,14 +263,14 @@ class KCPEngine:
         Quiet means nothing in flight, nothing queued, no window probe pending and an open peer window: then
         ikcp's timer has nothing to do, so an idle session costs no wakeups at all.
         """
-        if self._closed:
+        if self.closed:
             return None
         kcp = self._kcp
         in_flight: int = kcp.nsnd_buf
         queued: int = kcp.nsnd_que
         if in_flight == 0 and queued == 0 and kcp.probe == 0 and kcp.rmt_wnd != 0:
             return None
-        current = _ms(now)
+        current = int(now * 1000.0) & _MASK32
         delay: int = (kcp.check(current) - current) & _MASK32
         deadline = now + delay / 1000.0
         pacer = self._pacer
@@ -273,7 +288,7 @@ class KCPEngine:
 
     def stats(self) -> dict[str, float | int | str]:
         """Counters for logs: round trip, retransmissions and, with pacing, the rate estimate."""
-        if self._closed:
+        if self.closed:
             return {}
         kcp = self._kcp
         out: dict[str, float | int | str] = {
@@ -293,16 +308,19 @@ class KCPEngine:
 
     def send(self, data: bytes | memoryview) -> None:
         """Queue ``data`` (any size: sliced into ikcp-sized calls)."""
-        if self._closed:
+        if self.closed:
             raise KCPEngineError("the KCP session is closed")
         step = self.max_data * _SEGMENTS_PER_SEND
+        if len(data) <= step:
+            self._kcp.send(data)
+            return
         view = memoryview(data)
         for start in range(0, len(view), step):
             self._kcp.send(view[start : start + step])
 
     def receive_into(self, buffer: bytearray | memoryview) -> int:
         """Copy received stream bytes into ``buffer`` (whole segments only); 0 when none are ready."""
-        if self._closed:
+        if self.closed:
             return 0
         receive = self._kcp.next_event_into
         view = memoryview(buffer)
@@ -321,8 +339,14 @@ class KCPEngine:
         if self._leftover:
             chunk, self._leftover = self._leftover[:max_bytes], self._leftover[max_bytes:]
             return chunk
+        if self.closed:
+            return b""
         kcp = self._kcp
-        if self._closed or kcp.peeksize() < 0:
+        if kcp.nrcv_que == 1:  # one segment ready (a message of an exchange, say): it is the whole read
+            size: int = kcp.peeksize()
+            if 0 <= size <= max_bytes:
+                return kcp.next_event() or b""
+        if kcp.peeksize() < 0:
             return b""
         # at most every queued or buffered segment's worth: a large max_bytes costs nothing when little is here
         want = min(max_bytes, (int(kcp.nrcv_que) + int(kcp.nrcv_buf) + 1) * self.max_data)
@@ -343,14 +367,14 @@ class KCPEngine:
     @property
     def probe_pending(self) -> bool:
         """A window probe or announcement waits for the next flush (e.g. reading reopened the window)."""
-        return not self._closed and self._kcp.probe != 0
+        return not self.closed and self._kcp.probe != 0
 
     def readable(self) -> bool:
-        return bool(self._leftover) or (not self._closed and self._kcp.peeksize() >= 0)
+        return bool(self._leftover) or (not self.closed and self._kcp.peeksize() >= 0)
 
     def waiting(self) -> int:
         """Segments queued or in flight (not yet acknowledged)."""
-        return 0 if self._closed else int(self._kcp.waitsnd())
+        return 0 if self.closed else int(self._kcp.waitsnd())
 
     def room(self) -> int:
         """Segments a writer may queue now.
@@ -360,7 +384,7 @@ class KCPEngine:
         a long lossy path would otherwise let one writer queue seconds of data ahead of everything else that
         shares the session.
         """
-        if self._closed:
+        if self.closed:
             return 0
         kcp = self._kcp
         room: int = self.send_window - kcp.waitsnd()
@@ -376,11 +400,6 @@ class KCPEngine:
         """Whether a writer may queue more (see :meth:`room`)."""
         return self.room() > 0
 
-    @property
-    def dead(self) -> bool:
-        """ikcp gave up on a segment (retransmitted ``dead_link`` times)."""
-        return not self._closed and int(self._kcp.state) == -1
-
     def datagrams_to_send(self) -> list[bytes]:
         out = self._out
         if not out:
@@ -388,14 +407,10 @@ class KCPEngine:
         self._out = []
         return out
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self) -> None:
         """Drop the output callback: siokcp objects are not garbage-collected, so a cycle would leak."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         self._kcp.send_cb = None
         self._out = []

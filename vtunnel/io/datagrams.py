@@ -286,6 +286,8 @@ class DatagramSocket(_UDPSocket):
         for _ in range(self._batch):
             try:
                 size, source = recv(view)
+            except BlockingIOError:  # read empty: the common end of a wakeup, without a further call
+                break
             except OSError as exc:
                 if self._read_failed(exc):
                     continue
@@ -325,6 +327,8 @@ class CoalescingSocket(_UDPSocket):
         for _ in range(self._batch):
             try:
                 size, ancillary, flags, source = recv(buffers, _GRO_ANCILLARY)
+            except BlockingIOError:  # read empty: the common end of a wakeup, without a further call
+                break
             except OSError as exc:
                 if self._read_failed(exc):
                     continue
@@ -351,6 +355,8 @@ class CoalescingSocket(_UDPSocket):
         for _ in range(self._batch):
             try:
                 size, source = recv(view)
+            except BlockingIOError:  # read empty: the common end of a wakeup, without a further call
+                break
             except OSError as exc:
                 if self._read_failed(exc):
                     continue

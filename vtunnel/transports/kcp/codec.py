@@ -28,6 +28,7 @@ from vtunnel.transports.link import Link, LinkConsumer, Refusals
 
 __all__ = [
     "LINGER",
+    "TIMER_SLACK",
     "ArqLink",
     "ClearRuns",
     "ClientCodec",
@@ -115,7 +116,7 @@ class RoutedLink(Link):
 #: seconds ``aclose`` waits for what was sent to be acknowledged before a session is torn down
 LINGER: Final = 1.0
 #: a deadline within this of the armed one does not re-arm the timer
-_TIMER_SLACK: Final = 0.0005
+TIMER_SLACK: Final = 0.0005
 
 
 class ArqLink(RoutedLink):
@@ -168,7 +169,7 @@ class ArqLink(RoutedLink):
         """Have the timer fire at ``due``."""
         timer = self._timer
         if timer is not None:
-            if abs(due - self._timer_when) <= _TIMER_SLACK:
+            if abs(due - self._timer_when) <= TIMER_SLACK:
                 return
             timer.cancel()
         self._timer_when = due

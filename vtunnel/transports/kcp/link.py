@@ -27,7 +27,7 @@ from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
 from vtunnel.security.datagram import PT_OVERHEAD, RUN_ENTRY
-from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
+from vtunnel.transports.kcp.codec import TIMER_SLACK, ArqLink, Datagram, Transmit
 from vtunnel.transports.link import READ_SIZE, LinkConsumer, LinkStats
 
 __all__ = ["ACK_DELAY", "ACK_HOLD", "ACK_NOW_SEGMENTS", "KCPLink"]
@@ -148,8 +148,10 @@ class KCPLink(ArqLink):
 
         The bytes go up before the ACK goes out: whatever the consumer answers at once (a window update, a reply)
         leaves in the same flush as the ACK. A small exchange with nothing of ours in flight holds its ACK for the
-        answer to carry it: until the session's timer fires when it is armed within KCP's interval anyway, else
-        for :data:`ACK_DELAY` (:meth:`_ack_deadline`).
+        answer to carry it: until the session's timer fires when it is armed for a time from :data:`ACK_DELAY` up
+        to KCP's interval (at most :data:`ACK_HOLD`) ahead, so no timer moves for it (in a request/response
+        exchange that is ikcp's flush tick, and the timer stays put over many messages), else for
+        :data:`ACK_DELAY`.
         """
         engine = self._engine
         if engine.closed:
@@ -158,8 +160,7 @@ class KCPLink(ArqLink):
         if not engine.receive_datagrams(datagrams, now):
             return
         self.last_receive = now
-        for datagram in datagrams:
-            self._unacked += len(datagram)
+        self._unacked += sum(map(len, datagrams))
         self._deliver()
         if engine.closed:
             return
@@ -169,20 +170,16 @@ class KCPLink(ArqLink):
             and not engine.waiting()
         ):
             if self._ack_due is None:
-                self._ack_due = self._ack_deadline(now)
+                armed = self._timer_when
+                if now + ACK_DELAY <= armed <= now + self._ack_hold:
+                    self._ack_due = armed
+                    if not (self._flush_due or self._blocked or self._drain_waiters):
+                        return  # nothing to send, no writer to wake, and the timer stays where it is
+                else:
+                    self._ack_due = now + ACK_DELAY
         else:
             self._flush(now)
         self._service(now)
-
-    def _ack_deadline(self, now: float) -> float:
-        """When a held ACK goes out at the latest: when the session's timer fires, if it is armed for a time
-        from :data:`ACK_DELAY` up to KCP's interval (at most :data:`ACK_HOLD`) ahead (no timer is moved for the ACK: in a request/response
-        exchange that is ikcp's flush tick, so the timer stays put over many messages), else after
-        :data:`ACK_DELAY`."""
-        armed = self._timer_when
-        if now + ACK_DELAY <= armed <= now + self._ack_hold:
-            return armed
-        return now + ACK_DELAY
 
     def fail(self, reason: str) -> None:
         """The link is gone: the consumer gets ``link_ended`` with :class:`anyio.BrokenResourceError`."""
@@ -212,7 +209,8 @@ class KCPLink(ArqLink):
             self._consumer = None
 
     def send_nowait(self, data: bytes) -> None:
-        self._check_usable()
+        if self._closed or self._error is not None:
+            self._check_usable()
         engine = self._engine
         if not engine.writable():
             self._blocked = True
@@ -271,8 +269,10 @@ class KCPLink(ArqLink):
             while True:
                 self._deliver_again = False
                 consumer = self._consumer
-                while consumer is not None and not self._paused and engine.readable():
+                while consumer is not None and not self._paused:
                     data = engine.receive(READ_SIZE)
+                    if not data:
+                        break
                     if engine.probe_pending:  # reading reopened a full receive window: tell the peer
                         self._flush_due = True
                     consumer.link_data(data)
@@ -303,11 +303,13 @@ class KCPLink(ArqLink):
             self.fail("dead link: a segment was retransmitted too often")
             return
         deadline = engine.next_deadline(now)
-        due = self._watchdog_due if deadline is None else min(deadline, self._watchdog_due)
-        if self._ack_due is not None and self._ack_due < due:
-            due = self._ack_due
-        self._arm(due)
-        if engine.writable():
+        due = self._watchdog_due if deadline is None or deadline > self._watchdog_due else deadline
+        ack_due = self._ack_due
+        if ack_due is not None and ack_due < due:
+            due = ack_due
+        if self._timer is None or abs(due - self._timer_when) > TIMER_SLACK:
+            self._arm(due)
+        if (self._blocked or self._drain_waiters) and engine.writable():
             if self._blocked:
                 self._blocked = False
                 consumer = self._consumer
