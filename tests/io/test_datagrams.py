@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtunnel.io.datagrams import (
+    LONE_BYTES,
     Address,
     CoalescingSocket,
     DatagramSocket,
@@ -128,6 +129,36 @@ async def test_coalescing_over_ipv6_loopback() -> None:
     except OSError:
         pytest.skip("no IPv6 on this host")
     await _exchange_runs([1200] * 30 + [100], family=socket.AF_INET6)
+
+
+@pytest.mark.parametrize("gro", [True, False])
+async def test_a_lone_small_datagram_first_is_handed_over_alone(gro: bool) -> None:
+    """The first datagram of a wakeup, lone and small (a request's answer), goes up in a batch of its own
+    before the socket is read on; what was queued behind it follows in the next batch of the same wakeup. A
+    large one first does not: the whole wakeup is one batch."""
+    batches: list[list[bytes]] = []
+
+    def on_runs(runs: list[Run]) -> None:
+        batches.append([bytes(d) for buffer, segment, _ in runs for d in split_run(buffer, segment)])
+
+    rx = CoalescingSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), on_runs, gro=gro)
+    tx = DatagramSocket(open_udp_socket(socket.AF_INET), lambda batch: None)
+    try:
+        for first in (100, LONE_BYTES + 1):
+            batches.clear()
+            sent = [b"a" * first, b"b" * 300, b"c" * 700]
+            for datagram in sent:  # all queued before the loop looks at the socket
+                tx.sendto(datagram, rx.local_address)
+            with anyio.fail_after(5):
+                while sum(map(len, batches)) < len(sent):
+                    await anyio.sleep(0.01)
+            if first <= LONE_BYTES:
+                assert batches == [sent[:1], sent[1:]]
+            else:
+                assert batches == [sent]
+    finally:
+        rx.close()
+        tx.close()
 
 
 def test_split_run() -> None:

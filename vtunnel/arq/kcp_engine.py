@@ -225,19 +225,33 @@ class KCPEngine:
         if kcp.state == -1:
             self.dead = True
 
+    def note_acks(self, now: float) -> None:
+        """Tell the pacer what the input so far acknowledged (else the next flush does). A driver calls it once an
+        input's bytes went up, so the pacer's bookkeeping is not on the way from a request to its answer."""
+        pacer = self._pacer
+        if pacer is not None and not self.closed:
+            self._acked(pacer, now)
+
+    def _acked(self, pacer: Pacer, now: float) -> int:
+        """Tell the pacer what left the send buffer since it was last told; the segments in flight."""
+        kcp = self._kcp
+        in_flight: int = kcp.nsnd_buf
+        delivered = self._seen_buf - in_flight
+        if delivered > 0:
+            srtt: float = kcp.rx_srtt
+            srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
+            pacer.on_acked(now, delivered, srtt, app_limited=kcp.nsnd_que == 0)
+            self._seen_buf = in_flight
+        return in_flight
+
     def _gate(self, pacer: Pacer, now: float) -> int:
         """Tell the pacer what was acknowledged, then open ikcp's send window by what it allows.
 
         Returns the sequence number plus retransmission count before the flush, for :meth:`_count_sent`.
         """
         kcp = self._kcp
-        in_flight: int = kcp.nsnd_buf
+        in_flight = self._acked(pacer, now)
         queued: int = kcp.nsnd_que
-        delivered = self._seen_buf - in_flight
-        if delivered > 0:
-            srtt: float = kcp.rx_srtt
-            srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
-            pacer.on_acked(now, delivered, srtt, app_limited=queued == 0)
         if queued:  # with nothing queued this flush moves no new segment: the window does not matter
             span = (kcp.snd_nxt - kcp.snd_una) & _MASK32
             wnd = span + pacer.allowance(now, in_flight)

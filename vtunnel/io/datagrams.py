@@ -10,7 +10,10 @@ Two readers: :class:`DatagramSocket` hands over one ``(datagram, source)`` per d
 :class:`CoalescingSocket` asks Linux for UDP generic receive offload, so one ``recvmsg`` returns a run of
 equal-size datagrams from one source in one buffer, handed over as ``(buffer, segment size, source)``. On
 loopback a run sent with segmentation offload arrives whole, so neither kernel splits it. Where GRO is not
-available every run is a single datagram.
+available every run is a single datagram. A lone small datagram read first in a wakeup (an exchange's next
+message, typically) is handed over on its own before the socket is read again (:data:`LONE_BYTES`): its answer
+leaves before the read that finds the socket empty, which would otherwise delay it. Reading then goes on until
+the socket is empty, as in every wakeup.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ _GRO_ANCILLARY: Final = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CM
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 #: one coalescing read callback stops after this many bytes (it also stops at ``batch`` system calls)
 RUN_BATCH_BYTES: Final = 1024 * 1024
+#: a lone datagram up to this size read first in a wakeup is handed over before the socket is read again: the
+#: answer of a request/response exchange goes on at once, and the read that finds the socket empty comes after
+LONE_BYTES: Final = 512
 
 
 def split_run(buffer: bytes, segment: int) -> list[bytes | memoryview]:
@@ -324,6 +330,7 @@ class CoalescingSocket(_UDPSocket):
         view = self._view
         runs: list[Run] = []
         budget = RUN_BATCH_BYTES
+        first = True
         for _ in range(self._batch):
             try:
                 size, ancillary, flags, source = recv(buffers, _GRO_ANCILLARY)
@@ -342,6 +349,12 @@ class CoalescingSocket(_UDPSocket):
             runs.append(
                 (view[:size].tobytes(), segment, source if len(source) == 2 else (source[0], source[1]))
             )
+            if first:
+                first = False
+                if segment >= size and size <= LONE_BYTES:
+                    if not self._hand_over(runs):
+                        return
+                    runs = []
             budget -= size
             if budget <= 0:
                 break
@@ -352,6 +365,7 @@ class CoalescingSocket(_UDPSocket):
         recv = self.sock.recvfrom_into
         view = self._view
         runs: list[Run] = []
+        first = True
         for _ in range(self._batch):
             try:
                 size, source = recv(view)
@@ -362,5 +376,17 @@ class CoalescingSocket(_UDPSocket):
                     continue
                 break
             runs.append((view[:size].tobytes(), size, source if len(source) == 2 else (source[0], source[1])))
+            if first:
+                first = False
+                if size <= LONE_BYTES:
+                    if not self._hand_over(runs):
+                        return
+                    runs = []
         if runs and not self._closed:
             self._handler(runs)
+
+    def _hand_over(self, runs: list[Run]) -> bool:
+        """Hand the first, lone small datagram of a wakeup over before reading on (see :data:`LONE_BYTES`);
+        whether the socket is still open to read on."""
+        self._handler(runs)
+        return not self._closed

@@ -164,6 +164,7 @@ class KCPLink(ArqLink):
         self._deliver()
         if engine.closed:
             return
+        engine.note_acks(now)  # (after the bytes went up: an answer to them is on its way meanwhile)
         if (
             self._consumer is not None
             and self._unacked < ACK_NOW_SEGMENTS * engine.max_data
