@@ -134,7 +134,8 @@ class KCPEngine:
         return 0
 
     def _with_repeated_acks(self, data: bytes) -> bytes:
-        """A datagram of ACKs (headers only: a segment with data never comes here) also carries the ACKs of the one before, once (what room allows).
+        """A datagram of ACKs (headers only: one with data never comes here) also carries the ACKs of the one
+        before, once (what room allows).
 
         KCP acknowledges each segment once, and its cumulative ``una`` stays behind the oldest hole, which on
         a lossy path is most of the time: every lost datagram of ACKs made the sender resend all the data it
