@@ -115,7 +115,7 @@ class KCPEngine:
         """Make every datagram ``room`` bytes shorter from now on (a sealer that adds more to some datagrams:
         sealed datagram v4's run table); False, changing nothing, once anything was queued or ikcp refuses."""
         kcp = self._kcp
-        if self._closed or kcp.waitsnd() or kcp.setmtu(int(kcp.mtu) - room) < 0:
+        if self.closed or kcp.waitsnd() or kcp.setmtu(int(kcp.mtu) - room) < 0:
             return False
         self.max_data = int(kcp.mss)
         self._segment_bytes = self.max_data + _SEGMENT_HEADER
