@@ -192,6 +192,7 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
         sent = sum(direction.get("received_bytes", 0) for direction in counters.values())
         if sent and result["bytes"]:
             metrics["wire_per_payload"] = sent / float(result["bytes"])
+            metrics["wire_excess"] = metrics["wire_per_payload"] - 1.0
     return metrics, raw
 
 

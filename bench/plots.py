@@ -64,17 +64,18 @@ def _goodput_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
-def _rudp_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
-    """The rudp comparison (``rudp-loss-N`` scenarios): goodput and wire bytes per payload byte against loss."""
+def _rudp_vs_loss(doc: Mapping[str, Any], path: Path, prefix: str, link: str) -> bool:
+    """The rudp comparison (the ``PREFIX-N`` scenarios: ``rudp-loss-N`` through the relay, ``rudp-veth-N`` on
+    the veth link): goodput, and the wire bytes beyond the payload per payload byte, against loss."""
     series: dict[str, dict[str, list[tuple[float, float, float, float]]]] = defaultdict(
         lambda: defaultdict(list)
     )
     for scen, systems in doc["summary"].items():
-        if not scen.startswith("rudp-loss-"):
+        if not scen.startswith(prefix):
             continue
-        loss = float(scen.removeprefix("rudp-loss-"))
+        loss = float(scen.removeprefix(prefix))
         for system, metrics in systems.items():
-            for metric in ("goodput_MBps", "wire_per_payload"):
+            for metric in ("goodput_MBps", "wire_excess"):
                 m = metrics.get(metric)
                 if m:
                     series[metric][system].append((loss, m["median"], m["min"], m["max"]))
@@ -82,18 +83,17 @@ def _rudp_vs_loss(doc: Mapping[str, Any], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     titles = {
-        "goodput_MBps": ("goodput (MB/s, median, min-max)", "Bulk goodput vs loss, 20 ms RTT"),
-        "wire_per_payload": (
-            "wire bytes per payload byte (both ways)",
-            "Wire bytes per payload byte vs loss",
+        "goodput_MBps": ("goodput (MB/s, median, min-max)", f"Bulk goodput vs loss, {link}"),
+        "wire_excess": (
+            "wire bytes beyond the payload per payload byte",
+            "Resends, headers and ACKs (both ways) vs loss",
         ),
     }
     for ax, (metric, (label, title)) in zip(axes, titles.items(), strict=True):
         _loss_series(ax, doc, series[metric])
         ax.set_ylabel(label)
         ax.set_title(title)
-        if metric == "goodput_MBps":
-            ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -166,7 +166,8 @@ def plot_all(doc: Mapping[str, Any], out_dir: Path, *, prefix: str = "") -> list
     jobs: list[tuple[str, Callable[[Path], bool]]] = [
         ("goodput-vs-loss.png", lambda p: _goodput_vs_loss(doc, p)),
         ("bulk-goodput.png", lambda p: _bulk_bars(doc, p)),
-        ("rudp-vs-loss.png", lambda p: _rudp_vs_loss(doc, p)),
+        ("rudp-vs-loss.png", lambda p: _rudp_vs_loss(doc, p, "rudp-loss-", "relay, 20 ms RTT")),
+        ("rudp-veth-vs-loss.png", lambda p: _rudp_vs_loss(doc, p, "rudp-veth-", "veth, 25 MB/s")),
         ("latency-cdf-rr.png", lambda p: _latency_cdf(doc, "rr-64", p, "64 B request/response latency CDF")),
         (
             "latency-cdf-rr-impaired.png",

@@ -21,6 +21,7 @@ from types import FrameType
 
 import structlog
 
+from bench.fairness import measure_fairness
 from bench.measure import (
     Metrics,
     measure_bulk,
@@ -35,7 +36,7 @@ from bench.measure import (
     start_stall_sink,
     start_tls_sources,
 )
-from bench.netem import LOOPBACK, NetnsLink, netns_supported, relay_available
+from bench.netem import IPV4_UDP_HEADER, LOOPBACK, NetnsLink, netns_supported, relay_available
 from bench.procs import HarnessError, ProcessGroup, free_port
 from bench.refs import RefTree, export_tree
 from bench.report import link_description
@@ -109,9 +110,9 @@ class Job:
     link: str  # "loopback" | "relay" | "netns"
     together: tuple[SystemSpec, ...] = ()  # systems measured side by side in this one job
 
-    def step_count(self, loss_levels: int) -> int:
+    def step_count(self, loss_levels: tuple[float, ...]) -> int:
         if self.link == "netns":
-            return loss_levels * len(self.scenarios)
+            return sum(len(s.netns_levels(loss_levels)) for s in self.scenarios)
         return max(1, len(self.together)) * len(self.scenarios)
 
 
@@ -220,7 +221,7 @@ class Runner:
         return jobs
 
     def total_steps(self, jobs: Sequence[Job]) -> int:
-        return sum(j.step_count(len(self.loss_levels)) for j in jobs)
+        return sum(j.step_count(self.loss_levels) for j in jobs)
 
     # ------------------------------------------------------------------ running
     def run(self) -> list[Sample]:
@@ -242,7 +243,7 @@ class Runner:
                         link.up()
                         self.notes.extend(link.notes)
                     else:
-                        self.notes.append(f"bulk-loss skipped: {self.netns_reason}")
+                        self.notes.append(f"the veth scenarios are skipped: {self.netns_reason}")
                 if any(j.link == "relay" for j in jobs) and not relay_available():
                     self.notes.append("rr-impaired skipped: the UDP impairment relay is not installed")
                 self.listener(f"total:{self.total_steps(jobs)}", None)
@@ -275,7 +276,7 @@ class Runner:
         self.listener(f"start {job.system.name} ({job.link}) round {job.round + 1}", None)
         if job.link == "netns":
             if link is None:
-                self._fail_all(job, f"skipped: {self.netns_reason}", list(self.loss_levels))
+                self._fail_netns(job, f"skipped: {self.netns_reason}")
                 return
             self._run_netns_job(job, group, psk_file, link)
             return
@@ -349,7 +350,15 @@ class Runner:
                 self._measure(sc, job, stack, scope, None)
 
     def _measure(
-        self, scenario: Scenario, job: Job, stack: Stack, group: ProcessGroup, loss: float | None
+        self,
+        scenario: Scenario,
+        job: Job,
+        stack: Stack,
+        group: ProcessGroup,
+        loss: float | None,
+        *,
+        link: NetnsLink | None = None,
+        psk_file: Path | None = None,
     ) -> None:
         settings = scenario.settings(quick=self.options.quick)
         sample = Sample(scenario=scenario.name, system=job.system.name, round=job.round, loss=loss)
@@ -370,6 +379,8 @@ class Runner:
                 metrics = measure_https_lite(stack, settings, job.round)
             elif scenario.kind == "ttfb_spliced":
                 metrics = measure_ttfb_spliced(stack, settings, job.round)
+            elif scenario.kind == "fairness" and link is not None:
+                metrics = measure_fairness(stack, link, settings, group, psk_file)
             else:
                 raise HarnessError(f"no measurement for kind {scenario.kind!r}")
             sample.metrics, sample.raw = metrics
@@ -409,20 +420,40 @@ class Runner:
                 sample.raw["link"] = stack.placement.description
                 self._record(sample)
 
+    def _fail_netns(self, job: Job, error: str) -> None:
+        """Every sample of a ``netns`` job failed: one per level of a sweep, one for a scenario of one level."""
+        for scenario in job.scenarios:
+            one = Job(system=job.system, scenarios=(scenario,), round=job.round, link=job.link)
+            levels = [None] if scenario.netns_loss is not None else list(self.loss_levels)
+            self._fail_all(one, error, levels)
+
     def _run_netns_job(self, job: Job, group: ProcessGroup, psk_file: Path | None, link: NetnsLink) -> None:
         with group.scope() as scope:
             link.set_loss(0.0)
+            link.set_rate(None)
             try:
                 stack = start_stack(job.system, scope, link.placement, psk_file=psk_file)
             except HarnessError as exc:
-                self._fail_all(job, str(exc), list(self.loss_levels))
+                self._fail_netns(job, str(exc))
                 return
-            for level in self.loss_levels:
-                link.set_loss(level)
-                for sc in job.scenarios:
-                    self._measure(sc, job, stack, scope, level)
-                    self.samples[-1].raw["dropped_packets"] = link.dropped()
-                    self.samples[-1].raw["link"] = link.placement.description
+            for sc in job.scenarios:
+                link.set_rate(sc.netns_rate)
+                for level in sc.netns_levels(self.loss_levels):
+                    link.set_loss(level)  # and the counters start from zero
+                    # a scenario of one level is named by it (rudp-veth-2); a sweep's samples carry the level
+                    key = None if sc.netns_loss is not None else level
+                    self._measure(sc, job, stack, scope, key, link=link, psk_file=psk_file)
+                    sample = self.samples[-1]
+                    sample.raw["dropped_packets"] = link.dropped()
+                    sample.raw["link"] = link.placement.description
+                    if sc.kind == "bulk_wire" and sample.error is None:
+                        sent, packets = link.wire()
+                        payload = float(str(sample.raw["bytes"]))
+                        sample.raw["wire"] = {"ip_bytes": sent, "packets": packets}
+                        wire = (sent - IPV4_UDP_HEADER * packets) / payload
+                        sample.metrics["wire_per_payload"] = wire
+                        sample.metrics["wire_excess"] = wire - 1.0
+            link.set_rate(None)
 
     def _run_tunnels(self, job: Job, group: ProcessGroup, psk_file: Path | None) -> None:
         """A scenario that starts its own processes: tunnels (one server, many tunnels) or scaling."""

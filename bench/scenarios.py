@@ -19,7 +19,9 @@ __all__ = [
     "NOT_AUTOMATIC",
     "RELAY_PROFILE",
     "ROUNDS",
+    "RUDP_FAIR_RATE",
     "RUDP_LOSS_LEVELS",
+    "RUDP_VETH_RATE",
     "SCENARIOS",
     "VTUNNEL_TRANSPORTS",
     "Scenario",
@@ -63,6 +65,15 @@ RELAY_PROFILE: tuple[str, ...] = (
 RUDP_LOSS_LEVELS: tuple[float, ...] = (0, 1, 2, 5, 10)
 
 
+#: The veth link's rate each way in the rudp comparison (bytes per second): below what every one of the three
+#: moves on loopback, so the link, not the processor, is the limit, and a sender that ignores congestion fills
+#: its queue
+RUDP_VETH_RATE = 25e6
+
+#: The one bottleneck two rudp:// flows share in ``rudp-fair`` (bytes per second)
+RUDP_FAIR_RATE = 12.5e6
+
+
 def rudp_relay_profile(loss: float) -> tuple[str, ...]:
     """The relay's link of the rudp comparison: 10 ms one-way delay (20 ms RTT), ``loss`` each way, 50 MB/s."""
     return ("--delay", "10", "--loss", f"{loss:g}", "--rate", "50m", "--stats-interval", "1")
@@ -78,7 +89,8 @@ class Scenario:
     """One measurement, run for every applicable system.
 
     ``kind`` selects the workload: ``bulk``, ``rr``, ``ttfb``, ``idle_streams``, ``tunnels``, ``idle_cpu``,
-    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``scaling`` (1 against 2 server
+    ``bulk_loss`` (bulk on a lossy namespace link, one sample per loss level), ``fairness`` (two tunnels'
+    bulk transfers through one bottleneck: their shares and Jain's index), ``scaling`` (1 against 2 server
     workers, :mod:`bench.scaling`), ``bulk_wire`` (bulk through the
     relay, with the bytes on the wire per payload byte), ``rr_impaired``
     (request/response through the UDP impairment relay), ``stalled`` (one stream's goodput while others of
@@ -110,6 +122,14 @@ class Scenario:
     #: shadowsocks' ss-local); only these scenarios run the ``shadowsocks`` system, and they need their own stack
     socks: bool = False
     kcptun_peer: bool = False
+    #: ``netns`` scenarios: the one loss level it runs at (``None``: every level of the run's sweep) and the
+    #: rate limit of each direction (bytes per second, ``None``: none)
+    netns_loss: float | None = None
+    netns_rate: float | None = None
+
+    def netns_levels(self, sweep: tuple[float, ...]) -> tuple[float, ...]:
+        """The loss levels a ``netns`` scenario is measured at."""
+        return sweep if self.netns_loss is None else (self.netns_loss,)
 
     def settings(self, *, quick: bool) -> dict[str, float]:
         merged = dict(self.params)
@@ -338,6 +358,36 @@ SCENARIOS: tuple[Scenario, ...] = (
             only=("kcptun", "vtunnel-kcp", "vtunnel-rudp"),
         )
         for level in RUDP_LOSS_LEVELS
+    ),
+    *(
+        Scenario(
+            name=f"rudp-veth-{level:g}",
+            kind="bulk_wire",
+            description=f"bulk goodput (1 stream) on the veth link at {RUDP_VETH_RATE / 1e6:g} MB/s each way "
+            f"(tbf, 256 KiB queue) and {level:g}% nftables loss each way, rudp:// against kcp:// and kcptun; "
+            "wire bytes (both directions, as sent) per payload byte",
+            params={"streams": 1, "bytes": 128 * MiB, "timeout": 120},
+            quick={"bytes": 64 * MiB, "timeout": 60},
+            link="netns",
+            udp_only=True,
+            netns_loss=level / 100,
+            netns_rate=RUDP_VETH_RATE,
+            only=("kcptun", "vtunnel-kcp", "vtunnel-rudp"),
+        )
+        for level in RUDP_LOSS_LEVELS
+    ),
+    Scenario(
+        name="rudp-fair",
+        kind="fairness",
+        description=f"two tunnels (two agents, one server), one bulk stream each, the second started 1 s "
+        f"after the first, through one {RUDP_FAIR_RATE / 1e6:g} MB/s bottleneck (the veth link, tbf, 256 KiB "
+        "queue): Jain's index of what each brought through it while both ran, from 3 s after the second began",
+        params={"bytes": 128 * MiB, "timeout": 120, "delay": 1.0, "settle": 3.0},
+        quick={"bytes": 64 * MiB, "timeout": 90},
+        link="netns",
+        netns_loss=0.0,
+        netns_rate=RUDP_FAIR_RATE,
+        only=("vtunnel-kcp", "vtunnel-rudp"),
     ),
     Scenario(
         name="rr-impaired",
