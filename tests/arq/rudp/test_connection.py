@@ -3,6 +3,8 @@ reader that stops, delayed ACKs, closing, protocol faults, the amplification lim
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from vtunnel.arq.rudp.connection import (
@@ -20,6 +22,7 @@ from vtunnel.arq.rudp.connection import (
     StreamEnded,
     StreamReadable,
 )
+from vtunnel.arq.rudp.recovery import RttEstimator, SentPacket
 from vtunnel.arq.rudp.wire import Ack, Close, decode_packet, encode_ack, encode_header
 
 CLIENT_CID = b"client01"
@@ -221,3 +224,40 @@ def test_idle_timeout() -> None:
 def test_unknown_congestion_controller() -> None:
     with pytest.raises(ValueError, match="congestion controller"):
         RudpConfig(cc="vegas")
+
+
+def _paced_transfer(tick: float, duration: float = 0.4) -> list[bool]:
+    """A bulk transfer over a path of 5 ms each way whose sender runs only every ``tick`` seconds (input,
+    timers and output alike); what the sender told its congestion controller with each ACK: whether the
+    round was limited by the sender itself."""
+    client, server = pair()
+    told: list[bool] = []
+    controller = client.cc
+    acked = controller.on_packets_acked
+
+    def record(now: float, packets: Sequence[SentPacket], rtt: RttEstimator, *, app_limited: bool) -> None:
+        told.append(app_limited)
+        acked(now, packets, rtt, app_limited=app_limited)
+
+    controller.on_packets_acked = record  # type: ignore[method-assign]
+    in_flight: list[tuple[float, Connection, bytes]] = []
+    now = 0.0
+    while now < duration:
+        for _, sink, datagram in [each for each in in_flight if each[0] <= now]:
+            sink.receive_datagram(datagram, now)
+        in_flight = [each for each in in_flight if each[0] > now]
+        server.receive()
+        client.send(b"x" * client.send_room())  # never short of data: never limited by the application
+        for source, sink in ((client, server), (server, client)):
+            source.handle_timer(now)
+            in_flight += [(now + 0.005, sink, datagram) for datagram in source.datagrams_to_send(now)]
+        now += tick
+    return told
+
+
+def test_a_sender_woken_late_for_its_pacing_tells_its_controller_the_round_was_its_own_doing() -> None:
+    on_time = _paced_transfer(0.001)
+    late = _paced_transfer(0.010)  # woken later than the token bucket holds (a descheduled process)
+    assert len(on_time) > 50
+    assert not any(on_time[10:])
+    assert any(late[10:])

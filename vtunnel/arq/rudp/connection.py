@@ -226,6 +226,8 @@ class Connection:
         self._pacer = Pacer(max_datagram_size=self._mds, initial_burst=self.cc.congestion_window)
         self._pacing_wake: float | None = None
         self._app_limited = True
+        #: the sender itself fell behind its pacing since the last ACK (see datagrams_to_send)
+        self._fell_behind = False
         self._probes = 0
         self._next_number = 0
         # path
@@ -534,7 +536,9 @@ class Connection:
             self._stats["spurious_losses"] += 1
             self._stream_acked(packet)
         if result.acked:
-            self.cc.on_packets_acked(now, result.acked, self.rtt, app_limited=self._app_limited)
+            limited = self._app_limited or self._fell_behind
+            self._fell_behind = False
+            self.cc.on_packets_acked(now, result.acked, self.rtt, app_limited=limited)
         if result.lost:
             self._on_lost(result.lost, now, persistent=result.persistent_congestion)
         self._trim()
@@ -664,6 +668,12 @@ class Connection:
         if not self._heard_from_peer:
             return []  # a server speaks only after the client did
         out: list[bytes] = []
+        wake = self._pacing_wake
+        if wake is not None and now - wake > Pacer.BURST_TIME:
+            # called later after a pacing wake than the token bucket holds (a descheduled process): the rate it
+            # paced at was not reached, by the sender's fault, so the rounds measured now are no lower bound of
+            # the path's rate, as when the application has nothing to send
+            self._fell_behind = True
         self._pacing_wake = None
         mds = self._mds
         pacing = self.config.pacing
