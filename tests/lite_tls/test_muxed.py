@@ -108,6 +108,46 @@ class Tap:
     tamper: Callable[[bytes], bytes] | None = None
 
 
+class BodyFlipper:
+    """Flips one byte of one late application-data record body where it shows in the tunnel's traffic, once.
+
+    :meth:`learn` is the tamper of the relay between the origin and the server (the bodies it remembers: of
+    records longer than 16,000 bytes, past the first MiB, 64 bytes from their 100th on); :meth:`flip` is the tamper
+    of the tunnel's wire (a byte stream's chunks or datagrams alike). ``flipped`` holds where it flipped."""
+
+    def __init__(self, origin_side: Tap, *, kept: int = 32) -> None:
+        self.origin_side = origin_side
+        self.kept = kept
+        self.samples: list[bytes] = []
+        self.flipped: list[int] = []
+        self._parsed = 0  # how far the origin's records were parsed
+
+    def learn(self, chunk: bytes) -> bytes:
+        stream = self.origin_side.downstream + chunk
+        pos = self._parsed
+        while pos + 5 <= len(stream):
+            length = int.from_bytes(stream[pos + 3 : pos + 5], "big")
+            if pos + 5 + length > len(stream):
+                break
+            if stream[pos] == 0x17 and length > 16000 and pos > 1 << 20 and len(self.samples) < self.kept:
+                self.samples.append(bytes(stream[pos + 105 : pos + 5 + 100 + 64]))
+            pos += 5 + length
+        self._parsed = pos
+        return chunk
+
+    def flip(self, chunk: bytes) -> bytes:
+        if self.flipped:
+            return chunk
+        for sample in self.samples:
+            at = chunk.find(sample)
+            if at >= 0:
+                changed = bytearray(chunk)
+                changed[at + 10] ^= 0x40
+                self.flipped.append(at)
+                return bytes(changed)
+        return chunk
+
+
 async def _pump(src: SocketStream, dst: SocketStream, tap: Tap | None) -> None:
     try:
         while True:
@@ -307,42 +347,14 @@ async def test_a_flipped_byte_in_a_passthrough_body_breaks_only_that_stream(
     ca_file: str, tmp_path: Path
 ) -> None:
     target = Tap()
-    samples: set[bytes] = set()
-    flipped: list[int] = []
-    parsed = [0]  # how far the origin's records were parsed
-
-    def learn(chunk: bytes) -> bytes:  # (the origin -> server relay) remember late application-data records
-        stream = target.downstream + chunk
-        pos = parsed[0]
-        while pos + 5 <= len(stream):
-            length = int.from_bytes(stream[pos + 3 : pos + 5], "big")
-            if pos + 5 + length > len(stream):
-                break
-            if stream[pos] == 0x17 and length > 16000 and pos > 1 << 20:
-                samples.add(bytes(stream[pos + 105 : pos + 5 + 100 + 64]))
-            pos += 5 + length
-        parsed[0] = pos
-        return chunk
-
-    def flip(chunk: bytes) -> bytes:  # (the server -> agent relay) flip one byte of one such body, once
-        if flipped:
-            return chunk
-        for sample in list(samples):
-            at = chunk.find(sample)
-            if at >= 0:
-                changed = bytearray(chunk)
-                changed[at + 10] ^= 0x40
-                flipped.append(at)
-                return bytes(changed)
-        return chunk
-
-    target.tamper = learn
+    flipper = BodyFlipper(target)
+    target.tamper = flipper.learn
     size = 32 * 1024 * 1024
     async with (
         origin("1.3") as https,
         origin("1.2") as other,
         relay(https, target) as tapped,
-        tunnel(wire=Tap(tamper=flip)) as t,
+        tunnel(wire=Tap(tamper=flipper.flip)) as t,
     ):
         codes: dict[str, int] = {}
 
@@ -355,7 +367,7 @@ async def test_a_flipped_byte_in_a_passthrough_body_breaks_only_that_stream(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fetch, "tampered", tapped)
                 tg.start_soon(fetch, "parallel", other)
-    assert flipped, "no passthrough body was seen on the wire"
+    assert flipper.flipped, "no passthrough body was seen on the wire"
     assert codes["tampered"] != 0  # the user's TLS caught it: bad record MAC
     assert codes["parallel"] == 0
     assert (tmp_path / "parallel").read_bytes() == body_for(size)

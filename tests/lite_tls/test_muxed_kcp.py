@@ -24,7 +24,7 @@ from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .test_muxed import Tap, body_for, ca_file, curl, origin, records, relay
+from .test_muxed import BodyFlipper, Tap, body_for, ca_file, curl, origin, records, relay
 
 __all__ = ["ca_file"]
 
@@ -195,42 +195,14 @@ async def test_without_lite_tls_nothing_of_the_users_tls_is_in_the_clear_over_kc
 
 async def test_a_flipped_byte_in_a_clear_run_breaks_only_that_stream(ca_file: str, tmp_path: Path) -> None:
     target = Tap()
-    samples: list[bytes] = []
-    flipped: list[int] = []
-    parsed = [0]
-
-    def learn(chunk: bytes) -> bytes:  # (origin -> server) remember a few late application-data record bodies
-        stream = target.downstream + chunk
-        pos = parsed[0]
-        while pos + 5 <= len(stream):
-            length = int.from_bytes(stream[pos + 3 : pos + 5], "big")
-            if pos + 5 + length > len(stream):
-                break
-            if stream[pos] == 0x17 and length > 16000 and pos > 1 << 20 and len(samples) < 32:
-                samples.append(bytes(stream[pos + 105 : pos + 5 + 100 + 64]))
-            pos += 5 + length
-        parsed[0] = pos
-        return chunk
-
-    def flip(datagram: bytes) -> bytes:  # (server -> agent) flip one byte inside one clear run, once
-        if flipped:
-            return datagram
-        for sample in samples:
-            at = datagram.find(sample)
-            if at >= 0:
-                changed = bytearray(datagram)
-                changed[at + 10] ^= 0x40
-                flipped.append(at)
-                return bytes(changed)
-        return datagram
-
-    target.tamper = learn
+    flipper = BodyFlipper(target)  # over kcp:// its flip sees datagrams, and flips inside a clear run
+    target.tamper = flipper.learn
     size = 32 * 1024 * 1024
     async with (
         origin("1.3") as https,
         origin("1.2") as other,
         relay(https, target) as tapped,
-        kcp_tunnel(lambda server: UdpTap(server, flip)) as (socks, _udp),
+        kcp_tunnel(lambda server: UdpTap(server, flipper.flip)) as (socks, _udp),
     ):
         codes: dict[str, int] = {}
 
@@ -243,7 +215,7 @@ async def test_a_flipped_byte_in_a_clear_run_breaks_only_that_stream(ca_file: st
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fetch, "tampered", tapped)
                 tg.start_soon(fetch, "parallel", other)
-    assert flipped, "no passthrough body was seen in the clear on the wire"
+    assert flipper.flipped, "no passthrough body was seen in the clear on the wire"
     assert codes["tampered"] != 0  # the user's TLS caught it: bad record MAC
     assert codes["parallel"] == 0
     assert (tmp_path / "parallel").read_bytes() == body_for(size)

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from tests.kcputil import connect, kcp_server
+from tests.linkutil import counting_loop_timers
 from tests.streams import echo, read_exactly, wait_until
 from vtunnel.transports.base import Endpoint, SecurityConfig
 from vtunnel.transports.kcp.link import ACK_DELAY, ACK_NOW_SEGMENTS, KCPLink
@@ -263,14 +264,6 @@ async def test_an_exchange_does_not_move_the_sessions_timers_for_its_acks() -> N
     flush tick, within KCP's interval) and rides the answer: a loop timer is no longer cancelled and made anew
     twice per message (2 ms ahead for the ACK, back for the answer), and the ACKs do not go alone."""
     loop = asyncio.get_running_loop()
-    created = 0
-    call_at = loop.call_at
-
-    def counting_call_at(when: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
-        nonlocal created
-        created += 1
-        return call_at(when, callback)
-
     async with kcp_server() as (listener, url):
         client = await connect(url)
         server: KCPLink | None = None
@@ -288,23 +281,19 @@ async def test_an_exchange_does_not_move_the_sessions_timers_for_its_acks() -> N
         async with running(server, consumer):
             assert await read_exactly(client, 5) == b"HELLO"
             exchanges = 300
-            loop.call_at = counting_call_at  # type: ignore[method-assign, assignment]
-            try:
-                sent_before = listener.datagrams_sent
-                start = loop.time()
-                with anyio.fail_after(30):
-                    for _ in range(exchanges):
-                        client.link.send_nowait(b"ping")
-                        assert await read_exactly(client, 4) == b"PING"
-                ticks = (loop.time() - start) / 0.010  # fast3's interval
-            finally:
-                del loop.call_at
+            sent_before = listener.datagrams_sent
+            start = loop.time()
+            with counting_loop_timers() as timers, anyio.fail_after(30):
+                for _ in range(exchanges):
+                    client.link.send_nowait(b"ping")
+                    assert await read_exactly(client, 4) == b"PING"
+            ticks = (loop.time() - start) / 0.010  # fast3's interval
             # about one datagram each: the ACK rode the answer (one held past a flush tick goes with the tick)
             assert listener.datagrams_sent - sent_before <= exchanges + ticks
             # the flush ticks' re-arming (each session's, while something is in flight or owed), and a move for
             # the ACK only when the tick is less than ACK_DELAY away (about one exchange in five, per side):
             # before, every message moved the timer twice, about 3.6 timers per exchange here
-            assert created <= 1.5 * exchanges + 2 * ticks
+            assert timers.created <= 1.5 * exchanges + 2 * ticks
         await client.aclose()
         await server.aclose()
 

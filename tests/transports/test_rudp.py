@@ -5,11 +5,10 @@ through a forward."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 
 from tests.conftest import Processes
 from tests.e2e.test_cli import start_pair
-from tests.linkutil import stream_of
+from tests.linkutil import counting_loop_timers, stream_of
 from tests.netutil import echo_roundtrip, echo_server, pattern
 from tests.streams import wait_until
 from tests.transports.test_kcp_impaired import transfer
@@ -280,15 +279,6 @@ async def test_an_exchange_does_not_move_the_links_timers_for_each_message() -> 
     """In request/response every message moves the connection's deadlines (the PTO after a send, the held ACK
     after a receipt, each later than the one before): a timer armed earlier stays and, firing, re-arms for what
     is due then, instead of a loop timer cancelled and made anew for each message on each side."""
-    loop = asyncio.get_running_loop()
-    created = 0
-    call_at = loop.call_at
-
-    def counting_call_at(when: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
-        nonlocal created
-        created += 1
-        return call_at(when, callback)
-
     listener = await listen()
     url = Endpoint.parse(f"rudp://127.0.0.1:{listener.local_address[1]}")
     client = stream_of(await RudpTransport().connect(url, security=PLAIN))
@@ -304,17 +294,13 @@ async def test_an_exchange_does_not_move_the_links_timers_for_each_message() -> 
     exchanges = 300
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(answer)
-        loop.call_at = counting_call_at  # type: ignore[method-assign, assignment]
-        try:
-            with anyio.fail_after(30):
-                for _ in range(exchanges):
-                    await client.send(b"ping")
-                    assert await client.receive() == b"PING"
-        finally:
-            del loop.call_at
+        with counting_loop_timers() as timers, anyio.fail_after(30):
+            for _ in range(exchanges):
+                await client.send(b"ping")
+                assert await client.receive() == b"PING"
         tasks.cancel_scope.cancel()
     # about 0.03 per exchange here (a timer that fired early and re-armed); 3.7 when every message moved it
-    assert created <= 0.5 * exchanges
+    assert timers.created <= 0.5 * exchanges
     await client.aclose()
     await server.aclose()
     await listener.aclose()
