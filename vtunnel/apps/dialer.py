@@ -28,7 +28,7 @@ import structlog
 from anyio.abc import ByteStream, SocketStream
 
 from vtunnel.apps.policy import ExitPolicy, IPAddress, PolicyDenied, normalize_address
-from vtunnel.io.stream_sockets import finish_tcp_connect, start_tcp_connect
+from vtunnel.io.stream_sockets import connect_tcp, finish_tcp_connect, start_tcp_connect
 
 __all__ = [
     "HAPPY_EYEBALLS_DELAY",
@@ -149,22 +149,9 @@ def _address(addr: IPAddress, port: int) -> tuple[socket.AddressFamily, tuple[st
     return (socket.AF_INET6 if addr.version == 6 else socket.AF_INET), (str(addr), port)
 
 
-def start_connect(addr: IPAddress, port: int) -> tuple[socket.socket, bool]:
-    """Begin connecting a TCP socket to one resolved address (TCP_NODELAY set): the socket, and whether the
-    connection is made already; else :func:`finish_connect` waits for it. Raises ``OSError`` when it fails at
-    once."""
-    return start_tcp_connect(*_address(addr, port))
-
-
-async def finish_connect(sock: socket.socket, addr: IPAddress, port: int) -> socket.socket:
-    """Wait until the connection :func:`start_connect` began is made; ``OSError`` (the socket closed) when not."""
-    return await finish_tcp_connect(sock, _address(addr, port)[1])
-
-
 async def connect_socket(addr: IPAddress, port: int) -> socket.socket:
     """Connect a TCP socket to one resolved address (no name lookup, no thread hop), TCP_NODELAY set."""
-    sock, made = start_connect(addr, port)
-    return sock if made else await finish_connect(sock, addr, port)
+    return await connect_tcp(*_address(addr, port))
 
 
 async def _wrap(sock: socket.socket) -> SocketStream:
@@ -173,11 +160,6 @@ async def _wrap(sock: socket.socket) -> SocketStream:
     except BaseException:
         sock.close()
         raise
-
-
-async def connect_address(addr: IPAddress, port: int) -> SocketStream:
-    """:func:`connect_socket` as an anyio socket stream."""
-    return await _wrap(await connect_socket(addr, port))
 
 
 class Dialer:
@@ -258,7 +240,7 @@ class Dialer:
                 if literal is None:
                     return None
             try:
-                return start_connect(*literal)
+                return start_tcp_connect(*_address(*literal))
             except OSError as exc:
                 raise DialError(_error_of(exc)) from None
         except DialError as exc:
