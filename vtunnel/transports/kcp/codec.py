@@ -28,7 +28,6 @@ from vtunnel.transports.link import Link, LinkConsumer, Refusals
 
 __all__ = [
     "LINGER",
-    "TIMER_SLACK",
     "ArqLink",
     "ClearRuns",
     "ClientCodec",
@@ -116,12 +115,11 @@ class RoutedLink(Link):
 #: seconds ``aclose`` waits for what was sent to be acknowledged before a session is torn down
 LINGER: Final = 1.0
 #: a deadline within this of the armed one does not re-arm the timer
-TIMER_SLACK: Final = 0.0005
+_TIMER_SLACK: Final = 0.0005
 
 
 class ArqLink(RoutedLink):
-    """What the link of every ARQ session (KCP, rudp) shares: its loop and addresses, its one timer (which follows
-    the deadline both ways: left at a deadline that moved later, it would wake the loop for nothing), the waiters
+    """What the link of every ARQ session (KCP, rudp) shares: its loop and addresses, its one timer, the waiters
     of ``aclose``'s linger, the end of ``run``, the watchdog's clock, and the steps of tearing down.
 
     A subclass implements the ARQ's own part: ``feed``, ``send_nowait``, its output step, and ``_on_timer``.
@@ -166,14 +164,23 @@ class ArqLink(RoutedLink):
         }
 
     def _arm(self, due: float) -> None:
-        """Have the timer fire at ``due``."""
+        """Have the timer fire at ``due``: it follows the deadline both ways (KCP's: ikcp's flush tick, which
+        stays put over many messages; left at a deadline that moved later, it would wake the loop for nothing)."""
         timer = self._timer
         if timer is not None:
-            if abs(due - self._timer_when) <= TIMER_SLACK:
+            if abs(due - self._timer_when) <= _TIMER_SLACK:
                 return
             timer.cancel()
         self._timer_when = due
         self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _arm_earlier(self, due: float) -> None:
+        """Have the timer fire at ``due`` if that is earlier than it is armed for (rudp's: its deadline moves later
+        with nearly every message, the PTO after each send and the held ACK after each receipt; a timer armed
+        earlier stays and, firing, finds little or nothing due and re-arms, instead of a loop timer cancelled and
+        made anew for each message)."""
+        if due < self._timer_when:
+            self._arm(due)
 
     async def _linger(self, done: Callable[[], bool]) -> None:
         """Wait (at most :data:`LINGER`) until ``done()``, woken by :meth:`_wake_drain_waiters`."""

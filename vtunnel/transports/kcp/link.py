@@ -27,7 +27,7 @@ from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
 from vtunnel.security.datagram import PT_OVERHEAD, RUN_ENTRY
-from vtunnel.transports.kcp.codec import TIMER_SLACK, ArqLink, Datagram, Transmit
+from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
 from vtunnel.transports.link import READ_SIZE, LinkConsumer, LinkStats
 
 __all__ = ["ACK_DELAY", "ACK_HOLD", "ACK_NOW_SEGMENTS", "KCPLink"]
@@ -308,8 +308,7 @@ class KCPLink(ArqLink):
         ack_due = self._ack_due
         if ack_due is not None and ack_due < due:
             due = ack_due
-        if self._timer is None or abs(due - self._timer_when) > TIMER_SLACK:
-            self._arm(due)
+        self._arm(due)
         if (self._blocked or self._drain_waiters) and engine.writable():
             if self._blocked:
                 self._blocked = False

@@ -340,11 +340,9 @@ class RudpLink(ArqLink):
             return
         deadline = conn.next_deadline()
         due = self._watchdog_due if deadline is None else min(deadline, self._watchdog_due)
-        # a timer armed for earlier stays: firing, it finds little or nothing due and re-arms for what is; moving
-        # it to every later deadline (the PTO after each send, the held ACK after each receipt) cancelled and
-        # made a loop timer for nearly every message (3.7 per exchange of request/response, 0.03 now)
-        if due < self._timer_when:
-            self._arm(due)
+        self._arm_earlier(
+            due
+        )  # (moved to every later deadline: 3.7 loop timers per request/response, 0.03 now)
         if self._blocked and not backlog and conn.send_room() > 0:
             self._blocked = False
             consumer = self._consumer
