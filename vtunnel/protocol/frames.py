@@ -136,6 +136,10 @@ class FrameView(NamedTuple):
 
 
 _Frames = list[Any]  # RawFrame from ``feed``, FrameView from ``feed_views``
+#: a FrameView from a tuple of its four fields without the named tuple's ``__new__`` (a Python function call per
+#: frame)
+_new_view: Callable[[type[FrameView], tuple[int, int, int, bytes | memoryview]], FrameView] = tuple.__new__
+_UNPACK_HEADER = _HEADER.unpack_from
 
 
 def frame_header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
@@ -324,6 +328,14 @@ class FrameDecoder:
 
     def feed_views(self, data: bytes | bytearray | memoryview) -> tuple[list[FrameView], FrameError | None]:
         """Like ``feed``, but payloads of frames found whole in ``data`` are views of it (no copy)."""
+        if not self._buf and type(data) is bytes and len(data) >= FRAME_HEADER_SIZE:
+            # the input is exactly one frame (a small message of an exchange): no loop, no buffer
+            lt, flags, sid = _UNPACK_HEADER(data)
+            length = lt >> 8
+            if length + FRAME_HEADER_SIZE == len(data) and length <= self.max_payload:
+                return [
+                    _new_view(FrameView, (lt & 0xFF, flags, sid, memoryview(data)[FRAME_HEADER_SIZE:]))
+                ], None
         frames: list[FrameView] = []
         error = self._feed(data, frames, copy=False)
         return frames, error
@@ -393,7 +405,7 @@ class FrameDecoder:
             append(
                 RawFrame(lt & 0xFF, flags, sid, payload.tobytes())
                 if copy
-                else FrameView(lt & 0xFF, flags, sid, payload)
+                else _new_view(FrameView, (lt & 0xFF, flags, sid, payload))
             )
             off = end
         return off, None

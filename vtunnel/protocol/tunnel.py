@@ -165,6 +165,8 @@ class Tunnel:
         self._tunnel_send_window = fr.MAX_WINDOW
         self._tunnel_recv_remaining = config.initial_tunnel_window
         self._tunnel_recv_unannounced = 0
+        #: tunnel credit is announced once this much is due: half the tunnel window
+        self._tunnel_update_at = config.initial_tunnel_window // 2
         self._buffered = 0  # delivered, not yet acknowledged, over all streams
         # what the stream windows hold beyond min_stream_window, over all streams, in two halves of receive_budget
         self._granted = 0  # first windows (initial_stream_window) of new streams
@@ -231,12 +233,15 @@ class Tunnel:
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
         """Bytes from the transport. Peer faults never raise: see ``errors`` for the rule."""
-        self._start(now)
-        if self.role is Role.CLIENT and self._state is TunnelState.INIT:
+        self._now = now
+        if not self._started:
+            self._start(now)
+        state = self._state
+        if state is TunnelState.INIT and self.role is Role.CLIENT:
             raise LocalProtocolError("call initiate() before receive_data() on a client tunnel")
-        if self._state is TunnelState.CLOSED or not data:
+        if state is TunnelState.CLOSED or not data:
             return self._take_events()
-        self._keepalive.received(now)
+        self._keepalive.last_recv = now  # the peer is alive (Keepalive.received, inline: once per input)
         frames, error = self._decoder.feed_views(data)
         try:
             on_data = self._on_data
@@ -249,7 +254,8 @@ class Tunnel:
             if error is not None:
                 code = ErrorCode.FRAME_SIZE_ERROR if error.frame_size else ErrorCode.PROTOCOL_ERROR
                 self._fail(error.reason, code)
-            self._check_drain()
+            if self._state is TunnelState.DRAINING:
+                self._check_drain()
         except _Closed:
             pass
         return self._take_events()
@@ -339,10 +345,15 @@ class Tunnel:
             return None
         if state is TunnelState.INIT or state is TunnelState.HANDSHAKE_SENT:
             return self._handshake_deadline
-        deadline = self._keepalive.deadline()
-        if self._drain_deadline is not None:
-            deadline = min(deadline, self._drain_deadline)
-        return deadline if math.isfinite(deadline) else None
+        keepalive = self._keepalive  # (keepalive.deadline() inline: asked after every input and write)
+        sent_at = keepalive.sent_at
+        deadline = (
+            keepalive.last_recv + keepalive.interval if sent_at is None else sent_at + keepalive.timeout
+        )
+        drain = self._drain_deadline
+        if drain is not None and drain < deadline:
+            deadline = drain
+        return deadline if deadline < math.inf else None
 
     def handle_timer(self, now: float) -> list[Event]:
         """Run the handshake timeout, keepalive and drain timeout for time ``now``."""
@@ -441,9 +452,15 @@ class Tunnel:
         records of a lite-tls stream that has left the tunnel, each sent as one PASSTHROUGH frame (of up to
         ``MAX_PASSTHROUGH_PAYLOAD`` bytes); anything else raises LocalProtocolError and sends nothing.
         """
-        stream = self._stream_for_local(stream_id)
-        view = fr.byte_view(data)
-        size = len(view)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamClosedError(f"stream {stream_id} is unknown or closed")
+        if type(data) is bytes:  # (bytes are immutable: queued as they are, no view)
+            view: bytes | memoryview = data
+            size = len(data)
+        else:
+            view = fr.byte_view(data)
+            size = len(view)
         datagram = stream.datagram
         ends = self._passthrough_records(stream, view, end_stream) if passthrough else None
         if size or (datagram and not end_stream):
@@ -460,7 +477,13 @@ class Tunnel:
                 raise LocalProtocolError(
                     f"a {size}-byte datagram exceeds the {self._send_frame_size}-byte frame payload"
                 )
-            window = self.send_window(stream_id)
+            if fast and self._ext.flow_control:  # send_window(stream_id) of an open stream, inline
+                window = stream.send_window
+                if self._tunnel_send_window < window:
+                    window = self._tunnel_send_window
+                window = max(window, 0)
+            else:
+                window = self.send_window(stream_id)
             if size > window:
                 raise FlowControlError(f"{size} bytes exceed stream {stream_id}'s send window ({window})")
             if not fast:  # else the table's (state, SEND_DATA) -> (PERFORM, state), nothing to accept
@@ -469,7 +492,7 @@ class Tunnel:
             if self._ext.flow_control:
                 stream.send_window -= size
                 self._tunnel_send_window -= size
-            payload = (data if type(data) is bytes else view) if view.readonly else view.tobytes()
+            payload = view if isinstance(view, bytes) or view.readonly else view.tobytes()
             if ends is not None:
                 append = self._out.append
                 records = payload if isinstance(payload, memoryview) else memoryview(payload)
@@ -483,7 +506,7 @@ class Tunnel:
         if end_stream:
             self.end_stream(stream_id)
 
-    def _passthrough_records(self, stream: Stream, view: memoryview, end_stream: bool) -> list[int]:
+    def _passthrough_records(self, stream: Stream, view: bytes | memoryview, end_stream: bool) -> list[int]:
         """Where each whole TLS application-data record of ``view`` ends (one PASSTHROUGH frame each)."""
         if not self._ext.lite_tls:
             raise LocalProtocolError("PASSTHROUGH DATA needs the lite-tls extension")
@@ -697,7 +720,9 @@ class Tunnel:
             # tunnel credit returns on arrival: the stream windows alone bound what piles up, so streams whose
             # reader stalled never take the tunnel window from the others
             self._tunnel_recv_remaining -= size
-            self._credit_tunnel(size)
+            self._tunnel_recv_unannounced += size
+            if self._tunnel_recv_unannounced >= self._tunnel_update_at:
+                self._announce_tunnel_credit()
         stream = self._streams.get(sid)
         if stream is None:
             return
@@ -1004,7 +1029,17 @@ class Tunnel:
         )
 
     def _take_events(self) -> list[Event]:
-        if self._run:
+        run = self._run
+        if run:
+            if not self._events:  # (_flush_run inline: the one DataReceived of an input)
+                self._run = []
+                return [
+                    DataReceived(
+                        stream_id=self._run_sid,
+                        data=bytes(run[0]) if len(run) == 1 else b"".join(run),
+                        passthrough=bool(self._run_passthrough),
+                    )
+                ]
             self._flush_run()
         events = self._events
         self._events = []
@@ -1041,7 +1076,7 @@ class Tunnel:
         """Queue DATA frames: a header, then a read-only slice of ``data`` (no copy until the join)."""
         step = self._send_frame_size
         sid = stream.id
-        held = self._holds(stream)
+        held = not stream.accepted and self._holds(stream)
         out = stream.pending if held else self._out
         append = out.append
         if held:
@@ -1100,14 +1135,13 @@ class Tunnel:
             self._granted += grant
             self._out.append(fr.encode_window_update(stream.id, grant))
 
-    def _credit_tunnel(self, n: int) -> None:
-        """Return ``n`` bytes of tunnel credit (one WINDOW_UPDATE once half the tunnel window is due)."""
-        self._tunnel_recv_unannounced += n
-        if self._tunnel_recv_unannounced >= self.config.initial_tunnel_window // 2:
-            increment = self._tunnel_recv_unannounced
-            self._tunnel_recv_unannounced = 0
-            self._tunnel_recv_remaining += increment
-            self._out.append(fr.encode_window_update(0, increment))
+    def _announce_tunnel_credit(self) -> None:
+        """The tunnel credit of what arrived since the last announcement goes back (one WINDOW_UPDATE once half
+        the tunnel window is due: ``_on_data`` counts it)."""
+        increment = self._tunnel_recv_unannounced
+        self._tunnel_recv_unannounced = 0
+        self._tunnel_recv_remaining += increment
+        self._out.append(fr.encode_window_update(0, increment))
 
     def _rst_frame(self, sid: int, error: str | None) -> bytes:
         block = b""
