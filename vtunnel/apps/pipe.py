@@ -434,7 +434,8 @@ class SocketEnd(asyncio.Protocol):
             self.transport.pause_reading()
 
     def write(self, data: bytes) -> None:
-        self._take_over()  # the other end's first bytes may come before this end's resume_reading
+        if self._stream is not None:
+            self._take_over()  # the other end's first bytes may come before this end's resume_reading
         if self.transport is not None:
             self.transport.write(data)
 
@@ -479,6 +480,7 @@ class SocketEnd(asyncio.Protocol):
 _CLOSING: Final = 1  # close once the pending bytes went
 _EOF_WANTED: Final = 2  # FIN once the pending bytes went
 _NO_ROOM: Final = 4  # full while the tunnel's output is over its high-water mark
+_TOLD_FULL: Final = 8  # the relay was told this end is full (Relay.full): it hears of the room again
 
 
 class TunnelEnd:
@@ -534,7 +536,7 @@ class TunnelEnd:
         if self._pending is not None:
             self._push()
         elif self._state & _NO_ROOM and self.stream.has_room():
-            self._state &= ~_NO_ROOM
+            self._state &= ~(_NO_ROOM | _TOLD_FULL)
             self._relay.room(self)
 
     # -------------------------------------------------------------------- RelayEnd
@@ -573,6 +575,7 @@ class TunnelEnd:
             return
         if n < len(data):
             self._pending = memoryview(data)[n:]
+            self._state |= _TOLD_FULL
             self._relay.full(self)
             return
         self._pending = None
@@ -582,10 +585,11 @@ class TunnelEnd:
         if state & _CLOSING:
             stream.close()
         elif stream.has_room():
-            self._state &= ~_NO_ROOM
-            self._relay.room(self)
+            if state & _TOLD_FULL:  # (else the relay reads the other end already: nothing to tell)
+                self._state &= ~(_NO_ROOM | _TOLD_FULL)
+                self._relay.room(self)
         else:  # the tunnel's output is over its high-water mark: stream_writable comes once it drained
-            self._state |= _NO_ROOM
+            self._state |= _NO_ROOM | _TOLD_FULL
             self._relay.full(self)
 
     def close(self) -> None:

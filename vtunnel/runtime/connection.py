@@ -72,8 +72,7 @@ _TIMER_SLACK = 0.0005
 StreamHandler = Callable[[TunnelStream], Awaitable[None] | None]
 
 
-def _now() -> float:
-    return time.monotonic()
+_now = time.monotonic
 
 
 class TunnelConnection:
@@ -97,6 +96,8 @@ class TunnelConnection:
             # passthrough=on
             config = dataclasses.replace(config, lite_tls=False)
         self.tunnel = Tunnel(role=role, config=config, max_datagram=link.max_datagram)
+        #: the link carries unreliable datagrams (else the tunnel never queues any)
+        self._carries_datagrams = link.max_datagram > 0
         self.handler = handler
         self.name = name
         #: the peer's user (a server's tunnel under per-user keys): in every log line of the tunnel, and metrics
@@ -127,8 +128,13 @@ class TunnelConnection:
         #: streams holding more than UNCONTROLLED_BUFFER_LIMIT unacknowledged
         self._over_limit: set[int] = set()
         self._reading_paused = False
+        #: the peer agreed to flow control (known at the handshake): without it (vproxy) the link pauses for a
+        #: stream over UNCONTROLLED_BUFFER_LIMIT
+        self._flow_control = False
         self._ready = anyio.Event()
         self._closed = anyio.Event()
+        #: the tunnel is closed (``_closed`` set): a plain attribute, read for every message by its streams
+        self.closed = False
         #: set once the tunnel takes no new streams: a GOAWAY either way, or its close
         self._retired = anyio.Event()
         self._close_reason = ""
@@ -146,11 +152,7 @@ class TunnelConnection:
     # ------------------------------------------------------------------ state
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and not self._closed.is_set()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._ready.is_set() and not self.closed
 
     @property
     def close_reason(self) -> str:
@@ -177,7 +179,7 @@ class TunnelConnection:
                 tg.start_soon(watch_close)
                 await self._ready.wait()
                 tg.cancel_scope.cancel()
-        if not self._ready.is_set() or self._closed.is_set():
+        if not self._ready.is_set() or self.closed:
             raise TunnelUnavailable(f"tunnel closed before it was ready: {self._close_reason}")
 
     async def wait_closed(self) -> None:
@@ -200,9 +202,11 @@ class TunnelConnection:
         if self._delivering and self.tunnel.bytes_to_send < _COALESCED_OUTPUT:
             return  # the input's own transmit follows its events
         tunnel = self.tunnel
-        if not self._held and tunnel.has_data_to_send:
-            self._send(tunnel.data_to_send())
-        if tunnel.has_datagrams_to_send:
+        if not self._held:
+            data = tunnel.data_to_send()
+            if data:
+                self._send(data)
+        if self._carries_datagrams and tunnel.has_datagrams_to_send:
             self._send_datagrams(tunnel.datagrams_to_send())
         deadline = tunnel.next_deadline()
         if deadline is not None and deadline < self._timer_when - _TIMER_SLACK:
@@ -303,7 +307,7 @@ class TunnelConnection:
     def outbound_congested(self) -> bool:
         """More than :data:`OUTBOUND_HIGH_WATER` waits for the link (and the tunnel is open): stream consumers
         stop producing until they are told there is room (:meth:`notify_room`)."""
-        return self.outbound_bytes > OUTBOUND_HIGH_WATER and not self.closed
+        return self.tunnel.bytes_to_send + len(self._held) > OUTBOUND_HIGH_WATER and not self.closed
 
     def notify_room(self, stream: TunnelStream) -> None:
         """Call ``stream.deliver_room()`` once the output is under :data:`OUTBOUND_HIGH_WATER` again (or the
@@ -313,7 +317,7 @@ class TunnelConnection:
     # ------------------------------------------------------------------ timer
     def _arm(self, when: float) -> None:
         loop = self._loop
-        if loop is None or self._closed.is_set():
+        if loop is None or self.closed:
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -324,7 +328,7 @@ class TunnelConnection:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_when = math.inf
-        if self._closed.is_set():
+        if self.closed:
             return
         try:
             evs = self.tunnel.handle_timer(_now())
@@ -393,7 +397,7 @@ class TunnelConnection:
     # ------------------------------------------------------------------ input
     def link_data(self, data: bytes) -> None:
         """The link's input: feed it to the tunnel and act on its events, in the link's own step."""
-        if self._closed.is_set():
+        if self.closed:
             return  # closing: what the peer still sends is read and dropped
         self.bytes_in += len(data)
         try:
@@ -416,7 +420,7 @@ class TunnelConnection:
     def link_datagram(self, data: bytes) -> None:
         """An unreliable datagram from the link: to the tunnel (which drops what it cannot deliver), its events
         to the streams."""
-        if self._closed.is_set():
+        if self.closed:
             return
         self._handle_events(self.tunnel.receive_datagram(data, _now()))
         self.transmit()
@@ -433,7 +437,7 @@ class TunnelConnection:
     def resume_reading(self, stream: TunnelStream | None = None) -> None:
         """A stream's consumer acknowledged bytes: resume the link if it was paused for it (only without flow
         control)."""
-        if stream is not None and stream.unacknowledged <= UNCONTROLLED_BUFFER_LIMIT:
+        if self._over_limit and stream is not None and stream.unacknowledged <= UNCONTROLLED_BUFFER_LIMIT:
             self._over_limit.discard(stream.stream_id)
         if self._reading_paused and not self._over_limit:
             self._reading_paused = False
@@ -443,10 +447,11 @@ class TunnelConnection:
         self._mark_closed(reason)
 
     def _mark_closed(self, reason: str) -> None:
-        if self._closed.is_set():
+        if self.closed:
             return
         self._close_reason = reason
         self.log.info("tunnel closed", reason=reason, streams=len(self.streams))
+        self.closed = True
         self._closed.set()
         self._retired.set()
         if self._timer is not None:
@@ -466,63 +471,67 @@ class TunnelConnection:
         """Hand one input's events to the streams; every caller transmits once afterwards (``_delivering``)."""
         self._delivering = True
         try:
-            self._deliver_events(evs)
+            streams = self.streams
+            for ev in evs:
+                if type(ev) is events.DataReceived:
+                    s = streams.get(ev.stream_id)
+                    if s is not None:
+                        s.deliver_data(ev.data, ev.passthrough)
+                        if not self._flow_control and s.unacknowledged > UNCONTROLLED_BUFFER_LIMIT:
+                            self._over_limit.add(ev.stream_id)
+                    else:  # a stream we already closed: give the credit back
+                        self.tunnel.acknowledge_received_data(ev.stream_id, len(ev.data))
+                else:
+                    self._deliver_event(ev)
         finally:
             self._delivering = False
 
-    def _deliver_events(self, evs: list[events.Event]) -> None:
+    def _deliver_event(self, ev: events.Event) -> None:
+        """One event other than data (those go straight to their stream in ``_handle_events``)."""
         streams = self.streams
-        for ev in evs:
-            if isinstance(ev, events.DataReceived):
-                s = streams.get(ev.stream_id)
-                if s is not None:
-                    s.deliver_data(ev.data, ev.passthrough)
-                    if s.unacknowledged > UNCONTROLLED_BUFFER_LIMIT:
-                        self._over_limit.add(ev.stream_id)
-                else:  # a stream we already closed: give the credit back
-                    self.tunnel.acknowledge_received_data(ev.stream_id, len(ev.data))
-            elif isinstance(ev, events.WindowUpdated):
-                if ev.stream_id == 0:
-                    for s in streams.values():
-                        s.deliver_window()
-                else:
-                    s2 = streams.get(ev.stream_id)
-                    if s2 is not None:
-                        s2.deliver_window()
-            elif isinstance(ev, events.StreamOpened):
-                self._on_stream_opened(ev)
-            elif isinstance(ev, events.StreamAccepted):
-                s3 = streams.get(ev.stream_id)
-                if s3 is not None:
-                    s3.deliver_accepted(ev.headers)
-                if self._opening:
-                    self._settle_open(ev.stream_id)
-            elif isinstance(ev, events.StreamEnded):
-                s4 = streams.get(ev.stream_id)
-                if s4 is not None:
-                    s4.deliver_eof()
-            elif isinstance(ev, events.StreamReset):
-                s5 = streams.get(ev.stream_id)
-                if s5 is not None:
-                    s5.deliver_reset(ev.error)
-                if self._opening:
-                    self._settle_open(ev.stream_id)
-            elif isinstance(ev, events.HandshakeCompleted):
-                self.log.debug("tunnel ready", extensions=str(ev.extensions))
-                self._ready.set()
-            elif isinstance(ev, events.GoAwayReceived):
-                self.log.info("peer is shutting down", reason=ev.reason, last_stream_id=ev.last_stream_id)
-                self._retired.set()
-                for sid, s6 in list(streams.items()):
-                    if sid > ev.last_stream_id:
-                        s6.deliver_reset("refused")
-                        self._settle_open(sid)
-            elif isinstance(ev, events.TunnelClosed):
-                self._mark_closed(ev.reason)
+        if isinstance(ev, events.WindowUpdated):
+            if ev.stream_id == 0:
+                for s in streams.values():
+                    s.deliver_window()
+            else:
+                s2 = streams.get(ev.stream_id)
+                if s2 is not None:
+                    s2.deliver_window()
+        elif isinstance(ev, events.StreamOpened):
+            self._on_stream_opened(ev)
+        elif isinstance(ev, events.StreamAccepted):
+            s3 = streams.get(ev.stream_id)
+            if s3 is not None:
+                s3.deliver_accepted(ev.headers)
+            if self._opening:
+                self._settle_open(ev.stream_id)
+        elif isinstance(ev, events.StreamEnded):
+            s4 = streams.get(ev.stream_id)
+            if s4 is not None:
+                s4.deliver_eof()
+        elif isinstance(ev, events.StreamReset):
+            s5 = streams.get(ev.stream_id)
+            if s5 is not None:
+                s5.deliver_reset(ev.error)
+            if self._opening:
+                self._settle_open(ev.stream_id)
+        elif isinstance(ev, events.HandshakeCompleted):
+            self.log.debug("tunnel ready", extensions=str(ev.extensions))
+            self._flow_control = ev.extensions.flow_control
+            self._ready.set()
+        elif isinstance(ev, events.GoAwayReceived):
+            self.log.info("peer is shutting down", reason=ev.reason, last_stream_id=ev.last_stream_id)
+            self._retired.set()
+            for sid, s6 in list(streams.items()):
+                if sid > ev.last_stream_id:
+                    s6.deliver_reset("refused")
+                    self._settle_open(sid)
+        elif isinstance(ev, events.TunnelClosed):
+            self._mark_closed(ev.reason)
 
     def _on_stream_opened(self, ev: events.StreamOpened) -> None:
         tg = self._task_group
-        if self.handler is None or tg is None or self._closed.is_set():
+        if self.handler is None or tg is None or self.closed:
             self.tunnel.reset_stream(ev.stream_id, error="refused")
             return
         stream = TunnelStream(self, ev.stream_id, ev.metadata, accepted=False)
@@ -601,7 +610,7 @@ class TunnelConnection:
 
     def shutdown(self, reason: str, *, graceful: bool = True) -> None:
         """Send GOAWAY. Graceful: open streams may finish; the tunnel closes when they have (or on timeout)."""
-        if self._closed.is_set():
+        if self.closed:
             return
         self._retired.set()
         with contextlib.suppress(VTunnelError):
