@@ -68,7 +68,9 @@ class KCPEngine:
         "closed",
         "conv",
         "dead",
+        "drained",
         "max_data",
+        "reopened",
         "send_window",
         "whole_runs",
     )
@@ -86,6 +88,10 @@ class KCPEngine:
         #: ikcp gave up on a segment (retransmitted ``dead_link`` times); only ikcp's flush sets its state, so
         #: this is read after each flush and timer
         self.dead = False
+        #: after :meth:`receive`: nothing more is ready (another call would return ``b""`` until more input)
+        self.drained = True
+        #: after :meth:`receive`: reading reopened a full receive window, and ikcp's next flush tells the peer
+        self.reopened = False
         self.conv = conv
         kcp = siokcp.KCPConnection(conv, self._output, _no_log)
         kcp.stream = 1
@@ -230,20 +236,18 @@ class KCPEngine:
         """Tell the pacer what the input so far acknowledged (else the next flush does). A driver calls it once an
         input's bytes went up, so the pacer's bookkeeping is not on the way from a request to its answer."""
         pacer = self._pacer
-        if pacer is not None and not self.closed:
+        if pacer is not None and not self.closed and self._seen_buf > self._kcp.nsnd_buf:
             self._acked(pacer, now)
 
-    def _acked(self, pacer: Pacer, now: float) -> int:
-        """Tell the pacer what left the send buffer since it was last told; the segments in flight."""
+    def _acked(self, pacer: Pacer, now: float) -> None:
+        """Tell the pacer what left the send buffer since it was last told (callers call it only when something
+        did: ``_seen_buf`` above the segments in flight)."""
         kcp = self._kcp
         in_flight: int = kcp.nsnd_buf
-        delivered = self._seen_buf - in_flight
-        if delivered > 0:
-            srtt: float = kcp.rx_srtt
-            srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
-            pacer.on_acked(now, delivered, srtt, app_limited=kcp.nsnd_que == 0)
-            self._seen_buf = in_flight
-        return in_flight
+        srtt: float = kcp.rx_srtt
+        srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
+        pacer.on_acked(now, self._seen_buf - in_flight, srtt, app_limited=kcp.nsnd_que == 0)
+        self._seen_buf = in_flight
 
     def _gate(self, pacer: Pacer, now: float) -> int:
         """Tell the pacer what was acknowledged, then open ikcp's send window by what it allows.
@@ -251,7 +255,9 @@ class KCPEngine:
         Returns the sequence number plus retransmission count before the flush, for :meth:`_count_sent`.
         """
         kcp = self._kcp
-        in_flight = self._acked(pacer, now)
+        in_flight: int = kcp.nsnd_buf
+        if self._seen_buf > in_flight:
+            self._acked(pacer, now)
         queued: int = kcp.nsnd_que
         if queued:  # with nothing queued this flush moves no new segment: the window does not matter
             span = (kcp.snd_nxt - kcp.snd_una) & _MASK32
@@ -350,19 +356,37 @@ class KCPEngine:
         return total
 
     def receive(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` of received stream bytes (``b""`` when none are ready)."""
+        """Up to ``max_bytes`` of received stream bytes (``b""`` when none are ready). Sets :attr:`drained` and
+        :attr:`reopened` (plain attributes: a driver reads them for every message)."""
         if self._leftover:
             chunk, self._leftover = self._leftover[:max_bytes], self._leftover[max_bytes:]
+            self.drained = False  # (the leftover's end, or what follows it, is for the next call)
+            self.reopened = False
             return chunk
         if self.closed:
+            self.drained = True
+            self.reopened = False
             return b""
         kcp = self._kcp
         if kcp.nrcv_que == 1:  # one segment ready (a message of an exchange, say): it is the whole read
             size: int = kcp.peeksize()
             if 0 <= size <= max_bytes:
-                return kcp.next_event() or b""
+                data = kcp.next_event() or b""
+                # ikcp_recv moved what was in order into the queue: an empty queue is nothing ready
+                self.drained = kcp.nrcv_que == 0
+                self.reopened = kcp.probe != 0
+                return data
         if kcp.peeksize() < 0:
+            self.drained = True
+            self.reopened = kcp.probe != 0
             return b""
+        data = self._receive_segments(kcp, max_bytes)
+        self.drained = not self._leftover and kcp.nrcv_que == 0
+        self.reopened = kcp.probe != 0
+        return data
+
+    def _receive_segments(self, kcp: siokcp.KCPConnection, max_bytes: int) -> bytes:
+        """What :meth:`receive` reads when more than one segment, or a large one, is ready."""
         # at most every queued or buffered segment's worth: a large max_bytes costs nothing when little is here
         want = min(max_bytes, (int(kcp.nrcv_que) + int(kcp.nrcv_buf) + 1) * self.max_data)
         if len(self._scratch) < want:
@@ -378,11 +402,6 @@ class KCPEngine:
             self._leftover = segment[max_bytes:]
             return segment[:max_bytes]
         return view[:got].tobytes()
-
-    @property
-    def probe_pending(self) -> bool:
-        """A window probe or announcement waits for the next flush (e.g. reading reopened the window)."""
-        return not self.closed and self._kcp.probe != 0
 
     def readable(self) -> bool:
         return bool(self._leftover) or (not self.closed and self._kcp.peeksize() >= 0)

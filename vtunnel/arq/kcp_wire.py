@@ -178,11 +178,6 @@ _SERIAL_MASK = 0xFFFFFFFF
 _SERIAL_HALF = 1 << 31
 
 
-def _after(a: int, b: int) -> bool:
-    """``a`` comes after ``b`` in 32-bit serial number arithmetic (KCP's ts and una wrap)."""
-    return 0 < ((a - b) & _SERIAL_MASK) < _SERIAL_HALF
-
-
 class NewestMarks:
     """The newest marks a keyless session's peer has shown, from the first segment of each datagram it took.
 
@@ -205,14 +200,16 @@ class NewestMarks:
         """Take the marks of the datagram at ``offset``; whether any was beyond what was seen (it is newer)."""
         cmd, ts, una = _MARKS.unpack_from(datagram, offset)
         newer = False
-        if self.una is None or _after(una, self.una):
+        # each mark is newer when it comes after the highest seen in 32-bit serial arithmetic (KCP's ts and una
+        # wrap): 0 < (mark - seen) mod 2^32 < 2^31, written out in each test (this runs for every datagram)
+        if self.una is None or 0 < ((una - self.una) & _SERIAL_MASK) < _SERIAL_HALF:
             self.una = una
             newer = True
         if cmd == _PUSH:
-            if self.push_ts is None or _after(ts, self.push_ts):
+            if self.push_ts is None or 0 < ((ts - self.push_ts) & _SERIAL_MASK) < _SERIAL_HALF:
                 self.push_ts = ts
                 newer = True
-        elif cmd == _ACK and (self.ack_ts is None or _after(ts, self.ack_ts)):
+        elif cmd == _ACK and (self.ack_ts is None or 0 < ((ts - self.ack_ts) & _SERIAL_MASK) < _SERIAL_HALF):
             self.ack_ts = ts
             newer = True
         return newer

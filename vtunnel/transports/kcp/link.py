@@ -213,7 +213,7 @@ class KCPLink(ArqLink):
         if self._closed or self._error is not None:
             self._check_usable()
         engine = self._engine
-        if not engine.writable():
+        if engine.room() <= 0:  # (engine.writable(), one call less per write)
             self._blocked = True
             raise anyio.WouldBlock
         now = self._loop.time()
@@ -274,9 +274,11 @@ class KCPLink(ArqLink):
                     data = engine.receive(READ_SIZE)
                     if not data:
                         break
-                    if engine.probe_pending:  # reading reopened a full receive window: tell the peer
+                    if engine.reopened:  # reading reopened a full receive window: tell the peer
                         self._flush_due = True
                     consumer.link_data(data)
+                    if engine.drained:  # (no further call to find nothing: more input asks for a pass)
+                        break
                     consumer = self._consumer
                 if not self._deliver_again:
                     return
