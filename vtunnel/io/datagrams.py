@@ -202,9 +202,12 @@ class _UDPSocket:
             self.sock.sendto(data, address)
             self.sent += 1
         except OSError as exc:
-            if exc.errno not in _SOFT_SEND_ERRORS:
-                log.warning("udp send failed", error=repr(exc), peer=address)
-            self.dropped_sends += 1
+            self._send_failed(exc, address)
+
+    def _send_failed(self, exc: OSError, address: Address) -> None:
+        if exc.errno not in _SOFT_SEND_ERRORS:
+            log.warning("udp send failed", error=repr(exc), peer=address)
+        self.dropped_sends += 1
 
     def send(self, data: bytes) -> None:
         """Send on a connected socket."""
@@ -220,7 +223,16 @@ class _UDPSocket:
 
     def sendto_many(self, datagrams: list[bytes], address: Address) -> None:
         """Send a batch; runs of equal-size datagrams go out in one system call (UDP GSO) where Linux allows."""
-        if not self._gso or len(datagrams) < 2:
+        if len(datagrams) == 1:  # (sendto inline: a message of an exchange is one datagram)
+            if self._closed:
+                return
+            try:
+                self.sock.sendto(datagrams[0], address)
+                self.sent += 1
+            except OSError as exc:
+                self._send_failed(exc, address)
+            return
+        if not self._gso:
             for data in datagrams:
                 self.sendto(data, address)
             return
@@ -351,8 +363,9 @@ class CoalescingSocket(_UDPSocket):
             )
             if first:
                 first = False
-                if segment >= size and size <= LONE_BYTES:
-                    if not self._hand_over(runs):
+                if segment >= size and size <= LONE_BYTES:  # a lone small datagram goes up before reading on
+                    self._handler(runs)
+                    if self._closed:
                         return
                     runs = []
             budget -= size
@@ -378,15 +391,10 @@ class CoalescingSocket(_UDPSocket):
             runs.append((view[:size].tobytes(), size, source if len(source) == 2 else (source[0], source[1])))
             if first:
                 first = False
-                if size <= LONE_BYTES:
-                    if not self._hand_over(runs):
+                if size <= LONE_BYTES:  # a lone small datagram goes up before reading on
+                    self._handler(runs)
+                    if self._closed:
                         return
                     runs = []
         if runs and not self._closed:
             self._handler(runs)
-
-    def _hand_over(self, runs: list[Run]) -> bool:
-        """Hand the first, lone small datagram of a wakeup over before reading on (see :data:`LONE_BYTES`);
-        whether the socket is still open to read on."""
-        self._handler(runs)
-        return not self._closed
