@@ -1,13 +1,15 @@
 """Python calls per 64-byte request/response through a ``--forward`` agent and a ``--target`` server (a
 development tool, not a test).
 
-    python -m bench.rr_calls [--transport kcp|tcp] [--rounds 2000] [--top 40]
+    python -m bench.rr_calls [--transport kcp|tcp] [--rounds 2000] [--top 40] [--no-profile]
 
 The agent and the server run in this process, on one event loop (uvloop when installed); the client and the
 echo server run in a thread of their own with blocking sockets, so only the tunnel's work is on the loop's
 thread. After a warm-up, ``sys.setprofile`` counts the calls the loop's thread makes (Python functions and the
 C functions they call) over ``--rounds`` round trips; the counts are of both ends of the tunnel together.
-Prints the calls per round trip, and with ``--top`` the functions called most. Loopback only.
+Prints the calls per round trip, and with ``--top`` the functions called most; ``--no-profile`` counts nothing and
+prints the wall time per round trip (agent, server, client and echo on the one machine, without the profiler's
+cost). Loopback only.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class Counter:
             self.native[getattr(arg, "__qualname__", repr(arg))] += 1
 
 
-async def _main(transport: str, rounds: int, top: int) -> None:
+async def _main(transport: str, rounds: int, top: int, profile: bool) -> None:
     echo = socket.create_server(("127.0.0.1", 0))
     echo_port = echo.getsockname()[1]
     threading.Thread(target=_echo, args=(echo,), daemon=True).start()
@@ -104,17 +106,22 @@ async def _main(transport: str, rounds: int, top: int) -> None:
         threading.Thread(target=client, daemon=True).start()
         await anyio.to_thread.run_sync(started.wait)
         await anyio.sleep(0.1)
-        sys.setprofile(counter)
+        if profile:
+            sys.setprofile(counter)
         await anyio.to_thread.run_sync(done.wait)
         sys.setprofile(None)
         agent.shutdown()
         server.shutdown()
+    wall = (timings[1] - timings[0]) / rounds * 1e6
+    if not profile:
+        print(f"{transport}: {rounds} round trips, {wall:.0f} us per round trip (wall, not profiled)")
+        return
     python = sum(counter.python.values())
     native = sum(counter.native.values())
     print(
         f"{transport}: {rounds} round trips, {python / rounds:.1f} Python calls and {native / rounds:.1f} C calls per round trip (agent + server)"
     )
-    print(f"profiled wall time per round trip: {(timings[1] - timings[0]) / rounds * 1e6:.0f} us")
+    print(f"profiled wall time per round trip: {wall:.0f} us")
     for name, n in counter.python.most_common(top):
         print(f"  {n / rounds:6.2f}  {name}")
     if top:
@@ -128,8 +135,9 @@ def main() -> None:
     parser.add_argument("--transport", choices=sorted(URLS), default="kcp")
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args()
-    run_async(lambda: _main(args.transport, args.rounds, args.top))
+    run_async(lambda: _main(args.transport, args.rounds, args.top, args.profile))
 
 
 if __name__ == "__main__":
