@@ -8,8 +8,8 @@ echo server run in a thread of their own with blocking sockets, so only the tunn
 thread. After a warm-up, ``sys.setprofile`` counts the calls the loop's thread makes (Python functions and the
 C functions they call) over ``--rounds`` round trips; the counts are of both ends of the tunnel together.
 Prints the calls per round trip, and with ``--top`` the functions called most; ``--no-profile`` counts nothing and
-prints the wall time per round trip (agent, server, client and echo on the one machine, without the profiler's
-cost). Loopback only.
+prints the wall and CPU time per round trip (of the whole process: agent, server, client and echo, without the
+profiler's cost). Loopback only.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ async def _main(transport: str, rounds: int, top: int, profile: bool) -> None:
     counter = Counter()
     done = threading.Event()
     timings: list[float] = []
+    cpu: list[float] = []
 
     def client() -> None:
         with socket.create_connection(("127.0.0.1", forward_port)) as s:
@@ -85,11 +86,13 @@ async def _main(transport: str, rounds: int, top: int, profile: bool) -> None:
                     started.set()
                     time.sleep(0.2)
                     timings.append(time.perf_counter())
+                    cpu.append(time.process_time())
                 s.sendall(MESSAGE)
                 got = 0
                 while got < len(MESSAGE):
                     got += len(s.recv(65536))
             timings.append(time.perf_counter())
+            cpu.append(time.process_time())
         done.set()
 
     started = threading.Event()
@@ -114,7 +117,11 @@ async def _main(transport: str, rounds: int, top: int, profile: bool) -> None:
         server.shutdown()
     wall = (timings[1] - timings[0]) / rounds * 1e6
     if not profile:
-        print(f"{transport}: {rounds} round trips, {wall:.0f} us per round trip (wall, not profiled)")
+        used = (cpu[1] - cpu[0]) / rounds * 1e6
+        print(
+            f"{transport}: {rounds} round trips, {wall:.0f} us wall and {used:.0f} us CPU per round trip "
+            "(the process: tunnel, client and echo; not profiled)"
+        )
         return
     python = sum(counter.python.values())
     native = sum(counter.native.values())
