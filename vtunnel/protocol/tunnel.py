@@ -1029,17 +1029,7 @@ class Tunnel:
         )
 
     def _take_events(self) -> list[Event]:
-        run = self._run
-        if run:
-            if not self._events:  # (_flush_run inline: the one DataReceived of an input)
-                self._run = []
-                return [
-                    DataReceived(
-                        stream_id=self._run_sid,
-                        data=bytes(run[0]) if len(run) == 1 else b"".join(run),
-                        passthrough=bool(self._run_passthrough),
-                    )
-                ]
+        if self._run:
             self._flush_run()
         events = self._events
         self._events = []
