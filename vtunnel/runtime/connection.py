@@ -408,7 +408,7 @@ class TunnelConnection:
             self._fail(f"protocol error: {exc}")
             return
         except Exception as exc:  # a bug must not leave a tunnel half alive inside a link's callback
-            self.log.error("tunnel input failed", error=repr(exc))
+            self.log.error("tunnel input failed", error=repr(exc), exc_info=exc)
             self._fail(f"internal error: {exc!r}")
             return
         self._handle_events(evs)
