@@ -93,8 +93,64 @@ def test_an_oversized_ordinary_frame_is_still_refused() -> None:
     assert s.of(ev.TunnelClosed)
 
 
-def test_several_records_are_one_frame_each() -> None:
+SINGLE = TunnelConfig(lite_tls_runs=False)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "expected"),
+    [(ON, ON, True), (ON, SINGLE, False), (SINGLE, ON, False), (ON, OFF, False), (OFF, ON, False)],
+)
+def test_runs_need_both_ends_and_lite_tls(client: TunnelConfig, server: TunnelConfig, expected: bool) -> None:
+    c, s = handshake(client, server)
+    assert c.tunnel.extensions.lite_tls_runs is expected
+    assert s.tunnel.extensions.lite_tls_runs is expected
+    assert ("lite-tls-runs" in s.tunnel.extensions) is expected
+
+
+def test_with_runs_consecutive_records_are_one_frame_up_to_the_cap() -> None:
+    wide = TunnelConfig(initial_stream_window=1 << 20)
+    c, s = handshake(wide, wide)
+    sid = _open(c, s)
+    small = b"\x17\x03\x03\x00\x03abc"
+    records = [RECORD, small, RECORD] + [RECORD] * 9 + [small] * 300
+    c.tunnel.send_data(sid, b"".join(records), passthrough=True)
+    wire = c.tunnel.data_to_send()
+    frames, error = fr.FrameDecoder(max_payload=fr.MAX_PASSTHROUGH_RUN).feed(wire)
+    assert error is None
+    assert all(f.flags == fr.PASSTHROUGH for f in frames)
+    assert b"".join(f.payload for f in frames) == b"".join(records)
+    assert all(len(f.payload) <= fr.MAX_PASSTHROUGH_RUN for f in frames)
+    # every frame is whole records, as many as fit: the next record would pass a cap
+    sizes = [len(r) for r in records]
+    at = 0
+    for f in frames:
+        count = 0
+        size = 0
+        while at + count < len(sizes) and size + sizes[at + count] <= len(f.payload):
+            size += sizes[at + count]
+            count += 1
+        assert size == len(f.payload)
+        assert count <= fr.MAX_RUN_RECORDS
+        at += count
+        if at < len(sizes):
+            assert count == fr.MAX_RUN_RECORDS or size + sizes[at] > fr.MAX_PASSTHROUGH_RUN
+    assert at == len(sizes)
+    s.events.extend(s.tunnel.receive_data(wire, 0.0))
+    got = [(e.data, e.passthrough) for e in s.of(ev.DataReceived)]
+    assert got == [(b"".join(records), True)]
+
+
+def test_a_record_longer_than_the_run_cap_is_never_refused_alone() -> None:
     c, s = handshake(ON, ON)
+    sid = _open(c, s)
+    longest = b"\x17\x03\x03" + (2**14 + 2048).to_bytes(2, "big") + bytes(2**14 + 2048)
+    c.tunnel.send_data(sid, longest, passthrough=True)
+    pump(c, s)
+    assert [(e.data, e.passthrough) for e in s.of(ev.DataReceived)] == [(longest, True)]
+
+
+def test_several_records_are_one_frame_each_without_runs() -> None:
+    c, s = handshake(SINGLE, SINGLE)
     sid = _open(c, s)
     small = b"\x17\x03\x03\x00\x03abc"
     c.tunnel.send_data(sid, RECORD + small + RECORD, passthrough=True)

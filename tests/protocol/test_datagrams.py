@@ -97,11 +97,12 @@ def test_the_offer_is_the_0x20_bit_of_extensions() -> None:
     tunnel = Tunnel(role=Role.CLIENT, config=EXTENDED, max_datagram=LINK_DATAGRAM)
     tunnel.initiate(0.0)
     offer = fr.decode_settings(tunnel.data_to_send()[fr.FRAME_HEADER_SIZE :])
-    # flow-control, metadata, graceful-shutdown, lite-tls (the core offers it unless told not to), datagrams
-    assert dict(offer)[0xF002] == 0x3B
+    # flow-control, metadata, graceful-shutdown, lite-tls and lite-tls-runs (the core offers them unless told
+    # not to), datagrams
+    assert dict(offer)[0xF002] == 0xBB
     plain = Tunnel(role=Role.CLIENT, config=EXTENDED)
     plain.initiate(0.0)
-    assert dict(fr.decode_settings(plain.data_to_send()[fr.FRAME_HEADER_SIZE :]))[0xF002] == 0x1B
+    assert dict(fr.decode_settings(plain.data_to_send()[fr.FRAME_HEADER_SIZE :]))[0xF002] == 0x9B
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "1"])

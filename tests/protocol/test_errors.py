@@ -169,7 +169,9 @@ def test_data_after_fin_resets_only_that_stream() -> None:
 def test_stream_frame_size_limit_with_extensions() -> None:
     _client, server, _sid = established(EXTENDED)
     big = (20000).to_bytes(3, "big") + h("00 00 00000001") + b"x" * 20000
-    evs = server.tunnel.receive_data(big[:9], 0)
+    # (with lite-tls a frame header may announce a PASSTHROUGH run this long: an ordinary DATA frame is refused
+    # once it is whole)
+    evs = server.tunnel.receive_data(big, 0)
     closed = evs[-1]
     assert isinstance(closed, events.TunnelClosed)
     assert closed.error is not None

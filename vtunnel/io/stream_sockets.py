@@ -36,7 +36,7 @@ import select
 import socket
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from itertools import islice
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
@@ -396,6 +396,42 @@ class SocketTransport(asyncio.Transport):
         else:
             buf.append(memoryview(data))
             self._buffered += len(data)
+        self._check_high_water()
+
+    def writelines(self, pieces: Sequence[bytes | memoryview]) -> None:  # type: ignore[override]
+        """:meth:`write` of the pieces in order with one ``sendmsg`` (scatter-gather, no join). The pieces are
+        kept, not copied, until sent: they must not change (``bytes``, or views of ``bytes``)."""
+        if self._closing or self._write_closed or not pieces:
+            return
+        buf = self._buffer
+        if buf is None:
+            try:
+                sent = self._sock.sendmsg(pieces) if len(pieces) <= SEND_VECTOR else 0
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            rest: deque[memoryview] = deque()
+            left = 0
+            for piece in pieces:
+                size = len(piece)
+                if sent >= size:
+                    sent -= size
+                    continue
+                view = memoryview(piece)[sent:] if sent else memoryview(piece)
+                sent = 0
+                rest.append(view)
+                left += len(view)
+            if not rest:
+                return
+            self._buffer = rest
+            self._buffered = left
+            self._update()
+        else:
+            for piece in pieces:
+                buf.append(memoryview(piece))
+                self._buffered += len(piece)
         self._check_high_water()
 
     def write_eof(self) -> None:

@@ -46,6 +46,8 @@ __all__ = [
     "GZIP",
     "MAX_FRAME_PAYLOAD",
     "MAX_PASSTHROUGH_PAYLOAD",
+    "MAX_PASSTHROUGH_RUN",
+    "MAX_RUN_RECORDS",
     "MAX_WINDOW",
     "PASSTHROUGH",
     "STREAM_DATAGRAM",
@@ -88,7 +90,8 @@ END_STREAM = 0x1
 ACK = 0x1
 GZIP = 0x4
 #: DATA flag of the lite-tls extension: the payload is one whole TLS application-data record of a lite-tls stream
-#: that has left the tunnel (docs/security.md, "lite-tls passthrough records"); never with GZIP or END_STREAM
+#: that has left the tunnel (with ``lite-tls-runs``: a run of them, up to ``MAX_PASSTHROUGH_RUN`` bytes;
+#: docs/security.md, "lite-tls passthrough records"); never with GZIP or END_STREAM
 PASSTHROUGH = 0x10
 
 FRAME_HEADER_SIZE = 9
@@ -96,6 +99,10 @@ MAX_FRAME_PAYLOAD = (1 << 24) - 1
 MAX_WINDOW = (1 << 31) - 1
 #: the largest PASSTHROUGH payload: a TLS record's 5-byte header and its largest body (2^14 + 2048)
 MAX_PASSTHROUGH_PAYLOAD = 5 + 2**14 + 2048
+#: the largest PASSTHROUGH payload with ``lite-tls-runs``: a run of whole TLS records of at most this many bytes
+#: (one record may always go alone, whatever its size), and of at most ``MAX_RUN_RECORDS`` records
+MAX_PASSTHROUGH_RUN = 128 * 1024
+MAX_RUN_RECORDS = 256
 VPROXY_GOAWAY_ID = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id

@@ -48,6 +48,7 @@ class ExtensionBits(IntFlag):
     LITE_TLS = 0x10
     DATAGRAMS = 0x20
     TUN = 0x40
+    LITE_TLS_RUNS = 0x80
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,6 +85,10 @@ class TunnelConfig:
     #: their own TLS is up. The runtime offers it only over a link that carries passthrough records (a byte
     #: stream with a key, kcp:// with ``passthrough=on``); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
     lite_tls: bool = True
+    #: with lite-tls, offer ``lite-tls-runs``: a PASSTHROUGH frame (and its passthrough record) may carry a run of
+    #: whole TLS application-data records, up to ``MAX_PASSTHROUGH_RUN`` bytes, instead of one (docs/lite-tls.md).
+    #: The runtime offers it only over a link that carries such records (a byte stream with a key)
+    lite_tls_runs: bool = True
     #: offer the ``tun`` extension: ``tun`` streams carry IP packets (IP mode, docs/tun.md). On only where the
     #: application serves them (``--tun`` on the server, or asks for them, on the agent)
     tun: bool = False
@@ -91,7 +96,7 @@ class TunnelConfig:
     max_concurrent_streams: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("extensions", "gzip", "datagrams", "lite_tls", "tun"):
+        for name in ("extensions", "gzip", "datagrams", "lite_tls", "lite_tls_runs", "tun"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, not {getattr(self, name)!r}")
         for name in ("keepalive_interval", "keepalive_timeout", "handshake_timeout", "drain_timeout"):
@@ -132,6 +137,8 @@ class Extensions:
     #: the datagrams of ``udp`` streams may travel as the transport's unreliable datagrams
     datagrams: bool = False
     lite_tls: bool = False
+    #: PASSTHROUGH frames may carry runs of whole TLS records (only with ``lite_tls``)
+    lite_tls_runs: bool = False
     #: ``tun`` streams (IP packets, one per datagram) may be opened
     tun: bool = False
 
@@ -144,6 +151,7 @@ class Extensions:
             ("graceful-shutdown", self.graceful_shutdown),
             ("datagrams", self.datagrams),
             ("lite-tls", self.lite_tls),
+            ("lite-tls-runs", self.lite_tls_runs),
             ("tun", self.tun),
         )
         return frozenset(name for name, on in pairs if on)
@@ -160,6 +168,8 @@ class Extensions:
             graceful_shutdown=bool(bits & ExtensionBits.GRACEFUL_SHUTDOWN),
             datagrams=bool(bits & ExtensionBits.DATAGRAMS),
             lite_tls=bool(bits & ExtensionBits.LITE_TLS),
+            lite_tls_runs=bits & (ExtensionBits.LITE_TLS | ExtensionBits.LITE_TLS_RUNS)
+            == ExtensionBits.LITE_TLS | ExtensionBits.LITE_TLS_RUNS,
             tun=bool(bits & ExtensionBits.TUN),
         )
 
@@ -186,6 +196,8 @@ def offered_bits(config: TunnelConfig, *, datagrams: bool = False) -> int:
         bits |= ExtensionBits.DATAGRAMS
     if config.lite_tls:
         bits |= ExtensionBits.LITE_TLS
+        if config.lite_tls_runs:
+            bits |= ExtensionBits.LITE_TLS_RUNS
     if config.tun:
         bits |= ExtensionBits.TUN
     return int(bits)

@@ -449,8 +449,10 @@ class Tunnel:
         Data is split into frames of at most ``max_frame_payload`` bytes. On a ``udp`` stream each call is one
         datagram, sent as exactly one DATA frame (an empty datagram too); a larger one raises LocalProtocolError.
         ``passthrough`` (lite-tls negotiated; a byte stream): ``data`` is one or more whole TLS application-data
-        records of a lite-tls stream that has left the tunnel, each sent as one PASSTHROUGH frame (of up to
-        ``MAX_PASSTHROUGH_PAYLOAD`` bytes); anything else raises LocalProtocolError and sends nothing.
+        records of a lite-tls stream that has left the tunnel, sent as PASSTHROUGH frames: one per record (of up
+        to ``MAX_PASSTHROUGH_PAYLOAD`` bytes), or with ``lite-tls-runs`` one per run of consecutive records (up to
+        ``MAX_PASSTHROUGH_RUN`` bytes and ``MAX_RUN_RECORDS`` records; a longer record alone); anything else
+        raises LocalProtocolError and sends nothing.
         """
         stream = self._streams.get(stream_id)
         if stream is None:
@@ -507,7 +509,8 @@ class Tunnel:
             self.end_stream(stream_id)
 
     def _passthrough_records(self, stream: Stream, view: bytes | memoryview, end_stream: bool) -> list[int]:
-        """Where each whole TLS application-data record of ``view`` ends (one PASSTHROUGH frame each)."""
+        """Where each PASSTHROUGH frame of ``view`` ends: after each whole TLS application-data record, or with
+        ``lite-tls-runs`` after each run of them."""
         if not self._ext.lite_tls:
             raise LocalProtocolError("PASSTHROUGH DATA needs the lite-tls extension")
         if stream.datagram or end_stream or not view:
@@ -517,6 +520,9 @@ class Tunnel:
         ends: list[int] = []
         pos = 0
         size = len(view)
+        runs = self._ext.lite_tls_runs
+        run_start = 0  # where the current frame begins, and its records so far
+        count = 0
         while pos < size:
             end = pos + 5 + ((view[pos + 3] << 8) | view[pos + 4]) if pos + 5 <= size else size + 1
             if end > size or view[pos] != 0x17 or view[pos + 1] != 3 or view[pos + 2] != 3:
@@ -525,8 +531,17 @@ class Tunnel:
                 )
             if end - pos > fr.MAX_PASSTHROUGH_PAYLOAD:
                 raise LocalProtocolError(f"a TLS record longer than {fr.MAX_PASSTHROUGH_PAYLOAD} bytes")
-            ends.append(end)
+            if runs:
+                if count and (end - run_start > fr.MAX_PASSTHROUGH_RUN or count == fr.MAX_RUN_RECORDS):
+                    ends.append(pos)
+                    run_start = pos
+                    count = 0
+                count += 1
+            else:
+                ends.append(end)
             pos = end
+        if runs:
+            ends.append(size)
         return ends
 
     def end_stream(self, stream_id: int) -> None:
@@ -689,8 +704,11 @@ class Tunnel:
             self._headers = MetadataCodec()
         if ext.datagrams:
             self._unreliable_max = min(self._datagram_room, self._send_frame_size)
-        if ext.lite_tls:  # a PASSTHROUGH frame holds a whole TLS record, which may exceed max_frame_size
-            self._decoder.max_payload = max(self.config.max_frame_size, fr.MAX_PASSTHROUGH_PAYLOAD)
+        if (
+            ext.lite_tls
+        ):  # a PASSTHROUGH frame holds a whole TLS record (or a run), which may exceed max_frame_size
+            longest = fr.MAX_PASSTHROUGH_RUN if ext.lite_tls_runs else fr.MAX_PASSTHROUGH_PAYLOAD
+            self._decoder.max_payload = max(self.config.max_frame_size, longest, fr.MAX_PASSTHROUGH_PAYLOAD)
         self._emit(HandshakeCompleted(extensions=ext))
 
     def _on_data(self, flags: int, sid: int, payload: bytes | memoryview) -> None:

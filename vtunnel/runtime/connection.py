@@ -95,6 +95,9 @@ class TunnelConnection:
             # lite-tls only where the link carries passthrough records: a byte stream with a key, kcp:// with
             # passthrough=on
             config = dataclasses.replace(config, lite_tls=False)
+        elif config.lite_tls and config.lite_tls_runs and not link.carry_passthrough_runs():
+            # runs of TLS records in one PASSTHROUGH frame only where the link seals their record headers
+            config = dataclasses.replace(config, lite_tls_runs=False)
         self.tunnel = Tunnel(role=role, config=config, max_datagram=link.max_datagram)
         #: the link carries unreliable datagrams (else the tunnel never queues any)
         self._carries_datagrams = link.max_datagram > 0

@@ -119,17 +119,76 @@ LENGTH_KEY_LABEL = b"vtunnel stream v3 record lengths"
 _MASKS_PER_CHUNK = 2048
 _MASK_ZEROS = bytes(2 * _MASKS_PER_CHUNK)
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-#: the masked length of a passthrough record: the kind bit and its sealed part's size (14 bytes and the tag)
+#: the masked length of a passthrough record: the kind bit and its sealed part's size (the tunnel frame's header,
+#: one 5-byte TLS record header per record of the run, and the tag)
 _PT_KIND = 0x8000
 _PT_SEALED = 14
-PASSTHROUGH_LENGTH = _PT_KIND | (_PT_SEALED + TAGLEN)
-_PT_HEAD = 2 + _PT_SEALED + TAGLEN  # the bytes before a passthrough record's body
+PASSTHROUGH_LENGTH = _PT_KIND | (_PT_SEALED + TAGLEN)  # a run of one record (the only kind before runs)
+_PT_HEAD = 2 + _PT_SEALED + TAGLEN  # the bytes before the body of a passthrough record of one TLS record
+_TLS_HEADER = 5
+#: the most TLS records one passthrough record carries, and the largest run (bytes of the frame's payload) it
+#: accepts beyond one record (vtunnel.protocol.frames.MAX_RUN_RECORDS and MAX_PASSTHROUGH_RUN)
+MAX_RUN_RECORDS = 256
+MAX_RUN_BYTES = 128 * 1024
 #: a tunnel DATA frame's type and the PASSTHROUGH flag (vtunnel.protocol.frames; the layers share no code)
 _DATA_TYPE = 0x0
 _PASSTHROUGH_FLAG = 0x10
 _FRAME_HEADER = 9
 #: the largest TLS record body (2^14 + 2048)
 _MAX_TLS_BODY = 2**14 + 2048
+
+
+def _run_count(length: int) -> int:
+    """The TLS records of the passthrough record whose (unmasked) length is ``length``: 0 if it is not one."""
+    sealed = (length & 0x7FFF) - TAGLEN - _FRAME_HEADER
+    if not length & _PT_KIND or sealed <= 0 or sealed % _TLS_HEADER:
+        return 0
+    count = sealed // _TLS_HEADER
+    return count if count <= MAX_RUN_RECORDS else 0
+
+
+def _frame_length(view: memoryview, pos: int) -> int:
+    return (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
+
+
+def _tls_run(view: memoryview, pos: int, end: int) -> list[int]:
+    """Where each body starts if ``view[pos:end]`` is whole TLS application-data records (``17 03 03``), at most
+    :data:`MAX_RUN_RECORDS` of them and, beyond one, :data:`MAX_RUN_BYTES` together; else an empty list."""
+    bodies: list[int] = []
+    if end - pos > MAX_RUN_BYTES and end - pos > _TLS_HEADER + _MAX_TLS_BODY:
+        return bodies
+    while pos + _TLS_HEADER <= end:
+        if view[pos] != 0x17 or view[pos + 1] != 3 or view[pos + 2] != 3:
+            return []
+        stop = pos + _TLS_HEADER + ((view[pos + 3] << 8) | view[pos + 4])
+        if stop - pos - _TLS_HEADER > _MAX_TLS_BODY:
+            return []
+        bodies.append(pos + _TLS_HEADER)
+        pos = stop
+    if pos != end or not bodies or len(bodies) > MAX_RUN_RECORDS:
+        return []
+    if len(bodies) > 1 and end - bodies[0] + _TLS_HEADER > MAX_RUN_BYTES:
+        return []
+    return bodies
+
+
+def _rebuild_run(
+    out: memoryview, at: int, view: memoryview, start: int, head: bytes, sizes: list[int]
+) -> int:
+    """Write the frame of the passthrough record at ``view[start:]`` (sealed part ``head``, bodies ``sizes``
+    long) to ``out[at:]``: the frame header, then each TLS record header and its body. Returns the new end."""
+    out[at : at + _FRAME_HEADER] = head[:_FRAME_HEADER]
+    at += _FRAME_HEADER
+    src = start + 2 + len(head) + TAGLEN
+    h = _FRAME_HEADER
+    for size in sizes:
+        out[at : at + _TLS_HEADER] = head[h : h + _TLS_HEADER]
+        at += _TLS_HEADER
+        h += _TLS_HEADER
+        out[at : at + size] = view[src : src + size]
+        at += size
+        src += size
+    return at
 
 
 def _buffer(size: int) -> bytearray:
@@ -256,7 +315,8 @@ class _Records:
         #: sending passthrough records (the plaintext is tunnel frames); where the frame stream stands: bytes of
         #: the current frame still to come, or the first bytes of a frame header
         self.passthrough = False
-        self._pt_opened: tuple[int, bytes] | None = None  # the last sealed part opened, by its counter
+        #: the last sealed part opened: (its counter, the part, its records' body lengths)
+        self._pt_opened: tuple[int, bytes, list[int]] | None = None
         self.frame_skip = 0
         self.frame_head = b""
 
@@ -327,21 +387,13 @@ class _Records:
         while pos + _FRAME_HEADER <= size:
             length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
             end = pos + _FRAME_HEADER + length
-            if (
-                view[pos + 4] == _PASSTHROUGH_FLAG
-                and view[pos + 3] == _DATA_TYPE
-                and end <= size
-                and length >= 5
-                and view[pos + 9] == 0x17
-                and view[pos + 10] == 3
-                and view[pos + 11] == 3
-                and (view[pos + 12] << 8) | view[pos + 13] == length - 5
-            ):
-                if pos > run:
-                    pieces.append(self.seal(view[run:pos]))
-                pieces.append(self._seal_passthrough(view[pos : pos + _PT_SEALED]))
-                pieces.append(view[pos + _PT_SEALED : end])
-                run = end
+            if view[pos + 4] == _PASSTHROUGH_FLAG and view[pos + 3] == _DATA_TYPE and end <= size:
+                bodies = _tls_run(view, pos + _FRAME_HEADER, end)
+                if bodies:
+                    if pos > run:
+                        pieces.append(self.seal(view[run:pos]))
+                    self._seal_run(view, pos, bodies, pieces)
+                    run = end
             pos = end
         if pos >= size:
             self.frame_skip = pos - size
@@ -352,38 +404,64 @@ class _Records:
             pieces.append(self.seal(view[run:]))
         return pieces
 
-    def _seal_passthrough(self, head: memoryview) -> bytes:
+    def _seal_run(
+        self, view: memoryview, pos: int, bodies: list[int], pieces: list[bytes | memoryview]
+    ) -> None:
+        """Append the passthrough record of the PASSTHROUGH frame at ``view[pos:]``, whose payload is TLS
+        records with the body starts ``bodies``: its sealed part (the frame header and every record header),
+        then each body as a view (never copied)."""
         n = self._reserve(1)
         lengths = self._out_masks
         if n - lengths.base >= _MASKS_PER_CHUNK:
             lengths.load(n)
-        header = _LEN.pack(PASSTHROUGH_LENGTH ^ lengths.masks[n - lengths.base])
-        return header + self._out.encrypt(self._nonce(n), head, header)
+        count = len(bodies)
+        sealed_size = _FRAME_HEADER + _TLS_HEADER * count
+        header = _LEN.pack((_PT_KIND | (sealed_size + TAGLEN)) ^ lengths.masks[n - lengths.base])
+        if count == 1:
+            head = view[pos : pos + _PT_SEALED]
+            pieces.append(header + self._out.encrypt(self._nonce(n), head, header))
+            pieces.append(view[bodies[0] : pos + _FRAME_HEADER + _frame_length(view, pos)])
+            return
+        end = pos + _FRAME_HEADER + _frame_length(view, pos)
+        heads = [view[pos : pos + _FRAME_HEADER]]
+        heads.extend(view[start - _TLS_HEADER : start] for start in bodies)
+        pieces.append(header + self._out.encrypt(self._nonce(n), b"".join(heads), header))
+        for start, stop in pairwise(bodies):
+            pieces.append(view[start : stop - _TLS_HEADER])
+        pieces.append(view[bodies[-1] : end])
 
-    def _open_passthrough(self, buf: bytes | bytearray | memoryview, pos: int, n: int) -> bytes:
-        """The sealed part of the passthrough record at ``buf[pos:]`` (its first 32 bytes are there), counter
-        ``n``: the frame header and TLS record header, checked."""
+    def _open_passthrough(
+        self, buf: bytes | bytearray | memoryview, pos: int, n: int, count: int
+    ) -> tuple[bytes, list[int]]:
+        """The sealed part of the passthrough record of ``count`` TLS records at ``buf[pos:]`` (all of it is
+        there), counter ``n``: the frame header and the TLS record headers, checked, and the bodies' lengths."""
         opened = self._pt_opened
         if opened is not None and opened[0] == n:  # (its body was incomplete last time)
-            return opened[1]
+            return opened[1], opened[2]
+        sealed_end = pos + 2 + _FRAME_HEADER + _TLS_HEADER * count + TAGLEN
         try:
             head = self._in.decrypt(
-                self._nonce(n), bytes(buf[pos + 2 : pos + _PT_HEAD]), bytes(buf[pos : pos + 2])
+                self._nonce(n), bytes(buf[pos + 2 : sealed_end]), bytes(buf[pos : pos + 2])
             )
         except InvalidTag:
             raise AuthenticationFailed("record failed authentication") from None
         length = int.from_bytes(head[:3], "big")
-        body = (head[12] << 8) | head[13]
+        sizes = [(head[at + 3] << 8) | head[at + 4] for at in range(_FRAME_HEADER, len(head), _TLS_HEADER)]
         if (
             head[3] != _DATA_TYPE
             or head[4] != _PASSTHROUGH_FLAG
-            or head[9:12] != b"\x17\x03\x03"
-            or length != body + 5
-            or body > _MAX_TLS_BODY
+            or length != sum(sizes) + _TLS_HEADER * count
+            or (count > 1 and length > MAX_RUN_BYTES)
+            or max(sizes) > _MAX_TLS_BODY
+            or any(
+                head[at : at + 3] != b"\x17\x03\x03" for at in range(_FRAME_HEADER, len(head), _TLS_HEADER)
+            )
         ):
-            raise AuthenticationFailed("a passthrough record that is not one TLS application-data record")
-        self._pt_opened = (n, head)
-        return head
+            raise AuthenticationFailed(
+                "a passthrough record that is not a run of whole TLS application-data records"
+            )
+        self._pt_opened = (n, head, sizes)
+        return head, sizes
 
     def seal_eof(self) -> bytes:
         """The end-of-stream record (``b""`` if it was already made)."""
@@ -407,17 +485,25 @@ class _Records:
         if n - lengths.base >= _MASKS_PER_CHUNK:
             lengths.load(n)
         length = ((buf[0] << 8) | buf[1]) ^ lengths.masks[n - lengths.base]
-        if length == PASSTHROUGH_LENGTH:
-            if len(buf) < _PT_HEAD:
-                return _PT_HEAD
-            head = self._open_passthrough(buf, 0, n)
-            return _PT_HEAD + ((head[12] << 8) | head[13])
+        if length & _PT_KIND:
+            count = _run_count(length)
+            if not count:
+                raise AuthenticationFailed("record length out of range")
+            sealed_end = 2 + (length & 0x7FFF)
+            if len(buf) < sealed_end:
+                return sealed_end
+            _, sizes = self._open_passthrough(buf, 0, n, count)
+            return sealed_end + sum(sizes)
         if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
             raise AuthenticationFailed("record length out of range")
         return 2 + length
 
     def _scan(
-        self, buf: bytes | bytearray | memoryview, m: int, ended: bool, heads: dict[int, bytes]
+        self,
+        buf: bytes | bytearray | memoryview,
+        m: int,
+        ended: bool,
+        heads: dict[int, tuple[bytes, list[int]]],
     ) -> tuple[list[int], int, int, bool]:
         """Find the complete records at the front of ``buf``, the first with counter ``m``, checking every
         length: ``(spans, plaintext bytes, next counter, an end-of-stream record seen)``; ``spans`` holds where
@@ -436,19 +522,23 @@ class _Records:
                 masks = lengths.masks
                 base = lengths.base
             length = ((buf[pos] << 8) | buf[pos + 1]) ^ masks[m - base]
-            if length == PASSTHROUGH_LENGTH:
-                if end - pos < _PT_HEAD:
+            if length & _PT_KIND:
+                count = _run_count(length)
+                if not count:
+                    raise AuthenticationFailed("record length out of range")
+                sealed_end = 2 + (length & 0x7FFF)
+                if end - pos < sealed_end:
                     break
-                head = self._open_passthrough(buf, pos, m)
-                body = (head[12] << 8) | head[13]
-                if end - pos - _PT_HEAD < body:
+                opened = self._open_passthrough(buf, pos, m, count)
+                body = sum(opened[1])
+                if end - pos - sealed_end < body:
                     break
                 if self.eof_received or ended:
                     raise AuthenticationFailed("record after the end of stream")
-                heads[pos] = head
+                heads[pos] = opened
                 spans.append(pos)
-                plain_size += _PT_SEALED + body
-                pos += _PT_HEAD + body
+                plain_size += sealed_end - 2 - TAGLEN + body
+                pos += sealed_end + body
                 m += 1
                 continue
             if length < TAGLEN or length > MAX_RECORD_PLAINTEXT + TAGLEN:
@@ -476,18 +566,18 @@ class _Records:
         """
         # Find the complete records first, checking every length, then decrypt them into the work buffer.
         n = self._in_n
-        parts: list[tuple[bytes | bytearray | memoryview, list[int], dict[int, bytes]]] = []
+        parts: list[tuple[bytes | bytearray | memoryview, list[int], dict[int, tuple[bytes, list[int]]]]] = []
         plain_size = 0
         ended = False
         m = n
         if head is not None:
-            head_heads: dict[int, bytes] = {}
+            head_heads: dict[int, tuple[bytes, list[int]]] = {}
             spans, size, m, ended = self._scan(head, m, ended, head_heads)
             if len(spans) != 2 or spans[1] != len(head):
                 raise SecurityError("head must be exactly one whole record")
             parts.append((head, spans, head_heads))
             plain_size += size
-        heads: dict[int, bytes] = {}
+        heads: dict[int, tuple[bytes, list[int]]] = {}
         spans, size, m, ended = self._scan(buf, m, ended, heads)
         used = spans[-1] if spans else 0
         if spans:
@@ -510,13 +600,10 @@ class _Records:
                 with memoryview(part) as view:
                     for start, stop in pairwise(bounds):
                         if passthrough:
-                            sealed = passthrough.get(start)
-                            if sealed is not None:  # opened by the scan; the body is copied as it came
-                                size = _PT_SEALED + stop - start - _PT_HEAD
-                                out[at : at + _PT_SEALED] = sealed
-                                out[at + _PT_SEALED : at + size] = view[start + _PT_HEAD : stop]
+                            opened = passthrough.get(start)
+                            if opened is not None:  # opened by the scan; the bodies are copied as they came
+                                at = _rebuild_run(out, at, view, start, *opened)
                                 n += 1
-                                at += size
                                 continue
                         body = start + 2
                         size = stop - body - TAGLEN
@@ -541,7 +628,7 @@ class _SecureStream:
         self._entropy = entropy
         self._frames = frames
         self._inbuf = bytearray()
-        self._out: list[bytes | bytearray | memoryview] = []  # wire bytes to send, in order
+        self._out: list[bytes | memoryview] = []  # wire bytes to send, in order
         self._pending = bytearray()  # plaintext queued before the keys exist
         self._records: _Records | None = None
         self._failed = False
@@ -610,6 +697,16 @@ class _SecureStream:
             return b""
         self._out = []
         return bytes(out[0]) if len(out) == 1 else b"".join(out)
+
+    def pieces_to_send(self) -> list[bytes | memoryview]:
+        """:meth:`data_to_send` as the pieces, in order, not joined (for a scatter-gather write): sealed records
+        and the bodies of passthrough records as views of what :meth:`send` was given (``bytes``: they never
+        change). Drains the buffer; ``[]`` when nothing."""
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        return out
 
     def _fail(self, exc: AuthenticationFailed) -> AuthenticationFailed:
         self._failed = True

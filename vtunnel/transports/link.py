@@ -30,7 +30,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -141,6 +141,11 @@ class Link(AsyncResource, TypedAttributeProvider):
     def send_nowait(self, data: bytes) -> None:
         """Take all of ``data`` now, or raise ``WouldBlock`` / ``ClosedResourceError`` / ``BrokenResourceError``."""
 
+    def send_pieces_nowait(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """:meth:`send_nowait` of the pieces' bytes in order (a scatter-gather write where the link has one: a
+        socket's ``sendmsg``). The pieces must not change afterwards (``bytes``, or views of ``bytes``)."""
+        self.send_nowait(b"".join(pieces))
+
     @property
     def max_datagram(self) -> int:
         """The largest datagram :meth:`send_datagram_nowait` takes; 0: this link carries no unreliable datagrams
@@ -177,6 +182,13 @@ class Link(AsyncResource, TypedAttributeProvider):
         this link does (a byte stream with a key; kcp:// with a key and ``passthrough=on``: clear runs of DATA-PT
         datagrams); False (the default: no key, rudp://, kcp:// without the option) and the tunnel does not offer
         lite-tls over it."""
+        return False
+
+    def carry_passthrough_runs(self) -> bool:
+        """Asked once, after :meth:`carry_passthrough_records` said yes: whether a PASSTHROUGH frame may also carry
+        a run of whole TLS records (the ``lite-tls-runs`` extension, docs/lite-tls.md). True on a byte stream with
+        a key (its passthrough record seals every record header of the run); False (the default: kcp://, whose
+        clear runs are one record's body) and the tunnel does not offer it."""
         return False
 
     def user(self) -> UserKey | None:
@@ -406,6 +418,17 @@ class SocketLink(Link, asyncio.Protocol):
             self._blocked = True
             raise anyio.WouldBlock
         t.write(data)
+
+    def send_pieces_nowait(self, pieces: Sequence[bytes | memoryview]) -> None:
+        t = self._transport
+        if self._closed or self._eof_sent:
+            raise anyio.ClosedResourceError
+        if self._error is not None or t is None or t.is_closing():
+            raise anyio.BrokenResourceError(str(self._error or "connection lost"))
+        if self._write_paused:
+            self._blocked = True
+            raise anyio.WouldBlock
+        t.writelines(pieces)
 
     def pause_reading(self) -> None:
         if self._transport is not None:

@@ -164,7 +164,7 @@ class SealedLink(Link):
         self._received = received
         self._record_timeout = record_timeout
         self._consumer: LinkConsumer | None = None
-        self._held = b""  # sealed bytes the inner link refused: they go first
+        self._held: list[bytes | memoryview] = []  # sealed pieces the inner link refused: they go first
         self._blocked = False  # a send_nowait raised WouldBlock: link_writable is owed
         self._drained = anyio.Event()
         self._drained.set()
@@ -186,6 +186,10 @@ class SealedLink(Link):
         """What is sent from now on is tunnel frames: PASSTHROUGH DATA frames that hold one whole TLS record go
         as passthrough records (lite-tls; :meth:`SecureStreamClient.enable_passthrough`)."""
         self._core.enable_passthrough()
+        return True
+
+    def carry_passthrough_runs(self) -> bool:
+        """A passthrough record seals the header of every TLS record of its frame's run (docs/security.md)."""
         return True
 
     # ------------------------------------------------------------------ Link
@@ -215,15 +219,19 @@ class SealedLink(Link):
             self._core.send(data)
         except SecurityError:
             raise anyio.ClosedResourceError from None
-        self._put(self._core.data_to_send())
+        self._put(self._core.pieces_to_send())
 
-    def _put(self, wire: bytes) -> None:
-        if not wire:
+    def _put(self, pieces: list[bytes | memoryview]) -> None:
+        """Hand the inner link the sealed pieces: one scatter-gather write (passthrough bodies are never joined)."""
+        if not pieces:
             return
         try:
-            self._inner.send_nowait(wire)
+            if len(pieces) == 1:
+                self._inner.send_nowait(bytes(pieces[0]))
+            else:
+                self._inner.send_pieces_nowait(pieces)
         except anyio.WouldBlock:
-            self._held = wire
+            self._held = pieces
             self._drained = anyio.Event()
 
     def pause_reading(self) -> None:
@@ -252,7 +260,7 @@ class SealedLink(Link):
         if self._broken or self._core.eof_sent:
             return
         self._core.send_eof()
-        self._put(self._core.data_to_send())
+        self._put(self._core.pieces_to_send())
         await self._drained.wait()
 
     async def aclose(self) -> None:
@@ -299,7 +307,7 @@ class SealedLink(Link):
     def link_writable(self) -> None:
         held = self._held
         if held:
-            self._held = b""
+            self._held = []
             self._put(held)
             if self._held:
                 return
@@ -333,7 +341,7 @@ class SealedLink(Link):
     def _fail(self, reason: str, message: str) -> None:
         log.warning("record refused, closing", reason=reason)
         self._broken = True
-        self._held = b""
+        self._held = []
         self._drained.set()
         self._end(anyio.BrokenResourceError(message))
         self._failure.set()
