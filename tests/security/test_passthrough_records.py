@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.security.test_records import NOW, connect
 from vtunnel.security.errors import AuthenticationFailed
-from vtunnel.security.records import SecureStreamClient, SecureStreamServer
+from vtunnel.security.records import MAX_RUN_BYTES, MAX_RUN_RECORDS, SecureStreamClient, SecureStreamServer
 
 _HEADER = struct.Struct(">IBI")
 
@@ -41,9 +41,16 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
+def run_frame(sid: int, bodies: list[bytes]) -> bytes:
+    """A PASSTHROUGH frame carrying a run of TLS records (lite-tls-runs)."""
+    return frame(0, 0x10, sid, b"".join(tls_record(body) for body in bodies))
+
+
 frames = st.one_of(
     st.binary(max_size=300).map(lambda b: frame(0, 0, 1, b)),  # ordinary DATA
     st.binary(max_size=3000).map(lambda b: passthrough(3, b)),  # one TLS record, in passthrough
+    st.lists(st.binary(max_size=2000), min_size=2, max_size=6).map(lambda bs: run_frame(9, bs)),  # a run
+    st.lists(st.binary(max_size=2), min_size=250, max_size=260).map(lambda bs: run_frame(11, bs)),  # ~the cap
     st.binary(min_size=1, max_size=40).map(lambda b: frame(0, 0x10, 5, b)),  # flagged, not a TLS record
     st.binary(max_size=30).map(lambda b: frame(8, 0, 0, b)),  # a control frame
     st.binary(max_size=20).map(lambda b: frame(0, 0x10, 7, b"\x17\x03\x03\x00\x09" + b)),  # length mismatch
@@ -143,3 +150,75 @@ def test_the_largest_tls_record_passes() -> None:
     wire = c.data_to_send()
     assert body in wire
     assert s.receive_data(wire, NOW) == passthrough(3, body)
+
+
+def test_a_run_is_one_passthrough_record_its_headers_sealed() -> None:
+    c, s = enabled()
+    bodies = [bytes([i]) * 16384 for i in range(1, 8)] + [b"tail" * 100]
+    run = run_frame(3, bodies)
+    c.send(frame(0, 0, 1, b"before") + run)
+    pieces = c.pieces_to_send()
+    wire = b"".join(pieces)
+    for body in bodies:
+        assert body in wire  # each body in the clear, as a view of what was sent (never joined)
+        assert any(isinstance(p, memoryview) and p.obj is not None and bytes(p) == body for p in pieces)
+    for body in bodies:
+        assert tls_record(body)[:5] not in wire  # no record header in the clear
+    # one sealed part for the run: the frame header and 8 record headers, the tag, the masked length
+    assert len(wire) == len(c_wire_of(frame(0, 0, 1, b"before"))) + 2 + 9 + 5 * len(bodies) + 16 + sum(
+        map(len, bodies)
+    )
+    assert s.receive_data(wire, NOW) == frame(0, 0, 1, b"before") + run
+
+
+def test_runs_past_the_caps_are_sealed_whole() -> None:
+    c, s = enabled()
+    too_many = run_frame(3, [b"a"] * (MAX_RUN_RECORDS + 1))
+    too_long = run_frame(3, [b"b" * 16384] * 8 + [b"c"])  # 8 x 16389 + 6 bytes > 128 KiB
+    assert len(too_long) - 9 > MAX_RUN_BYTES
+    for whole in (too_many, too_long):
+        c.send(whole)
+        wire = c.data_to_send()
+        assert len(wire) == len(whole) + 18 * -(-len(whole) // 16384)  # sealed records only
+        assert s.receive_data(wire, NOW) == whole
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 12), st.data())
+def test_a_flipped_bit_in_a_runs_sealed_part_fails_the_channel(count: int, data: st.DataObject) -> None:
+    c, s = enabled()
+    c.send(frame(0, 0, 1, b"x" * 50))
+    assert s.receive_data(c.data_to_send(), NOW) == frame(0, 0, 1, b"x" * 50)
+    c.send(run_frame(3, [bytes([i]) * 100 for i in range(count)]))
+    wire = bytearray(c.data_to_send())
+    index = data.draw(st.integers(0, 2 + 9 + 5 * count + 16 - 1))
+    wire[index] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(AuthenticationFailed):
+        s.receive_data(bytes(wire), NOW)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 5 * 700 - 1), st.integers(0, 7))
+def test_a_flipped_bit_in_a_runs_body_is_delivered_as_is(index: int, bit: int) -> None:
+    c, s = enabled()
+    bodies = [bytes([i]) * 700 for i in range(5)]
+    stream = run_frame(3, bodies) + frame(0, 0, 1, b"next stream's bytes")
+    c.send(stream)
+    wire = bytearray(c.data_to_send())
+    at = 2 + 9 + 5 * len(bodies) + 16  # the masked length, the sealed part and its tag, then the bodies
+    assert wire[at : at + 5 * 700] == b"".join(bodies)
+    wire[at + index] ^= 1 << bit
+    expected = bytearray(stream)
+    expected[9 + 5 * (index // 700 + 1) + index] ^= 1 << bit  # the bodies come after their record headers
+    assert s.receive_data(bytes(wire), NOW) == bytes(expected)
+    c.send(frame(0, 0, 1, b"later"))
+    assert s.receive_data(c.data_to_send(), NOW) == frame(0, 0, 1, b"later")
+
+
+def test_a_single_record_passthrough_record_is_unchanged() -> None:
+    """A run of one record is the passthrough record of peers without runs, byte for byte in length and layout."""
+    c, _ = enabled()
+    body = b"q" * 1000
+    wire = c_wire_of(passthrough(3, body))
+    assert len(wire) == 2 + 14 + 16 + len(body)
+    assert wire.endswith(body)
