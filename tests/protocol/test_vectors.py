@@ -223,7 +223,9 @@ def test_vtunnel_handshake_bytes_match_the_document() -> None:
         "000024 04 00 00000000 f000 7674756e f001 00000001 f002 0000000b"
         " f003 00004000 f004 01000000 f005 00004000"
     )
-    lite = Tunnel(role=Role.CLIENT)  # the core offers lite-tls (0x10) and lite-tls-runs (0x80) unless told not to
+    lite = Tunnel(
+        role=Role.CLIENT
+    )  # the core offers lite-tls (0x10) and lite-tls-runs (0x80) unless told not to
     lite.initiate(0)
     assert lite.data_to_send() == hello.replace(h("f002 0000000b"), h("f002 0000009b"))
     single = Tunnel(role=Role.CLIENT, config=TunnelConfig(lite_tls_runs=False))

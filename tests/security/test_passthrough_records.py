@@ -217,7 +217,6 @@ def test_a_flipped_bit_in_a_runs_body_is_delivered_as_is(index: int, bit: int) -
 
 def test_a_single_record_passthrough_record_is_unchanged() -> None:
     """A run of one record is the passthrough record of peers without runs, byte for byte in length and layout."""
-    c, _ = enabled()
     body = b"q" * 1000
     wire = c_wire_of(passthrough(3, body))
     assert len(wire) == 2 + 14 + 16 + len(body)

@@ -172,23 +172,19 @@ def _tls_run(view: memoryview, pos: int, end: int) -> list[int]:
     return bodies
 
 
-def _rebuild_run(
-    out: memoryview, at: int, view: memoryview, start: int, head: bytes, sizes: list[int]
-) -> int:
-    """Write the frame of the passthrough record at ``view[start:]`` (sealed part ``head``, bodies ``sizes``
-    long) to ``out[at:]``: the frame header, then each TLS record header and its body. Returns the new end."""
-    out[at : at + _FRAME_HEADER] = head[:_FRAME_HEADER]
-    at += _FRAME_HEADER
+def _run_pieces(
+    pieces: list[bytes | memoryview], view: memoryview, start: int, head: bytes, sizes: list[int]
+) -> None:
+    """Append the frame of the passthrough record at ``view[start:]`` (sealed part ``head``, bodies ``sizes``
+    long) to ``pieces``: the frame header, then each TLS record header and its body (a view of ``view``)."""
+    pieces.append(head[:_FRAME_HEADER])
     src = start + 2 + len(head) + TAGLEN
     h = _FRAME_HEADER
     for size in sizes:
-        out[at : at + _TLS_HEADER] = head[h : h + _TLS_HEADER]
-        at += _TLS_HEADER
+        pieces.append(head[h : h + _TLS_HEADER])
+        pieces.append(view[src : src + size])
         h += _TLS_HEADER
-        out[at : at + size] = view[src : src + size]
-        at += size
         src += size
-    return at
 
 
 def _buffer(size: int) -> bytearray:
@@ -595,25 +591,40 @@ class _Records:
         decrypt_into = self._in.decrypt_into
         nonce = self._nonce
         at = 0
-        with memoryview(plain) as out:
-            for part, bounds, passthrough in parts:
-                with memoryview(part) as view:
-                    for start, stop in pairwise(bounds):
-                        if passthrough:
-                            opened = passthrough.get(start)
-                            if opened is not None:  # opened by the scan; the bodies are copied as they came
-                                at = _rebuild_run(out, at, view, start, *opened)
-                                n += 1
-                                continue
-                        body = start + 2
-                        size = stop - body - TAGLEN
-                        try:
-                            decrypt_into(nonce(n), view[body:stop], view[start:body], out[at : at + size])
-                        except InvalidTag:
-                            raise AuthenticationFailed("record failed authentication") from None
+        # with passthrough records the result is joined from pieces: the sealed records' plaintext (decrypted
+        # into the work buffer) and each passthrough record's headers and bodies, the bodies as views of the
+        # input, so that they are copied once (into the result), not into the work buffer first
+        pieces: list[bytes | memoryview] | None = None
+        flushed = 0  # the work buffer's bytes before this are in ``pieces``
+        out = memoryview(plain)
+        for part, bounds, passthrough in parts:
+            view = memoryview(part)
+            for start, stop in pairwise(bounds):
+                if passthrough:
+                    opened = passthrough.get(start)
+                    if opened is not None:  # opened by the scan
+                        if pieces is None:
+                            pieces = []
+                        if at > flushed:
+                            pieces.append(out[flushed:at])
+                            flushed = at
+                        _run_pieces(pieces, view, start, *opened)
                         n += 1
-                        at += size
+                        continue
+                body = start + 2
+                size = stop - body - TAGLEN
+                try:
+                    decrypt_into(nonce(n), view[body:stop], view[start:body], out[at : at + size])
+                except InvalidTag:
+                    raise AuthenticationFailed("record failed authentication") from None
+                n += 1
+                at += size
+        if pieces is None:
             result = bytes(out[:at])
+        else:
+            if at > flushed:
+                pieces.append(out[flushed:at])
+            result = b"".join(pieces)
         self._in_n = n
         if ended:
             self.eof_received = True
