@@ -28,11 +28,15 @@ connection cut by a third party is told apart from a clean close).
 
 Passthrough records (lite-tls, ``docs/security.md``)::
 
-    u16 (0x8000 | 30) XOR mask(n) | AEAD_n(tunnel frame header (9) | TLS record header (5)) + tag | body (L)
+    u16 (0x8000 | (9 + 5k + 16)) XOR mask(n) | AEAD_n(tunnel frame header (9) | k TLS record headers (5 each)) + tag
+                                             | body_1 | ... | body_k
 
-carry one tunnel DATA frame flagged PASSTHROUGH whose payload is one whole TLS application-data record (``17 03
-03``, length ``L``): only its 14 header bytes are sealed, the body (the user's own TLS ciphertext) follows in
-the clear. The top bit of the masked length tells the kinds apart (a sealed record's length is below 2^15).
+carry one tunnel DATA frame flagged PASSTHROUGH whose payload is ``k`` whole TLS application-data records (``17 03
+03``, lengths ``L_i``; ``k`` is 1, or up to :data:`MAX_RUN_RECORDS` with the lite-tls-runs extension, together at
+most :data:`MAX_RUN_BYTES` when ``k`` > 1): only the frame header and the record headers are sealed, the bodies
+(the user's own TLS ciphertext) follow in the clear, one after the other. With ``k`` = 1 it is the record of
+peers without runs. The top bit of the masked length tells the kinds apart (a sealed record's length is below
+2^15); its low bits give ``k``.
 A sender makes them only after :meth:`_SecureStream.enable_passthrough` (the bytes it sends are then tunnel
 frames); a receiver always accepts them and hands the frame on whole, so the plaintext stream is the same
 whichever kind carried it. A flipped body byte reaches only that frame's payload (the user's TLS then fails that
@@ -361,9 +365,9 @@ class _Records:
             return bytes(out[:pos])
 
     def seal_frames(self, data: bytes) -> list[bytes | memoryview]:
-        """``data``, a run of tunnel frames, as records: each DATA frame flagged PASSTHROUGH whose payload is one
-        whole TLS application-data record (and which lies whole in ``data``) as a passthrough record, the bytes
-        between them as sealed records."""
+        """``data``, a run of tunnel frames, as records: each DATA frame flagged PASSTHROUGH whose payload is whole
+        TLS application-data records within the caps (and which lies whole in ``data``) as a passthrough record
+        (its sealed part, then each body as a view of ``data``), the bytes between them as sealed records."""
         if self.eof_sent:
             raise SecurityError("send() after send_eof()")
         view = memoryview(data)
@@ -672,8 +676,8 @@ class _SecureStream:
 
     def enable_passthrough(self) -> None:
         """From the next :meth:`send` on, ``data`` is a stream of tunnel frames (the next byte starts a frame):
-        PASSTHROUGH DATA frames that carry one whole TLS record go as passthrough records (lite-tls). Only
-        after the handshake."""
+        PASSTHROUGH DATA frames that carry whole TLS records (one, or a run) go as passthrough records
+        (lite-tls). Only after the handshake."""
         if self._records is None:
             raise SecurityError("enable_passthrough() before the handshake completed")
         self._records.passthrough = True

@@ -146,7 +146,8 @@ class SealedLink(Link):
     """A link whose bytes travel as authenticated, encrypted records over another link (the one design of the key
     on byte-stream transports: tcp://, tls://, plugins).
 
-    ``send_nowait`` seals ``data`` into records and hands them to the inner link; what the inner link refuses
+    ``send_nowait`` seals ``data`` into records and hands them to the inner link in one write (the pieces,
+    passthrough bodies as views, in one ``send_pieces_nowait``: a scatter-gather write); what the inner link refuses
     (``WouldBlock``) is kept, counted as taken, and the next ``send_nowait`` raises ``WouldBlock`` until it is
     out. Input is opened as it arrives. The consumer is told the input ended cleanly (``link_ended(None)``) only
     after the peer's authenticated end of stream; a transport that ends without it (a cut connection), a record
@@ -183,8 +184,8 @@ class SealedLink(Link):
         return self._core.user if isinstance(self._core, SecureStreamServer) else None
 
     def carry_passthrough_records(self) -> bool:
-        """What is sent from now on is tunnel frames: PASSTHROUGH DATA frames that hold one whole TLS record go
-        as passthrough records (lite-tls; :meth:`SecureStreamClient.enable_passthrough`)."""
+        """What is sent from now on is tunnel frames: PASSTHROUGH DATA frames that hold whole TLS records go as
+        passthrough records (lite-tls; :meth:`SecureStreamClient.enable_passthrough`)."""
         self._core.enable_passthrough()
         return True
 
