@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import itertools
 import os
 import shutil
 import socketserver
@@ -196,9 +197,11 @@ class Tunnel:
 
 
 @asynccontextmanager
-async def tunnel(*, lite_tls: bool = True, wire: Tap | None = None) -> AsyncIterator[Tunnel]:
+async def tunnel(
+    *, lite_tls: bool = True, runs: bool = True, wire: Tap | None = None
+) -> AsyncIterator[Tunnel]:
     security = SecurityConfig(psk=os.urandom(32))
-    config = TunnelConfig(lite_tls=lite_tls)
+    config = TunnelConfig(lite_tls=lite_tls, lite_tls_runs=runs)
     server = Server(
         ServerSettings(
             listen=[Endpoint.parse("tcp://127.0.0.1:0")],
@@ -288,7 +291,7 @@ def records(stream: bytes | bytearray) -> list[tuple[int, bytes]]:
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
-@pytest.mark.parametrize("size", [1, 64 * 1024, 32 * 1024 * 1024])
+@pytest.mark.parametrize("size", [1, 64 * 1024, 64 * 1024 * 1024])
 async def test_https_through_lite_tls_is_byte_exact(
     version: str, size: int, ca_file: str, tmp_path: Path
 ) -> None:
@@ -316,6 +319,33 @@ async def test_https_through_lite_tls_is_byte_exact(
         assert big
         found = sum(body in wire for body in big)
         assert found >= len(big) // 2, (found, len(big))
+
+
+@pytest.mark.parametrize("runs", [True, False])
+async def test_with_runs_consecutive_bodies_lie_side_by_side_on_the_wire(
+    runs: bool, ca_file: str, tmp_path: Path
+) -> None:
+    """A passthrough record of a run carries its records' bodies one after the other (their headers sealed in
+    front of them all); without lite-tls-runs every body has its own record, so a sealed part lies between."""
+    target = Tap()
+    size = 8 << 20
+    async with origin("1.3") as https, relay(https, target) as tapped, tunnel(runs=runs) as t:
+        out = tmp_path / "body"
+        with anyio.fail_after(60):
+            assert await curl(t.socks, f"https://127.0.0.1:{tapped}/bytes/{size}", out, ca=ca_file) == 0
+        assert out.read_bytes() == body_for(size)
+    wire = bytes(t.wire.downstream)
+    app = [body for kind, body in records(target.downstream) if kind == 0x17 and len(body) > 16000]
+    assert len(app) > 100
+    joints = sum(a[-32:] + b[:32] in wire for a, b in itertools.pairwise(app))
+    clear = sum(body[-32:] in wire for body in app)  # (a record cut by the credit goes sealed)
+    assert clear >= len(app) // 2, (clear, len(app))
+    if (
+        runs
+    ):  # (the relay in front of the server reads 64 KiB at a time: a run is the whole records of a read)
+        assert joints >= clear // 4, (joints, clear)
+    else:
+        assert joints == 0
 
 
 async def test_without_lite_tls_nothing_of_the_users_tls_is_in_the_clear(
