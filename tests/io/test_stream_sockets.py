@@ -309,6 +309,38 @@ def test_any_writes_and_reads_arrive_in_order(chunks: list[int], reads: list[int
     asyncio.run(main())
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    writes=st.lists(
+        st.lists(st.integers(min_value=0, max_value=70_000), min_size=1, max_size=80), min_size=1, max_size=12
+    ),
+    views=st.booleans(),
+)
+def test_scatter_gather_writes_arrive_whole_and_in_order(writes: list[list[int]], views: bool) -> None:
+    """``writelines`` (one ``sendmsg`` of the pieces, what the kernel leaves kept as views, more than the vector
+    limit in one call too) mixed with ``write``, under a small send buffer: every byte arrives, in order."""
+    payload = os.urandom(sum(map(sum, writes)))
+
+    async def main() -> None:
+        proto = Recorder()
+        async with attached(True, proto, sndbuf=32 * 1024) as (peer, transport, _):
+            pos = 0
+            for i, sizes in enumerate(writes):
+                pieces: list[bytes | memoryview] = []
+                for size in sizes:
+                    piece = payload[pos : pos + size]
+                    pieces.append(memoryview(piece) if views else piece)
+                    pos += size
+                if i % 3 == 2:
+                    transport.write(b"".join(pieces))
+                else:
+                    transport.writelines(pieces)
+            transport.write_eof()
+            assert await peer_read(peer) == payload
+
+    asyncio.run(main())
+
+
 async def test_listener_accepts_many_and_stops_when_closed(use_epoll: bool) -> None:
     made: list[Recorder] = []
 

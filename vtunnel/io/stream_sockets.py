@@ -401,7 +401,10 @@ class SocketTransport(asyncio.Transport):
     def writelines(self, pieces: Sequence[bytes | memoryview]) -> None:  # type: ignore[override]
         """:meth:`write` of the pieces in order with one ``sendmsg`` (scatter-gather, no join). The pieces are
         kept, not copied, until sent: they must not change (``bytes``, or views of ``bytes``)."""
-        if self._closing or self._write_closed or not pieces:
+        if self._closing or self._write_closed:
+            return
+        pieces = [piece for piece in pieces if len(piece)]  # (an empty one would stay at the buffer's head)
+        if not pieces:
             return
         buf = self._buffer
         if buf is None:
