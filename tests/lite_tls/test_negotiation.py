@@ -15,15 +15,28 @@ OFF = TunnelConfig(lite_tls=False)
 RECORD = b"\x17\x03\x03" + (16401).to_bytes(2, "big") + bytes(range(256)) * 64 + bytes(17)
 
 
+SINGLE = TunnelConfig(lite_tls_runs=False)
+
+
 @pytest.mark.parametrize(
-    ("client", "server", "expected"),
-    [(ON, ON, True), (ON, OFF, False), (OFF, ON, False), (OFF, OFF, False)],
+    ("client", "server", "lite", "runs"),
+    [
+        (ON, ON, True, True),
+        (ON, OFF, False, False),
+        (OFF, ON, False, False),
+        (OFF, OFF, False, False),
+        (ON, SINGLE, True, False),
+        (SINGLE, ON, True, False),
+    ],
 )
-def test_both_ends_must_offer_it(client: TunnelConfig, server: TunnelConfig, expected: bool) -> None:
+def test_both_ends_must_offer_it(client: TunnelConfig, server: TunnelConfig, lite: bool, runs: bool) -> None:
+    """lite-tls needs both ends' bit; lite-tls-runs needs both ends' bit and lite-tls."""
     c, s = handshake(client, server)
-    assert c.tunnel.extensions.lite_tls is expected
-    assert s.tunnel.extensions.lite_tls is expected
-    assert ("lite-tls" in c.tunnel.extensions) is expected
+    for side in (c, s):
+        assert side.tunnel.extensions.lite_tls is lite
+        assert ("lite-tls" in side.tunnel.extensions) is lite
+        assert side.tunnel.extensions.lite_tls_runs is runs
+        assert ("lite-tls-runs" in side.tunnel.extensions) is runs
 
 
 def test_a_vproxy_peer_never_negotiates_it() -> None:
@@ -91,20 +104,6 @@ def test_an_oversized_ordinary_frame_is_still_refused() -> None:
     big = bytes(ON.max_frame_size + 1)
     s.events.extend(s.tunnel.receive_data(fr.frame_header(fr.FrameType.DATA, 0, sid, len(big)) + big, 0.0))
     assert s.of(ev.TunnelClosed)
-
-
-SINGLE = TunnelConfig(lite_tls_runs=False)
-
-
-@pytest.mark.parametrize(
-    ("client", "server", "expected"),
-    [(ON, ON, True), (ON, SINGLE, False), (SINGLE, ON, False), (ON, OFF, False), (OFF, ON, False)],
-)
-def test_runs_need_both_ends_and_lite_tls(client: TunnelConfig, server: TunnelConfig, expected: bool) -> None:
-    c, s = handshake(client, server)
-    assert c.tunnel.extensions.lite_tls_runs is expected
-    assert s.tunnel.extensions.lite_tls_runs is expected
-    assert ("lite-tls-runs" in s.tunnel.extensions) is expected
 
 
 def test_with_runs_consecutive_records_are_one_frame_up_to_the_cap() -> None:

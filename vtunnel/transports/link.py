@@ -409,17 +409,13 @@ class SocketLink(Link, asyncio.Protocol):
             self._consumer = None
 
     def send_nowait(self, data: bytes) -> None:
-        t = self._transport
-        if self._closed or self._eof_sent:
-            raise anyio.ClosedResourceError
-        if self._error is not None or t is None or t.is_closing():
-            raise anyio.BrokenResourceError(str(self._error or "connection lost"))
-        if self._write_paused:
-            self._blocked = True
-            raise anyio.WouldBlock
-        t.write(data)
+        self._writer().write(data)
 
     def send_pieces_nowait(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self._writer().writelines(pieces)
+
+    def _writer(self) -> SocketTransport:
+        """The transport, if it takes a write now; else the exception ``send_nowait`` raises."""
         t = self._transport
         if self._closed or self._eof_sent:
             raise anyio.ClosedResourceError
@@ -428,7 +424,7 @@ class SocketLink(Link, asyncio.Protocol):
         if self._write_paused:
             self._blocked = True
             raise anyio.WouldBlock
-        t.writelines(pieces)
+        return t
 
     def pause_reading(self) -> None:
         if self._transport is not None:
