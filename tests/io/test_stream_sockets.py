@@ -132,7 +132,6 @@ async def test_echo_both_ways_byte_exact(use_epoll: bool) -> None:
     proto = Recorder(echo=True)
     payload = os.urandom(4 * 1024 * 1024)
     async with attached(use_epoll, proto) as (peer, transport, _):
-        assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert transport.get_extra_info("peername") == peer.getsockname()
         sender = asyncio.ensure_future(peer_send(peer, payload))
         echoed = await peer_read(peer, len(payload))
@@ -172,6 +171,13 @@ async def test_write_eof_waits_for_the_buffer_and_reading_goes_on(use_epoll: boo
         await proto.wait_for(13)
         assert bytes(proto.data) == b"still reading"
         assert not transport.is_closing()
+
+
+async def test_attach_leaves_the_socket_options_to_its_caller(use_epoll: bool) -> None:
+    async with attached(use_epoll, Recorder()) as (_peer, transport, _):
+        sock = transport.get_extra_info("socket")
+        assert sock.gettimeout() == 0.0  # made non-blocking
+        assert not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # not set a second time here
 
 
 async def test_peer_eof_is_reported_and_false_closes(use_epoll: bool) -> None:
@@ -363,6 +369,11 @@ async def test_listener_accepts_many_and_stops_when_closed(use_epoll: bool) -> N
         for i, c in enumerate(clients):
             assert await peer_read(c, 3) == b"%03d" % i
         assert len(made) == 100
+        for proto in made:  # tuned once, by the listener (attach_socket leaves the options as they are)
+            assert proto.transport is not None
+            sock = proto.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert sock.gettimeout() == 0.0
     finally:
         listener.close()
         for c in clients:

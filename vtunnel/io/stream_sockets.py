@@ -599,10 +599,12 @@ class SocketTransport(asyncio.Transport):
 def attach_socket(
     sock: socket.socket, protocol: asyncio.Protocol, watcher: SocketWatcher | None = None
 ) -> SocketTransport:
-    """Drive ``protocol`` from the connected socket ``sock`` (made non-blocking); ``connection_made`` is called now."""
+    """Drive ``protocol`` from the connected socket ``sock`` (made non-blocking if it is not); ``connection_made``
+    is called now. The socket's options are the caller's: the listeners and connects of this module have set
+    them (:func:`~vtunnel.io.tuning.tune_tcp`) already, once per socket."""
     watcher = watcher if watcher is not None else watcher_for()  # an empty watcher is falsy (len 0)
-    sock.setblocking(False)
-    tune_tcp(sock, buffers=False)
+    if sock.gettimeout() != 0.0:  # (a Python-side flag: no system call for a socket that is non-blocking)
+        sock.setblocking(False)
     transport = SocketTransport(sock, protocol, watcher)
     transport._start()
     try:

@@ -375,12 +375,18 @@ class TunnelPool:
     # --- streams ----------------------------------------------------------------------------------------------
 
     def _next_connection(self) -> TunnelConnection | None:
-        """The next tunnel taking streams, in turn (None: none is up now)."""
-        conns = self.connections
-        if not conns:
-            return None
-        self._next = (self._next + 1) % len(conns)
-        return conns[self._next]
+        """The next tunnel taking streams, in turn (None: none is up now). Called for every stream opened: it
+        walks the slots from the last one used and builds nothing."""
+        slots = self._slots
+        count = len(slots)
+        at = self._next
+        for _ in range(count):
+            at = at + 1 if at + 1 < count else 0
+            held = slots[at]
+            if held is not None and held.conn.accepting_streams:
+                self._next = at
+                return held.conn
+        return None
 
     async def wait_ready(self, timeout: float) -> TunnelConnection:
         conn = self._next_connection()
