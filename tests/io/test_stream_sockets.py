@@ -268,6 +268,26 @@ async def test_pause_reading_holds_the_bytes_in_the_kernel(use_epoll: bool) -> N
         await asyncio.wait_for(proto.wait_for(1000), 10)
 
 
+async def test_a_pause_is_applied_lazily_and_input_while_paused_drops_the_registration() -> None:
+    """Stopping reading leaves the epoll registration (a pause and resume with nothing read between costs no
+    system call); input that arrives while paused wakes the loop once, which drops it, and waits in the kernel."""
+    proto = Recorder()
+    async with attached(True, proto) as (peer, transport, watcher):
+        registered = transport._watched
+        assert registered
+        transport.pause_reading()
+        transport.resume_reading()
+        transport.pause_reading()
+        assert transport._watched == registered  # nothing changed in the set yet
+        await peer_send(peer, b"x" * 1000)
+        await asyncio.sleep(0.05)
+        assert transport._watched == 0
+        assert watcher._epoll.poll(0) == []  # not reported over and over
+        assert proto.data == b""
+        transport.resume_reading()
+        await asyncio.wait_for(proto.wait_for(1000), 10)
+
+
 async def test_a_failing_protocol_closes_only_its_own_socket(use_epoll: bool) -> None:
     class Broken(Recorder):
         def data_received(self, data: bytes) -> None:

@@ -131,24 +131,40 @@ class SocketWatcher:
         self._transports[fd] = transport
 
     def _set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
-        """Watch ``fd`` for ``new`` instead of ``old`` (0: not watched at all)."""
-        epoll = self._epoll
+        """Watch ``fd`` for ``new`` instead of ``old`` (0: not watched at all).
+
+        With epoll, a stop of reading alone is lazy: the registration stays as it is (``transport._watched``)
+        until the socket reports something (:meth:`_ready` then drops it), so the pause and resume a relay does
+        around each window of a stream cost no system call when no input came in between. What is added, and
+        writability no longer wanted (a writable socket is reported on every pass), is applied at once."""
         if not self.uses_epoll:
             self._fallback_set(fd, transport, old, new)
-        elif epoll is None:
+            return
+        watched = transport._watched
+        if new & ~watched or (watched & _OUT and not new & _OUT):
+            self._watch(fd, transport, new)
+
+    def _watch(self, fd: int, transport: SocketTransport, mask: int) -> None:
+        """Make the epoll set watch ``fd`` for exactly ``mask``."""
+        epoll = self._epoll
+        if epoll is None:
             return  # closed
-        elif not new:
+        watched, transport._watched = transport._watched, mask
+        if not mask:
             # unregistered, not left with an empty mask: epoll reports a hang-up whatever the mask, and a
             # paused socket whose peer hung up would wake the loop for ever
             _unregister(epoll, fd)
         else:
-            _register(epoll, fd, _epoll_mask(new), known=bool(old))
+            _register(epoll, fd, _epoll_mask(mask), known=bool(watched))
 
     def _remove(self, fd: int, transport: SocketTransport, old: int) -> None:
         if self._transports.get(fd) is transport:
             del self._transports[fd]
-        if old:
-            self._set(fd, transport, old, 0)
+        if not self.uses_epoll:
+            if old:
+                self._fallback_set(fd, transport, old, 0)
+        elif transport._watched:
+            self._watch(fd, transport, 0)
 
     def _fallback_set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
         """The loop's own readers and writers. A descriptor closed behind its transport is refused by the loop
@@ -180,6 +196,7 @@ class SocketWatcher:
         log.warning("a watched socket was closed behind its transport: rebuilding the epoll set")
         new = select.epoll()
         for fd, transport in self._transports.items():
+            transport._watched = transport._mask
             if transport._mask:
                 _register(new, fd, _epoll_mask(transport._mask), known=False)
         self._loop.remove_reader(old.fileno())
@@ -207,12 +224,20 @@ class SocketWatcher:
                     self._rebuild()  # its number is closed, so only a new set can drop it
                     return
                 continue
-            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and transport._mask & _IN:
-                transport._read_ready()
-                if transports.get(fd) is not transport:
-                    continue  # it closed while reading
+            unwanted = False  # reported for what it no longer watches for (a lazy stop of reading)
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                if transport._mask & _IN:
+                    transport._read_ready()
+                    if transports.get(fd) is not transport:
+                        continue  # it closed while reading
+                else:
+                    unwanted = True
             if events & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) and transport._mask & _OUT:
                 transport._write_ready()
+                if transports.get(fd) is not transport:
+                    continue
+            if unwanted and transport._watched & ~transport._mask:
+                self._watch(fd, transport, transport._mask)  # the lazy stop happens now
 
 
 def _register(epoll: Any, fd: int, mask: int, *, known: bool) -> None:
@@ -298,6 +323,7 @@ class SocketTransport(asyncio.Transport):
         "_protocol",
         "_reading",
         "_sock",
+        "_watched",
         "_watcher",
         "_write_closed",
         "_writing_paused",
@@ -314,6 +340,7 @@ class SocketTransport(asyncio.Transport):
         self._buffer: deque[memoryview] | None = None
         self._buffered = 0
         self._mask = 0  # what the watcher watches the socket for now
+        self._watched = 0  # what the epoll set has for it (more than _mask while a stop of reading is lazy)
         self._reading = True  # not paused by the protocol
         self._eof = False  # the peer's FIN arrived: nothing more to read
         self._write_closed = False  # write_eof() was called: FIN once the buffer is empty
