@@ -1,7 +1,8 @@
 """The receive budget (docs/protocol.md, "Flow control"): tunnel credit returns as the bytes arrive; every stream
-has at least ``min_stream_window``; a new stream is granted up to ``initial_stream_window`` from one half of
-``receive_budget`` and a stream being read grows from the other half. However many streams stall, no other stream
-freezes, and what the receiver holds stays within ``receive_budget`` + open streams x ``min_stream_window``."""
+has at least ``min_stream_window``; a new stream is granted up to ``initial_stream_window`` from at most half of
+``receive_budget`` and a stream being read grows from the rest, and from what of the first half grants do not hold
+beyond a quarter kept for new streams. However many streams stall, no other stream freezes, and what the receiver
+holds stays within ``receive_budget`` + open streams x ``min_stream_window``."""
 
 from __future__ import annotations
 
@@ -69,19 +70,49 @@ def test_a_stream_read_as_it_arrives_doubles_its_window_up_to_the_maximum() -> N
     assert max(seen) == 128 * KIB
 
 
-def test_growth_stops_at_its_half_of_the_receive_budget() -> None:
+def read_as_it_arrives(client: Side, server: Side, sid: int, rounds: int) -> None:
+    for _ in range(rounds):
+        client.tunnel.send_data(sid, b"x" * client.tunnel.send_window(sid))
+        pump(client, server)
+        server.tunnel.acknowledge_received_data(sid, delivered(server)[sid])
+        pump(client, server)
+
+
+def test_growth_stops_where_the_budget_less_the_new_streams_quarter_is_used_up() -> None:
     config = TunnelConfig(
         initial_stream_window=16 * KIB, max_stream_window=1024 * KIB, receive_budget=96 * KIB
     )
     client, server = handshake(config)
     (sid,) = streams(client, server, 1)
-    for _ in range(10):
-        client.tunnel.send_data(sid, b"x" * client.tunnel.send_window(sid))
-        pump(client, server)
-        server.tunnel.acknowledge_received_data(sid, delivered(server)[sid])
-        pump(client, server)
-    # 16 -> 32 (+16) -> 48 (+16 more: the growth half, 48 KiB, is used up); no further growth
-    assert client.tunnel.send_window(sid) == 64 * KIB
+    read_as_it_arrives(client, server, sid, 10)
+    # 16 -> 32 (+16) -> 64 (+32) -> 88 (+24 more: growth may take 72 KiB, the budget less the quarter kept for
+    # the first grants of new streams); no further growth
+    assert client.tunnel.send_window(sid) == 88 * KIB
+
+
+def test_a_moving_stream_is_lent_what_first_grants_do_not_hold_and_new_streams_keep_their_quarter() -> None:
+    config = TunnelConfig(
+        min_stream_window=16 * KIB,
+        initial_stream_window=64 * KIB,
+        max_stream_window=1024 * KIB,
+        receive_budget=256 * KIB,
+    )
+    client, server = handshake(config)
+    burst = streams(client, server, 3)  # first grants: 48 + 48 + 32 KiB, the whole first half
+    assert [client.tunnel.send_window(sid) for sid in burst] == [64 * KIB, 64 * KIB, 48 * KIB]
+    (moving,) = streams(client, server, 1)
+    read_as_it_arrives(client, server, moving, 10)
+    assert client.tunnel.send_window(moving) == (16 + 128) * KIB  # the second half only, while grants hold theirs
+    for sid in burst:  # the burst is over: its grants come back
+        server.tunnel.close_stream(sid)
+        client.tunnel.close_stream(sid)
+    pump(client, server)
+    read_as_it_arrives(client, server, moving, 10)
+    # now lent all but the quarter of the budget kept for new streams' first grants
+    assert client.tunnel.send_window(moving) == (16 + 192) * KIB
+    assert server.tunnel.received_unread == 0
+    late = streams(client, server, 2)  # a new stream still gets its full first window, the next what is left
+    assert [client.tunnel.send_window(sid) for sid in late] == [64 * KIB, 32 * KIB]
 
 
 def test_tunnel_credit_returns_on_arrival() -> None:

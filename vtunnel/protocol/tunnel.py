@@ -168,9 +168,9 @@ class Tunnel:
         #: tunnel credit is announced once this much is due: half the tunnel window
         self._tunnel_update_at = config.initial_tunnel_window // 2
         self._buffered = 0  # delivered, not yet acknowledged, over all streams
-        # what the stream windows hold beyond min_stream_window, over all streams, in two halves of receive_budget
-        self._granted = 0  # first windows (initial_stream_window) of new streams
-        self._grown = 0  # growth of windows that are being read (up to max_stream_window)
+        # what the stream windows hold beyond min_stream_window, over all streams (together within receive_budget)
+        self._granted = 0  # first windows (initial_stream_window) of new streams, within half the budget
+        self._grown = 0  # growth of windows that are being read (up to max_stream_window), see _growth_room
         self._next_stream_id = 1
         self._highest_peer_stream = 0
         self._now = 0.0
@@ -609,9 +609,8 @@ class Tunnel:
             if stream.recv_unannounced >= window // 2:
                 increment = stream.recv_unannounced
                 stream.recv_unannounced = 0
-                # being read: the window doubles, as far as the growth half of the receive budget has room
-                room = self.config.receive_budget - self.config.receive_budget // 2 - self._grown
-                growth = min(window, self.config.max_stream_window - window, room)
+                # being read: the window doubles, as far as the receive budget has room for growth
+                growth = min(window, self.config.max_stream_window - window, self._growth_room())
                 if growth > 0:
                     stream.recv_window = window + growth
                     self._grown += growth
@@ -1126,15 +1125,25 @@ class Tunnel:
             append(fr.frame_header(fr.FrameType.DATA, flags, sid, len(chunk)))
             append(chunk)
 
+    def _growth_room(self) -> int:
+        """What windows being read may still grow by: the receive budget less what they grew already and what
+        first grants hold, and less a quarter of the budget kept for the first grants of streams still to come
+        (those grants use at most half). So moving streams are lent the part of the first grants' half that new
+        streams do not hold, as when a burst of streams opened at once ended its first flights, and the grants
+        and growth together stay within the budget."""
+        budget = self.config.receive_budget
+        return budget - self._grown - max(self._granted, budget // 4)
+
     def _grant(self, stream: Stream) -> None:
         """A new stream's window beyond the floor, queued right after its SYN (ours or the peer's): as much of
-        ``initial_stream_window`` as the first half of the receive budget has room for."""
+        ``initial_stream_window`` as the budget has room for, first grants holding at most half of it."""
         if not self._ext.flow_control:
             return
         config = self.config
         grant = min(
             config.initial_stream_window - config.min_stream_window,
             config.receive_budget // 2 - self._granted,
+            config.receive_budget - self._granted - self._grown,
         )
         if grant > 0:
             stream.recv_window += grant
