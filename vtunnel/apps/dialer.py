@@ -172,9 +172,10 @@ class Dialer:
         self.connect_timeout = connect_timeout
         #: connections not made by :meth:`dial_socket` (and :meth:`dial`), by ``DialError.error``: statistics
         self.failures: Counter[DialErrorCode] = Counter()
-        #: IP-literal authorities already parsed and allowed by the policy (which never changes): the address and
-        #: port, so a thousand streams to one ``--target`` parse and check it once
-        self._literals: dict[str, tuple[IPAddress, int]] = {}
+        #: IP-literal authorities already parsed and allowed by the policy (which never changes): the socket
+        #: family and address to connect to, so a thousand streams to one ``--target`` parse, check and format
+        #: it once
+        self._literals: dict[str, tuple[socket.AddressFamily, tuple[str, int]]] = {}
 
     async def resolve(self, host: str, port: int, *, udp: bool = False) -> list[IPAddress]:
         """Resolve ``host`` and return its policy-allowed addresses in connection-attempt order.
@@ -240,14 +241,14 @@ class Dialer:
                 if literal is None:
                     return None
             try:
-                return start_tcp_connect(*_address(*literal))
+                return start_tcp_connect(*literal)
             except OSError as exc:
                 raise DialError(_error_of(exc)) from None
         except DialError as exc:
             self.failures[exc.error] += 1
             raise
 
-    def _literal(self, authority: str) -> tuple[IPAddress, int] | None:
+    def _literal(self, authority: str) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
         """Parse ``authority``; when its host is an IP address, check it against the policy and keep it."""
         try:
             host, port = parse_authority(authority)
@@ -262,7 +263,7 @@ class Dialer:
             raise DialError("forbidden", exc.reason) from None
         if len(self._literals) >= _LITERALS_KEPT:
             self._literals.clear()
-        literal = self._literals[authority] = (address, port)
+        literal = self._literals[authority] = _address(address, port)
         return literal
 
     async def finish_dial(self, sock: socket.socket, authority: str) -> socket.socket:
