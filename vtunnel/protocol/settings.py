@@ -64,15 +64,16 @@ class TunnelConfig:
     #: INITIAL_STREAM_WINDOW (lowered to ``initial_stream_window`` if above it). 16 KiB: one full frame, so the
     #: largest datagram of a ``udp`` stream always fits, and 2,000 stalled streams hold 31 MiB beyond the budget.
     min_stream_window: int = 16 * 1024
-    #: the window a new stream is granted (a WINDOW_UPDATE with its SYN or at the peer's SYN) as far as the first
-    #: half of ``receive_budget`` has room; it doubles each time the application has read half of it, up to
-    #: ``max_stream_window`` (raised to ``initial_stream_window`` if below it), as far as the other half has room
+    #: the window a new stream is granted (a WINDOW_UPDATE with its SYN or at the peer's SYN) as far as first
+    #: grants, within half of ``receive_budget``, have room; it doubles each time the application has read half of
+    #: it, up to ``max_stream_window`` (raised to ``initial_stream_window`` if below it), as far as the budget has
+    #: room for growth (all of it less the first grants, or less a quarter kept for them)
     initial_stream_window: int = 64 * 1024
     max_stream_window: int = 4 * 1024 * 1024
     #: in flight only: tunnel credit returns as the bytes arrive, whether or not they are read
     initial_tunnel_window: int = 16 * 1024 * 1024
-    #: what the stream windows of one tunnel may hold together beyond ``min_stream_window`` each (half for first
-    #: grants, half for growth): a window is granted or grown only while it fits. What one tunnel makes its
+    #: what the stream windows of one tunnel may hold together beyond ``min_stream_window`` each (first grants at
+    #: most half, growth the rest): a window is granted or grown only while it fits. What one tunnel makes its
     #: receiver hold is at most this plus ``min_stream_window`` per open stream, however many streams stall
     #: (docs/protocol.md, "Flow control").
     receive_budget: int = 16 * 1024 * 1024
