@@ -102,7 +102,8 @@ def test_a_moving_stream_is_lent_what_first_grants_do_not_hold_and_new_streams_k
     assert [client.tunnel.send_window(sid) for sid in burst] == [64 * KIB, 64 * KIB, 48 * KIB]
     (moving,) = streams(client, server, 1)
     read_as_it_arrives(client, server, moving, 10)
-    assert client.tunnel.send_window(moving) == (16 + 128) * KIB  # the second half only, while grants hold theirs
+    # the second half only, while the grants hold the first
+    assert client.tunnel.send_window(moving) == (16 + 128) * KIB
     for sid in burst:  # the burst is over: its grants come back
         server.tunnel.close_stream(sid)
         client.tunnel.close_stream(sid)
