@@ -90,13 +90,18 @@ def test_growth_stops_where_the_budget_less_the_new_streams_quarter_is_used_up()
     assert client.tunnel.send_window(sid) == 88 * KIB
 
 
-def test_a_moving_stream_is_lent_what_first_grants_do_not_hold_and_new_streams_keep_their_quarter() -> None:
-    config = TunnelConfig(
+def budget_of_256_kib(max_stream_window: int) -> TunnelConfig:
+    """16 KiB floors and 64 KiB first windows in a 256 KiB budget: first grants hold 128 KiB (two and a third)."""
+    return TunnelConfig(
         min_stream_window=16 * KIB,
         initial_stream_window=64 * KIB,
-        max_stream_window=1024 * KIB,
+        max_stream_window=max_stream_window,
         receive_budget=256 * KIB,
     )
+
+
+def test_a_moving_stream_is_lent_what_first_grants_do_not_hold_and_new_streams_keep_their_quarter() -> None:
+    config = budget_of_256_kib(1024 * KIB)
     client, server = handshake(config)
     burst = streams(client, server, 3)  # first grants: 48 + 48 + 32 KiB, the whole first half
     assert [client.tunnel.send_window(sid) for sid in burst] == [64 * KIB, 64 * KIB, 48 * KIB]
@@ -189,12 +194,7 @@ def test_two_thousand_stalled_streams_never_freeze_another_and_stay_within_the_b
 
 
 def test_first_windows_shrink_under_pressure_and_come_back_when_stalled_streams_close() -> None:
-    config = TunnelConfig(
-        min_stream_window=16 * KIB,
-        initial_stream_window=64 * KIB,
-        max_stream_window=256 * KIB,
-        receive_budget=256 * KIB,
-    )
+    config = budget_of_256_kib(256 * KIB)
     client, server = handshake(config)
     stuck = streams(client, server, 6)
     # the first-window half (128 KiB) holds two full grants (48 KiB each) and 32 KiB for the third
