@@ -39,7 +39,7 @@ from vtunnel.apps.websocks import (
     classify_websocks,
     serve_websocks,
 )
-from vtunnel.io.stream_sockets import attach_socket
+from vtunnel.io.stream_sockets import SocketWatcher, attach_socket, watcher_for
 from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
@@ -116,6 +116,8 @@ class Server:
         #: where the splice ports listen (``host:port``)
         self.splice_addresses: list[str] = []
         self._serial = 0
+        #: the event loop's socket watcher, looked up once when serving starts (not once per relayed stream)
+        self._watcher: SocketWatcher | None = None
         self._stopping = anyio.Event()
         self._no_tunnels = anyio.Event()
         self._no_tunnels.set()
@@ -131,6 +133,7 @@ class Server:
                 self.tun.close()
 
     async def _serve(self, task_status: TaskStatus[list[str]]) -> None:
+        self._watcher = watcher_for()
         handlers: list[Callable[[Any], Awaitable[None]]] = []
         for endpoint in self.settings.listen:
             if endpoint.scheme in WEBSOCKS_SCHEMES:
@@ -336,7 +339,7 @@ class Server:
         """Accept ``stream`` and relay it to the connected ``sock``."""
         end = SocketEnd()
         try:
-            attach_socket(sock, end)
+            attach_socket(sock, end, self._watcher)
         except BaseException:
             sock.close()
             raise
