@@ -180,7 +180,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         description="bulk goodput, 1,024 concurrent streams in one tunnel (aggregate; each connects, sends its "
         "share and is validated)",
         params={"streams": 1024, "bytes": 256 * MiB, "timeout": 180},
-        quick={"bytes": 64 * MiB, "timeout": 90},
+        # quick too: 256 KiB a stream. At 64 KiB a stream the load generator's own 1,024 connects and accepts
+        # weigh more than the bytes: without any tunnel 1,024 streams then reach 0.3x the goodput of 16
+        # (bench/results/many-streams-3.md), so the ratio measured the harness, not bulk streams
+        quick={"timeout": 120},
         tunnels_only=True,
     ),
     Scenario(
