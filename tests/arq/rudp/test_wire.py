@@ -105,6 +105,22 @@ def test_range_set_matches_a_set(numbers: set[int]) -> None:
     assert ranges.missing(0, 301) == [(a, b + 1) for a, b in reversed(ack_ranges(set(range(301)) - numbers))]
 
 
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=40))))
+def test_range_set_intervals_match_a_set(intervals: list[tuple[int, int]]) -> None:
+    """Intervals added in any order (in order, overlapping, touching the last one: the fast path) give the set
+    of their integers, and ``add`` counts the new ones."""
+    ranges = RangeSet()
+    numbers: set[int] = set()
+    for start, length in intervals:
+        new = set(range(start, start + length)) - numbers
+        assert ranges.add(start, start + length) == len(new)
+        numbers |= new
+        spans = list(ranges)
+        assert all(a < b for a, b in spans)
+        assert all(spans[i][1] < spans[i + 1][0] for i in range(len(spans) - 1))  # disjoint, not adjacent
+        assert {n for a, b in spans for n in range(a, b)} == numbers
+
+
 def test_peek_dcid() -> None:
     assert peek_dcid(encode_header(b"12345678", 3) + b"\x01") == b"12345678"
     for bad in (b"", b"\x00", b"\x80", b"\x48abc"):

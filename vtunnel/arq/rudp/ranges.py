@@ -49,6 +49,17 @@ class RangeSet:
         if end <= start:
             return 0
         starts, ends = self._starts, self._ends
+        if ends and start >= starts[-1]:
+            # at or after the last interval: the usual case (the next packet number, the next stream bytes)
+            last_end = ends[-1]
+            if start > last_end:
+                starts.append(start)
+                ends.append(end)
+                return end - start
+            if end > last_end:
+                ends[-1] = end
+                return end - last_end
+            return 0
         # the intervals that touch or overlap [start, end): those with end >= start and start <= end
         lo = bisect_left(ends, start)
         hi = bisect_right(starts, end)

@@ -176,43 +176,23 @@ def encode_varint(value: int) -> bytes:
     raise ValueError(f"{value} does not fit a varint")
 
 
-class _Reader:
-    __slots__ = ("buf", "pos")
+#: the value bits of a varint of each length prefix (0b00..0b11: 1, 2, 4, 8 bytes)
+_VARINT_MASKS: Final = (0x3F, 0x3FFF, 0x3FFF_FFFF, MAX_VARINT)
 
-    def __init__(self, buf: bytes, pos: int = 0) -> None:
-        self.buf = buf
-        self.pos = pos
 
-    def left(self) -> int:
-        return len(self.buf) - self.pos
-
-    def byte(self) -> int:
-        if self.pos >= len(self.buf):
-            raise WireError("truncated")
-        value = self.buf[self.pos]
-        self.pos += 1
-        return value
-
-    def varint(self) -> int:
-        first = self.byte()
-        size = 1 << (first >> 6)
-        value = first & 0x3F
-        if size == 1:
-            return value
-        end = self.pos + size - 1
-        if end > len(self.buf):
-            raise WireError("truncated varint")
-        value = (value << ((size - 1) * 8)) | int.from_bytes(self.buf[self.pos : end], "big")
-        self.pos = end
-        return value
-
-    def take(self, length: int) -> bytes:
-        end = self.pos + length
-        if length < 0 or end > len(self.buf):
-            raise WireError("truncated field")
-        data = self.buf[self.pos : end]
-        self.pos = end
-        return data
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``buf[pos]`` and the position after it (functions and plain ints, no reader object: the
+    decoder runs for every packet received)."""
+    if pos >= len(buf):
+        raise WireError("truncated")
+    first = buf[pos]
+    prefix = first >> 6
+    if not prefix:
+        return first, pos + 1
+    end = pos + (1 << prefix)
+    if end > len(buf):
+        raise WireError("truncated varint")
+    return int.from_bytes(buf[pos:end], "big") & _VARINT_MASKS[prefix], end
 
 
 # --- header -----------------------------------------------------------------------------------------------
@@ -244,7 +224,7 @@ def peek_dcid(datagram: bytes | memoryview) -> bytes:
 def peek_number(datagram: bytes | memoryview) -> int:
     """The packet number of a packet, without parsing its frames (what shows a datagram newer than another)."""
     dcid_len = len(peek_dcid(datagram))
-    return _Reader(bytes(datagram[1 + dcid_len : 1 + dcid_len + 8])).varint()
+    return _varint(bytes(datagram[1 + dcid_len : 1 + dcid_len + 8]), 0)[0]
 
 
 # --- frames, encoded --------------------------------------------------------------------------------------
@@ -318,72 +298,87 @@ def encode_ack(ranges: Sequence[tuple[int, int]], delay: int, max_data: int) -> 
 # --- decoding ---------------------------------------------------------------------------------------------
 
 
-def _decode_ack(reader: _Reader) -> Ack:
-    largest = reader.varint()
-    delay = reader.varint()
-    max_data = reader.varint()
-    count = reader.varint()
-    first = reader.varint()
+def _decode_ack(buf: bytes, pos: int) -> tuple[Ack, int]:
+    largest, pos = _varint(buf, pos)
+    delay, pos = _varint(buf, pos)
+    max_data, pos = _varint(buf, pos)
+    count, pos = _varint(buf, pos)
+    first, pos = _varint(buf, pos)
     if first > largest:
         raise WireError("ACK range below packet number 0")
     low = largest - first
     ranges = [(low, largest)]
-    if count > reader.left() // 2:  # each further range takes at least two bytes
+    if count > (len(buf) - pos) // 2:  # each further range takes at least two bytes
         raise WireError("ACK range count beyond the packet")
     for _ in range(count):
-        gap = reader.varint()
-        length = reader.varint()
+        gap, pos = _varint(buf, pos)
+        length, pos = _varint(buf, pos)
         high = low - gap - 2
         low = high - length
         if low < 0:
             raise WireError("ACK range below packet number 0")
         ranges.append((low, high))
-    return Ack(tuple(ranges), delay, max_data)
+    return Ack(tuple(ranges), delay, max_data), pos
 
 
-def _decode_frame(reader: _Reader, kind: int) -> Frame:
-    if kind == FrameType.PADDING:
-        start = reader.pos - 1
-        buf = reader.buf
-        while reader.pos < len(buf) and buf[reader.pos] == 0:
-            reader.pos += 1
-        return Padding(reader.pos - start)
-    if kind == FrameType.PING:
-        return Ping()
-    if kind == FrameType.ACK:
-        return _decode_ack(reader)
-    if kind == FrameType.DATA_BLOCKED:
-        return DataBlocked(reader.varint())
-    if FrameType.STREAM <= kind <= FrameType.STREAM | 0x03:
-        offset = reader.varint()
-        length = reader.varint() if kind & FrameType.STREAM_LEN else reader.left()
-        data = reader.take(length)
-        if offset + len(data) > MAX_VARINT:
-            raise WireError("STREAM frame past the largest offset")
-        return Stream(offset, data, bool(kind & FrameType.STREAM_FIN))
-    if kind == FrameType.CLOSE:
-        code = reader.varint()
-        raw = reader.take(reader.varint())
-        try:
-            reason = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WireError("CLOSE reason is not UTF-8") from None
-        return Close(code, reason)
-    if kind in (FrameType.DATAGRAM, FrameType.DATAGRAM | FrameType.DATAGRAM_LEN):
-        length = reader.varint() if kind & FrameType.DATAGRAM_LEN else reader.left()
-        return Datagram(reader.take(length))
-    raise WireError(f"unknown frame type 0x{kind:02x}")
+def _take(buf: bytes, pos: int, length: int) -> tuple[bytes, int]:
+    end = pos + length
+    if end > len(buf):
+        raise WireError("truncated field")
+    return buf[pos:end], end
 
 
 def decode_packet(datagram: bytes | memoryview) -> Packet:
     """Parse a whole packet; raises :class:`WireError` (and nothing else) when it is not well formed."""
     buf = bytes(datagram)
     dcid = peek_dcid(buf)
-    reader = _Reader(buf, 1 + len(dcid))
-    number = reader.varint()
+    number, pos = _varint(buf, 1 + len(dcid))
+    size = len(buf)
     frames: list[Frame] = []
-    while reader.left() > 0:
-        frames.append(_decode_frame(reader, reader.byte()))
+    append = frames.append
+    while pos < size:
+        kind = buf[pos]
+        pos += 1
+        frame: Frame
+        if kind & 0xFC == FrameType.STREAM:  # the most frequent first
+            offset, pos = _varint(buf, pos)
+            if kind & FrameType.STREAM_LEN:
+                length, pos = _varint(buf, pos)
+                data, pos = _take(buf, pos, length)
+            else:
+                data, pos = buf[pos:], size
+            if offset + len(data) > MAX_VARINT:
+                raise WireError("STREAM frame past the largest offset")
+            frame = Stream(offset, data, bool(kind & FrameType.STREAM_FIN))
+        elif kind == FrameType.ACK:
+            frame, pos = _decode_ack(buf, pos)
+        elif kind == FrameType.PADDING:
+            start = pos - 1
+            while pos < size and buf[pos] == 0:
+                pos += 1
+            frame = Padding(pos - start)
+        elif kind == FrameType.PING:
+            frame = Ping()
+        elif kind == FrameType.DATA_BLOCKED:
+            limit, pos = _varint(buf, pos)
+            frame = DataBlocked(limit)
+        elif kind == FrameType.CLOSE:
+            code, pos = _varint(buf, pos)
+            length, pos = _varint(buf, pos)
+            raw, pos = _take(buf, pos, length)
+            try:
+                frame = Close(code, raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise WireError("CLOSE reason is not UTF-8") from None
+        elif kind == FrameType.DATAGRAM | FrameType.DATAGRAM_LEN:
+            length, pos = _varint(buf, pos)
+            data, pos = _take(buf, pos, length)
+            frame = Datagram(data)
+        elif kind == FrameType.DATAGRAM:
+            frame, pos = Datagram(buf[pos:]), size
+        else:
+            raise WireError(f"unknown frame type 0x{kind:02x}")
+        append(frame)
     if not frames:
         raise WireError("a packet carries at least one frame")
     return Packet(dcid, number, tuple(frames))
