@@ -38,6 +38,7 @@ from typing import Final
 from .cc import CongestionController, Pacer, make_controller
 from .ranges import RangeSet
 from .recovery import AckTracker, LossDetector, RttEstimator, SentPacket
+from .sendbuf import SendBuffer
 from .wire import (
     MAX_CID_LEN,
     Ack,
@@ -84,8 +85,6 @@ INITIAL_MAX_DATA: Final = 256 * 1024
 AMPLIFICATION_FACTOR: Final = 3
 #: the most packets one call of datagrams_to_send builds (the deadline then says "now" again)
 _BURST_LIMIT: Final = 512
-#: the send buffer's consumed prefix is cut off once it is this long (not on every ACK: that would copy a lot)
-_TRIM: Final = 256 * 1024
 #: how often a closing connection answers packets with its CLOSE again, at most
 _CLOSE_REPEATS: Final = 16
 #: an unvalidated server whose amplification budget is below this sends nothing until it receives more
@@ -237,8 +236,7 @@ class Connection:
         self._bytes_received = 0
         self._last_received = now
         # sending stream
-        self._send_buf = bytearray()
-        self._buf_start = 0  # stream offset of _send_buf[0]
+        self._send_buf = SendBuffer()  # written and not yet acknowledged
         self._send_base = 0  # everything below is acknowledged
         self._send_next = 0  # the first offset never sent
         self._acked = RangeSet()  # acknowledged offsets above _send_base
@@ -306,7 +304,7 @@ class Connection:
         """Stream bytes :meth:`send` takes now."""
         if self.state is not ConnectionState.OPEN or self._fin_offset is not None:
             return 0
-        return max(0, self.config.send_buffer - (self._buf_start + len(self._send_buf) - self._send_base))
+        return max(0, self.config.send_buffer - (self._send_buf.end - self._send_base))
 
     def send(self, data: bytes | memoryview) -> int:
         """Queue stream bytes; returns how many were taken (at most :meth:`send_room`)."""
@@ -317,7 +315,7 @@ class Connection:
         room = self.send_room()
         take = min(room, len(data))
         if take:
-            self._send_buf += data[:take]
+            self._send_buf.append(data[:take] if take < len(data) else data)
         if take < len(data) or take == room:
             self._writer_waiting = True
         return take
@@ -327,7 +325,7 @@ class Connection:
         if self.state is not ConnectionState.OPEN:
             raise RudpLocalError("the connection is closed")
         if self._fin_offset is None:
-            self._fin_offset = self._buf_start + len(self._send_buf)
+            self._fin_offset = self._send_buf.end
 
     def receive(self, max_bytes: int = -1) -> bytes:
         """In-order stream bytes (``b""`` when none are ready)."""
@@ -361,7 +359,7 @@ class Connection:
     @property
     def all_acknowledged(self) -> bool:
         """Every stream byte written (and the end of the stream, once ended) was acknowledged by the peer."""
-        written = self._buf_start + len(self._send_buf)
+        written = self._send_buf.end
         return self._send_base >= written and (self._fin_offset is None or self._fin_acked)
 
     @property
@@ -541,7 +539,7 @@ class Connection:
             self.cc.on_packets_acked(now, result.acked, self.rtt, app_limited=limited)
         if result.lost:
             self._on_lost(result.lost, now, persistent=result.persistent_congestion)
-        self._trim()
+        self._send_buf.release(self._send_base)
         if self._writer_waiting and self.send_room() > 0:
             self._writer_waiting = False
             events.append(SendRoomAvailable())
@@ -558,12 +556,6 @@ class Connection:
             _, end = acked.pop_first()
             if end > self._send_base:
                 self._send_base = end
-
-    def _trim(self) -> None:
-        drop = self._send_base - self._buf_start
-        if drop >= _TRIM or (drop and drop == len(self._send_buf)):
-            del self._send_buf[:drop]
-            self._buf_start = self._send_base
 
     def _on_lost(self, lost: list[SentPacket], now: float, *, persistent: bool) -> None:
         self._stats["packets_lost"] += len(lost)
@@ -631,7 +623,7 @@ class Connection:
             queue.popleft()
 
     def _flow_limit(self) -> int:
-        return min(self._buf_start + len(self._send_buf), self._peer_max_data)
+        return min(self._send_buf.end, self._peer_max_data)
 
     def _has_data(self) -> bool:
         if self._datagrams:
@@ -649,7 +641,7 @@ class Connection:
         """Stream bytes wait for the peer's window and it was not told so at this limit yet."""
         return (
             self._send_next >= self._peer_max_data
-            and self._buf_start + len(self._send_buf) > self._send_next
+            and self._send_buf.end > self._send_next
             and self._blocked_reported != self._peer_max_data
         )
 
@@ -808,8 +800,7 @@ class Connection:
             return room
         take = max(take, 0)
         fin = self._fin_offset is not None and start + take == self._fin_offset
-        base = self._buf_start
-        data = bytes(self._send_buf[start - base : start + take - base])
+        data = self._send_buf.slice(start, start + take)
         frame = encode_stream(start, data, fin=fin)
         frames.append(frame)
         packet.stream.append((start, take, fin))
