@@ -55,8 +55,9 @@ from .wire import (
     encode_data_blocked,
     encode_datagram,
     encode_header,
-    encode_stream,
+    encode_varint,
     header_size,
+    stream_header,
     stream_overhead,
     varint_size,
 )
@@ -293,6 +294,7 @@ class Connection:
             raise RudpLocalError(f"a connection ID is at most {MAX_CID_LEN} bytes")
         self.local_cid = bytes(local_cid)
         self.peer_cid = bytes(peer_cid)
+        self._header = encode_header(self.peer_cid, 0)[:-1]  # all of a header but the packet number
 
     def address_validated(self) -> None:
         """The peer's address is proven (a handshake or a path challenge): lift the amplification limit."""
@@ -576,14 +578,20 @@ class Connection:
             return None
         if state is not ConnectionState.OPEN:
             return self._close_deadline
-        candidates = [self._loss.deadline()]
-        if self._amplification_limit() >= _SMALLEST_PACKET:  # (else only input can let anything out)
-            candidates += [self._acks.deadline(), self._pacing_wake]
-            if self._probes:
-                candidates.append(self._now)
-        if self.config.idle_timeout is not None:
-            candidates.append(self._last_received + self.config.idle_timeout)
-        return min((c for c in candidates if c is not None), default=None)
+        due = self._loss.deadline()
+        if self._validated or self._amplification_limit() >= _SMALLEST_PACKET:  # (else only input lets out)
+            if self._probes and (due is None or self._now < due):
+                due = self._now
+            ack = self._acks.ack_deadline if not self._acks.immediate else None
+            if ack is not None and (due is None or ack < due):
+                due = ack
+            wake = self._pacing_wake
+            if wake is not None and (due is None or wake < due):
+                due = wake
+        idle = self.config.idle_timeout
+        if idle is not None and (due is None or self._last_received + idle < due):
+            due = self._last_received + idle
+        return due
 
     def handle_timer(self, now: float) -> list[Event]:
         """Run what is due: the loss detection timer or PTO, the idle timeout, the end of closing."""
@@ -628,10 +636,11 @@ class Connection:
     def _has_data(self) -> bool:
         if self._datagrams:
             return True
-        self._clean_retransmit()
         if self._retransmit:
-            return True
-        if self._send_next < self._flow_limit():
+            self._clean_retransmit()
+            if self._retransmit:
+                return True
+        if self._send_next < self._send_buf.end and self._send_next < self._peer_max_data:
             return True
         if self._fin_offset is not None and not self._fin_sent and self._send_next >= self._fin_offset:
             return True
@@ -670,15 +679,26 @@ class Connection:
         mds = self._mds
         pacing = self.config.pacing
         loss = self._loss
+        acks = self._acks
+        cc = self.cc
+        rate = -1.0  # the pacing rate, read once (only an ACK changes it)
         for _ in range(_BURST_LIMIT):
             probe = self._probes > 0
-            ack = self._acks.ack_due(now)
+            ack = acks.ack_due(now)
             has_data = self._has_data()
             send_data = probe
             if has_data and not probe:
-                if loss.bytes_in_flight + mds > self.cc.congestion_window:
+                if loss.bytes_in_flight + mds > cc.congestion_window:
                     self._app_limited = False
-                elif pacing and (release := self._release(now)) > now:
+                elif (
+                    pacing
+                    and (
+                        release := self._pacer.release_time(
+                            now, rate if rate >= 0 else (rate := cc.pacing_rate(self.rtt)), mds
+                        )
+                    )
+                    > now
+                ):
                     self._app_limited = False
                     self._pacing_wake = release
                 else:
@@ -697,9 +717,6 @@ class Connection:
                 break
             out.append(datagram)
         return out
-
-    def _release(self, now: float) -> float:
-        return self._pacer.release_time(now, self.cc.pacing_rate(self.rtt), self._mds)
 
     def _amplification_room(self, size: int) -> bool:
         return self._validated or self._bytes_sent + size <= AMPLIFICATION_FACTOR * self._bytes_received
@@ -727,8 +744,10 @@ class Connection:
                     packet.ack_largest = ranges[0][1]
                     self._acks.on_ack_sent()
         if send_data:
-            room = self._add_datagrams(frames, room, packet)
-            room = self._add_retransmissions(frames, room, packet)
+            if self._datagrams:
+                room = self._add_datagrams(frames, room, packet)
+            if self._retransmit:
+                room = self._add_retransmissions(frames, room, packet)
             room = self._add_new_data(frames, room, packet)
             if room > 0 and self._blocked():
                 frame = encode_data_blocked(self._peer_max_data)
@@ -758,7 +777,8 @@ class Connection:
     def _finish_packet(
         self, number: int, frames: list[bytes], now: float, packet: SentPacket | None
     ) -> bytes:
-        datagram = encode_header(self.peer_cid, number) + b"".join(frames)
+        frames.insert(0, self._header + encode_varint(number))
+        datagram = b"".join(frames)
         self._next_number = number + 1
         size = len(datagram)
         self._bytes_sent += size
@@ -800,14 +820,15 @@ class Connection:
             return room
         take = max(take, 0)
         fin = self._fin_offset is not None and start + take == self._fin_offset
-        data = self._send_buf.slice(start, start + take)
-        frame = encode_stream(start, data, fin=fin)
-        frames.append(frame)
+        header = stream_header(start, take, fin=fin)
+        frames.append(header)
+        if take:
+            frames.append(self._send_buf.slice(start, start + take))
         packet.stream.append((start, take, fin))
         packet.ack_eliciting = True
         if fin:
             self._fin_sent = True
-        return room - len(frame)
+        return room - len(header) - take
 
     def _add_retransmissions(self, frames: list[bytes], room: int, packet: SentPacket) -> int:
         queue = self._retransmit

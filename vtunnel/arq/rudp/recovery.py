@@ -364,6 +364,11 @@ class AckTracker:
         """Something arrived that no ACK has reported yet."""
         return self._immediate or self.ack_deadline is not None
 
+    @property
+    def immediate(self) -> bool:
+        """An ACK is due at once (with the next datagram)."""
+        return self._immediate
+
     def deadline(self) -> float | None:
         return None if self._immediate else self.ack_deadline
 

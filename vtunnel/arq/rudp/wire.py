@@ -55,6 +55,7 @@ __all__ = [
     "header_size",
     "peek_dcid",
     "peek_number",
+    "stream_header",
     "stream_overhead",
     "varint_size",
 ]
@@ -80,6 +81,10 @@ class FrameType:
     CLOSE: Final = 0x1C
     DATAGRAM: Final = 0x30  # | 0x01 (LEN)
     DATAGRAM_LEN: Final = 0x01
+
+
+_STREAM_LEN: Final = FrameType.STREAM | FrameType.STREAM_LEN
+_STREAM_LEN_FIN: Final = _STREAM_LEN | FrameType.STREAM_FIN
 
 
 class WireError(ValueError):
@@ -235,13 +240,19 @@ def stream_overhead(offset: int, length: int, *, with_length: bool = True) -> in
     return 1 + varint_size(offset) + (varint_size(length) if with_length else 0)
 
 
+def stream_header(offset: int, length: int, *, fin: bool = False) -> bytes:
+    """A STREAM frame with a length field, up to its data (a sender joins the data to it without a copy of
+    the frame)."""
+    kind = (_STREAM_LEN_FIN if fin else _STREAM_LEN).to_bytes(1, "big")
+    return kind + encode_varint(offset) + encode_varint(length)
+
+
 def encode_stream(
     offset: int, data: bytes | memoryview, *, fin: bool = False, with_length: bool = True
 ) -> bytes:
-    kind = FrameType.STREAM | (FrameType.STREAM_FIN if fin else 0)
     if with_length:
-        kind |= FrameType.STREAM_LEN
-        return b"".join((bytes((kind,)), encode_varint(offset), encode_varint(len(data)), data))
+        return stream_header(offset, len(data), fin=fin) + data
+    kind = FrameType.STREAM | (FrameType.STREAM_FIN if fin else 0)
     return b"".join((bytes((kind,)), encode_varint(offset), data))
 
 
