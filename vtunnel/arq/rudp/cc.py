@@ -284,6 +284,8 @@ class Pacer:
     #: the bucket holds at most this many seconds of the rate ... (an event loop's timers wake about a millisecond
     #: late: with less, a paced sender would send one packet per wake-up and never reach its rate)
     BURST_TIME: Final = 0.004
+    #: a sender held back by pacing comes back once the bucket holds this share of itself (:meth:`wake_time`)
+    WAKE_SHARE: Final = 0.25
 
     def __init__(self, *, max_datagram_size: int, initial_burst: int) -> None:
         #: ... and never less than this many bytes
@@ -309,6 +311,17 @@ class Pacer:
         if self._tokens >= size:
             return now
         return now + (size - self._tokens) / rate
+
+    def wake_time(self, now: float, rate: float, size: int, queued: int) -> float:
+        """When to come back to send (after :meth:`release_time` said later than ``now``): once the bucket holds a
+        quarter of itself (a millisecond of the rate, at least a few packets), or ``queued`` bytes if fewer, or
+        one packet of ``size`` if more. Coming back for every packet's worth of tokens costs a loop timer, a
+        wake-up and a ``sendmsg`` per packet; a quarter of the bucket goes out as one batch, still well inside
+        the burst the bucket allows."""
+        want = min(self.max_burst * self.WAKE_SHARE, float(queued))
+        if want < size:
+            want = size
+        return now + (want - self._tokens) / rate
 
     def on_sent(self, size: int) -> None:
         self._tokens -= size

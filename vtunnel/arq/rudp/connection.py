@@ -646,6 +646,21 @@ class Connection:
             return True
         return self._blocked()
 
+    def _paced(self, now: float, rate: float) -> bool:
+        """Whether pacing holds the next packet back; if so, when to come back is set (``_pacing_wake``)."""
+        pacer = self._pacer
+        if pacer.release_time(now, rate, self._mds) <= now:
+            return False
+        self._pacing_wake = pacer.wake_time(now, rate, self._mds, self._queued())
+        return True
+
+    def _queued(self) -> int:
+        """About how many bytes wait to be sent (new stream data the window allows, retransmissions, datagrams)."""
+        queued = max(0, min(self._send_buf.end, self._peer_max_data) - self._send_next)
+        if self._retransmit or self._datagrams:
+            queued += self._mds * (len(self._retransmit) + len(self._datagrams))
+        return queued
+
     def _blocked(self) -> bool:
         """Stream bytes wait for the peer's window and it was not told so at this limit yet."""
         return (
@@ -690,17 +705,8 @@ class Connection:
             if has_data and not probe:
                 if loss.bytes_in_flight + mds > cc.congestion_window:
                     self._app_limited = False
-                elif (
-                    pacing
-                    and (
-                        release := self._pacer.release_time(
-                            now, rate if rate >= 0 else (rate := cc.pacing_rate(self.rtt)), mds
-                        )
-                    )
-                    > now
-                ):
+                elif pacing and self._paced(now, rate if rate >= 0 else (rate := cc.pacing_rate(self.rtt))):
                     self._app_limited = False
-                    self._pacing_wake = release
                 else:
                     send_data = True
             elif not has_data:
