@@ -703,10 +703,10 @@ class Connection:
             has_data = self._has_data()
             send_data = probe
             if has_data and not probe:
-                if loss.bytes_in_flight + mds > cc.congestion_window:
-                    self._app_limited = False
-                elif pacing and self._paced(now, rate if rate >= 0 else (rate := cc.pacing_rate(self.rtt))):
-                    self._app_limited = False
+                if rate < 0:
+                    rate = cc.pacing_rate(self.rtt) if pacing else 0.0
+                if loss.bytes_in_flight + mds > cc.congestion_window or (rate > 0 and self._paced(now, rate)):
+                    self._app_limited = False  # the window or the pacer holds data back
                 else:
                     send_data = True
             elif not has_data:
