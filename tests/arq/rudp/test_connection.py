@@ -3,9 +3,12 @@ reader that stops, delayed ACKs, closing, protocol faults, the amplification lim
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vtunnel.arq.rudp.connection import (
     INITIAL_MAX_DATA,
@@ -261,3 +264,30 @@ def test_a_sender_woken_late_for_its_pacing_tells_its_controller_the_round_was_i
     assert len(on_time) > 50
     assert not any(on_time[10:])
     assert any(late[10:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=8),
+    st.randoms(use_true_random=False),
+    st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=20),
+)
+def test_the_reader_gets_the_stream_whatever_the_arrival_order_and_read_sizes(
+    writes: list[bytes], order: random.Random, reads: list[int]
+) -> None:
+    """Packets arrive shuffled and some twice; reads of any size, between arrivals, give the stream exactly."""
+    client, server = pair(RudpConfig(pacing=False))
+    for data in writes:
+        assert client.send(data) == len(data)
+    client.end_stream()
+    packets = client.datagrams_to_send(0.0)
+    arrivals = packets + order.sample(packets, len(packets) // 3)
+    order.shuffle(arrivals)
+    got = bytearray()
+    for i, datagram in enumerate(arrivals):
+        server.receive_datagram(datagram, 0.0)
+        got += server.receive(reads[i % len(reads)])
+    while server.readable:
+        got += server.receive(reads[0])
+    assert bytes(got) == b"".join(writes)
+    assert server.stream_ended

@@ -249,7 +249,9 @@ class Connection:
         self._blocked_reported = -1
         self._writer_waiting = False
         # receiving stream
-        self._ready = bytearray()  # in-order bytes not yet read
+        #: in-order bytes not yet read, as the chunks they arrived in (joined once, when read), and their length
+        self._ready: deque[bytes] = deque()
+        self._ready_len = 0
         self._read_offset = 0  # bytes the reader took
         self._contiguous = 0  # offset up to which everything arrived
         self._pending: list[tuple[int, bytes]] = []  # a heap of out-of-order (offset, data)
@@ -334,12 +336,23 @@ class Connection:
         ready = self._ready
         if not ready:
             return b""
-        if max_bytes < 0 or max_bytes >= len(ready):
-            data = bytes(ready)
+        if max_bytes < 0 or max_bytes >= self._ready_len:
+            data = ready[0] if len(ready) == 1 else b"".join(ready)
             ready.clear()
         else:
-            data = bytes(ready[:max_bytes])
-            del ready[:max_bytes]
+            parts: list[bytes] = []
+            need = max_bytes
+            while need:
+                chunk = ready[0]
+                if len(chunk) <= need:
+                    parts.append(ready.popleft())
+                    need -= len(chunk)
+                else:
+                    parts.append(chunk[:need])
+                    ready[0] = chunk[need:]
+                    need = 0
+            data = b"".join(parts)
+        self._ready_len -= len(data)
         self._read_offset += len(data)
         window = self.config.receive_window
         if self._max_data - self._read_offset <= window // 2 and self._final_size is None:
@@ -351,7 +364,7 @@ class Connection:
     @property
     def readable(self) -> int:
         """Stream bytes :meth:`receive` would return now."""
-        return len(self._ready)
+        return self._ready_len
 
     @property
     def stream_ended(self) -> bool:
@@ -428,7 +441,7 @@ class Connection:
             return []
         events: list[Event] = []
         ack_eliciting = False
-        readable_before = len(self._ready)
+        readable_before = self._ready_len
         immediate = False
         for frame in packet.frames:
             if isinstance(frame, Stream):
@@ -459,7 +472,7 @@ class Connection:
         self._acks.on_packet(packet.number, ack_eliciting, now)
         if immediate:
             self._acks.request_immediate()
-        if len(self._ready) > readable_before:
+        if self._ready_len > readable_before:
             events.append(StreamReadable())
         if self._final_size is not None and self._contiguous >= self._final_size and not self._end_reported:
             self._end_reported = True
@@ -509,15 +522,18 @@ class Connection:
                 heapq.heappush(self._pending, (piece_start, data[piece_start - start : piece_end - start]))
             self._pending_ranges.add(start, end)
             return None
-        self._ready += data
+        ready = self._ready
+        if data:
+            ready.append(data)
         contiguous = end
         pending = self._pending
         while pending and pending[0][0] <= contiguous:
             offset, chunk = heapq.heappop(pending)
             tail = offset + len(chunk)
             if tail > contiguous:
-                self._ready += chunk[contiguous - offset :]
+                ready.append(chunk[contiguous - offset :] if offset < contiguous else chunk)
                 contiguous = tail
+        self._ready_len += contiguous - self._contiguous
         self._contiguous = contiguous
         self._pending_ranges.remove_below(contiguous)
         return None
