@@ -29,6 +29,8 @@ from vtunnel.arq.rudp.wire import (
     encode_stream,
     encode_varint,
     peek_dcid,
+    peek_number,
+    stream_header,
     varint_size,
 )
 
@@ -119,6 +121,28 @@ def test_range_set_intervals_match_a_set(intervals: list[tuple[int, int]]) -> No
         assert all(a < b for a, b in spans)
         assert all(spans[i][1] < spans[i + 1][0] for i in range(len(spans) - 1))  # disjoint, not adjacent
         assert {n for a, b in spans for n in range(a, b)} == numbers
+
+
+@given(st.binary(max_size=20), st.integers(min_value=0, max_value=MAX_VARINT))
+def test_peek_number_reads_the_header_alone(dcid: bytes, number: int) -> None:
+    datagram = encode_header(dcid, number) + b"\x01"
+    assert peek_number(datagram) == number
+    assert peek_number(memoryview(b"xy" + datagram)[2:]) == number
+    assert peek_dcid(datagram) == dcid
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=40))
+def test_peek_number_of_garbage_raises_only_wire_error(raw: bytes) -> None:
+    with contextlib.suppress(WireError):
+        peek_number(raw)
+
+
+@given(st.integers(min_value=0, max_value=MAX_VARINT - 2000), st.binary(max_size=1500), st.booleans())
+def test_a_stream_header_and_its_data_make_the_frame(offset: int, data: bytes, fin: bool) -> None:
+    frame = stream_header(offset, len(data), fin=fin) + data
+    assert frame == encode_stream(offset, data, fin=fin)
+    assert decode_packet(encode_header(b"", 0) + frame).frames == (Stream(offset, data, fin),)
 
 
 def test_peek_dcid() -> None:

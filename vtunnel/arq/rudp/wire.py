@@ -185,7 +185,7 @@ def encode_varint(value: int) -> bytes:
 _VARINT_MASKS: Final = (0x3F, 0x3FFF, 0x3FFF_FFFF, MAX_VARINT)
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     """The varint at ``buf[pos]`` and the position after it (functions and plain ints, no reader object: the
     decoder runs for every packet received)."""
     if pos >= len(buf):
@@ -228,8 +228,12 @@ def peek_dcid(datagram: bytes | memoryview) -> bytes:
 
 def peek_number(datagram: bytes | memoryview) -> int:
     """The packet number of a packet, without parsing its frames (what shows a datagram newer than another)."""
-    dcid_len = len(peek_dcid(datagram))
-    return _varint(bytes(datagram[1 + dcid_len : 1 + dcid_len + 8]), 0)[0]
+    if not datagram:
+        raise WireError("empty datagram")
+    flags = datagram[0]
+    if flags & _FIXED_MASK != _FIXED or flags & _CID_MASK > MAX_CID_LEN:
+        raise WireError("not an rudp packet")
+    return _varint(datagram, 1 + (flags & _CID_MASK))[0]
 
 
 # --- frames, encoded --------------------------------------------------------------------------------------
