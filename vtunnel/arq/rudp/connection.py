@@ -568,7 +568,12 @@ class Connection:
         for offset, length, fin in packet.stream:
             if fin:
                 self._fin_acked = True
-            if length:
+            if not length:
+                continue
+            if not acked and offset <= self._send_base:
+                # no hole above the acknowledged prefix (the usual case): it just grows
+                self._send_base = max(self._send_base, offset + length)
+            else:
                 acked.add(offset, offset + length)
         while acked and acked.first[0] <= self._send_base:
             _, end = acked.pop_first()
