@@ -26,7 +26,7 @@ from vtunnel.arq.rudp.connection import (
     StreamReadable,
 )
 from vtunnel.arq.rudp.recovery import RttEstimator, SentPacket
-from vtunnel.arq.rudp.wire import Ack, Close, decode_packet, encode_ack, encode_header
+from vtunnel.arq.rudp.wire import Ack, Close, DataBlocked, Stream, decode_packet, encode_ack, encode_header
 
 CLIENT_CID = b"client01"
 SERVER_CID = b"server01"
@@ -291,3 +291,32 @@ def test_the_reader_gets_the_stream_whatever_the_arrival_order_and_read_sizes(
         got += server.receive(reads[0])
     assert bytes(got) == b"".join(writes)
     assert server.stream_ended
+
+
+def test_a_bulk_sender_fills_its_packets_up_to_the_window_and_says_it_is_blocked() -> None:
+    """New data goes in full packets, back to back in the stream; the packet that reaches the peer's window
+    (a reader that does not read) is followed by DATA_BLOCKED, and nothing past the window leaves."""
+    client, server = pair(RudpConfig(pacing=False, receive_window=INITIAL_MAX_DATA))
+    assert client.send(bytes(600_000)) == 600_000
+    pieces: list[tuple[int, int, int]] = []  # (offset, length, datagram size)
+    blocked = 0
+    now = 0.0
+    for _ in range(400):
+        out = client.datagrams_to_send(now)
+        for datagram in out:
+            packet = decode_packet(datagram)
+            pieces += [(f.offset, len(f.data), len(datagram)) for f in packet.frames if isinstance(f, Stream)]
+            blocked += sum(isinstance(f, DataBlocked) for f in packet.frames)
+            server.receive_datagram(datagram, now)
+        for datagram in server.datagrams_to_send(now):
+            client.receive_datagram(datagram, now)
+        if not out and blocked:
+            break
+        now += 0.001
+    offsets = [offset for offset, _, _ in pieces]
+    assert offsets == sorted(offsets)  # no loss: nothing was sent twice
+    assert [offset + length for offset, length, _ in pieces[:-1]] == offsets[1:]
+    assert offsets[-1] + pieces[-1][1] == INITIAL_MAX_DATA
+    # full: the STREAM frame's length field is sized for all the data left, so a packet may be a byte or two short
+    assert [p for p in pieces[:-1] if p[2] < client.config.max_datagram_size - 2] == []
+    assert blocked == 1

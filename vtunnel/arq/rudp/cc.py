@@ -312,6 +312,12 @@ class Pacer:
             return now
         return now + (size - self._tokens) / rate
 
+    def tokens(self, now: float, rate: float) -> float:
+        """The bytes that may leave now at ``rate`` (> 0): a run of packets goes while they last, and is then
+        told to :meth:`on_sent` in one sum."""
+        self._refill(now, rate)
+        return self._tokens
+
     def wake_time(self, now: float, rate: float, size: int, queued: int) -> float:
         """When to come back to send (after :meth:`release_time` said later than ``now``): once the bucket holds a
         quarter of itself (a millisecond of the rate, at least a few packets), or ``queued`` bytes if fewer, or

@@ -718,7 +718,7 @@ class Connection:
         acks = self._acks
         cc = self.cc
         rate = -1.0  # the pacing rate, read once (only an ACK changes it)
-        for _ in range(_BURST_LIMIT):
+        while len(out) < _BURST_LIMIT:
             probe = self._probes > 0
             ack = acks.ack_due(now)
             has_data = self._has_data()
@@ -736,6 +736,17 @@ class Connection:
                 self._app_limited = self.send_room() > 0
             if not send_data and not ack:
                 break
+            if (
+                send_data
+                and not probe
+                and not acks.pending
+                and not self._retransmit
+                and not self._datagrams
+                and self._fin_offset is None
+                and self._validated
+                and self._data_run(now, out, rate)
+            ):
+                continue
             size = self._amplification_limit()
             if size < _SMALLEST_PACKET:
                 break
@@ -744,6 +755,70 @@ class Connection:
                 break
             out.append(datagram)
         return out
+
+    def _data_run(self, now: float, out: list[bytes], rate: float) -> int:
+        """Full packets of new stream data and nothing else, as many as the congestion window, the pacer (at
+        ``rate``; 0: none) and the peer's window allow, up to the burst limit; returns how many were added to
+        ``out``.
+
+        The bulk of a transfer: what :meth:`_build` would make of each of them (one STREAM frame filling the
+        packet), without asking again for each packet what else might be due. The caller has checked that
+        nothing else is (no probe, no ACK owed, no retransmission, no datagram, no end of stream, a validated
+        path); the window and the pacer's tokens do not change while it runs (no ACK arrives)."""
+        buf = self._send_buf
+        limit = min(buf.end, self._peer_max_data)
+        start = self._send_next
+        if start >= limit:
+            return 0
+        # the packet that reaches the peer's window with more data waiting also says DATA_BLOCKED: _build's
+        blocked_at = limit if limit < buf.end else -1
+        loss = self._loss
+        cc = self.cc
+        mds = self._mds
+        tokens = self._pacer.tokens(now, rate) if rate > 0 else float(_BURST_LIMIT * mds)
+        head = self._header
+        head_room = mds - len(head)
+        number = self._next_number
+        first_number = number
+        first_start = start
+        sent = 0
+        append = out.append
+        while (
+            start < limit
+            and tokens >= mds
+            and loss.bytes_in_flight + mds <= cc.congestion_window
+            and len(out) < _BURST_LIMIT
+        ):
+            number_bytes = encode_varint(number)
+            room = head_room - len(number_bytes)
+            take = min(limit - start, room - stream_overhead(start, limit - start))
+            if take <= 0:
+                break
+            end = start + take
+            if end == blocked_at:
+                break
+            datagram = b"".join((head, number_bytes, stream_header(start, take), buf.slice(start, end)))
+            size = len(datagram)
+            packet = SentPacket(number=number, sent_time=now, size=size, ack_eliciting=True)
+            packet.stream.append((start, take, False))
+            loss.on_sent(packet)
+            cc.on_packet_sent(now, packet)
+            append(datagram)
+            tokens -= size
+            sent += size
+            start = end
+            number += 1
+        count = number - first_number
+        if count:
+            self._next_number = number
+            self._send_next = start
+            self._pacer.on_sent(sent)
+            self._bytes_sent += sent
+            stats = self._stats
+            stats["packets_sent"] += count
+            stats["bytes_sent"] += sent
+            stats["stream_bytes_sent"] += start - first_start
+        return count
 
     def _amplification_room(self, size: int) -> bool:
         return self._validated or self._bytes_sent + size <= AMPLIFICATION_FACTOR * self._bytes_received
