@@ -160,6 +160,11 @@ class ConnectionClosed:
 
 Event = StreamReadable | StreamEnded | DatagramReceived | SendRoomAvailable | ConnectionClosed
 
+#: the events without fields, made once (values: nothing tells one instance from another; a receiver reports
+#: one per packet that brought in-order bytes)
+_READABLE: Final = StreamReadable()
+_ROOM: Final = SendRoomAvailable()
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RudpConfig:
@@ -473,7 +478,7 @@ class Connection:
         if immediate:
             self._acks.request_immediate()
         if self._ready_len > readable_before:
-            events.append(StreamReadable())
+            events.append(_READABLE)
         if self._final_size is not None and self._contiguous >= self._final_size and not self._end_reported:
             self._end_reported = True
             events.append(StreamEnded())
@@ -560,7 +565,7 @@ class Connection:
         self._send_buf.release(self._send_base)
         if self._writer_waiting and self.send_room() > 0:
             self._writer_waiting = False
-            events.append(SendRoomAvailable())
+            events.append(_ROOM)
         return None
 
     def _stream_acked(self, packet: SentPacket) -> None:
