@@ -359,7 +359,11 @@ def decode_packet(datagram: bytes | memoryview) -> Packet:
             offset, pos = _varint(buf, pos)
             if kind & FrameType.STREAM_LEN:
                 length, pos = _varint(buf, pos)
-                data, pos = _take(buf, pos, length)
+                end = pos + length
+                if end > size:
+                    raise WireError("truncated field")
+                data = buf[pos:end]
+                pos = end
             else:
                 data, pos = buf[pos:], size
             if offset + len(data) > MAX_VARINT:
