@@ -187,6 +187,15 @@ class SmuxEnd:
         else:
             self._pending = bytes(self._pending) + data
 
+    def writable_size(self) -> int:
+        if self._pending is not None or self._fin_sent or self._closing:
+            return 0
+        session = self._link.session
+        try:
+            return session.send_window(self.stream_id) if session.writable() else 0
+        except KcptunError:
+            return 0
+
     def write_eof(self) -> None:
         if self._pending is None:
             self._send_fin()

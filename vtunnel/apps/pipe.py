@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeVar
 
 import anyio
 import structlog
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_SIZE",
+    "READ_FLOOR",
     "HeaderTooLarge",
     "IdleTimer",
     "Leg",
@@ -65,6 +66,9 @@ log = structlog.get_logger(__name__)
 #: The largest read a :class:`StreamEnd` issues, and what it queues before it is full: anyio's socket streams hand
 #: out what the event loop read (up to 256 KiB), and a smaller read would split, and so copy, those chunks.
 CHUNK_SIZE: Final = 256 * 1024
+#: The smallest read of an end while its other end takes anything at all: a relay reads no further ahead than
+#: the other end can send now (a tunnel stream's send window), but not in pieces smaller than this.
+READ_FLOOR: Final = 16 * 1024
 
 #: Opens one stream through the tunnel for the given metadata (a leg: the front may talk on it, then relays it).
 #: Raises ``vtunnel.runtime.errors.StreamRefused`` when the server refused it and
@@ -135,6 +139,9 @@ class RelayEnd(Protocol):
     def write(self, data: bytes) -> None:
         """Send after what was written before; never blocks (a full end tells the relay)."""
 
+    def writable_size(self) -> int:
+        """Bytes a :meth:`write` would pass on now without holding them (0: it would hold all of them)."""
+
     def write_eof(self) -> None:
         """Half-close once what was written went out."""
 
@@ -186,6 +193,13 @@ class Relay:
 
     def _moved(self) -> int:
         return self.a_to_b + self.b_to_a
+
+    def read_size(self, end: RelayEnd) -> int:
+        """The most bytes ``end`` should read now: what the other end passes on at once, at least
+        :data:`READ_FLOOR`, at most :data:`CHUNK_SIZE`. Bytes not read stay with their sender (a socket's
+        receive buffer, so TCP holds the client back), not in this process."""
+        room = (self._b if end is self._a else self._a).writable_size()
+        return CHUNK_SIZE if room >= CHUNK_SIZE else READ_FLOOR if room <= READ_FLOOR else room
 
     # -------------------------------------------------------------------- for the owner
     async def run(self) -> None:
@@ -378,17 +392,23 @@ class SocketEnd(asyncio.Protocol):
     serve: ClassVar[None] = None
 
     def __init__(self, stream: LeanSocketStream | None = None) -> None:
-        self.transport: asyncio.Transport | None = None  # None again once the connection is lost
+        self.transport: SocketTransport | None = None  # None again once the connection is lost
         self._relay: Relay | None = None
         self._stream = stream
 
     # -------------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = t = cast(asyncio.Transport, transport)
+        assert isinstance(transport, SocketTransport)
+        self.transport = t = transport
+        t.limit_reads(self._read_size)
         if self._relay is None:
             t.pause_reading()
         else:
             t.resume_reading()
+
+    def _read_size(self) -> int:
+        relay = self._relay
+        return CHUNK_SIZE if relay is None else relay.read_size(self)
 
     def data_received(self, data: bytes) -> None:
         assert self._relay is not None  # not read before the relay starts
@@ -439,6 +459,9 @@ class SocketEnd(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
+    def writable_size(self) -> int:
+        return CHUNK_SIZE  # the socket's write buffer says when it is full (pause_writing)
+
     def write_eof(self) -> None:
         self._take_over()
         t = self.transport
@@ -467,8 +490,7 @@ class SocketEnd(asyncio.Protocol):
         the relay after it; ``None`` when the socket is closing or gone."""
         self._take_over()
         t, self.transport = self.transport, None
-        if not isinstance(t, SocketTransport):
-            self.transport = t
+        if t is None:
             return None
         taken = t.detach()
         if taken is None:
@@ -501,6 +523,12 @@ class TunnelEnd:
 
     def start(self, relay: Relay) -> None:
         self._relay = relay
+
+    @property
+    def pending(self) -> int:
+        """Bytes written to this end that the send window has not taken yet (held here, in this process)."""
+        data = self._pending
+        return 0 if data is None else len(data)
 
     # -------------------------------------------------------------------- StreamConsumer
     def stream_data(self, data: bytes) -> None:
@@ -557,6 +585,9 @@ class TunnelEnd:
             self._push()
         else:
             self._pending = bytes(self._pending) + data
+
+    def writable_size(self) -> int:
+        return 0 if self._pending is not None else self.stream.send_room()
 
     def write_eof(self) -> None:
         if self._pending is None:
@@ -645,7 +676,7 @@ class StreamEnd:
         while True:
             await self._reading.wait()
             try:
-                data = await self.stream.receive(CHUNK_SIZE)
+                data = await self.stream.receive(relay.read_size(self))
             except anyio.EndOfStream:
                 await self._reading.wait()
                 relay.ended(self)
@@ -697,6 +728,9 @@ class StreamEnd:
         if not self._full and self._queued >= CHUNK_SIZE:
             self._full = True
             self._relay.full(self)
+
+    def writable_size(self) -> int:
+        return max(CHUNK_SIZE - self._queued, 0)
 
     def write_eof(self) -> None:
         self._eof = self._eof or 1

@@ -324,6 +324,7 @@ class SocketTransport(asyncio.Transport):
         "_mask",
         "_on_close",
         "_protocol",
+        "_read_size",
         "_reading",
         "_sock",
         "_watched",
@@ -351,6 +352,7 @@ class SocketTransport(asyncio.Transport):
         self._writing_paused = False  # the protocol was told pause_writing()
         self._lost = False
         self._on_close: Callable[[], None] | None = None  # called once the socket is closed
+        self._read_size: Callable[[], int] | None = None  # the protocol's budget per read (None: READ_SIZE)
 
     # ------------------------------------------------------------------ asyncio.BaseTransport
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -401,6 +403,12 @@ class SocketTransport(asyncio.Transport):
             return
         self._reading = True
         self._update()
+
+    def limit_reads(self, size: Callable[[], int] | None) -> None:
+        """Ask ``size()`` before each read for the most bytes the protocol takes now (at least 1, at most
+        :data:`READ_SIZE`; ``None``: :data:`READ_SIZE`). A relay reads no further ahead than its other end can
+        send: what is read stays in the kernel's receive buffer, and TCP's window holds the peer back."""
+        self._read_size = size
 
     # ------------------------------------------------------------------ asyncio.WriteTransport
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -506,8 +514,9 @@ class SocketTransport(asyncio.Transport):
     # ------------------------------------------------------------------ readiness (called by the watcher)
     def _read_ready(self) -> None:
         view = self._watcher._read_view
+        limit = self._read_size
         try:
-            size = self._sock.recv_into(view)
+            size = self._sock.recv_into(view, 0 if limit is None else min(max(limit(), 1), READ_SIZE))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

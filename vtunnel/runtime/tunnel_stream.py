@@ -286,6 +286,13 @@ class TunnelStream:
         self._carrier.transmit()
         return n
 
+    def send_room(self) -> int:
+        """Bytes :meth:`write` would take now: the send window (0 once the stream cannot be written to). A
+        relay reads its other end no further ahead than this."""
+        if self._closed or self._broken is not None or self._sent_eof:
+            return 0
+        return self._carrier.tunnel.send_window(self.stream_id)
+
     def has_room(self) -> bool:
         """Whether the tunnel's output is under its high-water mark. ``False``: stop producing; the consumer gets
         ``stream_writable`` once it drained."""
