@@ -503,6 +503,7 @@ _CLOSING: Final = 1  # close once the pending bytes went
 _EOF_WANTED: Final = 2  # FIN once the pending bytes went
 _NO_ROOM: Final = 4  # full while the tunnel's output is over its high-water mark
 _TOLD_FULL: Final = 8  # the relay was told this end is full (Relay.full): it hears of the room again
+_PUSHING: Final = 16  # inside the stream's write: a room told meanwhile is for the push to see when it returns
 
 
 class TunnelEnd:
@@ -561,6 +562,10 @@ class TunnelEnd:
         return True
 
     def stream_writable(self) -> None:
+        if self._state & _PUSHING:
+            # the write's transmit told the waiting streams of room, this one too (it may still be listed from
+            # a has_room() that said no before the window opened): the push looks at the room itself next
+            return
         if self._pending is not None:
             self._push()
         elif self._state & _NO_ROOM and self.stream.has_room():
@@ -599,11 +604,14 @@ class TunnelEnd:
         data = self._pending
         assert data is not None
         stream = self.stream
+        self._state |= _PUSHING
         try:
             n = stream.write(data)
         except _BROKEN:
+            self._state &= ~_PUSHING
             self.stream_broken()
             return
+        self._state &= ~_PUSHING
         if n < len(data):
             self._pending = memoryview(data)[n:]
             self._state |= _TOLD_FULL
