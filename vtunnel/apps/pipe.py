@@ -503,7 +503,7 @@ _CLOSING: Final = 1  # close once the pending bytes went
 _EOF_WANTED: Final = 2  # FIN once the pending bytes went
 _NO_ROOM: Final = 4  # full while the tunnel's output is over its high-water mark
 _TOLD_FULL: Final = 8  # the relay was told this end is full (Relay.full): it hears of the room again
-_PUSHING: Final = 16  # inside the stream's write: a room told meanwhile is for the push to see when it returns
+_PUSHING: Final = 16  # in the stream's write: a room told meanwhile is for the push to see after it
 
 
 class TunnelEnd:
