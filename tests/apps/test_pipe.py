@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from tests.runtime.test_connection import Handler, tunnel_pair
 from vtunnel.apps.pipe import (
     CHUNK_SIZE,
+    READ_FLOOR,
     Relay,
     RelayEnd,
     SocketEnd,
@@ -761,3 +762,72 @@ async def test_a_backed_up_tunnel_pauses_the_socket_until_its_output_drained() -
         assert arrived.digest() == hashlib.sha256(block * (total // len(block))).digest()
         conn.shutdown("test over", graceful=False)
         tg.cancel_scope.cancel()
+
+
+async def test_a_socket_is_read_no_further_ahead_than_its_stream_can_send() -> None:
+    """One stream's far end reads nothing: its client keeps sending, and the relay holds no more for that stream
+    than its window plus one read (the rest stays in the client's socket), while a second stream in the same
+    tunnel carries 8 MiB byte-exact meanwhile."""
+    window = 64 * 1024
+    cfg = TunnelConfig(initial_stream_window=window, min_stream_window=16 * 1024)
+    stalled_open = anyio.Event()
+    moving = hashlib.sha256()
+    moved = anyio.Event()
+
+    async def far(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        if tunnel_stream.metadata.authority == "stalled:1":
+            stalled_open.set()
+            await anyio.sleep_forever()  # reads nothing: no credit goes back
+        async with TunnelByteStream(tunnel_stream) as stream:
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    moving.update(await stream.receive())
+            moved.set()
+
+    async def relay_one(conn: TunnelConnection, authority: str) -> tuple[SocketStream, Relay, TunnelEnd]:
+        client, accepted = await _connected_socket()
+        end = SocketEnd()
+        attach_socket(accepted, end)
+        stream = await conn.open_stream(StreamMetadata(authority=authority), wait_accepted=False)
+        tunnel_end = TunnelEnd(stream)
+        return client, Relay(end, tunnel_end), tunnel_end
+
+    async with tunnel_pair(far, client_config=cfg, server_config=cfg) as (conn, _server):
+        stalled, stalled_relay, stalled_end = await relay_one(conn, "stalled:1")
+        other, other_relay, _ = await relay_one(conn, "moving:1")
+        block = os.urandom(256 * 1024)
+        sent = [0]
+
+        async def flood() -> None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                for _ in range(64):  # 16 MiB at most: far more than every buffer on the way
+                    await stalled.send(block)
+                    sent[0] += len(block)
+
+        async with stalled, other, anyio.create_task_group() as tg:
+            with anyio.fail_after(30):
+                await stalled_open.wait()
+                tg.start_soon(flood)
+                last = -1
+                for _ in range(100):  # until the relay stops reading the stalled socket (bounded: 10 s)
+                    await anyio.sleep(0.1)
+                    if stalled_relay.a_to_b == last:
+                        break
+                    last = stalled_relay.a_to_b
+                held = stalled_relay.a_to_b
+                assert stalled_end.pending <= READ_FLOOR  # one read beyond the window, at most
+                assert held <= window + READ_FLOOR
+                assert sent[0] > held  # the client did send more: it waits in the sockets, not in the relay
+
+                upload = os.urandom(8 << 20)
+                await other.send(upload)
+                await other.send_eof()
+                await moved.wait()
+                assert moving.digest() == hashlib.sha256(upload).digest()
+                assert other_relay.a_to_b == len(upload)
+                assert stalled_relay.a_to_b == held  # still held back, still bounded
+                assert stalled_end.pending <= READ_FLOOR
+            tg.cancel_scope.cancel()
+        stalled_relay.close()
+        other_relay.close()
