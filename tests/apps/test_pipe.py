@@ -776,7 +776,8 @@ async def test_a_socket_is_read_no_further_ahead_than_its_stream_can_send() -> N
 
     async def far(tunnel_stream: TunnelStream) -> None:
         tunnel_stream.accept()
-        if tunnel_stream.metadata.authority == "stalled:1":
+        metadata = tunnel_stream.metadata
+        if metadata is not None and metadata.authority == "stalled:1":
             stalled_open.set()
             await anyio.sleep_forever()  # reads nothing: no credit goes back
         async with TunnelByteStream(tunnel_stream) as stream:

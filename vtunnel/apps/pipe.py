@@ -568,7 +568,7 @@ class TunnelEnd:
             return
         if self._pending is not None:
             self._push()
-        elif self._state & _NO_ROOM and self.stream.has_room():
+        elif self._state & _TOLD_FULL and self.stream.has_room() and not self._window_shut():
             self._state &= ~(_NO_ROOM | _TOLD_FULL)
             self._relay.room(self)
 
@@ -623,13 +623,21 @@ class TunnelEnd:
             stream.write_eof()
         if state & _CLOSING:
             stream.close()
-        elif stream.has_room():
-            if state & _TOLD_FULL:  # (else the relay reads the other end already: nothing to tell)
-                self._state &= ~(_NO_ROOM | _TOLD_FULL)
-                self._relay.room(self)
-        else:  # the tunnel's output is over its high-water mark: stream_writable comes once it drained
-            self._state |= _NO_ROOM | _TOLD_FULL
+        elif not stream.has_room():  # the tunnel's output is over its high-water mark: stream_writable comes
+            self._state |= _NO_ROOM | _TOLD_FULL  # once it drained
             self._relay.full(self)
+        elif not state & _EOF_WANTED and self._window_shut():  # the data took the window: the other end is
+            if not state & _TOLD_FULL:  # not read until it opens (stream_writable), so no read waits here
+                self._state |= _TOLD_FULL
+                self._relay.full(self)
+        elif state & _TOLD_FULL:  # (else the relay reads the other end already: nothing to tell)
+            self._state &= ~(_NO_ROOM | _TOLD_FULL)
+            self._relay.room(self)
+
+    def _window_shut(self) -> bool:
+        """The send window is shut (a lite-tls stream's tracker takes what comes and waits for credit itself)."""
+        stream = self.stream
+        return not stream.lite_tls and stream.send_room() <= 0
 
     def close(self) -> None:
         self._state |= _CLOSING
