@@ -832,3 +832,36 @@ async def test_a_socket_is_read_no_further_ahead_than_its_stream_can_send() -> N
             tg.cancel_scope.cancel()
         stalled_relay.close()
         other_relay.close()
+
+
+async def test_room_told_during_the_ends_own_write_sends_nothing_twice() -> None:
+    """A stream still listed as waiting for room (a has_room() that said no before its window opened) is told of
+    room by the transmit of its own write: the bytes being written go once."""
+    got = hashlib.sha256()
+    done = anyio.Event()
+
+    async def far(tunnel_stream: TunnelStream) -> None:
+        async with TunnelByteStream(tunnel_stream) as stream:
+            tunnel_stream.accept()
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    got.update(await stream.receive())
+            done.set()
+
+    async with tunnel_pair(far) as (conn, _server):
+        client, accepted = await _connected_socket()
+        end = SocketEnd()
+        attach_socket(accepted, end)
+        stream = await conn.open_stream(StreamMetadata(authority="a:1"), wait_accepted=False)
+        relay = Relay(end, TunnelEnd(stream))
+        upload = os.urandom(64 * 1024)
+        async with client:
+            with anyio.fail_after(10):
+                for i in range(0, len(upload), 16 * 1024):
+                    conn.notify_room(stream)  # listed as waiting when the next read is written
+                    await client.send(upload[i : i + 16 * 1024])
+                    await anyio.sleep(0.05)  # (each piece is one read of the relay)
+                await client.send_eof()
+                await done.wait()
+        relay.close()
+    assert got.digest() == hashlib.sha256(upload).digest()
