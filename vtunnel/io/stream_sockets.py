@@ -10,7 +10,8 @@ back to the loop's own ``add_reader`` / ``add_writer`` per socket: the same tran
 The transport keeps the semantics the relay's socket end (:class:`vtunnel.apps.pipe.SocketEnd`) relies on, the
 same as asyncio's:
 ``data_received`` / ``eof_received`` (returning true keeps the socket open for writing) / ``connection_lost``;
-``pause_reading`` and ``resume_reading``; ``write`` sends at once and buffers what the kernel does not take, calling
+``pause_reading`` and ``resume_reading`` (and, beyond asyncio, ``limit_reads``: how much the protocol takes per
+read); ``write`` sends at once and buffers what the kernel does not take, calling
 the protocol's ``pause_writing`` above the high-water mark and ``resume_writing`` once below the low one;
 ``write_eof`` and ``close`` wait for the buffer to drain; ``abort`` does not.  TCP_NODELAY is set on the TCP sockets
 this module accepts and connects, once each (:func:`~vtunnel.io.tuning.tune_tcp`), as asyncio does;
