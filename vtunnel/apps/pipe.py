@@ -692,7 +692,9 @@ class StreamEnd:
         while True:
             await self._reading.wait()
             try:
-                data = await self.stream.receive(relay.read_size(self))
+                # (its bytes are in this process already, in the stream's own buffer: a smaller read than
+                # CHUNK_SIZE would only split and copy them; a full other end pauses this reader all the same)
+                data = await self.stream.receive(CHUNK_SIZE)
             except anyio.EndOfStream:
                 await self._reading.wait()
                 relay.ended(self)
