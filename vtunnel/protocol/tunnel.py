@@ -260,16 +260,44 @@ class Tunnel:
             pass
         return self._take_events()
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the transport (drains the queue; ``b""`` when empty)."""
+    def data_to_send(self, limit: int | None = None) -> bytes:
+        """What is queued for the transport, all of it or its first ``limit`` bytes (drains what it returns;
+        ``b""`` when empty). The output is one byte stream: a frame may be cut anywhere, its rest goes next."""
         if not self._out:
             return b""
+        if limit is not None and limit < self.bytes_to_send:
+            return self._take_out(limit)
         out = self._out
         self._out = []
         self._out_counted = self._out_bytes = 0
         if len(out) == 1:
             return bytes(out[0])
         return b"".join(out)
+
+    def _take_out(self, limit: int) -> bytes:
+        """The first ``limit`` bytes of the queue (fewer than it holds, all of it counted by ``bytes_to_send``)."""
+        if limit <= 0:
+            return b""
+        out = self._out
+        taken: list[bytes | memoryview] = []
+        size = 0
+        whole = 0
+        for piece in out:
+            n = len(piece)
+            if size + n > limit:
+                cut = limit - size
+                if cut:
+                    view = memoryview(piece)
+                    taken.append(view[:cut])
+                    out[whole] = view[cut:]
+                break
+            taken.append(piece)
+            size += n
+            whole += 1
+        del out[:whole]
+        self._out_bytes -= limit
+        self._out_counted = len(out)
+        return b"".join(taken)
 
     def datagrams_to_send(self) -> list[bytes]:
         """The unreliable datagrams queued for the transport (drains the queue): each goes as one datagram, in

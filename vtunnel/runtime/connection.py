@@ -7,11 +7,11 @@ one output path, as aioquic's asyncio protocol does:
 * **input**: the link pushes bytes (``link_data``) from its own callback or reader; they go to the tunnel at once
   and its events to the streams' consumers (``TunnelStream``), in the same step;
 * **output**: after every input, every timer and every user call that queues frames, :meth:`TunnelConnection.transmit`
-  hands everything the tunnel has queued to the link in one ``send_nowait`` and re-arms the connection's one
-  timer at the tunnel's ``next_deadline()`` (keepalive, handshake and drain timeouts). When the link is full
-  (``WouldBlock``) the bytes wait in the connection until the link calls ``link_writable``; the timer is re-armed
-  only when the deadline moves earlier (a deadline that moved later, the keepalive after every received chunk,
-  is found when it fires).
+  asks the link's room (``send_room``), hands what the tunnel has queued, up to that room, to the link in one
+  ``send_nowait`` and re-arms the connection's one timer at the tunnel's ``next_deadline()`` (keepalive,
+  handshake and drain timeouts). When the link is full (room 0) the bytes stay in the tunnel, not taken, not
+  joined, until the link calls ``link_writable``; the timer is re-armed only when the deadline moves earlier (a
+  deadline that moved later, the keepalive after every received chunk, is found when it fires).
 * **unreliable datagrams** (a link whose ``max_datagram`` is not 0, and a peer that agreed to the ``datagrams``
   extension): ``transmit`` also hands the tunnel's queued datagrams to ``send_datagram_nowait``, and
   ``link_datagram`` feeds what arrives to the tunnel; the datagrams of ``udp`` streams then skip the ordered
@@ -41,7 +41,7 @@ from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelS
 from vtunnel.protocol.errors import MetadataNotNegotiated, VTunnelError
 from vtunnel.runtime.errors import DestinationNotCarried, StreamRefused, TunnelUnavailable
 from vtunnel.runtime.tunnel_stream import TunnelStream
-from vtunnel.transports.link import Link
+from vtunnel.transports.link import ANY_SIZE, Link
 
 __all__ = ["OUTBOUND_HIGH_WATER", "StreamHandler", "TunnelConnection"]
 
@@ -109,7 +109,8 @@ class TunnelConnection:
         if user is not None:
             self.log = self.log.bind(user=user)
         self.streams: dict[int, TunnelStream] = {}
-        #: bytes the link refused (``WouldBlock``): they go first when it has room again
+        #: bytes the link refused (``WouldBlock``) although its room said it takes them: they go first when it has
+        #: room again (a link keeping its contract never leaves any)
         self._held = b""
         self._unblocked = anyio.Event()  # set by link_writable (the closing linger waits for it)
         #: streams whose consumers are told (``deliver_room``) once the output is under its high-water mark, in
@@ -142,9 +143,11 @@ class TunnelConnection:
         self._retired = anyio.Event()
         self._close_reason = ""
         self._task_group: TaskGroup | None = None
-        #: link writes (``send_nowait`` calls that took bytes) and refusals (``WouldBlock``): statistics
+        #: link writes (``send_nowait`` calls that took bytes), refusals (``WouldBlock``) and the times output
+        #: waited for the link's room (``send_room`` 0, nothing built): statistics
         self.link_writes = 0
         self.link_refusals = 0
+        self.link_full = 0
         #: tunnel bytes the link took and gave (frames, before the transport's own overhead): statistics
         self.bytes_out = 0
         self.bytes_in = 0
@@ -195,9 +198,11 @@ class TunnelConnection:
 
     # ------------------------------------------------------------------ output
     def transmit(self) -> None:
-        """The one output point: hand what the tunnel queued to the link, and re-arm the timer.
+        """The one output point: hand what the tunnel queued to the link, as much as its room takes, and re-arm the
+        timer.
 
-        Never blocks, cheap to call often: the frames go to the link in the task or callback that produced them
+        Never blocks, cheap to call often: nothing is taken from the tunnel while the link has no room (the link
+        calls ``link_writable`` when it has); the frames go to the link in the task or callback that produced them
         (a link that writes synchronously, such as KCP's, puts them on the wire in the same step). While an input's
         events go to the streams it waits for the input's own call (up to :data:`_COALESCED_OUTPUT`), so a
         thousand streams' window updates leave as one write.
@@ -205,10 +210,12 @@ class TunnelConnection:
         if self._delivering and self.tunnel.bytes_to_send < _COALESCED_OUTPUT:
             return  # the input's own transmit follows its events
         tunnel = self.tunnel
-        if not self._held:
-            data = tunnel.data_to_send()
-            if data:
-                self._send(data)
+        while not self._held and tunnel.has_data_to_send and not self._link_failed:
+            room = self.link.send_room()
+            if not room:  # the link calls link_writable when it has room
+                self.link_full += 1
+                break
+            self._send(tunnel.data_to_send(None if room >= ANY_SIZE else room))
         if self._carries_datagrams and tunnel.has_datagrams_to_send:
             self._send_datagrams(tunnel.datagrams_to_send())
         deadline = tunnel.next_deadline()
@@ -375,7 +382,8 @@ class TunnelConnection:
         if self._link_failed:
             return
         with anyio.move_on_after(CLOSE_LINGER):
-            while self._held and not self._link_failed:
+            self.transmit()
+            while (self._held or self.tunnel.has_data_to_send) and not self._link_failed:
                 self._unblocked = anyio.Event()
                 await self._unblocked.wait()
             if self._link_failed:

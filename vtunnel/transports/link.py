@@ -14,6 +14,10 @@ A link is a reliable, ordered, push-mode byte pipe carrying exactly one tunnel. 
   there is room), :class:`anyio.ClosedResourceError` (this side closed the link) or
   :class:`anyio.BrokenResourceError` (the link failed). "Taken" means queued for sending in order; a link that
   can write synchronously (KCP) writes it in the same call.
+* **room is asked before building output**: :meth:`Link.send_room` says how many bytes the next
+  :meth:`Link.send_nowait` takes whole (:data:`ANY_SIZE`: a write of any size; 0: it would raise ``WouldBlock``).
+  Asking arms ``consumer.link_writable()`` when the answer is 0, exactly as a refused write does, so a writer
+  that asks first never builds (joins, seals) bytes the link would refuse, and resumes on the callback.
 * **unreliable datagrams, where the transport has them**: :attr:`Link.max_datagram` says how large a datagram
   :meth:`Link.send_datagram_nowait` takes, and 0 that the link carries none (the default: byte streams, KCP).
   A datagram is delivered at most once, whole, as ``consumer.link_datagram(data)``, in any order with the other
@@ -44,6 +48,7 @@ from vtunnel.io.stream_sockets import LeanSocketStream, SocketTransport
 from vtunnel.security.keys import UserKey
 
 __all__ = [
+    "ANY_SIZE",
     "Link",
     "LinkConsumer",
     "LinkStats",
@@ -54,6 +59,8 @@ __all__ = [
     "StreamLink",
 ]
 
+#: what :meth:`Link.send_room` says when the link takes a write of any size now (it queues what it cannot send yet)
+ANY_SIZE: Final = 1 << 62
 #: bytes a :class:`StreamLink` queues for its byte stream before ``send_nowait`` raises ``WouldBlock``
 SEND_HIGH_WATER: Final = 1024 * 1024
 #: how long closing a :class:`StreamLink` waits for what it queued to be sent
@@ -140,6 +147,14 @@ class Link(AsyncResource, TypedAttributeProvider):
     @abc.abstractmethod
     def send_nowait(self, data: bytes) -> None:
         """Take all of ``data`` now, or raise ``WouldBlock`` / ``ClosedResourceError`` / ``BrokenResourceError``."""
+
+    @abc.abstractmethod
+    def send_room(self) -> int:
+        """How many bytes :meth:`send_nowait` takes whole now: a write of at most this many is taken (no
+        ``WouldBlock``); :data:`ANY_SIZE` when any write is. 0: the link's queue is full, a write now raises
+        ``WouldBlock``, and ``consumer.link_writable()`` follows once there is room (asking arms it, as a refused
+        write does). A closed or failed link answers :data:`ANY_SIZE`: the write then raises its error. Cheap: the
+        tunnel connection asks before every write."""
 
     def send_pieces_nowait(self, pieces: Sequence[bytes | memoryview]) -> None:
         """:meth:`send_nowait` of the pieces' bytes in order (a scatter-gather write where the link has one: a
@@ -317,6 +332,17 @@ class StreamLink(Link):
         self._sent = anyio.Event() if self._sent.is_set() else self._sent
         self._send_wakeup.set()
 
+    def send_room(self) -> int:
+        """Up to :data:`SEND_HIGH_WATER` queued; an empty queue takes any write."""
+        queued = self._queued
+        if not queued or self._closed or self._eof_sent or self._error is not None:
+            return ANY_SIZE
+        room = SEND_HIGH_WATER - queued
+        if room <= 0:
+            self._blocked = True
+            return 0
+        return room
+
     def pause_reading(self) -> None:
         if self._resume.is_set():
             self._resume = anyio.Event()
@@ -413,6 +439,14 @@ class SocketLink(Link, asyncio.Protocol):
 
     def send_pieces_nowait(self, pieces: Sequence[bytes | memoryview]) -> None:
         self._writer().writelines(pieces)
+
+    def send_room(self) -> int:
+        """Any write while the transport's buffer is under its high-water mark (it buffers what the kernel does
+        not take); 0 while it asked to pause writing."""
+        if self._write_paused and not (self._closed or self._eof_sent or self._error is not None):
+            self._blocked = True
+            return 0
+        return ANY_SIZE
 
     def _writer(self) -> SocketTransport:
         """The transport, if it takes a write now; else the exception ``send_nowait`` raises."""

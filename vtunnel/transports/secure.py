@@ -41,7 +41,7 @@ from vtunnel.security.errors import AuthenticationFailed, HandshakeTimeout, Secu
 from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.security.records import SecureStreamClient, SecureStreamServer
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache
-from vtunnel.transports.link import Link, LinkConsumer, LinkStats, ListenerAttribute, Refusals
+from vtunnel.transports.link import ANY_SIZE, Link, LinkConsumer, LinkStats, ListenerAttribute, Refusals
 
 __all__ = [
     "CIPHER_ENV",
@@ -221,6 +221,17 @@ class SealedLink(Link):
         except SecurityError:
             raise anyio.ClosedResourceError from None
         self._put(self._core.pieces_to_send())
+
+    def send_room(self) -> int:
+        """0 while sealed records the inner link refused are held, or while the inner link has no room (nothing is
+        sealed for a link that would refuse it); else any write (the records the inner link then refuses are
+        held, counted as taken)."""
+        if self._closed or self._broken:
+            return ANY_SIZE
+        if self._held or self._inner.send_room() == 0:
+            self._blocked = True
+            return 0
+        return ANY_SIZE
 
     def _put(self, pieces: list[bytes | memoryview]) -> None:
         """Hand the inner link the sealed pieces: one scatter-gather write (passthrough bodies are never joined)."""

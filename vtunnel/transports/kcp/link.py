@@ -28,7 +28,7 @@ from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
 from vtunnel.security.datagram import PT_OVERHEAD, RUN_ENTRY
 from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
-from vtunnel.transports.link import READ_SIZE, LinkConsumer, LinkStats
+from vtunnel.transports.link import ANY_SIZE, READ_SIZE, LinkConsumer, LinkStats
 
 __all__ = ["ACK_DELAY", "ACK_HOLD", "ACK_NOW_SEGMENTS", "KCPLink"]
 
@@ -224,6 +224,15 @@ class KCPLink(ArqLink):
         engine.send(data)
         self._flush(now)  # the ACKs still owed leave with the data
         self._service(now)
+
+    def send_room(self) -> int:
+        """Any write while KCP's send window has room (ikcp queues all of it in segments); 0 while it is full."""
+        if self._closed or self._error is not None:
+            return ANY_SIZE
+        if self._engine.room() <= 0:
+            self._blocked = True
+            return 0
+        return ANY_SIZE
 
     def resume_reading(self) -> None:
         if not self._paused:

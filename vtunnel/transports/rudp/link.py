@@ -45,7 +45,7 @@ from vtunnel.arq.rudp.connection import (
 )
 from vtunnel.io.datagrams import Address, split_run
 from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
-from vtunnel.transports.link import READ_SIZE, LinkConsumer, LinkStats
+from vtunnel.transports.link import ANY_SIZE, READ_SIZE, LinkConsumer, LinkStats
 
 __all__ = ["RudpLink"]
 
@@ -208,6 +208,16 @@ class RudpLink(ArqLink):
         if taken < len(data):
             self._backlog = bytes(data[taken:])
         self._service(now)
+
+    def send_room(self) -> int:
+        """Any write while the connection's send buffer has room and nothing waits for it (what the buffer does
+        not take waits in the link); 0 else."""
+        if self._closed or self._eof or self._peer_closed or self._error is not None or self._torn_down:
+            return ANY_SIZE
+        if self._backlog or self._conn.send_room() <= 0:
+            self._blocked = True
+            return 0
+        return ANY_SIZE
 
     def resume_reading(self) -> None:
         if not self._paused:
