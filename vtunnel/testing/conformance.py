@@ -15,7 +15,8 @@ an ``anyio_backend`` fixture giving ``"asyncio"`` (kcp:// and the lean socket la
 
 The contracts, one check each: connect and listen; ordered byte-exact delivery both ways (64 MiB by default);
 half-close both ways; pause and resume; back-pressure (a peer that stops reading bounds what the writer queues, and
-``link_writable`` follows when it reads again); abort (closing one end ends the other's input or its writes); many
+``link_writable`` follows when it reads again); send room (``send_room`` says what a write may be without a
+refusal, 0 when the next write would be refused, and ``link_writable`` follows its 0); abort (closing one end ends the other's input or its writes); many
 concurrent tunnels (200 by default); the security configuration (a peer with another key never reaches the
 listener's handler); garbage input (random connections or datagrams never stop the listener); clean shutdown (no
 task and no file descriptor left behind); and, for datagram transports, loss, duplication and reordering through
@@ -220,23 +221,30 @@ class TransportConformance:
 
     @staticmethod
     async def _push(link: Link, data: bytes, writer: Recorder) -> None:
-        """Send ``data`` through ``link`` in chunks, waiting for ``link_writable`` whenever it says WouldBlock."""
+        """Send ``data`` through ``link`` in chunks of at most what ``send_room`` says it takes (never refused),
+        waiting for ``link_writable`` whenever it says 0."""
         view = memoryview(data)
         step = 256 * 1024
-        for start in range(0, len(view), step):
-            chunk = bytes(view[start : start + step])
-            while True:
-                seen = writer.writable
-                try:
-                    link.send_nowait(chunk)
-                    break
-                except anyio.WouldBlock:
-                    await _until(
-                        lambda seen=seen: writer.writable > seen,  # type: ignore[misc]
-                        30,
-                        "back-pressure",
-                        "send_nowait said WouldBlock and link_writable never followed",
-                    )
+        start = 0
+        while start < len(view):
+            seen = writer.writable
+            room = link.send_room()
+            if room == 0:
+                await _until(
+                    lambda seen=seen: writer.writable > seen,  # type: ignore[misc]
+                    30,
+                    "send room",
+                    "send_room said 0 and link_writable never followed",
+                )
+                continue
+            chunk = bytes(view[start : start + min(step, room)])
+            try:
+                link.send_nowait(chunk)
+            except anyio.WouldBlock:
+                raise ContractBroken(
+                    "send room", f"a {len(chunk)}-byte write was refused after send_room said {room}"
+                ) from None
+            start += len(chunk)
             await anyio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------ the checks
@@ -324,6 +332,43 @@ class TransportConformance:
             )
             client_link.send_nowait(b"after")
             await _until(lambda: server.received == taken + 5, 30, contract, "the write after room was lost")
+
+    async def test_send_room_says_what_is_taken(self, tmp_path: Path) -> None:
+        """A peer that stops reading: ``send_room`` falls to 0 after a bounded amount, every write of at most the
+        room it said is taken, a write at room 0 is refused, and once the peer reads ``link_writable`` follows
+        and the room is back."""
+        contract = "send room"
+        chunk = os.urandom(64 * 1024)
+        limit = 256 * 1024 * 1024
+        async with self.pair(tmp_path) as (client_link, server_link, client, server):
+            server.keep = False
+            server_link.pause_reading()
+            taken = 0
+            with anyio.fail_after(60):
+                while room := client_link.send_room():
+                    _check(room > 0, contract, f"send_room said {room}")
+                    data = chunk[: min(room, len(chunk))]
+                    try:
+                        client_link.send_nowait(data)
+                    except anyio.WouldBlock:
+                        raise ContractBroken(
+                            contract, f"a {len(data)}-byte write was refused after send_room said {room}"
+                        ) from None
+                    taken += len(data)
+                    await anyio.lowlevel.checkpoint()
+                    _check(taken < limit, contract, f"{limit >> 20} MiB taken and send_room never said 0")
+            try:
+                client_link.send_nowait(b"x")
+            except anyio.WouldBlock:
+                pass
+            else:
+                raise ContractBroken(contract, "send_room said 0 and the next write was taken")
+            server_link.resume_reading()
+            await _until(lambda: server.received == taken, 60, contract, "what was taken did not all arrive")
+            await _until(
+                lambda: client.writable > 0, 30, contract, "link_writable never followed send_room's 0"
+            )
+            _check(client_link.send_room() > 0, contract, "no room after link_writable and a drained peer")
 
     async def test_abort_ends_the_peer(self, tmp_path: Path) -> None:
         """Closing one end: the other's input ends, or its writes start failing, within ``abort_within``."""

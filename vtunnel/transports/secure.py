@@ -223,12 +223,9 @@ class SealedLink(Link):
         self._put(self._core.pieces_to_send())
 
     def send_room(self) -> int:
-        """0 while sealed records the inner link refused are held, or while the inner link has no room (nothing is
-        sealed for a link that would refuse it); else any write (the records the inner link then refuses are
-        held, counted as taken)."""
-        if self._closed or self._broken:
-            return ANY_SIZE
-        if self._held or self._inner.send_room() == 0:
+        """0 while sealed records the inner link refused are held; else any write (what the inner link refuses of
+        its records is held, counted as taken)."""
+        if self._held and not (self._closed or self._broken):
             self._blocked = True
             return 0
         return ANY_SIZE
