@@ -210,14 +210,15 @@ async def test_graceful_shutdown_lets_open_streams_finish() -> None:
 
 @asynccontextmanager
 async def kcp_tunnel_pair(
-    handler: Handler, query: str = "", config: TunnelConfig | None = None
+    handler: Handler, query: str = "", config: TunnelConfig | None = None, *, key: bytes | None = None
 ) -> AsyncIterator[tuple[TunnelConnection, TunnelConnection]]:
-    """The same pair over kcp://, whose sessions take synchronous writes and push what they receive."""
+    """The same pair over kcp://, whose sessions take synchronous writes and push what they receive (sealed with
+    ``key``, when given)."""
     from vtunnel.transports.base import Endpoint, SecurityConfig
     from vtunnel.transports.kcp.listener import KCPListener
     from vtunnel.transports.kcp.transport import KCPTransport
 
-    plain = SecurityConfig()
+    plain = SecurityConfig(psk=key)
     listener = await KCPTransport().listen(Endpoint.parse(f"kcp://127.0.0.1:0{query}"), security=plain)
     assert isinstance(listener, KCPListener)
     url = f"kcp://127.0.0.1:{listener.local_address[1]}{query}"
@@ -288,6 +289,39 @@ async def test_a_full_kcp_window_holds_writes_until_the_link_has_room_in_order()
         assert client.link_writes > 0
         assert client.link_full > 0
         assert client.link_refusals == 0
+
+
+@pytest.mark.parametrize("key", [None, bytes(range(32))], ids=["plain", "sealed"])
+async def test_a_kcp_download_offers_the_link_each_byte_once(key: bytes | None) -> None:
+    """A bulk download through KCP's full send window: the server's tunnel asks the link's room before taking
+    bytes from the tunnel, so no write is refused (none built and given again) and every byte arrives."""
+    block = hashlib.sha256(b"download").digest() * (256 << 10 >> 5)  # 256 KiB
+    blocks = 64  # 16 MiB
+
+    async def download(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        async with TunnelByteStream(tunnel_stream) as stream:
+            for _ in range(blocks):
+                await stream.send(block)
+            await stream.send_eof()
+
+    async with kcp_tunnel_pair(download, key=key) as (client, server):
+        with anyio.fail_after(60):
+            stream = await open_bytes(client, StreamMetadata(authority="download:1"))
+            digest = hashlib.sha256()
+            received = 0
+            try:
+                while True:
+                    data = await stream.receive()
+                    digest.update(data)
+                    received += len(data)
+            except anyio.EndOfStream:
+                pass
+        assert received == len(block) * blocks
+        assert digest.digest() == hashlib.sha256(block * blocks).digest()
+        assert server.link_refusals == 0
+        assert server.link_writes > 0
+        assert server.bytes_out >= len(block) * blocks
 
 
 async def test_kcp_tunnel_death_breaks_streams() -> None:
