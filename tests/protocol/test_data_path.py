@@ -166,3 +166,34 @@ def test_a_peer_that_leaves_out_the_stream_window_gets_the_old_default() -> None
     # our own streams start at the same size and grow to max_stream_window as they are read
     assert TunnelConfig().initial_stream_window == 64 * 1024
     assert TunnelConfig().max_stream_window == 4 * 1024 * 1024
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    writes=st.lists(st.integers(min_value=1, max_value=8_000), min_size=1, max_size=7),  # within the window
+    limits=st.lists(st.integers(min_value=0, max_value=20_000), min_size=1, max_size=30),
+)
+def test_output_taken_in_limited_parts_is_the_same_byte_stream(writes: list[int], limits: list[int]) -> None:
+    """``data_to_send(limit)`` cuts the output anywhere (frames split across parts), ``bytes_to_send`` follows,
+    and the parts together are what one ``data_to_send()`` returns: the peer decodes the same data."""
+    reference, _, [sid] = opened()
+    limited, peer, [sid2] = opened()
+    assert sid == sid2
+    payloads = [bytes([i % 251]) * n for i, n in enumerate(writes)]
+    for payload in payloads:
+        reference.tunnel.send_data(sid, payload)
+        limited.tunnel.send_data(sid, payload)
+    whole = reference.tunnel.data_to_send()
+    parts: list[bytes] = []
+    for limit in limits:
+        before = limited.tunnel.bytes_to_send
+        part = limited.tunnel.data_to_send(limit)
+        assert len(part) == min(limit, before)
+        assert limited.tunnel.bytes_to_send == before - len(part)
+        parts.append(part)
+    parts.append(limited.tunnel.data_to_send())
+    assert limited.tunnel.bytes_to_send == 0
+    assert b"".join(parts) == whole
+    for part in parts:
+        peer.events += peer.tunnel.receive_data(part, 0)
+    assert peer.data(sid) == b"".join(payloads)
