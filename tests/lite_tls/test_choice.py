@@ -24,7 +24,7 @@ from vtunnel.cli import main
 from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .test_muxed import body_for, ca_file, curl, origin, tunnel
+from .test_muxed import body_for, ca_file, curl, left_tunnel, origin, tunnel
 from .test_waits import destination, socks_connect
 
 __all__ = ["ca_file"]
@@ -77,7 +77,7 @@ async def test_https_to_a_port_that_is_not_443_leaves_at_both_ends(ca_file: str,
             with anyio.fail_after(60):
                 assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
             assert out.read_bytes() == body_for(size)
-    left = events(logs, "lite_tls.left_tunnel")
+    left = left_tunnel(logs)
     assert sorted(str(e["role"]) for e in left) == ["active", "passive"], left
     assert all(e["mode"] == "muxed" for e in left)
 
@@ -90,7 +90,7 @@ async def test_without_lite_tls_https_never_leaves(ca_file: str, tmp_path: Path)
             with anyio.fail_after(60):
                 assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{1 << 20}", out, ca=ca_file) == 0
             assert out.read_bytes() == body_for(1 << 20)
-    assert not events(logs, "lite_tls.left_tunnel")
+    assert not left_tunnel(logs)
     assert not events(logs, "lite_tls.fell_back")  # no tracker ran at all
 
 
@@ -112,7 +112,7 @@ async def test_plain_http_on_port_443_never_leaves(tmp_path: Path) -> None:
                 assert out.read_bytes() == body_for(size)
     finally:
         await opened.__aexit__(None, None, None)
-    assert not events(logs, "lite_tls.left_tunnel")
+    assert not left_tunnel(logs)
     fell = events(logs, "lite_tls.fell_back")
     assert sorted(e["by_peer"] for e in fell) == [False, True]  # the agent at the request, the server told
 
@@ -154,7 +154,7 @@ async def test_a_server_that_speaks_first_is_a_plain_stream_at_once(banner: byte
         ("the server spoke first", False),
         ("the peer fell back", True),
     }
-    assert not events(logs, "lite_tls.left_tunnel")
+    assert not left_tunnel(logs)
 
 
 async def test_ssh_like_on_port_443_is_plain_too() -> None:

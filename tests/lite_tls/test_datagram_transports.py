@@ -12,7 +12,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from .test_muxed import agent_and_server, body_for, ca_file, curl, origin
+from .test_muxed import agent_and_server, body_for, ca_file, curl, left_tunnel, origin
 
 __all__ = ["ca_file"]
 
@@ -38,4 +38,4 @@ async def test_https_over_a_datagram_transport_stays_sealed_and_is_byte_exact(
             with anyio.fail_after(120):
                 assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
             assert out.read_bytes() == body_for(size)
-    assert not [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
+    assert not left_tunnel(logs)

@@ -14,10 +14,11 @@ import shutil
 import socketserver
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -258,6 +259,11 @@ async def agent_and_server(listen: str, server_url: Callable[[int], str]) -> Asy
         yield int(fronts["socks"].rsplit(":", 1)[1])
         agent.shutdown()
         server.shutdown()
+
+
+def left_tunnel(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    """The ``lite_tls.left_tunnel`` events among captured ``logs``."""
+    return [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import asyncio
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -24,7 +23,7 @@ from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .test_muxed import BodyFlipper, Tap, body_for, ca_file, curl, origin, records, relay
+from .test_muxed import BodyFlipper, Tap, body_for, ca_file, curl, left_tunnel, origin, records, relay
 
 __all__ = ["ca_file"]
 
@@ -138,10 +137,6 @@ async def kcp_tunnel(
             udp.close()
 
 
-def left(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
-
-
 @pytest.mark.parametrize("version", ["1.3", "1.2"])
 async def test_https_over_kcp_leaves_muxed_and_is_byte_exact(
     version: str, ca_file: str, tmp_path: Path
@@ -159,7 +154,7 @@ async def test_https_over_kcp_leaves_muxed_and_is_byte_exact(
                 url = f"https://127.0.0.1:{tapped}/bytes/{size}"
                 assert await curl(socks, url, out, ca=ca_file, version=version) == 0
             assert out.read_bytes() == body_for(size)
-    ends = left(logs)
+    ends = left_tunnel(logs)
     assert sorted(str(e["role"]) for e in ends) == ["active", "passive"], ends
     assert all(e["mode"] == "muxed" for e in ends)
     wire = bytes(udp.wire)
@@ -188,7 +183,7 @@ async def test_without_lite_tls_nothing_of_the_users_tls_is_in_the_clear_over_kc
             with anyio.fail_after(120):
                 assert await curl(socks, f"https://127.0.0.1:{tapped}/bytes/{4 << 20}", out, ca=ca_file) == 0
             assert out.read_bytes() == body_for(4 << 20)
-    assert not left(logs)
+    assert not left_tunnel(logs)
     wire = bytes(udp.wire)
     assert not any(body[100:164] in wire for kind, body in records(target.downstream) if len(body) >= 164)
 

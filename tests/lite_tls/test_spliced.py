@@ -11,11 +11,10 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -35,7 +34,7 @@ from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .test_muxed import Tap, agent_and_server, body_for, ca_file, curl, origin, relay
+from .test_muxed import Tap, agent_and_server, body_for, ca_file, curl, left_tunnel, origin, relay
 from .test_waits import destination, socks_connect
 from .tlsutil import HOST, cert_files
 
@@ -115,10 +114,6 @@ async def spliced_tunnel(
             server.shutdown()
 
 
-def _left(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
-
-
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 async def test_https_through_a_spliced_stream_is_byte_exact(
     version: str, ca_file: str, tmp_path: Path
@@ -136,7 +131,7 @@ async def test_https_through_a_spliced_stream_is_byte_exact(
                     == 0
                 )
             assert out.read_bytes() == body_for(size)
-    left = _left(logs)
+    left = left_tunnel(logs)
     # both ends, spliced, one active and one passive
     assert sorted(str(e["role"]) for e in left) == ["active", "passive"], left
     assert all(e["mode"] == "spliced" for e in left)
@@ -175,7 +170,7 @@ async def test_spliced_bytes_count_in_the_tunnels_counters_and_metrics(ca_file: 
                 while len([e for e in logs if e["event"] == "lite_tls.closed"]) < 2:
                     await anyio.sleep(0.05)  # (the relays end once both sides of each closed)
             received, sent = counted()
-    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    assert [e["mode"] for e in left_tunnel(logs)] == ["spliced", "spliced"]
     assert received >= size
     assert sent >= size
     closed = [e for e in logs if e["event"] == "lite_tls.closed"]
@@ -207,7 +202,7 @@ async def test_spliced_bytes_after_the_tunnel_ended_still_count(ca_file: str) ->
                 tls = await TLSStream.wrap(client, hostname="127.0.0.1", ssl_context=context)
                 await tls.send(b"GET /bytes/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
                 await _read_response(tls, body_for(1000))
-                while len(_left(logs)) < 2:
+                while len(left_tunnel(logs)) < 2:
                     await anyio.sleep(0.05)
                 ((tunnel, _, _),) = agent_stats.live
                 server_tunnel = next(conn for conn, _, _ in server_stats.live)
@@ -223,7 +218,7 @@ async def test_spliced_bytes_after_the_tunnel_ended_still_count(ca_file: str) ->
                 while len([e for e in logs if e["event"] == "lite_tls.closed"]) < 2:
                     await anyio.sleep(0.05)  # (the relays end once both sides of each closed)
             received, sent = counted()
-    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    assert [e["mode"] for e in left_tunnel(logs)] == ["spliced", "spliced"]
     assert received - received_before >= size
     assert sent - sent_before >= size
     closed = [e for e in logs if e["event"] == "lite_tls.closed"]
@@ -247,7 +242,7 @@ async def test_over_tls_the_dedicated_connection_carries_the_users_tls_and_nothi
             with anyio.fail_after(120):
                 assert await curl(t.socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
             assert out.read_bytes() == body_for(size)
-    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    assert [e["mode"] for e in left_tunnel(logs)] == ["spliced", "spliced"]
     stream = bytes(wire.downstream)
     assert stream[:1] == b"\x01"
     pos = 1  # after the ACK: nothing but TLS application-data records (the user's), to the end
@@ -269,7 +264,7 @@ async def test_plain_http_falls_back_works_and_never_dials(tmp_path: Path) -> No
                     assert out.read_bytes() == body_for(3 << 20)
             assert t.server.tickets is not None
             assert t.server.tickets.connections == 0
-    assert not _left(logs)
+    assert not left_tunnel(logs)
     assert len([e for e in logs if e["event"] == "lite_tls.fell_back"]) == 6  # both ends of each stream
 
 
@@ -320,7 +315,7 @@ async def test_each_tls_stream_dials_once_and_plain_ones_never(ca_file: str, tmp
             assert t.server.tickets is not None
             assert t.server.tickets.connections == 3
             assert t.server.tickets.refused == 0
-    assert [e["mode"] for e in _left(logs)] == ["spliced"] * 6
+    assert [e["mode"] for e in left_tunnel(logs)] == ["spliced"] * 6
 
 
 async def test_a_connection_without_a_valid_ticket_gets_nothing(ca_file: str, tmp_path: Path) -> None:
@@ -435,7 +430,7 @@ async def test_an_agent_whose_splice_port_does_not_answer_leaves_muxed(
                             await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
                         )
                         assert out.read_bytes() == body_for(size)
-    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 4
+    assert [e["mode"] for e in left_tunnel(logs)] == ["muxed"] * 4
     assert len([e for e in logs if e["event"] == "lite_tls.splice_dial_failed"]) == 1
     waited = [e for e in logs if e["event"] == "lite_tls.no_dedicated_connection"]
     assert len(waited) == (1 if version == "1.2" else 0)
@@ -482,7 +477,7 @@ async def test_a_splice_port_that_never_answers_or_answers_garbage_leaves_muxed(
     failure = "lite_tls.splice_no_ack" if port == "black-hole" else "lite_tls.splice_bad_answer"
     assert len([e for e in logs if e["event"] == failure]) == 1
     assert not [e for e in logs if e["event"] in ("lite_tls.splice_failed", "lite_tls.violation")]
-    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 6
+    assert [e["mode"] for e in left_tunnel(logs)] == ["muxed"] * 6
 
 
 @asynccontextmanager
@@ -559,7 +554,7 @@ async def test_an_ack_that_comes_too_late_leaves_muxed_at_both_ends(
     assert len([e for e in logs if e["event"] == "lite_tls.splice_no_ack"]) == 1
     assert len([e for e in logs if e["event"] == "lite_tls.dedicated_unused"]) == 1
     assert not [e for e in logs if e["event"] in ("lite_tls.splice_failed", "lite_tls.violation")]
-    assert [e["mode"] for e in _left(logs)] == ["muxed"] * 2
+    assert [e["mode"] for e in left_tunnel(logs)] == ["muxed"] * 2
 
 
 def _https_keepalive(socks: int, port: int, ca: str, idle: float) -> tuple[bytes, bytes]:
@@ -596,7 +591,7 @@ async def test_a_spliced_stream_keeps_the_servers_idle_timeout(ca_file: str) -> 
                 body, after = await anyio.to_thread.run_sync(_https_keepalive, t.socks, https, ca_file, 2.5)
     assert body == body_for(1000)
     assert after == b""  # the server's kernel relay ended the quiet connection
-    assert [e["mode"] for e in _left(logs)] == ["spliced", "spliced"]
+    assert [e["mode"] for e in left_tunnel(logs)] == ["spliced", "spliced"]
 
 
 async def test_a_tunnel_without_lite_tls_dials_no_dedicated_connection(ca_file: str, tmp_path: Path) -> None:

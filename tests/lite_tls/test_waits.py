@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from vtunnel.runtime import tunnel_stream
 
-from .test_muxed import tunnel
+from .test_muxed import left_tunnel, tunnel
 
 pytestmark = pytest.mark.anyio
 
@@ -118,7 +118,7 @@ async def test_a_passive_end_that_never_gets_the_first_application_data_resets_t
     holds = [e for e in logs if e["event"] == "lite_tls.hold_timeout"]
     assert len(holds) == 1
     assert holds[0]["held"] == 0  # (the agent keeps a partial record until its rest: nothing came to hold)
-    left = [e for e in logs if e["event"] == "lite_tls.left_tunnel"]
+    left = left_tunnel(logs)
     assert sorted(str(e["role"]) for e in left) == ["active", "passive"]
 
 
@@ -146,7 +146,7 @@ async def test_the_fin_waits_for_what_the_active_end_holds() -> None:
                     await client.send_eof()
                     got += await read_until_closed(client)
     assert bytes(got) == first + record(0x17, len(HELLO) + len(request))
-    assert sorted(str(e["role"]) for e in logs if e["event"] == "lite_tls.left_tunnel") == [
+    assert sorted(str(e["role"]) for e in left_tunnel(logs)) == [
         "active",
         "passive",
     ]
