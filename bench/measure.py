@@ -570,7 +570,9 @@ def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index:
     entry ``side_entries["spliced"]``) reaches the same source in splice mode (``spliced``: after the marker
     exchange a dedicated connection relayed by ``os.splice`` at both ends), a third one (``agent-off``, entry
     ``side_entries["off"]``) with ``--no-lite-tls`` (``off``: an ordinary stream, the TLS is encrypted again by
-    the tunnel); ``direct`` downloads from the source itself. One download each, the order rotated by the round,
+    the tunnel); ``keyless`` (entry ``side_entries["keyless"]``, keyed systems) goes through a second server and
+    agent of the same transport with no key (no cipher at all: the most muxed mode can reach); ``direct``
+    downloads from the source itself. One download each, the order rotated by the round,
     after one download of an eighth of the size from each that is not counted (the first transfer on a fresh
     stack pays for warming the tunnel's connection); the bytes are checked by the client. CPU: the row's agent and
     the server, in seconds per GB carried, each end and both.
@@ -578,6 +580,7 @@ def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index:
     entries = dict(stack.side_entries)
     spliced = entries.pop("spliced", None)
     off = entries.pop("off", None)
+    keyless = entries.pop("keyless", None)
     if len(entries) != 1 or off is None:
         raise HarnessError(
             "the https-lite scenario needs a stack with a TLS source as its side destination and an agent with "
@@ -597,6 +600,12 @@ def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index:
     if spliced is not None:  # (not over kcp://: splice mode is tcp:// and tls://'s)
         ends["spliced"] = {"agent": stack.procs["agent-spliced"].pid, "server": pids["server"]}
         rows.insert(1, ("spliced", spliced))
+    if keyless is not None:  # a keyed system: the same transport with no key, muxed mode's ceiling
+        ends["keyless"] = {
+            "agent": stack.procs["agent-keyless"].pid,
+            "server": stack.procs["server-keyless"].pid,
+        }
+        rows.append(("keyless", keyless))
     shift = round_index % len(rows)
     rows = rows[shift:] + rows[:shift]
     raw: dict[str, object] = {"order": [name for name, _ in rows]}
@@ -648,6 +657,11 @@ def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index:
         metrics["spliced_over_direct"] = metrics["spliced_goodput_MBps"] / metrics["direct_goodput_MBps"]
         metrics["spliced_over_off"] = metrics["spliced_goodput_MBps"] / metrics["off_goodput_MBps"]
     metrics["off_cpu_over_lite"] = metrics["off_cpu_ms_per_MB"] / metrics["lite_cpu_ms_per_MB"]
+    if keyless is not None:
+        # muxed mode removes the tunnel's cipher from the TLS bytes: it cannot beat a tunnel with no cipher at all,
+        # so keyless / off bounds what muxed / off can reach on this link and machine
+        metrics["keyless_over_off"] = metrics["keyless_goodput_MBps"] / metrics["off_goodput_MBps"]
+        metrics["lite_over_keyless"] = metrics["lite_goodput_MBps"] / metrics["keyless_goodput_MBps"]
     return metrics, raw
 
 

@@ -55,6 +55,7 @@ from bench.systems import (
     SystemSpec,
     installed_transports,
     make_psk_file,
+    start_keyless_twin,
     start_side_agent,
     start_stack,
     system_unavailable,
@@ -341,6 +342,10 @@ class Runner:
                     stack.side_entries["off"] = start_side_agent(
                         stack, scope, psk_file, "agent-off", sources[0][1], extra=["--no-lite-tls"]
                     )
+                    if job.system.keyed:  # the ceiling of muxed mode: the same tunnel with no cipher at all
+                        stack.side_entries["keyless"] = start_keyless_twin(
+                            stack, scope, "keyless", sources[0][1]
+                        )
                 if sink is not None:
                     stack.procs["stall-sink"] = sink
             except HarnessError as exc:

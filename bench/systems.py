@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -533,6 +533,40 @@ def start_side_agent(
     proc = group.spawn(f"{system.name}-{name}", [*stack.placement.client_prefix, *argv], env=code_env(system))
     stack.procs[name] = proc
     wait_log(proc, "listening", READY_TIMEOUT)
+    return entry
+
+
+def start_keyless_twin(stack: Stack, group: ProcessGroup, name: str, dest: str) -> str:
+    """A second server and agent of ``stack``'s system on the same transport with no key (``--insecure``), the
+    agent forwarding a local port to ``dest``: the same code carrying the same bytes with no cipher anywhere.
+    Processes ``server-NAME`` and ``agent-NAME``; returns the agent's local entry once it listens."""
+    plain = replace(stack.system, keyed=False)
+    host = stack.placement.server_host
+    listen = f"{host}:{free_port()}"
+    env = code_env(plain)
+    server = group.spawn(
+        f"{plain.name}-server-{name}",
+        [*stack.placement.server_prefix, *server_argv(plain, listen, dest, None)],
+        env=env,
+    )
+    stack.procs[f"server-{name}"] = server
+    wait_log(server, "listening", READY_TIMEOUT)
+    entry = f"127.0.0.1:{free_port()}"
+    argv = [
+        *vtunnel_command(),
+        "agent",
+        "--server",
+        tunnel_url(plain, listen),
+        "--forward",
+        f"{entry}={dest}",
+    ]
+    agent = group.spawn(
+        f"{plain.name}-agent-{name}",
+        [*stack.placement.client_prefix, *argv, *_security(plain, None)],
+        env=env,
+    )
+    stack.procs[f"agent-{name}"] = agent
+    wait_log(agent, "listening", READY_TIMEOUT)
     return entry
 
 
