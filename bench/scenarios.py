@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bench.systems import FEC_SHARDS, KCPTUN_PEER, SystemSpec
+from bench.systems import FEC_SHARDS, KCPTUN_PEER, PYTHON_FLOOR, SystemSpec
 
 __all__ = [
     "LOSS_LEVELS",
@@ -140,6 +140,8 @@ class Scenario:
     def applies_to(self, system: SystemSpec) -> bool:
         if system.kind == "shadowsocks" and not self.socks:
             return False
+        if system.kind == PYTHON_FLOOR and not (self.kind == "rr" and self.link == "loopback"):
+            return False  # a latency floor: request/response on loopback only
         if self.socks and system.kind not in ("shadowsocks", "vtunnel"):
             return False
         if system.fec and not self.fec:
@@ -416,13 +418,14 @@ NOT_AUTOMATIC: frozenset[str] = frozenset({"tls", "wss"})
 
 
 def all_systems(plugins: tuple[str, ...] = ()) -> list[SystemSpec]:
-    """Every system in report order: direct, kcptun, vtunnel-kcptun, shadowsocks, then vtunnel per transport
+    """Every system in report order: direct, kcptun, vtunnel-kcptun, shadowsocks, python-floor, then vtunnel per transport
     (``plugins`` last), without and with the key (kcp also with FEC, for the ``fec`` scenarios)."""
     systems = [
         SystemSpec(kind="direct"),
         SystemSpec(kind="kcptun"),
         SystemSpec(kind=KCPTUN_PEER),
         SystemSpec(kind="shadowsocks"),
+        SystemSpec(kind=PYTHON_FLOOR),
     ]
     for transport in (*VTUNNEL_TRANSPORTS, *plugins):
         systems.append(SystemSpec(kind="vtunnel", transport=transport, keyed=False))

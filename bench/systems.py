@@ -97,6 +97,8 @@ KCPTUN_ARGS: tuple[str, ...] = (
 
 #: the system of a vtunnel agent (``--peer kcptun``) against kcptun-server
 KCPTUN_PEER = "vtunnel-kcptun"
+#: two minimal Python relays (``bench.floor``) in the agent's and the server's places: the floor of latency
+PYTHON_FLOOR = "python-floor"
 
 
 def kcptun_query(args: Sequence[str] = KCPTUN_ARGS) -> tuple[str, str]:
@@ -131,7 +133,7 @@ LAUNCHER = Path(__file__).resolve().with_name("launch.py")
 class SystemSpec:
     """One system under test; a vtunnel system with ``ref`` runs the vtunnel package exported from that commit."""
 
-    kind: str  # "direct" | "kcptun" | "vtunnel-kcptun" | "shadowsocks" | "vtunnel"
+    kind: str  # "direct" | "kcptun" | "vtunnel-kcptun" | "shadowsocks" | "python-floor" | "vtunnel"
     transport: str | None = None
     keyed: bool = False
     #: kcp:// with forward error correction (``fec=`` :data:`FEC_SHARDS`)
@@ -431,6 +433,8 @@ def start_stack(
     if system.kind == "direct":
         _wait_ready(stack, READY_TIMEOUT)
         return stack
+    if system.kind == PYTHON_FLOOR:
+        return _start_floor(stack, group, placement, f"{host}:{target_port}")
 
     tunnel_port = free_port()
     dial_port = tunnel_port
@@ -489,6 +493,26 @@ def start_stack(
         stack.code = {role: check_code(stack.procs[role], system) for role in ("server", "agent")}
     elif system.kind == KCPTUN_PEER:
         stack.code = {"agent": check_code(stack.procs["agent"], system)}
+    return stack
+
+
+def _start_floor(stack: Stack, group: ProcessGroup, placement: Placement, target: str) -> Stack:
+    """Two ``bench.floor`` relays in a row, in the server's place (to ``target``) and the agent's."""
+    if not placement.loopback:
+        raise HarnessError("the python-floor relays run on loopback placements only")
+    middle = f"127.0.0.1:{free_port()}"
+    entry_port = free_port()
+    for role, listen, to in (("server", middle, target), ("agent", f"127.0.0.1:{entry_port}", middle)):
+        proc = group.spawn(
+            f"{PYTHON_FLOOR}-{role}", python_argv("bench.floor", "--listen", listen, "--to", to)
+        )
+        stack.procs[role] = proc
+        wait_log(proc, "listening", READY_TIMEOUT)
+    stack.entry_host = "127.0.0.1"
+    stack.entry_port = entry_port
+    stack.tunnel = middle
+    stack.target = target
+    _wait_ready(stack, READY_TIMEOUT)
     return stack
 
 
