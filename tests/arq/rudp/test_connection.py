@@ -320,3 +320,48 @@ def test_a_bulk_sender_fills_its_packets_up_to_the_window_and_says_it_is_blocked
     # full: the STREAM frame's length field is sized for all the data left, so a packet may be a byte or two short
     assert [p for p in pieces[:-1] if p[2] < client.config.max_datagram_size - 2] == []
     assert blocked == 1
+
+
+def test_a_lone_packet_lost_behind_a_bulk_transfer_is_found_by_the_thresholds_not_the_probe_timeout() -> None:
+    """The receiver of a bulk transfer sends one small write (a window update, say) and it is lost: the ACKs it
+    sends next carry a PING, so their acknowledgements show the loss within about a round trip and the write is
+    sent again then, not after a probe timeout (while the bulk sender might be waiting for that very write)."""
+    client, server = pair(RudpConfig(pacing=False))
+    delay = 0.01  # one way
+    in_flight: list[tuple[float, Connection, bytes]] = []
+    lost_once = False
+    got = bytearray()
+    sent_at = -1.0
+    arrived_at = -1.0
+    now = 0.0
+    client.send(bytes(4 << 20))
+    for _ in range(4000):
+        if sent_at < 0 and now >= 0.1:
+            sent_at = now
+            server.send(b"window update")
+        for source, sink in ((client, server), (server, client)):
+            for datagram in source.datagrams_to_send(now):
+                if source is server and not lost_once and Stream in map(type, decode_packet(datagram).frames):
+                    lost_once = True  # the one small write, dropped
+                    continue
+                in_flight.append((now + delay, sink, datagram))
+        due = [item for item in in_flight if item[0] <= now]
+        in_flight = [item for item in in_flight if item[0] > now]
+        for _, sink, datagram in due:
+            sink.receive_datagram(datagram, now)
+        server.receive()
+        got += client.receive()
+        if got and arrived_at < 0:
+            arrived_at = now
+        if arrived_at >= 0 and now > arrived_at + 0.05:
+            break
+        now = round(now + 0.0005, 6)
+        client.handle_timer(now)
+        server.handle_timer(now)
+    assert lost_once
+    assert bytes(got) == b"window update"
+    assert server.stats()["pto_count"] == 0
+    # found lost once three later ACKs were acknowledged (a round trip of 20 ms after the third), then half a
+    # round trip on its way again; a probe timeout would come after the initial RTT's 333 ms or more (without the
+    # PINGs: 1.03 s)
+    assert arrived_at - sent_at < 0.06

@@ -37,7 +37,7 @@ from typing import Final
 
 from .cc import CongestionController, Pacer, make_controller
 from .ranges import RangeSet
-from .recovery import AckTracker, LossDetector, RttEstimator, SentPacket
+from .recovery import PACKET_THRESHOLD, AckTracker, LossDetector, RttEstimator, SentPacket
 from .sendbuf import SendBuffer
 from .wire import (
     MAX_CID_LEN,
@@ -234,6 +234,8 @@ class Connection:
         #: the sender itself fell behind its pacing since the last ACK (see datagrams_to_send)
         self._fell_behind = False
         self._probes = 0
+        #: ACK-only packets still to carry a PING after the last packet with content (see _build)
+        self._pings_owed = 0
         self._next_number = 0
         # path
         self._validated = address_validated
@@ -817,6 +819,7 @@ class Connection:
         if count:
             self._next_number = number
             self._send_next = start
+            self._pings_owed = PACKET_THRESHOLD
             self._pacer.on_sent(sent)
             self._bytes_sent += sent
             stats = self._stats
@@ -879,6 +882,13 @@ class Connection:
                     packet.ack_eliciting = True
         if not frames:
             return None
+        if not packet.ack_eliciting and self._pings_owed:
+            # an ACK after a packet with content makes itself acknowledged (PING), so that the loss of that packet
+            # shows by the thresholds within a round trip: a lone packet (a window update to a bulk sender) would
+            # otherwise wait for the probe timeout, while its peer perhaps waits for it
+            self._pings_owed -= 1
+            frames.append(b"\x01")
+            packet.ack_eliciting = True
         return self._finish_packet(number, frames, now, packet)
 
     def _finish_packet(
@@ -898,6 +908,8 @@ class Connection:
         if packet.ack_eliciting:
             self.cc.on_packet_sent(now, packet)
             self._pacer.on_sent(size)
+            if packet.stream or packet.datagrams or packet.blocked:
+                self._pings_owed = PACKET_THRESHOLD
         return datagram
 
     def _add_datagrams(self, frames: list[bytes], room: int, packet: SentPacket) -> int:
