@@ -28,6 +28,7 @@ from vtunnel.arq.rudp.wire import (
     encode_header,
     encode_stream,
     encode_varint,
+    lone_stream,
     peek_dcid,
     peek_number,
     stream_header,
@@ -183,3 +184,48 @@ def test_garbage_raises_only_wire_error(raw: bytes) -> None:
 def test_garbage_after_a_valid_header_raises_only_wire_error(tail: bytes) -> None:
     with contextlib.suppress(WireError):
         decode_packet(encode_header(b"\x01\x02", 5) + tail)
+
+
+def _agrees_with_the_decoder(datagram: bytes, dcid: bytes) -> None:
+    """``lone_stream`` reads a packet as the full decoder does, or leaves it to it."""
+    lone = lone_stream(datagram, dcid)
+    assert lone_stream(memoryview(datagram), dcid) == lone  # (a run's datagrams are views into its buffer)
+    try:
+        packet = decode_packet(datagram)
+    except WireError:
+        assert lone is None
+        return
+    frames = packet.frames
+    if packet.dcid == dcid and len(frames) == 1 and isinstance(frames[0], Stream) and not frames[0].fin:
+        assert lone == (packet.number, frames[0].offset, len(datagram) - len(frames[0].data))
+        assert datagram[lone[2] :] == frames[0].data
+    else:
+        assert lone is None
+
+
+@given(
+    st.binary(max_size=20),
+    st.integers(min_value=0, max_value=MAX_VARINT),
+    st.integers(min_value=0, max_value=MAX_VARINT),
+    st.binary(max_size=64),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([b"", b"\x01", b"\x00\x00", encode_data_blocked(9)]),
+)
+def test_a_lone_stream_frame_is_read_as_the_decoder_reads_it(
+    dcid: bytes, number: int, offset: int, data: bytes, fin: bool, with_length: bool, after: bytes
+) -> None:
+    if offset + len(data) > MAX_VARINT:
+        offset = MAX_VARINT - len(data)
+    frame = encode_stream(offset, data, fin=fin, with_length=with_length or bool(after))
+    datagram = encode_header(dcid, number) + frame + after
+    _agrees_with_the_decoder(datagram, dcid)
+    _agrees_with_the_decoder(datagram, dcid + b"x")  # another connection's
+    _agrees_with_the_decoder(datagram[:-1], dcid)  # cut short
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=80), st.binary(max_size=4))
+def test_lone_stream_of_garbage_returns_none_or_what_the_decoder_reads(raw: bytes, dcid: bytes) -> None:
+    _agrees_with_the_decoder(raw, dcid)
+    _agrees_with_the_decoder(encode_header(dcid, 5) + raw, dcid)

@@ -57,6 +57,7 @@ from .wire import (
     encode_header,
     encode_varint,
     header_size,
+    lone_stream,
     stream_header,
     stream_overhead,
     varint_size,
@@ -423,6 +424,10 @@ class Connection:
         self._now = now
         if self.state is ConnectionState.CLOSED:
             return []
+        if self.state is ConnectionState.OPEN:
+            lone = lone_stream(data, self.local_cid)
+            if lone is not None:
+                return self._receive_stream_packet(data, lone, now)
         try:
             packet = decode_packet(data)
         except WireError:
@@ -453,7 +458,7 @@ class Connection:
         for frame in packet.frames:
             if isinstance(frame, Stream):
                 ack_eliciting = True
-                fault = self._on_stream(frame)
+                fault = self._on_stream(frame.offset, frame.data, frame.fin)
                 if fault is not None:
                     return self._fail(events, *fault)
             elif isinstance(frame, Ack):
@@ -486,6 +491,33 @@ class Connection:
             events.append(StreamEnded())
         return events
 
+    def _receive_stream_packet(
+        self, data: bytes | memoryview, lone: tuple[int, int, int], now: float
+    ) -> list[Event]:
+        """:meth:`receive_datagram` of a packet whose one frame is STREAM data without FIN (``lone``: its number,
+        offset and where its data starts), the bulk of a transfer: what the general path does with it, without
+        building the packet's frame objects."""
+        number, offset, start = lone
+        acks = self._acks
+        stats = self._stats
+        if acks.is_duplicate(number):
+            stats["packets_duplicate"] += 1
+            return []
+        size = len(data)
+        stats["packets_received"] += 1
+        stats["bytes_received"] += size
+        self._bytes_received += size
+        self._last_received = now
+        self._heard_from_peer = True
+        readable_before = self._ready_len
+        fault = self._on_stream(offset, bytes(data[start:]), False)
+        if fault is not None:
+            return self._fail([], *fault)
+        acks.on_packet(number, True, now)
+        if self._ready_len > readable_before:
+            return [_READABLE]
+        return []
+
     def _fail(self, events: list[Event], code: int, reason: str) -> list[Event]:
         self._enter_closing(code, reason)
         events.append(ConnectionClosed(code=code, reason=reason, by_peer=False))
@@ -498,13 +530,12 @@ class Connection:
         self._close_deadline = self._now + 3 * self.rtt.pto()
         self._datagrams.clear()
 
-    def _on_stream(self, frame: Stream) -> tuple[int, str] | None:
-        start = frame.offset
-        end = start + len(frame.data)
+    def _on_stream(self, start: int, data: bytes, fin: bool) -> tuple[int, str] | None:
+        end = start + len(data)
         if end > self._max_data:
             return ErrorCode.FLOW_CONTROL_ERROR, f"stream data up to {end} past the window {self._max_data}"
         final = self._final_size
-        if frame.fin:
+        if fin:
             if final is not None and final != end:
                 return ErrorCode.FINAL_SIZE_ERROR, "the final size changed"
             if end < max(self._contiguous, self._pending_ranges.last[1] if self._pending_ranges else 0):
@@ -513,10 +544,9 @@ class Connection:
         elif final is not None and end > final:
             return ErrorCode.FINAL_SIZE_ERROR, "data past the final size"
         contiguous = self._contiguous
-        if end <= contiguous or self._pending_ranges.covers(start, end):
-            self._stats["stream_bytes_duplicate"] += len(frame.data)
+        if end <= contiguous or (self._pending and self._pending_ranges.covers(start, end)):
+            self._stats["stream_bytes_duplicate"] += len(data)
             return None
-        data = frame.data
         if start < contiguous:
             self._stats["stream_bytes_duplicate"] += contiguous - start
             data = data[contiguous - start :]
@@ -534,15 +564,16 @@ class Connection:
             ready.append(data)
         contiguous = end
         pending = self._pending
-        while pending and pending[0][0] <= contiguous:
-            offset, chunk = heapq.heappop(pending)
-            tail = offset + len(chunk)
-            if tail > contiguous:
-                ready.append(chunk[contiguous - offset :] if offset < contiguous else chunk)
-                contiguous = tail
+        if pending:  # (empty, so are its ranges)
+            while pending and pending[0][0] <= contiguous:
+                offset, chunk = heapq.heappop(pending)
+                tail = offset + len(chunk)
+                if tail > contiguous:
+                    ready.append(chunk[contiguous - offset :] if offset < contiguous else chunk)
+                    contiguous = tail
+            self._pending_ranges.remove_below(contiguous)
         self._ready_len += contiguous - self._contiguous
         self._contiguous = contiguous
-        self._pending_ranges.remove_below(contiguous)
         return None
 
     def _on_ack(self, frame: Ack, now: float, events: list[Event]) -> tuple[int, str] | None:

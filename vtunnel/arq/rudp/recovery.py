@@ -330,6 +330,8 @@ class AckTracker:
         self._eliciting_since_ack = 0
 
     def is_duplicate(self, number: int) -> bool:
+        if number > self.largest:
+            return False  # (the next packet, the usual case: no search)
         return number < self.floor or number in self.received
 
     def on_packet(self, number: int, ack_eliciting: bool, now: float) -> None:

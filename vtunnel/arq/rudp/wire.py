@@ -53,6 +53,7 @@ __all__ = [
     "encode_stream",
     "encode_varint",
     "header_size",
+    "lone_stream",
     "peek_dcid",
     "peek_number",
     "stream_header",
@@ -234,6 +235,45 @@ def peek_number(datagram: bytes | memoryview) -> int:
     if flags & _FIXED_MASK != _FIXED or flags & _CID_MASK > MAX_CID_LEN:
         raise WireError("not an rudp packet")
     return _varint(datagram, 1 + (flags & _CID_MASK))[0]
+
+
+def lone_stream(datagram: bytes | memoryview, dcid: bytes) -> tuple[int, int, int] | None:
+    """``(number, offset, start of the data)`` of a packet to ``dcid`` whose one frame is a STREAM frame without
+    FIN running to the end of the datagram (the bulk of a transfer); ``None`` for any other packet, well formed
+    or not (:func:`decode_packet` says which). A receiver takes such a packet without building frame objects,
+    and copies its data once."""
+    cid_len = len(dcid)
+    size = len(datagram)
+    pos = 1 + cid_len
+    if size <= pos or datagram[0] != _FIXED | cid_len or (cid_len and datagram[1:pos] != dcid):
+        return None
+    first = datagram[pos]
+    prefix = first >> 6
+    if prefix:
+        end = pos + (1 << prefix)
+        if end >= size:
+            return None
+        number = int.from_bytes(datagram[pos:end], "big") & _VARINT_MASKS[prefix]
+        pos = end
+    else:
+        number = first
+        pos += 1
+    if pos >= size:
+        return None
+    kind = datagram[pos]
+    if kind != _STREAM_LEN and kind != FrameType.STREAM:
+        return None
+    try:
+        offset, pos = _varint(datagram, pos + 1)
+        if kind == _STREAM_LEN:
+            length, pos = _varint(datagram, pos)
+            if pos + length != size:
+                return None  # more frames after it, or truncated
+    except WireError:
+        return None
+    if offset + (size - pos) > MAX_VARINT:
+        return None
+    return number, offset, pos
 
 
 # --- frames, encoded --------------------------------------------------------------------------------------
