@@ -66,6 +66,11 @@ class CongestionController(abc.ABC):
     def on_packet_sent(self, now: float, packet: SentPacket) -> None:  # noqa: B027 (optional hook)
         """An ack-eliciting packet left."""
 
+    def on_packets_sent(self, now: float, packets: Sequence[SentPacket]) -> None:
+        """Ack-eliciting packets left together (a run of new stream data)."""
+        for packet in packets:
+            self.on_packet_sent(now, packet)
+
     @abc.abstractmethod
     def on_packets_acked(
         self, now: float, packets: Sequence[SentPacket], rtt: RttEstimator, *, app_limited: bool
@@ -233,6 +238,16 @@ class BbrController(CongestionController):
     def on_packet_sent(self, now: float, packet: SentPacket) -> None:
         if packet.stream:
             self._model.on_sent(1, 0 if packet.retransmission else 1)
+
+    def on_packets_sent(self, now: float, packets: Sequence[SentPacket]) -> None:
+        stream = new = 0
+        for packet in packets:
+            if packet.stream:
+                stream += 1
+                if not packet.retransmission:
+                    new += 1
+        if stream:
+            self._model.on_sent(stream, new)
 
     def on_packets_acked(
         self, now: float, packets: Sequence[SentPacket], rtt: RttEstimator, *, app_limited: bool

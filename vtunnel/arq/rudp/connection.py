@@ -544,21 +544,31 @@ class Connection:
         elif final is not None and end > final:
             return ErrorCode.FINAL_SIZE_ERROR, "data past the final size"
         contiguous = self._contiguous
-        if end <= contiguous or (self._pending and self._pending_ranges.covers(start, end)):
+        if end <= contiguous:
             self._stats["stream_bytes_duplicate"] += len(data)
             return None
-        if start < contiguous:
-            self._stats["stream_bytes_duplicate"] += contiguous - start
-            data = data[contiguous - start :]
-            start = contiguous
         if start > contiguous:
+            held = self._pending_ranges
+            if not held or start >= held.last[1]:
+                # beyond all that waits: the usual case behind a hole (at 2% loss and a long round trip, most
+                # packets arrive while one before them is being repaired)
+                heapq.heappush(self._pending, (start, data))
+                held.add(start, end)
+                return None
+            if held.covers(start, end):
+                self._stats["stream_bytes_duplicate"] += len(data)
+                return None
             # keep only the parts not held yet, so that overlapping copies never pile up
-            missing = self._pending_ranges.missing(start, end)
+            missing = held.missing(start, end)
             self._stats["stream_bytes_duplicate"] += (end - start) - sum(b - a for a, b in missing)
             for piece_start, piece_end in missing:
                 heapq.heappush(self._pending, (piece_start, data[piece_start - start : piece_end - start]))
-            self._pending_ranges.add(start, end)
+            held.add(start, end)
             return None
+        if start < contiguous:  # (pending data all lies above contiguous: none of it covers this)
+            self._stats["stream_bytes_duplicate"] += contiguous - start
+            data = data[contiguous - start :]
+            start = contiguous
         ready = self._ready
         if data:
             ready.append(data)
@@ -821,12 +831,10 @@ class Connection:
         first_start = start
         sent = 0
         append = out.append
-        while (
-            start < limit
-            and tokens >= mds
-            and loss.bytes_in_flight + mds <= cc.congestion_window
-            and len(out) < _BURST_LIMIT
-        ):
+        packets: list[SentPacket] = []
+        keep = packets.append
+        room_in_window = cc.congestion_window - loss.bytes_in_flight
+        while start < limit and tokens >= mds and sent + mds <= room_in_window and len(out) < _BURST_LIMIT:
             number_bytes = encode_varint(number)
             room = head_room - len(number_bytes)
             take = min(limit - start, room - stream_overhead(start, limit - start))
@@ -837,10 +845,7 @@ class Connection:
                 break
             datagram = b"".join((head, number_bytes, stream_header(start, take), buf.slice(start, end)))
             size = len(datagram)
-            packet = SentPacket(number=number, sent_time=now, size=size, ack_eliciting=True)
-            packet.stream.append((start, take, False))
-            loss.on_sent(packet)
-            cc.on_packet_sent(now, packet)
+            keep(SentPacket(number, now, size, True, [(start, take, False)]))
             append(datagram)
             tokens -= size
             sent += size
@@ -848,6 +853,8 @@ class Connection:
             number += 1
         count = number - first_number
         if count:
+            loss.on_sent_run(packets, sent)
+            cc.on_packets_sent(now, packets)
             self._next_number = number
             self._send_next = start
             self._pings_owed = PACKET_THRESHOLD

@@ -167,6 +167,17 @@ class LossDetector:
         self.ack_eliciting_in_flight += 1
         self._last_ack_eliciting = packet.sent_time
 
+    def on_sent_run(self, packets: list[SentPacket], size: int) -> None:
+        """:meth:`on_sent` of ack-eliciting packets sent together (numbers ascending, ``size`` their bytes)."""
+        sent = self.sent
+        for packet in packets:
+            sent[packet.number] = packet
+        last = packets[-1]
+        self.largest_sent = last.number
+        self.bytes_in_flight += size
+        self.ack_eliciting_in_flight += len(packets)
+        self._last_ack_eliciting = last.sent_time
+
     def _forget(self, packet: SentPacket) -> None:
         self.bytes_in_flight -= packet.size
         self.ack_eliciting_in_flight -= 1
