@@ -129,6 +129,7 @@ def test_peek_number_reads_the_header_alone(dcid: bytes, number: int) -> None:
     datagram = encode_header(dcid, number) + b"\x01"
     assert peek_number(datagram) == number
     assert peek_number(memoryview(b"xy" + datagram)[2:]) == number
+    assert peek_number(b"xy" + datagram, 2) == number  # (a datagram of a run, by its offset in the buffer)
     assert peek_dcid(datagram) == dcid
 
 
@@ -137,6 +138,8 @@ def test_peek_number_reads_the_header_alone(dcid: bytes, number: int) -> None:
 def test_peek_number_of_garbage_raises_only_wire_error(raw: bytes) -> None:
     with contextlib.suppress(WireError):
         peek_number(raw)
+    with contextlib.suppress(WireError):
+        peek_number(raw, len(raw) // 2)
 
 
 @given(st.integers(min_value=0, max_value=MAX_VARINT - 2000), st.binary(max_size=1500), st.booleans())

@@ -227,14 +227,15 @@ def peek_dcid(datagram: bytes | memoryview) -> bytes:
     return bytes(datagram[1 : 1 + length])
 
 
-def peek_number(datagram: bytes | memoryview) -> int:
-    """The packet number of a packet, without parsing its frames (what shows a datagram newer than another)."""
-    if not datagram:
+def peek_number(datagram: bytes | memoryview, offset: int = 0) -> int:
+    """The packet number of the packet at ``datagram[offset:]`` (one of a run read at once), without parsing its
+    frames (what shows a datagram newer than another)."""
+    if offset >= len(datagram):
         raise WireError("empty datagram")
-    flags = datagram[0]
+    flags = datagram[offset]
     if flags & _FIXED_MASK != _FIXED or flags & _CID_MASK > MAX_CID_LEN:
         raise WireError("not an rudp packet")
-    return _varint(datagram, 1 + (flags & _CID_MASK))[0]
+    return _varint(datagram, offset + 1 + (flags & _CID_MASK))[0]
 
 
 def lone_stream(datagram: bytes | memoryview, dcid: bytes) -> tuple[int, int, int] | None:

@@ -36,7 +36,7 @@ class NewestNumber:
 
     def note(self, datagram: Datagram, offset: int = 0) -> bool:
         try:
-            number = peek_number(memoryview(datagram)[offset:] if offset else datagram)
+            number = peek_number(datagram, offset)
         except WireError:
             return False
         if number <= self.highest:
