@@ -592,13 +592,14 @@ class Connection:
         if frame.max_data > self._peer_max_data:
             self._peer_max_data = frame.max_data
         result = self._loss.on_ack(frame.ranges, frame.delay / 1e6, now)
-        for packet in result.acked:
-            self._stream_acked(packet)
-            if packet.ack_largest >= 0:
-                self._acks.on_ack_acknowledged(packet.ack_largest)
-        for packet in result.late:
-            self._stats["spurious_losses"] += 1
-            self._stream_acked(packet)
+        if result.acked:
+            self._stream_acked(result.acked)
+            for packet in result.acked:
+                if packet.ack_largest >= 0:
+                    self._acks.on_ack_acknowledged(packet.ack_largest)
+        if result.late:
+            self._stats["spurious_losses"] += len(result.late)
+            self._stream_acked(result.late)
         if result.acked:
             limited = self._app_limited or self._fell_behind
             self._fell_behind = False
@@ -611,22 +612,28 @@ class Connection:
             events.append(_ROOM)
         return None
 
-    def _stream_acked(self, packet: SentPacket) -> None:
+    def _stream_acked(self, packets: list[SentPacket]) -> None:
+        """The stream data of ``packets`` arrived: move the acknowledged prefix, note what lies above it."""
         acked = self._acked
-        for offset, length, fin in packet.stream:
-            if fin:
-                self._fin_acked = True
-            if not length:
-                continue
-            if not acked and offset <= self._send_base:
-                # no hole above the acknowledged prefix (the usual case): it just grows
-                self._send_base = max(self._send_base, offset + length)
-            else:
-                acked.add(offset, offset + length)
-        while acked and acked.first[0] <= self._send_base:
-            _, end = acked.pop_first()
-            if end > self._send_base:
-                self._send_base = end
+        base = self._send_base
+        for packet in packets:
+            for offset, length, fin in packet.stream:
+                if fin:
+                    self._fin_acked = True
+                if not length:
+                    continue
+                if offset <= base and not acked:
+                    # no hole above the acknowledged prefix (the usual case): it just grows
+                    end = offset + length
+                    if end > base:
+                        base = end
+                else:
+                    acked.add(offset, offset + length)
+            while acked and acked.first[0] <= base:
+                _, end = acked.pop_first()
+                if end > base:
+                    base = end
+        self._send_base = base
 
     def _on_lost(self, lost: list[SentPacket], now: float, *, persistent: bool) -> None:
         self._stats["packets_lost"] += len(lost)

@@ -194,6 +194,9 @@ class LossDetector:
             return result
         largest = ranges[0][1]
         sent = self.sent
+        pop = sent.pop
+        acked = result.acked
+        keep = acked.append
         oldest = next(iter(sent), largest + 1)
         for low, high in reversed(ranges):
             if high < oldest:
@@ -204,14 +207,15 @@ class LossDetector:
             else:
                 numbers = range(start, high + 1)
             for number in numbers:
-                packet = sent.pop(number, None)
+                packet = pop(number, None)
                 if packet is not None:
-                    self._forget(packet)
-                    result.acked.append(packet)
+                    keep(packet)
         if self._lost_numbers:
             self._find_late(ranges, result)
-        if not result.acked:
+        if not acked:
             return result
+        self.bytes_in_flight -= sum(packet.size for packet in acked)
+        self.ack_eliciting_in_flight -= len(acked)
         if largest > self.largest_acked:
             self.largest_acked = largest
         newest = result.acked[-1]
