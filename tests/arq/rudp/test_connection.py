@@ -26,7 +26,16 @@ from vtunnel.arq.rudp.connection import (
     StreamReadable,
 )
 from vtunnel.arq.rudp.recovery import RttEstimator, SentPacket
-from vtunnel.arq.rudp.wire import Ack, Close, DataBlocked, Stream, decode_packet, encode_ack, encode_header
+from vtunnel.arq.rudp.wire import (
+    Ack,
+    Close,
+    DataBlocked,
+    Ping,
+    Stream,
+    decode_packet,
+    encode_ack,
+    encode_header,
+)
 
 CLIENT_CID = b"client01"
 SERVER_CID = b"server01"
@@ -365,3 +374,26 @@ def test_a_lone_packet_lost_behind_a_bulk_transfer_is_found_by_the_thresholds_no
     # round trip on its way again; a probe timeout would come after the initial RTT's 333 ms or more (without the
     # PINGs: 1.03 s)
     assert arrived_at - sent_at < 0.06
+
+
+def test_an_ack_carries_a_ping_only_while_a_packet_with_content_is_unacknowledged() -> None:
+    """Request and answer: the answer acknowledges the request, so the client's ACK of the answer (sent after
+    the delay) owes nothing and stays ACK-only: no PINGs back and forth. With more of the client's data
+    unacknowledged when it goes, the same ACK carries a PING."""
+    for outstanding in (False, True):
+        client, server = pair()
+        client.send(b"request")
+        (request,) = client.datagrams_to_send(0.0)
+        server.receive_datagram(request, 0.001)
+        if outstanding:
+            client.send(b"more")
+            assert len(client.datagrams_to_send(0.001)) == 1  # lost on the way
+        server.send(b"answer")
+        (answer,) = server.datagrams_to_send(0.002)
+        assert isinstance(decode_packet(answer).frames[0], Ack)  # (it acknowledges the request)
+        client.receive_datagram(answer, 0.003)
+        (ack,) = client.datagrams_to_send(0.003 + client.config.max_ack_delay)
+        frames = decode_packet(ack).frames
+        assert isinstance(frames[0], Ack)
+        assert not [f for f in frames if isinstance(f, Stream)]
+        assert (Ping() in frames) is outstanding

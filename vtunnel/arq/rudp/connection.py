@@ -235,8 +235,10 @@ class Connection:
         #: the sender itself fell behind its pacing since the last ACK (see datagrams_to_send)
         self._fell_behind = False
         self._probes = 0
-        #: ACK-only packets still to carry a PING after the last packet with content (see _build)
+        #: ACK-only packets still to carry a PING after the last packet with content, while it is in flight (see
+        #: _build), and that packet's number
         self._pings_owed = 0
+        self._content_number = -1
         self._next_number = 0
         # path
         self._validated = address_validated
@@ -865,6 +867,7 @@ class Connection:
             self._next_number = number
             self._send_next = start
             self._pings_owed = PACKET_THRESHOLD
+            self._content_number = number - 1
             self._pacer.on_sent(sent)
             self._bytes_sent += sent
             stats = self._stats
@@ -927,10 +930,11 @@ class Connection:
                     packet.ack_eliciting = True
         if not frames:
             return None
-        if not packet.ack_eliciting and self._pings_owed:
-            # an ACK after a packet with content makes itself acknowledged (PING), so that the loss of that packet
-            # shows by the thresholds within a round trip: a lone packet (a window update to a bulk sender) would
-            # otherwise wait for the probe timeout, while its peer perhaps waits for it
+        if not packet.ack_eliciting and self._pings_owed and self._content_number in self._loss.sent:
+            # an ACK after a packet with content still in flight makes itself acknowledged (PING), so that the loss
+            # of that packet shows by the thresholds within a round trip: a lone packet (a window update to a bulk
+            # sender) would otherwise wait for the probe timeout, while its peer perhaps waits for it. Once it
+            # was acknowledged (an answer acknowledges a request) nothing is owed: no PINGs back and forth
             self._pings_owed -= 1
             frames.append(b"\x01")
             packet.ack_eliciting = True
@@ -955,6 +959,7 @@ class Connection:
             self._pacer.on_sent(size)
             if packet.stream or packet.datagrams or packet.blocked:
                 self._pings_owed = PACKET_THRESHOLD
+                self._content_number = number
         return datagram
 
     def _add_datagrams(self, frames: list[bytes], room: int, packet: SentPacket) -> int:
