@@ -1,7 +1,7 @@
 """Python calls per 64-byte request/response through a ``--forward`` agent and a ``--target`` server (a
 development tool, not a test).
 
-    python -m bench.rr_calls [--transport kcp|tcp] [--rounds 2000] [--top 40] [--no-profile]
+    python -m bench.rr_calls [--transport kcp|rudp|tcp] [--rounds 2000] [--top 40] [--callers] [--no-profile]
 
 The agent and the server run in this process, on one event loop (uvloop when installed); the client and the
 echo server run in a thread of their own with blocking sockets, so only the tunnel's work is on the loop's
@@ -9,7 +9,8 @@ thread. After a warm-up, ``sys.setprofile`` counts the calls the loop's thread m
 C functions they call) over ``--rounds`` round trips; the counts are of both ends of the tunnel together.
 Prints the calls per round trip, and with ``--top`` the functions called most; ``--no-profile`` counts nothing and
 prints the wall and CPU time per round trip (of the whole process: agent, server, client and echo, without the
-profiler's cost). Loopback only.
+profiler's cost); ``--callers`` prints the most frequent caller -> callee pairs instead of the functions. Loopback
+only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.runtime.process import run_async
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-URLS = {"kcp": "kcp://127.0.0.1:0?mode=fast3&mtu=1350", "tcp": "tcp://127.0.0.1:0"}
+URLS = {
+    "kcp": "kcp://127.0.0.1:0?mode=fast3&mtu=1350",
+    "rudp": "rudp://127.0.0.1:0",
+    "tcp": "tcp://127.0.0.1:0",
+}
 MESSAGE = bytes(64)
 WARMUP = 300
 
@@ -49,20 +54,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _name(frame: FrameType | None) -> str:
+    if frame is None:
+        return "-"
+    code = frame.f_code
+    return "/".join(code.co_filename.rsplit("/", 2)[-2:]) + ":" + code.co_qualname
+
+
 class Counter:
     def __init__(self) -> None:
         self.python: collections.Counter[str] = collections.Counter()
         self.native: collections.Counter[str] = collections.Counter()
+        self.pairs: collections.Counter[str] = collections.Counter()
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
         if event == "call":
-            code = frame.f_code
-            self.python["/".join(code.co_filename.rsplit("/", 2)[-2:]) + ":" + code.co_qualname] += 1
+            name = _name(frame)
+            self.python[name] += 1
+            self.pairs[f"{_name(frame.f_back)} -> {name}"] += 1
         elif event == "c_call":
             self.native[getattr(arg, "__qualname__", repr(arg))] += 1
 
 
-async def _main(transport: str, rounds: int, top: int, profile: bool) -> None:
+async def _main(transport: str, rounds: int, top: int, profile: bool, callers: bool) -> None:
     echo = socket.create_server(("127.0.0.1", 0))
     echo_port = echo.getsockname()[1]
     threading.Thread(target=_echo, args=(echo,), daemon=True).start()
@@ -129,7 +143,7 @@ async def _main(transport: str, rounds: int, top: int, profile: bool) -> None:
         f"{transport}: {rounds} round trips, {python / rounds:.1f} Python calls and {native / rounds:.1f} C calls per round trip (agent + server)"
     )
     print(f"profiled wall time per round trip: {wall:.0f} us")
-    for name, n in counter.python.most_common(top):
+    for name, n in (counter.pairs if callers else counter.python).most_common(top):
         print(f"  {n / rounds:6.2f}  {name}")
     if top:
         print("  -- C --")
@@ -142,9 +156,10 @@ def main() -> None:
     parser.add_argument("--transport", choices=sorted(URLS), default="kcp")
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--callers", action="store_true")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args()
-    run_async(lambda: _main(args.transport, args.rounds, args.top, args.profile))
+    run_async(lambda: _main(args.transport, args.rounds, args.top, args.profile, args.callers))
 
 
 if __name__ == "__main__":
