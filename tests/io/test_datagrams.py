@@ -131,18 +131,23 @@ async def test_coalescing_over_ipv6_loopback() -> None:
     await _exchange_runs([1200] * 30 + [100], family=socket.AF_INET6)
 
 
+@pytest.mark.parametrize("answer", [True, False])
 @pytest.mark.parametrize("gro", [True, False])
-async def test_a_lone_small_datagram_first_is_handed_over_alone(gro: bool) -> None:
+async def test_a_lone_small_datagram_first_is_handed_over_alone(gro: bool, answer: bool) -> None:
     """The first datagram of a wakeup, lone and small (a request's answer), goes up in a batch of its own
-    before the socket is read on; what was queued behind it follows in the next batch of the same wakeup. A
-    large one first does not: the whole wakeup is one batch."""
+    before the socket is read on. When the handler sent something for it, what was queued behind it follows in
+    the next batch of the same wakeup; when it sent nothing, the wakeup ends there and the next wakeup (the
+    socket is still readable) takes the rest, in order, nothing lost. A large one first does not: the whole
+    wakeup is one batch."""
     batches: list[list[bytes]] = []
 
     def on_runs(runs: list[Run]) -> None:
         batches.append([bytes(d) for buffer, segment, _ in runs for d in split_run(buffer, segment)])
+        if answer:
+            rx.sendto(b"ack", tx.local_address)
 
     rx = CoalescingSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), on_runs, gro=gro)
-    tx = DatagramSocket(open_udp_socket(socket.AF_INET), lambda batch: None)
+    tx = DatagramSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), lambda batch: None)
     try:
         for first in (100, LONE_BYTES + 1):
             batches.clear()
@@ -152,10 +157,12 @@ async def test_a_lone_small_datagram_first_is_handed_over_alone(gro: bool) -> No
             with anyio.fail_after(5):
                 while sum(map(len, batches)) < len(sent):
                     await anyio.sleep(0.01)
-            if first <= LONE_BYTES:
-                assert batches == [sent[:1], sent[1:]]
-            else:
+            if first > LONE_BYTES:
                 assert batches == [sent]
+            elif answer:
+                assert batches == [sent[:1], sent[1:]]
+            else:  # (the second is lone and small too when its wakeup reads it first)
+                assert batches == [sent[:1], sent[1:2], sent[2:]]
     finally:
         rx.close()
         tx.close()

@@ -12,8 +12,9 @@ equal-size datagrams from one source in one buffer, handed over as ``(buffer, se
 loopback a run sent with segmentation offload arrives whole, so neither kernel splits it. Where GRO is not
 available every run is a single datagram. A lone small datagram read first in a wakeup (an exchange's next
 message, typically) is handed over on its own before the socket is read again (:data:`LONE_BYTES`): its answer
-leaves before the read that finds the socket empty, which would otherwise delay it. Reading then goes on until
-the socket is empty, as in every wakeup.
+leaves before any further read. If nothing was sent for it, the wakeup ends there (readiness is level-triggered:
+the loop calls again for anything that arrived meanwhile), which saves a read that finds the socket empty per
+message; otherwise reading goes on until the socket is empty, as in every wakeup.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 #: one coalescing read callback stops after this many bytes (it also stops at ``batch`` system calls)
 RUN_BATCH_BYTES: Final = 1024 * 1024
 #: a lone datagram up to this size read first in a wakeup is handed over before the socket is read again: the
-#: answer of a request/response exchange goes on at once, and the read that finds the socket empty comes after
+#: answer of a request/response exchange goes on at once, and the read that would find the socket empty is
+#: skipped when nothing was sent for it (``_UDPSocket._lone``)
 LONE_BYTES: Final = 512
 
 
@@ -221,8 +223,9 @@ class _UDPSocket:
                 log.warning("udp send failed", error=repr(exc))
             self.dropped_sends += 1
 
-    def sendto_many(self, datagrams: list[bytes], address: Address) -> None:
-        """Send a batch; runs of equal-size datagrams go out in one system call (UDP GSO) where Linux allows."""
+    def sendto_many(self, datagrams: list[bytes], address: Address, _runs: object = None, /) -> None:
+        """Send a batch; runs of equal-size datagrams go out in one system call (UDP GSO) where Linux allows.
+        A third argument is ignored (a sealing output's clear runs: so a plain one can be this method itself)."""
         if len(datagrams) == 1:  # (sendto inline: a message of an exchange is one datagram)
             if self._closed:
                 return
@@ -364,8 +367,7 @@ class CoalescingSocket(_UDPSocket):
             if first:
                 first = False
                 if segment >= size and size <= LONE_BYTES:  # a lone small datagram goes up before reading on
-                    self._handler(runs)
-                    if self._closed:
+                    if self._lone(runs):
                         return
                     runs = []
             budget -= size
@@ -373,6 +375,19 @@ class CoalescingSocket(_UDPSocket):
                 break
         if runs and not self._closed:
             self._handler(runs)
+
+    def _lone(self, runs: list[Run]) -> bool:
+        """Hand over a lone small datagram read first in a wakeup; whether the wakeup ends there.
+
+        It ends when the socket is closed, and when nothing was sent for the datagram (a request or an answer of
+        an exchange, whose ACK waits to ride on the next message): the socket is then most likely empty, and the
+        read that would find it so is saved, since readiness is level-triggered (the loop calls again at once
+        for anything that did arrive). A datagram that made the handler send (an ACK that let a bulk sender
+        send on) keeps the wakeup reading until the socket is empty, so such a sender's ACKs are still taken in
+        batches."""
+        sent = self.sent
+        self._handler(runs)
+        return self._closed or self.sent == sent
 
     def _read_single(self) -> None:
         recv = self.sock.recvfrom_into
@@ -392,8 +407,7 @@ class CoalescingSocket(_UDPSocket):
             if first:
                 first = False
                 if size <= LONE_BYTES:  # a lone small datagram goes up before reading on
-                    self._handler(runs)
-                    if self._closed:
+                    if self._lone(runs):
                         return
                     runs = []
         if runs and not self._closed:
