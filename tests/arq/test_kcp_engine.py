@@ -237,6 +237,36 @@ def test_a_paced_writer_queues_about_the_pacers_window_not_the_whole_send_window
     assert not unpaced.writable()
 
 
+@pytest.mark.parametrize("pacing", ["on", "off"])
+def test_write_is_send_and_flush_and_refuses_a_full_window(pacing: str) -> None:
+    """``write`` queues and flushes at once (the data is on the wire, the owed ACKs with it), says how many
+    segments were waiting before it, and does nothing at all where ``room()`` says there is none."""
+    a = KCPEngine(conv=77, options=parse_options({"pacing": pacing}), mtu=1350, now=0.0)
+    b = KCPEngine(conv=77, options=parse_options({"pacing": pacing}), mtu=1350, now=0.0)
+    assert a.write(b"request", 0.001) == 0
+    for datagram in a.datagrams_to_send():
+        assert b.receive_datagram(datagram, 0.002)
+    assert b.receive(100) == b"request"
+    assert b.write(b"answer", 0.003) == 0  # the answer carries the ACK of the request
+    (answer,) = b.datagrams_to_send()
+    assert a.waiting() == 1
+    assert a.receive_datagram(answer, 0.004)
+    assert a.note_acks(0.004) == 0  # acknowledged by the answer: nothing waits
+    assert a.receive(100) == b"answer"
+    assert a.write(b"x" * 3000, 0.005) == 0
+    assert a.write(b"y", 0.005) == 3
+    a.datagrams_to_send()
+    fill(a)
+    assert a.room() <= 0
+    waiting = a.waiting()
+    assert a.write(b"refused", 0.5) == -1
+    assert a.waiting() == waiting
+    assert a.datagrams_to_send() == []
+    a.close()
+    with pytest.raises(KCPEngineError):
+        a.write(b"late", 1.0)
+
+
 def acks_in(datagram: bytes) -> list[tuple[int, int]]:
     """(sn, ts) of the ACK segments of a datagram made only of ACKs."""
     assert len(datagram) % 24 == 0

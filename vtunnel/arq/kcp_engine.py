@@ -201,7 +201,9 @@ class KCPEngine:
         """Send what is due now: ACKs for the input so far, new data within the window, retransmissions."""
         if self.closed:
             return
-        kcp = self._kcp
+        self._flush(self._kcp, now)
+
+    def _flush(self, kcp: siokcp.KCPConnection, now: float) -> None:
         kcp.current = int(now * 1000.0) & _MASK32
         pacer = self._pacer
         if pacer is None:
@@ -212,6 +214,29 @@ class KCPEngine:
             self._count_sent(pacer, sent_before)
         if kcp.state == -1:
             self.dead = True
+
+    def write(self, data: bytes | memoryview, now: float) -> int:
+        """Queue ``data`` and flush (:meth:`send` then :meth:`flush`, for a writer that sends at once): how many
+        segments were waiting before it (:meth:`waiting`), or -1, doing nothing, when :meth:`room` is 0 or less.
+        One call per message where there were four."""
+        if self.closed:
+            raise KCPEngineError("the KCP session is closed")
+        kcp = self._kcp
+        waiting: int = kcp.waitsnd()
+        room = self.send_window - waiting
+        pacer = self._pacer
+        if pacer is not None:  # (room() inline)
+            paced = max(pacer.window, _MIN_QUEUE) - kcp.nsnd_que
+            if paced < room:
+                room = paced
+        if room <= 0:
+            return -1
+        if len(data) <= self.max_data * _SEGMENTS_PER_SEND:
+            kcp.send(data)
+        else:
+            self.send(data)
+        self._flush(kcp, now)
+        return waiting
 
     def handle_timer(self, now: float) -> None:
         if self.closed:
@@ -232,22 +257,21 @@ class KCPEngine:
         if kcp.state == -1:
             self.dead = True
 
-    def note_acks(self, now: float) -> None:
-        """Tell the pacer what the input so far acknowledged (else the next flush does). A driver calls it once an
-        input's bytes went up, so the pacer's bookkeeping is not on the way from a request to its answer."""
-        pacer = self._pacer
-        if pacer is not None and not self.closed and self._seen_buf > self._kcp.nsnd_buf:
-            self._acked(pacer, now)
-
-    def _acked(self, pacer: Pacer, now: float) -> None:
-        """Tell the pacer what left the send buffer since it was last told (callers call it only when something
-        did: ``_seen_buf`` above the segments in flight)."""
+    def note_acks(self, now: float) -> int:
+        """Tell the pacer what the input so far acknowledged (else the next flush does); returns :meth:`waiting`,
+        what a driver asks next. A driver calls it once an input's bytes went up, so the pacer's bookkeeping is
+        not on the way from a request to its answer."""
+        if self.closed:
+            return 0
         kcp = self._kcp
         in_flight: int = kcp.nsnd_buf
-        srtt: float = kcp.rx_srtt
-        srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
-        pacer.on_acked(now, self._seen_buf - in_flight, srtt, app_limited=kcp.nsnd_que == 0)
-        self._seen_buf = in_flight
+        pacer = self._pacer
+        if pacer is not None and self._seen_buf > in_flight:  # something left the send buffer since the last
+            srtt: float = kcp.rx_srtt
+            srtt = srtt / 1000.0 if srtt > 0 else 0.0005  # ikcp counts whole ms: under one reads as 0
+            pacer.on_acked(now, self._seen_buf - in_flight, srtt, app_limited=kcp.nsnd_que == 0)
+            self._seen_buf = in_flight
+        return int(in_flight + kcp.nsnd_que)
 
     def _gate(self, pacer: Pacer, now: float) -> int:
         """Tell the pacer what was acknowledged, then open ikcp's send window by what it allows.
@@ -257,7 +281,7 @@ class KCPEngine:
         kcp = self._kcp
         in_flight: int = kcp.nsnd_buf
         if self._seen_buf > in_flight:
-            self._acked(pacer, now)
+            self.note_acks(now)
         queued: int = kcp.nsnd_que
         if queued:  # with nothing queued this flush moves no new segment: the window does not matter
             span = (kcp.snd_nxt - kcp.snd_una) & _MASK32

@@ -291,9 +291,13 @@ class Pacer:
         room = self.window - in_flight
         if room <= 0:
             return 0
-        if self.pacing_rate <= 0:
+        rate = self.pacing_rate
+        if rate <= 0:
             return room
-        self._refill(now)
+        elapsed = now - self._last_refill  # (_refill inline: asked before every flush that has data to send)
+        self._last_refill = now
+        if elapsed > 0:
+            self._tokens = min(self._burst, self._tokens + elapsed * rate)
         allowed = int(self._tokens + _EPSILON)
         if allowed <= 0:
             return 0

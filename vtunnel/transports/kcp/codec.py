@@ -28,6 +28,7 @@ from vtunnel.transports.link import Link, LinkConsumer, Refusals
 
 __all__ = [
     "LINGER",
+    "TIMER_SLACK",
     "ArqLink",
     "ClearRuns",
     "ClientCodec",
@@ -37,7 +38,6 @@ __all__ = [
     "Runs",
     "Sealer",
     "Send",
-    "SendMany",
     "Stray",
     "Transmit",
     "take_each",
@@ -60,14 +60,12 @@ class Sealer(Protocol):
 
 #: sends one datagram to an address (what a codec answers with: handshake replies, challenges, resets)
 Send: TypeAlias = Callable[[bytes, Address], None]
-#: sends a batch of datagrams to an address as they are (the socket's ``sendto_many``)
-SendMany: TypeAlias = Callable[[list[bytes], Address], None]
 
 
 class Transmit(Protocol):
     """A session's output: sends a batch of its ARQ's datagrams to an address; ``runs`` (one entry per datagram,
     from a link that carries passthrough records) the ranges a sealing output leaves in the clear, which any
-    other ignores."""
+    other ignores (the socket's ``sendto_many`` is a plain one as it is)."""
 
     def __call__(
         self, datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
@@ -115,7 +113,7 @@ class RoutedLink(Link):
 #: seconds ``aclose`` waits for what was sent to be acknowledged before a session is torn down
 LINGER: Final = 1.0
 #: a deadline within this of the armed one does not re-arm the timer
-_TIMER_SLACK: Final = 0.0005
+TIMER_SLACK: Final = 0.0005
 
 
 class ArqLink(RoutedLink):
@@ -168,7 +166,7 @@ class ArqLink(RoutedLink):
         stays put over many messages; left at a deadline that moved later, it would wake the loop for nothing)."""
         timer = self._timer
         if timer is not None:
-            if abs(due - self._timer_when) <= _TIMER_SLACK:
+            if abs(due - self._timer_when) <= TIMER_SLACK:
                 return
             timer.cancel()
         self._timer_when = due
@@ -227,17 +225,11 @@ def take_each(link: RoutedLink, buffer: bytes, segment: int, into: list[Datagram
     return True
 
 
-def transmitter(send_many: SendMany, seal: Sealer | None) -> Transmit:
-    """A session's output: ``send_many``, with every batch sealed first (with its clear runs) when there is a
-    ``seal``."""
+def transmitter(send_many: Transmit, seal: Sealer | None) -> Transmit:
+    """A session's output: ``send_many`` (the socket's ``sendto_many``), with every batch sealed first (with its
+    clear runs) when there is a ``seal``."""
     if seal is None:
-
-        def send(
-            datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
-        ) -> None:
-            send_many(datagrams, address)
-
-        return send
+        return send_many  # (it takes and ignores the runs: one call less per datagram sent)
 
     def transmit(
         datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /

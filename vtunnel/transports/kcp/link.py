@@ -27,7 +27,7 @@ from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
 from vtunnel.security.datagram import PT_OVERHEAD, RUN_ENTRY
-from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
+from vtunnel.transports.kcp.codec import TIMER_SLACK, ArqLink, Datagram, Transmit
 from vtunnel.transports.link import ANY_SIZE, READ_SIZE, LinkConsumer, LinkStats
 
 __all__ = ["ACK_DELAY", "ACK_HOLD", "ACK_NOW_SEGMENTS", "KCPLink"]
@@ -164,12 +164,9 @@ class KCPLink(ArqLink):
         self._deliver()
         if engine.closed:
             return
-        engine.note_acks(now)  # (after the bytes went up: an answer to them is on its way meanwhile)
-        if (
-            self._consumer is not None
-            and self._unacked < ACK_NOW_SEGMENTS * engine.max_data
-            and not engine.waiting()
-        ):
+        # the pacer hears of the ACKs after the bytes went up: an answer to them is on its way meanwhile
+        waiting = engine.note_acks(now)
+        if self._consumer is not None and self._unacked < ACK_NOW_SEGMENTS * engine.max_data and not waiting:
             if self._ack_due is None:
                 armed = self._timer_when
                 if now + ACK_DELAY <= armed <= now + self._ack_hold:
@@ -213,16 +210,23 @@ class KCPLink(ArqLink):
         if self._closed or self._error is not None:
             self._check_usable()
         engine = self._engine
-        if engine.room() <= 0:  # (engine.writable(), one call less per write)
+        tracker = self._clear_runs
+        if tracker is not None:
+            if engine.room() <= 0:
+                self._blocked = True
+                raise anyio.WouldBlock
+            tracker.sent(data)
+        now = self._loop.time()
+        # queued and flushed in one call: the ACKs still owed leave with the data
+        waited = engine.write(data, now)
+        if waited < 0:
             self._blocked = True
             raise anyio.WouldBlock
-        now = self._loop.time()
-        if engine.waiting() == 0:
+        if waited == 0:
             self._busy_since = now
-        if self._clear_runs is not None:
-            self._clear_runs.sent(data)
-        engine.send(data)
-        self._flush(now)  # the ACKs still owed leave with the data
+        self._unacked = 0  # (what _flush resets, inline)
+        self._ack_due = None
+        self._flush_due = False
         self._service(now)
 
     def send_room(self) -> int:
@@ -310,7 +314,10 @@ class KCPLink(ArqLink):
             self._flush(now)
         out = engine.datagrams_to_send()
         if out:
-            self._send_out(out)
+            if self._clear_runs is None:
+                self._transmit(out, self.remote_address)
+            else:
+                self._send_out(out)
         if engine.dead:
             self.fail("dead link: a segment was retransmitted too often")
             return
@@ -319,7 +326,8 @@ class KCPLink(ArqLink):
         ack_due = self._ack_due
         if ack_due is not None and ack_due < due:
             due = ack_due
-        self._arm(due)
+        if self._timer is None or abs(due - self._timer_when) > TIMER_SLACK:  # (else _arm has nothing to do)
+            self._arm(due)
         if (self._blocked or self._drain_waiters) and engine.writable():
             if self._blocked:
                 self._blocked = False

@@ -101,6 +101,8 @@ class PlainListenerCodec(KeylessListenerCodec[PlainKey]):
     def __init__(self) -> None:
         super().__init__(kcp_key, NewestMarks)
 
+    key_of = staticmethod(kcp_key)  # (the same, one call less per datagram)
+
 
 class PlainClientCodec(ClientCodec):
     """A client's plain KCP datagrams: no handshake; what comes from the server's address, vetted (the socket is

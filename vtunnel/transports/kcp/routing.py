@@ -100,23 +100,34 @@ class DatagramListener(Listener[Link], Generic[C]):
         one-at-a-time way, so nothing that arrived after a session's datagrams is handled before them."""
         codec, links = self._codec, self._links
         groups: dict[RoutedLink, list[Datagram]] = {}
-        batches: dict[RoutedLink, tuple[Any, Address, Runs]] = {}
-        for buffer, segment, source in runs:
+        routed = False
+        if len(runs) == 1:  # (a message of an exchange, typically: its batch is opened without building one)
+            buffer, segment, source = runs[0]
             key = codec.key_of(buffer, source)
             link = links.get(key) if key is not None else None
             if link is not None and link.remote_address == source:
-                batch = batches.get(link)
-                if batch is None:
-                    batches[link] = key, source, [(buffer, segment)]
-                else:
-                    batch[2].append((buffer, segment))
-                continue
+                stray = partial(self._route, source=source, groups=groups)
+                dropped = codec.open_run(key, link, [(buffer, segment)], groups.setdefault(link, []), stray)
+                self.dropped += dropped  # (after the strays, which count their own)
+                routed = True
+        if not routed:
+            batches: dict[RoutedLink, tuple[Any, Address, Runs]] = {}
+            for buffer, segment, source in runs:
+                key = codec.key_of(buffer, source)
+                link = links.get(key) if key is not None else None
+                if link is not None and link.remote_address == source:
+                    batch = batches.get(link)
+                    if batch is None:
+                        batches[link] = key, source, [(buffer, segment)]
+                    else:
+                        batch[2].append((buffer, segment))
+                    continue
+                if batches:
+                    self._open_batches(batches, groups)
+                for datagram in split_run(buffer, segment):
+                    self._route(datagram, source, groups)
             if batches:
                 self._open_batches(batches, groups)
-            for datagram in split_run(buffer, segment):
-                self._route(datagram, source, groups)
-        if batches:
-            self._open_batches(batches, groups)
         for link, payloads in groups.items():
             if payloads:
                 link.feed(payloads)
