@@ -172,14 +172,6 @@ class ArqLink(RoutedLink):
         self._timer_when = due
         self._timer = self._loop.call_at(due, self._on_timer)
 
-    def _arm_earlier(self, due: float) -> None:
-        """Have the timer fire at ``due`` if that is earlier than it is armed for (rudp's: its deadline moves later
-        with nearly every message, the PTO after each send and the held ACK after each receipt; a timer armed
-        earlier stays and, firing, finds little or nothing due and re-arms, instead of a loop timer cancelled and
-        made anew for each message)."""
-        if due < self._timer_when:
-            self._arm(due)
-
     async def _linger(self, done: Callable[[], bool]) -> None:
         """Wait (at most :data:`LINGER`) until ``done()``, woken by :meth:`_wake_drain_waiters`."""
         with anyio.move_on_after(LINGER, shield=True):
