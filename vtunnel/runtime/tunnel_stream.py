@@ -246,11 +246,14 @@ class TunnelStream:
         self._unacknowledged -= n
         carrier = self._carrier
         if not carrier.closed:
+            tunnel = carrier.tunnel
             try:  # (not contextlib.suppress: a with-statement is three more calls per message)  # noqa: SIM105
-                carrier.tunnel.acknowledge_received_data(self.stream_id, n)
+                tunnel.acknowledge_received_data(self.stream_id, n)
             except VTunnelError:
                 pass
-            carrier.transmit()
+            # a WINDOW_UPDATE was queued (at half a window): else there is nothing to transmit
+            if tunnel.has_data_to_send:
+                carrier.transmit()
             carrier.resume_reading(self)
 
     # ---------------------------------------------------------------- writing
