@@ -58,7 +58,6 @@ class KCPEngine:
         "_last_acks",
         "_last_acks_ms",
         "_leftover",
-        "_nxt_before",
         "_out",
         "_pacer",
         "_repeat_acks",
@@ -106,7 +105,6 @@ class KCPEngine:
         #: delivery-rate pacing (``None``: ikcp sends whatever its window allows, at once)
         self._pacer: Pacer | None = Pacer(max_window=options.sndwnd, now=now) if options.pacing else None
         self._seen_buf = 0
-        self._nxt_before = 0
         #: segments that may wait in the send queue + buffer before a writer must wait
         self.send_window: int = options.sndwnd
         #: the most data bytes one segment may carry
@@ -203,15 +201,42 @@ class KCPEngine:
             return
         self._flush(self._kcp, now)
 
-    def _flush(self, kcp: siokcp.KCPConnection, now: float) -> None:
-        kcp.current = int(now * 1000.0) & _MASK32
+    def _flush(self, kcp: siokcp.KCPConnection, now: float, *, tick: bool = False) -> None:
+        """ikcp's flush (``tick``: its update, which flushes only once its interval is up), paced: the pacer hears
+        of what was acknowledged, opens ikcp's send window by what it allows, and counts what was sent."""
+        current = int(now * 1000.0) & _MASK32
         pacer = self._pacer
         if pacer is None:
-            kcp.flush()
+            if tick:
+                kcp.update(current)
+            else:
+                kcp.current = current
+                kcp.flush()
         else:
-            sent_before = self._gate(pacer, now)
-            kcp.flush()
-            self._count_sent(pacer, sent_before)
+            in_flight: int = kcp.nsnd_buf
+            if self._seen_buf > in_flight:
+                self.note_acks(now)
+            queued: int = kcp.nsnd_que
+            if queued:  # with nothing queued this flush moves no new segment: the window does not matter
+                span = (kcp.snd_nxt - kcp.snd_una) & _MASK32
+                wnd = span + pacer.allowance(now, in_flight)
+                kcp.snd_wnd = wnd if wnd < self.send_window else self.send_window
+            nxt_before: int = kcp.snd_nxt
+            out = self._out
+            before = len(out)
+            if tick:
+                kcp.update(current)
+            else:
+                kcp.current = current
+                kcp.flush()
+            if len(out) > before:
+                # full data segments, from the datagrams themselves: ikcp's counters miss fast retransmissions,
+                # which then went out unpaced. ikcp never lets a datagram pass the MTU, so a full segment rides
+                # alone and a datagram of ACKs (or of a short tail) counts nothing
+                sent = sum(map(floordiv, map(len, out[before:]), repeat(self._segment_bytes)))
+                if sent:
+                    pacer.on_sent(sent, (kcp.snd_nxt - nxt_before) & _MASK32)
+            self._seen_buf = kcp.nsnd_buf
         if kcp.state == -1:
             self.dead = True
 
@@ -243,19 +268,12 @@ class KCPEngine:
             return
         kcp = self._kcp
         pacer = self._pacer
-        if pacer is None:
-            kcp.update(_ms(now))
-        else:
+        tick = True  # ikcp's update: a flush once its interval is up
+        if pacer is not None:
             release = pacer.next_release(now, kcp.nsnd_buf, kcp.nsnd_que)
-            sent_before = self._gate(pacer, now)
             if release is not None and release <= now and self._span_room(kcp) > 0:
-                kcp.current = _ms(now)
-                kcp.flush()
-            else:
-                kcp.update(_ms(now))
-            self._count_sent(pacer, sent_before)
-        if kcp.state == -1:
-            self.dead = True
+                tick = False  # the pacer's release is due: flush now
+        self._flush(kcp, now, tick=tick)
 
     def note_acks(self, now: float) -> int:
         """Tell the pacer what the input so far acknowledged (else the next flush does); returns :meth:`waiting`,
@@ -272,35 +290,6 @@ class KCPEngine:
             pacer.on_acked(now, self._seen_buf - in_flight, srtt, app_limited=kcp.nsnd_que == 0)
             self._seen_buf = in_flight
         return int(in_flight + kcp.nsnd_que)
-
-    def _gate(self, pacer: Pacer, now: float) -> int:
-        """Tell the pacer what was acknowledged, then open ikcp's send window by what it allows.
-
-        Returns the sequence number plus retransmission count before the flush, for :meth:`_count_sent`.
-        """
-        kcp = self._kcp
-        in_flight: int = kcp.nsnd_buf
-        if self._seen_buf > in_flight:
-            self.note_acks(now)
-        queued: int = kcp.nsnd_que
-        if queued:  # with nothing queued this flush moves no new segment: the window does not matter
-            span = (kcp.snd_nxt - kcp.snd_una) & _MASK32
-            wnd = span + pacer.allowance(now, in_flight)
-            kcp.snd_wnd = wnd if wnd < self.send_window else self.send_window
-        self._nxt_before = kcp.snd_nxt
-        return len(self._out)
-
-    def _count_sent(self, pacer: Pacer, before: int) -> None:
-        out = self._out
-        kcp = self._kcp
-        if len(out) > before:
-            # full data segments, from the datagrams themselves: ikcp's counters miss fast retransmissions,
-            # which then went out unpaced. ikcp never lets a datagram pass the MTU, so a full segment rides
-            # alone and a datagram of ACKs (or of a short tail) counts nothing
-            sent = sum(map(floordiv, map(len, out[before:]), repeat(self._segment_bytes)))
-            if sent:
-                pacer.on_sent(sent, (kcp.snd_nxt - self._nxt_before) & _MASK32)
-        self._seen_buf = kcp.nsnd_buf
 
     def next_deadline(self, now: float) -> float | None:
         """When :meth:`handle_timer` must run, or ``None`` when the session is quiet.
