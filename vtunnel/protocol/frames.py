@@ -9,7 +9,9 @@ Two paths, one module:
 * **Control frames** (SETTINGS, PING, HEADERS for SYN/SYN-ACK/RST, WINDOW_UPDATE, GOAWAY) are built and their
   payloads parsed with hyperframe's frame classes (``encode_*``/``decode_*``). hyperframe's exceptions never leave
   this module: a malformed payload becomes a ``FrameError`` (``frame_size`` when its length is impossible for its
-  type), which the tunnel turns into a GOAWAY.
+  type), which the tunnel turns into a GOAWAY. The two that come once per stream or per window's worth of data,
+  WINDOW_UPDATE and HEADERS without a header block (a SYN, SYN-ACK or RST to a vproxy peer or without a reason),
+  are ``struct`` too, both ways: a thousand streams' opens and credit cost hyperframe about 5 us a frame.
 
 Where vproxy's bytes differ from what hyperframe 6.1 writes, the codec keeps vproxy's bytes:
 
@@ -35,8 +37,8 @@ from collections.abc import Callable, Iterable
 from enum import IntEnum
 from typing import Any, NamedTuple, TypeVar
 
-from hyperframe.exceptions import HyperframeError, InvalidDataError, InvalidFrameError
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+from hyperframe.exceptions import HyperframeError, InvalidFrameError
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame
 
 __all__ = [
     "ACK",
@@ -106,6 +108,9 @@ MAX_RUN_RECORDS = 256
 VPROXY_GOAWAY_ID = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
+_WINDOW_UPDATE = struct.Struct(">IBII")  # the frame header, then the increment
+_WINDOW_UPDATE_LT = (4 << 8) | 0x8  # (length << 8 | type) of every WINDOW_UPDATE
+_INCREMENT = struct.Struct(">I")
 _GOAWAY = struct.Struct(">II")
 _SETTING = struct.Struct(">HI")
 _DATAGRAM = struct.Struct(">BI")  # kind, stream id
@@ -213,6 +218,8 @@ def encode_headers(stream_id: int, block: bytes = b"", *, end_stream: bool = Fal
     """HEADERS: SYN/SYN-ACK (flags 0) or RST (``end_stream``), with an optional header block and no END_HEADERS."""
     if not 0 < stream_id <= 0x7FFFFFFF:
         raise ValueError(f"HEADERS need a stream id in 1..2^31-1, not {stream_id}")
+    if not block:  # the same bytes as hyperframe's (the tests check it), without its frame object
+        return _HEADER.pack(0x1, END_STREAM if end_stream else 0, stream_id)
     return HeadersFrame(stream_id, block, flags=_RST if end_stream else ()).serialize()
 
 
@@ -220,6 +227,8 @@ def decode_headers(stream_id: int, flags: int, payload: bytes | memoryview) -> t
     """``(end_stream, header block)`` of a HEADERS frame. Only END_STREAM is read from ``flags``."""
     if not stream_id:
         raise FrameError("HEADERS on stream 0")
+    if not payload:  # nothing to parse: no padding or priority is read (flags other than END_STREAM are not)
+        return bool(flags & END_STREAM), b""
     frame = HeadersFrame(stream_id)
     frame.parse_flags(flags & END_STREAM)
     _parse(frame, payload, "HEADERS", "payload is malformed")
@@ -239,20 +248,16 @@ def decode_goaway(payload: bytes | memoryview) -> tuple[int, int, str]:
 
 
 def encode_window_update(stream_id: int, increment: int) -> bytes:
-    return WindowUpdateFrame(stream_id, increment).serialize()
+    """WINDOW_UPDATE (``struct``: the bytes of hyperframe's ``WindowUpdateFrame``, reserved bits clear)."""
+    return _WINDOW_UPDATE.pack(_WINDOW_UPDATE_LT, 0, stream_id & MAX_WINDOW, increment & MAX_WINDOW)
 
 
 def decode_window_update(payload: bytes | memoryview) -> int:
     """The increment, reserved bit ignored. 0 is returned as is: refusing it is the tunnel's job."""
-    frame = WindowUpdateFrame(0)
-    try:
-        frame.parse_body(memoryview(payload))
-    except InvalidFrameError:
-        raise FrameError("WINDOW_UPDATE payload is not 4 bytes", frame_size=True) from None
-    except InvalidDataError:  # hyperframe refuses 0 and a set reserved bit; 4 bytes were read
-        return int.from_bytes(payload, "big") & MAX_WINDOW
-    increment: int = frame.window_increment
-    return increment
+    if len(payload) != 4:
+        raise FrameError("WINDOW_UPDATE payload is not 4 bytes", frame_size=True)
+    increment: int = _INCREMENT.unpack(payload)[0]
+    return increment & MAX_WINDOW
 
 
 def encode_stream_datagram(stream_id: int, payload: bytes | memoryview) -> bytes:
