@@ -8,6 +8,7 @@ import pytest
 
 from tests.protocol.helpers import EXTENDED, Side, handshake, pump
 from vtunnel.protocol import FlowControlError, StreamState, TunnelConfig, events
+from vtunnel.protocol import frames as fr
 
 MIB = 1 << 20
 
@@ -123,3 +124,27 @@ def test_vproxy_mode_has_no_window_once_established() -> None:
     server.tunnel.accept_stream(sid)
     pump(client, server)
     assert client.tunnel.send_window(sid) == 2**31 - 1
+
+
+def test_tunnel_wide_credit_tells_the_streams_only_when_its_window_was_the_limit() -> None:
+    # each stream's window is 32 KiB, the tunnel's 48 KiB: two streams' windows hold more than the tunnel's
+    config = TunnelConfig(
+        min_stream_window=16 * 1024,
+        initial_stream_window=32 * 1024,
+        max_stream_window=32 * 1024,
+        initial_tunnel_window=48 * 1024,
+    )
+    client, server, stalled, moving = open_pair(config)
+    client.tunnel.send_data(stalled, b"s" * 32 * 1024)
+    assert client.tunnel.send_window(moving) == 16 * 1024  # the tunnel's window is the limit
+    server.tunnel.receive_data(client.tunnel.data_to_send(), 0)  # tunnel credit is due at half its window
+    evs = client.tunnel.receive_data(server.tunnel.data_to_send(), 0)
+    assert events.WindowUpdated(stream_id=0) in evs  # a stream had been held back by the tunnel's window
+    # the stream's own window is the limit now: the next tunnel-wide credit tells nobody
+    assert client.tunnel.send_window(moving) == 32 * 1024
+    client.tunnel.send_data(moving, b"m" * 32 * 1024)
+    server.tunnel.receive_data(client.tunnel.data_to_send(), 0)
+    credit = server.tunnel.data_to_send()
+    assert credit == fr.encode_window_update(0, 32 * 1024)  # (the stalled stream's reader is away)
+    evs = client.tunnel.receive_data(credit, 0)
+    assert not [ev for ev in evs if isinstance(ev, events.WindowUpdated) and ev.stream_id == 0]

@@ -84,7 +84,8 @@ class StreamReset(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WindowUpdated(Event):
-    """More may be sent on ``stream_id`` (0: on the whole tunnel)."""
+    """More may be sent on ``stream_id`` (0: on the whole tunnel, reported only when the tunnel's window had cut
+    a stream's ``send_window`` short since the last such event)."""
 
     stream_id: int
 
