@@ -84,8 +84,8 @@ class StreamReset(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WindowUpdated(Event):
-    """More may be sent on ``stream_id`` (0: on the whole tunnel, reported only when the tunnel's window had cut
-    a stream's ``send_window`` short since the last such event)."""
+    """More may be sent on ``stream_id``: its own window grew, or the tunnel's, which had cut the stream's
+    ``send_window`` short (only the streams it held back are told of a tunnel-wide WINDOW_UPDATE)."""
 
     stream_id: int
 

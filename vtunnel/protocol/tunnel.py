@@ -163,9 +163,9 @@ class Tunnel:
         self._inflate_limit = max(config.max_frame_size, VPROXY_INFLATE_LIMIT)
         self._peer_stream_window = fr.MAX_WINDOW
         self._tunnel_send_window = fr.MAX_WINDOW
-        #: a stream's window was cut short by the tunnel's (``send_window``) since the last tunnel-wide
-        #: WINDOW_UPDATE: only then does the next one tell the streams (``WindowUpdated(0)``)
-        self._tunnel_window_limited = False
+        #: the streams whose ``send_window`` the tunnel's window cut short since the last tunnel-wide WINDOW_UPDATE:
+        #: the next one tells them (``WindowUpdated``), and no other (a thousand streams would be told each time)
+        self._tunnel_limited: set[int] = set()
         self._tunnel_recv_remaining = config.initial_tunnel_window
         self._tunnel_recv_unannounced = 0
         #: tunnel credit is announced once this much is due: half the tunnel window
@@ -465,7 +465,7 @@ class Tunnel:
             window = stream.send_window
             if self._tunnel_send_window < window:
                 window = self._tunnel_send_window
-                self._tunnel_window_limited = True
+                self._tunnel_limited.add(stream_id)
             return max(0, window)
         if self._holds(stream):
             return max(0, self.config.initial_stream_window - stream.pending_len)
@@ -518,7 +518,7 @@ class Tunnel:
                 window = stream.send_window
                 if self._tunnel_send_window < window:
                     window = self._tunnel_send_window
-                    self._tunnel_window_limited = True
+                    self._tunnel_limited.add(stream_id)
                 window = max(window, 0)
             else:
                 window = self.send_window(stream_id)
@@ -931,9 +931,13 @@ class Tunnel:
             self._tunnel_send_window += increment
             if self._tunnel_send_window > fr.MAX_WINDOW:
                 self._fail("flow control: tunnel window above 2^31-1", ErrorCode.FLOW_CONTROL_ERROR)
-            if self._tunnel_window_limited:  # else no stream waits for it: none is told (a thousand streams
-                self._tunnel_window_limited = False  # would be, for each tunnel-wide update)
-                self._emit(WindowUpdated(stream_id=0))
+            limited = self._tunnel_limited
+            if limited:
+                self._tunnel_limited = set()
+                for limited_id in sorted(limited):
+                    limited_stream = self._streams.get(limited_id)
+                    if limited_stream is not None and limited_stream.state in _SENDING_STATES:
+                        self._emit(WindowUpdated(stream_id=limited_id))
             return
         stream = self._streams.get(sid)
         if stream is None or stream.state not in _SENDING_STATES:

@@ -500,14 +500,10 @@ class TunnelConnection:
     def _deliver_event(self, ev: events.Event) -> None:
         """One event other than data (those go straight to their stream in ``_handle_events``)."""
         streams = self.streams
-        if isinstance(ev, events.WindowUpdated):
-            if ev.stream_id == 0:
-                for s in streams.values():
-                    s.deliver_window()
-            else:
-                s2 = streams.get(ev.stream_id)
-                if s2 is not None:
-                    s2.deliver_window()
+        if isinstance(ev, events.WindowUpdated):  # (a tunnel-wide one names each stream it held back)
+            s2 = streams.get(ev.stream_id)
+            if s2 is not None:
+                s2.deliver_window()
         elif isinstance(ev, events.StreamOpened):
             self._on_stream_opened(ev)
         elif isinstance(ev, events.StreamAccepted):
