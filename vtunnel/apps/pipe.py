@@ -568,7 +568,9 @@ class TunnelEnd:
             return
         if self._pending is not None:
             self._push()
-        elif self._state & _TOLD_FULL and self.stream.has_room() and not self._window_shut():
+        elif self._state & _TOLD_FULL and not self._window_shut() and self.stream.has_room():
+            # (the window first: has_room() asks for a call once the output drained when it says no, and a
+            # stream whose window is shut has nothing to write then)
             self._state &= ~(_NO_ROOM | _TOLD_FULL)
             self._relay.room(self)
 
@@ -623,13 +625,13 @@ class TunnelEnd:
             stream.write_eof()
         if state & _CLOSING:
             stream.close()
+        elif not state & _EOF_WANTED and self._window_shut():  # the data took the window: the other end is
+            if not state & _TOLD_FULL:  # not read until it opens (stream_writable, which then asks for room
+                self._state |= _TOLD_FULL  # if the output is over its mark), so no read waits here
+                self._relay.full(self)
         elif not stream.has_room():  # the tunnel's output is over its high-water mark: stream_writable comes
             self._state |= _NO_ROOM | _TOLD_FULL  # once it drained
             self._relay.full(self)
-        elif not state & _EOF_WANTED and self._window_shut():  # the data took the window: the other end is
-            if not state & _TOLD_FULL:  # not read until it opens (stream_writable), so no read waits here
-                self._state |= _TOLD_FULL
-                self._relay.full(self)
         elif state & _TOLD_FULL:  # (else the relay reads the other end already: nothing to tell)
             self._state &= ~(_NO_ROOM | _TOLD_FULL)
             self._relay.room(self)
