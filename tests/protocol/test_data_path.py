@@ -197,3 +197,13 @@ def test_output_taken_in_limited_parts_is_the_same_byte_stream(writes: list[int]
     for part in parts:
         peer.events += peer.tunnel.receive_data(part, 0)
     assert peer.data(sid) == b"".join(payloads)
+
+
+def test_a_peer_that_leaves_out_the_tunnel_window_gets_the_old_default() -> None:
+    from vtunnel.protocol.settings import ABSENT_TUNNEL_WINDOW, SettingId, parse_peer_settings
+
+    peer = parse_peer_settings([(SettingId.MAGIC, 0x7674756E), (SettingId.VERSION, 1)])
+    assert peer.initial_tunnel_window == ABSENT_TUNNEL_WINDOW == 16 * 1024 * 1024
+    # ours holds more than the stream windows of 1,024 streams may (the budget and their floors)
+    config = TunnelConfig()
+    assert config.initial_tunnel_window > config.receive_budget + 1024 * config.min_stream_window

@@ -221,7 +221,7 @@ def test_vtunnel_handshake_bytes_match_the_document() -> None:
     hello = client.data_to_send()
     assert hello == h(
         "000024 04 00 00000000 f000 7674756e f001 00000001 f002 0000000b"
-        " f003 00004000 f004 01000000 f005 00004000"
+        " f003 00004000 f004 04000000 f005 00004000"
     )
     lite = Tunnel(
         role=Role.CLIENT

@@ -27,6 +27,8 @@ PROTOCOL_VERSION = 1
 MIN_FRAME_SIZE = 1024
 #: the stream window of a peer whose SETTINGS leave the entry out
 ABSENT_STREAM_WINDOW = 256 * 1024
+#: the tunnel window of a peer whose SETTINGS leave the entry out (what vtunnel advertised before 64 MiB)
+ABSENT_TUNNEL_WINDOW = 16 * 1024 * 1024
 
 
 class SettingId(IntEnum):
@@ -70,8 +72,11 @@ class TunnelConfig:
     #: room for growth (all of it less the first grants, or less a quarter kept for them)
     initial_stream_window: int = 64 * 1024
     max_stream_window: int = 4 * 1024 * 1024
-    #: in flight only: tunnel credit returns as the bytes arrive, whether or not they are read
-    initial_tunnel_window: int = 16 * 1024 * 1024
+    #: in flight only: tunnel credit returns as the bytes arrive, whether or not they are read. Above what the
+    #: stream windows of a thousand streams hold together (``receive_budget`` + 1,024 floors: 32 MiB), so that it
+    #: does not cut their own windows short: at 16 MiB, 1,024 busy streams over kcp:// found it spent (the half
+    #: not yet announced, and the queues before a busy receiver) and each read only what it had left
+    initial_tunnel_window: int = 64 * 1024 * 1024
     #: what the stream windows of one tunnel may hold together beyond ``min_stream_window`` each (first grants at
     #: most half, growth the rest): a window is granted or grown only while it fits. What one tunnel makes its
     #: receiver hold is at most this plus ``min_stream_window`` per open stream, however many streams stall
@@ -228,7 +233,7 @@ def parse_peer_settings(entries: list[tuple[int, int]]) -> PeerSettings:
     if version < 1:
         raise ValueError(f"unsupported vtunnel version {version}")
     stream_window = values.get(SettingId.INITIAL_STREAM_WINDOW, ABSENT_STREAM_WINDOW)
-    tunnel_window = values.get(SettingId.INITIAL_TUNNEL_WINDOW, 16 * 1024 * 1024)
+    tunnel_window = values.get(SettingId.INITIAL_TUNNEL_WINDOW, ABSENT_TUNNEL_WINDOW)
     frame_size = values.get(SettingId.MAX_FRAME_SIZE, 16384)
     for name, value in (("stream window", stream_window), ("tunnel window", tunnel_window)):
         if not 1024 <= value <= MAX_WINDOW:
