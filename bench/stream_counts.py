@@ -121,40 +121,22 @@ def _install_counters(out: Path, sizes: bool) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 def _user_system(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of ``pid`` (``/proc/PID/stat``)."""
     text = Path(f"/proc/{pid}/stat").read_text()
     rest = text[text.rindex(")") + 2 :].split()
-    tick = os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")  # (not bench.procs.CLK_TCK: this module runs in the children by path)
     return int(rest[11]) / tick, int(rest[12]) / tick
 
 
 def run(
     transport: str, streams: int, total: int, workdir: Path, code: Path, trace: bool = False
 ) -> dict[str, Any]:
-    from bench.procs import cpu_seconds
+    from bench.procs import cpu_seconds, free_port, wait_tcp
 
-    sink_port = _free_port(socket.SOCK_STREAM)
-    tunnel_port = _free_port(socket.SOCK_DGRAM if transport == "kcp" else socket.SOCK_STREAM)
-    entry_port = _free_port(socket.SOCK_STREAM)
+    sink_port = free_port(socket.SOCK_STREAM)
+    tunnel_port = free_port(socket.SOCK_DGRAM if transport == "kcp" else socket.SOCK_STREAM)
+    entry_port = free_port(socket.SOCK_STREAM)
     url = (
         f"kcp://127.0.0.1:{tunnel_port}?mode=fast3&mtu=1350"
         if transport == "kcp"
@@ -171,7 +153,7 @@ def run(
             stdout=subprocess.DEVNULL,
         )
         procs.append(sink)
-        _wait_port(sink_port)
+        wait_tcp("127.0.0.1", sink_port, timeout=15.0)
         server = subprocess.Popen(
             [*me, str(workdir / "server.json"), str(code), "server", "--listen", url, "--target",
              f"127.0.0.1:{sink_port}", "--allow-private", "--insecure"],
@@ -185,7 +167,7 @@ def run(
             env=env, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         procs.append(agent)
-        _wait_port(entry_port)
+        wait_tcp("127.0.0.1", entry_port, timeout=15.0)
         time.sleep(1.0)
         pids = {"agent": agent.pid, "server": server.pid}
         tracers = {
