@@ -194,12 +194,10 @@ class Relay:
     def _moved(self) -> int:
         return self.a_to_b + self.b_to_a
 
-    def read_size(self, end: RelayEnd) -> int:
-        """The most bytes ``end`` should read now: what the other end passes on at once, at least
-        :data:`READ_FLOOR`, at most :data:`CHUNK_SIZE`. Bytes not read stay with their sender (a socket's
-        receive buffer, so TCP holds the client back), not in this process."""
-        room = (self._b if end is self._a else self._a).writable_size()
-        return CHUNK_SIZE if room >= CHUNK_SIZE else READ_FLOOR if room <= READ_FLOOR else room
+    def other_room(self, end: RelayEnd) -> Callable[[], int]:
+        """What ``end`` asks before each read: the other end's ``writable_size``, looked up once (a read asks the
+        other end itself, not the relay)."""
+        return (self._b if end is self._a else self._a).writable_size
 
     # -------------------------------------------------------------------- for the owner
     async def run(self) -> None:
@@ -388,12 +386,13 @@ class SocketEnd(asyncio.Protocol):
     to it if that comes first (the other end may report what waited for it as soon as it is read).
     """
 
-    __slots__ = ("_relay", "_stream", "transport")
+    __slots__ = ("_relay", "_room", "_stream", "transport")
     serve: ClassVar[None] = None
 
     def __init__(self, stream: LeanSocketStream | None = None) -> None:
         self.transport: SocketTransport | None = None  # None again once the connection is lost
         self._relay: Relay | None = None
+        self._room: Callable[[], int] | None = None  # the other end's writable_size (Relay.other_room)
         self._stream = stream
 
     # -------------------------------------------------------------------- asyncio.Protocol
@@ -407,8 +406,14 @@ class SocketEnd(asyncio.Protocol):
             t.resume_reading()
 
     def _read_size(self) -> int:
-        relay = self._relay
-        return CHUNK_SIZE if relay is None else relay.read_size(self)
+        """The most bytes to read now: what the other end passes on at once, at least :data:`READ_FLOOR`, at most
+        :data:`CHUNK_SIZE`. Bytes not read stay with their sender (the socket's receive buffer, so TCP holds the
+        client back), not in this process."""
+        room = self._room
+        if room is None:
+            return CHUNK_SIZE
+        size = room()
+        return CHUNK_SIZE if size >= CHUNK_SIZE else READ_FLOOR if size <= READ_FLOOR else size
 
     def data_received(self, data: bytes) -> None:
         assert self._relay is not None  # not read before the relay starts
@@ -435,6 +440,7 @@ class SocketEnd(asyncio.Protocol):
     # -------------------------------------------------------------------- RelayEnd
     def start(self, relay: Relay) -> None:
         self._relay = relay
+        self._room = relay.other_room(self)
 
     def resume_reading(self) -> None:
         if self._stream is not None:
@@ -625,9 +631,11 @@ class TunnelEnd:
             stream.write_eof()
         if state & _CLOSING:
             stream.close()
-        elif not state & _EOF_WANTED and self._window_shut():  # the data took the window: the other end is
-            if not state & _TOLD_FULL:  # not read until it opens (stream_writable, which then asks for room
-                self._state |= _TOLD_FULL  # if the output is over its mark), so no read waits here
+        elif not state & _EOF_WANTED and stream.send_room() <= 0 and not stream.lite_tls:  # (_window_shut)
+            # the data took the window: the other end is not read until it opens (stream_writable, which then
+            # asks for room if the output is over its mark), so no read waits here
+            if not state & _TOLD_FULL:
+                self._state |= _TOLD_FULL
                 self._relay.full(self)
         elif not stream.has_room():  # the tunnel's output is over its high-water mark: stream_writable comes
             self._state |= _NO_ROOM | _TOLD_FULL  # once it drained
@@ -639,7 +647,7 @@ class TunnelEnd:
     def _window_shut(self) -> bool:
         """The send window is shut (a lite-tls stream's tracker takes what comes and waits for credit itself)."""
         stream = self.stream
-        return not stream.lite_tls and stream.send_room() <= 0
+        return stream.send_room() <= 0 and not stream.lite_tls  # (the window first: it is open, mostly)
 
     def close(self) -> None:
         self._state |= _CLOSING

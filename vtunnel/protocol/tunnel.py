@@ -620,13 +620,14 @@ class Tunnel:
         self._grown -= stream.recv_window - self.config.min_stream_window - stream.recv_granted
         self._check_drain_later()
 
-    def acknowledge_received_data(self, stream_id: int, n: int) -> None:
-        """The application consumed ``n`` delivered bytes: return credit (WINDOW_UPDATE at half a window)."""
+    def acknowledge_received_data(self, stream_id: int, n: int) -> bool:
+        """The application consumed ``n`` delivered bytes: return credit (WINDOW_UPDATE at half a window).
+        True when that queued a WINDOW_UPDATE (there is something to send), else False."""
         if n < 0:
             raise LocalProtocolError("cannot acknowledge a negative amount")
         stream = self._streams.get(stream_id)
         if stream is None or n == 0:
-            return
+            return False
         if n > stream.recv_unacked:
             raise LocalProtocolError(
                 f"acknowledging {n} bytes but only {stream.recv_unacked} are unacknowledged on {stream_id}"
@@ -638,7 +639,7 @@ class Tunnel:
             stream.recv_unreliable -= unreliable
             n -= unreliable
         if not self._ext.flow_control or self._state is TunnelState.CLOSED or n == 0:
-            return
+            return False
         if stream.state in _PEER_SENDING_STATES:
             stream.recv_unannounced += n
             window = stream.recv_window
@@ -653,6 +654,8 @@ class Tunnel:
                     increment += growth
                 stream.recv_remaining += increment
                 self._out.append(fr.encode_window_update(stream_id, increment))
+                return True
+        return False
 
     def shutdown(self, reason: str, *, graceful: bool = True) -> None:
         """GOAWAY. Graceful: no new streams, open ones finish (at most ``drain_timeout``), then close."""

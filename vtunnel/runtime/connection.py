@@ -210,12 +210,17 @@ class TunnelConnection:
         if self._delivering and self.tunnel.bytes_to_send < _COALESCED_OUTPUT:
             return  # the input's own transmit follows its events
         tunnel = self.tunnel
-        while not self._held and tunnel.has_data_to_send and not self._link_failed:
+        more = not self._held and not self._link_failed and tunnel.has_data_to_send
+        while more:
             room = self.link.send_room()
             if not room:  # the link calls link_writable when it has room
                 self.link_full += 1
                 break
-            self._send(tunnel.data_to_send(None if room >= ANY_SIZE else room))
+            if room >= ANY_SIZE:  # all of it: the queue is empty after (what is queued meanwhile transmits)
+                self._send(tunnel.data_to_send(None))
+                break
+            self._send(tunnel.data_to_send(room))
+            more = not self._held and not self._link_failed and tunnel.has_data_to_send
         if self._carries_datagrams and tunnel.has_datagrams_to_send:
             self._send_datagrams(tunnel.datagrams_to_send())
         deadline = tunnel.next_deadline()

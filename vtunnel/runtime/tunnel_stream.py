@@ -246,13 +246,11 @@ class TunnelStream:
         self._unacknowledged -= n
         carrier = self._carrier
         if not carrier.closed:
-            tunnel = carrier.tunnel
-            try:  # (not contextlib.suppress: a with-statement is three more calls per message)  # noqa: SIM105
-                tunnel.acknowledge_received_data(self.stream_id, n)
+            try:
+                queued = carrier.tunnel.acknowledge_received_data(self.stream_id, n)
             except VTunnelError:
-                pass
-            # a WINDOW_UPDATE was queued (at half a window): else there is nothing to transmit
-            if tunnel.has_data_to_send:
+                queued = False
+            if queued:  # a WINDOW_UPDATE (at half a window): else there is nothing to transmit
                 carrier.transmit()
             carrier.resume_reading(self)
 
@@ -440,8 +438,15 @@ class TunnelStream:
             lite.from_peer(data, passthrough)
         elif passthrough:
             self._lite_violation(len(data), "PASSTHROUGH DATA on a stream that is not lite-tls")
-        else:
-            self._deliver(data)
+        else:  # (_deliver inline: a call less per message)
+            self._unacknowledged += len(data)
+            consumer = self._consumer
+            if consumer is not None:
+                consumer.stream_data(data)
+            elif self._early is None:
+                self._early = [data]
+            else:
+                self._early.append(data)
 
     def _deliver(self, data: bytes) -> None:
         self._unacknowledged += len(data)
