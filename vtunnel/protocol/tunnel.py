@@ -261,7 +261,11 @@ class Tunnel:
                 self._check_drain()
         except _Closed:
             pass
-        return self._take_events()
+        if self._run:  # (_take_events, inline: once per input)
+            self._flush_run()
+        events = self._events
+        self._events = []
+        return events
 
     def data_to_send(self, limit: int | None = None) -> bytes:
         """What is queued for the transport, all of it or its first ``limit`` bytes (drains what it returns;

@@ -41,7 +41,7 @@ import anyio
 import structlog
 
 from vtunnel.protocol import StreamMetadata, Tunnel
-from vtunnel.protocol.errors import VTunnelError
+from vtunnel.protocol.errors import LocalProtocolError, VTunnelError
 from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsState, LiteTlsStep, whole_records
 from vtunnel.protocol.metadata import DATAGRAM_KINDS
 from vtunnel.runtime.errors import StreamRefused
@@ -275,6 +275,18 @@ class TunnelStream:
             raise anyio.ClosedResourceError("the end of stream was sent on this stream")
         if self._lite is not None:
             return self._lite.from_local(data)
+        if size and not self.datagrams:
+            # the whole write at once, which the window mostly takes (a relay reads no further ahead than it); a
+            # LocalProtocolError (past the window, or the stream sends no more) changed nothing: the window decides
+            try:
+                tunnel.send_data(self.stream_id, data)
+            except LocalProtocolError:
+                pass
+            except VTunnelError as exc:
+                raise anyio.BrokenResourceError(str(exc)) from exc
+            else:
+                self._carrier.transmit()
+                return size
         try:
             window = tunnel.send_window(self.stream_id)
             n = size if window >= size else (0 if self.datagrams else window)
