@@ -129,8 +129,9 @@ class TunnelConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._input_ended = anyio.Event()
         self._link_failed = False
-        #: streams holding more than UNCONTROLLED_BUFFER_LIMIT unacknowledged
-        self._over_limit: set[int] = set()
+        #: streams holding more than UNCONTROLLED_BUFFER_LIMIT unacknowledged (only without flow control); the
+        #: link is paused only while one is (resume_reading, called by an acknowledgement while any is)
+        self.over_limit: set[int] = set()
         self._reading_paused = False
         #: the peer agreed to flow control (known at the handshake): without it (vproxy) the link pauses for a
         #: stream over UNCONTROLLED_BUFFER_LIMIT
@@ -429,7 +430,7 @@ class TunnelConnection:
             return
         self._handle_events(evs)
         self.transmit()
-        if self._over_limit and not self.tunnel.extensions.flow_control and not self._reading_paused:
+        if self.over_limit and not self.tunnel.extensions.flow_control and not self._reading_paused:
             self._reading_paused = True
             self.link.pause_reading()
 
@@ -452,10 +453,10 @@ class TunnelConnection:
 
     def resume_reading(self, stream: TunnelStream | None = None) -> None:
         """A stream's consumer acknowledged bytes: resume the link if it was paused for it (only without flow
-        control)."""
-        if self._over_limit and stream is not None and stream.unacknowledged <= UNCONTROLLED_BUFFER_LIMIT:
-            self._over_limit.discard(stream.stream_id)
-        if self._reading_paused and not self._over_limit:
+        control; called while :attr:`over_limit` holds a stream: the link is never paused otherwise)."""
+        if self.over_limit and stream is not None and stream.unacknowledged <= UNCONTROLLED_BUFFER_LIMIT:
+            self.over_limit.discard(stream.stream_id)
+        if self._reading_paused and not self.over_limit:
             self._reading_paused = False
             self.link.resume_reading()
 
@@ -494,7 +495,7 @@ class TunnelConnection:
                     if s is not None:
                         s.deliver_data(ev.data, ev.passthrough)
                         if not self._flow_control and s.unacknowledged > UNCONTROLLED_BUFFER_LIMIT:
-                            self._over_limit.add(ev.stream_id)
+                            self.over_limit.add(ev.stream_id)
                     else:  # a stream we already closed: give the credit back
                         self.tunnel.acknowledge_received_data(ev.stream_id, len(ev.data))
                 else:
@@ -563,7 +564,7 @@ class TunnelConnection:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             self._room_wanted.pop(stream, None)
-        self._over_limit.discard(stream_id)
+        self.over_limit.discard(stream_id)
         self.resume_reading()
 
     def _settle_open(self, stream_id: int) -> None:

@@ -78,6 +78,9 @@ class StreamCarrier(Protocol):
     bytes_in: int
     #: spliced lite-tls streams whose kernel relay still runs (and counts in ``bytes_out`` / ``bytes_in``)
     spliced_relays: int
+    #: the streams over the buffer limit of a tunnel without flow control: while any is, an acknowledgement calls
+    #: :meth:`resume_reading` (the link is paused only then)
+    over_limit: set[int]
 
     @property
     def closed(self) -> bool: ...
@@ -252,7 +255,8 @@ class TunnelStream:
                 queued = False
             if queued:  # a WINDOW_UPDATE (at half a window): else there is nothing to transmit
                 carrier.transmit()
-            carrier.resume_reading(self)
+            if carrier.over_limit:
+                carrier.resume_reading(self)
 
     # ---------------------------------------------------------------- writing
     def write(self, data: bytes | memoryview) -> int:
