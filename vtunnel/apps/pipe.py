@@ -572,8 +572,10 @@ class TunnelEnd:
             # the write's transmit told the waiting streams of room, this one too (it may still be listed from
             # a has_room() that said no before the window opened): the push looks at the room itself next
             return
-        if self._pending is not None:
-            self._push()
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self.write(pending)  # (pushes what waited)
         elif self._state & _TOLD_FULL and not self._window_shut() and self.stream.has_room():
             # (the window first: has_room() asks for a call once the output drained when it says no, and a
             # stream whose window is shut has nothing to write then)
@@ -592,25 +594,14 @@ class TunnelEnd:
         if self._held is None:
             self._held = 0
 
-    def write(self, data: bytes) -> None:
-        if self._pending is None:
-            self._pending = data
-            self._push()
-        else:
+    def write(self, data: bytes | memoryview) -> None:
+        """Queue ``data`` behind what waits, or hand it to the stream now: what the window does not take waits
+        (the end is full until it went)."""
+        if self._pending is not None:
             self._pending = bytes(self._pending) + data
-
-    def writable_size(self) -> int:
-        return 0 if self._pending is not None else self.stream.send_room()
-
-    def write_eof(self) -> None:
-        if self._pending is None:
-            self.stream.write_eof()
-        else:
-            self._state |= _EOF_WANTED
-
-    def _push(self) -> None:
-        data = self._pending
-        assert data is not None
+            return
+        # pending while the stream takes it (a splice meanwhile sends it on the dedicated connection)
+        self._pending = data
         stream = self.stream
         self._state |= _PUSHING
         try:
@@ -643,6 +634,15 @@ class TunnelEnd:
         elif state & _TOLD_FULL:  # (else the relay reads the other end already: nothing to tell)
             self._state &= ~(_NO_ROOM | _TOLD_FULL)
             self._relay.room(self)
+
+    def writable_size(self) -> int:
+        return 0 if self._pending is not None else self.stream.send_room()
+
+    def write_eof(self) -> None:
+        if self._pending is None:
+            self.stream.write_eof()
+        else:
+            self._state |= _EOF_WANTED
 
     def _window_shut(self) -> bool:
         """The send window is shut (a lite-tls stream's tracker takes what comes and waits for credit itself)."""
