@@ -236,9 +236,12 @@ RUN_ENTRY = _RUN.size
 _HEADER = struct.Struct(">8sBI")
 #: The protected part of a header as it reads on the wire (the CID skipped).
 _PROTECTED = struct.Struct(">8xBI")
-#: One AES block of header mask: what the kind byte and the counter's low 32 bits are XORed with.
+#: One AES block of header mask: what the kind byte and the counter's low 32 bits are XORed with ...
 _MASK = struct.Struct(">BI11x")
+#: ... and, read with them in one call, what a DATA-PT datagram's trailer is XORed with (:data:`_CLEAR_MASK`).
+_MASKS = struct.Struct(">BIH9x")
 _LOW32 = 0xFFFFFFFF
+_HIGH = ~_LOW32
 _WRAP = 1 << 32
 _HALF_WRAP = 1 << 31
 MAX_COUNTER = 2**64 - 1
@@ -526,6 +529,14 @@ def _reinsert(sealed: bytes, clear: bytes | memoryview) -> bytes | None:
     return b"".join(parts)
 
 
+def _lows(first: int, count: int) -> Sequence[int]:
+    """The low 32 bits of the ``count`` counters from ``first``."""
+    low = first & _LOW32
+    if low + count <= _WRAP:
+        return range(low, low + count)
+    return [n & _LOW32 for n in range(first, first + count)]
+
+
 @lru_cache(maxsize=16)
 def _run_table(count: int) -> struct.Struct:
     """A run table of ``count`` entries, read in one call."""
@@ -645,31 +656,24 @@ class DatagramSession:
         return self._seal_with(self.connection_id, kind, payloads)
 
     def _seal_with(self, cid: bytes, kind: int, payloads: Sequence[bytes]) -> list[bytes]:
+        count = len(payloads)
         first = self._send_counter
-        end = first + len(payloads)
+        end = first + count
         if end > MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = end
         encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
-        bodies: list[bytes] = []
-        samples: list[bytes] = []
-        add_body, add_sample = bodies.append, samples.append
-        n = first
-        for payload in payloads:
-            body = encrypt(nonce(n), payload, header(cid, kind, n & _LOW32))
-            add_body(body)
-            add_sample(body[:16])
-            n += 1
-        masks = self._send_mask(b"".join(samples))
-        mask = _MASK.unpack_from
-        sealed: list[bytes] = []
-        add = sealed.append
-        n = first
-        for body in bodies:
-            kind_mask, low_mask = mask(masks, (n - first) << 4)
-            add(header(cid, kind ^ kind_mask, (n & _LOW32) ^ low_mask) + body)
-            n += 1
-        return sealed
+        lows = _lows(first, count)
+        # (comprehensions, one struct call per field: this runs for every datagram sent)
+        bodies = [
+            encrypt(nonce(n), payload, header(cid, kind, low))
+            for n, low, payload in zip(range(first, end), lows, payloads)
+        ]
+        masks = _MASK.iter_unpack(self._send_mask(b"".join([body[:16] for body in bodies])))
+        return [
+            header(cid, kind ^ kind_mask, low ^ low_mask) + body
+            for low, body, (kind_mask, low_mask) in zip(lows, bodies, masks)
+        ]
 
     def seal(self, payload: bytes) -> bytes:
         """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
@@ -700,32 +704,22 @@ class DatagramSession:
         ]
         self._send_counter = end
         encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
+        lows = _lows(first, len(payloads))
         bodies: list[bytes] = []
-        samples: list[bytes] = []
-        n = first
-        for payload, cut in zip(payloads, cuts, strict=True):
+        for n, low, payload, cut in zip(range(first, end), lows, payloads, cuts):
             if cut is None:
-                body = encrypt(nonce(n), payload, header(cid, _DATA_KIND, n & _LOW32))
+                bodies.append(encrypt(nonce(n), payload, header(cid, _DATA_KIND, low)))
             else:
                 trailer = _CLEAR_LEN.pack(len(cut[1]))
-                body = encrypt(nonce(n), cut[0], header(cid, _PT_KIND, n & _LOW32) + trailer)
-            bodies.append(body)
-            samples.append(body[:16])
-            n += 1
-        masks = self._send_mask(b"".join(samples))
-        mask, clear_mask = _MASK.unpack_from, _CLEAR_MASK.unpack_from
+                bodies.append(encrypt(nonce(n), cut[0], header(cid, _PT_KIND, low) + trailer))
+        masks = _MASKS.iter_unpack(self._send_mask(b"".join([body[:16] for body in bodies])))
         sealed: list[bytes] = []
-        n = first
-        for body, cut in zip(bodies, cuts, strict=True):
-            at = (n - first) << 4
-            kind_mask, low_mask = mask(masks, at)
+        for low, body, cut, (kind_mask, low_mask, clear_mask) in zip(lows, bodies, cuts, masks):
             if cut is None:
-                sealed.append(header(cid, _DATA_KIND ^ kind_mask, (n & _LOW32) ^ low_mask) + body)
+                sealed.append(header(cid, _DATA_KIND ^ kind_mask, low ^ low_mask) + body)
             else:
-                trailer = _CLEAR_LEN.pack(len(cut[1]) ^ clear_mask(masks, at)[0])
-                head = header(cid, _PT_KIND ^ kind_mask, (n & _LOW32) ^ low_mask)
-                sealed.append(b"".join((head, body, cut[1], trailer)))
-            n += 1
+                head = header(cid, _PT_KIND ^ kind_mask, low ^ low_mask)
+                sealed.append(b"".join((head, body, cut[1], _CLEAR_LEN.pack(len(cut[1]) ^ clear_mask))))
         return sealed
 
     @property
@@ -764,84 +758,96 @@ class DatagramSession:
     def open_many(self, datagrams: Sequence[bytes | memoryview]) -> list[bytes | ControlMessage | None]:
         """What :meth:`open` gives for each of ``datagrams`` in turn (one answer per datagram, in order), for
         less work per datagram: a datagram refused changes nothing for the others."""
-        return [
-            None if opened is None else opened[1] if opened[0] == _DATA_KIND else _control_message(opened[1])
-            for opened in self._open_many(datagrams)
-        ]
+        return self._open_many(datagrams)[0]
 
-    def _open_many(self, datagrams: Sequence[bytes | memoryview]) -> list[tuple[int, bytes] | None]:
-        """``(kind, payload)`` of each authentic, new datagram of this session, None for any other, in order.
+    def _open_many(
+        self, datagrams: Sequence[bytes | memoryview]
+    ) -> tuple[list[bytes | ControlMessage | None], int]:
+        """What :meth:`open_many` gives, and how many of ``datagrams`` authenticated (a CONTROL datagram whose
+        message this version does not know gives None, and counts).
 
         The header masks of all the datagrams that may be this session's come from one AES-ECB call; then each
         in turn is unmasked, its full counter rebuilt from the highest one authenticated so far and checked
         against the replay window, and it is opened (so a copy later in the same batch is a replay).
         """
-        opened: list[tuple[int, bytes] | None] = [None] * len(datagrams)
+        count = len(datagrams)
+        opened: list[bytes | ControlMessage | None] = [None] * count
         cid = self.connection_id
         ids = self.connection_ids
-        candidates: list[int] = []
-        samples: list[bytes | memoryview] = []
-        for i, datagram in enumerate(datagrams):
-            if len(datagram) >= DATAGRAM_OVERHEAD and (
-                datagram[:CID_LEN] == cid or (len(ids) > 1 and bytes(datagram[:CID_LEN]) in ids)
-            ):
-                candidates.append(i)
-                samples.append(datagram[DATA_HEADER_LEN:_SAMPLE_END])
+        several = len(ids) > 1
+        # (comprehensions, locals, one struct call per field: this runs for every datagram received)
+        if several:
+            candidates = [
+                i
+                for i, datagram in enumerate(datagrams)
+                if len(datagram) >= DATAGRAM_OVERHEAD
+                and (datagram[:CID_LEN] == cid or bytes(datagram[:CID_LEN]) in ids)
+            ]
+        else:
+            candidates = [
+                i
+                for i, datagram in enumerate(datagrams)
+                if len(datagram) >= DATAGRAM_OVERHEAD and datagram[:CID_LEN] == cid
+            ]
         if not candidates:
-            return opened
-        masks = self._receive_mask(b"".join(samples))
+            return opened, 0
+        mine = datagrams if len(candidates) == count else [datagrams[i] for i in candidates]
+        masks = _MASKS.iter_unpack(
+            self._receive_mask(b"".join([datagram[DATA_HEADER_LEN:_SAMPLE_END] for datagram in mine]))
+        )
         window = self._window
-        decrypt, nonce, header = self._decrypt, self._nonce, _HEADER.pack
-        protected, mask = _PROTECTED.unpack_from, _MASK.unpack_from
-        authentic = False
-        for j, i in enumerate(candidates):
-            datagram = datagrams[i]
+        check, update, highest = window.check, window.update, window.highest
+        decrypt, nonce, header, protected = self._decrypt, self._nonce, _HEADER.pack, _PROTECTED.unpack_from
+        authentic = 0
+        for i, datagram, (kind_mask, low_mask, clear_mask) in zip(candidates, mine, masks):
             kind, low = protected(datagram)
-            kind_mask, low_mask = mask(masks, j << 4)
             kind ^= kind_mask
             if kind != _DATA_KIND and kind != _CONTROL_KIND and kind != _PT_KIND:
                 continue
             low ^= low_mask
-            highest = window.highest
             # the full counter nearest to the next one expected (RFC 9000 appendix A.3, 32-bit truncation)
             expected = highest + 1
-            n = (expected & ~_LOW32) | low
+            n = (expected & _HIGH) | low
             if n + _HALF_WRAP <= expected and n < MAX_COUNTER - _WRAP:
                 n += _WRAP
             elif n > expected + _HALF_WRAP and n >= _WRAP:
                 n -= _WRAP
-            if n >= MAX_COUNTER or (n <= highest and not window.check(n)):
+            if n >= MAX_COUNTER or (n <= highest and not check(n)):
                 continue
-            named = cid if datagram[:CID_LEN] == cid else bytes(datagram[:CID_LEN])
-            if kind == _PT_KIND:
-                payload_pt = self._open_pt(datagram, n, header(named, kind, low), masks, j << 4)
-                if payload_pt is None:
-                    continue
-                payload, kind = payload_pt, _DATA_KIND
-            else:
+            named = bytes(datagram[:CID_LEN]) if several and datagram[:CID_LEN] != cid else cid
+            if kind == _DATA_KIND:
                 try:
-                    payload = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low))
+                    payload: bytes | ControlMessage | None = decrypt(
+                        nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low)
+                    )
                 except InvalidTag:
                     continue
+            elif kind == _PT_KIND:
+                payload = self._open_pt(datagram, n, header(named, kind, low), clear_mask)
+                if payload is None:
+                    continue
+            else:
+                try:
+                    body = decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low))
+                except InvalidTag:
+                    continue
+                payload = _control_message(body)
+            update(n)
             if n > highest:
+                highest = n
                 self.newest_connection_id = named
-            window.update(n)
-            opened[i] = kind, payload
-            authentic = True
+            opened[i] = payload
+            authentic += 1
         if authentic:
             self.confirmed = True
-        return opened
+        return opened, authentic
 
-    def _open_pt(
-        self, datagram: bytes | memoryview, n: int, header: bytes, masks: bytes, at: int
-    ) -> bytes | None:
-        """The payload of DATA-PT datagram ``datagram`` (counter ``n``, clear ``header``): its sealed part
-        opened, the clear runs put back; None when the tag, the trailer or the run table is wrong."""
+    def _open_pt(self, datagram: bytes | memoryview, n: int, header: bytes, clear_mask: int) -> bytes | None:
+        """The payload of DATA-PT datagram ``datagram`` (counter ``n``, clear ``header``, the mask of its
+        trailer ``clear_mask``): its sealed part opened, the clear runs put back; None when the tag, the trailer
+        or the run table is wrong."""
         size = len(datagram)
-        clear_len = (
-            _CLEAR_LEN.unpack_from(datagram, size - _CLEAR_LEN.size)[0]
-            ^ _CLEAR_MASK.unpack_from(masks, at)[0]
-        )
+        clear_len = _CLEAR_LEN.unpack_from(datagram, size - _CLEAR_LEN.size)[0] ^ clear_mask
         end = size - _CLEAR_LEN.size - clear_len
         if end < DATA_HEADER_LEN + TAGLEN + 1:
             return None
@@ -961,14 +967,13 @@ class PeerPath:
             self.control(here)
             return None
         before = session._window.highest
-        opened = session._open_many((datagram,))[0]
-        if opened is None:
+        opened, authentic = session._open_many((datagram,))
+        if not authentic:
             return None
-        kind, body = opened
-        if kind == _DATA_KIND:
+        message = opened[0]
+        if isinstance(message, bytes):
             self._from_elsewhere(source, len(datagram), session._window.highest > before, None, now)
-            return body
-        message = _control_message(body)
+            return message
         self.control(message)
         self._from_elsewhere(source, len(datagram), session._window.highest > before, message, now)
         return None
