@@ -667,12 +667,12 @@ class DatagramSession:
         # (comprehensions, one struct call per field: this runs for every datagram sent)
         bodies = [
             encrypt(nonce(n), payload, header(cid, kind, low))
-            for n, low, payload in zip(range(first, end), lows, payloads)
+            for n, low, payload in zip(range(first, end), lows, payloads, strict=True)
         ]
         masks = _MASK.iter_unpack(self._send_mask(b"".join([body[:16] for body in bodies])))
         return [
             header(cid, kind ^ kind_mask, low ^ low_mask) + body
-            for low, body, (kind_mask, low_mask) in zip(lows, bodies, masks)
+            for low, body, (kind_mask, low_mask) in zip(lows, bodies, masks, strict=True)
         ]
 
     def seal(self, payload: bytes) -> bytes:
@@ -706,7 +706,7 @@ class DatagramSession:
         encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
         lows = _lows(first, len(payloads))
         bodies: list[bytes] = []
-        for n, low, payload, cut in zip(range(first, end), lows, payloads, cuts):
+        for n, low, payload, cut in zip(range(first, end), lows, payloads, cuts, strict=True):
             if cut is None:
                 bodies.append(encrypt(nonce(n), payload, header(cid, _DATA_KIND, low)))
             else:
@@ -714,7 +714,7 @@ class DatagramSession:
                 bodies.append(encrypt(nonce(n), cut[0], header(cid, _PT_KIND, low) + trailer))
         masks = _MASKS.iter_unpack(self._send_mask(b"".join([body[:16] for body in bodies])))
         sealed: list[bytes] = []
-        for low, body, cut, (kind_mask, low_mask, clear_mask) in zip(lows, bodies, cuts, masks):
+        for low, body, cut, (kind_mask, low_mask, clear_mask) in zip(lows, bodies, cuts, masks, strict=True):
             if cut is None:
                 sealed.append(header(cid, _DATA_KIND ^ kind_mask, low ^ low_mask) + body)
             else:
@@ -799,7 +799,7 @@ class DatagramSession:
         check, update, highest = window.check, window.update, window.highest
         decrypt, nonce, header, protected = self._decrypt, self._nonce, _HEADER.pack, _PROTECTED.unpack_from
         authentic = 0
-        for i, datagram, (kind_mask, low_mask, clear_mask) in zip(candidates, mine, masks):
+        for i, datagram, (kind_mask, low_mask, clear_mask) in zip(candidates, mine, masks, strict=True):
             kind, low = protected(datagram)
             kind ^= kind_mask
             if kind != _DATA_KIND and kind != _CONTROL_KIND and kind != _PT_KIND:
