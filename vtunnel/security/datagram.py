@@ -301,7 +301,7 @@ MAX_SERVER_ID = CID_LEN - CID_CHECK_LEN - 3  # 2
 _CID_DRAWS = 16
 
 
-def _header_mask(key: bytes) -> Callable[[bytes], bytes]:
+def _header_mask(key: bytes) -> Callable[[bytes | memoryview], bytes]:
     """AES-256-ECB under ``key``: one 16-byte block in, 16 out; one context for the session's life."""
     return _BlockCipher(algorithms.AES(key), modes.ECB()).encryptor().update
 
@@ -663,17 +663,25 @@ class DatagramSession:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = end
         encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
+        if count == 1:  # (an ack, a control message: in fewer steps)
+            low = first & _LOW32
+            body = encrypt(nonce(first), payloads[0], header(cid, kind, low))
+            kind_mask, low_mask = _MASK.unpack(self._send_mask(body[:16]))
+            return [header(cid, kind ^ kind_mask, low ^ low_mask) + body]
         lows = _lows(first, count)
-        # (comprehensions, one struct call per field: this runs for every datagram sent)
-        bodies = [
-            encrypt(nonce(n), payload, header(cid, kind, low))
-            for n, low, payload in zip(range(first, end), lows, payloads, strict=True)
-        ]
-        masks = _MASK.iter_unpack(self._send_mask(b"".join([body[:16] for body in bodies])))
-        return [
-            header(cid, kind ^ kind_mask, low ^ low_mask) + body
-            for low, body, (kind_mask, low_mask) in zip(lows, bodies, masks, strict=True)
-        ]
+        bodies: list[bytes] = []
+        samples: list[bytes] = []
+        add, sample = bodies.append, samples.append
+        for n, low, payload in zip(range(first, end), lows, payloads, strict=True):
+            body = encrypt(nonce(n), payload, header(cid, kind, low))
+            add(body)
+            sample(body[:16])
+        masks = _MASK.iter_unpack(self._send_mask(b"".join(samples)))
+        sealed: list[bytes] = []
+        add = sealed.append
+        for low, body, (kind_mask, low_mask) in zip(lows, bodies, masks, strict=True):
+            add(header(cid, kind ^ kind_mask, low ^ low_mask) + body)
+        return sealed
 
     def seal(self, payload: bytes) -> bytes:
         """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
@@ -776,25 +784,30 @@ class DatagramSession:
         ids = self.connection_ids
         several = len(ids) > 1
         # (comprehensions, locals, one struct call per field: this runs for every datagram received)
-        if several:
-            candidates = [
-                i
-                for i, datagram in enumerate(datagrams)
-                if len(datagram) >= DATAGRAM_OVERHEAD
-                and (datagram[:CID_LEN] == cid or bytes(datagram[:CID_LEN]) in ids)
-            ]
+        if count == 1:  # (an ack, a control message: no comprehension, whose call costs more than it saves)
+            datagram = datagrams[0]
+            if len(datagram) < DATAGRAM_OVERHEAD or (
+                datagram[:CID_LEN] != cid and not (several and bytes(datagram[:CID_LEN]) in ids)
+            ):
+                return opened, 0
+            candidates: Sequence[int] = (0,)
+            samples = datagram[DATA_HEADER_LEN:_SAMPLE_END]
         else:
             candidates = [
                 i
                 for i, datagram in enumerate(datagrams)
-                if len(datagram) >= DATAGRAM_OVERHEAD and datagram[:CID_LEN] == cid
+                if len(datagram) >= DATAGRAM_OVERHEAD
+                and (datagram[:CID_LEN] == cid or (several and bytes(datagram[:CID_LEN]) in ids))
             ]
-        if not candidates:
-            return opened, 0
+            if not candidates:
+                return opened, 0
+            samples = b"".join(
+                [datagram[DATA_HEADER_LEN:_SAMPLE_END] for datagram in datagrams]
+                if len(candidates) == count
+                else [datagrams[i][DATA_HEADER_LEN:_SAMPLE_END] for i in candidates]
+            )
         mine = datagrams if len(candidates) == count else [datagrams[i] for i in candidates]
-        masks = _MASKS.iter_unpack(
-            self._receive_mask(b"".join([datagram[DATA_HEADER_LEN:_SAMPLE_END] for datagram in mine]))
-        )
+        masks = _MASKS.iter_unpack(self._receive_mask(samples))
         window = self._window
         check, update, highest = window.check, window.update, window.highest
         decrypt, nonce, header, protected = self._decrypt, self._nonce, _HEADER.pack, _PROTECTED.unpack_from
