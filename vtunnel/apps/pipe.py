@@ -622,7 +622,7 @@ class TunnelEnd:
             stream.write_eof()
         if state & _CLOSING:
             stream.close()
-        elif not state & _EOF_WANTED and stream.send_room() <= 0 and not stream.lite_tls:  # (_window_shut)
+        elif not state & _EOF_WANTED and self._window_shut():
             # the data took the window: the other end is not read until it opens (stream_writable, which then
             # asks for room if the output is over its mark), so no read waits here
             if not state & _TOLD_FULL:

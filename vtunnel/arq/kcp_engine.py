@@ -246,16 +246,10 @@ class KCPEngine:
         One call per message where there were four."""
         if self.closed:
             raise KCPEngineError("the KCP session is closed")
+        if self.room() <= 0:
+            return -1
         kcp = self._kcp
         waiting: int = kcp.waitsnd()
-        room = self.send_window - waiting
-        pacer = self._pacer
-        if pacer is not None:  # (room() inline)
-            paced = max(pacer.window, _MIN_QUEUE) - kcp.nsnd_que
-            if paced < room:
-                room = paced
-        if room <= 0:
-            return -1
         if len(data) <= self.max_data * _SEGMENTS_PER_SEND:
             kcp.send(data)
         else:

@@ -291,13 +291,9 @@ class Pacer:
         room = self.window - in_flight
         if room <= 0:
             return 0
-        rate = self.pacing_rate
-        if rate <= 0:
+        if self.pacing_rate <= 0:
             return room
-        elapsed = now - self._last_refill  # (_refill inline: asked before every flush that has data to send)
-        self._last_refill = now
-        if elapsed > 0:
-            self._tokens = min(self._burst, self._tokens + elapsed * rate)
+        self._refill(now)
         allowed = int(self._tokens + _EPSILON)
         if allowed <= 0:
             return 0

@@ -543,11 +543,6 @@ class Tunnel:
                     append(_PACK_HEADER((end - start) << 8, _PASSTHROUGH, stream.id))
                     append(records[start:end])
                     start = end
-            elif size <= self._send_frame_size and stream.accepted and not self._gzip_out:
-                # one frame of an accepted stream (_queue_data's first case, inline: once per message)
-                out = self._out
-                out.append(_PACK_HEADER(size << 8, 0, stream_id))
-                out.append(payload)
             else:  # (a mutable buffer the caller may reuse is copied)
                 self._queue_data(stream, payload, size)
         if end_stream:

@@ -41,7 +41,7 @@ import anyio
 import structlog
 
 from vtunnel.protocol import StreamMetadata, Tunnel
-from vtunnel.protocol.errors import LocalProtocolError, VTunnelError
+from vtunnel.protocol.errors import VTunnelError
 from vtunnel.protocol.lite_tls import LiteTlsRole, LiteTlsSession, LiteTlsState, LiteTlsStep, whole_records
 from vtunnel.protocol.metadata import DATAGRAM_KINDS
 from vtunnel.runtime.errors import StreamRefused
@@ -279,18 +279,6 @@ class TunnelStream:
             raise anyio.ClosedResourceError("the end of stream was sent on this stream")
         if self._lite is not None:
             return self._lite.from_local(data)
-        if size and not self.datagrams:
-            # the whole write at once, which the window mostly takes (a relay reads no further ahead than it); a
-            # LocalProtocolError (past the window, or the stream sends no more) changed nothing: the window decides
-            try:
-                tunnel.send_data(self.stream_id, data)
-            except LocalProtocolError:
-                pass
-            except VTunnelError as exc:
-                raise anyio.BrokenResourceError(str(exc)) from exc
-            else:
-                self._carrier.transmit()
-                return size
         try:
             window = tunnel.send_window(self.stream_id)
             n = size if window >= size else (0 if self.datagrams else window)
@@ -454,15 +442,8 @@ class TunnelStream:
             lite.from_peer(data, passthrough)
         elif passthrough:
             self._lite_violation(len(data), "PASSTHROUGH DATA on a stream that is not lite-tls")
-        else:  # (_deliver inline: a call less per message)
-            self._unacknowledged += len(data)
-            consumer = self._consumer
-            if consumer is not None:
-                consumer.stream_data(data)
-            elif self._early is None:
-                self._early = [data]
-            else:
-                self._early.append(data)
+        else:
+            self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
         self._unacknowledged += len(data)

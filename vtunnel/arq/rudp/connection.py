@@ -441,12 +441,7 @@ class Connection:
         if self._acks.is_duplicate(packet.number):
             self._stats["packets_duplicate"] += 1
             return []
-        size = len(data)
-        self._stats["packets_received"] += 1
-        self._stats["bytes_received"] += size
-        self._bytes_received += size
-        self._last_received = now
-        self._heard_from_peer = True
+        self._count_received(len(data), now)
         if self.state is ConnectionState.DRAINING:
             return []
         if self.state is ConnectionState.CLOSING:
@@ -505,12 +500,7 @@ class Connection:
         if acks.is_duplicate(number):
             stats["packets_duplicate"] += 1
             return []
-        size = len(data)
-        stats["packets_received"] += 1
-        stats["bytes_received"] += size
-        self._bytes_received += size
-        self._last_received = now
-        self._heard_from_peer = True
+        self._count_received(len(data), now)
         readable_before = self._ready_len
         fault = self._on_stream(offset, bytes(data[start:]), False)
         if fault is not None:
@@ -519,6 +509,15 @@ class Connection:
         if self._ready_len > readable_before:
             return [_READABLE]
         return []
+
+    def _count_received(self, size: int, now: float) -> None:
+        """A new packet of ``size`` bytes arrived from the peer (both receive paths)."""
+        stats = self._stats
+        stats["packets_received"] += 1
+        stats["bytes_received"] += size
+        self._bytes_received += size
+        self._last_received = now
+        self._heard_from_peer = True
 
     def _fail(self, events: list[Event], code: int, reason: str) -> list[Event]:
         self._enter_closing(code, reason)
