@@ -22,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.open_latency import ROOT, _free_port, _wait_port
+from bench.open_latency import ROOT, _wait_port
 from bench.procs import rss_bytes
 from bench.workload import MESSAGE_SIZE, _message
+from vtunnel.testing.ports import free_port
 
 FRONTS = ("forward", "socks5", "http-connect")
 
@@ -78,7 +79,7 @@ def _measure_front(front: str, scheme: str, count: int, key: Path) -> float:
     quiet = ["--log-level", "warning"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        sink = _free_port()
+        sink = free_port()
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "bench.workload", "serve", "--listen", f"127.0.0.1:{sink}"],
@@ -87,12 +88,12 @@ def _measure_front(front: str, scheme: str, count: int, key: Path) -> float:
                 start_new_session=True,
             )
         )
-        tunnel_port = _free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
+        tunnel_port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
         url = f"{scheme}://127.0.0.1:{tunnel_port}" + ("?mode=fast3" if scheme == "kcp" else "")
         server = [*vtunnel, "server", "--listen", url, "--psk-file", str(key), "--allow-private", *quiet]
         procs.append(subprocess.Popen(server, start_new_session=True))
         time.sleep(1.0)
-        port = _free_port()
+        port = free_port()
         option = {"forward": "--forward", "socks5": "--socks", "http-connect": "--http"}[front]
         value = f"127.0.0.1:{port}" + (f"=127.0.0.1:{sink}" if front == "forward" else "")
         agent = [*vtunnel, "agent", "--server", url, "--psk-file", str(key), option, value, *quiet]

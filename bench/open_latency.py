@@ -33,17 +33,11 @@ import anyio
 from anyio.abc import ByteStream
 
 from bench.stats import percentile
+from vtunnel.testing.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAME_HEADER = b"\x82\x7f\x7f\xff\xff\xff\xff\xff\xff\xff"
 USER, PASSWORD = "bench", "bench-password"
-
-
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _upgrade() -> bytes:
@@ -172,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     echo, echo_port = _start_echo()
     try:
-        tunnel_port = _free_port(socket.SOCK_DGRAM if args.scheme == "kcp" else socket.SOCK_STREAM)
+        tunnel_port = free_port(socket.SOCK_DGRAM if args.scheme == "kcp" else socket.SOCK_STREAM)
         url = f"{args.scheme}://127.0.0.1:{tunnel_port}" + ("?mode=fast3" if args.scheme == "kcp" else "")
         key = Path(tempfile.mkdtemp(prefix="vtunnel-bench-")) / "key"
         subprocess.run([*vtunnel, "keygen", "-o", str(key)], capture_output=True, check=True)
@@ -186,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         time.sleep(1.0)
-        zero_port, socks_port = _free_port(), _free_port()
+        zero_port, socks_port = free_port(), free_port()
         forwards = [
             "--forward",
             f"127.0.0.1:{zero_port}=127.0.0.1:{echo_port}",

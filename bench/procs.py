@@ -25,6 +25,8 @@ from types import TracebackType
 
 import structlog
 
+from vtunnel.testing.ports import free_port
+
 __all__ = [
     "CLK_TCK",
     "HarnessError",
@@ -110,22 +112,6 @@ def cpu_ns_threads(pid: int) -> int:
         with contextlib.suppress(OSError, ValueError, IndexError):
             total += int((task / "schedstat").read_text().split()[0])
     return total
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port that is free right now for TCP and UDP on ``host``."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        with socket.socket(socket.AF_INET, other) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        return port
-    raise HarnessError("no free port found on loopback")
 
 
 def wait_tcp(host: str, port: int, *, timeout: float) -> None:

@@ -29,6 +29,7 @@ import anyio
 from vtunnel.apps.agent import Agent, AgentSettings, Forward
 from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.runtime.process import run_async
+from vtunnel.testing.ports import free_port
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
 URLS = {
@@ -46,12 +47,6 @@ def _echo(listener: socket.socket) -> None:
     with conn:
         while data := conn.recv(65536):
             conn.sendall(data)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _name(frame: FrameType | None) -> str:
@@ -86,7 +81,7 @@ async def _main(transport: str, rounds: int, top: int, profile: bool, callers: b
             listen=[Endpoint.parse(URLS[transport])], security=security, target=f"127.0.0.1:{echo_port}"
         )
     )
-    forward_port = _free_port()
+    forward_port = free_port()
     counter = Counter()
     done = threading.Event()
     timings: list[float] = []

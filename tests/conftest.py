@@ -16,6 +16,8 @@ from typing import IO
 import pytest
 from hypothesis import HealthCheck, settings
 
+from vtunnel.testing.ports import free_port as free_port  # the tests' one way to pick a port
+
 # Property tests check behaviour, never speed: no per-example deadline and no health check that times how fast
 # examples are made, both of which fail at random on a loaded machine.
 settings.register_profile("vtunnel", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -36,13 +38,6 @@ BOTH_LOOPS = [
     pytest.param(("asyncio", {}), id="asyncio"),
     pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
 ]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:

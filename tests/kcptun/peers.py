@@ -21,6 +21,7 @@ from vtunnel.arq.fec import FECPacket, is_fec_packet, parse_fec_packet
 from vtunnel.arq.reedsolomon import ReedSolomon
 from vtunnel.kcptun import KcptunConfig, KcptunSession
 from vtunnel.kcptun.smux import Event
+from vtunnel.testing.ports import free_port as free_port
 
 KCPTUN_SERVER = shutil.which("kcptun-server")
 KCPTUN_CLIENT = shutil.which("kcptun-client")
@@ -55,13 +56,6 @@ def kcptun_args(config: KcptunConfig) -> list[str]:
     if config.nocomp:
         args.append("--nocomp")
     return args
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
