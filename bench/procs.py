@@ -2,8 +2,8 @@
 
 :class:`ProcessGroup` starts every process of a run in its own session and kills them all (TERM, then KILL)
 when it closes, on success, error or Ctrl-C alike. :func:`rss_bytes` and :func:`cpu_seconds` read
-``/proc/PID/statm`` and ``/proc/PID/stat``; :func:`cpu_ns_threads` sums the per-thread ``schedstat`` run times
-for a finer idle-CPU figure.
+``/proc/PID/statm`` and ``/proc/PID/stat``; :func:`thread_cpu_ns` reads the per-thread ``schedstat`` run times,
+exact to the nanosecond where ``stat`` counts clock ticks.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ __all__ = [
     "HarnessError",
     "Proc",
     "ProcessGroup",
-    "cpu_ns_threads",
     "cpu_seconds",
     "free_port",
     "last_json_line",
     "rss_bytes",
     "tcp_queues",
+    "thread_cpu_ns",
     "wait_tcp",
 ]
 
@@ -101,17 +101,19 @@ def tcp_queues() -> list[tuple[int, int, int, int]]:
     return out
 
 
-def cpu_ns_threads(pid: int) -> int:
-    """Sum of the on-CPU nanoseconds of the live threads of ``pid`` (``/proc/PID/task/*/schedstat``)."""
-    total = 0
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """The on-CPU nanoseconds of each live thread of ``pid``, by thread id (``/proc/PID/task/*/schedstat``).
+
+    Exact, where ``/proc/PID/stat`` counts in clock ticks (10 ms); but a thread that has ended is not listed."""
+    out: dict[int, int] = {}
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError as exc:
         raise HarnessError(f"cannot list the threads of process {pid}: {exc}") from None
     for task in tasks:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int((task / "schedstat").read_text().split()[0])
-    return total
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+    return out
 
 
 def wait_tcp(host: str, port: int, *, timeout: float) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from bench.procs import HarnessError, ProcessGroup, cpu_ns_threads, cpu_seconds, last_json_line, rss_bytes
+from bench.measure import CpuWatch
+from bench.procs import HarnessError, ProcessGroup, cpu_seconds, last_json_line, rss_bytes, thread_cpu_ns
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -16,12 +19,13 @@ pytestmark = pytest.mark.timeout(60)
 def test_proc_readers_on_this_process() -> None:
     assert rss_bytes(os.getpid()) > 1024 * 1024
     before = cpu_seconds(os.getpid())
-    ns_before = cpu_ns_threads(os.getpid())
+    ns_before = thread_cpu_ns(os.getpid())
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline:
         sum(range(1000))
     assert cpu_seconds(os.getpid()) >= before
-    assert cpu_ns_threads(os.getpid()) > ns_before
+    ns_after = thread_cpu_ns(os.getpid())
+    assert ns_after[threading.get_native_id()] > ns_before[threading.get_native_id()]
 
 
 def test_readers_fail_clearly_for_a_gone_process(tmp_path: object) -> None:
@@ -98,3 +102,30 @@ def test_last_words_pick_the_error_line() -> None:
         quiet = group.spawn("quiet", [sys.executable, "-c", "print('just this')"])
         quiet.popen.wait(10)
         assert quiet.last_words() == "just this"
+
+
+def test_a_few_milliseconds_of_cpu_are_measured_not_rounded_to_a_clock_tick() -> None:
+    """A child spends about 4 ms of CPU between two lines; /proc's clock ticks (10 ms) would mostly say 0."""
+    code = (
+        "import sys, time\n"
+        "sys.stdin.readline()\n"
+        "t0 = time.thread_time()\n"
+        "while time.thread_time() - t0 < 0.004:\n"
+        "    pass\n"
+        "print(time.thread_time() - t0, flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        time.sleep(0.3)  # the interpreter has started and waits for the line
+        watch = CpuWatch({"child": child.pid})
+        watch.start()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        spent = float(child.stdout.readline())
+        measured = watch.stop()["child"]["cpu_s"]
+        child.kill()
+    assert spent <= measured < spent + 0.002
