@@ -28,10 +28,10 @@ from vtunnel.arq.rudp.wire import (
     encode_header,
     encode_stream,
     encode_varint,
-    lone_stream,
     peek_dcid,
     peek_number,
     stream_header,
+    stream_packet,
     varint_size,
 )
 
@@ -190,17 +190,21 @@ def test_garbage_after_a_valid_header_raises_only_wire_error(tail: bytes) -> Non
 
 
 def _agrees_with_the_decoder(datagram: bytes, dcid: bytes) -> None:
-    """``lone_stream`` reads a packet as the full decoder does, or leaves it to it."""
-    lone = lone_stream(datagram, dcid)
-    assert lone_stream(memoryview(datagram), dcid) == lone  # (a run's datagrams are views into its buffer)
+    """``stream_packet`` reads a packet as the full decoder does, or leaves it to it."""
+    lone = stream_packet(datagram, dcid)
+    assert stream_packet(memoryview(datagram), dcid) == lone  # (a run's datagrams are views into its buffer)
     try:
         packet = decode_packet(datagram)
     except WireError:
         assert lone is None
         return
     frames = packet.frames
+    ack = None
+    if len(frames) == 2 and isinstance(frames[0], Ack):
+        ack = (frames[0].ranges, frames[0].delay, frames[0].max_data)
+        frames = frames[1:]
     if packet.dcid == dcid and len(frames) == 1 and isinstance(frames[0], Stream) and not frames[0].fin:
-        assert lone == (packet.number, frames[0].offset, len(datagram) - len(frames[0].data))
+        assert lone == (packet.number, frames[0].offset, len(datagram) - len(frames[0].data), ack)
         assert datagram[lone[2] :] == frames[0].data
     else:
         assert lone is None
@@ -214,14 +218,17 @@ def _agrees_with_the_decoder(datagram: bytes, dcid: bytes) -> None:
     st.booleans(),
     st.booleans(),
     st.sampled_from([b"", b"\x01", b"\x00\x00", encode_data_blocked(9)]),
+    st.sampled_from(
+        [b"", encode_ack([(3, 7)], 900, 1 << 23), encode_ack([(90, 100), (20, 40), (0, 5)], 70000, 300)]
+    ),
 )
 def test_a_lone_stream_frame_is_read_as_the_decoder_reads_it(
-    dcid: bytes, number: int, offset: int, data: bytes, fin: bool, with_length: bool, after: bytes
+    dcid: bytes, number: int, offset: int, data: bytes, fin: bool, with_length: bool, after: bytes, ack: bytes
 ) -> None:
     if offset + len(data) > MAX_VARINT:
         offset = MAX_VARINT - len(data)
     frame = encode_stream(offset, data, fin=fin, with_length=with_length or bool(after))
-    datagram = encode_header(dcid, number) + frame + after
+    datagram = encode_header(dcid, number) + ack + frame + after
     _agrees_with_the_decoder(datagram, dcid)
     _agrees_with_the_decoder(datagram, dcid + b"x")  # another connection's
     _agrees_with_the_decoder(datagram[:-1], dcid)  # cut short

@@ -252,8 +252,10 @@ class BbrController(CongestionController):
     def on_packets_acked(
         self, now: float, packets: Sequence[SentPacket], rtt: RttEstimator, *, app_limited: bool
     ) -> None:
-        self._acked_bytes += sum(packet.size for packet in packets)
-        delivered, self._acked_bytes = divmod(self._acked_bytes, self.max_datagram_size)
+        size = self._acked_bytes
+        for packet in packets:
+            size += packet.size
+        delivered, self._acked_bytes = divmod(size, self.max_datagram_size)
         if delivered:
             self._model.on_acked(
                 now, delivered, rtt.smoothed if rtt.has_sample else 0.0, app_limited=app_limited

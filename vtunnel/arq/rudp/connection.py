@@ -4,7 +4,7 @@ The caller (a transport, or the simulator) feeds datagrams and the time in, and 
 and a deadline out::
 
     conn = Connection(role=Role.CLIENT, local_cid=b"...", peer_cid=b"...", config=RudpConfig(cc="cubic"), now=now)
-    events = conn.receive_datagram(datagram, now)   # -> StreamReadable, StreamEnded, DatagramReceived,
+    events = conn.receive_datagrams(datagrams, now) # -> StreamReadable, StreamEnded, DatagramReceived,
                                                     #    SendRoomAvailable, ConnectionClosed
     out = conn.datagrams_to_send(now)               # packets to put on the wire, now
     conn.next_deadline()                            # when handle_timer must run (None: only input can matter)
@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -55,11 +56,10 @@ from .wire import (
     encode_data_blocked,
     encode_datagram,
     encode_header,
-    encode_varint,
+    encode_varints,
     header_size,
-    lone_stream,
-    stream_header,
-    stream_overhead,
+    stream_head,
+    stream_packet,
     varint_size,
 )
 
@@ -261,7 +261,8 @@ class Connection:
         # receiving stream
         #: in-order bytes not yet read, as the chunks they arrived in (joined once, when read), and their length
         self._ready: deque[bytes] = deque()
-        self._ready_len = 0
+        #: stream bytes :meth:`receive` would return now
+        self.readable = 0
         self._read_offset = 0  # bytes the reader took
         self._contiguous = 0  # offset up to which everything arrived
         self._pending: list[tuple[int, bytes]] = []  # a heap of out-of-order (offset, data)
@@ -326,7 +327,11 @@ class Connection:
             raise RudpLocalError("the connection is closed")
         if self._fin_offset is not None:
             raise RudpLocalError("the stream was ended")
-        room = self.send_room()
+        room = self.config.send_buffer - (
+            self._send_buf.end - self._send_base
+        )  # (send_room, the state checked)
+        if room < 0:
+            room = 0
         take = min(room, len(data))
         if take:
             self._send_buf.append(data[:take] if take < len(data) else data)
@@ -346,7 +351,7 @@ class Connection:
         ready = self._ready
         if not ready:
             return b""
-        if max_bytes < 0 or max_bytes >= self._ready_len:
+        if max_bytes < 0 or max_bytes >= self.readable:
             data = ready[0] if len(ready) == 1 else b"".join(ready)
             ready.clear()
         else:
@@ -362,7 +367,7 @@ class Connection:
                     ready[0] = chunk[need:]
                     need = 0
             data = b"".join(parts)
-        self._ready_len -= len(data)
+        self.readable -= len(data)
         self._read_offset += len(data)
         window = self.config.receive_window
         if self._max_data - self._read_offset <= window // 2 and self._final_size is None:
@@ -370,11 +375,6 @@ class Connection:
             self._max_data = self._read_offset + window
             self._acks.request_immediate()
         return data
-
-    @property
-    def readable(self) -> int:
-        """Stream bytes :meth:`receive` would return now."""
-        return self._ready_len
 
     @property
     def stream_ended(self) -> bool:
@@ -423,45 +423,124 @@ class Connection:
 
     def receive_datagram(self, data: bytes | memoryview, now: float) -> list[Event]:
         """One datagram from the peer; returns what it brought. Never raises for what the peer sends."""
+        return self.receive_datagrams((data,), now)
+
+    def receive_datagrams(self, datagrams: Sequence[bytes | memoryview], now: float) -> list[Event]:
+        """Datagrams from the peer that arrived together, in order; returns what they brought. Never raises for
+        what the peer sends.
+
+        A run of them that continues the stream in order (the bulk of a transfer: each packet's one frame is
+        STREAM data starting where the previous one ended, the numbers consecutive after the largest so far) is
+        recorded once: the numbers as one range, the ACK state, the bytes and the counters. Any other packet
+        goes alone, after what came before it."""
         self._now = now
-        if self.state is ConnectionState.CLOSED:
-            return []
-        if self.state is ConnectionState.OPEN:
-            lone = lone_stream(data, self.local_cid)
+        events: list[Event] = []
+        cid = self.local_cid
+        chunks: list[bytes] = []  # the run's data, and its packets' bytes on the wire
+        run_bytes = 0
+        number_next = offset_next = -1  # what continues the run (-1: no run)
+        for data in datagrams:
+            state = self.state
+            if state is ConnectionState.CLOSED:
+                break
+            lone = stream_packet(data, cid) if state is ConnectionState.OPEN else None
             if lone is not None:
-                return self._receive_stream_packet(data, lone, now)
+                number, offset, start, ack = lone
+                if ack is None:
+                    if number == number_next and offset == offset_next:
+                        offset_next = offset + len(data) - start
+                        if offset_next <= self._max_data:
+                            chunks.append(bytes(data[start:]))
+                            run_bytes += len(data)
+                            number_next += 1
+                            continue
+                    elif (
+                        not chunks
+                        and number == self._acks.largest + 1
+                        and offset == self._contiguous
+                        and not self._pending
+                        and self._final_size is None
+                    ):
+                        offset_next = offset + len(data) - start
+                        if offset_next <= self._max_data:
+                            chunks.append(bytes(data[start:]))
+                            run_bytes += len(data)
+                            number_next = number + 1
+                            continue
+                if chunks:
+                    self._take_run(chunks, number_next, run_bytes, now, events)
+                    chunks = []
+                    run_bytes = 0
+                number_next = -1
+                self._receive_stream_packet(data, lone, now, events)
+                continue
+            if chunks:
+                self._take_run(chunks, number_next, run_bytes, now, events)
+                chunks = []
+                run_bytes = 0
+            number_next = -1
+            self._receive_packet(data, now, events)
+        if chunks:
+            self._take_run(chunks, number_next, run_bytes, now, events)
+        return events
+
+    def _take_run(
+        self, chunks: list[bytes], number_next: int, size: int, now: float, events: list[Event]
+    ) -> None:
+        """Record a run of in-order STREAM packets (see :meth:`receive_datagrams`): ``chunks``, their data, the
+        last of them numbered ``number_next - 1``, ``size`` bytes on the wire in all."""
+        count = len(chunks)
+        stats = self._stats
+        stats["packets_received"] += count
+        stats["bytes_received"] += size
+        self._bytes_received += size
+        self._last_received = now
+        self._heard_from_peer = True
+        length = 0
+        for chunk in chunks:
+            length += len(chunk)
+        self._ready.extend(chunks)
+        self._contiguous += length
+        self.readable += length
+        self._acks.on_run(number_next - count, number_next - 1, now)
+        if length:
+            events.append(_READABLE)
+
+    def _receive_packet(self, data: bytes | memoryview, now: float, events: list[Event]) -> None:
+        """One packet of any other kind: parsed whole, its frames applied in order."""
         try:
             packet = decode_packet(data)
         except WireError:
             self._stats["packets_dropped"] += 1
-            return []
+            return
         if packet.dcid != self.local_cid:
             self._stats["packets_dropped"] += 1
-            return []
+            return
         if self._acks.is_duplicate(packet.number):
             self._stats["packets_duplicate"] += 1
-            return []
+            return
         self._count_received(len(data), now)
         if self.state is ConnectionState.DRAINING:
-            return []
+            return
         if self.state is ConnectionState.CLOSING:
             if self._close_repeats < _CLOSE_REPEATS:
                 self._close_pending = True
-            return []
-        events: list[Event] = []
+            return
         ack_eliciting = False
-        readable_before = self._ready_len
+        readable_before = self.readable
         immediate = False
         for frame in packet.frames:
             if isinstance(frame, Stream):
                 ack_eliciting = True
                 fault = self._on_stream(frame.offset, frame.data, frame.fin)
                 if fault is not None:
-                    return self._fail(events, *fault)
+                    self._fail(events, *fault)
+                    return
             elif isinstance(frame, Ack):
-                fault = self._on_ack(frame, now, events)
+                fault = self._on_ack(frame.ranges, frame.delay, frame.max_data, now, events)
                 if fault is not None:
-                    return self._fail(events, *fault)
+                    self._fail(events, *fault)
+                    return
             elif isinstance(frame, Datagram):
                 ack_eliciting = True
                 self._stats["datagrams_received"] += 1
@@ -473,42 +552,49 @@ class Connection:
                 immediate = True  # the peer waits for our window: tell it at once
             elif isinstance(frame, Close):
                 self.state = ConnectionState.DRAINING
-                self._close_deadline = now + 3 * self.rtt.pto()
+                self._close_deadline = now + 3 * self.rtt.pto_period
                 events.append(ConnectionClosed(code=frame.code, reason=frame.reason, by_peer=True))
-                return events
+                return
             elif isinstance(frame, Padding):
                 pass
         self._acks.on_packet(packet.number, ack_eliciting, now)
         if immediate:
             self._acks.request_immediate()
-        if self._ready_len > readable_before:
+        if self.readable > readable_before:
             events.append(_READABLE)
         if self._final_size is not None and self._contiguous >= self._final_size and not self._end_reported:
             self._end_reported = True
             events.append(StreamEnded())
-        return events
 
     def _receive_stream_packet(
-        self, data: bytes | memoryview, lone: tuple[int, int, int], now: float
-    ) -> list[Event]:
-        """:meth:`receive_datagram` of a packet whose one frame is STREAM data without FIN (``lone``: its number,
-        offset and where its data starts), the bulk of a transfer: what the general path does with it, without
-        building the packet's frame objects."""
-        number, offset, start = lone
+        self,
+        data: bytes | memoryview,
+        lone: tuple[int, int, int, tuple[tuple[tuple[int, int], ...], int, int] | None],
+        now: float,
+        events: list[Event],
+    ) -> None:
+        """A packet of an optional ACK and STREAM data without FIN (``lone``: its number, offset, where its data
+        starts, and the ACK's fields): what :meth:`_receive_packet` does with it, without building the packet's
+        frame objects."""
+        number, offset, start, ack = lone
         acks = self._acks
-        stats = self._stats
         if acks.is_duplicate(number):
-            stats["packets_duplicate"] += 1
-            return []
+            self._stats["packets_duplicate"] += 1
+            return
         self._count_received(len(data), now)
-        readable_before = self._ready_len
+        if ack is not None:
+            fault = self._on_ack(ack[0], ack[1], ack[2], now, events)
+            if fault is not None:
+                self._fail(events, *fault)
+                return
+        readable_before = self.readable
         fault = self._on_stream(offset, bytes(data[start:]), False)
         if fault is not None:
-            return self._fail([], *fault)
+            self._fail(events, *fault)
+            return
         acks.on_packet(number, True, now)
-        if self._ready_len > readable_before:
-            return [_READABLE]
-        return []
+        if self.readable > readable_before:
+            events.append(_READABLE)
 
     def _count_received(self, size: int, now: float) -> None:
         """A new packet of ``size`` bytes arrived from the peer (both receive paths)."""
@@ -528,7 +614,7 @@ class Connection:
         self.state = ConnectionState.CLOSING
         self._close_frame = encode_close(code, reason[:200])
         self._close_pending = True
-        self._close_deadline = self._now + 3 * self.rtt.pto()
+        self._close_deadline = self._now + 3 * self.rtt.pto_period
         self._datagrams.clear()
 
     def _on_stream(self, start: int, data: bytes, fin: bool) -> tuple[int, str] | None:
@@ -583,16 +669,20 @@ class Connection:
                     ready.append(chunk[contiguous - offset :] if offset < contiguous else chunk)
                     contiguous = tail
             self._pending_ranges.remove_below(contiguous)
-        self._ready_len += contiguous - self._contiguous
+        self.readable += contiguous - self._contiguous
         self._contiguous = contiguous
         return None
 
-    def _on_ack(self, frame: Ack, now: float, events: list[Event]) -> tuple[int, str] | None:
-        if frame.largest > self._loss.largest_sent:
-            return ErrorCode.PROTOCOL_VIOLATION, f"ACK of packet {frame.largest}, never sent"
-        if frame.max_data > self._peer_max_data:
-            self._peer_max_data = frame.max_data
-        result = self._loss.on_ack(frame.ranges, frame.delay / 1e6, now)
+    def _on_ack(
+        self, ranges: tuple[tuple[int, int], ...], delay: int, max_data: int, now: float, events: list[Event]
+    ) -> tuple[int, str] | None:
+        """An ACK frame's ``ranges`` (as :class:`~.wire.Ack` has them), ``delay`` (us) and ``max_data``."""
+        largest = ranges[0][1]
+        if largest > self._loss.largest_sent:
+            return ErrorCode.PROTOCOL_VIOLATION, f"ACK of packet {largest}, never sent"
+        if max_data > self._peer_max_data:
+            self._peer_max_data = max_data
+        result = self._loss.on_ack(ranges, delay / 1e6, now)
         if result.acked:
             self._stream_acked(result.acked)
             for packet in result.acked:
@@ -608,7 +698,12 @@ class Connection:
         if result.lost:
             self._on_lost(result.lost, now, persistent=result.persistent_congestion)
         self._send_buf.release(self._send_base)
-        if self._writer_waiting and self.send_room() > 0:
+        if (
+            self._writer_waiting
+            and self.config.send_buffer > self._send_buf.end - self._send_base
+            and self._fin_offset is None
+            and self.state is ConnectionState.OPEN
+        ):  # (send_room() > 0)
             self._writer_waiting = False
             events.append(_ROOM)
         return None
@@ -623,13 +718,14 @@ class Connection:
                     self._fin_acked = True
                 if not length:
                     continue
-                if offset <= base and not acked:
-                    # no hole above the acknowledged prefix (the usual case): it just grows
-                    end = offset + length
+                end = offset + length
+                if offset <= base:
+                    # it touches the acknowledged prefix (the usual case): the prefix grows
                     if end > base:
                         base = end
                 else:
-                    acked.add(offset, offset + length)
+                    acked.add(offset, end)
+        if acked:  # the pieces above the prefix it now reaches join it
             while acked and acked.first[0] <= base:
                 _, end = acked.pop_first()
                 if end > base:
@@ -707,21 +803,10 @@ class Connection:
                 return
             queue.popleft()
 
-    def _flow_limit(self) -> int:
-        return min(self._send_buf.end, self._peer_max_data)
-
-    def _has_data(self) -> bool:
-        if self._datagrams:
-            return True
-        if self._retransmit:
-            self._clean_retransmit()
-            if self._retransmit:
-                return True
-        if self._send_next < self._send_buf.end and self._send_next < self._peer_max_data:
-            return True
-        if self._fin_offset is not None and not self._fin_sent and self._send_next >= self._fin_offset:
-            return True
-        return self._blocked()
+    def _retransmission_due(self) -> bool:
+        """Whether queued retransmissions still hold bytes the peer lacks (the rest are dropped)."""
+        self._clean_retransmit()
+        return bool(self._retransmit)
 
     def _paced(self, now: float, rate: float) -> bool:
         """Whether pacing holds the next packet back; if so, when to come back is set (``_pacing_wake``)."""
@@ -757,7 +842,8 @@ class Connection:
                 return []
             self._close_pending = False
             self._close_repeats += 1
-            return [self._finish_packet(self._next_number, [self._close_frame], now, None)]
+            number = self._next_number
+            return [self._finish_packet(number, encode_varints(number), [self._close_frame], now, None)]
         if not self._heard_from_peer:
             return []  # a server speaks only after the client did
         out: list[bytes] = []
@@ -773,11 +859,20 @@ class Connection:
         loss = self._loss
         acks = self._acks
         cc = self.cc
+        buf = self._send_buf
         rate = -1.0  # the pacing rate, read once (only an ACK changes it)
         while len(out) < _BURST_LIMIT:
             probe = self._probes > 0
-            ack = acks.ack_due(now)
-            has_data = self._has_data()
+            # (acks.ack_due(now) and self._has_data(), asked once per packet from the state they read)
+            deadline = acks.ack_deadline
+            ack = acks.immediate or (deadline is not None and now >= deadline)
+            send_next = self._send_next
+            has_data = (
+                bool(self._datagrams)
+                or (bool(self._retransmit) and self._retransmission_due())
+                or (send_next < buf.end and (send_next < self._peer_max_data or self._blocked()))
+                or (self._fin_offset is not None and not self._fin_sent and send_next >= self._fin_offset)
+            )
             send_data = probe
             if has_data and not probe:
                 if rate < 0:
@@ -789,13 +884,16 @@ class Connection:
             elif not has_data:
                 # nothing to send: the application's fault only if the send buffer has room (a buffer full of
                 # unacknowledged data is the path's doing, and says the window was used)
-                self._app_limited = self.send_room() > 0
+                self._app_limited = (
+                    self.config.send_buffer > buf.end - self._send_base and self._fin_offset is None
+                )  # (send_room() > 0: the state is OPEN here)
             if not send_data and not ack:
                 break
             if (
                 send_data
                 and not probe
-                and not acks.pending
+                and not acks.immediate
+                and acks.ack_deadline is None
                 and not self._retransmit
                 and not self._datagrams
                 and self._fin_offset is None
@@ -843,15 +941,15 @@ class Connection:
         keep = packets.append
         room_in_window = cc.congestion_window - loss.bytes_in_flight
         while start < limit and tokens >= mds and sent + mds <= room_in_window and len(out) < _BURST_LIMIT:
-            number_bytes = encode_varint(number)
-            room = head_room - len(number_bytes)
-            take = min(limit - start, room - stream_overhead(start, limit - start))
-            if take <= 0:
+            number_bytes = encode_varints(number)
+            frame = stream_head(start, limit - start, head_room - len(number_bytes), -1)
+            if frame is None:
                 break
+            header, take = frame
             end = start + take
             if end == blocked_at:
                 break
-            datagram = b"".join((head, number_bytes, stream_header(start, take), buf.slice(start, end)))
+            datagram = b"".join((head, number_bytes, header, buf.slice(start, end)))
             size = len(datagram)
             keep(SentPacket(number, now, size, True, [(start, take, False)]))
             append(datagram)
@@ -887,11 +985,13 @@ class Connection:
     def _build(self, now: float, *, send_data: bool, probe: bool, size: int) -> bytes | None:
         """One packet of at most ``size`` bytes (None: nothing to put in it)."""
         number = self._next_number
-        room = size - header_size(len(self.peer_cid), number)
+        number_bytes = encode_varints(number)
+        room = size - len(self._header) - len(number_bytes)
         frames: list[bytes] = []
-        packet = SentPacket(number=number, sent_time=now, size=0, ack_eliciting=False)
-        if self._acks.pending or self._acks.ack_due(now):
-            ranges = self._acks.ranges()
+        packet = SentPacket(number, now, 0, False)
+        acks = self._acks
+        if acks.immediate or acks.ack_deadline is not None:  # (pending: ack_due(now) is no more)
+            ranges = acks.ranges()
             if ranges:
                 delay = max(0, int((now - self._acks.largest_time) * 1e6))
                 frame = encode_ack(ranges, delay, self._max_data)
@@ -906,7 +1006,7 @@ class Connection:
             if self._retransmit:
                 room = self._add_retransmissions(frames, room, packet)
             room = self._add_new_data(frames, room, packet)
-            if room > 0 and self._blocked():
+            if room > 0 and self._send_buf.end > self._send_next and self._blocked():
                 frame = encode_data_blocked(self._peer_max_data)
                 if len(frame) <= room:
                     frames.append(frame)
@@ -937,12 +1037,12 @@ class Connection:
             self._pings_owed -= 1
             frames.append(b"\x01")
             packet.ack_eliciting = True
-        return self._finish_packet(number, frames, now, packet)
+        return self._finish_packet(number, number_bytes, frames, now, packet)
 
     def _finish_packet(
-        self, number: int, frames: list[bytes], now: float, packet: SentPacket | None
+        self, number: int, number_bytes: bytes, frames: list[bytes], now: float, packet: SentPacket | None
     ) -> bytes:
-        frames.insert(0, self._header + encode_varint(number))
+        frames.insert(0, self._header + number_bytes)
         datagram = b"".join(frames)
         self._next_number = number + 1
         size = len(datagram)
@@ -982,13 +1082,11 @@ class Connection:
     def _stream_frame(self, frames: list[bytes], room: int, packet: SentPacket, start: int, end: int) -> int:
         """Add a STREAM frame for as much of ``[start, end)`` as fits; returns the room left (``room`` itself
         when nothing fitted)."""
-        overhead = stream_overhead(start, end - start)
-        take = min(end - start, room - overhead)
-        if take <= 0 and not (start == end and overhead <= room):
+        frame = stream_head(start, end - start, room, -1 if self._fin_offset is None else self._fin_offset)
+        if frame is None:
             return room
-        take = max(take, 0)
+        header, take = frame
         fin = self._fin_offset is not None and start + take == self._fin_offset
-        header = stream_header(start, take, fin=fin)
         frames.append(header)
         if take:
             frames.append(self._send_buf.slice(start, start + take))
@@ -1022,7 +1120,7 @@ class Connection:
         return room
 
     def _add_new_data(self, frames: list[bytes], room: int, packet: SentPacket) -> int:
-        limit = self._flow_limit()
+        limit = min(self._send_buf.end, self._peer_max_data)
         start = self._send_next
         fin_due = self._fin_offset is not None and not self._fin_sent and start >= self._fin_offset
         if (start >= limit and not fin_due) or room <= 8:

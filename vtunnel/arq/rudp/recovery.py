@@ -73,7 +73,7 @@ class SentPacket:
 class RttEstimator:
     """RFC 9002 section 5: the minimum, the smoothed round trip and its variation, adjusted for ACK delay."""
 
-    __slots__ = ("has_sample", "latest", "max_ack_delay", "min", "smoothed", "variance")
+    __slots__ = ("has_sample", "latest", "max_ack_delay", "min", "pto_period", "smoothed", "variance")
 
     def __init__(self, *, initial_rtt: float, max_ack_delay: float) -> None:
         self.has_sample = False
@@ -83,6 +83,8 @@ class RttEstimator:
         self.variance = initial_rtt / 2
         #: the peer's promise: it never holds an ACK for an ack-eliciting packet longer than this (seconds)
         self.max_ack_delay = max_ack_delay
+        #: :meth:`pto`, kept up to date (the loss detector's timer reads it after every packet)
+        self.pto_period = self._pto()
 
     def update(self, latest: float, ack_delay: float) -> None:
         """A sample: ``latest`` seconds from sending the largest newly acknowledged packet to its ACK, of which
@@ -94,15 +96,20 @@ class RttEstimator:
             self.min = latest
             self.smoothed = latest
             self.variance = latest / 2
+            self.pto_period = self._pto()
             return
         self.min = min(self.min, latest)
         ack_delay = min(ack_delay, self.max_ack_delay)
         adjusted = latest - ack_delay if latest >= self.min + ack_delay else latest
         self.variance = 0.75 * self.variance + 0.25 * abs(self.smoothed - adjusted)
         self.smoothed = 0.875 * self.smoothed + 0.125 * adjusted
+        self.pto_period = self._pto()
 
     def pto(self) -> float:
         """The probe timeout's base period (before backoff)."""
+        return self.pto_period
+
+    def _pto(self) -> float:
         return self.smoothed + max(4 * self.variance, GRANULARITY) + self.max_ack_delay
 
     def loss_delay(self) -> float:
@@ -198,6 +205,7 @@ class LossDetector:
         acked = result.acked
         keep = acked.append
         oldest = next(iter(sent), largest + 1)
+        size = 0
         for low, high in reversed(ranges):
             if high < oldest:
                 continue
@@ -210,11 +218,12 @@ class LossDetector:
                 packet = pop(number, None)
                 if packet is not None:
                     keep(packet)
+                    size += packet.size
         if self._lost_numbers:
             self._find_late(ranges, result)
         if not acked:
             return result
-        self.bytes_in_flight -= sum(packet.size for packet in acked)
+        self.bytes_in_flight -= size
         self.ack_eliciting_in_flight -= len(acked)
         if largest > self.largest_acked:
             self.largest_acked = largest
@@ -282,7 +291,7 @@ class LossDetector:
         first, last = lost[0], lost[-1]
         if last.number - first.number + 1 != len(lost):
             return False
-        period = (self.rtt.smoothed + max(4 * self.rtt.variance, GRANULARITY) + self.rtt.max_ack_delay) * 3
+        period = self.rtt.pto_period * 3
         return last.sent_time - first.sent_time >= period
 
     # --- timers ----------------------------------------------------------------------------------------------
@@ -293,7 +302,7 @@ class LossDetector:
             return self._loss_time
         if self.ack_eliciting_in_flight == 0 or self._last_ack_eliciting is None:
             return None
-        return self._last_ack_eliciting + self.rtt.pto() * (1 << min(self.pto_count, 16))
+        return self._last_ack_eliciting + self.rtt.pto_period * (1 << min(self.pto_count, 16))
 
     def on_timeout(self, now: float) -> tuple[list[SentPacket], bool]:
         """The timer fired: ``(lost, False)`` for the time threshold, ``([], True)`` when probes must be sent."""
@@ -319,9 +328,9 @@ class AckTracker:
 
     __slots__ = (
         "_eliciting_since_ack",
-        "_immediate",
         "ack_deadline",
         "floor",
+        "immediate",
         "largest",
         "largest_time",
         "max_ack_delay",
@@ -340,8 +349,10 @@ class AckTracker:
         self.largest_time = 0.0
         self.max_ack_delay = max_ack_delay
         self.threshold = threshold
+        #: when the ACK held for an ack-eliciting packet is due (None: none held, or one is due at once)
         self.ack_deadline: float | None = None
-        self._immediate = False
+        #: an ACK is due at once (with the next datagram)
+        self.immediate = False
         self._eliciting_since_ack = 0
 
     def is_duplicate(self, number: int) -> bool:
@@ -353,7 +364,7 @@ class AckTracker:
         """Record a packet that was accepted (not a duplicate)."""
         previous = self.largest
         self.received.add(number, number + 1)
-        if len(self.received) > MAX_TRACKED_RANGES:
+        if number != previous + 1 and len(self.received) > MAX_TRACKED_RANGES:  # (else no range was added)
             _, end = self.received.pop_first()
             self.floor = max(self.floor, end)
         if number > previous:
@@ -364,30 +375,38 @@ class AckTracker:
         self._eliciting_since_ack += 1
         if number != previous + 1 or self._eliciting_since_ack >= self.threshold:
             # reordered, a new gap, or the second ack-eliciting packet since the last ACK
-            self._immediate = True
+            self.immediate = True
         elif self.ack_deadline is None:
             self.ack_deadline = now + self.max_ack_delay
+
+    def on_run(self, first: int, last: int, now: float) -> None:
+        """:meth:`on_packet` of the ack-eliciting packets ``first..last``, all new, ``first`` the one after the
+        largest so far (a run of a transfer taken at once): the same state as one call for each of them."""
+        self.received.add(first, last + 1)  # (it extends the last range: no range is added)
+        self.largest = last
+        self.largest_time = now
+        before = self._eliciting_since_ack
+        self._eliciting_since_ack = count = before + last - first + 1
+        if before + 1 < self.threshold and self.ack_deadline is None:
+            self.ack_deadline = now + self.max_ack_delay  # (the first of them set it)
+        if count >= self.threshold:
+            self.immediate = True
 
     def request_immediate(self) -> None:
         """An ACK should go out with the next datagram (e.g. the receive window opened)."""
         if self.largest >= 0:
-            self._immediate = True
+            self.immediate = True
 
     def ack_due(self, now: float) -> bool:
-        return self._immediate or (self.ack_deadline is not None and now >= self.ack_deadline)
+        return self.immediate or (self.ack_deadline is not None and now >= self.ack_deadline)
 
     @property
     def pending(self) -> bool:
         """Something arrived that no ACK has reported yet."""
-        return self._immediate or self.ack_deadline is not None
-
-    @property
-    def immediate(self) -> bool:
-        """An ACK is due at once (with the next datagram)."""
-        return self._immediate
+        return self.immediate or self.ack_deadline is not None
 
     def deadline(self) -> float | None:
-        return None if self._immediate else self.ack_deadline
+        return None if self.immediate else self.ack_deadline
 
     def ranges(self) -> list[tuple[int, int]]:
         """The ranges an ACK reports now: inclusive, highest first."""
@@ -401,7 +420,7 @@ class AckTracker:
         return out
 
     def on_ack_sent(self) -> None:
-        self._immediate = False
+        self.immediate = False
         self.ack_deadline = None
         self._eliciting_since_ack = 0
 

@@ -25,6 +25,7 @@ Parsing never raises anything but :class:`WireError`, whatever the bytes.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -52,12 +53,14 @@ __all__ = [
     "encode_header",
     "encode_stream",
     "encode_varint",
+    "encode_varints",
     "header_size",
-    "lone_stream",
     "peek_dcid",
     "peek_number",
+    "stream_head",
     "stream_header",
     "stream_overhead",
+    "stream_packet",
     "varint_size",
 ]
 
@@ -86,6 +89,14 @@ class FrameType:
 
 _STREAM_LEN: Final = FrameType.STREAM | FrameType.STREAM_LEN
 _STREAM_LEN_FIN: Final = _STREAM_LEN | FrameType.STREAM_FIN
+
+#: a STREAM header's type, offset and length packed at once, by the sizes of the two varints (1, 2 or 4 bytes)
+_PACK_B_B_B: Final = struct.Struct(">BBB").pack
+_PACK_B_B_H: Final = struct.Struct(">BBH").pack
+_PACK_B_H_B: Final = struct.Struct(">BHB").pack
+_PACK_B_H_H: Final = struct.Struct(">BHH").pack
+_PACK_B_I_B: Final = struct.Struct(">BIB").pack
+_PACK_B_I_H: Final = struct.Struct(">BIH").pack
 
 
 class WireError(ValueError):
@@ -169,36 +180,52 @@ def varint_size(value: int) -> int:
 
 
 def encode_varint(value: int) -> bytes:
-    if value < 0:
-        raise ValueError("a varint is never negative")
-    if value < 0x40:
-        return bytes((value,))
-    if value < 0x4000:
-        return (value | 0x4000).to_bytes(2, "big")
-    if value < 0x4000_0000:
-        return (value | 0x8000_0000).to_bytes(4, "big")
-    if value <= MAX_VARINT:
-        return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
-    raise ValueError(f"{value} does not fit a varint")
+    return encode_varints(value)
+
+
+def encode_varints(*values: int) -> bytes:
+    """Varints one after another, in one call (an ACK frame's fields, a packet number)."""
+    out = bytearray()
+    for value in values:
+        if value < 0x40:
+            if value < 0:
+                raise ValueError("a varint is never negative")
+            out.append(value)
+        elif value < 0x4000:
+            out += (value | 0x4000).to_bytes(2, "big")
+        elif value < 0x4000_0000:
+            out += (value | 0x8000_0000).to_bytes(4, "big")
+        elif value <= MAX_VARINT:
+            out += (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
+        else:
+            raise ValueError(f"{value} does not fit a varint")
+    return bytes(out)
 
 
 #: the value bits of a varint of each length prefix (0b00..0b11: 1, 2, 4, 8 bytes)
 _VARINT_MASKS: Final = (0x3F, 0x3FFF, 0x3FFF_FFFF, MAX_VARINT)
 
 
-def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """The varint at ``buf[pos]`` and the position after it (functions and plain ints, no reader object: the
-    decoder runs for every packet received)."""
-    if pos >= len(buf):
-        raise WireError("truncated")
-    first = buf[pos]
-    prefix = first >> 6
-    if not prefix:
-        return first, pos + 1
-    end = pos + (1 << prefix)
-    if end > len(buf):
-        raise WireError("truncated varint")
-    return int.from_bytes(buf[pos:end], "big") & _VARINT_MASKS[prefix], end
+def _varints(buf: bytes | memoryview, pos: int, count: int) -> tuple[list[int], int]:
+    """``count`` varints from ``buf[pos]`` on, and the position after them (one call for all the fields of a
+    frame: the decoder runs for every packet received)."""
+    values: list[int] = []
+    size = len(buf)
+    for _ in range(count):
+        if pos >= size:
+            raise WireError("truncated")
+        first = buf[pos]
+        prefix = first >> 6
+        if prefix:
+            end = pos + (1 << prefix)
+            if end > size:
+                raise WireError("truncated varint")
+            values.append(int.from_bytes(buf[pos:end], "big") & _VARINT_MASKS[prefix])
+            pos = end
+        else:
+            values.append(first)
+            pos += 1
+    return values, pos
 
 
 # --- header -----------------------------------------------------------------------------------------------
@@ -235,14 +262,17 @@ def peek_number(datagram: bytes | memoryview, offset: int = 0) -> int:
     flags = datagram[offset]
     if flags & _FIXED_MASK != _FIXED or flags & _CID_MASK > MAX_CID_LEN:
         raise WireError("not an rudp packet")
-    return _varint(datagram, offset + 1 + (flags & _CID_MASK))[0]
+    return _varints(datagram, offset + 1 + (flags & _CID_MASK), 1)[0][0]
 
 
-def lone_stream(datagram: bytes | memoryview, dcid: bytes) -> tuple[int, int, int] | None:
-    """``(number, offset, start of the data)`` of a packet to ``dcid`` whose one frame is a STREAM frame without
-    FIN running to the end of the datagram (the bulk of a transfer); ``None`` for any other packet, well formed
-    or not (:func:`decode_packet` says which). A receiver takes such a packet without building frame objects,
-    and copies its data once."""
+def stream_packet(
+    datagram: bytes | memoryview, dcid: bytes
+) -> tuple[int, int, int, tuple[tuple[tuple[int, int], ...], int, int] | None] | None:
+    """``(number, offset, start of the data, ack)`` of a packet to ``dcid`` made of an optional ACK frame and a
+    STREAM frame without FIN running to the end of the datagram (the bulk of a transfer, and most of a
+    conversation's packets); ``ack``: ``None``, or the ACK's ``(ranges, delay, max_data)`` as :class:`Ack` has
+    them. ``None`` for any other packet, well formed or not (:func:`decode_packet` says which). A receiver takes
+    such a packet without building frame objects, and copies its data once."""
     cid_len = len(dcid)
     size = len(datagram)
     pos = 1 + cid_len
@@ -262,19 +292,26 @@ def lone_stream(datagram: bytes | memoryview, dcid: bytes) -> tuple[int, int, in
     if pos >= size:
         return None
     kind = datagram[pos]
-    if kind != _STREAM_LEN and kind != FrameType.STREAM:
-        return None
+    ack = None
     try:
-        offset, pos = _varint(datagram, pos + 1)
+        if kind == FrameType.ACK:
+            ack, pos = _decode_ack(datagram, pos + 1)
+            if pos >= size:
+                return None
+            kind = datagram[pos]
         if kind == _STREAM_LEN:
-            length, pos = _varint(datagram, pos)
+            (offset, length), pos = _varints(datagram, pos + 1, 2)
             if pos + length != size:
                 return None  # more frames after it, or truncated
+        elif kind == FrameType.STREAM:
+            (offset,), pos = _varints(datagram, pos + 1, 1)
+        else:
+            return None
     except WireError:
         return None
     if offset + (size - pos) > MAX_VARINT:
         return None
-    return number, offset, pos
+    return number, offset, pos, ack
 
 
 # --- frames, encoded --------------------------------------------------------------------------------------
@@ -288,8 +325,46 @@ def stream_overhead(offset: int, length: int, *, with_length: bool = True) -> in
 def stream_header(offset: int, length: int, *, fin: bool = False) -> bytes:
     """A STREAM frame with a length field, up to its data (a sender joins the data to it without a copy of
     the frame)."""
-    kind = (_STREAM_LEN_FIN if fin else _STREAM_LEN).to_bytes(1, "big")
-    return kind + encode_varint(offset) + encode_varint(length)
+    return bytes((_STREAM_LEN_FIN if fin else _STREAM_LEN,)) + encode_varints(offset, length)
+
+
+def stream_head(offset: int, available: int, room: int, fin_at: int) -> tuple[bytes, int] | None:
+    """The header of the STREAM frame (with a length field) carrying as much of ``available`` bytes from
+    ``offset`` as fits ``room`` bytes, and that length; FIN when the data reaches ``fin_at`` (-1: never).
+    ``None`` when not even the header fits, or no byte does (unless ``available`` is 0: a FIN alone).
+
+    One call for what a sender does for every packet of stream data (sizes, the length, the bytes)."""
+    overhead = (
+        (3 if offset < 0x40 else 4 if offset < 0x4000 else 6 if offset < 0x4000_0000 else 10)
+        if available < 0x40
+        else (4 if offset < 0x40 else 5 if offset < 0x4000 else 7 if offset < 0x4000_0000 else 11)
+        if available < 0x4000
+        else 1 + varint_size(offset) + varint_size(available)
+    )
+    take = room - overhead
+    if take > available:
+        take = available
+    if take <= 0 and not (available == 0 and take == 0):
+        return None
+    kind = _STREAM_LEN_FIN if offset + take == fin_at else _STREAM_LEN
+    if offset < 0x4000 and take < 0x4000:
+        if offset < 0x40:
+            head = (
+                _PACK_B_B_B(kind, offset, take) if take < 0x40 else _PACK_B_B_H(kind, offset, take | 0x4000)
+            )
+        elif take < 0x40:
+            head = _PACK_B_H_B(kind, offset | 0x4000, take)
+        else:
+            head = _PACK_B_H_H(kind, offset | 0x4000, take | 0x4000)
+    elif offset < 0x4000_0000 and take < 0x4000:
+        head = (
+            _PACK_B_I_B(kind, offset | 0x8000_0000, take)
+            if take < 0x40
+            else _PACK_B_I_H(kind, offset | 0x8000_0000, take | 0x4000)
+        )
+    else:
+        head = bytes((kind,)) + encode_varints(offset, take)
+    return head, take
 
 
 def encode_stream(
@@ -334,47 +409,45 @@ def encode_ack(ranges: Sequence[tuple[int, int]], delay: int, max_data: int) -> 
     if not ranges:
         raise ValueError("an ACK acknowledges at least one packet")
     first, largest = ranges[0]
-    parts = [
-        bytes((FrameType.ACK,)),
-        encode_varint(largest),
-        encode_varint(delay),
-        encode_varint(max_data),
-        encode_varint(len(ranges) - 1),
-        encode_varint(largest - first),
-    ]
+    if len(ranges) == 1:
+        return _ACK_TYPE + encode_varints(largest, delay, max_data, 0, largest - first)
+    values = [largest, delay, max_data, len(ranges) - 1, largest - first]
     smallest = first
     for low, high in ranges[1:]:
         # gap: the unacknowledged numbers between the two ranges, less one; length: the range's size, less one
-        parts.append(encode_varint(smallest - high - 2))
-        parts.append(encode_varint(high - low))
+        values.append(smallest - high - 2)
+        values.append(high - low)
         smallest = low
-    return b"".join(parts)
+    return _ACK_TYPE + encode_varints(*values)
+
+
+_ACK_TYPE: Final = bytes((FrameType.ACK,))
 
 
 # --- decoding ---------------------------------------------------------------------------------------------
 
 
-def _decode_ack(buf: bytes, pos: int) -> tuple[Ack, int]:
-    largest, pos = _varint(buf, pos)
-    delay, pos = _varint(buf, pos)
-    max_data, pos = _varint(buf, pos)
-    count, pos = _varint(buf, pos)
-    first, pos = _varint(buf, pos)
+def _decode_ack(
+    buf: bytes | memoryview, pos: int
+) -> tuple[tuple[tuple[tuple[int, int], ...], int, int], int]:
+    """An ACK frame's ``(ranges, delay, max_data)`` from ``buf[pos]`` (after its type), and the position after it."""
+    (largest, delay, max_data, count, first), pos = _varints(buf, pos, 5)
     if first > largest:
         raise WireError("ACK range below packet number 0")
     low = largest - first
-    ranges = [(low, largest)]
+    if not count:
+        return (((low, largest),), delay, max_data), pos
     if count > (len(buf) - pos) // 2:  # each further range takes at least two bytes
         raise WireError("ACK range count beyond the packet")
-    for _ in range(count):
-        gap, pos = _varint(buf, pos)
-        length, pos = _varint(buf, pos)
-        high = low - gap - 2
-        low = high - length
+    ranges = [(low, largest)]
+    values, pos = _varints(buf, pos, 2 * count)
+    for i in range(0, 2 * count, 2):
+        high = low - values[i] - 2
+        low = high - values[i + 1]
         if low < 0:
             raise WireError("ACK range below packet number 0")
         ranges.append((low, high))
-    return Ack(tuple(ranges), delay, max_data), pos
+    return (tuple(ranges), delay, max_data), pos
 
 
 def _take(buf: bytes, pos: int, length: int) -> tuple[bytes, int]:
@@ -388,7 +461,7 @@ def decode_packet(datagram: bytes | memoryview) -> Packet:
     """Parse a whole packet; raises :class:`WireError` (and nothing else) when it is not well formed."""
     buf = bytes(datagram)
     dcid = peek_dcid(buf)
-    number, pos = _varint(buf, 1 + len(dcid))
+    (number,), pos = _varints(buf, 1 + len(dcid), 1)
     size = len(buf)
     frames: list[Frame] = []
     append = frames.append
@@ -397,21 +470,22 @@ def decode_packet(datagram: bytes | memoryview) -> Packet:
         pos += 1
         frame: Frame
         if kind & 0xFC == FrameType.STREAM:  # the most frequent first
-            offset, pos = _varint(buf, pos)
             if kind & FrameType.STREAM_LEN:
-                length, pos = _varint(buf, pos)
+                (offset, length), pos = _varints(buf, pos, 2)
                 end = pos + length
                 if end > size:
                     raise WireError("truncated field")
                 data = buf[pos:end]
                 pos = end
             else:
+                (offset,), pos = _varints(buf, pos, 1)
                 data, pos = buf[pos:], size
             if offset + len(data) > MAX_VARINT:
                 raise WireError("STREAM frame past the largest offset")
             frame = Stream(offset, data, bool(kind & FrameType.STREAM_FIN))
         elif kind == FrameType.ACK:
-            frame, pos = _decode_ack(buf, pos)
+            (ranges, delay, max_data), pos = _decode_ack(buf, pos)
+            frame = Ack(ranges, delay, max_data)
         elif kind == FrameType.PADDING:
             start = pos - 1
             while pos < size and buf[pos] == 0:
@@ -420,18 +494,17 @@ def decode_packet(datagram: bytes | memoryview) -> Packet:
         elif kind == FrameType.PING:
             frame = Ping()
         elif kind == FrameType.DATA_BLOCKED:
-            limit, pos = _varint(buf, pos)
+            (limit,), pos = _varints(buf, pos, 1)
             frame = DataBlocked(limit)
         elif kind == FrameType.CLOSE:
-            code, pos = _varint(buf, pos)
-            length, pos = _varint(buf, pos)
+            (code, length), pos = _varints(buf, pos, 2)
             raw, pos = _take(buf, pos, length)
             try:
                 frame = Close(code, raw.decode("utf-8"))
             except UnicodeDecodeError:
                 raise WireError("CLOSE reason is not UTF-8") from None
         elif kind == FrameType.DATAGRAM | FrameType.DATAGRAM_LEN:
-            length, pos = _varint(buf, pos)
+            (length,), pos = _varints(buf, pos, 1)
             data, pos = _take(buf, pos, length)
             frame = Datagram(data)
         elif kind == FrameType.DATAGRAM:

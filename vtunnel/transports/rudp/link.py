@@ -36,6 +36,7 @@ import structlog
 from vtunnel.arq.rudp.connection import (
     Connection,
     ConnectionClosed,
+    ConnectionState,
     DatagramReceived,
     ErrorCode,
     Event,
@@ -142,9 +143,7 @@ class RudpLink(ArqLink):
         if self._torn_down:
             return
         now = self._loop.time()
-        events: list[Event] = []
-        for datagram in datagrams:
-            events += conn.receive_datagram(datagram, now)
+        events = conn.receive_datagrams(datagrams, now)
         self.last_receive = now
         self._handle(events)
         self._service(now)
@@ -349,7 +348,7 @@ class RudpLink(ArqLink):
         out = conn.datagrams_to_send(now)
         if out:
             self._transmit(out, self.remote_address)
-        if self._failure is not None or conn.closed:
+        if self._failure is not None or conn.state is ConnectionState.CLOSED:
             self.fail(self._failure or "the connection closed")
             return
         deadline = conn.next_deadline()
