@@ -578,7 +578,7 @@ class Connection:
         frame objects."""
         number, offset, start, ack = lone
         acks = self._acks
-        if acks.is_duplicate(number):
+        if number <= acks.largest and acks.is_duplicate(number):  # (the next number is never one)
             self._stats["packets_duplicate"] += 1
             return
         self._count_received(len(data), now)
@@ -808,14 +808,6 @@ class Connection:
         self._clean_retransmit()
         return bool(self._retransmit)
 
-    def _paced(self, now: float, rate: float) -> bool:
-        """Whether pacing holds the next packet back; if so, when to come back is set (``_pacing_wake``)."""
-        pacer = self._pacer
-        if pacer.release_time(now, rate, self._mds) <= now:
-            return False
-        self._pacing_wake = pacer.wake_time(now, rate, self._mds, self._queued())
-        return True
-
     def _queued(self) -> int:
         """About how many bytes wait to be sent (new stream data the window allows, retransmissions, datagrams)."""
         queued = max(0, min(self._send_buf.end, self._peer_max_data) - self._send_next)
@@ -860,6 +852,7 @@ class Connection:
         acks = self._acks
         cc = self.cc
         buf = self._send_buf
+        pacer = self._pacer
         rate = -1.0  # the pacing rate, read once (only an ACK changes it)
         while len(out) < _BURST_LIMIT:
             probe = self._probes > 0
@@ -877,8 +870,12 @@ class Connection:
             if has_data and not probe:
                 if rate < 0:
                     rate = cc.pacing_rate(self.rtt) if pacing else 0.0
-                if loss.bytes_in_flight + mds > cc.congestion_window or (rate > 0 and self._paced(now, rate)):
-                    self._app_limited = False  # the window or the pacer holds data back
+                if loss.bytes_in_flight + mds > cc.congestion_window:
+                    self._app_limited = False  # the window holds data back
+                elif rate > 0 and pacer.release_time(now, rate, mds) > now:
+                    # pacing holds the next packet back: come back when the bucket holds a batch
+                    self._pacing_wake = pacer.wake_time(now, rate, mds, self._queued())
+                    self._app_limited = False
                 else:
                     send_data = True
             elif not has_data:
@@ -901,7 +898,7 @@ class Connection:
                 and self._data_run(now, out, rate)
             ):
                 continue
-            size = self._amplification_limit()
+            size = mds if self._validated else self._amplification_limit()
             if size < _SMALLEST_PACKET:
                 break
             datagram = self._build(now, send_data=send_data, probe=probe, size=size)

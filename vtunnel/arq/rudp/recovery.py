@@ -84,7 +84,7 @@ class RttEstimator:
         #: the peer's promise: it never holds an ACK for an ack-eliciting packet longer than this (seconds)
         self.max_ack_delay = max_ack_delay
         #: :meth:`pto`, kept up to date (the loss detector's timer reads it after every packet)
-        self.pto_period = self._pto()
+        self.pto_period = initial_rtt + max(4 * self.variance, GRANULARITY) + max_ack_delay
 
     def update(self, latest: float, ack_delay: float) -> None:
         """A sample: ``latest`` seconds from sending the largest newly acknowledged packet to its ACK, of which
@@ -96,24 +96,18 @@ class RttEstimator:
             self.min = latest
             self.smoothed = latest
             self.variance = latest / 2
-            self.pto_period = self._pto()
+            self.pto_period = latest + max(latest * 2, GRANULARITY) + self.max_ack_delay
             return
         self.min = min(self.min, latest)
         ack_delay = min(ack_delay, self.max_ack_delay)
         adjusted = latest - ack_delay if latest >= self.min + ack_delay else latest
         self.variance = 0.75 * self.variance + 0.25 * abs(self.smoothed - adjusted)
-        self.smoothed = 0.875 * self.smoothed + 0.125 * adjusted
-        self.pto_period = self._pto()
+        self.smoothed = smoothed = 0.875 * self.smoothed + 0.125 * adjusted
+        self.pto_period = smoothed + max(4 * self.variance, GRANULARITY) + self.max_ack_delay
 
     def pto(self) -> float:
         """The probe timeout's base period (before backoff)."""
         return self.pto_period
-
-    def _pto(self) -> float:
-        return self.smoothed + max(4 * self.variance, GRANULARITY) + self.max_ack_delay
-
-    def loss_delay(self) -> float:
-        return max(TIME_THRESHOLD * max(self.latest, self.smoothed), GRANULARITY)
 
 
 @dataclass(slots=True)
@@ -233,7 +227,8 @@ class LossDetector:
             result.rtt_updated = True
         self.pto_count = 0
         result.lost = self.detect_lost(now)
-        result.persistent_congestion = self._persistent(result.lost)
+        if len(result.lost) >= 2:
+            result.persistent_congestion = self._persistent(result.lost)
         return result
 
     def detect_lost(self, now: float) -> list[SentPacket]:
@@ -242,7 +237,11 @@ class LossDetector:
         largest = self.largest_acked
         if largest < 0:
             return []
-        delay = self.rtt.loss_delay()
+        rtt = self.rtt
+        # the loss delay: 9/8 of the larger of the latest and the smoothed round trip, at least the granularity
+        delay = TIME_THRESHOLD * (rtt.latest if rtt.latest > rtt.smoothed else rtt.smoothed)
+        if delay < GRANULARITY:
+            delay = GRANULARITY
         lost: list[SentPacket] = []
         for number, packet in self.sent.items():
             if number > largest:
