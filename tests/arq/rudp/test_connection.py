@@ -397,3 +397,93 @@ def test_an_ack_carries_a_ping_only_while_a_packet_with_content_is_unacknowledge
         assert isinstance(frames[0], Ack)
         assert not [f for f in frames if isinstance(f, Stream)]
         assert (Ping() in frames) is outstanding
+
+
+def _burst() -> list[bytes]:
+    """The first packets of a bulk transfer, as the sender puts them out (the receiver has seen none)."""
+    client, _ = pair(RudpConfig(pacing=False))
+    client.send(bytes(range(256)) * 200)
+    burst = client.datagrams_to_send(0.0)
+    assert len(burst) >= 8
+    return burst
+
+
+_BURST = _burst()
+
+
+def _edited(edits: list[str]) -> list[int]:
+    """The burst's indices in order, with each one kept, dropped, sent twice, or swapped with the next."""
+    order: list[int] = []
+    for index, edit in enumerate(edits):
+        if edit == "drop":
+            continue
+        order.append(index)
+        if edit == "twice":
+            order.append(index)
+        elif edit == "swap" and len(order) >= 2:
+            order[-1], order[-2] = order[-2], order[-1]
+    return order
+
+
+def _state(conn: Connection) -> tuple[object, ...]:
+    """All a peer and the sender's loss recovery can observe of a receiver (and what it reads out)."""
+    return (
+        conn.stats(),
+        conn.readable,
+        conn.next_deadline(),
+        conn.receive(),
+        conn.datagrams_to_send(0.02),
+        conn.next_deadline(),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.lists(
+            st.sampled_from(["keep", "keep", "keep", "drop", "twice", "swap"]), max_size=len(_BURST)
+        ).map(_edited),
+        st.lists(st.integers(min_value=0, max_value=len(_BURST) - 1), max_size=2 * len(_BURST)),
+    ),
+    st.integers(min_value=0, max_value=4),
+    st.integers(min_value=1, max_value=len(_BURST)),
+)
+def test_a_run_taken_at_once_leaves_the_state_packets_one_by_one_leave(
+    order: list[int], before: int, batch: int
+) -> None:
+    """``receive_datagrams`` records a run of in-order STREAM packets once: whatever the run holds (a gap, a
+    duplicate, a packet out of order, a packet seen before it), the receiver ends where one ``receive_datagram``
+    per packet takes it: counters, bytes, ACK state and timers, the ACK it sends."""
+    _, one = pair(RudpConfig(pacing=False))
+    _, run = pair(RudpConfig(pacing=False))
+    for datagram in _BURST[:before]:  # (packets seen before the run)
+        one.receive_datagram(datagram, 0.001)
+        run.receive_datagram(datagram, 0.001)
+    datagrams = [_BURST[i] for i in order]
+    one_events: list[Event] = []
+    run_events: list[Event] = []
+    for start in range(0, len(datagrams), batch):
+        part = datagrams[start : start + batch]
+        for datagram in part:
+            one_events += one.receive_datagram(datagram, 0.002)
+        run_events += run.receive_datagrams(part, 0.002)
+    assert {type(e) for e in run_events} == {type(e) for e in one_events}
+    assert [e for e in run_events if not isinstance(e, StreamReadable)] == [
+        e for e in one_events if not isinstance(e, StreamReadable)
+    ]
+    assert _state(run) == _state(one)
+
+
+def test_a_run_that_overruns_the_window_closes_the_connection_as_one_packet_does() -> None:
+    """A run's data past the receive window is left to the one-packet path, which faults on it."""
+    _, one = pair(RudpConfig(pacing=False))
+    _, run = pair(RudpConfig(pacing=False))
+    one._max_data = run._max_data = 3000  # (less than the burst carries)
+    one_events: list[Event] = []
+    for datagram in _BURST:
+        one_events += one.receive_datagram(datagram, 0.001)
+    run_events = run.receive_datagrams(_BURST, 0.001)
+    assert run_events[-1] == one_events[-1]
+    assert isinstance(run_events[-1], ConnectionClosed)
+    assert run_events[-1].code == ErrorCode.FLOW_CONTROL_ERROR
+    assert _state(run) == _state(one)

@@ -30,7 +30,9 @@ from vtunnel.arq.rudp.wire import (
     encode_varint,
     peek_dcid,
     peek_number,
+    stream_head,
     stream_header,
+    stream_overhead,
     stream_packet,
     varint_size,
 )
@@ -239,3 +241,26 @@ def test_a_lone_stream_frame_is_read_as_the_decoder_reads_it(
 def test_lone_stream_of_garbage_returns_none_or_what_the_decoder_reads(raw: bytes, dcid: bytes) -> None:
     _agrees_with_the_decoder(raw, dcid)
     _agrees_with_the_decoder(encode_header(dcid, 5) + raw, dcid)
+
+
+@settings(max_examples=500)
+@given(
+    st.integers(min_value=0, max_value=MAX_VARINT // 2),
+    st.integers(min_value=0, max_value=MAX_VARINT // 2),
+    st.integers(min_value=-2, max_value=70000),
+    st.booleans(),
+)
+def test_stream_head_is_the_header_of_as_much_data_as_fits(
+    offset: int, available: int, room: int, fin: bool
+) -> None:
+    """One call's STREAM header: the bytes :func:`stream_header` writes for the length that fits ``room`` (the
+    length field sized for ``available``, as :func:`stream_overhead` counts it)."""
+    take = min(available, room - stream_overhead(offset, available))
+    fin_at = offset + take if fin else -1
+    head = stream_head(offset, available, room, fin_at)
+    if take < 0 or (take == 0 and available):
+        assert head is None
+        return
+    assert head == (stream_header(offset, take, fin=fin), take)
+    frame = decode_packet(encode_header(b"", 0) + head[0] + bytes(take)).frames[0]
+    assert frame == Stream(offset, bytes(take), fin)

@@ -423,7 +423,18 @@ class Connection:
 
     def receive_datagram(self, data: bytes | memoryview, now: float) -> list[Event]:
         """One datagram from the peer; returns what it brought. Never raises for what the peer sends."""
-        return self.receive_datagrams((data,), now)
+        self._now = now
+        events: list[Event] = []
+        state = self.state
+        if state is ConnectionState.OPEN:
+            lone = stream_packet(data, self.local_cid)
+            if lone is not None:
+                self._receive_stream_packet(data, lone, now, events)
+                return events
+        elif state is ConnectionState.CLOSED:
+            return events
+        self._receive_packet(data, now, events)
+        return events
 
     def receive_datagrams(self, datagrams: Sequence[bytes | memoryview], now: float) -> list[Event]:
         """Datagrams from the peer that arrived together, in order; returns what they brought. Never raises for
@@ -431,8 +442,9 @@ class Connection:
 
         A run of them that continues the stream in order (the bulk of a transfer: each packet's one frame is
         STREAM data starting where the previous one ended, the numbers consecutive after the largest so far) is
-        recorded once: the numbers as one range, the ACK state, the bytes and the counters. Any other packet
-        goes alone, after what came before it."""
+        recorded once: the numbers as one range, the ACK state, the bytes and the counters, as
+        :meth:`receive_datagram` for each of them would. Any other packet goes alone, as it does there, after
+        what came before it."""
         self._now = now
         events: list[Event] = []
         cid = self.local_cid

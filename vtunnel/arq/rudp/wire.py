@@ -300,14 +300,37 @@ def stream_packet(
                 return None
             kind = datagram[pos]
         if kind == _STREAM_LEN:
-            (offset, length), pos = _varints(datagram, pos + 1, 2)
+            # the offset and the length, read here (the bulk of a transfer comes this way)
+            pos += 1
+            first = datagram[pos]
+            prefix = first >> 6
+            if prefix:
+                end = pos + (1 << prefix)
+                if end >= size:
+                    return None
+                offset = int.from_bytes(datagram[pos:end], "big") & _VARINT_MASKS[prefix]
+                pos = end
+            else:
+                offset = first
+                pos += 1
+            first = datagram[pos]
+            prefix = first >> 6
+            if prefix:
+                end = pos + (1 << prefix)
+                if end > size:
+                    return None
+                length = int.from_bytes(datagram[pos:end], "big") & _VARINT_MASKS[prefix]
+                pos = end
+            else:
+                length = first
+                pos += 1
             if pos + length != size:
                 return None  # more frames after it, or truncated
         elif kind == FrameType.STREAM:
             (offset,), pos = _varints(datagram, pos + 1, 1)
         else:
             return None
-    except WireError:
+    except (WireError, IndexError):
         return None
     if offset + (size - pos) > MAX_VARINT:
         return None
@@ -335,11 +358,10 @@ def stream_head(offset: int, available: int, room: int, fin_at: int) -> tuple[by
 
     One call for what a sender does for every packet of stream data (sizes, the length, the bytes)."""
     overhead = (
-        (3 if offset < 0x40 else 4 if offset < 0x4000 else 6 if offset < 0x4000_0000 else 10)
-        if available < 0x40
-        else (4 if offset < 0x40 else 5 if offset < 0x4000 else 7 if offset < 0x4000_0000 else 11)
-        if available < 0x4000
-        else 1 + varint_size(offset) + varint_size(available)
+        (2 if offset < 0x40 else 3 if offset < 0x4000 else 5 if offset < 0x4000_0000 else 9)
+        + (1 if available < 0x40 else 2 if available < 0x4000 else 4 if available < 0x4000_0000 else 8)
+        if available <= MAX_VARINT
+        else 1 + varint_size(offset) + varint_size(available)  # (raises)
     )
     take = room - overhead
     if take > available:
