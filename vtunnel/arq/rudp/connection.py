@@ -4,8 +4,9 @@ The caller (a transport, or the simulator) feeds datagrams and the time in, and 
 and a deadline out::
 
     conn = Connection(role=Role.CLIENT, local_cid=b"...", peer_cid=b"...", config=RudpConfig(cc="cubic"), now=now)
-    events = conn.receive_datagrams(datagrams, now) # -> StreamReadable, StreamEnded, DatagramReceived,
+    events = conn.receive_datagram(datagram, now)   # -> StreamReadable, StreamEnded, DatagramReceived,
                                                     #    SendRoomAvailable, ConnectionClosed
+    events = conn.receive_datagrams(datagrams, now) #    (a run of them at once)
     out = conn.datagrams_to_send(now)               # packets to put on the wire, now
     conn.next_deadline()                            # when handle_timer must run (None: only input can matter)
     events = conn.handle_timer(now)
