@@ -61,6 +61,7 @@ from .wire import (
     header_size,
     stream_head,
     stream_packet,
+    varint_packer,
     varint_size,
 )
 
@@ -943,6 +944,7 @@ class Connection:
         head = self._header
         head_room = mds - len(head)
         number = self._next_number
+        pack_number, number_bits, numbers_below = varint_packer(number)
         first_number = number
         first_start = start
         sent = 0
@@ -951,7 +953,9 @@ class Connection:
         keep = packets.append
         room_in_window = cc.congestion_window - loss.bytes_in_flight
         while start < limit and tokens >= mds and sent + mds <= room_in_window and len(out) < _BURST_LIMIT:
-            number_bytes = encode_varints(number)
+            if number >= numbers_below:
+                pack_number, number_bits, numbers_below = varint_packer(number)
+            number_bytes = pack_number(number | number_bits)
             frame = stream_head(start, limit - start, head_room - len(number_bytes), -1)
             if frame is None:
                 break

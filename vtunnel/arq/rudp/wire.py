@@ -26,7 +26,7 @@ Parsing never raises anything but :class:`WireError`, whatever the bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -61,6 +61,7 @@ __all__ = [
     "stream_header",
     "stream_overhead",
     "stream_packet",
+    "varint_packer",
     "varint_size",
 ]
 
@@ -206,6 +207,25 @@ def encode_varints(*values: int) -> bytes:
 _VARINT_MASKS: Final = (0x3F, 0x3FFF, 0x3FFF_FFFF, MAX_VARINT)
 
 
+_PACK_B: Final = struct.Struct(">B").pack
+_PACK_H: Final = struct.Struct(">H").pack
+_PACK_I: Final = struct.Struct(">I").pack
+_PACK_Q: Final = struct.Struct(">Q").pack
+
+
+def varint_packer(value: int) -> tuple[Callable[[int], bytes], int, int]:
+    """``(pack, bits, below)``: ``pack(v | bits)`` is the varint of any ``v`` from ``value`` up to ``below``
+    (exclusive), all of one length (a sender numbering a burst of packets encodes each number with one C call)."""
+    if value < 0x40:
+        return _PACK_B, 0, 0x40
+    if value < 0x4000:
+        return _PACK_H, 0x4000, 0x4000
+    if value < 0x4000_0000:
+        return _PACK_I, 0x8000_0000, 0x4000_0000
+    varint_size(value)  # (raises past the largest)
+    return _PACK_Q, 0xC000_0000_0000_0000, MAX_VARINT + 1
+
+
 def _varints(buf: bytes | memoryview, pos: int, count: int) -> tuple[list[int], int]:
     """``count`` varints from ``buf[pos]`` on, and the position after them (one call for all the fields of a
     frame: the decoder runs for every packet received)."""
@@ -278,63 +298,63 @@ def stream_packet(
     pos = 1 + cid_len
     if size <= pos or datagram[0] != _FIXED | cid_len or (cid_len and datagram[1:pos] != dcid):
         return None
-    first = datagram[pos]
-    prefix = first >> 6
-    if prefix:
-        end = pos + (1 << prefix)
-        if end >= size:
+    number_size = 1 << (datagram[pos] >> 6)
+    kind_at = pos + number_size
+    if kind_at + 2 < size and datagram[kind_at] == _STREAM_LEN:
+        # the bulk of a transfer: the number, the offset and the length read by one struct of their sizes
+        offset_at = kind_at + 1
+        offset_size = 1 << (datagram[offset_at] >> 6)
+        length_at = offset_at + offset_size
+        if length_at >= size:
             return None
-        number = int.from_bytes(datagram[pos:end], "big") & _VARINT_MASKS[prefix]
-        pos = end
-    else:
-        number = first
-        pos += 1
-    if pos >= size:
-        return None
-    kind = datagram[pos]
-    ack = None
+        length_size = 1 << (datagram[length_at] >> 6)
+        start = length_at + length_size
+        if start > size:
+            return None
+        number, _, offset, length = _HEADS[number_size][offset_size][length_size](datagram, pos)
+        length &= _MASKS[length_size]
+        offset &= _MASKS[offset_size]
+        if start + length != size or offset + length > MAX_VARINT:
+            return None  # more frames after it, or truncated
+        return number & _MASKS[number_size], offset, start, None
     try:
+        (number,), pos = _varints(datagram, pos, 1)
+        if pos >= size:
+            return None
+        kind = datagram[pos]
+        ack = None
         if kind == FrameType.ACK:
             ack, pos = _decode_ack(datagram, pos + 1)
             if pos >= size:
                 return None
             kind = datagram[pos]
         if kind == _STREAM_LEN:
-            # the offset and the length, read here (the bulk of a transfer comes this way)
-            pos += 1
-            first = datagram[pos]
-            prefix = first >> 6
-            if prefix:
-                end = pos + (1 << prefix)
-                if end >= size:
-                    return None
-                offset = int.from_bytes(datagram[pos:end], "big") & _VARINT_MASKS[prefix]
-                pos = end
-            else:
-                offset = first
-                pos += 1
-            first = datagram[pos]
-            prefix = first >> 6
-            if prefix:
-                end = pos + (1 << prefix)
-                if end > size:
-                    return None
-                length = int.from_bytes(datagram[pos:end], "big") & _VARINT_MASKS[prefix]
-                pos = end
-            else:
-                length = first
-                pos += 1
+            (offset, length), pos = _varints(datagram, pos + 1, 2)
             if pos + length != size:
                 return None  # more frames after it, or truncated
         elif kind == FrameType.STREAM:
             (offset,), pos = _varints(datagram, pos + 1, 1)
         else:
             return None
-    except (WireError, IndexError):
+    except WireError:
         return None
     if offset + (size - pos) > MAX_VARINT:
         return None
     return number, offset, pos, ack
+
+
+#: by the sizes of the packet number, the offset and the length (1, 2, 4 or 8 bytes): the struct that reads a
+#: packet number, a frame type and the two varints of a STREAM frame at once (their length bits still set)
+_CODES: Final = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_HEADS: Final = {
+    n: {
+        o: {n2: struct.Struct(f">{_CODES[n]}B{_CODES[o]}{_CODES[n2]}").unpack_from for n2 in _CODES}
+        for o in _CODES
+    }
+    for n in _CODES
+}
+#: the value bits of a varint of each size
+_MASKS: Final = {1: 0x3F, 2: 0x3FFF, 4: 0x3FFF_FFFF, 8: MAX_VARINT}
 
 
 # --- frames, encoded --------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ class RudpLink(ArqLink):
         )
         self._conn = connection
         self._cid = connection.local_cid
-        self._first = bytes((_FIXED | len(self._cid),))
+        #: what every packet to this connection starts with: its first byte and our connection ID
+        self._prefix = bytes((_FIXED | len(self._cid),)) + self._cid
         self._timeout = timeout
         self._on_close = on_close
         self._validate_on_ack = validate_on_ack
@@ -119,9 +120,8 @@ class RudpLink(ArqLink):
     def accepts(self, datagram: Datagram) -> bool:
         """Whether ``datagram`` looks like an rudp packet for this connection (its first byte and connection ID;
         the connection parses the rest, and drops what does not parse)."""
-        cid = self._cid
-        end = 1 + len(cid)
-        return len(datagram) > end and datagram[:1] == self._first and datagram[1:end] == cid
+        prefix = self._prefix
+        return len(datagram) > len(prefix) and datagram[: len(prefix)] == prefix
 
     def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
         """Add a run of datagrams (``segment`` bytes each) to ``into``, one by one; False, adding nothing, when
@@ -131,9 +131,16 @@ class RudpLink(ArqLink):
                 return False
             into.append(buffer)
             return True
+        prefix = self._prefix
+        end = len(prefix)
+        if segment <= end:
+            return False  # (no datagram but the last could hold more than the prefix)
         datagrams = split_run(buffer, segment)
-        if not all(map(self.accepts, datagrams)):
+        if len(datagrams[-1]) <= end:
             return False
+        for datagram in datagrams:  # (accepts() of each, without a call per datagram)
+            if datagram[:end] != prefix:
+                return False
         into.extend(datagrams)
         return True
 
