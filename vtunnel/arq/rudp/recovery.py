@@ -205,7 +205,13 @@ class LossDetector:
                 continue
             start = max(low, oldest)
             if high - start > len(sent):  # a wide range over few packets: walk the packets instead
-                numbers: Iterable[int] = [n for n in sent if start <= n <= high]
+                walked: list[int] = []
+                for number in sent:  # (ascending)
+                    if number > high:
+                        break
+                    if number >= start:
+                        walked.append(number)
+                numbers: Iterable[int] = walked
             else:
                 numbers = range(start, high + 1)
             for number in numbers:

@@ -317,19 +317,32 @@ def stream_packet(
         if start + length != size or offset + length > MAX_VARINT:
             return None  # more frames after it, or truncated
         return number & _MASKS[number_size], offset, start, None
+    if kind_at >= size:
+        return None
+    number = int.from_bytes(datagram[pos:kind_at], "big") & _MASKS[number_size]
+    pos = kind_at
+    kind = datagram[pos]
+    ack = None
     try:
-        (number,), pos = _varints(datagram, pos, 1)
-        if pos >= size:
-            return None
-        kind = datagram[pos]
-        ack = None
         if kind == FrameType.ACK:
             ack, pos = _decode_ack(datagram, pos + 1)
             if pos >= size:
                 return None
             kind = datagram[pos]
-        if kind == _STREAM_LEN:
-            (offset, length), pos = _varints(datagram, pos + 1, 2)
+        if kind == _STREAM_LEN and pos + 2 < size:
+            # (a conversation's packet: its ACK, then its data) the offset and the length by one struct
+            offset_at = pos + 1
+            offset_size = 1 << (datagram[offset_at] >> 6)
+            length_at = offset_at + offset_size
+            if length_at >= size:
+                return None
+            length_size = 1 << (datagram[length_at] >> 6)
+            pos = length_at + length_size
+            if pos > size:
+                return None
+            offset, length = _STREAM_HEADS[offset_size][length_size](datagram, offset_at)
+            offset &= _MASKS[offset_size]
+            length &= _MASKS[length_size]
             if pos + length != size:
                 return None  # more frames after it, or truncated
         elif kind == FrameType.STREAM:
@@ -352,6 +365,10 @@ _HEADS: Final = {
         for o in _CODES
     }
     for n in _CODES
+}
+#: the same for the offset and the length alone (after an ACK frame)
+_STREAM_HEADS: Final = {
+    o: {n: struct.Struct(f">{_CODES[o]}{_CODES[n]}").unpack_from for n in _CODES} for o in _CODES
 }
 #: the value bits of a varint of each size
 _MASKS: Final = {1: 0x3F, 2: 0x3FFF, 4: 0x3FFF_FFFF, 8: MAX_VARINT}
