@@ -277,12 +277,19 @@ def peek_dcid(datagram: bytes | memoryview) -> bytes:
 def peek_number(datagram: bytes | memoryview, offset: int = 0) -> int:
     """The packet number of the packet at ``datagram[offset:]`` (one of a run read at once), without parsing its
     frames (what shows a datagram newer than another)."""
-    if offset >= len(datagram):
+    size = len(datagram)
+    if offset >= size:
         raise WireError("empty datagram")
     flags = datagram[offset]
     if flags & _FIXED_MASK != _FIXED or flags & _CID_MASK > MAX_CID_LEN:
         raise WireError("not an rudp packet")
-    return _varints(datagram, offset + 1 + (flags & _CID_MASK), 1)[0][0]
+    pos = offset + 1 + (flags & _CID_MASK)
+    if pos >= size:
+        raise WireError("truncated")
+    length = 1 << (datagram[pos] >> 6)  # (read here: a listener peeks at every datagram of a run)
+    if pos + length > size:
+        raise WireError("truncated varint")
+    return int.from_bytes(datagram[pos : pos + length], "big") & _MASKS[length]
 
 
 def stream_packet(
