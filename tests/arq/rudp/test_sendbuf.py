@@ -45,6 +45,9 @@ def test_slices_match_the_stream(steps: list[tuple[str, object, object]]) -> Non
             start = released + a % held
             end = min(len(stream), start + b)
             assert buffer.slice(start, end) == bytes(stream[start:end])
+            chunk, base = buffer.chunk_at(start)  # the chunk holding start, from its first byte
+            assert base <= start < base + len(chunk)
+            assert chunk == bytes(stream[base : base + len(chunk)])
         assert (buffer.start, buffer.end, len(buffer)) == (released, len(stream), len(stream) - released)
 
 

@@ -462,10 +462,11 @@ class Connection:
                 number, offset, start, ack = lone
                 if ack is None:
                     if number == number_next and offset == offset_next:
-                        offset_next = offset + len(data) - start
+                        size = len(data)
+                        offset_next = offset + size - start
                         if offset_next <= self._max_data:
                             chunks.append(bytes(data[start:]))
-                            run_bytes += len(data)
+                            run_bytes += size
                             number_next += 1
                             continue
                     elif (
@@ -952,7 +953,10 @@ class Connection:
         packets: list[SentPacket] = []
         keep = packets.append
         room_in_window = cc.congestion_window - loss.bytes_in_flight
-        while start < limit and tokens >= mds and sent + mds <= room_in_window and len(out) < _BURST_LIMIT:
+        last_number = number + _BURST_LIMIT - len(out)  # (the burst limit, counted in packet numbers)
+        chunk = b""  # the send buffer's chunk the last packet's data came from, and its offset
+        base = chunk_end = 0
+        while start < limit and tokens >= mds and sent + mds <= room_in_window and number < last_number:
             if number >= numbers_below:
                 pack_number, number_bits, numbers_below = varint_packer(number)
             number_bytes = pack_number(number | number_bits)
@@ -963,7 +967,11 @@ class Connection:
             end = start + take
             if end == blocked_at:
                 break
-            datagram = b"".join((head, number_bytes, header, buf.slice(start, end)))
+            if end > chunk_end:
+                chunk, base = buf.chunk_at(start)
+                chunk_end = base + len(chunk)
+            data = chunk[start - base : end - base] if end <= chunk_end else buf.slice(start, end)
+            datagram = b"".join((head, number_bytes, header, data))
             size = len(datagram)
             keep(SentPacket(number, now, size, True, [(start, take, False)]))
             append(datagram)
