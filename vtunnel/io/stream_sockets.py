@@ -139,7 +139,9 @@ class SocketWatcher:
 
         With epoll, a stop of reading alone is lazy: the registration stays as it is (``transport._watched``)
         until the socket reports something (:meth:`_ready` then drops it), so the pause and resume a relay does
-        around each window of a stream cost no system call when no input came in between. What is added, and
+        around each window of a stream cost no system call when no input came in between. Input that came while
+        paused is read at the resume without registering again (``SocketTransport._update``), so a relay that
+        stops at each window of a busy stream costs no system call of epoll either. What is added, and
         writability no longer wanted (a writable socket is reported on every pass), is applied at once."""
         if not self.uses_epoll:
             self._fallback_set(fd, transport, old, new)
@@ -241,6 +243,7 @@ class SocketWatcher:
                 if transports.get(fd) is not transport:
                     continue
             if unwanted and transport._watched & ~transport._mask:
+                transport._waiting = True  # read at the resume, without registering again
                 self._watch(fd, transport, transport._mask)  # the lazy stop happens now
 
 
@@ -326,8 +329,10 @@ class SocketTransport(asyncio.Transport):
         "_on_close",
         "_protocol",
         "_read_size",
+        "_read_soon",
         "_reading",
         "_sock",
+        "_waiting",
         "_watched",
         "_watcher",
         "_write_closed",
@@ -346,6 +351,10 @@ class SocketTransport(asyncio.Transport):
         self._buffered = 0
         self._mask = 0  # what the watcher watches the socket for now
         self._watched = 0  # what the epoll set has for it (more than _mask while a stop of reading is lazy)
+        #: input may wait in the kernel that the epoll set does not watch for: it came while paused (the lazy
+        #: stop was applied then), or the last read filled the size asked. Meaningful while not watched for input
+        self._waiting = False
+        self._read_soon = False  # _read_waiting is scheduled
         self._reading = True  # not paused by the protocol
         self._eof = False  # the peer's FIN arrived: nothing more to read
         self._write_closed = False  # write_eof() was called: FIN once the buffer is empty
@@ -516,13 +525,16 @@ class SocketTransport(asyncio.Transport):
     def _read_ready(self) -> None:
         view = self._watcher._read_view
         limit = self._read_size
+        asked = READ_SIZE if limit is None else min(max(limit(), 1), READ_SIZE)
         try:
-            size = self._sock.recv_into(view, 0 if limit is None else min(max(limit(), 1), READ_SIZE))
+            size = self._sock.recv_into(view, asked)
         except (BlockingIOError, InterruptedError):
+            self._waiting = False
             return
         except OSError as exc:
             self._fail(exc)
             return
+        self._waiting = size == asked  # a full read may have left more behind
         try:
             if size:
                 self._protocol.data_received(view[:size].tobytes())
@@ -534,6 +546,22 @@ class SocketTransport(asyncio.Transport):
         except Exception as exc:
             log.error("relay protocol failed", error=repr(exc), exc_info=True)
             self._fail(exc)
+
+    def _read_waiting(self) -> None:
+        """Read what came while the socket was paused (scheduled by :meth:`_update` at the resume, instead of a
+        new registration): a read that empties the socket registers it for input then, if reading goes on; a
+        paused socket stays unregistered, its input waiting for the next resume."""
+        self._read_soon = False
+        if self._lost or not self._mask & _IN or self._watched & _IN:
+            return  # closed, paused again, or registered meanwhile (epoll reports the input)
+        self._read_ready()
+        if self._lost or not self._mask & _IN or self._watched & _IN:
+            return
+        if self._waiting:  # the read filled its size: read again after the others' turn
+            self._read_soon = True
+            self._watcher._loop.call_soon(self._read_waiting)
+        else:
+            self._watcher._watch(self._fd, self, self._mask)
 
     def _write_ready(self) -> None:
         buf = self._buffer
@@ -608,6 +636,14 @@ class SocketTransport(asyncio.Transport):
         old = self._mask
         if mask != old:
             self._mask = mask
+            if mask & ~old & _IN and self._waiting and not self._watched & _IN and self._watcher.uses_epoll:
+                # a resume, with input waiting that the set no longer watches for (it came while paused): it is
+                # read soon, and the socket is registered for input only if reading goes on after that
+                self._watcher._set(self._fd, self, old & ~_IN, mask & ~_IN)
+                if not self._read_soon:
+                    self._read_soon = True
+                    self._watcher._loop.call_soon(self._read_waiting)
+                return
             self._watcher._set(self._fd, self, old, mask)
 
     def _drop_buffer(self) -> None:
