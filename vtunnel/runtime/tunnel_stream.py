@@ -485,9 +485,16 @@ class TunnelStream:
             consumer.stream_broken()
 
     def deliver_window(self) -> None:
-        """The send window opened."""
+        """The send window opened: the consumer hears of it now, or, while the tunnel's output is over its
+        high-water mark, once that drained (it could produce nothing before): one call, not one now that finds the
+        output full and asks for room, and a second when the room comes (each window of a busy stream, on a tunnel
+        whose link is the bottleneck)."""
         if self._lite is not None and not self._lite.writable():
             return  # what the tracker queued goes first
+        carrier = self._carrier
+        if carrier.outbound_congested:
+            carrier.notify_room(self)
+            return
         self.deliver_room()
 
     def deliver_room(self) -> None:
