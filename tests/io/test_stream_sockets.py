@@ -288,6 +288,55 @@ async def test_a_pause_is_applied_lazily_and_input_while_paused_drops_the_regist
         await asyncio.wait_for(proto.wait_for(1000), 10)
 
 
+async def test_a_resume_reads_what_waited_without_registering_again() -> None:
+    """Input that came while paused dropped the registration: the resume reads it in the watcher's next pass,
+    without registering first, and registers for input again only because reading goes on after a read that
+    emptied the socket."""
+    proto = Recorder()
+    async with attached(True, proto) as (peer, transport, _):
+        transport.pause_reading()
+        await peer_send(peer, b"x" * 1000)
+        await asyncio.sleep(0.05)
+        assert transport._watched == 0
+        transport.resume_reading()
+        assert transport._watched == 0  # no registration at the resume
+        await asyncio.wait_for(proto.wait_for(1000), 10)
+        assert transport._watched  # the read emptied the socket: epoll reports what comes next
+        await peer_send(peer, b"y" * 10)
+        await asyncio.wait_for(proto.wait_for(1010), 10)
+
+
+async def test_what_a_protocol_defers_to_the_end_of_a_pass_runs_after_it() -> None:
+    """While the watcher hands sockets their input (a pass over the ready ones, or over resumed ones), at_pass_end
+    runs a callback once the pass is over, in the same callback; outside a pass it says no (act now)."""
+    seen: list[str] = []
+
+    class Deferring(Recorder):
+        watcher: SocketWatcher | None = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            assert self.watcher is not None
+            deferred = self.watcher.at_pass_end(lambda: seen.append("end"))
+            seen.append("read" if deferred else "read, not in a pass")
+
+    proto = Deferring()
+    async with attached(True, proto) as (peer, transport, watcher):
+        proto.watcher = watcher
+        assert not watcher.at_pass_end(lambda: seen.append("never"))
+        await peer_send(peer, b"x" * 100)
+        await asyncio.wait_for(proto.wait_for(100), 10)
+        await asyncio.sleep(0)
+        assert seen == ["read", "end"]
+        transport.pause_reading()
+        await peer_send(peer, b"y" * 100)
+        await asyncio.sleep(0.05)
+        transport.resume_reading()  # read in a pass of resumed sockets
+        await asyncio.wait_for(proto.wait_for(200), 10)
+        await asyncio.sleep(0)
+        assert seen == ["read", "end", "read", "end"]
+
+
 async def test_a_failing_protocol_closes_only_its_own_socket(use_epoll: bool) -> None:
     class Broken(Recorder):
         def data_received(self, data: bytes) -> None:

@@ -103,7 +103,17 @@ P = TypeVar("P", bound=asyncio.Protocol)
 class SocketWatcher:
     """Readiness for many sockets with one descriptor in the event loop (epoll), or per socket (fallback)."""
 
-    __slots__ = ("__weakref__", "_epoll", "_loop", "_read_view", "_transports", "rebuilds", "uses_epoll")
+    __slots__ = (
+        "__weakref__",
+        "_epoll",
+        "_loop",
+        "_pass_end",
+        "_read_view",
+        "_resumed",
+        "_transports",
+        "rebuilds",
+        "uses_epoll",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, use_epoll: bool = _HAS_EPOLL) -> None:
         self._loop = loop
@@ -115,12 +125,51 @@ class SocketWatcher:
         self.uses_epoll = use_epoll
         #: times the set was replaced because a registration could not be removed (see ``_rebuild``)
         self.rebuilds = 0
+        #: while a pass hands readiness to the sockets: what runs once it is over (:meth:`at_pass_end`)
+        self._pass_end: list[Callable[[], None]] | None = None
+        #: transports to read in the next pass of resumed ones (``SocketTransport._read_waiting``)
+        self._resumed: list[SocketTransport] = []
         if use_epoll:
             self._epoll = select.epoll()
             loop.add_reader(self._epoll.fileno(), self._ready)
 
     def __len__(self) -> int:
         return len(self._transports)
+
+    def at_pass_end(self, callback: Callable[[], None]) -> bool:
+        """While a pass hands readiness to this watcher's sockets (the ready ones, or the resumed ones whose input
+        waited), run ``callback`` once that pass is over and return True, so that what the protocols of many
+        sockets read in one pass and wrote on can leave in one write; False outside a pass (act now). Ask once per
+        pass: each call adds a call."""
+        pass_end = self._pass_end
+        if pass_end is None:
+            return False
+        pass_end.append(callback)
+        return True
+
+    def _end_pass(self) -> None:
+        callbacks, self._pass_end = self._pass_end, None
+        for callback in callbacks or ():
+            try:
+                callback()
+            except Exception as exc:  # the others still run: each may hold another's output
+                log.error("pass-end callback failed", error=repr(exc), exc_info=True)
+
+    def _read_soon(self, transport: SocketTransport) -> None:
+        """Read ``transport`` in the next pass of resumed sockets (one callback for all of them)."""
+        resumed = self._resumed
+        if not resumed:
+            self._loop.call_soon(self._read_resumed)
+        resumed.append(transport)
+
+    def _read_resumed(self) -> None:
+        resumed, self._resumed = self._resumed, []
+        self._pass_end = []
+        try:
+            for transport in resumed:
+                transport._read_waiting()
+        finally:
+            self._end_pass()
 
     def close(self) -> None:
         """Stop watching; meant for after the last transport is gone (any left are no longer served)."""
@@ -220,6 +269,13 @@ class SocketWatcher:
             ready = epoll.poll(0, EVENTS_PER_WAKEUP)
         except InterruptedError:
             return
+        self._pass_end = []
+        try:
+            self._dispatch(epoll, ready)
+        finally:
+            self._end_pass()
+
+    def _dispatch(self, epoll: Any, ready: list[tuple[int, int]]) -> None:
         transports = self._transports
         for fd, events in ready:
             transport = transports.get(fd)
@@ -548,18 +604,19 @@ class SocketTransport(asyncio.Transport):
             self._fail(exc)
 
     def _read_waiting(self) -> None:
-        """Read what came while the socket was paused (scheduled by :meth:`_update` at the resume, instead of a
-        new registration): a read that empties the socket registers it for input then, if reading goes on; a
-        paused socket stays unregistered, its input waiting for the next resume."""
+        """Read what came while the socket was paused (in the watcher's next pass of resumed sockets, asked by
+        :meth:`_update` at the resume instead of a new registration): a read that empties the socket registers it
+        for input then, if reading goes on; a paused socket stays unregistered, its input waiting for the next
+        resume."""
         self._read_soon = False
         if self._lost or not self._mask & _IN or self._watched & _IN:
             return  # closed, paused again, or registered meanwhile (epoll reports the input)
         self._read_ready()
         if self._lost or not self._mask & _IN or self._watched & _IN:
             return
-        if self._waiting:  # the read filled its size: read again after the others' turn
+        if self._waiting:  # the read filled its size: read again in the next pass
             self._read_soon = True
-            self._watcher._loop.call_soon(self._read_waiting)
+            self._watcher._read_soon(self)
         else:
             self._watcher._watch(self._fd, self, self._mask)
 
@@ -642,7 +699,7 @@ class SocketTransport(asyncio.Transport):
                 self._watcher._set(self._fd, self, old & ~_IN, mask & ~_IN)
                 if not self._read_soon:
                     self._read_soon = True
-                    self._watcher._loop.call_soon(self._read_waiting)
+                    self._watcher._read_soon(self)
                 return
             self._watcher._set(self._fd, self, old, mask)
 

@@ -37,6 +37,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from vtunnel.io.stream_sockets import SocketWatcher, watcher_for
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState, events
 from vtunnel.protocol.errors import MetadataNotNegotiated, VTunnelError
 from vtunnel.runtime.errors import DestinationNotCarried, StreamRefused, TunnelUnavailable
@@ -62,6 +63,9 @@ CLOSE_LINGER = 2.0
 #: while an input's events go to the streams, what they queue waits for the input's one transmit up to this much
 #: (window updates, SYN-ACKs, FINs: small frames); more goes at once, so bulk data never waits on the high-water mark
 _COALESCED_OUTPUT = 32 * 1024
+#: while a pass of the socket watcher reads many relays' sockets, what their streams write waits for the pass's end
+#: up to this much: one link write for the pass, not one per socket read
+_PASS_OUTPUT = 256 * 1024
 #: a timer due within this of the armed one is not re-armed
 _TIMER_SLACK = 0.0005
 
@@ -122,6 +126,9 @@ class TunnelConnection:
         self._delivering = False
         #: a transmit_soon call is waiting for the end of the loop turn
         self._transmit_due = False
+        #: this loop's socket watcher (set by run), and whether a transmit waits for the end of its pass under way
+        self._watcher: SocketWatcher | None = None
+        self._pass_transmit = False
         #: the open_stream calls waiting for their SYN-ACK (or RST), by stream id
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -206,11 +213,19 @@ class TunnelConnection:
         calls ``link_writable`` when it has); the frames go to the link in the task or callback that produced them
         (a link that writes synchronously, such as KCP's, puts them on the wire in the same step). While an input's
         events go to the streams it waits for the input's own call (up to :data:`_COALESCED_OUTPUT`), so a
-        thousand streams' window updates leave as one write.
+        thousand streams' window updates leave as one write. Likewise while the socket watcher's pass reads the
+        sockets of many relays (up to :data:`_PASS_OUTPUT`): their streams' writes leave in one link write when
+        the pass is over, in the same callback.
         """
-        if self._delivering and self.tunnel.bytes_to_send < _COALESCED_OUTPUT:
-            return  # the input's own transmit follows its events
         tunnel = self.tunnel
+        if self._delivering and tunnel.bytes_to_send < _COALESCED_OUTPUT:
+            return  # the input's own transmit follows its events
+        if not self._pass_transmit:
+            watcher = self._watcher
+            if watcher is not None and watcher.at_pass_end(self._after_pass):
+                self._pass_transmit = True
+        if self._pass_transmit and tunnel.bytes_to_send < _PASS_OUTPUT:
+            return  # the pass's transmit follows its reads
         more = not self._held and not self._link_failed and tunnel.has_data_to_send
         while more:
             room = self.link.send_room()
@@ -229,6 +244,10 @@ class TunnelConnection:
             self._arm(deadline)
         if self._room_wanted and self.outbound_bytes <= OUTBOUND_HIGH_WATER:
             self._room_returned()
+
+    def _after_pass(self) -> None:
+        self._pass_transmit = False
+        self.transmit()
 
     def transmit_soon(self) -> None:
         """:meth:`transmit` at the end of this event-loop turn (or with the input being handled): for the small
@@ -359,6 +378,7 @@ class TunnelConnection:
     async def run(self) -> None:
         """Run the tunnel until it closes. Closes the link and every stream at the end."""
         self._loop = asyncio.get_running_loop()
+        self._watcher = watcher_for(self._loop)
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
