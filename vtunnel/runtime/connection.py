@@ -252,8 +252,9 @@ class TunnelConnection:
     def transmit_soon(self) -> None:
         """:meth:`transmit` at the end of this event-loop turn (or with the input being handled): for the small
         frames of stream opens and ends (SYN, SYN-ACK, FIN, RST), so that a thousand streams opened or ended in
-        one turn leave in one link write and one KCP flush. Data never waits: ``write`` transmits at once, and
-        the frames queued before it leave with it."""
+        one turn leave in one link write and one KCP flush. Data does not wait for the loop: ``write`` transmits at
+        once (or at the end of the socket watcher's pass it was read in), and the frames queued before it leave
+        with it."""
         if self._delivering or self._transmit_due:
             return
         loop = self._loop
