@@ -9,7 +9,7 @@ thread. After a warm-up, ``sys.setprofile`` counts the calls the loop's thread m
 C functions they call) over ``--rounds`` round trips; the counts are of both ends of the tunnel together.
 Prints the calls per round trip, and with ``--top`` the functions called most; ``--no-profile`` counts nothing and
 prints the wall and CPU time per round trip (of the whole process: agent, server, client and echo, without the
-profiler's cost); ``--callers`` prints the most frequent caller -> callee pairs instead of the functions. Loopback
+profiler's cost); ``--callers`` prints the most frequent caller -> callee pairs instead of the functions (C functions too: which Python function calls ``len`` most). Loopback
 only.
 """
 
@@ -68,7 +68,9 @@ class Counter:
             self.python[name] += 1
             self.pairs[f"{_name(frame.f_back)} -> {name}"] += 1
         elif event == "c_call":
-            self.native[getattr(arg, "__qualname__", repr(arg))] += 1
+            name = getattr(arg, "__qualname__", repr(arg))
+            self.native[name] += 1
+            self.pairs[f"{_name(frame)} -> {name}"] += 1
 
 
 async def _main(transport: str, rounds: int, top: int, profile: bool, callers: bool) -> None:
