@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -265,3 +269,47 @@ async def test_cli_process_relays_and_reports_counters() -> None:
     finally:
         client.udp.close()
         target.udp.close()
+
+
+def test_a_relay_that_holds_datagrams_for_their_delay_waits_instead_of_spinning() -> None:
+    """The relay's event loop counts time in whole milliseconds (uvloop): a release timer for less than that ahead
+    fires at once and finds the clock unchanged. Re-armed, it spun a core until the millisecond turned, all the
+    time a stream of delayed datagrams passed (the processes a benchmark measured lost that core). The relay
+    releases what is due within its clock's step instead. Bursts of 4 datagrams every 0.3 ms (about 13,000 a
+    second, 16 MB/s): the spinning relay used 0.96 of a core, this one 0.25."""
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind(("127.0.0.1", 0))
+    target.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    command = [
+        sys.executable, "-m", "vtunnel.testing.relay",
+        "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{target.getsockname()[1]}",
+        "--delay", "10", "--rate", "50m",
+    ]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            host, port = json.loads(proc.stdout.readline())["listening"]
+            sent = received = 0
+            start, cpu0 = time.monotonic(), _cpu_seconds(proc.pid)
+            while time.monotonic() - start < 1.5:
+                for _ in range(4):
+                    client.sendto(b"x" * 1200, (host, port))
+                sent += 4
+                gap_end = time.monotonic() + 0.0003  # (waited out here: a sleep this short lasts longer)
+                while time.monotonic() < gap_end:
+                    with contextlib.suppress(BlockingIOError):
+                        target.recv(2048)
+                        received += 1
+            wall, cpu = time.monotonic() - start, _cpu_seconds(proc.pid) - cpu0
+        finally:
+            proc.terminate()
+            client.close()
+            target.close()
+    assert received >= sent * 0.9
+    assert cpu < 0.6 * wall, f"the relay used {cpu:.2f} s of CPU in {wall:.2f} s"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -104,7 +104,14 @@ class DirectionStats:
     queue_dropped: int = 0
 
 
-Sender = Callable[[bytes], None]
+#: what is due within this much of now leaves now: the event loop's clock and timers count whole milliseconds
+#: (uvloop's, libuv's), so a timer for less than that ahead fires at once and finds the clock unchanged: the relay
+#: would re-arm it and spin, a core busy until the millisecond turns (which starved the processes it measures)
+RELEASE_AHEAD: Final = 0.001
+
+#: sends datagrams, in order, to where one flow's direction goes (several at once: one system call per run of
+#: equal sizes, as a NIC's segmentation offload hands them over, so the receiver gets them as a GRO run)
+Sender = Callable[[list[bytes]], None]
 
 
 @dataclass(slots=True)
@@ -132,10 +139,10 @@ class _Pipe:
         """
         if self.impairment.transparent and not self.heap:
             stats = self.stats
-            for datagram in datagrams:
-                send(datagram)
-                stats.bytes += len(datagram)
-                stats.received_bytes += len(datagram)
+            size = sum(map(len, datagrams))
+            send(datagrams)
+            stats.bytes += size
+            stats.received_bytes += size
             stats.received += len(datagrams)
             stats.passed += len(datagrams)
             return
@@ -155,7 +162,7 @@ class _Pipe:
             if not self.heap:
                 stats.passed += 1
                 stats.bytes += len(datagram)
-                send(datagram)
+                send([datagram])
                 return
             self._schedule(self.loop.time(), datagram, send)
             return
@@ -190,10 +197,10 @@ class _Pipe:
             self._schedule(due, datagram, send)
 
     def _schedule(self, due: float, datagram: bytes, send: Sender) -> None:
-        if due <= self.loop.time() and not self.heap:
+        if due <= self.loop.time() + RELEASE_AHEAD and not self.heap:
             self.stats.passed += 1
             self.stats.bytes += len(datagram)
-            send(datagram)
+            send([datagram])
             return
         self.seq += 1
         heapq.heappush(self.heap, (due, self.seq, datagram, send))
@@ -206,13 +213,21 @@ class _Pipe:
     def _release(self) -> None:
         self.timer = None
         heap = self.heap
-        horizon = self.loop.time() + 0.0002
+        horizon = self.loop.time() + RELEASE_AHEAD
         stats = self.stats
+        run: list[bytes] = []  # what is due, in order, goes out together while it goes the same way
+        run_send: Sender | None = None
         while heap and heap[0][0] <= horizon:
             _due, _seq, datagram, send = heapq.heappop(heap)
             stats.passed += 1
             stats.bytes += len(datagram)
-            send(datagram)
+            if send != run_send:  # (bound methods: equal, not the same object)
+                if run_send is not None:
+                    run_send(run)
+                run, run_send = [], send
+            run.append(datagram)
+        if run_send is not None:
+            run_send(run)
         if heap:
             self.timer_when = heap[0][0]
             self.timer = self.loop.call_at(self.timer_when, self._release)
@@ -293,11 +308,11 @@ class _Flow:
         old, self.upstream = self.upstream, self._open()
         old.close()
 
-    def send_up(self, datagram: bytes) -> None:
-        self.upstream.sendto(datagram, self.relay.target)
+    def send_up(self, datagrams: list[bytes]) -> None:
+        self.upstream.sendto_many(datagrams, self.relay.target)
 
-    def send_down(self, datagram: bytes) -> None:
-        self.relay.listener.sendto(datagram, self.client)
+    def send_down(self, datagrams: list[bytes]) -> None:
+        self.relay.listener.sendto_many(datagrams, self.client)
 
     def _on_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         upstream = self.upstream
