@@ -78,8 +78,8 @@ def _mutate(rng: random.Random, datagram: bytes) -> bytes:
 
 def test_fuzz_mutated_datagrams_raise_only_wire_error_and_disturb_no_session() -> None:
     """20k mutations of real datagrams: parsing raises WireError or nothing; a live transfer that receives every
-    mutant that does not parse, or parses with another connection ID, stays byte-exact; connections that are fed
-    the mutants that do parse never raise."""
+    mutant that does not parse, or parses with another connection ID (one by one, or in a run with its own
+    packets), stays byte-exact; connections that are fed the mutants that do parse never raise."""
     rng = random.Random(20240)
     corpus = _corpus(5)
     unparsable: list[bytes] = []
@@ -116,11 +116,14 @@ def test_fuzz_mutated_datagrams_raise_only_wire_error_and_disturb_no_session() -
                 moved = True
                 if rng.random() < 0.05:
                     continue  # lost
-                for _ in range(3):
-                    junk = next(injected, None)
-                    if junk is not None:
+                junks = [junk for junk in (next(injected, None) for _ in range(3)) if junk is not None]
+                if rng.random() < 0.5:  # one by one, or as the link hands over a run it read at once
+                    for junk in junks:
                         assert sink.receive_datagram(junk, now) == []
-                sink.receive_datagram(datagram, now)
+                    sink.receive_datagram(datagram, now)
+                else:
+                    junks.insert(rng.randrange(len(junks) + 1), datagram)
+                    sink.receive_datagrams(junks, now)
         received += server.receive()
         if len(received) == size:
             break
@@ -134,7 +137,8 @@ def test_fuzz_mutated_datagrams_raise_only_wire_error_and_disturb_no_session() -
     assert bytes(received) == payload
     assert int(server.stats()["packets_dropped"]) > 0
 
-    # mutants that parse, against throwaway connections: faults close them, nothing raises
+    # mutants that parse, against throwaway connections, one by one and in runs of 8 (as a GRO read hands them
+    # over): faults close them, nothing raises
     for index, mutant in enumerate(parsable):
         if index % 200 == 0:
             victims = [
@@ -143,8 +147,11 @@ def test_fuzz_mutated_datagrams_raise_only_wire_error_and_disturb_no_session() -
             ]
             victims[0].send(b"x" * 5000)
             victims[0].datagrams_to_send(0.0)
+        run = parsable[index : index + 8] if index % 8 == 0 else []
         for victim in victims:
             victim.receive_datagram(mutant, 0.01 * index)
+            if run:
+                victim.receive_datagrams(run, 0.01 * index)
             victim.datagrams_to_send(0.01 * index)
             victim.handle_timer(0.01 * index)
             victim.receive()
