@@ -452,49 +452,38 @@ class Connection:
         cid = self.local_cid
         chunks: list[bytes] = []  # the run's data, and its packets' bytes on the wire
         run_bytes = 0
-        number_next = offset_next = -1  # what continues the run (-1: no run)
+        number_next = offset_next = -1  # what continues the run
         for data in datagrams:
             state = self.state
             if state is ConnectionState.CLOSED:
                 break
             lone = stream_packet(data, cid) if state is ConnectionState.OPEN else None
-            if lone is not None:
-                number, offset, start, ack = lone
-                if ack is None:
-                    if number == number_next and offset == offset_next:
-                        size = len(data)
-                        offset_next = offset + size - start
-                        if offset_next <= self._max_data:
-                            chunks.append(bytes(data[start:]))
-                            run_bytes += size
-                            number_next += 1
-                            continue
-                    elif (
-                        not chunks
-                        and number == self._acks.largest + 1
+            if lone is not None and lone[3] is None:
+                number, offset, start, _ack = lone
+                if chunks:
+                    continues = number == number_next and offset == offset_next
+                else:  # a run starts where the stream and the numbers stand, with nothing held
+                    continues = (
+                        number == self._acks.largest + 1
                         and offset == self._contiguous
                         and not self._pending
                         and self._final_size is None
-                    ):
-                        offset_next = offset + len(data) - start
-                        if offset_next <= self._max_data:
-                            chunks.append(bytes(data[start:]))
-                            run_bytes += len(data)
-                            number_next = number + 1
-                            continue
-                if chunks:
-                    self._take_run(chunks, number_next, run_bytes, now, events)
-                    chunks = []
-                    run_bytes = 0
-                number_next = -1
-                self._receive_stream_packet(data, lone, now, events)
-                continue
+                    )
+                if continues:
+                    end = offset + len(data) - start
+                    if end <= self._max_data:
+                        chunks.append(bytes(data[start:]))
+                        run_bytes += len(data)
+                        number_next, offset_next = number + 1, end
+                        continue
             if chunks:
                 self._take_run(chunks, number_next, run_bytes, now, events)
                 chunks = []
                 run_bytes = 0
-            number_next = -1
-            self._receive_packet(data, now, events)
+            if lone is not None:
+                self._receive_stream_packet(data, lone, now, events)
+            else:
+                self._receive_packet(data, now, events)
         if chunks:
             self._take_run(chunks, number_next, run_bytes, now, events)
         return events
