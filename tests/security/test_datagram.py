@@ -917,6 +917,76 @@ def test_a_batch_seals_and_opens_exactly_as_one_by_one(
     assert batch_receive.open_many([]) == []
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    cipher=st.sampled_from(ALL_CIPHERS),
+    start=st.sampled_from([0, 2**32 - 40, 2**33 + 2**31, MAX_COUNTER - 150]),
+    batches=st.lists(
+        st.tuples(
+            st.integers(1, 64),
+            st.sampled_from(["in order", "swap", "copy", "drop", "tamper", "stranger", "control", "late"]),
+            st.integers(0, 63),
+        ),
+        max_size=8,
+    ),
+)
+def test_a_run_in_order_opens_at_once_and_any_other_one_by_one_as_open_does(
+    cipher: TransportCipher, start: int, batches: list[tuple[int, str, int]]
+) -> None:
+    """open_run takes a batch as a bulk transfer brings it (in order) and refuses, changing nothing, one that
+    loss, reordering, copies, forgeries, another session's datagrams or a control datagram spoil (which open_many
+    then opens one by one): either way each datagram gives what open of each in turn gives, and the replay window
+    ends where that leaves it."""
+    send, batched = session_pair(cipher, 1)
+    _, singles = session_pair(cipher, 1)
+    stranger, _ = session_pair(cipher, 2)
+    send._send_counter = start
+    for r in (batched, singles):
+        if start:
+            r._window.update(start - 1)
+    sent: list[bytes] = []
+    for size, spoil, where in batches:
+        if send._send_counter + size > MAX_COUNTER:
+            break
+        first = send._send_counter
+        batch: list[bytes | memoryview] = list(send.seal_many([bytes([i]) * (100 + i) for i in range(size)]))
+        unspoiled = spoil == "in order" or (spoil == "swap" and size == 1) or (spoil == "late" and not sent)
+        at = where % size
+        if spoil == "swap" and size > 1:
+            batch[at], batch[at - 1] = batch[at - 1], batch[at]
+        elif spoil == "copy":
+            batch.insert(at, batch[at])
+        elif spoil == "drop":
+            del batch[at]
+        elif spoil == "tamper":
+            flipped = bytearray(batch[at])
+            flipped[-1] ^= 1
+            batch[at] = bytes(flipped)
+        elif spoil == "stranger":
+            batch[at] = stranger.seal(b"x" * 100)
+        elif spoil == "control":
+            batch.insert(at, send.seal_control(PathChallenge(b"abcdefgh"), size=MIN_CONTROL_DATAGRAM))
+        elif spoil == "late" and sent:
+            batch.insert(at, sent[where % len(sent)])
+        sent.extend(bytes(d) for d in batch)
+        views = [memoryview(b"pad" + bytes(d))[3:] for d in batch]  # as a run's datagrams arrive: views
+        highest = batched.highest_received
+        run = batched.open_run(views)
+        if run is None:  # changed nothing: opened one by one
+            assert batched.highest_received == highest
+            opened = batched.open_many(views)
+        else:
+            opened = list(run)
+        assert opened == [singles.open(d) for d in batch]
+        assert batched.highest_received == singles.highest_received
+        if unspoiled and first == highest + 1 and first % 2**32 + size <= 2**32:
+            assert (
+                run is not None
+            )  # a batch in order is opened at once (not one whose low 32 bits wrap: rare)
+    for n in range(max(0, singles.highest_received - 4200), singles.highest_received + 70):
+        assert batched._window.check(n) == singles._window.check(n)
+
+
 def documented_datagram(
     cipher: TransportCipher, keys: TransportKeys, cid: bytes, kind: int, n: int, payload: bytes
 ) -> bytes:

@@ -116,6 +116,49 @@ def test_replay_window_ring_matches_a_model_across_laps(steps: list[int], size: 
         assert w.highest == highest
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(min_value=-300, max_value=5000), st.integers(min_value=1, max_value=300)),
+        max_size=60,
+    ),
+    size=st.sampled_from([64, 100, 4096]),
+)
+def test_replay_window_runs_above_the_highest_match_updates_one_by_one(
+    steps: list[tuple[int, int]], size: int
+) -> None:
+    """``update_above`` (a run in order) leaves the window answering every check as ``update`` of each counter of
+    the run in turn does, across word boundaries, jumps longer than the window and laps of the ring; single
+    counters below the highest are mixed in."""
+    runs, singles = ReplayWindow(size), ReplayWindow(size)
+    for gap, length in steps:
+        if gap < 0:  # an older counter arriving late
+            n = max(0, singles.highest + gap)
+            if singles.check(n):
+                singles.update(n)
+                runs.update(n)
+            continue
+        first = singles.highest + 1 + gap
+        last = first + length - 1
+        for n in range(first, last + 1):
+            singles.update(n)
+        runs.update_above(first, last)
+        assert runs.highest == singles.highest == last
+        for n in range(max(0, last - 2 * size - 70), last + 70):
+            assert runs.check(n) == singles.check(n), n
+
+
+def test_replay_window_update_above_takes_only_a_range_above_the_highest() -> None:
+    w = ReplayWindow(64)
+    w.update(10)
+    for first, last in ((10, 12), (5, 20), (12, 11)):
+        with pytest.raises(ValueError, match="above the highest"):
+            w.update_above(first, last)
+    w.update_above(11, 11)
+    assert not w.check(11)
+    assert w.check(12)
+
+
 def test_replay_window_update_of_a_counter_too_old_changes_nothing() -> None:
     w = ReplayWindow(64)
     w.update(1000)

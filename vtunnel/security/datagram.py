@@ -537,6 +537,26 @@ def _lows(first: int, count: int) -> Sequence[int]:
     return [n & _LOW32 for n in range(first, first + count)]
 
 
+#: where a datagram's 16-byte header block ends: its protected field (kind, counter), then the ciphertext's start
+_BLOCK_END = CID_LEN + 16
+
+
+@lru_cache(maxsize=64)
+def _in_order_constants(count: int) -> tuple[int, int, int]:
+    """For a batch of ``count`` datagrams read as one big-endian integer of 16-byte header blocks: the bits of the
+    protected fields (``select``), and ``step`` and ``ramp`` such that ``field * step + ramp`` is the batch whose
+    first protected field (kind and counter's low 32 bits, as one 40-bit number) is ``field`` and each next
+    one's counter one more."""
+    field = int.from_bytes(b"\xff" * _PROTECTED_LEN + bytes(16 - _PROTECTED_LEN), "big")
+    select = step = ramp = 0
+    for i in range(count):
+        block = 8 * 16 * (count - 1 - i)  # where datagram i's block starts, from the integer's low end
+        select |= field << block
+        step += 1 << (block + 8 * (16 - _PROTECTED_LEN))
+        ramp += i << (block + 8 * (16 - _PROTECTED_LEN))
+    return select, step, ramp
+
+
 @lru_cache(maxsize=16)
 def _run_table(count: int) -> struct.Struct:
     """A run table of ``count`` entries, read in one call."""
@@ -857,6 +877,52 @@ class DatagramSession:
         if authentic:
             self.confirmed = True
         return opened, authentic
+
+    def open_run(self, datagrams: Sequence[bytes | memoryview]) -> list[bytes] | None:
+        """The payloads of ``datagrams`` when they are what a bulk transfer's read mostly brings: DATA datagrams
+        under the connection ID in use, carrying the counters that follow the highest one authenticated, in
+        order, each authentic; None, having changed nothing, for anything else (then :meth:`open_many` opens
+        them one by one). Each payload is what :meth:`open` gives for its datagram, in less work per datagram.
+
+        The protected fields of the whole batch are unmasked and checked at once, as one integer of 16-byte
+        blocks (each datagram's field, then the ciphertext's first bytes), against the fields such a batch
+        carries, built from two constants of its length: nothing is decrypted for a batch that is not in order.
+        """
+        count = len(datagrams)
+        if not count:
+            return []
+        cid = self.connection_id
+        window = self._window
+        first = window.highest + 1
+        low = first & _LOW32
+        if low + count > _WRAP or first + count > MAX_COUNTER:
+            return None
+        if not all(
+            [len(datagram) >= DATAGRAM_OVERHEAD and datagram[:CID_LEN] == cid for datagram in datagrams]
+        ):
+            return None
+        masks = self._receive_mask(
+            b"".join([datagram[DATA_HEADER_LEN:_SAMPLE_END] for datagram in datagrams])
+        )
+        fields = b"".join([datagram[CID_LEN:_BLOCK_END] for datagram in datagrams])
+        select, step, ramp = _in_order_constants(count)
+        unmasked = (int.from_bytes(fields, "big") ^ int.from_bytes(masks, "big")) & select
+        if unmasked != ((_DATA_KIND << 32) | low) * step + ramp:
+            return None
+        decrypt, nonce, header = self._decrypt, self._nonce, _HEADER.pack
+        try:
+            opened = [
+                decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(cid, _DATA_KIND, n_low))
+                for n, n_low, datagram in zip(
+                    range(first, first + count), range(low, low + count), datagrams, strict=True
+                )
+            ]
+        except InvalidTag:
+            return None
+        window.update_above(first, first + count - 1)
+        self.newest_connection_id = cid
+        self.confirmed = True
+        return opened
 
     def _open_pt(self, datagram: bytes | memoryview, n: int, header: bytes, clear_mask: int) -> bytes | None:
         """The payload of DATA-PT datagram ``datagram`` (counter ``n``, clear ``header``, the mask of its

@@ -199,3 +199,24 @@ class ReplayWindow:
         elif highest - n >= self.size:
             return  # too old to record (check() refuses it anyway)
         words[(n >> 6) % count] |= 1 << (n & 63)
+
+    def update_above(self, first: int, last: int) -> None:
+        """Record counters ``first`` to ``last`` (inclusive), all above the highest one received, as received:
+        what :meth:`update` of each in turn gives, a word at a time (a run of datagrams in order)."""
+        if not self.highest < first <= last:
+            raise ValueError("update_above takes a range above the highest counter received")
+        words = self._words
+        count = self._count
+        current = self.highest >> 6
+        top = last >> 6
+        if top - current >= count:
+            words[:] = [0] * count
+        else:
+            for w in range(current + 1, top + 1):
+                words[w % count] = 0
+        low = max(first, last - self.size + 1)  # (what update() would keep of a range longer than the window)
+        for w in range(low >> 6, top + 1):
+            start = max(low, w << 6)
+            end = min(last, (w << 6) | 63)
+            words[w % count] |= ((1 << (end - start + 1)) - 1) << (start & 63)
+        self.highest = last

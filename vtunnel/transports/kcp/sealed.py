@@ -46,8 +46,10 @@ from vtunnel.security.datagram import (
     RETRANSMIT_PERIOD,
     ConnectionIdLayout,
     ConnectionIdSeen,
+    ControlMessage,
     DatagramClient,
     DatagramServer,
+    DatagramSession,
     NewConnectionId,
     PathChallenge,
     PathResponse,
@@ -105,6 +107,17 @@ class _InUse:
 
     def __contains__(self, cid: object) -> bool:
         return any(cid in m for m in self._maps)
+
+
+def _take_payloads(link: RoutedLink, payloads: list[bytes], segment: int, into: list[Datagram]) -> int:
+    """Hand ``link`` the payloads a run of sealed datagrams (``segment`` bytes each, the last possibly shorter)
+    opened to at once, as the run of plaintext datagrams they are (so the ARQ vets and takes them as it takes a
+    plain run); each on its own when the run is refused. Returns how many were dropped."""
+    if link.take_run(b"".join(payloads), segment - DATAGRAM_OVERHEAD, into):
+        return 0
+    valid = [payload for payload in payloads if link.accepts(payload)]
+    into.extend(valid)
+    return len(payloads) - len(valid)
 
 
 class SealedListenerCodec(ListenerCodec[bytes]):
@@ -208,21 +221,27 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         return payload, address
 
     def open_run(self, key: bytes, link: RoutedLink, runs: Runs, into: list[Datagram], stray: Stray) -> int:
-        datagrams = [datagram for buffer, segment in runs for datagram in split_run(buffer, segment)]
         dropped = 0
         accepts, take = link.accepts, into.append
         path = self._paths[key]
-        for datagram, payload in zip(datagrams, path.session.open_many(datagrams), strict=True):
-            if isinstance(payload, bytes):
-                if accepts(payload):
-                    take(payload)
-                else:
+        session = path.session
+        for buffer, segment in runs:
+            datagrams = split_run(buffer, segment)
+            payloads = session.open_run(datagrams) if len(datagrams) > 1 else None
+            if payloads is not None:
+                dropped += _take_payloads(link, payloads, segment, into)
+                continue
+            for datagram, payload in zip(datagrams, session.open_many(datagrams), strict=True):
+                if isinstance(payload, bytes):
+                    if accepts(payload):
+                        take(payload)
+                    else:
+                        dropped += 1
+                elif payload is None:  # not this session's: whatever it is, it is handled on its own
+                    stray(datagram)
+                else:  # a control message from the current address has nothing to validate
+                    path.control(payload)
                     dropped += 1
-            elif payload is None:  # not this session's: whatever it is, it is handled on its own
-                stray(datagram)
-            else:  # a control message from the current address has nothing to validate
-                path.control(payload)
-                dropped += 1
         self._rotation(key, path)
         return dropped
 
@@ -349,37 +368,55 @@ class SealedClientCodec(ClientCodec):
         return client.session.seal_many
 
     def open(self, runs: list[Run], link: RoutedLink | None, into: list[Datagram]) -> str | None:
-        client, server = self._client, self._server
-        received = [
-            (datagram, source) for buffer, segment, source in runs for datagram in split_run(buffer, segment)
-        ]
+        client = self._client
         session = client.session
         if session is None:  # the handshake's reply: one at a time
-            for datagram, _ in received:
+            for datagram in [
+                datagram for buffer, segment, _ in runs for datagram in split_run(buffer, segment)
+            ]:
                 client.receive(datagram, time.time())
                 if client.session is not None or client.failure is not None:  # (a reply we cannot use: stop)
                     self._done.set()
                     break
             return None
         reset = False
-        opened = session.open_many([datagram for datagram, _ in received])  # one session: one batch
-        for (datagram, source), payload in zip(received, opened, strict=True):
-            if isinstance(payload, bytes):
-                if link is not None and link.accepts(payload):
-                    into.append(payload)
-            elif payload is None:
-                # only the server's own address may end the session (the socket is not connected)
-                reset = reset or (source == server and client.is_reset(datagram))
-            elif isinstance(payload, PathChallenge):
-                # the server checks a new address of ours: echo its challenge (from wherever it came: only the
-                # server can seal one) to the server, from our socket, so the answer leaves from the address
-                # being checked, under the ID the challenge came with (the new path's)
-                session.follow_newest()
-                self._send(session.seal_control(PathResponse(payload.data)), server)
-            elif isinstance(payload, NewConnectionId):
-                # a spare ID for the session's next path: hold it, and say so (the server repeats it until then)
-                session.add_connection_id(payload.data)
-                self._send(session.seal_control(ConnectionIdSeen(payload.data)), server)
+        for buffer, segment, source in runs:
+            datagrams = split_run(buffer, segment)
+            payloads = session.open_run(datagrams) if len(datagrams) > 1 else None
+            if payloads is not None:
+                if link is not None:
+                    _take_payloads(link, payloads, segment, into)
+                continue
+            for datagram, payload in zip(datagrams, session.open_many(datagrams), strict=True):
+                reset = self._opened(session, datagram, source, payload, link, into) or reset
         if session.follow_newest():
             log.debug("connection ID rotated", role="client")
         return RESET_REASON if reset else None
+
+    def _opened(
+        self,
+        session: DatagramSession,
+        datagram: Datagram,
+        source: Address,
+        payload: bytes | ControlMessage | None,
+        link: RoutedLink | None,
+        into: list[Datagram],
+    ) -> bool:
+        """Act on what one datagram opened to; whether it is a stateless reset from the server."""
+        if isinstance(payload, bytes):
+            if link is not None and link.accepts(payload):
+                into.append(payload)
+        elif payload is None:
+            # only the server's own address may end the session (the socket is not connected)
+            return source == self._server and self._client.is_reset(datagram)
+        elif isinstance(payload, PathChallenge):
+            # the server checks a new address of ours: echo its challenge (from wherever it came: only the
+            # server can seal one) to the server, from our socket, so the answer leaves from the address
+            # being checked, under the ID the challenge came with (the new path's)
+            session.follow_newest()
+            self._send(session.seal_control(PathResponse(payload.data)), self._server)
+        elif isinstance(payload, NewConnectionId):
+            # a spare ID for the session's next path: hold it, and say so (the server repeats it until then)
+            session.add_connection_id(payload.data)
+            self._send(session.seal_control(ConnectionIdSeen(payload.data)), self._server)
+        return False
