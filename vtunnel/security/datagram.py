@@ -32,7 +32,8 @@ bytes after the CID are XORed with the first 5 bytes of AES-256-ECB(header key, 
 bytes); each direction's header key comes from the handshake (:data:`HEADER_KEY_LABEL`). The receiver
 unmasks them, rebuilds the full counter from the highest one it authenticated (RFC 9000 appendix A.3) and
 checks that one against its replay window. A batch (:meth:`DatagramSession.seal_many`,
-:meth:`DatagramSession.open_many`) gets the masks of all its datagrams from one AES call. :data:`DATAGRAM_OVERHEAD` is 29 bytes. A CONTROL datagram's sealed
+:meth:`DatagramSession.open_many`) gets the masks of all its datagrams from one AES call; a run in order
+(:meth:`DatagramSession.open_run`) is also unmasked and checked at once. :data:`DATAGRAM_OVERHEAD` is 29 bytes. A CONTROL datagram's sealed
 payload is padded to a random size (:data:`MIN_CONTROL_DATAGRAM` .. :data:`MAX_CONTROL_DATAGRAM` on the
 wire), so its size is no more telling than DATA's.
 
