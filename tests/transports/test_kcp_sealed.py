@@ -253,6 +253,49 @@ async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> No
         await listener.aclose()
 
 
+async def test_an_authentic_datagram_that_is_no_kcp_inside_a_run_in_order_is_dropped_alone() -> None:
+    """A run of sealed datagrams in order is opened at once and taken whole; when one of them is authentic but
+    carries no valid KCP datagram (a peer with the key sending garbage), only that one is dropped."""
+    listener = await sealed_listener()
+    assert KEY.psk is not None
+    options = parse_options({"mode": "fast3"})
+    replies: list[bytes] = []
+    udp = DatagramSocket(
+        open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)),
+        lambda batch: replies.extend(d for d, _ in batch),
+    )
+    loop_time = asyncio.get_running_loop().time
+    engine = KCPEngine(conv=556, options=options, mtu=options.mtu - DATAGRAM_OVERHEAD, now=loop_time())
+    try:
+        handshake = DatagramClient(KEY.psk, now=time.time())
+        udp.sendto(handshake.initial_datagram(time.time()), listener.local_address)
+        await wait_until(lambda: bool(replies))
+        handshake.receive(replies[0], time.time())
+        session = handshake.session
+        assert session is not None
+        payload = os.urandom(engine.max_data * 16)
+        engine.send(payload)
+        engine.flush(loop_time())
+        datagrams = engine.datagrams_to_send()
+        assert len(datagrams) == 16
+        assert len({len(d) for d in datagrams}) == 1
+        udp.sendto_many([session.seal(d) for d in datagrams[:8]], listener.local_address)
+        with anyio.fail_after(10):
+            stream = stream_of(await listener.accept())
+        garbage = bytes(len(datagrams[0]))  # conversation 0: not this session's KCP
+        run = [*datagrams[8:11], garbage, *datagrams[11:]]
+        udp.sendto_many(session.seal_many(run), listener.local_address)  # one run, counters in order
+        with anyio.fail_after(10):
+            assert await read_exactly(stream, len(payload)) == payload
+        assert listener.dropped == 1
+        assert listener.session_count == 1
+        await stream.aclose()
+    finally:
+        engine.close()
+        udp.close()
+        await listener.aclose()
+
+
 async def _sealed_pair_listener(cipher: str, query: str = "") -> KCPListener[SealedListenerCodec]:
     options = parse_options(dict(p.split("=") for p in query.split("&") if p))
     sock = open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0), sockbuf=options.sockbuf)
