@@ -137,6 +137,52 @@ def is_new_session(datagram: bytes | memoryview, *, max_data: int = MAX_DATA) ->
     return valid_datagram(datagram, header.conv, max_data=max_data)
 
 
+@lru_cache(maxsize=128)
+def _push_run(step: int, count: int) -> tuple[struct.Struct, tuple[int, ...]]:
+    """``count`` datagrams of ``step`` bytes that are one PUSH segment each: the struct reading each one's
+    (conv, cmd, len), and the lengths they must have."""
+    return struct.Struct("<" + f"IB15xI{step - HEADER_LEN}x" * count), (step - HEADER_LEN,) * count
+
+
+def _vet_run_at_once(buffer: bytes | memoryview, step: int, conv: int, max_data: int) -> RunVerdict | None:
+    """The verdict on the two runs a bulk transfer is made of, read without a walk: datagrams that are one PUSH
+    segment each (its data: one unpack), and datagrams of data-less segments only (its ACKs: each header field
+    read across the run as one byte string); None for any other run (the walk decides)."""
+    size = len(buffer)
+    count = -(-size // step)
+    last = size - (count - 1) * step
+    if last >= HEADER_LEN and step - HEADER_LEN <= max_data:
+        reader, lengths = _push_run(step, count - 1)
+        fields = reader.unpack_from(buffer)
+        if (
+            fields[2::3] == lengths
+            and fields[1::3].count(_PUSH) == count - 1
+            and fields[0::3].count(conv) == count - 1
+            and _VET.unpack_from(buffer, size - last) == (conv, _PUSH, last - HEADER_LEN)
+        ):
+            return RunVerdict.NO_ACKS
+    if size % HEADER_LEN == 0 and step % HEADER_LEN == 0:
+        headers = size // HEADER_LEN
+        data = buffer if isinstance(buffer, bytes) else bytes(buffer)  # (a strided slice of a view is a view)
+        commands = data[4::HEADER_LEN]
+        if (
+            data[0::HEADER_LEN] == _conv_bytes(conv, 0) * headers
+            and data[1::HEADER_LEN] == _conv_bytes(conv, 1) * headers
+            and data[2::HEADER_LEN] == _conv_bytes(conv, 2) * headers
+            and data[3::HEADER_LEN] == _conv_bytes(conv, 3) * headers
+            and min(commands) >= _PUSH
+            and max(commands) <= _WINS
+            and not any(data[20 + i :: HEADER_LEN] != bytes(headers) for i in range(4))
+        ):
+            return RunVerdict.ACKS if _ACK in commands else RunVerdict.NO_ACKS
+    return None
+
+
+def _conv_bytes(conv: int, index: int) -> bytes:
+    """Byte ``index`` of ``conv`` as it lies in a header (little-endian), as a one-byte string."""
+    return bytes(((conv >> (8 * index)) & 0xFF,))
+
+
 def vet_run(buffer: bytes | memoryview, segment: int, conv: int, *, max_data: int = MAX_DATA) -> RunVerdict:
     """Vet a run of datagrams (``segment`` bytes each, the last possibly shorter) in one pass.
 
@@ -148,6 +194,10 @@ def vet_run(buffer: bytes | memoryview, segment: int, conv: int, *, max_data: in
     if size < HEADER_LEN:
         return RunVerdict.INVALID
     step = segment if 0 < segment < size else size
+    if step < size:
+        quick = _vet_run_at_once(buffer, step, conv, max_data)
+        if quick is not None:
+            return quick
     boundary = step
     offset = 0
     acks = False
