@@ -307,34 +307,79 @@ async def test_a_resume_reads_what_waited_without_registering_again() -> None:
 
 
 async def test_what_a_protocol_defers_to_the_end_of_a_pass_runs_after_it() -> None:
-    """While the watcher hands sockets their input (a pass over the ready ones, or over resumed ones), at_pass_end
-    runs a callback once the pass is over, in the same callback; outside a pass it says no (act now)."""
+    """While the watcher hands several sockets their input in one pass (the ready ones, or resumed ones whose input
+    waited), at_pass_end runs a callback once the pass is over, in the same callback. A pass over one socket is
+    none: at_pass_end says no (act now), as it does outside a pass, so a lone message's output is not held back
+    behind its reader's bookkeeping."""
     seen: list[str] = []
+    loop = asyncio.get_running_loop()
+    watcher = SocketWatcher(loop, use_epoll=True)
 
     class Deferring(Recorder):
-        watcher: SocketWatcher | None = None
-
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            assert self.watcher is not None
-            deferred = self.watcher.at_pass_end(lambda: seen.append("end"))
-            seen.append("read" if deferred else "read, not in a pass")
+            deferred = watcher.at_pass_end(lambda: seen.append("end"))
+            seen.append("read" if deferred else "read now")
 
-    proto = Deferring()
-    async with attached(True, proto) as (peer, transport, watcher):
-        proto.watcher = watcher
+    protos = [Deferring(), Deferring()]
+    peers: list[socket.socket] = []
+    transports: list[SocketTransport] = []
+    try:
+        for proto in protos:
+            with socket.socket() as lsock:
+                lsock.bind(("127.0.0.1", 0))
+                lsock.listen(1)
+                peer = socket.create_connection(lsock.getsockname())
+                accepted, _ = lsock.accept()
+            peers.append(peer)
+            transports.append(attach_socket(accepted, proto, watcher))
         assert not watcher.at_pass_end(lambda: seen.append("never"))
-        await peer_send(peer, b"x" * 100)
-        await asyncio.wait_for(proto.wait_for(100), 10)
-        await asyncio.sleep(0)
-        assert seen == ["read", "end"]
-        transport.pause_reading()
-        await peer_send(peer, b"y" * 100)
+
+        # both sockets ready in one pass: their reads first, then the pass's end, once per call
+        for peer in peers:
+            peer.sendall(b"x" * 100)
         await asyncio.sleep(0.05)
-        transport.resume_reading()  # read in a pass of resumed sockets
-        await asyncio.wait_for(proto.wait_for(200), 10)
+        await asyncio.wait_for(protos[0].wait_for(100), 10)
+        await asyncio.wait_for(protos[1].wait_for(100), 10)
+        assert seen == ["read", "read", "end", "end"]
+
+        # one socket ready: no pass
+        seen.clear()
+        peers[0].sendall(b"y" * 100)
+        await asyncio.wait_for(protos[0].wait_for(200), 10)
         await asyncio.sleep(0)
-        assert seen == ["read", "end", "read", "end"]
+        assert seen == ["read now"]
+
+        # resumed together: one pass of resumed sockets
+        seen.clear()
+        for transport in transports:
+            transport.pause_reading()
+        for peer in peers:
+            peer.sendall(b"z" * 100)
+        await asyncio.sleep(0.05)
+        for transport in transports:
+            transport.resume_reading()
+        await asyncio.wait_for(protos[0].wait_for(300), 10)
+        await asyncio.wait_for(protos[1].wait_for(200), 10)
+        await asyncio.sleep(0)
+        assert seen == ["read", "read", "end", "end"]
+
+        # one resumed alone: no pass
+        seen.clear()
+        transports[1].pause_reading()
+        peers[1].sendall(b"w" * 100)
+        await asyncio.sleep(0.05)
+        transports[1].resume_reading()
+        await asyncio.wait_for(protos[1].wait_for(300), 10)
+        await asyncio.sleep(0)
+        assert seen == ["read now"]
+    finally:
+        for transport in transports:
+            transport.abort()
+        for peer in peers:
+            peer.close()
+        await asyncio.sleep(0)
+        watcher.close()
 
 
 async def test_a_failing_protocol_closes_only_its_own_socket(use_epoll: bool) -> None:

@@ -137,10 +137,11 @@ class SocketWatcher:
         return len(self._transports)
 
     def at_pass_end(self, callback: Callable[[], None]) -> bool:
-        """While a pass hands readiness to this watcher's sockets (the ready ones, or the resumed ones whose input
-        waited), run ``callback`` once that pass is over and return True, so that what the protocols of many
-        sockets read in one pass and wrote on can leave in one write; False outside a pass (act now). Ask once per
-        pass: each call adds a call."""
+        """While a pass hands readiness to several of this watcher's sockets (the ready ones, or the resumed ones
+        whose input waited), run ``callback`` once that pass is over and return True, so that what the protocols of
+        many sockets read in one pass and wrote on can leave in one write; False outside such a pass (act now). A
+        pass over one socket is none: its output has nothing to leave with, and goes at once (a message of an
+        exchange leaves before its reader's bookkeeping, not after). Ask once per pass: each call adds a call."""
         pass_end = self._pass_end
         if pass_end is None:
             return False
@@ -164,6 +165,9 @@ class SocketWatcher:
 
     def _read_resumed(self) -> None:
         resumed, self._resumed = self._resumed, []
+        if len(resumed) == 1:  # one socket: no pass (see at_pass_end)
+            resumed[0]._read_waiting()
+            return
         self._pass_end = []
         try:
             for transport in resumed:
@@ -268,6 +272,9 @@ class SocketWatcher:
         try:
             ready = epoll.poll(0, EVENTS_PER_WAKEUP)
         except InterruptedError:
+            return
+        if len(ready) == 1:  # one socket: no pass (see at_pass_end)
+            self._dispatch(epoll, ready)
             return
         self._pass_end = []
         try:
