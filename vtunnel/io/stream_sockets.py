@@ -95,6 +95,10 @@ ACCEPT_BATCH: Final = 64
 _IN: Final = 1  # want readable
 _OUT: Final = 4  # want writable
 _HAS_EPOLL: Final = hasattr(select, "epoll")
+#: the epoll events that make a socket read, or write (each a hang-up or an error too): plain ints, not three
+#: module attribute loads per socket and pass
+_READ_EVENTS: Final = int(select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) if _HAS_EPOLL else 0
+_WRITE_EVENTS: Final = int(select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) if _HAS_EPOLL else 0
 
 #: the protocol type a listener's factory makes
 P = TypeVar("P", bound=asyncio.Protocol)
@@ -294,14 +298,14 @@ class SocketWatcher:
                     return
                 continue
             unwanted = False  # reported for what it no longer watches for (a lazy stop of reading)
-            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            if events & _READ_EVENTS:
                 if transport._mask & _IN:
                     transport._read_ready()
                     if transports.get(fd) is not transport:
                         continue  # it closed while reading
                 else:
                     unwanted = True
-            if events & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) and transport._mask & _OUT:
+            if events & _WRITE_EVENTS and transport._mask & _OUT:
                 transport._write_ready()
                 if transports.get(fd) is not transport:
                     continue
