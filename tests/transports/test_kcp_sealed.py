@@ -8,6 +8,8 @@ import os
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -207,8 +209,15 @@ async def test_closing_a_sealed_session_forgets_its_keys() -> None:
     await listener.aclose()
 
 
-async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> None:
-    """Sealed runs (sent with segmentation offload) are opened datagram by datagram."""
+@asynccontextmanager
+async def raw_sealed_session(
+    conv: int,
+) -> AsyncIterator[
+    tuple[KCPListener[SealedListenerCodec], tuple[DatagramSocket, DatagramSession, bytes], list[bytes]]
+]:
+    """A sealed listener, a client socket that completed the handshake with it by hand, and 16 full datagrams of
+    the first flush of a KCP engine of ``conv`` (unsealed), which carry ``payload``: the listener, the client's
+    ``(udp, session, payload)``, and the datagrams."""
     listener = await sealed_listener()
     assert KEY.psk is not None
     options = parse_options({"mode": "fast3"})
@@ -218,7 +227,7 @@ async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> No
         lambda batch: replies.extend(d for d, _ in batch),
     )
     loop_time = asyncio.get_running_loop().time
-    engine = KCPEngine(conv=555, options=options, mtu=options.mtu - DATAGRAM_OVERHEAD, now=loop_time())
+    engine = KCPEngine(conv=conv, options=options, mtu=options.mtu - DATAGRAM_OVERHEAD, now=loop_time())
     try:
         handshake = DatagramClient(KEY.psk, now=time.time())
         udp.sendto(handshake.initial_datagram(time.time()), listener.local_address)
@@ -229,9 +238,20 @@ async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> No
         payload = os.urandom(engine.max_data * 16)  # within what the first flush sends, paced or not
         engine.send(payload)
         engine.flush(loop_time())
-        sealed = [session.seal(d) for d in engine.datagrams_to_send()]
-        assert len(sealed) == 16
-        assert len({len(d) for d in sealed}) == 1
+        datagrams = engine.datagrams_to_send()
+        assert len(datagrams) == 16
+        assert len({len(d) for d in datagrams}) == 1
+        yield listener, (udp, session, payload), datagrams
+    finally:
+        engine.close()
+        udp.close()
+        await listener.aclose()
+
+
+async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> None:
+    """Sealed runs (sent with segmentation offload) that are not in order are opened datagram by datagram."""
+    async with raw_sealed_session(555) as (listener, (udp, session, payload), datagrams):
+        sealed = [session.seal(d) for d in datagrams]
 
         def forged(datagram: bytes) -> bytes:
             return datagram[:-1] + bytes([datagram[-1] ^ 1])  # a broken tag
@@ -247,38 +267,12 @@ async def test_a_forged_datagram_inside_a_coalesced_run_is_dropped_alone() -> No
         assert listener.dropped == 2
         assert listener.session_count == 1
         await stream.aclose()
-    finally:
-        engine.close()
-        udp.close()
-        await listener.aclose()
 
 
 async def test_an_authentic_datagram_that_is_no_kcp_inside_a_run_in_order_is_dropped_alone() -> None:
     """A run of sealed datagrams in order is opened at once and taken whole; when one of them is authentic but
     carries no valid KCP datagram (a peer with the key sending garbage), only that one is dropped."""
-    listener = await sealed_listener()
-    assert KEY.psk is not None
-    options = parse_options({"mode": "fast3"})
-    replies: list[bytes] = []
-    udp = DatagramSocket(
-        open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)),
-        lambda batch: replies.extend(d for d, _ in batch),
-    )
-    loop_time = asyncio.get_running_loop().time
-    engine = KCPEngine(conv=556, options=options, mtu=options.mtu - DATAGRAM_OVERHEAD, now=loop_time())
-    try:
-        handshake = DatagramClient(KEY.psk, now=time.time())
-        udp.sendto(handshake.initial_datagram(time.time()), listener.local_address)
-        await wait_until(lambda: bool(replies))
-        handshake.receive(replies[0], time.time())
-        session = handshake.session
-        assert session is not None
-        payload = os.urandom(engine.max_data * 16)
-        engine.send(payload)
-        engine.flush(loop_time())
-        datagrams = engine.datagrams_to_send()
-        assert len(datagrams) == 16
-        assert len({len(d) for d in datagrams}) == 1
+    async with raw_sealed_session(556) as (listener, (udp, session, payload), datagrams):
         udp.sendto_many([session.seal(d) for d in datagrams[:8]], listener.local_address)
         with anyio.fail_after(10):
             stream = stream_of(await listener.accept())
@@ -290,10 +284,6 @@ async def test_an_authentic_datagram_that_is_no_kcp_inside_a_run_in_order_is_dro
         assert listener.dropped == 1
         assert listener.session_count == 1
         await stream.aclose()
-    finally:
-        engine.close()
-        udp.close()
-        await listener.aclose()
 
 
 async def _sealed_pair_listener(cipher: str, query: str = "") -> KCPListener[SealedListenerCodec]:
