@@ -395,8 +395,8 @@ class SocketTransport(asyncio.Transport):
         "_mask",
         "_on_close",
         "_protocol",
+        "_read_scheduled",
         "_read_size",
-        "_read_soon",
         "_reading",
         "_sock",
         "_waiting",
@@ -421,7 +421,7 @@ class SocketTransport(asyncio.Transport):
         #: input may wait in the kernel that the epoll set does not watch for: it came while paused (the lazy
         #: stop was applied then), or the last read filled the size asked. Meaningful while not watched for input
         self._waiting = False
-        self._read_soon = False  # _read_waiting is scheduled
+        self._read_scheduled = False  # _read_waiting is scheduled
         self._reading = True  # not paused by the protocol
         self._eof = False  # the peer's FIN arrived: nothing more to read
         self._write_closed = False  # write_eof() was called: FIN once the buffer is empty
@@ -619,14 +619,14 @@ class SocketTransport(asyncio.Transport):
         :meth:`_update` at the resume instead of a new registration): a read that empties the socket registers it
         for input then, if reading goes on; a paused socket stays unregistered, its input waiting for the next
         resume."""
-        self._read_soon = False
+        self._read_scheduled = False
         if self._lost or not self._mask & _IN or self._watched & _IN:
             return  # closed, paused again, or registered meanwhile (epoll reports the input)
         self._read_ready()
         if self._lost or not self._mask & _IN or self._watched & _IN:
             return
         if self._waiting:  # the read filled its size: read again in the next pass
-            self._read_soon = True
+            self._read_scheduled = True
             self._watcher._read_soon(self)
         else:
             self._watcher._watch(self._fd, self, self._mask)
@@ -708,8 +708,8 @@ class SocketTransport(asyncio.Transport):
                 # a resume, with input waiting that the set no longer watches for (it came while paused): it is
                 # read soon, and the socket is registered for input only if reading goes on after that
                 self._watcher._set(self._fd, self, old & ~_IN, mask & ~_IN)
-                if not self._read_soon:
-                    self._read_soon = True
+                if not self._read_scheduled:
+                    self._read_scheduled = True
                     self._watcher._read_soon(self)
                 return
             self._watcher._set(self._fd, self, old, mask)
