@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vtunnel.apps.dialer import Dialer, DialError, format_authority, interleave_families, parse_authority
-from vtunnel.apps.policy import ExitPolicy
+from vtunnel.apps.policy import ExitPolicy, IPAddress
 
 pytestmark = pytest.mark.anyio
 
@@ -154,15 +154,25 @@ async def test_unresolvable_name_is_unreachable() -> None:
     assert info.value.error == "unreachable"
 
 
+class PinnedDialer(Dialer):
+    """A dialer whose names resolve to ``addresses``, in that order (the race between them is what is tested)."""
+
+    def __init__(self, addresses: list[IPAddress]) -> None:
+        super().__init__(ExitPolicy(allow_private=True), connect_timeout=10)
+        self._addresses = addresses
+
+    async def resolve(self, host: str, port: int, *, udp: bool = False) -> list[IPAddress]:
+        return self._addresses
+
+
 async def test_happy_eyeballs_falls_back_past_a_refused_address() -> None:
     closed = _closed_port()
     async with await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=closed) as listener:
         del listener  # only the port number is used: ::1 refuses it and 127.0.0.1 accepts
-        dialer = Dialer(ExitPolicy(allow_private=True))
-        addresses = [ipaddress.ip_address("::1"), ipaddress.ip_address("127.0.0.1")]
+        dialer = PinnedDialer([ipaddress.ip_address("::1"), ipaddress.ip_address("127.0.0.1")])
         with anyio.fail_after(10):
             try:
-                stream = await dialer._race(addresses, closed)
+                stream = await dialer.dial(f"pinned.test:{closed}")
             except DialError:
                 pytest.skip("::1 is bound to the same port here")
             async with stream:
@@ -186,10 +196,9 @@ async def test_happy_eyeballs_starts_the_next_attempt_while_one_hangs() -> None:
         except OSError:
             pytest.skip("127.0.0.2 is not usable here")
         good.listen(8)
-        dialer = Dialer(ExitPolicy(allow_private=True), connect_timeout=10)
-        addresses = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.2")]
+        dialer = PinnedDialer([ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.2")])
         with anyio.fail_after(8):
-            stream = await dialer._race(addresses, port)
+            stream = await dialer.dial(f"pinned.test:{port}")
         async with stream:
             assert stream.extra(SocketAttribute.remote_address)[0] == "127.0.0.2"
 

@@ -290,9 +290,6 @@ class Dialer:
             return sock
         raise DialError("timeout", f"no connection to {authority!r} within {self.connect_timeout} s")
 
-    async def _race(self, addresses: Sequence[IPAddress], port: int) -> SocketStream:
-        return await _wrap(await self._race_sockets(addresses, port))
-
     async def _race_sockets(self, addresses: Sequence[IPAddress], port: int) -> socket.socket:
         if len(addresses) == 1:  # nothing to race: no task group, no timers
             try:
