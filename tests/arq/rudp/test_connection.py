@@ -399,6 +399,36 @@ def test_an_ack_carries_a_ping_only_while_a_packet_with_content_is_unacknowledge
         assert (Ping() in frames) is outstanding
 
 
+def test_a_conversation_sends_one_packet_per_message_each_acknowledging_the_last_one_received() -> None:
+    """Request, answer, request...: nothing leaves on receipt (the ACK waits for the answer, within
+    max_ack_delay), each message is one packet whose ACK reports the peer's last packet, and no ACK-only packet
+    ever goes."""
+    client, server = pair()
+    now = 0.0
+    ends = (client, server)
+    last_number = [-1, -1]  # the last packet number each end sent
+    for i in range(200):
+        sender, receiver = ends[i % 2], ends[1 - i % 2]
+        sender.send(b"m" * 64)
+        (datagram,) = sender.datagrams_to_send(now)
+        packet = decode_packet(datagram)
+        frames = packet.frames
+        if i:
+            assert isinstance(frames[0], Ack)
+            assert frames[0].ranges[0][1] == last_number[1 - i % 2]
+        assert isinstance(frames[-1], Stream)
+        assert frames[-1].data == b"m" * 64
+        last_number[i % 2] = packet.number
+        now += 0.0002
+        receiver.receive_datagram(datagram, now)
+        assert receiver.receive() == b"m" * 64
+        assert receiver.datagrams_to_send(now) == []  # the ACK rides in the answer
+        deadline = receiver.next_deadline()
+        assert deadline is not None
+        assert deadline >= now + receiver.config.max_ack_delay - 1e-9
+    assert client.stats()["packets_sent"] == server.stats()["packets_sent"] == 100
+
+
 def _burst() -> list[bytes]:
     """The first packets of a bulk transfer, as the sender puts them out (the receiver has seen none)."""
     client, _ = pair(RudpConfig(pacing=False))

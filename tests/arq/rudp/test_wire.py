@@ -100,6 +100,62 @@ def test_ack_ranges_round_trip(numbers: set[int]) -> None:
     assert list(frame.ranges) == ranges
 
 
+_ANY_VARINT = st.one_of(
+    st.integers(min_value=0, max_value=0x3F),
+    st.integers(min_value=0x40, max_value=0x3FFF),
+    st.integers(min_value=0x4000, max_value=0x3FFF_FFFF),
+    st.integers(min_value=0x4000_0000, max_value=MAX_VARINT),
+)
+
+
+@given(_ANY_VARINT, _ANY_VARINT, _ANY_VARINT, _ANY_VARINT)
+def test_an_ack_of_one_range_is_the_varints_of_its_fields(
+    largest: int, span: int, delay: int, max_data: int
+) -> None:
+    # an ACK of one range is packed by one struct of its fields' sizes: the same bytes as the fields' varints
+    span = min(span, largest)
+    frame = encode_ack([(largest - span, largest)], delay, max_data)
+    assert frame == b"\x02" + b"".join(encode_varint(v) for v in (largest, delay, max_data, 0, span))
+    decoded = decode_packet(encode_header(b"", 0) + frame).frames[0]
+    assert decoded == Ack(((largest - span, largest),), delay, max_data)
+
+
+@given(st.binary(max_size=40))
+def test_an_ack_frame_of_garbage_reads_as_its_varints_read(tail: bytes) -> None:
+    # the ACK's fields read by one struct of their sizes, or one by one when the frame is short or has more
+    # ranges: the same frame or the same refusal
+    raw = encode_header(b"", 0) + b"\x02" + tail
+    try:
+        frame = decode_packet(raw).frames[0]
+    except WireError:
+        frame = None
+    varints = []
+    pos = 0
+    try:
+        for _ in range(5):
+            if pos >= len(tail):
+                raise WireError("truncated")
+            size = 1 << (tail[pos] >> 6)
+            if pos + size > len(tail):
+                raise WireError("truncated")
+            varints.append(int.from_bytes(tail[pos : pos + size], "big") & (2 ** (8 * size - 2) - 1))
+            pos += size
+    except WireError:
+        assert frame is None
+        return
+    largest, delay, max_data, count, first = varints
+    if frame is not None:  # (else refused for what follows the fields: more ranges, the frames after it)
+        assert isinstance(frame, Ack)
+        assert (frame.ranges[0], frame.delay, frame.max_data, len(frame.ranges) - 1) == (
+            (largest - first, largest),
+            delay,
+            max_data,
+            count,
+        )
+    elif first <= largest and count == 0 and pos == len(tail):
+        raise AssertionError("a whole ACK of one range, refused")
+
+
 @given(st.sets(st.integers(min_value=0, max_value=300), max_size=100))
 def test_range_set_matches_a_set(numbers: set[int]) -> None:
     ranges = RangeSet()

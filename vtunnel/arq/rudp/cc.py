@@ -315,9 +315,14 @@ class Pacer:
         if rate <= 0:
             self._last = now
             return
-        self.max_burst = max(float(self.min_burst), rate * self.BURST_TIME)
-        if self._last is not None and now > self._last:
-            self._tokens = min(self.max_burst, self._tokens + (now - self._last) * rate)
+        burst = rate * self.BURST_TIME
+        if burst < self.min_burst:
+            burst = float(self.min_burst)
+        self.max_burst = burst
+        last = self._last
+        if last is not None and now > last:
+            tokens = self._tokens + (now - last) * rate
+            self._tokens = tokens if tokens < burst else burst
         self._last = now
 
     def release_time(self, now: float, rate: float, size: int) -> float:

@@ -687,18 +687,24 @@ class Connection:
         if max_data > self._peer_max_data:
             self._peer_max_data = max_data
         result = self._loss.on_ack(ranges, delay / 1e6, now)
-        if result.acked:
-            self._stream_acked(result.acked)
-            for packet in result.acked:
-                if packet.ack_largest >= 0:
-                    self._acks.on_ack_acknowledged(packet.ack_largest)
+        acked = result.acked
+        if acked:
+            self._stream_acked(acked)
+            reported = (
+                -1
+            )  # the largest number an acknowledged ACK of ours reported (only the largest matters)
+            for packet in acked:
+                if packet.ack_largest > reported:
+                    reported = packet.ack_largest
+            if reported >= 0:
+                self._acks.on_ack_acknowledged(reported)
         if result.late:
             self._stats["spurious_losses"] += len(result.late)
             self._stream_acked(result.late)
-        if result.acked:
+        if acked:
             limited = self._app_limited or self._fell_behind
             self._fell_behind = False
-            self.cc.on_packets_acked(now, result.acked, self.rtt, app_limited=limited)
+            self.cc.on_packets_acked(now, acked, self.rtt, app_limited=limited)
         if result.lost:
             self._on_lost(result.lost, now, persistent=result.persistent_congestion)
         self._send_buf.release(self._send_base)
@@ -858,6 +864,7 @@ class Connection:
         buf = self._send_buf
         pacer = self._pacer
         rate = -1.0  # the pacing rate, read once (only an ACK changes it)
+        tokens = 0.0  # what the pacer lets out now, read with the rate
         while len(out) < _BURST_LIMIT:
             probe = self._probes > 0
             # (acks.ack_due(now) and self._has_data(), asked once per packet from the state they read)
@@ -876,8 +883,9 @@ class Connection:
                     rate = cc.pacing_rate(self.rtt) if pacing else 0.0
                 if loss.bytes_in_flight + mds > cc.congestion_window:
                     self._app_limited = False  # the window holds data back
-                elif rate > 0 and pacer.release_time(now, rate, mds) > now:
-                    # pacing holds the next packet back: come back when the bucket holds a batch
+                elif rate > 0 and now + (mds - (tokens := pacer.tokens(now, rate))) / rate > now:
+                    # pacing holds the next packet back (Pacer.release_time's rule: a shortfall too small to move
+                    # the clock holds nothing): come back when the bucket holds a batch
                     self._pacing_wake = pacer.wake_time(now, rate, mds, self._queued())
                     self._app_limited = False
                 else:
@@ -893,13 +901,11 @@ class Connection:
             if (
                 send_data
                 and not probe
-                and not acks.immediate
-                and acks.ack_deadline is None
                 and not self._retransmit
                 and not self._datagrams
                 and self._fin_offset is None
                 and self._validated
-                and self._data_run(now, out, rate)
+                and self._data_run(now, out, tokens if rate > 0 else float(_BURST_LIMIT * mds))
             ):
                 continue
             size = mds if self._validated else self._amplification_limit()
@@ -911,14 +917,15 @@ class Connection:
             out.append(datagram)
         return out
 
-    def _data_run(self, now: float, out: list[bytes], rate: float) -> int:
-        """Full packets of new stream data and nothing else, as many as the congestion window, the pacer (at
-        ``rate``; 0: none) and the peer's window allow, up to the burst limit; returns how many were added to
-        ``out``.
+    def _data_run(self, now: float, out: list[bytes], tokens: float) -> int:
+        """Packets of new stream data, the first of them with the ACK owed if one is, as many as the congestion
+        window, the pacer (``tokens``: the bytes it lets out now) and the peer's window allow, up to the burst
+        limit; returns how many were added to ``out``.
 
-        The bulk of a transfer: what :meth:`_build` would make of each of them (one STREAM frame filling the
-        packet), without asking again for each packet what else might be due. The caller has checked that
-        nothing else is (no probe, no ACK owed, no retransmission, no datagram, no end of stream, a validated
+        The bulk of a transfer, and a conversation's message with the ACK of the one it answers: what
+        :meth:`_build` would make of each of them (an ACK frame if one is owed, then one STREAM frame, as much
+        as the packet holds), without asking again for each packet what else might be due. The caller has
+        checked that nothing else is (no probe, no retransmission, no datagram, no end of stream, a validated
         path); the window and the pacer's tokens do not change while it runs (no ACK arrives)."""
         buf = self._send_buf
         limit = min(buf.end, self._peer_max_data)
@@ -930,9 +937,19 @@ class Connection:
         loss = self._loss
         cc = self.cc
         mds = self._mds
-        tokens = self._pacer.tokens(now, rate) if rate > 0 else float(_BURST_LIMIT * mds)
         head = self._header
         head_room = mds - len(head)
+        acks = self._acks
+        ack_frame = (
+            b""  # the ACK owed, in the first packet (_build's rule: an ACK rides in what leaves anyway)
+        )
+        ack_largest = -1
+        if acks.immediate or acks.ack_deadline is not None:
+            ranges = acks.ranges()
+            if ranges:
+                ack_largest = ranges[0][1]
+                ack_frame = encode_ack(ranges, max(0, int((now - acks.largest_time) * 1e6)), self._max_data)
+        room = head_room - len(ack_frame)  # (for the stream frame and its packet number)
         number = self._next_number
         pack_number, number_bits, numbers_below = varint_packer(number)
         first_number = number
@@ -949,7 +966,7 @@ class Connection:
             if number >= numbers_below:
                 pack_number, number_bits, numbers_below = varint_packer(number)
             number_bytes = pack_number(number | number_bits)
-            frame = stream_head(start, limit - start, head_room - len(number_bytes), -1)
+            frame = stream_head(start, limit - start, room - len(number_bytes), -1)
             if frame is None:
                 break
             header, take = frame
@@ -960,9 +977,16 @@ class Connection:
                 chunk, base = buf.chunk_at(start)
                 chunk_end = base + len(chunk)
             data = chunk[start - base : end - base] if end <= chunk_end else buf.slice(start, end)
-            datagram = b"".join((head, number_bytes, header, data))
+            if ack_frame:  # (the first packet)
+                datagram = b"".join((head, number_bytes, ack_frame, header, data))
+                keep(SentPacket(number, now, len(datagram), True, [(start, take, False)], ack_largest))
+                ack_frame = b""
+                room = head_room
+                acks.on_ack_sent()
+            else:
+                datagram = b"".join((head, number_bytes, header, data))
+                keep(SentPacket(number, now, len(datagram), True, [(start, take, False)]))
             size = len(datagram)
-            keep(SentPacket(number, now, size, True, [(start, take, False)]))
             append(datagram)
             tokens -= size
             sent += size

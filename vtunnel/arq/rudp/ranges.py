@@ -36,6 +36,35 @@ class RangeSet:
     def reversed(self) -> Iterator[tuple[int, int]]:
         return zip(reversed(self._starts), reversed(self._ends), strict=True)
 
+    def descending(self, floor: int, most: int) -> list[tuple[int, int]]:
+        """The intervals above ``floor`` as inclusive ``(first, last)`` pairs, highest first, the lowest cut at
+        ``floor``, at most ``most`` of them (what an ACK reports)."""
+        starts, ends = self._starts, self._ends
+        i = len(starts) - 1
+        out: list[tuple[int, int]] = []
+        while i >= 0 and len(out) < most:
+            end = ends[i]
+            if end <= floor:
+                break
+            start = starts[i]
+            if start <= floor:
+                out.append((floor, end - 1))
+                break
+            out.append((start, end - 1))
+            i -= 1
+        return out
+
+    def start_of(self, value: int) -> int:
+        """The start of the interval holding ``value``, -1 when none does (the last one is looked at first)."""
+        starts = self._starts
+        if not starts:
+            return -1
+        start = starts[-1]
+        if start <= value:
+            return start if value < self._ends[-1] else -1
+        i = bisect_right(starts, value) - 1
+        return starts[i] if i >= 0 and value < self._ends[i] else -1
+
     @property
     def first(self) -> tuple[int, int]:
         return self._starts[0], self._ends[0]

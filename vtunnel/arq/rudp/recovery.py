@@ -19,7 +19,7 @@ Times are seconds (floats) the caller passes in as ``now``.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -89,7 +89,8 @@ class RttEstimator:
     def update(self, latest: float, ack_delay: float) -> None:
         """A sample: ``latest`` seconds from sending the largest newly acknowledged packet to its ACK, of which
         the peer says it held the ACK for ``ack_delay``."""
-        latest = max(latest, 0.0)
+        if latest < 0.0:
+            latest = 0.0
         self.latest = latest
         if not self.has_sample:
             self.has_sample = True
@@ -98,29 +99,39 @@ class RttEstimator:
             self.variance = latest / 2
             self.pto_period = latest + max(latest * 2, GRANULARITY) + self.max_ack_delay
             return
-        self.min = min(self.min, latest)
-        ack_delay = min(ack_delay, self.max_ack_delay)
+        if latest < self.min:
+            self.min = latest
+        if ack_delay > self.max_ack_delay:
+            ack_delay = self.max_ack_delay
         adjusted = latest - ack_delay if latest >= self.min + ack_delay else latest
-        self.variance = 0.75 * self.variance + 0.25 * abs(self.smoothed - adjusted)
-        self.smoothed = smoothed = 0.875 * self.smoothed + 0.125 * adjusted
-        self.pto_period = smoothed + max(4 * self.variance, GRANULARITY) + self.max_ack_delay
+        smoothed = self.smoothed
+        self.variance = variance = 0.75 * self.variance + 0.25 * (
+            smoothed - adjusted if smoothed > adjusted else adjusted - smoothed
+        )
+        self.smoothed = smoothed = 0.875 * smoothed + 0.125 * adjusted
+        variance *= 4
+        self.pto_period = (
+            smoothed + (variance if variance > GRANULARITY else GRANULARITY) + self.max_ack_delay
+        )
 
     def pto(self) -> float:
         """The probe timeout's base period (before backoff)."""
         return self.pto_period
 
 
-@dataclass(slots=True)
 class AckResult:
     """What one ACK frame did."""
 
-    acked: list[SentPacket] = field(default_factory=list)
-    lost: list[SentPacket] = field(default_factory=list)
-    #: the lost packets span more than the persistent congestion period with nothing acknowledged in between
-    persistent_congestion: bool = False
-    #: packets declared lost earlier that this ACK shows did arrive (their data need not be sent again)
-    late: list[SentPacket] = field(default_factory=list)
-    rtt_updated: bool = False
+    __slots__ = ("acked", "late", "lost", "persistent_congestion", "rtt_updated")
+
+    def __init__(self) -> None:
+        self.acked: list[SentPacket] = []
+        self.lost: list[SentPacket] = []
+        #: packets declared lost earlier that this ACK shows did arrive (their data need not be sent again)
+        self.late: list[SentPacket] = []
+        #: the lost packets span more than the persistent congestion period with nothing acknowledged in between
+        self.persistent_congestion = False
+        self.rtt_updated = False
 
 
 class LossDetector:
@@ -185,12 +196,11 @@ class LossDetector:
 
     # --- acknowledgements ------------------------------------------------------------------------------------
 
-    def on_ack(self, ranges: Iterable[tuple[int, int]], ack_delay: float, now: float) -> AckResult:
+    def on_ack(self, ranges: Sequence[tuple[int, int]], ack_delay: float, now: float) -> AckResult:
         """Apply one ACK frame (``ranges``: inclusive, highest first, as :class:`~.wire.Ack` has them).
 
         The caller has checked that no range goes past :attr:`largest_sent`."""
         result = AckResult()
-        ranges = list(ranges)
         if not ranges:
             return result
         largest = ranges[0][1]
@@ -198,27 +208,28 @@ class LossDetector:
         pop = sent.pop
         acked = result.acked
         keep = acked.append
-        oldest = next(iter(sent), largest + 1)
         size = 0
-        for low, high in reversed(ranges):
-            if high < oldest:
-                continue
-            start = max(low, oldest)
-            if high - start > len(sent):  # a wide range over few packets: walk the packets instead
-                walked: list[int] = []
-                for number in sent:  # (ascending)
-                    if number > high:
-                        break
-                    if number >= start:
-                        walked.append(number)
-                numbers: Iterable[int] = walked
-            else:
-                numbers = range(start, high + 1)
-            for number in numbers:
-                packet = pop(number, None)
-                if packet is not None:
-                    keep(packet)
-                    size += packet.size
+        if sent:
+            oldest = next(iter(sent))
+            for low, high in reversed(ranges):
+                if high < oldest:
+                    continue
+                start = low if low > oldest else oldest
+                if high - start > len(sent):  # a wide range over few packets: walk the packets instead
+                    walked: list[int] = []
+                    for number in sent:  # (ascending)
+                        if number > high:
+                            break
+                        if number >= start:
+                            walked.append(number)
+                    numbers: Iterable[int] = walked
+                else:
+                    numbers = range(start, high + 1)
+                for number in numbers:
+                    packet = pop(number, None)
+                    if packet is not None:
+                        keep(packet)
+                        size += packet.size
         if self._lost_numbers:
             self._find_late(ranges, result)
         if not acked:
@@ -227,14 +238,17 @@ class LossDetector:
         self.ack_eliciting_in_flight -= len(acked)
         if largest > self.largest_acked:
             self.largest_acked = largest
-        newest = result.acked[-1]
+        newest = acked[-1]
         if newest.number == largest:
             self.rtt.update(now - newest.sent_time, ack_delay)
             result.rtt_updated = True
         self.pto_count = 0
-        result.lost = self.detect_lost(now)
-        if len(result.lost) >= 2:
-            result.persistent_congestion = self._persistent(result.lost)
+        if sent:
+            lost = result.lost = self.detect_lost(now)
+            if len(lost) >= 2:
+                result.persistent_congestion = self._persistent(lost)
+        else:
+            self._loss_time = None  # (what detect_lost finds with nothing in flight)
         return result
 
     def detect_lost(self, now: float) -> list[SentPacket]:
@@ -271,7 +285,7 @@ class LossDetector:
             del numbers[: -self.LOST_MEMORY]
         return lost
 
-    def _find_late(self, ranges: list[tuple[int, int]], result: AckResult) -> None:
+    def _find_late(self, ranges: Sequence[tuple[int, int]], result: AckResult) -> None:
         numbers = self._lost_numbers
         found: list[int] = []
         for low, high in ranges:
@@ -415,14 +429,7 @@ class AckTracker:
 
     def ranges(self) -> list[tuple[int, int]]:
         """The ranges an ACK reports now: inclusive, highest first."""
-        out: list[tuple[int, int]] = []
-        for start, end in self.received.reversed():
-            if end <= self.report_floor:
-                break
-            out.append((max(start, self.report_floor), end - 1))
-            if len(out) >= MAX_ACK_RANGES:
-                break
-        return out
+        return self.received.descending(self.report_floor, MAX_ACK_RANGES)
 
     def on_ack_sent(self) -> None:
         self.immediate = False
@@ -432,7 +439,6 @@ class AckTracker:
     def on_ack_acknowledged(self, largest: int) -> None:
         """The peer received an ACK of ours that reported up to ``largest``: stop reporting what is below the
         range holding it (the peer knows), but keep remembering it for duplicate detection."""
-        for start, end in self.received.reversed():
-            if start <= largest < end:
-                self.report_floor = max(self.report_floor, start)
-                return
+        start = self.received.start_of(largest)
+        if start > self.report_floor:
+            self.report_floor = start

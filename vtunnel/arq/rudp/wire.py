@@ -205,6 +205,13 @@ def encode_varints(*values: int) -> bytes:
 
 #: the value bits of a varint of each length prefix (0b00..0b11: 1, 2, 4, 8 bytes)
 _VARINT_MASKS: Final = (0x3F, 0x3FFF, 0x3FFF_FFFF, MAX_VARINT)
+#: what reads a varint of each length prefix, its length bits still set (the 1-byte one is read as a byte)
+_VARINT_UNPACKS: Final = (
+    struct.Struct(">B").unpack_from,
+    struct.Struct(">H").unpack_from,
+    struct.Struct(">I").unpack_from,
+    struct.Struct(">Q").unpack_from,
+)
 
 
 _PACK_B: Final = struct.Struct(">B").pack
@@ -240,7 +247,7 @@ def _varints(buf: bytes | memoryview, pos: int, count: int) -> tuple[list[int], 
             end = pos + (1 << prefix)
             if end > size:
                 raise WireError("truncated varint")
-            values.append(int.from_bytes(buf[pos:end], "big") & _VARINT_MASKS[prefix])
+            values.append(_VARINT_UNPACKS[prefix](buf, pos)[0] & _VARINT_MASKS[prefix])
             pos = end
         else:
             values.append(first)
@@ -326,7 +333,7 @@ def stream_packet(
         return number & _MASKS[number_size], offset, start, None
     if kind_at >= size:
         return None
-    number = int.from_bytes(datagram[pos:kind_at], "big") & _MASKS[number_size]
+    number = _NUMBER_UNPACKS[number_size](datagram, pos)[0] & _MASKS[number_size]
     pos = kind_at
     kind = datagram[pos]
     ack = None
@@ -377,6 +384,8 @@ _HEADS: Final = {
 _STREAM_HEADS: Final = {
     o: {n: struct.Struct(f">{_CODES[o]}{_CODES[n]}").unpack_from for n in _CODES} for o in _CODES
 }
+#: what reads a varint of each size, its length bits still set
+_NUMBER_UNPACKS: Final = {n: struct.Struct(">" + code).unpack_from for n, code in _CODES.items()}
 #: the value bits of a varint of each size
 _MASKS: Final = {1: 0x3F, 2: 0x3FFF, 4: 0x3FFF_FFFF, 8: MAX_VARINT}
 
@@ -475,6 +484,28 @@ def encode_ack(ranges: Sequence[tuple[int, int]], delay: int, max_data: int) -> 
     if not ranges:
         raise ValueError("an ACK acknowledges at least one packet")
     first, largest = ranges[0]
+    if (
+        len(ranges) == 1
+        and first >= 0
+        and largest <= MAX_VARINT
+        and 0 <= delay <= MAX_VARINT
+        and 0 <= max_data <= MAX_VARINT
+    ):
+        # the usual ACK (every packet of a conversation carries one): its fields packed by one struct of their
+        # sizes (the ACK type, largest, delay, max data, a range count of 0, the first range)
+        span = largest - first
+        a = 0 if largest < 0x40 else 1 if largest < 0x4000 else 2 if largest < 0x4000_0000 else 3
+        b = 0 if delay < 0x40 else 1 if delay < 0x4000 else 2 if delay < 0x4000_0000 else 3
+        c = 0 if max_data < 0x40 else 1 if max_data < 0x4000 else 2 if max_data < 0x4000_0000 else 3
+        d = 0 if span < 0x40 else 1 if span < 0x4000 else 2 if span < 0x4000_0000 else 3
+        return _ACK_PACKS[a << 6 | b << 4 | c << 2 | d](
+            _ACK,
+            largest | _LENGTH_BITS[a],
+            delay | _LENGTH_BITS[b],
+            max_data | _LENGTH_BITS[c],
+            0,
+            span | _LENGTH_BITS[d],
+        )
     if len(ranges) == 1:
         return _ACK_TYPE + encode_varints(largest, delay, max_data, 0, largest - first)
     values = [largest, delay, max_data, len(ranges) - 1, largest - first]
@@ -487,7 +518,26 @@ def encode_ack(ranges: Sequence[tuple[int, int]], delay: int, max_data: int) -> 
     return _ACK_TYPE + encode_varints(*values)
 
 
-_ACK_TYPE: Final = bytes((FrameType.ACK,))
+_ACK: Final = int(FrameType.ACK)
+_ACK_TYPE: Final = bytes((_ACK,))
+#: the struct reading an ACK frame's fields (after its type) with a range count below 64, by the length codes
+#: of largest, delay, max data and the first range (as :data:`_ACK_PACKS`), their length bits still set
+_ACK_HEADS: Final = tuple(
+    struct.Struct(
+        ">" + "BHIQ"[key >> 6] + "BHIQ"[key >> 4 & 3] + "BHIQ"[key >> 2 & 3] + "B" + "BHIQ"[key & 3]
+    ).unpack_from
+    for key in range(256)
+)
+#: a varint's length bits, by its length code (0..3: 1, 2, 4, 8 bytes)
+_LENGTH_BITS: Final = (0, 0x4000, 0x8000_0000, 0xC000_0000_0000_0000)
+#: the struct packing an ACK frame of one range, by the length codes of largest, delay, max data and the first
+#: range (two bits each, in that order)
+_ACK_PACKS: Final = tuple(
+    struct.Struct(
+        ">B" + "BHIQ"[key >> 6] + "BHIQ"[key >> 4 & 3] + "BHIQ"[key >> 2 & 3] + "B" + "BHIQ"[key & 3]
+    ).pack
+    for key in range(256)
+)
 
 
 # --- decoding ---------------------------------------------------------------------------------------------
@@ -497,7 +547,32 @@ def _decode_ack(
     buf: bytes | memoryview, pos: int
 ) -> tuple[tuple[tuple[tuple[int, int], ...], int, int], int]:
     """An ACK frame's ``(ranges, delay, max_data)`` from ``buf[pos]`` (after its type), and the position after it."""
-    (largest, delay, max_data, count, first), pos = _varints(buf, pos, 5)
+    size = len(buf)
+    if pos + 5 <= size:
+        # the five fields by one struct of their sizes (the sizes read from their first bytes; a range count
+        # below 64, one byte), as an ACK of one range is read for every packet of a conversation
+        a = buf[pos] >> 6
+        at = pos + (1 << a)
+        b = buf[at] >> 6 if at < size else 0
+        at += 1 << b
+        c = buf[at] >> 6 if at < size else 0
+        at += 1 << c
+        if at + 1 < size and buf[at] < 0x40:
+            d = buf[at + 1] >> 6
+            end = at + 1 + (1 << d)
+            if end <= size:
+                largest, delay, max_data, count, first = _ACK_HEADS[a << 6 | b << 4 | c << 2 | d](buf, pos)
+                largest &= _VARINT_MASKS[a]
+                delay &= _VARINT_MASKS[b]
+                max_data &= _VARINT_MASKS[c]
+                first &= _VARINT_MASKS[d]
+                pos = end
+            else:
+                (largest, delay, max_data, count, first), pos = _varints(buf, pos, 5)
+        else:
+            (largest, delay, max_data, count, first), pos = _varints(buf, pos, 5)
+    else:
+        (largest, delay, max_data, count, first), pos = _varints(buf, pos, 5)
     if first > largest:
         raise WireError("ACK range below packet number 0")
     low = largest - first
