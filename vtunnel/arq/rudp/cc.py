@@ -311,33 +311,29 @@ class Pacer:
         self._tokens = self.max_burst
         self._last: float | None = None
 
-    def _refill(self, now: float, rate: float) -> None:
+    def release_time(self, now: float, rate: float, size: int) -> float:
+        """When a packet of ``size`` bytes may leave (``now`` or later) at ``rate`` bytes/s (0: at once)."""
         if rate <= 0:
             self._last = now
-            return
+            return now
+        tokens = self.tokens(now, rate)
+        if tokens >= size:
+            return now
+        return now + (size - tokens) / rate
+
+    def tokens(self, now: float, rate: float) -> float:
+        """The bytes that may leave now at ``rate`` (> 0), the bucket refilled for the time since it was last
+        asked: a run of packets goes while they last, and is then told to :meth:`on_sent` in one sum."""
         burst = rate * self.BURST_TIME
         if burst < self.min_burst:
             burst = float(self.min_burst)
         self.max_burst = burst
         last = self._last
+        self._last = now
         if last is not None and now > last:
             tokens = self._tokens + (now - last) * rate
-            self._tokens = tokens if tokens < burst else burst
-        self._last = now
-
-    def release_time(self, now: float, rate: float, size: int) -> float:
-        """When a packet of ``size`` bytes may leave (``now`` or later) at ``rate`` bytes/s (0: at once)."""
-        if rate <= 0:
-            return now
-        self._refill(now, rate)
-        if self._tokens >= size:
-            return now
-        return now + (size - self._tokens) / rate
-
-    def tokens(self, now: float, rate: float) -> float:
-        """The bytes that may leave now at ``rate`` (> 0): a run of packets goes while they last, and is then
-        told to :meth:`on_sent` in one sum."""
-        self._refill(now, rate)
+            self._tokens = tokens = tokens if tokens < burst else burst
+            return tokens
         return self._tokens
 
     def wake_time(self, now: float, rate: float, size: int, queued: int) -> float:

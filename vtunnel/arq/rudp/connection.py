@@ -585,7 +585,13 @@ class Connection:
         if number <= acks.largest and acks.is_duplicate(number):  # (the next number is never one)
             self._stats["packets_duplicate"] += 1
             return
-        self._count_received(len(data), now)
+        size = len(data)  # (what _count_received does, inline: a conversation's every packet comes here)
+        stats = self._stats
+        stats["packets_received"] += 1
+        stats["bytes_received"] += size
+        self._bytes_received += size
+        self._last_received = now
+        self._heard_from_peer = True
         if ack is not None:
             fault = self._on_ack(ack[0], ack[1], ack[2], now, events)
             if fault is not None:
@@ -718,7 +724,7 @@ class Connection:
             events.append(_ROOM)
         return None
 
-    def _stream_acked(self, packets: list[SentPacket]) -> None:
+    def _stream_acked(self, packets: Sequence[SentPacket]) -> None:
         """The stream data of ``packets`` arrived: move the acknowledged prefix, note what lies above it."""
         acked = self._acked
         base = self._send_base
@@ -742,7 +748,7 @@ class Connection:
                     base = end
         self._send_base = base
 
-    def _on_lost(self, lost: list[SentPacket], now: float, *, persistent: bool) -> None:
+    def _on_lost(self, lost: Sequence[SentPacket], now: float, *, persistent: bool) -> None:
         self._stats["packets_lost"] += len(lost)
         for packet in lost:
             for offset, length, fin in packet.stream:

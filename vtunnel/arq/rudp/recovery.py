@@ -295,10 +295,12 @@ class LossDetector:
                 i += 1
         if not found:
             return
+        late: list[SentPacket] = []
         for number in sorted(found):
             packet = self._declared_lost.pop(number, None)
             if packet is not None:
-                result.late.append(packet)
+                late.append(packet)
+        result.late = late
         gone = set(found)
         self._lost_numbers = [n for n in numbers if n not in gone]
 
