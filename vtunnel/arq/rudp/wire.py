@@ -296,7 +296,8 @@ def peek_number(datagram: bytes | memoryview, offset: int = 0) -> int:
     length = 1 << (datagram[pos] >> 6)  # (read here: a listener peeks at every datagram of a run)
     if pos + length > size:
         raise WireError("truncated varint")
-    return int.from_bytes(datagram[pos : pos + length], "big") & _MASKS[length]
+    number: int = _NUMBER_UNPACKS[length](datagram, pos)[0]
+    return number & _MASKS[length]
 
 
 def stream_packet(
