@@ -14,9 +14,11 @@ twin's registry finds the transports where that commit had them, even after a tr
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import tomllib
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from bench.procs import HarnessError
 
-__all__ = ["REPO_ROOT", "RefTree", "default_cache", "export_tree"]
+__all__ = ["REPO_ROOT", "RefTree", "add_ref_option", "default_cache", "export_tree", "micro_packages"]
 
 #: The repository the harness belongs to (the parent of ``bench/``).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +134,17 @@ def _write_metadata(repo: Path, commit: str, tree: Path) -> None:
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vtunnel\nVersion: 0+{commit[:12]}\n")
     (info / "entry_points.txt").write_text("\n".join(lines))
+
+
+def add_ref_option(parser: argparse.ArgumentParser) -> None:
+    """A micro-benchmark's ``--ref DIR``: another tree's code measured in the same process (:func:`micro_packages`)."""
+    parser.add_argument("--ref", help="a directory holding vtunnel_ref/ (another tree's vtunnel/, renamed)")
+
+
+def micro_packages(ref: str | None) -> list[str]:
+    """The packages a micro-benchmark measures, interleaved in one process: ``vtunnel``, and with ``ref`` (a
+    directory holding ``vtunnel_ref/``, which goes first on the import path) ``vtunnel_ref`` too."""
+    if ref is None:
+        return ["vtunnel"]
+    sys.path.insert(0, ref)
+    return ["vtunnel", "vtunnel_ref"]

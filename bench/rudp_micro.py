@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import time
+
+from bench.refs import add_ref_option, micro_packages
 
 STEPS = ("send", "receive", "ack")
 
@@ -79,12 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--mib", type=float, default=8.0)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--ref", help="a directory holding vtunnel_ref/ (another tree's vtunnel/)")
+    add_ref_option(parser)
     args = parser.parse_args(argv)
-    packages = ["vtunnel"]
-    if args.ref:
-        sys.path.insert(0, args.ref)
-        packages.append("vtunnel_ref")
+    packages = micro_packages(args.ref)
     total = int(args.mib * 1024 * 1024)
     best: dict[str, dict[str, float]] = {p: dict.fromkeys(STEPS, float("inf")) for p in packages}
     for _ in range(args.rounds):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import time
 from types import ModuleType
+
+from bench.refs import add_ref_option, micro_packages
 
 MESSAGE = bytes(73)
 
@@ -50,12 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--exchanges", type=int, default=10_000)
-    parser.add_argument("--ref", help="a directory holding vtunnel_ref/ (another tree's vtunnel/)")
+    add_ref_option(parser)
     args = parser.parse_args(argv)
-    packages = ["vtunnel"]
-    if args.ref:
-        sys.path.insert(0, args.ref)
-        packages.append("vtunnel_ref")
+    packages = micro_packages(args.ref)
     modules = {p: importlib.import_module(f"{p}.arq.rudp.connection") for p in packages}
     if args.ref:
         wires: list[list[bytes]] = [[], []]

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
 import timeit
 from types import ModuleType
 from typing import Any
+
+from bench.refs import add_ref_option, micro_packages
 
 ROUNDS_OF = 40
 
@@ -68,12 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=1321)
-    parser.add_argument("--ref", help="a directory holding vtunnel_ref/ (another tree's vtunnel/)")
+    add_ref_option(parser)
     args = parser.parse_args(argv)
-    packages = ["vtunnel"]
-    if args.ref:
-        sys.path.insert(0, args.ref)
-        packages.insert(0, "vtunnel_ref")
+    packages = micro_packages(args.ref)
     print(f"us per datagram, batches of {args.batch} x {args.size} bytes, min of {args.rounds} rounds")
     print("| cipher | code | seal_many | open_many | open_many (views of a run) |")
     print("|---|---|---|---|---|")
