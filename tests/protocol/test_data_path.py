@@ -165,7 +165,7 @@ def test_a_peer_that_leaves_out_the_stream_window_gets_the_old_default() -> None
     assert peer.initial_stream_window == ABSENT_STREAM_WINDOW == 256 * 1024
     # our own streams start at the same size and grow to max_stream_window as they are read
     assert TunnelConfig().initial_stream_window == 64 * 1024
-    assert TunnelConfig().max_stream_window == 4 * 1024 * 1024
+    assert TunnelConfig().max_stream_window == 8 * 1024 * 1024
 
 
 @settings(max_examples=60, deadline=None)

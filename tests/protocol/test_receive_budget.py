@@ -54,8 +54,8 @@ def bound(config: TunnelConfig, open_streams: int) -> int:
     return config.receive_budget + open_streams * config.min_stream_window
 
 
-def test_a_stream_read_as_it_arrives_doubles_its_window_up_to_the_maximum() -> None:
-    config = TunnelConfig(initial_stream_window=16 * KIB, max_stream_window=128 * KIB)
+def test_a_stream_read_as_it_arrives_grows_its_window_fourfold_up_to_the_maximum() -> None:
+    config = TunnelConfig(initial_stream_window=16 * KIB, max_stream_window=512 * KIB)
     client, server = handshake(config)
     (sid,) = streams(client, server, 1)
     seen = []
@@ -66,8 +66,8 @@ def test_a_stream_read_as_it_arrives_doubles_its_window_up_to_the_maximum() -> N
         pump(client, server)
         server.tunnel.acknowledge_received_data(sid, delivered(server)[sid])
         pump(client, server)
-    assert seen[:4] == [16 * KIB, 32 * KIB, 64 * KIB, 128 * KIB]
-    assert max(seen) == 128 * KIB
+    assert seen[:4] == [16 * KIB, 64 * KIB, 256 * KIB, 512 * KIB]
+    assert max(seen) == 512 * KIB
 
 
 def read_as_it_arrives(client: Side, server: Side, sid: int, rounds: int) -> None:
@@ -209,7 +209,7 @@ def test_first_windows_shrink_under_pressure_and_come_back_when_stalled_streams_
     pump(client, server)
     server.tunnel.acknowledge_received_data(late, delivered(server)[late])
     pump(client, server)
-    assert client.tunnel.send_window(late) == 2 * config.min_stream_window
+    assert client.tunnel.send_window(late) == 4 * config.min_stream_window
     # two stalled streams are given up: their windows return to the budget, new streams get full grants again
     for sid in stuck[:2]:
         server.tunnel.close_stream(sid)

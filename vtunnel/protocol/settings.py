@@ -67,11 +67,13 @@ class TunnelConfig:
     #: largest datagram of a ``udp`` stream always fits, and 2,000 stalled streams hold 31 MiB beyond the budget.
     min_stream_window: int = 16 * 1024
     #: the window a new stream is granted (a WINDOW_UPDATE with its SYN or at the peer's SYN) as far as first
-    #: grants, within half of ``receive_budget``, have room; it doubles each time the application has read half of
-    #: it, up to ``max_stream_window`` (raised to ``initial_stream_window`` if below it), as far as the budget has
-    #: room for growth (all of it less the first grants, or less a quarter kept for them)
+    #: grants, within half of ``receive_budget``, have room; it grows fourfold each time the application has read
+    #: half of it, up to ``max_stream_window`` (raised to ``initial_stream_window`` if below it), as far as the
+    #: budget has room for growth (all of it less the first grants, or less a quarter kept for them). 8 MiB: one
+    #: stream's bytes in flight and those held behind a lost packet until it is sent again, at 50 MB/s and 20 ms,
+    #: with half of the window still to be returned; beside one stream grown in full, another still grows to 4 MiB
     initial_stream_window: int = 64 * 1024
-    max_stream_window: int = 4 * 1024 * 1024
+    max_stream_window: int = 8 * 1024 * 1024
     #: in flight only: tunnel credit returns as the bytes arrive, whether or not they are read. Above what the
     #: stream windows of a thousand streams hold together (``receive_budget`` + 1,024 floors: 32 MiB), so that it
     #: does not cut their own windows short: at 16 MiB, 1,024 busy streams over kcp:// found it spent (the half

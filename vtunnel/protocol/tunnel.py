@@ -11,7 +11,7 @@ import math
 import struct
 from collections.abc import Callable
 from enum import Enum
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from vtunnel.protocol import frames as fr
 from vtunnel.protocol.errors import (
@@ -87,6 +87,10 @@ MAX_STREAM_ID = (1 << 31) - 1
 _SENDING_STATES = frozenset({StreamState.SYN_SENT, StreamState.ESTABLISHED, StreamState.FIN_RECV})
 _PEER_SENDING_STATES = frozenset({StreamState.SYN_SENT, StreamState.ESTABLISHED, StreamState.FIN_SENT})
 _KNOWN_TYPES = frozenset(int(t) for t in fr.FrameType)
+#: a stream window that is read grows by this many times itself at each WINDOW_UPDATE (fourfold): from the first
+#: grant to the largest window in four updates, each a round trip or, behind a lost packet, two or three, so a
+#: transfer that starts on a lossy path is held by its window for a few round trips, not a dozen
+_WINDOW_GROWTH: Final = 3
 # plain ints on the per-frame path (enum attribute lookups cost more than the work they name)
 _DATA = int(fr.FrameType.DATA)
 _HEADERS = int(fr.FrameType.HEADERS)
@@ -650,8 +654,10 @@ class Tunnel:
             if stream.recv_unannounced >= window // 2:
                 increment = stream.recv_unannounced
                 stream.recv_unannounced = 0
-                # being read: the window doubles, as far as the receive budget has room for growth
-                growth = min(window, self.config.max_stream_window - window, self._growth_room())
+                # being read: the window grows fourfold, as far as the receive budget has room for growth
+                growth = min(
+                    _WINDOW_GROWTH * window, self.config.max_stream_window - window, self._growth_room()
+                )
                 if growth > 0:
                     stream.recv_window = window + growth
                     self._grown += growth
