@@ -4,7 +4,7 @@ wakeups, with the variants alternated (a development tool, not a test).
     python -m bench.rr_cpu [--rounds 4] [--count 3000] [--code DIR] VARIANT ...
 
 A variant is ``kcp`` (``kcp://...?mode=fast3&mtu=1350``), ``kcp:QUERY`` (that URL with ``&QUERY`` added, say
-``kcp:pacing=off``), ``tcp``, each with ``@DIR`` to run the vtunnel package in ``DIR`` instead of ``--code``
+``kcp:pacing=off``), ``rudp`` (``rudp:QUERY`` likewise), ``tcp``, each with ``@DIR`` to run the vtunnel package in ``DIR`` instead of ``--code``
 (``kcp@/tmp/old/vtunnel``: another commit's tree, alternated with this one), ``floor`` (two ``bench.floor`` relays: the least a Python relay chain of the same
 hops costs) or ``kcptun`` (the harness's reference configuration). For each round and variant it starts the
 echo server (``bench.workload serve``), the tunnel's server and client, warms them up and runs ``bench.workload
@@ -75,6 +75,8 @@ def _commands(variant: str, echo: int, tunnel: int, entry: int) -> tuple[list[st
         url = f"tcp://127.0.0.1:{tunnel}"
     elif kind == "kcp":
         url = f"kcp://127.0.0.1:{tunnel}?mode=fast3&mtu=1350" + (f"&{query}" if query else "")
+    elif kind == "rudp":
+        url = f"rudp://127.0.0.1:{tunnel}" + (f"?{query}" if query else "")
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     vt = [py, "-P", str(LAUNCHER)]
