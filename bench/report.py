@@ -279,8 +279,9 @@ def _kcp_vs_kcptun(scenario: str, streams: str) -> tuple[Target, ...]:
 
 
 def _rudp_targets() -> tuple[Target, ...]:
-    """rudp://'s goals against kcp:// in the same run: bulk and round trip on loopback, goodput and wire bytes
-    at 2% loss (relay at 20 ms RTT, veth at its rate limit), and two flows' fairness. The wire bytes beyond the
+    """rudp://'s goals against kcp:// in the same run: bulk and round trip on loopback, bulk on the lossless
+    links, goodput and wire bytes at 2% loss (relay at 20 ms RTT, veth at its rate limit), and two flows'
+    fairness. The wire bytes beyond the
     payload (resends, headers, ACKs) hold the waste and also the resends any sender needs, so the bound is
     stricter than one on waste alone (which only the simulator tells apart: ``python -m bench.rudp_sim``)."""
     rudp = ("vtunnel-rudp",)
@@ -312,6 +313,18 @@ def _rudp_targets() -> tuple[Target, ...]:
             systems=rudp,
         ),
     ]
+    for scenario, link in (("rudp-loss-0", "relay, 20 ms RTT"), ("rudp-veth-0", "veth, rate-limited")):
+        targets.append(
+            Target(
+                name=f"bulk over rudp:// at 0% loss ({link}) >= kcp://",
+                scenario=scenario,
+                metric="goodput_MBps",
+                reference="vtunnel-kcp",
+                op=">=",
+                threshold=1.0,
+                systems=rudp,
+            )
+        )
     for scenario, link in (("rudp-loss-2", "relay, 20 ms RTT"), ("rudp-veth-2", "veth, rate-limited")):
         targets.append(
             Target(

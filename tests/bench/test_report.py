@@ -200,3 +200,39 @@ def test_markdown_plots_and_files(tmp_path: Path) -> None:
     assert "vtunnel-rudp skipped" in md
     assert "ttfb vtunnel-kcp round 1 failed" in md
     assert "![goodput-vs-loss](goodput-vs-loss.png)" in md
+
+
+def test_rudp_is_held_to_kcp_on_the_lossless_links_of_the_loss_comparison() -> None:
+    now = time.time()
+    goodput = {
+        ("rudp-loss-0", "vtunnel-kcp"): 39.0,
+        ("rudp-loss-0", "vtunnel-rudp"): 40.5,
+        ("rudp-veth-0", "vtunnel-kcp"): 23.3,
+        ("rudp-veth-0", "vtunnel-rudp"): 22.1,
+    }
+    samples = [
+        Sample(
+            scenario=scenario, system=system, round=0, metrics={"goodput_MBps": g, "wire_excess": 0.1}
+        ).as_dict()
+        for (scenario, system), g in goodput.items()
+    ]
+    doc = build_document(
+        mode="quick",
+        started=now - 10,
+        finished=now,
+        rounds=1,
+        loss_levels=[],
+        systems=[SystemSpec(kind="vtunnel", transport="kcp"), SystemSpec(kind="vtunnel", transport="rudp")],
+        skipped={},
+        scenarios=SCENARIOS,
+        quick=True,
+        notes=[],
+        samples=samples,
+    )
+    targets = {t["target"]: t for t in doc["targets"] if t["system"] == "vtunnel-rudp"}
+    relay = targets["bulk over rudp:// at 0% loss (relay, 20 ms RTT) >= kcp://"]
+    assert relay["value"] == pytest.approx(40.5 / 39.0)
+    assert relay["met"] is True
+    veth = targets["bulk over rudp:// at 0% loss (veth, rate-limited) >= kcp://"]
+    assert veth["value"] == pytest.approx(22.1 / 23.3)
+    assert veth["met"] is False
