@@ -605,6 +605,11 @@ class Connection:
         acks.on_packet(number, True, now)
         if self.readable > readable_before:
             events.append(_READABLE)
+            final = self._final_size
+            if final is not None and self._contiguous >= final and not self._end_reported:
+                # the data that completes a stream whose FIN came before it (a repaired hole)
+                self._end_reported = True
+                events.append(StreamEnded())
 
     def _count_received(self, size: int, now: float) -> None:
         """A new packet of ``size`` bytes arrived from the peer (both receive paths)."""
