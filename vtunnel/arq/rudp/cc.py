@@ -67,7 +67,8 @@ class CongestionController(abc.ABC):
         """An ack-eliciting packet left."""
 
     def on_packets_sent(self, now: float, packets: Sequence[SentPacket]) -> None:
-        """Ack-eliciting packets left together (a run of new stream data)."""
+        """Ack-eliciting packets left together: a run of new stream data (each of them carries stream data,
+        none of it sent before)."""
         for packet in packets:
             self.on_packet_sent(now, packet)
 
@@ -240,14 +241,8 @@ class BbrController(CongestionController):
             self._model.on_sent(1, 0 if packet.retransmission else 1)
 
     def on_packets_sent(self, now: float, packets: Sequence[SentPacket]) -> None:
-        stream = new = 0
-        for packet in packets:
-            if packet.stream:
-                stream += 1
-                if not packet.retransmission:
-                    new += 1
-        if stream:
-            self._model.on_sent(stream, new)
+        count = len(packets)  # (new stream data, every one of them: what on_packet_sent of each would count)
+        self._model.on_sent(count, count)
 
     def on_packets_acked(
         self, now: float, packets: Sequence[SentPacket], rtt: RttEstimator, *, app_limited: bool

@@ -39,7 +39,7 @@ from typing import Final
 
 from .cc import CongestionController, Pacer, make_controller
 from .ranges import RangeSet
-from .recovery import PACKET_THRESHOLD, AckTracker, LossDetector, RttEstimator, SentPacket
+from .recovery import MAX_ACK_RANGES, PACKET_THRESHOLD, AckTracker, LossDetector, RttEstimator, SentPacket
 from .sendbuf import SendBuffer
 from .wire import (
     MAX_CID_LEN,
@@ -242,6 +242,8 @@ class Connection:
         self._pings_owed = 0
         self._content_number = -1
         self._next_number = 0
+        #: varint_packer of a recent packet number (new stream data packs its numbers with it)
+        self._number_packer = varint_packer(0)
         # path
         self._validated = address_validated
         self._heard_from_peer = role is Role.CLIENT
@@ -321,7 +323,8 @@ class Connection:
         """Stream bytes :meth:`send` takes now."""
         if self.state is not ConnectionState.OPEN or self._fin_offset is not None:
             return 0
-        return max(0, self.config.send_buffer - (self._send_buf.end - self._send_base))
+        room = self.config.send_buffer - (self._send_buf.end - self._send_base)
+        return room if room > 0 else 0
 
     def send(self, data: bytes | memoryview) -> int:
         """Queue stream bytes; returns how many were taken (at most :meth:`send_room`)."""
@@ -693,12 +696,17 @@ class Connection:
     ) -> tuple[int, str] | None:
         """An ACK frame's ``ranges`` (as :class:`~.wire.Ack` has them), ``delay`` (us) and ``max_data``."""
         largest = ranges[0][1]
-        if largest > self._loss.largest_sent:
+        loss = self._loss
+        if largest > loss.largest_sent:
             return ErrorCode.PROTOCOL_VIOLATION, f"ACK of packet {largest}, never sent"
         if max_data > self._peer_max_data:
             self._peer_max_data = max_data
-        result = self._loss.on_ack(ranges, delay / 1e6, now)
+        result = loss.on_ack(ranges, delay / 1e6, now)
         acked = result.acked
+        late = result.late
+        if late:
+            self._stats["spurious_losses"] += len(late)
+            self._stream_acked(late)  # (before or after the rest: the acknowledged prefix is their union)
         if acked:
             self._stream_acked(acked)
             reported = (
@@ -709,10 +717,6 @@ class Connection:
                     reported = packet.ack_largest
             if reported >= 0:
                 self._acks.on_ack_acknowledged(reported)
-        if result.late:
-            self._stats["spurious_losses"] += len(result.late)
-            self._stream_acked(result.late)
-        if acked:
             limited = self._app_limited or self._fell_behind
             self._fell_behind = False
             self.cc.on_packets_acked(now, acked, self.rtt, app_limited=limited)
@@ -868,12 +872,8 @@ class Connection:
             self._fell_behind = True
         self._pacing_wake = None
         mds = self._mds
-        pacing = self.config.pacing
-        loss = self._loss
         acks = self._acks
-        cc = self.cc
         buf = self._send_buf
-        pacer = self._pacer
         rate = -1.0  # the pacing rate, read once (only an ACK changes it)
         tokens = 0.0  # what the pacer lets out now, read with the rate
         while len(out) < _BURST_LIMIT:
@@ -882,16 +882,20 @@ class Connection:
             deadline = acks.ack_deadline
             ack = acks.immediate or (deadline is not None and now >= deadline)
             send_next = self._send_next
-            has_data = (
-                bool(self._datagrams)
-                or (bool(self._retransmit) and self._retransmission_due())
-                or (send_next < buf.end and (send_next < self._peer_max_data or self._blocked()))
-                or (self._fin_offset is not None and not self._fin_sent and send_next >= self._fin_offset)
-            )
+            if self._datagrams or (self._retransmit and self._retransmission_due()):
+                has_data = True
+            elif send_next < buf.end:
+                has_data = send_next < self._peer_max_data or self._blocked()
+            else:  # (the FIN alone is due)
+                fin = self._fin_offset
+                has_data = fin is not None and not self._fin_sent and send_next >= fin
             send_data = probe
             if has_data and not probe:
                 if rate < 0:
-                    rate = cc.pacing_rate(self.rtt) if pacing else 0.0
+                    loss = self._loss
+                    cc = self.cc
+                    pacer = self._pacer
+                    rate = cc.pacing_rate(self.rtt) if self.config.pacing else 0.0
                 if loss.bytes_in_flight + mds > cc.congestion_window:
                     self._app_limited = False  # the window holds data back
                 elif rate > 0 and now + (mds - (tokens := pacer.tokens(now, rate))) / rate > now:
@@ -939,12 +943,17 @@ class Connection:
         checked that nothing else is (no probe, no retransmission, no datagram, no end of stream, a validated
         path); the window and the pacer's tokens do not change while it runs (no ACK arrives)."""
         buf = self._send_buf
-        limit = min(buf.end, self._peer_max_data)
+        end_written = buf.end
+        limit = self._peer_max_data
         start = self._send_next
+        # the packet that reaches the peer's window with more data waiting also says DATA_BLOCKED: _build's
+        if limit < end_written:
+            blocked_at = limit
+        else:
+            limit = end_written
+            blocked_at = -1
         if start >= limit:
             return 0
-        # the packet that reaches the peer's window with more data waiting also says DATA_BLOCKED: _build's
-        blocked_at = limit if limit < buf.end else -1
         loss = self._loss
         cc = self.cc
         mds = self._mds
@@ -956,13 +965,15 @@ class Connection:
         )
         ack_largest = -1
         if acks.immediate or acks.ack_deadline is not None:
-            ranges = acks.ranges()
+            ranges = acks.received.descending(acks.report_floor, MAX_ACK_RANGES)  # (acks.ranges())
             if ranges:
                 ack_largest = ranges[0][1]
-                ack_frame = encode_ack(ranges, max(0, int((now - acks.largest_time) * 1e6)), self._max_data)
+                delay = int((now - acks.largest_time) * 1e6)
+                ack_frame = encode_ack(ranges, delay if delay > 0 else 0, self._max_data)
         room = head_room - len(ack_frame)  # (for the stream frame and its packet number)
         number = self._next_number
-        pack_number, number_bits, numbers_below = varint_packer(number)
+        # (what varint_packer gave for an earlier number: refreshed below once the numbers outgrow it)
+        pack_number, number_bits, numbers_below = self._number_packer
         first_number = number
         first_start = start
         sent = 0
@@ -1004,6 +1015,8 @@ class Connection:
             start = end
             number += 1
         count = number - first_number
+        if numbers_below != self._number_packer[2]:
+            self._number_packer = (pack_number, number_bits, numbers_below)
         if count:
             loss.on_sent_run(packets, sent)
             cc.on_packets_sent(now, packets)

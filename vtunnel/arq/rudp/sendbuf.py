@@ -72,15 +72,17 @@ class SendBuffer:
         """Forget the bytes below ``offset`` (acknowledged): whole chunks below it are dropped."""
         if offset <= self.start:
             return
-        self.start = min(offset, self.end)
+        if offset > self.end:
+            offset = self.end
+        self.start = offset
         offsets = self._offsets
         chunks = self._chunks
         first = self._first
         last = len(chunks) - 1
-        while first < last and offsets[first + 1] <= self.start:
+        while first < last and offsets[first + 1] <= offset:
             chunks[first] = b""
             first += 1
-        if first < len(chunks) and offsets[first] + len(chunks[first]) <= self.start:
+        if first <= last and offsets[first] + len(chunks[first]) <= offset:
             chunks[first] = b""  # the last chunk, all released
             first += 1
         if first >= _COMPACT:
