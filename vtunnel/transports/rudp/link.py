@@ -94,6 +94,7 @@ class RudpLink(ArqLink):
         self._eof = False  # send_eof was called: the FIN follows the backlog
         self._input_ended = False  # link_ended(None) was given
         self._peer_closed = False  # the peer sent CLOSE without error: input ends after what is unread
+        self._end_seen = False  # the connection reported StreamEnded: input ends once all of it was read
         self._failure: str | None = None  # the connection closed itself on a fault: fail after sending CLOSE
         #: unreliable datagrams given to the consumer, and dropped on arrival (no consumer yet, or paused)
         self.datagrams_received = 0
@@ -126,13 +127,13 @@ class RudpLink(ArqLink):
     def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
         """Add a run of datagrams (``segment`` bytes each) to ``into``, one by one; False, adding nothing, when
         one is not this connection's."""
-        if segment >= len(buffer):
-            if not self.accepts(buffer):
+        prefix = self._prefix
+        end = len(prefix)
+        if segment >= len(buffer):  # (one datagram: accepts(), inline)
+            if len(buffer) <= end or buffer[:end] != prefix:
                 return False
             into.append(buffer)
             return True
-        prefix = self._prefix
-        end = len(prefix)
         if segment <= end:
             return False  # (no datagram but the last could hold more than the prefix)
         datagrams = split_run(buffer, segment)
@@ -150,7 +151,12 @@ class RudpLink(ArqLink):
         if self._torn_down:
             return
         now = self._loop.time()
-        events = conn.receive_datagrams(datagrams, now)
+        # (a conversation's every input is one datagram: without the bookkeeping of a run)
+        events = (
+            conn.receive_datagram(datagrams[0], now)
+            if len(datagrams) == 1
+            else conn.receive_datagrams(datagrams, now)
+        )
         self.last_receive = now
         self._handle(events)
         self._service(now)
@@ -279,7 +285,10 @@ class RudpLink(ArqLink):
         deliver = False
         datagrams: list[bytes] = []
         for event in events:
-            if isinstance(event, StreamReadable | StreamEnded):
+            if isinstance(event, StreamReadable):
+                deliver = True
+            elif isinstance(event, StreamEnded):
+                self._end_seen = True
                 deliver = True
             elif isinstance(event, DatagramReceived):
                 datagrams.append(event.data)
@@ -324,7 +333,7 @@ class RudpLink(ArqLink):
                     drained
                     and consumer is not None
                     and not self._input_ended
-                    and (self._peer_closed or conn.stream_ended)
+                    and (self._peer_closed or (self._end_seen and conn.stream_ended))
                 ):
                     self._input_ended = True
                     consumer.link_ended(None)
@@ -359,7 +368,9 @@ class RudpLink(ArqLink):
             self.fail(self._failure or "the connection closed")
             return
         deadline = conn.next_deadline()
-        due = self._watchdog_due if deadline is None else min(deadline, self._watchdog_due)
+        due = self._watchdog_due
+        if deadline is not None and deadline < due:
+            due = deadline
         # only ever earlier: rudp's deadline moves later with nearly every message (the PTO after each send, the
         # held ACK after each receipt); a timer armed earlier stays and, firing, finds little or nothing due and
         # re-arms, instead of a loop timer cancelled and made anew for each message (3.7 per request/response,
