@@ -332,16 +332,18 @@ class Connection:
             raise RudpLocalError("the connection is closed")
         if self._fin_offset is not None:
             raise RudpLocalError("the stream was ended")
-        room = self.config.send_buffer - (
-            self._send_buf.end - self._send_base
-        )  # (send_room, the state checked)
-        if room < 0:
-            room = 0
-        take = min(room, len(data))
+        buf = self._send_buf
+        room = self.config.send_buffer - (buf.end - self._send_base)  # (send_room, the state checked)
+        size = len(data)
+        if size < room:
+            if size:
+                buf.append(data)
+            return size
+        # (the buffer is full with this write, or cannot take all of it)
+        take = room if room > 0 else 0
         if take:
-            self._send_buf.append(data[:take] if take < len(data) else data)
-        if take < len(data) or take == room:
-            self._writer_waiting = True
+            buf.append(data[:take] if take < size else data)
+        self._writer_waiting = True
         return take
 
     def end_stream(self) -> None:
@@ -1001,14 +1003,15 @@ class Connection:
             data = chunk[start - base : end - base] if end <= chunk_end else buf.slice(start, end)
             if ack_frame:  # (the first packet)
                 datagram = b"".join((head, number_bytes, ack_frame, header, data))
-                keep(SentPacket(number, now, len(datagram), True, [(start, take, False)], ack_largest))
+                size = len(datagram)
+                keep(SentPacket(number, now, size, True, [(start, take, False)], ack_largest))
                 ack_frame = b""
                 room = head_room
                 acks.on_ack_sent()
             else:
                 datagram = b"".join((head, number_bytes, header, data))
-                keep(SentPacket(number, now, len(datagram), True, [(start, take, False)]))
-            size = len(datagram)
+                size = len(datagram)
+                keep(SentPacket(number, now, size, True, [(start, take, False)]))
             append(datagram)
             tokens -= size
             sent += size
