@@ -247,8 +247,12 @@ class Connection:
         # path
         self._validated = address_validated
         self._heard_from_peer = role is Role.CLIENT
-        self._bytes_sent = 0
+        self._bytes_sent = 0  # (stats' bytes_sent and bytes_received)
         self._bytes_received = 0
+        #: the counters every packet moves (the rest, rarer, are in _stats)
+        self._packets_sent = 0
+        self._packets_received = 0
+        self._stream_bytes_sent = 0
         self._last_received = now
         # sending stream
         self._send_buf = SendBuffer()  # written and not yet acknowledged
@@ -283,14 +287,9 @@ class Connection:
         self._close_deadline: float | None = None
         self._stats: dict[str, int] = dict.fromkeys(
             (
-                "packets_sent",
-                "packets_received",
                 "packets_lost",
                 "packets_dropped",
                 "packets_duplicate",
-                "bytes_sent",
-                "bytes_received",
-                "stream_bytes_sent",
                 "stream_bytes_retransmitted",
                 "stream_bytes_duplicate",
                 "spurious_losses",
@@ -499,9 +498,7 @@ class Connection:
         """Record a run of in-order STREAM packets (see :meth:`receive_datagrams`): ``chunks``, their data, the
         last of them numbered ``number_next - 1``, ``size`` bytes on the wire in all."""
         count = len(chunks)
-        stats = self._stats
-        stats["packets_received"] += count
-        stats["bytes_received"] += size
+        self._packets_received += count
         self._bytes_received += size
         self._last_received = now
         self._heard_from_peer = True
@@ -591,9 +588,7 @@ class Connection:
             self._stats["packets_duplicate"] += 1
             return
         size = len(data)  # (what _count_received does, inline: a conversation's every packet comes here)
-        stats = self._stats
-        stats["packets_received"] += 1
-        stats["bytes_received"] += size
+        self._packets_received += 1
         self._bytes_received += size
         self._last_received = now
         self._heard_from_peer = True
@@ -618,9 +613,7 @@ class Connection:
 
     def _count_received(self, size: int, now: float) -> None:
         """A new packet of ``size`` bytes arrived from the peer (both receive paths)."""
-        stats = self._stats
-        stats["packets_received"] += 1
-        stats["bytes_received"] += size
+        self._packets_received += 1
         self._bytes_received += size
         self._last_received = now
         self._heard_from_peer = True
@@ -1029,10 +1022,8 @@ class Connection:
             self._content_number = number - 1
             self._pacer.on_sent(sent)
             self._bytes_sent += sent
-            stats = self._stats
-            stats["packets_sent"] += count
-            stats["bytes_sent"] += sent
-            stats["stream_bytes_sent"] += start - first_start
+            self._packets_sent += count
+            self._stream_bytes_sent += start - first_start
         return count
 
     def _amplification_room(self, size: int) -> bool:
@@ -1109,8 +1100,7 @@ class Connection:
         self._next_number = number + 1
         size = len(datagram)
         self._bytes_sent += size
-        self._stats["packets_sent"] += 1
-        self._stats["bytes_sent"] += size
+        self._packets_sent += 1
         if packet is None:
             packet = SentPacket(number=number, sent_time=now, size=size, ack_eliciting=False)
         packet.size = size
@@ -1191,7 +1181,7 @@ class Connection:
         room = self._stream_frame(frames, room, packet, start, max(start, limit))
         if len(frames) > count:
             sent = packet.stream[-1][1]
-            self._stats["stream_bytes_sent"] += sent
+            self._stream_bytes_sent += sent
             self._send_next = start + sent
         return room
 
@@ -1199,7 +1189,14 @@ class Connection:
 
     def stats(self) -> dict[str, float | int | str]:
         """Counters and the state of recovery and congestion control."""
-        out: dict[str, float | int | str] = dict(self._stats)
+        out: dict[str, float | int | str] = {
+            "packets_sent": self._packets_sent,
+            "packets_received": self._packets_received,
+        }
+        out.update(self._stats)
+        out["bytes_sent"] = self._bytes_sent
+        out["bytes_received"] = self._bytes_received
+        out["stream_bytes_sent"] = self._stream_bytes_sent
         out.update(self.cc.stats())
         out["srtt_ms"] = round(self.rtt.smoothed * 1000, 3)
         out["min_rtt_ms"] = round(self.rtt.min * 1000, 3)
