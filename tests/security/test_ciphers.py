@@ -26,6 +26,8 @@ from vtunnel.security.ciphers import (
     decode_choice,
     decode_offer,
     encode_offer,
+    nonce_function,
+    nonce_run,
     preference,
 )
 from vtunnel.security.datagram import (
@@ -433,3 +435,17 @@ def test_choice_is_common_and_checked_by_the_client(
     assert decode_choice(int(chosen), offer) is chosen
     if chosen == AES:  # AES only when the client did not rank ChaCha20-Poly1305 first or it is not accepted
         assert offer[0] == AES or CHACHA not in accept
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cipher=st.sampled_from(ALL_CIPHERS),
+    first=st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**32 - 2, 2**64 - 70])),
+    count=st.integers(1, 70),
+)
+def test_a_run_of_nonces_is_each_counters_nonce(cipher: Cipher, first: int, count: int) -> None:
+    """nonce_run builds a batch's nonces together: each is what nonce_function gives for its counter (Noise's
+    layout: 32 zero bits, the counter big endian for AES-GCM and little endian for ChaChaPoly)."""
+    count = min(count, 2**64 - first)
+    one = nonce_function(cipher)
+    assert list(nonce_run(cipher)(first, count)) == [one(n) for n in range(first, first + count)]

@@ -1033,6 +1033,10 @@ def test_a_batch_is_the_documented_layout_byte_for_byte(
     n = start + len(payloads)
     assert sealed == documented
     assert control == documented_datagram(cipher, keys, cid, DatagramType.CONTROL, n, challenge)
+    twin, _ = session_pair(cipher, 1)
+    twin._send_counter = start
+    assert twin.seal_run(payloads) == b"".join(documented)  # the same datagrams, back to back in one buffer
+    assert twin._send_counter == start + len(payloads)
     assert receive.open_many([*documented, control]) == [*payloads, PathChallenge(b"abcdefgh")]
 
 

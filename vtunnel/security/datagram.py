@@ -32,10 +32,11 @@ bytes after the CID are XORed with the first 5 bytes of AES-256-ECB(header key, 
 bytes); each direction's header key comes from the handshake (:data:`HEADER_KEY_LABEL`). The receiver
 unmasks them, rebuilds the full counter from the highest one it authenticated (RFC 9000 appendix A.3) and
 checks that one against its replay window. A batch (:meth:`DatagramSession.seal_many`,
-:meth:`DatagramSession.open_many`) gets the masks of all its datagrams from one AES call; a run in order
-(:meth:`DatagramSession.open_run`) is also unmasked and checked at once. :data:`DATAGRAM_OVERHEAD` is 29 bytes. A CONTROL datagram's sealed
-payload is padded to a random size (:data:`MIN_CONTROL_DATAGRAM` .. :data:`MAX_CONTROL_DATAGRAM` on the
-wire), so its size is no more telling than DATA's.
+:meth:`DatagramSession.seal_run`, :meth:`DatagramSession.open_many`) gets the masks of all its datagrams from
+one AES call; a run in order (:meth:`DatagramSession.open_run`) is also unmasked and checked at once.
+:data:`DATAGRAM_OVERHEAD` is 29 bytes. A CONTROL datagram's sealed payload is padded to a random size
+(:data:`MIN_CONTROL_DATAGRAM` .. :data:`MAX_CONTROL_DATAGRAM` on the wire), so its size is no more telling than
+DATA's.
 
 The connection ID is the only clear field: a server finds the session by it, never by the source address, so
 NAT rebinding keeps a session alive; a datagram whose first 8 bytes name no session is tried as an INIT
@@ -75,13 +76,23 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, repeat
+from operator import eq, itemgetter
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
 from cryptography.hazmat.primitives.ciphers import algorithms, modes
 
-from .ciphers import DEFAULT_CIPHERS, Cipher, check_ciphers, choose, decode_choice, make_aead, nonce_function
+from .ciphers import (
+    DEFAULT_CIPHERS,
+    Cipher,
+    check_ciphers,
+    choose,
+    decode_choice,
+    make_aead,
+    nonce_function,
+    nonce_run,
+)
 from .errors import AuthenticationFailed, SecurityError
 from .handshake import (
     INIT_PAYLOAD_LEN,
@@ -237,6 +248,8 @@ RUN_ENTRY = _RUN.size
 _HEADER = struct.Struct(">8sBI")
 #: The protected part of a header as it reads on the wire (the CID skipped).
 _PROTECTED = struct.Struct(">8xBI")
+#: The protected part of a header: kind, counter low 32 bits.
+_FIELD = struct.Struct(">BI")
 #: One AES block of header mask: what the kind byte and the counter's low 32 bits are XORed with ...
 _MASK = struct.Struct(">BI11x")
 #: ... and, read with them in one call, what a DATA-PT datagram's trailer is XORed with (:data:`_CLEAR_MASK`).
@@ -542,20 +555,51 @@ def _lows(first: int, count: int) -> Sequence[int]:
 _BLOCK_END = CID_LEN + 16
 
 
-@lru_cache(maxsize=64)
-def _in_order_constants(count: int) -> tuple[int, int, int]:
-    """For a batch of ``count`` datagrams read as one big-endian integer of 16-byte header blocks: the bits of the
-    protected fields (``select``), and ``step`` and ``ramp`` such that ``field * step + ramp`` is the batch whose
-    first protected field (kind and counter's low 32 bits, as one 40-bit number) is ``field`` and each next
-    one's counter one more."""
-    field = int.from_bytes(b"\xff" * _PROTECTED_LEN + bytes(16 - _PROTECTED_LEN), "big")
-    select = step = ramp = 0
-    for i in range(count):
-        block = 8 * 16 * (count - 1 - i)  # where datagram i's block starts, from the integer's low end
-        select |= field << block
-        step += 1 << (block + 8 * (16 - _PROTECTED_LEN))
-        ramp += i << (block + 8 * (16 - _PROTECTED_LEN))
-    return select, step, ramp
+def _geometric(width: int, count: int) -> tuple[int, int]:
+    """``step`` and ``ramp`` of ``count`` blocks of ``width`` bytes read as one big-endian integer: one in every
+    block, and i in block i (the first block at the high end)."""
+    base = 1 << (8 * width)
+    step = (base**count - 1) // (base - 1)
+    return step, (step - count) // (base - 1)
+
+
+class _Run:
+    """What a run of ``count`` datagrams on consecutive counters (whose low 32 bits do not wrap among them) is
+    built and checked with, a few integer operations for the whole run (cached per ``count``).
+
+    Header blocks: the batch's 16-byte blocks from each datagram's protected field on (the field, then the
+    ciphertext's first 11 bytes), as one big-endian integer: ``field * step + ramp`` holds the protected fields
+    of the run whose first field (kind and counter's low 32 bits, one 40-bit number) is ``field``, ``select`` the
+    bits of the fields, and :attr:`fields` reads the fields out of such blocks' bytes. Associated data: the 13
+    header bytes of every datagram back to back, ``header * aad_step + aad_ramp`` for the first one's ``header``
+    (as one integer), cut apart by :attr:`aads`.
+    """
+
+    __slots__ = ("aad_ramp", "aad_step", "aads", "fields", "ramp", "select", "step")
+
+    def __init__(self, count: int) -> None:
+        blocks, shift = _geometric(16, count)
+        shift_to_field = 8 * (16 - _PROTECTED_LEN)
+        self.step = blocks << shift_to_field
+        self.ramp = shift << shift_to_field
+        self.select = ((1 << (8 * _PROTECTED_LEN)) - 1) * self.step
+        self.fields = struct.Struct(f"{_PROTECTED_LEN}s{16 - _PROTECTED_LEN}x" * count).unpack
+        self.aad_step, self.aad_ramp = _geometric(DATA_HEADER_LEN, count)
+        self.aads = struct.Struct(f"{DATA_HEADER_LEN}s" * count).unpack
+
+
+@lru_cache(maxsize=128)
+def _run(count: int) -> _Run:
+    return _Run(count)
+
+
+#: the header mask's input of a sealed body: its first 16 bytes
+_SAMPLE = itemgetter(slice(16))
+#: parts of a datagram on the wire: its connection ID, header mask's input, header block and sealed body
+_WIRE_CID = itemgetter(slice(CID_LEN))
+_WIRE_SAMPLE = itemgetter(slice(DATA_HEADER_LEN, _SAMPLE_END))
+_WIRE_BLOCK = itemgetter(slice(CID_LEN, _BLOCK_END))
+_WIRE_BODY = itemgetter(slice(DATA_HEADER_LEN, None))
 
 
 @lru_cache(maxsize=16)
@@ -577,6 +621,7 @@ class DatagramSession:
         "_encrypt",
         "_entropy",
         "_nonce",
+        "_nonces",
         "_open_aead",
         "_receive_mask",
         "_seal_aead",
@@ -615,6 +660,7 @@ class DatagramSession:
         self._encrypt = self._seal_aead.encrypt  # bound once: these run for every datagram
         self._decrypt = self._open_aead.decrypt
         self._nonce = nonce_function(self.cipher)
+        self._nonces = nonce_run(self.cipher)
         send_key, receive_key = keys.derive(HEADER_KEY_LABEL)
         self._send_mask = _header_mask(send_key)
         self._receive_mask = _header_mask(receive_key)
@@ -671,42 +717,57 @@ class DatagramSession:
         if connection_id != self.connection_id and connection_id in self.connection_ids:
             self.connection_ids.remove(connection_id)
 
-    def _seal_many(self, kind: int, payloads: Sequence[bytes]) -> list[bytes]:
-        """Seal each of ``payloads`` as a datagram of ``kind``, in order, on consecutive counters. The header
-        masks of the whole batch come from one AES-ECB call over the concatenated samples."""
-        return self._seal_with(self.connection_id, kind, payloads)
-
-    def _seal_with(self, cid: bytes, kind: int, payloads: Sequence[bytes]) -> list[bytes]:
+    def _seal_with(
+        self, cid: bytes, kind: int, payloads: Sequence[bytes]
+    ) -> tuple[Sequence[bytes], list[bytes]]:
+        """Seal each of ``payloads`` as a datagram of ``kind`` under ``cid``, in order, on consecutive counters:
+        the masked protected fields (what follows ``cid``) and the sealed bodies (what follows the field)."""
         count = len(payloads)
         first = self._send_counter
         end = first + count
         if end > MAX_COUNTER:
             raise SecurityError("the session's counter is exhausted; start a new handshake")
         self._send_counter = end
-        encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
         if count == 1:  # (an ack, a control message: in fewer steps)
             low = first & _LOW32
-            body = encrypt(nonce(first), payloads[0], header(cid, kind, low))
+            body = self._encrypt(self._nonce(first), payloads[0], _HEADER.pack(cid, kind, low))
             kind_mask, low_mask = _MASK.unpack(self._send_mask(body[:16]))
-            return [header(cid, kind ^ kind_mask, low ^ low_mask) + body]
-        lows = _lows(first, count)
-        bodies: list[bytes] = []
-        samples: list[bytes] = []
-        add, sample = bodies.append, samples.append
-        for n, low, payload in zip(range(first, end), lows, payloads, strict=True):
-            body = encrypt(nonce(n), payload, header(cid, kind, low))
-            add(body)
-            sample(body[:16])
-        masks = _MASK.iter_unpack(self._send_mask(b"".join(samples)))
-        sealed: list[bytes] = []
-        add = sealed.append
-        for low, body, (kind_mask, low_mask) in zip(lows, bodies, masks, strict=True):
-            add(header(cid, kind ^ kind_mask, low ^ low_mask) + body)
-        return sealed
+            return (_FIELD.pack(kind ^ kind_mask, low ^ low_mask),), [body]
+        split = _WRAP - (first & _LOW32)
+        if split < count:  # the counters' low 32 bits wrap inside the batch: each side on its own
+            fields, bodies = self._seal_run(cid, kind, first, payloads[:split])
+            more_fields, more_bodies = self._seal_run(cid, kind, first + split, payloads[split:])
+            return (*fields, *more_fields), bodies + more_bodies
+        return self._seal_run(cid, kind, first, payloads)
+
+    def _seal_run(
+        self, cid: bytes, kind: int, first: int, payloads: Sequence[bytes]
+    ) -> tuple[Sequence[bytes], list[bytes]]:
+        """:meth:`_seal_with` for counters from ``first`` whose low 32 bits do not wrap among them.
+
+        Every step per datagram is one C call mapped over the batch (AEAD, the sample of the header mask); the
+        nonces, the associated data and the protected fields of the whole batch are each built as one integer
+        (:class:`_Run`), the fields masked as :meth:`open_run` unmasks them."""
+        count = len(payloads)
+        low = first & _LOW32
+        run = _run(count)
+        head = (int.from_bytes(cid, "big") << (8 * _PROTECTED_LEN)) | (kind << 32) | low
+        aads = run.aads((head * run.aad_step + run.aad_ramp).to_bytes(DATA_HEADER_LEN * count, "big"))
+        bodies = list(map(self._encrypt, self._nonces(first, count), payloads, aads))
+        masks = int.from_bytes(self._send_mask(b"".join(map(_SAMPLE, bodies))), "big")
+        blocks = masks ^ (((kind << 32) | low) * run.step + run.ramp)
+        return run.fields(blocks.to_bytes(16 * count, "big")), bodies
 
     def seal(self, payload: bytes) -> bytes:
         """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
-        return self._seal_many(_DATA_KIND, (payload,))[0]
+        return self.seal_many((payload,))[0]
+
+    def seal_run(self, payloads: Sequence[bytes]) -> bytes:
+        """The DATA datagrams :meth:`seal_many` gives for ``payloads``, back to back in one buffer (what one
+        segmented send, UDP GSO, takes): no datagram is a bytes object of its own."""
+        cid = self.connection_id
+        fields, bodies = self._seal_with(cid, _DATA_KIND, payloads)
+        return b"".join(chain.from_iterable(zip(repeat(cid), fields, bodies)))
 
     def seal_many(self, payloads: Sequence[bytes], runs: Sequence[ClearRuns] | None = None) -> list[bytes]:
         """A DATA datagram for each of ``payloads``, in order: what :meth:`seal` gives for each in turn, for
@@ -719,7 +780,9 @@ class DatagramSession:
         :class:`SecurityError` for runs that are not ordered, inside the payload and apart.
         """
         if runs is None or not any(runs):
-            return self._seal_many(_DATA_KIND, payloads)
+            cid = self.connection_id
+            fields, wire = self._seal_with(cid, _DATA_KIND, payloads)
+            return list(map(b"".join, zip(repeat(cid), fields, wire)))
         if len(runs) != len(payloads):
             raise SecurityError("one entry of clear runs per payload")
         cid = self.connection_id
@@ -776,7 +839,10 @@ class DatagramSession:
             )
         kind = _KIND_OF[type(message)]
         padding = bytes(size - MIN_CONTROL_DATAGRAM)  # sealed: its content is never seen
-        return self._seal_with(cid, _CONTROL_KIND, (_CONTROL_MESSAGE.pack(kind, message.data) + padding,))[0]
+        (field,), (body,) = self._seal_with(
+            cid, _CONTROL_KIND, (_CONTROL_MESSAGE.pack(kind, message.data) + padding,)
+        )
+        return cid + field + body
 
     def open(self, datagram: bytes | memoryview) -> bytes | ControlMessage | None:
         """The payload of an authentic, new DATA datagram for this session, or the message of such a CONTROL
@@ -898,26 +964,20 @@ class DatagramSession:
         low = first & _LOW32
         if low + count > _WRAP or first + count > MAX_COUNTER:
             return None
-        if not all(
-            [len(datagram) >= DATAGRAM_OVERHEAD and datagram[:CID_LEN] == cid for datagram in datagrams]
+        if min(map(len, datagrams)) < DATAGRAM_OVERHEAD or not all(
+            map(eq, repeat(cid), map(_WIRE_CID, datagrams))
         ):
             return None
-        masks = self._receive_mask(
-            b"".join([datagram[DATA_HEADER_LEN:_SAMPLE_END] for datagram in datagrams])
-        )
-        fields = b"".join([datagram[CID_LEN:_BLOCK_END] for datagram in datagrams])
-        select, step, ramp = _in_order_constants(count)
-        unmasked = (int.from_bytes(fields, "big") ^ int.from_bytes(masks, "big")) & select
-        if unmasked != ((_DATA_KIND << 32) | low) * step + ramp:
+        run = _run(count)
+        masks = self._receive_mask(b"".join(map(_WIRE_SAMPLE, datagrams)))
+        fields = b"".join(map(_WIRE_BLOCK, datagrams))
+        unmasked = (int.from_bytes(fields, "big") ^ int.from_bytes(masks, "big")) & run.select
+        if unmasked != ((_DATA_KIND << 32) | low) * run.step + run.ramp:
             return None
-        decrypt, nonce, header = self._decrypt, self._nonce, _HEADER.pack
+        head = (int.from_bytes(cid, "big") << (8 * _PROTECTED_LEN)) | (_DATA_KIND << 32) | low
+        aads = run.aads((head * run.aad_step + run.aad_ramp).to_bytes(DATA_HEADER_LEN * count, "big"))
         try:
-            opened = [
-                decrypt(nonce(n), datagram[DATA_HEADER_LEN:], header(cid, _DATA_KIND, n_low))
-                for n, n_low, datagram in zip(
-                    range(first, first + count), range(low, low + count), datagrams, strict=True
-                )
-            ]
+            opened = list(map(self._decrypt, self._nonces(first, count), map(_WIRE_BODY, datagrams), aads))
         except InvalidTag:
             return None
         window.update_above(first, first + count - 1)
