@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from functools import partial
 
 import anyio
 import pytest
@@ -11,12 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtunnel.io.datagrams import (
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
     LONE_BYTES,
     Address,
     CoalescingSocket,
     DatagramSocket,
     Run,
     open_udp_socket,
+    segment_runs,
     split_run,
 )
 
@@ -173,3 +177,77 @@ def test_split_run() -> None:
     assert [bytes(d) for d in split_run(data, 100)] == [data[:100], data[100:200], data[200:]]
     assert [bytes(d) for d in split_run(data, 250)] == [data]
     assert [bytes(d) for d in split_run(data, 0)] == [data]
+
+
+def greedy_runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """The kernel's rule applied datagram by datagram: each run as long as it may be."""
+    runs: list[tuple[int, int]] = []
+    i, n = 0, len(sizes)
+    while i < n:
+        size, j, total = sizes[i], i + 1, sizes[i]
+        while j < n and j - i < GSO_MAX_SEGMENTS and total + sizes[j] <= GSO_MAX_BYTES and sizes[j] <= size:
+            total += sizes[j]
+            j += 1
+            if sizes[j - 1] < size:
+                break
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.sampled_from([24, 100, 1000, 1300, 1350, 1400]), st.integers(1, 65000)),
+        max_size=300,
+    )
+)
+def test_segment_runs_cut_a_batch_as_the_kernel_takes_it(sizes: list[int]) -> None:
+    """Runs cover the batch in order; each is equal sizes but a shorter last one, within the segment and byte
+    limits; and they are the longest runs the rule allows, as taken datagram by datagram."""
+    runs = segment_runs(sizes)
+    assert [i for start, end in runs for i in range(start, end)] == list(range(len(sizes)))
+    for start, end in runs:
+        run = sizes[start:end]
+        assert len(run) <= GSO_MAX_SEGMENTS
+        assert len(run) == 1 or sum(run) <= GSO_MAX_BYTES
+        assert all(size == run[0] for size in run[:-1])
+        assert run[-1] <= run[0]
+    assert runs == greedy_runs(sizes)
+
+
+async def _send_runs(sizes: list[int], *, gso: bool) -> None:
+    received: list[bytes] = []
+    done = anyio.Event()
+
+    def on_runs(runs: list[Run]) -> None:
+        received.extend(bytes(d) for buffer, segment, _ in runs for d in split_run(buffer, segment))
+        if len(received) >= len(sizes):
+            done.set()
+
+    rx = CoalescingSocket(open_udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), on_runs)
+    tx = DatagramSocket(open_udp_socket(socket.AF_INET), lambda batch: None)
+    if not gso:
+        tx._gso = False  # as where Linux has no segmentation offload: each datagram sent on its own
+    try:
+        datagrams = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+        runs = [(b"".join(datagrams[start:end]), sizes[start]) for start, end in segment_runs(sizes)]
+        tx.send_runs(runs, rx.local_address)
+        with anyio.fail_after(5):
+            await done.wait()
+        assert received == datagrams
+        assert tx.sent == len(sizes)
+    finally:
+        rx.close()
+        tx.close()
+
+
+@pytest.mark.parametrize("gso", [True, False])
+async def test_runs_sent_as_they_are_arrive_as_their_datagrams(gso: bool) -> None:
+    await _send_runs([1350] * 100 + [700] + [1350] * 3 + [24, 24, 24, 1000, 5], gso=gso)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([24, 100, 1300, 1350, 1400]), min_size=1, max_size=150))
+def test_any_mix_sent_in_runs_arrives_intact(sizes: list[int]) -> None:
+    anyio.run(partial(_send_runs, sizes, gso=True))

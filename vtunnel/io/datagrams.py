@@ -25,7 +25,8 @@ import errno
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import groupby
 from typing import Final, TypeAlias
 
 import structlog
@@ -39,10 +40,12 @@ __all__ = [
     "DatagramSocket",
     "Run",
     "RunHandler",
+    "Segments",
     "open_client_socket",
     "open_udp_listener",
     "open_udp_socket",
     "resolve_udp",
+    "segment_runs",
     "split_run",
 ]
 
@@ -56,6 +59,10 @@ BatchHandler: TypeAlias = Callable[[list[tuple[bytes, Address]]], None]
 Run: TypeAlias = tuple[bytes, int, Address]
 #: receives one batch of runs
 RunHandler: TypeAlias = Callable[[list[Run]], None]
+#: datagrams sent together: ``(buffer, segment)``, datagrams of ``segment`` bytes each back to back, the last
+#: possibly shorter (``segment >= len(buffer)``: exactly one datagram); what :meth:`CoalescingSocket.send_runs`
+#: takes, as :func:`segment_runs` cuts a batch
+Segments: TypeAlias = tuple[bytes, int]
 
 MAX_DATAGRAM: Final = 65535
 DEFAULT_BATCH: Final = 256
@@ -69,6 +76,7 @@ _gso_usable = hasattr(socket.socket, "sendmsg") and sys.platform == "linux"
 #: Linux UDP generic receive offload: one recvmsg returns a run of equal-size datagrams
 UDP_GRO: Final = 104
 _GRO_SIZE = struct.Struct("=i")
+_SEGMENT = struct.Struct("=H")
 _GRO_ANCILLARY: Final = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
 #: a plain int: ``&`` on the IntFlag member is a Python-level call per datagram
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
@@ -87,6 +95,31 @@ def split_run(buffer: bytes, segment: int) -> list[bytes | memoryview]:
         return [buffer]
     view = memoryview(buffer)
     return [view[offset : offset + segment] for offset in range(0, size, segment)]
+
+
+def segment_runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """How a batch of datagrams of ``sizes`` (in order) goes out in as few segmented sends as Linux allows:
+    ``(start, end)`` index ranges, in order, covering the batch, each a run one UDP GSO send takes (datagrams of
+    equal size, the last possibly shorter; at most :data:`GSO_MAX_SEGMENTS` datagrams and :data:`GSO_MAX_BYTES`
+    bytes). Equal sizes are counted in C (``groupby``): a bulk batch is a few groups, not a loop per datagram."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    room = 0  # how many more bytes the last run may take as a shorter tail (0: none, it has one or is full)
+    for size, group in groupby(sizes):
+        end = start + len(list(group))
+        if 0 < size <= room and size < sizes[start - 1]:  # the last run takes this group's first as its tail
+            runs[-1] = (runs[-1][0], start + 1)
+            start += 1
+        room = 0
+        if start == end:
+            continue
+        per = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)) if size else 1
+        runs.extend((first, min(first + per, end)) for first in range(start, end, per))
+        last = runs[-1][1] - runs[-1][0]
+        if size and last < GSO_MAX_SEGMENTS:
+            room = GSO_MAX_BYTES - last * size
+        start = end
+    return runs
 
 
 def _enable_gro(sock: socket.socket) -> bool:
@@ -224,8 +257,9 @@ class _UDPSocket:
             self.dropped_sends += 1
 
     def sendto_many(self, datagrams: list[bytes], address: Address, _runs: object = None, /) -> None:
-        """Send a batch; runs of equal-size datagrams go out in one system call (UDP GSO) where Linux allows.
-        A third argument is ignored (a sealing output's clear runs: so a plain one can be this method itself)."""
+        """Send a batch; runs of equal-size datagrams go out in one system call (UDP GSO) where Linux allows
+        (:func:`segment_runs`). A third argument is ignored (a sealing output's clear runs: so a plain one can be
+        this method itself)."""
         if len(datagrams) == 1:  # (sendto inline: a message of an exchange is one datagram)
             if self._closed:
                 return
@@ -239,43 +273,42 @@ class _UDPSocket:
             for data in datagrams:
                 self.sendto(data, address)
             return
-        i, n = 0, len(datagrams)
-        while i < n:
-            size = len(datagrams[i])
-            j = i + 1
-            total = size
-            # equal sizes, the last of a run may be shorter (the kernel's rule)
-            while (
-                j < n
-                and j - i < GSO_MAX_SEGMENTS
-                and total + len(datagrams[j]) <= GSO_MAX_BYTES
-                and len(datagrams[j]) <= size
-            ):
-                total += len(datagrams[j])
-                j += 1
-                if len(datagrams[j - 1]) < size:
-                    break
-            if j - i == 1:
-                self.sendto(datagrams[i], address)
+        sizes = list(map(len, datagrams))
+        for start, end in segment_runs(sizes):
+            if end - start == 1:
+                self.sendto(datagrams[start], address)
             else:
-                self._send_segments(datagrams[i:j], size, address)
-            i = j
+                self._send_segments(b"".join(datagrams[start:end]), sizes[start], end - start, address)
 
-    def _send_segments(self, run: list[bytes], size: int, address: Address) -> None:
+    def send_runs(self, runs: Sequence[Segments], address: Address) -> None:
+        """Send runs of datagrams, each ``(buffer, segment)``: datagrams of ``segment`` bytes back to back, the last
+        possibly shorter, as :func:`segment_runs` cuts a batch (``segment >= len(buffer)``: one datagram); each
+        run in one system call (UDP GSO) where Linux allows."""
+        for buffer, segment in runs:
+            size = len(buffer)
+            if segment >= size:
+                self.sendto(buffer, address)
+            elif self._gso:
+                self._send_segments(buffer, segment, -(-size // segment), address)
+            else:
+                for offset in range(0, size, segment):
+                    self.sendto(buffer[offset : offset + segment], address)
+
+    def _send_segments(self, buffer: bytes, size: int, count: int, address: Address) -> None:
         if self._closed:
             return
         try:
-            self.sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
-            self.sent += len(run)
+            self.sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))], 0, address)
+            self.sent += count
         except OSError as exc:
             if exc.errno in _SOFT_SEND_ERRORS:
-                self.dropped_sends += len(run)
+                self.dropped_sends += count
                 return
             # no GSO here (old kernel, another OS, a device without it): plain sends from now on
             log.info("udp segmentation offload unavailable, sending datagrams one by one", error=repr(exc))
             self._gso = False
-            for data in run:
-                self.sendto(data, address)
+            for offset in range(0, len(buffer), size):
+                self.sendto(buffer[offset : offset + size], address)
 
     @property
     def closed(self) -> bool:

@@ -45,7 +45,7 @@ class DatagramClient(Generic[L]):
     async def connect(self, timeout: float) -> L:
         udp = self._udp
         seal = await self._codec.handshake(timeout)
-        transmit = transmitter(udp.sendto_many, seal)
+        transmit = transmitter(udp, seal)
         self.link = self._new_link(
             transmit, udp.local_address, self._server, lambda _link: udp.close(), seal is not None
         )

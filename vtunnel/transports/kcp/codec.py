@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 import anyio
 from anyio.abc import SocketAttribute
 
-from vtunnel.io.datagrams import Address, Run, split_run
+from vtunnel.io.datagrams import Address, CoalescingSocket, Run, Segments, split_run
 from vtunnel.security.keys import UserKey
 from vtunnel.transports.link import Link, LinkConsumer, Refusals
 
@@ -52,10 +52,13 @@ ClearRuns: TypeAlias = Sequence[tuple[int, int]]
 
 
 class Sealer(Protocol):
-    """Seals a batch of the ARQ's datagrams: one wire datagram for each, in order; ``runs`` (one entry per
-    datagram) the ranges that stay in the clear."""
+    """Seals a batch of the ARQ's datagrams: one wire datagram for each, in order, back to back in runs of one
+    segmented send each (:data:`~vtunnel.io.datagrams.Segments`); ``runs`` (one entry per datagram) the ranges
+    that stay in the clear."""
 
-    def __call__(self, datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /) -> list[bytes]: ...
+    def __call__(
+        self, datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /
+    ) -> list[Segments]: ...
 
 
 #: sends one datagram to an address (what a codec answers with: handshake replies, challenges, resets)
@@ -217,16 +220,17 @@ def take_each(link: RoutedLink, buffer: bytes, segment: int, into: list[Datagram
     return True
 
 
-def transmitter(send_many: Transmit, seal: Sealer | None) -> Transmit:
-    """A session's output: ``send_many`` (the socket's ``sendto_many``), with every batch sealed first (with its
-    clear runs) when there is a ``seal``."""
+def transmitter(udp: CoalescingSocket, seal: Sealer | None) -> Transmit:
+    """A session's output on ``udp``: its ``sendto_many``, or, when there is a ``seal``, every batch sealed (with
+    its clear runs) into runs of datagrams that ``send_runs`` sends as they are."""
     if seal is None:
-        return send_many  # (it takes and ignores the runs: one call less per datagram sent)
+        return udp.sendto_many  # (it takes and ignores the runs: one call less per datagram sent)
+    send_runs = udp.send_runs
 
     def transmit(
         datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
     ) -> None:
-        send_many(seal(datagrams, runs), address)
+        send_runs(seal(datagrams, runs), address)
 
     return transmit
 

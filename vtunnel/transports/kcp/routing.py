@@ -190,7 +190,7 @@ class DatagramListener(Listener[Link], Generic[C]):
         if len(self._links) >= self._limit:
             log.warning("kcp session limit reached; new session dropped", limit=self._limit)
             return None
-        transmit = transmitter(self._udp.sendto_many, self._codec.session_started(key, payload, address))
+        transmit = transmitter(self._udp, self._codec.session_started(key, payload, address))
         link = self._new_link(payload, address, transmit, partial(self._forget, key))
         link.peer_user = self._codec.user_of(key)
         self._links[key] = link

@@ -31,14 +31,14 @@ payloads (:class:`~vtunnel.transports.kcp.codec.RoutedLink`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Final
 
 import anyio
 import structlog
 
-from vtunnel.io.datagrams import Address, Run, split_run
+from vtunnel.io.datagrams import Address, Run, Segments, segment_runs, split_run
 from vtunnel.security.ciphers import cipher_name
 from vtunnel.security.datagram import (
     CID_LEN,
@@ -62,6 +62,7 @@ from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 from vtunnel.transports.base import KeyRing
 from vtunnel.transports.kcp.codec import (
+    ClearRuns,
     ClientCodec,
     Datagram,
     ListenerCodec,
@@ -107,6 +108,24 @@ class _InUse:
 
     def __contains__(self, cid: object) -> bool:
         return any(cid in m for m in self._maps)
+
+
+def _sealer(session: DatagramSession) -> Sealer:
+    """What seals ``session``'s output: a batch cut into runs of one segmented send each (:func:`segment_runs`
+    of the sealed sizes), each run sealed into one buffer (:meth:`DatagramSession.seal_run`). A batch with
+    clear runs is sealed datagram by datagram (a DATA-PT datagram's size is known once it is sealed), then cut
+    and joined."""
+    seal_run, seal_many = session.seal_run, session.seal_many
+
+    def seal(datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /) -> list[Segments]:
+        if runs is not None and any(runs):
+            sealed = seal_many(datagrams, runs)
+            sizes = list(map(len, sealed))
+            return [(b"".join(sealed[start:end]), sizes[start]) for start, end in segment_runs(sizes)]
+        sizes = [size + DATAGRAM_OVERHEAD for size in map(len, datagrams)]
+        return [(seal_run(datagrams[start:end]), sizes[start]) for start, end in segment_runs(sizes)]
+
+    return seal
 
 
 def _take_payloads(link: RoutedLink, payloads: list[bytes], segment: int, into: list[Datagram]) -> int:
@@ -311,7 +330,7 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         self._half_open.pop(key, None)
         path = self._paths[key]
         self._rotation(key, path)
-        return path.session.seal_many
+        return _sealer(path.session)
 
     def forget(self, key: bytes) -> None:
         self._paths.pop(key, None)
@@ -365,7 +384,7 @@ class SealedClientCodec(ClientCodec):
                 "does it speak the same vtunnel protocol version and accept one of the ciphers offered?)"
             )
         log.debug("sealed session up", role="client", cipher=cipher_name(client.session.cipher))
-        return client.session.seal_many
+        return _sealer(client.session)
 
     def open(self, runs: list[Run], link: RoutedLink | None, into: list[Datagram]) -> str | None:
         client = self._client
