@@ -929,14 +929,15 @@ def test_a_batch_seals_and_opens_exactly_as_one_by_one(
         ),
         max_size=8,
     ),
+    short_last=st.integers(0, 100),
 )
 def test_a_run_in_order_opens_at_once_and_any_other_one_by_one_as_open_does(
-    cipher: TransportCipher, start: int, batches: list[tuple[int, str, int]]
+    cipher: TransportCipher, start: int, batches: list[tuple[int, str, int]], short_last: int
 ) -> None:
-    """open_run takes a batch as a bulk transfer brings it (in order) and refuses, changing nothing, one that
-    loss, reordering, copies, forgeries, another session's datagrams or a control datagram spoil (which open_many
-    then opens one by one): either way each datagram gives what open of each in turn gives, and the replay window
-    ends where that leaves it."""
+    """open_run takes a run as a bulk transfer's read brings it (datagrams of one size back to back, the last
+    possibly shorter, in order) and refuses, changing nothing, one that loss, reordering, copies, forgeries,
+    another session's datagrams or a control datagram spoil (which open_many then opens one by one): either way
+    each datagram gives what open of each in turn gives, and the replay window ends where that leaves it."""
     send, batched = session_pair(cipher, 1)
     _, singles = session_pair(cipher, 1)
     stranger, _ = session_pair(cipher, 2)
@@ -949,7 +950,8 @@ def test_a_run_in_order_opens_at_once_and_any_other_one_by_one_as_open_does(
         if send._send_counter + size > MAX_COUNTER:
             break
         first = send._send_counter
-        batch: list[bytes | memoryview] = list(send.seal_many([bytes([i]) * (100 + i) for i in range(size)]))
+        payloads = [bytes([i]) * (100 if i < size - 1 else 100 - short_last) for i in range(size)]
+        batch: list[bytes] = list(send.seal_many(payloads))
         unspoiled = spoil == "in order" or (spoil == "swap" and size == 1) or (spoil == "late" and not sent)
         at = where % size
         if spoil == "swap" and size > 1:
@@ -965,15 +967,21 @@ def test_a_run_in_order_opens_at_once_and_any_other_one_by_one_as_open_does(
         elif spoil == "stranger":
             batch[at] = stranger.seal(b"x" * 100)
         elif spoil == "control":
-            batch.insert(at, send.seal_control(PathChallenge(b"abcdefgh"), size=MIN_CONTROL_DATAGRAM))
+            batch.insert(at, send.seal_control(PathChallenge(b"abcdefgh"), size=100 + DATAGRAM_OVERHEAD))
         elif spoil == "late" and sent:
             batch.insert(at, sent[where % len(sent)])
-        sent.extend(bytes(d) for d in batch)
-        views = [memoryview(b"pad" + bytes(d))[3:] for d in batch]  # as a run's datagrams arrive: views
+        sent.extend(batch)
+        if not batch:  # (its one datagram dropped: nothing arrives)
+            continue
+        segment = len(batch[0])
+        # what one read can bring: one size, the last possibly shorter (else each arrives on its own)
+        a_run = all(len(d) == segment for d in batch[:-1]) and len(batch[-1]) <= segment
         highest = batched.highest_received
-        run = batched.open_run(views)
-        if run is None:  # changed nothing: opened one by one
+        run = batched.open_run(b"".join(batch), segment) if a_run else None
+        if run is None:  # changed nothing: opened one by one (as views of the run, as they arrive)
             assert batched.highest_received == highest
+            whole = memoryview(b"".join(batch))
+            views = [whole[i : i + segment] for i in range(0, len(whole), segment)] if a_run else batch
             opened = batched.open_many(views)
         else:
             opened = list(run)
@@ -985,6 +993,23 @@ def test_a_run_in_order_opens_at_once_and_any_other_one_by_one_as_open_does(
             )  # a batch in order is opened at once (not one whose low 32 bits wrap: rare)
     for n in range(max(0, singles.highest_received - 4200), singles.highest_received + 70):
         assert batched._window.check(n) == singles._window.check(n)
+
+
+def test_a_run_too_short_to_hold_its_datagrams_changes_nothing() -> None:
+    """open_run of an empty buffer opens nothing; a run whose last datagram (or whose segment) is shorter than a
+    datagram's overhead is refused whole, changing nothing, as is a run of another connection ID."""
+    send, receive = session_pair(TransportCipher.AES_256_GCM, 1)
+    _, twin = session_pair(TransportCipher.AES_256_GCM, 1)
+    sealed = send.seal_many([b"a" * 50, b"b" * 50, b"c"])
+    assert receive.open_run(b"", 100) == []
+    assert receive.open_run(b"".join(sealed[:2]) + bytes(DATAGRAM_OVERHEAD - 1), len(sealed[0])) is None
+    assert receive.open_run(bytes(3 * (DATAGRAM_OVERHEAD - 1)), DATAGRAM_OVERHEAD - 1) is None
+    stranger, _ = session_pair(TransportCipher.AES_256_GCM, 2)
+    assert receive.open_run(b"".join(stranger.seal_many([b"a" * 50] * 2)), len(sealed[0])) is None
+    assert receive.highest_received == -1
+    assert receive.open_run(b"".join(sealed), len(sealed[0])) == [b"a" * 50, b"b" * 50, b"c"]
+    assert twin.open_run(sealed[0], len(sealed[0])) == [b"a" * 50]  # a run of one: the datagram itself
+    assert receive.highest_received == 2
 
 
 def documented_datagram(

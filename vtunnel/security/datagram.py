@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
 from itertools import chain, repeat
-from operator import eq, itemgetter
+from operator import itemgetter
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher
@@ -551,10 +551,6 @@ def _lows(first: int, count: int) -> Sequence[int]:
     return [n & _LOW32 for n in range(first, first + count)]
 
 
-#: where a datagram's 16-byte header block ends: its protected field (kind, counter), then the ciphertext's start
-_BLOCK_END = CID_LEN + 16
-
-
 def _geometric(width: int, count: int) -> tuple[int, int]:
     """``step`` and ``ramp`` of ``count`` blocks of ``width`` bytes read as one big-endian integer: one in every
     block, and i in block i (the first block at the high end)."""
@@ -567,23 +563,19 @@ class _Run:
     """What a run of ``count`` datagrams on consecutive counters (whose low 32 bits do not wrap among them) is
     built and checked with, a few integer operations for the whole run (cached per ``count``).
 
-    Header blocks: the batch's 16-byte blocks from each datagram's protected field on (the field, then the
-    ciphertext's first 11 bytes), as one big-endian integer: ``field * step + ramp`` holds the protected fields
-    of the run whose first field (kind and counter's low 32 bits, one 40-bit number) is ``field``, ``select`` the
-    bits of the fields, and :attr:`fields` reads the fields out of such blocks' bytes. Associated data: the 13
-    header bytes of every datagram back to back, ``header * aad_step + aad_ramp`` for the first one's ``header``
-    (as one integer), cut apart by :attr:`aads`.
+    Protected fields: those of the run back to back (5 bytes each), as one big-endian integer, are
+    ``field * step + ramp`` for the first one's ``field`` (kind and counter's low 32 bits, one 40-bit number);
+    :attr:`masks` reads what masks them out of the run's AES-ECB output (the first 5 bytes of each 16-byte
+    block), :attr:`fields` cuts them apart. Associated data: the 13 header bytes of every datagram back to back,
+    ``header * aad_step + aad_ramp`` for the first one's ``header`` (as one integer), cut apart by :attr:`aads`.
     """
 
-    __slots__ = ("aad_ramp", "aad_step", "aads", "fields", "ramp", "select", "step")
+    __slots__ = ("aad_ramp", "aad_step", "aads", "fields", "masks", "ramp", "step")
 
     def __init__(self, count: int) -> None:
-        blocks, shift = _geometric(16, count)
-        shift_to_field = 8 * (16 - _PROTECTED_LEN)
-        self.step = blocks << shift_to_field
-        self.ramp = shift << shift_to_field
-        self.select = ((1 << (8 * _PROTECTED_LEN)) - 1) * self.step
-        self.fields = struct.Struct(f"{_PROTECTED_LEN}s{16 - _PROTECTED_LEN}x" * count).unpack
+        self.step, self.ramp = _geometric(_PROTECTED_LEN, count)
+        self.masks = struct.Struct(f"{_PROTECTED_LEN}s{16 - _PROTECTED_LEN}x" * count).unpack
+        self.fields = struct.Struct(f"{_PROTECTED_LEN}s" * count).unpack
         self.aad_step, self.aad_ramp = _geometric(DATA_HEADER_LEN, count)
         self.aads = struct.Struct(f"{DATA_HEADER_LEN}s" * count).unpack
 
@@ -593,13 +585,17 @@ def _run(count: int) -> _Run:
     return _Run(count)
 
 
+@lru_cache(maxsize=256)
+def _wire_run(segment: int, count: int, last: int) -> Callable[[bytes], tuple[bytes, ...]]:
+    """Reads a run of ``count`` datagrams of ``segment`` bytes, the last ``last`` bytes, back to back (each at
+    least :data:`DATAGRAM_OVERHEAD`): connection ID, protected field and sealed body of each, in one call."""
+    body, last_body = segment - DATA_HEADER_LEN, last - DATA_HEADER_LEN
+    each = f"{CID_LEN}s{_PROTECTED_LEN}s"
+    return struct.Struct(f"{each}{body}s" * (count - 1) + f"{each}{last_body}s").unpack
+
+
 #: the header mask's input of a sealed body: its first 16 bytes
 _SAMPLE = itemgetter(slice(16))
-#: parts of a datagram on the wire: its connection ID, header mask's input, header block and sealed body
-_WIRE_CID = itemgetter(slice(CID_LEN))
-_WIRE_SAMPLE = itemgetter(slice(DATA_HEADER_LEN, _SAMPLE_END))
-_WIRE_BLOCK = itemgetter(slice(CID_LEN, _BLOCK_END))
-_WIRE_BODY = itemgetter(slice(DATA_HEADER_LEN, None))
 
 
 @lru_cache(maxsize=16)
@@ -754,9 +750,9 @@ class DatagramSession:
         head = (int.from_bytes(cid, "big") << (8 * _PROTECTED_LEN)) | (kind << 32) | low
         aads = run.aads((head * run.aad_step + run.aad_ramp).to_bytes(DATA_HEADER_LEN * count, "big"))
         bodies = list(map(self._encrypt, self._nonces(first, count), payloads, aads))
-        masks = int.from_bytes(self._send_mask(b"".join(map(_SAMPLE, bodies))), "big")
-        blocks = masks ^ (((kind << 32) | low) * run.step + run.ramp)
-        return run.fields(blocks.to_bytes(16 * count, "big")), bodies
+        masks = int.from_bytes(b"".join(run.masks(self._send_mask(b"".join(map(_SAMPLE, bodies))))), "big")
+        fields = masks ^ (((kind << 32) | low) * run.step + run.ramp)
+        return run.fields(fields.to_bytes(_PROTECTED_LEN * count, "big")), bodies
 
     def seal(self, payload: bytes) -> bytes:
         """A DATA datagram carrying ``payload`` (``len(payload) + DATAGRAM_OVERHEAD`` bytes)."""
@@ -945,39 +941,44 @@ class DatagramSession:
             self.confirmed = True
         return opened, authentic
 
-    def open_run(self, datagrams: Sequence[bytes | memoryview]) -> list[bytes] | None:
-        """The payloads of ``datagrams`` when they are what a bulk transfer's read mostly brings: DATA datagrams
-        under the connection ID in use, carrying the counters that follow the highest one authenticated, in
-        order, each authentic; None, having changed nothing, for anything else (then :meth:`open_many` opens
-        them one by one). Each payload is what :meth:`open` gives for its datagram, in less work per datagram.
+    def open_run(self, buffer: bytes, segment: int) -> list[bytes] | None:
+        """The payloads of the run of datagrams in ``buffer`` (``segment`` bytes each, back to back, the last
+        possibly shorter: what one read with receive offload brings) when they are what a bulk transfer's read
+        mostly brings: DATA datagrams under the connection ID in use, carrying the counters that follow the
+        highest one authenticated, in order, each authentic; None, having changed nothing, for anything else
+        (then :meth:`open_many` opens them one by one). Each payload is what :meth:`open` gives for its datagram,
+        in less work per datagram.
 
-        The protected fields of the whole batch are unmasked and checked at once, as one integer of 16-byte
-        blocks (each datagram's field, then the ciphertext's first bytes), against the fields such a batch
-        carries, built from two constants of its length: nothing is decrypted for a batch that is not in order.
+        The run is read apart in one call (connection IDs, protected fields, sealed bodies); its protected
+        fields are unmasked and checked at once, as one integer, against the fields such a run carries, built
+        from two constants of its length (:class:`_Run`): nothing is decrypted for a run that is not in order.
         """
-        count = len(datagrams)
+        size = len(buffer)
+        if segment <= 0 or segment >= size:
+            segment = size
+        count = -(-size // segment) if size else 0
         if not count:
             return []
+        last = size - (count - 1) * segment
         cid = self.connection_id
         window = self._window
         first = window.highest + 1
         low = first & _LOW32
-        if low + count > _WRAP or first + count > MAX_COUNTER:
+        if low + count > _WRAP or first + count > MAX_COUNTER or last < DATAGRAM_OVERHEAD:
             return None
-        if min(map(len, datagrams)) < DATAGRAM_OVERHEAD or not all(
-            map(eq, repeat(cid), map(_WIRE_CID, datagrams))
-        ):
+        parts = _wire_run(segment, count, last)(buffer)
+        if parts[0::3].count(cid) != count:
             return None
+        bodies = parts[2::3]
         run = _run(count)
-        masks = self._receive_mask(b"".join(map(_WIRE_SAMPLE, datagrams)))
-        fields = b"".join(map(_WIRE_BLOCK, datagrams))
-        unmasked = (int.from_bytes(fields, "big") ^ int.from_bytes(masks, "big")) & run.select
+        masks = b"".join(run.masks(self._receive_mask(b"".join(map(_SAMPLE, bodies)))))
+        unmasked = int.from_bytes(b"".join(parts[1::3]), "big") ^ int.from_bytes(masks, "big")
         if unmasked != ((_DATA_KIND << 32) | low) * run.step + run.ramp:
             return None
         head = (int.from_bytes(cid, "big") << (8 * _PROTECTED_LEN)) | (_DATA_KIND << 32) | low
         aads = run.aads((head * run.aad_step + run.aad_ramp).to_bytes(DATA_HEADER_LEN * count, "big"))
         try:
-            opened = list(map(self._decrypt, self._nonces(first, count), map(_WIRE_BODY, datagrams), aads))
+            opened = list(map(self._decrypt, self._nonces(first, count), bodies, aads))
         except InvalidTag:
             return None
         window.update_above(first, first + count - 1)

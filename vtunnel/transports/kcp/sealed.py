@@ -245,11 +245,11 @@ class SealedListenerCodec(ListenerCodec[bytes]):
         path = self._paths[key]
         session = path.session
         for buffer, segment in runs:
-            datagrams = split_run(buffer, segment)
-            payloads = session.open_run(datagrams) if len(datagrams) > 1 else None
+            payloads = session.open_run(buffer, segment) if segment < len(buffer) else None
             if payloads is not None:
                 dropped += _take_payloads(link, payloads, segment, into)
                 continue
+            datagrams = split_run(buffer, segment)
             for datagram, payload in zip(datagrams, session.open_many(datagrams), strict=True):
                 if isinstance(payload, bytes):
                     if accepts(payload):
@@ -400,12 +400,12 @@ class SealedClientCodec(ClientCodec):
             return None
         reset = False
         for buffer, segment, source in runs:
-            datagrams = split_run(buffer, segment)
-            payloads = session.open_run(datagrams) if len(datagrams) > 1 else None
+            payloads = session.open_run(buffer, segment) if segment < len(buffer) else None
             if payloads is not None:
                 if link is not None:
                     _take_payloads(link, payloads, segment, into)
                 continue
+            datagrams = split_run(buffer, segment)
             for datagram, payload in zip(datagrams, session.open_many(datagrams), strict=True):
                 reset = self._opened(session, datagram, source, payload, link, into) or reset
         if session.follow_newest():
