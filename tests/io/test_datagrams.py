@@ -195,17 +195,25 @@ def greedy_runs(sizes: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
-    st.lists(
-        st.one_of(st.sampled_from([24, 100, 1000, 1300, 1350, 1400]), st.integers(1, 65000)),
-        max_size=300,
-    )
+    st.one_of(
+        st.lists(
+            st.one_of(st.sampled_from([24, 100, 1000, 1300, 1321, 1350, 1400]), st.integers(1, 65000)),
+            max_size=300,
+        ),
+        st.tuples(st.integers(1, 100), st.sampled_from([1321, 1350]), st.integers(1, 1350)).map(
+            lambda t: [t[1]] * t[0] + [t[2]]  # a bulk batch: full datagrams, then a tail
+        ),
+    ),
+    st.sampled_from([0, 0, 29]),
 )
-def test_segment_runs_cut_a_batch_as_the_kernel_takes_it(sizes: list[int]) -> None:
+def test_segment_runs_cut_a_batch_as_the_kernel_takes_it(given_sizes: list[int], grow: int) -> None:
     """Runs cover the batch in order; each is equal sizes but a shorter last one, within the segment and byte
-    limits; and they are the longest runs the rule allows, as taken datagram by datagram."""
-    runs = segment_runs(sizes)
+    limits once each datagram grew by ``grow`` bytes (a sealer's); and they are the longest runs the rule
+    allows, as taken datagram by datagram."""
+    runs = segment_runs(given_sizes, grow)
+    sizes = [size + grow for size in given_sizes]
     assert [i for start, end in runs for i in range(start, end)] == list(range(len(sizes)))
     for start, end in runs:
         run = sizes[start:end]

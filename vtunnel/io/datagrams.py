@@ -97,11 +97,22 @@ def split_run(buffer: bytes, segment: int) -> list[bytes | memoryview]:
     return [view[offset : offset + segment] for offset in range(0, size, segment)]
 
 
-def segment_runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
+def segment_runs(sizes: Sequence[int], grow: int = 0) -> list[tuple[int, int]]:
     """How a batch of datagrams of ``sizes`` (in order) goes out in as few segmented sends as Linux allows:
     ``(start, end)`` index ranges, in order, covering the batch, each a run one UDP GSO send takes (datagrams of
     equal size, the last possibly shorter; at most :data:`GSO_MAX_SEGMENTS` datagrams and :data:`GSO_MAX_BYTES`
-    bytes). Equal sizes are counted in C (``groupby``): a bulk batch is a few groups, not a loop per datagram."""
+    bytes), once each datagram has grown by ``grow`` bytes (a sealer's overhead). Equal sizes are counted in C
+    (``list.count``, ``groupby``): a bulk batch is one run or a few groups, not a loop per datagram."""
+    count = len(sizes)
+    if count <= 1:
+        return [(0, count)] if count else []
+    size = sizes[0]
+    if count <= GSO_MAX_SEGMENTS and 0 < size + grow <= GSO_MAX_BYTES // count:
+        equal = sizes.count(size)
+        if equal == count or (equal == count - 1 and sizes[-1] < size):  # one run: the common batch
+            return [(0, count)]
+    if grow:
+        sizes = [n + grow for n in sizes]
     runs: list[tuple[int, int]] = []
     start = 0
     room = 0  # how many more bytes the last run may take as a shorter tail (0: none, it has one or is full)

@@ -763,7 +763,10 @@ class DatagramSession:
         segmented send, UDP GSO, takes): no datagram is a bytes object of its own."""
         cid = self.connection_id
         fields, bodies = self._seal_with(cid, _DATA_KIND, payloads)
-        return b"".join(chain.from_iterable(zip(repeat(cid), fields, bodies)))
+        parts = [cid] * (3 * len(bodies))  # each datagram: connection ID, masked field, sealed body
+        parts[1::3] = fields
+        parts[2::3] = bodies
+        return b"".join(parts)
 
     def seal_many(self, payloads: Sequence[bytes], runs: Sequence[ClearRuns] | None = None) -> list[bytes]:
         """A DATA datagram for each of ``payloads``, in order: what :meth:`seal` gives for each in turn, for

@@ -122,8 +122,11 @@ def _sealer(session: DatagramSession) -> Sealer:
             sealed = seal_many(datagrams, runs)
             sizes = list(map(len, sealed))
             return [(b"".join(sealed[start:end]), sizes[start]) for start, end in segment_runs(sizes)]
-        sizes = [size + DATAGRAM_OVERHEAD for size in map(len, datagrams)]
-        return [(seal_run(datagrams[start:end]), sizes[start]) for start, end in segment_runs(sizes)]
+        sizes = list(map(len, datagrams))
+        cuts = segment_runs(sizes, DATAGRAM_OVERHEAD)
+        if len(cuts) == 1:  # (the common batch: one run)
+            return [(seal_run(datagrams), sizes[0] + DATAGRAM_OVERHEAD)]
+        return [(seal_run(datagrams[start:end]), sizes[start] + DATAGRAM_OVERHEAD) for start, end in cuts]
 
     return seal
 
