@@ -763,6 +763,8 @@ class DatagramSession:
         segmented send, UDP GSO, takes): no datagram is a bytes object of its own."""
         cid = self.connection_id
         fields, bodies = self._seal_with(cid, _DATA_KIND, payloads)
+        if len(bodies) == 1:  # (an ACK, a message: most batches of a conversation)
+            return cid + fields[0] + bodies[0]
         parts = [cid] * (3 * len(bodies))  # each datagram: connection ID, masked field, sealed body
         parts[1::3] = fields
         parts[2::3] = bodies

@@ -118,6 +118,9 @@ def _sealer(session: DatagramSession) -> Sealer:
     seal_run, seal_many = session.seal_run, session.seal_many
 
     def seal(datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /) -> list[Segments]:
+        if len(datagrams) == 1 and (runs is None or not runs[0]):  # (an ACK, a message: one datagram)
+            sealed = seal_run(datagrams)
+            return [(sealed, len(sealed))]
         if runs is not None and any(runs):
             sealed = seal_many(datagrams, runs)
             sizes = list(map(len, sealed))
