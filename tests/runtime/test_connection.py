@@ -324,6 +324,43 @@ async def test_a_kcp_download_offers_the_link_each_byte_once(key: bytes | None) 
         assert server.bytes_out >= len(block) * blocks
 
 
+async def test_a_write_larger_than_a_link_write_reaches_the_link_in_link_write_pieces() -> None:
+    """Megabytes queued at once (one stream's 8 MiB window, as a thousand streams' windows do) go to the link in
+    writes of at most ``LINK_WRITE``: each is a buffer joined from the frames, and one of the C library's mapping
+    threshold or more would be mapped and faulted in afresh for every write. Every byte arrives in order."""
+    from vtunnel.runtime.connection import LINK_WRITE
+
+    payload = hashlib.sha256(b"queued").digest() * (3 * LINK_WRITE // 32 + 1000)  # three writes and a bit
+    received: list[bytes] = []
+
+    async def sink(tunnel_stream: TunnelStream) -> None:
+        tunnel_stream.accept()
+        async with TunnelByteStream(tunnel_stream) as stream:
+            received.append(await read_all(stream))
+
+    cfg = TunnelConfig(initial_stream_window=8 << 20, receive_budget=16 << 20)
+    async with kcp_tunnel_pair(sink, config=cfg) as (client, _server):
+        link = client.link
+        send_nowait = link.send_nowait
+        sizes: list[int] = []
+
+        def recorded(data: bytes) -> None:
+            send_nowait(data)  # (a refused write raises before it is recorded)
+            sizes.append(len(data))
+
+        link.send_nowait = recorded  # type: ignore[method-assign]
+        stream = await open_bytes(client, StreamMetadata(authority="sink:1"))
+        with anyio.fail_after(60):
+            await stream.send(payload)  # the window takes it whole: one write of the stream
+            await stream.send_eof()
+            while not received:
+                await anyio.sleep(0.01)
+        assert received == [payload]
+        assert sum(sizes) > len(payload)  # (the frame headers and the FIN too)
+        assert max(sizes) == LINK_WRITE  # the queue went in pieces, the largest exactly one LINK_WRITE
+        assert client.link_refusals == 0
+
+
 async def test_kcp_tunnel_death_breaks_streams() -> None:
     async def handler(stream: TunnelStream) -> None:
         stream.accept()

@@ -7,8 +7,8 @@ one output path, as aioquic's asyncio protocol does:
 * **input**: the link pushes bytes (``link_data``) from its own callback or reader; they go to the tunnel at once
   and its events to the streams' consumers (``TunnelStream``), in the same step;
 * **output**: after every input, every timer and every user call that queues frames, :meth:`TunnelConnection.transmit`
-  asks the link's room (``send_room``), hands what the tunnel has queued, up to that room, to the link in one
-  ``send_nowait`` and re-arms the connection's one timer at the tunnel's ``next_deadline()`` (keepalive,
+  asks the link's room (``send_room``), hands what the tunnel has queued, up to that room, to the link in
+  ``send_nowait`` calls of at most :data:`LINK_WRITE` bytes each and re-arms the connection's one timer at the tunnel's ``next_deadline()`` (keepalive,
   handshake and drain timeouts). When the link is full (room 0) the bytes stay in the tunnel, not taken, not
   joined, until the link calls ``link_writable``; the timer is re-armed only when the deadline moves earlier (a
   deadline that moved later, the keepalive after every received chunk, is found when it fires).
@@ -37,14 +37,15 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from vtunnel.io.allocator import MMAP_THRESHOLD
 from vtunnel.io.stream_sockets import SocketWatcher, watcher_for
 from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelState, events
 from vtunnel.protocol.errors import MetadataNotNegotiated, VTunnelError
 from vtunnel.runtime.errors import DestinationNotCarried, StreamRefused, TunnelUnavailable
 from vtunnel.runtime.tunnel_stream import TunnelStream
-from vtunnel.transports.link import ANY_SIZE, Link
+from vtunnel.transports.link import Link
 
-__all__ = ["OUTBOUND_HIGH_WATER", "StreamHandler", "TunnelConnection"]
+__all__ = ["LINK_WRITE", "OUTBOUND_HIGH_WATER", "StreamHandler", "TunnelConnection"]
 
 log = structlog.get_logger("vtunnel.runtime")
 
@@ -68,6 +69,13 @@ _COALESCED_OUTPUT = 32 * 1024
 _PASS_OUTPUT = 256 * 1024
 #: a timer due within this of the armed one is not re-armed
 _TIMER_SLACK = 0.0005
+#: the most handed to the link in one ``send_nowait``, however much its room takes: the tunnel's frames are joined
+#: into one buffer of that size, and a buffer of the C library's mapping threshold or more (4 MiB,
+#: :data:`vtunnel.io.allocator.MMAP_THRESHOLD`) is a fresh mapping each time, which the kernel faults in and zeroes
+#: page by page and unmaps after. The queue grows that large when many streams write at once: a thousand bulk
+#: streams over kcp:// each wrote their window before the output was over its high-water mark (1,024 streams of
+#: 256 KiB: joins of 4 to 32 MiB, 140-200 page faults per MB sent)
+LINK_WRITE = MMAP_THRESHOLD // 4
 
 #: what a server does with each stream the peer opens, called in the input's own step (no task): a handler that
 #: is done at once (it attached a consumer, or refused the stream) returns ``None``; one that must wait (a name to
@@ -206,8 +214,8 @@ class TunnelConnection:
 
     # ------------------------------------------------------------------ output
     def transmit(self) -> None:
-        """The one output point: hand what the tunnel queued to the link, as much as its room takes, and re-arm the
-        timer.
+        """The one output point: hand what the tunnel queued to the link, as much as its room takes (in writes of
+        at most :data:`LINK_WRITE`), and re-arm the timer.
 
         Never blocks, cheap to call often: nothing is taken from the tunnel while the link has no room (the link
         calls ``link_writable`` when it has); the frames go to the link in the task or callback that produced them
@@ -232,10 +240,7 @@ class TunnelConnection:
             if not room:  # the link calls link_writable when it has room
                 self.link_full += 1
                 break
-            if room >= ANY_SIZE:  # all of it: the queue is empty after (what is queued meanwhile transmits)
-                self._send(tunnel.data_to_send(None))
-                break
-            self._send(tunnel.data_to_send(room))
+            self._send(tunnel.data_to_send(room if room < LINK_WRITE else LINK_WRITE))
             more = not self._held and not self._link_failed and tunnel.has_data_to_send
         if self._carries_datagrams and tunnel.has_datagrams_to_send:
             self._send_datagrams(tunnel.datagrams_to_send())
