@@ -119,8 +119,8 @@ def _sealer(session: DatagramSession) -> Sealer:
 
     def seal(datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /) -> list[Segments]:
         if len(datagrams) == 1 and (runs is None or not runs[0]):  # (an ACK, a message: one datagram)
-            sealed = seal_run(datagrams)
-            return [(sealed, len(sealed))]
+            one = seal_run(datagrams)
+            return [(one, len(one))]
         if runs is not None and any(runs):
             sealed = seal_many(datagrams, runs)
             sizes = list(map(len, sealed))
