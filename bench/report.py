@@ -313,41 +313,36 @@ def _rudp_targets() -> tuple[Target, ...]:
             systems=rudp,
         ),
     ]
-    for scenario, link in (("rudp-loss-0", "relay, 20 ms RTT"), ("rudp-veth-0", "veth, rate-limited")):
-        targets.append(
+    for prefix, link in (("rudp-loss", "relay, 20 ms RTT"), ("rudp-veth", "veth, rate-limited")):
+        targets += [
             Target(
                 name=f"bulk over rudp:// at 0% loss ({link}) >= kcp://",
-                scenario=scenario,
+                scenario=f"{prefix}-0",
                 metric="goodput_MBps",
                 reference="vtunnel-kcp",
                 op=">=",
                 threshold=1.0,
                 systems=rudp,
-            )
-        )
-    for scenario, link in (("rudp-loss-2", "relay, 20 ms RTT"), ("rudp-veth-2", "veth, rate-limited")):
-        targets.append(
+            ),
             Target(
                 name=f"bulk over rudp:// at 2% loss ({link}) >= 1.2x kcp://",
-                scenario=scenario,
+                scenario=f"{prefix}-2",
                 metric="goodput_MBps",
                 reference="vtunnel-kcp",
                 op=">=",
                 threshold=1.2,
                 systems=rudp,
-            )
-        )
-        targets.append(
+            ),
             Target(
                 name=f"rudp:// wire bytes beyond the payload at 2% loss ({link}) <= 0.5x kcp://'s",
-                scenario=scenario,
+                scenario=f"{prefix}-2",
                 metric="wire_excess",
                 reference="vtunnel-kcp",
                 op="<=",
                 threshold=0.5,
                 systems=rudp,
-            )
-        )
+            ),
+        ]
     return tuple(targets)
 
 
