@@ -118,13 +118,13 @@ def _sealer(session: DatagramSession) -> Sealer:
     seal_run, seal_many = session.seal_run, session.seal_many
 
     def seal(datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /) -> list[Segments]:
-        if len(datagrams) == 1 and (runs is None or not runs[0]):  # (an ACK, a message: one datagram)
-            one = seal_run(datagrams)
-            return [(one, len(one))]
         if runs is not None and any(runs):
             sealed = seal_many(datagrams, runs)
             sizes = list(map(len, sealed))
             return [(b"".join(sealed[start:end]), sizes[start]) for start, end in segment_runs(sizes)]
+        if len(datagrams) == 1:  # (an ACK, a message: one datagram, no runs to cut)
+            one = seal_run(datagrams)
+            return [(one, len(one))]
         sizes = list(map(len, datagrams))
         cuts = segment_runs(sizes, DATAGRAM_OVERHEAD)
         if len(cuts) == 1:  # (the common batch: one run)
