@@ -127,13 +127,13 @@ class RudpLink(ArqLink):
     def take_run(self, buffer: bytes, segment: int, into: list[Datagram]) -> bool:
         """Add a run of datagrams (``segment`` bytes each) to ``into``, one by one; False, adding nothing, when
         one is not this connection's."""
-        prefix = self._prefix
-        end = len(prefix)
-        if segment >= len(buffer):  # (one datagram: accepts(), inline)
-            if len(buffer) <= end or buffer[:end] != prefix:
+        if segment >= len(buffer):
+            if not self.accepts(buffer):
                 return False
             into.append(buffer)
             return True
+        prefix = self._prefix
+        end = len(prefix)
         if segment <= end:
             return False  # (no datagram but the last could hold more than the prefix)
         datagrams = split_run(buffer, segment)
