@@ -607,7 +607,7 @@ def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index:
         "direct": {},
     }
     rows = [("lite", lite), ("off", off), ("direct", source)]
-    if spliced is not None:  # (not over kcp://: splice mode is tcp:// and tls://'s)
+    if spliced is not None:  # (over kcp://: a keyless KCP conversation per stream)
         ends["spliced"] = {"agent": stack.procs["agent-spliced"].pid, "server": pids["server"]}
         rows.insert(1, ("spliced", spliced))
     if keyless is not None:  # a keyed system: the same transport with no key, muxed mode's ceiling

@@ -305,8 +305,11 @@ class Runner:
                     sink, address = start_stall_sink(scope, stalling[0].settings(quick=self.options.quick))
                     side.append(address)
                 splice_port = None
-                # splice mode is tcp:// and tls://'s: over kcp:// the rows are muxed, off and direct
-                spliceable = job.system.transport in ("tcp", "tls")
+                # splice mode: a dedicated TCP connection per stream over tcp:// and tls://, a keyless KCP
+                # conversation over kcp:// (not in the code of a twin from before that, which has no such option)
+                spliceable = job.system.transport in ("tcp", "tls") or (
+                    job.system.transport == "kcp" and job.system.ref is None
+                )
                 if https:  # the agent's stream to the TLS source is lite-tls (chosen by its first bytes)
                     sources = start_tls_sources(scope, 1)
                     side += [address for _, address in sources]

@@ -263,8 +263,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         name="https-lite-kcp",
         kind="https_lite",
         description="the same HTTPS-like bulk download over kcp:// with the key: lite-tls muxed (sealed datagram "
-        "v4, the bodies in clear runs) against lite-tls off (an agent with --no-lite-tls to the same server) and "
-        "direct; CPU s/GB of agent and server",
+        "v4, the bodies in clear runs), lite-tls spliced (a second agent in splice mode: a keyless KCP conversation "
+        "per stream) against lite-tls off (an agent with --no-lite-tls to the same server) and direct; CPU s/GB of "
+        "agent and server",
         params={"bytes": 256 * MiB, "timeout": 180},
         quick={"bytes": 64 * MiB, "timeout": 90},
         vtunnel_only=True,

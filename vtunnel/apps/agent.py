@@ -152,6 +152,7 @@ class Agent:
                 config=dataclasses.replace(settings.tunnel, tun=True) if settings.tun else settings.tunnel,
                 size=settings.connections,
                 watch=stats,
+                lite_tls_spliced=splice_port(settings.server) is not None,
             )
             if stats is not None:
                 stats.watch_pool(self.pool)

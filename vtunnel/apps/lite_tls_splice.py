@@ -11,6 +11,12 @@ it, no answer within :data:`ACK_TIMEOUT`, another byte): the agent then leaves m
 (``MUXED_MARKER``), so that a server that bound the connection all the same leaves muxed too. A connection whose ticket no open stream
 named gets nothing and is closed.
 
+Over ``kcp://`` the dedicated connection is a keyless KCP conversation of its own (a one-stream tunnel without a
+key, to the server's ``splice`` UDP port) instead of a TCP connection: each end bridges it to one socket of a
+socket pair (:func:`_bridge`), so the ticket, the ACK and the kernel relay of the user's socket are the same as
+over TCP, and the conversation's stream carries what the pair's other socket reads. A forged or altered datagram
+of a conversation reaches that one stream only (its TLS fails); no other stream and no tunnel has its keys.
+
 This module is I/O glue for ``apps.agent`` and ``apps.server``; the switch itself is the runtime's
 (``TunnelStream.splice_over``) and the relay's (``Relay.splice``, ``io.splice``).
 """
@@ -27,12 +33,16 @@ from typing import Final
 
 import anyio
 import structlog
+from anyio.abc import SocketAttribute
 
+from vtunnel.apps.pipe import Relay, SocketEnd, TunnelEnd
 from vtunnel.io.splice import SPLICE_AVAILABLE
+from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.io.tuning import tune_tcp
-from vtunnel.protocol import StreamMetadata
+from vtunnel.protocol import Role, StreamMetadata, TunnelConfig
+from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.runtime.tunnel_stream import TunnelStream
-from vtunnel.transports.base import Endpoint
+from vtunnel.transports.base import Endpoint, Link, SecurityConfig, get_transport
 
 __all__ = [
     "ACK",
@@ -42,6 +52,7 @@ __all__ = [
     "TICKET_LEN",
     "SpliceDialer",
     "TicketBook",
+    "conversation_endpoint",
     "offer_dedicated",
     "serve_splice_port",
     "splice_port",
@@ -68,13 +79,56 @@ MAX_PARKED: Final = 256
 DIAL_BACKOFF: Final = 30.0
 
 
+#: the schemes whose dedicated connections are TCP connections to the splice port
+_TCP_SCHEMES: Final = ("tcp", "tls")
+#: the scheme whose dedicated connections are keyless KCP conversations to the splice port (UDP)
+_CONVERSATION_SCHEME: Final = "kcp"
+#: a dedicated conversation's URL takes the server URL's KCP options but these
+_NOT_CONVERSATION_OPTIONS: Final = frozenset({"splice", "passthrough"})
+#: the tunnel a dedicated conversation carries: one stream, no lite-tls of its own
+_CONVERSATION_CONFIG: Final = TunnelConfig(lite_tls=False)
+
+
 def splice_port(endpoint: Endpoint) -> int | None:
-    """The ``splice=PORT`` option of a ``tcp://`` or ``tls://`` URL (checked by the transport), or None; None
-    too where the platform cannot splice."""
+    """The ``splice=PORT`` option of a ``tcp://``, ``tls://`` or ``kcp://`` URL (checked by the transport), or
+    None; None too where the platform cannot splice."""
     text = endpoint.params.get("splice")
-    if text is None or not SPLICE_AVAILABLE or endpoint.scheme not in ("tcp", "tls"):
+    if text is None or not SPLICE_AVAILABLE or endpoint.scheme not in (*_TCP_SCHEMES, _CONVERSATION_SCHEME):
         return None
     return int(text)
+
+
+def conversation_endpoint(endpoint: Endpoint, port: int) -> Endpoint:
+    """The ``kcp://`` endpoint of ``endpoint``'s dedicated conversations: its host, ``port``, and its KCP
+    options but ``splice`` and ``passthrough`` (a conversation has no key)."""
+    params = {k: v for k, v in endpoint.params.items() if k not in _NOT_CONVERSATION_OPTIONS}
+    return dataclasses.replace(endpoint, port=port, params=params)
+
+
+def _bridge(
+    stream: TunnelStream, over: Callable[[], None], tasks: set[asyncio.Task[object]]
+) -> socket.socket:
+    """A socket whose peer is ``stream``: one socket of a pair, the other relayed to the stream from now on.
+    ``over`` is called once that relay is over (its task is kept in ``tasks`` meanwhile)."""
+    near, far = socket.socketpair()
+    near.setblocking(False)
+    end = SocketEnd()
+    try:
+        attach_socket(far, end)
+    except BaseException:
+        near.close()
+        far.close()
+        raise
+    relay = Relay(end, TunnelEnd(stream))
+    task: asyncio.Task[object] = asyncio.get_running_loop().create_task(relay.wait())
+    tasks.add(task)
+
+    def done(task: asyncio.Task[object]) -> None:
+        tasks.discard(task)
+        over()
+
+    task.add_done_callback(done)
+    return near
 
 
 def ticket_of(metadata: StreamMetadata | None) -> bytes | None:
@@ -167,15 +221,41 @@ async def _read_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+async def _receive_ticket(sock: socket.socket, book: TicketBook) -> None:
+    """``sock`` (a dedicated connection) has :data:`TICKET_TIMEOUT` seconds to send its ticket to ``book``."""
+    try:
+        with anyio.move_on_after(TICKET_TIMEOUT):
+            ticket = await _read_exact(sock, TICKET_LEN)
+            if len(ticket) == TICKET_LEN:
+                book.present(ticket, sock)
+                return
+        book._refuse(sock, "no ticket")
+    except OSError:
+        sock.close()
+
+
 async def serve_splice_port(
-    host: str,
+    endpoint: Endpoint,
     port: int,
     book: TicketBook,
     *,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept dedicated connections on ``host:port`` until cancelled: each has :data:`TICKET_TIMEOUT` seconds
-    to send its ticket, which goes to ``book``."""
+    """Accept dedicated connections on ``port`` of ``endpoint``'s host until cancelled (TCP connections for
+    ``tcp://`` and ``tls://``, keyless KCP conversations for ``kcp://``): each has :data:`TICKET_TIMEOUT`
+    seconds to send its ticket, which goes to ``book``. Reports ``host:port``."""
+    try:
+        if endpoint.scheme == _CONVERSATION_SCHEME:
+            await _serve_conversations(conversation_endpoint(endpoint, port), book, task_status)
+        else:
+            await _serve_connections(endpoint.host, port, book, task_status)
+    finally:
+        book.close()
+
+
+async def _serve_connections(
+    host: str, port: int, book: TicketBook, task_status: anyio.abc.TaskStatus[str]
+) -> None:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     lsock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
@@ -185,14 +265,7 @@ async def serve_splice_port(
     async def receive_ticket(sock: socket.socket) -> None:
         nonlocal pending
         try:
-            with anyio.move_on_after(TICKET_TIMEOUT):
-                ticket = await _read_exact(sock, TICKET_LEN)
-                if len(ticket) == TICKET_LEN:
-                    book.present(ticket, sock)
-                    return
-            book._refuse(sock, "no ticket")
-        except OSError:
-            sock.close()
+            await _receive_ticket(sock, book)
         finally:
             pending -= 1
 
@@ -218,7 +291,65 @@ async def serve_splice_port(
                 tg.start_soon(receive_ticket, sock)
     finally:
         lsock.close()
-        book.close()
+
+
+async def _serve_conversations(
+    endpoint: Endpoint, book: TicketBook, task_status: anyio.abc.TaskStatus[str]
+) -> None:
+    """Serve keyless KCP conversations on ``endpoint``: each carries a tunnel of one stream, whose bytes are
+    its dedicated connection's (bridged to a socket pair); a conversation with no stream after
+    :data:`TICKET_TIMEOUT` seconds, or over :data:`MAX_PARKED` of them waiting for their ticket, is closed."""
+    listener = await get_transport(endpoint.scheme).listen(endpoint, security=SecurityConfig())
+    tasks: set[asyncio.Task[object]] = set()
+    pending = 0
+
+    async def converse(link: Link) -> None:
+        nonlocal pending
+        if pending >= MAX_PARKED:
+            log.info("lite_tls.dedicated_refused", reason="too many conversations without a ticket")
+            book.refused += 1
+            await link.aclose()
+            return
+        book.connections += 1
+        pending += 1
+        waiting = True
+        conn: TunnelConnection
+
+        def on_stream(stream: TunnelStream) -> Awaitable[None] | None:
+            nonlocal waiting, pending
+            if not waiting:  # one stream per conversation
+                stream.refuse("a dedicated conversation carries one stream")
+                return None
+            waiting = False
+            pending -= 1
+            came.set()
+            stream.accept()
+            return _receive_ticket(
+                _bridge(stream, lambda: conn.shutdown("dedicated stream over"), tasks), book
+            )
+
+        conn = TunnelConnection(link, role=Role.SERVER, config=_CONVERSATION_CONFIG, handler=on_stream)
+        came = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(conn.run)
+                with anyio.move_on_after(TICKET_TIMEOUT):
+                    await came.wait()
+                if waiting:
+                    conn.shutdown("no stream", graceful=False)
+        finally:
+            if waiting:
+                pending -= 1
+
+    try:
+        local = listener.extra(SocketAttribute.local_address)
+        address = f"{local[0]}:{local[1]}"
+        task_status.started(address)
+        log.info("lite_tls.splice_listening", address=address, transport=endpoint.scheme)
+        async with anyio.create_task_group() as tg:
+            await listener.serve(converse, tg)
+    finally:
+        await listener.aclose()
 
 
 def offer_dedicated(book: TicketBook, stream: TunnelStream) -> None:
@@ -251,8 +382,14 @@ class SpliceDialer:
     def __init__(self, server: Endpoint, port: int) -> None:
         self.host = server.host
         self.port = port
+        #: kcp://: the dedicated connections are keyless KCP conversations to this endpoint
+        self._conversations = (
+            conversation_endpoint(server, port) if server.scheme == _CONVERSATION_SCHEME else None
+        )
         self._backoff_until = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the conversations' tunnels and bridges
+        self._running: set[asyncio.Task[object]] = set()
 
     async def open(
         self, metadata: StreamMetadata, open_stream: Callable[[StreamMetadata], Awaitable[TunnelStream]]
@@ -316,12 +453,15 @@ class SpliceDialer:
         sock: socket.socket | None = None
         try:
             with anyio.fail_after(CLAIM_TIMEOUT):
-                infos = await anyio.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-                family, _, _, _, address = infos[0]
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                tune_tcp(sock)
-                await loop.sock_connect(sock, address)
+                if self._conversations is not None:
+                    sock = await self._converse()
+                else:
+                    infos = await anyio.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                    family, _, _, _, address = infos[0]
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    tune_tcp(sock)
+                    await loop.sock_connect(sock, address)
                 await loop.sock_sendall(sock, ticket)
             return sock
         except (OSError, TimeoutError) as exc:
@@ -333,3 +473,29 @@ class SpliceDialer:
             if sock is not None:
                 sock.close()
             raise
+
+    async def _converse(self) -> socket.socket:
+        """A new keyless KCP conversation to the splice port, its one stream bridged to the socket returned; the
+        conversation ends once that stream is over. Raises ``OSError`` (the transport's errors included) when it
+        cannot be had."""
+        endpoint = self._conversations
+        assert endpoint is not None
+        try:
+            link = await get_transport(endpoint.scheme).connect(endpoint, security=SecurityConfig())
+        except Exception as exc:
+            raise OSError(f"no dedicated conversation: {exc}") from exc
+        conn = TunnelConnection(
+            link, role=Role.CLIENT, config=_CONVERSATION_CONFIG, name=f"{endpoint}#lite-tls"
+        )
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(conn.run())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        try:
+            await conn.wait_ready()
+            stream = conn.start_stream()
+        except BaseException as exc:
+            conn.shutdown("dedicated conversation failed", graceful=False)
+            if isinstance(exc, Exception):
+                raise OSError(f"no dedicated conversation: {exc}") from exc
+            raise
+        return _bridge(stream, lambda: conn.shutdown("dedicated stream over"), self._running)

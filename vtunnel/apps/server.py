@@ -147,7 +147,13 @@ class Server:
                 listener = await get_transport(endpoint.scheme).listen(
                     endpoint, security=self.settings.security
                 )
-                handlers.append(functools.partial(self._handle_tunnel, endpoint.scheme))
+                handlers.append(
+                    functools.partial(
+                        self._handle_tunnel,
+                        endpoint.scheme,
+                        spliced=self.tickets is not None and splice_port(endpoint) is not None,
+                    )
+                )
                 if self.stats is not None:
                     self.stats.watch_listener(endpoint.scheme, listener)
             self.listeners.append(listener)
@@ -177,7 +183,7 @@ class Server:
                         port = splice_port(endpoint)
                         if port is not None:
                             self.splice_addresses.append(
-                                await tg.start(serve_splice_port, endpoint.host, port, self.tickets)
+                                await tg.start(serve_splice_port, endpoint, port, self.tickets)
                             )
                 task_status.started(self.local_addresses)
                 await self._stopping.wait()
@@ -235,7 +241,9 @@ class Server:
         )
         return users
 
-    async def _handle_tunnel(self, transport: str, link: Link) -> None:
+    async def _handle_tunnel(self, transport: str, link: Link, *, spliced: bool = False) -> None:
+        """Run the tunnel of ``link`` (a ``transport`` listener's); ``spliced``: that listener's URL has a splice
+        port, so its lite-tls streams may leave over dedicated connections."""
         self._serial += 1
         used = link.user()
         ring = self.settings.security.keys
@@ -251,6 +259,7 @@ class Server:
             handler=self._handle_stream,
             name=f"t{self._serial}",
             user=used.user if used is not None else None,
+            lite_tls_spliced=spliced,
         )
         if used is not None:
             self._keys_used[conn] = used

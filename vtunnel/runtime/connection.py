@@ -88,7 +88,11 @@ _now = time.monotonic
 
 
 class TunnelConnection:
-    """One tunnel. Use :meth:`run` inside a task group; open streams with :meth:`open_stream` (client role)."""
+    """One tunnel. Use :meth:`run` inside a task group; open streams with :meth:`open_stream` (client role).
+
+    ``lite_tls_spliced``: this end's lite-tls streams may leave over dedicated connections (splice mode,
+    docs/lite-tls.md), so lite-tls is offered even where the link carries no passthrough records.
+    """
 
     def __init__(
         self,
@@ -99,13 +103,15 @@ class TunnelConnection:
         handler: StreamHandler | None = None,
         name: str = "",
         user: str | None = None,
+        lite_tls_spliced: bool = False,
     ) -> None:
         self.link = link
         self.role = role
         config = config or TunnelConfig()
-        if config.lite_tls and not link.carry_passthrough_records():
-            # lite-tls only where the link carries passthrough records: a byte stream with a key, kcp:// with
-            # passthrough=on
+        if config.lite_tls and not link.carry_passthrough_records() and not lite_tls_spliced:
+            # lite-tls only where its streams leave to something cheaper: the link carries passthrough records (a
+            # byte stream with a key, kcp:// with passthrough=on), or they may leave over a dedicated connection
+            # (``lite_tls_spliced``: splice mode; one that fell back to muxed is then sealed like any stream)
             config = dataclasses.replace(config, lite_tls=False)
         elif config.lite_tls and config.lite_tls_runs and not link.carry_passthrough_runs():
             # runs of TLS records in one PASSTHROUGH frame only where the link seals their record headers

@@ -126,6 +126,7 @@ class TunnelPool:
         connect_timeout: float = 15.0,
         probe_interval: float = 10.0,
         watch: TunnelWatch | None = None,
+        lite_tls_spliced: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError("a tunnel pool needs at least one tunnel")
@@ -140,6 +141,8 @@ class TunnelPool:
         self.connect_timeout = connect_timeout
         self.probe_interval = probe_interval
         self.watch = watch
+        #: the tunnels' lite-tls streams may leave over dedicated connections (``TunnelConnection``'s)
+        self.lite_tls_spliced = lite_tls_spliced
         self.servers: list[ServerState] = []
         for index, endpoint in enumerate(servers):
             transport = get_transport(endpoint.scheme)
@@ -230,7 +233,11 @@ class TunnelPool:
                 self._failed(server, f"connect failed: {_describe(exc)}", slog)
                 return None
             conn = TunnelConnection(
-                link, role=Role.CLIENT, config=self.config, name=f"{server.endpoint}#{label}"
+                link,
+                role=Role.CLIENT,
+                config=self.config,
+                name=f"{server.endpoint}#{label}",
+                lite_tls_spliced=self.lite_tls_spliced,
             )
             if self.watch is not None:
                 self.watch.tunnel_started(conn, server.endpoint.scheme)

@@ -1,7 +1,9 @@
 """``kcp://`` URL options: presets by name and validated overrides.
 
 ``kcp://host:port?mode=fast3&sndwnd=1024&rcvwnd=1024&mtu=1350&fec=10/3`` — every option is optional. Unknown options
-and bad values raise :class:`~vtunnel.transports.base.TransportError` naming the option.
+and bad values raise :class:`~vtunnel.transports.base.TransportError` naming the option. ``splice=PORT`` is checked
+here and read by the applications (docs/lite-tls.md, splice mode: the UDP port of a keyless KCP conversation per
+spliced lite-tls stream); it changes nothing in the session itself.
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ def parse_options(params: Mapping[str, str]) -> KCPOptions:
     opts = KCPOptions(
         mode=mode, nodelay=preset.nodelay, interval=preset.interval, resend=preset.resend, nc=preset.nc
     )
-    overrides = parse_overrides("kcp", params, _PARSERS, skip=("mode",))
+    splice = params.get("splice")
+    if splice is not None and not (splice.isdigit() and 0 <= int(splice) <= 65535):
+        raise TransportError(f"kcp option 'splice' must be a port (0-65535), got {splice!r}")
+    overrides = parse_overrides("kcp", params, _PARSERS, skip=("mode", "splice"))
     opts = replace(opts, **overrides)  # type: ignore[arg-type]
     if opts.passthrough and opts.fec is not None:
         raise TransportError(

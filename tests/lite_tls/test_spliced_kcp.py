@@ -1,0 +1,133 @@
+"""lite-tls splice mode over kcp:// with a key: an agent and a server in-process, a real HTTPS origin and curl
+through SOCKS5. Once a lite-tls stream left the tunnel its bytes go over a keyless KCP conversation of its own to
+the server's ``splice`` UDP port (docs/lite-tls.md, splice mode over kcp://); the agent reaches that port through a
+UDP relay on loopback that sees (and in one test alters) the conversation's datagrams."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from vtunnel.apps.agent import Agent, AgentSettings
+from vtunnel.apps.lite_tls_splice import TICKET_LEN, conversation_endpoint
+from vtunnel.apps.policy import ExitPolicy
+from vtunnel.apps.server import Server, ServerSettings
+from vtunnel.io.splice import SPLICE_AVAILABLE
+from vtunnel.protocol import Role, TunnelConfig
+from vtunnel.runtime.byte_stream import TunnelByteStream
+from vtunnel.runtime.connection import TunnelConnection
+from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
+
+from .test_muxed import body_for, ca_file, curl, left_tunnel, origin
+from .test_muxed_kcp import Address, UdpTap
+
+__all__ = ["ca_file"]
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
+    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
+]
+
+
+@asynccontextmanager
+async def spliced_kcp(
+    tap: Callable[[Address], UdpTap], *, lite_tls: bool = True
+) -> AsyncIterator[tuple[int, int, UdpTap]]:
+    """A server on kcp:// with a fresh key and ``splice=0``, and an agent whose dedicated conversations reach the
+    splice port through the UDP relay ``tap(splice port)`` makes; yields the agent's SOCKS5 port, the server's
+    splice port and the relay."""
+    security = SecurityConfig(psk=os.urandom(32))
+    config = TunnelConfig(lite_tls=lite_tls)
+    async with anyio.create_task_group() as tg:
+        server = Server(
+            ServerSettings(
+                listen=[Endpoint.parse("kcp://127.0.0.1:0?splice=0")],
+                security=security,
+                policy=ExitPolicy(allow_private=True),
+                tunnel=config,
+                drain_timeout=1.0,
+            )
+        )
+        addresses = await tg.start(server.serve)
+        server_port = int(addresses[0].rsplit(":", 1)[1])
+        splice_port = int(server.splice_addresses[0].rsplit(":", 1)[1])
+        udp = tap(("127.0.0.1", splice_port))
+        try:
+            agent = Agent(
+                AgentSettings(
+                    servers=[Endpoint.parse(f"kcp://127.0.0.1:{server_port}?splice={udp.port}")],
+                    security=security,
+                    socks=("127.0.0.1", 0),
+                    tunnel=config,
+                    drain_timeout=1.0,
+                )
+            )
+            fronts = await tg.start(agent.serve)
+            yield int(fronts["socks"].rsplit(":", 1)[1]), splice_port, udp
+            agent.shutdown()
+            server.shutdown()
+        finally:
+            udp.close()
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_https_leaves_over_a_keyless_conversation_and_is_byte_exact(
+    version: str, ca_file: str, tmp_path: Path
+) -> None:
+    size = (64 if version == "1.3" else 4) * 1024 * 1024
+    with capture_logs() as logs:
+        async with origin(version) as https, spliced_kcp(lambda t: UdpTap(t, keep=True)) as (socks, _, udp):
+            out = tmp_path / "body"
+            with anyio.fail_after(150):
+                assert (
+                    await curl(
+                        socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file, version=version
+                    )
+                    == 0
+                )
+            assert out.read_bytes() == body_for(size)
+    left = left_tunnel(logs)
+    assert sorted(str(e["role"]) for e in left) == ["active", "passive"], left
+    assert all(e["mode"] == "spliced" for e in left)
+    # the body came over the conversation (server -> agent), the user's TLS records in it as they were
+    assert len(udp.wire) > size
+    assert body_for(size)[:4096] not in udp.wire
+
+
+async def test_plain_http_never_opens_a_conversation(tmp_path: Path) -> None:
+    async with origin(None) as http, spliced_kcp(lambda t: UdpTap(t)) as (socks, _, udp):
+        out = tmp_path / "body"
+        with anyio.fail_after(60):
+            assert await curl(socks, f"http://127.0.0.1:{http}/bytes/100000", out) == 0
+        assert out.read_bytes() == body_for(100000)
+        assert udp.datagrams == 0
+
+
+async def test_a_conversation_without_a_valid_ticket_gets_nothing_and_is_closed() -> None:
+    async with spliced_kcp(lambda t: UdpTap(t)) as (_, splice_port, _udp):
+        endpoint = conversation_endpoint(Endpoint.parse("kcp://127.0.0.1:1"), splice_port)
+        link = await get_transport("kcp").connect(endpoint, security=SecurityConfig())
+        conn = TunnelConnection(link, role=Role.CLIENT, config=TunnelConfig(lite_tls=False))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(conn.run)
+            await conn.wait_ready()
+            stream = TunnelByteStream(await conn.open_stream(None))
+            await stream.send(secrets.token_bytes(TICKET_LEN))
+            got = b""
+            with anyio.fail_after(10):  # parked CLAIM_TIMEOUT seconds for its SYN, then refused
+                try:
+                    while True:
+                        got += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass
+            assert got == b""  # no ACK
+            conn.shutdown("done")
