@@ -131,3 +131,48 @@ async def test_a_conversation_without_a_valid_ticket_gets_nothing_and_is_closed(
                     pass
             assert got == b""  # no ACK
             conn.shutdown("done")
+
+
+class _Flipper:
+    """Flips one byte in the middle of ten large server -> agent datagrams of a conversation, from the 50th on:
+    inside a KCP segment's data, so KCP delivers it and only the user's TLS can notice."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.flipped = 0
+
+    def __call__(self, datagram: bytes) -> bytes:
+        if len(datagram) < 1000:
+            return datagram
+        self.seen += 1
+        if self.seen < 50 or self.flipped >= 10:
+            return datagram
+        self.flipped += 1
+        changed = bytearray(datagram)
+        changed[700] ^= 0x40
+        return bytes(changed)
+
+
+async def test_a_flipped_byte_on_a_conversation_breaks_only_that_stream(ca_file: str, tmp_path: Path) -> None:
+    size = 16 * 1024 * 1024
+    flipper = _Flipper()
+    async with (
+        origin("1.3") as https,
+        origin(None) as http,
+        spliced_kcp(lambda t: UdpTap(t, flipper)) as (socks, _, _udp),
+    ):
+        tls_out, plain_out = tmp_path / "tls", tmp_path / "plain"
+        codes: dict[str, int] = {}
+
+        async def fetch(name: str, url: str, out: Path, ca: str | None) -> None:
+            codes[name] = await curl(socks, url, out, ca=ca)
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch, "tls", f"https://127.0.0.1:{https}/bytes/{size}", tls_out, ca_file)
+                tg.start_soon(fetch, "plain", f"http://127.0.0.1:{http}/bytes/{size}", plain_out, None)
+        assert flipper.flipped > 0
+        # the TLS stream fails (its records' MAC), the other stream of the tunnel is untouched
+        assert codes["tls"] != 0
+        assert codes["plain"] == 0
+        assert plain_out.read_bytes() == body_for(size)
