@@ -495,14 +495,6 @@ TARGETS: tuple[Target, ...] = (
         threshold=1.5,
         systems=("vtunnel-kcp+psk",),
     ),
-    Target(
-        name="HTTPS through lite-tls spliced over kcp:// >= 0.8x direct",
-        scenario="https-lite-kcp",
-        metric="spliced_over_direct",
-        op=">=",
-        threshold=0.8,
-        systems=("vtunnel-kcp+psk",),
-    ),
     *_rudp_targets(),
     Target(
         name="idle streams in one tunnel <= 4 KiB each",
