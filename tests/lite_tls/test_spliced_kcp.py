@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -176,3 +177,41 @@ async def test_a_flipped_byte_on_a_conversation_breaks_only_that_stream(ca_file:
         assert codes["tls"] != 0
         assert codes["plain"] == 0
         assert plain_out.read_bytes() == body_for(size)
+
+
+async def test_an_agent_whose_conversations_get_no_answer_leaves_muxed_and_is_byte_exact(
+    ca_file: str, tmp_path: Path
+) -> None:
+    """The agent's conversations go to a UDP port nobody serves: after the wait for the ACK the stream leaves
+    muxed (its PASSTHROUGH frames sealed in the session's datagrams, kcp:// without passthrough), and the download
+    is whole."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = ("127.0.0.1", int(sock.getsockname()[1]))
+    size = 4 * 1024 * 1024
+    with capture_logs() as logs:
+        async with origin("1.3") as https, spliced_kcp(lambda _: UdpTap(dead)) as (socks, _, udp):
+            out = tmp_path / "body"
+            with anyio.fail_after(60):
+                assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+            assert out.read_bytes() == body_for(size)
+            assert udp.datagrams == 0  # nothing came back
+    left = left_tunnel(logs)
+    assert sorted(str(e["role"]) for e in left) == ["active", "passive"], left
+    assert all(e["mode"] == "muxed" for e in left)
+    assert any(e["event"] == "lite_tls.splice_dial_failed" for e in logs)
+
+
+async def test_a_conversation_ends_at_both_ends_once_its_stream_is_over(ca_file: str, tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        async with origin("1.3") as https, spliced_kcp(lambda t: UdpTap(t)) as (socks, _, _udp):
+            out = tmp_path / "body"
+            with anyio.fail_after(60):
+                assert await curl(socks, f"https://127.0.0.1:{https}/bytes/100000", out, ca=ca_file) == 0
+            # the agent's and the server's KCP session of the conversation close; the tunnel's stay up
+            with anyio.fail_after(10):
+                while sum(e["event"] == "kcp session closed" for e in logs) < 2:
+                    await anyio.sleep(0.05)
+            await anyio.sleep(0.5)
+            assert sum(e["event"] == "kcp session closed" for e in logs) == 2
+    assert len(left_tunnel(logs)) == 2
