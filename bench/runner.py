@@ -305,10 +305,10 @@ class Runner:
                     sink, address = start_stall_sink(scope, stalling[0].settings(quick=self.options.quick))
                     side.append(address)
                 splice_port = None
-                # splice mode: a dedicated TCP connection per stream over tcp:// and tls://, a keyless KCP
-                # conversation over kcp:// (not in the code of a twin from before that, which has no such option)
+                # splice mode: a dedicated TCP connection per stream over tcp:// and tls://, a keyless
+                # conversation over kcp:// and rudp:// (not in the code of a twin from before that: no such option)
                 spliceable = job.system.transport in ("tcp", "tls") or (
-                    job.system.transport == "kcp" and job.system.ref is None
+                    job.system.transport in ("kcp", "rudp") and job.system.ref is None
                 )
                 if https:  # the agent's stream to the TLS source is lite-tls (chosen by its first bytes)
                     sources = start_tls_sources(scope, 1)

@@ -273,6 +273,19 @@ SCENARIOS: tuple[Scenario, ...] = (
         only=("vtunnel-kcp+psk",),
     ),
     Scenario(
+        name="https-lite-rudp",
+        kind="https_lite",
+        description="the same HTTPS-like bulk download over rudp:// with the key: lite-tls spliced (a second agent in "
+        "splice mode: a keyless rudp:// conversation per stream) against lite-tls off (an agent with --no-lite-tls "
+        "to the same server) and direct; the muxed row is lite-tls without splice (nothing leaves over rudp://); "
+        "CPU s/GB of agent and server",
+        params={"bytes": 256 * MiB, "timeout": 180},
+        quick={"bytes": 64 * MiB, "timeout": 90},
+        vtunnel_only=True,
+        own_stack=True,
+        only=("vtunnel-rudp+psk",),
+    ),
+    Scenario(
         name="idle-cpu",
         kind="idle_cpu",
         description="CPU of a quiet tunnel with one open idle stream (agent and server, /proc/PID/stat)",

@@ -11,8 +11,8 @@ it, no answer within :data:`ACK_TIMEOUT`, another byte): the agent then leaves m
 (``MUXED_MARKER``), so that a server that bound the connection all the same leaves muxed too. A connection whose ticket no open stream
 named gets nothing and is closed.
 
-Over ``kcp://`` the dedicated connection is a keyless KCP conversation of its own (a one-stream tunnel without a
-key, to the server's ``splice`` UDP port) instead of a TCP connection: each end bridges it to one socket of a
+Over ``kcp://`` and ``rudp://`` the dedicated connection is a keyless conversation of the same transport (a
+one-stream tunnel without a key, to the server's ``splice`` UDP port) instead of a TCP connection: each end bridges it to one socket of a
 socket pair (:func:`_bridge`), so the ticket, the ACK and the kernel relay of the user's socket are the same as
 over TCP, and the conversation's stream carries what the pair's other socket reads. A forged or altered datagram
 of a conversation reaches that one stream only (its TLS fails); no other stream and no tunnel has its keys.
@@ -81,26 +81,27 @@ DIAL_BACKOFF: Final = 30.0
 
 #: the schemes whose dedicated connections are TCP connections to the splice port
 _TCP_SCHEMES: Final = ("tcp", "tls")
-#: the scheme whose dedicated connections are keyless KCP conversations to the splice port (UDP)
-_CONVERSATION_SCHEME: Final = "kcp"
-#: a dedicated conversation's URL takes the server URL's KCP options but these
+#: the schemes whose dedicated connections are keyless conversations of their own transport to the splice port
+#: (UDP)
+_CONVERSATION_SCHEMES: Final = ("kcp", "rudp")
+#: a dedicated conversation's URL takes the server URL's transport options but these
 _NOT_CONVERSATION_OPTIONS: Final = frozenset({"splice", "passthrough"})
 #: the tunnel a dedicated conversation carries: one stream, no lite-tls of its own
 _CONVERSATION_CONFIG: Final = TunnelConfig(lite_tls=False)
 
 
 def splice_port(endpoint: Endpoint) -> int | None:
-    """The ``splice=PORT`` option of a ``tcp://``, ``tls://`` or ``kcp://`` URL (checked by the transport), or
-    None; None too where the platform cannot splice."""
+    """The ``splice=PORT`` option of a ``tcp://``, ``tls://``, ``kcp://`` or ``rudp://`` URL (checked by the
+    transport), or None; None too where the platform cannot splice."""
     text = endpoint.params.get("splice")
-    if text is None or not SPLICE_AVAILABLE or endpoint.scheme not in (*_TCP_SCHEMES, _CONVERSATION_SCHEME):
+    if text is None or not SPLICE_AVAILABLE or endpoint.scheme not in (*_TCP_SCHEMES, *_CONVERSATION_SCHEMES):
         return None
     return int(text)
 
 
 def conversation_endpoint(endpoint: Endpoint, port: int) -> Endpoint:
-    """The ``kcp://`` endpoint of ``endpoint``'s dedicated conversations: its host, ``port``, and its KCP
-    options but ``splice`` and ``passthrough`` (a conversation has no key)."""
+    """The endpoint of ``endpoint``'s dedicated conversations (``kcp://``, ``rudp://``): its scheme and host,
+    ``port``, and its options but ``splice`` and ``passthrough`` (a conversation has no key)."""
     params = {k: v for k, v in endpoint.params.items() if k not in _NOT_CONVERSATION_OPTIONS}
     return dataclasses.replace(endpoint, port=port, params=params)
 
@@ -242,10 +243,10 @@ async def serve_splice_port(
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept dedicated connections on ``port`` of ``endpoint``'s host until cancelled (TCP connections for
-    ``tcp://`` and ``tls://``, keyless KCP conversations for ``kcp://``): each has :data:`TICKET_TIMEOUT`
+    ``tcp://`` and ``tls://``, keyless conversations of the same transport for ``kcp://`` and ``rudp://``): each has :data:`TICKET_TIMEOUT`
     seconds to send its ticket, which goes to ``book``. Reports ``host:port``."""
     try:
-        if endpoint.scheme == _CONVERSATION_SCHEME:
+        if endpoint.scheme in _CONVERSATION_SCHEMES:
             await _serve_conversations(conversation_endpoint(endpoint, port), book, task_status)
         else:
             await _serve_connections(endpoint.host, port, book, task_status)
@@ -296,7 +297,7 @@ async def _serve_connections(
 async def _serve_conversations(
     endpoint: Endpoint, book: TicketBook, task_status: anyio.abc.TaskStatus[str]
 ) -> None:
-    """Serve keyless KCP conversations on ``endpoint``: each carries a tunnel of one stream, whose bytes are
+    """Serve keyless conversations (``kcp://``, ``rudp://``) on ``endpoint``: each carries a tunnel of one stream, whose bytes are
     its dedicated connection's (bridged to a socket pair); a conversation with no stream after
     :data:`TICKET_TIMEOUT` seconds, or over :data:`MAX_PARKED` of them waiting for their ticket, is closed."""
     listener = await get_transport(endpoint.scheme).listen(endpoint, security=SecurityConfig())
@@ -382,9 +383,9 @@ class SpliceDialer:
     def __init__(self, server: Endpoint, port: int) -> None:
         self.host = server.host
         self.port = port
-        #: kcp://: the dedicated connections are keyless KCP conversations to this endpoint
+        #: kcp://, rudp://: the dedicated connections are keyless conversations to this endpoint
         self._conversations = (
-            conversation_endpoint(server, port) if server.scheme == _CONVERSATION_SCHEME else None
+            conversation_endpoint(server, port) if server.scheme in _CONVERSATION_SCHEMES else None
         )
         self._backoff_until = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -475,7 +476,7 @@ class SpliceDialer:
             raise
 
     async def _converse(self) -> socket.socket:
-        """A new keyless KCP conversation to the splice port, its one stream bridged to the socket returned; the
+        """A new keyless conversation (``kcp://``, ``rudp://``) to the splice port, its one stream bridged to the socket returned; the
         conversation ends once that stream is over. Raises ``OSError`` (the transport's errors included) when it
         cannot be had."""
         endpoint = self._conversations

@@ -35,6 +35,7 @@ from vtunnel.transports.base import (
 )
 from vtunnel.transports.link import Link, SocketLink
 from vtunnel.transports.secure import SecuredListener
+from vtunnel.transports.urloptions import check_splice
 
 __all__ = ["SecuredListener", "TCPTransport", "TLSTransport", "tls_client_context", "tls_server_context"]
 
@@ -51,7 +52,7 @@ class TCPTransport(ByteStreamTransport):
             raise TransportError(
                 f"tcp:// takes no options but splice and proxy, got {', '.join(sorted(other))}"
             )
-        _check_splice(endpoint)
+        check_splice(f"{endpoint.scheme}://", endpoint.params)
         proxy_protocol(endpoint)
 
     async def connect_stream(self, endpoint: Endpoint) -> ByteStream:
@@ -87,13 +88,6 @@ def _not_proxied(endpoint: Endpoint) -> None:
         )
 
 
-def _check_splice(endpoint: Endpoint) -> None:
-    """``splice=PORT``: a port number (0 on a server: any free one)."""
-    text = endpoint.params.get("splice")
-    if text is not None and not (text.isdigit() and 0 <= int(text) <= 65535):
-        raise TransportError(f"{endpoint.scheme}:// option 'splice' must be a port (0-65535), got {text!r}")
-
-
 class TLSTransport(ByteStreamTransport):
     schemes: ClassVar[tuple[str, ...]] = ("tls",)
     description: ClassVar[str] = "TCP inside standard TLS (certificates from cert=/key=/ca= options)"
@@ -102,7 +96,7 @@ class TLSTransport(ByteStreamTransport):
         unknown = set(endpoint.params) - _TLS_CLIENT_OPTS
         if unknown:
             raise TransportError(f"unknown tls:// option(s): {', '.join(sorted(unknown))}")
-        _check_splice(endpoint)
+        check_splice(f"{endpoint.scheme}://", endpoint.params)
         proxy_protocol(endpoint)
 
     def __init__(self) -> None:
@@ -127,7 +121,7 @@ class TLSTransport(ByteStreamTransport):
             raise
 
     async def listen_streams(self, endpoint: Endpoint) -> Listener[ByteStream]:
-        _check_splice(endpoint)
+        check_splice(f"{endpoint.scheme}://", endpoint.params)
         proxy_protocol(endpoint)
         self._server_contexts[str(endpoint)] = tls_server_context(
             endpoint, allowed=frozenset({"ca", "cert", "key", "splice", "proxy"})

@@ -8,7 +8,15 @@ from collections.abc import Callable, Collection, Mapping
 
 from vtunnel.transports.base import TransportError
 
-__all__ = ["OptionParser", "bool_option", "choice_option", "int_option", "overrides", "seconds_option"]
+__all__ = [
+    "OptionParser",
+    "bool_option",
+    "check_splice",
+    "choice_option",
+    "int_option",
+    "overrides",
+    "seconds_option",
+]
 
 #: turns one option's text into its value: ``parse(name, text)``
 OptionParser = Callable[[str, str], object]
@@ -91,3 +99,11 @@ def overrides(
             raise TransportError(f"unknown {scheme} option {name!r} (known: {known})")
         values[name] = parser(name, text.strip())
     return values
+
+
+def check_splice(scheme: str, params: Mapping[str, str]) -> None:
+    """``splice=PORT`` (lite-tls splice mode, docs/lite-tls.md): a port number, 0 on a server for any free one. The
+    transports that take it only check it here; the applications read it, and it changes nothing in the link."""
+    text = params.get("splice")
+    if text is not None and not (text.isdigit() and 0 <= int(text) <= 65535):
+        raise TransportError(f"{scheme} option 'splice' must be a port (0-65535), got {text!r}")

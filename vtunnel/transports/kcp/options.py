@@ -16,7 +16,7 @@ from typing import Final
 from vtunnel.arq.fec import MAX_SHARDS
 from vtunnel.arq.kcp_options import DEFAULT_MODE, PRESETS, UNPACED_SNDWND, KCPOptions
 from vtunnel.transports.base import TransportError
-from vtunnel.transports.urloptions import OptionParser, bool_option, int_option, seconds_option
+from vtunnel.transports.urloptions import OptionParser, bool_option, check_splice, int_option, seconds_option
 from vtunnel.transports.urloptions import overrides as parse_overrides
 
 __all__ = ["parse_options"]
@@ -77,9 +77,7 @@ def parse_options(params: Mapping[str, str]) -> KCPOptions:
     opts = KCPOptions(
         mode=mode, nodelay=preset.nodelay, interval=preset.interval, resend=preset.resend, nc=preset.nc
     )
-    splice = params.get("splice")
-    if splice is not None and not (splice.isdigit() and 0 <= int(splice) <= 65535):
-        raise TransportError(f"kcp option 'splice' must be a port (0-65535), got {splice!r}")
+    check_splice("kcp", params)
     overrides = parse_overrides("kcp", params, _PARSERS, skip=("mode", "splice"))
     opts = replace(opts, **overrides)  # type: ignore[arg-type]
     if opts.passthrough and opts.fec is not None:

@@ -1,7 +1,8 @@
 """``rudp://`` URL options: the core's tuning (:class:`~vtunnel.arq.rudp.RudpConfig`) and the transport's own.
 
 ``rudp://host:port?cc=cubic&rcvwnd=8388608`` — every option is optional. Unknown options and bad values raise
-:class:`~vtunnel.transports.base.TransportError` naming the option.
+:class:`~vtunnel.transports.base.TransportError` naming the option. ``splice=PORT`` is checked here and read by the
+applications (docs/lite-tls.md, splice mode: a keyless rudp:// conversation per spliced lite-tls stream).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Final
 from vtunnel.arq.rudp.cc import CONTROLLERS
 from vtunnel.arq.rudp.connection import INITIAL_MAX_DATA, RudpConfig
 from vtunnel.transports.base import TransportError
-from vtunnel.transports.urloptions import OptionParser, bool_option, choice_option, int_option, seconds_option
+from vtunnel.transports.urloptions import (
+    OptionParser,
+    bool_option,
+    check_splice,
+    choice_option,
+    int_option,
+    seconds_option,
+)
 from vtunnel.transports.urloptions import overrides as parse_overrides
 
 __all__ = ["RudpOptions", "parse_options"]
@@ -85,7 +93,8 @@ _PARSERS: Final[Mapping[str, OptionParser]] = {
 
 def parse_options(params: Mapping[str, str]) -> RudpOptions:
     """Build :class:`RudpOptions` from URL query parameters."""
-    values = parse_overrides("rudp", params, _PARSERS)
+    check_splice("rudp", params)
+    values = parse_overrides("rudp", params, _PARSERS, skip=("splice",))
     config = RudpConfig(**{_CONFIG[name]: value for name, value in values.items() if name in _CONFIG})  # type: ignore[arg-type]
     rest = {name: value for name, value in values.items() if name not in _CONFIG}
     return RudpOptions(config=config, **rest)  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
-"""lite-tls splice mode over kcp:// with a key: an agent and a server in-process, a real HTTPS origin and curl
-through SOCKS5. Once a lite-tls stream left the tunnel its bytes go over a keyless KCP conversation of its own to
-the server's ``splice`` UDP port (docs/lite-tls.md, splice mode over kcp://); the agent reaches that port through a
-UDP relay on loopback that sees (and in one test alters) the conversation's datagrams."""
+"""lite-tls splice mode over kcp:// and rudp:// with a key: an agent and a server in-process, a real HTTPS origin
+and curl through SOCKS5. Once a lite-tls stream left the tunnel its bytes go over a keyless conversation of the
+same transport to the server's ``splice`` UDP port (docs/lite-tls.md, splice mode); the agent reaches that port
+through a UDP relay on loopback that sees (and in one test alters) the conversation's datagrams."""
 
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ pytestmark = [
 
 
 @asynccontextmanager
-async def spliced_kcp(
-    tap: Callable[[Address], UdpTap], *, lite_tls: bool = True
+async def spliced_conversations(
+    tap: Callable[[Address], UdpTap], *, lite_tls: bool = True, scheme: str = "kcp"
 ) -> AsyncIterator[tuple[int, int, UdpTap]]:
-    """A server on kcp:// with a fresh key and ``splice=0``, and an agent whose dedicated conversations reach the
+    """A server on ``scheme`` (kcp:// or rudp://) with a fresh key and ``splice=0``, and an agent whose dedicated conversations reach the
     splice port through the UDP relay ``tap(splice port)`` makes; yields the agent's SOCKS5 port, the server's
     splice port and the relay."""
     security = SecurityConfig(psk=os.urandom(32))
@@ -51,7 +51,7 @@ async def spliced_kcp(
     async with anyio.create_task_group() as tg:
         server = Server(
             ServerSettings(
-                listen=[Endpoint.parse("kcp://127.0.0.1:0?splice=0")],
+                listen=[Endpoint.parse(f"{scheme}://127.0.0.1:0?splice=0")],
                 security=security,
                 policy=ExitPolicy(allow_private=True),
                 tunnel=config,
@@ -65,7 +65,7 @@ async def spliced_kcp(
         try:
             agent = Agent(
                 AgentSettings(
-                    servers=[Endpoint.parse(f"kcp://127.0.0.1:{server_port}?splice={udp.port}")],
+                    servers=[Endpoint.parse(f"{scheme}://127.0.0.1:{server_port}?splice={udp.port}")],
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=config,
@@ -80,13 +80,16 @@ async def spliced_kcp(
             udp.close()
 
 
-@pytest.mark.parametrize("version", ["1.3", "1.2"])
+@pytest.mark.parametrize(("scheme", "version"), [("kcp", "1.3"), ("kcp", "1.2"), ("rudp", "1.3")])
 async def test_https_leaves_over_a_keyless_conversation_and_is_byte_exact(
-    version: str, ca_file: str, tmp_path: Path
+    scheme: str, version: str, ca_file: str, tmp_path: Path
 ) -> None:
     size = (64 if version == "1.3" else 4) * 1024 * 1024
     with capture_logs() as logs:
-        async with origin(version) as https, spliced_kcp(lambda t: UdpTap(t, keep=True)) as (socks, _, udp):
+        async with (
+            origin(version) as https,
+            spliced_conversations(lambda t: UdpTap(t, keep=True), scheme=scheme) as (socks, _, udp),
+        ):
             out = tmp_path / "body"
             with anyio.fail_after(150):
                 assert (
@@ -105,7 +108,7 @@ async def test_https_leaves_over_a_keyless_conversation_and_is_byte_exact(
 
 
 async def test_plain_http_never_opens_a_conversation(tmp_path: Path) -> None:
-    async with origin(None) as http, spliced_kcp(lambda t: UdpTap(t)) as (socks, _, udp):
+    async with origin(None) as http, spliced_conversations(lambda t: UdpTap(t)) as (socks, _, udp):
         out = tmp_path / "body"
         with anyio.fail_after(60):
             assert await curl(socks, f"http://127.0.0.1:{http}/bytes/100000", out) == 0
@@ -114,7 +117,7 @@ async def test_plain_http_never_opens_a_conversation(tmp_path: Path) -> None:
 
 
 async def test_a_conversation_without_a_valid_ticket_gets_nothing_and_is_closed() -> None:
-    async with spliced_kcp(lambda t: UdpTap(t)) as (_, splice_port, _udp):
+    async with spliced_conversations(lambda t: UdpTap(t)) as (_, splice_port, _udp):
         endpoint = conversation_endpoint(Endpoint.parse("kcp://127.0.0.1:1"), splice_port)
         link = await get_transport("kcp").connect(endpoint, security=SecurityConfig())
         conn = TunnelConnection(link, role=Role.CLIENT, config=TunnelConfig(lite_tls=False))
@@ -160,7 +163,7 @@ async def test_a_flipped_byte_on_a_conversation_breaks_only_that_stream(ca_file:
     async with (
         origin("1.3") as https,
         origin(None) as http,
-        spliced_kcp(lambda t: UdpTap(t, flipper)) as (socks, _, _udp),
+        spliced_conversations(lambda t: UdpTap(t, flipper)) as (socks, _, _udp),
     ):
         tls_out, plain_out = tmp_path / "tls", tmp_path / "plain"
         codes: dict[str, int] = {}
@@ -190,7 +193,7 @@ async def test_an_agent_whose_conversations_get_no_answer_leaves_muxed_and_is_by
         dead = ("127.0.0.1", int(sock.getsockname()[1]))
     size = 4 * 1024 * 1024
     with capture_logs() as logs:
-        async with origin("1.3") as https, spliced_kcp(lambda _: UdpTap(dead)) as (socks, _, udp):
+        async with origin("1.3") as https, spliced_conversations(lambda _: UdpTap(dead)) as (socks, _, udp):
             out = tmp_path / "body"
             with anyio.fail_after(60):
                 assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
@@ -204,7 +207,7 @@ async def test_an_agent_whose_conversations_get_no_answer_leaves_muxed_and_is_by
 
 async def test_a_conversation_ends_at_both_ends_once_its_stream_is_over(ca_file: str, tmp_path: Path) -> None:
     with capture_logs() as logs:
-        async with origin("1.3") as https, spliced_kcp(lambda t: UdpTap(t)) as (socks, _, _udp):
+        async with origin("1.3") as https, spliced_conversations(lambda t: UdpTap(t)) as (socks, _, _udp):
             out = tmp_path / "body"
             with anyio.fail_after(60):
                 assert await curl(socks, f"https://127.0.0.1:{https}/bytes/100000", out, ca=ca_file) == 0
