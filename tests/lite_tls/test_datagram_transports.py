@@ -1,7 +1,7 @@
-"""lite-tls over the datagram transports whose links do not carry passthrough records (rudp:// with a key, and
-kcp:// with a key but without ``passthrough=on``): the extension is not offered and a lite-tls stream is relayed
-as an ordinary sealed one. HTTPS through agent and server (curl, SOCKS5) is byte-exact and no stream leaves the
-tunnel. (kcp:// with ``passthrough=on`` carries them: test_muxed_kcp.py.)"""
+"""lite-tls over the datagram transports, whose links do not carry passthrough records (rudp:// and kcp:// with a
+key, without ``splice=``): the extension is not offered and a lite-tls stream is relayed as an ordinary sealed one.
+HTTPS through agent and server (curl, SOCKS5) is byte-exact and no stream leaves the tunnel. (With ``splice=`` they
+offer it: test_spliced_conversations.py.)"""
 
 from __future__ import annotations
 

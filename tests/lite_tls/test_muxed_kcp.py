@@ -1,7 +1,9 @@
-"""lite-tls muxed mode over kcp:// with a key and ``passthrough=on`` (sealed datagram v4): agent and server in-process, a real HTTPS
-origin and curl through SOCKS5. Between agent and server a UDP relay on loopback sees (and in one test tampers
-with) the server's datagrams; between the server and the origin a TCP relay records the origin's TLS records,
-so the test knows which bytes are the user's TLS record bodies and can look for them on the wire."""
+"""lite-tls over kcp:// with a key and without ``splice=``: no stream leaves, so every byte of the user's TLS
+crosses sealed. Agent and server in-process, a real HTTPS origin and curl through SOCKS5. Between agent and
+server a UDP relay on loopback sees the server's datagrams; between the server and the origin a TCP relay
+records the origin's TLS records, so the test knows which bytes are the user's TLS record bodies and can look
+for them on the wire. (With ``splice=`` lite-tls streams leave over conversations of their own:
+test_spliced_conversations.py, which uses :class:`UdpTap` too.)"""
 
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .test_muxed import BodyFlipper, Tap, body_for, ca_file, curl, left_tunnel, origin, records, relay
+from .test_muxed import Tap, body_for, ca_file, curl, left_tunnel, origin, records, relay
 
-__all__ = ["ca_file"]
+__all__ = ["Address", "UdpTap", "ca_file"]
 
 pytestmark = [
     pytest.mark.anyio,
@@ -110,7 +112,7 @@ async def kcp_tunnel(
     async with anyio.create_task_group() as tg:
         server = Server(
             ServerSettings(
-                listen=[Endpoint.parse("kcp://127.0.0.1:0?passthrough=on")],
+                listen=[Endpoint.parse("kcp://127.0.0.1:0")],
                 security=security,
                 policy=ExitPolicy(allow_private=True),
                 tunnel=config,
@@ -122,7 +124,7 @@ async def kcp_tunnel(
         try:
             agent = Agent(
                 AgentSettings(
-                    servers=[Endpoint.parse(f"kcp://127.0.0.1:{udp.port}?passthrough=on")],
+                    servers=[Endpoint.parse(f"kcp://127.0.0.1:{udp.port}")],
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=config,
@@ -137,47 +139,18 @@ async def kcp_tunnel(
             udp.close()
 
 
-@pytest.mark.parametrize("version", ["1.3", "1.2"])
-async def test_https_over_kcp_leaves_muxed_and_is_byte_exact(
-    version: str, ca_file: str, tmp_path: Path
+@pytest.mark.parametrize("lite_tls", [False, True])
+async def test_without_leaving_nothing_of_the_users_tls_is_in_the_clear_over_kcp(
+    lite_tls: bool, ca_file: str, tmp_path: Path
 ) -> None:
-    size = 64 * 1024 * 1024 if version == "1.3" else 4 * 1024 * 1024
-    target = Tap()
-    with capture_logs() as logs:
-        async with (
-            origin(version) as https,
-            relay(https, target) as tapped,
-            kcp_tunnel(lambda server: UdpTap(server, keep=True)) as (socks, udp),
-        ):
-            out = tmp_path / "body"
-            with anyio.fail_after(300):
-                url = f"https://127.0.0.1:{tapped}/bytes/{size}"
-                assert await curl(socks, url, out, ca=ca_file, version=version) == 0
-            assert out.read_bytes() == body_for(size)
-    ends = left_tunnel(logs)
-    assert sorted(str(e["role"]) for e in ends) == ["active", "passive"], ends
-    assert all(e["mode"] == "muxed" for e in ends)
-    wire = bytes(udp.wire)
-    recs = records(target.downstream)
-    # the user's handshake crossed sealed; after the switch its record bodies are in the clear, in runs
-    handshake = [body for kind, body in recs if kind == 0x16 and len(body) >= 48]
-    assert handshake
-    assert not any(body[:48] in wire for body in handshake)
-    big = [body for kind, body in recs if kind == 0x17 and len(body) > 16000][-40:]
-    assert big
-    found = sum(body[100:164] in wire for body in big)
-    assert found >= len(big) // 2, (found, len(big))
-
-
-async def test_without_lite_tls_nothing_of_the_users_tls_is_in_the_clear_over_kcp(
-    ca_file: str, tmp_path: Path
-) -> None:
+    """With lite-tls off, and with it on but no ``splice=`` (kcp:// then does not offer it), no stream leaves
+    and no TLS record body of the user's is found on the wire."""
     target = Tap()
     with capture_logs() as logs:
         async with (
             origin("1.3") as https,
             relay(https, target) as tapped,
-            kcp_tunnel(lambda server: UdpTap(server, keep=True), lite_tls=False) as (socks, udp),
+            kcp_tunnel(lambda server: UdpTap(server, keep=True), lite_tls=lite_tls) as (socks, udp),
         ):
             out = tmp_path / "body"
             with anyio.fail_after(120):
@@ -186,31 +159,3 @@ async def test_without_lite_tls_nothing_of_the_users_tls_is_in_the_clear_over_kc
     assert not left_tunnel(logs)
     wire = bytes(udp.wire)
     assert not any(body[100:164] in wire for kind, body in records(target.downstream) if len(body) >= 164)
-
-
-async def test_a_flipped_byte_in_a_clear_run_breaks_only_that_stream(ca_file: str, tmp_path: Path) -> None:
-    target = Tap()
-    flipper = BodyFlipper(target)  # over kcp:// its flip sees datagrams, and flips inside a clear run
-    target.tamper = flipper.learn
-    size = 32 * 1024 * 1024
-    async with (
-        origin("1.3") as https,
-        origin("1.2") as other,
-        relay(https, target) as tapped,
-        kcp_tunnel(lambda server: UdpTap(server, flipper.flip)) as (socks, _udp),
-    ):
-        codes: dict[str, int] = {}
-
-        async def fetch(name: str, port: int) -> None:
-            codes[name] = await curl(
-                socks, f"https://127.0.0.1:{port}/bytes/{size}", tmp_path / name, ca=ca_file
-            )
-
-        with anyio.fail_after(300):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(fetch, "tampered", tapped)
-                tg.start_soon(fetch, "parallel", other)
-    assert flipper.flipped, "no passthrough body was seen in the clear on the wire"
-    assert codes["tampered"] != 0  # the user's TLS caught it: bad record MAC
-    assert codes["parallel"] == 0
-    assert (tmp_path / "parallel").read_bytes() == body_for(size)

@@ -73,7 +73,7 @@ def test_every_option_field_can_be_set_from_the_url() -> None:
     assert opts.ackrepeat is False
     assert opts.fec == (10, 3)
     for f in fields(KCPOptions):
-        if f.name not in ("mode", "pacing", "ackrepeat", "fec", "passthrough"):
+        if f.name not in ("mode", "pacing", "ackrepeat", "fec"):
             assert str(getattr(opts, f.name)).rstrip("0").rstrip(".") == samples[f.name].rstrip("0").rstrip(
                 "."
             )
@@ -94,8 +94,6 @@ def test_every_option_field_can_be_set_from_the_url() -> None:
         ({"timeout": "nan"}, "timeout"),
         ({"idle": "0"}, "idle"),
         ({"interval": ""}, "interval"),
-        ({"passthrough": "maybe"}, "passthrough"),
-        ({"passthrough": "on", "fec": "10/3"}, "passthrough"),
     ],
 )
 def test_bad_options_name_the_option(params: dict[str, str], named: str) -> None:
@@ -103,9 +101,19 @@ def test_bad_options_name_the_option(params: dict[str, str], named: str) -> None
         parse_options(params)
 
 
-def test_passthrough_is_off_by_default_and_can_be_turned_on() -> None:
-    assert parse_options({}).passthrough is False
-    assert parse_options({"passthrough": "on"}).passthrough is True
+@pytest.mark.parametrize("value", ["on", "off", "1", ""])
+def test_the_removed_passthrough_option_says_what_replaced_it(value: str) -> None:
+    """``passthrough`` (lite-tls muxed over clear runs of sealed datagrams) is gone: a URL that still has it is
+    refused, whatever its value, with a message that points at splice mode."""
+    with pytest.raises(
+        TransportError, match=r"kcp option 'passthrough' was removed: .*splice=PORT .*lite-tls\.md"
+    ):
+        parse_options({"passthrough": value})
+
+
+def test_a_kcp_url_with_passthrough_is_refused() -> None:
+    with pytest.raises(TransportError, match="'passthrough' was removed"):
+        get_transport("kcp").check(Endpoint.parse("kcp://127.0.0.1:9000?passthrough=on&splice=9001"))
 
 
 def test_check_and_registry() -> None:

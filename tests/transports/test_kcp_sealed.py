@@ -289,27 +289,25 @@ async def test_an_authentic_datagram_that_is_no_kcp_inside_a_run_in_order_is_dro
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batches=st.lists(
-        st.lists(st.tuples(st.sampled_from([24, 100, 700, 1321]), st.booleans()), min_size=1, max_size=90),
+        st.lists(st.sampled_from([24, 100, 700, 1321]), min_size=1, max_size=90),
         min_size=1,
         max_size=4,
     )
 )
 def test_a_sessions_sealing_output_is_runs_for_segmented_sends_of_its_datagrams_in_order(
-    batches: list[list[tuple[int, bool]]],
+    batches: list[list[int]],
 ) -> None:
     """What seals a session's output (the codec's Sealer) gives runs that one segmented send each takes (equal
     sizes but a shorter last one, within the kernel's limits), holding a sealed datagram for each of the ARQ's,
-    in order, on consecutive counters: the peer opens them to the datagrams given, a batch with clear runs
-    (DATA-PT) too."""
+    in order, on consecutive counters: the peer opens them to the datagrams given."""
 
     async def main() -> None:
         async with raw_sealed_session(557) as (listener, (udp, session, _payload), datagrams):
             cid = session.connection_id
             seal = listener.codec.session_started(cid, datagrams[0], udp.local_address)
             for k, batch in enumerate(batches):
-                payloads = [bytes([(i + k) % 251]) * size for i, (size, _) in enumerate(batch)]
-                clear = [[(0, 10)] if pt else [] for _, pt in batch] if k % 2 else None
-                runs = seal(payloads, clear)
+                payloads = [bytes([(i + k) % 251]) * size for i, size in enumerate(batch)]
+                runs = seal(payloads)
                 for buffer, segment in runs:
                     sizes = [len(d) for d in split_run(buffer, segment)]
                     assert len(sizes) <= GSO_MAX_SEGMENTS
@@ -317,8 +315,7 @@ def test_a_sessions_sealing_output_is_runs_for_segmented_sends_of_its_datagrams_
                     assert all(size == segment for size in sizes[:-1])
                     assert sizes[-1] <= segment
                 wire = [bytes(d) for buffer, segment in runs for d in split_run(buffer, segment)]
-                if clear is None:
-                    assert [len(d) for d in wire] == [len(p) + DATAGRAM_OVERHEAD for p in payloads]
+                assert [len(d) for d in wire] == [len(p) + DATAGRAM_OVERHEAD for p in payloads]
                 assert session.open_many(wire) == payloads
 
     anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})

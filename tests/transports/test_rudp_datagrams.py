@@ -49,7 +49,7 @@ async def server_link(consumer: Calls) -> AsyncIterator[tuple[RudpLink, Connecti
     link = RudpLink(
         connection=Connection(role=Role.SERVER, local_cid=CID, peer_cid=b"", now=now, address_validated=True),
         timeout=5.0,
-        transmit=lambda datagrams, _address, _runs=None: sent.extend(datagrams),
+        transmit=lambda datagrams, _address: sent.extend(datagrams),
         local_address=ADDRESS,
         remote_address=ADDRESS,
     )

@@ -115,16 +115,6 @@ class KCPEngine:
         #: window once per input call, which matters only when the window is in use (nc=0)
         self.whole_runs: bool = bool(nd.nc)
 
-    def reserve(self, room: int) -> bool:
-        """Make every datagram ``room`` bytes shorter from now on (a sealer that adds more to some datagrams:
-        sealed datagram v4's run table); False, changing nothing, once anything was queued or ikcp refuses."""
-        kcp = self._kcp
-        if self.closed or kcp.waitsnd() or kcp.setmtu(int(kcp.mtu) - room) < 0:
-            return False
-        self.max_data = int(kcp.mss)
-        self._segment_bytes = self.max_data + _SEGMENT_HEADER
-        return True
-
     def _output(self, data: bytes) -> int:
         size = len(data)
         if (

@@ -67,9 +67,6 @@ class KCPOptions:
     #: forward error correction (data shards, parity shards): the session's datagrams travel as kcp-go's FEC
     #: packets (see vtunnel.arq.fec), both ends alike; None: bare KCP datagrams
     fec: tuple[int, int] | None = None
-    #: with a key and no fec: lite-tls passthrough bodies travel as clear runs of DATA-PT datagrams (sealed datagram
-    #: v4), so lite-tls is offered over the link; off: every byte sealed, lite-tls not offered (docs/security.md)
-    passthrough: bool = False
 
     @property
     def nodelay_args(self) -> NoDelay:

@@ -267,10 +267,9 @@ class _UDPSocket:
                 log.warning("udp send failed", error=repr(exc))
             self.dropped_sends += 1
 
-    def sendto_many(self, datagrams: list[bytes], address: Address, _runs: object = None, /) -> None:
+    def sendto_many(self, datagrams: list[bytes], address: Address) -> None:
         """Send a batch; runs of equal-size datagrams go out in one system call (UDP GSO) where Linux allows
-        (:func:`segment_runs`). A third argument is ignored (a sealing output's clear runs: so a plain one can be
-        this method itself)."""
+        (:func:`segment_runs`)."""
         if len(datagrams) == 1:  # (sendto inline: a message of an exchange is one datagram)
             if self._closed:
                 return

@@ -90,8 +90,9 @@ class TunnelConfig:
     #: streams' datagrams then skip the ordered byte stream; off keeps every datagram reliable and in order
     datagrams: bool = True
     #: offer the lite-tls extension (docs/lite-tls.md): ``lite-tls`` streams leave the tunnel's encryption once
-    #: their own TLS is up. The runtime offers it only over a link that carries passthrough records (a byte
-    #: stream with a key, kcp:// with ``passthrough=on``); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
+    #: their own TLS is up. The runtime offers it only where its streams may leave: over a link that carries
+    #: passthrough records (a byte stream with a key), or where they may leave over dedicated connections (splice
+    #: mode, e.g. kcp:// with ``splice=``); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
     lite_tls: bool = True
     #: with lite-tls, offer ``lite-tls-runs``: a PASSTHROUGH frame (and its passthrough record) may carry a run of
     #: whole TLS application-data records, up to ``MAX_PASSTHROUGH_RUN`` bytes, instead of one (docs/lite-tls.md).

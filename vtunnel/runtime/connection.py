@@ -110,7 +110,7 @@ class TunnelConnection:
         config = config or TunnelConfig()
         if config.lite_tls and not link.carry_passthrough_records() and not lite_tls_spliced:
             # lite-tls only where its streams leave to something cheaper: the link carries passthrough records (a
-            # byte stream with a key, kcp:// with passthrough=on), or they may leave over a dedicated connection
+            # byte stream with a key), or they may leave over a dedicated connection
             # (``lite_tls_spliced``: splice mode; one that fell back to muxed is then sealed like any stream)
             config = dataclasses.replace(config, lite_tls=False)
         elif config.lite_tls and config.lite_tls_runs and not link.carry_passthrough_runs():

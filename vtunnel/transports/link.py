@@ -194,16 +194,16 @@ class Link(AsyncResource, TypedAttributeProvider):
     def carry_passthrough_records(self) -> bool:
         """Called once, before anything is sent: from now on send PASSTHROUGH DATA frames (lite-tls) as
         passthrough records, their TLS record bodies outside the link's encryption (docs/security.md). True if
-        this link does (a byte stream with a key; kcp:// with a key and ``passthrough=on``: clear runs of DATA-PT
-        datagrams); False (the default: no key, rudp://, kcp:// without the option) and the tunnel does not offer
-        lite-tls over it."""
+        this link does (a byte stream with a key); False (the default: no key, kcp://, rudp://) and the tunnel
+        does not offer lite-tls over it, unless its streams may leave over dedicated connections (splice mode,
+        docs/lite-tls.md)."""
         return False
 
     def carry_passthrough_runs(self) -> bool:
         """Asked once, after :meth:`carry_passthrough_records` said yes: whether a PASSTHROUGH frame may also carry
         a run of whole TLS records (the ``lite-tls-runs`` extension, docs/lite-tls.md). True on a byte stream with
-        a key (its passthrough record seals every record header of the run); False (the default: kcp://, whose
-        clear runs are one record's body) and the tunnel does not offer it."""
+        a key (its passthrough record seals every record header of the run); False (the default) and the tunnel
+        does not offer it."""
         return False
 
     def user(self) -> UserKey | None:

@@ -17,7 +17,7 @@ import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import anyio
 from anyio.abc import SocketAttribute
@@ -30,7 +30,6 @@ __all__ = [
     "LINGER",
     "TIMER_SLACK",
     "ArqLink",
-    "ClearRuns",
     "ClientCodec",
     "Datagram",
     "ListenerCodec",
@@ -46,35 +45,13 @@ __all__ = [
 
 #: one datagram: a whole buffer, or a view of one datagram of a run
 Datagram: TypeAlias = bytes | memoryview
-#: the clear runs of one datagram, ``(offset, length)`` ranges of it (lite-tls passthrough bodies; sealed
-#: datagram v4's DATA-PT, :meth:`vtunnel.security.datagram.DatagramSession.seal_many`)
-ClearRuns: TypeAlias = Sequence[tuple[int, int]]
-
-
-class Sealer(Protocol):
-    """Seals a batch of the ARQ's datagrams: one wire datagram for each, in order, back to back in runs of one
-    segmented send each (:data:`~vtunnel.io.datagrams.Segments`); ``runs`` (one entry per datagram) the ranges
-    that stay in the clear."""
-
-    def __call__(
-        self, datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /
-    ) -> list[Segments]: ...
-
-
+#: seals a batch of the ARQ's datagrams: one wire datagram for each, in order, back to back in runs of one
+#: segmented send each (:data:`~vtunnel.io.datagrams.Segments`)
+Sealer: TypeAlias = Callable[[list[bytes]], list[Segments]]
 #: sends one datagram to an address (what a codec answers with: handshake replies, challenges, resets)
 Send: TypeAlias = Callable[[bytes, Address], None]
-
-
-class Transmit(Protocol):
-    """A session's output: sends a batch of its ARQ's datagrams to an address; ``runs`` (one entry per datagram,
-    from a link that carries passthrough records) the ranges a sealing output leaves in the clear, which any
-    other ignores (the socket's ``sendto_many`` is a plain one as it is)."""
-
-    def __call__(
-        self, datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
-    ) -> None: ...
-
-
+#: a session's output: sends a batch of its ARQ's datagrams to an address
+Transmit: TypeAlias = Callable[[list[bytes], Address], None]
 #: runs of one session's datagrams: ``(buffer, segment)`` (see :data:`~vtunnel.io.datagrams.Run`)
 Runs: TypeAlias = list[tuple[bytes, int]]
 #: where a datagram that a codec could not open in its batch goes (routed on its own)
@@ -221,16 +198,14 @@ def take_each(link: RoutedLink, buffer: bytes, segment: int, into: list[Datagram
 
 
 def transmitter(udp: CoalescingSocket, seal: Sealer | None) -> Transmit:
-    """A session's output on ``udp``: its ``sendto_many``, or, when there is a ``seal``, every batch sealed (with
-    its clear runs) into runs of datagrams that ``send_runs`` sends as they are."""
+    """A session's output on ``udp``: its ``sendto_many``, or, when there is a ``seal``, every batch sealed into
+    runs of datagrams that ``send_runs`` sends as they are."""
     if seal is None:
-        return udp.sendto_many  # (it takes and ignores the runs: one call less per datagram sent)
+        return udp.sendto_many
     send_runs = udp.send_runs
 
-    def transmit(
-        datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /
-    ) -> None:
-        send_runs(seal(datagrams, runs), address)
+    def transmit(datagrams: list[bytes], address: Address) -> None:
+        send_runs(seal(datagrams), address)
 
     return transmit
 

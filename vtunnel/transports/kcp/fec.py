@@ -38,7 +38,7 @@ from vtunnel.arq.fec import (
 )
 from vtunnel.arq.kcp_wire import HEADER_LEN, NewestMarks, is_new_session, valid_datagram
 from vtunnel.io.datagrams import Address
-from vtunnel.transports.kcp.codec import ClearRuns, Datagram, RoutedLink, Transmit, take_each
+from vtunnel.transports.kcp.codec import Datagram, RoutedLink, Transmit, take_each
 from vtunnel.transports.kcp.link import KCPLink
 from vtunnel.transports.kcp.plain import KeylessListenerCodec, PlainKey, kcp_key
 
@@ -79,8 +79,7 @@ def fec_transmitter(transmit: Transmit, shards: tuple[int, int]) -> Transmit:
     parity packets after its last one."""
     encode = FECEncoder(*shards).encode
 
-    def send(datagrams: list[bytes], address: Address, runs: Sequence[ClearRuns] | None = None, /) -> None:
-        # (an FEC link carries no passthrough records: parity mixes every byte, so nothing goes in the clear)
+    def send(datagrams: list[bytes], address: Address) -> None:
         transmit([packet for datagram in datagrams for packet in encode(datagram)], address)
 
     return send

@@ -21,12 +21,10 @@ import anyio
 import anyio.lowlevel
 import structlog
 
-from vtunnel.arq.clear_runs import MAX_RUNS, ClearRunTracker
 from vtunnel.arq.kcp_engine import KCPEngine
 from vtunnel.arq.kcp_options import KCPOptions
 from vtunnel.arq.kcp_wire import RunVerdict, valid_datagram, vet_run
 from vtunnel.io.datagrams import Address, split_run
-from vtunnel.security.datagram import PT_OVERHEAD, RUN_ENTRY
 from vtunnel.transports.kcp.codec import TIMER_SLACK, ArqLink, Datagram, Transmit
 from vtunnel.transports.link import ANY_SIZE, READ_SIZE, LinkConsumer, LinkStats
 
@@ -64,7 +62,6 @@ class KCPLink(ArqLink):
         local_address: Address,
         remote_address: Address,
         on_close: Callable[[KCPLink], None] | None = None,
-        clear_runs: bool = False,
     ) -> None:
         super().__init__(
             transmit=transmit,
@@ -82,10 +79,6 @@ class KCPLink(ArqLink):
         #: the longest a held ACK waits for the armed timer: ikcp's flush tick, at most ACK_HOLD
         self._ack_hold = min(options.interval / 1000.0, ACK_HOLD)
         self._last_stats = LinkStats()  # what stats() gives once the engine is closed
-        #: the output seals and the session has ``passthrough``: passthrough bodies may go in the clear
-        self._may_clear = clear_runs
-        #: the passthrough bodies of what is sent, once carry_passthrough_records said yes
-        self._clear_runs: ClearRunTracker | None = None
         self._arm(self._watchdog_due)
 
     @property
@@ -106,17 +99,6 @@ class KCPLink(ArqLink):
             delivery_rate=float(rate) * 1e6 if rate is not None else None,
             retransmitted_packets=int(raw["retransmits"]),
         )
-
-    def carry_passthrough_records(self) -> bool:
-        """With a key and ``passthrough`` (no FEC): the bodies of PASSTHROUGH frames leave as the clear runs of
-        DATA-PT datagrams (docs/security.md, sealed datagram v4). KCP's datagrams are made shorter by the room of
-        a run table (:data:`~vtunnel.arq.clear_runs.MAX_RUNS` entries), so a datagram with runs still fits."""
-        if not self._may_clear or self._clear_runs is not None:
-            return self._clear_runs is not None
-        if not self._engine.reserve(PT_OVERHEAD + RUN_ENTRY * MAX_RUNS):
-            return False
-        self._clear_runs = ClearRunTracker(window=2 * self._options.sndwnd, fixed_table=True)
-        return True
 
     # --- from the owner -------------------------------------------------------------------------------------
 
@@ -210,12 +192,6 @@ class KCPLink(ArqLink):
         if self._closed or self._error is not None:
             self._check_usable()
         engine = self._engine
-        tracker = self._clear_runs
-        if tracker is not None:
-            if engine.room() <= 0:
-                self._blocked = True
-                raise anyio.WouldBlock
-            tracker.sent(data)
         now = self._loop.time()
         # queued and flushed in one call: the ACKs still owed leave with the data
         waited = engine.write(data, now)
@@ -266,7 +242,7 @@ class KCPLink(ArqLink):
             self._flush(now)
             out = self._engine.datagrams_to_send()
             if out:
-                self._send_out(out)
+                self._transmit(out, self.remote_address)
             self._teardown()
         await anyio.lowlevel.checkpoint()
 
@@ -314,10 +290,7 @@ class KCPLink(ArqLink):
             self._flush(now)
         out = engine.datagrams_to_send()
         if out:
-            if self._clear_runs is None:
-                self._transmit(out, self.remote_address)
-            else:
-                self._send_out(out)
+            self._transmit(out, self.remote_address)
         if engine.dead:
             self.fail("dead link: a segment was retransmitted too often")
             return
@@ -336,15 +309,6 @@ class KCPLink(ArqLink):
                     consumer.link_writable()
             if self._drain_waiters and not engine.waiting():
                 self._wake_drain_waiters()
-
-    def _send_out(self, out: list[bytes]) -> None:
-        """Send what KCP emitted, each datagram with its clear runs when passthrough records are carried."""
-        tracker = self._clear_runs
-        if tracker is None:
-            self._transmit(out, self.remote_address)
-        else:
-            runs = tracker.runs
-            self._transmit(out, self.remote_address, [runs(datagram) for datagram in out])
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -41,8 +41,6 @@ def kcp_link(
     :class:`~vtunnel.transports.kcp.fec.FECLink` with ``options.fec``, else a :class:`KCPLink`. Raises
     :class:`~vtunnel.arq.kcp_engine.KCPEngineError` for options ikcp refuses."""
     link = KCPLink
-    # passthrough bodies may go in the clear: with a key and the option (never with FEC: parity mixes every byte)
-    clear_runs = overhead > 0 and options.passthrough and options.fec is None
     if options.fec is not None:
         overhead += FEC_OVERHEAD
         transmit = fec_transmitter(transmit, options.fec)
@@ -56,7 +54,6 @@ def kcp_link(
         local_address=local,
         remote_address=peer,
         on_close=on_close,
-        clear_runs=clear_runs,
     )
 
 

@@ -64,7 +64,6 @@ _PARSERS: Final[Mapping[str, OptionParser]] = {
     "pacing": bool_option("kcp"),
     "ackrepeat": bool_option("kcp"),
     "fec": _fec,
-    "passthrough": bool_option("kcp"),
 }
 
 
@@ -77,13 +76,13 @@ def parse_options(params: Mapping[str, str]) -> KCPOptions:
     opts = KCPOptions(
         mode=mode, nodelay=preset.nodelay, interval=preset.interval, resend=preset.resend, nc=preset.nc
     )
+    if "passthrough" in params:  # (lite-tls muxed over clear runs of sealed datagrams: splice replaced it)
+        raise TransportError(
+            "kcp option 'passthrough' was removed: lite-tls streams leave over splice=PORT (docs/lite-tls.md)"
+        )
     check_splice("kcp", params)
     overrides = parse_overrides("kcp", params, _PARSERS, skip=("mode", "splice"))
     opts = replace(opts, **overrides)  # type: ignore[arg-type]
-    if opts.passthrough and opts.fec is not None:
-        raise TransportError(
-            "kcp option 'passthrough' cannot be combined with 'fec': parity mixes every byte"
-        )
     if not opts.pacing and "sndwnd" not in overrides:
         # unpaced, ikcp puts a whole send window on the wire at once: 4096 segments overrun any shallow
         # queue and the session collapses (0.3 MB/s in kcpsim's 50 MB/s model), so keep kcptun's 1024

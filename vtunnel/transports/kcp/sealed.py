@@ -31,7 +31,7 @@ payloads (:class:`~vtunnel.transports.kcp.codec.RoutedLink`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
@@ -62,7 +62,6 @@ from vtunnel.security.keys import KeySet, UserKey
 from vtunnel.security.replay import HandshakeLimiter, ReplayCache, ResetLimiter
 from vtunnel.transports.base import KeyRing
 from vtunnel.transports.kcp.codec import (
-    ClearRuns,
     ClientCodec,
     Datagram,
     ListenerCodec,
@@ -112,16 +111,10 @@ class _InUse:
 
 def _sealer(session: DatagramSession) -> Sealer:
     """What seals ``session``'s output: a batch cut into runs of one segmented send each (:func:`segment_runs`
-    of the sealed sizes), each run sealed into one buffer (:meth:`DatagramSession.seal_run`). A batch with
-    clear runs is sealed datagram by datagram (a DATA-PT datagram's size is known once it is sealed), then cut
-    and joined."""
-    seal_run, seal_many = session.seal_run, session.seal_many
+    of the sealed sizes), each run sealed into one buffer (:meth:`DatagramSession.seal_run`)."""
+    seal_run = session.seal_run
 
-    def seal(datagrams: list[bytes], runs: Sequence[ClearRuns] | None = None, /) -> list[Segments]:
-        if runs is not None and any(runs):
-            sealed = seal_many(datagrams, runs)
-            sizes = list(map(len, sealed))
-            return [(b"".join(sealed[start:end]), sizes[start]) for start, end in segment_runs(sizes)]
+    def seal(datagrams: list[bytes]) -> list[Segments]:
         if len(datagrams) == 1:  # (an ACK, a message: one datagram, no runs to cut)
             one = seal_run(datagrams)
             return [(one, len(one))]
