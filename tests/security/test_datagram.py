@@ -26,6 +26,7 @@ from vtunnel.security.datagram import (
     CID_CHECK_LEN,
     CID_LEN,
     DATAGRAM_OVERHEAD,
+    DATAGRAM_PROLOGUE,
     HEADER_KEY_LABEL,
     MAX_CONNECTION_IDS,
     MAX_CONTROL_DATAGRAM,
@@ -1065,6 +1066,37 @@ def test_a_batch_is_the_documented_layout_byte_for_byte(
     assert twin.seal_run(payloads) == b"".join(documented)  # the same datagrams, back to back in one buffer
     assert twin._send_counter == start + len(payloads)
     assert receive.open_many([*documented, control]) == [*payloads, PathChallenge(b"abcdefgh")]
+
+
+def test_the_prologue_stays_v4() -> None:
+    """Retiring DATA-PT changed nothing a peer checks: the handshake's prologue is still v4's."""
+    assert DATAGRAM_PROLOGUE == b"vtunnel datagram v4"
+
+
+@pytest.mark.parametrize("kind", [0x05, 0x00, 0x06, 0xFF])
+@pytest.mark.parametrize("cipher", ALL_CIPHERS)
+def test_a_datagram_of_a_retired_or_unknown_kind_is_dropped_silently(
+    cipher: TransportCipher, kind: int
+) -> None:
+    """A datagram sealed under the session's keys with a kind that is neither DATA nor CONTROL (05, DATA-PT,
+    retired; or one never defined) opens to nothing, alone or in a batch, and moves nothing: the counter it
+    carries still opens as DATA afterwards, and the datagrams around it open as they would without it."""
+    rng = random.Random(1)  # session_pair(cipher, 1)'s keys
+    k1, k2, ck = rng.randbytes(32), rng.randbytes(32), rng.randbytes(32)
+    cid = rng.randbytes(CID_LEN)
+    keys = TransportKeys(send=k1, receive=k2, handshake_hash=bytes(32), chaining_key=ck, initiator=True)
+    send, receive = session_pair(cipher, 1)
+    assert kind not in set(DatagramType)
+    odd = documented_datagram(cipher, keys, cid, kind, 0, b"x" * 200)
+    assert receive.open(odd) is None
+    assert receive.highest_received == -1
+    assert not receive.confirmed
+    first, second = send.seal_many([b"first", b"second"])
+    odd = documented_datagram(cipher, keys, cid, kind, 2, b"y" * 200)
+    assert receive.open_many([first, odd, second]) == [b"first", None, b"second"]
+    assert receive.open_run(odd, len(odd)) is None
+    assert receive.highest_received == 1
+    assert receive.open(send.seal(b"third")) == b"third"  # counter 2: the odd datagram did not take it
 
 
 FATES = ("intact", "flipped", "truncated", "replayed", "duplicated", "other session", "other key", "garbage")

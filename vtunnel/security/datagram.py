@@ -7,8 +7,6 @@ Layouts (integers big endian; full description in ``docs/security.md``)::
     REPLY   (server -> client)  salt (16) | ChaCha20[K_s2c(salt)](initial CID (8) | Noise message 2)
     DATA    (both ways)         CID (8) | HP(kind 03 | counter low 32 bits) | AEAD ciphertext + tag 16
     CONTROL (both ways)         CID (8) | HP(kind 04 | counter low 32 bits) | AEAD(kind 1 | data 8 | padding) + tag 16
-    DATA-PT (both ways)         CID (8) | HP(kind 05 | counter low 32 bits) | AEAD(run table | the rest) + tag 16
-                                | clear runs | u16 runs' length XOR header mask bytes 5..6
     RESET   (server -> client)  CID (8) | random 13..219 | reset token 16   (DATA-shaped, see below)
 
 Handshake datagrams. ``K(salt)`` is ``BLAKE2s(key=PSK, person=direction label, data=salt)``; the salt is
@@ -20,10 +18,9 @@ prologue's tail, so it is authenticated. REPLY's payload is the connection ID th
 cipher's code, then padding; the client drops a reply whose unmasked initial CID is not its own before any
 Diffie-Hellman.
 
-DATA-PT (v4) is DATA whose payload has clear runs (lite-tls passthrough bodies, ``docs/security.md``): the run
-table (``u8 r | r x (u16 offset, u16 length)``) and the payload with the runs cut out are sealed, the runs follow
-the tag, and their total length closes the datagram under the header mask; the associated data adds it to the 13
-header bytes. A table whose runs are not ordered, overlap or leave the payload drops the datagram (empty runs pad a table).
+Kind 05 (DATA-PT: DATA with clear runs of lite-tls passthrough bodies after the tag, added by v4) is retired:
+it cost more CPU than it saved (``docs/security.md``). Nothing sends it, and a receiver drops it, as any kind it does
+not know, before decrypting anything.
 
 DATA and CONTROL. A datagram is sealed with the chosen cipher (:mod:`.ciphers`) under its direction's key;
 its nonce is the full 64-bit counter and its associated data the 13 header bytes *before* header protection
@@ -76,7 +73,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from itertools import chain, repeat
+from itertools import repeat
 from operator import itemgetter
 
 from cryptography.exceptions import InvalidTag
@@ -123,20 +120,16 @@ __all__ = [
     "MAX_INIT_DATAGRAM",
     "MAX_REPLY_DATAGRAM",
     "MAX_RESET_DATAGRAM",
-    "MAX_RUNS",
     "MAX_SERVER_ID",
     "MAX_SLOTS",
     "MIN_CONTROL_DATAGRAM",
     "MIN_INIT_DATAGRAM",
     "MIN_REPLY_DATAGRAM",
     "MIN_RESET_DATAGRAM",
-    "PT_OVERHEAD",
     "REPLY_REPEAT_LIMIT",
     "RESET_TOKEN_LEN",
     "RETRANSMIT_PERIOD",
-    "RUN_ENTRY",
     "SALT_LEN",
-    "ClearRuns",
     "ConnectionIdLayout",
     "ControlKind",
     "ControlMessage",
@@ -167,9 +160,7 @@ class DatagramType(IntEnum):
     DATA = 0x03
     #: DATA's shape and keys; the sealed payload is a control message (path validation), not for the ARQ layer
     CONTROL = 0x04
-    #: DATA with clear runs after the tag (lite-tls muxed mode, datagram v4): the sealed part is the run table and
-    #: the datagram's bytes with the runs cut out; the runs are bodies of PASSTHROUGH frames, the user's own TLS
-    DATA_PT = 0x05
+    # 0x05 was DATA-PT (v4's clear runs of lite-tls passthrough bodies), retired: dropped as any unknown kind
 
 
 class ControlKind(IntEnum):
@@ -214,10 +205,8 @@ class ConnectionIdSeen:
 
 
 ControlMessage = PathChallenge | PathResponse | NewConnectionId | ConnectionIdSeen
-#: the clear runs of one DATA-PT datagram: ``(offset, length)`` ranges of its payload, ordered, not overlapping
-ClearRuns = Sequence[tuple[int, int]]
-
-#: v4: DATA-PT datagrams (clear runs of lite-tls passthrough bodies). v3: nothing but the connection ID in clear
+#: v4 added DATA-PT datagrams (kind 05, clear runs of lite-tls passthrough bodies; retired since, the version kept so
+#: that peers still complete a handshake). v3: nothing but the connection ID in clear
 #: (masked handshake datagrams, header protection, padded CONTROL). v2 added the cipher offer and choice. Peers of
 #: different versions never complete a handshake: the server stays silent and the client times out.
 DATAGRAM_PROLOGUE = b"vtunnel datagram v4"
@@ -230,30 +219,14 @@ DATAGRAM_OVERHEAD = DATA_HEADER_LEN + TAGLEN  # 29
 _SAMPLE_END = DATA_HEADER_LEN + 16  # the header mask's input: the ciphertext's first 16 bytes
 _DATA_KIND = int(DatagramType.DATA)
 _CONTROL_KIND = int(DatagramType.CONTROL)
-_PT_KIND = int(DatagramType.DATA_PT)
-#: a DATA-PT datagram's trailer: the clear runs' total length, masked with bytes 5..6 of the header mask
-_CLEAR_LEN = struct.Struct(">H")
-_CLEAR_MASK = struct.Struct(">5xH9x")
-#: one entry of a DATA-PT run table: offset and length in the datagram (the ARQ's bytes, runs included)
-_RUN = struct.Struct(">HH")
-#: a table of one run padded with an empty run at the datagram's end: written, and read with its empty length
-_PADDED_ONE = struct.Struct(">BHHH2x")
-_PADDED_ONE_READ = struct.Struct(">BHHHH")
-#: the most runs one DATA-PT datagram's table holds
-MAX_RUNS = 255
-#: bytes a DATA-PT datagram adds to a DATA one: the run count, the trailer, and 4 per run
-PT_OVERHEAD = 1 + _CLEAR_LEN.size
-RUN_ENTRY = _RUN.size
 #: A DATA or CONTROL header: CID, kind, counter low 32 bits. Clear, it is the associated data; masked, the wire's.
 _HEADER = struct.Struct(">8sBI")
 #: The protected part of a header as it reads on the wire (the CID skipped).
 _PROTECTED = struct.Struct(">8xBI")
 #: The protected part of a header: kind, counter low 32 bits.
 _FIELD = struct.Struct(">BI")
-#: One AES block of header mask: what the kind byte and the counter's low 32 bits are XORed with ...
+#: One AES block of header mask: what the kind byte and the counter's low 32 bits are XORed with.
 _MASK = struct.Struct(">BI11x")
-#: ... and, read with them in one call, what a DATA-PT datagram's trailer is XORed with (:data:`_CLEAR_MASK`).
-_MASKS = struct.Struct(">BIH9x")
 _LOW32 = 0xFFFFFFFF
 _HIGH = ~_LOW32
 _WRAP = 1 << 32
@@ -474,83 +447,6 @@ def _control_message(payload: bytes) -> ControlMessage | None:
     return None if message is None else message(data)
 
 
-def _cut_runs(payload: bytes, runs: ClearRuns) -> tuple[bytes, bytes]:
-    """A DATA-PT datagram's sealed plaintext (run table, then ``payload`` with the runs cut out) and its clear
-    bytes (the runs, in order). Raises :class:`SecurityError` for runs that are not ordered, not inside
-    ``payload``, overlapping, or more than :data:`MAX_RUNS`; empty runs are allowed (a table padded to a fixed
-    size)."""
-    count = len(runs)
-    if count > MAX_RUNS:
-        raise SecurityError(f"a datagram holds at most {MAX_RUNS} clear runs")
-    size = len(payload)
-    if count == 2 and runs[1][1] == 0 and runs[1][0] == size:  # the common case: one run, the table padded
-        offset, length = runs[0]
-        end = offset + length
-        if length < 0 or offset < 0 or end > size:
-            raise SecurityError("clear runs must be ordered, inside the datagram and not overlap")
-        table = _PADDED_ONE.pack(2, offset, length, size)
-        return b"".join((table, payload[:offset], payload[end:])), payload[offset:end]
-    view = memoryview(payload)
-    sealed: list[bytes | memoryview] = [bytes((count,)) + _run_table(count).pack(*chain.from_iterable(runs))]
-    clear: list[memoryview] = []
-    cursor = 0
-    for offset, length in runs:
-        end = offset + length
-        if length < 0 or offset < cursor or end > size:
-            raise SecurityError("clear runs must be ordered, inside the datagram and not overlap")
-        if length:
-            if offset > cursor:
-                sealed.append(view[cursor:offset])
-            clear.append(view[offset:end])
-            cursor = end
-    sealed.append(view[cursor:])
-    return b"".join(sealed), clear[0].tobytes() if len(clear) == 1 else b"".join(clear)
-
-
-def _reinsert(sealed: bytes, clear: bytes | memoryview) -> bytes | None:
-    """The payload of an opened DATA-PT datagram: ``clear`` re-inserted where the run table says; None (a forgery)
-    for a table whose runs are not ordered, overlap, leave the datagram or do not add up to ``clear`` (an empty
-    run is padding)."""
-    count = sealed[0]
-    rest = 1 + count * _RUN.size
-    size = len(sealed)
-    if size < rest:
-        return None
-    if count == 2:
-        _count, offset, length, pad_at, pad = _PADDED_ONE_READ.unpack_from(sealed)
-        if pad == 0 and length == len(clear) and pad_at == size - rest + length and offset <= pad_at - length:
-            # one run, the table padded (what the link sends)
-            return b"".join((sealed[rest : rest + offset], clear, sealed[rest + offset :]))
-    total = size - rest + len(clear)
-    view = memoryview(sealed)
-    parts: list[bytes | memoryview] = []
-    add = parts.append
-    cursor = taken = 0
-    fields = iter(_run_table(count).unpack_from(sealed, 1))
-    for offset, length in zip(fields, fields, strict=True):
-        if offset < cursor or offset + length > total:
-            return None
-        if offset > cursor:
-            add(view[rest : rest + offset - cursor])
-            rest += offset - cursor
-        if length:
-            add(clear[taken : taken + length])
-            taken += length
-        cursor = offset + length
-    if taken != len(clear):
-        return None
-    add(view[rest:])
-    return b"".join(parts)
-
-
-def _lows(first: int, count: int) -> Sequence[int]:
-    """The low 32 bits of the ``count`` counters from ``first``."""
-    low = first & _LOW32
-    if low + count <= _WRAP:
-        return range(low, low + count)
-    return [n & _LOW32 for n in range(first, first + count)]
-
-
 def _geometric(width: int, count: int) -> tuple[int, int]:
     """``step`` and ``ramp`` of ``count`` blocks of ``width`` bytes read as one big-endian integer: one in every
     block, and i in block i (the first block at the high end)."""
@@ -596,12 +492,6 @@ def _wire_run(segment: int, count: int, last: int) -> Callable[[bytes], tuple[by
 
 #: the header mask's input of a sealed body: its first 16 bytes
 _SAMPLE = itemgetter(slice(16))
-
-
-@lru_cache(maxsize=16)
-def _run_table(count: int) -> struct.Struct:
-    """A run table of ``count`` entries, read in one call."""
-    return struct.Struct(">" + "HH" * count)
 
 
 class DatagramSession:
@@ -770,50 +660,12 @@ class DatagramSession:
         parts[2::3] = bodies
         return b"".join(parts)
 
-    def seal_many(self, payloads: Sequence[bytes], runs: Sequence[ClearRuns] | None = None) -> list[bytes]:
+    def seal_many(self, payloads: Sequence[bytes]) -> list[bytes]:
         """A DATA datagram for each of ``payloads``, in order: what :meth:`seal` gives for each in turn, for
-        less work per datagram.
-
-        ``runs`` (one entry per payload) names ranges of each payload that go in the clear (lite-tls passthrough
-        bodies, docs/security.md): a payload with runs becomes a DATA-PT datagram (kind 05), sealed part = run
-        table + the payload with the runs cut out, then the runs, then the runs' total length under the header
-        mask; a payload without (an empty entry) a DATA datagram as without ``runs``. Raises
-        :class:`SecurityError` for runs that are not ordered, inside the payload and apart.
-        """
-        if runs is None or not any(runs):
-            cid = self.connection_id
-            fields, wire = self._seal_with(cid, _DATA_KIND, payloads)
-            return list(map(b"".join, zip(repeat(cid), fields, wire)))
-        if len(runs) != len(payloads):
-            raise SecurityError("one entry of clear runs per payload")
+        less work per datagram."""
         cid = self.connection_id
-        first = self._send_counter
-        end = first + len(payloads)
-        if end > MAX_COUNTER:
-            raise SecurityError("the session's counter is exhausted; start a new handshake")
-        cuts = [
-            _cut_runs(payload, clear) if clear else None
-            for payload, clear in zip(payloads, runs, strict=True)
-        ]
-        self._send_counter = end
-        encrypt, nonce, header = self._encrypt, self._nonce, _HEADER.pack
-        lows = _lows(first, len(payloads))
-        bodies: list[bytes] = []
-        for n, low, payload, cut in zip(range(first, end), lows, payloads, cuts, strict=True):
-            if cut is None:
-                bodies.append(encrypt(nonce(n), payload, header(cid, _DATA_KIND, low)))
-            else:
-                trailer = _CLEAR_LEN.pack(len(cut[1]))
-                bodies.append(encrypt(nonce(n), cut[0], header(cid, _PT_KIND, low) + trailer))
-        masks = _MASKS.iter_unpack(self._send_mask(b"".join([body[:16] for body in bodies])))
-        sealed: list[bytes] = []
-        for low, body, cut, (kind_mask, low_mask, clear_mask) in zip(lows, bodies, cuts, masks, strict=True):
-            if cut is None:
-                sealed.append(header(cid, _DATA_KIND ^ kind_mask, low ^ low_mask) + body)
-            else:
-                head = header(cid, _PT_KIND ^ kind_mask, low ^ low_mask)
-                sealed.append(b"".join((head, body, cut[1], _CLEAR_LEN.pack(len(cut[1]) ^ clear_mask))))
-        return sealed
+        fields, wire = self._seal_with(cid, _DATA_KIND, payloads)
+        return list(map(b"".join, zip(repeat(cid), fields, wire)))
 
     @property
     def highest_received(self) -> int:
@@ -895,15 +747,15 @@ class DatagramSession:
                 else [datagrams[i][DATA_HEADER_LEN:_SAMPLE_END] for i in candidates]
             )
         mine = datagrams if len(candidates) == count else [datagrams[i] for i in candidates]
-        masks = _MASKS.iter_unpack(self._receive_mask(samples))
+        masks = _MASK.iter_unpack(self._receive_mask(samples))
         window = self._window
         check, update, highest = window.check, window.update, window.highest
         decrypt, nonce, header, protected = self._decrypt, self._nonce, _HEADER.pack, _PROTECTED.unpack_from
         authentic = 0
-        for i, datagram, (kind_mask, low_mask, clear_mask) in zip(candidates, mine, masks, strict=True):
+        for i, datagram, (kind_mask, low_mask) in zip(candidates, mine, masks, strict=True):
             kind, low = protected(datagram)
             kind ^= kind_mask
-            if kind != _DATA_KIND and kind != _CONTROL_KIND and kind != _PT_KIND:
+            if kind != _DATA_KIND and kind != _CONTROL_KIND:  # (any other kind, retired or unknown: dropped)
                 continue
             low ^= low_mask
             # the full counter nearest to the next one expected (RFC 9000 appendix A.3, 32-bit truncation)
@@ -925,10 +777,6 @@ class DatagramSession:
                         nonce(n), datagram[DATA_HEADER_LEN:], header(named, kind, low)
                     )
                 except InvalidTag:
-                    continue
-            elif kind == _PT_KIND:
-                payload = self._open_pt(datagram, n, header(named, kind, low), clear_mask)
-                if payload is None:
                     continue
             else:
                 try:
@@ -990,23 +838,6 @@ class DatagramSession:
         self.newest_connection_id = cid
         self.confirmed = True
         return opened
-
-    def _open_pt(self, datagram: bytes | memoryview, n: int, header: bytes, clear_mask: int) -> bytes | None:
-        """The payload of DATA-PT datagram ``datagram`` (counter ``n``, clear ``header``, the mask of its
-        trailer ``clear_mask``): its sealed part opened, the clear runs put back; None when the tag, the trailer
-        or the run table is wrong."""
-        size = len(datagram)
-        clear_len = _CLEAR_LEN.unpack_from(datagram, size - _CLEAR_LEN.size)[0] ^ clear_mask
-        end = size - _CLEAR_LEN.size - clear_len
-        if end < DATA_HEADER_LEN + TAGLEN + 1:
-            return None
-        try:
-            sealed = self._decrypt(
-                self._nonce(n), datagram[DATA_HEADER_LEN:end], header + _CLEAR_LEN.pack(clear_len)
-            )
-        except InvalidTag:
-            return None
-        return _reinsert(sealed, memoryview(datagram)[end : size - _CLEAR_LEN.size])
 
 
 class PeerPath:
