@@ -576,8 +576,9 @@ def measure_https_lite(stack: Stack, settings: Mapping[str, float], round_index:
     """HTTPS-like bulk download goodput, side by side: lite-tls muxed, lite-tls spliced, lite-tls off, direct.
 
     The stack's agent forwards to a TLS source (``lite``: a lite-tls stream, chosen by its ClientHello, that
-    leaves the tunnel's encryption once TLS is up, in PASSTHROUGH frames). A second agent (``agent-spliced``,
-    entry ``side_entries["spliced"]``) reaches the same source in splice mode (``spliced``: after the marker
+    leaves the tunnel's encryption once TLS is up, in PASSTHROUGH frames; over kcp://, whose links carry no
+    passthrough records, the agent without splice mode is not offered lite-tls and the stream stays sealed). A
+    second agent (``agent-spliced``, entry ``side_entries["spliced"]``) reaches the same source in splice mode (``spliced``: after the marker
     exchange a dedicated connection relayed by ``os.splice`` at both ends), a third one (``agent-off``, entry
     ``side_entries["off"]``) with ``--no-lite-tls`` (``off``: an ordinary stream, the TLS is encrypted again by
     the tunnel); ``keyless`` (entry ``side_entries["keyless"]``, keyed systems) goes through a second server and

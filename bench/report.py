@@ -472,14 +472,6 @@ TARGETS: tuple[Target, ...] = (
         systems=("vtunnel-tcp+psk",),
     ),
     Target(
-        name="HTTPS through lite-tls muxed over kcp:// >= 1.5x lite-tls off",
-        scenario="https-lite-kcp",
-        metric="lite_over_off",
-        op=">=",
-        threshold=1.5,
-        systems=("vtunnel-kcp+psk",),
-    ),
-    Target(
         name="HTTPS through lite-tls spliced >= 0.8x direct",
         scenario="https-lite",
         metric="spliced_over_direct",

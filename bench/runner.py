@@ -327,11 +327,6 @@ class Runner:
                     agent_extra=agent_extra,
                     socks=socks,
                     splice_port=splice_port,
-                    # kcp:// carries passthrough bodies only when asked (the code of a twin before the option
-                    # has no such option: its lite-tls streams stay sealed, as they did)
-                    url_params="passthrough=on"
-                    if https and job.system.transport == "kcp" and job.system.ref is None
-                    else "",
                 )
                 if plain_spliced:  # an agent in splice mode to the workload server
                     stack.side_entries["plain-spliced"] = start_side_agent(

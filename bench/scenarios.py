@@ -262,10 +262,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="https-lite-kcp",
         kind="https_lite",
-        description="the same HTTPS-like bulk download over kcp:// with the key: lite-tls muxed (sealed datagram "
-        "v4, the bodies in clear runs), lite-tls spliced (a second agent in splice mode: a keyless KCP conversation "
-        "per stream) against lite-tls off (an agent with --no-lite-tls to the same server) and direct; CPU s/GB of "
-        "agent and server",
+        description="the same HTTPS-like bulk download over kcp:// with the key: the stack's agent without splice "
+        "(kcp:// then does not offer lite-tls: nothing leaves, every byte sealed), lite-tls spliced (a second agent "
+        "in splice mode: a keyless KCP conversation per stream) against lite-tls off (an agent with --no-lite-tls "
+        "to the same server) and direct; CPU s/GB of agent and server",
         params={"bytes": 256 * MiB, "timeout": 180},
         quick={"bytes": 64 * MiB, "timeout": 90},
         vtunnel_only=True,

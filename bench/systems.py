@@ -174,7 +174,6 @@ class Stack:
     #: where a SOCKS5 stack's clients ask the proxy to connect (``None``: the entry forwards by itself)
     socks_target: str | None = None
     side_entries: dict[str, str] = field(default_factory=dict)  # more destinations: their local entry
-    url_params: str = ""  # what start_stack added to the transport URLs (side agents add it too)
     tunnel: str = ""  # host:port the agent dials (vtunnel)
     code: dict[str, str] = field(default_factory=dict)  # vtunnel package directory each vtunnel process runs
     target: str = ""  # the workload server (host:port)
@@ -399,7 +398,6 @@ def start_stack(
     agent_extra: Sequence[str] = (),
     socks: bool = False,
     splice_port: int | None = None,
-    url_params: str = "",
 ) -> Stack:
     """Start the workload server and ``system`` on ``placement``; return once an echo crosses the whole path.
 
@@ -409,8 +407,7 @@ def start_stack(
     more options of the vtunnel agent. ``socks``: the entry is the client side's SOCKS5 proxy (vtunnel's
     ``--socks`` front, or ss-local), and clients name the workload server in their CONNECT. ``splice_port`` (tcp:// and tls:// only): the server also listens there
     for the dedicated connections of spliced lite-tls streams (``splice=PORT``; the agent stays muxed, see
-    :func:`start_side_agent`). ``url_params`` (``NAME=VALUE&...``) are added to the server's and the agent's
-    transport URLs (kcp://'s ``passthrough=on``).
+    :func:`start_side_agent`).
     """
     if socks and system.kind not in ("vtunnel", "shadowsocks"):
         raise HarnessError(f"{system.name} has no SOCKS5 front")
@@ -461,9 +458,6 @@ def start_stack(
     if splice_port is not None:
         at = server.index("--listen") + 1
         server[at] += ("&" if "?" in server[at] else "?") + f"splice={splice_port}"
-    if url_params:
-        at = server.index("--listen") + 1
-        server[at] += ("&" if "?" in server[at] else "?") + url_params
     stack.procs["server"] = group.spawn(f"{system.name}-server", [*placement.server_prefix, *server], env=env)
     stack.tunnel = f"{host}:{dial_port}"
     # The agent starts once the server listens: a first handshake sent into the void costs a retry backoff.
@@ -483,10 +477,6 @@ def start_stack(
         forwards,
         socks=socks,
     )
-    if url_params:
-        at = agent.index("--server") + 1
-        agent[at] += ("&" if "?" in agent[at] else "?") + url_params
-    stack.url_params = url_params
     stack.procs["agent"] = group.spawn(f"{system.name}-agent", [*placement.client_prefix, *agent], env=env)
     _wait_ready(stack, READY_TIMEOUT)
     if system.kind == "vtunnel":
@@ -539,8 +529,6 @@ def start_side_agent(
     ``extra`` arguments (``--no-lite-tls``); returns that local entry once the agent listens."""
     system = stack.system
     url = tunnel_url(system, stack.tunnel)
-    if stack.url_params:
-        url += ("&" if "?" in url else "?") + stack.url_params
     if splice_port is not None:
         url += ("&" if "?" in url else "?") + f"splice={splice_port}"
     entry = f"127.0.0.1:{free_port()}"
