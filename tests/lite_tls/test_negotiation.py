@@ -9,6 +9,7 @@ from vtunnel.protocol import StreamMetadata, TunnelConfig
 from vtunnel.protocol import events as ev
 from vtunnel.protocol import frames as fr
 from vtunnel.protocol.errors import LocalProtocolError
+from vtunnel.protocol.settings import ExtensionBits, offered_bits
 
 ON = TunnelConfig()
 OFF = TunnelConfig(lite_tls=False)
@@ -16,6 +17,8 @@ RECORD = b"\x17\x03\x03" + (16401).to_bytes(2, "big") + bytes(range(256)) * 64 +
 
 
 SINGLE = TunnelConfig(lite_tls_runs=False)
+#: what the runtime offers over a link without passthrough records in splice mode (kcp://, rudp:// with splice=)
+SPLICED = TunnelConfig(lite_tls_spliced=True)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +30,12 @@ SINGLE = TunnelConfig(lite_tls_runs=False)
         (OFF, OFF, False, False),
         (ON, SINGLE, True, False),
         (SINGLE, ON, True, False),
+        (SPLICED, SPLICED, True, False),
+        # an end that would send passthrough records over a datagram link (an older kcp:// passthrough=on)
+        # offers plain lite-tls there: it never agrees with lite-tls-spliced
+        (ON, SPLICED, False, False),
+        (SPLICED, ON, False, False),
+        (SPLICED, OFF, False, False),
     ],
 )
 def test_both_ends_must_offer_it(client: TunnelConfig, server: TunnelConfig, lite: bool, runs: bool) -> None:
@@ -162,3 +171,12 @@ def test_several_records_are_one_frame_each_without_runs() -> None:
         (fr.PASSTHROUGH, small),
         (fr.PASSTHROUGH, RECORD),
     ]
+
+
+def test_lite_tls_spliced_is_its_own_bit() -> None:
+    bits = offered_bits(SPLICED)
+    assert bits & ExtensionBits.LITE_TLS_SPLICED
+    assert not bits & (ExtensionBits.LITE_TLS | ExtensionBits.LITE_TLS_RUNS)
+    assert (
+        not offered_bits(TunnelConfig(lite_tls=False, lite_tls_spliced=True)) & ExtensionBits.LITE_TLS_SPLICED
+    )

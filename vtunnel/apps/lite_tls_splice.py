@@ -85,7 +85,7 @@ _TCP_SCHEMES: Final = ("tcp", "tls")
 #: (UDP)
 _CONVERSATION_SCHEMES: Final = ("kcp", "rudp")
 #: a dedicated conversation's URL takes the server URL's transport options but these
-_NOT_CONVERSATION_OPTIONS: Final = frozenset({"splice", "passthrough"})
+_NOT_CONVERSATION_OPTIONS: Final = frozenset({"splice"})
 #: the tunnel a dedicated conversation carries: one stream, no lite-tls of its own
 _CONVERSATION_CONFIG: Final = TunnelConfig(lite_tls=False)
 
@@ -101,7 +101,7 @@ def splice_port(endpoint: Endpoint) -> int | None:
 
 def conversation_endpoint(endpoint: Endpoint, port: int) -> Endpoint:
     """The endpoint of ``endpoint``'s dedicated conversations (``kcp://``, ``rudp://``): its scheme and host,
-    ``port``, and its options but ``splice`` and ``passthrough`` (a conversation has no key)."""
+    ``port``, and its options but ``splice``."""
     params = {k: v for k, v in endpoint.params.items() if k not in _NOT_CONVERSATION_OPTIONS}
     return dataclasses.replace(endpoint, port=port, params=params)
 

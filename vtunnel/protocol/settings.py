@@ -51,6 +51,10 @@ class ExtensionBits(IntFlag):
     DATAGRAMS = 0x20
     TUN = 0x40
     LITE_TLS_RUNS = 0x80
+    #: lite-tls over a link that carries no passthrough records: streams leave only over dedicated connections
+    #: (splice mode), and a stream that leaves muxed stays inside the link's own protection. Its own bit, so that
+    #: an end that would send passthrough records on such a link (an older kcp:// ``passthrough=on``) never agrees
+    LITE_TLS_SPLICED = 0x100
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,12 +96,16 @@ class TunnelConfig:
     #: offer the lite-tls extension (docs/lite-tls.md): ``lite-tls`` streams leave the tunnel's encryption once
     #: their own TLS is up. The runtime offers it only where its streams may leave: over a link that carries
     #: passthrough records (a byte stream with a key), or where they may leave over dedicated connections (splice
-    #: mode, e.g. kcp:// with ``splice=``); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
+    #: mode, e.g. kcp:// with ``splice=``, offered as ``lite_tls_spliced``); ``False`` (config ``lite_tls = false``, ``--no-lite-tls``) never offers it.
     lite_tls: bool = True
     #: with lite-tls, offer ``lite-tls-runs``: a PASSTHROUGH frame (and its passthrough record) may carry a run of
     #: whole TLS application-data records, up to ``MAX_PASSTHROUGH_RUN`` bytes, instead of one (docs/lite-tls.md).
     #: The runtime offers it only over a link that carries such records (a byte stream with a key)
     lite_tls_runs: bool = True
+    #: with lite-tls, offer it as ``lite-tls-spliced`` (``LITE_TLS_SPLICED``) instead of ``lite-tls``: set by the
+    #: runtime over a link that carries no passthrough records where streams may leave over dedicated connections
+    #: (kcp://, rudp:// in splice mode)
+    lite_tls_spliced: bool = False
     #: offer the ``tun`` extension: ``tun`` streams carry IP packets (IP mode, docs/tun.md). On only where the
     #: application serves them (``--tun`` on the server, or asks for them, on the agent)
     tun: bool = False
@@ -105,7 +113,15 @@ class TunnelConfig:
     max_concurrent_streams: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("extensions", "gzip", "datagrams", "lite_tls", "lite_tls_runs", "tun"):
+        for name in (
+            "extensions",
+            "gzip",
+            "datagrams",
+            "lite_tls",
+            "lite_tls_runs",
+            "lite_tls_spliced",
+            "tun",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, not {getattr(self, name)!r}")
         for name in ("keepalive_interval", "keepalive_timeout", "handshake_timeout", "drain_timeout"):
@@ -176,7 +192,7 @@ class Extensions:
             gzip=bool(bits & ExtensionBits.GZIP),
             graceful_shutdown=bool(bits & ExtensionBits.GRACEFUL_SHUTDOWN),
             datagrams=bool(bits & ExtensionBits.DATAGRAMS),
-            lite_tls=bool(bits & ExtensionBits.LITE_TLS),
+            lite_tls=bool(bits & (ExtensionBits.LITE_TLS | ExtensionBits.LITE_TLS_SPLICED)),
             lite_tls_runs=bits & (ExtensionBits.LITE_TLS | ExtensionBits.LITE_TLS_RUNS)
             == ExtensionBits.LITE_TLS | ExtensionBits.LITE_TLS_RUNS,
             tun=bool(bits & ExtensionBits.TUN),
@@ -203,7 +219,9 @@ def offered_bits(config: TunnelConfig, *, datagrams: bool = False) -> int:
         bits |= ExtensionBits.GZIP
     if datagrams and config.datagrams:
         bits |= ExtensionBits.DATAGRAMS
-    if config.lite_tls:
+    if config.lite_tls and config.lite_tls_spliced:
+        bits |= ExtensionBits.LITE_TLS_SPLICED
+    elif config.lite_tls:
         bits |= ExtensionBits.LITE_TLS
         if config.lite_tls_runs:
             bits |= ExtensionBits.LITE_TLS_RUNS

@@ -108,11 +108,11 @@ class TunnelConnection:
         self.link = link
         self.role = role
         config = config or TunnelConfig()
-        if config.lite_tls and not link.carry_passthrough_records() and not lite_tls_spliced:
+        if config.lite_tls and not link.carry_passthrough_records():
             # lite-tls only where its streams leave to something cheaper: the link carries passthrough records (a
-            # byte stream with a key), or they may leave over a dedicated connection
-            # (``lite_tls_spliced``: splice mode; one that fell back to muxed is then sealed like any stream)
-            config = dataclasses.replace(config, lite_tls=False)
+            # byte stream with a key), or they may leave over a dedicated connection (splice mode: offered as
+            # lite-tls-spliced, and a stream that falls back to muxed is then sealed like any other)
+            config = dataclasses.replace(config, lite_tls=lite_tls_spliced, lite_tls_spliced=True)
         elif config.lite_tls and config.lite_tls_runs and not link.carry_passthrough_runs():
             # runs of TLS records in one PASSTHROUGH frame only where the link seals their record headers
             config = dataclasses.replace(config, lite_tls_runs=False)
