@@ -41,11 +41,12 @@ pytestmark = [
 
 @asynccontextmanager
 async def spliced_conversations(
-    tap: Callable[[Address], UdpTap], *, lite_tls: bool = True, scheme: str = "kcp"
+    tap: Callable[[Address], UdpTap], *, lite_tls: bool = True, scheme: str = "kcp", direct: bool = False
 ) -> AsyncIterator[tuple[int, int, UdpTap]]:
-    """A server on ``scheme`` (kcp:// or rudp://) with a fresh key and ``splice=0``, and an agent whose dedicated conversations reach the
-    splice port through the UDP relay ``tap(splice port)`` makes; yields the agent's SOCKS5 port, the server's
-    splice port and the relay."""
+    """A server on ``scheme`` (kcp:// or rudp://) with a fresh key and ``splice=0``, and an agent whose dedicated
+    conversations reach the splice port through the UDP relay ``tap(splice port)`` makes (one client: one
+    conversation at a time), or straight with ``direct``; yields the agent's SOCKS5 port, the server's splice port
+    and the relay."""
     security = SecurityConfig(psk=os.urandom(32))
     config = TunnelConfig(lite_tls=lite_tls)
     async with anyio.create_task_group() as tg:
@@ -65,7 +66,11 @@ async def spliced_conversations(
         try:
             agent = Agent(
                 AgentSettings(
-                    servers=[Endpoint.parse(f"{scheme}://127.0.0.1:{server_port}?splice={udp.port}")],
+                    servers=[
+                        Endpoint.parse(
+                            f"{scheme}://127.0.0.1:{server_port}?splice={splice_port if direct else udp.port}"
+                        )
+                    ],
                     security=security,
                     socks=("127.0.0.1", 0),
                     tunnel=config,
@@ -218,3 +223,29 @@ async def test_a_conversation_ends_at_both_ends_once_its_stream_is_over(ca_file:
             await anyio.sleep(0.5)
             assert sum(e["event"] == "kcp session closed" for e in logs) == 2
     assert len(left_tunnel(logs)) == 2
+
+
+async def test_parallel_https_streams_each_leave_over_their_own_conversation(
+    ca_file: str, tmp_path: Path
+) -> None:
+    count, size = 6, 2 * 1024 * 1024
+    with capture_logs() as logs:
+        async with (
+            origin("1.3") as https,
+            spliced_conversations(lambda t: UdpTap(t), direct=True) as (socks, _, _udp),
+        ):
+            codes: list[int] = []
+
+            async def fetch(index: int) -> None:
+                out = tmp_path / f"body{index}"
+                codes.append(await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file))
+                assert out.read_bytes() == body_for(size)
+
+            with anyio.fail_after(90):
+                async with anyio.create_task_group() as tg:
+                    for index in range(count):
+                        tg.start_soon(fetch, index)
+            assert codes == [0] * count
+    left = left_tunnel(logs)
+    assert len(left) == 2 * count
+    assert all(e["mode"] == "spliced" for e in left)
