@@ -5,10 +5,13 @@ through a UDP relay on loopback that sees (and in one test alters) the conversat
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import secrets
 import shutil
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -249,3 +252,44 @@ async def test_parallel_https_streams_each_leave_over_their_own_conversation(
     left = left_tunnel(logs)
     assert len(left) == 2 * count
     assert all(e["mode"] == "spliced" for e in left)
+
+
+async def _garbage_to(port: int, count: int, seed: int) -> int:
+    """Send ``count`` datagrams of random bytes, half of them shaped like KCP segments (a random conv, a known
+    command byte, a length that may or may not match), to ``127.0.0.1:port`` from one socket; returns how many
+    answers came back."""
+    rng = random.Random(seed)
+    answers = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for index in range(count):
+            body = rng.randbytes(rng.randrange(1, 1400))
+            if index % 2:
+                header = struct.pack(
+                    "<IBBHIII", rng.getrandbits(32), rng.choice((81, 82, 83, 84)), 0, 128, 0, index, 0
+                ) + struct.pack("<I", rng.choice((len(body), rng.randrange(0, 2000))))
+                body = header + body
+            with contextlib.suppress(BlockingIOError):
+                sock.sendto(body, ("127.0.0.1", port))
+            if index % 64 == 0:
+                await anyio.sleep(0.001)
+                with contextlib.suppress(BlockingIOError):
+                    while sock.recv(65536):
+                        answers += 1
+    return answers
+
+
+async def test_garbage_at_the_splice_port_disturbs_no_conversation(ca_file: str, tmp_path: Path) -> None:
+    size = 16 * 1024 * 1024
+    async with (
+        origin("1.3") as https,
+        spliced_conversations(lambda t: UdpTap(t), direct=True) as (socks, splice_port, _udp),
+    ):
+        for attempt in range(2):  # while garbage arrives, and after it
+            out = tmp_path / f"body{attempt}"
+            with anyio.fail_after(90):
+                async with anyio.create_task_group() as tg:
+                    if attempt == 0:
+                        tg.start_soon(_garbage_to, splice_port, 4000, 7)
+                    assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+            assert out.read_bytes() == body_for(size)
