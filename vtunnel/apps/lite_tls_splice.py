@@ -112,6 +112,8 @@ def _bridge(
     """A socket whose peer is ``stream``: one socket of a pair, the other relayed to the stream from now on.
     ``over`` is called once that relay is over (its task is kept in ``tasks`` meanwhile)."""
     near, far = socket.socketpair()
+    for sock in (near, far):  # the default buffers (about 200 KiB) cost a sixth more CPU per MB at both ends
+        tune_tcp(sock)
     near.setblocking(False)
     end = SocketEnd()
     try:
