@@ -293,3 +293,37 @@ async def test_garbage_at_the_splice_port_disturbs_no_conversation(ca_file: str,
                         tg.start_soon(_garbage_to, splice_port, 4000, 7)
                     assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
             assert out.read_bytes() == body_for(size)
+
+
+async def _pushes_from(host: str, port: int, count: int) -> int:
+    """Send ``count`` well-formed KCP PUSH segments, each of a conversation of its own, from ``host`` to
+    ``127.0.0.1:port``; returns how many datagrams came back within a short while after."""
+    answers = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        sock.setblocking(False)
+        for conv in range(1, count + 1):
+            data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            sock.sendto(
+                struct.pack("<IBBHIIII", conv, 81, 0, 128, 0, 0, 0, len(data)) + data, ("127.0.0.1", port)
+            )
+        with anyio.move_on_after(1.0):
+            while True:
+                await anyio.sleep(0.05)
+                with contextlib.suppress(BlockingIOError):
+                    while sock.recv(65536):
+                        answers += 1
+    return answers
+
+
+async def test_the_splice_port_answers_no_host_without_a_tunnel(tmp_path: Path) -> None:
+    """A keyless conversation starts only from a host the server has a tunnel from: a stranger's datagrams get
+    no answer (no reflection), while the same ones from the tunnel's host do start conversations."""
+    async with (
+        origin(None) as http,
+        spliced_conversations(lambda t: UdpTap(t), direct=True) as (socks, splice_port, _udp),
+    ):
+        with anyio.fail_after(30):  # the tunnel (from 127.0.0.1) is up
+            assert await curl(socks, f"http://127.0.0.1:{http}/bytes/1000", tmp_path / "body") == 0
+        assert await _pushes_from("127.0.0.2", splice_port, 50) == 0
+        assert await _pushes_from("127.0.0.1", splice_port, 50) > 0

@@ -242,14 +242,17 @@ async def serve_splice_port(
     port: int,
     book: TicketBook,
     *,
+    admit: Callable[[str], bool] | None = None,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept dedicated connections on ``port`` of ``endpoint``'s host until cancelled (TCP connections for
     ``tcp://`` and ``tls://``, keyless conversations of the same transport for ``kcp://`` and ``rudp://``): each has :data:`TICKET_TIMEOUT`
-    seconds to send its ticket, which goes to ``book``. Reports ``host:port``."""
+    seconds to send its ticket, which goes to ``book``. A conversation starts only from a source host ``admit``
+    admits (None: any; the server admits the hosts its tunnels came from, so that the keyless port answers no
+    stranger's datagram). Reports ``host:port``."""
     try:
         if endpoint.scheme in _CONVERSATION_SCHEMES:
-            await _serve_conversations(conversation_endpoint(endpoint, port), book, task_status)
+            await _serve_conversations(conversation_endpoint(endpoint, port), book, admit, task_status)
         else:
             await _serve_connections(endpoint.host, port, book, task_status)
     finally:
@@ -297,12 +300,15 @@ async def _serve_connections(
 
 
 async def _serve_conversations(
-    endpoint: Endpoint, book: TicketBook, task_status: anyio.abc.TaskStatus[str]
+    endpoint: Endpoint,
+    book: TicketBook,
+    admit: Callable[[str], bool] | None,
+    task_status: anyio.abc.TaskStatus[str],
 ) -> None:
     """Serve keyless conversations (``kcp://``, ``rudp://``) on ``endpoint``: each carries a tunnel of one stream, whose bytes are
     its dedicated connection's (bridged to a socket pair); a conversation with no stream after
     :data:`TICKET_TIMEOUT` seconds, or over :data:`MAX_PARKED` of them waiting for their ticket, is closed."""
-    listener = await get_transport(endpoint.scheme).listen(endpoint, security=SecurityConfig())
+    listener = await get_transport(endpoint.scheme).listen(endpoint, security=SecurityConfig(admit=admit))
     tasks: set[asyncio.Task[object]] = set()
     pending = 0
 

@@ -14,6 +14,7 @@ A ``websocks://`` (or ``websockss://``, TLS) listener carries no tunnels: each c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -115,6 +116,9 @@ class Server:
         self.tickets = TicketBook() if any(splice_port(e) is not None for e in settings.listen) else None
         #: where the splice ports listen (``host:port``)
         self.splice_addresses: list[str] = []
+        #: the hosts the server's tunnels came from, with their number: a keyless conversation of splice mode
+        #: (kcp://, rudp://) starts only from one of them (docs/security.md, "lite-tls splice mode")
+        self._tunnel_hosts: collections.Counter[str] = collections.Counter()
         self._serial = 0
         #: the event loop's socket watcher, looked up once when serving starts (not once per relayed stream)
         self._watcher: SocketWatcher | None = None
@@ -183,7 +187,15 @@ class Server:
                         port = splice_port(endpoint)
                         if port is not None:
                             self.splice_addresses.append(
-                                await tg.start(serve_splice_port, endpoint, port, self.tickets)
+                                await tg.start(
+                                    functools.partial(
+                                        serve_splice_port,
+                                        endpoint,
+                                        port,
+                                        self.tickets,
+                                        admit=self._tunnel_hosts.__contains__,
+                                    )
+                                )
                             )
                 task_status.started(self.local_addresses)
                 await self._stopping.wait()
@@ -265,6 +277,9 @@ class Server:
             self._keys_used[conn] = used
         conn.log.info("tunnel accepted", transport=transport)
         self.tunnels.add(conn)
+        host = _host_of(link)
+        if host is not None:
+            self._tunnel_hosts[host] += 1
         if self._no_tunnels.is_set():
             self._no_tunnels = anyio.Event()
         if self.stats is not None:
@@ -276,6 +291,10 @@ class Server:
                 self.stats.tunnel_ended(conn)
             self._keys_used.pop(conn, None)
             self.tunnels.discard(conn)
+            if host is not None:
+                self._tunnel_hosts[host] -= 1
+                if not self._tunnel_hosts[host]:
+                    del self._tunnel_hosts[host]
             if not self.tunnels:
                 self._no_tunnels.set()
 
@@ -402,3 +421,9 @@ class Server:
                     stream.refuse("failed")
                 return
         stream.refuse("timeout")
+
+
+def _host_of(link: Link) -> str | None:
+    """The IP address a link's peer is at (None where it has none: a memory link in tests, a Unix socket)."""
+    address = link.extra(SocketAttribute.remote_address, None)
+    return str(address[0]) if isinstance(address, tuple) and address else None

@@ -156,6 +156,9 @@ class SecurityConfig:
     cipher: str = "auto"
     connection_ids: ConnectionIdLayout | None = None
     keys: KeyRing | None = None
+    #: without a key, on a datagram listener (kcp://, rudp://): a datagram starts a session only if this admits its
+    #: source host (an IP address literal); None admits any. Byte-stream listeners ignore it
+    admit: Callable[[str], bool] | None = None
 
     def __post_init__(self) -> None:
         from vtunnel.security.ciphers import CIPHER_CHOICES

@@ -21,7 +21,7 @@ it goes to the session whose peer is at its source address (:class:`FECPlainList
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Final
 
@@ -162,8 +162,8 @@ class FECPlainListenerCodec(KeylessListenerCodec[PlainKey]):
     address on a newer data packet (:class:`FECMarks`). Bare KCP datagrams are keyed as without FEC, so that the
     listener sees (and says) that the client has no ``fec``."""
 
-    def __init__(self) -> None:
-        super().__init__(self._key, FECMarks)
+    def __init__(self, admit: Callable[[str], bool] | None = None) -> None:
+        super().__init__(self._key, FECMarks, admit)
         self._at: dict[Address, PlainKey] = {}
         self._where: dict[PlainKey, Address] = {}
 

@@ -42,11 +42,18 @@ def kcp_key(datagram: Datagram, source: Address) -> PlainKey | None:
 
 class KeylessListenerCodec(ListenerCodec[K], Generic[K]):
     """A listener's plain datagrams, for any ARQ: sessions keyed by ``key_of``, followed to a new address on a
-    datagram newer than any the session took (a new ``marks()`` per session says which), nothing answered."""
+    datagram newer than any the session took (a new ``marks()`` per session says which), nothing answered. With
+    ``admit``, a datagram starts a session only from a source host it admits (the others are dropped)."""
 
-    def __init__(self, key_of: Callable[[Datagram, Address], K | None], marks: Callable[[], Marks]) -> None:
+    def __init__(
+        self,
+        key_of: Callable[[Datagram, Address], K | None],
+        marks: Callable[[], Marks],
+        admit: Callable[[str], bool] | None = None,
+    ) -> None:
         self._key_of = key_of
         self._new_marks = marks
+        self._admit = admit
         #: the newest marks each session's peer has shown (what may move it to a new address)
         self._marks: dict[K, Marks] = {}
 
@@ -60,7 +67,8 @@ class KeylessListenerCodec(ListenerCodec[K], Generic[K]):
         self, key: K, link: RoutedLink | None, datagram: Datagram, source: Address, now: float
     ) -> tuple[Datagram | None, Address]:
         if link is None:
-            return datagram, source
+            admit = self._admit
+            return (datagram if admit is None or admit(source[0]) else None), source
         address = link.remote_address
         if not link.accepts(datagram):
             return None, address
@@ -98,8 +106,8 @@ class PlainListenerCodec(KeylessListenerCodec[PlainKey]):
     """A listener's plain KCP datagrams: keyed by conv (or source address for conv 0), followed to a new address
     on a newer datagram (:class:`~vtunnel.arq.kcp_wire.NewestMarks`), nothing answered."""
 
-    def __init__(self) -> None:
-        super().__init__(kcp_key, NewestMarks)
+    def __init__(self, admit: Callable[[str], bool] | None = None) -> None:
+        super().__init__(kcp_key, NewestMarks, admit)
 
     key_of = staticmethod(kcp_key)  # (the same, one call less per datagram)
 

@@ -54,7 +54,7 @@ class DatagramTransport(Transport, Generic[Opts]):
     @abstractmethod
     def parse(self, params: Mapping[str, str]) -> Opts: ...
     @abstractmethod
-    def plain_codec(self, options: Opts) -> ListenerCodec[Any]: ...
+    def plain_codec(self, options: Opts, admit: Callable[[str], bool] | None) -> ListenerCodec[Any]: ...
     @abstractmethod
     def listener(self, sock: Any, options: Opts, codec: ListenerCodec[Any]) -> Listener[Link]: ...
     @abstractmethod
@@ -85,7 +85,7 @@ class DatagramTransport(Transport, Generic[Opts]):
         family, address = await resolve(endpoint)
         ring = security.server_keys()
         codec = (
-            self.plain_codec(options)
+            self.plain_codec(options, security.admit)
             if ring is None
             else SealedListenerCodec(ring, cipher=security.cipher, layout=security.connection_ids)
         )
@@ -109,8 +109,8 @@ class KCPTransport(DatagramTransport[KCPOptions]):
     def parse(self, params: Mapping[str, str]) -> KCPOptions:
         return parse_options(params)
 
-    def plain_codec(self, options: KCPOptions) -> ListenerCodec[Any]:
-        return PlainListenerCodec() if options.fec is None else FECPlainListenerCodec()
+    def plain_codec(self, options: KCPOptions, admit: Callable[[str], bool] | None) -> ListenerCodec[Any]:
+        return PlainListenerCodec(admit) if options.fec is None else FECPlainListenerCodec(admit)
 
     def session_bytes(self, options: KCPOptions) -> tuple[int, int] | None:
         # the conv; with fec= a parity packet names no session (its source address keys it)

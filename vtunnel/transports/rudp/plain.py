@@ -10,6 +10,8 @@ from elsewhere, never moves it). Nothing is answered. The client side is the sha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vtunnel.arq.rudp.wire import WireError, peek_dcid, peek_number
 from vtunnel.io.datagrams import Address
 from vtunnel.transports.kcp.codec import Datagram
@@ -45,6 +47,6 @@ class NewestNumber:
         return True
 
 
-def rudp_plain_codec() -> KeylessListenerCodec[bytes]:
-    """A listener's codec for keyless rudp."""
-    return KeylessListenerCodec(rudp_key, NewestNumber)
+def rudp_plain_codec(admit: Callable[[str], bool] | None = None) -> KeylessListenerCodec[bytes]:
+    """A listener's codec for keyless rudp (``admit``: :class:`KeylessListenerCodec`'s)."""
+    return KeylessListenerCodec(rudp_key, NewestNumber, admit)

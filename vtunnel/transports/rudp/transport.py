@@ -40,8 +40,8 @@ class RudpTransport(DatagramTransport[RudpOptions]):
     def parse(self, params: Mapping[str, str]) -> RudpOptions:
         return parse_options(params)
 
-    def plain_codec(self, options: RudpOptions) -> ListenerCodec[Any]:
-        return rudp_plain_codec()
+    def plain_codec(self, options: RudpOptions, admit: Callable[[str], bool] | None) -> ListenerCodec[Any]:
+        return rudp_plain_codec(admit)
 
     def session_bytes(self, options: RudpOptions) -> tuple[int, int] | None:
         return (1, SERVER_CID_LEN)  # the connection ID the keyless client chose for the server
