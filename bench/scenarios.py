@@ -159,6 +159,24 @@ class Scenario:
         return not (self.udp_only and not system.udp)
 
 
+def _https_lite_over(transport: str) -> Scenario:
+    """``https-lite-kcp`` / ``https-lite-rudp``: lite-tls over a datagram transport with the key, where only splice
+    mode (a keyless conversation per stream) takes the tunnel's cipher off the TLS bytes."""
+    return Scenario(
+        name=f"https-lite-{transport}",
+        kind="https_lite",
+        description=f"the same HTTPS-like bulk download over {transport}:// with the key: the stack's agent without "
+        f"splice ({transport}:// then does not offer lite-tls: nothing leaves, every byte sealed), lite-tls spliced (a "
+        f"second agent in splice mode: a keyless {transport}:// conversation per stream) against lite-tls off (an "
+        "agent with --no-lite-tls to the same server) and direct; CPU s/GB of agent and server",
+        params={"bytes": 256 * MiB, "timeout": 180},
+        quick={"bytes": 64 * MiB, "timeout": 90},
+        vtunnel_only=True,
+        own_stack=True,
+        only=(f"vtunnel-{transport}+psk",),
+    )
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="bulk-1",
@@ -259,32 +277,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         own_stack=True,
         only=("vtunnel-tcp+psk",),
     ),
-    Scenario(
-        name="https-lite-kcp",
-        kind="https_lite",
-        description="the same HTTPS-like bulk download over kcp:// with the key: the stack's agent without splice "
-        "(kcp:// then does not offer lite-tls: nothing leaves, every byte sealed), lite-tls spliced (a second agent "
-        "in splice mode: a keyless KCP conversation per stream) against lite-tls off (an agent with --no-lite-tls "
-        "to the same server) and direct; CPU s/GB of agent and server",
-        params={"bytes": 256 * MiB, "timeout": 180},
-        quick={"bytes": 64 * MiB, "timeout": 90},
-        vtunnel_only=True,
-        own_stack=True,
-        only=("vtunnel-kcp+psk",),
-    ),
-    Scenario(
-        name="https-lite-rudp",
-        kind="https_lite",
-        description="the same HTTPS-like bulk download over rudp:// with the key: lite-tls spliced (a second agent in "
-        "splice mode: a keyless rudp:// conversation per stream) against lite-tls off (an agent with --no-lite-tls "
-        "to the same server) and direct; the muxed row is lite-tls without splice (nothing leaves over rudp://); "
-        "CPU s/GB of agent and server",
-        params={"bytes": 256 * MiB, "timeout": 180},
-        quick={"bytes": 64 * MiB, "timeout": 90},
-        vtunnel_only=True,
-        own_stack=True,
-        only=("vtunnel-rudp+psk",),
-    ),
+    *(_https_lite_over(transport) for transport in ("kcp", "rudp")),
     Scenario(
         name="idle-cpu",
         kind="idle_cpu",
