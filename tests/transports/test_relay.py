@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -294,5 +296,30 @@ async def test_what_is_due_within_the_clock_step_leaves_with_what_is_due_now() -
             await wait_until(lambda: bool(sends), 5)
             await anyio.sleep(0.01)
             assert sends == [[b"a" * 1000, b"b" * 1000]]  # one release, one send
+    finally:
+        target.udp.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_release_that_runs_early_still_takes_along_what_is_due_after_the_first() -> None:
+    """A timer may fire almost a millisecond before the first datagram is due, by the clock that computed the dues
+    (uvloop's timers count whole milliseconds from a clock read at the start of its pass). The release then sends
+    the first and whatever is due within ``RELEASE_AHEAD`` after it, in one send: not the first alone."""
+    target = Peer()
+    try:
+        async with ImpairmentRelay(target.address, up=Impairment(delay=0.005, rate=2.5e6)) as relay:
+            pipe = relay.up_pipe
+            sends: list[list[bytes]] = []
+            pipe.push(b"a" * 1000, sends.append)
+            pipe.push(b"b" * 1000, sends.append)  # due 0.4 ms after the first
+            first = pipe.heap[0][0]
+            loop = asyncio.get_running_loop()
+            with anyio.fail_after(1):
+                while loop.time() < first - 0.0009:  # (bounded: the first is due 5.4 ms from now)
+                    await anyio.lowlevel.checkpoint()
+            assert pipe.timer is not None
+            pipe.timer.cancel()
+            pipe._release()  # as an early timer would, 0.9 ms or less before the first is due
+            assert sends == [[b"a" * 1000, b"b" * 1000]]
     finally:
         target.udp.close()

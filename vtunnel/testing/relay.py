@@ -217,6 +217,11 @@ class _Pipe:
         stats = self.stats
         run: list[bytes] = []  # what is due, in order, goes out together while it goes the same way
         run_send: Sender | None = None
+        if heap and heap[0][0] <= horizon:
+            # what is due within RELEASE_AHEAD after the first goes with it, however early the timer fired: a
+            # loop whose timers count whole milliseconds from a clock read at the start of its pass (uvloop) may
+            # run this up to a millisecond before the first is due, by the clock that computed the dues
+            horizon = max(horizon, heap[0][0] + RELEASE_AHEAD)
         while heap and heap[0][0] <= horizon:
             _due, _seq, datagram, send = heapq.heappop(heap)
             stats.passed += 1
