@@ -136,6 +136,7 @@ class Agent:
         self.stats = stats
         #: the tunnels to the server; ``None`` for a WebSocks server (a connection of its own per destination)
         self.pool: TunnelPool | None = None
+        port = splice_port(settings.server)
         if settings.server.scheme in WEBSOCKS_SCHEMES:
             carrier_endpoint(settings.server)  # a bad option is an error now, not at the first connection
             if settings.websocks_login is None:
@@ -152,11 +153,10 @@ class Agent:
                 config=dataclasses.replace(settings.tunnel, tun=True) if settings.tun else settings.tunnel,
                 size=settings.connections,
                 watch=stats,
-                lite_tls_spliced=splice_port(settings.server) is not None,
+                lite_tls_spliced=port is not None,
             )
             if stats is not None:
                 stats.watch_pool(self.pool)
-        port = splice_port(settings.server)
         #: lite-tls splice mode (``splice=PORT`` in the server URL): opens lite-tls streams with a dedicated
         #: connection each
         self.splice = (

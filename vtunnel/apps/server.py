@@ -155,7 +155,7 @@ class Server:
                     functools.partial(
                         self._handle_tunnel,
                         endpoint.scheme,
-                        spliced=self.tickets is not None and splice_port(endpoint) is not None,
+                        spliced=splice_port(endpoint) is not None,
                     )
                 )
                 if self.stats is not None:
