@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import Processes
 from tests.e2e.test_cli import start_pair
@@ -304,3 +305,32 @@ async def test_an_exchange_does_not_move_the_links_timers_for_each_message() -> 
     await client.aclose()
     await server.aclose()
     await listener.aclose()
+
+
+@pytest.mark.anyio
+async def test_round_trips_are_measured_to_a_fraction_of_a_millisecond() -> None:
+    """The connection's clock is not the loop's: uvloop's keeps whole milliseconds, read once a pass, and every
+    round trip measured by it was a whole number of them (on loopback 0 or 1 ms), too coarse for a congestion
+    controller that watches for a queue's few milliseconds."""
+    listener = await listen()
+    url = Endpoint.parse(f"rudp://127.0.0.1:{listener.local_address[1]}")
+    with capture_logs() as logs:
+        client = stream_of(await RudpTransport().connect(url, security=PLAIN))
+        await client.send(b"hello")
+        server = stream_of(await listener.accept())
+        assert await server.receive() == b"hello"
+        with anyio.fail_after(30):
+            for _ in range(50):
+                await client.send(b"ping")
+                assert await server.receive() == b"ping"
+                await server.send(b"pong")
+                assert await client.receive() == b"pong"
+        await client.aclose()
+        await server.aclose()
+        await listener.aclose()
+    closed = [entry for entry in logs if entry["event"] == "rudp connection closed"]
+    assert len(closed) == 2
+    least = [entry["min_rtt_ms"] for entry in closed]
+    assert all(0 < value < 50 for value in least), least
+    # (in 3 decimals, each a whole number by a 1-in-1000 chance; both, one in a million)
+    assert any(value != round(value) for value in least), least

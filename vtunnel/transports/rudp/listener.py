@@ -3,7 +3,7 @@ links."""
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,7 +53,7 @@ class RudpListener(DatagramListener[C]):
     def _new_link(
         self, first: Datagram, address: Address, transmit: Transmit, on_close: Callable[[RoutedLink], None]
     ) -> RudpLink:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         validated = self.codec.validates_paths
         connection = Connection(
             role=Role.SERVER,

@@ -5,8 +5,8 @@ keys sessions: :mod:`.plain`) or, when a key is configured, sealed by the same c
 
 from __future__ import annotations
 
-import asyncio
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
@@ -65,7 +65,7 @@ class RudpTransport(DatagramTransport[RudpOptions]):
                 # sealed, the sealed header's connection ID routes; keyless, the server is known by this one
                 peer_cid=b"" if sealed else secrets.token_bytes(SERVER_CID_LEN),
                 config=config,
-                now=asyncio.get_running_loop().time(),
+                now=time.monotonic(),
             )
             return RudpLink(
                 connection=connection,
