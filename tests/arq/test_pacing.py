@@ -326,3 +326,43 @@ def test_repeated_acks_spare_the_data_a_lost_ack_would_have_resent() -> None:
     assert runs["off"].exact
     assert runs["on"].forward.sent < 0.97 * runs["off"].forward.sent
     assert abs(int(runs["on"].sender["srtt_ms"]) - int(runs["off"].sender["srtt_ms"])) <= 1
+
+
+def _cruise_with_noisy_acks(rtt_of: Callable[[int], float] | None) -> Pacer:
+    """A bulk sender on a 10,000 segments/s path of 20 ms whose ACKs arrive unevenly: the rounds that measure
+    its probes (the ones it paces at 3/4 of the estimate) read a tenth faster than the path. ``rtt_of(ms)`` gives
+    the round trip each ms's ACK measured (``None``: a sender that reports no samples, as KCP's). Returns the
+    pacer after 80 rounds."""
+    pacer = Pacer(max_window=8192, now=0.0)
+    now = fluid(pacer, link=10_000, rtt=0.02, seconds=0.6, start=0.0, busy=True)
+    assert pacer.phase is Phase.CRUISE
+    for ms in range(1, 1601):
+        now += 0.001
+        fast = pacer.pacing_rate < 0.8 * pacer.bandwidth
+        delivered = 11 if fast else 10
+        sample = 0.0 if rtt_of is None else rtt_of(ms)
+        pacer.on_acked(now, delivered, 0.02, app_limited=False, rtt_sample=sample)
+        pacer.on_sent(pacer.allowance(now, 0))
+    return pacer
+
+
+def test_a_standing_queue_takes_the_estimate_back_to_what_the_bottleneck_delivers() -> None:
+    """The largest of the last rounds is the noisiest, a tenth above the path here: a sender at that rate keeps
+    the bottleneck's queue from emptying, and every sample of its rounds shows the queue. Told so, the pacer
+    takes the rate the busy bottleneck delivered, and stays within the noise of the path's rate."""
+    queued = _cruise_with_noisy_acks(lambda ms: 0.02 if ms < 100 else 0.0245)  # 4.5 ms of queue after 0.1 s
+    assert queued.bandwidth < 10_000 * 1.05
+    # without samples (KCP's case), and with samples that show no queue, the noisy maximum stays
+    blind = _cruise_with_noisy_acks(None)
+    assert blind.bandwidth >= 10_000 * 1.09
+    clear = _cruise_with_noisy_acks(lambda ms: 0.02)
+    assert clear.bandwidth >= 10_000 * 1.09
+
+
+def test_jitter_is_not_a_standing_queue() -> None:
+    """Samples up to 5 ms above the least, but each round with some at the least: no queue stood all round."""
+    jittery = _cruise_with_noisy_acks(lambda ms: 0.02 if ms % 7 == 0 else 0.025)
+    assert jittery.bandwidth >= 10_000 * 1.09
+    # a millisecond of queue is taken for jitter as well
+    shallow = _cruise_with_noisy_acks(lambda ms: 0.02 if ms < 100 else 0.021)
+    assert shallow.bandwidth >= 10_000 * 1.09
