@@ -26,20 +26,11 @@ The phases:
 
 A round ends once everything sent before it began has been acknowledged, so each round measures the data sent
 at one gain. Everything that leaves counts against the pacing rate, retransmissions included.
-
-The estimate is the largest rate of the last rounds, and ACKs that arrive unevenly make some rounds read faster
-than the path: the largest of them is then a few percent above the bottleneck's rate, and six rounds a cycle at
-that rate fill a shallow queue until it drops. A sender that reports each round-trip sample (rudp; ikcp keeps
-only a smoothed round trip in whole ms) shows it: when even the smallest sample of a round at the estimate
-exceeds the smallest of all by a queue's delay (:data:`_STANDING_QUEUE`, or an eighth of the round trip if
-more), the bottleneck was busy all round and what it delivered is its rate, so the estimate becomes that round's
-rate.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Final
@@ -58,11 +49,6 @@ _FULL_GROWTH: Final = 1.25
 #: startup ends on losses declared within a round only once there are at least this many (a few random losses
 #: in a small round are not an overflowing queue)
 _STARTUP_LOSS_EVENTS: Final = 8
-#: the queueing delay, beyond the smallest round trip, that even the smallest sample of a round must show for the
-#: bottleneck to count as busy all round (seconds; jitter of a millisecond or two is not a queue), and the samples
-#: a round needs to be judged
-_STANDING_QUEUE: Final = 0.002
-_STANDING_QUEUE_SAMPLES: Final = 8
 #: slack for float rounding in token counts and release times
 _EPSILON: Final = 1e-6
 
@@ -123,14 +109,10 @@ class Pacer:
         "_max_window",
         "_min_rtt",
         "_min_rtt_at",
-        "_min_sample",
-        "_min_sample_at",
         "_round_delivered",
         "_round_length",
         "_round_lost",
-        "_round_min_sample",
         "_round_new",
-        "_round_samples",
         "_round_sent",
         "_round_start",
         "_round_target",
@@ -153,12 +135,6 @@ class Pacer:
         self._bw_samples: deque[tuple[float, bool]] = deque(maxlen=cfg.bandwidth_rounds)
         self._min_rtt = 0.0
         self._min_rtt_at = now
-        #: the smallest round-trip sample a sender reported (and when), the smallest of this round, and how many
-        #: this round had (only a sender that reports them: ``rtt_sample``)
-        self._min_sample = 0.0
-        self._min_sample_at = now
-        self._round_min_sample = math.inf
-        self._round_samples = 0
         self._round_start = now
         self._round_delivered = 0
         #: segments the last round that ended acknowledged
@@ -189,21 +165,9 @@ class Pacer:
 
     # --- what the sender reports --------------------------------------------------------------------------
 
-    def on_acked(
-        self, now: float, delivered: int, srtt: float, *, app_limited: bool, rtt_sample: float = 0.0
-    ) -> None:
-        """``delivered`` segments left the send buffer since the last call; ``srtt``: the smoothed round trip in
-        seconds (0 before its first sample); ``app_limited``: the sender had nothing more to send;
-        ``rtt_sample``: the round trip this acknowledgement measured (seconds; 0: none, or a sender that does not
-        measure each one)."""
-        if rtt_sample > 0.0:
-            least = self._min_sample
-            if least == 0.0 or rtt_sample <= least or now - self._min_sample_at > self._cfg.min_rtt_window:
-                self._min_sample = rtt_sample
-                self._min_sample_at = now
-            self._round_samples += 1
-            if rtt_sample < self._round_min_sample:
-                self._round_min_sample = rtt_sample
+    def on_acked(self, now: float, delivered: int, srtt: float, *, app_limited: bool) -> None:
+        """``delivered`` segments left the send buffer since the last call; ``srtt``: ikcp's smoothed round
+        trip in seconds (0 before its first sample); ``app_limited``: the sender had nothing more to send."""
         if srtt > 0 and (
             self._min_rtt == 0 or srtt <= self._min_rtt or now - self._min_rtt_at > self._cfg.min_rtt_window
         ):
@@ -233,7 +197,6 @@ class Pacer:
             sample = min(sample, bound)
         self._last_sent_rate = sent_rate
         limited = self._app_limited
-        standing = self._standing_queue()
         resent = self._round_sent - self._round_new
         overflowed = (
             self._round_sent >= self._cfg.min_window and resent > self._cfg.startup_loss * self._round_sent
@@ -267,9 +230,6 @@ class Pacer:
             self.phase = Phase.STARTUP
             self._full_bw = 0.0
             self._full_count = 0
-        elif standing and not limited:
-            # the bottleneck was busy all round: what it delivered is its rate, and any faster round was noise
-            self._bw_samples.clear()
         self._bw_samples.append((sample, limited))
         self.bandwidth = max(rate for rate, _ in self._bw_samples)
         self._end_round(now, informative=not limited, overflowed=overflowed)
@@ -366,19 +326,6 @@ class Pacer:
         if sample > self.bandwidth * _FULL_GROWTH:
             self.bandwidth = sample
             self._update_model()
-
-    def _standing_queue(self) -> bool:
-        """Whether the round that ends now, one at the estimate, kept the bottleneck's queue from emptying (and
-        forget its samples: the next round's are its own)."""
-        least = self._round_min_sample
-        judged = self._round_samples >= _STANDING_QUEUE_SAMPLES
-        self._round_min_sample = math.inf
-        self._round_samples = 0
-        # (not the probe's round, index 0, whose own packets queue up as it ends, nor the round after it, which
-        # measures the probe: neither is at the estimate)
-        if not judged or self.phase is not Phase.CRUISE or self._cycle_index < 2:
-            return False
-        return least - self._min_sample > max(_STANDING_QUEUE, self._min_sample / 8)
 
     def _refill(self, now: float) -> None:
         rate = self.pacing_rate

@@ -46,18 +46,6 @@ def test_rtt_first_sample_then_smoothing_with_ack_delay() -> None:
     assert rtt.smoothed < 0.2
 
 
-def test_rtt_counts_its_samples_and_keeps_the_last_one_less_the_ack_delay() -> None:
-    rtt = RttEstimator(initial_rtt=0.333, max_ack_delay=0.025)
-    assert (rtt.samples, rtt.adjusted) == (0, 0.0)
-    rtt.update(0.1, 0.02)  # the first sample is taken whole
-    assert (rtt.samples, rtt.adjusted) == (1, 0.1)
-    rtt.update(0.13, 0.01)
-    assert rtt.samples == 2
-    assert rtt.adjusted == pytest.approx(0.12)
-    rtt.update(0.105, 0.05)  # not below the minimum
-    assert (rtt.samples, rtt.adjusted) == (3, 0.105)
-
-
 def test_packet_threshold_declares_loss() -> None:
     loss = detector()
     sent(loss, 5)

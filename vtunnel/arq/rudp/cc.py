@@ -234,7 +234,6 @@ class BbrController(CongestionController):
         super().__init__(max_datagram_size=max_datagram_size, now=now)
         self._model = RatePacer(max_window=max_window, now=now, config=PacerConfig(initial_rtt=0.1))
         self._acked_bytes = 0
-        self._rtt_samples = 0
         self.congestion_window = self._model.window * max_datagram_size
 
     def on_packet_sent(self, now: float, packet: SentPacket) -> None:
@@ -253,14 +252,8 @@ class BbrController(CongestionController):
             size += packet.size
         delivered, self._acked_bytes = divmod(size, self.max_datagram_size)
         if delivered:
-            fresh = rtt.samples != self._rtt_samples
-            self._rtt_samples = rtt.samples
             self._model.on_acked(
-                now,
-                delivered,
-                rtt.smoothed if rtt.has_sample else 0.0,
-                app_limited=app_limited,
-                rtt_sample=rtt.adjusted if fresh else 0.0,
+                now, delivered, rtt.smoothed if rtt.has_sample else 0.0, app_limited=app_limited
             )
             self.congestion_window = self._model.window * self.max_datagram_size
 

@@ -73,25 +73,11 @@ class SentPacket:
 class RttEstimator:
     """RFC 9002 section 5: the minimum, the smoothed round trip and its variation, adjusted for ACK delay."""
 
-    __slots__ = (
-        "adjusted",
-        "has_sample",
-        "latest",
-        "max_ack_delay",
-        "min",
-        "pto_period",
-        "samples",
-        "smoothed",
-        "variance",
-    )
+    __slots__ = ("has_sample", "latest", "max_ack_delay", "min", "pto_period", "smoothed", "variance")
 
     def __init__(self, *, initial_rtt: float, max_ack_delay: float) -> None:
         self.has_sample = False
         self.latest = 0.0
-        #: the last sample less the ACK delay the peer reported (as far as the minimum allows), and how many
-        #: samples there have been: a congestion controller reads a new one when ``samples`` moved
-        self.adjusted = 0.0
-        self.samples = 0
         self.min = 0.0
         self.smoothed = initial_rtt
         self.variance = initial_rtt / 2
@@ -106,10 +92,8 @@ class RttEstimator:
         if latest < 0.0:
             latest = 0.0
         self.latest = latest
-        self.samples += 1
         if not self.has_sample:
             self.has_sample = True
-            self.adjusted = latest
             self.min = latest
             self.smoothed = latest
             self.variance = latest / 2
@@ -119,7 +103,7 @@ class RttEstimator:
             self.min = latest
         if ack_delay > self.max_ack_delay:
             ack_delay = self.max_ack_delay
-        self.adjusted = adjusted = latest - ack_delay if latest >= self.min + ack_delay else latest
+        adjusted = latest - ack_delay if latest >= self.min + ack_delay else latest
         smoothed = self.smoothed
         self.variance = variance = 0.75 * self.variance + 0.25 * (
             smoothed - adjusted if smoothed > adjusted else adjusted - smoothed
