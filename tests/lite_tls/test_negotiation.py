@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.protocol.helpers import VPROXY, Side, handshake, pump
-from vtunnel.protocol import StreamMetadata, TunnelConfig
+from tests.protocol.test_errors import goaway_reason
+from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig
 from vtunnel.protocol import events as ev
 from vtunnel.protocol import frames as fr
-from vtunnel.protocol.errors import LocalProtocolError
-from vtunnel.protocol.settings import ExtensionBits, offered_bits
+from vtunnel.protocol.errors import ConfigError, LocalProtocolError
+from vtunnel.protocol.settings import ExtensionBits, SettingId, local_settings, offered_bits
 
 ON = TunnelConfig()
 OFF = TunnelConfig(lite_tls=False)
@@ -180,3 +183,57 @@ def test_lite_tls_spliced_is_its_own_bit() -> None:
     assert (
         not offered_bits(TunnelConfig(lite_tls=False, lite_tls_spliced=True)) & ExtensionBits.LITE_TLS_SPLICED
     )
+
+
+def _announced(client: TunnelConfig, server: TunnelConfig) -> tuple[int | None, int | None]:
+    """The splice port each end's HandshakeCompleted carries (client's, server's)."""
+    c = Side(Tunnel(role=Role.CLIENT, config=client))
+    s = Side(Tunnel(role=Role.SERVER, config=server))
+    c.tunnel.initiate(0.0)
+    s.tunnel.initiate(0.0)
+    pump(c, s)
+    (done_c,), (done_s,) = c.of(ev.HandshakeCompleted), s.of(ev.HandshakeCompleted)
+    return done_c.splice_port, done_s.splice_port
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "seen"),
+    [
+        (ON, dataclasses.replace(ON, splice_port=4001), 4001),  # tcp:// with a key
+        (SPLICED, dataclasses.replace(SPLICED, splice_port=4001), 4001),  # kcp://, rudp://
+        (OFF, dataclasses.replace(ON, splice_port=4001), None),  # lite-tls not agreed: no port
+        (ON, dataclasses.replace(OFF, splice_port=4001), None),  # nor offered: not even sent
+        (ON, ON, None),
+    ],
+)
+def test_a_server_in_splice_mode_announces_its_splice_port(
+    client: TunnelConfig, server: TunnelConfig, seen: int | None
+) -> None:
+    assert _announced(client, server) == (seen, None)
+
+
+def test_the_splice_port_is_sent_only_with_a_lite_tls_offer() -> None:
+    def entries(config: TunnelConfig) -> dict[int, int]:
+        return dict(local_settings(config))
+
+    assert entries(dataclasses.replace(ON, splice_port=4001))[SettingId.SPLICE_PORT] == 4001
+    assert entries(dataclasses.replace(SPLICED, splice_port=4001))[SettingId.SPLICE_PORT] == 4001
+    assert SettingId.SPLICE_PORT not in entries(dataclasses.replace(OFF, splice_port=4001))
+    assert SettingId.SPLICE_PORT not in entries(ON)
+    with pytest.raises(ConfigError):
+        TunnelConfig(splice_port=0)
+
+
+@pytest.mark.parametrize("port", [0, 65536, 0xFFFFFFFF])
+def test_a_splice_port_out_of_range_fails_the_handshake(port: int) -> None:
+    client = Tunnel(role=Role.CLIENT, config=ON)
+    client.initiate(0.0)
+    client.data_to_send()
+    answer = fr.encode_settings([*local_settings(ON), (SettingId.SPLICE_PORT, port)])
+    evs = client.receive_data(answer, 0.0)
+    assert len(evs) == 1, evs
+    closed = evs[0]
+    assert isinstance(closed, ev.TunnelClosed)
+    assert closed.error is not None
+    assert "splice port" in closed.error.reason
+    assert "splice port" in goaway_reason(client.data_to_send())

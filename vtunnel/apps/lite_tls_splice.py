@@ -28,7 +28,7 @@ import dataclasses
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import anyio
@@ -53,6 +53,7 @@ __all__ = [
     "SpliceDialer",
     "TicketBook",
     "conversation_endpoint",
+    "may_splice",
     "offer_dedicated",
     "serve_splice_port",
     "splice_port",
@@ -92,11 +93,22 @@ _CONVERSATION_CONFIG: Final = TunnelConfig(lite_tls=False)
 
 def splice_port(endpoint: Endpoint) -> int | None:
     """The ``splice=PORT`` option of a ``tcp://``, ``tls://``, ``kcp://`` or ``rudp://`` URL (checked by the
-    transport), or None; None too where the platform cannot splice."""
+    transport), or None (left out, or ``off``); None too where the platform cannot splice."""
     text = endpoint.params.get("splice")
-    if text is None or not SPLICE_AVAILABLE or endpoint.scheme not in (*_TCP_SCHEMES, *_CONVERSATION_SCHEMES):
+    if text is None or text == "off" or not may_splice(endpoint):
         return None
     return int(text)
+
+
+def may_splice(endpoint: Endpoint) -> bool:
+    """Whether lite-tls streams of a tunnel to ``endpoint`` may leave over dedicated connections: the platform
+    can splice, the transport has splice mode, and the URL does not say ``splice=off``. An agent whose server URL
+    names no port uses the one the server announces (``SPLICE_PORT`` in its SETTINGS)."""
+    return (
+        SPLICE_AVAILABLE
+        and endpoint.scheme in (*_TCP_SCHEMES, *_CONVERSATION_SCHEMES)
+        and endpoint.params.get("splice") != "off"
+    )
 
 
 def conversation_endpoint(endpoint: Endpoint, port: int) -> Endpoint:
@@ -388,17 +400,25 @@ class SpliceDialer:
     """Agent: opens lite-tls streams that name a ticket, and dials their dedicated connection only once the
     user's first record is a ClientHello record (``TunnelStream.splice_when_tls``)."""
 
-    def __init__(self, server: Endpoint, port: int) -> None:
+    def __init__(self, server: Endpoint, port: int | None = None) -> None:
+        self.server = server
         self.host = server.host
+        #: the splice port the server URL names (None: each stream's tunnel's, as the server announced it)
         self.port = port
-        #: kcp://, rudp://: the dedicated connections are keyless conversations to this endpoint
-        self._conversations = (
-            conversation_endpoint(server, port) if server.scheme in _CONVERSATION_SCHEMES else None
-        )
         self._backoff_until = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         #: the conversations' tunnels and bridges
         self._running: set[asyncio.Task[object]] = set()
+
+    def dials(self, tunnels: Sequence[TunnelConnection]) -> bool:
+        """Whether a lite-tls stream opened now on one of ``tunnels`` (an agent's tunnels up now, to its one
+        server) would name a ticket, and so must be opened by :meth:`open`: not while backing off, and not where
+        the URL named no port and the server announced none (with no tunnel up yet, :meth:`open` finds out)."""
+        if time.monotonic() < self._backoff_until:
+            return False
+        return (
+            self.port is not None or not tunnels or any(conn.peer_splice_port is not None for conn in tunnels)
+        )
 
     async def open(
         self, metadata: StreamMetadata, open_stream: Callable[[StreamMetadata], Awaitable[TunnelStream]]
@@ -410,23 +430,26 @@ class SpliceDialer:
         ticket = secrets.token_bytes(TICKET_LEN)
         md = dataclasses.replace(metadata, headers=(*metadata.headers, (SPLICE_HEADER, ticket.hex())))
         stream = await open_stream(md)
-        if not stream.lite_tls:  # the tunnel did not agree to lite-tls: no tickets for a while
+        port = self.port if self.port is not None else stream.peer_splice_port
+        if not stream.lite_tls or port is None:
+            # the tunnel did not agree to lite-tls, or its server has no splice port: the stream stays muxed (the
+            # server takes no ticket then), and the next ones name none for a while
             self._backoff_until = time.monotonic() + DIAL_BACKOFF
             return stream
-        stream.splice_when_tls(lambda s: self._dial_for(s, ticket))
+        stream.splice_when_tls(lambda s: self._dial_for(s, ticket, port))
         return stream
 
-    def _dial_for(self, stream: TunnelStream, ticket: bytes) -> None:
+    def _dial_for(self, stream: TunnelStream, ticket: bytes, port: int) -> None:
         loop = asyncio.get_running_loop()
         if time.monotonic() < self._backoff_until:  # (called from the stream's step: settle after it)
             loop.call_soon(stream.dedicated_settled, None)
             return
-        task = loop.create_task(self._connect(stream, ticket))
+        task = loop.create_task(self._connect(stream, ticket, port))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, stream: TunnelStream, ticket: bytes) -> None:
-        sock = await self._dial(ticket)
+    async def _connect(self, stream: TunnelStream, ticket: bytes, port: int) -> None:
+        sock = await self._dial(ticket, port)
         if sock is None:
             stream.dedicated_settled(None)
             return
@@ -436,7 +459,7 @@ class SpliceDialer:
         except (OSError, TimeoutError) as exc:
             # no answer in time: the stream leaves muxed, and its marker tells a server that bound it all the same
             sock.close()
-            self._back_off("lite_tls.splice_no_ack", exc)
+            self._back_off("lite_tls.splice_no_ack", port, exc)
             stream.dedicated_settled(None)
             return
         if answer == ACK:
@@ -444,28 +467,29 @@ class SpliceDialer:
             return
         sock.close()
         if answer:  # not a vtunnel splice port
-            self._back_off("lite_tls.splice_bad_answer", ValueError(f"answered {answer.hex()}"))
+            self._back_off("lite_tls.splice_bad_answer", port, ValueError(f"answered {answer.hex()}"))
         stream.dedicated_settled(None)  # (closed without the ACK: the server did not bind it)
 
-    def _back_off(self, event: str, exc: BaseException) -> None:
-        """Streams go muxed for :data:`DIAL_BACKOFF` seconds after a dedicated connection failed (``event``)."""
+    def _back_off(self, event: str, port: int, exc: BaseException) -> None:
+        """Streams go muxed for :data:`DIAL_BACKOFF` seconds after a dedicated connection to ``port`` failed
+        (``event``)."""
         self._backoff_until = time.monotonic() + DIAL_BACKOFF
         log.warning(
             event,
-            address=f"{self.host}:{self.port}",
+            address=f"{self.host}:{port}",
             error=str(exc) or type(exc).__name__,
             muxed_for=DIAL_BACKOFF,
         )
 
-    async def _dial(self, ticket: bytes) -> socket.socket | None:
+    async def _dial(self, ticket: bytes, port: int) -> socket.socket | None:
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
             with anyio.fail_after(CLAIM_TIMEOUT):
-                if self._conversations is not None:
-                    sock = await self._converse()
+                if self.server.scheme in _CONVERSATION_SCHEMES:
+                    sock = await self._converse(conversation_endpoint(self.server, port))
                 else:
-                    infos = await anyio.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                    infos = await anyio.getaddrinfo(self.host, port, type=socket.SOCK_STREAM)
                     family, _, _, _, address = infos[0]
                     sock = socket.socket(family, socket.SOCK_STREAM)
                     sock.setblocking(False)
@@ -476,19 +500,17 @@ class SpliceDialer:
         except (OSError, TimeoutError) as exc:
             if sock is not None:
                 sock.close()
-            self._back_off("lite_tls.splice_dial_failed", exc)
+            self._back_off("lite_tls.splice_dial_failed", port, exc)
             return None
         except BaseException:
             if sock is not None:
                 sock.close()
             raise
 
-    async def _converse(self) -> socket.socket:
-        """A new keyless conversation (``kcp://``, ``rudp://``) to the splice port, its one stream bridged to the socket returned; the
-        conversation ends once that stream is over. Raises ``OSError`` (the transport's errors included) when it
-        cannot be had."""
-        endpoint = self._conversations
-        assert endpoint is not None
+    async def _converse(self, endpoint: Endpoint) -> socket.socket:
+        """A new keyless conversation (``kcp://``, ``rudp://``) to the splice port at ``endpoint``, its one stream
+        bridged to the socket returned; the conversation ends once that stream is over. Raises ``OSError`` (the
+        transport's errors included) when it cannot be had."""
         try:
             link = await get_transport(endpoint.scheme).connect(endpoint, security=SecurityConfig())
         except Exception as exc:

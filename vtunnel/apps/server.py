@@ -114,8 +114,9 @@ class Server:
         self.local_addresses: list[str] = []
         #: lite-tls splice mode: where dedicated connections meet their streams (a listen URL with splice=PORT)
         self.tickets = TicketBook() if any(splice_port(e) is not None for e in settings.listen) else None
-        #: where the splice ports listen (``host:port``)
+        #: where the splice ports listen (``host:port``), and the port of each listen URL's (its tunnels announce it)
         self.splice_addresses: list[str] = []
+        self._splice_ports: dict[int, int] = {}
         #: the hosts the server's tunnels came from, with their number: a keyless conversation of splice mode
         #: (kcp://, rudp://) starts only from one of them (docs/security.md, "lite-tls splice mode")
         self._tunnel_hosts: collections.Counter[str] = collections.Counter()
@@ -139,7 +140,7 @@ class Server:
     async def _serve(self, task_status: TaskStatus[list[str]]) -> None:
         self._watcher = watcher_for()
         handlers: list[Callable[[Any], Awaitable[None]]] = []
-        for endpoint in self.settings.listen:
+        for index, endpoint in enumerate(self.settings.listen):
             if endpoint.scheme in WEBSOCKS_SCHEMES:
                 # WebSocks clients, no tunnel: the connections of a tcp:// or tls:// listener without a key
                 carrier = carrier_endpoint(endpoint)
@@ -155,7 +156,7 @@ class Server:
                     functools.partial(
                         self._handle_tunnel,
                         endpoint.scheme,
-                        spliced=splice_port(endpoint) is not None,
+                        splice=index if splice_port(endpoint) is not None else None,
                     )
                 )
                 if self.stats is not None:
@@ -180,23 +181,23 @@ class Server:
                         accepting.append(scope)
                         await listener.serve(handler, tg)
 
-                for listener, handler in zip(self.listeners, handlers, strict=True):
-                    tg.start_soon(accept_on, listener, handler)
-                if self.tickets is not None:
-                    for endpoint in self.settings.listen:
+                if self.tickets is not None:  # (before any tunnel: each announces its listener's splice port)
+                    for index, endpoint in enumerate(self.settings.listen):
                         port = splice_port(endpoint)
                         if port is not None:
-                            self.splice_addresses.append(
-                                await tg.start(
-                                    functools.partial(
-                                        serve_splice_port,
-                                        endpoint,
-                                        port,
-                                        self.tickets,
-                                        admit=self._tunnel_hosts.__contains__,
-                                    )
+                            address = await tg.start(
+                                functools.partial(
+                                    serve_splice_port,
+                                    endpoint,
+                                    port,
+                                    self.tickets,
+                                    admit=self._tunnel_hosts.__contains__,
                                 )
                             )
+                            self.splice_addresses.append(address)
+                            self._splice_ports[index] = int(address.rpartition(":")[2])
+                for listener, handler in zip(self.listeners, handlers, strict=True):
+                    tg.start_soon(accept_on, listener, handler)
                 task_status.started(self.local_addresses)
                 await self._stopping.wait()
                 for listener in self.listeners:  # a datagram listener answers no new handshake from now on
@@ -253,9 +254,10 @@ class Server:
         )
         return users
 
-    async def _handle_tunnel(self, transport: str, link: Link, *, spliced: bool = False) -> None:
-        """Run the tunnel of ``link`` (a ``transport`` listener's); ``spliced``: that listener's URL has a splice
-        port, so its lite-tls streams may leave over dedicated connections."""
+    async def _handle_tunnel(self, transport: str, link: Link, *, splice: int | None = None) -> None:
+        """Run the tunnel of ``link`` (a ``transport`` listener's); ``splice``: that listener's place in the listen
+        URLs, when it has a splice port: its lite-tls streams may leave over dedicated connections, and the tunnel
+        announces the port."""
         self._serial += 1
         used = link.user()
         ring = self.settings.security.keys
@@ -264,14 +266,15 @@ class Server:
             log.info("tunnel of a revoked key refused", user=used.user, transport=transport)
             await link.aclose()
             return
+        port = self._splice_ports.get(splice) if splice is not None else None
         conn = TunnelConnection(
             link,
             role=Role.SERVER,
-            config=self._config,
+            config=self._config if port is None else dataclasses.replace(self._config, splice_port=port),
             handler=self._handle_stream,
             name=f"t{self._serial}",
             user=used.user if used is not None else None,
-            lite_tls_spliced=spliced,
+            lite_tls_spliced=splice is not None,
         )
         if used is not None:
             self._keys_used[conn] = used

@@ -30,9 +30,11 @@ class Event:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class HandshakeCompleted(Event):
-    """The SETTINGS handshake finished; ``extensions`` is what both sides agreed on."""
+    """The SETTINGS handshake finished; ``extensions`` is what both sides agreed on; ``splice_port``: the port
+    of the peer's lite-tls splice listener, as it announced it (only with lite-tls agreed), or None."""
 
     extensions: Extensions
+    splice_port: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -40,6 +40,9 @@ class SettingId(IntEnum):
     INITIAL_STREAM_WINDOW = 0xF003
     INITIAL_TUNNEL_WINDOW = 0xF004
     MAX_FRAME_SIZE = 0xF005
+    #: the port of the sender's lite-tls splice listener, on the host the tunnel reached (TCP for tcp:// and
+    #: tls://, UDP for kcp:// and rudp://): a server in splice mode announces it, so that an agent need not be told
+    SPLICE_PORT = 0xF006
 
 
 class ExtensionBits(IntFlag):
@@ -106,6 +109,9 @@ class TunnelConfig:
     #: runtime over a link that carries no passthrough records where streams may leave over dedicated connections
     #: (kcp://, rudp:// in splice mode)
     lite_tls_spliced: bool = False
+    #: the port of this end's lite-tls splice listener, announced as ``SPLICE_PORT`` with a lite-tls offer (a
+    #: server in splice mode); None: none
+    splice_port: int | None = None
     #: offer the ``tun`` extension: ``tun`` streams carry IP packets (IP mode, docs/tun.md). On only where the
     #: application serves them (``--tun`` on the server, or asks for them, on the agent)
     tun: bool = False
@@ -146,6 +152,10 @@ class TunnelConfig:
                 f"max_frame_size must be an int in [{MIN_FRAME_SIZE}, {MAX_FRAME_PAYLOAD}], "
                 f"not {self.max_frame_size!r}"
             )
+        if self.splice_port is not None and (
+            not isinstance(self.splice_port, int) or not 1 <= self.splice_port <= 65535
+        ):
+            raise ConfigError(f"splice_port must be a port (1-65535) or None, not {self.splice_port!r}")
         if not isinstance(self.max_concurrent_streams, int) or self.max_concurrent_streams < 1:
             value = self.max_concurrent_streams
             raise ConfigError(f"max_concurrent_streams must be an int >= 1, not {value!r}")
@@ -208,6 +218,8 @@ class PeerSettings:
     initial_stream_window: int
     initial_tunnel_window: int
     max_frame_size: int
+    #: the port of the peer's lite-tls splice listener (``SPLICE_PORT``), or None
+    splice_port: int | None = None
 
 
 def offered_bits(config: TunnelConfig, *, datagrams: bool = False) -> int:
@@ -235,14 +247,18 @@ def local_settings(config: TunnelConfig, *, datagrams: bool = False) -> list[tup
     transport carries unreliable datagrams (the DATAGRAMS bit is offered)."""
     if not config.extensions:
         return []
-    return [
+    bits = offered_bits(config, datagrams=datagrams)
+    entries: list[tuple[int, int]] = [
         (SettingId.MAGIC, VTUNNEL_MAGIC),
         (SettingId.VERSION, PROTOCOL_VERSION),
-        (SettingId.EXTENSIONS, offered_bits(config, datagrams=datagrams)),
+        (SettingId.EXTENSIONS, bits),
         (SettingId.INITIAL_STREAM_WINDOW, config.min_stream_window),
         (SettingId.INITIAL_TUNNEL_WINDOW, config.initial_tunnel_window),
         (SettingId.MAX_FRAME_SIZE, config.max_frame_size),
     ]
+    if config.splice_port is not None and bits & (ExtensionBits.LITE_TLS | ExtensionBits.LITE_TLS_SPLICED):
+        entries.append((SettingId.SPLICE_PORT, config.splice_port))
+    return entries
 
 
 def parse_peer_settings(entries: list[tuple[int, int]]) -> PeerSettings:
@@ -261,12 +277,16 @@ def parse_peer_settings(entries: list[tuple[int, int]]) -> PeerSettings:
             raise ValueError(f"initial {name} {value} out of range")
     if not MIN_FRAME_SIZE <= frame_size <= MAX_FRAME_PAYLOAD:
         raise ValueError(f"max frame size {frame_size} out of range")
+    splice_port = values.get(SettingId.SPLICE_PORT)
+    if splice_port is not None and not 1 <= splice_port <= 65535:
+        raise ValueError(f"splice port {splice_port} out of range")
     return PeerSettings(
         version=version,
         extensions=values.get(SettingId.EXTENSIONS, 0),
         initial_stream_window=stream_window,
         initial_tunnel_window=tunnel_window,
         max_frame_size=frame_size,
+        splice_port=splice_port,
     )
 
 

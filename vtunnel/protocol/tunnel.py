@@ -757,7 +757,8 @@ class Tunnel:
         ):  # a PASSTHROUGH frame holds a whole TLS record (or a run), which may exceed max_frame_size
             longest = fr.MAX_PASSTHROUGH_RUN if ext.lite_tls_runs else fr.MAX_PASSTHROUGH_PAYLOAD
             self._decoder.max_payload = max(self.config.max_frame_size, longest, fr.MAX_PASSTHROUGH_PAYLOAD)
-        self._emit(HandshakeCompleted(extensions=ext))
+        splice_port = peer.splice_port if peer is not None and ext.lite_tls else None
+        self._emit(HandshakeCompleted(extensions=ext, splice_port=splice_port))
 
     def _on_data(self, flags: int, sid: int, payload: bytes | memoryview) -> None:
         if sid == 0:

@@ -176,6 +176,8 @@ class TunnelConnection:
         #: kernel relays of this tunnel's spliced lite-tls streams still running (they outlive the tunnel and
         #: still count their bytes in ``bytes_out`` / ``bytes_in``)
         self.spliced_relays = 0
+        #: the port of the peer's lite-tls splice listener, as its SETTINGS announced it (with lite-tls agreed)
+        self.peer_splice_port: int | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -563,6 +565,7 @@ class TunnelConnection:
         elif isinstance(ev, events.HandshakeCompleted):
             self.log.debug("tunnel ready", extensions=str(ev.extensions))
             self._flow_control = ev.extensions.flow_control
+            self.peer_splice_port = ev.splice_port
             self._ready.set()
         elif isinstance(ev, events.GoAwayReceived):
             self.log.info("peer is shutting down", reason=ev.reason, last_stream_id=ev.last_stream_id)

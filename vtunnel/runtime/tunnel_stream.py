@@ -78,6 +78,8 @@ class StreamCarrier(Protocol):
     bytes_in: int
     #: spliced lite-tls streams whose kernel relay still runs (and counts in ``bytes_out`` / ``bytes_in``)
     spliced_relays: int
+    #: the port of the peer's lite-tls splice listener, as the peer announced it, or None
+    peer_splice_port: int | None
     #: the streams over the buffer limit of a tunnel without flow control: while any is, an acknowledgement calls
     #: :meth:`resume_reading` (the link is paused only then)
     over_limit: set[int]
@@ -349,6 +351,12 @@ class TunnelStream:
     def lite_tls(self) -> bool:
         """A lite-tls stream on a tunnel that agreed to the extension (it runs a tracker)."""
         return self._lite is not None
+
+    @property
+    def peer_splice_port(self) -> int | None:
+        """The port of the peer's lite-tls splice listener, as it announced it in the tunnel's handshake (a
+        server in splice mode), or None."""
+        return self._carrier.peer_splice_port
 
     @property
     def may_splice(self) -> bool:

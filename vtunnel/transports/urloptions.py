@@ -102,8 +102,9 @@ def overrides(
 
 
 def check_splice(scheme: str, params: Mapping[str, str]) -> None:
-    """``splice=PORT`` (lite-tls splice mode, docs/lite-tls.md): a port number, 0 on a server for any free one. The
-    transports that take it only check it here; the applications read it, and it changes nothing in the link."""
+    """``splice=PORT`` (lite-tls splice mode, docs/lite-tls.md): a port number, 0 on a server for any free one, or
+    ``off`` (an agent that must not splice; on a server, the same as leaving it out). The transports that take it
+    only check it here; the applications read it, and it changes nothing in the link."""
     text = params.get("splice")
-    if text is not None and not (text.isdigit() and 0 <= int(text) <= 65535):
-        raise TransportError(f"{scheme} option 'splice' must be a port (0-65535), got {text!r}")
+    if text is not None and text != "off" and not (text.isdigit() and 0 <= int(text) <= 65535):
+        raise TransportError(f"{scheme} option 'splice' must be a port (0-65535) or off, got {text!r}")
