@@ -405,9 +405,9 @@ def start_stack(
     which forwards to the server. ``side_targets`` (vtunnel only): more destinations the agent forwards to in
     the same tunnel (``--forward LOCAL=DEST``), each reachable at ``stack.side_entries[dest]``. ``agent_extra``:
     more options of the vtunnel agent. ``socks``: the entry is the client side's SOCKS5 proxy (vtunnel's
-    ``--socks`` front, or ss-local), and clients name the workload server in their CONNECT. ``splice_port`` (tcp:// and tls:// only): the server also listens there
-    for the dedicated connections of spliced lite-tls streams (``splice=PORT``; the agent stays muxed, see
-    :func:`start_side_agent`).
+    ``--socks`` front, or ss-local), and clients name the workload server in their CONNECT. ``splice_port``: the server also listens there
+    for the dedicated connections of spliced lite-tls streams (``splice=PORT``), and the stack's agent stays
+    muxed (``splice=off``: vtunnel code from 28f2cf2 on; see :func:`start_side_agent`).
     """
     if socks and system.kind not in ("vtunnel", "shadowsocks"):
         raise HarnessError(f"{system.name} has no SOCKS5 front")
@@ -477,6 +477,9 @@ def start_stack(
         forwards,
         socks=socks,
     )
+    if splice_port is not None:  # the stack's agent stays muxed: told nothing, it would splice at the announced port
+        at = agent.index("--server") + 1
+        agent[at] += ("&" if "?" in agent[at] else "?") + "splice=off"
     stack.procs["agent"] = group.spawn(f"{system.name}-agent", [*placement.client_prefix, *agent], env=env)
     _wait_ready(stack, READY_TIMEOUT)
     if system.kind == "vtunnel":
