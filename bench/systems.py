@@ -477,7 +477,8 @@ def start_stack(
         forwards,
         socks=socks,
     )
-    if splice_port is not None:  # the stack's agent stays muxed: told nothing, it would splice at the announced port
+    if splice_port is not None:
+        # the stack's agent stays muxed: told nothing, it would splice at the port its server announces
         at = agent.index("--server") + 1
         agent[at] += ("&" if "?" in agent[at] else "?") + "splice=off"
     stack.procs["agent"] = group.spawn(f"{system.name}-agent", [*placement.client_prefix, *agent], env=env)
