@@ -95,7 +95,7 @@ def splice_port(endpoint: Endpoint) -> int | None:
     """The ``splice=PORT`` option of a ``tcp://``, ``tls://``, ``kcp://`` or ``rudp://`` URL (checked by the
     transport), or None (left out, or ``off``); None too where the platform cannot splice."""
     text = endpoint.params.get("splice")
-    if text is None or text == "off" or not may_splice(endpoint):
+    if text is None or not may_splice(endpoint):
         return None
     return int(text)
 

@@ -49,14 +49,14 @@ from vtunnel.io.datagrams import Address, split_run
 from vtunnel.transports.kcp.codec import ArqLink, Datagram, Transmit
 from vtunnel.transports.link import ANY_SIZE, READ_SIZE, LinkConsumer, LinkStats
 
-__all__ = ["RudpLink"]
+__all__ = ["RudpLink", "clock"]
 
 log = structlog.get_logger("vtunnel.transports.rudp")
 
-#: the connection's clock. Not the loop's: uvloop's keeps whole milliseconds, read once per pass of the loop, so
+#: the clock of rudp connections (their links, the listener's and the client's new ones). Not the loop's: uvloop's keeps whole milliseconds, read once per pass of the loop, so
 #: round trips measured by it were off by a millisecond or two either way (on a 20 ms path, more than the
 #: queueing delay the congestion controller watches for); the loop's timers run on the same monotonic clock
-_clock: Final = time.monotonic
+clock: Final = time.monotonic
 
 #: the first byte of a packet: ``01`` and the reserved bit 0, then the length of the destination CID
 _FIXED: Final = 0x40
@@ -156,7 +156,7 @@ class RudpLink(ArqLink):
         conn = self._conn
         if self._torn_down:
             return
-        now = _clock()
+        now = clock()
         # (a conversation's every input is one datagram: without the bookkeeping of a run)
         events = (
             conn.receive_datagram(datagrams[0], now)
@@ -196,7 +196,7 @@ class RudpLink(ArqLink):
             conn.send_datagram(data)
         except RudpLocalError as exc:  # closing (the failure is reported by the next service)
             raise anyio.BrokenResourceError(str(exc)) from exc
-        self._service(_clock())
+        self._service(clock())
 
     async def run(self, consumer: LinkConsumer) -> None:
         if self._consumer is not None:
@@ -208,7 +208,7 @@ class RudpLink(ArqLink):
                 consumer.link_ended(self._error)
             elif not self._torn_down:
                 self._deliver()  # what arrived before (a server connection's first packet)
-                self._service(_clock())
+                self._service(clock())
             await asyncio.shield(self._ended)
         finally:
             self._consumer = None
@@ -220,7 +220,7 @@ class RudpLink(ArqLink):
         if self._backlog or conn.send_room() <= 0:
             self._blocked = True
             raise anyio.WouldBlock
-        now = _clock()
+        now = clock()
         if conn.all_acknowledged:
             self._busy_since = now
         taken = conn.send(data)
@@ -244,7 +244,7 @@ class RudpLink(ArqLink):
         self._paused = False
         if self._consumer is not None and not self._torn_down:
             self._deliver()
-            self._service(_clock())
+            self._service(clock())
 
     async def send_eof(self) -> None:
         """End our stream after what is queued (the peer's input ends; ours goes on)."""
@@ -253,7 +253,7 @@ class RudpLink(ArqLink):
         self._eof = True
         if not self._backlog:
             self._conn.end_stream()
-        self._service(_clock())
+        self._service(clock())
         await anyio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -267,7 +267,7 @@ class RudpLink(ArqLink):
         if self._error is None and not self._torn_down:
             conn = self._conn
             conn.close(ErrorCode.NO_ERROR)
-            out = conn.datagrams_to_send(_clock())
+            out = conn.datagrams_to_send(clock())
             if out:
                 self._transmit(out, self.remote_address)
             self._teardown()
@@ -397,7 +397,7 @@ class RudpLink(ArqLink):
         self._timer_when = math.inf
         if self._torn_down:
             return
-        now = _clock()
+        now = clock()
         if now < due:
             now = due  # (the loop's timers keep whole milliseconds: one may fire a little before its time)
         if now >= self._watchdog_due and not self._watchdog(now):

@@ -3,7 +3,6 @@ links."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,7 +13,7 @@ from vtunnel.arq.rudp.wire import Stream, WireError, decode_packet, peek_dcid
 from vtunnel.io.datagrams import Address
 from vtunnel.transports.kcp.codec import Datagram, ListenerCodec, RoutedLink, Transmit
 from vtunnel.transports.kcp.routing import DatagramListener
-from vtunnel.transports.rudp.link import RudpLink
+from vtunnel.transports.rudp.link import RudpLink, clock
 from vtunnel.transports.rudp.options import RudpOptions
 
 __all__ = ["RudpListener", "opens_connection"]
@@ -53,7 +52,7 @@ class RudpListener(DatagramListener[C]):
     def _new_link(
         self, first: Datagram, address: Address, transmit: Transmit, on_close: Callable[[RoutedLink], None]
     ) -> RudpLink:
-        now = time.monotonic()
+        now = clock()
         validated = self.codec.validates_paths
         connection = Connection(
             role=Role.SERVER,

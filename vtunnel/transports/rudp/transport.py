@@ -6,7 +6,6 @@ keys sessions: :mod:`.plain`) or, when a key is configured, sealed by the same c
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
@@ -18,7 +17,7 @@ from vtunnel.transports.kcp.client import open_client
 from vtunnel.transports.kcp.codec import ClientCodec, ListenerCodec, RoutedLink, Transmit
 from vtunnel.transports.kcp.transport import DatagramTransport
 from vtunnel.transports.link import Link
-from vtunnel.transports.rudp.link import RudpLink
+from vtunnel.transports.rudp.link import RudpLink, clock
 from vtunnel.transports.rudp.listener import RudpListener
 from vtunnel.transports.rudp.options import RudpOptions, parse_options
 from vtunnel.transports.rudp.plain import rudp_plain_codec
@@ -65,7 +64,7 @@ class RudpTransport(DatagramTransport[RudpOptions]):
                 # sealed, the sealed header's connection ID routes; keyless, the server is known by this one
                 peer_cid=b"" if sealed else secrets.token_bytes(SERVER_CID_LEN),
                 config=config,
-                now=time.monotonic(),
+                now=clock(),
             )
             return RudpLink(
                 connection=connection,
