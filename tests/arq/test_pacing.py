@@ -326,3 +326,123 @@ def test_repeated_acks_spare_the_data_a_lost_ack_would_have_resent() -> None:
     assert runs["off"].exact
     assert runs["on"].forward.sent < 0.97 * runs["off"].forward.sent
     assert abs(int(runs["on"].sender["srtt_ms"]) - int(runs["off"].sender["srtt_ms"])) <= 1
+
+
+# --- what a sender that reports its losses teaches the pacer ------------------------------------------------
+
+
+def bottleneck(
+    pacer: Pacer,
+    *,
+    link: int,
+    queue: int,
+    rtt: float,
+    seconds: float,
+    loss: float = 0.0,
+    report_losses: bool,
+    seed: int = 1,
+) -> tuple[int, int, list[float]]:
+    """A busy sender through a bottleneck of ``link`` segments/s whose queue holds ``queue`` segments and drops
+    what overflows it, ``loss`` of what passes lost at random: each segment is acknowledged one ``rtt`` (plus its
+    wait in the queue) after it left, or, lost, declared so at that time (``report_losses``, rudp's order: the
+    ACK's deliveries first) or never told. Returns the segments delivered, those the queue dropped, and the
+    pacing gain (pacing rate over the estimate) of every millisecond."""
+    rng = random.Random(seed)
+    step = 0.001
+    now = 0.0
+    backlog = 0.0  # segments waiting in the queue
+    events: dict[int, list[int]] = {}  # ms -> [acknowledged, lost]
+    in_flight = delivered = dropped = 0
+    gains: list[float] = []
+    for tick in range(int(seconds / step)):
+        now = (tick + 1) * step
+        acked, lost = events.pop(tick, [0, 0])
+        in_flight -= acked + lost
+        delivered += acked
+        pacer.on_acked(now, acked, rtt, app_limited=False)
+        if lost and report_losses:
+            pacer.on_lost(now, lost)
+        sent = min(pacer.allowance(now, in_flight), 4 * link // 1000)
+        pacer.on_sent(sent)
+        in_flight += sent
+        backlog = max(0.0, backlog - link * step)
+        room = max(0, int(queue - backlog))
+        passed = min(sent, room)
+        dropped += sent - passed
+        backlog += passed
+        arrives = tick + round((rtt + backlog / link) / step)
+        randomly = sum(1 for _ in range(passed) if rng.random() < loss)
+        entry = events.setdefault(arrives, [0, 0])
+        entry[0] += passed - randomly
+        entry[1] += sent - passed + randomly
+        if pacer.bandwidth > 0:
+            gains.append(pacer.pacing_rate / pacer.bandwidth)
+    return delivered, dropped, gains
+
+
+def test_a_sender_that_reports_losses_learns_to_probe_a_shallow_queue_gently() -> None:
+    """A queue that holds a tenth of the path's round trip overflows under every probe at 5/4 of the rate: the
+    sender that is told its losses probes by less, and loses far less to the queue for as much delivered."""
+    runs = {
+        told: bottleneck(
+            Pacer(max_window=8192, now=0.0), link=40_000, queue=40, rtt=0.01, seconds=3.0, report_losses=told
+        )
+        for told in (True, False)
+    }
+    (told_delivered, told_dropped, told_gains), (blind_delivered, blind_dropped, blind_gains) = (
+        runs[True],
+        runs[False],
+    )
+    assert max(blind_gains[-1000:]) == pytest.approx(1.25)  # a sender that reports nothing probes as BBR does
+    assert max(told_gains[-1000:]) < 1.1
+    assert told_dropped < 0.5 * blind_dropped
+    assert told_delivered >= 0.98 * blind_delivered
+
+
+def test_random_loss_does_not_make_the_probe_gentler() -> None:
+    """5% loss at random through a queue deep enough for every probe: the probes stay at 5/4."""
+    _, _, gains = bottleneck(
+        Pacer(max_window=8192, now=0.0),
+        link=40_000,
+        queue=2_000,
+        rtt=0.01,
+        seconds=3.0,
+        loss=0.05,
+        report_losses=True,
+    )
+    assert max(gains[-1000:]) == pytest.approx(1.25)
+
+
+def phase_of(pacer: Pacer) -> Phase:
+    """(read through a call: a test that asserted one phase may assert another after the pacer is told more)"""
+    return pacer.phase
+
+
+def test_what_startup_measured_of_a_round_outlives_the_round() -> None:
+    """Startup raises its estimate from half a round: the rounds that end after it (that round itself, or the
+    next if losses cut it short and drain began) keep it in the filter, as any round's rate; it must not fall
+    back to what the rounds before measured (a cruise at half the link, then a second startup's overshoot)."""
+    for cut_by_losses in (False, True):
+        pacer = Pacer(max_window=16384, now=0.0)
+        now = fluid(pacer, link=1_000_000, rtt=0.01, seconds=0.05, start=0.0, busy=True)
+        assert pacer.phase is Phase.STARTUP  # (a link it is far from filling)
+        before = pacer.bandwidth
+        # the first half of a round at twice the rate measured so far
+        per_ms = int(2 * before / 1000)
+        for _ in range(6):
+            now += 0.001
+            pacer.on_acked(now, per_ms, 0.01, app_limited=False)
+            pacer.on_sent(per_ms)
+        raised = pacer.bandwidth
+        assert raised > 1.5 * before
+        if cut_by_losses:
+            pacer.on_lost(now, 10 * per_ms)
+            assert phase_of(pacer) is Phase.DRAIN
+        slower = int(before / 1000)
+        for _ in range(
+            30
+        ):  # then rounds at the rate before, busy: each round's end takes the filter's maximum
+            now += 0.001
+            pacer.on_acked(now, slower, 0.01, app_limited=False)
+            pacer.on_sent(slower)
+        assert pacer.bandwidth >= raised

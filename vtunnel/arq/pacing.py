@@ -22,7 +22,10 @@ The phases:
   Then one round of *drain* sends at the inverse of that gain, to empty the queue startup built.
 - *cruise*: eight-round cycles, one round at 5/4 of the estimate (to find a higher rate), one at 3/4 (to drain
   what that probe queued), six at the estimate. A probe whose extra fifth or more all arrived means the path has
-  room the estimate does not know of (startup was cut short, or the path got faster): startup again.
+  room the estimate does not know of (startup was cut short, or the path got faster): startup again. A sender
+  that reports its losses (rudp's) also learns how hard to probe: a probe that lost well above what the rounds
+  at the estimate lose overflowed the bottleneck's queue, and the next one asks for half as much more; one that
+  did not may ask a quarter more than it did, up to 5/4 (:meth:`Pacer._learn_probe`).
 
 A round ends once everything sent before it began has been acknowledged, so each round measures the data sent
 at one gain. Everything that leaves counts against the pacing rate, retransmissions included.
@@ -43,6 +46,16 @@ _STARTUP_GAIN: Final = 2.885
 _CYCLE: Final = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 #: cruise goes back to startup when the round measuring a probe (sent at 5/4) delivered this much more
 _PROBE_FOUND: Final = 1.2
+#: a sender that reports its losses: the probe's extra share (over 1) halves after a probe that overflowed the
+#: queue, and grows by this factor after one that did not, back up to the cycle's 1/4
+_PROBE_SHRINK: Final = 0.5
+_PROBE_GROW: Final = 1.25
+#: the smallest extra share a probe keeps
+_PROBE_MIN: Final = 0.03
+#: a probe overflowed when the round after it (which declares its losses) lost more than this many times the
+#: share the cruise rounds lose, plus this much, and at least _STARTUP_LOSS_EVENTS segments
+_OVERFLOW_FACTOR: Final = 1.5
+_OVERFLOW_MARGIN: Final = 0.02
 #: startup ends after this many rounds without this much growth
 _FULL_ROUNDS: Final = 3
 _FULL_GROWTH: Final = 1.25
@@ -99,6 +112,7 @@ class Pacer:
         "_burst",
         "_bw_samples",
         "_cfg",
+        "_cruise_loss",
         "_cycle_index",
         "_delivered",
         "_full_bw",
@@ -109,10 +123,13 @@ class Pacer:
         "_max_window",
         "_min_rtt",
         "_min_rtt_at",
+        "_probe_extra",
+        "_reports_losses",
         "_round_delivered",
         "_round_length",
         "_round_lost",
         "_round_new",
+        "_round_peak",
         "_round_sent",
         "_round_start",
         "_round_target",
@@ -153,6 +170,13 @@ class Pacer:
         self._full_bw = 0.0
         self._full_count = 0
         self._cycle_index = 0
+        #: the probe round's gain less 1 (a sender that reports losses learns it: :meth:`_learn_probe`)
+        self._probe_extra = _CYCLE[0] - 1.0
+        #: the share of segments the rounds of cruise at gain 1 lose (a moving average)
+        self._cruise_loss = 0.0
+        self._reports_losses = False
+        #: the estimate startup took from part of the round under way (:meth:`_startup_early`; 0: none)
+        self._round_peak = 0.0
         self._tokens = float(cfg.initial_window)
         self._last_refill = now
         #: segments per second the sender may send at now (0: not yet measured, no pacing)
@@ -196,11 +220,18 @@ class Pacer:
         if bound > 0:
             sample = min(sample, bound)
         self._last_sent_rate = sent_rate
+        if self._round_peak > sample:
+            # startup raised the estimate from part of this round: the round measured at least that, and the
+            # filter below must keep it (else the estimate would fall back to last round's at the round's end)
+            sample = self._round_peak
+        self._round_peak = 0.0
         limited = self._app_limited
         resent = self._round_sent - self._round_new
         overflowed = (
             self._round_sent >= self._cfg.min_window and resent > self._cfg.startup_loss * self._round_sent
         )
+        if self._reports_losses and self.phase is Phase.CRUISE and not limited:
+            self._learn_probe(self._round_lost, self._round_delivered)
         self._round_new = 0
         self._round_lost = 0
         self._round_start = now
@@ -259,6 +290,7 @@ class Pacer:
             # ended, not at the head of a new round that has nothing delivered to weigh them against
             return
         self._round_lost += segments
+        self._reports_losses = True
         if self.phase is not Phase.STARTUP or self.bandwidth <= 0:
             return
         lost = self._round_lost
@@ -270,6 +302,9 @@ class Pacer:
         ):
             return
         self.phase = Phase.DRAIN
+        if self._round_peak > 0:  # (what startup measured of the round it cut short stays in the filter)
+            self._bw_samples.append((self._round_peak, False))
+            self._round_peak = 0.0
         self._round_start = now
         self._round_target = self._sent_new
         self._round_delivered = 0
@@ -324,8 +359,30 @@ class Pacer:
         if self._last_sent_rate:
             sample = min(sample, self._last_sent_rate)
         if sample > self.bandwidth * _FULL_GROWTH:
-            self.bandwidth = sample
+            self.bandwidth = self._round_peak = sample
             self._update_model()
+
+    def _learn_probe(self, lost: int, delivered: int) -> None:
+        """A round of cruise ended (a sender that reports its losses, busy all round): learn from its losses.
+
+        A round declares the losses of the round before it. Those of a round at gain 1 make the share this path
+        loses anyway (random loss, and a queue the estimate overfills); the round after a probe declares the
+        probe's. A probe that lost well above that share overflowed the bottleneck's queue: the next probe asks
+        for half as much more. One that did not may ask a quarter more than it did, up to the cycle's 1/4. So a
+        shallow queue is probed by as much as it holds, and a deep one as BBR probes it."""
+        seen = lost + delivered
+        if seen <= 0:
+            return
+        share = lost / seen
+        index = self._cycle_index
+        if index == 1:
+            overflowed = lost >= _STARTUP_LOSS_EVENTS and share > (
+                _OVERFLOW_FACTOR * self._cruise_loss + _OVERFLOW_MARGIN
+            )
+            extra = self._probe_extra * (_PROBE_SHRINK if overflowed else _PROBE_GROW)
+            self._probe_extra = min(_CYCLE[0] - 1.0, max(_PROBE_MIN, extra))
+        elif index != 2:  # (round 2 declares the losses of the drain round, paced below the estimate)
+            self._cruise_loss += (share - self._cruise_loss) / len(_CYCLE)
 
     def _refill(self, now: float) -> None:
         rate = self.pacing_rate
@@ -377,7 +434,9 @@ class Pacer:
             self.pacing_rate = bandwidth / _STARTUP_GAIN
             gain = cfg.window_gain
         else:
-            self.pacing_rate = bandwidth * _CYCLE[self._cycle_index]
+            index = self._cycle_index
+            gain = 1.0 + self._probe_extra if index == 0 else _CYCLE[index]
+            self.pacing_rate = bandwidth * gain
             gain = cfg.window_gain
         want = int(gain * bandwidth * rtt) + 1
         self.window = min(self._max_window, max(cfg.min_window, want))
