@@ -104,8 +104,15 @@ class ArqLink(RoutedLink):
     """
 
     def __init__(
-        self, *, transmit: Transmit, local_address: Address, remote_address: Address, period: float
+        self,
+        *,
+        transmit: Transmit,
+        local_address: Address,
+        remote_address: Address,
+        period: float,
+        now: float,
     ) -> None:
+        """``now``: the time on the clock the subclass gives its ARQ (the watchdog and ``last_receive`` read it)."""
         self._transmit = transmit
         self._loop = asyncio.get_running_loop()
         self.local_address = local_address
@@ -121,7 +128,6 @@ class ArqLink(RoutedLink):
         self._ended: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
         self._closed = False
-        now = self._loop.time()
         self.last_receive = now
         self._busy_since = now
         self._watchdog_period = period

@@ -68,6 +68,7 @@ class KCPLink(ArqLink):
             local_address=local_address,
             remote_address=remote_address,
             period=max(0.05, min(options.timeout, options.idle) / 4.0),
+            now=asyncio.get_running_loop().time(),
         )
         self._engine = engine
         self._conv = engine.conv

@@ -88,6 +88,7 @@ class RudpLink(ArqLink):
             local_address=local_address,
             remote_address=remote_address,
             period=max(0.05, timeout / 4.0),
+            now=clock(),
         )
         self._conn = connection
         self._cid = connection.local_cid
