@@ -334,7 +334,7 @@ def test_repeated_acks_spare_the_data_a_lost_ack_would_have_resent() -> None:
 def bottleneck(
     pacer: Pacer,
     *,
-    link: int,
+    link: int | Callable[[float], int],
     queue: int,
     rtt: float,
     seconds: float,
@@ -345,32 +345,36 @@ def bottleneck(
     """A busy sender through a bottleneck of ``link`` segments/s whose queue holds ``queue`` segments and drops
     what overflows it, ``loss`` of what passes lost at random: each segment is acknowledged one ``rtt`` (plus its
     wait in the queue) after it left, or, lost, declared so at that time (``report_losses``, rudp's order: the
-    ACK's deliveries first) or never told. Returns the segments delivered, those the queue dropped, and the
-    pacing gain (pacing rate over the estimate) of every millisecond."""
+    ACK's deliveries first) or never told, and sent again before new data. Returns the segments delivered,
+    those the queue dropped, and the pacing gain (pacing rate over the estimate) of every millisecond."""
     rng = random.Random(seed)
     step = 0.001
     now = 0.0
     backlog = 0.0  # segments waiting in the queue
     events: dict[int, list[int]] = {}  # ms -> [acknowledged, lost]
-    in_flight = delivered = dropped = 0
+    in_flight = delivered = dropped = owed = 0
     gains: list[float] = []
     for tick in range(int(seconds / step)):
         now = (tick + 1) * step
+        rate = link(now) if callable(link) else link
         acked, lost = events.pop(tick, [0, 0])
         in_flight -= acked + lost
+        owed += lost
         delivered += acked
         pacer.on_acked(now, acked, rtt, app_limited=False)
         if lost and report_losses:
             pacer.on_lost(now, lost)
-        sent = min(pacer.allowance(now, in_flight), 4 * link // 1000)
-        pacer.on_sent(sent)
+        sent = min(pacer.allowance(now, in_flight), 4 * rate // 1000)
+        resent = min(sent, owed)  # what was lost goes again first, as no new data
+        owed -= resent
+        pacer.on_sent(sent, sent - resent)
         in_flight += sent
-        backlog = max(0.0, backlog - link * step)
+        backlog = max(0.0, backlog - rate * step)
         room = max(0, int(queue - backlog))
         passed = min(sent, room)
         dropped += sent - passed
         backlog += passed
-        arrives = tick + round((rtt + backlog / link) / step)
+        arrives = tick + round((rtt + backlog / rate) / step)
         randomly = sum(1 for _ in range(passed) if rng.random() < loss)
         entry = events.setdefault(arrives, [0, 0])
         entry[0] += passed - randomly
@@ -397,6 +401,22 @@ def test_a_sender_that_reports_losses_learns_to_probe_a_shallow_queue_gently() -
     assert max(told_gains[-1000:]) < 1.1
     assert told_dropped < 0.5 * blind_dropped
     assert told_delivered >= 0.98 * blind_delivered
+
+
+def test_a_gentle_prober_still_finds_a_path_that_got_faster() -> None:
+    """Probes learnt gentle on a shallow queue; then the path is four times as fast: each probe that finds room
+    asks for twice as much next, back to 5/4, and then startup finds the rest (within 40 rounds here)."""
+    pacer = Pacer(max_window=8192, now=0.0)
+    _, _, gains = bottleneck(
+        pacer,
+        link=lambda now: 20_000 if now < 3.0 else 80_000,
+        queue=100,
+        rtt=0.05,
+        seconds=5.0,
+        report_losses=True,
+    )
+    assert max(gains[2000:3000]) < 1.1  # (gentle before the change)
+    assert pacer.bandwidth > 0.8 * 80_000
 
 
 def test_random_loss_does_not_make_the_probe_gentler() -> None:

@@ -25,7 +25,8 @@ The phases:
   room the estimate does not know of (startup was cut short, or the path got faster): startup again. A sender
   that reports its losses (rudp's) also learns how hard to probe: a probe that lost well above what the rounds
   at the estimate lose overflowed the bottleneck's queue, and the next one asks for half as much more; one that
-  did not may ask a quarter more than it did, up to 5/4 (:meth:`Pacer._learn_probe`).
+  did not may ask a quarter more than it did (twice as much if it found room), up to 5/4
+  (:meth:`Pacer._learn_probe`).
 
 A round ends once everything sent before it began has been acknowledged, so each round measures the data sent
 at one gain. Everything that leaves counts against the pacing rate, retransmissions included.
@@ -50,6 +51,8 @@ _PROBE_FOUND: Final = 1.2
 #: queue, and grows by this factor after one that did not, back up to the cycle's 1/4
 _PROBE_SHRINK: Final = 0.5
 _PROBE_GROW: Final = 1.25
+#: ... and by this factor after one that came back faster than the estimate by half of its extra (room found)
+_PROBE_ROOM_GROW: Final = 2.0
 #: the smallest extra share a probe keeps
 _PROBE_MIN: Final = 0.03
 #: a probe overflowed when the round after it (which declares its losses) lost more than this many times the
@@ -231,7 +234,7 @@ class Pacer:
             self._round_sent >= self._cfg.min_window and resent > self._cfg.startup_loss * self._round_sent
         )
         if self._reports_losses and self.phase is Phase.CRUISE and not limited:
-            self._learn_probe(self._round_lost, self._round_delivered)
+            self._learn_probe(self._round_lost, self._round_delivered, sample)
         self._round_new = 0
         self._round_lost = 0
         self._round_start = now
@@ -362,14 +365,16 @@ class Pacer:
             self.bandwidth = self._round_peak = sample
             self._update_model()
 
-    def _learn_probe(self, lost: int, delivered: int) -> None:
+    def _learn_probe(self, lost: int, delivered: int, sample: float) -> None:
         """A round of cruise ended (a sender that reports its losses, busy all round): learn from its losses.
 
         A round declares the losses of the round before it. Those of a round at gain 1 make the share this path
         loses anyway (random loss, and a queue the estimate overfills); the round after a probe declares the
         probe's. A probe that lost well above that share overflowed the bottleneck's queue: the next probe asks
-        for half as much more. One that did not may ask a quarter more than it did, up to the cycle's 1/4. So a
-        shallow queue is probed by as much as it holds, and a deep one as BBR probes it."""
+        for half as much more. One that did not may ask a quarter more than it did, and one that also came back
+        faster than the estimate by half of what it asked (``sample``: the path has room) twice as much, up to the
+        cycle's 1/4 (from which a probe can send cruise back to startup). So a shallow queue is probed by as much
+        as it holds, a deep one as BBR probes it, and a path that got faster is found within a few cycles."""
         seen = lost + delivered
         if seen <= 0:
             return
@@ -379,7 +384,13 @@ class Pacer:
             overflowed = lost >= _STARTUP_LOSS_EVENTS and share > (
                 _OVERFLOW_FACTOR * self._cruise_loss + _OVERFLOW_MARGIN
             )
-            extra = self._probe_extra * (_PROBE_SHRINK if overflowed else _PROBE_GROW)
+            extra = self._probe_extra
+            if overflowed:
+                extra *= _PROBE_SHRINK
+            elif sample >= self.bandwidth * (1.0 + extra / 2):
+                extra *= _PROBE_ROOM_GROW
+            else:
+                extra *= _PROBE_GROW
             self._probe_extra = min(_CYCLE[0] - 1.0, max(_PROBE_MIN, extra))
         elif index != 2:  # (round 2 declares the losses of the drain round, paced below the estimate)
             self._cruise_loss += (share - self._cruise_loss) / len(_CYCLE)
