@@ -445,9 +445,8 @@ class Pacer:
             self.pacing_rate = bandwidth / _STARTUP_GAIN
             gain = cfg.window_gain
         else:
-            index = self._cycle_index
-            gain = 1.0 + self._probe_extra if index == 0 else _CYCLE[index]
-            self.pacing_rate = bandwidth * gain
+            index = self._cycle_index  # (the probe's gain is learnt: _learn_probe)
+            self.pacing_rate = bandwidth * (1.0 + self._probe_extra if index == 0 else _CYCLE[index])
             gain = cfg.window_gain
         want = int(gain * bandwidth * rtt) + 1
         self.window = min(self._max_window, max(cfg.min_window, want))
