@@ -1,7 +1,7 @@
 """Python calls per 64-byte request/response through a ``--forward`` agent and a ``--target`` server (a
 development tool, not a test).
 
-    python -m bench.rr_calls [--transport kcp|rudp|tcp] [--rounds 2000] [--top 40] [--callers] [--no-profile]
+    python -m bench.rr_calls [--transport kcp|rudp|tcp] [--key] [--rounds 2000] [--top 40] [--callers] [--no-profile]
 
 The agent and the server run in this process, on one event loop (uvloop when installed); the client and the
 echo server run in a thread of their own with blocking sockets, so only the tunnel's work is on the loop's
@@ -10,13 +10,14 @@ C functions they call) over ``--rounds`` round trips; the counts are of both end
 Prints the calls per round trip, and with ``--top`` the functions called most; ``--no-profile`` counts nothing and
 prints the wall and CPU time per round trip (of the whole process: agent, server, client and echo, without the
 profiler's cost); ``--callers`` prints the most frequent caller -> callee pairs instead of the functions (C functions too: which Python function calls ``len`` most). Loopback
-only.
+only. ``--key``: both ends share a fresh pre-shared key (the sealed tunnel).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import socket
 import sys
 import threading
@@ -73,11 +74,11 @@ class Counter:
             self.pairs[f"{_name(frame)} -> {name}"] += 1
 
 
-async def _main(transport: str, rounds: int, top: int, profile: bool, callers: bool) -> None:
+async def _main(transport: str, rounds: int, top: int, profile: bool, callers: bool, key: bool) -> None:
     echo = socket.create_server(("127.0.0.1", 0))
     echo_port = echo.getsockname()[1]
     threading.Thread(target=_echo, args=(echo,), daemon=True).start()
-    security = SecurityConfig()
+    security = SecurityConfig(psk=os.urandom(32) if key else None)
     server = Server(
         ServerSettings(
             listen=[Endpoint.parse(URLS[transport])], security=security, target=f"127.0.0.1:{echo_port}"
@@ -130,7 +131,7 @@ async def _main(transport: str, rounds: int, top: int, profile: bool, callers: b
     if not profile:
         used = (cpu[1] - cpu[0]) / rounds * 1e6
         print(
-            f"{transport}: {rounds} round trips, {wall:.0f} us wall and {used:.0f} us CPU per round trip "
+            f"{transport}{'+key' if key else ''}: {rounds} round trips, {wall:.0f} us wall and {used:.0f} us CPU per round trip "
             "(the process: tunnel, client and echo; not profiled)"
         )
         return
@@ -151,12 +152,13 @@ async def _main(transport: str, rounds: int, top: int, profile: bool, callers: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transport", choices=sorted(URLS), default="kcp")
+    parser.add_argument("--key", action="store_true", help="seal the tunnel with a fresh pre-shared key")
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--callers", action="store_true")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args()
-    run_async(lambda: _main(args.transport, args.rounds, args.top, args.profile, args.callers))
+    run_async(lambda: _main(args.transport, args.rounds, args.top, args.profile, args.callers, args.key))
 
 
 if __name__ == "__main__":
