@@ -14,7 +14,7 @@ import shutil
 import socketserver
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,29 +236,46 @@ async def tunnel(
 async def agent_and_server(listen: str, server_url: Callable[[int], str]) -> AsyncIterator[int]:
     """A server listening on ``listen`` and an agent whose server URL is ``server_url(port the server got)``,
     sharing a fresh key; yields the agent's SOCKS5 port."""
+    async with servers_and_agent([listen], lambda ports: [server_url(ports[0])]) as (socks, _agent, _servers):
+        yield socks
+
+
+@asynccontextmanager
+async def servers_and_agent(
+    listens: Sequence[str], agent_urls: Callable[[list[int]], list[str]], *, connections: int = 1
+) -> AsyncIterator[tuple[int, Agent, list[Server]]]:
+    """Servers listening on ``listens`` and an agent with the server URLs ``agent_urls(the ports they got)`` and
+    ``connections`` tunnels, all sharing a fresh key; yields the agent's SOCKS5 port, the agent and the servers."""
     security = SecurityConfig(psk=os.urandom(32))
     async with anyio.create_task_group() as tg:
-        server = Server(
-            ServerSettings(
-                listen=[Endpoint.parse(listen)],
-                security=security,
-                policy=ExitPolicy(allow_private=True),
-                drain_timeout=1.0,
+        servers: list[Server] = []
+        ports: list[int] = []
+        for listen in listens:
+            server = Server(
+                ServerSettings(
+                    listen=[Endpoint.parse(listen)],
+                    security=security,
+                    policy=ExitPolicy(allow_private=True),
+                    drain_timeout=1.0,
+                )
             )
-        )
-        addresses = await tg.start(server.serve)
+            addresses = await tg.start(server.serve)
+            servers.append(server)
+            ports.append(int(addresses[0].rsplit(":", 1)[1]))
         agent = Agent(
             AgentSettings(
-                servers=[Endpoint.parse(server_url(int(addresses[0].rsplit(":", 1)[1])))],
+                servers=[Endpoint.parse(url) for url in agent_urls(ports)],
                 security=security,
                 socks=("127.0.0.1", 0),
+                connections=connections,
                 drain_timeout=1.0,
             )
         )
         fronts = await tg.start(agent.serve)
-        yield int(fronts["socks"].rsplit(":", 1)[1])
+        yield int(fronts["socks"].rsplit(":", 1)[1]), agent, servers
         agent.shutdown()
-        server.shutdown()
+        for server in servers:
+            server.shutdown()
 
 
 def left_tunnel(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:

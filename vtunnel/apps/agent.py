@@ -26,7 +26,7 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from vtunnel.apps.lite_tls_splice import SpliceDialer, may_splice, splice_port
+from vtunnel.apps.lite_tls_splice import SpliceDialer, may_splice
 from vtunnel.apps.pipe import (
     Leg,
     Relay,
@@ -117,9 +117,6 @@ class AgentSettings:
             raise ValueError("the agent needs a server")
         if len(self.servers) > 1 and any(s.scheme in WEBSOCKS_SCHEMES for s in self.servers):
             raise ValueError("a WebSocks server is given alone: it takes no other --server")
-        if len(self.servers) > 1 and any(splice_port(s) is not None for s in self.servers):
-            # a spliced stream's dedicated connection must reach the server whose tunnel carried its ticket
-            raise ValueError("lite-tls splice mode (splice=PORT) is for an agent with one --server")
 
     @property
     def server(self) -> Endpoint:
@@ -136,10 +133,9 @@ class Agent:
         self.stats = stats
         #: the tunnels to the server; ``None`` for a WebSocks server (a connection of its own per destination)
         self.pool: TunnelPool | None = None
-        # lite-tls splice mode: at the port the server URL names, else at the one each tunnel's server announces;
-        # one server only (a dedicated connection must reach the server whose tunnel carried its ticket)
-        port = splice_port(settings.server)
-        spliced = len(settings.servers) == 1 and may_splice(settings.server) and settings.tunnel.lite_tls
+        # lite-tls splice mode, per server: at the port its URL names, else at the one its tunnels announce (a
+        # stream's dedicated connection goes to the server whose tunnel carries it: SpliceDialer)
+        spliced = settings.tunnel.lite_tls and any(may_splice(server) for server in settings.servers)
         if settings.server.scheme in WEBSOCKS_SCHEMES:
             carrier_endpoint(settings.server)  # a bad option is an error now, not at the first connection
             if settings.websocks_login is None:
@@ -156,12 +152,12 @@ class Agent:
                 config=dataclasses.replace(settings.tunnel, tun=True) if settings.tun else settings.tunnel,
                 size=settings.connections,
                 watch=stats,
-                lite_tls_spliced=spliced,
+                lite_tls_spliced=may_splice if spliced else None,
             )
             if stats is not None:
                 stats.watch_pool(self.pool)
         #: lite-tls splice mode: opens lite-tls streams with a dedicated connection each
-        self.splice = SpliceDialer(settings.server, port) if spliced and self.pool is not None else None
+        self.splice = SpliceDialer() if spliced and self.pool is not None else None
         self.tun: TunAgent | None = None
         if settings.tun is not None:
             if self.pool is None:
@@ -186,11 +182,10 @@ class Agent:
         if login is None and metadata is not None:
             metadata = self.choose_kind(metadata)
         if self.splice is not None and login is None and metadata is not None and metadata.kind == "lite-tls":
-            pool, timeout = self.pool, self.settings.open_timeout
+            pool = self.pool
             if self.splice.dials(pool.connections):
-                return await self.splice.open(
-                    metadata, lambda md: pool.open_stream(md, wait_accepted=wait_accepted, timeout=timeout)
-                )
+                conn = await pool.wait_ready(self.settings.open_timeout)
+                return await self.splice.open(metadata, conn, wait_accepted=wait_accepted)
         if login is None or metadata is None or metadata.authority is None:
             return await self.pool.open_stream(
                 metadata, wait_accepted=wait_accepted, timeout=self.settings.open_timeout

@@ -146,6 +146,10 @@ def _bridge(
     return near
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def ticket_of(metadata: StreamMetadata | None) -> bytes | None:
     """The ticket a SYN names, or None (absent or malformed: the stream is muxed)."""
     if metadata is None or metadata.kind != "lite-tls":
@@ -398,58 +402,78 @@ def offer_dedicated(book: TicketBook, stream: TunnelStream) -> None:
 
 class SpliceDialer:
     """Agent: opens lite-tls streams that name a ticket, and dials their dedicated connection only once the
-    user's first record is a ClientHello record (``TunnelStream.splice_when_tls``)."""
+    user's first record is a ClientHello record (``TunnelStream.splice_when_tls``), to the splice port of the
+    server whose tunnel carries the stream: the port its URL names (``splice=PORT``), else the one that server
+    announced. With several servers each stream's connection goes to its own tunnel's server, the only one that
+    knows its ticket; after a failed dial, streams to that splice port stay muxed for :data:`DIAL_BACKOFF`."""
 
-    def __init__(self, server: Endpoint, port: int | None = None) -> None:
-        self.server = server
-        self.host = server.host
-        #: the splice port the server URL names (None: each stream's tunnel's, as the server announced it)
-        self.port = port
-        self._backoff_until = 0.0
+    def __init__(self) -> None:
+        #: "host:port" of a splice port -> until when (monotonic) streams that would dial it stay muxed
+        self._backoff_until: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: the conversations' tunnels and bridges
         self._running: set[asyncio.Task[object]] = set()
 
+    @staticmethod
+    def port_of(server: Endpoint, announced: int | None) -> int | None:
+        """The splice port of a tunnel to ``server`` that announced ``announced``: the URL's, else the one announced,
+        None where it has none (or the URL says ``splice=off``)."""
+        if not may_splice(server):
+            return None
+        named = splice_port(server)
+        return named if named is not None else announced
+
+    def _backing_off(self, server: Endpoint, port: int) -> bool:
+        until = self._backoff_until.get(_address(server.host, port))
+        return until is not None and time.monotonic() < until
+
     def dials(self, tunnels: Sequence[TunnelConnection]) -> bool:
-        """Whether a lite-tls stream opened now on one of ``tunnels`` (an agent's tunnels up now, to its one
-        server) would name a ticket, and so must be opened by :meth:`open`: not while backing off, and not where
-        the URL named no port and the server announced none (with no tunnel up yet, :meth:`open` finds out)."""
-        if time.monotonic() < self._backoff_until:
-            return False
-        return (
-            self.port is not None or not tunnels or any(conn.peer_splice_port is not None for conn in tunnels)
-        )
+        """Whether a lite-tls stream opened now on one of ``tunnels`` (an agent's tunnels up now) would name a
+        ticket, and so must be opened by :meth:`open`: with no tunnel up yet (:meth:`open` finds out), or when one
+        of them goes to a server with a splice port (named or announced) that is not backed off."""
+        if not tunnels:
+            return True
+        for conn in tunnels:
+            server = conn.server
+            if server is None:
+                continue
+            port = self.port_of(server, conn.peer_splice_port)
+            if port is not None and not self._backing_off(server, port):
+                return True
+        return False
 
     async def open(
-        self, metadata: StreamMetadata, open_stream: Callable[[StreamMetadata], Awaitable[TunnelStream]]
+        self, metadata: StreamMetadata, conn: TunnelConnection, *, wait_accepted: bool = True
     ) -> TunnelStream:
-        """Open a lite-tls stream with ``open_stream`` (waiting for the SYN-ACK or not, as the front asked), naming a ticket; its
-        dedicated connection is dialed once its ClientHello came."""
-        if time.monotonic() < self._backoff_until:
-            return await open_stream(metadata)
+        """Open a lite-tls stream on ``conn`` (an agent's tunnel; waiting for the SYN-ACK or not, as the front
+        asked), naming a ticket where that tunnel's server has a splice port that is not backed off; its dedicated
+        connection is dialed once its ClientHello came. Anywhere else the stream names none and stays muxed."""
+        server = conn.server
+        port = None if server is None else self.port_of(server, conn.peer_splice_port)
+        if server is None or port is None or self._backing_off(server, port):
+            return await conn.open_stream(metadata, wait_accepted=wait_accepted)
         ticket = secrets.token_bytes(TICKET_LEN)
         md = dataclasses.replace(metadata, headers=(*metadata.headers, (SPLICE_HEADER, ticket.hex())))
-        stream = await open_stream(md)
-        port = self.port if self.port is not None else stream.peer_splice_port
-        if not stream.lite_tls or port is None:
-            # the tunnel did not agree to lite-tls, or its server has no splice port: the stream stays muxed (the
-            # server takes no ticket then), and the next ones name none for a while
-            self._backoff_until = time.monotonic() + DIAL_BACKOFF
+        stream = await conn.open_stream(md, wait_accepted=wait_accepted)
+        if not stream.lite_tls:
+            # the tunnel did not agree to lite-tls (its server takes no ticket): the next streams to that port name
+            # none for a while, so that they open without waiting (0-RTT)
+            self._backoff_until[_address(server.host, port)] = time.monotonic() + DIAL_BACKOFF
             return stream
-        stream.splice_when_tls(lambda s: self._dial_for(s, ticket, port))
+        stream.splice_when_tls(lambda s: self._dial_for(s, server, ticket, port))
         return stream
 
-    def _dial_for(self, stream: TunnelStream, ticket: bytes, port: int) -> None:
+    def _dial_for(self, stream: TunnelStream, server: Endpoint, ticket: bytes, port: int) -> None:
         loop = asyncio.get_running_loop()
-        if time.monotonic() < self._backoff_until:  # (called from the stream's step: settle after it)
+        if self._backing_off(server, port):  # (called from the stream's step: settle after it)
             loop.call_soon(stream.dedicated_settled, None)
             return
-        task = loop.create_task(self._connect(stream, ticket, port))
+        task = loop.create_task(self._connect(stream, server, ticket, port))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, stream: TunnelStream, ticket: bytes, port: int) -> None:
-        sock = await self._dial(ticket, port)
+    async def _connect(self, stream: TunnelStream, server: Endpoint, ticket: bytes, port: int) -> None:
+        sock = await self._dial(server, ticket, port)
         if sock is None:
             stream.dedicated_settled(None)
             return
@@ -459,7 +483,7 @@ class SpliceDialer:
         except (OSError, TimeoutError) as exc:
             # no answer in time: the stream leaves muxed, and its marker tells a server that bound it all the same
             sock.close()
-            self._back_off("lite_tls.splice_no_ack", port, exc)
+            self._back_off("lite_tls.splice_no_ack", server, port, exc)
             stream.dedicated_settled(None)
             return
         if answer == ACK:
@@ -467,29 +491,25 @@ class SpliceDialer:
             return
         sock.close()
         if answer:  # not a vtunnel splice port
-            self._back_off("lite_tls.splice_bad_answer", port, ValueError(f"answered {answer.hex()}"))
+            self._back_off("lite_tls.splice_bad_answer", server, port, ValueError(f"answered {answer.hex()}"))
         stream.dedicated_settled(None)  # (closed without the ACK: the server did not bind it)
 
-    def _back_off(self, event: str, port: int, exc: BaseException) -> None:
-        """Streams go muxed for :data:`DIAL_BACKOFF` seconds after a dedicated connection to ``port`` failed
-        (``event``)."""
-        self._backoff_until = time.monotonic() + DIAL_BACKOFF
-        log.warning(
-            event,
-            address=f"{self.host}:{port}",
-            error=str(exc) or type(exc).__name__,
-            muxed_for=DIAL_BACKOFF,
-        )
+    def _back_off(self, event: str, server: Endpoint, port: int, exc: BaseException) -> None:
+        """Streams that would dial ``server``'s splice ``port`` go muxed for :data:`DIAL_BACKOFF` seconds after a
+        dedicated connection to it failed (``event``)."""
+        address = _address(server.host, port)
+        self._backoff_until[address] = time.monotonic() + DIAL_BACKOFF
+        log.warning(event, address=address, error=str(exc) or type(exc).__name__, muxed_for=DIAL_BACKOFF)
 
-    async def _dial(self, ticket: bytes, port: int) -> socket.socket | None:
+    async def _dial(self, server: Endpoint, ticket: bytes, port: int) -> socket.socket | None:
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
             with anyio.fail_after(CLAIM_TIMEOUT):
-                if self.server.scheme in _CONVERSATION_SCHEMES:
-                    sock = await self._converse(conversation_endpoint(self.server, port))
+                if server.scheme in _CONVERSATION_SCHEMES:
+                    sock = await self._converse(conversation_endpoint(server, port))
                 else:
-                    infos = await anyio.getaddrinfo(self.host, port, type=socket.SOCK_STREAM)
+                    infos = await anyio.getaddrinfo(server.host, port, type=socket.SOCK_STREAM)
                     family, _, _, _, address = infos[0]
                     sock = socket.socket(family, socket.SOCK_STREAM)
                     sock.setblocking(False)
@@ -500,7 +520,7 @@ class SpliceDialer:
         except (OSError, TimeoutError) as exc:
             if sock is not None:
                 sock.close()
-            self._back_off("lite_tls.splice_dial_failed", port, exc)
+            self._back_off("lite_tls.splice_dial_failed", server, port, exc)
             return None
         except BaseException:
             if sock is not None:

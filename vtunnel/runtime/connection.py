@@ -43,6 +43,7 @@ from vtunnel.protocol import Role, StreamMetadata, Tunnel, TunnelConfig, TunnelS
 from vtunnel.protocol.errors import MetadataNotNegotiated, VTunnelError
 from vtunnel.runtime.errors import DestinationNotCarried, StreamRefused, TunnelUnavailable
 from vtunnel.runtime.tunnel_stream import TunnelStream
+from vtunnel.transports.base import Endpoint
 from vtunnel.transports.link import Link
 
 __all__ = ["LINK_WRITE", "OUTBOUND_HIGH_WATER", "StreamHandler", "TunnelConnection"]
@@ -104,8 +105,11 @@ class TunnelConnection:
         name: str = "",
         user: str | None = None,
         lite_tls_spliced: bool = False,
+        server: Endpoint | None = None,
     ) -> None:
         self.link = link
+        #: the server this tunnel goes to (an agent's), else None
+        self.server = server
         self.role = role
         config = config or TunnelConfig()
         if config.lite_tls and not link.carry_passthrough_records():

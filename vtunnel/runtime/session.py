@@ -126,7 +126,7 @@ class TunnelPool:
         connect_timeout: float = 15.0,
         probe_interval: float = 10.0,
         watch: TunnelWatch | None = None,
-        lite_tls_spliced: bool = False,
+        lite_tls_spliced: Callable[[Endpoint], bool] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a tunnel pool needs at least one tunnel")
@@ -141,7 +141,8 @@ class TunnelPool:
         self.connect_timeout = connect_timeout
         self.probe_interval = probe_interval
         self.watch = watch
-        #: the tunnels' lite-tls streams may leave over dedicated connections (``TunnelConnection``'s)
+        #: whether the lite-tls streams of a tunnel to a server may leave over dedicated connections
+        #: (``TunnelConnection``'s ``lite_tls_spliced``); None: no server's
         self.lite_tls_spliced = lite_tls_spliced
         self.servers: list[ServerState] = []
         for index, endpoint in enumerate(servers):
@@ -237,7 +238,8 @@ class TunnelPool:
                 role=Role.CLIENT,
                 config=self.config,
                 name=f"{server.endpoint}#{label}",
-                lite_tls_spliced=self.lite_tls_spliced,
+                lite_tls_spliced=self.lite_tls_spliced is not None and self.lite_tls_spliced(server.endpoint),
+                server=server.endpoint,
             )
             if self.watch is not None:
                 self.watch.tunnel_started(conn, server.endpoint.scheme)
