@@ -341,16 +341,12 @@ def bottleneck(
     loss: float = 0.0,
     report_losses: bool,
     seed: int = 1,
-    ack_jitter: int = 0,
-    estimates: list[float] | None = None,
 ) -> tuple[int, int, list[float]]:
     """A busy sender through a bottleneck of ``link`` segments/s whose queue holds ``queue`` segments and drops
     what overflows it, ``loss`` of what passes lost at random: each segment is acknowledged one ``rtt`` (plus its
     wait in the queue) after it left, or, lost, declared so at that time (``report_losses``, rudp's order: the
-    ACK's deliveries first) or never told, and sent again before new data; ``ack_jitter``: each millisecond's
-    ACKs come up to that many milliseconds later, at random. Returns the segments delivered, those the queue
-    dropped, and the pacing gain (pacing rate over the estimate) of every millisecond; ``estimates`` gets the
-    estimate of every millisecond."""
+    ACK's deliveries first) or never told, and sent again before new data. Returns the segments delivered,
+    those the queue dropped, and the pacing gain (pacing rate over the estimate) of every millisecond."""
     rng = random.Random(seed)
     step = 0.001
     now = 0.0
@@ -379,16 +375,12 @@ def bottleneck(
         dropped += sent - passed
         backlog += passed
         arrives = tick + round((rtt + backlog / rate) / step)
-        if ack_jitter:
-            arrives += rng.randint(0, ack_jitter)
         randomly = sum(1 for _ in range(passed) if rng.random() < loss)
         entry = events.setdefault(arrives, [0, 0])
         entry[0] += passed - randomly
         entry[1] += sent - passed + randomly
         if pacer.bandwidth > 0:
             gains.append(pacer.pacing_rate / pacer.bandwidth)
-        if estimates is not None:
-            estimates.append(pacer.bandwidth)
     return delivered, dropped, gains
 
 
@@ -474,30 +466,3 @@ def test_what_startup_measured_of_a_round_outlives_the_round() -> None:
             pacer.on_acked(now, slower, 0.01, app_limited=False)
             pacer.on_sent(slower)
         assert pacer.bandwidth >= raised
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_acks_that_come_in_clumps_do_not_lift_the_estimate_above_the_link(seed: int) -> None:
-    """ACKs that reach the sender up to 4 ms late, at random (a receiver that acknowledges a batch at once, a
-    sender's loop that reads them late): a round's end then falls on a clump and reads a rate the link never had.
-    Kept as the maximum of ten rounds, such readings held the estimate 2-3% above the link, so cruise overfilled
-    the queue all along. Each cruise round now counts for no more than the two rounds ending with it delivered
-    (the error of the edge they share cancels): the estimate stays at the link, and below it by no more than a
-    few percent."""
-    link = 37_000
-    pacer = Pacer(max_window=8192, now=0.0)
-    estimates: list[float] = []
-    bottleneck(
-        pacer,
-        link=link,
-        queue=190,
-        rtt=0.02,
-        seconds=4.0,
-        loss=0.02,
-        report_losses=True,
-        seed=seed,
-        ack_jitter=4,
-        estimates=estimates,
-    )
-    cruise = estimates[1000:]
-    assert 0.95 * link <= sum(cruise) / len(cruise) <= 1.005 * link

@@ -29,9 +29,7 @@ The phases:
   (:meth:`Pacer._learn_probe`).
 
 A round ends once everything sent before it began has been acknowledged, so each round measures the data sent
-at one gain. The estimate is the largest rate of the last ten rounds; in cruise, a round's rate counts for no
-more than the average of it and the round before (ACKs come in clumps, and a round that ends on one reads a
-rate the link never had). Everything that leaves counts against the pacing rate, retransmissions included.
+at one gain. Everything that leaves counts against the pacing rate, retransmissions included.
 """
 
 from __future__ import annotations
@@ -128,7 +126,6 @@ class Pacer:
         "_max_window",
         "_min_rtt",
         "_min_rtt_at",
-        "_pair",
         "_probe_extra",
         "_reports_losses",
         "_round_delivered",
@@ -183,8 +180,6 @@ class Pacer:
         self._reports_losses = False
         #: the estimate startup took from part of the round under way (:meth:`_startup_early`; 0: none)
         self._round_peak = 0.0
-        #: the last round's (delivered, elapsed), when it was busy (else None)
-        self._pair: tuple[int, float] | None = None
         self._tokens = float(cfg.initial_window)
         self._last_refill = now
         #: segments per second the sender may send at now (0: not yet measured, no pacing)
@@ -234,17 +229,6 @@ class Pacer:
             sample = self._round_peak
         self._round_peak = 0.0
         limited = self._app_limited
-        # in cruise, a round counts for no more than the two rounds ending with it delivered: a round's edges
-        # fall on ACKs, which come in clumps (a receiver acknowledges a batch at once, a loop reads them late),
-        # so one round may read a rate the link never had; the edge two rounds share cancels in their sum. Kept
-        # as the filter's maximum, such readings held the estimate a few percent above the link, and cruise
-        # overfilled the bottleneck's queue all along
-        pair, self._pair = self._pair, (None if limited else (self._round_delivered, elapsed))
-        filtered = sample
-        if pair is not None and not limited and self.phase is Phase.CRUISE:
-            two = (pair[0] + self._round_delivered) / (pair[1] + elapsed)
-            if two < filtered:
-                filtered = two
         resent = self._round_sent - self._round_new
         overflowed = (
             self._round_sent >= self._cfg.min_window and resent > self._cfg.startup_loss * self._round_sent
@@ -280,7 +264,7 @@ class Pacer:
             self.phase = Phase.STARTUP
             self._full_bw = 0.0
             self._full_count = 0
-        self._bw_samples.append((filtered, limited))
+        self._bw_samples.append((sample, limited))
         self.bandwidth = max(rate for rate, _ in self._bw_samples)
         self._end_round(now, informative=not limited, overflowed=overflowed)
 
