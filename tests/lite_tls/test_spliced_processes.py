@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -62,3 +64,68 @@ async def test_curl_through_spliced_processes_is_byte_exact(
     assert [e["mode"] for e in left(procs, server)] == ["spliced"]
     assert [e["mode"] for e in left(procs, agent)] == ["spliced"]
     assert {left(procs, server)[0]["role"], left(procs, agent)[0]["role"]} == {"active", "passive"}
+
+
+def _events(procs: Processes, proc: subprocess.Popen[bytes], name: str) -> list[dict[str, object]]:
+    lines = procs.output(proc).splitlines()
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == name]
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    with anyio.move_on_after(timeout):
+        while not check():
+            await anyio.sleep(0.05)
+        return
+    raise TimeoutError(f"{what}: not within {timeout:g} s")
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "kcp"])
+async def test_each_worker_announces_a_splice_port_of_its_own_and_every_stream_splices(
+    scheme: str, procs: Processes, psk_file: Path, ca_file: str, tmp_path: Path
+) -> None:
+    """``--workers 2`` with ``splice=0``: each worker opens a splice port of its own and announces it to its
+    tunnels; the agent's 16 tunnels land on both workers (the kernel spreads them), and each stream's dedicated
+    connection reaches the worker that holds its ticket, so every one leaves spliced at both ends."""
+    size, count = 2 * 1024 * 1024, 8
+    port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
+    socks = free_port()
+    common = ["--psk-file", str(psk_file), "--log-format", "json"]
+    async with origin("1.3") as https:
+        server = procs.start(
+            "server",
+            "--listen",
+            f"{scheme}://127.0.0.1:{port}?splice=0",
+            "--workers",
+            "2",
+            "--allow-private",
+            *common,
+        )
+        await _until(
+            lambda: len(_events(procs, server, "lite_tls.splice_listening")) == 2,
+            60,
+            "both workers' splice ports",
+        )
+        agent = procs.start(
+            "agent",
+            "--server",
+            f"{scheme}://127.0.0.1:{port}",
+            "--conn",
+            "16",
+            "--socks",
+            f"127.0.0.1:{socks}",
+            *common,
+        )
+        await _until(lambda: len(_events(procs, agent, "tunnel up")) == 16, 60, "the agent's 16 tunnels")
+        for n in range(count):
+            out = tmp_path / f"body{n}"
+            with anyio.fail_after(60):
+                assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+            assert out.read_bytes() == body_for(size)
+        await _until(
+            lambda: len(left(procs, server)) == len(left(procs, agent)) == count,
+            10,
+            "every stream's left_tunnel",
+        )
+    assert [e["mode"] for e in left(procs, server)] == ["spliced"] * count
+    assert [e["mode"] for e in left(procs, agent)] == ["spliced"] * count
+    assert {e["worker"] for e in left(procs, server)} == {0, 1}

@@ -36,6 +36,7 @@ import structlog
 from anyio.abc import SocketAttribute
 
 from vtunnel.apps.pipe import Relay, SocketEnd, TunnelEnd
+from vtunnel.io import listening
 from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.io.stream_sockets import attach_socket
 from vtunnel.io.tuning import tune_tcp
@@ -324,7 +325,8 @@ async def _serve_conversations(
     """Serve keyless conversations (``kcp://``, ``rudp://``) on ``endpoint``: each carries a tunnel of one stream, whose bytes are
     its dedicated connection's (bridged to a socket pair); a conversation with no stream after
     :data:`TICKET_TIMEOUT` seconds, or over :data:`MAX_PARKED` of them waiting for their ticket, is closed."""
-    listener = await get_transport(endpoint.scheme).listen(endpoint, security=SecurityConfig(admit=admit))
+    with listening.own_sockets():  # (a worker's own port: not one its supervisor bound)
+        listener = await get_transport(endpoint.scheme).listen(endpoint, security=SecurityConfig(admit=admit))
     tasks: set[asyncio.Task[object]] = set()
     pending = 0
 

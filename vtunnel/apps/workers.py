@@ -193,10 +193,12 @@ def listen_plan(
         if endpoint.scheme in WEBSOCKS_SCHEMES:
             plan.append((endpoint, SharedListening(datagram=False), None))
             continue
-        if "splice" in endpoint.params:
+        if endpoint.params.get("splice", "0") not in ("0", "off"):
+            # a dedicated connection must reach the worker that holds its ticket: each worker opens a splice port
+            # of its own and announces it to its tunnels (agents dial the port their tunnel announced)
             raise ValueError(
-                f"--workers cannot share a lite-tls splice port ({endpoint.scheme}://...?splice=): run the "
-                "server with one process, or leave splice mode out"
+                f"--workers cannot share a fixed lite-tls splice port ({endpoint.scheme}://...?splice=PORT): "
+                "give splice=0, and each worker opens a port of its own and announces it to its tunnels"
             )
         shared = get_transport(endpoint.scheme).shared_listening(endpoint)
         if shared is None:

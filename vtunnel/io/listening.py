@@ -6,7 +6,8 @@ worker inherits its own. The worker calls :func:`adopt` with them once, before i
 listener of the process takes its socket from them (:func:`given`) instead of binding one, matched by kind,
 family and address (a port of 0 takes the next given socket of that address, in the order given). A listener
 that finds none fails with a clear error: a worker never binds a listening socket of its own, since a socket
-it bound would join the ``SO_REUSEPORT`` group at an index the kernel's steering does not expect.
+it bound would join the ``SO_REUSEPORT`` group at an index the kernel's steering does not expect; the one
+exception is a listener that is the worker's alone, made within :func:`own_sockets`.
 
 :func:`bind_stream_sockets` is the one place TCP listening sockets are made (the lean listener of ``tcp://``,
 anyio's for ``tls://`` and the WebSocks listeners), :func:`~vtunnel.io.datagrams.open_udp_listener` the one for
@@ -18,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -31,6 +33,7 @@ __all__ = [
     "given",
     "listening_stream_socket",
     "open_stream_listener",
+    "own_sockets",
     "passive_addresses",
     "reuseport_datagram_group",
     "reuseport_stream_groups",
@@ -39,12 +42,26 @@ __all__ = [
 
 #: the sockets this process was given and has not used yet, in the order given; None: it binds its own
 _given: list[socket.socket] | None = None
+#: set within :func:`own_sockets`: the listeners made there bind their own sockets, given ones or not
+_own: ContextVar[bool] = ContextVar("vtunnel_own_sockets", default=False)
 
 
 def adopt(sockets: Sequence[socket.socket]) -> None:
     """From now on this process's listeners take their sockets from ``sockets`` and bind none."""
     global _given
     _given = list(sockets)
+
+
+@contextlib.contextmanager
+def own_sockets() -> Iterator[None]:
+    """Listeners made within bind their own sockets even in a worker that was given its sockets: for a listener
+    that is this process's alone, which no one reaches through the supervisor's addresses (a worker's lite-tls
+    splice port: each worker opens one of its own and tells its tunnels where)."""
+    token = _own.set(True)
+    try:
+        yield
+    finally:
+        _own.reset(token)
 
 
 def unclaimed() -> list[socket.socket]:
@@ -63,7 +80,7 @@ def given(kind: socket.SocketKind, family: socket.AddressFamily, address: Any) -
     """The given socket of ``kind`` and ``family`` bound to ``address`` (``(host, port, ...)``; port 0: the next
     one of that host), taken out of the given ones; None when this process binds its own sockets. Raises
     OSError when the process was given sockets but none for ``address``."""
-    if _given is None:
+    if _given is None or _own.get():
         return None
     host, port = str(address[0]), int(address[1])
     for sock in _given:
