@@ -18,8 +18,10 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,9 @@ __all__ = ["Server", "ServerSettings"]
 log = structlog.get_logger("vtunnel.server")
 
 FIRST_BYTES_TIMEOUT = 10.0
+#: seconds between two looks at where the live tunnels' peers are now (a keyless splice conversation from a host
+#: no tunnel came from, :meth:`Server.admits_conversation_from`)
+MOVED_LOOKUP = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,8 +123,12 @@ class Server:
         self.splice_addresses: list[str] = []
         self._splice_ports: dict[int, int] = {}
         #: the hosts the server's tunnels came from, with their number: a keyless conversation of splice mode
-        #: (kcp://, rudp://) starts only from one of them (docs/security.md, "lite-tls splice mode")
+        #: (kcp://, rudp://) starts only from one of them, or from where a tunnel's peer is now
+        #: (:meth:`admits_conversation_from`; docs/security.md, "lite-tls splice mode")
         self._tunnel_hosts: collections.Counter[str] = collections.Counter()
+        #: the hosts the live tunnels' peers were at when last looked (a peer that moved since it came), and when
+        self._moved_hosts: frozenset[str] = frozenset()
+        self._moved_read = -math.inf
         self._serial = 0
         #: the event loop's socket watcher, looked up once when serving starts (not once per relayed stream)
         self._watcher: SocketWatcher | None = None
@@ -191,7 +200,7 @@ class Server:
                                     endpoint,
                                     port,
                                     self.tickets,
-                                    admit=self._tunnel_hosts.__contains__,
+                                    admit=self.admits_conversation_from,
                                 )
                             )
                             self.splice_addresses.append(address)
@@ -253,6 +262,22 @@ class Server:
             cut_users=users,
         )
         return users
+
+    def admits_conversation_from(self, host: str) -> bool:
+        """Whether a keyless conversation of splice mode (kcp://, rudp://) may start from ``host``: one of the live
+        tunnels came from it, or a tunnel's peer is there now (it moved since: a NAT rebinding, rudp's migration).
+        Where the peers are now is looked up at most once per :data:`MOVED_LOOKUP` seconds, so a flood from
+        strangers costs one pass over the tunnels per period, not one per datagram."""
+        if host in self._tunnel_hosts:
+            return True
+        if host in self._moved_hosts:
+            return True
+        now = time.monotonic()
+        if now - self._moved_read < MOVED_LOOKUP:
+            return False
+        self._moved_read = now
+        self._moved_hosts = _hosts_now(self.tunnels)
+        return host in self._moved_hosts
 
     async def _handle_tunnel(self, transport: str, link: Link, *, splice: int | None = None) -> None:
         """Run the tunnel of ``link`` (a ``transport`` listener's); ``splice``: that listener's place in the listen
@@ -424,6 +449,10 @@ class Server:
                     stream.refuse("failed")
                 return
         stream.refuse("timeout")
+
+
+def _hosts_now(tunnels: Iterable[TunnelConnection]) -> frozenset[str]:
+    return frozenset(host for conn in tunnels if (host := _host_of(conn.link)) is not None)
 
 
 def _host_of(link: Link) -> str | None:

@@ -303,14 +303,17 @@ class _Flow:
         self.client = client
         self.upstream = self._open()
 
-    def _open(self) -> DatagramSocket:
+    def _open(self, host: str | None = None) -> DatagramSocket:
         relay = self.relay
         # not connect()ed, so a target that is not up yet does not stop the flow under uvloop (see udpio)
-        sock = open_client_socket(relay.family, relay.target, sockbuf=relay.sockbuf)
+        if host is None:
+            sock = open_client_socket(relay.family, relay.target, sockbuf=relay.sockbuf)
+        else:
+            sock = open_udp_socket(relay.family, bind=(host, 0), sockbuf=relay.sockbuf)
         return _StampedSocket(sock, self._on_batch)
 
-    def rebind(self) -> None:
-        old, self.upstream = self.upstream, self._open()
+    def rebind(self, host: str | None = None) -> None:
+        old, self.upstream = self.upstream, self._open(host)
         old.close()
 
     def send_up(self, datagrams: list[bytes]) -> None:
@@ -448,10 +451,11 @@ class ImpairmentRelay:
 
     # --- behaviour ------------------------------------------------------------------------------------------
 
-    def rebind(self) -> None:
-        """Move every client flow to a fresh upstream socket (a new source port): NAT rebinding."""
+    def rebind(self, host: str | None = None) -> None:
+        """Move every client flow to a fresh upstream socket (a new source port): NAT rebinding; with ``host``, a
+        new source address too (a NAT's other address, a client on another network: 127.0.0.2, say)."""
         for flow in self._flows.values():
-            flow.rebind()
+            flow.rebind(host)
 
     def _on_client_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         pipe = self.up_pipe
