@@ -29,9 +29,10 @@ from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
 from vtunnel.testing import ImpairmentRelay
+from vtunnel.testing.ports import free_port
 from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
 
-from .test_muxed import body_for, ca_file, curl, left_tunnel, origin
+from .test_muxed import body_for, ca_file, curl, left_tunnel, origin, servers_and_agent
 from .test_muxed_kcp import Address, UdpTap
 
 __all__ = ["ca_file"]
@@ -335,39 +336,22 @@ async def test_the_splice_port_admits_the_host_a_tunnel_moved_to(tmp_path: Path)
     127.0.0.2: a NAT's other address, a client on another network) and the keyed session follows it: the splice
     port then starts conversations from there too, not only from the host the tunnel came from. (kcp://: the
     conversations the test starts are KCP segments; the admission is the server's, the same for rudp://.)"""
-    security = SecurityConfig(psk=os.urandom(32))
-    async with anyio.create_task_group() as tg, origin(None) as http:
-        server = Server(
-            ServerSettings(
-                listen=[Endpoint.parse("kcp://127.0.0.1:0?splice=0")],
-                security=security,
-                policy=ExitPolicy(allow_private=True),
-                drain_timeout=1.0,
-            )
-        )
-        addresses = await tg.start(server.serve)
-        server_port = int(addresses[0].rsplit(":", 1)[1])
+    port = free_port(socket.SOCK_DGRAM)
+    async with (
+        origin(None) as http,
+        ImpairmentRelay(("127.0.0.1", port)) as relay,
+        servers_and_agent(
+            [f"kcp://127.0.0.1:{port}?splice=0"], lambda _ports: [f"kcp://127.0.0.1:{relay.address[1]}"]
+        ) as (socks, _agent, (server,)),
+    ):
         splice_port = int(server.splice_addresses[0].rsplit(":", 1)[1])
-        async with ImpairmentRelay(("127.0.0.1", server_port)) as relay:
-            agent = Agent(
-                AgentSettings(
-                    servers=[Endpoint.parse(f"kcp://127.0.0.1:{relay.address[1]}")],
-                    security=security,
-                    socks=("127.0.0.1", 0),
-                    drain_timeout=1.0,
-                )
-            )
-            fronts = await tg.start(agent.serve)
-            socks = int(fronts["socks"].rsplit(":", 1)[1])
-            with anyio.fail_after(30):
-                assert await curl(socks, f"http://127.0.0.1:{http}/bytes/1000", tmp_path / "before") == 0
-            assert await _pushes_from("127.0.0.2", splice_port, 20) == 0  # (no tunnel from there yet)
-            relay.rebind("127.0.0.2")
-            with anyio.fail_after(30):  # the session follows the move
-                assert await curl(socks, f"http://127.0.0.1:{http}/bytes/1000", tmp_path / "after") == 0
-            (moved,) = relay.upstream_addresses
-            assert moved[0] == "127.0.0.2"
-            await anyio.sleep(MOVED_LOOKUP)  # (where the peers are is looked up at most once a second)
-            assert await _pushes_from("127.0.0.2", splice_port, 20) > 0
-            agent.shutdown()
-            server.shutdown()
+        with anyio.fail_after(30):
+            assert await curl(socks, f"http://127.0.0.1:{http}/bytes/1000", tmp_path / "before") == 0
+        assert await _pushes_from("127.0.0.2", splice_port, 20) == 0  # (no tunnel from there yet)
+        relay.rebind("127.0.0.2")
+        with anyio.fail_after(30):  # the session follows the move
+            assert await curl(socks, f"http://127.0.0.1:{http}/bytes/1000", tmp_path / "after") == 0
+        (moved,) = relay.upstream_addresses
+        assert moved[0] == "127.0.0.2"
+        await anyio.sleep(MOVED_LOOKUP)  # (where the peers are is looked up at most once a second)
+        assert await _pushes_from("127.0.0.2", splice_port, 20) > 0

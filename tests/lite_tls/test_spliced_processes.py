@@ -28,10 +28,14 @@ pytestmark = [
 ]
 
 
-def left(procs: Processes, proc: subprocess.Popen[bytes]) -> list[dict[str, object]]:
+def events(procs: Processes, proc: subprocess.Popen[bytes], name: str) -> list[dict[str, object]]:
+    """The ``name`` events a process logged (``--log-format json``)."""
     lines = procs.output(proc).splitlines()
-    events = [json.loads(line) for line in lines if line.startswith("{")]
-    return [e for e in events if e.get("event") == "lite_tls.left_tunnel"]
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == name]
+
+
+def left(procs: Processes, proc: subprocess.Popen[bytes]) -> list[dict[str, object]]:
+    return events(procs, proc, "lite_tls.left_tunnel")
 
 
 async def test_curl_through_spliced_processes_is_byte_exact(
@@ -66,11 +70,6 @@ async def test_curl_through_spliced_processes_is_byte_exact(
     assert {left(procs, server)[0]["role"], left(procs, agent)[0]["role"]} == {"active", "passive"}
 
 
-def _events(procs: Processes, proc: subprocess.Popen[bytes], name: str) -> list[dict[str, object]]:
-    lines = procs.output(proc).splitlines()
-    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == name]
-
-
 async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
     with anyio.move_on_after(timeout):
         while not check():
@@ -101,7 +100,7 @@ async def test_each_worker_announces_a_splice_port_of_its_own_and_every_stream_s
             *common,
         )
         await _until(
-            lambda: len(_events(procs, server, "lite_tls.splice_listening")) == 2,
+            lambda: len(events(procs, server, "lite_tls.splice_listening")) == 2,
             60,
             "both workers' splice ports",
         )
@@ -115,7 +114,7 @@ async def test_each_worker_announces_a_splice_port_of_its_own_and_every_stream_s
             f"127.0.0.1:{socks}",
             *common,
         )
-        await _until(lambda: len(_events(procs, agent, "tunnel up")) == 16, 60, "the agent's 16 tunnels")
+        await _until(lambda: len(events(procs, agent, "tunnel up")) == 16, 60, "the agent's 16 tunnels")
         for n in range(count):
             out = tmp_path / f"body{n}"
             with anyio.fail_after(60):
