@@ -123,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
     )
     options = RunOptions(
         quick=args.quick,

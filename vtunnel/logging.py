@@ -32,6 +32,8 @@ def configure_logging(*, level: str = "info", fmt: LogFormat = "console") -> Non
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write per line (message and newline together): processes sharing stderr (workers) never cut into
+        # each other's lines, even unbuffered (PYTHONUNBUFFERED)
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
