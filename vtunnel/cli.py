@@ -401,7 +401,8 @@ def main() -> None:
     metavar="N|auto",
     default=None,
     help="Worker processes sharing the listening ports (default 1; auto: one per core); a supervisor binds them "
-    "and restarts a worker that dies; SIGHUP replaces the workers one by one. Config: workers.",
+    "and restarts a worker that dies; SIGHUP replaces the workers one by one. With a lite-tls splice=PORT, each "
+    "worker takes PORT + its slot (2N ports from PORT on). Config: workers.",
 )
 @click.option(
     "--server-id",
@@ -475,6 +476,8 @@ def server(
         sid = parse_server_id(server_id or sec.get("server_id"))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if worker is not None:
+        endpoints = [worker.splice_endpoint(e) for e in endpoints]
     metrics = _metrics_plan(
         None if worker is not None else metrics_address or sec.get("metrics"),
         "server",

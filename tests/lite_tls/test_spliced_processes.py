@@ -4,8 +4,10 @@ byte-exact, and both processes' logs show the stream leaving the tunnel in splic
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import pytest
 
 from tests.conftest import Processes, free_port, wait_log
 from vtunnel.io.splice import SPLICE_AVAILABLE
+from vtunnel.testing.ports import free_port_range
 
 from .test_muxed import body_for, ca_file, curl, origin
 
@@ -78,32 +81,69 @@ async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"{what}: not within {timeout:g} s")
 
 
+def _splice_ports(procs: Processes, server: subprocess.Popen[bytes]) -> list[int]:
+    return [
+        int(str(e["address"]).rpartition(":")[2]) for e in events(procs, server, "lite_tls.splice_listening")
+    ]
+
+
+async def _download_all_spliced(
+    procs: Processes,
+    server: subprocess.Popen[bytes],
+    agent: subprocess.Popen[bytes],
+    *,
+    socks: int,
+    https: int,
+    ca_file: str,
+    tmp_path: Path,
+    count: int,
+) -> None:
+    """``count`` HTTPS downloads through the agent, byte-exact, and each one left the tunnel spliced at both ends
+    (on top of those before)."""
+    size = 2 * 1024 * 1024
+    before = len(left(procs, server)), len(left(procs, agent))
+    for n in range(count):
+        out = tmp_path / f"body{n}"
+        with anyio.fail_after(60):
+            assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
+        assert out.read_bytes() == body_for(size)
+    await _until(
+        lambda: (len(left(procs, server)), len(left(procs, agent))) == (before[0] + count, before[1] + count),
+        10,
+        "every stream's left_tunnel",
+    )
+    assert [e["mode"] for e in left(procs, server)[before[0] :]] == ["spliced"] * count
+    assert [e["mode"] for e in left(procs, agent)[before[1] :]] == ["spliced"] * count
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["splice=0", "splice=PORT"])
 @pytest.mark.parametrize("scheme", ["tcp", "kcp"])
 async def test_each_worker_announces_a_splice_port_of_its_own_and_every_stream_splices(
-    scheme: str, procs: Processes, psk_file: Path, ca_file: str, tmp_path: Path
+    scheme: str, fixed: bool, procs: Processes, psk_file: Path, ca_file: str, tmp_path: Path
 ) -> None:
-    """``--workers 2`` with ``splice=0``: each worker opens a splice port of its own and announces it to its
-    tunnels; the agent's 16 tunnels land on both workers (the kernel spreads them), and each stream's dedicated
-    connection reaches the worker that holds its ticket, so every one leaves spliced at both ends."""
-    size, count = 2 * 1024 * 1024, 8
+    """``--workers 2``: each worker has a splice port of its own (``splice=0``: one it opens; ``splice=PORT``:
+    PORT + its slot, bound by the supervisor) and announces it to its tunnels; the agent's 16 tunnels land on both
+    workers (the kernel spreads them), and each stream's dedicated connection reaches the worker that holds its
+    ticket, so every one leaves spliced at both ends. With a fixed port, a reload's workers take the other
+    slots' ports and splice the same way."""
+    count = 8
     port = free_port(socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM)
+    first = free_port_range(4) if fixed else 0
     socks = free_port()
     common = ["--psk-file", str(psk_file), "--log-format", "json"]
     async with origin("1.3") as https:
         server = procs.start(
             "server",
             "--listen",
-            f"{scheme}://127.0.0.1:{port}?splice=0",
+            f"{scheme}://127.0.0.1:{port}?splice={first}",
             "--workers",
             "2",
             "--allow-private",
             *common,
         )
-        await _until(
-            lambda: len(events(procs, server, "lite_tls.splice_listening")) == 2,
-            60,
-            "both workers' splice ports",
-        )
+        await _until(lambda: len(_splice_ports(procs, server)) == 2, 60, "both workers' splice ports")
+        if fixed:  # workers 0 and 1 on slots 0 and 1
+            assert sorted(_splice_ports(procs, server)) == [first, first + 1]
         agent = procs.start(
             "agent",
             "--server",
@@ -115,16 +155,29 @@ async def test_each_worker_announces_a_splice_port_of_its_own_and_every_stream_s
             *common,
         )
         await _until(lambda: len(events(procs, agent, "tunnel up")) == 16, 60, "the agent's 16 tunnels")
-        for n in range(count):
-            out = tmp_path / f"body{n}"
-            with anyio.fail_after(60):
-                assert await curl(socks, f"https://127.0.0.1:{https}/bytes/{size}", out, ca=ca_file) == 0
-            assert out.read_bytes() == body_for(size)
-        await _until(
-            lambda: len(left(procs, server)) == len(left(procs, agent)) == count,
-            10,
-            "every stream's left_tunnel",
+        spliced = functools.partial(
+            _download_all_spliced,
+            procs,
+            server,
+            agent,
+            socks=socks,
+            https=https,
+            ca_file=ca_file,
+            tmp_path=tmp_path,
         )
-    assert [e["mode"] for e in left(procs, server)] == ["spliced"] * count
-    assert [e["mode"] for e in left(procs, agent)] == ["spliced"] * count
-    assert {e["worker"] for e in left(procs, server)} == {0, 1}
+        await spliced(count=count)
+        assert {e["worker"] for e in left(procs, server)} == {0, 1}
+        if not fixed:
+            return
+        # a reload: each worker's replacement runs on its other slot, with that slot's port
+        server.send_signal(signal.SIGHUP)
+        await _until(
+            lambda: procs.output(server).count("worker replaced: the old one drains") == 2, 60, "the reload"
+        )
+        assert sorted(_splice_ports(procs, server)) == [first, first + 1, first + 2, first + 3]
+        # the agent's tunnels to the old workers end as they drain: the new tunnels announce the new ports
+        await _until(
+            lambda: procs.output(server).count("replaced worker ended") == 2, 60, "the old workers' end"
+        )
+        await _until(lambda: len(events(procs, agent, "tunnel up")) >= 32, 60, "the agent's tunnels again")
+        await spliced(count=4)

@@ -24,6 +24,7 @@ This module is I/O glue for ``apps.agent`` and ``apps.server``; the switch itsel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import socket
@@ -281,7 +282,10 @@ async def _serve_connections(
 ) -> None:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    lsock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
+    # a fixed port of a worker's was bound by its supervisor (one per worker slot); port 0: this process's own
+    lsock = listening.given(socket.SOCK_STREAM, family, (host, port)) if port else None
+    if lsock is None:
+        lsock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
     lsock.setblocking(False)
     pending = 0
 
@@ -325,7 +329,8 @@ async def _serve_conversations(
     """Serve keyless conversations (``kcp://``, ``rudp://``) on ``endpoint``: each carries a tunnel of one stream, whose bytes are
     its dedicated connection's (bridged to a socket pair); a conversation with no stream after
     :data:`TICKET_TIMEOUT` seconds, or over :data:`MAX_PARKED` of them waiting for their ticket, is closed."""
-    with listening.own_sockets():  # (a worker's own port: not one its supervisor bound)
+    # a fixed port of a worker's was bound by its supervisor (one per worker slot); port 0: this process's own
+    with listening.own_sockets() if endpoint.port == 0 else contextlib.nullcontext():
         listener = await get_transport(endpoint.scheme).listen(endpoint, security=SecurityConfig(admit=admit))
     tasks: set[asyncio.Task[object]] = set()
     pending = 0

@@ -53,6 +53,7 @@ import structlog
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
+from vtunnel.apps.lite_tls_splice import splice_port
 from vtunnel.apps.websocks import WEBSOCKS_SCHEMES
 from vtunnel.apps.worker_metrics import WorkerMetrics
 from vtunnel.io import listening
@@ -85,6 +86,8 @@ TCP_BACKLOG: Final = 1024
 #: the most workers: two slots each must fit a connection ID's steering
 MAX_WORKERS: Final = MAX_SLOTS // 2
 
+_LAST_PORT: Final = 65535
+
 _SIGNALS: Final = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 
@@ -107,6 +110,14 @@ class Worker:
     def layout(self, server_id: bytes) -> ConnectionIdLayout:
         """The connection IDs this worker mints: the server id, then its slot."""
         return ConnectionIdLayout(server_id=server_id, slot=self.slot, slots=self.slots)
+
+    def splice_endpoint(self, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` as this worker listens on it: a fixed lite-tls splice port (``splice=PORT``) becomes this
+        worker's own, ``PORT + slot``, which its supervisor bound for it; anything else as it is."""
+        first = splice_port(endpoint)
+        if not first:
+            return endpoint
+        return dataclasses.replace(endpoint, params={**endpoint.params, "splice": str(first + self.slot)})
 
     def ready(self) -> None:
         """Tell the supervisor this worker listens (once)."""
@@ -177,8 +188,10 @@ class _Steering:
 @dataclasses.dataclass(kw_only=True)
 class _Group:
     endpoint: Endpoint
+    #: one socket per worker index (shared by its two slots), else one per slot
     stream: bool
-    #: stream: ``[address][worker]``; datagram: ``[[slot]]`` (one address)
+    #: stream: ``[address][worker]``; otherwise ``[[slot]]``: a datagram listener's (one address, one
+    #: ``SO_REUSEPORT`` group), or a fixed lite-tls splice port's (``PORT + slot``, TCP or UDP)
     sockets: list[list[socket.socket]]
     steering: _Steering | None = None
 
@@ -193,12 +206,14 @@ def listen_plan(
         if endpoint.scheme in WEBSOCKS_SCHEMES:
             plan.append((endpoint, SharedListening(datagram=False), None))
             continue
-        if endpoint.params.get("splice", "0") not in ("0", "off"):
-            # a dedicated connection must reach the worker that holds its ticket: each worker opens a splice port
-            # of its own and announces it to its tunnels (agents dial the port their tunnel announced)
+        first = splice_port(endpoint)
+        if first and first + 2 * workers - 1 > _LAST_PORT:
+            # a dedicated connection must reach the worker that holds its ticket: each worker slot has a splice
+            # port of its own, PORT + slot, and announces it to its tunnels (agents dial the one announced)
             raise ValueError(
-                f"--workers cannot share a fixed lite-tls splice port ({endpoint.scheme}://...?splice=PORT): "
-                "give splice=0, and each worker opens a port of its own and announces it to its tunnels"
+                f"--workers {workers} with splice={first}: the workers' splice ports would be {first} to "
+                f"{first + 2 * workers - 1} (one per worker slot, two slots a worker), past {_LAST_PORT}: give a "
+                "lower port, or splice=0 (each worker opens a free port)"
             )
         shared = get_transport(endpoint.scheme).shared_listening(endpoint)
         if shared is None:
@@ -295,6 +310,17 @@ class Supervisor:
                 host, port = group.sockets[0][0].getsockname()[:2]
                 shown = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
                 urls.append(f"{endpoint.scheme}://{shown}")
+                first = splice_port(endpoint)
+                if first:  # a fixed lite-tls splice port: one per slot, PORT + slot (Worker.splice_endpoint)
+                    sockets = listening.port_range_sockets(
+                        endpoint.host,
+                        first,
+                        self.slots,
+                        datagram=shared.datagram,
+                        backlog=TCP_BACKLOG,
+                        sockbuf=shared.sockbuf,
+                    )
+                    self._groups.append(_Group(endpoint=endpoint, stream=False, sockets=[sockets]))
             if self._metrics_address is not None:
                 host, port = self._metrics_address
                 ((self._metrics,),) = _stream_sockets(Endpoint(scheme="tcp", host=host, port=port), 1)

@@ -35,6 +35,7 @@ __all__ = [
     "open_stream_listener",
     "own_sockets",
     "passive_addresses",
+    "port_range_sockets",
     "reuseport_datagram_group",
     "reuseport_stream_groups",
     "unclaimed",
@@ -108,6 +109,25 @@ def passive_addresses(infos: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, in
     return out
 
 
+def _bind(sock: socket.socket, address: Any) -> None:
+    """``sock.bind(address)``, its error naming the address."""
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"error while attempting to bind on address {address!r}: {exc.strerror}"
+        ) from None
+
+
+def _udp_socket(family: socket.AddressFamily, sockbuf: int) -> socket.socket:
+    """A UDP socket with ``sockbuf`` kernel buffers both ways (best effort)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, sockbuf)
+    return sock
+
+
 def listening_stream_socket(
     family: socket.AddressFamily,
     kind: socket.SocketKind,
@@ -126,12 +146,7 @@ def listening_stream_socket(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"error while attempting to bind on address {address!r}: {exc.strerror}"
-            ) from None
+        _bind(sock, address)
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -173,11 +188,8 @@ def reuseport_datagram_group(host: str, port: int, count: int, *, sockbuf: int) 
     group: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = _udp_socket(family, sockbuf)
             group.append(sock)
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, option, sockbuf)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(addr)
             addr = sock.getsockname()
@@ -186,6 +198,31 @@ def reuseport_datagram_group(host: str, port: int, count: int, *, sockbuf: int) 
             sock.close()
         raise
     return group
+
+
+def port_range_sockets(
+    host: str, first: int, count: int, *, datagram: bool, backlog: int, sockbuf: int
+) -> list[socket.socket]:
+    """One socket on each of the ``count`` ports of ``host`` from ``first`` on (the first address ``host`` resolves
+    to), in order of port: TCP sockets listening as :func:`listening_stream_socket` makes them, or UDP sockets
+    with ``sockbuf`` kernel buffers both ways (best effort). None shares its port (no ``SO_REUSEPORT``)."""
+    kind = socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM
+    family, _kind, proto, _canon, addr = socket.getaddrinfo(host, first, type=kind)[0]
+    sockets: list[socket.socket] = []
+    try:
+        for port in range(first, first + count):
+            address = (addr[0], port, *addr[2:])
+            if not datagram:
+                sockets.append(listening_stream_socket(family, kind, proto, address, backlog=backlog))
+                continue
+            sock = _udp_socket(family, sockbuf)
+            sockets.append(sock)
+            _bind(sock, address)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def bind_stream_sockets(host: str | None, port: int, *, backlog: int) -> list[socket.socket]:

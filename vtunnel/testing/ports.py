@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Final
 
-__all__ = ["free_port"]
+__all__ = ["free_port", "free_port_range"]
 
 #: Linux's ``ip_local_port_range``, where the ephemeral ports are
 _RANGE_FILE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -73,3 +73,18 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
             _given.add(port)
             return port
     raise OSError(f"no free port found on {host}")
+
+
+def free_port_range(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive ports of ``host`` that :func:`free_port` could each hand out now (free
+    for TCP and UDP, below the ephemeral range, not given out before); all ``count`` are given out."""
+    top = _ephemeral_low() - 1
+    bottom = max(_LOWEST, top - _SPAN)
+    if top - bottom >= 256 + count:
+        for _ in range(500):
+            first = _rng.randint(bottom, top - count + 1)
+            ports = range(first, first + count)
+            if not _given.intersection(ports) and all(_free_both(host, port) for port in ports):
+                _given.update(ports)
+                return first
+    raise OSError(f"no {count} consecutive free ports found on {host} below the ephemeral range")
