@@ -23,6 +23,7 @@ from tests.conftest import VTUNNEL, Processes, free_port, wait_log, wait_port
 from tests.e2e.test_metrics import parse, scrape, value
 from tests.netutil import echo_roundtrip, echo_server, pattern
 from vtunnel.testing import ImpairmentRelay
+from vtunnel.testing.ports import free_port_range
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -327,6 +328,8 @@ def test_sighup_during_50_transfers_replaces_the_workers_and_every_transfer_fini
         ('workers = "many"', "--workers takes a number or auto"),
         ('server_id = "0a0102"', "--server-id is at most 2 bytes"),
         ('workers = 2\nlisten = ["ws://127.0.0.1:4000"]', "--workers cannot share ws://"),
+        ('workers = 2\nlisten = ["tcp://127.0.0.1:4000?splice=4001"]', None),
+        ('workers = 4\nlisten = ["kcp://127.0.0.1:4000?splice=65530"]', "past 65535"),
     ],
 )
 def test_check_config_reads_workers_and_server_id(
@@ -369,6 +372,37 @@ def test_a_port_in_use_is_one_clear_line_and_exit_status_1(psk_file: Path) -> No
     assert done.returncode == 1
     assert "cannot start" in done.stdout + done.stderr
     assert "Address already in use" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "kcp"])
+def test_a_splice_port_in_use_in_the_workers_range_is_one_clear_line_and_exit_status_1(
+    scheme: str, psk_file: Path
+) -> None:
+    """``--workers 2`` with ``splice=PORT`` takes PORT to PORT + 3, one per slot: the last one taken stops the
+    start, naming it."""
+    first = free_port_range(4)
+    kind = socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as taken:
+        taken.bind(("127.0.0.1", first + 3))
+        done = subprocess.run(
+            [
+                *VTUNNEL,
+                "server",
+                "--listen",
+                f"{scheme}://127.0.0.1:{free_port(kind)}?splice={first}",
+                "--psk-file",
+                str(psk_file),
+                "--workers",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "cannot start" in done.stdout + done.stderr
+    assert f"('127.0.0.1', {first + 3}): Address already in use" in done.stdout + done.stderr
 
 
 def test_one_metrics_endpoint_shows_both_workers_and_their_counters_survive_a_kill_9(
