@@ -348,30 +348,28 @@ def test_check_config_reads_workers_and_server_id(
         assert error in done.stderr
 
 
+def _start_fails(listen: str, psk_file: Path) -> str:
+    """``vtunnel server --workers 2 --listen LISTEN``, which must refuse to start with exit status 1 and say
+    so; what it printed."""
+    done = subprocess.run(
+        [*VTUNNEL, "server", "--listen", listen, "--psk-file", str(psk_file), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "cannot start" in done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
 def test_a_port_in_use_is_one_clear_line_and_exit_status_1(psk_file: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [
-                *VTUNNEL,
-                "server",
-                "--listen",
-                f"tcp://127.0.0.1:{port}",
-                "--psk-file",
-                str(psk_file),
-                "--workers",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    assert done.returncode == 1
-    assert "cannot start" in done.stdout + done.stderr
-    assert "Address already in use" in done.stdout + done.stderr
+        output = _start_fails(f"tcp://127.0.0.1:{port}", psk_file)
+    assert "Address already in use" in output
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "kcp"])
@@ -384,25 +382,8 @@ def test_a_splice_port_in_use_in_the_workers_range_is_one_clear_line_and_exit_st
     kind = socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, kind) as taken:
         taken.bind(("127.0.0.1", first + 3))
-        done = subprocess.run(
-            [
-                *VTUNNEL,
-                "server",
-                "--listen",
-                f"{scheme}://127.0.0.1:{free_port(kind)}?splice={first}",
-                "--psk-file",
-                str(psk_file),
-                "--workers",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    assert done.returncode == 1
-    assert "cannot start" in done.stdout + done.stderr
-    assert f"('127.0.0.1', {first + 3}): Address already in use" in done.stdout + done.stderr
+        output = _start_fails(f"{scheme}://127.0.0.1:{free_port(kind)}?splice={first}", psk_file)
+    assert f"('127.0.0.1', {first + 3}): Address already in use" in output
 
 
 def test_one_metrics_endpoint_shows_both_workers_and_their_counters_survive_a_kill_9(
