@@ -181,3 +181,32 @@ async def test_each_worker_announces_a_splice_port_of_its_own_and_every_stream_s
         )
         await _until(lambda: len(events(procs, agent, "tunnel up")) >= 32, 60, "the agent's tunnels again")
         await spliced(count=4)
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "kcp"])
+async def test_workers_bind_fixed_splice_ports_of_a_host_named_by_name(
+    scheme: str, procs: Processes, psk_file: Path
+) -> None:
+    """``--listen tcp://localhost:...?splice=PORT --workers 2``: the supervisor binds the splice ports where the
+    name resolves, as the tunnel's own listener, and each worker takes its own from them and answers there."""
+    kind = socket.SOCK_DGRAM if scheme == "kcp" else socket.SOCK_STREAM
+    port, first = free_port(kind), free_port_range(4)
+    server = procs.start(
+        "server",
+        "--listen",
+        f"{scheme}://localhost:{port}?splice={first}",
+        "--workers",
+        "2",
+        "--psk-file",
+        str(psk_file),
+        "--log-format",
+        "json",
+    )
+    await _until(lambda: len(_splice_ports(procs, server)) == 2, 60, "both workers' splice ports")
+    assert sorted(_splice_ports(procs, server)) == [first, first + 1]
+    if (
+        scheme == "tcp"
+    ):  # each worker accepts on its port (a connection without a ticket is parked, then closed)
+        for splice in (first, first + 1):
+            with socket.create_connection(("127.0.0.1", splice), timeout=5):
+                pass

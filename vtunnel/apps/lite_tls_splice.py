@@ -281,12 +281,11 @@ async def _serve_connections(
     host: str, port: int, book: TicketBook, task_status: anyio.abc.TaskStatus[str]
 ) -> None:
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # a fixed port of a worker's was bound by its supervisor (one per worker slot); port 0: this process's own
-    lsock = listening.given(socket.SOCK_STREAM, family, (host, port)) if port else None
-    if lsock is None:
-        lsock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
-    lsock.setblocking(False)
+    # every address ``host`` resolves to, as the tunnel's own TCP listener binds them (the agent dials the splice
+    # port at the address it reached the tunnel at); a fixed port of a worker's was bound by its supervisor (one
+    # per worker slot), port 0 is this process's own
+    with listening.own_sockets() if port == 0 else contextlib.nullcontext():
+        lsocks = await listening.bind_stream_sockets(host, port, backlog=1024)
     pending = 0
 
     async def receive_ticket(sock: socket.socket) -> None:
@@ -296,28 +295,34 @@ async def _serve_connections(
         finally:
             pending -= 1
 
+    async def accept(lsock: socket.socket, tg: anyio.abc.TaskGroup) -> None:
+        nonlocal pending
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as exc:
+                log.warning("lite_tls.splice_accept_failed", error=str(exc))
+                await anyio.sleep(0.1)
+                continue
+            if pending >= MAX_PARKED:
+                book._refuse(sock, "too many connections without a ticket")
+                continue
+            book.connections += 1
+            sock.setblocking(False)
+            tune_tcp(sock)
+            pending += 1
+            tg.start_soon(receive_ticket, sock)
+
     try:
-        local = lsock.getsockname()
-        task_status.started(f"{local[0]}:{local[1]}")
-        log.info("lite_tls.splice_listening", address=f"{local[0]}:{local[1]}")
+        addresses = [_address(*lsock.getsockname()[:2]) for lsock in lsocks]
+        task_status.started(addresses[0])
+        log.info("lite_tls.splice_listening", address=addresses[0], addresses=addresses)
         async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    sock, _ = await loop.sock_accept(lsock)
-                except OSError as exc:
-                    log.warning("lite_tls.splice_accept_failed", error=str(exc))
-                    await anyio.sleep(0.1)
-                    continue
-                if pending >= MAX_PARKED:
-                    book._refuse(sock, "too many connections without a ticket")
-                    continue
-                book.connections += 1
-                sock.setblocking(False)
-                tune_tcp(sock)
-                pending += 1
-                tg.start_soon(receive_ticket, sock)
+            for lsock in lsocks:
+                tg.start_soon(accept, lsock, tg)
     finally:
-        lsock.close()
+        for lsock in lsocks:
+            lsock.close()
 
 
 async def _serve_conversations(

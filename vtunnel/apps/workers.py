@@ -190,8 +190,8 @@ class _Group:
     endpoint: Endpoint
     #: one socket per worker index (shared by its two slots), else one per slot
     stream: bool
-    #: stream: ``[address][worker]``; otherwise ``[[slot]]``: a datagram listener's (one address, one
-    #: ``SO_REUSEPORT`` group), or a fixed lite-tls splice port's (``PORT + slot``, TCP or UDP)
+    #: stream: ``[address][worker]``; otherwise ``[address][slot]``: a datagram listener's (one address, one
+    #: ``SO_REUSEPORT`` group), or a fixed lite-tls splice port's (``PORT + slot``: TCP on every address, UDP on one)
     sockets: list[list[socket.socket]]
     steering: _Steering | None = None
 
@@ -320,7 +320,7 @@ class Supervisor:
                         backlog=TCP_BACKLOG,
                         sockbuf=shared.sockbuf,
                     )
-                    self._groups.append(_Group(endpoint=endpoint, stream=False, sockets=[sockets]))
+                    self._groups.append(_Group(endpoint=endpoint, stream=False, sockets=sockets))
             if self._metrics_address is not None:
                 host, port = self._metrics_address
                 ((self._metrics,),) = _stream_sockets(Endpoint(scheme="tcp", host=host, port=port), 1)
@@ -368,7 +368,7 @@ class Supervisor:
             if group.stream:
                 fds += [sockets[index].fileno() for sockets in group.sockets]
             else:
-                fds.append(group.sockets[0][slot].fileno())
+                fds += [sockets[slot].fileno() for sockets in group.sockets]
         return fds
 
     def _spawn(self, index: int, slot: int) -> tuple[_Process, int]:

@@ -202,27 +202,38 @@ def reuseport_datagram_group(host: str, port: int, count: int, *, sockbuf: int) 
 
 def port_range_sockets(
     host: str, first: int, count: int, *, datagram: bool, backlog: int, sockbuf: int
-) -> list[socket.socket]:
-    """One socket on each of the ``count`` ports of ``host`` from ``first`` on (the first address ``host`` resolves
-    to), in order of port: TCP sockets listening as :func:`listening_stream_socket` makes them, or UDP sockets
-    with ``sockbuf`` kernel buffers both ways (best effort). None shares its port (no ``SO_REUSEPORT``)."""
-    kind = socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM
-    family, _kind, proto, _canon, addr = socket.getaddrinfo(host, first, type=kind)[0]
-    sockets: list[socket.socket] = []
+) -> list[list[socket.socket]]:
+    """A socket on each of the ``count`` ports of ``host`` from ``first`` on, ``[address][port - first]``: TCP
+    sockets listening on every address ``host`` resolves to, as :func:`bind_stream_sockets` binds them, or UDP
+    sockets on its first address, as a datagram transport resolves it, with ``sockbuf`` kernel buffers both ways
+    (best effort). None shares its port (no ``SO_REUSEPORT``). Every socket made is closed again when one fails."""
+    if datagram:
+        family, _kind, _proto, _canon, addr = socket.getaddrinfo(host, first, type=socket.SOCK_DGRAM)[0]
+        addresses = [(family, socket.SOCK_DGRAM, 0, addr)]
+    else:
+        flags = socket.AI_PASSIVE
+        addresses = passive_addresses(
+            socket.getaddrinfo(host or None, first, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)
+        )
+    groups: list[list[socket.socket]] = []
     try:
-        for port in range(first, first + count):
-            address = (addr[0], port, *addr[2:])
-            if not datagram:
-                sockets.append(listening_stream_socket(family, kind, proto, address, backlog=backlog))
-                continue
-            sock = _udp_socket(family, sockbuf)
-            sockets.append(sock)
-            _bind(sock, address)
+        for family, kind, proto, addr in addresses:
+            group: list[socket.socket] = []
+            groups.append(group)
+            for port in range(first, first + count):
+                address = (addr[0], port, *addr[2:])
+                if not datagram:
+                    group.append(listening_stream_socket(family, kind, proto, address, backlog=backlog))
+                    continue
+                sock = _udp_socket(family, sockbuf)
+                group.append(sock)
+                _bind(sock, address)
     except BaseException:
-        for sock in sockets:
-            sock.close()
+        for group in groups:
+            for sock in group:
+                sock.close()
         raise
-    return sockets
+    return groups
 
 
 async def bind_stream_sockets(host: str | None, port: int, *, backlog: int) -> list[socket.socket]:
