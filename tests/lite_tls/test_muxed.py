@@ -28,12 +28,18 @@ from anyio.abc import SocketStream
 from vtunnel.apps.agent import Agent, AgentSettings
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import Server, ServerSettings
+from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
+]
+#: the marks of the splice-mode tests (curl through a real agent and server, and the kernel's os.splice)
+SPLICE_MARKS = [
+    *pytestmark,
+    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
 ]
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}

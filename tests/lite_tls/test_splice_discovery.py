@@ -5,7 +5,6 @@ in the tunnel."""
 
 from __future__ import annotations
 
-import shutil
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -13,17 +12,11 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from vtunnel.io.splice import SPLICE_AVAILABLE
-
-from .test_muxed import agent_and_server, body_for, ca_file, curl, left_tunnel, origin
+from .test_muxed import SPLICE_MARKS, agent_and_server, body_for, ca_file, curl, left_tunnel, origin
 
 __all__ = ["ca_file"]
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
-    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
-]
+pytestmark = SPLICE_MARKS
 
 SIZE = 8 * 1024 * 1024
 #: what the agent logs when a dedicated connection could not be had

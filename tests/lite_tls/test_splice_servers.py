@@ -5,7 +5,6 @@ servers in-process, with a key."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import anyio
@@ -14,19 +13,14 @@ from structlog.testing import capture_logs
 
 from vtunnel.apps.agent import Agent
 from vtunnel.apps.server import Server
-from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.testing.ports import free_port
 
-from .test_muxed import body_for, ca_file, curl, left_tunnel, origin, servers_and_agent
+from .test_muxed import SPLICE_MARKS, body_for, ca_file, curl, left_tunnel, origin, servers_and_agent
 from .test_splice_discovery import DIAL_FAILURES
 
 __all__ = ["ca_file"]
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
-    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
-]
+pytestmark = SPLICE_MARKS
 
 SIZE = 4 * 1024 * 1024
 

@@ -30,21 +30,26 @@ from vtunnel.apps.metrics import make_registry
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import Server, ServerSettings
 from vtunnel.apps.stats import ProcessStats
-from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.protocol import TunnelConfig
 from vtunnel.transports.base import Endpoint, SecurityConfig
 
-from .test_muxed import Tap, agent_and_server, body_for, ca_file, curl, left_tunnel, origin, relay
+from .test_muxed import (
+    SPLICE_MARKS,
+    Tap,
+    agent_and_server,
+    body_for,
+    ca_file,
+    curl,
+    left_tunnel,
+    origin,
+    relay,
+)
 from .test_waits import destination, socks_connect
 from .tlsutil import HOST, cert_files
 
 __all__ = ["ca_file"]
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
-    pytest.mark.skipif(os.system("command -v curl >/dev/null") != 0, reason="curl is not installed"),
-]
+pytestmark = SPLICE_MARKS
 
 
 @dataclass

@@ -9,7 +9,6 @@ import contextlib
 import os
 import random
 import secrets
-import shutil
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +23,6 @@ from vtunnel.apps.agent import Agent, AgentSettings
 from vtunnel.apps.lite_tls_splice import TICKET_LEN, conversation_endpoint
 from vtunnel.apps.policy import ExitPolicy
 from vtunnel.apps.server import MOVED_LOOKUP, Server, ServerSettings
-from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.protocol import Role, TunnelConfig
 from vtunnel.runtime.byte_stream import TunnelByteStream
 from vtunnel.runtime.connection import TunnelConnection
@@ -32,16 +30,12 @@ from vtunnel.testing import ImpairmentRelay
 from vtunnel.testing.ports import free_port
 from vtunnel.transports.base import Endpoint, SecurityConfig, get_transport
 
-from .test_muxed import body_for, ca_file, curl, left_tunnel, origin, servers_and_agent
+from .test_muxed import SPLICE_MARKS, body_for, ca_file, curl, left_tunnel, origin, servers_and_agent
 from .test_muxed_kcp import Address, UdpTap
 
 __all__ = ["ca_file"]
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
-    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
-]
+pytestmark = SPLICE_MARKS
 
 
 @asynccontextmanager

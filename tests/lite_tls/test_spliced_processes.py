@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,18 +16,13 @@ import anyio
 import pytest
 
 from tests.conftest import Processes, free_port, wait_log
-from vtunnel.io.splice import SPLICE_AVAILABLE
 from vtunnel.testing.ports import free_port_range
 
-from .test_muxed import body_for, ca_file, curl, origin
+from .test_muxed import SPLICE_MARKS, body_for, ca_file, curl, origin
 
 __all__ = ["ca_file"]
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no os.splice on this platform"),
-    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
-]
+pytestmark = SPLICE_MARKS
 
 
 def events(procs: Processes, proc: subprocess.Popen[bytes], name: str) -> list[dict[str, object]]:

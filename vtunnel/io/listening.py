@@ -109,6 +109,13 @@ def passive_addresses(infos: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, in
     return out
 
 
+def _close_all(*groups: Iterable[socket.socket]) -> None:
+    """Close every socket of ``groups`` (what a bind that failed halfway had made)."""
+    for group in groups:
+        for sock in group:
+            sock.close()
+
+
 def _bind(sock: socket.socket, address: Any) -> None:
     """``sock.bind(address)``, its error naming the address."""
     try:
@@ -173,9 +180,7 @@ def reuseport_stream_groups(host: str, port: int, count: int, *, backlog: int) -
                 addr = sock.getsockname()
                 chosen = addr[1]
     except BaseException:
-        for group in groups:
-            for sock in group:
-                sock.close()
+        _close_all(*groups)
         raise
     return groups
 
@@ -194,8 +199,7 @@ def reuseport_datagram_group(host: str, port: int, count: int, *, sockbuf: int) 
             sock.bind(addr)
             addr = sock.getsockname()
     except BaseException:
-        for sock in group:
-            sock.close()
+        _close_all(group)
         raise
     return group
 
@@ -229,9 +233,7 @@ def port_range_sockets(
                 group.append(sock)
                 _bind(sock, address)
     except BaseException:
-        for group in groups:
-            for sock in group:
-                sock.close()
+        _close_all(*groups)
         raise
     return groups
 
@@ -257,8 +259,7 @@ async def bind_stream_sockets(host: str | None, port: int, *, backlog: int) -> l
             if port == 0 and not chosen:
                 chosen = sock.getsockname()[1]  # the same free port on every address
     except BaseException:
-        for sock in sockets:
-            sock.close()
+        _close_all(sockets)
         raise
     return sockets
 
