@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "Metrics",
     "cpu_usage",
     "hold_connections",
+    "machine_busy_pct",
     "measure_bulk",
     "measure_https_lite",
     "measure_idle_cpu",
@@ -96,6 +98,13 @@ class CpuWatch:
                 "wall_s": wall,
             }
         return out
+
+
+def machine_busy_pct(cpu_s: float, wall_s: float) -> float:
+    """``cpu_s`` of CPU time over ``wall_s`` seconds as a share of all the machine's cores (100: all were busy
+    throughout)."""
+    cores = os.cpu_count() or 1
+    return 100.0 * cpu_s / (wall_s * cores) if wall_s > 0 else 0.0
 
 
 def cpu_usage(pids: Mapping[str, int], action: Callable[[], None]) -> dict[str, dict[str, float]]:
@@ -174,7 +183,8 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
         if not first.get("started"):
             raise HarnessError(f"bulk client failed: {first.get('error', first)}")
         relay = RelayWatch(stack)
-        watch = CpuWatch(stack.pids())
+        sink = stack.procs["sink"]
+        watch = CpuWatch({**stack.pids(), "sink": sink.pid})
         watch.start()
         result = json.loads(client.read_line(limit + 15))
         cpu = watch.stop()
@@ -184,11 +194,17 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
         group.stop(client)
     if not result.get("ok"):
         raise HarnessError(f"workload bulk failed: {result.get('error', result)}")
+    sink_cpu = cpu.pop("sink")
+    workload_cpu = {"client": float(result["cpu_s"]), "sink": sink_cpu["cpu_s"]}
     raw: dict[str, object] = {
         "bytes": result["bytes"],
         "seconds": result["seconds"],
         "stream_seconds": result["stream_seconds"],
         "cpu": cpu,
+        "workload_cpu": workload_cpu,
+        "machine_busy_pct": machine_busy_pct(
+            sum(usage["cpu_s"] for usage in cpu.values()) + sum(workload_cpu.values()), sink_cpu["wall_s"]
+        ),
     }
     counters = relay.delta()
     metrics = {"goodput_MBps": float(result["goodput"]) / 1e6}
@@ -197,6 +213,8 @@ def measure_bulk(stack: Stack, settings: Mapping[str, float], group: ProcessGrou
     if tunnel_cpu and gigabytes > 0:
         # both ends of the tunnel (the relay and the workload are not the system's own work)
         metrics["cpu_s_per_GB"] = sum(tunnel_cpu) / gigabytes
+    if gigabytes > 0:
+        metrics["workload_cpu_s_per_GB"] = sum(workload_cpu.values()) / gigabytes
     if counters:
         raw["relay"] = counters
         sent = sum(direction.get("received_bytes", 0) for direction in counters.values())

@@ -37,7 +37,11 @@ __all__ = [
 
 #: Headline metrics per scenario kind: (metric, unit label, True when higher is better).
 HEADLINE: Mapping[str, tuple[tuple[str, str, bool], ...]] = {
-    "bulk": (("goodput_MBps", "MB/s", True), ("cpu_s_per_GB", "CPU s/GB, agent+server", False)),
+    "bulk": (
+        ("goodput_MBps", "MB/s", True),
+        ("cpu_s_per_GB", "CPU s/GB, agent+server", False),
+        ("workload_cpu_s_per_GB", "CPU s/GB, load generator + sink", False),
+    ),
     "bulk_loss": (("goodput_MBps", "MB/s", True),),
     "bulk_wire": (
         ("goodput_MBps", "MB/s", True),
@@ -541,6 +545,7 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
     """Where the measured link or a process, not the system, may have been the limit."""
     notes: list[str] = []
     busy: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    machine: dict[tuple[str, str], list[float]] = defaultdict(list)
     for s in samples:
         if not s["ok"]:
             continue
@@ -548,6 +553,8 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
         for role, cpu in (s["raw"].get("cpu") or {}).items():
             if s["scenario"] != "idle-cpu":
                 busy[(key, s["system"], role)].append(float(cpu["pct"]))
+        if "machine_busy_pct" in s["raw"]:
+            machine[(key, s["system"])].append(float(s["raw"]["machine_busy_pct"]))
         relay = s["raw"].get("relay") or {}
         counts = [d for d in relay.values() if isinstance(d, dict)]
         queue_dropped = sum(int(d.get("queue_dropped", 0)) for d in counts)
@@ -563,6 +570,14 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
         peak = max(values)
         if peak >= 90.0:
             notes.append(f"{key} {system}: the {role} process used up to {peak:.0f}% of a core (CPU-bound)")
+    for (key, system), values in sorted(machine.items()):
+        peak = max(values)
+        if peak >= 80.0:
+            notes.append(
+                f"{key} {system}: the machine's cores were up to {peak:.0f}% busy (the system's processes, the "
+                "load generator and its sink together): they shared the cores, so goodput reads what all of "
+                "them cost"
+            )
     # Loss does not shrink the link: its capacity is the direct connection's goodput on the loss-free link.
     link = _median(summary, "bulk-loss@0%", "direct", "goodput_MBps")
     for scen, systems in summary.items():

@@ -849,6 +849,7 @@ async def _client_main(args: argparse.Namespace) -> dict[str, object]:
     use_socks5(_split_hostport(args.socks5) if args.socks5 else None)
     if args.command == "bulk":
         _emit({"started": True})  # lets a watcher time only the transfer, not this process's start
+        cpu0 = time.process_time()
         res = await run_bulk(
             host, port, streams=args.streams, total_bytes=args.total_bytes, time_limit=args.timeout
         )
@@ -859,6 +860,9 @@ async def _client_main(args: argparse.Namespace) -> dict[str, object]:
             "seconds": res.seconds,
             "goodput": res.goodput,
             "stream_seconds": list(res.stream_seconds),
+            # the load generator's own CPU over the transfer: on a machine of few cores it shares them with the
+            # system measured
+            "cpu_s": time.process_time() - cpu0,
         }
     if args.command == "rr":
         return {"ok": True, "samples_ns": await run_rr(host, port, count=args.count, time_limit=args.timeout)}

@@ -37,7 +37,10 @@ def _samples() -> list[dict[str, Any]]:
                         system=name,
                         round=r,
                         metrics={"goodput_MBps": g + r},
-                        raw={"cpu": {"agent": {"pct": 95.0 if name == "kcptun" else 40.0}}},
+                        raw={
+                            "cpu": {"agent": {"pct": 95.0 if name == "kcptun" else 40.0}},
+                            "machine_busy_pct": 97.0 if name == "vtunnel-kcp" else 60.0,
+                        },
                     )
                 )
             samples = [int((p50[name] + i) * 1000) for i in range(100)]
@@ -175,6 +178,12 @@ def test_targets_are_ratios_or_absolute_bounds() -> None:
 def test_saturation_notes_name_cpu_bound_processes() -> None:
     notes = _doc()["saturation"]
     assert any("kcptun" in n and "CPU-bound" in n for n in notes)
+    full = [n for n in notes if "cores were" in n]
+    assert full == [
+        f"{scenario} vtunnel-kcp: the machine's cores were up to 97% busy (the system's processes, the load "
+        "generator and its sink together): they shared the cores, so goodput reads what all of them cost"
+        for scenario in ("bulk-1", "bulk-16")
+    ]
     assert any(
         n.startswith("bulk-impaired kcptun round 1") and "10 of 1000 datagrams (1.00%)" in n for n in notes
     )

@@ -53,6 +53,14 @@ def test_a_socks5_transfer_is_validated_and_costed(name: str, tmp_path: Path) ->
     assert raw["bytes"] == SIZES["bytes"]
     # both ends of the tunnel were busy, and their CPU time is charged per GB delivered
     assert 0 < metrics["cpu_s_per_GB"] < 1000
+    # and so were the load generator and its sink, on the same cores: counted apart, never as the system's
+    workload = raw["workload_cpu"]
+    assert isinstance(workload, dict)
+    assert set(workload) == {"client", "sink"}
+    assert all(0 < seconds < 60 for seconds in workload.values())
+    assert metrics["workload_cpu_s_per_GB"] == pytest.approx(sum(workload.values()) / (SIZES["bytes"] / 1e9))
+    assert "sink" not in raw["cpu"]  # type: ignore[operator]
+    assert 0 < raw["machine_busy_pct"] <= 100  # type: ignore[operator]
 
 
 def test_a_proxy_refusal_is_an_error_not_a_transfer(tmp_path: Path) -> None:
