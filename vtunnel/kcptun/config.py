@@ -8,7 +8,7 @@ kcptun's client and server differ only in their window defaults (client 128/512,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Final, Self
 
 from vtunnel.arq.fec import FEC_OVERHEAD
@@ -112,9 +112,6 @@ class KcptunConfig:
         if key is not None:
             values["key"] = key
         return cls.client(**values) if client else cls(**values)  # type: ignore[arg-type]
-
-    def with_options(self, **options: object) -> Self:
-        return replace(self, **options)  # type: ignore[arg-type]
 
     @property
     def fec(self) -> bool:

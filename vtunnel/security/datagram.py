@@ -598,11 +598,6 @@ class DatagramSession:
         self.use_connection_id(newest)
         return True
 
-    def retire_connection_id(self, connection_id: bytes) -> None:
-        """Open nothing more under ``connection_id`` (never the one in use)."""
-        if connection_id != self.connection_id and connection_id in self.connection_ids:
-            self.connection_ids.remove(connection_id)
-
     def _seal_with(
         self, cid: bytes, kind: int, payloads: Sequence[bytes]
     ) -> tuple[Sequence[bytes], list[bytes]]:
