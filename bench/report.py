@@ -32,7 +32,9 @@ __all__ = [
     "machine_description",
     "render_markdown",
     "scenario_key",
+    "source_text",
     "validate_document",
+    "vtunnel_source",
 ]
 
 #: Headline metrics per scenario kind: (metric, unit label, True when higher is better).
@@ -129,15 +131,17 @@ def scenario_key(scenario: str, loss: float | None) -> str:
     return scenario if loss is None else f"{scenario}@{loss * 100:g}%"
 
 
-def vtunnel_source() -> dict[str, object]:
-    """Where the measured vtunnel code comes from: its directory, git commit and whether it has local edits."""
+def vtunnel_source(where: Path | None = None) -> dict[str, object]:
+    """Where the measured vtunnel code comes from (``where``: its package directory; default: the one this
+    interpreter imports): the directory, its git commit and whether it has local edits."""
     import subprocess
 
-    try:
-        import vtunnel
-    except ImportError:
-        return {}
-    where = Path(vtunnel.__file__).resolve().parent
+    if where is None:
+        try:
+            import vtunnel
+        except ImportError:
+            return {}
+        where = Path(vtunnel.__file__).resolve().parent
     info: dict[str, object] = {"path": str(where)}
     try:
         commit = subprocess.run(
@@ -739,7 +743,8 @@ def _ratio_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _source_text(source: Mapping[str, Any]) -> str:
+def source_text(source: Mapping[str, Any]) -> str:
+    """`` (commit 0123456789)``, with ``, with local edits`` where the tree had them; empty without a commit."""
     commit = source.get("commit")
     if not commit:
         return ""
@@ -810,7 +815,7 @@ def render_markdown(doc: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str
         f"({doc['duration_s']} s)."
         + (" **Interrupted: partial results.**" if doc.get("interrupted") else ""),
         f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
-        f"vtunnel {v.get('vtunnel') or 'not installed'}{_source_text(m.get('vtunnel_source') or {})}, "
+        f"vtunnel {v.get('vtunnel') or 'not installed'}{source_text(m.get('vtunnel_source') or {})}, "
         f"kcptun {v.get('kcptun') or 'not installed'}, "
         f"shadowsocks-libev {v.get('shadowsocks-libev') or 'not installed'}.",
         "",

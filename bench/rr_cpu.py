@@ -27,10 +27,12 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.procs import free_port, wait_tcp
+from bench.report import source_text, vtunnel_source
 from bench.systems import KCPTUN_ARGS, LAUNCHER
 
 WARMUP = 300
@@ -151,6 +153,7 @@ def main() -> None:
         code = Path(vtunnel.__file__).resolve().parent
     else:
         code = args.code.resolve()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     for _ in range(args.rounds):
         for variant in args.variants:
@@ -158,7 +161,7 @@ def main() -> None:
     keys = ("p50", "p99", "agent_cpu", "server_cpu", "agent_slices", "server_slices")
     lines = [
         f"`python -m bench.rr_cpu --rounds {args.rounds} --count {args.count} {' '.join(args.variants)}` "
-        f"(code: {code}); medians over the rounds, per round trip.",
+        f"(code: {code}{source_text(vtunnel_source(code))}; {started}); medians over the rounds, per round trip.",
         "",
         "| variant | p50 us | p99 us | agent on-CPU us | server on-CPU us | agent timeslices | server timeslices |",
         "|---|---|---|---|---|---|---|",

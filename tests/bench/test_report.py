@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,14 @@ from typing import Any
 import pytest
 
 from bench.plots import plot_all
-from bench.report import build_document, render_markdown, validate_document, write_results
+from bench.report import (
+    build_document,
+    render_markdown,
+    source_text,
+    validate_document,
+    vtunnel_source,
+    write_results,
+)
 from bench.runner import Sample
 from bench.scenarios import SCENARIOS
 from bench.systems import SystemSpec
@@ -245,3 +253,26 @@ def test_rudp_is_held_to_kcp_on_the_lossless_links_of_the_loss_comparison() -> N
     veth = targets["bulk over rudp:// at 0% loss (veth, rate-limited) >= kcp://"]
     assert veth["value"] == pytest.approx(22.1 / 23.3)
     assert veth["met"] is False
+
+
+def test_the_source_of_a_tree_names_its_commit_and_its_local_edits(tmp_path: Path) -> None:
+    """What a result file says of the code it measured (a development tool's ``--code DIR`` too)."""
+    package = tmp_path / "vtunnel"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    clean = vtunnel_source(package)
+    assert clean == {"path": str(package), "commit": head, "local_edits": False}
+    assert source_text(clean) == f" (commit {head[:10]})"
+    (package / "__init__.py").write_text("x = 1\n")
+    assert source_text(vtunnel_source(package)) == f" (commit {head[:10]}, with local edits)"
+    # an exported tree (``--compare-ref``) is no repository: nothing is claimed
+    exported = tmp_path.parent / (tmp_path.name + "-export") / "vtunnel"
+    exported.mkdir(parents=True)
+    assert source_text(vtunnel_source(exported)) == ""
