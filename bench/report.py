@@ -579,8 +579,8 @@ def _saturation(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
         if peak >= 80.0:
             notes.append(
                 f"{key} {system}: the machine's cores were up to {peak:.0f}% busy (the system's processes, the "
-                "load generator and its sink together): they shared the cores, so goodput reads what all of "
-                "them cost"
+                "relay where there is one, the load generator and its sink together): they shared the cores, so "
+                "goodput reads what all of them cost"
             )
     # Loss does not shrink the link: its capacity is the direct connection's goodput on the loss-free link.
     link = _median(summary, "bulk-loss@0%", "direct", "goodput_MBps")

@@ -188,8 +188,9 @@ def test_saturation_notes_name_cpu_bound_processes() -> None:
     assert any("kcptun" in n and "CPU-bound" in n for n in notes)
     full = [n for n in notes if "cores were" in n]
     assert full == [
-        f"{scenario} vtunnel-kcp: the machine's cores were up to 97% busy (the system's processes, the load "
-        "generator and its sink together): they shared the cores, so goodput reads what all of them cost"
+        f"{scenario} vtunnel-kcp: the machine's cores were up to 97% busy (the system's processes, the relay "
+        "where there is one, the load generator and its sink together): they shared the cores, so goodput reads "
+        "what all of them cost"
         for scenario in ("bulk-1", "bulk-16")
     ]
     assert any(
