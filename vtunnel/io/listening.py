@@ -109,6 +109,21 @@ def passive_addresses(infos: Iterable[Sequence[Any]]) -> list[tuple[Any, Any, in
     return out
 
 
+def _stream_addresses(host: str, port: int) -> list[tuple[Any, Any, int, Any]]:
+    """:func:`passive_addresses` of TCP on ``host:port`` (all interfaces for ""), resolved now (blocking)."""
+    flags = socket.AI_PASSIVE
+    return passive_addresses(
+        socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)
+    )
+
+
+def _datagram_address(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
+    """The family and address of UDP on ``host:port``: the first ``host`` resolves to, as a datagram transport
+    resolves it."""
+    family, _kind, _proto, _canon, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    return family, addr
+
+
 def _close_all(*groups: Iterable[socket.socket]) -> None:
     """Close every socket of ``groups`` (what a bind that failed halfway had made)."""
     for group in groups:
@@ -165,11 +180,10 @@ def reuseport_stream_groups(host: str, port: int, count: int, *, backlog: int) -
     """``count`` listening TCP sockets sharing one ``SO_REUSEPORT`` group per address ``host`` resolves to (all
     interfaces for ""), all on one port (the first free one for 0), bound in order: a supervisor's, one per
     worker. Every socket made is closed again when one of them fails."""
-    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     groups: list[list[socket.socket]] = []
     chosen = 0
     try:
-        for family, kind, proto, addr in passive_addresses(infos):
+        for family, kind, proto, addr in _stream_addresses(host, port):
             if chosen:
                 addr = (addr[0], chosen, *addr[2:])
             group: list[socket.socket] = []
@@ -188,8 +202,7 @@ def reuseport_stream_groups(host: str, port: int, count: int, *, backlog: int) -
 def reuseport_datagram_group(host: str, port: int, count: int, *, sockbuf: int) -> list[socket.socket]:
     """``count`` UDP sockets bound to ``host:port`` (the first address it resolves to; the first free port for 0)
     in one ``SO_REUSEPORT`` group, in order, with ``sockbuf`` kernel buffers both ways (best effort)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    family, _kind, _proto, _canon, addr = infos[0]
+    family, addr = _datagram_address(host, port)
     group: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -212,13 +225,10 @@ def port_range_sockets(
     sockets on its first address, as a datagram transport resolves it, with ``sockbuf`` kernel buffers both ways
     (best effort). None shares its port (no ``SO_REUSEPORT``). Every socket made is closed again when one fails."""
     if datagram:
-        family, _kind, _proto, _canon, addr = socket.getaddrinfo(host, first, type=socket.SOCK_DGRAM)[0]
+        family, addr = _datagram_address(host, first)
         addresses = [(family, socket.SOCK_DGRAM, 0, addr)]
     else:
-        flags = socket.AI_PASSIVE
-        addresses = passive_addresses(
-            socket.getaddrinfo(host or None, first, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)
-        )
+        addresses = _stream_addresses(host, first)
     groups: list[list[socket.socket]] = []
     try:
         for family, kind, proto, addr in addresses:
