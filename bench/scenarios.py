@@ -41,23 +41,22 @@ ROUNDS = {"full": 5, "quick": 2}
 LOSS_LEVELS = {"full": (0.0, 0.005, 0.01, 0.02, 0.05), "quick": (0.0, 0.01, 0.02, 0.05)}
 
 
+#: The largest datagram the relay's links carry: Ethernet's MTU less IPv4's and UDP's headers (a transport that
+#: discovers the path's MTU finds this, not loopback's 65536)
+RELAY_MTU = "1472"
+
+
+def relay_link(*knobs: str) -> tuple[str, ...]:
+    """The relay's options: ``knobs``, then what every relay link of the bench has: 50 MB/s each way, an
+    Ethernet MTU, the counters printed every second."""
+    return (*knobs, "--rate", "50m", "--mtu", RELAY_MTU, "--stats-interval", "1")
+
+
 #: The impaired UDP link of the relay scenarios, both directions: 5 ms +-1 ms one-way delay, 2% loss, 0.5%
-#: reordered, 0.5% duplicated, 50 MB/s. Scenarios on the relay share one stack, so they share this profile.
-RELAY_PROFILE: tuple[str, ...] = (
-    "--delay",
-    "5",
-    "--jitter",
-    "1",
-    "--loss",
-    "0.02",
-    "--reorder",
-    "0.005",
-    "--duplicate",
-    "0.005",
-    "--rate",
-    "50m",
-    "--stats-interval",
-    "1",
+#: reordered, 0.5% duplicated, 50 MB/s, an Ethernet MTU. Scenarios on the relay share one stack, so they share
+#: this profile.
+RELAY_PROFILE: tuple[str, ...] = relay_link(
+    "--delay", "5", "--jitter", "1", "--loss", "0.02", "--reorder", "0.005", "--duplicate", "0.005"
 )
 
 
@@ -75,13 +74,15 @@ RUDP_FAIR_RATE = 12.5e6
 
 
 def rudp_relay_profile(loss: float) -> tuple[str, ...]:
-    """The relay's link of the rudp comparison: 10 ms one-way delay (20 ms RTT), ``loss`` each way, 50 MB/s."""
-    return ("--delay", "10", "--loss", f"{loss:g}", "--rate", "50m", "--stats-interval", "1")
+    """The relay's link of the rudp comparison: 10 ms one-way delay (20 ms RTT), ``loss`` each way, 50 MB/s, an
+    Ethernet MTU."""
+    return relay_link("--delay", "10", "--loss", f"{loss:g}")
 
 
 def relay_profile(loss: float) -> tuple[str, ...]:
-    """The relay's link of the FEC comparison: 5 ms +-1 ms one-way delay, ``loss`` each way, 50 MB/s."""
-    return ("--delay", "5", "--jitter", "1", "--loss", f"{loss:g}", "--rate", "50m", "--stats-interval", "1")
+    """The relay's link of the FEC comparison: 5 ms +-1 ms one-way delay, ``loss`` each way, 50 MB/s, an Ethernet
+    MTU."""
+    return relay_link("--delay", "5", "--jitter", "1", "--loss", f"{loss:g}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -117,6 +117,18 @@ async def test_duplicates() -> None:
         assert relay.up_stats.duplicated == 50
 
 
+async def test_datagrams_larger_than_the_links_mtu_are_dropped_and_counted() -> None:
+    async with setup(up=Impairment(mtu=1472)) as (relay, client, target):
+        data = [d for pair in zip(numbered(20, 1472), numbered(20, 1473), strict=True) for d in pair]
+        await send_paced(client, relay, data)
+        await target.wait_for(20)
+        await wait_until(lambda: relay.up_stats.received >= 40)
+        assert [d for d, _ in target.received] == numbered(20, 1472)
+        assert relay.up_stats.too_large == 20
+        assert relay.down_stats.too_large == 0  # (the answers are as large: the way back carries any size)
+        await client.wait_for(20)
+
+
 async def test_reordering_keeps_the_set_and_changes_the_order() -> None:
     async with setup(up=Impairment(reorder=0.2, reorder_delay=0.01), seed=1) as (relay, client, target):
         data = numbered(300)
@@ -228,11 +240,19 @@ async def test_each_client_gets_its_own_flow() -> None:
 
 
 def test_bad_impairments_are_rejected() -> None:
-    for kwargs in ({"loss": 1.5}, {"duplicate": -0.1}, {"delay": -1.0}, {"rate": 0.0}, {"queue": -1}):
+    for kwargs in (
+        {"loss": 1.5},
+        {"duplicate": -0.1},
+        {"delay": -1.0},
+        {"rate": 0.0},
+        {"queue": -1},
+        {"mtu": 0},
+    ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             Impairment(**kwargs)
     assert Impairment().transparent
     assert not Impairment(rate=1e6).transparent
+    assert not Impairment(mtu=1472).transparent
 
 
 def test_cli_rejects_bad_values() -> None:

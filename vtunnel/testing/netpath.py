@@ -31,6 +31,7 @@ class Fate(enum.Enum):
     DELIVERED = "delivered"  # it arrives (once, or twice when duplicated)
     LOST = "lost"  # dropped at random (the path's loss)
     QUEUE_DROPPED = "queue_dropped"  # dropped because the bottleneck's queue was full (the senders' doing)
+    TOO_LARGE = "too_large"  # larger than the path's MTU, and not fragmented (the don't-fragment bit)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,6 +48,7 @@ class Path:
     reorder_delay: float = 0.005
     duplicate: float = 0.0  # fraction delivered twice, the copy ``duplicate_delay`` after the original
     duplicate_delay: float = 0.001
+    mtu: int | None = None  # the largest datagram (UDP payload) the path carries; None: any
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,6 +59,7 @@ class PathStats:
     queue_dropped: int = 0
     max_queue: int = 0
     duplicated: int = 0
+    too_large: int = 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,6 +97,10 @@ class Wire:
         path = self.path
         self.stats.sent += 1
         self.stats.bytes += len(datagram)
+        if path.mtu is not None and len(datagram) > path.mtu:
+            self.stats.too_large += 1
+            self.last_fate = Fate.TOO_LARGE
+            return None
         if path.loss and self.rng.random() < path.loss:
             self.stats.lost += 1
             self.last_fate = Fate.LOST
@@ -148,6 +155,7 @@ def add_path_arguments(parser: argparse.ArgumentParser, *, mib: float) -> None:
     parser.add_argument("--jitter-reorders", action="store_true", help="jitter reorders datagrams")
     parser.add_argument("--reorder", type=float, default=0.0, help="fraction held back 5 ms")
     parser.add_argument("--duplicate", type=float, default=0.0, help="fraction delivered twice")
+    parser.add_argument("--mtu", type=int, default=None, help="largest datagram the path carries (bytes)")
     parser.add_argument("--seed", type=int, default=1)
 
 
@@ -161,4 +169,5 @@ def path_from_arguments(args: argparse.Namespace) -> Path:
         jitter_reorders=args.jitter_reorders,
         reorder=args.reorder,
         duplicate=args.duplicate,
+        mtu=args.mtu,
     )

@@ -61,6 +61,10 @@ class Impairment:
     rate: float | None = None
     #: bytes the rate limiter may queue before it drops (a router's buffer)
     queue: int = 256 * 1024
+    #: the largest datagram (UDP payload) the link carries: larger ones are dropped, as a link drops an IP
+    #: packet too large for it with the don't-fragment bit set (1472: Ethernet's 1500 less IPv4's and UDP's
+    #: headers); ``None`` = any
+    mtu: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder"):
@@ -75,6 +79,8 @@ class Impairment:
             raise ValueError(f"rate must be positive bytes/s, got {self.rate!r}")
         if self.queue < 0:
             raise ValueError(f"queue must be >= 0 bytes, got {self.queue!r}")
+        if self.mtu is not None and not 1 <= self.mtu <= 65535:
+            raise ValueError(f"mtu must be between 1 and 65535 bytes, got {self.mtu!r}")
 
     @property
     def transparent(self) -> bool:
@@ -85,6 +91,7 @@ class Impairment:
             and self.delay == 0.0
             and self.jitter == 0.0
             and self.rate is None
+            and self.mtu is None
         )
 
 
@@ -102,6 +109,8 @@ class DirectionStats:
     duplicated: int = 0
     reordered: int = 0
     queue_dropped: int = 0
+    #: larger than the link's ``mtu``
+    too_large: int = 0
 
 
 #: what is due within this much of now leaves now: the event loop's clock and timers count whole milliseconds
@@ -158,6 +167,9 @@ class _Pipe:
         stats.received += 1
         stats.received_bytes += len(datagram)
         imp = self.impairment
+        if imp.mtu is not None and len(datagram) > imp.mtu:
+            stats.too_large += 1
+            return
         if imp.transparent:
             if not self.heap:
                 stats.passed += 1
@@ -519,6 +531,7 @@ _KNOBS: Final = (
     ("jitter", float, "uniform +- jitter on the delay, ms"),
     ("rate", _rate, "rate limit in bytes/s (suffix k, m, g)"),
     ("queue", int, "bytes the rate limiter queues before dropping"),
+    ("mtu", int, "largest datagram the link carries (bytes of UDP payload; larger ones are dropped)"),
 )
 _MS_KNOBS: Final = frozenset({"reorder_delay", "delay", "jitter"})
 
