@@ -19,6 +19,7 @@ from vtunnel.io.datagrams import (
     CoalescingSocket,
     DatagramSocket,
     Run,
+    forbid_fragmentation,
     open_udp_socket,
     segment_runs,
     split_run,
@@ -259,3 +260,15 @@ async def test_runs_sent_as_they_are_arrive_as_their_datagrams(gso: bool) -> Non
 @given(st.lists(st.sampled_from([24, 100, 1300, 1350, 1400]), min_size=1, max_size=150))
 def test_any_mix_sent_in_runs_arrives_intact(sizes: list[int]) -> None:
     anyio.run(partial(_send_runs, sizes, gso=True))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's IP_MTU_DISCOVER")
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_forbidding_fragmentation_sets_the_probe_mode(family: socket.AddressFamily) -> None:
+    """IP_PMTUDISC_PROBE (3): the don't-fragment bit on every datagram, whatever the kernel's path MTU cache says;
+    the default (IP_PMTUDISC_WANT, 1) would cut a datagram larger than the link into fragments."""
+    level, option = (socket.IPPROTO_IP, 10) if family == socket.AF_INET else (socket.IPPROTO_IPV6, 23)
+    with open_udp_socket(family) as sock:
+        assert sock.getsockopt(level, option) != 3
+        forbid_fragmentation(sock)
+        assert sock.getsockopt(level, option) == 3

@@ -6,8 +6,13 @@ through a forward."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,8 +38,8 @@ from vtunnel.transports.rudp.options import RudpOptions, parse_options
 from vtunnel.transports.rudp.transport import RudpTransport
 
 PLAIN = SecurityConfig()
-#: the impairment of the bulk checks: 10% loss each way, with duplicates and reordering
-IMPAIRED = Impairment(loss=0.10, duplicate=0.05, reorder=0.05, delay=0.001)
+#: the impairment of the bulk checks: 10% loss each way, with duplicates and reordering, on an Ethernet MTU
+IMPAIRED = Impairment(loss=0.10, duplicate=0.05, reorder=0.05, delay=0.001, mtu=1472)
 
 
 @pytest.fixture
@@ -72,6 +77,8 @@ def test_every_option_reaches_its_field() -> None:
             "sessions": "10",
             "sockbuf": "1048576",
             "connect_timeout": "3",
+            "pmtud": "off",
+            "maxmtu": "9000",
         }
     )
     assert options == RudpOptions(
@@ -90,7 +97,27 @@ def test_every_option_reaches_its_field() -> None:
         sessions=10,
         sockbuf=1024 * 1024,
         connect_timeout=3.0,
+        pmtud=False,
+        maxmtu=9000,
     )
+
+
+def test_path_mtu_discovery_tries_the_common_link_mtus_up_to_maxmtu() -> None:
+    """Probe sizes: 1420, 1492, 1500, 9000 and 65536 less the IP and UDP headers (28 bytes over IPv4, 48 over
+    IPv6) and the seal's overhead, above the base and up to ``maxmtu`` (65000 by default)."""
+    config = parse_options({}).packet_config(0)
+    assert config.path_mtu_discovery
+    assert config.max_datagram_size == 1350
+    assert config.probe_sizes == (1392, 1464, 1472, 8972, 65000)
+    sealed6 = parse_options({}).packet_config(29, ip_version=6)
+    assert sealed6.max_datagram_size == 1321
+    assert sealed6.probe_sizes == (1343, 1415, 1423, 8923, 64971)
+    # (the larger links' sizes are cut to maxmtu, which is then tried itself)
+    assert parse_options({"maxmtu": "1500"}).packet_config(0).probe_sizes == (1392, 1464, 1472, 1500)
+    assert parse_options({"mtu": "1472"}).packet_config(0).probe_sizes == (8972, 65000)
+    off = parse_options({"pmtud": "off"}).packet_config(0)
+    assert not off.path_mtu_discovery
+    assert off.probe_sizes == ()
 
 
 @pytest.mark.parametrize(
@@ -102,6 +129,8 @@ def test_every_option_reaches_its_field() -> None:
         ({"rcvwnd": "1000"}, "rcvwnd"),
         ({"ackdelay": "nan"}, "ackdelay"),
         ({"pacing": "maybe"}, "pacing"),
+        ({"pmtud": "maybe"}, "pmtud"),
+        ({"maxmtu": "65001"}, "maxmtu"),
     ],
 )
 def test_bad_options_name_the_option(params: dict[str, str], named: str) -> None:
@@ -334,3 +363,59 @@ async def test_round_trips_are_measured_to_a_fraction_of_a_millisecond() -> None
     assert all(0 < value < 50 for value in least), least
     # (in 3 decimals, each a whole number by a 1-in-1000 chance; both, one in a million)
     assert any(value != round(value) for value in least), least
+
+
+# --- path MTU discovery on real links (a network namespace's loopback, its MTU set) -------------------------------
+
+
+@pytest.fixture
+def mtu_netns() -> Iterator[str]:
+    """A network namespace of the test's own (root, iproute2), its loopback up: its name."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    name = f"vtt-mtu-{os.getpid()}"
+    try:
+        subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=20, check=True)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"network namespaces are not permitted here: {exc.stderr.decode().strip()}")
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=20, check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20, check=False)
+
+
+def run_in(netns: str, *args: str) -> dict[str, Any]:
+    """``tests.transports.rudp_mtu_run ARGS`` inside ``netns``: its JSON result."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.transports.rudp_mtu_run", *args],
+        capture_output=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    result: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.parametrize("key", [False, True], ids=["keyless", "sealed"])
+def test_packets_grow_to_the_links_mtu_and_no_further(mtu_netns: str, key: bool) -> None:
+    """A 9000-byte link: the client's packets reach 8972 bytes of UDP payload (less the seal's 29 with a key);
+    65000 is refused by the link (the don't-fragment bit: not cut into fragments), three times, and lost."""
+    result = run_in(mtu_netns, "--mtu", "9000", "--mib", "8", *(["--key"] if key else []))
+    assert result["exact"]
+    stats = result["stats"]
+    assert stats["packet_size"] == 8972 - (29 if key else 0)
+    assert stats["pmtu_probes_lost"] >= 3
+    assert stats["pmtu_black_holes"] == 0
+
+
+def test_a_link_mtu_lowered_mid_transfer_loses_no_byte(mtu_netns: str) -> None:
+    """65536 -> 1400 bytes a quarter into the transfer: full packets vanish (a black hole), the client falls back
+        to 1200-byte packets and climbs again to the largest size the link now carries: the base, 1350 (1420's
+    1392 is more than the 1372 bytes of UDP payload 1400 leave)."""
+    result = run_in(mtu_netns, "--mtu", "65536", "--shrink", "1400", "--mib", "16")
+    assert result["exact"]
+    stats = result["stats"]
+    assert stats["pmtu_black_holes"] >= 1
+    assert stats["packet_size"] == 1350

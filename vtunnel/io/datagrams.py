@@ -34,6 +34,7 @@ import structlog
 from vtunnel.io.listening import given
 
 __all__ = [
+    "DONT_FRAGMENT",
     "Address",
     "BatchHandler",
     "CoalescingSocket",
@@ -41,6 +42,7 @@ __all__ = [
     "Run",
     "RunHandler",
     "Segments",
+    "forbid_fragmentation",
     "open_client_socket",
     "open_udp_listener",
     "open_udp_socket",
@@ -66,7 +68,18 @@ Segments: TypeAlias = tuple[bytes, int]
 
 MAX_DATAGRAM: Final = 65535
 DEFAULT_BATCH: Final = 256
-_SOFT_SEND_ERRORS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED})
+#: what a send may fail with and only lose its datagrams: a full buffer, an ICMP error for an earlier one, or
+#: a datagram larger than the link takes with the don't-fragment bit set (a path MTU probe: see
+#: :func:`forbid_fragmentation`)
+_SOFT_SEND_ERRORS: Final = frozenset(
+    {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED, errno.EMSGSIZE}
+)
+#: whether :func:`forbid_fragmentation` can work here (Linux's IP_MTU_DISCOVER)
+DONT_FRAGMENT: Final = sys.platform == "linux"
+#: Linux's IP_MTU_DISCOVER / IPV6_MTU_DISCOVER and their PROBE mode (the socket module names not all of them)
+_IP_MTU_DISCOVER: Final = 10
+_IPV6_MTU_DISCOVER: Final = 23
+_PMTUDISC_PROBE: Final = 3
 #: Linux UDP generic segmentation offload: one sendmsg carries many equal-size datagrams
 SOL_UDP: Final = 17
 UDP_SEGMENT: Final = 103
@@ -150,6 +163,22 @@ def resolve_udp(host: str, port: int) -> tuple[socket.AddressFamily, Address]:
         raise OSError(f"no address for {host}:{port}")
     family, _type, _proto, _name, sockaddr = infos[0]
     return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
+def forbid_fragmentation(sock: socket.socket) -> None:
+    """Send every datagram of ``sock`` whole, with the IP don't-fragment bit, whatever the kernel believes the
+    path's MTU to be (Linux's ``IP_PMTUDISC_PROBE``): a datagram the path cannot carry is lost, or refused at
+    once (EMSGSIZE, dropped like a full buffer's) if the first link cannot, instead of being cut into
+    fragments. What packetization-layer path MTU discovery (rudp's) needs; raises :class:`OSError` where it
+    cannot be set (see :data:`DONT_FRAGMENT`)."""
+    if not DONT_FRAGMENT:
+        raise OSError(errno.ENOPROTOOPT, "the don't-fragment bit cannot be set on this platform")
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
+        with contextlib.suppress(OSError):  # (IPv4 peers of a dual-stack socket)
+            sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
 
 
 def open_udp_socket(

@@ -63,6 +63,13 @@ class CongestionController(abc.ABC):
         )
         self.min_window = _MIN_DATAGRAMS * max_datagram_size
 
+    def set_max_datagram_size(self, size: int) -> None:
+        """The packets' size changed (path MTU discovery): what the window counts in packets follows it."""
+        self.max_datagram_size = size
+        self.min_window = _MIN_DATAGRAMS * size
+        if self.congestion_window < self.min_window:
+            self.congestion_window = self.min_window
+
     def on_packet_sent(self, now: float, packet: SentPacket) -> None:  # noqa: B027 (optional hook)
         """An ack-eliciting packet left."""
 
@@ -226,7 +233,8 @@ class CubicController(_LossBased):
 
 
 class BbrController(CongestionController):
-    """The delivery-rate model of :mod:`vtunnel.arq.pacing`, counted in datagrams of ``max_datagram_size``."""
+    """The delivery-rate model of :mod:`vtunnel.arq.pacing`, counted in units of the first ``max_datagram_size``
+    (a larger packet, once path MTU discovery allows it, counts as the units it fills)."""
 
     name = "bbr"
 
@@ -234,14 +242,28 @@ class BbrController(CongestionController):
         super().__init__(max_datagram_size=max_datagram_size, now=now)
         self._model = RatePacer(max_window=max_window, now=now, config=PacerConfig(initial_rtt=0.1))
         self._acked_bytes = 0
+        #: the model's unit, in bytes: the packet size the connection started with
+        self._unit = max_datagram_size
         self.congestion_window = self._model.window * max_datagram_size
+
+    def _units(self, packet: SentPacket) -> int:
+        size = packet.size
+        unit = self._unit
+        return 1 if size <= unit else -(-size // unit)
+
+    def set_max_datagram_size(self, size: int) -> None:
+        super().set_max_datagram_size(size)
+        self.congestion_window = max(self._model.window * self._unit, self.min_window)
 
     def on_packet_sent(self, now: float, packet: SentPacket) -> None:
         if packet.stream:
-            self._model.on_sent(1, 0 if packet.retransmission else 1)
+            units = self._units(packet)
+            self._model.on_sent(units, 0 if packet.retransmission else units)
 
     def on_packets_sent(self, now: float, packets: Sequence[SentPacket]) -> None:
-        count = len(packets)  # (new stream data, every one of them: what on_packet_sent of each would count)
+        # (new stream data, every one of them: what on_packet_sent of each would count)
+        larger = self.max_datagram_size > self._unit
+        count = sum(map(self._units, packets)) if larger else len(packets)
         self._model.on_sent(count, count)
 
     def on_packets_acked(
@@ -250,26 +272,27 @@ class BbrController(CongestionController):
         size = self._acked_bytes
         for packet in packets:
             size += packet.size
-        delivered, self._acked_bytes = divmod(size, self.max_datagram_size)
+        delivered, self._acked_bytes = divmod(size, self._unit)
         if delivered:
             self._model.on_acked(
                 now, delivered, rtt.smoothed if rtt.has_sample else 0.0, app_limited=app_limited
             )
-            self.congestion_window = self._model.window * self.max_datagram_size
+            window = self._model.window * self._unit
+            self.congestion_window = window if window > self.min_window else self.min_window
 
     def on_packets_lost(self, now: float, packets: Sequence[SentPacket], *, persistent: bool) -> None:
         # random loss does not slow the model; a burst of it in startup ends startup (the queue overflowed)
-        lost = sum(1 for packet in packets if packet.stream)
+        lost = sum(self._units(packet) for packet in packets if packet.stream)
         if lost:
             self._model.on_lost(now, lost)
 
     def pacing_rate(self, rtt: RttEstimator) -> float:
-        return self._model.pacing_rate * self.max_datagram_size
+        return self._model.pacing_rate * self._unit
 
     def stats(self) -> dict[str, float | int | str]:
         out = super().stats()
         out["phase"] = self._model.phase.value
-        out["rate_estimate_Bps"] = round(self._model.bandwidth * self.max_datagram_size)
+        out["rate_estimate_Bps"] = round(self._model.bandwidth * self._unit)
         return out
 
 

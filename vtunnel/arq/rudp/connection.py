@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .cc import CongestionController, Pacer, make_controller
+from .pmtu import PathMtu
 from .ranges import RangeSet
 from .recovery import MAX_ACK_RANGES, PACKET_THRESHOLD, AckTracker, LossDetector, RttEstimator, SentPacket
 from .sendbuf import SendBuffer
@@ -95,6 +96,7 @@ _CLOSE_REPEATS: Final = 16
 _SMALLEST_PACKET: Final = 64
 #: the longest ACK frame: type, four varints, and each further range's gap and length
 _ACK_MAX: Final = 1 + 4 * 8 + 8 + 32 * 16
+_NEVER: Final = float("inf")
 
 
 class RudpError(Exception):
@@ -173,8 +175,14 @@ _ROOM: Final = SendRoomAvailable()
 class RudpConfig:
     """One connection's tuning (both ends may differ)."""
 
-    #: the largest rudp packet (a sealing layer's overhead comes on top of it)
+    #: the largest rudp packet (a sealing layer's overhead comes on top of it); with path MTU discovery, the
+    #: first size, which the path is assumed to carry
     max_datagram_size: int = 1350
+    #: search for larger packets the path carries (:mod:`.pmtu`; the transport sets the don't-fragment bit), and
+    #: fall back to smaller ones when full packets vanish (a black hole)
+    path_mtu_discovery: bool = False
+    #: the packet sizes to try above ``max_datagram_size`` (the transport's: the common link MTUs less headers)
+    probe_sizes: tuple[int, ...] = ()
     #: the congestion controller: ``bbr`` (delivery rate), ``cubic`` or ``newreno``
     cc: str = "bbr"
     #: spread packets over the round trip at the controller's rate; off: send what the window allows at once
@@ -197,6 +205,8 @@ class RudpConfig:
     def __post_init__(self) -> None:
         if not 256 <= self.max_datagram_size <= 65527:
             raise ValueError("max_datagram_size must be between 256 and 65527")
+        if any(not 256 <= size <= 65527 for size in self.probe_sizes):
+            raise ValueError("probe_sizes must be between 256 and 65527")
         if self.receive_window < INITIAL_MAX_DATA:
             raise ValueError(f"receive_window must be at least {INITIAL_MAX_DATA}")
         if self.send_buffer < 1 or self.datagram_queue < 1 or self.ack_eliciting_threshold < 1:
@@ -234,6 +244,13 @@ class Connection:
         self._pacer = Pacer(max_datagram_size=self._mds, initial_burst=self.cc.congestion_window)
         self._pacing_wake: float | None = None
         self._app_limited = True
+        #: path MTU discovery (None: packets stay ``max_datagram_size``), the number of its probe in flight (-1:
+        #: none), and when a probe may be due (inf: not before the one in flight is settled)
+        self._pmtu = (
+            PathMtu(base=self._mds, candidates=cfg.probe_sizes, now=now) if cfg.path_mtu_discovery else None
+        )
+        self._pmtu_probe = -1
+        self._pmtu_after = now if self._pmtu is not None else _NEVER
         #: the sender itself fell behind its pacing since the last ACK (see datagrams_to_send)
         self._fell_behind = False
         self._probes = 0
@@ -298,6 +315,9 @@ class Connection:
                 "datagrams_received",
                 "datagrams_dropped",
                 "datagrams_lost",
+                "pmtu_probes",
+                "pmtu_probes_lost",
+                "pmtu_black_holes",
             ),
             0,
         )
@@ -399,8 +419,10 @@ class Connection:
         return self._loss.bytes_in_flight
 
     def max_datagram_payload(self) -> int:
-        """The largest datagram :meth:`send_datagram` takes."""
-        room = self._mds - header_size(len(self.peer_cid), 2**62 - 1) - 1
+        """The largest datagram :meth:`send_datagram` takes: what a packet of the configured size holds, whatever
+        size path MTU discovery finds (the layer above is told this once); while a black hole keeps packets
+        smaller, a datagram that no longer fits one is dropped (``datagrams_dropped``)."""
+        room = self.config.max_datagram_size - header_size(len(self.peer_cid), 2**62 - 1) - 1
         return room - varint_size(room)
 
     def send_datagram(self, data: bytes) -> None:
@@ -699,6 +721,8 @@ class Connection:
         result = loss.on_ack(ranges, delay / 1e6, now)
         acked = result.acked
         late = result.late
+        if self._pmtu is not None and acked:
+            acked = self._pmtu_acked(acked, now)
         if late:
             self._stats["spurious_losses"] += len(late)
             self._stream_acked(late)  # (before or after the rest: the acknowledged prefix is their union)
@@ -753,6 +777,10 @@ class Connection:
         self._send_base = base
 
     def _on_lost(self, lost: Sequence[SentPacket], now: float, *, persistent: bool) -> None:
+        if self._pmtu is not None:
+            lost = self._pmtu_lost(lost, now)
+            if not lost:
+                return
         self._stats["packets_lost"] += len(lost)
         for packet in lost:
             for offset, length, fin in packet.stream:
@@ -761,6 +789,100 @@ class Connection:
                 self._blocked_reported = -1
             self._stats["datagrams_lost"] += packet.datagrams
         self.cc.on_packets_lost(now, lost, persistent=persistent)
+
+    # --- path MTU discovery ---------------------------------------------------------------------------------
+
+    def _pmtu_acked(self, acked: list[SentPacket], now: float) -> list[SentPacket]:
+        """An ACK's packets, the probe in flight taken out of them (it proves its size); a pending black-hole
+        suspicion ends with a large packet acknowledged."""
+        pmtu = self._pmtu
+        assert pmtu is not None
+        probe = self._pmtu_probe
+        if probe >= 0 and acked[0].number <= probe <= acked[-1].number:
+            for index, packet in enumerate(acked):
+                if packet.number == probe:
+                    acked = acked[:index] + acked[index + 1 :]
+                    self._pmtu_probe = -1
+                    self._pmtu_after = now
+                    self._resize(pmtu.on_probe_acked(now))
+                    break
+        if pmtu.suspicious and acked:
+            pmtu.on_acked(max(packet.size for packet in acked))
+        return acked
+
+    def _pmtu_lost(self, lost: Sequence[SentPacket], now: float) -> Sequence[SentPacket]:
+        """Lost packets, the probe in flight taken out of them (a probe's loss is no congestion); a loss of only
+        large packets counts towards a black hole."""
+        pmtu = self._pmtu
+        assert pmtu is not None
+        probe = self._pmtu_probe
+        if probe >= 0:
+            kept = [packet for packet in lost if packet.number != probe]
+            if len(kept) < len(lost):
+                self._pmtu_probe = -1
+                self._pmtu_after = now
+                self._stats["pmtu_probes_lost"] += 1
+                pmtu.on_probe_lost(now)
+                lost = kept
+        if lost and pmtu.size > pmtu.floor and pmtu.on_lost(min(packet.size for packet in lost), now):
+            self._black_hole(now)
+        return lost
+
+    def _pmtu_timeout(self, now: float) -> None:
+        """A probe timeout: nothing was acknowledged for a while; if all that waits is large, it may be a
+        black hole (see :mod:`.pmtu`)."""
+        pmtu = self._pmtu
+        assert pmtu is not None
+        if pmtu.size <= pmtu.floor:
+            return
+        probe = self._pmtu_probe
+        sizes = [packet.size for number, packet in self._loss.sent.items() if number != probe]
+        if sizes and pmtu.on_lost(min(sizes), now):
+            self._black_hole(now)
+
+    def _black_hole(self, now: float) -> None:
+        """Full packets vanished and the size fell back to the floor: the controller starts over, since what it
+        learnt (rates measured while every full packet was lost) was the packet size's doing, not the path's."""
+        pmtu = self._pmtu
+        assert pmtu is not None
+        self._stats["pmtu_black_holes"] += 1
+        self._mds = size = pmtu.size
+        self._pmtu_probe = -1  # (a probe in flight is forgotten: the search starts again, now)
+        self._pmtu_after = now
+        self.cc = make_controller(self.config.cc, max_datagram_size=size, now=now)
+        self._pacer = Pacer(max_datagram_size=size, initial_burst=self.cc.congestion_window)
+
+    def _resize(self, size: int) -> None:
+        """Packets are ``size`` bytes from now on."""
+        if size == self._mds:
+            return
+        self._mds = size
+        self.cc.set_max_datagram_size(size)
+        self._pacer.min_burst = 10 * size
+
+    def _send_pmtu_probe(self, now: float, out: list[bytes]) -> None:
+        """Send the path MTU probe due now, if one is and the congestion window has room for it."""
+        pmtu = self._pmtu
+        assert pmtu is not None
+        size = pmtu.probe_due(now)
+        if not size:
+            after = pmtu.next_search()
+            self._pmtu_after = _NEVER if after is None else after
+            return
+        if self._loss.bytes_in_flight + size > self.cc.congestion_window:
+            return
+        number = self._next_number
+        number_bytes = encode_varints(number)
+        pad = size - len(self._header) - len(number_bytes) - 1
+        if pad < 0:
+            return
+        packet = SentPacket(number, now, 0, True)
+        pmtu.on_probe_sent(size)
+        self._pmtu_probe = number
+        self._pmtu_after = _NEVER
+        self._stats["pmtu_probes"] += 1
+        # a PING, padded out to the size tried (PADDING: zero bytes)
+        out.append(self._finish_packet(number, number_bytes, [b"\x01", bytes(pad)], now, packet))
 
     # --- timers ----------------------------------------------------------------------------------------------
 
@@ -808,6 +930,8 @@ class Connection:
             if probe:
                 self._stats["pto_count"] += 1
                 self._probes = 1 if self._loss.pto_count <= 1 else 2
+                if self._pmtu is not None:
+                    self._pmtu_timeout(now)
         return []
 
     # --- output ----------------------------------------------------------------------------------------------
@@ -866,6 +990,13 @@ class Connection:
             # the path's rate, as when the application has nothing to send
             self._fell_behind = True
         self._pacing_wake = None
+        if (
+            now >= self._pmtu_after
+            and self._validated
+            and self.rtt.has_sample
+            and self._send_buf.end > self._send_base
+        ):
+            self._send_pmtu_probe(now, out)
         mds = self._mds
         acks = self._acks
         buf = self._send_buf
@@ -1119,7 +1250,8 @@ class Connection:
             frame = encode_datagram(queue[0])
             if len(frame) > room:
                 if len(frame) > self._mds - header_size(len(self.peer_cid), packet.number):
-                    queue.popleft()  # the connection IDs grew since it was queued: it fits no packet
+                    # the connection IDs grew, or the packets shrank, since it was queued: it fits no packet
+                    queue.popleft()
                     self._stats["datagrams_dropped"] += 1
                     continue
                 break
@@ -1201,4 +1333,5 @@ class Connection:
         out["srtt_ms"] = round(self.rtt.smoothed * 1000, 3)
         out["min_rtt_ms"] = round(self.rtt.min * 1000, 3)
         out["bytes_in_flight"] = self.bytes_in_flight
+        out["packet_size"] = self._mds
         return out

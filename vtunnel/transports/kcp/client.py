@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
-from vtunnel.io.datagrams import Address, CoalescingSocket, Run, open_client_socket
+from vtunnel.io.datagrams import Address, CoalescingSocket, Run, forbid_fragmentation, open_client_socket
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.kcp.codec import ClientCodec, Datagram, RoutedLink, Transmit, transmitter
 
@@ -72,14 +72,23 @@ async def open_client(
     codec: ClientCodec,
     new_link: NewClientLink[L],
     options: SocketOptions,
+    *,
+    dont_fragment: bool = False,
 ) -> L:
     """A session to ``server`` whose datagrams ``codec`` reads, its link built by ``new_link``; raises what the
     codec's handshake raises (sealed: :class:`~vtunnel.security.errors.HandshakeTimeout` if the server never
     answers, :class:`~vtunnel.security.errors.AuthenticationFailed` if it answers, authentically, with a cipher
-    this client did not offer) and :class:`TransportError` when the session cannot start."""
+    this client did not offer) and :class:`TransportError` when the session cannot start. ``dont_fragment``:
+    datagrams leave whole or not at all (:func:`~vtunnel.io.datagrams.forbid_fragmentation`)."""
     try:
         # not connected (see open_client_socket): the kernel does not filter by source, the codec does
         sock = open_client_socket(family, server, sockbuf=options.sockbuf)
+        if dont_fragment:
+            try:
+                forbid_fragmentation(sock)
+            except OSError:
+                sock.close()
+                raise
     except OSError as exc:
         raise TransportError(f"cannot open a UDP socket to {server[0]}:{server[1]}: {exc}") from None
     client = DatagramClient(sock, server, codec, new_link)

@@ -3,6 +3,7 @@ links."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,7 +11,7 @@ import structlog
 
 from vtunnel.arq.rudp.connection import Connection, Role
 from vtunnel.arq.rudp.wire import Stream, WireError, decode_packet, peek_dcid
-from vtunnel.io.datagrams import Address
+from vtunnel.io.datagrams import Address, forbid_fragmentation
 from vtunnel.transports.kcp.codec import Datagram, ListenerCodec, RoutedLink, Transmit
 from vtunnel.transports.kcp.routing import DatagramListener
 from vtunnel.transports.rudp.link import RudpLink, clock
@@ -39,7 +40,10 @@ class RudpListener(DatagramListener[C]):
 
     def __init__(self, sock: Any, options: RudpOptions, codec: C) -> None:
         self._options = options
-        self._config = options.packet_config(codec.overhead)
+        ip_version = 6 if sock.family == socket.AF_INET6 else 4
+        self._config = options.packet_config(codec.overhead, ip_version=ip_version)
+        if self._config.path_mtu_discovery:
+            forbid_fragmentation(sock)
         super().__init__(
             sock,
             codec,

@@ -14,6 +14,7 @@ from typing import Final
 
 from vtunnel.arq.rudp.cc import CONTROLLERS
 from vtunnel.arq.rudp.connection import INITIAL_MAX_DATA, RudpConfig
+from vtunnel.io.datagrams import DONT_FRAGMENT
 from vtunnel.transports.base import TransportError
 from vtunnel.transports.urloptions import (
     OptionParser,
@@ -29,6 +30,11 @@ __all__ = ["RudpOptions", "parse_options"]
 
 #: the smallest rudp packet the core takes
 _SMALLEST: Final = 256
+#: the link MTUs path MTU discovery tries (WireGuard's, PPPoE's, Ethernet's, jumbo frames', loopback's): the
+#: probe sizes are these less the IP and UDP headers, up to ``maxmtu``
+LINK_MTUS: Final = (1420, 1492, 1500, 9000, 65536)
+#: IP + UDP header bytes
+_HEADERS: Final = {4: 20 + 8, 6: 40 + 8}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,16 +52,25 @@ class RudpOptions:
     sockbuf: int = 4 * 1024 * 1024
     #: client: seconds to wait for the sealed handshake's answer (with a key only)
     connect_timeout: float = 10.0
+    #: path MTU discovery: datagrams leave with the don't-fragment bit, and larger ones than ``mtu`` are tried
+    pmtud: bool = True
+    #: the largest UDP payload path MTU discovery tries
+    maxmtu: int = 65000
 
-    def packet_config(self, overhead: int) -> RudpConfig:
-        """The connection's configuration with packets ``overhead`` bytes (sealing's) smaller than ``mtu``;
-        raises :class:`TransportError` when what is left is too small."""
-        size = self.config.max_datagram_size - overhead
+    def packet_config(self, overhead: int, *, ip_version: int = 4) -> RudpConfig:
+        """The connection's configuration with packets ``overhead`` bytes (sealing's) smaller than ``mtu``,
+        and, with path MTU discovery, the packet sizes to try over IP ``ip_version``; raises
+        :class:`TransportError` when what is left is too small."""
+        base = self.config.max_datagram_size
+        size = base - overhead
         if size < _SMALLEST:
-            raise TransportError(
-                f"rudp option 'mtu' is too small for sealed datagrams: {self.config.max_datagram_size}"
-            )
-        return replace(self.config, max_datagram_size=size) if overhead else self.config
+            raise TransportError(f"rudp option 'mtu' is too small for sealed datagrams: {base}")
+        if not self.pmtud or not DONT_FRAGMENT:
+            return replace(self.config, max_datagram_size=size) if overhead else self.config
+        headers = _HEADERS[ip_version]
+        payloads = {min(link - headers, self.maxmtu) for link in LINK_MTUS}
+        probes = tuple(sorted(payload - overhead for payload in payloads if payload > base))
+        return replace(self.config, max_datagram_size=size, path_mtu_discovery=True, probe_sizes=probes)
 
 
 _int = partial(int_option, "rudp")
@@ -88,6 +103,8 @@ _PARSERS: Final[Mapping[str, OptionParser]] = {
     "sessions": _int(1, 1_000_000),
     "sockbuf": _int(64 * 1024, 1 << 30),
     "connect_timeout": _seconds(0.1, 3600.0),
+    "pmtud": bool_option("rudp"),
+    "maxmtu": _int(_SMALLEST, 65000),
 }
 
 

@@ -6,6 +6,7 @@ keys sessions: :mod:`.plain`) or, when a key is configured, sealed by the same c
 from __future__ import annotations
 
 import secrets
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
@@ -49,7 +50,8 @@ class RudpTransport(DatagramTransport[RudpOptions]):
         return RudpListener(sock, options, codec)
 
     async def dial(self, family: Any, server: Address, options: RudpOptions, codec: ClientCodec) -> RudpLink:
-        config = options.packet_config(codec.overhead)  # (raises before anything is opened)
+        # (raises before anything is opened)
+        config = options.packet_config(codec.overhead, ip_version=6 if family == socket.AF_INET6 else 4)
 
         def new_link(
             transmit: Transmit,
@@ -75,4 +77,6 @@ class RudpTransport(DatagramTransport[RudpOptions]):
                 on_close=on_close,
             )
 
-        return await open_client(family, server, codec, new_link, options)
+        return await open_client(
+            family, server, codec, new_link, options, dont_fragment=config.path_mtu_discovery
+        )
