@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import ClassVar, Final
 
 from vtunnel.arq.pacing import Pacer as RatePacer
@@ -233,8 +233,13 @@ class CubicController(_LossBased):
 
 
 class BbrController(CongestionController):
-    """The delivery-rate model of :mod:`vtunnel.arq.pacing`, counted in units of the first ``max_datagram_size``
-    (a larger packet, once path MTU discovery allows it, counts as the units it fills)."""
+    """The delivery-rate model of :mod:`vtunnel.arq.pacing`, counted in units of the first ``max_datagram_size``.
+
+    A packet up to that size counts as one unit sent or lost. Larger ones (once path MTU discovery allows them)
+    count by their bytes, as deliveries always do: ``size / unit``, the remainders carried over to the next, so
+    that what the model hears sent and lost adds up to what it hears delivered (counted whole, a 1472-byte
+    packet in units of 1350 would be two units sent and lost, and 1.09 delivered: startup would end on a loss
+    share twice the real one)."""
 
     name = "bbr"
 
@@ -244,12 +249,23 @@ class BbrController(CongestionController):
         self._acked_bytes = 0
         #: the model's unit, in bytes: the packet size the connection started with
         self._unit = max_datagram_size
+        #: bytes of larger packets sent, and lost, not yet counted as a whole unit
+        self._sent_rest = 0
+        self._lost_rest = 0
         self.congestion_window = self._model.window * max_datagram_size
 
-    def _units(self, packet: SentPacket) -> int:
-        size = packet.size
+    def _tally(self, packets: Iterable[SentPacket], rest: int) -> tuple[int, int]:
+        """The units ``packets`` count for, and the bytes then left over (``rest``: those left before)."""
         unit = self._unit
-        return 1 if size <= unit else -(-size // unit)
+        units = 0
+        for packet in packets:
+            size = packet.size
+            if size <= unit:
+                units += 1
+            else:
+                whole, rest = divmod(rest + size, unit)
+                units += whole
+        return units, rest
 
     def set_max_datagram_size(self, size: int) -> None:
         super().set_max_datagram_size(size)
@@ -257,14 +273,18 @@ class BbrController(CongestionController):
 
     def on_packet_sent(self, now: float, packet: SentPacket) -> None:
         if packet.stream:
-            units = self._units(packet)
-            self._model.on_sent(units, 0 if packet.retransmission else units)
+            units, self._sent_rest = self._tally((packet,), self._sent_rest)
+            if units:
+                self._model.on_sent(units, 0 if packet.retransmission else units)
 
     def on_packets_sent(self, now: float, packets: Sequence[SentPacket]) -> None:
         # (new stream data, every one of them: what on_packet_sent of each would count)
-        larger = self.max_datagram_size > self._unit
-        count = sum(map(self._units, packets)) if larger else len(packets)
-        self._model.on_sent(count, count)
+        if self.max_datagram_size > self._unit:
+            count, self._sent_rest = self._tally(packets, self._sent_rest)
+        else:
+            count = len(packets)
+        if count:
+            self._model.on_sent(count, count)
 
     def on_packets_acked(
         self, now: float, packets: Sequence[SentPacket], rtt: RttEstimator, *, app_limited: bool
@@ -282,7 +302,7 @@ class BbrController(CongestionController):
 
     def on_packets_lost(self, now: float, packets: Sequence[SentPacket], *, persistent: bool) -> None:
         # random loss does not slow the model; a burst of it in startup ends startup (the queue overflowed)
-        lost = sum(self._units(packet) for packet in packets if packet.stream)
+        lost, self._lost_rest = self._tally((packet for packet in packets if packet.stream), self._lost_rest)
         if lost:
             self._model.on_lost(now, lost)
 

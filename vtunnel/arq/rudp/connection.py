@@ -97,6 +97,8 @@ _SMALLEST_PACKET: Final = 64
 #: the longest ACK frame: type, four varints, and each further range's gap and length
 _ACK_MAX: Final = 1 + 4 * 8 + 8 + 32 * 16
 _NEVER: Final = float("inf")
+#: a black hole's losses span at least this many probe timeouts (RFC 9002's persistent congestion's period)
+_BLACK_HOLE_PTOS: Final = 3
 
 
 class RudpError(Exception):
@@ -824,7 +826,8 @@ class Connection:
                 self._stats["pmtu_probes_lost"] += 1
                 pmtu.on_probe_lost(now)
                 lost = kept
-        if lost and pmtu.size > pmtu.floor and pmtu.on_lost(min(packet.size for packet in lost), now):
+        span = _BLACK_HOLE_PTOS * self.rtt.pto_period
+        if lost and pmtu.size > pmtu.floor and pmtu.on_lost(min(packet.size for packet in lost), now, span):
             self._black_hole(now)
         return lost
 
@@ -837,7 +840,7 @@ class Connection:
             return
         probe = self._pmtu_probe
         sizes = [packet.size for number, packet in self._loss.sent.items() if number != probe]
-        if sizes and pmtu.on_lost(min(sizes), now):
+        if sizes and pmtu.on_lost(min(sizes), now, _BLACK_HOLE_PTOS * self.rtt.pto_period):
             self._black_hole(now)
 
     def _black_hole(self, now: float) -> None:

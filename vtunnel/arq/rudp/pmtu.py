@@ -16,7 +16,9 @@ costs a handful of probes and no bisection.
 A path whose MTU shrinks below the size in use (a route change, a tunnel added on the way) drops every full
 packet, while small ones (ACKs) still get through: a *black hole*. It shows as loss events in which only
 packets larger than the floor were lost, with no such packet acknowledged in between: after
-:data:`BLACK_HOLE_EVENTS` of them, packets fall back to the floor (``min(base, 1200)``, the size QUIC requires of
+:data:`BLACK_HOLE_EVENTS` of them, spread over at least the span the caller names (three probe timeouts: a
+queue that overflowed drops a run of full packets too, but full packets sent after the run are acknowledged
+within a round trip), packets fall back to the floor (``min(base, 1200)``, the size QUIC requires of
 every path) and the search climbs again from there. Probe timeouts count as such events too (the packets then
 unacknowledged all large): so a path that cannot carry even the base, where nothing is ever acknowledged,
 still gets a connection, at the floor, after three of them.
@@ -60,6 +62,7 @@ class PathMtu:
         "_failed",
         "_lost_in_row",
         "_next_search",
+        "_suspect_since",
         "base",
         "floor",
         "probe_size",
@@ -82,6 +85,8 @@ class PathMtu:
         self._failed = 0
         #: loss events of only large packets since a large one was acknowledged (towards a black hole)
         self.suspicious = 0
+        #: when the first of them was
+        self._suspect_since = now
         self.state = SearchState.SEARCHING
         self._next_search = now
         self._settle(now)
@@ -154,14 +159,17 @@ class PathMtu:
         if largest_size > self.floor:
             self.suspicious = 0
 
-    def on_lost(self, smallest_size: int, now: float) -> bool:
+    def on_lost(self, smallest_size: int, now: float, span: float) -> bool:
         """A loss event (packets declared lost together, probes apart; or a probe timeout, with the packets it
         found unacknowledged), the smallest of them ``smallest_size`` bytes; returns whether the size in use
-        just fell back to the floor (a black hole)."""
+        just fell back to the floor (a black hole: the events since a large packet was last acknowledged number
+        :data:`BLACK_HOLE_EVENTS` and span at least ``span`` seconds)."""
         if self.size <= self.floor or smallest_size <= self.floor:
             return False  # a small packet was lost too: the path, not its MTU
+        if not self.suspicious:
+            self._suspect_since = now
         self.suspicious += 1
-        if self.suspicious < BLACK_HOLE_EVENTS:
+        if self.suspicious < BLACK_HOLE_EVENTS or now - self._suspect_since < span:
             return False
         self.suspicious = 0
         self._failed = 0  # the climb back tries every size again (a lost probe costs no data)
