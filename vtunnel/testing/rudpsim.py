@@ -16,7 +16,7 @@ import argparse
 import heapq
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vtunnel.arq.rudp.connection import Connection, Role, RudpConfig
 from vtunnel.testing.netpath import (
@@ -28,6 +28,7 @@ from vtunnel.testing.netpath import (
     add_path_arguments,
     path_from_arguments,
 )
+from vtunnel.transports.rudp.options import RudpOptions
 
 __all__ = ["FlowResult", "simulate_bulk", "simulate_flows"]
 
@@ -243,10 +244,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     add_path_arguments(parser, mib=8.0)
     parser.add_argument("--cc", default="bbr", help="newreno, cubic or bbr")
+    parser.add_argument(
+        "--pmtud", action="store_true", help="path MTU discovery, with the sizes rudp:// tries over IPv4"
+    )
     args = parser.parse_args(argv)
     path = path_from_arguments(args)
+    config = RudpOptions(pmtud=args.pmtud).packet_config(0) if args.pmtud else RudpConfig()
     result = simulate_bulk(
-        size=int(args.mib * MiB), forward=path, config=RudpConfig(cc=args.cc), seed=args.seed
+        size=int(args.mib * MiB), forward=path, config=replace(config, cc=args.cc), seed=args.seed
     )
     f, b = result.forward, result.backward
     print(
