@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,3 +114,21 @@ def psk_file(tmp_path: Path) -> Path:
     path = tmp_path / "key"
     subprocess.run([*VTUNNEL, "keygen", "-o", str(path)], capture_output=True, check=True, cwd=ROOT)
     return path
+
+
+@pytest.fixture
+def mtu_netns() -> Iterator[str]:
+    """A network namespace of the test's own (root, iproute2), its loopback up: its name (tests set the
+    loopback's MTU in it)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    name = f"vtt-mtu-{os.getpid()}"
+    try:
+        subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=20, check=True)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"network namespaces are not permitted here: {exc.stderr.decode().strip()}")
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=20, check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20, check=False)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import anyio
 import pytest
@@ -272,3 +275,20 @@ def test_forbidding_fragmentation_sets_the_probe_mode(family: socket.AddressFami
         assert sock.getsockopt(level, option) != 3
         forbid_fragmentation(sock)
         assert sock.getsockopt(level, option) == 3
+
+
+def test_a_probe_larger_than_the_link_in_a_segmented_send_loses_only_itself(mtu_netns: str) -> None:
+    """A batch led by a datagram larger than the link's MTU (a path MTU probe) is one segmented send, which Linux
+    refuses whole (EINVAL): the probe alone is lost, the rest leave, and segmentation offload stays in use."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", mtu_netns, sys.executable, "-m", "tests.io.gso_mtu_run"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert sorted(result["received"]) == [1472] * 10
+    assert result["sent"] == 10
+    assert result["dropped"] == 1
+    assert not result["gave_up_gso"]

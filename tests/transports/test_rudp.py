@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -366,23 +364,6 @@ async def test_round_trips_are_measured_to_a_fraction_of_a_millisecond() -> None
 
 
 # --- path MTU discovery on real links (a network namespace's loopback, its MTU set) -------------------------------
-
-
-@pytest.fixture
-def mtu_netns() -> Iterator[str]:
-    """A network namespace of the test's own (root, iproute2), its loopback up: its name."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2")
-    name = f"vtt-mtu-{os.getpid()}"
-    try:
-        subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=20, check=True)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"network namespaces are not permitted here: {exc.stderr.decode().strip()}")
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=20, check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20, check=False)
 
 
 def run_in(netns: str, *args: str) -> dict[str, Any]:

@@ -340,13 +340,21 @@ class _UDPSocket:
             self.sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))], 0, address)
             self.sent += count
         except OSError as exc:
-            if exc.errno in _SOFT_SEND_ERRORS:
+            if exc.errno in _SOFT_SEND_ERRORS and exc.errno != errno.EMSGSIZE:
                 self.dropped_sends += count
                 return
-            # no GSO here (old kernel, another OS, a device without it): plain sends from now on
-            log.info("udp segmentation offload unavailable, sending datagrams one by one", error=repr(exc))
-            self._gso = False
-            for offset in range(0, len(buffer), size):
+            # the run goes datagram by datagram. If its first (full-size) datagram then leaves, segmentation is
+            # what the kernel refused (an old kernel, another OS, a device without it): plain sends from now on.
+            # If that one is refused too, it was larger than the link takes with the don't-fragment bit (a path
+            # MTU probe, which Linux refuses in a segmented send with EINVAL): only it is lost
+            sent = self.sent
+            self.sendto(buffer[:size], address)
+            if self.sent > sent:
+                log.info(
+                    "udp segmentation offload unavailable, sending datagrams one by one", error=repr(exc)
+                )
+                self._gso = False
+            for offset in range(size, len(buffer), size):
                 self.sendto(buffer[offset : offset + size], address)
 
     @property
