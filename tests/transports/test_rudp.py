@@ -31,6 +31,7 @@ from vtunnel.io.datagrams import Address, DatagramSocket, open_udp_socket
 from vtunnel.testing import Impairment, ImpairmentRelay
 from vtunnel.testing.conformance import KIT_KEY
 from vtunnel.transports.base import Endpoint, SecurityConfig, TransportError, get_transport
+from vtunnel.transports.rudp.link import RudpLink
 from vtunnel.transports.rudp.listener import RudpListener
 from vtunnel.transports.rudp.options import RudpOptions, parse_options
 from vtunnel.transports.rudp.transport import RudpTransport
@@ -183,6 +184,35 @@ async def test_16_mib_at_ten_percent_loss_with_duplicates_and_reordering(securit
 @pytest.mark.anyio
 async def test_64_mib_at_ten_percent_loss_with_duplicates_and_reordering() -> None:
     await impaired_bulk(64 * 1024 * 1024, KIT_KEY, limit=280.0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("security", [PLAIN, KIT_KEY], ids=["keyless", "keyed"])
+async def test_a_first_flight_lost_whole_still_opens_the_connection(security: SecurityConfig) -> None:
+    """Every datagram of the client's first flight is lost, the stream's start among them: the server opens no
+    connection without it, so the probe timeout sends the start again and the transfer completes (before, the
+    probes carried new data, the server dropped them all, and the link died after its 15 s timeout)."""
+    listener = await listen(security)
+    async with ImpairmentRelay(listener.local_address, seed=5) as relay:
+        link = await RudpTransport().connect(
+            Endpoint.parse(f"rudp://127.0.0.1:{relay.address[1]}"), security=security
+        )
+        assert isinstance(link, RudpLink)
+        relay.up = Impairment(loss=1.0)  # (after a keyed handshake: only the tunnel's data is lost)
+        client = stream_of(link)
+
+        async def heal() -> None:
+            await wait_until(lambda: relay.up_stats.dropped >= 10)
+            await anyio.sleep(0.2)
+            relay.up = Impairment()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heal)
+            sent, server, echo = await transfer(client, listener, 4 * 1024 * 1024, limit=12.0)
+        assert sent == server == echo
+        assert link.connection.stats()["pto_count"] >= 1
+        await client.aclose()
+    await listener.aclose()
 
 
 @pytest.mark.anyio

@@ -563,3 +563,40 @@ def test_a_run_that_overruns_the_window_closes_the_connection_as_one_packet_does
     assert isinstance(run_events[-1], ConnectionClosed)
     assert run_events[-1].code == ErrorCode.FLOW_CONTROL_ERROR
     assert _state(run) == _state(one)
+
+
+def test_a_probe_before_any_acknowledgement_carries_the_streams_start_again() -> None:
+    """The whole first flight is lost. A server opens no connection without the stream's first bytes, so the
+    probe timeout's packet carries them again (new data there would never be acknowledged); once the server has
+    them, the transfer completes, and the controller starts over from that first answer."""
+    client, server = pair()
+    payload = bytes(range(256)) * 1024  # 256 KiB: more than the first flight
+    taken = client.send(payload)
+    first_flight = client.datagrams_to_send(0.0)
+    assert first_flight  # ... all lost
+    deadline = client.next_deadline()
+    assert deadline is not None
+    client.handle_timer(deadline)
+    probes = client.datagrams_to_send(deadline)
+    starts = [
+        frame.offset
+        for datagram in probes
+        for frame in decode_packet(datagram).frames
+        if isinstance(frame, Stream)
+    ]
+    assert 0 in starts
+    received = bytearray()
+    now = deadline
+    for datagram in probes:
+        server.receive_datagram(datagram, now)
+    for _ in range(2000):
+        if len(received) >= taken:
+            break
+        if taken < len(payload) and client.send_room():
+            taken += client.send(payload[taken:])
+        exchange(client, server, now, rounds=5)
+        received += server.receive()
+        now += 0.01
+    assert bytes(received) == payload[: len(received)]
+    assert len(received) == len(payload)
+    assert client.stats()["pto_count"] == 1

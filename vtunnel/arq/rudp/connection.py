@@ -720,9 +720,15 @@ class Connection:
             return ErrorCode.PROTOCOL_VIOLATION, f"ACK of packet {largest}, never sent"
         if max_data > self._peer_max_data:
             self._peer_max_data = max_data
+        unanswered = self._stats["pto_count"] and loss.largest_acked < 0
         result = loss.on_ack(ranges, delay / 1e6, now)
         acked = result.acked
         late = result.late
+        if unanswered and acked:
+            # the first ACK, after probe timeouts: the first flight went unanswered (lost, or the peer not yet
+            # there). What the controller measured over it is no rate of the path (bbr would take one packet in
+            # a second for it), and its losses no congestion: it starts over from this round trip
+            self._restart_controller(now)
         if self._pmtu is not None and acked:
             acked = self._pmtu_acked(acked, now)
         if late:
@@ -742,7 +748,9 @@ class Connection:
             self._fell_behind = False
             self.cc.on_packets_acked(now, acked, self.rtt, app_limited=limited)
         if result.lost:
-            self._on_lost(result.lost, now, persistent=result.persistent_congestion)
+            self._on_lost(
+                result.lost, now, persistent=result.persistent_congestion, congestion=not unanswered
+            )
         self._send_buf.release(self._send_base)
         if (
             self._writer_waiting
@@ -778,7 +786,10 @@ class Connection:
                     base = end
         self._send_base = base
 
-    def _on_lost(self, lost: Sequence[SentPacket], now: float, *, persistent: bool) -> None:
+    def _on_lost(
+        self, lost: Sequence[SentPacket], now: float, *, persistent: bool, congestion: bool = True
+    ) -> None:
+        """``lost`` were declared lost: their data goes out again; ``congestion``: the controller hears of it."""
         if self._pmtu is not None:
             lost = self._pmtu_lost(lost, now)
             if not lost:
@@ -790,7 +801,8 @@ class Connection:
             if packet.blocked:
                 self._blocked_reported = -1
             self._stats["datagrams_lost"] += packet.datagrams
-        self.cc.on_packets_lost(now, lost, persistent=persistent)
+        if congestion:
+            self.cc.on_packets_lost(now, lost, persistent=persistent)
 
     # --- path MTU discovery ---------------------------------------------------------------------------------
 
@@ -849,11 +861,15 @@ class Connection:
         pmtu = self._pmtu
         assert pmtu is not None
         self._stats["pmtu_black_holes"] += 1
-        self._mds = size = pmtu.size
+        self._mds = pmtu.size
         self._pmtu_probe = -1  # (a probe in flight is forgotten: the search starts again, now)
         self._pmtu_after = now
-        self.cc = make_controller(self.config.cc, max_datagram_size=size, now=now)
-        self._pacer = Pacer(max_datagram_size=size, initial_burst=self.cc.congestion_window)
+        self._restart_controller(now)
+
+    def _restart_controller(self, now: float) -> None:
+        """A new congestion controller and pacer, for packets of the size in use."""
+        self.cc = make_controller(self.config.cc, max_datagram_size=self._mds, now=now)
+        self._pacer = Pacer(max_datagram_size=self._mds, initial_burst=self.cc.congestion_window)
 
     def _resize(self, size: int) -> None:
         """Packets are ``size`` bytes from now on."""
@@ -1188,6 +1204,14 @@ class Connection:
                     packet.ack_largest = ranges[0][1]
                     self._acks.on_ack_sent()
         if send_data:
+            if probe and self._loss.largest_acked < 0:
+                # nothing of ours was acknowledged yet: the peer may lack the stream's start, and a server opens
+                # no connection without it (new data would never be acknowledged, and never show the loss), so
+                # the probe carries the oldest data again first
+                oldest = self._loss.oldest_unacked()
+                if oldest is not None:
+                    for offset, length, fin in reversed(oldest.stream):
+                        self._retransmit.appendleft((offset, offset + length, fin))
             if self._datagrams:
                 room = self._add_datagrams(frames, room, packet)
             if self._retransmit:
