@@ -108,7 +108,7 @@ def test_path_mtu_discovery_tries_the_common_link_mtus_up_to_maxmtu() -> None:
     assert config.path_mtu_discovery
     assert config.max_datagram_size == 1350
     assert config.probe_sizes == (1392, 1464, 1472, 8972, 65000)
-    sealed6 = parse_options({}).packet_config(29, ip_version=6)
+    sealed6 = parse_options({}).packet_config(29, family=socket.AF_INET6)
     assert sealed6.max_datagram_size == 1321
     assert sealed6.probe_sizes == (1343, 1415, 1423, 8923, 64971)
     # (the larger links' sizes are cut to maxmtu, which is then tried itself)

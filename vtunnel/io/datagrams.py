@@ -68,12 +68,12 @@ Segments: TypeAlias = tuple[bytes, int]
 
 MAX_DATAGRAM: Final = 65535
 DEFAULT_BATCH: Final = 256
-#: what a send may fail with and only lose its datagrams: a full buffer, an ICMP error for an earlier one, or
-#: a datagram larger than the link takes with the don't-fragment bit set (a path MTU probe: see
-#: :func:`forbid_fragmentation`)
-_SOFT_SEND_ERRORS: Final = frozenset(
-    {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED, errno.EMSGSIZE}
-)
+#: what a send may fail with and only lose its datagrams, whatever they are: a full buffer, or an ICMP error
+#: for an earlier one
+_BUSY_SEND_ERRORS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED})
+#: ... and a datagram larger than the link takes with the don't-fragment bit set (a path MTU probe: see
+#: :func:`forbid_fragmentation`), which a segmented send refuses for its whole run (see ``_send_segments``)
+_SOFT_SEND_ERRORS: Final = _BUSY_SEND_ERRORS | {errno.EMSGSIZE}
 #: whether :func:`forbid_fragmentation` can work here (Linux's IP_MTU_DISCOVER)
 DONT_FRAGMENT: Final = sys.platform == "linux"
 #: Linux's IP_MTU_DISCOVER / IPV6_MTU_DISCOVER and their PROBE mode (the socket module names not all of them)
@@ -340,7 +340,7 @@ class _UDPSocket:
             self.sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))], 0, address)
             self.sent += count
         except OSError as exc:
-            if exc.errno in _SOFT_SEND_ERRORS and exc.errno != errno.EMSGSIZE:
+            if exc.errno in _BUSY_SEND_ERRORS:
                 self.dropped_sends += count
                 return
             # the run goes datagram by datagram. If its first (full-size) datagram then leaves, segmentation is

@@ -720,7 +720,7 @@ class Connection:
             return ErrorCode.PROTOCOL_VIOLATION, f"ACK of packet {largest}, never sent"
         if max_data > self._peer_max_data:
             self._peer_max_data = max_data
-        unanswered = self._stats["pto_count"] and loss.largest_acked < 0
+        unanswered = loss.pto_count > 0 and loss.largest_acked < 0
         result = loss.on_ack(ranges, delay / 1e6, now)
         acked = result.acked
         late = result.late
@@ -838,9 +838,8 @@ class Connection:
                 self._stats["pmtu_probes_lost"] += 1
                 pmtu.on_probe_lost(now)
                 lost = kept
-        span = _BLACK_HOLE_PTOS * self.rtt.pto_period
-        if lost and pmtu.size > pmtu.floor and pmtu.on_lost(min(packet.size for packet in lost), now, span):
-            self._black_hole(now)
+        if lost and pmtu.size > pmtu.floor:
+            self._pmtu_loss_event(min(packet.size for packet in lost), now)
         return lost
 
     def _pmtu_timeout(self, now: float) -> None:
@@ -852,7 +851,14 @@ class Connection:
             return
         probe = self._pmtu_probe
         sizes = [packet.size for number, packet in self._loss.sent.items() if number != probe]
-        if sizes and pmtu.on_lost(min(sizes), now, _BLACK_HOLE_PTOS * self.rtt.pto_period):
+        if sizes:
+            self._pmtu_loss_event(min(sizes), now)
+
+    def _pmtu_loss_event(self, smallest: int, now: float) -> None:
+        """Packets down to ``smallest`` bytes were lost together (or waited through a probe timeout): towards a
+        black hole, whose losses span at least :data:`_BLACK_HOLE_PTOS` probe timeouts."""
+        assert self._pmtu is not None
+        if self._pmtu.on_lost(smallest, now, _BLACK_HOLE_PTOS * self.rtt.pto_period):
             self._black_hole(now)
 
     def _black_hole(self, now: float) -> None:
@@ -1208,10 +1214,7 @@ class Connection:
                 # nothing of ours was acknowledged yet: the peer may lack the stream's start, and a server opens
                 # no connection without it (new data would never be acknowledged, and never show the loss), so
                 # the probe carries the oldest data again first
-                oldest = self._loss.oldest_unacked()
-                if oldest is not None:
-                    for offset, length, fin in reversed(oldest.stream):
-                        self._retransmit.appendleft((offset, offset + length, fin))
+                self._resend_oldest()
             if self._datagrams:
                 room = self._add_datagrams(frames, room, packet)
             if self._retransmit:
@@ -1227,14 +1230,8 @@ class Connection:
                     self._blocked_reported = self._peer_max_data
             if probe:
                 self._probes -= 1
-                if not packet.ack_eliciting:
-                    oldest = self._loss.oldest_unacked()
-                    if oldest is not None:
-                        # the probe carries again the oldest data still unacknowledged, without declaring
-                        # it lost: if the original arrives after all, the receiver counts a duplicate
-                        for offset, length, fin in oldest.stream:
-                            self._retransmit.appendleft((offset, offset + length, fin))
-                        room = self._add_retransmissions(frames, room, packet)
+                if not packet.ack_eliciting and self._resend_oldest():
+                    room = self._add_retransmissions(frames, room, packet)
                 if not packet.ack_eliciting:
                     frames.append(b"\x01")  # PING
                     packet.ack_eliciting = True
@@ -1249,6 +1246,16 @@ class Connection:
             frames.append(b"\x01")
             packet.ack_eliciting = True
         return self._finish_packet(number, number_bytes, frames, now, packet)
+
+    def _resend_oldest(self) -> bool:
+        """Queue the oldest data still unacknowledged to go first again (a probe's), without declaring it lost:
+        if the original arrives after all, the receiver counts a duplicate. False when there is none."""
+        oldest = self._loss.oldest_unacked()
+        if oldest is None:
+            return False
+        for offset, length, fin in reversed(oldest.stream):
+            self._retransmit.appendleft((offset, offset + length, fin))
+        return True
 
     def _finish_packet(
         self, number: int, number_bytes: bytes, frames: list[bytes], now: float, packet: SentPacket | None

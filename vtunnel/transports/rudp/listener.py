@@ -3,7 +3,6 @@ links."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,8 +39,7 @@ class RudpListener(DatagramListener[C]):
 
     def __init__(self, sock: Any, options: RudpOptions, codec: C) -> None:
         self._options = options
-        ip_version = 6 if sock.family == socket.AF_INET6 else 4
-        self._config = options.packet_config(codec.overhead, ip_version=ip_version)
+        self._config = options.packet_config(codec.overhead, family=sock.family)
         if self._config.path_mtu_discovery:
             forbid_fragmentation(sock)
         super().__init__(

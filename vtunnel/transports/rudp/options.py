@@ -7,6 +7,7 @@ applications (docs/lite-tls.md, splice mode: a keyless rudp:// conversation per 
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -33,8 +34,9 @@ _SMALLEST: Final = 256
 #: the link MTUs path MTU discovery tries (WireGuard's, PPPoE's, Ethernet's, jumbo frames', loopback's): the
 #: probe sizes are these less the IP and UDP headers, up to ``maxmtu``
 LINK_MTUS: Final = (1420, 1492, 1500, 9000, 65536)
-#: IP + UDP header bytes
-_HEADERS: Final = {4: 20 + 8, 6: 40 + 8}
+#: IPv4 + UDP and IPv6 + UDP header bytes
+_HEADERS_V4: Final = 20 + 8
+_HEADERS_V6: Final = 40 + 8
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,9 +59,9 @@ class RudpOptions:
     #: the largest UDP payload path MTU discovery tries
     maxmtu: int = 65000
 
-    def packet_config(self, overhead: int, *, ip_version: int = 4) -> RudpConfig:
+    def packet_config(self, overhead: int, *, family: socket.AddressFamily = socket.AF_INET) -> RudpConfig:
         """The connection's configuration with packets ``overhead`` bytes (sealing's) smaller than ``mtu``,
-        and, with path MTU discovery, the packet sizes to try over IP ``ip_version``; raises
+        and, with path MTU discovery, the packet sizes to try on a socket of ``family``; raises
         :class:`TransportError` when what is left is too small."""
         base = self.config.max_datagram_size
         size = base - overhead
@@ -67,7 +69,7 @@ class RudpOptions:
             raise TransportError(f"rudp option 'mtu' is too small for sealed datagrams: {base}")
         if not self.pmtud or not DONT_FRAGMENT:
             return replace(self.config, max_datagram_size=size) if overhead else self.config
-        headers = _HEADERS[ip_version]
+        headers = _HEADERS_V6 if family == socket.AF_INET6 else _HEADERS_V4
         payloads = {min(link - headers, self.maxmtu) for link in LINK_MTUS}
         probes = tuple(sorted(payload - overhead for payload in payloads if payload > base))
         return replace(self.config, max_datagram_size=size, path_mtu_discovery=True, probe_sizes=probes)

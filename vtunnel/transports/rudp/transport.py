@@ -6,7 +6,6 @@ keys sessions: :mod:`.plain`) or, when a key is configured, sealed by the same c
 from __future__ import annotations
 
 import secrets
-import socket
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
@@ -50,8 +49,7 @@ class RudpTransport(DatagramTransport[RudpOptions]):
         return RudpListener(sock, options, codec)
 
     async def dial(self, family: Any, server: Address, options: RudpOptions, codec: ClientCodec) -> RudpLink:
-        # (raises before anything is opened)
-        config = options.packet_config(codec.overhead, ip_version=6 if family == socket.AF_INET6 else 4)
+        config = options.packet_config(codec.overhead, family=family)  # (raises before anything is opened)
 
         def new_link(
             transmit: Transmit,
