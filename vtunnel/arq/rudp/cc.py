@@ -278,8 +278,10 @@ class BbrController(CongestionController):
                 self._model.on_sent(units, 0 if packet.retransmission else units)
 
     def on_packets_sent(self, now: float, packets: Sequence[SentPacket]) -> None:
-        # (new stream data, every one of them: what on_packet_sent of each would count)
-        if self.max_datagram_size > self._unit:
+        # (new stream data, every one of them: what on_packet_sent of each would count; a lone packet no larger
+        # than the unit, a conversation's message, is one)
+        unit = self._unit
+        if self.max_datagram_size > unit and (len(packets) > 1 or packets[0].size > unit):
             count, self._sent_rest = self._tally(packets, self._sent_rest)
         else:
             count = len(packets)

@@ -253,6 +253,9 @@ class Connection:
         )
         self._pmtu_probe = -1
         self._pmtu_after = now if self._pmtu is not None else _NEVER
+        #: the congestion window's room the probe due waits for (0: not known): a probe larger than the window
+        #: allows is not asked for again at every send, only once the window may hold it
+        self._pmtu_room = 0
         #: the sender itself fell behind its pacing since the last ACK (see datagrams_to_send)
         self._fell_behind = False
         self._probes = 0
@@ -729,7 +732,8 @@ class Connection:
             # there). What the controller measured over it is no rate of the path (bbr would take one packet in
             # a second for it), and its losses no congestion: it starts over from this round trip
             self._restart_controller(now)
-        if self._pmtu is not None and acked:
+        pmtu = self._pmtu
+        if pmtu is not None and acked and (self._pmtu_probe >= 0 or pmtu.suspicious):
             acked = self._pmtu_acked(acked, now)
         if late:
             self._stats["spurious_losses"] += len(late)
@@ -817,7 +821,7 @@ class Connection:
                 if packet.number == probe:
                     acked = acked[:index] + acked[index + 1 :]
                     self._pmtu_probe = -1
-                    self._pmtu_after = now
+                    self._pmtu_next(now)
                     self._resize(pmtu.on_probe_acked(now))
                     break
         if pmtu.suspicious and acked:
@@ -834,13 +838,18 @@ class Connection:
             kept = [packet for packet in lost if packet.number != probe]
             if len(kept) < len(lost):
                 self._pmtu_probe = -1
-                self._pmtu_after = now
+                self._pmtu_next(now)
                 self._stats["pmtu_probes_lost"] += 1
                 pmtu.on_probe_lost(now)
                 lost = kept
         if lost and pmtu.size > pmtu.floor:
             self._pmtu_loss_event(min(packet.size for packet in lost), now)
         return lost
+
+    def _pmtu_next(self, now: float) -> None:
+        """The search moved on (a probe settled, a black hole): the next probe is asked for at the next send."""
+        self._pmtu_after = now
+        self._pmtu_room = 0
 
     def _pmtu_timeout(self, now: float) -> None:
         """A probe timeout: nothing was acknowledged for a while; if all that waits is large, it may be a
@@ -869,7 +878,7 @@ class Connection:
         self._stats["pmtu_black_holes"] += 1
         self._mds = pmtu.size
         self._pmtu_probe = -1  # (a probe in flight is forgotten: the search starts again, now)
-        self._pmtu_after = now
+        self._pmtu_next(now)
         self._restart_controller(now)
 
     def _restart_controller(self, now: float) -> None:
@@ -895,6 +904,7 @@ class Connection:
             self._pmtu_after = _NEVER if after is None else after
             return
         if self._loss.bytes_in_flight + size > self.cc.congestion_window:
+            self._pmtu_room = size  # (asked again once the window holds it: see datagrams_to_send)
             return
         number = self._next_number
         number_bytes = encode_varints(number)
@@ -905,6 +915,7 @@ class Connection:
         pmtu.on_probe_sent(size)
         self._pmtu_probe = number
         self._pmtu_after = _NEVER
+        self._pmtu_room = 0
         self._stats["pmtu_probes"] += 1
         # a PING, padded out to the size tried (PADDING: zero bytes)
         out.append(self._finish_packet(number, number_bytes, [b"\x01", bytes(pad)], now, packet))
@@ -1020,6 +1031,7 @@ class Connection:
             and self._validated
             and self.rtt.has_sample
             and self._send_buf.end > self._send_base
+            and self._loss.bytes_in_flight + self._pmtu_room <= self.cc.congestion_window
         ):
             self._send_pmtu_probe(now, out)
         mds = self._mds
