@@ -377,6 +377,16 @@ def test_a_bulk_sender_fills_its_packets_up_to_the_window_and_says_it_is_blocked
     assert blocked == 1
 
 
+def arrive(
+    in_flight: list[tuple[float, Connection, bytes]], now: float
+) -> list[tuple[float, Connection, bytes]]:
+    """Hand the datagrams due by ``now`` (arrival time, sink, datagram) to their sinks; the rest, still on the way."""
+    for due, sink, datagram in in_flight:
+        if due <= now:
+            sink.receive_datagram(datagram, now)
+    return [item for item in in_flight if item[0] > now]
+
+
 def test_a_lone_packet_lost_behind_a_bulk_transfer_is_found_by_the_thresholds_not_the_probe_timeout() -> None:
     """The receiver of a bulk transfer sends one small write (a window update, say) and it is lost: the ACKs it
     sends next carry a PING, so their acknowledgements show the loss within about a round trip and the write is
@@ -400,10 +410,7 @@ def test_a_lone_packet_lost_behind_a_bulk_transfer_is_found_by_the_thresholds_no
                     lost_once = True  # the one small write, dropped
                     continue
                 in_flight.append((now + delay, sink, datagram))
-        due = [item for item in in_flight if item[0] <= now]
-        in_flight = [item for item in in_flight if item[0] > now]
-        for _, sink, datagram in due:
-            sink.receive_datagram(datagram, now)
+        in_flight = arrive(in_flight, now)
         server.receive()
         got += client.receive()
         if got and arrived_at < 0:
@@ -420,6 +427,49 @@ def test_a_lone_packet_lost_behind_a_bulk_transfer_is_found_by_the_thresholds_no
     # round trip on its way again; a probe timeout would come after the initial RTT's 333 ms or more (without the
     # PINGs: 1.03 s)
     assert arrived_at - sent_at < 0.06
+
+
+def test_a_receiver_that_only_acknowledges_stops_reporting_gaps_its_peer_has_heard_of() -> None:
+    """The receiver of a bulk transfer sends only ACKs, which nobody acknowledges, so what it has reported is
+    never known to have arrived. After a loss, each of its ACKs would report every gap since (up to
+    MAX_ACK_RANGES ranges). An ACK with gaps asks for an acknowledgement (PING) while none of its packets is in
+    flight, about once a round trip: once it comes, the gaps below are no longer reported (RFC 9000 13.2.4)."""
+    client, server = pair(RudpConfig(pacing=False))
+    delay = 0.01  # one way
+    in_flight: list[tuple[float, Connection, bytes]] = []
+    numbers = 0
+    ranges_after: list[
+        int
+    ] = []  # the ranges of each of the server's ACKs from 0.2 s (the losses: before 0.05 s)
+    pings = 0
+    now = 0.0
+    for _ in range(2000):
+        if client.send_room():
+            client.send(bytes(client.send_room()))
+        for source, sink in ((client, server), (server, client)):
+            for datagram in source.datagrams_to_send(now):
+                frames = decode_packet(datagram).frames
+                if source is client and any(isinstance(f, Stream) for f in frames):
+                    numbers += 1
+                    if numbers <= 400 and numbers % 10 == 0:
+                        continue  # 40 lost: 40 gaps in the packet numbers the server receives
+                if source is server:
+                    assert not [f for f in frames if isinstance(f, Stream)]
+                    pings += Ping() in frames
+                    if now >= 0.2:
+                        ranges_after += [len(f.ranges) for f in frames if isinstance(f, Ack)]
+                in_flight.append((now + delay, sink, datagram))
+        in_flight = arrive(in_flight, now)
+        server.receive()
+        if now >= 0.4:
+            break
+        now = round(now + 0.0005, 6)
+        client.handle_timer(now)
+        server.handle_timer(now)
+    assert numbers > 1000
+    assert len(ranges_after) >= 50
+    assert max(ranges_after) == 1  # (without the PINGs: 32 until the last)
+    assert 0 < pings <= 0.4 / (2 * delay) + 2  # at most one a round trip
 
 
 def test_an_ack_carries_a_ping_only_while_a_packet_with_content_is_unacknowledged() -> None:

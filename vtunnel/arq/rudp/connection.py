@@ -1211,6 +1211,7 @@ class Connection:
         frames: list[bytes] = []
         packet = SentPacket(number, now, 0, False)
         acks = self._acks
+        gaps = False  # the ACK reports gaps (more than one range)
         if acks.immediate or acks.ack_deadline is not None:  # (pending: ack_due(now) is no more)
             ranges = acks.ranges()
             if ranges:
@@ -1220,6 +1221,7 @@ class Connection:
                     frames.append(frame)
                     room -= len(frame)
                     packet.ack_largest = ranges[0][1]
+                    gaps = len(ranges) > 1
                     self._acks.on_ack_sent()
         if send_data:
             if probe and self._loss.largest_acked < 0:
@@ -1255,6 +1257,14 @@ class Connection:
             # sender) would otherwise wait for the probe timeout, while its peer perhaps waits for it. Once it
             # was acknowledged (an answer acknowledges a request) nothing is owed: no PINGs back and forth
             self._pings_owed -= 1
+            frames.append(b"\x01")
+            packet.ack_eliciting = True
+        elif gaps and not packet.ack_eliciting and not self._loss.ack_eliciting_in_flight and room > 0:
+            # a receiver that only acknowledges is never acknowledged itself, so it would go on reporting every
+            # gap it ever saw (up to MAX_ACK_RANGES ranges, some 60 bytes, in each ACK after the loss of one
+            # packet: RFC 9000 section 13.2.4). An ACK with gaps, while nothing of ours is in flight (about once
+            # a round trip), asks for an acknowledgement (PING): once it comes, the ranges below what that ACK
+            # reported are no longer sent
             frames.append(b"\x01")
             packet.ack_eliciting = True
         return self._finish_packet(number, number_bytes, frames, now, packet)
