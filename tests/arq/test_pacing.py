@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Callable
 
@@ -264,22 +265,28 @@ def test_startup_stops_after_a_round_of_heavy_loss() -> None:
     assert pacer.phase is not Phase.STARTUP
 
 
-def _startup_with_losses(share: float, seed: int) -> list[Phase]:
-    """A pacer a few rounds into startup, then acknowledging and losing segments as they are declared: each
-    millisecond 120 segments are acknowledged or lost, ``share`` of them lost (drawn from ``seed``), reported as a
-    sender reports one ACK's outcome (what it acknowledged, then what it declared lost: rudp's order); returns its
-    phase after each millisecond."""
+def _startup_with_losses(share: float, seed: int, *, growing: bool = True) -> list[Phase]:
+    """A pacer a few rounds into startup, then acknowledging and losing segments as they are declared, a round
+    trip (10 ms) after they were sent: ``share`` of them lost (drawn from ``seed``), reported as a sender reports
+    one ACK's outcome (what it acknowledged, then what it declared lost: rudp's order), while it sends twice what
+    arrives; ``growing``: all it sends arrives a round trip later, so the rate doubles every round trip (the
+    path has room), else no more than 120 a millisecond arrive (the path is full; its queue holds the rest);
+    returns its phase after each millisecond."""
     rng = random.Random(seed)
     pacer = Pacer(max_window=16384, now=0.0)
     now = fluid(pacer, link=40_000, rtt=0.01, seconds=0.03, start=0.0, busy=True)
     assert pacer.phase is Phase.STARTUP
     phases: list[Phase] = []
-    for _ in range(10):
+    # what was sent in each of the last 10 milliseconds: twice as much a round trip apart, as startup sends
+    sent = collections.deque(int(60 * 2 ** (ms / 10)) for ms in range(10))
+    for _ in range(40):
         now += 0.001
-        lost = sum(1 for _ in range(120) if rng.random() < share)
-        pacer.on_acked(now, 120 - lost, 0.01, app_limited=False)
+        count = sent.popleft() if growing else 120
+        lost = sum(1 for _ in range(count) if rng.random() < share)
+        pacer.on_acked(now, count - lost, 0.01, app_limited=False)
         pacer.on_lost(now, lost)
-        pacer.on_sent(120)
+        pacer.on_sent(2 * count)
+        sent.append(2 * count)
         phases.append(pacer.phase)
     return phases
 
@@ -294,8 +301,19 @@ def test_a_burst_of_declared_losses_ends_startup_within_the_round() -> None:
 @settings(max_examples=40, deadline=None)
 @given(share=st.floats(min_value=0.0, max_value=0.2), seed=st.integers(0, 2**16))
 def test_random_loss_declared_as_it_happens_does_not_end_startup(share: float, seed: int) -> None:
-    """Up to 20% random loss, reported loss by loss, is not an overflowing queue."""
+    """Up to 20% random loss, reported loss by loss, on a path whose rate still grows, is not an overflowing
+    queue."""
     assert set(_startup_with_losses(share, seed)) == {Phase.STARTUP}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_losses_once_the_rate_stopped_growing_end_startup(seed: int) -> None:
+    """The same losses where the delivery rate no longer grows: the path is full and its queue overflowing, so
+    a tenth lost is enough (3% is not)."""
+    assert set(_startup_with_losses(0.03, seed, growing=False)[:20]) == {Phase.STARTUP}
+    phases = _startup_with_losses(0.15, seed, growing=False)
+    assert Phase.STARTUP not in phases[12:]  # (within about a round trip)
+    assert set(_startup_with_losses(0.15, seed)) == {Phase.STARTUP}  # (growing: the same share goes on)
 
 
 def test_paced_windows_larger_than_the_path_needs_do_not_flood_a_shallow_queue() -> None:

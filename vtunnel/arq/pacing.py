@@ -18,7 +18,7 @@ The phases:
   a quarter more, or until a round in which a large share of what was sent were retransmissions (startup
   overflowed the bottleneck's queue: carrying on for two more rounds would only lose more); a sender that
   reports its losses as they are declared (:meth:`Pacer.on_lost`, rudp's) ends it as soon as 40% of what a
-  round acknowledged and lost was lost, a round sooner.
+  round acknowledged and lost was lost, a round sooner, or 10% once the round's rate stopped growing.
   Then one round of *drain* sends at the inverse of that gain, to empty the queue startup built.
 - *cruise*: eight-round cycles, one round at 5/4 of the estimate (to find a higher rate), one at 3/4 (to drain
   what that probe queued), six at the estimate. A probe whose extra fifth or more all arrived means the path has
@@ -65,6 +65,8 @@ _FULL_GROWTH: Final = 1.25
 #: startup ends on losses declared within a round only once there are at least this many (a few random losses
 #: in a small round are not an overflowing queue)
 _STARTUP_LOSS_EVENTS: Final = 8
+#: ... or this share of them once the delivery rate stopped growing (:meth:`Pacer.on_lost`)
+_FULL_LOSS: Final = 0.1
 #: slack for float rounding in token counts and release times
 _EPSILON: Final = 1e-6
 
@@ -287,7 +289,10 @@ class Pacer:
         least half of what the last round acknowledged, and at least :data:`_STARTUP_LOSS_EVENTS` losses)
         overflowed the bottleneck's queue: drain starts now, a round earlier than the share of retransmissions
         would show it, and lasts a whole round from here. Startup sends at 2.885 times what it measured, so most
-        of a round sent at that rate into a full queue is lost: ending it a round early halves startup's loss."""
+        of a round sent at that rate into a full queue is lost: ending it a round early halves startup's loss.
+        Once the round's delivery rate no longer grows, :data:`_FULL_LOSS` of losses is enough: a path with
+        room delivers more each round whatever its random loss, while a full one loses what startup sends
+        beyond it (ending there cut startup's loss on a 50 MB/s path with a 256 KiB queue by two fifths)."""
         if now == self._round_start and self._round_delivered == 0:
             # declared by the ACK that just ended a round: they belong with its deliveries, in the round that
             # ended, not at the head of a new round that has nothing delivered to weigh them against
@@ -298,12 +303,21 @@ class Pacer:
             return
         lost = self._round_lost
         seen = lost + self._round_delivered
-        if (
-            lost < _STARTUP_LOSS_EVENTS
-            or seen < max(self._cfg.min_window, self._last_round_delivered // 2)
-            or lost <= self._cfg.startup_burst_loss * seen
-        ):
+        if lost < _STARTUP_LOSS_EVENTS or seen < max(self._cfg.min_window, self._last_round_delivered // 2):
             return
+        if lost <= self._cfg.startup_burst_loss * seen:
+            # fewer losses end it too once the rate stopped growing (what the round delivered so far is less
+            # than a quarter above the rate startup last grew to): the path is full, and the queue now
+            # overflowing loses what startup sends beyond it. A flow that meets another's full queue still
+            # grows, and goes on
+            elapsed = now - self._round_start
+            if (
+                lost <= _FULL_LOSS * seen
+                or self._app_limited
+                or elapsed * 2 < self._round_length  # (half a round trip at least: a rate, not a burst)
+                or self._round_delivered / elapsed > self._full_bw * _FULL_GROWTH
+            ):
+                return
         self.phase = Phase.DRAIN
         if self._round_peak > 0:  # (what startup measured of the round it cut short stays in the filter)
             self._bw_samples.append((self._round_peak, False))
