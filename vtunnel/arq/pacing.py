@@ -65,8 +65,6 @@ _FULL_GROWTH: Final = 1.25
 #: startup ends on losses declared within a round only once there are at least this many (a few random losses
 #: in a small round are not an overflowing queue)
 _STARTUP_LOSS_EVENTS: Final = 8
-#: ... or this share of them once the delivery rate stopped growing (:meth:`Pacer.on_lost`)
-_FULL_LOSS: Final = 0.1
 #: slack for float rounding in token counts and release times
 _EPSILON: Final = 1e-6
 
@@ -104,6 +102,9 @@ class PacerConfig:
     #: the link's rate loses more). Not lower: a flow starting beside a busy one meets a full queue, and 0.25
     #: or 0.3 ended its startup at a third of its share (two flows at 12.5 MB/s: Jain's index 0.82)
     startup_burst_loss: float = 0.4
+    #: ... or this share once the round's delivery rate stopped growing (the path is full: a flow that meets
+    #: another's full queue still grows, and is not cut short)
+    startup_full_loss: float = 0.1
     #: the largest burst (seconds of the pacing rate), and the smallest (segments)
     burst_time: float = 0.002
     min_burst: int = 8
@@ -290,7 +291,7 @@ class Pacer:
         overflowed the bottleneck's queue: drain starts now, a round earlier than the share of retransmissions
         would show it, and lasts a whole round from here. Startup sends at 2.885 times what it measured, so most
         of a round sent at that rate into a full queue is lost: ending it a round early halves startup's loss.
-        Once the round's delivery rate no longer grows, :data:`_FULL_LOSS` of losses is enough: a path with
+        Once the round's delivery rate no longer grows, ``startup_full_loss`` of losses is enough: a path with
         room delivers more each round whatever its random loss, while a full one loses what startup sends
         beyond it (ending there cut startup's loss on a 50 MB/s path with a 256 KiB queue by two fifths)."""
         if now == self._round_start and self._round_delivered == 0:
@@ -312,7 +313,7 @@ class Pacer:
             # grows, and goes on
             elapsed = now - self._round_start
             if (
-                lost <= _FULL_LOSS * seen
+                lost <= self._cfg.startup_full_loss * seen
                 or self._app_limited
                 or elapsed * 2 < self._round_length  # (half a round trip at least: a rate, not a burst)
                 or self._round_delivered / elapsed > self._full_bw * _FULL_GROWTH
